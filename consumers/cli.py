@@ -1,0 +1,74 @@
+"""The ``crossdistil`` command line: one entry point, one subcommand per part of the product.
+
+Each subcommand lives in its own module, which exposes two functions:
+
+* ``add_arguments(parser: argparse.ArgumentParser) -> None``
+* ``run(args: argparse.Namespace) -> int`` (the process exit status)
+
+Modules keep heavy imports (torch, kafka) inside ``run`` so that ``crossdistil --help`` stays fast.
+A subcommand whose module does not exist yet answers "not implemented yet" with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "kafka": ("consumers.local_kafka", "run a local single-node Apache Kafka 4.x (KRaft): up, down, status"),
+    "stream": ("streamer.stream", "stream a data set as impression and feedback events into Kafka or an event-log file"),
+    "train": ("consumers.trainer", "the trainer daemon: join, mini-batches, CrossDistil updates, checkpoints, publication"),
+    "serve": ("consumers.serving", "the serving daemon: load published checkpoints from the serving topic and score"),
+    "backtest": ("consumers.backtest", "replay an event log or topic range through the trainer's code; compare configurations"),
+    "evaluate": ("consumers.evaluate", "offline training and evaluation of model configurations (ablation ladder, backbones)"),
+    "demo": ("consumers.demo", "the whole pipeline locally: Kafka, streamer, trainer, serving, Prometheus, live view"),
+}
+
+
+def _load(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossdistil",
+        description="Streaming online-learning multi-task recommender (CrossDistil) on Apache Kafka.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = _load(module_name)
+        implemented = module is not None and hasattr(module, "run")
+        p = sub.add_parser(
+            name,
+            help=help_text if implemented else f"{help_text} [not implemented yet]",
+            description=help_text,
+        )
+        if implemented and hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+        p.set_defaults(_module=module_name if implemented else None, _name=name)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args._module is None:
+        print(f"crossdistil {args._name}: not implemented yet", file=sys.stderr)
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
