@@ -1,0 +1,178 @@
+"""Offline ranking and calibration metrics: pure functions on numpy arrays (crossdistil.md, "Metrics").
+
+Every function takes labels ``y`` in {0, 1} and scores ``p`` (probabilities, or any monotone score for the
+ranking metrics) as 1-D arrays of the same length and returns a float. Ranking metrics return ``nan`` when
+they are undefined (one class only), so a caller can tell "undefined" from "bad".
+
+>>> import numpy as np
+>>> auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+0.75
+>>> gauc(np.array([0, 1, 0, 1]), np.array([0.2, 0.9, 0.7, 0.1]), np.array(["a", "a", "b", "b"]))
+0.5
+>>> multi_auc(np.array([0.1, 0.4, 0.6, 0.9]), np.array([0, 1, 2, 3]))
+1.0
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+# Clip probabilities away from 0 and 1 so one confident mistake gives a large, finite log loss.
+LOG_LOSS_EPS = 1e-7
+
+# The 6 ordered pairs (higher category, lower category) of the 4 CrossDistil label categories.
+CATEGORY_PAIRS: tuple[tuple[int, int], ...] = ((1, 0), (2, 0), (3, 0), (2, 1), (3, 1), (3, 2))
+
+
+def _as_1d(a: ArrayLike, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array, got shape {arr.shape}")
+    return arr
+
+
+def _rank_average(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``scores`` with tied values sharing their average rank (O(n log n))."""
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    # Boundaries of runs of equal values in the sorted order.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    avg_rank = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.repeat(avg_rank, ends - starts)
+    return ranks
+
+
+def auc(y: ArrayLike, p: ArrayLike) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties count 1/2.
+
+    Computed from ranks (Mann-Whitney U), O(n log n). Returns ``nan`` if ``y`` holds only one class.
+
+    >>> auc([1, 0], [0.5, 0.5])
+    0.5
+    """
+    y = _as_1d(y, "y").astype(bool)
+    p = _as_1d(p, "p").astype(np.float64)
+    if len(y) != len(p):
+        raise ValueError(f"y and p differ in length: {len(y)} != {len(p)}")
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _rank_average(p)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def gauc(y: ArrayLike, p: ArrayLike, users: ArrayLike) -> float:
+    """Group AUC: per-user AUC weighted by the user's number of impressions; one-class users are skipped.
+
+    Returns ``nan`` if no user has both classes.
+
+    >>> gauc([0, 1, 1, 1], [0.1, 0.9, 0.3, 0.4], ["a", "a", "b", "b"])  # user b has one class only
+    1.0
+    """
+    y = _as_1d(y, "y")
+    p = _as_1d(p, "p")
+    users = _as_1d(users, "users")
+    if not (len(y) == len(p) == len(users)):
+        raise ValueError(f"y, p and users differ in length: {len(y)}, {len(p)}, {len(users)}")
+    if len(y) == 0:
+        return float("nan")
+    # Group by user with one sort instead of a Python loop over boolean masks (O(n log n) overall).
+    _, user_index = np.unique(users, return_inverse=True)
+    order = np.argsort(user_index, kind="mergesort")
+    sorted_users = user_index[order]
+    bounds = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1], True])
+    weighted_sum = 0.0
+    weight_total = 0
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        idx = order[start:end]
+        user_auc = auc(y[idx], p[idx])
+        if np.isnan(user_auc):
+            continue
+        weighted_sum += user_auc * len(idx)
+        weight_total += len(idx)
+    return float(weighted_sum / weight_total) if weight_total else float("nan")
+
+
+def label_categories(y_task: ArrayLike, y_partner: ArrayLike) -> np.ndarray:
+    """CrossDistil's 4 ordered categories of (task label, partner label): (1,1)->3, (1,0)->2, (0,1)->1, (0,0)->0.
+
+    >>> label_categories([1, 1, 0, 0], [1, 0, 1, 0]).tolist()
+    [3, 2, 1, 0]
+    """
+    y_task = _as_1d(y_task, "y_task").astype(np.int64)
+    y_partner = _as_1d(y_partner, "y_partner").astype(np.int64)
+    return 2 * (y_task > 0) + (y_partner > 0)
+
+
+def multi_auc(p: ArrayLike, categories: ArrayLike) -> float:
+    """Mean AUC of ``p`` over the 6 ordered pairs of categories (higher category as positive); empty pairs skipped.
+
+    Measures the fine-grained order the auxiliary task is meant to teach. Returns ``nan`` if fewer than two
+    categories occur.
+    """
+    p = _as_1d(p, "p").astype(np.float64)
+    categories = _as_1d(categories, "categories")
+    if len(p) != len(categories):
+        raise ValueError(f"p and categories differ in length: {len(p)} != {len(categories)}")
+    values = []
+    for high, low in CATEGORY_PAIRS:
+        mask = (categories == high) | (categories == low)
+        in_high = categories[mask] == high
+        if in_high.all() or not in_high.any():
+            continue
+        values.append(auc(in_high, p[mask]))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def log_loss(y: ArrayLike, p: ArrayLike, eps: float = LOG_LOSS_EPS) -> float:
+    """Mean binary cross-entropy of probabilities ``p`` clipped to [eps, 1 - eps].
+
+    >>> round(log_loss([1, 0], [0.5, 0.5]), 6)
+    0.693147
+    """
+    y = _as_1d(y, "y").astype(np.float64)
+    p = np.clip(_as_1d(p, "p").astype(np.float64), eps, 1.0 - eps)
+    if len(y) != len(p):
+        raise ValueError(f"y and p differ in length: {len(y)} != {len(p)}")
+    if len(y) == 0:
+        return float("nan")
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def calibration_ratio(y: ArrayLike, p: ArrayLike) -> float:
+    """mean(p) / mean(y): 1 is calibrated on average, > 1 over-predicts. ``nan`` if there is no positive.
+
+    >>> calibration_ratio([1, 0, 0, 0], [0.5, 0.5, 0.5, 0.5])
+    2.0
+    """
+    y = _as_1d(y, "y").astype(np.float64)
+    p = _as_1d(p, "p").astype(np.float64)
+    if len(y) != len(p):
+        raise ValueError(f"y and p differ in length: {len(y)} != {len(p)}")
+    mean_y = y.mean() if len(y) else 0.0
+    if mean_y == 0:
+        return float("nan")
+    return float(p.mean() / mean_y)
+
+
+def task_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, y_partner: np.ndarray | None) -> dict[str, float]:
+    """All metrics of one task under one naming scheme: auc, gauc, multi_auc, log_loss, calibration, n, positive_rate.
+
+    ``multi_auc`` is ``nan`` when the task has no partner (``y_partner`` None).
+    """
+    y = np.asarray(y)
+    p = np.asarray(p)
+    return {
+        "auc": auc(y, p),
+        "gauc": gauc(y, p, users),
+        "multi_auc": multi_auc(p, label_categories(y, y_partner)) if y_partner is not None else float("nan"),
+        "log_loss": log_loss(y, p),
+        "calibration": calibration_ratio(y, p),
+        "n": int(len(y)),
+        "positive_rate": float(np.mean(y)) if len(y) else float("nan"),
+    }
