@@ -1,0 +1,281 @@
+"""Configuration of the daemons: one TOML file, then environment overrides, then flag overrides.
+
+The schema is a tree of dataclasses; every field has a type, a default and a one-line help text, so that
+``crossdistil train --check-config`` can print the effective configuration and the README can carry a reference
+generated from the schema (:func:`reference_markdown`).
+
+Precedence, lowest first:
+
+1. the defaults below;
+2. the file (``--config FILE``, TOML; sections as in the schema, e.g. ``[join]``);
+3. environment variables ``CROSSDISTIL__SECTION__KEY=value`` (double underscores; values parsed as TOML
+   values where they parse, else taken as strings), e.g. ``CROSSDISTIL__KAFKA__BOOTSTRAP=broker:9092``;
+4. flags ``--set section.key=value`` (same value syntax), e.g. ``--set batching.batch_size=512``.
+
+>>> cfg = load_config(None, env={}, overrides=["batching.batch_size=512"])
+>>> cfg.batching.batch_size
+512
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CROSSDISTIL__"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap: str = _f("127.0.0.1:9092", "Kafka bootstrap servers, comma-separated host:port")
+    group_id: str = _f("crossdistil-trainer", "consumer group of the trainer (offsets are also committed here for lag monitoring)")
+    impressions_topic: str = _f("impressions", "topic of impression events")
+    feedback_topic: str = _f("feedback", "topic of feedback events")
+    model_topic: str = _f("model-updates", "serving topic the trainer publishes checkpoints to (compacted)")
+    dead_letter_topic: str = _f("dead-letters", "topic that receives every event failing decoding or validation")
+    poll_timeout_ms: int = _f(200, "poll timeout; short so the stop flag is checked often")
+    max_poll_records: int = _f(2000, "records per poll; bounded so one poll plus one step stays far below max_poll_interval_ms")
+    max_poll_interval_ms: int = _f(300000, "kafka-python max_poll_interval_ms")
+    client_options: dict = _f({}, "extra kafka-python client settings passed through as is (security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile, ...)")
+
+
+@dataclass
+class JoinConfig:
+    attribution_window_s: dict = _f({}, "per-task attribution window in event-time seconds, e.g. {click = 60, long_view = 3600}; tasks not listed use default_window_s")
+    default_window_s: float = _f(3600.0, "window of tasks not listed in attribution_window_s")
+    allowed_lateness_s: float = _f(0.0, "how far behind the newest event time the watermark trails")
+    max_pending: int = _f(1_000_000, "bound on pending impressions; beyond it the oldest are emitted early and counted")
+
+
+@dataclass
+class BatchingConfig:
+    batch_size: int = _f(256, "samples per training step")
+    max_batch_delay_s: float = _f(5.0, "a partial batch is trained once its oldest sample has waited this long")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = _f("runs/trainer/checkpoints", "where checkpoints are written (atomically)")
+    every_steps: int = _f(500, "checkpoint every N training steps (0 = off)")
+    every_s: float = _f(300.0, "checkpoint every T seconds of wall time (0 = off)")
+    keep_last: int = _f(3, "how many checkpoints to keep on disk")
+
+
+@dataclass
+class PublishConfig:
+    enabled: bool = _f(True, "publish the serving view of each checkpoint to the serving topic")
+    chunk_bytes: int = _f(900_000, "chunk size of a published checkpoint (below the topic's max.message.bytes)")
+
+
+@dataclass
+class MetricsConfig:
+    bind: str = _f("127.0.0.1", "address of the /metrics and /healthz HTTP endpoints")
+    port: int = _f(9400, "port of the /metrics and /healthz HTTP endpoints (0 = off)")
+    windows: list = _f([10_000, 100_000], "sample windows of the windowed AUC")
+
+
+@dataclass
+class ModelSection:
+    tasks: list = _f(["click", "long_view"], "tasks to learn, by the name used in feedback events")
+    options: dict = _f({}, "model options passed to models.config.ModelConfig (backbone, rung, sizes, learning rates, ...)")
+    device: str = _f("auto", "torch device: auto (cuda when available), cpu or cuda[:N]")
+    seed: int = _f(0, "seed of the model and of every sampling step")
+
+
+@dataclass
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    join: JoinConfig = field(default_factory=JoinConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of the effective configuration (published in checkpoint manifests)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(path: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ) or typ
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{path}: expected a table, got {value!r}")
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):  # "a,b" from an env var or flag
+            return [_parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{path}: unknown key (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: expected a table [{path}], got {value!r}")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, hints[key]))
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"{dotted}: expected section.key")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+def _validate(cfg: Config) -> None:
+    if not cfg.model.tasks:
+        raise ConfigError("model.tasks: at least one task is needed")
+    for task, window in cfg.join.attribution_window_s.items():
+        if not isinstance(window, (int, float)) or window < 0:
+            raise ConfigError(f"join.attribution_window_s.{task}: expected seconds >= 0, got {window!r}")
+    positive = {
+        "batching.batch_size": cfg.batching.batch_size,
+        "join.max_pending": cfg.join.max_pending,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "publish.chunk_bytes": cfg.publish.chunk_bytes,
+        "kafka.max_poll_records": cfg.kafka.max_poll_records,
+    }
+    for path, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{path}: must be > 0, got {value}")
+    if cfg.batching.max_batch_delay_s < 0 or cfg.join.allowed_lateness_s < 0:
+        raise ConfigError("batching.max_batch_delay_s and join.allowed_lateness_s must be >= 0")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Build the effective configuration: defaults < file < environment < ``--set`` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"configuration file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        _apply(cfg, data)
+    layered: dict[str, Any] = {}
+    for key, raw in (os.environ if env is None else env).items():
+        if key.startswith(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
+            _set_path(layered, dotted, _parse_scalar(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        _set_path(layered, dotted.strip(), _parse_scalar(raw.strip()))
+    _apply(cfg, layered)
+    _validate(cfg)
+    return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective configuration as TOML (what ``--check-config`` prints; it loads back to the same values)."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """A Markdown table of every key, its type, default and meaning, generated from the schema."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        hints = _hints(type(obj))
+        for f in dataclasses.fields(obj):
+            typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            default = _toml_value(getattr(obj, f.name))
+            rows.append(f"| `{section.name}.{f.name}` | {typ} | `{default}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)
+
