@@ -1,0 +1,267 @@
+"""Offline evaluation loops over encoded mini-batches: a time-ordered split and a prequential (test-then-train) pass.
+
+Pure PyTorch and numpy: no Kafka, no files, no printing. The caller encodes the data set once
+(``EncodedData``), builds a fresh learner per (configuration, backbone, seed) and passes it to
+``run_time_split`` or ``run_prequential``; both return a ``RunResult`` with metrics per window and task and a
+training curve. A learner is anything with the ``models.learner.Learner`` verbs ``step`` and ``predict``.
+
+Protocol choices (documented in reports too):
+
+* Time split: events are in time order; the first ``train_fraction`` (80 %) train, the rest test. Within the
+  training part every epoch is one pass **in time order** (no shuffling): this is how the model meets the data
+  in production (a stream), and it keeps a run deterministic given its seed.
+* Prequential: every mini-batch is scored by the model *before* the model learns from it (the predictions that
+  ``Learner.step`` returns), so every event is a test event for a model that has not seen it. Metrics are
+  reported over all events (``"all"``) and over the last ``tail_fraction`` of them (``"tail"``), where the
+  model is warmer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from models.metrics import task_metrics
+
+# Called after every learning step with the number of training events consumed so far in this run.
+ProgressCallback = Callable[[int], None]
+
+
+class StepLearner(Protocol):
+    """The two verbs of ``models.learner.Learner`` that evaluation needs."""
+
+    def step(self, batch: Any) -> tuple[dict[str, float], dict[str, torch.Tensor]]: ...
+
+    def predict(self, batch: Any) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class EncodedData:
+    """A whole data set, encoded once and kept in time order, plus what the metrics need in numpy form.
+
+    ``batch`` is one ``models.features.Batch`` holding every row; ``labels`` is [N, K] in ``tasks`` order;
+    ``users`` holds the raw user ids (for GAUC); ``ts_ms`` the event times.
+    """
+
+    batch: Any
+    tasks: tuple[str, ...]
+    labels: np.ndarray
+    users: np.ndarray
+    ts_ms: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def rows(self, start: int, stop: int) -> Any:
+        """The rows [start, stop) as a Batch (a view where the Batch type allows it)."""
+        return slice_batch(self.batch, slice(start, stop), len(self))
+
+
+def slice_batch(batch: Any, index: slice | torch.Tensor, n_rows: int) -> Any:
+    """Select rows of a Batch: every tensor field whose first dimension is ``n_rows`` is indexed, others kept.
+
+    Works for dataclasses and named tuples, so evaluation does not depend on the Batch's exact fields.
+    """
+    if hasattr(batch, "select"):
+        return batch.select(index)
+
+    def take(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n_rows:
+            return value[index]
+        return value
+
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: take(getattr(batch, f.name)) for f in dataclasses.fields(batch)
+                                             if f.init})
+    if isinstance(batch, tuple) and hasattr(batch, "_replace"):
+        return batch._replace(**{name: take(getattr(batch, name)) for name in batch._fields})
+    if isinstance(batch, Mapping):
+        return {key: take(value) for key, value in batch.items()}
+    raise TypeError(f"don't know how to slice a {type(batch).__name__}; give it a select(index) method")
+
+
+def default_partners(tasks: Sequence[str]) -> dict[str, str]:
+    """Each task's partner for the label categories: the next task in the list, cyclically (the other one for K=2)."""
+    return {task: tasks[(i + 1) % len(tasks)] for i, task in enumerate(tasks)} if len(tasks) > 1 else {}
+
+
+def evaluate_predictions(
+    labels: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    users: np.ndarray,
+    tasks: Sequence[str],
+    partners: Mapping[str, str],
+) -> dict[str, dict[str, float]]:
+    """Metrics per task (``models.metrics.task_metrics``) of probabilities ``predictions[task]`` against ``labels``."""
+    column = {task: i for i, task in enumerate(tasks)}
+    result = {}
+    for task in tasks:
+        partner = partners.get(task)
+        y_partner = labels[:, column[partner]] if partner in column else None
+        result[task] = task_metrics(labels[:, column[task]], predictions[task], users, y_partner)
+    return result
+
+
+def _to_numpy(predictions: Mapping[str, torch.Tensor], tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    return {task: predictions[task].detach().float().reshape(-1).cpu().numpy() for task in tasks}
+
+
+def predict_in_chunks(learner: StepLearner, data: EncodedData, start: int, stop: int,
+                      chunk_size: int = 4096) -> dict[str, np.ndarray]:
+    """Probabilities for rows [start, stop), in chunks so memory stays bounded."""
+    parts: dict[str, list[np.ndarray]] = {task: [] for task in data.tasks}
+    for lo in range(start, stop, chunk_size):
+        with torch.no_grad():
+            chunk = _to_numpy(learner.predict(data.rows(lo, min(stop, lo + chunk_size))), data.tasks)
+        for task in data.tasks:
+            parts[task].append(chunk[task])
+    return {task: np.concatenate(parts[task]) if parts[task] else np.zeros(0) for task in data.tasks}
+
+
+@dataclass
+class RunResult:
+    """What one run measured.
+
+    ``metrics[window][task][metric]``: windows are ``"test"`` for the time split, ``"all"`` and ``"tail"`` for
+    the prequential pass. ``curve`` is a list of points ``{"events": n, "fraction": f, "auc": {task: v}}``:
+    test AUC against training events for the split, windowed prequential AUC for the prequential pass.
+    ``losses`` are the mean training losses (as named by the learner) of the last epoch or the pass.
+    """
+
+    mode: str
+    metrics: dict[str, dict[str, dict[str, float]]]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    losses: dict[str, float] = field(default_factory=dict)
+    train_events: int = 0
+    test_events: int = 0
+    seconds: float = 0.0
+
+
+def _curve_marks(n_steps: int, points: int) -> set[int]:
+    """Step indices (1-based, after which to measure) spread evenly over ``n_steps``; always includes the last."""
+    if n_steps <= 0 or points <= 0:
+        return set()
+    return {max(1, round(n_steps * i / points)) for i in range(1, points + 1)}
+
+
+def run_time_split(
+    learner: StepLearner,
+    data: EncodedData,
+    partners: Mapping[str, str],
+    *,
+    epochs: int = 1,
+    batch_size: int = 256,
+    train_fraction: float = 0.8,
+    curve_points: int = 10,
+    on_step: ProgressCallback | None = None,
+) -> RunResult:
+    """Train on the first ``train_fraction`` of events (time order, ``epochs`` passes), test on the rest.
+
+    The curve measures test AUC at ``curve_points`` evenly spaced moments of training.
+    """
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    started = time.perf_counter()
+    n = len(data)
+    n_train = int(n * train_fraction)
+    if n_train == 0 or n_train == n:
+        raise ValueError(f"{n} events are too few for a {train_fraction:.0%} time split")
+    steps_per_epoch = -(-n_train // batch_size)
+    marks = _curve_marks(steps_per_epoch * epochs, curve_points)
+    test_labels = data.labels[n_train:]
+    test_users = data.users[n_train:]
+    curve: list[dict[str, Any]] = []
+    loss_sums: dict[str, float] = {}
+    step_index = 0
+    for epoch in range(epochs):
+        loss_sums = {}
+        for lo in range(0, n_train, batch_size):
+            losses, _ = learner.step(data.rows(lo, min(n_train, lo + batch_size)))
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0.0) + float(value)
+            step_index += 1
+            events_seen = epoch * n_train + min(n_train, lo + batch_size)
+            if on_step is not None:
+                on_step(events_seen)
+            if step_index in marks:
+                predictions = predict_in_chunks(learner, data, n_train, n)
+                curve.append({
+                    "events": events_seen,
+                    "fraction": step_index / (steps_per_epoch * epochs),
+                    "auc": {task: m["auc"] for task, m in
+                            evaluate_predictions(test_labels, predictions, test_users, data.tasks, {}).items()},
+                })
+    predictions = predict_in_chunks(learner, data, n_train, n)
+    metrics = {"test": evaluate_predictions(test_labels, predictions, test_users, data.tasks, partners)}
+    return RunResult(
+        mode="split",
+        metrics=metrics,
+        curve=curve,
+        losses={name: total / steps_per_epoch for name, total in loss_sums.items()},
+        train_events=n_train * epochs,
+        test_events=n - n_train,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def run_prequential(
+    learner: StepLearner,
+    data: EncodedData,
+    partners: Mapping[str, str],
+    *,
+    batch_size: int = 256,
+    tail_fraction: float = 0.2,
+    curve_points: int = 10,
+    on_step: ProgressCallback | None = None,
+) -> RunResult:
+    """One pass in time order; every mini-batch is scored before the learner updates on it.
+
+    The curve is the AUC of those scores within each of ``curve_points`` consecutive windows of events.
+    """
+    if not 0.0 < tail_fraction <= 1.0:
+        raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
+    started = time.perf_counter()
+    n = len(data)
+    parts: dict[str, list[np.ndarray]] = {task: [] for task in data.tasks}
+    loss_sums: dict[str, float] = {}
+    n_steps = 0
+    for lo in range(0, n, batch_size):
+        losses, scored_before_update = learner.step(data.rows(lo, min(n, lo + batch_size)))
+        chunk = _to_numpy(scored_before_update, data.tasks)
+        for task in data.tasks:
+            parts[task].append(chunk[task])
+        for name, value in losses.items():
+            loss_sums[name] = loss_sums.get(name, 0.0) + float(value)
+        n_steps += 1
+        if on_step is not None:
+            on_step(min(n, lo + batch_size))
+    predictions = {task: np.concatenate(parts[task]) for task in data.tasks}
+    tail_start = n - max(1, int(round(n * tail_fraction)))
+    metrics = {
+        "all": evaluate_predictions(data.labels, predictions, data.users, data.tasks, partners),
+        "tail": evaluate_predictions(data.labels[tail_start:], {t: p[tail_start:] for t, p in predictions.items()},
+                                     data.users[tail_start:], data.tasks, partners),
+    }
+    curve = []
+    bounds = np.linspace(0, n, max(1, curve_points) + 1).astype(int)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi <= lo:
+            continue
+        window = evaluate_predictions(data.labels[lo:hi], {t: p[lo:hi] for t, p in predictions.items()},
+                                      data.users[lo:hi], data.tasks, {})
+        curve.append({"events": int(hi), "fraction": hi / n, "auc": {task: m["auc"] for task, m in window.items()}})
+    return RunResult(
+        mode="prequential",
+        metrics=metrics,
+        curve=curve,
+        losses={name: total / max(1, n_steps) for name, total in loss_sums.items()},
+        train_events=n,
+        test_events=n,
+        seconds=time.perf_counter() - started,
+    )
