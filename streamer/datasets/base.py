@@ -43,3 +43,10 @@ class Dataset(Protocol):
         """Yield every interaction in non-decreasing ``ts_ms``; never holds more than a bounded window in memory
         unless the source itself must be sorted (KuaiRand is not sorted on disk)."""
         ...
+
+
+class DatasetError(ValueError):
+    """A data set cannot be read as asked: a missing file, column or mapping key, or a bad option.
+
+    The message names what is wrong and where (file, column, key), so the CLI can print it as is.
+    """

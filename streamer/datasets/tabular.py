@@ -1,0 +1,367 @@
+"""The generic ``csv`` adapter: CSV, TSV or Parquet files described by a TOML column mapping.
+
+A new data set needs a mapping file, not code. Every key, with an example (``mappings/*.toml`` ship more)::
+
+    name = "mydata"                 # data set name (default: the mapping file's stem)
+    format = "csv"                  # csv | tsv | parquet (default: from the source's extension)
+    delimiter = ","                 # optional; default "," for csv and "\\t" for tsv
+    header = true                   # does the first line name the columns? (csv/tsv; default true)
+    columns = ["uid", "iid", ...]   # column names, required when header = false (they replace a header)
+    user = "uid"                    # user id column            (required)
+    item = "iid"                    # item id column            (required)
+    time = "ts"                     # impression time column    (required)
+    time_unit = "s"                 # s | ms | us | ns | iso    (required; iso = ISO 8601, naive means UTC)
+    impression_id = "imp"           # optional column; default "<impression_id_prefix>-<data row index>"
+    impression_id_prefix = "my"     # default: name
+    categorical = ["city", "device"]  # categorical features (passed as str)
+    numeric = ["duration"]          # numeric features (passed as int or float, raw)
+    assume_sorted = false           # true: the file is already in time order; stream it lazily (an
+                                    # out-of-order row is an error). false (default): read all rows and
+                                    # sort stably by time (ties keep file order).
+
+    [tasks.finish]                  # one table per task, in task order
+    column = "finish"               # label column (required)
+    positive_at_least = 1           # optional: positive when value >= this; default: positive when value > 0
+    delay_column = "duration"       # optional: feedback delay read from this column ...
+    delay_unit = "s"                # ... in this unit (s | ms | us | ns; default ms) ...
+    delay_ms = 1000                 # ... plus this fixed delay in ms (default 0; alone = a fixed delay)
+
+Row conventions: an empty label cell is a 0; an empty feature cell leaves that feature out of the
+impression; a negative or empty delay counts as 0 (feedback at impression time).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tomllib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from streamer.datasets.base import DatasetError, FeatureValue, Interaction
+
+TIME_UNITS_MS: dict[str, float] = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+FORMATS = ("csv", "tsv", "parquet")
+
+_TOP_LEVEL_KEYS = {
+    "name", "format", "delimiter", "header", "columns", "user", "item", "time", "time_unit", "impression_id",
+    "impression_id_prefix", "categorical", "numeric", "assume_sorted", "tasks",
+}
+_TASK_KEYS = {"column", "positive_at_least", "delay_column", "delay_unit", "delay_ms"}
+
+
+class MappingError(DatasetError):
+    """A mapping file is invalid or does not fit its source (missing key, unknown unit, missing column)."""
+
+
+@dataclass(frozen=True)
+class TaskMapping:
+    """How one task's label and feedback delay are read from a row."""
+
+    name: str
+    column: str
+    positive_at_least: float | None = None
+    delay_column: str | None = None
+    delay_unit: str = "ms"
+    delay_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """A parsed mapping file: which columns are user, item, time, tasks and features."""
+
+    name: str
+    user: str
+    item: str
+    time: str
+    time_unit: str
+    tasks: tuple[TaskMapping, ...]
+    format: str | None = None
+    delimiter: str | None = None
+    header: bool = True
+    columns: tuple[str, ...] | None = None
+    impression_id: str | None = None
+    impression_id_prefix: str | None = None
+    categorical: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    assume_sorted: bool = False
+
+
+def load_mapping(path: str | Path) -> ColumnMapping:
+    """Read a TOML mapping file; errors name the file and the missing or bad key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MappingError(f"mapping file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MappingError(f"mapping file {path} is not valid TOML: {exc}") from None
+    raw.setdefault("name", path.stem)
+    return mapping_from_dict(raw, origin=str(path))
+
+
+def mapping_from_dict(raw: dict[str, Any], origin: str = "mapping") -> ColumnMapping:
+    """Validate a mapping given as a dict (the parsed TOML); ``origin`` names it in error messages."""
+
+    def need(table: dict[str, Any], key: str, what: str, where: str = "") -> Any:
+        if key not in table:
+            raise MappingError(f"{origin}: missing key '{where}{key}' ({what})")
+        return table[key]
+
+    def str_list(key: str) -> tuple[str, ...]:
+        value = raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise MappingError(f"{origin}: '{key}' must be a list of column names")
+        return tuple(value)
+
+    unknown = set(raw) - _TOP_LEVEL_KEYS
+    if unknown:
+        raise MappingError(f"{origin}: unknown key(s) {sorted(unknown)}; known keys: {sorted(_TOP_LEVEL_KEYS)}")
+    time_unit = need(raw, "time_unit", "unit of the time column: s, ms, us, ns or iso")
+    if time_unit not in (*TIME_UNITS_MS, "iso"):
+        raise MappingError(f"{origin}: time_unit '{time_unit}' is not one of s, ms, us, ns, iso")
+    fmt = raw.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise MappingError(f"{origin}: format '{fmt}' is not one of {', '.join(FORMATS)}")
+    tasks_raw = need(raw, "tasks", "one [tasks.NAME] table per task, each with a label 'column'")
+    if not isinstance(tasks_raw, dict) or not tasks_raw:
+        raise MappingError(f"{origin}: 'tasks' must hold at least one [tasks.NAME] table")
+    tasks = []
+    for task_name, table in tasks_raw.items():
+        if not isinstance(table, dict):
+            raise MappingError(f"{origin}: tasks.{task_name} must be a table with a 'column' key")
+        unknown = set(table) - _TASK_KEYS
+        if unknown:
+            raise MappingError(f"{origin}: tasks.{task_name} has unknown key(s) {sorted(unknown)}")
+        delay_unit = table.get("delay_unit", "ms")
+        if delay_unit not in TIME_UNITS_MS:
+            raise MappingError(f"{origin}: tasks.{task_name}.delay_unit '{delay_unit}' is not one of s, ms, us, ns")
+        tasks.append(TaskMapping(
+            name=task_name,
+            column=need(table, "column", "the task's label column", f"tasks.{task_name}."),
+            positive_at_least=table.get("positive_at_least"),
+            delay_column=table.get("delay_column"),
+            delay_unit=delay_unit,
+            delay_ms=int(table.get("delay_ms", 0)),
+        ))
+    columns = raw.get("columns")
+    header = bool(raw.get("header", True))
+    if not header and columns is None:
+        raise MappingError(f"{origin}: header = false needs 'columns' (the column names, in file order)")
+    return ColumnMapping(
+        name=str(raw.get("name", "csv")),
+        user=need(raw, "user", "the user id column"),
+        item=need(raw, "item", "the item id column"),
+        time=need(raw, "time", "the impression time column"),
+        time_unit=time_unit,
+        tasks=tuple(tasks),
+        format=fmt,
+        delimiter=raw.get("delimiter"),
+        header=header,
+        columns=tuple(columns) if columns is not None else None,
+        impression_id=raw.get("impression_id"),
+        impression_id_prefix=raw.get("impression_id_prefix"),
+        categorical=str_list("categorical"),
+        numeric=str_list("numeric"),
+        assume_sorted=bool(raw.get("assume_sorted", False)),
+    )
+
+
+def to_epoch_ms(value: Any, unit: str) -> int:
+    """Convert one time cell to integer epoch milliseconds (``iso``: naive datetimes are UTC)."""
+    if unit == "iso":
+        if isinstance(value, datetime):
+            moment = value
+        else:
+            moment = datetime.fromisoformat(str(value).strip())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return int(round(moment.timestamp() * 1000))
+    return int(round(float(value) * TIME_UNITS_MS[unit]))
+
+
+def _number(text: Any) -> int | float:
+    if isinstance(text, (int, float)):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+class TabularDataset:
+    """A CSV, TSV or Parquet file read through a ``ColumnMapping``.
+
+    >>> from streamer.datasets import open_dataset
+    >>> ds = open_dataset("csv", "../shared/data/kuairand/kuairand27k_like_hate_kcore15.tsv",
+    ...                   mapping="mappings/kuairand.toml")   # doctest: +SKIP
+    >>> next(iter(ds.interactions())).labels                  # doctest: +SKIP
+    {'click': 0, 'long_view': 0, 'like': 1}
+    """
+
+    def __init__(self, source: str | Path, mapping: ColumnMapping) -> None:
+        self.source = Path(source)
+        if not self.source.is_file():
+            raise DatasetError(f"source file {self.source} does not exist")
+        self.mapping = mapping
+        self.name = mapping.name
+        self.tasks = tuple(t.name for t in mapping.tasks)
+        self.categorical_features = mapping.categorical
+        self.numeric_features = mapping.numeric
+        self.format = mapping.format or self._format_from_suffix()
+        self._prefix = mapping.impression_id_prefix or mapping.name
+        self._column_names = self._read_column_names()
+        self._check_columns()
+        self.n_interactions: int | None = None
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def _format_from_suffix(self) -> str:
+        suffix = self.source.suffix.lower().lstrip(".")
+        if suffix in ("csv", "tsv", "parquet"):
+            return suffix
+        if suffix in ("pq", "txt"):
+            return {"pq": "parquet", "txt": "csv"}[suffix]
+        raise MappingError(f"cannot tell the format of {self.source} from its name; set format = csv|tsv|parquet")
+
+    def _delimiter(self) -> str:
+        return self.mapping.delimiter or ("\t" if self.format == "tsv" else ",")
+
+    def _read_column_names(self) -> tuple[str, ...]:
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            names = tuple(pq.ParquetFile(self.source).schema_arrow.names)
+            return self.mapping.columns or names
+        if self.mapping.columns is not None:
+            return self.mapping.columns
+        with self.source.open(newline="", encoding="utf-8") as handle:
+            first = next(csv.reader(handle, delimiter=self._delimiter()), None)
+        if first is None:
+            raise DatasetError(f"source file {self.source} is empty")
+        return tuple(first)
+
+    def _check_columns(self) -> None:
+        m = self.mapping
+        wanted: list[tuple[str, str]] = [(m.user, "user"), (m.item, "item"), (m.time, "time")]
+        if m.impression_id:
+            wanted.append((m.impression_id, "impression_id"))
+        wanted += [(c, "categorical") for c in m.categorical] + [(c, "numeric") for c in m.numeric]
+        for task in m.tasks:
+            wanted.append((task.column, f"tasks.{task.name}.column"))
+            if task.delay_column:
+                wanted.append((task.delay_column, f"tasks.{task.name}.delay_column"))
+        present = set(self._column_names)
+        for column, key in wanted:
+            if column not in present:
+                raise MappingError(
+                    f"column '{column}' (mapping key '{key}') is not in {self.source}; "
+                    f"its columns are: {', '.join(self._column_names)}"
+                )
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        """Rows as dicts (column -> cell), in file order."""
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(self.source).iter_batches(batch_size=8192):
+                table = batch.to_pylist()
+                if self.mapping.columns is not None:
+                    rename = dict(zip(batch.schema.names, self.mapping.columns))
+                    table = [{rename[k]: v for k, v in row.items()} for row in table]
+                yield from table
+            return
+        with self.source.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, delimiter=self._delimiter())
+            if self.mapping.header:
+                next(reader, None)
+            names = self._column_names
+            for line_no, cells in enumerate(reader, start=2 if self.mapping.header else 1):
+                if not cells:
+                    continue
+                if len(cells) != len(names):
+                    raise DatasetError(
+                        f"{self.source} line {line_no}: {len(cells)} cells, expected {len(names)} ({', '.join(names)})"
+                    )
+                yield dict(zip(names, cells))
+
+    # -- one row -> one interaction ----------------------------------------------------------------------
+    def _interaction(self, row_index: int, row: dict[str, Any]) -> Interaction:
+        m = self.mapping
+        labels: dict[str, int] = {}
+        delays: dict[str, int] = {}
+        for task in m.tasks:
+            cell = row[task.column]
+            value = 0.0 if _is_empty(cell) else float(cell)
+            positive = value >= task.positive_at_least if task.positive_at_least is not None else value > 0
+            labels[task.name] = int(positive)
+            if positive:
+                delay = float(task.delay_ms)
+                if task.delay_column is not None and not _is_empty(row[task.delay_column]):
+                    delay += float(row[task.delay_column]) * TIME_UNITS_MS[task.delay_unit]
+                delays[task.name] = max(0, int(round(delay)))
+        features: dict[str, FeatureValue] = {}
+        for column in m.categorical:
+            if not _is_empty(row[column]):
+                features[column] = str(row[column])
+        for column in m.numeric:
+            if not _is_empty(row[column]):
+                features[column] = _number(row[column])
+        impression_id = str(row[m.impression_id]) if m.impression_id else f"{self._prefix}-{row_index}"
+        try:
+            ts_ms = to_epoch_ms(row[m.time], m.time_unit)
+        except (ValueError, TypeError):
+            raise DatasetError(
+                f"{self.source} data row {row_index}: time '{row[m.time]}' in column '{m.time}' "
+                f"is not a time in unit '{m.time_unit}'"
+            ) from None
+        return Interaction(
+            impression_id=impression_id,
+            user_id=str(row[m.user]),
+            item_id=str(row[m.item]),
+            ts_ms=ts_ms,
+            features=features,
+            labels=labels,
+            feedback_delay_ms=delays,
+        )
+
+    def interactions(self) -> Iterator[Interaction]:
+        """Yield interactions in non-decreasing time (sorted stably unless ``assume_sorted``)."""
+        records = (self._interaction(i, row) for i, row in enumerate(self._rows()))
+        if self.mapping.assume_sorted:
+            yield from _checked_order(records, str(self.source))
+            return
+        # Sorting needs every row in memory; assume_sorted = true streams files too big for that.
+        everything = sorted(records, key=lambda r: r.ts_ms)
+        self.n_interactions = len(everything)
+        yield from everything
+
+
+def _checked_order(records: Iterable[Interaction], origin: str) -> Iterator[Interaction]:
+    last = None
+    for record in records:
+        if last is not None and record.ts_ms < last:
+            raise DatasetError(
+                f"{origin}: impression {record.impression_id} at {record.ts_ms} ms comes after one at {last} ms; "
+                "the file is not in time order, so set assume_sorted = false"
+            )
+        last = record.ts_ms
+        yield record
+
+
+def open_tabular(source: str | Path, mapping: str | Path | ColumnMapping | dict[str, Any] | None) -> TabularDataset:
+    """Open a tabular source with a mapping given as a file path, a parsed dict or a ``ColumnMapping``."""
+    if mapping is None:
+        raise MappingError("the csv data set needs a mapping: pass --mapping FILE (see mappings/*.toml)")
+    if isinstance(mapping, (str, Path)):
+        mapping = load_mapping(mapping)
+    elif isinstance(mapping, dict):
+        mapping = mapping_from_dict(mapping)
+    return TabularDataset(source, mapping)
+
