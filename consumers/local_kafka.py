@@ -1,0 +1,540 @@
+"""A local single-node Apache Kafka 4.x broker (KRaft, no ZooKeeper) for development, tests and the demo.
+
+``crossdistil kafka up|down|status`` drives it from the command line; :class:`LocalKafka` from Python::
+
+    broker = LocalKafka(port=9092)
+    broker.start(timeout_s=60)          # formats storage on first start, waits until metadata answers
+    ensure_topics(broker.bootstrap)     # impressions, feedback, dead-letters, model-updates (compacted)
+    ...
+    broker.stop()
+
+Everything a broker owns lives in one data directory:
+
+* ``local-kafka.json`` - the ports and the cluster id chosen on first start (kept across restarts),
+* ``server.properties`` - rewritten on every start from ``local-kafka.json``,
+* ``kraft/`` - the broker's log segments and metadata log (``log.dirs``),
+* ``broker.log`` - the broker's own log (log4j2, see ``deploy/kafka/log4j2.yaml``),
+* ``broker.out`` - the JVM's stdout/stderr (crashes before log4j starts land here),
+* ``broker.pid`` - the pid of the running broker.
+
+The jars come from ``deploy/kafka/fetch.sh`` (a cache under ``~/.cache/crossdistil``), or from the directory
+named by ``CROSSDISTIL_KAFKA_LIBS``. Java 17 or newer must be on the PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
+FETCH_SCRIPT = DEPLOY_DIR / "fetch.sh"
+LOG4J_CONFIG = DEPLOY_DIR / "log4j2.yaml"
+LIBS_ENV = "CROSSDISTIL_KAFKA_LIBS"
+
+DEFAULT_PORT = 9092
+DEFAULT_PARTITIONS = 4
+MODEL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The broker-wide ceiling must admit the model topic's messages (checkpoint chunks) too.
+BROKER_MAX_MESSAGE_BYTES = MODEL_MAX_MESSAGE_BYTES
+
+# The default topic names; they equal the constants of streamer.events (docs/internal-apis.md).
+IMPRESSION_TOPIC = "impressions"
+FEEDBACK_TOPIC = "feedback"
+MODEL_TOPIC = "model-updates"
+DEAD_LETTER_TOPIC = "dead-letters"
+
+_STATE_FILE = "local-kafka.json"
+_PID_FILE = "broker.pid"
+_LOG_FILE = "broker.log"
+_OUT_FILE = "broker.out"
+_PROPERTIES_FILE = "server.properties"
+_STORAGE_DIR = "kraft"
+
+
+class LocalKafkaError(RuntimeError):
+    """The local broker could not be set up, started or stopped; the message says why and what to do."""
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/crossdistil/kafka``, i.e. ``~/.local/share/crossdistil/kafka`` by default."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "crossdistil" / "kafka"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def find_libs() -> Path:
+    """The directory of the Kafka jars: ``$CROSSDISTIL_KAFKA_LIBS``, else whatever ``fetch.sh`` resolves."""
+    override = os.environ.get(LIBS_ENV)
+    if override:
+        libs = Path(override).expanduser()
+        if not any(libs.glob("kafka_2.13-*.jar")):
+            raise LocalKafkaError(f"{LIBS_ENV}={override} holds no kafka_2.13-*.jar; point it at a Kafka libs directory")
+        return libs
+    if shutil.which("bash") is None:
+        raise LocalKafkaError(f"bash is needed to run {FETCH_SCRIPT}; or set {LIBS_ENV} to a Kafka libs directory")
+    # fetch.sh prints the libs dir on stdout; its progress and errors go to stderr, which the user sees.
+    result = subprocess.run(["bash", str(FETCH_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode != 0:
+        raise LocalKafkaError(
+            f"{FETCH_SCRIPT} failed (exit {result.returncode}); see its message above, "
+            f"or set {LIBS_ENV} to a directory of Kafka jars"
+        )
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def java_executable() -> str:
+    """The ``java`` to run the broker with: ``$JAVA_HOME/bin/java`` if set, else the one on the PATH."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    java = shutil.which("java")
+    if java is None:
+        raise LocalKafkaError(
+            "java not found: the local Kafka broker needs Java 17 or newer on the PATH "
+            "(e.g. 'apt-get install openjdk-17-jre-headless')"
+        )
+    return java
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID as 22 characters of unpadded URL-safe base64, like ``kafka-storage random-uuid``."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a text file, or a note that it is missing."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class KafkaStatus:
+    """What ``status()`` reports about a local broker."""
+
+    running: bool
+    pid: int | None
+    bootstrap: str
+    data_dir: str
+    log_file: str
+
+    def describe(self) -> str:
+        """One line for humans."""
+        if self.running:
+            return f"Kafka is running (pid {self.pid}) at {self.bootstrap}; data in {self.data_dir}, log {self.log_file}"
+        return f"Kafka is not running (data dir {self.data_dir}); start it with 'crossdistil kafka up'"
+
+
+class LocalKafka:
+    """A single-node KRaft broker (broker and controller in one JVM) bound to 127.0.0.1.
+
+    ``port`` is the client port; ``None`` means the port this data dir used last, else 9092.
+    ``controller_port`` likewise; when neither is known, ``port + 1`` if free, else any free port.
+    The chosen ports and the cluster id are stored in the data dir, so a restart finds the same broker.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        controller_port: int | None = None,
+        heap: str = "1g",
+    ) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
+        state = self._read_state()
+        self.port = int(port if port is not None else state.get("port", DEFAULT_PORT))
+        self._controller_port = controller_port if controller_port is not None else state.get("controller_port")
+        self.heap = heap
+        self._process: subprocess.Popen[bytes] | None = None
+
+    # -- paths -----------------------------------------------------------------------------------------------
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap servers string for clients, ``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        """The broker's log file (log4j2)."""
+        return self.data_dir / _LOG_FILE
+
+    @property
+    def pid_file(self) -> Path:
+        """The file holding the running broker's pid."""
+        return self.data_dir / _PID_FILE
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def status(self) -> KafkaStatus:
+        """Whether this data dir's broker is running, with its pid, bootstrap, data dir and log file."""
+        pid = self._running_pid()
+        return KafkaStatus(
+            running=pid is not None,
+            pid=pid,
+            bootstrap=self.bootstrap,
+            data_dir=str(self.data_dir),
+            log_file=str(self.log_file),
+        )
+
+    def start(self, timeout_s: float = 60.0) -> bool:
+        """Start the broker in the background and wait until it answers a metadata request.
+
+        Returns True if a broker was started, False if this data dir's broker was already running.
+        Raises LocalKafkaError, naming the log file and quoting its last lines, if the broker exits early or
+        does not answer within ``timeout_s`` (in which case it is stopped again).
+        """
+        if self._running_pid() is not None:
+            return False
+        if port_in_use(self.port):
+            raise LocalKafkaError(
+                f"something else already listens on 127.0.0.1:{self.port} (another Kafka?); "
+                f"stop it or choose another port with --port"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        java = java_executable()
+        libs = find_libs()
+        state = self._prepare_state()
+        properties = self._write_properties(state)
+        classpath = str(libs / "*")
+        jvm_logging = [f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={self.data_dir}"]
+        if not (self.data_dir / _STORAGE_DIR / "meta.properties").exists():
+            self._format_storage(java, jvm_logging, classpath, state["cluster_id"], properties)
+
+        command = [
+            java, f"-Xmx{self.heap}", f"-Xms{min_heap(self.heap)}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            *jvm_logging, "-cp", classpath, "kafka.Kafka", str(properties),
+        ]
+        out = (self.data_dir / _OUT_FILE).open("ab")
+        try:
+            # A new session detaches the broker from the terminal: Ctrl-C in the shell that ran 'kafka up'
+            # must not kill it, and 'kafka down' signals it explicitly.
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.data_dir, start_new_session=True, close_fds=True,
+            )
+        finally:
+            out.close()
+        self.pid_file.write_text(f"{self._process.pid}\n")
+        try:
+            self._wait_until_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return True
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the broker: SIGTERM (a clean shutdown), SIGKILL if it is still alive after ``timeout_s``.
+
+        Returns True if a broker was running. Removes the pid file either way.
+        """
+        pid = self._running_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        self._signal(pid, signal.SIGTERM)
+        if not self._wait_for_exit(pid, timeout_s):
+            self._signal(pid, signal.SIGKILL)
+            if not self._wait_for_exit(pid, 10.0):
+                raise LocalKafkaError(f"Kafka (pid {pid}) survived SIGKILL; see {self.log_file}")
+        self.pid_file.unlink(missing_ok=True)
+        self._process = None
+        return True
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _read_state(self) -> dict[str, Any]:
+        path = self.data_dir / _STATE_FILE
+        if not path.exists():
+            return {}
+        try:
+            return dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise LocalKafkaError(f"{path} is not valid JSON ({exc}); delete the data dir {self.data_dir} to start afresh") from exc
+
+    def _prepare_state(self) -> dict[str, Any]:
+        state = self._read_state()
+        controller_port = self._controller_port
+        if controller_port is None or port_in_use(int(controller_port)):
+            controller_port = self.port + 1 if not port_in_use(self.port + 1) else free_port()
+        state.update(port=self.port, controller_port=int(controller_port))
+        state.setdefault("cluster_id", new_cluster_id())
+        self._controller_port = int(controller_port)
+        (self.data_dir / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        return state
+
+    def _write_properties(self, state: Mapping[str, Any]) -> Path:
+        port, cport = state["port"], state["controller_port"]
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{cport}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir / _STORAGE_DIR),
+            # One node: every internal topic must make do with one replica.
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "num.partitions": str(DEFAULT_PARTITIONS),
+            # Consumers joining a group should not wait 3 s for company that never comes.
+            "group.initial.rebalance.delay.ms": "0",
+            "message.max.bytes": str(BROKER_MAX_MESSAGE_BYTES),
+            "replica.fetch.max.bytes": str(BROKER_MAX_MESSAGE_BYTES),
+            "auto.create.topics.enable": "true",
+        }
+        path = self.data_dir / _PROPERTIES_FILE
+        body = "".join(f"{key}={value}\n" for key, value in settings.items())
+        path.write_text("# Written by consumers/local_kafka.py on every start; edits are overwritten.\n" + body)
+        return path
+
+    def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str, properties: Path) -> None:
+        # No --standalone: controller.quorum.voters already names the (static) quorum.
+        command = [java, *jvm_logging, "-cp", classpath, "kafka.tools.StorageTool", "format",
+                   "-t", cluster_id, "-c", str(properties)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise LocalKafkaError(
+                f"formatting Kafka storage in {self.data_dir / _STORAGE_DIR} failed (exit {result.returncode}):\n"
+                f"{(result.stdout + result.stderr).strip()[-3000:]}"
+            )
+
+    def _wait_until_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        from kafka.errors import KafkaConfigurationError, KafkaError
+
+        last_error = "no answer yet"
+        while True:
+            assert self._process is not None
+            code = self._process.poll()
+            if code is not None:
+                self.pid_file.unlink(missing_ok=True)
+                # The JVM's own output first: it holds the reason when the JVM died before log4j started.
+                raise LocalKafkaError(
+                    f"Kafka exited during startup with status {code}. "
+                    f"Last lines of {self.data_dir / _OUT_FILE}:\n{tail(self.data_dir / _OUT_FILE, 10)}\n"
+                    f"Last lines of {self.log_file}:\n{tail(self.log_file)}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LocalKafkaError(
+                    f"Kafka did not answer a metadata request at {self.bootstrap} within {timeout_s:.0f} s "
+                    f"(last error: {last_error}). Last lines of {self.log_file}:\n{tail(self.log_file)}"
+                )
+            if port_in_use(self.port):
+                try:
+                    if broker_ids(self.bootstrap, timeout_s=min(5.0, max(1.0, remaining))):
+                        return
+                    last_error = "the cluster lists no unfenced broker yet"
+                except KafkaConfigurationError:
+                    raise  # our bug, not a booting broker: retrying would only hide it
+                except (KafkaError, OSError) as exc:  # kafka-python raises several types while a broker boots
+                    last_error = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.2)
+
+    def _running_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        if self._process is not None and self._process.pid == pid:
+            return pid if self._process.poll() is None else None
+        return pid if _is_live_kafka(pid) else None
+
+    def _signal(self, pid: int, sig: signal.Signals) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _wait_for_exit(self, pid: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.pid == pid:
+                try:
+                    self._process.wait(timeout=0.2)
+                    return True
+                except subprocess.TimeoutExpired:
+                    continue
+            if not _is_live_kafka(pid):
+                return True
+            time.sleep(0.2)
+        return False
+
+
+def min_heap(heap: str) -> str:
+    """The initial heap: 256m, or the maximum if that is smaller (Java refuses -Xms above -Xmx)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    value = heap.strip().lower()
+    size = int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+    return heap if size < 256 << 20 else "256m"
+
+
+def _is_live_kafka(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) Kafka JVM; guards against a stale pid file naming a reused pid."""
+    proc = Path("/proc") / str(pid)
+    if proc.exists():
+        try:
+            stat = (proc / "stat").read_text()
+            state = stat.rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+        return state not in ("Z", "X") and b"kafka.Kafka" in cmdline
+    if sys.platform.startswith("linux"):
+        return False
+    try:  # no /proc (macOS): trust the pid file if the process exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def broker_ids(bootstrap: str, timeout_s: float = 5.0) -> list[int]:
+    """The ids of the unfenced brokers that ``bootstrap`` reports (DescribeCluster); empty while still fenced."""
+    from kafka import KafkaAdminClient
+
+    timeout_ms = int(timeout_s * 1000)
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="crossdistil-local-kafka",
+        request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
+    )
+    try:
+        brokers = admin.describe_cluster()["brokers"]
+        return sorted(int(b["broker_id"]) for b in brokers if not b.get("is_fenced", False))
+    finally:
+        admin.close()
+
+
+def ensure_topics(
+    bootstrap: str,
+    partitions: int = DEFAULT_PARTITIONS,
+    *,
+    impression_topic: str = IMPRESSION_TOPIC,
+    feedback_topic: str = FEEDBACK_TOPIC,
+    dead_letter_topic: str = DEAD_LETTER_TOPIC,
+    model_topic: str = MODEL_TOPIC,
+    model_max_message_bytes: int = MODEL_MAX_MESSAGE_BYTES,
+    timeout_s: float = 30.0,
+) -> dict[str, str]:
+    """Create the default topics if they do not exist yet; return ``{topic: "created" | "exists"}``.
+
+    Impressions, feedback and dead letters get ``partitions`` partitions (events are keyed by user id, so a
+    user's impressions and feedback share a partition number across the two topics). The model topic has one
+    partition, so checkpoints stay in order, is compacted, and admits messages up to ``model_max_message_bytes``.
+    Existing topics are left as they are. Waits until every topic has a leader for every partition.
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError
+
+    wanted: dict[str, dict[str, Any]] = {
+        name: {"num_partitions": partitions, "replication_factor": 1}
+        for name in (impression_topic, feedback_topic, dead_letter_topic)
+    }
+    wanted[model_topic] = {
+        "num_partitions": 1,
+        "replication_factor": 1,
+        "configs": {"cleanup.policy": "compact", "max.message.bytes": str(model_max_message_bytes)},
+    }
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crossdistil-ensure-topics",
+                                 request_timeout_ms=timeout_ms)
+    except Exception as exc:
+        raise LocalKafkaError(
+            f"Kafka at {bootstrap} is not reachable ({type(exc).__name__}); "
+            f"start one with 'crossdistil kafka up' or set --bootstrap"
+        ) from exc
+    try:
+        existing = set(admin.list_topics())
+        result = {name: "exists" for name in wanted if name in existing}
+        missing = {name: spec for name, spec in wanted.items() if name not in existing}
+        if missing:
+            try:
+                admin.create_topics(missing, timeout_ms=timeout_ms)
+            except TopicAlreadyExistsError:
+                pass  # another process created one between list_topics and here: that is fine
+            result.update({name: "created" for name in missing})
+        admin.wait_for_topics(list(wanted), timeout_ms=timeout_ms)
+        return {name: result[name] for name in wanted}
+    finally:
+        admin.close()
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``crossdistil kafka``."""
+    parser.add_argument("action", choices=("up", "down", "status"), help="start, stop, or report on the local broker")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"client port (default: the data dir's last port, else {DEFAULT_PORT})")
+    parser.add_argument("--data-dir", default=None, help=f"broker state, logs and pid file (default: {default_data_dir()})")
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
+                        help="partitions of the impressions, feedback and dead-letters topics (up only)")
+    parser.add_argument("--no-topics", action="store_true", help="do not create the default topics (up only)")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the broker to start or stop")
+    parser.add_argument("--delete-data", action="store_true", help="after stopping, delete the data dir (down only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``crossdistil kafka up|down|status``."""
+    broker = LocalKafka(port=args.port, data_dir=args.data_dir)
+    try:
+        if args.action == "status":
+            status = broker.status()
+            print(status.describe())
+            return 0 if status.running else 3
+        if args.action == "down":
+            stopped = broker.stop(timeout_s=args.timeout)
+            print(f"Kafka at {broker.bootstrap} stopped" if stopped else f"Kafka was not running (data dir {broker.data_dir})")
+            if args.delete_data and broker.data_dir.exists():
+                shutil.rmtree(broker.data_dir)
+                print(f"deleted {broker.data_dir}")
+            return 0
+        if not broker.status().running:
+            print(f"starting Kafka at {broker.bootstrap} (data dir {broker.data_dir}) ...", file=sys.stderr)
+        started = broker.start(timeout_s=args.timeout)
+        status = broker.status()
+        print(status.describe() if started else f"already running: {status.describe()}")
+        if not args.no_topics:
+            topics = ensure_topics(broker.bootstrap, partitions=args.partitions)
+            print("topics: " + ", ".join(f"{name} ({state})" for name, state in topics.items()))
+        return 0
+    except LocalKafkaError as exc:
+        print(f"crossdistil kafka {args.action}: {exc}", file=sys.stderr)
+        return 1
