@@ -1,0 +1,524 @@
+"""The attribution join: impressions and feedback in, labelled samples out, in event time.
+
+Pure and deterministic: no Kafka, no wall clock unless the caller passes one. The live trainer and the
+backtest feed it the same way, so the same input sequence gives the same samples and counters.
+
+How it works
+------------
+* Every event comes with its *source*, any hashable plain value; the daemons use ``(topic, partition)``.
+  Each source keeps the largest ``ts_ms`` it has delivered (its event-time clock).
+* The **watermark** is ``min(clock of every active source) - allowed_lateness``; it never goes back. The
+  join assumes that every event stamped *before* the watermark has arrived. (An event stamped exactly at
+  the watermark may still come, so every comparison against the watermark below is strict.)
+* A source that has delivered nothing does not hold the watermark back (a topic may have partitions that
+  carry no keys at all, and a finite replay must not hang on them). Set ``wait_for_all_partitions`` to make
+  unseen sources hold it back instead, e.g. while a live consumer's first fetches are still in flight.
+* Idle sources (live mode): with ``idle_timeout_s``, a source that has delivered nothing for that long on the
+  caller's clock (``now`` passed to ``add_*`` or ``tick``) stops holding the watermark back until it
+  delivers again. The backtest passes no clock and no source is ever idle. If every source is idle the
+  watermark stays where it is: with no data nothing new can close (``max_pending`` still bounds memory).
+* An impression is held until the attribution window of every task has closed: ``ts + window_k < watermark``
+  for the longest window. Feedback of task k with ``impression.ts <= feedback.ts <= impression.ts +
+  window_k`` is *in window*; if its value is > 0 it sets label k to 1. Feedback that arrives after its own
+  task's window has closed in event time counts as late, even if the impression is still held for a
+  longer window of another task, so labels do not depend on when ``emit()`` is called.
+* Feedback may arrive *before* its impression (another topic, another partition, a slower producer). It is
+  held as *early feedback* until the watermark passes ``feedback.ts + early_feedback_grace_s``: an on-time
+  impression (``ts <= feedback.ts``) would have arrived by then. Only then is it counted as an orphan.
+* Ids of emitted impressions are remembered for ``completed_retention_s`` of event time past their longest
+  window (and at most ``max_completed`` of them), to count late feedback and duplicate impressions. Feedback
+  for an impression that has been forgotten is held as early feedback and ends up counted as an orphan.
+* Memory is bounded: when more than ``max_pending`` impressions are held, the oldest is emitted early with
+  ``reason="evicted"``; when more than ``max_early_feedback`` feedback events are held, the oldest is counted
+  as an orphan. Both are counted; nothing is dropped silently.
+
+Samples come out of ``emit()`` in the order they became ready: closed impressions by ``(ts_ms,
+impression_id)``. ``flush()`` ends a finite replay. ``state_dict()`` holds only plain values (msgpack-able),
+so a checkpoint keeps pending impressions and early feedback exactly.
+
+>>> join = AttributionJoin(JoinConfig(attribution_window_s={"like": 10.0}))
+>>> join.add_impression({"impression_id": "i1", "ts_ms": 0, "user_id": "u", "item_id": "a", "features": {}}, "p0")
+>>> join.add_feedback({"impression_id": "i1", "ts_ms": 4_000, "task": "like", "value": 1}, "p0")
+>>> join.add_impression({"impression_id": "i2", "ts_ms": 10_001, "user_id": "u", "item_id": "b", "features": {}}, "p0")
+>>> [(s.impression["impression_id"], s.labels, s.reason) for s in join.emit()]
+[('i1', {'like': 1}, 'closed')]
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+Source = Hashable
+"""Where an event came from; the daemons use ``(topic, partition)``. Must be built of str/int/tuples."""
+
+STATE_FORMAT = 1
+
+# Why a sample was emitted.
+REASON_CLOSED = "closed"  # every attribution window closed in event time: labels are final
+REASON_LATE = "late"  # the impression itself arrived after its windows had closed
+REASON_EVICTED = "evicted"  # emitted early because max_pending was reached: labels may miss feedback
+REASON_FLUSHED = "flushed"  # emitted by flush() at the end of a finite replay
+
+COUNTERS = (
+    "impressions",  # impression events received
+    "feedback",  # feedback events received
+    "emitted",  # samples emitted
+    "matched_feedback",  # in-window feedback applied to an impression (any value)
+    "positive_labels",  # labels set to 1
+    "early_feedback",  # feedback held because its impression had not arrived yet
+    "early_feedback_matched",  # ... and later matched by its impression
+    "duplicate_impressions",  # an impression id seen again (ignored)
+    "late_impressions",  # impressions that arrived with all windows already closed
+    "late_feedback",  # in-window feedback whose window had already closed in event time
+    "orphan_feedback",  # feedback whose impression never arrived (or was forgotten)
+    "outside_window_feedback",  # feedback before the impression or after its task's window
+    "unknown_task_feedback",  # feedback for a task that is not configured (ignored)
+    "evicted_impressions",  # impressions emitted early because of max_pending
+    "evicted_early_feedback",  # early feedback counted as orphan because of max_early_feedback
+)
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """Configuration of the attribution join.
+
+    ``attribution_window_s`` maps every task to its attribution window in seconds of event time. Optional
+    bounds default to: ``max_early_feedback = max_pending``, ``max_completed = 2 * max_pending``,
+    ``completed_retention_s = longest window``.
+    """
+
+    attribution_window_s: Mapping[str, float]
+    allowed_lateness_s: float = 0.0
+    max_pending: int = 1_000_000
+    max_early_feedback: int | None = None
+    early_feedback_grace_s: float = 0.0
+    completed_retention_s: float | None = None
+    max_completed: int | None = None
+    idle_timeout_s: float | None = None
+    wait_for_all_partitions: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.attribution_window_s:
+            raise ValueError("attribution_window_s is empty: configure at least one task and its window in seconds")
+        for task, window in self.attribution_window_s.items():
+            if not isinstance(task, str) or not task:
+                raise ValueError(f"task names must be non-empty strings, got {task!r}")
+            if not _finite_non_negative(window):
+                raise ValueError(f"attribution window of task {task!r} must be a finite number >= 0, got {window!r}")
+        for name in ("allowed_lateness_s", "early_feedback_grace_s"):
+            if not _finite_non_negative(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("completed_retention_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not _finite_non_negative(value):
+                raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+        for name in ("max_pending", "max_early_feedback", "max_completed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _finite_non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+def _freeze(value: Any) -> Any:
+    """Lists (what msgpack makes of tuples) back into tuples, so restored sources are hashable again."""
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(slots=True)
+class JoinedSample:
+    """An impression with its final labels ``{task: 0 | 1}``, its source and why it was emitted."""
+
+    impression: dict[str, Any]
+    labels: dict[str, int]
+    source: Source
+    reason: str
+
+    def to_plain(self) -> list[Any]:
+        """A msgpack-able form (see ``from_plain``)."""
+        return [self.impression, self.labels, self.source, self.reason]
+
+    @classmethod
+    def from_plain(cls, plain: list[Any]) -> JoinedSample:
+        """Inverse of ``to_plain`` (also after a msgpack round trip, which turns tuples into lists)."""
+        impression, labels, source, reason = plain
+        return cls(dict(impression), dict(labels), _freeze(source), reason)
+
+
+class AttributionJoin:
+    """Joins impressions with per-task feedback inside attribution windows, driven by a watermark.
+
+    ``add_impression`` / ``add_feedback`` take events already validated against the contract, plus their
+    source; ``emit()`` returns the samples that became ready. See the module docstring for the rules.
+    """
+
+    def __init__(self, config: JoinConfig) -> None:
+        self.config = config
+        self.tasks: tuple[str, ...] = tuple(sorted(config.attribution_window_s))
+        self._window_ms = {task: _ms(config.attribution_window_s[task]) for task in self.tasks}
+        self._max_window_ms = max(self._window_ms.values())
+        self._lateness_ms = _ms(config.allowed_lateness_s)
+        self._grace_ms = _ms(config.early_feedback_grace_s)
+        retention_s = config.completed_retention_s
+        self._retention_ms = self._max_window_ms if retention_s is None else _ms(retention_s)
+        self._max_pending = config.max_pending
+        self._max_early = config.max_early_feedback or config.max_pending
+        self._max_completed = config.max_completed or 2 * config.max_pending
+        self._idle_timeout_s = config.idle_timeout_s
+
+        # Per source: [largest ts_ms seen or None, last activity on the caller's clock or None].
+        self._sources: dict[Source, list[Any]] = {}
+        self._idle: set[Source] = set()
+        self._min_source: Source | None = None  # the source that defines the watermark now
+        self._watermark_ms: int | None = None
+        self._now: float | None = None
+
+        self._pending: dict[str, list[Any]] = {}  # impression id -> [event, labels, source]
+        self._pending_heap: list[tuple[int, str]] = []  # (ts_ms, impression id): closes in this order
+        self._early: dict[str, list[list[Any]]] = {}  # impression id -> [[task, ts_ms, value, seq], ...]
+        self._early_heap: list[tuple[int, int, str]] = []  # (expiry ts_ms, seq, id); may hold stale entries
+        self._early_count = 0
+        self._seq = 0
+        self._completed: dict[str, int] = {}  # emitted impression id -> its ts_ms
+        self._completed_order: deque[tuple[int, str]] = deque()  # emission order, for pruning
+        self._ready: deque[JoinedSample] = deque()
+        self._counters = dict.fromkeys(COUNTERS, 0)
+
+    # ----------------------------------------------------------------------------------------- inputs
+
+    def add_impression(self, event: Mapping[str, Any], source: Source, now: float | None = None) -> None:
+        """Add one impression event from ``source``; ``now`` is the caller's clock (live mode only)."""
+        counters = self._counters
+        counters["impressions"] += 1
+        impression_id = event["impression_id"]
+        ts = event["ts_ms"]
+        if impression_id in self._pending or impression_id in self._completed:
+            counters["duplicate_impressions"] += 1
+        else:
+            labels = dict.fromkeys(self.tasks, 0)
+            early = self._early.pop(impression_id, None)
+            if early is not None:
+                self._apply_early_feedback(ts, labels, early)
+            watermark = self._watermark_ms
+            if watermark is not None and ts + self._max_window_ms < watermark:
+                counters["late_impressions"] += 1
+                self._emit_one(event, labels, source, REASON_LATE)
+            else:
+                self._pending[impression_id] = [event, labels, source]
+                heapq.heappush(self._pending_heap, (ts, impression_id))
+                if len(self._pending) > self._max_pending:
+                    self._evict_oldest_impression()
+        self._advance_source(source, ts, now)
+
+    def add_feedback(self, event: Mapping[str, Any], source: Source, now: float | None = None) -> None:
+        """Add one feedback event from ``source``; ``now`` is the caller's clock (live mode only)."""
+        counters = self._counters
+        counters["feedback"] += 1
+        task = event["task"]
+        ts = event["ts_ms"]
+        window = self._window_ms.get(task)
+        if window is None:
+            counters["unknown_task_feedback"] += 1
+        else:
+            impression_id = event["impression_id"]
+            held = self._pending.get(impression_id)
+            if held is not None:
+                impression_ts = held[0]["ts_ms"]
+                if not impression_ts <= ts <= impression_ts + window:
+                    counters["outside_window_feedback"] += 1
+                elif self._watermark_ms is not None and impression_ts + window < self._watermark_ms:
+                    counters["late_feedback"] += 1
+                else:
+                    counters["matched_feedback"] += 1
+                    if event["value"] > 0 and not held[1][task]:
+                        held[1][task] = 1
+                        counters["positive_labels"] += 1
+            else:
+                impression_ts = self._completed.get(impression_id)
+                if impression_ts is not None:
+                    if impression_ts <= ts <= impression_ts + window:
+                        counters["late_feedback"] += 1
+                    else:
+                        counters["outside_window_feedback"] += 1
+                else:
+                    self._hold_early_feedback(impression_id, task, ts, event["value"])
+        self._advance_source(source, ts, now)
+
+    def assign(self, sources: Iterable[Source], now: float | None = None) -> None:
+        """Set the sources that drive the watermark (after a Kafka rebalance); others are forgotten.
+
+        Sources never assigned are added automatically on their first event, so a backtest need not call this.
+        Pending impressions of a revoked source stay pending; the trainer decides what to do with them.
+        """
+        wanted = list(sources)
+        if now is not None:
+            self._now = now
+        kept = {source: self._sources.get(source, [None, self._now]) for source in wanted}
+        self._sources = kept
+        self._idle &= set(kept)
+        self._recompute_watermark()
+
+    def tick(self, now: float) -> None:
+        """Advance the caller's clock (live mode): marks idle sources and may advance the watermark."""
+        self._now = now
+        if self._idle_timeout_s is None:
+            return
+        for source, state in self._sources.items():
+            if state[1] is None:
+                state[1] = now  # first time this source is timed: start its idle timer now
+            elif now - state[1] >= self._idle_timeout_s:
+                self._idle.add(source)
+        self._recompute_watermark()
+
+    # ---------------------------------------------------------------------------------------- outputs
+
+    def emit(self) -> list[JoinedSample]:
+        """The samples that became ready since the last call, in the order they became ready."""
+        ready = list(self._ready)
+        self._ready.clear()
+        self._counters["emitted"] += len(ready)
+        return ready
+
+    def flush(self) -> list[JoinedSample]:
+        """Emit everything still held (end of a finite replay); held early feedback becomes orphan."""
+        while self._pending_heap:
+            _, impression_id = heapq.heappop(self._pending_heap)
+            event, labels, source = self._pending.pop(impression_id)
+            self._emit_one(event, labels, source, REASON_FLUSHED)
+        self._counters["orphan_feedback"] += self._early_count
+        self._early.clear()
+        self._early_heap.clear()
+        self._early_count = 0
+        return self.emit()
+
+    @property
+    def watermark_ms(self) -> int | None:
+        """Event time (ms) before which every event is assumed to have arrived; None before any data."""
+        return self._watermark_ms
+
+    @property
+    def pending_impressions(self) -> int:
+        """Impressions held until their attribution windows close."""
+        return len(self._pending)
+
+    @property
+    def early_feedback(self) -> int:
+        """Feedback events held because their impression has not arrived yet."""
+        return self._early_count
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A copy of the counters (names in ``COUNTERS``)."""
+        return dict(self._counters)
+
+    # ----------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, as plain values (msgpack-able, no pickle)."""
+        return {
+            "format": STATE_FORMAT,
+            "window_ms": dict(self._window_ms),
+            "watermark_ms": self._watermark_ms,
+            "now": self._now,
+            "sources": [[source, state[0], state[1], source in self._idle] for source, state in self._sources.items()],
+            "pending": [self._pending[impression_id] for _, impression_id in sorted(self._pending_heap)],
+            "early": [
+                [impression_id, *entry] for impression_id, entries in self._early.items() for entry in entries
+            ],
+            "seq": self._seq,
+            "completed": [[impression_id, ts] for ts, impression_id in self._completed_order],
+            "ready": [sample.to_plain() for sample in self._ready],
+            "counters": dict(self._counters),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output (also after a msgpack or JSON round trip).
+
+        The tasks must be the same; windows may differ (the new ones apply from now on).
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"join state has format {state.get('format')!r}; this code reads format {STATE_FORMAT}")
+        if set(state["window_ms"]) != set(self.tasks):
+            raise ValueError(
+                f"join state was saved for tasks {sorted(state['window_ms'])} but this join has tasks "
+                f"{list(self.tasks)}; start from an empty state or configure the same tasks"
+            )
+        self._watermark_ms = state["watermark_ms"]
+        self._now = state["now"]
+        self._sources = {}
+        self._idle = set()
+        for source, max_ts, last_seen, idle in state["sources"]:
+            source = _freeze(source)
+            self._sources[source] = [max_ts, last_seen]
+            if idle:
+                self._idle.add(source)
+        self._pending = {}
+        self._pending_heap = []
+        for event, labels, source in state["pending"]:
+            event = dict(event)
+            self._pending[event["impression_id"]] = [event, dict(labels), _freeze(source)]
+            self._pending_heap.append((event["ts_ms"], event["impression_id"]))
+        heapq.heapify(self._pending_heap)
+        self._early = {}
+        self._early_heap = []
+        for impression_id, task, ts, value, seq in state["early"]:
+            self._early.setdefault(impression_id, []).append([task, ts, value, seq])
+            self._early_heap.append((ts + self._grace_ms, seq, impression_id))
+        heapq.heapify(self._early_heap)
+        self._early_count = len(state["early"])
+        self._seq = state["seq"]
+        self._completed = {}
+        self._completed_order = deque()
+        for impression_id, ts in state["completed"]:
+            self._completed[impression_id] = ts
+            self._completed_order.append((ts, impression_id))
+        self._ready = deque(JoinedSample.from_plain(plain) for plain in state["ready"])
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._counters.update(state["counters"])
+        self._min_source = None
+        self._recompute_watermark()
+
+    # -------------------------------------------------------------------------------------- internals
+
+    def _apply_early_feedback(self, impression_ts: int, labels: dict[str, int], early: list[list[Any]]) -> None:
+        counters = self._counters
+        self._early_count -= len(early)
+        for task, ts, value, _seq in early:
+            if impression_ts <= ts <= impression_ts + self._window_ms[task]:
+                counters["matched_feedback"] += 1
+                counters["early_feedback_matched"] += 1
+                if value > 0 and not labels[task]:
+                    labels[task] = 1
+                    counters["positive_labels"] += 1
+            else:
+                counters["outside_window_feedback"] += 1
+
+    def _hold_early_feedback(self, impression_id: str, task: str, ts: int, value: float) -> None:
+        expiry = ts + self._grace_ms
+        if self._watermark_ms is not None and expiry < self._watermark_ms:
+            # An on-time impression (ts <= feedback ts) would already be here: it can no longer match.
+            self._counters["orphan_feedback"] += 1
+            return
+        self._counters["early_feedback"] += 1
+        self._seq += 1
+        self._early.setdefault(impression_id, []).append([task, ts, value, self._seq])
+        heapq.heappush(self._early_heap, (expiry, self._seq, impression_id))
+        self._early_count += 1
+        if self._early_count > self._max_early:
+            while self._early_count > self._max_early and self._pop_early():
+                self._counters["evicted_early_feedback"] += 1
+                self._counters["orphan_feedback"] += 1
+
+    def _pop_early(self, expiring_before: int | None = None) -> bool:
+        """Remove the earliest-expiring held feedback (only if it expires before ``expiring_before``).
+
+        Returns False when there is none. Heap entries whose feedback was already matched are discarded.
+        """
+        heap = self._early_heap
+        while heap:
+            expiry, seq, impression_id = heap[0]
+            entries = self._early.get(impression_id)
+            index = -1
+            if entries is not None:
+                for i, entry in enumerate(entries):
+                    if entry[3] == seq:
+                        index = i
+                        break
+            if index < 0:
+                heapq.heappop(heap)  # stale: its impression arrived and took it
+                continue
+            if expiring_before is not None and expiry >= expiring_before:
+                return False
+            heapq.heappop(heap)
+            del entries[index]
+            if not entries:
+                del self._early[impression_id]
+            self._early_count -= 1
+            return True
+        return False
+
+    def _evict_oldest_impression(self) -> None:
+        _, impression_id = heapq.heappop(self._pending_heap)
+        event, labels, source = self._pending.pop(impression_id)
+        self._counters["evicted_impressions"] += 1
+        self._emit_one(event, labels, source, REASON_EVICTED)
+
+    def _emit_one(self, event: Any, labels: dict[str, int], source: Source, reason: str) -> None:
+        self._ready.append(JoinedSample(event, labels, source, reason))
+        ts = event["ts_ms"]
+        impression_id = event["impression_id"]
+        self._completed[impression_id] = ts
+        self._completed_order.append((ts, impression_id))
+        if len(self._completed) > self._max_completed:
+            _, oldest = self._completed_order.popleft()
+            del self._completed[oldest]
+
+    def _advance_source(self, source: Source, ts: int, now: float | None) -> None:
+        state = self._sources.get(source)
+        recompute = False
+        if state is None:
+            state = self._sources[source] = [None, now if now is not None else self._now]
+            recompute = True
+        if now is not None:
+            self._now = now
+            state[1] = now
+            if source in self._idle:
+                self._idle.discard(source)
+                recompute = True
+        if state[0] is None or ts > state[0]:
+            recompute = recompute or state[0] is None or source == self._min_source
+            state[0] = ts
+        if recompute:
+            self._recompute_watermark()
+
+    def _recompute_watermark(self) -> None:
+        lowest: int | None = None
+        lowest_source: Source | None = None
+        for source, (max_ts, _) in self._sources.items():
+            if source in self._idle:
+                continue
+            if max_ts is None:
+                if self.config.wait_for_all_partitions:
+                    self._min_source = None
+                    return
+                continue
+            if lowest is None or max_ts < lowest:
+                lowest, lowest_source = max_ts, source
+        self._min_source = lowest_source
+        if lowest is None:
+            return
+        candidate = lowest - self._lateness_ms
+        if self._watermark_ms is None or candidate > self._watermark_ms:
+            self._watermark_ms = candidate
+            self._on_watermark_advanced(candidate)
+
+    def _on_watermark_advanced(self, watermark: int) -> None:
+        # Impressions whose longest window closed, in (ts, id) order.
+        heap = self._pending_heap
+        close_before = watermark - self._max_window_ms
+        while heap and heap[0][0] < close_before:
+            _, impression_id = heapq.heappop(heap)
+            event, labels, source = self._pending.pop(impression_id)
+            self._emit_one(event, labels, source, REASON_CLOSED)
+        # Early feedback that can no longer meet an on-time impression.
+        while self._pop_early(expiring_before=watermark):
+            self._counters["orphan_feedback"] += 1
+        # Forget emitted ids once late feedback for them is no longer worth telling apart from orphans.
+        forget_before = watermark - self._max_window_ms - self._retention_ms
+        order = self._completed_order
+        while order and order[0][0] < forget_before:
+            _, impression_id = order.popleft()
+            del self._completed[impression_id]
