@@ -23,6 +23,8 @@ __all__ = ["DATASETS", "Dataset", "DatasetError", "Interaction", "open_dataset"]
 def open_dataset(name: str, source: str | Path | None, mapping: str | Path | dict[str, Any] | None = None,
                  **options: Any) -> Dataset:
     """Open the data set adapter ``name`` on ``source``; raises ``DatasetError`` with a clear message."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
         from streamer.datasets.synthetic import open_synthetic
 

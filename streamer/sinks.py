@@ -1,0 +1,222 @@
+"""Where streamed events go: a Kafka cluster or an event-log file. Both take ``(topic, key, event)``.
+
+``open_sink("kafka://HOST:PORT" | "file://PATH", envelope=N)`` picks one. A sink validates every event
+against the contract (``streamer.events``) before it leaves, so a bad adapter fails at the first bad event.
+
+Kafka: one message per event keyed by the user id (UTF-8); with ``envelope`` N > 1, up to N events of one
+(topic, partition) travel in one ``{"v": 1, "batch": [...]}`` message sent to that partition with no key (an
+envelope mixes users; each event's partition is still the one its user id hashes to, with Kafka's default
+murmur2 partitioner, so a user's events stay on one partition number across topics).
+Event logs: always one record per event, whatever ``envelope`` says (the record keeps the event's key).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from streamer import events
+from streamer.eventlog import EventLogWriter, path_from_url
+
+BOOTSTRAP_TIMEOUT_MS = 10_000
+MAX_REQUEST_BYTES = 16 << 20  # a batch envelope may be up to 16 MiB (streamer.events.Limits.max_batch_bytes)
+ENVELOPE_MAX_WAIT_S = 1.0  # a part-filled envelope waits at most this long (matters at real-time speed)
+
+
+class SinkError(RuntimeError):
+    """A sink cannot take events: an unreachable broker, a failed delivery, an unwritable file."""
+
+
+class Sink(Protocol):
+    """Takes events with their topic and key; ``close()`` delivers everything or raises ``SinkError``."""
+
+    bytes_written: int
+    messages: int
+
+    def write(self, topic: str, key: str, event: Mapping[str, Any]) -> None:
+        """Queue or write one event."""
+        ...
+
+    def idle(self) -> None:
+        """Called while the streamer waits (real-time speed): deliver anything that should not wait longer."""
+        ...
+
+    def close(self) -> None:
+        """Deliver everything still queued, surface any delivery error, release resources."""
+        ...
+
+
+def not_reachable(bootstrap: str) -> str:
+    """The message for a broker that does not answer."""
+    return f"Kafka at {bootstrap} is not reachable; start one with 'crossdistil kafka up' or check --to"
+
+
+class KafkaSink:
+    """Produces events with kafka-python (acks=all, idempotent, lingering batches); errors are raised, not lost."""
+
+    def __init__(self, bootstrap: str, topics: tuple[str, ...], envelope: int = 1,
+                 producer_config: Mapping[str, Any] | None = None) -> None:
+        from kafka import KafkaProducer
+        from kafka.errors import KafkaError
+
+        self.bootstrap = bootstrap
+        self.envelope = max(1, int(envelope))
+        self.bytes_written = 0
+        self.messages = 0
+        self._errors: list[BaseException] = []
+        self._buffers: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self._buffer_since: dict[tuple[str, int], float] = {}
+        self._partitions: dict[str, int] = {}
+        config = {
+            "bootstrap_servers": bootstrap,
+            "acks": "all",
+            "enable_idempotence": True,  # retries keep order and never duplicate
+            "linger_ms": 20,
+            "batch_size": 512 * 1024,
+            "max_request_size": MAX_REQUEST_BYTES,
+            "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS,
+            "client_id": "crossdistil-stream",
+            **(producer_config or {}),
+        }
+        try:
+            self._producer = KafkaProducer(**config)
+        except KafkaError as exc:
+            raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
+        self._ensure_topics(topics)
+
+    def _ensure_topics(self, topics: tuple[str, ...]) -> None:
+        impressions, feedback = topics
+        try:
+            from consumers.local_kafka import ensure_topics
+        except ImportError:  # the streamer can run without the consumers package installed
+            ensure_topics = None
+        try:
+            if ensure_topics is not None:
+                ensure_topics(self.bootstrap, impression_topic=impressions, feedback_topic=feedback)
+            else:
+                self._create_topics_with_admin(topics)
+        except Exception as exc:
+            self._producer.close(timeout=1)
+            raise SinkError(f"could not create topics {', '.join(topics)} on Kafka at {self.bootstrap}: {exc}") from exc
+
+    def _create_topics_with_admin(self, topics: tuple[str, ...]) -> None:
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="crossdistil-stream-admin")
+        try:
+            missing = [t for t in topics if t not in set(admin.list_topics())]
+            if missing:
+                try:
+                    admin.create_topics([NewTopic(t, num_partitions=4, replication_factor=1) for t in missing])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            admin.close()
+
+    def _partition_of(self, topic: str, key: bytes) -> int:
+        from kafka.partitioner.default import murmur2
+
+        if topic not in self._partitions:
+            deadline = time.monotonic() + 30
+            while not (parts := self._producer.partitions_for(topic)):
+                if time.monotonic() > deadline:
+                    raise SinkError(f"no partition metadata for topic {topic} on Kafka at {self.bootstrap}")
+                time.sleep(0.1)
+            self._partitions[topic] = len(parts)
+        # Kafka's default partitioner for keyed messages (kafka-python's DefaultPartitioner, the Java client's too)
+        return (murmur2(key) & 0x7FFFFFFF) % self._partitions[topic]
+
+    def _on_error(self, exc: BaseException) -> None:
+        self._errors.append(exc)
+
+    def _raise_delivery_errors(self) -> None:
+        if self._errors:
+            first = self._errors[0]
+            raise SinkError(f"{len(self._errors)} event(s) were not delivered to Kafka at {self.bootstrap}; "
+                            f"first error: {type(first).__name__}: {first}")
+
+    def _send(self, topic: str, value: bytes, key: bytes | None, partition: int | None = None) -> None:
+        self._raise_delivery_errors()
+        future = self._producer.send(topic, value=value, key=key, partition=partition)
+        future.add_errback(self._on_error)
+        self.bytes_written += len(value) + (len(key) if key else 0)
+        self.messages += 1
+
+    def write(self, topic: str, key: str, event: Mapping[str, Any]) -> None:
+        """Send one event (or add it to its partition's envelope)."""
+        key_bytes = key.encode("utf-8")
+        if self.envelope == 1:
+            self._send(topic, events.encode(event), key_bytes)
+            return
+        events.validate(event)
+        slot = (topic, self._partition_of(topic, key_bytes))
+        buffer = self._buffers.setdefault(slot, [])
+        if not buffer:
+            self._buffer_since[slot] = time.monotonic()
+        buffer.append(dict(event))
+        if len(buffer) >= self.envelope:
+            self._flush_envelope(slot)
+
+    def _flush_envelope(self, slot: tuple[str, int]) -> None:
+        batch = self._buffers.pop(slot, None)
+        if batch:
+            self._send(slot[0], events.encode_batch(batch), None, partition=slot[1])
+
+    def idle(self) -> None:
+        """Send part-filled envelopes that have waited longer than ``ENVELOPE_MAX_WAIT_S``."""
+        now = time.monotonic()
+        for slot in [s for s in self._buffers if now - self._buffer_since[s] > ENVELOPE_MAX_WAIT_S]:
+            self._flush_envelope(slot)
+
+    def close(self) -> None:
+        """Send the remaining envelopes, flush, and raise ``SinkError`` if any delivery failed."""
+        try:
+            for slot in list(self._buffers):
+                self._flush_envelope(slot)
+            self._producer.flush()
+            self._raise_delivery_errors()
+        finally:
+            self._producer.close()
+
+
+class FileSink:
+    """Writes an event log (``streamer.eventlog``): one validated {topic, key, event} record per event."""
+
+    def __init__(self, path: str) -> None:
+        self._log = EventLogWriter(path)
+        self.messages = 0
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes written to the file so far."""
+        return self._log.bytes_written
+
+    def write(self, topic: str, key: str, event: Mapping[str, Any]) -> None:
+        """Validate and append one record."""
+        self._log.write(topic, key, events.validate(event))
+        self.messages += 1
+
+    def idle(self) -> None:
+        """Nothing waits in a file sink."""
+
+    def close(self) -> None:
+        """Close the file."""
+        self._log.close()
+
+
+def open_sink(to: str, topics: tuple[str, str], envelope: int = 1) -> Sink:
+    """``kafka://HOST:PORT`` -> ``KafkaSink``; ``file://PATH`` -> ``FileSink`` (envelopes are a Kafka matter)."""
+    if to.startswith("kafka://"):
+        bootstrap = to[len("kafka://"):].rstrip("/")
+        if not bootstrap:
+            raise SinkError("--to kafka://HOST:PORT needs a host and port")
+        return KafkaSink(bootstrap, topics, envelope=envelope)
+    if to.startswith("file://"):
+        try:
+            return FileSink(str(path_from_url(to)))
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"cannot write the event log {to}: {exc}") from exc
+    raise SinkError(f"--to {to!r} must be kafka://HOST:PORT or file://PATH")

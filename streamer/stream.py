@@ -1,0 +1,325 @@
+"""``crossdistil stream``: a data set (or an event log) as impression and feedback events, into Kafka or a file.
+
+    crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to kafka://127.0.0.1:9092
+    crossdistil stream --dataset synthetic --option n_events=1000000 --option drift=abrupt \\
+        --option drift_at=500000 --to file://synthetic.evlog --speed max
+    crossdistil stream --dataset log --source file://synthetic.evlog --to kafka://127.0.0.1:9092 --speed 60
+
+The pure core is ``merge_events``: every interaction becomes one impression at ``ts_ms`` and, for each positive
+task, one feedback event at ``ts_ms + feedback_delay_ms[task]``; pending feedback waits in a heap, so the merged
+stream is in non-decreasing event time and memory is bounded by the feedback that falls within the longest
+delay, not by the data size. Events are keyed by user id; a feedback event carries its impression's user id as
+its key. ``--limit N`` stops after N impressions (their feedback is still emitted); for ``--dataset log`` it
+counts events. ``stream_dataset(...)`` does the whole run and returns the summary as a dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from streamer.datasets.base import DatasetError, Interaction
+
+IMPRESSION_TOPIC = "impressions"  # = streamer.events.IMPRESSION_TOPIC (not imported here to keep --help fast)
+FEEDBACK_TOPIC = "feedback"
+PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
+
+
+class RoutedEvent(NamedTuple):
+    """One event of the merged stream, with the topic and key it travels with."""
+
+    topic: str
+    key: str
+    event: dict[str, Any]
+
+
+class StreamError(RuntimeError):
+    """The stream cannot run as asked; the message says what to change."""
+
+
+def impression_event(record: Interaction) -> dict[str, Any]:
+    """The contract impression of one interaction."""
+    return {"v": 1, "impression_id": record.impression_id, "ts_ms": record.ts_ms, "user_id": record.user_id,
+            "item_id": record.item_id, "features": dict(record.features)}
+
+
+def feedback_event(record: Interaction, task: str) -> dict[str, Any]:
+    """The contract feedback event of one positive task of an interaction, at its delayed event time."""
+    return {"v": 1, "impression_id": record.impression_id, "ts_ms": record.ts_ms + record.feedback_delay_ms[task],
+            "task": task, "value": 1}
+
+
+def merge_events(interactions: Iterable[Interaction], *, impression_topic: str = IMPRESSION_TOPIC,
+                 feedback_topic: str = FEEDBACK_TOPIC, limit: int | None = None) -> Iterator[RoutedEvent]:
+    """Impressions and their delayed feedback, merged into one stream in non-decreasing event time.
+
+    Feedback due at or before an impression's time is emitted before it; feedback of one impression comes in
+    task order when due at the same time. Raises ``StreamError`` if the interactions go back in time.
+
+    >>> a = Interaction("i1", "u1", "x", 1000, labels={"click": 1}, feedback_delay_ms={"click": 500})
+    >>> b = Interaction("i2", "u2", "y", 1200, labels={"click": 1}, feedback_delay_ms={"click": 0})
+    >>> [(e.topic, e.key, e.event["ts_ms"]) for e in merge_events([a, b])]
+    [('impressions', 'u1', 1000), ('impressions', 'u2', 1200), ('feedback', 'u2', 1200), ('feedback', 'u1', 1500)]
+    """
+    pending: list[tuple[int, int, str, dict[str, Any]]] = []  # (due ts_ms, sequence, key, event): a min-heap
+    sequence = 0
+    last_ts: int | None = None
+    for count, record in enumerate(interactions):
+        if limit is not None and count >= limit:
+            break
+        if last_ts is not None and record.ts_ms < last_ts:
+            raise StreamError(f"interaction {record.impression_id} at {record.ts_ms} ms comes after one at "
+                              f"{last_ts} ms: the data set is not in time order")
+        last_ts = record.ts_ms
+        while pending and pending[0][0] <= record.ts_ms:
+            _, _, key, event = heapq.heappop(pending)
+            yield RoutedEvent(feedback_topic, key, event)
+        yield RoutedEvent(impression_topic, record.user_id, impression_event(record))
+        for task, label in record.labels.items():
+            if label and task in record.feedback_delay_ms:
+                event = feedback_event(record, task)
+                heapq.heappush(pending, (event["ts_ms"], sequence, record.user_id, event))
+                sequence += 1
+    while pending:
+        _, _, key, event = heapq.heappop(pending)
+        yield RoutedEvent(feedback_topic, key, event)
+
+
+def replay_log(path: str, limit: int | None = None) -> Iterator[RoutedEvent]:
+    """The records of an event log as routed events (a batch envelope in a record is unwrapped, keeping its key)."""
+    from streamer.eventlog import read_event_log
+
+    count = 0
+    for record in read_event_log(path):
+        inner = record.event.get("batch") if isinstance(record.event.get("batch"), list) else [record.event]
+        for event in inner:
+            if limit is not None and count >= limit:
+                return
+            yield RoutedEvent(record.topic, record.key, event)
+            count += 1
+
+
+def parse_speed(text: str) -> float | None:
+    """``max`` -> None (no pacing); ``realtime`` -> 1.0; a positive number -> that speed-up factor."""
+    if text == "max":
+        return None
+    if text == "realtime":
+        return 1.0
+    try:
+        factor = float(text)
+    except ValueError:
+        raise StreamError(f"--speed {text!r} must be max, realtime or a positive number (a speed-up factor)") from None
+    if not factor > 0:
+        raise StreamError(f"--speed {text!r} must be a positive factor")
+    return factor
+
+
+class Pacer:
+    """Sleeps so that event time advances ``factor`` times faster than wall time (None: never sleeps)."""
+
+    def __init__(self, factor: float | None, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.factor = factor
+        self._clock, self._sleep = clock, sleep
+        self._origin: tuple[float, int] | None = None
+
+    def wait_for(self, ts_ms: int, on_wait=None) -> None:
+        """Return when the wall clock has reached the event's time; ``on_wait()`` runs before sleeping."""
+        if self.factor is None:
+            return
+        if self._origin is None:
+            self._origin = (self._clock(), ts_ms)
+            return
+        wall0, ts0 = self._origin
+        delay = wall0 + (ts_ms - ts0) / 1000.0 / self.factor - self._clock()
+        if delay > 0:
+            if on_wait is not None:
+                on_wait()
+            self._sleep(delay)
+
+
+@dataclass
+class Tally:
+    """Counts for the summary: events per topic, feedback per task, impressions."""
+
+    impression_topic: str
+    feedback_topic: str
+
+    def __post_init__(self) -> None:
+        self.per_topic: Counter[str] = Counter()
+        self.per_task: Counter[str] = Counter()
+
+    def add(self, routed: RoutedEvent) -> None:
+        """Count one event."""
+        self.per_topic[routed.topic] += 1
+        if routed.topic == self.feedback_topic and "task" in routed.event:
+            self.per_task[routed.event["task"]] += 1
+
+
+def summarize(tally: Tally, tasks: Iterable[str], bytes_written: int, messages: int, seconds: float,
+              dataset: str, to: str) -> dict[str, Any]:
+    """The end-of-run summary as a plain dict (the CLI prints it as a table; tests and the demo read it)."""
+    impressions = tally.per_topic.get(tally.impression_topic, 0)
+    task_names = list(dict.fromkeys([*tasks, *sorted(tally.per_task)]))
+    total = sum(tally.per_topic.values())
+    return {
+        "dataset": dataset,
+        "to": to,
+        "events": total,
+        "impressions": impressions,
+        "events_per_topic": dict(tally.per_topic),
+        "feedback_per_task": {t: tally.per_task.get(t, 0) for t in task_names},
+        "positive_rate": {t: (tally.per_task.get(t, 0) / impressions if impressions else 0.0) for t in task_names},
+        "messages": messages,
+        "bytes": bytes_written,
+        "seconds": seconds,
+        "events_per_s": total / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _progress(enabled: bool, total: int | None):
+    """A rich progress bar on stderr, or None."""
+    if not enabled:
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("streaming impressions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=True)
+    progress.start()
+    return progress, progress.add_task("stream", total=total)
+
+
+def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | None = None,
+                  tasks: Iterable[str] = (), impression_topic: str = IMPRESSION_TOPIC,
+                  feedback_topic: str = FEEDBACK_TOPIC, progress: bool = False, total_impressions: int | None = None,
+                  dataset: str = "", to: str = "") -> dict[str, Any]:
+    """Write routed events to ``sink`` at ``speed`` and close it; return the summary dict."""
+    tally = Tally(impression_topic, feedback_topic)
+    pacer = Pacer(speed)
+    bar, bar_task = _progress(progress, total_impressions)
+    started = time.perf_counter()
+    try:
+        for n, item in enumerate(routed):
+            pacer.wait_for(item.event.get("ts_ms", 0), on_wait=sink.idle)
+            sink.write(item.topic, item.key, item.event)
+            tally.add(item)
+            if bar is not None and n % PROGRESS_EVERY == 0:
+                bar.update(bar_task, completed=tally.per_topic.get(impression_topic, 0))
+        sink.close()
+    finally:
+        if bar is not None:
+            bar.stop()
+    seconds = time.perf_counter() - started
+    return summarize(tally, tasks, sink.bytes_written, sink.messages, seconds, dataset, to)
+
+
+def parse_options(pairs: Iterable[str]) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}``; a pair without '=' is an error."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise StreamError(f"--option {pair!r} must look like key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | None = None,
+                   options: dict[str, Any] | None = None, speed: str | float | None = "max", limit: int | None = None,
+                   envelope: int = 1, impression_topic: str = IMPRESSION_TOPIC, feedback_topic: str = FEEDBACK_TOPIC,
+                   progress: bool = False) -> dict[str, Any]:
+    """Stream a data set (``dataset="log"``: an event log at ``source``) to ``to``; return the summary.
+
+    Raises ``StreamError`` (or ``DatasetError`` / ``SinkError``, both with user-facing messages) on bad input.
+    """
+    from streamer.sinks import open_sink
+
+    factor = parse_speed(speed) if isinstance(speed, str) else speed
+    if envelope < 1:
+        raise StreamError(f"--envelope {envelope} must be >= 1")
+    if dataset == "log":
+        if not source:
+            raise StreamError("--dataset log needs --source file://PATH (an event log)")
+        from streamer.eventlog import path_from_url
+
+        routed: Iterable[RoutedEvent] = replay_log(str(path_from_url(source)), limit=limit)
+        tasks: tuple[str, ...] = ()
+        total = None
+    else:
+        from streamer.datasets import open_dataset
+
+        data = open_dataset(dataset, source, mapping, **(options or {}))
+        routed = merge_events(data.interactions(), impression_topic=impression_topic, feedback_topic=feedback_topic,
+                              limit=limit)
+        tasks = tuple(data.tasks)
+        bounds = [x for x in (getattr(data, "n_interactions", None), limit) if x is not None]
+        total = min(bounds) if bounds else None
+    sink = open_sink(to, (impression_topic, feedback_topic), envelope=envelope)
+    return stream_events(routed, sink, speed=factor, tasks=tasks, impression_topic=impression_topic,
+                         feedback_topic=feedback_topic, progress=progress, total_impressions=total,
+                         dataset=dataset, to=to)
+
+
+def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
+    """Print the summary as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file)
+    table = Table(title=f"streamed {summary['dataset']} -> {summary['to']}")
+    table.add_column("topic")
+    table.add_column("events", justify="right")
+    for topic, count in summary["events_per_topic"].items():
+        table.add_row(topic, f"{count:,}")
+    console.print(table)
+    tasks = Table(title="feedback per task")
+    for name in ("task", "positives", "rate"):
+        tasks.add_column(name, justify="left" if name == "task" else "right")
+    for task, count in summary["feedback_per_task"].items():
+        tasks.add_row(task, f"{count:,}", f"{summary['positive_rate'][task]:.1%}")
+    console.print(tasks)
+    console.print(f"{summary['events']:,} events in {summary['messages']:,} messages, {summary['bytes']:,} bytes, "
+                  f"{summary['seconds']:.2f} s, {summary['events_per_s']:,.0f} events/s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``crossdistil stream`` flags."""
+    parser.add_argument("--dataset", required=True, help="kuairand, icme2019, csv, synthetic, or log (an event log)")
+    parser.add_argument("--source", help="the data file or folder; for --dataset log: file://PATH")
+    parser.add_argument("--mapping", help="TOML column mapping for --dataset csv (see mappings/*.toml)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="data set option, repeatable (synthetic: n_events, tasks, correlation, drift, seed, ...)")
+    parser.add_argument("--to", required=True, help="kafka://HOST:PORT or file://PATH (an event log)")
+    parser.add_argument("--speed", default="max", help="max (default), realtime, or a speed-up factor such as 60")
+    parser.add_argument("--limit", type=int, help="stop after N impressions (for --dataset log: N events)")
+    parser.add_argument("--envelope", type=int, default=1,
+                        help="Kafka only: N events per {v:1, batch:[...]} message (default 1: single events)")
+    parser.add_argument("--impressions-topic", default=IMPRESSION_TOPIC, help="default: %(default)s")
+    parser.add_argument("--feedback-topic", default=FEEDBACK_TOPIC, help="default: %(default)s")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``crossdistil stream``; user errors print one line on stderr and exit with status 2."""
+    from streamer.eventlog import EventLogError
+    from streamer.events import EventError
+    from streamer.sinks import SinkError
+
+    try:
+        summary = stream_dataset(
+            args.dataset, args.source, args.to, mapping=args.mapping, options=parse_options(args.option),
+            speed=args.speed, limit=args.limit, envelope=args.envelope, impression_topic=args.impressions_topic,
+            feedback_topic=args.feedback_topic, progress=not args.quiet and sys.stderr.isatty(),
+        )
+    except (StreamError, DatasetError, SinkError, EventLogError, EventError) as exc:
+        print(f"crossdistil stream: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print_summary(summary)
+    return 0
