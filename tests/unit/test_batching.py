@@ -1,0 +1,84 @@
+"""Specification of the mini-batcher (consumers/batching.py): pure, caller-supplied clock."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from consumers.batching import MiniBatcher
+from consumers.join import JoinedSample
+
+pytestmark = pytest.mark.unit
+
+
+def test_full_batches_come_out_as_soon_as_they_are_full():
+    batcher = MiniBatcher(batch_size=3)
+    out = [batcher.add(i, now=0.0) for i in range(7)]
+    assert out == [[], [], [[0, 1, 2]], [], [], [[3, 4, 5]], []]
+    assert batcher.waiting == 1
+
+
+def test_without_a_delay_limit_samples_wait_until_the_batch_is_full():
+    batcher = MiniBatcher(batch_size=2)
+    batcher.add("a", now=0.0)
+    assert batcher.poll(now=1e9) == []
+    assert batcher.next_deadline() is None
+
+
+def test_poll_cuts_a_partial_batch_once_the_oldest_sample_waited_the_delay():
+    batcher = MiniBatcher(batch_size=10, max_batch_delay_s=5.0)
+    batcher.add("a", now=100.0)
+    batcher.add("b", now=103.0)
+    assert batcher.next_deadline() == 105.0
+    assert batcher.poll(now=104.999) == []
+    assert batcher.poll(now=105.0) == [["a", "b"]]
+    assert batcher.waiting == 0
+
+
+def test_add_cuts_the_overdue_batch_before_taking_the_new_sample():
+    batcher = MiniBatcher(batch_size=10, max_batch_delay_s=5.0)
+    batcher.add("a", now=0.0)
+    assert batcher.add("b", now=6.0) == [["a"]]
+    assert batcher.next_deadline() == 11.0  # "b" starts a fresh wait
+
+
+def test_flush_returns_what_waits_and_nothing_when_empty():
+    batcher = MiniBatcher(batch_size=4, max_batch_delay_s=60.0)
+    assert batcher.flush() == []
+    batcher.add_many(["a", "b"], now=0.0)
+    assert batcher.flush() == [["a", "b"]]
+    assert batcher.flush() == []
+
+
+def test_the_same_inputs_and_clock_give_the_same_batches():
+    def run() -> list[list[int]]:
+        batcher = MiniBatcher(batch_size=4, max_batch_delay_s=1.5)
+        out = []
+        for i in range(50):
+            out += batcher.add(i, now=i * 0.7)
+            if i % 3 == 0:
+                out += batcher.poll(now=i * 0.7 + 0.1)
+        return out + batcher.flush()
+
+    first, second = run(), run()
+    assert first == second
+    assert sorted(x for batch in first for x in batch) == list(range(50))
+    assert any(len(batch) < 4 for batch in first[:-1])  # the delay did cut some batches early
+
+
+def test_state_round_trips_through_msgpack_with_join_samples():
+    batcher: MiniBatcher[JoinedSample] = MiniBatcher(batch_size=3, max_batch_delay_s=5.0)
+    sample = JoinedSample({"impression_id": "a", "ts_ms": 1}, {"like": 1}, ("impressions", 0), "closed")
+    batcher.add(sample, now=10.0)
+    blob = msgpack.packb(batcher.state_dict(JoinedSample.to_plain))
+    restored: MiniBatcher[JoinedSample] = MiniBatcher(batch_size=3, max_batch_delay_s=5.0)
+    restored.load_state_dict(msgpack.unpackb(blob), JoinedSample.from_plain)
+    assert restored.next_deadline() == 15.0
+    assert restored.flush() == [[sample]]
+
+
+def test_bad_settings_are_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="batch_size"):
+        MiniBatcher(batch_size=0)
+    with pytest.raises(ValueError, match="max_batch_delay_s"):
+        MiniBatcher(batch_size=1, max_batch_delay_s=-1)
