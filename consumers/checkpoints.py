@@ -1,0 +1,241 @@
+"""Checkpoints on local disk: written atomically, the last K kept, the newest complete one loaded.
+
+Nothing is ever unpickled: tensors are stored as safetensors bytes, everything else as msgpack.
+
+File format (one file per checkpoint, ``ckpt-<step, 12 digits>.cdckpt``)::
+
+    offset  size  content
+    0       8     magic b"CDCKPT01"
+    8       8     M: length of the metadata, unsigned little-endian
+    16      8     S: length of the tensors, unsigned little-endian
+    24      32    sha256 over the next M + S bytes
+    56      M     metadata: one msgpack map (plain values: str keys, str/int/float/bool/None/bytes/lists/maps)
+    56+M    S     tensors: safetensors bytes (``safetensors.torch.save``)
+
+The file is exactly ``56 + M + S`` bytes; anything else (a truncated or extended file) is rejected.
+
+What a trainer puts in the metadata (conventions, not enforced): ``step`` (added by ``write``),
+``positions`` (``positions_to_plain({(topic, partition): next offset})``), ``join_state``
+(``AttributionJoin.state_dict()``), ``batcher_state``, ``watermark_ms``, ``config_hash``. Restoring means:
+load the model tensors, ``join.load_state_dict(...)``, then seek every partition to its position; events
+before a position are already inside the join state or the model.
+
+Writing: a temporary file in the same directory, fsync, rename over the final name, fsync the directory. A
+crash leaves at worst a ``.tmp-*`` file, which readers ignore and the next store opened on the directory
+removes. One writer per directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CDCKPT01"
+_HEADER = struct.Struct("<8sQQ32s")
+_NAME = re.compile(r"^ckpt-(\d{12})\.cdckpt$")
+_TEMP_PREFIX = ".tmp-"
+_CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: truncated, corrupted, or not a checkpoint at all."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its step, tensors (on CPU), plain metadata and the file it came from."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    path: Path | None = None
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Tensors as safetensors bytes: detached, on CPU, contiguous; tensors sharing storage are copied."""
+    from safetensors.torch import save
+
+    plain: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if storage in seen and t.numel() > 0:
+            t = t.clone()  # safetensors refuses tensors that share memory (tied weights)
+        seen.add(storage)
+        plain[name] = t
+    return save(plain)
+
+
+def encode_checkpoint_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> bytes:
+    """The bytes of one checkpoint file (see the module docstring for the layout)."""
+    try:
+        meta = msgpack.packb(dict(metadata), use_bin_type=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint metadata must hold plain values only (msgpack-able): {exc}") from exc
+    body = safetensors_bytes(tensors)
+    digest = hashlib.sha256()
+    digest.update(meta)
+    digest.update(body)
+    return _HEADER.pack(MAGIC, len(meta), len(body), digest.digest()) + meta + body
+
+
+def decode_checkpoint_file(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify and decode the bytes of one checkpoint file; raises CheckpointError saying what is wrong."""
+    from safetensors.torch import load
+
+    if len(data) < _HEADER.size:
+        raise CheckpointError(f"truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte header")
+    magic, meta_len, body_len, expected = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise CheckpointError(f"not a crossdistil checkpoint (magic {magic!r}, expected {MAGIC!r})")
+    size = _HEADER.size + meta_len + body_len
+    if len(data) != size:
+        raise CheckpointError(f"truncated or extended: {len(data)} bytes, the header announces {size}")
+    view = memoryview(data)
+    meta = view[_HEADER.size : _HEADER.size + meta_len]
+    body = view[_HEADER.size + meta_len :]
+    digest = hashlib.sha256()
+    digest.update(meta)
+    digest.update(body)
+    if digest.digest() != expected:
+        raise CheckpointError("corrupted: sha256 of the content does not match the header")
+    try:
+        metadata = msgpack.unpackb(meta, raw=False, strict_map_key=False)
+        tensors = load(bytes(body))
+    except Exception as exc:  # hash matched, so this is a writer bug, not disk damage
+        raise CheckpointError(f"undecodable content despite a matching hash: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"metadata is a {type(metadata).__name__}, expected a map")
+    return tensors, metadata
+
+
+def positions_to_plain(positions: Mapping[tuple[str, int], int]) -> list[list[Any]]:
+    """``{(topic, partition): next offset}`` as ``[[topic, partition, next offset], ...]``, sorted."""
+    return [[topic, partition, offset] for (topic, partition), offset in sorted(positions.items())]
+
+
+def positions_from_plain(plain: Iterable[Iterable[Any]]) -> dict[tuple[str, int], int]:
+    """Inverse of ``positions_to_plain``."""
+    return {(str(topic), int(partition)): int(offset) for topic, partition, offset in plain}
+
+
+class CheckpointStore:
+    """A directory of checkpoints: ``write`` atomically, keep the last ``keep_last``, load the ``latest``.
+
+    >>> import tempfile, torch
+    >>> store = CheckpointStore(tempfile.mkdtemp(), keep_last=2)
+    >>> for step in (10, 20, 30):
+    ...     _ = store.write(step, {"w": torch.full((2,), float(step))}, {"positions": [["impressions", 0, step]]})
+    >>> store.steps()
+    [20, 30]
+    >>> latest = store.latest()
+    >>> latest.step, latest.tensors["w"].tolist(), latest.metadata["positions"]
+    (30, [30.0, 30.0], [['impressions', 0, 30]])
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], keep_last: int = 3) -> None:
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_temp_files()
+
+    def path_for(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` lives."""
+        return self.directory / f"ckpt-{step:012d}.cdckpt"
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoint files present, oldest first (not verified)."""
+        steps = []
+        for entry in os.scandir(self.directory):
+            match = _NAME.match(entry.name)
+            if match:
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def write(self, step: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
+        """Write the checkpoint of ``step`` atomically, then drop all but the newest ``keep_last``."""
+        if not isinstance(step, int) or step < 0 or step >= 10**12:
+            raise ValueError(f"step must be an integer in [0, 10**12), got {step!r}")
+        data = encode_checkpoint_file(tensors, {**metadata, "step": step})
+        final = self.path_for(step)
+        fd, temp_name = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{final.name}.", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp_name, final)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+        self._fsync_directory()
+        self._prune()
+        return final
+
+    def load(self, path: str | os.PathLike[str]) -> Checkpoint:
+        """Load and verify one checkpoint file; raises CheckpointError if it is unusable."""
+        path = Path(path)
+        tensors, metadata = decode_checkpoint_file(path.read_bytes())
+        step = metadata.get("step")
+        if not isinstance(step, int):
+            raise CheckpointError(f"{path}: metadata has no integer 'step'")
+        return Checkpoint(step=step, tensors=tensors, metadata=metadata, path=path)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that loads and verifies; None if there is none.
+
+        Unusable files are renamed to ``<name>.corrupt`` (kept for inspection, never loaded again) with a
+        warning, so that pruning cannot later keep them in place of good checkpoints.
+        """
+        for step in reversed(self.steps()):
+            path = self.path_for(step)
+            try:
+                return self.load(path)
+            except (CheckpointError, OSError) as exc:
+                log.warning("skipping unusable checkpoint %s: %s (renamed to %s%s)", path, exc, path.name, _CORRUPT_SUFFIX)
+                try:
+                    os.replace(path, path.with_name(path.name + _CORRUPT_SUFFIX))
+                except OSError:
+                    pass
+        return None
+
+    def _prune(self) -> None:
+        for step in self.steps()[: -self.keep_last]:
+            self.path_for(step).unlink(missing_ok=True)
+
+    def _remove_temp_files(self) -> None:
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith(_TEMP_PREFIX):
+                log.warning("removing %s, left by an interrupted checkpoint write", entry.path)
+                Path(entry.path).unlink(missing_ok=True)
+
+    def _fsync_directory(self) -> None:
+        # Makes the rename itself durable; not possible on every platform (Windows), where it is skipped.
+        try:
+            fd = os.open(self.directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

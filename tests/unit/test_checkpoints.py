@@ -1,0 +1,111 @@
+"""Specification of the checkpoint store (consumers/checkpoints.py): atomic, verified, no pickle."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from consumers.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    decode_checkpoint_file,
+    encode_checkpoint_file,
+    positions_from_plain,
+    positions_to_plain,
+)
+from consumers.join import AttributionJoin, JoinConfig
+
+pytestmark = pytest.mark.unit
+
+
+def tensors(step: int) -> dict[str, torch.Tensor]:
+    return {"layer.weight": torch.full((3, 2), float(step)), "layer.bias": torch.arange(2, dtype=torch.int64)}
+
+
+def test_a_written_checkpoint_loads_back_exactly(tmp_path):
+    store = CheckpointStore(tmp_path)
+    join = AttributionJoin(JoinConfig(attribution_window_s={"like": 10.0}))
+    join.add_impression({"impression_id": "a", "ts_ms": 5, "user_id": "u", "item_id": "i", "features": {"x": 1.5}}, ("impressions", 0))
+    positions = {("impressions", 0): 42, ("feedback", 1): 7}
+    metadata = {"positions": positions_to_plain(positions), "join_state": join.state_dict(), "watermark_ms": 5}
+    store.write(7, tensors(7), metadata)
+
+    loaded = store.latest()
+    assert loaded is not None and loaded.step == 7
+    assert set(loaded.tensors) == {"layer.weight", "layer.bias"}
+    assert torch.equal(loaded.tensors["layer.weight"], tensors(7)["layer.weight"])
+    assert loaded.tensors["layer.bias"].dtype == torch.int64
+    assert positions_from_plain(loaded.metadata["positions"]) == positions
+    restored = AttributionJoin(JoinConfig(attribution_window_s={"like": 10.0}))
+    restored.load_state_dict(loaded.metadata["join_state"])
+    assert restored.pending_impressions == 1
+    assert [s.impression["features"] for s in restored.flush()] == [{"x": 1.5}]
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        store.write(step, tensors(step), {})
+    assert store.steps() == [3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000000003.cdckpt", "ckpt-000000000004.cdckpt"]
+
+
+def test_an_empty_directory_has_no_latest_checkpoint(tmp_path):
+    assert CheckpointStore(tmp_path).latest() is None
+
+
+def test_a_crash_during_write_leaves_the_previous_checkpoint_readable(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.write(1, tensors(1), {})
+    # What a crash between "write temp file" and "rename" leaves behind: a partial temp file.
+    data = encode_checkpoint_file(tensors(2), {"step": 2})
+    (tmp_path / ".tmp-ckpt-000000000002.cdckpt.abc123").write_bytes(data[: len(data) // 2])
+    assert store.latest().step == 1
+    CheckpointStore(tmp_path)  # the next store on this directory cleans up
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    store = CheckpointStore(tmp_path)
+    store.write(1, tensors(1), {})
+    newest = store.write(2, tensors(2), {})
+    newest.write_bytes(newest.read_bytes()[:-10])
+    with caplog.at_level(logging.WARNING, logger="consumers.checkpoints"):
+        loaded = store.latest()
+    assert loaded.step == 1
+    assert "truncated" in caplog.text
+    assert store.steps() == [1]  # the bad file was set aside, so pruning cannot keep it instead of good ones
+    assert (tmp_path / "ckpt-000000000002.cdckpt.corrupt").exists()
+
+
+def test_a_flipped_byte_is_detected(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = store.write(1, tensors(1), {"note": "x"})
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        store.load(path)
+    assert store.latest() is None
+
+
+def test_a_file_that_is_not_a_checkpoint_is_rejected():
+    with pytest.raises(CheckpointError, match="not a crossdistil checkpoint"):
+        decode_checkpoint_file(b"\x80\x04\x95" + b"\0" * 100)  # a pickle header is never unpickled
+    with pytest.raises(CheckpointError, match="truncated"):
+        decode_checkpoint_file(b"CDCKPT01")
+
+
+def test_metadata_that_is_not_plain_is_refused_at_write_time(tmp_path):
+    with pytest.raises(TypeError, match="plain values"):
+        CheckpointStore(tmp_path).write(1, tensors(1), {"bad": object()})
+    assert CheckpointStore(tmp_path).steps() == []
+
+
+def test_tied_tensors_are_stored_as_copies():
+    weight = torch.randn(4, 3)
+    tensors_out, _ = decode_checkpoint_file(encode_checkpoint_file({"a": weight, "b": weight}, {}))
+    assert torch.equal(tensors_out["a"], weight) and torch.equal(tensors_out["b"], weight)
