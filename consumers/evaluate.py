@@ -1,0 +1,487 @@
+"""``crossdistil evaluate``: offline training and evaluation of model configurations on a data set.
+
+Runs every (task set, backbone, configuration, seed) combination with a time-ordered split, a prequential
+pass, or both (``models.evaluation``), and writes to ``--out``:
+
+* ``results.json`` — every number: per run its tasks, configuration, backbone, seed, mode, metrics per window
+  and task, training curve, mean losses and time;
+* ``report.md`` — Markdown tables of mean ± std over seeds (AUC, GAUC, Multi-AUC, log loss, calibration) per
+  task, configuration and backbone, and the per-seed paired AUC difference of each configuration to ``mtl``;
+* ``auc_curve.png`` — AUC against training progress, one line per configuration, mean over seeds.
+
+The data set is read and encoded once per task set and reused by every configuration and seed.
+``--from-results A.json B.json`` re-renders the report from earlier results (e.g. runs made in parallel).
+
+Example::
+
+    crossdistil evaluate --dataset kuairand --source ../shared/data/kuairand \\
+        --tasks click,long_view --tasks long_view,like --backbone shared_bottom,mmoe,ple,cross_stitch \\
+        --configs mtl,aux,kd,cal,crossdistil,direct_kd --seeds 5 --mode split --out reports/kuairand
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
+CONFIGS = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
+MODES = ("split", "prequential", "both")
+# Columns of the main table, in order: (metric key in results.json, header).
+TABLE_METRICS = (("auc", "AUC"), ("gauc", "GAUC"), ("multi_auc", "Multi-AUC"), ("log_loss", "LogLoss"),
+                 ("calibration", "Calib"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``crossdistil evaluate``."""
+    parser.add_argument("--dataset", help="adapter name: kuairand, icme2019, csv, synthetic")
+    parser.add_argument("--source", help="file or folder the adapter reads (e.g. ../shared/data/kuairand)")
+    parser.add_argument("--mapping", help="column mapping file (TOML) for the csv adapter")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="adapter option, repeatable (passed to streamer.datasets.open_dataset)")
+    parser.add_argument("--tasks", action="append", default=[], metavar="T1,T2",
+                        help="comma-separated tasks; repeat the flag to evaluate several task sets "
+                             "(default: the data set's first two tasks)")
+    parser.add_argument("--backbone", default="shared_bottom",
+                        help=f"comma-separated backbones among {','.join(BACKBONES)} (default shared_bottom)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated rungs of the ablation ladder among {','.join(CONFIGS)}")
+    parser.add_argument("--seeds", default="5",
+                        help="a count N (seeds 0..N-1) or a comma-separated list such as 3,7,11 (default 5)")
+    parser.add_argument("--mode", choices=MODES, default="split",
+                        help="split: first 80%% of events by time train, last 20%% test; prequential: score each "
+                             "mini-batch before learning from it; both (default split)")
+    parser.add_argument("--out", help="output folder for results.json, report.md and auc_curve.png")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training part in split mode (default 1)")
+    parser.add_argument("--batch-size", type=int, default=256, help="mini-batch size (default 256)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda[:N]")
+    parser.add_argument("--train-fraction", type=float, default=0.8, help="time split boundary (default 0.8)")
+    parser.add_argument("--tail-fraction", type=float, default=0.2,
+                        help="prequential metrics are also reported over this last share of events (default 0.2)")
+    parser.add_argument("--curve-points", type=int, default=10, help="points of the AUC curve per run (default 10)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="models.config.ModelConfig field override, repeatable, e.g. kd_weight=0.5, "
+                             "quadruplet_pairs=all, lr=0.003, hidden_dims=64,32")
+    parser.add_argument("--exclude-feature", action="append", default=[], metavar="NAME",
+                        help="drop a feature column of the data set from the model input (repeatable)")
+    parser.add_argument("--hash-buckets", type=int, default=0,
+                        help="rows of the shared hashed embedding table (0 = models.features.FeatureSpec's default)")
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N events in time order (0 = all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--title", default="", help="title of report.md (default: the data set's name)")
+    parser.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
+                        help="do not train: merge these results.json files and write the report to --out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing of flag values
+
+
+def parse_list(text: str, allowed: Sequence[str] | None, what: str) -> list[str]:
+    """Split a comma-separated flag value; reject names outside ``allowed`` with the list of valid ones."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{what}: give at least one value")
+    if allowed is not None:
+        unknown = [item for item in items if item not in allowed]
+        if unknown:
+            raise ValueError(f"{what}: unknown {unknown}; choose from {','.join(allowed)}")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"5"`` -> [0, 1, 2, 3, 4]; ``"3,7"`` -> [3, 7]."""
+    try:
+        if "," in text:
+            return [int(item) for item in text.split(",") if item.strip()]
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"--seeds: expected a count or a comma-separated list of integers, got {text!r}") from None
+    if count < 1:
+        raise ValueError("--seeds: the count must be >= 1")
+    return list(range(count))
+
+
+def parse_value(text: str) -> Any:
+    """A flag value as bool, int, float, a list (when it has commas) or a string."""
+    if "," in text:
+        return [parse_value(item) for item in text.split(",") if item.strip()]
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_pairs(items: Iterable[str], what: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what}: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data and models
+
+
+def load_encoded(dataset: Any, tasks: Sequence[str], spec: Any, limit: int = 0) -> Any:
+    """Read the data set once (time order), keep the first ``limit`` events if set, and encode every row."""
+    import numpy as np
+
+    from models.evaluation import EncodedData
+    from models.features import encode_rows
+
+    interactions = []
+    for interaction in dataset.interactions():
+        interactions.append(interaction)
+        if limit and len(interactions) >= limit:
+            break
+    if not interactions:
+        raise ValueError(f"data set {dataset.name!r} yielded no interactions")
+    batch = encode_rows(interactions, spec, tasks)
+    return EncodedData(
+        batch=batch,
+        tasks=tuple(tasks),
+        labels=batch.labels.numpy().copy(),
+        users=np.array([i.user_id for i in interactions]),
+        ts_ms=np.array([i.ts_ms for i in interactions], dtype=np.int64),
+    )
+
+
+def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0) -> Any:
+    """user and item ids plus the data set's own feature columns, minus ``exclude``."""
+    from models.features import FeatureSpec
+
+    unknown = set(exclude) - set(dataset.categorical_features) - set(dataset.numeric_features)
+    if unknown:
+        raise ValueError(f"--exclude-feature: {sorted(unknown)} are not features of {dataset.name!r}; it has "
+                         f"{list(dataset.categorical_features) + list(dataset.numeric_features)}")
+    categorical = ("user_id", "item_id") + tuple(f for f in dataset.categorical_features if f not in exclude)
+    numeric = tuple(f for f in dataset.numeric_features if f not in exclude)
+    if hash_buckets:
+        return FeatureSpec(categorical=categorical, numeric=numeric, hash_buckets=hash_buckets)
+    return FeatureSpec(categorical=categorical, numeric=numeric)
+
+
+def make_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
+                 model_options: dict[str, Any], device: str) -> Any:
+    """A fresh, seeded ``models.learner.Learner`` for one run."""
+    import numpy as np
+    import torch
+
+    from models.config import ModelConfig
+    from models.learner import Learner
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    config = ModelConfig(tasks=tuple(tasks), backbone=backbone, rung=rung, features=spec, seed=seed,
+                         **model_options)
+    return Learner(config, device=device)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write None instead, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate every combination; returns the results.json document."""
+    import dataclasses
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from models.evaluation import default_partners, run_prequential, run_time_split
+    from streamer.datasets import open_dataset
+
+    if not args.dataset or not args.source:
+        raise ValueError("--dataset and --source are required (or --from-results)")
+    backbones = parse_list(args.backbone, BACKBONES, "--backbone")
+    configs = parse_list(args.configs, CONFIGS, "--configs")
+    seeds = parse_seeds(args.seeds)
+    modes = ["split", "prequential"] if args.mode == "both" else [args.mode]
+    model_options = parse_pairs(args.model_option, "--model-option")
+    for reserved in ("tasks", "backbone", "rung", "features", "seed"):
+        if reserved in model_options:
+            raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    console = Console(stderr=True)
+
+    dataset = open_dataset(args.dataset, args.source, mapping=args.mapping, **parse_pairs(args.option, "--option"))
+    task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
+    for tasks in task_sets:
+        missing = [t for t in tasks if t not in dataset.tasks]
+        if missing:
+            raise ValueError(f"--tasks: {missing} are not tasks of {dataset.name!r}; it has {list(dataset.tasks)}")
+    spec = feature_spec_for(dataset, args.exclude_feature, args.hash_buckets)
+
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for tasks in task_sets:
+        t0 = time.perf_counter()
+        data = load_encoded(dataset, tasks, spec, args.limit)
+        console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks} in {time.perf_counter() - t0:.1f}s")
+        partners = default_partners(tasks)
+        combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
+        n_train = int(len(data) * args.train_fraction)
+        per_run = {"split": n_train * args.epochs, "prequential": len(data)}
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task(",".join(tasks), total=sum(per_run[m] for m, *_ in combos))
+            done = 0
+            for mode, backbone, rung, seed in combos:
+                progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
+                learner = make_learner(tasks, backbone, rung, seed, spec, model_options, device)
+                base = done
+
+                def on_step(events: int, base: int = base) -> None:
+                    progress.update(bar, completed=base + events)
+
+                if mode == "split":
+                    result = run_time_split(learner, data, partners, epochs=args.epochs, batch_size=args.batch_size,
+                                            train_fraction=args.train_fraction, curve_points=args.curve_points,
+                                            on_step=on_step)
+                else:
+                    result = run_prequential(learner, data, partners, batch_size=args.batch_size,
+                                             tail_fraction=args.tail_fraction, curve_points=args.curve_points,
+                                             on_step=on_step)
+                done += per_run[mode]
+                window = "test" if mode == "split" else "tail"
+                aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)
+                progress.console.log(f"{mode} {backbone} {rung} seed {seed}: {window} AUC {aucs} "
+                                     f"({result.seconds:.1f}s)")
+                runs.append({
+                    "tasks": list(tasks), "config": rung, "backbone": backbone, "seed": seed,
+                    **dataclasses.asdict(result),
+                })
+    return {
+        "dataset": dataset.name,
+        "source": str(args.source),
+        "command": "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
+        "protocol": {
+            "train_fraction": args.train_fraction, "tail_fraction": args.tail_fraction, "epochs": args.epochs,
+            "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
+            "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
+        },
+        "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads()},
+        "seconds": time.perf_counter() - started,
+        "runs": runs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    mean = sum(finite) / len(finite)
+    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1) if len(finite) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def _fmt(mean: float, std: float, digits: int = 4) -> str:
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [v for v in order if v in present] + [v for v in present if v not in order]
+
+
+def _groups(runs: list[dict[str, Any]]) -> list[tuple[tuple[str, ...], str]]:
+    return list(dict.fromkeys((tuple(r["tasks"]), r["mode"]) for r in runs))
+
+
+def render_report(doc: dict[str, Any], title: str = "") -> str:
+    """The Markdown report of a results.json document: one section per (task set, mode, window)."""
+    runs = doc["runs"]
+    lines = [f"# {title or 'Evaluation: ' + str(doc.get('dataset', ''))}", ""]
+    commands = doc.get("commands") or [doc.get("command", "")]
+    lines += ["Produced by:", "", "```", *commands, "```", ""]
+    protocol = doc.get("protocol", {})
+    if protocol:
+        lines += [f"Protocol: {json.dumps(protocol, sort_keys=True)}", ""]
+    lines += ["Cells are mean ± sample std over seeds. Split mode: train on the first "
+              f"{protocol.get('train_fraction', 0.8):.0%} of events in time order, test on the rest. "
+              "Prequential: every mini-batch scored before the model learns from it. Calib = mean(p)/mean(y).", ""]
+    for tasks, mode in _groups(runs):
+        group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
+        windows = ["test"] if mode == "split" else ["all", "tail"]
+        backbones = _ordered((r["backbone"] for r in group), BACKBONES)
+        configs = _ordered((r["config"] for r in group), CONFIGS)
+        for window in windows:
+            seeds = sorted({r["seed"] for r in group})
+            lines += [f"## Tasks {', '.join(tasks)} — {mode}, window `{window}` ({len(seeds)} seeds)", ""]
+            for task in tasks:
+                lines += [f"### {task}", ""]
+                header = ["backbone", "config"] + [name for _, name in TABLE_METRICS]
+                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                for backbone in backbones:
+                    for config in configs:
+                        cell = [r for r in group if r["backbone"] == backbone and r["config"] == config]
+                        if not cell:
+                            continue
+                        values = [_fmt(*_mean_std([r["metrics"][window][task][key] for r in cell]),
+                                       digits=2 if key == "calibration" else 4)
+                                  for key, _ in TABLE_METRICS]
+                        lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
+                lines.append("")
+            if "mtl" in configs and len(configs) > 1:
+                lines += [f"Paired AUC difference to `mtl` (same backbone and seed), mean ± std over seeds, "
+                          f"window `{window}` ({sum(1 for _ in seeds)} seeds); **bold** where |mean| > 2 std/sqrt(n):",
+                          ""]
+                header = ["backbone", "config"] + [f"ΔAUC {t}" for t in tasks] + [f"ΔMulti-AUC {t}" for t in tasks]
+                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                for backbone in backbones:
+                    base = {r["seed"]: r for r in group if r["backbone"] == backbone and r["config"] == "mtl"}
+                    for config in configs:
+                        if config == "mtl":
+                            continue
+                        cell = [r for r in group if r["backbone"] == backbone and r["config"] == config
+                                and r["seed"] in base]
+                        if not cell:
+                            continue
+                        out = []
+                        for key in ("auc", "multi_auc"):
+                            for task in tasks:
+                                diffs = [_sub(r["metrics"][window][task][key], base[r["seed"]]["metrics"][window][task][key])
+                                         for r in cell]
+                                out.append(_fmt_diff(diffs))
+                        lines.append(f"| {backbone} | {config} | " + " | ".join(out) + " |")
+                lines.append("")
+    env = doc.get("environment", {})
+    if env:
+        lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _sub(a: float | None, b: float | None) -> float:
+    if a is None or b is None:
+        return float("nan")
+    return a - b
+
+
+def _fmt_diff(diffs: Sequence[float]) -> str:
+    mean, std = _mean_std(diffs)
+    if not math.isfinite(mean):
+        return "–"
+    n = sum(1 for d in diffs if math.isfinite(d))
+    text = f"{mean:+.4f} ± {std:.4f}"
+    significant = n > 1 and std > 0 and abs(mean) > 2 * std / math.sqrt(n)
+    return f"**{text}**" if significant else text
+
+
+def plot_curves(doc: dict[str, Any], path: Path) -> None:
+    """AUC against training progress: one panel per (task set, mode, task) x backbone, one line per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in doc["runs"] if r.get("curve")]
+    panels = [(tasks, mode, task) for tasks, mode in _groups(runs) for task in tasks]
+    backbones = _ordered((r["backbone"] for r in runs), BACKBONES)
+    configs = _ordered((r["config"] for r in runs), CONFIGS)
+    if not panels:
+        return
+    fig, axes = plt.subplots(len(panels), len(backbones), figsize=(4 * len(backbones), 3 * len(panels)),
+                             squeeze=False, sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (tasks, mode, task) in enumerate(panels):
+        for col, backbone in enumerate(backbones):
+            ax = axes[row][col]
+            for i, config in enumerate(configs):
+                cell = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode
+                        and r["backbone"] == backbone and r["config"] == config]
+                if not cell:
+                    continue
+                xs = [p["fraction"] for p in cell[0]["curve"]]
+                ys = []
+                for k in range(len(xs)):
+                    ys.append(_mean_std([r["curve"][k]["auc"][task] for r in cell if len(r["curve"]) > k])[0])
+                ax.plot(xs, ys, label=config, color=colors[i % len(colors)], linewidth=1.2)
+            what = "test AUC" if mode == "split" else "prequential AUC (window)"
+            ax.set_title(f"{task} ({'/'.join(tasks)}) — {backbone}", fontsize=9)
+            ax.set_ylabel(what, fontsize=8)
+            ax.grid(alpha=0.3)
+            if row == len(panels) - 1:
+                ax.set_xlabel("share of training done", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(doc: dict[str, Any], out: Path, title: str = "") -> None:
+    """results.json, report.md and auc_curve.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
+    (out / "report.md").write_text(render_report(doc, title))
+    plot_curves(doc, out / "auc_curve.png")
+
+
+def merge_results(paths: Sequence[str]) -> dict[str, Any]:
+    """One document from several results.json files (runs concatenated, commands listed)."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(docs[0])
+    merged["commands"] = [c for d in docs for c in (d.get("commands") or [d.get("command", "")])]
+    merged.pop("command", None)
+    merged["runs"] = [r for d in docs for r in d["runs"]]
+    merged["seconds"] = sum(d.get("seconds", 0) for d in docs)
+    return merged
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``crossdistil evaluate``."""
+    if not args.out:
+        print("crossdistil evaluate: --out DIR is required (where results.json, report.md and auc_curve.png go)",
+              file=sys.stderr)
+        return 2
+    try:
+        doc = merge_results(args.from_results) if args.from_results else run_grid(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"crossdistil evaluate: {exc}", file=sys.stderr)
+        return 2
+    write_outputs(doc, Path(args.out), args.title)
+    print(f"wrote {Path(args.out) / 'results.json'}, report.md and auc_curve.png ({len(doc['runs'])} runs)")
+    return 0
