@@ -1,0 +1,157 @@
+"""Model configuration: plain values, one dataclass, round-trips through a dict of plain types.
+
+Every switch of the ablation ladder in docs/crossdistil.md is one field here (``rung``); every weight of the
+total loss (alpha_k, beta_k) is a field, per task or shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from models.features import FeatureSpec
+
+BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
+# The ablation ladder of crossdistil.md, plus direct student-to-student distillation.
+RUNGS = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
+CORRECTIONS = ("clamp", "mix", "none")
+PAIR_MODES = ("adjacent", "all")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a CrossDistil model and its training step.
+
+    ``partners`` maps each task to its partner task j = partner(k); empty means "the other task" for K = 2
+    and "the next task, cyclically" for K > 2. ``kd_weight`` is alpha_k and ``aux_weight`` beta_k: one number
+    for all tasks or a mapping task -> weight.
+
+    >>> cfg = ModelConfig(tasks=("click", "long_view"), backbone="mmoe")
+    >>> cfg.partner_of("click")
+    'long_view'
+    >>> ModelConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
+
+    tasks: tuple[str, ...] = ("click", "long_view")
+    partners: dict[str, str] = field(default_factory=dict)
+    backbone: str = "shared_bottom"
+    rung: str = "crossdistil"
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+
+    # sizes
+    embedding_dim: int = 16
+    hidden_dims: tuple[int, ...] = (128,)  # shared bottom, each expert, each cross-stitch column
+    tower_dims: tuple[int, ...] = (64, 32)
+    num_experts: int = 4  # MMoE
+    ple_shared_experts: int = 2
+    ple_specific_experts: int = 1
+    ple_levels: int = 1
+
+    # loss terms (names as in crossdistil.md)
+    kd_weight: float | dict[str, float] = 1.0  # alpha_k
+    aux_weight: float | dict[str, float] = 1.0  # beta_k
+    kd_temperature: float = 1.0  # T
+    quadruplet_pairs: str = "adjacent"
+    quadruplet_same_user: bool = False
+    quadruplet_margin: float = 0.0
+    max_pairs_per_level: int = 4096  # caps L_aux cost at O(batch)
+    correction: str = "clamp"
+    correction_margin: float = 0.0  # m
+    correction_mix: float = 0.5  # lambda
+
+    # optimisation
+    lr: float = 1e-3
+    embedding_lr: float = 1e-2
+    sparse_embeddings: bool = True  # SparseAdam on touched rows; False = dense Adam (benchmark baseline)
+    seed: int = 0
+    bf16: bool = False  # autocast on CUDA only
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks)
+        self.hidden_dims = tuple(self.hidden_dims)
+        self.tower_dims = tuple(self.tower_dims)
+        if isinstance(self.features, dict):
+            self.features = FeatureSpec.from_dict(self.features)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when the configuration is not usable."""
+        if len(self.tasks) < 1 or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks!r}")
+        _choice("backbone", self.backbone, BACKBONES)
+        _choice("rung", self.rung, RUNGS)
+        _choice("correction", self.correction, CORRECTIONS)
+        _choice("quadruplet_pairs", self.quadruplet_pairs, PAIR_MODES)
+        if self.uses_partner and len(self.tasks) < 2:
+            raise ValueError(f"rung {self.rung!r} needs at least two tasks (a partner per task); use rung='mtl'")
+        for task, partner in self.partners.items():
+            if task not in self.tasks or partner not in self.tasks or task == partner:
+                raise ValueError(f"partners: {task!r} -> {partner!r} must map a task to another task of {self.tasks}")
+        for name in ("kd_weight", "aux_weight"):
+            value = getattr(self, name)
+            if isinstance(value, dict) and set(value) - set(self.tasks):
+                raise ValueError(f"{name} names unknown tasks {sorted(set(value) - set(self.tasks))}")
+        if self.kd_temperature <= 0:
+            raise ValueError("kd_temperature must be > 0")
+        if self.correction_margin < 0 or not 0.0 <= self.correction_mix <= 1.0:
+            raise ValueError("correction_margin must be >= 0 and correction_mix in [0, 1]")
+        if self.max_pairs_per_level < 1:
+            raise ValueError("max_pairs_per_level must be >= 1")
+
+    # --- derived switches: one place that says what each rung turns on ---
+    @property
+    def uses_partner(self) -> bool:
+        return self.rung != "mtl"
+
+    @property
+    def has_teachers(self) -> bool:
+        """Auxiliary (teacher) towers with the quadruplet loss."""
+        return self.rung in ("aux", "kd", "cal", "crossdistil")
+
+    @property
+    def distills(self) -> bool:
+        return self.rung in ("kd", "cal", "crossdistil", "direct_kd")
+
+    @property
+    def calibrates(self) -> bool:
+        return self.rung in ("cal", "crossdistil")
+
+    @property
+    def correction_mode(self) -> str:
+        """Error correction applies only on the full rung; lower rungs distill the raw teacher."""
+        return self.correction if self.rung == "crossdistil" else "none"
+
+    def partner_of(self, task: str) -> str:
+        if task in self.partners:
+            return self.partners[task]
+        i = self.tasks.index(task)
+        return self.tasks[(i + 1) % len(self.tasks)]
+
+    def task_weights(self, name: str) -> list[float]:
+        """alpha_k (``kd_weight``) or beta_k (``aux_weight``) as a list in task order."""
+        value = getattr(self, name)
+        if isinstance(value, dict):
+            return [float(value.get(t, 1.0)) for t in self.tasks]
+        return [float(value)] * len(self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists, dicts, str, numbers), for checkpoints and serving metadata."""
+        out = asdict(self)
+        out["features"] = self.features.to_dict()
+        for key in ("tasks", "hidden_dims", "tower_dims"):
+            out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

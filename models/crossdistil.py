@@ -1,0 +1,169 @@
+"""The CrossDistil model: embeddings -> backbone -> student towers (s_k) and auxiliary teacher towers (r_k),
+plus the Platt calibrators (alpha_k, b_k), and ``crossdistil_loss``, the total loss of docs/crossdistil.md.
+
+Read top to bottom: ``CrossDistilModel.forward`` gives (s, r); ``crossdistil_loss`` turns them into
+L = sum_k [BCE(s_k, y_k) + alpha_k L_kd,k + beta_k L_aux,k + L_cal,k], with the terms each rung switches on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.backbones import build_backbone, mlp
+from models.config import ModelConfig
+from models.features import Batch
+from models.losses import (
+    calibration_loss,
+    correct_errors,
+    kd_loss,
+    platt_calibrate,
+    quadruplet_categories,
+    quadruplet_loss,
+    task_bce,
+)
+
+
+class RunningNormalizer(nn.Module):
+    """Standardises numeric features with running mean and variance (buffers, so they are checkpointed).
+
+    Statistics change only through ``update`` (the learner calls it after each training step), never in
+    ``forward``, so scoring is a pure function of the state.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(size, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(size, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge a batch into the running statistics (Chan et al. parallel update)."""
+        if x.shape[1] == 0 or x.shape[0] == 0:
+            return
+        x = x.double()
+        n = float(x.shape[0])
+        batch_mean = x.mean(dim=0)
+        batch_m2 = ((x - batch_mean) ** 2).sum(dim=0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += batch_m2 + delta**2 * (self.count * n / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 0:
+            return x
+        var = torch.where(self.count > 1, self.m2 / self.count.clamp(min=1), torch.ones_like(self.m2))
+        out = (x.double() - self.mean) / torch.sqrt(var + 1e-6)
+        return out.clamp(-8.0, 8.0).to(x.dtype)  # a wild value cannot blow up a step
+
+
+@dataclass
+class Outputs:
+    """student_logits s [B, K]; teacher_scores r [B, K] or None when the rung has no teachers."""
+
+    student_logits: torch.Tensor
+    teacher_scores: torch.Tensor | None
+
+
+class CrossDistilModel(nn.Module):
+    """Students (and, when the rung needs them, auxiliary teachers and calibrators) on one backbone.
+
+    ``students_only=True`` builds the serving subset: no teacher towers, no calibrators, no last-level
+    teacher gates; its state_dict keys are a subset of the full model's.
+    """
+
+    def __init__(self, config: ModelConfig, students_only: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        k = len(config.tasks)
+        spec = config.features
+        self.embedding = nn.Embedding(spec.hash_buckets, config.embedding_dim, sparse=config.sparse_embeddings)
+        nn.init.normal_(self.embedding.weight, std=0.05)
+        self.normalizer = RunningNormalizer(len(spec.numeric))
+        input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric)
+        heads = 2 * k if config.has_teachers else k
+        self.backbone = build_backbone(
+            config.backbone, input_dim, config.hidden_dims, tasks=k, heads=heads,
+            top_heads=k if students_only else heads, num_experts=config.num_experts,
+            ple_shared=config.ple_shared_experts, ple_specific=config.ple_specific_experts, ple_levels=config.ple_levels,
+        )
+        dim = self.backbone.output_dim
+        self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
+        self.has_teachers = config.has_teachers and not students_only
+        if self.has_teachers:
+            self.teacher_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
+        if config.calibrates and not students_only:
+            # alpha_k starts where a_k = softplus(alpha_k) = 1, b_k = 0: z_k = r_k at first.
+            self.calibrator_alpha = nn.Parameter(torch.full((k,), math.log(math.e - 1.0)))
+            self.calibrator_bias = nn.Parameter(torch.zeros(k))
+
+    def forward(self, batch: Batch) -> Outputs:
+        emb = self.embedding(batch.categorical).flatten(1)  # [B, C * D]
+        x = torch.cat([emb, self.normalizer(batch.numeric)], dim=1)
+        reps = self.backbone(x)
+        k = len(self.student_towers)
+        s = torch.cat([tower(reps[i % len(reps)]) for i, tower in enumerate(self.student_towers)], dim=1)
+        r = None
+        if self.has_teachers:
+            r = torch.cat([tower(reps[(k + i) % len(reps)]) for i, tower in enumerate(self.teacher_towers)], dim=1)
+        return Outputs(student_logits=s, teacher_scores=r)
+
+
+def _tower(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
+    return nn.Sequential(mlp(in_dim, dims), nn.Linear(dims[-1] if dims else in_dim, 1))
+
+
+def crossdistil_loss(
+    model: CrossDistilModel, outputs: Outputs, batch: Batch, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its per-task terms ``{"bce"|"kd"|"aux"|"cal": [K] tensor}`` for the configured rung.
+
+    Gradient flow (docs/crossdistil.md): BCE and KD reach the students; L_aux the teachers; L_cal only the
+    calibrators (platt_calibrate stops r_k); KD targets are stopped (kd_loss), so KD never moves a teacher
+    or a calibrator. The backbone gets gradients through students and teachers.
+    """
+    cfg = model.config
+    y = batch.labels
+    s = outputs.student_logits.float()
+    partner = torch.tensor([cfg.tasks.index(cfg.partner_of(t)) for t in cfg.tasks], device=y.device)
+    terms: dict[str, torch.Tensor] = {"bce": task_bce(s, y)}
+
+    if cfg.has_teachers:
+        r = outputs.teacher_scores.float()
+        categories = quadruplet_categories(y, y[:, partner])
+        users = batch.user if cfg.quadruplet_same_user else None
+        terms["aux"] = torch.stack([
+            quadruplet_loss(
+                r[:, k], categories[:, k], pairs=cfg.quadruplet_pairs, margin=cfg.quadruplet_margin,
+                max_pairs_per_level=cfg.max_pairs_per_level, users=users, generator=generator,
+            )
+            for k in range(len(cfg.tasks))
+        ])
+        if cfg.calibrates:
+            z = platt_calibrate(r, model.calibrator_alpha, model.calibrator_bias)
+            terms["cal"] = calibration_loss(z, y)
+            teacher_logits = z
+        else:
+            teacher_logits = r  # rung "kd": uncalibrated sigmoid(r_k)
+        if cfg.distills:
+            corrected = correct_errors(teacher_logits, y, cfg.correction_mode, cfg.correction_margin, cfg.correction_mix)
+            terms["kd"] = kd_loss(s, corrected, cfg.kd_temperature)
+    elif cfg.rung == "direct_kd":
+        terms["kd"] = kd_loss(s, s[:, partner], cfg.kd_temperature)  # student j's logit, stopped inside kd_loss
+
+    alpha = torch.tensor(cfg.task_weights("kd_weight"), device=y.device)
+    beta = torch.tensor(cfg.task_weights("aux_weight"), device=y.device)
+    total = terms["bce"].sum()
+    if "kd" in terms:
+        total = total + (alpha * terms["kd"]).sum()
+    if "aux" in terms:
+        total = total + (beta * terms["aux"]).sum()
+    if "cal" in terms:
+        total = total + terms["cal"].sum()
+    return total, terms

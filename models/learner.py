@@ -1,0 +1,205 @@
+"""The step API: ``Learner.step(batch)`` scores the batch, then updates every part of the model at once.
+
+    learner = Learner(ModelConfig(tasks=("click", "long_view")))
+    losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
+
+Embeddings use sparse gradients and SparseAdam (a step touches only the rows the batch uses); everything
+else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)``
+reads it); ``serving_state`` exports the students for ``ServingModel``, safetensors-ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from models.config import ModelConfig
+from models.crossdistil import CrossDistilModel, crossdistil_loss
+from models.features import Batch, encode_rows
+
+SERVING_FORMAT = "crossdistil-students"
+SERVING_VERSION = "1"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else as torch understands it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Learner:
+    """A CrossDistil model with its optimizers, trained one mini-batch at a time (online, prequential).
+
+    >>> from models.features import encode_rows
+    >>> learner = Learner(ModelConfig(hidden_dims=(8,), tower_dims=(4,)))
+    >>> rows = [{"user_id": "u", "item_id": str(i), "labels": {"click": i % 2}} for i in range(8)]
+    >>> losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
+    >>> sorted(predictions), predictions["click"].shape
+    (['click', 'long_view'], torch.Size([8]))
+    """
+
+    def __init__(self, config: ModelConfig, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        torch.manual_seed(config.seed)  # parameter init is the only use of the global RNG
+        self.model = CrossDistilModel(config).to(self.device)
+        # Pair sampling has its own generator so its state can be checkpointed exactly.
+        self.pair_generator = torch.Generator().manual_seed(config.seed + 1)
+        embedding = [self.model.embedding.weight]
+        dense = [p for name, p in self.model.named_parameters() if not name.startswith("embedding.")]
+        self.dense_optimizer = torch.optim.Adam(dense, lr=config.lr)
+        if config.sparse_embeddings:
+            self.embedding_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam(embedding, lr=config.embedding_lr)
+        else:
+            self.embedding_optimizer = torch.optim.Adam(embedding, lr=config.embedding_lr)
+        self.steps = 0
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batch: Batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One update on ``batch``. Returns (losses, predictions made before the update).
+
+        losses: ``{"total", "bce/<task>", "kd/<task>", "aux/<task>", "cal/<task>"}`` (terms the rung uses);
+        predictions: task -> student probability, float32 tensor [B] on CPU.
+        """
+        batch = batch.to(self.device)
+        self.model.train()
+        with self._autocast():
+            outputs = self.model(batch)
+        total, terms = crossdistil_loss(self.model, outputs, batch, self.pair_generator)
+        # The forward above used the pre-update weights: its student scores are the prequential predictions.
+        probabilities = torch.sigmoid(outputs.student_logits.detach().float()).cpu()
+
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        self.embedding_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.dense_optimizer.step()
+        self.embedding_optimizer.step()
+        self.model.normalizer.update(batch.numeric)
+        self.steps += 1
+
+        names = ["total"] + [f"{term}/{task}" for term in terms for task in self.config.tasks]
+        values = torch.cat([total.detach().reshape(1)] + [v.detach().float() for v in terms.values()]).cpu().tolist()
+        losses = dict(zip(names, values))
+        return losses, {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Student probabilities per task (float32 [B] on CPU); changes nothing."""
+        self.model.eval()
+        with self._autocast():
+            logits = self.model(batch.to(self.device)).student_logits
+        probabilities = torch.sigmoid(logits.float()).cpu()
+        return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, both optimizers, normaliser, calibrators, pair-sampling RNG, step count and config.
+
+        Tensors and plain types only; ``torch.save`` it and read it back with ``weights_only=True``. Like
+        torch's own state_dicts it references the live tensors: save it (or deep-copy it) before training on.
+        """
+        return {
+            "format": "crossdistil-learner",
+            "version": 1,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "dense_optimizer": self.dense_optimizer.state_dict(),
+            "embedding_optimizer": self.embedding_optimizer.state_dict(),
+            "pair_generator": self.pair_generator.get_state(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore exactly what ``state_dict`` saved; the saved config must equal this learner's."""
+        saved = state["config"]
+        mine = self.config.to_dict()
+        if saved != mine:
+            differing = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ValueError(
+                f"checkpoint was written with a different model config (keys {differing}); "
+                "build the learner with Learner.from_state_dict(state) to use the saved config"
+            )
+        self.model.load_state_dict(state["model"])
+        self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
+        self.pair_generator.set_state(state["pair_generator"])
+        self.steps = int(state["steps"])
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], device: str | torch.device = "cpu") -> Learner:
+        """A learner built from the config saved in ``state``, with everything restored."""
+        learner = cls(ModelConfig.from_dict(state["config"]), device=device)
+        learner.load_state_dict(state)
+        return learner
+
+    def serving_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Students-only weights (no teacher towers, calibrators or teacher gates) and metadata.
+
+        Tensors are contiguous CPU copies and the metadata is ``dict[str, str]``, so the pair can go
+        straight to ``safetensors.torch.save(tensors, metadata)``.
+        """
+        with torch.device("meta"):  # only the key names are needed
+            keep = set(CrossDistilModel(self.config, students_only=True).state_dict())
+        tensors = {
+            name: value.detach().to("cpu", copy=True).contiguous()
+            for name, value in self.model.state_dict().items()
+            if name in keep
+        }
+        metadata = {
+            "format": SERVING_FORMAT,
+            "version": SERVING_VERSION,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "steps": str(self.steps),
+        }
+        return tensors, metadata
+
+
+class ServingModel:
+    """Scores with the students only, from ``Learner.serving_state()`` output.
+
+    >>> learner = Learner(ModelConfig(hidden_dims=(8,), tower_dims=(4,)))
+    >>> serving = ServingModel.from_serving_state(*learner.serving_state())
+    >>> sorted(serving.score_rows([{"user_id": "u", "item_id": "i"}]))
+    ['click', 'long_view']
+    """
+
+    def __init__(self, config: ModelConfig, model: CrossDistilModel, device: torch.device) -> None:
+        self.config = config
+        self.model = model
+        self.device = device
+
+    @classmethod
+    def from_serving_state(
+        cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], device: str | torch.device = "cpu"
+    ) -> ServingModel:
+        if metadata.get("format") != SERVING_FORMAT or metadata.get("version") != SERVING_VERSION:
+            raise ValueError(
+                f"not a CrossDistil serving state (format={metadata.get('format')!r}, version={metadata.get('version')!r}); "
+                f"expected format={SERVING_FORMAT!r} version={SERVING_VERSION!r}"
+            )
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        target = resolve_device(device)
+        with torch.device("meta"):
+            model = CrossDistilModel(config, students_only=True)  # no wasted random init of a large table
+        model.load_state_dict(dict(tensors), strict=True, assign=True)
+        model = model.to(target).eval()
+        return cls(config, model, target)
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Student probabilities per task, float32 [B] on CPU."""
+        logits = self.model(batch.to(self.device)).student_logits
+        probabilities = torch.sigmoid(logits.float()).cpu()
+        return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
+
+    def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Encode rows (labels not needed) and score them."""
+        return self.score(encode_rows(rows, self.config.features, self.config.tasks))

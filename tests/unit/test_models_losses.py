@@ -1,0 +1,195 @@
+"""Each loss term of docs/crossdistil.md against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.losses import (
+    calibration_loss,
+    correct_errors,
+    kd_loss,
+    platt_calibrate,
+    quadruplet_categories,
+    quadruplet_loss,
+    sample_level_pairs,
+    task_bce,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def close(tensor: torch.Tensor, expected: float) -> bool:
+    return math.isclose(float(tensor.detach()), expected, rel_tol=1e-6, abs_tol=1e-7)
+
+
+def test_categories_put_the_own_label_above_the_partner_label() -> None:
+    own = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    partner = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert quadruplet_categories(own, partner).tolist() == [3, 2, 1, 0]
+
+
+def test_quadruplet_loss_on_adjacent_levels_sums_one_bpr_term_per_level() -> None:
+    r = torch.tensor([3.0, 1.0, 0.5, -1.0])
+    c = torch.tensor([3, 2, 1, 0])
+    expected = softplus(-(3.0 - 1.0)) + softplus(-(1.0 - 0.5)) + softplus(-(0.5 + 1.0))
+    assert close(quadruplet_loss(r, c), expected)
+
+
+def test_quadruplet_loss_averages_over_all_pairs_within_a_level() -> None:
+    r = torch.tensor([2.0, 0.0, 1.0, -1.0])
+    c = torch.tensor([1, 1, 0, 0])
+    pairs = [(2.0, 1.0), (2.0, -1.0), (0.0, 1.0), (0.0, -1.0)]
+    expected = sum(softplus(-(a - b)) for a, b in pairs) / 4
+    assert close(quadruplet_loss(r, c), expected)
+
+
+def test_quadruplet_loss_all_pairs_variant_uses_the_six_level_pairs() -> None:
+    r = torch.tensor([3.0, 1.0, 0.5, -1.0])
+    c = torch.tensor([3, 2, 1, 0])
+    expected = sum(softplus(-(r[i] - r[j]).item()) for i in range(4) for j in range(i + 1, 4))
+    assert close(quadruplet_loss(r, c, pairs="all"), expected)
+
+
+def test_quadruplet_loss_margin_shifts_every_pair() -> None:
+    r = torch.tensor([1.0, 0.0])
+    c = torch.tensor([1, 0])
+    assert close(quadruplet_loss(r, c, margin=0.5), softplus(0.5 - 1.0))
+
+
+def test_empty_levels_contribute_nothing() -> None:
+    r = torch.tensor([1.0, 2.0, 0.0], requires_grad=True)
+    c = torch.tensor([3, 3, 0])  # levels 2 and 1 empty: no adjacent pair exists
+    loss = quadruplet_loss(r, c)
+    assert float(loss) == 0.0
+    assert close(quadruplet_loss(r, c, pairs="all"), (softplus(-1.0) + softplus(-2.0)) / 2)
+
+
+def test_same_user_variant_only_pairs_rows_of_one_user() -> None:
+    r = torch.tensor([1.0, 0.0, 5.0, -5.0])
+    c = torch.tensor([1, 0, 1, 0])
+    users = torch.tensor([7, 7, 9, 9])
+    expected = (softplus(-1.0) + softplus(-10.0)) / 2  # (0,1) and (2,3); cross-user pairs excluded
+    assert close(quadruplet_loss(r, c, users=users), expected)
+
+
+def test_pair_sampling_caps_pairs_per_level_and_draws_only_valid_pairs() -> None:
+    high = torch.arange(0, 100)
+    low = torch.arange(100, 300)
+    a, b = sample_level_pairs(high, low, max_pairs=64, generator=torch.Generator().manual_seed(0))
+    assert len(a) == len(b) == 64
+    assert bool(((a >= 0) & (a < 100)).all()) and bool(((b >= 100) & (b < 300)).all())
+
+
+def test_capped_same_user_sampling_never_crosses_users() -> None:
+    users = torch.randint(0, 5, (400,), generator=torch.Generator().manual_seed(1))
+    high, low = torch.arange(0, 200), torch.arange(200, 400)
+    a, b = sample_level_pairs(high, low, max_pairs=50, generator=torch.Generator().manual_seed(2), users=users)
+    assert len(a) == 50
+    assert torch.equal(users[a], users[b])
+
+
+def test_pair_sampling_below_the_cap_enumerates_every_pair_once() -> None:
+    a, b = sample_level_pairs(torch.tensor([0, 1]), torch.tensor([2, 3, 4]), max_pairs=6)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(i, j) for i in (0, 1) for j in (2, 3, 4)]
+
+
+def test_task_bce_is_per_task_mean_cross_entropy() -> None:
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    expected_0 = (-math.log(0.5) - math.log(1 - sigmoid(1.0))) / 2
+    expected_1 = (-math.log(1 - sigmoid(2.0)) - math.log(1 - sigmoid(-1.0))) / 2
+    out = task_bce(logits, labels)
+    assert close(out[0], expected_0) and close(out[1], expected_1)
+
+
+def test_platt_calibrate_is_a_positive_slope_and_a_bias() -> None:
+    r = torch.tensor([[2.0, -1.0]])
+    z = platt_calibrate(r, alpha=torch.tensor([math.log(math.e - 1.0), 0.0]), bias=torch.tensor([0.5, -0.25]))
+    assert close(z[0, 0], 2.0 + 0.5)  # softplus(log(e-1)) = 1
+    assert close(z[0, 1], -math.log(2.0) - 0.25)  # softplus(0) = log 2
+
+
+def test_calibration_loss_is_bce_of_the_calibrated_logit() -> None:
+    z = torch.tensor([1.5, -0.5])
+    y = torch.tensor([1.0, 1.0])
+    expected = (-math.log(sigmoid(1.5)) - math.log(sigmoid(-0.5))) / 2
+    assert close(calibration_loss(z, y), expected)
+
+
+def test_clamp_correction_moves_only_wrong_side_logits_to_the_margin() -> None:
+    z = torch.tensor([-2.0, 3.0, 0.5, -4.0])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert correct_errors(z, y, "clamp", margin=0.0).tolist() == [0.0, 3.0, 0.0, -4.0]
+    assert correct_errors(z, y, "clamp", margin=1.0).tolist() == [1.0, 3.0, -1.0, -4.0]
+
+
+def test_mix_correction_mixes_probabilities_with_the_label() -> None:
+    z = torch.tensor([0.0, 0.0])
+    y = torch.tensor([1.0, 0.0])
+    out = correct_errors(z, y, "mix", mix=0.5)
+    assert close(out[0], math.log(3.0))  # 0.5 * 0.5 + 0.5 = 0.75
+    assert close(out[1], -math.log(3.0))  # 0.25
+
+
+def test_no_correction_is_the_identity() -> None:
+    z = torch.tensor([-2.0, 3.0])
+    assert torch.equal(correct_errors(z, torch.tensor([1.0, 0.0]), "none"), z)
+
+
+def test_unknown_correction_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="error-correction mode"):
+        correct_errors(torch.zeros(1), torch.zeros(1), "bogus")
+
+
+def test_kd_loss_is_temperature_squared_soft_label_cross_entropy() -> None:
+    s, z, t = torch.tensor([1.0]), torch.tensor([3.0]), 2.0
+    p, q = sigmoid(1.0 / t), sigmoid(3.0 / t)
+    expected = t * t * -(q * math.log(p) + (1 - q) * math.log(1 - p))
+    assert close(kd_loss(s, z, temperature=t), expected)
+
+
+def test_kd_loss_never_sends_gradient_to_the_teacher_logit() -> None:
+    s = torch.tensor([0.3], requires_grad=True)
+    z = torch.tensor([1.2], requires_grad=True)
+    kd_loss(s, z).sum().backward()
+    assert z.grad is None and s.grad is not None
+
+
+logits = st.lists(st.floats(-60.0, 60.0, allow_nan=False), min_size=1, max_size=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(z=logits, data=st.data(), margin=st.floats(0.0, 5.0), mix=st.floats(0.5, 1.0))
+def test_correction_never_leaves_a_soft_label_on_the_wrong_side(z: list[float], data, margin: float, mix: float) -> None:
+    y = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(z), max_size=len(z))))
+    z_t = torch.tensor(z)
+    for mode in ("clamp", "mix"):
+        corrected = correct_errors(z_t, y, mode, margin=margin, mix=mix)
+        assert bool((corrected[y == 1] >= 0).all()), mode
+        assert bool((corrected[y == 0] <= 0).all()), mode
+    clamped = correct_errors(z_t, y, "clamp", margin=margin)
+    assert bool((clamped[y == 1] >= margin).all()) and bool((clamped[y == 0] <= -margin).all())
+
+
+@settings(max_examples=200, deadline=None)
+@given(z=logits, data=st.data(), margin=st.floats(0.0, 5.0), mix=st.floats(0.0, 1.0))
+def test_every_mode_keeps_or_moves_the_soft_label_toward_the_truth(z: list[float], data, margin: float, mix: float) -> None:
+    y = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(z), max_size=len(z))))
+    z_t = torch.tensor(z)
+    before = (torch.sigmoid(z_t) - y).abs()
+    for mode in ("clamp", "mix", "none"):
+        after = (torch.sigmoid(correct_errors(z_t, y, mode, margin=margin, mix=mix)) - y).abs()
+        assert bool((after <= before + 1e-5).all()), mode  # 1e-5: logit(eps=1e-6) round trip in "mix"
