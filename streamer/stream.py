@@ -266,12 +266,12 @@ def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | 
                          dataset=dataset, to=to)
 
 
-def print_summary(summary: dict[str, Any], file=sys.stdout) -> None:
-    """Print the summary as rich tables."""
+def print_summary(summary: dict[str, Any], file=None) -> None:
+    """Print the summary as rich tables (on ``file``, default stdout)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=file)
+    console = Console(file=file or sys.stdout)
     table = Table(title=f"streamed {summary['dataset']} -> {summary['to']}")
     table.add_column("topic")
     table.add_column("events", justify="right")

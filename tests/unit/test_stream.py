@@ -1,0 +1,212 @@
+"""The stream core (merge, pacing, summary) and the event-log sink, without a broker."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamer.datasets.base import Interaction
+from streamer.eventlog import EventLogError, read_event_log
+from streamer.stream import (Pacer, StreamError, merge_events, parse_options, parse_speed, run, stream_dataset,
+                             add_arguments)
+
+pytestmark = pytest.mark.unit
+
+
+def interaction(i: int, ts_ms: int, delays: dict[str, int], user: str | None = None) -> Interaction:
+    return Interaction(f"imp-{i}", user or f"u{i % 3}", f"item{i}", ts_ms, features={"f": 1},
+                       labels={**{t: 1 for t in delays}, "never": 0}, feedback_delay_ms=delays)
+
+
+def read_plain(path: Path) -> list[dict]:
+    """An event log read with msgpack alone, as a third party would."""
+    with path.open("rb") as handle:
+        return list(msgpack.Unpacker(handle, raw=False))
+
+
+# -- merge ------------------------------------------------------------------------------------------------
+streams = st.lists(
+    st.tuples(st.integers(0, 5_000), st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(0, 10_000))),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams)
+def test_merged_stream_is_in_time_order_with_every_feedback_after_its_impression(raw) -> None:
+    records, ts = [], 0
+    for i, (gap, delays) in enumerate(raw):
+        ts += gap
+        records.append(interaction(i, ts, delays))
+    merged = list(merge_events(records))
+    times = [e.event["ts_ms"] for e in merged]
+    assert times == sorted(times)
+    shown: dict[str, str] = {}
+    for topic, key, event in merged:
+        if topic == "impressions":
+            shown[event["impression_id"]] = key
+        else:
+            assert shown[event["impression_id"]] == key  # feedback follows its impression, with its user as key
+    assert Counter(e.topic for e in merged) == +Counter({"impressions": len(records),
+                                                         "feedback": sum(len(d) for _, d in raw)})
+
+
+def test_feedback_due_at_an_impressions_time_comes_before_it() -> None:
+    merged = list(merge_events([interaction(0, 100, {"a": 50}), interaction(1, 150, {})]))
+    assert [(e.topic, e.event["impression_id"]) for e in merged] == [
+        ("impressions", "imp-0"), ("feedback", "imp-0"), ("impressions", "imp-1")]
+
+
+def test_feedback_events_follow_the_contract() -> None:
+    (_, key, shown), (_, fkey, fed) = merge_events([interaction(0, 1000, {"a": 250}, user="ü")])
+    assert shown == {"v": 1, "impression_id": "imp-0", "ts_ms": 1000, "user_id": "ü", "item_id": "item0",
+                     "features": {"f": 1}}
+    assert fed == {"v": 1, "impression_id": "imp-0", "ts_ms": 1250, "task": "a", "value": 1}
+    assert key == fkey == "ü"
+
+
+def test_merge_is_lazy_and_holds_only_pending_feedback() -> None:
+    endless = (interaction(i, i * 1000, {"a": 1500}) for i in itertools.count())
+    first = list(itertools.islice(merge_events(endless), 1000))  # would never return if merge read everything
+    assert len(first) == 1000
+
+
+def test_limit_counts_impressions_and_still_emits_their_feedback() -> None:
+    merged = list(merge_events([interaction(i, i, {"a": 10**6}) for i in range(10)], limit=3))
+    assert Counter(e.topic for e in merged) == {"impressions": 3, "feedback": 3}
+
+
+def test_interactions_going_back_in_time_are_an_error() -> None:
+    with pytest.raises(StreamError, match="not in time order"):
+        list(merge_events([interaction(0, 10, {}), interaction(1, 5, {})]))
+
+
+def test_topics_are_configurable() -> None:
+    merged = merge_events([interaction(0, 1, {"a": 1})], impression_topic="imp", feedback_topic="fb")
+    assert [e.topic for e in merged] == ["imp", "fb"]
+
+
+# -- pacing and arguments ---------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 6))
+        self.now += seconds
+
+
+def test_pacer_sleeps_to_event_time_divided_by_the_factor() -> None:
+    fake = FakeClock()
+    pacer = Pacer(10.0, clock=fake.clock, sleep=fake.sleep)
+    for ts in (5_000, 5_000, 15_000, 25_000):
+        pacer.wait_for(ts)
+    assert fake.slept == [1.0, 1.0]
+
+
+def test_pacer_at_max_speed_never_sleeps() -> None:
+    fake = FakeClock()
+    pacer = Pacer(None, clock=fake.clock, sleep=fake.sleep)
+    pacer.wait_for(0)
+    pacer.wait_for(10**9)
+    assert fake.slept == []
+
+
+def test_speed_and_options_parse_or_say_what_is_wrong() -> None:
+    assert (parse_speed("max"), parse_speed("realtime"), parse_speed("60")) == (None, 1.0, 60.0)
+    for bad in ("fast", "0", "-2"):
+        with pytest.raises(StreamError, match="--speed"):
+            parse_speed(bad)
+    assert parse_options(["a=1", "b = x=y"]) == {"a": "1", "b": "x=y"}
+    with pytest.raises(StreamError, match="key=value"):
+        parse_options(["novalue"])
+
+
+# -- whole runs into an event log -------------------------------------------------------------------------
+def test_icme_into_an_event_log_reads_back_with_msgpack_alone(shared_data: Path, tmp_path: Path) -> None:
+    log = tmp_path / "icme.evlog"
+    summary = stream_dataset("icme2019", str(shared_data / "icme2019"), f"file://{log}")
+    records = read_plain(log)
+    assert Counter(r["topic"] for r in records) == {"impressions": 1000, "feedback": 379}
+    assert Counter(r["event"]["task"] for r in records if r["topic"] == "feedback") == {"finish": 367, "like": 12}
+    times = [r["event"]["ts_ms"] for r in records]
+    assert times == sorted(times)
+    assert summary["events_per_topic"] == {"impressions": 1000, "feedback": 379}
+    assert summary["feedback_per_task"] == {"finish": 367, "like": 12}
+    assert summary["positive_rate"]["finish"] == pytest.approx(0.367)
+    assert summary["bytes"] == log.stat().st_size and summary["events_per_s"] > 0
+
+
+def test_replaying_an_event_log_into_another_file_copies_it_exactly(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.evlog", tmp_path / "b.evlog"
+    stream_dataset("synthetic", None, f"file://{first}", options={"n_events": "2000"})
+    summary = stream_dataset("log", f"file://{first}", f"file://{second}")
+    assert second.read_bytes() == first.read_bytes()
+    assert summary["impressions"] == 2000 and set(summary["feedback_per_task"]) == {"task0", "task1"}
+
+
+def test_replay_unwraps_a_batch_envelope_record_keeping_its_key(tmp_path: Path) -> None:
+    log, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
+    fed = {"v": 1, "impression_id": "i", "ts_ms": 5, "task": "t", "value": 1}
+    log.write_bytes(msgpack.packb({"topic": "feedback", "key": "u9", "event": {"v": 1, "batch": [fed, fed]}}))
+    stream_dataset("log", f"file://{log}", f"file://{out}")
+    assert [(r["key"], r["event"]["task"]) for r in read_plain(out)] == [("u9", "t"), ("u9", "t")]
+
+
+def test_a_truncated_event_log_is_reported(tmp_path: Path) -> None:
+    log = tmp_path / "a.evlog"
+    stream_dataset("synthetic", None, f"file://{log}", options={"n_events": "10"})
+    log.write_bytes(log.read_bytes()[:-3])
+    with pytest.raises(EventLogError, match="truncated"):
+        list(read_event_log(log))
+
+
+def test_a_record_that_is_not_topic_key_event_is_reported(tmp_path: Path) -> None:
+    log = tmp_path / "a.evlog"
+    log.write_bytes(msgpack.packb({"topic": "x", "event": {}}))
+    with pytest.raises(EventLogError, match="record 0 must be a map with keys topic, key, event"):
+        list(read_event_log(log))
+
+
+def cli(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli(["--dataset", "csv", "--source", str(tmp_path), "--to", f"file://{tmp_path}/x"]) == 2
+    assert "needs a mapping" in capsys.readouterr().err
+    assert cli(["--dataset", "synthetic", "--to", "ftp://x"]) == 2
+    assert "kafka://HOST:PORT or file://PATH" in capsys.readouterr().err
+    assert cli(["--dataset", "log", "--source", f"file://{tmp_path}/none", "--to", f"file://{tmp_path}/y"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_prints_a_summary_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli(["--dataset", "synthetic", "--option", "n_events=300", "--option", "tasks=click,like",
+                "--to", f"file://{tmp_path}/s.evlog", "--speed", "1e9", "--limit", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "impressions" in out and "click" in out and "events/s" in out
+
+
+def test_unreachable_kafka_says_how_to_start_one() -> None:
+    from consumers.local_kafka import free_port
+    from streamer.sinks import KafkaSink, SinkError
+
+    port = free_port()
+    with pytest.raises(SinkError, match=rf"Kafka at 127.0.0.1:{port} is not reachable; start one with "
+                                        r"'crossdistil kafka up' or check --to"):
+        KafkaSink(f"127.0.0.1:{port}", ("impressions", "feedback"), producer_config={"bootstrap_timeout_ms": 500})
