@@ -49,7 +49,11 @@ Errors
     the message: ``"ts_ms"``, ``"features['age']"``, ``"batch[3].ts_ms"``, or None for the whole message),
     ``.reason`` (a short code for dead-letter metrics), ``.kind`` (``"impression"``, ``"feedback"``,
     ``"batch"`` or None), ``.index`` (position in the batch, or None) and ``.event`` (the offending inner
-    event as decoded, for dead-lettering one event of a batch; None otherwise). Reasons:
+    event as decoded, for dead-lettering one event of a batch; None otherwise). ``str(err)`` reads
+    ``"impression.ts_ms: expected an integer, got str"`` for a single event,
+    ``"batch[3].ts_ms (impression): ..."`` inside a batch and ``"message: ..."`` for the bytes as a whole.
+    ``decode`` raises the first problem; ``decode_events`` never raises and returns one error per bad event
+    of a batch (or a single error for a message that is bad as a whole). Reasons:
 
     ==================  ====================================================================
     ``not_bytes``       ``decode`` was given something that is not bytes
