@@ -136,6 +136,28 @@ def test_an_idle_source_stops_holding_the_watermark_after_the_idle_timeout_and_r
     assert join.watermark_ms == 700_000  # FB holds it again
 
 
+def test_events_added_without_a_clock_are_timed_at_the_last_tick():
+    join = make(idle_timeout_s=30.0)
+    join.tick(0.0)
+    join.add_feedback(fb("x", 1_000), FB)
+    join.add_impression(imp("a", 500_000), IMP)
+    join.tick(25.0)
+    join.add_feedback(fb("y", 2_000), FB)  # FB active at 25.0
+    join.tick(50.0)  # IMP idle (silent since 0.0), FB not (active at 25.0)
+    assert join.watermark_ms == 2_000
+    join.add_impression(imp("b", 600_000), IMP)  # IMP active again at 50.0
+    join.tick(55.0)  # now FB is idle
+    assert join.watermark_ms == 600_000
+
+
+def test_when_every_source_is_idle_the_watermark_stays():
+    join = make(idle_timeout_s=10.0)
+    join.add_impression(imp("a", 5_000), IMP, now=0.0)
+    join.tick(100.0)
+    assert join.watermark_ms == 5_000
+    assert join.pending_impressions == 1
+
+
 def test_unseen_assigned_sources_with_wait_for_all_go_idle_after_the_timeout():
     join = make(wait_for_all_partitions=True, idle_timeout_s=10.0)
     join.assign([IMP, FB], now=0.0)
