@@ -475,7 +475,7 @@ def ensure_topics(
     timeout_ms = int(timeout_s * 1000)
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crossdistil-ensure-topics",
-                                 request_timeout_ms=timeout_ms)
+                                 request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
     except Exception as exc:
         raise LocalKafkaError(
             f"Kafka at {bootstrap} is not reachable ({type(exc).__name__}); "
