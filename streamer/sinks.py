@@ -151,7 +151,7 @@ class KafkaSink:
         if self.envelope == 1:
             self._send(topic, events.encode(event), key_bytes)
             return
-        events.validate(event)
+        # encode_batch validates every event when the envelope is sent (its errors name batch[i])
         slot = (topic, self._partition_of(topic, key_bytes))
         buffer = self._buffers.setdefault(slot, [])
         if not buffer:
