@@ -1,0 +1,271 @@
+"""Prequential quality of one prediction stream (one task, one role): windowed and lifetime metrics, pure.
+
+A :class:`StreamQuality` receives, batch by batch, the labels and the probabilities that were predicted
+*before* the model learned from those samples, and answers, over the last ``W`` samples for each configured
+window and over the whole stream:
+
+* ``auc`` — ROC AUC, ties count one half. Windowed values are **exact** (a ring buffer of the last
+  ``max(windows)`` samples, ranked with one sort when read); the lifetime value is computed from score
+  histograms with ``lifetime_bins`` equal-width bins over [0, 1], so pairs of samples whose scores share a bin
+  count one half (the error is at most half the share of such pairs; with the default 65,536 bins it is below
+  1e-4 on model outputs).
+* ``gauc`` — impression-weighted per-user AUC over a window (users with one class are skipped); needs users.
+* ``log_loss``, ``calibration_ratio`` (mean prediction / mean label), ``positive_rate``, ``samples``.
+
+Updates are vectorised (a few numpy copies per batch); the sorting happens only when the values are read, so
+the cost moves from the training loop to whoever reads (a Prometheus scrape every few seconds). Reads are
+cached until the next update.
+
+>>> import numpy as np
+>>> q = StreamQuality(windows=(4,))
+>>> q.update(np.array([0, 1, 0, 1, 0, 1]), np.array([0.3, 0.5, 0.5, 0.7, 0.1, 0.3]))
+>>> q.auc(4), q.positive_rate(4), q.samples(4), q.samples(None)
+(0.75, 0.5, 4, 6)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+# Same clipping as models.metrics.log_loss, so the daemon and the offline evaluation agree.
+LOG_LOSS_EPS = 1e-7
+
+LIFETIME = None  # the "window" argument that means the whole stream
+
+
+def _rank_average(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks with tied values sharing their average rank."""
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def exact_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC of labels ``y`` (bool or 0/1) and scores ``p`` by ranks (Mann-Whitney U); ``nan`` if one class.
+
+    >>> exact_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    0.75
+    """
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = _rank_average(np.asarray(p, dtype=np.float64))
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def grouped_auc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
+    """Impression-weighted mean of per-group AUC (GAUC), one-class groups skipped; ``nan`` if none has both.
+
+    Vectorised: one lexsort, no Python loop over groups (a 100k window may hold tens of thousands of users).
+
+    >>> grouped_auc(np.array([0, 1, 1, 1]), np.array([0.1, 0.9, 0.3, 0.4]), np.array([7, 7, 8, 8]))
+    1.0
+    """
+    y = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    groups = np.asarray(groups)
+    if len(y) == 0:
+        return math.nan
+    order = np.lexsort((p, groups))  # by group, then score
+    g = groups[order]
+    s = p[order]
+    yy = y[order]
+    n = len(g)
+    group_start_flags = np.r_[True, g[1:] != g[:-1]]
+    group_id = np.cumsum(group_start_flags) - 1
+    group_starts = np.flatnonzero(group_start_flags)
+    # Runs of equal (group, score) share their average rank within the group.
+    run_flags = group_start_flags | np.r_[True, s[1:] != s[:-1]]
+    run_starts = np.flatnonzero(run_flags)
+    run_ends = np.r_[run_starts[1:], n]
+    global_avg_rank = np.repeat((run_starts + run_ends + 1) / 2.0, run_ends - run_starts)
+    rank_in_group = global_avg_rank - group_starts[group_id]
+    n_groups = len(group_starts)
+    size = np.bincount(group_id, minlength=n_groups).astype(np.float64)
+    n_pos = np.bincount(group_id, weights=yy, minlength=n_groups)
+    n_neg = size - n_pos
+    pos_rank_sum = np.bincount(group_id, weights=rank_in_group * yy, minlength=n_groups)
+    valid = (n_pos > 0) & (n_neg > 0)
+    if not valid.any():
+        return math.nan
+    u = pos_rank_sum[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2.0
+    group_auc = u / (n_pos[valid] * n_neg[valid])
+    return float(np.sum(group_auc * size[valid]) / np.sum(size[valid]))
+
+
+def histogram_auc(pos_counts: np.ndarray, neg_counts: np.ndarray) -> float:
+    """AUC from per-bin counts of positives and negatives (bins in increasing score order; same bin = tie).
+
+    >>> histogram_auc(np.array([0, 1, 1]), np.array([1, 1, 0]))
+    0.875
+    """
+    n_pos = float(pos_counts.sum())
+    n_neg = float(neg_counts.sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    neg_below = np.cumsum(neg_counts) - neg_counts
+    wins = np.sum(pos_counts * (neg_below + 0.5 * neg_counts))
+    return float(wins / (n_pos * n_neg))
+
+
+class StreamQuality:
+    """Exact windowed and histogram-based lifetime quality metrics of one (task, role) prediction stream.
+
+    ``windows`` are sample counts; a window that has not filled yet covers every sample so far (``samples(W)``
+    says how many). ``update`` takes optional ``users`` (any hashable values, or integers) for GAUC.
+    """
+
+    def __init__(self, windows: Sequence[int] = (10_000, 100_000), lifetime_bins: int = 65_536) -> None:
+        if not windows or any(int(w) < 1 for w in windows):
+            raise ValueError(f"windows must be positive sample counts, got {list(windows)}")
+        self.windows: tuple[int, ...] = tuple(sorted({int(w) for w in windows}))
+        self.capacity = self.windows[-1]
+        self._y = np.zeros(self.capacity, dtype=np.bool_)
+        self._p = np.zeros(self.capacity, dtype=np.float64)
+        self._user = np.zeros(self.capacity, dtype=np.int64)
+        self._has_users = np.zeros(self.capacity, dtype=np.bool_)
+        self._next = 0  # ring position of the next write
+        self._count = 0  # samples seen, lifetime
+        self._bins = int(lifetime_bins)
+        self._pos_hist = np.zeros(self._bins, dtype=np.int64)
+        self._neg_hist = np.zeros(self._bins, dtype=np.int64)
+        self._sum_p = 0.0
+        self._sum_y = 0.0
+        self._sum_loss = 0.0
+        self._cache: dict[tuple[str, int | None], float] = {}
+
+    # -- updates ---------------------------------------------------------------------------------------------
+
+    def update(self, y: ArrayLike, p: ArrayLike, users: ArrayLike | Sequence | None = None) -> None:
+        """Add one batch: labels ``y`` (> 0 = positive), predicted probabilities ``p``, optional ``users``."""
+        y = np.asarray(y).reshape(-1) > 0
+        p = np.asarray(p, dtype=np.float64).reshape(-1)
+        if len(y) != len(p):
+            raise ValueError(f"labels and predictions differ in length: {len(y)} != {len(p)}")
+        n = len(y)
+        if n == 0:
+            return
+        user_ids = None if users is None else _user_ids(users, n)
+        self._cache.clear()
+        # Lifetime sums and histograms.
+        clipped = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+        self._sum_loss += float(-np.sum(np.where(y, np.log(clipped), np.log1p(-clipped))))
+        self._sum_p += float(p.sum())
+        self._sum_y += float(y.sum())
+        bins = np.clip((p * self._bins).astype(np.int64), 0, self._bins - 1)
+        self._pos_hist += np.bincount(bins[y], minlength=self._bins)
+        self._neg_hist += np.bincount(bins[~y], minlength=self._bins)
+        self._count += n
+        # Ring buffer: only the last `capacity` samples of the batch matter.
+        if n > self.capacity:
+            y, p = y[-self.capacity :], p[-self.capacity :]
+            user_ids = None if user_ids is None else user_ids[-self.capacity :]
+            n = self.capacity
+        positions = (self._next + np.arange(n)) % self.capacity
+        self._y[positions] = y
+        self._p[positions] = p
+        if user_ids is None:
+            self._has_users[positions] = False
+        else:
+            self._user[positions] = user_ids
+            self._has_users[positions] = True
+        self._next = (self._next + n) % self.capacity
+
+    # -- reads -----------------------------------------------------------------------------------------------
+
+    def samples(self, window: int | None) -> int:
+        """How many samples ``window`` covers now (``None``: the lifetime count)."""
+        if window is None:
+            return self._count
+        return min(self._count, int(window), self.capacity)
+
+    def _window(self, window: int) -> slice | np.ndarray:
+        if window not in self.windows:
+            raise KeyError(f"window {window} is not tracked; tracked windows: {list(self.windows)}")
+        n = self.samples(window)
+        return (self._next - n + np.arange(n)) % self.capacity
+
+    def _cached(self, name: str, window: int | None, compute) -> float:
+        key = (name, window)
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def auc(self, window: int | None) -> float:
+        """AUC over the last ``window`` samples (exact), or over the stream (``None``, histogram-based)."""
+        if window is None:
+            return self._cached("auc", None, lambda: histogram_auc(self._pos_hist, self._neg_hist))
+        idx = self._window(window)
+        return self._cached("auc", window, lambda: exact_auc(self._y[idx], self._p[idx]))
+
+    def gauc(self, window: int) -> float:
+        """Per-user AUC weighted by impressions over the last ``window`` samples (samples without users skipped)."""
+        idx = self._window(window)
+
+        def compute() -> float:
+            with_user = idx[self._has_users[idx]]
+            return grouped_auc(self._y[with_user], self._p[with_user], self._user[with_user])
+
+        return self._cached("gauc", window, compute)
+
+    def log_loss(self, window: int | None) -> float:
+        """Mean binary cross-entropy of the predictions (``nan`` before any sample)."""
+        if window is None:
+            return self._sum_loss / self._count if self._count else math.nan
+
+        def compute() -> float:
+            idx = self._window(window)
+            if len(idx) == 0:
+                return math.nan
+            p = np.clip(self._p[idx], LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+            return float(-np.mean(np.where(self._y[idx], np.log(p), np.log1p(-p))))
+
+        return self._cached("log_loss", window, compute)
+
+    def positive_rate(self, window: int | None) -> float:
+        """Share of positive labels (``nan`` before any sample)."""
+        if window is None:
+            return self._sum_y / self._count if self._count else math.nan
+        idx = self._window(window)
+        return float(self._y[idx].mean()) if len(idx) else math.nan
+
+    def calibration_ratio(self, window: int | None) -> float:
+        """Mean prediction / mean label: 1 is calibrated on average, > 1 over-predicts; ``nan`` without positives."""
+        if window is None:
+            return self._sum_p / self._sum_y if self._sum_y else math.nan
+        idx = self._window(window)
+        positives = float(self._y[idx].sum())
+        return float(self._p[idx].sum() / positives) if positives else math.nan
+
+    def summary(self, with_gauc: bool = True) -> dict[str, dict[str, float]]:
+        """Every metric for every window: ``{metric: {window label: value}}``, window labels ``"10000"``,
+        ``"lifetime"`` (no lifetime GAUC)."""
+        out: dict[str, dict[str, float]] = {}
+        labels: list[tuple[str, int | None]] = [(str(w), w) for w in self.windows] + [("lifetime", None)]
+        for name in ("auc", "log_loss", "calibration_ratio", "positive_rate"):
+            out[name] = {label: getattr(self, name)(w) for label, w in labels}
+        if with_gauc:
+            out["gauc"] = {str(w): self.gauc(w) for w in self.windows}
+        out["samples"] = {label: float(self.samples(w)) for label, w in labels}
+        return out
+
+
+def _user_ids(users: ArrayLike | Sequence, n: int) -> np.ndarray:
+    """Integer ids for grouping: integers pass through, anything else is hashed (stable within a process)."""
+    arr = np.asarray(users)
+    if arr.shape != (n,):
+        raise ValueError(f"users must have one entry per sample ({n}), got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr.astype(np.int64)
+    return np.fromiter((hash(u) for u in arr.tolist()), dtype=np.int64, count=n)
