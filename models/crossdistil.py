@@ -104,8 +104,14 @@ class CrossDistilModel(nn.Module):
             self.calibrator_bias = nn.Parameter(torch.zeros(k))
 
     def forward(self, batch: Batch) -> Outputs:
-        emb = self.embedding(batch.categorical).flatten(1)  # [B, C * D]
-        x = torch.cat([emb, self.normalizer(batch.numeric)], dim=1)
+        return self.heads(self.embed(batch))
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """The backbone's input: hashed embeddings [B, C * D] next to the normalised numerics [B, N]."""
+        return torch.cat([self.embedding(batch.categorical).flatten(1), self.normalizer(batch.numeric)], dim=1)
+
+    def heads(self, x: torch.Tensor) -> Outputs:
+        """Backbone and towers on an embedded input (split from ``embed`` so benchmarks can time each side)."""
         reps = self.backbone(x)
         k = len(self.student_towers)
         s = torch.cat([tower(reps[i % len(reps)]) for i, tower in enumerate(self.student_towers)], dim=1)

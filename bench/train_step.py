@@ -1,0 +1,196 @@
+"""Training-step benchmark of the default CrossDistil model; prints one JSON object.
+
+    python bench/train_step.py                 # CPU, one thread, about a minute
+    python bench/train_step.py --device cuda   # same measurements on a GPU
+
+Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item, author, hour, duration):
+* ``throughput``: samples/s of ``Learner.step`` at each batch size, sparse (SparseAdam on touched rows)
+  and dense (Adam on the whole table) side by side;
+* ``breakdown``: share of a step spent on the embedding side (lookup, its backward, its optimizer) vs the
+  dense side (backbone, towers, losses, their backward and optimizer);
+* ``table_sizes``: step time at tables of 2^16, 2^19 and 2^22 rows (target: sparse changes <= 20 %);
+* ``encode``: ``encode_rows`` rows/s, cold (hash cache empty) and warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.config import ModelConfig  # noqa: E402
+from models.crossdistil import crossdistil_loss  # noqa: E402
+from models.features import FeatureSpec, encode_rows, hash_bucket  # noqa: E402
+from models.learner import Learner  # noqa: E402
+
+TASKS = ("click", "long_view")
+SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
+
+
+def synthetic_rows(n: int, seed: int) -> list[dict]:
+    """KuaiRand-like rows: 10k users, 100k items (Zipf-ish popularity), 4 label categories all present."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 10_000, n)
+    items = np.minimum(rng.zipf(1.3, n), 100_000)
+    hours = rng.integers(0, 24, n)
+    duration = rng.exponential(30_000.0, n)
+    click = rng.random(n) < 0.65
+    long_view = rng.random(n) < np.where(click, 0.7, 0.02)
+    return [
+        {"user_id": str(users[i]), "item_id": str(items[i]),
+         "features": {"author_id": str(items[i] // 10), "hour": int(hours[i]), "duration_ms": float(duration[i])},
+         "labels": {"click": int(click[i]), "long_view": int(long_view[i])}}
+        for i in range(n)
+    ]
+
+
+def config(buckets: int, sparse: bool, bf16: bool) -> ModelConfig:
+    return ModelConfig(tasks=TASKS, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
+                       sparse_embeddings=sparse, bf16=bf16)
+
+
+def make_sync(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_steps(learner: Learner, batches: list, warmup: int, steps: int) -> float:
+    """Median seconds per ``Learner.step`` (the real API, including the CPU copy of predictions)."""
+    sync = make_sync(learner.device)
+    for i in range(warmup):
+        learner.step(batches[i % len(batches)])
+    times = []
+    for i in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        learner.step(batches[(warmup + i) % len(batches)])
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def timed_components(learner: Learner, batch) -> dict[str, float]:
+    """One training step split into embedding and dense parts, timed separately (same math as Learner.step)."""
+    sync = make_sync(learner.device)
+    model = learner.model
+    batch = batch.to(learner.device)
+    marks = [time.perf_counter()]
+
+    def mark() -> None:
+        sync()
+        marks.append(time.perf_counter())
+
+    looked_up = model.embedding(batch.categorical)
+    leaf = looked_up.detach().requires_grad_()
+    mark()  # embedding lookup
+    x = torch.cat([leaf.flatten(1), model.normalizer(batch.numeric)], dim=1)
+    total, _ = crossdistil_loss(model, model.heads(x), batch, learner.pair_generator)
+    learner.dense_optimizer.zero_grad(set_to_none=True)
+    learner.embedding_optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    mark()  # dense forward, losses, dense backward
+    looked_up.backward(leaf.grad)
+    mark()  # embedding backward (sparse or dense gradient)
+    learner.dense_optimizer.step()
+    mark()
+    learner.embedding_optimizer.step()
+    mark()
+    d = np.diff(marks)
+    return {"embedding_s": float(d[0] + d[2] + d[4]), "dense_s": float(d[1] + d[3])}
+
+
+def breakdown(learner: Learner, batches: list, steps: int) -> dict[str, float]:
+    parts = [timed_components(learner, batches[i % len(batches)]) for i in range(steps + 1)][1:]
+    emb = statistics.median(p["embedding_s"] for p in parts)
+    dense = statistics.median(p["dense_s"] for p in parts)
+    return {"embedding_ms": 1e3 * emb, "dense_ms": 1e3 * dense, "embedding_share": emb / (emb + dense)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--batch-sizes", default="256,1024,4096")
+    parser.add_argument("--table-log2", default="16,19,22", help="embedding table sizes as powers of two")
+    parser.add_argument("--default-log2", type=int, default=20, help="table size for the throughput runs")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    # One thread by default on CPU: on a shared 2-core machine two OpenMP threads per process oversubscribe
+    # the cores and a step gets ~10x slower and noisy (measured: 24 ms vs 241 ms at batch 256).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    started = time.perf_counter()
+
+    rows = synthetic_rows(max(batch_sizes) * 3, seed=0)
+    spec = config(2**args.default_log2, True, False).features
+    hash_bucket.cache_clear()
+    t0 = time.perf_counter()
+    encode_rows(rows[:4096], spec, TASKS)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    encode_rows(rows[:4096], spec, TASKS)
+    warm = time.perf_counter() - t0
+    result: dict = {
+        "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "bf16": args.bf16,
+        "model": {"backbone": "shared_bottom", "rung": "crossdistil", **SPEC_FIELDS, "embedding_dim": 16,
+                  "hidden_dims": [128], "tower_dims": [64, 32]},
+        "encode": {"rows": 4096, "cold_rows_per_s": 4096 / cold, "warm_rows_per_s": 4096 / warm},
+        "throughput": [], "breakdown": [], "table_sizes": [],
+    }
+
+    def batches_of(size: int, buckets: int) -> list:
+        spec_b = config(buckets, True, False).features
+        return [encode_rows(rows[i * size:(i + 1) * size], spec_b, TASKS) for i in range(3)]
+
+    for size in batch_sizes:
+        batches = batches_of(size, 2**args.default_log2)
+        entry = {"batch": size}
+        for sparse in (True, False):
+            learner = Learner(config(2**args.default_log2, sparse, args.bf16), device=device)
+            step_s = time_steps(learner, batches, args.warmup, args.steps)
+            key = "sparse" if sparse else "dense"
+            entry[f"{key}_samples_per_s"] = size / step_s
+            entry[f"{key}_step_ms"] = 1e3 * step_s
+            result["breakdown"].append({"batch": size, "optimizer": key, **breakdown(learner, batches, args.steps)})
+            del learner
+        entry["sparse_speedup"] = entry["sparse_samples_per_s"] / entry["dense_samples_per_s"]
+        result["throughput"].append(entry)
+
+    size = 1024 if 1024 in batch_sizes else batch_sizes[0]
+    sweep = {"batch": size, "sparse_step_ms": {}, "dense_step_ms": {}}
+    for log2 in [int(v) for v in args.table_log2.split(",")]:
+        batches = batches_of(size, 2**log2)
+        for sparse in (True, False):
+            learner = Learner(config(2**log2, sparse, args.bf16), device=device)
+            steps = args.steps if sparse else max(2, args.steps // 2)  # dense at 2^22 is the slow, known-bad case
+            sweep["sparse_step_ms" if sparse else "dense_step_ms"][f"2^{log2}"] = 1e3 * time_steps(
+                learner, batches, 1, steps)
+            del learner
+    for key in ("sparse", "dense"):
+        values = list(sweep[f"{key}_step_ms"].values())
+        sweep[f"{key}_change_max_over_min"] = max(values) / min(values) - 1.0
+    sweep["sparse_within_20_percent"] = sweep["sparse_change_max_over_min"] <= 0.20
+    result["table_sizes"] = sweep
+    result["wall_s"] = time.perf_counter() - started
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

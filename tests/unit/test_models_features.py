@@ -1,0 +1,120 @@
+"""Feature hashing, row encoding and the running numeric normaliser."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import ModelConfig
+from models.crossdistil import RunningNormalizer
+from models.features import FeatureSpec, collision_rate, encode_rows, hash_bucket
+
+pytestmark = pytest.mark.unit
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+def test_hash_is_pinned_so_checkpoints_stay_valid_across_versions_and_processes() -> None:
+    assert hash_bucket("item_id", "42", 2**20) == 417413
+    assert hash_bucket("user_id", "u1", 2**20) == 463853
+    # A fresh interpreter (another PYTHONHASHSEED) agrees: not Python's hash().
+    code = "from models.features import hash_bucket; print(hash_bucket('item_id', '42', 2**20))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2], env={"PYTHONHASHSEED": "123", "PATH": ""})
+    assert out.stdout.strip() == "417413"
+
+
+def test_fields_are_salted_and_int_and_str_values_share_a_row() -> None:
+    assert hash_bucket("user_id", "7", 2**20) != hash_bucket("item_id", "7", 2**20)
+    assert hash_bucket("item_id", 7, 2**20) == hash_bucket("item_id", "7", 2**20)
+
+
+def test_encode_rows_reads_ids_from_the_row_and_context_from_features() -> None:
+    spec = FeatureSpec(categorical=("user_id", "item_id", "city"), numeric=("watch",), hash_buckets=1000)
+    rows = [{"user_id": "u", "item_id": "i", "features": {"city": "paris", "watch": math.e - 1},
+             "labels": {"like": 1}}]
+    batch = encode_rows(rows, spec, ("like", "finish"))
+    assert batch.categorical.tolist() == [[hash_bucket("user_id", "u", 1000), hash_bucket("item_id", "i", 1000),
+                                           hash_bucket("city", "paris", 1000)]]
+    assert batch.numeric[0].tolist() == pytest.approx([1.0])  # signed log1p
+    assert batch.labels.tolist() == [[1.0, 0.0]]
+    assert batch.categorical.dtype == torch.int64 and batch.numeric.dtype == torch.float32
+
+
+def test_missing_values_have_a_row_per_field_and_zero_numerics() -> None:
+    spec = FeatureSpec(categorical=("user_id", "city"), numeric=("watch",), hash_buckets=1000)
+    batch = encode_rows([{"user_id": "u"}], spec, ("like",))
+    assert batch.categorical[0, 1] == hash_bucket("city", "", 1000)
+    assert batch.numeric.tolist() == [[0.0]] and batch.labels.tolist() == [[0.0]]
+
+
+def test_negative_numerics_keep_their_sign() -> None:
+    spec = FeatureSpec(numeric=("delta",))
+    batch = encode_rows([{"features": {"delta": -(math.e**2 - 1)}}], spec, ())
+    assert batch.numeric[0].tolist() == pytest.approx([-2.0])
+
+
+def test_a_non_numeric_value_in_a_numeric_field_names_the_field() -> None:
+    with pytest.raises(ValueError, match="'watch'"):
+        encode_rows([{"features": {"watch": "long"}}], FeatureSpec(numeric=("watch",)), ())
+
+
+def test_encode_rows_accepts_objects_with_attributes() -> None:
+    from streamer.datasets.base import Interaction
+
+    item = Interaction(impression_id="1", user_id="u", item_id="i", ts_ms=0, labels={"like": 1})
+    batch = encode_rows([item], FeatureSpec(), ("like",))
+    assert batch.labels.tolist() == [[1.0]]
+    assert batch.categorical[0, 0] == hash_bucket("user_id", "u", 2**20)
+
+
+def test_same_user_rows_share_a_user_key() -> None:
+    batch = encode_rows([{"user_id": "a"}, {"user_id": "b"}, {"user_id": "a"}], FeatureSpec(), ())
+    assert batch.user[0] == batch.user[2] != batch.user[1]
+
+
+def test_running_normaliser_matches_the_statistics_of_everything_seen() -> None:
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(3.0, 2.0, size=(n, 2)) for n in (5, 17, 40)]
+    norm = RunningNormalizer(2)
+    for chunk in chunks:
+        norm.update(torch.tensor(chunk, dtype=torch.float32))
+    seen = np.concatenate(chunks).astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(norm.mean.numpy(), seen.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose((norm.m2 / norm.count).numpy(), seen.var(axis=0), rtol=1e-9)
+    assert set(norm.state_dict()) == {"count", "mean", "m2"}
+
+
+def test_config_round_trips_through_plain_types() -> None:
+    cfg = ModelConfig(tasks=("a", "b", "c"), partners={"a": "c"}, kd_weight={"b": 0.5}, backbone="ple")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.partner_of("a") == "c" and cfg.partner_of("b") == "c" and cfg.partner_of("c") == "a"
+    assert cfg.task_weights("kd_weight") == [1.0, 0.5, 1.0]
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="backbone"):
+        ModelConfig(backbone="transformer")
+    with pytest.raises(ValueError, match="rung"):
+        ModelConfig(rung="everything")
+    with pytest.raises(ValueError, match="partner"):
+        ModelConfig(tasks=("like",), rung="crossdistil")
+
+
+def test_default_table_keeps_kuairand_id_collisions_under_two_percent() -> None:
+    path = DATA / "kuairand" / "kuairand27k_like_hate_kcore15.tsv"
+    if not path.exists():
+        pytest.skip(f"KuaiRand data not found at {path} (../shared/data relative to the repository root)")
+    with path.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    rates = collision_rate({"user_id": [r["user_id"] for r in rows], "item_id": [r["video_id"] for r in rows]},
+                           FeatureSpec().hash_buckets)
+    assert rates["distinct_keys"] == 664 + 9359
+    assert rates["colliding_key_share"] < 0.02
