@@ -63,6 +63,7 @@ class JoinConfig:
     default_window_s: float = _f(3600.0, "window of tasks not listed in attribution_window_s")
     allowed_lateness_s: float = _f(0.0, "how far behind the newest event time the watermark trails")
     max_pending: int = _f(1_000_000, "bound on pending impressions; beyond it the oldest are emitted early and counted")
+    idle_timeout_s: float = _f(30.0, "a partition the consumer has read to its end and that delivered nothing for this long stops holding the watermark back (0 = never)")
 
 
 @dataclass

@@ -1,0 +1,669 @@
+"""``crossdistil train``: the trainer daemon — Kafka in, CrossDistil updates, checkpoints, serving-topic publications.
+
+The flow (one consumer, one model)::
+
+    poll impressions + feedback  ->  decode_events  ->  bad: dead-letter topic
+                                                    ->  good: AttributionJoin (source = (topic, partition))
+    join.emit()  ->  MiniBatcher (wall clock)  ->  encode_rows  ->  Learner.step (score first, then update)
+    every N steps / T seconds / on shutdown / before a rebalance revokes partitions:
+        checkpoint (model + optimizers, join state, batcher state, positions, publish version)
+        -> commit the positions to Kafka (only for lag monitoring)  ->  publish the serving view (consumers.wire)
+
+Exactly once
+------------
+The checkpoint is the only truth. ``positions`` in it are, per (topic, partition), the offset after the last
+record whose events went into the join; every event before a position is inside the join state (pending
+impressions, early feedback), the batcher state (the partial batch) or the model weights, and none after it
+is. A checkpoint is only taken between records, after everything polled so far has been processed, so the
+three always agree. On start the daemon restores the newest checkpoint that verifies and seeks every assigned
+partition to its position (partitions it has no position for: the beginning), so events consumed after that
+checkpoint are replayed and trained once. Offsets committed to Kafka are never read back: they only feed lag
+dashboards. The daemon assumes it is the only member of its consumer group (one model, one trainer); a
+revoked partition's pending impressions stay in the join and are trained as usual.
+
+Trained-sample ledger (``--ledger DIR``, for audits and tests): see ``consumers.ledger``; segments are written
+just before the checkpoint of the same step, and segments newer than the restored checkpoint are deleted on
+start, so the ledger lists exactly the samples inside the restored model.
+
+Dead-letter topic
+-----------------
+Every message (or inner event of a batch envelope) that fails ``streamer.events.decode_events`` is produced to
+``kafka.dead_letter_topic`` with the same key as the source message and:
+
+* value: the raw bytes of the source message when the message is bad as a whole (``not_msgpack``,
+  ``too_large``, a malformed envelope, ...), or the bad inner event re-packed with msgpack when only one event
+  of a batch envelope is bad (so the good events of the envelope are not dead-lettered twice);
+* headers (UTF-8 values): ``dl.reason`` (the reason code of ``EventError``, e.g. ``missing_field``),
+  ``dl.error`` (the human sentence), ``dl.field`` (dotted field path or empty), ``dl.source.topic``,
+  ``dl.source.partition``, ``dl.source.offset`` (decimal), ``dl.index`` (position inside the envelope, or
+  empty for a whole message).
+
+Dead letters are flushed before every checkpoint, so none is lost; after a crash, the replayed range may
+dead-letter some messages again (at-least-once; (source topic, partition, offset, index) identifies them).
+
+Finite streams: ``--exit-when-idle SECONDS`` ends the daemon once no event arrived for that long *and* every
+assigned partition is at its end offset: the join and the batcher are flushed (every pending impression is
+trained with the labels it has), a final checkpoint is written and published, and the process exits 0.
+SIGTERM / SIGINT end it the same way without the flush (pending impressions stay in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from consumers.config import Config
+
+log = logging.getLogger("crossdistil.trainer")
+
+_TENSOR_REF = "__tensor__"
+STATE_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``crossdistil train``."""
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration (see deploy/trainer.example.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one configuration value (repeatable), e.g. --set batching.batch_size=512")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print the effective one as TOML and exit")
+    parser.add_argument("--device", help="torch device, overrides model.device (auto, cpu, cuda, cuda:1)")
+    parser.add_argument("--exit-when-idle", type=float, metavar="SECONDS", default=None,
+                        help="finite streams: when no event arrived for SECONDS and every partition is at its end "
+                             "offset, flush the join and the batcher, checkpoint, publish and exit 0")
+    parser.add_argument("--ledger", metavar="DIR", default=None,
+                        help="write a trained-sample ledger (impression ids, labels, predictions) next to the "
+                             "checkpoints, made durable with them (audits, exactly-once tests)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``crossdistil train``; returns the exit status."""
+    from consumers.config import ConfigError, load_config, to_toml
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config(args.config, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"crossdistil train: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.device:
+        cfg.model.device = args.device
+    if args.check_config:
+        try:
+            model_config(cfg)
+        except (TypeError, ValueError) as exc:
+            print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
+            return 2
+        print(to_toml(cfg))
+        return 0
+    trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger)
+    return trainer.run()
+
+
+# ------------------------------------------------------------------------------------ configuration glue
+
+
+def model_config(cfg: Config):
+    """The ``models.config.ModelConfig`` described by the ``[model]`` section."""
+    from models.config import ModelConfig
+
+    options = dict(cfg.model.options)
+    options.setdefault("seed", cfg.model.seed)
+    return ModelConfig(tasks=tuple(cfg.model.tasks), **options)
+
+
+def join_config(cfg: Config):
+    """The ``consumers.join.JoinConfig`` of the live daemon.
+
+    ``wait_for_all_partitions``: a partition the consumer has not fetched yet holds the watermark back, or the
+    first partition fetched would race ahead in event time and make every other partition's feedback late.
+    """
+    from consumers.join import JoinConfig
+
+    windows = {task: float(cfg.join.attribution_window_s.get(task, cfg.join.default_window_s)) for task in cfg.model.tasks}
+    return JoinConfig(
+        attribution_window_s=windows,
+        allowed_lateness_s=cfg.join.allowed_lateness_s,
+        max_pending=cfg.join.max_pending,
+        idle_timeout_s=cfg.join.idle_timeout_s or None,
+        wait_for_all_partitions=True,
+    )
+
+
+# ------------------------------------------------------------------------ learner state <-> checkpoint files
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts, lists, tensors, plain values) into flat tensors and a plain skeleton.
+
+    Each tensor is replaced in the skeleton by ``{"__tensor__": name}``; ``unflatten_state`` reverses it.
+    Needed because checkpoint files hold tensors as safetensors and everything else as msgpack.
+    """
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value
+            return {_TENSOR_REF: path}
+        if isinstance(value, Mapping):
+            return {k: walk(v, f"{path}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(state, prefix)
+
+
+def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of ``flatten_state``."""
+    if isinstance(skeleton, Mapping):
+        if set(skeleton) == {_TENSOR_REF}:
+            return tensors[skeleton[_TENSOR_REF]]
+        return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def rebase_join_clock(join_state: dict[str, Any], now: float) -> dict[str, Any]:
+    """A restored join state whose wall-clock fields are reset to ``now`` (another process, another clock).
+
+    Without it every partition would look idle right after a restart (its last activity is as old as the
+    downtime) and the watermark could skip ahead of partitions that simply have not been fetched yet.
+    """
+    state = dict(join_state)
+    state["now"] = now
+    state["sources"] = [[source, max_ts, now, False] for source, max_ts, _last, _idle in state["sources"]]
+    return state
+
+
+def dead_letter_headers(error: Any, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """The headers of one dead letter (documented in the module docstring)."""
+    return [
+        ("dl.reason", str(error.reason or "invalid").encode()),
+        ("dl.error", str(error).encode("utf-8", "replace")[:4096]),
+        ("dl.field", (error.field or "").encode("utf-8", "replace")),
+        ("dl.source.topic", topic.encode()),
+        ("dl.source.partition", str(partition).encode()),
+        ("dl.source.offset", str(offset).encode()),
+        ("dl.index", b"" if error.index is None else str(error.index).encode()),
+    ]
+
+
+def _client_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The passthrough options a kafka-python client class accepts (it refuses unknown ones)."""
+    return {k: v for k, v in options.items() if k in defaults}
+
+
+# ------------------------------------------------------------------------------------------------ daemon
+
+
+class Trainer:
+    """The daemon: owns the consumer, producer, join, batcher, learner, checkpoint store, ledger and metrics."""
+
+    def __init__(self, cfg: Config, exit_when_idle_s: float | None = None, ledger_dir: str | None = None) -> None:
+        from consumers.batching import MiniBatcher
+        from consumers.checkpoints import CheckpointStore
+        from consumers.join import AttributionJoin
+        from consumers.ledger import Ledger
+        from consumers.wire import stable_hash
+        from models.learner import Learner
+
+        self.cfg = cfg
+        self.tasks = tuple(cfg.model.tasks)
+        self.exit_when_idle_s = exit_when_idle_s
+        self.learner = Learner(model_config(cfg), device=cfg.model.device)
+        self.join = AttributionJoin(join_config(cfg))
+        self.batcher: MiniBatcher = MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s)
+        self.store = CheckpointStore(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
+        self.ledger = Ledger(ledger_dir, self.tasks) if ledger_dir else None
+        self.config_hash = stable_hash(cfg.to_dict())
+        self.positions: dict[tuple[str, int], int] = {}  # next offset to process, per (topic, partition)
+        self.version = 0  # last publication version (kept in checkpoints so it grows across restarts)
+        self.published_chunks = 0
+        self.last_checkpoint_step = -1
+        self.last_checkpoint_positions: dict[tuple[str, int], int] = {}
+        self.last_checkpoint_at = time.monotonic()
+        self.last_published_step = -1
+        self.last_event_at = time.monotonic()
+        self.last_poll_ok_at = time.monotonic()
+        self.stop_requested = False
+        self.trained_samples = 0
+        self.dead_letters = 0
+        self.consumer = None
+        self.producer = None
+        self.metrics = None
+        self._pending_dead_letters: list[Any] = []  # futures of dead letters not yet flushed
+
+    # --------------------------------------------------------------------------------------- restore
+
+    def restore(self) -> int | None:
+        """Load the newest verified checkpoint into the learner, join, batcher and positions; its step or None."""
+        from consumers.checkpoints import positions_from_plain
+        from consumers.join import JoinedSample
+
+        checkpoint = self.store.latest()
+        if checkpoint is None:
+            if self.ledger is not None:
+                self.ledger.discard_after(None)
+            log.info("no checkpoint in %s: starting from scratch, every partition from its beginning", self.store.directory)
+            return None
+        meta = checkpoint.metadata
+        if meta.get("trainer_format") != STATE_FORMAT:
+            raise RuntimeError(f"{checkpoint.path} was not written by this trainer (trainer_format "
+                               f"{meta.get('trainer_format')!r}); point checkpoint.dir at an empty directory")
+        self.learner.load_state_dict(unflatten_state(meta["learner"], checkpoint.tensors))
+        now = time.monotonic()
+        self.join.load_state_dict(rebase_join_clock(meta["join_state"], now))
+        batcher_state = dict(meta["batcher_state"])
+        batcher_state["oldest_at"] = now  # the saved clock belongs to the dead process: restart the wait
+        self.batcher.load_state_dict(batcher_state, JoinedSample.from_plain)
+        self.positions = positions_from_plain(meta["positions"])
+        self.version = int(meta["publish_version"])
+        self.published_chunks = int(meta["published_chunks"])
+        self.trained_samples = int(meta.get("trained_samples", 0))
+        self.last_checkpoint_step = checkpoint.step
+        self.last_checkpoint_positions = dict(self.positions)
+        self.last_published_step = checkpoint.step if meta.get("published") else -1
+        if self.ledger is not None:
+            dropped = self.ledger.discard_after(checkpoint.step)
+            if dropped:
+                log.info("ledger: discarded segments %s newer than the restored checkpoint", dropped)
+        log.info("restored %s: step %d, %d pending impressions, %d waiting samples, positions %s",
+                 checkpoint.path, checkpoint.step, self.join.pending_impressions, self.batcher.waiting,
+                 meta["positions"])
+        return checkpoint.step
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def run(self) -> int:
+        """Restore, connect, and train until stopped (SIGTERM/SIGINT) or idle at the end (``exit_when_idle_s``)."""
+        from kafka import KafkaConsumer, KafkaProducer
+        from prometheus_client import CollectorRegistry
+
+        from consumers.metrics import TrainerMetrics, serve_http
+
+        self.restore()
+        registry = CollectorRegistry()
+        self.metrics = TrainerMetrics(self.tasks, windows=tuple(self.cfg.metrics.windows), registry=registry)
+        http = None
+        if self.cfg.metrics.port:
+            http = serve_http(self.cfg.metrics.bind, self.cfg.metrics.port, registry, self.health)
+            print(f"crossdistil train: metrics at {http.url}/metrics, health at {http.url}/healthz", flush=True)
+        else:
+            print("crossdistil train: metrics and health endpoints are off (metrics.port = 0)", flush=True)
+
+        k = self.cfg.kafka
+        options = dict(k.client_options)
+        # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
+        options.setdefault("reconnect_backoff_max_ms", 2000)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=k.max_poll_records,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            **_client_options(options, KafkaConsumer.DEFAULT_CONFIG),
+        )
+        self.producer = KafkaProducer(
+            bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+            max_request_size=16 * 1024 * 1024,
+            **_client_options(options, KafkaProducer.DEFAULT_CONFIG),
+        )
+        self.consumer.subscribe([k.impressions_topic, k.feedback_topic], listener=_rebalance_listener(self))
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        print(f"crossdistil train: consuming {k.impressions_topic}, {k.feedback_topic} from {k.bootstrap} "
+              f"as group {k.group_id}; checkpoints in {self.store.directory}", flush=True)
+        try:
+            self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            try:
+                self.consumer.close(autocommit=False)
+            except Exception as exc:  # closing must not hide how the loop ended
+                log.warning("closing the consumer: %s", exc)
+            try:
+                self.producer.close(timeout=10)
+            except Exception as exc:
+                log.warning("closing the producer: %s", exc)
+            if http is not None:
+                http.close()
+        print(f"crossdistil train: stopped at step {self.learner.steps}; {self.trained_samples} samples trained, "
+              f"{self.dead_letters} dead letters, publication version {self.version}", flush=True)
+        return 0
+
+    def _loop(self) -> None:
+        """The poll loop: process every polled record, train ready batches, checkpoint when due."""
+        k = self.cfg.kafka
+        while not self.stop_requested:
+            started = time.monotonic()
+            polled = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=k.max_poll_records)
+            now = time.monotonic()
+            self.last_poll_ok_at = now
+            for tp, records in polled.items():
+                for record in records:
+                    self._process_record(tp.topic, tp.partition, record, now)
+                self.metrics.events_consumed(tp.topic, len(records))
+            if polled:
+                self.last_event_at = now
+            elif self._caught_up():
+                # Idleness is only decided while every partition is read to its (last known) end, so a partition
+                # that is merely behind in fetching never stops holding the watermark back.
+                self.join.tick(now)
+            self._train_ready(now)
+            self._after_poll_metrics()
+            if self._checkpoint_due(now):
+                self.checkpoint("periodic")
+            if self._idle_at_end(now):
+                log.info("no event for %.1f s and at the end of every partition: flushing and exiting",
+                         self.exit_when_idle_s)
+                self._train_samples(self.join.flush(), now)
+                for batch in self.batcher.flush():
+                    self._train_batch(batch)
+                self.checkpoint("end of stream")
+                return
+            if not polled and time.monotonic() - started < k.poll_timeout_ms / 4000:
+                # kafka-python returns at once while it has no connection; do not spin on it.
+                time.sleep(k.poll_timeout_ms / 1000)
+        self.checkpoint("shutdown")
+
+    def _process_record(self, topic: str, partition: int, record: Any, now: float) -> None:
+        from streamer.events import EventError
+
+        source = (topic, partition)
+        for event in decode_events_safe(record.value):
+            if isinstance(event, EventError):
+                self._dead_letter(event, record, topic, partition)
+            elif "task" in event:
+                self.join.add_feedback(event, source, now)
+            else:
+                self.join.add_impression(event, source, now)
+        self.positions[source] = record.offset + 1
+
+    def _dead_letter(self, error: Any, record: Any, topic: str, partition: int) -> None:
+        import msgpack
+
+        value = record.value if isinstance(record.value, bytes) else b""
+        if error.index is not None and error.event is not None:
+            try:
+                value = msgpack.packb(error.event, use_bin_type=True)
+            except (TypeError, ValueError, OverflowError):
+                pass  # keep the whole message: the bad event cannot be re-packed on its own
+        future = self.producer.send(self.cfg.kafka.dead_letter_topic, key=record.key, value=value,
+                                    headers=dead_letter_headers(error, topic, partition, record.offset))
+        self._pending_dead_letters.append(future)
+        self.dead_letters += 1
+        self.metrics.dead_letter(str(error.reason or "invalid"))
+
+    def _train_ready(self, now: float) -> None:
+        self._train_samples(self.join.emit(), now)
+        for batch in self.batcher.poll(now):
+            self._train_batch(batch)
+
+    def _train_samples(self, samples: list, now: float) -> None:
+        if samples:
+            self.metrics.samples_emitted(len(samples))
+        for batch in self.batcher.add_many(samples, now):
+            self._train_batch(batch)
+
+    def _train_batch(self, samples: list) -> None:
+        """Score first, then one teacher-student step; predictions feed the metrics and the ledger."""
+        import numpy as np
+
+        from models.features import encode_rows
+
+        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
+                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
+        started = time.perf_counter()
+        batch = encode_rows(rows, self.learner.config.features, self.tasks)
+        _losses, predictions = self.learner.step(batch)
+        seconds = time.perf_counter() - started
+        labels = {task: batch.labels[:, k].numpy().astype(np.int8) for k, task in enumerate(self.tasks)}
+        scores = {task: predictions[task].numpy() for task in self.tasks}
+        users = np.array([r["user_id"] for r in rows], dtype=object)
+        self.metrics.batch_trained(len(samples), seconds)
+        self.metrics.observe(labels, scores, role="student", users=users)
+        if self.ledger is not None:
+            self.ledger.add([s.impression["impression_id"] for s in samples], labels, scores)
+        self.trained_samples += len(samples)
+
+    def _after_poll_metrics(self) -> None:
+        self.metrics.join_counters(self.join.counters)
+        self.metrics.watermark(self.join.watermark_ms)
+
+    # ------------------------------------------------------------------------------ end-of-stream logic
+
+    def _caught_up(self) -> bool:
+        """Every assigned partition is at its last known high watermark (no network call)."""
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return False
+        for tp in assigned:
+            high = self.consumer.highwater(tp)
+            if high is None or self.positions.get((tp.topic, tp.partition), 0) < high:
+                return False
+        return True
+
+    def _idle_at_end(self, now: float) -> bool:
+        if self.exit_when_idle_s is None or now - self.last_event_at < self.exit_when_idle_s:
+            return False
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return False
+        try:
+            end = self.consumer.end_offsets(list(assigned), timeout_ms=5000)
+        except Exception as exc:  # broker away: certainly not "finished"
+            log.info("end offsets unavailable (%s); not treating the stream as finished", exc)
+            return False
+        return all(self.positions.get((tp.topic, tp.partition), 0) >= end[tp] for tp in assigned)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def _checkpoint_due(self, now: float) -> bool:
+        c = self.cfg.checkpoint
+        steps = self.learner.steps - max(self.last_checkpoint_step, 0)
+        if c.every_steps and steps >= c.every_steps:
+            return True
+        return bool(c.every_s) and now - self.last_checkpoint_at >= c.every_s
+
+    def checkpoint(self, reason: str) -> bool:
+        """Write a checkpoint of the current state, then commit offsets and publish; False if it was skipped.
+
+        Called only between records (never in the middle of one), so positions match the saved state.
+        """
+        from consumers.checkpoints import positions_to_plain
+        from consumers.join import JoinedSample
+        from consumers.wire import encode_checkpoint
+
+        now = time.monotonic()
+        step = self.learner.steps
+        if step == self.last_checkpoint_step and self.positions == self.last_checkpoint_positions:
+            self.last_checkpoint_at = now
+            return False  # nothing changed since the last one
+        if not self._flush_dead_letters():
+            log.warning("checkpoint (%s) skipped: dead letters not yet acknowledged by Kafka", reason)
+            return False
+        started = time.perf_counter()
+        publish = self.cfg.publish.enabled and step != self.last_published_step
+        messages = []
+        version = self.version
+        if publish:
+            version += 1
+            tensors, serving_meta = self.learner.serving_state()
+            manifest_meta = {
+                "step": step,
+                "watermark_ms": self.join.watermark_ms,
+                "offsets": positions_to_plain(self.positions),
+                "metrics": _plain(self.metrics.snapshot()),
+                "config_hash": self.config_hash,
+                "tasks": list(self.tasks),
+                "serving": dict(serving_meta),
+                "published_at_ms": int(time.time() * 1000),
+            }
+            messages = encode_checkpoint(tensors, manifest_meta, version=version,
+                                         chunk_size=self.cfg.publish.chunk_bytes,
+                                         previous_chunk_count=self.published_chunks,
+                                         max_message_bytes=max(1_000_000, self.cfg.publish.chunk_bytes + 64 * 1024))
+        chunks = sum(1 for key, value in messages if value is not None and key.startswith(b"chunk/"))
+        learner_tensors, learner_plain = flatten_state(self.learner.state_dict(), "learner")
+        metadata = {
+            "trainer_format": STATE_FORMAT,
+            "learner": learner_plain,
+            "positions": positions_to_plain(self.positions),
+            "join_state": self.join.state_dict(),
+            "batcher_state": self.batcher.state_dict(JoinedSample.to_plain),
+            "watermark_ms": self.join.watermark_ms,
+            "config_hash": self.config_hash,
+            "publish_version": version,
+            "published_chunks": chunks if publish else self.published_chunks,
+            "published": publish or step == self.last_published_step,
+            "trained_samples": self.trained_samples,
+            "dead_letters": self.dead_letters,
+        }
+        if self.ledger is not None:
+            self.ledger.commit(step)  # before the checkpoint: a segment without its checkpoint is discarded on start
+        path = self.store.write(step, learner_tensors, metadata)
+        seconds = time.perf_counter() - started
+        self.metrics.checkpoint_written(seconds)
+        self.last_checkpoint_step = step
+        self.last_checkpoint_positions = dict(self.positions)
+        self.last_checkpoint_at = time.monotonic()
+        log.info("checkpoint (%s) step %d -> %s in %.2f s", reason, step, path.name, seconds)
+        self._commit_offsets()
+        if publish:
+            self.version = version
+            self.published_chunks = chunks
+            self.last_published_step = step
+            self._publish(messages, version)
+        return True
+
+    def _flush_dead_letters(self, timeout_s: float = 30.0) -> bool:
+        if not self._pending_dead_letters:
+            return True
+        self.producer.flush(timeout=timeout_s)
+        failed = [f for f in self._pending_dead_letters if not f.is_done or f.failed()]
+        if failed:
+            return False
+        self._pending_dead_letters = []
+        return True
+
+    def _commit_offsets(self) -> None:
+        from kafka import OffsetAndMetadata, TopicPartition
+
+        assigned = self.consumer.assignment()
+        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in self.positions.items()
+                   if TopicPartition(t, p) in assigned}
+        lag = {}
+        for tp in assigned:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                lag[(tp.topic, tp.partition)] = max(0, high - self.positions.get((tp.topic, tp.partition), 0))
+        self.metrics.consumer_lag(lag)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except Exception as exc:  # only for lag dashboards: the checkpoint already holds the truth
+            log.warning("committing offsets to Kafka failed (lag metrics only, training unaffected): %s", exc)
+
+    def _publish(self, messages: list, version: int, timeout_s: float = 60.0) -> None:
+        started = time.perf_counter()
+        topic = self.cfg.kafka.model_topic
+        futures = [self.producer.send(topic, key=key, value=value, partition=0) for key, value in messages]
+        self.producer.flush(timeout=timeout_s)
+        failed = [f for f in futures if not f.is_done or f.failed()]
+        if failed:
+            log.warning("publication of version %d incomplete (%d of %d messages not acknowledged); "
+                        "the next checkpoint publishes a newer version", version, len(failed), len(futures))
+            return
+        seconds = time.perf_counter() - started
+        self.metrics.published(version, seconds, time.time())
+        self.metrics.mark_published_reference()
+        log.info("published version %d (%d messages) to %s in %.2f s", version, len(messages), topic, seconds)
+
+    # ---------------------------------------------------------------------------------- rebalance, health
+
+    def on_assigned(self, partitions: list) -> None:
+        """Seek every newly assigned partition to its checkpointed position (else its beginning)."""
+        now = time.monotonic()
+        for tp in partitions:
+            position = self.positions.get((tp.topic, tp.partition))
+            if position is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, position)
+        self.join.assign([(tp.topic, tp.partition) for tp in self.consumer.assignment()], now)
+        log.info("assigned %s", sorted(f"{tp.topic}-{tp.partition}" for tp in partitions))
+
+    def on_revoked(self, partitions: list) -> None:
+        """Checkpoint before partitions go away, so their positions match the state that has their events."""
+        if partitions and self.metrics is not None:
+            self.checkpoint("rebalance")
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, reason) for /healthz: the poll loop is alive."""
+        stalled = time.monotonic() - self.last_poll_ok_at
+        limit = max(60.0, self.cfg.kafka.max_poll_interval_ms / 1000)
+        if stalled > limit:
+            return False, f"poll loop stalled for {stalled:.0f} s"
+        return True, f"step {self.learner.steps}, {self.trained_samples} samples trained"
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the current batch, then checkpoint and exit", signum)
+        self.stop_requested = True
+
+
+def _rebalance_listener(trainer: Trainer):
+    """A kafka-python rebalance listener that hands over to the trainer (called inside ``poll``, between records)."""
+    from kafka import ConsumerRebalanceListener
+
+    class Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: list) -> None:
+            trainer.on_revoked(list(revoked))
+
+        def on_partitions_assigned(self, assigned: list) -> None:
+            trainer.on_assigned(list(assigned))
+
+    return Listener()
+
+
+def decode_events_safe(value: Any) -> list:
+    """``streamer.events.decode_events``; a tombstone (value None) is a bad message like any other."""
+    from streamer.events import decode_events
+
+    return decode_events(value if value is not None else b"")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples into plain msgpack values (metrics snapshots)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience for `python -m consumers.trainer`
+    parser = argparse.ArgumentParser(prog="crossdistil train")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The trainer's glue that needs no broker: learner state through a checkpoint file, join clock rebase, ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from consumers.checkpoints import CheckpointStore
+from consumers.config import load_config
+from consumers.join import AttributionJoin
+from consumers.ledger import Ledger, read_ledger
+from consumers.trainer import flatten_state, join_config, model_config, rebase_join_clock, unflatten_state
+from models.features import encode_rows
+from models.learner import Learner
+
+pytestmark = pytest.mark.unit
+
+SMALL = ["model.options={hidden_dims = [8], tower_dims = [4], embedding_dim = 4, "
+         "features = {categorical = ['user_id', 'item_id'], hash_buckets = 1024}}"]
+
+
+def rows(n: int, offset: int = 0) -> list[dict]:
+    return [{"user_id": f"u{i % 5}", "item_id": f"i{i + offset}", "features": {},
+             "labels": {"click": i % 2, "long_view": (i // 2) % 2}} for i in range(n)]
+
+
+def test_learner_state_survives_a_checkpoint_file_exactly(tmp_path: Path) -> None:
+    cfg = load_config(None, env={}, overrides=SMALL)
+    learner = Learner(model_config(cfg))
+    spec, tasks = learner.config.features, learner.config.tasks
+    for k in range(3):
+        learner.step(encode_rows(rows(16, 100 * k), spec, tasks))
+    tensors, skeleton = flatten_state(learner.state_dict(), "learner")
+    store = CheckpointStore(tmp_path, keep_last=2)
+    store.write(learner.steps, tensors, {"learner": skeleton})
+    loaded = store.latest()
+    restored = Learner(model_config(cfg))
+    restored.load_state_dict(unflatten_state(loaded.metadata["learner"], loaded.tensors))
+    probe = encode_rows(rows(16, 1000), spec, tasks)
+    losses_a, predictions_a = learner.step(probe)
+    losses_b, predictions_b = restored.step(probe)
+    assert losses_a == losses_b
+    for task in tasks:
+        assert torch.equal(predictions_a[task], predictions_b[task])
+
+
+def test_rebased_join_state_does_not_mark_partitions_idle_after_a_long_downtime() -> None:
+    cfg = load_config(None, env={}, overrides=["join.idle_timeout_s=10", "join.attribution_window_s={click=1, long_view=1}"])
+    join = AttributionJoin(join_config(cfg))
+    sources = [("impressions", 0), ("impressions", 1)]
+    join.assign(sources, now=0.0)
+    join.add_impression({"impression_id": "a", "ts_ms": 1_000, "user_id": "u", "item_id": "i", "features": {}},
+                        sources[0], now=1.0)
+    join.add_impression({"impression_id": "b", "ts_ms": 1_000, "user_id": "u", "item_id": "i", "features": {}},
+                        sources[1], now=1.0)
+    state = join.state_dict()
+    restarted = AttributionJoin(join_config(cfg))
+    restarted.load_state_dict(rebase_join_clock(state, now=1_000.0))  # the process was down for 999 s
+    restarted.tick(1_001.0)
+    restarted.add_impression({"impression_id": "c", "ts_ms": 100_000, "user_id": "u", "item_id": "i",
+                              "features": {}}, sources[0], now=1_001.0)
+    assert restarted.watermark_ms == 1_000  # partition 1 still holds it back
+    assert restarted.emit() == []
+
+
+def test_ledger_keeps_only_segments_up_to_the_restored_checkpoint(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, ("click",))
+    ledger.add(["a", "b"], {"click": [1, 0]}, {"click": [0.9, 0.1]})
+    ledger.commit(2)
+    ledger.add(["c"], {"click": [1]}, {"click": [0.5]})
+    ledger.commit(3)  # its checkpoint never landed
+    ledger.add(["d"], {"click": [0]}, {"click": [0.5]})  # never committed
+    assert Ledger(tmp_path, ("click",)).discard_after(2) == [3]
+    assert [(r["impression_id"], r["label/click"]) for r in read_ledger(tmp_path)] == [("a", 1), ("b", 0)]
+
+
+def test_model_section_builds_the_model_config() -> None:
+    cfg = load_config(None, env={}, overrides=SMALL + ["model.seed=7"])
+    model = model_config(cfg)
+    assert model.tasks == ("click", "long_view") and model.seed == 7 and model.features.hash_buckets == 1024
