@@ -117,7 +117,8 @@ class TrainerMetrics:
     """The trainer's metrics: prequential quality per task and role, drift detectors, pipeline counters.
 
     ``windows`` are the sample windows of the windowed metrics. ``baseline_window`` (default ten times the
-    largest window) is the slow window that AUC drift is also measured against. ``drift_chunk`` averages that
+    largest window) is the slow window that AUC drift is also measured against; its values are recomputed once
+1 % of it is new (they lag by at most that much). ``drift_chunk`` averages that
     many consecutive per-sample losses before the drift detectors see them (cost; see consumers.drift).
     ``clock`` gives wall time in seconds (event-time lag, detection and checkpoint timestamps); a backtest can
     pass its own. Thread-safe: the trainer updates while the HTTP thread scrapes.
@@ -286,7 +287,10 @@ class TrainerMetrics:
             with self._lock:
                 quality = self._quality.get(key)
                 if quality is None:
-                    quality = self._quality[key] = StreamQuality(self.windows + (self.baseline_window,))
+                    quality = self._quality[key] = StreamQuality(
+                        self.windows + (self.baseline_window,),
+                        refresh_every={self.baseline_window: self.baseline_window // 100},
+                    )
                 quality.update(y, p, users)
             self.quality_samples_total.labels(task, role).inc(len(y))
             if role == self.drift_role and task in self._detectors:
@@ -307,24 +311,31 @@ class TrainerMetrics:
                     self._published_reference[(task, role, str(window))] = quality.auc(window)
 
     def _quality_state(self):
-        """Summaries, AUC drift and references, computed under the lock (the trainer may be updating)."""
+        """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens
+        outside it, so a scrape blocks the trainer only for the copies."""
+        with self._lock:
+            copies = {key: quality.copy() for key, quality in self._quality.items()}
+            published_reference = dict(self._published_reference)
         summaries: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
         drift: dict[tuple[str, str, str, str], float] = {}
         references: dict[tuple[str, str, str, str], float] = {}
+        for (task, role), quality in copies.items():
+            # GAUC over the baseline window costs more than it tells.
+            summary = quality.summary(gauc_windows=self.windows)
+            summaries[(task, role)] = summary
+            baseline = summary["auc"][str(self.baseline_window)]
+            for window in self.windows:
+                w = str(window)
+                current = summary["auc"][w]
+                references[(task, role, w, "baseline")] = baseline
+                drift[(task, role, w, "baseline")] = current - baseline
+                if (task, role, w) in published_reference:
+                    published = published_reference[(task, role, w)]
+                    references[(task, role, w, "published")] = published
+                    drift[(task, role, w, "published")] = current - published
         with self._lock:
-            for (task, role), quality in self._quality.items():
-                summary = quality.summary()
-                summaries[(task, role)] = summary
-                baseline = summary["auc"][str(self.baseline_window)]
-                for window in self.windows:
-                    w = str(window)
-                    current = summary["auc"][w]
-                    references[(task, role, w, "baseline")] = baseline
-                    drift[(task, role, w, "baseline")] = current - baseline
-                    if (task, role, w) in self._published_reference:
-                        published = self._published_reference[(task, role, w)]
-                        references[(task, role, w, "published")] = published
-                        drift[(task, role, w, "published")] = current - published
+            for key, quality in copies.items():
+                self._quality[key].adopt_cache(quality)
         return summaries, drift, references
 
     def snapshot(self) -> dict[str, Any]:
