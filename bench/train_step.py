@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table-log2", default="16,19,22", help="embedding table sizes as powers of two")
     parser.add_argument("--default-log2", type=int, default=20, help="table size for the throughput runs")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3 = one pass over the batches)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the table-size sweep")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     # One thread by default on CPU: on a shared 2-core machine two OpenMP threads per process oversubscribe
     # the cores and a step gets ~10x slower and noisy (measured: 24 ms vs 241 ms at batch 256).
@@ -172,16 +173,31 @@ def main(argv: list[str] | None = None) -> int:
         entry["sparse_speedup"] = entry["sparse_samples_per_s"] / entry["dense_samples_per_s"]
         result["throughput"].append(entry)
 
+    # Table sizes: the sparse learners are measured in interleaved rounds, each after one untimed pass that
+    # touches all its rows, so machine-load drift (a shared CPU) hits every size alike rather than one of them.
     size = 1024 if 1024 in batch_sizes else batch_sizes[0]
-    sweep = {"batch": size, "sparse_step_ms": {}, "dense_step_ms": {}}
-    for log2 in [int(v) for v in args.table_log2.split(",")]:
+    sweep: dict = {"batch": size, "rounds": args.rounds, "sparse_step_ms": {}, "sparse_embedding_ms": {},
+                   "dense_step_ms": {}}
+    sizes = [int(v) for v in args.table_log2.split(",")]
+    sparse_runs = {}
+    for log2 in sizes:
         batches = batches_of(size, 2**log2)
-        for sparse in (True, False):
-            learner = Learner(config(2**log2, sparse, args.bf16), device=device)
-            steps = args.steps if sparse else max(2, args.steps // 2)  # dense at 2^22 is the slow, known-bad case
-            sweep["sparse_step_ms" if sparse else "dense_step_ms"][f"2^{log2}"] = 1e3 * time_steps(
-                learner, batches, 1, steps)
-            del learner
+        learner = Learner(config(2**log2, True, args.bf16), device=device)
+        time_steps(learner, batches, len(batches), 1)
+        sparse_runs[log2] = (learner, batches, [], [])
+    for _ in range(args.rounds):
+        for log2, (learner, batches, times, embedding) in sparse_runs.items():
+            times.append(time_steps(learner, batches, 0, args.steps))
+            embedding.append(breakdown(learner, batches, 2)["embedding_ms"])
+    for log2, (_, _, times, embedding) in sparse_runs.items():
+        sweep["sparse_step_ms"][f"2^{log2}"] = 1e3 * statistics.median(times)
+        sweep["sparse_embedding_ms"][f"2^{log2}"] = statistics.median(embedding)
+    del sparse_runs
+    for log2 in sizes:  # dense Adam: the O(table) contrast, fewer steps (2^22 takes seconds per step)
+        batches = batches_of(size, 2**log2)
+        learner = Learner(config(2**log2, False, args.bf16), device=device)
+        sweep["dense_step_ms"][f"2^{log2}"] = 1e3 * time_steps(learner, batches, 1, max(2, args.steps // 2))
+        del learner
     for key in ("sparse", "dense"):
         values = list(sweep[f"{key}_step_ms"].values())
         sweep[f"{key}_change_max_over_min"] = max(values) / min(values) - 1.0

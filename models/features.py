@@ -83,7 +83,7 @@ class Batch:
         )
 
 
-@lru_cache(maxsize=2**20)
+@lru_cache(maxsize=2**16, typed=True)  # typed: 5, 5.0 and True are equal dict keys but hash differently here
 def hash_bucket(field_name: str, value: object, buckets: int) -> int:
     """Row of ``field_name=value`` in a table of ``buckets`` rows: blake2b, stable across processes.
 
@@ -98,18 +98,40 @@ def hash_bucket(field_name: str, value: object, buckets: int) -> int:
     return int.from_bytes(digest, "little") % buckets
 
 
-def _get(row: Any, name: str, default: Any = None) -> Any:
-    # Rows are mappings (the trainer's join) or objects with attributes (streamer.datasets Interaction).
-    if isinstance(row, Mapping):
-        return row.get(name, default)
-    return getattr(row, name, default)
+# Per (field, buckets): str(value) -> row. Ids repeat heavily in a stream, so most lookups skip blake2b.
+_ROW_CACHES: dict[tuple[str, int], dict[str, int]] = {}
+_ROW_CACHE_LIMIT = 2**20  # entries per field; cleared (not evicted one by one) when full
+
+
+def hash_column(field_name: str, values: Iterable[Any], buckets: int) -> list[int]:
+    """``hash_bucket`` over many values of one field, memoised."""
+    cache = _ROW_CACHES.setdefault((field_name, buckets), {})
+    if len(cache) > _ROW_CACHE_LIMIT:
+        cache.clear()
+    keys = [v if type(v) is str else str(v) for v in values]
+    try:
+        return [cache[k] for k in keys]
+    except KeyError:
+        for k in keys:
+            if k not in cache:
+                cache[k] = hash_bucket(field_name, k, buckets)
+        return [cache[k] for k in keys]
+
+
+def _column(rows: Sequence[Any], name: str, default: Any) -> list[Any]:
+    # Rows are mappings (the trainer's join) or objects with attributes (streamer.datasets Interaction);
+    # a batch is one or the other, so the type is checked once.
+    if not rows or isinstance(rows[0], Mapping):
+        return [r.get(name, default) for r in rows]
+    return [getattr(r, name, default) for r in rows]
 
 
 def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) -> Batch:
     """Encode rows ``{"user_id", "item_id", "features": {...}, "labels": {task: 0|1}}`` into a ``Batch``.
 
-    Missing categorical values hash as the empty string of their field (one "missing" row per field);
-    missing numeric values and missing labels are 0.
+    Rows may also be objects with those attributes (``streamer.datasets.base.Interaction``). Missing
+    categorical values hash as the empty string of their field (one "missing" row per field); missing
+    numeric values and missing labels are 0.
 
     >>> b = encode_rows([{"user_id": "u1", "item_id": "i9", "features": {}, "labels": {"like": 1}}],
     ...                 FeatureSpec(), ("like", "finish"))
@@ -118,15 +140,18 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
     """
     n = len(rows)
     buckets = spec.hash_buckets
-    feature_maps = [_get(r, "features") or {} for r in rows]
+    feature_maps = [f or {} for f in _column(rows, "features", None)]
+    user_ids = _column(rows, "user_id", "")
 
     categorical = np.empty((n, len(spec.categorical)), dtype=np.int64)
     for c, name in enumerate(spec.categorical):
-        if name in TOP_LEVEL_FIELDS:
-            values: Iterable[Any] = (_get(r, name, "") for r in rows)
+        if name == "user_id":
+            values: list[Any] = user_ids
+        elif name in TOP_LEVEL_FIELDS:
+            values = _column(rows, name, "")
         else:
-            values = (f.get(name, "") for f in feature_maps)
-        categorical[:, c] = [hash_bucket(name, v, buckets) for v in values]
+            values = [f.get(name, "") for f in feature_maps]
+        categorical[:, c] = hash_column(name, values, buckets)
 
     numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
     for c, name in enumerate(spec.numeric):
@@ -136,14 +161,12 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
             raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
     numeric = np.sign(numeric) * np.log1p(np.abs(numeric))  # heavy tails (watch time, counts) -> O(10)
 
+    label_maps = [m or {} for m in _column(rows, "labels", None)]
     labels = np.zeros((n, len(tasks)), dtype=np.float32)
-    for i, r in enumerate(rows):
-        row_labels = _get(r, "labels") or {}
-        for k, task in enumerate(tasks):
-            if row_labels.get(task, 0) > 0:
-                labels[i, k] = 1.0
+    for k, task in enumerate(tasks):
+        labels[:, k] = [1.0 if (m.get(task) or 0) > 0 else 0.0 for m in label_maps]
 
-    user = [hash_bucket("user_id", _get(r, "user_id", ""), _USER_ID_SPACE) for r in rows]
+    user = hash_column("user_id", user_ids, _USER_ID_SPACE)
     return Batch(
         categorical=torch.from_numpy(categorical),
         numeric=torch.from_numpy(numeric.astype(np.float32)),

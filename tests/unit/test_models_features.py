@@ -36,6 +36,15 @@ def test_fields_are_salted_and_int_and_str_values_share_a_row() -> None:
     assert hash_bucket("item_id", 7, 2**20) == hash_bucket("item_id", "7", 2**20)
 
 
+def test_equal_but_differently_typed_values_are_keyed_by_their_text() -> None:
+    # 5 == 5.0 == True as dict keys; the memo must not let one stand in for another.
+    spec = FeatureSpec(categorical=("x",), hash_buckets=2**20)
+    batch = encode_rows([{"features": {"x": v}} for v in (5, 5.0, True, "5")], spec, ())
+    expected = [hash_bucket("x", text, 2**20) for text in ("5", "5.0", "True", "5")]
+    assert batch.categorical[:, 0].tolist() == expected
+    assert hash_bucket("x", 5.0, 2**20) == expected[1] and hash_bucket("x", True, 2**20) == expected[2]
+
+
 def test_encode_rows_reads_ids_from_the_row_and_context_from_features() -> None:
     spec = FeatureSpec(categorical=("user_id", "item_id", "city"), numeric=("watch",), hash_buckets=1000)
     rows = [{"user_id": "u", "item_id": "i", "features": {"city": "paris", "watch": math.e - 1},
