@@ -237,6 +237,8 @@ class StreamQuality:
         return np.concatenate((array[self.capacity - (n - self._next) :], array[: self._next]))
 
     def _cached(self, name: str, window: int | None, compute) -> float:
+        if window is not None and window not in self.windows:
+            raise KeyError(f"window {window} is not tracked; tracked windows: {list(self.windows)}")
         key = (name, window)
         hit = self._cache.get(key)
         refresh = 1 if window is None else self.refresh_every[window]
