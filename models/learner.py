@@ -5,7 +5,8 @@
 
 Embeddings use sparse gradients and SparseAdam (a step touches only the rows the batch uses); everything
 else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)``
-reads it); ``serving_state`` exports the students for ``ServingModel``, safetensors-ready.
+reads it, and ``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for
+``ServingModel``, safetensors-ready.
 """
 
 from __future__ import annotations
@@ -160,6 +161,53 @@ class Learner:
             "steps": str(self.steps),
         }
         return tensors, metadata
+
+
+def flatten_state(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A nested state (``Learner.state_dict()``) as flat tensors plus a JSON skeleton, for safetensors.
+
+    Tensors go to ``tensors`` under their path (``"model/embedding.weight"``); everything else (ints, floats,
+    strings, optimizer hyper-parameters, int-keyed optimizer state) stays in ``metadata["state"]``, with dict
+    keys and tuples kept exactly, so ``unflatten_state`` restores an equal structure. No pickle involved.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+            return {"tensor": path}
+        if isinstance(value, Mapping):
+            return {"dict": [[key, encode(v, f"{path}/{key}")] for key, v in value.items()]}
+        if isinstance(value, tuple):
+            return {"tuple": [encode(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return {"list": [encode(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise TypeError(f"state entry {path!r} of type {type(value).__name__} cannot be stored without pickle")
+
+    skeleton = encode(dict(state), "")
+    return tensors, {"format": "crossdistil-learner-state", "version": "1", "state": json.dumps(skeleton)}
+
+
+def unflatten_state(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The inverse of ``flatten_state``."""
+    if metadata.get("format") != "crossdistil-learner-state":
+        raise ValueError(f"not a CrossDistil learner state (format={metadata.get('format')!r})")
+
+    def decode(node: dict) -> Any:
+        (kind, value), = node.items()
+        if kind == "tensor":
+            return tensors[value]
+        if kind == "dict":
+            return {key: decode(v) for key, v in value}
+        if kind == "tuple":
+            return tuple(decode(v) for v in value)
+        if kind == "list":
+            return [decode(v) for v in value]
+        return value
+
+    return decode(json.loads(metadata["state"]))
 
 
 class ServingModel:

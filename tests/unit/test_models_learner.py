@@ -9,7 +9,7 @@ import torch
 
 from models.config import BACKBONES, RUNGS, ModelConfig
 from models.features import FeatureSpec, encode_rows
-from models.learner import Learner, ServingModel
+from models.learner import Learner, ServingModel, flatten_state, unflatten_state
 
 pytestmark = pytest.mark.unit
 
@@ -113,6 +113,20 @@ def test_training_on_after_reload_equals_uninterrupted_training() -> None:
         assert uninterrupted.step(make_batch(48 * i))[0] == resumed.step(make_batch(48 * i))[0]
     for (name, a), (_, b) in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_full_state_round_trips_through_safetensors_and_training_continues_identically() -> None:
+    from safetensors.torch import load, save
+
+    uninterrupted = Learner(small_config(max_pairs_per_level=4))
+    interrupted = Learner(small_config(max_pairs_per_level=4))
+    for i in range(2):
+        uninterrupted.step(make_batch(48 * i))
+        interrupted.step(make_batch(48 * i))
+    tensors, metadata = flatten_state(interrupted.state_dict())
+    resumed = Learner.from_state_dict(unflatten_state(load(save(tensors, metadata)), metadata))
+    for i in range(2, 4):
+        assert uninterrupted.step(make_batch(48 * i))[0] == resumed.step(make_batch(48 * i))[0]
 
 
 def test_loading_a_checkpoint_of_another_config_names_the_differences() -> None:
