@@ -153,6 +153,17 @@ def test_serving_export_scores_like_the_students_and_holds_no_teacher_parameters
         assert torch.equal(serving.score(batch)[task], learner.predict(batch)[task])
 
 
+def test_two_level_ple_serving_keeps_the_lower_teacher_experts_the_students_depend_on() -> None:
+    learner = Learner(small_config(backbone="ple", ple_levels=2))
+    learner.step(make_batch(0))
+    tensors, metadata = learner.serving_state()
+    assert any(n.startswith("backbone.levels.0.specific.3") for n in tensors)  # feeds level 1's shared gate
+    assert not any(n.startswith(("backbone.levels.1.specific.2", "backbone.levels.1.gates.2")) for n in tensors)
+    batch = make_batch(200)
+    assert torch.equal(ServingModel.from_serving_state(tensors, metadata).score(batch)["long_view"],
+                       learner.predict(batch)["long_view"])
+
+
 def test_serving_state_survives_safetensors() -> None:
     from safetensors.torch import load, save
 
