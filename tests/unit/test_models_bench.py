@@ -1,0 +1,30 @@
+"""bench/train_step.py keeps running and keeps its JSON shape (a tiny configuration, not a measurement)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
+
+
+def test_train_step_bench_prints_every_section_as_json(capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    status = module.main(["--batch-sizes", "32,64", "--table-log2", "8,10", "--default-log2", "10",
+                          "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "0"])
+    result = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert [e["batch"] for e in result["throughput"]] == [32, 64]
+    assert all(e["sparse_samples_per_s"] > 0 and e["dense_samples_per_s"] > 0 for e in result["throughput"])
+    assert {(b["batch"], b["optimizer"]) for b in result["breakdown"]} == {
+        (32, "sparse"), (32, "dense"), (64, "sparse"), (64, "dense")}
+    assert all(0.0 < b["embedding_share"] < 1.0 for b in result["breakdown"])
+    assert set(result["table_sizes"]["sparse_step_ms"]) == {"2^8", "2^10"}
+    assert isinstance(result["table_sizes"]["sparse_within_20_percent"], bool)
