@@ -176,6 +176,8 @@ class TrainerMetrics:
         self.publications_total = Counter(f"{p}_publications", "checkpoints published to the serving topic", registry=r)
         self.published_version = Gauge(f"{p}_published_model_version", "version of the last published checkpoint", registry=r)
         self.published_timestamp_seconds = Gauge(f"{p}_published_model_timestamp_seconds", "creation time of the last published checkpoint (unix seconds)", registry=r)
+        self.start_timestamp_seconds = Gauge(f"{p}_start_timestamp_seconds", "wall time the trainer's metrics started (unix seconds; alerts use it before the first publication)", registry=r)
+        self.start_timestamp_seconds.set(self._clock())
         # Drift detectors.
         self.drift_detections_total = Counter(f"{p}_drift_detections", "drift detections on the per-sample loss", ["task", "detector"], registry=r)
         self.drift_last_detection_seconds = Gauge(f"{p}_drift_last_detection_timestamp_seconds", "wall time of the last detection (unix seconds; 0 = never)", ["task", "detector"], registry=r)
