@@ -1,9 +1,9 @@
 """Drift detection on a task's per-sample loss: river's ADWIN and PageHinkley behind one small class, pure.
 
 The detectors see the prequential log loss of each sample (predicted before the update). A rise in loss is a
-change in the data or a broken model; both detectors are set to look for *increases* only where they can
-(PageHinkley ``mode="up"``; ADWIN is two-sided and reports both, which is harmless: a sharp improvement is a
-change worth a look too).
+change in the data or a broken model; only *increases* count: PageHinkley runs with ``mode="up"``, and ADWIN
+(two-sided) counts a change only when its mean after the cut is above its mean before it. A model that is
+still learning lowers its loss all the time, and that is not a drift.
 
 River's detectors are per-sample Python objects (about 2 µs per ADWIN update and 5 µs per PageHinkley update
 on this machine). To keep their cost off the training step, losses can be averaged over ``chunk`` consecutive
@@ -87,8 +87,10 @@ class LossDriftDetectors:
         fired: list[str] = []
         adwin, page_hinkley = self._adwin, self._page_hinkley
         for value in values.tolist():
+            mean_before = adwin.estimation
             adwin.update(value)
-            if adwin.drift_detected and "adwin" not in fired:
+            # ADWIN drops the older part of its window on a change: a higher mean afterwards = the loss rose.
+            if adwin.drift_detected and adwin.estimation > mean_before and "adwin" not in fired:
                 fired.append("adwin")
             page_hinkley.update(value)
             if page_hinkley.drift_detected and "page_hinkley" not in fired:
