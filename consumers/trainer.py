@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ledger", metavar="DIR", default=None,
                         help="write a trained-sample ledger (impression ids, labels, predictions) next to the "
                              "checkpoints, made durable with them (audits, exactly-once tests)")
+    parser.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                        help="torch intra-op threads on CPU (default: torch's choice, one per core). On a shared or "
+                             "busy machine 1 is often much faster: idle threads spin while waiting for cores")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
 
 
@@ -109,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(to_toml(cfg))
         return 0
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger)
     return trainer.run()
 
@@ -600,6 +607,7 @@ class Trainer:
     def on_assigned(self, partitions: list) -> None:
         """Seek every newly assigned partition to its checkpointed position (else its beginning)."""
         now = time.monotonic()
+        self.last_event_at = now  # "idle" counts from the assignment, not from the (slow) start-up
         for tp in partitions:
             position = self.positions.get((tp.topic, tp.partition))
             if position is None:

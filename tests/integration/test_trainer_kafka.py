@@ -64,7 +64,7 @@ def kuairand_topics(kafka_broker: str) -> dict[str, str]:
 
 
 def write_config(path: Path, bootstrap: str, topics: dict[str, str], *, model_topic: str | None = None,
-                 every_steps: int = 40, batch_size: int = 256) -> Path:
+                 every_steps: int = 40, batch_size: int = 256, max_poll_records: int = 2000) -> Path:
     """A small-model trainer configuration of its own group, checkpoint directory and serving topic."""
     group = f"trainer-{uuid.uuid4().hex[:8]}"
     path.write_text(f"""
@@ -75,6 +75,7 @@ impressions_topic = "{topics['impressions']}"
 feedback_topic = "{topics['feedback']}"
 dead_letter_topic = "{topics['dead_letters']}"
 model_topic = "{model_topic or topics['model']}"
+max_poll_records = {max_poll_records}
 client_options = {{session_timeout_ms = 6000, heartbeat_interval_ms = 1000}}
 
 [join]
@@ -106,7 +107,7 @@ def start_trainer(config: Path, ledger: Path, idle_s: float = 4.0) -> subprocess
     log = open(config.parent / "trainer.log", "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger),
-         "--exit-when-idle", str(idle_s)],
+         "--exit-when-idle", str(idle_s), "--torch-threads", "1"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -137,15 +138,219 @@ def assert_exactly_once(rows: list[dict]) -> None:
     assert len(counts) == IMPRESSIONS, f"{IMPRESSIONS - len(counts)} impressions never trained"
 
 
-def test_trainer_consumes_kuairand_and_trains_every_impression_once_with_exact_labels(
-        kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
-    config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics)
+@pytest.fixture(scope="module")
+def uninterrupted(kafka_broker: str, kuairand_topics: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted run of the trainer over KuaiRand (shared by the tests that compare against it)."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(directory / "trainer.toml", kafka_broker, kuairand_topics,
+                          model_topic=f"model-{uuid.uuid4().hex[:8]}")
     started = time.monotonic()
-    run_trainer(config, tmp_path / "ledger")
-    rows = read_ledger(tmp_path / "ledger")
+    run_trainer(config, directory / "ledger")
+    return {"dir": directory, "config": config, "rows": read_ledger(directory / "ledger"),
+            "seconds": time.monotonic() - started}
+
+
+def test_trainer_consumes_kuairand_and_trains_every_impression_once_with_exact_labels(uninterrupted: dict) -> None:
+    rows = uninterrupted["rows"]
     assert_exactly_once(rows)
     positives = {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS}
     assert positives == POSITIVES
     aucs = {task: tail_auc(rows, task) for task in ("click", "long_view")}
-    print(f"\nprequential AUC over the last 20% of samples: {aucs} ({time.monotonic() - started:.0f} s)")
+    print(f"\nprequential AUC over the last 20% of samples: {aucs} (run took {uninterrupted['seconds']:.0f} s)")
     assert aucs["click"] > 0.55 and aucs["long_view"] > 0.55
+
+
+def malformed_messages(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """``n`` (key, value) pairs that each fail decoding or validation in a different way."""
+    import msgpack
+
+    rng = random.Random(seed)
+    good = {"v": 1, "impression_id": "x", "ts_ms": 1, "user_id": "u", "item_id": "i", "features": {}}
+    makers = [
+        lambda i: b"\xc1" + rng.randbytes(rng.randint(0, 40)),  # 0xc1 is never valid msgpack
+        lambda i: msgpack.packb({k: v for k, v in good.items() if k != "impression_id"}),
+        lambda i: msgpack.packb({**good, "impression_id": f"bad-{i}", "ts_ms": "yesterday"}),
+        lambda i: msgpack.packb({"v": 1, "batch": [{**good, "impression_id": f"bad-{i}", "v": 99}]}),
+        lambda i: msgpack.packb(i),
+        lambda i: msgpack.packb({"v": 1, "impression_id": f"bad-{i}", "ts_ms": 5, "task": "click"}),
+    ]
+    return [(f"bad-user-{i % 97}".encode(), makers[i % len(makers)](i)) for i in range(n)]
+
+
+def read_all(bootstrap: str, topic: str, deadline_s: float = 120) -> list:
+    """Every record of ``topic`` up to its end offsets now (plain kafka-python)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        records = []
+        deadline = time.monotonic() + deadline_s
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            assert time.monotonic() < deadline, f"could not read {topic} to {end} in time"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def test_malformed_messages_all_land_in_the_dead_letter_topic_and_training_is_unaffected(
+        kafka_broker: str, tmp_path: Path) -> None:
+    import threading
+
+    from kafka import KafkaProducer
+
+    source = REPO.parent / "shared" / "data" / "kuairand"
+    if not source.is_dir():
+        pytest.skip(f"real data not available: {source} does not exist")
+    topics = make_topics(kafka_broker, "malformed-" + uuid.uuid4().hex[:6])
+    bad = malformed_messages(10_000)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker, linger_ms=5)
+
+    def produce_bad() -> None:  # interleaved with the real stream, on both topics
+        for i, (key, value) in enumerate(bad):
+            producer.send(topics["impressions"] if i % 2 else topics["feedback"], key=key, value=value)
+            if i % 500 == 0:
+                time.sleep(0.05)
+        producer.flush()
+
+    thread = threading.Thread(target=produce_bad)
+    thread.start()
+    stream_kuairand(kafka_broker, source, topics, envelope=20)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    producer.close()
+
+    config = write_config(tmp_path / "trainer.toml", kafka_broker, topics)
+    run_trainer(config, tmp_path / "ledger")
+    rows = read_ledger(tmp_path / "ledger")
+    assert_exactly_once(rows)
+    assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
+
+    letters = read_all(kafka_broker, topics["dead_letters"])
+    assert len(letters) == len(bad)
+    headers = [dict(record.headers) for record in letters]
+    reasons = Counter(h["dl.reason"].decode() for h in headers)
+    print(f"\ndead-letter reasons: {dict(reasons)}")
+    assert all(h["dl.reason"] and h["dl.error"] and h["dl.source.topic"] for h in headers)
+    sources = {(h["dl.source.topic"].decode(), int(h["dl.source.partition"]), int(h["dl.source.offset"]))
+               for h in headers}
+    assert len(sources) == len(bad)  # one dead letter per bad message, none twice
+    assert {record.key for record in letters} <= {key for key, _ in bad}
+
+
+def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
+        kafka_broker: str, kuairand_topics: dict[str, str], uninterrupted: dict, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, every_steps=10,
+                          max_poll_records=500)
+    ledger = tmp_path / "ledger"
+    rng = random.Random(int(os.environ.get("CROSSDISTIL_TEST_SEED", "4")))
+    kills = 0
+    while kills < 3:
+        before = newest_checkpoint_step(tmp_path / "checkpoints")
+        process = start_trainer(config, ledger)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while newest_checkpoint_step(tmp_path / "checkpoints") <= before:  # progress since the last restart
+            assert process.poll() is None and time.monotonic() < deadline, \
+                f"no new checkpoint; log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}"
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 2.0))  # then a random moment: mid-batch, mid-checkpoint, mid-publication
+        assert process.poll() is None, (f"trainer finished before kill {kills + 1}; "
+                                         f"log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        kills += 1
+    run_trainer(config, ledger)
+    log = (tmp_path / "trainer.log").read_text()
+    assert log.count("restored ") >= 3, "restarts did not restore checkpoints"
+    rows = read_ledger(ledger)
+    assert_exactly_once(rows)
+    assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
+    aucs = {task: tail_auc(rows, task) for task in ("click", "long_view")}
+    reference = {task: tail_auc(uninterrupted["rows"], task) for task in ("click", "long_view")}
+    print(f"\nAUC after {kills} kills: {aucs}; uninterrupted: {reference}")
+    for task in aucs:
+        assert abs(aucs[task] - reference[task]) < 0.02
+
+
+def newest_checkpoint_step(directory: Path) -> int:
+    """Newest checkpoint file name's step (read-only: a CheckpointStore would tidy the live trainer's temp files)."""
+    return max((int(p.name[5:17]) for p in directory.glob("ckpt-*.cdckpt")), default=-1)
+
+
+def latest_checkpoint(messages, last_version=-1):
+    """Copied verbatim from docs/wire-format.md ("A complete minimal reader")."""
+    import hashlib
+
+    import msgpack
+    from safetensors.torch import load as load_safetensors
+
+    pending = {}  # version -> {"sha": payload sha256, "chunks": {index: bytes}}
+    best = None
+    for key, value in messages:
+        if value is None:  # tombstone
+            continue
+        try:
+            m = msgpack.unpackb(value, raw=False)
+        except Exception:
+            continue
+        if not isinstance(m, dict) or m.get("format") != 1 or not isinstance(m.get("version"), int):
+            continue
+        v = m["version"]
+        if v <= last_version:
+            continue
+        if key.startswith(b"chunk/") and m.get("kind") == "chunk":
+            data = m.get("data")
+            if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != m.get("chunk_sha256"):
+                continue  # corrupt chunk
+            slot = pending.get(v)
+            if slot is None or slot["sha"] != m.get("payload_sha256"):
+                slot = pending[v] = {"sha": m.get("payload_sha256"), "chunks": {}}
+            slot["chunks"][m.get("index")] = data
+        elif key == b"manifest" and m.get("kind") == "manifest":
+            slot = pending.pop(v, None)
+            if slot is None or slot["sha"] != m.get("payload_sha256") or not isinstance(m.get("chunks"), int):
+                continue
+            if any(i not in slot["chunks"] for i in range(m["chunks"])):
+                continue  # incomplete
+            payload = b"".join(slot["chunks"][i] for i in range(m["chunks"]))
+            if len(payload) != m["size"] or hashlib.sha256(payload).hexdigest() != m["payload_sha256"]:
+                continue
+            best = (v, m["metadata"], load_safetensors(payload))
+            last_version = v
+            pending = {k: s for k, s in pending.items() if k > v}
+    return best
+
+
+def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str, uninterrupted: dict) -> None:
+    import torch
+
+    from consumers.checkpoints import CheckpointStore
+    from consumers.config import load_config
+    from consumers.trainer import unflatten_state
+    from models.features import encode_rows
+    from models.learner import Learner, ServingModel
+
+    cfg = load_config(uninterrupted["config"], env={})
+    records = read_all(kafka_broker, cfg.kafka.model_topic)
+    found = latest_checkpoint([(r.key, r.value) for r in records])
+    assert found is not None, "no verified checkpoint on the serving topic"
+    version, metadata, tensors = found
+
+    checkpoint = CheckpointStore(cfg.checkpoint.dir).latest()  # what the trainer itself ended with
+    assert version == checkpoint.metadata["publish_version"] and metadata["step"] == checkpoint.step
+    learner = Learner.from_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+    probe_rows = [{"user_id": str(u), "item_id": str(1000 + 7 * u), "features": {"hour": str(u % 24), "weekday": "2",
+                   "duration_ms": 1000.0 * u}} for u in range(64)]
+    probe = encode_rows(probe_rows, learner.config.features, learner.config.tasks)
+    expected = learner.predict(probe)
+    served = ServingModel.from_serving_state(tensors, metadata["serving"]).score(probe)
+    for task in learner.config.tasks:
+        assert torch.equal(served[task], expected[task]), task
+    print(f"\nreader: version {version}, step {metadata['step']}, {len(records)} messages on the topic, "
+          f"metrics of click: {metadata['metrics'].get('click', {}).get('student', {}).get('auc')}")
