@@ -354,3 +354,41 @@ def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str,
         assert torch.equal(served[task], expected[task]), task
     print(f"\nreader: version {version}, step {metadata['step']}, {len(records)} messages on the topic, "
           f"metrics of click: {metadata['metrics'].get('click', {}).get('student', {}).get('auc')}")
+
+
+def test_trainer_survives_a_broker_stop_and_restart_mid_stream(tmp_path: Path) -> None:
+    """Its own broker (stopping the shared one would disturb other tests): stop it mid-stream, start it again."""
+    from consumers.local_kafka import LocalKafka, free_port
+
+    source = REPO.parent / "shared" / "data" / "kuairand"
+    if not source.is_dir():
+        pytest.skip(f"real data not available: {source} does not exist")
+    broker = LocalKafka(port=free_port(), data_dir=tmp_path / "kafka")
+    broker.start(timeout_s=180)
+    process = None
+    try:
+        topics = make_topics(broker.bootstrap, "restart")
+        stream_kuairand(broker.bootstrap, source, topics, envelope=20)
+        config = write_config(tmp_path / "trainer.toml", broker.bootstrap, topics, every_steps=10, max_poll_records=500)
+        process = start_trainer(config, tmp_path / "ledger")
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while newest_checkpoint_step(tmp_path / "checkpoints") < 0:  # mid-stream: it has made progress
+            assert process.poll() is None and time.monotonic() < deadline, \
+                f"no checkpoint; log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}"
+            time.sleep(0.1)
+        broker.stop()
+        down_until = time.monotonic() + 15  # the outage: long enough for sessions and requests to time out
+        while time.monotonic() < down_until:
+            assert process.poll() is None, f"trainer died without its broker:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}"
+            time.sleep(0.5)
+        broker.start(timeout_s=180)
+        wait_finished(process, config)
+        process = None
+    finally:
+        if process is not None:
+            process.kill()
+            process.wait()
+        broker.stop()
+    rows = read_ledger(tmp_path / "ledger")
+    assert_exactly_once(rows)
+    assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
