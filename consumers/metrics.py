@@ -183,8 +183,9 @@ class TrainerMetrics:
         self.drift_last_detection_seconds = Gauge(f"{p}_drift_last_detection_timestamp_seconds", "wall time of the last detection (unix seconds; 0 = never)", ["task", "detector"], registry=r)
         self.drift_samples_total = Counter(f"{p}_drift_samples", "per-sample losses fed to the drift detectors", ["task"], registry=r)
         self.quality_samples_total = Counter(f"{p}_quality_samples", "prequential predictions scored, per task and role", ["task", "role"], registry=r)
+        self._quality_counters: dict[tuple[str, str], Any] = {}
+        self._drift_sample_counters = {task: self.drift_samples_total.labels(task) for task in self.tasks}
         for task in self.tasks:
-            self.drift_samples_total.labels(task)
             for detector in DETECTORS:
                 self.drift_detections_total.labels(task, detector)
                 self.drift_last_detection_seconds.labels(task, detector).set(0)
@@ -285,6 +286,7 @@ class TrainerMetrics:
                 continue
             y = _to_numpy(labels[task])
             p = _to_numpy(raw_p)
+            losses = per_sample_log_loss(y, p)  # once, for the quality sums and the drift detectors
             key = (task, role)
             with self._lock:
                 quality = self._quality.get(key)
@@ -293,11 +295,13 @@ class TrainerMetrics:
                         self.windows + (self.baseline_window,),
                         refresh_every={self.baseline_window: self.baseline_window // 100},
                     )
-                quality.update(y, p, users)
-            self.quality_samples_total.labels(task, role).inc(len(y))
+                    # Label lookups cost microseconds each; keep the children.
+                    self._quality_counters[key] = self.quality_samples_total.labels(task, role)
+                quality.update(y, p, users, losses=losses)
+            self._quality_counters[key].inc(len(y))
             if role == self.drift_role and task in self._detectors:
-                fired = self._detectors[task].update(per_sample_log_loss(y, p))
-                self.drift_samples_total.labels(task).inc(len(y))
+                fired = self._detectors[task].update(losses)
+                self._drift_sample_counters[task].inc(len(y))
                 for detector in fired:
                     now = self._clock() if now is None else now
                     self.drift_detections_total.labels(task, detector).inc()

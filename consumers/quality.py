@@ -174,8 +174,15 @@ class StreamQuality:
 
     # -- updates ---------------------------------------------------------------------------------------------
 
-    def update(self, y: ArrayLike, p: ArrayLike, users: ArrayLike | Sequence | None = None) -> None:
-        """Add one batch: labels ``y`` (> 0 = positive), predicted probabilities ``p``, optional ``users``."""
+    def update(
+        self,
+        y: ArrayLike,
+        p: ArrayLike,
+        users: ArrayLike | Sequence | None = None,
+        losses: np.ndarray | None = None,
+    ) -> None:
+        """Add one batch: labels ``y`` (> 0 = positive), predicted probabilities ``p``, optional ``users``, and
+        optionally the per-sample log losses if the caller has them already (saves recomputing them)."""
         y = np.asarray(y).reshape(-1) > 0
         p = np.asarray(p, dtype=np.float64).reshape(-1)
         if len(y) != len(p):
@@ -186,8 +193,10 @@ class StreamQuality:
         user_ids = None if users is None else _user_ids(users, n)
         self.version += 1
         # Lifetime sums and histograms.
-        clipped = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
-        self._sum_loss += float(-np.sum(np.where(y, np.log(clipped), np.log1p(-clipped))))
+        if losses is None:
+            clipped = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+            losses = -np.where(y, np.log(clipped), np.log1p(-clipped))
+        self._sum_loss += float(np.sum(losses))
         self._sum_p += float(p.sum())
         self._sum_y += float(y.sum())
         bins = np.clip((p * self._bins).astype(np.int64), 0, self._bins - 1)

@@ -40,7 +40,7 @@ def test_detectors_stay_quiet_on_a_stationary_loss_stream() -> None:
     assert detectors.detections == dict.fromkeys(DETECTORS, 0)
 
 
-@pytest.mark.parametrize("chunk", [1, 8])
+@pytest.mark.parametrize("chunk", [1, 8, 16])
 def test_both_detectors_fire_soon_after_an_abrupt_loss_increase(chunk: int) -> None:
     rng = np.random.default_rng(1)
     detectors = LossDriftDetectors(chunk=chunk)
