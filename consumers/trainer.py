@@ -54,6 +54,7 @@ import logging
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -252,6 +253,15 @@ class Trainer:
         self.stop_requested = False
         self.trained_samples = 0
         self.dead_letters = 0
+        self.events_consumed = 0
+        self.first_assigned_at: float | None = None
+        self.flush_started_at: float | None = None  # end of a finite stream (exit_when_idle)
+        self.drained_at: float | None = None
+        # Freshness (bench/trainer_throughput.py): seconds from a sample's emission by the join (its windows
+        # closed in event time) to the step that trains it, and from a checkpoint to its acknowledged publication.
+        self.freshness_s: list[float] = []
+        self.publication_delay_s: list[float] = []
+        self._arrivals: deque[list[float]] = deque()  # [samples, emitted at], FIFO like the batcher
         self.consumer = None
         self.producer = None
         self.metrics = None
@@ -280,6 +290,8 @@ class Trainer:
         batcher_state = dict(meta["batcher_state"])
         batcher_state["oldest_at"] = now  # the saved clock belongs to the dead process: restart the wait
         self.batcher.load_state_dict(batcher_state, JoinedSample.from_plain)
+        if self.batcher.waiting:
+            self._arrivals.append([self.batcher.waiting, now])
         self.positions = positions_from_plain(meta["positions"])
         self.version = int(meta["publish_version"])
         self.published_chunks = int(meta["published_chunks"])
@@ -362,9 +374,9 @@ class Trainer:
             now = time.monotonic()
             self.last_poll_ok_at = now
             for tp, records in polled.items():
-                for record in records:
-                    self._process_record(tp.topic, tp.partition, record, now)
-                self.metrics.events_consumed(tp.topic, len(records))
+                events = sum(self._process_record(tp.topic, tp.partition, record, now) for record in records)
+                self.metrics.events_consumed(tp.topic, events)
+                self.events_consumed += events
             if polled:
                 self.last_event_at = now
             elif self._caught_up():
@@ -378,9 +390,11 @@ class Trainer:
             if self._idle_at_end(now):
                 log.info("no event for %.1f s and at the end of every partition: flushing and exiting",
                          self.exit_when_idle_s)
+                self.flush_started_at = time.monotonic()
                 self._train_samples(self.join.flush(), now)
                 for batch in self.batcher.flush():
                     self._train_batch(batch)
+                self.drained_at = time.monotonic()
                 self.checkpoint("end of stream")
                 return
             if not polled and time.monotonic() - started < k.poll_timeout_ms / 4000:
@@ -388,11 +402,13 @@ class Trainer:
                 time.sleep(k.poll_timeout_ms / 1000)
         self.checkpoint("shutdown")
 
-    def _process_record(self, topic: str, partition: int, record: Any, now: float) -> None:
+    def _process_record(self, topic: str, partition: int, record: Any, now: float) -> int:
+        """Decode one record into the join (bad events to the dead-letter topic); returns its event count."""
         from streamer.events import EventError
 
         source = (topic, partition)
-        for event in decode_events_safe(record.value):
+        events = decode_events_safe(record.value)
+        for event in events:
             if isinstance(event, EventError):
                 self._dead_letter(event, record, topic, partition)
             elif "task" in event:
@@ -400,6 +416,7 @@ class Trainer:
             else:
                 self.join.add_impression(event, source, now)
         self.positions[source] = record.offset + 1
+        return len(events)
 
     def _dead_letter(self, error: Any, record: Any, topic: str, partition: int) -> None:
         import msgpack
@@ -424,6 +441,7 @@ class Trainer:
     def _train_samples(self, samples: list, now: float) -> None:
         if samples:
             self.metrics.samples_emitted(len(samples))
+            self._arrivals.append([len(samples), now])
         for batch in self.batcher.add_many(samples, now):
             self._train_batch(batch)
 
@@ -447,6 +465,16 @@ class Trainer:
         if self.ledger is not None:
             self.ledger.add([s.impression["impression_id"] for s in samples], labels, scores)
         self.trained_samples += len(samples)
+        trained_at, remaining = time.monotonic(), len(samples)
+        while remaining and self._arrivals:
+            head = self._arrivals[0]
+            taken = min(remaining, int(head[0]))
+            if len(self.freshness_s) < 1_000_000:
+                self.freshness_s.extend([trained_at - head[1]] * taken)
+            head[0] -= taken
+            remaining -= taken
+            if head[0] <= 0:
+                self._arrivals.popleft()
 
     def _after_poll_metrics(self) -> None:
         self.metrics.join_counters(self.join.counters)
@@ -555,7 +583,7 @@ class Trainer:
             self.version = version
             self.published_chunks = chunks
             self.last_published_step = step
-            self._publish(messages, version)
+            self._publish(messages, version, checkpointed_at=self.last_checkpoint_at)
         return True
 
     def _flush_dead_letters(self, timeout_s: float = 30.0) -> bool:
@@ -587,7 +615,7 @@ class Trainer:
         except Exception as exc:  # only for lag dashboards: the checkpoint already holds the truth
             log.warning("committing offsets to Kafka failed (lag metrics only, training unaffected): %s", exc)
 
-    def _publish(self, messages: list, version: int, timeout_s: float = 60.0) -> None:
+    def _publish(self, messages: list, version: int, checkpointed_at: float, timeout_s: float = 60.0) -> None:
         started = time.perf_counter()
         topic = self.cfg.kafka.model_topic
         futures = [self.producer.send(topic, key=key, value=value, partition=0) for key, value in messages]
@@ -598,6 +626,7 @@ class Trainer:
                         "the next checkpoint publishes a newer version", version, len(failed), len(futures))
             return
         seconds = time.perf_counter() - started
+        self.publication_delay_s.append(time.monotonic() - checkpointed_at)
         self.metrics.published(version, seconds, time.time())
         self.metrics.mark_published_reference()
         log.info("published version %d (%d messages) to %s in %.2f s", version, len(messages), topic, seconds)
@@ -607,6 +636,8 @@ class Trainer:
     def on_assigned(self, partitions: list) -> None:
         """Seek every newly assigned partition to its checkpointed position (else its beginning)."""
         now = time.monotonic()
+        if self.first_assigned_at is None:
+            self.first_assigned_at = now
         self.last_event_at = now  # "idle" counts from the assignment, not from the (slow) start-up
         for tp in partitions:
             position = self.positions.get((tp.topic, tp.partition))

@@ -1,0 +1,258 @@
+"""End-to-end throughput, freshness and memory of the trainer daemon; prints one JSON object.
+
+    python bench/trainer_throughput.py                      # own broker; a few minutes on 2 busy cores
+    python bench/trainer_throughput.py --events 300000 --memory-events 1000000 --torch-threads 1
+
+For single-event messages and for batch envelopes of ``--envelope`` events, a synthetic stream (``--events``
+impressions plus their feedback) is produced to fresh topics, then:
+
+* ``consume_decode``: a plain kafka-python consumer reads both topics and runs ``decode_events`` (the intake bound);
+* ``trainer``: the real daemon (``consumers.trainer.Trainer``, in this process) consumes everything with
+  ``exit_when_idle``; events/s over the time from its partition assignment to the end of the stream (the idle
+  wait is not counted);
+* ``train_step``: ``encode_rows`` + ``Learner.step`` alone on the same model, as samples/s and as the events/s
+  it sustains (samples/s x events per impression of the stream).
+
+``ratio`` = trainer / min(consume_decode, train_step); target >= 0.8. Freshness: seconds from a sample's
+emission by the join (its windows closed in event time) to the step that trains it (median, p99; target p99
+<= max_batch_delay + one step), and from a checkpoint to its acknowledged publication. Memory: RSS sampled every
+0.5 s while the trainer consumes a stream of ``--memory-events`` events in envelopes; ``flat`` compares the
+largest and smallest RSS after warm-up (the first 20 % of the run), target within +-10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+TASKS = ("click", "like")
+MODEL = {"embedding_dim": 8, "hidden_dims": [32], "tower_dims": [16],
+         "features": {"categorical": ["user_id", "item_id", "item_category", "hour"], "numeric": [],
+                      "hash_buckets": 65536}}
+
+
+def progress(message: str) -> None:
+    print(f"[trainer_throughput] {message}", file=sys.stderr, flush=True)
+
+
+def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_batch_delay_s: float):
+    from consumers.config import load_config
+
+    overrides = [
+        f"kafka.bootstrap={json.dumps(bootstrap)}", f"kafka.group_id={json.dumps('bench-' + tag)}",
+        f"kafka.impressions_topic={json.dumps('imp-' + tag)}", f"kafka.feedback_topic={json.dumps('fb-' + tag)}",
+        f"kafka.dead_letter_topic={json.dumps('dl-' + tag)}", f"kafka.model_topic={json.dumps('model-' + tag)}",
+        "join.attribution_window_s={click = 10, like = 60}", "join.idle_timeout_s=600.0",
+        f"batching.batch_size={batch_size}", f"batching.max_batch_delay_s={max_batch_delay_s}",
+        f"model.tasks={json.dumps(list(TASKS))}", "model.device=\"cpu\"",
+        "model.options=" + _toml_inline(MODEL),
+        f"checkpoint.dir={json.dumps(str(directory / tag))}", "checkpoint.every_steps=0", "checkpoint.every_s=10.0",
+        "metrics.port=0",
+    ]
+    return load_config(None, env={}, overrides=overrides)
+
+
+def _toml_inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def stream(bootstrap: str, tag: str, impressions: int, envelope: int) -> dict:
+    from consumers.local_kafka import ensure_topics
+    from streamer.stream import stream_dataset
+
+    ensure_topics(bootstrap, 4, impression_topic=f"imp-{tag}", feedback_topic=f"fb-{tag}",
+                  dead_letter_topic=f"dl-{tag}", model_topic=f"model-{tag}")
+    return stream_dataset("synthetic", None, f"kafka://{bootstrap}", envelope=envelope,
+                          options={"n_events": impressions, "tasks": ",".join(TASKS)},
+                          impression_topic=f"imp-{tag}", feedback_topic=f"fb-{tag}")
+
+
+def consume_decode(bootstrap: str, tag: str) -> dict:
+    """Plain kafka-python poll + decode_events over both topics, to their end offsets."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streamer.events import decode_events
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             max_poll_records=2000)
+    try:
+        partitions = [TopicPartition(t, p) for t in (f"imp-{tag}", f"fb-{tag}")
+                      for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        events = 0
+        started = time.perf_counter()
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    events += len(decode_events(record.value))
+        seconds = time.perf_counter() - started
+        return {"events": events, "seconds": round(seconds, 3), "events_per_s": round(events / seconds)}
+    finally:
+        consumer.close()
+
+
+def train_step_rate(cfg, steps: int) -> dict:
+    """Samples/s of encode_rows + Learner.step on rows shaped like the synthetic stream's impressions."""
+    import numpy as np
+
+    from consumers.trainer import model_config
+    from models.features import encode_rows
+    from models.learner import Learner
+
+    learner = Learner(model_config(cfg))
+    rng = np.random.default_rng(0)
+    size = cfg.batching.batch_size
+    rows = [[{"user_id": str(rng.integers(1000)), "item_id": str(rng.integers(5000)),
+              "features": {"item_category": str(rng.integers(20)), "hour": int(rng.integers(24))},
+              "labels": {t: int(rng.random() < 0.3) for t in TASKS}} for _ in range(size)] for _ in range(4)]
+    for i in range(3):
+        learner.step(encode_rows(rows[i % 4], learner.config.features, TASKS))
+    started = time.perf_counter()
+    for i in range(steps):
+        learner.step(encode_rows(rows[i % 4], learner.config.features, TASKS))
+    seconds = time.perf_counter() - started
+    step_s = seconds / steps
+    return {"batch_size": size, "step_seconds": round(step_s, 5), "samples_per_s": round(size / step_s)}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
+    from consumers.trainer import Trainer
+
+    trainer = Trainer(cfg, exit_when_idle_s=idle_s)
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(0.5):
+            samples.append((time.monotonic(), rss_bytes()))
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    if sample_rss:
+        thread.start()
+    with contextlib.redirect_stdout(sys.stderr):  # the daemon's own lines: stdout is the JSON report
+        rc = trainer.run()
+    finished = time.monotonic()
+    done.set()
+    if rc != 0:
+        raise RuntimeError(f"trainer exited with {rc}")
+    # Consuming (assignment -> last event) plus training what the end-of-stream flush released; not the idle wait.
+    seconds = (trainer.last_event_at - trainer.first_assigned_at) + (trainer.drained_at - trainer.flush_started_at)
+    out = {"events": trainer.events_consumed, "samples": trainer.trained_samples, "steps": trainer.learner.steps,
+           "seconds": round(seconds, 3), "events_per_s": round(trainer.events_consumed / max(seconds, 1e-9)),
+           "final_flush_seconds": round(trainer.drained_at - trainer.flush_started_at, 3),
+           "final_checkpoint_seconds": round(finished - trainer.drained_at, 3)}
+    fresh = sorted(trainer.freshness_s)
+    if fresh:
+        out["freshness_s"] = {"median": round(fresh[len(fresh) // 2], 4),
+                              "p99": round(fresh[min(len(fresh) - 1, int(len(fresh) * 0.99))], 4),
+                              "max": round(fresh[-1], 4)}
+    if trainer.publication_delay_s:
+        delays = sorted(trainer.publication_delay_s)
+        out["checkpoint_to_publication_s"] = {"median": round(delays[len(delays) // 2], 4), "max": round(delays[-1], 4),
+                                              "publications": len(delays)}
+    if sample_rss and samples:
+        start, end = samples[0][0], samples[-1][0]
+        warm = [rss for t, rss in samples if t >= start + 0.2 * (end - start)]
+        out["rss_mb"] = {"samples": len(samples), "after_warmup_min": round(min(warm) / 2**20, 1),
+                         "after_warmup_max": round(max(warm) / 2**20, 1), "end": round(samples[-1][1] / 2**20, 1),
+                         "flat_within_10pct": max(warm) <= 1.10 * min(warm)}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--events", type=int, default=100_000, help="impressions per throughput stream")
+    parser.add_argument("--envelope", type=int, default=100, help="events per batch envelope")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--max-batch-delay", type=float, default=1.0)
+    parser.add_argument("--memory-events", type=int, default=1_000_000,
+                        help="events (impressions + feedback, approximately) of the memory run; 0 = skip")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--idle", type=float, default=2.0, help="exit_when_idle of the trainer runs")
+    args = parser.parse_args()
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.torch_threads)
+    from consumers.local_kafka import LocalKafka, free_port
+
+    workdir = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
+    broker = None
+    bootstrap = args.bootstrap
+    if bootstrap is None:
+        broker = LocalKafka(port=free_port(), data_dir=workdir / "kafka")
+        progress("starting a broker")
+        broker.start(timeout_s=180)
+        bootstrap = broker.bootstrap
+    report: dict[str, Any] = {
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                        "torch_threads": args.torch_threads, "load_avg": os.getloadavg()},
+        "model": {"tasks": list(TASKS), **MODEL, "rung": "crossdistil", "backbone": "shared_bottom"},
+        "batch_size": args.batch_size, "max_batch_delay_s": args.max_batch_delay,
+    }
+    try:
+        cfg = make_config(bootstrap, "step", workdir, args.batch_size, args.max_batch_delay)
+        progress("pure training step")
+        step = train_step_rate(cfg, steps=30)
+        report["train_step"] = step
+        for mode, envelope in (("single", 1), ("envelope", args.envelope)):
+            tag = f"{mode}-{uuid.uuid4().hex[:6]}"
+            progress(f"{mode}: streaming {args.events} impressions")
+            summary = stream(bootstrap, tag, args.events, envelope)
+            events_per_impression = summary["events"] / max(1, summary["impressions"])
+            progress(f"{mode}: consume + decode")
+            intake = consume_decode(bootstrap, tag)
+            progress(f"{mode}: trainer")
+            trainer = run_trainer(make_config(bootstrap, tag, workdir, args.batch_size, args.max_batch_delay), args.idle)
+            step_events = step["samples_per_s"] * events_per_impression
+            bound = min(intake["events_per_s"], step_events)
+            report[mode] = {"stream": {k: summary[k] for k in ("events", "impressions", "messages")},
+                            "consume_decode": intake, "train_step_events_per_s": round(step_events),
+                            "trainer": trainer, "ratio_to_bound": round(trainer["events_per_s"] / bound, 3),
+                            "target_ratio": 0.8}
+        if args.memory_events:
+            tag = f"memory-{uuid.uuid4().hex[:6]}"
+            impressions = max(1, args.memory_events // max(1.0, events_per_impression))
+            progress(f"memory: streaming ~{args.memory_events} events ({int(impressions)} impressions)")
+            summary = stream(bootstrap, tag, int(impressions), args.envelope)
+            progress("memory: trainer")
+            report["memory"] = {"events": summary["events"],
+                                "trainer": run_trainer(make_config(bootstrap, tag, workdir, args.batch_size,
+                                                                   args.max_batch_delay), args.idle, sample_rss=True)}
+    finally:
+        if broker is not None:
+            broker.stop()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
