@@ -5,7 +5,7 @@
 #     so every clone's virtual environment reuses it instead of downloading it again;
 #   * creates .venv (with access to the base site-packages) and installs the project and its dev tools into it;
 #   * resolves the Kafka broker jars from Maven Central into a cache (deploy/kafka/fetch.sh);
-#   * installs Prometheus (promtool included) from Debian's packages when apt-get is available and it is missing.
+#   * installs Prometheus (promtool included) and docker-compose from Debian's packages when missing (needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,13 +44,18 @@ say "installing crossdistil into .venv"
 say "resolving the Kafka broker jars (cached after the first run)"
 bash deploy/kafka/fetch.sh >/dev/null
 
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian packages for the tests that check deploy/ for real: Prometheus with promtool (rules, live scrape) and a
+# compose implementation (validates deploy/docker-compose.yml; no Docker engine is needed for 'config').
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+{ command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1; } || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    say "installing Prometheus and promtool from Debian's packages"
-    (apt-get install -y -qq prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq prometheus >/dev/null 2>&1; }) \
-      || say "could not install Prometheus; the tests that scrape for real will be skipped"
+    say "installing ${missing[*]} from Debian's packages"
+    (apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1; }) \
+      || say "could not install ${missing[*]}; the tests that need them will be skipped with a message"
   else
-    say "Prometheus is not installed; install Debian's 'prometheus' package for the live-metrics tests and the demo"
+    say "missing ${missing[*]} (Debian packages); the tests that need them will be skipped with a message"
   fi
 fi
 say "ready: .venv/bin/crossdistil --help"
