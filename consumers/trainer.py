@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(to_toml(cfg))
         return 0
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     if args.torch_threads:
         import torch
 
@@ -528,7 +531,9 @@ class Trainer:
         step = self.learner.steps
         if step == self.last_checkpoint_step and self.positions == self.last_checkpoint_positions:
             self.last_checkpoint_at = now
-            return False  # nothing changed since the last one
+            if reason != "periodic":
+                log.info("checkpoint (%s): nothing changed since step %d", reason, step)
+            return False
         if not self._flush_dead_letters():
             log.warning("checkpoint (%s) skipped: dead letters not yet acknowledged by Kafka", reason)
             return False
