@@ -248,8 +248,8 @@ def test_malformed_messages_all_land_in_the_dead_letter_topic_and_training_is_un
 
 def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
         kafka_broker: str, kuairand_topics: dict[str, str], uninterrupted: dict, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, every_steps=10,
-                          max_poll_records=500)
+    config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, every_steps=5,
+                          max_poll_records=200)
     ledger = tmp_path / "ledger"
     rng = random.Random(int(os.environ.get("CROSSDISTIL_TEST_SEED", "4")))
 
@@ -271,8 +271,15 @@ def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
     assert "checkpoint (shutdown)" in (tmp_path / "trainer.log").read_text()
     kills = 0
     while kills < 3:
+        before = newest_checkpoint_step(tmp_path / "checkpoints")
         process = start_and_wait_for_assignment()
-        time.sleep(rng.uniform(0.5, 4.0))  # a random moment: mid-poll, mid-step, mid-checkpoint, mid-publication
+        if kills != 1:  # kills 1 and 3 after this run's first checkpoint, so restarts resume from different steps
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while newest_checkpoint_step(tmp_path / "checkpoints") <= before:
+                assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+                time.sleep(0.05)
+        # then a random moment: mid-poll, mid-step, mid-checkpoint, mid-publication
+        time.sleep(rng.uniform(0.0, 1.0) if kills != 1 else rng.uniform(0.5, 3.0))
         assert process.poll() is None, (f"trainer finished before kill {kills + 1}; "
                                          f"log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}")
         process.send_signal(signal.SIGKILL)
@@ -280,7 +287,9 @@ def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
         kills += 1
     run_trainer(config, ledger)
     log = (tmp_path / "trainer.log").read_text()
-    assert log.count("trainer: restored ") >= 2, "restarts did not restore checkpoints"
+    restored = [line.split("checkpoints/")[1][:23] for line in log.splitlines() if "trainer: restored " in line]
+    print(f"\nrestarts resumed from {restored}")
+    assert len(set(restored)) >= 2, "restarts did not resume from different checkpoints"
     rows = read_ledger(ledger)
     assert_exactly_once(rows)
     assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
