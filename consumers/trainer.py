@@ -316,6 +316,7 @@ class Trainer:
     def run(self) -> int:
         """Restore, connect, and train until stopped (SIGTERM/SIGINT) or idle at the end (``exit_when_idle_s``)."""
         from kafka import KafkaConsumer, KafkaProducer
+        from kafka.errors import KafkaError
         from prometheus_client import CollectorRegistry
 
         from consumers.metrics import TrainerMetrics, serve_http
@@ -334,17 +335,24 @@ class Trainer:
         options = dict(k.client_options)
         # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
         options.setdefault("reconnect_backoff_max_ms", 2000)
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_poll_records=k.max_poll_records,
-            max_poll_interval_ms=k.max_poll_interval_ms,
-            **_client_options(options, KafkaConsumer.DEFAULT_CONFIG),
-        )
-        self.producer = KafkaProducer(
-            bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-            max_request_size=16 * 1024 * 1024,
-            **_client_options(options, KafkaProducer.DEFAULT_CONFIG),
-        )
+        try:
+            self.consumer = KafkaConsumer(
+                bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
+                auto_offset_reset="earliest", max_poll_records=k.max_poll_records,
+                max_poll_interval_ms=k.max_poll_interval_ms,
+                **_client_options(options, KafkaConsumer.DEFAULT_CONFIG),
+            )
+            self.producer = KafkaProducer(
+                bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+                max_request_size=16 * 1024 * 1024,
+                **_client_options(options, KafkaProducer.DEFAULT_CONFIG),
+            )
+        except KafkaError as exc:
+            if http is not None:
+                http.close()
+            print(f"crossdistil train: Kafka at {k.bootstrap} is not reachable ({exc}); start one with "
+                  "'crossdistil kafka up' or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
+            return 3
         self.consumer.subscribe([k.impressions_topic, k.feedback_topic], listener=_rebalance_listener(self))
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         print(f"crossdistil train: consuming {k.impressions_topic}, {k.feedback_topic} from {k.bootstrap} "
