@@ -464,21 +464,25 @@ def validate(obj: Any, *, limits: Limits = DEFAULT_LIMITS) -> dict:
     Raises :class:`EventError` naming the first problem (for a batch, the first bad event).
     """
     event = _copy_event(obj)
-    if type(event) is dict and "batch" in event:
-        batch = event["batch"]
-        if isinstance(batch, (list, tuple)):
-            event["batch"] = [_copy_event(inner) for inner in batch]
+    if type(event) is dict and isinstance(event.get("batch"), (list, tuple)):
+        event["batch"] = [_copy_event(inner) for inner in event["batch"]]
+    return _check_message(event, limits)
+
+
+def _check_message(obj: Any, limits: Limits) -> dict:
+    """Check one event or batch envelope in place; raise the first problem as :class:`EventError`."""
+    if type(obj) is dict and "batch" in obj:
         try:
-            batch = _check_envelope(event, limits)
+            batch = _check_envelope(obj, limits)
         except _Invalid as problem:
             raise _error(problem) from None
         _check_batch_events(batch, limits)
-        return event
+        return obj
     try:
-        _check_single(event, limits)
+        _check_single(obj, limits)
     except _Invalid as problem:
         raise _error(problem) from None
-    return event
+    return obj
 
 
 def event_kind(event: Any) -> EventKind:
@@ -584,19 +588,7 @@ def decode(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> dict:
 
     Raises :class:`EventError` (and nothing else) for any problem; for a batch, the first bad event.
     """
-    obj = _unpack(data, limits)
-    if type(obj) is dict and "batch" in obj:
-        try:
-            batch = _check_envelope(obj, limits)
-        except _Invalid as problem:
-            raise _error(problem) from None
-        _check_batch_events(batch, limits)
-        return obj
-    try:
-        _check_single(obj, limits)
-    except _Invalid as problem:
-        raise _error(problem) from None
-    return obj
+    return _check_message(_unpack(data, limits), limits)
 
 
 def decode_events(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[dict | EventError]:
