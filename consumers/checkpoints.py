@@ -186,7 +186,7 @@ class CheckpointStore:
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
             raise
-        self._fsync_directory()
+        fsync_directory(self.directory)
         self._prune()
         return final
 
@@ -227,15 +227,16 @@ class CheckpointStore:
                 log.warning("removing %s, left by an interrupted checkpoint write", entry.path)
                 Path(entry.path).unlink(missing_ok=True)
 
-    def _fsync_directory(self) -> None:
-        # Makes the rename itself durable; not possible on every platform (Windows), where it is skipped.
-        try:
-            fd = os.open(self.directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make a rename inside ``directory`` durable; skipped where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

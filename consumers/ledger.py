@@ -32,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from consumers.checkpoints import fsync_directory
+
 _SEGMENT = re.compile(r"^ledger-(\d{12})\.tsv$")
 
 
@@ -74,7 +76,7 @@ class Ledger:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         self._lines = []
         return final
 
@@ -118,16 +120,3 @@ def read_ledger(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 row[name] = int(value) if name.startswith("label/") else float(value)
             rows.append(row)
     return rows
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
