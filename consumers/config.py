@@ -102,6 +102,17 @@ class ModelSection:
 
 
 @dataclass
+class ServingSection:
+    bind: str = _f("127.0.0.1", "address of the serving daemon's HTTP endpoints (/score, /healthz, /metrics)")
+    port: int = _f(9401, "port of the serving daemon's HTTP endpoints (0 = a free port, printed on start)")
+    max_request_bytes: int = _f(4_194_304, "largest POST /score body in bytes; larger requests get 413")
+    max_items: int = _f(10_000, "most impressions in one POST /score; more get 413")
+    torch_threads: int = _f(1, "torch intra-op threads for scoring (0 = torch's choice); 1 is fastest with concurrent requests on few cores")
+    max_checkpoint_bytes: int = _f(1 << 30, "largest checkpoint payload accepted from the serving topic (memory bound of reassembly)")
+    device: str = _f("cpu", "torch device that scores: cpu, cuda[:N] or auto")
+
+
+@dataclass
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     join: JoinConfig = field(default_factory=JoinConfig)
@@ -110,6 +121,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    serving: ServingSection = field(default_factory=ServingSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
