@@ -1,0 +1,106 @@
+"""The trainer's pure pipeline (consumers.pipeline): decode -> join -> mini-batches -> score, then update -> metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from consumers.config import load_config
+from consumers.pipeline import EventClock, Pipeline, decode_record, join_config
+from streamer.events import encode
+
+pytestmark = pytest.mark.unit
+
+torch.set_num_threads(1)
+TINY = "model.options={rung = 'mtl', embedding_dim = 4, hidden_dims = [8], tower_dims = [4]}"
+
+
+def config(batch_size: int = 4, delay_s: float = 1e9):
+    return load_config(None, env={}, overrides=[
+        "model.tasks=['click', 'like']", "join.attribution_window_s={click = 5, like = 10}",
+        f"batching.batch_size={batch_size}", f"batching.max_batch_delay_s={delay_s}", TINY, "metrics.windows=[8, 16]"])
+
+
+def stream(n: int = 40) -> list[tuple[str, bytes]]:
+    """n impressions one second apart, each clicked 2 s later when i % 3 == 0, in event-time order."""
+    messages = []
+    for i in range(n):
+        messages.append(("impressions", encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i, "user_id": f"u{i % 5}",
+                                               "item_id": f"a{i % 7}", "features": {}})))
+    for i in range(0, n, 3):
+        messages.append(("feedback", encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i + 2000, "task": "click", "value": 1})))
+    order = {id(m): (msgpack_ts(m[1]), k) for k, m in enumerate(messages)}
+    return sorted(messages, key=lambda m: order[id(m)])
+
+
+def msgpack_ts(value: bytes) -> int:
+    return decode_record(value)[0]["ts_ms"]
+
+
+def replay(pipeline: Pipeline, messages: list[tuple[str, bytes]], train_every: int = 1) -> list:
+    trained = []
+    pipeline.on_batch = lambda samples, labels, scores, fired: trained.append(
+        ([s.impression["impression_id"] for s in samples], {t: s.copy() for t, s in scores.items()}))
+    for k, (topic, value) in enumerate(messages):
+        pipeline.ingest(decode_record(value), (topic, 0))
+        if (k + 1) % train_every == 0:
+            pipeline.train_ready()
+    pipeline.flush()
+    return trained
+
+
+def test_every_impression_is_trained_once_with_its_labels() -> None:
+    pipeline = Pipeline(config(), clock=None)
+    trained = replay(pipeline, stream())
+    ids = [i for batch, _ in trained for i in batch]
+    assert sorted(ids) == sorted(f"i{i}" for i in range(40)) and len(ids) == 40
+    assert pipeline.trained_samples == 40
+    assert pipeline.join.counters["positive_labels"] == 14
+
+
+def test_replay_batches_do_not_depend_on_how_often_train_ready_is_called() -> None:
+    per_record = replay(Pipeline(config(), clock=None), stream())
+    per_ten = replay(Pipeline(config(), clock=None), stream(), train_every=10)
+    assert [b for b, _ in per_record] == [b for b, _ in per_ten]
+    for (_, a), (_, b) in zip(per_record, per_ten):
+        assert all(np.array_equal(a[t], b[t]) for t in a)
+
+
+def test_event_clock_cuts_partial_batches_after_max_batch_delay_of_event_time() -> None:
+    pipeline = Pipeline(config(batch_size=100, delay_s=3.0), clock=None)
+    trained = replay(pipeline, stream(30))
+    assert len(trained) > 1, "a 100-sample batch never fills: only the event-time delay can cut batches"
+    assert all(len(b) < 100 for b, _ in trained)
+
+
+def test_bad_events_come_back_as_dead_letters_and_are_counted() -> None:
+    pipeline = Pipeline(config(), clock=None)
+    bad = pipeline.ingest(decode_record(b"\xc1 not msgpack"), ("impressions", 0))
+    assert len(bad) == 1 and pipeline.dead_letters == 1
+    assert pipeline.metrics.dead_letters_total.labels(bad[0].reason)._value.get() == 1
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    messages = stream()
+    whole = Pipeline(config(), clock=None)
+    expected = replay(whole, messages)
+    first = Pipeline(config(), clock=None)
+    seen = []
+    first.on_batch = lambda samples, labels, scores, fired: seen.append([s.impression["impression_id"] for s in samples])
+    for topic, value in messages[:25]:
+        first.ingest(decode_record(value), (topic, 0))
+        first.train_ready()
+    second = Pipeline(config(), clock=None)
+    second.load_state_dict(first.state_dict(), now=first.clock())
+    rest = replay(second, messages[25:])
+    assert seen + [b for b, _ in rest] == [b for b, _ in expected]
+    assert np.array_equal(rest[-1][1]["click"], expected[-1][1]["click"])
+
+
+def test_replay_join_config_has_no_idle_timeout_and_no_waiting_for_partitions() -> None:
+    cfg = config()
+    replay_join, live_join = join_config(cfg, live=False), join_config(cfg, live=True)
+    assert replay_join.idle_timeout_s is None and not replay_join.wait_for_all_partitions
+    assert live_join.wait_for_all_partitions
+    assert isinstance(Pipeline(cfg, clock=None).clock, EventClock)
