@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Any
 
 BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
-CONFIGS = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
+LADDER = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
+# Online baselines from river (models.river_baseline): one LR / FM per task over the same hashed features.
+RIVER_CONFIGS = ("river_lr", "river_fm")
+CONFIGS = LADDER + RIVER_CONFIGS
 MODES = ("split", "prequential", "both")
 # Columns of the main table, in order: (metric key in results.json, header).
 TABLE_METRICS = (("auc", "AUC"), ("gauc", "GAUC"), ("multi_auc", "Multi-AUC"), ("log_loss", "LogLoss"),
@@ -51,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the data set's first two tasks)")
     parser.add_argument("--backbone", default="shared_bottom",
                         help=f"comma-separated backbones among {','.join(BACKBONES)} (default shared_bottom)")
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"comma-separated rungs of the ablation ladder among {','.join(CONFIGS)}")
+    parser.add_argument("--configs", default=",".join(LADDER),
+                        help=f"comma-separated rungs of the ablation ladder among {','.join(LADDER)}, and river "
+                             f"baselines {','.join(RIVER_CONFIGS)} (default: the ladder)")
     parser.add_argument("--seeds", default="5",
                         help="a count N (seeds 0..N-1) or a comma-separated list such as 3,7,11 (default 5)")
     parser.add_argument("--mode", choices=MODES, default="split",
@@ -68,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-points", type=int, default=10, help="points of the AUC curve per run (default 10)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="models.config.ModelConfig field override, repeatable, e.g. kd_weight=0.5, "
-                             "quadruplet_pairs=all, lr=0.003, hidden_dims=64,32")
+                             "quadruplet_pairs=all, lr=0.003, hidden_dims=64,32; river.KEY=VALUE sets a "
+                             "models.river_baseline.RiverConfig field of the river configs, e.g. river.lr=0.05")
     parser.add_argument("--exclude-feature", action="append", default=[], metavar="NAME",
                         help="drop a feature column of the data set from the model input (repeatable)")
     parser.add_argument("--hash-buckets", type=int, default=0,
@@ -189,9 +194,16 @@ def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0
 
 def make_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
                  model_options: dict[str, Any], device: str) -> Any:
-    """A fresh, seeded ``models.learner.Learner`` for one run."""
+    """A fresh, seeded ``models.learner.Learner`` for one run (a ``RiverLearner`` for the river configs)."""
     import numpy as np
     import torch
+
+    river_options = {k.removeprefix("river."): v for k, v in model_options.items() if k.startswith("river.")}
+    model_options = {k: v for k, v in model_options.items() if not k.startswith("river.")}
+    if rung in RIVER_CONFIGS:  # no backbone, no device: river learns on the CPU, one event at a time
+        from models.river_baseline import config_for, make_learner as make_river_learner
+
+        return make_river_learner(config_for(rung, tasks, spec, seed, **river_options))
 
     from models.config import ModelConfig
     from models.learner import Learner
@@ -233,7 +245,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     modes = ["split", "prequential"] if args.mode == "both" else [args.mode]
     model_options = parse_pairs(args.model_option, "--model-option")
     for reserved in ("tasks", "backbone", "rung", "features", "seed"):
-        if reserved in model_options:
+        if reserved in model_options or f"river.{reserved}" in model_options:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
     if args.threads:
         torch.set_num_threads(args.threads)

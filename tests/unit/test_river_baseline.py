@@ -195,3 +195,43 @@ def _equal_states(a, b) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_states(a[k], b[k]) for k in a)
     return a == b
+
+
+def test_evaluate_knows_the_river_config_names() -> None:
+    from consumers import evaluate
+
+    assert set(evaluate.RIVER_CONFIGS) == set(RIVER_CONFIGS)
+    assert "river_lr" not in evaluate.LADDER  # the default --configs stays the ladder
+
+
+def test_evaluate_builds_river_learners_with_river_options_only() -> None:
+    from consumers.evaluate import make_learner as evaluate_learner
+
+    options = {"river.lr": 0.3, "lr": 0.003}  # lr= is the deep model's, river.lr= the baseline's
+    learner = evaluate_learner(TASKS, "shared_bottom", "river_fm", 4, SPEC, options, "cpu")
+    assert isinstance(learner, RiverLearner)
+    assert (learner.config.model, learner.config.lr, learner.config.seed) == ("fm", 0.3, 4)
+    with pytest.raises(ValueError, match="unknown river options"):
+        evaluate_learner(TASKS, "shared_bottom", "river_lr", 0, SPEC, {"river.hidden_dims": [8]}, "cpu")
+
+
+def test_evaluate_runs_mtl_and_river_side_by_side(tmp_path) -> None:
+    import argparse
+    import json
+
+    from consumers import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args([
+        "--dataset", "synthetic", "--source", "-", "--option", "n_events=1500", "--configs", "mtl,river_lr,river_fm",
+        "--seeds", "1", "--mode", "both", "--hash-buckets", "4096", "--threads", "1", "--device", "cpu",
+        "--model-option", "hidden_dims=8,", "--model-option", "tower_dims=4,", "--curve-points", "2",
+        "--out", str(tmp_path),
+    ])
+    assert evaluate.run(args) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["config"], r["mode"]) for r in runs) == sorted(
+        (c, m) for c in ("mtl", "river_lr", "river_fm") for m in ("split", "prequential"))
+    report = (tmp_path / "report.md").read_text()
+    assert "| shared_bottom | river_fm |" in report
