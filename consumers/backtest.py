@@ -1,0 +1,624 @@
+"""``crossdistil backtest``: replay an event log or a Kafka topic range through the trainer's own pipeline.
+
+Every configuration gets a ``consumers.pipeline.Pipeline`` (the trainer's join, batching, training and metrics
+code) driven by the replay clock, ``EventClock`` (the join's watermark): nothing waits on the wall clock, and
+the same input and configuration give the same numbers bit for bit (with ``--torch-threads 1``, the default).
+Records are decoded once and fed to every configuration's pipeline in the same order, so configurations are
+compared on exactly the same events.
+
+Inputs:
+
+* ``--log file://PATH``: an event log (docs/event-log.md). Every record's event is packed back into the bytes
+  a Kafka message would carry and decoded by the trainer's decoder; its source is ``(topic, 0)``.
+* ``--kafka HOST:PORT``: the impressions and feedback topics of the (first) configuration, every partition, in
+  ``[--from-offset, --to-offset)`` or ``[--from-time, --to-time)`` (record timestamps; ISO 8601 or unix ms).
+  The range is read first, then the partitions are merged by event time (each partition keeps its order) so
+  the replay does not depend on fetch timing. It is held in memory while it is replayed.
+
+Outputs (``--out DIR``): ``summary.json`` and ``series_<config>.csv`` (deterministic: no wall-clock field),
+``timing.json`` (wall-clock seconds and throughput, not deterministic), ``auc_<task>.png`` and ``report.md``.
+See docs/backtest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import heapq
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from consumers.config import Config
+    from consumers.pipeline import Pipeline
+
+SUMMARY_FORMAT = 1
+LAST_FRACTION = 0.2  # "prequential AUC over the last 20% of the stream", as the trainer's acceptance reports it
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``crossdistil backtest``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", metavar="file://PATH", help="an event log written by 'crossdistil stream --to file://PATH'")
+    source.add_argument("--kafka", metavar="HOST:PORT", help="replay the impressions and feedback topics of this broker")
+    parser.add_argument("--from-offset", type=int, default=None, help="--kafka: first offset of every partition")
+    parser.add_argument("--to-offset", type=int, default=None, help="--kafka: end offset (exclusive) of every partition")
+    parser.add_argument("--from-time", default=None, metavar="ISO|MS",
+                        help="first record time (--kafka: record timestamp; --log: event ts_ms), ISO 8601 or unix ms")
+    parser.add_argument("--to-time", default=None, metavar="ISO|MS", help="end record time (exclusive), ISO 8601 or unix ms")
+    parser.add_argument("--config", dest="configs_files", action="append", default=[], metavar="FILE",
+                        help="a trainer configuration (TOML); repeat to compare several side by side")
+    parser.add_argument("--configs", dest="rungs", default=None, metavar="RUNG[,RUNG...]",
+                        help="shorthand: one configuration per rung (model.options.rung) on the one --config, e.g. mtl,crossdistil")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a configuration value in every configuration (repeatable)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    parser.add_argument("--sample-every", type=int, default=1000, metavar="N",
+                        help="one time-series point every N trained samples (default %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N records")
+    parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                        help="torch intra-op threads (default 1: bit-for-bit reproducible, and fastest on a busy machine)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``crossdistil backtest``; returns the exit status."""
+    from consumers.config import ConfigError
+    from streamer.eventlog import EventLogError
+
+    import torch
+
+    torch.set_num_threads(max(1, args.torch_threads))
+    try:
+        configs = build_configs(args.configs_files, args.rungs, args.overrides)
+        input_desc: dict[str, Any]
+        if args.log:
+            if args.from_offset is not None or args.to_offset is not None:
+                raise ValueError("--from-offset/--to-offset apply to --kafka; an event log has no offsets (use --limit)")
+            records, input_desc = log_records(args.log, parse_time(args.from_time), parse_time(args.to_time), args.limit)
+        else:
+            cfg0 = next(iter(configs.values()))
+            records, input_desc = kafka_records(
+                args.kafka, [cfg0.kafka.impressions_topic, cfg0.kafka.feedback_topic],
+                from_offset=args.from_offset, to_offset=args.to_offset,
+                from_ms=parse_time(args.from_time), to_ms=parse_time(args.to_time), limit=args.limit)
+        result = run_backtest(records, configs, sample_every=args.sample_every, progress=not args.quiet,
+                              total=input_desc.get("records") or input_desc.get("bytes"),
+                              progress_unit="records" if "records" in input_desc else "bytes")
+    except (ConfigError, EventLogError, ValueError) as exc:
+        print(f"crossdistil backtest: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(f"crossdistil backtest: {exc}", file=sys.stderr)
+        return 3
+    out = Path(args.out)
+    write_outputs(result, out, input_desc, plots=not args.no_plots)
+    print(f"crossdistil backtest: {result.records} records, {len(configs)} configuration(s) -> {out}/report.md")
+    for name, run_ in result.runs.items():
+        aucs = ", ".join(f"{t} {_fmt(v)}" for t, v in run_.prequential_auc().items())
+        print(f"  {name}: {run_.pipeline.trained_samples} samples, prequential AUC {aucs}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+
+def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[str]) -> dict[str, Config]:
+    """Named configurations: one per ``--config`` file (named by its stem), or one per rung on one base file."""
+    from consumers.config import load_config
+
+    if rungs:
+        if len(files) > 1:
+            raise ValueError("--configs RUNG,... applies rung overrides to one base configuration; pass at most one --config")
+        base = load_config(files[0] if files else None, overrides=overrides)
+        out: dict[str, Config] = {}
+        for rung in [r.strip() for r in rungs.split(",") if r.strip()]:
+            cfg = copy.deepcopy(base)
+            cfg.model.options = {**cfg.model.options, "rung": rung}
+            out[rung] = cfg
+        if not out:
+            raise ValueError("--configs is empty: name at least one rung, e.g. --configs mtl,crossdistil")
+        return out
+    if not files:
+        return {"default": load_config(None, overrides=overrides)}
+    out = {}
+    for path in files:
+        name = Path(path).stem
+        while name in out:
+            name += "'"
+        out[name] = load_config(path, overrides=overrides)
+    return out
+
+
+def parse_time(text: str | None) -> int | None:
+    """``--from-time`` / ``--to-time``: unix milliseconds, or ISO 8601 (UTC unless it says otherwise)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"time {text!r} is neither unix milliseconds nor ISO 8601 (e.g. 2022-04-08T12:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message to replay: its source (topic, partition) and the value bytes a Kafka message would carry."""
+
+    topic: str
+    partition: int
+    value: bytes | None
+
+
+def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
+                limit: int | None = None) -> tuple[Iterator[Record], dict[str, Any]]:
+    """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
+    import msgpack
+
+    from streamer.eventlog import EventLogError, path_from_url, read_event_log
+
+    path = path_from_url(url)
+    if not path.is_file():
+        raise EventLogError(f"event log {path} does not exist; write one with "
+                            "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
+
+    def records() -> Iterator[Record]:
+        packer = msgpack.Packer(use_bin_type=True)
+        n = 0
+        for record in read_event_log(path):
+            if limit is not None and n >= limit:
+                return
+            ts = record.event.get("ts_ms")
+            if isinstance(ts, int) and ((from_ms is not None and ts < from_ms) or (to_ms is not None and ts >= to_ms)):
+                continue
+            n += 1
+            yield Record(record.topic, 0, packer.pack(record.event))
+
+    desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
+            "bytes": path.stat().st_size}
+    return records(), desc
+
+
+def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | None = None, to_offset: int | None = None,
+                  from_ms: int | None = None, to_ms: int | None = None,
+                  limit: int | None = None) -> tuple[Iterator[Record], dict[str, Any]]:
+    """Every partition of ``topics`` in an offset or time range, merged by event time (partitions keep their order)."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    if (from_offset is not None or to_offset is not None) and (from_ms is not None or to_ms is not None):
+        raise ValueError("give an offset range or a time range, not both")
+    try:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                 consumer_timeout_ms=1000, reconnect_backoff_max_ms=2000)
+    except KafkaError as exc:
+        raise ConnectionError(f"Kafka at {bootstrap} is not reachable ({exc}); start one with 'crossdistil kafka up'") from None
+    try:
+        partitions = []
+        for topic in topics:
+            ids = consumer.partitions_for_topic(topic)
+            if not ids:
+                raise ValueError(f"topic {topic!r} does not exist on {bootstrap}")
+            partitions += [TopicPartition(topic, p) for p in sorted(ids)]
+        consumer.assign(partitions)
+        begin = consumer.beginning_offsets(partitions)
+        end = consumer.end_offsets(partitions)
+        start: dict[Any, int] = {}
+        stop: dict[Any, int] = {}
+        for tp in partitions:
+            start[tp] = max(begin[tp], from_offset if from_offset is not None else begin[tp])
+            stop[tp] = min(end[tp], to_offset if to_offset is not None else end[tp])
+        for bound, target in ((from_ms, start), (to_ms, stop)):
+            if bound is not None:
+                found = consumer.offsets_for_times({tp: bound for tp in partitions})
+                for tp in partitions:
+                    target[tp] = found[tp].offset if found.get(tp) is not None else end[tp]
+        by_partition: dict[Any, list] = {tp: [] for tp in partitions}
+        for tp in partitions:
+            if start[tp] < stop[tp]:
+                consumer.seek(tp, start[tp])
+        wanted = {tp for tp in partitions if start[tp] < stop[tp]}
+        deadline = time.monotonic() + 600
+        while wanted and time.monotonic() < deadline:
+            for tp, batch in consumer.poll(timeout_ms=500, max_records=5000).items():
+                if tp not in wanted:
+                    continue
+                for message in batch:
+                    if message.offset < stop[tp]:
+                        by_partition[tp].append(message)
+                if consumer.position(tp) >= stop[tp]:
+                    wanted.discard(tp)
+                    consumer.pause(tp)
+        if wanted:
+            raise ConnectionError(f"reading {sorted(str(tp) for tp in wanted)} from {bootstrap} did not finish in 600 s")
+    finally:
+        consumer.close()
+    streams = [_ordered(tp.topic, tp.partition, messages) for tp, messages in by_partition.items()]
+    merged = (item[-1] for item in heapq.merge(*streams))
+    count = sum(len(m) for m in by_partition.values())
+    desc = {"kind": "kafka", "topics": list(topics), "from_offset": from_offset, "to_offset": to_offset,
+            "from_ms": from_ms, "to_ms": to_ms, "limit": limit, "records": min(count, limit or count),
+            "ranges": {f"{tp.topic}-{tp.partition}": [start[tp], stop[tp]] for tp in partitions}}
+    if limit is not None:
+        merged = (r for i, r in zip(range(limit), merged))
+    return merged, desc
+
+
+def _ordered(topic: str, partition: int, messages: list) -> Iterator[tuple]:
+    """Merge keys of one partition: (running max of event ts, topic, partition, offset, Record)."""
+    import msgpack
+
+    clock = -math.inf
+    for message in messages:
+        try:
+            obj = msgpack.unpackb(message.value, raw=False) if message.value is not None else None
+            events = obj.get("batch", [obj]) if isinstance(obj, dict) else []
+            stamps = [e["ts_ms"] for e in events if isinstance(e, dict) and isinstance(e.get("ts_ms"), int)]
+            if stamps:
+                clock = max(clock, min(stamps))
+        except Exception:  # a bad message keeps its partition's clock; the pipeline dead-letters it
+            pass
+        yield (clock, topic, partition, message.offset, Record(topic, partition, message.value))
+
+
+# ------------------------------------------------------------------------------------------------ replay
+
+
+@dataclass
+class ConfigRun:
+    """One configuration's pipeline and what the replay recorded from it."""
+
+    name: str
+    cfg: Config
+    pipeline: Pipeline
+    sample_every: int
+    series: list[dict[str, Any]] = field(default_factory=list)
+    detections: list[dict[str, Any]] = field(default_factory=list)
+    impression_ids: list[str] = field(default_factory=list)
+    event_ts_ms: list[int] = field(default_factory=list)
+    labels: dict[str, list] = field(default_factory=dict)
+    scores: dict[str, list] = field(default_factory=dict)
+    seconds: float = 0.0
+    _next_point: int = 0
+
+    def on_batch(self, samples: list, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+                 fired: list[tuple[str, str]]) -> None:
+        """Pipeline hook: keep the prequential predictions, detections and, every N samples, a series point."""
+        self.impression_ids += [s.impression["impression_id"] for s in samples]
+        self.event_ts_ms += [int(s.impression["ts_ms"]) for s in samples]
+        for task in labels:
+            self.labels.setdefault(task, []).append(labels[task])
+            self.scores.setdefault(task, []).append(scores[task])
+        trained = self.pipeline.trained_samples
+        event_ms = self.event_ts_ms[-1]
+        for task, detector in fired:
+            self.detections.append({"task": task, "detector": detector, "samples": trained, "event_time_ms": event_ms})
+        if trained >= self._next_point:
+            self.add_point(event_ms)
+
+    def add_point(self, event_ms: int) -> None:
+        """A time-series point from the metrics' snapshot (the same numbers /metrics would show)."""
+        trained = self.pipeline.trained_samples
+        snapshot = self.pipeline.metrics.snapshot()
+        for task in self.pipeline.tasks:
+            student = snapshot.get(task, {}).get("student", {})
+            row: dict[str, Any] = {"samples": trained, "event_time_ms": event_ms, "task": task,
+                                   "steps": self.pipeline.learner.steps}
+            for window in [str(w) for w in self.pipeline.metrics.windows] + ["lifetime"]:
+                row[f"auc@{window}"] = student.get("auc", {}).get(window)
+                row[f"log_loss@{window}"] = student.get("log_loss", {}).get(window)
+            for key, value in sorted(student.get("auc_drift", {}).items()):
+                row[f"auc_drift@{key}"] = value
+            row["detections"] = sum(snapshot.get(task, {}).get("drift_detections", {}).values())
+            self.series.append(row)
+        self._next_point = (trained // self.sample_every + 1) * self.sample_every
+
+    def arrays(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """All prequential (labels, predictions) of ``task``, in training order."""
+        import numpy as np
+
+        if not self.labels.get(task):
+            return np.zeros(0, np.int8), np.zeros(0, np.float32)
+        return np.concatenate(self.labels[task]), np.concatenate(self.scores[task])
+
+    def prequential_auc(self, last_fraction: float | None = None) -> dict[str, float | None]:
+        """Exact AUC of every prequential prediction per task (or of the last ``last_fraction`` of them)."""
+        from consumers.quality import exact_auc
+
+        out: dict[str, float | None] = {}
+        for task in self.pipeline.tasks:
+            y, p = self.arrays(task)
+            if last_fraction is not None:
+                start = int(len(y) * (1 - last_fraction))
+                y, p = y[start:], p[start:]
+            value = exact_auc(y, p) if len(y) else math.nan
+            out[task] = None if math.isnan(value) else float(value)
+        return out
+
+
+@dataclass
+class BacktestResult:
+    """Every configuration's run on the same records."""
+
+    runs: dict[str, ConfigRun]
+    records: int
+    events: int
+    seconds: float
+
+
+def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sample_every: int = 1000,
+                 progress: bool = False, total: int | None = None, progress_unit: str = "records") -> BacktestResult:
+    """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
+
+    Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
+    the end of a finite stream (``--exit-when-idle``).
+    """
+    from prometheus_client import CollectorRegistry
+
+    from consumers.metrics import TrainerMetrics
+    from consumers.pipeline import EventClock, Pipeline, decode_record, join_config
+
+    if sample_every < 1:
+        raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
+    runs: dict[str, ConfigRun] = {}
+    for name, cfg in configs.items():
+        clock = EventClock()
+        metrics = TrainerMetrics(tuple(cfg.model.tasks), windows=tuple(cfg.metrics.windows),
+                                 registry=CollectorRegistry(), clock=clock)
+        pipeline = Pipeline(cfg, clock=clock, join=join_config(cfg, live=False), metrics=metrics)
+        clock.pipeline = pipeline
+        run_ = ConfigRun(name, cfg, pipeline, sample_every, _next_point=sample_every)
+        pipeline.on_batch = run_.on_batch
+        runs[name] = run_
+    started = time.perf_counter()
+    n_records = n_events = 0
+    with _progress(progress, total, progress_unit) as advance:
+        for record in records:
+            events = decode_record(record.value)
+            source = (record.topic, record.partition)
+            for run_ in runs.values():
+                t0 = time.perf_counter()
+                run_.pipeline.ingest(events, source)
+                run_.pipeline.train_ready()
+                run_.seconds += time.perf_counter() - t0
+            n_records += 1
+            n_events += len(events)
+            advance(1 if progress_unit == "records" else len(record.value or b"") + 24)
+        for run_ in runs.values():
+            t0 = time.perf_counter()
+            run_.pipeline.flush()
+            if run_.event_ts_ms:
+                run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
+            run_.seconds += time.perf_counter() - t0
+    return BacktestResult(runs, n_records, n_events, time.perf_counter() - started)
+
+
+class _progress:
+    """A rich progress bar on stderr (or nothing); ``advance(n)`` moves it."""
+
+    def __init__(self, enabled: bool, total: int | None, unit: str) -> None:
+        self.enabled, self.total, self.unit = enabled, total, unit
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("backtest"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
+                                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self._progress.start()
+        task = self._progress.add_task("replay", total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            for task in self._progress.tasks:
+                self._progress.update(task.id, completed=task.total or task.completed)
+            self._progress.stop()
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any]:
+    """The deterministic summary (no wall-clock field): inputs, and per configuration its final numbers."""
+    from consumers.wire import stable_hash
+
+    configurations: dict[str, Any] = {}
+    for name, run_ in result.runs.items():
+        pipeline = run_.pipeline
+        final = {row["task"]: {k: v for k, v in row.items() if k not in ("task",)} for row in run_.series[-len(pipeline.tasks):]}
+        configurations[name] = {
+            "config_hash": stable_hash(run_.cfg.to_dict()),
+            "model_options": run_.cfg.model.options,
+            "tasks": list(pipeline.tasks),
+            "trained_samples": pipeline.trained_samples,
+            "steps": pipeline.learner.steps,
+            "dead_letters": pipeline.dead_letters,
+            "join": pipeline.join.counters,
+            "watermark_ms": pipeline.join.watermark_ms,
+            "prequential_auc": run_.prequential_auc(),
+            f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct": run_.prequential_auc(LAST_FRACTION),
+            "final": final,
+            "drift_detections": run_.detections,
+        }
+    return {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
+            "records": result.records, "events": result.events, "configurations": configurations}
+
+
+def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any], *, plots: bool = True) -> list[Path]:
+    """summary.json, series_<config>.csv, timing.json, auc_<task>.png and report.md into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    data = summary(result, input_desc)
+    path = out / "summary.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_json_default) + "\n")
+    written.append(path)
+    for name, run_ in result.runs.items():
+        path = out / f"series_{_slug(name)}.csv"
+        path.write_text(series_csv(run_.series))
+        written.append(path)
+    timing = {"seconds": round(result.seconds, 3), "records_per_s": round(result.records / max(result.seconds, 1e-9)),
+              "configurations": {name: {"seconds": round(r.seconds, 3),
+                                        "samples_per_s": round(r.pipeline.trained_samples / max(r.seconds, 1e-9))}
+                                 for name, r in result.runs.items()}}
+    path = out / "timing.json"
+    path.write_text(json.dumps(timing, indent=2, sort_keys=True) + "\n")
+    written.append(path)
+    images = plot_auc(result, out) if plots else []
+    written += images
+    path = out / "report.md"
+    path.write_text(render_report(data, timing, [p.name for p in images]))
+    written.append(path)
+    return written
+
+
+def series_csv(rows: list[dict[str, Any]]) -> str:
+    """The series as CSV text; floats in Python's shortest round-trip form, so equal numbers give equal bytes."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float) else row[c] for c in columns])
+    return buffer.getvalue()
+
+
+def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
+    """auc_<task>.png: windowed AUC over event time, one line per configuration, drift detections as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(t for r in result.runs.values() for t in r.pipeline.tasks))
+    paths = []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for task in tasks:
+        fig, (ax_auc, ax_drift) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+        for i, (name, run_) in enumerate(result.runs.items()):
+            color = colors[i % len(colors)]
+            window = str(run_.pipeline.metrics.windows[0])
+            rows = [r for r in run_.series if r["task"] == task]
+            times = [_dt(r["event_time_ms"]) for r in rows]
+            ax_auc.plot(times, [_nan(r.get(f"auc@{window}")) for r in rows], color=color, label=f"{name} (AUC, last {window})")
+            drift_key = f"auc_drift@{window}/baseline"
+            ax_drift.plot(times, [_nan(r.get(drift_key)) for r in rows], color=color)
+            marked = False
+            for d in run_.detections:
+                if d["task"] != task:
+                    continue
+                for ax in (ax_auc, ax_drift):
+                    ax.axvline(_dt(d["event_time_ms"]), color=color, linestyle="--" if d["detector"] == "adwin" else ":",
+                               linewidth=1.0, alpha=0.8, label=None if marked or ax is ax_drift else f"{name} drift detection")
+                marked = True
+        ax_auc.set_ylabel(f"{task} AUC (windowed)")
+        ax_auc.set_title(f"{task}: prequential AUC over event time (dashed: ADWIN, dotted: Page-Hinkley detections)")
+        ax_auc.grid(alpha=0.3)
+        ax_auc.legend(loc="lower left", fontsize=8)
+        ax_drift.axhline(0.0, color="grey", linewidth=0.8)
+        ax_drift.set_ylabel("AUC drift vs baseline")
+        ax_drift.set_xlabel("event time (UTC)")
+        ax_drift.grid(alpha=0.3)
+        ax_drift.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        path = out / f"auc_{_slug(task)}.png"
+        fig.savefig(path, dpi=100, metadata={"Software": None})
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence[str]) -> str:
+    """A short Markdown report: the input, a per-task table per configuration, detections, plots."""
+    inp = data["input"]
+    source = inp.get("log") or f"Kafka topics {', '.join(inp.get('topics', []))}"
+    lines = ["# Backtest report", "",
+             f"Input: {source}; {data['records']:,} records, {data['events']:,} events. Replayed through the trainer's "
+             "pipeline (consumers.pipeline) on event time; every prediction was made before the model learnt from "
+             "its sample (prequential).", ""]
+    last_key = f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct"
+    tasks = list(dict.fromkeys(t for c in data["configurations"].values() for t in c["tasks"]))
+    lines += ["| configuration | task | prequential AUC (all) | AUC (last 20%) | final windowed AUC | final log loss | drift detections |",
+              "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for name, c in data["configurations"].items():
+            if task not in c["tasks"]:
+                continue
+            final = c["final"].get(task, {})
+            window = next((k for k in final if k.startswith("auc@") and k != "auc@lifetime"), None)
+            loss_key = window.replace("auc@", "log_loss@") if window else None
+            n_det = sum(1 for d in c["drift_detections"] if d["task"] == task)
+            lines.append(f"| {name} | {task} | {_fmt(c['prequential_auc'][task])} | {_fmt(c[last_key][task])} | "
+                         f"{_fmt(final.get(window))} ({window}) | {_fmt(final.get(loss_key))} | {n_det} |")
+    lines += ["", "| configuration | samples | steps | dead letters | late feedback | orphan feedback | evicted |",
+              "|---|---|---|---|---|---|---|"]
+    for name, c in data["configurations"].items():
+        j = c["join"]
+        lines.append(f"| {name} | {c['trained_samples']:,} | {c['steps']:,} | {c['dead_letters']:,} | "
+                     f"{j.get('late_feedback', 0):,} | {j.get('orphan_feedback', 0):,} | {j.get('evicted_impressions', 0):,} |")
+    for name, c in data["configurations"].items():
+        firsts = {}
+        for d in c["drift_detections"]:
+            firsts.setdefault((d["task"], d["detector"]), d)
+        if firsts:
+            lines += ["", f"First drift detections of {name}: " + "; ".join(
+                f"{t}/{det} at sample {d['samples']:,} ({_dt(d['event_time_ms']).strftime('%Y-%m-%d %H:%M:%S')} UTC)"
+                for (t, det), d in sorted(firsts.items()))]
+    lines += ["", f"Wall time {timing['seconds']} s ({timing['records_per_s']:,} records/s; timing.json)."]
+    for image in images:
+        lines += ["", f"![{image}]({image})"]
+    return "\n".join(lines) + "\n"
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

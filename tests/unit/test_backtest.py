@@ -1,0 +1,120 @@
+"""``crossdistil backtest`` on event logs: outputs, side-by-side configurations, bit-for-bit reproducibility."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from consumers import backtest
+
+pytestmark = pytest.mark.unit
+
+CONFIG = """
+[join]
+attribution_window_s = {click = 60, like = 120}
+
+[batching]
+batch_size = 128
+max_batch_delay_s = 30.0
+
+[model]
+tasks = ["click", "like"]
+device = "cpu"
+options = {embedding_dim = 4, hidden_dims = [16], tower_dims = [8], features = {categorical = ['user_id', 'item_id', 'item_category'], numeric = ['duration_s'], hash_buckets = 4096}}
+
+[metrics]
+port = 0
+windows = [500, 1000]
+"""
+
+
+@pytest.fixture(scope="module")
+def drift_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic stream with an abrupt drift of click at impression 1,500."""
+    from streamer.stream import stream_dataset
+
+    path = tmp_path_factory.mktemp("log") / "synthetic.evlog"
+    stream_dataset("synthetic", None, f"file://{path}", options={
+        "n_events": 3000, "tasks": "click,like", "drift": "abrupt", "drift_at": 1500, "drift_bias": -2.0,
+        "n_users": 100, "n_items": 300, "seed": 3, "delay_median_s": "2,20", "max_delay_s": 100})
+    return path
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "base.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    backtest.add_arguments(parser)
+    return backtest.run(parser.parse_args(list(argv)))
+
+
+def test_two_runs_are_identical_bit_for_bit(drift_log: Path, config_file: Path, tmp_path: Path) -> None:
+    for out in ("a", "b"):
+        assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl,crossdistil",
+                   "--out", str(tmp_path / out), "--sample-every", "250", "--quiet", "--no-plots") == 0
+    for name in ("summary.json", "series_mtl.csv", "series_crossdistil.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "seconds" not in (tmp_path / "a" / "summary.json").read_text()  # timing lives in timing.json
+
+
+def test_output_folder_holds_summary_series_plots_and_report(drift_log: Path, config_file: Path, tmp_path: Path) -> None:
+    assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl,crossdistil",
+               "--out", str(tmp_path), "--sample-every", "500", "--quiet") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["configurations"]) == {"mtl", "crossdistil"}
+    for c in summary["configurations"].values():
+        assert c["trained_samples"] == 3000 and c["dead_letters"] == 0
+        assert 0.0 <= c["prequential_auc"]["click"] <= 1.0
+    header = (tmp_path / "series_mtl.csv").read_text().splitlines()[0].split(",")
+    assert {"samples", "event_time_ms", "task", "auc@500", "auc_drift@500/baseline", "log_loss@500"} <= set(header)
+    for task in ("click", "like"):
+        assert (tmp_path / f"auc_{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.md").read_text()
+    assert "| mtl | click |" in report and "![auc_click.png](auc_click.png)" in report
+
+
+def test_configurations_see_the_same_events(drift_log: Path, config_file: Path) -> None:
+    configs = backtest.build_configs([str(config_file)], "mtl,crossdistil", [])
+    records, _ = backtest.log_records(f"file://{drift_log}", limit=2000)
+    result = backtest.run_backtest(records, configs, sample_every=500)
+    mtl, cd = result.runs["mtl"], result.runs["crossdistil"]
+    assert mtl.impression_ids == cd.impression_ids
+    assert mtl.pipeline.join.counters == cd.pipeline.join.counters
+    assert (mtl.arrays("click")[0] == cd.arrays("click")[0]).all()
+    assert not (mtl.arrays("click")[1] == cd.arrays("click")[1]).all(), "different rungs must predict differently"
+
+
+def test_times_parse_from_milliseconds_and_iso() -> None:
+    assert backtest.parse_time("1700000000000") == 1_700_000_000_000
+    assert backtest.parse_time("2023-11-14T22:13:20Z") == 1_700_000_000_000
+    assert backtest.parse_time("2023-11-14T22:13:20") == 1_700_000_000_000
+    with pytest.raises(ValueError, match="ISO 8601"):
+        backtest.parse_time("yesterday")
+
+
+def test_time_range_keeps_only_events_inside_it(drift_log: Path) -> None:
+    from streamer.eventlog import read_event_log
+
+    stamps = [r.event["ts_ms"] for r in read_event_log(drift_log)]
+    lo, hi = stamps[len(stamps) // 4], stamps[len(stamps) // 2]
+    records, _ = backtest.log_records(f"file://{drift_log}", from_ms=lo, to_ms=hi)
+    kept = sum(1 for _ in records)
+    assert kept == sum(1 for t in stamps if lo <= t < hi)
+
+
+def test_missing_log_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli("--log", f"file://{tmp_path}/nope.evlog", "--out", str(tmp_path / "o"), "--quiet") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_offsets_are_refused_for_an_event_log(drift_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli("--log", f"file://{drift_log}", "--from-offset", "5", "--out", str(tmp_path), "--quiet") == 2
+    assert "--kafka" in capsys.readouterr().err
