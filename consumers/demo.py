@@ -1,68 +1,933 @@
-"""``crossdistil demo``: the whole pipeline on this machine.
+"""``crossdistil demo``: the whole pipeline on this machine, with a live terminal view.
 
-Until the trainer (issue 4) and serving (issue 6) daemons exist, the demo starts the local Kafka broker, streams
-a data set into it (KuaiRand by default, or the synthetic stream) and prints the streamer's summary, then says
-where the broker runs and how to stop it.
+What it runs, each in its own process group, everything under one run folder (``runs/demo-<timestamp>/`` by
+default, ``--out``)::
+
+    Kafka (a fresh single-node broker, data in RUN/kafka, a free port)
+    crossdistil train  --config RUN/trainer.toml    (checkpoints in RUN/checkpoints, /metrics on a free port)
+    crossdistil serve  --config RUN/serving.toml    (one replica, /metrics on a free port)
+    prometheus         --config.file RUN/prometheus.yml   (when the binary is installed; alert rules included)
+    crossdistil stream --dataset kuairand|synthetic --to kafka://... --speed FACTOR
+
+Every second it scrapes the trainer's and the serving replica's ``/metrics`` and shows per-task windowed AUC,
+AUC drift, throughput, lag and the model versions (``rich.live.Live`` on a terminal; a plain line every few
+seconds otherwise). It ends on Ctrl-C / SIGTERM, or by itself at the end of the stream once the trainer has
+read everything (consumer lag 0 and no new event for a few seconds). Then it stops the streamer, the trainer
+(SIGTERM: it writes and publishes a final checkpoint), serving, Prometheus and the broker (unless
+``--keep-kafka``), each with a deadline and SIGKILL after it, and prints where the checkpoints, logs and
+metrics are. Children are stopped on every exit path: ``finally``, ``atexit``, signal handlers, and on Linux
+the kernel's parent-death signal if the demo itself is killed.
+
+The run folder::
+
+    demo.json            pids, ports and paths of everything the demo started (rewritten as it changes)
+    trainer.toml, serving.toml, prometheus.yml     the generated configurations
+    logs/                stream.log, trainer.log, serving.log, prometheus.log
+    checkpoints/         the trainer's checkpoints
+    kafka/               the broker's data dir (broker.log, broker.pid)
+    prometheus/          Prometheus' TSDB
+    metrics/             the last scrape of each daemon (trainer.prom, serving.prom)
+
+Exit status: 0 when the demo ended (end of stream, Ctrl-C or SIGTERM) and everything stopped; 1 when a part
+failed (its log is quoted); 2 for a usage error found before anything started (e.g. a missing ``--source``).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KUAIRAND = REPO_ROOT.parent / "shared" / "data" / "kuairand"
+DEMO_CONFIG_DIR = REPO_ROOT / "deploy" / "demo"
+ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
+
+# KuaiRand spans 13 days: at 4000x that is ~5 minutes. The synthetic stream has 100 impressions per second of
+# event time: at 20x that is 2,000 impressions/s, which the trainer keeps up with on a laptop CPU.
+DEFAULT_SPEED = {"kuairand": "4000", "synthetic": "20"}
+DEFAULT_SYNTHETIC_EVENTS = 200_000
+STOP_TIMEOUT_S = {"stream": 10.0, "trainer": 60.0, "serving": 15.0, "prometheus": 15.0}
+CAUGHT_UP_QUIET_S = 3.0      # end of stream: no new event for this long and consumer lag 0 -> the trainer is done
+DRAIN_TIMEOUT_S = 180.0      # ... or give up waiting after this long and stop it anyway
+PLAIN_EVERY_S = 5.0
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+class DemoError(RuntimeError):
+    """A part of the demo failed; the message says which and where its log is."""
+
+
+class StopRequested(BaseException):
+    """Ctrl-C / SIGTERM while the demo was starting up (a BaseException, like KeyboardInterrupt)."""
+
+
+# ----------------------------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``crossdistil demo`` flags."""
     parser.add_argument("--dataset", default="kuairand", choices=("kuairand", "synthetic"),
-                        help="what to stream (default: %(default)s)")
-    parser.add_argument("--source", default=None, help=f"KuaiRand file or folder (default: {DEFAULT_KUAIRAND})")
-    parser.add_argument("--speed", default="max", help="max (default), realtime, or a speed-up factor")
-    parser.add_argument("--limit", type=int, default=None, help="stop after N impressions")
-    parser.add_argument("--port", type=int, default=None, help="port of the local broker (default 9092)")
-    parser.add_argument("--data-dir", default=None, help="the local broker's data dir")
-    parser.add_argument("--stop-kafka", action="store_true", help="stop the local broker at the end")
+                        help="what to stream: KuaiRand, or the synthetic stream with an abrupt drift of one task "
+                             "halfway through (default: %(default)s)")
+    parser.add_argument("--source", default=None,
+                        help=f"KuaiRand file or folder (default: {DEFAULT_KUAIRAND}); ignored for synthetic")
+    parser.add_argument("--speed", default=None,
+                        help="event time runs FACTOR times faster than wall time, or 'max' (default: "
+                             f"{DEFAULT_SPEED['kuairand']} for KuaiRand, ~5 minutes for its 13 days; "
+                             f"{DEFAULT_SPEED['synthetic']} for synthetic)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help=f"stop after N impressions (synthetic default: {DEFAULT_SYNTHETIC_EVENTS:,})")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/demo-<timestamp> in the repository)")
+    parser.add_argument("--kafka-data-dir", default=None,
+                        help="the broker's data dir (default: RUN/kafka, a fresh broker on a free port)")
+    parser.add_argument("--keep-kafka", action="store_true", help="leave the broker running at the end")
+    parser.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads of the trainer (default 1: the demo's other processes need cores too)")
+    parser.add_argument("--refresh", type=float, default=1.0, help="seconds between scrapes of /metrics")
+    parser.add_argument("--plain", action="store_true",
+                        help="plain status lines instead of the live view (the default when stdout is no terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start Kafka, stream the data set into it, print the summary."""
-    from consumers.local_kafka import LocalKafka, LocalKafkaError, ensure_topics
-    from streamer.stream import print_summary, stream_dataset
-
-    source = args.source
-    options: dict[str, str] = {}
-    if args.dataset == "kuairand" and source is None:
-        source = str(DEFAULT_KUAIRAND)
-        if not Path(source).exists():
-            print(f"crossdistil demo: KuaiRand not found at {source}; pass --source or use --dataset synthetic",
-                  file=sys.stderr)
-            return 2
-    if args.dataset == "synthetic":
-        options = {"n_events": str(args.limit or 200_000)}
-
-    broker = LocalKafka(port=args.port, data_dir=args.data_dir)
+    """Run the demo; returns the exit status (0 clean end, 1 a part failed, 2 usage error)."""
     try:
-        print(f"[demo] starting Kafka at {broker.bootstrap} (log: {broker.log_file}) ...", file=sys.stderr)
-        broker.start(timeout_s=120)
-        ensure_topics(broker.bootstrap)
-        print(f"[demo] streaming {args.dataset} into kafka://{broker.bootstrap} at speed {args.speed} ...",
-              file=sys.stderr)
-        summary = stream_dataset(args.dataset, source, f"kafka://{broker.bootstrap}", options=options,
-                                 speed=args.speed, limit=args.limit, progress=sys.stderr.isatty())
-        print_summary(summary)
-        print("[demo] the trainer and serving daemons are not implemented yet (issues 4 and 6); the events wait "
-              f"in Kafka at {broker.bootstrap}.")
-    except LocalKafkaError as exc:
+        plan = make_plan(args)
+    except ValueError as exc:
         print(f"crossdistil demo: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.stop_kafka:
-            broker.stop()
-            print("[demo] Kafka stopped", file=sys.stderr)
+        return 2
+    demo = Demo(plan)
+    return demo.run()
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Plan:
+    """Everything decided before any process starts: what to stream, where, on which ports."""
+
+    dataset: str
+    source: str | None
+    speed: str
+    limit: int | None
+    stream_options: dict[str, str]
+    run_dir: Path
+    kafka_data_dir: Path
+    keep_kafka: bool
+    prometheus: str | None          # path of the binary, None when absent or --no-prometheus
+    prometheus_wanted: bool
+    torch_threads: int
+    refresh_s: float
+    live: bool
+    ports: dict[str, int] = field(default_factory=dict)
+    windows: list[str] = field(default_factory=list)   # the trainer's [metrics] windows, as metric labels
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Check the flags and decide paths, speed and stream options; ``ValueError`` says what to change."""
+    from streamer.stream import StreamError, parse_speed
+
+    speed = args.speed or DEFAULT_SPEED[args.dataset]
+    try:
+        parse_speed(speed)
+    except StreamError as exc:
+        raise ValueError(str(exc)) from None
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit} must be >= 1")
+    if args.refresh <= 0:
+        raise ValueError(f"--refresh {args.refresh} must be > 0")
+    source: str | None = None
+    options: dict[str, str] = {}
+    if args.dataset == "kuairand":
+        source = str(Path(args.source).expanduser().resolve()) if args.source else str(DEFAULT_KUAIRAND)
+        if not Path(source).exists():
+            hint = "pass --source" if args.source else "the data sets live in ../shared/data; pass --source"
+            raise ValueError(f"KuaiRand not found at {source} ({hint}, or use --dataset synthetic)")
+    else:
+        n_events = args.limit or DEFAULT_SYNTHETIC_EVENTS
+        # An abrupt drift of click halfway through: the live view shows its AUC drop and recover.
+        # Feedback delays short enough (seconds of event time, capped at 2 min) that, with the trainer's
+        # attribution windows (deploy/demo/trainer-synthetic.toml), samples close within seconds of wall time.
+        options = {"tasks": "click,like", "n_events": str(n_events), "drift": "abrupt",
+                   "drift_at": str(n_events // 2), "drift_task": "click",
+                   "delay_median_s": "2,10", "max_delay_s": "120"}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.out).expanduser().resolve() if args.out else REPO_ROOT / "runs" / f"demo-{stamp}"
+    kafka_dir = Path(args.kafka_data_dir).expanduser().resolve() if args.kafka_data_dir else run_dir / "kafka"
+    prometheus = None if args.no_prometheus else shutil.which("prometheus")
+    live = not args.plain and sys.stdout.isatty()
+    return Plan(dataset=args.dataset, source=source, speed=speed, limit=args.limit, stream_options=options,
+                run_dir=run_dir, kafka_data_dir=kafka_dir, keep_kafka=args.keep_kafka, prometheus=prometheus,
+                prometheus_wanted=not args.no_prometheus, torch_threads=args.torch_threads,
+                refresh_s=args.refresh, live=live)
+
+
+# ------------------------------------------------------------------------------------------ configurations
+
+
+def write_trainer_config(plan: Plan, bootstrap: str) -> Path:
+    """RUN/trainer.toml: deploy/demo/trainer-<dataset>.toml with this run's broker, checkpoint dir and port."""
+    from consumers.config import load_config, to_toml
+
+    cfg = load_config(DEMO_CONFIG_DIR / f"trainer-{plan.dataset}.toml", env={})
+    cfg.kafka.bootstrap = bootstrap
+    cfg.checkpoint.dir = str(plan.run_dir / "checkpoints")
+    cfg.metrics.port = plan.ports["trainer"]
+    plan.windows = [str(int(w)) for w in cfg.metrics.windows]
+    path = plan.run_dir / "trainer.toml"
+    path.write_text(f"# Written by crossdistil demo from {DEMO_CONFIG_DIR.name}/trainer-{plan.dataset}.toml.\n"
+                    + to_toml(cfg))
+    return path
+
+
+def write_serving_config(plan: Plan, bootstrap: str) -> Path:
+    """RUN/serving.toml: deploy/demo/serving.toml with this run's broker and HTTP port."""
+    from consumers.config import load_config, to_toml
+
+    cfg = load_config(DEMO_CONFIG_DIR / "serving.toml", env={})
+    cfg.kafka.bootstrap = bootstrap
+    cfg.serving.port = plan.ports["serving"]
+    path = plan.run_dir / "serving.toml"
+    path.write_text("# Written by crossdistil demo from deploy/demo/serving.toml.\n" + to_toml(cfg))
+    return path
+
+
+def write_prometheus_config(plan: Plan) -> Path:
+    """RUN/prometheus.yml: deploy/demo/prometheus.yml with this run's ports and the alert rules' path."""
+    text = (DEMO_CONFIG_DIR / "prometheus.yml").read_text()
+    text = (text.replace("@TRAINER@", f"127.0.0.1:{plan.ports['trainer']}")
+                .replace("@SERVING@", f"127.0.0.1:{plan.ports['serving']}")
+                .replace("@ALERTS@", str(ALERT_RULES)))
+    path = plan.run_dir / "prometheus.yml"
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- child processes
+
+
+def serving_available() -> bool:
+    """Whether ``crossdistil serve`` exists in this checkout."""
+    import importlib.util
+
+    return importlib.util.find_spec("consumers.serving") is not None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the demo dies, even by SIGKILL."""
+    # The demo blocks SIGINT/SIGTERM around fork so a signal cannot interrupt the start of a child it would then
+    # not know about; the child must not inherit that mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: finally/atexit/signal handlers still stop the children
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone). Uses /proc where there is one."""
+    stat = Path("/proc") / str(pid) / "stat"
+    if Path("/proc/self").exists():
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return False
+        return state not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Child:
+    """One child process in its own process group, output to a log file; stopped as a group."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path, env: Mapping[str, str]) -> None:
+        self.name, self.argv, self.log_path, self.cwd, self.env = name, argv, log_path, cwd, dict(env)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopped_by_us = False
+
+    def start(self) -> None:
+        """Start the process; it gets a new session (own process group, no terminal: Ctrl-C reaches only us)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            log.write(f"# {' '.join(self.argv)}\n".encode())
+            log.flush()
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                self.process = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                    env=self.env, start_new_session=True, close_fds=True, preexec_fn=_die_with_parent,
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C is delivered here
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (also its process group id), or None before start."""
+        return self.process.pid if self.process is not None else None
+
+    def poll(self) -> int | None:
+        """The exit status, or None while it runs (or before start)."""
+        return self.process.poll() if self.process is not None else None
+
+    def running(self) -> bool:
+        """Whether it was started and has not exited."""
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float, hurry: Callable[[], bool] = lambda: False) -> str:
+        """SIGTERM the group, wait up to ``timeout_s`` (less if ``hurry()``), then SIGKILL; say how it ended."""
+        if self.process is None:
+            return "not started"
+        if self.process.poll() is None:
+            self.stopped_by_us = True
+            self._signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while self.process.poll() is None and time.monotonic() < deadline and not hurry():
+                try:
+                    self.process.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.process.poll() is None:
+                self._signal_group(signal.SIGKILL)
+                self.process.wait(timeout=10)
+                self._kill_stragglers()
+                return "killed (did not stop within %.0f s)" % timeout_s
+        self._kill_stragglers()
+        code = self.process.returncode
+        return f"exit {code}" if code is None or code >= 0 else f"exit by signal {signal.Signals(-code).name}"
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _kill_stragglers(self) -> None:
+        """Grandchildren left in the group after the leader exited (e.g. a worker it forked) get SIGKILL."""
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ scraping
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(url: str, timeout_s: float = 2.0) -> tuple[Samples | None, str | None]:
+    """``(samples by name, raw text)`` of a Prometheus text endpoint, or ``(None, None)`` if it does not answer.
+
+    Sample names keep their suffixes (``crossdistil_samples_trained_total``), as the text format writes them.
+    """
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None, None
+    samples: Samples = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    except ValueError:
+        return None, text
+    return samples, text
+
+
+def value(samples: Samples | None, name: str, **labels: str) -> float | None:
+    """The sum of the samples of ``name`` whose labels include ``labels``; None if there is none or all are NaN."""
+    if not samples or name not in samples:
+        return None
+    found = [v for lab, v in samples[name] if all(lab.get(k) == w for k, w in labels.items()) and not math.isnan(v)]
+    return sum(found) if found else None
+
+
+def label_values(samples: Samples | None, name: str, label: str) -> list[str]:
+    """The distinct values of ``label`` across the samples of ``name``, in first-seen order."""
+    if not samples or name not in samples:
+        return []
+    return list(dict.fromkeys(lab[label] for lab, _ in samples[name] if label in lab))
+
+
+class Rate:
+    """Per-second rate of a counter over the last ``span_s`` seconds of scrapes (resets start it afresh)."""
+
+    def __init__(self, span_s: float = 5.0) -> None:
+        self.span_s = span_s
+        self.points: deque[tuple[float, float]] = deque()
+
+    def add(self, t: float, counter: float | None) -> None:
+        """Record the counter's value at time ``t`` (None: the endpoint did not answer; skipped)."""
+        if counter is None:
+            return
+        if self.points and counter < self.points[-1][1]:
+            self.points.clear()  # a restarted daemon: its counters began again at 0
+        self.points.append((t, counter))
+        while len(self.points) > 2 and t - self.points[1][0] >= self.span_s:
+            self.points.popleft()
+
+    def get(self) -> float | None:
+        """Events per second, or None before two points."""
+        if len(self.points) < 2 or self.points[-1][0] <= self.points[0][0]:
+            return None
+        (t0, v0), (t1, v1) = self.points[0], self.points[-1]
+        return (v1 - v0) / (t1 - t0)
+
+
+# ------------------------------------------------------------------------------------------------- view
+
+
+@dataclass
+class Status:
+    """What the live view shows, from the latest scrapes."""
+
+    trainer: Samples | None = None
+    serving: Samples | None = None
+    events_rate: Rate = field(default_factory=Rate)
+    samples_rate: Rate = field(default_factory=Rate)
+    event_time_rate: Rate = field(default_factory=Rate)
+    phase: str = "starting"
+    started_at: float = field(default_factory=time.monotonic)
+    configured_windows: list[str] = field(default_factory=list)
+
+    def update(self, trainer: Samples | None, serving: Samples | None, now: float) -> None:
+        """Take new scrapes (None keeps the previous one: a busy daemon may miss a scrape)."""
+        if trainer is not None:
+            self.trainer = trainer
+            self.events_rate.add(now, value(trainer, "crossdistil_events_consumed_total"))
+            self.samples_rate.add(now, value(trainer, "crossdistil_samples_trained_total"))
+            self.event_time_rate.add(now, value(trainer, "crossdistil_watermark_timestamp_seconds"))
+        if serving is not None:
+            self.serving = serving
+
+    def tasks(self) -> list[str]:
+        """Tasks the trainer reports quality for."""
+        return label_values(self.trainer, "crossdistil_auc", "task")
+
+    def windows(self) -> list[str]:
+        """AUC windows, shortest first, then the lifetime one (the slow baseline window is left out)."""
+        found = label_values(self.trainer, "crossdistil_auc", "window")
+        numeric = sorted((w for w in found if w.isdigit()), key=int)
+        if self.configured_windows:
+            numeric = [w for w in numeric if w in self.configured_windows]
+        return numeric + [w for w in found if not w.isdigit()]
+
+    def auc(self, task: str, window: str) -> float | None:
+        """The student's AUC of ``task`` over ``window``."""
+        return value(self.trainer, "crossdistil_auc", task=task, role="student", window=window)
+
+    def drift(self, task: str, window: str, reference: str) -> float | None:
+        """The student's windowed AUC minus the ``reference`` AUC."""
+        return value(self.trainer, "crossdistil_auc_drift", task=task, role="student", window=window,
+                     reference=reference)
+
+    def has_auc(self) -> bool:
+        """Whether any per-task AUC is defined yet."""
+        return any(self.auc(t, w) is not None for t in self.tasks() for w in self.windows())
+
+    def consumer_lag(self) -> float | None:
+        """Messages behind the end of the trainer's partitions, all topics together."""
+        return value(self.trainer, "crossdistil_consumer_lag_messages")
+
+    def versions(self) -> tuple[float | None, float | None]:
+        """(version the trainer published last, version the serving replica has loaded)."""
+        return (value(self.trainer, "crossdistil_published_model_version"),
+                value(self.serving, "crossdistil_serving_model_version"))
+
+
+def _fmt(x: float | None, spec: str = ".3f", none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _fmt_drift(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def _fmt_version(x: float | None) -> str:
+    return "none yet" if x is None else f"v{int(x)}"
+
+
+def _event_time(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) + " UTC"
+
+
+def _human_seconds(s: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.1f} {unit}"
+    return f"{s:.0f} s"
+
+
+def pipeline_facts(status: Status) -> list[tuple[str, str]]:
+    """(label, value) pairs of the throughput, lag and version line, shared by both views."""
+    published, loaded = status.versions()
+    lag = status.consumer_lag()
+    time_lag = value(status.trainer, "crossdistil_event_time_lag_seconds")
+    speedup = status.event_time_rate.get()
+    return [
+        ("events/s", _fmt(status.events_rate.get(), ",.0f")),
+        ("samples/s", _fmt(status.samples_rate.get(), ",.0f")),
+        ("trained", _fmt(value(status.trainer, "crossdistil_samples_trained_total"), ",.0f")),
+        ("consumer lag", "-" if lag is None else f"{lag:,.0f} msgs"),
+        ("event time", _event_time(value(status.trainer, "crossdistil_watermark_timestamp_seconds"))),
+        ("event-time lag", "-" if time_lag is None else _human_seconds(time_lag)),
+        ("event time speed", "-" if not speedup else f"{speedup:,.0f}x"),
+        ("model", f"published {_fmt_version(published)}, serving {_fmt_version(loaded)}"),
+    ]
+
+
+def plain_line(status: Status) -> str:
+    """One status line for logs and pipes."""
+    parts = [f"[demo {time.monotonic() - status.started_at:5.0f}s] {status.phase}"]
+    windows = status.windows()
+    short = windows[0] if windows else None
+    for task in status.tasks():
+        parts.append(f"{task} auc={_fmt(status.auc(task, short) if short else None)} "
+                     f"drift={_fmt_drift(status.drift(task, short, 'published') if short else None)}")
+    facts = dict(pipeline_facts(status))
+    parts += [f"{k}={facts[k]}" for k in ("events/s", "samples/s", "consumer lag", "model")]
+    return " | ".join(parts)
+
+
+def render(status: Status, header: str, children: Iterable[Child], footer: list[str]) -> Any:
+    """The rich renderable of the live view."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    windows = status.windows()
+    numeric = [w for w in windows if w.isdigit()]
+    caption = ("AUC over the last N samples, each scored before the model learned from it. "
+               + (f"Drift: AUC over the last {_short(numeric[0])} minus the same AUC when the served model was "
+                  "published (pub), or over the slow baseline window (base); red below -0.05. " if numeric else "")
+               + "Alarms: ADWIN / PageHinkley on the loss.")
+    quality = Table(title="model quality per task", caption=caption, expand=True, title_justify="left",
+                    caption_justify="left")
+    quality.add_column("task")
+    for w in windows:
+        quality.add_column(f"AUC {_short(w)}" if w.isdigit() else f"AUC {w}", justify="right")
+    if numeric:
+        quality.add_column("drift pub", justify="right")
+        quality.add_column("drift base", justify="right")
+    quality.add_column("alarms", justify="right")
+    quality.add_column("scored", justify="right")
+    for task in status.tasks():
+        cells = [_fmt(status.auc(task, w)) for w in windows]
+        if numeric:
+            for reference in ("published", "baseline"):
+                d = status.drift(task, numeric[0], reference)
+                style = "red" if d is not None and d < -0.05 else ""
+                cells.append(f"[{style}]{_fmt_drift(d)}[/]" if style else _fmt_drift(d))
+        alarms = value(status.trainer, "crossdistil_drift_detections_total", task=task)
+        cells.append(_fmt(alarms, ",.0f", none="0"))
+        cells.append(_fmt(value(status.trainer, "crossdistil_quality_samples_total", task=task, role="student"),
+                          ",.0f"))
+        quality.add_row(task, *cells)
+    if not status.tasks():
+        quality.add_row(Text("waiting for the first trained batch ...", style="dim"))
+
+    pipeline = Table.grid(padding=(0, 2))
+    facts = pipeline_facts(status)
+    for i in range(0, len(facts), 4):
+        row = facts[i:i + 4]
+        cells = []
+        for label, text in row:
+            cells += [Text(label, style="dim"), Text(text, style="bold")]
+        pipeline.add_row(*cells)
+
+    procs = Table(expand=True, show_edge=False, box=None)
+    for name in ("process", "pid", "state", "log"):
+        procs.add_column(name, style="dim" if name == "log" else "")
+    for child in children:
+        code = child.poll()
+        state = ("[green]running[/]" if child.running() else
+                 "not started" if child.pid is None else
+                 f"[green]done[/]" if code == 0 else f"[red]exit {code}[/]")
+        procs.add_row(child.name, str(child.pid or "-"), state, _relative(child.log_path))
+    return Group(
+        Text(header, style="bold"),
+        quality,
+        Panel(pipeline, title="pipeline", title_align="left"),
+        procs,
+        Text("\n".join(footer), style="dim"),
+    )
+
+
+def _short(window: str) -> str:
+    """``"20000"`` -> ``"20k"``."""
+    n = int(window)
+    return f"{n // 1000}k" if n % 1000 == 0 and n >= 1000 else f"{n:,}"
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# ------------------------------------------------------------------------------------------------- the demo
+
+
+class Demo:
+    """Starts, watches and stops everything of one demo run."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.children: dict[str, Child] = {}
+        self.broker: Any = None           # consumers.local_kafka.LocalKafka once started
+        self.broker_started = False
+        self.kafka_pid: int | None = None
+        self.stop_reason: str | None = None
+        self.signals = 0
+        self.raise_on_signal = True       # during start-up a signal aborts the step in progress
+        self.status = Status()
+        self.outcomes: dict[str, str] = {}
+        self._stopped = False
+        self._last_trainer_text: str | None = None
+        self._last_serving_text: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start everything, watch until the end or a signal, stop everything; the exit status."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        atexit.register(self.stop_all)
+        code = 0
+        try:
+            self._start()
+            self.raise_on_signal = False
+            code = self._watch()
+        except StopRequested:
+            print(f"\n[demo] {self.stop_reason}: stopping during start-up", file=sys.stderr)
+        except DemoError as exc:
+            print(f"crossdistil demo: {exc}", file=sys.stderr)
+            code = 1
+        except Exception as exc:  # noqa: BLE001 (anything else still stops every child, then shows the error)
+            import traceback
+
+            traceback.print_exc()
+            print(f"crossdistil demo: unexpected error: {exc}", file=sys.stderr)
+            code = 1
+        finally:
+            self.raise_on_signal = False
+            self.stop_all()
+            atexit.unregister(self.stop_all)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self._print_where()
+        return code
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals += 1
+        if self.stop_reason is None:
+            self.stop_reason = f"{signal.Signals(signum).name} received"
+        if self.raise_on_signal:
+            self.raise_on_signal = False
+            raise StopRequested(self.stop_reason)
+
+    def _hurry(self) -> bool:
+        """A second Ctrl-C while stopping: stop waiting for clean exits (SIGKILL now)."""
+        return self.signals >= 2
+
+    def _start(self) -> None:
+        from consumers.local_kafka import LocalKafka, LocalKafkaError, ensure_topics, free_port
+
+        plan = self.plan
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        (plan.run_dir / "logs").mkdir(exist_ok=True)
+        print(f"[demo] run folder {plan.run_dir}", file=sys.stderr)
+        plan.ports = {"trainer": free_port(), "serving": free_port()}
+        if plan.prometheus:
+            plan.ports["prometheus"] = free_port()
+        kafka_port = None if (plan.kafka_data_dir / "local-kafka.json").exists() else free_port()
+        self.broker = LocalKafka(port=kafka_port, data_dir=plan.kafka_data_dir)
+        plan.ports["kafka"] = self.broker.port
+        self._record()
+        print(f"[demo] starting Kafka at {self.broker.bootstrap} (data {plan.kafka_data_dir}) ...", file=sys.stderr)
+        try:
+            self.broker_started = self.broker.start(timeout_s=180)
+            self._record()
+            ensure_topics(self.broker.bootstrap)
+        except LocalKafkaError as exc:
+            raise DemoError(f"the local Kafka broker did not start: {exc}") from None
+        bootstrap = self.broker.bootstrap
+        trainer_cfg = write_trainer_config(plan, bootstrap)
+        serving_cfg = write_serving_config(plan, bootstrap)
+        cli = [sys.executable, "-m", "consumers.cli"]
+        self._spawn("trainer", [*cli, "train", "--config", str(trainer_cfg), "--torch-threads", str(plan.torch_threads)])
+        if serving_available():
+            self._spawn("serving", [*cli, "serve", "--config", str(serving_cfg)])
         else:
-            print(f"[demo] Kafka keeps running ({broker.status().describe()}); stop it with 'crossdistil kafka down'",
+            print("[demo] this checkout has no serving daemon yet (consumers/serving.py); running without one",
                   file=sys.stderr)
-    return 0
+        if plan.prometheus:
+            prom_cfg = write_prometheus_config(plan)
+            self._spawn("prometheus", [plan.prometheus, f"--config.file={prom_cfg}",
+                                       f"--storage.tsdb.path={plan.run_dir / 'prometheus'}",
+                                       f"--web.listen-address=127.0.0.1:{plan.ports['prometheus']}"])
+        elif plan.prometheus_wanted:
+            print("[demo] Prometheus is not installed, so no dashboards or alerts this time; install it with "
+                  "'apt-get install prometheus' (Debian/Ubuntu) and run the demo again", file=sys.stderr)
+        stream = [*cli, "stream", "--dataset", plan.dataset, "--to", f"kafka://{bootstrap}", "--speed", plan.speed]
+        if plan.source:
+            stream += ["--source", plan.source]
+        if plan.limit is not None:
+            stream += ["--limit", str(plan.limit)]
+        for key, val in plan.stream_options.items():
+            stream += ["--option", f"{key}={val}"]
+        # Many events per Kafka message: one event per message costs the producer more CPU than the trainer
+        # spends per sample. A part-filled envelope waits at most 1 s (streamer.sinks), so pacing still shows.
+        stream += ["--envelope", "100"]
+        self._spawn("stream", stream)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        env = dict(os.environ)
+        # The children import this checkout's packages even when it is not pip-installed.
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        child = Child(name, argv, self.plan.run_dir / "logs" / f"{name}.log", self.plan.run_dir, env)
+        self.children[name] = child
+        child.start()
+        self._record()
+
+    def _record(self) -> None:
+        """RUN/demo.json: pids, ports and paths, for the user, the tests and a later clean-up."""
+        plan = self.plan
+        pids = {name: c.pid for name, c in self.children.items() if c.pid is not None}
+        if self.broker is not None and self.kafka_pid is None:
+            self.kafka_pid = self.broker.status().pid
+        if self.kafka_pid is not None:
+            pids["kafka"] = self.kafka_pid  # kept after the stop: the record says what ran, not what runs
+        info = {
+            "pids": pids,
+            "ports": plan.ports,
+            "urls": {name: f"http://127.0.0.1:{port}" for name, port in plan.ports.items() if name != "kafka"},
+            "bootstrap": self.broker.bootstrap if self.broker is not None else None,
+            "logs": {name: str(c.log_path) for name, c in self.children.items()},
+            "checkpoints": str(plan.run_dir / "checkpoints"),
+            "kafka_data_dir": str(plan.kafka_data_dir),
+            "dataset": plan.dataset,
+            "speed": plan.speed,
+            "phase": self.status.phase,
+        }
+        tmp = plan.run_dir / "demo.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(plan.run_dir / "demo.json")
+
+    # -- watching ----------------------------------------------------------------------------------------------
+    def _watch(self) -> int:
+        plan = self.plan
+        header = (f"crossdistil demo: {plan.dataset} at {plan.speed}{'' if plan.speed == 'max' else 'x'} speed"
+                  f"  |  run folder {_relative(plan.run_dir)}")
+        footer = [f"trainer  http://127.0.0.1:{plan.ports['trainer']}/metrics"]
+        if "serving" in self.children:
+            footer.append(f"serving  http://127.0.0.1:{plan.ports['serving']}/metrics")
+        if plan.prometheus:
+            footer.append(f"Prometheus  http://127.0.0.1:{plan.ports['prometheus']}  (alert rules loaded)")
+        elif plan.prometheus_wanted:
+            footer.append("Prometheus not installed: apt-get install prometheus")
+        footer.append("Ctrl-C stops everything")
+        self.status.phase = "streaming"
+        self.status.configured_windows = plan.windows
+        self._record()
+        if plan.live:
+            from rich.live import Live
+
+            with Live(render(self.status, header, self.children.values(), footer), refresh_per_second=4,
+                      transient=False, redirect_stderr=False) as live:
+                return self._loop(lambda: live.update(render(self.status, header, self.children.values(), footer)))
+        print("[demo] " + "; ".join(footer), flush=True)
+        last_line = [0.0]
+
+        def plain() -> None:
+            now = time.monotonic()
+            if now - last_line[0] >= PLAIN_EVERY_S:
+                last_line[0] = now
+                print(plain_line(self.status), flush=True)
+
+        return self._loop(plain)
+
+    def _loop(self, show: Callable[[], None]) -> int:
+        plan = self.plan
+        trainer_url = f"http://127.0.0.1:{plan.ports['trainer']}/metrics"
+        serving_url = f"http://127.0.0.1:{plan.ports['serving']}/metrics"
+        drain_started: float | None = None
+        quiet_since: float | None = None
+        last_events: float | None = None
+        announced_auc = False
+        while self.stop_reason is None:
+            tick = time.monotonic()
+            trainer, trainer_text = scrape(trainer_url)
+            serving, serving_text = scrape(serving_url)
+            self._last_trainer_text = trainer_text or self._last_trainer_text
+            self._last_serving_text = serving_text or self._last_serving_text
+            self.status.update(trainer, serving, tick)
+            if not announced_auc and self.status.has_auc():
+                announced_auc = True
+                if not plan.live:
+                    print(f"[demo] first per-task AUC after {tick - self.status.started_at:.0f} s", flush=True)
+            self._check_children()
+            stream = self.children["stream"]
+            if stream.poll() == 0:
+                if drain_started is None:
+                    drain_started = tick
+                    self.status.phase = "stream ended; trainer catching up"
+                    self._record()
+                events = value(self.status.trainer, "crossdistil_events_consumed_total")
+                if events != last_events:
+                    last_events, quiet_since = events, tick
+                lag = self.status.consumer_lag()
+                if lag == 0 and quiet_since is not None and tick - quiet_since >= CAUGHT_UP_QUIET_S:
+                    self.stop_reason = "end of the stream: the trainer has read every event"
+                elif tick - drain_started > DRAIN_TIMEOUT_S:
+                    self.stop_reason = (f"end of the stream; the trainer did not catch up within "
+                                        f"{DRAIN_TIMEOUT_S:.0f} s (consumer lag {lag})")
+            show()
+            # Sleep in small steps so a signal ends the wait quickly.
+            while self.stop_reason is None and time.monotonic() - tick < plan.refresh_s:
+                time.sleep(0.05)
+        self.status.phase = f"stopping ({self.stop_reason})"
+        show()
+        print(f"\n[demo] {self.stop_reason}: stopping", file=sys.stderr)
+        return 0
+
+    def _check_children(self) -> None:
+        """Raise DemoError, quoting the log, if a daemon exited or the streamer failed."""
+        from consumers.local_kafka import tail
+
+        for name, child in self.children.items():
+            code = child.poll()
+            if code is None or (name == "stream" and code == 0):
+                continue
+            raise DemoError(f"{name} exited with status {code} (command: {' '.join(child.argv[1:])}).\n"
+                            f"Last lines of {child.log_path}:\n{tail(child.log_path, 15)}")
+        if self.broker is not None and self.broker_started and not self.broker.status().running:
+            raise DemoError(f"Kafka stopped unexpectedly; see {self.broker.log_file}:\n{tail(self.broker.log_file, 15)}")
+
+    # -- stopping ----------------------------------------------------------------------------------------------
+    def stop_all(self) -> None:
+        """Stop every child (streamer first, broker last); idempotent, safe from atexit and after errors."""
+        if self._stopped:
+            return
+        self._stopped = True
+        # Producers first, so the trainer's final checkpoint covers everything that reached Kafka; serving
+        # after the trainer, so it can still load the final publication.
+        for name in ("stream", "trainer", "serving", "prometheus"):
+            child = self.children.get(name)
+            if child is None:
+                continue
+            if name == "serving" and self.outcomes.get("trainer") == "exit 0":
+                self._wait_for_final_model(child, timeout_s=10.0)
+            self.outcomes[name] = child.stop(STOP_TIMEOUT_S[name], hurry=self._hurry)
+            if name == "trainer":
+                self._save_scrape()
+        for child in self.children.values():  # anything started outside the list above
+            if child.running():
+                self.outcomes[child.name] = child.stop(5.0, hurry=self._hurry)
+        if self.broker is not None and (self.broker_started or self.broker.status().running):
+            if self.plan.keep_kafka:
+                self.outcomes["kafka"] = f"kept running at {self.broker.bootstrap}"
+            else:
+                try:
+                    self.broker.stop(timeout_s=5.0 if self._hurry() else 30.0)
+                    self.outcomes["kafka"] = "stopped"
+                except Exception as exc:  # noqa: BLE001 (report it; the other children are already stopped)
+                    self.outcomes["kafka"] = f"could not be stopped: {exc}"
+        self.status.phase = "stopped"
+        try:
+            self._record()
+        except OSError:
+            pass
+
+    def last_published_version(self) -> int | None:
+        """The last version the trainer logged as published (its final one is published after the last scrape)."""
+        import re
+
+        trainer = self.children.get("trainer")
+        if trainer is None or not trainer.log_path.exists():
+            return None
+        found = re.findall(r"published version (\d+)", trainer.log_path.read_text(errors="replace"))
+        return int(found[-1]) if found else None
+
+    def _wait_for_final_model(self, serving: Child, timeout_s: float) -> None:
+        """After the trainer's final publication, give serving a moment to load it (the demo's last version)."""
+        published = self.last_published_version()
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.plan.ports['serving']}/metrics"
+        while serving.running() and time.monotonic() < deadline and not self._hurry():
+            samples, text = scrape(url, timeout_s=1.0)
+            if samples is not None:
+                self.status.serving, self._last_serving_text = samples, text
+                loaded = value(samples, "crossdistil_serving_model_version")
+                if published is None or (loaded is not None and loaded >= published):
+                    return
+            time.sleep(0.3)
+
+    def _save_scrape(self) -> None:
+        """RUN/metrics/*.prom: the last scrape of each daemon, kept for after the demo."""
+        directory = self.plan.run_dir / "metrics"
+        for name, text in (("trainer", self._last_trainer_text), ("serving", self._last_serving_text)):
+            if text:
+                directory.mkdir(exist_ok=True)
+                (directory / f"{name}.prom").write_text(text)
+
+    def _print_where(self) -> None:
+        plan = self.plan
+        self._save_scrape()
+        lines = ["", "[demo] stopped: " + ", ".join(f"{k} ({v})" for k, v in self.outcomes.items())]
+        windows = self.status.windows()
+        if windows and self.status.tasks():
+            w = windows[0]
+            aucs = ", ".join(f"{t} {_fmt(self.status.auc(t, w))}" for t in self.status.tasks())
+            lines.append(f"[demo] last AUC over {int(w):,} samples: {aucs}" if w.isdigit() else f"[demo] AUC: {aucs}")
+        published, loaded = self.status.versions()
+        published = self.last_published_version() or published
+        if published is not None or loaded is not None:
+            lines.append(f"[demo] model: published {_fmt_version(published)}, serving loaded {_fmt_version(loaded)}")
+        checkpoints = sorted((plan.run_dir / "checkpoints").glob("*")) if (plan.run_dir / "checkpoints").is_dir() else []
+        lines += [
+            f"[demo] run folder   {plan.run_dir}",
+            f"[demo] checkpoints  {plan.run_dir / 'checkpoints'} ({len(checkpoints)} files)",
+            f"[demo] logs         {plan.run_dir / 'logs'} (stream, trainer, serving, prometheus); "
+            f"Kafka: {plan.kafka_data_dir / 'broker.log'}",
+            f"[demo] metrics      {plan.run_dir / 'metrics'} (last scrape of each daemon)",
+        ]
+        if plan.prometheus and (plan.run_dir / "prometheus").exists():
+            lines.append(f"[demo] Prometheus   data in {plan.run_dir / 'prometheus'}; browse it again with: "
+                         f"prometheus --config.file={plan.run_dir / 'prometheus.yml'} "
+                         f"--storage.tsdb.path={plan.run_dir / 'prometheus'}")
+        if plan.keep_kafka and self.broker is not None:
+            lines.append(f"[demo] Kafka keeps running at {self.broker.bootstrap}; stop it with "
+                         f"'crossdistil kafka down --data-dir {plan.kafka_data_dir}'")
+        print("\n".join(lines), file=sys.stderr, flush=True)
