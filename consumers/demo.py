@@ -478,7 +478,7 @@ def _fmt_version(x: float | None) -> str:
 
 
 def _event_time(ts: float | None) -> str:
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) + " UTC"
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))
 
 
 def _human_seconds(s: float) -> str:
@@ -489,7 +489,7 @@ def _human_seconds(s: float) -> str:
 
 
 def pipeline_facts(status: Status) -> list[tuple[str, str]]:
-    """(label, value) pairs of the throughput, lag and version line, shared by both views."""
+    """(label, value) pairs of throughput, lag and model versions, in display order (shared by both views)."""
     published, loaded = status.versions()
     lag = status.consumer_lag()
     time_lag = value(status.trainer, "crossdistil_event_time_lag_seconds")
@@ -500,8 +500,9 @@ def pipeline_facts(status: Status) -> list[tuple[str, str]]:
         ("trained", _fmt(value(status.trainer, "crossdistil_samples_trained_total"), ",.0f")),
         ("consumer lag", "-" if lag is None else f"{lag:,.0f} msgs"),
         ("event time", _event_time(value(status.trainer, "crossdistil_watermark_timestamp_seconds"))),
+        # In a replay the watermark is the data's own time, so this lag is the data's age, not a delay.
         ("event-time lag", "-" if time_lag is None else _human_seconds(time_lag)),
-        ("event time speed", "-" if not speedup else f"{speedup:,.0f}x"),
+        ("speed", "-" if not speedup else f"{speedup:,.0f}x"),
         ("model", f"published {_fmt_version(published)}, serving {_fmt_version(loaded)}"),
     ]
 
@@ -557,14 +558,16 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
     if not status.tasks():
         quality.add_row(Text("waiting for the first trained batch ...", style="dim"))
 
-    pipeline = Table.grid(padding=(0, 2))
     facts = pipeline_facts(status)
-    for i in range(0, len(facts), 4):
-        row = facts[i:i + 4]
-        cells = []
-        for label, text in row:
-            cells += [Text(label, style="dim"), Text(text, style="bold")]
-        pipeline.add_row(*cells)
+    lines = []
+    # rows: throughput and lag; event time; model versions (each fits an 80-column terminal)
+    for row in (facts[0:4], facts[4:7], facts[7:8]):
+        line = Text(no_wrap=True, overflow="ellipsis")
+        for i, (label, text) in enumerate(row):
+            line.append(("   " if i else "") + label + " ", style="dim")
+            line.append(text, style="bold")
+        lines.append(line)
+    pipeline = Group(*lines)
 
     procs = Table(expand=True, show_edge=False, box=None)
     for name in ("process", "pid", "state", "log"):
@@ -575,8 +578,9 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
                  "not started" if child.pid is None else
                  f"[green]done[/]" if code == 0 else f"[red]exit {code}[/]")
         procs.add_row(child.name, str(child.pid or "-"), state, _relative(child.log_path))
+    elapsed = time.monotonic() - status.started_at
     return Group(
-        Text(header, style="bold"),
+        Text(f"{header}  |  {status.phase}, {elapsed:.0f} s", style="bold"),
         quality,
         Panel(pipeline, title="pipeline", title_align="left"),
         procs,
