@@ -680,7 +680,7 @@ class Demo:
         self._record()
         print(f"[demo] starting Kafka at {self.broker.bootstrap} (data {plan.kafka_data_dir}) ...", file=sys.stderr)
         try:
-            self.broker_started = self.broker.start(timeout_s=180)
+            self.broker_started = self.broker.start(timeout_s=180, preexec_fn=_die_with_parent)
             self._record()
             ensure_topics(self.broker.bootstrap)
         except LocalKafkaError as exc:

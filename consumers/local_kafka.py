@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,10 +207,12 @@ class LocalKafka:
             log_file=str(self.log_file),
         )
 
-    def start(self, timeout_s: float = 60.0) -> bool:
+    def start(self, timeout_s: float = 60.0, preexec_fn: Callable[[], None] | None = None) -> bool:
         """Start the broker in the background and wait until it answers a metadata request.
 
         Returns True if a broker was started, False if this data dir's broker was already running.
+        ``preexec_fn`` runs in the broker's process before exec (the demo uses it to tie the broker's life to
+        its own with Linux's parent-death signal).
         Raises LocalKafkaError, naming the log file and quoting its last lines, if the broker exits early or
         does not answer within ``timeout_s`` (in which case it is stopped again).
         """
@@ -241,7 +243,7 @@ class LocalKafka:
             # must not kill it, and 'kafka down' signals it explicitly.
             self._process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.data_dir, start_new_session=True, close_fds=True,
+                cwd=self.data_dir, start_new_session=True, close_fds=True, preexec_fn=preexec_fn,
             )
         finally:
             out.close()
