@@ -2,12 +2,17 @@
 
 The flow (one consumer, one model)::
 
-    poll impressions + feedback  ->  decode_events  ->  bad: dead-letter topic
-                                                    ->  good: AttributionJoin (source = (topic, partition))
-    join.emit()  ->  MiniBatcher (wall clock)  ->  encode_rows  ->  Learner.step (score first, then update)
+    poll impressions + feedback  ->  decode_record  ->  Pipeline.ingest  ->  bad: dead-letter topic
+                                                                        ->  good: AttributionJoin (source = (topic, partition))
+    Pipeline.train_ready: join.emit()  ->  MiniBatcher (wall clock)  ->  encode_rows  ->  Learner.step (score first,
+                          then update)  ->  TrainerMetrics, ledger
     every N steps / T seconds / on shutdown / before a rebalance revokes partitions:
         checkpoint (model + optimizers, join state, batcher state, positions, publish version)
         -> commit the positions to Kafka (only for lag monitoring)  ->  publish the serving view (consumers.wire)
+
+Everything between decoding and the metrics is ``consumers.pipeline.Pipeline``, shared with ``crossdistil
+backtest``: this module is the Kafka shell around it (poll loop, dead-letter producer, checkpoints, offsets,
+publication, signals), and the pipeline's clock here is the wall clock (``time.monotonic``).
 
 Exactly once
 ------------
@@ -57,6 +62,8 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from consumers.pipeline import Pipeline, decode_record, join_config, model_config, rebase_join_clock  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -126,32 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ configuration glue
 
-
-def model_config(cfg: Config):
-    """The ``models.config.ModelConfig`` described by the ``[model]`` section."""
-    from models.config import ModelConfig
-
-    options = dict(cfg.model.options)
-    options.setdefault("seed", cfg.model.seed)
-    return ModelConfig(tasks=tuple(cfg.model.tasks), **options)
-
-
-def join_config(cfg: Config):
-    """The ``consumers.join.JoinConfig`` of the live daemon.
-
-    ``wait_for_all_partitions``: a partition the consumer has not fetched yet holds the watermark back, or the
-    first partition fetched would race ahead in event time and make every other partition's feedback late.
-    """
-    from consumers.join import JoinConfig
-
-    windows = {task: float(cfg.join.attribution_window_s.get(task, cfg.join.default_window_s)) for task in cfg.model.tasks}
-    return JoinConfig(
-        attribution_window_s=windows,
-        allowed_lateness_s=cfg.join.allowed_lateness_s,
-        max_pending=cfg.join.max_pending,
-        idle_timeout_s=cfg.join.idle_timeout_s or None,
-        wait_for_all_partitions=True,
-    )
+# The [model] and [join] glue (model_config, join_config, rebase_join_clock) lives in consumers.pipeline, which
+# the backtest shares; it is imported at the top of this module so that the old names keep working.
 
 
 # ------------------------------------------------------------------------ learner state <-> checkpoint files
@@ -191,18 +174,6 @@ def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def rebase_join_clock(join_state: dict[str, Any], now: float) -> dict[str, Any]:
-    """A restored join state whose wall-clock fields are reset to ``now`` (another process, another clock).
-
-    Without it every partition would look idle right after a restart (its last activity is as old as the
-    downtime) and the watermark could skip ahead of partitions that simply have not been fetched yet.
-    """
-    state = dict(join_state)
-    state["now"] = now
-    state["sources"] = [[source, max_ts, now, False] for source, max_ts, _last, _idle in state["sources"]]
-    return state
-
-
 def dead_letter_headers(error: Any, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
     """The headers of one dead letter (documented in the module docstring)."""
     return [
@@ -228,21 +199,25 @@ class Trainer:
     """The daemon: owns the consumer, producer, join, batcher, learner, checkpoint store, ledger and metrics."""
 
     def __init__(self, cfg: Config, exit_when_idle_s: float | None = None, ledger_dir: str | None = None) -> None:
-        from consumers.batching import MiniBatcher
+        from prometheus_client import CollectorRegistry
+
         from consumers.checkpoints import CheckpointStore
-        from consumers.join import AttributionJoin
         from consumers.ledger import Ledger
+        from consumers.metrics import TrainerMetrics
         from consumers.wire import stable_hash
-        from models.learner import Learner
 
         self.cfg = cfg
         self.tasks = tuple(cfg.model.tasks)
         self.exit_when_idle_s = exit_when_idle_s
-        self.learner = Learner(model_config(cfg), device=cfg.model.device)
-        self.join = AttributionJoin(join_config(cfg))
-        self.batcher: MiniBatcher = MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s)
         self.store = CheckpointStore(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
         self.ledger = Ledger(ledger_dir, self.tasks) if ledger_dir else None
+        self.registry = CollectorRegistry()
+        # The one code path shared with the backtest; the live clock is the wall clock.
+        self.pipeline = Pipeline(
+            cfg, clock=time.monotonic, join=join_config(cfg, live=True),
+            metrics=TrainerMetrics(self.tasks, windows=tuple(cfg.metrics.windows), registry=self.registry),
+            ledger=self.ledger, on_batch=self._on_batch, on_emitted=self._on_emitted,
+        )
         self.config_hash = stable_hash(cfg.to_dict())
         self.positions: dict[tuple[str, int], int] = {}  # next offset to process, per (topic, partition)
         self.version = 0  # last publication version (kept in checkpoints so it grows across restarts)
@@ -254,8 +229,6 @@ class Trainer:
         self.last_event_at = time.monotonic()
         self.last_poll_ok_at = time.monotonic()
         self.stop_requested = False
-        self.trained_samples = 0
-        self.dead_letters = 0
         self.events_consumed = 0
         self.first_assigned_at: float | None = None
         self.flush_started_at: float | None = None  # end of a finite stream (exit_when_idle)
@@ -267,15 +240,45 @@ class Trainer:
         self._arrivals: deque[list[float]] = deque()  # [samples, emitted at], FIFO like the batcher
         self.consumer = None
         self.producer = None
-        self.metrics = None
         self._pending_dead_letters: list[Any] = []  # futures of dead letters not yet flushed
+
+    # The pipeline's parts, under the names the daemon (and bench/trainer_throughput.py) always used.
+
+    @property
+    def learner(self):
+        """The ``models.learner.Learner`` being trained."""
+        return self.pipeline.learner
+
+    @property
+    def join(self):
+        """The ``consumers.join.AttributionJoin``."""
+        return self.pipeline.join
+
+    @property
+    def batcher(self):
+        """The ``consumers.batching.MiniBatcher``."""
+        return self.pipeline.batcher
+
+    @property
+    def metrics(self):
+        """The ``consumers.metrics.TrainerMetrics`` (on ``self.registry``)."""
+        return self.pipeline.metrics
+
+    @property
+    def trained_samples(self) -> int:
+        """Samples trained so far (restored from the checkpoint, so it counts across restarts)."""
+        return self.pipeline.trained_samples
+
+    @property
+    def dead_letters(self) -> int:
+        """Events dead-lettered by this process."""
+        return self.pipeline.dead_letters
 
     # --------------------------------------------------------------------------------------- restore
 
     def restore(self) -> int | None:
         """Load the newest verified checkpoint into the learner, join, batcher and positions; its step or None."""
         from consumers.checkpoints import positions_from_plain
-        from consumers.join import JoinedSample
 
         checkpoint = self.store.latest()
         if checkpoint is None:
@@ -287,18 +290,19 @@ class Trainer:
         if meta.get("trainer_format") != STATE_FORMAT:
             raise RuntimeError(f"{checkpoint.path} was not written by this trainer (trainer_format "
                                f"{meta.get('trainer_format')!r}); point checkpoint.dir at an empty directory")
-        self.learner.load_state_dict(unflatten_state(meta["learner"], checkpoint.tensors))
         now = time.monotonic()
-        self.join.load_state_dict(rebase_join_clock(meta["join_state"], now))
-        batcher_state = dict(meta["batcher_state"])
-        batcher_state["oldest_at"] = now  # the saved clock belongs to the dead process: restart the wait
-        self.batcher.load_state_dict(batcher_state, JoinedSample.from_plain)
+        # The saved clocks belong to the dead process: load_state_dict rebases them to now.
+        self.pipeline.load_state_dict({
+            "learner": unflatten_state(meta["learner"], checkpoint.tensors),
+            "join_state": meta["join_state"],
+            "batcher_state": meta["batcher_state"],
+            "trained_samples": int(meta.get("trained_samples", 0)),
+        }, now)
         if self.batcher.waiting:
             self._arrivals.append([self.batcher.waiting, now])
         self.positions = positions_from_plain(meta["positions"])
         self.version = int(meta["publish_version"])
         self.published_chunks = int(meta["published_chunks"])
-        self.trained_samples = int(meta.get("trained_samples", 0))
         self.last_checkpoint_step = checkpoint.step
         self.last_checkpoint_positions = dict(self.positions)
         self.last_published_step = checkpoint.step if meta.get("published") else -1
@@ -317,16 +321,13 @@ class Trainer:
         """Restore, connect, and train until stopped (SIGTERM/SIGINT) or idle at the end (``exit_when_idle_s``)."""
         from kafka import KafkaConsumer, KafkaProducer
         from kafka.errors import KafkaError
-        from prometheus_client import CollectorRegistry
 
-        from consumers.metrics import TrainerMetrics, serve_http
+        from consumers.metrics import serve_http
 
         self.restore()
-        registry = CollectorRegistry()
-        self.metrics = TrainerMetrics(self.tasks, windows=tuple(self.cfg.metrics.windows), registry=registry)
         http = None
         if self.cfg.metrics.port:
-            http = serve_http(self.cfg.metrics.bind, self.cfg.metrics.port, registry, self.health)
+            http = serve_http(self.cfg.metrics.bind, self.cfg.metrics.port, self.registry, self.health)
             print(f"crossdistil train: metrics at {http.url}/metrics, health at {http.url}/healthz", flush=True)
         else:
             print("crossdistil train: metrics and health endpoints are off (metrics.port = 0)", flush=True)
@@ -385,26 +386,22 @@ class Trainer:
             now = time.monotonic()
             self.last_poll_ok_at = now
             for tp, records in polled.items():
-                events = sum(self._process_record(tp.topic, tp.partition, record, now) for record in records)
-                self.metrics.events_consumed(tp.topic, events)
-                self.events_consumed += events
+                for record in records:
+                    self._process_record(tp.topic, tp.partition, record, now)
             if polled:
                 self.last_event_at = now
             elif self._caught_up():
                 # Idleness is only decided while every partition is read to its (last known) end, so a partition
                 # that is merely behind in fetching never stops holding the watermark back.
-                self.join.tick(now)
-            self._train_ready(now)
-            self._after_poll_metrics()
+                self.pipeline.tick(now)
+            self.pipeline.train_ready(now)
             if self._checkpoint_due(now):
                 self.checkpoint("periodic")
             if self._idle_at_end(now):
                 log.info("no event for %.1f s and at the end of every partition: flushing and exiting",
                          self.exit_when_idle_s)
                 self.flush_started_at = time.monotonic()
-                self._train_samples(self.join.flush(), now)
-                for batch in self.batcher.flush():
-                    self._train_batch(batch)
+                self.pipeline.flush(now)
                 self.drained_at = time.monotonic()
                 self.checkpoint("end of stream")
                 return
@@ -414,19 +411,12 @@ class Trainer:
         self.checkpoint("shutdown")
 
     def _process_record(self, topic: str, partition: int, record: Any, now: float) -> int:
-        """Decode one record into the join (bad events to the dead-letter topic); returns its event count."""
-        from streamer.events import EventError
-
-        source = (topic, partition)
-        events = decode_events_safe(record.value)
-        for event in events:
-            if isinstance(event, EventError):
-                self._dead_letter(event, record, topic, partition)
-            elif "task" in event:
-                self.join.add_feedback(event, source, now)
-            else:
-                self.join.add_impression(event, source, now)
-        self.positions[source] = record.offset + 1
+        """Decode one record into the pipeline (bad events to the dead-letter topic); returns its event count."""
+        events = decode_record(record.value)
+        for error in self.pipeline.ingest(events, (topic, partition), now):
+            self._dead_letter(error, record, topic, partition)
+        self.positions[(topic, partition)] = record.offset + 1
+        self.events_consumed += len(events)
         return len(events)
 
     def _dead_letter(self, error: Any, record: Any, topic: str, partition: int) -> None:
@@ -441,41 +431,12 @@ class Trainer:
         future = self.producer.send(self.cfg.kafka.dead_letter_topic, key=record.key, value=value,
                                     headers=dead_letter_headers(error, topic, partition, record.offset))
         self._pending_dead_letters.append(future)
-        self.dead_letters += 1
-        self.metrics.dead_letter(str(error.reason or "invalid"))
 
-    def _train_ready(self, now: float) -> None:
-        self._train_samples(self.join.emit(), now)
-        for batch in self.batcher.poll(now):
-            self._train_batch(batch)
+    def _on_emitted(self, samples: int, now: float) -> None:
+        self._arrivals.append([samples, now])
 
-    def _train_samples(self, samples: list, now: float) -> None:
-        if samples:
-            self.metrics.samples_emitted(len(samples))
-            self._arrivals.append([len(samples), now])
-        for batch in self.batcher.add_many(samples, now):
-            self._train_batch(batch)
-
-    def _train_batch(self, samples: list) -> None:
-        """Score first, then one teacher-student step; predictions feed the metrics and the ledger."""
-        import numpy as np
-
-        from models.features import encode_rows
-
-        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
-                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
-        started = time.perf_counter()
-        batch = encode_rows(rows, self.learner.config.features, self.tasks)
-        _losses, predictions = self.learner.step(batch)
-        seconds = time.perf_counter() - started
-        labels = {task: batch.labels[:, k].numpy().astype(np.int8) for k, task in enumerate(self.tasks)}
-        scores = {task: predictions[task].numpy() for task in self.tasks}
-        users = np.array([r["user_id"] for r in rows], dtype=object)
-        self.metrics.batch_trained(len(samples), seconds)
-        self.metrics.observe(labels, scores, role="student", users=users)
-        if self.ledger is not None:
-            self.ledger.add([s.impression["impression_id"] for s in samples], labels, scores)
-        self.trained_samples += len(samples)
+    def _on_batch(self, samples: list, _labels: Any, _scores: Any, _fired: Any) -> None:
+        """Freshness: seconds from each sample's emission by the join to the step that trained it."""
         trained_at, remaining = time.monotonic(), len(samples)
         while remaining and self._arrivals:
             head = self._arrivals[0]
@@ -486,10 +447,6 @@ class Trainer:
             remaining -= taken
             if head[0] <= 0:
                 self._arrivals.popleft()
-
-    def _after_poll_metrics(self) -> None:
-        self.metrics.join_counters(self.join.counters)
-        self.metrics.watermark(self.join.watermark_ms)
 
     # ------------------------------------------------------------------------------ end-of-stream logic
 
@@ -532,7 +489,6 @@ class Trainer:
         Called only between records (never in the middle of one), so positions match the saved state.
         """
         from consumers.checkpoints import positions_to_plain
-        from consumers.join import JoinedSample
         from consumers.wire import encode_checkpoint
 
         now = time.monotonic()
@@ -567,13 +523,14 @@ class Trainer:
                                          previous_chunk_count=self.published_chunks,
                                          max_message_bytes=max(1_000_000, self.cfg.publish.chunk_bytes + 64 * 1024))
         chunks = sum(1 for key, value in messages if value is not None and key.startswith(b"chunk/"))
-        learner_tensors, learner_plain = flatten_state(self.learner.state_dict(), "learner")
+        state = self.pipeline.state_dict()
+        learner_tensors, learner_plain = flatten_state(state["learner"], "learner")
         metadata = {
             "trainer_format": STATE_FORMAT,
             "learner": learner_plain,
             "positions": positions_to_plain(self.positions),
-            "join_state": self.join.state_dict(),
-            "batcher_state": self.batcher.state_dict(JoinedSample.to_plain),
+            "join_state": state["join_state"],
+            "batcher_state": state["batcher_state"],
             "watermark_ms": self.join.watermark_ms,
             "config_hash": self.config_hash,
             "publish_version": version,
@@ -663,7 +620,7 @@ class Trainer:
 
     def on_revoked(self, partitions: list) -> None:
         """Checkpoint before partitions go away, so their positions match the state that has their events."""
-        if partitions and self.metrics is not None:
+        if partitions and self.consumer is not None:
             self.checkpoint("rebalance")
 
     def health(self) -> tuple[bool, str]:
@@ -695,9 +652,7 @@ def _rebalance_listener(trainer: Trainer):
 
 def decode_events_safe(value: Any) -> list:
     """``streamer.events.decode_events``; a tombstone (value None) is a bad message like any other."""
-    from streamer.events import decode_events
-
-    return decode_events(value if value is not None else b"")
+    return decode_record(value)
 
 
 def _plain(value: Any) -> Any:
