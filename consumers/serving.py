@@ -554,6 +554,9 @@ class ServingDaemon:
                 # A checkpoint chunk may be as large as the topic allows; fetch a whole one at a time.
                 "max_partition_fetch_bytes": MAX_MESSAGE_BYTES, "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES,
                 "allow_auto_create_topics": False,  # an auto-created model topic would lack compaction
+                # A position that falls out of range (topic recreated, retention) replays from the start: the
+                # reassembler skips versions it already has, while "latest" could miss a whole publication.
+                "auto_offset_reset": "earliest",
             }
             # The shared [kafka] client_options (security settings, ...) that a consumer accepts.
             options.update({key: v for key, v in k.client_options.items() if key in KafkaConsumer.DEFAULT_CONFIG})
