@@ -472,8 +472,10 @@ def serve_api(
             try:
                 length = int(length_header)
             except ValueError:
+                length = -1
+            if length < 0:  # rfile.read(-1) would wait for the client to close the connection
                 self.close_connection = True
-                raise RequestError(400, "bad_length", f"Content-Length {length_header!r} is not a number") from None
+                raise RequestError(400, "bad_length", f"Content-Length {length_header!r} is not a byte count")
             if length > max_request_bytes:
                 raise RequestError(413, "too_large", f"the body has {length} bytes; the limit is {max_request_bytes} (serving.max_request_bytes)")
             body = self.rfile.read(length)

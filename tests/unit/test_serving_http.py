@@ -213,3 +213,17 @@ def test_wait_for_version_returns_none_at_its_deadline() -> None:
     started = time.monotonic()
     assert holder.wait_for_version(1, timeout_s=0.2) is None
     assert time.monotonic() - started >= 0.2
+
+
+@pytest.mark.parametrize("length, status", [("-5", 400), ("many", 400), (None, 411)])
+def test_a_missing_or_bad_content_length_is_refused_at_once(api, length: str | None, status: int) -> None:
+    server, holder, _ = api
+    holder.swap(served_model()[1])
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest("POST", "/score")
+    if length is not None:
+        connection.putheader("Content-Length", length)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == status and json.loads(response.read())["error"] in {"bad_length", "length_required"}
+    connection.close()
