@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,7 +136,7 @@ class FollowerStats:
     start_offset: int = 0  # where reading for the initial model began
     records_read: int = 0  # every record polled, start-up and following
     startup_records: int = 0  # records read before following began
-    rejections: list[tuple[int | None, str]] = field(default_factory=list)
+    rejections: deque[tuple[int | None, str]] = field(default_factory=lambda: deque(maxlen=1000))  # the latest
 
 
 class CheckpointFollower:
