@@ -83,7 +83,7 @@ def client(host: str, port: int, bodies: list[bytes], requests: int, warmup: int
     connection.close()
 
 
-def breakdown(url: str, body: bytes, repeats: int, torch_threads: int) -> dict[str, float]:
+def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) -> dict[str, float]:
     """Median milliseconds of each part of one request, done here on a model built like serving's."""
     import statistics
 
@@ -94,7 +94,7 @@ def breakdown(url: str, body: bytes, repeats: int, torch_threads: int) -> dict[s
     from models.learner import ServingModel
 
     torch.set_num_threads(torch_threads)
-    learner = pickup.example_learner(BREAKDOWN_BUCKETS)
+    learner = pickup.example_learner(hash_buckets)
     model = ServingModel.from_serving_state(*learner.serving_state())
     parts: dict[str, list[float]] = {"json_loads": [], "validate": [], "encode_rows": [], "forward": [], "json_response": []}
     for _ in range(repeats):
@@ -118,8 +118,6 @@ def breakdown(url: str, body: bytes, repeats: int, torch_threads: int) -> dict[s
         parts["json_response"].append(t5 - t4)
     return {name: round(statistics.median(values) * 1000, 3) for name, values in parts.items()}
 
-
-BREAKDOWN_BUCKETS = 2**20
 
 
 def main() -> int:
@@ -173,8 +171,6 @@ def main() -> int:
             raise RuntimeError(f"no request succeeded; errors: {errors[:5]}")
         ms = sorted(x * 1000 for x in latencies)
         p = lambda q: round(pickup.percentile(ms, q), 3)  # noqa: E731
-        global BREAKDOWN_BUCKETS
-        BREAKDOWN_BUCKETS = args.hash_buckets
         report: dict[str, Any] = {
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                             "load_avg": [round(x, 2) for x in os.getloadavg()]},
@@ -189,7 +185,7 @@ def main() -> int:
             "meets_target": p(99) <= 20.0,
         }
         progress("timing the parts of one request in-process")
-        report["breakdown_ms"] = breakdown(url, bodies[0], args.breakdown_repeats, args.torch_threads)
+        report["breakdown_ms"] = breakdown(bodies[0], args.breakdown_repeats, args.torch_threads, args.hash_buckets)
         print(json.dumps(report, indent=2))
         return 0
     finally:

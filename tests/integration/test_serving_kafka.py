@@ -23,7 +23,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import torch
 
 from consumers.config import load_config
 from consumers.local_kafka import ensure_topics
