@@ -33,7 +33,7 @@ so the metrics are prequential. Kafka, checkpoint files, publication and signals
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,6 +56,26 @@ def model_config(cfg: Config):
     options = dict(cfg.model.options)
     options.setdefault("seed", cfg.model.seed)
     return ModelConfig(tasks=tuple(cfg.model.tasks), **options)
+
+
+def make_learner(cfg: Config) -> Any:
+    """The learner of the ``[model]`` section: CrossDistil at any rung of the ladder, or, with
+    ``options.rung = "river_lr"`` or ``"river_fm"``, the river online baseline over the same hashed features
+    (river options as ``"river.KEY" = value`` in ``[model.options]``; river learns on the CPU)."""
+    from models.river_baseline import RIVER_CONFIGS
+
+    rung = cfg.model.options.get("rung")
+    if rung not in RIVER_CONFIGS:
+        from models.learner import Learner
+
+        return Learner(model_config(cfg), device=cfg.model.device)
+    from models.features import FeatureSpec
+    from models.river_baseline import config_for, make_learner as make_river_learner
+
+    features = cfg.model.options.get("features")
+    spec = FeatureSpec.from_dict(features) if isinstance(features, Mapping) else FeatureSpec()
+    river_options = {k.removeprefix("river."): v for k, v in cfg.model.options.items() if k.startswith("river.")}
+    return make_river_learner(config_for(rung, cfg.model.tasks, spec, cfg.model.seed, **river_options))
 
 
 def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
@@ -126,15 +146,13 @@ class Pipeline:
         from consumers.batching import MiniBatcher
         from consumers.join import AttributionJoin
         from consumers.metrics import TrainerMetrics
-        from models.learner import Learner
-
         self.cfg = cfg
         self.tasks: tuple[str, ...] = tuple(cfg.model.tasks)
         if clock is None:
             clock = EventClock()
             clock.pipeline = self
         self.clock: Callable[[], float] = clock
-        self.learner = Learner(model_config(cfg), device=cfg.model.device)
+        self.learner = make_learner(cfg)
         self.join = AttributionJoin(join if join is not None else join_config(cfg, live=not isinstance(clock, EventClock)))
         self.batcher: MiniBatcher[JoinedSample] = MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s)
         self.metrics = metrics if metrics is not None else TrainerMetrics(self.tasks, windows=tuple(cfg.metrics.windows))

@@ -104,13 +104,17 @@ def load_checkpoint(checkpoint: WireCheckpoint, device: str = "cpu") -> ServedMo
     The trainer puts ``Learner.serving_state()``'s metadata under the manifest metadata's ``serving`` key.
     """
     from models.learner import ServingModel
+    from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT, RiverServingModel
 
     serving_meta = checkpoint.metadata.get("serving")
     if not isinstance(serving_meta, Mapping):
         raise ValueError("manifest metadata has no 'serving' map (the students' format, version and config)")
     try:
-        model = ServingModel.from_serving_state(checkpoint.tensors, serving_meta, device=device)
-    except (KeyError, TypeError, RuntimeError) as exc:  # wrong tensor names or shapes, bad config JSON
+        if serving_meta.get("format") == RIVER_FORMAT:  # the river baseline: CPU only, no device
+            model = RiverServingModel.from_serving_state(checkpoint.tensors, serving_meta)
+        else:
+            model = ServingModel.from_serving_state(checkpoint.tensors, serving_meta, device=device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # wrong tensor names or shapes, bad config
         raise ValueError(f"cannot build the model: {exc}") from exc
     step = checkpoint.metadata.get("step")
     published_ms = checkpoint.metadata.get("published_at_ms")

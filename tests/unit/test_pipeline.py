@@ -104,3 +104,34 @@ def test_replay_join_config_has_no_idle_timeout_and_no_waiting_for_partitions() 
     assert replay_join.idle_timeout_s is None and not replay_join.wait_for_all_partitions
     assert live_join.wait_for_all_partitions
     assert isinstance(Pipeline(cfg, clock=None).clock, EventClock)
+
+
+def river_config():
+    return load_config(None, env={}, overrides=[
+        "model.tasks=['click', 'like']", "join.attribution_window_s={click = 5, like = 10}",
+        "batching.batch_size=4", "batching.max_batch_delay_s=1e9", "model.options={rung = 'river_lr'}",
+        "metrics.windows=[8, 16]"])
+
+
+def test_rung_river_lr_trains_the_river_baseline_through_the_same_pipeline() -> None:
+    from models.river_baseline import RiverLearner
+
+    pipeline = Pipeline(river_config(), clock=None)
+    assert isinstance(pipeline.learner, RiverLearner)
+    trained = replay(pipeline, stream())
+    assert sorted(i for batch, _ in trained for i in batch) == sorted(f"i{i}" for i in range(40))
+    # the scores move as the baseline learns (a constant scorer would give one value)
+    assert len({round(float(v), 6) for _, scores in trained for v in scores["click"]}) > 1
+
+
+def test_river_pipeline_state_round_trip_continues_identically() -> None:
+    messages = stream()
+    expected = replay(Pipeline(river_config(), clock=None), messages)
+    first = Pipeline(river_config(), clock=None)
+    for topic, value in messages[:25]:
+        first.ingest(decode_record(value), (topic, 0))
+        first.train_ready()
+    second = Pipeline(river_config(), clock=None)
+    second.load_state_dict(first.state_dict(), now=first.clock())
+    rest = replay(second, messages[25:])
+    assert np.array_equal(rest[-1][1]["click"], expected[-1][1]["click"])
