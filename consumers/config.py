@@ -187,6 +187,10 @@ def _apply(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{path}: expected a table [{path}], got {value!r}")
             _apply(current, value, prefix=f"{path}.")
+        elif isinstance(current, dict) and isinstance(value, Mapping):
+            # Tables merge key by key, so CROSSDISTIL__KAFKA__CLIENT_OPTIONS__SASL_PLAIN_PASSWORD adds the secret
+            # to the file's client options instead of replacing them all.
+            setattr(obj, key, {**current, **_coerce(path, value, hints[key])})
         else:
             setattr(obj, key, _coerce(path, value, hints[key]))
 
@@ -292,3 +296,25 @@ def reference_markdown() -> str:
             rows.append(f"| `{section.name}.{f.name}` | {typ} | `{default}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
 
+
+def model_options_markdown() -> str:
+    """A Markdown table of the ``[model.options]`` keys: the fields of ``models.config.ModelConfig``."""
+    from models.config import ModelConfig
+
+    rows = ["| `model.options` key | default |", "|---|---|"]
+    defaults = ModelConfig()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in ("tasks", "seed"):  # set by model.tasks and model.seed
+            continue
+        value = getattr(defaults, f.name)
+        shown = value.to_dict() if hasattr(value, "to_dict") else list(value) if isinstance(value, tuple) else value
+        rows.append(f"| `{f.name}` | `{_toml_value(shown)}` |")
+    rows.append("| `rung = \"river_lr\" \\| \"river_fm\"` | the river online baseline instead of CrossDistil; "
+                "its options as `\"river.KEY\" = value` |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m consumers.config: the reference of README.md#configuration-reference
+    print(reference_markdown())
+    print()
+    print(model_options_markdown())

@@ -56,3 +56,13 @@ def test_reference_lists_every_key():
     ref = reference_markdown()
     for key in ("kafka.bootstrap", "join.attribution_window_s", "checkpoint.keep_last", "metrics.port"):
         assert f"`{key}`" in ref
+
+
+def test_tables_merge_so_a_secret_from_the_environment_keeps_the_files_other_client_options(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[kafka.client_options]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n')
+    env = {"CROSSDISTIL__KAFKA__CLIENT_OPTIONS__SASL_PLAIN_PASSWORD": '"s3cret"'}
+    cfg = load_config(path, env=env, overrides=["join.attribution_window_s.like=10"])
+    assert cfg.kafka.client_options == {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
+                                        "sasl_plain_password": "s3cret"}
+    assert cfg.join.attribution_window_s == {"like": 10}
