@@ -38,7 +38,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], float]] = {
 }
 
 # Headline figures: numeric leaves whose path names one of these (ratios first: they survive a noisy machine).
-HEADLINE_WORDS = ("ratio", "spread", "flat", "p99", "auc", "events_per_s", "samples_per_s", "percent")
+HEADLINE_WORDS = ("ratio_to", "within", "meets_target", "flat", "p99", "percent_of", "auc_tail", "samples_per_s",
+                  "events_per_s")
 MAX_HEADLINES = 8
 
 
@@ -111,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results", help="folder for benchmarks.json and summary.md")
     parser.add_argument("--only", default="", help="comma list of benchmark names (default: all)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--render", metavar="JSON", help="only re-render summary.md from an earlier benchmarks.json")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        (Path(args.out) / "summary.md").write_text(summary_markdown(report))
+        return 0
     chosen = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
     unknown = sorted(set(chosen) - set(BENCHMARKS))
     if unknown:
