@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from consumers.metrics import MetricsServer
+
 if TYPE_CHECKING:
     from consumers.config import Config
     from consumers.metrics import ServingMetrics
@@ -371,31 +373,9 @@ def score_impressions(served: ServedModel, impressions: Sequence[Mapping[str, An
 # -------------------------------------------------------------------------------------------------- HTTP
 
 
-class ApiServer:
-    """The running HTTP server: ``.port``, ``.url``, ``.close()`` (context manager)."""
-
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
-        self._server = server
-        self._thread = thread
-        self.bind, self.port = server.server_address[:2]
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"http://{host}:{self.port}"
-
-    def close(self) -> None:
-        """Stop accepting requests and wait for the server thread (idempotent)."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-    def __enter__(self) -> ApiServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+class ApiServer(MetricsServer):
+    """The running HTTP server of serving (``/score``, ``/healthz``, ``/metrics``): ``.port``, ``.url``,
+    ``.close()``, a context manager; the same handle as the trainer's metrics server."""
 
 
 _ROUTES = {"/score": "POST", "/healthz": "GET", "/metrics": "GET"}
