@@ -231,14 +231,10 @@ def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when the demo dies, even by SIGKILL."""
     # The demo blocks SIGINT/SIGTERM around fork so a signal cannot interrupt the start of a child it would then
     # not know about; the child must not inherit that mask.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    try:
-        import ctypes
+    from consumers.local_kafka import die_with_parent
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: finally/atexit/signal handlers still stop the children
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    die_with_parent()  # not Linux: finally/atexit/signal handlers still stop the children
 
 
 def pid_alive(pid: int) -> bool:

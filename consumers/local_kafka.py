@@ -75,6 +75,20 @@ def default_data_dir() -> Path:
     return Path(base) / "crossdistil" / "kafka"
 
 
+def die_with_parent() -> None:
+    """For ``preexec_fn``: ask Linux to SIGTERM this child when its parent dies, even by SIGKILL (elsewhere: no-op).
+
+    Daemons started by the demo and by the tests use it, so a killed parent never leaves a broker or a trainer
+    running (and spinning on a broker that is gone).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

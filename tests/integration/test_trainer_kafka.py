@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from consumers.ledger import read_ledger
-from consumers.local_kafka import ensure_topics
+from consumers.local_kafka import die_with_parent, ensure_topics
 from models.metrics import auc
 
 pytestmark = pytest.mark.integration
@@ -108,7 +108,8 @@ def start_trainer(config: Path, ledger: Path, idle_s: float = 4.0) -> subprocess
     return subprocess.Popen(
         [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger),
          "--exit-when-idle", str(idle_s), "--torch-threads", "1"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=die_with_parent)  # a killed test run must not leave a trainer behind
 
 
 def wait_finished(process: subprocess.Popen, config: Path, timeout_s: float = RUN_TIMEOUT_S) -> None:
