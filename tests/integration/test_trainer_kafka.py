@@ -103,6 +103,9 @@ port = 0
     return path
 
 
+ASSIGNMENT_STALL_S = 60.0  # a healthy restart gets its partitions well within this (the killed member times out first)
+
+
 def start_trainer(config: Path, ledger: Path, idle_s: float = 4.0) -> subprocess.Popen:
     log = open(config.parent / "trainer.log", "ab")
     return subprocess.Popen(
@@ -254,15 +257,27 @@ def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
     ledger = tmp_path / "ledger"
     rng = random.Random(int(os.environ.get("CROSSDISTIL_TEST_SEED", "4")))
 
-    def start_and_wait_for_assignment() -> subprocess.Popen:
-        assigned_before = assignments(tmp_path / "trainer.log")
-        process = start_trainer(config, ledger)
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while assignments(tmp_path / "trainer.log") <= assigned_before:
-            assert process.poll() is None and time.monotonic() < deadline, \
-                f"trainer got no partitions; log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}"
-            time.sleep(0.1)
-        return process
+    def start_and_wait_for_assignment(attempts: int = 3) -> subprocess.Popen:
+        # kafka-python 3.0.12 sometimes stalls in a group join right after "Elected group leader" (seen about once
+        # in ten restarts here). A supervisor would restart such a trainer; so does this test, with kill -9: one
+        # more crash at a random moment, which the exactly-once assertions below cover like the others.
+        for attempt in range(attempts):
+            assigned_before = assignments(tmp_path / "trainer.log")
+            process = start_trainer(config, ledger)
+            deadline = time.monotonic() + ASSIGNMENT_STALL_S
+            while assignments(tmp_path / "trainer.log") <= assigned_before:
+                assert process.poll() is None, \
+                    f"trainer exited before it got partitions; log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}"
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            else:
+                return process
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
+            print(f"\nattempt {attempt + 1}: no partitions within {ASSIGNMENT_STALL_S} s (group join stalled); restarted")
+        raise AssertionError(f"trainer got no partitions in {attempts} starts; "
+                             f"log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}")
 
     # First a polite stop: SIGTERM finishes the current batch, checkpoints, commits and exits 0.
     process = start_and_wait_for_assignment()
