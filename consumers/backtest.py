@@ -12,8 +12,12 @@ Inputs:
   a Kafka message would carry and decoded by the trainer's decoder; its source is ``(topic, 0)``.
 * ``--kafka HOST:PORT``: the impressions and feedback topics of the (first) configuration, every partition, in
   ``[--from-offset, --to-offset)`` or ``[--from-time, --to-time)`` (record timestamps; ISO 8601 or unix ms).
-  The range is read first, then the partitions are merged by event time (each partition keeps its order) so
-  the replay does not depend on fetch timing. It is held in memory while it is replayed.
+  The partitions are merged by event time (each partition keeps its order) so the replay does not depend on
+  fetch timing, and read as they are replayed, at most ``read_ahead`` records per partition at a time
+  (``KafkaRange``).
+
+A range that selects nothing (``from >= to``, or no record inside it) is an error (exit status 2), not an empty
+report.
 
 Outputs (``--out DIR``): ``summary.json`` and ``series_<config>.csv`` (deterministic: no wall-clock field),
 ``timing.json`` (wall-clock seconds and throughput, not deterministic), ``auc_<task>.png`` and ``report.md``.
@@ -27,6 +31,7 @@ import copy
 import csv
 import heapq
 import io
+import itertools
 import json
 import math
 import sys
@@ -106,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     except ConnectionError as exc:
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 3
+    if result.records == 0:
+        print(f"crossdistil backtest: nothing to replay: {args.log or args.kafka} has no records in the range given "
+              "(check --from-time/--to-time); no outputs written", file=sys.stderr)
+        return 2
     out = Path(args.out)
     write_outputs(result, out, input_desc, plots=not args.no_plots)
     print(f"crossdistil backtest: {result.records} records, {len(configs)} configuration(s) -> {out}/report.md")
@@ -180,6 +189,7 @@ def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
 
     from streamer.eventlog import EventLogError, path_from_url, read_event_log
 
+    _check_time_range(from_ms, to_ms)
     path = path_from_url(url)
     if not path.is_file():
         raise EventLogError(f"event log {path} does not exist; write one with "
@@ -202,20 +212,30 @@ def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
     return records(), desc
 
 
+READ_AHEAD = 2000  # records polled at a time per partition (and so at most held per partition)
+STALL_S = 120.0  # a partition that yields nothing for this long while its range is unfinished is an error
+
+
 def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | None = None, to_offset: int | None = None,
-                  from_ms: int | None = None, to_ms: int | None = None,
-                  limit: int | None = None) -> tuple[Iterator[Record], dict[str, Any]]:
-    """Every partition of ``topics`` in an offset or time range, merged by event time (partitions keep their order)."""
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
+                  from_ms: int | None = None, to_ms: int | None = None, limit: int | None = None,
+                  read_ahead: int = READ_AHEAD) -> tuple[KafkaRange, dict[str, Any]]:
+    """Every partition of ``topics`` in an offset or time range, merged by event time (partitions keep their order).
+
+    The range is resolved now (per partition ``[start, stop)`` offsets; a time bound becomes the first offset whose
+    record timestamp is at or after it, via ``offsets_for_times``); the records are read when the result is
+    iterated, streaming (see ``KafkaRange``). Raises ``ValueError`` for a bad or empty range, ``ConnectionError``
+    when the broker is not reachable.
+    """
+    from kafka import TopicPartition
 
     if (from_offset is not None or to_offset is not None) and (from_ms is not None or to_ms is not None):
-        raise ValueError("give an offset range or a time range, not both")
-    try:
-        consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                 consumer_timeout_ms=1000, reconnect_backoff_max_ms=2000)
-    except KafkaError as exc:
-        raise ConnectionError(f"Kafka at {bootstrap} is not reachable ({exc}); start one with 'crossdistil kafka up'") from None
+        raise ValueError("give an offset range (--from-offset/--to-offset) or a time range (--from-time/--to-time), not both")
+    if from_offset is not None and to_offset is not None and from_offset >= to_offset:
+        raise ValueError(f"--from-offset {from_offset} is not before --to-offset {to_offset}: the range is empty")
+    _check_time_range(from_ms, to_ms)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive number of records, got {limit}")
+    consumer = _range_consumer(bootstrap)
     try:
         partitions = []
         for topic in topics:
@@ -223,51 +243,112 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
             if not ids:
                 raise ValueError(f"topic {topic!r} does not exist on {bootstrap}")
             partitions += [TopicPartition(topic, p) for p in sorted(ids)]
-        consumer.assign(partitions)
         begin = consumer.beginning_offsets(partitions)
         end = consumer.end_offsets(partitions)
-        start: dict[Any, int] = {}
-        stop: dict[Any, int] = {}
+        ranges: dict[Any, tuple[int, int]] = {}
+        found_from = consumer.offsets_for_times({tp: from_ms for tp in partitions}) if from_ms is not None else {}
+        found_to = consumer.offsets_for_times({tp: to_ms for tp in partitions}) if to_ms is not None else {}
         for tp in partitions:
-            start[tp] = max(begin[tp], from_offset if from_offset is not None else begin[tp])
-            stop[tp] = min(end[tp], to_offset if to_offset is not None else end[tp])
-        for bound, target in ((from_ms, start), (to_ms, stop)):
-            if bound is not None:
-                found = consumer.offsets_for_times({tp: bound for tp in partitions})
-                for tp in partitions:
-                    target[tp] = found[tp].offset if found.get(tp) is not None else end[tp]
-        by_partition: dict[Any, list] = {tp: [] for tp in partitions}
-        for tp in partitions:
-            if start[tp] < stop[tp]:
-                consumer.seek(tp, start[tp])
-        wanted = {tp for tp in partitions if start[tp] < stop[tp]}
-        deadline = time.monotonic() + 600
-        while wanted and time.monotonic() < deadline:
-            for tp, batch in consumer.poll(timeout_ms=500, max_records=5000).items():
-                if tp not in wanted:
-                    continue
-                for message in batch:
-                    if message.offset < stop[tp]:
-                        by_partition[tp].append(message)
-                if consumer.position(tp) >= stop[tp]:
-                    wanted.discard(tp)
-                    consumer.pause(tp)
-        if wanted:
-            raise ConnectionError(f"reading {sorted(str(tp) for tp in wanted)} from {bootstrap} did not finish in 600 s")
+            start = max(begin[tp], from_offset if from_offset is not None else begin[tp])
+            stop = min(end[tp], to_offset if to_offset is not None else end[tp])
+            if from_ms is not None:  # no record at or after from_ms: nothing of this partition is in range
+                start = found_from[tp].offset if found_from.get(tp) is not None else end[tp]
+            if to_ms is not None:
+                stop = found_to[tp].offset if found_to.get(tp) is not None else end[tp]
+            ranges[tp] = (start, max(start, stop))
     finally:
         consumer.close()
-    streams = [_ordered(tp.topic, tp.partition, messages) for tp, messages in by_partition.items()]
-    merged = (item[-1] for item in heapq.merge(*streams))
-    count = sum(len(m) for m in by_partition.values())
+    count = sum(stop - start for start, stop in ranges.values())
+    held = {f"{tp.topic}-{tp.partition}": [begin[tp], end[tp]] for tp in partitions}
+    if count == 0:
+        raise ValueError(f"the range selects no records of {', '.join(topics)} on {bootstrap} "
+                         f"(partitions hold offsets {held}); widen --from/--to")
     desc = {"kind": "kafka", "topics": list(topics), "from_offset": from_offset, "to_offset": to_offset,
             "from_ms": from_ms, "to_ms": to_ms, "limit": limit, "records": min(count, limit or count),
-            "ranges": {f"{tp.topic}-{tp.partition}": [start[tp], stop[tp]] for tp in partitions}}
-    if limit is not None:
-        merged = (r for i, r in zip(range(limit), merged))
-    return merged, desc
+            "ranges": {f"{tp.topic}-{tp.partition}": list(r) for tp, r in ranges.items()}}
+    return KafkaRange(bootstrap, ranges, limit=limit, read_ahead=read_ahead), desc
 
 
-def _ordered(topic: str, partition: int, messages: list) -> Iterator[tuple]:
+def _check_time_range(from_ms: int | None, to_ms: int | None) -> None:
+    if from_ms is not None and to_ms is not None and from_ms >= to_ms:
+        raise ValueError(f"--from-time ({from_ms} ms) is not before --to-time ({to_ms} ms): the range [from, to) is empty")
+
+
+def _range_consumer(bootstrap: str, **options: Any) -> Any:
+    """A group-less, non-committing consumer (a backtest reads; it never moves a group's offsets)."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             reconnect_backoff_max_ms=2000, **options)
+    except KafkaError as exc:
+        raise ConnectionError(f"Kafka at {bootstrap} is not reachable ({exc}); start one with 'crossdistil kafka up'") from None
+
+
+class KafkaRange:
+    """The records of per-partition offset ranges, merged by event time, read as they are replayed.
+
+    Each partition is a stream in offset order whose merge key is (running max of its events' ``ts_ms``, topic,
+    partition, offset); ``heapq.merge`` takes the smallest head, so the order depends only on the records, never
+    on fetch timing. Each partition has its own consumer, polled (at most ``read_ahead`` records) only when the
+    merge has taken everything polled before, so at most ``read_ahead`` records per partition are held (plus the
+    client's fetch buffer, one ``max_partition_fetch_bytes``), whatever the length of the range.
+    ``peak_buffered`` is the most records held at once during the last iteration. Iterating again reads the
+    range again.
+    """
+
+    def __init__(self, bootstrap: str, ranges: dict[Any, tuple[int, int]], *, limit: int | None = None,
+                 read_ahead: int = READ_AHEAD) -> None:
+        if read_ahead < 1:
+            raise ValueError(f"read_ahead must be positive, got {read_ahead}")
+        self.bootstrap, self.ranges, self.limit, self.read_ahead = bootstrap, dict(ranges), limit, read_ahead
+        self.peak_buffered = 0
+        self._held: dict[Any, int] = {}
+
+    def __iter__(self) -> Iterator[Record]:
+        self.peak_buffered = 0
+        self._held = {}
+        wanted = [(tp, start, stop) for tp, (start, stop) in self.ranges.items() if start < stop]
+        partitions = [self._messages(tp, start, stop) for tp, start, stop in wanted]
+        try:
+            streams = [_ordered(tp.topic, tp.partition, messages) for (tp, _, _), messages in zip(wanted, partitions)]
+            for item in itertools.islice(heapq.merge(*streams), self.limit):
+                yield item[-1]
+        finally:
+            for messages in partitions:  # closes their consumers now, not when garbage collected
+                messages.close()
+
+    def _messages(self, tp: Any, start: int, stop: int) -> Iterator[Any]:
+        """The messages of ``tp`` in ``[start, stop)``, in offset order, ``read_ahead`` at a time."""
+        from kafka.errors import KafkaError
+
+        consumer = _range_consumer(self.bootstrap, max_poll_records=self.read_ahead)
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            deadline = time.monotonic() + STALL_S
+            while consumer.position(tp) < stop:
+                try:
+                    batch = [m for m in consumer.poll(timeout_ms=500).get(tp, []) if m.offset < stop]
+                except KafkaError as exc:
+                    raise ConnectionError(f"reading {tp.topic}-{tp.partition} from Kafka at {self.bootstrap} failed: {exc}") from None
+                if batch:
+                    deadline = time.monotonic() + STALL_S
+                elif time.monotonic() > deadline:
+                    raise ConnectionError(f"reading {tp.topic}-{tp.partition} from {self.bootstrap} stalled at offset "
+                                          f"{consumer.position(tp)} (its range ends at {stop}) for {STALL_S:.0f} s")
+                self._held[tp] = len(batch)
+                self.peak_buffered = max(self.peak_buffered, sum(self._held.values()))
+                for i, message in enumerate(batch):
+                    self._held[tp] = len(batch) - i
+                    yield message
+                self._held[tp] = 0
+        finally:
+            consumer.close()
+
+
+def _ordered(topic: str, partition: int, messages: Iterable[Any]) -> Iterator[tuple]:
     """Merge keys of one partition: (running max of event ts, topic, partition, offset, Record)."""
     import msgpack
 

@@ -17,10 +17,14 @@ the live side records), and the order, ids and labels must be equal exactly.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -135,3 +139,232 @@ def test_backtest_of_the_kafka_offset_range_predicts_exactly_what_the_live_train
     records, desc = kafka_records(streamed["bootstrap"], [topics["impressions"], topics["feedback"]], from_offset=0)
     assert desc["records"] > LIMIT
     assert backtest_rows(records, streamed["config"]) == streamed["rows"]
+
+
+# ------------------------------------------------------------------------------ Kafka ranges by time and offset
+#
+# A small synthetic stream produced with record timestamps the test chooses, so it knows which records a range
+# must select. Two topic pairs (2 partitions each, a user's events on one partition):
+# * "event": record timestamp = the event's ts_ms shifted to two hours ago (recent, so retention keeps them;
+#   ties and irregular gaps as in the data; non-decreasing per partition, checked);
+# * "lockstep": record timestamp = BASE + offset * 1 s on every partition, so a time range and an offset range
+#   can select exactly the same records.
+
+RANGE_CONFIG = """
+[kafka]
+bootstrap = "{bootstrap}"
+impressions_topic = "{impressions}"
+feedback_topic = "{feedback}"
+
+[join]
+attribution_window_s = {{click = 60, like = 120}}
+
+[batching]
+batch_size = 64
+max_batch_delay_s = 30.0
+
+[model]
+tasks = ["click", "like"]
+device = "cpu"
+options = {{embedding_dim = 4, hidden_dims = [16], tower_dims = [8], features = {{categorical = ['user_id', 'item_id', 'item_category'], numeric = ['duration_s'], hash_buckets = 4096}}}}
+
+[metrics]
+port = 0
+windows = [200, 400]
+"""
+
+
+@dataclass(frozen=True)
+class Produced:
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    event: dict
+
+
+@pytest.fixture(scope="module")
+def stamped(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The synthetic stream in an event log and in the two topic pairs; what was produced where, with which stamp."""
+    import zlib
+
+    from kafka import KafkaProducer
+
+    from streamer.eventlog import read_event_log
+    from streamer.events import encode
+    from streamer.stream import stream_dataset
+
+    directory = tmp_path_factory.mktemp("backtest-ranges")
+    log = directory / "synthetic.evlog"
+    stream_dataset("synthetic", None, f"file://{log}", options={
+        "n_events": 600, "tasks": "click,like", "n_users": 60, "n_items": 200, "seed": 5,
+        "delay_median_s": "2,20", "max_delay_s": 100})
+    records = list(read_event_log(log))
+    first_ts = records[0].event["ts_ms"]
+    base = (int(time.time()) - 7200) * 1000
+    tag = uuid.uuid4().hex[:6]
+    pairs: dict[str, dict] = {}
+    producer = KafkaProducer(bootstrap_servers=kafka_broker, acks="all", linger_ms=5)
+    try:
+        for pair in ("event", "lockstep"):
+            topics = {"impressions": f"btr-{pair}-imp-{tag}", "feedback": f"btr-{pair}-fb-{tag}"}
+            ensure_topics(kafka_broker, 2, impression_topic=topics["impressions"], feedback_topic=topics["feedback"],
+                          dead_letter_topic=f"btr-{pair}-dl-{tag}", model_topic=f"btr-{pair}-model-{tag}")
+            next_offset: dict[tuple[str, int], int] = {}
+            sent = []
+            for record in records:
+                topic = topics[record.topic]
+                partition = zlib.crc32(record.key.encode()) % 2
+                offset = next_offset.get((topic, partition), 0)
+                next_offset[(topic, partition)] = offset + 1
+                stamp = base + (record.event["ts_ms"] - first_ts if pair == "event" else offset * 1000)
+                future = producer.send(topic, value=encode(record.event), key=record.key.encode(),
+                                       partition=partition, timestamp_ms=stamp)
+                sent.append((future, record.event, stamp))
+            producer.flush(timeout=60)
+            produced = []
+            for future, event, stamp in sent:
+                meta = future.get(timeout=60)
+                assert meta.timestamp == stamp, "the broker must keep the producer's timestamps (CreateTime)"
+                produced.append(Produced(meta.topic, meta.partition, meta.offset, stamp, event))
+            for tp in {(p.topic, p.partition) for p in produced}:
+                stamps = [p.timestamp_ms for p in sorted(produced, key=lambda p: p.offset) if (p.topic, p.partition) == tp]
+                assert stamps == sorted(stamps), f"{tp}: record timestamps must not decrease within a partition"
+            config = directory / f"{pair}.toml"
+            config.write_text(RANGE_CONFIG.format(bootstrap=kafka_broker, **topics))
+            pairs[pair] = {"topics": [topics["impressions"], topics["feedback"]], "produced": produced, "config": config}
+    finally:
+        producer.close()
+    return {"bootstrap": kafka_broker, "log": log, "shift_ms": base - first_ts, "base_ms": base, **pairs}
+
+
+def events_of(records) -> list[str]:
+    """The replayed events as a sorted list of canonical texts (a multiset: which events, not their order)."""
+    import msgpack
+
+    return sorted(json.dumps(msgpack.unpackb(r.value, raw=False), sort_keys=True) for r in records)
+
+
+def expected(produced: list[Produced], lo: int | None, hi: int | None) -> list[str]:
+    return sorted(json.dumps(p.event, sort_keys=True) for p in produced
+                  if (lo is None or p.timestamp_ms >= lo) and (hi is None or p.timestamp_ms < hi))
+
+
+def stamps_at_quarters(produced: list[Produced]) -> tuple[int, int]:
+    """Two record timestamps (each carried by at least one record) a quarter and half way through the stream."""
+    stamps = sorted(p.timestamp_ms for p in produced)
+    return stamps[len(stamps) // 4], stamps[len(stamps) // 2]
+
+
+def cli(*argv: str) -> int:
+    from consumers import backtest
+
+    parser = argparse.ArgumentParser()
+    backtest.add_arguments(parser)
+    return backtest.run(parser.parse_args(list(argv)))
+
+
+def test_time_range_replays_exactly_the_records_stamped_in_from_inclusive_to_exclusive(stamped: dict) -> None:
+    from consumers.backtest import kafka_records
+
+    produced = stamped["event"]["produced"]
+    lo, hi = stamps_at_quarters(produced)
+    records, desc = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], from_ms=lo, to_ms=hi)
+    want = expected(produced, lo, hi)
+    assert any(p.timestamp_ms == lo for p in produced) and any(p.timestamp_ms == hi for p in produced)
+    assert 0 < len(want) < len(produced)
+    assert events_of(records) == want
+    assert desc["records"] == len(want)  # the progress total, known from the offsets before reading
+
+
+def test_from_time_alone_reads_to_the_end_and_to_time_alone_from_the_beginning(stamped: dict) -> None:
+    from consumers.backtest import kafka_records
+
+    produced = stamped["event"]["produced"]
+    lo, hi = stamps_at_quarters(produced)
+    records, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], from_ms=lo)
+    assert events_of(records) == expected(produced, lo, None)
+    records, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], to_ms=hi)
+    assert events_of(records) == expected(produced, None, hi)
+
+
+def test_record_times_equal_to_event_times_select_what_the_event_log_time_filter_selects(stamped: dict) -> None:
+    from consumers.backtest import kafka_records, log_records
+
+    lo, hi = stamps_at_quarters(stamped["event"]["produced"])
+    from_kafka, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], from_ms=lo, to_ms=hi)
+    shift = stamped["shift_ms"]
+    from_log, _ = log_records(f"file://{stamped['log']}", from_ms=lo - shift, to_ms=hi - shift)
+    assert events_of(from_kafka) == events_of(from_log)
+
+
+def test_an_empty_time_range_is_an_error_that_says_so(stamped: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    produced = stamped["event"]["produced"]
+    lo, _ = stamps_at_quarters(produced)
+    after_last = max(p.timestamp_ms for p in produced) + 1
+    common = ("--kafka", stamped["bootstrap"], "--config", str(stamped["event"]["config"]), "--quiet", "--no-plots")
+    assert cli(*common, "--from-time", str(lo), "--to-time", str(lo), "--out", str(tmp_path / "a")) == 2
+    assert "is not before --to-time" in capsys.readouterr().err
+    assert cli(*common, "--from-time", str(after_last), "--out", str(tmp_path / "b")) == 2
+    assert "selects no records" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_time_range_and_the_offset_range_it_maps_to_give_identical_numbers(stamped: dict, tmp_path: Path) -> None:
+    base, config = stamped["base_ms"], str(stamped["lockstep"]["config"])
+    common = ("--kafka", stamped["bootstrap"], "--config", config, "--sample-every", "100", "--quiet", "--no-plots")
+    # offset 40 carries BASE + 40 s; a from-time half a second earlier still maps to it (first record at or after)
+    assert cli(*common, "--from-time", str(base + 40_000 - 500), "--to-time", str(base + 240_000),
+               "--out", str(tmp_path / "by_time")) == 0
+    assert cli(*common, "--from-offset", "40", "--to-offset", "240", "--out", str(tmp_path / "by_offset")) == 0
+    by_time = json.loads((tmp_path / "by_time" / "summary.json").read_text())
+    by_offset = json.loads((tmp_path / "by_offset" / "summary.json").read_text())
+    assert by_time["input"]["ranges"] == by_offset["input"]["ranges"]
+    sizes = {f"{p.topic}-{p.partition}" for p in stamped["lockstep"]["produced"] if p.offset >= 240}
+    assert len(sizes) == 4, "every partition must reach past offset 240 for the ranges to be [40, 240)"
+    assert by_time["input"]["ranges"] == {tp: [40, 240] for tp in sizes}
+    assert by_time["records"] == by_offset["records"] > 0
+    assert by_time["configurations"] == by_offset["configurations"]
+    assert by_time["configurations"]["lockstep"]["trained_samples"] > 0
+    assert (tmp_path / "by_time" / "series_lockstep.csv").read_bytes() == (tmp_path / "by_offset" / "series_lockstep.csv").read_bytes()
+
+
+def test_a_kafka_range_replays_bit_for_bit_whatever_the_read_ahead_and_holds_only_the_read_ahead(stamped: dict) -> None:
+    from consumers.backtest import build_configs, kafka_records, run_backtest
+
+    import torch
+
+    torch.set_num_threads(1)
+    configs = lambda: build_configs([str(stamped["event"]["config"])], None, [])  # noqa: E731 - fresh models per run
+    runs = []
+    for read_ahead in (2000, 2000, 7):
+        records, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], from_offset=0, read_ahead=read_ahead)
+        runs.append(run_backtest(records, configs(), sample_every=100).runs["event"])
+        if read_ahead == 7:
+            assert 0 < records.peak_buffered <= 7 * 4  # 4 partitions, at most read_ahead each
+    first = runs[0]
+    assert first.pipeline.trained_samples == 600
+    for other in runs[1:]:
+        assert other.impression_ids == first.impression_ids
+        assert other.series == first.series
+        for task in ("click", "like"):
+            assert (other.arrays(task)[1] == first.arrays(task)[1]).all() and (other.arrays(task)[0] == first.arrays(task)[0]).all()
+
+
+def test_limit_replays_the_first_records_of_the_merged_range(stamped: dict) -> None:
+    from consumers.backtest import kafka_records
+
+    everything, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"])
+    first, desc = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], limit=50)
+    assert desc["records"] == 50
+    assert list(first) == list(everything)[:50]
+
+
+def test_progress_bar_counts_kafka_records_against_the_total_from_offsets(stamped: dict, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    produced = stamped["event"]["produced"]
+    assert cli("--kafka", stamped["bootstrap"], "--config", str(stamped["event"]["config"]), "--from-offset", "0",
+               "--no-plots", "--out", str(tmp_path)) == 0
+    n = len(produced)
+    assert f"{n}/{n} records" in capsys.readouterr().err
+    assert json.loads((tmp_path / "summary.json").read_text())["records"] == n

@@ -118,3 +118,20 @@ def test_missing_log_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_offsets_are_refused_for_an_event_log(drift_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli("--log", f"file://{drift_log}", "--from-offset", "5", "--out", str(tmp_path), "--quiet") == 2
     assert "--kafka" in capsys.readouterr().err
+
+
+def test_an_empty_time_range_is_refused_before_reading(drift_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli("--log", f"file://{drift_log}", "--from-time", "1700000050000", "--to-time", "1700000050000",
+               "--out", str(tmp_path / "o"), "--quiet") == 2
+    assert "is not before --to-time" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_time_range_without_events_is_an_error_not_an_empty_report(drift_log: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    from streamer.eventlog import read_event_log
+
+    after_last = max(r.event["ts_ms"] for r in read_event_log(drift_log)) + 1
+    assert cli("--log", f"file://{drift_log}", "--from-time", str(after_last), "--out", str(tmp_path / "o"), "--quiet") == 2
+    assert "nothing to replay" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
