@@ -323,7 +323,7 @@ def parse_score_request(body: bytes, max_items: int) -> list[dict]:
     Raises :class:`RequestError` 400 (not JSON, not a list, empty, an invalid impression: its index and field)
     or 413 (more than ``max_items``).
     """
-    from streamer.events import EventError, event_kind, validate
+    from streamer.events import is_plain_impression_list
 
     try:
         items = json.loads(body)
@@ -335,6 +335,24 @@ def parse_score_request(body: bytes, max_items: int) -> list[dict]:
         raise RequestError(400, "empty", "the list of impressions is empty; send at least one")
     if len(items) > max_items:
         raise RequestError(413, "too_many_items", f"{len(items)} impressions in one request; the limit is {max_items} (serving.max_items)")
+    # The usual request passes the one-pass check; it is what validate() would return (the dicts are ours,
+    # fresh from json.loads, so "v" is added in place). Anything else takes validate(), which names the error.
+    if is_plain_impression_list(items):
+        for item in items:
+            if "v" not in item:
+                item["v"] = 1
+        return items
+    return validate_impressions(items)
+
+
+def validate_impressions(items: Sequence[Any]) -> list[dict]:
+    """Each item through ``streamer.events.validate`` as an impression (``v`` default 1): normalised copies.
+
+    The reference path of :func:`parse_score_request` (its fast path returns the same); raises
+    :class:`RequestError` 400 naming the first bad impression's index and field.
+    """
+    from streamer.events import EventError, event_kind, validate
+
     impressions = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
@@ -379,6 +397,8 @@ class ApiServer(MetricsServer):
 
 
 _ROUTES = {"/score": "POST", "/healthz": "GET", "/metrics": "GET"}
+# How long a /score request waits for its turn before it runs anyway, side by side (see serve_api).
+SCORING_TURN_WAIT_S = 0.5
 
 
 def serve_api(
@@ -392,13 +412,23 @@ def serve_api(
     waiting_for: str = "the serving topic",
 ) -> ApiServer:
     """Serve POST /score, GET /healthz and GET /metrics from a daemon thread; OSError naming the address if taken."""
+    import orjson
     from prometheus_client.exposition import choose_encoder
+
+    # One /score request parses, scores and answers at a time. Under the GIL, threads that score side by side
+    # do not run in parallel: they pass the GIL back and forth at every torch op and socket call, and each
+    # time one waits up to sys.getswitchinterval() (5 ms) to get it back, so every request ends late. Taking
+    # turns ends each one as soon as its own CPU work is done (measured at 4 clients: p90 18 -> 14 ms, p99
+    # 24 -> 19.5 ms). The wait for a turn is bounded so that one stuck request cannot stall the others.
+    scoring_turn = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
-        # Headers and body go out in two writes; with Nagle on, the body waits for the client's delayed ACK
-        # (40 ms on Linux) on every keep-alive request.
+        # With Nagle on, a response written in two sends waits for the client's delayed ACK (40 ms on Linux)
+        # on every keep-alive request. Buffered writes (flushed in _send) make most responses one send; a
+        # body over the buffer still takes two, so Nagle stays off.
         disable_nagle_algorithm = True
+        wbufsize = 64 * 1024
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             self._route("GET")
@@ -467,15 +497,21 @@ def serve_api(
             served = holder.current  # read once: this request finishes on this model, whatever swaps meanwhile
             if served is None:
                 raise RequestError(503, "no_model", f"no model loaded yet (waiting for a checkpoint on {waiting_for}); retry later")
-            impressions = parse_score_request(body, max_items)
-            self._send_json(200, score_impressions(served, impressions))
+            # Take turns for the CPU part (see scoring_turn); the turn is released even if the request fails.
+            has_turn = scoring_turn.acquire(timeout=SCORING_TURN_WAIT_S)
+            try:
+                impressions = parse_score_request(body, max_items)
+                self._send_json(200, score_impressions(served, impressions))
+            finally:
+                if has_turn:
+                    scoring_turn.release()
             return len(impressions)
 
         def _send_json(self, code: int, body: Mapping[str, Any], allow: str | None = None) -> None:
             headers = {"Allow": allow} if allow else {}
             if code == 503:
                 headers["Retry-After"] = "1"
-            self._send(code, json.dumps(body).encode() + b"\n", "application/json", headers)
+            self._send(code, orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE), "application/json", headers)
 
         def _send(self, code: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
             self.send_response(code)
@@ -485,6 +521,7 @@ def serve_api(
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+            self.wfile.flush()  # inside the scoring turn: the response leaves before the next request runs
 
         def log_message(self, format: str, *args: Any) -> None:  # one line per request would drown the log
             pass
