@@ -316,12 +316,26 @@ class TrainerMetrics:
                 for window in self.windows:
                     self._published_reference[(task, role, str(window))] = quality.auc(window)
 
-    def _quality_state(self):
+    def _quality_state(self, in_place: bool = False):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens
-        outside it, so a scrape blocks the trainer only for the copies."""
+        outside it, so a scrape blocks the trainer only for the copies.
+
+        ``in_place=True`` (the trainer's own thread, which is the only writer): no copies; the lock is held
+        while computing instead, so a checkpoint does not briefly double the rings' memory.
+        """
+        if in_place:
+            with self._lock:
+                return self._quality_state_of(dict(self._quality), dict(self._published_reference))
         with self._lock:
             copies = {key: quality.copy() for key, quality in self._quality.items()}
             published_reference = dict(self._published_reference)
+        result = self._quality_state_of(copies, published_reference)
+        with self._lock:
+            for key, quality in copies.items():
+                self._quality[key].adopt_cache(quality)
+        return result
+
+    def _quality_state_of(self, copies: dict, published_reference: dict):
         summaries: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
         drift: dict[tuple[str, str, str, str], float] = {}
         references: dict[tuple[str, str, str, str], float] = {}
@@ -339,15 +353,14 @@ class TrainerMetrics:
                     published = published_reference[(task, role, w)]
                     references[(task, role, w, "published")] = published
                     drift[(task, role, w, "published")] = current - published
-        with self._lock:
-            for key, quality in copies.items():
-                self._quality[key].adopt_cache(quality)
         return summaries, drift, references
 
     def snapshot(self) -> dict[str, Any]:
         """Latest quality per task, for a checkpoint manifest: ``{task: {role: {metric: {window: value}}}}``
-        plus ``{task: {"drift": {detector: detections}}}``; undefined values (NaN) become ``None``."""
-        summaries, drift, _ = self._quality_state()
+        plus ``{task: {"drift": {detector: detections}}}``; undefined values (NaN) become ``None``.
+
+        Call it from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
+        summaries, drift, _ = self._quality_state(in_place=True)
         out: dict[str, Any] = {task: {} for task in self.tasks}
         for (task, role), summary in summaries.items():
             role_out = out.setdefault(task, {}).setdefault(role, {})

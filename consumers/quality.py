@@ -143,10 +143,12 @@ class StreamQuality:
         # A window's values are recomputed once this many new samples arrived (default 1: always exact). A slow
         # baseline window of a million samples can afford to lag by 1 % and saves a large sort per read.
         self.refresh_every = {w: max(1, int((refresh_every or {}).get(w, 1))) for w in self.windows}
-        self._y = np.zeros(self.capacity, dtype=np.bool_)
-        self._p = np.zeros(self.capacity, dtype=np.float64)
-        self._user = np.zeros(self.capacity, dtype=np.int64)
-        self._has_users = np.zeros(self.capacity, dtype=np.bool_)
+        # np.full writes every element, so the rings' pages are committed now: a trainer's memory is all taken
+        # at start instead of creeping up while the largest window fills (np.zeros pages arrive on first write).
+        self._y = np.full(self.capacity, False)
+        self._p = np.full(self.capacity, 0.0)
+        self._user = np.full(self.capacity, 0, dtype=np.int64)
+        self._has_users = np.full(self.capacity, False)
         self._next = 0  # ring position of the next write
         self._count = 0  # samples seen, lifetime
         self._bins = int(lifetime_bins)

@@ -213,3 +213,17 @@ def test_serving_metrics_record_loads_failures_and_requests() -> None:
     assert value(serving, "crossdistil_serving_request_seconds_count", endpoint="/score") == 2
     assert value(serving, "crossdistil_serving_requests_total", endpoint="/score", code="400") == 1
     assert value(serving, "crossdistil_serving_scored_items_total") == 10
+
+
+def test_in_place_snapshot_reads_the_same_values_as_a_scrape_copy() -> None:
+    import numpy as np
+
+    metrics = TrainerMetrics(["click"], windows=(50, 200))
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        y = {"click": (rng.random(32) < 0.4).astype(np.int8)}
+        metrics.observe(y, {"click": rng.random(32)}, role="student", users=np.arange(32) % 7)
+    copied, _, _ = metrics._quality_state()
+    in_place, _, _ = metrics._quality_state(in_place=True)
+    assert repr(sorted(copied.items())) == repr(sorted(in_place.items()))  # repr: NaN compares equal to itself
+    assert metrics.snapshot()["click"]["student"]["auc"]["200"] == in_place[("click", "student")]["auc"]["200"]
