@@ -165,11 +165,9 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
            "seconds": round(seconds, 3), "events_per_s": round(trainer.events_consumed / max(seconds, 1e-9)),
            "final_flush_seconds": round(trainer.drained_at - trainer.flush_started_at, 3),
            "final_checkpoint_seconds": round(finished - trainer.drained_at, 3)}
-    fresh = sorted(trainer.freshness_s)
+    fresh = trainer.freshness_percentiles((0.5, 0.99, 1.0))
     if fresh:
-        out["freshness_s"] = {"median": round(fresh[len(fresh) // 2], 4),
-                              "p99": round(fresh[min(len(fresh) - 1, int(len(fresh) * 0.99))], 4),
-                              "max": round(fresh[-1], 4)}
+        out["freshness_s"] = {"median": round(fresh[0.5], 4), "p99": round(fresh[0.99], 4), "max": round(fresh[1.0], 4)}
     if trainer.publication_delay_s:
         delays = sorted(trainer.publication_delay_s)
         out["checkpoint_to_publication_s"] = {"median": round(delays[len(delays) // 2], 4), "max": round(delays[-1], 4),
@@ -194,6 +192,8 @@ def main() -> int:
                         help="events (impressions + feedback, approximately) of the memory run; 0 = skip")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--idle", type=float, default=2.0, help="exit_when_idle of the trainer runs")
+    parser.add_argument("--modes", default="single,envelope,memory",
+                        help="comma-separated subset of single, envelope, memory (default: all three)")
     args = parser.parse_args()
 
     import logging
@@ -223,7 +223,14 @@ def main() -> int:
         progress("pure training step")
         step = train_step_rate(cfg, steps=30)
         report["train_step"] = step
+        modes = {m.strip() for m in args.modes.split(",") if m.strip()}
+        unknown = modes - {"single", "envelope", "memory"}
+        if unknown:
+            parser.error(f"--modes: unknown mode(s) {sorted(unknown)}; choose from single, envelope, memory")
+        events_per_impression = 2.0  # the synthetic stream's ratio, until a throughput run measures it
         for mode, envelope in (("single", 1), ("envelope", args.envelope)):
+            if mode not in modes:
+                continue
             tag = f"{mode}-{uuid.uuid4().hex[:6]}"
             progress(f"{mode}: streaming {args.events} impressions")
             summary = stream(bootstrap, tag, args.events, envelope)
@@ -238,7 +245,7 @@ def main() -> int:
                             "consume_decode": intake, "train_step_events_per_s": round(step_events),
                             "trainer": trainer, "ratio_to_bound": round(trainer["events_per_s"] / bound, 3),
                             "target_ratio": 0.8}
-        if args.memory_events:
+        if args.memory_events and "memory" in modes:
             tag = f"memory-{uuid.uuid4().hex[:6]}"
             impressions = max(1, args.memory_events // max(1.0, events_per_impression))
             progress(f"memory: streaming ~{args.memory_events} events ({int(impressions)} impressions)")

@@ -50,6 +50,11 @@ Finite streams: ``--exit-when-idle SECONDS`` ends the daemon once no event arriv
 assigned partition is at its end offset: the join and the batcher are flushed (every pending impression is
 trained with the labels it has), a final checkpoint is written and published, and the process exits 0.
 SIGTERM / SIGINT end it the same way without the flush (pending impressions stay in the checkpoint).
+
+Exit status: 0 after a stop or the end of a finite stream; 2 for a configuration error; 3 when Kafka cannot be
+reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s`` (a group join stuck in the client,
+or a broker gone for good): the daemon checkpoints and exits so that its supervisor (systemd ``Restart=on-failure``,
+Kubernetes) starts a fresh process, which resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -231,11 +236,13 @@ class Trainer:
         self.stop_requested = False
         self.events_consumed = 0
         self.first_assigned_at: float | None = None
+        self.unassigned_since: float | None = None  # no partition assigned since then (stall_exit_s)
+        self.exit_status = 0
         self.flush_started_at: float | None = None  # end of a finite stream (exit_when_idle)
         self.drained_at: float | None = None
         # Freshness (bench/trainer_throughput.py): seconds from a sample's emission by the join (its windows
         # closed in event time) to the step that trains it, and from a checkpoint to its acknowledged publication.
-        self.freshness_s: list[float] = []
+        self.freshness_s: list[tuple[float, int]] = []  # (seconds, samples); see freshness_percentiles
         self.publication_delay_s: list[float] = []
         self._arrivals: deque[list[float]] = deque()  # [samples, emitted at], FIFO like the batcher
         self.consumer = None
@@ -375,7 +382,7 @@ class Trainer:
                 http.close()
         print(f"crossdistil train: stopped at step {self.learner.steps}; {self.trained_samples} samples trained, "
               f"{self.dead_letters} dead letters, publication version {self.version}", flush=True)
-        return 0
+        return self.exit_status
 
     def _loop(self) -> None:
         """The poll loop: process every polled record, train ready batches, checkpoint when due."""
@@ -385,9 +392,16 @@ class Trainer:
             polled = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=k.max_poll_records)
             now = time.monotonic()
             self.last_poll_ok_at = now
+            # A poll can hold hundreds of thousands of events (envelopes): train as batches fill up instead of
+            # after the whole poll, so a sample whose windows closed early in the poll is not kept waiting.
+            since_train, train_every = 0, self.cfg.batching.batch_size
             for tp, records in polled.items():
                 for record in records:
-                    self._process_record(tp.topic, tp.partition, record, now)
+                    since_train += self._process_record(tp.topic, tp.partition, record, now)
+                    if since_train >= train_every:
+                        now = time.monotonic()
+                        self.pipeline.train_ready(now)
+                        since_train = 0
             if polled:
                 self.last_event_at = now
             elif self._caught_up():
@@ -405,6 +419,12 @@ class Trainer:
                 self.drained_at = time.monotonic()
                 self.checkpoint("end of stream")
                 return
+            if self._stalled(now):
+                log.error("no partition assigned for %.0f s (kafka.stall_exit_s): the group join is stuck or the "
+                          "broker is gone; checkpointing and exiting with status 4 so that a supervisor restarts "
+                          "the trainer", now - self.unassigned_since)
+                self.exit_status = 4
+                break
             if not polled and time.monotonic() - started < k.poll_timeout_ms / 4000:
                 # kafka-python returns at once while it has no connection; do not spin on it.
                 time.sleep(k.poll_timeout_ms / 1000)
@@ -441,12 +461,27 @@ class Trainer:
         while remaining and self._arrivals:
             head = self._arrivals[0]
             taken = min(remaining, int(head[0]))
-            if len(self.freshness_s) < 1_000_000:
-                self.freshness_s.extend([trained_at - head[1]] * taken)
+            if len(self.freshness_s) < 1_000_000:  # (seconds, samples): a few entries per step, not one per sample
+                self.freshness_s.append((trained_at - head[1], taken))
             head[0] -= taken
             remaining -= taken
             if head[0] <= 0:
                 self._arrivals.popleft()
+
+    def freshness_percentiles(self, quantiles: tuple[float, ...] = (0.5, 0.99, 1.0)) -> dict[float, float] | None:
+        """Sample-weighted quantiles of ``freshness_s`` (None before the first trained batch)."""
+        if not self.freshness_s:
+            return None
+        ordered = sorted(self.freshness_s)
+        total = sum(n for _, n in ordered)
+        out, seen, i = {}, 0, 0
+        for q in sorted(quantiles):
+            rank = min(total - 1, int(total * q))  # the same rank as sorted(samples)[int(len * q)]
+            while seen + ordered[i][1] <= rank:
+                seen += ordered[i][1]
+                i += 1
+            out[q] = ordered[i][0]
+        return out
 
     # ------------------------------------------------------------------------------ end-of-stream logic
 
@@ -629,7 +664,20 @@ class Trainer:
         limit = max(60.0, self.cfg.kafka.max_poll_interval_ms / 1000)
         if stalled > limit:
             return False, f"poll loop stalled for {stalled:.0f} s"
+        unassigned = self.unassigned_since
+        if unassigned is not None and time.monotonic() - unassigned > 60.0:
+            return False, f"no partition assigned for {time.monotonic() - unassigned:.0f} s"
         return True, f"step {self.learner.steps}, {self.trained_samples} samples trained"
+
+    def _stalled(self, now: float) -> bool:
+        """True once no partition has been assigned for ``kafka.stall_exit_s`` (0 disables the check)."""
+        if self.consumer.assignment():
+            self.unassigned_since = None
+            return False
+        if self.unassigned_since is None:
+            self.unassigned_since = now
+        limit = self.cfg.kafka.stall_exit_s
+        return bool(limit) and now - self.unassigned_since >= limit
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the current batch, then checkpoint and exit", signum)

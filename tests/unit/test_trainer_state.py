@@ -80,3 +80,48 @@ def test_model_section_builds_the_model_config() -> None:
     cfg = load_config(None, env={}, overrides=SMALL + ["model.seed=7"])
     model = model_config(cfg)
     assert model.tasks == ("click", "long_view") and model.seed == 7 and model.features.hash_buckets == 1024
+
+
+def test_freshness_percentiles_weigh_each_entry_by_its_samples() -> None:
+    import random
+
+    from consumers.trainer import Trainer
+
+    trainer = object.__new__(Trainer)  # only the freshness record is needed
+    trainer.freshness_s = []
+    assert trainer.freshness_percentiles() is None
+    rng = random.Random(1)
+    trainer.freshness_s = [(rng.random(), rng.randint(1, 50)) for _ in range(300)]
+    flat = sorted(seconds for seconds, n in trainer.freshness_s for _ in range(n))
+    got = trainer.freshness_percentiles((0.5, 0.99, 1.0))
+    assert got == {0.5: flat[len(flat) // 2], 0.99: flat[int(len(flat) * 0.99)], 1.0: flat[-1]}
+
+
+class _NeverAssigned:
+    """A consumer whose group join never completes (kafka-python's stall after a restart, as seen in CI)."""
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> dict:
+        import time
+
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+    def assignment(self) -> set:
+        return set()
+
+
+def test_trainer_without_partitions_for_stall_exit_s_checkpoints_and_exits_4(tmp_path: Path) -> None:
+    from consumers.trainer import Trainer
+
+    cfg = load_config(None, env={}, overrides=SMALL + [
+        f"checkpoint.dir='{tmp_path}'", "kafka.stall_exit_s=0.3", "kafka.poll_timeout_ms=20", "publish.enabled=false"])
+    trainer = Trainer(cfg)
+    trainer.consumer = _NeverAssigned()
+    trainer._loop()
+    assert trainer.exit_status == 4
+    assert CheckpointStore(tmp_path, keep_last=2).latest() is not None  # the shutdown checkpoint was written
+    healthy, reason = trainer.health()
+    assert healthy  # only 0.3 s without partitions: /healthz waits 60 s before it says so
+    trainer.unassigned_since -= 120
+    healthy, reason = trainer.health()
+    assert not healthy and reason.startswith("no partition assigned for 12"), reason
