@@ -73,14 +73,20 @@ class Batch:
         return int(self.categorical.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
-        """The same batch on ``device`` (non-blocking copies; a no-op when already there)."""
-        return Batch(
-            categorical=self.categorical.to(device, non_blocking=True),
-            numeric=self.numeric.to(device, non_blocking=True),
-            labels=self.labels.to(device, non_blocking=True),
-            user=self.user.to(device, non_blocking=True),
-            tasks=self.tasks,
-        )
+        """The same batch on ``device`` (a no-op when already there).
+
+        Host-to-GPU copies go through pinned (page-locked) memory and are non-blocking, so they overlap with
+        the work already queued on the device; a copy from pageable memory would make ``non_blocking`` a no-op.
+        """
+        device = torch.device(device)
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=True)
+
+        return Batch(categorical=move(self.categorical), numeric=move(self.numeric), labels=move(self.labels),
+                     user=move(self.user), tasks=self.tasks)
 
 
 @lru_cache(maxsize=2**16, typed=True)  # typed: 5, 5.0 and True are equal dict keys but hash differently here

@@ -77,7 +77,8 @@ class Learner:
             outputs = self.model(batch)
         total, terms = crossdistil_loss(self.model, outputs, batch, self.pair_generator)
         # The forward above used the pre-update weights: its student scores are the prequential predictions.
-        probabilities = torch.sigmoid(outputs.student_logits.detach().float()).cpu()
+        probabilities = torch.sigmoid(outputs.student_logits.detach().float())  # to the CPU after the update:
+        # on a GPU the step then runs without a mid-step synchronisation (one sync at the end, for the losses)
 
         self.dense_optimizer.zero_grad(set_to_none=True)
         self.embedding_optimizer.zero_grad(set_to_none=True)
@@ -89,6 +90,7 @@ class Learner:
 
         names = ["total"] + [f"{term}/{task}" for term in terms for task in self.config.tasks]
         values = torch.cat([total.detach().reshape(1)] + [v.detach().float() for v in terms.values()]).cpu().tolist()
+        probabilities = probabilities.cpu()
         losses = dict(zip(names, values))
         return losses, {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
 

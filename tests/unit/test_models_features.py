@@ -127,3 +127,21 @@ def test_default_table_keeps_kuairand_id_collisions_under_two_percent() -> None:
                            FeatureSpec().hash_buckets)
     assert rates["distinct_keys"] == 664 + 9359
     assert rates["colliding_key_share"] < 0.02
+
+
+def test_batch_to_cpu_is_a_no_op_and_keeps_pageable_memory() -> None:
+    batch = encode_rows([{"user_id": "u", "item_id": "i", "features": {}, "labels": {"click": 1}}],
+                        FeatureSpec(), ("click",))
+    moved = batch.to("cpu")
+    assert moved.categorical is batch.categorical and moved.labels is batch.labels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines only)")
+def test_batch_to_cuda_goes_through_pinned_memory_and_keeps_values() -> None:
+    rows = [{"user_id": f"u{i}", "item_id": f"i{i}", "features": {}, "labels": {"click": i % 2}} for i in range(64)]
+    batch = encode_rows(rows, FeatureSpec(), ("click",))
+    moved = batch.to("cuda")
+    torch.cuda.synchronize()
+    assert moved.categorical.device.type == "cuda"
+    assert torch.equal(moved.categorical.cpu(), batch.categorical) and torch.equal(moved.labels.cpu(), batch.labels)
+    assert not batch.categorical.is_pinned()  # the caller's tensors are left as they were
