@@ -389,7 +389,11 @@ class Trainer:
         k = self.cfg.kafka
         while not self.stop_requested:
             started = time.monotonic()
-            polled = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=k.max_poll_records)
+            # Wait no longer than the partial batch may: max_batch_delay_s holds even when the stream pauses.
+            deadline = self.batcher.next_deadline()
+            timeout_ms = k.poll_timeout_ms if deadline is None else int(
+                min(k.poll_timeout_ms, max(0.0, (deadline - started) * 1000)))
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=k.max_poll_records)
             now = time.monotonic()
             self.last_poll_ok_at = now
             # A poll can hold hundreds of thousands of events (envelopes): train as batches fill up instead of
@@ -425,9 +429,9 @@ class Trainer:
                           "the trainer", now - self.unassigned_since)
                 self.exit_status = 4
                 break
-            if not polled and time.monotonic() - started < k.poll_timeout_ms / 4000:
+            if not polled and timeout_ms and time.monotonic() - started < timeout_ms / 4000:
                 # kafka-python returns at once while it has no connection; do not spin on it.
-                time.sleep(k.poll_timeout_ms / 1000)
+                time.sleep(timeout_ms / 1000)
         self.checkpoint("shutdown")
 
     def _process_record(self, topic: str, partition: int, record: Any, now: float) -> int:
