@@ -98,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ledger", metavar="DIR", default=None,
                         help="write a trained-sample ledger (impression ids, labels, predictions) next to the "
                              "checkpoints, made durable with them (audits, exactly-once tests)")
+    parser.add_argument("--from-time", metavar="TIME", default=None,
+                        help="a trainer without a checkpoint position for a partition starts it at the first record "
+                             "stamped at or after TIME (unix ms or ISO 8601, e.g. 2026-11-01T00:00Z) instead of its "
+                             "beginning; positions in the checkpoint always win, so restarts stay exactly-once")
     parser.add_argument("--torch-threads", type=int, default=None, metavar="N",
                         help="torch intra-op threads on CPU (default: torch's choice, one per core). On a shared or "
                              "busy machine 1 is often much faster: idle threads spin while waiting for cores")
@@ -132,7 +136,16 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger)
+    start_ms = None
+    if args.from_time is not None:
+        from consumers.backtest import parse_time
+
+        try:
+            start_ms = parse_time(args.from_time)
+        except ValueError as exc:
+            print(f"crossdistil train: --from-time: {exc}", file=sys.stderr)
+            return 2
+    trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger, start_ms=start_ms)
     return trainer.run()
 
 
@@ -203,7 +216,8 @@ def _client_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> 
 class Trainer:
     """The daemon: owns the consumer, producer, join, batcher, learner, checkpoint store, ledger and metrics."""
 
-    def __init__(self, cfg: Config, exit_when_idle_s: float | None = None, ledger_dir: str | None = None) -> None:
+    def __init__(self, cfg: Config, exit_when_idle_s: float | None = None, ledger_dir: str | None = None,
+                 start_ms: int | None = None) -> None:
         from prometheus_client import CollectorRegistry
 
         from consumers.checkpoints import CheckpointStore
@@ -225,6 +239,8 @@ class Trainer:
         )
         self.config_hash = stable_hash(cfg.to_dict())
         self.positions: dict[tuple[str, int], int] = {}  # next offset to process, per (topic, partition)
+        self.start_ms = start_ms  # --from-time: where partitions without a checkpointed position start
+        self.start_offsets: dict[tuple[str, int], int] = {}  # ... resolved to offsets before subscribing
         self.version = 0  # last publication version (kept in checkpoints so it grows across restarts)
         self.published_chunks = 0
         self.last_checkpoint_step = -1
@@ -361,6 +377,8 @@ class Trainer:
             print(f"crossdistil train: Kafka at {k.bootstrap} is not reachable ({exc}); start one with "
                   "'crossdistil kafka up' or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
             return 3
+        if self.start_ms is not None:
+            self.start_offsets = self._offsets_at(self.start_ms, [k.impressions_topic, k.feedback_topic])
         self.consumer.subscribe([k.impressions_topic, k.feedback_topic], listener=_rebalance_listener(self))
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         print(f"crossdistil train: consuming {k.impressions_topic}, {k.feedback_topic} from {k.bootstrap} "
@@ -642,14 +660,38 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- rebalance, health
 
+    def _offsets_at(self, start_ms: int, topics: list[str]) -> dict[tuple[str, int], int]:
+        """``--from-time``: per partition without a checkpointed position, the first offset stamped at or after
+        ``start_ms`` (the end offset when no record is that recent)."""
+        from kafka import TopicPartition
+
+        wanted = [TopicPartition(topic, p) for topic in topics for p in sorted(self.consumer.partitions_for_topic(topic) or ())
+                  if (topic, p) not in self.positions]
+        if not wanted:
+            log.info("--from-time: every known partition resumes from the checkpoint; the time is not used")
+            return {}
+        found = self.consumer.offsets_for_times({tp: start_ms for tp in wanted})
+        missing = [tp for tp in wanted if found.get(tp) is None]
+        ends = self.consumer.end_offsets(missing) if missing else {}
+        offsets = {(tp.topic, tp.partition): (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in wanted}
+        log.info("--from-time %d: partitions without a checkpointed position start at %s", start_ms,
+                 {f"{t}-{p}": o for (t, p), o in sorted(offsets.items())})
+        return offsets
+
     def on_assigned(self, partitions: list) -> None:
-        """Seek every newly assigned partition to its checkpointed position (else its beginning)."""
+        """Seek every newly assigned partition to its checkpointed position (else ``--from-time``'s offset, else
+        its beginning)."""
         now = time.monotonic()
         if self.first_assigned_at is None:
             self.first_assigned_at = now
         self.last_event_at = now  # "idle" counts from the assignment, not from the (slow) start-up
         for tp in partitions:
-            position = self.positions.get((tp.topic, tp.partition))
+            key = (tp.topic, tp.partition)
+            position = self.positions.get(key)
+            if position is None and key in self.start_offsets:
+                # Recorded as the partition's position: the next checkpoint keeps the --from-time start, so a
+                # restart (with or without the flag) never goes back to the beginning.
+                position = self.positions[key] = self.start_offsets[key]
             if position is None:
                 self.consumer.seek_to_beginning(tp)
             else:

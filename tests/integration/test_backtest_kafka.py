@@ -368,3 +368,41 @@ def test_progress_bar_counts_kafka_records_against_the_total_from_offsets(stampe
     n = len(produced)
     assert f"{n}/{n} records" in capsys.readouterr().err
     assert json.loads((tmp_path / "summary.json").read_text())["records"] == n
+
+
+# ------------------------------------------------------------------------------ live: train --from-time
+
+
+def test_train_from_time_starts_a_new_trainer_at_the_first_record_stamped_at_or_after_it(stamped: dict,
+                                                                                         tmp_path: Path) -> None:
+    """`crossdistil train --from-time T` without a checkpoint trains exactly the impressions whose records are
+    stamped at or after T (the same records a backtest --from-time T replays), and a restart without the flag
+    resumes from its checkpoint instead of going back to the beginning."""
+    pair = stamped["event"]
+    produced, (_, half) = pair["produced"], stamps_at_quarters(stamped["event"]["produced"])
+    imp_topic, fb_topic = pair["topics"]
+    config = tmp_path / "trainer.toml"
+    config.write_text(RANGE_CONFIG.format(bootstrap=stamped["bootstrap"], impressions=imp_topic, feedback=fb_topic)
+                      .replace("[kafka]\n", f'[kafka]\ngroup_id = "from-time-{uuid.uuid4().hex[:6]}"\n'
+                               f'dead_letter_topic = "{imp_topic}-dl"\n'
+                               'client_options = {session_timeout_ms = 6000, heartbeat_interval_ms = 1000}\n')
+                      + f'\n[checkpoint]\ndir = "{tmp_path / "checkpoints"}"\nevery_steps = 0\nevery_s = 0.0\n'
+                      + "\n[publish]\nenabled = false\n")
+    ledger = tmp_path / "ledger"
+
+    def train(*extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger),
+             "--exit-when-idle", "3", "--torch-threads", "1", *extra],
+            cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=240)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done.stdout + done.stderr
+
+    train("--from-time", str(half))
+    trained = [row["impression_id"] for row in read_ledger(ledger)]
+    wanted = sorted(p.event["impression_id"] for p in produced if p.topic == imp_topic and p.timestamp_ms >= half)
+    assert 0 < len(wanted) < sum(1 for p in produced if p.topic == imp_topic)  # the time really cuts the stream
+    assert sorted(trained) == wanted  # every impression at or after T once, none before it
+
+    output = train()  # no flag: the checkpoint's positions (the --from-time start included) decide
+    assert sorted(row["impression_id"] for row in read_ledger(ledger)) == wanted, output[-2000:]
