@@ -341,7 +341,7 @@ class LocalKafka:
     def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str, properties: Path) -> None:
         # No --standalone: controller.quorum.voters already names the (static) quorum.
         command = [java, *jvm_logging, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                   "-t", cluster_id, "-c", str(properties)]
+                   f"--cluster-id={cluster_id}", "-c", str(properties)]  # "=": an id may start with "-"
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise LocalKafkaError(

@@ -187,15 +187,33 @@ def test_the_default_topic_names_are_the_event_contracts() -> None:
 
 @pytest.fixture(scope="module")
 def own_broker(tmp_path_factory: pytest.TempPathFactory):
-    """A second broker of our own, so that stopping it cannot disturb the session broker."""
-    local = LocalKafka(port=free_port(), data_dir=tmp_path_factory.mktemp("lifecycle"))
-    assert local.start(timeout_s=START_TIMEOUT_S) is True
+    """A second broker of our own, so that stopping it cannot disturb the session broker. Its cluster id starts
+    with "-" (1 in 64 random ids do), the case that once made storage formatting take the id for an option."""
+    import consumers.local_kafka as local_kafka
+
+    random_id = local_kafka.new_cluster_id
+
+    def dashed_cluster_id() -> str:
+        while not (cluster_id := random_id()).startswith("-"):
+            pass
+        return cluster_id
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local_kafka, "new_cluster_id", dashed_cluster_id)
+        local = LocalKafka(port=free_port(), data_dir=tmp_path_factory.mktemp("lifecycle"))
+        assert local.start(timeout_s=START_TIMEOUT_S) is True
     yield local
     local.stop()
 
 
 class TestLifecycle:
     """start / status / stop of a broker this module owns."""
+
+    def test_a_cluster_id_that_starts_with_a_dash_formats_and_runs(self, own_broker: LocalKafka) -> None:
+        import json
+
+        state = json.loads((own_broker.data_dir / "local-kafka.json").read_text())
+        assert state["cluster_id"].startswith("-") and own_broker.status().running
 
     def test_status_reports_running_with_pid_bootstrap_and_data_dir(self, own_broker: LocalKafka) -> None:
         status = own_broker.status()
