@@ -648,8 +648,9 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil serve``; returns the exit status (0 on SIGTERM/SIGINT)."""
     from consumers.config import ConfigError, load_config, to_toml
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from consumers import logs
+
+    logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
         cfg = load_config(args.config, overrides=args.overrides)
         check_serving_config(cfg)

@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil train``; returns the exit status."""
     from consumers.config import ConfigError, load_config, to_toml
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from consumers import logs
+
+    logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
         cfg = load_config(args.config, overrides=args.overrides)
     except ConfigError as exc:
@@ -243,6 +244,7 @@ class Trainer:
         self.start_offsets: dict[tuple[str, int], int] = {}  # ... resolved to offsets before subscribing
         self.version = 0  # last publication version (kept in checkpoints so it grows across restarts)
         self.published_chunks = 0
+        self.unacknowledged_version: int | None = None  # the last publication attempt failed (None: it did not)
         self.last_checkpoint_step = -1
         self.last_checkpoint_positions: dict[tuple[str, int], int] = {}
         self.last_checkpoint_at = time.monotonic()
@@ -263,7 +265,7 @@ class Trainer:
         self._arrivals: deque[list[float]] = deque()  # [samples, emitted at], FIFO like the batcher
         self.consumer = None
         self.producer = None
-        self._pending_dead_letters: list[Any] = []  # futures of dead letters not yet flushed
+        self._pending_dead_letters: list[list[Any]] = []  # [future or None, message]: not yet acknowledged
 
     # The pipeline's parts, under the names the daemon (and bench/trainer_throughput.py) always used.
 
@@ -359,6 +361,9 @@ class Trainer:
         options = dict(k.client_options)
         # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
         options.setdefault("reconnect_backoff_max_ms", 2000)
+        # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
+        # so a checkpoint's publication, and a shutdown, are not held up for minutes.
+        producer_options = {"max_block_ms": 10_000, **options}
         try:
             self.consumer = KafkaConsumer(
                 bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
@@ -369,7 +374,7 @@ class Trainer:
             self.producer = KafkaProducer(
                 bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
                 max_request_size=16 * 1024 * 1024,
-                **_client_options(options, KafkaProducer.DEFAULT_CONFIG),
+                **_client_options(producer_options, KafkaProducer.DEFAULT_CONFIG),
             )
         except KafkaError as exc:
             if http is not None:
@@ -399,7 +404,10 @@ class Trainer:
             if http is not None:
                 http.close()
         print(f"crossdistil train: stopped at step {self.learner.steps}; {self.trained_samples} samples trained, "
-              f"{self.dead_letters} dead letters, publication version {self.version}", flush=True)
+              f"{self.dead_letters} dead letters, publication version {self.version}"
+              + ("" if self.unacknowledged_version is None else
+                 f" (version {self.unacknowledged_version} was not acknowledged by Kafka)"),
+              flush=True)
         return self.exit_status
 
     def _loop(self) -> None:
@@ -470,9 +478,19 @@ class Trainer:
                 value = msgpack.packb(error.event, use_bin_type=True)
             except (TypeError, ValueError, OverflowError):
                 pass  # keep the whole message: the bad event cannot be re-packed on its own
-        future = self.producer.send(self.cfg.kafka.dead_letter_topic, key=record.key, value=value,
-                                    headers=dead_letter_headers(error, topic, partition, record.offset))
-        self._pending_dead_letters.append(future)
+        message = {"key": record.key, "value": value, "headers": dead_letter_headers(error, topic, partition, record.offset)}
+        self._pending_dead_letters.append([self._send_dead_letter(message), message])
+
+    def _send_dead_letter(self, message: dict) -> Any:
+        """Hand one dead letter to the producer; its future, or None when the producer refused it (broker away:
+        no metadata within ``max_block_ms``). Either way it stays pending until Kafka acknowledges it."""
+        from kafka.errors import KafkaError
+
+        try:
+            return self.producer.send(self.cfg.kafka.dead_letter_topic, **message)
+        except KafkaError as exc:
+            log.warning("dead letter not handed to Kafka yet (%s); it is retried before the next checkpoint", exc)
+            return None
 
     def _on_emitted(self, samples: int, now: float) -> None:
         self._arrivals.append([samples, now])
@@ -614,14 +632,28 @@ class Trainer:
         return True
 
     def _flush_dead_letters(self, timeout_s: float = 30.0) -> bool:
+        """True once Kafka acknowledged every dead letter so far. Refused or failed ones are sent again (once per
+        call), so a broker outage delays checkpoints instead of disabling them; until then a crash replays their
+        records and dead-letters them again (at least once, never lost)."""
+        from kafka.errors import KafkaError
+
         if not self._pending_dead_letters:
             return True
-        self.producer.flush(timeout=timeout_s)
-        failed = [f for f in self._pending_dead_letters if not f.is_done or f.failed()]
-        if failed:
-            return False
-        self._pending_dead_letters = []
-        return True
+        for attempt in range(2):
+            if attempt:
+                for entry in self._pending_dead_letters:
+                    entry[0] = self._send_dead_letter(entry[1])
+            try:
+                self.producer.flush(timeout=timeout_s)
+            except KafkaError as exc:
+                log.warning("flushing dead letters: %s", exc)
+            self._pending_dead_letters = [entry for entry in self._pending_dead_letters
+                                          if entry[0] is None or not entry[0].is_done or entry[0].failed()]
+            if not self._pending_dead_letters:
+                return True
+        log.warning("%d dead letters not acknowledged by Kafka yet; they are retried before the next checkpoint",
+                    len(self._pending_dead_letters))
+        return False
 
     def _commit_offsets(self) -> None:
         from kafka import OffsetAndMetadata, TopicPartition
@@ -638,21 +670,30 @@ class Trainer:
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=5000)  # bounded: a broker away must not hold up a shutdown
         except Exception as exc:  # only for lag dashboards: the checkpoint already holds the truth
             log.warning("committing offsets to Kafka failed (lag metrics only, training unaffected): %s", exc)
 
     def _publish(self, messages: list, version: int, checkpointed_at: float, timeout_s: float = 60.0) -> None:
         started = time.perf_counter()
         topic = self.cfg.kafka.model_topic
-        futures = [self.producer.send(topic, key=key, value=value, partition=0) for key, value in messages]
-        self.producer.flush(timeout=timeout_s)
+        from kafka.errors import KafkaError
+
+        try:
+            futures = [self.producer.send(topic, key=key, value=value, partition=0) for key, value in messages]
+            self.producer.flush(timeout=timeout_s)
+        except KafkaError as exc:  # no metadata within max_block_ms, flush timed out: the broker is away
+            log.warning("publication of version %d failed (%s); the next checkpoint publishes a newer version", version, exc)
+            self.unacknowledged_version = version
+            return
         failed = [f for f in futures if not f.is_done or f.failed()]
         if failed:
+            self.unacknowledged_version = version
             log.warning("publication of version %d incomplete (%d of %d messages not acknowledged); "
                         "the next checkpoint publishes a newer version", version, len(failed), len(futures))
             return
         seconds = time.perf_counter() - started
+        self.unacknowledged_version = None
         self.publication_delay_s.append(time.monotonic() - checkpointed_at)
         self.metrics.published(version, seconds, time.time())
         self.metrics.mark_published_reference()

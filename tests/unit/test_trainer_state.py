@@ -125,3 +125,69 @@ def test_trainer_without_partitions_for_stall_exit_s_checkpoints_and_exits_4(tmp
     trainer.unassigned_since -= 120
     healthy, reason = trainer.health()
     assert not healthy and reason.startswith("no partition assigned for 12"), reason
+
+
+class _Future:
+    def __init__(self, ok: bool) -> None:
+        self.is_done, self._ok = True, ok
+
+    def failed(self) -> bool:
+        return not self._ok
+
+
+class _FlakyProducer:
+    """Refuses sends (no metadata: the broker is away) or fails them, then works when ``healthy`` is set."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse, self.healthy, self.sent = refuse, False, []
+
+    def send(self, topic: str, **message) -> _Future:
+        from kafka.errors import KafkaTimeoutError
+
+        if not self.healthy and self.refuse:
+            raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
+        self.sent.append((topic, message["value"]))
+        return _Future(ok=self.healthy)
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["send-refused", "send-failed"])
+def test_dead_letters_of_a_broker_outage_are_retried_and_never_dropped(tmp_path: Path, refuse: bool) -> None:
+    from types import SimpleNamespace
+
+    from consumers.trainer import Trainer
+    from streamer.events import EventError
+
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
+    trainer = Trainer(cfg)
+    trainer.producer = producer = _FlakyProducer(refuse)
+    record = SimpleNamespace(key=b"u1", value=b"\xc1", offset=7)
+    trainer._dead_letter(EventError("not msgpack", reason="not_msgpack"), record, "impressions", 0)
+    assert not trainer._flush_dead_letters(timeout_s=0.1)  # not acknowledged: the checkpoint must wait
+    assert not trainer._flush_dead_letters(timeout_s=0.1)  # ... and keeps waiting, without losing it
+    assert len(trainer._pending_dead_letters) == 1
+    producer.healthy = True
+    assert trainer._flush_dead_letters(timeout_s=0.1)  # retried once the broker is back
+    assert trainer._pending_dead_letters == [] and producer.sent[-1] == (cfg.kafka.dead_letter_topic, b"\xc1")
+
+
+def test_kafka_client_repeats_are_folded_and_the_daemons_own_lines_are_not() -> None:
+    import logging
+
+    from consumers.logs import RepeatFilter
+
+    now = [0.0]
+    fold = RepeatFilter(window_s=60.0, clock=lambda: now[0])
+
+    def shown(name: str, msg: str) -> bool:
+        return fold.filter(logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, None))
+
+    outage = [shown("kafka.net.connection", "Connection lost: %s") for now[0] in (0.0, 0.5, 1.0, 30.0)]
+    assert outage == [True, False, False, False]
+    assert all(shown("crossdistil.trainer", "checkpoint failed") for now[0] in (31.0, 31.1))  # never folded
+    assert shown("kafka.cluster", "No node available")  # another kind of message: shown at once
+    now[0] = 61.0
+    record = logging.LogRecord("kafka.net.connection", logging.ERROR, __file__, 1, "Connection lost: %s", None, None)
+    assert fold.filter(record) and "[3 similar messages in the last 61 s not shown]" in record.msg
