@@ -6,12 +6,13 @@
 For single-event messages and for batch envelopes of ``--envelope`` events, a synthetic stream (``--events``
 impressions plus their feedback) is produced to fresh topics, then:
 
-* ``consume_decode``: a plain kafka-python consumer reads both topics and runs ``decode_events`` (the intake bound);
+* ``consume_decode``: a plain kafka-python consumer reads both topics and runs ``decode_events`` (the intake bound;
+  the faster of two reads);
 * ``trainer``: the real daemon (``consumers.trainer.Trainer``, in this process) consumes everything with
   ``exit_when_idle``; events/s over the time from its partition assignment to the end of the stream (the idle
   wait is not counted);
 * ``train_step``: ``encode_rows`` + ``Learner.step`` alone on the same model, as samples/s and as the events/s
-  it sustains (samples/s x events per impression of the stream).
+  it sustains (samples/s x events per impression of the stream); the median of five rounds.
 
 ``ratio`` = trainer / min(consume_decode, train_step); target >= 0.8. Freshness: seconds from a sample's
 emission by the join (its windows closed in event time) to the step that trains it (median, p99; target p99
@@ -49,7 +50,7 @@ def progress(message: str) -> None:
 
 
 def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_batch_delay_s: float):
-    from consumers.config import load_config
+    from consumers.config import load_config, toml_value
 
     overrides = [
         f"kafka.bootstrap={json.dumps(bootstrap)}", f"kafka.group_id={json.dumps('bench-' + tag)}",
@@ -58,19 +59,11 @@ def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_
         "join.attribution_window_s={click = 10, like = 60}", "join.idle_timeout_s=600.0",
         f"batching.batch_size={batch_size}", f"batching.max_batch_delay_s={max_batch_delay_s}",
         f"model.tasks={json.dumps(list(TASKS))}", "model.device=\"cpu\"",
-        "model.options=" + _toml_inline(MODEL),
+        "model.options=" + toml_value(MODEL),
         f"checkpoint.dir={json.dumps(str(directory / tag))}", "checkpoint.every_steps=0", "checkpoint.every_s=10.0",
         "metrics.port=0",
     ]
     return load_config(None, env={}, overrides=overrides)
-
-
-def _toml_inline(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
-    return json.dumps(value)
 
 
 def stream(bootstrap: str, tag: str, impressions: int, envelope: int) -> dict:
@@ -126,12 +119,15 @@ def train_step_rate(cfg, steps: int) -> dict:
               "labels": {t: int(rng.random() < 0.3) for t in TASKS}} for _ in range(size)] for _ in range(4)]
     for i in range(3):
         learner.step(encode_rows(rows[i % 4], learner.config.features, TASKS))
-    started = time.perf_counter()
-    for i in range(steps):
-        learner.step(encode_rows(rows[i % 4], learner.config.features, TASKS))
-    seconds = time.perf_counter() - started
-    step_s = seconds / steps
-    return {"batch_size": size, "step_seconds": round(step_s, 5), "samples_per_s": round(size / step_s)}
+    rounds = []  # the median of five rounds: one busy moment of this shared machine must not set the bound
+    for _ in range(5):
+        started = time.perf_counter()
+        for i in range(steps):
+            learner.step(encode_rows(rows[i % 4], learner.config.features, TASKS))
+        rounds.append((time.perf_counter() - started) / steps)
+    step_s = sorted(rounds)[len(rounds) // 2]
+    return {"batch_size": size, "step_seconds": round(step_s, 5), "samples_per_s": round(size / step_s),
+            "rounds_samples_per_s": [round(size / r) for r in rounds]}
 
 
 def rss_bytes() -> int:
@@ -221,7 +217,7 @@ def main() -> int:
     try:
         cfg = make_config(bootstrap, "step", workdir, args.batch_size, args.max_batch_delay)
         progress("pure training step")
-        step = train_step_rate(cfg, steps=30)
+        step = train_step_rate(cfg, steps=20)
         report["train_step"] = step
         modes = {m.strip() for m in args.modes.split(",") if m.strip()}
         unknown = modes - {"single", "envelope", "memory"}
@@ -236,7 +232,8 @@ def main() -> int:
             summary = stream(bootstrap, tag, args.events, envelope)
             events_per_impression = summary["events"] / max(1, summary["impressions"])
             progress(f"{mode}: consume + decode")
-            intake = consume_decode(bootstrap, tag)
+            # The faster of two reads: the bound is what this machine can do (a conservative ratio).
+            intake = max((consume_decode(bootstrap, tag) for _ in range(2)), key=lambda r: r["events_per_s"])
             progress(f"{mode}: trainer")
             trainer = run_trainer(make_config(bootstrap, tag, workdir, args.batch_size, args.max_batch_delay), args.idle)
             step_events = step["samples_per_s"] * events_per_impression

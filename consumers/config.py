@@ -259,18 +259,27 @@ def load_config(
     return cfg
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A TOML literal of a plain value (inline tables for dicts; keys quoted unless bare).
+
+    >>> toml_value({"rung": "river_lr", "river.l2": 0.5, "dims": [8, 4], "on": True})
+    '{rung = "river_lr", "river.l2" = 0.5, dims = [8, 4], on = true}'
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
+
+
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key) else json.dumps(key)
 
 
 def to_toml(cfg: Config) -> str:
@@ -279,7 +288,7 @@ def to_toml(cfg: Config) -> str:
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+            lines.append(f"{f.name} = {toml_value(getattr(getattr(cfg, section.name), f.name))}")
         lines.append("")
     return "\n".join(lines)
 
@@ -293,7 +302,7 @@ def reference_markdown() -> str:
         hints = _hints(type(obj))
         for f in dataclasses.fields(obj):
             typ = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            default = _toml_value(getattr(obj, f.name))
+            default = toml_value(getattr(obj, f.name))
             rows.append(f"| `{section.name}.{f.name}` | {typ} | `{default}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
 
@@ -309,7 +318,7 @@ def model_options_markdown() -> str:
             continue
         value = getattr(defaults, f.name)
         shown = value.to_dict() if hasattr(value, "to_dict") else list(value) if isinstance(value, tuple) else value
-        rows.append(f"| `{f.name}` | `{_toml_value(shown)}` |")
+        rows.append(f"| `{f.name}` | `{toml_value(shown)}` |")
     rows.append("| `rung = \"river_lr\" \\| \"river_fm\"` | the river online baseline instead of CrossDistil; "
                 "its options as `\"river.KEY\" = value` |")
     return "\n".join(rows)

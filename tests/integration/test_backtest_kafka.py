@@ -31,6 +31,7 @@ import pytest
 
 from consumers.ledger import read_ledger
 from consumers.local_kafka import ensure_topics
+from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
 
@@ -57,41 +58,21 @@ def streamed(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dic
         stream_dataset("kuairand", str(source), to, limit=LIMIT,
                        impression_topic=topics["impressions"], feedback_topic=topics["feedback"])
     config = directory / "trainer.toml"
-    config.write_text(f"""
-[kafka]
-bootstrap = "{kafka_broker}"
-group_id = "bt-{tag}"
-impressions_topic = "{topics['impressions']}"
-feedback_topic = "{topics['feedback']}"
-dead_letter_topic = "{topics['dead_letters']}"
-model_topic = "{topics['model']}"
-client_options = {{session_timeout_ms = 6000, heartbeat_interval_ms = 1000}}
-
-[join]
-attribution_window_s = {{click = 30, long_view = 700}}
-idle_timeout_s = 0.0
-
-[batching]
-batch_size = 128
-max_batch_delay_s = 1000000000.0
-
-[model]
-tasks = ["click", "long_view"]
-device = "cpu"
-options = {{embedding_dim = 8, hidden_dims = [32], tower_dims = [16], features = {{categorical = ['user_id', 'item_id', 'hour'], numeric = ['duration_ms'], hash_buckets = 65536}}}}
-
-[checkpoint]
-dir = "{directory / 'checkpoints'}"
-every_steps = 0
-every_s = 0.0
-
-[publish]
-enabled = false
-
-[metrics]
-port = 0
-windows = [500, 1000]
-""")
+    write_trainer_config(config, kafka_broker, topics, {
+        "join.attribution_window_s": {"click": 30, "long_view": 700},
+        "join.idle_timeout_s": 0.0,
+        "batching.batch_size": 128,
+        "batching.max_batch_delay_s": 1e9,
+        "model.tasks": list(TASKS),
+        "model.options": {"embedding_dim": 8, "hidden_dims": [32], "tower_dims": [16],
+                          "features": {"categorical": ["user_id", "item_id", "hour"], "numeric": ["duration_ms"],
+                                       "hash_buckets": 65536}},
+        "checkpoint.dir": str(directory / "checkpoints"),
+        "checkpoint.every_steps": 0,
+        "checkpoint.every_s": 0.0,
+        "publish.enabled": False,
+        "metrics.windows": [500, 1000],
+    })
     ledger = directory / "ledger"
     with open(directory / "trainer.log", "wb") as out:
         done = subprocess.run(
@@ -150,28 +131,16 @@ def test_backtest_of_the_kafka_offset_range_predicts_exactly_what_the_live_train
 # * "lockstep": record timestamp = BASE + offset * 1 s on every partition, so a time range and an offset range
 #   can select exactly the same records.
 
-RANGE_CONFIG = """
-[kafka]
-bootstrap = "{bootstrap}"
-impressions_topic = "{impressions}"
-feedback_topic = "{feedback}"
-
-[join]
-attribution_window_s = {{click = 60, like = 120}}
-
-[batching]
-batch_size = 64
-max_batch_delay_s = 30.0
-
-[model]
-tasks = ["click", "like"]
-device = "cpu"
-options = {{embedding_dim = 4, hidden_dims = [16], tower_dims = [8], features = {{categorical = ['user_id', 'item_id', 'item_category'], numeric = ['duration_s'], hash_buckets = 4096}}}}
-
-[metrics]
-port = 0
-windows = [200, 400]
-"""
+RANGE_SETTINGS = {
+    "join.attribution_window_s": {"click": 60, "like": 120},
+    "batching.batch_size": 64,
+    "batching.max_batch_delay_s": 30.0,
+    "model.tasks": ["click", "like"],
+    "model.options": {"embedding_dim": 4, "hidden_dims": [16], "tower_dims": [8],
+                      "features": {"categorical": ["user_id", "item_id", "item_category"], "numeric": ["duration_s"],
+                                   "hash_buckets": 4096}},
+    "metrics.windows": [200, 400],
+}
 
 
 @dataclass(frozen=True)
@@ -231,7 +200,7 @@ def stamped(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dict
                 stamps = [p.timestamp_ms for p in sorted(produced, key=lambda p: p.offset) if (p.topic, p.partition) == tp]
                 assert stamps == sorted(stamps), f"{tp}: record timestamps must not decrease within a partition"
             config = directory / f"{pair}.toml"
-            config.write_text(RANGE_CONFIG.format(bootstrap=kafka_broker, **topics))
+            write_trainer_config(config, kafka_broker, topics, RANGE_SETTINGS)
             pairs[pair] = {"topics": [topics["impressions"], topics["feedback"]], "produced": produced, "config": config}
     finally:
         producer.close()
@@ -381,13 +350,10 @@ def test_train_from_time_starts_a_new_trainer_at_the_first_record_stamped_at_or_
     pair = stamped["event"]
     produced, (_, half) = pair["produced"], stamps_at_quarters(stamped["event"]["produced"])
     imp_topic, fb_topic = pair["topics"]
-    config = tmp_path / "trainer.toml"
-    config.write_text(RANGE_CONFIG.format(bootstrap=stamped["bootstrap"], impressions=imp_topic, feedback=fb_topic)
-                      .replace("[kafka]\n", f'[kafka]\ngroup_id = "from-time-{uuid.uuid4().hex[:6]}"\n'
-                               f'dead_letter_topic = "{imp_topic}-dl"\n'
-                               'client_options = {session_timeout_ms = 6000, heartbeat_interval_ms = 1000}\n')
-                      + f'\n[checkpoint]\ndir = "{tmp_path / "checkpoints"}"\nevery_steps = 0\nevery_s = 0.0\n'
-                      + "\n[publish]\nenabled = false\n")
+    config = write_trainer_config(tmp_path / "trainer.toml", stamped["bootstrap"],
+                                  {"impressions": imp_topic, "feedback": fb_topic, "dead_letters": f"{imp_topic}-dl"},
+                                  {**RANGE_SETTINGS, "checkpoint.dir": str(tmp_path / "checkpoints"),
+                                   "checkpoint.every_steps": 0, "checkpoint.every_s": 0.0, "publish.enabled": False})
     ledger = tmp_path / "ledger"
 
     def train(*extra: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from consumers.local_kafka import ensure_topics, free_port
+from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the deploy files (pip install pyyaml)")
@@ -97,37 +98,21 @@ def test_prometheus_scrapes_per_task_auc_from_the_live_trainer_and_every_express
 
     metrics_port, prometheus_port = free_port(), free_port()
     config = tmp_path / "trainer.toml"
-    config.write_text(f"""
-[kafka]
-bootstrap = "{kafka_broker}"
-group_id = "live-{tag}"
-impressions_topic = "{topics['impressions']}"
-feedback_topic = "{topics['feedback']}"
-dead_letter_topic = "{topics['dead_letters']}"
-model_topic = "{topics['model']}"
-
-[join]
-attribution_window_s = {{click = 10, like = 10}}
-
-[batching]
-batch_size = 256
-max_batch_delay_s = 1.0
-
-[model]
-tasks = ["click", "like"]
-device = "cpu"
-options = {{embedding_dim = 8, hidden_dims = [32], tower_dims = [16], features = {{categorical = ["user_id", "item_id", "item_category", "hour"], numeric = ["duration_s"], hash_buckets = 65536}}}}
-
-[checkpoint]
-dir = "{tmp_path / 'checkpoints'}"
-every_steps = 20
-every_s = 0.0
-
-[metrics]
-bind = "127.0.0.1"
-port = {metrics_port}
-windows = [1000, 5000]
-""")
+    write_trainer_config(config, kafka_broker, topics, {
+        "join.attribution_window_s": {"click": 10, "like": 10},
+        "batching.batch_size": 256,
+        "batching.max_batch_delay_s": 1.0,
+        "model.tasks": ["click", "like"],
+        "model.options": {"embedding_dim": 8, "hidden_dims": [32], "tower_dims": [16],
+                          "features": {"categorical": ["user_id", "item_id", "item_category", "hour"],
+                                       "numeric": ["duration_s"], "hash_buckets": 65536}},
+        "checkpoint.dir": str(tmp_path / "checkpoints"),
+        "checkpoint.every_steps": 20,
+        "checkpoint.every_s": 0.0,
+        "metrics.bind": "127.0.0.1",
+        "metrics.port": metrics_port,
+        "metrics.windows": [1000, 5000],
+    })
     prometheus_config = tmp_path / "prometheus.yml"
     prometheus_config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

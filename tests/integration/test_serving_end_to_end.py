@@ -22,14 +22,15 @@ import torch
 from consumers.config import load_config
 from consumers.local_kafka import ensure_topics
 from consumers.serving import ServingDaemon
+from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("click", "like")
-MODEL = ("{embedding_dim = 8, hidden_dims = [16], tower_dims = [8], "
-         "features = {categorical = ['user_id', 'item_id', 'item_category', 'hour'], numeric = ['duration_s'], "
-         "hash_buckets = 8192}}")
+MODEL = {"embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
+         "features": {"categorical": ["user_id", "item_id", "item_category", "hour"], "numeric": ["duration_s"],
+                      "hash_buckets": 8192}}
 
 
 def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broker: str, tmp_path: Path) -> None:
@@ -45,34 +46,18 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
     ensure_topics(kafka_broker, 2, impression_topic=topics["impressions"], feedback_topic=topics["feedback"],
                   dead_letter_topic=topics["dead_letters"], model_topic=topics["model"])
     config = tmp_path / "crossdistil.toml"
-    config.write_text(f"""
-[kafka]
-bootstrap = "{kafka_broker}"
-group_id = "trainer-e2e-{tag}"
-impressions_topic = "{topics['impressions']}"
-feedback_topic = "{topics['feedback']}"
-dead_letter_topic = "{topics['dead_letters']}"
-model_topic = "{topics['model']}"
-client_options = {{session_timeout_ms = 6000, heartbeat_interval_ms = 1000}}
-[join]
-attribution_window_s = {{click = 3, like = 10}}
-[batching]
-batch_size = 128
-max_batch_delay_s = 1.0
-[model]
-tasks = ["click", "like"]
-device = "cpu"
-options = {MODEL}
-[checkpoint]
-dir = "{tmp_path / 'checkpoints'}"
-every_steps = 8
-every_s = 0.0
-keep_last = 2
-[metrics]
-port = 0
-[serving]
-port = 0
-""")
+    write_trainer_config(config, kafka_broker, topics, {
+        "join.attribution_window_s": {"click": 3, "like": 10},
+        "batching.batch_size": 128,
+        "batching.max_batch_delay_s": 1.0,
+        "model.tasks": ["click", "like"],
+        "model.options": MODEL,
+        "checkpoint.dir": str(tmp_path / "checkpoints"),
+        "checkpoint.every_steps": 8,
+        "checkpoint.every_s": 0.0,
+        "checkpoint.keep_last": 2,
+        "serving.port": 0,
+    })
     cfg = load_config(config, env={})
     daemon = ServingDaemon(cfg, out=io.StringIO())
     stop = threading.Event()

@@ -22,6 +22,7 @@ import pytest
 from consumers.ledger import read_ledger
 from consumers.local_kafka import die_with_parent, ensure_topics
 from models.metrics import auc
+from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
 
@@ -31,10 +32,10 @@ POSITIVES = {"click": 27_484, "long_view": 19_320, "like": 33_745}
 TASKS = ("click", "long_view", "like")
 RUN_TIMEOUT_S = 240
 # Longer than every real delay of the data (play time <= 613 s, likes 2 s after it).
-WINDOWS = "{click = 30, long_view = 700, like = 700}"
-SMALL_MODEL = ("{embedding_dim = 8, hidden_dims = [32], tower_dims = [16], "
-               "features = {categorical = ['user_id', 'item_id', 'hour', 'weekday'], numeric = ['duration_ms'], "
-               "hash_buckets = 65536}}")
+WINDOWS = {"click": 30, "long_view": 700, "like": 700}
+SMALL_MODEL = {"embedding_dim": 8, "hidden_dims": [32], "tower_dims": [16],
+               "features": {"categorical": ["user_id", "item_id", "hour", "weekday"], "numeric": ["duration_ms"],
+                            "hash_buckets": 65536}}
 
 
 def make_topics(bootstrap: str, tag: str) -> dict[str, str]:
@@ -66,41 +67,19 @@ def kuairand_topics(kafka_broker: str) -> dict[str, str]:
 def write_config(path: Path, bootstrap: str, topics: dict[str, str], *, model_topic: str | None = None,
                  every_steps: int = 40, batch_size: int = 256, max_poll_records: int = 2000) -> Path:
     """A small-model trainer configuration of its own group, checkpoint directory and serving topic."""
-    group = f"trainer-{uuid.uuid4().hex[:8]}"
-    path.write_text(f"""
-[kafka]
-bootstrap = "{bootstrap}"
-group_id = "{group}"
-impressions_topic = "{topics['impressions']}"
-feedback_topic = "{topics['feedback']}"
-dead_letter_topic = "{topics['dead_letters']}"
-model_topic = "{model_topic or topics['model']}"
-max_poll_records = {max_poll_records}
-client_options = {{session_timeout_ms = 6000, heartbeat_interval_ms = 1000}}
-
-[join]
-attribution_window_s = {WINDOWS}
-idle_timeout_s = 600.0
-
-[batching]
-batch_size = {batch_size}
-max_batch_delay_s = 2.0
-
-[model]
-tasks = ["click", "long_view", "like"]
-device = "cpu"
-options = {SMALL_MODEL}
-
-[checkpoint]
-dir = "{path.parent / 'checkpoints'}"
-every_steps = {every_steps}
-every_s = 0.0
-keep_last = 2
-
-[metrics]
-port = 0
-""")
-    return path
+    return write_trainer_config(path, bootstrap, {**topics, "model": model_topic or topics["model"]}, {
+        "kafka.max_poll_records": max_poll_records,
+        "join.attribution_window_s": WINDOWS,
+        "join.idle_timeout_s": 600.0,
+        "batching.batch_size": batch_size,
+        "batching.max_batch_delay_s": 2.0,
+        "model.tasks": list(TASKS),
+        "model.options": SMALL_MODEL,
+        "checkpoint.dir": str(path.parent / "checkpoints"),
+        "checkpoint.every_steps": every_steps,
+        "checkpoint.every_s": 0.0,
+        "checkpoint.keep_last": 2,
+    })
 
 
 ASSIGNMENT_STALL_S = 60.0  # a healthy restart gets its partitions well within this (the killed member times out first)
