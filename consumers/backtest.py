@@ -467,8 +467,7 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sampl
     runs: dict[str, ConfigRun] = {}
     for name, cfg in configs.items():
         clock = EventClock()
-        metrics = TrainerMetrics(tuple(cfg.model.tasks), windows=tuple(cfg.metrics.windows),
-                                 registry=CollectorRegistry(), clock=clock)
+        metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
         pipeline = Pipeline(cfg, clock=clock, join=join_config(cfg, live=False), metrics=metrics)
         clock.pipeline = pipeline
         run_ = ConfigRun(name, cfg, pipeline, sample_every, _next_point=sample_every)

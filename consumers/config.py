@@ -92,6 +92,8 @@ class MetricsConfig:
     bind: str = _f("127.0.0.1", "address of the /metrics and /healthz HTTP endpoints")
     port: int = _f(9400, "port of the /metrics and /healthz HTTP endpoints (0 = off)")
     windows: list = _f([10_000, 100_000], "sample windows of the windowed AUC")
+    drift_ph_threshold: float = _f(400.0, "Page-Hinkley: cumulative excess per-sample log loss (nats) that counts as a drift; lower detects milder drifts sooner, with more false alarms (on a stationary stream, per million samples: 400 -> 0-1, 200 -> 1-3, 100 -> 4-15)")
+    drift_adwin_delta: float = _f(0.002, "ADWIN confidence delta on the per-sample log loss; larger detects milder changes, with more false alarms")
 
 
 @dataclass
@@ -220,12 +222,17 @@ def _validate(cfg: Config) -> None:
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "publish.chunk_bytes": cfg.publish.chunk_bytes,
         "kafka.max_poll_records": cfg.kafka.max_poll_records,
+        "metrics.drift_ph_threshold": cfg.metrics.drift_ph_threshold,
     }
     for path, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{path}: must be > 0, got {value}")
     if cfg.batching.max_batch_delay_s < 0 or cfg.join.allowed_lateness_s < 0:
         raise ConfigError("batching.max_batch_delay_s and join.allowed_lateness_s must be >= 0")
+    if not 0 < cfg.metrics.drift_adwin_delta < 1:
+        raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
+    if cfg.kafka.stall_exit_s < 0:
+        raise ConfigError(f"kafka.stall_exit_s: must be >= 0 (0 = never), got {cfg.kafka.stall_exit_s}")
 
 
 def load_config(

@@ -134,6 +134,7 @@ class TrainerMetrics:
         drift_role: str = "student",
         drift_chunk: int = 8,
         clock: Callable[[], float] = time.time,
+        drift_options: Mapping[str, float] | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("TrainerMetrics needs at least one task")
@@ -152,7 +153,7 @@ class TrainerMetrics:
         self._lock = threading.Lock()
         self._quality: dict[tuple[str, str], StreamQuality] = {}
         self._published_reference: dict[tuple[str, str, str], float] = {}
-        self._detectors = {task: LossDriftDetectors(chunk=drift_chunk) for task in self.tasks}
+        self._detectors = {task: LossDriftDetectors(chunk=drift_chunk, **dict(drift_options or {})) for task in self.tasks}
         self._join_last: dict[str, int] = {}
         self._watermark_ms: int | None = None
         self._lag_children: set[tuple[str, str]] = set()
@@ -315,6 +316,14 @@ class TrainerMetrics:
             for (task, role), quality in self._quality.items():
                 for window in self.windows:
                     self._published_reference[(task, role, str(window))] = quality.auc(window)
+
+    @classmethod
+    def from_config(cls, cfg: Any, **kwargs: Any) -> "TrainerMetrics":
+        """The metrics of a ``consumers.config.Config``: its tasks, ``[metrics]`` windows and drift settings;
+        ``kwargs`` (registry, clock, ...) go to the constructor."""
+        m = cfg.metrics
+        return cls(tuple(cfg.model.tasks), windows=tuple(m.windows),
+                   drift_options={"ph_threshold": m.drift_ph_threshold, "adwin_delta": m.drift_adwin_delta}, **kwargs)
 
     def _quality_state(self, in_place: bool = False):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens

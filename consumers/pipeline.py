@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from streamer.events import EventError, decode_events  # per record: imported once here, not in the hot path
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
     from consumers.join import JoinConfig, JoinedSample
     from consumers.ledger import Ledger
     from consumers.metrics import TrainerMetrics
-    from streamer.events import EventError
 
 Source = Hashable
 BatchHook = Callable[["list[JoinedSample]", "dict[str, np.ndarray]", "dict[str, np.ndarray]", "list[tuple[str, str]]"], None]
@@ -102,8 +103,6 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
 
 def decode_record(value: Any) -> list[dict | EventError]:
     """``streamer.events.decode_events`` of one message value; a tombstone (None) is a bad message like any other."""
-    from streamer.events import decode_events
-
     return decode_events(value if value is not None else b"")
 
 
@@ -155,7 +154,7 @@ class Pipeline:
         self.learner = make_learner(cfg)
         self.join = AttributionJoin(join if join is not None else join_config(cfg, live=not isinstance(clock, EventClock)))
         self.batcher: MiniBatcher[JoinedSample] = MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s)
-        self.metrics = metrics if metrics is not None else TrainerMetrics(self.tasks, windows=tuple(cfg.metrics.windows))
+        self.metrics = metrics if metrics is not None else TrainerMetrics.from_config(cfg)
         self.ledger = ledger
         self.on_batch = on_batch
         self.on_emitted = on_emitted
@@ -171,8 +170,6 @@ class Pipeline:
 
         Returns the bad ones (``EventError``), already counted; the caller dead-letters them (live) or not.
         """
-        from streamer.events import EventError
-
         now = self.clock() if now is None else now
         bad: list[EventError] = []
         join = self.join

@@ -235,7 +235,7 @@ class Trainer:
         # The one code path shared with the backtest; the live clock is the wall clock.
         self.pipeline = Pipeline(
             cfg, clock=time.monotonic, join=join_config(cfg, live=True),
-            metrics=TrainerMetrics(self.tasks, windows=tuple(cfg.metrics.windows), registry=self.registry),
+            metrics=TrainerMetrics.from_config(cfg, registry=self.registry),
             ledger=self.ledger, on_batch=self._on_batch, on_emitted=self._on_emitted,
         )
         self.config_hash = stable_hash(cfg.to_dict())

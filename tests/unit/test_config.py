@@ -66,3 +66,14 @@ def test_tables_merge_so_a_secret_from_the_environment_keeps_the_files_other_cli
     assert cfg.kafka.client_options == {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
                                         "sasl_plain_password": "s3cret"}
     assert cfg.join.attribution_window_s == {"like": 10}
+
+
+def test_drift_settings_reach_the_detectors_and_bad_ones_are_refused() -> None:
+    from consumers.metrics import TrainerMetrics
+
+    cfg = load_config(None, env={}, overrides=["metrics.drift_ph_threshold=100.0", "metrics.drift_adwin_delta=0.05"])
+    detectors = TrainerMetrics.from_config(cfg)._detectors[cfg.model.tasks[0]]
+    assert detectors._page_hinkley.threshold == 100.0 / detectors.chunk and detectors._adwin.delta == 0.05
+    for bad in ("metrics.drift_ph_threshold=0.0", "metrics.drift_adwin_delta=1.5", "kafka.stall_exit_s=-1.0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, env={}, overrides=[bad])
