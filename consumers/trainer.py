@@ -255,6 +255,7 @@ class Trainer:
         self.events_consumed = 0
         self.first_assigned_at: float | None = None
         self.unassigned_since: float | None = None  # no partition assigned since then (stall_exit_s)
+        self._unassigned_warned_at: float | None = None
         self.exit_status = 0
         self.flush_started_at: float | None = None  # end of a finite stream (exit_when_idle)
         self.drained_at: float | None = None
@@ -451,8 +452,8 @@ class Trainer:
                 return
             if self._stalled(now):
                 log.error("no partition assigned for %.0f s (kafka.stall_exit_s): the group join is stuck or the "
-                          "broker is gone; checkpointing and exiting with status 4 so that a supervisor restarts "
-                          "the trainer", now - self.unassigned_since)
+                          "broker is gone%s; checkpointing and exiting with status 4 so that a supervisor restarts "
+                          "the trainer", now - self.unassigned_since, self._missing_topics_hint())
                 self.exit_status = 4
                 break
             if not polled and timeout_ms and time.monotonic() - started < timeout_ms / 4000:
@@ -757,14 +758,37 @@ class Trainer:
         return True, f"step {self.learner.steps}, {self.trained_samples} samples trained"
 
     def _stalled(self, now: float) -> bool:
-        """True once no partition has been assigned for ``kafka.stall_exit_s`` (0 disables the check)."""
+        """True once no partition has been assigned for ``kafka.stall_exit_s`` (0 disables the check).
+
+        While it waits it says why every 30 s (after 15 s): topics that do not exist are the usual reason.
+        """
         if self.consumer.assignment():
-            self.unassigned_since = None
+            self.unassigned_since = self._unassigned_warned_at = None
             return False
         if self.unassigned_since is None:
             self.unassigned_since = now
+        waited = now - self.unassigned_since
+        warned = self._unassigned_warned_at
+        if waited >= 15.0 and (warned is None or now - warned >= 30.0):
+            self._unassigned_warned_at = now
+            log.warning("no partition assigned after %.0f s%s", waited, self._missing_topics_hint())
         limit = self.cfg.kafka.stall_exit_s
-        return bool(limit) and now - self.unassigned_since >= limit
+        return bool(limit) and waited >= limit
+
+    def _missing_topics_hint(self) -> str:
+        """``"; topic(s) ... do not exist ..."`` when the subscribed topics are missing, else ``""``."""
+        k = self.cfg.kafka
+        # The client's cached metadata, not consumer.topics(): that one waits for the broker without a timeout.
+        cluster = getattr(self.consumer, "_cluster", None)
+        try:
+            existing = cluster.topics() if cluster is not None else self.consumer.topics()
+        except Exception:  # no metadata yet: nothing to add
+            return ""
+        missing = [t for t in (k.impressions_topic, k.feedback_topic) if t not in existing]
+        if not missing:
+            return ""
+        return (f"; topic(s) {', '.join(missing)} do not exist on {k.bootstrap} (create them, e.g. 'crossdistil kafka "
+                "up' creates the defaults, or point kafka.impressions_topic / kafka.feedback_topic at existing ones)")
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the current batch, then checkpoint and exit", signum)

@@ -109,8 +109,12 @@ class _NeverAssigned:
     def assignment(self) -> set:
         return set()
 
+    def topics(self) -> set:
+        return {"impressions"}  # the feedback topic was never created
 
-def test_trainer_without_partitions_for_stall_exit_s_checkpoints_and_exits_4(tmp_path: Path) -> None:
+
+def test_trainer_without_partitions_for_stall_exit_s_checkpoints_and_exits_4(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
     from consumers.trainer import Trainer
 
     cfg = load_config(None, env={}, overrides=SMALL + [
@@ -119,6 +123,7 @@ def test_trainer_without_partitions_for_stall_exit_s_checkpoints_and_exits_4(tmp
     trainer.consumer = _NeverAssigned()
     trainer._loop()
     assert trainer.exit_status == 4
+    assert "topic(s) feedback do not exist" in caplog.text  # the likely reason is named
     assert CheckpointStore(tmp_path, keep_last=2).latest() is not None  # the shutdown checkpoint was written
     healthy, reason = trainer.health()
     assert healthy  # only 0.3 s without partitions: /healthz waits 60 s before it says so
