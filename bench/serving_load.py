@@ -11,8 +11,8 @@ each has sent ``--requests`` or ``--duration`` seconds have passed; ``--warmup``
 counted. Latency is measured on the client, from sending the request to reading the whole response.
 
 ``breakdown_ms`` times the parts of one request inside this process, one request at a time (no contention):
-JSON parsing, validation (consumers.serving.parse_score_request after its json.loads: the one-pass check of
-streamer.events.is_plain_impression_list, validate() for anything it does not pass), encode_rows, the model's
+JSON parsing, validation (consumers.serving.parse_score_request after its json.loads: streamer.events.check_event
+in place, validate() when anything fails it), encode_rows, the model's
 forward, and building and encoding the JSON response as the daemon does, so that a missed target says where
 the time goes. Target (issue 6): p99 <= 20 ms at 4 clients x 100
 impressions.

@@ -1,8 +1,9 @@
-"""POST /score's fast path: the one-pass impression check gives what validate() gives, on valid and invalid input.
+"""POST /score's fast path: checking the impressions in place gives what validate() gives, on valid and invalid input.
 
-``parse_score_request`` returns the JSON-decoded dicts when ``streamer.events.is_plain_impression_list`` passes
-them, and otherwise runs ``validate_impressions`` (``streamer.events.validate`` per item), the reference. These
-tests run both on the same bodies: same impressions, or the same error (status, code, message, index, field).
+``parse_score_request`` checks the JSON-decoded dicts in place with ``streamer.events.check_event`` (the
+decoder's own rules) and returns them, and on any problem runs ``validate_impressions``
+(``streamer.events.validate`` per item), the reference. These tests run both on the same bodies: same
+impressions, or the same error (status, code, message, index, field).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from consumers import serving
 from consumers.metrics import ServingMetrics
 from consumers.serving import ModelHolder, RequestError, ServedModel, parse_score_request, serve_api, validate_impressions
-from streamer.events import DEFAULT_LIMITS, EventError, is_plain_impression_list, validate
+from streamer.events import DEFAULT_LIMITS, EventError, check_event, validate
 from models.config import ModelConfig
 from models.features import FeatureSpec
 from models.learner import Learner, ServingModel
@@ -108,7 +109,7 @@ def test_nan_and_infinity_in_features_get_the_reference_error() -> None:
 
 def test_the_fast_path_adds_the_default_version_and_keeps_an_explicit_one() -> None:
     items = [impression(0), impression(1, v=1)]
-    assert is_plain_impression_list(items)
+    assert all(check_event({"v": 1, **item}) == "impression" for item in items)
     assert parse_score_request(json.dumps(items).encode(), max_items=5) == validate_impressions(items)
 
 
@@ -143,12 +144,17 @@ def test_fast_path_equals_reference_path_on_generated_input(items: list) -> None
     body = json.dumps(items).encode()  # NaN and Infinity go out as the literals json.loads accepts
     assert outcome(lambda: parse_score_request(body, max_items=10_000)) == outcome(
         lambda: validate_impressions(json.loads(body)))
-    if is_plain_impression_list(json.loads(body)):  # a pass is a promise: validate() accepts every item
-        for item in json.loads(body):
+    for item in json.loads(body):  # check_event passes exactly the single events validate passes
+        event = {"v": 1, **item} if isinstance(item, dict) else item
+        verdicts = []
+        for check in (check_event, validate):
             try:
-                validate({"v": 1, **item})
-            except EventError as exc:
-                pytest.fail(f"the fast check passed an impression validate() rejects: {exc}")
+                check(dict(event) if isinstance(event, dict) else event)
+                verdicts.append(True)
+            except EventError:
+                verdicts.append(False)
+        if not (isinstance(event, dict) and "batch" in event):  # an envelope is validate()'s, not check_event's
+            assert verdicts[0] == verdicts[1], event
 
 
 # -- taking turns
