@@ -23,8 +23,9 @@ is. A checkpoint is only taken between records, after everything polled so far h
 three always agree. On start the daemon restores the newest checkpoint that verifies and seeks every assigned
 partition to its position (partitions it has no position for: the beginning), so events consumed after that
 checkpoint are replayed and trained once. Offsets committed to Kafka are never read back: they only feed lag
-dashboards. The daemon assumes it is the only member of its consumer group (one model, one trainer); a
-revoked partition's pending impressions stay in the join and are trained as usual.
+dashboards. The daemon is the only member of its consumer group (one model, one trainer; static membership
+makes a second one take over and the first exit with status 5); a revoked partition's pending impressions stay
+in the join and are trained as usual.
 
 Trained-sample ledger (``--ledger DIR``, for audits and tests): see ``consumers.ledger``; segments are written
 just before the checkpoint of the same step, and segments newer than the restored checkpoint are deleted on
