@@ -443,6 +443,24 @@ class MetricsServer:
             self._thread.join(timeout=5)
         self._server.server_close()
 
+    @classmethod
+    def start(cls, bind: str, port: int, handler: type[BaseHTTPRequestHandler], *, what: str, settings: str,
+              thread_prefix: str):
+        """Bind ``handler`` on ``bind:port`` and serve it from a daemon thread ``<thread_prefix>-http-<port>``.
+
+        Raises OSError naming ``what`` is served, the address and the ``settings`` to change (e.g. "metrics.port
+        or metrics.bind") when it cannot bind.
+        """
+        try:
+            server = ThreadingHTTPServer((bind, port), handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve {what} on {bind}:{port}: {exc.strerror}; set {settings}") from exc
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, name=f"{thread_prefix}-http-{server.server_address[1]}",
+                                  daemon=True)
+        thread.start()
+        return cls(server, thread)
+
     def __enter__(self) -> "MetricsServer":
         return self
 
@@ -488,11 +506,5 @@ def serve_http(
         def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: keep logs quiet
             pass
 
-    try:
-        server = ThreadingHTTPServer((bind, port), Handler)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot serve metrics on {bind}:{port}: {exc.strerror}; set metrics.port or metrics.bind") from exc
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name=f"metrics-http-{server.server_address[1]}", daemon=True)
-    thread.start()
-    return MetricsServer(server, thread)
+    return MetricsServer.start(bind, port, Handler, what="metrics", settings="metrics.port or metrics.bind",
+                               thread_prefix="metrics")

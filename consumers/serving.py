@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from consumers.metrics import MetricsServer
@@ -534,14 +534,7 @@ def serve_api(
         def log_message(self, format: str, *args: Any) -> None:  # one line per request would drown the log
             pass
 
-    try:
-        server = ThreadingHTTPServer((bind, port), Handler)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot serve on {bind}:{port}: {exc.strerror}; set serving.port or serving.bind") from exc
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name=f"serving-http-{server.server_address[1]}", daemon=True)
-    thread.start()
-    return ApiServer(server, thread)
+    return ApiServer.start(bind, port, Handler, what="/score", settings="serving.port or serving.bind", thread_prefix="serving")
 
 
 # ------------------------------------------------------------------------------------------------ daemon
