@@ -236,6 +236,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"kafka.stall_exit_s: must be >= 0 (0 = never), got {cfg.kafka.stall_exit_s}")
 
 
+def add_config_arguments(parser: Any, example_file: str, set_example: str) -> None:
+    """The configuration flags every daemon takes: ``--config FILE``, ``--set SECTION.KEY=VALUE`` (repeatable,
+    into ``overrides``) and ``--check-config``; ``parser`` is an ``argparse.ArgumentParser``."""
+    parser.add_argument("--config", metavar="FILE", help=f"TOML configuration (see {example_file})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"override one configuration value (repeatable), e.g. --set {set_example}")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, print the effective one as TOML and exit")
+
+
 def load_config(
     path: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None = None,

@@ -623,11 +623,9 @@ class ServingDaemon:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil serve``."""
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration (see deploy/serving.example.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one configuration value (repeatable), e.g. --set serving.port=9501")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print the effective one as TOML and exit")
+    from consumers.config import add_config_arguments
+
+    add_config_arguments(parser, "deploy/serving.example.toml", "serving.port=9501")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
 
 

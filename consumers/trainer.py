@@ -93,11 +93,9 @@ STATE_FORMAT = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil train``."""
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration (see deploy/trainer.example.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one configuration value (repeatable), e.g. --set batching.batch_size=512")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the configuration, print the effective one as TOML and exit")
+    from consumers.config import add_config_arguments
+
+    add_config_arguments(parser, "deploy/trainer.example.toml", "batching.batch_size=512")
     parser.add_argument("--device", help="torch device, overrides model.device (auto, cpu, cuda, cuda:1)")
     parser.add_argument("--exit-when-idle", type=float, metavar="SECONDS", default=None,
                         help="finite streams: when no event arrived for SECONDS and every partition is at its end "
