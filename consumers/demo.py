@@ -237,24 +237,6 @@ def _die_with_parent() -> None:
     die_with_parent()  # not Linux: finally/atexit/signal handlers still stop the children
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie counts as gone). Uses /proc where there is one."""
-    stat = Path("/proc") / str(pid) / "stat"
-    if Path("/proc/self").exists():
-        try:
-            state = stat.read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return False
-        return state not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Child:
     """One child process in its own process group, output to a log file; stopped as a group."""
 

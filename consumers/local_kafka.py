@@ -420,26 +420,36 @@ def min_heap(heap: str) -> str:
     return heap if size < 256 << 20 else "256m"
 
 
-def _is_live_kafka(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) Kafka JVM; guards against a stale pid file naming a reused pid."""
-    proc = Path("/proc") / str(pid)
-    if proc.exists():
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone). Uses /proc where there is one."""
+    stat = Path("/proc") / str(pid) / "stat"
+    if Path("/proc/self").exists():
         try:
-            stat = (proc / "stat").read_text()
-            state = stat.rsplit(")", 1)[1].split()[0]
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
         except (FileNotFoundError, ProcessLookupError, IndexError):
             return False
-        return state not in ("Z", "X") and b"kafka.Kafka" in cmdline
-    if sys.platform.startswith("linux"):
-        return False
-    try:  # no /proc (macOS): trust the pid file if the process exists
+        return state not in ("Z", "X")
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+def _is_live_kafka(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) Kafka JVM; guards against a stale pid file naming a reused pid."""
+    if not Path("/proc/self").exists():
+        # No /proc: on Linux that is a broken mount, so do not trust the pid file; elsewhere (macOS) trust it
+        # if the process exists.
+        return not sys.platform.startswith("linux") and pid_alive(pid)
+    if not pid_alive(pid):
+        return False
+    try:
+        return b"kafka.Kafka" in (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def broker_ids(bootstrap: str, timeout_s: float = 5.0) -> list[int]:

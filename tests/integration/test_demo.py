@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.demo import pid_alive, scrape, value
+from consumers.demo import scrape, value
+from consumers.local_kafka import pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
