@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from river import facto, linear_model, optim
 
+from models.config import from_known_fields
 from models.features import Batch, FeatureSpec, encode_rows
 
 RIVER_MODELS = ("lr", "fm")
@@ -92,11 +93,7 @@ class RiverConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RiverConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown river config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return from_known_fields(cls, data, "river")
 
 
 class _FMClassifier(facto.FMClassifier):
