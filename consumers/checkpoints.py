@@ -23,11 +23,17 @@ before a position are already inside the join state or the model.
 Writing: a temporary file in the same directory, fsync, rename over the final name, fsync the directory. A
 crash leaves at worst a ``.tmp-*`` file, which readers ignore and the next store opened on the directory
 removes. One writer per directory.
+
+Beside the checkpoints, ``published.json`` (written the same atomic way) records the last publication that
+Kafka acknowledged: ``{"version": V, "step": S}``. A checkpoint is written before its publication is attempted,
+so only this record says whether the publication landed; a trainer restored from a checkpoint whose step it
+does not name publishes that step again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -50,6 +56,7 @@ _HEADER = struct.Struct("<8sQQ32s")
 _NAME = re.compile(r"^ckpt-(\d{12})\.cdckpt$")
 _TEMP_PREFIX = ".tmp-"
 _CORRUPT_SUFFIX = ".corrupt"
+PUBLICATION_RECORD = "published.json"
 
 
 class CheckpointError(ValueError):
@@ -174,8 +181,29 @@ class CheckpointStore:
         """Write the checkpoint of ``step`` atomically, then drop all but the newest ``keep_last``."""
         if not isinstance(step, int) or step < 0 or step >= 10**12:
             raise ValueError(f"step must be an integer in [0, 10**12), got {step!r}")
-        data = encode_checkpoint_file(tensors, {**metadata, "step": step})
         final = self.path_for(step)
+        self._write_atomically(final, encode_checkpoint_file(tensors, {**metadata, "step": step}))
+        self._prune()
+        return final
+
+    def write_publication(self, version: int, step: int) -> None:
+        """Record that Kafka acknowledged publication ``version`` of ``step`` (see the module docstring)."""
+        self._write_atomically(self.directory / PUBLICATION_RECORD,
+                               json.dumps({"version": int(version), "step": int(step)}).encode())
+
+    def publication(self) -> dict[str, int] | None:
+        """The last acknowledged publication, ``{"version", "step"}``; None when there is none (or it is unreadable)."""
+        path = self.directory / PUBLICATION_RECORD
+        try:
+            record = json.loads(path.read_bytes())
+            return {"version": int(record["version"]), "step": int(record["step"])}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s (the restored step is published again)", path, exc)
+            return None
+
+    def _write_atomically(self, final: Path, data: bytes) -> None:
         fd, temp_name = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{final.name}.", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -187,8 +215,6 @@ class CheckpointStore:
             Path(temp_name).unlink(missing_ok=True)
             raise
         fsync_directory(self.directory)
-        self._prune()
-        return final
 
     def load(self, path: str | os.PathLike[str]) -> Checkpoint:
         """Load and verify one checkpoint file; raises CheckpointError if it is unusable."""

@@ -27,6 +27,12 @@ dashboards. The daemon is the only member of its consumer group (one model, one 
 makes a second one take over and the first exit with status 5); a revoked partition's pending impressions stay
 in the join and are trained as usual.
 
+Publication: a checkpoint's serving view is published after the checkpoint is written, so only an
+acknowledged publication is recorded as done (``published.json`` in the checkpoint directory). One that fails
+(broker away, messages not acknowledged) is retried with a newer version after 10 s, doubling up to 300 s,
+even when nothing else changed; a trainer stopped or killed before that publishes the restored step again as
+soon as it starts. Serving therefore always ends up with the newest checkpointed model.
+
 Trained-sample ledger (``--ledger DIR``, for audits and tests): see ``consumers.ledger``; segments are written
 just before the checkpoint of the same step, and segments newer than the restored checkpoint are deleted on
 start, so the ledger lists exactly the samples inside the restored model.
@@ -85,6 +91,7 @@ log = logging.getLogger("crossdistil.trainer")
 
 _TENSOR_REF = "__tensor__"
 FENCE_PROBE_S = 10.0  # how often the checkpointed positions are re-committed to notice a takeover (exit 5)
+PUBLISH_RETRY_S = (10.0, 300.0)  # a failed publication is retried after 10 s, doubling up to 300 s
 STATE_FORMAT = 1
 
 
@@ -250,6 +257,11 @@ class Trainer:
         self.version = 0  # last publication version (kept in checkpoints so it grows across restarts)
         self.published_chunks = 0
         self.unacknowledged_version: int | None = None  # the last publication attempt failed (None: it did not)
+        # The current step's publication has not been acknowledged (a failed attempt, or a restored checkpoint
+        # whose publication never landed): retried after a back-off even when nothing else changed.
+        self.publication_pending = False
+        self.publish_failures = 0
+        self.last_publish_attempt_at = float("-inf")
         self.last_checkpoint_step = -1
         self.last_checkpoint_positions: dict[tuple[str, int], int] = {}
         self.last_checkpoint_at = time.monotonic()
@@ -338,7 +350,18 @@ class Trainer:
         self.published_chunks = int(meta["published_chunks"])
         self.last_checkpoint_step = checkpoint.step
         self.last_checkpoint_positions = dict(self.positions)
-        self.last_published_step = checkpoint.step if meta.get("published") else -1
+        # The checkpoint is written before its publication is attempted: the store's publication record says
+        # whether it landed. If not, this step is published again as soon as the loop starts.
+        record = self.store.publication()
+        acknowledged = bool(meta.get("published")) or (
+            record is not None and record["step"] == checkpoint.step and record["version"] >= self.version)
+        if record is not None:
+            self.version = max(self.version, record["version"])
+        self.last_published_step = checkpoint.step if acknowledged else -1
+        self.publication_pending = self.cfg.publish.enabled and not acknowledged
+        if self.publication_pending:
+            log.info("the publication of step %d was never acknowledged by Kafka: publishing it again",
+                     checkpoint.step)
         if self.ledger is not None:
             dropped = self.ledger.discard_after(checkpoint.step)
             if dropped:
@@ -417,7 +440,8 @@ class Trainer:
         print(f"crossdistil train: stopped at step {self.learner.steps}; {self.trained_samples} samples trained, "
               f"{self.dead_letters} dead letters, publication version {self.version}"
               + ("" if self.unacknowledged_version is None else
-                 f" (version {self.unacknowledged_version} was not acknowledged by Kafka)"),
+                 f" (version {self.unacknowledged_version} was not acknowledged by Kafka: the next start publishes "
+                 "this step again)"),
               flush=True)
         return self.exit_status
 
@@ -467,6 +491,8 @@ class Trainer:
             self.pipeline.train_ready(now)
             if self._checkpoint_due(now):
                 self.checkpoint("periodic")
+            elif self._publication_retry_due(now):
+                self.checkpoint("publication retry")
             if self._idle_at_end(now):
                 log.info("no event for %.1f s and at the end of every partition: flushing and exiting",
                          self.exit_when_idle_s)
@@ -597,7 +623,8 @@ class Trainer:
         if self.fenced:
             log.warning("checkpoint (%s) skipped: another trainer owns this group's partitions now", reason)
             return False
-        if step == self.last_checkpoint_step and self.positions == self.last_checkpoint_positions:
+        if (step == self.last_checkpoint_step and self.positions == self.last_checkpoint_positions
+                and not self.publication_pending):
             self.last_checkpoint_at = now
             if reason != "periodic":
                 log.info("checkpoint (%s): nothing changed since step %d", reason, step)
@@ -639,7 +666,7 @@ class Trainer:
             "config_hash": self.config_hash,
             "publish_version": version,
             "published_chunks": chunks if publish else self.published_chunks,
-            "published": publish or step == self.last_published_step,
+            "published": step == self.last_published_step,  # acknowledged before; this one's: store.publication()
             "trained_samples": self.trained_samples,
             "dead_letters": self.dead_letters,
         }
@@ -656,9 +683,14 @@ class Trainer:
         if publish:
             self.version = version
             self.published_chunks = chunks
-            self.last_published_step = step
-            self._publish(messages, version, checkpointed_at=self.last_checkpoint_at)
+            self._publish(messages, version, step, checkpointed_at=self.last_checkpoint_at)
         return True
+
+    def _publication_retry_due(self, now: float) -> bool:
+        if not self.publication_pending:
+            return False
+        low, high = PUBLISH_RETRY_S
+        return now - self.last_publish_attempt_at >= min(high, low * 2 ** max(0, self.publish_failures - 1))
 
     def _flush_dead_letters(self, timeout_s: float = 30.0) -> bool:
         """True once Kafka acknowledged every dead letter so far. Refused or failed ones are sent again (once per
@@ -713,26 +745,39 @@ class Trainer:
         except Exception as exc:  # only for lag dashboards: the checkpoint already holds the truth
             log.warning("committing offsets to Kafka failed (lag metrics only, training unaffected): %s", exc)
 
-    def _publish(self, messages: list, version: int, checkpointed_at: float, timeout_s: float = 60.0) -> None:
+    def _publish(self, messages: list, version: int, step: int, checkpointed_at: float, timeout_s: float = 60.0) -> None:
+        """Publish ``messages`` (the serving view of ``step``); only an acknowledged publication is recorded as
+        done (``store.write_publication``); a failed one is retried with a newer version (``_publication_retry_due``)."""
         started = time.perf_counter()
         topic = self.cfg.kafka.model_topic
         from kafka.errors import KafkaError
 
+        self.last_publish_attempt_at = time.monotonic()
         try:
             futures = [self.producer.send(topic, key=key, value=value, partition=0) for key, value in messages]
             self.producer.flush(timeout=timeout_s)
+            failed = [f for f in futures if not f.is_done or f.failed()]
+            problem = f"{len(failed)} of {len(futures)} messages not acknowledged" if failed else None
         except KafkaError as exc:  # no metadata within max_block_ms, flush timed out: the broker is away
-            log.warning("publication of version %d failed (%s); the next checkpoint publishes a newer version", version, exc)
+            problem = str(exc)
+        if problem is not None:
             self.unacknowledged_version = version
-            return
-        failed = [f for f in futures if not f.is_done or f.failed()]
-        if failed:
-            self.unacknowledged_version = version
-            log.warning("publication of version %d incomplete (%d of %d messages not acknowledged); "
-                        "the next checkpoint publishes a newer version", version, len(failed), len(futures))
+            self.publication_pending = True
+            self.publish_failures += 1
+            low, high = PUBLISH_RETRY_S
+            log.warning("publication of version %d (step %d) failed (%s); retried with a newer version in %.0f s, "
+                        "and at the next start if this process stops first", version, step, problem,
+                        min(high, low * 2 ** (self.publish_failures - 1)))
             return
         seconds = time.perf_counter() - started
         self.unacknowledged_version = None
+        self.publication_pending = False
+        self.publish_failures = 0
+        self.last_published_step = step
+        try:
+            self.store.write_publication(version, step)
+        except OSError as exc:  # the publication stands; a restart would only publish this step once more
+            log.warning("recording publication %d in %s failed: %s", version, self.store.directory, exc)
         self.publication_delay_s.append(time.monotonic() - checkpointed_at)
         self.metrics.published(version, seconds, time.time())
         self.metrics.mark_published_reference()

@@ -196,3 +196,44 @@ def test_kafka_client_repeats_are_folded_and_the_daemons_own_lines_are_not() -> 
     now[0] = 61.0
     record = logging.LogRecord("kafka.net.connection", logging.ERROR, __file__, 1, "Connection lost: %s", None, None)
     assert fold.filter(record) and "[3 similar messages in the last 61 s not shown]" in record.msg
+
+
+class _NoAssignment:
+    """A consumer with no partitions: checkpoints commit nothing (lag metrics only)."""
+
+    def assignment(self) -> set:
+        return set()
+
+
+def test_a_failed_publication_is_retried_and_a_restart_publishes_the_step_again(tmp_path: Path) -> None:
+    from consumers.trainer import Trainer
+    from models.features import encode_rows
+
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
+    trainer = Trainer(cfg)
+    trainer.consumer, trainer.producer = _NoAssignment(), (producer := _FlakyProducer(refuse=True))
+    spec, tasks = trainer.learner.config.features, trainer.learner.config.tasks
+    trainer.learner.step(encode_rows(rows(16), spec, tasks))
+    assert trainer.checkpoint("shutdown")  # the checkpoint is written; its publication is refused
+    assert trainer.publication_pending and trainer.unacknowledged_version == 1
+    store = CheckpointStore(tmp_path, keep_last=3)
+    assert store.publication() is None
+    assert not trainer._publication_retry_due(trainer.last_publish_attempt_at + 5)  # backs off 10 s
+    assert trainer._publication_retry_due(trainer.last_publish_attempt_at + 10)
+
+    # The process stops here. The next one restores step 1 and publishes it again, though nothing changed.
+    restarted = Trainer(cfg)
+    assert restarted.restore() == 1
+    assert restarted.publication_pending and restarted._publication_retry_due(0.0)
+    restarted.consumer, restarted.producer = _NoAssignment(), producer
+    producer.healthy, producer.refuse = True, False  # the broker is back
+    assert restarted.checkpoint("publication retry")
+    assert not restarted.publication_pending and restarted.unacknowledged_version is None
+    assert store.publication() == {"version": 2, "step": 1}  # a newer version than the failed attempt
+    assert any(topic == cfg.kafka.model_topic for topic, _ in producer.sent)
+    assert not restarted.checkpoint("periodic")  # acknowledged and unchanged: nothing more to do
+
+    # A third start finds the publication recorded: nothing is published again.
+    third = Trainer(cfg)
+    assert third.restore() == 1
+    assert not third.publication_pending and third.version == 2 and third.last_published_step == 1
