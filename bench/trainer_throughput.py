@@ -11,13 +11,16 @@ impressions plus their feedback) is produced to fresh topics, then:
 * ``trainer``: the real daemon (``consumers.trainer.Trainer``, in this process) consumes everything with
   ``exit_when_idle``; events/s over the time from its partition assignment to the end of the stream (the idle
   wait is not counted);
+* ``trainer_separate_process``: the same daemon on the same topics (its own group and checkpoints) with
+  ``model.separate_process = true``: the learner trains in a child process while this one ingests;
 * ``train_step``: ``encode_rows`` + ``Learner.step`` alone on the same model, as samples/s and as the events/s
   it sustains (samples/s x events per impression of the stream); the median of five rounds.
 
 ``ratio`` = trainer / min(consume_decode, train_step); target >= 0.8. Freshness: seconds from a sample's
 emission by the join (its windows closed in event time) to the step that trains it (median, p99; target p99
 <= max_batch_delay + one step), and from a checkpoint to its acknowledged publication. Memory: RSS sampled every
-0.5 s while the trainer consumes a stream of ``--memory-events`` events in envelopes; ``flat`` compares the
+0.5 s (the trainer's plus its learner process's) while the trainer consumes a stream of ``--memory-events``
+events in envelopes; ``flat`` compares the
 largest and smallest RSS after warm-up (the first 20 % of the run), target within +-10 %.
 """
 
@@ -49,18 +52,21 @@ def progress(message: str) -> None:
     print(f"[trainer_throughput] {message}", file=sys.stderr, flush=True)
 
 
-def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_batch_delay_s: float):
+def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_batch_delay_s: float,
+                separate_process: bool = False):
+    """The trainer configuration of one run over the topics of ``tag`` (its own group and checkpoints)."""
     from consumers.config import load_config, toml_value
 
+    run = f"{tag}-{'separate' if separate_process else 'inline'}"
     overrides = [
-        f"kafka.bootstrap={json.dumps(bootstrap)}", f"kafka.group_id={json.dumps('bench-' + tag)}",
+        f"kafka.bootstrap={json.dumps(bootstrap)}", f"kafka.group_id={json.dumps('bench-' + run)}",
         f"kafka.impressions_topic={json.dumps('imp-' + tag)}", f"kafka.feedback_topic={json.dumps('fb-' + tag)}",
         f"kafka.dead_letter_topic={json.dumps('dl-' + tag)}", f"kafka.model_topic={json.dumps('model-' + tag)}",
         "join.attribution_window_s={click = 10, like = 60}", "join.idle_timeout_s=600.0",
         f"batching.batch_size={batch_size}", f"batching.max_batch_delay_s={max_batch_delay_s}",
         f"model.tasks={json.dumps(list(TASKS))}", "model.device=\"cpu\"",
-        "model.options=" + toml_value(MODEL),
-        f"checkpoint.dir={json.dumps(str(directory / tag))}", "checkpoint.every_steps=0", "checkpoint.every_s=10.0",
+        "model.options=" + toml_value(MODEL), f"model.separate_process={toml_value(separate_process)}",
+        f"checkpoint.dir={json.dumps(str(directory / run))}", "checkpoint.every_steps=0", "checkpoint.every_s=10.0",
         "metrics.port=0",
     ]
     return load_config(None, env={}, overrides=overrides)
@@ -130,9 +136,12 @@ def train_step_rate(cfg, steps: int) -> dict:
             "rounds_samples_per_s": [round(size / r) for r in rounds]}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_bytes(pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # the learner process is not started yet, or gone
+        return 0
 
 
 def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
@@ -142,9 +151,10 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
     samples: list[tuple[float, int]] = []
     done = threading.Event()
 
-    def sampler() -> None:
+    def sampler() -> None:  # the trainer's RSS plus its learner process's, when it has one
+        remote = trainer.pipeline.remote
         while not done.wait(0.5):
-            samples.append((time.monotonic(), rss_bytes()))
+            samples.append((time.monotonic(), rss_bytes() + (rss_bytes(remote.process.pid) if remote else 0)))
 
     thread = threading.Thread(target=sampler, daemon=True)
     if sample_rss:
@@ -186,6 +196,8 @@ def main() -> int:
     parser.add_argument("--max-batch-delay", type=float, default=1.0)
     parser.add_argument("--memory-events", type=int, default=1_000_000,
                         help="events (impressions + feedback, approximately) of the memory run; 0 = skip")
+    parser.add_argument("--memory-separate-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="the memory run with a learner process (RSS of both processes summed)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--idle", type=float, default=2.0, help="exit_when_idle of the trainer runs")
     parser.add_argument("--modes", default="single,envelope,memory",
@@ -234,13 +246,19 @@ def main() -> int:
             progress(f"{mode}: consume + decode")
             # The faster of two reads: the bound is what this machine can do (a conservative ratio).
             intake = max((consume_decode(bootstrap, tag) for _ in range(2)), key=lambda r: r["events_per_s"])
-            progress(f"{mode}: trainer")
-            trainer = run_trainer(make_config(bootstrap, tag, workdir, args.batch_size, args.max_batch_delay), args.idle)
+            runs = {}
+            for separate in (False, True):  # the same topics, side by side: learner in process, then in its own
+                progress(f"{mode}: trainer ({'separate learner process' if separate else 'learner in process'})")
+                runs[separate] = run_trainer(make_config(bootstrap, tag, workdir, args.batch_size,
+                                                         args.max_batch_delay, separate), args.idle)
             step_events = step["samples_per_s"] * events_per_impression
             bound = min(intake["events_per_s"], step_events)
             report[mode] = {"stream": {k: summary[k] for k in ("events", "impressions", "messages")},
                             "consume_decode": intake, "train_step_events_per_s": round(step_events),
-                            "trainer": trainer, "ratio_to_bound": round(trainer["events_per_s"] / bound, 3),
+                            "trainer": runs[False], "ratio_to_bound": round(runs[False]["events_per_s"] / bound, 3),
+                            "trainer_separate_process": runs[True],
+                            "separate_process_ratio_to_bound": round(runs[True]["events_per_s"] / bound, 3),
+                            "separate_process_speedup": round(runs[True]["events_per_s"] / runs[False]["events_per_s"], 3),
                             "target_ratio": 0.8}
         if args.memory_events and "memory" in modes:
             tag = f"memory-{uuid.uuid4().hex[:6]}"
@@ -248,9 +266,10 @@ def main() -> int:
             progress(f"memory: streaming ~{args.memory_events} events ({int(impressions)} impressions)")
             summary = stream(bootstrap, tag, int(impressions), args.envelope)
             progress("memory: trainer")
-            report["memory"] = {"events": summary["events"],
+            report["memory"] = {"events": summary["events"], "separate_process": args.memory_separate_process,
                                 "trainer": run_trainer(make_config(bootstrap, tag, workdir, args.batch_size,
-                                                                   args.max_batch_delay), args.idle, sample_rss=True)}
+                                                                   args.max_batch_delay, args.memory_separate_process),
+                                                       args.idle, sample_rss=True)}
     finally:
         if broker is not None:
             broker.stop()

@@ -103,6 +103,7 @@ class ModelSection:
     options: dict = _f({}, "model options passed to models.config.ModelConfig (backbone, rung, sizes, learning rates, ...)")
     device: str = _f("auto", "torch device: auto (cuda when available), cpu or cuda[:N]")
     seed: int = _f(0, "seed of the model and of every sampling step")
+    separate_process: bool = _f(False, "train in a learner process of its own, overlapping with Kafka intake and the join (docs/performance.md)")
 
 
 @dataclass
@@ -273,6 +274,14 @@ def load_config(
         dotted, raw = item.split("=", 1)
         _set_path(layered, dotted.strip(), _parse_scalar(raw.strip()))
     _apply(cfg, layered)
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """The configuration ``Config.to_dict()`` describes (validated again): how a child process gets it."""
+    cfg = Config()
+    _apply(cfg, data)
     _validate(cfg)
     return cfg
 

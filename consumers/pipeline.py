@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from consumers.config import Config
     from consumers.join import JoinConfig, JoinedSample
+    from consumers.learner_process import RemoteLearner
     from consumers.ledger import Ledger
     from consumers.metrics import TrainerMetrics
 
@@ -151,7 +152,14 @@ class Pipeline:
             clock = EventClock()
             clock.pipeline = self
         self.clock: Callable[[], float] = clock
-        self.learner = make_learner(cfg)
+        # model.separate_process: a RemoteLearner (consumers.learner_process) trains while this process ingests.
+        self.remote: RemoteLearner | None = None
+        if cfg.model.separate_process:
+            from consumers.learner_process import RemoteLearner
+
+            self.learner = self.remote = RemoteLearner(cfg)
+        else:
+            self.learner = make_learner(cfg)
         self.join = AttributionJoin(join if join is not None else join_config(cfg, live=not isinstance(clock, EventClock)))
         self.batcher: MiniBatcher[JoinedSample] = MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s)
         self.metrics = metrics if metrics is not None else TrainerMetrics.from_config(cfg)
@@ -206,6 +214,7 @@ class Pipeline:
         self._add_samples(self.join.emit(), now)
         for batch in self.batcher.poll(now):
             self.train_batch(batch)
+        self.collect()
         self.metrics.join_counters(self.join.counters)
         self.metrics.watermark(self.join.watermark_ms)
         return self.trained_samples - before
@@ -220,6 +229,7 @@ class Pipeline:
         self._add_samples(self.join.flush(), now)
         for batch in self.batcher.flush():
             self.train_batch(batch)
+        self.collect(wait=True)
         self.metrics.join_counters(self.join.counters)
         self.metrics.watermark(self.join.watermark_ms)
         return self.trained_samples - before
@@ -233,7 +243,17 @@ class Pipeline:
             self.train_batch(batch)
 
     def train_batch(self, samples: list[JoinedSample]) -> None:
-        """Score first, then one teacher-student step; predictions feed the metrics, the ledger and ``on_batch``."""
+        """Score first, then one teacher-student step; predictions feed the metrics, the ledger and ``on_batch``.
+
+        With a learner process the batch is sent and this returns at once; its predictions are handled when
+        its answer comes back (``collect``), in the order batches were sent.
+        """
+        if self.remote is not None:
+            from consumers.learner_process import sample_row
+
+            self.remote.submit([sample_row(s) for s in samples], samples)
+            self.collect()
+            return
         import numpy as np
 
         from models.features import encode_rows
@@ -246,7 +266,31 @@ class Pipeline:
         seconds = time.perf_counter() - started
         labels = {task: batch.labels[:, k].numpy().astype(np.int8) for k, task in enumerate(self.tasks)}
         scores = {task: predictions[task].numpy() for task in self.tasks}
-        users = np.array([r["user_id"] for r in rows], dtype=object)
+        self._trained(samples, labels, scores, seconds)
+
+    def collect(self, wait: bool = False) -> int:
+        """Learner process: hand the batches it has answered (``wait``: every batch sent) to the metrics, the
+        ledger and ``on_batch``; returns their samples. Without one, every batch is handled as it trains: 0."""
+        if self.remote is None:
+            return 0
+        import numpy as np
+
+        done = 0
+        width = len(self.tasks)
+        for samples, reply in self.remote.answers(wait):
+            n = int(reply["n"])
+            labels = np.frombuffer(reply["labels"], dtype=np.int8).reshape(n, width)
+            scores = np.frombuffer(reply["scores"], dtype=np.float32).reshape(n, width)
+            self._trained(samples, {task: labels[:, k] for k, task in enumerate(self.tasks)},
+                          {task: scores[:, k] for k, task in enumerate(self.tasks)}, float(reply["seconds"]))
+            done += n
+        return done
+
+    def _trained(self, samples: list[JoinedSample], labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+                 seconds: float) -> None:
+        import numpy as np
+
+        users = np.array([s.impression["user_id"] for s in samples], dtype=object)
         self.metrics.batch_trained(len(samples), seconds)
         fired = self.metrics.observe(labels, scores, role="student", users=users)
         if self.ledger is not None:
@@ -258,15 +302,33 @@ class Pipeline:
     # -------------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Learner (tensors inside), join and batcher state, counters: what a checkpoint must hold."""
+        """Learner (tensors inside), join and batcher state, counters: what a checkpoint must hold.
+
+        In-process learner only; with a learner process the child writes the learner's part
+        (``RemoteLearner.write_checkpoint``) next to ``stream_state()``.
+        """
+        if self.remote is not None:
+            raise RuntimeError("the learner lives in another process: use stream_state() and "
+                               "RemoteLearner.write_checkpoint")
+        return {"learner": self.learner.state_dict(), **self.stream_state()}
+
+    def stream_state(self) -> dict[str, Any]:
+        """Join and batcher state and the trained-sample count (plain values): the checkpoint's stream side.
+
+        Call ``collect(wait=True)`` first with a learner process, so that the count matches the model.
+        """
         from consumers.join import JoinedSample
 
         return {
-            "learner": self.learner.state_dict(),
             "join_state": self.join.state_dict(),
             "batcher_state": self.batcher.state_dict(JoinedSample.to_plain),
             "trained_samples": self.trained_samples,
         }
+
+    def close(self) -> None:
+        """Stop the learner process, if there is one (its answers not collected by then are dropped)."""
+        if self.remote is not None:
+            self.remote.close()
 
     def load_state_dict(self, state: dict[str, Any], now: float | None = None) -> None:
         """Restore ``state_dict()`` output written by another process: clock-valued fields are rebased to ``now``.
@@ -277,7 +339,8 @@ class Pipeline:
         from consumers.join import JoinedSample
 
         now = self.clock() if now is None else now
-        self.learner.load_state_dict(state["learner"])
+        if state.get("learner") is not None:  # None: a learner process loaded it from the file itself
+            self.learner.load_state_dict(state["learner"])
         self.join.load_state_dict(rebase_join_clock(state["join_state"], now))
         batcher_state = dict(state["batcher_state"])
         batcher_state["oldest_at"] = now  # restart the wait

@@ -62,7 +62,8 @@ Exit status: 0 after a stop or the end of a finite stream; 2 for a configuration
 reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s`` (a group join stuck in the client,
 or a broker gone for good): the daemon checkpoints and exits so that its supervisor (systemd ``Restart=on-failure``,
 Kubernetes) starts a fresh process, which resumes from that checkpoint; 5 when another trainer with the same
-``group_instance_id`` took the partitions over (no checkpoint: the other one owns the model now).
+``group_instance_id`` took the partitions over (no checkpoint: the other one owns the model now); 6 when the
+learner process (``model.separate_process``) failed or died (no checkpoint; a restart resumes from the last).
 
 Static membership (``kafka.group_instance_id``, on by default): a trainer restarted after a crash gets its
 partitions back within seconds instead of after the group's session timeout (measured on the local broker:
@@ -78,6 +79,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consumers.pipeline import Pipeline, decode_record, join_config, model_config, rebase_join_clock  # noqa: F401
@@ -158,8 +160,15 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"crossdistil train: --from-time: {exc}", file=sys.stderr)
             return 2
-    trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger, start_ms=start_ms)
-    return trainer.run()
+    from consumers.learner_process import LearnerProcessError
+
+    try:
+        trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger, start_ms=start_ms)
+        return trainer.run()
+    except LearnerProcessError as exc:
+        print(f"crossdistil train: {exc}\nexiting with status 6 without a checkpoint (the last one is consistent: a "
+              "restart resumes from it)", file=sys.stderr)
+        return 6
 
 
 # ------------------------------------------------------------------------------------ configuration glue
@@ -336,9 +345,14 @@ class Trainer:
             raise RuntimeError(f"{checkpoint.path} was not written by this trainer (trainer_format "
                                f"{meta.get('trainer_format')!r}); point checkpoint.dir at an empty directory")
         now = time.monotonic()
+        learner_state = None
+        if self.pipeline.remote is not None:
+            self.pipeline.remote.load_checkpoint(str(checkpoint.path))  # the learner process reads the file
+        else:
+            learner_state = unflatten_state(meta["learner"], checkpoint.tensors)
         # The saved clocks belong to the dead process: load_state_dict rebases them to now.
         self.pipeline.load_state_dict({
-            "learner": unflatten_state(meta["learner"], checkpoint.tensors),
+            "learner": learner_state,
             "join_state": meta["join_state"],
             "batcher_state": meta["batcher_state"],
             "trained_samples": int(meta.get("trained_samples", 0)),
@@ -437,6 +451,7 @@ class Trainer:
                 log.warning("closing the producer: %s", exc)
             if http is not None:
                 http.close()
+            self.pipeline.close()
         print(f"crossdistil train: stopped at step {self.learner.steps}; {self.trained_samples} samples trained, "
               f"{self.dead_letters} dead letters, publication version {self.version}"
               + ("" if self.unacknowledged_version is None else
@@ -616,8 +631,9 @@ class Trainer:
         Called only between records (never in the middle of one), so positions match the saved state.
         """
         from consumers.checkpoints import positions_to_plain
-        from consumers.wire import encode_checkpoint
+        from consumers.learner_process import write_learner_checkpoint
 
+        self.pipeline.collect(wait=True)  # a learner process: every batch sent is trained and counted
         now = time.monotonic()
         step = self.learner.steps
         if self.fenced:
@@ -634,11 +650,10 @@ class Trainer:
             return False
         started = time.perf_counter()
         publish = self.cfg.publish.enabled and step != self.last_published_step
-        messages = []
+        publication = None
         version = self.version
         if publish:
             version += 1
-            tensors, serving_meta = self.learner.serving_state()
             manifest_meta = {
                 "step": step,
                 "watermark_ms": self.join.watermark_ms,
@@ -646,33 +661,33 @@ class Trainer:
                 "metrics": _plain(self.metrics.snapshot()),
                 "config_hash": self.config_hash,
                 "tasks": list(self.tasks),
-                "serving": dict(serving_meta),
                 "published_at_ms": int(time.time() * 1000),
-            }
-            messages = encode_checkpoint(tensors, manifest_meta, version=version,
-                                         chunk_size=self.cfg.publish.chunk_bytes,
-                                         previous_chunk_count=self.published_chunks,
-                                         max_message_bytes=max(1_000_000, self.cfg.publish.chunk_bytes + 64 * 1024))
-        chunks = sum(1 for key, value in messages if value is not None and key.startswith(b"chunk/"))
-        state = self.pipeline.state_dict()
-        learner_tensors, learner_plain = flatten_state(state["learner"], "learner")
+            }  # + "serving": the learner's serving metadata (write_learner_checkpoint)
+            publication = {"manifest": manifest_meta, "version": version, "chunk_size": self.cfg.publish.chunk_bytes,
+                           "previous_chunk_count": self.published_chunks,
+                           "max_message_bytes": max(1_000_000, self.cfg.publish.chunk_bytes + 64 * 1024)}
+        state = self.pipeline.stream_state()
         metadata = {
             "trainer_format": STATE_FORMAT,
-            "learner": learner_plain,
             "positions": positions_to_plain(self.positions),
             "join_state": state["join_state"],
             "batcher_state": state["batcher_state"],
             "watermark_ms": self.join.watermark_ms,
             "config_hash": self.config_hash,
             "publish_version": version,
-            "published_chunks": chunks if publish else self.published_chunks,
+            "published_chunks": self.published_chunks,  # replaced by this publication's count when it publishes
             "published": step == self.last_published_step,  # acknowledged before; this one's: store.publication()
             "trained_samples": self.trained_samples,
             "dead_letters": self.dead_letters,
         }
         if self.ledger is not None:
             self.ledger.commit(step)  # before the checkpoint: a segment without its checkpoint is discarded on start
-        path = self.store.write(step, learner_tensors, metadata)
+        if self.pipeline.remote is not None:  # the learner process writes the file: the tensors stay there
+            written = self.pipeline.remote.write_checkpoint(str(self.store.directory), self.store.keep_last,
+                                                            metadata, publication)
+        else:
+            written = write_learner_checkpoint(self.learner, self.store, metadata, publication)
+        path, messages, chunks = Path(written["path"]), written["messages"], written["chunks"]
         seconds = time.perf_counter() - started
         self.metrics.checkpoint_written(seconds)
         self.last_checkpoint_step = step

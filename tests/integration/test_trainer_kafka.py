@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def kuairand_topics(kafka_broker: str) -> dict[str, str]:
 
 
 def write_config(path: Path, bootstrap: str, topics: dict[str, str], *, model_topic: str | None = None,
-                 every_steps: int = 40, batch_size: int = 256, max_poll_records: int = 2000) -> Path:
+                 every_steps: int = 40, batch_size: int = 256, max_poll_records: int = 2000,
+                 separate_process: bool = False) -> Path:
     """A small-model trainer configuration of its own group, checkpoint directory and serving topic."""
     return write_trainer_config(path, bootstrap, {**topics, "model": model_topic or topics["model"]}, {
         "kafka.max_poll_records": max_poll_records,
@@ -75,6 +77,7 @@ def write_config(path: Path, bootstrap: str, topics: dict[str, str], *, model_to
         "batching.max_batch_delay_s": 2.0,
         "model.tasks": list(TASKS),
         "model.options": SMALL_MODEL,
+        "model.separate_process": separate_process,
         "checkpoint.dir": str(path.parent / "checkpoints"),
         "checkpoint.every_steps": every_steps,
         "checkpoint.every_s": 0.0,
@@ -229,10 +232,12 @@ def test_malformed_messages_all_land_in_the_dead_letter_topic_and_training_is_un
     assert {record.key for record in letters} <= {key for key, _ in bad}
 
 
+@pytest.mark.parametrize("separate_process", [False, True], ids=["learner-in-process", "learner-process"])
 def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
-        kafka_broker: str, kuairand_topics: dict[str, str], uninterrupted: dict, tmp_path: Path) -> None:
+        kafka_broker: str, kuairand_topics: dict[str, str], uninterrupted: dict, tmp_path: Path,
+        separate_process: bool) -> None:
     config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, every_steps=5,
-                          max_poll_records=200)
+                          max_poll_records=200, separate_process=separate_process)
     ledger = tmp_path / "ledger"
     rng = random.Random(int(os.environ.get("CROSSDISTIL_TEST_SEED", "4")))
 
@@ -293,6 +298,17 @@ def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
     print(f"\nAUC after {kills} kills: {aucs}; uninterrupted: {reference}")
     for task in aucs:
         assert abs(aucs[task] - reference[task]) < 0.02
+    learners = [int(pid) for pid in re.findall(r"learner process (\d+) ready", log)]
+    assert (len(learners) >= kills + 2) if separate_process else not learners  # one per start
+    survivors = [pid for pid in learners if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
+    assert not survivors, f"learner processes outlived their killed trainers: {survivors}"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def assignments(log: Path) -> int:

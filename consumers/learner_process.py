@@ -1,0 +1,366 @@
+"""The learner in a process of its own (``model.separate_process = true``): training overlaps with intake.
+
+The trainer's loop is Python from the Kafka poll to the optimizer step, so one process uses one core, and
+while it trains it does not poll, decode or join (``docs/performance.md``). With a separate learner process
+the trainer (Kafka, decoding, the join, the mini-batcher, metrics, checkpoints' orchestration) hands each
+full batch to a child that encodes it and runs ``Learner.step``, and goes on ingesting while the child
+trains; the child's answers (labels and the prequential predictions) come back in order and feed the
+metrics, the ledger and freshness exactly as an in-process step does.
+
+Nothing about the results changes: the child builds the same seeded learner and sees the same batches in the
+same order, so a replay gives bit-identical predictions either way (``tests/unit/test_learner_process.py``).
+
+Exactly once: batches are answered in the order they were sent. A checkpoint first waits for every answer
+(``RemoteLearner.drain``), so the model the child then writes holds exactly the batches the trainer counted,
+and the join, batcher and positions it hands over describe the same cut. The child writes the checkpoint
+file itself (the model's tensors never cross the pipe) and returns the publication messages, which the
+trainer produces.
+
+Protocol: two pipes carrying length-framed msgpack maps (``multiprocessing.connection.Connection`` byte
+frames; nothing is pickled). Requests ``{"op": ...}``: ``step`` (rows), ``load`` (a checkpoint path),
+``checkpoint`` (directory, metadata, publication parameters), ``stop``. Every request gets one reply, in order;
+a failure is a reply ``{"op": "error", "error": traceback}`` that the trainer raises as ``LearnerProcessError``.
+
+The child ignores SIGINT and SIGTERM (the trainer decides when to stop and checkpoints first) and is killed by
+the kernel when the trainer dies, even by SIGKILL (``PR_SET_PDEATHSIG``). Models never see Kafka here: the
+child imports ``models``, torch and this package's checkpoint and wire modules only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+
+if TYPE_CHECKING:
+    from consumers.checkpoints import CheckpointStore
+
+log = logging.getLogger("crossdistil.learner")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_IN_FLIGHT = 8  # batches sent and not yet answered: absorbs the bursts of batches a watermark advance releases
+
+
+class LearnerProcessError(RuntimeError):
+    """The learner process failed (its traceback is in the message) or died."""
+
+
+def _pack(message: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def sample_row(sample: Any) -> list[Any]:
+    """The part of a joined sample the learner needs: ``[user_id, item_id, features, labels]``."""
+    impression = sample.impression
+    return [impression["user_id"], impression["item_id"], impression.get("features") or {}, sample.labels]
+
+
+# ------------------------------------------------------------------------- the work, in either process
+
+
+def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Mapping[str, Any],
+                             publication: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` and build the publication messages.
+
+    ``publication``: None, or ``{"manifest": {...}, "version", "chunk_size", "previous_chunk_count",
+    "max_message_bytes"}`` (``consumers.wire.encode_checkpoint``; the learner's serving metadata is added to
+    the manifest). Returns ``{"path", "seconds", "messages": [[key, value], ...], "chunks"}``. The trainer
+    calls it in process, or the learner process does on request: one code path.
+    """
+    from consumers.trainer import flatten_state
+    from consumers.wire import encode_checkpoint
+
+    started = time.perf_counter()
+    messages: list[Any] = []
+    chunks = 0
+    if publication is not None:
+        tensors, serving_meta = learner.serving_state()
+        manifest = {**publication["manifest"], "serving": dict(serving_meta)}
+        messages = encode_checkpoint(tensors, manifest, version=int(publication["version"]),
+                                     chunk_size=int(publication["chunk_size"]),
+                                     previous_chunk_count=int(publication["previous_chunk_count"]),
+                                     max_message_bytes=int(publication["max_message_bytes"]))
+        chunks = sum(1 for key, value in messages if value is not None and key.startswith(b"chunk/"))
+    learner_tensors, learner_plain = flatten_state(learner.state_dict(), "learner")
+    full = {**metadata, "learner": learner_plain}
+    if publication is not None:
+        full["published_chunks"] = chunks
+    path = store.write(learner.steps, learner_tensors, full)
+    return {"path": str(path), "seconds": time.perf_counter() - started,
+            "messages": [[key, value] for key, value in messages], "chunks": chunks}
+
+
+def load_learner_checkpoint(learner: Any, path: str) -> int:
+    """Load the learner part of the checkpoint file at ``path``; returns its step count."""
+    from consumers.checkpoints import CheckpointStore
+    from consumers.trainer import unflatten_state
+
+    checkpoint = CheckpointStore(Path(path).parent, keep_last=1 << 30).load(path)
+    learner.load_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+    return int(learner.steps)
+
+
+def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
+    """Encode ``rows`` (``sample_row``) and take one step: the reply the trainer turns into metrics."""
+    from models.features import encode_rows
+
+    started = time.perf_counter()
+    batch = encode_rows([{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows],
+                        learner.config.features, tasks)
+    losses, predictions = learner.step(batch)
+    seconds = time.perf_counter() - started
+    labels = batch.labels.numpy().astype(np.int8)
+    scores = np.stack([predictions[task].numpy() for task in tasks], axis=1).astype(np.float32)
+    return {"op": "stepped", "n": len(rows), "seconds": seconds, "steps": int(learner.steps),
+            "losses": {k: float(v) for k, v in losses.items()},
+            "labels": labels.tobytes(), "scores": scores.tobytes()}
+
+
+# ----------------------------------------------------------------------------------- the child process
+
+
+def _child_main(fd_in: int, fd_out: int) -> int:
+    """The learner process: serve requests until ``stop`` or until the trainer's end of the pipe closes."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the trainer stops us, after its last checkpoint
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    requests, replies = Connection(fd_in, writable=False), Connection(fd_out, readable=False)
+    try:
+        hello = _unpack(requests.recv_bytes())
+    except EOFError:
+        return 0
+    try:
+        import torch
+
+        from consumers.config import config_from_dict
+        from consumers.pipeline import make_learner
+
+        if hello.get("torch_threads"):
+            torch.set_num_threads(int(hello["torch_threads"]))
+        cfg = config_from_dict(hello["config"])
+        learner = make_learner(cfg)
+        tasks = tuple(cfg.model.tasks)
+        device = str(getattr(learner, "device", "cpu"))
+    except Exception:
+        replies.send_bytes(_pack({"op": "error", "error": traceback.format_exc()}))
+        return 1
+    replies.send_bytes(_pack({"op": "ready", "device": device, "pid": os.getpid()}))
+    # A thread drains the request pipe as requests arrive: a batch is bigger than a pipe's buffer (64 KiB), and
+    # without it the trainer's send would wait for the step before it to finish (no overlap at all). The
+    # trainer bounds what is queued here (MAX_IN_FLIGHT batches).
+    inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def read_requests() -> None:
+        while True:
+            try:
+                inbox.put(requests.recv_bytes())
+            except (EOFError, OSError):  # the trainer is gone
+                inbox.put(None)
+                return
+
+    threading.Thread(target=read_requests, name="requests", daemon=True).start()
+    while True:
+        data = inbox.get()
+        if data is None:
+            return 0
+        request = _unpack(data)
+        op = request.get("op")
+        try:
+            if op == "step":
+                reply = step_rows(learner, request["rows"], tasks)
+            elif op == "load":
+                reply = {"op": "loaded", "steps": load_learner_checkpoint(learner, request["path"])}
+            elif op == "checkpoint":
+                from consumers.checkpoints import CheckpointStore
+
+                store = CheckpointStore(request["directory"], keep_last=int(request["keep_last"]))
+                reply = {"op": "written", **write_learner_checkpoint(learner, store, request["metadata"],
+                                                                     request.get("publication"))}
+            elif op == "stop":
+                replies.send_bytes(_pack({"op": "stopped", "steps": int(learner.steps)}))
+                return 0
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except Exception:
+            reply = {"op": "error", "error": traceback.format_exc()}
+        replies.send_bytes(_pack(reply))
+
+
+def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Ask Linux for a pipe buffer of ``size`` bytes (up to /proc/sys/fs/pipe-max-size), so that sending a batch
+    returns at once instead of waiting for the other side to read it chunk by chunk; elsewhere: unchanged."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (OSError, ImportError):
+        pass
+
+
+def _die_with_parent_by_sigkill() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------------- the trainer's side
+
+
+class RemoteLearner:
+    """The trainer's handle on the learner process: batches go out, answers come back in order.
+
+    ``submit(rows, context)`` sends one batch (waiting first while ``MAX_IN_FLIGHT`` are unanswered);
+    ``answers(wait)`` returns ``(context, reply)`` for every batch answered so far (``wait=True``: for every
+    batch sent); ``steps`` counts the answered ones.
+    """
+
+    def __init__(self, cfg: Any, torch_threads: int | None = None, start_timeout_s: float = 300.0) -> None:
+        self.tasks = tuple(cfg.model.tasks)
+        self.steps = 0
+        self._in_flight: deque[Any] = deque()
+        self._answered: deque[tuple[Any, dict[str, Any]]] = deque()
+        parent_in, child_out = os.pipe()
+        child_in, parent_out = os.pipe()
+        for fd in (parent_out, child_out):
+            _grow_pipe(fd)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "consumers.learner_process", str(child_in), str(child_out)],
+            pass_fds=(child_in, child_out), env=env, preexec_fn=_die_with_parent_by_sigkill)
+        os.close(child_in)
+        os.close(child_out)
+        self._requests = Connection(parent_out, readable=False)
+        self._replies = Connection(parent_in, writable=False)
+        if torch_threads is None:
+            import torch
+
+            torch_threads = torch.get_num_threads()
+        self._send({"op": "hello", "config": cfg.to_dict(), "torch_threads": torch_threads})
+        if not self._replies.poll(start_timeout_s):
+            self.close()
+            raise LearnerProcessError(f"the learner process did not start within {start_timeout_s:.0f} s")
+        ready = self._receive()
+        self.device = ready["device"]
+        log.info("learner process %d ready on %s", self.process.pid, self.device)
+
+    # requests
+
+    def submit(self, rows: list[list[Any]], context: Any) -> None:
+        """Send one batch to train; ``context`` comes back with its answer."""
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._take_answer()
+        self._send({"op": "step", "rows": rows})
+        self._in_flight.append(context)
+
+    def answers(self, wait: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+        """``(context, reply)`` of the batches answered so far, in order; ``wait``: of every batch sent."""
+        while self._in_flight and (wait or self._replies.poll()):
+            self._take_answer()
+        out = list(self._answered)
+        self._answered.clear()
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        """Batches sent and not yet handed back by ``answers``."""
+        return len(self._in_flight) + len(self._answered)
+
+    def load_checkpoint(self, path: str) -> int:
+        """Load the learner state of the checkpoint file at ``path`` in the child; its step count."""
+        self._require_idle("load")
+        self._send({"op": "load", "path": str(path)})
+        self.steps = int(self._receive()["steps"])
+        return self.steps
+
+    def write_checkpoint(self, directory: str, keep_last: int, metadata: Mapping[str, Any],
+                         publication: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``write_learner_checkpoint`` in the child, once every batch sent is answered and handed back."""
+        self._require_idle("checkpoint")
+        self._send({"op": "checkpoint", "directory": str(directory), "keep_last": keep_last,
+                    "metadata": metadata, "publication": publication})
+        reply = self._receive()
+        reply["messages"] = [(key, value) for key, value in reply["messages"]]
+        return reply
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the child (after its answers) and reap it; kill it if it does not stop in time."""
+        if self.process.poll() is None:
+            deadline = time.monotonic() + timeout_s
+            try:
+                self._send({"op": "stop"})
+                while time.monotonic() < deadline:  # answers nobody waits for any more, then "stopped"
+                    if self._replies.poll(0.1) and _unpack(self._replies.recv_bytes()).get("op") == "stopped":
+                        break
+            except (OSError, EOFError, LearnerProcessError):
+                pass  # gone already
+            try:
+                self.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            if self.process.poll() is None:
+                log.warning("learner process %d did not stop within %.0f s: killing it", self.process.pid, timeout_s)
+                self.process.kill()
+            self.process.wait()
+        for connection in (self._requests, self._replies):
+            connection.close()
+
+    # plumbing
+
+    def _require_idle(self, what: str) -> None:
+        if self._in_flight or self._answered:
+            raise RuntimeError(f"{what} with {self.in_flight} batches not handed back: call answers(wait=True) first")
+
+    def _take_answer(self) -> None:
+        reply = self._receive()
+        if reply.get("op") != "stepped":
+            raise LearnerProcessError(f"unexpected reply {reply.get('op')!r} to a training step")
+        self.steps = int(reply["steps"])
+        self._answered.append((self._in_flight.popleft(), reply))
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        try:
+            self._requests.send_bytes(_pack(message))
+        except OSError as exc:
+            raise LearnerProcessError(f"the learner process is gone ({self._exit_description()}): {exc}") from None
+
+    def _receive(self) -> dict[str, Any]:
+        try:
+            reply = _unpack(self._replies.recv_bytes())
+        except (EOFError, OSError):
+            raise LearnerProcessError(f"the learner process died ({self._exit_description()})") from None
+        if reply.get("op") == "error":
+            raise LearnerProcessError(f"the learner process failed:\n{reply.get('error')}")
+        return reply
+
+    def _exit_description(self) -> str:
+        try:
+            code = self.process.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return "still running"
+        return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(int(sys.argv[1]), int(sys.argv[2])))

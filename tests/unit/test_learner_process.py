@@ -1,0 +1,144 @@
+"""The learner in its own process (``model.separate_process``): same results, checkpoints, failures. No broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consumers.checkpoints import CheckpointStore
+from consumers.config import config_from_dict, load_config
+from consumers.learner_process import LearnerProcessError, RemoteLearner
+from consumers.ledger import Ledger, read_ledger
+from consumers.pipeline import Pipeline
+from streamer.datasets.synthetic import SyntheticDataset
+from streamer.stream import merge_events
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["model.options={hidden_dims = [8], tower_dims = [4], embedding_dim = 4, "
+         "features = {categorical = ['user_id', 'item_id'], hash_buckets = 1024}}",
+         "join.attribution_window_s={click = 5, long_view = 30}", "batching.batch_size=64"]
+
+
+def synthetic_events(n: int = 3000) -> list[tuple[str, dict]]:
+    """(topic, event) in stream order: impressions and their feedback."""
+    dataset = SyntheticDataset(n_events=n, tasks="click,long_view", seed=3)
+    return [(routed.topic, routed.event) for routed in merge_events(dataset.interactions())]
+
+
+def replay(cfg, events, directory: Path) -> tuple[list[dict], int, int]:
+    pipeline = Pipeline(cfg, clock=None, ledger=Ledger(directory, cfg.model.tasks))
+    try:
+        for topic, event in events:
+            pipeline.ingest([dict(event)], (topic, 0))
+            pipeline.train_ready()
+        pipeline.flush()
+        pipeline.ledger.commit(pipeline.learner.steps)
+        return read_ledger(directory), pipeline.trained_samples, pipeline.learner.steps
+    finally:
+        pipeline.close()
+
+
+def test_a_replay_trains_bit_for_bit_the_same_with_the_learner_in_its_own_process(tmp_path: Path) -> None:
+    events = synthetic_events()
+    inline = replay(load_config(None, env={}, overrides=SMALL), events, tmp_path / "inline")
+    separate = replay(load_config(None, env={}, overrides=SMALL + ["model.separate_process=true"]), events,
+                      tmp_path / "separate")
+    rows, samples, steps = separate
+    assert samples == inline[1] > 1000 and steps == inline[2] > 10
+    assert rows == inline[0]  # the same samples, labels and prequential predictions, in the same order
+
+
+def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_process(tmp_path: Path) -> None:
+    from consumers.learner_process import sample_row, write_learner_checkpoint  # noqa: F401  (one code path)
+    from consumers.trainer import unflatten_state
+    from models.features import encode_rows
+    from models.learner import Learner
+    from consumers.pipeline import model_config
+
+    cfg = load_config(None, env={}, overrides=SMALL)
+    remote = RemoteLearner(cfg, torch_threads=1)
+    try:
+        rows = [[f"u{i % 7}", f"i{i}", {}, {"click": i % 2, "long_view": (i // 3) % 2}] for i in range(64)]
+        for k in range(3):
+            remote.submit(rows, k)
+        assert [context for context, _ in remote.answers(wait=True)] == [0, 1, 2]
+        written = remote.write_checkpoint(str(tmp_path), 2, {"positions": [["impressions", 0, 42]]}, None)
+        assert written["messages"] == [] and Path(written["path"]).name == "ckpt-000000000003.cdckpt"
+        probe = [[f"u{i % 5}", f"p{i}", {}, {"click": 1, "long_view": 0}] for i in range(32)]
+        remote.submit(probe, "probe")
+        (_, reply), = remote.answers(wait=True)
+    finally:
+        remote.close()
+    checkpoint = CheckpointStore(tmp_path).latest()
+    assert checkpoint.metadata["positions"] == [["impressions", 0, 42]]
+    restored = Learner(model_config(cfg))
+    restored.load_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+    assert restored.steps == 3
+    batch = encode_rows([{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in probe],
+                        restored.config.features, restored.config.tasks)
+    _, predictions = restored.step(batch)
+    scores = np.frombuffer(reply["scores"], dtype=np.float32).reshape(32, 2)
+    for k, task in enumerate(restored.config.tasks):
+        assert np.array_equal(predictions[task].numpy(), scores[:, k])
+
+
+def test_a_failure_in_the_learner_process_is_raised_with_its_traceback(tmp_path: Path) -> None:
+    remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1)
+    try:
+        with pytest.raises(LearnerProcessError, match="FileNotFoundError"):
+            remote.load_checkpoint(str(tmp_path / "missing.cdckpt"))
+        remote.process.kill()  # the learner dies: the trainer must not wait forever, nor carry on
+        remote.process.wait()
+        with pytest.raises(LearnerProcessError, match="killed by signal 9"):
+            remote.submit([["u", "i", {}, {"click": 1, "long_view": 0}]], None)
+            remote.answers(wait=True)
+    finally:
+        remote.close()
+
+
+@pytest.mark.slow
+def test_the_learner_process_dies_with_a_trainer_killed_by_sigkill() -> None:
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from consumers.config import load_config
+        from consumers.learner_process import RemoteLearner
+        remote = RemoteLearner(load_config(None, env={{}}, overrides={SMALL!r}), torch_threads=1)
+        print(remote.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(trainer.stdout.readline())
+        os.kill(child, 0)  # alive
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child), "the learner process outlived its trainer"
+    finally:
+        trainer.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"  # a zombie is dead, waiting for init to reap it
+    except FileNotFoundError:
+        return False
+
+
+def test_the_configuration_crosses_to_the_child_unchanged() -> None:
+    cfg = load_config(None, env={}, overrides=SMALL + ["model.separate_process=true", "model.seed=7"])
+    assert config_from_dict(cfg.to_dict()) == cfg
