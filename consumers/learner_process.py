@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,7 +232,7 @@ class RemoteLearner:
 
     ``submit(rows, context)`` sends one batch (waiting first while ``MAX_IN_FLIGHT`` are unanswered);
     ``answers(wait)`` returns ``(context, reply)`` for every batch answered so far (``wait=True``: for every
-    batch sent); ``steps`` counts the answered ones.
+    batch sent); ``steps`` counts the ones handed back.
     """
 
     def __init__(self, cfg: Any, torch_threads: int | None = None, start_timeout_s: float = 300.0) -> None:
@@ -274,18 +274,32 @@ class RemoteLearner:
         self._send({"op": "step", "rows": rows})
         self._in_flight.append(context)
 
-    def answers(self, wait: bool = False) -> list[tuple[Any, dict[str, Any]]]:
-        """``(context, reply)`` of the batches answered so far, in order; ``wait``: of every batch sent."""
-        while self._in_flight and (wait or self._replies.poll()):
-            self._take_answer()
-        out = list(self._answered)
-        self._answered.clear()
-        return out
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """``(context, reply)`` of the batches answered so far, in order (``wait``: of every batch sent).
+
+        ``steps`` counts the batches handed back, so while the caller handles one it is that batch's step, as
+        with a learner in process.
+        """
+        while True:
+            if self._answered:
+                context, reply = self._answered.popleft()
+            elif self._in_flight and (wait or self._replies.poll()):
+                self._take_answer()
+                continue
+            else:
+                return
+            self.steps = int(reply["steps"])
+            yield context, reply
 
     @property
     def in_flight(self) -> int:
         """Batches sent and not yet handed back by ``answers``."""
         return len(self._in_flight) + len(self._answered)
+
+    def check_alive(self) -> None:
+        """Raise ``LearnerProcessError`` if the learner process has exited (noticed between batches too)."""
+        if self.process.poll() is not None:
+            raise LearnerProcessError(f"the learner process died ({self._exit_description()})")
 
     def load_checkpoint(self, path: str) -> int:
         """Load the learner state of the checkpoint file at ``path`` in the child; its step count."""
@@ -336,7 +350,6 @@ class RemoteLearner:
         reply = self._receive()
         if reply.get("op") != "stepped":
             raise LearnerProcessError(f"unexpected reply {reply.get('op')!r} to a training step")
-        self.steps = int(reply["steps"])
         self._answered.append((self._in_flight.popleft(), reply))
 
     def _send(self, message: Mapping[str, Any]) -> None:

@@ -487,6 +487,8 @@ class Trainer:
                 return
             now = time.monotonic()
             self.last_poll_ok_at = now
+            if self.pipeline.remote is not None:
+                self.pipeline.remote.check_alive()  # a dead learner ends the daemon (status 6), idle or not
             # A poll can hold hundreds of thousands of events (envelopes): train as batches fill up instead of
             # after the whole poll, so a sample whose windows closed early in the poll is not kept waiting.
             since_train, train_every = 0, self.cfg.batching.batch_size
@@ -850,6 +852,9 @@ class Trainer:
         limit = max(60.0, self.cfg.kafka.max_poll_interval_ms / 1000)
         if stalled > limit:
             return False, f"poll loop stalled for {stalled:.0f} s"
+        remote = self.pipeline.remote
+        if remote is not None and remote.process.poll() is not None:
+            return False, f"the learner process exited with status {remote.process.returncode}"
         unassigned = self.unassigned_since
         if unassigned is not None and time.monotonic() - unassigned > 60.0:
             return False, f"no partition assigned for {time.monotonic() - unassigned:.0f} s"

@@ -35,15 +35,17 @@ def synthetic_events(n: int = 3000) -> list[tuple[str, dict]]:
     return [(routed.topic, routed.event) for routed in merge_events(dataset.interactions())]
 
 
-def replay(cfg, events, directory: Path) -> tuple[list[dict], int, int]:
-    pipeline = Pipeline(cfg, clock=None, ledger=Ledger(directory, cfg.model.tasks))
+def replay(cfg, events, directory: Path) -> tuple[list[dict], int, int, list[tuple[int, int]]]:
+    steps_seen: list[tuple[int, int]] = []  # (step, trained samples) as each batch's hook sees them
+    pipeline = Pipeline(cfg, clock=None, ledger=Ledger(directory, cfg.model.tasks),
+                        on_batch=lambda *_: steps_seen.append((pipeline.learner.steps, pipeline.trained_samples)))
     try:
         for topic, event in events:
             pipeline.ingest([dict(event)], (topic, 0))
             pipeline.train_ready()
         pipeline.flush()
         pipeline.ledger.commit(pipeline.learner.steps)
-        return read_ledger(directory), pipeline.trained_samples, pipeline.learner.steps
+        return read_ledger(directory), pipeline.trained_samples, pipeline.learner.steps, steps_seen
     finally:
         pipeline.close()
 
@@ -53,9 +55,10 @@ def test_a_replay_trains_bit_for_bit_the_same_with_the_learner_in_its_own_proces
     inline = replay(load_config(None, env={}, overrides=SMALL), events, tmp_path / "inline")
     separate = replay(load_config(None, env={}, overrides=SMALL + ["model.separate_process=true"]), events,
                       tmp_path / "separate")
-    rows, samples, steps = separate
+    rows, samples, steps, seen = separate
     assert samples == inline[1] > 1000 and steps == inline[2] > 10
     assert rows == inline[0]  # the same samples, labels and prequential predictions, in the same order
+    assert seen == inline[3]  # each batch's hooks see its own step, as with the learner in process
 
 
 def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_process(tmp_path: Path) -> None:
@@ -101,7 +104,7 @@ def test_a_failure_in_the_learner_process_is_raised_with_its_traceback(tmp_path:
         remote.process.wait()
         with pytest.raises(LearnerProcessError, match="killed by signal 9"):
             remote.submit([["u", "i", {}, {"click": 1, "long_view": 0}]], None)
-            remote.answers(wait=True)
+            list(remote.answers(wait=True))
     finally:
         remote.close()
 
@@ -142,3 +145,35 @@ def _alive(pid: int) -> bool:
 def test_the_configuration_crosses_to_the_child_unchanged() -> None:
     cfg = load_config(None, env={}, overrides=SMALL + ["model.separate_process=true", "model.seed=7"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status_6(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from consumers import trainer as trainer_module
+
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'", "model.separate_process=true"])
+    trainer = trainer_module.Trainer(cfg)
+    try:
+        assert trainer.health()[0]
+        trainer.pipeline.remote.process.kill()
+        trainer.pipeline.remote.process.wait()
+        healthy, reason = trainer.health()
+        assert not healthy and "learner process exited" in reason
+        with pytest.raises(LearnerProcessError, match="died"):
+            trainer.pipeline.remote.check_alive()
+    finally:
+        trainer.pipeline.close()
+
+    # `crossdistil train` turns it into exit status 6 (here: the learner process cannot even start).
+    def broken_start(*_args, **_kwargs):
+        raise LearnerProcessError("the learner process failed:\nboom")
+
+    monkeypatch.setattr("consumers.learner_process.RemoteLearner", broken_start)
+    config = tmp_path / "trainer.toml"
+    config.write_text("[model]\nseparate_process = true\n")
+    args = argparse.Namespace(config=str(config), overrides=[f"checkpoint.dir={str(tmp_path)!r}"], device=None,
+                              check_config=False, torch_threads=1, from_time=None, exit_when_idle=None,
+                              ledger=None, log_level="WARNING")
+    assert trainer_module.run(args) == 6
