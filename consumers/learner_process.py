@@ -137,10 +137,13 @@ def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...
 # ----------------------------------------------------------------------------------- the child process
 
 
-def _child_main(fd_in: int, fd_out: int) -> int:
+def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
     """The learner process: serve requests until ``stop`` or until the trainer's end of the pipe closes."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the trainer stops us, after its last checkpoint
+    _die_with_parent_by_sigkill()
+    if os.getppid() != trainer_pid:  # the trainer died before the line above took effect
+        return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
     requests, replies = Connection(fd_in, writable=False), Connection(fd_out, readable=False)
     try:
@@ -215,7 +218,8 @@ def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
         pass
 
 
-def _die_with_parent_by_sigkill() -> None:  # pragma: no cover - runs in the child between fork and exec
+def _die_with_parent_by_sigkill() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, even by SIGKILL (elsewhere: no-op)."""
     try:
         import ctypes
 
@@ -247,8 +251,8 @@ class RemoteLearner:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumers.learner_process", str(child_in), str(child_out)],
-            pass_fds=(child_in, child_out), env=env, preexec_fn=_die_with_parent_by_sigkill)
+            [sys.executable, "-m", "consumers.learner_process", str(child_in), str(child_out), str(os.getpid())],
+            pass_fds=(child_in, child_out), env=env)
         os.close(child_in)
         os.close(child_out)
         self._requests = Connection(parent_out, readable=False)
@@ -376,4 +380,4 @@ class RemoteLearner:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(_child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
