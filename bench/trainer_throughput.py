@@ -148,13 +148,13 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
     from consumers.trainer import Trainer
 
     trainer = Trainer(cfg, exit_when_idle_s=idle_s)
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, int]] = []  # (time, trainer RSS, learner process RSS)
     done = threading.Event()
 
     def sampler() -> None:  # the trainer's RSS plus its learner process's, when it has one
         remote = trainer.pipeline.remote
         while not done.wait(0.5):
-            samples.append((time.monotonic(), rss_bytes() + (rss_bytes(remote.process.pid) if remote else 0)))
+            samples.append((time.monotonic(), rss_bytes(), rss_bytes(remote.process.pid) if remote else 0))
 
     thread = threading.Thread(target=sampler, daemon=True)
     if sample_rss:
@@ -180,10 +180,15 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
                                               "publications": len(delays)}
     if sample_rss and samples:
         start, end = samples[0][0], samples[-1][0]
-        warm = [rss for t, rss in samples if t >= start + 0.2 * (end - start)]
-        out["rss_mb"] = {"samples": len(samples), "after_warmup_min": round(min(warm) / 2**20, 1),
-                         "after_warmup_max": round(max(warm) / 2**20, 1), "end": round(samples[-1][1] / 2**20, 1),
-                         "flat_within_10pct": max(warm) <= 1.10 * min(warm)}
+        warm = [(own, learner) for t, own, learner in samples if t >= start + 0.2 * (end - start)]
+        totals = [own + learner for own, learner in warm]
+        out["rss_mb"] = {"samples": len(samples), "after_warmup_min": round(min(totals) / 2**20, 1),
+                         "after_warmup_max": round(max(totals) / 2**20, 1),
+                         "end": round((samples[-1][1] + samples[-1][2]) / 2**20, 1),
+                         "flat_within_10pct": max(totals) <= 1.10 * min(totals),
+                         "trainer_min_max": [round(min(o for o, _ in warm) / 2**20, 1), round(max(o for o, _ in warm) / 2**20, 1)],
+                         "learner_process_min_max": [round(min(x for _, x in warm) / 2**20, 1),
+                                                     round(max(x for _, x in warm) / 2**20, 1)]}
     return out
 
 
@@ -196,8 +201,9 @@ def main() -> int:
     parser.add_argument("--max-batch-delay", type=float, default=1.0)
     parser.add_argument("--memory-events", type=int, default=1_000_000,
                         help="events (impressions + feedback, approximately) of the memory run; 0 = skip")
-    parser.add_argument("--memory-separate-process", action=argparse.BooleanOptionalAction, default=True,
-                        help="the memory run with a learner process (RSS of both processes summed)")
+    parser.add_argument("--memory-separate-process", action=argparse.BooleanOptionalAction, default=False,
+                        help="the memory run with a learner process (RSS of both processes summed; default: the "
+                             "default mode, the learner in process)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--idle", type=float, default=2.0, help="exit_when_idle of the trainer runs")
     parser.add_argument("--modes", default="single,envelope,memory",
