@@ -12,7 +12,9 @@ impressions plus their feedback) is produced to fresh topics, then:
   ``exit_when_idle``; events/s over the time from its partition assignment to the end of the stream (the idle
   wait is not counted);
 * ``trainer_separate_process``: the same daemon on the same topics (its own group and checkpoints) with
-  ``model.separate_process = true``: the learner trains in a child process while this one ingests;
+  ``model.separate_process = true``: the learner trains in a child process while this one ingests. The two
+  modes alternate for ``--rounds`` rounds; each reports its faster round (all rounds in
+  ``rounds_events_per_s``);
 * ``train_step``: ``encode_rows`` + ``Learner.step`` alone on the same model, as samples/s and as the events/s
   it sustains (samples/s x events per impression of the stream); the median of five rounds.
 
@@ -53,11 +55,11 @@ def progress(message: str) -> None:
 
 
 def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_batch_delay_s: float,
-                separate_process: bool = False):
+                separate_process: bool = False, round_: int = 0):
     """The trainer configuration of one run over the topics of ``tag`` (its own group and checkpoints)."""
     from consumers.config import load_config, toml_value
 
-    run = f"{tag}-{'separate' if separate_process else 'inline'}"
+    run = f"{tag}-{'separate' if separate_process else 'inline'}-{round_}"
     overrides = [
         f"kafka.bootstrap={json.dumps(bootstrap)}", f"kafka.group_id={json.dumps('bench-' + run)}",
         f"kafka.impressions_topic={json.dumps('imp-' + tag)}", f"kafka.feedback_topic={json.dumps('fb-' + tag)}",
@@ -204,6 +206,8 @@ def main() -> int:
     parser.add_argument("--memory-separate-process", action=argparse.BooleanOptionalAction, default=False,
                         help="the memory run with a learner process (RSS of both processes summed; default: the "
                              "default mode, the learner in process)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="trainer runs per mode and stream, alternating the two modes (the faster is reported)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--idle", type=float, default=2.0, help="exit_when_idle of the trainer runs")
     parser.add_argument("--modes", default="single,envelope,memory",
@@ -252,11 +256,17 @@ def main() -> int:
             progress(f"{mode}: consume + decode")
             # The faster of two reads: the bound is what this machine can do (a conservative ratio).
             intake = max((consume_decode(bootstrap, tag) for _ in range(2)), key=lambda r: r["events_per_s"])
-            runs = {}
-            for separate in (False, True):  # the same topics, side by side: learner in process, then in its own
-                progress(f"{mode}: trainer ({'separate learner process' if separate else 'learner in process'})")
-                runs[separate] = run_trainer(make_config(bootstrap, tag, workdir, args.batch_size,
-                                                         args.max_batch_delay, separate), args.idle)
+            rounds: dict[bool, list[dict]] = {False: [], True: []}
+            for round_ in range(args.rounds):  # the same topics, alternating: learner in process, then in its own
+                for separate in (False, True):
+                    progress(f"{mode}: trainer, round {round_ + 1} "
+                             f"({'separate learner process' if separate else 'learner in process'})")
+                    rounds[separate].append(run_trainer(make_config(bootstrap, tag, workdir, args.batch_size,
+                                                                    args.max_batch_delay, separate, round_), args.idle))
+            # The faster round of each mode, like the intake bound: one busy moment must not decide the ratio.
+            runs = {separate: dict(max(rs, key=lambda r: r["events_per_s"]),
+                                   rounds_events_per_s=[r["events_per_s"] for r in rs])
+                    for separate, rs in rounds.items()}
             step_events = step["samples_per_s"] * events_per_impression
             bound = min(intake["events_per_s"], step_events)
             report[mode] = {"stream": {k: summary[k] for k in ("events", "impressions", "messages")},

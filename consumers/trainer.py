@@ -14,6 +14,11 @@ Everything between decoding and the metrics is ``consumers.pipeline.Pipeline``, 
 backtest``: this module is the Kafka shell around it (poll loop, dead-letter producer, checkpoints, offsets,
 publication, signals), and the pipeline's clock here is the wall clock (``time.monotonic``).
 
+With ``model.separate_process = true`` the learner lives in a child process (``consumers.learner_process``):
+``Learner.step`` of a batch overlaps with the polling, decoding and joining of the next ones, answers come back
+in order, and a checkpoint waits for every answer before the child writes the file. Everything below holds in
+both modes.
+
 Exactly once
 ------------
 The checkpoint is the only truth. ``positions`` in it are, per (topic, partition), the offset after the last
