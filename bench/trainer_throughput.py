@@ -150,13 +150,15 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
     from consumers.trainer import Trainer
 
     trainer = Trainer(cfg, exit_when_idle_s=idle_s)
-    samples: list[tuple[float, int, int]] = []  # (time, trainer RSS, learner process RSS)
+    # (time, trainer RSS, learner process RSS, join: pending impressions, early feedback)
+    samples: list[tuple[float, int, int, int, int]] = []
     done = threading.Event()
 
     def sampler() -> None:  # the trainer's RSS plus its learner process's, when it has one
         remote = trainer.pipeline.remote
         while not done.wait(0.5):
-            samples.append((time.monotonic(), rss_bytes(), rss_bytes(remote.process.pid) if remote else 0))
+            samples.append((time.monotonic(), rss_bytes(), rss_bytes(remote.process.pid) if remote else 0,
+                            trainer.join.pending_impressions, trainer.join.early_feedback))
 
     thread = threading.Thread(target=sampler, daemon=True)
     if sample_rss:
@@ -182,7 +184,7 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
                                               "publications": len(delays)}
     if sample_rss and samples:
         start, end = samples[0][0], samples[-1][0]
-        warm = [(own, learner) for t, own, learner in samples if t >= start + 0.2 * (end - start)]
+        warm = [(own, learner) for t, own, learner, *_ in samples if t >= start + 0.2 * (end - start)]
         totals = [own + learner for own, learner in warm]
         out["rss_mb"] = {"samples": len(samples), "after_warmup_min": round(min(totals) / 2**20, 1),
                          "after_warmup_max": round(max(totals) / 2**20, 1),
@@ -190,7 +192,11 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
                          "flat_within_10pct": max(totals) <= 1.10 * min(totals),
                          "trainer_min_max": [round(min(o for o, _ in warm) / 2**20, 1), round(max(o for o, _ in warm) / 2**20, 1)],
                          "learner_process_min_max": [round(min(x for _, x in warm) / 2**20, 1),
-                                                     round(max(x for _, x in warm) / 2**20, 1)]}
+                                                     round(max(x for _, x in warm) / 2**20, 1)],
+                         # At most 20 points of (seconds since the first sample, total MB, impressions and
+                         # feedback the join holds): growth or a plateau, and whether the join explains it.
+                         "series": [[round(t - start, 1), round((own + learner) / 2**20, 1), pending, early]
+                                    for t, own, learner, pending, early in samples[::max(1, len(samples) // 20)]]}
     return out
 
 
