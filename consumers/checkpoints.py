@@ -102,8 +102,11 @@ def encode_checkpoint_file(tensors: Mapping[str, torch.Tensor], metadata: Mappin
     return _HEADER.pack(MAGIC, len(meta), len(body), digest.digest()) + meta + body
 
 
-def decode_checkpoint_file(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Verify and decode the bytes of one checkpoint file; raises CheckpointError saying what is wrong."""
+def decode_checkpoint_file(data: bytes, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Verify and decode the bytes of one checkpoint file; raises CheckpointError saying what is wrong.
+
+    ``with_tensors=False``: verify everything but decode only the metadata (the tensors come back empty).
+    """
     from safetensors.torch import load
 
     if len(data) < _HEADER.size:
@@ -124,7 +127,7 @@ def decode_checkpoint_file(data: bytes) -> tuple[dict[str, torch.Tensor], dict[s
         raise CheckpointError("corrupted: sha256 of the content does not match the header")
     try:
         metadata = msgpack.unpackb(meta, raw=False, strict_map_key=False)
-        tensors = load(bytes(body))
+        tensors = load(bytes(body)) if with_tensors else {}
     except Exception as exc:  # hash matched, so this is a writer bug, not disk damage
         raise CheckpointError(f"undecodable content despite a matching hash: {exc}") from exc
     if not isinstance(metadata, dict):
@@ -216,16 +219,19 @@ class CheckpointStore:
             raise
         fsync_directory(self.directory)
 
-    def load(self, path: str | os.PathLike[str]) -> Checkpoint:
-        """Load and verify one checkpoint file; raises CheckpointError if it is unusable."""
+    def load(self, path: str | os.PathLike[str], with_tensors: bool = True) -> Checkpoint:
+        """Load and verify one checkpoint file; raises CheckpointError if it is unusable.
+
+        ``with_tensors=False``: the metadata only (for a process that leaves the tensors to another one).
+        """
         path = Path(path)
-        tensors, metadata = decode_checkpoint_file(path.read_bytes())
+        tensors, metadata = decode_checkpoint_file(path.read_bytes(), with_tensors)
         step = metadata.get("step")
         if not isinstance(step, int):
             raise CheckpointError(f"{path}: metadata has no integer 'step'")
         return Checkpoint(step=step, tensors=tensors, metadata=metadata, path=path)
 
-    def latest(self) -> Checkpoint | None:
+    def latest(self, with_tensors: bool = True) -> Checkpoint | None:
         """The newest checkpoint that loads and verifies; None if there is none.
 
         Unusable files are renamed to ``<name>.corrupt`` (kept for inspection, never loaded again) with a
@@ -234,7 +240,7 @@ class CheckpointStore:
         for step in reversed(self.steps()):
             path = self.path_for(step)
             try:
-                return self.load(path)
+                return self.load(path, with_tensors)
             except (CheckpointError, OSError) as exc:
                 log.warning("skipping unusable checkpoint %s: %s (renamed to %s%s)", path, exc, path.name, _CORRUPT_SUFFIX)
                 try:

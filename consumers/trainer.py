@@ -339,7 +339,8 @@ class Trainer:
         """Load the newest verified checkpoint into the learner, join, batcher and positions; its step or None."""
         from consumers.checkpoints import positions_from_plain
 
-        checkpoint = self.store.latest()
+        # With a learner process, the child loads the tensors from the file: this process needs the metadata only.
+        checkpoint = self.store.latest(with_tensors=self.pipeline.remote is None)
         if checkpoint is None:
             if self.ledger is not None:
                 self.ledger.discard_after(None)

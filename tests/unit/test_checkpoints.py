@@ -109,3 +109,16 @@ def test_tied_tensors_are_stored_as_copies():
     weight = torch.randn(4, 3)
     tensors_out, _ = decode_checkpoint_file(encode_checkpoint_file({"a": weight, "b": weight}, {}))
     assert torch.equal(tensors_out["a"], weight) and torch.equal(tensors_out["b"], weight)
+
+
+def test_the_metadata_alone_is_still_verified_against_the_whole_file(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.write(1, tensors(1), {"note": "one"})
+    newest = store.write(2, tensors(2), {"note": "two"})
+    loaded = store.latest(with_tensors=False)  # a trainer whose learner process loads the tensors itself
+    assert loaded.step == 2 and loaded.metadata["note"] == "two" and loaded.tensors == {}
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF  # damage in the tensors is caught even when they are not decoded
+    newest.write_bytes(bytes(data))
+    loaded = store.latest(with_tensors=False)
+    assert loaded.step == 1 and loaded.metadata["note"] == "one"
