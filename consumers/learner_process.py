@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
 
 if TYPE_CHECKING:
     from consumers.checkpoints import CheckpointStore
@@ -110,27 +109,21 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
 
 def load_learner_checkpoint(learner: Any, path: str) -> int:
     """Load the learner part of the checkpoint file at ``path``; returns its step count."""
-    from consumers.checkpoints import CheckpointStore
+    from consumers.checkpoints import decode_checkpoint_file
     from consumers.trainer import unflatten_state
 
-    checkpoint = CheckpointStore(Path(path).parent, keep_last=1 << 30).load(path)
-    learner.load_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+    tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
+    learner.load_state_dict(unflatten_state(metadata["learner"], tensors))
     return int(learner.steps)
 
 
 def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
-    """Encode ``rows`` (``sample_row``) and take one step: the reply the trainer turns into metrics."""
-    from models.features import encode_rows
+    """``consumers.pipeline.train_rows`` on ``rows`` (``sample_row``): the reply the trainer turns into metrics."""
+    from consumers.pipeline import train_rows
 
-    started = time.perf_counter()
-    batch = encode_rows([{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows],
-                        learner.config.features, tasks)
-    losses, predictions = learner.step(batch)
-    seconds = time.perf_counter() - started
-    labels = batch.labels.numpy().astype(np.int8)
-    scores = np.stack([predictions[task].numpy() for task in tasks], axis=1).astype(np.float32)
-    return {"op": "stepped", "n": len(rows), "seconds": seconds, "steps": int(learner.steps),
-            "losses": {k: float(v) for k, v in losses.items()},
+    labels, scores, seconds, losses = train_rows(
+        learner, [{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows], tasks)
+    return {"op": "stepped", "n": len(rows), "seconds": seconds, "steps": int(learner.steps), "losses": losses,
             "labels": labels.tobytes(), "scores": scores.tobytes()}
 
 
@@ -240,7 +233,6 @@ class RemoteLearner:
     """
 
     def __init__(self, cfg: Any, torch_threads: int | None = None, start_timeout_s: float = 300.0) -> None:
-        self.tasks = tuple(cfg.model.tasks)
         self.steps = 0
         self._in_flight: deque[Any] = deque()
         self._answered: deque[tuple[Any, dict[str, Any]]] = deque()

@@ -102,6 +102,26 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
     )
 
 
+def train_rows(learner: Any, rows: Sequence[Mapping[str, Any]], tasks: tuple[str, ...]) -> tuple[
+        np.ndarray, np.ndarray, float, dict[str, float]]:
+    """``encode_rows`` + one ``Learner.step`` on ``rows`` (``{"user_id", "item_id", "features", "labels"}``).
+
+    Returns labels (int8, [n, tasks]), the predictions made before the update (float32, [n, tasks]), the
+    seconds it took and the losses. The one training call, in this process or in a learner process.
+    """
+    import numpy as np
+
+    from models.features import encode_rows
+
+    started = time.perf_counter()
+    batch = encode_rows(rows, learner.config.features, tasks)
+    losses, predictions = learner.step(batch)
+    seconds = time.perf_counter() - started
+    labels = batch.labels.numpy().astype(np.int8)
+    scores = np.stack([predictions[task].numpy() for task in tasks], axis=1).astype(np.float32)
+    return labels, scores, seconds, {k: float(v) for k, v in losses.items()}
+
+
 def decode_record(value: Any) -> list[dict | EventError]:
     """``streamer.events.decode_events`` of one message value; a tombstone (None) is a bad message like any other."""
     return decode_events(value if value is not None else b"")
@@ -254,18 +274,9 @@ class Pipeline:
             self.remote.submit([sample_row(s) for s in samples], samples)
             self.collect()
             return
-        import numpy as np
-
-        from models.features import encode_rows
-
         rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
                  "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
-        started = time.perf_counter()
-        batch = encode_rows(rows, self.learner.config.features, self.tasks)
-        _losses, predictions = self.learner.step(batch)
-        seconds = time.perf_counter() - started
-        labels = {task: batch.labels[:, k].numpy().astype(np.int8) for k, task in enumerate(self.tasks)}
-        scores = {task: predictions[task].numpy() for task in self.tasks}
+        labels, scores, seconds, _losses = train_rows(self.learner, rows, self.tasks)
         self._trained(samples, labels, scores, seconds)
 
     def collect(self, wait: bool = False) -> int:
@@ -279,17 +290,19 @@ class Pipeline:
         width = len(self.tasks)
         for samples, reply in self.remote.answers(wait):
             n = int(reply["n"])
-            labels = np.frombuffer(reply["labels"], dtype=np.int8).reshape(n, width)
-            scores = np.frombuffer(reply["scores"], dtype=np.float32).reshape(n, width)
-            self._trained(samples, {task: labels[:, k] for k, task in enumerate(self.tasks)},
-                          {task: scores[:, k] for k, task in enumerate(self.tasks)}, float(reply["seconds"]))
+            self._trained(samples, np.frombuffer(reply["labels"], dtype=np.int8).reshape(n, width),
+                          np.frombuffer(reply["scores"], dtype=np.float32).reshape(n, width), float(reply["seconds"]))
             done += n
         return done
 
-    def _trained(self, samples: list[JoinedSample], labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+    def _trained(self, samples: list[JoinedSample], label_matrix: np.ndarray, score_matrix: np.ndarray,
                  seconds: float) -> None:
+        """A trained batch (``train_rows``' labels and scores, one column per task) to the metrics, the ledger and
+        ``on_batch``, whichever process trained it."""
         import numpy as np
 
+        labels = {task: label_matrix[:, k] for k, task in enumerate(self.tasks)}
+        scores = {task: score_matrix[:, k] for k, task in enumerate(self.tasks)}
         users = np.array([s.impression["user_id"] for s in samples], dtype=object)
         self.metrics.batch_trained(len(samples), seconds)
         fired = self.metrics.observe(labels, scores, role="student", users=users)

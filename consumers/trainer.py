@@ -710,10 +710,12 @@ class Trainer:
         return True
 
     def _publication_retry_due(self, now: float) -> bool:
-        if not self.publication_pending:
-            return False
+        return self.publication_pending and now - self.last_publish_attempt_at >= self._publish_retry_delay()
+
+    def _publish_retry_delay(self) -> float:
+        """Seconds before the next publication attempt: PUBLISH_RETRY_S[0], doubling per failure, at most [1]."""
         low, high = PUBLISH_RETRY_S
-        return now - self.last_publish_attempt_at >= min(high, low * 2 ** max(0, self.publish_failures - 1))
+        return min(high, low * 2 ** max(0, self.publish_failures - 1))
 
     def _flush_dead_letters(self, timeout_s: float = 30.0) -> bool:
         """True once Kafka acknowledged every dead letter so far. Refused or failed ones are sent again (once per
@@ -787,10 +789,9 @@ class Trainer:
             self.unacknowledged_version = version
             self.publication_pending = True
             self.publish_failures += 1
-            low, high = PUBLISH_RETRY_S
             log.warning("publication of version %d (step %d) failed (%s); retried with a newer version in %.0f s, "
                         "and at the next start if this process stops first", version, step, problem,
-                        min(high, low * 2 ** (self.publish_failures - 1)))
+                        self._publish_retry_delay())
             return
         seconds = time.perf_counter() - started
         self.unacknowledged_version = None
