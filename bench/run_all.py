@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], float]] = {
     "kafka_throughput": ("kafka_throughput.py", [], ["--events", "5000"], 600),
     "train_step": ("train_step.py", [], ["--batch-sizes", "256,1024", "--steps", "3", "--rounds", "2"], 900),
     "metrics_cost": ("metrics_cost.py", [], ["--steps", "10", "--river-batches", "50"], 600),
+    "pipeline_stages": ("pipeline_stages.py", [], ["--events", "20000", "--rounds", "1"], 900),
     "trainer_throughput": ("trainer_throughput.py", [], ["--events", "20000", "--memory-events", "100000"], 1800),
     "serving_pickup": ("serving_pickup.py", [], [], 600),
     "serving_load": ("serving_load.py", [], [], 600),

@@ -460,10 +460,11 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sampl
     from prometheus_client import CollectorRegistry
 
     from consumers.metrics import TrainerMetrics
-    from consumers.pipeline import EventClock, Pipeline, decode_record, join_config
+    from consumers.pipeline import EventClock, Pipeline, decode_record, join_config, tune_gc
 
     if sample_every < 1:
         raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
+    tune_gc()
     runs: dict[str, ConfigRun] = {}
     for name, cfg in configs.items():
         clock = EventClock()

@@ -202,6 +202,44 @@ class AttributionJoin:
 
     def add_impression(self, event: Mapping[str, Any], source: Source, now: float | None = None) -> None:
         """Add one impression event from ``source``; ``now`` is the caller's clock (live mode only)."""
+        self._impression(event, source)
+        self._advance_source(source, event["ts_ms"], now)
+
+    def add_feedback(self, event: Mapping[str, Any], source: Source, now: float | None = None) -> None:
+        """Add one feedback event from ``source``; ``now`` is the caller's clock (live mode only)."""
+        self._feedback(event)
+        self._advance_source(source, event["ts_ms"], now)
+
+    def add_events(self, events: Iterable[Mapping[str, Any]], source: Source, now: float | None = None) -> None:
+        """Add the validated impressions and feedback of one message (a batch envelope's events, in order).
+
+        The same as ``add_impression`` / ``add_feedback`` on each in turn, except that ``source``'s event-time
+        clock advances once, to the largest ``ts_ms`` of the message, after all of them: the events of one
+        message arrive together, so none of them is judged late against a watermark that another event of the
+        same message moved. Returns nothing; ``emit()`` has what became ready.
+
+        Here the feedback for ``i1`` counts: one event at a time, ``i2`` would first have closed ``i1``'s window.
+
+        >>> join = AttributionJoin(JoinConfig(attribution_window_s={"like": 10.0}))
+        >>> join.add_events([{"impression_id": "i1", "ts_ms": 0, "user_id": "u", "item_id": "a", "features": {}},
+        ...                  {"impression_id": "i2", "ts_ms": 20_000, "user_id": "u", "item_id": "b", "features": {}},
+        ...                  {"impression_id": "i1", "ts_ms": 5_000, "task": "like", "value": 1.0}], "p0")
+        >>> [(s.impression["impression_id"], s.labels) for s in join.emit()], join.counters["late_feedback"]
+        ([('i1', {'like': 1})], 0)
+        """
+        latest: int | None = None
+        for event in events:
+            if "task" in event:
+                self._feedback(event)
+            else:
+                self._impression(event, source)
+            ts = event["ts_ms"]
+            if latest is None or ts > latest:
+                latest = ts
+        if latest is not None:
+            self._advance_source(source, latest, now)
+
+    def _impression(self, event: Mapping[str, Any], source: Source) -> None:
         counters = self._counters
         counters["impressions"] += 1
         impression_id = event["impression_id"]
@@ -222,10 +260,8 @@ class AttributionJoin:
                 heapq.heappush(self._pending_heap, (ts, impression_id))
                 if len(self._pending) > self._max_pending:
                     self._evict_oldest_impression()
-        self._advance_source(source, ts, now)
 
-    def add_feedback(self, event: Mapping[str, Any], source: Source, now: float | None = None) -> None:
-        """Add one feedback event from ``source``; ``now`` is the caller's clock (live mode only)."""
+    def _feedback(self, event: Mapping[str, Any]) -> None:
         counters = self._counters
         counters["feedback"] += 1
         task = event["task"]
@@ -256,7 +292,6 @@ class AttributionJoin:
                         counters["outside_window_feedback"] += 1
                 else:
                     self._hold_early_feedback(impression_id, task, ts, event["value"])
-        self._advance_source(source, ts, now)
 
     def assign(self, sources: Iterable[Source], now: float | None = None) -> None:
         """Set the sources that drive the watermark (after a Kafka rebalance); others are forgotten.

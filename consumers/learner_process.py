@@ -101,7 +101,9 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
     learner_tensors, learner_plain = flatten_state(learner.state_dict(), "learner")
     full = {**metadata, "learner": learner_plain}
     if publication is not None:
-        full["published_chunks"] = chunks
+        # Chunk keys the serving topic may hold once this publication is sent, whether or not it is acknowledged
+        # (a restart cannot tell): the next publication tombstones those beyond its own count.
+        full["published_chunks"] = max(chunks, int(publication["previous_chunk_count"]))
     path = store.write(learner.steps, learner_tensors, full)
     return {"path": str(path), "seconds": time.perf_counter() - started,
             "messages": [[key, value] for key, value in messages], "chunks": chunks}
@@ -147,8 +149,9 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
         import torch
 
         from consumers.config import config_from_dict
-        from consumers.pipeline import make_learner
+        from consumers.pipeline import make_learner, tune_gc
 
+        tune_gc()
         if hello.get("torch_threads"):
             torch.set_num_threads(int(hello["torch_threads"]))
         cfg = config_from_dict(hello["config"])

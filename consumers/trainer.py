@@ -12,7 +12,9 @@ The flow (one consumer, one model)::
 
 Everything between decoding and the metrics is ``consumers.pipeline.Pipeline``, shared with ``crossdistil
 backtest``: this module is the Kafka shell around it (poll loop, dead-letter producer, checkpoints, offsets,
-publication, signals), and the pipeline's clock here is the wall clock (``time.monotonic``).
+publication, signals), and the pipeline's clock here is the wall clock (``time.monotonic``). The records of
+one partition in one poll go to the join together (``AttributionJoin.add_events``, up to a batch's worth of
+events at a time): they arrived together, so the partition's event-time clock advances once for all of them.
 
 With ``model.separate_process = true`` the learner lives in a child process (``consumers.learner_process``):
 ``Learner.step`` of a batch overlaps with the polling, decoding and joining of the next ones, answers come back
@@ -88,6 +90,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consumers.pipeline import Pipeline, decode_record, join_config, model_config, rebase_join_clock  # noqa: F401
+from streamer.events import EventError
 
 if TYPE_CHECKING:
     import torch
@@ -399,7 +402,9 @@ class Trainer:
         from kafka.errors import KafkaError
 
         from consumers.metrics import serve_http
+        from consumers.pipeline import tune_gc
 
+        tune_gc()
         self.restore()
         http = None
         if self.cfg.metrics.port:
@@ -499,8 +504,12 @@ class Trainer:
             # after the whole poll, so a sample whose windows closed early in the poll is not kept waiting.
             since_train, train_every = 0, self.cfg.batching.batch_size
             for tp, records in polled.items():
-                for record in records:
-                    since_train += self._process_record(tp.topic, tp.partition, record, now)
+                start = 0
+                while start < len(records):
+                    taken, events = self._process_records(tp.topic, tp.partition, records, start,
+                                                          train_every - since_train, now)
+                    start += taken
+                    since_train += events
                     if since_train >= train_every:
                         now = time.monotonic()
                         self.pipeline.train_ready(now)
@@ -535,14 +544,27 @@ class Trainer:
                 time.sleep(timeout_ms / 1000)
         self.checkpoint("shutdown")
 
-    def _process_record(self, topic: str, partition: int, record: Any, now: float) -> int:
-        """Decode one record into the pipeline (bad events to the dead-letter topic); returns its event count."""
-        events = decode_record(record.value)
-        for error in self.pipeline.ingest(events, (topic, partition), now):
-            self._dead_letter(error, record, topic, partition)
-        self.positions[(topic, partition)] = record.offset + 1
+    def _process_records(self, topic: str, partition: int, records: list[Any], start: int, room: int,
+                         now: float) -> tuple[int, int]:
+        """Decode ``records[start:]`` of one partition until ``room`` events are read, and hand them to the
+        pipeline as one message (``AttributionJoin.add_events``: they arrived in one poll); bad events go to the
+        dead-letter topic. Returns (records taken, events read)."""
+        decoded: list[list[Any]] = []
+        events: list[Any] = []
+        end = start
+        while end < len(records) and len(events) < room:
+            record_events = decode_record(records[end].value)
+            decoded.append(record_events)
+            events += record_events
+            end += 1
+        if self.pipeline.ingest(events, (topic, partition), now):  # rare: find the records the bad events are in
+            for record, record_events in zip(records[start:end], decoded):
+                for event in record_events:
+                    if isinstance(event, EventError):
+                        self._dead_letter(event, record, topic, partition)
+        self.positions[(topic, partition)] = records[end - 1].offset + 1
         self.events_consumed += len(events)
-        return len(events)
+        return end - start, len(events)
 
     def _dead_letter(self, error: Any, record: Any, topic: str, partition: int) -> None:
         import msgpack
@@ -683,7 +705,7 @@ class Trainer:
             "watermark_ms": self.join.watermark_ms,
             "config_hash": self.config_hash,
             "publish_version": version,
-            "published_chunks": self.published_chunks,  # replaced by this publication's count when it publishes
+            "published_chunks": self.published_chunks,  # chunk keys the topic may hold; see write_learner_checkpoint
             "published": step == self.last_published_step,  # acknowledged before; this one's: store.publication()
             "trained_samples": self.trained_samples,
             "dead_letters": self.dead_letters,
@@ -705,8 +727,11 @@ class Trainer:
         self._commit_offsets()
         if publish:
             self.version = version
-            self.published_chunks = chunks
-            self._publish(messages, version, step, checkpointed_at=self.last_checkpoint_at)
+            # Until Kafka acknowledges it, chunk keys of this publication and of the last one may be on the topic:
+            # the next publication tombstones every key beyond its own count up to the larger of the two.
+            self.published_chunks = max(self.published_chunks, chunks)
+            if self._publish(messages, version, step, checkpointed_at=self.last_checkpoint_at):
+                self.published_chunks = chunks
         return True
 
     def _publication_retry_due(self, now: float) -> bool:
@@ -770,9 +795,10 @@ class Trainer:
         except Exception as exc:  # only for lag dashboards: the checkpoint already holds the truth
             log.warning("committing offsets to Kafka failed (lag metrics only, training unaffected): %s", exc)
 
-    def _publish(self, messages: list, version: int, step: int, checkpointed_at: float, timeout_s: float = 60.0) -> None:
+    def _publish(self, messages: list, version: int, step: int, checkpointed_at: float, timeout_s: float = 60.0) -> bool:
         """Publish ``messages`` (the serving view of ``step``); only an acknowledged publication is recorded as
-        done (``store.write_publication``); a failed one is retried with a newer version (``_publication_retry_due``)."""
+        done (``store.write_publication``); a failed one is retried with a newer version (``_publication_retry_due``).
+        Returns whether Kafka acknowledged every message."""
         started = time.perf_counter()
         topic = self.cfg.kafka.model_topic
         from kafka.errors import KafkaError
@@ -792,7 +818,7 @@ class Trainer:
             log.warning("publication of version %d (step %d) failed (%s); retried with a newer version in %.0f s, "
                         "and at the next start if this process stops first", version, step, problem,
                         self._publish_retry_delay())
-            return
+            return False
         seconds = time.perf_counter() - started
         self.unacknowledged_version = None
         self.publication_pending = False
@@ -806,6 +832,7 @@ class Trainer:
         self.metrics.published(version, seconds, time.time())
         self.metrics.mark_published_reference()
         log.info("published version %d (%d messages) to %s in %.2f s", version, len(messages), topic, seconds)
+        return True
 
     # ---------------------------------------------------------------------------------- rebalance, health
 

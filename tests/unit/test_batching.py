@@ -82,3 +82,19 @@ def test_bad_settings_are_refused_with_a_clear_message():
         MiniBatcher(batch_size=0)
     with pytest.raises(ValueError, match="max_batch_delay_s"):
         MiniBatcher(batch_size=1, max_batch_delay_s=-1)
+
+
+def test_add_many_cuts_the_same_batches_as_adding_one_at_a_time():
+    import random
+
+    rng = random.Random(0)
+    one, many = MiniBatcher(batch_size=5, max_batch_delay_s=3.0), MiniBatcher(batch_size=5, max_batch_delay_s=3.0)
+    now = 0.0
+    counter = 0
+    for _ in range(300):
+        now += rng.choice([0.0, 0.5, 1.0, 4.0])
+        samples = list(range(counter, counter + rng.randint(0, 12)))
+        counter += len(samples)
+        expected = [batch for sample in samples for batch in one.add(sample, now)] if samples else one.poll(now)
+        assert many.add_many(samples, now) == expected
+        assert many.waiting == one.waiting and many.next_deadline() == one.next_deadline()

@@ -383,3 +383,47 @@ def test_state_round_trip_through_msgpack_resumes_exactly():
     normalise = lambda samples: msgpack.unpackb(msgpack.packb(samples), raw=False)  # tuples -> lists
     assert normalise(out) == normalise(reference)
     assert resumed.counters == reference_join.counters
+
+
+def test_add_events_of_one_message_each_is_the_same_as_one_event_at_a_time():
+    stream = random_stream(4)
+    one_by_one = run(AttributionJoin(JoinConfig(**CONFIG)), stream, emit_every=1)
+    join = AttributionJoin(JoinConfig(**CONFIG))
+    as_messages = []
+    for _kind, event, source in stream:
+        join.add_events([event], source)
+        as_messages += [s.to_plain() for s in join.emit()]
+    assert as_messages + [s.to_plain() for s in join.flush()] == one_by_one
+
+
+def test_events_of_one_message_are_not_judged_against_a_watermark_moved_by_the_same_message():
+    # One event at a time, i2 (ts 70 s) closes i1's windows before i1's feedback (ts 5 s) is read: late.
+    message = [imp("i1", 0), imp("i2", 70_000), fb("i1", 5_000, "like", 1)]
+    one_by_one = make()
+    for event in message:
+        (one_by_one.add_feedback if "task" in event else one_by_one.add_impression)(event, IMP)
+    together = make()
+    together.add_events(message, IMP)
+    assert [s.labels for s in one_by_one.emit()] == [{"finish": 0, "like": 0}]
+    assert one_by_one.counters["late_feedback"] == 1
+    assert [s.labels for s in together.emit()] == [{"finish": 0, "like": 1}]
+    assert together.counters["late_feedback"] == 0
+    assert together.watermark_ms == one_by_one.watermark_ms == 70_000
+
+
+def test_messages_of_many_events_emit_every_impression_exactly_once():
+    stream = random_stream(5)
+    join = AttributionJoin(JoinConfig(**CONFIG))
+    out = []
+    for start in range(0, len(stream), 37):  # cut the stream into messages, each from the source of its first event
+        chunk = stream[start:start + 37]
+        by_source: dict = {}
+        for _kind, event, source in chunk:
+            by_source.setdefault(source, []).append(event)
+        for source, events in by_source.items():
+            join.add_events(events, source)
+        out += [s.to_plain() for s in join.emit()]
+    out += [s.to_plain() for s in join.flush()]
+    emitted = [s[0]["impression_id"] for s in out]
+    assert len(emitted) == len(set(emitted)) == 3_000
+    assert join.counters["emitted"] == 3_000

@@ -28,3 +28,20 @@ def test_train_step_bench_prints_every_section_as_json(capsys: pytest.CaptureFix
     assert all(0.0 < b["embedding_share"] < 1.0 for b in result["breakdown"])
     assert set(result["table_sizes"]["sparse_step_ms"]) == {"2^8", "2^10"}
     assert isinstance(result["table_sizes"]["sparse_within_20_percent"], bool)
+
+
+@pytest.mark.slow
+def test_pipeline_stages_bench_trains_every_impression_in_each_variant() -> None:
+    import subprocess
+    import sys
+
+    script = BENCH.parent / "pipeline_stages.py"
+    done = subprocess.run([sys.executable, str(script), "--events", "1500", "--rounds", "1", "--batch-size", "256",
+                           "--variants", "gc_default,gc_tuned"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    for name in ("gc_default", "gc_tuned"):
+        variant = result["variants"][name]
+        assert variant["samples"] == 1500  # every impression of the stream became a trained sample
+        assert set(variant["us_per_event_fastest"]) == {"decode_validate", "join", "batch_train_metrics"}
+    assert result["variants"]["gc_default"]["ratio_to_gc_default"] == 1.0

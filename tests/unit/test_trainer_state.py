@@ -237,3 +237,23 @@ def test_a_failed_publication_is_retried_and_a_restart_publishes_the_step_again(
     third = Trainer(cfg)
     assert third.restore() == 1
     assert not third.publication_pending and third.version == 2 and third.last_published_step == 1
+
+
+def test_chunks_of_the_last_acknowledged_publication_are_tombstoned_after_a_failed_smaller_one(tmp_path: Path) -> None:
+    from consumers.trainer import Trainer
+
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
+    trainer = Trainer(cfg)
+    trainer.consumer, trainer.producer = _NoAssignment(), (producer := _FlakyProducer(refuse=False))
+    trainer.published_chunks = 40  # as if the last acknowledged publication had 40 chunks
+    trainer.learner.step(encode_rows(rows(16), trainer.learner.config.features, trainer.learner.config.tasks))
+    assert trainer.checkpoint("periodic") and trainer.publication_pending  # sent, not acknowledged
+    attempted = sum(1 for topic, value in producer.sent if topic == cfg.kafka.model_topic and value is not None) - 1
+    assert 0 < attempted < 40 and trainer.published_chunks == 40  # any of the 40 keys may still be on the topic
+
+    producer.healthy = True
+    producer.sent.clear()
+    assert trainer.checkpoint("publication retry") and not trainer.publication_pending
+    tombstones = sum(1 for topic, value in producer.sent if topic == cfg.kafka.model_topic and value is None)
+    assert tombstones == 40 - attempted
+    assert trainer.published_chunks == attempted  # acknowledged: the exact count
