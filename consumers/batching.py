@@ -72,10 +72,15 @@ class MiniBatcher(Generic[T]):
                 batches.append(self._cut())
         return batches
 
-    def poll(self, now: float) -> list[list[T]]:
-        """The waiting samples as one batch if the oldest has waited ``max_batch_delay_s`` or longer."""
+    def poll(self, now: float, lead_s: float = 0.0) -> list[list[T]]:
+        """The waiting samples as one batch if the oldest has waited ``max_batch_delay_s - lead_s`` or longer.
+
+        ``lead_s``: how long the caller expects training the batch to take, so that it is trained, not just
+        cut, within ``max_batch_delay_s`` of its oldest sample's arrival (the live trainer passes its recent
+        step time; a replay passes nothing).
+        """
         deadline = self.next_deadline()
-        if deadline is not None and now >= deadline:
+        if deadline is not None and now + lead_s >= deadline:
             return [self._cut()]
         return []
 

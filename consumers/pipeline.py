@@ -203,6 +203,8 @@ class Pipeline:
         self.on_batch = on_batch
         self.on_emitted = on_emitted
         self.trained_samples = 0
+        self.last_step_s = 0.0  # seconds the last training step took (encode + step), in this or the learner process
+        self.last_batch_s = 0.0  # seconds from handing the last batch to the learner to its metrics being done
         self.dead_letters = 0
         self.events_ingested = 0
         self._topic_counters: dict[str, Any] = {}
@@ -237,15 +239,16 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------- training
 
-    def train_ready(self, now: float | None = None) -> int:
-        """Train what is ready: samples the join emitted, full batches, and batches overdue on the clock.
+    def train_ready(self, now: float | None = None, lead_s: float = 0.0) -> int:
+        """Train what is ready: samples the join emitted, full batches, and batches overdue on the clock
+        (``lead_s`` early: ``MiniBatcher.poll``).
 
         Returns the number of samples trained by this call.
         """
         now = self.clock() if now is None else now
         before = self.trained_samples
         self._add_samples(self.join.emit(), now)
-        for batch in self.batcher.poll(now):
+        for batch in self.batcher.poll(now, lead_s):
             self.train_batch(batch)
         self.collect()
         self.metrics.join_counters(self.join.counters)
@@ -284,13 +287,15 @@ class Pipeline:
         if self.remote is not None:
             from consumers.learner_process import sample_row
 
-            self.remote.submit([sample_row(s) for s in samples], samples)
+            self.remote.submit([sample_row(s) for s in samples], (samples, time.perf_counter()))
             self.collect()
             return
+        started = time.perf_counter()
         rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
                  "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
         labels, scores, seconds, _losses = train_rows(self.learner, rows, self.tasks)
         self._trained(samples, labels, scores, seconds)
+        self.last_batch_s = time.perf_counter() - started
 
     def collect(self, wait: bool = False) -> int:
         """Learner process: hand the batches it has answered (``wait``: every batch sent) to the metrics, the
@@ -301,10 +306,11 @@ class Pipeline:
 
         done = 0
         width = len(self.tasks)
-        for samples, reply in self.remote.answers(wait):
+        for (samples, submitted_at), reply in self.remote.answers(wait):
             n = int(reply["n"])
             self._trained(samples, np.frombuffer(reply["labels"], dtype=np.int8).reshape(n, width),
                           np.frombuffer(reply["scores"], dtype=np.float32).reshape(n, width), float(reply["seconds"]))
+            self.last_batch_s = time.perf_counter() - submitted_at  # with its wait behind the batches before it
             done += n
         return done
 
@@ -314,6 +320,7 @@ class Pipeline:
         ``on_batch``, whichever process trained it."""
         import numpy as np
 
+        self.last_step_s = seconds
         labels = {task: label_matrix[:, k] for k, task in enumerate(self.tasks)}
         scores = {task: score_matrix[:, k] for k, task in enumerate(self.tasks)}
         users = np.array([s.impression["user_id"] for s in samples], dtype=object)

@@ -102,6 +102,7 @@ log = logging.getLogger("crossdistil.trainer")
 _TENSOR_REF = "__tensor__"
 FENCE_PROBE_S = 10.0  # how often the checkpointed positions are re-committed to notice a takeover (exit 5)
 PUBLISH_RETRY_S = (10.0, 300.0)  # a failed publication is retried after 10 s, doubling up to 300 s
+IN_FLIGHT_POLL_MS = 5  # poll timeout while the learner process holds batches: their answers feed metrics and freshness
 STATE_FORMAT = 1
 
 
@@ -481,7 +482,9 @@ class Trainer:
             # Wait no longer than the partial batch may: max_batch_delay_s holds even when the stream pauses.
             deadline = self.batcher.next_deadline()
             timeout_ms = k.poll_timeout_ms if deadline is None else int(
-                min(k.poll_timeout_ms, max(0.0, (deadline - started) * 1000)))
+                min(k.poll_timeout_ms, max(0.0, (deadline - self._train_lead_s() - started) * 1000)))
+            if self.pipeline.remote is not None and self.pipeline.remote.in_flight:
+                timeout_ms = min(timeout_ms, IN_FLIGHT_POLL_MS)  # collect the learner's answers as they come
             try:
                 polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=k.max_poll_records)
             except FencedInstanceIdError:
@@ -502,6 +505,9 @@ class Trainer:
                 self.pipeline.remote.check_alive()  # a dead learner ends the daemon (status 6), idle or not
             # A poll can hold hundreds of thousands of events (envelopes): train as batches fill up instead of
             # after the whole poll, so a sample whose windows closed early in the poll is not kept waiting.
+            # The partial batch whose max_batch_delay_s ran out while we polled trains before the new records.
+            if self._batch_overdue(now):
+                self.pipeline.train_ready(now, self._train_lead_s())
             since_train, train_every = 0, self.cfg.batching.batch_size
             for tp, records in polled.items():
                 start = 0
@@ -510,17 +516,18 @@ class Trainer:
                                                           train_every - since_train, now)
                     start += taken
                     since_train += events
-                    if since_train >= train_every:
+                    if since_train >= train_every or self._batch_overdue(time.monotonic()):
                         now = time.monotonic()
-                        self.pipeline.train_ready(now)
+                        self.pipeline.train_ready(now, self._train_lead_s())
                         since_train = 0
             if polled:
+                now = time.monotonic()  # processing a large poll takes a while: emissions below are timed after it
                 self.last_event_at = now
             elif self._caught_up():
                 # Idleness is only decided while every partition is read to its (last known) end, so a partition
                 # that is merely behind in fetching never stops holding the watermark back.
                 self.pipeline.tick(now)
-            self.pipeline.train_ready(now)
+            self.pipeline.train_ready(now, self._train_lead_s())
             if self._checkpoint_due(now):
                 self.checkpoint("periodic")
             elif self._publication_retry_due(now):
@@ -543,6 +550,18 @@ class Trainer:
                 # kafka-python returns at once while it has no connection; do not spin on it.
                 time.sleep(timeout_ms / 1000)
         self.checkpoint("shutdown")
+
+    def _train_lead_s(self) -> float:
+        """How much earlier than ``max_batch_delay_s`` a partial batch is cut, so that it is *trained* (and its
+        metrics done) within it: the last batch's time from hand-over to metrics, plus one step per batch still
+        ahead of it in the learner process; at most half the delay."""
+        queued = self.pipeline.remote.in_flight if self.pipeline.remote is not None else 0
+        lead = self.pipeline.last_batch_s + self.pipeline.last_step_s * queued
+        return min(lead, self.cfg.batching.max_batch_delay_s / 2)
+
+    def _batch_overdue(self, now: float) -> bool:
+        deadline = self.batcher.next_deadline()
+        return deadline is not None and now + self._train_lead_s() >= deadline
 
     def _process_records(self, topic: str, partition: int, records: list[Any], start: int, room: int,
                          now: float) -> tuple[int, int]:

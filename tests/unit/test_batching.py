@@ -98,3 +98,10 @@ def test_add_many_cuts_the_same_batches_as_adding_one_at_a_time():
         expected = [batch for sample in samples for batch in one.add(sample, now)] if samples else one.poll(now)
         assert many.add_many(samples, now) == expected
         assert many.waiting == one.waiting and many.next_deadline() == one.next_deadline()
+
+
+def test_poll_with_a_lead_cuts_the_partial_batch_that_early_so_it_trains_within_the_delay():
+    batcher = MiniBatcher(batch_size=10, max_batch_delay_s=1.0)
+    batcher.add("a", now=100.0)
+    assert batcher.poll(now=100.8, lead_s=0.1) == []
+    assert batcher.poll(now=100.9, lead_s=0.1) == [["a"]]
