@@ -95,6 +95,7 @@ class MetricsConfig:
     windows: list = _f([10_000, 100_000], "sample windows of the windowed AUC")
     drift_ph_threshold: float = _f(400.0, "Page-Hinkley: cumulative excess per-sample log loss (nats) that counts as a drift; lower detects milder drifts sooner, with more false alarms (on a stationary stream, per million samples: 400 -> 0-1, 200 -> 1-3, 100 -> 4-15)")
     drift_adwin_delta: float = _f(0.002, "ADWIN confidence delta on the per-sample log loss; larger detects milder changes, with more false alarms")
+    drift_ph_delta: float = _f(0.1, "Page-Hinkley: rise of the loss (nats, over means of 8 samples) tolerated before it accumulates toward drift_ph_threshold; a drift that raises the loss by less never fires, so lower it (with drift_ph_threshold) to catch mild drifts, at the cost of more false alarms")
 
 
 @dataclass
@@ -231,6 +232,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{path}: must be > 0, got {value}")
     if cfg.batching.max_batch_delay_s < 0 or cfg.join.allowed_lateness_s < 0:
         raise ConfigError("batching.max_batch_delay_s and join.allowed_lateness_s must be >= 0")
+    if not cfg.metrics.drift_ph_delta >= 0:
+        raise ConfigError(f"metrics.drift_ph_delta: must be >= 0 nats, got {cfg.metrics.drift_ph_delta}")
     if not 0 < cfg.metrics.drift_adwin_delta < 1:
         raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
     if cfg.kafka.stall_exit_s < 0:

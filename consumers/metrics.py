@@ -323,7 +323,8 @@ class TrainerMetrics:
         ``kwargs`` (registry, clock, ...) go to the constructor."""
         m = cfg.metrics
         return cls(tuple(cfg.model.tasks), windows=tuple(m.windows),
-                   drift_options={"ph_threshold": m.drift_ph_threshold, "adwin_delta": m.drift_adwin_delta}, **kwargs)
+                   drift_options={"ph_threshold": m.drift_ph_threshold, "ph_delta": m.drift_ph_delta,
+                                  "adwin_delta": m.drift_adwin_delta}, **kwargs)
 
     def _quality_state(self, in_place: bool = False):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens

@@ -71,9 +71,12 @@ def test_tables_merge_so_a_secret_from_the_environment_keeps_the_files_other_cli
 def test_drift_settings_reach_the_detectors_and_bad_ones_are_refused() -> None:
     from consumers.metrics import TrainerMetrics
 
-    cfg = load_config(None, env={}, overrides=["metrics.drift_ph_threshold=100.0", "metrics.drift_adwin_delta=0.05"])
+    cfg = load_config(None, env={}, overrides=["metrics.drift_ph_threshold=100.0", "metrics.drift_adwin_delta=0.05",
+                                               "metrics.drift_ph_delta=0.01"])
     detectors = TrainerMetrics.from_config(cfg)._detectors[cfg.model.tasks[0]]
     assert detectors._page_hinkley.threshold == 100.0 / detectors.chunk and detectors._adwin.delta == 0.05
-    for bad in ("metrics.drift_ph_threshold=0.0", "metrics.drift_adwin_delta=1.5", "kafka.stall_exit_s=-1.0"):
+    assert detectors._page_hinkley.delta == 0.01
+    for bad in ("metrics.drift_ph_threshold=0.0", "metrics.drift_adwin_delta=1.5", "kafka.stall_exit_s=-1.0",
+                "metrics.drift_ph_delta=-0.1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, env={}, overrides=[bad])

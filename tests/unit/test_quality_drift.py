@@ -162,3 +162,21 @@ def test_acceptance_real_learner_on_the_synthetic_stream_with_an_abrupt_drift() 
     assert [f for f in fired if f[1] == "like"] == []
     assert min_drift["click"] < -0.05
     assert min_drift["like"] > -0.05
+
+
+def test_a_loss_rise_below_the_page_hinkley_tolerance_fires_only_with_a_lower_ph_delta() -> None:
+    # Losses ~ exponential with mean 0.58 (a stationary log loss), then 0.05 nats higher from sample 20,000 on:
+    # below the default tolerance (ph_delta = 0.1 on 8-sample means), so only a lower ph_delta sees it.
+    rng = np.random.default_rng(4)
+    streams = [rng.exponential(0.58 + (0.05 if start >= 20_000 else 0.0), BATCH) for start in range(0, 60_000, BATCH)]
+    mild = {"ph_threshold": 50.0, "adwin_delta": 1e-9}  # ADWIN all but off: this is about Page-Hinkley alone
+    default, sensitive = LossDriftDetectors(**mild), LossDriftDetectors(**mild, ph_delta=0.01)
+    fired_at: dict[str, list[int]] = {"default": [], "sensitive": []}
+    for i, losses in enumerate(streams):
+        if "page_hinkley" in default.update(losses):
+            fired_at["default"].append(i * BATCH)
+        if "page_hinkley" in sensitive.update(losses):
+            fired_at["sensitive"].append(i * BATCH)
+    assert fired_at["default"] == []
+    assert [at for at in fired_at["sensitive"] if at < 20_000] == []  # quiet before the rise
+    assert detection_delay(fired_at["sensitive"], 20_000) is not None
