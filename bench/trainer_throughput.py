@@ -229,6 +229,9 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.torch_threads)
+    from consumers.pipeline import tune_gc
+
+    tune_gc()  # the trainer runs (in this process) set it anyway: the bounds are measured under the same setting
     from consumers.local_kafka import LocalKafka, free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="trainer-bench-"))

@@ -71,7 +71,7 @@ class JoinConfig:
 @dataclass
 class BatchingConfig:
     batch_size: int = _f(256, "samples per training step")
-    max_batch_delay_s: float = _f(5.0, "a partial batch is trained once its oldest sample has waited this long")
+    max_batch_delay_s: float = _f(5.0, "a partial batch is trained once its oldest sample has waited this long (the live trainer cuts it earlier by its recent step time, so the step is done within it)")
 
 
 @dataclass
