@@ -1,6 +1,6 @@
 """Where the trainer's time goes without Kafka, and what the collector settings cost; prints one JSON object.
 
-    python bench/pipeline_stages.py                               # ~2 minutes on 2 busy cores
+    python bench/pipeline_stages.py                               # ~2-3 minutes on 2 busy cores
     python bench/pipeline_stages.py --events 100000 --envelope 1 --rounds 5 --variants gc_default,gc_tuned
 
 A synthetic stream (``--events`` impressions plus their feedback, 4 partitions per topic by key, as the Kafka
@@ -112,7 +112,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000, help="impressions in the stream")
     parser.add_argument("--envelope", type=int, default=100, help="events per message (1: single events)")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="default %(default)s: fewer are not enough on a noisy machine")
     parser.add_argument("--variants", default="gc_default,gc_tuned", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
