@@ -350,6 +350,11 @@ class AttributionJoin:
         """Impressions held until their attribution windows close."""
         return len(self._pending)
 
+    def source_max_ts(self, source: Source) -> int | None:
+        """The newest event time (ms) seen from ``source``; None before its first event."""
+        state = self._sources.get(source)
+        return None if state is None else state[0]
+
     @property
     def early_feedback(self) -> int:
         """Feedback events held because their impression has not arrived yet."""

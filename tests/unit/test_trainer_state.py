@@ -257,3 +257,86 @@ def test_chunks_of_the_last_acknowledged_publication_are_tombstoned_after_a_fail
     tombstones = sum(1 for topic, value in producer.sent if topic == cfg.kafka.model_topic and value is None)
     assert tombstones == 40 - attempted
     assert trainer.published_chunks == attempted  # acknowledged: the exact count
+
+class _PausingConsumer:
+    """Assignment, high watermarks and pause/resume, as kafka-python keeps them."""
+
+    def __init__(self, partitions: list, highwater: dict) -> None:
+        self.partitions, self.high, self.paused = set(partitions), highwater, set()
+
+    def assignment(self) -> set:
+        return set(self.partitions)
+
+    def highwater(self, tp):
+        return self.high.get(tp)
+
+    def pause(self, *tps) -> None:
+        self.paused |= set(tps)
+
+    def resume(self, *tps) -> None:
+        self.paused -= set(tps)
+
+
+def test_partitions_ahead_in_event_time_are_paused_until_the_slowest_catches_up(tmp_path: Path) -> None:
+    from kafka import TopicPartition
+
+    from consumers.trainer import Trainer
+
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'", "join.max_skew_s=-1",
+                                                       "join.attribution_window_s={click = 10, long_view = 60}"])
+    trainer = Trainer(cfg)
+    assert trainer.max_skew_ms == 60_000  # -1: the longest window
+    imp, fb = TopicPartition("impressions", 0), TopicPartition("feedback", 0)
+    trainer.consumer = consumer = _PausingConsumer([imp, fb], {imp: 1000, fb: 1000})
+    trainer.join.assign([("impressions", 0), ("feedback", 0)], now=0.0)
+
+    def event(topic: str, ts_s: float, i: int) -> None:
+        if topic == "impressions":
+            trainer.join.add_impression({"impression_id": f"i{i}", "ts_ms": int(ts_s * 1000), "user_id": "u",
+                                         "item_id": "x", "features": {}}, ("impressions", 0), now=1.0)
+        else:
+            trainer.join.add_feedback({"impression_id": f"i{i}", "ts_ms": int(ts_s * 1000), "task": "click",
+                                       "value": 1.0}, ("feedback", 0), now=1.0)
+        trainer.positions[(topic, 0)] = trainer.positions.get((topic, 0), 0) + 1
+
+    event("impressions", 100, 0)
+    event("feedback", 130, 1)  # 30 s ahead: within the 60 s allowed
+    trainer._align_partitions()
+    assert consumer.paused == set()
+    event("feedback", 200, 2)  # 100 s ahead of the impressions' 100 s
+    trainer._align_partitions()
+    assert consumer.paused == {fb} and trainer.paused == {fb}
+    event("impressions", 150, 3)  # the impressions catch up to within 60 s
+    trainer._align_partitions()
+    assert consumer.paused == set()
+    event("feedback", 400, 4)
+    trainer._align_partitions()
+    assert consumer.paused == {fb}
+    consumer.high[imp] = trainer.positions[("impressions", 0)]  # impressions read to their end: nothing to wait for
+    trainer._align_partitions()
+    assert consumer.paused == set(), "pausing the only partition with data left would wait forever"
+
+    off = Trainer(load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"]))
+    assert off.max_skew_ms is None  # the default: never pause
+
+
+def test_a_drained_record_set_of_kafka_python_is_released_so_resumed_partitions_get_their_parked_records() -> None:
+    from types import SimpleNamespace
+
+    from consumers.trainer import _release_drained_records
+
+    class Records:
+        def __init__(self, left: int) -> None:
+            self.left = left
+
+        def __bool__(self) -> bool:
+            return self.left > 0
+
+    drained, live = Records(0), Records(3)
+    stalled = SimpleNamespace(_fetcher=SimpleNamespace(_next_partition_records=drained))
+    _release_drained_records(stalled)
+    assert stalled._fetcher._next_partition_records is None  # kafka-python restores parked records only then
+    busy = SimpleNamespace(_fetcher=SimpleNamespace(_next_partition_records=live))
+    _release_drained_records(busy)
+    assert busy._fetcher._next_partition_records is live  # records not handed out yet are never dropped
+    _release_drained_records(SimpleNamespace())  # another client version without these internals: nothing happens
