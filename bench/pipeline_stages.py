@@ -3,10 +3,11 @@
     python bench/pipeline_stages.py                               # ~2-3 minutes on 2 busy cores
     python bench/pipeline_stages.py --events 100000 --envelope 1 --rounds 5 --variants gc_default,gc_tuned
 
-A synthetic stream (``--events`` impressions plus their feedback, 4 partitions per topic by key, as the Kafka
-sinks would split it) is encoded in messages of ``--envelope`` events and fed, message by message, through the
-trainer's own core: ``decode_record`` -> ``Pipeline.ingest`` (validation is in the decoder, the join in ingest)
--> ``Pipeline.train_ready`` every 20 messages (batcher, ``encode_rows`` + ``Learner.step``, metrics) -> ``flush``.
+A synthetic stream (``--events`` impressions plus their feedback, 4 partitions per topic by a crc32 of the
+key, so a user's events share a partition number across topics as with Kafka's own partitioner) is encoded
+in messages of ``--envelope`` events and fed, message by message, through the trainer's own core:
+``decode_record`` -> ``Pipeline.ingest`` (validation is in the decoder, the join in ingest) ->
+``Pipeline.train_ready`` every 20 messages (batcher, ``encode_rows`` + ``Learner.step``, metrics) -> ``flush``.
 No broker: this is the bound the daemon's Python sets, and a profile of it by stage (microseconds per event).
 
 Variants, each in a fresh process, alternating for ``--rounds`` rounds (best and median reported, because

@@ -550,19 +550,12 @@ class AttributionJoin:
 
     def _on_watermark_advanced(self, watermark: int) -> None:
         # Impressions whose longest window closed, in (ts, id) order.
-        # (_emit_one inlined: this loop runs once per sample and is the join's hottest.)
-        heap, pending, ready = self._pending_heap, self._pending, self._ready
-        completed, completed_order = self._completed, self._completed_order
+        heap = self._pending_heap
         close_before = watermark - self._max_window_ms
-        heappop = heapq.heappop
         while heap and heap[0][0] < close_before:
-            closed = heappop(heap)  # (ts_ms, impression id): also the entry of _completed_order
-            event, labels, source = pending.pop(closed[1])
-            ready.append(JoinedSample(event, labels, source, REASON_CLOSED))
-            completed[closed[1]] = closed[0]
-            completed_order.append(closed)
-        while len(completed) > self._max_completed:
-            del completed[completed_order.popleft()[1]]
+            _, impression_id = heapq.heappop(heap)
+            event, labels, source = self._pending.pop(impression_id)
+            self._emit_one(event, labels, source, REASON_CLOSED)
         # Early feedback that can no longer meet an on-time impression.
         while self._pop_early(expiring_before=watermark):
             self._counters["orphan_feedback"] += 1

@@ -669,13 +669,7 @@ class Trainer:
     def _caught_up(self) -> bool:
         """Every assigned partition is at its last known high watermark (no network call)."""
         assigned = self.consumer.assignment()
-        if not assigned:
-            return False
-        for tp in assigned:
-            high = self.consumer.highwater(tp)
-            if high is None or self.positions.get((tp.topic, tp.partition), 0) < high:
-                return False
-        return True
+        return bool(assigned) and not any(self._may_fetch_more(tp) for tp in assigned)
 
     def _idle_at_end(self, now: float) -> bool:
         if self.exit_when_idle_s is None or now - self.last_event_at < self.exit_when_idle_s:
