@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="configs_files", action="append", default=[], metavar="FILE",
                         help="a trainer configuration (TOML); repeat to compare several side by side")
     parser.add_argument("--configs", dest="rungs", default=None, metavar="RUNG[,RUNG...]",
-                        help="shorthand: one configuration per rung (model.options.rung) on the one --config, e.g. mtl,crossdistil")
+                        help="shorthand: one configuration per rung (model.options.rung) on the one --config, e.g. "
+                             "mtl,crossdistil; RUNG@PRESET adds a named option set of models.config.PRESETS, e.g. "
+                             "crossdistil@paper")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a configuration value in every configuration (repeatable)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
@@ -120,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"crossdistil backtest: {result.records} records, {len(configs)} configuration(s) -> {out}/report.md")
     for name, run_ in result.runs.items():
         aucs = ", ".join(f"{t} {_fmt(v)}" for t, v in run_.prequential_auc().items())
-        print(f"  {name}: {run_.pipeline.trained_samples} samples, prequential AUC {aucs}")
+        combined = run_.ranking_metrics()["combined"]
+        print(f"  {name}: {run_.pipeline.trained_samples} samples, prequential AUC {aucs}; combined AUC "
+              f"{_fmt(combined['auc'])}, NDCG@10 {_fmt(combined['ndcg10'])}")
     return 0
 
 
@@ -130,16 +134,18 @@ def run(args: argparse.Namespace) -> int:
 def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[str]) -> dict[str, Config]:
     """Named configurations: one per ``--config`` file (named by its stem), or one per rung on one base file."""
     from consumers.config import load_config
+    from models.config import split_config_name
 
     if rungs:
         if len(files) > 1:
             raise ValueError("--configs RUNG,... applies rung overrides to one base configuration; pass at most one --config")
         base = load_config(files[0] if files else None, overrides=overrides)
         out: dict[str, Config] = {}
-        for rung in [r.strip() for r in rungs.split(",") if r.strip()]:
+        for name in [r.strip() for r in rungs.split(",") if r.strip()]:
+            rung, preset = split_config_name(name)  # "crossdistil@paper": the rung with a preset's options
             cfg = copy.deepcopy(base)
-            cfg.model.options = {**cfg.model.options, "rung": rung}
-            out[rung] = cfg
+            cfg.model.options = {**cfg.model.options, **preset, "rung": rung}
+            out[name] = cfg
         if not out:
             raise ValueError("--configs is empty: name at least one rung, e.g. --configs mtl,crossdistil")
         return out
@@ -382,13 +388,21 @@ class ConfigRun:
     event_ts_ms: list[int] = field(default_factory=list)
     labels: dict[str, list] = field(default_factory=dict)
     scores: dict[str, list] = field(default_factory=dict)
+    user_codes: list = field(default_factory=list)  # per batch, int32 codes of ``user_index``'s users
+    user_index: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     _next_point: int = 0
 
     def on_batch(self, samples: list, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
                  fired: list[tuple[str, str]]) -> None:
         """Pipeline hook: keep the prequential predictions, detections and, every N samples, a series point."""
+        import numpy as np
+
         self.impression_ids += [s.impression["impression_id"] for s in samples]
+        # Users as small integer codes (for per-user NDCG): 4 bytes a sample instead of a string each.
+        codes = self.user_index
+        self.user_codes.append(np.fromiter((codes.setdefault(s.impression["user_id"], len(codes)) for s in samples),
+                                           dtype=np.int32, count=len(samples)))
         self.event_ts_ms += [int(s.impression["ts_ms"]) for s in samples]
         for task in labels:
             self.labels.setdefault(task, []).append(labels[task])
@@ -424,6 +438,42 @@ class ConfigRun:
         if not self.labels.get(task):
             return np.zeros(0, np.int8), np.zeros(0, np.float32)
         return np.concatenate(self.labels[task]), np.concatenate(self.scores[task])
+
+    def users(self) -> np.ndarray:
+        """The user (as an integer code) of every prequential prediction, in training order."""
+        import numpy as np
+
+        return np.concatenate(self.user_codes) if self.user_codes else np.zeros(0, np.int32)
+
+    def ranking_metrics(self, last_fraction: float | None = None) -> dict[str, Any]:
+        """Per-user NDCG@10 per task (relevance 2 y + y_partner, the partner being the next task cyclically) and
+        the combined score's AUC and NDCG@10 (``models.evaluation.combined_metrics``, weights 1), over every
+        prequential prediction (or the last ``last_fraction`` of them); ``None`` where undefined."""
+        import numpy as np
+
+        from models.evaluation import combined_metrics, default_partners
+        from models.metrics import graded_relevance, ndcg_at_k
+
+        tasks = list(self.pipeline.tasks)
+        columns = [self.arrays(task) for task in tasks]
+        labels = np.stack([y for y, _ in columns], axis=1) if columns else np.zeros((0, 0))
+        scores = {task: p for task, (_, p) in zip(tasks, columns)}
+        users = self.users()
+        if last_fraction is not None:
+            start = int(len(users) * (1 - last_fraction))
+            labels, users, scores = labels[start:], users[start:], {t: p[start:] for t, p in scores.items()}
+        if len(users) == 0:
+            return {"ndcg10": {task: None for task in tasks}, "combined": {"auc": None, "ndcg10": None,
+                                                                           "weights": [1.0] * len(tasks)}}
+        partners = default_partners(tasks)
+        ndcg = {}
+        for k, task in enumerate(tasks):
+            y_partner = labels[:, tasks.index(partners[task])] if task in partners else None
+            ndcg[task] = _finite(ndcg_at_k(graded_relevance(labels[:, k], y_partner), scores[task], users, k=10))
+        combined = combined_metrics(labels, scores, users, tasks)
+        return {"ndcg10": ndcg,
+                "combined": {"auc": _finite(combined["auc"]), "ndcg10": _finite(combined["ndcg10"]),
+                             "weights": combined["weights"]}}
 
     def prequential_auc(self, last_fraction: float | None = None) -> dict[str, float | None]:
         """Exact AUC of every prequential prediction per task (or of the last ``last_fraction`` of them)."""
@@ -545,6 +595,8 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "watermark_ms": pipeline.join.watermark_ms,
             "prequential_auc": run_.prequential_auc(),
             f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct": run_.prequential_auc(LAST_FRACTION),
+            "ranking": run_.ranking_metrics(),
+            f"ranking_last_{int(LAST_FRACTION * 100)}pct": run_.ranking_metrics(LAST_FRACTION),
             "final": final,
             "drift_detections": run_.detections,
         }
@@ -648,9 +700,11 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
              "pipeline (consumers.pipeline) on event time; every prediction was made before the model learnt from "
              "its sample (prequential).", ""]
     last_key = f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct"
+    ranking_last_key = f"ranking_last_{int(LAST_FRACTION * 100)}pct"
     tasks = list(dict.fromkeys(t for c in data["configurations"].values() for t in c["tasks"]))
-    lines += ["| configuration | task | prequential AUC (all) | AUC (last 20%) | final windowed AUC | final log loss | drift detections |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| configuration | task | prequential AUC (all) | AUC (last 20%) | NDCG@10 (all) | NDCG@10 (last 20%) | "
+              "final windowed AUC | final log loss | drift detections |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         for name, c in data["configurations"].items():
             if task not in c["tasks"]:
@@ -659,8 +713,21 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
             window = next((k for k in final if k.startswith("auc@") and k != "auc@lifetime"), None)
             loss_key = window.replace("auc@", "log_loss@") if window else None
             n_det = sum(1 for d in c["drift_detections"] if d["task"] == task)
+            ndcg_all = c.get("ranking", {}).get("ndcg10", {}).get(task)  # absent in summaries written before it
+            ndcg_last = c.get(ranking_last_key, {}).get("ndcg10", {}).get(task)
             lines.append(f"| {name} | {task} | {_fmt(c['prequential_auc'][task])} | {_fmt(c[last_key][task])} | "
+                         f"{_fmt(ndcg_all)} | {_fmt(ndcg_last)} | "
                          f"{_fmt(final.get(window))} ({window}) | {_fmt(final.get(loss_key))} | {n_det} |")
+    lines += ["", "NDCG@10: mean over users (those with at least 2 predictions of different relevance) of the NDCG of "
+              "the task's prequential scores in the user's top 10, relevance 2·y_task + y_partner (partner: the next "
+              "task, cyclically). Combined score: the product of the task probabilities; its AUC is against \"every "
+              "task positive\", its NDCG@10 uses the number of positive tasks as relevance.", "",
+              "| configuration | combined AUC (all) | combined AUC (last 20%) | combined NDCG@10 (all) | "
+              "combined NDCG@10 (last 20%) |", "|---|---|---|---|---|"]
+    for name, c in data["configurations"].items():
+        every, last = c.get("ranking", {}).get("combined", {}), c.get(ranking_last_key, {}).get("combined", {})
+        lines.append(f"| {name} | {_fmt(every.get('auc'))} | {_fmt(last.get('auc'))} | {_fmt(every.get('ndcg10'))} | "
+                     f"{_fmt(last.get('ndcg10'))} |")
     lines += ["", "| configuration | samples | steps | dead letters | late feedback | orphan feedback | evicted |",
               "|---|---|---|---|---|---|---|"]
     for name, c in data["configurations"].items():
@@ -683,6 +750,11 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
 
 def _dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def _finite(value: float) -> float | None:
+    """None for nan (summary.json has no NaN), else the float."""
+    return None if math.isnan(value) else float(value)
 
 
 def _nan(value: float | None) -> float:

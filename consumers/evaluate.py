@@ -4,12 +4,18 @@ Runs every (task set, backbone, configuration, seed) combination with a time-ord
 pass, or both (``models.evaluation``), and writes to ``--out``:
 
 * ``results.json`` — every number: per run its tasks, configuration, backbone, seed, mode, metrics per window
-  and task, training curve, mean losses and time;
-* ``report.md`` — Markdown tables of mean ± std over seeds (AUC, GAUC, Multi-AUC, log loss, calibration) per
-  task, configuration and backbone, and the per-seed paired AUC difference of each configuration to ``mtl``;
+  and task, the combined score's metrics per window, training curve, mean losses and time;
+* ``report.md`` — Markdown tables of mean ± std over seeds (AUC, GAUC, Multi-AUC, NDCG@10, log loss,
+  calibration) per task, configuration and backbone, the combined score's AUC and NDCG@10, and the per-seed
+  paired differences of each configuration to ``mtl``;
 * ``auc_curve.png`` — AUC against training progress, one line per configuration, mean over seeds.
 
 The data set is read and encoded once per task set and reused by every configuration and seed.
+The combined score is prod_k p_k^w_k over the tasks (``--combined-weights``, 1 each by default): its AUC is
+against "every task positive", its per-user NDCG@10 uses the number of positive tasks as relevance.
+``--validation`` tunes settings without touching the test split: only the first ``--train-fraction`` of events
+are used; split mode trains on the first 90 % of them and tests on the last 10 %, and the prequential tail
+window is their last 10 % (``evaluation_rows``).
 ``--from-results A.json B.json`` re-renders the report from earlier results (e.g. runs made in parallel).
 
 Example::
@@ -28,6 +34,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +45,13 @@ RIVER_CONFIGS = ("river_lr", "river_fm")
 CONFIGS = LADDER + RIVER_CONFIGS
 MODES = ("split", "prequential", "both")
 # Columns of the main table, in order: (metric key in results.json, header).
-TABLE_METRICS = (("auc", "AUC"), ("gauc", "GAUC"), ("multi_auc", "Multi-AUC"), ("log_loss", "LogLoss"),
-                 ("calibration", "Calib"))
+TABLE_METRICS = (("auc", "AUC"), ("gauc", "GAUC"), ("multi_auc", "Multi-AUC"), ("ndcg10", "NDCG@10"),
+                 ("log_loss", "LogLoss"), ("calibration", "Calib"))
+# Paired differences to mtl: per-task metrics, then the combined score's (metric key, header).
+DIFF_TASK_METRICS = (("auc", "ΔAUC"), ("multi_auc", "ΔMulti-AUC"), ("ndcg10", "ΔNDCG@10"))
+DIFF_COMBINED_METRICS = (("auc", "Δ combined AUC"), ("ndcg10", "Δ combined NDCG@10"))
+# --validation: the share of the validation slice that is its test part (split) and its tail (prequential).
+VALIDATION_TEST_FRACTION = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated backbones among {','.join(BACKBONES)} (default shared_bottom)")
     parser.add_argument("--configs", default=",".join(LADDER),
                         help=f"comma-separated rungs of the ablation ladder among {','.join(LADDER)}, and river "
-                             f"baselines {','.join(RIVER_CONFIGS)} (default: the ladder)")
+                             f"baselines {','.join(RIVER_CONFIGS)} (default: the ladder); RUNG@PRESET applies a "
+                             "named option set of models.config.PRESETS, e.g. crossdistil@paper, crossdistil@trust")
     parser.add_argument("--seeds", default="5",
                         help="a count N (seeds 0..N-1) or a comma-separated list such as 3,7,11 (default 5)")
     parser.add_argument("--mode", choices=MODES, default="split",
@@ -80,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows of the shared hashed embedding table (0 = models.features.FeatureSpec's default)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N events in time order (0 = all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--combined-weights", default="", metavar="W1,W2",
+                        help="weights w_k of the combined score prod_k p_k^w_k, one per task (default: 1 each)")
+    parser.add_argument("--validation", action="store_true",
+                        help="choose settings without touching the test split: use only the first --train-fraction "
+                             "of events; split mode trains on the first 90%% of them and tests on the last 10%%, "
+                             "prequential's tail window is their last 10%% (--tail-fraction is ignored)")
     parser.add_argument("--title", default="", help="title of report.md (default: the data set's name)")
     parser.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
                         help="do not train: merge these results.json files and write the report to --out")
@@ -140,6 +159,59 @@ def parse_pairs(items: Iterable[str], what: str) -> dict[str, Any]:
     return out
 
 
+def parse_weights(text: str) -> list[float] | None:
+    """``--combined-weights``: ``"1,0.5"`` -> [1.0, 0.5]; ``""`` -> None (1 per task)."""
+    if not text.strip():
+        return None
+    try:
+        weights = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--combined-weights: expected comma-separated numbers such as 1,0.5, got {text!r}") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"--combined-weights: weights must be finite and non-negative, got {text!r}")
+    return weights
+
+
+@dataclass(frozen=True)
+class EvaluationRows:
+    """Which events a run uses (rows [0, ``limit``) in time order) and how the two modes divide them."""
+
+    events: int  # rows encoded
+    limit: int  # rows used at all
+    train_fraction: float  # split mode: the first share of the used rows trains, the rest tests
+    tail_fraction: float  # prequential: the "tail" window is the last share of the used rows
+    validation: bool
+
+    def ranges(self) -> dict[str, Any]:
+        """The row ranges, [start, stop), as results.json's protocol records them."""
+        from models.evaluation import split_boundary, tail_start
+
+        boundary = split_boundary(self.limit, self.train_fraction)
+        return {"events": self.events, "used": [0, self.limit], "split_train": [0, boundary],
+                "split_test": [boundary, self.limit], "prequential_tail": [tail_start(self.limit, self.tail_fraction),
+                                                                           self.limit]}
+
+
+def evaluation_rows(n_events: int, train_fraction: float, tail_fraction: float, validation: bool) -> EvaluationRows:
+    """All ``n_events`` with the given fractions, or with ``validation`` only the events before the test split
+    (the first ``train_fraction``), divided 90/10 for the split and with their last 10 % as the prequential tail.
+
+    >>> evaluation_rows(1000, 0.8, 0.2, validation=True).ranges()["split_test"]
+    [720, 800]
+    """
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"--train-fraction must be in (0, 1), got {train_fraction}")
+    if not validation:
+        return EvaluationRows(n_events, n_events, train_fraction, tail_fraction, validation=False)
+    from models.evaluation import split_boundary
+
+    limit = split_boundary(n_events, train_fraction)
+    if limit < 2:
+        raise ValueError(f"--validation: the first {train_fraction:.0%} of {n_events} events is {limit} event(s), "
+                         "too few to divide; use more events (--limit) or a larger --train-fraction")
+    return EvaluationRows(n_events, limit, 1.0 - VALIDATION_TEST_FRACTION, VALIDATION_TEST_FRACTION, validation=True)
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
     import torch
@@ -192,6 +264,18 @@ def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0
     return FeatureSpec(categorical=categorical, numeric=numeric)
 
 
+def parse_configs(text: str) -> list[str]:
+    """``--configs``: rungs of the ladder, river baselines, or ``RUNG@PRESET`` (models.config.PRESETS)."""
+    from models.config import split_config_name
+
+    names = parse_list(text, None, "--configs")
+    for name in names:
+        rung, _ = split_config_name(name)  # raises on an unknown preset
+        if rung not in CONFIGS or (rung in RIVER_CONFIGS and rung != name):
+            raise ValueError(f"--configs: unknown {name!r}; choose from {','.join(CONFIGS)}, or RUNG@PRESET")
+    return names
+
+
 def make_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
                  model_options: dict[str, Any], device: str) -> Any:
     """A fresh, seeded ``models.learner.Learner`` for one run (a ``RiverLearner`` for the river configs)."""
@@ -205,13 +289,14 @@ def make_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec
 
         return make_river_learner(config_for(rung, tasks, spec, seed, **river_options))
 
-    from models.config import ModelConfig
+    from models.config import ModelConfig, split_config_name
     from models.learner import Learner
 
     torch.manual_seed(seed)
     np.random.seed(seed)
+    rung, preset = split_config_name(rung)  # "crossdistil@trust": the rung with a preset's options
     config = ModelConfig(tasks=tuple(tasks), backbone=backbone, rung=rung, features=spec, seed=seed,
-                         **model_options)
+                         **{**preset, **model_options})
     return Learner(config, device=device)
 
 
@@ -234,16 +319,17 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from models.evaluation import default_partners, run_prequential, run_time_split
+    from models.evaluation import combined_weights_for, default_partners, run_prequential, run_time_split
     from streamer.datasets import open_dataset
 
     if not args.dataset or not args.source:
         raise ValueError("--dataset and --source are required (or --from-results)")
     backbones = parse_list(args.backbone, BACKBONES, "--backbone")
-    configs = parse_list(args.configs, CONFIGS, "--configs")
+    configs = parse_configs(args.configs)
     seeds = parse_seeds(args.seeds)
     modes = ["split", "prequential"] if args.mode == "both" else [args.mode]
     model_options = parse_pairs(args.model_option, "--model-option")
+    combined_weights = parse_weights(args.combined_weights)
     for reserved in ("tasks", "backbone", "rung", "features", "seed"):
         if reserved in model_options or f"river.{reserved}" in model_options:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
@@ -258,18 +344,27 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         missing = [t for t in tasks if t not in dataset.tasks]
         if missing:
             raise ValueError(f"--tasks: {missing} are not tasks of {dataset.name!r}; it has {list(dataset.tasks)}")
+        try:
+            combined_weights_for(tasks, combined_weights)
+        except ValueError as exc:
+            raise ValueError(f"--combined-weights: {exc}") from None
     spec = feature_spec_for(dataset, args.exclude_feature, args.hash_buckets)
 
     runs: list[dict[str, Any]] = []
+    row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
     for tasks in task_sets:
         t0 = time.perf_counter()
         data = load_encoded(dataset, tasks, spec, args.limit)
         console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks} in {time.perf_counter() - t0:.1f}s")
+        rows = evaluation_rows(len(data), args.train_fraction, args.tail_fraction, args.validation)
+        if rows.validation:
+            data = data.head(rows.limit)
+            console.log(f"validation: rows [0, {rows.limit}) of {rows.events}; the test split is not used")
+        row_ranges = rows.ranges()  # the same for every task set: they all read the same events
         partners = default_partners(tasks)
         combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
-        n_train = int(len(data) * args.train_fraction)
-        per_run = {"split": n_train * args.epochs, "prequential": len(data)}
+        per_run = {"split": row_ranges["split_train"][1] * args.epochs, "prequential": len(data)}
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as progress:
@@ -285,12 +380,12 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
                 if mode == "split":
                     result = run_time_split(learner, data, partners, epochs=args.epochs, batch_size=args.batch_size,
-                                            train_fraction=args.train_fraction, curve_points=args.curve_points,
-                                            on_step=on_step)
+                                            train_fraction=rows.train_fraction, curve_points=args.curve_points,
+                                            on_step=on_step, combined_weights=combined_weights)
                 else:
                     result = run_prequential(learner, data, partners, batch_size=args.batch_size,
-                                             tail_fraction=args.tail_fraction, curve_points=args.curve_points,
-                                             on_step=on_step)
+                                             tail_fraction=rows.tail_fraction, curve_points=args.curve_points,
+                                             on_step=on_step, combined_weights=combined_weights)
                 done += per_run[mode]
                 window = "test" if mode == "split" else "tail"
                 aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)
@@ -305,9 +400,14 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         "source": str(args.source),
         "command": "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
         "protocol": {
-            "train_fraction": args.train_fraction, "tail_fraction": args.tail_fraction, "epochs": args.epochs,
+            "train_fraction": args.train_fraction,
+            "tail_fraction": VALIDATION_TEST_FRACTION if args.validation else args.tail_fraction, "epochs": args.epochs,
             "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
             "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
+            "combined_weights": combined_weights,  # None: 1 per task
+            "validation": bool(args.validation),
+            **({"validation_rows": row_ranges, "validation_test_fraction": VALIDATION_TEST_FRACTION}
+               if args.validation else {}),
         },
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},
@@ -345,17 +445,35 @@ def _groups(runs: list[dict[str, Any]]) -> list[tuple[tuple[str, ...], str]]:
 
 
 def render_report(doc: dict[str, Any], title: str = "") -> str:
-    """The Markdown report of a results.json document: one section per (task set, mode, window)."""
+    """The Markdown report of a results.json document: one section per (task set, mode, window).
+
+    Results written before a metric existed (no ``ndcg10``, no ``combined``) render it as "–".
+    """
     runs = doc["runs"]
     lines = [f"# {title or 'Evaluation: ' + str(doc.get('dataset', ''))}", ""]
     commands = doc.get("commands") or [doc.get("command", "")]
     lines += ["Produced by:", "", "```", *commands, "```", ""]
     protocol = doc.get("protocol", {})
+    if protocol.get("validation"):
+        ranges = protocol.get("validation_rows", {})
+        used, events = ranges.get("used", ["?", "?"]), ranges.get("events", "?")
+        lines += [f"**Validation slice: rows {used[0]}..{used[1]} (end exclusive) of {events}; the test split was "
+                  f"not used.** Split mode trains on rows {_span(ranges.get('split_train'))} and tests on rows "
+                  f"{_span(ranges.get('split_test'))}; the prequential tail window is rows "
+                  f"{_span(ranges.get('prequential_tail'))}.", ""]
     if protocol:
         lines += [f"Protocol: {json.dumps(protocol, sort_keys=True)}", ""]
-    lines += ["Cells are mean ± sample std over seeds. Split mode: train on the first "
-              f"{protocol.get('train_fraction', 0.8):.0%} of events in time order, test on the rest. "
-              "Prequential: every mini-batch scored before the model learns from it. Calib = mean(p)/mean(y).", ""]
+    if protocol.get("validation"):
+        test_share = protocol.get("validation_test_fraction", VALIDATION_TEST_FRACTION)
+        split_text = f"train on the first {1 - test_share:.0%} of the validation slice in time order, test on the rest"
+    else:
+        split_text = (f"train on the first {protocol.get('train_fraction', 0.8):.0%} of events in time order, "
+                      "test on the rest")
+    lines += [f"Cells are mean ± sample std over seeds. Split mode: {split_text}. "
+              "Prequential: every mini-batch scored before the model learns from it. Calib = mean(p)/mean(y). "
+              "NDCG@10: mean over users (with at least 2 events of different relevance) of the NDCG of the task's "
+              "score in the user's first 10, relevance 2·y + y_partner. Combined score: prod_k p_k^w_k; its AUC is "
+              "against every task positive, its NDCG@10 uses the number of positive tasks as relevance.", ""]
     for tasks, mode in _groups(runs):
         group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
         windows = ["test"] if mode == "split" else ["all", "tail"]
@@ -373,16 +491,31 @@ def render_report(doc: dict[str, Any], title: str = "") -> str:
                         cell = [r for r in group if r["backbone"] == backbone and r["config"] == config]
                         if not cell:
                             continue
-                        values = [_fmt(*_mean_std([r["metrics"][window][task][key] for r in cell]),
+                        values = [_fmt(*_mean_std([_task_metric(r, window, task, key) for r in cell]),
                                        digits=2 if key == "calibration" else 4)
                                   for key, _ in TABLE_METRICS]
                         lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
                 lines.append("")
+            with_combined = [r for r in group if _combined_metric(r, window, "weights") is not None]
+            if with_combined:
+                weights = " · ".join(f"p_{t}^{w:g}"
+                                     for t, w in zip(tasks, with_combined[0]["combined"][window]["weights"]))
+                lines += [f"### Combined score {weights}", "",
+                          "| backbone | config | AUC (all tasks positive) | NDCG@10 (number of positive tasks) |",
+                          "|---|---|---|---|"]
+                for backbone in backbones:
+                    for config in configs:
+                        cell = [r for r in with_combined if r["backbone"] == backbone and r["config"] == config]
+                        if cell:
+                            values = [_fmt(*_mean_std([_combined_metric(r, window, key) for r in cell]))
+                                      for key in ("auc", "ndcg10")]
+                            lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
+                lines.append("")
             if "mtl" in configs and len(configs) > 1:
-                lines += [f"Paired AUC difference to `mtl` (same backbone and seed), mean ± std over seeds, "
-                          f"window `{window}` ({sum(1 for _ in seeds)} seeds); **bold** where |mean| > 2 std/sqrt(n):",
-                          ""]
-                header = ["backbone", "config"] + [f"ΔAUC {t}" for t in tasks] + [f"ΔMulti-AUC {t}" for t in tasks]
+                lines += [f"Paired differences to `mtl` (same backbone and seed), mean ± std over seeds, "
+                          f"window `{window}` ({len(seeds)} seeds); **bold** where |mean| > 2 std/sqrt(n):", ""]
+                header = (["backbone", "config"] + [f"{name} {t}" for _, name in DIFF_TASK_METRICS for t in tasks]
+                          + [name for _, name in DIFF_COMBINED_METRICS])
                 lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                 for backbone in backbones:
                     base = {r["seed"]: r for r in group if r["backbone"] == backbone and r["config"] == "mtl"}
@@ -394,17 +527,34 @@ def render_report(doc: dict[str, Any], title: str = "") -> str:
                         if not cell:
                             continue
                         out = []
-                        for key in ("auc", "multi_auc"):
+                        for key, _ in DIFF_TASK_METRICS:
                             for task in tasks:
-                                diffs = [_sub(r["metrics"][window][task][key], base[r["seed"]]["metrics"][window][task][key])
-                                         for r in cell]
-                                out.append(_fmt_diff(diffs))
+                                out.append(_fmt_diff([_sub(_task_metric(r, window, task, key),
+                                                           _task_metric(base[r["seed"]], window, task, key))
+                                                      for r in cell]))
+                        for key, _ in DIFF_COMBINED_METRICS:
+                            out.append(_fmt_diff([_sub(_combined_metric(r, window, key),
+                                                       _combined_metric(base[r["seed"]], window, key)) for r in cell]))
                         lines.append(f"| {backbone} | {config} | " + " | ".join(out) + " |")
                 lines.append("")
     env = doc.get("environment", {})
     if env:
         lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _span(bounds: Sequence[int] | None) -> str:
+    return f"{bounds[0]}..{bounds[1]}" if bounds else "?"
+
+
+def _task_metric(run: dict[str, Any], window: str, task: str, key: str) -> Any:
+    """A run's per-task metric, or None when its results predate the metric."""
+    return run["metrics"][window][task].get(key)
+
+
+def _combined_metric(run: dict[str, Any], window: str, key: str) -> Any:
+    """A run's combined-score metric, or None when its results predate the combined score."""
+    return (run.get("combined") or {}).get(window, {}).get(key)
 
 
 def _sub(a: float | None, b: float | None) -> float:

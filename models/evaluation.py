@@ -14,6 +14,9 @@ Protocol choices (documented in reports too):
   ``Learner.step`` returns), so every event is a test event for a model that has not seen it. Metrics are
   reported over all events (``"all"``) and over the last ``tail_fraction`` of them (``"tail"``), where the
   model is warmer.
+* Combined score (``combined_metrics``): the product of the task probabilities, each raised to its weight (1
+  by default), i.e. the score a ranker ordering by "every task positive" would use. Its AUC is against "every
+  task positive"; its per-user NDCG@10 uses the number of positive tasks as graded relevance.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.metrics import task_metrics
+from models.metrics import auc, combined_score, ndcg_at_k, task_metrics
 
 # Called after every learning step with the number of training events consumed so far in this run.
 ProgressCallback = Callable[[int], None]
@@ -61,6 +64,11 @@ class EncodedData:
     def rows(self, start: int, stop: int) -> Any:
         """The rows [start, stop) as a Batch (a view where the Batch type allows it)."""
         return slice_batch(self.batch, slice(start, stop), len(self))
+
+    def head(self, n_rows: int) -> EncodedData:
+        """The first ``n_rows`` events (in time order) as an EncodedData of their own."""
+        return EncodedData(batch=self.rows(0, n_rows), tasks=self.tasks, labels=self.labels[:n_rows],
+                           users=self.users[:n_rows], ts_ms=self.ts_ms[:n_rows])
 
 
 def slice_batch(batch: Any, index: slice | torch.Tensor, n_rows: int) -> Any:
@@ -108,6 +116,49 @@ def evaluate_predictions(
     return result
 
 
+def combined_metrics(
+    labels: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    users: np.ndarray,
+    tasks: Sequence[str],
+    weights: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Metrics of the combined score prod_k p_k^w_k (``models.metrics.combined_score``) over ``tasks``.
+
+    ``auc``: against "every task positive"; ``ndcg10``: per-user NDCG@10 with relevance = the number of
+    positive tasks; ``weights``: the weights used (1 per task by default).
+    """
+    w = combined_weights_for(tasks, weights)
+    positive = np.asarray(labels) > 0
+    if positive.ndim != 2 or positive.shape[1] != len(tasks):
+        raise ValueError(f"labels must be [N, {len(tasks)}] (one column per task), got shape {positive.shape}")
+    score = combined_score(np.stack([np.asarray(predictions[task], dtype=np.float64) for task in tasks], axis=1), w)
+    return {"auc": auc(positive.all(axis=1), score), "ndcg10": ndcg_at_k(positive.sum(axis=1), score, users, k=10),
+            "weights": w}
+
+
+def combined_weights_for(tasks: Sequence[str], weights: Sequence[float] | None) -> list[float]:
+    """The combined score's weights as floats, one per task (1 each when ``weights`` is None); checked."""
+    if weights is None:
+        return [1.0] * len(tasks)
+    w = [float(v) for v in weights]
+    if len(w) != len(tasks):
+        raise ValueError(f"combined-score weights: {len(w)} given for {len(tasks)} tasks {list(tasks)}")
+    if not all(np.isfinite(v) and v >= 0 for v in w):
+        raise ValueError(f"combined-score weights must be finite and non-negative, got {w}")
+    return w
+
+
+def split_boundary(n_events: int, train_fraction: float) -> int:
+    """The first test row of a time split of ``n_events`` rows: the first ``train_fraction`` train."""
+    return int(n_events * train_fraction)
+
+
+def tail_start(n_events: int, tail_fraction: float) -> int:
+    """The first row of the prequential ``"tail"`` window: the last ``tail_fraction`` of rows (at least one)."""
+    return n_events - max(1, int(round(n_events * tail_fraction)))
+
+
 def _to_numpy(predictions: Mapping[str, torch.Tensor], tasks: Sequence[str]) -> dict[str, np.ndarray]:
     return {task: predictions[task].detach().float().reshape(-1).cpu().numpy() for task in tasks}
 
@@ -124,6 +175,25 @@ def predict_in_chunks(learner: StepLearner, data: EncodedData, start: int, stop:
     return {task: np.concatenate(parts[task]) if parts[task] else np.zeros(0) for task in data.tasks}
 
 
+class LossMeans:
+    """Mean of each value a learner reports per step, over the steps where it was finite (a trust gate's AUC is
+    undefined until its first decision)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, losses: Mapping[str, float]) -> None:
+        for name, value in losses.items():
+            value = float(value)
+            if np.isfinite(value):
+                self.sums[name] = self.sums.get(name, 0.0) + value
+                self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+
 @dataclass
 class RunResult:
     """What one run measured.
@@ -132,6 +202,7 @@ class RunResult:
     the prequential pass. ``curve`` is a list of points ``{"events": n, "fraction": f, "auc": {task: v}}``:
     test AUC against training events for the split, windowed prequential AUC for the prequential pass.
     ``losses`` are the mean training losses (as named by the learner) of the last epoch or the pass.
+    ``combined[window]`` are the combined score's metrics (``combined_metrics``) in each window.
     """
 
     mode: str
@@ -141,6 +212,7 @@ class RunResult:
     train_events: int = 0
     test_events: int = 0
     seconds: float = 0.0
+    combined: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _curve_marks(n_steps: int, points: int) -> set[int]:
@@ -160,16 +232,19 @@ def run_time_split(
     train_fraction: float = 0.8,
     curve_points: int = 10,
     on_step: ProgressCallback | None = None,
+    combined_weights: Sequence[float] | None = None,
 ) -> RunResult:
     """Train on the first ``train_fraction`` of events (time order, ``epochs`` passes), test on the rest.
 
-    The curve measures test AUC at ``curve_points`` evenly spaced moments of training.
+    The curve measures test AUC at ``curve_points`` evenly spaced moments of training. ``combined_weights``
+    are the weights of the combined score (1 per task by default).
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    combined_weights = combined_weights_for(data.tasks, combined_weights)  # fail before training, not after
     started = time.perf_counter()
     n = len(data)
-    n_train = int(n * train_fraction)
+    n_train = split_boundary(n, train_fraction)
     if n_train == 0 or n_train == n:
         raise ValueError(f"{n} events are too few for a {train_fraction:.0%} time split")
     steps_per_epoch = -(-n_train // batch_size)
@@ -177,14 +252,13 @@ def run_time_split(
     test_labels = data.labels[n_train:]
     test_users = data.users[n_train:]
     curve: list[dict[str, Any]] = []
-    loss_sums: dict[str, float] = {}
+    loss_sums = LossMeans()
     step_index = 0
     for epoch in range(epochs):
-        loss_sums = {}
+        loss_sums = LossMeans()
         for lo in range(0, n_train, batch_size):
             losses, _ = learner.step(data.rows(lo, min(n_train, lo + batch_size)))
-            for name, value in losses.items():
-                loss_sums[name] = loss_sums.get(name, 0.0) + float(value)
+            loss_sums.add(losses)
             step_index += 1
             events_seen = epoch * n_train + min(n_train, lo + batch_size)
             if on_step is not None:
@@ -199,11 +273,13 @@ def run_time_split(
                 })
     predictions = predict_in_chunks(learner, data, n_train, n)
     metrics = {"test": evaluate_predictions(test_labels, predictions, test_users, data.tasks, partners)}
+    combined = {"test": combined_metrics(test_labels, predictions, test_users, data.tasks, combined_weights)}
     return RunResult(
         mode="split",
         metrics=metrics,
+        combined=combined,
         curve=curve,
-        losses={name: total / steps_per_epoch for name, total in loss_sums.items()},
+        losses=loss_sums.means(),
         train_events=n_train * epochs,
         test_events=n - n_train,
         seconds=time.perf_counter() - started,
@@ -219,34 +295,40 @@ def run_prequential(
     tail_fraction: float = 0.2,
     curve_points: int = 10,
     on_step: ProgressCallback | None = None,
+    combined_weights: Sequence[float] | None = None,
 ) -> RunResult:
     """One pass in time order; every mini-batch is scored before the learner updates on it.
 
     The curve is the AUC of those scores within each of ``curve_points`` consecutive windows of events.
+    ``combined_weights`` are the weights of the combined score (1 per task by default).
     """
     if not 0.0 < tail_fraction <= 1.0:
         raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
+    combined_weights = combined_weights_for(data.tasks, combined_weights)  # fail before training, not after
     started = time.perf_counter()
     n = len(data)
     parts: dict[str, list[np.ndarray]] = {task: [] for task in data.tasks}
-    loss_sums: dict[str, float] = {}
+    loss_sums = LossMeans()
     n_steps = 0
     for lo in range(0, n, batch_size):
         losses, scored_before_update = learner.step(data.rows(lo, min(n, lo + batch_size)))
         chunk = _to_numpy(scored_before_update, data.tasks)
         for task in data.tasks:
             parts[task].append(chunk[task])
-        for name, value in losses.items():
-            loss_sums[name] = loss_sums.get(name, 0.0) + float(value)
+        loss_sums.add(losses)
         n_steps += 1
         if on_step is not None:
             on_step(min(n, lo + batch_size))
     predictions = {task: np.concatenate(parts[task]) for task in data.tasks}
-    tail_start = n - max(1, int(round(n * tail_fraction)))
+    tail = tail_start(n, tail_fraction)
+    tail_predictions = {t: p[tail:] for t, p in predictions.items()}
     metrics = {
         "all": evaluate_predictions(data.labels, predictions, data.users, data.tasks, partners),
-        "tail": evaluate_predictions(data.labels[tail_start:], {t: p[tail_start:] for t, p in predictions.items()},
-                                     data.users[tail_start:], data.tasks, partners),
+        "tail": evaluate_predictions(data.labels[tail:], tail_predictions, data.users[tail:], data.tasks, partners),
+    }
+    combined = {
+        "all": combined_metrics(data.labels, predictions, data.users, data.tasks, combined_weights),
+        "tail": combined_metrics(data.labels[tail:], tail_predictions, data.users[tail:], data.tasks, combined_weights),
     }
     curve = []
     bounds = np.linspace(0, n, max(1, curve_points) + 1).astype(int)
@@ -259,8 +341,9 @@ def run_prequential(
     return RunResult(
         mode="prequential",
         metrics=metrics,
+        combined=combined,
         curve=curve,
-        losses={name: total / max(1, n_steps) for name, total in loss_sums.items()},
+        losses=loss_sums.means(),
         train_events=n,
         test_events=n,
         seconds=time.perf_counter() - started,

@@ -11,6 +11,11 @@ they are undefined (one class only), so a caller can tell "undefined" from "bad"
 0.5
 >>> multi_auc(np.array([0.1, 0.4, 0.6, 0.9]), np.array([0, 1, 2, 3]))
 1.0
+>>> round(ndcg_at_k(np.array([2, 0, 0, 1]), np.array([0.9, 0.1, 0.8, 0.2]), np.array(["a", "a", "b", "b"])), 4)
+0.8155
+
+``ndcg_at_k`` takes graded relevance (any non-negative numbers) instead of binary labels; ``combined_score``
+turns per-task probabilities into one ranking score.
 """
 
 from __future__ import annotations
@@ -98,6 +103,75 @@ def gauc(y: ArrayLike, p: ArrayLike, users: ArrayLike) -> float:
     return float(weighted_sum / weight_total) if weight_total else float("nan")
 
 
+def ndcg_at_k(relevance: ArrayLike, scores: ArrayLike, users: ArrayLike, k: int = 10) -> float:
+    """Mean per-user NDCG@k of ``scores`` against graded ``relevance`` (non-negative), unweighted over users.
+
+    Per user, rows are ranked by score descending (tied scores keep row order);
+    DCG@k = sum over the first k ranks i = 0, 1, ... of (2^rel_i - 1) / log2(i + 2), IDCG@k is the DCG@k of the
+    ideal order (relevance descending), and NDCG@k = DCG@k / IDCG@k. Only users with at least 2 rows whose
+    relevance is not constant count: the others score 1 under any ranking and would only dilute differences.
+    Returns ``nan`` when no user counts. Vectorised (two sorts, no loop over users).
+
+    >>> ndcg_at_k([1, 0], [0.2, 0.8], ["u", "u"])  # reversed: DCG = 1/log2(3), IDCG = 1
+    0.6309297535714575
+    >>> ndcg_at_k([1, 1, 0], [0.5, 0.2, 0.9], ["u", "u", "v"])  # u is constant, v has one row: nobody counts
+    nan
+    """
+    relevance = _as_1d(relevance, "relevance").astype(np.float64)
+    scores = _as_1d(scores, "scores").astype(np.float64)
+    users = _as_1d(users, "users")
+    if not (len(relevance) == len(scores) == len(users)):
+        raise ValueError(f"relevance, scores and users differ in length: {len(relevance)}, {len(scores)}, {len(users)}")
+    if k < 1:
+        raise ValueError(f"k must be a positive number of ranks, got {k}")
+    if len(relevance) == 0:
+        return float("nan")
+    if (relevance < 0).any():
+        raise ValueError("relevance must be non-negative (gains are 2^rel - 1)")
+    _, user_index = np.unique(users, return_inverse=True)
+    user_index = user_index.reshape(-1)
+    n_users = int(user_index.max()) + 1
+    # Ideal order: by user, relevance descending. A user counts when its first and last relevance differ.
+    ideal = np.lexsort((-relevance, user_index))
+    ideal_users = user_index[ideal]
+    starts = np.flatnonzero(np.r_[True, ideal_users[1:] != ideal_users[:-1]])
+    ends = np.r_[starts[1:], len(ideal)]
+    counts = relevance[ideal[starts]] != relevance[ideal[ends - 1]]
+    if not counts.any():
+        return float("nan")
+    # np.lexsort is stable, so tied scores stay in row order.
+    ranked = np.lexsort((-scores, user_index))
+    rank = np.arange(len(ranked)) - np.repeat(starts, ends - starts)  # both orders group users identically
+    discount = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
+    dcg = np.bincount(user_index[ranked], weights=(np.exp2(relevance[ranked]) - 1.0) * discount,
+                      minlength=n_users)
+    idcg = np.bincount(ideal_users, weights=(np.exp2(relevance[ideal]) - 1.0) * discount, minlength=n_users)
+    user_ids = ideal_users[starts[counts]]
+    return float(np.mean(dcg[user_ids] / idcg[user_ids]))
+
+
+def combined_score(probabilities: ArrayLike, weights: ArrayLike | None = None, eps: float = LOG_LOSS_EPS) -> np.ndarray:
+    """One score per row from K task probabilities: prod_k p_k^w_k, computed as exp(sum_k w_k log p_k).
+
+    ``probabilities`` is [N, K]; ``weights`` (K non-negative numbers) default to 1 each. Probabilities are
+    clipped to [eps, 1] first, so a zero gives a tiny score instead of log(0).
+
+    >>> combined_score([[0.5, 0.2], [1.0, 0.1]]).round(6).tolist()
+    [0.1, 0.1]
+    >>> combined_score([[0.5, 0.2]], weights=[2, 0]).round(6).tolist()
+    [0.25]
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probabilities must be an [N, K] array, got shape {p.shape}")
+    w = np.ones(p.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape != (p.shape[1],):
+        raise ValueError(f"give one weight per task: {p.shape[1]} tasks, {w.size} weights")
+    if not (np.isfinite(w).all() and (w >= 0).all()):
+        raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    return np.exp(np.log(np.clip(p, eps, 1.0)) @ w)
+
+
 def label_categories(y_task: ArrayLike, y_partner: ArrayLike) -> np.ndarray:
     """CrossDistil's 4 ordered categories of (task label, partner label): (1,1)->3, (1,0)->2, (0,1)->1, (0,0)->0.
 
@@ -107,6 +181,17 @@ def label_categories(y_task: ArrayLike, y_partner: ArrayLike) -> np.ndarray:
     y_task = _as_1d(y_task, "y_task").astype(np.int64)
     y_partner = _as_1d(y_partner, "y_partner").astype(np.int64)
     return 2 * (y_task > 0) + (y_partner > 0)
+
+
+def graded_relevance(y_task: ArrayLike, y_partner: ArrayLike | None) -> np.ndarray:
+    """Relevance of a task's rows for NDCG: the label category 2 * y_task + y_partner, or y_task without a partner.
+
+    >>> graded_relevance([1, 1, 0, 0], [1, 0, 1, 0]).tolist(), graded_relevance([1, 0], None).tolist()
+    ([3, 2, 1, 0], [1, 0])
+    """
+    if y_partner is not None:
+        return label_categories(y_task, y_partner)
+    return (_as_1d(y_task, "y_task") > 0).astype(np.int64)
 
 
 def multi_auc(p: ArrayLike, categories: ArrayLike) -> float:
@@ -161,16 +246,20 @@ def calibration_ratio(y: ArrayLike, p: ArrayLike) -> float:
 
 
 def task_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, y_partner: np.ndarray | None) -> dict[str, float]:
-    """All metrics of one task under one naming scheme: auc, gauc, multi_auc, log_loss, calibration, n, positive_rate.
+    """All metrics of one task under one naming scheme: auc, gauc, multi_auc, ndcg10, log_loss, calibration, n,
+    positive_rate.
 
-    ``multi_auc`` is ``nan`` when the task has no partner (``y_partner`` None).
+    ``multi_auc`` is ``nan`` when the task has no partner (``y_partner`` None). ``ndcg10`` is the per-user
+    NDCG@10 of ``p`` with graded relevance = the label category 2 * y + y_partner (just y without a partner).
     """
     y = np.asarray(y)
     p = np.asarray(p)
+    relevance = graded_relevance(y, y_partner)
     return {
         "auc": auc(y, p),
         "gauc": gauc(y, p, users),
-        "multi_auc": multi_auc(p, label_categories(y, y_partner)) if y_partner is not None else float("nan"),
+        "multi_auc": multi_auc(p, relevance) if y_partner is not None else float("nan"),
+        "ndcg10": ndcg_at_k(relevance, p, users, k=10),
         "log_loss": log_loss(y, p),
         "calibration": calibration_ratio(y, p),
         "n": int(len(y)),

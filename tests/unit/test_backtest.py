@@ -82,14 +82,34 @@ def test_output_folder_holds_summary_series_plots_and_report(drift_log: Path, co
 
 
 def test_configurations_see_the_same_events(drift_log: Path, config_file: Path) -> None:
-    configs = backtest.build_configs([str(config_file)], "mtl,crossdistil", [])
+    # The paper's rung: its teachers push the shared backbone, so it predicts differently from the first step
+    # (the default's teachers stand on a stopped backbone and its gate may stay closed on a short replay).
+    configs = backtest.build_configs([str(config_file)], "mtl,crossdistil@paper", [])
     records, _ = backtest.log_records(f"file://{drift_log}", limit=2000)
     result = backtest.run_backtest(records, configs, sample_every=500)
-    mtl, cd = result.runs["mtl"], result.runs["crossdistil"]
+    mtl, cd = result.runs["mtl"], result.runs["crossdistil@paper"]
     assert mtl.impression_ids == cd.impression_ids
     assert mtl.pipeline.join.counters == cd.pipeline.join.counters
     assert (mtl.arrays("click")[0] == cd.arrays("click")[0]).all()
     assert not (mtl.arrays("click")[1] == cd.arrays("click")[1]).all(), "different rungs must predict differently"
+
+
+def test_summary_and_report_state_ndcg_and_the_combined_score_over_all_and_the_tail(drift_log: Path,
+                                                                                   config_file: Path) -> None:
+    configs = backtest.build_configs([str(config_file)], "mtl", [])
+    records, desc = backtest.log_records(f"file://{drift_log}", limit=1000)
+    result = backtest.run_backtest(records, configs, sample_every=500)
+    mtl = result.runs["mtl"]
+    assert len(mtl.users()) == len(mtl.impression_ids) == mtl.pipeline.trained_samples
+    config = backtest.summary(result, desc)["configurations"]["mtl"]
+    for key in ("ranking", "ranking_last_20pct"):
+        assert set(config[key]["ndcg10"]) == {"click", "like"}
+        assert 0.0 < config[key]["ndcg10"]["click"] <= 1.0 and 0.0 < config[key]["combined"]["ndcg10"] <= 1.0
+    # No impression of the last 20% has both tasks positive here, so only the whole replay has a combined AUC.
+    assert 0.0 <= config["ranking"]["combined"]["auc"] <= 1.0
+    assert config["ranking_last_20pct"]["combined"]["auc"] is None
+    report = backtest.render_report(backtest.summary(result, desc), {"seconds": 1.0, "records_per_s": 1}, [])
+    assert "NDCG@10 (last 20%)" in report and "combined AUC (all)" in report
 
 
 def test_times_parse_from_milliseconds_and_iso() -> None:

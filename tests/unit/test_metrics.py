@@ -138,7 +138,7 @@ def test_calibration_ratio_is_mean_prediction_over_base_rate() -> None:
 def test_task_metrics_names_every_metric() -> None:
     y = np.array([0, 1, 1, 0])
     result = task_metrics(y, np.array([0.2, 0.7, 0.6, 0.4]), np.array([1, 1, 2, 2]), np.array([1, 1, 0, 0]))
-    assert set(result) == {"auc", "gauc", "multi_auc", "log_loss", "calibration", "n", "positive_rate"}
+    assert set(result) == {"auc", "gauc", "multi_auc", "ndcg10", "log_loss", "calibration", "n", "positive_rate"}
     assert result["auc"] == 1.0 and result["n"] == 4
     assert math.isnan(task_metrics(y, y * 0.5, np.zeros(4), None)["multi_auc"])
 

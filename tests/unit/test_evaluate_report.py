@@ -1,0 +1,139 @@
+"""``crossdistil evaluate``: NDCG@10 and the combined score in the report, --combined-weights, --validation rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from consumers import evaluate
+
+pytestmark = pytest.mark.unit
+
+TASKS = ("finish", "like")
+
+
+def _run(config: str, seed: int, auc: float, ndcg: float | None = None, combined: dict | None = None) -> dict:
+    """A results.json run; without ``ndcg`` and ``combined`` it looks like results written before they existed."""
+    metrics = {t: {"auc": auc, "gauc": auc, "multi_auc": None, "log_loss": 0.5, "calibration": 1.0, "n": 10,
+                   "positive_rate": 0.5} for t in TASKS}
+    if ndcg is not None:
+        for m in metrics.values():
+            m["ndcg10"] = ndcg
+    run = {"tasks": list(TASKS), "config": config, "backbone": "mmoe", "seed": seed, "mode": "split",
+           "metrics": {"test": metrics}, "curve": [], "losses": {}, "train_events": 8, "test_events": 2,
+           "seconds": 0.1}
+    if combined is not None:
+        run["combined"] = {"test": {**combined, "weights": [1.0, 1.0]}}
+    return run
+
+
+def _row(report: str, start: str) -> list[str]:
+    """The cells of the first table row of ``report`` that starts with ``start``."""
+    line = next(line for line in report.splitlines() if line.startswith(start))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_the_task_table_has_an_ndcg_column() -> None:
+    doc = {"dataset": "x", "runs": [_run("mtl", 0, 0.70, ndcg=0.60), _run("mtl", 1, 0.72, ndcg=0.62)]}
+    report = evaluate.render_report(doc)
+    assert "| backbone | config | AUC | GAUC | Multi-AUC | NDCG@10 | LogLoss | Calib |" in report
+    assert _row(report, "| mmoe | mtl |")[5] == "0.6100 ± 0.0141"
+
+
+def test_the_paired_table_has_ndcg_and_combined_differences_with_the_bold_rule() -> None:
+    runs = [_run("mtl", s, 0.70, ndcg=0.60, combined={"auc": 0.65, "ndcg10": 0.5}) for s in (0, 1, 2)]
+    runs += [_run("crossdistil", 0, 0.71, ndcg=0.61, combined={"auc": 0.66, "ndcg10": 0.51}),
+             _run("crossdistil", 1, 0.71, ndcg=0.62, combined={"auc": 0.67, "ndcg10": 0.49}),
+             _run("crossdistil", 2, 0.71, ndcg=0.63, combined={"auc": 0.68, "ndcg10": 0.50})]
+    report = evaluate.render_report({"dataset": "x", "runs": runs})
+    assert ("| backbone | config | ΔAUC finish | ΔAUC like | ΔMulti-AUC finish | ΔMulti-AUC like "
+            "| ΔNDCG@10 finish | ΔNDCG@10 like | Δ combined AUC | Δ combined NDCG@10 |") in report
+    cells = _row(report, "| mmoe | crossdistil | +")  # the paired row (the task tables' rows start with 0.)
+    assert cells[6] == "**+0.0200 ± 0.0100**"  # NDCG: +0.01, +0.02, +0.03; 0.02 > 2 * 0.01 / sqrt(3)
+    assert cells[8] == "**+0.0200 ± 0.0100**"  # combined AUC, the same differences
+    assert cells[9] == "+0.0000 ± 0.0100"  # combined NDCG: +0.01, -0.01, 0: not bold
+
+
+def test_the_report_shows_the_combined_score_per_configuration() -> None:
+    runs = [_run("mtl", 0, 0.7, ndcg=0.6, combined={"auc": 0.64, "ndcg10": 0.5}),
+            _run("mtl", 1, 0.7, ndcg=0.6, combined={"auc": 0.66, "ndcg10": 0.5})]
+    report = evaluate.render_report({"dataset": "x", "runs": runs})
+    assert "### Combined score p_finish^1 · p_like^1" in report
+    assert "| mmoe | mtl | 0.6500 ± 0.0141 | 0.5000 ± 0.0000 |" in report
+
+
+def test_old_results_without_ndcg_or_combined_render_dashes() -> None:
+    doc = {"dataset": "x", "runs": [_run("mtl", 0, 0.70), _run("crossdistil", 0, 0.72)]}
+    report = evaluate.render_report(doc)
+    assert _row(report, "| mmoe | mtl |")[5] == "–"
+    assert "### Combined score" not in report
+    cells = _row(report, "| mmoe | crossdistil | +")
+    assert cells[2] == "+0.0200 ± 0.0000" and cells[6:] == ["–"] * 4
+
+
+def test_combined_weights_flag_parses_numbers_and_defaults_to_none() -> None:
+    assert evaluate.parse_weights("1,0.5") == [1.0, 0.5]
+    assert evaluate.parse_weights("") is None
+    with pytest.raises(ValueError, match="--combined-weights"):
+        evaluate.parse_weights("1,heavy")
+    with pytest.raises(ValueError, match="non-negative"):
+        evaluate.parse_weights("1,-2")
+
+
+def test_without_validation_every_event_is_used_with_the_given_fractions() -> None:
+    rows = evaluate.evaluation_rows(1000, 0.8, 0.2, validation=False)
+    assert (rows.limit, rows.train_fraction, rows.tail_fraction) == (1000, 0.8, 0.2)
+    assert rows.ranges() == {"events": 1000, "used": [0, 1000], "split_train": [0, 800], "split_test": [800, 1000],
+                             "prequential_tail": [800, 1000]}
+
+
+def test_validation_uses_only_the_events_before_the_test_split_divided_90_10() -> None:
+    rows = evaluate.evaluation_rows(1000, 0.8, 0.2, validation=True)
+    assert rows.limit == 800 and rows.validation
+    assert rows.ranges() == {"events": 1000, "used": [0, 800], "split_train": [0, 720], "split_test": [720, 800],
+                             "prequential_tail": [720, 800]}
+    # Uneven sizes round the same way as the evaluation loops: int() for the split, round() for the tail.
+    odd = evaluate.evaluation_rows(1001, 0.7, 0.2, validation=True).ranges()
+    assert odd["used"] == [0, 700] and odd["split_test"] == [630, 700] and odd["prequential_tail"] == [630, 700]
+
+
+def test_validation_refuses_too_few_events() -> None:
+    with pytest.raises(ValueError, match="too few"):
+        evaluate.evaluation_rows(2, 0.8, 0.2, validation=True)
+
+
+def test_the_report_header_says_when_results_come_from_the_validation_slice() -> None:
+    ranges = evaluate.evaluation_rows(1000, 0.8, 0.2, validation=True).ranges()
+    doc = {"dataset": "x", "protocol": {"train_fraction": 0.8, "validation": True, "validation_rows": ranges,
+                                        "validation_test_fraction": 0.1},
+           "runs": [_run("mtl", 0, 0.7)]}
+    report = evaluate.render_report(doc)
+    assert "Validation slice: rows 0..800 (end exclusive) of 1000; the test split was not used." in report
+    assert "trains on rows 0..720 and tests on rows 720..800" in report
+    assert "validation slice" not in evaluate.render_report({"dataset": "x", "runs": [_run("mtl", 0, 0.7)]}).lower()
+
+
+def test_validation_run_records_its_rows_and_never_scores_the_test_split(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args([
+        "--dataset", "synthetic", "--source", "-", "--option", "n_events=600", "--configs", "river_lr",
+        "--seeds", "1", "--mode", "both", "--validation", "--combined-weights", "1,0.5", "--curve-points", "2",
+        "--threads", "1", "--device", "cpu", "--out", str(tmp_path),
+    ])
+    assert evaluate.run(args) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    protocol = doc["protocol"]
+    assert protocol["validation"] is True and protocol["combined_weights"] == [1.0, 0.5]
+    assert protocol["validation_rows"] == {"events": 600, "used": [0, 480], "split_train": [0, 432],
+                                           "split_test": [432, 480], "prequential_tail": [432, 480]}
+    by_mode = {r["mode"]: r for r in doc["runs"]}
+    task = by_mode["split"]["tasks"][0]
+    assert by_mode["split"]["metrics"]["test"][task]["n"] == 48
+    assert by_mode["prequential"]["metrics"]["all"][task]["n"] == 480
+    assert by_mode["prequential"]["metrics"]["tail"][task]["n"] == 48
+    assert by_mode["split"]["combined"]["test"]["weights"] == [1.0, 0.5]
+    assert "the test split was not used" in (tmp_path / "report.md").read_text()
