@@ -94,7 +94,7 @@ def timed_components(learner: Learner, batch) -> dict[str, float]:
     leaf = looked_up.detach().requires_grad_()
     mark()  # embedding lookup
     x = torch.cat([leaf.flatten(1), model.normalizer(batch.numeric)], dim=1)
-    total, _ = crossdistil_loss(model, model.heads(x), batch, learner.pair_generator)
+    total, _ = crossdistil_loss(model, model.heads(x, batch.labels), batch, learner.pair_generator)
     learner.dense_optimizer.zero_grad(set_to_none=True)
     learner.embedding_optimizer.zero_grad(set_to_none=True)
     total.backward()

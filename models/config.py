@@ -17,6 +17,42 @@ BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 RUNGS = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
 CORRECTIONS = ("clamp", "mix", "none")
 PAIR_MODES = ("adjacent", "all")
+KD_GATES = ("none", "trust")
+
+# Named option sets of a rung, written ``RUNG@PRESET`` (``crossdistil evaluate --configs crossdistil@trust``).
+# Each preset sets every option on which the presets differ, so a name means the same whatever the defaults are.
+PRESETS: dict[str, dict[str, Any]] = {
+    # docs/method.md as the paper has it: teachers on the ranking loss alone, pushing the shared backbone.
+    "paper": {"teacher_task_weight": 0.0, "teacher_backbone_grad": 1.0, "teacher_partner_input": False,
+              "quadruplet_partner_weight": 1.0, "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "none"},
+    # [ours] teachers refine the task (BCE + L_aux) on a stopped backbone; distil only while a teacher ranks better.
+    "trust": {"teacher_task_weight": 1.0, "teacher_backbone_grad": 0.0, "teacher_partner_input": False,
+              "quadruplet_partner_weight": 1.0, "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "trust"},
+}
+
+
+def split_config_name(name: str) -> tuple[str, dict[str, Any]]:
+    """``"crossdistil@trust"`` -> ``("crossdistil", PRESETS["trust"])``; a plain rung -> (rung, {}).
+
+    >>> split_config_name("mtl")
+    ('mtl', {})
+    >>> split_config_name("crossdistil@trust")[1]["kd_gate"]
+    'trust'
+    """
+    rung, sep, preset = name.partition("@")
+    if not sep:
+        return rung, {}
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} in {name!r}; presets: {', '.join(PRESETS)}")
+    return rung, dict(PRESETS[preset])
+
+# What a saved config without a key (written before the key existed) meant: the behaviour of that time.
+# Learner.load_state_dict fills these in, so an old checkpoint is compared with what actually trained it.
+LEGACY_VALUES: dict[str, Any] = {
+    "teacher_task_weight": 0.0, "teacher_backbone_grad": 1.0, "teacher_partner_input": False, "quadruplet_partner_weight": 1.0,
+    "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "none", "kd_gate_margin": 0.0,
+    "kd_gate_window": 20000, "kd_gate_every": 2048,
+}
 
 
 @dataclass
@@ -61,6 +97,18 @@ class ModelConfig:
     correction_margin: float = 0.0  # m
     correction_mix: float = 0.5  # lambda
 
+    # making the teacher worth learning from (docs/method.md, "Beyond the paper"; all [ours])
+    teacher_task_weight: float = 1.0  # gamma: teacher loss gamma * BCE(r_k, y_k) + beta_k * L_aux,k (0 = paper)
+    teacher_backbone_grad: float = 0.0  # scale of the teacher towers' gradient into the backbone (1 = paper)
+    teacher_partner_input: bool = False  # the teacher tower of k also reads the partner's label y_j (training only)
+    quadruplet_partner_weight: float = 1.0  # weight of level pairs decided by the partner's label only
+    calibrator_lr: float = 0.0  # Adam learning rate of the Platt calibrators (0 = lr)
+    kd_warmup_samples: int = 0  # alpha_k ramps linearly from 0 over this many training samples
+    kd_gate: str = "trust"  # distil task k only while its teacher's recent AUC beats its student's ("none" = paper)
+    kd_gate_margin: float = 0.0  # the teacher must lead by more than this AUC
+    kd_gate_window: int = 20000  # samples in the prequential AUC window of teacher and student
+    kd_gate_every: int = 2048  # re-decide the gate after this many samples
+
     # optimisation
     lr: float = 1e-3
     embedding_lr: float = 1e-2
@@ -99,6 +147,15 @@ class ModelConfig:
             raise ValueError("correction_margin must be >= 0 and correction_mix in [0, 1]")
         if self.max_pairs_per_level < 1:
             raise ValueError("max_pairs_per_level must be >= 1")
+        _choice("kd_gate", self.kd_gate, KD_GATES)
+        for name in ("teacher_task_weight", "teacher_backbone_grad", "quadruplet_partner_weight", "calibrator_lr",
+                     "kd_gate_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kd_warmup_samples < 0:
+            raise ValueError("kd_warmup_samples must be >= 0")
+        if self.kd_gate_window < 2 or self.kd_gate_every < 1:
+            raise ValueError("kd_gate_window must be >= 2 and kd_gate_every >= 1")
 
     # --- derived switches: one place that says what each rung turns on ---
     @property
@@ -117,6 +174,11 @@ class ModelConfig:
     @property
     def calibrates(self) -> bool:
         return self.rung in ("cal", "crossdistil")
+
+    @property
+    def gated(self) -> bool:
+        """Trust-gated distillation from the teachers (needs teachers and a distilling rung)."""
+        return self.kd_gate == "trust" and self.has_teachers and self.distills
 
     @property
     def correction_mode(self) -> str:

@@ -23,6 +23,7 @@ from models.losses import (
     platt_calibrate,
     quadruplet_categories,
     quadruplet_loss,
+    scale_gradient,
     task_bce,
 )
 
@@ -97,27 +98,44 @@ class CrossDistilModel(nn.Module):
         self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
         self.has_teachers = config.has_teachers and not students_only
         if self.has_teachers:
-            self.teacher_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
+            # A label-aware teacher reads y_j next to the representation: one more input.
+            teacher_dim = dim + (1 if config.teacher_partner_input else 0)
+            self.teacher_towers = nn.ModuleList(_tower(teacher_dim, config.tower_dims) for _ in range(k))
+            self.register_buffer("partner_index", torch.tensor([config.tasks.index(config.partner_of(t))
+                                                                 for t in config.tasks]), persistent=False)
         if config.calibrates and not students_only:
             # alpha_k starts where a_k = softplus(alpha_k) = 1, b_k = 0: z_k = r_k at first.
             self.calibrator_alpha = nn.Parameter(torch.full((k,), math.log(math.e - 1.0)))
             self.calibrator_bias = nn.Parameter(torch.zeros(k))
 
     def forward(self, batch: Batch) -> Outputs:
-        return self.heads(self.embed(batch))
+        return self.heads(self.embed(batch), batch.labels)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """The backbone's input: hashed embeddings [B, C * D] next to the normalised numerics [B, N]."""
         return torch.cat([self.embedding(batch.categorical).flatten(1), self.normalizer(batch.numeric)], dim=1)
 
-    def heads(self, x: torch.Tensor) -> Outputs:
-        """Backbone and towers on an embedded input (split from ``embed`` so benchmarks can time each side)."""
+    def heads(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Outputs:
+        """Backbone and towers on an embedded input (split from ``embed`` so benchmarks can time each side).
+
+        ``labels`` [B, K] are read only by a label-aware teacher (``teacher_partner_input``): the teacher of
+        task k sees its partner's label y_j, privileged information that exists in training, never in serving
+        (serving builds the students only).
+        """
         reps = self.backbone(x)
         k = len(self.student_towers)
         s = torch.cat([tower(reps[i % len(reps)]) for i, tower in enumerate(self.student_towers)], dim=1)
         r = None
         if self.has_teachers:
-            r = torch.cat([tower(reps[(k + i) % len(reps)]) for i, tower in enumerate(self.teacher_towers)], dim=1)
+            # The teachers' gradient into the shared backbone is scaled (teacher_backbone_grad; 0 = stopgrad).
+            grad = self.config.teacher_backbone_grad
+            inputs = [scale_gradient(reps[(k + i) % len(reps)], grad) for i in range(k)]
+            if self.config.teacher_partner_input:
+                if labels is None:
+                    raise ValueError("a label-aware teacher (teacher_partner_input) needs the batch's labels")
+                partner_labels = labels[:, self.partner_index].to(x.dtype)
+                inputs = [torch.cat([h, partner_labels[:, i:i + 1]], dim=1) for i, h in enumerate(inputs)]
+            r = torch.cat([tower(h) for tower, h in zip(self.teacher_towers, inputs)], dim=1)
         return Outputs(student_logits=s, teacher_scores=r)
 
 
@@ -126,13 +144,16 @@ def _tower(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
 
 
 def crossdistil_loss(
-    model: CrossDistilModel, outputs: Outputs, batch: Batch, generator: torch.Generator | None = None
+    model: CrossDistilModel, outputs: Outputs, batch: Batch, generator: torch.Generator | None = None,
+    kd_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and its per-task terms ``{"bce"|"kd"|"aux"|"cal": [K] tensor}`` for the configured rung.
+    """Total loss and its per-task terms ``{"bce"|"kd"|"aux"|"teacher_bce"|"cal": [K] tensor}`` for the rung.
 
-    Gradient flow (docs/crossdistil.md): BCE and KD reach the students; L_aux the teachers; L_cal only the
-    calibrators (platt_calibrate stops r_k); KD targets are stopped (kd_loss), so KD never moves a teacher
-    or a calibrator. The backbone gets gradients through students and teachers.
+    Gradient flow (docs/method.md): BCE and KD reach the students; L_aux (and gamma * BCE(r_k, y_k) when
+    ``teacher_task_weight`` = gamma > 0) the teachers; L_cal only the calibrators (platt_calibrate stops r_k);
+    KD targets are stopped (kd_loss), so KD never moves a teacher or a calibrator. The backbone gets
+    gradients through the students and, scaled by ``teacher_backbone_grad``, the teachers.
+    ``kd_scale`` [K] multiplies alpha_k (the learner's KD warm-up and trust gate; None = 1).
     """
     cfg = model.config
     y = batch.labels
@@ -148,9 +169,12 @@ def crossdistil_loss(
             quadruplet_loss(
                 r[:, k], categories[:, k], pairs=cfg.quadruplet_pairs, margin=cfg.quadruplet_margin,
                 max_pairs_per_level=cfg.max_pairs_per_level, users=users, generator=generator,
+                partner_weight=cfg.quadruplet_partner_weight,
             )
             for k in range(len(cfg.tasks))
         ])
+        if cfg.teacher_task_weight > 0:
+            terms["teacher_bce"] = task_bce(r, y)
         if cfg.calibrates:
             z = platt_calibrate(r, model.calibrator_alpha, model.calibrator_bias)
             terms["cal"] = calibration_loss(z, y)
@@ -164,12 +188,16 @@ def crossdistil_loss(
         terms["kd"] = kd_loss(s, s[:, partner], cfg.kd_temperature)  # student j's logit, stopped inside kd_loss
 
     alpha = torch.tensor(cfg.task_weights("kd_weight"), device=y.device)
+    if kd_scale is not None:
+        alpha = alpha * kd_scale.to(y.device)
     beta = torch.tensor(cfg.task_weights("aux_weight"), device=y.device)
     total = terms["bce"].sum()
     if "kd" in terms:
         total = total + (alpha * terms["kd"]).sum()
     if "aux" in terms:
         total = total + (beta * terms["aux"]).sum()
+    if "teacher_bce" in terms:
+        total = total + cfg.teacher_task_weight * terms["teacher_bce"].sum()
     if "cal" in terms:
         total = total + terms["cal"].sum()
     return total, terms

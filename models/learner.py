@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from models.config import ModelConfig
+from models.config import LEGACY_VALUES, ModelConfig
 from models.crossdistil import CrossDistilModel, crossdistil_loss
 from models.features import Batch, encode_rows
+from models.trust_gate import TrustGate
 
 SERVING_FORMAT = "crossdistil-students"
 SERVING_VERSION = "1"
@@ -52,13 +53,31 @@ class Learner:
         # Pair sampling has its own generator so its state can be checkpointed exactly.
         self.pair_generator = torch.Generator().manual_seed(config.seed + 1)
         embedding = [self.model.embedding.weight]
-        dense = [p for name, p in self.model.named_parameters() if not name.startswith("embedding.")]
-        self.dense_optimizer = torch.optim.Adam(dense, lr=config.lr)
+        dense = [p for name, p in self.model.named_parameters()
+                 if not name.startswith(("embedding.", "calibrator_"))]
+        groups: list[dict[str, Any]] = [{"params": dense}]
+        calibrators = [p for name, p in self.model.named_parameters() if name.startswith("calibrator_")]
+        if calibrators:  # Platt's two numbers per task may move faster than the network (calibrator_lr)
+            groups.append({"params": calibrators, "lr": config.calibrator_lr or config.lr})
+        self.dense_optimizer = torch.optim.Adam(groups, lr=config.lr)
         if config.sparse_embeddings:
             self.embedding_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam(embedding, lr=config.embedding_lr)
         else:
             self.embedding_optimizer = torch.optim.Adam(embedding, lr=config.embedding_lr)
         self.steps = 0
+        self.samples = 0  # training samples seen (the KD warm-up's clock)
+        self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
+                                     config.kd_gate_every) if config.gated else None)
+
+    def kd_scale(self) -> torch.Tensor | None:
+        """The factor on alpha_k for the next step: KD warm-up ramp times the trust gate (None = 1)."""
+        cfg = self.config
+        scale = None
+        if cfg.kd_warmup_samples > 0 and cfg.distills:
+            scale = torch.full((len(cfg.tasks),), min(1.0, self.samples / cfg.kd_warmup_samples))
+        if self.trust_gate is not None:
+            scale = self.trust_gate.open.clone() if scale is None else scale * self.trust_gate.open
+        return scale
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.bf16 and self.device.type == "cuda":
@@ -68,14 +87,18 @@ class Learner:
     def step(self, batch: Batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """One update on ``batch``. Returns (losses, predictions made before the update).
 
-        losses: ``{"total", "bce/<task>", "kd/<task>", "aux/<task>", "cal/<task>"}`` (terms the rung uses);
+        losses: ``{"total", "bce/<task>", "kd/<task>", "aux/<task>", "teacher_bce/<task>", "cal/<task>"}`` (terms
+        the rung uses), with trust gating also ``"gate/<task>"`` (1 = distilling) and, once the gate has decided
+        with both classes in its window, ``"teacher_auc/<task>"`` and ``"student_auc/<task>"`` (its windowed
+        prequential AUCs);
         predictions: task -> student probability, float32 tensor [B] on CPU.
         """
         batch = batch.to(self.device)
         self.model.train()
         with self._autocast():
             outputs = self.model(batch)
-        total, terms = crossdistil_loss(self.model, outputs, batch, self.pair_generator)
+        kd_scale = self.kd_scale()
+        total, terms = crossdistil_loss(self.model, outputs, batch, self.pair_generator, kd_scale)
         # The forward above used the pre-update weights: its student scores are the prequential predictions.
         probabilities = torch.sigmoid(outputs.student_logits.detach().float())  # to the CPU after the update:
         # on a GPU the step then runs without a mid-step synchronisation (one sync at the end, for the losses)
@@ -87,11 +110,20 @@ class Learner:
         self.embedding_optimizer.step()
         self.model.normalizer.update(batch.numeric)
         self.steps += 1
+        self.samples += len(batch)
 
         names = ["total"] + [f"{term}/{task}" for term in terms for task in self.config.tasks]
         values = torch.cat([total.detach().reshape(1)] + [v.detach().float() for v in terms.values()]).cpu().tolist()
         probabilities = probabilities.cpu()
         losses = dict(zip(names, values))
+        if self.trust_gate is not None:
+            # Both scores were taken before this update: prequential evidence for the next steps' gate.
+            self.trust_gate.update(batch.labels, outputs.student_logits, outputs.teacher_scores)
+            for k, task in enumerate(self.config.tasks):
+                losses[f"gate/{task}"] = float(kd_scale[k]) if kd_scale is not None else 1.0
+                if self.trust_gate.decided(k):  # the AUCs exist from the gate's first decision on
+                    losses[f"teacher_auc/{task}"] = float(self.trust_gate.teacher_auc[k])
+                    losses[f"student_auc/{task}"] = float(self.trust_gate.student_auc[k])
         return losses, {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
 
     @torch.no_grad()
@@ -118,11 +150,13 @@ class Learner:
             "embedding_optimizer": self.embedding_optimizer.state_dict(),
             "pair_generator": self.pair_generator.get_state(),
             "steps": self.steps,
+            "samples": self.samples,
+            **({"trust_gate": self.trust_gate.state_dict()} if self.trust_gate is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore exactly what ``state_dict`` saved; the saved config must equal this learner's."""
-        saved = state["config"]
+        saved = {**LEGACY_VALUES, **state["config"]}  # a key the saver did not know meant its old behaviour
         mine = self.config.to_dict()
         if saved != mine:
             differing = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
@@ -135,11 +169,14 @@ class Learner:
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
         self.pair_generator.set_state(state["pair_generator"])
         self.steps = int(state["steps"])
+        self.samples = int(state.get("samples", 0))
+        if self.trust_gate is not None and "trust_gate" in state:
+            self.trust_gate.load_state_dict(state["trust_gate"])
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], device: str | torch.device = "cpu") -> Learner:
         """A learner built from the config saved in ``state``, with everything restored."""
-        learner = cls(ModelConfig.from_dict(state["config"]), device=device)
+        learner = cls(ModelConfig.from_dict({**LEGACY_VALUES, **state["config"]}), device=device)
         learner.load_state_dict(state)
         return learner
 

@@ -61,15 +61,22 @@ def sample_level_pairs(
     return high[pick], low_sorted[start[pick] + offset]
 
 
+def decided_by_partner(high_level: int, low_level: int) -> bool:
+    """True for the level pairs (3, 2) and (1, 0): task k's label is equal, only the partner's differs."""
+    return high_level // 2 == low_level // 2
+
+
 def quadruplet_loss(
     scores: torch.Tensor, categories: torch.Tensor, *, pairs: str = "adjacent", margin: float = 0.0,
     max_pairs_per_level: int = 4096, users: torch.Tensor | None = None, generator: torch.Generator | None = None,
+    partner_weight: float = 1.0,
 ) -> torch.Tensor:
-    """L_aux,k = sum over level pairs (l, l') of mean_{c(a)=l, c(b)=l'} softplus(margin - (r(a) - r(b))).
+    """L_aux,k = sum over level pairs (l, l') of w(l, l') mean_{c(a)=l, c(b)=l'} softplus(margin - (r(a) - r(b))).
 
     ``scores`` [B] are one task's teacher scores r_k, ``categories`` [B] its quadruplet categories c_k.
     ``pairs``: "adjacent" (3 -> 2 -> 1 -> 0, default) or "all" (the six ordered level pairs). Empty levels
-    contribute nothing. ``users`` restricts to same-user pairs.
+    contribute nothing. ``users`` restricts to same-user pairs. w = ``partner_weight`` for the pairs decided by
+    the partner's label alone ((3, 2), (1, 0)), 1 for the pairs about task k's own label [ours; paper: all 1].
 
     >>> r = torch.tensor([2.0, 0.0]); c = torch.tensor([3, 2])
     >>> round(float(quadruplet_loss(r, c)), 4)  # softplus(-(2 - 0))
@@ -82,14 +89,28 @@ def quadruplet_loss(
     total = scores.new_zeros(())
     for high_level, low_level in level_pairs:
         high, low = members[high_level], members[low_level]
-        if len(high) == 0 or len(low) == 0:
+        weight = partner_weight if decided_by_partner(high_level, low_level) else 1.0
+        if len(high) == 0 or len(low) == 0 or weight == 0.0:
             continue
         a, b = sample_level_pairs(high, low, max_pairs_per_level, generator, users_cpu)
         if len(a) == 0:
             continue
         a, b = a.to(scores.device), b.to(scores.device)
-        total = total + F.softplus(margin - (scores[a] - scores[b])).mean()
+        total = total + weight * F.softplus(margin - (scores[a] - scores[b])).mean()
     return total
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass (0 = stopgrad).
+
+    >>> x = torch.ones(2, requires_grad=True); scale_gradient(x, 0.25).sum().backward(); x.grad.tolist()
+    [0.25, 0.25]
+    """
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x * scale + x.detach() * (1.0 - scale)
 
 
 def platt_calibrate(scores: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""Gradient flow exactly as docs/crossdistil.md says: which loss term reaches which parameters."""
+"""Gradient flow exactly as docs/method.md says: which loss term reaches which parameters.
+
+The paper's flow is tested under the ``paper`` preset; the switches of "Beyond the paper" (a teacher that
+refines the task on a stopped backbone, the default) have tests of their own at the end.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.config import ModelConfig
+from models.config import PRESETS, ModelConfig
 from models.crossdistil import CrossDistilModel, crossdistil_loss
 from models.features import FeatureSpec, encode_rows
 
@@ -17,7 +21,7 @@ TASKS = ("click", "long_view")
 def small_config(**overrides) -> ModelConfig:
     base = dict(
         tasks=TASKS, features=FeatureSpec(categorical=("user_id", "item_id"), numeric=("watch",), hash_buckets=2**10),
-        hidden_dims=(16,), tower_dims=(8,), num_experts=2, seed=3,
+        hidden_dims=(16,), tower_dims=(8,), num_experts=2, seed=3, **PRESETS["paper"],
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -121,3 +125,58 @@ def test_a_kd_only_update_leaves_teachers_and_calibrators_unchanged() -> None:
 def test_total_loss_reaches_every_parameter_on_the_full_rung() -> None:
     _, _, without = grads_of("total", backbone="ple")
     assert without == set()
+
+
+TRUST = PRESETS["trust"]
+
+
+def test_a_stopped_backbone_keeps_the_teachers_out_of_backbone_and_embeddings() -> None:
+    model, with_grad, without = grads_of("aux", **TRUST)
+    names = {n for n, _ in model.named_parameters()}
+    assert group(names, "teacher_towers") <= with_grad
+    assert group(names, "backbone") <= without and "embedding.weight" in without
+
+
+def test_teacher_backbone_grad_scales_the_teachers_gradient_into_the_backbone() -> None:
+    def backbone_grad(scale: float) -> torch.Tensor:
+        model, _, _ = grads_of("aux", teacher_backbone_grad=scale)
+        return model.backbone.bottom[0].weight.grad.clone()
+
+    assert torch.allclose(backbone_grad(0.25), 0.25 * backbone_grad(1.0), atol=1e-7)
+
+
+def test_the_teachers_own_bce_reaches_the_teachers_only_on_a_stopped_backbone() -> None:
+    model, with_grad, _ = grads_of("teacher_bce", **TRUST)
+    assert with_grad == group({n for n, _ in model.named_parameters()}, "teacher_towers")
+
+
+def test_teacher_bce_is_in_the_total_with_its_weight() -> None:
+    torch.manual_seed(0)
+    model = CrossDistilModel(small_config(**{**TRUST, "teacher_task_weight": 0.5}))
+    batch = batch_with_all_categories()
+    total, terms = crossdistil_loss(model, model(batch), batch, torch.Generator().manual_seed(0))
+    expected = terms["bce"].sum() + terms["kd"].sum() + terms["aux"].sum() + terms["cal"].sum() \
+        + 0.5 * terms["teacher_bce"].sum()
+    assert torch.allclose(total, expected)
+
+
+def test_kd_scale_multiplies_alpha_per_task() -> None:
+    torch.manual_seed(0)
+    model = CrossDistilModel(small_config(**TRUST))
+    batch = batch_with_all_categories()
+    outputs = model(batch)
+    full, terms = crossdistil_loss(model, outputs, batch, torch.Generator().manual_seed(0))
+    gated, _ = crossdistil_loss(model, outputs, batch, torch.Generator().manual_seed(0), torch.tensor([0.0, 1.0]))
+    assert torch.allclose(full - gated, terms["kd"][0])
+
+
+def test_a_label_aware_teacher_reads_the_partners_label_and_the_student_does_not() -> None:
+    torch.manual_seed(0)
+    model = CrossDistilModel(small_config(**{**TRUST, "teacher_partner_input": True}))
+    batch = batch_with_all_categories()
+    flipped = batch_with_all_categories()
+    flipped.labels[:, 1] = 1.0 - flipped.labels[:, 1]  # long_view: the partner of click
+    a, b = model(batch), model(flipped)
+    assert torch.equal(a.student_logits, b.student_logits)
+    assert not torch.equal(a.teacher_scores[:, 0], b.teacher_scores[:, 0])
+    assert torch.equal(a.teacher_scores[:, 1], b.teacher_scores[:, 1])  # click labels unchanged

@@ -42,9 +42,12 @@ def saved_and_loaded(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+# Under the default options: teachers also learn their task's BCE, distilling teacher rungs report the trust gate.
+GATE = {"gate"}  # and teacher_auc, student_auc from the gate's first decision on
 EXPECTED_TERMS = {
-    "mtl": {"bce"}, "aux": {"bce", "aux"}, "kd": {"bce", "aux", "kd"}, "cal": {"bce", "aux", "kd", "cal"},
-    "crossdistil": {"bce", "aux", "kd", "cal"}, "direct_kd": {"bce", "kd"},
+    "mtl": {"bce"}, "aux": {"bce", "aux", "teacher_bce"}, "kd": {"bce", "aux", "teacher_bce", "kd"} | GATE,
+    "cal": {"bce", "aux", "teacher_bce", "kd", "cal"} | GATE,
+    "crossdistil": {"bce", "aux", "teacher_bce", "kd", "cal"} | GATE, "direct_kd": {"bce", "kd"},
 }
 
 

@@ -1,0 +1,168 @@
+"""Trust-gated distillation, the KD warm-up, the calibrators' learning rate and old checkpoints (docs/method.md)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from models.config import LEGACY_VALUES, PRESETS, ModelConfig, split_config_name
+from models.features import FeatureSpec, encode_rows
+from models.learner import Learner
+from models.trust_gate import TrustGate
+
+pytestmark = pytest.mark.unit
+
+TASKS = ("click", "long_view")
+
+
+def config(**overrides) -> ModelConfig:
+    base = dict(tasks=TASKS, features=FeatureSpec(categorical=("user_id", "item_id"), hash_buckets=2**10),
+                hidden_dims=(8,), tower_dims=(4,), max_pairs_per_level=16, seed=5, kd_gate_window=64, kd_gate_every=16)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def batch(start: int, n: int = 32):
+    rows = [{"user_id": f"u{i % 5}", "item_id": f"i{i % 23}",
+             "labels": {"click": int(i % 3 != 0), "long_view": int(i % 4 == 1)}} for i in range(start, start + n)]
+    return encode_rows(rows, config().features, TASKS)
+
+
+def round_trip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# -- the gate itself ---------------------------------------------------------------------------------------------
+
+def test_the_gate_starts_closed_and_opens_only_where_the_teacher_ranks_better() -> None:
+    gate = TrustGate(tasks=2, window=100, margin=0.0, every=8)
+    assert gate.open.tolist() == [0.0, 0.0] and not gate.decided(0)
+    y = torch.tensor([[0.0, 0.0], [1.0, 1.0]] * 4)
+    perfect, backwards = y.clone(), 1.0 - y
+    # task 0: teacher perfect, student backwards; task 1: the other way round.
+    gate.update(y, student=torch.stack([backwards[:, 0], perfect[:, 1]], 1),
+                teacher=torch.stack([perfect[:, 0], backwards[:, 1]], 1))
+    assert gate.open.tolist() == [1.0, 0.0]
+    assert gate.teacher_auc.tolist() == [1.0, 0.0] and gate.student_auc.tolist() == [0.0, 1.0]
+
+
+def test_the_teacher_must_lead_by_more_than_the_margin() -> None:
+    y = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    student = torch.tensor([[0.2], [0.1], [0.3], [0.9]])  # AUC 0.5
+    teacher = torch.tensor([[0.1], [0.9], [0.2], [0.8]])  # AUC 1.0
+    gate = TrustGate(1, window=8, margin=0.4, every=4)
+    gate.update(y, student, teacher)
+    assert gate.open.tolist() == [1.0]
+    gate = TrustGate(1, window=8, margin=0.6, every=4)
+    gate.update(y, student, teacher)
+    assert gate.open.tolist() == [0.0]
+
+
+def test_a_window_with_one_class_keeps_the_gate_closed() -> None:
+    gate = TrustGate(1, window=8, every=4)
+    gate.update(torch.ones(4, 1), torch.rand(4, 1), torch.rand(4, 1))
+    assert gate.open.tolist() == [0.0] and not gate.decided(0) and math.isnan(float(gate.teacher_auc[0]))
+
+
+def test_the_window_keeps_only_the_newest_samples() -> None:
+    gate = TrustGate(1, window=4, every=1000)
+    for value in range(6):
+        gate.update(torch.tensor([[float(value % 2)]]), torch.tensor([[float(value)]]), torch.tensor([[0.0]]))
+    assert gate.filled == 4 and sorted(gate.student[:, 0].tolist()) == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_the_decision_waits_for_every_samples() -> None:
+    gate = TrustGate(1, window=64, every=10)
+    y, good = torch.tensor([[0.0], [1.0]] * 2), torch.tensor([[0.0], [1.0]] * 2)
+    gate.update(y, 1 - good, good)
+    assert gate.open.tolist() == [0.0]  # 4 samples < every
+    gate.update(torch.cat([y, y]), torch.cat([1 - good, 1 - good]), torch.cat([good, good]))
+    assert gate.open.tolist() == [1.0]
+
+
+# -- in the learner ----------------------------------------------------------------------------------------------
+
+def test_a_closed_gate_removes_distillation_from_the_step() -> None:
+    learner = Learner(config())
+    assert learner.config.gated and learner.kd_scale().tolist() == [0.0, 0.0]
+    losses, _ = learner.step(batch(0))
+    assert losses["gate/click"] == 0.0 and losses["kd/click"] > 0  # measured, not applied
+    learner.trust_gate.open.fill_(1.0)
+    assert learner.kd_scale().tolist() == [1.0, 1.0]
+
+
+def test_the_learner_reports_the_gates_aucs_once_decided() -> None:
+    learner = Learner(config())
+    for i in range(4):
+        losses, _ = learner.step(batch(32 * i))
+    assert learner.trust_gate.decided(0)
+    assert 0.0 <= losses["teacher_auc/click"] <= 1.0 and 0.0 <= losses["student_auc/long_view"] <= 1.0
+    assert losses["gate/click"] in (0.0, 1.0)
+
+
+def test_the_gate_is_checkpointed_and_training_resumes_identically() -> None:
+    uninterrupted, interrupted = Learner(config()), Learner(config())
+    for i in range(3):
+        uninterrupted.step(batch(32 * i))
+        interrupted.step(batch(32 * i))
+    resumed = Learner.from_state_dict(round_trip(interrupted.state_dict()))
+    assert torch.equal(resumed.trust_gate.student, interrupted.trust_gate.student)
+    for i in range(3, 6):
+        assert uninterrupted.step(batch(32 * i))[0] == resumed.step(batch(32 * i))[0]
+    assert torch.equal(uninterrupted.trust_gate.open, resumed.trust_gate.open)
+
+
+def test_kd_warm_up_ramps_alpha_from_zero_with_the_samples_seen() -> None:
+    learner = Learner(config(kd_gate="none", kd_warmup_samples=64))
+    assert learner.kd_scale().tolist() == [0.0, 0.0]
+    learner.step(batch(0))  # 32 samples
+    assert learner.kd_scale().tolist() == [0.5, 0.5]
+    learner.step(batch(32))
+    learner.step(batch(64))
+    assert learner.kd_scale().tolist() == [1.0, 1.0]
+    assert Learner(config(kd_gate="none")).kd_scale() is None
+
+
+def test_the_calibrators_get_their_own_learning_rate() -> None:
+    learner = Learner(config(calibrator_lr=0.05, lr=0.001))
+    groups = learner.dense_optimizer.param_groups
+    calibrators = {id(learner.model.calibrator_alpha), id(learner.model.calibrator_bias)}
+    assert [g["lr"] for g in groups] == [0.001, 0.05]
+    assert {id(p) for p in groups[1]["params"]} == calibrators
+    assert not calibrators & {id(p) for p in groups[0]["params"]}
+    assert Learner(config()).dense_optimizer.param_groups[1]["lr"] == 0.001  # 0 = the network's lr
+
+
+def test_a_checkpoint_from_before_the_new_options_loads_with_the_paper_values() -> None:
+    old = Learner(config(**PRESETS["paper"], kd_gate_window=20000, kd_gate_every=2048))
+    old.step(batch(0))
+    state = round_trip(old.state_dict())
+    for key in LEGACY_VALUES:  # as an older version wrote it
+        state["config"].pop(key)
+    state.pop("samples")
+    restored = Learner.from_state_dict(state)
+    assert restored.config == old.config and restored.trust_gate is None
+    with pytest.raises(ValueError, match="different model config"):
+        Learner(config()).load_state_dict(state)  # today's defaults are not what trained it
+
+
+def test_presets_are_complete_and_named_configs_resolve() -> None:
+    assert set(PRESETS["paper"]) == set(PRESETS["trust"])
+    assert split_config_name("crossdistil@paper") == ("crossdistil", PRESETS["paper"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        split_config_name("crossdistil@nope")
+    defaults = ModelConfig()
+    assert all(getattr(defaults, key) == value for key, value in PRESETS["trust"].items())
+
+
+@pytest.mark.parametrize("bad", [{"kd_gate": "maybe"}, {"teacher_backbone_grad": -1.0}, {"kd_warmup_samples": -5},
+                                 {"kd_gate_window": 1}])
+def test_bad_options_are_refused_with_their_name(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        config(**bad)
