@@ -11,11 +11,12 @@ default, ``--out``)::
 
 Every second it scrapes the trainer's and the serving replica's ``/metrics`` and shows per-task windowed AUC,
 AUC drift, throughput, lag and the model versions (``rich.live.Live`` on a terminal; a plain line every few
-seconds otherwise). It ends on Ctrl-C / SIGTERM, or by itself at the end of the stream once the trainer has
-read everything (consumer lag 0 and no new event for a few seconds). Then it stops the streamer, the trainer
-(SIGTERM: it writes and publishes a final checkpoint), serving, Prometheus and the broker (unless
-``--keep-kafka``), each with a deadline and SIGKILL after it, and prints where the checkpoints, logs and
-metrics are. Children are stopped on every exit path: ``finally``, ``atexit``, signal handlers, and on Linux
+seconds otherwise); with trust-gated distillation also, per task, whether the student learns from its teacher
+now and the gate's teacher and student AUC. It ends on Ctrl-C / SIGTERM, or by itself at the end of the stream
+once the trainer has read everything (consumer lag 0 and no new event for a few seconds). Then it stops the
+streamer, the trainer (SIGTERM: it writes and publishes a final checkpoint), serving, Prometheus and the broker
+(unless ``--keep-kafka``), each with a deadline and SIGKILL after it, and prints where the checkpoints, logs
+and metrics are. Children are stopped on every exit path: ``finally``, ``atexit``, signal handlers, and on Linux
 the kernel's parent-death signal if the demo itself is killed.
 
 The run folder::
@@ -325,21 +326,26 @@ def scrape(url: str, timeout_s: float = 2.0) -> tuple[Samples | None, str | None
     import urllib.error
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode("utf-8", errors="replace")
     except (urllib.error.URLError, OSError, ValueError):
         return None, None
+    return parse_samples(text), text
+
+
+def parse_samples(text: str) -> Samples | None:
+    """The samples by name of a Prometheus text exposition, or None if it does not parse."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     samples: Samples = {}
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
     except ValueError:
-        return None, text
-    return samples, text
+        return None
+    return samples
 
 
 def value(samples: Samples | None, name: str, **labels: str) -> float | None:
@@ -429,6 +435,24 @@ class Status:
         return value(self.trainer, "crossdistil_auc_drift", task=task, role="student", window=window,
                      reference=reference)
 
+    def kd_gate(self, task: str) -> float | None:
+        """The trust gate of ``task``'s distillation (1 open, 0 closed); None for a model without gating."""
+        return value(self.trainer, "crossdistil_kd_gate_open", task=task)
+
+    def kd_gate_auc(self, task: str, role: str) -> float | None:
+        """The gate's windowed prequential AUC of the ``role`` ("teacher" or "student") of ``task``."""
+        return value(self.trainer, "crossdistil_kd_gate_auc", task=task, role=role)
+
+    def distilled_share(self, task: str) -> float | None:
+        """Share of ``task``'s training steps so far with the gate open; None before the first gated step."""
+        distilled = value(self.trainer, "crossdistil_kd_gate_steps_total", task=task, outcome="distilled") or 0.0
+        steps = value(self.trainer, "crossdistil_kd_gate_steps_total", task=task)
+        return distilled / steps if steps else None
+
+    def gated(self) -> bool:
+        """Whether the trainer reports a trust gate (a model without gating exports none of its metrics)."""
+        return bool(self.trainer and "crossdistil_kd_gate_open" in self.trainer)
+
     def has_auc(self) -> bool:
         """Whether any per-task AUC is defined yet."""
         return any(self.auc(t, w) is not None for t in self.tasks() for w in self.windows())
@@ -449,6 +473,15 @@ def _fmt(x: float | None, spec: str = ".3f", none: str = "-") -> str:
 
 def _fmt_drift(x: float | None) -> str:
     return "-" if x is None else f"{x:+.3f}"
+
+
+def _fmt_gate(gate: float | None) -> str:
+    """``"on"`` / ``"off"`` for a trust gate (a KD warm-up's factor after "on" while it ramps); "-" if unknown."""
+    if gate is None:
+        return "-"
+    if gate <= 0:
+        return "off"
+    return "on" if gate >= 1 else f"on x{gate:.2f}"
 
 
 def _fmt_version(x: float | None) -> str:
@@ -491,8 +524,12 @@ def plain_line(status: Status) -> str:
     windows = status.windows()
     short = windows[0] if windows else None
     for task in status.tasks():
-        parts.append(f"{task} auc={_fmt(status.auc(task, short) if short else None)} "
-                     f"drift={_fmt_drift(status.drift(task, short, 'published') if short else None)}")
+        part = (f"{task} auc={_fmt(status.auc(task, short) if short else None)} "
+                f"drift={_fmt_drift(status.drift(task, short, 'published') if short else None)}")
+        if status.kd_gate(task) is not None:
+            part += (f" kd={_fmt_gate(status.kd_gate(task))} teacher/student="
+                     f"{_fmt(status.kd_gate_auc(task, 'teacher'))}/{_fmt(status.kd_gate_auc(task, 'student'))}")
+        parts.append(part)
     facts = dict(pipeline_facts(status))
     parts += [f"{k}={facts[k]}" for k in ("events/s", "samples/s", "consumer lag", "model")]
     return " | ".join(parts)
@@ -560,10 +597,31 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
     return Group(
         Text(f"{header}  |  {status.phase}, {elapsed:.0f} s", style="bold"),
         quality,
+        *([distillation_table(status)] if status.gated() else []),
         Panel(pipeline, title="pipeline", title_align="left"),
         procs,
         Text("\n".join(footer), style="dim"),
     )
+
+
+def distillation_table(status: Status) -> Any:
+    """Per task: whether the trust gate lets the student learn from its teacher, and the AUCs it compares."""
+    from rich.table import Table
+
+    table = Table(title="distillation per task (trust gate)", expand=True, title_justify="left",
+                  caption_justify="left",
+                  caption="A student learns from its teacher only while the teacher's AUC over the gate's recent "
+                          "window beats its own. A gate that stays off: that teacher is not worth learning from "
+                          "on this stream.")
+    table.add_column("task")
+    for name in ("distilling", "steps distilled", "teacher AUC", "student AUC"):
+        table.add_column(name, justify="right")
+    for task in status.tasks():
+        gate, share = status.kd_gate(task), status.distilled_share(task)
+        table.add_row(task, f"[green]{_fmt_gate(gate)}[/]" if gate else _fmt_gate(gate),
+                      _fmt(share, ".0%"), _fmt(status.kd_gate_auc(task, "teacher")),
+                      _fmt(status.kd_gate_auc(task, "student")))
+    return table
 
 
 def _short(window: str) -> str:

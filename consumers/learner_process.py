@@ -4,8 +4,8 @@ The trainer's loop is Python from the Kafka poll to the optimizer step, so one p
 while it trains it does not poll, decode or join (``docs/performance.md``). With a separate learner process
 the trainer (Kafka, decoding, the join, the mini-batcher, metrics, checkpoints' orchestration) hands each
 full batch to a child that encodes it and runs ``Learner.step``, and goes on ingesting while the child
-trains; the child's answers (labels and the prequential predictions) come back in order and feed the
-metrics, the ledger and freshness exactly as an in-process step does.
+trains; the child's answers (labels, the prequential predictions and the step's losses, trust-gate report
+included) come back in order and feed the metrics, the ledger and freshness exactly as an in-process step does.
 
 Nothing about the results changes: the child builds the same seeded learner and sees the same batches in the
 same order, so a replay gives bit-identical predictions either way (``tests/unit/test_learner_process.py``).

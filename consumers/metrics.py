@@ -47,6 +47,9 @@ BATCH_SIZE_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384
 IO_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 REQUEST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
+# Outcomes of a training step for a task's distillation (crossdistil_kd_gate_steps_total{task,outcome}).
+KD_GATE_OUTCOMES: tuple[str, ...] = ("distilled", "skipped")
+
 # Quality metrics exported per (task, role, window): name in StreamQuality.summary -> (metric name, help).
 _QUALITY_GAUGES: dict[str, tuple[str, str]] = {
     "auc": ("auc", "ROC AUC of prequential predictions over the last `window` samples (exact), or the lifetime AUC (window=\"lifetime\", 65,536-bin histogram)"),
@@ -184,6 +187,12 @@ class TrainerMetrics:
         self.drift_last_detection_seconds = Gauge(f"{p}_drift_last_detection_timestamp_seconds", "wall time of the last detection (unix seconds; 0 = never)", ["task", "detector"], registry=r)
         self.drift_samples_total = Counter(f"{p}_drift_samples", "per-sample losses fed to the drift detectors", ["task"], registry=r)
         self.quality_samples_total = Counter(f"{p}_quality_samples", "prequential predictions scored, per task and role", ["task", "role"], registry=r)
+        # Trust-gated distillation (models.trust_gate): series appear once the learner reports its gate.
+        self.kd_gate_open = Gauge(f"{p}_kd_gate_open", "trust gate of the task's distillation in the last training step: 1 = open (the student learned from its teacher), 0 = closed (a KD warm-up scales it while it ramps)", ["task"], registry=r)
+        self.kd_gate_auc = Gauge(f"{p}_kd_gate_auc", "the trust gate's prequential AUC of the teacher and the student over its window (model kd_gate_window samples), as of its last decision", ["task", "role"], registry=r)
+        self.kd_gate_steps_total = Counter(f"{p}_kd_gate_steps", "training steps per task with the trust gate open (outcome=\"distilled\") or closed (\"skipped\")", ["task", "outcome"], registry=r)
+        self._kd_gate_children: dict[tuple[Any, ...], Any] = {}
+        self._kd_gate_state: dict[str, dict[str, float]] = {}
         self._quality_counters: dict[tuple[str, str], Any] = {}
         self._drift_sample_counters = {task: self.drift_samples_total.labels(task) for task in self.tasks}
         for task in self.tasks:
@@ -229,6 +238,38 @@ class TrainerMetrics:
         self.batch_size.observe(size)
         self.train_step_seconds.observe(step_seconds)
         self.samples_trained_total.inc(size)
+
+    def record_learner(self, losses: Mapping[str, float]) -> None:
+        """What the learner reported for one training step (``Learner.step``'s losses, as ``train_rows`` returns).
+
+        With trust-gated distillation they hold, per task, ``gate/<task>`` (1 = distilling this step),
+        ``teacher_auc/<task>`` and ``student_auc/<task>`` (the gate's windowed prequential AUCs). A task's
+        series appear with its first gate report; a learner without gating exports none. NaN values (the AUCs
+        before the gate's first decision) leave their gauge as it was: absent until its first defined value.
+        """
+        for task in self.tasks:
+            gate = losses.get(f"gate/{task}")
+            if gate is None or math.isnan(gate):
+                continue
+            state = self._kd_gate_state.setdefault(task, {"distilled_steps": 0, "skipped_steps": 0})
+            outcome = KD_GATE_OUTCOMES[0] if gate > 0 else KD_GATE_OUTCOMES[1]
+            self._kd_gate_child(self.kd_gate_open, task).set(gate)
+            self._kd_gate_child(self.kd_gate_steps_total, task, outcome).inc()
+            state["open"] = float(gate)
+            state[f"{outcome}_steps"] += 1
+            for role in ("teacher", "student"):
+                auc = losses.get(f"{role}_auc/{task}")
+                if auc is not None and not math.isnan(auc):
+                    self._kd_gate_child(self.kd_gate_auc, task, role).set(auc)
+                    state[f"{role}_auc"] = float(auc)
+
+    def _kd_gate_child(self, metric: Any, *labels: str) -> Any:
+        """The labelled child of a trust-gate metric, created on first use (label lookups cost microseconds)."""
+        key = (metric, *labels)
+        child = self._kd_gate_children.get(key)
+        if child is None:
+            child = self._kd_gate_children[key] = metric.labels(*labels)
+        return child
 
     def watermark(self, watermark_ms: int | None) -> None:
         """The join's event-time watermark (``None`` before any event)."""
@@ -367,7 +408,9 @@ class TrainerMetrics:
 
     def snapshot(self) -> dict[str, Any]:
         """Latest quality per task, for a checkpoint manifest: ``{task: {role: {metric: {window: value}}}}``
-        plus ``{task: {"drift": {detector: detections}}}``; undefined values (NaN) become ``None``.
+        plus ``{task: {"drift_detections": {detector: detections}}}`` and, once the learner reported a trust gate
+        (``record_learner``), ``{task: {"kd_gate": {"open", "teacher_auc", "student_auc", "distilled_steps",
+        "skipped_steps"}}}``; undefined values (NaN) become ``None``.
 
         Call it from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
         summaries, drift, _ = self._quality_state(in_place=True)
@@ -381,6 +424,11 @@ class TrainerMetrics:
             }
         for task, detectors in self._detectors.items():
             out[task]["drift_detections"] = dict(detectors.detections)
+        for task, gate in self._kd_gate_state.items():
+            out[task]["kd_gate"] = {"open": gate.get("open"), "teacher_auc": gate.get("teacher_auc"),
+                                    "student_auc": gate.get("student_auc"),
+                                    "distilled_steps": int(gate["distilled_steps"]),
+                                    "skipped_steps": int(gate["skipped_steps"])}
         return out
 
 

@@ -294,8 +294,8 @@ class Pipeline:
         started = time.perf_counter()
         rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
                  "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
-        labels, scores, seconds, _losses = train_rows(self.learner, rows, self.tasks)
-        self._trained(samples, labels, scores, seconds)
+        labels, scores, seconds, losses = train_rows(self.learner, rows, self.tasks)
+        self._trained(samples, labels, scores, seconds, losses)
         self.last_batch_s = time.perf_counter() - started
 
     def collect(self, wait: bool = False) -> int:
@@ -310,15 +310,16 @@ class Pipeline:
         for (samples, submitted_at), reply in self.remote.answers(wait):
             n = int(reply["n"])
             self._trained(samples, np.frombuffer(reply["labels"], dtype=np.int8).reshape(n, width),
-                          np.frombuffer(reply["scores"], dtype=np.float32).reshape(n, width), float(reply["seconds"]))
+                          np.frombuffer(reply["scores"], dtype=np.float32).reshape(n, width), float(reply["seconds"]),
+                          reply.get("losses") or {})
             self.last_batch_s = time.perf_counter() - submitted_at  # with its wait behind the batches before it
             done += n
         return done
 
     def _trained(self, samples: list[JoinedSample], label_matrix: np.ndarray, score_matrix: np.ndarray,
-                 seconds: float) -> None:
-        """A trained batch (``train_rows``' labels and scores, one column per task) to the metrics, the ledger and
-        ``on_batch``, whichever process trained it."""
+                 seconds: float, losses: Mapping[str, float]) -> None:
+        """A trained batch (``train_rows``' labels and scores, one column per task, and its losses) to the metrics,
+        the ledger and ``on_batch``, whichever process trained it."""
         import numpy as np
 
         self.last_step_s = seconds
@@ -326,6 +327,7 @@ class Pipeline:
         scores = {task: score_matrix[:, k] for k, task in enumerate(self.tasks)}
         users = np.array([s.impression["user_id"] for s in samples], dtype=object)
         self.metrics.batch_trained(len(samples), seconds)
+        self.metrics.record_learner(losses)
         fired = self.metrics.observe(labels, scores, role="student", users=users)
         if self.ledger is not None:
             self.ledger.add([s.impression["impression_id"] for s in samples], labels, scores)

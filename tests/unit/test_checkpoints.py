@@ -122,3 +122,52 @@ def test_the_metadata_alone_is_still_verified_against_the_whole_file(tmp_path):
     newest.write_bytes(bytes(data))
     loaded = store.latest(with_tensors=False)
     assert loaded.step == 1 and loaded.metadata["note"] == "one"
+
+
+def gated_learner():
+    from models.config import ModelConfig
+    from models.learner import Learner
+
+    return Learner(ModelConfig(kd_gate="trust", teacher_task_weight=1.0, teacher_backbone_grad=0.0,
+                               kd_gate_window=64, kd_gate_every=16, hidden_dims=(8,), tower_dims=(4,)))
+
+
+def gate_batch(start: int, n: int = 24):
+    from models.features import encode_rows
+
+    rows = [{"user_id": f"u{i % 5}", "item_id": f"i{i % 11}", "features": {},
+             "labels": {"click": int(i % 3 == 0), "long_view": int(i % 4 == 1)}} for i in range(start, start + n)]
+    learner = gated_learner()
+    return encode_rows(rows, learner.config.features, learner.config.tasks)
+
+
+def test_the_learners_trust_gate_survives_a_trainer_checkpoint_exactly(tmp_path):
+    from consumers.learner_process import load_learner_checkpoint, write_learner_checkpoint
+    from consumers.trainer import unflatten_state
+
+    learner = gated_learner()
+    for k in range(5):  # 120 samples: the 64-sample window is full and the gate decided after every batch
+        learner.step(gate_batch(24 * k))
+    learner.trust_gate.since_decision = 5  # mid-way to the next decision, so that counter must be kept too
+    saved = {name: value.clone() if isinstance(value, torch.Tensor) else value
+             for name, value in learner.trust_gate.state_dict().items()}
+    assert torch.isfinite(saved["teacher_auc"]).all() and saved["filled"] == 64
+    written = write_learner_checkpoint(learner, CheckpointStore(tmp_path), {"note": "gated"}, None)
+
+    checkpoint = CheckpointStore(tmp_path).latest()  # the trainer's restore, learner in process ...
+    in_process = gated_learner()
+    in_process.load_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+    in_child = gated_learner()  # ... and the learner process's
+    assert load_learner_checkpoint(in_child, written["path"]) == 5
+    for restored in (in_process, in_child):
+        for name, value in saved.items():
+            got = restored.trust_gate.state_dict()[name]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(got, value, rtol=0, atol=0, equal_nan=True)
+            else:
+                assert got == value, name
+    expected, _ = learner.step(gate_batch(120))  # the next step gates, and re-decides, the same way
+    for restored in (in_process, in_child):
+        losses, _ = restored.step(gate_batch(120))
+        assert {k: v for k, v in losses.items() if "gate" in k or "auc" in k} == \
+               {k: v for k, v in expected.items() if "gate" in k or "auc" in k}

@@ -107,6 +107,7 @@ def exported_names() -> set[str]:
     metrics.dead_letter("empty")
     metrics.events_consumed("impressions", 1)
     metrics.batch_trained(1, 0.1)
+    metrics.record_learner({"gate/click": 1.0, "teacher_auc/click": 0.7, "student_auc/click": 0.6})  # trust gate
     metrics.checkpoint_written(0.1)
     metrics.published(1, 0.1, 1.0)
     serving = ServingMetrics(registry)

@@ -177,3 +177,39 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
                               check_config=False, torch_threads=1, from_time=None, exit_when_idle=None,
                               ledger=None, log_level="WARNING")
     assert trainer_module.run(args) == 6
+
+
+GATED = ["model.options={hidden_dims = [8], tower_dims = [4], embedding_dim = 4, kd_gate = 'trust', "
+         "kd_gate_window = 256, kd_gate_every = 64, features = {categorical = ['user_id', 'item_id'], "
+         "hash_buckets = 1024}}", "join.attribution_window_s={click = 5, long_view = 30}", "batching.batch_size=64"]
+
+
+def gate_samples(cfg, events) -> tuple[dict, int]:
+    """The trust-gate series a replay leaves in the trainer's metrics, and the learner's steps."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pipeline = Pipeline(cfg, clock=None)
+    try:
+        for topic, event in events:
+            pipeline.ingest([dict(event)], (topic, 0))
+            pipeline.train_ready()
+        pipeline.flush()
+        text = generate_latest(pipeline.metrics.registry).decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) if f.name.startswith("crossdistil_kd_gate")
+                   for s in f.samples if not s.name.endswith("_created")}
+        return samples, pipeline.learner.steps
+    finally:
+        pipeline.close()
+
+
+def test_the_learner_process_reports_the_trust_gate_to_the_metrics_as_a_learner_in_process_does() -> None:
+    events = synthetic_events(1500)
+    inline, steps = gate_samples(load_config(None, env={}, overrides=GATED), events)
+    separate, _ = gate_samples(load_config(None, env={}, overrides=GATED + ["model.separate_process=true"]), events)
+    assert separate == inline
+    counted = sum(v for (name, labels), v in inline.items()
+                  if name == "crossdistil_kd_gate_steps_total" and ("task", "click") in labels)
+    assert counted == steps > 10
+    assert ("crossdistil_kd_gate_auc", (("role", "teacher"), ("task", "click"))) in inline  # decided at least once

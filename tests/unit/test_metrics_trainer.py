@@ -227,3 +227,53 @@ def test_in_place_snapshot_reads_the_same_values_as_a_scrape_copy() -> None:
     in_place, _, _ = metrics._quality_state(in_place=True)
     assert repr(sorted(copied.items())) == repr(sorted(in_place.items()))  # repr: NaN compares equal to itself
     assert metrics.snapshot()["click"]["student"]["auc"]["200"] == in_place[("click", "student")]["auc"]["200"]
+
+
+# -- trust-gated distillation (TrainerMetrics.record_learner) ------------------------------------------------
+
+GATED_STEP = {"total": 1.2, "bce/click": 0.6, "kd/click": 0.1, "gate/click": 1.0, "teacher_auc/click": 0.74,
+              "student_auc/click": 0.71, "gate/like": 0.0, "teacher_auc/like": 0.62, "student_auc/like": 0.69}
+
+
+def test_the_trust_gate_report_of_a_step_sets_its_gauges_and_counts_the_step_per_task() -> None:
+    metrics = TrainerMetrics(["click", "like"], windows=(10,))
+    metrics.record_learner(GATED_STEP)
+    metrics.record_learner({**GATED_STEP, "gate/click": 0.0})
+    assert value(metrics, "crossdistil_kd_gate_open", task="click") == 0.0
+    assert value(metrics, "crossdistil_kd_gate_open", task="like") == 0.0
+    assert value(metrics, "crossdistil_kd_gate_auc", task="click", role="teacher") == 0.74
+    assert value(metrics, "crossdistil_kd_gate_auc", task="like", role="student") == 0.69
+    assert value(metrics, "crossdistil_kd_gate_steps_total", task="click", outcome="distilled") == 1
+    assert value(metrics, "crossdistil_kd_gate_steps_total", task="click", outcome="skipped") == 1
+    assert value(metrics, "crossdistil_kd_gate_steps_total", task="like", outcome="skipped") == 2
+    assert value(metrics, "crossdistil_kd_gate_steps_total", task="like", outcome="distilled") is None
+
+
+def test_undefined_gate_aucs_are_not_exported_and_do_not_overwrite_a_defined_one() -> None:
+    metrics = TrainerMetrics(["click"], windows=(10,))
+    before_decision = {"gate/click": 0.0, "teacher_auc/click": math.nan, "student_auc/click": math.nan}
+    metrics.record_learner(before_decision)
+    assert value(metrics, "crossdistil_kd_gate_open", task="click") == 0.0
+    assert "crossdistil_kd_gate_auc" not in {s.name for f in families(metrics.registry).values() for s in f.samples}
+    metrics.record_learner(GATED_STEP)
+    metrics.record_learner({**before_decision, "teacher_auc/click": 0.8})  # the student's AUC undefined again
+    assert value(metrics, "crossdistil_kd_gate_auc", task="click", role="teacher") == 0.8
+    assert value(metrics, "crossdistil_kd_gate_auc", task="click", role="student") == 0.71
+
+
+def test_a_learner_without_trust_gate_exports_no_gate_series() -> None:
+    metrics = TrainerMetrics(["click", "like"], windows=(10,))
+    metrics.record_learner({"total": 0.7, "bce/click": 0.4, "bce/like": 0.3, "kd/click": 0.1})
+    samples = {s.name for f in families(metrics.registry).values() for s in f.samples}
+    assert not {name for name in samples if name.startswith("crossdistil_kd_gate")}
+    assert "kd_gate" not in metrics.snapshot()["click"]
+
+
+def test_the_snapshot_holds_the_trust_gate_as_plain_values() -> None:
+    metrics = TrainerMetrics(["click", "like"], windows=(10,))
+    metrics.record_learner({**GATED_STEP, "teacher_auc/like": math.nan})
+    snapshot = metrics.snapshot()
+    json.dumps(snapshot, allow_nan=False)
+    assert snapshot["click"]["kd_gate"] == {"open": 1.0, "teacher_auc": 0.74, "student_auc": 0.71,
+                                            "distilled_steps": 1, "skipped_steps": 0}
+    assert snapshot["like"]["kd_gate"]["teacher_auc"] is None

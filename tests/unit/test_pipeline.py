@@ -135,3 +135,32 @@ def test_river_pipeline_state_round_trip_continues_identically() -> None:
     second.load_state_dict(first.state_dict(), now=first.clock())
     rest = replay(second, messages[25:])
     assert np.array_equal(rest[-1][1]["click"], expected[-1][1]["click"])
+
+
+GATED = ("model.options={rung = 'crossdistil', kd_gate = 'trust', embedding_dim = 4, hidden_dims = [8], "
+         "tower_dims = [4], kd_gate_window = 64, kd_gate_every = 16}")
+
+
+def test_the_learners_trust_gate_reaches_the_trainer_metrics_after_every_step() -> None:
+    cfg = load_config(None, env={}, overrides=[
+        "model.tasks=['click', 'like']", "join.attribution_window_s={click = 5, like = 10}", "batching.batch_size=4",
+        "batching.max_batch_delay_s=1e9", GATED, "metrics.windows=[8, 16]"])
+    pipeline = Pipeline(cfg, clock=None)
+    replay(pipeline, stream())
+    metrics, gate = pipeline.metrics.registry, pipeline.learner.trust_gate
+    steps = [metrics.get_sample_value("crossdistil_kd_gate_steps_total", {"task": task, "outcome": outcome}) or 0
+             for task in ("click", "like") for outcome in ("distilled", "skipped")]
+    assert sum(steps[:2]) == sum(steps[2:]) == pipeline.learner.steps == 10
+    assert metrics.get_sample_value("crossdistil_kd_gate_open", {"task": "click"}) in (0.0, 1.0)
+    teacher = metrics.get_sample_value("crossdistil_kd_gate_auc", {"task": "click", "role": "teacher"})
+    assert teacher == pytest.approx(float(gate.teacher_auc[0]))
+    # No like was ever given: the gate's AUCs of like are undefined, so not exported.
+    assert metrics.get_sample_value("crossdistil_kd_gate_auc", {"task": "like", "role": "teacher"}) is None
+
+
+def test_a_model_without_trust_gate_adds_no_gate_metrics() -> None:
+    pipeline = Pipeline(config(), clock=None)  # the mtl rung: no teachers to distil from
+    replay(pipeline, stream())
+    assert pipeline.metrics.registry.get_sample_value("crossdistil_kd_gate_open", {"task": "click"}) is None
+    assert pipeline.metrics.registry.get_sample_value(
+        "crossdistil_kd_gate_steps_total", {"task": "click", "outcome": "skipped"}) is None

@@ -1,0 +1,67 @@
+"""The demo's live view (consumers.demo): what it shows from a trainer's /metrics, without starting anything."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from consumers.demo import Status, parse_samples, plain_line, render
+from consumers.metrics import TrainerMetrics
+
+pytestmark = pytest.mark.unit
+
+
+def status_of(metrics: TrainerMetrics) -> Status:
+    status = Status()
+    status.update(parse_samples(generate_latest(metrics.registry).decode()), None, 0.0)
+    return status
+
+
+def a_trainer(gated: bool) -> TrainerMetrics:
+    metrics = TrainerMetrics(["click", "like"], windows=(100,))
+    y = np.array([0, 1] * 50)
+    metrics.observe({"click": y, "like": y}, {"click": np.where(y == 1, 0.7, 0.2), "like": np.full(100, 0.5)})
+    losses = {"total": 1.0, "bce/click": 0.5, "bce/like": 0.5}
+    if gated:
+        losses |= {"gate/click": 1.0, "teacher_auc/click": 0.74, "student_auc/click": 0.71,
+                   "gate/like": 0.0, "teacher_auc/like": math.nan, "student_auc/like": math.nan}
+    metrics.record_learner(losses)
+    return metrics
+
+
+def text_of(renderable) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_the_status_line_shows_each_tasks_trust_gate_and_its_aucs() -> None:
+    line = plain_line(status_of(a_trainer(gated=True)))
+    assert "click auc=1.000 drift=- kd=on teacher/student=0.740/0.710" in line
+    assert "like auc=0.500 drift=- kd=off teacher/student=-/-" in line
+
+
+def test_the_status_line_of_a_model_without_trust_gate_is_unchanged() -> None:
+    line = plain_line(status_of(a_trainer(gated=False)))
+    assert "kd=" not in line and "click auc=1.000 drift=- |" in line
+
+
+def distillation_rows(view: str) -> dict[str, list[str]]:
+    """The cells of the distillation table, by task."""
+    table = view.split("distillation per task (trust gate)", 1)[1].split("└", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("│ ").split("│")]
+            for line in table.splitlines() if line.startswith("│")]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_the_live_view_shows_distillation_per_task_only_for_a_gated_model() -> None:
+    gated = text_of(render(status_of(a_trainer(gated=True)), "header", [], ["footer"]))
+    assert distillation_rows(gated) == {"click": ["on", "100%", "0.740", "0.710"], "like": ["off", "0%", "-", "-"]}
+    plain = text_of(render(status_of(a_trainer(gated=False)), "header", [], ["footer"]))
+    assert "distillation" not in plain and "trust gate" not in plain
