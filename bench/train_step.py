@@ -9,7 +9,11 @@ Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item,
 * ``breakdown``: share of a step spent on the embedding side (lookup, its backward, its optimizer) vs the
   dense side (backbone, towers, losses, their backward and optimizer);
 * ``table_sizes``: step time at tables of 2^16, 2^19 and 2^22 rows (target: sparse changes <= 20 %);
-* ``encode``: ``encode_rows`` rows/s, cold (hash cache empty) and warm.
+* ``encode``: ``encode_rows`` rows/s, cold (hash cache empty) and warm;
+* ``configs``: step time of each configuration of ``--compare`` (default ``mtl``, the default ``crossdistil``
+  and ``crossdistil@paper``) at each batch size, measured in interleaved rounds, and its ratio to ``mtl`` (median
+  of the per-round ratios: the machine's load hits every configuration alike). ``--only-compare`` measures this
+  alone (about a minute).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.config import ModelConfig  # noqa: E402
+from models.config import ModelConfig, split_config_name  # noqa: E402
 from models.crossdistil import crossdistil_loss  # noqa: E402
 from models.features import FeatureSpec, encode_rows, hash_bucket  # noqa: E402
 from models.learner import Learner  # noqa: E402
@@ -53,9 +57,33 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
     ]
 
 
-def config(buckets: int, sparse: bool, bf16: bool) -> ModelConfig:
+def config(buckets: int, sparse: bool, bf16: bool, name: str = "crossdistil") -> ModelConfig:
+    rung, preset = split_config_name(name)
     return ModelConfig(tasks=TASKS, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
-                       sparse_embeddings=sparse, bf16=bf16)
+                       sparse_embeddings=sparse, bf16=bf16, rung=rung, **preset)
+
+
+def compare_configs(names: list[str], batch_sizes: list[int], rows: list[dict], buckets: int, device: torch.device,
+                    rounds: int, steps: int, bf16: bool) -> list[dict]:
+    """Step time of each named configuration, interleaved over ``rounds``; ratio to the first, per round."""
+    out = []
+    for size in batch_sizes:
+        spec = config(buckets, True, False).features
+        batches = [encode_rows(rows[i * size:(i + 1) * size], spec, TASKS) for i in range(3)]
+        learners = {name: Learner(config(buckets, True, bf16, name), device=device) for name in names}
+        for learner in learners.values():
+            time_steps(learner, batches, len(batches), 1)  # touch every row once
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name, learner in learners.items():
+                times[name].append(time_steps(learner, batches, 0, steps))
+        base = names[0]
+        entry: dict = {"batch": size, "step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+                       f"ratio_to_{base}": {n: statistics.median(a / b for a, b in zip(t, times[base]))
+                                            for n, t in times.items()}}
+        out.append(entry)
+        del learners
+    return out
 
 
 def make_sync(device: torch.device):
@@ -126,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3 = one pass over the batches)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the table-size sweep")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
+                        help="configurations (RUNG or RUNG@PRESET) whose step cost is compared, the first as base")
+    parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")
     # One thread by default on CPU: on a shared 2-core machine two OpenMP threads per process oversubscribe
     # the cores and a step gets ~10x slower and noisy (measured: 24 ms vs 241 ms at batch 256).
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
@@ -149,11 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "bf16": args.bf16,
-        "model": {"backbone": "shared_bottom", "rung": "crossdistil", **SPEC_FIELDS, "embedding_dim": 16,
+        "model": {"backbone": "shared_bottom", "rung": "crossdistil (default options)", **SPEC_FIELDS, "embedding_dim": 16,
                   "hidden_dims": [128], "tower_dims": [64, 32]},
         "encode": {"rows": 4096, "cold_rows_per_s": 4096 / cold, "warm_rows_per_s": 4096 / warm},
         "throughput": [], "breakdown": [], "table_sizes": [],
     }
+
+    result["configs"] = compare_configs(args.compare.split(","), batch_sizes, rows, 2**args.default_log2, device,
+                                        args.rounds, args.steps, args.bf16)
+    if args.only_compare:
+        result["wall_s"] = time.perf_counter() - started
+        print(json.dumps(result, indent=2))
+        return 0
 
     def batches_of(size: int, buckets: int) -> list:
         spec_b = config(buckets, True, False).features

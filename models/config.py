@@ -63,7 +63,7 @@ class ModelConfig:
     and "the next task, cyclically" for K > 2. ``kd_weight`` is alpha_k and ``aux_weight`` beta_k: one number
     for all tasks or a mapping task -> weight.
 
-    >>> cfg = ModelConfig(tasks=("click", "long_view"), backbone="mmoe")
+    >>> cfg = ModelConfig(tasks=("click", "long_view"), backbone="mmoe", rung="crossdistil")
     >>> cfg.partner_of("click")
     'long_view'
     >>> ModelConfig.from_dict(cfg.to_dict()) == cfg
@@ -73,7 +73,9 @@ class ModelConfig:
     tasks: tuple[str, ...] = ("click", "long_view")
     partners: dict[str, str] = field(default_factory=dict)
     backbone: str = "shared_bottom"
-    rung: str = "crossdistil"
+    # mtl: the best measured rung (reports/kuairand_pure/README.md: no CrossDistil variant beats it); choose
+    # "crossdistil" (with the trust-gate options below) or "crossdistil@paper" knowingly.
+    rung: str = "mtl"
     features: FeatureSpec = field(default_factory=FeatureSpec)
 
     # sizes

@@ -7,6 +7,7 @@ L = sum_k [BCE(s_k, y_k) + alpha_k L_kd,k + beta_k L_aux,k + L_cal,k], with the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -182,8 +183,12 @@ def crossdistil_loss(
         else:
             teacher_logits = r  # rung "kd": uncalibrated sigmoid(r_k)
         if cfg.distills:
-            corrected = correct_errors(teacher_logits, y, cfg.correction_mode, cfg.correction_margin, cfg.correction_mix)
-            terms["kd"] = kd_loss(s, corrected, cfg.kd_temperature)
+            # Every alpha_k scaled to 0 (a closed trust gate): the term is measured, not differentiated.
+            idle = kd_scale is not None and not bool(kd_scale.any())
+            with torch.no_grad() if idle else contextlib.nullcontext():
+                corrected = correct_errors(teacher_logits, y, cfg.correction_mode, cfg.correction_margin,
+                                           cfg.correction_mix)
+                terms["kd"] = kd_loss(s, corrected, cfg.kd_temperature)
     elif cfg.rung == "direct_kd":
         terms["kd"] = kd_loss(s, s[:, partner], cfg.kd_temperature)  # student j's logit, stopped inside kd_loss
 

@@ -92,6 +92,12 @@ def quadruplet_loss(
         weight = partner_weight if decided_by_partner(high_level, low_level) else 1.0
         if len(high) == 0 or len(low) == 0 or weight == 0.0:
             continue
+        if users_cpu is None and len(high) * len(low) <= max_pairs_per_level:
+            # Every pair, as one [high, low] matrix of differences: no index tensors to build (same value).
+            high_scores, low_scores = scores[high.to(scores.device)], scores[low.to(scores.device)]
+            differences = high_scores[:, None] - low_scores[None, :]
+            total = total + weight * F.softplus(margin - differences).mean()
+            continue
         a, b = sample_level_pairs(high, low, max_pairs_per_level, generator, users_cpu)
         if len(a) == 0:
             continue

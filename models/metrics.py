@@ -39,7 +39,7 @@ def _as_1d(a: ArrayLike, name: str) -> np.ndarray:
 
 def _rank_average(scores: np.ndarray) -> np.ndarray:
     """1-based ranks of ``scores`` with tied values sharing their average rank (O(n log n))."""
-    order = np.argsort(scores, kind="mergesort")
+    order = np.argsort(scores)  # quicksort (~3x a stable sort): tied runs get their average rank below anyway
     sorted_scores = scores[order]
     # Boundaries of runs of equal values in the sorted order.
     starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])

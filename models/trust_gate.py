@@ -50,10 +50,11 @@ class TrustGate:
         if rows >= self.window:  # only the newest window of a huge batch matters
             labels, student, teacher = labels[-self.window:], student[-self.window:], teacher[-self.window:]
             rows = self.window
-        index = (self.position + torch.arange(rows)) % self.window
-        self.labels[index] = labels.detach().float().cpu()
-        self.student[index] = student.detach().float().cpu()
-        self.teacher[index] = teacher.detach().float().cpu()
+        first = min(rows, self.window - self.position)  # rows up to the end of the ring, then the rest from 0
+        for buffer, values in ((self.labels, labels), (self.student, student), (self.teacher, teacher)):
+            values = values.detach().float().cpu()
+            buffer[self.position:self.position + first] = values[:first]
+            buffer[:rows - first] = values[first:]
         self.position = int((self.position + rows) % self.window)
         self.filled = min(self.window, self.filled + rows)
         self.since_decision += rows

@@ -128,7 +128,7 @@ def gated_learner():
     from models.config import ModelConfig
     from models.learner import Learner
 
-    return Learner(ModelConfig(kd_gate="trust", teacher_task_weight=1.0, teacher_backbone_grad=0.0,
+    return Learner(ModelConfig(rung="crossdistil", kd_gate="trust", teacher_task_weight=1.0, teacher_backbone_grad=0.0,
                                kd_gate_window=64, kd_gate_every=16, hidden_dims=(8,), tower_dims=(4,)))
 
 

@@ -21,7 +21,7 @@ TASKS = ("click", "long_view")
 def small_config(**overrides) -> ModelConfig:
     base = dict(
         tasks=TASKS, features=FeatureSpec(categorical=("user_id", "item_id"), numeric=("watch",), hash_buckets=2**10),
-        hidden_dims=(16,), tower_dims=(8,), num_experts=2, seed=3, **PRESETS["paper"],
+        hidden_dims=(16,), tower_dims=(8,), num_experts=2, seed=3, rung="crossdistil", **PRESETS["paper"],
     )
     base.update(overrides)
     return ModelConfig(**base)

@@ -20,7 +20,7 @@ def small_config(**overrides) -> ModelConfig:
     base = dict(
         tasks=TASKS,
         features=FeatureSpec(categorical=("user_id", "item_id", "hour"), numeric=("watch",), hash_buckets=2**10),
-        hidden_dims=(16,), tower_dims=(8,), num_experts=2, max_pairs_per_level=16, seed=11,
+        hidden_dims=(16,), tower_dims=(8,), num_experts=2, max_pairs_per_level=16, seed=11, rung="crossdistil",
     )
     base.update(overrides)
     return ModelConfig(**base)

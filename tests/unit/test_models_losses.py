@@ -193,3 +193,28 @@ def test_every_mode_keeps_or_moves_the_soft_label_toward_the_truth(z: list[float
     for mode in ("clamp", "mix", "none"):
         after = (torch.sigmoid(correct_errors(z_t, y, mode, margin=margin, mix=mix)) - y).abs()
         assert bool((after <= before + 1e-5).all()), mode  # 1e-5: logit(eps=1e-6) round trip in "mix"
+
+
+def test_partner_weight_scales_only_the_pairs_the_partner_decides() -> None:
+    import torch.nn.functional as F
+
+    from models.losses import decided_by_partner
+
+    scores = torch.tensor([0.3, -0.2, 0.5, 0.1])
+    categories = torch.tensor([3, 2, 1, 0])  # one row per level: pairs (3,2), (2,1), (1,0)
+    full = quadruplet_loss(scores, categories)
+    own_only = quadruplet_loss(scores, categories, partner_weight=0.0)
+    assert torch.allclose(own_only, F.softplus(-(scores[1] - scores[2])))  # (2, 1): the only pair about task k
+    half = quadruplet_loss(scores, categories, partner_weight=0.5)
+    assert torch.allclose(half, own_only + 0.5 * (full - own_only))
+    assert [decided_by_partner(h, lo) for h, lo in ((3, 2), (2, 1), (1, 0), (3, 1), (2, 0))] == \
+        [True, False, True, False, False]
+
+
+def test_every_pair_at_once_equals_the_indexed_pairs() -> None:
+    torch.manual_seed(1)
+    scores, categories = torch.randn(40), torch.randint(0, 4, (40,))
+    dense = quadruplet_loss(scores, categories, max_pairs_per_level=10_000)  # all pairs, as a matrix
+    users = torch.zeros(40, dtype=torch.long)  # one user: same-user pairs are all pairs, built from indices
+    indexed = quadruplet_loss(scores, categories, max_pairs_per_level=10_000, users=users)
+    assert torch.allclose(dense, indexed)

@@ -20,7 +20,8 @@ TASKS = ("click", "long_view")
 
 def config(**overrides) -> ModelConfig:
     base = dict(tasks=TASKS, features=FeatureSpec(categorical=("user_id", "item_id"), hash_buckets=2**10),
-                hidden_dims=(8,), tower_dims=(4,), max_pairs_per_level=16, seed=5, kd_gate_window=64, kd_gate_every=16)
+                hidden_dims=(8,), tower_dims=(4,), max_pairs_per_level=16, seed=5, kd_gate_window=64, kd_gate_every=16,
+                rung="crossdistil")
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -158,6 +159,7 @@ def test_presets_are_complete_and_named_configs_resolve() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         split_config_name("crossdistil@nope")
     defaults = ModelConfig()
+    assert defaults.rung == "mtl"  # the best measured rung; the teacher options default to the trust preset
     assert all(getattr(defaults, key) == value for key, value in PRESETS["trust"].items())
 
 
