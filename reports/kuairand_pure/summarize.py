@@ -1,0 +1,84 @@
+"""Acceptance tables of reports/kuairand_pure from results.json: paired differences to mtl, per backbone.
+
+For each task pair, window (split ``test``, prequential ``tail`` and ``all``) and configuration: the paired
+difference to ``mtl`` (same backbone and seed) of the mean test AUC over the pair's two tasks, of each task's AUC,
+and of the per-user NDCG@10 of the combined score, as mean ± standard error over seeds; ``*`` marks
+|mean| > 2 standard errors. The last columns check the issue's bar: mean-AUC gain >= +0.002 and > 2 s.e.
+("AUC bar"), or combined NDCG@10 gain >= +0.005 and > 2 s.e. with no task losing more than 0.001 AUC ("NDCG bar").
+
+    python reports/kuairand_pure/summarize.py reports/kuairand_pure/results.json > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+
+WINDOWS = {"split": ("test",), "prequential": ("tail", "all")}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def cell(values: list[float]) -> str:
+    mean, se = mean_se(values)
+    if not math.isfinite(mean):
+        return "–"
+    star = "*" if math.isfinite(se) and se > 0 and abs(mean) > 2 * se else ""
+    return f"{mean:+.4f} ± {se:.4f}{star}"
+
+
+def main(path: str) -> None:
+    runs = json.load(open(path))["runs"]
+    index = {(tuple(r["tasks"]), r["mode"], r["backbone"], r["config"], r["seed"]): r for r in runs}
+    groups = defaultdict(set)
+    for tasks, mode, backbone, config, seed in index:
+        groups[(tasks, mode)].add(backbone)
+    configs = list(dict.fromkeys(r["config"] for r in runs if r["config"] != "mtl"))
+    for (tasks, mode), backbones in groups.items():
+        backbones = [b for b in ("shared_bottom", "mmoe", "ple", "cross_stitch") if b in backbones]
+        for window in WINDOWS[mode]:
+            print(f"### ({', '.join(tasks)}), {mode}, window `{window}`\n")
+            print(f"| config | backbone | Δ mean AUC | Δ AUC {tasks[0]} | Δ AUC {tasks[1]} | Δ combined NDCG@10 "
+                  "| AUC bar | NDCG bar |")
+            print("|---|---|---|---|---|---|---|---|")
+            for config in configs:
+                passes_auc = passes_ndcg = 0
+                for backbone in backbones:
+                    pairs = [(index[(tasks, mode, backbone, config, s)], index[(tasks, mode, backbone, "mtl", s)])
+                             for (t, m, b, c, s) in index if (t, m, b, c) == (tasks, mode, backbone, config)
+                             and (tasks, mode, backbone, "mtl", s) in index]
+                    if not pairs:
+                        continue
+                    auc = {t: [a["metrics"][window][t]["auc"] - b["metrics"][window][t]["auc"] for a, b in pairs]
+                           for t in tasks}
+                    mean_auc = [sum(auc[t][i] for t in tasks) / len(tasks) for i in range(len(pairs))]
+                    ndcg = [a["combined"][window]["ndcg10"] - b["combined"][window]["ndcg10"] for a, b in pairs
+                            if a.get("combined") and b.get("combined")]
+                    m, se = mean_se(mean_auc)
+                    auc_ok = math.isfinite(se) and m >= 0.002 and m > 2 * se
+                    n, nse = mean_se(ndcg)
+                    worst = min(mean_se(auc[t])[0] for t in tasks)
+                    ndcg_ok = math.isfinite(nse) and n >= 0.005 and n > 2 * nse and worst >= -0.001
+                    passes_auc += auc_ok
+                    passes_ndcg += ndcg_ok
+                    print(f"| {config} | {backbone} | {cell(mean_auc)} | {cell(auc[tasks[0]])} | "
+                          f"{cell(auc[tasks[1]])} | {cell(ndcg)} | {'yes' if auc_ok else 'no'} | "
+                          f"{'yes' if ndcg_ok else 'no'} |")
+                print(f"| **{config}** | **backbones passing** | | | | | **{passes_auc}/{len(backbones)}** | "
+                      f"**{passes_ndcg}/{len(backbones)}** |")
+            print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
