@@ -100,6 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of events; split mode trains on the first 90%% of them and tests on the last 10%%, "
                              "prequential's tail window is their last 10%% (--tail-fraction is ignored)")
     parser.add_argument("--title", default="", help="title of report.md (default: the data set's name)")
+    parser.add_argument("--variant", default="",
+                        help="name of this command's --model-option set: every configuration but mtl is reported as "
+                             "CONFIG[VARIANT], so runs of several commands merged with --from-results stay apart; "
+                             "mtl keeps its name as the common baseline, so name only options that leave mtl as it "
+                             "is (teacher, distillation and gate options)")
     parser.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
                         help="do not train: merge these results.json files and write the report to --out")
 
@@ -276,6 +281,11 @@ def parse_configs(text: str) -> list[str]:
     return names
 
 
+def variant_name(config: str, variant: str) -> str:
+    """``crossdistil@trust`` with variant ``kd0.3`` -> ``crossdistil@trust[kd0.3]``; mtl and no variant unchanged."""
+    return f"{config}[{variant}]" if variant and config != "mtl" else config
+
+
 def make_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
                  model_options: dict[str, Any], device: str) -> Any:
     """A fresh, seeded ``models.learner.Learner`` for one run (a ``RiverLearner`` for the river configs)."""
@@ -392,7 +402,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                 progress.console.log(f"{mode} {backbone} {rung} seed {seed}: {window} AUC {aucs} "
                                      f"({result.seconds:.1f}s)")
                 runs.append({
-                    "tasks": list(tasks), "config": rung, "backbone": backbone, "seed": seed,
+                    "tasks": list(tasks), "config": variant_name(rung, args.variant), "backbone": backbone,
+                    "seed": seed,
                     **dataclasses.asdict(result),
                 })
     return {

@@ -137,3 +137,21 @@ def test_validation_run_records_its_rows_and_never_scores_the_test_split(tmp_pat
     assert by_mode["prequential"]["metrics"]["tail"][task]["n"] == 48
     assert by_mode["split"]["combined"]["test"]["weights"] == [1.0, 0.5]
     assert "the test split was not used" in (tmp_path / "report.md").read_text()
+
+
+def test_configs_accept_rungs_river_baselines_and_presets_and_name_unknown_ones() -> None:
+    from consumers.evaluate import parse_configs
+
+    assert parse_configs("mtl,crossdistil@trust,river_lr") == ["mtl", "crossdistil@trust", "river_lr"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        parse_configs("crossdistil@nope")
+    with pytest.raises(ValueError, match="unknown 'bogus'"):
+        parse_configs("mtl,bogus")
+
+
+def test_a_variant_names_every_configuration_but_the_mtl_baseline() -> None:
+    from consumers.evaluate import variant_name
+
+    assert variant_name("crossdistil@trust", "kd0.3") == "crossdistil@trust[kd0.3]"
+    assert variant_name("mtl", "kd0.3") == "mtl"
+    assert variant_name("aux", "") == "aux"
