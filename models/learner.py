@@ -166,13 +166,27 @@ class Learner:
                 "build the learner with Learner.from_state_dict(state) to use the saved config"
             )
         self.model.load_state_dict(state["model"])
-        self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        self.dense_optimizer.load_state_dict(self._upgraded_dense_state(state["dense_optimizer"]))
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
         self.pair_generator.set_state(state["pair_generator"])
         self.steps = int(state["steps"])
         self.samples = int(state.get("samples", 0))
         if self.trust_gate is not None and "trust_gate" in state:
             self.trust_gate.load_state_dict(state["trust_gate"])
+
+    def _upgraded_dense_state(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A dense-optimizer state written before the calibrators had a parameter group of their own, split.
+
+        The calibrators are the model's last two parameters, so they were the last two of the single group, with
+        the same state indices they have now (indices run over all groups in order).
+        """
+        groups = saved["param_groups"]
+        if len(groups) != 1 or len(self.dense_optimizer.param_groups) != 2:
+            return saved
+        old = groups[0]
+        network = {**old, "params": old["params"][:-2]}
+        calibrators = {**old, "params": old["params"][-2:], "lr": self.config.calibrator_lr or old["lr"]}
+        return {**saved, "param_groups": [network, calibrators]}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], device: str | torch.device = "cpu") -> Learner:

@@ -168,3 +168,15 @@ def test_presets_are_complete_and_named_configs_resolve() -> None:
 def test_bad_options_are_refused_with_their_name(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         config(**bad)
+
+
+def test_an_optimizer_state_from_before_the_calibrators_own_group_is_split_on_load() -> None:
+    old = Learner(config(**PRESETS["paper"], kd_gate_window=20000, kd_gate_every=2048))
+    old.step(batch(0))
+    state = round_trip(old.state_dict())
+    network, calibrators = state["dense_optimizer"]["param_groups"]
+    state["dense_optimizer"]["param_groups"] = [{**network, "params": network["params"] + calibrators["params"]}]
+    restored = Learner.from_state_dict(state)  # as an older version wrote it: one group for every dense parameter
+    assert [len(g["params"]) for g in restored.dense_optimizer.param_groups] == [len(network["params"]), 2]
+    reference = Learner.from_state_dict(round_trip(old.state_dict()))
+    assert restored.step(batch(32))[0] == reference.step(batch(32))[0]
