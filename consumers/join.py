@@ -565,3 +565,25 @@ class AttributionJoin:
         while order and order[0][0] < forget_before:
             _, impression_id = order.popleft()
             del self._completed[impression_id]
+
+
+def late_feedback_warning(counters: Mapping[str, int], reported: int) -> str | None:
+    """The trainer's log line when feedback was judged late since the last report, else None.
+
+    ``reported`` is the ``late_feedback`` count at that report. Late feedback is dropped by design (its
+    impression's window had closed in event time), so a producer that sends feedback far out of event-time order
+    loses labels silently unless someone says so.
+
+    >>> late_feedback_warning({"late_feedback": 7, "feedback": 100}, 2)[:58]
+    '5 feedback events arrived after their impression had been '
+    >>> late_feedback_warning({"late_feedback": 2, "feedback": 100}, 2) is None
+    True
+    """
+    late = int(counters.get("late_feedback", 0))
+    if late <= reported:
+        return None
+    total = max(int(counters.get("feedback", 0)), late)
+    return (f"{late - reported} feedback events arrived after their impression had been emitted and were dropped "
+            f"({late} of {total} feedback events so far, {late / total:.1%}): the producer sends feedback out of "
+            "event-time order (e.g. envelopes spanning days) or join.attribution_window_s / join.allowed_lateness_s "
+            "are too short for this stream")

@@ -325,6 +325,7 @@ class Trainer:
         skew_s = longest_window_s if cfg.join.max_skew_s == -1 else cfg.join.max_skew_s
         self.max_skew_ms = int(skew_s * 1000) if skew_s > 0 else None
         self.lateness_ms = int(cfg.join.allowed_lateness_s * 1000)
+        self._late_feedback_reported = 0  # late_feedback count at the last log warning (_warn_late_feedback)
         self.paused: set = set()
         self.partition_pauses = 0  # partitions paused so far (a partition paused twice counts twice)
 
@@ -693,6 +694,15 @@ class Trainer:
             return True
         return bool(c.every_s) and now - self.last_checkpoint_at >= c.every_s
 
+    def _warn_late_feedback(self) -> None:
+        """Say in the log, at most once per checkpoint, that labels were dropped as late since the last time."""
+        from consumers.join import late_feedback_warning
+
+        message = late_feedback_warning(self.join.counters, self._late_feedback_reported)
+        if message is not None:
+            log.warning(message)
+            self._late_feedback_reported = int(self.join.counters["late_feedback"])
+
     def checkpoint(self, reason: str) -> bool:
         """Write a checkpoint of the current state, then commit offsets and publish; False if it was skipped.
 
@@ -702,6 +712,7 @@ class Trainer:
         from consumers.learner_process import write_learner_checkpoint
 
         self.pipeline.collect(wait=True)  # a learner process: every batch sent is trained and counted
+        self._warn_late_feedback()
         now = time.monotonic()
         step = self.learner.steps
         if self.fenced:

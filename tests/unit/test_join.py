@@ -427,3 +427,13 @@ def test_messages_of_many_events_emit_every_impression_exactly_once():
     emitted = [s[0]["impression_id"] for s in out]
     assert len(emitted) == len(set(emitted)) == 3_000
     assert join.counters["emitted"] == 3_000
+
+
+def test_late_feedback_is_said_once_per_report_with_its_share_and_what_to_do() -> None:
+    from consumers.join import late_feedback_warning
+
+    message = late_feedback_warning({"feedback": 27_484, "late_feedback": 6_339}, 0)
+    assert message.startswith("6339 feedback events arrived after their impression had been emitted and were dropped")
+    assert "23.1%" in message and "join.attribution_window_s" in message and "event-time order" in message
+    assert late_feedback_warning({"feedback": 27_484, "late_feedback": 6_339}, 6_339) is None
+    assert late_feedback_warning({"feedback": 10}, 0) is None  # a join that never judged anything late
