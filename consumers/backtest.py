@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[str]) -> dict[str, Config]:
     """Named configurations: one per ``--config`` file (named by its stem), or one per rung on one base file."""
     from consumers.config import load_config
-    from models.config import split_config_name
+    from models.config import split_config_name  # lazy: the CLI starts without torch
 
     if rungs:
         if len(files) > 1:
@@ -451,7 +451,7 @@ class ConfigRun:
         prequential prediction (or the last ``last_fraction`` of them); ``None`` where undefined."""
         import numpy as np
 
-        from models.evaluation import combined_metrics, default_partners
+        from models.evaluation import combined_metrics, default_partners  # lazy: the CLI starts without torch
         from models.metrics import graded_relevance, ndcg_at_k
 
         tasks = list(self.pipeline.tasks)

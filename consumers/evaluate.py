@@ -168,13 +168,13 @@ def parse_weights(text: str) -> list[float] | None:
     """``--combined-weights``: ``"1,0.5"`` -> [1.0, 0.5]; ``""`` -> None (1 per task)."""
     if not text.strip():
         return None
+    from models.metrics import checked_weights  # lazy: the CLI starts without torch
+
     try:
-        weights = [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise ValueError(f"--combined-weights: expected comma-separated numbers such as 1,0.5, got {text!r}") from None
-    if not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError(f"--combined-weights: weights must be finite and non-negative, got {text!r}")
-    return weights
+        return checked_weights([float(item) for item in text.split(",") if item.strip()], None).tolist()
+    except ValueError as exc:
+        raise ValueError(f"--combined-weights: expected comma-separated non-negative numbers such as 1,0.5, got "
+                         f"{text!r} ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class EvaluationRows:
 
     def ranges(self) -> dict[str, Any]:
         """The row ranges, [start, stop), as results.json's protocol records them."""
-        from models.evaluation import split_boundary, tail_start
+        from models.evaluation import split_boundary, tail_start  # lazy: the CLI starts without torch
 
         boundary = split_boundary(self.limit, self.train_fraction)
         return {"events": self.events, "used": [0, self.limit], "split_train": [0, boundary],
@@ -208,7 +208,7 @@ def evaluation_rows(n_events: int, train_fraction: float, tail_fraction: float, 
         raise ValueError(f"--train-fraction must be in (0, 1), got {train_fraction}")
     if not validation:
         return EvaluationRows(n_events, n_events, train_fraction, tail_fraction, validation=False)
-    from models.evaluation import split_boundary
+    from models.evaluation import split_boundary  # lazy: the CLI starts without torch
 
     limit = split_boundary(n_events, train_fraction)
     if limit < 2:
@@ -271,7 +271,7 @@ def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0
 
 def parse_configs(text: str) -> list[str]:
     """``--configs``: rungs of the ladder, river baselines, or ``RUNG@PRESET`` (models.config.PRESETS)."""
-    from models.config import split_config_name
+    from models.config import split_config_name  # lazy: the CLI starts without torch
 
     names = parse_list(text, None, "--configs")
     for name in names:

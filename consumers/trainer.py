@@ -89,6 +89,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from consumers.join import late_feedback_warning
 from consumers.pipeline import Pipeline, decode_record, join_config, model_config, rebase_join_clock  # noqa: F401
 from streamer.events import EventError
 
@@ -696,8 +697,6 @@ class Trainer:
 
     def _warn_late_feedback(self) -> None:
         """Say in the log, at most once per checkpoint, that labels were dropped as late since the last time."""
-        from consumers.join import late_feedback_warning
-
         message = late_feedback_warning(self.join.counters, self._late_feedback_reported)
         if message is not None:
             log.warning(message)

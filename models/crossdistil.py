@@ -97,13 +97,15 @@ class CrossDistilModel(nn.Module):
         )
         dim = self.backbone.output_dim
         self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
+        if config.uses_partner and not students_only:
+            # Column j = partner(k) of each task k, for the teachers and the loss; derived, so not in the state_dict.
+            self.register_buffer("partner_index", torch.tensor([config.tasks.index(config.partner_of(t))
+                                                                 for t in config.tasks]), persistent=False)
         self.has_teachers = config.has_teachers and not students_only
         if self.has_teachers:
             # A label-aware teacher reads y_j next to the representation: one more input.
             teacher_dim = dim + (1 if config.teacher_partner_input else 0)
             self.teacher_towers = nn.ModuleList(_tower(teacher_dim, config.tower_dims) for _ in range(k))
-            self.register_buffer("partner_index", torch.tensor([config.tasks.index(config.partner_of(t))
-                                                                 for t in config.tasks]), persistent=False)
         if config.calibrates and not students_only:
             # alpha_k starts where a_k = softplus(alpha_k) = 1, b_k = 0: z_k = r_k at first.
             self.calibrator_alpha = nn.Parameter(torch.full((k,), math.log(math.e - 1.0)))
@@ -159,7 +161,7 @@ def crossdistil_loss(
     cfg = model.config
     y = batch.labels
     s = outputs.student_logits.float()
-    partner = torch.tensor([cfg.tasks.index(cfg.partner_of(t)) for t in cfg.tasks], device=y.device)
+    partner = model.partner_index if cfg.uses_partner else None
     terms: dict[str, torch.Tensor] = {"bce": task_bce(s, y)}
 
     if cfg.has_teachers:

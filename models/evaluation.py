@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.metrics import auc, combined_score, ndcg_at_k, task_metrics
+from models.metrics import auc, checked_weights, combined_score, ndcg_at_k, task_metrics
 
 # Called after every learning step with the number of training events consumed so far in this run.
 ProgressCallback = Callable[[int], None]
@@ -138,15 +138,9 @@ def combined_metrics(
 
 
 def combined_weights_for(tasks: Sequence[str], weights: Sequence[float] | None) -> list[float]:
-    """The combined score's weights as floats, one per task (1 each when ``weights`` is None); checked."""
-    if weights is None:
-        return [1.0] * len(tasks)
-    w = [float(v) for v in weights]
-    if len(w) != len(tasks):
-        raise ValueError(f"combined-score weights: {len(w)} given for {len(tasks)} tasks {list(tasks)}")
-    if not all(np.isfinite(v) and v >= 0 for v in w):
-        raise ValueError(f"combined-score weights must be finite and non-negative, got {w}")
-    return w
+    """The combined score's weights as floats, one per task (1 each when ``weights`` is None); checked by
+    ``models.metrics.checked_weights``, so a bad set fails before training instead of after it."""
+    return checked_weights(weights, len(tasks)).tolist()
 
 
 def split_boundary(n_events: int, train_fraction: float) -> int:
@@ -309,14 +303,12 @@ def run_prequential(
     n = len(data)
     parts: dict[str, list[np.ndarray]] = {task: [] for task in data.tasks}
     loss_sums = LossMeans()
-    n_steps = 0
     for lo in range(0, n, batch_size):
         losses, scored_before_update = learner.step(data.rows(lo, min(n, lo + batch_size)))
         chunk = _to_numpy(scored_before_update, data.tasks)
         for task in data.tasks:
             parts[task].append(chunk[task])
         loss_sums.add(losses)
-        n_steps += 1
         if on_step is not None:
             on_step(min(n, lo + batch_size))
     predictions = {task: np.concatenate(parts[task]) for task in data.tasks}

@@ -164,12 +164,26 @@ def combined_score(probabilities: ArrayLike, weights: ArrayLike | None = None, e
     p = np.asarray(probabilities, dtype=np.float64)
     if p.ndim != 2:
         raise ValueError(f"probabilities must be an [N, K] array, got shape {p.shape}")
-    w = np.ones(p.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
-    if w.shape != (p.shape[1],):
-        raise ValueError(f"give one weight per task: {p.shape[1]} tasks, {w.size} weights")
+    return np.exp(np.log(np.clip(p, eps, 1.0)) @ checked_weights(weights, p.shape[1]))
+
+
+def checked_weights(weights: ArrayLike | None, tasks: int | None) -> np.ndarray:
+    """The combined score's weights as floats: finite, non-negative, one per task when ``tasks`` is given (1 each
+    when ``weights`` is None). The one check of ``combined_score``, evaluation and ``--combined-weights``.
+
+    >>> checked_weights(None, 2).tolist(), checked_weights([2, 0.5], 2).tolist()
+    ([1.0, 1.0], [2.0, 0.5])
+    """
+    if weights is None:
+        if tasks is None:
+            raise ValueError("give the weights or the number of tasks")
+        return np.ones(tasks)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if tasks is not None and w.shape != (tasks,):
+        raise ValueError(f"combined-score weights: give one weight per task, {w.size} given for {tasks} tasks")
     if not (np.isfinite(w).all() and (w >= 0).all()):
         raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
-    return np.exp(np.log(np.clip(p, eps, 1.0)) @ w)
+    return w
 
 
 def label_categories(y_task: ArrayLike, y_partner: ArrayLike) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -12,6 +11,7 @@ from models.config import LEGACY_VALUES, PRESETS, ModelConfig, split_config_name
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
 from models.trust_gate import TrustGate
+from tests.unit.test_models_learner import saved_and_loaded as round_trip  # torch.save, then load weights_only
 
 pytestmark = pytest.mark.unit
 
@@ -30,13 +30,6 @@ def batch(start: int, n: int = 32):
     rows = [{"user_id": f"u{i % 5}", "item_id": f"i{i % 23}",
              "labels": {"click": int(i % 3 != 0), "long_view": int(i % 4 == 1)}} for i in range(start, start + n)]
     return encode_rows(rows, config().features, TASKS)
-
-
-def round_trip(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 # -- the gate itself ---------------------------------------------------------------------------------------------
