@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from consumers.evaluate import feature_spec_for, load_encoded, make_learner
+    from consumers.tools.evaluate import feature_spec_for, load_encoded, make_learner
     from models.evaluation import default_partners, run_prequential
     from streamer.datasets import open_dataset
 

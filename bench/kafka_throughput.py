@@ -204,7 +204,7 @@ def broker(bootstrap: str | None, timeout_s: float) -> Iterator[tuple[str, dict[
     if bootstrap:
         yield bootstrap, {"kind": "external"}
         return
-    from consumers.local_kafka import LocalKafka, free_port
+    from consumers.runtime.local_kafka import LocalKafka, free_port
 
     with tempfile.TemporaryDirectory(prefix="crossdistil-bench-kafka-") as data_dir:
         local = LocalKafka(port=free_port(), data_dir=data_dir)

@@ -54,8 +54,8 @@ def main() -> int:
     import torch
 
     import trainer_throughput as tt
-    from consumers.local_kafka import LocalKafka, free_port
-    from consumers.pipeline import tune_gc
+    from consumers.runtime.local_kafka import LocalKafka, free_port
+    from consumers.core.pipeline import tune_gc
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)

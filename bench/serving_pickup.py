@@ -61,7 +61,7 @@ def example_learner(hash_buckets: int, embedding_dim: int = 16, seed: int = 0):
 
 def checkpoint_messages(learner: Any, version: int, chunk_bytes: int, previous_chunk_count: int = 0) -> list:
     """The trainer's publication of ``learner`` as ``version`` (same metadata layout)."""
-    from consumers.wire import encode_checkpoint
+    from consumers.state.wire import encode_checkpoint
 
     tensors, serving_meta = learner.serving_state()
     metadata = {"step": learner.steps, "watermark_ms": None, "offsets": [], "metrics": {}, "tasks": list(TASKS),
@@ -98,7 +98,7 @@ def start_broker(args: argparse.Namespace, workdir: Path) -> tuple[str, Any]:
     """``--bootstrap`` if given, else a fresh local broker in ``workdir`` (returned so the caller stops it)."""
     if args.bootstrap:
         return args.bootstrap, None
-    from consumers.local_kafka import LocalKafka, free_port
+    from consumers.runtime.local_kafka import LocalKafka, free_port
 
     broker = LocalKafka(port=free_port(), data_dir=workdir / "kafka")
     progress("starting a broker")
@@ -108,7 +108,7 @@ def start_broker(args: argparse.Namespace, workdir: Path) -> tuple[str, Any]:
 
 def make_topic(bootstrap: str) -> str:
     """A fresh serving topic (one partition, compacted, 16 MiB messages), as ``crossdistil kafka up`` makes it."""
-    from consumers.local_kafka import ensure_topics
+    from consumers.runtime.local_kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
     topic = f"bench-model-{tag}"
@@ -119,7 +119,7 @@ def make_topic(bootstrap: str) -> str:
 
 def start_serving(bootstrap: str, topic: str, workdir: Path, torch_threads: int = 1) -> tuple[subprocess.Popen, str]:
     """``crossdistil serve`` as a child process on a free loopback port; returns it and its base URL."""
-    from consumers.local_kafka import free_port
+    from consumers.runtime.local_kafka import free_port
 
     port = free_port()
     config = workdir / "serving.toml"

@@ -8,7 +8,7 @@ impressions plus their feedback) is produced to fresh topics, then:
 
 * ``consume_decode``: a plain kafka-python consumer reads both topics and runs ``decode_events`` (the intake
   bound);
-* ``trainer``: the real daemon (``consumers.trainer.Trainer``, in this process) consumes everything with
+* ``trainer``: the real daemon (``consumers.trainer.daemon.Trainer``, in this process) consumes everything with
   ``exit_when_idle``; events/s over the time from its partition assignment to the end of the stream (the idle
   wait is not counted);
 * ``trainer_separate_process``: the same daemon on the same topics (its own group and checkpoints) with
@@ -58,7 +58,7 @@ def progress(message: str) -> None:
 def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_batch_delay_s: float,
                 separate_process: bool = False, round_: int = 0):
     """The trainer configuration of one run over the topics of ``tag`` (its own group and checkpoints)."""
-    from consumers.config import load_config, toml_value
+    from consumers.runtime.config import load_config, toml_value
 
     run = f"{tag}-{'separate' if separate_process else 'inline'}-{round_}"
     overrides = [
@@ -76,7 +76,7 @@ def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_
 
 
 def stream(bootstrap: str, tag: str, impressions: int, envelope: int) -> dict:
-    from consumers.local_kafka import ensure_topics
+    from consumers.runtime.local_kafka import ensure_topics
     from streamer.stream import stream_dataset
 
     ensure_topics(bootstrap, 4, impression_topic=f"imp-{tag}", feedback_topic=f"fb-{tag}",
@@ -116,7 +116,7 @@ def train_step_rate(cfg, steps: int) -> dict:
     """Samples/s of encode_rows + Learner.step on rows shaped like the synthetic stream's impressions."""
     import numpy as np
 
-    from consumers.trainer import model_config
+    from consumers.trainer.daemon import model_config
     from models.features import encode_rows
     from models.learner import Learner
 
@@ -148,7 +148,7 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
-    from consumers.trainer import Trainer
+    from consumers.trainer.daemon import Trainer
 
     trainer = Trainer(cfg, exit_when_idle_s=idle_s)
     # (time, trainer RSS, learner process RSS, join: pending impressions, early feedback)
@@ -229,10 +229,10 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.torch_threads)
-    from consumers.pipeline import tune_gc
+    from consumers.core.pipeline import tune_gc
 
     tune_gc()  # the trainer runs (in this process) set it anyway: the bounds are measured under the same setting
-    from consumers.local_kafka import LocalKafka, free_port
+    from consumers.runtime.local_kafka import LocalKafka, free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     broker = None

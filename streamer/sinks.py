@@ -88,7 +88,7 @@ class KafkaSink:
     def _ensure_topics(self, topics: tuple[str, ...]) -> None:
         impressions, feedback = topics
         try:
-            from consumers.local_kafka import ensure_topics
+            from consumers.runtime.local_kafka import ensure_topics
         except ImportError:  # the streamer can run without the consumers package installed
             ensure_topics = None
         try:

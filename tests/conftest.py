@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap servers (``127.0.0.1:PORT``) of a fresh local Kafka broker that lives for the test session."""
-    from consumers.local_kafka import LocalKafka, LocalKafkaError, free_port
+    from consumers.runtime.local_kafka import LocalKafka, LocalKafkaError, free_port
 
     data_dir = tmp_path_factory.mktemp("kafka")
     broker = LocalKafka(port=free_port(), data_dir=data_dir)

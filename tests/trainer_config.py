@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from consumers.config import load_config, to_toml, toml_value
+from consumers.runtime.config import load_config, to_toml, toml_value
 
 TEST_DEFAULTS: dict[str, Any] = {
     "kafka.client_options": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from consumers.evaluate import feature_spec_for, load_encoded, make_learner
+from consumers.tools.evaluate import feature_spec_for, load_encoded, make_learner
 from models.evaluation import default_partners, run_time_split
 from models.losses import platt_calibrate
 from models.metrics import auc, calibration_ratio, label_categories, multi_auc

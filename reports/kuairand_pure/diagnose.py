@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from consumers.evaluate import feature_spec_for, load_encoded, make_learner
+from consumers.tools.evaluate import feature_spec_for, load_encoded, make_learner
 from models.config import split_config_name
 from models.crossdistil import crossdistil_loss
 from models.evaluation import predict_in_chunks

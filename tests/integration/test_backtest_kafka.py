@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.ledger import read_ledger
-from consumers.local_kafka import ensure_topics
+from consumers.state.ledger import read_ledger
+from consumers.runtime.local_kafka import ensure_topics
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -84,7 +84,7 @@ def streamed(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def backtest_rows(records, config: Path) -> list[dict]:
-    from consumers.backtest import build_configs, run_backtest
+    from consumers.tools.backtest import build_configs, run_backtest
 
     import torch
 
@@ -105,7 +105,7 @@ def test_live_trainer_trained_every_impression_once(streamed: dict) -> None:
 
 
 def test_backtest_of_the_event_log_predicts_exactly_what_the_live_trainer_predicted(streamed: dict) -> None:
-    from consumers.backtest import log_records
+    from consumers.tools.backtest import log_records
 
     records, _ = log_records(f"file://{streamed['log']}")
     replayed = backtest_rows(records, streamed["config"])
@@ -114,7 +114,7 @@ def test_backtest_of_the_event_log_predicts_exactly_what_the_live_trainer_predic
 
 
 def test_backtest_of_the_kafka_offset_range_predicts_exactly_what_the_live_trainer_predicted(streamed: dict) -> None:
-    from consumers.backtest import kafka_records
+    from consumers.tools.backtest import kafka_records
 
     topics = streamed["topics"]
     records, desc = kafka_records(streamed["bootstrap"], [topics["impressions"], topics["feedback"]], from_offset=0)
@@ -226,7 +226,7 @@ def stamps_at_quarters(produced: list[Produced]) -> tuple[int, int]:
 
 
 def cli(*argv: str) -> int:
-    from consumers import backtest
+    from consumers.tools import backtest
 
     parser = argparse.ArgumentParser()
     backtest.add_arguments(parser)
@@ -234,7 +234,7 @@ def cli(*argv: str) -> int:
 
 
 def test_time_range_replays_exactly_the_records_stamped_in_from_inclusive_to_exclusive(stamped: dict) -> None:
-    from consumers.backtest import kafka_records
+    from consumers.tools.backtest import kafka_records
 
     produced = stamped["event"]["produced"]
     lo, hi = stamps_at_quarters(produced)
@@ -247,7 +247,7 @@ def test_time_range_replays_exactly_the_records_stamped_in_from_inclusive_to_exc
 
 
 def test_from_time_alone_reads_to_the_end_and_to_time_alone_from_the_beginning(stamped: dict) -> None:
-    from consumers.backtest import kafka_records
+    from consumers.tools.backtest import kafka_records
 
     produced = stamped["event"]["produced"]
     lo, hi = stamps_at_quarters(produced)
@@ -258,7 +258,7 @@ def test_from_time_alone_reads_to_the_end_and_to_time_alone_from_the_beginning(s
 
 
 def test_record_times_equal_to_event_times_select_what_the_event_log_time_filter_selects(stamped: dict) -> None:
-    from consumers.backtest import kafka_records, log_records
+    from consumers.tools.backtest import kafka_records, log_records
 
     lo, hi = stamps_at_quarters(stamped["event"]["produced"])
     from_kafka, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], from_ms=lo, to_ms=hi)
@@ -299,7 +299,7 @@ def test_a_time_range_and_the_offset_range_it_maps_to_give_identical_numbers(sta
 
 
 def test_a_kafka_range_replays_bit_for_bit_whatever_the_read_ahead_and_holds_only_the_read_ahead(stamped: dict) -> None:
-    from consumers.backtest import build_configs, kafka_records, run_backtest
+    from consumers.tools.backtest import build_configs, kafka_records, run_backtest
 
     import torch
 
@@ -321,7 +321,7 @@ def test_a_kafka_range_replays_bit_for_bit_whatever_the_read_ahead_and_holds_onl
 
 
 def test_limit_replays_the_first_records_of_the_merged_range(stamped: dict) -> None:
-    from consumers.backtest import kafka_records
+    from consumers.tools.backtest import kafka_records
 
     everything, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"])
     first, desc = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], limit=50)

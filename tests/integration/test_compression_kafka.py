@@ -13,8 +13,8 @@ import uuid
 import msgpack
 import pytest
 
-from consumers import backtest
-from consumers.local_kafka import ensure_topics
+from consumers.tools import backtest
+from consumers.runtime.local_kafka import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from consumers.ledger import read_ledger
+from consumers.state.ledger import read_ledger
 from tests.integration.test_trainer_kafka import TASKS, make_topics, run_trainer, write_config
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The local Kafka broker (consumers/local_kafka.py) against kafka-python: the guarantees the daemons rely on."""
+"""The local Kafka broker (consumers/runtime/local_kafka.py) against kafka-python: the guarantees the daemons rely on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.local_kafka import (
+from consumers.runtime.local_kafka import (
     DEAD_LETTER_TOPIC,
     FEEDBACK_TOPIC,
     IMPRESSION_TOPIC,
@@ -189,7 +189,7 @@ def test_the_default_topic_names_are_the_event_contracts() -> None:
 def own_broker(tmp_path_factory: pytest.TempPathFactory):
     """A second broker of our own, so that stopping it cannot disturb the session broker. Its cluster id starts
     with "-" (1 in 64 random ids do), the case that once made storage formatting take the id for an option."""
-    import consumers.local_kafka as local_kafka
+    import consumers.runtime.local_kafka as local_kafka
 
     random_id = local_kafka.new_cluster_id
 
@@ -253,7 +253,7 @@ class TestLifecycle:
 
 def test_a_broker_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
     # A heap too small for the JVM makes it exit at once: the error must name the log and quote the reason.
-    from consumers.local_kafka import LocalKafkaError
+    from consumers.runtime.local_kafka import LocalKafkaError
 
     local = LocalKafka(port=free_port(), data_dir=tmp_path, heap="2m")
     with pytest.raises(LocalKafkaError) as caught:
@@ -268,7 +268,7 @@ def test_a_broker_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
 def test_a_port_taken_by_something_else_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     import socket
 
-    from consumers.local_kafka import LocalKafkaError
+    from consumers.runtime.local_kafka import LocalKafkaError
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

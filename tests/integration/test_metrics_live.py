@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.local_kafka import ensure_topics, free_port
+from consumers.runtime.local_kafka import ensure_topics, free_port
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumers.config import load_config
-from consumers.local_kafka import ensure_topics
-from consumers.serving import ServingDaemon
+from consumers.runtime.config import load_config
+from consumers.runtime.local_kafka import ensure_topics
+from consumers.serving.daemon import ServingDaemon
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -34,8 +34,8 @@ MODEL = {"embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
 
 
 def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broker: str, tmp_path: Path) -> None:
-    from consumers.checkpoints import CheckpointStore
-    from consumers.trainer import unflatten_state
+    from consumers.state.checkpoints import CheckpointStore
+    from consumers.trainer.daemon import unflatten_state
     from models.features import encode_rows
     from models.learner import Learner
     from streamer.stream import stream_dataset

@@ -24,10 +24,10 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from consumers.config import load_config
-from consumers.local_kafka import ensure_topics
-from consumers.serving import ServingDaemon
-from consumers.wire import encode_checkpoint
+from consumers.runtime.config import load_config
+from consumers.runtime.local_kafka import ensure_topics
+from consumers.serving.daemon import ServingDaemon
+from consumers.state.wire import encode_checkpoint
 from models.config import ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
@@ -327,7 +327,7 @@ def test_an_empty_topic_is_not_ready_until_the_first_publication(start_serving, 
 
 def test_serve_command_prints_its_endpoints_and_exits_0_on_sigterm(kafka_broker: str, topic: str, publisher: Publisher,
                                                                   tmp_path: Path) -> None:
-    from consumers.local_kafka import free_port
+    from consumers.runtime.local_kafka import free_port
 
     port = free_port()
     config = tmp_path / "serving.toml"
@@ -361,7 +361,7 @@ def test_serve_command_prints_its_endpoints_and_exits_0_on_sigterm(kafka_broker:
 
 
 def test_serve_command_says_when_kafka_is_unreachable(tmp_path: Path) -> None:
-    from consumers.local_kafka import free_port
+    from consumers.runtime.local_kafka import free_port
 
     bootstrap = f"127.0.0.1:{free_port()}"
     result = subprocess.run([sys.executable, "-m", "consumers.cli", "serve", "--set", f'kafka.bootstrap="{bootstrap}"',

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.ledger import read_ledger
-from consumers.local_kafka import die_with_parent, ensure_topics
+from consumers.state.ledger import read_ledger
+from consumers.runtime.local_kafka import die_with_parent, ensure_topics
 from models.metrics import auc
 from tests.trainer_config import write_trainer_config
 
@@ -152,7 +152,7 @@ def test_trainer_consumes_kuairand_and_trains_every_impression_once_with_exact_l
 def test_partitions_paused_ahead_in_event_time_still_train_every_impression_once_with_exact_labels(
         kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
     # join.max_skew_s = -1: partitions more than the longest window (700 s) ahead are paused. With kafka-python
-    # 3.0.12 this replay used to stall at ~33,750 impressions (consumers.trainer._release_drained_records).
+    # 3.0.12 this replay used to stall at ~33,750 impressions (consumers.trainer.daemon._release_drained_records).
     config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, max_skew_s=-1.0,
                           model_topic=f"model-{uuid.uuid4().hex[:8]}")
     run_trainer(config, tmp_path / "ledger")
@@ -383,9 +383,9 @@ def latest_checkpoint(messages, last_version=-1):
 def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str, uninterrupted: dict) -> None:
     import torch
 
-    from consumers.checkpoints import CheckpointStore
-    from consumers.config import load_config
-    from consumers.trainer import unflatten_state
+    from consumers.state.checkpoints import CheckpointStore
+    from consumers.runtime.config import load_config
+    from consumers.trainer.daemon import unflatten_state
     from models.features import encode_rows
     from models.learner import Learner, ServingModel
 
@@ -411,7 +411,7 @@ def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str,
 
 def test_trainer_survives_a_broker_stop_and_restart_mid_stream(tmp_path: Path) -> None:
     """Its own broker (stopping the shared one would disturb other tests): stop it mid-stream, start it again."""
-    from consumers.local_kafka import LocalKafka, free_port
+    from consumers.runtime.local_kafka import LocalKafka, free_port
 
     source = REPO.parent / "shared" / "data" / "kuairand"
     if not source.is_dir():

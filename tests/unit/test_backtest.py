@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers import backtest
+from consumers.tools import backtest
 
 pytestmark = pytest.mark.unit
 

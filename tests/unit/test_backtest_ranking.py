@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from consumers import backtest
+from consumers.tools import backtest
 
 pytestmark = pytest.mark.unit
 

@@ -1,12 +1,12 @@
-"""Specification of the mini-batcher (consumers/batching.py): pure, caller-supplied clock."""
+"""Specification of the mini-batcher (consumers/core/batching.py): pure, caller-supplied clock."""
 
 from __future__ import annotations
 
 import msgpack
 import pytest
 
-from consumers.batching import MiniBatcher
-from consumers.join import JoinedSample
+from consumers.core.batching import MiniBatcher
+from consumers.core.join import JoinedSample
 
 pytestmark = pytest.mark.unit
 

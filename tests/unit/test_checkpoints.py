@@ -1,4 +1,4 @@
-"""Specification of the checkpoint store (consumers/checkpoints.py): atomic, verified, no pickle."""
+"""Specification of the checkpoint store (consumers/state/checkpoints.py): atomic, verified, no pickle."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from consumers.checkpoints import (
+from consumers.state.checkpoints import (
     CheckpointError,
     CheckpointStore,
     decode_checkpoint_file,
@@ -16,7 +16,7 @@ from consumers.checkpoints import (
     positions_from_plain,
     positions_to_plain,
 )
-from consumers.join import AttributionJoin, JoinConfig
+from consumers.core.join import AttributionJoin, JoinConfig
 
 pytestmark = pytest.mark.unit
 
@@ -73,7 +73,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplo
     store.write(1, tensors(1), {})
     newest = store.write(2, tensors(2), {})
     newest.write_bytes(newest.read_bytes()[:-10])
-    with caplog.at_level(logging.WARNING, logger="consumers.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="consumers.state.checkpoints"):
         loaded = store.latest()
     assert loaded.step == 1
     assert "truncated" in caplog.text
@@ -142,8 +142,8 @@ def gate_batch(start: int, n: int = 24):
 
 
 def test_the_learners_trust_gate_survives_a_trainer_checkpoint_exactly(tmp_path):
-    from consumers.learner_process import load_learner_checkpoint, write_learner_checkpoint
-    from consumers.trainer import unflatten_state
+    from consumers.runtime.learner_process import load_learner_checkpoint, write_learner_checkpoint
+    from consumers.trainer.daemon import unflatten_state
 
     learner = gated_learner()
     for k in range(5):  # 120 samples: the 64-sample window is full and the gate decided after every batch

@@ -1,6 +1,6 @@
 import pytest
 
-from consumers.config import Config, ConfigError, load_config, reference_markdown, to_toml
+from consumers.runtime.config import Config, ConfigError, load_config, reference_markdown, to_toml
 
 pytestmark = pytest.mark.unit
 
@@ -69,7 +69,7 @@ def test_tables_merge_so_a_secret_from_the_environment_keeps_the_files_other_cli
 
 
 def test_drift_settings_reach_the_detectors_and_bad_ones_are_refused() -> None:
-    from consumers.metrics import TrainerMetrics
+    from consumers.runtime.telemetry import TrainerMetrics
 
     cfg = load_config(None, env={}, overrides=["metrics.drift_ph_threshold=100.0", "metrics.drift_adwin_delta=0.05",
                                                "metrics.drift_ph_delta=0.01"])

@@ -1,4 +1,4 @@
-"""The demo's live view (consumers.demo): what it shows from a trainer's /metrics, without starting anything."""
+"""The demo's live view (consumers.tools.demo): what it shows from a trainer's /metrics, without starting anything."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from consumers.demo import Status, parse_samples, plain_line, render
-from consumers.metrics import TrainerMetrics
+from consumers.tools.demo import Status, parse_samples, plain_line, render
+from consumers.runtime.telemetry import TrainerMetrics
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.config import load_config
+from consumers.runtime.config import load_config
 
 pytestmark = pytest.mark.unit
 

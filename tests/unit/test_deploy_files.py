@@ -52,7 +52,7 @@ def test_compose_mounts_files_that_exist() -> None:
 
 
 def test_compose_trainer_configuration_loads(tmp_path: Path) -> None:
-    from consumers.config import load_config
+    from consumers.runtime.config import load_config
 
     cfg = load_config(str(DEPLOY / "compose" / "trainer.toml"), env={})
     assert cfg.kafka.bootstrap == "kafka:9092"
@@ -90,7 +90,7 @@ def test_kubernetes_manifests_run_both_daemons_with_probes_on_their_metrics_port
 
 
 def test_kubernetes_trainer_configuration_loads(tmp_path: Path) -> None:
-    from consumers.config import load_config
+    from consumers.runtime.config import load_config
 
     config = next(d for d in k8s_documents() if d["kind"] == "ConfigMap")
     path = tmp_path / "trainer.toml"

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.metrics import ServingMetrics, TrainerMetrics
+from consumers.runtime.telemetry import ServingMetrics, TrainerMetrics
 
 pytestmark = pytest.mark.unit
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the deploy files (pip install pyyaml)")
@@ -121,7 +121,7 @@ def test_expressions_name_only_metrics_that_are_exported() -> None:
     exported = exported_names() | {"up"}
     for expr in dashboard_expressions() + rule_expressions():
         for name in re.findall(r"\b(crossdistil_[a-z0-9_]+|up)\b", expr):
-            assert name in exported, f"{name} (in {expr!r}) is not exported by consumers.metrics"
+            assert name in exported, f"{name} (in {expr!r}) is not exported by consumers.runtime.telemetry"
 
 
 def test_dashboard_shows_the_panels_on_call_needs() -> None:

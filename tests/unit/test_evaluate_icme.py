@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers import evaluate
+from consumers.tools import evaluate
 from consumers.cli import main
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers import evaluate
+from consumers.tools import evaluate
 
 pytestmark = pytest.mark.unit
 
@@ -140,7 +140,7 @@ def test_validation_run_records_its_rows_and_never_scores_the_test_split(tmp_pat
 
 
 def test_configs_accept_rungs_river_baselines_and_presets_and_name_unknown_ones() -> None:
-    from consumers.evaluate import parse_configs
+    from consumers.tools.evaluate import parse_configs
 
     assert parse_configs("mtl,crossdistil@trust,river_lr") == ["mtl", "crossdistil@trust", "river_lr"]
     with pytest.raises(ValueError, match="unknown preset"):
@@ -150,7 +150,7 @@ def test_configs_accept_rungs_river_baselines_and_presets_and_name_unknown_ones(
 
 
 def test_a_variant_names_every_configuration_but_the_mtl_baseline() -> None:
-    from consumers.evaluate import variant_name
+    from consumers.tools.evaluate import variant_name
 
     assert variant_name("crossdistil@trust", "kd0.3") == "crossdistil@trust[kd0.3]"
     assert variant_name("mtl", "kd0.3") == "mtl"

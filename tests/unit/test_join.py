@@ -1,4 +1,4 @@
-"""Specification of the attribution join (consumers/join.py): pure, event-time, deterministic."""
+"""Specification of the attribution join (consumers/core/join.py): pure, event-time, deterministic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import msgpack
 import pytest
 
-from consumers.join import AttributionJoin, JoinConfig, JoinedSample
+from consumers.core.join import AttributionJoin, JoinConfig, JoinedSample
 
 pytestmark = pytest.mark.unit
 
@@ -430,7 +430,7 @@ def test_messages_of_many_events_emit_every_impression_exactly_once():
 
 
 def test_late_feedback_is_said_once_per_report_with_its_share_and_what_to_do() -> None:
-    from consumers.join import late_feedback_warning
+    from consumers.core.join import late_feedback_warning
 
     message = late_feedback_warning({"feedback": 27_484, "late_feedback": 6_339}, 0)
     assert message.startswith("6339 feedback events arrived after their impression had been emitted and were dropped")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.checkpoints import CheckpointStore
-from consumers.config import config_from_dict, load_config
-from consumers.learner_process import LearnerProcessError, RemoteLearner
-from consumers.ledger import Ledger, read_ledger
-from consumers.pipeline import Pipeline
+from consumers.state.checkpoints import CheckpointStore
+from consumers.runtime.config import config_from_dict, load_config
+from consumers.runtime.learner_process import LearnerProcessError, RemoteLearner
+from consumers.state.ledger import Ledger, read_ledger
+from consumers.core.pipeline import Pipeline
 from streamer.datasets.synthetic import SyntheticDataset
 from streamer.stream import merge_events
 
@@ -62,11 +62,11 @@ def test_a_replay_trains_bit_for_bit_the_same_with_the_learner_in_its_own_proces
 
 
 def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_process(tmp_path: Path) -> None:
-    from consumers.learner_process import sample_row, write_learner_checkpoint  # noqa: F401  (one code path)
-    from consumers.trainer import unflatten_state
+    from consumers.runtime.learner_process import sample_row, write_learner_checkpoint  # noqa: F401  (one code path)
+    from consumers.trainer.daemon import unflatten_state
     from models.features import encode_rows
     from models.learner import Learner
-    from consumers.pipeline import model_config
+    from consumers.core.pipeline import model_config
 
     cfg = load_config(None, env={}, overrides=SMALL)
     remote = RemoteLearner(cfg, torch_threads=1)
@@ -114,8 +114,8 @@ def test_the_learner_process_dies_with_a_trainer_killed_by_sigkill() -> None:
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from consumers.config import load_config
-        from consumers.learner_process import RemoteLearner
+        from consumers.runtime.config import load_config
+        from consumers.runtime.learner_process import RemoteLearner
         remote = RemoteLearner(load_config(None, env={{}}, overrides={SMALL!r}), torch_threads=1)
         print(remote.process.pid, flush=True)
         time.sleep(600)
@@ -151,7 +151,7 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from consumers import trainer as trainer_module
+    from consumers.trainer import daemon as trainer_module
 
     cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'", "model.separate_process=true"])
     trainer = trainer_module.Trainer(cfg)
@@ -170,7 +170,7 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
     def broken_start(*_args, **_kwargs):
         raise LearnerProcessError("the learner process failed:\nboom")
 
-    monkeypatch.setattr("consumers.learner_process.RemoteLearner", broken_start)
+    monkeypatch.setattr("consumers.runtime.learner_process.RemoteLearner", broken_start)
     config = tmp_path / "trainer.toml"
     config.write_text("[model]\nseparate_process = true\n")
     args = argparse.Namespace(config=str(config), overrides=[f"checkpoint.dir={str(tmp_path)!r}"], device=None,

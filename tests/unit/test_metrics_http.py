@@ -1,4 +1,4 @@
-"""consumers.metrics.serve_http: /metrics and /healthz over real HTTP on 127.0.0.1."""
+"""consumers.runtime.telemetry.serve_http: /metrics and /healthz over real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.metrics import TrainerMetrics, serve_http
+from consumers.runtime.telemetry import TrainerMetrics, serve_http
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""consumers.metrics.TrainerMetrics and ServingMetrics: names, labels and values as exported."""
+"""consumers.runtime.telemetry.TrainerMetrics and ServingMetrics: names, labels and values as exported."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.metrics import ServingMetrics, TrainerMetrics
+from consumers.runtime.telemetry import ServingMetrics, TrainerMetrics
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The trainer's pure pipeline (consumers.pipeline): decode -> join -> mini-batches -> score, then update -> metrics."""
+"""The trainer's pure pipeline (consumers.core.pipeline): decode -> join -> mini-batches -> score, then update -> metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.config import load_config
-from consumers.pipeline import EventClock, Pipeline, decode_record, join_config
+from consumers.runtime.config import load_config
+from consumers.core.pipeline import EventClock, Pipeline, decode_record, join_config
 from streamer.events import encode
 
 pytestmark = pytest.mark.unit

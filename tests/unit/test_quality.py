@@ -1,4 +1,4 @@
-"""consumers.quality: windowed metrics are exact (against models.metrics and river), lifetime AUC is close."""
+"""consumers.core.quality: windowed metrics are exact (against models.metrics and river), lifetime AUC is close."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from consumers.quality import StreamQuality, exact_auc, grouped_auc, histogram_auc
+from consumers.core.quality import StreamQuality, exact_auc, grouped_auc, histogram_auc
 from models import metrics as offline
 
 pytestmark = pytest.mark.unit

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumers.drift import DETECTORS, LossDriftDetectors, detection_delay, per_sample_log_loss
-from consumers.metrics import TrainerMetrics
+from consumers.core.drift import DETECTORS, LossDriftDetectors, detection_delay, per_sample_log_loss
+from consumers.runtime.telemetry import TrainerMetrics
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.config import model_options_markdown, reference_markdown
+from consumers.runtime.config import model_options_markdown, reference_markdown
 
 pytestmark = pytest.mark.unit
 
@@ -17,7 +17,7 @@ def test_readme_configuration_reference_matches_the_schema():
     block = re.search(r"<!-- config-reference:start -->\n(.*?)\n<!-- config-reference:end -->", text, re.S)
     assert block, "README.md lost its config-reference markers"
     assert block.group(1) == reference_markdown() + "\n\n" + model_options_markdown(), (
-        "README.md's configuration reference is stale: paste the output of 'python -m consumers.config'")
+        "README.md's configuration reference is stale: paste the output of 'python -m consumers.runtime.config'")
 
 
 def test_readme_starts_with_the_two_setup_commands_that_ci_runs():

@@ -198,14 +198,14 @@ def _equal_states(a, b) -> bool:
 
 
 def test_evaluate_knows_the_river_config_names() -> None:
-    from consumers import evaluate
+    from consumers.tools import evaluate
 
     assert set(evaluate.RIVER_CONFIGS) == set(RIVER_CONFIGS)
     assert "river_lr" not in evaluate.LADDER  # the default --configs stays the ladder
 
 
 def test_evaluate_builds_river_learners_with_river_options_only() -> None:
-    from consumers.evaluate import make_learner as evaluate_learner
+    from consumers.tools.evaluate import make_learner as evaluate_learner
 
     options = {"river.lr": 0.3, "lr": 0.003}  # lr= is the deep model's, river.lr= the baseline's
     learner = evaluate_learner(TASKS, "shared_bottom", "river_fm", 4, SPEC, options, "cpu")
@@ -219,7 +219,7 @@ def test_evaluate_runs_mtl_and_river_side_by_side(tmp_path) -> None:
     import argparse
     import json
 
-    from consumers import evaluate
+    from consumers.tools import evaluate
 
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)

@@ -1,4 +1,4 @@
-"""consumers.serving without Kafka: request parsing, scoring, and the HTTP API over real loopback HTTP."""
+"""consumers.serving.daemon without Kafka: request parsing, scoring, and the HTTP API over real loopback HTTP."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.metrics import ServingMetrics
-from consumers.serving import ApiServer, ModelHolder, RequestError, ServedModel, parse_score_request, serve_api
+from consumers.runtime.telemetry import ServingMetrics
+from consumers.serving.daemon import ApiServer, ModelHolder, RequestError, ServedModel, parse_score_request, serve_api
 from models.config import ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner, ServingModel

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from consumers.serving import load_checkpoint
-from consumers.wire import Reassembler, encode_checkpoint
+from consumers.serving.daemon import load_checkpoint
+from consumers.state.wire import Reassembler, encode_checkpoint
 from models.features import FeatureSpec, encode_rows
 from models.river_baseline import config_for, make_learner
 

@@ -203,7 +203,7 @@ def test_cli_prints_a_summary_table(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_unreachable_kafka_says_how_to_start_one() -> None:
-    from consumers.local_kafka import free_port
+    from consumers.runtime.local_kafka import free_port
     from streamer.sinks import KafkaSink, SinkError
 
     port = free_port()

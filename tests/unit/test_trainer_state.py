@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumers.checkpoints import CheckpointStore
-from consumers.config import load_config
-from consumers.join import AttributionJoin
-from consumers.ledger import Ledger, read_ledger
-from consumers.trainer import flatten_state, join_config, model_config, rebase_join_clock, unflatten_state
+from consumers.state.checkpoints import CheckpointStore
+from consumers.runtime.config import load_config
+from consumers.core.join import AttributionJoin
+from consumers.state.ledger import Ledger, read_ledger
+from consumers.trainer.daemon import flatten_state, join_config, model_config, rebase_join_clock, unflatten_state
 from models.features import encode_rows
 from models.learner import Learner
 
@@ -85,7 +85,7 @@ def test_model_section_builds_the_model_config() -> None:
 def test_freshness_percentiles_weigh_each_entry_by_its_samples() -> None:
     import random
 
-    from consumers.trainer import Trainer
+    from consumers.trainer.daemon import Trainer
 
     trainer = object.__new__(Trainer)  # only the freshness record is needed
     trainer.freshness_s = []
@@ -115,7 +115,7 @@ class _NeverAssigned:
 
 def test_trainer_without_partitions_for_stall_exit_s_checkpoints_and_exits_4(tmp_path: Path,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
-    from consumers.trainer import Trainer
+    from consumers.trainer.daemon import Trainer
 
     cfg = load_config(None, env={}, overrides=SMALL + [
         f"checkpoint.dir='{tmp_path}'", "kafka.stall_exit_s=0.3", "kafka.poll_timeout_ms=20", "publish.enabled=false"])
@@ -162,7 +162,7 @@ class _FlakyProducer:
 def test_dead_letters_of_a_broker_outage_are_retried_and_never_dropped(tmp_path: Path, refuse: bool) -> None:
     from types import SimpleNamespace
 
-    from consumers.trainer import Trainer
+    from consumers.trainer.daemon import Trainer
     from streamer.events import EventError
 
     cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
@@ -181,7 +181,7 @@ def test_dead_letters_of_a_broker_outage_are_retried_and_never_dropped(tmp_path:
 def test_kafka_client_repeats_are_folded_and_the_daemons_own_lines_are_not() -> None:
     import logging
 
-    from consumers.logs import RepeatFilter
+    from consumers.runtime.logs import RepeatFilter
 
     now = [0.0]
     fold = RepeatFilter(window_s=60.0, clock=lambda: now[0])
@@ -206,7 +206,7 @@ class _NoAssignment:
 
 
 def test_a_failed_publication_is_retried_and_a_restart_publishes_the_step_again(tmp_path: Path) -> None:
-    from consumers.trainer import Trainer
+    from consumers.trainer.daemon import Trainer
     from models.features import encode_rows
 
     cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
@@ -240,7 +240,7 @@ def test_a_failed_publication_is_retried_and_a_restart_publishes_the_step_again(
 
 
 def test_chunks_of_the_last_acknowledged_publication_are_tombstoned_after_a_failed_smaller_one(tmp_path: Path) -> None:
-    from consumers.trainer import Trainer
+    from consumers.trainer.daemon import Trainer
 
     cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
     trainer = Trainer(cfg)
@@ -280,7 +280,7 @@ class _PausingConsumer:
 def test_partitions_ahead_in_event_time_are_paused_until_the_slowest_catches_up(tmp_path: Path) -> None:
     from kafka import TopicPartition
 
-    from consumers.trainer import Trainer
+    from consumers.trainer.daemon import Trainer
 
     cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'", "join.max_skew_s=-1",
                                                        "join.attribution_window_s={click = 10, long_view = 60}"])
@@ -323,7 +323,7 @@ def test_partitions_ahead_in_event_time_are_paused_until_the_slowest_catches_up(
 def test_a_drained_record_set_of_kafka_python_is_released_so_resumed_partitions_get_their_parked_records() -> None:
     from types import SimpleNamespace
 
-    from consumers.trainer import _release_drained_records
+    from consumers.trainer.daemon import _release_drained_records
 
     class Records:
         def __init__(self, left: int) -> None:

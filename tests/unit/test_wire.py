@@ -1,4 +1,4 @@
-"""Specification of the serving-topic wire format (consumers/wire.py, docs/wire-format.md)."""
+"""Specification of the serving-topic wire format (consumers/state/wire.py, docs/wire-format.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumers.wire import (
+from consumers.state.wire import (
     MANIFEST_KEY,
     Reassembler,
     Rejection,

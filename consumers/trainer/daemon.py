@@ -8,15 +8,15 @@ The flow (one consumer, one model)::
                           then update)  ->  TrainerMetrics, ledger
     every N steps / T seconds / on shutdown / before a rebalance revokes partitions:
         checkpoint (model + optimizers, join state, batcher state, positions, publish version)
-        -> commit the positions to Kafka (only for lag monitoring)  ->  publish the serving view (consumers.wire)
+        -> commit the positions to Kafka (only for lag monitoring)  ->  publish the serving view (consumers.state.wire)
 
-Everything between decoding and the metrics is ``consumers.pipeline.Pipeline``, shared with ``crossdistil
+Everything between decoding and the metrics is ``consumers.core.pipeline.Pipeline``, shared with ``crossdistil
 backtest``: this module is the Kafka shell around it (poll loop, dead-letter producer, checkpoints, offsets,
 publication, signals), and the pipeline's clock here is the wall clock (``time.monotonic``). The records of
 one partition in one poll go to the join together (``AttributionJoin.add_events``, up to a batch's worth of
 events at a time): they arrived together, so the partition's event-time clock advances once for all of them.
 
-With ``model.separate_process = true`` the learner lives in a child process (``consumers.learner_process``):
+With ``model.separate_process = true`` the learner lives in a child process (``consumers.runtime.learner_process``):
 ``Learner.step`` of a batch overlaps with the polling, decoding and joining of the next ones, answers come back
 in order, and a checkpoint waits for every answer before the child writes the file. Everything below holds in
 both modes.
@@ -40,7 +40,7 @@ acknowledged publication is recorded as done (``published.json`` in the checkpoi
 even when nothing else changed; a trainer stopped or killed before that publishes the restored step again as
 soon as it starts. Serving therefore always ends up with the newest checkpointed model.
 
-Trained-sample ledger (``--ledger DIR``, for audits and tests): see ``consumers.ledger``; segments are written
+Trained-sample ledger (``--ledger DIR``, for audits and tests): see ``consumers.state.ledger``; segments are written
 just before the checkpoint of the same step, and segments newer than the restored checkpoint are deleted on
 start, so the ledger lists exactly the samples inside the restored model.
 
@@ -89,14 +89,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from consumers.join import late_feedback_warning
-from consumers.pipeline import Pipeline, decode_record, join_config, model_config, rebase_join_clock  # noqa: F401
+from consumers.core.join import late_feedback_warning
+from consumers.core.pipeline import Pipeline, decode_record, join_config, model_config, rebase_join_clock  # noqa: F401
 from streamer.events import EventError
 
 if TYPE_CHECKING:
     import torch
 
-    from consumers.config import Config
+    from consumers.runtime.config import Config
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -128,7 +128,7 @@ def _release_drained_records(consumer: Any) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil train``."""
-    from consumers.config import add_config_arguments
+    from consumers.runtime.config import add_config_arguments
 
     add_config_arguments(parser, "deploy/trainer.example.toml", "batching.batch_size=512")
     parser.add_argument("--device", help="torch device, overrides model.device (auto, cpu, cuda, cuda:1)")
@@ -150,9 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil train``; returns the exit status."""
-    from consumers.config import ConfigError, load_config, to_toml
+    from consumers.runtime.config import ConfigError, load_config, to_toml
 
-    from consumers import logs
+    from consumers.runtime import logs
 
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
@@ -179,14 +179,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.torch_threads)
     start_ms = None
     if args.from_time is not None:
-        from consumers.backtest import parse_time
+        from consumers.tools.backtest import parse_time
 
         try:
             start_ms = parse_time(args.from_time)
         except ValueError as exc:
             print(f"crossdistil train: --from-time: {exc}", file=sys.stderr)
             return 2
-    from consumers.learner_process import LearnerProcessError
+    from consumers.runtime.learner_process import LearnerProcessError
 
     try:
         trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger, start_ms=start_ms)
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ configuration glue
 
-# The [model] and [join] glue (model_config, join_config, rebase_join_clock) lives in consumers.pipeline, which
+# The [model] and [join] glue (model_config, join_config, rebase_join_clock) lives in consumers.core.pipeline, which
 # the backtest shares; it is imported at the top of this module so that the old names keep working.
 
 
@@ -268,10 +268,10 @@ class Trainer:
                  start_ms: int | None = None) -> None:
         from prometheus_client import CollectorRegistry
 
-        from consumers.checkpoints import CheckpointStore
-        from consumers.ledger import Ledger
-        from consumers.metrics import TrainerMetrics
-        from consumers.wire import stable_hash
+        from consumers.state.checkpoints import CheckpointStore
+        from consumers.state.ledger import Ledger
+        from consumers.runtime.telemetry import TrainerMetrics
+        from consumers.state.wire import stable_hash
 
         self.cfg = cfg
         self.tasks = tuple(cfg.model.tasks)
@@ -339,17 +339,17 @@ class Trainer:
 
     @property
     def join(self):
-        """The ``consumers.join.AttributionJoin``."""
+        """The ``consumers.core.join.AttributionJoin``."""
         return self.pipeline.join
 
     @property
     def batcher(self):
-        """The ``consumers.batching.MiniBatcher``."""
+        """The ``consumers.core.batching.MiniBatcher``."""
         return self.pipeline.batcher
 
     @property
     def metrics(self):
-        """The ``consumers.metrics.TrainerMetrics`` (on ``self.registry``)."""
+        """The ``consumers.runtime.telemetry.TrainerMetrics`` (on ``self.registry``)."""
         return self.pipeline.metrics
 
     @property
@@ -366,7 +366,7 @@ class Trainer:
 
     def restore(self) -> int | None:
         """Load the newest verified checkpoint into the learner, join, batcher and positions; its step or None."""
-        from consumers.checkpoints import positions_from_plain
+        from consumers.state.checkpoints import positions_from_plain
 
         # With a learner process, the child loads the tensors from the file: this process needs the metadata only.
         checkpoint = self.store.latest(with_tensors=self.pipeline.remote is None)
@@ -427,8 +427,8 @@ class Trainer:
         from kafka import KafkaConsumer, KafkaProducer
         from kafka.errors import KafkaError
 
-        from consumers.metrics import serve_http
-        from consumers.pipeline import tune_gc
+        from consumers.runtime.telemetry import serve_http
+        from consumers.core.pipeline import tune_gc
 
         tune_gc()
         self.restore()
@@ -707,8 +707,8 @@ class Trainer:
 
         Called only between records (never in the middle of one), so positions match the saved state.
         """
-        from consumers.checkpoints import positions_to_plain
-        from consumers.learner_process import write_learner_checkpoint
+        from consumers.state.checkpoints import positions_to_plain
+        from consumers.runtime.learner_process import write_learner_checkpoint
 
         self.pipeline.collect(wait=True)  # a learner process: every batch sent is trained and counted
         self._warn_late_feedback()
@@ -1048,7 +1048,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience for `python -m consumers.trainer`
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience for `python -m consumers.trainer.daemon`
     parser = argparse.ArgumentParser(prog="crossdistil train")
     add_arguments(parser)
     return run(parser.parse_args(argv))

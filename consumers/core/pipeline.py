@@ -4,9 +4,9 @@ One code path for the live daemon and the backtest. Both build a :class:`Pipelin
 methods; the only differences are where the bytes come from (Kafka records or an event-log file) and which
 clock the pipeline is given:
 
-* live (``consumers.trainer``): the wall clock, ``time.monotonic``, so a quiet stream still trains within
+* live (``consumers.trainer.daemon``): the wall clock, ``time.monotonic``, so a quiet stream still trains within
   ``max_batch_delay_s`` and idle partitions stop holding the watermark back;
-* replay (``consumers.backtest``): :class:`EventClock`, the join's watermark in seconds, so a replay makes the
+* replay (``consumers.tools.backtest``): :class:`EventClock`, the join's watermark in seconds, so a replay makes the
   same batches however fast it runs and never waits.
 
 The flow, per record::
@@ -18,7 +18,7 @@ The flow, per record::
 Each batch is scored before it is learnt (``Learner.step`` returns the predictions made before the update),
 so the metrics are prequential. Kafka, checkpoint files, publication and signals stay in the daemon.
 
->>> from consumers.config import load_config
+>>> from consumers.runtime.config import load_config
 >>> from streamer.events import encode
 >>> cfg = load_config(None, env={}, overrides=["model.tasks=['click']", "join.attribution_window_s={click = 1}",
 ...                                    "batching.batch_size=2", "model.options={rung = 'mtl', embedding_dim = 4, hidden_dims = [8], tower_dims = [4]}"])
@@ -41,11 +41,11 @@ from streamer.events import EventError, decode_events  # per record: imported on
 if TYPE_CHECKING:
     import numpy as np
 
-    from consumers.config import Config
-    from consumers.join import JoinConfig, JoinedSample
-    from consumers.learner_process import RemoteLearner
-    from consumers.ledger import Ledger
-    from consumers.metrics import TrainerMetrics
+    from consumers.runtime.config import Config
+    from consumers.core.join import JoinConfig, JoinedSample
+    from consumers.runtime.learner_process import RemoteLearner
+    from consumers.state.ledger import Ledger
+    from consumers.runtime.telemetry import TrainerMetrics
 
 Source = Hashable
 BatchHook = Callable[["list[JoinedSample]", "dict[str, np.ndarray]", "dict[str, np.ndarray]", "list[tuple[str, str]]"], None]
@@ -81,7 +81,7 @@ def make_learner(cfg: Config) -> Any:
 
 
 def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
-    """The ``consumers.join.JoinConfig`` of the ``[join]`` section.
+    """The ``consumers.core.join.JoinConfig`` of the ``[join]`` section.
 
     Live (``live=True``): ``wait_for_all_partitions``, because a partition the consumer has not fetched yet
     must hold the watermark back, or the first partition fetched would race ahead in event time and make every
@@ -90,7 +90,7 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
     Replay (``live=False``): there is no wall clock, so no source is ever idle, and sources appear with their
     first event (an event log does not list its partitions up front). Windows, lateness and bounds are the same.
     """
-    from consumers.join import JoinConfig
+    from consumers.core.join import JoinConfig
 
     windows = {task: float(cfg.join.attribution_window_s.get(task, cfg.join.default_window_s)) for task in cfg.model.tasks}
     return JoinConfig(
@@ -163,7 +163,7 @@ class Pipeline:
     :class:`EventClock`, the replay clock. Every method that needs the time takes an optional ``now`` and asks
     the clock when it is not given (the live loop passes the time of its poll, so one poll uses one instant).
     ``metrics``: a ``TrainerMetrics`` (a fresh one on its own registry by default). ``ledger``: an optional
-    ``consumers.ledger.Ledger`` that receives every trained sample with its prequential predictions.
+    ``consumers.state.ledger.Ledger`` that receives every trained sample with its prequential predictions.
     ``on_batch(samples, labels, scores, fired)`` is called after every training step (scores made before the
     update; fired = drift detections of this batch); ``on_emitted(n, now)`` when the join hands ``n`` samples to
     the batcher.
@@ -180,19 +180,19 @@ class Pipeline:
         on_batch: BatchHook | None = None,
         on_emitted: Callable[[int, float], None] | None = None,
     ) -> None:
-        from consumers.batching import MiniBatcher
-        from consumers.join import AttributionJoin
-        from consumers.metrics import TrainerMetrics
+        from consumers.core.batching import MiniBatcher
+        from consumers.core.join import AttributionJoin
+        from consumers.runtime.telemetry import TrainerMetrics
         self.cfg = cfg
         self.tasks: tuple[str, ...] = tuple(cfg.model.tasks)
         if clock is None:
             clock = EventClock()
             clock.pipeline = self
         self.clock: Callable[[], float] = clock
-        # model.separate_process: a RemoteLearner (consumers.learner_process) trains while this process ingests.
+        # model.separate_process: a RemoteLearner (consumers.runtime.learner_process) trains while this process ingests.
         self.remote: RemoteLearner | None = None
         if cfg.model.separate_process:
-            from consumers.learner_process import RemoteLearner
+            from consumers.runtime.learner_process import RemoteLearner
 
             self.learner = self.remote = RemoteLearner(cfg)
         else:
@@ -286,7 +286,7 @@ class Pipeline:
         its answer comes back (``collect``), in the order batches were sent.
         """
         if self.remote is not None:
-            from consumers.learner_process import sample_row
+            from consumers.runtime.learner_process import sample_row
 
             self.remote.submit([sample_row(s) for s in samples], (samples, time.perf_counter()))
             self.collect()
@@ -353,7 +353,7 @@ class Pipeline:
 
         Call ``collect(wait=True)`` first with a learner process, so that the count matches the model.
         """
-        from consumers.join import JoinedSample
+        from consumers.core.join import JoinedSample
 
         return {
             "join_state": self.join.state_dict(),
@@ -372,7 +372,7 @@ class Pipeline:
         The join's per-source activity times and the batcher's wait belong to the writer's clock; without the
         rebase every partition would look idle right after a restart and a partial batch would be overdue.
         """
-        from consumers.join import JoinedSample
+        from consumers.core.join import JoinedSample
 
         now = self.clock() if now is None else now
         if state.get("learner") is not None:  # None: a learner process loaded it from the file itself

@@ -357,7 +357,7 @@ def model_options_markdown() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m consumers.config: the reference of README.md#configuration-reference
+if __name__ == "__main__":  # python -m consumers.runtime.config: the reference of README.md#configuration-reference
     print(reference_markdown())
     print()
     print(model_options_markdown())

@@ -29,13 +29,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from consumers.drift import DETECTORS, LossDriftDetectors, per_sample_log_loss
-from consumers.quality import StreamQuality
+from consumers.core.drift import DETECTORS, LossDriftDetectors, per_sample_log_loss
+from consumers.core.quality import StreamQuality
 
 PREFIX = "crossdistil"
 ROLES: tuple[str, ...] = ("student", "teacher")
 
-# Join counters (consumers.join.COUNTERS) exported as crossdistil_join_events_total{outcome=...}.
+# Join counters (consumers.core.join.COUNTERS) exported as crossdistil_join_events_total{outcome=...}.
 JOIN_OUTCOMES: tuple[str, ...] = (
     "impressions", "feedback", "emitted", "matched_feedback", "positive_labels", "early_feedback",
     "early_feedback_matched", "duplicate_impressions", "late_impressions", "late_feedback", "orphan_feedback",
@@ -122,7 +122,7 @@ class TrainerMetrics:
     ``windows`` are the sample windows of the windowed metrics. ``baseline_window`` (default ten times the
     largest window) is the slow window that AUC drift is also measured against; its values are recomputed once
 1 % of it is new (they lag by at most that much). ``drift_chunk`` averages that
-    many consecutive per-sample losses before the drift detectors see them (cost; see consumers.drift).
+    many consecutive per-sample losses before the drift detectors see them (cost; see consumers.core.drift).
     ``clock`` gives wall time in seconds (event-time lag, detection and checkpoint timestamps); a backtest can
     pass its own. Thread-safe: the trainer updates while the HTTP thread scrapes.
     """
@@ -165,7 +165,7 @@ class TrainerMetrics:
         # Pipeline.
         self.events_consumed_total = Counter(f"{p}_events_consumed", "events decoded from Kafka, per topic", ["topic"], registry=r)
         self.dead_letters_total = Counter(f"{p}_dead_letters", "events sent to the dead-letter topic, by reason code", ["reason"], registry=r)
-        self.join_events_total = Counter(f"{p}_join_events", "join outcomes (consumers.join counters): late, orphan, duplicate, evicted, ...", ["outcome"], registry=r)
+        self.join_events_total = Counter(f"{p}_join_events", "join outcomes (consumers.core.join counters): late, orphan, duplicate, evicted, ...", ["outcome"], registry=r)
         self.samples_emitted_total = Counter(f"{p}_samples_emitted", "joined samples emitted to the mini-batcher", registry=r)
         self.samples_trained_total = Counter(f"{p}_samples_trained", "samples the model has trained on", registry=r)
         self.batch_size = Histogram(f"{p}_batch_size", "samples per training step", buckets=BATCH_SIZE_BUCKETS, registry=r)
@@ -360,7 +360,7 @@ class TrainerMetrics:
 
     @classmethod
     def from_config(cls, cfg: Any, **kwargs: Any) -> "TrainerMetrics":
-        """The metrics of a ``consumers.config.Config``: its tasks, ``[metrics]`` windows and drift settings;
+        """The metrics of a ``consumers.runtime.config.Config``: its tasks, ``[metrics]`` windows and drift settings;
         ``kwargs`` (registry, clock, ...) go to the constructor."""
         m = cfg.metrics
         return cls(tuple(cfg.model.tasks), windows=tuple(m.windows),
@@ -458,7 +458,7 @@ class ServingMetrics:
         self.reload_seconds.observe(seconds)
 
     def reload_failed(self, reason: str) -> None:
-        """A published checkpoint was rejected (``reason``: a consumers.wire rejection code or an error kind)."""
+        """A published checkpoint was rejected (``reason``: a consumers.state.wire rejection code or an error kind)."""
         self.reload_failures_total.labels(reason).inc()
 
     def request(self, endpoint: str, seconds: float, code: int = 200, items: int = 0) -> None:

@@ -5,7 +5,7 @@ The daemon has two halves that share one reference, :attr:`ModelHolder.current`:
 * the **Kafka loop** (:meth:`CheckpointFollower.run`, in the main thread): on start it finds the latest complete
   checkpoint from the end of the serving topic (docs/wire-format.md, "fast path": the last message is a
   manifest whose ``span`` says how far back its chunks start), falling back to reading from the beginning;
-  then it follows the topic. Every checkpoint goes through :class:`consumers.wire.Reassembler` (chunk and
+  then it follows the topic. Every checkpoint goes through :class:`consumers.state.wire.Reassembler` (chunk and
   payload sha256, format version), then ``safetensors`` and ``ServingModel.from_serving_state`` — nothing is
   unpickled. A rejected or unloadable checkpoint is logged and counted in
   ``crossdistil_serving_reload_failures_total{reason}``; the previous model keeps serving.
@@ -42,17 +42,17 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
-from consumers.metrics import MetricsServer
+from consumers.runtime.telemetry import MetricsServer
 
 if TYPE_CHECKING:
-    from consumers.config import Config
-    from consumers.metrics import ServingMetrics
-    from consumers.wire import WireCheckpoint
+    from consumers.runtime.config import Config
+    from consumers.runtime.telemetry import ServingMetrics
+    from consumers.state.wire import WireCheckpoint
     from models.learner import ServingModel
 
 log = logging.getLogger("crossdistil.serving")
 
-# The serving topic's max.message.bytes (consumers.local_kafka.ensure_topics): no valid message is larger.
+# The serving topic's max.message.bytes (consumers.runtime.local_kafka.ensure_topics): no valid message is larger.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
 
 
@@ -162,7 +162,7 @@ class CheckpointFollower:
     ) -> None:
         from kafka import TopicPartition
 
-        from consumers.wire import Reassembler
+        from consumers.state.wire import Reassembler
 
         self.consumer = consumer
         self.topic = topic
@@ -185,7 +185,7 @@ class CheckpointFollower:
         Slow path (no manifest last, or the fast path found no complete checkpoint): read from the beginning
         to the end offset seen at start. Either way the consumer ends positioned at that end offset.
         """
-        from consumers.wire import Reassembler
+        from consumers.state.wire import Reassembler
 
         self.consumer.assign([self.tp])
         begin = self.consumer.beginning_offsets([self.tp])[self.tp]
@@ -241,7 +241,7 @@ class CheckpointFollower:
 
     def _feed(self, key: bytes | None, value: bytes | None) -> bool:
         """One record through the reassembler; True if it completed a model that is now served."""
-        from consumers.wire import Rejection, WireCheckpoint
+        from consumers.state.wire import Rejection, WireCheckpoint
 
         started = time.perf_counter()
         outcome = self.reassembler.feed(key, value)
@@ -280,7 +280,7 @@ def _manifest_span(message: tuple[bytes | None, bytes | None]) -> int | None:
     """``span`` of a manifest message, or None if the message is not a readable manifest."""
     import msgpack
 
-    from consumers.wire import MANIFEST_KEY
+    from consumers.state.wire import MANIFEST_KEY
 
     key, value = message
     if key != MANIFEST_KEY or value is None or len(value) > MAX_MESSAGE_BYTES:
@@ -549,7 +549,7 @@ class ServingDaemon:
     def __init__(self, cfg: Config, on_swap: Callable[[ServedModel], None] | None = None, out: Any = None) -> None:
         from prometheus_client import CollectorRegistry
 
-        from consumers.metrics import ServingMetrics
+        from consumers.runtime.telemetry import ServingMetrics
 
         self.cfg = cfg
         self.holder = ModelHolder()
@@ -623,7 +623,7 @@ class ServingDaemon:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil serve``."""
-    from consumers.config import add_config_arguments
+    from consumers.runtime.config import add_config_arguments
 
     add_config_arguments(parser, "deploy/serving.example.toml", "serving.port=9501")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
@@ -631,7 +631,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_serving_config(cfg: Config) -> None:
     """Raise ConfigError if a ``[serving]`` value is out of range."""
-    from consumers.config import ConfigError
+    from consumers.runtime.config import ConfigError
 
     s = cfg.serving
     for name in ("max_request_bytes", "max_items", "max_checkpoint_bytes"):
@@ -645,9 +645,9 @@ def check_serving_config(cfg: Config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil serve``; returns the exit status (0 on SIGTERM/SIGINT)."""
-    from consumers.config import ConfigError, load_config, to_toml
+    from consumers.runtime.config import ConfigError, load_config, to_toml
 
-    from consumers import logs
+    from consumers.runtime import logs
 
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:

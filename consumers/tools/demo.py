@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_KUAIRAND = REPO_ROOT.parent / "shared" / "data" / "kuairand"
 DEMO_CONFIG_DIR = REPO_ROOT / "deploy" / "demo"
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -182,7 +182,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def write_trainer_config(plan: Plan, bootstrap: str) -> Path:
     """RUN/trainer.toml: deploy/demo/trainer-<dataset>.toml with this run's broker, checkpoint dir and port."""
-    from consumers.config import load_config, to_toml
+    from consumers.runtime.config import load_config, to_toml
 
     cfg = load_config(DEMO_CONFIG_DIR / f"trainer-{plan.dataset}.toml", env={})
     cfg.kafka.bootstrap = bootstrap
@@ -197,7 +197,7 @@ def write_trainer_config(plan: Plan, bootstrap: str) -> Path:
 
 def write_serving_config(plan: Plan, bootstrap: str) -> Path:
     """RUN/serving.toml: deploy/demo/serving.toml with this run's broker and HTTP port."""
-    from consumers.config import load_config, to_toml
+    from consumers.runtime.config import load_config, to_toml
 
     cfg = load_config(DEMO_CONFIG_DIR / "serving.toml", env={})
     cfg.kafka.bootstrap = bootstrap
@@ -225,14 +225,14 @@ def serving_available() -> bool:
     """Whether ``crossdistil serve`` exists in this checkout."""
     import importlib.util
 
-    return importlib.util.find_spec("consumers.serving") is not None
+    return importlib.util.find_spec("consumers.serving.daemon") is not None
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when the demo dies, even by SIGKILL."""
     # The demo blocks SIGINT/SIGTERM around fork so a signal cannot interrupt the start of a child it would then
     # not know about; the child must not inherit that mask.
-    from consumers.local_kafka import die_with_parent
+    from consumers.runtime.local_kafka import die_with_parent
 
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     die_with_parent()  # not Linux: finally/atexit/signal handlers still stop the children
@@ -646,7 +646,7 @@ class Demo:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.children: dict[str, Child] = {}
-        self.broker: Any = None           # consumers.local_kafka.LocalKafka once started
+        self.broker: Any = None           # consumers.runtime.local_kafka.LocalKafka once started
         self.broker_started = False
         self.kafka_pid: int | None = None
         self.stop_reason: str | None = None
@@ -701,7 +701,7 @@ class Demo:
         return self.signals >= 2
 
     def _start(self) -> None:
-        from consumers.local_kafka import LocalKafka, LocalKafkaError, ensure_topics, free_port
+        from consumers.runtime.local_kafka import LocalKafka, LocalKafkaError, ensure_topics, free_port
 
         plan = self.plan
         plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -729,7 +729,7 @@ class Demo:
         if serving_available():
             self._spawn("serving", [*cli, "serve", "--config", str(serving_cfg)])
         else:
-            print("[demo] this checkout has no serving daemon yet (consumers/serving.py); running without one",
+            print("[demo] this checkout has no serving daemon yet (consumers/serving/daemon.py); running without one",
                   file=sys.stderr)
         if plan.prometheus:
             prom_cfg = write_prometheus_config(plan)
@@ -864,7 +864,7 @@ class Demo:
 
     def _check_children(self) -> None:
         """Raise DemoError, quoting the log, if a daemon exited or the streamer failed."""
-        from consumers.local_kafka import tail
+        from consumers.runtime.local_kafka import tail
 
         for name, child in self.children.items():
             code = child.poll()

@@ -1,6 +1,6 @@
 """``crossdistil backtest``: replay an event log or a Kafka topic range through the trainer's own pipeline.
 
-Every configuration gets a ``consumers.pipeline.Pipeline`` (the trainer's join, batching, training and metrics
+Every configuration gets a ``consumers.core.pipeline.Pipeline`` (the trainer's join, batching, training and metrics
 code) driven by the replay clock, ``EventClock`` (the join's watermark): nothing waits on the wall clock, and
 the same input and configuration give the same numbers bit for bit (with ``--torch-threads 1``, the default).
 Records are decoded once and fed to every configuration's pipeline in the same order, so configurations are
@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from consumers.config import Config
-    from consumers.pipeline import Pipeline
+    from consumers.runtime.config import Config
+    from consumers.core.pipeline import Pipeline
 
 SUMMARY_FORMAT = 1
 LAST_FRACTION = 0.2  # "prequential AUC over the last 20% of the stream", as the trainer's acceptance reports it
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil backtest``; returns the exit status."""
-    from consumers.config import ConfigError
+    from consumers.runtime.config import ConfigError
     from streamer.eventlog import EventLogError
 
     import torch
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[str]) -> dict[str, Config]:
     """Named configurations: one per ``--config`` file (named by its stem), or one per rung on one base file."""
-    from consumers.config import load_config
+    from consumers.runtime.config import load_config
     from models.config import split_config_name  # lazy: the CLI starts without torch
 
     if rungs:
@@ -477,7 +477,7 @@ class ConfigRun:
 
     def prequential_auc(self, last_fraction: float | None = None) -> dict[str, float | None]:
         """Exact AUC of every prequential prediction per task (or of the last ``last_fraction`` of them)."""
-        from consumers.quality import exact_auc
+        from consumers.core.quality import exact_auc
 
         out: dict[str, float | None] = {}
         for task in self.pipeline.tasks:
@@ -509,8 +509,8 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sampl
     """
     from prometheus_client import CollectorRegistry
 
-    from consumers.metrics import TrainerMetrics
-    from consumers.pipeline import EventClock, Pipeline, decode_record, join_config, tune_gc
+    from consumers.runtime.telemetry import TrainerMetrics
+    from consumers.core.pipeline import EventClock, Pipeline, decode_record, join_config, tune_gc
 
     if sample_every < 1:
         raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
@@ -578,7 +578,7 @@ class _progress:
 
 def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any]:
     """The deterministic summary (no wall-clock field): inputs, and per configuration its final numbers."""
-    from consumers.wire import stable_hash
+    from consumers.state.wire import stable_hash
 
     configurations: dict[str, Any] = {}
     for name, run_ in result.runs.items():
@@ -697,7 +697,7 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     source = inp.get("log") or f"Kafka topics {', '.join(inp.get('topics', []))}"
     lines = ["# Backtest report", "",
              f"Input: {source}; {data['records']:,} records, {data['events']:,} events. Replayed through the trainer's "
-             "pipeline (consumers.pipeline) on event time; every prediction was made before the model learnt from "
+             "pipeline (consumers.core.pipeline) on event time; every prediction was made before the model learnt from "
              "its sample (prequential).", ""]
     last_key = f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct"
     ranking_last_key = f"ranking_last_{int(LAST_FRACTION * 100)}pct"

@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 if TYPE_CHECKING:
-    from consumers.checkpoints import CheckpointStore
+    from consumers.state.checkpoints import CheckpointStore
 
 log = logging.getLogger("crossdistil.learner")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_IN_FLIGHT = 8  # batches sent and not yet answered: absorbs the bursts of batches a watermark advance releases
 
 
@@ -80,12 +80,12 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
     """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` and build the publication messages.
 
     ``publication``: None, or ``{"manifest": {...}, "version", "chunk_size", "previous_chunk_count",
-    "max_message_bytes"}`` (``consumers.wire.encode_checkpoint``; the learner's serving metadata is added to
+    "max_message_bytes"}`` (``consumers.state.wire.encode_checkpoint``; the learner's serving metadata is added to
     the manifest). Returns ``{"path", "seconds", "messages": [[key, value], ...], "chunks"}``. The trainer
     calls it in process, or the learner process does on request: one code path.
     """
-    from consumers.trainer import flatten_state
-    from consumers.wire import encode_checkpoint
+    from consumers.trainer.daemon import flatten_state
+    from consumers.state.wire import encode_checkpoint
 
     started = time.perf_counter()
     messages: list[Any] = []
@@ -111,8 +111,8 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
 
 def load_learner_checkpoint(learner: Any, path: str) -> int:
     """Load the learner part of the checkpoint file at ``path``; returns its step count."""
-    from consumers.checkpoints import decode_checkpoint_file
-    from consumers.trainer import unflatten_state
+    from consumers.state.checkpoints import decode_checkpoint_file
+    from consumers.trainer.daemon import unflatten_state
 
     tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
     learner.load_state_dict(unflatten_state(metadata["learner"], tensors))
@@ -120,8 +120,8 @@ def load_learner_checkpoint(learner: Any, path: str) -> int:
 
 
 def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
-    """``consumers.pipeline.train_rows`` on ``rows`` (``sample_row``): the reply the trainer turns into metrics."""
-    from consumers.pipeline import train_rows
+    """``consumers.core.pipeline.train_rows`` on ``rows`` (``sample_row``): the reply the trainer turns into metrics."""
+    from consumers.core.pipeline import train_rows
 
     labels, scores, seconds, losses = train_rows(
         learner, [{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows], tasks)
@@ -148,8 +148,8 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
     try:
         import torch
 
-        from consumers.config import config_from_dict
-        from consumers.pipeline import make_learner, tune_gc
+        from consumers.runtime.config import config_from_dict
+        from consumers.core.pipeline import make_learner, tune_gc
 
         tune_gc()
         if hello.get("torch_threads"):
@@ -188,7 +188,7 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
             elif op == "load":
                 reply = {"op": "loaded", "steps": load_learner_checkpoint(learner, request["path"])}
             elif op == "checkpoint":
-                from consumers.checkpoints import CheckpointStore
+                from consumers.state.checkpoints import CheckpointStore
 
                 store = CheckpointStore(request["directory"], keep_last=int(request["keep_last"]))
                 reply = {"op": "written", **write_learner_checkpoint(learner, store, request["metadata"],
@@ -246,7 +246,7 @@ class RemoteLearner:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumers.learner_process", str(child_in), str(child_out), str(os.getpid())],
+            [sys.executable, "-m", "consumers.runtime.learner_process", str(child_in), str(child_out), str(os.getpid())],
             pass_fds=(child_in, child_out), env=env)
         os.close(child_in)
         os.close(child_out)

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from consumers.checkpoints import fsync_directory
+from consumers.state.checkpoints import fsync_directory
 
 _SEGMENT = re.compile(r"^ledger-(\d{12})\.tsv$")
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 FETCH_SCRIPT = DEPLOY_DIR / "fetch.sh"
 LOG4J_CONFIG = DEPLOY_DIR / "log4j2.yaml"
@@ -335,7 +335,7 @@ class LocalKafka:
         }
         path = self.data_dir / _PROPERTIES_FILE
         body = "".join(f"{key}={value}\n" for key, value in settings.items())
-        path.write_text("# Written by consumers/local_kafka.py on every start; edits are overwritten.\n" + body)
+        path.write_text("# Written by consumers/runtime/local_kafka.py on every start; edits are overwritten.\n" + body)
         return path
 
     def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str, properties: Path) -> None:
