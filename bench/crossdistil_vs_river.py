@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from consumers.tools.evaluate import feature_spec_for, load_encoded, make_learner
+    from consumers.tools.evaluate import feature_spec_for, load_encoded, seeded_learner
     from models.evaluation import default_partners, run_prequential
     from streamer.datasets import open_dataset
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_encoded(dataset, tasks, spec, limit=args.limit)
     learners: dict[str, dict] = {}
     for config in args.configs.split(","):
-        learner = make_learner(tasks, "shared_bottom", config, 0, spec, {}, "cpu")
+        learner = seeded_learner(tasks, "shared_bottom", config, 0, spec, {}, "cpu")
         print(f"[bench] {config} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         result = run_prequential(learner, data, default_partners(tasks), batch_size=256)

@@ -55,7 +55,7 @@ def main() -> int:
 
     import trainer_throughput as tt
     from consumers.runtime.local_kafka import LocalKafka, free_port
-    from consumers.core.pipeline import tune_gc
+    from consumers.runtime.processes import tune_gc
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)

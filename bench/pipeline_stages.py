@@ -14,7 +14,7 @@ Variants, each in a fresh process, alternating for ``--rounds`` rounds (best and
 this shared machine's speed changes from minute to minute):
 
 * ``gc_default``: CPython's collector thresholds (700, 10, 10);
-* ``gc_tuned``: ``consumers.core.pipeline.tune_gc()``, what ``crossdistil train`` and ``backtest`` run with;
+* ``gc_tuned``: ``consumers.runtime.processes.tune_gc()``, what ``crossdistil train`` and ``backtest`` run with;
 * ``separate``: ``gc_tuned`` with ``model.separate_process = true`` (the learner in a child process).
 
 ``ratio_to_gc_default`` divides each variant's median events/s by ``gc_default``'s.
@@ -68,14 +68,16 @@ def worker(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from consumers.core.pipeline import Pipeline, decode_record, tune_gc
+    from consumers.core.pipeline import decode_record
+    from consumers.runtime.assembly import build_pipeline
+    from consumers.runtime.processes import tune_gc
     from trainer_throughput import make_config
 
     torch.set_num_threads(args.torch_threads)
     stream, events = messages(args.events, args.envelope)
     cfg = make_config("127.0.0.1:9", "stages", Path("/nonexistent"), args.batch_size, 1.0,
                       separate_process=args.worker == "separate")
-    pipeline = Pipeline(cfg, clock=None)
+    pipeline = build_pipeline(cfg, clock=None)
     if args.worker == "gc_default":
         gc.set_threshold(700, 10, 10)
     else:

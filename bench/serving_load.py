@@ -11,7 +11,7 @@ each has sent ``--requests`` or ``--duration`` seconds have passed; ``--warmup``
 counted. Latency is measured on the client, from sending the request to reading the whole response.
 
 ``breakdown_ms`` times the parts of one request inside this process, one request at a time (no contention):
-JSON parsing, validation (consumers.serving.daemon.parse_score_request after its json.loads: streamer.events.check_event
+JSON parsing, validation (consumers.serving.api.parse_score_request after its json.loads: streamer.events.check_event
 in place, validate() when anything fails it), encode_rows, the model's
 forward, and building and encoding the JSON response as the daemon does, so that a missed target says where
 the time goes. Target (issue 6): p99 <= 20 ms at 4 clients x 100
@@ -92,7 +92,7 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
     import orjson
     import torch
 
-    from consumers.serving.daemon import parse_score_request
+    from consumers.serving.api import parse_score_request
     from models.features import encode_rows
     from models.learner import ServingModel
 

@@ -108,7 +108,7 @@ def start_broker(args: argparse.Namespace, workdir: Path) -> tuple[str, Any]:
 
 def make_topic(bootstrap: str) -> str:
     """A fresh serving topic (one partition, compacted, 16 MiB messages), as ``crossdistil kafka up`` makes it."""
-    from consumers.runtime.local_kafka import ensure_topics
+    from streamer.topics import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
     topic = f"bench-model-{tag}"

@@ -76,7 +76,7 @@ def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_
 
 
 def stream(bootstrap: str, tag: str, impressions: int, envelope: int) -> dict:
-    from consumers.runtime.local_kafka import ensure_topics
+    from streamer.topics import ensure_topics
     from streamer.stream import stream_dataset
 
     ensure_topics(bootstrap, 4, impression_topic=f"imp-{tag}", feedback_topic=f"fb-{tag}",
@@ -116,7 +116,7 @@ def train_step_rate(cfg, steps: int) -> dict:
     """Samples/s of encode_rows + Learner.step on rows shaped like the synthetic stream's impressions."""
     import numpy as np
 
-    from consumers.trainer.daemon import model_config
+    from consumers.runtime.assembly import model_config
     from models.features import encode_rows
     from models.learner import Learner
 
@@ -156,10 +156,11 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
     done = threading.Event()
 
     def sampler() -> None:  # the trainer's RSS plus its learner process's, when it has one
-        remote = trainer.pipeline.remote
+        process = getattr(trainer.learner, "process", None)  # a RemoteLearner's child
+        join = trainer.pipeline.join
         while not done.wait(0.5):
-            samples.append((time.monotonic(), rss_bytes(), rss_bytes(remote.process.pid) if remote else 0,
-                            trainer.join.pending_impressions, trainer.join.early_feedback))
+            samples.append((time.monotonic(), rss_bytes(), rss_bytes(process.pid) if process else 0,
+                            join.pending_impressions, join.early_feedback))
 
     thread = threading.Thread(target=sampler, daemon=True)
     if sample_rss:
@@ -171,16 +172,16 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
     if rc != 0:
         raise RuntimeError(f"trainer exited with {rc}")
     # Consuming (assignment -> last event) plus training what the end-of-stream flush released; not the idle wait.
-    seconds = (trainer.last_event_at - trainer.first_assigned_at) + (trainer.drained_at - trainer.flush_started_at)
+    seconds = (trainer.last_event_at - trainer.kafka.first_assigned_at) + (trainer.drained_at - trainer.flush_started_at)
     out = {"events": trainer.events_consumed, "samples": trainer.trained_samples, "steps": trainer.learner.steps,
            "seconds": round(seconds, 3), "events_per_s": round(trainer.events_consumed / max(seconds, 1e-9)),
            "final_flush_seconds": round(trainer.drained_at - trainer.flush_started_at, 3),
            "final_checkpoint_seconds": round(finished - trainer.drained_at, 3)}
-    fresh = trainer.freshness_percentiles((0.5, 0.99, 1.0))
+    fresh = trainer.freshness.percentiles((0.5, 0.99, 1.0))
     if fresh:
         out["freshness_s"] = {"median": round(fresh[0.5], 4), "p99": round(fresh[0.99], 4), "max": round(fresh[1.0], 4)}
-    if trainer.publication_delay_s:
-        delays = sorted(trainer.publication_delay_s)
+    if trainer.publisher.delays_s:
+        delays = sorted(trainer.publisher.delays_s)
         out["checkpoint_to_publication_s"] = {"median": round(delays[len(delays) // 2], 4), "max": round(delays[-1], 4),
                                               "publications": len(delays)}
     if sample_rss and samples:
@@ -229,7 +230,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.torch_threads)
-    from consumers.core.pipeline import tune_gc
+    from consumers.runtime.processes import tune_gc
 
     tune_gc()  # the trainer runs (in this process) set it anyway: the bounds are measured under the same setting
     from consumers.runtime.local_kafka import LocalKafka, free_port

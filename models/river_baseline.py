@@ -1,6 +1,6 @@
 """An online baseline from river: one logistic regression or factorization machine per task, same hashed features.
 
-    learner = make_learner(RiverConfig(tasks=("click", "long_view"), model="lr"))
+    learner = RiverLearner(RiverConfig(tasks=("click", "long_view"), model="lr"))
     losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
 
 ``RiverLearner`` has the verbs of ``models.learner.Learner`` (``step``, ``predict``, ``state_dict``,
@@ -124,7 +124,7 @@ class _FMClassifier(facto.FMClassifier):
 class RiverLearner:
     """One river model per task over the Batch's hashed features, trained one mini-batch at a time.
 
-    >>> learner = make_learner(RiverConfig(tasks=("click",)))
+    >>> learner = RiverLearner(RiverConfig(tasks=("click",)))
     >>> rows = [{"user_id": "u", "item_id": str(i), "labels": {"click": i % 2}} for i in range(4)]
     >>> losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
     >>> sorted(losses), predictions["click"].tolist()
@@ -344,7 +344,7 @@ class RiverServingModel:
 
     Equal to ``RiverLearner.predict`` up to float rounding (sums run in another order).
 
-    >>> learner = make_learner(RiverConfig(tasks=("click",)))
+    >>> learner = RiverLearner(RiverConfig(tasks=("click",)))
     >>> serving = RiverServingModel.from_serving_state(*learner.serving_state())
     >>> serving.score_rows([{"user_id": "u", "item_id": "i"}])["click"].tolist()
     [0.5]
@@ -399,11 +399,6 @@ class RiverServingModel:
     def score_rows(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Encode rows as the trainer does (``models.features.encode_rows``) and score them."""
         return self.score(encode_rows(rows, self.config.features, self.config.tasks))
-
-
-def make_learner(config: RiverConfig) -> RiverLearner:
-    """A fresh river learner for ``config``."""
-    return RiverLearner(config)
 
 
 def config_for(name: str, tasks: Sequence[str], features: FeatureSpec, seed: int = 0,

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from streamer import events
 from streamer.eventlog import EventLogWriter, path_from_url
+from streamer.topics import ensure_topics
 
 BOOTSTRAP_TIMEOUT_MS = 10_000
 MAX_REQUEST_BYTES = 16 << 20  # a batch envelope may be up to 16 MiB (streamer.events.Limits.max_batch_bytes)
@@ -83,38 +84,16 @@ class KafkaSink:
             self._producer = KafkaProducer(**config)
         except KafkaError as exc:
             raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
-        self._ensure_topics(topics)
+        self._ensure_topics(topics, dict(producer_config or {}))
 
-    def _ensure_topics(self, topics: tuple[str, ...]) -> None:
+    def _ensure_topics(self, topics: tuple[str, ...], client_options: dict[str, Any]) -> None:
         impressions, feedback = topics
         try:
-            from consumers.runtime.local_kafka import ensure_topics
-        except ImportError:  # the streamer can run without the consumers package installed
-            ensure_topics = None
-        try:
-            if ensure_topics is not None:
-                ensure_topics(self.bootstrap, impression_topic=impressions, feedback_topic=feedback)
-            else:
-                self._create_topics_with_admin(topics)
+            ensure_topics(self.bootstrap, impression_topic=impressions, feedback_topic=feedback,
+                          client_options=client_options)
         except Exception as exc:
             self._producer.close(timeout=1)
             raise SinkError(f"could not create topics {', '.join(topics)} on Kafka at {self.bootstrap}: {exc}") from exc
-
-    def _create_topics_with_admin(self, topics: tuple[str, ...]) -> None:
-        from kafka import KafkaAdminClient
-        from kafka.admin import NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="crossdistil-stream-admin")
-        try:
-            missing = [t for t in topics if t not in set(admin.list_topics())]
-            if missing:
-                try:
-                    admin.create_topics([NewTopic(t, num_partitions=4, replication_factor=1) for t in missing])
-                except TopicAlreadyExistsError:
-                    pass
-        finally:
-            admin.close()
 
     def _partition_of(self, topic: str, key: bytes) -> int:
         from kafka.partitioner.default import murmur2

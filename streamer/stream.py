@@ -24,10 +24,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from streamer.datasets import open_dataset
 from streamer.datasets.base import DatasetError, Interaction
-
-IMPRESSION_TOPIC = "impressions"  # = streamer.events.IMPRESSION_TOPIC (not imported here to keep --help fast)
-FEEDBACK_TOPIC = "feedback"
+from streamer.eventlog import EventLogError, path_from_url, read_event_log
+from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError
 PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
 
 
@@ -93,7 +93,6 @@ def merge_events(interactions: Iterable[Interaction], *, impression_topic: str =
 
 def replay_log(path: str, limit: int | None = None) -> Iterator[RoutedEvent]:
     """The records of an event log as routed events (a batch envelope in a record is unwrapped, keeping its key)."""
-    from streamer.eventlog import read_event_log
 
     count = 0
     for record in read_event_log(path):
@@ -238,7 +237,7 @@ def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | 
 
     Raises ``StreamError`` (or ``DatasetError`` / ``SinkError``, both with user-facing messages) on bad input.
     """
-    from streamer.sinks import open_sink
+    from streamer.sinks import open_sink  # lazy: the Kafka client loads only when events are written
 
     factor = parse_speed(speed) if isinstance(speed, str) else speed
     if envelope < 1:
@@ -246,14 +245,10 @@ def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | 
     if dataset == "log":
         if not source:
             raise StreamError("--dataset log needs --source file://PATH (an event log)")
-        from streamer.eventlog import path_from_url
-
         routed: Iterable[RoutedEvent] = replay_log(str(path_from_url(source)), limit=limit)
         tasks: tuple[str, ...] = ()
         total = None
     else:
-        from streamer.datasets import open_dataset
-
         data = open_dataset(dataset, source, mapping, **(options or {}))
         routed = merge_events(data.interactions(), impression_topic=impression_topic, feedback_topic=feedback_topic,
                               limit=limit)
@@ -307,9 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``crossdistil stream``; user errors print one line on stderr and exit with status 2."""
-    from streamer.eventlog import EventLogError
-    from streamer.events import EventError
-    from streamer.sinks import SinkError
+    from streamer.sinks import SinkError  # lazy: the Kafka client loads only when the command runs
 
     try:
         summary = stream_dataset(

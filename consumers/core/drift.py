@@ -62,7 +62,7 @@ class LossDriftDetectors:
         # ph_threshold is the cumulative excess loss, in nats summed over samples, that counts as a drift; the
         # detector sums chunk means, hence the division. Tuned on a stationary stream of per-sample log loss
         # (mean 0.58, std 0.6): 400 gave 0 or 1 false alarm per million samples, 200 gave 1 to 3, 100 gave 4 to
-        # 15; the delay on a 0.4-nat jump was about 1,100 samples (tests/unit/test_quality_drift.py).
+        # 15; the delay on a 0.4-nat jump was about 1,100 samples (tests/unit/consumers/core/test_quality_drift.py).
         self._page_hinkley = drift.PageHinkley(
             min_instances=ph_min_instances, delta=ph_delta, threshold=ph_threshold / self.chunk, mode="up"
         )

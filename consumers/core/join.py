@@ -50,14 +50,14 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 Source = Hashable
 """Where an event came from; the daemons use ``(topic, partition)``. Must be built of str/int/tuples."""
 
-STATE_FORMAT = 1
+JOIN_STATE_FORMAT = 1
 
 # Why a sample was emitted.
 REASON_CLOSED = "closed"  # every attribution window closed in event time: labels are final
@@ -370,7 +370,7 @@ class AttributionJoin:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly, as plain values (msgpack-able, no pickle)."""
         return {
-            "format": STATE_FORMAT,
+            "format": JOIN_STATE_FORMAT,
             "window_ms": dict(self._window_ms),
             "watermark_ms": self._watermark_ms,
             "now": self._now,
@@ -390,13 +390,7 @@ class AttributionJoin:
 
         The tasks must be the same; windows may differ (the new ones apply from now on).
         """
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"join state has format {state.get('format')!r}; this code reads format {STATE_FORMAT}")
-        if set(state["window_ms"]) != set(self.tasks):
-            raise ValueError(
-                f"join state was saved for tasks {sorted(state['window_ms'])} but this join has tasks "
-                f"{list(self.tasks)}; start from an empty state or configure the same tasks"
-            )
+        _check_state(state, self.tasks)
         self._watermark_ms = state["watermark_ms"]
         self._now = state["now"]
         self._sources = {}
@@ -565,6 +559,15 @@ class AttributionJoin:
         while order and order[0][0] < forget_before:
             _, impression_id = order.popleft()
             del self._completed[impression_id]
+
+
+def _check_state(state: Mapping[str, Any], tasks: Sequence[str]) -> None:
+    """Refuse a join state of another format, or saved for other tasks, with a sentence saying what to do."""
+    if state.get("format") != JOIN_STATE_FORMAT:
+        raise ValueError(f"join state has format {state.get('format')!r}; this code reads format {JOIN_STATE_FORMAT}")
+    if set(state["window_ms"]) != set(tasks):
+        raise ValueError(f"join state was saved for tasks {sorted(state['window_ms'])} but this join has tasks "
+                         f"{list(tasks)}; start from an empty state or configure the same tasks")
 
 
 def late_feedback_warning(counters: Mapping[str, int], reported: int) -> str | None:

@@ -60,7 +60,7 @@ class KafkaConfig:
 
 
 @dataclass
-class JoinConfig:
+class JoinSection:
     attribution_window_s: dict = _f({}, "per-task attribution window in event-time seconds, e.g. {click = 60, long_view = 3600}; tasks not listed use default_window_s")
     default_window_s: float = _f(3600.0, "window of tasks not listed in attribution_window_s")
     allowed_lateness_s: float = _f(0.0, "how far behind the newest event time the watermark trails")
@@ -122,7 +122,7 @@ class ServingSection:
 @dataclass
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
-    join: JoinConfig = field(default_factory=JoinConfig)
+    join: JoinSection = field(default_factory=JoinSection)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     model: ModelSection = field(default_factory=ModelSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -342,7 +342,7 @@ def reference_markdown() -> str:
 
 def model_options_markdown() -> str:
     """A Markdown table of the ``[model.options]`` keys: the fields of ``models.config.ModelConfig``."""
-    from models.config import ModelConfig
+    from models.config import ModelConfig  # lazy: torch loads only when the reference is printed
 
     rows = ["| `model.options` key | default |", "|---|---|"]
     defaults = ModelConfig()

@@ -7,8 +7,13 @@ full batch to a child that encodes it and runs ``Learner.step``, and goes on ing
 trains; the child's answers (labels, the prequential predictions and the step's losses, trust-gate report
 included) come back in order and feed the metrics, the ledger and freshness exactly as an in-process step does.
 
+Both ways of holding the learner are ``consumers.core.pipeline.LearnerPort``s with the same checkpoint verbs
+(``load_checkpoint``, ``write_checkpoint``): :class:`LocalLearner` (in this process) and :class:`RemoteLearner`
+(the child). The trainer and the backtest never ask which one they have; :func:`learner_port` picks it from
+``model.separate_process``.
+
 Nothing about the results changes: the child builds the same seeded learner and sees the same batches in the
-same order, so a replay gives bit-identical predictions either way (``tests/unit/test_learner_process.py``).
+same order, so a replay gives bit-identical predictions either way (``tests/unit/consumers/runtime/test_learner_process.py``).
 
 Exactly once: batches are answered in the order they were sent. A checkpoint first waits for every answer
 (``RemoteLearner.drain``), so the model the child then writes holds exactly the batches the trainer counted,
@@ -23,7 +28,7 @@ a failure is a reply ``{"op": "error", "error": traceback}`` that the trainer ra
 
 The child ignores SIGINT and SIGTERM (the trainer decides when to stop and checkpoints first) and is killed by
 the kernel when the trainer dies, even by SIGKILL (``PR_SET_PDEATHSIG``). Models never see Kafka here: the
-child imports ``models``, torch and this package's checkpoint and wire modules only.
+child imports ``models``, torch, the pipeline's training call and the checkpoint and wire modules only.
 """
 
 from __future__ import annotations
@@ -41,12 +46,18 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
+import numpy as np
+import torch
 
-if TYPE_CHECKING:
-    from consumers.state.checkpoints import CheckpointStore
+from consumers.core.pipeline import Answer, InProcessLearner, train_rows
+from consumers.runtime.config import Config, config_from_dict
+from consumers.runtime.processes import die_with_parent, tune_gc
+from consumers.state.checkpoints import CheckpointStore
+from consumers.state.learner_state import load_learner_checkpoint, write_learner_checkpoint
+from models.zoo import learner_config, make_learner
 
 log = logging.getLogger("crossdistil.learner")
 
@@ -66,67 +77,48 @@ def _unpack(data: bytes) -> dict[str, Any]:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def sample_row(sample: Any) -> list[Any]:
-    """The part of a joined sample the learner needs: ``[user_id, item_id, features, labels]``."""
-    impression = sample.impression
-    return [impression["user_id"], impression["item_id"], impression.get("features") or {}, sample.labels]
+def build_learner(cfg: Config) -> Any:
+    """The learner of the ``[model]`` section (``models.zoo``): a rung of the ladder or a river peer."""
+    return make_learner(learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed), cfg.model.device)
 
 
-# ------------------------------------------------------------------------- the work, in either process
+def learner_port(cfg: Config) -> LocalLearner | RemoteLearner:
+    """Where the ``[model]`` section's learner trains: a learner process with ``model.separate_process``, else here."""
+    if cfg.model.separate_process:
+        return RemoteLearner(cfg)
+    return LocalLearner(build_learner(cfg), cfg.model.tasks)
 
 
-def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Mapping[str, Any],
-                             publication: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` and build the publication messages.
+class LocalLearner(InProcessLearner):
+    """The learner in this process, with the checkpoint verbs of :class:`RemoteLearner`."""
 
-    ``publication``: None, or ``{"manifest": {...}, "version", "chunk_size", "previous_chunk_count",
-    "max_message_bytes"}`` (``consumers.state.wire.encode_checkpoint``; the learner's serving metadata is added to
-    the manifest). Returns ``{"path", "seconds", "messages": [[key, value], ...], "chunks"}``. The trainer
-    calls it in process, or the learner process does on request: one code path.
-    """
-    from consumers.trainer.daemon import flatten_state
-    from consumers.state.wire import encode_checkpoint
+    @property
+    def device(self) -> str:
+        return str(getattr(self.learner, "device", "cpu"))
 
-    started = time.perf_counter()
-    messages: list[Any] = []
-    chunks = 0
-    if publication is not None:
-        tensors, serving_meta = learner.serving_state()
-        manifest = {**publication["manifest"], "serving": dict(serving_meta)}
-        messages = encode_checkpoint(tensors, manifest, version=int(publication["version"]),
-                                     chunk_size=int(publication["chunk_size"]),
-                                     previous_chunk_count=int(publication["previous_chunk_count"]),
-                                     max_message_bytes=int(publication["max_message_bytes"]))
-        chunks = sum(1 for key, value in messages if value is not None and key.startswith(b"chunk/"))
-    learner_tensors, learner_plain = flatten_state(learner.state_dict(), "learner")
-    full = {**metadata, "learner": learner_plain}
-    if publication is not None:
-        # Chunk keys the serving topic may hold once this publication is sent, whether or not it is acknowledged
-        # (a restart cannot tell): the next publication tombstones those beyond its own count.
-        full["published_chunks"] = max(chunks, int(publication["previous_chunk_count"]))
-    path = store.write(learner.steps, learner_tensors, full)
-    return {"path": str(path), "seconds": time.perf_counter() - started,
-            "messages": [[key, value] for key, value in messages], "chunks": chunks}
+    def load_checkpoint(self, path: str) -> int:
+        """Load the learner state of the checkpoint file at ``path``; its step count."""
+        return load_learner_checkpoint(self.learner, path)
 
-
-def load_learner_checkpoint(learner: Any, path: str) -> int:
-    """Load the learner part of the checkpoint file at ``path``; returns its step count."""
-    from consumers.state.checkpoints import decode_checkpoint_file
-    from consumers.trainer.daemon import unflatten_state
-
-    tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
-    learner.load_state_dict(unflatten_state(metadata["learner"], tensors))
-    return int(learner.steps)
+    def write_checkpoint(self, directory: str, keep_last: int, metadata: Mapping[str, Any],
+                         publication: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``consumers.state.learner_state.write_learner_checkpoint`` on the learner."""
+        return write_learner_checkpoint(self.learner, CheckpointStore(directory, keep_last=keep_last), metadata,
+                                        publication)
 
 
 def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
-    """``consumers.core.pipeline.train_rows`` on ``rows`` (``sample_row``): the reply the trainer turns into metrics."""
-    from consumers.core.pipeline import train_rows
+    """``consumers.core.pipeline.train_rows`` on ``rows``: the reply the trainer turns back into an ``Answer``."""
+    answer = train_rows(learner, rows, tasks)
+    return {"op": "stepped", "n": len(rows), "seconds": answer.seconds, "steps": answer.steps,
+            "losses": dict(answer.losses), "labels": answer.labels.tobytes(), "scores": answer.scores.tobytes()}
 
-    labels, scores, seconds, losses = train_rows(
-        learner, [{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows], tasks)
-    return {"op": "stepped", "n": len(rows), "seconds": seconds, "steps": int(learner.steps), "losses": losses,
-            "labels": labels.tobytes(), "scores": scores.tobytes()}
+
+def _answer(reply: Mapping[str, Any], width: int) -> Answer:
+    n = int(reply["n"])
+    return Answer(np.frombuffer(reply["labels"], dtype=np.int8).reshape(n, width),
+                  np.frombuffer(reply["scores"], dtype=np.float32).reshape(n, width), float(reply["seconds"]),
+                  reply.get("losses") or {}, int(reply["steps"]))
 
 
 # ----------------------------------------------------------------------------------- the child process
@@ -136,7 +128,7 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
     """The learner process: serve requests until ``stop`` or until the trainer's end of the pipe closes."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the trainer stops us, after its last checkpoint
-    _die_with_parent_by_sigkill()
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != trainer_pid:  # the trainer died before the line above took effect
         return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
@@ -146,16 +138,11 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
     except EOFError:
         return 0
     try:
-        import torch
-
-        from consumers.runtime.config import config_from_dict
-        from consumers.core.pipeline import make_learner, tune_gc
-
         tune_gc()
         if hello.get("torch_threads"):
             torch.set_num_threads(int(hello["torch_threads"]))
         cfg = config_from_dict(hello["config"])
-        learner = make_learner(cfg)
+        learner = build_learner(cfg)
         tasks = tuple(cfg.model.tasks)
         device = str(getattr(learner, "device", "cpu"))
     except Exception:
@@ -188,8 +175,6 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
             elif op == "load":
                 reply = {"op": "loaded", "steps": load_learner_checkpoint(learner, request["path"])}
             elif op == "checkpoint":
-                from consumers.state.checkpoints import CheckpointStore
-
                 store = CheckpointStore(request["directory"], keep_last=int(request["keep_last"]))
                 reply = {"op": "written", **write_learner_checkpoint(learner, store, request["metadata"],
                                                                      request.get("publication"))}
@@ -214,16 +199,6 @@ def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
         pass
 
 
-def _die_with_parent_by_sigkill() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, even by SIGKILL (elsewhere: no-op)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 # ---------------------------------------------------------------------------------- the trainer's side
 
 
@@ -235,8 +210,9 @@ class RemoteLearner:
     batch sent); ``steps`` counts the ones handed back.
     """
 
-    def __init__(self, cfg: Any, torch_threads: int | None = None, start_timeout_s: float = 300.0) -> None:
+    def __init__(self, cfg: Config, torch_threads: int | None = None, start_timeout_s: float = 300.0) -> None:
         self.steps = 0
+        self._width = len(cfg.model.tasks)
         self._in_flight: deque[Any] = deque()
         self._answered: deque[tuple[Any, dict[str, Any]]] = deque()
         parent_in, child_out = os.pipe()
@@ -253,8 +229,6 @@ class RemoteLearner:
         self._requests = Connection(parent_out, readable=False)
         self._replies = Connection(parent_in, writable=False)
         if torch_threads is None:
-            import torch
-
             torch_threads = torch.get_num_threads()
         self._send({"op": "hello", "config": cfg.to_dict(), "torch_threads": torch_threads})
         if not self._replies.poll(start_timeout_s):
@@ -273,8 +247,8 @@ class RemoteLearner:
         self._send({"op": "step", "rows": rows})
         self._in_flight.append(context)
 
-    def answers(self, wait: bool = False) -> Iterator[tuple[Any, dict[str, Any]]]:
-        """``(context, reply)`` of the batches answered so far, in order (``wait``: of every batch sent).
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
+        """``(context, Answer)`` of the batches answered so far, in order (``wait``: of every batch sent).
 
         ``steps`` counts the batches handed back, so while the caller handles one it is that batch's step, as
         with a learner in process.
@@ -288,7 +262,7 @@ class RemoteLearner:
             else:
                 return
             self.steps = int(reply["steps"])
-            yield context, reply
+            yield context, _answer(reply, self._width)
 
     @property
     def in_flight(self) -> int:

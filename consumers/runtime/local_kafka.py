@@ -1,6 +1,7 @@
 """A local single-node Apache Kafka 4.x broker (KRaft, no ZooKeeper) for development, tests and the demo.
 
-``crossdistil kafka up|down|status`` drives it from the command line; :class:`LocalKafka` from Python::
+``crossdistil kafka up|down|status`` (``consumers.tools.kafka``) drives it from the command line;
+:class:`LocalKafka` from Python (``ensure_topics`` is ``streamer.topics.ensure_topics``)::
 
     broker = LocalKafka(port=9092)
     broker.start(timeout_s=60)          # formats storage on first start, waits until metadata answers
@@ -23,7 +24,6 @@ named by ``CROSSDISTIL_KAFKA_LIBS``. Java 17 or newer must be on the PATH.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streamer.topics import DEFAULT_PARTITIONS, MODEL_MAX_MESSAGE_BYTES
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 FETCH_SCRIPT = DEPLOY_DIR / "fetch.sh"
@@ -46,16 +48,8 @@ LOG4J_CONFIG = DEPLOY_DIR / "log4j2.yaml"
 LIBS_ENV = "CROSSDISTIL_KAFKA_LIBS"
 
 DEFAULT_PORT = 9092
-DEFAULT_PARTITIONS = 4
-MODEL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # The broker-wide ceiling must admit the model topic's messages (checkpoint chunks) too.
 BROKER_MAX_MESSAGE_BYTES = MODEL_MAX_MESSAGE_BYTES
-
-# The default topic names; they equal the constants of streamer.events (docs/internal-apis.md).
-IMPRESSION_TOPIC = "impressions"
-FEEDBACK_TOPIC = "feedback"
-MODEL_TOPIC = "model-updates"
-DEAD_LETTER_TOPIC = "dead-letters"
 
 _STATE_FILE = "local-kafka.json"
 _PID_FILE = "broker.pid"
@@ -73,20 +67,6 @@ def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/crossdistil/kafka``, i.e. ``~/.local/share/crossdistil/kafka`` by default."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "crossdistil" / "kafka"
-
-
-def die_with_parent() -> None:
-    """For ``preexec_fn``: ask Linux to SIGTERM this child when its parent dies, even by SIGKILL (elsewhere: no-op).
-
-    Daemons started by the demo and by the tests use it, so a killed parent never leaves a broker or a trainer
-    running (and spinning on a broker that is gone).
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -466,101 +446,3 @@ def broker_ids(bootstrap: str, timeout_s: float = 5.0) -> list[int]:
         return sorted(int(b["broker_id"]) for b in brokers if not b.get("is_fenced", False))
     finally:
         admin.close()
-
-
-def ensure_topics(
-    bootstrap: str,
-    partitions: int = DEFAULT_PARTITIONS,
-    *,
-    impression_topic: str = IMPRESSION_TOPIC,
-    feedback_topic: str = FEEDBACK_TOPIC,
-    dead_letter_topic: str = DEAD_LETTER_TOPIC,
-    model_topic: str = MODEL_TOPIC,
-    model_max_message_bytes: int = MODEL_MAX_MESSAGE_BYTES,
-    timeout_s: float = 30.0,
-) -> dict[str, str]:
-    """Create the default topics if they do not exist yet; return ``{topic: "created" | "exists"}``.
-
-    Impressions, feedback and dead letters get ``partitions`` partitions (events are keyed by user id, so a
-    user's impressions and feedback share a partition number across the two topics). The model topic has one
-    partition, so checkpoints stay in order, is compacted, and admits messages up to ``model_max_message_bytes``.
-    Existing topics are left as they are. Waits until every topic has a leader for every partition.
-    """
-    from kafka import KafkaAdminClient
-    from kafka.errors import TopicAlreadyExistsError
-
-    wanted: dict[str, dict[str, Any]] = {
-        name: {"num_partitions": partitions, "replication_factor": 1}
-        for name in (impression_topic, feedback_topic, dead_letter_topic)
-    }
-    wanted[model_topic] = {
-        "num_partitions": 1,
-        "replication_factor": 1,
-        "configs": {"cleanup.policy": "compact", "max.message.bytes": str(model_max_message_bytes)},
-    }
-    timeout_ms = int(timeout_s * 1000)
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crossdistil-ensure-topics",
-                                 request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
-    except Exception as exc:
-        raise LocalKafkaError(
-            f"Kafka at {bootstrap} is not reachable ({type(exc).__name__}); "
-            f"start one with 'crossdistil kafka up' or set --bootstrap"
-        ) from exc
-    try:
-        existing = set(admin.list_topics())
-        result = {name: "exists" for name in wanted if name in existing}
-        missing = {name: spec for name, spec in wanted.items() if name not in existing}
-        if missing:
-            try:
-                admin.create_topics(missing, timeout_ms=timeout_ms)
-            except TopicAlreadyExistsError:
-                pass  # another process created one between list_topics and here: that is fine
-            result.update({name: "created" for name in missing})
-        admin.wait_for_topics(list(wanted), timeout_ms=timeout_ms)
-        return {name: result[name] for name in wanted}
-    finally:
-        admin.close()
-
-
-# -- command line ----------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``crossdistil kafka``."""
-    parser.add_argument("action", choices=("up", "down", "status"), help="start, stop, or report on the local broker")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"client port (default: the data dir's last port, else {DEFAULT_PORT})")
-    parser.add_argument("--data-dir", default=None, help=f"broker state, logs and pid file (default: {default_data_dir()})")
-    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
-                        help="partitions of the impressions, feedback and dead-letters topics (up only)")
-    parser.add_argument("--no-topics", action="store_true", help="do not create the default topics (up only)")
-    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the broker to start or stop")
-    parser.add_argument("--delete-data", action="store_true", help="after stopping, delete the data dir (down only)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``crossdistil kafka up|down|status``."""
-    broker = LocalKafka(port=args.port, data_dir=args.data_dir)
-    try:
-        if args.action == "status":
-            status = broker.status()
-            print(status.describe())
-            return 0 if status.running else 3
-        if args.action == "down":
-            stopped = broker.stop(timeout_s=args.timeout)
-            print(f"Kafka at {broker.bootstrap} stopped" if stopped else f"Kafka was not running (data dir {broker.data_dir})")
-            if args.delete_data and broker.data_dir.exists():
-                shutil.rmtree(broker.data_dir)
-                print(f"deleted {broker.data_dir}")
-            return 0
-        if not broker.status().running:
-            print(f"starting Kafka at {broker.bootstrap} (data dir {broker.data_dir}) ...", file=sys.stderr)
-        started = broker.start(timeout_s=args.timeout)
-        status = broker.status()
-        print(status.describe() if started else f"already running: {status.describe()}")
-        if not args.no_topics:
-            topics = ensure_topics(broker.bootstrap, partitions=args.partitions)
-            print("topics: " + ", ".join(f"{name} ({state})" for name, state in topics.items()))
-        return 0
-    except LocalKafkaError as exc:
-        print(f"crossdistil kafka {args.action}: {exc}", file=sys.stderr)
-        return 1

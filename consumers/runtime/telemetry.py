@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the trainer and serving daemons, and their /metrics + /healthz endpoint.
+"""Every Prometheus metric of the trainer and serving daemons (served by ``consumers.runtime.httpd``).
 
 One module defines all names (prefix ``crossdistil_``; counters end in ``_total``, durations in ``_seconds``;
 labels ``task``, ``role``, ``window``, ``reference``, ``detector``, ``topic``, ``partition``, ``reason``,
@@ -21,13 +21,11 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
 
 from consumers.core.drift import DETECTORS, LossDriftDetectors, per_sample_log_loss
 from consumers.core.quality import StreamQuality
@@ -194,13 +192,9 @@ class TrainerMetrics:
         self._kd_gate_children: dict[tuple[Any, ...], Any] = {}
         self._kd_gate_state: dict[str, dict[str, float]] = {}
         self._quality_counters: dict[tuple[str, str], Any] = {}
+        self._topic_children: dict[str, Any] = {}
         self._drift_sample_counters = {task: self.drift_samples_total.labels(task) for task in self.tasks}
-        for task in self.tasks:
-            for detector in DETECTORS:
-                self.drift_detections_total.labels(task, detector)
-                self.drift_last_detection_seconds.labels(task, detector).set(0)
-        for outcome in JOIN_OUTCOMES:
-            self.join_events_total.labels(outcome)
+        self._zero_series()
         self.watermark_seconds.set(math.nan)
         self.event_time_lag_seconds.set_function(self._event_time_lag)
         self.published_version.set(math.nan)
@@ -208,11 +202,23 @@ class TrainerMetrics:
         self.last_checkpoint_seconds.set(math.nan)
         self.registry.register(_QualityCollector(self))
 
+    def _zero_series(self) -> None:
+        """Export every detector's and join outcome's series from the start (0), so rate() and alerts see them."""
+        for task in self.tasks:
+            for detector in DETECTORS:
+                self.drift_detections_total.labels(task, detector)
+                self.drift_last_detection_seconds.labels(task, detector).set(0)
+        for outcome in JOIN_OUTCOMES:
+            self.join_events_total.labels(outcome)
+
     # -- pipeline -------------------------------------------------------------------------------------------
 
     def events_consumed(self, topic: str, n: int) -> None:
-        """``n`` events were decoded from ``topic``."""
-        self.events_consumed_total.labels(topic).inc(n)
+        """``n`` events were decoded from ``topic`` (called per record: the labelled child is kept)."""
+        child = self._topic_children.get(topic)
+        if child is None:  # a label lookup costs microseconds
+            child = self._topic_children[topic] = self.events_consumed_total.labels(topic)
+        child.inc(n)
 
     def dead_letter(self, reason: str) -> None:
         """One event went to the dead-letter topic for ``reason`` (a streamer.events reason code)."""
@@ -467,93 +473,3 @@ class ServingMetrics:
         self.requests_total.labels(endpoint, str(code)).inc()
         if items:
             self.scored_items_total.inc(items)
-
-
-# -- HTTP ----------------------------------------------------------------------------------------------------
-
-
-class MetricsServer:
-    """A running /metrics + /healthz endpoint: ``.port``, ``.url``, ``.close()``."""
-
-    def __init__(self, server: ThreadingHTTPServer, thread: threading.Thread) -> None:
-        self._server = server
-        self._thread = thread
-        self.bind, self.port = server.server_address[:2]
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"http://{host}:{self.port}"
-
-    def close(self) -> None:
-        """Stop serving and wait for the server thread (idempotent)."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-    @classmethod
-    def start(cls, bind: str, port: int, handler: type[BaseHTTPRequestHandler], *, what: str, settings: str,
-              thread_prefix: str):
-        """Bind ``handler`` on ``bind:port`` and serve it from a daemon thread ``<thread_prefix>-http-<port>``.
-
-        Raises OSError naming ``what`` is served, the address and the ``settings`` to change (e.g. "metrics.port
-        or metrics.bind") when it cannot bind.
-        """
-        try:
-            server = ThreadingHTTPServer((bind, port), handler)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve {what} on {bind}:{port}: {exc.strerror}; set {settings}") from exc
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, name=f"{thread_prefix}-http-{server.server_address[1]}",
-                                  daemon=True)
-        thread.start()
-        return cls(server, thread)
-
-    def __enter__(self) -> "MetricsServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def serve_http(
-    bind: str = "127.0.0.1",
-    port: int = 0,
-    registry: CollectorRegistry | None = None,
-    health: Callable[[], tuple[bool, str]] | None = None,
-) -> MetricsServer:
-    """Serve ``registry`` at ``/metrics`` (Prometheus text or OpenMetrics, by Accept header) and ``health`` at
-    ``/healthz`` (200 "ok", or 503 with the reason) from a daemon thread. ``port=0`` picks a free port
-    (``handle.port``). Raises OSError (with the address in the message) when the port is taken."""
-    registry = registry if registry is not None else CollectorRegistry()
-    health = health or (lambda: (True, "ok"))
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                try:
-                    encoder, content_type = choose_encoder(self.headers.get("Accept"))
-                    body, code = encoder(registry), 200
-                except Exception as exc:  # a failing collector must not kill the endpoint
-                    body, code, content_type = f"collecting metrics failed: {exc!r}\n".encode(), 500, "text/plain"
-            elif path == "/healthz":
-                try:
-                    ok, reason = health()
-                except Exception as exc:
-                    ok, reason = False, f"health check raised {exc!r}"
-                body, code, content_type = (("ok" if ok else reason) + "\n").encode(), 200 if ok else 503, "text/plain; charset=utf-8"
-            else:
-                body, code, content_type = b"not found: try /metrics or /healthz\n", 404, "text/plain"
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: keep logs quiet
-            pass
-
-    return MetricsServer.start(bind, port, Handler, what="metrics", settings="metrics.port or metrics.bind",
-                               thread_prefix="metrics")

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from consumers.state.tensors import safetensors_bytes
+
 if TYPE_CHECKING:
     import torch
 
@@ -71,22 +73,6 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, Any]
     path: Path | None = None
-
-
-def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Tensors as safetensors bytes: detached, on CPU, contiguous; tensors sharing storage are copied."""
-    from safetensors.torch import save
-
-    plain: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, tensor in tensors.items():
-        t = tensor.detach().to("cpu").contiguous()
-        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if storage in seen and t.numel() > 0:
-            t = t.clone()  # safetensors refuses tensors that share memory (tied weights)
-        seen.add(storage)
-        plain[name] = t
-    return save(plain)
 
 
 def encode_checkpoint_file(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> bytes:

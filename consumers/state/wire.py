@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from consumers.state.checkpoints import safetensors_bytes
+from consumers.state.tensors import safetensors_bytes
 
 if TYPE_CHECKING:
     import torch

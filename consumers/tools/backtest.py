@@ -42,10 +42,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from consumers.runtime.config import Config, ConfigError, load_config
+from consumers.runtime.timeparse import parse_time
+from consumers.state.wire import stable_hash
+from streamer.eventlog import EventLogError, path_from_url, read_event_log
+
 if TYPE_CHECKING:
     import numpy as np
 
-    from consumers.runtime.config import Config
     from consumers.core.pipeline import Pipeline
 
 SUMMARY_FORMAT = 1
@@ -85,8 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil backtest``; returns the exit status."""
-    from consumers.runtime.config import ConfigError
-    from streamer.eventlog import EventLogError
 
     import torch
 
@@ -133,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
 
 def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[str]) -> dict[str, Config]:
     """Named configurations: one per ``--config`` file (named by its stem), or one per rung on one base file."""
-    from consumers.runtime.config import load_config
     from models.config import split_config_name  # lazy: the CLI starts without torch
 
     if rungs:
@@ -160,22 +161,6 @@ def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[s
     return out
 
 
-def parse_time(text: str | None) -> int | None:
-    """``--from-time`` / ``--to-time``: unix milliseconds, or ISO 8601 (UTC unless it says otherwise)."""
-    if text is None:
-        return None
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"time {text!r} is neither unix milliseconds nor ISO 8601 (e.g. 2022-04-08T12:00:00Z)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
-
-
 # ----------------------------------------------------------------------------------------------- inputs
 
 
@@ -192,8 +177,6 @@ def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
                 limit: int | None = None) -> tuple[Iterator[Record], dict[str, Any]]:
     """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
     import msgpack
-
-    from streamer.eventlog import EventLogError, path_from_url, read_event_log
 
     _check_time_range(from_ms, to_ms)
     path = path_from_url(url)
@@ -477,7 +460,7 @@ class ConfigRun:
 
     def prequential_auc(self, last_fraction: float | None = None) -> dict[str, float | None]:
         """Exact AUC of every prequential prediction per task (or of the last ``last_fraction`` of them)."""
-        from consumers.core.quality import exact_auc
+        from models.metrics import auc  # lazy: numpy loads only when a replay runs
 
         out: dict[str, float | None] = {}
         for task in self.pipeline.tasks:
@@ -485,7 +468,7 @@ class ConfigRun:
             if last_fraction is not None:
                 start = int(len(y) * (1 - last_fraction))
                 y, p = y[start:], p[start:]
-            value = exact_auc(y, p) if len(y) else math.nan
+            value = auc(y, p) if len(y) else math.nan
             out[task] = None if math.isnan(value) else float(value)
         return out
 
@@ -509,8 +492,11 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sampl
     """
     from prometheus_client import CollectorRegistry
 
+    # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
+    from consumers.core.pipeline import EventClock, decode_record
+    from consumers.runtime.assembly import build_pipeline
+    from consumers.runtime.processes import tune_gc
     from consumers.runtime.telemetry import TrainerMetrics
-    from consumers.core.pipeline import EventClock, Pipeline, decode_record, join_config, tune_gc
 
     if sample_every < 1:
         raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
@@ -519,8 +505,7 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sampl
     for name, cfg in configs.items():
         clock = EventClock()
         metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
-        pipeline = Pipeline(cfg, clock=clock, join=join_config(cfg, live=False), metrics=metrics)
-        clock.pipeline = pipeline
+        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics)
         run_ = ConfigRun(name, cfg, pipeline, sample_every, _next_point=sample_every)
         pipeline.on_batch = run_.on_batch
         runs[name] = run_
@@ -578,7 +563,6 @@ class _progress:
 
 def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any]:
     """The deterministic summary (no wall-clock field): inputs, and per configuration its final numbers."""
-    from consumers.state.wire import stable_hash
 
     configurations: dict[str, Any] = {}
     for name, run_ in result.runs.items():

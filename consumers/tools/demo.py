@@ -51,6 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consumers.runtime.config import load_config, to_toml
+from consumers.runtime.processes import die_with_parent
+from streamer.stream import StreamError, parse_speed
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_KUAIRAND = REPO_ROOT.parent / "shared" / "data" / "kuairand"
 DEMO_CONFIG_DIR = REPO_ROOT / "deploy" / "demo"
@@ -140,7 +144,6 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Check the flags and decide paths, speed and stream options; ``ValueError`` says what to change."""
-    from streamer.stream import StreamError, parse_speed
 
     speed = args.speed or DEFAULT_SPEED[args.dataset]
     try:
@@ -182,7 +185,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def write_trainer_config(plan: Plan, bootstrap: str) -> Path:
     """RUN/trainer.toml: deploy/demo/trainer-<dataset>.toml with this run's broker, checkpoint dir and port."""
-    from consumers.runtime.config import load_config, to_toml
 
     cfg = load_config(DEMO_CONFIG_DIR / f"trainer-{plan.dataset}.toml", env={})
     cfg.kafka.bootstrap = bootstrap
@@ -197,7 +199,6 @@ def write_trainer_config(plan: Plan, bootstrap: str) -> Path:
 
 def write_serving_config(plan: Plan, bootstrap: str) -> Path:
     """RUN/serving.toml: deploy/demo/serving.toml with this run's broker and HTTP port."""
-    from consumers.runtime.config import load_config, to_toml
 
     cfg = load_config(DEMO_CONFIG_DIR / "serving.toml", env={})
     cfg.kafka.bootstrap = bootstrap
@@ -225,15 +226,13 @@ def serving_available() -> bool:
     """Whether ``crossdistil serve`` exists in this checkout."""
     import importlib.util
 
-    return importlib.util.find_spec("consumers.serving.daemon") is not None
+    return importlib.util.find_spec("consumers.serving.command") is not None
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when the demo dies, even by SIGKILL."""
     # The demo blocks SIGINT/SIGTERM around fork so a signal cannot interrupt the start of a child it would then
     # not know about; the child must not inherit that mask.
-    from consumers.runtime.local_kafka import die_with_parent
-
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     die_with_parent()  # not Linux: finally/atexit/signal handlers still stop the children
 
@@ -591,7 +590,7 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
         code = child.poll()
         state = ("[green]running[/]" if child.running() else
                  "not started" if child.pid is None else
-                 f"[green]done[/]" if code == 0 else f"[red]exit {code}[/]")
+                 "[green]done[/]" if code == 0 else f"[red]exit {code}[/]")
         procs.add_row(child.name, str(child.pid or "-"), state, _relative(child.log_path))
     elapsed = time.monotonic() - status.started_at
     return Group(
@@ -701,7 +700,9 @@ class Demo:
         return self.signals >= 2
 
     def _start(self) -> None:
-        from consumers.runtime.local_kafka import LocalKafka, LocalKafkaError, ensure_topics, free_port
+        # lazy: the Kafka client loads only when the demo runs (crossdistil --help stays fast)
+        from consumers.runtime.local_kafka import LocalKafka, LocalKafkaError, free_port
+        from streamer.topics import TopicError, ensure_topics
 
         plan = self.plan
         plan.run_dir.mkdir(parents=True, exist_ok=True)
@@ -719,7 +720,7 @@ class Demo:
             self.broker_started = self.broker.start(timeout_s=180, preexec_fn=_die_with_parent)
             self._record()
             ensure_topics(self.broker.bootstrap)
-        except LocalKafkaError as exc:
+        except (LocalKafkaError, TopicError) as exc:
             raise DemoError(f"the local Kafka broker did not start: {exc}") from None
         bootstrap = self.broker.bootstrap
         trainer_cfg = write_trainer_config(plan, bootstrap)
@@ -729,7 +730,7 @@ class Demo:
         if serving_available():
             self._spawn("serving", [*cli, "serve", "--config", str(serving_cfg)])
         else:
-            print("[demo] this checkout has no serving daemon yet (consumers/serving/daemon.py); running without one",
+            print("[demo] this checkout has no serving daemon yet (consumers/serving/command.py); running without one",
                   file=sys.stderr)
         if plan.prometheus:
             prom_cfg = write_prometheus_config(plan)
@@ -864,7 +865,7 @@ class Demo:
 
     def _check_children(self) -> None:
         """Raise DemoError, quoting the log, if a daemon exited or the streamer failed."""
-        from consumers.runtime.local_kafka import tail
+        from consumers.runtime.local_kafka import tail  # lazy: the Kafka client loads only when the demo runs
 
         for name, child in self.children.items():
             code = child.poll()

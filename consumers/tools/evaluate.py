@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streamer.datasets import open_dataset
+
 BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 LADDER = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
 # Online baselines from river (models.river_baseline): one LR / FM per task over the same hashed features.
@@ -217,21 +219,13 @@ def evaluation_rows(n_events: int, train_fraction: float, tail_fraction: float, 
     return EvaluationRows(n_events, limit, 1.0 - VALIDATION_TEST_FRACTION, VALIDATION_TEST_FRACTION, validation=True)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Data and models
 
 
 def load_encoded(dataset: Any, tasks: Sequence[str], spec: Any, limit: int = 0) -> Any:
     """Read the data set once (time order), keep the first ``limit`` events if set, and encode every row."""
+    # lazy: numpy, torch and the models load only when a grid runs (the CLI starts without torch)
     import numpy as np
 
     from models.evaluation import EncodedData
@@ -256,7 +250,7 @@ def load_encoded(dataset: Any, tasks: Sequence[str], spec: Any, limit: int = 0) 
 
 def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0) -> Any:
     """user and item ids plus the data set's own feature columns, minus ``exclude``."""
-    from models.features import FeatureSpec
+    from models.features import FeatureSpec  # lazy: the CLI starts without torch
 
     unknown = set(exclude) - set(dataset.categorical_features) - set(dataset.numeric_features)
     if unknown:
@@ -286,28 +280,22 @@ def variant_name(config: str, variant: str) -> str:
     return f"{config}[{variant}]" if variant and config != "mtl" else config
 
 
-def make_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
-                 model_options: dict[str, Any], device: str) -> Any:
-    """A fresh, seeded ``models.learner.Learner`` for one run (a ``RiverLearner`` for the river configs)."""
+def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
+                   model_options: dict[str, Any], device: str) -> Any:
+    """A fresh learner for one run (``models.zoo``: a rung, ``RUNG@PRESET`` or a river baseline), with torch's and
+    numpy's global generators seeded so that a run repeats exactly."""
+    # lazy: torch and the models load only when a grid runs (the CLI starts without torch)
     import numpy as np
     import torch
 
-    river_options = {k.removeprefix("river."): v for k, v in model_options.items() if k.startswith("river.")}
-    model_options = {k: v for k, v in model_options.items() if not k.startswith("river.")}
-    if rung in RIVER_CONFIGS:  # no backbone, no device: river learns on the CPU, one event at a time
-        from models.river_baseline import config_for, make_learner as make_river_learner
-
-        return make_river_learner(config_for(rung, tasks, spec, seed, **river_options))
-
-    from models.config import ModelConfig, split_config_name
-    from models.learner import Learner
+    from models.zoo import learner_config, make_learner
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    rung, preset = split_config_name(rung)  # "crossdistil@trust": the rung with a preset's options
-    config = ModelConfig(tasks=tuple(tasks), backbone=backbone, rung=rung, features=spec, seed=seed,
-                         **{**preset, **model_options})
-    return Learner(config, device=device)
+    options = {"backbone": backbone, **model_options, "rung": rung, "features": spec}
+    if rung in RIVER_CONFIGS:  # no backbone, no device: river learns on the CPU, one event at a time
+        options.pop("backbone")
+    return make_learner(learner_config(tasks, options, seed=seed), device)
 
 
 def _clean(value: Any) -> Any:
@@ -325,12 +313,12 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate every combination; returns the results.json document."""
     import dataclasses
 
-    import torch
+    import torch  # lazy: torch and the models below load only when a grid runs (the CLI starts without torch)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from models.evaluation import combined_weights_for, default_partners, run_prequential, run_time_split
-    from streamer.datasets import open_dataset
+    from models.evaluation import combined_weights_for
+    from models.learner import resolve_device
 
     if not args.dataset or not args.source:
         raise ValueError("--dataset and --source are required (or --from-results)")
@@ -345,9 +333,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     console = Console(stderr=True)
-
     dataset = open_dataset(args.dataset, args.source, mapping=args.mapping, **parse_pairs(args.option, "--option"))
     task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
     for tasks in task_sets:
@@ -372,7 +359,6 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             data = data.head(rows.limit)
             console.log(f"validation: rows [0, {rows.limit}) of {rows.events}; the test split is not used")
         row_ranges = rows.ranges()  # the same for every task set: they all read the same events
-        partners = default_partners(tasks)
         combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
         per_run = {"split": row_ranges["split_train"][1] * args.epochs, "prequential": len(data)}
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -382,48 +368,54 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             done = 0
             for mode, backbone, rung, seed in combos:
                 progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
-                learner = make_learner(tasks, backbone, rung, seed, spec, model_options, device)
-                base = done
-
-                def on_step(events: int, base: int = base) -> None:
-                    progress.update(bar, completed=base + events)
-
-                if mode == "split":
-                    result = run_time_split(learner, data, partners, epochs=args.epochs, batch_size=args.batch_size,
-                                            train_fraction=rows.train_fraction, curve_points=args.curve_points,
-                                            on_step=on_step, combined_weights=combined_weights)
-                else:
-                    result = run_prequential(learner, data, partners, batch_size=args.batch_size,
-                                             tail_fraction=rows.tail_fraction, curve_points=args.curve_points,
-                                             on_step=on_step, combined_weights=combined_weights)
+                learner = seeded_learner(tasks, backbone, rung, seed, spec, model_options, device)
+                result = _run_one(args, mode, learner, data, rows, combined_weights,
+                                  on_step=lambda events, base=done: progress.update(bar, completed=base + events))
                 done += per_run[mode]
                 window = "test" if mode == "split" else "tail"
                 aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)
                 progress.console.log(f"{mode} {backbone} {rung} seed {seed}: {window} AUC {aucs} "
                                      f"({result.seconds:.1f}s)")
-                runs.append({
-                    "tasks": list(tasks), "config": variant_name(rung, args.variant), "backbone": backbone,
-                    "seed": seed,
-                    **dataclasses.asdict(result),
-                })
+                runs.append({"tasks": list(tasks), "config": variant_name(rung, args.variant), "backbone": backbone,
+                             "seed": seed, **dataclasses.asdict(result)})
     return {
         "dataset": dataset.name,
         "source": str(args.source),
         "command": "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
-        "protocol": {
-            "train_fraction": args.train_fraction,
-            "tail_fraction": VALIDATION_TEST_FRACTION if args.validation else args.tail_fraction, "epochs": args.epochs,
-            "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
-            "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
-            "combined_weights": combined_weights,  # None: 1 per task
-            "validation": bool(args.validation),
-            **({"validation_rows": row_ranges, "validation_test_fraction": VALIDATION_TEST_FRACTION}
-               if args.validation else {}),
-        },
+        "protocol": _protocol(args, spec, model_options, combined_weights, row_ranges),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - started,
         "runs": runs,
+    }
+
+
+def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows: EvaluationRows,
+             combined_weights: Any, on_step: Any) -> Any:
+    """One time-split or prequential run of ``learner`` (``models.evaluation``)."""
+    from models.evaluation import default_partners, run_prequential, run_time_split  # lazy: no torch for --help
+
+    partners = default_partners(data.tasks)
+    if mode == "split":
+        return run_time_split(learner, data, partners, epochs=args.epochs, batch_size=args.batch_size,
+                              train_fraction=rows.train_fraction, curve_points=args.curve_points,
+                              on_step=on_step, combined_weights=combined_weights)
+    return run_prequential(learner, data, partners, batch_size=args.batch_size, tail_fraction=rows.tail_fraction,
+                           curve_points=args.curve_points, on_step=on_step, combined_weights=combined_weights)
+
+
+def _protocol(args: argparse.Namespace, spec: Any, model_options: dict, combined_weights: Any,
+              row_ranges: dict) -> dict[str, Any]:
+    """The protocol block of results.json: what every run of the grid shared."""
+    return {
+        "train_fraction": args.train_fraction,
+        "tail_fraction": VALIDATION_TEST_FRACTION if args.validation else args.tail_fraction, "epochs": args.epochs,
+        "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
+        "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
+        "combined_weights": combined_weights,  # None: 1 per task
+        "validation": bool(args.validation),
+        **({"validation_rows": row_ranges, "validation_test_fraction": VALIDATION_TEST_FRACTION}
+           if args.validation else {}),
     }
 
 
@@ -464,7 +456,20 @@ def render_report(doc: dict[str, Any], title: str = "") -> str:
     lines = [f"# {title or 'Evaluation: ' + str(doc.get('dataset', ''))}", ""]
     commands = doc.get("commands") or [doc.get("command", "")]
     lines += ["Produced by:", "", "```", *commands, "```", ""]
-    protocol = doc.get("protocol", {})
+    lines += _protocol_lines(doc.get("protocol", {}))
+    for tasks, mode in _groups(runs):
+        group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
+        for window in (["test"] if mode == "split" else ["all", "tail"]):
+            lines += _window_section(group, tasks, mode, window)
+    env = doc.get("environment", {})
+    if env:
+        lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _protocol_lines(protocol: dict[str, Any]) -> list[str]:
+    """What the runs shared and how to read the tables."""
+    lines: list[str] = []
     if protocol.get("validation"):
         ranges = protocol.get("validation_rows", {})
         used, events = ranges.get("used", ["?", "?"]), ranges.get("events", "?")
@@ -480,78 +485,71 @@ def render_report(doc: dict[str, Any], title: str = "") -> str:
     else:
         split_text = (f"train on the first {protocol.get('train_fraction', 0.8):.0%} of events in time order, "
                       "test on the rest")
-    lines += [f"Cells are mean ± sample std over seeds. Split mode: {split_text}. "
-              "Prequential: every mini-batch scored before the model learns from it. Calib = mean(p)/mean(y). "
-              "NDCG@10: mean over users (with at least 2 events of different relevance) of the NDCG of the task's "
-              "score in the user's first 10, relevance 2·y + y_partner. Combined score: prod_k p_k^w_k; its AUC is "
-              "against every task positive, its NDCG@10 uses the number of positive tasks as relevance.", ""]
-    for tasks, mode in _groups(runs):
-        group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
-        windows = ["test"] if mode == "split" else ["all", "tail"]
-        backbones = _ordered((r["backbone"] for r in group), BACKBONES)
-        configs = _ordered((r["config"] for r in group), CONFIGS)
-        for window in windows:
-            seeds = sorted({r["seed"] for r in group})
-            lines += [f"## Tasks {', '.join(tasks)} — {mode}, window `{window}` ({len(seeds)} seeds)", ""]
-            for task in tasks:
-                lines += [f"### {task}", ""]
-                header = ["backbone", "config"] + [name for _, name in TABLE_METRICS]
-                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                for backbone in backbones:
-                    for config in configs:
-                        cell = [r for r in group if r["backbone"] == backbone and r["config"] == config]
-                        if not cell:
-                            continue
-                        values = [_fmt(*_mean_std([_task_metric(r, window, task, key) for r in cell]),
-                                       digits=2 if key == "calibration" else 4)
-                                  for key, _ in TABLE_METRICS]
-                        lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
-                lines.append("")
-            with_combined = [r for r in group if _combined_metric(r, window, "weights") is not None]
-            if with_combined:
-                weights = " · ".join(f"p_{t}^{w:g}"
-                                     for t, w in zip(tasks, with_combined[0]["combined"][window]["weights"]))
-                lines += [f"### Combined score {weights}", "",
-                          "| backbone | config | AUC (all tasks positive) | NDCG@10 (number of positive tasks) |",
-                          "|---|---|---|---|"]
-                for backbone in backbones:
-                    for config in configs:
-                        cell = [r for r in with_combined if r["backbone"] == backbone and r["config"] == config]
-                        if cell:
-                            values = [_fmt(*_mean_std([_combined_metric(r, window, key) for r in cell]))
-                                      for key in ("auc", "ndcg10")]
-                            lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
-                lines.append("")
-            if "mtl" in configs and len(configs) > 1:
-                lines += [f"Paired differences to `mtl` (same backbone and seed), mean ± std over seeds, "
-                          f"window `{window}` ({len(seeds)} seeds); **bold** where |mean| > 2 std/sqrt(n):", ""]
-                header = (["backbone", "config"] + [f"{name} {t}" for _, name in DIFF_TASK_METRICS for t in tasks]
-                          + [name for _, name in DIFF_COMBINED_METRICS])
-                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                for backbone in backbones:
-                    base = {r["seed"]: r for r in group if r["backbone"] == backbone and r["config"] == "mtl"}
-                    for config in configs:
-                        if config == "mtl":
-                            continue
-                        cell = [r for r in group if r["backbone"] == backbone and r["config"] == config
-                                and r["seed"] in base]
-                        if not cell:
-                            continue
-                        out = []
-                        for key, _ in DIFF_TASK_METRICS:
-                            for task in tasks:
-                                out.append(_fmt_diff([_sub(_task_metric(r, window, task, key),
-                                                           _task_metric(base[r["seed"]], window, task, key))
-                                                      for r in cell]))
-                        for key, _ in DIFF_COMBINED_METRICS:
-                            out.append(_fmt_diff([_sub(_combined_metric(r, window, key),
-                                                       _combined_metric(base[r["seed"]], window, key)) for r in cell]))
-                        lines.append(f"| {backbone} | {config} | " + " | ".join(out) + " |")
-                lines.append("")
-    env = doc.get("environment", {})
-    if env:
-        lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
-    return "\n".join(lines)
+    return lines + [f"Cells are mean ± sample std over seeds. Split mode: {split_text}. "
+                    "Prequential: every mini-batch scored before the model learns from it. Calib = mean(p)/mean(y). "
+                    "NDCG@10: mean over users (with at least 2 events of different relevance) of the NDCG of the "
+                    "task's score in the user's first 10, relevance 2·y + y_partner. Combined score: prod_k p_k^w_k; "
+                    "its AUC is against every task positive, its NDCG@10 uses the number of positive tasks as "
+                    "relevance.", ""]
+
+
+def _cells(group: list[dict], backbones: list[str], configs: list[str]) -> Iterable[tuple[str, str, list[dict]]]:
+    """(backbone, config, its runs) for every pair that has runs, in table order."""
+    for backbone in backbones:
+        for config in configs:
+            cell = [r for r in group if r["backbone"] == backbone and r["config"] == config]
+            if cell:
+                yield backbone, config, cell
+
+
+def _window_section(group: list[dict], tasks: tuple[str, ...], mode: str, window: str) -> list[str]:
+    """One (task set, mode, window): a table per task, the combined score, paired differences to ``mtl``."""
+    backbones = _ordered((r["backbone"] for r in group), BACKBONES)
+    configs = _ordered((r["config"] for r in group), CONFIGS)
+    seeds = sorted({r["seed"] for r in group})
+    lines = [f"## Tasks {', '.join(tasks)} — {mode}, window `{window}` ({len(seeds)} seeds)", ""]
+    for task in tasks:
+        header = ["backbone", "config"] + [name for _, name in TABLE_METRICS]
+        lines += [f"### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for backbone, config, cell in _cells(group, backbones, configs):
+            values = [_fmt(*_mean_std([_task_metric(r, window, task, key) for r in cell]),
+                           digits=2 if key == "calibration" else 4) for key, _ in TABLE_METRICS]
+            lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
+        lines.append("")
+    with_combined = [r for r in group if _combined_metric(r, window, "weights") is not None]
+    if with_combined:
+        weights = " · ".join(f"p_{t}^{w:g}" for t, w in zip(tasks, with_combined[0]["combined"][window]["weights"]))
+        lines += [f"### Combined score {weights}", "",
+                  "| backbone | config | AUC (all tasks positive) | NDCG@10 (number of positive tasks) |",
+                  "|---|---|---|---|"]
+        for backbone, config, cell in _cells(with_combined, backbones, configs):
+            values = [_fmt(*_mean_std([_combined_metric(r, window, key) for r in cell])) for key in ("auc", "ndcg10")]
+            lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
+        lines.append("")
+    if "mtl" in configs and len(configs) > 1:
+        lines += _paired_differences(group, tasks, window, backbones, configs, len(seeds))
+    return lines
+
+
+def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, backbones: list[str],
+                        configs: list[str], n_seeds: int) -> list[str]:
+    """Each config minus ``mtl`` on the same backbone and seed, per metric."""
+    lines = [f"Paired differences to `mtl` (same backbone and seed), mean ± std over seeds, "
+             f"window `{window}` ({n_seeds} seeds); **bold** where |mean| > 2 std/sqrt(n):", ""]
+    header = (["backbone", "config"] + [f"{name} {t}" for _, name in DIFF_TASK_METRICS for t in tasks]
+              + [name for _, name in DIFF_COMBINED_METRICS])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for backbone, config, cell in _cells(group, backbones, [c for c in configs if c != "mtl"]):
+        base = {r["seed"]: r for r in group if r["backbone"] == backbone and r["config"] == "mtl"}
+        cell = [r for r in cell if r["seed"] in base]
+        if not cell:
+            continue
+        out = [_fmt_diff([_sub(_task_metric(r, window, task, key), _task_metric(base[r["seed"]], window, task, key))
+                          for r in cell]) for key, _ in DIFF_TASK_METRICS for task in tasks]
+        out += [_fmt_diff([_sub(_combined_metric(r, window, key), _combined_metric(base[r["seed"]], window, key))
+                           for r in cell]) for key, _ in DIFF_COMBINED_METRICS]
+        lines.append(f"| {backbone} | {config} | " + " | ".join(out) + " |")
+    return lines + [""]
 
 
 def _span(bounds: Sequence[int] | None) -> str:

@@ -26,7 +26,7 @@ def open_dataset(name: str, source: str | Path | None, mapping: str | Path | dic
     if name not in DATASETS:
         raise DatasetError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
-        from streamer.datasets.synthetic import open_synthetic
+        from streamer.datasets.synthetic import open_synthetic  # lazy: each adapter (numpy, pyarrow) loads when asked for
 
         return open_synthetic(**options)
     if options:
@@ -36,15 +36,15 @@ def open_dataset(name: str, source: str | Path | None, mapping: str | Path | dic
     if not Path(source).exists():
         raise DatasetError(f"source {source} does not exist")
     if name == "kuairand":
-        from streamer.datasets.kuairand import KuaiRand
+        from streamer.datasets.kuairand import KuaiRand  # lazy: each adapter (numpy, pyarrow) loads when asked for
 
         return KuaiRand(source)
     if name == "icme2019":
-        from streamer.datasets.icme2019 import open_icme2019
+        from streamer.datasets.icme2019 import open_icme2019  # lazy: each adapter (numpy, pyarrow) loads when asked for
 
         return open_icme2019(source)
     if name == "csv":
-        from streamer.datasets.tabular import open_tabular
+        from streamer.datasets.tabular import open_tabular  # lazy: each adapter (numpy, pyarrow) loads when asked for
 
         return open_tabular(source, mapping)
     raise DatasetError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")

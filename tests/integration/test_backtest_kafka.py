@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from consumers.state.ledger import read_ledger
-from consumers.runtime.local_kafka import ensure_topics
+from streamer.topics import ensure_topics
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from consumers.tools import backtest
-from consumers.runtime.local_kafka import ensure_topics
+from streamer.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from consumers.runtime.local_kafka import (
-    DEAD_LETTER_TOPIC,
-    FEEDBACK_TOPIC,
-    IMPRESSION_TOPIC,
-    MODEL_MAX_MESSAGE_BYTES,
-    MODEL_TOPIC,
-    LocalKafka,
-    ensure_topics,
-    free_port,
-)
+from consumers.runtime.local_kafka import LocalKafka, free_port
+from streamer.events import DEAD_LETTER_TOPIC, FEEDBACK_TOPIC, IMPRESSION_TOPIC, MODEL_TOPIC
+from streamer.topics import MODEL_MAX_MESSAGE_BYTES, ensure_topics
 
 pytestmark = pytest.mark.integration
 

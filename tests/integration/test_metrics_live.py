@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.runtime.local_kafka import ensure_topics, free_port
+from consumers.runtime.local_kafka import free_port
+from streamer.topics import ensure_topics
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from consumers.runtime.config import load_config
-from consumers.runtime.local_kafka import ensure_topics
+from streamer.topics import ensure_topics
 from consumers.serving.daemon import ServingDaemon
 from tests.trainer_config import write_trainer_config
 

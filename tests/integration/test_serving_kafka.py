@@ -25,7 +25,7 @@ import msgpack
 import pytest
 
 from consumers.runtime.config import load_config
-from consumers.runtime.local_kafka import ensure_topics
+from streamer.topics import ensure_topics
 from consumers.serving.daemon import ServingDaemon
 from consumers.state.wire import encode_checkpoint
 from models.config import ModelConfig

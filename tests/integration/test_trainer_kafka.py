@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from consumers.state.ledger import read_ledger
-from consumers.runtime.local_kafka import die_with_parent, ensure_topics
+from consumers.runtime.processes import die_with_parent
+from streamer.topics import ensure_topics
 from models.metrics import auc
 from tests.trainer_config import write_trainer_config
 

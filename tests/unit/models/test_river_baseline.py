@@ -17,7 +17,6 @@ from models.river_baseline import (
     RiverLearner,
     RiverServingModel,
     config_for,
-    make_learner,
 )
 
 pytestmark = pytest.mark.unit
@@ -67,7 +66,7 @@ def stream(learner: RiverLearner, rows: list[dict], batch_size: int = 64) -> dic
 
 @pytest.mark.parametrize("model", MODELS)
 def test_step_returns_the_predictions_made_before_the_update(model: str) -> None:
-    learner = make_learner(config(model))
+    learner = RiverLearner(config(model))
     learner.step(make_batch(0))
     batch = make_batch(48)
     before = learner.predict(batch)
@@ -83,7 +82,7 @@ def test_step_returns_the_predictions_made_before_the_update(model: str) -> None
 
 @pytest.mark.parametrize("model", MODELS)
 def test_predict_changes_nothing(model: str) -> None:
-    learner = make_learner(config(model))
+    learner = RiverLearner(config(model))
     learner.step(make_batch(0))
     state = _saved(learner.state_dict())
     learner.predict(make_batch(1000))  # unseen ids: no weight or latent may appear
@@ -92,7 +91,7 @@ def test_predict_changes_nothing(model: str) -> None:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_sample_seen_twice_scores_higher_for_its_positive_label(model: str) -> None:
-    learner = make_learner(config(model))
+    learner = RiverLearner(config(model))
     rows = [{"user_id": "a", "item_id": "b", "features": {"hour": 1, "watch": 5.0}, "labels": {"click": 1}}]
     batch = encode_rows(rows, SPEC, TASKS)
     _, first = learner.step(batch)
@@ -104,15 +103,15 @@ def test_a_sample_seen_twice_scores_higher_for_its_positive_label(model: str) ->
 @pytest.mark.parametrize("model", MODELS)
 def test_same_config_same_stream_gives_identical_predictions(model: str) -> None:
     rows = signal_rows(600)
-    first, second = stream(make_learner(config(model)), rows), stream(make_learner(config(model)), rows)
+    first, second = stream(RiverLearner(config(model)), rows), stream(RiverLearner(config(model)), rows)
     for task in TASKS:
         np.testing.assert_array_equal(first[task], second[task])
 
 
 def test_fm_seed_sets_the_latent_init_and_lr_ignores_it() -> None:
     rows = signal_rows(300)
-    fm = [stream(make_learner(config("fm", seed=s)), rows)["click"] for s in (0, 1)]
-    lr = [stream(make_learner(config("lr", seed=s)), rows)["click"] for s in (0, 1)]
+    fm = [stream(RiverLearner(config("fm", seed=s)), rows)["click"] for s in (0, 1)]
+    lr = [stream(RiverLearner(config("lr", seed=s)), rows)["click"] for s in (0, 1)]
     assert not np.array_equal(fm[0], fm[1])
     np.testing.assert_array_equal(lr[0], lr[1])
 
@@ -122,7 +121,7 @@ def test_state_round_trip_through_safetensors_continues_exactly(model: str) -> N
     from safetensors.torch import load, save
 
     rows = signal_rows(900)
-    original = make_learner(config(model))
+    original = RiverLearner(config(model))
     stream(original, rows[:500])
     tensors, metadata = flatten_state(original.state_dict())
     restored = RiverLearner.from_state_dict(unflatten_state(load(save(tensors, metadata)), metadata))
@@ -134,23 +133,23 @@ def test_state_round_trip_through_safetensors_continues_exactly(model: str) -> N
 
 
 def test_state_loads_with_torch_weights_only() -> None:
-    learner = make_learner(config("fm"))
+    learner = RiverLearner(config("fm"))
     learner.step(make_batch(0))
     restored = RiverLearner.from_state_dict(_saved(learner.state_dict()))
     torch.testing.assert_close(restored.predict(make_batch(0)), learner.predict(make_batch(0)), rtol=0, atol=0)
 
 
 def test_state_of_another_config_is_refused_with_the_differing_keys() -> None:
-    learner = make_learner(config("lr"))
+    learner = RiverLearner(config("lr"))
     with pytest.raises(ValueError, match="lr"):
-        make_learner(config("lr", lr=0.5)).load_state_dict(learner.state_dict())
+        RiverLearner(config("lr", lr=0.5)).load_state_dict(learner.state_dict())
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_serving_state_scores_like_the_learner(model: str) -> None:
     from safetensors.torch import load, save
 
-    learner = make_learner(config(model))
+    learner = RiverLearner(config(model))
     stream(learner, signal_rows(400))
     tensors, metadata = learner.serving_state()
     serving = RiverServingModel.from_serving_state(load(save(tensors, metadata)), metadata)
@@ -163,7 +162,7 @@ def test_serving_state_scores_like_the_learner(model: str) -> None:
 @pytest.mark.parametrize("model", MODELS)
 def test_learns_a_stream_with_signal(model: str) -> None:
     rows = signal_rows(6000, seed=1)
-    predictions = stream(make_learner(config(model)), rows)
+    predictions = stream(RiverLearner(config(model)), rows)
     labels = {task: np.array([r["labels"].get(task, 0) for r in rows]) for task in TASKS}
     tail = slice(3000, None)
     for task in TASKS:
@@ -205,7 +204,7 @@ def test_evaluate_knows_the_river_config_names() -> None:
 
 
 def test_evaluate_builds_river_learners_with_river_options_only() -> None:
-    from consumers.tools.evaluate import make_learner as evaluate_learner
+    from consumers.tools.evaluate import seeded_learner as evaluate_learner
 
     options = {"river.lr": 0.3, "lr": 0.003}  # lr= is the deep model's, river.lr= the baseline's
     learner = evaluate_learner(TASKS, "shared_bottom", "river_fm", 4, SPEC, options, "cpu")

@@ -12,7 +12,7 @@ from streamer.datasets.tabular import MappingError, load_mapping
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KUAIRAND_FILE = "kuairand/kuairand27k_like_hate_kcore15.tsv"
 ICME_FILE = "icme2019/icme2019_track2_sample_1000.tsv"
 OUTCOME_COLUMNS = {"play_time_ms", "comment_stay_time", "is_click", "is_follow", "is_comment", "is_forward",

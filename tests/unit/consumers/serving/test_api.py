@@ -1,4 +1,4 @@
-"""consumers.serving.daemon without Kafka: request parsing, scoring, and the HTTP API over real loopback HTTP."""
+"""consumers.serving.api without Kafka: request parsing, scoring, and the HTTP API over real loopback HTTP."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.runtime.telemetry import ServingMetrics
-from consumers.serving.daemon import ApiServer, ModelHolder, RequestError, ServedModel, parse_score_request, serve_api
+from consumers.serving.api import ApiServer, RequestError, parse_score_request, serve_api
+from consumers.serving.follower import ModelHolder, ServedModel
 from models.config import ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner, ServingModel

@@ -11,7 +11,7 @@ from models.config import LEGACY_VALUES, PRESETS, ModelConfig, split_config_name
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
 from models.trust_gate import TrustGate
-from tests.unit.test_models_learner import saved_and_loaded as round_trip  # torch.save, then load weights_only
+from tests.unit.models.test_learner import saved_and_loaded as round_trip  # torch.save, then load weights_only
 
 pytestmark = pytest.mark.unit
 

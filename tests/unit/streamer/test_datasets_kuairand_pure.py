@@ -19,7 +19,7 @@ from streamer.datasets import open_dataset
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PURE_FILE = "kuairand_pure/kuairand_pure_20220425_20220508.csv"
 MAPPING = REPO / "mappings" / "kuairand_pure.toml"
 SIDE_FEATURES = (

@@ -25,7 +25,7 @@ from consumers.state.wire import (
 
 pytestmark = pytest.mark.unit
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
+DOC = Path(__file__).resolve().parents[4] / "docs" / "wire-format.md"
 
 
 def model(seed: int, size: int = 300) -> dict[str, torch.Tensor]:

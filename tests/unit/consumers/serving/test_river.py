@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from consumers.serving.daemon import load_checkpoint
+from consumers.serving.follower import load_checkpoint
 from consumers.state.wire import Reassembler, encode_checkpoint
 from models.features import FeatureSpec, encode_rows
-from models.river_baseline import config_for, make_learner
+from models.river_baseline import RiverLearner, config_for
 
 pytestmark = pytest.mark.unit
 
@@ -22,7 +22,7 @@ def rows(n: int, offset: int = 0) -> list[dict]:
 
 
 def test_a_published_river_baseline_is_served_with_the_learners_scores():
-    learner = make_learner(config_for("river_lr", TASKS, SPEC))
+    learner = RiverLearner(config_for("river_lr", TASKS, SPEC))
     for k in range(5):
         learner.step(encode_rows(rows(32, 32 * k), SPEC, TASKS))
     tensors, serving_meta = learner.serving_state()

@@ -142,8 +142,7 @@ def gate_batch(start: int, n: int = 24):
 
 
 def test_the_learners_trust_gate_survives_a_trainer_checkpoint_exactly(tmp_path):
-    from consumers.runtime.learner_process import load_learner_checkpoint, write_learner_checkpoint
-    from consumers.trainer.daemon import unflatten_state
+    from consumers.state.learner_state import learner_state, load_learner_checkpoint, write_learner_checkpoint
 
     learner = gated_learner()
     for k in range(5):  # 120 samples: the 64-sample window is full and the gate decided after every batch
@@ -154,10 +153,10 @@ def test_the_learners_trust_gate_survives_a_trainer_checkpoint_exactly(tmp_path)
     assert torch.isfinite(saved["teacher_auc"]).all() and saved["filled"] == 64
     written = write_learner_checkpoint(learner, CheckpointStore(tmp_path), {"note": "gated"}, None)
 
-    checkpoint = CheckpointStore(tmp_path).latest()  # the trainer's restore, learner in process ...
+    checkpoint = CheckpointStore(tmp_path).latest()  # read from a loaded checkpoint ...
     in_process = gated_learner()
-    in_process.load_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
-    in_child = gated_learner()  # ... and the learner process's
+    in_process.load_state_dict(learner_state(checkpoint.metadata, checkpoint.tensors))
+    in_child = gated_learner()  # ... and from the file, as the trainer and its learner process do
     assert load_learner_checkpoint(in_child, written["path"]) == 5
     for restored in (in_process, in_child):
         for name, value in saved.items():

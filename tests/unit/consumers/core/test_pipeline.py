@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from consumers.runtime.config import load_config
-from consumers.core.pipeline import EventClock, Pipeline, decode_record, join_config
+from consumers.core.pipeline import EventClock, Pipeline, decode_record
+from consumers.runtime.assembly import build_pipeline, join_config
 from streamer.events import encode
 
 pytestmark = pytest.mark.unit
@@ -51,7 +52,7 @@ def replay(pipeline: Pipeline, messages: list[tuple[str, bytes]], train_every: i
 
 
 def test_every_impression_is_trained_once_with_its_labels() -> None:
-    pipeline = Pipeline(config(), clock=None)
+    pipeline = build_pipeline(config(), clock=None)
     trained = replay(pipeline, stream())
     ids = [i for batch, _ in trained for i in batch]
     assert sorted(ids) == sorted(f"i{i}" for i in range(40)) and len(ids) == 40
@@ -60,39 +61,46 @@ def test_every_impression_is_trained_once_with_its_labels() -> None:
 
 
 def test_replay_batches_do_not_depend_on_how_often_train_ready_is_called() -> None:
-    per_record = replay(Pipeline(config(), clock=None), stream())
-    per_ten = replay(Pipeline(config(), clock=None), stream(), train_every=10)
+    per_record = replay(build_pipeline(config(), clock=None), stream())
+    per_ten = replay(build_pipeline(config(), clock=None), stream(), train_every=10)
     assert [b for b, _ in per_record] == [b for b, _ in per_ten]
     for (_, a), (_, b) in zip(per_record, per_ten):
         assert all(np.array_equal(a[t], b[t]) for t in a)
 
 
 def test_event_clock_cuts_partial_batches_after_max_batch_delay_of_event_time() -> None:
-    pipeline = Pipeline(config(batch_size=100, delay_s=3.0), clock=None)
+    pipeline = build_pipeline(config(batch_size=100, delay_s=3.0), clock=None)
     trained = replay(pipeline, stream(30))
     assert len(trained) > 1, "a 100-sample batch never fills: only the event-time delay can cut batches"
     assert all(len(b) < 100 for b, _ in trained)
 
 
 def test_bad_events_come_back_as_dead_letters_and_are_counted() -> None:
-    pipeline = Pipeline(config(), clock=None)
+    pipeline = build_pipeline(config(), clock=None)
     bad = pipeline.ingest(decode_record(b"\xc1 not msgpack"), ("impressions", 0))
     assert len(bad) == 1 and pipeline.dead_letters == 1
     assert pipeline.metrics.dead_letters_total.labels(bad[0].reason)._value.get() == 1
 
 
-def test_state_dict_round_trip_continues_identically() -> None:
+def handover(first, second, directory) -> None:
+    """What a restart does: the learner through a checkpoint file, the stream state through plain values."""
+    written = first.learner.write_checkpoint(str(directory), 2, {}, None)
+    second.learner.load_checkpoint(written["path"])
+    second.load_stream_state(first.stream_state(), now=first.clock())
+
+
+def test_state_round_trip_through_a_checkpoint_continues_identically(tmp_path) -> None:
     messages = stream()
-    whole = Pipeline(config(), clock=None)
+    whole = build_pipeline(config(), clock=None)
     expected = replay(whole, messages)
-    first = Pipeline(config(), clock=None)
+    first = build_pipeline(config(), clock=None)
     seen = []
     first.on_batch = lambda samples, labels, scores, fired: seen.append([s.impression["impression_id"] for s in samples])
     for topic, value in messages[:25]:
         first.ingest(decode_record(value), (topic, 0))
         first.train_ready()
-    second = Pipeline(config(), clock=None)
-    second.load_state_dict(first.state_dict(), now=first.clock())
+    second = build_pipeline(config(), clock=None)
+    handover(first, second, tmp_path)
     rest = replay(second, messages[25:])
     assert seen + [b for b, _ in rest] == [b for b, _ in expected]
     assert np.array_equal(rest[-1][1]["click"], expected[-1][1]["click"])
@@ -103,7 +111,7 @@ def test_replay_join_config_has_no_idle_timeout_and_no_waiting_for_partitions() 
     replay_join, live_join = join_config(cfg, live=False), join_config(cfg, live=True)
     assert replay_join.idle_timeout_s is None and not replay_join.wait_for_all_partitions
     assert live_join.wait_for_all_partitions
-    assert isinstance(Pipeline(cfg, clock=None).clock, EventClock)
+    assert isinstance(build_pipeline(cfg, clock=None).clock, EventClock)
 
 
 def river_config():
@@ -116,23 +124,23 @@ def river_config():
 def test_rung_river_lr_trains_the_river_baseline_through_the_same_pipeline() -> None:
     from models.river_baseline import RiverLearner
 
-    pipeline = Pipeline(river_config(), clock=None)
-    assert isinstance(pipeline.learner, RiverLearner)
+    pipeline = build_pipeline(river_config(), clock=None)
+    assert isinstance(pipeline.learner.learner, RiverLearner)
     trained = replay(pipeline, stream())
     assert sorted(i for batch, _ in trained for i in batch) == sorted(f"i{i}" for i in range(40))
     # the scores move as the baseline learns (a constant scorer would give one value)
     assert len({round(float(v), 6) for _, scores in trained for v in scores["click"]}) > 1
 
 
-def test_river_pipeline_state_round_trip_continues_identically() -> None:
+def test_river_pipeline_state_round_trip_continues_identically(tmp_path) -> None:
     messages = stream()
-    expected = replay(Pipeline(river_config(), clock=None), messages)
-    first = Pipeline(river_config(), clock=None)
+    expected = replay(build_pipeline(river_config(), clock=None), messages)
+    first = build_pipeline(river_config(), clock=None)
     for topic, value in messages[:25]:
         first.ingest(decode_record(value), (topic, 0))
         first.train_ready()
-    second = Pipeline(river_config(), clock=None)
-    second.load_state_dict(first.state_dict(), now=first.clock())
+    second = build_pipeline(river_config(), clock=None)
+    handover(first, second, tmp_path)
     rest = replay(second, messages[25:])
     assert np.array_equal(rest[-1][1]["click"], expected[-1][1]["click"])
 
@@ -145,9 +153,9 @@ def test_the_learners_trust_gate_reaches_the_trainer_metrics_after_every_step() 
     cfg = load_config(None, env={}, overrides=[
         "model.tasks=['click', 'like']", "join.attribution_window_s={click = 5, like = 10}", "batching.batch_size=4",
         "batching.max_batch_delay_s=1e9", GATED, "metrics.windows=[8, 16]"])
-    pipeline = Pipeline(cfg, clock=None)
+    pipeline = build_pipeline(cfg, clock=None)
     replay(pipeline, stream())
-    metrics, gate = pipeline.metrics.registry, pipeline.learner.trust_gate
+    metrics, gate = pipeline.metrics.registry, pipeline.learner.learner.trust_gate
     steps = [metrics.get_sample_value("crossdistil_kd_gate_steps_total", {"task": task, "outcome": outcome}) or 0
              for task in ("click", "like") for outcome in ("distilled", "skipped")]
     assert sum(steps[:2]) == sum(steps[2:]) == pipeline.learner.steps == 10
@@ -159,8 +167,28 @@ def test_the_learners_trust_gate_reaches_the_trainer_metrics_after_every_step() 
 
 
 def test_a_model_without_trust_gate_adds_no_gate_metrics() -> None:
-    pipeline = Pipeline(config(), clock=None)  # the mtl rung: no teachers to distil from
+    pipeline = build_pipeline(config(), clock=None)  # the mtl rung: no teachers to distil from
     replay(pipeline, stream())
     assert pipeline.metrics.registry.get_sample_value("crossdistil_kd_gate_open", {"task": "click"}) is None
     assert pipeline.metrics.registry.get_sample_value(
         "crossdistil_kd_gate_steps_total", {"task": "click", "outcome": "skipped"}) is None
+
+
+def test_rebased_join_state_does_not_mark_partitions_idle_after_a_long_downtime() -> None:
+    from consumers.core.join import AttributionJoin
+    from consumers.core.pipeline import rebase_join_clock
+
+    cfg = load_config(None, env={}, overrides=["join.idle_timeout_s=10", "join.attribution_window_s={click=1, long_view=1}"])
+    join = AttributionJoin(join_config(cfg))
+    sources = [("impressions", 0), ("impressions", 1)]
+    join.assign(sources, now=0.0)
+    for impression_id, source in (("a", sources[0]), ("b", sources[1])):
+        join.add_impression({"impression_id": impression_id, "ts_ms": 1_000, "user_id": "u", "item_id": "i",
+                             "features": {}}, source, now=1.0)
+    restarted = AttributionJoin(join_config(cfg))
+    restarted.load_state_dict(rebase_join_clock(join.state_dict(), now=1_000.0))  # the process was down for 999 s
+    restarted.tick(1_001.0)
+    restarted.add_impression({"impression_id": "c", "ts_ms": 100_000, "user_id": "u", "item_id": "i",
+                              "features": {}}, sources[0], now=1_001.0)
+    assert restarted.watermark_ms == 1_000  # partition 1 still holds it back
+    assert restarted.emit() == []

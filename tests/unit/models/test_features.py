@@ -18,7 +18,7 @@ from models.features import FeatureSpec, collision_rate, encode_rows, hash_bucke
 
 pytestmark = pytest.mark.unit
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 
 
 def test_hash_is_pinned_so_checkpoints_stay_valid_across_versions_and_processes() -> None:
@@ -27,7 +27,7 @@ def test_hash_is_pinned_so_checkpoints_stay_valid_across_versions_and_processes(
     # A fresh interpreter (another PYTHONHASHSEED) agrees: not Python's hash().
     code = "from models.features import hash_bucket; print(hash_bucket('item_id', '42', 2**20))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2], env={"PYTHONHASHSEED": "123", "PATH": ""})
+                         cwd=Path(__file__).resolve().parents[3], env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert out.stdout.strip() == "417413"
 
 

@@ -13,7 +13,7 @@ from consumers.cli import main
 
 pytestmark = pytest.mark.unit
 
-ICME = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "icme2019"
+ICME = Path(__file__).resolve().parents[4] / ".." / "shared" / "data" / "icme2019"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,13 +17,13 @@ from consumers.state.checkpoints import CheckpointStore
 from consumers.runtime.config import config_from_dict, load_config
 from consumers.runtime.learner_process import LearnerProcessError, RemoteLearner
 from consumers.state.ledger import Ledger, read_ledger
-from consumers.core.pipeline import Pipeline
+from consumers.runtime.assembly import build_pipeline, model_config
 from streamer.datasets.synthetic import SyntheticDataset
 from streamer.stream import merge_events
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 SMALL = ["model.options={hidden_dims = [8], tower_dims = [4], embedding_dim = 4, "
          "features = {categorical = ['user_id', 'item_id'], hash_buckets = 1024}}",
          "join.attribution_window_s={click = 5, long_view = 30}", "batching.batch_size=64"]
@@ -37,7 +37,7 @@ def synthetic_events(n: int = 3000) -> list[tuple[str, dict]]:
 
 def replay(cfg, events, directory: Path) -> tuple[list[dict], int, int, list[tuple[int, int]]]:
     steps_seen: list[tuple[int, int]] = []  # (step, trained samples) as each batch's hook sees them
-    pipeline = Pipeline(cfg, clock=None, ledger=Ledger(directory, cfg.model.tasks),
+    pipeline = build_pipeline(cfg, clock=None, ledger=Ledger(directory, cfg.model.tasks),
                         on_batch=lambda *_: steps_seen.append((pipeline.learner.steps, pipeline.trained_samples)))
     try:
         for topic, event in events:
@@ -62,11 +62,9 @@ def test_a_replay_trains_bit_for_bit_the_same_with_the_learner_in_its_own_proces
 
 
 def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_process(tmp_path: Path) -> None:
-    from consumers.runtime.learner_process import sample_row, write_learner_checkpoint  # noqa: F401  (one code path)
-    from consumers.trainer.daemon import unflatten_state
+    from consumers.state.learner_state import learner_state
     from models.features import encode_rows
     from models.learner import Learner
-    from consumers.core.pipeline import model_config
 
     cfg = load_config(None, env={}, overrides=SMALL)
     remote = RemoteLearner(cfg, torch_threads=1)
@@ -79,18 +77,18 @@ def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_
         assert written["messages"] == [] and Path(written["path"]).name == "ckpt-000000000003.cdckpt"
         probe = [[f"u{i % 5}", f"p{i}", {}, {"click": 1, "long_view": 0}] for i in range(32)]
         remote.submit(probe, "probe")
-        (_, reply), = remote.answers(wait=True)
+        (_, answer), = remote.answers(wait=True)
     finally:
         remote.close()
     checkpoint = CheckpointStore(tmp_path).latest()
     assert checkpoint.metadata["positions"] == [["impressions", 0, 42]]
     restored = Learner(model_config(cfg))
-    restored.load_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+    restored.load_state_dict(learner_state(checkpoint.metadata, checkpoint.tensors))
     assert restored.steps == 3
     batch = encode_rows([{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in probe],
                         restored.config.features, restored.config.tasks)
     _, predictions = restored.step(batch)
-    scores = np.frombuffer(reply["scores"], dtype=np.float32).reshape(32, 2)
+    scores = answer.scores
     for k, task in enumerate(restored.config.tasks):
         assert np.array_equal(predictions[task].numpy(), scores[:, k])
 
@@ -151,18 +149,18 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from consumers.trainer import daemon as trainer_module
+    from consumers.trainer import command, daemon as trainer_module
 
     cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'", "model.separate_process=true"])
     trainer = trainer_module.Trainer(cfg)
     try:
         assert trainer.health()[0]
-        trainer.pipeline.remote.process.kill()
-        trainer.pipeline.remote.process.wait()
+        trainer.learner.process.kill()
+        trainer.learner.process.wait()
         healthy, reason = trainer.health()
-        assert not healthy and "learner process exited" in reason
+        assert not healthy and "learner process died" in reason
         with pytest.raises(LearnerProcessError, match="died"):
-            trainer.pipeline.remote.check_alive()
+            trainer.learner.check_alive()
     finally:
         trainer.pipeline.close()
 
@@ -176,7 +174,7 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
     args = argparse.Namespace(config=str(config), overrides=[f"checkpoint.dir={str(tmp_path)!r}"], device=None,
                               check_config=False, torch_threads=1, from_time=None, exit_when_idle=None,
                               ledger=None, log_level="WARNING")
-    assert trainer_module.run(args) == 6
+    assert command.run(args) == 6
 
 
 GATED = ["model.options={rung = 'crossdistil', hidden_dims = [8], tower_dims = [4], embedding_dim = 4, kd_gate = 'trust', "
@@ -189,7 +187,7 @@ def gate_samples(cfg, events) -> tuple[dict, int]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    pipeline = Pipeline(cfg, clock=None)
+    pipeline = build_pipeline(cfg, clock=None)
     try:
         for topic, event in events:
             pipeline.ingest([dict(event)], (topic, 0))

@@ -1,4 +1,4 @@
-"""consumers.runtime.telemetry.serve_http: /metrics and /healthz over real HTTP on 127.0.0.1."""
+"""consumers.runtime.httpd.serve_http: /metrics and /healthz over real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.runtime.telemetry import TrainerMetrics, serve_http
+from consumers.runtime.httpd import serve_http
+from consumers.runtime.telemetry import TrainerMetrics
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,64 @@
+"""The trainer's core assembled from a configuration: the one place that reads ``[model]``, ``[join]`` and
+``[batching]`` to build a ``consumers.core.pipeline.Pipeline``, for the trainer daemon and the backtest alike.
+
+>>> from consumers.runtime.config import load_config
+>>> cfg = load_config(None, env={}, overrides=["model.tasks=['click']", "join.attribution_window_s={click = 60}"])
+>>> join_config(cfg, live=False).attribution_window_s, join_config(cfg, live=True).wait_for_all_partitions
+({'click': 60.0}, True)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from consumers.core.batching import MiniBatcher
+from consumers.core.join import AttributionJoin, JoinConfig
+from consumers.core.pipeline import BatchHook, EventClock, Pipeline, PipelineMetrics
+from consumers.runtime.config import Config
+from consumers.runtime.learner_process import learner_port
+from consumers.runtime.telemetry import TrainerMetrics
+from models.config import ModelConfig
+from models.river_baseline import RiverConfig
+from models.zoo import learner_config
+
+
+def model_config(cfg: Config) -> ModelConfig | RiverConfig:
+    """The learner's configuration described by the ``[model]`` section (``models.zoo.learner_config``)."""
+    return learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed)
+
+
+def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
+    """The ``consumers.core.join.JoinConfig`` of the ``[join]`` section.
+
+    Live (``live=True``): ``wait_for_all_partitions``, because a partition the consumer has not fetched yet
+    must hold the watermark back, or the first partition fetched would race ahead in event time and make every
+    other partition's feedback late; idle partitions time out on the wall clock (``idle_timeout_s``).
+
+    Replay (``live=False``): there is no wall clock, so no source is ever idle, and sources appear with their
+    first event (an event log does not list its partitions up front). Windows, lateness and bounds are the same.
+    """
+    windows = {task: float(cfg.join.attribution_window_s.get(task, cfg.join.default_window_s)) for task in cfg.model.tasks}
+    return JoinConfig(
+        attribution_window_s=windows,
+        allowed_lateness_s=cfg.join.allowed_lateness_s,
+        max_pending=cfg.join.max_pending,
+        idle_timeout_s=(cfg.join.idle_timeout_s or None) if live else None,
+        wait_for_all_partitions=live,
+    )
+
+
+def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.monotonic,
+                   metrics: PipelineMetrics | None = None, ledger: Any = None, on_batch: BatchHook | None = None,
+                   on_emitted: Callable[[int, float], None] | None = None) -> Pipeline:
+    """The pipeline of ``cfg``: live on the wall clock (``time.monotonic``), or a replay (``clock`` None or an
+    ``EventClock``: the join's event-time clock; no source is ever idle). The learner trains here or in a
+    learner process (``model.separate_process``). ``metrics``: the ``[metrics]`` section's ``TrainerMetrics`` on a
+    registry of its own by default."""
+    live = clock is not None and not isinstance(clock, EventClock)
+    return Pipeline(
+        learner_port(cfg), AttributionJoin(join_config(cfg, live=live)),
+        MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s),
+        tasks=cfg.model.tasks, clock=clock, metrics=metrics if metrics is not None else TrainerMetrics.from_config(cfg), ledger=ledger, on_batch=on_batch, on_emitted=on_emitted,
+    )

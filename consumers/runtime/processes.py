@@ -1,0 +1,39 @@
+"""Process helpers shared by the daemons and tools: dying with the parent, the garbage collector's settings.
+
+>>> GC_THRESHOLDS[0]
+50000
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies, even by SIGKILL (elsewhere: no-op).
+
+    For ``preexec_fn`` of daemons started by the demo and the tests (SIGTERM: they stop cleanly), and for the
+    learner process (SIGKILL: it holds nothing worth saving), so a killed parent never leaves a broker, a
+    trainer or a learner running (and spinning on a broker that is gone).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def tune_gc() -> None:
+    """Set the collector up for a process that turns millions of small events into samples (trainer, backtest).
+
+    Every event allocates a handful of dicts and lists, and with CPython's default (a young-generation
+    collection every 700 net allocations) the collector keeps tracing objects that reference counting frees
+    anyway: ``bench/pipeline_stages.py`` measured the trainer's core 1.4x faster with a threshold of 50,000
+    (median of seven rounds). Reference cycles, which only the collector frees, just wait longer.
+    Process-wide; the serving daemon keeps the default.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)

@@ -1,0 +1,67 @@
+"""``crossdistil serve``: flags, configuration checks and signals; the daemon is ``consumers.serving.daemon``.
+
+Exit status: 0 after SIGTERM/SIGINT, 2 for a configuration error or a port that cannot be bound, 3 when Kafka
+cannot be reached at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from consumers.runtime import logs
+from consumers.runtime.config import Config, ConfigError, add_config_arguments, load_config, to_toml
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``crossdistil serve``."""
+    add_config_arguments(parser, "deploy/serving.example.toml", "serving.port=9501")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+
+
+def check_serving_config(cfg: Config) -> None:
+    """Raise ConfigError if a ``[serving]`` value is out of range."""
+    s = cfg.serving
+    for name in ("max_request_bytes", "max_items", "max_checkpoint_bytes"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"serving.{name}: must be > 0, got {getattr(s, name)}")
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"serving.port: must be 0..65535, got {s.port}")
+    if s.torch_threads < 0:
+        raise ConfigError(f"serving.torch_threads: must be >= 0, got {s.torch_threads}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``crossdistil serve``; returns the exit status (0 on SIGTERM/SIGINT)."""
+    logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
+    try:
+        cfg = load_config(args.config, overrides=args.overrides)
+        check_serving_config(cfg)
+    except ConfigError as exc:
+        print(f"crossdistil serve: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(to_toml(cfg))
+        return 0
+    # lazy: torch and kafka load only when the daemon runs (crossdistil --help stays fast)
+    import torch
+
+    from consumers.serving.daemon import ServingDaemon
+
+    if cfg.serving.torch_threads:
+        torch.set_num_threads(cfg.serving.torch_threads)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        status = ServingDaemon(cfg).run(stop)
+    except OSError as exc:
+        print(f"crossdistil serve: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status == 0:
+        print("crossdistil serve: stopped", flush=True)
+    return status

@@ -1,0 +1,256 @@
+"""The serving daemon's Kafka half: follow the serving topic, verify and load each checkpoint, swap it in.
+
+On start :meth:`CheckpointFollower.find_latest` finds the latest complete checkpoint from the end of the
+serving topic (docs/wire-format.md, "fast path": the last message is a manifest whose ``span`` says how far
+back its chunks start), falling back to reading from the beginning; then :meth:`CheckpointFollower.run`
+follows the topic. Every checkpoint goes through :class:`consumers.state.wire.Reassembler` (chunk and payload
+sha256, format version), then ``safetensors`` and ``ServingModel.from_serving_state``: nothing is unpickled.
+A rejected or unloadable checkpoint is logged and counted in ``crossdistil_serving_reload_failures_total{reason}``;
+the previous model keeps serving. :class:`ModelHolder` is the one reference both halves share.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from kafka import TopicPartition
+
+from consumers.runtime.telemetry import ServingMetrics
+from consumers.state.wire import MANIFEST_KEY, Reassembler, Rejection, WireCheckpoint
+from models.learner import ServingModel
+from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT, RiverServingModel
+
+log = logging.getLogger("crossdistil.serving")
+
+# The serving topic's max.message.bytes (streamer.topics.MODEL_MAX_MESSAGE_BYTES): no valid message is larger.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
+
+
+# ------------------------------------------------------------------------------------------ the model slot
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded model and what a response says about it."""
+
+    version: int
+    model: ServingModel
+    tasks: tuple[str, ...]
+    step: int | None
+    published_at_s: float | None
+    loaded_at_s: float
+
+
+class ModelHolder:
+    """The single reference that the HTTP threads read and the Kafka loop swaps.
+
+    Assigning an attribute is atomic in CPython, so a swap is one assignment; a request that read
+    :attr:`current` keeps its model until it returns, whatever happens to the reference meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.current: ServedModel | None = None
+        self._swapped = threading.Condition()
+
+    def swap(self, served: ServedModel) -> None:
+        """Make ``served`` the model of every request that starts from now on."""
+        with self._swapped:
+            self.current = served
+            self._swapped.notify_all()
+
+    def wait_for_version(self, version: int, timeout_s: float) -> ServedModel | None:
+        """Block until a model of at least ``version`` is served (tests and benchmarks); None on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._swapped:
+            while self.current is None or self.current.version < version:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._swapped.wait(left)
+            return self.current
+
+
+def load_checkpoint(checkpoint: WireCheckpoint, device: str = "cpu") -> ServedModel:
+    """Build the served model from a verified wire checkpoint; ValueError if it is not a serving state.
+
+    The trainer puts ``Learner.serving_state()``'s metadata under the manifest metadata's ``serving`` key.
+    """
+    serving_meta = checkpoint.metadata.get("serving")
+    if not isinstance(serving_meta, Mapping):
+        raise ValueError("manifest metadata has no 'serving' map (the students' format, version and config)")
+    try:
+        if serving_meta.get("format") == RIVER_FORMAT:  # the river baseline: CPU only, no device
+            model = RiverServingModel.from_serving_state(checkpoint.tensors, serving_meta)
+        else:
+            model = ServingModel.from_serving_state(checkpoint.tensors, serving_meta, device=device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # wrong tensor names or shapes, bad config
+        raise ValueError(f"cannot build the model: {exc}") from exc
+    step = checkpoint.metadata.get("step")
+    published_ms = checkpoint.metadata.get("published_at_ms")
+    return ServedModel(
+        version=checkpoint.version,
+        model=model,
+        tasks=tuple(model.config.tasks),
+        step=step if isinstance(step, int) else None,
+        published_at_s=published_ms / 1000 if isinstance(published_ms, (int, float)) else None,
+        loaded_at_s=time.time(),
+    )
+
+
+# ------------------------------------------------------------------------------------- following the topic
+
+
+@dataclass
+class FollowerStats:
+    """What the Kafka loop did: where it started and how much it read (tests assert on these)."""
+
+    start_path: str = ""  # "fast" (from the last manifest's span), "slow" (from the beginning) or "empty"
+    end_offset_at_start: int = 0
+    start_offset: int = 0  # where reading for the initial model began
+    records_read: int = 0  # every record polled, start-up and following
+    startup_records: int = 0  # records read before following began
+    rejections: deque[tuple[int | None, str]] = field(default_factory=lambda: deque(maxlen=1000))  # the latest
+
+
+class CheckpointFollower:
+    """Reads the serving topic's single partition and swaps every newer verified model into ``holder``."""
+
+    def __init__(
+        self,
+        consumer: Any,
+        topic: str,
+        holder: ModelHolder,
+        metrics: ServingMetrics,
+        *,
+        device: str = "cpu",
+        max_checkpoint_bytes: int = 1 << 30,
+        poll_timeout_ms: int = 200,
+        on_swap: Callable[[ServedModel], None] | None = None,
+    ) -> None:
+
+        self.consumer = consumer
+        self.topic = topic
+        self.tp = TopicPartition(topic, 0)
+        self.holder = holder
+        self.metrics = metrics
+        self.device = device
+        self.poll_timeout_ms = poll_timeout_ms
+        self.on_swap = on_swap
+        self.stats = FollowerStats()
+        self.max_checkpoint_bytes = max_checkpoint_bytes
+        self.reassembler = Reassembler(max_payload_bytes=max_checkpoint_bytes, max_message_bytes=MAX_MESSAGE_BYTES)
+
+    # -- start-up
+
+    def find_latest(self, stop: threading.Event) -> None:
+        """Load the newest complete checkpoint without replaying the topic's history, then stand at its end.
+
+        Fast path: read the last message; if it is a manifest, read only its ``span`` messages before it.
+        Slow path (no manifest last, or the fast path found no complete checkpoint): read from the beginning
+        to the end offset seen at start. Either way the consumer ends positioned at that end offset.
+        """
+        self.consumer.assign([self.tp])
+        begin = self.consumer.beginning_offsets([self.tp])[self.tp]
+        end = self.consumer.end_offsets([self.tp])[self.tp]
+        self.stats.end_offset_at_start = end
+        if end <= begin:
+            self.stats.start_path, self.stats.start_offset = "empty", end
+            self.consumer.seek(self.tp, end)
+            return
+        last = self._read_range(end - 1, end, stop)
+        span = _manifest_span(last[-1]) if last else None
+        if span is not None:
+            start = max(begin, end - 1 - span)
+            self.stats.start_path, self.stats.start_offset = "fast", start
+            if self._load_first(self._read_range(start, end, stop)):
+                self.stats.startup_records = self.stats.records_read
+                return
+            log.info("the last manifest on %s did not complete a checkpoint; reading the topic from offset %d", self.topic, begin)
+            # A fresh reader: the fast path's rejections would otherwise make the replay's chunks look stale.
+            self.reassembler = Reassembler(max_payload_bytes=self.max_checkpoint_bytes, max_message_bytes=MAX_MESSAGE_BYTES)
+        self.stats.start_path, self.stats.start_offset = "slow", begin
+        self._load_first(self._read_range(begin, end, stop))
+        self.stats.startup_records = self.stats.records_read
+
+    def _read_range(self, start: int, end: int, stop: threading.Event) -> list[tuple[bytes | None, bytes | None]]:
+        """The (key, value) of every record in [start, end) still on the topic (compaction leaves gaps)."""
+        self.consumer.seek(self.tp, start)
+        messages: list[tuple[bytes | None, bytes | None]] = []
+        while self.consumer.position(self.tp) < end and not stop.is_set():
+            for record in self.consumer.poll(timeout_ms=self.poll_timeout_ms).get(self.tp, []):
+                self.stats.records_read += 1
+                if record.offset < end:
+                    messages.append((record.key, record.value))
+        self.consumer.seek(self.tp, end)  # poll may have fetched past end: what lies there is read when following
+        return messages
+
+    def _load_first(self, messages: Sequence[tuple[bytes | None, bytes | None]]) -> bool:
+        """Feed ``messages``; swap in the newest checkpoint that verifies and loads. True if one did."""
+        loaded = False
+        for key, value in messages:
+            loaded = self._feed(key, value) or loaded
+        return loaded
+
+    # -- following
+
+    def run(self, stop: threading.Event) -> None:
+        """Start-up, then follow the topic until ``stop`` is set. The whole Kafka loop of the daemon."""
+        self.find_latest(stop)
+        while not stop.is_set():
+            for record in self.consumer.poll(timeout_ms=self.poll_timeout_ms).get(self.tp, []):
+                self.stats.records_read += 1
+                self._feed(record.key, record.value)
+
+    def _feed(self, key: bytes | None, value: bytes | None) -> bool:
+        """One record through the reassembler; True if it completed a model that is now served."""
+        started = time.perf_counter()
+        outcome = self.reassembler.feed(key, value)
+        if isinstance(outcome, Rejection):
+            self._reject(outcome.version, outcome.reason, outcome.detail)
+            return False
+        if not isinstance(outcome, WireCheckpoint):
+            return False
+        try:
+            served = load_checkpoint(outcome, self.device)
+        except ValueError as exc:
+            self._reject(outcome.version, "bad_model", str(exc))
+            return False
+        previous = self.holder.current
+        if previous is not None and served.version <= previous.version:
+            return False  # a restart of the reassembler replayed an older version: never go back
+        self.holder.swap(served)
+        seconds = time.perf_counter() - started
+        self.metrics.model_loaded(served.version, served.published_at_s or served.loaded_at_s, seconds)
+        log.info("serving model version %d (step %s, tasks %s), verified and loaded in %.3f s",
+                 served.version, served.step, ",".join(served.tasks), seconds)
+        if self.on_swap is not None:
+            self.on_swap(served)
+        return True
+
+    def _reject(self, version: int | None, reason: str, detail: str) -> None:
+        self.stats.rejections.append((version, reason))
+        self.metrics.reload_failed(reason)
+        current = self.holder.current
+        keeping = f"keeping version {current.version}" if current is not None else "no model served yet"
+        log.warning("rejected checkpoint %s on %s: %s (%s); %s",
+                    "?" if version is None else version, self.topic, reason, detail, keeping)
+
+
+def _manifest_span(message: tuple[bytes | None, bytes | None]) -> int | None:
+    """``span`` of a manifest message, or None if the message is not a readable manifest."""
+    key, value = message
+    if key != MANIFEST_KEY or value is None or len(value) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        manifest = msgpack.unpackb(value, raw=False)
+    except Exception:  # any malformed value: msgpack raises several exception types
+        return None
+    span = manifest.get("span") if isinstance(manifest, dict) else None
+    return span if isinstance(span, int) and not isinstance(span, bool) and span >= 0 else None

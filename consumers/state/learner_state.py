@@ -1,0 +1,93 @@
+"""The learner's part of a trainer checkpoint, and the publication built from the same model.
+
+Written and read by whichever process holds the learner: the trainer itself, or its learner process
+(``consumers.runtime.learner_process``). One code path either way.
+
+A trainer checkpoint (``consumers.state.checkpoints``) holds, besides the stream side the trainer adds
+(positions, join and batcher state, publication bookkeeping):
+
+* ``trainer_format``: 2. The learner's tensors are the file's tensors, named by their path in
+  ``Learner.state_dict()``; ``learner`` is the plain skeleton ``models.learner.flatten_state`` makes (format
+  ``crossdistil-learner-state``: dict keys and tuples kept exactly).
+* ``trainer_format`` 1 (written before the trainer's units were split out of one module): the skeleton
+  replaced each tensor by ``{"__tensor__": name}`` inside the msgpack metadata. Still read, so a trainer
+  upgraded in place resumes from its last checkpoint; never written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from consumers.state.checkpoints import Checkpoint, CheckpointError, CheckpointStore, decode_checkpoint_file
+from consumers.state.wire import encode_checkpoint
+from models.learner import flatten_state, unflatten_state
+
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+_V1_TENSOR = "__tensor__"
+
+
+def check_format(checkpoint: Checkpoint) -> None:
+    """Raise ``CheckpointError`` when ``checkpoint`` was not written by a trainer this code can resume."""
+    found = checkpoint.metadata.get("trainer_format")
+    if found not in READABLE_FORMATS:
+        raise CheckpointError(f"{checkpoint.path} was not written by this trainer (trainer_format {found!r}, "
+                              f"readable: {list(READABLE_FORMATS)}); point checkpoint.dir at an empty directory")
+
+
+def learner_state(metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``Learner.state_dict()`` inside a trainer checkpoint's metadata and tensors (either format)."""
+    if metadata.get("trainer_format") == 1:
+        return _v1_state(metadata["learner"], tensors)
+    return unflatten_state(tensors, metadata["learner"])
+
+
+def _v1_state(skeleton: Any, tensors: Mapping[str, Any]) -> Any:
+    """``trainer_format`` 1's skeleton: each tensor was ``{"__tensor__": name}``, tuples were lists."""
+    if isinstance(skeleton, Mapping):
+        if set(skeleton) == {_V1_TENSOR}:
+            return tensors[skeleton[_V1_TENSOR]]
+        return {k: _v1_state(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [_v1_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Mapping[str, Any],
+                             publication: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` and build the publication messages.
+
+    ``publication``: None, or ``{"manifest": {...}, "version", "chunk_size", "previous_chunk_count",
+    "max_message_bytes"}`` (``consumers.state.wire.encode_checkpoint``; the learner's serving metadata is added
+    to the manifest). Returns ``{"path", "seconds", "messages": [[key, value], ...], "chunks"}``.
+    """
+    started = time.perf_counter()
+    messages: list[Any] = []
+    chunks = 0
+    if publication is not None:
+        tensors, serving_meta = learner.serving_state()
+        manifest = {**publication["manifest"], "serving": dict(serving_meta)}
+        messages = encode_checkpoint(tensors, manifest, version=int(publication["version"]),
+                                     chunk_size=int(publication["chunk_size"]),
+                                     previous_chunk_count=int(publication["previous_chunk_count"]),
+                                     max_message_bytes=int(publication["max_message_bytes"]))
+        chunks = sum(1 for key, value in messages if value is not None and key.startswith(b"chunk/"))
+    learner_tensors, learner_plain = flatten_state(learner.state_dict())
+    full = {**metadata, "trainer_format": CHECKPOINT_FORMAT, "learner": learner_plain}
+    if publication is not None:
+        # Chunk keys the serving topic may hold once this publication is sent, whether or not it is acknowledged
+        # (a restart cannot tell): the next publication tombstones those beyond its own count.
+        full["published_chunks"] = max(chunks, int(publication["previous_chunk_count"]))
+    path = store.write(learner.steps, learner_tensors, full)
+    return {"path": str(path), "seconds": time.perf_counter() - started,
+            "messages": [[key, value] for key, value in messages], "chunks": chunks}
+
+
+def load_learner_checkpoint(learner: Any, path: str | Path) -> int:
+    """Load the learner part of the checkpoint file at ``path``; returns its step count."""
+    tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
+    learner.load_state_dict(learner_state(metadata, tensors))
+    return int(learner.steps)

@@ -1,0 +1,53 @@
+"""``crossdistil kafka up|down|status``: a local single-node Kafka broker (``consumers.runtime.local_kafka``)
+with the project's topics (``streamer.topics``)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+
+from consumers.runtime.local_kafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, default_data_dir
+from streamer.topics import DEFAULT_PARTITIONS, TopicError, ensure_topics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``crossdistil kafka``."""
+    parser.add_argument("action", choices=("up", "down", "status"), help="start, stop, or report on the local broker")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"client port (default: the data dir's last port, else {DEFAULT_PORT})")
+    parser.add_argument("--data-dir", default=None, help=f"broker state, logs and pid file (default: {default_data_dir()})")
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
+                        help="partitions of the impressions, feedback and dead-letters topics (up only)")
+    parser.add_argument("--no-topics", action="store_true", help="do not create the default topics (up only)")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the broker to start or stop")
+    parser.add_argument("--delete-data", action="store_true", help="after stopping, delete the data dir (down only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``crossdistil kafka up|down|status``."""
+    broker = LocalKafka(port=args.port, data_dir=args.data_dir)
+    try:
+        if args.action == "status":
+            status = broker.status()
+            print(status.describe())
+            return 0 if status.running else 3
+        if args.action == "down":
+            stopped = broker.stop(timeout_s=args.timeout)
+            print(f"Kafka at {broker.bootstrap} stopped" if stopped else f"Kafka was not running (data dir {broker.data_dir})")
+            if args.delete_data and broker.data_dir.exists():
+                shutil.rmtree(broker.data_dir)
+                print(f"deleted {broker.data_dir}")
+            return 0
+        if not broker.status().running:
+            print(f"starting Kafka at {broker.bootstrap} (data dir {broker.data_dir}) ...", file=sys.stderr)
+        started = broker.start(timeout_s=args.timeout)
+        status = broker.status()
+        print(status.describe() if started else f"already running: {status.describe()}")
+        if not args.no_topics:
+            topics = ensure_topics(broker.bootstrap, partitions=args.partitions)
+            print("topics: " + ", ".join(f"{name} ({state})" for name, state in topics.items()))
+        return 0
+    except (LocalKafkaError, TopicError) as exc:
+        print(f"crossdistil kafka {args.action}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,195 @@
+"""The trainer's checkpoints: one consistent cut of the model, the stream state and the positions, then its
+publication.
+
+The checkpoint is the only truth. ``positions`` in it are, per (topic, partition), the offset after the last
+record whose events went into the join; every event before a position is inside the join state (pending
+impressions, early feedback), the batcher state (the partial batch) or the model weights, and none after it is.
+A checkpoint is only taken between records, after everything polled so far has been processed and every batch
+handed to the learner has been answered, so the three always agree. On start the newest checkpoint that
+verifies is restored and every assigned partition resumes at its position, so events consumed after that
+checkpoint are replayed and trained once.
+
+Order of a checkpoint: dead letters acknowledged (else it is skipped: their records must be replayed) ->
+ledger segment -> checkpoint file (by whichever process holds the learner) -> offsets committed for lag
+dashboards -> publication (``consumers.trainer.publisher``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from consumers.core.join import late_feedback_warning
+from consumers.core.pipeline import Pipeline
+from consumers.runtime.config import Config
+from consumers.state.checkpoints import CheckpointStore, positions_from_plain, positions_to_plain
+from consumers.state.learner_state import check_format
+from consumers.state.wire import stable_hash
+from consumers.trainer.dead_letters import DeadLetterQueue
+from consumers.trainer.kafka_io import KafkaIO
+from consumers.trainer.publisher import Publisher
+
+log = logging.getLogger("crossdistil.trainer")
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars and tuples into plain msgpack values (metrics snapshots)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+class Checkpointer:
+    """Restores and writes the trainer's checkpoints in ``store`` over its units.
+
+    ``last_step`` / ``last_at``: the step and (monotonic) time of the last checkpoint written or restored.
+    """
+
+    def __init__(self, cfg: Config, store: CheckpointStore, pipeline: Pipeline, kafka: KafkaIO,
+                 dead_letters: DeadLetterQueue, publisher: Publisher, metrics: Any, ledger: Any = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics  # consumers.runtime.telemetry.TrainerMetrics
+        self.store = store
+        self.pipeline = pipeline
+        self.kafka = kafka
+        self.dead_letters = dead_letters
+        self.publisher = publisher
+        self.ledger = ledger
+        self.config_hash = stable_hash(cfg.to_dict())
+        self.last_step = -1
+        self.last_at = time.monotonic()
+        self._late_feedback_reported = 0  # late_feedback count at the last log warning
+
+    # --------------------------------------------------------------------------------------------- restore
+
+    def restore(self) -> int | None:
+        """Load the newest verified checkpoint into the learner, the pipeline, the positions and the publisher;
+        its step, or None when there is none (every partition then starts from its beginning)."""
+        checkpoint = self.store.latest(with_tensors=False)  # the learner reads its tensors from the file itself
+        if checkpoint is None:
+            if self.ledger is not None:
+                self.ledger.discard_after(None)
+            log.info("no checkpoint in %s: starting from scratch, every partition from its beginning",
+                     self.store.directory)
+            return None
+        check_format(checkpoint)
+        meta = checkpoint.metadata
+        self.pipeline.learner.load_checkpoint(str(checkpoint.path))
+        self.pipeline.load_stream_state(meta)  # the saved clocks belong to the dead process: rebased to now
+        self.kafka.positions = positions_from_plain(meta["positions"])
+        self.kafka.checkpointed = dict(self.kafka.positions)
+        self.last_step = checkpoint.step
+        # The checkpoint is written before its publication is attempted: the store's publication record says
+        # whether it landed. If not, this step is published again as soon as the loop starts.
+        version = int(meta["publish_version"])
+        record = self.store.publication()
+        acknowledged = bool(meta.get("published")) or (
+            record is not None and record["step"] == checkpoint.step and record["version"] >= version)
+        if record is not None:
+            version = max(version, record["version"])
+        self.publisher.restore(version, int(meta["published_chunks"]), checkpoint.step, acknowledged,
+                               self.cfg.publish.enabled)
+        if self.publisher.pending:
+            log.info("the publication of step %d was never acknowledged by Kafka: publishing it again", checkpoint.step)
+        if self.ledger is not None:
+            dropped = self.ledger.discard_after(checkpoint.step)
+            if dropped:
+                log.info("ledger: discarded segments %s newer than the restored checkpoint", dropped)
+        log.info("restored %s: step %d, %d pending impressions, %d waiting samples, positions %s", checkpoint.path,
+                 checkpoint.step, self.pipeline.join.pending_impressions, self.pipeline.batcher.waiting, meta["positions"])
+        return checkpoint.step
+
+    # ----------------------------------------------------------------------------------------------- write
+
+    def due(self, now: float) -> bool:
+        """``checkpoint.every_steps`` steps or ``checkpoint.every_s`` seconds since the last one."""
+        c = self.cfg.checkpoint
+        steps = self.pipeline.learner.steps - max(self.last_step, 0)
+        if c.every_steps and steps >= c.every_steps:
+            return True
+        return bool(c.every_s) and now - self.last_at >= c.every_s
+
+    def write(self, reason: str) -> bool:
+        """Write a checkpoint of the current state, then commit offsets and publish; False if it was skipped.
+
+        Called only between records (never in the middle of one), so positions match the saved state.
+        """
+        self.pipeline.collect(wait=True)  # every batch handed to the learner is trained and counted
+        self._warn_late_feedback()
+        step = self.pipeline.learner.steps
+        if self.kafka.fenced:
+            log.warning("checkpoint (%s) skipped: another trainer owns this group's partitions now", reason)
+            return False
+        if step == self.last_step and self.kafka.positions == self.kafka.checkpointed and not self.publisher.pending:
+            self.last_at = time.monotonic()
+            if reason != "periodic":
+                log.info("checkpoint (%s): nothing changed since step %d", reason, step)
+            return False
+        if not self.dead_letters.flush():
+            log.warning("checkpoint (%s) skipped: dead letters not yet acknowledged by Kafka", reason)
+            return False
+        started = time.perf_counter()
+        publish = self.cfg.publish.enabled and step != self.publisher.last_published_step
+        version = self.publisher.version + 1 if publish else self.publisher.version
+        if self.ledger is not None:
+            self.ledger.commit(step)  # before the checkpoint: a segment without its checkpoint is discarded on start
+        written = self.pipeline.learner.write_checkpoint(
+            str(self.store.directory), self.store.keep_last, self._metadata(step, version),
+            self._publication(step, version) if publish else None)
+        seconds = time.perf_counter() - started
+        self.metrics.checkpoint_written(seconds)
+        self.last_step = step
+        self.kafka.checkpointed = dict(self.kafka.positions)
+        self.last_at = time.monotonic()
+        log.info("checkpoint (%s) step %d -> %s in %.2f s", reason, step, Path(written["path"]).name, seconds)
+        self.kafka.commit()
+        if publish:
+            self.publisher.send(written["messages"], version, step, written["chunks"], checkpointed_at=self.last_at)
+        return True
+
+    def _metadata(self, step: int, version: int) -> dict[str, Any]:
+        """The checkpoint's stream side (``consumers.state.learner_state`` adds the learner's)."""
+        state = self.pipeline.stream_state()
+        return {
+            "positions": positions_to_plain(self.kafka.positions),
+            "join_state": state["join_state"],
+            "batcher_state": state["batcher_state"],
+            "watermark_ms": self.pipeline.join.watermark_ms,
+            "config_hash": self.config_hash,
+            "publish_version": version,
+            "published_chunks": self.publisher.published_chunks,  # chunk keys the topic may hold
+            "published": step == self.publisher.last_published_step,  # acknowledged before; this one's: the record
+            "trained_samples": self.pipeline.trained_samples,
+            "dead_letters": self.pipeline.dead_letters,
+        }
+
+    def _publication(self, step: int, version: int) -> dict[str, Any]:
+        """What the learner's process needs to build the serving-topic messages of this checkpoint."""
+        manifest = {
+            "step": step,
+            "watermark_ms": self.pipeline.join.watermark_ms,
+            "offsets": positions_to_plain(self.kafka.positions),
+            "metrics": plain(self.metrics.snapshot()),
+            "config_hash": self.config_hash,
+            "tasks": list(self.pipeline.tasks),
+            "published_at_ms": int(time.time() * 1000),
+        }  # + "serving": the learner's serving metadata (write_learner_checkpoint)
+        chunk_bytes = self.cfg.publish.chunk_bytes
+        return {"manifest": manifest, "version": version, "chunk_size": chunk_bytes,
+                "previous_chunk_count": self.publisher.published_chunks,
+                "max_message_bytes": max(1_000_000, chunk_bytes + 64 * 1024)}
+
+    def _warn_late_feedback(self) -> None:
+        """Say in the log, at most once per checkpoint, that labels were dropped as late since the last time."""
+        counters = self.pipeline.join.counters
+        message = late_feedback_warning(counters, self._late_feedback_reported)
+        if message is not None:
+            log.warning(message)
+            self._late_feedback_reported = int(counters["late_feedback"])

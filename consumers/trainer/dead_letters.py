@@ -1,0 +1,106 @@
+"""The dead-letter queue: every event ``streamer.events.decode_events`` refuses goes to ``kafka.dead_letter_topic``.
+
+Each dead letter is produced with the same key as its source message and:
+
+* value: the raw bytes of the source message when the message is bad as a whole (``not_msgpack``,
+  ``too_large``, a malformed envelope, ...), or the bad inner event re-packed with msgpack when only one event
+  of a batch envelope is bad (so the good events of the envelope are not dead-lettered twice);
+* headers (UTF-8 values): ``dl.reason`` (the reason code of ``EventError``, e.g. ``missing_field``),
+  ``dl.error`` (the human sentence), ``dl.field`` (dotted field path or empty), ``dl.source.topic``,
+  ``dl.source.partition``, ``dl.source.offset`` (decimal), ``dl.index`` (position inside the envelope, or
+  empty for a whole message).
+
+A dead letter stays pending until Kafka acknowledges it. The trainer flushes the queue before every checkpoint
+and skips the checkpoint while any is unacknowledged, so none is lost: after a crash the replayed range may
+dead-letter some messages again (at least once; (source topic, partition, offset, index) identifies them).
+
+>>> from streamer.events import EventError
+>>> error = EventError("missing field 'user_id'", reason="missing_field", field="user_id")
+>>> [name for name, _ in dead_letter_headers(error, "impressions", 3, 41)][:3]
+['dl.reason', 'dl.error', 'dl.field']
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgpack
+from kafka.errors import KafkaError
+
+from streamer.events import EventError
+
+log = logging.getLogger("crossdistil.trainer")
+
+
+def dead_letter_headers(error: EventError, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """The headers of one dead letter (documented in the module docstring)."""
+    return [
+        ("dl.reason", str(error.reason or "invalid").encode()),
+        ("dl.error", str(error).encode("utf-8", "replace")[:4096]),
+        ("dl.field", (error.field or "").encode("utf-8", "replace")),
+        ("dl.source.topic", topic.encode()),
+        ("dl.source.partition", str(partition).encode()),
+        ("dl.source.offset", str(offset).encode()),
+        ("dl.index", b"" if error.index is None else str(error.index).encode()),
+    ]
+
+
+class DeadLetterQueue:
+    """Dead letters handed to ``producer`` for ``topic``, each kept until Kafka acknowledges it.
+
+    ``add(error, record, topic, partition)`` sends one; ``flush()`` is True once every one so far is
+    acknowledged; ``pending`` counts the others.
+    """
+
+    def __init__(self, producer: Any, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self._pending: list[list[Any]] = []  # [future or None, message]
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, error: EventError, record: Any, topic: str, partition: int) -> None:
+        """Dead-letter ``error``, one bad event of ``record`` (a kafka-python ``ConsumerRecord``) of ``topic``/``partition``."""
+        value = record.value if isinstance(record.value, bytes) else b""
+        if error.index is not None and error.event is not None:
+            try:
+                value = msgpack.packb(error.event, use_bin_type=True)
+            except (TypeError, ValueError, OverflowError):
+                pass  # keep the whole message: the bad event cannot be re-packed on its own
+        message = {"key": record.key, "value": value,
+                   "headers": dead_letter_headers(error, topic, partition, record.offset)}
+        self._pending.append([self._send(message), message])
+
+    def _send(self, message: dict) -> Any:
+        """Hand one dead letter to the producer; its future, or None when the producer refused it (broker away:
+        no metadata within ``max_block_ms``). Either way it stays pending until Kafka acknowledges it."""
+        try:
+            return self.producer.send(self.topic, **message)
+        except KafkaError as exc:
+            log.warning("dead letter not handed to Kafka yet (%s); it is retried before the next checkpoint", exc)
+            return None
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """True once Kafka acknowledged every dead letter so far. Refused or failed ones are sent again (once per
+        call), so a broker outage delays checkpoints instead of disabling them; until then a crash replays their
+        records and dead-letters them again (at least once, never lost)."""
+        if not self._pending:
+            return True
+        for attempt in range(2):
+            if attempt:
+                for entry in self._pending:
+                    entry[0] = self._send(entry[1])
+            try:
+                self.producer.flush(timeout=timeout_s)
+            except KafkaError as exc:
+                log.warning("flushing dead letters: %s", exc)
+            self._pending = [entry for entry in self._pending
+                             if entry[0] is None or not entry[0].is_done or entry[0].failed()]
+            if not self._pending:
+                return True
+        log.warning("%d dead letters not acknowledged by Kafka yet; they are retried before the next checkpoint",
+                    len(self._pending))
+        return False

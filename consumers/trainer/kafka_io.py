@@ -1,0 +1,314 @@
+"""The trainer's Kafka side: its consumer and producer, partition assignment, positions, pausing, offsets.
+
+``positions`` are the truth the checkpoint keeps: per (topic, partition), the offset after the last record
+whose events went into the join. On assignment every partition is sought to its position (partitions without
+one: ``--from-time``'s offset, else the beginning). Offsets committed to Kafka are never read back: they feed
+lag dashboards, and re-committing the checkpointed positions every ``FENCE_PROBE_S`` seconds is how a takeover
+by another trainer with the same ``group_instance_id`` is noticed (``fenced``; kafka-python only notices one on
+a group request).
+
+The rebalance listener stays light (kafka-python runs it inside ``poll``; a blocking listener stalls the
+group protocol): a revocation only asks for a checkpoint (``revoked``), which the trainer's loop takes right
+after the poll. Nothing is lost by waiting: the revoked partitions' positions and events stay in this process
+until then, and this trainer is the only member of its group, so nobody else reads them meanwhile.
+
+Event-time alignment (``join.max_skew_s``): partitions more than that far ahead of the join's watermark in
+event time are paused until the slowest one catches up (:meth:`KafkaIO.align`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import FencedInstanceIdError
+
+from consumers.core.join import AttributionJoin
+from consumers.runtime.config import KafkaConfig
+
+log = logging.getLogger("crossdistil.trainer")
+
+FENCE_PROBE_S = 10.0  # how often the checkpointed positions are re-committed to notice a takeover (exit 5)
+UNASSIGNED_WARN_S = (15.0, 30.0)  # say why no partition is assigned after 15 s, then every 30 s
+
+
+def client_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The passthrough options a kafka-python client class accepts (it refuses unknown ones)."""
+    return {k: v for k, v in options.items() if k in defaults}
+
+
+def release_drained_records(consumer: Any) -> None:
+    """Work around a kafka-python 3.0.12 fetcher bug that stalls resumed partitions for good.
+
+    Records fetched for a paused partition are parked and handed back once it is resumed (KAFKA-7548), but
+    only while the fetcher's current record set is ``None``; a drained one (empty, falsy, not ``None``) can stay
+    there indefinitely. Then a resumed partition is neither fetched again (it has parked records) nor given its
+    parked records: the KuaiRand replay stopped at 33,750 of 41,828 impressions with every other partition
+    paused. A drained record set holds nothing, so dropping it changes no record or position. Only the private
+    attribute is touched, and only when it is there.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    current = getattr(fetcher, "_next_partition_records", None)
+    if current is not None and not current:
+        fetcher._next_partition_records = None
+
+
+def connect(k: KafkaConfig) -> tuple[KafkaConsumer, KafkaProducer]:
+    """The trainer's consumer (group ``k.group_id``, static membership unless disabled, no auto-commit) and its
+    idempotent producer (dead letters, publications). Raises ``kafka.errors.KafkaError`` when Kafka is away."""
+    options = dict(k.client_options)
+    # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
+    options.setdefault("reconnect_backoff_max_ms", 2000)
+    # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
+    # so a checkpoint's publication, and a shutdown, are not held up for minutes.
+    producer_options = {"max_block_ms": 10_000, **options}
+    instance_id = f"{k.group_id}-trainer" if k.group_instance_id == "auto" else (k.group_instance_id or None)
+    if instance_id is not None:
+        options.setdefault("group_instance_id", instance_id)
+    consumer = KafkaConsumer(
+        bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
+        auto_offset_reset="earliest", max_poll_records=k.max_poll_records,
+        max_poll_interval_ms=k.max_poll_interval_ms,
+        **client_options(options, KafkaConsumer.DEFAULT_CONFIG),
+    )
+    try:
+        producer = KafkaProducer(
+            bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
+            max_request_size=16 * 1024 * 1024,
+            **client_options(producer_options, KafkaProducer.DEFAULT_CONFIG),
+        )
+    except Exception:
+        consumer.close(autocommit=False)
+        raise
+    return consumer, producer
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Hands kafka-python's rebalance callbacks (called inside ``poll``, between records) to :class:`KafkaIO`."""
+
+    def __init__(self, io: KafkaIO) -> None:
+        self.io = io
+
+    def on_partitions_revoked(self, revoked: list) -> None:
+        self.io.on_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: list) -> None:
+        self.io.on_assigned(list(assigned))
+
+
+class KafkaIO:
+    """Positions, assignment, pausing and offsets of one trainer's consumer over ``topics``.
+
+    ``join`` is the pipeline's join (told which partitions are assigned, read for event-time alignment);
+    ``metrics`` receives consumer lag. ``max_skew_ms`` None disables pausing.
+    """
+
+    def __init__(self, consumer: Any, k: KafkaConfig, join: AttributionJoin, metrics: Any, *,
+                 max_skew_ms: int | None = None, lateness_ms: int = 0) -> None:
+        self.consumer = consumer
+        self.k = k
+        self.topics = [k.impressions_topic, k.feedback_topic]
+        self.join = join
+        self.metrics = metrics
+        self.max_skew_ms = max_skew_ms
+        self.lateness_ms = lateness_ms
+        self.positions: dict[tuple[str, int], int] = {}  # next offset to process, per (topic, partition)
+        self.checkpointed: dict[tuple[str, int], int] = {}  # the positions of the last checkpoint
+        self.start_offsets: dict[tuple[str, int], int] = {}  # --from-time, for partitions without a position
+        self.paused: set = set()
+        self.partition_pauses = 0  # partitions paused so far (a partition paused twice counts twice)
+        self.fenced = False  # another trainer with our group_instance_id took over (exit 5)
+        self.revoked = False  # partitions were revoked: the loop checkpoints after this poll
+        self.first_assigned_at: float | None = None
+        self.assigned_at: float | None = None  # the last assignment (the loop's idle clock restarts there)
+        self.unassigned_since: float | None = None
+        self._unassigned_warned_at: float | None = None
+        self._fence_probed_at = time.monotonic()
+
+    # ----------------------------------------------------------------------------------------- polling
+
+    def subscribe(self, start_ms: int | None = None) -> None:
+        """Subscribe to the topics; with ``start_ms`` (``--from-time``), partitions without a position start at
+        the first record stamped at or after it."""
+        if start_ms is not None:
+            self.start_offsets = self.offsets_at(start_ms)
+        self.consumer.subscribe(self.topics, listener=_Listener(self))
+
+    def poll(self, timeout_ms: int) -> dict:
+        """One poll (``{TopicPartition: [records]}``); every ``FENCE_PROBE_S`` the checkpointed positions are
+        re-committed so a takeover is noticed (``fenced``)."""
+        started = time.monotonic()
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.k.max_poll_records)
+        except FencedInstanceIdError:
+            self.fenced, polled = True, {}
+        if started - self._fence_probed_at >= FENCE_PROBE_S and self.checkpointed:
+            self._fence_probed_at = started
+            self.commit(self.checkpointed)
+        return polled
+
+    def caught_up(self) -> bool:
+        """Every assigned partition is at its last known high watermark (no network call)."""
+        assigned = self.consumer.assignment()
+        return bool(assigned) and not any(self._may_fetch_more(tp) for tp in assigned)
+
+    def at_end(self) -> bool:
+        """Every assigned partition is read to its end offset, as the broker says now (False when it cannot)."""
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return False
+        try:
+            end = self.consumer.end_offsets(list(assigned), timeout_ms=5000)
+        except Exception as exc:  # broker away: certainly not "finished"
+            log.info("end offsets unavailable (%s); not treating the stream as finished", exc)
+            return False
+        return all(self.positions.get((tp.topic, tp.partition), 0) >= end[tp] for tp in assigned)
+
+    def _may_fetch_more(self, tp: Any) -> bool:
+        """The partition is not known to be read to its end (its high watermark is unknown before a fetch)."""
+        high = self.consumer.highwater(tp)
+        return high is None or self.positions.get((tp.topic, tp.partition), 0) < high
+
+    # --------------------------------------------------------------------------------------- alignment
+
+    def align(self) -> None:
+        """Pause the partitions more than ``max_skew_ms`` of event time ahead of the slowest one; resume them once
+        it catches up.
+
+        Kafka hands out bytes per partition, not event time: on a backlog, the feedback topic (small events)
+        runs far ahead of the impressions, and the join holds every early feedback until its impression comes
+        (190k-223k of them over a 1M-event replay in bench/trainer_throughput.py without this). Never waits on
+        itself: when no partition that is not ahead has anything left to fetch, every partition is resumed.
+        """
+        if self.max_skew_ms is None:
+            return
+        release_drained_records(self.consumer)
+        assigned = self.consumer.assignment()
+        watermark = self.join.watermark_ms
+        ahead: set = set()
+        if watermark is not None and assigned:
+            limit = watermark + self.lateness_ms + self.max_skew_ms
+            for tp in assigned:
+                newest = self.join.source_max_ts((tp.topic, tp.partition))
+                if newest is not None and newest > limit:
+                    ahead.add(tp)
+            if not any(self._may_fetch_more(tp) for tp in assigned if tp not in ahead):
+                ahead = set()
+        if ahead != self.paused:
+            if self.paused - ahead:
+                self.consumer.resume(*(self.paused - ahead))
+            if ahead - self.paused:
+                self.consumer.pause(*(ahead - self.paused))
+                self.partition_pauses += len(ahead - self.paused)
+            log.debug("paused (ahead in event time): %s", sorted(f"{tp.topic}-{tp.partition}" for tp in ahead))
+            self.paused = ahead
+
+    # --------------------------------------------------------------------------------------- rebalance
+
+    def on_assigned(self, partitions: list) -> None:
+        """Seek every newly assigned partition to its position (else ``--from-time``'s offset, else its beginning)."""
+        now = time.monotonic()
+        self.paused = {tp for tp in self.paused if tp in self.consumer.assignment() and tp not in partitions}
+        if self.first_assigned_at is None:
+            self.first_assigned_at = now
+        self.assigned_at = now
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            position = self.positions.get(key)
+            if position is None and key in self.start_offsets:
+                # Recorded as the partition's position: the next checkpoint keeps the --from-time start, so a
+                # restart (with or without the flag) never goes back to the beginning.
+                position = self.positions[key] = self.start_offsets[key]
+            if position is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, position)
+        self.join.assign([(tp.topic, tp.partition) for tp in self.consumer.assignment()], now)
+        log.info("assigned %s", sorted(f"{tp.topic}-{tp.partition}" for tp in partitions))
+
+    def on_revoked(self, partitions: list) -> None:
+        """Ask for a checkpoint before going on (taken by the loop, not here: see the module docstring)."""
+        if partitions:
+            self.revoked = True
+
+    def stalled(self, now: float) -> bool:
+        """True once no partition has been assigned for ``kafka.stall_exit_s`` (0 disables the check).
+
+        While it waits it says why every 30 s (after 15 s): topics that do not exist are the usual reason.
+        """
+        if self.consumer.assignment():
+            self.unassigned_since = self._unassigned_warned_at = None
+            return False
+        if self.unassigned_since is None:
+            self.unassigned_since = now
+        waited = now - self.unassigned_since
+        warned = self._unassigned_warned_at
+        first, every = UNASSIGNED_WARN_S
+        if waited >= first and (warned is None or now - warned >= every):
+            self._unassigned_warned_at = now
+            log.warning("no partition assigned after %.0f s%s", waited, self.missing_topics_hint())
+        limit = self.k.stall_exit_s
+        return bool(limit) and waited >= limit
+
+    def missing_topics_hint(self) -> str:
+        """``"; topic(s) ... do not exist ..."`` when the subscribed topics are missing, else ``""``."""
+        # The client's cached metadata, not consumer.topics(): that one waits for the broker without a timeout.
+        cluster = getattr(self.consumer, "_cluster", None)
+        try:
+            existing = cluster.topics() if cluster is not None else self.consumer.topics()
+        except Exception:  # no metadata yet: nothing to add
+            return ""
+        missing = [t for t in self.topics if t not in existing]
+        if not missing:
+            return ""
+        return (f"; topic(s) {', '.join(missing)} do not exist on {self.k.bootstrap} (create them, e.g. 'crossdistil "
+                "kafka up' creates the defaults, or point kafka.impressions_topic / kafka.feedback_topic at existing ones)")
+
+    # ----------------------------------------------------------------------------------------- offsets
+
+    def offsets_at(self, start_ms: int) -> dict[tuple[str, int], int]:
+        """``--from-time``: per partition without a position, the first offset stamped at or after ``start_ms``
+        (the end offset when no record is that recent)."""
+        wanted = [TopicPartition(topic, p) for topic in self.topics
+                  for p in sorted(self.consumer.partitions_for_topic(topic) or ()) if (topic, p) not in self.positions]
+        if not wanted:
+            log.info("--from-time: every known partition resumes from the checkpoint; the time is not used")
+            return {}
+        found = self.consumer.offsets_for_times({tp: start_ms for tp in wanted})
+        missing = [tp for tp in wanted if found.get(tp) is None]
+        ends = self.consumer.end_offsets(missing) if missing else {}
+        offsets = {(tp.topic, tp.partition): (found[tp].offset if found.get(tp) is not None else ends[tp])
+                   for tp in wanted}
+        log.info("--from-time %d: partitions without a checkpointed position start at %s", start_ms,
+                 {f"{t}-{p}": o for (t, p), o in sorted(offsets.items())})
+        return offsets
+
+    def commit(self, positions: Mapping[tuple[str, int], int] | None = None) -> None:
+        """Commit ``positions`` (default: the current ones, just checkpointed) for lag dashboards, and export
+        the consumer lag.
+
+        A commit refused with FencedInstanceIdError means another trainer with this ``group_instance_id`` took
+        the partitions over (kafka-python only disables its heartbeat then): ``fenced`` is set, and the loop
+        exits with status 5 before writing anything else.
+        """
+        positions = self.positions if positions is None else positions
+        assigned = self.consumer.assignment()
+        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in positions.items()
+                   if TopicPartition(t, p) in assigned}
+        lag = {}
+        for tp in assigned:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                lag[(tp.topic, tp.partition)] = max(0, high - positions.get((tp.topic, tp.partition), 0))
+        self.metrics.consumer_lag(lag)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets, timeout_ms=5000)  # bounded: a broker away must not hold up a shutdown
+        except FencedInstanceIdError:
+            self.fenced = True
+        except Exception as exc:  # only for lag dashboards: the checkpoint already holds the truth
+            log.warning("committing offsets to Kafka failed (lag metrics only, training unaffected): %s", exc)

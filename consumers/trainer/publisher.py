@@ -1,0 +1,102 @@
+"""Publication of checkpoints to the serving topic, and its retries.
+
+A checkpoint's serving view (``consumers.state.wire`` messages, built with the checkpoint) is published after
+the checkpoint is written, so only an acknowledged publication is recorded as done (``published.json`` in the
+checkpoint directory, ``CheckpointStore.write_publication``). One that fails (broker away, messages not
+acknowledged) is retried with a newer version after ``PUBLISH_RETRY_S[0]`` s, doubling up to
+``PUBLISH_RETRY_S[1]`` s, even when nothing else changed; a trainer stopped or killed before that publishes the
+restored step again as soon as it starts. Serving therefore always ends up with the newest checkpointed model.
+
+Versions only grow: the next version is one more than the newest ever attempted (kept in checkpoints and in
+the publication record), so serving never sees a version twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kafka.errors import KafkaError
+
+log = logging.getLogger("crossdistil.trainer")
+
+PUBLISH_RETRY_S = (10.0, 300.0)  # a failed publication is retried after 10 s, doubling up to 300 s
+
+
+class Publisher:
+    """Sends publications to ``topic`` with ``producer`` and keeps the version bookkeeping.
+
+    ``version``: the last version attempted; ``published_chunks``: chunk keys the topic may hold (the next
+    publication tombstones those beyond its own count); ``last_published_step``: the step of the last
+    acknowledged publication (-1: none); ``pending``: the current step's publication still has to land.
+    """
+
+    def __init__(self, producer: Any, topic: str, store: Any, metrics: Any) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.store = store
+        self.metrics = metrics
+        self.version = 0
+        self.published_chunks = 0
+        self.last_published_step = -1
+        self.pending = False
+        self.failures = 0
+        self.unacknowledged_version: int | None = None  # the last attempt failed (None: it did not)
+        self.last_attempt_at = float("-inf")
+        self.delays_s: list[float] = []  # seconds from each checkpoint to its acknowledged publication
+
+    def restore(self, version: int, published_chunks: int, step: int, acknowledged: bool, enabled: bool) -> None:
+        """Take over the bookkeeping of a restored checkpoint of ``step``: was its publication acknowledged?"""
+        self.version = version
+        self.published_chunks = published_chunks
+        self.last_published_step = step if acknowledged else -1
+        self.pending = enabled and not acknowledged
+
+    def retry_delay(self) -> float:
+        """Seconds before the next attempt: ``PUBLISH_RETRY_S[0]``, doubling per failure, at most ``[1]``."""
+        low, high = PUBLISH_RETRY_S
+        return min(high, low * 2 ** max(0, self.failures - 1))
+
+    def retry_due(self, now: float) -> bool:
+        return self.pending and now - self.last_attempt_at >= self.retry_delay()
+
+    def send(self, messages: list, version: int, step: int, chunks: int, checkpointed_at: float,
+             timeout_s: float = 60.0) -> bool:
+        """Publish ``messages`` (the serving view of ``step``, ``chunks`` chunk keys) as ``version``; True once
+        Kafka acknowledged every message, which is then recorded (``store.write_publication``)."""
+        self.version = version
+        # Until Kafka acknowledges it, chunk keys of this publication and of the last one may be on the topic.
+        self.published_chunks = max(self.published_chunks, chunks)
+        started = time.perf_counter()
+        self.last_attempt_at = time.monotonic()
+        try:
+            futures = [self.producer.send(self.topic, key=key, value=value, partition=0) for key, value in messages]
+            self.producer.flush(timeout=timeout_s)
+            failed = [f for f in futures if not f.is_done or f.failed()]
+            problem = f"{len(failed)} of {len(futures)} messages not acknowledged" if failed else None
+        except KafkaError as exc:  # no metadata within max_block_ms, flush timed out: the broker is away
+            problem = str(exc)
+        if problem is not None:
+            self.unacknowledged_version = version
+            self.pending = True
+            self.failures += 1
+            log.warning("publication of version %d (step %d) failed (%s); retried with a newer version in %.0f s, "
+                        "and at the next start if this process stops first", version, step, problem,
+                        self.retry_delay())
+            return False
+        seconds = time.perf_counter() - started
+        self.unacknowledged_version = None
+        self.pending = False
+        self.failures = 0
+        self.last_published_step = step
+        self.published_chunks = chunks
+        try:
+            self.store.write_publication(version, step)
+        except OSError as exc:  # the publication stands; a restart would only publish this step once more
+            log.warning("recording publication %d in %s failed: %s", version, self.store.directory, exc)
+        self.delays_s.append(time.monotonic() - checkpointed_at)
+        self.metrics.published(version, seconds, time.time())
+        self.metrics.mark_published_reference()
+        log.info("published version %d (%d messages) to %s in %.2f s", version, len(messages), self.topic, seconds)
+        return True

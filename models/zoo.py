@@ -1,0 +1,55 @@
+"""Every learner the product trains, built from one description: a rung of the ladder or an online peer.
+
+``learner_config(tasks, options, seed=...)`` reads the options a user writes (``[model.options]`` of the trainer,
+``--configs`` and ``--set`` of ``crossdistil evaluate``) and ``make_learner(config, device)`` builds the learner:
+
+* ``rung`` = a rung of the ablation ladder (``mtl`` ... ``crossdistil``), optionally ``RUNG@PRESET``
+  (``models.config.PRESETS``): a ``models.learner.Learner`` of ``ModelConfig(tasks, **preset, **options)``;
+* ``rung`` = ``river_lr`` or ``river_fm``: a ``models.river_baseline.RiverLearner`` over the same hashed features
+  (``features`` in the options), with ``river.KEY`` options setting fields of its ``RiverConfig``.
+
+Options meant for the other kind (``river.*`` for a deep rung) are ignored, so one option set can describe a
+comparison of both kinds.
+
+>>> config = learner_config(("click", "like"), {"rung": "crossdistil@trust", "hidden_dims": [8]}, seed=3)
+>>> config.rung, config.kd_gate, config.seed
+('crossdistil', 'trust', 3)
+>>> learner_config(("click",), {"rung": "river_lr", "river.lr": 0.05}).lr
+0.05
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from models.config import ModelConfig, split_config_name
+from models.features import FeatureSpec
+from models.learner import Learner
+from models.river_baseline import RIVER_CONFIGS, RiverConfig, RiverLearner, config_for
+
+
+def learner_config(tasks: Sequence[str], options: Mapping[str, Any], *, seed: int = 0) -> ModelConfig | RiverConfig:
+    """The configuration ``options`` describe (see the module docstring); ``seed`` unless the options set one."""
+    options = dict(options)
+    rung = str(options.pop("rung", ""))
+    river_options = {k.removeprefix("river."): v for k, v in options.items() if k.startswith("river.")}
+    options = {k: v for k, v in options.items() if not k.startswith("river.")}
+    seed = int(options.pop("seed", seed))
+    if rung in RIVER_CONFIGS:
+        features = options.get("features")
+        spec = features if isinstance(features, FeatureSpec) else (
+            FeatureSpec.from_dict(features) if isinstance(features, Mapping) else FeatureSpec())
+        return config_for(rung, tuple(tasks), spec, seed, **river_options)
+    preset: dict[str, Any] = {}
+    if rung:
+        rung, preset = split_config_name(rung)
+        options["rung"] = rung
+    return ModelConfig(tasks=tuple(tasks), seed=seed, **{**preset, **options})
+
+
+def make_learner(config: ModelConfig | RiverConfig, device: str = "auto") -> Learner | RiverLearner:
+    """A fresh learner of ``config`` (river learns on the CPU, one event at a time: ``device`` is not used)."""
+    if isinstance(config, RiverConfig):
+        return RiverLearner(config)
+    return Learner(config, device=device)

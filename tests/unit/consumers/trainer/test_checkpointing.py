@@ -1,0 +1,100 @@
+"""Checkpoints and publication, from the units alone: retries, restarts, tombstones, skipped checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consumers.runtime.assembly import build_pipeline
+from consumers.runtime.config import load_config
+from consumers.state.checkpoints import CheckpointStore
+from consumers.trainer.checkpointing import Checkpointer
+from consumers.trainer.dead_letters import DeadLetterQueue
+from consumers.trainer.kafka_io import KafkaIO
+from consumers.trainer.publisher import Publisher
+from models.features import encode_rows
+from streamer.events import EventError
+from tests.unit.consumers.trainer.fakes import Consumer, FlakyProducer
+
+pytestmark = pytest.mark.unit
+
+SMALL = ["model.options={hidden_dims = [8], tower_dims = [4], embedding_dim = 4, "
+         "features = {categorical = ['user_id', 'item_id'], hash_buckets = 1024}}"]
+
+
+def rows(n: int) -> list[dict]:
+    return [{"user_id": f"u{i % 5}", "item_id": f"i{i}", "features": {},
+             "labels": {"click": i % 2, "long_view": (i // 2) % 2}} for i in range(n)]
+
+
+def checkpointer(tmp_path: Path, producer) -> Checkpointer:
+    """The trainer's checkpoint unit over a fresh pipeline, a consumer with no partitions and ``producer``."""
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
+    pipeline = build_pipeline(cfg)
+    store = CheckpointStore(tmp_path, keep_last=3)
+    kafka = KafkaIO(Consumer(), cfg.kafka, pipeline.join, pipeline.metrics)
+    return Checkpointer(cfg, store, pipeline, kafka, DeadLetterQueue(producer, cfg.kafka.dead_letter_topic),
+                        Publisher(producer, cfg.kafka.model_topic, store, pipeline.metrics), pipeline.metrics)
+
+
+def train_one_step(c: Checkpointer) -> None:
+    learner = c.pipeline.learner.learner
+    learner.step(encode_rows(rows(16), learner.config.features, learner.config.tasks))
+
+
+def test_a_failed_publication_is_retried_and_a_restart_publishes_the_step_again(tmp_path: Path) -> None:
+    c = checkpointer(tmp_path, producer := FlakyProducer(refuse=True))
+    train_one_step(c)
+    assert c.write("shutdown")  # the checkpoint is written; its publication is refused
+    assert c.publisher.pending and c.publisher.unacknowledged_version == 1
+    assert c.store.publication() is None
+    assert not c.publisher.retry_due(c.publisher.last_attempt_at + 5)  # backs off 10 s
+    assert c.publisher.retry_due(c.publisher.last_attempt_at + 10)
+
+    # The process stops here. The next one restores step 1 and publishes it again, though nothing changed.
+    restarted = checkpointer(tmp_path, producer)
+    assert restarted.restore() == 1
+    assert restarted.publisher.pending and restarted.publisher.retry_due(0.0)
+    producer.healthy, producer.refuse = True, False  # the broker is back
+    assert restarted.write("publication retry")
+    assert not restarted.publisher.pending and restarted.publisher.unacknowledged_version is None
+    assert restarted.store.publication() == {"version": 2, "step": 1}  # a newer version than the failed attempt
+    assert not restarted.write("periodic")  # acknowledged and unchanged: nothing more to do
+
+    # A third start finds the publication recorded: nothing is published again.
+    third = checkpointer(tmp_path, producer)
+    assert third.restore() == 1
+    assert not third.publisher.pending and third.publisher.version == 2 and third.publisher.last_published_step == 1
+
+
+def test_chunks_of_the_last_acknowledged_publication_are_tombstoned_after_a_failed_smaller_one(tmp_path: Path) -> None:
+    c = checkpointer(tmp_path, producer := FlakyProducer(refuse=False))
+    c.publisher.published_chunks = 40  # as if the last acknowledged publication had 40 chunks
+    train_one_step(c)
+    assert c.write("periodic") and c.publisher.pending  # sent, not acknowledged
+    topic = c.publisher.topic
+    attempted = sum(1 for t, value in producer.sent if t == topic and value is not None) - 1
+    assert 0 < attempted < 40 and c.publisher.published_chunks == 40  # any of the 40 keys may still be there
+
+    producer.healthy = True
+    producer.sent.clear()
+    assert c.write("publication retry") and not c.publisher.pending
+    assert sum(1 for t, value in producer.sent if t == topic and value is None) == 40 - attempted
+    assert c.publisher.published_chunks == attempted  # acknowledged: the exact count
+
+
+def test_a_checkpoint_waits_for_its_dead_letters_and_positions_come_back_on_restore(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    c = checkpointer(tmp_path, producer := FlakyProducer(refuse=True))
+    c.kafka.positions = {("impressions", 0): 8}
+    c.dead_letters.add(EventError("bad", reason="not_msgpack"), SimpleNamespace(key=b"k", value=b"\xc1", offset=7),
+                       "impressions", 0)
+    assert not c.write("periodic")  # its record would be skipped for good by a checkpoint now
+    assert c.store.latest() is None
+    producer.refuse = False
+    producer.healthy = True
+    assert c.write("periodic")
+    restarted = checkpointer(tmp_path, producer)
+    assert restarted.restore() == 0 and restarted.kafka.positions == {("impressions", 0): 8}

@@ -1,0 +1,45 @@
+"""The dead-letter queue: what is produced, and nothing is dropped while the broker is away."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import msgpack
+import pytest
+
+from consumers.trainer.dead_letters import DeadLetterQueue
+from streamer.events import EventError
+from tests.unit.consumers.trainer.fakes import FlakyProducer
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["send-refused", "send-failed"])
+def test_dead_letters_of_a_broker_outage_are_retried_and_never_dropped(refuse: bool) -> None:
+    queue = DeadLetterQueue(producer := FlakyProducer(refuse), "dead-letters")
+    record = SimpleNamespace(key=b"u1", value=b"\xc1", offset=7)
+    queue.add(EventError("not msgpack", reason="not_msgpack"), record, "impressions", 0)
+    assert not queue.flush(timeout_s=0.1)  # not acknowledged: the checkpoint must wait
+    assert not queue.flush(timeout_s=0.1)  # ... and keeps waiting, without losing it
+    assert queue.pending == 1
+    producer.healthy = True
+    assert queue.flush(timeout_s=0.1)  # retried once the broker is back
+    assert queue.pending == 0 and producer.sent[-1] == ("dead-letters", b"\xc1")
+
+
+def test_a_bad_event_inside_an_envelope_is_dead_lettered_alone_with_its_index() -> None:
+    sent = []
+    producer = SimpleNamespace(send=lambda topic, **message: sent.append((topic, message)) or SimpleNamespace(
+        is_done=True, failed=lambda: False), flush=lambda timeout=None: None)
+    queue = DeadLetterQueue(producer, "dl")
+    bad = {"v": 1, "impression_id": "i2"}
+    record = SimpleNamespace(key=b"u1", value=b"<the whole envelope>", offset=41)
+    queue.add(EventError("missing user_id", reason="missing_field", field="user_id", index=2, event=bad),
+              record, "impressions", 3)
+    (topic, message), = sent
+    headers = dict(message["headers"])
+    assert topic == "dl" and message["key"] == b"u1" and msgpack.unpackb(message["value"]) == bad
+    assert headers["dl.reason"] == b"missing_field" and headers["dl.index"] == b"2"
+    assert (headers["dl.source.topic"], headers["dl.source.partition"], headers["dl.source.offset"]) == (
+        b"impressions", b"3", b"41")
+    assert queue.flush()

@@ -1,0 +1,131 @@
+"""The trainer's Kafka side without a broker: seeks on assignment, pausing by event time, takeovers, stalls."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from kafka import TopicPartition
+
+from consumers.core.join import AttributionJoin, JoinConfig
+from consumers.runtime.config import load_config
+from consumers.trainer.kafka_io import KafkaIO, release_drained_records
+from tests.unit.consumers.trainer.fakes import Consumer
+
+pytestmark = pytest.mark.unit
+
+IMP, FB = TopicPartition("impressions", 0), TopicPartition("feedback", 0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lag = None
+
+    def consumer_lag(self, lag) -> None:
+        self.lag = lag
+
+
+def kafka_io(consumer, max_skew_ms=None, **overrides) -> KafkaIO:
+    cfg = load_config(None, env={}, overrides=[f"kafka.{k}={v}" for k, v in overrides.items()])
+    join = AttributionJoin(JoinConfig({"click": 10.0}))
+    return KafkaIO(consumer, cfg.kafka, join, Metrics(), max_skew_ms=max_skew_ms)
+
+
+def test_assigned_partitions_resume_at_their_position_else_from_time_else_the_beginning() -> None:
+    p1 = TopicPartition("impressions", 1)
+    io = kafka_io(consumer := Consumer([IMP, FB, p1]))
+    io.positions = {("impressions", 0): 42}
+    io.start_offsets = {("feedback", 0): 7}
+    io.on_assigned([IMP, FB, p1])
+    assert consumer.seeks == {IMP: 42, FB: 7, p1: "beginning"}
+    assert io.positions[("feedback", 0)] == 7  # kept: a restart never goes back to the beginning
+    assert set(io.join._sources) == {("impressions", 0), ("feedback", 0), ("impressions", 1)}
+
+
+def test_a_revocation_only_asks_the_loop_for_a_checkpoint() -> None:
+    io = kafka_io(Consumer([IMP]))
+    io.on_revoked([])
+    assert not io.revoked
+    io.on_revoked([IMP])
+    assert io.revoked  # nothing written inside kafka-python's poll: the loop checkpoints after it
+
+
+def test_commits_export_lag_and_a_refused_commit_means_another_trainer_took_over() -> None:
+    from kafka.errors import FencedInstanceIdError
+
+    io = kafka_io(consumer := Consumer([IMP], {IMP: 100}))
+    io.positions = {("impressions", 0): 60, ("feedback", 0): 5}  # feedback-0 is not assigned: not committed
+    io.commit()
+    assert io.metrics.lag == {("impressions", 0): 40} and [list(c) for c in consumer.commits] == [[IMP]]
+
+    def fenced(*_args, **_kwargs):
+        raise FencedInstanceIdError()
+
+    consumer.commit = fenced
+    io.commit()
+    assert io.fenced
+
+
+def test_partitions_ahead_in_event_time_are_paused_until_the_slowest_catches_up() -> None:
+    io = kafka_io(consumer := Consumer([IMP, FB], {IMP: 1000, FB: 1000}), max_skew_ms=60_000)
+    io.join.assign([("impressions", 0), ("feedback", 0)], now=0.0)
+
+    def event(topic: str, ts_s: float, i: int) -> None:
+        if topic == "impressions":
+            io.join.add_impression({"impression_id": f"i{i}", "ts_ms": int(ts_s * 1000), "user_id": "u",
+                                    "item_id": "x", "features": {}}, ("impressions", 0), now=1.0)
+        else:
+            io.join.add_feedback({"impression_id": f"i{i}", "ts_ms": int(ts_s * 1000), "task": "click",
+                                  "value": 1.0}, ("feedback", 0), now=1.0)
+        io.positions[(topic, 0)] = io.positions.get((topic, 0), 0) + 1
+
+    event("impressions", 100, 0)
+    event("feedback", 130, 1)  # 30 s ahead: within the 60 s allowed
+    io.align()
+    assert consumer.paused == set()
+    event("feedback", 200, 2)  # 100 s ahead of the impressions' 100 s
+    io.align()
+    assert consumer.paused == {FB} and io.paused == {FB} and io.partition_pauses == 1
+    event("impressions", 150, 3)  # the impressions catch up to within 60 s
+    io.align()
+    assert consumer.paused == set()
+    event("feedback", 400, 4)
+    io.align()
+    assert consumer.paused == {FB}
+    consumer.high[IMP] = io.positions[("impressions", 0)]  # impressions read to their end: nothing to wait for
+    io.align()
+    assert consumer.paused == set(), "pausing the only partition with data left would wait forever"
+
+
+def test_without_max_skew_nothing_is_ever_paused() -> None:
+    io = kafka_io(consumer := Consumer([IMP, FB], {IMP: 10, FB: 10}))
+    io.align()
+    assert consumer.paused == set() and io.max_skew_ms is None
+
+
+def test_a_drained_record_set_of_kafka_python_is_released_so_resumed_partitions_get_their_parked_records() -> None:
+    class Records:
+        def __init__(self, left: int) -> None:
+            self.left = left
+
+        def __bool__(self) -> bool:
+            return self.left > 0
+
+    drained, live = Records(0), Records(3)
+    stalled = SimpleNamespace(_fetcher=SimpleNamespace(_next_partition_records=drained))
+    release_drained_records(stalled)
+    assert stalled._fetcher._next_partition_records is None  # kafka-python restores parked records only then
+    busy = SimpleNamespace(_fetcher=SimpleNamespace(_next_partition_records=live))
+    release_drained_records(busy)
+    assert busy._fetcher._next_partition_records is live  # records not handed out yet are never dropped
+    release_drained_records(SimpleNamespace())  # another client version without these internals: nothing happens
+
+
+def test_no_partition_for_stall_exit_s_is_a_stall_and_the_missing_topic_is_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    io = kafka_io(Consumer([], topics={"impressions"}), stall_exit_s=300)
+    assert not io.stalled(0.0)
+    assert not io.stalled(20.0) and "topic(s) feedback do not exist" in caplog.text  # said after 15 s
+    assert io.stalled(300.0)
+    io.consumer.partitions = {IMP}
+    assert not io.stalled(301.0) and io.unassigned_since is None
