@@ -4,12 +4,13 @@ A :class:`StreamQuality` receives, batch by batch, the labels and the probabilit
 *before* the model learned from those samples, and answers, over the last ``W`` samples for each configured
 window and over the whole stream:
 
-* ``auc`` — ROC AUC, ties count one half. Windowed values are **exact** (a ring buffer of the last
+* ``auc`` — ROC AUC, ties count one half (``models.metrics.auc``, the offline evaluation's own). Windowed values are **exact** (a ring buffer of the last
   ``max(windows)`` samples, ranked with one sort when read); the lifetime value is computed from score
   histograms with ``lifetime_bins`` equal-width bins over [0, 1], so pairs of samples whose scores share a bin
   count one half (the error is at most half the share of such pairs; with the default 65,536 bins it is below
   1e-4 on model outputs).
-* ``gauc`` — impression-weighted per-user AUC over a window (users with one class are skipped); needs users.
+* ``gauc`` — impression-weighted per-user AUC over a window (users with one class are skipped; ``models.metrics.gauc``);
+  needs users.
 * ``log_loss``, ``calibration_ratio`` (mean prediction / mean label), ``positive_rate``, ``samples``.
 
 Updates are vectorised (a few numpy copies per batch); the sorting happens only when the values are read, so
@@ -35,77 +36,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from models.metrics import auc, gauc
+
 # Same clipping as models.metrics.log_loss, so the daemon and the offline evaluation agree.
 LOG_LOSS_EPS = 1e-7
 
 LIFETIME = None  # the "window" argument that means the whole stream
-
-
-def _rank_average(scores: np.ndarray) -> np.ndarray:
-    """1-based ranks with tied values sharing their average rank."""
-    order = np.argsort(scores)  # quicksort: ~7x faster than a stable sort; tied runs are averaged below anyway
-    sorted_scores = scores[order]
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
-
-
-def exact_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC of labels ``y`` (bool or 0/1) and scores ``p`` by ranks (Mann-Whitney U); ``nan`` if one class.
-
-    >>> exact_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
-    0.75
-    """
-    y = np.asarray(y).astype(bool)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = _rank_average(np.asarray(p, dtype=np.float64))
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def grouped_auc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
-    """Impression-weighted mean of per-group AUC (GAUC), one-class groups skipped; ``nan`` if none has both.
-
-    Vectorised: one lexsort, no Python loop over groups (a 100k window may hold tens of thousands of users).
-
-    >>> grouped_auc(np.array([0, 1, 1, 1]), np.array([0.1, 0.9, 0.3, 0.4]), np.array([7, 7, 8, 8]))
-    1.0
-    """
-    y = np.asarray(y).astype(bool)
-    p = np.asarray(p, dtype=np.float64)
-    groups = np.asarray(groups)
-    if len(y) == 0:
-        return math.nan
-    order = np.lexsort((p, groups))  # by group, then score
-    g = groups[order]
-    s = p[order]
-    yy = y[order]
-    n = len(g)
-    group_start_flags = np.r_[True, g[1:] != g[:-1]]
-    group_id = np.cumsum(group_start_flags) - 1
-    group_starts = np.flatnonzero(group_start_flags)
-    # Runs of equal (group, score) share their average rank within the group.
-    run_flags = group_start_flags | np.r_[True, s[1:] != s[:-1]]
-    run_starts = np.flatnonzero(run_flags)
-    run_ends = np.r_[run_starts[1:], n]
-    global_avg_rank = np.repeat((run_starts + run_ends + 1) / 2.0, run_ends - run_starts)
-    rank_in_group = global_avg_rank - group_starts[group_id]
-    n_groups = len(group_starts)
-    size = np.bincount(group_id, minlength=n_groups).astype(np.float64)
-    n_pos = np.bincount(group_id, weights=yy, minlength=n_groups)
-    n_neg = size - n_pos
-    pos_rank_sum = np.bincount(group_id, weights=rank_in_group * yy, minlength=n_groups)
-    valid = (n_pos > 0) & (n_neg > 0)
-    if not valid.any():
-        return math.nan
-    u = pos_rank_sum[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2.0
-    group_auc = u / (n_pos[valid] * n_neg[valid])
-    return float(np.sum(group_auc * size[valid]) / np.sum(size[valid]))
 
 
 def histogram_auc(pos_counts: np.ndarray, neg_counts: np.ndarray) -> float:
@@ -268,7 +204,7 @@ class StreamQuality:
         if window is None:
             self._fold_pending()
             return self._cached("auc", None, lambda: histogram_auc(self._pos_hist, self._neg_hist))
-        return self._cached("auc", window, lambda: exact_auc(self._last(window, self._y), self._last(window, self._p)))
+        return self._cached("auc", window, lambda: auc(self._last(window, self._y), self._last(window, self._p)))
 
     def gauc(self, window: int) -> float:
         """Per-user AUC weighted by impressions over the last ``window`` samples (samples without users skipped)."""
@@ -278,7 +214,7 @@ class StreamQuality:
             y, p, user = (self._last(window, a) for a in (self._y, self._p, self._user))
             if not with_user.all():
                 y, p, user = y[with_user], p[with_user], user[with_user]
-            return grouped_auc(y, p, user)
+            return gauc(y, p, user)
 
         return self._cached("gauc", window, compute)
 

@@ -146,3 +146,12 @@ def test_task_metrics_names_every_metric() -> None:
 def test_module_doctests_pass() -> None:
     result = doctest.testmod(metrics)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_gauc_reads_users_of_any_hashable_kind_alike() -> None:
+    """The trainer hands users over as an object array (str or int ids mixed per stream)."""
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 40, size=500)
+    y, p = rng.integers(0, 2, size=500), rng.integers(0, 7, size=500) / 7.0
+    as_objects = np.array([f"u{u}" for u in users], dtype=object)
+    assert gauc(y, p, as_objects) == pytest.approx(gauc(y, p, users), abs=1e-12)

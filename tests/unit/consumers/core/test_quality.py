@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from consumers.core.quality import StreamQuality, exact_auc, grouped_auc, histogram_auc
+from consumers.core.quality import StreamQuality, histogram_auc
 from models import metrics as offline
 
 pytestmark = pytest.mark.unit
@@ -22,27 +22,6 @@ def batches(rng: np.random.Generator, n_batches: int, size: int, ties: bool = Fa
             p = np.round(p, 2)  # many tied scores
         users = rng.integers(0, 40, size)
         yield y, p, users
-
-
-def test_exact_auc_matches_offline_auc_with_ties() -> None:
-    rng = np.random.default_rng(1)
-    y, p, _ = next(batches(rng, 1, 5000, ties=True))
-    assert exact_auc(y, p) == pytest.approx(offline.auc(y, p), abs=1e-12)
-
-
-def test_exact_auc_is_nan_for_one_class() -> None:
-    assert math.isnan(exact_auc(np.zeros(5), np.linspace(0, 1, 5)))
-
-
-def test_grouped_auc_matches_offline_gauc_with_ties() -> None:
-    rng = np.random.default_rng(2)
-    y, p, users = next(batches(rng, 1, 4000, ties=True))
-    assert grouped_auc(y, p, users) == pytest.approx(offline.gauc(y, p, users), abs=1e-12)
-
-
-def test_histogram_auc_counts_same_bin_pairs_as_half() -> None:
-    # positives in bins 1 and 2, negatives in bins 0 and 1: pairs (1,0) (2,0) (2,1) win, (1,1) ties.
-    assert histogram_auc(np.array([0, 1, 1]), np.array([1, 1, 0])) == 0.875
 
 
 def test_windowed_metrics_equal_offline_metrics_of_the_last_w_samples_after_wraparound() -> None:
