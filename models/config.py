@@ -1,6 +1,6 @@
 """Model configuration: plain values, one dataclass, round-trips through a dict of plain types.
 
-Every switch of the ablation ladder in docs/crossdistil.md is one field here (``rung``); every weight of the
+Every switch of the ablation ladder (docs/method.md) is one field here (``rung``); every weight of the
 total loss (alpha_k, beta_k) is a field, per task or shared.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from models.features import FeatureSpec
 
 BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
-# The ablation ladder of crossdistil.md, plus direct student-to-student distillation.
+# The ablation ladder of docs/method.md, plus direct student-to-student distillation.
 RUNGS = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
 CORRECTIONS = ("clamp", "mix", "none")
 PAIR_MODES = ("adjacent", "all")
@@ -87,7 +87,7 @@ class ModelConfig:
     ple_specific_experts: int = 1
     ple_levels: int = 1
 
-    # loss terms (names as in crossdistil.md)
+    # loss terms (names as in docs/method.md)
     kd_weight: float | dict[str, float] = 1.0  # alpha_k
     aux_weight: float | dict[str, float] = 1.0  # beta_k
     kd_temperature: float = 1.0  # T

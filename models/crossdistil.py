@@ -1,5 +1,5 @@
 """The CrossDistil model: embeddings -> backbone -> student towers (s_k) and auxiliary teacher towers (r_k),
-plus the Platt calibrators (alpha_k, b_k), and ``crossdistil_loss``, the total loss of docs/crossdistil.md.
+plus the Platt calibrators (alpha_k, b_k), and ``crossdistil_loss``, the total loss of docs/method.md.
 
 Read top to bottom: ``CrossDistilModel.forward`` gives (s, r); ``crossdistil_loss`` turns them into
 L = sum_k [BCE(s_k, y_k) + alpha_k L_kd,k + beta_k L_aux,k + L_cal,k], with the terms each rung switches on.

@@ -1,4 +1,4 @@
-"""The loss terms of docs/crossdistil.md, one small function each.
+"""The loss terms of docs/method.md ("Term by term"), one small function each.
 
 Shapes: functions take [B] or [B, K] tensors and average over the batch (dim 0), so a [B, K] input gives
 one value per task. ``stopgrad`` in the spec is ``.detach()`` here, applied inside the function that the

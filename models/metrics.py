@@ -1,4 +1,4 @@
-"""Offline ranking and calibration metrics: pure functions on numpy arrays (crossdistil.md, "Metrics").
+"""Offline ranking and calibration metrics: pure functions on numpy arrays (used by evaluate, backtest, trainer).
 
 Every function takes labels ``y`` in {0, 1} and scores ``p`` (probabilities, or any monotone score for the
 ranking metrics) as 1-D arrays of the same length and returns a float. Ranking metrics return ``nan`` when

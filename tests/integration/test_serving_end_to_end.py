@@ -35,7 +35,7 @@ MODEL = {"embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
 
 def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broker: str, tmp_path: Path) -> None:
     from consumers.state.checkpoints import CheckpointStore
-    from consumers.trainer.daemon import unflatten_state
+    from consumers.state.learner_state import learner_state
     from models.features import encode_rows
     from models.learner import Learner
     from streamer.stream import stream_dataset
@@ -85,7 +85,7 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
         assert daemon.follower.stats.start_path == "empty"  # it followed the publications, it did not start late
         assert served.step == checkpoint.step
 
-        learner = Learner.from_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+        learner = Learner.from_state_dict(learner_state(checkpoint.metadata, checkpoint.tensors))
         probe = [{"impression_id": f"p{u}", "ts_ms": 1_700_000_000_000 + u, "user_id": str(u), "item_id": str(3 * u),
                   "features": {"item_category": str(u % 20), "hour": str(u % 24), "duration_s": 10.0 + u}}
                  for u in range(64)]

@@ -153,7 +153,7 @@ def test_trainer_consumes_kuairand_and_trains_every_impression_once_with_exact_l
 def test_partitions_paused_ahead_in_event_time_still_train_every_impression_once_with_exact_labels(
         kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
     # join.max_skew_s = -1: partitions more than the longest window (700 s) ahead are paused. With kafka-python
-    # 3.0.12 this replay used to stall at ~33,750 impressions (consumers.trainer.daemon._release_drained_records).
+    # 3.0.12 this replay used to stall at ~33,750 impressions (consumers.trainer.kafka_io.release_drained_records).
     config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, max_skew_s=-1.0,
                           model_topic=f"model-{uuid.uuid4().hex[:8]}")
     run_trainer(config, tmp_path / "ledger")
@@ -386,7 +386,7 @@ def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str,
 
     from consumers.state.checkpoints import CheckpointStore
     from consumers.runtime.config import load_config
-    from consumers.trainer.daemon import unflatten_state
+    from consumers.state.learner_state import learner_state
     from models.features import encode_rows
     from models.learner import Learner, ServingModel
 
@@ -398,7 +398,7 @@ def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str,
 
     checkpoint = CheckpointStore(cfg.checkpoint.dir).latest()  # what the trainer itself ended with
     assert version == checkpoint.metadata["publish_version"] and metadata["step"] == checkpoint.step
-    learner = Learner.from_state_dict(unflatten_state(checkpoint.metadata["learner"], checkpoint.tensors))
+    learner = Learner.from_state_dict(learner_state(checkpoint.metadata, checkpoint.tensors))
     probe_rows = [{"user_id": str(u), "item_id": str(1000 + 7 * u), "features": {"hour": str(u % 24), "weekday": "2",
                    "duration_ms": 1000.0 * u}} for u in range(64)]
     probe = encode_rows(probe_rows, learner.config.features, learner.config.tasks)

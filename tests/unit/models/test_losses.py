@@ -1,4 +1,4 @@
-"""Each loss term of docs/crossdistil.md against values computed by hand."""
+"""Each loss term of docs/method.md against values computed by hand."""
 
 from __future__ import annotations
 

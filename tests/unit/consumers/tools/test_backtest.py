@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from consumers.runtime.timeparse import parse_time
 from consumers.tools import backtest
 
 pytestmark = pytest.mark.unit
@@ -113,11 +114,11 @@ def test_summary_and_report_state_ndcg_and_the_combined_score_over_all_and_the_t
 
 
 def test_times_parse_from_milliseconds_and_iso() -> None:
-    assert backtest.parse_time("1700000000000") == 1_700_000_000_000
-    assert backtest.parse_time("2023-11-14T22:13:20Z") == 1_700_000_000_000
-    assert backtest.parse_time("2023-11-14T22:13:20") == 1_700_000_000_000
+    assert parse_time("1700000000000") == 1_700_000_000_000
+    assert parse_time("2023-11-14T22:13:20Z") == 1_700_000_000_000
+    assert parse_time("2023-11-14T22:13:20") == 1_700_000_000_000
     with pytest.raises(ValueError, match="ISO 8601"):
-        backtest.parse_time("yesterday")
+        parse_time("yesterday")
 
 
 def test_time_range_keeps_only_events_inside_it(drift_log: Path) -> None:
