@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from streamer import events
 from streamer.eventlog import EventLogWriter, path_from_url
+from streamer.kafka_security import connection_failure, diagnose_connection
 from streamer.topics import ensure_topics
 
 BOOTSTRAP_TIMEOUT_MS = 10_000
@@ -83,7 +84,9 @@ class KafkaSink:
         try:
             self._producer = KafkaProducer(**config)
         except KafkaError as exc:
-            raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
+            if not config.get("security_protocol") and diagnose_connection(bootstrap, config).startswith("nothing"):
+                raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
+            raise SinkError(f"{connection_failure(bootstrap, config, exc)}; check --to") from exc
         self._ensure_topics(topics, dict(producer_config or {}))
 
     def _ensure_topics(self, topics: tuple[str, ...], client_options: dict[str, Any]) -> None:
@@ -186,13 +189,15 @@ class FileSink:
         self._log.close()
 
 
-def open_sink(to: str, topics: tuple[str, str], envelope: int = 1) -> Sink:
-    """``kafka://HOST:PORT`` -> ``KafkaSink``; ``file://PATH`` -> ``FileSink`` (envelopes are a Kafka matter)."""
+def open_sink(to: str, topics: tuple[str, str], envelope: int = 1,
+              producer_config: Mapping[str, Any] | None = None) -> Sink:
+    """``kafka://HOST:PORT`` -> ``KafkaSink`` (``producer_config``: extra kafka-python producer settings, e.g.
+    security, ``compression_type``); ``file://PATH`` -> ``FileSink`` (envelopes are a Kafka matter)."""
     if to.startswith("kafka://"):
         bootstrap = to[len("kafka://"):].rstrip("/")
         if not bootstrap:
             raise SinkError("--to kafka://HOST:PORT needs a host and port")
-        return KafkaSink(bootstrap, topics, envelope=envelope)
+        return KafkaSink(bootstrap, topics, envelope=envelope, producer_config=producer_config)
     if to.startswith("file://"):
         try:
             return FileSink(str(path_from_url(to)))

@@ -28,6 +28,7 @@ from streamer.datasets import open_dataset
 from streamer.datasets.base import DatasetError, Interaction
 from streamer.eventlog import EventLogError, path_from_url, read_event_log
 from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError
+from streamer.kafka_security import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
 PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
 
 
@@ -232,7 +233,7 @@ def parse_options(pairs: Iterable[str]) -> dict[str, str]:
 def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | None = None,
                    options: dict[str, Any] | None = None, speed: str | float | None = "max", limit: int | None = None,
                    envelope: int = 1, impression_topic: str = IMPRESSION_TOPIC, feedback_topic: str = FEEDBACK_TOPIC,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, producer_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stream a data set (``dataset="log"``: an event log at ``source``) to ``to``; return the summary.
 
     Raises ``StreamError`` (or ``DatasetError`` / ``SinkError``, both with user-facing messages) on bad input.
@@ -255,7 +256,7 @@ def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | 
         tasks = tuple(data.tasks)
         bounds = [x for x in (getattr(data, "n_interactions", None), limit) if x is not None]
         total = min(bounds) if bounds else None
-    sink = open_sink(to, (impression_topic, feedback_topic), envelope=envelope)
+    sink = open_sink(to, (impression_topic, feedback_topic), envelope=envelope, producer_config=producer_config)
     return stream_events(routed, sink, speed=factor, tasks=tasks, impression_topic=impression_topic,
                          feedback_topic=feedback_topic, progress=progress, total_impressions=total,
                          dataset=dataset, to=to)
@@ -297,7 +298,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Kafka only: N events per {v:1, batch:[...]} message (default 1: single events)")
     parser.add_argument("--impressions-topic", default=IMPRESSION_TOPIC, help="default: %(default)s")
     parser.add_argument("--feedback-topic", default=FEEDBACK_TOPIC, help="default: %(default)s")
+    parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
+                        help="Kafka only: compression of the produced record batches (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")
+    add_client_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,12 +309,16 @@ def run(args: argparse.Namespace) -> int:
     from streamer.sinks import SinkError  # lazy: the Kafka client loads only when the command runs
 
     try:
+        producer_config = client_options_from_args(args)
+        if args.compression != "none":
+            producer_config["compression_type"] = args.compression
         summary = stream_dataset(
             args.dataset, args.source, args.to, mapping=args.mapping, options=parse_options(args.option),
             speed=args.speed, limit=args.limit, envelope=args.envelope, impression_topic=args.impressions_topic,
             feedback_topic=args.feedback_topic, progress=not args.quiet and sys.stderr.isatty(),
+            producer_config=producer_config,
         )
-    except (StreamError, DatasetError, SinkError, EventLogError, EventError) as exc:
+    except (StreamError, DatasetError, SinkError, EventLogError, EventError, SecurityError) as exc:
         print(f"crossdistil stream: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamer.kafka_security import MECHANISMS, PROTOCOLS, SecurityError, client_security
+
 ENV_PREFIX = "CROSSDISTIL__"
 
 
@@ -56,7 +58,12 @@ class KafkaConfig:
     max_poll_interval_ms: int = _f(300000, "kafka-python max_poll_interval_ms")
     group_instance_id: str = _f("auto", "static group membership (KIP-345): a restarted trainer gets its partitions back at once instead of after the session timeout (45 s by default); auto = '<group_id>-trainer', empty = dynamic membership. A second trainer started with the same id takes over and the first exits with status 5")
     stall_exit_s: float = _f(300.0, "the trainer checkpoints and exits with status 4 when it has had no partition assigned for this long (a stuck group join, a broker gone for good), so a supervisor restarts it; 0 = wait forever")
-    client_options: dict = _f({}, "extra kafka-python client settings passed through as is (security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile, ...)")
+    client_options: dict = _f({}, "extra kafka-python client settings passed through as is (e.g. ssl_certfile, sasl_kerberos_service_name)")
+    security_protocol: str = _f("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, for every client of the daemon")
+    sasl_mechanism: str = _f("PLAIN", "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str = _f("", "SASL user name (the password comes from the environment variable password_env)")
+    password_env: str = _f("CROSSDISTIL_KAFKA_PASSWORD", "environment variable holding the SASL password; a password is never read from a file")
+    ssl_cafile: str = _f("", "PEM file of the CA that signed the brokers' certificates (empty: the system's CAs)")
 
 
 @dataclass
@@ -241,6 +248,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
     if cfg.kafka.stall_exit_s < 0:
         raise ConfigError(f"kafka.stall_exit_s: must be >= 0 (0 = never), got {cfg.kafka.stall_exit_s}")
+    if cfg.kafka.security_protocol.upper() not in PROTOCOLS:
+        raise ConfigError(f"kafka.security_protocol: one of {', '.join(PROTOCOLS)}, got {cfg.kafka.security_protocol!r}")
+    if cfg.kafka.sasl_mechanism.upper() not in MECHANISMS:
+        raise ConfigError(f"kafka.sasl_mechanism: one of {', '.join(MECHANISMS)}, got {cfg.kafka.sasl_mechanism!r}")
+
+
+def kafka_client_options(k: KafkaConfig, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Every setting a kafka-python client of the daemon gets besides its own: ``client_options``, then the
+    security settings (``streamer.kafka_security``, the password from ``password_env``). Raises ConfigError
+    saying what is missing (a SASL user, the password variable, the CA file)."""
+    try:
+        security = client_security(k.security_protocol, k.sasl_mechanism, k.sasl_username, k.ssl_cafile,
+                                   k.password_env, env)
+    except SecurityError as exc:
+        raise ConfigError(f"[kafka] security: {exc}") from None
+    # Bootstrap fails within seconds (a wrong password, a wrong listener) instead of kafka-python's 30 s.
+    return {"bootstrap_timeout_ms": 10_000, **k.client_options, **security}
 
 
 def add_config_arguments(parser: Any, example_file: str, set_example: str) -> None:

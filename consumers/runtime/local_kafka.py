@@ -57,6 +57,7 @@ _LOG_FILE = "broker.log"
 _OUT_FILE = "broker.out"
 _PROPERTIES_FILE = "server.properties"
 _STORAGE_DIR = "kraft"
+_TLS_DIR = "tls"
 
 
 class LocalKafkaError(RuntimeError):
@@ -165,12 +166,20 @@ class LocalKafka:
         data_dir: str | os.PathLike[str] | None = None,
         controller_port: int | None = None,
         heap: str = "1g",
+        sasl_ssl_port: int | None = None,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         state = self._read_state()
         self.port = int(port if port is not None else state.get("port", DEFAULT_PORT))
         self._controller_port = controller_port if controller_port is not None else state.get("controller_port")
         self.heap = heap
+        # A second listener with TLS and SASL/PLAIN (users: name -> password); the plaintext one stays for the
+        # broker itself. The certificates are made once per data dir (make_tls_material).
+        self.sasl_ssl_port = sasl_ssl_port
+        self.users = dict(users or {})
+        if sasl_ssl_port is not None and not self.users:
+            raise LocalKafkaError("a SASL_SSL listener needs at least one user (name and password)")
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- paths -----------------------------------------------------------------------------------------------
@@ -178,6 +187,18 @@ class LocalKafka:
     def bootstrap(self) -> str:
         """The bootstrap servers string for clients, ``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def secure_bootstrap(self) -> str:
+        """The bootstrap servers string of the SASL_SSL listener, ``127.0.0.1:PORT``."""
+        if self.sasl_ssl_port is None:
+            raise LocalKafkaError("this broker has no SASL_SSL listener (start it with sasl_ssl_port)")
+        return f"127.0.0.1:{self.sasl_ssl_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The PEM certificate of the CA that signed the broker's TLS certificate (for ``ssl_cafile``)."""
+        return self.data_dir / _TLS_DIR / "ca.pem"
 
     @property
     def log_file(self) -> Path:
@@ -221,6 +242,10 @@ class LocalKafka:
         java = java_executable()
         libs = find_libs()
         state = self._prepare_state()
+        if self.sasl_ssl_port is not None:
+            if port_in_use(self.sasl_ssl_port):
+                raise LocalKafkaError(f"something else already listens on 127.0.0.1:{self.sasl_ssl_port}")
+            state = self._prepare_tls(state)
         properties = self._write_properties(state)
         classpath = str(libs / "*")
         jvm_logging = [f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={self.data_dir}"]
@@ -313,10 +338,38 @@ class LocalKafka:
             "replica.fetch.max.bytes": str(BROKER_MAX_MESSAGE_BYTES),
             "auto.create.topics.enable": "true",
         }
+        if self.sasl_ssl_port is not None:
+            settings.update(self._sasl_ssl_settings(state))
         path = self.data_dir / _PROPERTIES_FILE
         body = "".join(f"{key}={value}\n" for key, value in settings.items())
         path.write_text("# Written by consumers/runtime/local_kafka.py on every start; edits are overwritten.\n" + body)
         return path
+
+    def _prepare_tls(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The broker's keystore and the CA certificate, made once per data dir (their password in the state)."""
+        state.setdefault("tls_password", uuid.uuid4().hex)
+        if not (self.data_dir / _TLS_DIR / "broker.p12").exists() or not self.ca_file.exists():
+            make_tls_material(self.data_dir / _TLS_DIR, state["tls_password"])
+        (self.data_dir / _STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        return state
+
+    def _sasl_ssl_settings(self, state: Mapping[str, Any]) -> dict[str, str]:
+        """The SASL_SSL listener: TLS with the data dir's keystore, SASL/PLAIN with ``users``."""
+        port, sport, cport = state["port"], self.sasl_ssl_port, state["controller_port"]
+        users = " ".join(f'user_{name}="{password}"' for name, password in self.users.items())
+        return {
+            "listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{sport},CONTROLLER://127.0.0.1:{cport}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{sport}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config":
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.data_dir / _TLS_DIR / "broker.p12"),
+            "ssl.keystore.password": state["tls_password"],
+            "ssl.key.password": state["tls_password"],
+            "ssl.client.auth": "none",
+        }
 
     def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str, properties: Path) -> None:
         # No --standalone: controller.quorum.voters already names the (static) quorum.
@@ -390,6 +443,51 @@ class LocalKafka:
                 return True
             time.sleep(0.2)
         return False
+
+
+def keytool_executable() -> str:
+    """``keytool`` of ``$JAVA_HOME``, else the one on the PATH (it comes with every JDK and JRE)."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "keytool").exists():
+        return str(Path(java_home) / "bin" / "keytool")
+    keytool = shutil.which("keytool")
+    if keytool is None:
+        raise LocalKafkaError("keytool not found: it comes with Java 17 (e.g. 'apt-get install openjdk-17-jre-headless')")
+    return keytool
+
+
+def make_tls_material(directory: Path, password: str) -> None:
+    """A private CA (``ca.p12``, its certificate ``ca.pem``) and the broker's keystore ``broker.p12``: a key and a
+    certificate for 127.0.0.1 and localhost signed by that CA, with the CA's certificate as its chain. Clients
+    trust ``ca.pem`` (``ssl_cafile``) and check the host name against the certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    keytool = keytool_executable()
+    ca, broker = str(directory / "ca.p12"), str(directory / "broker.p12")
+    for path in (ca, broker):
+        Path(path).unlink(missing_ok=True)
+    common = ["-storetype", "PKCS12", "-storepass", password, "-keypass", password]
+    san = "SAN=IP:127.0.0.1,DNS:localhost"
+    steps = [
+        ["-genkeypair", "-alias", "ca", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650",
+         "-dname", "CN=crossdistil local CA", "-ext", "bc:c", "-keystore", ca, *common],
+        ["-exportcert", "-rfc", "-alias", "ca", "-keystore", ca, "-storepass", password,
+         "-file", str(directory / "ca.pem")],
+        ["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity", "3650",
+         "-dname", "CN=127.0.0.1", "-ext", san, "-keystore", broker, *common],
+        ["-certreq", "-alias", "broker", "-keystore", broker, "-storepass", password,
+         "-file", str(directory / "broker.csr")],
+        ["-gencert", "-rfc", "-alias", "ca", "-keystore", ca, "-storepass", password, "-validity", "3650",
+         "-ext", san, "-infile", str(directory / "broker.csr"), "-outfile", str(directory / "broker.pem")],
+        ["-importcert", "-noprompt", "-alias", "ca", "-file", str(directory / "ca.pem"), "-keystore", broker,
+         "-storepass", password],
+        ["-importcert", "-noprompt", "-alias", "broker", "-file", str(directory / "broker.pem"), "-keystore", broker,
+         "-storepass", password],
+    ]
+    for args in steps:
+        result = subprocess.run([keytool, *args], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise LocalKafkaError(f"keytool {args[0]} failed (exit {result.returncode}): "
+                                  f"{(result.stdout + result.stderr).strip()[-2000:]}")
 
 
 def min_heap(heap: str) -> str:

@@ -12,7 +12,7 @@ import sys
 import threading
 
 from consumers.runtime import logs
-from consumers.runtime.config import Config, ConfigError, add_config_arguments, load_config, to_toml
+from consumers.runtime.config import Config, ConfigError, add_config_arguments, kafka_client_options, load_config, to_toml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides=args.overrides)
         check_serving_config(cfg)
+        kafka_client_options(cfg.kafka)  # a missing SASL password or CA file is said now, not at the first poll
     except ConfigError as exc:
         print(f"crossdistil serve: configuration error: {exc}", file=sys.stderr)
         return 2

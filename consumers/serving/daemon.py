@@ -17,9 +17,10 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from consumers.runtime.config import Config
+from consumers.runtime.config import Config, kafka_client_options
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.api import ApiServer, serve_api
+from streamer.kafka_security import connection_failure
 from consumers.serving.follower import MAX_MESSAGE_BYTES, CheckpointFollower, ModelHolder, ServedModel
 
 log = logging.getLogger("crossdistil.serving")
@@ -61,14 +62,14 @@ class ServingDaemon:
                 # reassembler skips versions it already has, while "latest" could miss a whole publication.
                 "auto_offset_reset": "earliest",
             }
-            # The shared [kafka] client_options (security settings, ...) that a consumer accepts.
-            options.update({key: v for key, v in k.client_options.items() if key in KafkaConsumer.DEFAULT_CONFIG})
+            # The shared [kafka] client settings (security, client_options) that a consumer accepts.
+            options.update({key: v for key, v in kafka_client_options(k).items() if key in KafkaConsumer.DEFAULT_CONFIG})
             options["group_id"], options["enable_auto_commit"] = None, False  # serving never joins the trainer's group
             try:
                 consumer = KafkaConsumer(**options)
             except KafkaError as exc:
-                print(f"crossdistil serve: Kafka at {k.bootstrap} is not reachable ({exc}); start one with "
-                      "'crossdistil kafka up' or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
+                print(f"crossdistil serve: {connection_failure(k.bootstrap, options, exc)}; or set kafka.bootstrap "
+                      "(--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
                 return 3
             try:
                 if not self._wait_for_topic(consumer, k.model_topic, stop):

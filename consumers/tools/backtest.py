@@ -46,6 +46,7 @@ from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from streamer.eventlog import EventLogError, path_from_url, read_event_log
+from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (default 1: bit-for-bit reproducible, and fastest on a busy machine)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_client_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,11 +107,12 @@ def run(args: argparse.Namespace) -> int:
             records, input_desc = kafka_records(
                 args.kafka, [cfg0.kafka.impressions_topic, cfg0.kafka.feedback_topic],
                 from_offset=args.from_offset, to_offset=args.to_offset,
-                from_ms=parse_time(args.from_time), to_ms=parse_time(args.to_time), limit=args.limit)
+                from_ms=parse_time(args.from_time), to_ms=parse_time(args.to_time), limit=args.limit,
+                client_options=client_options_from_args(args))
         result = run_backtest(records, configs, sample_every=args.sample_every, progress=not args.quiet,
                               total=input_desc.get("records") or input_desc.get("bytes"),
                               progress_unit="records" if "records" in input_desc else "bytes")
-    except (ConfigError, EventLogError, ValueError) as exc:
+    except (ConfigError, EventLogError, ValueError) as exc:  # SecurityError is a ValueError too
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 2
     except ConnectionError as exc:
@@ -207,13 +210,14 @@ STALL_S = 120.0  # a partition that yields nothing for this long while its range
 
 def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | None = None, to_offset: int | None = None,
                   from_ms: int | None = None, to_ms: int | None = None, limit: int | None = None,
-                  read_ahead: int = READ_AHEAD) -> tuple[KafkaRange, dict[str, Any]]:
+                  read_ahead: int = READ_AHEAD,
+                  client_options: dict[str, Any] | None = None) -> tuple[KafkaRange, dict[str, Any]]:
     """Every partition of ``topics`` in an offset or time range, merged by event time (partitions keep their order).
 
     The range is resolved now (per partition ``[start, stop)`` offsets; a time bound becomes the first offset whose
     record timestamp is at or after it, via ``offsets_for_times``); the records are read when the result is
-    iterated, streaming (see ``KafkaRange``). Raises ``ValueError`` for a bad or empty range, ``ConnectionError``
-    when the broker is not reachable.
+    iterated, streaming (see ``KafkaRange``). ``client_options``: extra kafka-python settings (security). Raises
+    ``ValueError`` for a bad or empty range, ``ConnectionError`` when the broker is not reachable.
     """
     from kafka import TopicPartition
 
@@ -224,7 +228,8 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
     _check_time_range(from_ms, to_ms)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of records, got {limit}")
-    consumer = _range_consumer(bootstrap)
+    client_options = dict(client_options or {})
+    consumer = _range_consumer(bootstrap, **client_options)
     try:
         partitions = []
         for topic in topics:
@@ -255,7 +260,7 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
     desc = {"kind": "kafka", "topics": list(topics), "from_offset": from_offset, "to_offset": to_offset,
             "from_ms": from_ms, "to_ms": to_ms, "limit": limit, "records": min(count, limit or count),
             "ranges": {f"{tp.topic}-{tp.partition}": list(r) for tp, r in ranges.items()}}
-    return KafkaRange(bootstrap, ranges, limit=limit, read_ahead=read_ahead), desc
+    return KafkaRange(bootstrap, ranges, limit=limit, read_ahead=read_ahead, client_options=client_options), desc
 
 
 def _check_time_range(from_ms: int | None, to_ms: int | None) -> None:
@@ -268,11 +273,11 @@ def _range_consumer(bootstrap: str, **options: Any) -> Any:
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    options = {"reconnect_backoff_max_ms": 2000, "bootstrap_timeout_ms": 10_000, **options}
     try:
-        return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             reconnect_backoff_max_ms=2000, **options)
+        return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **options)
     except KafkaError as exc:
-        raise ConnectionError(f"Kafka at {bootstrap} is not reachable ({exc}); start one with 'crossdistil kafka up'") from None
+        raise ConnectionError(connection_failure(bootstrap, options, exc)) from None
 
 
 class KafkaRange:
@@ -288,10 +293,11 @@ class KafkaRange:
     """
 
     def __init__(self, bootstrap: str, ranges: dict[Any, tuple[int, int]], *, limit: int | None = None,
-                 read_ahead: int = READ_AHEAD) -> None:
+                 read_ahead: int = READ_AHEAD, client_options: dict[str, Any] | None = None) -> None:
         if read_ahead < 1:
             raise ValueError(f"read_ahead must be positive, got {read_ahead}")
         self.bootstrap, self.ranges, self.limit, self.read_ahead = bootstrap, dict(ranges), limit, read_ahead
+        self.client_options = dict(client_options or {})
         self.peak_buffered = 0
         self._held: dict[Any, int] = {}
 
@@ -312,7 +318,7 @@ class KafkaRange:
         """The messages of ``tp`` in ``[start, stop)``, in offset order, ``read_ahead`` at a time."""
         from kafka.errors import KafkaError
 
-        consumer = _range_consumer(self.bootstrap, max_poll_records=self.read_ahead)
+        consumer = _range_consumer(self.bootstrap, max_poll_records=self.read_ahead, **self.client_options)
         try:
             consumer.assign([tp])
             consumer.seek(tp, start)

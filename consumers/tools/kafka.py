@@ -4,10 +4,12 @@ with the project's topics (``streamer.topics``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 
 from consumers.runtime.local_kafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, default_data_dir
+from streamer.kafka_security import PASSWORD_ENV, SecurityError
 from streamer.topics import DEFAULT_PARTITIONS, TopicError, ensure_topics
 
 
@@ -22,12 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-topics", action="store_true", help="do not create the default topics (up only)")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the broker to start or stop")
     parser.add_argument("--delete-data", action="store_true", help="after stopping, delete the data dir (down only)")
+    parser.add_argument("--sasl-ssl-port", type=int, default=None, metavar="PORT",
+                        help="up: also listen with TLS and SASL/PLAIN on PORT (certificates made in the data dir)")
+    parser.add_argument("--sasl-user", default="", metavar="NAME",
+                        help=f"up: the SASL user of that listener; its password is read from ${PASSWORD_ENV}")
 
 
 def run(args: argparse.Namespace) -> int:
     """``crossdistil kafka up|down|status``."""
-    broker = LocalKafka(port=args.port, data_dir=args.data_dir)
     try:
+        broker = LocalKafka(port=args.port, data_dir=args.data_dir, **_secure_listener(args))
         if args.action == "status":
             status = broker.status()
             print(status.describe())
@@ -44,10 +50,25 @@ def run(args: argparse.Namespace) -> int:
         started = broker.start(timeout_s=args.timeout)
         status = broker.status()
         print(status.describe() if started else f"already running: {status.describe()}")
+        if broker.sasl_ssl_port is not None:
+            print(f"SASL_SSL listener at {broker.secure_bootstrap} (user {args.sasl_user!r}); clients trust "
+                  f"{broker.ca_file} (ssl_cafile)")
         if not args.no_topics:
             topics = ensure_topics(broker.bootstrap, partitions=args.partitions)
             print("topics: " + ", ".join(f"{name} ({state})" for name, state in topics.items()))
         return 0
-    except (LocalKafkaError, TopicError) as exc:
+    except (LocalKafkaError, TopicError, SecurityError) as exc:
         print(f"crossdistil kafka {args.action}: {exc}", file=sys.stderr)
         return 1
+
+
+def _secure_listener(args: argparse.Namespace) -> dict:
+    """``LocalKafka`` arguments of ``--sasl-ssl-port`` / ``--sasl-user`` (the password from the environment)."""
+    if args.sasl_ssl_port is None:
+        return {}
+    if args.action != "up":
+        raise SecurityError("--sasl-ssl-port applies to 'up'")
+    password = os.environ.get(PASSWORD_ENV, "")
+    if not args.sasl_user or not password:
+        raise SecurityError(f"--sasl-ssl-port needs --sasl-user NAME and the password in ${PASSWORD_ENV}")
+    return {"sasl_ssl_port": args.sasl_ssl_port, "users": {args.sasl_user: password}}

@@ -3,7 +3,9 @@
 Exit status: 0 after a stop or the end of a finite stream; 2 for a configuration error (or a checkpoint
 directory written by something else); 3 when Kafka cannot be reached at start; 4 when no partition was
 assigned for ``kafka.stall_exit_s``; 5 when another trainer with the same ``group_instance_id`` took the
-partitions over; 6 when the learner process failed or died (``consumers.trainer.daemon`` says why each).
+partitions over; 6 when the learner process failed or died; 7 when a record batch cannot be decoded (a codec
+that is not installed, a corrupt batch: its topic, partition and offset are named) (``consumers.trainer.daemon``
+says why each).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import signal
 import sys
 
 from consumers.runtime import logs
-from consumers.runtime.config import ConfigError, add_config_arguments, load_config, to_toml
+from consumers.runtime.config import ConfigError, add_config_arguments, kafka_client_options, load_config, to_toml
 from consumers.runtime.timeparse import parse_time
 
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
         cfg = load_config(args.config, overrides=args.overrides)
+        kafka_client_options(cfg.kafka)  # a missing SASL password or CA file is said now, not at the first poll
     except ConfigError as exc:
         print(f"crossdistil train: configuration error: {exc}", file=sys.stderr)
         return 2

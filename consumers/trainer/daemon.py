@@ -46,7 +46,12 @@ reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s`` (a
 or a broker gone for good): the daemon checkpoints and exits so that its supervisor (systemd ``Restart=on-failure``,
 Kubernetes) starts a fresh process, which resumes from that checkpoint; 5 when another trainer with the same
 ``group_instance_id`` took the partitions over (no checkpoint: the other one owns the model now); 6 when the
-learner process (``model.separate_process``) failed or died (no checkpoint; a restart resumes from the last).
+learner process (``model.separate_process``) failed or died (no checkpoint; a restart resumes from the last); 7
+when the Kafka client cannot decode a record batch (a compression codec that is not installed, a batch that fails
+its checksum): the error names its topic, partition and offset, everything before it is checkpointed, and nothing
+is skipped (the client hands out no bytes of such a batch, so there is nothing to dead-letter, and skipping would
+lose its events without a trace). A restart by hand (once the codec is installed) retries the batch; the systemd
+unit does not restart on 5 or 7 by itself.
 
 Static membership (``kafka.group_instance_id``, on by default): a trainer restarted after a crash gets its
 partitions back within seconds instead of after the group's session timeout (measured on the local broker:
@@ -66,7 +71,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.core.pipeline import decode_record
 from consumers.runtime.assembly import build_pipeline, join_config
-from consumers.runtime.config import Config
+from consumers.runtime.config import Config, kafka_client_options
 from consumers.runtime.httpd import serve_http
 from consumers.runtime.learner_process import LearnerProcessError
 from consumers.runtime.processes import tune_gc
@@ -79,6 +84,7 @@ from consumers.trainer.freshness import Freshness
 from consumers.trainer.kafka_io import KafkaIO, connect
 from consumers.trainer.publisher import Publisher
 from streamer.events import EventError
+from streamer.kafka_security import connection_failure
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -158,8 +164,8 @@ class Trainer:
         except KafkaError as exc:
             if http is not None:
                 http.close()
-            print(f"crossdistil train: Kafka at {k.bootstrap} is not reachable ({exc}); start one with "
-                  "'crossdistil kafka up' or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
+            print(f"crossdistil train: {connection_failure(k.bootstrap, kafka_client_options(k), exc)}; or set "
+                  "kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
             return 3
         self.kafka.consumer = consumer
         self.dead_letters.producer = self.publisher.producer = producer
@@ -209,6 +215,9 @@ class Trainer:
             if self.kafka.fenced:
                 self._exit_fenced()
                 return
+            if self.kafka.unreadable:
+                self._exit_unreadable()
+                break
             now = self.last_poll_ok_at = time.monotonic()
             self.learner.check_alive()  # a dead learner process ends the daemon (status 6), idle or not
             # -- ingest, training as batches fill up -------------------------------------------------------
@@ -332,6 +341,10 @@ class Trainer:
                   "exiting with status 5 without a checkpoint (two trainers must not write one model: give each "
                   "its own kafka.group_id and checkpoint.dir)", self.cfg.kafka.group_id)
         self.exit_status = 5
+
+    def _exit_unreadable(self) -> None:
+        log.error("%s; exiting with status 7 after a checkpoint of everything before it", self.kafka.unreadable)
+        self.exit_status = 7
 
     def _exit_stalled(self, now: float) -> None:
         log.error("no partition assigned for %.0f s (kafka.stall_exit_s): the group join is stuck or the broker is "

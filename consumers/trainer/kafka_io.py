@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import FencedInstanceIdError
+from kafka.errors import CorruptRecordError, FencedInstanceIdError, UnsupportedCodecError
 
 from consumers.core.join import AttributionJoin
-from consumers.runtime.config import KafkaConfig
+from consumers.runtime.config import KafkaConfig, kafka_client_options
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -59,7 +59,7 @@ def release_drained_records(consumer: Any) -> None:
 def connect(k: KafkaConfig) -> tuple[KafkaConsumer, KafkaProducer]:
     """The trainer's consumer (group ``k.group_id``, static membership unless disabled, no auto-commit) and its
     idempotent producer (dead letters, publications). Raises ``kafka.errors.KafkaError`` when Kafka is away."""
-    options = dict(k.client_options)
+    options = kafka_client_options(k)  # raises ConfigError when a security setting is missing
     # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
     options.setdefault("reconnect_backoff_max_ms", 2000)
     # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
@@ -122,6 +122,7 @@ class KafkaIO:
         self.partition_pauses = 0  # partitions paused so far (a partition paused twice counts twice)
         self.fenced = False  # another trainer with our group_instance_id took over (exit 5)
         self.revoked = False  # partitions were revoked: the loop checkpoints after this poll
+        self.unreadable: str | None = None  # a record batch the client cannot decode (exit 7), said where
         self.first_assigned_at: float | None = None
         self.assigned_at: float | None = None  # the last assignment (the loop's idle clock restarts there)
         self.unassigned_since: float | None = None
@@ -145,10 +146,35 @@ class KafkaIO:
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.k.max_poll_records)
         except FencedInstanceIdError:
             self.fenced, polled = True, {}
+        except (UnsupportedCodecError, CorruptRecordError) as exc:
+            self.unreadable, polled = self._unreadable(exc), {}
         if started - self._fence_probed_at >= FENCE_PROBE_S and self.checkpointed:
             self._fence_probed_at = started
             self.commit(self.checkpointed)
         return polled
+
+    def _unreadable(self, error: Exception) -> str:
+        """Where the batch the client could not decode is (topic, partition, offset), and what to do about it.
+
+        Not dead-lettered: the client hands out no bytes of a batch it cannot decompress or whose checksum
+        fails, so there is nothing to dead-letter, and skipping it would lose every event in it without a trace.
+        """
+        parsing = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(parsing, "topic_partition", None)
+        if tp is not None:
+            offset = getattr(parsing, "next_fetch_offset", self.positions.get((tp.topic, tp.partition), 0))
+            where = f"{tp.topic}-{tp.partition} at offset {offset}"
+        else:
+            behind = [f"{t}-{p} (from offset {o})" for (t, p), o in sorted(self.positions.items())
+                      if self._may_fetch_more(TopicPartition(t, p))]
+            where = "one of " + ", ".join(behind) if behind else "an assigned partition"
+        if isinstance(error, UnsupportedCodecError):
+            fix = ("install the codec libraries (zstandard, lz4, python-snappy: 'pip install crossdistil' brings "
+                   "them) and restart")
+        else:
+            fix = ("the batch is damaged on the broker or in transit: restart to fetch it again; if it fails again, "
+                   "inspect it (kafka-dump-log) and move the group past it only once its events are recovered")
+        return f"cannot read the record batch of {where}: {error}. {fix}"
 
     def caught_up(self) -> bool:
         """Every assigned partition is at its last known high watermark (no network call)."""

@@ -137,3 +137,63 @@ def test_dashboard_shows_the_panels_on_call_needs() -> None:
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == datasource_uid, panel["title"]
+
+
+def _join_counter_series(events: list, minutes: int = 40) -> dict[str, list[float]]:
+    """Replay ``events`` ((topic, event) pairs, in the order a producer wrote them) through the trainer's join and
+    metrics, and read crossdistil_join_events_total{outcome} once per 1/minutes of the stream: a minute each."""
+    from consumers.core.join import AttributionJoin, JoinConfig
+
+    join = AttributionJoin(JoinConfig({"click": 30.0, "long_view": 700.0, "like": 700.0}))
+    metrics = TrainerMetrics(["click", "long_view", "like"], windows=(100,), registry=CollectorRegistry())
+    series: dict[str, list[float]] = {"feedback": [0.0], "late_feedback": [0.0]}
+    step = -(-len(events) // minutes)
+    for start in range(0, len(events), step):
+        for topic, event in events[start:start + step]:
+            join.add_events([event], (topic, 0), now=0.0)
+            join.emit()
+        metrics.join_counters(join.counters)
+        for outcome in series:
+            series[outcome].append(metrics.registry.get_sample_value(
+                "crossdistil_join_events_total", {"outcome": outcome}))
+    return series
+
+
+def _late_feedback_alert_fires(tmp_path: Path, series: dict[str, list[float]]) -> bool:
+    """Whether CrossdistilLateFeedback (deploy/prometheus/alerts.yml) fires on ``series`` at its end (promtool)."""
+    minutes = len(series["feedback"]) - 1
+    labels = 'job="crossdistil-trainer",instance="replay:9400"'
+    test = {"rule_files": [str(PROMETHEUS / "alerts.yml")], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": f'crossdistil_join_events_total{{{labels},outcome="{outcome}"}}',
+                          "values": " ".join(f"{v:g}" for v in values)} for outcome, values in series.items()],
+        "alert_rule_test": [{"eval_time": f"{minutes}m", "alertname": "CrossdistilLateFeedback", "exp_alerts": []}],
+    }]}
+    path = tmp_path / "late_feedback_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = promtool("test", "rules", str(path), cwd=tmp_path)
+    assert result.returncode == 0 or "CrossdistilLateFeedback" in result.stdout + result.stderr, result.stderr
+    return result.returncode != 0  # "no alert expected" fails exactly when the alert fires
+
+
+@needs_promtool
+def test_the_late_feedback_alert_fires_on_out_of_order_feedback_and_not_on_the_ordered_stream(
+        tmp_path: Path, shared_data: Path) -> None:
+    """KuaiRand as the streamer writes it (event-time order: no label is late), and as a producer that writes each
+    user's days of events in one go (user after user, into one partition): there the watermark runs ahead with
+    the first users and nearly every later label is dropped as late. The alert fires only on the second."""
+    from streamer.datasets import open_dataset
+    from streamer.stream import merge_events
+
+    ordered = [(r.topic, dict(r.event)) for r in merge_events(open_dataset("kuairand", shared_data / "kuairand")
+                                                              .interactions())]
+    by_user: dict[str, list] = {}
+    users = {e["impression_id"]: e["user_id"] for t, e in ordered if t == "impressions"}
+    for topic, event in ordered:
+        by_user.setdefault(users[event["impression_id"]], []).append((topic, event))
+    per_user = [pair for user in sorted(by_user) for pair in by_user[user]]
+
+    calm, late = _join_counter_series(ordered), _join_counter_series(per_user)
+    assert calm["late_feedback"][-1] / calm["feedback"][-1] < 0.01 < late["late_feedback"][-1] / late["feedback"][-1]
+    assert not _late_feedback_alert_fires(tmp_path, calm)
+    assert _late_feedback_alert_fires(tmp_path, late)

@@ -57,3 +57,17 @@ def test_a_stop_request_ends_the_loop_with_a_shutdown_checkpoint(tmp_path: Path)
     t.stop_requested = True
     t._loop()
     assert t.exit_status == 0 and CheckpointStore(tmp_path).latest().metadata["positions"] == [["feedback", 1, 3]]
+
+
+def test_an_unreadable_batch_ends_the_loop_with_status_7_after_a_checkpoint(tmp_path: Path) -> None:
+    from kafka.errors import UnsupportedCodecError
+
+    class Unreadable(Consumer):
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> dict:
+            raise UnsupportedCodecError("Libraries for lz4 compression codec not found")
+
+    t = trainer(tmp_path, consumer=Unreadable())
+    t.kafka.positions[("impressions", 2)] = 11
+    t._loop()
+    assert t.exit_status == 7 and "lz4" in t.kafka.unreadable
+    assert CheckpointStore(tmp_path).latest().metadata["positions"] == [["impressions", 2, 11]]

@@ -129,3 +129,23 @@ def test_no_partition_for_stall_exit_s_is_a_stall_and_the_missing_topic_is_named
     assert io.stalled(300.0)
     io.consumer.partitions = {IMP}
     assert not io.stalled(301.0) and io.unassigned_since is None
+
+
+def test_a_batch_the_client_cannot_decode_is_named_by_topic_partition_and_offset() -> None:
+    from kafka.errors import CorruptRecordError, UnsupportedCodecError
+
+    class Unreadable(Consumer):
+        def __init__(self, error) -> None:
+            super().__init__([IMP], {IMP: 10})
+            self.error = error
+            self._fetcher = SimpleNamespace(_next_partition_records=SimpleNamespace(topic_partition=IMP,
+                                                                                    next_fetch_offset=7))
+
+        def poll(self, timeout_ms: int, max_records: int | None = None) -> dict:
+            raise self.error
+
+    io = kafka_io(Unreadable(UnsupportedCodecError("Libraries for zstd compression codec not found")))
+    assert io.poll(10) == {} and "impressions-0 at offset 7" in io.unreadable and "zstandard" in io.unreadable
+    io = kafka_io(Unreadable(CorruptRecordError("Record batch failed crc check")))
+    io.poll(10)
+    assert "impressions-0 at offset 7" in io.unreadable and "damaged" in io.unreadable
