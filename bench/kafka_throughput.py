@@ -113,6 +113,7 @@ def produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes]],
 def consume_and_decode(bootstrap: str, topic: str, messages: int, timeout_s: float) -> tuple[float, int, int]:
     """Read ``messages`` messages from the start of ``topic`` and decode them: (seconds, good events, bad events)."""
     from kafka import KafkaConsumer, TopicPartition
+
     from streamer.events import EventError, decode_events
 
     consumer = KafkaConsumer(

@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # as bench/train_step.py: a shared 2-core machine
     from prometheus_client import generate_latest
 
-    from consumers.runtime.telemetry import TrainerMetrics
     from consumers.core.quality import StreamQuality
+    from consumers.runtime.telemetry import TrainerMetrics
 
     tasks = ("click", "long_view")
     windows = tuple(int(w) for w in args.windows.split(","))

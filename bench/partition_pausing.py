@@ -52,8 +52,8 @@ def main() -> int:
     import statistics
 
     import torch
-
     import trainer_throughput as tt
+
     from consumers.runtime.local_kafka import LocalKafka, free_port
     from consumers.runtime.processes import tune_gc
 

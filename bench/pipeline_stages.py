@@ -67,11 +67,11 @@ def worker(args: argparse.Namespace) -> dict:
     import gc
 
     import torch
+    from trainer_throughput import make_config
 
     from consumers.core.pipeline import decode_record
     from consumers.runtime.assembly import build_pipeline
     from consumers.runtime.processes import tune_gc
-    from trainer_throughput import make_config
 
     torch.set_num_threads(args.torch_threads)
     stream, events = messages(args.events, args.envelope)

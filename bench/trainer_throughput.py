@@ -76,8 +76,8 @@ def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_
 
 
 def stream(bootstrap: str, tag: str, impressions: int, envelope: int) -> dict:
-    from streamer.topics import ensure_topics
     from streamer.stream import stream_dataset
+    from streamer.topics import ensure_topics
 
     ensure_topics(bootstrap, 4, impression_topic=f"imp-{tag}", feedback_topic=f"fb-{tag}",
                   dead_letter_topic=f"dl-{tag}", model_topic=f"model-{tag}")

@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 
-
 class HttpServer:
     """A running HTTP endpoint served from a daemon thread: ``.port``, ``.url``, ``.close()``."""
 

@@ -25,7 +25,8 @@ from kafka import TopicPartition
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.state.wire import MANIFEST_KEY, Reassembler, Rejection, WireCheckpoint
 from models.learner import ServingModel
-from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT, RiverServingModel
+from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT
+from models.river_baseline import RiverServingModel
 
 log = logging.getLogger("crossdistil.serving")
 

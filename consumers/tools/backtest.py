@@ -543,7 +543,14 @@ class _progress:
         if not self.enabled:
             return lambda n: None
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._progress = Progress(TextColumn("backtest"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
                                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))

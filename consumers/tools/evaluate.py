@@ -315,7 +315,14 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch  # lazy: torch and the models below load only when a grid runs (the CLI starts without torch)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from models.evaluation import combined_weights_for
     from models.learner import resolve_device

@@ -84,9 +84,9 @@ def streamed(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def backtest_rows(records, config: Path) -> list[dict]:
-    from consumers.tools.backtest import build_configs, run_backtest
-
     import torch
+
+    from consumers.tools.backtest import build_configs, run_backtest
 
     torch.set_num_threads(1)
     run = run_backtest(records, build_configs([str(config)], None, []), sample_every=1000).runs["trainer"]
@@ -299,9 +299,9 @@ def test_a_time_range_and_the_offset_range_it_maps_to_give_identical_numbers(sta
 
 
 def test_a_kafka_range_replays_bit_for_bit_whatever_the_read_ahead_and_holds_only_the_read_ahead(stamped: dict) -> None:
-    from consumers.tools.backtest import build_configs, kafka_records, run_backtest
-
     import torch
+
+    from consumers.tools.backtest import build_configs, kafka_records, run_backtest
 
     torch.set_num_threads(1)
     configs = lambda: build_configs([str(stamped["event"]["config"])], None, [])  # noqa: E731 - fresh models per run

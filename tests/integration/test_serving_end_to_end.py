@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from consumers.runtime.config import load_config
-from streamer.topics import ensure_topics
 from consumers.serving.daemon import ServingDaemon
+from streamer.topics import ensure_topics
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration

@@ -25,12 +25,12 @@ import msgpack
 import pytest
 
 from consumers.runtime.config import load_config
-from streamer.topics import ensure_topics
 from consumers.serving.daemon import ServingDaemon
 from consumers.state.wire import encode_checkpoint
 from models.config import ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
+from streamer.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.state.ledger import read_ledger
 from consumers.runtime.processes import die_with_parent
-from streamer.topics import ensure_topics
+from consumers.state.ledger import read_ledger
 from models.metrics import auc
+from streamer.topics import ensure_topics
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -384,8 +384,8 @@ def latest_checkpoint(messages, last_version=-1):
 def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str, uninterrupted: dict) -> None:
     import torch
 
-    from consumers.state.checkpoints import CheckpointStore
     from consumers.runtime.config import load_config
+    from consumers.state.checkpoints import CheckpointStore
     from consumers.trainer.daemon import unflatten_state
     from models.features import encode_rows
     from models.learner import Learner, ServingModel

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.runtime.config import load_config
 from consumers.core.pipeline import EventClock, Pipeline, decode_record
 from consumers.runtime.assembly import build_pipeline, join_config
+from consumers.runtime.config import load_config
 from streamer.events import encode
 
 pytestmark = pytest.mark.unit

@@ -19,14 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from consumers.serving import api as serving
 from consumers.runtime.telemetry import ServingMetrics
+from consumers.serving import api as serving
 from consumers.serving.api import RequestError, parse_score_request, serve_api, validate_impressions
 from consumers.serving.follower import ModelHolder, ServedModel
-from streamer.events import DEFAULT_LIMITS, EventError, check_event, validate
 from models.config import ModelConfig
 from models.features import FeatureSpec
 from models.learner import Learner, ServingModel
+from streamer.events import DEFAULT_LIMITS, EventError, check_event, validate
 
 pytestmark = pytest.mark.unit
 

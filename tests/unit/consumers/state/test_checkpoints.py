@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from consumers.core.join import AttributionJoin, JoinConfig
 from consumers.state.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -16,7 +17,6 @@ from consumers.state.checkpoints import (
     positions_from_plain,
     positions_to_plain,
 )
-from consumers.core.join import AttributionJoin, JoinConfig
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.tools import evaluate
 from consumers.cli import main
+from consumers.tools import evaluate
 
 pytestmark = pytest.mark.unit
 
