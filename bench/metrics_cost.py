@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     m.observe(labels, predictions, role=role, users=users)
             it = iter(range(10**9))
 
-            def one_batch() -> None:
+            def one_batch(it=it, roles=roles, m=m) -> None:  # bind this round's iterator, roles and metrics
                 labels, predictions, users = data[next(it) % len(data)]
                 for role in roles:
                     m.observe(labels, predictions, role=role, users=users)

@@ -102,7 +102,10 @@ def worker(args: argparse.Namespace) -> dict:
     train_s += clock() - a
     total_s = clock() - started
     pipeline.close()
-    per_event = lambda s: round(s / events * 1e6, 2)
+
+    def per_event(s: float) -> float:
+        return round(s / events * 1e6, 2)
+
     return {"events": events, "samples": pipeline.trained_samples, "seconds": round(total_s, 3),
             "events_per_s": round(events / total_s),
             "us_per_event": {"decode_validate": per_event(decode_s), "join": per_event(ingest_s),

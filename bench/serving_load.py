@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving_pickup's helpers
-import serving_pickup as pickup  # noqa: E402
+import serving_pickup as pickup
 
 REPO_ROOT = pickup.REPO_ROOT
 
@@ -175,7 +175,10 @@ def main() -> int:
         if not latencies:
             raise RuntimeError(f"no request succeeded; errors: {errors[:5]}")
         ms = sorted(x * 1000 for x in latencies)
-        p = lambda q: round(pickup.percentile(ms, q), 3)  # noqa: E731
+
+        def p(q: float) -> float:
+            return round(pickup.percentile(ms, q), 3)
+
         report: dict[str, Any] = {
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                             "load_avg": [round(x, 2) for x in os.getloadavg()]},

@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from models.config import ModelConfig, split_config_name  # noqa: E402
-from models.crossdistil import crossdistil_loss  # noqa: E402
-from models.features import FeatureSpec, encode_rows, hash_bucket  # noqa: E402
-from models.learner import Learner  # noqa: E402
+from models.config import ModelConfig, split_config_name
+from models.crossdistil import crossdistil_loss
+from models.features import FeatureSpec, encode_rows, hash_bucket
+from models.learner import Learner
 
 TASKS = ("click", "long_view")
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         time_steps(learner, batches, len(batches), 1)
         sparse_runs[log2] = (learner, batches, [], [])
     for _ in range(args.rounds):
-        for log2, (learner, batches, times, embedding) in sparse_runs.items():
+        for _log2, (learner, batches, times, embedding) in sparse_runs.items():
             times.append(time_steps(learner, batches, 0, args.steps))
             embedding.append(breakdown(learner, batches, 2)["embedding_ms"])
     for log2, (_, _, times, embedding) in sparse_runs.items():

@@ -290,7 +290,10 @@ def main() -> int:
             runs = {separate: dict(max(rs, key=lambda r: r["events_per_s"]),
                                    rounds_events_per_s=[r["events_per_s"] for r in rs])
                     for separate, rs in rounds.items()}
-            median = lambda values: sorted(values)[len(values) // 2]
+
+            def median(values):
+                return sorted(values)[len(values) // 2]
+
             report[mode] = {"stream": {k: summary[k] for k in ("events", "impressions", "messages")},
                             "consume_decode": intake, "train_step_events_per_s": round(step_events),
                             "trainer": runs[False], "ratio_to_bound": median(ratios[False]),

@@ -73,7 +73,7 @@ def serve_http(
     health = health or (lambda: (True, "ok"))
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:  # http.server's name
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 try:

@@ -181,16 +181,16 @@ class ScoreHandler(BaseHTTPRequestHandler):
     # 19.5 ms). The wait for a turn is bounded (SCORING_TURN_WAIT_S) so one stuck request cannot stall the others.
     scoring_turn: threading.Lock
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:  # http.server's name
         self._route("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._route("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._route("PUT")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._route("DELETE")
 
     def _route(self, method: str) -> None:

@@ -672,7 +672,7 @@ class Demo:
         except DemoError as exc:
             print(f"crossdistil demo: {exc}", file=sys.stderr)
             code = 1
-        except Exception as exc:  # noqa: BLE001 (anything else still stops every child, then shows the error)
+        except Exception as exc:  # anything else still stops every child, then shows the error
             import traceback
 
             traceback.print_exc()
@@ -903,7 +903,7 @@ class Demo:
                 try:
                     self.broker.stop(timeout_s=5.0 if self._hurry() else 30.0)
                     self.outcomes["kafka"] = "stopped"
-                except Exception as exc:  # noqa: BLE001 (report it; the other children are already stopped)
+                except Exception as exc:  # report it; the other children are already stopped
                     self.outcomes["kafka"] = f"could not be stopped: {exc}"
         self.status.phase = "stopped"
         try:

@@ -377,7 +377,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                 progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
                 learner = seeded_learner(tasks, backbone, rung, seed, spec, model_options, device)
                 result = _run_one(args, mode, learner, data, rows, combined_weights,
-                                  on_step=lambda events, base=done: progress.update(bar, completed=base + events))
+                                  on_step=lambda events, base=done, bar=bar:
+                                      progress.update(bar, completed=base + events))
                 done += per_run[mode]
                 window = "test" if mode == "split" else "tail"
                 aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)

@@ -380,7 +380,10 @@ def test_state_round_trip_through_msgpack_resumes_exactly():
         if n % 13 == 0:
             out += [s.to_plain() for s in resumed.emit()]
     out += [s.to_plain() for s in resumed.flush()]
-    normalise = lambda samples: msgpack.unpackb(msgpack.packb(samples), raw=False)  # tuples -> lists
+
+    def normalise(samples):  # tuples -> lists
+        return msgpack.unpackb(msgpack.packb(samples), raw=False)
+
     assert normalise(out) == normalise(reference)
     assert resumed.counters == reference_join.counters
 

@@ -222,7 +222,7 @@ def documented_reader():
     text = DOC.read_text(encoding="utf-8")
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "def latest_checkpoint" in b)
     namespace: dict = {}
-    exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(block, str(DOC), "exec"), namespace)  # our own documentation
     return namespace["latest_checkpoint"]
 
 
