@@ -86,7 +86,8 @@ def serve_http(
                     ok, reason = health()
                 except Exception as exc:
                     ok, reason = False, f"health check raised {exc!r}"
-                body, code, content_type = (("ok" if ok else reason) + "\n").encode(), 200 if ok else 503, "text/plain; charset=utf-8"
+                body, code, content_type = ((("ok" if ok else reason) + "\n").encode(), 200 if ok else 503,
+                                            "text/plain; charset=utf-8")
             else:
                 body, code, content_type = b"not found: try /metrics or /healthz\n", 404, "text/plain"
             self.send_response(code)

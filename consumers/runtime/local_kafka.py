@@ -89,7 +89,8 @@ def find_libs() -> Path:
     if override:
         libs = Path(override).expanduser()
         if not any(libs.glob("kafka_2.13-*.jar")):
-            raise LocalKafkaError(f"{LIBS_ENV}={override} holds no kafka_2.13-*.jar; point it at a Kafka libs directory")
+            raise LocalKafkaError(f"{LIBS_ENV}={override} holds no kafka_2.13-*.jar; "
+                                  "point it at a Kafka libs directory")
         return libs
     if shutil.which("bash") is None:
         raise LocalKafkaError(f"bash is needed to run {FETCH_SCRIPT}; or set {LIBS_ENV} to a Kafka libs directory")
@@ -118,7 +119,8 @@ def java_executable() -> str:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: a random UUID as 22 characters of unpadded URL-safe base64, like ``kafka-storage random-uuid``."""
+    """A KRaft cluster id: a random UUID as 22 characters of unpadded URL-safe base64, like
+    ``kafka-storage random-uuid``."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
 
 
@@ -147,7 +149,8 @@ class KafkaStatus:
     def describe(self) -> str:
         """One line for humans."""
         if self.running:
-            return f"Kafka is running (pid {self.pid}) at {self.bootstrap}; data in {self.data_dir}, log {self.log_file}"
+            return (f"Kafka is running (pid {self.pid}) at {self.bootstrap}; data in {self.data_dir}, "
+                    f"log {self.log_file}")
         return f"Kafka is not running (data dir {self.data_dir}); start it with 'crossdistil kafka up'"
 
 
@@ -275,7 +278,8 @@ class LocalKafka:
         try:
             return dict(json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:
-            raise LocalKafkaError(f"{path} is not valid JSON ({exc}); delete the data dir {self.data_dir} to start afresh") from exc
+            raise LocalKafkaError(f"{path} is not valid JSON ({exc}); "
+                                  f"delete the data dir {self.data_dir} to start afresh") from exc
 
     def _prepare_state(self) -> dict[str, Any]:
         state = self._read_state()
@@ -318,7 +322,8 @@ class LocalKafka:
         path.write_text("# Written by consumers/runtime/local_kafka.py on every start; edits are overwritten.\n" + body)
         return path
 
-    def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str, properties: Path) -> None:
+    def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str,
+                        properties: Path) -> None:
         # No --standalone: controller.quorum.voters already names the (static) quorum.
         command = [java, *jvm_logging, "-cp", classpath, "kafka.tools.StorageTool", "format",
                    f"--cluster-id={cluster_id}", "-c", str(properties)]  # "=": an id may start with "-"

@@ -47,7 +47,8 @@ class ServingDaemon:
         self.api = serve_api(self.holder, self.metrics, bind=s.bind, port=s.port, max_request_bytes=s.max_request_bytes,
                              max_items=s.max_items, waiting_for=f"topic {k.model_topic} at {k.bootstrap}")
         url = self.api.url
-        print(f"crossdistil serve: POST {url}/score, health at {url}/healthz, metrics at {url}/metrics", file=self.out, flush=True)
+        print(f"crossdistil serve: POST {url}/score, health at {url}/healthz, metrics at {url}/metrics",
+              file=self.out, flush=True)
         self.ready.set()
         try:
             options = {
@@ -68,7 +69,8 @@ class ServingDaemon:
                 consumer = KafkaConsumer(**options)
             except KafkaError as exc:
                 print(f"crossdistil serve: Kafka at {k.bootstrap} is not reachable ({exc}); start one with "
-                      "'crossdistil kafka up' or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
+                      "'crossdistil kafka up' or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)",
+                      file=sys.stderr)
                 return 3
             try:
                 if not self._wait_for_topic(consumer, k.model_topic, stop):
