@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                       "scrape_body_bytes": len(generate_latest(m.registry))}
     # The recommended configuration: chunk 8, student + teacher.
     chosen = next(e for e in observe if e["drift_chunk"] == 8 and len(e["roles"]) == 2)
-    result["per_batch_total_percent_of_train_step"] = chosen["percent_of_train_step"] + result["pipeline_percent_of_train_step"]
+    result["per_batch_total_percent_of_train_step"] = (chosen["percent_of_train_step"]
+                                                       + result["pipeline_percent_of_train_step"])
     result["under_5_percent"] = result["per_batch_total_percent_of_train_step"] < 5.0
 
     # Exactness and speed against river's RollingROCAUC.

@@ -118,7 +118,8 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000, help="impressions in the stream")
     parser.add_argument("--envelope", type=int, default=100, help="events per message (1: single events)")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=5, help="default %(default)s: fewer are not enough on a noisy machine")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="default %(default)s: fewer are not enough on a noisy machine")
     parser.add_argument("--variants", default="gc_default,gc_tuned", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -147,7 +148,8 @@ def main() -> int:
     for variant, results in runs.items():
         rates = [r["events_per_s"] for r in results]
         fastest = max(results, key=lambda r: r["events_per_s"])
-        report["variants"][variant] = {"events_per_s_best": max(rates), "events_per_s_median": round(statistics.median(rates)),
+        report["variants"][variant] = {"events_per_s_best": max(rates),
+                                       "events_per_s_median": round(statistics.median(rates)),
                                        "rounds_events_per_s": rates, "us_per_event_fastest": fastest["us_per_event"],
                                        "gc_collections": fastest["gc_collections"], "samples": fastest["samples"]}
     if "gc_default" in report["variants"]:

@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "bf16": args.bf16,
-        "model": {"backbone": "shared_bottom", "rung": "crossdistil (default options)", **SPEC_FIELDS, "embedding_dim": 16,
-                  "hidden_dims": [128], "tower_dims": [64, 32]},
+        "model": {"backbone": "shared_bottom", "rung": "crossdistil (default options)", **SPEC_FIELDS,
+                  "embedding_dim": 16, "hidden_dims": [128], "tower_dims": [64, 32]},
         "encode": {"rows": 4096, "cold_rows_per_s": 4096 / cold, "warm_rows_per_s": 4096 / warm},
         "throughput": [], "breakdown": [], "table_sizes": [],
     }
