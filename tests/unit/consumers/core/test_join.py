@@ -16,7 +16,8 @@ FB = ("feedback", 0)
 
 
 def imp(impression_id: str, ts_ms: int) -> dict:
-    return {"v": 1, "impression_id": impression_id, "ts_ms": ts_ms, "user_id": "u1", "item_id": "it", "features": {"f": 1}}
+    return {"v": 1, "impression_id": impression_id, "ts_ms": ts_ms, "user_id": "u1", "item_id": "it",
+            "features": {"f": 1}}
 
 
 def fb(impression_id: str, ts_ms: int, task: str = "like", value: float = 1) -> dict:

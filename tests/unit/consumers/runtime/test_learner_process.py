@@ -178,9 +178,10 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
     assert command.run(args) == 6
 
 
-GATED = ["model.options={rung = 'crossdistil', hidden_dims = [8], tower_dims = [4], embedding_dim = 4, kd_gate = 'trust', "
-         "kd_gate_window = 256, kd_gate_every = 64, features = {categorical = ['user_id', 'item_id'], "
-         "hash_buckets = 1024}}", "join.attribution_window_s={click = 5, long_view = 30}", "batching.batch_size=64"]
+GATED = ["model.options={rung = 'crossdistil', hidden_dims = [8], tower_dims = [4], embedding_dim = 4, "
+         "kd_gate = 'trust', kd_gate_window = 256, kd_gate_every = 64, "
+         "features = {categorical = ['user_id', 'item_id'], hash_buckets = 1024}}",
+         "join.attribution_window_s={click = 5, long_view = 30}", "batching.batch_size=64"]
 
 
 def gate_samples(cfg, events) -> tuple[dict, int]:
