@@ -161,6 +161,22 @@ class TrainerMetrics:
         self._join_last: dict[str, int] = {}
         self._watermark_ms: int | None = None
         self._lag_children: set[tuple[str, str]] = set()
+        self._create_metrics()
+        self._kd_gate_children: dict[tuple[Any, ...], Any] = {}
+        self._kd_gate_state: dict[str, dict[str, float]] = {}
+        self._quality_counters: dict[tuple[str, str], Any] = {}
+        self._topic_children: dict[str, Any] = {}
+        self._drift_sample_counters = {task: self.drift_samples_total.labels(task) for task in self.tasks}
+        self._zero_series()
+        self.watermark_seconds.set(math.nan)
+        self.event_time_lag_seconds.set_function(self._event_time_lag)
+        self.published_version.set(math.nan)
+        self.published_timestamp_seconds.set(math.nan)
+        self.last_checkpoint_seconds.set(math.nan)
+        self.registry.register(_QualityCollector(self))
+
+    def _create_metrics(self) -> None:
+        """Create the trainer's counters, gauges and histograms in ``self.registry``."""
         r = self.registry
         p = PREFIX
         # Pipeline.
@@ -228,18 +244,6 @@ class TrainerMetrics:
         self.kd_gate_steps_total = Counter(f"{p}_kd_gate_steps",
                                            "training steps per task with the trust gate open (outcome=\"distilled\") "
                                            "or closed (\"skipped\")", ["task", "outcome"], registry=r)
-        self._kd_gate_children: dict[tuple[Any, ...], Any] = {}
-        self._kd_gate_state: dict[str, dict[str, float]] = {}
-        self._quality_counters: dict[tuple[str, str], Any] = {}
-        self._topic_children: dict[str, Any] = {}
-        self._drift_sample_counters = {task: self.drift_samples_total.labels(task) for task in self.tasks}
-        self._zero_series()
-        self.watermark_seconds.set(math.nan)
-        self.event_time_lag_seconds.set_function(self._event_time_lag)
-        self.published_version.set(math.nan)
-        self.published_timestamp_seconds.set(math.nan)
-        self.last_checkpoint_seconds.set(math.nan)
-        self.registry.register(_QualityCollector(self))
 
     def _zero_series(self) -> None:
         """Export every detector's and join outcome's series from the start (0), so rate() and alerts see them."""

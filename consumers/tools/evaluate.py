@@ -309,12 +309,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def run_grid(args: argparse.Namespace) -> dict[str, Any]:
-    """Train and evaluate every combination; returns the results.json document."""
-    import dataclasses
-
-    import torch  # lazy: torch and the models below load only when a grid runs (the CLI starts without torch)
-    from rich.console import Console
+def _progress(console: Any) -> Any:
+    """The grid's progress display: description, bar, count, elapsed and remaining time."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -323,6 +319,18 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=False)
+
+
+def run_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and evaluate every combination; returns the results.json document."""
+    import dataclasses
+
+    import torch  # lazy: torch and the models below load only when a grid runs (the CLI starts without torch)
+    from rich.console import Console
 
     from models.evaluation import combined_weights_for
     from models.learner import resolve_device
@@ -368,9 +376,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         row_ranges = rows.ranges()  # the same for every task set: they all read the same events
         combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
         per_run = {"split": row_ranges["split_train"][1] * args.epochs, "prequential": len(data)}
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as progress:
+        with _progress(console) as progress:
             bar = progress.add_task(",".join(tasks), total=sum(per_run[m] for m, *_ in combos))
             done = 0
             for mode, backbone, rung, seed in combos:
