@@ -113,6 +113,7 @@ def produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, bytes]],
 def consume_and_decode(bootstrap: str, topic: str, messages: int, timeout_s: float) -> tuple[float, int, int]:
     """Read ``messages`` messages from the start of ``topic`` and decode them: (seconds, good events, bad events)."""
     from kafka import KafkaConsumer, TopicPartition
+
     from streamer.events import EventError, decode_events
 
     consumer = KafkaConsumer(
@@ -185,7 +186,8 @@ def measure_mode(bootstrap: str, events: Sequence[dict], batch_size: int, args: 
     produce_s = produce(bootstrap, topic, messages, producer_config)
     consume_s, good, bad = consume_and_decode(bootstrap, topic, len(messages), args.timeout)
     if good != len(events) or bad:
-        raise RuntimeError(f"batch size {batch_size}: decoded {good} good and {bad} bad events, expected {len(events)} good")
+        raise RuntimeError(f"batch size {batch_size}: decoded {good} good and {bad} bad events, expected "
+                           f"{len(events)} good")
     return {
         "events_per_message": batch_size,
         "messages": len(messages),
@@ -224,13 +226,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=20_000, help="events per mode (default 20000)")
     parser.add_argument("--batch-size", type=int, default=100, help="events per batch envelope (default 100)")
     parser.add_argument("--features", type=int, default=8, help="features per impression (default 8)")
-    parser.add_argument("--feedback-ratio", type=float, default=0.5, help="feedback events per impression (default 0.5)")
+    parser.add_argument("--feedback-ratio", type=float, default=0.5,
+                        help="feedback events per impression (default 0.5)")
     parser.add_argument("--partitions", type=int, default=4, help="partitions of each benchmark topic (default 4)")
     parser.add_argument("--acks", default="1", help="producer acks: 0, 1 or all (default 1)")
     parser.add_argument("--linger-ms", type=int, default=5, help="producer linger.ms (default 5)")
-    parser.add_argument("--compression", default=None, help="producer compression: gzip, lz4, zstd, snappy (default none)")
+    parser.add_argument("--compression", default=None,
+                        help="producer compression: gzip, lz4, zstd, snappy (default none)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed for broker start and each consume")
+    parser.add_argument("--timeout", type=float, default=180.0,
+                        help="seconds allowed for broker start and each consume")
     return parser.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # as bench/train_step.py: a shared 2-core machine
     from prometheus_client import generate_latest
 
-    from consumers.runtime.telemetry import TrainerMetrics
     from consumers.core.quality import StreamQuality
+    from consumers.runtime.telemetry import TrainerMetrics
 
     tasks = ("click", "long_view")
     windows = tuple(int(w) for w in args.windows.split(","))
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     m.observe(labels, predictions, role=role, users=users)
             it = iter(range(10**9))
 
-            def one_batch() -> None:
+            def one_batch(it=it, roles=roles, m=m) -> None:  # bind this round's iterator, roles and metrics
                 labels, predictions, users = data[next(it) % len(data)]
                 for role in roles:
                     m.observe(labels, predictions, role=role, users=users)
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                       "scrape_body_bytes": len(generate_latest(m.registry))}
     # The recommended configuration: chunk 8, student + teacher.
     chosen = next(e for e in observe if e["drift_chunk"] == 8 and len(e["roles"]) == 2)
-    result["per_batch_total_percent_of_train_step"] = chosen["percent_of_train_step"] + result["pipeline_percent_of_train_step"]
+    result["per_batch_total_percent_of_train_step"] = (chosen["percent_of_train_step"]
+                                                       + result["pipeline_percent_of_train_step"])
     result["under_5_percent"] = result["per_batch_total_percent_of_train_step"] < 5.0
 
     # Exactness and speed against river's RollingROCAUC.

@@ -52,8 +52,8 @@ def main() -> int:
     import statistics
 
     import torch
-
     import trainer_throughput as tt
+
     from consumers.runtime.local_kafka import LocalKafka, free_port
     from consumers.runtime.processes import tune_gc
 
@@ -64,7 +64,8 @@ def main() -> int:
     broker = LocalKafka(port=free_port(), data_dir=workdir / "kafka")
     tt.progress("starting a broker")
     broker.start(timeout_s=180)
-    report: dict = {"batch_size": args.batch_size, "settings": {k: f"join.max_skew_s = {v:g}" for k, v in SETTINGS.items()}}
+    report: dict = {"batch_size": args.batch_size,
+                    "settings": {k: f"join.max_skew_s = {v:g}" for k, v in SETTINGS.items()}}
     try:
         for mode, envelope in (("single", 1), ("envelope", args.envelope)):
             tag = f"pause-{mode}-{uuid.uuid4().hex[:6]}"
@@ -74,7 +75,8 @@ def main() -> int:
             for round_ in range(args.rounds):
                 for setting in SETTINGS:
                     tt.progress(f"{mode}: round {round_ + 1}, pausing {setting}")
-                    rates[setting].append(run(broker.bootstrap, tag, workdir, args.batch_size, setting, round_)["events_per_s"])
+                    rates[setting].append(
+                        run(broker.bootstrap, tag, workdir, args.batch_size, setting, round_)["events_per_s"])
             medians = {name: round(statistics.median(values)) for name, values in rates.items()}
             report[mode] = {"rounds_events_per_s": rates, "median_events_per_s": medians,
                             "on_to_off": round(medians["on"] / medians["off"], 3)}

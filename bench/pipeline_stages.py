@@ -67,11 +67,11 @@ def worker(args: argparse.Namespace) -> dict:
     import gc
 
     import torch
+    from trainer_throughput import make_config
 
     from consumers.core.pipeline import decode_record
     from consumers.runtime.assembly import build_pipeline
     from consumers.runtime.processes import tune_gc
-    from trainer_throughput import make_config
 
     torch.set_num_threads(args.torch_threads)
     stream, events = messages(args.events, args.envelope)
@@ -102,7 +102,10 @@ def worker(args: argparse.Namespace) -> dict:
     train_s += clock() - a
     total_s = clock() - started
     pipeline.close()
-    per_event = lambda s: round(s / events * 1e6, 2)
+
+    def per_event(s: float) -> float:
+        return round(s / events * 1e6, 2)
+
     return {"events": events, "samples": pipeline.trained_samples, "seconds": round(total_s, 3),
             "events_per_s": round(events / total_s),
             "us_per_event": {"decode_validate": per_event(decode_s), "join": per_event(ingest_s),
@@ -115,7 +118,8 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000, help="impressions in the stream")
     parser.add_argument("--envelope", type=int, default=100, help="events per message (1: single events)")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=5, help="default %(default)s: fewer are not enough on a noisy machine")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="default %(default)s: fewer are not enough on a noisy machine")
     parser.add_argument("--variants", default="gc_default,gc_tuned", help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -144,7 +148,8 @@ def main() -> int:
     for variant, results in runs.items():
         rates = [r["events_per_s"] for r in results]
         fastest = max(results, key=lambda r: r["events_per_s"])
-        report["variants"][variant] = {"events_per_s_best": max(rates), "events_per_s_median": round(statistics.median(rates)),
+        report["variants"][variant] = {"events_per_s_best": max(rates),
+                                       "events_per_s_median": round(statistics.median(rates)),
                                        "rounds_events_per_s": rates, "us_per_event_fastest": fastest["us_per_event"],
                                        "gc_collections": fastest["gc_collections"], "samples": fastest["samples"]}
     if "gc_default" in report["variants"]:

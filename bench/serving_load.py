@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving_pickup's helpers
-import serving_pickup as pickup  # noqa: E402
+import serving_pickup as pickup
 
 REPO_ROOT = pickup.REPO_ROOT
 
@@ -99,7 +99,8 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
     torch.set_num_threads(torch_threads)
     learner = pickup.example_learner(hash_buckets)
     model = ServingModel.from_serving_state(*learner.serving_state())
-    parts: dict[str, list[float]] = {"json_loads": [], "validate": [], "encode_rows": [], "forward": [], "json_response": []}
+    parts: dict[str, list[float]] = {"json_loads": [], "validate": [], "encode_rows": [], "forward": [],
+                                     "json_response": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
         json.loads(body)
@@ -175,7 +176,10 @@ def main() -> int:
         if not latencies:
             raise RuntimeError(f"no request succeeded; errors: {errors[:5]}")
         ms = sorted(x * 1000 for x in latencies)
-        p = lambda q: round(pickup.percentile(ms, q), 3)  # noqa: E731
+
+        def p(q: float) -> float:
+            return round(pickup.percentile(ms, q), 3)
+
         report: dict[str, Any] = {
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                             "load_avg": [round(x, 2) for x in os.getloadavg()]},
@@ -184,8 +188,10 @@ def main() -> int:
             "requests": len(ms), "errors": len(errors), "first_errors": errors[:3],
             "wall_seconds": round(wall, 3),
             # Warm-up requests fall inside the wall time too: throughput is a slight underestimate.
-            "throughput": {"requests_per_s": round(len(ms) / wall, 1), "items_per_s": round(len(ms) * args.items / wall, 1)},
-            "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(ms[-1], 3), "mean": round(sum(ms) / len(ms), 3)},
+            "throughput": {"requests_per_s": round(len(ms) / wall, 1),
+                           "items_per_s": round(len(ms) * args.items / wall, 1)},
+            "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(ms[-1], 3),
+                           "mean": round(sum(ms) / len(ms), 3)},
             "target_p99_ms": 20.0,
             "meets_target": p(99) <= 20.0,
         }

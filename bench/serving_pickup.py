@@ -126,7 +126,8 @@ def start_serving(bootstrap: str, topic: str, workdir: Path, torch_threads: int 
     config.write_text(f'[kafka]\nbootstrap = "{bootstrap}"\nmodel_topic = "{topic}"\npoll_timeout_ms = 200\n'
                       f'[serving]\nbind = "127.0.0.1"\nport = {port}\ntorch_threads = {torch_threads}\n')
     log = open(workdir / "serving.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--config", str(config), "--log-level", "WARNING"],
+    process = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--config", str(config),
+                                "--log-level", "WARNING"],
                                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -165,7 +166,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
     parser.add_argument("--checkpoints", type=int, default=20, help="publications to time")
-    parser.add_argument("--hash-buckets", type=int, default=2**20, help="embedding rows (payload ~ rows x dim x 4 bytes)")
+    parser.add_argument("--hash-buckets", type=int, default=2**20,
+                        help="embedding rows (payload ~ rows x dim x 4 bytes)")
     parser.add_argument("--embedding-dim", type=int, default=16)
     parser.add_argument("--chunk-bytes", type=int, default=900_000, help="the trainer's publish.chunk_bytes")
     parser.add_argument("--poll-ms", type=float, default=10.0, help="/healthz polling interval")
@@ -200,7 +202,8 @@ def main() -> int:
                 if (healthz(url) or {}).get("model_version") == version:
                     break
                 if now > deadline:
-                    raise RuntimeError(f"version {version} not served {args.timeout} s after its publication; see {workdir / 'serving.log'}")
+                    raise RuntimeError(f"version {version} not served {args.timeout} s after its publication; see "
+                                       f"{workdir / 'serving.log'}")
                 time.sleep(args.poll_ms / 1000)
             progress(f"version {version}: served {(now - acked) * 1000:.0f} ms after the last ack")
             if version == 0:
@@ -218,7 +221,8 @@ def main() -> int:
             "hash_buckets": args.hash_buckets,
             "poll_ms": args.poll_ms,
             "first_load_seconds": round(first_load_s, 4),
-            "pickup_seconds": {"median": round(percentile(latencies, 50), 4), "p99": round(percentile(latencies, 99), 4),
+            "pickup_seconds": {"median": round(percentile(latencies, 50), 4),
+                               "p99": round(percentile(latencies, 99), 4),
                                "max": round(max(latencies), 4), "min": round(min(latencies), 4)},
             "from_first_send_seconds": {"median": round(percentile(from_first_send, 50), 4),
                                         "p99": round(percentile(from_first_send, 99), 4)},

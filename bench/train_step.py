@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from models.config import ModelConfig, split_config_name  # noqa: E402
-from models.crossdistil import crossdistil_loss  # noqa: E402
-from models.features import FeatureSpec, encode_rows, hash_bucket  # noqa: E402
-from models.learner import Learner  # noqa: E402
+from models.config import ModelConfig, split_config_name
+from models.crossdistil import crossdistil_loss
+from models.features import FeatureSpec, encode_rows, hash_bucket
+from models.learner import Learner
 
 TASKS = ("click", "long_view")
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "bf16": args.bf16,
-        "model": {"backbone": "shared_bottom", "rung": "crossdistil (default options)", **SPEC_FIELDS, "embedding_dim": 16,
-                  "hidden_dims": [128], "tower_dims": [64, 32]},
+        "model": {"backbone": "shared_bottom", "rung": "crossdistil (default options)", **SPEC_FIELDS,
+                  "embedding_dim": 16, "hidden_dims": [128], "tower_dims": [64, 32]},
         "encode": {"rows": 4096, "cold_rows_per_s": 4096 / cold, "warm_rows_per_s": 4096 / warm},
         "throughput": [], "breakdown": [], "table_sizes": [],
     }
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         time_steps(learner, batches, len(batches), 1)
         sparse_runs[log2] = (learner, batches, [], [])
     for _ in range(args.rounds):
-        for log2, (learner, batches, times, embedding) in sparse_runs.items():
+        for _log2, (learner, batches, times, embedding) in sparse_runs.items():
             times.append(time_steps(learner, batches, 0, args.steps))
             embedding.append(breakdown(learner, batches, 2)["embedding_ms"])
     for log2, (_, _, times, embedding) in sparse_runs.items():

@@ -76,8 +76,8 @@ def make_config(bootstrap: str, tag: str, directory: Path, batch_size: int, max_
 
 
 def stream(bootstrap: str, tag: str, impressions: int, envelope: int) -> dict:
-    from streamer.topics import ensure_topics
     from streamer.stream import stream_dataset
+    from streamer.topics import ensure_topics
 
     ensure_topics(bootstrap, 4, impression_topic=f"imp-{tag}", feedback_topic=f"fb-{tag}",
                   dead_letter_topic=f"dl-{tag}", model_topic=f"model-{tag}")
@@ -172,7 +172,8 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
     if rc != 0:
         raise RuntimeError(f"trainer exited with {rc}")
     # Consuming (assignment -> last event) plus training what the end-of-stream flush released; not the idle wait.
-    seconds = (trainer.last_event_at - trainer.kafka.first_assigned_at) + (trainer.drained_at - trainer.flush_started_at)
+    seconds = ((trainer.last_event_at - trainer.kafka.first_assigned_at)
+               + (trainer.drained_at - trainer.flush_started_at))
     out = {"events": trainer.events_consumed, "samples": trainer.trained_samples, "steps": trainer.learner.steps,
            "seconds": round(seconds, 3), "events_per_s": round(trainer.events_consumed / max(seconds, 1e-9)),
            "final_flush_seconds": round(trainer.drained_at - trainer.flush_started_at, 3),
@@ -192,7 +193,8 @@ def run_trainer(cfg, idle_s: float, sample_rss: bool = False) -> dict:
                          "after_warmup_max": round(max(totals) / 2**20, 1),
                          "end": round((samples[-1][1] + samples[-1][2]) / 2**20, 1),
                          "flat_within_10pct": max(totals) <= 1.10 * min(totals),
-                         "trainer_min_max": [round(min(o for o, _ in warm) / 2**20, 1), round(max(o for o, _ in warm) / 2**20, 1)],
+                         "trainer_min_max": [round(min(o for o, _ in warm) / 2**20, 1),
+                                             round(max(o for o, _ in warm) / 2**20, 1)],
                          "learner_process_min_max": [round(min(x for _, x in warm) / 2**20, 1),
                                                      round(max(x for _, x in warm) / 2**20, 1)],
                          # At most 20 points of (seconds since the first sample, total MB, impressions and
@@ -290,7 +292,10 @@ def main() -> int:
             runs = {separate: dict(max(rs, key=lambda r: r["events_per_s"]),
                                    rounds_events_per_s=[r["events_per_s"] for r in rs])
                     for separate, rs in rounds.items()}
-            median = lambda values: sorted(values)[len(values) // 2]
+
+            def median(values):
+                return sorted(values)[len(values) // 2]
+
             report[mode] = {"stream": {k: summary[k] for k in ("events", "impressions", "messages")},
                             "consume_decode": intake, "train_step_events_per_s": round(step_events),
                             "trainer": runs[False], "ratio_to_bound": median(ratios[False]),

@@ -19,12 +19,18 @@ from collections.abc import Sequence
 # name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "kafka": ("consumers.tools.kafka", "run a local single-node Apache Kafka 4.x (KRaft): up, down, status"),
-    "stream": ("streamer.stream", "stream a data set as impression and feedback events into Kafka or an event-log file"),
-    "train": ("consumers.trainer.command", "the trainer daemon: join, mini-batches, CrossDistil updates, checkpoints, publication"),
-    "serve": ("consumers.serving.command", "the serving daemon: load published checkpoints from the serving topic and score"),
-    "backtest": ("consumers.tools.backtest", "replay an event log or topic range through the trainer's code; compare configurations"),
-    "evaluate": ("consumers.tools.evaluate", "offline training and evaluation of model configurations (ablation ladder, backbones)"),
-    "demo": ("consumers.tools.demo", "the whole pipeline locally: Kafka, streamer, trainer, serving, Prometheus, live view"),
+    "stream": ("streamer.stream",
+               "stream a data set as impression and feedback events into Kafka or an event-log file"),
+    "train": ("consumers.trainer.command",
+              "the trainer daemon: join, mini-batches, CrossDistil updates, checkpoints, publication"),
+    "serve": ("consumers.serving.command",
+              "the serving daemon: load published checkpoints from the serving topic and score"),
+    "backtest": ("consumers.tools.backtest",
+                 "replay an event log or topic range through the trainer's code; compare configurations"),
+    "evaluate": ("consumers.tools.evaluate",
+                 "offline training and evaluation of model configurations (ablation ladder, backbones)"),
+    "demo": ("consumers.tools.demo",
+             "the whole pipeline locally: Kafka, streamer, trainer, serving, Prometheus, live view"),
 }
 
 

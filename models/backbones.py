@@ -69,7 +69,8 @@ class _CGCLevel(nn.Module):
         self.shared_gate = None if final else nn.Linear(input_dim, shared + specific * heads)
         self.output_dim = hidden_dims[-1]
 
-    def forward(self, head_inputs: list[torch.Tensor], shared_input: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def forward(self, head_inputs: list[torch.Tensor],
+                shared_input: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         shared = [e(shared_input) for e in self.shared]
         specific = [[e(head_inputs[h]) for e in experts] for h, experts in enumerate(self.specific)]
         outputs = []
@@ -96,7 +97,8 @@ class PLE(nn.Module):
         dim = input_dim
         for level in range(levels):
             final = level == levels - 1
-            self.levels.append(_CGCLevel(dim, hidden_dims, shared, specific, heads, top_heads if final else heads, final))
+            self.levels.append(
+                _CGCLevel(dim, hidden_dims, shared, specific, heads, top_heads if final else heads, final))
             dim = hidden_dims[-1]
         self.output_dim = dim
 

@@ -49,7 +49,8 @@ def split_config_name(name: str) -> tuple[str, dict[str, Any]]:
 # What a saved config without a key (written before the key existed) meant: the behaviour of that time.
 # Learner.load_state_dict fills these in, so an old checkpoint is compared with what actually trained it.
 LEGACY_VALUES: dict[str, Any] = {
-    "teacher_task_weight": 0.0, "teacher_backbone_grad": 1.0, "teacher_partner_input": False, "quadruplet_partner_weight": 1.0,
+    "teacher_task_weight": 0.0, "teacher_backbone_grad": 1.0, "teacher_partner_input": False,
+    "quadruplet_partner_weight": 1.0,
     "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "none", "kd_gate_margin": 0.0,
     "kd_gate_window": 20000, "kd_gate_every": 2048,
 }

@@ -93,7 +93,8 @@ class CrossDistilModel(nn.Module):
         self.backbone = build_backbone(
             config.backbone, input_dim, config.hidden_dims, tasks=k, heads=heads,
             top_heads=k if students_only else heads, num_experts=config.num_experts,
-            ple_shared=config.ple_shared_experts, ple_specific=config.ple_specific_experts, ple_levels=config.ple_levels,
+            ple_shared=config.ple_shared_experts, ple_specific=config.ple_specific_experts,
+            ple_levels=config.ple_levels,
         )
         dim = self.backbone.output_dim
         self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))

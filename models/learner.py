@@ -284,7 +284,8 @@ class ServingModel:
     ) -> ServingModel:
         if metadata.get("format") != SERVING_FORMAT or metadata.get("version") != SERVING_VERSION:
             raise ValueError(
-                f"not a CrossDistil serving state (format={metadata.get('format')!r}, version={metadata.get('version')!r}); "
+                f"not a CrossDistil serving state (format={metadata.get('format')!r}, "
+                f"version={metadata.get('version')!r}); "
                 f"expected format={SERVING_FORMAT!r} version={SERVING_VERSION!r}"
             )
         config = ModelConfig.from_dict(json.loads(metadata["config"]))

@@ -117,7 +117,7 @@ class _FMClassifier(facto.FMClassifier):
 
     def learn_one(self, x: dict, y: Any, w: float = 1.0) -> None:
         for j in x:
-            self.latents[j]  # noqa: B018 - draws the latent vector of a new feature, in feature order
+            self.latents[j]  # draws the latent vector of a new feature, in feature order
         super().learn_one(x, y, w)
 
 

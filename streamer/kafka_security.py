@@ -6,8 +6,9 @@ configured otherwise) and never from a file of the repository or a command line,
 :func:`client_security` turns them into kafka-python client settings, the same for producers, consumers and
 admin clients.
 
->>> client_security("SASL_PLAINTEXT", "PLAIN", "alice", env={"CROSSDISTIL_KAFKA_PASSWORD": "s3cret"})["sasl_plain_password"]
-'s3cret'
+>>> options = client_security("SASL_PLAINTEXT", "PLAIN", "alice", env={"CROSSDISTIL_KAFKA_PASSWORD": "s3cret"})
+>>> options["sasl_plain_username"], options["sasl_plain_password"]
+('alice', 's3cret')
 >>> client_security("PLAINTEXT")
 {}
 """
@@ -72,7 +73,8 @@ def add_client_arguments(parser: Any) -> None:
     group.add_argument("--sasl-mechanism", default="PLAIN", type=str.upper, choices=MECHANISMS,
                        help="default: %(default)s")
     group.add_argument("--sasl-username", default="", metavar="NAME", help="SASL user name")
-    group.add_argument("--ssl-cafile", default="", metavar="PEM", help="CA certificate of the brokers (default: system)")
+    group.add_argument("--ssl-cafile", default="", metavar="PEM",
+                       help="CA certificate of the brokers (default: the system's)")
 
 
 def client_options_from_args(args: Any, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -122,8 +124,8 @@ def diagnose_connection(bootstrap: str, options: Mapping[str, Any], timeout_s: f
                 return f"{where} did not complete a TLS handshake ({exc}): is it the {protocol} listener?"
             return login if protocol == "SASL_SSL" else f"TLS to {where} works, but Kafka did not answer over it"
         if _speaks_tls(sock, host):
-            return (f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL (kafka.security_protocol, "
-                    "or --security-protocol) and its CA file")
+            return (f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL "
+                    "(kafka.security_protocol, or --security-protocol) and its CA file")
     return login if protocol == "SASL_PLAINTEXT" else f"Kafka did not answer at {where}: is it the {protocol} listener?"
 
 

@@ -29,6 +29,7 @@ from streamer.datasets.base import DatasetError, Interaction
 from streamer.eventlog import EventLogError, path_from_url, read_event_log
 from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError
 from streamer.kafka_security import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
+
 PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
 
 

@@ -58,7 +58,8 @@ def ensure_topics(
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crossdistil-ensure-topics",
                                  request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
-                                 **{k: v for k, v in (client_options or {}).items() if k in KafkaAdminClient.DEFAULT_CONFIG})
+                                 **{k: v for k, v in (client_options or {}).items()
+                                    if k in KafkaAdminClient.DEFAULT_CONFIG})
     except Exception as exc:
         raise TopicError(
             f"Kafka at {bootstrap} is not reachable ({type(exc).__name__}); "

@@ -14,9 +14,9 @@ How it works
   carry no keys at all, and a finite replay must not hang on them). Set ``wait_for_all_partitions`` to make
   unseen sources hold it back instead, e.g. while a live consumer's first fetches are still in flight.
 * Idle sources (live mode): with ``idle_timeout_s``, a source that has delivered nothing for that long on the
-  caller's clock stops holding the watermark back until it delivers again. The clock is ``now`` passed to
-  ``tick`` (call it once per poll) or to ``add_*``; an event added without ``now`` is timed at the last
-  ``tick``. Idleness is only decided in ``tick``. The backtest passes no clock and no source is ever idle. If every source is idle the
+  caller's clock stops holding the watermark back until it delivers again. The clock is ``now`` passed to ``tick``
+  (call it once per poll) or to ``add_*``; an event added without ``now`` is timed at the last ``tick``. Idleness is
+  only decided in ``tick``. The backtest passes no clock and no source is ever idle. If every source is idle the
   watermark stays where it is: with no data nothing new can close (``max_pending`` still bounds memory).
 * An impression is held until the attribution window of every task has closed: ``ts + window_k < watermark``
   for the longest window. Feedback of task k with ``impression.ts <= feedback.ts <= impression.ts +

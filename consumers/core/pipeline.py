@@ -31,7 +31,8 @@ signals stay in the daemon.
 >>> pipeline = Pipeline(InProcessLearner(learner, ("click",)), AttributionJoin(JoinConfig({"click": 1.0})),
 ...                     MiniBatcher(2, 5.0), tasks=("click",), clock=None)
 >>> for i in range(3):
-...     impression = encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i, "user_id": "u", "item_id": "a", "features": {}})
+...     impression = encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i, "user_id": "u", "item_id": "a",
+...                          "features": {}})
 ...     _ = pipeline.ingest(decode_record(impression), ("impressions", 0))
 >>> pipeline.train_ready(), pipeline.trained_samples, pipeline.flush(), pipeline.trained_samples
 (0, 0, 3, 3)
@@ -53,7 +54,9 @@ from models.features import encode_rows
 from streamer.events import EventError, decode_events  # per record: imported once here, not in the hot path
 
 Source = Hashable
-BatchHook = Callable[["list[JoinedSample]", "dict[str, np.ndarray]", "dict[str, np.ndarray]", "list[tuple[str, str]]"], None]
+BatchHook = Callable[
+    ["list[JoinedSample]", "dict[str, np.ndarray]", "dict[str, np.ndarray]", "list[tuple[str, str]]"], None
+]
 
 
 # --------------------------------------------------------------------------------------- the learner port
@@ -221,13 +224,13 @@ class Pipeline:
     """Join + mini-batcher + learner port + metrics, driven by one injected clock.
 
     ``clock``: a zero-argument callable giving seconds (``time.monotonic`` live); ``None`` or an unbound
-    :class:`EventClock` is the replay clock, bound to this pipeline's join. Every method that needs the time takes an optional ``now`` and asks
-    the clock when it is not given (the live loop passes the time of its poll, so one poll uses one instant).
-    ``metrics``: a :class:`PipelineMetrics` (``TrainerMetrics``; :class:`NoMetrics` by default). ``ledger``: an
-    optional ``consumers.state.ledger.Ledger`` that receives every trained sample with its prequential
-    predictions. ``on_batch(samples, labels, scores, fired)`` is called after every training step (scores made
-    before the update; fired = drift detections of this batch); ``on_emitted(n, now)`` when the join hands ``n``
-    samples to the batcher.
+    :class:`EventClock` is the replay clock, bound to this pipeline's join. Every method that needs the time takes
+    an optional ``now`` and asks the clock when it is not given (the live loop passes the time of its poll, so one
+    poll uses one instant). ``metrics``: a :class:`PipelineMetrics` (``TrainerMetrics``; :class:`NoMetrics` by
+    default). ``ledger``: an optional ``consumers.state.ledger.Ledger`` that receives every trained sample with its
+    prequential predictions. ``on_batch(samples, labels, scores, fired)`` is called after every training step
+    (scores made before the update; fired = drift detections of this batch); ``on_emitted(n, now)`` when the join
+    hands ``n`` samples to the batcher.
     """
 
     def __init__(

@@ -4,11 +4,11 @@ A :class:`StreamQuality` receives, batch by batch, the labels and the probabilit
 *before* the model learned from those samples, and answers, over the last ``W`` samples for each configured
 window and over the whole stream:
 
-* ``auc`` — ROC AUC, ties count one half (``models.metrics.auc``, the offline evaluation's own). Windowed values are **exact** (a ring buffer of the last
-  ``max(windows)`` samples, ranked with one sort when read); the lifetime value is computed from score
-  histograms with ``lifetime_bins`` equal-width bins over [0, 1], so pairs of samples whose scores share a bin
-  count one half (the error is at most half the share of such pairs; with the default 65,536 bins it is below
-  1e-4 on model outputs).
+* ``auc`` — ROC AUC, ties count one half (``models.metrics.auc``, the offline evaluation's own). Windowed values are
+  **exact** (a ring buffer of the last ``max(windows)`` samples, ranked with one sort when read); the lifetime value
+  is computed from score histograms with ``lifetime_bins`` equal-width bins over [0, 1], so pairs of samples whose
+  scores share a bin count one half (the error is at most half the share of such pairs; with the default 65,536 bins
+  it is below 1e-4 on model outputs).
 * ``gauc`` — impression-weighted per-user AUC over a window (users with one class are skipped; ``models.metrics.gauc``);
   needs users.
 * ``log_loss``, ``calibration_ratio`` (mean prediction / mean label), ``positive_rate``, ``samples``.

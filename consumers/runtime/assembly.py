@@ -39,7 +39,8 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
     Replay (``live=False``): there is no wall clock, so no source is ever idle, and sources appear with their
     first event (an event log does not list its partitions up front). Windows, lateness and bounds are the same.
     """
-    windows = {task: float(cfg.join.attribution_window_s.get(task, cfg.join.default_window_s)) for task in cfg.model.tasks}
+    windows = {task: float(cfg.join.attribution_window_s.get(task, cfg.join.default_window_s))
+               for task in cfg.model.tasks}
     return JoinConfig(
         attribution_window_s=windows,
         allowed_lateness_s=cfg.join.allowed_lateness_s,
@@ -60,5 +61,7 @@ def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.mono
     return Pipeline(
         learner_port(cfg), AttributionJoin(join_config(cfg, live=live)),
         MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s),
-        tasks=cfg.model.tasks, clock=clock, metrics=metrics if metrics is not None else TrainerMetrics.from_config(cfg), ledger=ledger, on_batch=on_batch, on_emitted=on_emitted,
+        tasks=cfg.model.tasks, clock=clock,
+        metrics=metrics if metrics is not None else TrainerMetrics.from_config(cfg),
+        ledger=ledger, on_batch=on_batch, on_emitted=on_emitted,
     )

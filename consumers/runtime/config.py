@@ -48,38 +48,56 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class KafkaConfig:
     bootstrap: str = _f("127.0.0.1:9092", "Kafka bootstrap servers, comma-separated host:port")
-    group_id: str = _f("crossdistil-trainer", "consumer group of the trainer (offsets are also committed here for lag monitoring)")
+    group_id: str = _f("crossdistil-trainer", "consumer group of the trainer (offsets are also committed here for lag "
+                                              "monitoring)")
     impressions_topic: str = _f("impressions", "topic of impression events")
     feedback_topic: str = _f("feedback", "topic of feedback events")
     model_topic: str = _f("model-updates", "serving topic the trainer publishes checkpoints to (compacted)")
     dead_letter_topic: str = _f("dead-letters", "topic that receives every event failing decoding or validation")
     poll_timeout_ms: int = _f(200, "poll timeout; short so the stop flag is checked often")
-    max_poll_records: int = _f(2000, "records per poll; bounded so one poll plus one step stays far below max_poll_interval_ms")
+    max_poll_records: int = _f(2000, "records per poll; bounded so one poll plus one step stays far below "
+                                     "max_poll_interval_ms")
     max_poll_interval_ms: int = _f(300000, "kafka-python max_poll_interval_ms")
-    group_instance_id: str = _f("auto", "static group membership (KIP-345): a restarted trainer gets its partitions back at once instead of after the session timeout (45 s by default); auto = '<group_id>-trainer', empty = dynamic membership. A second trainer started with the same id takes over and the first exits with status 5")
-    stall_exit_s: float = _f(300.0, "the trainer checkpoints and exits with status 4 when it has had no partition assigned for this long (a stuck group join, a broker gone for good), so a supervisor restarts it; 0 = wait forever")
-    client_options: dict = _f({}, "extra kafka-python client settings passed through as is (e.g. ssl_certfile, sasl_kerberos_service_name)")
-    security_protocol: str = _f("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, for every client of the daemon")
+    group_instance_id: str = _f("auto", "static group membership (KIP-345): a restarted trainer gets its partitions "
+                                        "back at once instead of after the session timeout (45 s by default); auto = "
+                                        "'<group_id>-trainer', empty = dynamic membership. A second trainer started "
+                                        "with the same id takes over and the first exits with status 5")
+    stall_exit_s: float = _f(300.0, "the trainer checkpoints and exits with status 4 when it has had no partition "
+                                    "assigned for this long (a stuck group join, a broker gone for good), so a "
+                                    "supervisor restarts it; 0 = wait forever")
+    client_options: dict = _f({}, "extra kafka-python client settings passed through as is (e.g. ssl_certfile, "
+                                  "sasl_kerberos_service_name)")
+    security_protocol: str = _f("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, for every client of the "
+                                             "daemon")
     sasl_mechanism: str = _f("PLAIN", "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
     sasl_username: str = _f("", "SASL user name (the password comes from the environment variable password_env)")
-    password_env: str = _f("CROSSDISTIL_KAFKA_PASSWORD", "environment variable holding the SASL password; a password is never read from a file")
+    password_env: str = _f("CROSSDISTIL_KAFKA_PASSWORD", "environment variable holding the SASL password; a "
+                                                          "password is never read from a file")
     ssl_cafile: str = _f("", "PEM file of the CA that signed the brokers' certificates (empty: the system's CAs)")
 
 
 @dataclass
 class JoinSection:
-    attribution_window_s: dict = _f({}, "per-task attribution window in event-time seconds, e.g. {click = 60, long_view = 3600}; tasks not listed use default_window_s")
+    attribution_window_s: dict = _f({}, "per-task attribution window in event-time seconds, e.g. {click = 60, "
+                                        "long_view = 3600}; tasks not listed use default_window_s")
     default_window_s: float = _f(3600.0, "window of tasks not listed in attribution_window_s")
     allowed_lateness_s: float = _f(0.0, "how far behind the newest event time the watermark trails")
     max_pending: int = _f(1_000_000, "bound on pending impressions; beyond it the oldest are emitted early and counted")
-    idle_timeout_s: float = _f(30.0, "a partition the consumer has read to its end and that delivered nothing for this long stops holding the watermark back (0 = never)")
-    max_skew_s: float = _f(0.0, "trainer: a partition more than this many event-time seconds ahead of the watermark is paused until the others catch up, so a backlog is read evenly in event time and the join holds little early feedback (flat memory replaying envelopes; ~40% fewer events/s with single-event messages, docs/performance.md); -1 = the longest attribution window, 0 = never pause")
+    idle_timeout_s: float = _f(30.0, "a partition the consumer has read to its end and that delivered nothing for "
+                                     "this long stops holding the watermark back (0 = never)")
+    max_skew_s: float = _f(0.0, "trainer: a partition more than this many event-time seconds ahead of the watermark "
+                                "is paused until the others catch up, so a backlog is read evenly in event time and "
+                                "the join holds little early feedback (flat memory replaying envelopes; ~40% fewer "
+                                "events/s with single-event messages, docs/performance.md); -1 = the longest "
+                                "attribution window, 0 = never pause")
 
 
 @dataclass
 class BatchingConfig:
     batch_size: int = _f(256, "samples per training step")
-    max_batch_delay_s: float = _f(5.0, "a partial batch is trained once its oldest sample has waited this long (the live trainer cuts it earlier by its recent step time, so the step is done within it)")
+    max_batch_delay_s: float = _f(5.0, "a partial batch is trained once its oldest sample has waited this long (the "
+                                       "live trainer cuts it earlier by its recent step time, so the step is done "
+                                       "within it)")
 
 
 @dataclass
@@ -101,18 +119,27 @@ class MetricsConfig:
     bind: str = _f("127.0.0.1", "address of the /metrics and /healthz HTTP endpoints")
     port: int = _f(9400, "port of the /metrics and /healthz HTTP endpoints (0 = off)")
     windows: list = _f([10_000, 100_000], "sample windows of the windowed AUC")
-    drift_ph_threshold: float = _f(400.0, "Page-Hinkley: cumulative excess per-sample log loss (nats) that counts as a drift; lower detects milder drifts sooner, with more false alarms (on a stationary stream, per million samples: 400 -> 0-1, 200 -> 1-3, 100 -> 4-15)")
-    drift_adwin_delta: float = _f(0.002, "ADWIN confidence delta on the per-sample log loss; larger detects milder changes, with more false alarms")
-    drift_ph_delta: float = _f(0.1, "Page-Hinkley: rise of the loss (nats, over means of 8 samples) tolerated before it accumulates toward drift_ph_threshold; a drift that raises the loss by less never fires, so lower it (with drift_ph_threshold) to catch mild drifts, at the cost of more false alarms")
+    drift_ph_threshold: float = _f(400.0, "Page-Hinkley: cumulative excess per-sample log loss (nats) that counts as "
+                                          "a drift; lower detects milder drifts sooner, with more false alarms (on a "
+                                          "stationary stream, per million samples: 400 -> 0-1, 200 -> 1-3, 100 -> "
+                                          "4-15)")
+    drift_adwin_delta: float = _f(0.002, "ADWIN confidence delta on the per-sample log loss; larger detects milder "
+                                         "changes, with more false alarms")
+    drift_ph_delta: float = _f(0.1, "Page-Hinkley: rise of the loss (nats, over means of 8 samples) tolerated before "
+                                    "it accumulates toward drift_ph_threshold; a drift that raises the loss by less "
+                                    "never fires, so lower it (with drift_ph_threshold) to catch mild drifts, at the "
+                                    "cost of more false alarms")
 
 
 @dataclass
 class ModelSection:
     tasks: list = _f(["click", "long_view"], "tasks to learn, by the name used in feedback events")
-    options: dict = _f({}, "model options passed to models.config.ModelConfig (backbone, rung, sizes, learning rates, ...)")
+    options: dict = _f({}, "model options passed to models.config.ModelConfig (backbone, rung, sizes, learning rates, "
+                           "...)")
     device: str = _f("auto", "torch device: auto (cuda when available), cpu or cuda[:N]")
     seed: int = _f(0, "seed of the model and of every sampling step")
-    separate_process: bool = _f(False, "train in a learner process of its own, overlapping with Kafka intake and the join (docs/performance.md)")
+    separate_process: bool = _f(False, "train in a learner process of its own, overlapping with Kafka intake and the "
+                                       "join (docs/performance.md)")
 
 
 @dataclass
@@ -121,8 +148,10 @@ class ServingSection:
     port: int = _f(9401, "port of the serving daemon's HTTP endpoints (0 = a free port, printed on start)")
     max_request_bytes: int = _f(4_194_304, "largest POST /score body in bytes; larger requests get 413")
     max_items: int = _f(10_000, "most impressions in one POST /score; more get 413")
-    torch_threads: int = _f(1, "torch intra-op threads for scoring (0 = torch's choice); 1 is fastest with concurrent requests on few cores")
-    max_checkpoint_bytes: int = _f(1 << 30, "largest checkpoint payload accepted from the serving topic (memory bound of reassembly)")
+    torch_threads: int = _f(1, "torch intra-op threads for scoring (0 = torch's choice); 1 is fastest with concurrent "
+                               "requests on few cores")
+    max_checkpoint_bytes: int = _f(1 << 30, "largest checkpoint payload accepted from the serving topic (memory bound "
+                                            "of reassembly)")
     device: str = _f("cpu", "torch device that scores: cpu, cuda[:N] or auto")
 
 
@@ -249,7 +278,8 @@ def _validate(cfg: Config) -> None:
     if cfg.kafka.stall_exit_s < 0:
         raise ConfigError(f"kafka.stall_exit_s: must be >= 0 (0 = never), got {cfg.kafka.stall_exit_s}")
     if cfg.kafka.security_protocol.upper() not in PROTOCOLS:
-        raise ConfigError(f"kafka.security_protocol: one of {', '.join(PROTOCOLS)}, got {cfg.kafka.security_protocol!r}")
+        raise ConfigError(f"kafka.security_protocol: one of {', '.join(PROTOCOLS)}, "
+                          f"got {cfg.kafka.security_protocol!r}")
     if cfg.kafka.sasl_mechanism.upper() not in MECHANISMS:
         raise ConfigError(f"kafka.sasl_mechanism: one of {', '.join(MECHANISMS)}, got {cfg.kafka.sasl_mechanism!r}")
 

@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 
-
 class HttpServer:
     """A running HTTP endpoint served from a daemon thread: ``.port``, ``.url``, ``.close()``."""
 
@@ -74,7 +73,7 @@ def serve_http(
     health = health or (lambda: (True, "ok"))
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:  # http.server's name
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 try:
@@ -87,7 +86,8 @@ def serve_http(
                     ok, reason = health()
                 except Exception as exc:
                     ok, reason = False, f"health check raised {exc!r}"
-                body, code, content_type = (("ok" if ok else reason) + "\n").encode(), 200 if ok else 503, "text/plain; charset=utf-8"
+                body, code, content_type = ((("ok" if ok else reason) + "\n").encode(), 200 if ok else 503,
+                                            "text/plain; charset=utf-8")
             else:
                 body, code, content_type = b"not found: try /metrics or /healthz\n", 404, "text/plain"
             self.send_response(code)

@@ -13,7 +13,8 @@ Both ways of holding the learner are ``consumers.core.pipeline.LearnerPort``s wi
 ``model.separate_process``.
 
 Nothing about the results changes: the child builds the same seeded learner and sees the same batches in the
-same order, so a replay gives bit-identical predictions either way (``tests/unit/consumers/runtime/test_learner_process.py``).
+same order, so a replay gives bit-identical predictions either way
+(``tests/unit/consumers/runtime/test_learner_process.py``).
 
 Exactly once: batches are answered in the order they were sent. A checkpoint first waits for every answer
 (``RemoteLearner.drain``), so the model the child then writes holds exactly the batches the trainer counted,
@@ -222,7 +223,8 @@ class RemoteLearner:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumers.runtime.learner_process", str(child_in), str(child_out), str(os.getpid())],
+            [sys.executable, "-m", "consumers.runtime.learner_process", str(child_in), str(child_out),
+             str(os.getpid())],
             pass_fds=(child_in, child_out), env=env)
         os.close(child_in)
         os.close(child_out)

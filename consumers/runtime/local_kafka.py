@@ -90,7 +90,8 @@ def find_libs() -> Path:
     if override:
         libs = Path(override).expanduser()
         if not any(libs.glob("kafka_2.13-*.jar")):
-            raise LocalKafkaError(f"{LIBS_ENV}={override} holds no kafka_2.13-*.jar; point it at a Kafka libs directory")
+            raise LocalKafkaError(f"{LIBS_ENV}={override} holds no kafka_2.13-*.jar; "
+                                  "point it at a Kafka libs directory")
         return libs
     if shutil.which("bash") is None:
         raise LocalKafkaError(f"bash is needed to run {FETCH_SCRIPT}; or set {LIBS_ENV} to a Kafka libs directory")
@@ -119,7 +120,8 @@ def java_executable() -> str:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: a random UUID as 22 characters of unpadded URL-safe base64, like ``kafka-storage random-uuid``."""
+    """A KRaft cluster id: a random UUID as 22 characters of unpadded URL-safe base64, like
+    ``kafka-storage random-uuid``."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
 
 
@@ -148,7 +150,8 @@ class KafkaStatus:
     def describe(self) -> str:
         """One line for humans."""
         if self.running:
-            return f"Kafka is running (pid {self.pid}) at {self.bootstrap}; data in {self.data_dir}, log {self.log_file}"
+            return (f"Kafka is running (pid {self.pid}) at {self.bootstrap}; data in {self.data_dir}, "
+                    f"log {self.log_file}")
         return f"Kafka is not running (data dir {self.data_dir}); start it with 'crossdistil kafka up'"
 
 
@@ -300,7 +303,8 @@ class LocalKafka:
         try:
             return dict(json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:
-            raise LocalKafkaError(f"{path} is not valid JSON ({exc}); delete the data dir {self.data_dir} to start afresh") from exc
+            raise LocalKafkaError(f"{path} is not valid JSON ({exc}); "
+                                  f"delete the data dir {self.data_dir} to start afresh") from exc
 
     def _prepare_state(self) -> dict[str, Any]:
         state = self._read_state()
@@ -371,7 +375,8 @@ class LocalKafka:
             "ssl.client.auth": "none",
         }
 
-    def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str, properties: Path) -> None:
+    def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str,
+                        properties: Path) -> None:
         # No --standalone: controller.quorum.voters already names the (static) quorum.
         command = [java, *jvm_logging, "-cp", classpath, "kafka.tools.StorageTool", "format",
                    f"--cluster-id={cluster_id}", "-c", str(properties)]  # "=": an id may start with "-"
@@ -452,7 +457,8 @@ def keytool_executable() -> str:
         return str(Path(java_home) / "bin" / "keytool")
     keytool = shutil.which("keytool")
     if keytool is None:
-        raise LocalKafkaError("keytool not found: it comes with Java 17 (e.g. 'apt-get install openjdk-17-jre-headless')")
+        raise LocalKafkaError("keytool not found: it comes with Java 17 "
+                              "(e.g. 'apt-get install openjdk-17-jre-headless')")
     return keytool
 
 

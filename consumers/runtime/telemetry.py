@@ -50,10 +50,12 @@ KD_GATE_OUTCOMES: tuple[str, ...] = ("distilled", "skipped")
 
 # Quality metrics exported per (task, role, window): name in StreamQuality.summary -> (metric name, help).
 _QUALITY_GAUGES: dict[str, tuple[str, str]] = {
-    "auc": ("auc", "ROC AUC of prequential predictions over the last `window` samples (exact), or the lifetime AUC (window=\"lifetime\", 65,536-bin histogram)"),
+    "auc": ("auc", "ROC AUC of prequential predictions over the last `window` samples (exact), or the lifetime AUC "
+                   "(window=\"lifetime\", 65,536-bin histogram)"),
     "gauc": ("gauc", "impression-weighted per-user AUC over the last `window` samples"),
     "log_loss": ("log_loss", "mean binary cross-entropy over the window"),
-    "calibration_ratio": ("calibration_ratio", "mean prediction / mean label over the window (1 = calibrated, > 1 over-predicts)"),
+    "calibration_ratio": ("calibration_ratio", "mean prediction / mean label over the window (1 = calibrated, > 1 "
+                                               "over-predicts)"),
     "positive_rate": ("positive_rate", "share of positive labels over the window"),
     "samples": ("window_samples", "samples the window currently covers (less than `window` until it fills)"),
 }  # fmt: skip
@@ -154,41 +156,12 @@ class TrainerMetrics:
         self._lock = threading.Lock()
         self._quality: dict[tuple[str, str], StreamQuality] = {}
         self._published_reference: dict[tuple[str, str, str], float] = {}
-        self._detectors = {task: LossDriftDetectors(chunk=drift_chunk, **dict(drift_options or {})) for task in self.tasks}
+        self._detectors = {task: LossDriftDetectors(chunk=drift_chunk, **dict(drift_options or {}))
+                           for task in self.tasks}
         self._join_last: dict[str, int] = {}
         self._watermark_ms: int | None = None
         self._lag_children: set[tuple[str, str]] = set()
-        r = self.registry
-        p = PREFIX
-        # Pipeline.
-        self.events_consumed_total = Counter(f"{p}_events_consumed", "events decoded from Kafka, per topic", ["topic"], registry=r)
-        self.dead_letters_total = Counter(f"{p}_dead_letters", "events sent to the dead-letter topic, by reason code", ["reason"], registry=r)
-        self.join_events_total = Counter(f"{p}_join_events", "join outcomes (consumers.core.join counters): late, orphan, duplicate, evicted, ...", ["outcome"], registry=r)
-        self.samples_emitted_total = Counter(f"{p}_samples_emitted", "joined samples emitted to the mini-batcher", registry=r)
-        self.samples_trained_total = Counter(f"{p}_samples_trained", "samples the model has trained on", registry=r)
-        self.batch_size = Histogram(f"{p}_batch_size", "samples per training step", buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.train_step_seconds = Histogram(f"{p}_train_step_seconds", "wall time of one teacher-student update", buckets=STEP_SECONDS_BUCKETS, registry=r)
-        self.watermark_seconds = Gauge(f"{p}_watermark_timestamp_seconds", "event-time watermark of the join (unix seconds; NaN before the first event)", registry=r)
-        self.event_time_lag_seconds = Gauge(f"{p}_event_time_lag_seconds", "wall clock minus the join's watermark, computed at scrape time (NaN before the first event)", registry=r)
-        self.consumer_lag_messages = Gauge(f"{p}_consumer_lag_messages", "messages between the trainer's position and the end of each partition", ["topic", "partition"], registry=r)
-        self.checkpoint_seconds = Histogram(f"{p}_checkpoint_seconds", "wall time to write one checkpoint", buckets=IO_SECONDS_BUCKETS, registry=r)
-        self.checkpoints_total = Counter(f"{p}_checkpoints", "checkpoints written", registry=r)
-        self.last_checkpoint_seconds = Gauge(f"{p}_last_checkpoint_timestamp_seconds", "wall time of the last checkpoint write (unix seconds)", registry=r)
-        self.publish_seconds = Histogram(f"{p}_publish_seconds", "wall time to publish one checkpoint to the serving topic", buckets=IO_SECONDS_BUCKETS, registry=r)
-        self.publications_total = Counter(f"{p}_publications", "checkpoints published to the serving topic", registry=r)
-        self.published_version = Gauge(f"{p}_published_model_version", "version of the last published checkpoint", registry=r)
-        self.published_timestamp_seconds = Gauge(f"{p}_published_model_timestamp_seconds", "creation time of the last published checkpoint (unix seconds)", registry=r)
-        self.start_timestamp_seconds = Gauge(f"{p}_start_timestamp_seconds", "wall time the trainer's metrics started (unix seconds; alerts use it before the first publication)", registry=r)
-        self.start_timestamp_seconds.set(self._clock())
-        # Drift detectors.
-        self.drift_detections_total = Counter(f"{p}_drift_detections", "drift detections on the per-sample loss", ["task", "detector"], registry=r)
-        self.drift_last_detection_seconds = Gauge(f"{p}_drift_last_detection_timestamp_seconds", "wall time of the last detection (unix seconds; 0 = never)", ["task", "detector"], registry=r)
-        self.drift_samples_total = Counter(f"{p}_drift_samples", "per-sample losses fed to the drift detectors", ["task"], registry=r)
-        self.quality_samples_total = Counter(f"{p}_quality_samples", "prequential predictions scored, per task and role", ["task", "role"], registry=r)
-        # Trust-gated distillation (models.trust_gate): series appear once the learner reports its gate.
-        self.kd_gate_open = Gauge(f"{p}_kd_gate_open", "trust gate of the task's distillation in the last training step: 1 = open (the student learned from its teacher), 0 = closed (a KD warm-up scales it while it ramps)", ["task"], registry=r)
-        self.kd_gate_auc = Gauge(f"{p}_kd_gate_auc", "the trust gate's prequential AUC of the teacher and the student over its window (model kd_gate_window samples), as of its last decision", ["task", "role"], registry=r)
-        self.kd_gate_steps_total = Counter(f"{p}_kd_gate_steps", "training steps per task with the trust gate open (outcome=\"distilled\") or closed (\"skipped\")", ["task", "outcome"], registry=r)
+        self._create_metrics()
         self._kd_gate_children: dict[tuple[Any, ...], Any] = {}
         self._kd_gate_state: dict[str, dict[str, float]] = {}
         self._quality_counters: dict[tuple[str, str], Any] = {}
@@ -201,6 +174,76 @@ class TrainerMetrics:
         self.published_timestamp_seconds.set(math.nan)
         self.last_checkpoint_seconds.set(math.nan)
         self.registry.register(_QualityCollector(self))
+
+    def _create_metrics(self) -> None:
+        """Create the trainer's counters, gauges and histograms in ``self.registry``."""
+        r = self.registry
+        p = PREFIX
+        # Pipeline.
+        self.events_consumed_total = Counter(f"{p}_events_consumed", "events decoded from Kafka, per topic", ["topic"],
+                                             registry=r)
+        self.dead_letters_total = Counter(f"{p}_dead_letters", "events sent to the dead-letter topic, by reason code",
+                                          ["reason"], registry=r)
+        self.join_events_total = Counter(f"{p}_join_events",
+                                         "join outcomes (consumers.core.join counters): late, orphan, duplicate, "
+                                         "evicted, ...", ["outcome"], registry=r)
+        self.samples_emitted_total = Counter(f"{p}_samples_emitted", "joined samples emitted to the mini-batcher",
+                                             registry=r)
+        self.samples_trained_total = Counter(f"{p}_samples_trained", "samples the model has trained on", registry=r)
+        self.batch_size = Histogram(f"{p}_batch_size", "samples per training step", buckets=BATCH_SIZE_BUCKETS,
+                                    registry=r)
+        self.train_step_seconds = Histogram(f"{p}_train_step_seconds", "wall time of one teacher-student update",
+                                            buckets=STEP_SECONDS_BUCKETS, registry=r)
+        self.watermark_seconds = Gauge(f"{p}_watermark_timestamp_seconds",
+                                       "event-time watermark of the join (unix seconds; NaN before the first event)",
+                                       registry=r)
+        self.event_time_lag_seconds = Gauge(f"{p}_event_time_lag_seconds",
+                                            "wall clock minus the join's watermark, computed at scrape time (NaN "
+                                            "before the first event)", registry=r)
+        self.consumer_lag_messages = Gauge(f"{p}_consumer_lag_messages",
+                                           "messages between the trainer's position and the end of each partition",
+                                           ["topic", "partition"], registry=r)
+        self.checkpoint_seconds = Histogram(f"{p}_checkpoint_seconds", "wall time to write one checkpoint",
+                                            buckets=IO_SECONDS_BUCKETS, registry=r)
+        self.checkpoints_total = Counter(f"{p}_checkpoints", "checkpoints written", registry=r)
+        self.last_checkpoint_seconds = Gauge(f"{p}_last_checkpoint_timestamp_seconds",
+                                             "wall time of the last checkpoint write (unix seconds)", registry=r)
+        self.publish_seconds = Histogram(f"{p}_publish_seconds",
+                                         "wall time to publish one checkpoint to the serving topic",
+                                         buckets=IO_SECONDS_BUCKETS, registry=r)
+        self.publications_total = Counter(f"{p}_publications", "checkpoints published to the serving topic", registry=r)
+        self.published_version = Gauge(f"{p}_published_model_version", "version of the last published checkpoint",
+                                       registry=r)
+        self.published_timestamp_seconds = Gauge(f"{p}_published_model_timestamp_seconds",
+                                                 "creation time of the last published checkpoint (unix seconds)",
+                                                 registry=r)
+        self.start_timestamp_seconds = Gauge(f"{p}_start_timestamp_seconds",
+                                             "wall time the trainer's metrics started (unix seconds; alerts use it "
+                                             "before the first publication)", registry=r)
+        self.start_timestamp_seconds.set(self._clock())
+        # Drift detectors.
+        self.drift_detections_total = Counter(f"{p}_drift_detections", "drift detections on the per-sample loss",
+                                              ["task", "detector"], registry=r)
+        self.drift_last_detection_seconds = Gauge(f"{p}_drift_last_detection_timestamp_seconds",
+                                                  "wall time of the last detection (unix seconds; 0 = never)",
+                                                  ["task", "detector"], registry=r)
+        self.drift_samples_total = Counter(f"{p}_drift_samples", "per-sample losses fed to the drift detectors",
+                                           ["task"], registry=r)
+        self.quality_samples_total = Counter(f"{p}_quality_samples",
+                                             "prequential predictions scored, per task and role", ["task", "role"],
+                                             registry=r)
+        # Trust-gated distillation (models.trust_gate): series appear once the learner reports its gate.
+        self.kd_gate_open = Gauge(f"{p}_kd_gate_open",
+                                  "trust gate of the task's distillation in the last training step: 1 = open (the "
+                                  "student learned from its teacher), 0 = closed (a KD warm-up scales it while it "
+                                  "ramps)", ["task"], registry=r)
+        self.kd_gate_auc = Gauge(f"{p}_kd_gate_auc",
+                                 "the trust gate's prequential AUC of the teacher and the student over its window "
+                                 "(model kd_gate_window samples), as of its last decision", ["task", "role"],
+                                 registry=r)
+        self.kd_gate_steps_total = Counter(f"{p}_kd_gate_steps",
+                                           "training steps per task with the trust gate open (outcome=\"distilled\") "
+                                           "or closed (\"skipped\")", ["task", "outcome"], registry=r)
 
     def _zero_series(self) -> None:
         """Export every detector's and join outcome's series from the start (0), so rate() and alerts see them."""
@@ -445,13 +488,20 @@ class ServingMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         p = f"{PREFIX}_serving"
-        self.model_version = Gauge(f"{p}_model_version", "version of the model being served (NaN before the first)", registry=r)
-        self.model_timestamp_seconds = Gauge(f"{p}_model_timestamp_seconds", "creation time of the served checkpoint (unix seconds)", registry=r)
+        self.model_version = Gauge(f"{p}_model_version", "version of the model being served (NaN before the first)",
+                                   registry=r)
+        self.model_timestamp_seconds = Gauge(f"{p}_model_timestamp_seconds",
+                                             "creation time of the served checkpoint (unix seconds)", registry=r)
         self.reloads_total = Counter(f"{p}_reloads", "models loaded and swapped in", registry=r)
-        self.reload_failures_total = Counter(f"{p}_reload_failures", "published checkpoints rejected or failing to load, by reason", ["reason"], registry=r)
-        self.reload_seconds = Histogram(f"{p}_reload_seconds", "wall time to verify and swap in a model", buckets=IO_SECONDS_BUCKETS, registry=r)
-        self.request_seconds = Histogram(f"{p}_request_seconds", "request latency by endpoint", ["endpoint"], buckets=REQUEST_SECONDS_BUCKETS, registry=r)
-        self.requests_total = Counter(f"{p}_requests", "requests by endpoint and HTTP status code", ["endpoint", "code"], registry=r)
+        self.reload_failures_total = Counter(f"{p}_reload_failures",
+                                             "published checkpoints rejected or failing to load, by reason", ["reason"],
+                                             registry=r)
+        self.reload_seconds = Histogram(f"{p}_reload_seconds", "wall time to verify and swap in a model",
+                                        buckets=IO_SECONDS_BUCKETS, registry=r)
+        self.request_seconds = Histogram(f"{p}_request_seconds", "request latency by endpoint", ["endpoint"],
+                                         buckets=REQUEST_SECONDS_BUCKETS, registry=r)
+        self.requests_total = Counter(f"{p}_requests", "requests by endpoint and HTTP status code",
+                                      ["endpoint", "code"], registry=r)
         self.scored_items_total = Counter(f"{p}_scored_items", "items scored", registry=r)
         self.model_version.set(math.nan)
         self.model_timestamp_seconds.set(math.nan)

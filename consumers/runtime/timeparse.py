@@ -19,7 +19,8 @@ def parse_time(text: str | None) -> int | None:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"time {text!r} is neither unix milliseconds nor ISO 8601 (e.g. 2022-04-08T12:00:00Z)") from None
+        raise ValueError(f"time {text!r} is neither unix milliseconds nor ISO 8601 "
+                         "(e.g. 2022-04-08T12:00:00Z)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return int(moment.timestamp() * 1000)

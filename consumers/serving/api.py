@@ -55,7 +55,8 @@ log = logging.getLogger("crossdistil.serving")
 class RequestError(Exception):
     """A request the daemon refuses: HTTP ``status`` and a JSON body naming what is wrong."""
 
-    def __init__(self, status: int, error: str, message: str, *, index: int | None = None, field: str | None = None) -> None:
+    def __init__(self, status: int, error: str, message: str, *, index: int | None = None,
+                 field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
@@ -84,11 +85,13 @@ def parse_score_request(body: bytes, max_items: int) -> list[dict]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(items, list):
-        raise RequestError(400, "not_a_list", f"the body must be a JSON list of impressions, got a {type(items).__name__}")
+        raise RequestError(400, "not_a_list",
+                           f"the body must be a JSON list of impressions, got a {type(items).__name__}")
     if not items:
         raise RequestError(400, "empty", "the list of impressions is empty; send at least one")
     if len(items) > max_items:
-        raise RequestError(413, "too_many_items", f"{len(items)} impressions in one request; the limit is {max_items} (serving.max_items)")
+        raise RequestError(413, "too_many_items",
+                           f"{len(items)} impressions in one request; the limit is {max_items} (serving.max_items)")
     # The usual request: the dicts are ours, fresh from json.loads, so they are checked in place with the
     # decoder's own rules (no copies) and returned; an impression checked in place equals what validate()
     # returns. On any problem, validate_impressions() runs from the start and names the error.
@@ -116,15 +119,16 @@ def validate_impressions(items: Sequence[Any]) -> list[dict]:
     impressions = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise RequestError(400, "invalid_impression", f"impressions[{index}] is a {type(item).__name__}, expected an object",
-                               index=index)
+            raise RequestError(400, "invalid_impression",
+                               f"impressions[{index}] is a {type(item).__name__}, expected an object", index=index)
         event = item if "v" in item else {"v": 1, **item}
         try:
             event = validate(event)
             kind = event_kind(event)
         except EventError as exc:
             field = exc.field.split(".", 1)[1] if exc.field and exc.field.startswith("impression.") else exc.field
-            raise RequestError(400, "invalid_impression", f"impressions[{index}]: {exc}", index=index, field=field) from None
+            raise RequestError(400, "invalid_impression", f"impressions[{index}]: {exc}", index=index,
+                               field=field) from None
         if kind != "impression":
             raise RequestError(400, "invalid_impression",
                                f"impressions[{index}] is a {kind} event; /score takes impressions "
@@ -181,16 +185,16 @@ class ScoreHandler(BaseHTTPRequestHandler):
     # 19.5 ms). The wait for a turn is bounded (SCORING_TURN_WAIT_S) so one stuck request cannot stall the others.
     scoring_turn: threading.Lock
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:  # http.server's name
         self._route("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._route("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._route("PUT")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._route("DELETE")
 
     def _route(self, method: str) -> None:
@@ -200,7 +204,8 @@ class ScoreHandler(BaseHTTPRequestHandler):
         items = 0
         try:
             if path not in _ROUTES:
-                raise RequestError(404, "not_found", f"no endpoint {path}; try POST /score, GET /healthz or GET /metrics")
+                raise RequestError(404, "not_found",
+                                   f"no endpoint {path}; try POST /score, GET /healthz or GET /metrics")
             if method != _ROUTES[path]:
                 raise RequestError(405, "method_not_allowed", f"{path} takes {_ROUTES[path]}, not {method}")
             if path == "/metrics":
@@ -226,7 +231,8 @@ class ScoreHandler(BaseHTTPRequestHandler):
     def _healthz(self) -> None:
         served = self.holder.current
         if served is None:
-            raise RequestError(503, "no_model", f"not ready: no model loaded yet (waiting for a checkpoint on {self.waiting_for})")
+            raise RequestError(503, "no_model",
+                               f"not ready: no model loaded yet (waiting for a checkpoint on {self.waiting_for})")
         self._send_json(200, {"status": "ok", "model_version": served.version, "step": served.step,
                               "tasks": list(served.tasks), "loaded_at": served.loaded_at_s})
 
@@ -243,14 +249,16 @@ class ScoreHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(400, "bad_length", f"Content-Length {length_header!r} is not a byte count")
         if length > self.max_request_bytes:
-            raise RequestError(413, "too_large", f"the body has {length} bytes; the limit is {self.max_request_bytes} (serving.max_request_bytes)")
+            raise RequestError(413, "too_large", f"the body has {length} bytes; "
+                               f"the limit is {self.max_request_bytes} (serving.max_request_bytes)")
         return self.rfile.read(length)
 
     def _score(self) -> int:
         body = self._read_body()
         served = self.holder.current  # read once: this request finishes on this model, whatever swaps meanwhile
         if served is None:
-            raise RequestError(503, "no_model", f"no model loaded yet (waiting for a checkpoint on {self.waiting_for}); retry later")
+            raise RequestError(503, "no_model",
+                               f"no model loaded yet (waiting for a checkpoint on {self.waiting_for}); retry later")
         # Take turns for the CPU part (see scoring_turn); the turn is released even if the request fails.
         has_turn = self.scoring_turn.acquire(timeout=SCORING_TURN_WAIT_S)
         try:
@@ -296,4 +304,5 @@ def serve_api(
         "holder": holder, "metrics": metrics, "max_request_bytes": max_request_bytes, "max_items": max_items,
         "waiting_for": waiting_for, "scoring_turn": threading.Lock(),
     })
-    return ApiServer.start(bind, port, handler, what="/score", settings="serving.port or serving.bind", thread_prefix="serving")
+    return ApiServer.start(bind, port, handler, what="/score", settings="serving.port or serving.bind",
+                           thread_prefix="serving")

@@ -12,7 +12,14 @@ import sys
 import threading
 
 from consumers.runtime import logs
-from consumers.runtime.config import Config, ConfigError, add_config_arguments, kafka_client_options, load_config, to_toml
+from consumers.runtime.config import (
+    Config,
+    ConfigError,
+    add_config_arguments,
+    kafka_client_options,
+    load_config,
+    to_toml,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from consumers.runtime.config import Config, kafka_client_options
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.api import ApiServer, serve_api
-from streamer.kafka_security import connection_failure
 from consumers.serving.follower import MAX_MESSAGE_BYTES, CheckpointFollower, ModelHolder, ServedModel
+from streamer.kafka_security import connection_failure
 
 log = logging.getLogger("crossdistil.serving")
 
@@ -48,7 +48,8 @@ class ServingDaemon:
         self.api = serve_api(self.holder, self.metrics, bind=s.bind, port=s.port, max_request_bytes=s.max_request_bytes,
                              max_items=s.max_items, waiting_for=f"topic {k.model_topic} at {k.bootstrap}")
         url = self.api.url
-        print(f"crossdistil serve: POST {url}/score, health at {url}/healthz, metrics at {url}/metrics", file=self.out, flush=True)
+        print(f"crossdistil serve: POST {url}/score, health at {url}/healthz, metrics at {url}/metrics",
+              file=self.out, flush=True)
         self.ready.set()
         try:
             options = {
@@ -63,7 +64,8 @@ class ServingDaemon:
                 "auto_offset_reset": "earliest",
             }
             # The shared [kafka] client settings (security, client_options) that a consumer accepts.
-            options.update({key: v for key, v in kafka_client_options(k).items() if key in KafkaConsumer.DEFAULT_CONFIG})
+            options.update({key: v for key, v in kafka_client_options(k).items()
+                            if key in KafkaConsumer.DEFAULT_CONFIG})
             options["group_id"], options["enable_auto_commit"] = None, False  # serving never joins the trainer's group
             try:
                 consumer = KafkaConsumer(**options)

@@ -25,7 +25,8 @@ from kafka import TopicPartition
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.state.wire import MANIFEST_KEY, Reassembler, Rejection, WireCheckpoint
 from models.learner import ServingModel
-from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT, RiverServingModel
+from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT
+from models.river_baseline import RiverServingModel
 
 log = logging.getLogger("crossdistil.serving")
 
@@ -172,9 +173,11 @@ class CheckpointFollower:
             if self._load_first(self._read_range(start, end, stop)):
                 self.stats.startup_records = self.stats.records_read
                 return
-            log.info("the last manifest on %s did not complete a checkpoint; reading the topic from offset %d", self.topic, begin)
+            log.info("the last manifest on %s did not complete a checkpoint; reading the topic from offset %d",
+                     self.topic, begin)
             # A fresh reader: the fast path's rejections would otherwise make the replay's chunks look stale.
-            self.reassembler = Reassembler(max_payload_bytes=self.max_checkpoint_bytes, max_message_bytes=MAX_MESSAGE_BYTES)
+            self.reassembler = Reassembler(max_payload_bytes=self.max_checkpoint_bytes,
+                                           max_message_bytes=MAX_MESSAGE_BYTES)
         self.stats.start_path, self.stats.start_offset = "slow", begin
         self._load_first(self._read_range(begin, end, stop))
         self.stats.startup_records = self.stats.records_read

@@ -228,7 +228,8 @@ class CheckpointStore:
             try:
                 return self.load(path, with_tensors)
             except (CheckpointError, OSError) as exc:
-                log.warning("skipping unusable checkpoint %s: %s (renamed to %s%s)", path, exc, path.name, _CORRUPT_SUFFIX)
+                log.warning("skipping unusable checkpoint %s: %s (renamed to %s%s)", path, exc, path.name,
+                            _CORRUPT_SUFFIX)
                 try:
                     os.replace(path, path.with_name(path.name + _CORRUPT_SUFFIX))
                 except OSError:

@@ -76,7 +76,8 @@ def encode_checkpoint(
     of the last checkpoint published to the topic: chunk keys it used beyond this one's count get
     tombstones, so compaction does not keep stale chunks forever.
     """
-    return encode_payload(safetensors_bytes(tensors), metadata, version, chunk_size, previous_chunk_count, max_message_bytes)
+    return encode_payload(safetensors_bytes(tensors), metadata, version, chunk_size, previous_chunk_count,
+                          max_message_bytes)
 
 
 def encode_payload(
@@ -152,7 +153,8 @@ def _check_metadata(metadata: Mapping[str, Any]) -> None:
         raise ValueError(f"metadata['watermark_ms'] must be an integer or None, got {watermark!r}")
     offsets = metadata.get("offsets", [])
     if not isinstance(offsets, (list, tuple)) or not all(
-        isinstance(o, (list, tuple)) and len(o) == 3 and isinstance(o[0], str) and isinstance(o[1], int) and isinstance(o[2], int)
+        isinstance(o, (list, tuple)) and len(o) == 3
+        and isinstance(o[0], str) and isinstance(o[1], int) and isinstance(o[2], int)
         for o in offsets
     ):
         raise ValueError("metadata['offsets'] must be a list of [topic, partition, next offset]")
@@ -244,7 +246,8 @@ class Reassembler:
         if not isinstance(header, dict):
             return self._reject(None, "bad_header", f"{kind} value is a {type(header).__name__}, expected a map")
         if header.get("format") != FORMAT_VERSION:
-            return self._reject(None, "unsupported_format", f"format {header.get('format')!r}; this reader reads {FORMAT_VERSION}")
+            return self._reject(None, "unsupported_format",
+                                f"format {header.get('format')!r}; this reader reads {FORMAT_VERSION}")
         version = header.get("version")
         if not _is_count(version):
             return self._reject(None, "bad_header", f"version {version!r} is not an integer >= 0")
@@ -267,11 +270,13 @@ class Reassembler:
             or not _is_sha256(payload_sha256)
             or not _is_sha256(header.get("chunk_sha256"))
         ):
-            return self._reject(version, "bad_header", f"chunk {index}: header fields missing, mistyped or not matching the key")
+            return self._reject(version, "bad_header",
+                                f"chunk {index}: header fields missing, mistyped or not matching the key")
         if index >= count:
             return self._reject(version, "bad_header", f"chunk index {index} >= chunk count {count}")
         if hashlib.sha256(data).hexdigest() != header["chunk_sha256"]:
-            return self._reject(version, "corrupt_chunk", f"chunk {index}: sha256 of its data does not match its header")
+            return self._reject(version, "corrupt_chunk",
+                                f"chunk {index}: sha256 of its data does not match its header")
         assembly = self._assemblies.get(version)
         if assembly is None or assembly.payload_sha256 != payload_sha256 or assembly.count != count:
             # A new version, or the same version published again with other content: start over.
@@ -294,11 +299,14 @@ class Reassembler:
     def _feed_manifest(self, version: int, header: dict[str, Any]) -> WireCheckpoint | Rejection:
         assembly = self._assemblies.pop(version, None)
         if version <= self.last_version:
-            return self._reject(version, "stale_version", f"version {version} is not newer than the accepted {self.last_version}")
+            return self._reject(version, "stale_version",
+                                f"version {version} is not newer than the accepted {self.last_version}")
         count, size, payload_sha256 = header.get("chunks"), header.get("size"), header.get("payload_sha256")
         metadata = header.get("metadata")
-        if not _is_count(count) or count < 1 or not _is_count(size) or not _is_sha256(payload_sha256) or not isinstance(metadata, dict):
-            return self._reject(version, "bad_header", "manifest: chunks, size, payload_sha256 or metadata missing or mistyped")
+        if (not _is_count(count) or count < 1 or not _is_count(size) or not _is_sha256(payload_sha256)
+                or not isinstance(metadata, dict)):
+            return self._reject(version, "bad_header",
+                                "manifest: chunks, size, payload_sha256 or metadata missing or mistyped")
         if header.get("payload_format") != PAYLOAD_FORMAT:
             return self._reject(version, "unsupported_format", f"payload format {header.get('payload_format')!r}")
         if size > self.max_payload_bytes:
@@ -313,7 +321,8 @@ class Reassembler:
         if len(payload) != size:
             return self._reject(version, "size_mismatch", f"chunks hold {len(payload)} bytes, the manifest says {size}")
         if hashlib.sha256(payload).hexdigest() != payload_sha256:
-            return self._reject(version, "hash_mismatch", "sha256 of the reassembled payload does not match the manifest")
+            return self._reject(version, "hash_mismatch",
+                                "sha256 of the reassembled payload does not match the manifest")
         try:
             from safetensors.torch import load
 

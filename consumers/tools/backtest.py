@@ -63,13 +63,17 @@ LAST_FRACTION = 0.2  # "prequential AUC over the last 20% of the stream", as the
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil backtest``."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--log", metavar="file://PATH", help="an event log written by 'crossdistil stream --to file://PATH'")
-    source.add_argument("--kafka", metavar="HOST:PORT", help="replay the impressions and feedback topics of this broker")
+    source.add_argument("--log", metavar="file://PATH",
+                        help="an event log written by 'crossdistil stream --to file://PATH'")
+    source.add_argument("--kafka", metavar="HOST:PORT",
+                        help="replay the impressions and feedback topics of this broker")
     parser.add_argument("--from-offset", type=int, default=None, help="--kafka: first offset of every partition")
-    parser.add_argument("--to-offset", type=int, default=None, help="--kafka: end offset (exclusive) of every partition")
+    parser.add_argument("--to-offset", type=int, default=None,
+                        help="--kafka: end offset (exclusive) of every partition")
     parser.add_argument("--from-time", default=None, metavar="ISO|MS",
                         help="first record time (--kafka: record timestamp; --log: event ts_ms), ISO 8601 or unix ms")
-    parser.add_argument("--to-time", default=None, metavar="ISO|MS", help="end record time (exclusive), ISO 8601 or unix ms")
+    parser.add_argument("--to-time", default=None, metavar="ISO|MS",
+                        help="end record time (exclusive), ISO 8601 or unix ms")
     parser.add_argument("--config", dest="configs_files", action="append", default=[], metavar="FILE",
                         help="a trainer configuration (TOML); repeat to compare several side by side")
     parser.add_argument("--configs", dest="rungs", default=None, metavar="RUNG[,RUNG...]",
@@ -83,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one time-series point every N trained samples (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N records")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
-                        help="torch intra-op threads (default 1: bit-for-bit reproducible, and fastest on a busy machine)")
+                        help="torch intra-op threads (default 1: bit-for-bit reproducible, and fastest on a busy "
+                             "machine)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_client_arguments(parser)
@@ -100,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
         input_desc: dict[str, Any]
         if args.log:
             if args.from_offset is not None or args.to_offset is not None:
-                raise ValueError("--from-offset/--to-offset apply to --kafka; an event log has no offsets (use --limit)")
-            records, input_desc = log_records(args.log, parse_time(args.from_time), parse_time(args.to_time), args.limit)
+                raise ValueError("--from-offset/--to-offset apply to --kafka; an event log has no offsets (use "
+                                 "--limit)")
+            records, input_desc = log_records(args.log, parse_time(args.from_time), parse_time(args.to_time),
+                                              args.limit)
         else:
             cfg0 = next(iter(configs.values()))
             records, input_desc = kafka_records(
@@ -142,7 +149,8 @@ def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[s
 
     if rungs:
         if len(files) > 1:
-            raise ValueError("--configs RUNG,... applies rung overrides to one base configuration; pass at most one --config")
+            raise ValueError("--configs RUNG,... applies rung overrides to one base configuration; pass at most one "
+                             "--config")
         base = load_config(files[0] if files else None, overrides=overrides)
         out: dict[str, Config] = {}
         for name in [r.strip() for r in rungs.split(",") if r.strip()]:
@@ -208,9 +216,9 @@ READ_AHEAD = 2000  # records polled at a time per partition (and so at most held
 STALL_S = 120.0  # a partition that yields nothing for this long while its range is unfinished is an error
 
 
-def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | None = None, to_offset: int | None = None,
-                  from_ms: int | None = None, to_ms: int | None = None, limit: int | None = None,
-                  read_ahead: int = READ_AHEAD,
+def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | None = None,
+                  to_offset: int | None = None, from_ms: int | None = None, to_ms: int | None = None,
+                  limit: int | None = None, read_ahead: int = READ_AHEAD,
                   client_options: dict[str, Any] | None = None) -> tuple[KafkaRange, dict[str, Any]]:
     """Every partition of ``topics`` in an offset or time range, merged by event time (partitions keep their order).
 
@@ -222,7 +230,8 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
     from kafka import TopicPartition
 
     if (from_offset is not None or to_offset is not None) and (from_ms is not None or to_ms is not None):
-        raise ValueError("give an offset range (--from-offset/--to-offset) or a time range (--from-time/--to-time), not both")
+        raise ValueError("give an offset range (--from-offset/--to-offset) or a time range (--from-time/--to-time), "
+                         "not both")
     if from_offset is not None and to_offset is not None and from_offset >= to_offset:
         raise ValueError(f"--from-offset {from_offset} is not before --to-offset {to_offset}: the range is empty")
     _check_time_range(from_ms, to_ms)
@@ -265,7 +274,8 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
 
 def _check_time_range(from_ms: int | None, to_ms: int | None) -> None:
     if from_ms is not None and to_ms is not None and from_ms >= to_ms:
-        raise ValueError(f"--from-time ({from_ms} ms) is not before --to-time ({to_ms} ms): the range [from, to) is empty")
+        raise ValueError(f"--from-time ({from_ms} ms) is not before --to-time ({to_ms} ms): the range [from, to) is "
+                         "empty")
 
 
 def _range_consumer(bootstrap: str, **options: Any) -> Any:
@@ -327,7 +337,8 @@ class KafkaRange:
                 try:
                     batch = [m for m in consumer.poll(timeout_ms=500).get(tp, []) if m.offset < stop]
                 except KafkaError as exc:
-                    raise ConnectionError(f"reading {tp.topic}-{tp.partition} from Kafka at {self.bootstrap} failed: {exc}") from None
+                    raise ConnectionError(f"reading {tp.topic}-{tp.partition} from Kafka at "
+                                          f"{self.bootstrap} failed: {exc}") from None
                 if batch:
                     deadline = time.monotonic() + STALL_S
                 elif time.monotonic() > deadline:
@@ -549,7 +560,14 @@ class _progress:
         if not self.enabled:
             return lambda n: None
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._progress = Progress(TextColumn("backtest"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
                                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
@@ -573,7 +591,8 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
     configurations: dict[str, Any] = {}
     for name, run_ in result.runs.items():
         pipeline = run_.pipeline
-        final = {row["task"]: {k: v for k, v in row.items() if k not in ("task",)} for row in run_.series[-len(pipeline.tasks):]}
+        final = {row["task"]: {k: v for k, v in row.items() if k not in ("task",)}
+                 for row in run_.series[-len(pipeline.tasks):]}
         configurations[name] = {
             "config_hash": stable_hash(run_.cfg.to_dict()),
             "model_options": run_.cfg.model.options,
@@ -630,7 +649,8 @@ def series_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float) else row[c] for c in columns])
+        writer.writerow(
+            ["" if row.get(c) is None else repr(row[c]) if isinstance(row[c], float) else row[c] for c in columns])
     return buffer.getvalue()
 
 
@@ -646,13 +666,15 @@ def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
     paths = []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for task in tasks:
-        fig, (ax_auc, ax_drift) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+        fig, (ax_auc, ax_drift) = plt.subplots(2, 1, figsize=(10, 6), sharex=True,
+                                               gridspec_kw={"height_ratios": [3, 1.4]})
         for i, (name, run_) in enumerate(result.runs.items()):
             color = colors[i % len(colors)]
             window = str(run_.pipeline.metrics.windows[0])
             rows = [r for r in run_.series if r["task"] == task]
             times = [_dt(r["event_time_ms"]) for r in rows]
-            ax_auc.plot(times, [_nan(r.get(f"auc@{window}")) for r in rows], color=color, label=f"{name} (AUC, last {window})")
+            ax_auc.plot(times, [_nan(r.get(f"auc@{window}")) for r in rows], color=color,
+                        label=f"{name} (AUC, last {window})")
             drift_key = f"auc_drift@{window}/baseline"
             ax_drift.plot(times, [_nan(r.get(drift_key)) for r in rows], color=color)
             marked = False
@@ -660,8 +682,9 @@ def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
                 if d["task"] != task:
                     continue
                 for ax in (ax_auc, ax_drift):
-                    ax.axvline(_dt(d["event_time_ms"]), color=color, linestyle="--" if d["detector"] == "adwin" else ":",
-                               linewidth=1.0, alpha=0.8, label=None if marked or ax is ax_drift else f"{name} drift detection")
+                    ax.axvline(_dt(d["event_time_ms"]), color=color,
+                               linestyle="--" if d["detector"] == "adwin" else ":", linewidth=1.0, alpha=0.8,
+                               label=None if marked or ax is ax_drift else f"{name} drift detection")
                 marked = True
         ax_auc.set_ylabel(f"{task} AUC (windowed)")
         ax_auc.set_title(f"{task}: prequential AUC over event time (dashed: ADWIN, dotted: Page-Hinkley detections)")
@@ -723,7 +746,8 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     for name, c in data["configurations"].items():
         j = c["join"]
         lines.append(f"| {name} | {c['trained_samples']:,} | {c['steps']:,} | {c['dead_letters']:,} | "
-                     f"{j.get('late_feedback', 0):,} | {j.get('orphan_feedback', 0):,} | {j.get('evicted_impressions', 0):,} |")
+                     f"{j.get('late_feedback', 0):,} | {j.get('orphan_feedback', 0):,} | "
+                     f"{j.get('evicted_impressions', 0):,} |")
     for name, c in data["configurations"].items():
         firsts = {}
         for d in c["drift_detections"]:

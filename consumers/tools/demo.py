@@ -672,7 +672,7 @@ class Demo:
         except DemoError as exc:
             print(f"crossdistil demo: {exc}", file=sys.stderr)
             code = 1
-        except Exception as exc:  # noqa: BLE001 (anything else still stops every child, then shows the error)
+        except Exception as exc:  # anything else still stops every child, then shows the error
             import traceback
 
             traceback.print_exc()
@@ -726,7 +726,8 @@ class Demo:
         trainer_cfg = write_trainer_config(plan, bootstrap)
         serving_cfg = write_serving_config(plan, bootstrap)
         cli = [sys.executable, "-m", "consumers.cli"]
-        self._spawn("trainer", [*cli, "train", "--config", str(trainer_cfg), "--torch-threads", str(plan.torch_threads)])
+        self._spawn("trainer",
+                    [*cli, "train", "--config", str(trainer_cfg), "--torch-threads", str(plan.torch_threads)])
         if serving_available():
             self._spawn("serving", [*cli, "serve", "--config", str(serving_cfg)])
         else:
@@ -874,7 +875,8 @@ class Demo:
             raise DemoError(f"{name} exited with status {code} (command: {' '.join(child.argv[1:])}).\n"
                             f"Last lines of {child.log_path}:\n{tail(child.log_path, 15)}")
         if self.broker is not None and self.broker_started and not self.broker.status().running:
-            raise DemoError(f"Kafka stopped unexpectedly; see {self.broker.log_file}:\n{tail(self.broker.log_file, 15)}")
+            raise DemoError(f"Kafka stopped unexpectedly; see {self.broker.log_file}:\n"
+                            f"{tail(self.broker.log_file, 15)}")
 
     # -- stopping ----------------------------------------------------------------------------------------------
     def stop_all(self) -> None:
@@ -903,7 +905,7 @@ class Demo:
                 try:
                     self.broker.stop(timeout_s=5.0 if self._hurry() else 30.0)
                     self.outcomes["kafka"] = "stopped"
-                except Exception as exc:  # noqa: BLE001 (report it; the other children are already stopped)
+                except Exception as exc:  # report it; the other children are already stopped
                     self.outcomes["kafka"] = f"could not be stopped: {exc}"
         self.status.phase = "stopped"
         try:
@@ -956,7 +958,8 @@ class Demo:
         published = self.last_published_version() or published
         if published is not None or loaded is not None:
             lines.append(f"[demo] model: published {_fmt_version(published)}, serving loaded {_fmt_version(loaded)}")
-        checkpoints = sorted((plan.run_dir / "checkpoints").glob("*")) if (plan.run_dir / "checkpoints").is_dir() else []
+        checkpoints = (sorted((plan.run_dir / "checkpoints").glob("*")) if (plan.run_dir / "checkpoints").is_dir()
+                       else [])
         lines += [
             f"[demo] run folder   {plan.run_dir}",
             f"[demo] checkpoints  {plan.run_dir / 'checkpoints'} ({len(checkpoints)} files)",

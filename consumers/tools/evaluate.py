@@ -309,13 +309,28 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _progress(console: Any) -> Any:
+    """The grid's progress display: description, bar, count, elapsed and remaining time."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=False)
+
+
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate every combination; returns the results.json document."""
     import dataclasses
 
     import torch  # lazy: torch and the models below load only when a grid runs (the CLI starts without torch)
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from models.evaluation import combined_weights_for
     from models.learner import resolve_device
@@ -361,16 +376,15 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         row_ranges = rows.ranges()  # the same for every task set: they all read the same events
         combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
         per_run = {"split": row_ranges["split_train"][1] * args.epochs, "prequential": len(data)}
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=False) as progress:
+        with _progress(console) as progress:
             bar = progress.add_task(",".join(tasks), total=sum(per_run[m] for m, *_ in combos))
             done = 0
             for mode, backbone, rung, seed in combos:
                 progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
                 learner = seeded_learner(tasks, backbone, rung, seed, spec, model_options, device)
                 result = _run_one(args, mode, learner, data, rows, combined_weights,
-                                  on_step=lambda events, base=done: progress.update(bar, completed=base + events))
+                                  on_step=lambda events, base=done, bar=bar:
+                                      progress.update(bar, completed=base + events))
                 done += per_run[mode]
                 window = "test" if mode == "split" else "tail"
                 aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("up", "down", "status"), help="start, stop, or report on the local broker")
     parser.add_argument("--port", type=int, default=None,
                         help=f"client port (default: the data dir's last port, else {DEFAULT_PORT})")
-    parser.add_argument("--data-dir", default=None, help=f"broker state, logs and pid file (default: {default_data_dir()})")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"broker state, logs and pid file (default: {default_data_dir()})")
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
                         help="partitions of the impressions, feedback and dead-letters topics (up only)")
     parser.add_argument("--no-topics", action="store_true", help="do not create the default topics (up only)")
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
             return 0 if status.running else 3
         if args.action == "down":
             stopped = broker.stop(timeout_s=args.timeout)
-            print(f"Kafka at {broker.bootstrap} stopped" if stopped else f"Kafka was not running (data dir {broker.data_dir})")
+            print(f"Kafka at {broker.bootstrap} stopped" if stopped
+                  else f"Kafka was not running (data dir {broker.data_dir})")
             if args.delete_data and broker.data_dir.exists():
                 shutil.rmtree(broker.data_dir)
                 print(f"deleted {broker.data_dir}")

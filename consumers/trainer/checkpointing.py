@@ -103,7 +103,8 @@ class Checkpointer:
             if dropped:
                 log.info("ledger: discarded segments %s newer than the restored checkpoint", dropped)
         log.info("restored %s: step %d, %d pending impressions, %d waiting samples, positions %s", checkpoint.path,
-                 checkpoint.step, self.pipeline.join.pending_impressions, self.pipeline.batcher.waiting, meta["positions"])
+                 checkpoint.step, self.pipeline.join.pending_impressions, self.pipeline.batcher.waiting,
+                 meta["positions"])
         return checkpoint.step
 
     # ----------------------------------------------------------------------------------------------- write

@@ -3,7 +3,8 @@
 The flow (one consumer, one model)::
 
     poll impressions + feedback  ->  decode_record  ->  Pipeline.ingest  ->  bad: dead-letter topic
-                                                                        ->  good: AttributionJoin (source = (topic, partition))
+                                                                        ->  good: AttributionJoin
+                                                                                  (source = (topic, partition))
     Pipeline.train_ready: join.emit()  ->  MiniBatcher (wall clock)  ->  encode_rows  ->  Learner.step (score first,
                           then update)  ->  TrainerMetrics, ledger
     every N steps / T seconds / on shutdown / before a rebalance revokes partitions:
@@ -199,9 +200,11 @@ class Trainer:
         unacknowledged = self.publisher.unacknowledged_version
         return (f"crossdistil train: stopped at step {self.learner.steps}; {self.trained_samples} samples trained, "
                 f"{self.pipeline.dead_letters} dead letters, publication version {self.publisher.version}"
-                + (f", {self.kafka.partition_pauses} partition pauses (join.max_skew_s)" if self.kafka.max_skew_ms else "")
+                + (f", {self.kafka.partition_pauses} partition pauses (join.max_skew_s)" if self.kafka.max_skew_ms
+                   else "")
                 + ("" if unacknowledged is None else
-                   f" (version {unacknowledged} was not acknowledged by Kafka: the next start publishes this step again)"))
+                   f" (version {unacknowledged} was not acknowledged by Kafka: "
+                   "the next start publishes this step again)"))
 
     # ------------------------------------------------------------------------------------------- the loop
 

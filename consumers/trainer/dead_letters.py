@@ -63,7 +63,8 @@ class DeadLetterQueue:
         return len(self._pending)
 
     def add(self, error: EventError, record: Any, topic: str, partition: int) -> None:
-        """Dead-letter ``error``, one bad event of ``record`` (a kafka-python ``ConsumerRecord``) of ``topic``/``partition``."""
+        """Dead-letter ``error``, one bad event of ``record`` (a kafka-python ``ConsumerRecord``) of
+        ``topic``/``partition``."""
         value = record.value if isinstance(record.value, bytes) else b""
         if error.index is not None and error.event is not None:
             try:

@@ -291,7 +291,8 @@ class KafkaIO:
         if not missing:
             return ""
         return (f"; topic(s) {', '.join(missing)} do not exist on {self.k.bootstrap} (create them, e.g. 'crossdistil "
-                "kafka up' creates the defaults, or point kafka.impressions_topic / kafka.feedback_topic at existing ones)")
+                "kafka up' creates the defaults, or point kafka.impressions_topic / kafka.feedback_topic "
+                "at existing ones)")
 
     # ----------------------------------------------------------------------------------------- offsets
 

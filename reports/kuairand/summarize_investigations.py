@@ -38,8 +38,11 @@ def main() -> None:
             cells = []
             for task in tasks:
                 aucs = [r["metrics"]["test"][task]["auc"] for r in runs]
-                d_auc = [r["metrics"]["test"][task]["auc"] - base[(tasks, backbone, "mtl", r["seed"])]["metrics"]["test"][task]["auc"] for r in runs]
-                d_multi = [r["metrics"]["test"][task]["multi_auc"] - base[(tasks, backbone, "mtl", r["seed"])]["metrics"]["test"][task]["multi_auc"] for r in runs]
+                d_auc = [r["metrics"]["test"][task]["auc"]
+                         - base[(tasks, backbone, "mtl", r["seed"])]["metrics"]["test"][task]["auc"] for r in runs]
+                d_multi = [r["metrics"]["test"][task]["multi_auc"]
+                           - base[(tasks, backbone, "mtl", r["seed"])]["metrics"]["test"][task]["multi_auc"]
+                           for r in runs]
                 cells.append(f"{task} {statistics.mean(aucs):.4f} ({_fmt(d_auc)}; {_fmt(d_multi)})")
             opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
             print(f"| {path.parent.name} | {opts} | {','.join(tasks)} | {backbone} | {config} | {'<br>'.join(cells)} |")

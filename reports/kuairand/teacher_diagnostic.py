@@ -34,7 +34,8 @@ def teacher_report(learner, data, start: int) -> dict[str, dict[str, float]]:
         out = model(data.rows(start, len(data)).to(learner.device))
         s = torch.sigmoid(out.student_logits.float()).cpu().numpy()
         r = out.teacher_scores.float()
-        z = platt_calibrate(r, model.calibrator_alpha, model.calibrator_bias) if hasattr(model, "calibrator_alpha") else r
+        z = (platt_calibrate(r, model.calibrator_alpha, model.calibrator_bias) if hasattr(model, "calibrator_alpha")
+             else r)
         q = torch.sigmoid(z).cpu().numpy()
         r = r.cpu().numpy()
     y = data.labels[start:]

@@ -118,7 +118,8 @@ def run(data, spec, tasks, backbone, config, seed, batch_size, probe_every, mtl_
              for k, task in enumerate(tasks)}
     return {"tasks": list(tasks), "backbone": backbone, "config": config, "seed": seed, "curve": curve,
             "held_out": end, "gradients": stats,
-            "gate_open_share": {task: (float(np.mean([g[k] for g in gates])) if learner.trust_gate is not None else None)
+            "gate_open_share": {task: (float(np.mean([g[k] for g in gates])) if learner.trust_gate is not None
+                                       else None)
                                 for k, task in enumerate(tasks)}}, held
 
 

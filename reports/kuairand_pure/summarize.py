@@ -42,7 +42,7 @@ def main(path: str) -> None:
     runs = json.load(open(path))["runs"]
     index = {(tuple(r["tasks"]), r["mode"], r["backbone"], r["config"], r["seed"]): r for r in runs}
     groups = defaultdict(set)
-    for tasks, mode, backbone, config, seed in index:
+    for tasks, mode, backbone, _config, _seed in index:
         groups[(tasks, mode)].add(backbone)
     configs = list(dict.fromkeys(r["config"] for r in runs if r["config"] != "mtl"))
     for (tasks, mode), backbones in groups.items():

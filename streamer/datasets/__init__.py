@@ -26,7 +26,8 @@ def open_dataset(name: str, source: str | Path | None, mapping: str | Path | dic
     if name not in DATASETS:
         raise DatasetError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
-        from streamer.datasets.synthetic import open_synthetic  # lazy: each adapter (numpy, pyarrow) loads when asked for
+        # lazy: each adapter (numpy, pyarrow) loads when asked for
+        from streamer.datasets.synthetic import open_synthetic
 
         return open_synthetic(**options)
     if options:

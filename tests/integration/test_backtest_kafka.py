@@ -49,7 +49,8 @@ def streamed(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dic
     if not source.is_dir():
         pytest.skip(f"real data not available: {source} does not exist (it lives outside the repository)")
     tag = uuid.uuid4().hex[:6]
-    topics = {"impressions": f"bt-imp-{tag}", "feedback": f"bt-fb-{tag}", "dead_letters": f"bt-dl-{tag}", "model": f"bt-model-{tag}"}
+    topics = {"impressions": f"bt-imp-{tag}", "feedback": f"bt-fb-{tag}", "dead_letters": f"bt-dl-{tag}",
+              "model": f"bt-model-{tag}"}
     ensure_topics(kafka_broker, 2, impression_topic=topics["impressions"], feedback_topic=topics["feedback"],
                   dead_letter_topic=topics["dead_letters"], model_topic=topics["model"])
     directory = tmp_path_factory.mktemp("backtest-live")
@@ -84,9 +85,9 @@ def streamed(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def backtest_rows(records, config: Path) -> list[dict]:
-    from consumers.tools.backtest import build_configs, run_backtest
-
     import torch
+
+    from consumers.tools.backtest import build_configs, run_backtest
 
     torch.set_num_threads(1)
     run = run_backtest(records, build_configs([str(config)], None, []), sample_every=1000).runs["trainer"]
@@ -197,11 +198,13 @@ def stamped(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> dict
                 assert meta.timestamp == stamp, "the broker must keep the producer's timestamps (CreateTime)"
                 produced.append(Produced(meta.topic, meta.partition, meta.offset, stamp, event))
             for tp in {(p.topic, p.partition) for p in produced}:
-                stamps = [p.timestamp_ms for p in sorted(produced, key=lambda p: p.offset) if (p.topic, p.partition) == tp]
+                stamps = [p.timestamp_ms for p in sorted(produced, key=lambda p: p.offset)
+                          if (p.topic, p.partition) == tp]
                 assert stamps == sorted(stamps), f"{tp}: record timestamps must not decrease within a partition"
             config = directory / f"{pair}.toml"
             write_trainer_config(config, kafka_broker, topics, RANGE_SETTINGS)
-            pairs[pair] = {"topics": [topics["impressions"], topics["feedback"]], "produced": produced, "config": config}
+            pairs[pair] = {"topics": [topics["impressions"], topics["feedback"]], "produced": produced,
+                           "config": config}
     finally:
         producer.close()
     return {"bootstrap": kafka_broker, "log": log, "shift_ms": base - first_ts, "base_ms": base, **pairs}
@@ -267,7 +270,8 @@ def test_record_times_equal_to_event_times_select_what_the_event_log_time_filter
     assert events_of(from_kafka) == events_of(from_log)
 
 
-def test_an_empty_time_range_is_an_error_that_says_so(stamped: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_empty_time_range_is_an_error_that_says_so(stamped: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
     produced = stamped["event"]["produced"]
     lo, _ = stamps_at_quarters(produced)
     after_last = max(p.timestamp_ms for p in produced) + 1
@@ -295,19 +299,21 @@ def test_a_time_range_and_the_offset_range_it_maps_to_give_identical_numbers(sta
     assert by_time["records"] == by_offset["records"] > 0
     assert by_time["configurations"] == by_offset["configurations"]
     assert by_time["configurations"]["lockstep"]["trained_samples"] > 0
-    assert (tmp_path / "by_time" / "series_lockstep.csv").read_bytes() == (tmp_path / "by_offset" / "series_lockstep.csv").read_bytes()
+    assert ((tmp_path / "by_time" / "series_lockstep.csv").read_bytes()
+            == (tmp_path / "by_offset" / "series_lockstep.csv").read_bytes())
 
 
 def test_a_kafka_range_replays_bit_for_bit_whatever_the_read_ahead_and_holds_only_the_read_ahead(stamped: dict) -> None:
-    from consumers.tools.backtest import build_configs, kafka_records, run_backtest
-
     import torch
+
+    from consumers.tools.backtest import build_configs, kafka_records, run_backtest
 
     torch.set_num_threads(1)
     configs = lambda: build_configs([str(stamped["event"]["config"])], None, [])  # noqa: E731 - fresh models per run
     runs = []
     for read_ahead in (2000, 2000, 7):
-        records, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], from_offset=0, read_ahead=read_ahead)
+        records, _ = kafka_records(stamped["bootstrap"], stamped["event"]["topics"], from_offset=0,
+                                   read_ahead=read_ahead)
         runs.append(run_backtest(records, configs(), sample_every=100).runs["event"])
         if read_ahead == 7:
             assert 0 < records.peak_buffered <= 7 * 4  # 4 partitions, at most read_ahead each
@@ -317,7 +323,8 @@ def test_a_kafka_range_replays_bit_for_bit_whatever_the_read_ahead_and_holds_onl
         assert other.impression_ids == first.impression_ids
         assert other.series == first.series
         for task in ("click", "like"):
-            assert (other.arrays(task)[1] == first.arrays(task)[1]).all() and (other.arrays(task)[0] == first.arrays(task)[0]).all()
+            assert ((other.arrays(task)[1] == first.arrays(task)[1]).all()
+                    and (other.arrays(task)[0] == first.arrays(task)[0]).all())
 
 
 def test_limit_replays_the_first_records_of_the_merged_range(stamped: dict) -> None:

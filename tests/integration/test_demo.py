@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.tools.demo import scrape, value
 from consumers.runtime.local_kafka import pid_alive
+from consumers.tools.demo import scrape, value
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,5 @@
-"""The local Kafka broker (consumers/runtime/local_kafka.py) against kafka-python: the guarantees the daemons rely on."""
+"""The local Kafka broker (consumers/runtime/local_kafka.py) against kafka-python: the guarantees the daemons rely
+on."""
 
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def _flatten_topic_configs(described, topic: str) -> dict[str, str]:
     by_type = described if isinstance(described, dict) else {}
     for resources in by_type.values():
         if topic in resources:
-            return {name: entry["value"] if isinstance(entry, dict) else entry for name, entry in resources[topic].items()}
+            return {name: entry["value"] if isinstance(entry, dict) else entry
+                    for name, entry in resources[topic].items()}
     raise AssertionError(f"describe_configs did not describe {topic}: {described!r}")
 
 
@@ -149,7 +151,8 @@ def test_a_5_mb_message_round_trips_through_the_model_topic(kafka_broker) -> Non
     _produce(kafka_broker, MODEL_TOPIC, [payload], max_request_size=MODEL_MAX_MESSAGE_BYTES)
 
     consumer = KafkaConsumer(bootstrap_servers=kafka_broker, enable_auto_commit=False,
-                             fetch_max_bytes=2 * MODEL_MAX_MESSAGE_BYTES, max_partition_fetch_bytes=MODEL_MAX_MESSAGE_BYTES)
+                             fetch_max_bytes=2 * MODEL_MAX_MESSAGE_BYTES,
+                             max_partition_fetch_bytes=MODEL_MAX_MESSAGE_BYTES)
     try:
         partition = TopicPartition(MODEL_TOPIC, 0)
         consumer.assign([partition])

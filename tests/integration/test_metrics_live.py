@@ -79,7 +79,8 @@ def stop(process: subprocess.Popen | None, timeout_s: float = 60) -> None:
         process.wait()
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed: Debian's 'prometheus' package (deploy/setup.sh)")
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed: Debian's 'prometheus' package "
+                                               "(deploy/setup.sh)")
 def test_prometheus_scrapes_per_task_auc_from_the_live_trainer_and_every_expression_evaluates(
         kafka_broker: str, tmp_path: Path) -> None:
     from streamer.stream import stream_dataset

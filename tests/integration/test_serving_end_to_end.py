@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from consumers.runtime.config import load_config
-from streamer.topics import ensure_topics
 from consumers.serving.daemon import ServingDaemon
+from streamer.topics import ensure_topics
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,8 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
     try:
         assert daemon.ready.wait(30)
         summary = stream_dataset("synthetic", None, f"kafka://{kafka_broker}", options={
-            "n_events": 4000, "tasks": "click,like", "n_users": 200, "n_items": 500, "seed": 3, "delay_median_s": "1,3", "max_delay_s": 10},
+            "n_events": 4000, "tasks": "click,like", "n_users": 200, "n_items": 500, "seed": 3, "delay_median_s": "1,3",
+            "max_delay_s": 10},
             impression_topic=topics["impressions"], feedback_topic=topics["feedback"])
         assert summary["impressions"] == 4000
         log = open(tmp_path / "trainer.log", "wb")

@@ -25,12 +25,12 @@ import msgpack
 import pytest
 
 from consumers.runtime.config import load_config
-from streamer.topics import ensure_topics
 from consumers.serving.daemon import ServingDaemon
 from consumers.state.wire import encode_checkpoint
 from models.config import ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
+from streamer.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -51,16 +51,19 @@ def make_learner(seed: int = 0) -> Learner:
 
 def train(learner: Learner, steps: int) -> None:
     for s in range(steps):
-        rows = [dict(e, labels={"click": (i + s) % 2, "like": (i % 3 == 0)}) for i, e in enumerate(impressions(64, s * 64))]
+        rows = [dict(e, labels={"click": (i + s) % 2, "like": (i % 3 == 0)})
+                for i, e in enumerate(impressions(64, s * 64))]
         learner.step(encode_rows(rows, learner.config.features, TASKS))
 
 
-def checkpoint_messages(learner: Learner, version: int, previous_chunk_count: int = 0) -> list[tuple[bytes, bytes | None]]:
+def checkpoint_messages(learner: Learner, version: int,
+                        previous_chunk_count: int = 0) -> list[tuple[bytes, bytes | None]]:
     """What the trainer produces for one publication of ``learner``."""
     tensors, serving_meta = learner.serving_state()
     metadata = {"step": learner.steps, "watermark_ms": None, "offsets": [], "metrics": {}, "tasks": list(TASKS),
                 "serving": dict(serving_meta), "published_at_ms": int(time.time() * 1000)}
-    return encode_checkpoint(tensors, metadata, version=version, chunk_size=CHUNK, previous_chunk_count=previous_chunk_count)
+    return encode_checkpoint(tensors, metadata, version=version, chunk_size=CHUNK,
+                             previous_chunk_count=previous_chunk_count)
 
 
 class Publisher:
@@ -137,7 +140,8 @@ def start_serving(kafka_broker: str, topic: str) -> Iterator[Callable[..., Runni
 
     def start(*overrides: str) -> RunningServing:
         cfg = load_config(None, env={}, overrides=[f"kafka.bootstrap={json.dumps(kafka_broker)}",
-                                                   f"kafka.model_topic={json.dumps(topic)}", "serving.port=0", *overrides])
+                                                   f"kafka.model_topic={json.dumps(topic)}", "serving.port=0",
+                                                   *overrides])
         daemon = ServingDaemon(cfg, out=io.StringIO())
         stop = threading.Event()
         status: list[int] = []
@@ -225,7 +229,8 @@ def test_serving_returns_the_learners_probabilities_on_a_probe_batch(start_servi
 
 
 def corrupt_chunk(messages: list[tuple[bytes, bytes | None]], index: int, *, fix_chunk_hash: bool) -> list:
-    """Flip one byte of chunk ``index``'s data; optionally recompute its chunk_sha256 so only the payload hash catches it."""
+    """Flip one byte of chunk ``index``'s data; optionally recompute its chunk_sha256 so only the payload hash
+    catches it."""
     import hashlib
 
     key, value = messages[index]
@@ -238,7 +243,8 @@ def corrupt_chunk(messages: list[tuple[bytes, bytes | None]], index: int, *, fix
     return messages[:index] + [(key, msgpack.packb(chunk, use_bin_type=True))] + messages[index + 1:]
 
 
-def test_a_corrupted_chunk_is_rejected_counted_and_the_previous_version_keeps_serving(start_serving, publisher: Publisher) -> None:
+def test_a_corrupted_chunk_is_rejected_counted_and_the_previous_version_keeps_serving(start_serving,
+                                                                                      publisher: Publisher) -> None:
     learner = make_learner()
     publisher.send(checkpoint_messages(learner, version=1))
     serving = start_serving()
@@ -250,14 +256,16 @@ def test_a_corrupted_chunk_is_rejected_counted_and_the_previous_version_keeps_se
     rejections = serving.wait_rejections(2)
     assert (2, "corrupt_chunk") in rejections and (2, "missing_chunk") in rejections
     train(learner, 1)
-    publisher.send(corrupt_chunk(checkpoint_messages(learner, version=3), 2, fix_chunk_hash=True))  # only the payload hash
+    # only the payload hash
+    publisher.send(corrupt_chunk(checkpoint_messages(learner, version=3), 2, fix_chunk_hash=True))
     rejections = serving.wait_rejections(3)
     assert (3, "hash_mismatch") in rejections
     status, body = post_score(serving.url, impressions(4))
     assert status == 200 and body["model_version"] == 1
     assert serving.daemon.holder.current.version == 1
     failures = reload_failures(serving.url)
-    assert failures.get("corrupt_chunk") == 1 and failures.get("missing_chunk") == 1 and failures.get("hash_mismatch") == 1
+    assert (failures.get("corrupt_chunk") == 1 and failures.get("missing_chunk") == 1
+            and failures.get("hash_mismatch") == 1)
     # The next good publication is served: the rejection did not wedge the reader.
     publisher.send(checkpoint_messages(learner, version=4))
     serving.wait_version(4)
@@ -365,5 +373,6 @@ def test_serve_command_says_when_kafka_is_unreachable(tmp_path: Path) -> None:
 
     bootstrap = f"127.0.0.1:{free_port()}"
     result = subprocess.run([sys.executable, "-m", "consumers.cli", "serve", "--set", f'kafka.bootstrap="{bootstrap}"',
-                             "--set", "serving.port=0", "--set", "kafka.client_options={bootstrap_timeout_ms = 3000}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+                             "--set", "serving.port=0", "--set", "kafka.client_options={bootstrap_timeout_ms = 3000}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and bootstrap in result.stderr and "crossdistil kafka up" in result.stderr

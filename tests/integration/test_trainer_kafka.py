@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.state.ledger import read_ledger
 from consumers.runtime.processes import die_with_parent
-from streamer.topics import ensure_topics
+from consumers.state.ledger import read_ledger
 from models.metrics import auc
+from streamer.topics import ensure_topics
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,8 @@ SMALL_MODEL = {"embedding_dim": 8, "hidden_dims": [32], "tower_dims": [16],
 
 
 def make_topics(bootstrap: str, tag: str) -> dict[str, str]:
-    topics = {"impressions": f"imp-{tag}", "feedback": f"fb-{tag}", "dead_letters": f"dl-{tag}", "model": f"model-{tag}"}
+    topics = {"impressions": f"imp-{tag}", "feedback": f"fb-{tag}", "dead_letters": f"dl-{tag}",
+              "model": f"model-{tag}"}
     ensure_topics(bootstrap, 4, impression_topic=topics["impressions"], feedback_topic=topics["feedback"],
                   dead_letter_topic=topics["dead_letters"], model_topic=topics["model"])
     return topics
@@ -275,7 +276,8 @@ def test_kill_9_at_random_moments_trains_every_impression_exactly_once(
                 return process
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
-            print(f"\nattempt {attempt + 1}: no partitions within {ASSIGNMENT_STALL_S} s (group join stalled); restarted")
+            print(f"\nattempt {attempt + 1}: no partitions within {ASSIGNMENT_STALL_S} s (group join stalled); "
+                  "restarted")
         raise AssertionError(f"trainer got no partitions in {attempts} starts; "
                              f"log:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}")
 
@@ -384,8 +386,8 @@ def latest_checkpoint(messages, last_version=-1):
 def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str, uninterrupted: dict) -> None:
     import torch
 
-    from consumers.state.checkpoints import CheckpointStore
     from consumers.runtime.config import load_config
+    from consumers.state.checkpoints import CheckpointStore
     from consumers.state.learner_state import learner_state
     from models.features import encode_rows
     from models.learner import Learner, ServingModel
@@ -433,7 +435,8 @@ def test_trainer_survives_a_broker_stop_and_restart_mid_stream(tmp_path: Path) -
         broker.stop()
         down_until = time.monotonic() + 15  # the outage: long enough for sessions and requests to time out
         while time.monotonic() < down_until:
-            assert process.poll() is None, f"trainer died without its broker:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}"
+            assert process.poll() is None, (
+                f"trainer died without its broker:\n{(tmp_path / 'trainer.log').read_text()[-3000:]}")
             time.sleep(0.5)
         broker.start(timeout_s=180)
         wait_finished(process, config)

@@ -139,7 +139,8 @@ def test_each_layer_imports_only_layers_below_it() -> None:
         (source_pkg, source_layer), (target_pkg, target_layer) = layer_of(edge.source), layer_of(edge.target)
         same_package = source_pkg == target_pkg
         if target_layer > source_layer or (target_layer == source_layer and not same_package):
-            violations.append(f"{edge.source}:{edge.line} imports {edge.target} ({source_pkg} may not import {target_pkg})")
+            violations.append(f"{edge.source}:{edge.line} imports {edge.target} ({source_pkg} may not import "
+                              f"{target_pkg})")
     assert not violations, "\n".join(violations)
 
 

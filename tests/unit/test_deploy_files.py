@@ -31,7 +31,8 @@ def compose_command() -> list[str] | None:
 def test_docker_compose_config_accepts_the_file() -> None:
     command = compose_command()
     if command is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed (Debian: apt-get install docker-compose)")
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed (Debian: apt-get install "
+                    "docker-compose)")
     result = subprocess.run([*command, "-f", str(DEPLOY / "docker-compose.yml"), "config"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -62,7 +63,8 @@ def test_compose_trainer_configuration_loads(tmp_path: Path) -> None:
 def k8s_documents() -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl:  # render through kustomize: catches a broken kustomization too (no cluster needed)
-        result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True,
+                                timeout=120)
         assert result.returncode == 0, result.stderr
         return [d for d in yaml.safe_load_all(result.stdout) if d]
     return [d for path in sorted((DEPLOY / "k8s").glob("*.yaml")) if path.name != "kustomization.yaml"

@@ -176,7 +176,8 @@ def test_serving_state_survives_safetensors() -> None:
     blob = save(tensors, metadata)
     serving = ServingModel.from_serving_state(load(blob), metadata)
     rows = [{"user_id": "u1", "item_id": "i3", "features": {"hour": 4, "watch": 12.5}}]
-    assert torch.equal(serving.score_rows(rows)["click"], learner.predict(encode_rows(rows, learner.config.features, TASKS))["click"])
+    assert torch.equal(serving.score_rows(rows)["click"],
+                       learner.predict(encode_rows(rows, learner.config.features, TASKS))["click"])
 
 
 def test_serving_state_of_another_format_is_refused() -> None:

@@ -173,7 +173,8 @@ logits = st.lists(st.floats(-60.0, 60.0, allow_nan=False), min_size=1, max_size=
 
 @settings(max_examples=200, deadline=None)
 @given(z=logits, data=st.data(), margin=st.floats(0.0, 5.0), mix=st.floats(0.5, 1.0))
-def test_correction_never_leaves_a_soft_label_on_the_wrong_side(z: list[float], data, margin: float, mix: float) -> None:
+def test_correction_never_leaves_a_soft_label_on_the_wrong_side(z: list[float], data, margin: float,
+                                                                mix: float) -> None:
     y = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(z), max_size=len(z))))
     z_t = torch.tensor(z)
     for mode in ("clamp", "mix"):
@@ -186,7 +187,8 @@ def test_correction_never_leaves_a_soft_label_on_the_wrong_side(z: list[float], 
 
 @settings(max_examples=200, deadline=None)
 @given(z=logits, data=st.data(), margin=st.floats(0.0, 5.0), mix=st.floats(0.0, 1.0))
-def test_every_mode_keeps_or_moves_the_soft_label_toward_the_truth(z: list[float], data, margin: float, mix: float) -> None:
+def test_every_mode_keeps_or_moves_the_soft_label_toward_the_truth(z: list[float], data, margin: float,
+                                                                   mix: float) -> None:
     y = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=len(z), max_size=len(z))))
     z_t = torch.tensor(z)
     before = (torch.sigmoid(z_t) - y).abs()

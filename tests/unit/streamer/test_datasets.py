@@ -155,8 +155,8 @@ def test_csv_adapter_reads_parquet_and_iso_times(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     source = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"u": ["a", "b"], "i": ["x", "y"], "t": ["2024-01-01T00:00:01", "2024-01-01T00:00:00+00:00"],
-                             "y": [1, 0]}), source)
+    pq.write_table(pa.table({"u": ["a", "b"], "i": ["x", "y"],
+                             "t": ["2024-01-01T00:00:01", "2024-01-01T00:00:00+00:00"], "y": [1, 0]}), source)
     mapping = {"name": "pq", "user": "u", "item": "i", "time": "t", "time_unit": "iso", "tasks": {"y": {"column": "y"}}}
     records = list(open_dataset("csv", source, mapping=mapping).interactions())
     assert [r.ts_ms for r in records] == [1_704_067_200_000, 1_704_067_201_000]

@@ -90,7 +90,7 @@ def test_generation_is_lazy() -> None:
 def test_a_million_events_stream_in_constant_memory() -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     count = 0
-    for record in open_dataset("synthetic", None, n_events=1_000_000).interactions():
+    for _record in open_dataset("synthetic", None, n_events=1_000_000).interactions():
         count += 1
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert count == 1_000_000

@@ -13,8 +13,16 @@ from hypothesis import strategies as st
 
 from streamer.datasets.base import Interaction
 from streamer.eventlog import EventLogError, read_event_log
-from streamer.stream import (Pacer, StreamError, merge_events, parse_options, parse_speed, run, stream_dataset,
-                             add_arguments)
+from streamer.stream import (
+    Pacer,
+    StreamError,
+    add_arguments,
+    merge_events,
+    parse_options,
+    parse_speed,
+    run,
+    stream_dataset,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -16,7 +16,8 @@ FB = ("feedback", 0)
 
 
 def imp(impression_id: str, ts_ms: int) -> dict:
-    return {"v": 1, "impression_id": impression_id, "ts_ms": ts_ms, "user_id": "u1", "item_id": "it", "features": {"f": 1}}
+    return {"v": 1, "impression_id": impression_id, "ts_ms": ts_ms, "user_id": "u1", "item_id": "it",
+            "features": {"f": 1}}
 
 
 def fb(impression_id: str, ts_ms: int, task: str = "like", value: float = 1) -> dict:
@@ -380,7 +381,10 @@ def test_state_round_trip_through_msgpack_resumes_exactly():
         if n % 13 == 0:
             out += [s.to_plain() for s in resumed.emit()]
     out += [s.to_plain() for s in resumed.flush()]
-    normalise = lambda samples: msgpack.unpackb(msgpack.packb(samples), raw=False)  # tuples -> lists
+
+    def normalise(samples):  # tuples -> lists
+        return msgpack.unpackb(msgpack.packb(samples), raw=False)
+
     assert normalise(out) == normalise(reference)
     assert resumed.counters == reference_join.counters
 

@@ -1,4 +1,5 @@
-"""The trainer's pure pipeline (consumers.core.pipeline): decode -> join -> mini-batches -> score, then update -> metrics."""
+"""The trainer's pure pipeline (consumers.core.pipeline): decode -> join -> mini-batches -> score, then update ->
+metrics."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.runtime.config import load_config
 from consumers.core.pipeline import EventClock, Pipeline, decode_record
 from consumers.runtime.assembly import build_pipeline, join_config
+from consumers.runtime.config import load_config
 from streamer.events import encode
 
 pytestmark = pytest.mark.unit
@@ -27,10 +28,11 @@ def stream(n: int = 40) -> list[tuple[str, bytes]]:
     """n impressions one second apart, each clicked 2 s later when i % 3 == 0, in event-time order."""
     messages = []
     for i in range(n):
-        messages.append(("impressions", encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i, "user_id": f"u{i % 5}",
-                                               "item_id": f"a{i % 7}", "features": {}})))
+        messages.append(("impressions", encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i,
+                                                "user_id": f"u{i % 5}", "item_id": f"a{i % 7}", "features": {}})))
     for i in range(0, n, 3):
-        messages.append(("feedback", encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i + 2000, "task": "click", "value": 1})))
+        messages.append(("feedback", encode({"v": 1, "impression_id": f"i{i}", "ts_ms": 1000 * i + 2000,
+                                             "task": "click", "value": 1})))
     order = {id(m): (msgpack_ts(m[1]), k) for k, m in enumerate(messages)}
     return sorted(messages, key=lambda m: order[id(m)])
 
@@ -95,7 +97,8 @@ def test_state_round_trip_through_a_checkpoint_continues_identically(tmp_path) -
     expected = replay(whole, messages)
     first = build_pipeline(config(), clock=None)
     seen = []
-    first.on_batch = lambda samples, labels, scores, fired: seen.append([s.impression["impression_id"] for s in samples])
+    first.on_batch = lambda samples, labels, scores, fired: seen.append(
+        [s.impression["impression_id"] for s in samples])
     for topic, value in messages[:25]:
         first.ingest(decode_record(value), (topic, 0))
         first.train_ready()
@@ -178,7 +181,8 @@ def test_rebased_join_state_does_not_mark_partitions_idle_after_a_long_downtime(
     from consumers.core.join import AttributionJoin
     from consumers.core.pipeline import rebase_join_clock
 
-    cfg = load_config(None, env={}, overrides=["join.idle_timeout_s=10", "join.attribution_window_s={click=1, long_view=1}"])
+    cfg = load_config(None, env={},
+                      overrides=["join.idle_timeout_s=10", "join.attribution_window_s={click=1, long_view=1}"])
     join = AttributionJoin(join_config(cfg))
     sources = [("impressions", 0), ("impressions", 1)]
     join.assign(sources, now=0.0)

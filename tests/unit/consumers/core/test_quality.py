@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from consumers.core.quality import StreamQuality, histogram_auc
+from consumers.core.quality import StreamQuality
 from models import metrics as offline
 
 pytestmark = pytest.mark.unit

@@ -60,7 +60,8 @@ def test_both_detectors_fire_soon_after_an_abrupt_loss_increase(chunk: int) -> N
 def test_trainer_metrics_flag_only_the_drifted_task_and_its_auc_drift_goes_negative() -> None:
     rng = np.random.default_rng(2)
     now = [1_700_000_000.0]
-    metrics = TrainerMetrics(["drifted", "steady"], windows=(2_000, 10_000), baseline_window=50_000, clock=lambda: now[0])
+    metrics = TrainerMetrics(["drifted", "steady"], windows=(2_000, 10_000), baseline_window=50_000,
+                             clock=lambda: now[0])
     change_at = 60_000
     fired: list[tuple[int, str, str]] = []
     for start in range(0, 80_000, BATCH):
@@ -83,7 +84,8 @@ def test_trainer_metrics_flag_only_the_drifted_task_and_its_auc_drift_goes_negat
     assert snapshot["steady"]["drift_detections"] == {"adwin": 0, "page_hinkley": 0}
     # The counter and the last-detection time are exported.
     registry = metrics.registry
-    assert registry.get_sample_value("crossdistil_drift_detections_total", {"task": "drifted", "detector": "adwin"}) >= 1
+    assert registry.get_sample_value("crossdistil_drift_detections_total",
+                                     {"task": "drifted", "detector": "adwin"}) >= 1
     assert registry.get_sample_value(
         "crossdistil_drift_last_detection_timestamp_seconds", {"task": "drifted", "detector": "adwin"}
     ) > 1_700_000_000.0
@@ -129,8 +131,9 @@ def test_acceptance_real_learner_on_the_synthetic_stream_with_an_abrupt_drift() 
     dataset = open_dataset("synthetic", None, tasks="click,like", n_events=n_events, drift="abrupt",
                            drift_at=drift_at, scale=6.0, n_users=500, n_items=1000, seed=0)
     config = ModelConfig(tasks=tasks, embedding_dim=8, hidden_dims=(32,), tower_dims=(16,), lr=0.003,
-                         embedding_lr=0.05, features=FeatureSpec(categorical=("user_id", "item_id", "item_category", "hour"),
-                                                                 numeric=("duration_s",), hash_buckets=2**16))
+                         embedding_lr=0.05,
+                         features=FeatureSpec(categorical=("user_id", "item_id", "item_category", "hour"),
+                                              numeric=("duration_s",), hash_buckets=2**16))
     learner = Learner(config)
     metrics = TrainerMetrics(list(tasks), windows=(2_000, 5_000), baseline_window=20_000)
     fired: list[tuple[int, str, str]] = []

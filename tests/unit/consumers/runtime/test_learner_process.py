@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.state.checkpoints import CheckpointStore
+from consumers.runtime.assembly import build_pipeline, model_config
 from consumers.runtime.config import config_from_dict, load_config
 from consumers.runtime.learner_process import LearnerProcessError, RemoteLearner
+from consumers.state.checkpoints import CheckpointStore
 from consumers.state.ledger import Ledger, read_ledger
-from consumers.runtime.assembly import build_pipeline, model_config
 from streamer.datasets.synthetic import SyntheticDataset
 from streamer.stream import merge_events
 
@@ -149,7 +149,8 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from consumers.trainer import command, daemon as trainer_module
+    from consumers.trainer import command
+    from consumers.trainer import daemon as trainer_module
 
     cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'", "model.separate_process=true"])
     trainer = trainer_module.Trainer(cfg)
@@ -177,9 +178,10 @@ def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status
     assert command.run(args) == 6
 
 
-GATED = ["model.options={rung = 'crossdistil', hidden_dims = [8], tower_dims = [4], embedding_dim = 4, kd_gate = 'trust', "
-         "kd_gate_window = 256, kd_gate_every = 64, features = {categorical = ['user_id', 'item_id'], "
-         "hash_buckets = 1024}}", "join.attribution_window_s={click = 5, long_view = 30}", "batching.batch_size=64"]
+GATED = ["model.options={rung = 'crossdistil', hidden_dims = [8], tower_dims = [4], embedding_dim = 4, "
+         "kd_gate = 'trust', kd_gate_window = 256, kd_gate_every = 64, "
+         "features = {categorical = ['user_id', 'item_id'], hash_buckets = 1024}}",
+         "join.attribution_window_s={click = 5, long_view = 30}", "batching.batch_size=64"]
 
 
 def gate_samples(cfg, events) -> tuple[dict, int]:

@@ -84,14 +84,17 @@ def test_auc_drift_against_the_published_reference_appears_after_a_publication()
     metrics = TrainerMetrics(["click"], windows=(200,), baseline_window=2000)
     y = np.array([0, 1] * 100)
     metrics.observe({"click": y}, {"click": np.where(y == 1, 0.9, 0.1)})  # AUC 1
-    assert value(metrics, "crossdistil_auc_drift", task="click", role="student", window="200", reference="published") is None
+    assert value(metrics, "crossdistil_auc_drift", task="click", role="student", window="200",
+                 reference="published") is None
     metrics.mark_published_reference()
     metrics.observe({"click": y}, {"click": np.full(200, 0.5)})  # AUC 0.5 over the last 200
     drift = value(metrics, "crossdistil_auc_drift", task="click", role="student", window="200", reference="published")
     assert drift == pytest.approx(-0.5)
-    reference = value(metrics, "crossdistil_auc_reference", task="click", role="student", window="200", reference="published")
+    reference = value(metrics, "crossdistil_auc_reference", task="click", role="student", window="200",
+                      reference="published")
     assert reference == 1.0
-    baseline_drift = value(metrics, "crossdistil_auc_drift", task="click", role="student", window="200", reference="baseline")
+    baseline_drift = value(metrics, "crossdistil_auc_drift", task="click", role="student", window="200",
+                           reference="baseline")
     assert baseline_drift == pytest.approx(0.5 - 0.875)  # baseline over all 400 samples
 
 
@@ -103,7 +106,8 @@ def test_join_counters_become_counter_increments_and_a_decrease_counts_as_a_rese
     assert value(metrics, "crossdistil_join_events_total", outcome="orphan_feedback") == 2
     metrics.join_counters({"late_feedback": 1})  # a new join started from zero
     assert value(metrics, "crossdistil_join_events_total", outcome="late_feedback") == 6
-    assert value(metrics, "crossdistil_join_events_total", outcome="evicted_impressions") == 0  # exported from the start
+    # exported from the start
+    assert value(metrics, "crossdistil_join_events_total", outcome="evicted_impressions") == 0
 
 
 def test_event_time_lag_is_wall_clock_minus_watermark_at_scrape_time() -> None:

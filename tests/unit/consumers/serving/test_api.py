@@ -116,14 +116,15 @@ def test_score_returns_the_models_probabilities_per_task_and_its_version(api) ->
     holder.swap(served)
     events = [impression(i) for i in range(20)]
     status, body = request(server.url + "/score", "POST", json.dumps(events).encode())
-    assert status == 200 and body["model_version"] == 3 and body["impression_ids"] == [e["impression_id"] for e in events]
+    assert (status == 200 and body["model_version"] == 3
+            and body["impression_ids"] == [e["impression_id"] for e in events])
     expected = learner.predict(encode_rows(events, learner.config.features, TASKS))
     for task in TASKS:
         assert body["probabilities"][task] == expected[task].tolist()  # float32 -> JSON double -> exact
 
 
-@pytest.mark.parametrize("method, path, status", [("GET", "/nope", 404), ("GET", "/score", 405), ("POST", "/metrics", 405),
-                                                   ("DELETE", "/healthz", 405)])
+@pytest.mark.parametrize("method, path, status", [("GET", "/nope", 404), ("GET", "/score", 405),
+                                                   ("POST", "/metrics", 405), ("DELETE", "/healthz", 405)])
 def test_unknown_paths_are_404_and_wrong_methods_405(api, method: str, path: str, status: int) -> None:
     server, _, _ = api
     got, body = request(server.url + path, method, b"[]" if method == "POST" else None)
@@ -193,7 +194,8 @@ def test_a_request_in_flight_finishes_on_the_model_it_started_with() -> None:
         result: dict = {}
 
         def score_once() -> None:
-            result["status"], result["body"] = request(server.url + "/score", "POST", json.dumps([impression(0)]).encode())
+            result["status"], result["body"] = request(server.url + "/score", "POST",
+                                                       json.dumps([impression(0)]).encode())
 
         thread = threading.Thread(target=score_once, daemon=True)
         thread.start()

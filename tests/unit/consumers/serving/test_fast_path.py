@@ -19,14 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from consumers.serving import api as serving
 from consumers.runtime.telemetry import ServingMetrics
+from consumers.serving import api as serving
 from consumers.serving.api import RequestError, parse_score_request, serve_api, validate_impressions
 from consumers.serving.follower import ModelHolder, ServedModel
-from streamer.events import DEFAULT_LIMITS, EventError, check_event, validate
 from models.config import ModelConfig
 from models.features import FeatureSpec
 from models.learner import Learner, ServingModel
+from streamer.events import DEFAULT_LIMITS, EventError, check_event, validate
 
 pytestmark = pytest.mark.unit
 
@@ -117,8 +117,9 @@ def test_the_fast_path_adds_the_default_version_and_keeps_an_explicit_one() -> N
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**65), max_value=2**65),
                          st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4),
                          st.sampled_from(["", "u1", LONG, TOO_LONG]))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=2),
-                                                                  st.dictionaries(st.text(max_size=3), inner, max_size=2)),
+json_values = st.recursive(json_scalars,
+                           lambda inner: st.one_of(st.lists(inner, max_size=2),
+                                                   st.dictionaries(st.text(max_size=3), inner, max_size=2)),
                            max_leaves=4)
 field_names = st.sampled_from(["v", "impression_id", "ts_ms", "user_id", "item_id", "features", "task", "value",
                                "batch", "extra"])

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from consumers.core.join import AttributionJoin, JoinConfig
 from consumers.state.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -16,7 +17,6 @@ from consumers.state.checkpoints import (
     positions_from_plain,
     positions_to_plain,
 )
-from consumers.core.join import AttributionJoin, JoinConfig
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +28,8 @@ def tensors(step: int) -> dict[str, torch.Tensor]:
 def test_a_written_checkpoint_loads_back_exactly(tmp_path):
     store = CheckpointStore(tmp_path)
     join = AttributionJoin(JoinConfig(attribution_window_s={"like": 10.0}))
-    join.add_impression({"impression_id": "a", "ts_ms": 5, "user_id": "u", "item_id": "i", "features": {"x": 1.5}}, ("impressions", 0))
+    join.add_impression({"impression_id": "a", "ts_ms": 5, "user_id": "u", "item_id": "i", "features": {"x": 1.5}},
+                        ("impressions", 0))
     positions = {("impressions", 0): 42, ("feedback", 1): 7}
     metadata = {"positions": positions_to_plain(positions), "join_state": join.state_dict(), "watermark_ms": 5}
     store.write(7, tensors(7), metadata)

@@ -11,7 +11,11 @@ from consumers.runtime.assembly import model_config
 from consumers.runtime.config import load_config
 from consumers.state.checkpoints import CheckpointError, CheckpointStore
 from consumers.state.learner_state import (
-    CHECKPOINT_FORMAT, check_format, learner_state, load_learner_checkpoint, write_learner_checkpoint,
+    CHECKPOINT_FORMAT,
+    check_format,
+    learner_state,
+    load_learner_checkpoint,
+    write_learner_checkpoint,
 )
 from models.features import encode_rows
 from models.learner import Learner

@@ -123,7 +123,8 @@ def test_what_a_compacted_topic_keeps_yields_the_latest_checkpoint():
     compacted: dict[bytes, bytes | None] = {}  # last value per key, in first-write order, like compaction
     previous = 0
     for version in (1, 2, 3):
-        messages = encode_checkpoint(model(version, size=300 - 80 * version), metadata(version), version, chunk_size=256, previous_chunk_count=previous)
+        messages = encode_checkpoint(model(version, size=300 - 80 * version), metadata(version), version,
+                                     chunk_size=256, previous_chunk_count=previous)
         previous = len([k for k, v in messages if k != MANIFEST_KEY and v is not None])
         for key, value in messages:
             compacted[key] = value
@@ -222,7 +223,7 @@ def documented_reader():
     text = DOC.read_text(encoding="utf-8")
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "def latest_checkpoint" in b)
     namespace: dict = {}
-    exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(block, str(DOC), "exec"), namespace)  # our own documentation
     return namespace["latest_checkpoint"]
 
 

@@ -24,7 +24,12 @@ max_batch_delay_s = 30.0
 [model]
 tasks = ["click", "like"]
 device = "cpu"
-options = {embedding_dim = 4, hidden_dims = [16], tower_dims = [8], features = {categorical = ['user_id', 'item_id', 'item_category'], numeric = ['duration_s'], hash_buckets = 4096}}
+
+[model.options]
+embedding_dim = 4
+hidden_dims = [16]
+tower_dims = [8]
+features = {categorical = ['user_id', 'item_id', 'item_category'], numeric = ['duration_s'], hash_buckets = 4096}
 
 [metrics]
 port = 0
@@ -66,7 +71,8 @@ def test_two_runs_are_identical_bit_for_bit(drift_log: Path, config_file: Path, 
     assert "seconds" not in (tmp_path / "a" / "summary.json").read_text()  # timing lives in timing.json
 
 
-def test_output_folder_holds_summary_series_plots_and_report(drift_log: Path, config_file: Path, tmp_path: Path) -> None:
+def test_output_folder_holds_summary_series_plots_and_report(drift_log: Path, config_file: Path,
+                                                             tmp_path: Path) -> None:
     assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl,crossdistil",
                "--out", str(tmp_path), "--sample-every", "500", "--quiet") == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -141,7 +147,8 @@ def test_offsets_are_refused_for_an_event_log(drift_log: Path, tmp_path: Path, c
     assert "--kafka" in capsys.readouterr().err
 
 
-def test_an_empty_time_range_is_refused_before_reading(drift_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_empty_time_range_is_refused_before_reading(drift_log: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
     assert cli("--log", f"file://{drift_log}", "--from-time", "1700000050000", "--to-time", "1700000050000",
                "--out", str(tmp_path / "o"), "--quiet") == 2
     assert "is not before --to-time" in capsys.readouterr().err
@@ -153,6 +160,7 @@ def test_a_time_range_without_events_is_an_error_not_an_empty_report(drift_log: 
     from streamer.eventlog import read_event_log
 
     after_last = max(r.event["ts_ms"] for r in read_event_log(drift_log)) + 1
-    assert cli("--log", f"file://{drift_log}", "--from-time", str(after_last), "--out", str(tmp_path / "o"), "--quiet") == 2
+    assert cli("--log", f"file://{drift_log}", "--from-time", str(after_last), "--out", str(tmp_path / "o"),
+               "--quiet") == 2
     assert "nothing to replay" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

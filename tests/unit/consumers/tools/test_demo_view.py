@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from consumers.tools.demo import Status, parse_samples, plain_line, render
 from consumers.runtime.telemetry import TrainerMetrics
+from consumers.tools.demo import Status, parse_samples, plain_line, render
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from consumers.tools import evaluate
 from consumers.cli import main
+from consumers.tools import evaluate
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +39,8 @@ def _fake_run(config: str, seed: int, auc: float) -> dict:
     metrics = {t: {"auc": auc, "gauc": auc, "multi_auc": None, "log_loss": 0.5, "calibration": 1.0, "n": 10,
                    "positive_rate": 0.5} for t in ("finish", "like")}
     return {"tasks": ["finish", "like"], "config": config, "backbone": "mmoe", "seed": seed, "mode": "split",
-            "metrics": {"test": metrics}, "curve": [{"events": 5, "fraction": 1.0, "auc": {"finish": auc, "like": auc}}],
+            "metrics": {"test": metrics},
+            "curve": [{"events": 5, "fraction": 1.0, "auc": {"finish": auc, "like": auc}}],
             "losses": {}, "train_events": 8, "test_events": 2, "seconds": 0.1}
 
 
@@ -62,7 +63,8 @@ def test_evaluate_smoke_run_on_the_icme_sample_writes_three_sane_files(tmp_path:
     out = tmp_path / "report"
     status = main(["evaluate", "--dataset", "icme2019", "--source", str(ICME), "--tasks", "finish,like",
                    "--backbone", "shared_bottom,mmoe", "--configs", "mtl,crossdistil", "--seeds", "2",
-                   "--mode", "both", "--batch-size", "64", "--hash-buckets", "16384", "--device", "cpu", "--curve-points", "3",
+                   "--mode", "both", "--batch-size", "64", "--hash-buckets", "16384", "--device", "cpu",
+                   "--curve-points", "3",
                    "--out", str(out)])
     assert status == 0
     doc = json.loads((out / "results.json").read_text())
