@@ -514,7 +514,17 @@ def pipeline_facts(status: Status) -> list[tuple[str, str]]:
         ("event-time lag", "-" if time_lag is None else _human_seconds(time_lag)),
         ("speed", "-" if not speedup else f"{speedup:,.0f}x"),
         ("model", f"published {_fmt_version(published)}, serving {_fmt_version(loaded)}"),
+        ("late labels", _late_share(status)),
     ]
+
+
+def _late_share(status: Status) -> str:
+    """The share of feedback the join dropped as late (its impression's window had closed), as the alert reads it."""
+    late = value(status.trainer, "crossdistil_join_events_total", outcome="late_feedback")
+    feedback = value(status.trainer, "crossdistil_join_events_total", outcome="feedback")
+    if not feedback or late is None:
+        return "-"
+    return f"{late / feedback:.1%} of feedback" + (" (CrossdistilLateFeedback)" if late / feedback > 0.01 else "")
 
 
 def plain_line(status: Status) -> str:

@@ -65,3 +65,14 @@ def test_the_live_view_shows_distillation_per_task_only_for_a_gated_model() -> N
     assert distillation_rows(gated) == {"click": ["on", "100%", "0.740", "0.710"], "like": ["off", "0%", "-", "-"]}
     plain = text_of(render(status_of(a_trainer(gated=False)), "header", [], ["footer"]))
     assert "distillation" not in plain and "trust gate" not in plain
+
+
+def test_the_view_shows_the_share_of_labels_dropped_as_late_and_names_the_alert_above_one_percent() -> None:
+    from consumers.tools.demo import pipeline_facts
+
+    metrics = a_trainer(gated=False)
+    assert dict(pipeline_facts(status_of(metrics)))["late labels"] == "-"  # no feedback yet
+    metrics.join_counters({"feedback": 200, "late_feedback": 1})
+    assert dict(pipeline_facts(status_of(metrics)))["late labels"] == "0.5% of feedback"
+    metrics.join_counters({"feedback": 400, "late_feedback": 100})
+    assert dict(pipeline_facts(status_of(metrics)))["late labels"] == "25.0% of feedback (CrossdistilLateFeedback)"
