@@ -9,8 +9,11 @@ a group request).
 
 The rebalance listener stays light (kafka-python runs it inside ``poll``; a blocking listener stalls the
 group protocol): a revocation only asks for a checkpoint (``revoked``), which the trainer's loop takes right
-after the poll. Nothing is lost by waiting: the revoked partitions' positions and events stay in this process
-until then, and this trainer is the only member of its group, so nobody else reads them meanwhile.
+after the poll. Before issue 14 the listener wrote the checkpoint itself: 0.2-1.2 s with a healthy broker (the final
+checkpoint plus publication in ``bench/results/trainer/benchmarks.json``), but up to ~125 s with the broker
+away (two 30 s dead-letter flushes, a 60 s publication flush, a 5 s commit), beyond the 45 s session timeout.
+Nothing is lost by waiting: the revoked partitions' positions and events stay in this process until then,
+and this trainer is the only member of its group, so nobody else reads them meanwhile.
 
 Event-time alignment (``join.max_skew_s``): partitions more than that far ahead of the join's watermark in
 event time are paused until the slowest one catches up (:meth:`KafkaIO.align`).
@@ -33,6 +36,7 @@ log = logging.getLogger("crossdistil.trainer")
 
 FENCE_PROBE_S = 10.0  # how often the checkpointed positions are re-committed to notice a takeover (exit 5)
 UNASSIGNED_WARN_S = (15.0, 30.0)  # say why no partition is assigned after 15 s, then every 30 s
+METADATA_NUDGE_S = 3.0  # without partitions, ask for fresh topic metadata this often (see KafkaIO.stalled)
 
 
 def client_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -65,6 +69,10 @@ def connect(k: KafkaConfig) -> tuple[KafkaConsumer, KafkaProducer]:
     # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
     # so a checkpoint's publication, and a shutdown, are not held up for minutes.
     producer_options = {"max_block_ms": 10_000, **options}
+    # kafka-python rejoins the group when its metadata of the subscribed topics changes, but refreshes that metadata
+    # only every metadata_max_age_ms (5 min by default): a group joined before the metadata arrived kept an empty
+    # assignment for minutes (seen under load: no partition for 300 s, then exit 4). See also KafkaIO.stalled.
+    options.setdefault("metadata_max_age_ms", 30_000)
     instance_id = f"{k.group_id}-trainer" if k.group_instance_id == "auto" else (k.group_instance_id or None)
     if instance_id is not None:
         options.setdefault("group_instance_id", instance_id)
@@ -128,6 +136,7 @@ class KafkaIO:
         self.unassigned_since: float | None = None
         self._unassigned_warned_at: float | None = None
         self._fence_probed_at = time.monotonic()
+        self._nudged_at = float("-inf")
 
     # ----------------------------------------------------------------------------------------- polling
 
@@ -271,6 +280,13 @@ class KafkaIO:
         if self.unassigned_since is None:
             self.unassigned_since = now
         waited = now - self.unassigned_since
+        if waited >= METADATA_NUDGE_S and now - self._nudged_at >= METADATA_NUDGE_S:
+            # The usual reason for no assignment is a group joined before the topics' metadata was known: fresh
+            # metadata makes kafka-python rejoin with the partitions (the client's cached view, no blocking call).
+            self._nudged_at = now
+            cluster = getattr(self.consumer, "_cluster", None)
+            if cluster is not None and hasattr(cluster, "request_update"):
+                cluster.request_update()
         warned = self._unassigned_warned_at
         first, every = UNASSIGNED_WARN_S
         if waited >= first and (warned is None or now - warned >= every):
