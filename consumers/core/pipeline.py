@@ -77,7 +77,7 @@ class Answer:
 class LearnerPort(Protocol):
     """Where the pipeline's batches are trained: answers come back in the order batches were submitted.
 
-    ``submit(rows, context)`` hands over one batch of ``sample_row`` rows; ``answers(wait)`` yields
+    ``submit(samples, context)`` hands over one batch of ``JoinedSample``; ``answers(wait)`` yields
     ``(context, Answer)`` for every batch answered so far (``wait=True``: for every batch submitted);
     ``in_flight`` counts batches submitted and not yet handed back; ``steps`` is the step count of the last
     batch handed back; ``check_alive`` raises when the learner can no longer answer; ``close`` stops it.
@@ -88,7 +88,7 @@ class LearnerPort(Protocol):
     @property
     def in_flight(self) -> int: ...
 
-    def submit(self, rows: list[list[Any]], context: Any) -> None: ...
+    def submit(self, samples: list[JoinedSample], context: Any) -> None: ...
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]: ...
 
@@ -98,17 +98,16 @@ class LearnerPort(Protocol):
 
 
 def sample_row(sample: JoinedSample) -> list[Any]:
-    """The part of a joined sample the learner needs: ``[user_id, item_id, features, labels]``."""
+    """The part of a joined sample the learner needs, compact for a pipe: ``[user_id, item_id, features, labels]``."""
     impression = sample.impression
     return [impression["user_id"], impression["item_id"], impression.get("features") or {}, sample.labels]
 
 
-def train_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> Answer:
-    """``encode_rows`` + one ``Learner.step`` on ``sample_row`` rows: the one training call, in this process or
-    in a learner process."""
+def train_rows(learner: Any, rows: Sequence[Mapping[str, Any]], tasks: tuple[str, ...]) -> Answer:
+    """``encode_rows`` + one ``Learner.step`` on rows ``{"user_id", "item_id", "features", "labels"}``: the one
+    training call, in this process or in a learner process."""
     started = time.perf_counter()
-    batch = encode_rows([{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows],
-                        learner.config.features, tasks)
+    batch = encode_rows(rows, learner.config.features, tasks)
     losses, predictions = learner.step(batch)
     seconds = time.perf_counter() - started
     labels = batch.labels.numpy().astype(np.int8)
@@ -135,7 +134,9 @@ class InProcessLearner:
     def in_flight(self) -> int:
         return len(self._answered)
 
-    def submit(self, rows: list[list[Any]], context: Any) -> None:
+    def submit(self, samples: list[JoinedSample], context: Any) -> None:
+        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
+                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
         self._answered.append((context, train_rows(self.learner, rows, self.tasks)))
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
@@ -333,7 +334,7 @@ class Pipeline:
     def train_batch(self, samples: list[JoinedSample]) -> None:
         """Score first, then one teacher-student step; predictions feed the metrics, the ledger and ``on_batch``
         once the learner answers (at once in process; in submission order from a learner process)."""
-        self.learner.submit([sample_row(s) for s in samples], (samples, time.perf_counter()))
+        self.learner.submit(samples, (samples, time.perf_counter()))
         self.collect()
 
     def collect(self, wait: bool = False) -> int:

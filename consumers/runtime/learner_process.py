@@ -53,7 +53,7 @@ import msgpack
 import numpy as np
 import torch
 
-from consumers.core.pipeline import Answer, InProcessLearner, train_rows
+from consumers.core.pipeline import Answer, InProcessLearner, sample_row, train_rows
 from consumers.runtime.config import Config, config_from_dict
 from consumers.runtime.processes import die_with_parent, tune_gc
 from consumers.state.checkpoints import CheckpointStore
@@ -110,7 +110,8 @@ class LocalLearner(InProcessLearner):
 
 def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
     """``consumers.core.pipeline.train_rows`` on ``rows``: the reply the trainer turns back into an ``Answer``."""
-    answer = train_rows(learner, rows, tasks)
+    answer = train_rows(learner, [{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows],
+                        tasks)
     return {"op": "stepped", "n": len(rows), "seconds": answer.seconds, "steps": answer.steps,
             "losses": dict(answer.losses), "labels": answer.labels.tobytes(), "scores": answer.scores.tobytes()}
 
@@ -242,8 +243,12 @@ class RemoteLearner:
 
     # requests
 
-    def submit(self, rows: list[list[Any]], context: Any) -> None:
-        """Send one batch to train; ``context`` comes back with its answer."""
+    def submit(self, samples: list[Any], context: Any) -> None:
+        """Send one batch of joined samples to train; ``context`` comes back with its answer."""
+        self.submit_rows([sample_row(s) for s in samples], context)
+
+    def submit_rows(self, rows: list[list[Any]], context: Any) -> None:
+        """Send one batch of ``sample_row`` rows to train; ``context`` comes back with its answer."""
         while len(self._in_flight) >= MAX_IN_FLIGHT:
             self._take_answer()
         self._send({"op": "step", "rows": rows})

@@ -71,12 +71,12 @@ def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_
     try:
         rows = [[f"u{i % 7}", f"i{i}", {}, {"click": i % 2, "long_view": (i // 3) % 2}] for i in range(64)]
         for k in range(3):
-            remote.submit(rows, k)
+            remote.submit_rows(rows, k)
         assert [context for context, _ in remote.answers(wait=True)] == [0, 1, 2]
         written = remote.write_checkpoint(str(tmp_path), 2, {"positions": [["impressions", 0, 42]]}, None)
         assert written["messages"] == [] and Path(written["path"]).name == "ckpt-000000000003.cdckpt"
         probe = [[f"u{i % 5}", f"p{i}", {}, {"click": 1, "long_view": 0}] for i in range(32)]
-        remote.submit(probe, "probe")
+        remote.submit_rows(probe, "probe")
         (_, answer), = remote.answers(wait=True)
     finally:
         remote.close()
@@ -101,7 +101,7 @@ def test_a_failure_in_the_learner_process_is_raised_with_its_traceback(tmp_path:
         remote.process.kill()  # the learner dies: the trainer must not wait forever, nor carry on
         remote.process.wait()
         with pytest.raises(LearnerProcessError, match="killed by signal 9"):
-            remote.submit([["u", "i", {}, {"click": 1, "long_view": 0}]], None)
+            remote.submit_rows([["u", "i", {}, {"click": 1, "long_view": 0}]], None)
             list(remote.answers(wait=True))
     finally:
         remote.close()
