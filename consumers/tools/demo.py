@@ -222,13 +222,6 @@ def write_prometheus_config(plan: Plan) -> Path:
 # ------------------------------------------------------------------------------------------- child processes
 
 
-def serving_available() -> bool:
-    """Whether ``crossdistil serve`` exists in this checkout."""
-    import importlib.util
-
-    return importlib.util.find_spec("consumers.serving.command") is not None
-
-
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when the demo dies, even by SIGKILL."""
     # The demo blocks SIGINT/SIGTERM around fork so a signal cannot interrupt the start of a child it would then
@@ -738,11 +731,7 @@ class Demo:
         cli = [sys.executable, "-m", "consumers.cli"]
         self._spawn("trainer",
                     [*cli, "train", "--config", str(trainer_cfg), "--torch-threads", str(plan.torch_threads)])
-        if serving_available():
-            self._spawn("serving", [*cli, "serve", "--config", str(serving_cfg)])
-        else:
-            print("[demo] this checkout has no serving daemon yet (consumers/serving/command.py); running without one",
-                  file=sys.stderr)
+        self._spawn("serving", [*cli, "serve", "--config", str(serving_cfg)])
         if plan.prometheus:
             prom_cfg = write_prometheus_config(plan)
             self._spawn("prometheus", [plan.prometheus, f"--config.file={prom_cfg}",
