@@ -39,7 +39,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv --system-site-packages .venv
 fi
 say "installing crossdistil into .venv"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,peers]'
 
 say "resolving the Kafka broker jars (cached after the first run)"
 bash deploy/kafka/fetch.sh >/dev/null

@@ -6,10 +6,12 @@
 * ``rung`` = a rung of the ablation ladder (``mtl`` ... ``crossdistil``), optionally ``RUNG@PRESET``
   (``models.config.PRESETS``): a ``models.learner.Learner`` of ``ModelConfig(tasks, **preset, **options)``;
 * ``rung`` = ``river_lr`` or ``river_fm``: a ``models.river_baseline.RiverLearner`` over the same hashed features
-  (``features`` in the options), with ``river.KEY`` options setting fields of its ``RiverConfig``.
+  (``features`` in the options), with ``river.KEY`` options setting fields of its ``RiverConfig``;
+* ``rung`` = ``vw`` or ``vw_q``: a ``models.vw_baseline.VWLearner`` (Vowpal Wabbit, an optional dependency:
+  ``pip install crossdistil[peers]``), with ``vw.KEY`` options setting fields of its ``VWConfig``.
 
-Options meant for the other kind (``river.*`` for a deep rung) are ignored, so one option set can describe a
-comparison of both kinds.
+Options meant for another kind (``river.*`` or ``vw.*`` for a deep rung) are ignored, so one option set can describe
+a comparison of every kind.
 
 >>> config = learner_config(("click", "like"), {"rung": "crossdistil@trust", "hidden_dims": [8]}, seed=3)
 >>> config.rung, config.kd_gate, config.seed
@@ -27,19 +29,25 @@ from models.config import ModelConfig, split_config_name
 from models.features import FeatureSpec
 from models.learner import Learner
 from models.river_baseline import RIVER_CONFIGS, RiverConfig, RiverLearner, config_for
+from models.vw_baseline import VW_CONFIGS, VWConfig, VWLearner
+from models.vw_baseline import config_for as vw_config_for
 
 
-def learner_config(tasks: Sequence[str], options: Mapping[str, Any], *, seed: int = 0) -> ModelConfig | RiverConfig:
+def learner_config(tasks: Sequence[str], options: Mapping[str, Any], *,
+                   seed: int = 0) -> ModelConfig | RiverConfig | VWConfig:
     """The configuration ``options`` describe (see the module docstring); ``seed`` unless the options set one."""
     options = dict(options)
     rung = str(options.pop("rung", ""))
     river_options = {k.removeprefix("river."): v for k, v in options.items() if k.startswith("river.")}
-    options = {k: v for k, v in options.items() if not k.startswith("river.")}
+    vw_options = {k.removeprefix("vw."): v for k, v in options.items() if k.startswith("vw.")}
+    options = {k: v for k, v in options.items() if not k.startswith(("river.", "vw."))}
     seed = int(options.pop("seed", seed))
-    if rung in RIVER_CONFIGS:
+    if rung in RIVER_CONFIGS or rung in VW_CONFIGS:
         features = options.get("features")
         spec = features if isinstance(features, FeatureSpec) else (
             FeatureSpec.from_dict(features) if isinstance(features, Mapping) else FeatureSpec())
+        if rung in VW_CONFIGS:
+            return vw_config_for(rung, tuple(tasks), spec, seed, **vw_options)
         return config_for(rung, tuple(tasks), spec, seed, **river_options)
     preset: dict[str, Any] = {}
     if rung:
@@ -48,8 +56,12 @@ def learner_config(tasks: Sequence[str], options: Mapping[str, Any], *, seed: in
     return ModelConfig(tasks=tuple(tasks), seed=seed, **{**preset, **options})
 
 
-def make_learner(config: ModelConfig | RiverConfig, device: str = "auto") -> Learner | RiverLearner:
-    """A fresh learner of ``config`` (river learns on the CPU, one event at a time: ``device`` is not used)."""
+def make_learner(config: ModelConfig | RiverConfig | VWConfig,
+                 device: str = "auto") -> Learner | RiverLearner | VWLearner:
+    """A fresh learner of ``config`` (the peers learn on the CPU, one event at a time: ``device`` is not used).
+    A VW learner without the vowpalwabbit package raises ImportError saying how to install it."""
     if isinstance(config, RiverConfig):
         return RiverLearner(config)
+    if isinstance(config, VWConfig):
+        return VWLearner(config)
     return Learner(config, device=device)

@@ -44,7 +44,9 @@ BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 LADDER = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
 # Online baselines from river (models.river_baseline): one LR / FM per task over the same hashed features.
 RIVER_CONFIGS = ("river_lr", "river_fm")
-CONFIGS = LADDER + RIVER_CONFIGS
+# Vowpal Wabbit peers (models.vw_baseline, optional: pip install crossdistil[peers]); vw.KEY=VALUE sets a VWConfig.
+VW_CONFIGS = ("vw", "vw_q")
+CONFIGS = LADDER + RIVER_CONFIGS + VW_CONFIGS
 MODES = ("split", "prequential", "both")
 # Columns of the main table, in order: (metric key in results.json, header).
 TABLE_METRICS = (("auc", "AUC"), ("gauc", "GAUC"), ("multi_auc", "Multi-AUC"), ("ndcg10", "NDCG@10"),
@@ -70,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated backbones among {','.join(BACKBONES)} (default shared_bottom)")
     parser.add_argument("--configs", default=",".join(LADDER),
                         help=f"comma-separated rungs of the ablation ladder among {','.join(LADDER)}, and river "
-                             f"baselines {','.join(RIVER_CONFIGS)} (default: the ladder); RUNG@PRESET applies a "
+                             f"baselines {','.join(RIVER_CONFIGS)}, VW peers {','.join(VW_CONFIGS)} (default: the "
+                             "ladder); RUNG@PRESET applies a "
                              "named option set of models.config.PRESETS, e.g. crossdistil@paper, crossdistil@trust")
     parser.add_argument("--seeds", default="5",
                         help="a count N (seeds 0..N-1) or a comma-separated list such as 3,7,11 (default 5)")
@@ -88,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="models.config.ModelConfig field override, repeatable, e.g. kd_weight=0.5, "
                              "quadruplet_pairs=all, lr=0.003, hidden_dims=64,32; river.KEY=VALUE sets a "
-                             "models.river_baseline.RiverConfig field of the river configs, e.g. river.lr=0.05")
+                             "models.river_baseline.RiverConfig field of the river configs, e.g. river.lr=0.05; "
+                             "vw.KEY=VALUE a models.vw_baseline.VWConfig field, e.g. vw.interactions=ui")
     parser.add_argument("--exclude-feature", action="append", default=[], metavar="NAME",
                         help="drop a feature column of the data set from the model input (repeatable)")
     parser.add_argument("--hash-buckets", type=int, default=0,
@@ -270,8 +274,15 @@ def parse_configs(text: str) -> list[str]:
     names = parse_list(text, None, "--configs")
     for name in names:
         rung, _ = split_config_name(name)  # raises on an unknown preset
-        if rung not in CONFIGS or (rung in RIVER_CONFIGS and rung != name):
+        if rung not in CONFIGS or (rung in RIVER_CONFIGS + VW_CONFIGS and rung != name):
             raise ValueError(f"--configs: unknown {name!r}; choose from {','.join(CONFIGS)}, or RUNG@PRESET")
+    if set(names) & set(VW_CONFIGS):  # an optional dependency: say so before the data is read, not after
+        from models.vw_baseline import require_vowpalwabbit  # lazy: torch loads only when a VW peer is asked for
+
+        try:
+            require_vowpalwabbit()
+        except ImportError as exc:
+            raise ValueError(f"--configs {','.join(sorted(set(names) & set(VW_CONFIGS)))}: {exc}") from None
     return names
 
 
@@ -282,8 +293,8 @@ def variant_name(config: str, variant: str) -> str:
 
 def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
                    model_options: dict[str, Any], device: str) -> Any:
-    """A fresh learner for one run (``models.zoo``: a rung, ``RUNG@PRESET`` or a river baseline), with torch's and
-    numpy's global generators seeded so that a run repeats exactly."""
+    """A fresh learner for one run (``models.zoo``: a rung, ``RUNG@PRESET``, a river baseline or a VW peer), with
+    torch's and numpy's global generators seeded so that a run repeats exactly."""
     # lazy: torch and the models load only when a grid runs (the CLI starts without torch)
     import numpy as np
     import torch
@@ -293,7 +304,7 @@ def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, sp
     torch.manual_seed(seed)
     np.random.seed(seed)
     options = {"backbone": backbone, **model_options, "rung": rung, "features": spec}
-    if rung in RIVER_CONFIGS:  # no backbone, no device: river learns on the CPU, one event at a time
+    if rung in RIVER_CONFIGS + VW_CONFIGS:  # no backbone, no device: peers learn on the CPU, one event at a time
         options.pop("backbone")
     return make_learner(learner_config(tasks, options, seed=seed), device)
 
@@ -344,7 +355,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     model_options = parse_pairs(args.model_option, "--model-option")
     combined_weights = parse_weights(args.combined_weights)
     for reserved in ("tasks", "backbone", "rung", "features", "seed"):
-        if reserved in model_options or f"river.{reserved}" in model_options:
+        if reserved in model_options or f"river.{reserved}" in model_options or f"vw.{reserved}" in model_options:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from consumers.tools.evaluate import feature_spec_for, load_encoded, make_learner
+from consumers.tools.evaluate import feature_spec_for, load_encoded, seeded_learner
 from models.config import split_config_name
 from models.crossdistil import crossdistil_loss
 from models.evaluation import predict_in_chunks
@@ -75,7 +75,7 @@ def probe(learner, batch) -> dict[str, list[float]]:
 
 
 def run(data, spec, tasks, backbone, config, seed, batch_size, probe_every, mtl_predictions):
-    learner = make_learner(tasks, backbone, config, seed, spec, {}, "cpu")
+    learner = seeded_learner(tasks, backbone, config, seed, spec, {}, "cpu")
     n = int(len(data) * 0.8)  # the validation slice: the test split is never read
     n_fit = int(n * 0.9)
     student, teacher, probes, gates = [], [], [], []

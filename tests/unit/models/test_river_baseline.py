@@ -12,6 +12,7 @@ from models.features import FeatureSpec, encode_rows
 from models.learner import flatten_state, unflatten_state
 from models.metrics import auc
 from models.river_baseline import (
+    NAMED_DEFAULTS,
     RIVER_CONFIGS,
     RiverConfig,
     RiverLearner,
@@ -22,6 +23,7 @@ from models.river_baseline import (
 pytestmark = pytest.mark.unit
 
 TASKS = ("click", "long_view")
+OPTIMIZERS = ("adagrad", "sgd")
 SPEC = FeatureSpec(categorical=("user_id", "item_id", "hour"), numeric=("watch",), hash_buckets=2**10)
 MODELS = ("lr", "fm")
 
@@ -116,12 +118,13 @@ def test_fm_seed_sets_the_latent_init_and_lr_ignores_it() -> None:
     np.testing.assert_array_equal(lr[0], lr[1])
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("model", MODELS)
-def test_state_round_trip_through_safetensors_continues_exactly(model: str) -> None:
+def test_state_round_trip_through_safetensors_continues_exactly(model: str, optimizer: str) -> None:
     from safetensors.torch import load, save
 
     rows = signal_rows(900)
-    original = RiverLearner(config(model))
+    original = RiverLearner(config(model, optimizer=optimizer))
     stream(original, rows[:500])
     tensors, metadata = flatten_state(original.state_dict())
     restored = RiverLearner.from_state_dict(unflatten_state(load(save(tensors, metadata)), metadata))
@@ -130,6 +133,63 @@ def test_state_round_trip_through_safetensors_continues_exactly(model: str) -> N
     a, b = stream(original, rows[500:]), stream(restored, rows[500:])
     for task in TASKS:
         np.testing.assert_array_equal(a[task], b[task])
+
+
+def test_adagrad_accumulators_are_exported_as_tensors_one_per_weight_and_latent_vector() -> None:
+    learner = RiverLearner(config("fm", optimizer="adagrad"))
+    stream(learner, signal_rows(300))
+    exported = learner.state_dict()["models"]["click"]
+    assert exported["weight_g2_keys"].dtype == torch.int64 and exported["weight_g2"].dtype == torch.float64
+    assert set(exported["weight_g2_keys"].tolist()) == set(exported["keys"].tolist())
+    # One accumulator per (feature, factor), not river's one per factor shared by every feature.
+    assert exported["latent_g2"].shape == exported["latents"].shape
+    assert set(exported["latent_g2_keys"].tolist()) == set(exported["latent_keys"].tolist())
+    assert (exported["latent_g2"] > 0).any()
+    lr = RiverLearner(config("lr", optimizer="adagrad"))
+    lr.step(make_batch(0))
+    lr_exported = lr.state_dict()["models"]["click"]
+    assert lr_exported["g2"].shape == lr_exported["keys"].shape
+
+
+def test_sgd_state_has_no_accumulators_and_adagrad_refuses_it() -> None:
+    sgd = RiverLearner(config("lr", optimizer="sgd"))
+    sgd.step(make_batch(0))
+    state = sgd.state_dict()
+    assert not any(key.endswith("g2") for key in state["models"]["click"])
+    state["config"]["optimizer"] = "adagrad"
+    with pytest.raises(ValueError, match="lacks AdaGrad accumulators"):
+        RiverLearner.from_state_dict(state)
+
+
+def test_a_state_saved_before_the_optimizer_field_is_read_as_sgd() -> None:
+    learner = RiverLearner(config("lr", optimizer="sgd"))
+    stream(learner, signal_rows(300))
+    state = learner.state_dict()
+    del state["config"]["optimizer"], state["config"]["latent_lr"]  # as written by the SGD-only version
+    restored = RiverLearner.from_state_dict(state)
+    assert restored.config.optimizer == "sgd"
+    torch.testing.assert_close(restored.predict(make_batch(0)), learner.predict(make_batch(0)), rtol=0, atol=0)
+
+
+def test_adagrad_beats_one_sgd_step_for_frequent_and_rare_features_alike() -> None:
+    # Many always-present context columns next to rare ids: the case where one SGD step cannot serve both.
+    spec = FeatureSpec(categorical=("user_id", "item_id") + tuple(f"ctx{c}" for c in range(20)), hash_buckets=2**12)
+    rng = np.random.default_rng(5)
+    item_logit = rng.normal(0.0, 1.5, size=300)
+    rows = []
+    for _ in range(8000):
+        item = int(rng.integers(300))
+        click = int(rng.random() < 1 / (1 + np.exp(-item_logit[item])))
+        rows.append({"user_id": f"u{rng.integers(100)}", "item_id": f"i{item}",
+                     "features": {f"ctx{c}": int(rng.integers(2)) for c in range(20)}, "labels": {"click": click}})
+    labels = np.array([r["labels"]["click"] for r in rows])
+    scores = {}
+    for optimizer in OPTIMIZERS:
+        learner = RiverLearner(RiverConfig(tasks=("click",), features=spec, optimizer=optimizer, lr=0.1))
+        parts = [learner.step(encode_rows(rows[lo:lo + 256], spec, ("click",)))[1]["click"].numpy()
+                 for lo in range(0, len(rows), 256)]
+        scores[optimizer] = auc(labels[4000:], np.concatenate(parts)[4000:])
+    assert scores["adagrad"] > scores["sgd"] + 0.02, scores
 
 
 def test_state_loads_with_torch_weights_only() -> None:
@@ -171,6 +231,10 @@ def test_learns_a_stream_with_signal(model: str) -> None:
 
 def test_config_names_map_to_models_and_bad_values_are_named() -> None:
     assert config_for("river_fm", TASKS, SPEC, seed=2).model == "fm"
+    assert config_for("river_lr", TASKS, SPEC).optimizer == NAMED_DEFAULTS["river_lr"]["optimizer"] == "adagrad"
+    assert config_for("river_lr", TASKS, SPEC, optimizer="sgd").optimizer == "sgd"
+    with pytest.raises(ValueError, match="optimizer"):
+        RiverConfig(optimizer="adam")
     assert set(RIVER_CONFIGS) == {"river_lr", "river_fm"}
     assert RiverConfig.from_dict(config("fm").to_dict()) == config("fm")
     with pytest.raises(ValueError, match="model"):
