@@ -159,6 +159,7 @@ class TrainerMetrics:
         self._detectors = {task: LossDriftDetectors(chunk=drift_chunk, **dict(drift_options or {}))
                            for task in self.tasks}
         self._join_last: dict[str, int] = {}
+        self._join_children: dict[str, Any] = {}
         self._watermark_ms: int | None = None
         self._lag_children: set[tuple[str, str]] = set()
         self._create_metrics()
@@ -270,13 +271,17 @@ class TrainerMetrics:
     def join_counters(self, counters: Mapping[str, int]) -> None:
         """The join's cumulative counters; exported as increments. A value that went down (a restored or new
         join) counts as a reset: its whole value is added, as Prometheus does for counter resets."""
-        for name, value in counters.items():
+        last_values = self._join_last
+        for name, value in counters.items():  # per record in a replay: no label lookup unless it moved
+            last = last_values.get(name, 0)
+            if value == last:
+                continue
             value = int(value)
-            last = self._join_last.get(name, 0)
-            increment = value - last if value >= last else value
-            if increment:
-                self.join_events_total.labels(name).inc(increment)
-            self._join_last[name] = value
+            child = self._join_children.get(name)
+            if child is None:  # a label lookup costs microseconds
+                child = self._join_children[name] = self.join_events_total.labels(name)
+            child.inc(value - last if value >= last else value)
+            last_values[name] = value
 
     def samples_emitted(self, n: int) -> None:
         """``n`` joined samples left the join."""

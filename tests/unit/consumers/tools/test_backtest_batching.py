@@ -163,3 +163,18 @@ def test_dense_is_refused_for_a_live_pipeline() -> None:
 
     with pytest.raises(ValueError, match="replays"):
         build_pipeline(load_config(None, env={}), clock=time.monotonic, dense=True)
+
+
+def test_dense_trains_the_same_batches_however_often_it_collects(drift_log: Path, config_file: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dense replays call train_ready every DENSE_TRAIN_EVERY records, not after each: the join closes windows as
+    # records arrive and only batch_size cuts, so the batches, predictions and series are those of every record.
+    every = replay(drift_log, config_file, "dense", SMALL_BATCHES, rungs="mtl,crossdistil")
+    monkeypatch.setattr(backtest, "DENSE_TRAIN_EVERY", 1)
+    each = replay(drift_log, config_file, "dense", SMALL_BATCHES, rungs="mtl,crossdistil")
+    for name in ("mtl", "crossdistil"):
+        assert every.runs[name].batch_sizes == each.runs[name].batch_sizes
+        assert predictions_digest(every.runs[name]) == predictions_digest(each.runs[name])
+        assert every.runs[name].series == each.runs[name].series
+        assert every.runs[name].detections == each.runs[name].detections
+        assert every.runs[name].pipeline.join.counters == each.runs[name].pipeline.join.counters
