@@ -52,15 +52,20 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
 
 def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.monotonic,
                    metrics: PipelineMetrics | None = None, ledger: Any = None, on_batch: BatchHook | None = None,
-                   on_emitted: Callable[[int, float], None] | None = None) -> Pipeline:
+                   on_emitted: Callable[[int, float], None] | None = None, dense: bool = False) -> Pipeline:
     """The pipeline of ``cfg``: live on the wall clock (``time.monotonic``), or a replay (``clock`` None or an
     ``EventClock``: the join's event-time clock; no source is ever idle). The learner trains here or in a
     learner process (``model.separate_process``). ``metrics``: the ``[metrics]`` section's ``TrainerMetrics`` on a
-    registry of its own by default."""
+    registry of its own by default.
+
+    ``dense=True`` (a replay's dense batching, ``crossdistil backtest --batching dense``): batches are cut by
+    ``batching.batch_size`` only, ``max_batch_delay_s`` is not used; the join and its windows are unchanged."""
     live = clock is not None and not isinstance(clock, EventClock)
+    if dense and live:
+        raise ValueError("dense batching is for replays: a live trainer cuts partial batches on the wall clock")
     return Pipeline(
         learner_port(cfg), AttributionJoin(join_config(cfg, live=live)),
-        MiniBatcher(cfg.batching.batch_size, cfg.batching.max_batch_delay_s),
+        MiniBatcher(cfg.batching.batch_size, None if dense else cfg.batching.max_batch_delay_s),
         tasks=cfg.model.tasks, clock=clock,
         metrics=metrics if metrics is not None else TrainerMetrics.from_config(cfg),
         ledger=ledger, on_batch=on_batch, on_emitted=on_emitted,

@@ -159,6 +159,7 @@ class TrainerMetrics:
         self._detectors = {task: LossDriftDetectors(chunk=drift_chunk, **dict(drift_options or {}))
                            for task in self.tasks}
         self._join_last: dict[str, int] = {}
+        self._join_children: dict[str, Any] = {}
         self._watermark_ms: int | None = None
         self._lag_children: set[tuple[str, str]] = set()
         self._create_metrics()
@@ -270,13 +271,17 @@ class TrainerMetrics:
     def join_counters(self, counters: Mapping[str, int]) -> None:
         """The join's cumulative counters; exported as increments. A value that went down (a restored or new
         join) counts as a reset: its whole value is added, as Prometheus does for counter resets."""
-        for name, value in counters.items():
+        last_values = self._join_last
+        for name, value in counters.items():  # per record in a replay: no label lookup unless it moved
+            last = last_values.get(name, 0)
+            if value == last:
+                continue
             value = int(value)
-            last = self._join_last.get(name, 0)
-            increment = value - last if value >= last else value
-            if increment:
-                self.join_events_total.labels(name).inc(increment)
-            self._join_last[name] = value
+            child = self._join_children.get(name)
+            if child is None:  # a label lookup costs microseconds
+                child = self._join_children[name] = self.join_events_total.labels(name)
+            child.inc(value - last if value >= last else value)
+            last_values[name] = value
 
     def samples_emitted(self, n: int) -> None:
         """``n`` joined samples left the join."""
@@ -416,7 +421,7 @@ class TrainerMetrics:
                    drift_options={"ph_threshold": m.drift_ph_threshold, "ph_delta": m.drift_ph_delta,
                                   "adwin_delta": m.drift_adwin_delta}, **kwargs)
 
-    def _quality_state(self, in_place: bool = False):
+    def _quality_state(self, in_place: bool = False, gauc: bool = True):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens
         outside it, so a scrape blocks the trainer only for the copies.
 
@@ -425,7 +430,7 @@ class TrainerMetrics:
         """
         if in_place:
             with self._lock:
-                return self._quality_state_of(dict(self._quality), dict(self._published_reference))
+                return self._quality_state_of(dict(self._quality), dict(self._published_reference), gauc)
         with self._lock:
             copies = {key: quality.copy() for key, quality in self._quality.items()}
             published_reference = dict(self._published_reference)
@@ -435,13 +440,13 @@ class TrainerMetrics:
                 self._quality[key].adopt_cache(quality)
         return result
 
-    def _quality_state_of(self, copies: dict, published_reference: dict):
+    def _quality_state_of(self, copies: dict, published_reference: dict, gauc: bool = True):
         summaries: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
         drift: dict[tuple[str, str, str, str], float] = {}
         references: dict[tuple[str, str, str, str], float] = {}
         for (task, role), quality in copies.items():
             # GAUC over the baseline window costs more than it tells.
-            summary = quality.summary(gauc_windows=self.windows)
+            summary = quality.summary(gauc_windows=self.windows if gauc else ())
             summaries[(task, role)] = summary
             baseline = summary["auc"][str(self.baseline_window)]
             for window in self.windows:
@@ -455,14 +460,15 @@ class TrainerMetrics:
                     drift[(task, role, w, "published")] = current - published
         return summaries, drift, references
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, gauc: bool = True) -> dict[str, Any]:
         """Latest quality per task, for a checkpoint manifest: ``{task: {role: {metric: {window: value}}}}``
         plus ``{task: {"drift_detections": {detector: detections}}}`` and, once the learner reported a trust gate
         (``record_learner``), ``{task: {"kd_gate": {"open", "teacher_auc", "student_auc", "distilled_steps",
         "skipped_steps"}}}``; undefined values (NaN) become ``None``.
 
-        Call it from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
-        summaries, drift, _ = self._quality_state(in_place=True)
+        ``gauc=False`` leaves GAUC out (``{}`` per role): the costliest metric, which a backtest's series does not
+        show. Call it from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
+        summaries, drift, _ = self._quality_state(in_place=True, gauc=gauc)
         out: dict[str, Any] = {task: {} for task in self.tasks}
         for (task, role), summary in summaries.items():
             role_out = out.setdefault(task, {}).setdefault(role, {})

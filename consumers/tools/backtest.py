@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 SUMMARY_FORMAT = 1
 LAST_FRACTION = 0.2  # "prequential AUC over the last 20% of the stream", as the trainer's acceptance reports it
+BATCHING_MODES = ("event-time", "dense")
+DENSE_TRAIN_EVERY = 256  # dense batching: records ingested between two train_ready calls (same batches)
+SMALL_BATCH_SHARE = 0.25  # the report warns when the mean batch is below this share of batching.batch_size
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -83,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a configuration value in every configuration (repeatable)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    parser.add_argument("--batching", choices=BATCHING_MODES, default="event-time",
+                        help="event-time (default): max_batch_delay_s runs on the log's event time, so the batches "
+                             "are those a live trainer makes when the events arrive at the log's own rate; dense: "
+                             "batches of batching.batch_size only (max_batch_delay_s not used), replayed as fast as "
+                             "the machine trains. The attribution windows run on event time in both")
     parser.add_argument("--sample-every", type=int, default=1000, metavar="N",
                         help="one time-series point every N trained samples (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N records")
@@ -116,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
                 from_offset=args.from_offset, to_offset=args.to_offset,
                 from_ms=parse_time(args.from_time), to_ms=parse_time(args.to_time), limit=args.limit,
                 client_options=client_options_from_args(args))
-        result = run_backtest(records, configs, sample_every=args.sample_every, progress=not args.quiet,
+        result = run_backtest(records, configs, batching=args.batching, sample_every=args.sample_every,
+                              progress=not args.quiet,
                               total=input_desc.get("records") or input_desc.get("bytes"),
                               progress_unit="records" if "records" in input_desc else "bytes")
     except (ConfigError, EventLogError, ValueError) as exc:  # SecurityError is a ValueError too
@@ -131,12 +140,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     write_outputs(result, out, input_desc, plots=not args.no_plots)
-    print(f"crossdistil backtest: {result.records} records, {len(configs)} configuration(s) -> {out}/report.md")
+    print(f"crossdistil backtest: {result.records} records, {len(configs)} configuration(s), {result.batching} "
+          f"batching -> {out}/report.md")
     for name, run_ in result.runs.items():
         aucs = ", ".join(f"{t} {_fmt(v)}" for t, v in run_.prequential_auc().items())
         combined = run_.ranking_metrics()["combined"]
-        print(f"  {name}: {run_.pipeline.trained_samples} samples, prequential AUC {aucs}; combined AUC "
-              f"{_fmt(combined['auc'])}, NDCG@10 {_fmt(combined['ndcg10'])}")
+        stats = batch_statistics(run_.batch_sizes)
+        print(f"  {name}: {run_.pipeline.trained_samples} samples in {stats['batches']} batches (mean "
+              f"{stats['mean']}), prequential AUC {aucs}; combined AUC {_fmt(combined['auc'])}, NDCG@10 "
+              f"{_fmt(combined['ndcg10'])}")
+    for warning in batching_warnings(result):
+        print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -390,6 +404,7 @@ class ConfigRun:
     scores: dict[str, list] = field(default_factory=dict)
     user_codes: list = field(default_factory=list)  # per batch, int32 codes of ``user_index``'s users
     user_index: dict[str, int] = field(default_factory=dict)
+    batch_sizes: list[int] = field(default_factory=list)  # of every trained batch, in order
     seconds: float = 0.0
     _next_point: int = 0
 
@@ -398,6 +413,7 @@ class ConfigRun:
         """Pipeline hook: keep the prequential predictions, detections and, every N samples, a series point."""
         import numpy as np
 
+        self.batch_sizes.append(len(samples))
         self.impression_ids += [s.impression["impression_id"] for s in samples]
         # Users as small integer codes (for per-user NDCG): 4 bytes a sample instead of a string each.
         codes = self.user_index
@@ -417,7 +433,7 @@ class ConfigRun:
     def add_point(self, event_ms: int) -> None:
         """A time-series point from the metrics' snapshot (the same numbers /metrics would show)."""
         trained = self.pipeline.trained_samples
-        snapshot = self.pipeline.metrics.snapshot()
+        snapshot = self.pipeline.metrics.snapshot(gauc=False)  # the series has no GAUC: skip the costliest metric
         for task in self.pipeline.tasks:
             student = snapshot.get(task, {}).get("student", {})
             row: dict[str, Any] = {"samples": trained, "event_time_ms": event_ms, "task": task,
@@ -498,14 +514,18 @@ class BacktestResult:
     records: int
     events: int
     seconds: float
+    batching: str = "event-time"
 
 
-def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sample_every: int = 1000,
-                 progress: bool = False, total: int | None = None, progress_unit: str = "records") -> BacktestResult:
+def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, batching: str = "event-time",
+                 sample_every: int = 1000, progress: bool = False, total: int | None = None,
+                 progress_unit: str = "records") -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
-    the end of a finite stream (``--exit-when-idle``).
+    the end of a finite stream (``--exit-when-idle``). ``batching``: ``"event-time"`` (``max_batch_delay_s`` on
+    the replay clock: a live trainer's batches at the log's own rate) or ``"dense"`` (batches cut by
+    ``batch_size`` only); the join's attribution windows run on event time in both.
     """
     from prometheus_client import CollectorRegistry
 
@@ -517,25 +537,33 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sampl
 
     if sample_every < 1:
         raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
+    if batching not in BATCHING_MODES:
+        raise ValueError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
     tune_gc()
     runs: dict[str, ConfigRun] = {}
     for name, cfg in configs.items():
         clock = EventClock()
         metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
-        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics)
+        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense")
         run_ = ConfigRun(name, cfg, pipeline, sample_every, _next_point=sample_every)
         pipeline.on_batch = run_.on_batch
         runs[name] = run_
+    # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
+    # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
+    # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll.
+    train_every = DENSE_TRAIN_EVERY if batching == "dense" else 1
     started = time.perf_counter()
     n_records = n_events = 0
     with _progress(progress, total, progress_unit) as advance:
         for record in records:
             events = decode_record(record.value)
             source = (record.topic, record.partition)
+            train = n_records % train_every == train_every - 1
             for run_ in runs.values():
                 t0 = time.perf_counter()
                 run_.pipeline.ingest(events, source)
-                run_.pipeline.train_ready()
+                if train:
+                    run_.pipeline.train_ready()
                 run_.seconds += time.perf_counter() - t0
             n_records += 1
             n_events += len(events)
@@ -546,7 +574,59 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, sampl
             if run_.event_ts_ms:
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
-    return BacktestResult(runs, n_records, n_events, time.perf_counter() - started)
+    return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
+
+
+def batch_statistics(sizes: Sequence[int]) -> dict[str, Any]:
+    """Number of batches and the mean, median and 90th percentile (nearest rank) of their sizes.
+
+    >>> batch_statistics([1, 2, 2, 3, 256])
+    {'batches': 5, 'mean': 52.8, 'p50': 2, 'p90': 256}
+    """
+    if not sizes:
+        return {"batches": 0, "mean": None, "p50": None, "p90": None}
+    ordered = sorted(sizes)
+
+    def rank(q: float) -> int:
+        return int(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
+
+    return {"batches": len(ordered), "mean": round(sum(ordered) / len(ordered), 2), "p50": rank(0.5),
+            "p90": rank(0.9)}
+
+
+def small_batch_warning(name: str, mode: str, stats: dict[str, Any], batch_size: int,
+                        max_batch_delay_s: float | None) -> str | None:
+    """The report's warning when the mean batch is below ``SMALL_BATCH_SHARE`` of ``batch_size``, naming what
+    changes it; None otherwise.
+
+    >>> small_batch_warning("mtl", "dense", {"batches": 3, "mean": 200.0}, 256, None) is None
+    True
+    """
+    if not stats["batches"] or stats["mean"] >= SMALL_BATCH_SHARE * batch_size:
+        return None
+    said = (f"{name}: the mean batch is {stats['mean']:g} samples, {stats['mean'] / batch_size:.1%} of "
+            f"batching.batch_size ({batch_size}), over {stats['batches']:,} steps")
+    if mode == "event-time":
+        return (f"{said}: max_batch_delay_s ({max_batch_delay_s:g} s) runs on the log's event time and cuts a batch "
+                "whenever its oldest sample has waited that long, as a live trainer would at the data's own rate. "
+                "--batching dense cuts batches by batch_size only (or raise it with --set "
+                "batching.max_batch_delay_s=SECONDS)")
+    return f"{said}: the replay trained too few samples to fill a batch; lower it with --set batching.batch_size=N"
+
+
+def batching_summary(run_: ConfigRun, mode: str) -> dict[str, Any]:
+    """The batching of one configuration's replay: its mode, what cut batches, and the batch sizes."""
+    batching = run_.cfg.batching
+    delay = None if mode == "dense" else batching.max_batch_delay_s
+    stats = batch_statistics(run_.batch_sizes)
+    return {"mode": mode, "batch_size": batching.batch_size, "max_batch_delay_s": delay, **stats,
+            "warning": small_batch_warning(run_.name, mode, stats, batching.batch_size, delay)}
+
+
+def batching_warnings(result: BacktestResult) -> list[str]:
+    """Every configuration's small-batch warning (``small_batch_warning``), in configuration order."""
+    warnings = (batching_summary(run_, result.batching)["warning"] for run_ in result.runs.values())
+    return [w for w in warnings if w]
 
 
 class _progress:
@@ -599,6 +679,7 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "tasks": list(pipeline.tasks),
             "trained_samples": pipeline.trained_samples,
             "steps": pipeline.learner.steps,
+            "batching": batching_summary(run_, result.batching),
             "dead_letters": pipeline.dead_letters,
             "join": pipeline.join.counters,
             "watermark_ms": pipeline.join.watermark_ms,
@@ -610,7 +691,9 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "drift_detections": run_.detections,
         }
     return {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
-            "records": result.records, "events": result.events, "configurations": configurations}
+            "records": result.records, "events": result.events, "batching": result.batching,
+            "warnings": [c["batching"]["warning"] for c in configurations.values() if c["batching"]["warning"]],
+            "configurations": configurations}
 
 
 def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any], *, plots: bool = True) -> list[Path]:
@@ -711,7 +794,7 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     lines = ["# Backtest report", "",
              f"Input: {source}; {data['records']:,} records, {data['events']:,} events. Replayed through the trainer's "
              "pipeline (consumers.core.pipeline) on event time; every prediction was made before the model learnt from "
-             "its sample (prequential).", ""]
+             "its sample (prequential).", "", *_batching_lines(data)]
     last_key = f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct"
     ranking_last_key = f"ranking_last_{int(LAST_FRACTION * 100)}pct"
     tasks = list(dict.fromkeys(t for c in data["configurations"].values() for t in c["tasks"]))
@@ -760,6 +843,33 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     for image in images:
         lines += ["", f"![{image}]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def _batching_lines(data: dict[str, Any]) -> list[str]:
+    """The report's batching header: the mode, per configuration the batch sizes and steps, and the warnings."""
+    mode = data.get("batching")
+    if mode is None:  # a summary written before the modes existed
+        return []
+    if mode == "dense":
+        said = ("**dense**: batches are cut by `batch_size` only (`max_batch_delay_s` is not used), so the replay "
+                "runs as fast as the machine trains; a live trainer at the log's own rate would cut smaller batches "
+                "(`--batching event-time`).")
+    else:
+        said = ("**event-time**: `max_batch_delay_s` runs on the log's event time, so the batches are those a live "
+                "trainer makes when the events arrive at the log's own rate (`--batching dense`: batches of "
+                "`batch_size` only).")
+    lines = [f"Batching: {said} The attribution windows run on event time in both modes.", "",
+             "| configuration | batch_size | max_batch_delay_s | steps | mean batch | p50 | p90 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, c in data["configurations"].items():
+        b = c["batching"]
+        delay = "not used" if b["max_batch_delay_s"] is None else f"{b['max_batch_delay_s']:g} s (event time)"
+        mean = "n/a" if b["mean"] is None else f"{b['mean']:g}"
+        lines.append(f"| {name} | {b['batch_size']} | {delay} | {b['batches']:,} | {mean} | {b['p50']} | {b['p90']} |")
+    lines.append("")
+    for warning in data.get("warnings", []):
+        lines += [f"> **Warning**: {warning}.", ""]
+    return lines
 
 
 def _dt(ms: int) -> datetime:

@@ -1,0 +1,184 @@
+"""Samples/s of a dense backtest (one and two configurations) next to `evaluate`'s prequential pass; one JSON object.
+
+    python bench/backtest_throughput.py                  # KuaiRand-Pure, 100,000 impressions, 3 rounds (~10 min)
+    python bench/backtest_throughput.py --impressions 0 --rounds 5 --log /tmp/kuairand_pure.evlog
+
+The same data (the first ``--impressions`` impressions of ``--source`` read through ``--mapping``), the same model
+configuration (``--config``, default the KuaiRand-Pure backtest's) and the same batch size (its
+``batching.batch_size``), side by side in one run. Variants, each in a fresh process, alternating for ``--rounds``
+rounds (median and best reported, because this shared machine's speed changes from minute to minute):
+
+* ``evaluate``: ``models.evaluation.run_prequential`` over the data encoded once (``consumers.tools.evaluate``'s
+  ``load_encoded`` and ``seeded_learner``; reading and encoding are not timed), the ``mtl`` rung;
+* ``backtest_one``: ``consumers.tools.backtest.run_backtest(..., batching="dense")`` of the event log written from
+  the same rows (``crossdistil stream --to file://``; made once in a temporary folder unless ``--log`` is given)
+  with ``--one`` (``mtl``), plus the summary's end-of-run metrics (``summary()``): reading and decoding the log,
+  the join, batching, encoding, the steps and the trainer's metrics are all timed;
+* ``backtest_two``: the same with ``--two`` (``mtl,crossdistil``), both from one decode of the log.
+
+``ratios``: ``backtest_one_to_evaluate`` (median samples/s; the issue asks >= 0.8) and ``backtest_two_cost_to_one``
+(median seconds; the issue asks <= 1.8). ``--torch-threads 1`` by default, as ``crossdistil backtest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+VARIANTS = ("evaluate", "backtest_one", "backtest_two")
+DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
+
+
+def evaluate_worker(args: argparse.Namespace) -> dict:
+    from consumers.tools.backtest import build_configs
+    from consumers.tools.evaluate import load_encoded, seeded_learner
+    from models.config import ModelConfig
+    from models.evaluation import default_partners, run_prequential
+    from models.features import FeatureSpec
+    from streamer.datasets import open_dataset
+
+    cfg = build_configs([args.config], args.one.split(",")[0], args.set)[args.one.split(",")[0]]
+    options = dict(cfg.model.options)
+    rung = options.pop("rung")
+    backbone = options.pop("backbone", ModelConfig.__dataclass_fields__["backbone"].default)
+    spec = FeatureSpec.from_dict(options.pop("features"))
+    dataset = open_dataset("csv", args.source, mapping=args.mapping)
+    data = load_encoded(dataset, cfg.model.tasks, spec, args.impressions)
+    learner = seeded_learner(cfg.model.tasks, backbone, rung, cfg.model.seed, spec, options, "cpu")
+    started = time.perf_counter()
+    result = run_prequential(learner, data, default_partners(data.tasks), batch_size=cfg.batching.batch_size)
+    seconds = time.perf_counter() - started
+    return {"samples": len(data), "seconds": round(seconds, 3), "samples_per_s": round(len(data) / seconds),
+            "steps": learner.steps, "auc_all": {t: m["auc"] for t, m in result.metrics["all"].items()}}
+
+
+def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
+    # consumers.runtime and prometheus_client: what run_backtest imports on its first call, imported before the
+    # clock starts (evaluate's imports and learner construction are not timed either; the backtest's learners are
+    # built inside the timed call, each a few tens of ms).
+    import prometheus_client  # noqa: F401
+
+    import consumers.runtime.assembly  # noqa: F401
+    import consumers.runtime.telemetry  # noqa: F401
+    from consumers.tools.backtest import build_configs, log_records, run_backtest, summary
+
+    configs = build_configs([args.config], rungs, args.set)
+    # The first optimizer built imports torch._dynamo (~1.4 s, once per process): built here, untimed, as
+    # evaluate's learner is.
+    consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()
+    records, desc = log_records(f"file://{args.log}")
+    started = time.perf_counter()
+    result = run_backtest(records, configs, batching="dense")
+    data = summary(result, desc)
+    seconds = time.perf_counter() - started
+    samples = {name: c["trained_samples"] for name, c in data["configurations"].items()}
+    one = next(iter(samples.values()))
+    return {"records": result.records, "samples": samples, "seconds": round(seconds, 3),
+            "samples_per_s": round(one / seconds), "batches": {n: c["batching"] for n, c in
+                                                                data["configurations"].items()},
+            "seconds_per_configuration": {n: round(r.seconds, 3) for n, r in result.runs.items()},
+            "auc_all": {n: c["prequential_auc"] for n, c in data["configurations"].items()}}
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from consumers.runtime.processes import tune_gc
+
+    torch.set_num_threads(args.torch_threads)
+    tune_gc()  # as crossdistil backtest runs; evaluate gets the same collector
+    if args.worker == "evaluate":
+        return evaluate_worker(args)
+    return backtest_worker(args, args.one if args.worker == "backtest_one" else args.two)
+
+
+def make_log(args: argparse.Namespace, folder: Path) -> Path:
+    from streamer.stream import stream_dataset
+
+    path = folder / "bench.evlog"
+    stream_dataset("csv", args.source, f"file://{path}", mapping=args.mapping, limit=args.impressions or None)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default=str(DATA / "kuairand_pure_20220425_20220508.csv"))
+    parser.add_argument("--mapping", default=str(REPO_ROOT / "mappings" / "kuairand_pure.toml"))
+    parser.add_argument("--config", default=str(REPO_ROOT / "reports" / "backtest_kuairand_pure" / "config.toml"))
+    parser.add_argument("--set", action="append", default=[], help="configuration override (repeatable)")
+    parser.add_argument("--impressions", type=int, default=100_000, help="first N impressions (0: all)")
+    parser.add_argument("--log", default=None, help="an event log of exactly those impressions (else made once)")
+    parser.add_argument("--one", default="mtl", help="the configuration of backtest_one (and evaluate's rung)")
+    parser.add_argument("--two", default="mtl,crossdistil", help="the configurations of backtest_two")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    with tempfile.TemporaryDirectory(prefix="backtest-bench-") as folder:
+        log = Path(args.log) if args.log else make_log(args, Path(folder))
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for round_ in range(args.rounds):
+            for variant in variants:
+                print(f"[backtest_throughput] round {round_ + 1}/{args.rounds}: {variant}", file=sys.stderr,
+                      flush=True)
+                command = [sys.executable, __file__, "--worker", variant, "--source", args.source, "--mapping",
+                           args.mapping, "--config", args.config, "--impressions", str(args.impressions), "--log",
+                           str(log), "--one", args.one, "--two", args.two, "--torch-threads",
+                           str(args.torch_threads), *[a for s in args.set for a in ("--set", s)]]
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    print(done.stderr, file=sys.stderr)
+                    raise SystemExit(f"{variant} failed with status {done.returncode}")
+                runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(json.dumps(report(args, runs), indent=2))
+    return 0
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
+    """Medians, bests and every round per variant, and the two ratios of the issue."""
+    out: dict = {"impressions": args.impressions or "all", "config": str(Path(args.config).relative_to(REPO_ROOT))
+                 if Path(args.config).is_relative_to(REPO_ROOT) else args.config, "one": args.one, "two": args.two,
+                 "rounds": args.rounds, "torch_threads": args.torch_threads, "variants": {}}
+    for variant, results in runs.items():
+        rates = [r["samples_per_s"] for r in results]
+        seconds = [r["seconds"] for r in results]
+        fastest = max(results, key=lambda r: r["samples_per_s"])
+        out["variants"][variant] = {"samples_per_s_median": round(statistics.median(rates)),
+                                    "samples_per_s_best": max(rates), "seconds_median": statistics.median(seconds),
+                                    "rounds_samples_per_s": rates, "rounds_seconds": seconds,
+                                    "fastest": fastest}
+    variants = out["variants"]
+    ratios = {}
+    if "evaluate" in variants and "backtest_one" in variants:
+        ratios["backtest_one_to_evaluate"] = round(variants["backtest_one"]["samples_per_s_median"]
+                                                   / variants["evaluate"]["samples_per_s_median"], 2)
+        ratios["per_round_backtest_one_to_evaluate"] = [
+            round(b["samples_per_s"] / e["samples_per_s"], 2) for b, e in zip(runs["backtest_one"], runs["evaluate"])]
+    if "backtest_one" in variants and "backtest_two" in variants:
+        ratios["backtest_two_cost_to_one"] = round(variants["backtest_two"]["seconds_median"]
+                                                   / variants["backtest_one"]["seconds_median"], 2)
+        ratios["per_round_backtest_two_cost_to_one"] = [
+            round(t["seconds"] / o["seconds"], 2) for t, o in zip(runs["backtest_two"], runs["backtest_one"])]
+    out["ratios"] = ratios
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""``crossdistil backtest --batching event-time|dense``: the two modes, the batch statistics and the warning."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from consumers.tools import backtest
+
+pytestmark = pytest.mark.unit
+
+GOLDEN = Path(__file__).parent / "data" / "backtest_event_time"
+NEW_KEYS = ("batching", "warnings")  # what the summary gained with the modes
+# The stream has an impression every 10 ms: with 1 s windows samples leave the join as it goes (CONFIG's windows
+# outlast the 30 s stream), and a 0.1 s delay on event time then cuts batches of about 10.
+SMALL_BATCHES = ("join.attribution_window_s={click = 1, like = 1}", "batching.max_batch_delay_s=0.1")
+
+
+@pytest.fixture(scope="module")
+def drift_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic drift stream of test_backtest.py (the golden outputs were made on it)."""
+    from streamer.stream import stream_dataset
+
+    path = tmp_path_factory.mktemp("log") / "synthetic.evlog"
+    stream_dataset("synthetic", None, f"file://{path}", options={
+        "n_events": 3000, "tasks": "click,like", "drift": "abrupt", "drift_at": 1500, "drift_bias": -2.0,
+        "n_users": 100, "n_items": 300, "seed": 3, "delay_median_s": "2,20", "max_delay_s": 100})
+    return path
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.unit.consumers.tools.test_backtest import CONFIG
+
+    path = tmp_path_factory.mktemp("cfg") / "base.toml"
+    path.write_text(CONFIG)  # batch_size 128, max_batch_delay_s 30
+    return path
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    backtest.add_arguments(parser)
+    return backtest.run(parser.parse_args(list(argv)))
+
+
+def without_new_keys(summary: dict) -> dict:
+    out = {k: v for k, v in summary.items() if k not in NEW_KEYS}
+    out["input"] = {k: v for k, v in summary["input"].items() if k != "log"}  # the log's path differs
+    out["configurations"] = {name: {k: v for k, v in c.items() if k not in NEW_KEYS}
+                             for name, c in summary["configurations"].items()}
+    return out
+
+
+def predictions_digest(run_: backtest.ConfigRun) -> str:
+    digest = hashlib.sha256("\n".join(run_.impression_ids).encode())
+    for task in run_.pipeline.tasks:
+        labels, predictions = run_.arrays(task)
+        digest.update(labels.tobytes())
+        digest.update(predictions.tobytes())
+    return digest.hexdigest()
+
+
+def replay(drift_log: Path, config_file: Path, batching: str, overrides: tuple[str, ...] = (),
+           rungs: str = "mtl") -> backtest.BacktestResult:
+    configs = backtest.build_configs([str(config_file)], rungs, list(overrides))
+    records, _ = backtest.log_records(f"file://{drift_log}")
+    return backtest.run_backtest(records, configs, batching=batching, sample_every=250)
+
+
+def test_event_time_is_the_default_and_gives_the_outputs_of_the_code_before_the_modes_bit_for_bit(
+        drift_log: Path, config_file: Path, tmp_path: Path) -> None:
+    common = ("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl,crossdistil",
+              "--sample-every", "250", "--quiet", "--no-plots")
+    assert cli(*common, "--out", str(tmp_path / "default")) == 0
+    assert cli(*common, "--out", str(tmp_path / "event-time"), "--batching", "event-time") == 0
+    golden = json.loads((GOLDEN / "summary.json").read_text())
+    for out in ("default", "event-time"):
+        for name in ("series_mtl.csv", "series_crossdistil.csv"):
+            assert (tmp_path / out / name).read_bytes() == (GOLDEN / name).read_bytes(), (out, name)
+        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        assert summary["batching"] == "event-time"
+        assert without_new_keys(summary) == without_new_keys(golden), out
+
+
+def test_event_time_predictions_are_those_of_the_code_before_the_modes(drift_log: Path, config_file: Path) -> None:
+    result = replay(drift_log, config_file, "event-time", rungs="mtl,crossdistil")
+    golden = json.loads((GOLDEN / "predictions_sha256.json").read_text())
+    assert {name: predictions_digest(run_) for name, run_ in result.runs.items()} == golden
+
+
+def test_dense_batches_are_cut_by_batch_size_only(drift_log: Path, config_file: Path) -> None:
+    result = replay(drift_log, config_file, "dense", SMALL_BATCHES)
+    sizes = result.runs["mtl"].batch_sizes
+    assert sum(sizes) == 3000 and set(sizes[:-1]) == {128} and 0 < sizes[-1] <= 128
+    assert result.runs["mtl"].pipeline.learner.steps == len(sizes) == 24
+
+
+def test_dense_keeps_the_join_on_event_time(drift_log: Path, config_file: Path) -> None:
+    # Same events, same windows: the same samples with the same labels, whatever cuts the batches.
+    dense = replay(drift_log, config_file, "dense", SMALL_BATCHES).runs["mtl"]
+    event = replay(drift_log, config_file, "event-time", SMALL_BATCHES).runs["mtl"]
+    assert len(event.batch_sizes) > 4 * len(dense.batch_sizes)
+    assert dense.impression_ids == event.impression_ids
+    assert dense.pipeline.join.counters == event.pipeline.join.counters
+    for task in ("click", "like"):
+        assert (dense.arrays(task)[0] == event.arrays(task)[0]).all()
+
+
+def test_batch_statistics_are_mean_median_and_p90_by_nearest_rank() -> None:
+    assert backtest.batch_statistics([4, 1, 3, 2]) == {"batches": 4, "mean": 2.5, "p50": 2, "p90": 4}
+    assert backtest.batch_statistics([256] * 9 + [10]) == {"batches": 10, "mean": 231.4, "p50": 256, "p90": 256}
+    assert backtest.batch_statistics([]) == {"batches": 0, "mean": None, "p50": None, "p90": None}
+
+
+def test_small_batches_warn_and_name_the_option_that_changes_them(drift_log: Path, config_file: Path,
+                                                                  tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl",
+               *[a for o in SMALL_BATCHES for a in ("--set", o)], "--out", str(tmp_path), "--quiet", "--no-plots") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    batching = summary["configurations"]["mtl"]["batching"]
+    assert batching["mode"] == "event-time" and batching["max_batch_delay_s"] == 0.1
+    assert batching["mean"] < 0.25 * 128 and batching["batches"] == summary["configurations"]["mtl"]["steps"]
+    assert summary["warnings"] == [batching["warning"]]
+    assert "--batching dense" in batching["warning"] and "batching.max_batch_delay_s" in batching["warning"]
+    assert "--batching dense" in capsys.readouterr().err
+    report = (tmp_path / "report.md").read_text()
+    assert "> **Warning**: mtl: the mean batch is" in report
+
+
+def test_full_batches_do_not_warn(drift_log: Path, config_file: Path, tmp_path: Path) -> None:
+    assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl", "--batching",
+               "dense", *[a for o in SMALL_BATCHES for a in ("--set", o)], "--out", str(tmp_path), "--quiet",
+               "--no-plots") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["warnings"] == [] and summary["configurations"]["mtl"]["batching"]["warning"] is None
+    assert "Warning" not in (tmp_path / "report.md").read_text()
+
+
+def test_report_header_names_the_mode_and_the_batch_sizes(drift_log: Path, config_file: Path,
+                                                         tmp_path: Path) -> None:
+    for mode in backtest.BATCHING_MODES:
+        out = tmp_path / mode
+        assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl",
+                   "--batching", mode, "--out", str(out), "--quiet", "--no-plots") == 0
+        report = (out / "report.md").read_text()
+        header = report.split("| configuration | task |")[0]
+        assert f"Batching: **{mode}**" in header
+        assert "| configuration | batch_size | max_batch_delay_s | steps | mean batch | p50 | p90 |" in header
+        delay = "not used" if mode == "dense" else "30 s (event time)"
+        assert f"| mtl | 128 | {delay} |" in header
+
+
+def test_dense_is_refused_for_a_live_pipeline() -> None:
+    import time
+
+    from consumers.runtime.assembly import build_pipeline
+    from consumers.runtime.config import load_config
+
+    with pytest.raises(ValueError, match="replays"):
+        build_pipeline(load_config(None, env={}), clock=time.monotonic, dense=True)
+
+
+def test_dense_trains_the_same_batches_however_often_it_collects(drift_log: Path, config_file: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dense replays call train_ready every DENSE_TRAIN_EVERY records, not after each: the join closes windows as
+    # records arrive and only batch_size cuts, so the batches, predictions and series are those of every record.
+    every = replay(drift_log, config_file, "dense", SMALL_BATCHES, rungs="mtl,crossdistil")
+    monkeypatch.setattr(backtest, "DENSE_TRAIN_EVERY", 1)
+    each = replay(drift_log, config_file, "dense", SMALL_BATCHES, rungs="mtl,crossdistil")
+    for name in ("mtl", "crossdistil"):
+        assert every.runs[name].batch_sizes == each.runs[name].batch_sizes
+        assert predictions_digest(every.runs[name]) == predictions_digest(each.runs[name])
+        assert every.runs[name].series == each.runs[name].series
+        assert every.runs[name].detections == each.runs[name].detections
+        assert every.runs[name].pipeline.join.counters == each.runs[name].pipeline.join.counters
