@@ -35,7 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], float]] = {
     "trainer_throughput": ("trainer_throughput.py", [], ["--events", "20000", "--memory-events", "100000"], 1800),
     "serving_pickup": ("serving_pickup.py", [], [], 600),
     "serving_load": ("serving_load.py", [], [], 600),
-    "crossdistil_vs_river": ("crossdistil_vs_river.py", [], ["--limit", "10000"], 1800),
+    "peers": ("peers.py", [], ["--limit", "10000"], 1800),
     "backtest_throughput": ("backtest_throughput.py", [], ["--impressions", "20000", "--rounds", "1"], 1800),
 }
 

@@ -172,7 +172,7 @@ def example_lines(batch: Batch, namespaces: Sequence[str]) -> list[str]:
 class VWLearner:
     """One VW model per task over the Batch's hashed features, scored and then trained one mini-batch at a time.
 
-    Needs vowpalwabbit (``require_vowpalwabbit``); its behaviour is specified in tests/unit/test_vw_baseline.py,
+    Needs vowpalwabbit (``require_vowpalwabbit``); its behaviour is specified in tests/unit/models/test_vw_baseline.py,
     which skip without it.
     """
 
