@@ -144,6 +144,23 @@ def encode_payload(
     return messages
 
 
+def manifest_version(key: bytes | None, value: bytes | None) -> int | None:
+    """The version of a serving-topic message if it is a readable manifest, else None (chunks, tombstones, junk).
+
+    >>> key, value = encode_checkpoint({}, {"step": 3}, version=7)[-1]
+    >>> manifest_version(key, value), manifest_version(b"chunk/0", b"..."), manifest_version(MANIFEST_KEY, None)
+    (7, None, None)
+    """
+    if key != MANIFEST_KEY or value is None:
+        return None
+    try:
+        manifest = msgpack.unpackb(value, raw=False, strict_map_key=False)
+    except Exception:  # not msgpack: not a manifest this code wrote
+        return None
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
 def _check_metadata(metadata: Mapping[str, Any]) -> None:
     step = metadata.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:

@@ -82,7 +82,7 @@ from consumers.state.ledger import Ledger
 from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.freshness import Freshness
-from consumers.trainer.kafka_io import KafkaIO, connect
+from consumers.trainer.kafka_io import KafkaIO, connect, newest_published_version
 from consumers.trainer.publisher import Publisher
 from streamer.events import EventError
 from streamer.kafka_security import connection_failure
@@ -170,6 +170,8 @@ class Trainer:
             return 3
         self.kafka.consumer = consumer
         self.dead_letters.producer = self.publisher.producer = producer
+        if self.cfg.publish.enabled:
+            self._continue_versions()
         self.kafka.subscribe(self.start_ms)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         print(f"crossdistil train: consuming {k.impressions_topic}, {k.feedback_topic} from {k.bootstrap} "
@@ -182,6 +184,15 @@ class Trainer:
             self._close(consumer, producer, http)
         print(self._summary(), flush=True)
         return self.exit_status
+
+    def _continue_versions(self) -> None:
+        """Publish above the newest version on the serving topic (another checkpoint directory may have written it);
+        a topic that cannot be read now only leaves the checkpoint's version, as before."""
+        try:
+            self.publisher.continue_after(newest_published_version(self.cfg.kafka))
+        except KafkaError as exc:
+            log.warning("could not read the newest version on %s (%s): publishing above the checkpoint's",
+                        self.cfg.kafka.model_topic, exc)
 
     def _close(self, consumer: Any, producer: Any, http: Any) -> None:
         """Close the clients, the endpoint and the learner; a failure to close is logged, never raised over

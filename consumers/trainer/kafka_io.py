@@ -31,6 +31,7 @@ from kafka.errors import CorruptRecordError, FencedInstanceIdError, UnsupportedC
 
 from consumers.core.join import AttributionJoin
 from consumers.runtime.config import KafkaConfig, kafka_client_options
+from consumers.state.wire import manifest_version
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -58,6 +59,45 @@ def release_drained_records(consumer: Any) -> None:
     current = getattr(fetcher, "_next_partition_records", None)
     if current is not None and not current:
         fetcher._next_partition_records = None
+
+
+MANIFEST_SCAN = 512  # messages read back from the end of the serving topic to find its newest manifest
+
+
+def newest_published_version(k: KafkaConfig, timeout_s: float = 10.0) -> int:
+    """The newest version published on ``k.model_topic`` by any trainer (0 if none, or the topic is missing).
+
+    A publication ends with its manifest, so the newest manifest is the last message on the topic, or a few
+    before it when the last publication was cut short: up to ``MANIFEST_SCAN`` messages are read back, one
+    at a time. A trainer continues above it, so versions never repeat on a topic, even when it starts from a
+    new ``checkpoint.dir`` (serving would otherwise ignore its first versions as stale, or replicas started at
+    different times would serve different models under one version).
+    """
+    options = {k_: v for k_, v in kafka_client_options(k).items() if k_ in KafkaConsumer.DEFAULT_CONFIG}
+    consumer = KafkaConsumer(bootstrap_servers=k.bootstrap, group_id=None, enable_auto_commit=False,
+                             max_partition_fetch_bytes=32 << 20, fetch_max_bytes=64 << 20, **options)
+    try:
+        if not consumer.partitions_for_topic(k.model_topic):
+            return 0
+        tp = TopicPartition(k.model_topic, 0)
+        consumer.assign([tp])
+        begin, end = consumer.beginning_offsets([tp])[tp], consumer.end_offsets([tp])[tp]
+        deadline = time.monotonic() + timeout_s
+        for offset in range(end - 1, max(begin, end - MANIFEST_SCAN) - 1, -1):
+            consumer.seek(tp, offset)
+            while time.monotonic() < deadline:
+                records = consumer.poll(timeout_ms=500, max_records=1).get(tp, [])
+                if records:
+                    break
+            else:
+                log.warning("reading the newest version on %s timed out at offset %d", k.model_topic, offset)
+                return 0
+            version = manifest_version(records[0].key, records[0].value)
+            if version is not None:
+                return version
+        return 0
+    finally:
+        consumer.close()
 
 
 def connect(k: KafkaConfig) -> tuple[KafkaConsumer, KafkaProducer]:

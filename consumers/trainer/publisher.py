@@ -8,7 +8,8 @@ acknowledged) is retried with a newer version after ``PUBLISH_RETRY_S[0]`` s, do
 restored step again as soon as it starts. Serving therefore always ends up with the newest checkpointed model.
 
 Versions only grow: the next version is one more than the newest ever attempted (kept in checkpoints and in
-the publication record), so serving never sees a version twice.
+the publication record) and than the newest on the topic (read at start: ``kafka_io.newest_published_version``),
+so serving never sees a version twice, even from a trainer started with a new checkpoint directory.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class Publisher:
         self.published_chunks = published_chunks
         self.last_published_step = step if acknowledged else -1
         self.pending = enabled and not acknowledged
+
+    def continue_after(self, newest_on_topic: int) -> None:
+        """Publish above ``newest_on_topic`` (the newest version any trainer published on the topic): versions
+        never repeat on a topic, even for a trainer started from a new checkpoint directory."""
+        if newest_on_topic > self.version:
+            log.info("the serving topic %s already holds version %d: publishing from version %d on", self.topic,
+                     newest_on_topic, newest_on_topic + 1)
+            self.version = newest_on_topic
 
     def retry_delay(self) -> float:
         """Seconds before the next attempt: ``PUBLISH_RETRY_S[0]``, doubling per failure, at most ``[1]``."""
