@@ -74,8 +74,10 @@ def newest_published_version(k: KafkaConfig, timeout_s: float = 10.0) -> int:
     different times would serve different models under one version).
     """
     options = {k_: v for k_, v in kafka_client_options(k).items() if k_ in KafkaConsumer.DEFAULT_CONFIG}
+    # No auto-creation: a model topic created by a metadata request would lack compaction (streamer.topics makes it).
     consumer = KafkaConsumer(bootstrap_servers=k.bootstrap, group_id=None, enable_auto_commit=False,
-                             max_partition_fetch_bytes=32 << 20, fetch_max_bytes=64 << 20, **options)
+                             allow_auto_create_topics=False, max_partition_fetch_bytes=32 << 20,
+                             fetch_max_bytes=64 << 20, **options)
     try:
         if not consumer.partitions_for_topic(k.model_topic):
             return 0
