@@ -24,6 +24,7 @@ from typing import Any
 
 from consumers.core.join import late_feedback_warning
 from consumers.core.pipeline import Pipeline
+from consumers.runtime.assembly import model_config
 from consumers.runtime.config import Config
 from consumers.state.checkpoints import CheckpointStore, positions_from_plain, positions_to_plain
 from consumers.state.learner_state import check_format
@@ -62,7 +63,8 @@ class Checkpointer:
         self.dead_letters = dead_letters
         self.publisher = publisher
         self.ledger = ledger
-        self.config_hash = stable_hash(cfg.to_dict())
+        # The model's configuration only: two trainers of the same model on other topics or brokers hash alike.
+        self.config_hash = stable_hash(model_config(cfg).to_dict())
         self.last_step = -1
         self.last_at = time.monotonic()
         self._late_feedback_reported = 0  # late_feedback count at the last log warning
