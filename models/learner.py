@@ -21,6 +21,9 @@ import torch
 from models.config import LEGACY_VALUES, ModelConfig
 from models.crossdistil import CrossDistilModel, crossdistil_loss
 from models.features import Batch, encode_rows
+from models.onnx_export import TENSOR_NAME as ONNX_TENSOR
+from models.onnx_export import describe as describe_graph
+from models.onnx_export import export_students
 from models.trust_gate import TrustGate
 
 SERVING_FORMAT = "crossdistil-students"
@@ -195,11 +198,12 @@ class Learner:
         learner.load_state_dict(state)
         return learner
 
-    def serving_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def serving_state(self, onnx: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Students-only weights (no teacher towers, calibrators or teacher gates) and metadata.
 
         Tensors are contiguous CPU copies and the metadata is ``dict[str, str]``, so the pair can go
-        straight to ``safetensors.torch.save(tensors, metadata)``.
+        straight to ``safetensors.torch.save(tensors, metadata)``. ``onnx``: also the students as an ONNX graph
+        (``models.onnx_export``), a uint8 tensor ``onnx.students``, with its contract as JSON in ``metadata["onnx"]``.
         """
         with torch.device("meta"):  # only the key names are needed
             keep = set(CrossDistilModel(self.config, students_only=True).state_dict())
@@ -214,6 +218,13 @@ class Learner:
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "steps": str(self.steps),
         }
+        if onnx:
+            with torch.device("meta"):
+                students = CrossDistilModel(self.config, students_only=True)
+            students.load_state_dict(tensors, strict=True, assign=True)
+            graph = export_students(students.eval())
+            tensors[ONNX_TENSOR] = torch.frombuffer(bytearray(graph), dtype=torch.uint8)
+            metadata["onnx"] = json.dumps(describe_graph(self.config), sort_keys=True)
         return tensors, metadata
 
 
@@ -289,6 +300,7 @@ class ServingModel:
                 f"expected format={SERVING_FORMAT!r} version={SERVING_VERSION!r}"
             )
         config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        tensors = {name: value for name, value in tensors.items() if name != ONNX_TENSOR}  # for other runtimes
         target = resolve_device(device)
         with torch.device("meta"):
             model = CrossDistilModel(config, students_only=True)  # no wasted random init of a large table

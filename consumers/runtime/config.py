@@ -112,6 +112,8 @@ class CheckpointConfig:
 class PublishConfig:
     enabled: bool = _f(True, "publish the serving view of each checkpoint to the serving topic")
     chunk_bytes: int = _f(900_000, "chunk size of a published checkpoint (below the topic's max.message.bytes)")
+    onnx: bool = _f(False, "also publish the students as an ONNX graph (models.onnx_export, docs/features.md): "
+                           "the model runs in onnxruntime without this code; about doubles the published bytes")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 
 from consumers.state.checkpoints import Checkpoint, CheckpointError, CheckpointStore, decode_checkpoint_file
 from consumers.state.wire import encode_checkpoint
+from models.config import ModelConfig
 from models.learner import flatten_state, unflatten_state
 
 CHECKPOINT_FORMAT = 2
@@ -61,14 +62,17 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
     """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` and build the publication messages.
 
     ``publication``: None, or ``{"manifest": {...}, "version", "chunk_size", "previous_chunk_count",
-    "max_message_bytes"}`` (``consumers.state.wire.encode_checkpoint``; the learner's serving metadata is added
-    to the manifest). Returns ``{"path", "seconds", "messages": [[key, value], ...], "chunks"}``.
+    "max_message_bytes", "onnx"}`` (``consumers.state.wire.encode_checkpoint``; the learner's serving metadata is
+    added to the manifest; ``onnx``: the students as an ONNX graph too). Returns ``{"path", "seconds",
+    "messages": [[key, value], ...], "chunks"}``.
     """
     started = time.perf_counter()
     messages: list[Any] = []
     chunks = 0
     if publication is not None:
-        tensors, serving_meta = learner.serving_state()
+        # The ONNX graph of the students (publish.onnx), for the deep model only: the peers have no graph.
+        with_graph = bool(publication.get("onnx")) and isinstance(getattr(learner, "config", None), ModelConfig)
+        tensors, serving_meta = learner.serving_state(onnx=True) if with_graph else learner.serving_state()
         manifest = {**publication["manifest"], "serving": dict(serving_meta)}
         messages = encode_checkpoint(tensors, manifest, version=int(publication["version"]),
                                      chunk_size=int(publication["chunk_size"]),

@@ -187,7 +187,7 @@ class Checkpointer:
         chunk_bytes = self.cfg.publish.chunk_bytes
         return {"manifest": manifest, "version": version, "chunk_size": chunk_bytes,
                 "previous_chunk_count": self.publisher.published_chunks,
-                "max_message_bytes": max(1_000_000, chunk_bytes + 64 * 1024)}
+                "max_message_bytes": max(1_000_000, chunk_bytes + 64 * 1024), "onnx": self.cfg.publish.onnx}
 
     def _warn_late_feedback(self) -> None:
         """Say in the log, at most once per checkpoint, that labels were dropped as late since the last time."""
