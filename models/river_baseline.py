@@ -48,6 +48,7 @@ from river import facto, linear_model, optim
 
 from models.config import from_known_fields
 from models.features import Batch, FeatureSpec, encode_rows
+from models.metrics import log_loss
 
 RIVER_MODELS = ("lr", "fm")
 RIVER_OPTIMIZERS = ("adagrad", "sgd")
@@ -271,7 +272,7 @@ class RiverLearner:
         for k, (task, model) in enumerate(self.models.items()):
             p = predictions[task].double().clamp(1e-7, 1 - 1e-7).numpy()
             y = labels[:, k]
-            losses[f"bce/{task}"] = float(-np.mean(np.where(y, np.log(p), np.log1p(-p)))) if len(y) else 0.0
+            losses[f"bce/{task}"] = log_loss(y, p) if len(y) else 0.0
             for x, label in zip(xs, y.tolist()):
                 model.learn_one(x, label)
         self._update_numeric(batch.numeric)

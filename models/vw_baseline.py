@@ -41,6 +41,7 @@ import torch
 
 from models.config import from_known_fields
 from models.features import Batch, FeatureSpec
+from models.metrics import log_loss
 
 # Names selectable in ``crossdistil evaluate --configs`` -> their VWConfig settings. ``vw`` is VW as a user runs
 # it first (no interactions, default learning rate). ``vw_q`` is the best of a declared set of 8 (interactions
@@ -220,7 +221,7 @@ class VWLearner:
         for k, (task, model) in enumerate(self.models.items()):
             p = predictions[task].double().clamp(1e-7, 1 - 1e-7).numpy()
             y = labels[:, k]
-            losses[f"bce/{task}"] = float(-np.mean(np.where(y, np.log(p), np.log1p(-p)))) if len(y) else 0.0
+            losses[f"bce/{task}"] = log_loss(y, p) if len(y) else 0.0
             for line, label in zip(lines, y.tolist()):
                 model.learn(("1" if label else "-1") + line)
         self.steps += 1

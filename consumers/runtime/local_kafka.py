@@ -105,18 +105,16 @@ def find_libs() -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def java_executable() -> str:
-    """The ``java`` to run the broker with: ``$JAVA_HOME/bin/java`` if set, else the one on the PATH."""
+def jdk_tool(name: str = "java") -> str:
+    """A JDK program (``java``, ``keytool``): ``$JAVA_HOME/bin/<name>`` if set, else the one on the PATH."""
     java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").exists():
-        return str(Path(java_home) / "bin" / "java")
-    java = shutil.which("java")
-    if java is None:
-        raise LocalKafkaError(
-            "java not found: the local Kafka broker needs Java 17 or newer on the PATH "
-            "(e.g. 'apt-get install openjdk-17-jre-headless')"
-        )
-    return java
+    if java_home and (Path(java_home) / "bin" / name).exists():
+        return str(Path(java_home) / "bin" / name)
+    found = shutil.which(name)
+    if found is None:
+        raise LocalKafkaError(f"{name} not found: the local Kafka broker needs Java 17 or newer on the PATH "
+                              "(e.g. 'apt-get install openjdk-17-jre-headless')")
+    return found
 
 
 def new_cluster_id() -> str:
@@ -242,7 +240,7 @@ class LocalKafka:
                 f"stop it or choose another port with --port"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        java = java_executable()
+        java = jdk_tool("java")
         libs = find_libs()
         state = self._prepare_state()
         if self.sasl_ssl_port is not None:
@@ -450,24 +448,12 @@ class LocalKafka:
         return False
 
 
-def keytool_executable() -> str:
-    """``keytool`` of ``$JAVA_HOME``, else the one on the PATH (it comes with every JDK and JRE)."""
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "keytool").exists():
-        return str(Path(java_home) / "bin" / "keytool")
-    keytool = shutil.which("keytool")
-    if keytool is None:
-        raise LocalKafkaError("keytool not found: it comes with Java 17 "
-                              "(e.g. 'apt-get install openjdk-17-jre-headless')")
-    return keytool
-
-
 def make_tls_material(directory: Path, password: str) -> None:
     """A private CA (``ca.p12``, its certificate ``ca.pem``) and the broker's keystore ``broker.p12``: a key and a
     certificate for 127.0.0.1 and localhost signed by that CA, with the CA's certificate as its chain. Clients
     trust ``ca.pem`` (``ssl_cafile``) and check the host name against the certificate."""
     directory.mkdir(parents=True, exist_ok=True)
-    keytool = keytool_executable()
+    keytool = jdk_tool("keytool")
     ca, broker = str(directory / "ca.p12"), str(directory / "broker.p12")
     for path in (ca, broker):
         Path(path).unlink(missing_ok=True)
