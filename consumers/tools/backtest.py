@@ -667,6 +667,7 @@ class _progress:
 
 def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any]:
     """The deterministic summary (no wall-clock field): inputs, and per configuration its final numbers."""
+    from consumers.runtime.assembly import model_config  # lazy: the models load only when a replay ran
 
     configurations: dict[str, Any] = {}
     for name, run_ in result.runs.items():
@@ -674,7 +675,7 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
         final = {row["task"]: {k: v for k, v in row.items() if k not in ("task",)}
                  for row in run_.series[-len(pipeline.tasks):]}
         configurations[name] = {
-            "config_hash": stable_hash(run_.cfg.to_dict()),
+            "config_hash": stable_hash(model_config(run_.cfg).to_dict()),  # the model's, as in the trainer's manifests
             "model_options": run_.cfg.model.options,
             "tasks": list(pipeline.tasks),
             "trained_samples": pipeline.trained_samples,

@@ -48,9 +48,11 @@ def cli(*argv: str) -> int:
 
 
 def without_new_keys(summary: dict) -> dict:
+    """The summary without what the batching modes added, and without ``config_hash``: a hash of the model's
+    configuration, not a result (it changed when it stopped covering the whole trainer configuration)."""
     out = {k: v for k, v in summary.items() if k not in NEW_KEYS}
     out["input"] = {k: v for k, v in summary["input"].items() if k != "log"}  # the log's path differs
-    out["configurations"] = {name: {k: v for k, v in c.items() if k not in NEW_KEYS}
+    out["configurations"] = {name: {k: v for k, v in c.items() if k not in NEW_KEYS and k != "config_hash"}
                              for name, c in summary["configurations"].items()}
     return out
 
