@@ -77,6 +77,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind ``host:port`` now: nothing listens there and no connection uses it as its
+    local port (a port next to one the OS handed out may be a client's ephemeral port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -174,6 +185,7 @@ class LocalKafka:
         state = self._read_state()
         self.port = int(port if port is not None else state.get("port", DEFAULT_PORT))
         self._controller_port = controller_port if controller_port is not None else state.get("controller_port")
+        self._controller_port_chosen = controller_port is None  # ours to change when it turns out taken
         self.heap = heap
         # A second listener with TLS and SASL/PLAIN (users: name -> password); the plaintext one stays for the
         # broker itself. The certificates are made once per data dir (make_tls_material).
@@ -223,14 +235,16 @@ class LocalKafka:
             log_file=str(self.log_file),
         )
 
-    def start(self, timeout_s: float = 60.0, preexec_fn: Callable[[], None] | None = None) -> bool:
+    def start(self, timeout_s: float = 60.0, preexec_fn: Callable[[], None] | None = None,
+              retry_port: bool = True) -> bool:
         """Start the broker in the background and wait until it answers a metadata request.
 
         Returns True if a broker was started, False if this data dir's broker was already running.
         ``preexec_fn`` runs in the broker's process before exec (the demo uses it to tie the broker's life to
         its own with Linux's parent-death signal).
-        Raises LocalKafkaError, naming the log file and quoting its last lines, if the broker exits early or
-        does not answer within ``timeout_s`` (in which case it is stopped again).
+        A controller port this object chose that another process takes before the JVM binds it is replaced once
+        (``retry_port``). Raises LocalKafkaError, naming the log file and quoting its last lines, if the broker
+        exits early or does not answer within ``timeout_s`` (in which case it is stopped again).
         """
         if self._running_pid() is not None:
             return False
@@ -270,6 +284,15 @@ class LocalKafka:
         self.pid_file.write_text(f"{self._process.pid}\n")
         try:
             self._wait_until_ready(timeout_s)
+        except LocalKafkaError as exc:
+            self.stop()
+            taken = "Address already in use" in str(exc) + tail(self.log_file, 200)
+            if retry_port and taken and self._controller_port_chosen:
+                # Another process took the controller's port between our check and the JVM's bind: once more,
+                # on a port the OS hands out now.
+                self._controller_port = free_port()
+                return self.start(timeout_s, preexec_fn, retry_port=False)
+            raise
         except BaseException:
             self.stop()
             raise
@@ -307,8 +330,8 @@ class LocalKafka:
     def _prepare_state(self) -> dict[str, Any]:
         state = self._read_state()
         controller_port = self._controller_port
-        if controller_port is None or port_in_use(int(controller_port)):
-            controller_port = self.port + 1 if not port_in_use(self.port + 1) else free_port()
+        if controller_port is None or not port_bindable(int(controller_port)):
+            controller_port = self.port + 1 if port_bindable(self.port + 1) else free_port()
         state.update(port=self.port, controller_port=int(controller_port))
         state.setdefault("cluster_id", new_cluster_id())
         self._controller_port = int(controller_port)

@@ -279,3 +279,23 @@ def test_the_cli_reports_status_with_exit_code_3_when_not_running(tmp_path: Path
 
     assert main(["kafka", "status", "--data-dir", str(tmp_path)]) == 3
     assert "not running" in capsys.readouterr().out
+
+
+def test_a_controller_port_taken_before_the_jvm_binds_it_is_replaced_once(tmp_path, monkeypatch) -> None:
+    """The race CI met: a port that looked free when chosen is someone else's by the time the JVM binds it."""
+    import socket
+
+    import consumers.runtime.local_kafka as local_kafka
+
+    port = free_port()
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))  # the port our chooser will pick, held as a client's local port would be
+    monkeypatch.setattr(local_kafka, "port_bindable", lambda p, host="127.0.0.1": True)  # the check saw it free
+    broker = LocalKafka(port=port, data_dir=tmp_path / "broker", controller_port=None)
+    broker._controller_port = taken.getsockname()[1]
+    try:
+        assert broker.start(timeout_s=START_TIMEOUT_S) is True
+        assert broker._controller_port != taken.getsockname()[1]
+    finally:
+        broker.stop()
+        taken.close()
