@@ -146,6 +146,18 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _text_end(path: Path, size: int = 1 << 20) -> str:
+    """The last ``size`` bytes of a text file ("" when it is missing): a startup error sits above the JVM's dump of
+    its whole configuration, further back than ``tail`` looks."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 @dataclass(frozen=True)
 class KafkaStatus:
     """What ``status()`` reports about a local broker."""
@@ -286,7 +298,8 @@ class LocalKafka:
             self._wait_until_ready(timeout_s)
         except LocalKafkaError as exc:
             self.stop()
-            taken = "Address already in use" in str(exc) + tail(self.log_file, 200)
+            logs = str(exc) + _text_end(self.log_file) + _text_end(self.data_dir / _OUT_FILE)
+            taken = "Address already in use" in logs
             if retry_port and taken and self._controller_port_chosen:
                 # Another process took the controller's port between our check and the JVM's bind: once more,
                 # on a port the OS hands out now.
