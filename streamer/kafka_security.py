@@ -83,9 +83,12 @@ def client_options_from_args(args: Any, env: Mapping[str, str] | None = None) ->
                            env=env)
 
 
-def connection_failure(bootstrap: str, options: Mapping[str, Any], error: BaseException) -> str:
-    """The message of a client that could not bootstrap: what failed, why (:func:`diagnose_connection`), what to do."""
-    diagnosis = diagnose_connection(bootstrap, options)
+def connection_failure(bootstrap: str, options: Mapping[str, Any], error: BaseException,
+                       diagnosis: str | None = None) -> str:
+    """The message of a client that could not bootstrap: what failed, why (``diagnosis``, by default
+    :func:`diagnose_connection`'s), what to do."""
+    if diagnosis is None:
+        diagnosis = diagnose_connection(bootstrap, options)
     if diagnosis.startswith("nothing accepts"):
         diagnosis += " (start a local one with 'crossdistil kafka up')"
     return f"Kafka at {bootstrap} is not reachable ({type(error).__name__}): {diagnosis}"

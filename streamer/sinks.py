@@ -84,9 +84,10 @@ class KafkaSink:
         try:
             self._producer = KafkaProducer(**config)
         except KafkaError as exc:
-            if not config.get("security_protocol") and diagnose_connection(bootstrap, config).startswith("nothing"):
+            diagnosis = diagnose_connection(bootstrap, config)  # one probe of the broker, for either message
+            if not config.get("security_protocol") and diagnosis.startswith("nothing"):
                 raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
-            raise SinkError(f"{connection_failure(bootstrap, config, exc)}; check --to") from exc
+            raise SinkError(f"{connection_failure(bootstrap, config, exc, diagnosis)}; check --to") from exc
         self._ensure_topics(topics, dict(producer_config or {}))
 
     def _ensure_topics(self, topics: tuple[str, ...], client_options: dict[str, Any]) -> None:

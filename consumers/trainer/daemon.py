@@ -71,7 +71,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.core.pipeline import decode_record
-from consumers.runtime.assembly import build_pipeline, join_config
+from consumers.runtime.assembly import build_pipeline
 from consumers.runtime.config import Config, kafka_client_options
 from consumers.runtime.httpd import serve_http
 from consumers.runtime.learner_process import LearnerProcessError
@@ -108,7 +108,7 @@ class Trainer:
         self.pipeline = build_pipeline(cfg, clock=time.monotonic, metrics=self.metrics, ledger=self.ledger,
                                        on_batch=self._on_batch, on_emitted=self.freshness.emitted)
         self.store = CheckpointStore(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
-        longest_window_s = max(join_config(cfg, live=True).attribution_window_s.values(), default=0.0)
+        longest_window_s = max(self.pipeline.join.config.attribution_window_s.values(), default=0.0)
         skew_s = longest_window_s if cfg.join.max_skew_s == -1 else cfg.join.max_skew_s
         # The Kafka clients are attached by run(); restore() needs none.
         self.kafka = KafkaIO(None, cfg.kafka, self.pipeline.join, self.metrics,
