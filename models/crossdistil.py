@@ -48,9 +48,16 @@ class RunningNormalizer(nn.Module):
         if x.shape[1] == 0 or x.shape[0] == 0:
             return
         x = x.double()
-        n = float(x.shape[0])
         batch_mean = x.mean(dim=0)
-        batch_m2 = ((x - batch_mean) ** 2).sum(dim=0)
+        self.merge(float(x.shape[0]), batch_mean, ((x - batch_mean) ** 2).sum(dim=0))
+
+    @torch.no_grad()
+    def merge(self, n: float, batch_mean: torch.Tensor, batch_m2: torch.Tensor) -> None:
+        """Merge the statistics (rows, mean, sum of squared deviations) of a batch seen elsewhere."""
+        if n <= 0:
+            return
+        batch_mean = batch_mean.to(self.mean)
+        batch_m2 = batch_m2.to(self.m2)
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean += delta * (n / total)

@@ -72,6 +72,8 @@ class Learner:
         self.samples = 0  # training samples seen (the KD warm-up's clock)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
                                      config.kd_gate_every) if config.gated else None)
+        # Several ranks, one model (models.distributed): set by the trainer's ranks, None for one process.
+        self.collective: Any = None
 
     def kd_scale(self) -> torch.Tensor | None:
         """The factor on alpha_k for the next step: KD warm-up ramp times the trust gate (None = 1)."""
@@ -110,11 +112,12 @@ class Learner:
         self.dense_optimizer.zero_grad(set_to_none=True)
         self.embedding_optimizer.zero_grad(set_to_none=True)
         total.backward()
+        rows = len(batch) if self.collective is None else self.collective.after_backward(self.model, len(batch))
         self.dense_optimizer.step()
         self.embedding_optimizer.step()
-        self.model.normalizer.update(batch.numeric)
+        self._update_normalizer(batch.numeric)
         self.steps += 1
-        self.samples += len(batch)
+        self.samples += rows  # with synchronous ranks: the rows of every rank's batch
 
         names = ["total"] + [f"{term}/{task}" for term in terms for task in self.config.tasks]
         values = torch.cat([total.detach().reshape(1)] + [v.detach().float() for v in terms.values()]).cpu().tolist()
@@ -129,6 +132,28 @@ class Learner:
                     losses[f"teacher_auc/{task}"] = float(self.trust_gate.teacher_auc[k])
                     losses[f"student_auc/{task}"] = float(self.trust_gate.student_auc[k])
         return losses, {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
+
+    def step_empty(self) -> None:
+        """A synchronous data-parallel step with no rows on this rank (``models.distributed``, mode ``sync``):
+        zero weight here, the other ranks' mean gradients applied, so the replicas stay identical."""
+        if self.collective is None or self.collective.mode != "sync":
+            raise RuntimeError("step_empty is a step of synchronous ranks (models.distributed.Collective('sync'))")
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        self.embedding_optimizer.zero_grad(set_to_none=True)
+        rows = self.collective.after_backward(self.model, 0)
+        self.dense_optimizer.step()
+        self.embedding_optimizer.step()
+        self._update_normalizer(torch.zeros(0, self.model.normalizer.mean.shape[0]))
+        self.steps += 1
+        self.samples += rows
+
+    def _update_normalizer(self, numeric: torch.Tensor) -> None:
+        """Merge a batch's numeric features into the running statistics (synchronous ranks: all ranks' batches)."""
+        normalizer = self.model.normalizer
+        if self.collective is None or self.collective.mode != "sync":
+            normalizer.update(numeric)
+        elif numeric.shape[1] > 0:
+            normalizer.merge(*self.collective.merged_batch_statistics(numeric))
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, torch.Tensor]:

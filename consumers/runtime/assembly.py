@@ -15,9 +15,10 @@ from typing import Any
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
-from consumers.core.pipeline import BatchHook, EventClock, Pipeline, PipelineMetrics
+from consumers.core.pipeline import BatchHook, EventClock, LearnerPort, Pipeline, PipelineMetrics
 from consumers.runtime.config import Config
-from consumers.runtime.learner_process import learner_port
+from consumers.runtime.learner_process import build_learner, learner_port
+from consumers.runtime.ranks import RankedLearner, Ranks
 from consumers.runtime.telemetry import TrainerMetrics
 from models.config import ModelConfig
 from models.river_baseline import RiverConfig
@@ -52,20 +53,35 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
 
 def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.monotonic,
                    metrics: PipelineMetrics | None = None, ledger: Any = None, on_batch: BatchHook | None = None,
-                   on_emitted: Callable[[int, float], None] | None = None, dense: bool = False) -> Pipeline:
+                   on_emitted: Callable[[int, float], None] | None = None, dense: bool = False,
+                   ranks: Ranks | None = None) -> Pipeline:
     """The pipeline of ``cfg``: live on the wall clock (``time.monotonic``), or a replay (``clock`` None or an
     ``EventClock``: the join's event-time clock; no source is ever idle). The learner trains here or in a
     learner process (``model.separate_process``). ``metrics``: the ``[metrics]`` section's ``TrainerMetrics`` on a
     registry of its own by default.
 
     ``dense=True`` (a replay's dense batching, ``crossdistil backtest --batching dense``): batches are cut by
-    ``batching.batch_size`` only, ``max_batch_delay_s`` is not used; the join and its windows are unchanged."""
+    ``batching.batch_size`` only, ``max_batch_delay_s`` is not used; the join and its windows are unchanged.
+
+    ``ranks`` (one rank of several, ``consumers.runtime.ranks``): the learner is that rank's ``RankedLearner``
+    (``distributed.mode``), and with ``distributed.global_batch`` in sync mode each rank cuts
+    ``ceil(batch_size / ranks)`` samples, so the ranks' step together is one trainer's batch."""
     live = clock is not None and not isinstance(clock, EventClock)
     if dense and live:
         raise ValueError("dense batching is for replays: a live trainer cuts partial batches on the wall clock")
+    batch_size = cfg.batching.batch_size
+    if ranks is None:
+        learner: LearnerPort = learner_port(cfg)
+    else:
+        if cfg.model.separate_process:
+            raise ValueError("model.separate_process is for one trainer: each of several ranks is a process already "
+                             "(set it to false)")
+        learner = RankedLearner(build_learner(cfg), cfg.model.tasks, ranks, cfg.distributed.mode)
+        if cfg.distributed.mode == "sync" and cfg.distributed.global_batch:
+            batch_size = -(-batch_size // ranks.world_size)
     return Pipeline(
-        learner_port(cfg), AttributionJoin(join_config(cfg, live=live)),
-        MiniBatcher(cfg.batching.batch_size, None if dense else cfg.batching.max_batch_delay_s),
+        learner, AttributionJoin(join_config(cfg, live=live)),
+        MiniBatcher(batch_size, None if dense else cfg.batching.max_batch_delay_s),
         tasks=cfg.model.tasks, clock=clock,
         metrics=metrics if metrics is not None else TrainerMetrics.from_config(cfg),
         ledger=ledger, on_batch=on_batch, on_emitted=on_emitted,

@@ -145,6 +145,22 @@ class ModelSection:
 
 
 @dataclass
+class DistributedSection:
+    mode: str = _f("sync", "several trainer ranks (torchrun, docs/scaling.md): sync = every rank steps together, "
+                           "gradients averaged (replicas identical); average = each rank steps alone, parameters "
+                           "averaged every average_every_steps steps or average_every_s seconds")
+    average_every_steps: int = _f(16, "average mode: average the replicas after this many steps of any rank (0 = off)")
+    average_every_s: float = _f(5.0, "average mode: average the replicas at least this often (0 = off)")
+    global_batch: bool = _f(True, "sync mode: batching.batch_size is the batch of all ranks together (each rank cuts "
+                                  "batch_size / ranks), so N ranks take the steps one trainer would")
+    timeout_s: float = _f(120.0, "a rank that cannot reach the others for this long exits (status 8) instead of "
+                                 "hanging; torchrun then restarts the group")
+    poll_timeout_ms: int = _f(20, "poll timeout of each rank: the ranks meet once per poll, so a rank with nothing to "
+                                  "read holds the others back at most this long")
+    backend: str = _f("auto", "torch.distributed backend: auto (nccl for a CUDA model, else gloo), gloo or nccl")
+
+
+@dataclass
 class ServingSection:
     bind: str = _f("127.0.0.1", "address of the serving daemon's HTTP endpoints (/score, /healthz, /metrics)")
     port: int = _f(9401, "port of the serving daemon's HTTP endpoints (0 = a free port, printed on start)")
@@ -167,6 +183,7 @@ class Config:
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     serving: ServingSection = field(default_factory=ServingSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -284,6 +301,14 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.kafka.security_protocol!r}")
     if cfg.kafka.sasl_mechanism.upper() not in MECHANISMS:
         raise ConfigError(f"kafka.sasl_mechanism: one of {', '.join(MECHANISMS)}, got {cfg.kafka.sasl_mechanism!r}")
+    d = cfg.distributed
+    if d.mode not in ("sync", "average"):
+        raise ConfigError(f"distributed.mode: sync or average, got {d.mode!r}")
+    if d.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"distributed.backend: auto, gloo or nccl, got {d.backend!r}")
+    if d.timeout_s <= 0 or d.poll_timeout_ms < 0 or d.average_every_steps < 0 or d.average_every_s < 0:
+        raise ConfigError("distributed.timeout_s must be > 0; poll_timeout_ms, average_every_steps and "
+                          "average_every_s >= 0")
 
 
 def kafka_client_options(k: KafkaConfig, env: Mapping[str, str] | None = None) -> dict[str, Any]:

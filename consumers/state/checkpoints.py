@@ -28,6 +28,11 @@ Beside the checkpoints, ``published.json`` (written the same atomic way) records
 Kafka acknowledged: ``{"version": V, "step": S}``. A checkpoint is written before its publication is attempted,
 so only this record says whether the publication landed; a trainer restored from a checkpoint whose step it
 does not name publishes that step again.
+
+Several ranks (``consumers.trainer.ranked``) each keep a store of their own, ``<checkpoint.dir>/rank-<r>``, whose
+files are numbered by checkpoint *round* instead of step; rank 0's file holds the model, the others' only their
+stream state. Rank 0's store also holds ``round.json``, ``{"round": R, "world_size": N, ...}``, written once every
+rank's file of round R is durable: the round every rank restores.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ _NAME = re.compile(r"^ckpt-(\d{12})\.cdckpt$")
 _TEMP_PREFIX = ".tmp-"
 _CORRUPT_SUFFIX = ".corrupt"
 PUBLICATION_RECORD = "published.json"
+ROUND_RECORD = "round.json"  # several ranks: the newest round whose every part is durable (rank 0's store)
 
 
 class CheckpointError(ValueError):
@@ -191,6 +197,24 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable %s: %s (the restored step is published again)", path, exc)
             return None
+
+    def write_round(self, record: Mapping[str, Any]) -> None:
+        """Several ranks (``consumers.trainer.ranked``): record that checkpoint round ``record["round"]`` is complete,
+        every rank's part durable. Only the rank-0 store holds this record; see ``ROUND_RECORD``."""
+        self._write_atomically(self.directory / ROUND_RECORD, json.dumps(dict(record), sort_keys=True).encode())
+
+    def round(self) -> dict[str, Any] | None:
+        """The newest complete round's record, or None when no round completed (or the record is unreadable)."""
+        path = self.directory / ROUND_RECORD
+        try:
+            record = json.loads(path.read_bytes())
+            int(record["round"]), int(record["world_size"])
+            return record
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path} is unreadable ({exc}): it names the newest complete checkpoint round of "
+                                  "the ranks; restore it from a backup or start from an empty checkpoint.dir") from exc
 
     def _write_atomically(self, final: Path, data: bytes) -> None:
         fd, temp_name = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{final.name}.", dir=self.directory)

@@ -58,8 +58,9 @@ def _v1_state(skeleton: Any, tensors: Mapping[str, Any]) -> Any:
 
 
 def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Mapping[str, Any],
-                             publication: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` and build the publication messages.
+                             publication: Mapping[str, Any] | None, number: int | None = None) -> dict[str, Any]:
+    """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` (or ``number``: several ranks number
+    their checkpoints by round) and build the publication messages.
 
     ``publication``: None, or ``{"manifest": {...}, "version", "chunk_size", "previous_chunk_count",
     "max_message_bytes", "onnx"}`` (``consumers.state.wire.encode_checkpoint``; the learner's serving metadata is
@@ -85,13 +86,15 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
         # Chunk keys the serving topic may hold once this publication is sent, whether or not it is acknowledged
         # (a restart cannot tell): the next publication tombstones those beyond its own count.
         full["published_chunks"] = max(chunks, int(publication["previous_chunk_count"]))
-    path = store.write(learner.steps, learner_tensors, full)
+    path = store.write(learner.steps if number is None else number, learner_tensors, full)
     return {"path": str(path), "seconds": time.perf_counter() - started,
             "messages": [[key, value] for key, value in messages], "chunks": chunks}
 
 
-def load_learner_checkpoint(learner: Any, path: str | Path) -> int:
-    """Load the learner part of the checkpoint file at ``path``; returns its step count."""
-    tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
+def load_learner_checkpoint(learner: Any, path: str | Path | bytes) -> int:
+    """Load the learner part of the checkpoint file at ``path`` (or of its bytes, as another rank sent them);
+    returns its step count."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    tensors, metadata = decode_checkpoint_file(data)
     learner.load_state_dict(learner_state(metadata, tensors))
     return int(learner.steps)

@@ -4,15 +4,21 @@ Exit status: 0 after a stop or the end of a finite stream; 2 for a configuration
 directory written by something else); 3 when Kafka cannot be reached at start; 4 when no partition was
 assigned for ``kafka.stall_exit_s``; 5 when another trainer with the same ``group_instance_id`` took the
 partitions over; 6 when the learner process failed or died; 7 when a record batch cannot be decoded (a codec
-that is not installed, a corrupt batch: its topic, partition and offset are named) (``consumers.trainer.daemon``
-says why each).
+that is not installed, a corrupt batch: its topic, partition and offset are named); 8 when a rank of several
+lost the other ranks (one died or could not be reached: torchrun restarts the group) (``consumers.trainer.daemon``
+and ``consumers.trainer.ranked`` say why each).
+
+Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one rank
+(``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from typing import Any
 
 from consumers.runtime import logs
 from consumers.runtime.config import ConfigError, add_config_arguments, kafka_client_options, load_config, to_toml
@@ -36,11 +42,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=None, metavar="N",
                         help="torch intra-op threads on CPU (default: torch's choice, one per core). On a shared or "
                              "busy machine 1 is often much faster: idle threads spin while waiting for cores")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="run N trainer ranks of one model on this machine: hands over to torchrun "
+                             "(--standalone --nproc-per-node N --max-restarts R); for several machines start "
+                             "torchrun yourself (docs/scaling.md)")
+    parser.add_argument("--max-restarts", type=int, default=3, metavar="R",
+                        help="with --world-size: how often torchrun restarts the ranks after one failed (default 3)")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+
+
+def torchrun_command(argv: list[str], world_size: int, max_restarts: int) -> list[str]:
+    """The torchrun command line that ``crossdistil train --world-size N ...`` becomes: the same flags, less
+    ``--world-size`` and ``--max-restarts``, run as N ranks on this machine.
+
+    >>> torchrun_command(["--config", "t.toml", "--world-size", "2", "--ledger=L"], 2, 3)[3:]
+    ['--standalone', '--nproc-per-node', '2', '--max-restarts', '3', '-m', 'consumers.cli', 'train', '--config', \
+'t.toml', '--ledger=L']
+    """
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--world-size", "--max-restarts"):
+            skip = True
+        elif not arg.startswith(("--world-size=", "--max-restarts=")):
+            rest.append(arg)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
+            "--max-restarts", str(max_restarts), "-m", "consumers.cli", "train", *rest]
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil train``; returns the exit status."""
+    if args.world_size is not None and args.world_size > 1 and "WORLD_SIZE" not in os.environ:
+        argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
+        command = torchrun_command(argv, args.world_size, args.max_restarts)
+        print(f"crossdistil train: {args.world_size} ranks: {' '.join(command[1:])}", flush=True)
+        os.execv(sys.executable, command)
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
         cfg = load_config(args.config, overrides=args.overrides)
@@ -73,12 +110,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from consumers.runtime.learner_process import LearnerProcessError
+    from consumers.runtime.ranks import rank_from_env
     from consumers.state.checkpoints import CheckpointError
     from consumers.trainer.daemon import Trainer
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     try:
+        info = rank_from_env()
+    except ValueError as exc:
+        print(f"crossdistil train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if info is not None:
+            return _run_rank(cfg, info, args, start_ms)
         trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger, start_ms=start_ms)
         return trainer.run()
     except LearnerProcessError as exc:
@@ -88,3 +133,29 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"crossdistil train: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_rank(cfg: Any, info: Any, args: argparse.Namespace, start_ms: int | None) -> int:
+    """One rank of several (torchrun's environment): ``consumers.trainer.ranked``."""
+    # lazy: torch.distributed and the rank's trainer load only for ranks (crossdistil --help stays fast)
+    import torch
+
+    from consumers.runtime.ranks import RankError, Ranks
+    from consumers.trainer.ranked import EXIT_RANKS, RankTrainer
+
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # one GPU per rank on its machine
+        device = f"cuda:{info.local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    cfg.model.device = device
+    try:
+        ranks = Ranks(info, cfg.distributed, device)
+    except (RankError, RuntimeError, ValueError) as exc:
+        print(f"crossdistil train: {info.label} could not join the other ranks within distributed.timeout_s = "
+              f"{cfg.distributed.timeout_s:g} s: {exc}", file=sys.stderr)
+        return EXIT_RANKS
+    return RankTrainer(cfg, ranks, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger,
+                       start_ms=start_ms).run()

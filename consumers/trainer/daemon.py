@@ -96,7 +96,7 @@ class Trainer:
     """The daemon: a pipeline, its Kafka side, dead letters, checkpoints, publication, metrics and freshness."""
 
     def __init__(self, cfg: Config, exit_when_idle_s: float | None = None, ledger_dir: str | None = None,
-                 start_ms: int | None = None) -> None:
+                 start_ms: int | None = None, ranks: Any = None) -> None:
         self.cfg = cfg
         self.exit_when_idle_s = exit_when_idle_s
         self.start_ms = start_ms  # --from-time: where partitions without a checkpointed position start
@@ -105,8 +105,9 @@ class Trainer:
         self.freshness = Freshness()
         self.ledger = Ledger(ledger_dir, tuple(cfg.model.tasks)) if ledger_dir else None
         # The one code path shared with the backtest; the live clock is the wall clock.
+        # ranks: one rank of several (consumers.trainer.ranked), whose learner steps with the other ranks.
         self.pipeline = build_pipeline(cfg, clock=time.monotonic, metrics=self.metrics, ledger=self.ledger,
-                                       on_batch=self._on_batch, on_emitted=self.freshness.emitted)
+                                       on_batch=self._on_batch, on_emitted=self.freshness.emitted, ranks=ranks)
         self.store = CheckpointStore(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
         longest_window_s = max(self.pipeline.join.config.attribution_window_s.values(), default=0.0)
         skew_s = longest_window_s if cfg.join.max_skew_s == -1 else cfg.join.max_skew_s
@@ -161,7 +162,7 @@ class Trainer:
             print("crossdistil train: metrics and health endpoints are off (metrics.port = 0)", flush=True)
         k = self.cfg.kafka
         try:
-            consumer, producer = connect(k)
+            consumer, producer = self._connect()
         except KafkaError as exc:
             if http is not None:
                 http.close()
@@ -172,7 +173,9 @@ class Trainer:
         self.dead_letters.producer = self.publisher.producer = producer
         if self.cfg.publish.enabled:
             self._continue_versions()
-        self.kafka.subscribe(self.start_ms)
+        if not self._consume():
+            self._close(consumer, producer, http)
+            return self.exit_status
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         print(f"crossdistil train: consuming {k.impressions_topic}, {k.feedback_topic} from {k.bootstrap} "
               f"as group {k.group_id}; checkpoints in {self.store.directory}", flush=True)
@@ -184,6 +187,15 @@ class Trainer:
             self._close(consumer, producer, http)
         print(self._summary(), flush=True)
         return self.exit_status
+
+    def _connect(self) -> tuple[Any, Any]:
+        """The Kafka consumer and producer (``kafka_io.connect``)."""
+        return connect(self.cfg.kafka)
+
+    def _consume(self) -> bool:
+        """Start consuming: join the group (its rebalances assign the partitions); False ends the run."""
+        self.kafka.subscribe(self.start_ms)
+        return True
 
     def _continue_versions(self) -> None:
         """Publish above the newest version on the serving topic (another checkpoint directory may have written it);

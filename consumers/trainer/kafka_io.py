@@ -31,6 +31,7 @@ from kafka.errors import CorruptRecordError, FencedInstanceIdError, UnsupportedC
 
 from consumers.core.join import AttributionJoin
 from consumers.runtime.config import KafkaConfig, kafka_client_options
+from consumers.runtime.ranks import owned_partitions
 from consumers.state.wire import manifest_version
 
 log = logging.getLogger("crossdistil.trainer")
@@ -102,9 +103,12 @@ def newest_published_version(k: KafkaConfig, timeout_s: float = 10.0) -> int:
         consumer.close()
 
 
-def connect(k: KafkaConfig) -> tuple[KafkaConsumer, KafkaProducer]:
+def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer, KafkaProducer]:
     """The trainer's consumer (group ``k.group_id``, static membership unless disabled, no auto-commit) and its
-    idempotent producer (dead letters, publications). Raises ``kafka.errors.KafkaError`` when Kafka is away."""
+    idempotent producer (dead letters, publications). Raises ``kafka.errors.KafkaError`` when Kafka is away.
+
+    ``group_member=False`` (a rank of several, ``KafkaIO.assign_static``): the consumer never joins the group (no
+    group_instance_id); it only commits its own partitions' offsets there, for lag dashboards."""
     options = kafka_client_options(k)  # raises ConfigError when a security setting is missing
     # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
     options.setdefault("reconnect_backoff_max_ms", 2000)
@@ -116,7 +120,7 @@ def connect(k: KafkaConfig) -> tuple[KafkaConsumer, KafkaProducer]:
     # assignment for minutes (seen under load: no partition for 300 s, then exit 4). See also KafkaIO.stalled.
     options.setdefault("metadata_max_age_ms", 30_000)
     instance_id = f"{k.group_id}-trainer" if k.group_instance_id == "auto" else (k.group_instance_id or None)
-    if instance_id is not None:
+    if instance_id is not None and group_member:
         options.setdefault("group_instance_id", instance_id)
     consumer = KafkaConsumer(
         bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
@@ -188,6 +192,34 @@ class KafkaIO:
         if start_ms is not None:
             self.start_offsets = self.offsets_at(start_ms)
         self.consumer.subscribe(self.topics, listener=_Listener(self))
+
+    def assign_static(self, rank: int, world_size: int, start_ms: int | None = None) -> list[tuple[str, int]]:
+        """A rank's own partitions, assigned by hand (no group rebalances): p mod ``world_size`` == ``rank`` on both
+        topics, which must have as many partitions as each other and at least ``world_size``. Seeks them like an
+        assignment does (``start_ms``: ``--from-time``); returns them. Raises ``ValueError`` saying what to change."""
+        counts = {}
+        for topic in self.topics:
+            found = self.consumer.partitions_for_topic(topic)
+            if not found:
+                raise ValueError(f"topic {topic} does not exist on {self.k.bootstrap} (create it with as many "
+                                 "partitions as the other topic, e.g. 'crossdistil kafka up --partitions N')")
+            counts[topic] = len(found)
+        impressions, feedback = (counts[t] for t in self.topics)
+        if impressions != feedback:
+            raise ValueError(f"{self.topics[0]} has {impressions} partitions and {self.topics[1]} {feedback}: several "
+                             "ranks need co-partitioned topics (the same partition count, keyed by user) so that each "
+                             "rank's join sees an impression's feedback; repartition one of them")
+        if impressions < world_size:
+            raise ValueError(f"{world_size} ranks need at least {world_size} partitions per topic, "
+                             f"{self.topics[0]} has {impressions}: add partitions (kafka-topics --alter --partitions) "
+                             "or run fewer ranks")
+        if start_ms is not None:
+            self.start_offsets = self.offsets_at(start_ms)
+        owned = owned_partitions(impressions, rank, world_size)
+        partitions = [TopicPartition(topic, p) for topic in self.topics for p in owned]
+        self.consumer.assign(partitions)
+        self.on_assigned(partitions)
+        return [(tp.topic, tp.partition) for tp in partitions]
 
     def poll(self, timeout_ms: int) -> dict:
         """One poll (``{TopicPartition: [records]}``); every ``FENCE_PROBE_S`` the checkpointed positions are

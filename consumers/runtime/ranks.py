@@ -1,0 +1,249 @@
+"""Several trainer ranks, one model: the process group, each rank's share of the partitions, and the learner port
+that keeps the replicas one model.
+
+``torchrun --nproc-per-node N -m consumers.cli train ...`` (or ``crossdistil train --world-size N``, which hands
+over to it) starts N ranks; torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``, and :func:`rank_from_env` reads them. One rank (no torchrun, or ``WORLD_SIZE=1``) is today's
+trainer, unchanged.
+
+* :class:`Ranks`: the process group (gloo on CPU, NCCL for a CUDA model; ``distributed.timeout_s`` bounds every
+  collective, so a rank that lost the others exits with a clear error, status 8, instead of hanging) and the few
+  collectives the trainer needs: ``agree`` (an elementwise max over small integer vectors: the ranks meet once per
+  poll and decide together whether to step, checkpoint, stop or finish), ``broadcast_bytes`` and
+  ``gather_bytes`` (msgpack bytes, never pickle).
+* :func:`owned_partitions`: static ownership, partition p belongs to rank p mod N, on both topics (co-partitioned
+  by user, so the join stays local to a rank).
+* :class:`RankedLearner`: the pipeline's ``LearnerPort`` for a rank. ``sync``: batches wait in a queue until the
+  ranks step together (:meth:`RankedLearner.step_together`: as many steps as the rank with the most batches, a
+  rank without one contributes zero weight); ``average``: every rank steps at once, alone, and
+  :meth:`RankedLearner.average` makes the replicas one model again. See ``models.distributed`` for the math.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from consumers.core.pipeline import Answer, train_rows
+from consumers.runtime.config import DistributedSection
+from consumers.runtime.learner_process import LocalLearner
+from models.distributed import Collective
+
+log = logging.getLogger("crossdistil.ranks")
+
+
+class RankError(RuntimeError):
+    """A collective failed: another rank died, or could not be reached within ``distributed.timeout_s``."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the group torchrun started."""
+
+    rank: int
+    world_size: int
+    local_rank: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"rank {self.rank}/{self.world_size}"
+
+
+def rank_from_env(env: Mapping[str, str] | None = None) -> RankInfo | None:
+    """This process's rank from torchrun's variables; None for one rank (no torchrun, or ``WORLD_SIZE`` 1).
+
+    >>> rank_from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    RankInfo(rank=1, world_size=2, local_rank=1)
+    >>> rank_from_env({}) is None, rank_from_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
+    (True, True)
+    """
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers (torchrun sets them): {exc}") from exc
+    if world <= 1:
+        return None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} is outside WORLD_SIZE {world}")
+    return RankInfo(rank, world, local)
+
+
+def owned_partitions(count: int, rank: int, world_size: int) -> list[int]:
+    """The partitions rank ``rank`` of ``world_size`` owns on each topic: p with p mod world_size == rank.
+
+    >>> owned_partitions(4, 1, 2), owned_partitions(5, 0, 2)
+    ([1, 3], [0, 2, 4])
+    """
+    return [p for p in range(count) if p % world_size == rank]
+
+
+class Ranks:
+    """The trainer's process group and its collectives (see the module docstring)."""
+
+    def __init__(self, info: RankInfo, section: DistributedSection, device: str = "cpu") -> None:
+        self.info = info
+        self.section = section
+        backend = section.backend
+        if backend == "auto":
+            backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        self.backend = backend
+        self.device = torch.device(device if backend == "nccl" else "cpu")
+        if not dist.is_initialized():
+            # env:// rendezvous: torchrun's MASTER_ADDR / MASTER_PORT (its c10d store), RANK and WORLD_SIZE.
+            dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                    timeout=datetime.timedelta(seconds=section.timeout_s))
+        self.collective_seconds = 0.0
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    def _run(self, what: str, call: Any) -> Any:
+        try:
+            return call()
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise RankError(f"{self.info.label}: {what} with the other ranks failed ({exc}); another rank died or "
+                            f"could not be reached within distributed.timeout_s = {self.section.timeout_s:g} s"
+                            ) from exc
+
+    def agree(self, values: Sequence[int]) -> list[int]:
+        """The elementwise maximum of ``values`` over every rank (every rank must call it, with as many values)."""
+        tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.device)
+        self._run("agreeing", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX))
+        return [int(v) for v in tensor.cpu().tolist()]
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        """``data`` of rank ``src`` on every rank (the others pass None)."""
+        size = torch.tensor([len(data) if self.rank == src and data is not None else 0], dtype=torch.int64,
+                            device=self.device)
+        self._run("broadcasting", lambda: dist.broadcast(size, src=src))
+        if self.rank == src:
+            buffer = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8) if size.item() else \
+                torch.zeros(0, dtype=torch.uint8)
+            buffer = buffer.to(self.device)
+        else:
+            buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if int(size.item()):
+            self._run("broadcasting", lambda: dist.broadcast(buffer, src=src))
+        return bytes(buffer.cpu().numpy().tobytes())
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order, on every rank."""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
+        self._run("gathering", lambda: dist.all_gather(sizes, size))
+        longest = max(int(s.item()) for s in sizes)
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        if data:
+            mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        mine = mine.to(self.device)
+        gathered = [torch.zeros(longest, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
+        self._run("gathering", lambda: dist.all_gather(gathered, mine))
+        return [bytes(g.cpu().numpy()[: int(s.item())].tobytes()) for g, s in zip(gathered, sizes)]
+
+    def gather_plain(self, value: Any) -> list[Any]:
+        """Every rank's plain ``value`` (msgpack-able), in rank order."""
+        packed = self.gather_bytes(msgpack.packb(value, use_bin_type=True))
+        return [msgpack.unpackb(p, raw=False, strict_map_key=False) for p in packed]
+
+    def close(self) -> None:
+        """Leave the process group (a failed group is left as it is: the process is about to exit)."""
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # a broken group: nothing to tidy up
+                log.debug("destroying the process group: %s", exc)
+
+
+class RankedLearner(LocalLearner):
+    """The ``LearnerPort`` of one rank (module docstring): a local learner whose steps are taken with the other
+    ranks (``sync``) or averaged with them (``average``)."""
+
+    def __init__(self, learner: Any, tasks: Sequence[str], ranks: Ranks, mode: str) -> None:
+        super().__init__(learner, tasks)
+        self.ranks = ranks
+        self.mode = mode
+        if not hasattr(learner, "step_empty"):
+            raise ValueError("several ranks train the deep model only (models.learner.Learner); the river and VW peers "
+                             "learn in one process")
+        self.collective = Collective(mode)
+        learner.collective = self.collective
+        self._queue: deque[tuple[Any, list[dict[str, Any]]]] = deque()
+        self.steps_since_average = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue) + len(self._answered)
+
+    def submit(self, samples: list, context: Any) -> None:
+        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
+                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
+        if self.mode == "sync":
+            self._queue.append((context, rows))
+            return
+        self._answered.append((context, self._step(rows)))
+        self.steps_since_average += 1
+
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
+        """Answers so far; ``wait=True`` (a checkpoint, the end of a stream: every rank calls it at the same point)
+        first steps the queued batches together with the other ranks."""
+        if wait:
+            self.step_together()
+        yield from super().answers(wait)
+
+    def step_together(self) -> int:
+        """sync: as many steps as the rank with the most queued batches has, every rank at once (an empty rank
+        contributes zero weight); returns the steps taken. Every rank must call it at the same point."""
+        if self.mode != "sync":
+            return 0
+        steps = self.ranks.agree([len(self._queue)])[0]
+        for _ in range(steps):
+            if self._queue:
+                context, rows = self._queue.popleft()
+                self._answered.append((context, self._step(rows)))
+            else:
+                try:
+                    self.learner.step_empty()
+                except RuntimeError as exc:
+                    raise RankError(f"{self.ranks.info.label}: a training step with the other ranks failed ({exc})") \
+                        from exc
+        return steps
+
+    def average(self) -> None:
+        """average: the replicas become their mean (every rank calls it at the same point)."""
+        try:
+            self.collective.average(self.learner.model)
+        except RuntimeError as exc:
+            raise RankError(f"{self.ranks.info.label}: averaging the model failed ({exc})") from exc
+        self.steps_since_average = 0
+
+    def broadcast_model(self) -> None:
+        """Rank 0's parameters and buffers on every rank (after a fresh start; a restore loads one file everywhere)."""
+        try:
+            self.collective.broadcast(self.learner.model)
+        except RuntimeError as exc:
+            raise RankError(f"{self.ranks.info.label}: broadcasting the model failed ({exc})") from exc
+
+    def _step(self, rows: list[dict[str, Any]]) -> Answer:
+        if self.mode == "average":
+            return train_rows(self.learner, rows, self.tasks)  # no collective inside
+        try:
+            return train_rows(self.learner, rows, self.tasks)
+        except RuntimeError as exc:  # the step's gradient reduction with the other ranks
+            raise RankError(f"{self.ranks.info.label}: a training step with the other ranks failed ({exc})") from exc

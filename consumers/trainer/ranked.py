@@ -1,0 +1,281 @@
+"""One rank of several trainers of one model (``torchrun``; ``docs/scaling.md``).
+
+What a rank changes, and nothing else (one rank is ``consumers.trainer.daemon.Trainer`` unchanged):
+
+* **Data**: static ownership, no group rebalances: rank r reads partitions p with p mod N == r of both topics
+  (``KafkaIO.assign_static``: the topics must have the same partition count, at least N). Offsets are still
+  committed to ``kafka.group_id``, so lag dashboards keep working; the consumer never joins the group.
+* **One model**: the learner is the rank's ``consumers.runtime.ranks.RankedLearner``. The ranks meet once per poll
+  (``Ranks.agree``, a max over a few integers) and decide together: step the queued batches (sync), average the
+  replicas (average), checkpoint, stop, or finish a finite stream. Polls are short
+  (``distributed.poll_timeout_ms``), because a rank waiting for records holds the others back.
+* **Exactly once**: a checkpoint is a *round*. Every rank writes its positions, join and batcher state as round R
+  in its own store, ``<checkpoint.dir>/rank-<r>``; rank 0's file also holds the model (identical on every rank
+  after the step or the average that precedes it), written once. After a barrier that every rank passes only
+  once its file is durable, rank 0 records R in ``round.json``. Restore: rank 0 reads the newest complete round,
+  every rank restores its own part of it, and the model comes from rank 0's file (its bytes are broadcast, so
+  ranks on other hosts need no shared disk). Each rank's ledger (``--ledger DIR`` -> ``DIR/rank-<r>``) is cut back
+  to that round.
+* **Failures**: a rank killed at any moment makes the others' next collective fail (or time out after
+  ``distributed.timeout_s``); they exit with status 8 without a checkpoint, and torchrun (``--max-restarts``)
+  restarts the group, which restores the newest complete round.
+* **Publication and metrics**: rank 0 publishes, in today's wire format (its manifest's ``offsets`` are every
+  rank's); each rank serves /metrics on ``metrics.port + rank``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from consumers.runtime.config import Config
+from consumers.runtime.ranks import RankError, Ranks
+from consumers.state.checkpoints import CheckpointError, CheckpointStore, positions_from_plain, positions_to_plain
+from consumers.state.learner_state import (
+    CHECKPOINT_FORMAT,
+    check_format,
+    load_learner_checkpoint,
+    write_learner_checkpoint,
+)
+from consumers.trainer.checkpointing import Checkpointer
+from consumers.trainer.daemon import Trainer
+from consumers.trainer.kafka_io import connect
+
+log = logging.getLogger("crossdistil.trainer")
+
+EXIT_RANKS = 8  # a collective failed: another rank died or could not be reached (torchrun restarts the group)
+
+
+def rank_config(cfg: Config, rank: int) -> Config:
+    """The configuration rank ``rank`` runs with: its own checkpoint store and metrics port; only rank 0 publishes;
+    at least two checkpoints kept (the round being written and the last complete one)."""
+    mine = copy.deepcopy(cfg)
+    mine.checkpoint.dir = str(Path(cfg.checkpoint.dir) / f"rank-{rank}")
+    mine.checkpoint.keep_last = max(2, cfg.checkpoint.keep_last)
+    if cfg.metrics.port:
+        mine.metrics.port = cfg.metrics.port + rank
+    mine.publish.enabled = cfg.publish.enabled and rank == 0
+    return mine
+
+
+class RoundCheckpointer(Checkpointer):
+    """Checkpoints of one rank as rounds (module docstring). Every method is called by every rank at the same
+    point of its loop: each holds collectives."""
+
+    def __init__(self, *args: Any, ranks: Ranks, base_dir: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ranks = ranks
+        self.base_dir = Path(base_dir)
+        self.round = 0  # the last complete round, restored or written
+
+    # --------------------------------------------------------------------------------------------- restore
+
+    def restore(self) -> int | None:
+        """Restore this rank's part of the newest complete round, and the model from rank 0's part; the round, or
+        None when none completed (every rank then starts from its partitions' beginnings, with rank 0's weights)."""
+        rank, world = self.ranks.rank, self.ranks.world_size
+        record, problem = None, 0
+        if rank == 0:
+            if CheckpointStore(self.base_dir, keep_last=1).steps():
+                problem = 1  # a one-rank trainer's checkpoints: not ours to resume
+            else:
+                record = self.store.round()
+                if record is not None and int(record["world_size"]) != world:
+                    problem = 2
+        newest, problem = self.ranks.agree([int(record["round"]) if record else -1, problem])
+        if problem == 1:
+            raise CheckpointError(f"{self.base_dir} holds the checkpoints of a one-rank trainer: several ranks keep "
+                                  "theirs in rank-<r> folders of a checkpoint.dir of their own; point checkpoint.dir "
+                                  "at an empty directory (or run one rank to resume that model)")
+        if problem == 2:
+            raise CheckpointError(f"the checkpoint rounds in {self.base_dir} were written by "
+                                  f"{record['world_size'] if record else 'another number of'} ranks, this group has "
+                                  f"{world}: the partitions' join state belongs to the ranks that owned them; run "
+                                  "that many ranks, or start from an empty checkpoint.dir")
+        learner = self.pipeline.learner
+        if newest < 0:
+            if self.ledger is not None:
+                self.ledger.discard_after(None)
+            learner.broadcast_model()  # identical replicas from the first step
+            log.info("%s: no complete checkpoint round in %s: starting from scratch", self.ranks.info.label,
+                     self.base_dir)
+            return None
+        path = self.store.path_for(newest)
+        try:
+            own = self.store.load(path, with_tensors=False)
+        except (CheckpointError, OSError) as exc:
+            raise CheckpointError(f"{self.ranks.info.label}: its part of checkpoint round {newest} is unusable or "
+                                  f"missing ({exc}); every rank must keep its checkpoint.dir/rank-<r> across restarts"
+                                  ) from exc
+        check_format(own)
+        model = self.ranks.broadcast_bytes(path.read_bytes() if rank == 0 else None)
+        load_learner_checkpoint(learner.learner, model)
+        meta = own.metadata
+        self.pipeline.load_stream_state(meta)
+        self.kafka.positions = positions_from_plain(meta["positions"])
+        self.kafka.checkpointed = dict(self.kafka.positions)
+        self.last_step = learner.steps
+        self.round = newest
+        if self.cfg.publish.enabled:  # rank 0
+            record = self.store.publication()
+            version = max(int(meta["publish_version"]), record["version"] if record else 0)
+            acknowledged = bool(meta.get("published")) or (
+                record is not None and record["step"] == learner.steps and record["version"] >= version)
+            self.publisher.restore(version, int(meta["published_chunks"]), learner.steps, acknowledged, True)
+        if self.ledger is not None:
+            dropped = self.ledger.discard_after(newest)
+            if dropped:
+                log.info("ledger: discarded segments %s newer than the restored round", dropped)
+        log.info("%s restored round %d: step %d, %d pending impressions, positions %s", self.ranks.info.label,
+                 newest, learner.steps, self.pipeline.join.pending_impressions, meta["positions"])
+        return newest
+
+    # ----------------------------------------------------------------------------------------------- write
+
+    def write(self, reason: str) -> bool:
+        """Checkpoint round ``round + 1`` on every rank (module docstring); False when skipped on every rank."""
+        learner = self.pipeline.learner
+        self.pipeline.collect(wait=True)  # sync: the queued batches are stepped together first
+        if learner.mode == "average":
+            learner.average()  # the replicas are one model before it is written
+        self._warn_late_feedback()
+        step = learner.steps
+        changed = (step != self.last_step or self.kafka.positions != self.kafka.checkpointed
+                   or self.publisher.pending)
+        acknowledged = self.dead_letters.flush()
+        any_changed, unacknowledged = self.ranks.agree([changed, not acknowledged])
+        if unacknowledged:
+            log.warning("checkpoint (%s) skipped: dead letters of a rank not yet acknowledged by Kafka", reason)
+            return False
+        if not any_changed:
+            self.last_at = time.monotonic()
+            return False
+        started = time.perf_counter()
+        round_ = self.round + 1
+        publish = self.cfg.publish.enabled and step != self.publisher.last_published_step
+        version = self.publisher.version + 1 if publish else self.publisher.version
+        offsets = [o for part in self.ranks.gather_plain(positions_to_plain(self.kafka.positions)) for o in part]
+        if self.ledger is not None:
+            self.ledger.commit(round_)
+        metadata = {**self._metadata(step, version), "round": round_, "rank": self.ranks.rank,
+                    "world_size": self.ranks.world_size}
+        written: dict[str, Any] = {}
+        if self.ranks.rank == 0:
+            publication = None
+            if publish:
+                publication = self._publication(step, version)
+                publication["manifest"]["offsets"] = sorted(offsets)
+            written = write_learner_checkpoint(learner.learner, self.store, metadata, publication, number=round_)
+        else:
+            self.store.write(round_, {}, {**metadata, "trainer_format": CHECKPOINT_FORMAT})
+        self.ranks.agree([0])  # a barrier: every rank's part of the round is durable past it
+        if self.ranks.rank == 0:
+            self.store.write_round({"round": round_, "world_size": self.ranks.world_size, "step": step,
+                                    "mode": learner.mode})
+        self.round = round_
+        seconds = time.perf_counter() - started
+        self.metrics.checkpoint_written(seconds)
+        self.last_step = step
+        self.kafka.checkpointed = dict(self.kafka.positions)
+        self.last_at = time.monotonic()
+        log.info("%s: checkpoint round %d (%s) at step %d in %.2f s", self.ranks.info.label, round_, reason, step,
+                 seconds)
+        self.kafka.commit()
+        if publish:
+            self.publisher.send(written["messages"], version, step, written["chunks"], checkpointed_at=self.last_at)
+        return True
+
+
+class RankTrainer(Trainer):
+    """The trainer daemon as one rank of several (module docstring)."""
+
+    def __init__(self, cfg: Config, ranks: Ranks, exit_when_idle_s: float | None = None,
+                 ledger_dir: str | None = None, start_ms: int | None = None) -> None:
+        self.ranks = ranks
+        self.section = cfg.distributed
+        ledger = str(Path(ledger_dir) / f"rank-{ranks.rank}") if ledger_dir else None
+        super().__init__(rank_config(cfg, ranks.rank), exit_when_idle_s, ledger, start_ms, ranks=ranks)
+        self.checkpoints = RoundCheckpointer(self.cfg, self.store, self.pipeline, self.kafka, self.dead_letters,
+                                             self.publisher, self.metrics, self.ledger, ranks=ranks,
+                                             base_dir=cfg.checkpoint.dir)
+        self.last_average_at = time.monotonic()
+
+    def run(self) -> int:
+        print(f"crossdistil train: {self.ranks.info.label} ({self.ranks.backend}, mode {self.section.mode}), "
+              f"pid {os.getpid()}; checkpoints in {self.store.directory}", flush=True)
+        try:
+            return super().run()
+        except RankError as exc:
+            print(f"crossdistil train: {exc}\nexiting with status {EXIT_RANKS} without a checkpoint (the last complete "
+                  "round is consistent: torchrun's restart resumes from it)", file=sys.stderr, flush=True)
+            return EXIT_RANKS
+        finally:
+            self.ranks.close()
+
+    def _connect(self) -> tuple[Any, Any]:
+        return connect(self.cfg.kafka, group_member=False)
+
+    def _consume(self) -> bool:
+        """This rank's own partitions (``KafkaIO.assign_static``); every rank stops if one cannot start."""
+        problem = None
+        try:
+            owned = self.kafka.assign_static(self.ranks.rank, self.ranks.world_size, self.start_ms)
+        except ValueError as exc:
+            problem = str(exc)
+        if self.ranks.agree([problem is not None])[0]:
+            print(f"crossdistil train: {problem or 'another rank cannot start (see its log)'}", file=sys.stderr)
+            self.exit_status = 2
+            return False
+        log.info("%s owns %s", self.ranks.info.label, ", ".join(f"{t}-{p}" for t, p in owned))
+        return True
+
+    def _poll_timeout_ms(self, now: float) -> int:
+        return min(super()._poll_timeout_ms(now), self.section.poll_timeout_ms)
+
+    def _loop(self) -> None:
+        """Poll -> ingest -> agree with the other ranks -> step / average -> checkpoint -> exit, until stopped."""
+        learner = self.learner
+        while True:
+            polled = self.kafka.poll(self._poll_timeout_ms(time.monotonic()))
+            now = self.last_poll_ok_at = time.monotonic()
+            if polled:
+                self._ingest(polled, now)  # sync: full batches wait in the learner's queue
+                now = self.last_event_at = time.monotonic()
+            self.kafka.align()
+            if not polled and self.kafka.caught_up():
+                self.pipeline.tick(now)
+            self.pipeline.train_ready(now, self._train_lead_s())
+            stop, due, busy, unreadable, average = self.ranks.agree([
+                self.stop_requested, self._checkpoint_reason(now) is not None, not self._idle_at_end(now),
+                self.kafka.unreadable is not None, self._average_due(now)])
+            learner.step_together()
+            self.pipeline.collect()
+            if average:
+                learner.average()
+                self.last_average_at = time.monotonic()
+            if unreadable:
+                log.error("%s; exiting with status 7 after a checkpoint of everything before it",
+                          self.kafka.unreadable or "another rank cannot read a record batch")
+                self.exit_status = 7
+                break
+            if not busy:
+                self._finish_stream(now)
+                return
+            if stop:
+                break
+            if due:
+                self.checkpoint("periodic")
+        self.checkpoint("shutdown")
+
+    def _average_due(self, now: float) -> bool:
+        s = self.section
+        if s.mode != "average":
+            return False
+        steps = self.learner.steps_since_average
+        return bool((s.average_every_steps and steps >= s.average_every_steps)
+                    or (s.average_every_s and steps and now - self.last_average_at >= s.average_every_s))

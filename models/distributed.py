@@ -1,0 +1,193 @@
+"""Several processes, one model: the learner's side of training over ``torch.distributed``.
+
+Two ways to keep the replicas of N ranks one model (``docs/scaling.md`` measures both):
+
+* ``"sync"``, synchronous data parallel: every rank steps together. After ``backward`` each rank's gradients,
+  weighted by its number of rows, are summed over the ranks and divided by the rows of all ranks, so the step
+  is the step one learner would take on the union of the ranks' batches (exactly so for the losses that are
+  means over rows). A rank with nothing contributes zero weight (:meth:`models.learner.Learner.step_empty`).
+  Dense gradients travel whole; a sparse embedding's gradient only on the rows some rank touched (a mask of
+  touched rows is max-reduced first, then the union's rows are summed). The optimizers then take identical
+  steps on identical states, so the replicas stay bit-identical; the numeric normaliser merges the statistics of
+  all ranks' batches.
+* ``"average"``, periodic model averaging: every rank steps alone on its own batches; every K steps or T seconds
+  (decided by the caller, all ranks at once) the dense parameters and buffers are averaged over the ranks, and a
+  sparse embedding only on the rows some rank touched since the last average. Optimizer states stay per rank.
+
+Nothing here knows about Kafka or the trainer: :class:`Collective` is attached to a ``Learner``
+(``learner.collective = Collective("sync")``) inside an initialised process group (``torch.distributed``:
+gloo on CPU, NCCL on GPUs), and ``Learner.step`` calls :meth:`Collective.after_backward`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODES = ("sync", "average")
+
+
+def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the embeddings with sparse gradients (their gradients are reduced on touched rows only)."""
+    return [m.weight for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter that is not a sparse embedding's weight, in ``model.parameters()`` order."""
+    sparse = {id(p) for p in sparse_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in sparse]
+
+
+class Collective:
+    """The learner's collectives for one rank of an initialised process group (see the module docstring).
+
+    ``seconds`` / ``calls``: time spent in collectives and how many were made (the cost per step in
+    ``bench/scaling.py``).
+    """
+
+    def __init__(self, mode: str = "sync", group: dist.ProcessGroup | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"distributed mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call init_process_group first")
+        self.mode = mode
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.seconds = 0.0
+        self.calls = 0
+        self._touched: dict[int, torch.Tensor] = {}  # average mode: rows touched since the last average
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def _all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        started = time.perf_counter()
+        dist.all_reduce(tensor, op=op, group=self.group)
+        self.seconds += time.perf_counter() - started
+        self.calls += 1
+
+    # -------------------------------------------------------------------------------------- after backward
+
+    def after_backward(self, model: nn.Module, rows: int) -> int:
+        """Called by ``Learner.step`` between ``backward`` and the optimizer steps; returns the rows of the step.
+
+        sync: the gradients become the row-weighted mean over the ranks (and the rows of all ranks are
+        returned); average: the rows this step touched are remembered for the next average (``rows`` back).
+        """
+        if self.mode == "average":
+            for weight in sparse_parameters(model):
+                if weight.grad is not None:
+                    touched = self._touched.setdefault(id(weight), torch.zeros(weight.shape[0], dtype=torch.uint8,
+                                                                                 device=weight.device))
+                    touched[weight.grad.coalesce().indices()[0]] = 1
+            return rows
+        return self._reduce_gradients(model, rows)
+
+    def _reduce_gradients(self, model: nn.Module, rows: int) -> int:
+        dense = dense_parameters(model)
+        sparse = sparse_parameters(model)
+        # 1. which rows of each sparse embedding any rank touched (one max-reduce over all masks)
+        local: list[tuple[torch.Tensor, torch.Tensor]] = []
+        masks = []
+        for weight in sparse:
+            if weight.grad is not None:
+                grad = weight.grad.coalesce()
+                indices, values = grad.indices()[0], grad.values()
+            else:
+                indices = torch.zeros(0, dtype=torch.long, device=weight.device)
+                values = torch.zeros(0, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            local.append((indices, values))
+            mask = torch.zeros(weight.shape[0], dtype=torch.uint8, device=weight.device)
+            mask[indices] = 1
+            masks.append(mask)
+        unions = []
+        if masks:
+            flat_masks = torch.cat(masks)
+            self._all_reduce(flat_masks, dist.ReduceOp.MAX)
+            unions = [m.nonzero().squeeze(1) for m in flat_masks.split([w.shape[0] for w in sparse])]
+        # 2. one sum over: row-weighted dense gradients, "has a gradient" flags, the union rows, the row count
+        device = dense[0].device if dense else sparse[0].device
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * rows for p in dense]
+        parts.append(torch.tensor([float(p.grad is not None) for p in dense], device=device))
+        for weight, union, (indices, values) in zip(sparse, unions, local):
+            rows_sum = torch.zeros(len(union), weight.shape[1], dtype=weight.dtype, device=weight.device)
+            rows_sum.index_add_(0, torch.searchsorted(union, indices), values * rows)
+            parts.append(rows_sum.reshape(-1))
+        parts.append(torch.tensor([float(rows)], device=device))
+        flat = torch.cat([part.float() for part in parts])
+        self._all_reduce(flat)
+        total = int(round(float(flat[-1])))
+        # 3. the mean gradients back into .grad (None where no rank had one)
+        sizes = [p.numel() for p in dense] + [len(dense)] + [len(u) * w.shape[1] for w, u in zip(sparse, unions)] + [1]
+        pieces = list(flat.split(sizes))
+        present = pieces[len(dense)]
+        scale = 1.0 / max(total, 1)
+        for p, piece, has in zip(dense, pieces, present):
+            p.grad = (piece.reshape(p.shape) * scale).to(p.dtype) if has > 0 else None
+        for weight, union, piece in zip(sparse, unions, pieces[len(dense) + 1:]):
+            values = (piece.reshape(len(union), weight.shape[1]) * scale).to(weight.dtype)
+            weight.grad = torch.sparse_coo_tensor(union.unsqueeze(0), values, weight.shape).coalesce()
+        return total
+
+    # ------------------------------------------------------------------------------------------ normaliser
+
+    def merged_batch_statistics(self, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """sync: (rows, mean, M2) of the union of the ranks' numeric batches ``x`` [rows, d] (float64)."""
+        x = x.double()
+        stats = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device),
+                           x.sum(dim=0), (x * x).sum(dim=0)])
+        self._all_reduce(stats)
+        n = float(stats[0])
+        d = x.shape[1]
+        if n == 0:
+            return 0.0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+        mean = stats[1:1 + d] / n
+        m2 = (stats[1 + d:] - n * mean * mean).clamp(min=0.0)
+        return n, mean, m2
+
+    # ------------------------------------------------------------------------------------------- average
+
+    @torch.no_grad()
+    def average(self, model: nn.Module) -> None:
+        """average mode: the mean over the ranks of the dense parameters and floating buffers, and of the sparse
+        embeddings' rows touched by any rank since the last average. Every rank calls it at the same point."""
+        sparse = sparse_parameters(model)
+        masks = [self._touched.get(id(w), torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device)) for w in sparse]
+        unions = []
+        if masks:
+            flat_masks = torch.cat(masks)
+            self._all_reduce(flat_masks, dist.ReduceOp.MAX)
+            unions = [m.nonzero().squeeze(1) for m in flat_masks.split([w.shape[0] for w in sparse])]
+        tensors = [p for p in dense_parameters(model)] + [b for b in model.buffers() if b.is_floating_point()]
+        parts = [t.reshape(-1).double() for t in tensors]
+        parts += [w[u].reshape(-1).double() for w, u in zip(sparse, unions)]
+        if not parts:
+            return
+        flat = torch.cat(parts)
+        self._all_reduce(flat)
+        flat /= self.world_size
+        sizes = [t.numel() for t in tensors] + [len(u) * w.shape[1] for w, u in zip(sparse, unions)]
+        pieces = iter(flat.split(sizes))
+        for t in tensors:
+            t.copy_(next(pieces).reshape(t.shape).to(t.dtype))
+        for w, u in zip(sparse, unions):
+            w[u] = next(pieces).reshape(len(u), w.shape[1]).to(w.dtype)
+        self._touched.clear()
+
+    @torch.no_grad()
+    def broadcast(self, model: nn.Module, src: int = 0) -> None:
+        """Every parameter and buffer of ``model`` from rank ``src`` (replicas start identical)."""
+        for tensor in _state_tensors(model):
+            started = time.perf_counter()
+            dist.broadcast(tensor, src=src, group=self.group)
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+
+
+def _state_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()

@@ -1,0 +1,143 @@
+"""Several trainer ranks, one model (``consumers.trainer.ranked``), against the real local broker.
+
+Two gloo ranks under torchrun (``crossdistil train --world-size 2``) read KuaiRand from 4-partition topics: every
+impression must be trained exactly once over the union of the ranks' ledgers, with its exact labels, after kill -9
+of rank 1 twice and of rank 0 once at random moments (torchrun restarts the group, which resumes from the newest
+complete checkpoint round); and ``crossdistil serve`` must serve the model rank 0 published, scoring exactly as
+the final checkpoint's model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from consumers.runtime.config import load_config, to_toml
+from consumers.runtime.local_kafka import free_port
+from consumers.runtime.processes import die_with_parent
+from consumers.state.ledger import read_ledger
+from tests.integration.test_trainer_kafka import IMPRESSIONS, POSITIVES, TASKS, kuairand_topics, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 420
+__all__ = ["kuairand_topics"]  # the module fixture, shared with the one-trainer tests
+
+
+def start_ranks(config: Path, ledger: Path, log: Path, restarts: int = 6) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger),
+         "--exit-when-idle", "4", "--torch-threads", "1", "--world-size", "2", "--max-restarts", str(restarts)],
+        cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}, preexec_fn=die_with_parent)
+
+
+def rank_pids(log: Path) -> dict[int, int]:
+    """The newest process id of each rank, from the ranks' banners."""
+    pids: dict[int, int] = {}
+    for rank, pid in re.findall(r"rank (\d+)/2 \(gloo, mode \w+\), pid (\d+)", log.read_text(errors="replace")):
+        pids[int(rank)] = int(pid)
+    return pids
+
+
+def complete_round(checkpoints: Path) -> int:
+    try:
+        return int(json.loads((checkpoints / "rank-0" / "round.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the ranks exited ({process.returncode}) while waiting for {what}:\n" \
+                                       f"{log.read_text(errors='replace')[-5000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n{log.read_text(errors='replace')[-5000:]}"
+        time.sleep(0.05)
+
+
+def test_two_ranks_train_every_impression_once_across_kill_9_and_serve_the_model(
+        kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
+    config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, every_steps=5,
+                          max_poll_records=200)
+    config.write_text(to_toml(load_config(config, env={}, overrides=["distributed.timeout_s=60.0"])))
+    log, ledger, checkpoints = tmp_path / "ranks.log", tmp_path / "ledger", tmp_path / "checkpoints"
+    rng = random.Random(int(os.environ.get("CROSSDISTIL_TEST_SEED", "5")))
+    process = start_ranks(config, ledger, log)
+    try:
+        for kills, rank in enumerate((1, 0, 1)):
+            before = complete_round(checkpoints)
+            wait_for(lambda: complete_round(checkpoints) > before, "new checkpoint round", process, log)
+            time.sleep(rng.uniform(0.0, 1.5))  # a random moment: mid-poll, mid-step, mid-round, mid-publication
+            pid = rank_pids(log)[rank]
+            os.kill(pid, signal.SIGKILL)
+            print(f"\nkill {kills + 1}: rank {rank} (pid {pid}) after round {complete_round(checkpoints)}")
+            wait_for(lambda: rank_pids(log).get(rank) != pid, "restart of the group", process, log)
+        assert process.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text(errors="replace")[-6000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text(errors="replace")
+    restored = re.findall(r"rank 0/2 restored round (\d+)", text)
+    print(f"\nrank 0 resumed from rounds {restored}")
+    assert len(restored) >= 3, text[-4000:]
+    rows = read_ledger(ledger / "rank-0") + read_ledger(ledger / "rank-1")
+    counts = Counter(r["impression_id"] for r in rows)
+    twice = [i for i, n in counts.items() if n > 1]
+    assert not twice, f"{len(twice)} impressions trained more than once, e.g. {twice[:5]}"
+    assert len(counts) == IMPRESSIONS, f"{IMPRESSIONS - len(counts)} impressions never trained"
+    assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
+    assert read_ledger(ledger / "rank-0") and read_ledger(ledger / "rank-1"), "one rank trained nothing"
+    check_served(config, checkpoints, tmp_path)
+
+
+def check_served(config: Path, checkpoints: Path, tmp_path: Path) -> None:
+    """``crossdistil serve`` on the serving topic scores like the model of rank 0's final round."""
+    from consumers.state.checkpoints import CheckpointStore
+    from consumers.state.learner_state import learner_state
+    from models.features import encode_rows
+    from models.learner import Learner
+
+    final = CheckpointStore(checkpoints / "rank-0").latest()
+    assert final.step == complete_round(checkpoints)
+    version = final.metadata["publish_version"]
+    learner = Learner.from_state_dict(learner_state(final.metadata, final.tensors))
+    port = free_port()
+    serve_log = tmp_path / "serve.log"
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "consumers.cli", "serve", "--config", str(config), "--set", f"serving.port={port}",
+         "--set", "metrics.port=0"], cwd=REPO, stdout=open(serve_log, "ab"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+    probe = [{"impression_id": f"p{u}", "ts_ms": 1_650_000_000_000 + u, "user_id": str(u), "item_id": str(7 * u),
+              "features": {"hour": str(u % 24), "weekday": str(u % 7), "duration_ms": 1000.0 * u}} for u in range(32)]
+    try:
+        deadline = time.monotonic() + 120
+        body: dict = {}
+        while body.get("model_version") != version:
+            assert serving.poll() is None and time.monotonic() < deadline, serve_log.read_text()[-3000:]
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=json.dumps(probe).encode(),
+                                                 method="POST", headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        serving.wait(timeout=30)
+    expected = learner.predict(encode_rows(probe, learner.config.features, learner.config.tasks))
+    for task in TASKS:
+        assert torch.allclose(torch.tensor(body["probabilities"][task]), expected[task], atol=1e-6), task
