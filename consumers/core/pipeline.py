@@ -323,6 +323,12 @@ class Pipeline:
         self.metrics.watermark(self.join.watermark_ms)
         return self.trained_samples - before
 
+    def cut_partial(self) -> None:
+        """Hand the waiting partial batch to the learner now (several ranks step together: a rank's partial batch
+        joins the others' full ones, so the ranks' step is about one trainer's batch)."""
+        for batch in self.batcher.flush():
+            self.train_batch(batch)
+
     def _add_samples(self, samples: list[JoinedSample], now: float) -> None:
         if samples:
             self.metrics.samples_emitted(len(samples))

@@ -25,7 +25,7 @@ import datetime
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +89,22 @@ def owned_partitions(count: int, rank: int, world_size: int) -> list[int]:
     return [p for p in range(count) if p % world_size == rank]
 
 
+def attempt_store(timeout: datetime.timedelta, env: Mapping[str, str] | None = None) -> dist.Store | None:
+    """The rendezvous store of this attempt of the group: torchrun's own store (``MASTER_ADDR:MASTER_PORT``), its
+    keys prefixed by the restart count; None outside torchrun (``init_process_group``'s env:// rendezvous then).
+
+    Without the prefix, a group restarted by torchrun reads the previous attempt's addresses from the store it
+    keeps across restarts whenever a rank looks before its peer has overwritten them: seen here as gloo's
+    "connectFullMesh ... Connection refused" on every restart after the second kill, until --max-restarts ran out.
+    """
+    env = os.environ if env is None else env
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    run = env.get("TORCHELASTIC_RUN_ID", "run")
+    return dist.PrefixStore(f"crossdistil/{run}/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 class Ranks:
     """The trainer's process group and its collectives (see the module docstring)."""
 
@@ -101,9 +117,9 @@ class Ranks:
         self.backend = backend
         self.device = torch.device(device if backend == "nccl" else "cpu")
         if not dist.is_initialized():
-            # env:// rendezvous: torchrun's MASTER_ADDR / MASTER_PORT (its c10d store), RANK and WORLD_SIZE.
-            dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
-                                    timeout=datetime.timedelta(seconds=section.timeout_s))
+            timeout = datetime.timedelta(seconds=section.timeout_s)
+            dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+                                    store=attempt_store(timeout))
         self.collective_seconds = 0.0
 
     @property
@@ -207,12 +223,17 @@ class RankedLearner(LocalLearner):
             self.step_together()
         yield from super().answers(wait)
 
-    def step_together(self) -> int:
-        """sync: as many steps as the rank with the most queued batches has, every rank at once (an empty rank
-        contributes zero weight); returns the steps taken. Every rank must call it at the same point."""
+    def step_together(self, top_up: Callable[[], None] | None = None) -> int:
+        """sync: as many steps as the rank with the most queued batches has, every rank at once; returns the steps
+        taken. Every rank must call it at the same point.
+
+        ``top_up`` (``Pipeline.cut_partial``): called when this rank has fewer batches than the steps to take, so
+        its partial batch joins them; a rank with nothing at all contributes zero weight."""
         if self.mode != "sync":
             return 0
         steps = self.ranks.agree([len(self._queue)])[0]
+        if top_up is not None and len(self._queue) < steps:
+            top_up()
         for _ in range(steps):
             if self._queue:
                 context, rows = self._queue.popleft()

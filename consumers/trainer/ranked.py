@@ -253,7 +253,7 @@ class RankTrainer(Trainer):
             stop, due, busy, unreadable, average = self.ranks.agree([
                 self.stop_requested, self._checkpoint_reason(now) is not None, not self._idle_at_end(now),
                 self.kafka.unreadable is not None, self._average_due(now)])
-            learner.step_together()
+            learner.step_together(self.pipeline.cut_partial)
             self.pipeline.collect()
             if average:
                 learner.average()

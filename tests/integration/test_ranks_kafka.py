@@ -65,7 +65,8 @@ def wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout
     while not condition():
         assert process.poll() is None, f"the ranks exited ({process.returncode}) while waiting for {what}:\n" \
                                        f"{log.read_text(errors='replace')[-5000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n{log.read_text(errors='replace')[-5000:]}"
+        assert time.monotonic() < deadline, \
+            f"no {what} within {timeout_s} s:\n{log.read_text(errors='replace')[-5000:]}"
         time.sleep(0.05)
 
 
@@ -80,12 +81,12 @@ def test_two_ranks_train_every_impression_once_across_kill_9_and_serve_the_model
     try:
         for kills, rank in enumerate((1, 0, 1)):
             before = complete_round(checkpoints)
-            wait_for(lambda: complete_round(checkpoints) > before, "new checkpoint round", process, log)
+            wait_for(lambda before=before: complete_round(checkpoints) > before, "new checkpoint round", process, log)
             time.sleep(rng.uniform(0.0, 1.5))  # a random moment: mid-poll, mid-step, mid-round, mid-publication
             pid = rank_pids(log)[rank]
             os.kill(pid, signal.SIGKILL)
             print(f"\nkill {kills + 1}: rank {rank} (pid {pid}) after round {complete_round(checkpoints)}")
-            wait_for(lambda: rank_pids(log).get(rank) != pid, "restart of the group", process, log)
+            wait_for(lambda rank=rank, pid=pid: rank_pids(log).get(rank) != pid, "restart of the group", process, log)
         assert process.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text(errors="replace")[-6000:]
     finally:
         if process.poll() is None:
