@@ -26,9 +26,15 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from consumers.core.pipeline import EventClock, NoMetrics, decode_record
+from consumers.runtime.assembly import build_pipeline
 from consumers.runtime.config import Config, config_from_dict
-from consumers.runtime.ranks import owned_partitions
+from consumers.runtime.ranks import RankInfo, Ranks, owned_partitions
+from models.metrics import auc
 from streamer.eventlog import path_from_url, read_event_log
 
 TAIL = 0.2
@@ -75,13 +81,6 @@ class _Collected:
 def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, chunk: int,
             init_file: str | None) -> dict[str, Any]:
     """One rank's replay (module docstring); its results as plain arrays and figures."""
-    import torch
-    import torch.distributed as dist
-
-    from consumers.core.pipeline import EventClock, NoMetrics, decode_record
-    from consumers.runtime.assembly import build_pipeline
-    from consumers.runtime.ranks import RankInfo, Ranks
-
     torch.set_num_threads(1)
     records = rank_records(url, rank, world_size, partitions)
     collected = _Collected()
@@ -149,8 +148,6 @@ def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8,
     if world_size == 1:
         parts = [_replay(0, 1, cfg, url, partitions, chunk, None)]
     else:
-        import torch.multiprocessing as mp
-
         with tempfile.TemporaryDirectory(prefix="rank-replay-") as tmp:
             mp.spawn(_spawned, args=(world_size, cfg.to_dict(), url, partitions, chunk, str(Path(tmp) / "init"), tmp),
                      nprocs=world_size, join=True)
@@ -163,8 +160,6 @@ def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8,
 
 def summarize(parts: list[dict[str, Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
     """The union of the ranks' samples in event-time order, its AUCs, and the ranks' speed and collective cost."""
-    from models.metrics import auc
-
     ts = np.concatenate([p["ts"] for p in parts])
     order = np.argsort(ts, kind="stable")
     labels = np.concatenate([p["labels"] for p in parts])[order]

@@ -186,6 +186,11 @@ class Trainer:
                 signal.signal(sig, handler)
             self._close(consumer, producer, http)
         print(self._summary(), flush=True)
+        if self.kafka.first_assigned_at is not None and self.events_consumed:
+            flush_s = self.drained_at - self.flush_started_at if self.drained_at and self.flush_started_at else 0.0
+            seconds = self.last_event_at - self.kafka.first_assigned_at + flush_s
+            print(f"crossdistil train: consumed {self.events_consumed} events in {seconds:.3f} s (from the first "
+                  "assignment to the last event, plus the final flush)", flush=True)
         return self.exit_status
 
     def _connect(self) -> tuple[Any, Any]:

@@ -65,6 +65,7 @@ def _run(tmp_path: Path, mode: str) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow  # two processes of their own
 def test_sync_ranks_take_the_step_of_one_learner_on_the_union(tmp_path: Path) -> None:
     ranks = _run(tmp_path, "sync")
     single = Learner(ModelConfig(**CONFIG))
@@ -80,6 +81,7 @@ def test_sync_ranks_take_the_step_of_one_learner_on_the_union(tmp_path: Path) ->
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
 
 
+@pytest.mark.slow
 def test_averaged_ranks_hold_one_model(tmp_path: Path) -> None:
     ranks = _run(tmp_path, "average")
     untrained = Learner(ModelConfig(**CONFIG)).model.state_dict()

@@ -149,3 +149,38 @@ def test_a_batch_the_client_cannot_decode_is_named_by_topic_partition_and_offset
     io = kafka_io(Unreadable(CorruptRecordError("Record batch failed crc check")))
     io.poll(10)
     assert "impressions-0 at offset 7" in io.unreadable and "damaged" in io.unreadable
+
+
+class PartitionedConsumer(Consumer):
+    """A consumer that knows the partition counts of its topics and takes a manual assignment."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__([])
+        self.counts = counts
+
+    def partitions_for_topic(self, topic: str):
+        return set(range(self.counts[topic])) if topic in self.counts else None
+
+    def assign(self, partitions) -> None:
+        self.partitions = set(partitions)
+
+
+def test_a_rank_owns_the_partitions_congruent_to_it_on_both_topics_and_seeks_them() -> None:
+    io = kafka_io(consumer := PartitionedConsumer({"impressions": 5, "feedback": 5}))
+    io.positions = {("impressions", 3): 11}
+    owned = io.assign_static(1, 2)
+    assert owned == [("impressions", 1), ("impressions", 3), ("feedback", 1), ("feedback", 3)]
+    assert consumer.assignment() == {TopicPartition(t, p) for t, p in owned}
+    assert consumer.seeks[TopicPartition("impressions", 3)] == 11
+    assert consumer.seeks[TopicPartition("feedback", 1)] == "beginning"
+    assert set(io.join._sources) == set(owned)
+
+
+@pytest.mark.parametrize("counts, world, message", [
+    ({"impressions": 4, "feedback": 2}, 2, "4 partitions and feedback 2"),
+    ({"impressions": 2, "feedback": 2}, 4, "4 ranks need at least 4 partitions"),
+    ({"impressions": 2}, 2, "topic feedback does not exist"),
+])
+def test_ranks_refuse_topics_that_are_not_co_partitioned_or_too_small(counts, world, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        kafka_io(PartitionedConsumer(counts)).assign_static(0, world)
