@@ -142,3 +142,37 @@ def check_served(config: Path, checkpoints: Path, tmp_path: Path) -> None:
     expected = learner.predict(encode_rows(probe, learner.config.features, learner.config.tasks))
     for task in TASKS:
         assert torch.allclose(torch.tensor(body["probabilities"][task]), expected[task], atol=1e-6), task
+
+
+def test_two_nodes_with_static_node_ranks_resume_after_a_kill_and_train_every_impression_once(
+        kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
+    """The two-host setup of docs/scaling.md (deploy/compose/ranks.yml, deploy/k8s-ranks), on 127.0.0.1: one torchrun
+    agent per node, static node ranks, node 0 hosting the rendezvous; rank 1 is killed once."""
+    config = write_config(tmp_path / "trainer.toml", kafka_broker, kuairand_topics, every_steps=5,
+                          max_poll_records=200)
+    config.write_text(to_toml(load_config(config, env={}, overrides=["distributed.timeout_s=60.0"])))
+    ledger, checkpoints, port = tmp_path / "ledger", tmp_path / "checkpoints", free_port()
+    logs = [tmp_path / f"node{n}.log" for n in range(2)]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(n),
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "--max-restarts", "3",
+         "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger), "--exit-when-idle", "4",
+         "--torch-threads", "1"], cwd=REPO, stdout=open(logs[n], "ab"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}, preexec_fn=die_with_parent)
+        for n in range(2)]
+    try:
+        wait_for(lambda: complete_round(checkpoints) >= 2, "second checkpoint round", nodes[0], logs[0])
+        pid = rank_pids(logs[1])[1]
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: rank_pids(logs[1]).get(1) != pid, "restart of rank 1", nodes[1], logs[1])
+        for node, log in zip(nodes, logs):
+            assert node.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text(errors="replace")[-5000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert re.findall(r"rank 1/2 restored round (\d+)", logs[1].read_text()), logs[1].read_text()[-3000:]
+    rows = read_ledger(ledger / "rank-0") + read_ledger(ledger / "rank-1")
+    counts = Counter(r["impression_id"] for r in rows)
+    assert len(counts) == IMPRESSIONS and max(counts.values()) == 1
+    assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES

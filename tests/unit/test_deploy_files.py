@@ -43,6 +43,43 @@ def test_docker_compose_config_accepts_the_file() -> None:
     assert rendered["services"]["kafka"]["image"].startswith("apache/kafka:")
 
 
+def test_compose_override_runs_two_trainer_ranks_under_torchrun() -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    files = ["-f", str(DEPLOY / "docker-compose.yml"), "-f", str(DEPLOY / "compose" / "ranks.yml")]
+    result = subprocess.run([*command, *files, "config"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name, node in (("trainer", "0"), ("trainer-rank1", "1")):
+        entrypoint, args = services[name]["entrypoint"], services[name]["command"]
+        assert entrypoint[:3] == ["python", "-m", "torch.distributed.run"], entrypoint
+        assert entrypoint[entrypoint.index("--master-addr") + 1] == "trainer"
+        assert args[:2] == ["--node-rank", node] and args[2:6] == ["-m", "consumers.cli", "train", "--config"]
+    prometheus = (DEPLOY / "prometheus" / "prometheus.ranks.yml").read_text()
+    assert '"trainer:9400", "trainer-rank1:9401"' in prometheus  # metrics.port + rank
+
+
+def test_kubernetes_ranks_overlay_replaces_the_trainer_with_a_statefulset_of_torchrun_nodes() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the overlay is rendered with kustomize")
+    result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s-ranks")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in documents}
+    assert ("Deployment", "crossdistil-trainer") not in kinds and ("Deployment", "crossdistil-serving") in kinds
+    ranks = next(d for d in documents if d["kind"] == "StatefulSet")
+    container = ranks["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert container["command"] == ["python", "-m", "torch.distributed.run"]
+    assert args[args.index("--nnodes") + 1] == str(ranks["spec"]["replicas"])
+    assert args[args.index("--node-rank") + 1] == "$(POD_INDEX)"
+    pod_zero = f"{ranks['metadata']['name']}-0.{ranks['spec']['serviceName']}"
+    assert args[args.index("--master-addr") + 1] == pod_zero
+
+
 def test_compose_mounts_files_that_exist() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     for name, service in compose["services"].items():
