@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from consumers.runtime.config import load_config
-from consumers.runtime.ranks import RankInfo, RankedLearner, Ranks, attempt_store, rank_from_env
+from consumers.runtime.ranks import RankedLearner, RankInfo, Ranks, attempt_store, rank_from_env
 
 pytestmark = pytest.mark.unit
 
