@@ -73,10 +73,11 @@ def torchrun_command(argv: list[str], world_size: int, max_restarts: int) -> lis
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil train``; returns the exit status."""
-    if args.world_size is not None and args.world_size > 1 and "WORLD_SIZE" not in os.environ:
+    world_size = getattr(args, "world_size", None)
+    if world_size is not None and world_size > 1 and "WORLD_SIZE" not in os.environ:
         argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
-        command = torchrun_command(argv, args.world_size, args.max_restarts)
-        print(f"crossdistil train: {args.world_size} ranks: {' '.join(command[1:])}", flush=True)
+        command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
+        print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
         os.execv(sys.executable, command)
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
