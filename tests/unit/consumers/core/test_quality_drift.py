@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumers.core.drift import LOSS_DETECTORS, AucDropDetector, LossDriftDetectors, detection_delay, per_sample_log_loss
+from consumers.core.drift import (
+    LOSS_DETECTORS,
+    AucDropDetector,
+    LossDriftDetectors,
+    detection_delay,
+    per_sample_log_loss,
+)
 from consumers.runtime.telemetry import TrainerMetrics
 
 pytestmark = pytest.mark.unit
