@@ -77,6 +77,7 @@ DRIFT_TYPES = ("abrupt", "gradual", "recurring", "none")
 # The pipeline alerts keep their durations: a replayed stream's event time is old, which they would flag.
 DEMO_ALERT_TIME_SCALE = 60
 DEMO_SCALED_GROUPS = ("crossdistil-quality",)
+QUALITY_ALERTS = ("CrossdistilAucDrop", "CrossdistilDriftDetected")  # shown in the view's timeline
 STOP_TIMEOUT_S = {"stream": 10.0, "trainer": 60.0, "serving": 15.0, "prometheus": 15.0}
 CAUGHT_UP_QUIET_S = 3.0      # end of stream: no new event for this long and consumer lag 0 -> the trainer is done
 DRAIN_TIMEOUT_S = 180.0      # ... or give up waiting after this long and stop it anyway
@@ -399,6 +400,18 @@ def scrape(url: str, timeout_s: float = 2.0) -> tuple[Samples | None, str | None
     return parse_samples(text), text
 
 
+def prometheus_alerts(port: int, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
+    """The alerts of the Prometheus at ``port`` (``/api/v1/alerts``: labels, state), or None if it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=timeout_s) as response:
+            return list(json.loads(response.read().decode())["data"]["alerts"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def parse_samples(text: str) -> Samples | None:
     """The samples by name of a Prometheus text exposition, or None if it does not parse."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -468,16 +481,55 @@ class Status:
     phase: str = "starting"
     started_at: float = field(default_factory=time.monotonic)
     configured_windows: list[str] = field(default_factory=list)
+    drift_note: str | None = None        # where the synthetic stream drifts (shown above the timeline)
+    # When each detector fired and each quality alert started firing, in the order seen: (seconds since the
+    # start, text); ``_counts`` holds the detection counters of the previous scrape, ``_firing`` the alerts.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    _counts: dict[tuple[str, str], float] = field(default_factory=dict)
+    _firing: set[tuple[str, ...]] = field(default_factory=set)
 
     def update(self, trainer: Samples | None, serving: Samples | None, now: float) -> None:
         """Take new scrapes (None keeps the previous one: a busy daemon may miss a scrape)."""
         if trainer is not None:
+            self._note_detections(trainer, now)
             self.trainer = trainer
             self.events_rate.add(now, value(trainer, "crossdistil_events_consumed_total"))
             self.samples_rate.add(now, value(trainer, "crossdistil_samples_trained_total"))
             self.event_time_rate.add(now, value(trainer, "crossdistil_watermark_timestamp_seconds"))
         if serving is not None:
             self.serving = serving
+
+    def _note_detections(self, trainer: Samples, now: float) -> None:
+        """Add a timeline entry for every detector whose detection counter rose since the last scrape."""
+        for labels, count in trainer.get("crossdistil_drift_detections_total", []):
+            key = (labels.get("task", ""), labels.get("detector", ""))
+            before = self._counts.get(key, 0.0)
+            self._counts[key] = count
+            if count > before:
+                samples = value(trainer, "crossdistil_quality_samples_total", task=key[0], role="student")
+                self.timeline.append((now - self.started_at, f"{key[0]}: drift detector {key[1]} fired "
+                                      f"(at {_fmt(samples, ',.0f')} samples scored)"))
+
+    def update_alerts(self, alerts: Iterable[Mapping[str, Any]] | None, now: float) -> None:
+        """Take Prometheus' alerts (``/api/v1/alerts``): a timeline entry when a quality alert starts firing."""
+        if alerts is None:
+            return
+        firing = set()
+        for alert in alerts:
+            labels = alert.get("labels", {})
+            if alert.get("state") != "firing" or labels.get("alertname") not in QUALITY_ALERTS:
+                continue
+            key = (labels["alertname"], labels.get("task", ""), labels.get("reference") or labels.get("detector", ""))
+            firing.add(key)
+            if key not in self._firing:
+                samples = value(self.trainer, "crossdistil_quality_samples_total", task=key[1], role="student")
+                self.timeline.append((now - self.started_at, f"{key[1]}: alert {key[0]} firing ({key[2]}, at "
+                                      f"{_fmt(samples, ',.0f')} samples scored)"))
+        self._firing = firing
+
+    def firing(self) -> list[str]:
+        """Quality alerts firing now, as ``ALERT(task)``."""
+        return sorted({f"{name}({task})" for name, task, _ in self._firing})
 
     def tasks(self) -> list[str]:
         """Tasks the trainer reports quality for."""
@@ -607,6 +659,8 @@ def plain_line(status: Status) -> str:
         parts.append(part)
     facts = dict(pipeline_facts(status))
     parts += [f"{k}={facts[k]}" for k in ("events/s", "samples/s", "consumer lag", "model")]
+    if status.firing():
+        parts.append("alerts=" + ",".join(status.firing()))
     return " | ".join(parts)
 
 
@@ -622,7 +676,7 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
     caption = ("AUC over the last N samples, each scored before the model learned from it. "
                + (f"Drift: AUC over the last {_short(numeric[0])} minus the same AUC when the served model was "
                   "published (pub), or over the slow baseline window (base); red below -0.05. " if numeric else "")
-               + "Alarms: ADWIN / PageHinkley on the loss.")
+               + "Alarms: drift detections (ADWIN / PageHinkley on the loss, auc_drop on the AUC); when: below.")
     quality = Table(title="model quality per task", caption=caption, expand=True, title_justify="left",
                     caption_justify="left")
     quality.add_column("task")
@@ -672,11 +726,30 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
     return Group(
         Text(f"{header}  |  {status.phase}, {elapsed:.0f} s", style="bold"),
         quality,
+        *([drift_panel(status)] if status.drift_note or status.timeline else []),
         *([distillation_table(status)] if status.gated() else []),
         Panel(pipeline, title="pipeline", title_align="left"),
         procs,
         Text("\n".join(footer), style="dim"),
     )
+
+
+def drift_panel(status: Status, last: int = 8) -> Any:
+    """Where the stream drifts, and when each detector fired and each quality alert started firing."""
+    from rich.panel import Panel
+    from rich.text import Text
+
+    lines = Text()
+    if status.drift_note:
+        lines.append(status.drift_note + "\n", style="dim")
+    for seconds, what in status.timeline[-last:]:
+        lines.append(f"{seconds:5.0f} s  ", style="dim")
+        lines.append(what + "\n", style="red" if "alert" in what else "yellow")
+    if not status.timeline:
+        lines.append("no drift detected so far", style="dim")
+    if status.firing():
+        lines.append("firing now: " + ", ".join(status.firing()), style="bold red")
+    return Panel(lines, title="drift: detections and alerts", title_align="left")
 
 
 def distillation_table(status: Status) -> Any:
@@ -874,6 +947,7 @@ class Demo:
         footer.append("Ctrl-C stops everything")
         self.status.phase = "streaming"
         self.status.configured_windows = plan.windows
+        self.status.drift_note = drift_summary(plan.stream_options)
         self._record()
         if plan.live:
             from rich.live import Live
@@ -882,9 +956,15 @@ class Demo:
                       transient=False, redirect_stderr=False) as live:
                 return self._loop(lambda: live.update(render(self.status, header, self.children.values(), footer)))
         print("[demo] " + "; ".join(footer), flush=True)
+        if self.status.drift_note:
+            print(f"[demo] {self.status.drift_note}", flush=True)
         last_line = [0.0]
+        shown = [0]
 
         def plain() -> None:
+            for seconds, what in self.status.timeline[shown[0]:]:
+                print(f"[demo {seconds:5.0f}s] {what}", flush=True)
+            shown[0] = len(self.status.timeline)
             now = time.monotonic()
             if now - last_line[0] >= PLAIN_EVERY_S:
                 last_line[0] = now
@@ -907,6 +987,8 @@ class Demo:
             self._last_trainer_text = trainer_text or self._last_trainer_text
             self._last_serving_text = serving_text or self._last_serving_text
             self.status.update(trainer, serving, tick)
+            if plan.prometheus:
+                self.status.update_alerts(prometheus_alerts(plan.ports["prometheus"]), tick)
             if not announced_auc and self.status.has_auc():
                 announced_auc = True
                 if not plan.live:
@@ -1026,6 +1108,10 @@ class Demo:
             w = windows[0]
             aucs = ", ".join(f"{t} {_fmt(self.status.auc(t, w))}" for t in self.status.tasks())
             lines.append(f"[demo] last AUC over {int(w):,} samples: {aucs}" if w.isdigit() else f"[demo] AUC: {aucs}")
+        if self.status.drift_note or self.status.timeline:
+            lines.append(f"[demo] {self.status.drift_note or 'drift'}; detections and alerts:"
+                         + "".join(f"\n[demo]   {seconds:5.0f} s  {what}" for seconds, what in self.status.timeline)
+                         + ("" if self.status.timeline else " none"))
         published, loaded = self.status.versions()
         published = self.last_published_version() or published
         if published is not None or loaded is not None:
