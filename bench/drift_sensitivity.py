@@ -423,8 +423,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["seconds"] = round(time.time() - started, 1)
     (out / "drift_sensitivity.json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
     plot(result, out / "drift_sensitivity.png")
-    print(f"wrote {out / 'drift_sensitivity.json'} and drift_sensitivity.png", file=sys.stderr)
+    (out / "drift_sensitivity.md").write_text(markdown(result))
+    print(f"wrote {out}/drift_sensitivity.json, .md and .png", file=sys.stderr)
     return 0
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """The JSON's tables: delay per setting and case, false alarms per million task-samples per stream."""
+    cases = list(result["cases"].items())
+    names = list(result["settings"]) + list(ALERTS)
+    lines = ["Detection delay in samples after the first drifted sample (click; - = not detected before the end, "
+             f"{N_EVENTS - DRIFT_AT:,} samples later). False alarms: detections of like, or of click before the drift.",
+             "", "| setting | " + " | ".join(name for name, _ in cases) + " |",
+             "|---|" + "---|" * len(cases)]
+    for n in names:
+        cells = []
+        for _, c in cases:
+            delay, false = c["delay"].get(n), c["false_alarms"].get(n, 0)
+            cells.append(("-" if delay is None else f"{delay:,}") + (f" ({false} false)" if false else ""))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    free = result["drift_free"]
+    lines += ["", "False alarms per million task-samples on drift-free streams (count in brackets):", "",
+              "| setting | " + " | ".join(f"{k} ({v['task_samples']:,} task-samples)" for k, v in free.items()) + " |",
+              "|---|" + "---|" * len(free)]
+    for n in names:
+        cells = []
+        for v in free.values():
+            if n in v["detections"]:
+                cells.append(f"{v['per_million'][n]:g} ({v['detections'][n]})")
+            else:
+                cells.append(f"{v['alerts_per_million'][n]:g} ({v['alert_episodes'][n]})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _episodes(firings: Sequence[Mapping[str, Any]], alert: str) -> int:
