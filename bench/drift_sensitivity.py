@@ -14,11 +14,11 @@ batches of 256, as the live demo trains at its default pace) with the demo's tra
   reports/backtest_kuairand_pure/config.toml.
 
 Detectors are then run again, off line, on the recorded prequential predictions, batch by batch as the trainer fed
-them (the same inputs in the same order give the same detections: the bench checks this for the defaults against
-the replay's own), for each setting in ``SETTINGS``. Per setting: the detection delay in samples (first detection
-of the drifting task at or after the first drifted sample; samples counted in training order), false alarms
-(detections of the non-drifting task; of any task before the drift; every detection on the drift-free streams)
-per million task-samples.
+them (the same inputs in the same order give the same detections: tests/integration/test_drift_detection.py checks
+this for the defaults against the replay's own), for each setting in ``SETTINGS``. Per setting: the detection
+delay in samples (first detection of the drifting task at or after the first drifted sample; samples counted in
+training order), false alarms (detections of the non-drifting task; of any task before the drift; every detection
+on the drift-free streams) per million task-samples.
 
 Alerts: the demo's rules (``consumers.tools.demo.demo_alert_rules``: deploy/prometheus/alerts.yml with the quality
 alerts' durations divided by 60) evaluated by ``promtool test rules`` on the trainer's /metrics exposition taken
@@ -65,8 +65,8 @@ SETTINGS: tuple[tuple[str, dict[str, float]], ...] = (
     ("auc_drop", {"min_drop": 0.02, "z": 3.0}),
     ("auc_drop", {"min_drop": 0.05, "z": 2.0}),
     ("auc_drop", {"min_drop": 0.1, "z": 4.0}),
-    ("adwin", {"adwin_delta": 0.002}),
     ("adwin", {"adwin_delta": 0.0002}),
+    ("adwin", {"adwin_delta": 0.002}),
     ("adwin", {"adwin_delta": 0.00002}),
     ("page_hinkley", {"ph_threshold": 400.0}),
     ("page_hinkley", {"ph_threshold": 200.0}),
@@ -331,7 +331,8 @@ def drifting_streams() -> list[dict[str, Any]]:
         cases.append({"name": f"{kind}_0.75", "type": kind, "magnitude": 0.75,
                       "options": synthetic_options(N_EVENTS, kind, 0.75, "click")})
     for case in cases:
-        case["drift_at"] = int(case["options"]["drift_at"].split(",")[0])
+        case["points"] = [int(p) for p in case["options"]["drift_at"].split(",")]
+        case["drift_at"] = case["points"][0]
     return cases
 
 
@@ -354,6 +355,13 @@ def summarize_case(rec: Mapping[str, Any], case: Mapping[str, Any], fired: Mappi
         at = alerts.get(alert, {})
         out["delay"][alert] = at["click"] - start if at.get("click", -1) >= start else None
         out["false_alarms"][alert] = int("like" in at) + int(at.get("click", start) < start)
+    if len(case.get("points", ())) > 1:  # recurring: the delay of the switch back too (detections after it)
+        back = drift_sample(rec, case["points"][1])
+        out["switch_back_sample"] = back
+        out["delay_back"] = {}
+        for setting, by_task in fired.items():
+            after = [s for s in by_task.get("click", []) if s >= back]
+            out["delay_back"][setting] = after[0] - back if after else None
     return out
 
 
@@ -416,7 +424,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "by_task": {s: {t: len(v) for t, v in by_task.items()} for s, by_task in fired.items()},
                 "alert_episodes": episodes, "alert_first": alerts,
                 "alerts_per_million": {a: per_million(c, samples) for a, c in episodes.items()},
-                "replay_detections": rec["detections"],
             }
             print(f"{name}: {json.dumps(counts)} alerts {json.dumps(episodes)}", file=sys.stderr, flush=True)
     result["pace"] = {"samples_per_s": demo_pace(), "scrape_s": SCRAPE_S, "rules": "demo_alert_rules(alerts.yml)"}

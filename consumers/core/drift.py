@@ -54,7 +54,7 @@ class LossDriftDetectors:
     def __init__(
         self,
         chunk: int = 8,
-        adwin_delta: float = 0.002,
+        adwin_delta: float = 0.0002,
         ph_threshold: float = 400.0,
         ph_delta: float = 0.1,
         ph_min_instances: int = 30,
@@ -64,6 +64,9 @@ class LossDriftDetectors:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.chunk = int(chunk)
+        # adwin_delta 0.0002, not river's 0.002: at 0.002 ADWIN fired once on the drift-free KuaiRand-Pure log
+        # (long_view, 913k task-samples); at 0.0002 never, and it still catches a drift of magnitude 0.2 within
+        # ~1,500 samples (bench/drift_sensitivity.py, docs/monitoring.md "Choosing drift thresholds").
         self._adwin = drift.ADWIN(delta=adwin_delta)
         # ph_threshold is the cumulative excess loss, in nats summed over samples, that counts as a drift; the
         # detector sums chunk means, hence the division. Tuned on a stationary stream of per-sample log loss

@@ -125,8 +125,9 @@ class MetricsConfig:
                                           "a drift; lower detects milder drifts sooner, with more false alarms (on a "
                                           "stationary stream, per million samples: 400 -> 0-1, 200 -> 1-3, 100 -> "
                                           "4-15)")
-    drift_adwin_delta: float = _f(0.002, "ADWIN confidence delta on the per-sample log loss; larger detects milder "
-                                         "changes, with more false alarms")
+    drift_adwin_delta: float = _f(0.0002, "ADWIN confidence delta on the per-sample log loss; larger detects milder "
+                                          "changes, with more false alarms (0.002 fired once on KuaiRand-Pure, "
+                                          "docs/monitoring.md)")
     drift_ph_delta: float = _f(0.1, "Page-Hinkley: rise of the loss (nats, over means of 8 samples) tolerated before "
                                     "it accumulates toward drift_ph_threshold; a drift that raises the loss by less "
                                     "never fires, so lower it (with drift_ph_threshold) to catch mild drifts, at the "
