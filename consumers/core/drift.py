@@ -1,4 +1,5 @@
-"""Drift detection on a task's per-sample loss: river's ADWIN and PageHinkley behind one small class, pure.
+"""Drift detection, pure: river's ADWIN and PageHinkley on a task's per-sample loss (:class:`LossDriftDetectors`),
+and a detector on the windowed AUC itself, with its threshold in AUC points (:class:`AucDropDetector`).
 
 The detectors see the prequential log loss of each sample (predicted before the update). A rise in loss is a
 change in the data or a broken model; only *increases* count: PageHinkley runs with ``mode="up"``, and ADWIN
@@ -24,12 +25,17 @@ sample.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-DETECTORS: tuple[str, ...] = ("adwin", "page_hinkley")
+from consumers.core.quality import histogram_auc
+
+LOSS_DETECTORS: tuple[str, ...] = ("adwin", "page_hinkley")
+AUC_DETECTOR = "auc_drop"
+DETECTORS: tuple[str, ...] = (*LOSS_DETECTORS, AUC_DETECTOR)  # every detector a task has, as exported
 
 # Per-sample log loss is heavy-tailed (one confident mistake costs ~16 nats); clip so a single sample cannot
 # look like a drift by itself.
@@ -39,7 +45,7 @@ LOSS_CLIP = 10.0
 class LossDriftDetectors:
     """ADWIN and PageHinkley on one stream of per-sample losses.
 
-    ``update(losses)`` returns the names (from :data:`DETECTORS`) of the detectors that fired during this
+    ``update(losses)`` returns the names (from :data:`LOSS_DETECTORS`) of the detectors that fired during this
     batch; ``detections`` counts them, and ``samples_seen`` is the number of losses fed so far. River resets
     a detector's statistics after it fires, so a lasting change fires once (or a few times while ADWIN's
     window shrinks), not on every later sample.
@@ -48,7 +54,7 @@ class LossDriftDetectors:
     def __init__(
         self,
         chunk: int = 8,
-        adwin_delta: float = 0.002,
+        adwin_delta: float = 0.0002,
         ph_threshold: float = 400.0,
         ph_delta: float = 0.1,
         ph_min_instances: int = 30,
@@ -58,6 +64,9 @@ class LossDriftDetectors:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.chunk = int(chunk)
+        # adwin_delta 0.0002, not river's 0.002: at 0.002 ADWIN fired once on the drift-free KuaiRand-Pure log
+        # (long_view, 913k task-samples); at 0.0002 never, and it still catches a drift of magnitude 0.2 within
+        # ~1,500 samples (bench/drift_sensitivity.py, docs/monitoring.md "Choosing drift thresholds").
         self._adwin = drift.ADWIN(delta=adwin_delta)
         # ph_threshold is the cumulative excess loss, in nats summed over samples, that counts as a drift; the
         # detector sums chunk means, hence the division. Tuned on a stationary stream of per-sample log loss
@@ -69,7 +78,7 @@ class LossDriftDetectors:
         self._pending: list[np.ndarray] = []  # losses not yet forming a full chunk
         self._pending_n = 0
         self.samples_seen = 0
-        self.detections: dict[str, int] = dict.fromkeys(DETECTORS, 0)
+        self.detections: dict[str, int] = dict.fromkeys(LOSS_DETECTORS, 0)
 
     def update(self, losses: ArrayLike) -> list[str]:
         """Feed a batch of per-sample losses; return the detectors that fired (each name at most once)."""
@@ -98,6 +107,111 @@ class LossDriftDetectors:
         for name in fired:
             self.detections[name] += 1
         return fired
+
+
+class AucDropDetector:
+    """Fires when a task's AUC over its last ``window`` samples is ``min_drop`` or more below its AUC over the
+    ``reference`` samples just before them, and the fall is beyond noise.
+
+    The units are those of the dashboard's AUC panels: ``min_drop = 0.05`` fires when the recent AUC reads, say,
+    0.67 where it read 0.72 over the samples before. Noise guard: the fall must also exceed ``z`` standard errors
+    of the difference of the two AUCs (Hanley & McNeil's error from each window's positives and negatives), so a
+    rare task, whose AUC over a few thousand samples moves by several points on its own, needs a larger fall.
+
+    Cost: scores are binned on the logit scale (``bins`` bins over logits -8..8, ties within a bin count one half)
+    into one histogram per ``block`` samples; every ``block`` samples the two windows' histograms are summed and
+    compared: a few microseconds per batch, no sort. ``window`` and ``reference`` are rounded to whole blocks.
+    After a detection both windows fill again with new samples before the next check, so a lasting change fires
+    once, and the samples after it become the new reference.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> detector = AucDropDetector(window=2000, reference=8000)
+    >>> def batch(informative):
+    ...     score = rng.normal(size=500)
+    ...     label = rng.random(500) < 1 / (1 + np.exp(-2 * (score if informative else rng.normal(size=500))))
+    ...     return label, 1 / (1 + np.exp(-score))
+    >>> [detector.update(*batch(True)) for _ in range(40)].count(True)  # AUC ~0.8 throughout
+    0
+    >>> fired = [detector.update(*batch(False)) for _ in range(8)]  # the scores stop ranking: AUC ~0.5
+    >>> fired.index(True) * 500 + 500  # samples after the change until the detection
+    1000
+    >>> round(detector.last["reference_auc"] - detector.last["recent_auc"], 2)
+    0.18
+    """
+
+    LOGIT_RANGE = 8.0
+
+    def __init__(self, window: int = 5_000, reference: int = 20_000, min_drop: float = 0.05, z: float = 4.0,
+                 block: int = 1_000, bins: int = 1_024) -> None:
+        if block < 1 or window < block or reference < block:
+            raise ValueError(f"window ({window}) and reference ({reference}) must hold at least one block ({block})")
+        if not 0 < min_drop < 1 or z < 0:
+            raise ValueError(f"min_drop must be in (0, 1) AUC points and z >= 0, got {min_drop}, {z}")
+        self.block, self.bins = int(block), int(bins)
+        self.window_blocks = max(1, round(window / block))
+        self.reference_blocks = max(1, round(reference / block))
+        self.min_drop, self.z = float(min_drop), float(z)
+        self._ring = np.zeros((self.window_blocks + self.reference_blocks, 2, self.bins), dtype=np.int64)
+        self._head = 0  # ring slot of the next closed block
+        self._current = np.zeros(2 * self.bins, dtype=np.int64)  # [negatives | positives] of the open block
+        self._in_block = 0
+        self._filled = 0  # blocks closed since the start or the last detection
+        self.samples_seen = 0
+        self.detections = 0
+        self.last: dict[str, float] = {}  # the last comparison: recent_auc, reference_auc, drop, threshold
+
+    def update(self, y: ArrayLike, p: ArrayLike) -> bool:
+        """Feed a batch of labels (> 0 positive) and predicted probabilities; True if the detector fired."""
+        y = np.asarray(y).reshape(-1) > 0
+        p = np.clip(np.asarray(p, dtype=np.float64).reshape(-1), 1e-7, 1 - 1e-7)
+        logits = np.log(p) - np.log1p(-p)
+        scaled = (logits + self.LOGIT_RANGE) * (self.bins / (2 * self.LOGIT_RANGE))
+        keys = np.clip(scaled.astype(np.int64), 0, self.bins - 1) + self.bins * y
+        self.samples_seen += len(keys)
+        fired = False
+        start = 0
+        while start < len(keys):
+            take = min(self.block - self._in_block, len(keys) - start)
+            self._current += np.bincount(keys[start:start + take], minlength=2 * self.bins)
+            self._in_block += take
+            start += take
+            if self._in_block == self.block:
+                fired = self._close_block() or fired
+        return fired
+
+    def _close_block(self) -> bool:
+        self._ring[self._head] = self._current.reshape(2, self.bins)
+        self._head = (self._head + 1) % len(self._ring)
+        self._current[:] = 0
+        self._in_block = 0
+        self._filled += 1
+        if self._filled < len(self._ring):
+            return False
+        order = (self._head + np.arange(len(self._ring))) % len(self._ring)  # oldest block first
+        reference = self._ring[order[: self.reference_blocks]].sum(axis=0)
+        recent = self._ring[order[self.reference_blocks:]].sum(axis=0)
+        (ref_auc, ref_se), (recent_auc, recent_se) = _auc_and_error(reference), _auc_and_error(recent)
+        drop = ref_auc - recent_auc
+        threshold = max(self.min_drop, self.z * math.hypot(ref_se, recent_se))
+        self.last = {"recent_auc": recent_auc, "reference_auc": ref_auc, "drop": drop, "threshold": threshold}
+        if not drop >= threshold:  # NaN (one class in a window) never fires
+            return False
+        self.detections += 1
+        self._filled = 0
+        return True
+
+
+def _auc_and_error(histograms: np.ndarray) -> tuple[float, float]:
+    """AUC of [negatives, positives] bin counts and its standard error (Hanley & McNeil 1982)."""
+    negatives, positives = histograms
+    a = histogram_auc(positives, negatives)
+    n_pos, n_neg = float(positives.sum()), float(negatives.sum())
+    if math.isnan(a):
+        return a, math.nan
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    variance = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return a, math.sqrt(max(variance, 0.0))
 
 
 def per_sample_log_loss(y: ArrayLike, p: ArrayLike, eps: float = 1e-7) -> np.ndarray:

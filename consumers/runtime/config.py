@@ -125,12 +125,23 @@ class MetricsConfig:
                                           "a drift; lower detects milder drifts sooner, with more false alarms (on a "
                                           "stationary stream, per million samples: 400 -> 0-1, 200 -> 1-3, 100 -> "
                                           "4-15)")
-    drift_adwin_delta: float = _f(0.002, "ADWIN confidence delta on the per-sample log loss; larger detects milder "
-                                         "changes, with more false alarms")
+    drift_adwin_delta: float = _f(0.0002, "ADWIN confidence delta on the per-sample log loss; larger detects milder "
+                                          "changes, with more false alarms (0.002 fired once on KuaiRand-Pure, "
+                                          "docs/monitoring.md)")
     drift_ph_delta: float = _f(0.1, "Page-Hinkley: rise of the loss (nats, over means of 8 samples) tolerated before "
                                     "it accumulates toward drift_ph_threshold; a drift that raises the loss by less "
                                     "never fires, so lower it (with drift_ph_threshold) to catch mild drifts, at the "
                                     "cost of more false alarms")
+    drift_auc_drop: float = _f(0.05, "AUC-drop detector: fires when a task's AUC over the last drift_auc_window "
+                                     "samples is this many AUC points below its AUC over the drift_auc_reference "
+                                     "samples before them (and the fall exceeds drift_auc_z standard errors); lower "
+                                     "catches smaller drops, with more false alarms (docs/monitoring.md)")
+    drift_auc_window: int = _f(5_000, "AUC-drop detector: samples of the recent window (whole thousands); shorter "
+                                      "detects sooner, with more noise")
+    drift_auc_reference: int = _f(20_000, "AUC-drop detector: samples before the recent window that it is compared "
+                                          "with (whole thousands)")
+    drift_auc_z: float = _f(4.0, "AUC-drop detector: noise guard, in standard errors of the difference of the two "
+                                 "AUCs; a rare task's AUC is noisy, so its fall must be larger (0 = off)")
 
 
 @dataclass
@@ -292,6 +303,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("batching.max_batch_delay_s and join.allowed_lateness_s must be >= 0")
     if not cfg.metrics.drift_ph_delta >= 0:
         raise ConfigError(f"metrics.drift_ph_delta: must be >= 0 nats, got {cfg.metrics.drift_ph_delta}")
+    if not 0 < cfg.metrics.drift_auc_drop < 1 or cfg.metrics.drift_auc_z < 0:
+        raise ConfigError(f"metrics.drift_auc_drop: must be in (0, 1) AUC points (and drift_auc_z >= 0), got "
+                          f"{cfg.metrics.drift_auc_drop} (z {cfg.metrics.drift_auc_z})")
+    if min(cfg.metrics.drift_auc_window, cfg.metrics.drift_auc_reference) < 1000:
+        raise ConfigError("metrics.drift_auc_window and metrics.drift_auc_reference: at least 1000 samples, got "
+                          f"{cfg.metrics.drift_auc_window} and {cfg.metrics.drift_auc_reference}")
     if not 0 < cfg.metrics.drift_adwin_delta < 1:
         raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
     if cfg.kafka.stall_exit_s < 0:

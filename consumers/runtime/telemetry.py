@@ -27,7 +27,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from consumers.core.drift import DETECTORS, LossDriftDetectors, per_sample_log_loss
+from consumers.core.drift import AUC_DETECTOR, DETECTORS, AucDropDetector, LossDriftDetectors, per_sample_log_loss
 from consumers.core.quality import StreamQuality
 
 PREFIX = "crossdistil"
@@ -121,8 +121,9 @@ class TrainerMetrics:
 
     ``windows`` are the sample windows of the windowed metrics. ``baseline_window`` (default ten times the
     largest window) is the slow window that AUC drift is also measured against; its values are recomputed once
-1 % of it is new (they lag by at most that much). ``drift_chunk`` averages that
-    many consecutive per-sample losses before the drift detectors see them (cost; see consumers.core.drift).
+    1 % of it is new (they lag by at most that much). ``drift_chunk`` averages that
+    many consecutive per-sample losses before the loss drift detectors see them (cost; see consumers.core.drift);
+    ``drift_options`` go to ``LossDriftDetectors`` and ``auc_drop_options`` to ``AucDropDetector``.
     ``clock`` gives wall time in seconds (event-time lag, detection and checkpoint timestamps); a backtest can
     pass its own. Thread-safe: the trainer updates while the HTTP thread scrapes.
     """
@@ -138,6 +139,7 @@ class TrainerMetrics:
         drift_chunk: int = 8,
         clock: Callable[[], float] = time.time,
         drift_options: Mapping[str, float] | None = None,
+        auc_drop_options: Mapping[str, float] | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("TrainerMetrics needs at least one task")
@@ -158,6 +160,7 @@ class TrainerMetrics:
         self._published_reference: dict[tuple[str, str, str], float] = {}
         self._detectors = {task: LossDriftDetectors(chunk=drift_chunk, **dict(drift_options or {}))
                            for task in self.tasks}
+        self._auc_detectors = {task: AucDropDetector(**dict(auc_drop_options or {})) for task in self.tasks}
         self._join_last: dict[str, int] = {}
         self._join_children: dict[str, Any] = {}
         self._watermark_ms: int | None = None
@@ -223,8 +226,10 @@ class TrainerMetrics:
                                              "before the first publication)", registry=r)
         self.start_timestamp_seconds.set(self._clock())
         # Drift detectors.
-        self.drift_detections_total = Counter(f"{p}_drift_detections", "drift detections on the per-sample loss",
-                                              ["task", "detector"], registry=r)
+        self.drift_detections_total = Counter(f"{p}_drift_detections",
+                                              "drift detections: a rise of the per-sample loss (adwin, page_hinkley) "
+                                              "or a fall of the windowed AUC (auc_drop)", ["task", "detector"],
+                                              registry=r)
         self.drift_last_detection_seconds = Gauge(f"{p}_drift_last_detection_timestamp_seconds",
                                                   "wall time of the last detection (unix seconds; 0 = never)",
                                                   ["task", "detector"], registry=r)
@@ -397,6 +402,8 @@ class TrainerMetrics:
             self._quality_counters[key].inc(len(y))
             if role == self.drift_role and task in self._detectors:
                 fired = self._detectors[task].update(losses)
+                if self._auc_detectors[task].update(y, p):
+                    fired.append(AUC_DETECTOR)
                 self._drift_sample_counters[task].inc(len(y))
                 for detector in fired:
                     now = self._clock() if now is None else now
@@ -419,7 +426,9 @@ class TrainerMetrics:
         m = cfg.metrics
         return cls(tuple(cfg.model.tasks), windows=tuple(m.windows),
                    drift_options={"ph_threshold": m.drift_ph_threshold, "ph_delta": m.drift_ph_delta,
-                                  "adwin_delta": m.drift_adwin_delta}, **kwargs)
+                                  "adwin_delta": m.drift_adwin_delta},
+                   auc_drop_options={"min_drop": m.drift_auc_drop, "window": m.drift_auc_window,
+                                     "reference": m.drift_auc_reference, "z": m.drift_auc_z}, **kwargs)
 
     def _quality_state(self, in_place: bool = False, gauc: bool = True):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens
@@ -478,7 +487,8 @@ class TrainerMetrics:
                 f"{w}/{reference}": _plain(v) for (t, r, w, reference), v in drift.items() if (t, r) == (task, role)
             }
         for task, detectors in self._detectors.items():
-            out[task]["drift_detections"] = dict(detectors.detections)
+            out[task]["drift_detections"] = {**detectors.detections,
+                                             AUC_DETECTOR: self._auc_detectors[task].detections}
         for task, gate in self._kd_gate_state.items():
             out[task]["kd_gate"] = {"open": gate.get("open"), "teacher_auc": gate.get("teacher_auc"),
                                     "student_auc": gate.get("student_auc"),

@@ -57,6 +57,7 @@ SUMMARY_FORMAT = 1
 LAST_FRACTION = 0.2  # "prequential AUC over the last 20% of the stream", as the trainer's acceptance reports it
 BATCHING_MODES = ("event-time", "dense")
 DENSE_TRAIN_EVERY = 256  # dense batching: records ingested between two train_ready calls (same batches)
+DETECTION_STYLES = {"adwin": "--", "page_hinkley": ":", "auc_drop": "-"}  # line style of each detector's marks
 SMALL_BATCH_SHARE = 0.25  # the report warns when the mean batch is below this share of batching.batch_size
 
 
@@ -767,11 +768,12 @@ def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
                     continue
                 for ax in (ax_auc, ax_drift):
                     ax.axvline(_dt(d["event_time_ms"]), color=color,
-                               linestyle="--" if d["detector"] == "adwin" else ":", linewidth=1.0, alpha=0.8,
+                               linestyle=DETECTION_STYLES.get(d["detector"], ":"), linewidth=1.0, alpha=0.8,
                                label=None if marked or ax is ax_drift else f"{name} drift detection")
                 marked = True
         ax_auc.set_ylabel(f"{task} AUC (windowed)")
-        ax_auc.set_title(f"{task}: prequential AUC over event time (dashed: ADWIN, dotted: Page-Hinkley detections)")
+        ax_auc.set_title(f"{task}: prequential AUC over event time (detections: dashed ADWIN, dotted Page-Hinkley, "
+                         "solid AUC drop)")
         ax_auc.grid(alpha=0.3)
         ax_auc.legend(loc="lower left", fontsize=8)
         ax_drift.axhline(0.0, color="grey", linewidth=0.8)

@@ -61,9 +61,23 @@ DEMO_CONFIG_DIR = REPO_ROOT / "deploy" / "demo"
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 # KuaiRand spans 13 days: at 4000x that is ~5 minutes. The synthetic stream has 100 impressions per second of
-# event time: at 20x that is 2,000 impressions/s, which the trainer keeps up with on a laptop CPU.
-DEFAULT_SPEED = {"kuairand": "4000", "synthetic": "20"}
-DEFAULT_SYNTHETIC_EVENTS = 200_000
+# event time: at 5x that is 500 impressions/s (4 minutes for 120,000), slow enough that the drift's fall and
+# recovery last tens of seconds on screen and in Prometheus.
+DEFAULT_SPEED = {"kuairand": "4000", "synthetic": "5"}
+DEFAULT_SYNTHETIC_EVENTS = 120_000
+# The synthetic demo's world and drift (streamer/datasets/synthetic.py): few users and items and strong factors, so
+# the model reaches AUC ~0.73 before the drift; a drift of magnitude 0.75 then drops the click AUC to ~0.5, which
+# every detector and both quality alerts catch within 20k samples (tests/integration/test_drift_detection.py).
+SYNTHETIC_WORLD = {"tasks": "click,like", "n_users": "200", "n_items": "500", "scale": "6",
+                   "delay_median_s": "2,10", "max_delay_s": "120"}
+DEFAULT_DRIFT = {"type": "abrupt", "magnitude": 0.75, "tasks": "click"}
+DRIFT_TYPES = ("abrupt", "gradual", "recurring", "none")
+# The demo compresses time: its Prometheus evaluates the quality alerts (group crossdistil-quality) with every
+# duration divided by this, so "10 minutes below -0.05" becomes 10 s (5,000 samples at the synthetic default).
+# The pipeline alerts keep their durations: a replayed stream's event time is old, which they would flag.
+DEMO_ALERT_TIME_SCALE = 60
+DEMO_SCALED_GROUPS = ("crossdistil-quality",)
+QUALITY_ALERTS = ("CrossdistilAucDrop", "CrossdistilDriftDetected")  # shown in the view's timeline
 STOP_TIMEOUT_S = {"stream": 10.0, "trainer": 60.0, "serving": 15.0, "prometheus": 15.0}
 CAUGHT_UP_QUIET_S = 3.0      # end of stream: no new event for this long and consumer lag 0 -> the trainer is done
 DRAIN_TIMEOUT_S = 180.0      # ... or give up waiting after this long and stop it anyway
@@ -95,6 +109,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_SPEED['synthetic']} for synthetic)")
     parser.add_argument("--limit", type=int, default=None,
                         help=f"stop after N impressions (synthetic default: {DEFAULT_SYNTHETIC_EVENTS:,})")
+    parser.add_argument("--drift-type", default=DEFAULT_DRIFT["type"], choices=DRIFT_TYPES,
+                        help="synthetic: abrupt or gradual (over 10,000 impressions) halfway through, recurring "
+                             "(drifts at 1/3 and back at 2/3), or none (default: %(default)s)")
+    parser.add_argument("--drift-magnitude", type=float, default=DEFAULT_DRIFT["magnitude"], metavar="M",
+                        help="synthetic: how far the drifted tasks' concept moves, 0..1: 0.1 barely visible, 0.5 a "
+                             "new unrelated concept, 1 the ranking reversed (default: %(default)s)")
+    parser.add_argument("--drift-tasks", default=DEFAULT_DRIFT["tasks"], metavar="TASK[,TASK]",
+                        help="synthetic: the tasks that drift, of click and like (default: %(default)s)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/demo-<timestamp> in the repository)")
     parser.add_argument("--kafka-data-dir", default=None,
                         help="the broker's data dir (default: RUN/kafka, a fresh broker on a free port)")
@@ -162,13 +184,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
             hint = "pass --source" if args.source else "the data sets live in ../shared/data; pass --source"
             raise ValueError(f"KuaiRand not found at {source} ({hint}, or use --dataset synthetic)")
     else:
-        n_events = args.limit or DEFAULT_SYNTHETIC_EVENTS
-        # An abrupt drift of click halfway through: the live view shows its AUC drop and recover.
         # Feedback delays short enough (seconds of event time, capped at 2 min) that, with the trainer's
         # attribution windows (deploy/demo/trainer-synthetic.toml), samples close within seconds of wall time.
-        options = {"tasks": "click,like", "n_events": str(n_events), "drift": "abrupt",
-                   "drift_at": str(n_events // 2), "drift_task": "click",
-                   "delay_median_s": "2,10", "max_delay_s": "120"}
+        options = synthetic_options(args.limit or DEFAULT_SYNTHETIC_EVENTS, getattr(args, "drift_type", "abrupt"),
+                                    getattr(args, "drift_magnitude", DEFAULT_DRIFT["magnitude"]),
+                                    getattr(args, "drift_tasks", DEFAULT_DRIFT["tasks"]))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out).expanduser().resolve() if args.out else REPO_ROOT / "runs" / f"demo-{stamp}"
     kafka_dir = Path(args.kafka_data_dir).expanduser().resolve() if args.kafka_data_dir else run_dir / "kafka"
@@ -178,6 +198,55 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 run_dir=run_dir, kafka_data_dir=kafka_dir, keep_kafka=args.keep_kafka, prometheus=prometheus,
                 prometheus_wanted=not args.no_prometheus, torch_threads=args.torch_threads,
                 refresh_s=args.refresh, live=live)
+
+
+def synthetic_options(n_events: int, drift_type: str = DEFAULT_DRIFT["type"],
+                      magnitude: float = DEFAULT_DRIFT["magnitude"],
+                      tasks: str = DEFAULT_DRIFT["tasks"]) -> dict[str, str]:
+    """The synthetic stream's options (``--option`` of ``crossdistil stream``) for the demo's drift flags."""
+    if drift_type not in DRIFT_TYPES:
+        raise ValueError(f"--drift-type {drift_type!r}: one of {', '.join(DRIFT_TYPES)}")
+    if not 0 <= magnitude <= 1:
+        raise ValueError(f"--drift-magnitude {magnitude}: between 0 (no change) and 1 (the ranking reversed)")
+    names = SYNTHETIC_WORLD["tasks"].split(",")
+    drifting = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not drifting or any(t not in names for t in drifting):
+        raise ValueError(f"--drift-tasks {tasks!r}: comma-separated tasks of {', '.join(names)}")
+    options = {**SYNTHETIC_WORLD, "n_events": str(n_events), "drift": drift_type}
+    if drift_type != "none":
+        points = [n_events // 3, 2 * n_events // 3] if drift_type == "recurring" else [n_events // 2]
+        options.update({"drift_at": ",".join(map(str, points)), "drift_task": ",".join(drifting),
+                        "drift_magnitude": f"{magnitude:g}", "drift_bias": "0", "drift_width": "10000"})
+    return options
+
+
+def drift_summary(options: Mapping[str, str]) -> str | None:
+    """One line saying where the synthetic stream drifts, for the view (None without a drift)."""
+    if options.get("drift", "none") == "none":
+        return None
+    points = ", ".join(f"{int(p):,}" for p in options["drift_at"].split(","))
+    return (f"drift injected: {options['drift_task']} at impression {points} ({options['drift']}, magnitude "
+            f"{options['drift_magnitude']})")
+
+
+def demo_alert_rules(text: str, scale: int = DEMO_ALERT_TIME_SCALE, groups: Iterable[str] = DEMO_SCALED_GROUPS) -> str:
+    """deploy/prometheus/alerts.yml with the durations (``for:`` and range selectors) of ``groups`` divided by
+    ``scale`` (10m -> 10s at 60): the demo runs minutes, not days."""
+    import re
+
+    def scaled(match: re.Match[str]) -> str:
+        seconds = int(match.group(2)) * {"s": 1, "m": 60, "h": 3600}[match.group(3)]
+        return f"{match.group(1)}{max(1, round(seconds / scale))}s"
+
+    out, scaling = [], False
+    for line in text.splitlines(keepends=True):
+        name = re.match(r"\s*- name:\s*(\S+)", line)
+        if name:
+            scaling = name.group(1) in set(groups)
+        if scaling:
+            line = re.sub(r"(for:\s*|\[)(\d+)([smh])(?=\s*$|\])", scaled, line)
+        out.append(line)
+    return "".join(out)
 
 
 # ------------------------------------------------------------------------------------------ configurations
@@ -209,11 +278,16 @@ def write_serving_config(plan: Plan, bootstrap: str) -> Path:
 
 
 def write_prometheus_config(plan: Plan) -> Path:
-    """RUN/prometheus.yml: deploy/demo/prometheus.yml with this run's ports and the alert rules' path."""
+    """RUN/prometheus.yml: deploy/demo/prometheus.yml with this run's ports, and RUN/alerts.yml: the alert rules
+    with the quality alerts' durations compressed for the demo (``demo_alert_rules``)."""
+    rules = plan.run_dir / "alerts.yml"
+    rules.write_text(f"# Written by crossdistil demo from {ALERT_RULES.relative_to(REPO_ROOT)}: durations of "
+                     f"{', '.join(DEMO_SCALED_GROUPS)} divided by {DEMO_ALERT_TIME_SCALE}.\n"
+                     + demo_alert_rules(ALERT_RULES.read_text()))
     text = (DEMO_CONFIG_DIR / "prometheus.yml").read_text()
     text = (text.replace("@TRAINER@", f"127.0.0.1:{plan.ports['trainer']}")
                 .replace("@SERVING@", f"127.0.0.1:{plan.ports['serving']}")
-                .replace("@ALERTS@", str(ALERT_RULES)))
+                .replace("@ALERTS@", str(rules)))
     path = plan.run_dir / "prometheus.yml"
     path.write_text(text)
     return path
@@ -326,6 +400,18 @@ def scrape(url: str, timeout_s: float = 2.0) -> tuple[Samples | None, str | None
     return parse_samples(text), text
 
 
+def prometheus_alerts(port: int, timeout_s: float = 1.0) -> list[dict[str, Any]] | None:
+    """The alerts of the Prometheus at ``port`` (``/api/v1/alerts``: labels, state), or None if it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=timeout_s) as response:
+            return list(json.loads(response.read().decode())["data"]["alerts"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def parse_samples(text: str) -> Samples | None:
     """The samples by name of a Prometheus text exposition, or None if it does not parse."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -395,16 +481,55 @@ class Status:
     phase: str = "starting"
     started_at: float = field(default_factory=time.monotonic)
     configured_windows: list[str] = field(default_factory=list)
+    drift_note: str | None = None        # where the synthetic stream drifts (shown above the timeline)
+    # When each detector fired and each quality alert started firing, in the order seen: (seconds since the
+    # start, text); ``_counts`` holds the detection counters of the previous scrape, ``_firing`` the alerts.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    _counts: dict[tuple[str, str], float] = field(default_factory=dict)
+    _firing: set[tuple[str, ...]] = field(default_factory=set)
 
     def update(self, trainer: Samples | None, serving: Samples | None, now: float) -> None:
         """Take new scrapes (None keeps the previous one: a busy daemon may miss a scrape)."""
         if trainer is not None:
+            self._note_detections(trainer, now)
             self.trainer = trainer
             self.events_rate.add(now, value(trainer, "crossdistil_events_consumed_total"))
             self.samples_rate.add(now, value(trainer, "crossdistil_samples_trained_total"))
             self.event_time_rate.add(now, value(trainer, "crossdistil_watermark_timestamp_seconds"))
         if serving is not None:
             self.serving = serving
+
+    def _note_detections(self, trainer: Samples, now: float) -> None:
+        """Add a timeline entry for every detector whose detection counter rose since the last scrape."""
+        for labels, count in trainer.get("crossdistil_drift_detections_total", []):
+            key = (labels.get("task", ""), labels.get("detector", ""))
+            before = self._counts.get(key, 0.0)
+            self._counts[key] = count
+            if count > before:
+                samples = value(trainer, "crossdistil_quality_samples_total", task=key[0], role="student")
+                self.timeline.append((now - self.started_at, f"{key[0]}: drift detector {key[1]} fired "
+                                      f"(at {_fmt(samples, ',.0f')} samples scored)"))
+
+    def update_alerts(self, alerts: Iterable[Mapping[str, Any]] | None, now: float) -> None:
+        """Take Prometheus' alerts (``/api/v1/alerts``): a timeline entry when a quality alert starts firing."""
+        if alerts is None:
+            return
+        firing = set()
+        for alert in alerts:
+            labels = alert.get("labels", {})
+            if alert.get("state") != "firing" or labels.get("alertname") not in QUALITY_ALERTS:
+                continue
+            key = (labels["alertname"], labels.get("task", ""), labels.get("reference") or labels.get("detector", ""))
+            firing.add(key)
+            if key not in self._firing:
+                samples = value(self.trainer, "crossdistil_quality_samples_total", task=key[1], role="student")
+                self.timeline.append((now - self.started_at, f"{key[1]}: alert {key[0]} firing ({key[2]}, at "
+                                      f"{_fmt(samples, ',.0f')} samples scored)"))
+        self._firing = firing
+
+    def firing(self) -> list[str]:
+        """Quality alerts firing now, as ``ALERT(task)``."""
+        return sorted({f"{name}({task})" for name, task, _ in self._firing})
 
     def tasks(self) -> list[str]:
         """Tasks the trainer reports quality for."""
@@ -534,6 +659,8 @@ def plain_line(status: Status) -> str:
         parts.append(part)
     facts = dict(pipeline_facts(status))
     parts += [f"{k}={facts[k]}" for k in ("events/s", "samples/s", "consumer lag", "model")]
+    if status.firing():
+        parts.append("alerts=" + ",".join(status.firing()))
     return " | ".join(parts)
 
 
@@ -549,7 +676,7 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
     caption = ("AUC over the last N samples, each scored before the model learned from it. "
                + (f"Drift: AUC over the last {_short(numeric[0])} minus the same AUC when the served model was "
                   "published (pub), or over the slow baseline window (base); red below -0.05. " if numeric else "")
-               + "Alarms: ADWIN / PageHinkley on the loss.")
+               + "Alarms: drift detections (ADWIN / PageHinkley on the loss, auc_drop on the AUC); when: below.")
     quality = Table(title="model quality per task", caption=caption, expand=True, title_justify="left",
                     caption_justify="left")
     quality.add_column("task")
@@ -599,11 +726,30 @@ def render(status: Status, header: str, children: Iterable[Child], footer: list[
     return Group(
         Text(f"{header}  |  {status.phase}, {elapsed:.0f} s", style="bold"),
         quality,
+        *([drift_panel(status)] if status.drift_note or status.timeline else []),
         *([distillation_table(status)] if status.gated() else []),
         Panel(pipeline, title="pipeline", title_align="left"),
         procs,
         Text("\n".join(footer), style="dim"),
     )
+
+
+def drift_panel(status: Status, last: int = 8) -> Any:
+    """Where the stream drifts, and when each detector fired and each quality alert started firing."""
+    from rich.panel import Panel
+    from rich.text import Text
+
+    lines = Text()
+    if status.drift_note:
+        lines.append(status.drift_note + "\n", style="dim")
+    for seconds, what in status.timeline[-last:]:
+        lines.append(f"{seconds:5.0f} s  ", style="dim")
+        lines.append(what + "\n", style="red" if "alert" in what else "yellow")
+    if not status.timeline:
+        lines.append("no drift detected so far", style="dim")
+    if status.firing():
+        lines.append("firing now: " + ", ".join(status.firing()), style="bold red")
+    return Panel(lines, title="drift: detections and alerts", title_align="left")
 
 
 def distillation_table(status: Status) -> Any:
@@ -801,6 +947,7 @@ class Demo:
         footer.append("Ctrl-C stops everything")
         self.status.phase = "streaming"
         self.status.configured_windows = plan.windows
+        self.status.drift_note = drift_summary(plan.stream_options)
         self._record()
         if plan.live:
             from rich.live import Live
@@ -809,9 +956,15 @@ class Demo:
                       transient=False, redirect_stderr=False) as live:
                 return self._loop(lambda: live.update(render(self.status, header, self.children.values(), footer)))
         print("[demo] " + "; ".join(footer), flush=True)
+        if self.status.drift_note:
+            print(f"[demo] {self.status.drift_note}", flush=True)
         last_line = [0.0]
+        shown = [0]
 
         def plain() -> None:
+            for seconds, what in self.status.timeline[shown[0]:]:
+                print(f"[demo {seconds:5.0f}s] {what}", flush=True)
+            shown[0] = len(self.status.timeline)
             now = time.monotonic()
             if now - last_line[0] >= PLAIN_EVERY_S:
                 last_line[0] = now
@@ -834,6 +987,8 @@ class Demo:
             self._last_trainer_text = trainer_text or self._last_trainer_text
             self._last_serving_text = serving_text or self._last_serving_text
             self.status.update(trainer, serving, tick)
+            if plan.prometheus:
+                self.status.update_alerts(prometheus_alerts(plan.ports["prometheus"]), tick)
             if not announced_auc and self.status.has_auc():
                 announced_auc = True
                 if not plan.live:
@@ -953,6 +1108,10 @@ class Demo:
             w = windows[0]
             aucs = ", ".join(f"{t} {_fmt(self.status.auc(t, w))}" for t in self.status.tasks())
             lines.append(f"[demo] last AUC over {int(w):,} samples: {aucs}" if w.isdigit() else f"[demo] AUC: {aucs}")
+        if self.status.drift_note or self.status.timeline:
+            lines.append(f"[demo] {self.status.drift_note or 'drift'}; detections and alerts:"
+                         + "".join(f"\n[demo]   {seconds:5.0f} s  {what}" for seconds, what in self.status.timeline)
+                         + ("" if self.status.timeline else " none"))
         published, loaded = self.status.versions()
         published = self.last_published_version() or published
         if published is not None or loaded is not None:

@@ -12,10 +12,21 @@ so the logits of two tasks have correlation ``rho`` (= ``correlation``) over ran
 Bernoulli(sigmoid(logit_k)). Users are drawn uniformly, items by Zipf-like popularity. Impressions arrive
 as a Poisson process (``rate_per_s`` per second of event time) from ``start_ms``.
 
-Drift. At each drift point (``drift_at``: event indices; or ``drift_at_ms``: event times), the drifted task
-(``drift_task``) gets freshly drawn item factors and its bias moves by ``drift_bias``. ``drift=abrupt`` switches
-at the point; ``drift=gradual`` blends the old and new logits linearly over ``drift_width`` events (or ms
-when the points are times), starting at the point.
+Drift. At each drift point (``drift_at``: event indices; or ``drift_at_ms``: event times), the drifted tasks
+(``drift_task``: one name or several, comma-separated) change concept and their bias moves by ``drift_bias``.
+``drift=abrupt`` switches at the point; ``drift=gradual`` blends the old and new logits linearly over
+``drift_width`` events (or ms when the points are times), starting at the point; ``drift=recurring`` switches
+abruptly back and forth between the original concept and the drifted one at each point (A, B, A, B, ...).
+
+How far the concept moves is ``drift_magnitude`` m in [0, 1]: the task's latent term becomes
+
+    (1 - 2m) * old + 2 * sqrt(m (1 - m)) * fresh          (fresh: independent item factors, same variance)
+
+so the new logits correlate ``1 - 2m`` with the old ones. m = 0: no change; 0.1: barely visible; 0.5: a new,
+unrelated concept (a model's AUC falls to about 0.5); 1: the ranking is reversed (a label flip when the bias is
+0: a model's AUC a becomes about 1 - a). Right after an abrupt drift, a model with AUC a ranks at about
+``0.5 + (a - 0.5) (1 - 2m)``. Without ``drift_magnitude`` (the original generator, kept bit for bit) the task's
+own item factors are redrawn and the shared ones kept, so the logits keep correlation ``correlation``.
 
 Feedback delays (event time) are log-normal per task, median ``delay_median_s`` (one value, or one per task),
 spread ``delay_sigma``, capped at ``max_delay_s`` (which bounds the streamer's pending-feedback memory).
@@ -27,8 +38,9 @@ Options (``--option key=value``; all optional):
 
     n_events=100000  n_users=1000  n_items=5000  dim=8  tasks=2 (a count, or names: "click,like")
     correlation=0.5  scale=3.0  biases=0.0 (one value or one per task, comma-separated)
-    drift=none|abrupt|gradual  drift_at=500000[,800000]  drift_at_ms=...  drift_width=10000
-    drift_task=<first task>  drift_bias=-1.5  seed=0  rate_per_s=100  start_ms=1700000000000
+    drift=none|abrupt|gradual|recurring  drift_at=500000[,800000]  drift_at_ms=...  drift_width=10000
+    drift_task=<first task>[,<task>...]  drift_magnitude=<unset>  drift_bias=-1.5  seed=0  rate_per_s=100
+    start_ms=1700000000000
     delay_median_s=5,60 (per task; default 2 for the first task, 30 for the others)  delay_sigma=1.0
     max_delay_s=3600  n_categories=20  zipf=1.1
 
@@ -50,6 +62,7 @@ import numpy as np
 from streamer.datasets.base import DatasetError, Interaction
 
 CHUNK = 4096
+DRIFT_TYPES = ("none", "abrupt", "gradual", "recurring")
 
 
 def _floats(value: Any, n: int, key: str) -> list[float]:
@@ -90,6 +103,7 @@ class SyntheticDataset:
         drift_width: float = 10_000,
         drift_task: str | None = None,
         drift_bias: float = -1.5,
+        drift_magnitude: float | None = None,
         seed: int = 0,
         rate_per_s: float = 100.0,
         start_ms: int = 1_700_000_000_000,
@@ -112,8 +126,8 @@ class SyntheticDataset:
             raise DatasetError(f"synthetic: correlation={correlation} must lie in [0, 1]")
         self.scale = float(scale)
         self.biases = np.array(_floats(biases, k, "biases"))
-        if drift not in ("none", "abrupt", "gradual"):
-            raise DatasetError(f"synthetic: drift={drift!r} must be none, abrupt or gradual")
+        if drift not in DRIFT_TYPES:
+            raise DatasetError(f"synthetic: drift={drift!r} must be one of {', '.join(DRIFT_TYPES)}")
         self.drift = drift
         if drift != "none" and (drift_at is None) == (drift_at_ms is None):
             raise DatasetError("synthetic: drift needs exactly one of drift_at (event indices) or drift_at_ms (times)")
@@ -121,10 +135,16 @@ class SyntheticDataset:
         points = drift_at_ms if self.drift_in_time else drift_at
         self.drift_points = sorted(_points(points)) if drift != "none" else []
         self.drift_width = float(drift_width)
-        self.drift_task = drift_task or self.tasks[0]
-        if self.drift_task not in self.tasks:
+        self.drift_tasks = tuple(t.strip() for t in (drift_task or self.tasks[0]).split(",") if t.strip())
+        unknown = [t for t in self.drift_tasks if t not in self.tasks]
+        if unknown or not self.drift_tasks:
             raise DatasetError(f"synthetic: drift_task={drift_task!r} is not one of {', '.join(self.tasks)}")
+        self.drift_task = self.drift_tasks[0]
         self.drift_bias = float(drift_bias)
+        self.drift_magnitude = None if drift_magnitude is None else float(drift_magnitude)
+        if self.drift_magnitude is not None and not 0.0 <= self.drift_magnitude <= 1.0:
+            raise DatasetError(f"synthetic: drift_magnitude={drift_magnitude} must lie in [0, 1] (0 = no change, "
+                               "0.5 = an unrelated concept, 1 = the ranking reversed)")
         self.seed = int(seed)
         self.rate_per_s = float(rate_per_s)
         self.start_ms = int(start_ms)
@@ -170,13 +190,19 @@ class SyntheticDataset:
         """Task logits [n, K] of (user, item) pairs in drift regime ``regime`` (0 = before any drift)."""
         u = world["users"][users]
         shared = np.einsum("nd,nd->n", u, world["shared"][items])
-        drifted = self.tasks.index(self.drift_task)
+        # A recurring drift alternates between the original concept (0) and the drifted one (1).
+        concept = regime % 2 if self.drift == "recurring" else regime
         out = np.empty((len(users), len(self.tasks)))
-        for k in range(len(self.tasks)):
-            r = regime if k == drifted else 0
+        for k, task in enumerate(self.tasks):
+            drifted = task in self.drift_tasks and concept > 0
+            magnitude = self.drift_magnitude
+            r = concept if drifted and magnitude is None else 0
             own = np.einsum("nd,nd->n", u, world["task_items"][r, k][items])
             mix = math.sqrt(self.correlation) * shared + math.sqrt(1.0 - self.correlation) * own
-            bias = self.biases[k] + (self.drift_bias * regime if k == drifted else 0.0)
+            if drifted and magnitude is not None:
+                fresh = np.einsum("nd,nd->n", u, world["task_items"][concept, k][items])
+                mix = (1.0 - 2.0 * magnitude) * mix + 2.0 * math.sqrt(magnitude * (1.0 - magnitude)) * fresh
+            bias = self.biases[k] + (self.drift_bias * concept if drifted else 0.0)
             out[:, k] = bias + self.scale * mix / math.sqrt(self.dim)
         return out
 
@@ -185,7 +211,7 @@ class SyntheticDataset:
         """Logits with drift applied; ``where`` is event index or event time, in the drift points' unit."""
         logits = self._logits(world, users, items, 0)
         for r, point in enumerate(self.drift_points, start=1):
-            if self.drift == "abrupt":
+            if self.drift in ("abrupt", "recurring"):
                 weight = (where >= point).astype(float)
             else:
                 weight = np.clip((where - point) / max(self.drift_width, 1e-9), 0.0, 1.0)
@@ -246,7 +272,10 @@ def open_synthetic(**options: Any) -> SyntheticDataset:
     """Build a synthetic data set from string or typed options (the CLI passes strings)."""
     typed: dict[str, Any] = {}
     ints = {"n_events", "n_users", "n_items", "dim", "seed", "start_ms", "n_categories"}
-    floats = {"correlation", "scale", "drift_width", "drift_bias", "rate_per_s", "delay_sigma", "max_delay_s", "zipf"}
+    floats = {"correlation", "scale", "drift_width", "drift_bias", "drift_magnitude", "rate_per_s", "delay_sigma",
+              "max_delay_s", "zipf"}
+    if "drift_tasks" in options:  # the plural reads better with several tasks
+        options = {("drift_task" if k == "drift_tasks" else k): v for k, v in options.items()}
     for key, value in options.items():
         try:
             if key in ints:

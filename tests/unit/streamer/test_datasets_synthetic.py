@@ -80,6 +80,43 @@ def test_drift_can_be_placed_at_an_event_time() -> None:
     assert rates(after, "task0") < rates(before, "task0") - 0.15
 
 
+def logits_around(dataset, at: float) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [n, K] of the same 20,000 random (user, item) pairs just before and just after the event index ``at``."""
+    world = dataset._world()
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, dataset.n_users, 20_000), rng.integers(0, dataset.n_items, 20_000)
+    return (dataset._drift_logits(world, users, items, np.full(20_000, at - 1.0)),
+            dataset._drift_logits(world, users, items, np.full(20_000, float(at))))
+
+
+@pytest.mark.parametrize("magnitude", [0.1, 0.25, 0.5, 1.0])
+def test_drift_magnitude_sets_how_far_the_drifted_tasks_logits_move(magnitude: float) -> None:
+    dataset = open_dataset("synthetic", None, tasks="click,like", drift="abrupt", drift_at="1000",
+                           drift_magnitude=str(magnitude), drift_bias="0")
+    before, after = logits_around(dataset, 1000)
+    assert np.corrcoef(before[:, 0], after[:, 0])[0, 1] == pytest.approx(1 - 2 * magnitude, abs=0.03)
+    assert np.std(after[:, 0]) == pytest.approx(np.std(before[:, 0]), rel=0.05)  # same spread: only the concept moves
+    assert np.array_equal(before[:, 1], after[:, 1])  # like does not drift
+
+
+def test_several_tasks_can_drift_and_a_recurring_drift_comes_back() -> None:
+    dataset = open_dataset("synthetic", None, tasks="click,like,share", drift="recurring", drift_at="1000,2000",
+                           drift_tasks="click,like", drift_magnitude="0.5", drift_bias="-1")
+    first, drifted = logits_around(dataset, 1000)
+    _, back = logits_around(dataset, 2000)
+    for k in (0, 1):
+        assert abs(np.corrcoef(first[:, k], drifted[:, k])[0, 1]) < 0.05
+        assert np.allclose(back[:, k], first[:, k])  # A, B, A: the original concept returns
+    assert np.array_equal(first[:, 2], drifted[:, 2])
+
+
+def test_without_a_magnitude_the_original_drift_is_kept() -> None:
+    """The generator before drift_magnitude existed: the task's own item factors redrawn (correlation ``rho``)."""
+    dataset = open_dataset("synthetic", None, drift="abrupt", drift_at="1000", drift_bias="0", correlation="0.5")
+    before, after = logits_around(dataset, 1000)
+    assert np.corrcoef(before[:, 0], after[:, 0])[0, 1] == pytest.approx(0.5, abs=0.03)
+
+
 def test_generation_is_lazy() -> None:
     stream = open_dataset("synthetic", None, n_events=10**12).interactions()
     assert isinstance(stream, types.GeneratorType)
@@ -104,6 +141,7 @@ def test_a_million_events_stream_in_constant_memory() -> None:
         ({"drift": "sideways"}, "drift"),
         ({"drift": "abrupt"}, "exactly one of drift_at"),
         ({"drift_task": "nope"}, "drift_task"),
+        ({"drift": "abrupt", "drift_at": "10", "drift_magnitude": "1.5"}, "drift_magnitude"),
         ({"n_events": "many"}, "n_events"),
         ({"colour": "red"}, "colour"),
         ({"tasks": "2", "biases": "1,2,3"}, "biases"),

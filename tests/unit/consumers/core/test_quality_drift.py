@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumers.core.drift import DETECTORS, LossDriftDetectors, detection_delay, per_sample_log_loss
+from consumers.core.drift import (
+    LOSS_DETECTORS,
+    AucDropDetector,
+    LossDriftDetectors,
+    detection_delay,
+    per_sample_log_loss,
+)
 from consumers.runtime.telemetry import TrainerMetrics
 
 pytestmark = pytest.mark.unit
@@ -37,7 +43,7 @@ def test_detectors_stay_quiet_on_a_stationary_loss_stream() -> None:
         y, p = predictions_and_labels(rng, BATCH, informative=True)
         fired += detectors.update(per_sample_log_loss(y, p))
     assert fired == []
-    assert detectors.detections == dict.fromkeys(DETECTORS, 0)
+    assert detectors.detections == dict.fromkeys(LOSS_DETECTORS, 0)
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 16])
@@ -45,12 +51,12 @@ def test_both_detectors_fire_soon_after_an_abrupt_loss_increase(chunk: int) -> N
     rng = np.random.default_rng(1)
     detectors = LossDriftDetectors(chunk=chunk)
     change_at = 100_000
-    fired_at: dict[str, list[int]] = {name: [] for name in DETECTORS}
+    fired_at: dict[str, list[int]] = {name: [] for name in LOSS_DETECTORS}
     for start in range(0, 150_000, BATCH):
         y, p = predictions_and_labels(rng, BATCH, informative=start < change_at)
         for name in detectors.update(per_sample_log_loss(y, p)):
             fired_at[name].append(start + BATCH)  # detected at the latest by the end of this batch
-    for name in DETECTORS:
+    for name in LOSS_DETECTORS:
         assert [i for i in fired_at[name] if i < change_at] == [], f"{name} fired before the change"
         delay = detection_delay(fired_at[name], change_at)
         print(f"chunk={chunk} {name}: delay {delay} samples")
@@ -81,7 +87,7 @@ def test_trainer_metrics_flag_only_the_drifted_task_and_its_auc_drift_goes_negat
     assert drift["2000/published"] < -0.15 and drift["2000/baseline"] < -0.1
     assert abs(steady["2000/published"]) < 0.05 and abs(steady["2000/baseline"]) < 0.05
     assert snapshot["drifted"]["drift_detections"]["adwin"] >= 1
-    assert snapshot["steady"]["drift_detections"] == {"adwin": 0, "page_hinkley": 0}
+    assert snapshot["steady"]["drift_detections"] == {"adwin": 0, "page_hinkley": 0, "auc_drop": 0}
     # The counter and the last-detection time are exported.
     registry = metrics.registry
     assert registry.get_sample_value("crossdistil_drift_detections_total",
@@ -183,3 +189,49 @@ def test_a_loss_rise_below_the_page_hinkley_tolerance_fires_only_with_a_lower_ph
     assert fired_at["default"] == []
     assert [at for at in fired_at["sensitive"] if at < 20_000] == []  # quiet before the rise
     assert detection_delay(fired_at["sensitive"], 20_000) is not None
+
+
+def ranked_batch(rng: np.random.Generator, n: int, strength: float, base_rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scores whose AUC is set by ``strength`` (0: no ranking), labels at about ``base_rate`` positives."""
+    score = rng.normal(size=n)
+    truth = strength * score + np.sqrt(max(0.0, 4.0 - strength**2)) * rng.normal(size=n)
+    bias = np.log(base_rate / (1 - base_rate))
+    y = rng.random(n) < 1 / (1 + np.exp(-(bias + truth)))
+    return y, 1 / (1 + np.exp(-(bias + score)))
+
+
+@pytest.mark.parametrize("base_rate", [0.3, 0.02])
+def test_auc_drop_detector_stays_quiet_on_a_stationary_stream(base_rate: float) -> None:
+    """Half a million samples at a constant AUC: no detection, for a common task and a rare one (2 % positives,
+    whose AUC over 5,000 samples wanders by several points: the noise guard holds it)."""
+    rng = np.random.default_rng(5)
+    detector = AucDropDetector()
+    fired = [detector.update(*ranked_batch(rng, BATCH, 1.5, base_rate)) for _ in range(500_000 // BATCH)]
+    assert sum(fired) == 0 and detector.detections == 0
+    assert detector.last["recent_auc"] > 0.6  # it did compare
+
+
+def test_auc_drop_detector_fires_once_within_a_window_of_a_fall_and_reports_it_in_auc_points() -> None:
+    rng = np.random.default_rng(6)
+    detector = AucDropDetector(window=5_000, reference=20_000, min_drop=0.05)
+    fired_at, drops = [], []
+    for start in range(0, 120_000, BATCH):
+        strength = 1.5 if start < 60_000 else 0.6  # AUC about 0.77, then about 0.61
+        if detector.update(*ranked_batch(rng, BATCH, strength, 0.3)):
+            fired_at.append(start + BATCH)
+            drops.append(detector.last["reference_auc"] - detector.last["recent_auc"])
+    assert len(fired_at) == 1
+    assert 0 <= detection_delay(fired_at, 60_000) <= 5_000
+    assert drops[0] >= 0.05
+
+
+def test_a_fall_smaller_than_min_drop_is_not_a_detection_even_when_significant() -> None:
+    """A steady 0.03 fall over many samples is statistically clear but below the user's 0.05 threshold."""
+    rng = np.random.default_rng(7)
+    strict, loose = AucDropDetector(min_drop=0.05), AucDropDetector(min_drop=0.02, z=2.0)
+    fired = {"strict": 0, "loose": 0}
+    for start in range(0, 100_000, BATCH):
+        batch = ranked_batch(rng, BATCH, 1.5 if start < 50_000 else 1.3, 0.3)  # AUC falls by about 0.035
+        fired["strict"] += strict.update(*batch)
+        fired["loose"] += loose.update(*batch)
+    assert fired == {"strict": 0, "loose": 1}

@@ -160,7 +160,7 @@ def test_snapshot_is_plain_json_with_none_for_undefined_values() -> None:
     json.dumps(snapshot, allow_nan=False)
     assert snapshot["click"]["student"]["auc"]["10"] is None
     assert snapshot["click"]["student"]["positive_rate"]["lifetime"] == 1.0
-    assert snapshot["like"] == {"drift_detections": {"adwin": 0, "page_hinkley": 0}}
+    assert snapshot["like"] == {"drift_detections": {"adwin": 0, "page_hinkley": 0, "auc_drop": 0}}
 
 
 def test_torch_tensors_are_accepted() -> None:

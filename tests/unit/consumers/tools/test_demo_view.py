@@ -76,3 +76,50 @@ def test_the_view_shows_the_share_of_labels_dropped_as_late_and_names_the_alert_
     assert dict(pipeline_facts(status_of(metrics)))["late labels"] == "0.5% of feedback"
     metrics.join_counters({"feedback": 400, "late_feedback": 100})
     assert dict(pipeline_facts(status_of(metrics)))["late labels"] == "25.0% of feedback (CrossdistilLateFeedback)"
+
+
+def test_the_view_marks_when_a_detector_fires_and_when_a_quality_alert_starts_firing() -> None:
+    metrics = a_trainer(gated=False)
+    status = status_of(metrics)
+    status.drift_note = "drift injected: click at impression 60,000 (abrupt, magnitude 0.75)"
+    assert status.timeline == []
+    metrics.drift_detections_total.labels("click", "auc_drop").inc()
+    status.update(parse_samples(generate_latest(metrics.registry).decode()), None, status.started_at + 42.0)
+    alert = {"labels": {"alertname": "CrossdistilAucDrop", "task": "click", "reference": "baseline"}, "state": "firing"}
+    status.update_alerts([alert, {**alert, "state": "pending", "labels": {**alert["labels"], "task": "like"}}],
+                         status.started_at + 50.0)
+    status.update_alerts([alert], status.started_at + 52.0)  # still firing: no second entry
+    assert [(round(t), what) for t, what in status.timeline] == [
+        (42, "click: drift detector auc_drop fired (at 100 samples scored)"),
+        (50, "click: alert CrossdistilAucDrop firing (baseline, at 100 samples scored)"),
+    ]
+    assert status.firing() == ["CrossdistilAucDrop(click)"]
+    view = text_of(render(status, "header", [], []))
+    assert "drift injected: click at impression 60,000" in view and "alert CrossdistilAucDrop firing" in view
+    assert "alerts=CrossdistilAucDrop(click)" in plain_line(status)
+
+
+def test_the_demo_compresses_only_the_quality_alerts_durations() -> None:
+    from consumers.tools.demo import ALERT_RULES, demo_alert_rules
+
+    yaml = pytest.importorskip("yaml")
+    original = yaml.safe_load(ALERT_RULES.read_text())
+    scaled = yaml.safe_load(demo_alert_rules(ALERT_RULES.read_text()))
+    rules = {r["alert"]: r for g in scaled["groups"] for r in g["rules"]}
+    before = {r["alert"]: r for g in original["groups"] for r in g["rules"]}
+    assert before["CrossdistilAucDrop"]["for"] == "10m" and rules["CrossdistilAucDrop"]["for"] == "10s"
+    assert "[10s]" in rules["CrossdistilDriftDetected"]["expr"]
+    assert rules["CrossdistilLateFeedback"] == before["CrossdistilLateFeedback"]  # pipeline alerts unchanged
+
+
+def test_the_synthetic_drift_flags_become_stream_options_and_bad_ones_are_refused() -> None:
+    from consumers.tools.demo import synthetic_options
+
+    options = synthetic_options(120_000)
+    assert (options["drift"], options["drift_at"], options["drift_task"], options["drift_magnitude"]) == (
+        "abrupt", "60000", "click", "0.75")
+    assert synthetic_options(90_000, "recurring", 1.0, "click,like")["drift_at"] == "30000,60000"
+    assert "drift_at" not in synthetic_options(1000, "none")
+    for bad in (("sideways", 0.5, "click"), ("abrupt", 1.5, "click"), ("abrupt", 0.5, "share")):
+        with pytest.raises(ValueError):
+            synthetic_options(1000, *bad)
