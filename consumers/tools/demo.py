@@ -117,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "new unrelated concept, 1 the ranking reversed (default: %(default)s)")
     parser.add_argument("--drift-tasks", default=DEFAULT_DRIFT["tasks"], metavar="TASK[,TASK]",
                         help="synthetic: the tasks that drift, of click and like (default: %(default)s)")
+    parser.add_argument("--ranks", type=int, default=1, metavar="N",
+                        help="train with N trainer ranks of one model (torchrun, gloo on CPU; docs/scaling.md): rank r "
+                             "serves /metrics on the trainer's port + r, Prometheus scrapes them all, the view shows "
+                             "rank 0 (default 1: one trainer)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/demo-<timestamp> in the repository)")
     parser.add_argument("--kafka-data-dir", default=None,
                         help="the broker's data dir (default: RUN/kafka, a fresh broker on a free port)")
@@ -160,6 +164,7 @@ class Plan:
     torch_threads: int
     refresh_s: float
     live: bool
+    ranks: int = 1
     ports: dict[str, int] = field(default_factory=dict)
     windows: list[str] = field(default_factory=list)   # the trainer's [metrics] windows, as metric labels
 
@@ -176,6 +181,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--limit {args.limit} must be >= 1")
     if args.refresh <= 0:
         raise ValueError(f"--refresh {args.refresh} must be > 0")
+    # lazy: the Kafka client loads only when the demo runs (crossdistil demo --help stays fast)
+    from streamer.topics import DEFAULT_PARTITIONS
+
+    ranks = getattr(args, "ranks", 1)
+    if not 1 <= ranks <= DEFAULT_PARTITIONS:
+        raise ValueError(f"--ranks {ranks}: between 1 and {DEFAULT_PARTITIONS} (the demo's topics have "
+                         f"{DEFAULT_PARTITIONS} partitions, and each rank owns at least one)")
     source: str | None = None
     options: dict[str, str] = {}
     if args.dataset == "kuairand":
@@ -197,7 +209,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(dataset=args.dataset, source=source, speed=speed, limit=args.limit, stream_options=options,
                 run_dir=run_dir, kafka_data_dir=kafka_dir, keep_kafka=args.keep_kafka, prometheus=prometheus,
                 prometheus_wanted=not args.no_prometheus, torch_threads=args.torch_threads,
-                refresh_s=args.refresh, live=live)
+                refresh_s=args.refresh, live=live, ranks=ranks)
 
 
 def synthetic_options(n_events: int, drift_type: str = DEFAULT_DRIFT["type"],
@@ -285,7 +297,8 @@ def write_prometheus_config(plan: Plan) -> Path:
                      f"{', '.join(DEMO_SCALED_GROUPS)} divided by {DEMO_ALERT_TIME_SCALE}.\n"
                      + demo_alert_rules(ALERT_RULES.read_text()))
     text = (DEMO_CONFIG_DIR / "prometheus.yml").read_text()
-    text = (text.replace("@TRAINER@", f"127.0.0.1:{plan.ports['trainer']}")
+    trainers = '", "'.join(f"127.0.0.1:{plan.ports['trainer'] + rank}" for rank in range(plan.ranks))
+    text = (text.replace("@TRAINER@", trainers)
                 .replace("@SERVING@", f"127.0.0.1:{plan.ports['serving']}")
                 .replace("@ALERTS@", str(rules)))
     path = plan.run_dir / "prometheus.yml"
@@ -294,6 +307,18 @@ def write_prometheus_config(plan: Plan) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- child processes
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports nothing listens on now (the trainer's ranks: port + rank)."""
+    # lazy: the Kafka client loads only when the demo runs (crossdistil demo --help stays fast)
+    from consumers.runtime.local_kafka import free_port, port_bindable
+
+    for _ in range(100):
+        first = free_port()
+        if all(port_bindable(first + i) for i in range(1, count)):
+            return first
+    raise DemoError(f"found no {count} consecutive free ports for the trainer's ranks")
 
 
 def _die_with_parent() -> None:
@@ -857,7 +882,7 @@ class Demo:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         (plan.run_dir / "logs").mkdir(exist_ok=True)
         print(f"[demo] run folder {plan.run_dir}", file=sys.stderr)
-        plan.ports = {"trainer": free_port(), "serving": free_port()}
+        plan.ports = {"trainer": free_ports(plan.ranks), "serving": free_port()}
         if plan.prometheus:
             plan.ports["prometheus"] = free_port()
         kafka_port = None if (plan.kafka_data_dir / "local-kafka.json").exists() else free_port()
@@ -875,8 +900,9 @@ class Demo:
         trainer_cfg = write_trainer_config(plan, bootstrap)
         serving_cfg = write_serving_config(plan, bootstrap)
         cli = [sys.executable, "-m", "consumers.cli"]
+        ranks = ["--world-size", str(plan.ranks)] if plan.ranks > 1 else []
         self._spawn("trainer",
-                    [*cli, "train", "--config", str(trainer_cfg), "--torch-threads", str(plan.torch_threads)])
+                    [*cli, "train", "--config", str(trainer_cfg), "--torch-threads", str(plan.torch_threads), *ranks])
         self._spawn("serving", [*cli, "serve", "--config", str(serving_cfg)])
         if plan.prometheus:
             prom_cfg = write_prometheus_config(plan)
@@ -938,6 +964,9 @@ class Demo:
         header = (f"crossdistil demo: {plan.dataset} at {plan.speed}{'' if plan.speed == 'max' else 'x'} speed"
                   f"  |  run folder {_relative(plan.run_dir)}")
         footer = [f"trainer  http://127.0.0.1:{plan.ports['trainer']}/metrics"]
+        if plan.ranks > 1:
+            footer = ["trainer ranks (the view shows rank 0): " + ", ".join(
+                f"http://127.0.0.1:{plan.ports['trainer'] + rank}/metrics" for rank in range(plan.ranks))]
         if "serving" in self.children:
             footer.append(f"serving  http://127.0.0.1:{plan.ports['serving']}/metrics")
         if plan.prometheus:

@@ -71,6 +71,30 @@ def torchrun_command(argv: list[str], world_size: int, max_restarts: int) -> lis
             "--max-restarts", str(max_restarts), "-m", "consumers.cli", "train", *rest]
 
 
+def launch_ranks(torchrun_args: list[str]) -> int:
+    """torchrun's launcher in this process (``torch.distributed.run``): its agent starts the ranks and restarts the
+    group after a failure. A stop (SIGTERM, SIGINT) reaches the ranks, which checkpoint a last round and exit:
+    status 0, as one trainer's. A rank that failed for good (after ``--max-restarts``): its exit status."""
+    # lazy: torch's launcher loads only when ranks run (crossdistil --help stays fast)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    try:
+        torchrun(parse_args(torchrun_args))
+    except SignalException as exc:
+        print(f"crossdistil train: {exc}: the ranks were told to stop (each checkpoints its part of a last round)",
+              file=sys.stderr, flush=True)
+        return 0
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"crossdistil train: rank {rank} failed with exit status {failure.exitcode} after torchrun's restarts "
+              "ran out (its log lines above say why)", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil train``; returns the exit status."""
     world_size = getattr(args, "world_size", None)
@@ -78,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
         command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
         print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
-        os.execv(sys.executable, command)
+        return launch_ranks(command[3:])
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
         cfg = load_config(args.config, overrides=args.overrides)
