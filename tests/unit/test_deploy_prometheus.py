@@ -53,7 +53,7 @@ def dashboard_expressions() -> list[str]:
 
 
 @needs_promtool
-@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus.compose.yml"])
+@pytest.mark.parametrize("config", ["prometheus.yml", "prometheus.compose.yml", "prometheus.ranks.yml"])
 def test_prometheus_configs_pass_promtool_check_config(config: str) -> None:
     result = promtool("check", "config", config)
     assert result.returncode == 0, result.stdout + result.stderr

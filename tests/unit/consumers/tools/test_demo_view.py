@@ -123,3 +123,20 @@ def test_the_synthetic_drift_flags_become_stream_options_and_bad_ones_are_refuse
     for bad in (("sideways", 0.5, "click"), ("abrupt", 1.5, "click"), ("abrupt", 0.5, "share")):
         with pytest.raises(ValueError):
             synthetic_options(1000, *bad)
+
+
+def test_demo_ranks_are_bounded_by_the_partitions_and_prometheus_scrapes_every_rank(tmp_path) -> None:
+    import argparse
+
+    from consumers.tools.demo import add_arguments, make_plan, write_prometheus_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        make_plan(parser.parse_args(["--dataset", "synthetic", "--ranks", "5", "--out", str(tmp_path)]))
+    plan = make_plan(parser.parse_args(["--dataset", "synthetic", "--ranks", "2", "--out", str(tmp_path)]))
+    assert plan.ranks == 2
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    plan.ports = {"trainer": 9500, "serving": 9600}
+    text = write_prometheus_config(plan).read_text()
+    assert '["127.0.0.1:9500", "127.0.0.1:9501"]' in text  # metrics.port + rank
