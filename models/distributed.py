@@ -130,7 +130,9 @@ class Collective:
             p.grad = (piece.reshape(p.shape) * scale).to(p.dtype) if has > 0 else None
         for weight, union, piece in zip(sparse, unions, pieces[len(dense) + 1:]):
             values = (piece.reshape(len(union), weight.shape[1]) * scale).to(weight.dtype)
-            weight.grad = torch.sparse_coo_tensor(union.unsqueeze(0), values, weight.shape).coalesce()
+            # union: sorted, unique rows (nonzero of a mask), so the gradient is coalesced by construction
+            weight.grad = torch.sparse_coo_tensor(union.unsqueeze(0), values, weight.shape, check_invariants=False,
+                                                  is_coalesced=True)
         return total
 
     # ------------------------------------------------------------------------------------------ normaliser
