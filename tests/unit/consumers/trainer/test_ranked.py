@@ -1,0 +1,69 @@
+"""consumers.trainer.ranked without other ranks: each rank's configuration, and restores that must be refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from consumers.runtime.assembly import build_pipeline
+from consumers.runtime.config import load_config
+from consumers.state.checkpoints import CheckpointError, CheckpointStore
+from consumers.trainer.dead_letters import DeadLetterQueue
+from consumers.trainer.kafka_io import KafkaIO
+from consumers.trainer.publisher import Publisher
+from consumers.trainer.ranked import RoundCheckpointer, rank_config
+from tests.unit.consumers.trainer.fakes import Consumer, FlakyProducer
+from tests.unit.consumers.trainer.test_checkpointing import SMALL
+
+pytestmark = pytest.mark.unit
+
+
+class RankZeroOfTwo:
+    """Rank 0 of 2 alone: every collective returns this rank's own values (the others would agree)."""
+
+    rank, world_size, info = 0, 2, SimpleNamespace(label="rank 0/2")
+
+    def agree(self, values):
+        return list(values)
+
+
+def round_checkpointer(base: Path) -> RoundCheckpointer:
+    cfg = rank_config(load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{base}'"]), 0)
+    pipeline = build_pipeline(cfg)
+    store = CheckpointStore(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
+    producer = FlakyProducer(refuse=False)
+    kafka = KafkaIO(Consumer(), cfg.kafka, pipeline.join, pipeline.metrics)
+    return RoundCheckpointer(cfg, store, pipeline, kafka, DeadLetterQueue(producer, cfg.kafka.dead_letter_topic),
+                             Publisher(producer, cfg.kafka.model_topic, store, pipeline.metrics), pipeline.metrics,
+                             ranks=RankZeroOfTwo(), base_dir=str(base))
+
+
+def test_each_rank_has_its_own_store_and_metrics_port_and_only_rank_0_publishes() -> None:
+    cfg = load_config(None, env={}, overrides=["checkpoint.dir='/ck'", "metrics.port=9400", "checkpoint.keep_last=1"])
+    zero, one = rank_config(cfg, 0), rank_config(cfg, 1)
+    assert (zero.checkpoint.dir, one.checkpoint.dir) == ("/ck/rank-0", "/ck/rank-1")
+    assert (zero.metrics.port, one.metrics.port) == (9400, 9401)
+    assert (zero.publish.enabled, one.publish.enabled) == (True, False)
+    assert zero.checkpoint.keep_last == 2  # the round being written and the last complete one
+    assert rank_config(load_config(None, env={}, overrides=["metrics.port=0"]), 1).metrics.port == 0
+
+
+def test_ranks_refuse_a_one_rank_trainers_checkpoints(tmp_path: Path) -> None:
+    CheckpointStore(tmp_path).write(3, {}, {"trainer_format": 2})
+    with pytest.raises(CheckpointError, match="checkpoints of a one-rank trainer"):
+        round_checkpointer(tmp_path).restore()
+
+
+def test_ranks_refuse_rounds_written_by_another_number_of_ranks(tmp_path: Path) -> None:
+    CheckpointStore(tmp_path / "rank-0").write_round({"round": 4, "world_size": 3})
+    with pytest.raises(CheckpointError, match="written by 3 ranks, this group has 2"):
+        round_checkpointer(tmp_path).restore()
+
+
+def test_a_round_record_that_cannot_be_read_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    (tmp_path / "rank-0").mkdir()
+    (tmp_path / "rank-0" / "round.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="round.json is unreadable"):
+        round_checkpointer(tmp_path).restore()
