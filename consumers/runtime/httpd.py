@@ -130,6 +130,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limit_concurrency = None  # the cap is ours (JSON 503), not uvicorn's plain-text one
+        self.access_log = False  # one line per request would drown the log (metrics count requests)
         self._real_app = self.app
         self._deadline: asyncio.TimerHandle | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
