@@ -31,13 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_serving_config(cfg: Config) -> None:
     """Raise ConfigError if a ``[serving]`` value is out of range."""
     s = cfg.serving
-    for name in ("max_request_bytes", "max_items", "max_checkpoint_bytes"):
+    for name in ("max_request_bytes", "max_items", "max_checkpoint_bytes", "max_queued", "max_connections", "backlog",
+                 "header_timeout_s", "body_timeout_s", "keep_alive_s", "write_timeout_s", "workers"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"serving.{name}: must be > 0, got {getattr(s, name)}")
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"serving.port: must be 0..65535, got {s.port}")
     if s.torch_threads < 0:
         raise ConfigError(f"serving.torch_threads: must be >= 0, got {s.torch_threads}")
+    if not 0 <= s.batch_window_ms <= 2:
+        raise ConfigError(f"serving.batch_window_ms: must be 0..2, got {s.batch_window_ms}")
+    if s.workers > 1 and s.port == 0:
+        raise ConfigError("serving.workers > 1 needs a fixed serving.port (the workers share it)")
 
 
 def run(args: argparse.Namespace) -> int:
