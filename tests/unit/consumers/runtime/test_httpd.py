@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -92,3 +93,17 @@ def test_close_stops_serving_and_frees_the_port() -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))  # the port is free again
+
+
+def test_keep_alive_answers_are_not_held_back_by_nagle() -> None:
+    """uvicorn writes headers and body in two sends: without TCP_NODELAY each answer waits ~40 ms for an ACK."""
+    with serve_http("127.0.0.1", 0) as server, socket.create_connection(("127.0.0.1", server.port)) as sock:
+        latencies = []
+        for _ in range(10):
+            started = time.perf_counter()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"ok\n"):
+                answer += sock.recv(65536)
+            latencies.append(time.perf_counter() - started)
+    assert sorted(latencies)[5] < 0.02, latencies
