@@ -139,33 +139,70 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
 
 
 def timed_client(host: str, port: int, bodies: list[bytes], started: float, warmup_s: float, deadline: float,
-                 latencies: list[float], errors: list[str]) -> None:
-    """One keep-alive client sending back to back until ``deadline``; counts requests done after the warm-up."""
-    connection = http.client.HTTPConnection(host, port, timeout=30)
-    headers = {"Content-Type": "application/json"}
+                 latencies: list[float], errors: list[str], completed: list[int]) -> None:
+    """One keep-alive client sending back to back until ``deadline``; counts requests done after the warm-up.
+
+    A raw socket with prepared requests, not http.client: on 2 shared cores, http.client's header parsing in 16
+    client threads took CPU from the servers under test and added its own GIL waits to the latencies.
+    """
+    requests = [(f"POST /score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body for body in bodies]
+    sock = None
     n = 0
     while time.monotonic() < deadline:
-        body = bodies[n % len(bodies)]
+        request = requests[n % len(requests)]
         n += 1
         t0 = time.perf_counter()
         try:
-            connection.request("POST", "/score", body, headers)
-            response = connection.getresponse()
-            payload = response.read()
-        except (OSError, http.client.HTTPException) as exc:
+            if sock is None:
+                sock = socket.create_connection((host, port), timeout=30)
+            sock.sendall(request)
+            status, _ = read_answer(sock)
+        except (OSError, ValueError) as exc:
             errors.append(repr(exc))
-            connection.close()
-            connection = http.client.HTTPConnection(host, port, timeout=30)
+            if sock is not None:
+                sock.close()
+            sock = None
             continue
         elapsed = time.perf_counter() - t0
-        if response.status != 200:
-            errors.append(f"{response.status}: {payload[:200]!r}")
+        completed.append(1)
+        if status != 200:
+            errors.append(f"status {status}")
         elif time.monotonic() - started >= warmup_s:
             latencies.append(elapsed)
-    connection.close()
+    if sock is not None:
+        sock.close()
 
 
-def stall_body(items: int, id_length: int = 250) -> bytes:
+def read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 answer with a Content-Length (both servers send one)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ValueError("connection closed")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lower = head.lower()
+    at = lower.find(b"content-length:")
+    if at < 0:
+        raise ValueError(f"no Content-Length in {head[:200]!r}")
+    length = int(lower[at + 15:lower.find(b"\r\n", at) if lower.find(b"\r\n", at) > 0 else None])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ValueError("connection closed in a body")
+        body += chunk
+    return int(head.split(b" ", 2)[1]), body
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stall_body(items: int, id_length: int = 300) -> bytes:
     """One large valid request whose answer is a few megabytes (long impression ids come back in it)."""
     events = [{"impression_id": f"s{i}".ljust(id_length, "x"), "ts_ms": 1_700_000_000_000 + i, "user_id": str(i),
                "item_id": str(i), "features": {"hour": "1", "weekday": "2", "duration_ms": 1000}} for i in range(items)]
@@ -184,8 +221,9 @@ def never_reading_client(host: str, port: int, body: bytes) -> socket.socket:
 
 
 def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float, warmup_s: float,
-                 stalled: bytes | None) -> dict[str, Any]:
-    """``clients`` keep-alive clients for ``duration_s``, optionally next to a never-reading client."""
+                 stalled: bytes | None, pid: int | None = None) -> dict[str, Any]:
+    """``clients`` keep-alive clients for ``duration_s``, optionally next to a never-reading client; ``pid``:
+    the server's process, whose CPU time per request is reported."""
     split = urlsplit(url)
     stalled_socket = never_reading_client(split.hostname, split.port, stalled) if stalled else None
     try:
@@ -195,13 +233,17 @@ def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float,
         errors: list[str] = []
         started = time.monotonic()
         deadline = started + duration_s
+        cpu_at_start = cpu_seconds(pid) if pid else None
+        completed: list[int] = []
         threads = [threading.Thread(target=timed_client, args=(split.hostname, split.port, bodies[c::clients] or bodies,
-                                                               started, warmup_s, deadline, latencies, errors))
+                                                               started, warmup_s, deadline, latencies, errors,
+                                                               completed))
                    for c in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        cpu = cpu_seconds(pid) - cpu_at_start if pid and cpu_at_start is not None else None
     finally:
         if stalled_socket is not None:
             stalled_socket.close()
@@ -214,8 +256,14 @@ def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float,
             "errors": len(errors), "first_errors": errors[:3],
             "requests_per_s": round(len(ms) / (duration_s - warmup_s), 1),
             "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(ms[-1], 3) if ms else None},
+            # over the whole scenario (warm-up included): the server's CPU per answered request
+            "server_cpu_ms_per_request": round(cpu * 1000 / len(completed), 3) if cpu and completed else None,
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
+
+# Both servers take the never-reading client's request: its answer (~7 MB) must outgrow the kernel's socket
+# buffers (tcp_wmem's 4 MiB here) to stall a writer; the default 4 MiB request limit keeps answers below that.
+STALL_LIMITS = {"max_request_bytes": 16 * 1024 * 1024, "max_items": 20_000}
 
 SCENARIOS = (("4 clients", 4, False), ("16 clients", 16, False), ("4 clients + never-reading client", 4, True))
 
@@ -235,7 +283,7 @@ def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path)
     try:
         for name, root in roots.items():
             processes[name], urls[name] = pickup.start_serving(bootstrap, topic, workdir, args.torch_threads,
-                                                               root=root, name=name)
+                                                               root=root, name=name, options=STALL_LIMITS)
         for url in urls.values():
             deadline = time.monotonic() + 120
             while (pickup.healthz(url) or {}).get("model_version") is None:
@@ -251,7 +299,7 @@ def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path)
                 for name in order:
                     progress(f"round {round_index + 1}/{args.rounds}: {name} server, {label}")
                     runs[name][label].append(run_scenario(urls[name], clients, bodies, args.duration, args.warmup_s,
-                                                          stalled if with_stall else None))
+                                                          stalled if with_stall else None, processes[name].pid))
     finally:
         for name, process in processes.items():
             progress(f"{name} serving exited with {pickup.stop_serving(process)}")
@@ -268,6 +316,8 @@ def summarise(args: argparse.Namespace, roots: dict[str, Path], runs: dict[str, 
     summary = {name: {label: {"p50_ms": median(name, label, lambda r: r["latency_ms"]["p50"]),
                               "p99_ms": median(name, label, lambda r: r["latency_ms"]["p99"]),
                               "requests_per_s": median(name, label, lambda r: r["requests_per_s"]),
+                              "server_cpu_ms_per_request": median(name, label,
+                                                                  lambda r: r["server_cpu_ms_per_request"]),
                               "errors": sum(r["errors"] for r in runs[name][label])}
                       for label, _, _ in SCENARIOS} for name in runs}
     new, old = summary["new"], summary["old"]
@@ -285,7 +335,8 @@ def summarise(args: argparse.Namespace, roots: dict[str, Path], runs: dict[str, 
         "servers": {name: {"root": str(root), "commit": git_commit(root)} for name, root in roots.items()},
         "settings": {"items_per_request": args.items, "duration_s": args.duration, "warmup_s": args.warmup_s,
                      "rounds": args.rounds, "torch_threads": args.torch_threads, "hash_buckets": args.hash_buckets,
-                     "never_reading_request_bytes": stall_bytes, "never_reading_items": args.stall_items},
+                     "never_reading_request_bytes": stall_bytes, "never_reading_items": args.stall_items,
+                     "serving_options_of_both": STALL_LIMITS, "client": "raw-socket keep-alive threads"},
         "summary_medians_over_rounds": summary,
         "targets": {
             "new_p99_ms_at_16_clients": p99_16, "p99_at_16_le_25_ms": p99_16 is not None and p99_16 <= 25,
@@ -315,7 +366,7 @@ def main() -> int:
                              "by side, 4 and 16 clients and a never-reading client (see the docstring)")
     parser.add_argument("--rounds", type=int, default=2, help="--compare-with: rounds of all scenarios")
     parser.add_argument("--warmup-s", type=float, default=1.0, help="--compare-with: uncounted seconds per scenario")
-    parser.add_argument("--stall-items", type=int, default=9000,
+    parser.add_argument("--stall-items", type=int, default=20_000,
                         help="--compare-with: impressions in the never-reading client's request")
     parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args()

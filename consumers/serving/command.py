@@ -61,18 +61,21 @@ def run(args: argparse.Namespace) -> int:
     # lazy: torch and kafka load only when the daemon runs (crossdistil --help stays fast)
     import torch
 
+    from consumers.runtime.processes import freeze_startup_objects, unfreeze
     from consumers.serving.daemon import ServingDaemon
 
     if cfg.serving.torch_threads:
         torch.set_num_threads(cfg.serving.torch_threads)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    freeze_startup_objects()  # full collections skip what the imports made (see its docstring)
     try:
         status = ServingDaemon(cfg).run(stop)
     except OSError as exc:
         print(f"crossdistil serve: {exc}", file=sys.stderr)
         return 2
     finally:
+        unfreeze()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if status == 0:
