@@ -1,13 +1,17 @@
 """``crossdistil serve``: flags, configuration checks and signals; the daemon is ``consumers.serving.daemon``.
 
 Exit status: 0 after SIGTERM/SIGINT, 2 for a configuration error or a port that cannot be bound, 3 when Kafka
-cannot be reached at start.
+cannot be reached at start. With ``serving.workers = N > 1`` this process starts N worker processes (each a
+whole daemon: its own follower and model, one shared port through SO_REUSEPORT), passes SIGTERM/SIGINT on to
+them, and exits with the first non-zero status of a worker (stopping the others), else 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -58,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     if args.check_config:
         print(to_toml(cfg))
         return 0
+    if cfg.serving.workers > 1:
+        return run_workers(args, cfg.serving.workers)
     # lazy: torch and kafka load only when the daemon runs (crossdistil --help stays fast)
     import torch
 
@@ -70,12 +76,52 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     freeze_startup_objects()  # full collections skip what the imports made (see its docstring)
     try:
-        status = ServingDaemon(cfg).run(stop)
+        status = ServingDaemon(cfg, reuse_port=bool(os.environ.get(WORKER_ENV))).run(stop)
     except OSError as exc:
         print(f"crossdistil serve: {exc}", file=sys.stderr)
         return 2
     finally:
         unfreeze()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status == 0:
+        print("crossdistil serve: stopped", flush=True)
+    return status
+
+
+WORKER_ENV = "CROSSDISTIL_SERVING_WORKER"  # set in a worker's environment: bind with SO_REUSEPORT
+
+
+def run_workers(args: argparse.Namespace, workers: int) -> int:
+    """Start ``workers`` serving processes on one port and supervise them (see the module docstring)."""
+    command = [sys.executable, "-m", "consumers.cli", "serve", "--log-level", str(args.log_level)]
+    if args.config:
+        command += ["--config", args.config]
+    for override in args.overrides:
+        command += ["--set", override]
+    command += ["--set", "serving.workers=1"]
+    children = [subprocess.Popen(command, env={**os.environ, WORKER_ENV: str(n)}) for n in range(workers)]
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        while not stop.is_set() and status == 0:
+            for child in children:
+                if child.poll() is not None:
+                    status = child.returncode or 0
+                    if status == 0:  # a worker that stopped by itself is not serving: say so, stop the rest
+                        print(f"crossdistil serve: worker {child.pid} exited; stopping the others", file=sys.stderr)
+                        status = 1
+            stop.wait(0.5)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if status == 0:
