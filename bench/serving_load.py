@@ -196,6 +196,12 @@ def read_answer(sock: socket.socket) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory of process ``pid`` now and at its peak (VmRSS, VmHWM), in MiB."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(status[name].split()[0]) / 1024, 1) for key, name in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` and its threads so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -300,10 +306,13 @@ def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path)
                     progress(f"round {round_index + 1}/{args.rounds}: {name} server, {label}")
                     runs[name][label].append(run_scenario(urls[name], clients, bodies, args.duration, args.warmup_s,
                                                           stalled if with_stall else None, processes[name].pid))
+        memory = {name: memory_mb(process.pid) for name, process in processes.items()}
     finally:
         for name, process in processes.items():
             progress(f"{name} serving exited with {pickup.stop_serving(process)}")
-    return summarise(args, roots, runs, len(stalled))
+    report = summarise(args, roots, runs, len(stalled))
+    report["server_memory_mb_at_end"] = memory  # one process each, example model loaded, after all scenarios
+    return report
 
 
 def summarise(args: argparse.Namespace, roots: dict[str, Path], runs: dict[str, dict[str, list]],
