@@ -284,6 +284,7 @@ def git_commit(root: Path) -> str:
 def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path) -> dict[str, Any]:
     """Old (``--compare-with``) and new server side by side: every scenario on both, alternating, ``--rounds``."""
     roots = {"old": Path(args.compare_with).resolve(), "new": REPO_ROOT}
+    commits = {name: git_commit(root) for name, root in roots.items()}  # what the servers run, taken at their start
     processes: dict[str, subprocess.Popen] = {}
     urls: dict[str, str] = {}
     try:
@@ -310,13 +311,13 @@ def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path)
     finally:
         for name, process in processes.items():
             progress(f"{name} serving exited with {pickup.stop_serving(process)}")
-    report = summarise(args, roots, runs, len(stalled))
+    report = summarise(args, roots, commits, runs, len(stalled))
     report["server_memory_mb_at_end"] = memory  # one process each, example model loaded, after all scenarios
     return report
 
 
-def summarise(args: argparse.Namespace, roots: dict[str, Path], runs: dict[str, dict[str, list]],
-              stall_bytes: int) -> dict[str, Any]:
+def summarise(args: argparse.Namespace, roots: dict[str, Path], commits: dict[str, str],
+              runs: dict[str, dict[str, list]], stall_bytes: int) -> dict[str, Any]:
     """Medians over the rounds of each scenario's p99 and throughput, the ratios and the issue's targets."""
     def median(name: str, label: str, pick: Any) -> float | None:
         values = [pick(run) for run in runs[name][label] if pick(run) is not None]
@@ -341,7 +342,7 @@ def summarise(args: argparse.Namespace, roots: dict[str, Path], runs: dict[str, 
     return {
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "servers": {name: {"root": str(root), "commit": git_commit(root)} for name, root in roots.items()},
+        "servers": {name: {"root": str(root), "commit": commits[name]} for name, root in roots.items()},
         "settings": {"items_per_request": args.items, "duration_s": args.duration, "warmup_s": args.warmup_s,
                      "rounds": args.rounds, "torch_threads": args.torch_threads, "hash_buckets": args.hash_buckets,
                      "never_reading_request_bytes": stall_bytes, "never_reading_items": args.stall_items,
