@@ -36,6 +36,7 @@ from consumers.runtime.httpd import ERROR_HANDLERS, HttpLimits, HttpServer, json
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.batching import Busy, ScoringBatcher
 from consumers.serving.follower import ModelHolder
+from consumers.serving.openapi import openapi
 from consumers.serving.scoring import (  # noqa: F401  (re-exported: the API's public names)
     RequestError,
     check_numeric_features,
@@ -82,7 +83,7 @@ def _counted(metrics: ServingMetrics, endpoint: str,
 
 
 def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatcher, *, max_request_bytes: int,
-              waiting_for: str) -> Starlette:
+              max_items: int, waiting_for: str) -> Starlette:
     """The Starlette app of the serving API (see docs/serving.md for every answer)."""
 
     def no_model() -> Response:
@@ -138,10 +139,15 @@ def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatc
         body = await asyncio.to_thread(encoder, metrics.registry)  # collecting is CPU work: off the event loop
         return Response(body, media_type=content_type), 0
 
+    description = _dumps(openapi(max_request_bytes, max_items))
+
+    async def openapi_json(request: Request) -> tuple[Response, int]:
+        return Response(description, media_type="application/json"), 0
+
     async def not_found(request: Request, exc: Exception) -> Response:
         metrics.request("other", 0.0, 404, 0)
         return json_error(404, "not_found", f"no endpoint {request.url.path}; try POST /score, GET /healthz or "
-                          "GET /metrics")
+                          "GET /metrics (described at GET /openapi.json)")
 
     async def http_error(request: Request, exc: Exception) -> Response:  # 405 with Allow, mostly
         response = await ERROR_HANDLERS[HTTPException](request, exc)
@@ -150,7 +156,8 @@ def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatc
 
     routes = [Route("/score", _counted(metrics, "/score", score), methods=["POST"]),
               Route("/healthz", _counted(metrics, "/healthz", healthz), methods=["GET"]),
-              Route("/metrics", _counted(metrics, "/metrics", metrics_text), methods=["GET"])]
+              Route("/metrics", _counted(metrics, "/metrics", metrics_text), methods=["GET"]),
+              Route("/openapi.json", _counted(metrics, "/openapi.json", openapi_json), methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={**ERROR_HANDLERS, 404: not_found, HTTPException: http_error})
 
 
@@ -178,7 +185,8 @@ def serve_api(
     """
     batcher = ScoringBatcher(holder, max_items=max_items, window_s=batch_window_s, max_queued=max_queued,
                              waiting_for=waiting_for)
-    app = build_app(holder, metrics, batcher, max_request_bytes=max_request_bytes, waiting_for=waiting_for)
+    app = build_app(holder, metrics, batcher, max_request_bytes=max_request_bytes, max_items=max_items,
+                    waiting_for=waiting_for)
     try:
         http = HttpServer.start(bind, port, app, what="/score", settings="serving.port or serving.bind",
                                 thread_prefix="serving", limits=limits, reuse_port=reuse_port)

@@ -235,3 +235,12 @@ def test_a_missing_or_bad_content_length_is_refused_at_once(api, length: str | N
     response = connection.getresponse()
     assert response.status == status and json.loads(response.read())["error"] in {"bad_request", "length_required"}
     connection.close()
+
+
+def test_openapi_describes_score_with_this_servers_limits(api) -> None:
+    server, _, _ = api
+    status, body = request(server.url + "/openapi.json")
+    score = body["paths"]["/score"]["post"]
+    assert status == 200 and body["openapi"].startswith("3.")
+    assert score["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 50
+    assert {"200", "400", "413", "503"} <= set(score["responses"])
