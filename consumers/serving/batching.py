@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 import orjson
 import torch
 
+from consumers.runtime.httpd import RateLimitFilter
 from consumers.serving.follower import ModelHolder, ServedModel
 from consumers.serving.scoring import RequestError, check_numeric_features, parse_score_request
 
-log = logging.getLogger("crossdistil.serving")
+log = logging.getLogger("crossdistil.serving.requests")
+log.addFilter(RateLimitFilter())  # a request that breaks scoring may come again and again
 
 # (status, JSON body, extra headers, impressions scored)
 Answer = tuple[int, bytes, dict[str, str], int]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.runtime.httpd import serve_http
+from consumers.runtime.httpd import RateLimitFilter, serve_http
 from consumers.runtime.telemetry import TrainerMetrics
 
 pytestmark = pytest.mark.unit
@@ -107,3 +109,22 @@ def test_keep_alive_answers_are_not_held_back_by_nagle() -> None:
                 answer += sock.recv(65536)
             latencies.append(time.perf_counter() - started)
     assert sorted(latencies)[5] < 0.02, latencies
+
+
+def test_rate_limited_logging_lets_one_record_per_kind_through_per_interval_and_drops_tracebacks() -> None:
+    clock = {"now": 0.0}
+    limiter = RateLimitFilter(interval_s=10, clock=lambda: clock["now"])
+
+    def record(message: str) -> logging.LogRecord:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            return logging.LogRecord("crossdistil.http", logging.ERROR, __file__, 1, message, (), sys.exc_info())
+
+    first = record("bad request from %s")
+    assert limiter.filter(first) and first.exc_info is not None  # the first of its kind keeps its traceback
+    assert not any(limiter.filter(record("bad request from %s")) for _ in range(99))
+    assert limiter.filter(record("another kind"))
+    clock["now"] = 10.0
+    later = record("bad request from %s")
+    assert limiter.filter(later) and later.exc_info is None and "99 more like it" in later.msg
