@@ -46,6 +46,7 @@ from consumers.serving.scoring import (  # noqa: F401  (re-exported: the API's p
 )
 
 _JSON_TYPES = {"application/json"}
+DRAIN_LIMIT = 4  # a 413 body up to this many times serving.max_request_bytes is read and dropped
 
 
 class ApiServer:
@@ -106,8 +107,11 @@ def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatc
             return json_error(411, "length_required", "POST /score needs a Content-Length header",
                               field="Content-Length"), 0
         if int(length) > max_request_bytes:  # the parser accepted it: digits only
+            # The parser reads (and drops) the body so the connection stays usable; one far over the limit
+            # is not worth reading: the connection closes instead.
+            headers = {"Connection": "close"} if int(length) > DRAIN_LIMIT * max_request_bytes else {}
             return json_error(413, "too_large", f"the body has {length} bytes; the limit is {max_request_bytes} "
-                              "(serving.max_request_bytes)", field="Content-Length"), 0
+                              "(serving.max_request_bytes)", headers, field="Content-Length"), 0
         if holder.current is None:
             return no_model(), 0
         if batcher.full:

@@ -244,3 +244,17 @@ def test_openapi_describes_score_with_this_servers_limits(api) -> None:
     assert status == 200 and body["openapi"].startswith("3.")
     assert score["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 50
     assert {"200", "400", "413", "503"} <= set(score["responses"])
+
+
+def test_a_body_declared_far_over_the_limit_is_refused_and_the_connection_closed(api) -> None:
+    server, holder, _ = api
+    holder.swap(served_model()[1])
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest("POST", "/score")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(100 * 64 * 1024))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and response.getheader("Connection") == "close"
+    assert json.loads(response.read())["error"] == "too_large"
+    connection.close()
