@@ -381,8 +381,13 @@ def test_serve_command_with_two_workers_serves_one_port_from_two_processes(kafka
     process = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--config", str(config)], cwd=REPO_ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        lines = [process.stdout.readline(), process.stdout.readline()]
-        assert all(f"http://127.0.0.1:{port}/score" in line for line in lines), lines  # both workers bound the port
+        endpoints = []
+        while len(endpoints) < 2:  # each worker says where it serves, then that it follows the topic
+            line = process.stdout.readline()
+            assert line, f"the command ended early: {process.stderr.read()}"
+            if "/score" in line:
+                endpoints.append(line)
+        assert all(f"http://127.0.0.1:{port}/score" in line for line in endpoints)  # both workers bound the port
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         assert len(children) == 2
         deadline = time.monotonic() + 60
