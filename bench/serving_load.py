@@ -2,6 +2,15 @@
 
     python bench/serving_load.py                          # own broker + serving process, example model
     python bench/serving_load.py --url http://127.0.0.1:9401 --clients 4 --items 100
+    git worktree add /tmp/old 5b98ff3                     # the http.server server, before issue 20
+    python bench/serving_load.py --compare-with /tmp/old --out bench/results/serving_load_compare.json
+
+``--compare-with ROOT`` runs this checkout's server and the one of the checkout at ROOT side by side, in one
+run, against one broker and one published model: both daemons run all along (as separate processes), and the
+scenarios alternate between them (``--rounds`` times, the order swapped each round), so both see the same
+machine. Scenarios: 4 clients, 16 clients, and 4 clients while a fifth client sends one large request
+(``--stall-items`` impressions with long ids, a multi-megabyte answer) and never reads its answer. Each
+scenario runs ``--duration`` seconds; requests completed in its first ``--warmup-s`` are not counted.
 
 Unless ``--url`` names a running daemon, the script starts a broker, publishes one checkpoint of the example
 model (bench/serving_pickup.py: 3 tasks, MMoE, 2**20 x 16 embeddings) and runs ``crossdistil serve`` as a child
@@ -25,6 +34,9 @@ import http.client
 import json
 import os
 import platform
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -126,6 +138,227 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
 
 
 
+def timed_client(host: str, port: int, bodies: list[bytes], started: float, warmup_s: float, deadline: float,
+                 latencies: list[float], errors: list[str], completed: list[int]) -> None:
+    """One keep-alive client sending back to back until ``deadline``; counts requests done after the warm-up.
+
+    A raw socket with prepared requests, not http.client: on 2 shared cores, http.client's header parsing in 16
+    client threads took CPU from the servers under test and added its own GIL waits to the latencies.
+    """
+    requests = [(f"POST /score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body for body in bodies]
+    sock = None
+    n = 0
+    while time.monotonic() < deadline:
+        request = requests[n % len(requests)]
+        n += 1
+        t0 = time.perf_counter()
+        try:
+            if sock is None:
+                sock = socket.create_connection((host, port), timeout=30)
+            sock.sendall(request)
+            status, _ = read_answer(sock)
+        except (OSError, ValueError) as exc:
+            errors.append(repr(exc))
+            if sock is not None:
+                sock.close()
+            sock = None
+            continue
+        elapsed = time.perf_counter() - t0
+        completed.append(1)
+        if status != 200:
+            errors.append(f"status {status}")
+        elif time.monotonic() - started >= warmup_s:
+            latencies.append(elapsed)
+    if sock is not None:
+        sock.close()
+
+
+def read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 answer with a Content-Length (both servers send one)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ValueError("connection closed")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lower = head.lower()
+    at = lower.find(b"content-length:")
+    if at < 0:
+        raise ValueError(f"no Content-Length in {head[:200]!r}")
+    length = int(lower[at + 15:lower.find(b"\r\n", at) if lower.find(b"\r\n", at) > 0 else None])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ValueError("connection closed in a body")
+        body += chunk
+    return int(head.split(b" ", 2)[1]), body
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory of process ``pid`` now and at its peak (VmRSS, VmHWM), in MiB."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(status[name].split()[0]) / 1024, 1) for key, name in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stall_body(items: int, id_length: int = 300) -> bytes:
+    """One large valid request whose answer is a few megabytes (long impression ids come back in it)."""
+    events = [{"impression_id": f"s{i}".ljust(id_length, "x"), "ts_ms": 1_700_000_000_000 + i, "user_id": str(i),
+               "item_id": str(i), "features": {"hour": "1", "weekday": "2", "duration_ms": 1000}} for i in range(items)]
+    return json.dumps(events).encode()
+
+
+def never_reading_client(host: str, port: int, body: bytes) -> socket.socket:
+    """Sends ``body`` as a POST /score on a socket with a tiny receive buffer and never reads the answer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    head = (f"POST /score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head + body)
+    return sock
+
+
+def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float, warmup_s: float,
+                 stalled: bytes | None, pid: int | None = None) -> dict[str, Any]:
+    """``clients`` keep-alive clients for ``duration_s``, optionally next to a never-reading client; ``pid``:
+    the server's process, whose CPU time per request is reported."""
+    split = urlsplit(url)
+    stalled_socket = never_reading_client(split.hostname, split.port, stalled) if stalled else None
+    try:
+        if stalled_socket is not None:
+            time.sleep(0.5)  # its request is scored and its answer is being written before the others start
+        latencies: list[float] = []
+        errors: list[str] = []
+        started = time.monotonic()
+        deadline = started + duration_s
+        cpu_at_start = cpu_seconds(pid) if pid else None
+        completed: list[int] = []
+        threads = [threading.Thread(target=timed_client, args=(split.hostname, split.port, bodies[c::clients] or bodies,
+                                                               started, warmup_s, deadline, latencies, errors,
+                                                               completed))
+                   for c in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        cpu = cpu_seconds(pid) - cpu_at_start if pid and cpu_at_start is not None else None
+    finally:
+        if stalled_socket is not None:
+            stalled_socket.close()
+    ms = sorted(x * 1000 for x in latencies)
+
+    def p(q: float) -> float | None:
+        return round(pickup.percentile(ms, q), 3) if ms else None
+
+    return {"clients": clients, "never_reading_client": stalled is not None, "requests": len(ms),
+            "errors": len(errors), "first_errors": errors[:3],
+            "requests_per_s": round(len(ms) / (duration_s - warmup_s), 1),
+            "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(ms[-1], 3) if ms else None},
+            # over the whole scenario (warm-up included): the server's CPU per answered request
+            "server_cpu_ms_per_request": round(cpu * 1000 / len(completed), 3) if cpu and completed else None,
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+# Both servers take the never-reading client's request: its answer (~7 MB) must outgrow the kernel's socket
+# buffers (tcp_wmem's 4 MiB here) to stall a writer; the default 4 MiB request limit keeps answers below that.
+STALL_LIMITS = {"max_request_bytes": 16 * 1024 * 1024, "max_items": 20_000}
+
+SCENARIOS = (("4 clients", 4, False), ("16 clients", 16, False), ("4 clients + never-reading client", 4, True))
+
+
+def git_commit(root: Path) -> str:
+    result = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return result.stdout.strip() + ("+uncommitted changes" if dirty else "")
+
+
+def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path) -> dict[str, Any]:
+    """Old (``--compare-with``) and new server side by side: every scenario on both, alternating, ``--rounds``."""
+    roots = {"old": Path(args.compare_with).resolve(), "new": REPO_ROOT}
+    commits = {name: git_commit(root) for name, root in roots.items()}  # what the servers run, taken at their start
+    processes: dict[str, subprocess.Popen] = {}
+    urls: dict[str, str] = {}
+    try:
+        for name, root in roots.items():
+            processes[name], urls[name] = pickup.start_serving(bootstrap, topic, workdir, args.torch_threads,
+                                                               root=root, name=name, options=STALL_LIMITS)
+        for url in urls.values():
+            deadline = time.monotonic() + 120
+            while (pickup.healthz(url) or {}).get("model_version") is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url}/healthz not ready within 120 s")
+                time.sleep(0.1)
+        bodies = make_bodies(50, args.items)
+        stalled = stall_body(args.stall_items)
+        runs: dict[str, dict[str, list]] = {name: {label: [] for label, _, _ in SCENARIOS} for name in roots}
+        for round_index in range(args.rounds):
+            order = ["old", "new"] if round_index % 2 == 0 else ["new", "old"]
+            for label, clients, with_stall in SCENARIOS:
+                for name in order:
+                    progress(f"round {round_index + 1}/{args.rounds}: {name} server, {label}")
+                    runs[name][label].append(run_scenario(urls[name], clients, bodies, args.duration, args.warmup_s,
+                                                          stalled if with_stall else None, processes[name].pid))
+        memory = {name: memory_mb(process.pid) for name, process in processes.items()}
+    finally:
+        for name, process in processes.items():
+            progress(f"{name} serving exited with {pickup.stop_serving(process)}")
+    report = summarise(args, roots, commits, runs, len(stalled))
+    report["server_memory_mb_at_end"] = memory  # one process each, example model loaded, after all scenarios
+    return report
+
+
+def summarise(args: argparse.Namespace, roots: dict[str, Path], commits: dict[str, str],
+              runs: dict[str, dict[str, list]], stall_bytes: int) -> dict[str, Any]:
+    """Medians over the rounds of each scenario's p99 and throughput, the ratios and the issue's targets."""
+    def median(name: str, label: str, pick: Any) -> float | None:
+        values = [pick(run) for run in runs[name][label] if pick(run) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    summary = {name: {label: {"p50_ms": median(name, label, lambda r: r["latency_ms"]["p50"]),
+                              "p99_ms": median(name, label, lambda r: r["latency_ms"]["p99"]),
+                              "requests_per_s": median(name, label, lambda r: r["requests_per_s"]),
+                              "server_cpu_ms_per_request": median(name, label,
+                                                                  lambda r: r["server_cpu_ms_per_request"]),
+                              "errors": sum(r["errors"] for r in runs[name][label])}
+                      for label, _, _ in SCENARIOS} for name in runs}
+    new, old = summary["new"], summary["old"]
+    p99_16, rps_ratio = new["16 clients"]["p99_ms"], None
+    if old["16 clients"]["requests_per_s"]:
+        rps_ratio = round(new["16 clients"]["requests_per_s"] / old["16 clients"]["requests_per_s"], 2)
+
+    def stall_ratio(side: dict) -> float | None:
+        with_stall, without = side["4 clients + never-reading client"]["p99_ms"], side["4 clients"]["p99_ms"]
+        return round(with_stall / without, 2) if with_stall and without else None
+
+    return {
+        "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "servers": {name: {"root": str(root), "commit": commits[name]} for name, root in roots.items()},
+        "settings": {"items_per_request": args.items, "duration_s": args.duration, "warmup_s": args.warmup_s,
+                     "rounds": args.rounds, "torch_threads": args.torch_threads, "hash_buckets": args.hash_buckets,
+                     "never_reading_request_bytes": stall_bytes, "never_reading_items": args.stall_items,
+                     "serving_options_of_both": STALL_LIMITS, "client": "raw-socket keep-alive threads"},
+        "summary_medians_over_rounds": summary,
+        "targets": {
+            "new_p99_ms_at_16_clients": p99_16, "p99_at_16_le_25_ms": p99_16 is not None and p99_16 <= 25,
+            "throughput_ratio_new_over_old_at_16": rps_ratio,
+            "throughput_ge_1_5x_old": rps_ratio is not None and rps_ratio >= 1.5,
+            "p99_ratio_with_never_reading_client": {"new": stall_ratio(new), "old": stall_ratio(old)},
+            "never_reading_within_2x": (stall_ratio(new) or 99) <= 2.0,
+        },
+        "runs": runs,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running crossdistil serve (default: start broker + serving here)")
@@ -138,7 +371,17 @@ def main() -> int:
     parser.add_argument("--hash-buckets", type=int, default=2**20)
     parser.add_argument("--torch-threads", type=int, default=1, help="serving.torch_threads of the started daemon")
     parser.add_argument("--breakdown-repeats", type=int, default=50)
+    parser.add_argument("--compare-with", metavar="ROOT",
+                        help="a checkout of another commit (e.g. a git worktree of 5b98ff3): run both servers side "
+                             "by side, 4 and 16 clients and a never-reading client (see the docstring)")
+    parser.add_argument("--rounds", type=int, default=2, help="--compare-with: rounds of all scenarios")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="--compare-with: uncounted seconds per scenario")
+    parser.add_argument("--stall-items", type=int, default=20_000,
+                        help="--compare-with: impressions in the never-reading client's request")
+    parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args()
+    if args.compare_with:
+        args.duration = args.duration if args.duration != 60.0 else 6.0
 
     import torch
 
@@ -152,6 +395,10 @@ def main() -> int:
             publisher = pickup.Publisher(bootstrap, topic)
             publisher.send(pickup.checkpoint_messages(pickup.example_learner(args.hash_buckets), 1, 900_000))
             publisher.close()
+            if args.compare_with:
+                report = compare(args, bootstrap, topic, workdir)
+                write_report(report, args.out)
+                return 0
             process, url = pickup.start_serving(bootstrap, topic, workdir, args.torch_threads)
         deadline = time.monotonic() + 120
         while (pickup.healthz(url) or {}).get("model_version") is None:
@@ -197,13 +444,21 @@ def main() -> int:
         }
         progress("timing the parts of one request in-process")
         report["breakdown_ms"] = breakdown(bodies[0], args.breakdown_repeats, args.torch_threads, args.hash_buckets)
-        print(json.dumps(report, indent=2))
+        write_report(report, args.out)
         return 0
     finally:
         if process is not None:
             progress(f"serving exited with {pickup.stop_serving(process)}")
         if broker is not None:
             broker.stop()
+
+
+def write_report(report: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -117,23 +117,28 @@ def make_topic(bootstrap: str) -> str:
     return topic
 
 
-def start_serving(bootstrap: str, topic: str, workdir: Path, torch_threads: int = 1) -> tuple[subprocess.Popen, str]:
-    """``crossdistil serve`` as a child process on a free loopback port; returns it and its base URL."""
+def start_serving(bootstrap: str, topic: str, workdir: Path, torch_threads: int = 1, *, root: Path = REPO_ROOT,
+                  name: str = "serving", options: dict[str, int] | None = None) -> tuple[subprocess.Popen, str]:
+    """``crossdistil serve`` of the checkout at ``root`` (default: this one) as a child process on a free loopback
+    port; returns it and its base URL. Its configuration and log are ``workdir/<name>.toml`` and ``.log``;
+    ``options`` are more ``[serving]`` keys."""
     from consumers.runtime.local_kafka import free_port
 
     port = free_port()
-    config = workdir / "serving.toml"
+    config = workdir / f"{name}.toml"
     config.write_text(f'[kafka]\nbootstrap = "{bootstrap}"\nmodel_topic = "{topic}"\npoll_timeout_ms = 200\n'
-                      f'[serving]\nbind = "127.0.0.1"\nport = {port}\ntorch_threads = {torch_threads}\n')
-    log = open(workdir / "serving.log", "w")
+                      f'[serving]\nbind = "127.0.0.1"\nport = {port}\ntorch_threads = {torch_threads}\n'
+                      + "".join(f"{key} = {value}\n" for key, value in (options or {}).items()))
+    log = open(workdir / f"{name}.log", "w")
+    environment = {**os.environ, "PYTHONPATH": str(root)}  # that checkout's packages, whatever is installed
     process = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--config", str(config),
                                 "--log-level", "WARNING"],
-                               cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+                               cwd=root, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"crossdistil serve exited with {process.returncode}; see {workdir / 'serving.log'}")
+            raise RuntimeError(f"crossdistil serve exited with {process.returncode}; see {workdir / (name + '.log')}")
         if healthz(url) is not None:
             return process, url
         time.sleep(0.1)

@@ -182,6 +182,17 @@ class ServingSection:
     max_checkpoint_bytes: int = _f(1 << 30, "largest checkpoint payload accepted from the serving topic (memory bound "
                                             "of reassembly)")
     device: str = _f("cpu", "torch device that scores: cpu, cuda[:N] or auto")
+    batch_window_ms: float = _f(2.0, "concurrent /score requests arriving within this many ms are scored in one "
+                                     "forward pass (the wait happens only while other requests are being read)")
+    max_queued: int = _f(64, "/score requests read or waiting to be scored; beyond, 503 with Retry-After")
+    max_connections: int = _f(512, "open HTTP connections; a request on one beyond gets 503 with Retry-After")
+    backlog: int = _f(1024, "listen backlog of the HTTP socket (capped by net.core.somaxconn)")
+    header_timeout_s: float = _f(10.0, "request line and headers must arrive within this (408 otherwise)")
+    body_timeout_s: float = _f(30.0, "a request body must arrive within this after its headers (408 otherwise)")
+    keep_alive_s: float = _f(5.0, "an idle keep-alive connection is closed after this")
+    write_timeout_s: float = _f(10.0, "a connection whose client does not take its answer within this is dropped")
+    workers: int = _f(1, "serving processes on one port (SO_REUSEPORT), each following the topic with its own model "
+                         "copy (docs/serving.md, 'Workers')")
 
 
 @dataclass

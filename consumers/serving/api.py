@@ -9,284 +9,164 @@ The daemon has two halves that share one reference, :attr:`ModelHolder.current`:
   payload sha256, format version), then ``safetensors`` and ``ServingModel.from_serving_state`` — nothing is
   unpickled. A rejected or unloadable checkpoint is logged and counted in
   ``crossdistil_serving_reload_failures_total{reason}``; the previous model keeps serving.
-* the **HTTP server** (:func:`serve_api`, a ``ThreadingHTTPServer``): ``POST /score``, ``GET /healthz``,
-  ``GET /metrics``. A request reads ``holder.current`` once and scores with that model, so a swap never changes
-  the model under a request in flight.
+* the **HTTP server** (:func:`serve_api`): a Starlette app on uvicorn (``consumers.runtime.httpd``: timeouts,
+  connection cap, strict framing, JSON errors). ``POST /score`` bodies are scored by one scoring thread in
+  micro-batches (``consumers.serving.batching``), which reads ``holder.current`` once per batch, so a swap never
+  changes the model under a request in flight; the event loop writes the answers.
 
-The request contract of ``POST /score`` is in docs/serving.md. Pure parts (request parsing, scoring) are
-unit-tested without Kafka:
-
->>> parse_score_request(b'[{"impression_id": "i1", "ts_ms": 1, "user_id": "u", "item_id": "x", "features": {}}]',
-...                     max_items=10)[0]["v"]
-1
->>> try:
-...     parse_score_request(b'[{"impression_id": "i1", "ts_ms": "soon", "user_id": "u", "item_id": "x", '
-...                         b'"features": {}}]', max_items=10)
-... except RequestError as exc:
-...     print(exc.status, exc.body()["field"])
-400 ts_ms
+The request contract of ``POST /score`` is in docs/serving.md; its pure parts are ``consumers.serving.scoring``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
+import asyncio
 import time
-from collections.abc import Mapping, Sequence
-from http.server import BaseHTTPRequestHandler
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-import torch
 from prometheus_client.exposition import choose_encoder
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from consumers.runtime.httpd import HttpServer
+from consumers.runtime.httpd import ERROR_HANDLERS, HttpLimits, HttpServer, json_error
 from consumers.runtime.telemetry import ServingMetrics
-from consumers.serving.follower import ModelHolder, ServedModel
-from streamer.events import EventError, check_event, event_kind, validate
+from consumers.serving.batching import Busy, ScoringBatcher
+from consumers.serving.follower import ModelHolder
+from consumers.serving.openapi import openapi
+from consumers.serving.scoring import (  # noqa: F401  (re-exported: the API's public names)
+    RequestError,
+    check_numeric_features,
+    parse_score_request,
+    score_impressions,
+    validate_impressions,
+)
 
-log = logging.getLogger("crossdistil.serving")
-
-
-# ---------------------------------------------------------------------------------------------- requests
-
-
-class RequestError(Exception):
-    """A request the daemon refuses: HTTP ``status`` and a JSON body naming what is wrong."""
-
-    def __init__(self, status: int, error: str, message: str, *, index: int | None = None,
-                 field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
-        self.index = index
-        self.field = field
-
-    def body(self) -> dict[str, Any]:
-        """The JSON error body: ``error`` (a code), ``message`` (a sentence), ``index`` and ``field`` if known."""
-        body: dict[str, Any] = {"error": self.error, "message": self.message}
-        if self.index is not None:
-            body["index"] = self.index
-        if self.field is not None:
-            body["field"] = self.field
-        return body
+_JSON_TYPES = {"application/json"}
+DRAIN_LIMIT = 4  # a 413 body up to this many times serving.max_request_bytes is read and dropped
 
 
-def parse_score_request(body: bytes, max_items: int) -> list[dict]:
-    """Decode and validate a POST /score body: a JSON list of impressions (``v`` optional, default 1).
-
-    Raises :class:`RequestError` 400 (not JSON, not a list, empty, an invalid impression: its index and field)
-    or 413 (more than ``max_items``).
-    """
-    try:
-        items = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-    if not isinstance(items, list):
-        raise RequestError(400, "not_a_list",
-                           f"the body must be a JSON list of impressions, got a {type(items).__name__}")
-    if not items:
-        raise RequestError(400, "empty", "the list of impressions is empty; send at least one")
-    if len(items) > max_items:
-        raise RequestError(413, "too_many_items",
-                           f"{len(items)} impressions in one request; the limit is {max_items} (serving.max_items)")
-    # The usual request: the dicts are ours, fresh from json.loads, so they are checked in place with the
-    # decoder's own rules (no copies) and returned; an impression checked in place equals what validate()
-    # returns. On any problem, validate_impressions() runs from the start and names the error.
-    try:
-        for item in items:
-            if type(item) is not dict:
-                break
-            if "v" not in item:
-                item["v"] = 1
-            if check_event(item) != "impression":
-                break
-        else:
-            return items
-    except EventError:
-        pass
-    return validate_impressions(items)
-
-
-def validate_impressions(items: Sequence[Any]) -> list[dict]:
-    """Each item through ``streamer.events.validate`` as an impression (``v`` default 1): normalised copies.
-
-    The reference path of :func:`parse_score_request` (its fast path returns the same); raises
-    :class:`RequestError` 400 naming the first bad impression's index and field.
-    """
-    impressions = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise RequestError(400, "invalid_impression",
-                               f"impressions[{index}] is a {type(item).__name__}, expected an object", index=index)
-        event = item if "v" in item else {"v": 1, **item}
-        try:
-            event = validate(event)
-            kind = event_kind(event)
-        except EventError as exc:
-            field = exc.field.split(".", 1)[1] if exc.field and exc.field.startswith("impression.") else exc.field
-            raise RequestError(400, "invalid_impression", f"impressions[{index}]: {exc}", index=index,
-                               field=field) from None
-        if kind != "impression":
-            raise RequestError(400, "invalid_impression",
-                               f"impressions[{index}] is a {kind} event; /score takes impressions "
-                               "(impression_id, ts_ms, user_id, item_id, features)", index=index)
-        impressions.append(event)
-    return impressions
-
-
-def score_impressions(served: ServedModel, impressions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The /score response for ``impressions`` scored by ``served`` (probabilities per task, in request order)."""
-    with torch.inference_mode():
-        probabilities = served.model.score_rows(impressions)
-    return {
-        "model_version": served.version,
-        "step": served.step,
-        "tasks": list(served.tasks),
-        "impression_ids": [event["impression_id"] for event in impressions],
-        "probabilities": {task: probabilities[task].tolist() for task in served.tasks},
-    }
-
-
-# -------------------------------------------------------------------------------------------------- HTTP
-
-
-class ApiServer(HttpServer):
+class ApiServer:
     """The running HTTP server of serving (``/score``, ``/healthz``, ``/metrics``): ``.port``, ``.url``,
-    ``.close()``, a context manager; the same handle as the trainer's metrics server."""
+    ``.close()``, a context manager; ``.batcher`` is its :class:`ScoringBatcher`."""
+
+    def __init__(self, http: HttpServer, batcher: ScoringBatcher) -> None:
+        self.http = http
+        self.batcher = batcher
+        self.bind, self.port, self.url = http.bind, http.port, http.url
+
+    def close(self) -> None:
+        """Stop serving, then the scoring thread (idempotent)."""
+        self.http.close()
+        self.batcher.close()
+
+    def __enter__(self) -> "ApiServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-_ROUTES = {"/score": "POST", "/healthz": "GET", "/metrics": "GET"}
-# How long a /score request waits for its turn before it runs anyway, side by side (see serve_api).
-SCORING_TURN_WAIT_S = 0.5
+def _counted(metrics: ServingMetrics, endpoint: str,
+             handler: Callable[[Request], Awaitable[tuple[Response, int]]]) -> Callable[[Request], Awaitable[Response]]:
+    """``handler`` answering (response, impressions), counted in ``crossdistil_serving_requests_total``."""
 
-
-class ScoreHandler(BaseHTTPRequestHandler):
-    """One request of the serving API. :func:`serve_api` makes a subclass bound to its holder, metrics and limits
-    (class attributes below), one per server."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
-    # With Nagle on, a response written in two sends waits for the client's delayed ACK (40 ms on Linux) on
-    # every keep-alive request. Buffered writes (flushed in _send) make most responses one send; a body over
-    # the buffer still takes two, so Nagle stays off.
-    disable_nagle_algorithm = True
-    wbufsize = 64 * 1024
-    holder: ModelHolder
-    metrics: ServingMetrics
-    max_request_bytes: int
-    max_items: int
-    waiting_for: str
-    # One /score request parses, scores and answers at a time. Under the GIL, threads that score side by side
-    # do not run in parallel: they pass the GIL back and forth at every torch op and socket call, and each time
-    # one waits up to sys.getswitchinterval() (5 ms) to get it back, so every request ends late. Taking turns
-    # ends each one as soon as its own CPU work is done (measured at 4 clients: p90 18 -> 14 ms, p99 24 ->
-    # 19.5 ms). The wait for a turn is bounded (SCORING_TURN_WAIT_S) so one stuck request cannot stall the others.
-    scoring_turn: threading.Lock
-
-    def do_GET(self) -> None:  # http.server's name
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def do_PUT(self) -> None:
-        self._route("PUT")
-
-    def do_DELETE(self) -> None:
-        self._route("DELETE")
-
-    def _route(self, method: str) -> None:
+    async def endpoint_function(request: Request) -> Response:
         started = time.perf_counter()
-        path = self.path.split("?", 1)[0]
-        endpoint = path if path in _ROUTES else "other"
-        items = 0
-        try:
-            if path not in _ROUTES:
-                raise RequestError(404, "not_found",
-                                   f"no endpoint {path}; try POST /score, GET /healthz or GET /metrics")
-            if method != _ROUTES[path]:
-                raise RequestError(405, "method_not_allowed", f"{path} takes {_ROUTES[path]}, not {method}")
-            if path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept"))
-                self._send(200, encoder(self.metrics.registry), content_type)
-            elif path == "/healthz":
-                self._healthz()
-            else:
-                items = self._score()
-        except RequestError as exc:
-            if exc.status == 413:
-                self.close_connection = True  # the unread body would be taken for the next request
-            self._send_json(exc.status, exc.body(), allow=_ROUTES.get(path) if exc.status == 405 else None)
-            code = exc.status
-        except Exception as exc:  # a bug must answer 500, not drop the connection
-            log.exception("%s %s failed", method, path)
-            self._send_json(500, {"error": "internal", "message": f"scoring failed: {exc!r}"})
-            code = 500
-        else:
-            code = 200
-        self.metrics.request(endpoint, time.perf_counter() - started, code, items)
+        response, items = await handler(request)
+        metrics.request(endpoint, time.perf_counter() - started, response.status_code, items)
+        return response
 
-    def _healthz(self) -> None:
-        served = self.holder.current
+    return endpoint_function
+
+
+def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatcher, *, max_request_bytes: int,
+              max_items: int, waiting_for: str) -> Starlette:
+    """The Starlette app of the serving API (see docs/serving.md for every answer)."""
+
+    def no_model() -> Response:
+        return json_error(503, "no_model", f"no model loaded yet (waiting for a checkpoint on {waiting_for}); "
+                          "retry later", {"Retry-After": "1"})
+
+    async def score(request: Request) -> tuple[Response, int]:
+        content_type = request.headers.get("content-type")
+        if content_type is not None:
+            media, _, parameters = content_type.partition(";")
+            charset = parameters.strip().lower().replace(" ", "")
+            if media.strip().lower() not in _JSON_TYPES or charset not in ("", "charset=utf-8"):
+                return json_error(415, "unsupported_media_type", f"Content-Type {content_type!r}: send "
+                                  "application/json (UTF-8)", field="Content-Type"), 0
+        if request.headers.get("content-encoding", "identity").lower() != "identity":
+            return json_error(415, "unsupported_media_type", "Content-Encoding is not supported; send the body "
+                              "as is", field="Content-Encoding"), 0
+        length = request.headers.get("content-length")
+        if length is None:  # chunked: the parser frames it, but the byte limit is checked before reading
+            return json_error(411, "length_required", "POST /score needs a Content-Length header",
+                              field="Content-Length"), 0
+        if int(length) > max_request_bytes:  # the parser accepted it: digits only
+            # The parser reads (and drops) the body so the connection stays usable; one far over the limit
+            # is not worth reading: the connection closes instead.
+            headers = {"Connection": "close"} if int(length) > DRAIN_LIMIT * max_request_bytes else {}
+            return json_error(413, "too_large", f"the body has {length} bytes; the limit is {max_request_bytes} "
+                              "(serving.max_request_bytes)", headers, field="Content-Length"), 0
+        if holder.current is None:
+            return no_model(), 0
+        if batcher.full:
+            return json_error(503, "busy", "too many requests waiting to be scored; retry shortly",
+                              {"Retry-After": "1"}), 0
+        try:
+            with batcher.arriving():
+                body = await request.body()
+            answer = batcher.submit(body)
+        except ClientDisconnect:
+            return Response(status_code=499), 0  # nobody to answer; counted as 499 (client closed)
+        except Busy:
+            return json_error(503, "busy", "too many requests waiting to be scored; retry shortly",
+                              {"Retry-After": "1"}), 0
+        status, payload, headers, items = await asyncio.wrap_future(answer)
+        return Response(payload, status, headers=headers, media_type="application/json"), items
+
+    async def healthz(request: Request) -> tuple[Response, int]:
+        served = holder.current
         if served is None:
-            raise RequestError(503, "no_model",
-                               f"not ready: no model loaded yet (waiting for a checkpoint on {self.waiting_for})")
-        self._send_json(200, {"status": "ok", "model_version": served.version, "step": served.step,
-                              "tasks": list(served.tasks), "loaded_at": served.loaded_at_s})
+            return json_error(503, "no_model", f"not ready: no model loaded yet (waiting for a checkpoint on "
+                              f"{waiting_for})", {"Retry-After": "1"}), 0
+        return Response(_dumps({"status": "ok", "model_version": served.version, "step": served.step,
+                                "tasks": list(served.tasks), "loaded_at": served.loaded_at_s}),
+                        media_type="application/json"), 0
 
-    def _read_body(self) -> bytes:
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
-            self.close_connection = True
-            raise RequestError(411, "length_required", "POST /score needs a Content-Length header")
-        try:
-            length = int(length_header)
-        except ValueError:
-            length = -1
-        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
-            self.close_connection = True
-            raise RequestError(400, "bad_length", f"Content-Length {length_header!r} is not a byte count")
-        if length > self.max_request_bytes:
-            raise RequestError(413, "too_large", f"the body has {length} bytes; "
-                               f"the limit is {self.max_request_bytes} (serving.max_request_bytes)")
-        return self.rfile.read(length)
+    async def metrics_text(request: Request) -> tuple[Response, int]:
+        encoder, content_type = choose_encoder(request.headers.get("accept"))
+        body = await asyncio.to_thread(encoder, metrics.registry)  # collecting is CPU work: off the event loop
+        return Response(body, media_type=content_type), 0
 
-    def _score(self) -> int:
-        body = self._read_body()
-        served = self.holder.current  # read once: this request finishes on this model, whatever swaps meanwhile
-        if served is None:
-            raise RequestError(503, "no_model",
-                               f"no model loaded yet (waiting for a checkpoint on {self.waiting_for}); retry later")
-        # Take turns for the CPU part (see scoring_turn); the turn is released even if the request fails.
-        has_turn = self.scoring_turn.acquire(timeout=SCORING_TURN_WAIT_S)
-        try:
-            impressions = parse_score_request(body, self.max_items)
-            self._send_json(200, score_impressions(served, impressions))
-        finally:
-            if has_turn:
-                self.scoring_turn.release()
-        return len(impressions)
+    description = _dumps(openapi(max_request_bytes, max_items))
 
-    def _send_json(self, code: int, body: Mapping[str, Any], allow: str | None = None) -> None:
-        headers = {"Allow": allow} if allow else {}
-        if code == 503:
-            headers["Retry-After"] = "1"
-        self._send(code, orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE), "application/json", headers)
+    async def openapi_json(request: Request) -> tuple[Response, int]:
+        return Response(description, media_type="application/json"), 0
 
-    def _send(self, code: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()  # inside the scoring turn: the response leaves before the next request runs
+    async def not_found(request: Request, exc: Exception) -> Response:
+        metrics.request("other", 0.0, 404, 0)
+        return json_error(404, "not_found", f"no endpoint {request.url.path}; try POST /score, GET /healthz or "
+                          "GET /metrics (described at GET /openapi.json)")
 
-    def log_message(self, format: str, *args: Any) -> None:  # one line per request would drown the log
-        pass
+    async def http_error(request: Request, exc: Exception) -> Response:  # 405 with Allow, mostly
+        response = await ERROR_HANDLERS[HTTPException](request, exc)
+        metrics.request(request.url.path, 0.0, response.status_code, 0)
+        return response
+
+    routes = [Route("/score", _counted(metrics, "/score", score), methods=["POST"]),
+              Route("/healthz", _counted(metrics, "/healthz", healthz), methods=["GET"]),
+              Route("/metrics", _counted(metrics, "/metrics", metrics_text), methods=["GET"]),
+              Route("/openapi.json", _counted(metrics, "/openapi.json", openapi_json), methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={**ERROR_HANDLERS, 404: not_found, HTTPException: http_error})
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def serve_api(
@@ -298,11 +178,23 @@ def serve_api(
     max_request_bytes: int = 4 * 1024 * 1024,
     max_items: int = 10_000,
     waiting_for: str = "the serving topic",
+    limits: HttpLimits | None = None,
+    batch_window_s: float = 0.002,
+    max_queued: int = 64,
+    reuse_port: bool = False,
 ) -> ApiServer:
-    """Serve POST /score, GET /healthz and GET /metrics from a daemon thread; OSError naming the address if taken."""
-    handler = type("BoundScoreHandler", (ScoreHandler,), {
-        "holder": holder, "metrics": metrics, "max_request_bytes": max_request_bytes, "max_items": max_items,
-        "waiting_for": waiting_for, "scoring_turn": threading.Lock(),
-    })
-    return ApiServer.start(bind, port, handler, what="/score", settings="serving.port or serving.bind",
-                           thread_prefix="serving")
+    """Serve POST /score, GET /healthz and GET /metrics from a daemon thread; OSError naming the address if taken.
+
+    ``batch_window_s`` and ``max_queued``: see :class:`ScoringBatcher`; ``limits``: see :class:`HttpLimits`.
+    """
+    batcher = ScoringBatcher(holder, max_items=max_items, window_s=batch_window_s, max_queued=max_queued,
+                             waiting_for=waiting_for)
+    app = build_app(holder, metrics, batcher, max_request_bytes=max_request_bytes, max_items=max_items,
+                    waiting_for=waiting_for)
+    try:
+        http = HttpServer.start(bind, port, app, what="/score", settings="serving.port or serving.bind",
+                                thread_prefix="serving", limits=limits, reuse_port=reuse_port)
+    except OSError:
+        batcher.close()
+        raise
+    return ApiServer(http, batcher)

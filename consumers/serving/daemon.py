@@ -18,6 +18,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.runtime.config import Config, kafka_client_options
+from consumers.runtime.httpd import HttpLimits
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.api import ApiServer, serve_api
 from consumers.serving.follower import MAX_MESSAGE_BYTES, CheckpointFollower, ModelHolder, ServedModel
@@ -32,8 +33,10 @@ class ServingDaemon:
     ``run(stop)`` returns the exit status: 0 after ``stop`` is set, 3 if Kafka is unreachable at start.
     """
 
-    def __init__(self, cfg: Config, on_swap: Callable[[ServedModel], None] | None = None, out: Any = None) -> None:
+    def __init__(self, cfg: Config, on_swap: Callable[[ServedModel], None] | None = None, out: Any = None,
+                 reuse_port: bool = False) -> None:
         self.cfg = cfg
+        self.reuse_port = reuse_port  # one of several worker processes on one port (SO_REUSEPORT)
         self.holder = ModelHolder()
         self.metrics = ServingMetrics(CollectorRegistry())
         self.on_swap = on_swap
@@ -45,8 +48,13 @@ class ServingDaemon:
     def run(self, stop: threading.Event) -> int:
         """Serve until ``stop`` is set."""
         k, s = self.cfg.kafka, self.cfg.serving
+        limits = HttpLimits(header_timeout_s=s.header_timeout_s, body_timeout_s=s.body_timeout_s,
+                            keep_alive_s=s.keep_alive_s, write_timeout_s=s.write_timeout_s, backlog=s.backlog,
+                            max_connections=s.max_connections)
         self.api = serve_api(self.holder, self.metrics, bind=s.bind, port=s.port, max_request_bytes=s.max_request_bytes,
-                             max_items=s.max_items, waiting_for=f"topic {k.model_topic} at {k.bootstrap}")
+                             max_items=s.max_items, waiting_for=f"topic {k.model_topic} at {k.bootstrap}",
+                             limits=limits, batch_window_s=s.batch_window_ms / 1000, max_queued=s.max_queued,
+                             reuse_port=self.reuse_port)
         url = self.api.url
         print(f"crossdistil serve: POST {url}/score, health at {url}/healthz, metrics at {url}/metrics",
               file=self.out, flush=True)

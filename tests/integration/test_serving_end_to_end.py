@@ -90,7 +90,8 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
         probe = [{"impression_id": f"p{u}", "ts_ms": 1_700_000_000_000 + u, "user_id": str(u), "item_id": str(3 * u),
                   "features": {"item_category": str(u % 20), "hour": str(u % 24), "duration_s": 10.0 + u}}
                  for u in range(64)]
-        request = urllib.request.Request(daemon.api.url + "/score", data=json.dumps(probe).encode(), method="POST")
+        request = urllib.request.Request(daemon.api.url + "/score", data=json.dumps(probe).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             body = json.loads(response.read())
         expected = learner.predict(encode_rows(probe, learner.config.features, learner.config.tasks))

@@ -368,6 +368,51 @@ def test_serve_command_prints_its_endpoints_and_exits_0_on_sigterm(kafka_broker:
     assert "stopped" in out
 
 
+def test_serve_command_with_two_workers_serves_one_port_from_two_processes(kafka_broker: str, topic: str,
+                                                                          publisher: Publisher, tmp_path: Path) -> None:
+    from consumers.runtime.local_kafka import free_port
+
+    port = free_port()
+    config = tmp_path / "serving.toml"
+    config.write_text(f'[kafka]\nbootstrap = "{kafka_broker}"\nmodel_topic = "{topic}"\n[serving]\nport = {port}\n'
+                      "workers = 2\n")
+    publisher.send(checkpoint_messages(make_learner(), version=5))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "consumers.cli", "serve", "--config", str(config)], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        endpoints = []
+        while len(endpoints) < 2:  # each worker says where it serves, then that it follows the topic
+            line = process.stdout.readline()
+            assert line, f"the command ended early: {process.stderr.read()}"
+            if "/score" in line:
+                endpoints.append(line)
+        assert all(f"http://127.0.0.1:{port}/score" in line for line in endpoints)  # both workers bound the port
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 2
+        deadline = time.monotonic() + 60
+        versions: list = []
+        while time.monotonic() < deadline and len(versions) < 20:
+            try:
+                status, body = get(f"http://127.0.0.1:{port}/healthz")  # a new connection each time
+            except OSError:
+                status = None
+            if status == 200:
+                versions.append(json.loads(body)["model_version"])
+            else:
+                versions.clear()  # until both workers hold the model, a connection may land on one without it
+                time.sleep(0.1)
+        assert versions == [5] * 20
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "stopped" in out and not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+
 def test_serve_command_says_when_kafka_is_unreachable(tmp_path: Path) -> None:
     from consumers.runtime.local_kafka import free_port
 

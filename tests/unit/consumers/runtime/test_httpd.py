@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.runtime.httpd import serve_http
+from consumers.runtime.httpd import RateLimitFilter, serve_http
 from consumers.runtime.telemetry import TrainerMetrics
 
 pytestmark = pytest.mark.unit
@@ -92,3 +95,36 @@ def test_close_stops_serving_and_frees_the_port() -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))  # the port is free again
+
+
+def test_keep_alive_answers_are_not_held_back_by_nagle() -> None:
+    """uvicorn writes headers and body in two sends: without TCP_NODELAY each answer waits ~40 ms for an ACK."""
+    with serve_http("127.0.0.1", 0) as server, socket.create_connection(("127.0.0.1", server.port)) as sock:
+        latencies = []
+        for _ in range(10):
+            started = time.perf_counter()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"ok\n"):
+                answer += sock.recv(65536)
+            latencies.append(time.perf_counter() - started)
+    assert sorted(latencies)[5] < 0.02, latencies
+
+
+def test_rate_limited_logging_lets_one_record_per_kind_through_per_interval_and_drops_tracebacks() -> None:
+    clock = {"now": 0.0}
+    limiter = RateLimitFilter(interval_s=10, clock=lambda: clock["now"])
+
+    def record(message: str) -> logging.LogRecord:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            return logging.LogRecord("crossdistil.http", logging.ERROR, __file__, 1, message, (), sys.exc_info())
+
+    first = record("bad request from %s")
+    assert limiter.filter(first) and first.exc_info is not None  # the first of its kind keeps its traceback
+    assert not any(limiter.filter(record("bad request from %s")) for _ in range(99))
+    assert limiter.filter(record("another kind"))
+    clock["now"] = 10.0
+    later = record("bad request from %s")
+    assert limiter.filter(later) and later.exc_info is None and "99 more like it" in later.msg

@@ -175,7 +175,8 @@ def test_keep_alive_connection_serves_several_requests(api) -> None:
 
 
 def test_a_request_in_flight_finishes_on_the_model_it_started_with() -> None:
-    """The swap replaces one reference: a request that read it keeps scoring with the old model."""
+    """The swap replaces one reference: a batch that read it keeps scoring with the old model, and the next
+    batch (a request queued behind the one in flight) scores with the new one."""
     holder = ModelHolder()
     _, old = served_model(seed=0, version=1)
     _, new = served_model(seed=1, version=2)
@@ -191,24 +192,28 @@ def test_a_request_in_flight_finishes_on_the_model_it_started_with() -> None:
     old.model.model.forward = slow_forward  # type: ignore[method-assign]
     metrics = ServingMetrics(CollectorRegistry())
     with serve_api(holder, metrics, port=0) as server:
-        result: dict = {}
+        results: dict = {}
 
-        def score_once() -> None:
-            result["status"], result["body"] = request(server.url + "/score", "POST",
-                                                       json.dumps([impression(0)]).encode())
+        def score_once(name: str) -> None:
+            results[name] = request(server.url + "/score", "POST", json.dumps([impression(0)]).encode())
 
-        thread = threading.Thread(target=score_once, daemon=True)
-        thread.start()
+        first = threading.Thread(target=score_once, args=("first",), daemon=True)
+        first.start()
         assert entered.wait(10), "the request never reached the model"
         holder.swap(new)
-        status, body = request(server.url + "/score", "POST", json.dumps([impression(0)]).encode())
-        assert status == 200 and body["model_version"] == 2  # new requests see the new model at once
+        second = threading.Thread(target=score_once, args=("second",), daemon=True)
+        second.start()
+        deadline = time.monotonic() + 10
+        while server.batcher.queued == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # the second request is queued behind the first
         release.set()
-        thread.join(10)
-    assert result["status"] == 200 and result["body"]["model_version"] == 1
+        first.join(10)
+        second.join(10)
+    assert results["first"][0] == 200 and results["first"][1]["model_version"] == 1
+    assert results["second"][0] == 200 and results["second"][1]["model_version"] == 2
     with torch.inference_mode():
         expected = old.model.score_rows([impression(0)])
-    assert result["body"]["probabilities"]["click"] == expected["click"].tolist()
+    assert results["first"][1]["probabilities"]["click"] == expected["click"].tolist()
 
 
 def test_wait_for_version_returns_none_at_its_deadline() -> None:
@@ -228,5 +233,28 @@ def test_a_missing_or_bad_content_length_is_refused_at_once(api, length: str | N
         connection.putheader("Content-Length", length)
     connection.endheaders()
     response = connection.getresponse()
-    assert response.status == status and json.loads(response.read())["error"] in {"bad_length", "length_required"}
+    assert response.status == status and json.loads(response.read())["error"] in {"bad_request", "length_required"}
+    connection.close()
+
+
+def test_openapi_describes_score_with_this_servers_limits(api) -> None:
+    server, _, _ = api
+    status, body = request(server.url + "/openapi.json")
+    score = body["paths"]["/score"]["post"]
+    assert status == 200 and body["openapi"].startswith("3.")
+    assert score["requestBody"]["content"]["application/json"]["schema"]["maxItems"] == 50
+    assert {"200", "400", "413", "503"} <= set(score["responses"])
+
+
+def test_a_body_declared_far_over_the_limit_is_refused_and_the_connection_closed(api) -> None:
+    server, holder, _ = api
+    holder.swap(served_model()[1])
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest("POST", "/score")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(100 * 64 * 1024))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and response.getheader("Connection") == "close"
+    assert json.loads(response.read())["error"] == "too_large"
     connection.close()

@@ -1,0 +1,70 @@
+"""The OpenAPI 3.1 description of the serving API, answered at ``GET /openapi.json`` (docs/serving.md is the prose).
+
+>>> sorted(openapi(max_request_bytes=1024, max_items=10)["paths"])
+['/healthz', '/metrics', '/score']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(status): {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
+            for status in statuses}
+
+
+def openapi(max_request_bytes: int, max_items: int) -> dict[str, Any]:
+    """The document, with this server's limits in it."""
+    impression = {
+        "type": "object", "additionalProperties": False,
+        "required": ["impression_id", "ts_ms", "user_id", "item_id", "features"],
+        "properties": {
+            "v": {"const": 1},
+            "impression_id": {"type": "string", "minLength": 1, "maxLength": 1024},
+            "ts_ms": {"type": "integer", "minimum": 0, "description": "event time, ms since the Unix epoch"},
+            "user_id": {"type": "string", "minLength": 1, "maxLength": 1024},
+            "item_id": {"type": "string", "minLength": 1, "maxLength": 1024},
+            "features": {"type": "object", "maxProperties": 256,
+                         "additionalProperties": {"type": ["string", "integer", "number"]},
+                         "description": "the served model's numeric features must be JSON numbers (finite)"},
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "crossdistil serve", "version": "1",
+                 "description": "Scores impressions with the latest published model (docs/serving.md)."},
+        "paths": {
+            "/score": {"post": {
+                "summary": "probabilities per task for a list of impressions, in request order",
+                "requestBody": {"required": True, "description": f"at most {max_request_bytes} bytes, UTF-8",
+                                "content": {"application/json": {"schema": {
+                                    "type": "array", "minItems": 1, "maxItems": max_items, "items": impression}}}},
+                "responses": {
+                    "200": {"description": "scored", "content": {"application/json": {"schema": {
+                        "type": "object",
+                        "required": ["model_version", "step", "tasks", "impression_ids", "probabilities"],
+                        "properties": {
+                            "model_version": {"type": "integer"}, "step": {"type": ["integer", "null"]},
+                            "tasks": {"type": "array", "items": {"type": "string"}},
+                            "impression_ids": {"type": "array", "items": {"type": "string"}},
+                            "probabilities": {"type": "object", "additionalProperties": {
+                                "type": "array", "items": {"type": "number"}}},
+                        }}}}},
+                    **_errors(400, 405, 408, 411, 413, 414, 415, 431, 500, 503),
+                },
+            }},
+            "/healthz": {"get": {"summary": "ready once a model is loaded", "responses": {
+                "200": {"description": "ready", "content": {"application/json": {"schema": {"type": "object"}}}},
+                **_errors(503)}}},
+            "/metrics": {"get": {"summary": "Prometheus text (OpenMetrics by Accept)", "responses": {
+                "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        },
+        "components": {"schemas": {"Error": {
+            "type": "object", "required": ["error", "message"],
+            "properties": {"error": {"type": "string", "description": "a code (docs/serving.md)"},
+                           "message": {"type": "string"}, "index": {"type": "integer"},
+                           "field": {"type": "string"}}}}},
+    }
