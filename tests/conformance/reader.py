@@ -267,9 +267,17 @@ def manifest_problems(m: dict[str, Any]) -> list[str]:
     return problems
 
 
+METADATA_FIELDS = ("step", "watermark_ms", "offsets", "metrics", "config_hash", "tasks", "published_at_ms", "serving")
+ROLES = ("student", "teacher")
+METRICS = ("auc", "gauc", "log_loss", "calibration_ratio", "positive_rate", "samples", "auc_drift")
+WINDOWS = ("10000", "100000", "1000000", "lifetime")
+
+
 def metadata_problems(md: dict[str, Any]) -> list[str]:
     """The trainer's ``metadata`` as wire-format.md describes it, field by field."""
     problems = []
+    if tuple(md) != METADATA_FIELDS:
+        problems.append(f"metadata fields {list(md)}, documented {list(METADATA_FIELDS)}")
     if not _is_int(md.get("step")):
         problems.append(f"step {md.get('step')!r}")
     if md.get("watermark_ms") is not None and not _is_int(md["watermark_ms"]):
@@ -286,6 +294,9 @@ def metadata_problems(md: dict[str, Any]) -> list[str]:
     if not isinstance(serving, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in serving.items()):
         problems.append("serving is not a map of strings")
     else:
+        if (serving.get("format"), serving.get("version")) != ("crossdistil-students", "1") or \
+                not serving.get("steps", "").isdigit():
+            problems.append(f"serving format, version or steps: {[serving.get(k) for k in ('format', 'version')]}")
         config = json.loads(serving.get("config", "null"))
         if not isinstance(config, dict) or not {"categorical", "numeric", "hash_buckets"} <= set(
                 config.get("features") or {}):
@@ -315,7 +326,13 @@ def metrics_problems(metrics: Any, tasks: Any) -> list[str]:
                 continue
             if role == "kd_gate":
                 continue
+            if role not in ROLES:
+                problems.append(f"metrics.{task}: undocumented role {role!r}")
+                continue
             for metric, by_window in by_metric.items():
+                windows = {w.split("/")[0] if metric == "auc_drift" else w for w in by_window}
+                if metric not in METRICS or not windows <= set(WINDOWS):
+                    problems.append(f"metrics.{task}.{role}: undocumented {metric!r} {sorted(windows)}")
                 if not isinstance(by_window, dict) or not all(isinstance(w, str) and (v is None or isinstance(
                         v, (int, float))) for w, v in by_window.items()):
                     problems.append(f"metrics.{task}.{role}.{metric} {by_window!r}")

@@ -384,3 +384,7 @@ def test_onnxruntime_on_the_graph_fetched_off_the_topic_answers_as_serve_does(
           f"= {gap:.2e} over {SCORED} impressions x {len(tasks)} tasks (probabilities' std {spread:.3f})")
     assert gap <= 1e-5
     assert spread > 1e-3  # the model tells impressions apart: a constant answer would match trivially
+    inputs = reader.graph_inputs(impressions, contract)
+    inputs["categorical"] = np.roll(inputs["categorical"], 1, axis=0)  # each impression with its neighbour's ids
+    (misfed,) = session.run(["probabilities"], inputs)
+    assert float(np.abs(misfed - served).max()) > 100 * 1e-5  # the comparison sees a wrong input
