@@ -24,6 +24,7 @@ from consumers.runtime.processes import die_with_parent
 from consumers.state.ledger import read_ledger
 from models.metrics import auc
 from streamer.topics import ensure_topics
+from tests.conformance.reader import minimal_reader_from_docs
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -339,50 +340,6 @@ def newest_checkpoint_step(directory: Path) -> int:
     return max((int(p.name[5:17]) for p in directory.glob("ckpt-*.cdckpt")), default=-1)
 
 
-def latest_checkpoint(messages, last_version=-1):
-    """Copied verbatim from docs/wire-format.md ("A complete minimal reader")."""
-    import hashlib
-
-    import msgpack
-    from safetensors.torch import load as load_safetensors
-
-    pending = {}  # version -> {"sha": payload sha256, "chunks": {index: bytes}}
-    best = None
-    for key, value in messages:
-        if value is None:  # tombstone
-            continue
-        try:
-            m = msgpack.unpackb(value, raw=False)
-        except Exception:
-            continue
-        if not isinstance(m, dict) or m.get("format") != 1 or not isinstance(m.get("version"), int):
-            continue
-        v = m["version"]
-        if v <= last_version:
-            continue
-        if key.startswith(b"chunk/") and m.get("kind") == "chunk":
-            data = m.get("data")
-            if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != m.get("chunk_sha256"):
-                continue  # corrupt chunk
-            slot = pending.get(v)
-            if slot is None or slot["sha"] != m.get("payload_sha256"):
-                slot = pending[v] = {"sha": m.get("payload_sha256"), "chunks": {}}
-            slot["chunks"][m.get("index")] = data
-        elif key == b"manifest" and m.get("kind") == "manifest":
-            slot = pending.pop(v, None)
-            if slot is None or slot["sha"] != m.get("payload_sha256") or not isinstance(m.get("chunks"), int):
-                continue
-            if any(i not in slot["chunks"] for i in range(m["chunks"])):
-                continue  # incomplete
-            payload = b"".join(slot["chunks"][i] for i in range(m["chunks"]))
-            if len(payload) != m["size"] or hashlib.sha256(payload).hexdigest() != m["payload_sha256"]:
-                continue
-            best = (v, m["metadata"], load_safetensors(payload))
-            last_version = v
-            pending = {k: s for k, s in pending.items() if k > v}
-    return best
-
-
 def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str, uninterrupted: dict) -> None:
     import torch
 
@@ -394,7 +351,7 @@ def test_a_reader_from_the_docs_gets_the_trainers_predictions(kafka_broker: str,
 
     cfg = load_config(uninterrupted["config"], env={})
     records = read_all(kafka_broker, cfg.kafka.model_topic)
-    found = latest_checkpoint([(r.key, r.value) for r in records])
+    found = minimal_reader_from_docs()([(r.key, r.value) for r in records])  # as printed in the docs
     assert found is not None, "no verified checkpoint on the serving topic"
     version, metadata, tensors = found
 

@@ -234,3 +234,34 @@ def test_the_reader_printed_in_the_docs_reads_the_latest_checkpoint():
     version, meta, tensors = latest_checkpoint(publish(1) + publish(2) + broken)
     assert (version, meta) == (2, metadata(2))
     assert torch.equal(tensors["tower.like.weight"], model(2)["tower.like.weight"])
+
+
+def test_the_documented_reader_skips_a_manifest_without_size_or_metadata():
+    latest_checkpoint = documented_reader()
+    for field in ("size", "metadata"):
+        broken = publish(2)
+        manifest = msgpack.unpackb(broken[-1][1], raw=False)
+        del manifest[field]
+        broken[-1] = (b"manifest", msgpack.packb(manifest, use_bin_type=True))
+        assert latest_checkpoint(publish(1) + broken)[0] == 1, field
+
+
+def test_the_documented_reader_skips_a_verified_payload_that_is_not_safetensors():
+    latest_checkpoint = documented_reader()
+    not_safetensors = encode_payload(b"\xff" * 40, metadata(2), version=2, chunk_size=16)
+    assert latest_checkpoint(publish(1) + not_safetensors)[0] == 1
+
+
+def test_the_documented_reader_skips_another_payload_format():
+    latest_checkpoint = documented_reader()
+    npz = publish(2)
+    npz[-1] = (b"manifest", rewrite(npz[-1][1], payload_format="npz"))
+    assert latest_checkpoint(publish(1) + npz)[0] == 1
+
+
+def test_the_documented_reader_buffers_a_bounded_number_of_versions():
+    latest_checkpoint = documented_reader()
+    # chunks of 10 unfinished versions, then version 3 completes: only the newest few stay buffered, so 3 is gone
+    unfinished = [m for v in range(3, 13) for m in publish(v)[:-1]]
+    assert latest_checkpoint(publish(1) + unfinished + publish(3)[-1:])[0] == 1
+    assert latest_checkpoint(publish(1) + unfinished + publish(12)[-1:])[0] == 12
