@@ -7,7 +7,7 @@
 kuairand_pure_20220425_20220508.csv --mapping mappings/kuairand_pure.toml --to file:///tmp/kuairand_pure.evlog``)
 
 * ``compute``: ranks fed from the event log, no broker (``consumers.tools.rank_replay``): events/s of 1, 2, 4, 8
-  ranks (those not above the machine's cores), per mode (``distributed.mode`` sync and average, and sync without
+  ranks (those not above the machine's cores), per mode (``distributed.mode`` sync and average, and sync with
   ``global_batch``), the collective's seconds per step and its share of the replay, and the prequential AUC over
   all samples and the last 20 % against one rank's (the quality side of ``docs/scaling.md``).
 * ``broker``: the real trainer (``crossdistil train``, its own processes) on the event log streamed into
@@ -16,6 +16,8 @@ kuairand_pure_20220425_20220508.csv --mapping mappings/kuairand_pure.toml --to f
   ranks' events summed over their slowest time.
 
 ``speedup`` = events/s of N ranks / events/s of one; ``efficiency`` = speedup / N (target >= 0.8 up to the cores).
+``independent``: N processes replaying the same shares with no collectives at all (N separate models): what the
+machine itself allows N ranks, so the ranks' speedup can be read against it.
 On a shared machine these are ratios measured in one run, never absolute promises.
 """
 
@@ -46,7 +48,7 @@ def progress(message: str) -> None:
 
 
 VARIANTS = {"sync": ["distributed.mode='sync'"], "average": ["distributed.mode='average'"],
-            "sync_local_batch": ["distributed.mode='sync'", "distributed.global_batch=false"]}
+            "sync_global_batch": ["distributed.mode='sync'", "distributed.global_batch=true"]}
 
 
 def compared(result: dict[str, Any], one: dict[str, Any], n: int) -> dict[str, Any]:
@@ -75,6 +77,14 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"ranks": counts, "skipped_above_cores": [n for n in wanted if n not in counts]}
     progress("compute: 1 rank, seed 0")
     one = out["one_rank"] = replay(1, [], 0)
+    # The machine's own ceiling: the same shares in as many processes at once, no collectives (N separate models).
+    out["independent"] = []
+    for n in [c for c in counts if c > 1]:
+        progress(f"compute: {n} independent processes (the ceiling)")
+        cfg = load_config(args.config, env={})
+        result = replay_ranks(args.log, cfg, n, partitions=args.partitions, independent=True)
+        out["independent"].append({key: result[key] for key in ("ranks", "events", "seconds", "events_per_s")}
+                                  | {"speedup": round(result["events_per_s"] / one["events_per_s"], 3)})
     for mode in modes:
         out[mode] = []
         for n in [c for c in counts if c > 1]:
@@ -163,7 +173,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="trainer configuration (model, join, batching)")
     parser.add_argument("--parts", default="compute,broker", help="compute, broker or both")
     parser.add_argument("--ranks", default="1,2,4,8", help="rank counts of the compute part (above the cores: skipped)")
-    parser.add_argument("--modes", default="sync,average,sync_local_batch", help="compute part's variants")
+    parser.add_argument("--modes", default="sync,average,sync_global_batch", help="compute part's variants")
     parser.add_argument("--seeds", type=int, default=5, help="compute part: seeds of the 2-rank quality comparison")
     parser.add_argument("--partitions", type=int, default=8, help="compute part: partitions the log is split into")
     parser.add_argument("--oversubscribe", action="store_true", help="run rank counts above the cores too")

@@ -162,8 +162,9 @@ class DistributedSection:
                            "averaged every average_every_steps steps or average_every_s seconds")
     average_every_steps: int = _f(16, "average mode: average the replicas after this many steps of any rank (0 = off)")
     average_every_s: float = _f(5.0, "average mode: average the replicas at least this often (0 = off)")
-    global_batch: bool = _f(True, "sync mode: batching.batch_size is the batch of all ranks together (each rank cuts "
-                                  "batch_size / ranks), so N ranks take the steps one trainer would")
+    global_batch: bool = _f(False, "sync mode: true = batching.batch_size is the batch of all ranks together (each "
+                                   "rank cuts batch_size / ranks: one trainer's steps, and no faster on CPU); false = "
+                                   "each rank cuts a whole batch_size (docs/scaling.md compares them)")
     timeout_s: float = _f(120.0, "a rank that cannot reach the others for this long exits (status 8) instead of "
                                  "hanging; torchrun then restarts the group")
     poll_timeout_ms: int = _f(20, "poll timeout of each rank: the ranks meet once per poll, so a rank with nothing to "

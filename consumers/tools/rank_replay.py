@@ -80,12 +80,13 @@ class _Collected:
 
 def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, chunk: int,
             init_file: str | None) -> dict[str, Any]:
-    """One rank's replay (module docstring); its results as plain arrays and figures."""
+    """One rank's replay (module docstring); its results as plain arrays and figures. ``init_file`` None: no
+    process group (one rank, or an ``independent`` share: a model of its own, no collectives)."""
     torch.set_num_threads(1)
     records = rank_records(url, rank, world_size, partitions)
     collected = _Collected()
     ranks = None
-    if world_size > 1:
+    if world_size > 1 and init_file is not None:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
         ranks = Ranks(RankInfo(rank, world_size), cfg.distributed)
@@ -135,21 +136,26 @@ def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, 
     return result
 
 
-def _spawned(rank: int, world_size: int, cfg_dict: dict, url: str, partitions: int, chunk: int, init_file: str,
+def _spawned(rank: int, world_size: int, cfg_dict: dict, url: str, partitions: int, chunk: int, init_file: str | None,
              out_dir: str) -> None:
     result = _replay(rank, world_size, config_from_dict(cfg_dict), url, partitions, chunk, init_file)
     np.savez(Path(out_dir) / f"rank-{rank}.npz", **{k: np.asarray(v) for k, v in result.items()})
 
 
-def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8, chunk: int = 256) -> dict[str, Any]:
-    """Replay the event log at ``url`` with ``world_size`` ranks (module docstring); the figures and the arrays."""
+def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8, chunk: int = 256,
+                 independent: bool = False) -> dict[str, Any]:
+    """Replay the event log at ``url`` with ``world_size`` ranks (module docstring); the figures and the arrays.
+
+    ``independent``: the same shares in as many processes at once, with no process group and no collectives (N
+    separate models): the machine's own ceiling for N ranks, against which their collectives are measured."""
     if world_size > partitions:
         raise ValueError(f"{world_size} ranks need at least {world_size} partitions, got {partitions}")
     if world_size == 1:
         parts = [_replay(0, 1, cfg, url, partitions, chunk, None)]
     else:
         with tempfile.TemporaryDirectory(prefix="rank-replay-") as tmp:
-            mp.spawn(_spawned, args=(world_size, cfg.to_dict(), url, partitions, chunk, str(Path(tmp) / "init"), tmp),
+            init = None if independent else str(Path(tmp) / "init")
+            mp.spawn(_spawned, args=(world_size, cfg.to_dict(), url, partitions, chunk, init, tmp),
                      nprocs=world_size, join=True)
             parts = []
             for rank in range(world_size):
