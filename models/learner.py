@@ -57,7 +57,7 @@ class Learner:
         self.pair_generator = torch.Generator().manual_seed(config.seed + 1)
         embedding = [self.model.embedding.weight]
         dense = [p for name, p in self.model.named_parameters()
-                 if not name.startswith(("embedding.", "calibrator_"))]
+                 if not name.startswith(("embedding.", "calibrator_", "wide."))]
         groups: list[dict[str, Any]] = [{"params": dense}]
         calibrators = [p for name, p in self.model.named_parameters() if name.startswith("calibrator_")]
         if calibrators:  # Platt's two numbers per task may move faster than the network (calibrator_lr)
@@ -68,6 +68,9 @@ class Learner:
             self.embedding_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam(embedding, lr=config.embedding_lr)
         else:
             self.embedding_optimizer = torch.optim.Adam(embedding, lr=config.embedding_lr)
+        # The wide part learns with its own per-coordinate steps (sparse AdaGrad: only the rows a batch uses move).
+        self.wide_optimizer = (torch.optim.Adagrad(self.model.wide.parameters(), lr=config.wide_lr, foreach=False)
+                               if self.model.wide is not None else None)
         self.steps = 0
         self.samples = 0  # training samples seen (the KD warm-up's clock)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
@@ -109,9 +112,16 @@ class Learner:
 
         self.dense_optimizer.zero_grad(set_to_none=True)
         self.embedding_optimizer.zero_grad(set_to_none=True)
+        if self.wide_optimizer is not None:
+            self.wide_optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.dense_optimizer.step()
         self.embedding_optimizer.step()
+        if self.wide_optimizer is not None:
+            # AdaGrad builds its sparse update from the coalesced gradient (valid by construction): explicit
+            # opt-out of torch's per-tensor invariant checks, which otherwise warns on every step.
+            with torch.sparse.check_sparse_tensor_invariants(enable=False):
+                self.wide_optimizer.step()
         self.model.normalizer.update(batch.numeric)
         self.steps += 1
         self.samples += len(batch)
@@ -140,7 +150,7 @@ class Learner:
         return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, both optimizers, normaliser, calibrators, pair-sampling RNG, step count and config.
+        """Model, optimizers (dense, embedding, wide), normaliser, calibrators, pair-sampling RNG, steps and config.
 
         Tensors and plain types only; ``torch.save`` it and read it back with ``weights_only=True``. Like
         torch's own state_dicts it references the live tensors: save it (or deep-copy it) before training on.
@@ -152,6 +162,7 @@ class Learner:
             "model": self.model.state_dict(),
             "dense_optimizer": self.dense_optimizer.state_dict(),
             "embedding_optimizer": self.embedding_optimizer.state_dict(),
+            **({"wide_optimizer": self.wide_optimizer.state_dict()} if self.wide_optimizer is not None else {}),
             "pair_generator": self.pair_generator.get_state(),
             "steps": self.steps,
             "samples": self.samples,
@@ -171,6 +182,8 @@ class Learner:
         self.model.load_state_dict(state["model"])
         self.dense_optimizer.load_state_dict(self._upgraded_dense_state(state["dense_optimizer"]))
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
+        if self.wide_optimizer is not None:
+            self.wide_optimizer.load_state_dict(state["wide_optimizer"])
         self.pair_generator.set_state(state["pair_generator"])
         self.steps = int(state["steps"])
         self.samples = int(state.get("samples", 0))
@@ -299,7 +312,8 @@ class ServingModel:
                 f"version={metadata.get('version')!r}); "
                 f"expected format={SERVING_FORMAT!r} version={SERVING_VERSION!r}"
             )
-        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        # A key the exporter did not know meant its old behaviour (no wide part before it existed).
+        config = ModelConfig.from_dict({**LEGACY_VALUES, **json.loads(metadata["config"])})
         tensors = {name: value for name, value in tensors.items() if name != ONNX_TENSOR}  # for other runtimes
         target = resolve_device(device)
         with torch.device("meta"):
