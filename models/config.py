@@ -51,6 +51,14 @@ def split_config_name(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"unknown preset {preset!r} in {name!r}; presets: {', '.join(PRESETS)}")
     return rung, dict(PRESETS[preset])
 
+# The options only teachers, calibrators and distillation read: a run of rung mtl is the same whatever they are.
+TEACHER_OPTIONS = frozenset({
+    "partners", "kd_weight", "aux_weight", "kd_temperature", "quadruplet_pairs", "quadruplet_same_user",
+    "quadruplet_margin", "max_pairs_per_level", "correction", "correction_margin", "correction_mix",
+    "teacher_task_weight", "teacher_backbone_grad", "teacher_partner_input", "quadruplet_partner_weight",
+    "calibrator_lr", "kd_warmup_samples", "kd_gate", "kd_gate_margin", "kd_gate_window", "kd_gate_every",
+})
+
 # What a saved config without a key (written before the key existed) meant: the behaviour of that time.
 # Learner.load_state_dict fills these in, so an old checkpoint is compared with what actually trained it.
 LEGACY_VALUES: dict[str, Any] = {
