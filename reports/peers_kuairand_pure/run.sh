@@ -11,6 +11,8 @@ COMMON=(--dataset csv --source ../shared/data/kuairand_pure/kuairand_pure_202204
         --mapping mappings/kuairand_pure.toml --hash-buckets 262144 --threads 1 --device cpu --mode prequential)
 # The peers at their named settings (NAMED_DEFAULTS of models/vw_baseline.py and models/river_baseline.py).
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs vw,vw_q,river_lr --seeds 1 --out "$OUT/peers"
+# (The committed results.json has the river_fm rows of the previous run of these two FM commands, commit 02e44ca:
+# the FM's code has not changed since, and on the shared machine a rerun was 3x slower; README.md says more.)
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs river_fm --seeds 3 --out "$OUT/river_fm"
 # The river baselines as they were before issue 18 (one SGD step: 0.1 for the LR, 0.05 for the FM).
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs river_lr --seeds 1 --variant sgd-before \
