@@ -1,6 +1,6 @@
 """The product's models against the peers a user would pick (Vowpal Wabbit, river): prequential AUC and events/s.
 
-    python bench/peers.py                                      # mtl, crossdistil, river_lr, river_fm, vw, vw_q
+    python bench/peers.py       # mtl, mtl:wide=none (deep model alone), crossdistil, river_lr, river_fm, vw, vw_q
     python bench/peers.py --tasks long_view,like --configs crossdistil,river_lr,vw_q --limit 10000
     python bench/peers.py --dataset csv --source ../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv \
         --mapping mappings/kuairand_pure.toml                  # the data set on which a gain must be shown
@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="click,long_view")
-    parser.add_argument("--configs", default="mtl,crossdistil,river_lr,river_fm,vw,vw_q")
+    parser.add_argument("--configs", default="mtl,mtl:wide=none,crossdistil,river_lr,river_fm,vw,vw_q",
+                        help="comma-separated configurations of crossdistil evaluate; CONFIG:KEY=VALUE[;KEY=VALUE] "
+                             "sets model options of one (mtl:wide=none is the deep model without its wide part)")
     parser.add_argument("--dataset", default="kuairand", help="a data set of streamer.datasets (csv needs --mapping)")
     parser.add_argument("--source", default=str(ROOT.parent / "shared" / "data" / "kuairand"))
     parser.add_argument("--mapping", default=None, help="--dataset csv: the column mapping (mappings/*.toml)")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from consumers.tools.evaluate import feature_spec_for, load_encoded, seeded_learner
+    from consumers.tools.evaluate import feature_spec_for, load_encoded, parse_pairs, seeded_learner
     from models.evaluation import default_partners, run_prequential
     from models.vw_baseline import VW_CONFIGS, require_vowpalwabbit
     from streamer.datasets import open_dataset
@@ -48,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     configs = args.configs.split(",")
     skipped = {}
-    if set(configs) & set(VW_CONFIGS):
+    if {c.partition(":")[0] for c in configs} & set(VW_CONFIGS):
         try:
             require_vowpalwabbit()
         except ImportError as exc:
-            skipped = {c: str(exc) for c in configs if c in VW_CONFIGS}
-            configs = [c for c in configs if c not in VW_CONFIGS]
+            skipped = {c: str(exc) for c in configs if c.partition(":")[0] in VW_CONFIGS}
+            configs = [c for c in configs if c not in skipped]
     dataset = open_dataset(args.dataset, args.source, mapping=args.mapping)
     spec = feature_spec_for(dataset, [], 262144)
     tasks = args.tasks.split(",")
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     data = load_encoded(dataset, tasks, spec, limit=args.limit)
     learners: dict[str, dict] = {}
     for config in configs:
-        learner = seeded_learner(tasks, "shared_bottom", config, 0, spec, {}, "cpu")
+        rung, _, options = config.partition(":")
+        learner = seeded_learner(tasks, "shared_bottom", rung, 0, spec,
+                                 parse_pairs([o for o in options.split(";") if o], "--configs"), "cpu")
         print(f"[bench] {config} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         result = run_prequential(learner, data, default_partners(tasks), batch_size=256)

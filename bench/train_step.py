@@ -121,15 +121,22 @@ def timed_components(learner: Learner, batch) -> dict[str, float]:
     looked_up = model.embedding(batch.categorical)
     leaf = looked_up.detach().requires_grad_()
     mark()  # embedding lookup
-    x = torch.cat([leaf.flatten(1), model.normalizer(batch.numeric)], dim=1)
-    total, _ = crossdistil_loss(model, model.heads(x, batch.labels), batch, learner.pair_generator)
+    numeric = model.normalizer(batch.numeric)
+    x = torch.cat([leaf.flatten(1), numeric], dim=1)
+    wide = model.wide(batch.categorical, numeric) if model.wide is not None else None  # timed with the dense part
+    total, _ = crossdistil_loss(model, model.heads(x, batch.labels, wide), batch, learner.pair_generator)
     learner.dense_optimizer.zero_grad(set_to_none=True)
     learner.embedding_optimizer.zero_grad(set_to_none=True)
+    if learner.wide_optimizer is not None:
+        learner.wide_optimizer.zero_grad(set_to_none=True)
     total.backward()
     mark()  # dense forward, losses, dense backward
     looked_up.backward(leaf.grad)
     mark()  # embedding backward (sparse or dense gradient)
     learner.dense_optimizer.step()
+    if learner.wide_optimizer is not None:
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            learner.wide_optimizer.step()
     mark()
     learner.embedding_optimizer.step()
     mark()

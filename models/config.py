@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from models.features import FeatureSpec
+from models.wide import parse_cross
 
 BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 # The ablation ladder of docs/method.md, plus direct student-to-student distillation.
@@ -18,6 +19,10 @@ RUNGS = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
 CORRECTIONS = ("clamp", "mix", "none")
 PAIR_MODES = ("adjacent", "all")
 KD_GATES = ("none", "trust")
+WIDE_OPTIMIZERS = ("none", "adagrad")
+# VW's winning interactions on KuaiRand-Pure (reports/peers_kuairand_pure): user x item and user x context; a cross
+# naming a field the feature spec lacks is left out, so the default fits every data set.
+DEFAULT_WIDE_CROSSES = ("user_id*item_id", "user_id*hour", "user_id*hourmin", "user_id*weekday", "user_id*tab")
 
 # Named option sets of a rung, written ``RUNG@PRESET`` (``crossdistil evaluate --configs crossdistil@trust``).
 # Each preset sets every option on which the presets differ, so a name means the same whatever the defaults are.
@@ -46,6 +51,14 @@ def split_config_name(name: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"unknown preset {preset!r} in {name!r}; presets: {', '.join(PRESETS)}")
     return rung, dict(PRESETS[preset])
 
+# The options only teachers, calibrators and distillation read: a run of rung mtl is the same whatever they are.
+TEACHER_OPTIONS = frozenset({
+    "partners", "kd_weight", "aux_weight", "kd_temperature", "quadruplet_pairs", "quadruplet_same_user",
+    "quadruplet_margin", "max_pairs_per_level", "correction", "correction_margin", "correction_mix",
+    "teacher_task_weight", "teacher_backbone_grad", "teacher_partner_input", "quadruplet_partner_weight",
+    "calibrator_lr", "kd_warmup_samples", "kd_gate", "kd_gate_margin", "kd_gate_window", "kd_gate_every",
+})
+
 # What a saved config without a key (written before the key existed) meant: the behaviour of that time.
 # Learner.load_state_dict fills these in, so an old checkpoint is compared with what actually trained it.
 LEGACY_VALUES: dict[str, Any] = {
@@ -53,6 +66,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "quadruplet_partner_weight": 1.0,
     "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "none", "kd_gate_margin": 0.0,
     "kd_gate_window": 20000, "kd_gate_every": 2048,
+    "wide": "none", "wide_lr": 0.1, "wide_crosses": [],
 }
 
 
@@ -112,6 +126,11 @@ class ModelConfig:
     kd_gate_window: int = 20000  # samples in the prequential AUC window of teacher and student
     kd_gate_every: int = 2048  # re-decide the gate after this many samples
 
+    # the wide (linear) part beside the towers (models/wide.py; docs/method.md "The wide part")
+    wide: str = "adagrad"  # its optimizer; "none" = no wide part (the deep model alone)
+    wide_lr: float = 0.05  # AdaGrad step of the wide weights (chosen on the validation slice of kuairand_pure)
+    wide_crosses: tuple[str, ...] = DEFAULT_WIDE_CROSSES  # "field*field" crosses; absent fields are skipped
+
     # optimisation
     lr: float = 1e-3
     embedding_lr: float = 1e-2
@@ -123,6 +142,9 @@ class ModelConfig:
         self.tasks = tuple(self.tasks)
         self.hidden_dims = tuple(self.hidden_dims)
         self.tower_dims = tuple(self.tower_dims)
+        if isinstance(self.wide_crosses, str):  # "a*b,c*d" from a command line
+            self.wide_crosses = tuple(c for c in self.wide_crosses.split(",") if c.strip())
+        self.wide_crosses = tuple(self.wide_crosses)
         if isinstance(self.features, dict):
             self.features = FeatureSpec.from_dict(self.features)
         self.validate()
@@ -159,6 +181,11 @@ class ModelConfig:
             raise ValueError("kd_warmup_samples must be >= 0")
         if self.kd_gate_window < 2 or self.kd_gate_every < 1:
             raise ValueError("kd_gate_window must be >= 2 and kd_gate_every >= 1")
+        _choice("wide", self.wide, WIDE_OPTIMIZERS)
+        if self.wide_lr <= 0:
+            raise ValueError(f"wide_lr must be > 0, got {self.wide_lr}")
+        for cross in self.wide_crosses:
+            parse_cross(cross)
 
     # --- derived switches: one place that says what each rung turns on ---
     @property
@@ -205,7 +232,7 @@ class ModelConfig:
         """Plain types only (lists, dicts, str, numbers), for checkpoints and serving metadata."""
         out = asdict(self)
         out["features"] = self.features.to_dict()
-        for key in ("tasks", "hidden_dims", "tower_dims"):
+        for key in ("tasks", "hidden_dims", "tower_dims", "wide_crosses"):
             out[key] = list(out[key])
         return out
 

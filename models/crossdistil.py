@@ -27,6 +27,7 @@ from models.losses import (
     scale_gradient,
     task_bce,
 )
+from models.wide import WidePart
 
 
 class RunningNormalizer(nn.Module):
@@ -95,6 +96,9 @@ class CrossDistilModel(nn.Module):
         self.embedding = nn.Embedding(spec.hash_buckets, config.embedding_dim, sparse=config.sparse_embeddings)
         nn.init.normal_(self.embedding.weight, std=0.05)
         self.normalizer = RunningNormalizer(len(spec.numeric))
+        # The wide (linear) part: its logits add to the students' (served), never to the teachers'.
+        self.wide = (WidePart(spec, k, config.wide_crosses, sparse=config.sparse_embeddings)
+                     if config.wide != "none" else None)
         input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric)
         heads = 2 * k if config.has_teachers else k
         self.backbone = build_backbone(
@@ -120,22 +124,30 @@ class CrossDistilModel(nn.Module):
             self.calibrator_bias = nn.Parameter(torch.zeros(k))
 
     def forward(self, batch: Batch) -> Outputs:
-        return self.heads(self.embed(batch), batch.labels)
+        return self.scores(batch.categorical, self.normalizer(batch.numeric), batch.labels)
+
+    def scores(self, categorical: torch.Tensor, numeric: torch.Tensor, labels: torch.Tensor | None = None) -> Outputs:
+        """Outputs from the table rows [B, C] and the standardised numerics [B, N] (the ONNX graph's path too)."""
+        x = torch.cat([self.embedding(categorical).flatten(1), numeric], dim=1)
+        wide = self.wide(categorical, numeric) if self.wide is not None else None
+        return self.heads(x, labels, wide)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """The backbone's input: hashed embeddings [B, C * D] next to the normalised numerics [B, N]."""
         return torch.cat([self.embedding(batch.categorical).flatten(1), self.normalizer(batch.numeric)], dim=1)
 
-    def heads(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Outputs:
+    def heads(self, x: torch.Tensor, labels: torch.Tensor | None = None, wide: torch.Tensor | None = None) -> Outputs:
         """Backbone and towers on an embedded input (split from ``embed`` so benchmarks can time each side).
 
         ``labels`` [B, K] are read only by a label-aware teacher (``teacher_partner_input``): the teacher of
         task k sees its partner's label y_j, privileged information that exists in training, never in serving
-        (serving builds the students only).
+        (serving builds the students only). ``wide`` [B, K]: the wide part's logits, added to the students'.
         """
         reps = self.backbone(x)
         k = len(self.student_towers)
         s = torch.cat([tower(reps[i % len(reps)]) for i, tower in enumerate(self.student_towers)], dim=1)
+        if wide is not None:
+            s = s + wide.to(s.dtype)
         r = None
         if self.has_teachers:
             # The teachers' gradient into the shared backbone is scaled (teacher_backbone_grad; 0 = stopgrad).

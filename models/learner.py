@@ -57,7 +57,7 @@ class Learner:
         self.pair_generator = torch.Generator().manual_seed(config.seed + 1)
         embedding = [self.model.embedding.weight]
         dense = [p for name, p in self.model.named_parameters()
-                 if not name.startswith(("embedding.", "calibrator_"))]
+                 if not name.startswith(("embedding.", "calibrator_", "wide."))]
         groups: list[dict[str, Any]] = [{"params": dense}]
         calibrators = [p for name, p in self.model.named_parameters() if name.startswith("calibrator_")]
         if calibrators:  # Platt's two numbers per task may move faster than the network (calibrator_lr)
@@ -68,6 +68,9 @@ class Learner:
             self.embedding_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam(embedding, lr=config.embedding_lr)
         else:
             self.embedding_optimizer = torch.optim.Adam(embedding, lr=config.embedding_lr)
+        # The wide part learns with its own per-coordinate steps (sparse AdaGrad: only the rows a batch uses move).
+        self.wide_optimizer = (torch.optim.Adagrad(self.model.wide.parameters(), lr=config.wide_lr, foreach=False)
+                               if self.model.wide is not None else None)
         self.steps = 0
         self.samples = 0  # training samples seen (the KD warm-up's clock)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
@@ -109,13 +112,10 @@ class Learner:
         probabilities = torch.sigmoid(outputs.student_logits.detach().float())  # to the CPU after the update:
         # on a GPU the step then runs without a mid-step synchronisation (one sync at the end, for the losses)
 
-        self.dense_optimizer.zero_grad(set_to_none=True)
-        self.embedding_optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         total.backward()
         rows = len(batch) if self.collective is None else self.collective.after_backward(self.model, len(batch))
-        self.dense_optimizer.step()
-        self.embedding_optimizer.step()
-        self._update_normalizer(batch.numeric)
+        self._update(batch.numeric)
         self.steps += 1
         self.samples += rows  # with synchronous ranks: the rows of every rank's batch
 
@@ -138,14 +138,29 @@ class Learner:
         zero weight here, the other ranks' mean gradients applied, so the replicas stay identical."""
         if self.collective is None or self.collective.mode != "sync":
             raise RuntimeError("step_empty is a step of synchronous ranks (models.distributed.Collective('sync'))")
-        self.dense_optimizer.zero_grad(set_to_none=True)
-        self.embedding_optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         rows = self.collective.after_backward(self.model, 0)
-        self.dense_optimizer.step()
-        self.embedding_optimizer.step()
-        self._update_normalizer(torch.zeros(0, self.model.normalizer.mean.shape[0]))
+        self._update(torch.zeros(0, self.model.normalizer.mean.shape[0]))
         self.steps += 1
         self.samples += rows
+
+    def _zero_grad(self) -> None:
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.dense_optimizer, self.embedding_optimizer] + ([self.wide_optimizer] if self.wide_optimizer else [])
+
+    def _update(self, numeric: torch.Tensor) -> None:
+        """Every optimizer's step on the gradients (this rank's, or all ranks' mean), then the normaliser."""
+        self.dense_optimizer.step()
+        self.embedding_optimizer.step()
+        if self.wide_optimizer is not None:
+            # AdaGrad builds its sparse update from the coalesced gradient (valid by construction): explicit
+            # opt-out of torch's per-tensor invariant checks, which otherwise warns on every step.
+            with torch.sparse.check_sparse_tensor_invariants(enable=False):
+                self.wide_optimizer.step()
+        self._update_normalizer(numeric)
 
     def _update_normalizer(self, numeric: torch.Tensor) -> None:
         """Merge a batch's numeric features into the running statistics (synchronous ranks: all ranks' batches)."""
@@ -165,7 +180,7 @@ class Learner:
         return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Model, both optimizers, normaliser, calibrators, pair-sampling RNG, step count and config.
+        """Model, optimizers (dense, embedding, wide), normaliser, calibrators, pair-sampling RNG, steps and config.
 
         Tensors and plain types only; ``torch.save`` it and read it back with ``weights_only=True``. Like
         torch's own state_dicts it references the live tensors: save it (or deep-copy it) before training on.
@@ -177,6 +192,7 @@ class Learner:
             "model": self.model.state_dict(),
             "dense_optimizer": self.dense_optimizer.state_dict(),
             "embedding_optimizer": self.embedding_optimizer.state_dict(),
+            **({"wide_optimizer": self.wide_optimizer.state_dict()} if self.wide_optimizer is not None else {}),
             "pair_generator": self.pair_generator.get_state(),
             "steps": self.steps,
             "samples": self.samples,
@@ -196,6 +212,8 @@ class Learner:
         self.model.load_state_dict(state["model"])
         self.dense_optimizer.load_state_dict(self._upgraded_dense_state(state["dense_optimizer"]))
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
+        if self.wide_optimizer is not None:
+            self.wide_optimizer.load_state_dict(state["wide_optimizer"])
         self.pair_generator.set_state(state["pair_generator"])
         self.steps = int(state["steps"])
         self.samples = int(state.get("samples", 0))
@@ -324,7 +342,8 @@ class ServingModel:
                 f"version={metadata.get('version')!r}); "
                 f"expected format={SERVING_FORMAT!r} version={SERVING_VERSION!r}"
             )
-        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        # A key the exporter did not know meant its old behaviour (no wide part before it existed).
+        config = ModelConfig.from_dict({**LEGACY_VALUES, **json.loads(metadata["config"])})
         tensors = {name: value for name, value in tensors.items() if name != ONNX_TENSOR}  # for other runtimes
         target = resolve_device(device)
         with torch.device("meta"):

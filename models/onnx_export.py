@@ -45,8 +45,7 @@ class StudentGraph(nn.Module):
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         numeric = torch.sign(numeric) * torch.log1p(torch.abs(numeric))
-        embedded = torch.cat([self.model.embedding(categorical).flatten(1), self.model.normalizer(numeric)], dim=1)
-        return torch.sigmoid(self.model.heads(embedded).student_logits.float())
+        return torch.sigmoid(self.model.scores(categorical, self.model.normalizer(numeric)).student_logits.float())
 
 
 def export_students(model: CrossDistilModel) -> bytes:

@@ -107,10 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prequential's tail window is their last 10%% (--tail-fraction is ignored)")
     parser.add_argument("--title", default="", help="title of report.md (default: the data set's name)")
     parser.add_argument("--variant", default="",
-                        help="name of this command's --model-option set: every configuration but mtl is reported as "
+                        help="name of this command's --model-option set: configurations are reported as "
                              "CONFIG[VARIANT], so runs of several commands merged with --from-results stay apart; "
-                             "mtl keeps its name as the common baseline, so name only options that leave mtl as it "
-                             "is (teacher, distillation and gate options)")
+                             "mtl keeps its name as the common baseline when the options leave it as it is (teacher, "
+                             "distillation and gate options only)")
     parser.add_argument("--from-results", nargs="+", metavar="RESULTS_JSON",
                         help="do not train: merge these results.json files and write the report to --out")
 
@@ -286,9 +286,22 @@ def parse_configs(text: str) -> list[str]:
     return names
 
 
-def variant_name(config: str, variant: str) -> str:
-    """``crossdistil@trust`` with variant ``kd0.3`` -> ``crossdistil@trust[kd0.3]``; mtl and no variant unchanged."""
-    return f"{config}[{variant}]" if variant and config != "mtl" else config
+def variant_name(config: str, variant: str, options: Iterable[str] = ()) -> str:
+    """``crossdistil@trust`` with variant ``kd0.3`` -> ``crossdistil@trust[kd0.3]``; no variant: unchanged.
+
+    ``mtl`` keeps its name (the common baseline of the paired differences) unless the variant's ``options`` (the
+    ``--model-option`` keys) change it: any option of the deep model but the teacher and distillation ones
+    (``models.config.TEACHER_OPTIONS``), e.g. ``wide=none``.
+    """
+    if not variant:
+        return config
+    if config == "mtl":
+        from models.config import TEACHER_OPTIONS  # lazy: the CLI starts without torch
+
+        deep = [k for k in options if not k.startswith(("river.", "vw."))]
+        if all(k in TEACHER_OPTIONS for k in deep):
+            return config
+    return f"{config}[{variant}]"
 
 
 def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
@@ -401,8 +414,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                 aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)
                 progress.console.log(f"{mode} {backbone} {rung} seed {seed}: {window} AUC {aucs} "
                                      f"({result.seconds:.1f}s)")
-                runs.append({"tasks": list(tasks), "config": variant_name(rung, args.variant), "backbone": backbone,
-                             "seed": seed, **dataclasses.asdict(result)})
+                runs.append({"tasks": list(tasks), "config": variant_name(rung, args.variant, model_options),
+                             "backbone": backbone, "seed": seed, **dataclasses.asdict(result)})
     return {
         "dataset": dataset.name,
         "source": str(args.source),

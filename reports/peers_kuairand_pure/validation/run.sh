@@ -38,5 +38,17 @@ run "q-ui+uc-lr1" vw --model-option vw.interactions=ui,uc --model-option vw.lear
 run "q-ui+uc-lr2" vw --model-option vw.interactions=ui,uc --model-option vw.learning_rate=2.0
 run "q-ui+us-lr1" vw --model-option vw.interactions=ui,us --model-option vw.learning_rate=1.0
 run "q-ui+uc+ic-lr1" vw --model-option vw.interactions=ui,uc,ic --model-option vw.learning_rate=1.0
+# The product's deep model (mtl): its defaults (with the wide part, wide_lr 0.05), the deep model alone, and the
+# declared set of the wide part: its AdaGrad step (default crosses), then its crosses (step 0.05).
+run "mtl-default" mtl
+run "deep-only" mtl --model-option wide=none
+for lr in 0.02 0.03 0.1 0.2 0.3; do
+  run "wide-lr$lr" mtl --model-option wide_lr=$lr
+done
+run "wide-no-crosses" mtl --model-option wide_crosses=
+run "wide-ui" mtl --model-option wide_crosses=user_id*item_id
+run "wide-ui+uc+ic" mtl --model-option wide_crosses=user_id*item_id,user_id*hourmin,user_id*tab,item_id*hourmin,item_id*tab
+run "wide-ui+uc+u-types" mtl \
+  --model-option wide_crosses=user_id*item_id,user_id*hourmin,user_id*tab,user_id*video_type,user_id*upload_type,user_id*music_type
 "$PY" -m consumers.cli evaluate --from-results "$OUT"/*/results.json --title "KuaiRand-Pure peers: validation slice" \
   --out "$HERE"

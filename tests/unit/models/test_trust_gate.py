@@ -134,7 +134,7 @@ def test_the_calibrators_get_their_own_learning_rate() -> None:
 
 
 def test_a_checkpoint_from_before_the_new_options_loads_with_the_paper_values() -> None:
-    old = Learner(config(**PRESETS["paper"], kd_gate_window=20000, kd_gate_every=2048))
+    old = Learner(config(**LEGACY_VALUES))  # the paper's values, the gate's sizes of the time, no wide part
     old.step(batch(0))
     state = round_trip(old.state_dict())
     for key in LEGACY_VALUES:  # as an older version wrote it
@@ -164,7 +164,7 @@ def test_bad_options_are_refused_with_their_name(bad: dict) -> None:
 
 
 def test_an_optimizer_state_from_before_the_calibrators_own_group_is_split_on_load() -> None:
-    old = Learner(config(**PRESETS["paper"], kd_gate_window=20000, kd_gate_every=2048))
+    old = Learner(config(**LEGACY_VALUES))  # the paper's values, the gate's sizes of the time, no wide part
     old.step(batch(0))
     state = round_trip(old.state_dict())
     network, calibrators = state["dense_optimizer"]["param_groups"]

@@ -152,6 +152,13 @@ def test_configs_accept_rungs_river_baselines_and_presets_and_name_unknown_ones(
 def test_a_variant_names_every_configuration_but_the_mtl_baseline() -> None:
     from consumers.tools.evaluate import variant_name
 
-    assert variant_name("crossdistil@trust", "kd0.3") == "crossdistil@trust[kd0.3]"
-    assert variant_name("mtl", "kd0.3") == "mtl"
+    assert variant_name("crossdistil@trust", "kd0.3", ["kd_weight"]) == "crossdistil@trust[kd0.3]"
+    assert variant_name("mtl", "kd0.3", ["kd_weight", "river.lr"]) == "mtl"
     assert variant_name("aux", "") == "aux"
+
+
+def test_a_variant_that_changes_mtl_names_it_too() -> None:
+    from consumers.tools.evaluate import variant_name
+
+    assert variant_name("mtl", "deep-only", ["wide"]) == "mtl[deep-only]"
+    assert variant_name("mtl", "lr", ["kd_gate", "lr"]) == "mtl[lr]"

@@ -1,0 +1,96 @@
+"""The wide (linear) part beside the deep towers: a logistic regression on the hashed features and their crosses.
+
+Each task gets one weight per hashed categorical value (the embedding table's rows, so no second hashing), one per
+hashed cross of two fields (``user_id*item_id``, ``user_id*hourmin``, ...), one per numeric feature and a bias.
+Its logit is added to the student's: s_k = tower_k(h) + wide_k(x) (Wide & Deep, Cheng et al. 2016). The learner
+trains it with its own per-coordinate optimizer (sparse AdaGrad, ``Learner.wide_optimizer``): a row seen once moves
+by a full step, a frequent one by ever smaller steps, so a new user or video counts from its first impression,
+while the deep part is still learning its embedding. Only the rows a batch uses are touched.
+
+>>> from models.features import FeatureSpec
+>>> wide = WidePart(FeatureSpec(categorical=("user_id", "item_id", "tab"), hash_buckets=1000), tasks=2,
+...                 crosses=("user_id*item_id", "user_id*hourmin"))
+>>> wide.crosses  # hourmin is not a feature here: that cross is left out
+(('user_id', 'item_id'),)
+>>> wide(torch.tensor([[1, 2, 3]]), torch.zeros(1, 0)).shape
+torch.Size([1, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.features import FeatureSpec
+
+# Cross row of columns (a, b) under cross number j: (a * _P1 + b * _P2 + (j + 1) * _P3) mod Q, Q the largest prime
+# <= hash_buckets. a and b are already uniform blake2b rows, so this linear map mod a prime spreads pairs evenly;
+# every product stays below 2^63 for tables up to 2^32 rows.
+_P1, _P2, _P3 = 2_147_483_629, 1_000_000_007, 998_244_353
+
+
+def parse_cross(text: str) -> tuple[str, str]:
+    """``"user_id*item_id"`` -> ``("user_id", "item_id")``.
+
+    >>> parse_cross("user_id*tab")
+    ('user_id', 'tab')
+    """
+    left, sep, right = text.partition("*")
+    if not sep or not left.strip() or not right.strip() or "*" in right or left.strip() == right.strip():
+        raise ValueError(f"wide_crosses: expected FIELD*FIELD of two different fields, got {text!r}")
+    return left.strip(), right.strip()
+
+
+def largest_prime_at_most(n: int) -> int:
+    """The largest prime <= n (n >= 2), by trial division (n is a table size, ~2^24 at most in practice).
+
+    >>> largest_prime_at_most(2**10), largest_prime_at_most(2)
+    (1021, 2)
+    """
+    if n < 2:
+        raise ValueError(f"no prime <= {n}")
+    for candidate in range(n, 1, -1):
+        if candidate < 4 or (candidate % 2 and all(candidate % d for d in range(3, int(candidate**0.5) + 1, 2))):
+            return candidate
+    return 2  # unreachable: 2 is prime
+
+
+class WidePart(nn.Module):
+    """Linear logits [B, K] from the batch's table rows [B, C] and standardised numerics [B, N].
+
+    ``crosses`` are ``"field*field"`` names; a cross naming a field the spec does not have is left out (so one
+    default list serves every data set), and ``crosses`` keeps those in use as pairs of names. Weights start at 0:
+    the untrained wide part adds nothing to the deep model's logits.
+    """
+
+    def __init__(self, spec: FeatureSpec, tasks: int, crosses: Sequence[str] = (), sparse: bool = True) -> None:
+        super().__init__()
+        pairs = [parse_cross(c) for c in crosses]
+        columns = {name: i for i, name in enumerate(spec.categorical)}
+        self.crosses = tuple(p for p in pairs if p[0] in columns and p[1] in columns)
+        # Plain ints, not buffers: a serving model built on the meta device has nothing to restore for them.
+        self.cross_columns = tuple((columns[a], columns[b]) for a, b in self.crosses)
+        self.single_rows = spec.hash_buckets
+        self.cross_rows = largest_prime_at_most(spec.hash_buckets) if self.crosses else 0
+        self.weight = nn.Embedding(self.single_rows + self.cross_rows, tasks, sparse=sparse)
+        nn.init.zeros_(self.weight.weight)
+        self.numeric = nn.Parameter(torch.zeros(len(spec.numeric), tasks))
+        self.bias = nn.Parameter(torch.zeros(tasks))
+
+    def rows(self, categorical: torch.Tensor) -> torch.Tensor:
+        """The weight rows [B, C + X] a batch uses: the table rows as they are, then one row per cross."""
+        if not self.crosses:
+            return categorical
+        crossed = torch.stack([
+            torch.remainder(categorical[:, a] * _P1 + categorical[:, b] * _P2 + (j + 1) * _P3, self.cross_rows)
+            for j, (a, b) in enumerate(self.cross_columns)
+        ], dim=1)
+        return torch.cat([categorical, crossed + self.single_rows], dim=1)
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        logits = self.weight(self.rows(categorical)).sum(dim=1) + self.bias
+        if numeric.shape[1]:
+            logits = logits + numeric @ self.numeric
+        return logits
