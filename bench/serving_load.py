@@ -281,6 +281,15 @@ def git_commit(root: Path) -> str:
     return result.stdout.strip() + ("+uncommitted changes" if dirty else "")
 
 
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Wait until the server at ``url`` serves a model (its /healthz names a version)."""
+    deadline = time.monotonic() + timeout_s
+    while (pickup.healthz(url) or {}).get("model_version") is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/healthz not ready within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path) -> dict[str, Any]:
     """Old (``--compare-with``) and new server side by side: every scenario on both, alternating, ``--rounds``."""
     roots = {"old": Path(args.compare_with).resolve(), "new": REPO_ROOT}
@@ -292,11 +301,7 @@ def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path)
             processes[name], urls[name] = pickup.start_serving(bootstrap, topic, workdir, args.torch_threads,
                                                                root=root, name=name, options=STALL_LIMITS)
         for url in urls.values():
-            deadline = time.monotonic() + 120
-            while (pickup.healthz(url) or {}).get("model_version") is None:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url}/healthz not ready within 120 s")
-                time.sleep(0.1)
+            wait_ready(url)
         bodies = make_bodies(50, args.items)
         stalled = stall_body(args.stall_items)
         runs: dict[str, dict[str, list]] = {name: {label: [] for label, _, _ in SCENARIOS} for name in roots}
@@ -400,11 +405,7 @@ def main() -> int:
                 write_report(report, args.out)
                 return 0
             process, url = pickup.start_serving(bootstrap, topic, workdir, args.torch_threads)
-        deadline = time.monotonic() + 120
-        while (pickup.healthz(url) or {}).get("model_version") is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url}/healthz not ready within 120 s")
-            time.sleep(0.1)
+        wait_ready(url)
         bodies = make_bodies(50, args.items)
         split = urlsplit(url)
         latencies: list[float] = []
