@@ -98,11 +98,9 @@ def launch_ranks(torchrun_args: list[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil train``; returns the exit status."""
     world_size = getattr(args, "world_size", None)
-    if world_size is not None and world_size > 1 and "WORLD_SIZE" not in os.environ:
-        argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
-        command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
-        print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
-        return launch_ranks(command[3:])
+    if world_size is not None and world_size < 1:
+        print(f"crossdistil train: --world-size {world_size}: at least 1", file=sys.stderr)
+        return 2
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
         cfg = load_config(args.config, overrides=args.overrides)
@@ -112,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.device:
         cfg.model.device = args.device
-    if args.check_config:
+    ranks_here = world_size is not None and world_size > 1 and "WORLD_SIZE" not in os.environ
+    if args.check_config or ranks_here:
         # lazy: torch loads only when the configuration is checked or the daemon runs (crossdistil --help stays fast)
         from consumers.runtime.assembly import model_config
 
@@ -121,16 +120,23 @@ def run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as exc:
             print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
             return 2
+    if args.check_config:
         print(to_toml(cfg))
         return 0
-    import faulthandler
-
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     try:
         start_ms = parse_time(args.from_time)
     except ValueError as exc:
         print(f"crossdistil train: --from-time: {exc}", file=sys.stderr)
         return 2
+    if ranks_here:
+        # The configuration and flags were checked once here, not by every rank and every restart of torchrun.
+        argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
+        command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
+        print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
+        return launch_ranks(command[3:])
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
     # lazy: torch and kafka load only when the daemon runs (crossdistil --help stays fast)
     import torch
 

@@ -67,3 +67,28 @@ def test_a_round_record_that_cannot_be_read_is_an_error_not_a_fresh_start(tmp_pa
     (tmp_path / "rank-0" / "round.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="round.json is unreadable"):
         round_checkpointer(tmp_path).restore()
+
+
+def test_world_size_checks_the_configuration_once_before_starting_any_rank(monkeypatch, capsys) -> None:
+    import argparse
+
+    from consumers.trainer import command
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(command, "launch_ranks", lambda argv: launched.append(argv) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+
+    def run(*flags: str) -> int:
+        return command.run(parser.parse_args(["--world-size", "2", *flags]))
+
+    assert run("--set", "distributed.mode='bogus'") == 2
+    assert run("--set", "model.options={backbone = 'nope'}") == 2
+    assert run("--from-time", "yesterday-ish") == 2
+    assert run("--check-config") == 0 and "[distributed]" in capsys.readouterr().out
+    assert launched == []  # none of the above started torchrun
+    monkeypatch.setattr(command.sys, "argv", ["crossdistil", "train", "--world-size", "2", "--ledger", "L"])
+    assert run() == 0
+    assert launched and launched[0][:4] == ["--standalone", "--nproc-per-node", "2", "--max-restarts"]
+    assert launched[0][-4:] == ["consumers.cli", "train", "--ledger", "L"]
