@@ -70,6 +70,14 @@ class Collective:
         self.seconds += time.perf_counter() - started
         self.calls += 1
 
+    def _union_rows(self, weights: list[nn.Parameter], masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sparse embedding, the sorted rows any rank marked in its mask (one max-reduce over all masks)."""
+        if not masks:
+            return []
+        flat = torch.cat(masks)
+        self._all_reduce(flat, dist.ReduceOp.MAX)
+        return [m.nonzero().squeeze(1) for m in flat.split([w.shape[0] for w in weights])]
+
     # -------------------------------------------------------------------------------------- after backward
 
     def after_backward(self, model: nn.Module, rows: int) -> int:
@@ -104,11 +112,7 @@ class Collective:
             mask = torch.zeros(weight.shape[0], dtype=torch.uint8, device=weight.device)
             mask[indices] = 1
             masks.append(mask)
-        unions = []
-        if masks:
-            flat_masks = torch.cat(masks)
-            self._all_reduce(flat_masks, dist.ReduceOp.MAX)
-            unions = [m.nonzero().squeeze(1) for m in flat_masks.split([w.shape[0] for w in sparse])]
+        unions = self._union_rows(sparse, masks)
         # 2. one sum over: row-weighted dense gradients, "has a gradient" flags, the union rows, the row count
         device = dense[0].device if dense else sparse[0].device
         parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) * rows for p in dense]
@@ -159,11 +163,7 @@ class Collective:
         embeddings' rows touched by any rank since the last average. Every rank calls it at the same point."""
         sparse = sparse_parameters(model)
         masks = [self._touched.get(id(w), torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device)) for w in sparse]
-        unions = []
-        if masks:
-            flat_masks = torch.cat(masks)
-            self._all_reduce(flat_masks, dist.ReduceOp.MAX)
-            unions = [m.nonzero().squeeze(1) for m in flat_masks.split([w.shape[0] for w in sparse])]
+        unions = self._union_rows(sparse, masks)
         tensors = [p for p in dense_parameters(model)] + [b for b in model.buffers() if b.is_floating_point()]
         parts = [t.reshape(-1).double() for t in tensors]
         parts += [w[u].reshape(-1).double() for w, u in zip(sparse, unions)]

@@ -103,6 +103,12 @@ def sample_row(sample: JoinedSample) -> list[Any]:
     return [impression["user_id"], impression["item_id"], impression.get("features") or {}, sample.labels]
 
 
+def training_rows(samples: Sequence[JoinedSample]) -> list[dict[str, Any]]:
+    """Joined samples as ``train_rows`` takes them: ``{"user_id", "item_id", "features", "labels"}``."""
+    return [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
+             "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
+
+
 def train_rows(learner: Any, rows: Sequence[Mapping[str, Any]], tasks: tuple[str, ...]) -> Answer:
     """``encode_rows`` + one ``Learner.step`` on rows ``{"user_id", "item_id", "features", "labels"}``: the one
     training call, in this process or in a learner process."""
@@ -135,9 +141,7 @@ class InProcessLearner:
         return len(self._answered)
 
     def submit(self, samples: list[JoinedSample], context: Any) -> None:
-        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
-                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
-        self._answered.append((context, train_rows(self.learner, rows, self.tasks)))
+        self._answered.append((context, train_rows(self.learner, training_rows(samples), self.tasks)))
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
         while self._answered:

@@ -33,7 +33,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from consumers.core.pipeline import Answer, train_rows
+from consumers.core.pipeline import Answer, train_rows, training_rows
 from consumers.runtime.config import DistributedSection
 from consumers.runtime.learner_process import LocalLearner
 from models.distributed import Collective
@@ -120,7 +120,6 @@ class Ranks:
             timeout = datetime.timedelta(seconds=section.timeout_s)
             dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
                                     store=attempt_store(timeout))
-        self.collective_seconds = 0.0
 
     @property
     def rank(self) -> int:
@@ -130,7 +129,8 @@ class Ranks:
     def world_size(self) -> int:
         return self.info.world_size
 
-    def _run(self, what: str, call: Any) -> Any:
+    def guard(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()``, a collective with the other ranks; its failure raised as ``RankError`` saying ``what`` failed."""
         try:
             return call()
         except (RuntimeError, dist.DistBackendError) as exc:
@@ -141,14 +141,14 @@ class Ranks:
     def agree(self, values: Sequence[int]) -> list[int]:
         """The elementwise maximum of ``values`` over every rank (every rank must call it, with as many values)."""
         tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.device)
-        self._run("agreeing", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX))
+        self.guard("agreeing", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX))
         return [int(v) for v in tensor.cpu().tolist()]
 
     def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
         """``data`` of rank ``src`` on every rank (the others pass None)."""
         size = torch.tensor([len(data) if self.rank == src and data is not None else 0], dtype=torch.int64,
                             device=self.device)
-        self._run("broadcasting", lambda: dist.broadcast(size, src=src))
+        self.guard("broadcasting", lambda: dist.broadcast(size, src=src))
         if self.rank == src:
             buffer = torch.frombuffer(bytearray(data or b""), dtype=torch.uint8) if size.item() else \
                 torch.zeros(0, dtype=torch.uint8)
@@ -156,21 +156,21 @@ class Ranks:
         else:
             buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
         if int(size.item()):
-            self._run("broadcasting", lambda: dist.broadcast(buffer, src=src))
+            self.guard("broadcasting", lambda: dist.broadcast(buffer, src=src))
         return bytes(buffer.cpu().numpy().tobytes())
 
     def gather_bytes(self, data: bytes) -> list[bytes]:
         """Every rank's ``data``, in rank order, on every rank."""
         size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
         sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
-        self._run("gathering", lambda: dist.all_gather(sizes, size))
+        self.guard("gathering", lambda: dist.all_gather(sizes, size))
         longest = max(int(s.item()) for s in sizes)
         mine = torch.zeros(longest, dtype=torch.uint8)
         if data:
             mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         mine = mine.to(self.device)
         gathered = [torch.zeros(longest, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
-        self._run("gathering", lambda: dist.all_gather(gathered, mine))
+        self.guard("gathering", lambda: dist.all_gather(gathered, mine))
         return [bytes(g.cpu().numpy()[: int(s.item())].tobytes()) for g, s in zip(gathered, sizes)]
 
     def gather_plain(self, value: Any) -> list[Any]:
@@ -208,8 +208,7 @@ class RankedLearner(LocalLearner):
         return len(self._queue) + len(self._answered)
 
     def submit(self, samples: list, context: Any) -> None:
-        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
-                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
+        rows = training_rows(samples)
         if self.mode == "sync":
             self._queue.append((context, rows))
             return
@@ -239,32 +238,19 @@ class RankedLearner(LocalLearner):
                 context, rows = self._queue.popleft()
                 self._answered.append((context, self._step(rows)))
             else:
-                try:
-                    self.learner.step_empty()
-                except RuntimeError as exc:
-                    raise RankError(f"{self.ranks.info.label}: a training step with the other ranks failed ({exc})") \
-                        from exc
+                self.ranks.guard("a training step", self.learner.step_empty)
         return steps
 
     def average(self) -> None:
         """average: the replicas become their mean (every rank calls it at the same point)."""
-        try:
-            self.collective.average(self.learner.model)
-        except RuntimeError as exc:
-            raise RankError(f"{self.ranks.info.label}: averaging the model failed ({exc})") from exc
+        self.ranks.guard("averaging the model", lambda: self.collective.average(self.learner.model))
         self.steps_since_average = 0
 
     def broadcast_model(self) -> None:
         """Rank 0's parameters and buffers on every rank (after a fresh start; a restore loads one file everywhere)."""
-        try:
-            self.collective.broadcast(self.learner.model)
-        except RuntimeError as exc:
-            raise RankError(f"{self.ranks.info.label}: broadcasting the model failed ({exc})") from exc
+        self.ranks.guard("broadcasting the model", lambda: self.collective.broadcast(self.learner.model))
 
     def _step(self, rows: list[dict[str, Any]]) -> Answer:
         if self.mode == "average":
             return train_rows(self.learner, rows, self.tasks)  # no collective inside
-        try:
-            return train_rows(self.learner, rows, self.tasks)
-        except RuntimeError as exc:  # the step's gradient reduction with the other ranks
-            raise RankError(f"{self.ranks.info.label}: a training step with the other ranks failed ({exc})") from exc
+        return self.ranks.guard("a training step", lambda: train_rows(self.learner, rows, self.tasks))

@@ -84,20 +84,7 @@ class Checkpointer:
         check_format(checkpoint)
         meta = checkpoint.metadata
         self.pipeline.learner.load_checkpoint(str(checkpoint.path))
-        self.pipeline.load_stream_state(meta)  # the saved clocks belong to the dead process: rebased to now
-        self.kafka.positions = positions_from_plain(meta["positions"])
-        self.kafka.checkpointed = dict(self.kafka.positions)
-        self.last_step = checkpoint.step
-        # The checkpoint is written before its publication is attempted: the store's publication record says
-        # whether it landed. If not, this step is published again as soon as the loop starts.
-        version = int(meta["publish_version"])
-        record = self.store.publication()
-        acknowledged = bool(meta.get("published")) or (
-            record is not None and record["step"] == checkpoint.step and record["version"] >= version)
-        if record is not None:
-            version = max(version, record["version"])
-        self.publisher.restore(version, int(meta["published_chunks"]), checkpoint.step, acknowledged,
-                               self.cfg.publish.enabled)
+        self._restore_stream(meta, checkpoint.step)
         if self.publisher.pending:
             log.info("the publication of step %d was never acknowledged by Kafka: publishing it again", checkpoint.step)
         if self.ledger is not None:
@@ -108,6 +95,23 @@ class Checkpointer:
                  checkpoint.step, self.pipeline.join.pending_impressions, self.pipeline.batcher.waiting,
                  meta["positions"])
         return checkpoint.step
+
+    def _restore_stream(self, meta: Mapping[str, Any], step: int) -> None:
+        """The stream side of a checkpoint of learner step ``step``: join, batcher, positions and the publisher's
+        bookkeeping (the learner's side is loaded by the caller)."""
+        self.pipeline.load_stream_state(meta)  # the saved clocks belong to the dead process: rebased to now
+        self.kafka.positions = positions_from_plain(meta["positions"])
+        self.kafka.checkpointed = dict(self.kafka.positions)
+        self.last_step = step
+        # The checkpoint is written before its publication is attempted: the store's publication record says
+        # whether it landed. If not, this step is published again as soon as the loop starts.
+        version = int(meta["publish_version"])
+        record = self.store.publication()
+        acknowledged = bool(meta.get("published")) or (
+            record is not None and record["step"] == step and record["version"] >= version)
+        if record is not None:
+            version = max(version, record["version"])
+        self.publisher.restore(version, int(meta["published_chunks"]), step, acknowledged, self.cfg.publish.enabled)
 
     # ----------------------------------------------------------------------------------------------- write
 
@@ -147,15 +151,21 @@ class Checkpointer:
             str(self.store.directory), self.store.keep_last, self._metadata(step, version),
             self._publication(step, version) if publish else None)
         seconds = time.perf_counter() - started
+        log.info("checkpoint (%s) step %d -> %s in %.2f s", reason, step, Path(written["path"]).name, seconds)
+        self._written(step, seconds, version if publish else None, written)
+        return True
+
+    def _written(self, step: int, seconds: float, publish_version: int | None, written: Mapping[str, Any]) -> None:
+        """After a checkpoint of ``step`` is durable: its bookkeeping, offsets committed for lag dashboards, and its
+        publication as ``publish_version`` (None: not published)."""
         self.metrics.checkpoint_written(seconds)
         self.last_step = step
         self.kafka.checkpointed = dict(self.kafka.positions)
         self.last_at = time.monotonic()
-        log.info("checkpoint (%s) step %d -> %s in %.2f s", reason, step, Path(written["path"]).name, seconds)
         self.kafka.commit()
-        if publish:
-            self.publisher.send(written["messages"], version, step, written["chunks"], checkpointed_at=self.last_at)
-        return True
+        if publish_version is not None:
+            self.publisher.send(written["messages"], publish_version, step, written["chunks"],
+                                checkpointed_at=self.last_at)
 
     def _metadata(self, step: int, version: int) -> dict[str, Any]:
         """The checkpoint's stream side (``consumers.state.learner_state`` adds the learner's)."""

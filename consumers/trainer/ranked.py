@@ -35,7 +35,7 @@ from typing import Any
 
 from consumers.runtime.config import Config
 from consumers.runtime.ranks import RankError, Ranks
-from consumers.state.checkpoints import CheckpointError, CheckpointStore, positions_from_plain, positions_to_plain
+from consumers.state.checkpoints import CheckpointError, CheckpointStore, positions_to_plain
 from consumers.state.learner_state import (
     CHECKPOINT_FORMAT,
     check_format,
@@ -116,17 +116,8 @@ class RoundCheckpointer(Checkpointer):
         model = self.ranks.broadcast_bytes(path.read_bytes() if rank == 0 else None)
         load_learner_checkpoint(learner.learner, model)
         meta = own.metadata
-        self.pipeline.load_stream_state(meta)
-        self.kafka.positions = positions_from_plain(meta["positions"])
-        self.kafka.checkpointed = dict(self.kafka.positions)
-        self.last_step = learner.steps
+        self._restore_stream(meta, learner.steps)  # only rank 0 publishes: the others' publisher stays idle
         self.round = newest
-        if self.cfg.publish.enabled:  # rank 0
-            record = self.store.publication()
-            version = max(int(meta["publish_version"]), record["version"] if record else 0)
-            acknowledged = bool(meta.get("published")) or (
-                record is not None and record["step"] == learner.steps and record["version"] >= version)
-            self.publisher.restore(version, int(meta["published_chunks"]), learner.steps, acknowledged, True)
         if self.ledger is not None:
             dropped = self.ledger.discard_after(newest)
             if dropped:
@@ -179,15 +170,9 @@ class RoundCheckpointer(Checkpointer):
                                     "mode": learner.mode})
         self.round = round_
         seconds = time.perf_counter() - started
-        self.metrics.checkpoint_written(seconds)
-        self.last_step = step
-        self.kafka.checkpointed = dict(self.kafka.positions)
-        self.last_at = time.monotonic()
         log.info("%s: checkpoint round %d (%s) at step %d in %.2f s", self.ranks.info.label, round_, reason, step,
                  seconds)
-        self.kafka.commit()
-        if publish:
-            self.publisher.send(written["messages"], version, step, written["chunks"], checkpointed_at=self.last_at)
+        self._written(step, seconds, version if publish else None, written)
         return True
 
 

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from consumers.runtime.config import load_config, to_toml
 from consumers.runtime.local_kafka import free_port
 from consumers.runtime.processes import die_with_parent
 from consumers.state.ledger import read_ledger
-from tests.integration.test_trainer_kafka import IMPRESSIONS, POSITIVES, TASKS, kuairand_topics, write_config
+from tests.integration.test_trainer_kafka import POSITIVES, TASKS, assert_exactly_once, kuairand_topics, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -96,10 +95,7 @@ def test_two_ranks_train_every_impression_once_across_kill_9_and_serve_the_model
     print(f"\nrank 0 resumed from rounds {restored}")
     assert len(restored) >= 3, text[-4000:]
     rows = read_ledger(ledger / "rank-0") + read_ledger(ledger / "rank-1")
-    counts = Counter(r["impression_id"] for r in rows)
-    twice = [i for i, n in counts.items() if n > 1]
-    assert not twice, f"{len(twice)} impressions trained more than once, e.g. {twice[:5]}"
-    assert len(counts) == IMPRESSIONS, f"{IMPRESSIONS - len(counts)} impressions never trained"
+    assert_exactly_once(rows)
     assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
     assert read_ledger(ledger / "rank-0") and read_ledger(ledger / "rank-1"), "one rank trained nothing"
     check_served(config, checkpoints, tmp_path)
@@ -173,6 +169,5 @@ def test_two_nodes_with_static_node_ranks_resume_after_a_kill_and_train_every_im
                 node.kill()
     assert re.findall(r"rank 1/2 restored round (\d+)", logs[1].read_text()), logs[1].read_text()[-3000:]
     rows = read_ledger(ledger / "rank-0") + read_ledger(ledger / "rank-1")
-    counts = Counter(r["impression_id"] for r in rows)
-    assert len(counts) == IMPRESSIONS and max(counts.values()) == 1
+    assert_exactly_once(rows)
     assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
