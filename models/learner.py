@@ -3,10 +3,11 @@
     learner = Learner(ModelConfig(tasks=("click", "long_view")))
     losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
 
-Embeddings use sparse gradients and SparseAdam (a step touches only the rows the batch uses); everything
-else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)``
-reads it, and ``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for
-``ServingModel``, safetensors-ready.
+Embeddings use sparse gradients and SparseAdam's update on the touched rows (``models.rowwise``: a step touches
+only the rows the batch uses); the wide part uses AdaGrad the same way; everything else uses Adam.
+``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)`` reads it, and
+``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for ``ServingModel``,
+safetensors-ready.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from models.features import Batch, encode_rows
 from models.onnx_export import TENSOR_NAME as ONNX_TENSOR
 from models.onnx_export import describe as describe_graph
 from models.onnx_export import export_students
+from models.rowwise import RowAdagrad, RowAdam
 from models.trust_gate import TrustGate
 
 SERVING_FORMAT = "crossdistil-students"
@@ -53,8 +55,8 @@ class Learner:
         self.device = resolve_device(device)
         torch.manual_seed(config.seed)  # parameter init is the only use of the global RNG
         self.model = CrossDistilModel(config).to(self.device)
-        # Pair sampling has its own generator so its state can be checkpointed exactly.
-        self.pair_generator = torch.Generator().manual_seed(config.seed + 1)
+        # Pair sampling has its own generator, on the model's device (no host round-trip), checkpointed exactly.
+        self.pair_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         embedding = [self.model.embedding.weight]
         dense = [p for name, p in self.model.named_parameters()
                  if not name.startswith(("embedding.", "calibrator_", "wide."))]
@@ -65,16 +67,17 @@ class Learner:
         # foreach: one multi-tensor kernel per Adam operation instead of a Python loop over ~40 parameters
         self.dense_optimizer = torch.optim.Adam(groups, lr=config.lr, foreach=True)
         if config.sparse_embeddings:
-            self.embedding_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam(embedding, lr=config.embedding_lr)
+            # SparseAdam's update on the touched rows by gather/scatter (same values and state, ~4x faster)
+            self.embedding_optimizer: torch.optim.Optimizer = RowAdam(embedding, lr=config.embedding_lr)
         else:
             self.embedding_optimizer = torch.optim.Adam(embedding, lr=config.embedding_lr)
         # The wide part learns with its own per-coordinate steps (sparse AdaGrad: only the rows a batch uses move).
-        self.wide_optimizer = (torch.optim.Adagrad(self.model.wide.parameters(), lr=config.wide_lr, foreach=False)
+        self.wide_optimizer = (RowAdagrad(self.model.wide.parameters(), lr=config.wide_lr)
                                if self.model.wide is not None else None)
         self.steps = 0
         self.samples = 0  # training samples seen (the KD warm-up's clock)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
-                                     config.kd_gate_every) if config.gated else None)
+                                     config.kd_gate_every, device=self.device) if config.gated else None)
         # Several ranks, one model (models.distributed): set by the trainer's ranks, None for one process.
         self.collective: Any = None
 
@@ -83,7 +86,7 @@ class Learner:
         cfg = self.config
         scale = None
         if cfg.kd_warmup_samples > 0 and cfg.distills:
-            scale = torch.full((len(cfg.tasks),), min(1.0, self.samples / cfg.kd_warmup_samples))
+            scale = torch.full((len(cfg.tasks),), min(1.0, self.samples / cfg.kd_warmup_samples), device=self.device)
         if self.trust_gate is not None:
             scale = self.trust_gate.open.clone() if scale is None else scale * self.trust_gate.open
         return scale
@@ -156,10 +159,7 @@ class Learner:
         self.dense_optimizer.step()
         self.embedding_optimizer.step()
         if self.wide_optimizer is not None:
-            # AdaGrad builds its sparse update from the coalesced gradient (valid by construction): explicit
-            # opt-out of torch's per-tensor invariant checks, which otherwise warns on every step.
-            with torch.sparse.check_sparse_tensor_invariants(enable=False):
-                self.wide_optimizer.step()
+            self.wide_optimizer.step()
         self._update_normalizer(numeric)
 
     def _update_normalizer(self, numeric: torch.Tensor) -> None:
@@ -214,8 +214,11 @@ class Learner:
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
         if self.wide_optimizer is not None:
             self.wide_optimizer.load_state_dict(state["wide_optimizer"])
-        self.pair_generator.set_state(state["pair_generator"])
         self.steps = int(state["steps"])
+        try:
+            self.pair_generator.set_state(state["pair_generator"])
+        except RuntimeError:  # saved on another kind of device (a CPU generator's state into a GPU one)
+            self.pair_generator.manual_seed(self.config.seed + 1 + self.steps)
         self.samples = int(state.get("samples", 0))
         if self.trust_gate is not None and "trust_gate" in state:
             self.trust_gate.load_state_dict(state["trust_gate"])
