@@ -19,8 +19,8 @@ Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item,
   update before it) and ``dense`` (Adam on the whole table), interleaved, at each batch size.
 
 ``--against OLD_CHECKOUT`` compares two checkouts side by side instead: each round runs this script's
-``--only-compare`` in the old checkout and in this one (separate processes, alternating), and reports the
-samples/s of each configuration and the median of the per-round speed-ups:
+``--only-compare`` in the old checkout and in this one at the same time (two processes, one thread each), and
+reports the samples/s of each configuration and the median of the per-round speed-ups:
 
     git worktree add /tmp/old <commit>; python bench/train_step.py --against /tmp/old --rounds 5
 """
@@ -154,11 +154,15 @@ def against(old: Path, args: argparse.Namespace) -> dict:
     command = ["--only-compare", "--compare", args.compare, "--batch-sizes", args.batch_sizes, "--rounds", "1",
                "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
     runs: dict[str, list[dict]] = {"old": [], "new": []}
-    for round_ in range(args.rounds):
-        for label, root in (("old", old), ("new", here)) if round_ % 2 == 0 else (("new", here), ("old", old)):
-            done = subprocess.run([sys.executable, str(root / "bench" / "train_step.py"), *command], cwd=root,
-                                  capture_output=True, text=True, check=True)
-            runs[label].append(json.loads(done.stdout))
+    for _ in range(args.rounds):  # both at once, one core each: the machine's load hits both alike
+        started = {label: subprocess.Popen([sys.executable, str(root / "bench" / "train_step.py"), *command],
+                                           cwd=root, stdout=subprocess.PIPE, text=True)
+                   for label, root in (("old", old), ("new", here))}
+        for label, process in started.items():
+            out, _ = process.communicate()
+            if process.returncode:
+                raise SystemExit(f"{label} checkout's bench failed (exit {process.returncode})")
+            runs[label].append(json.loads(out))
     result: dict = {"old": str(old), "new": str(here), "commits": {}, "rounds": args.rounds, "configs": []}
     for label, root in (("old", old), ("new", here)):
         result["commits"][label] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],

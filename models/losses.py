@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 ADJACENT_LEVELS = ((1, 0), (2, 1), (3, 2))
+# quadruplet_loss takes the exact mean over every pair when the batch's B x B score differences number at most
+# EXACT_FACTOR x max_pairs_per_level (B <= 256 with the default 4,096): one small matrix, cheaper than sampling.
+EXACT_FACTOR = 16
 ALL_LEVEL_PAIRS = ((1, 0), (2, 0), (3, 0), (2, 1), (3, 1), (3, 2))
 
 
@@ -104,10 +107,11 @@ def quadruplet_loss(
     contribute nothing. ``users`` restricts to same-user pairs. w = ``partner_weight`` for the pairs decided by
     the partner's label alone ((3, 2), (1, 0)), 1 for the pairs about task k's own label [ours; paper: all 1].
 
-    The cost is O(max_pairs_per_level) per level pair: a batch whose B x B row pairs fit in it takes the exact
-    mean over every pair (a masked B x B matrix); a larger one the mean over ``max_pairs_per_level`` pairs drawn
-    uniformly with replacement (``LevelPairs``, with ``generator``), an unbiased estimate of the same mean.
-    Either way the shapes depend on B only, never on the labels, and nothing leaves the device.
+    The cost is O(max_pairs_per_level) per level pair: a batch whose B x B row pairs number at most
+    ``EXACT_FACTOR`` x max_pairs_per_level takes the exact mean over every pair (one B x B matrix for all level
+    pairs); a larger one the mean over ``max_pairs_per_level`` pairs drawn uniformly with replacement
+    (``LevelPairs``, with ``generator``), an unbiased estimate of the same mean. Either way the shapes depend on
+    B only, never on the labels, and nothing leaves the device.
 
     >>> r = torch.tensor([2.0, 0.0]); c = torch.tensor([3, 2])
     >>> round(float(quadruplet_loss(r, c)), 4)  # softplus(-(2 - 0))
@@ -121,15 +125,21 @@ def quadruplet_loss(
         return total
     categories = categories.detach()
     size = len(scores)
-    if size * size <= max_pairs_per_level:
+    if size * size <= EXACT_FACTOR * max_pairs_per_level:
+        # Every pair: softplus of all B x B score differences once, then every level pair's sum at once as
+        # onehot^T S onehot ([4, 4]), divided by its number of pairs (0 pairs: a sum of 0).
         differences = F.softplus(margin - (scores[:, None] - scores[None, :]))
-        same_user = (users[:, None] == users[None, :]) if users is not None else None
+        onehot = F.one_hot(categories, 4).to(scores.dtype)
+        if users is None:
+            counts = onehot.sum(dim=0)
+            pair_counts = counts[:, None] * counts[None, :]
+        else:
+            same_user = (users[:, None] == users[None, :]).to(scores.dtype)
+            differences = differences * same_user
+            pair_counts = onehot.t() @ same_user @ onehot
+        means = (onehot.t() @ differences @ onehot) / pair_counts.clamp(min=1.0)
         for high_level, low_level in level_pairs:
-            mask = (categories == high_level)[:, None] & (categories == low_level)[None, :]
-            if same_user is not None:
-                mask = mask & same_user
-            mask = mask.to(scores.dtype)
-            total = total + weights[(high_level, low_level)] * (differences * mask).sum() / mask.sum().clamp(min=1.0)
+            total = total + weights[(high_level, low_level)] * means[high_level, low_level]
         return total
     sampler = LevelPairs(categories, users)
     for high_level, low_level in level_pairs:

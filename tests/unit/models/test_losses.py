@@ -119,22 +119,41 @@ def test_users_with_large_hashes_are_told_apart() -> None:
     assert set(frequencies) == {(0, 1), (2, 3)}
 
 
-def test_an_empty_level_gives_no_pair_and_no_loss() -> None:
+@pytest.mark.parametrize("max_pairs", [64, 4096])  # 100 x 100 pairs: sampled (> 16 x 64), exact (<= 16 x 4096)
+def test_an_empty_level_gives_no_pair_and_no_loss(max_pairs: int) -> None:
     sampler = LevelPairs(torch.tensor([3, 3, 0, 0]))
     _, _, exists = sampler.sample(2, 1, 16, torch.Generator().manual_seed(0))
     assert not bool(exists)
     scores = torch.randn(100, requires_grad=True)
-    categories = torch.tensor([3] * 50 + [0] * 50)  # 100 x 100 > 4096: the sampled path; levels 2, 1 empty
-    loss = quadruplet_loss(scores, categories, generator=torch.Generator().manual_seed(0))
+    categories = torch.tensor([3] * 50 + [0] * 50)  # levels 2 and 1 empty: no adjacent pair exists
+    loss = quadruplet_loss(scores, categories, max_pairs_per_level=max_pairs,
+                           generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert float(loss.detach()) == 0.0 and float(scores.grad.abs().sum()) == 0.0
 
 
-def test_a_level_pair_without_a_shared_user_gives_no_loss() -> None:
+@pytest.mark.parametrize("max_pairs", [64, 4096])
+def test_a_level_pair_without_a_shared_user_gives_no_loss(max_pairs: int) -> None:
     users = torch.arange(100)  # every row its own user: no same-user pair at all
     categories = torch.tensor([1, 0] * 50)
-    loss = quadruplet_loss(torch.randn(100), categories, users=users, generator=torch.Generator().manual_seed(0))
+    loss = quadruplet_loss(torch.randn(100), categories, users=users, max_pairs_per_level=max_pairs,
+                           generator=torch.Generator().manual_seed(0))
     assert float(loss) == 0.0
+
+
+def test_the_exact_path_is_the_mean_over_every_pair_of_each_level_pair() -> None:
+    generator = torch.Generator().manual_seed(6)
+    scores = torch.randn(40, generator=generator)
+    categories = torch.randint(0, 4, (40,), generator=generator)
+    users = torch.randint(0, 3, (40,), generator=generator)
+    for same_user in (None, users):
+        expected = 0.0
+        for high, low in ((1, 0), (2, 1), (3, 2)):
+            terms = [softplus(-(scores[a] - scores[b]).item()) for a in range(40) for b in range(40)
+                     if categories[a] == high and categories[b] == low
+                     and (same_user is None or same_user[a] == same_user[b])]
+            expected += sum(terms) / len(terms) if terms else 0.0
+        assert close(quadruplet_loss(scores, categories, users=same_user), expected)
 
 
 def test_the_sampled_loss_is_the_exact_mean_in_expectation() -> None:
@@ -143,7 +162,7 @@ def test_the_sampled_loss_is_the_exact_mean_in_expectation() -> None:
     categories = torch.randint(0, 4, (120,), generator=generator)
     users = torch.randint(0, 6, (120,), generator=generator)
     for same_user in (None, users):
-        exact = float(quadruplet_loss(scores, categories, users=same_user, max_pairs_per_level=120 * 120))
+        exact = float(quadruplet_loss(scores, categories, users=same_user))  # 120 x 120 pairs: the exact path
         sampled = [float(quadruplet_loss(scores, categories, users=same_user, max_pairs_per_level=512,
                                          generator=generator)) for _ in range(200)]
         assert abs(sum(sampled) / len(sampled) - exact) < 0.01 * exact
