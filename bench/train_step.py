@@ -153,6 +153,8 @@ def against(old: Path, args: argparse.Namespace) -> dict:
     here = Path(__file__).resolve().parents[1]
     command = ["--only-compare", "--compare", args.compare, "--batch-sizes", args.batch_sizes, "--rounds", "1",
                "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
+    if args.bf16:  # (a checkout from before bf16 worked on CPUs ignores it there: its fp32 step is the baseline)
+        command.append("--bf16")
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     for _ in range(args.rounds):  # both at once, one core each: the machine's load hits both alike
         started = {label: subprocess.Popen([sys.executable, str(root / "bench" / "train_step.py"), *command],
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3 = one pass over the batches)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the table-size sweep")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with bf16 matrix units)")
     parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
                         help="configurations (RUNG or RUNG@PRESET) whose step cost is compared, the first as base")
     parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")

@@ -136,7 +136,7 @@ class ModelConfig:
     embedding_lr: float = 1e-2
     sparse_embeddings: bool = True  # SparseAdam on touched rows; False = dense Adam (benchmark baseline)
     seed: int = 0
-    bf16: bool = False  # autocast on CUDA only
+    bf16: bool = False  # bf16 autocast of the forward pass (CUDA, or a CPU with bf16 matrix units)
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
