@@ -24,6 +24,7 @@ from models.features import Batch, encode_rows
 from models.onnx_export import TENSOR_NAME as ONNX_TENSOR
 from models.onnx_export import describe as describe_graph
 from models.onnx_export import export_students
+from models.optimizers import embedding_optimizer, wide_optimizer
 from models.trust_gate import TrustGate
 
 SERVING_FORMAT = "crossdistil-students"
@@ -55,7 +56,6 @@ class Learner:
         self.model = CrossDistilModel(config).to(self.device)
         # Pair sampling has its own generator so its state can be checkpointed exactly.
         self.pair_generator = torch.Generator().manual_seed(config.seed + 1)
-        embedding = [self.model.embedding.weight]
         dense = [p for name, p in self.model.named_parameters()
                  if not name.startswith(("embedding.", "calibrator_", "wide."))]
         groups: list[dict[str, Any]] = [{"params": dense}]
@@ -64,13 +64,11 @@ class Learner:
             groups.append({"params": calibrators, "lr": config.calibrator_lr or config.lr})
         # foreach: one multi-tensor kernel per Adam operation instead of a Python loop over ~40 parameters
         self.dense_optimizer = torch.optim.Adam(groups, lr=config.lr, foreach=True)
-        if config.sparse_embeddings:
-            self.embedding_optimizer: torch.optim.Optimizer = torch.optim.SparseAdam(embedding, lr=config.embedding_lr)
-        else:
-            self.embedding_optimizer = torch.optim.Adam(embedding, lr=config.embedding_lr)
+        self.embedding_optimizer = embedding_optimizer(self.model.embedding.weight, config.embedding_optimizer,
+                                                       config.embedding_lr, config.sparse_embeddings)
         # The wide part learns with its own per-coordinate steps (sparse AdaGrad: only the rows a batch uses move).
-        self.wide_optimizer = (torch.optim.Adagrad(self.model.wide.parameters(), lr=config.wide_lr, foreach=False)
-                               if self.model.wide is not None else None)
+        self.wide_optimizer = (wide_optimizer(self.model.wide.parameters(), config.wide, config.wide_lr,
+                                              config.wide_decay) if self.model.wide is not None else None)
         self.steps = 0
         self.samples = 0  # training samples seen (the KD warm-up's clock)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
