@@ -4,8 +4,9 @@
     python bench/train_step.py --device cuda   # same measurements on a GPU
 
 Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item, author, hour, duration):
-* ``throughput``: samples/s of ``Learner.step`` at each batch size, sparse (SparseAdam on touched rows)
-  and dense (Adam on the whole table) side by side;
+* ``throughput``: samples/s of ``Learner.step`` at each batch size, sparse (the embedding optimizer on the touched
+  rows: per-row AdaGrad by default, SparseAdam with ``embedding_optimizer="adam"``) and dense (the same optimizer
+  on the whole table's gradient) side by side;
 * ``breakdown``: share of a step spent on the embedding side (lookup, its backward, its optimizer) vs the
   dense side (backbone, towers, losses, their backward and optimizer);
 * ``table_sizes``: step time at tables of 2^16, 2^19 and 2^22 rows (target: sparse changes <= 20 %);
