@@ -3,8 +3,8 @@
     learner = Learner(ModelConfig(tasks=("click", "long_view")))
     losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
 
-Embeddings use sparse gradients and per-row AdaGrad (``embedding_optimizer``: a step touches only the rows the batch
-uses); everything else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)``
+Embeddings use sparse gradients and per-row AdaGrad (a step touches only the rows the batch uses); everything
+else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)``
 reads it, and ``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for
 ``ServingModel``, safetensors-ready.
 """
