@@ -127,7 +127,7 @@ class ModelConfig:
     kd_gate_every: int = 2048  # re-decide the gate after this many samples
 
     # the wide (linear) part beside the towers (models/wide.py; docs/method.md "The wide part")
-    wide: str = "adagrad"  # its optimizer; "none" = no wide part (the deep model alone)
+    wide: str = "adagrad"  # its optimizer ("adagrad" or "ftrl"); "none" = no wide part (the deep model alone)
     wide_lr: float = 0.05  # AdaGrad step of the wide weights (chosen on the validation slice of kuairand_pure)
     wide_crosses: tuple[str, ...] = DEFAULT_WIDE_CROSSES  # "field*field" crosses; absent fields are skipped
     wide_decay: float = 1.0  # the wide optimizer's sums of squared gradients forget by this factor per step (1 = never)
