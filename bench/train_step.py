@@ -15,6 +15,16 @@ Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item,
   and ``crossdistil@paper``) at each batch size, measured in interleaved rounds, and its ratio to ``mtl`` (median
   of the per-round ratios: the machine's load hits every configuration alike). ``--only-compare`` measures this
   alone (about a minute).
+* ``embedding_update``: step time with each way of updating the embedding table and the wide part: ``rowwise``
+  (``models.rowwise``, the learner's), ``coo`` (torch's sparse Adagrad, or SparseAdam for ``embedding_optimizer=
+  "adam"``, on COO gradients, the update before it) and ``dense`` (the table's optimizer on the whole table),
+  interleaved, at each batch size.
+
+``--against OLD_CHECKOUT`` compares two checkouts side by side instead: each round runs this script's
+``--only-compare`` in the old checkout and in this one at the same time (two processes, one thread each), and
+reports the samples/s of each configuration and the median of the per-round speed-ups:
+
+    git worktree add /tmp/old <commit>; python bench/train_step.py --against /tmp/old --rounds 5
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from models.config import ModelConfig, split_config_name
 from models.crossdistil import crossdistil_loss
 from models.features import FeatureSpec, encode_rows, hash_bucket
 from models.learner import Learner
+from models.rowwise import RowAdagrad, RowAdam
 
 TASKS = ("click", "long_view")
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
@@ -85,6 +96,94 @@ def compare_configs(names: list[str], batch_sizes: list[int], rows: list[dict], 
         out.append(entry)
         del learners
     return out
+
+
+def use_embedding_update(learner: Learner, how: str) -> Learner:
+    """``learner`` with the embedding table's and the wide part's optimizers of ``how`` (rowwise, coo, dense)."""
+    cfg = learner.config
+    embedding = [learner.model.embedding.weight]
+    wide = list(learner.model.wide.parameters()) if learner.model.wide is not None else []
+    adagrad = cfg.embedding_optimizer == "adagrad"  # the table's optimizer (per-row AdaGrad by default)
+    if how == "coo":
+        learner.embedding_optimizer = (_CooAdagrad(embedding, lr=cfg.embedding_lr, foreach=False) if adagrad
+                                       else torch.optim.SparseAdam(embedding, lr=cfg.embedding_lr))
+        if wide:
+            learner.wide_optimizer = _CooAdagrad(wide, lr=cfg.wide_lr, foreach=False)
+    elif how == "rowwise":
+        learner.embedding_optimizer = (RowAdagrad if adagrad else RowAdam)(embedding, lr=cfg.embedding_lr)
+        if wide:
+            learner.wide_optimizer = RowAdagrad(wide, lr=cfg.wide_lr)
+    elif how != "dense":
+        raise ValueError(f"unknown embedding update {how!r}")
+    return learner
+
+
+class _CooAdagrad(torch.optim.Adagrad):
+    """torch's Adagrad as the learner ran it before models.rowwise (invariant checks off, as it did)."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            return super().step(closure)
+
+
+def compare_updates(batch_sizes: list[int], rows: list[dict], buckets: int, device: torch.device, rounds: int,
+                    steps: int, name: str) -> list[dict]:
+    """Step time of ``name`` with each embedding update, interleaved over ``rounds``; speed-up of rowwise."""
+    out = []
+    for size in batch_sizes:
+        spec = config(buckets, True, False).features
+        batches = [encode_rows(rows[i * size:(i + 1) * size], spec, TASKS) for i in range(3)]
+        learners = {how: use_embedding_update(Learner(config(buckets, how != "dense", False, name), device=device),
+                                              how) for how in ("rowwise", "coo", "dense")}
+        for learner in learners.values():
+            time_steps(learner, batches, len(batches), 1)
+        times: dict[str, list[float]] = {how: [] for how in learners}
+        for _ in range(rounds):
+            for how, learner in learners.items():
+                times[how].append(time_steps(learner, batches, 0, steps))
+        out.append({"batch": size, "config": name,
+                    "step_ms": {how: 1e3 * statistics.median(t) for how, t in times.items()},
+                    "samples_per_s": {how: size / statistics.median(t) for how, t in times.items()},
+                    "rowwise_speedup": {how: statistics.median(a / b for a, b in zip(t, times["rowwise"]))
+                                        for how, t in times.items() if how != "rowwise"}})
+        del learners
+    return out
+
+
+def against(old: Path, args: argparse.Namespace) -> dict:
+    """``--only-compare`` of the old checkout and of this one, alternating per round; speed-ups new/old."""
+    import subprocess
+
+    here = Path(__file__).resolve().parents[1]
+    command = ["--only-compare", "--compare", args.compare, "--batch-sizes", args.batch_sizes, "--rounds", "1",
+               "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for _ in range(args.rounds):  # both at once, one core each: the machine's load hits both alike
+        started = {label: subprocess.Popen([sys.executable, str(root / "bench" / "train_step.py"), *command],
+                                           cwd=root, stdout=subprocess.PIPE, text=True)
+                   for label, root in (("old", old), ("new", here))}
+        for label, process in started.items():
+            out, _ = process.communicate()
+            if process.returncode:
+                raise SystemExit(f"{label} checkout's bench failed (exit {process.returncode})")
+            runs[label].append(json.loads(out))
+    result: dict = {"old": str(old), "new": str(here), "commits": {}, "rounds": args.rounds, "configs": []}
+    for label, root in (("old", old), ("new", here)):
+        result["commits"][label] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                                  capture_output=True, text=True).stdout.strip()
+    for index, entry in enumerate(runs["new"][0]["configs"]):
+        size = entry["batch"]
+        for name in entry["step_ms"]:
+            old_ms = [run["configs"][index]["step_ms"][name] for run in runs["old"]]
+            new_ms = [run["configs"][index]["step_ms"][name] for run in runs["new"]]
+            result["configs"].append({
+                "batch": size, "config": name,
+                "old_samples_per_s": size * 1e3 / statistics.median(old_ms),
+                "new_samples_per_s": size * 1e3 / statistics.median(new_ms),
+                "speedup_median_of_rounds": statistics.median(o / n for o, n in zip(old_ms, new_ms)),
+                "old_step_ms_rounds": old_ms, "new_step_ms_rounds": new_ms,
+            })
+    return result
 
 
 def make_sync(device: torch.device):
@@ -165,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
                         help="configurations (RUNG or RUNG@PRESET) whose step cost is compared, the first as base")
     parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")
+    parser.add_argument("--against", type=Path, default=None, metavar="OLD_CHECKOUT",
+                        help="compare --compare's step times with another checkout's, side by side (see above)")
     # One thread by default on CPU: on a shared 2-core machine two OpenMP threads per process oversubscribe
     # the cores and a step gets ~10x slower and noisy (measured: 24 ms vs 241 ms at batch 256).
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
@@ -175,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     started = time.perf_counter()
+    if args.against is not None:
+        result = against(args.against.resolve(), args)
+        result["wall_s"] = time.perf_counter() - started
+        print(json.dumps(result, indent=2))
+        return 0
 
     rows = synthetic_rows(max(batch_sizes) * 3, seed=0)
     spec = config(2**args.default_log2, True, False).features
@@ -200,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = time.perf_counter() - started
         print(json.dumps(result, indent=2))
         return 0
+
+    result["embedding_update"] = [entry for name in ("mtl", "crossdistil") for entry in compare_updates(
+        batch_sizes, rows, 2**args.default_log2, device, args.rounds, args.steps, name)]
 
     def batches_of(size: int, buckets: int) -> list:
         spec_b = config(buckets, True, False).features

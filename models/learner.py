@@ -3,9 +3,10 @@
     learner = Learner(ModelConfig(tasks=("click", "long_view")))
     losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
 
-Embeddings use sparse gradients and per-row AdaGrad (a step touches only the rows the batch uses); everything
-else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)``
-reads it, and ``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for
+Embeddings use sparse gradients and per-row AdaGrad's update on the touched rows (``models.rowwise``: a step
+touches only the rows the batch uses; ``embedding_optimizer``); the wide part uses AdaGrad the same way; everything
+else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)`` reads
+it, and ``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for
 ``ServingModel``, safetensors-ready.
 """
 
@@ -54,8 +55,8 @@ class Learner:
         self.device = resolve_device(device)
         torch.manual_seed(config.seed)  # parameter init is the only use of the global RNG
         self.model = CrossDistilModel(config).to(self.device)
-        # Pair sampling has its own generator so its state can be checkpointed exactly.
-        self.pair_generator = torch.Generator().manual_seed(config.seed + 1)
+        # Pair sampling has its own generator, on the model's device (no host round-trip), checkpointed exactly.
+        self.pair_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         dense = [p for name, p in self.model.named_parameters()
                  if not name.startswith(("embedding.", "calibrator_", "wide."))]
         groups: list[dict[str, Any]] = [{"params": dense}]
@@ -64,15 +65,15 @@ class Learner:
             groups.append({"params": calibrators, "lr": config.calibrator_lr or config.lr})
         # foreach: one multi-tensor kernel per Adam operation instead of a Python loop over ~40 parameters
         self.dense_optimizer = torch.optim.Adam(groups, lr=config.lr, foreach=True)
+        # The table's rows and the wide part learn with per-row steps (models.optimizers: only touched rows move).
         self.embedding_optimizer = embedding_optimizer(self.model.embedding.weight, config.embedding_optimizer,
                                                        config.embedding_lr, config.sparse_embeddings)
-        # The wide part learns with its own per-coordinate steps (sparse AdaGrad: only the rows a batch uses move).
         self.wide_optimizer = (wide_optimizer(self.model.wide.parameters(), config.wide, config.wide_lr,
                                               config.wide_decay) if self.model.wide is not None else None)
         self.steps = 0
         self.samples = 0  # training samples seen (the KD warm-up's clock)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
-                                     config.kd_gate_every) if config.gated else None)
+                                     config.kd_gate_every, device=self.device) if config.gated else None)
         # Several ranks, one model (models.distributed): set by the trainer's ranks, None for one process.
         self.collective: Any = None
 
@@ -81,7 +82,7 @@ class Learner:
         cfg = self.config
         scale = None
         if cfg.kd_warmup_samples > 0 and cfg.distills:
-            scale = torch.full((len(cfg.tasks),), min(1.0, self.samples / cfg.kd_warmup_samples))
+            scale = torch.full((len(cfg.tasks),), min(1.0, self.samples / cfg.kd_warmup_samples), device=self.device)
         if self.trust_gate is not None:
             scale = self.trust_gate.open.clone() if scale is None else scale * self.trust_gate.open
         return scale
@@ -154,10 +155,7 @@ class Learner:
         self.dense_optimizer.step()
         self.embedding_optimizer.step()
         if self.wide_optimizer is not None:
-            # AdaGrad builds its sparse update from the coalesced gradient (valid by construction): explicit
-            # opt-out of torch's per-tensor invariant checks, which otherwise warns on every step.
-            with torch.sparse.check_sparse_tensor_invariants(enable=False):
-                self.wide_optimizer.step()
+            self.wide_optimizer.step()
         self._update_normalizer(numeric)
 
     def _update_normalizer(self, numeric: torch.Tensor) -> None:
@@ -212,8 +210,11 @@ class Learner:
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
         if self.wide_optimizer is not None:
             self.wide_optimizer.load_state_dict(state["wide_optimizer"])
-        self.pair_generator.set_state(state["pair_generator"])
         self.steps = int(state["steps"])
+        try:
+            self.pair_generator.set_state(state["pair_generator"])
+        except RuntimeError:  # saved on another kind of device (a CPU generator's state into a GPU one)
+            self.pair_generator.manual_seed(self.config.seed + 1 + self.steps)
         self.samples = int(state.get("samples", 0))
         if self.trust_gate is not None and "trust_gate" in state:
             self.trust_gate.load_state_dict(state["trust_gate"])

@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 
 ADJACENT_LEVELS = ((1, 0), (2, 1), (3, 2))
+# quadruplet_loss takes the exact mean over every pair when the batch's B x B score differences number at most
+# EXACT_FACTOR x max_pairs_per_level (B <= 256 with the default 4,096): one small matrix, cheaper than sampling.
+EXACT_FACTOR = 16
 ALL_LEVEL_PAIRS = ((1, 0), (2, 0), (3, 0), (2, 1), (3, 1), (3, 2))
 
 
@@ -24,41 +27,67 @@ def quadruplet_categories(own: torch.Tensor, partner: torch.Tensor) -> torch.Ten
     return (2 * own + partner).long()
 
 
-def sample_level_pairs(
-    high: torch.Tensor, low: torch.Tensor, max_pairs: int, generator: torch.Generator | None = None,
-    users: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (a, b) with a from ``high`` and b from ``low`` (index tensors on CPU).
+def dense_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each value's rank among the distinct values of ``values`` [B] (0 for the smallest; equal values, equal ranks).
 
-    All pairs when there are at most ``max_pairs``; otherwise ``max_pairs`` pairs drawn uniformly, with
-    replacement, from all of them, so the cost stays O(max_pairs). With ``users`` (the user of every row of
-    the batch) only same-user pairs count.
+    Shape [B] whatever the data (no ``unique``), so it runs on a device without a host synchronisation.
+
+    >>> dense_ranks(torch.tensor([40, 7, 40, 9])).tolist()
+    [2, 0, 2, 1]
     """
-    if users is None:
-        low_sorted = low
-        start = torch.zeros(len(high), dtype=torch.long)
-        count = torch.full((len(high),), len(low), dtype=torch.long)
-    else:
-        # Sort the low side by user; each high row's partners are then one contiguous range.
-        low_users, order = torch.sort(users[low])
-        low_sorted = low[order]
-        high_users = users[high]
-        start = torch.searchsorted(low_users, high_users, right=False)
-        count = torch.searchsorted(low_users, high_users, right=True) - start
-    total = int(count.sum())
-    if total == 0:
-        empty = torch.empty(0, dtype=torch.long)
-        return empty, empty
-    if total <= max_pairs:
-        a = torch.repeat_interleave(high, count)
-        first = torch.repeat_interleave(start, count)
-        offset = torch.arange(total) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-        return a, low_sorted[first + offset]
-    # P(high row i) proportional to its number of partners, then a uniform partner: uniform over pairs.
-    pick = torch.multinomial(count.double(), max_pairs, replacement=True, generator=generator)
-    offset = (torch.rand(max_pairs, generator=generator, dtype=torch.float64) * count[pick]).long()
-    offset = torch.minimum(offset, count[pick] - 1)
-    return high[pick], low_sorted[start[pick] + offset]
+    ordered, order = torch.sort(values)
+    new_value = torch.ones_like(ordered)
+    new_value[1:] = (ordered[1:] != ordered[:-1]).long()
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.cumsum(new_value, 0) - 1
+    return ranks
+
+
+class LevelPairs:
+    """Pairs (a, b) of a batch's rows with c(a) = high, c(b) = low (and the same user, with ``users``), drawn
+    uniformly with replacement from all such pairs, on the scores' device, in shapes fixed by the batch size.
+
+    ``categories`` [B]: one task's quadruplet categories. The rows are sorted once by (category, user), so the
+    rows of a level (of a user) are one contiguous range of that order. Without users a pair is a uniform row of
+    each level. With users, a row's partners are found by ``searchsorted``; a is drawn with probability
+    proportional to its number of partners, then b uniformly among them: again every pair equally likely.
+    No ``nonzero``, ``.item()`` or copy to the host: an empty level gives pairs marked invalid, not a branch.
+    """
+
+    def __init__(self, categories: torch.Tensor, users: torch.Tensor | None = None) -> None:
+        self.categories = categories
+        self.size = size = len(categories)
+        self.user_rank = dense_ranks(users) if users is not None else None
+        keys = categories * size + self.user_rank if users is not None else categories
+        self.keys, self.order = torch.sort(keys)
+        if users is None:
+            self.counts = torch.zeros(4, dtype=torch.long, device=categories.device).index_add_(
+                0, categories, torch.ones_like(categories))
+            self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def sample(self, high: int, low: int, count: int, generator: torch.Generator | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``count`` pairs as row indices (a [count], b [count]) and whether any pair exists (bool, 0-d tensor)."""
+        draw = torch.rand(2, count, generator=generator, device=self.categories.device, dtype=torch.float64)
+        if self.user_rank is None:
+            high_rows, low_rows = self.counts[high], self.counts[low]
+            a = self._pick(self.starts[high], high_rows, draw[0])
+            b = self._pick(self.starts[low], low_rows, draw[1])
+            return a, b, (high_rows > 0) & (low_rows > 0)
+        wanted = low * self.size + self.user_rank  # the key of each row's partners at level ``low``
+        first = torch.searchsorted(self.keys, wanted)
+        partners = torch.searchsorted(self.keys, wanted, right=True) - first
+        weight = torch.where(self.categories == high, partners, torch.zeros_like(partners))
+        cumulative = torch.cumsum(weight, 0)
+        total = cumulative[-1]
+        # a: inverse CDF of the partner counts (clamped inside the batch: with total = 0 the pairs are invalid)
+        a = torch.searchsorted(cumulative, (draw[0] * total).long(), right=True).clamp(max=self.size - 1)
+        return a, self._pick(first[a], partners[a], draw[1]), total > 0
+
+    def _pick(self, start: torch.Tensor, rows: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+        """Row ``order[start + floor(draw * rows)]``, kept inside the range and the batch (rows may be 0)."""
+        offset = torch.minimum((draw * rows).long(), (rows - 1).clamp(min=0))
+        return self.order[(start + offset).clamp(max=self.size - 1)]
 
 
 def decided_by_partner(high_level: int, low_level: int) -> bool:
@@ -78,31 +107,45 @@ def quadruplet_loss(
     contribute nothing. ``users`` restricts to same-user pairs. w = ``partner_weight`` for the pairs decided by
     the partner's label alone ((3, 2), (1, 0)), 1 for the pairs about task k's own label [ours; paper: all 1].
 
+    The cost is O(max_pairs_per_level) per level pair: a batch whose B x B row pairs number at most
+    ``EXACT_FACTOR`` x max_pairs_per_level takes the exact mean over every pair (one B x B matrix for all level
+    pairs); a larger one the mean over ``max_pairs_per_level`` pairs drawn uniformly with replacement
+    (``LevelPairs``, with ``generator``), an unbiased estimate of the same mean. Either way the shapes depend on
+    B only, never on the labels, and nothing leaves the device.
+
     >>> r = torch.tensor([2.0, 0.0]); c = torch.tensor([3, 2])
     >>> round(float(quadruplet_loss(r, c)), 4)  # softplus(-(2 - 0))
     0.1269
     """
     level_pairs = ADJACENT_LEVELS if pairs == "adjacent" else ALL_LEVEL_PAIRS
-    cats = categories.detach().cpu()
-    users_cpu = users.detach().cpu() if users is not None else None
-    members = {level: torch.nonzero(cats == level).flatten() for level in range(4)}
+    weights = {pair: partner_weight if decided_by_partner(*pair) else 1.0 for pair in level_pairs}
+    level_pairs = tuple(pair for pair in level_pairs if weights[pair] != 0.0)
     total = scores.new_zeros(())
+    if not level_pairs:
+        return total
+    categories = categories.detach()
+    size = len(scores)
+    if size * size <= EXACT_FACTOR * max_pairs_per_level:
+        # Every pair: softplus of all B x B score differences once, then every level pair's sum at once as
+        # onehot^T S onehot ([4, 4]), divided by its number of pairs (0 pairs: a sum of 0).
+        differences = F.softplus(margin - (scores[:, None] - scores[None, :]))
+        onehot = F.one_hot(categories, 4).to(scores.dtype)
+        if users is None:
+            counts = onehot.sum(dim=0)
+            pair_counts = counts[:, None] * counts[None, :]
+        else:
+            same_user = (users[:, None] == users[None, :]).to(scores.dtype)
+            differences = differences * same_user
+            pair_counts = onehot.t() @ same_user @ onehot
+        means = (onehot.t() @ differences @ onehot) / pair_counts.clamp(min=1.0)
+        for high_level, low_level in level_pairs:
+            total = total + weights[(high_level, low_level)] * means[high_level, low_level]
+        return total
+    sampler = LevelPairs(categories, users)
     for high_level, low_level in level_pairs:
-        high, low = members[high_level], members[low_level]
-        weight = partner_weight if decided_by_partner(high_level, low_level) else 1.0
-        if len(high) == 0 or len(low) == 0 or weight == 0.0:
-            continue
-        if users_cpu is None and len(high) * len(low) <= max_pairs_per_level:
-            # Every pair, as one [high, low] matrix of differences: no index tensors to build (same value).
-            high_scores, low_scores = scores[high.to(scores.device)], scores[low.to(scores.device)]
-            differences = high_scores[:, None] - low_scores[None, :]
-            total = total + weight * F.softplus(margin - differences).mean()
-            continue
-        a, b = sample_level_pairs(high, low, max_pairs_per_level, generator, users_cpu)
-        if len(a) == 0:
-            continue
-        a, b = a.to(scores.device), b.to(scores.device)
-        total = total + weight * F.softplus(margin - (scores[a] - scores[b])).mean()
+        a, b, exists = sampler.sample(high_level, low_level, max_pairs_per_level, generator)
+        term = F.softplus(margin - (scores[a] - scores[b])).mean()
+        total = total + weights[(high_level, low_level)] * torch.where(exists, term, torch.zeros_like(term))
     return total
 
 

@@ -2,7 +2,8 @@
 
 A hashed row seen once should move by a full step and a frequent one by ever smaller steps: that is what made
 ``river_lr`` and Vowpal Wabbit work on KuaiRand-Pure (reports/peers_kuairand_pure), what the wide part uses
-(``ModelConfig.wide``) and, with ``ModelConfig.embedding_optimizer = "adagrad"``, what the embedding table uses.
+(``ModelConfig.wide``) and, with ``ModelConfig.embedding_optimizer = "adagrad"`` (the default), what the embedding
+table uses.
 Only the rows a batch uses change.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from models.rowwise import RowAdagrad, RowAdam
 
 
 class WideOptimizer(torch.optim.Optimizer):
@@ -76,32 +79,19 @@ class WideOptimizer(torch.optim.Optimizer):
         p[index] = -shrunk / ((beta + new.sqrt()) / alpha + l2)
 
 
-class SparseAdagrad(torch.optim.Adagrad):
-    """torch's AdaGrad on sparse gradients (``nn.Embedding(sparse=True)``): only the rows a batch uses move.
-
-    AdaGrad builds its sparse update from the coalesced gradient (valid by construction): explicit opt-out of
-    torch's per-tensor invariant checks, which otherwise warn.
-    """
-
-    def __init__(self, params: Iterable[torch.Tensor], lr: float) -> None:
-        super().__init__(params, lr=lr, foreach=False)
-
-    def step(self, closure: None = None) -> None:
-        with torch.sparse.check_sparse_tensor_invariants(enable=False):
-            super().step(closure)
-
-
 def wide_optimizer(parameters: Iterable[torch.Tensor], method: str, lr: float,
                    decay: float = 1.0) -> torch.optim.Optimizer:
-    """The wide part's optimizer: torch's sparse AdaGrad for plain AdaGrad (``decay = 1``), else ``WideOptimizer``."""
+    """The wide part's optimizer: plain AdaGrad (``decay = 1``) is torch's on the touched rows (``RowAdagrad``), else
+    ``WideOptimizer``."""
     if method == "adagrad" and decay == 1.0:
-        return torch.optim.Adagrad(parameters, lr=lr, foreach=False)
+        return RowAdagrad(parameters, lr=lr)
     return WideOptimizer(parameters, lr=lr, method=method, decay=decay)
 
 
 def embedding_optimizer(table: torch.Tensor, method: str, lr: float, sparse: bool) -> torch.optim.Optimizer:
-    """The embedding table's optimizer: ``"adagrad"`` (per-row AdaGrad), or ``"adam"``: SparseAdam on sparse
-    gradients (Adam's moments, lazily, on the touched rows), dense Adam otherwise."""
+    """The embedding table's optimizer: ``"adagrad"`` (per-row AdaGrad, torch's update on the touched rows), or
+    ``"adam"``: SparseAdam on sparse gradients (Adam's moments, lazily, on the touched rows), dense Adam otherwise.
+    Both sparse updates are ``models.rowwise``'s gathers and scatters (torch's values and state)."""
     if method == "adagrad":
-        return SparseAdagrad([table], lr=lr)
-    return torch.optim.SparseAdam([table], lr=lr) if sparse else torch.optim.Adam([table], lr=lr)
+        return RowAdagrad([table], lr=lr)
+    return RowAdam([table], lr=lr) if sparse else torch.optim.Adam([table], lr=lr)

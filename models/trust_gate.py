@@ -26,23 +26,55 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.metrics import auc
+
+def column_aucs(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """AUC of every column of ``scores`` [n, C] against ``labels`` [n, C] (0/1), ties counting 1/2; nan for a
+    column with one class. ``models.metrics.auc`` (Mann-Whitney U from average ranks) with torch ops on the
+    tensors' device: one sort for all columns, shapes fixed by n, nothing read back to the host (on a CPU the
+    sort is numpy's, the faster one there).
+
+    >>> column_aucs(torch.tensor([[0.], [0.], [1.], [1.]]), torch.tensor([[0.1], [0.4], [0.35], [0.8]])).tolist()
+    [0.75]
+    """
+    n = scores.shape[0]
+    columns = scores.float().t().contiguous()  # [C, n]
+    if columns.device.type == "cpu":  # numpy's quicksort is ~1.6x torch's CPU sort here; ties are resolved below
+        order = torch.from_numpy(np.argsort(columns.numpy(), axis=1))
+        ordered = columns.gather(1, order)
+    else:
+        ordered, order = torch.sort(columns, dim=1)
+    index = torch.arange(n, device=scores.device).expand_as(order)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    # Each row's tied run is [first, last]; its average 1-based rank is (first + last) / 2 + 1.
+    first = torch.cummax(torch.where(starts, index, 0), dim=1).values
+    last = torch.cummin(torch.where(ends, index, n).flip(1), dim=1).values.flip(1)
+    positive = labels.t().gather(1, order).double()
+    positives = positive.sum(dim=1)
+    negatives = n - positives
+    u = ((first + last).double() * positive).sum(dim=1) / 2.0 + positives - positives * (positives + 1) / 2.0
+    return torch.where((positives > 0) & (negatives > 0), u / (positives * negatives).clamp(min=1.0),
+                       torch.full_like(u, math.nan))
 
 
 class TrustGate:
     """Windowed prequential AUC of teacher and student per task, and the gate it decides (1 open, 0 closed)."""
 
-    def __init__(self, tasks: int, window: int = 20000, margin: float = 0.0, every: int = 2048) -> None:
+    def __init__(self, tasks: int, window: int = 20000, margin: float = 0.0, every: int = 2048,
+                 device: str | torch.device = "cpu") -> None:
         self.window, self.margin, self.every = int(window), float(margin), int(every)
-        self.labels = torch.zeros(self.window, tasks)
-        self.student = torch.zeros(self.window, tasks)
-        self.teacher = torch.zeros(self.window, tasks)
+        # On the learner's device: the scores never travel to the host, the gate never waits for them.
+        self.labels = torch.zeros(self.window, tasks, device=device)
+        self.student = torch.zeros(self.window, tasks, device=device)
+        self.teacher = torch.zeros(self.window, tasks, device=device)
         self.filled = 0  # samples in the ring buffer (<= window)
         self.position = 0  # next row to write
         self.since_decision = 0
-        self.open = torch.zeros(tasks)
-        self.teacher_auc = torch.full((tasks,), math.nan)
-        self.student_auc = torch.full((tasks,), math.nan)
+        self.open = torch.zeros(tasks, device=device)
+        self.teacher_auc = torch.full((tasks,), math.nan, device=device)
+        self.student_auc = torch.full((tasks,), math.nan, device=device)
 
     def update(self, labels: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
         """Add a batch of labels [B, K] with the student's and the teacher's scores [B, K] (any monotone scale)."""
@@ -52,7 +84,7 @@ class TrustGate:
             rows = self.window
         first = min(rows, self.window - self.position)  # rows up to the end of the ring, then the rest from 0
         for buffer, values in ((self.labels, labels), (self.student, student), (self.teacher, teacher)):
-            values = values.detach().float().cpu()
+            values = values.detach().float().to(buffer.device)
             buffer[self.position:self.position + first] = values[:first]
             buffer[:rows - first] = values[first:]
         self.position = int((self.position + rows) % self.window)
@@ -64,14 +96,15 @@ class TrustGate:
     def decide(self) -> None:
         """Recompute both AUCs over the window and open the gate of each task whose teacher leads by the margin."""
         self.since_decision = 0
-        y = self.labels[: self.filled].numpy()
-        s = self.student[: self.filled].numpy()
-        t = self.teacher[: self.filled].numpy()
-        for k in range(y.shape[1]):
-            teacher_auc, student_auc = auc(y[:, k], t[:, k]), auc(y[:, k], s[:, k])
-            self.teacher_auc[k], self.student_auc[k] = teacher_auc, student_auc
-            leads = np.isfinite(teacher_auc) and np.isfinite(student_auc) and teacher_auc > student_auc + self.margin
-            self.open[k] = 1.0 if leads else 0.0
+        tasks = self.labels.shape[1]
+        labels = self.labels[: self.filled]
+        aucs = column_aucs(torch.cat([labels, labels], dim=1),
+                           torch.cat([self.teacher[: self.filled], self.student[: self.filled]], dim=1))
+        teacher_auc, student_auc = aucs[:tasks], aucs[tasks:]
+        self.teacher_auc.copy_(teacher_auc)
+        self.student_auc.copy_(student_auc)
+        # compared in float64; nan > x is False: a window without both classes keeps the gate closed
+        self.open.copy_((teacher_auc > student_auc + self.margin).float())
 
     def decided(self, task: int) -> bool:
         """Whether task ``task`` has both AUCs (a decision over a window holding both classes)."""

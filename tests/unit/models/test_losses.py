@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -10,13 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.losses import (
+    LevelPairs,
     calibration_loss,
     correct_errors,
+    dense_ranks,
     kd_loss,
     platt_calibrate,
     quadruplet_categories,
     quadruplet_loss,
-    sample_level_pairs,
     task_bce,
 )
 
@@ -73,7 +75,7 @@ def test_empty_levels_contribute_nothing() -> None:
     r = torch.tensor([1.0, 2.0, 0.0], requires_grad=True)
     c = torch.tensor([3, 3, 0])  # levels 2 and 1 empty: no adjacent pair exists
     loss = quadruplet_loss(r, c)
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     assert close(quadruplet_loss(r, c, pairs="all"), (softplus(-1.0) + softplus(-2.0)) / 2)
 
 
@@ -85,25 +87,105 @@ def test_same_user_variant_only_pairs_rows_of_one_user() -> None:
     assert close(quadruplet_loss(r, c, users=users), expected)
 
 
-def test_pair_sampling_caps_pairs_per_level_and_draws_only_valid_pairs() -> None:
-    high = torch.arange(0, 100)
-    low = torch.arange(100, 300)
-    a, b = sample_level_pairs(high, low, max_pairs=64, generator=torch.Generator().manual_seed(0))
-    assert len(a) == len(b) == 64
-    assert bool(((a >= 0) & (a < 100)).all()) and bool(((b >= 100) & (b < 300)).all())
+def _pair_frequencies(categories: list[int], high: int, low: int, users: list[int] | None = None,
+                      draws: int = 60_000) -> dict[tuple[int, int], float]:
+    sampler = LevelPairs(torch.tensor(categories), torch.tensor(users) if users is not None else None)
+    a, b, exists = sampler.sample(high, low, draws, torch.Generator().manual_seed(3))
+    assert bool(exists)
+    counts = Counter(zip(a.tolist(), b.tolist()))
+    return {pair: n / draws for pair, n in counts.items()}
 
 
-def test_capped_same_user_sampling_never_crosses_users() -> None:
-    users = torch.randint(0, 5, (400,), generator=torch.Generator().manual_seed(1))
-    high, low = torch.arange(0, 200), torch.arange(200, 400)
-    a, b = sample_level_pairs(high, low, max_pairs=50, generator=torch.Generator().manual_seed(2), users=users)
-    assert len(a) == 50
-    assert torch.equal(users[a], users[b])
+def test_level_pairs_are_uniform_over_every_pair_of_the_two_levels() -> None:
+    categories = [3, 0, 3, 2, 2, 1, 2, 3]  # level 3: rows 0, 2, 7; level 2: rows 3, 4, 6
+    frequencies = _pair_frequencies(categories, 3, 2)
+    assert set(frequencies) == {(a, b) for a in (0, 2, 7) for b in (3, 4, 6)}
+    assert all(abs(f - 1 / 9) < 0.01 for f in frequencies.values())  # 60k draws: std of a frequency ~0.0013
 
 
-def test_pair_sampling_below_the_cap_enumerates_every_pair_once() -> None:
-    a, b = sample_level_pairs(torch.tensor([0, 1]), torch.tensor([2, 3, 4]), max_pairs=6)
-    assert sorted(zip(a.tolist(), b.tolist())) == [(i, j) for i in (0, 1) for j in (2, 3, 4)]
+def test_same_user_pairs_are_uniform_over_the_pairs_of_each_user() -> None:
+    # user 5: high rows 0, 1 x low rows 2  -> 2 pairs; user 9: high row 3 x low rows 4, 5, 6 -> 3 pairs;
+    # user 7 has a high row and no low row: no pair. Every one of the 5 pairs is equally likely.
+    categories = [1, 1, 0, 1, 0, 0, 0, 1]
+    users = [5, 5, 5, 9, 9, 9, 9, 7]
+    frequencies = _pair_frequencies(categories, 1, 0, users)
+    assert set(frequencies) == {(0, 2), (1, 2), (3, 4), (3, 5), (3, 6)}
+    assert all(abs(f - 1 / 5) < 0.01 for f in frequencies.values())
+
+
+def test_users_with_large_hashes_are_told_apart() -> None:
+    users = [2**62 + 1, 2**62 + 1, 2**62 + 2, 2**62 + 2]
+    frequencies = _pair_frequencies([1, 0, 1, 0], 1, 0, users, draws=2000)
+    assert set(frequencies) == {(0, 1), (2, 3)}
+
+
+@pytest.mark.parametrize("max_pairs", [64, 4096])  # 100 x 100 pairs: sampled (> 16 x 64), exact (<= 16 x 4096)
+def test_an_empty_level_gives_no_pair_and_no_loss(max_pairs: int) -> None:
+    sampler = LevelPairs(torch.tensor([3, 3, 0, 0]))
+    _, _, exists = sampler.sample(2, 1, 16, torch.Generator().manual_seed(0))
+    assert not bool(exists)
+    scores = torch.randn(100, requires_grad=True)
+    categories = torch.tensor([3] * 50 + [0] * 50)  # levels 2 and 1 empty: no adjacent pair exists
+    loss = quadruplet_loss(scores, categories, max_pairs_per_level=max_pairs,
+                           generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(scores.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("max_pairs", [64, 4096])
+def test_a_level_pair_without_a_shared_user_gives_no_loss(max_pairs: int) -> None:
+    users = torch.arange(100)  # every row its own user: no same-user pair at all
+    categories = torch.tensor([1, 0] * 50)
+    loss = quadruplet_loss(torch.randn(100), categories, users=users, max_pairs_per_level=max_pairs,
+                           generator=torch.Generator().manual_seed(0))
+    assert float(loss) == 0.0
+
+
+def test_the_exact_path_is_the_mean_over_every_pair_of_each_level_pair() -> None:
+    generator = torch.Generator().manual_seed(6)
+    scores = torch.randn(40, generator=generator)
+    categories = torch.randint(0, 4, (40,), generator=generator)
+    users = torch.randint(0, 3, (40,), generator=generator)
+    for same_user in (None, users):
+        expected = 0.0
+        for high, low in ((1, 0), (2, 1), (3, 2)):
+            terms = [softplus(-(scores[a] - scores[b]).item()) for a in range(40) for b in range(40)
+                     if categories[a] == high and categories[b] == low
+                     and (same_user is None or same_user[a] == same_user[b])]
+            expected += sum(terms) / len(terms) if terms else 0.0
+        assert close(quadruplet_loss(scores, categories, users=same_user), expected)
+
+
+def test_the_sampled_loss_is_the_exact_mean_in_expectation() -> None:
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randn(120, generator=generator)
+    categories = torch.randint(0, 4, (120,), generator=generator)
+    users = torch.randint(0, 6, (120,), generator=generator)
+    for same_user in (None, users):
+        exact = float(quadruplet_loss(scores, categories, users=same_user))  # 120 x 120 pairs: the exact path
+        sampled = [float(quadruplet_loss(scores, categories, users=same_user, max_pairs_per_level=512,
+                                         generator=generator)) for _ in range(200)]
+        assert abs(sum(sampled) / len(sampled) - exact) < 0.01 * exact
+
+
+def test_dense_ranks_give_equal_values_equal_ranks() -> None:
+    assert dense_ranks(torch.tensor([5, -3, 5, 2**62, -3])).tolist() == [1, 0, 1, 2, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_quadruplet_loss_never_synchronises_with_the_host_on_a_gpu() -> None:
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    scores = torch.randn(4096, device=device, requires_grad=True)
+    categories = torch.randint(0, 4, (4096,), device=device)
+    users = torch.randint(0, 50, (4096,), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for same_user in (None, users):
+            quadruplet_loss(scores, categories, users=same_user, pairs="all", generator=generator).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_task_bce_is_per_task_mean_cross_entropy() -> None:

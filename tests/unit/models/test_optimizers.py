@@ -10,7 +10,8 @@ import torch
 from models.config import LEGACY_VALUES, ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
-from models.optimizers import SparseAdagrad, WideOptimizer
+from models.optimizers import WideOptimizer
+from models.rowwise import RowAdagrad
 
 pytestmark = pytest.mark.unit
 
@@ -39,7 +40,7 @@ def sparse_step(optimizer: torch.optim.Optimizer, table: torch.nn.Embedding, row
 
 def test_adagrad_embeddings_move_only_the_rows_the_batch_uses() -> None:
     learner = Learner(config(embedding_optimizer="adagrad", embedding_lr=0.05))
-    assert isinstance(learner.embedding_optimizer, SparseAdagrad)
+    assert isinstance(learner.embedding_optimizer, RowAdagrad)
     b = batch(0)
     before = learner.model.embedding.weight.detach().clone()
     learner.step(b)
@@ -52,7 +53,8 @@ def test_adagrad_embeddings_move_only_the_rows_the_batch_uses() -> None:
 def test_wide_optimizer_without_decay_is_torch_adagrad_on_sparse_rows() -> None:
     tables = [torch.nn.Embedding(50, 3, sparse=True) for _ in range(2)]
     tables[1].load_state_dict(tables[0].state_dict())
-    ours, torchs = WideOptimizer(tables[0].parameters(), lr=0.1), SparseAdagrad(tables[1].parameters(), lr=0.1)
+    ours = WideOptimizer(tables[0].parameters(), lr=0.1)
+    torchs = torch.optim.Adagrad(tables[1].parameters(), lr=0.1, foreach=False)
     for step in range(5):
         rows = torch.tensor([step, 7, 7, 20 + step])
         sparse_step(ours, tables[0], rows)
@@ -103,6 +105,6 @@ def test_a_checkpoint_written_before_the_option_reads_as_sparse_adam_embeddings(
     state["config"] = {k: v for k, v in state["config"].items() if k not in ("embedding_optimizer", "wide_decay")}
     restored = Learner.from_state_dict(state)
     assert LEGACY_VALUES["embedding_optimizer"] == "adam"
-    assert isinstance(restored.embedding_optimizer, torch.optim.SparseAdam)
+    assert isinstance(restored.embedding_optimizer, torch.optim.SparseAdam)  # RowAdam is one
     with pytest.raises(ValueError, match="embedding_optimizer"):
         config(embedding_optimizer="sgd")

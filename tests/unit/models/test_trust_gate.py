@@ -10,7 +10,8 @@ import torch
 from models.config import LEGACY_VALUES, PRESETS, ModelConfig, split_config_name
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
-from models.trust_gate import TrustGate
+from models.metrics import auc
+from models.trust_gate import TrustGate, column_aucs
 from tests.unit.models.test_learner import saved_and_loaded as round_trip  # torch.save, then load weights_only
 
 pytestmark = pytest.mark.unit
@@ -173,3 +174,17 @@ def test_an_optimizer_state_from_before_the_calibrators_own_group_is_split_on_lo
     assert [len(g["params"]) for g in restored.dense_optimizer.param_groups] == [len(network["params"]), 2]
     reference = Learner.from_state_dict(round_trip(old.state_dict()))
     assert restored.step(batch(32))[0] == reference.step(batch(32))[0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_column_aucs_equal_the_numpy_auc_with_ties_and_one_class_columns(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    n = 500
+    labels = (torch.rand(n, 4, generator=generator) < 0.3).float()
+    labels[:, 3] = 1.0  # one class only: nan
+    scores = torch.randint(0, 40, (n, 4), generator=generator).float() / 7  # many ties
+    got = column_aucs(labels, scores)
+    for column in range(3):
+        assert got[column].item() == pytest.approx(auc(labels[:, column].numpy(), scores[:, column].numpy()),
+                                                   abs=1e-12)
+    assert math.isnan(got[3].item())

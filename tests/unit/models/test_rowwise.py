@@ -1,0 +1,97 @@
+"""RowAdam / RowAdagrad give torch's SparseAdam / sparse Adagrad values to the last bit, and share their state."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.rowwise import RowAdagrad, RowAdam
+
+pytestmark = pytest.mark.unit
+
+
+def _tables(seed: int, width: int = 8) -> tuple[torch.nn.Embedding, torch.nn.Embedding]:
+    torch.manual_seed(seed)
+    table = torch.nn.Embedding(500, width, sparse=True)
+    return table, copy.deepcopy(table)
+
+
+def _steps(table: torch.nn.Embedding, optimizer: torch.optim.Optimizer, steps: int, seed: int,
+           extra: torch.nn.Parameter | None = None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        rows = torch.randint(0, 60, (64, 3), generator=generator)  # repeated rows within a batch, and across
+        loss = (table(rows) ** 2).sum() * torch.rand((), generator=generator)
+        if extra is not None:
+            loss = loss + (extra * torch.randn(extra.shape, generator=generator)).sum()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("width", [8, 2])  # wide rows and narrow ones (gathered as single elements)
+def test_row_adam_equals_sparse_adam_bit_for_bit(width: int) -> None:
+    mine, theirs = _tables(0, width)
+    row, sparse = RowAdam(mine.parameters(), lr=0.01), torch.optim.SparseAdam(theirs.parameters(), lr=0.01)
+    _steps(mine, row, 25, seed=1)
+    _steps(theirs, sparse, 25, seed=1)
+    assert torch.equal(mine.weight, theirs.weight)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(row.state[mine.weight][key], sparse.state[theirs.weight][key])
+    assert row.state[mine.weight]["step"] == sparse.state[theirs.weight]["step"] == 25
+
+
+@pytest.mark.parametrize("width", [8, 2])
+def test_row_adagrad_equals_adagrad_bit_for_bit_on_sparse_and_dense_gradients(width: int) -> None:
+    mine, theirs = _tables(2, width)
+    bias_mine = torch.nn.Parameter(torch.zeros(3))
+    bias_theirs = torch.nn.Parameter(torch.zeros(3))
+    row = RowAdagrad([mine.weight, bias_mine], lr=0.05)
+    torch_adagrad = torch.optim.Adagrad([theirs.weight, bias_theirs], lr=0.05, foreach=False)
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        _steps(mine, row, 25, seed=3, extra=bias_mine)
+        _steps(theirs, torch_adagrad, 25, seed=3, extra=bias_theirs)
+    assert torch.equal(mine.weight, theirs.weight)
+    assert torch.equal(bias_mine, bias_theirs)
+    assert torch.equal(row.state[mine.weight]["sum"], torch_adagrad.state[theirs.weight]["sum"])
+
+
+def test_states_load_both_ways() -> None:
+    """A checkpoint written with torch's optimizer continues in the row-wise one exactly (and back)."""
+    a, b = _tables(4)
+    torch_adam = torch.optim.SparseAdam(a.parameters(), lr=0.01)
+    _steps(a, torch_adam, 5, seed=5)
+    b.load_state_dict(a.state_dict())
+    row = RowAdam(b.parameters(), lr=0.01)
+    row.load_state_dict(copy.deepcopy(torch_adam.state_dict()))  # load shares tensors
+    _steps(a, torch_adam, 5, seed=6)
+    _steps(b, row, 5, seed=6)
+    assert torch.equal(a.weight, b.weight)
+    back = torch.optim.SparseAdam(b.parameters(), lr=0.01)
+    back.load_state_dict(row.state_dict())
+    assert back.state_dict()["state"][0]["step"] == 10
+
+
+def test_a_step_touches_only_the_rows_of_the_batch() -> None:
+    table, _ = _tables(7)
+    before = table.weight.detach().clone()
+    optimizer = RowAdam(table.parameters(), lr=0.1)
+    table(torch.tensor([5, 9, 5])).sum().backward()
+    optimizer.step()
+    changed = (table.weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [5, 9]
+
+
+def test_unsupported_options_are_refused() -> None:
+    table, _ = _tables(8)
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer = RowAdam([torch.nn.Parameter(torch.zeros(3))])
+        optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+        optimizer.step()
+    optimizer = RowAdagrad(table.parameters())
+    optimizer.param_groups[0]["lr_decay"] = 0.1
+    table(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="lr_decay"):
+        optimizer.step()
