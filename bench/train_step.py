@@ -4,8 +4,9 @@
     python bench/train_step.py --device cuda   # same measurements on a GPU
 
 Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item, author, hour, duration):
-* ``throughput``: samples/s of ``Learner.step`` at each batch size, sparse (SparseAdam on touched rows)
-  and dense (Adam on the whole table) side by side;
+* ``throughput``: samples/s of ``Learner.step`` at each batch size, sparse (the embedding optimizer on the touched
+  rows: per-row AdaGrad by default, SparseAdam with ``embedding_optimizer="adam"``) and dense (the same optimizer
+  on the whole table's gradient) side by side;
 * ``breakdown``: share of a step spent on the embedding side (lookup, its backward, its optimizer) vs the
   dense side (backbone, towers, losses, their backward and optimizer);
 * ``table_sizes``: step time at tables of 2^16, 2^19 and 2^22 rows (target: sparse changes <= 20 %);
@@ -15,8 +16,9 @@ Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item,
   of the per-round ratios: the machine's load hits every configuration alike). ``--only-compare`` measures this
   alone (about a minute).
 * ``embedding_update``: step time with each way of updating the embedding table and the wide part: ``rowwise``
-  (``models.rowwise``, the learner's), ``coo`` (torch's SparseAdam and sparse Adagrad on COO gradients, the
-  update before it) and ``dense`` (Adam on the whole table), interleaved, at each batch size.
+  (``models.rowwise``, the learner's), ``coo`` (torch's sparse Adagrad, or SparseAdam for ``embedding_optimizer=
+  "adam"``, on COO gradients, the update before it) and ``dense`` (the table's optimizer on the whole table),
+  interleaved, at each batch size.
 
 ``--against OLD_CHECKOUT`` compares two checkouts side by side instead: each round runs this script's
 ``--only-compare`` in the old checkout and in this one at the same time (two processes, one thread each), and
@@ -101,12 +103,14 @@ def use_embedding_update(learner: Learner, how: str) -> Learner:
     cfg = learner.config
     embedding = [learner.model.embedding.weight]
     wide = list(learner.model.wide.parameters()) if learner.model.wide is not None else []
+    adagrad = cfg.embedding_optimizer == "adagrad"  # the table's optimizer (per-row AdaGrad by default)
     if how == "coo":
-        learner.embedding_optimizer = torch.optim.SparseAdam(embedding, lr=cfg.embedding_lr)
+        learner.embedding_optimizer = (_CooAdagrad(embedding, lr=cfg.embedding_lr, foreach=False) if adagrad
+                                       else torch.optim.SparseAdam(embedding, lr=cfg.embedding_lr))
         if wide:
             learner.wide_optimizer = _CooAdagrad(wide, lr=cfg.wide_lr, foreach=False)
     elif how == "rowwise":
-        learner.embedding_optimizer = RowAdam(embedding, lr=cfg.embedding_lr)
+        learner.embedding_optimizer = (RowAdagrad if adagrad else RowAdam)(embedding, lr=cfg.embedding_lr)
         if wide:
             learner.wide_optimizer = RowAdagrad(wide, lr=cfg.wide_lr)
     elif how != "dense":

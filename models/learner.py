@@ -3,11 +3,11 @@
     learner = Learner(ModelConfig(tasks=("click", "long_view")))
     losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
 
-Embeddings use sparse gradients and SparseAdam's update on the touched rows (``models.rowwise``: a step touches
-only the rows the batch uses); the wide part uses AdaGrad the same way; everything else uses Adam.
-``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)`` reads it, and
-``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for ``ServingModel``,
-safetensors-ready.
+Embeddings use sparse gradients and per-row AdaGrad's update on the touched rows (``models.rowwise``: a step
+touches only the rows the batch uses; ``embedding_optimizer``); the wide part uses AdaGrad the same way; everything
+else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)`` reads
+it, and ``flatten_state`` turns it into safetensors input); ``serving_state`` exports the students for
+``ServingModel``, safetensors-ready.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from models.features import Batch, encode_rows
 from models.onnx_export import TENSOR_NAME as ONNX_TENSOR
 from models.onnx_export import describe as describe_graph
 from models.onnx_export import export_students
-from models.rowwise import RowAdagrad, RowAdam
+from models.optimizers import embedding_optimizer, wide_optimizer
 from models.trust_gate import TrustGate
 
 SERVING_FORMAT = "crossdistil-students"
@@ -57,7 +57,6 @@ class Learner:
         self.model = CrossDistilModel(config).to(self.device)
         # Pair sampling has its own generator, on the model's device (no host round-trip), checkpointed exactly.
         self.pair_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
-        embedding = [self.model.embedding.weight]
         dense = [p for name, p in self.model.named_parameters()
                  if not name.startswith(("embedding.", "calibrator_", "wide."))]
         groups: list[dict[str, Any]] = [{"params": dense}]
@@ -66,14 +65,11 @@ class Learner:
             groups.append({"params": calibrators, "lr": config.calibrator_lr or config.lr})
         # foreach: one multi-tensor kernel per Adam operation instead of a Python loop over ~40 parameters
         self.dense_optimizer = torch.optim.Adam(groups, lr=config.lr, foreach=True)
-        if config.sparse_embeddings:
-            # SparseAdam's update on the touched rows by gather/scatter (same values and state, ~4x faster)
-            self.embedding_optimizer: torch.optim.Optimizer = RowAdam(embedding, lr=config.embedding_lr)
-        else:
-            self.embedding_optimizer = torch.optim.Adam(embedding, lr=config.embedding_lr)
-        # The wide part learns with its own per-coordinate steps (sparse AdaGrad: only the rows a batch uses move).
-        self.wide_optimizer = (RowAdagrad(self.model.wide.parameters(), lr=config.wide_lr)
-                               if self.model.wide is not None else None)
+        # The table's rows and the wide part learn with per-row steps (models.optimizers: only touched rows move).
+        self.embedding_optimizer = embedding_optimizer(self.model.embedding.weight, config.embedding_optimizer,
+                                                       config.embedding_lr, config.sparse_embeddings)
+        self.wide_optimizer = (wide_optimizer(self.model.wide.parameters(), config.wide, config.wide_lr,
+                                              config.wide_decay) if self.model.wide is not None else None)
         self.steps = 0
         self.samples = 0  # training samples seen (the KD warm-up's clock)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,

@@ -94,3 +94,4 @@ class WidePart(nn.Module):
         if numeric.shape[1]:
             logits = logits + numeric @ self.numeric
         return logits
+

@@ -21,9 +21,11 @@ COMMON=(--dataset csv --source ../shared/data/kuairand_pure/kuairand_pure_202204
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs river_fm --seeds 1 --variant sgd-before \
   --model-option river.optimizer=sgd --model-option river.lr=0.05 --model-option river.intercept_lr=0.01 \
   --out "$OUT/river_fm_before"
-# The product's deep models at their defaults (with the wide part: models/wide.py), 5 seeds.
+# The product's deep models at their defaults (with the wide part, models/wide.py, and per-row AdaGrad embeddings,
+# models/optimizers.py), 5 seeds. (Rerun for issue 18's embedding optimizer: the committed results.json has these two
+# commands' runs from then and the peers' runs from the run before; no peer's code or features changed in between.)
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs mtl,crossdistil --seeds 5 --out "$OUT/mtl"
-# The same without the wide part (the deep model alone, as before issue 18's wide part), 5 seeds.
+# The same without the wide part (the deep model alone, with its default per-row AdaGrad embeddings), 5 seeds.
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs mtl,crossdistil --seeds 5 --variant deep-only \
   --model-option wide=none --out "$OUT/deep_only"
 "$PY" -m consumers.cli evaluate --from-results "$OUT"/*/results.json --title "KuaiRand-Pure: the peers a user would pick" \

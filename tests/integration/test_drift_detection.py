@@ -81,7 +81,8 @@ def test_the_default_synthetic_demo_drift_fires_detectors_and_both_alerts_for_th
     # The recovery shows: after a fall of more than 0.1 right after the drift, the click AUC over the last 10,000
     # samples has won back at least 80 % of the fall. Not all of it: the default wide part's AdaGrad steps have
     # shrunk by then, so its pre-drift memorisation (user x item) comes back slowly (measured on this stream:
-    # 0.795 -> 0.410 -> 0.743 at the end; the deep model alone 0.739 -> 0.469 -> 0.740; docs/method.md).
+    # 0.795 -> 0.410 -> 0.743 at the end; the deep model alone 0.739 -> 0.469 -> 0.740, both with SparseAdam
+    # embeddings; with the per-row AdaGrad embeddings of the current default 0.799 -> 0.408 -> 0.752; docs/method.md).
     before = window_auc(rec, "click", drift - 10_000, drift)
     fallen = window_auc(rec, "click", drift, drift + 10_000)
     end = window_auc(rec, "click", len(rec["impression_index"]) - 10_000, len(rec["impression_index"]))

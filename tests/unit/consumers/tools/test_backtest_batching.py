@@ -15,6 +15,7 @@ pytestmark = pytest.mark.unit
 
 GOLDEN = Path(__file__).parent / "data" / "backtest_event_time"
 NEW_KEYS = ("batching", "warnings")  # what the summary gained with the modes
+GOLDEN_PINS = {"wide": "none", "embedding_optimizer": "adam", "embedding_lr": 0.01}  # the model options of then
 # The stream has an impression every 10 ms: with 1 s windows samples leave the join as it goes (CONFIG's windows
 # outlast the 30 s stream), and a 0.1 s delay on event time then cuts batches of about 10.
 SMALL_BATCHES = ("join.attribution_window_s={click = 1, like = 1}", "batching.max_batch_delay_s=0.1")
@@ -37,8 +38,10 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.unit.consumers.tools.test_backtest import CONFIG
 
     path = tmp_path_factory.mktemp("cfg") / "base.toml"
-    # batch_size 128, max_batch_delay_s 30; no wide part: the golden outputs were made by the deep model alone
-    path.write_text(CONFIG.replace("[model.options]\n", '[model.options]\nwide = "none"\n'))
+    # batch_size 128, max_batch_delay_s 30; the golden outputs were made by the deep model alone, with SparseAdam
+    # embeddings at 0.01 (the defaults before the wide part and the per-row AdaGrad table)
+    pins = "".join(f"{k} = {json.dumps(v)}\n" for k, v in GOLDEN_PINS.items())
+    path.write_text(CONFIG.replace("[model.options]\n", "[model.options]\n" + pins))
     return path
 
 
@@ -56,8 +59,8 @@ def without_new_keys(summary: dict) -> dict:
     out["input"] = {k: v for k, v in summary["input"].items() if k != "log"}  # the log's path differs
     out["configurations"] = {name: {k: v for k, v in c.items() if k not in NEW_KEYS and k != "config_hash"}
                              for name, c in summary["configurations"].items()}
-    for c in out["configurations"].values():  # wide = "none" (config_file) keeps the model the golden one had
-        c["model_options"] = {k: v for k, v in c.get("model_options", {}).items() if k != "wide"}
+    for c in out["configurations"].values():  # config_file's pins keep the model the golden one had
+        c["model_options"] = {k: v for k, v in c.get("model_options", {}).items() if k not in GOLDEN_PINS}
     return out
 
 

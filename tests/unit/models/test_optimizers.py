@@ -1,0 +1,110 @@
+"""The per-row optimizers: AdaGrad on the embedding table, and the wide part's forgetting AdaGrad and FTRL."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from models.config import LEGACY_VALUES, ModelConfig
+from models.features import FeatureSpec, encode_rows
+from models.learner import Learner
+from models.optimizers import WideOptimizer
+from models.rowwise import RowAdagrad
+
+pytestmark = pytest.mark.unit
+
+TASKS = ("click", "long_view")
+SPEC = FeatureSpec(categorical=("user_id", "item_id", "hour"), numeric=("watch",), hash_buckets=2**10)
+
+
+def config(**overrides) -> ModelConfig:
+    base = dict(tasks=TASKS, features=SPEC, hidden_dims=(8,), tower_dims=(4,), seed=3, rung="mtl")
+    return ModelConfig(**{**base, **overrides})
+
+
+def batch(start: int, n: int = 64):
+    rows = [{"user_id": f"u{i % 20}", "item_id": f"i{(7 * i) % 30}", "features": {"hour": i % 24, "watch": i % 5},
+             "labels": {"click": int(i % 20 % 2 == 0), "long_view": int((7 * i) % 30 < 10)}}
+            for i in range(start, start + n)]
+    return encode_rows(rows, SPEC, TASKS)
+
+
+def sparse_step(optimizer: torch.optim.Optimizer, table: torch.nn.Embedding, rows: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    (table(rows) * torch.linspace(-1, 1, table.embedding_dim)).sum().backward()
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        optimizer.step()
+
+
+def test_adagrad_embeddings_move_only_the_rows_the_batch_uses() -> None:
+    learner = Learner(config(embedding_optimizer="adagrad", embedding_lr=0.05))
+    assert isinstance(learner.embedding_optimizer, RowAdagrad)
+    b = batch(0)
+    before = learner.model.embedding.weight.detach().clone()
+    learner.step(b)
+    changed = (learner.model.embedding.weight.detach() != before).any(dim=1)
+    used = torch.zeros_like(changed)
+    used[b.categorical.flatten()] = True
+    assert torch.equal(changed, used)
+
+
+def test_wide_optimizer_without_decay_is_torch_adagrad_on_sparse_rows() -> None:
+    tables = [torch.nn.Embedding(50, 3, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    ours = WideOptimizer(tables[0].parameters(), lr=0.1)
+    torchs = torch.optim.Adagrad(tables[1].parameters(), lr=0.1, foreach=False)
+    for step in range(5):
+        rows = torch.tensor([step, 7, 7, 20 + step])
+        sparse_step(ours, tables[0], rows)
+        sparse_step(torchs, tables[1], rows)
+    torch.testing.assert_close(tables[0].weight, tables[1].weight)
+
+
+def test_a_forgetting_accumulator_keeps_the_steps_of_a_frequent_row_larger() -> None:
+    def last_move(decay: float) -> float:
+        table = torch.nn.Embedding(4, 1, sparse=True)
+        optimizer = WideOptimizer(table.parameters(), lr=0.1, decay=decay)
+        for _ in range(50):
+            before = table.weight[1].item()
+            sparse_step(optimizer, table, torch.tensor([1]))
+        return abs(table.weight[1].item() - before)
+
+    assert last_move(0.9) > 2 * last_move(1.0)
+
+
+@pytest.mark.parametrize("options", [dict(embedding_optimizer="adagrad"), dict(wide="ftrl"), dict(wide_decay=0.99)],
+                         ids=["adagrad-embeddings", "ftrl", "wide-decay"])
+def test_optimizer_state_survives_a_checkpoint_and_training_continues_identically(options: dict) -> None:
+    uninterrupted, interrupted = Learner(config(**options)), Learner(config(**options))
+    for i in range(3):
+        uninterrupted.step(batch(64 * i))
+        interrupted.step(batch(64 * i))
+    buffer = io.BytesIO()
+    torch.save(interrupted.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = Learner.from_state_dict(torch.load(buffer, weights_only=True))
+    for i in range(3, 6):
+        assert uninterrupted.step(batch(64 * i))[0] == resumed.step(batch(64 * i))[0]
+    assert torch.equal(uninterrupted.model.embedding.weight, resumed.model.embedding.weight)
+    assert torch.equal(uninterrupted.model.wide.weight.weight, resumed.model.wide.weight.weight)
+
+
+def test_ftrl_wide_part_learns_the_start_of_the_stream_like_adagrad() -> None:
+    def mean_early_loss(**options: str) -> float:
+        learner = Learner(config(**options))
+        return sum(learner.step(batch(64 * i))[0]["total"] for i in range(15)) / 15
+
+    assert mean_early_loss(wide="ftrl") < mean_early_loss(wide="none") - 0.1
+
+
+def test_a_checkpoint_written_before_the_option_reads_as_sparse_adam_embeddings() -> None:
+    learner = Learner(config(embedding_optimizer="adam"))
+    state = learner.state_dict()
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ("embedding_optimizer", "wide_decay")}
+    restored = Learner.from_state_dict(state)
+    assert LEGACY_VALUES["embedding_optimizer"] == "adam"
+    assert isinstance(restored.embedding_optimizer, torch.optim.SparseAdam)  # RowAdam is one
+    with pytest.raises(ValueError, match="embedding_optimizer"):
+        config(embedding_optimizer="sgd")
