@@ -1,6 +1,6 @@
 """HTTP for the daemons: uvicorn (httptools) on a daemon thread, with the limits a public endpoint needs.
 
-``HttpServer.start(bind, port, app, ...)`` serves any ASGI app (serving's API is a Starlette app);
+``HttpServer.start(bind, port, app, ...)`` serves any ASGI app (serving's API: ``consumers.serving.api.build_app``);
 ``serve_http`` serves a Prometheus registry at ``/metrics`` and a health callback at ``/healthz`` (the trainer's
 endpoint). Both get the same connection handling, :class:`GuardedProtocol` over uvicorn's httptools protocol:
 

@@ -9,7 +9,7 @@ The daemon has two halves that share one reference, :attr:`ModelHolder.current`:
   payload sha256, format version), then ``safetensors`` and ``ServingModel.from_serving_state`` — nothing is
   unpickled. A rejected or unloadable checkpoint is logged and counted in
   ``crossdistil_serving_reload_failures_total{reason}``; the previous model keeps serving.
-* the **HTTP server** (:func:`serve_api`): a Starlette app on uvicorn (``consumers.runtime.httpd``: timeouts,
+* the **HTTP server** (:func:`serve_api`): an ASGI app on uvicorn (``consumers.runtime.httpd``: timeouts,
   connection cap, strict framing, JSON errors). ``POST /score`` bodies are scored by one scoring thread in
   micro-batches (``consumers.serving.batching``), which reads ``holder.current`` once per batch, so a swap never
   changes the model under a request in flight; the event loop writes the answers.
