@@ -47,23 +47,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def example_learner(hash_buckets: int, embedding_dim: int = 16, seed: int = 0):
-    """The model of deploy/trainer.example.toml (students are what serving loads)."""
+def example_learner(hash_buckets: int, embedding_dim: int = 16, seed: int = 0, wide: str = "adagrad"):
+    """The model of deploy/trainer.example.toml (students are what serving loads); ``wide="none"``: without
+    its wide part (models/wide.py), the model a server from before the wide part can load."""
     from models.config import ModelConfig
     from models.features import FeatureSpec
     from models.learner import Learner
 
     return Learner(ModelConfig(tasks=TASKS, backbone="mmoe", rung="crossdistil", embedding_dim=embedding_dim,
-                               hidden_dims=(128,), tower_dims=(64, 32), seed=seed,
+                               hidden_dims=(128,), tower_dims=(64, 32), seed=seed, wide=wide,
                                features=FeatureSpec(categorical=("user_id", "item_id", "hour", "weekday"),
                                                     numeric=("duration_ms",), hash_buckets=hash_buckets)))
 
 
-def checkpoint_messages(learner: Any, version: int, chunk_bytes: int, previous_chunk_count: int = 0) -> list:
-    """The trainer's publication of ``learner`` as ``version`` (same metadata layout)."""
+def checkpoint_messages(learner: Any, version: int, chunk_bytes: int, previous_chunk_count: int = 0,
+                        legacy: bool = False) -> list:
+    """The trainer's publication of ``learner`` as ``version`` (same metadata layout). ``legacy``: a learner
+    without a wide part (``wide="none"``) published without the ``wide*`` config keys, as before the wide part
+    existed, so that a server from before it loads the checkpoint too (today's reads their absence as "none")."""
     from consumers.state.wire import encode_checkpoint
 
     tensors, serving_meta = learner.serving_state()
+    if legacy:
+        assert learner.config.wide == "none", "only a model without a wide part has a legacy form"
+        config = json.loads(serving_meta["config"])
+        for key in ("wide", "wide_lr", "wide_crosses"):
+            config.pop(key, None)
+        serving_meta = {**serving_meta, "config": json.dumps(config, sort_keys=True)}
     metadata = {"step": learner.steps, "watermark_ms": None, "offsets": [], "metrics": {}, "tasks": list(TASKS),
                 "serving": dict(serving_meta), "published_at_ms": int(time.time() * 1000)}
     return encode_checkpoint(tensors, metadata, version=version, chunk_size=chunk_bytes,

@@ -1,6 +1,6 @@
 """HTTP for the daemons: uvicorn (httptools) on a daemon thread, with the limits a public endpoint needs.
 
-``HttpServer.start(bind, port, app, ...)`` serves any ASGI app (serving's API is a Starlette app);
+``HttpServer.start(bind, port, app, ...)`` serves any ASGI app (serving's API: ``consumers.serving.api.build_app``);
 ``serve_http`` serves a Prometheus registry at ``/metrics`` and a health callback at ``/healthz`` (the trainer's
 endpoint). Both get the same connection handling, :class:`GuardedProtocol` over uvicorn's httptools protocol:
 
@@ -315,6 +315,9 @@ class HttpServer:
         protocol = type("Protocol", (GuardedProtocol,), {"limits": limits})
         config = uvicorn.Config(app, http=protocol, loop="asyncio", lifespan="off", log_config=None,
                                 access_log=False, server_header=False, backlog=limits.backlog,
+                                # no X-Forwarded-For rewriting: a daemon behind no proxy, and a middleware less
+                                # per request
+                                proxy_headers=False,
                                 timeout_keep_alive=int(max(1, limits.keep_alive_s)), timeout_graceful_shutdown=2)
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,

@@ -43,7 +43,8 @@ def freeze_startup_objects() -> int:
     """Move every object alive now (imported modules, classes, functions: ~400,000 with torch) out of the
     collector's reach, so a full collection scans only what the process made since; returns their number.
 
-    For the serving daemon, after its imports and before it loads a model: a full (generation 2) collection,
+    For the serving daemon, after its imports and again once its first model is served (what the HTTP server,
+    the Kafka client and the model loading import lazily): a full (generation 2) collection,
     which request parsing triggers every few seconds under load, took ~390 ms with everything torch imports
     tracked (every request in flight waited for it: /score's p99 at 16 clients) and ~1 ms after the freeze.
     What is frozen is never collected, so this is only for objects that live as long as the process;

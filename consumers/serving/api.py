@@ -9,7 +9,7 @@ The daemon has two halves that share one reference, :attr:`ModelHolder.current`:
   payload sha256, format version), then ``safetensors`` and ``ServingModel.from_serving_state`` — nothing is
   unpickled. A rejected or unloadable checkpoint is logged and counted in
   ``crossdistil_serving_reload_failures_total{reason}``; the previous model keeps serving.
-* the **HTTP server** (:func:`serve_api`): a Starlette app on uvicorn (``consumers.runtime.httpd``: timeouts,
+* the **HTTP server** (:func:`serve_api`): an ASGI app on uvicorn (``consumers.runtime.httpd``: timeouts,
   connection cap, strict framing, JSON errors). ``POST /score`` bodies are scored by one scoring thread in
   micro-batches (``consumers.serving.batching``), which reads ``holder.current`` once per batch, so a swap never
   changes the model under a request in flight; the event loop writes the answers.
@@ -20,6 +20,7 @@ The request contract of ``POST /score`` is in docs/serving.md; its pure parts ar
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,11 +29,11 @@ import orjson
 from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from consumers.runtime.httpd import ERROR_HANDLERS, HttpLimits, HttpServer, json_error
+from consumers.runtime.httpd import ERROR_HANDLERS, HttpLimits, HttpServer, error_body, json_error
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.batching import Busy, ScoringBatcher
 from consumers.serving.follower import ModelHolder
@@ -44,6 +45,8 @@ from consumers.serving.scoring import (  # noqa: F401  (re-exported: the API's p
     score_impressions,
     validate_impressions,
 )
+
+log = logging.getLogger("crossdistil.serving.requests")
 
 _JSON_TYPES = {"application/json"}
 DRAIN_LIMIT = 4  # a 413 body up to this many times serving.max_request_bytes is read and dropped
@@ -84,50 +87,61 @@ def _counted(metrics: ServingMetrics, endpoint: str,
 
 
 def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatcher, *, max_request_bytes: int,
-              max_items: int, waiting_for: str) -> Starlette:
-    """The Starlette app of the serving API (see docs/serving.md for every answer)."""
+              max_items: int, waiting_for: str) -> Callable:
+    """The ASGI app of the serving API (see docs/serving.md for every answer): POST /score as a plain ASGI
+    callable, everything else a Starlette app."""
 
-    def no_model() -> Response:
-        return json_error(503, "no_model", f"no model loaded yet (waiting for a checkpoint on {waiting_for}); "
-                          "retry later", {"Retry-After": "1"})
+    async def score(scope: dict, receive: Callable, send: Callable) -> None:
+        """POST /score as a plain ASGI callable: the hot path skips Starlette's request, response, routing and
+        middleware objects; every answer is the one the Starlette route gave."""
+        started = time.perf_counter()
+        status, items = 500, 0
+        try:
+            status, payload, headers, items = await score_answer(scope, receive)
+            if status != 499:
+                await _send(send, status, payload, headers)
+        except Exception as exc:  # as Starlette's error handler did: a bug answers a JSON 500, once logged
+            log.error("POST /score failed: %r", exc, exc_info=exc)
+            await _send(send, 500, error_body("internal", f"the server failed: {exc!r}"), {})
+        finally:
+            metrics.request("/score", time.perf_counter() - started, status, items)
 
-    async def score(request: Request) -> tuple[Response, int]:
-        content_type = request.headers.get("content-type")
+    async def score_answer(scope: dict, receive: Callable) -> tuple[int, bytes, dict[str, str], int]:
+        headers = _headers(scope)
+        content_type = headers.get("content-type")
         if content_type is not None:
             media, _, parameters = content_type.partition(";")
             charset = parameters.strip().lower().replace(" ", "")
             if media.strip().lower() not in _JSON_TYPES or charset not in ("", "charset=utf-8"):
-                return json_error(415, "unsupported_media_type", f"Content-Type {content_type!r}: send "
-                                  "application/json (UTF-8)", field="Content-Type"), 0
-        if request.headers.get("content-encoding", "identity").lower() != "identity":
-            return json_error(415, "unsupported_media_type", "Content-Encoding is not supported; send the body "
-                              "as is", field="Content-Encoding"), 0
-        length = request.headers.get("content-length")
+                return _refusal(415, "unsupported_media_type", f"Content-Type {content_type!r}: send "
+                                "application/json (UTF-8)", field="Content-Type")
+        if headers.get("content-encoding", "identity").lower() != "identity":
+            return _refusal(415, "unsupported_media_type", "Content-Encoding is not supported; send the body as is",
+                            field="Content-Encoding")
+        length = headers.get("content-length")
         if length is None:  # chunked: the parser frames it, but the byte limit is checked before reading
-            return json_error(411, "length_required", "POST /score needs a Content-Length header",
-                              field="Content-Length"), 0
+            return _refusal(411, "length_required", "POST /score needs a Content-Length header",
+                            field="Content-Length")
         if int(length) > max_request_bytes:  # the parser accepted it: digits only
             # The parser reads (and drops) the body so the connection stays usable; one far over the limit
             # is not worth reading: the connection closes instead.
-            headers = {"Connection": "close"} if int(length) > DRAIN_LIMIT * max_request_bytes else {}
-            return json_error(413, "too_large", f"the body has {length} bytes; the limit is {max_request_bytes} "
-                              "(serving.max_request_bytes)", headers, field="Content-Length"), 0
+            close = {"Connection": "close"} if int(length) > DRAIN_LIMIT * max_request_bytes else {}
+            return _refusal(413, "too_large", f"the body has {length} bytes; the limit is {max_request_bytes} "
+                            "(serving.max_request_bytes)", close, field="Content-Length")
         if holder.current is None:
-            return no_model(), 0
+            return _refusal(503, "no_model", f"no model loaded yet (waiting for a checkpoint on {waiting_for}); "
+                            "retry later", {"Retry-After": "1"})
         if batcher.full:
-            return json_error(503, "busy", "too many requests waiting to be scored; retry shortly",
-                              {"Retry-After": "1"}), 0
+            return _BUSY
+        with batcher.arriving():
+            body = await _read_body(receive)
+        if body is None:
+            return 499, b"", {}, 0  # nobody to answer; counted as 499 (client closed)
         try:
-            with batcher.arriving():
-                body = await request.body()
-            answer = batcher.submit(body)
-        except ClientDisconnect:
-            return Response(status_code=499), 0  # nobody to answer; counted as 499 (client closed)
+            answer = batcher.submit_async(body)
         except Busy:
-            return json_error(503, "busy", "too many requests waiting to be scored; retry shortly",
-                              {"Retry-After": "1"}), 0
-        status, payload, headers, items = await asyncio.wrap_future(answer)
-        return Response(payload, status, headers=headers, media_type="application/json"), items
+            return _BUSY
+        return await answer
 
     async def healthz(request: Request) -> tuple[Response, int]:
         served = holder.current
@@ -158,11 +172,58 @@ def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatc
         metrics.request(request.url.path, 0.0, response.status_code, 0)
         return response
 
-    routes = [Route("/score", _counted(metrics, "/score", score), methods=["POST"]),
+    # POST /score goes to ``score``; other methods on /score still reach this route for their 405 with Allow.
+    routes = [Route("/score", _counted(metrics, "/score", _unreachable), methods=["POST"]),
               Route("/healthz", _counted(metrics, "/healthz", healthz), methods=["GET"]),
               Route("/metrics", _counted(metrics, "/metrics", metrics_text), methods=["GET"]),
               Route("/openapi.json", _counted(metrics, "/openapi.json", openapi_json), methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={**ERROR_HANDLERS, 404: not_found, HTTPException: http_error})
+    starlette = Starlette(routes=routes,
+                          exception_handlers={**ERROR_HANDLERS, 404: not_found, HTTPException: http_error})
+
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/score":
+            await score(scope, receive, send)
+        else:
+            await starlette(scope, receive, send)
+
+    return app
+
+
+async def _unreachable(request: Request) -> tuple[Response, int]:
+    raise AssertionError("POST /score is answered by build_app's score(), before Starlette's routing")
+
+
+def _headers(scope: dict) -> dict[str, str]:
+    """The request's headers by lower-case name (uvicorn gives them lower-cased; a repeated one: the last)."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+async def _read_body(receive: Callable) -> bytes | None:
+    """The whole request body, or None if the client went away first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send(send: Callable, status: int, payload: bytes, headers: dict[str, str]) -> None:
+    """One JSON answer: status, Content-Type, Content-Length, ``headers``, the body."""
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _refusal(status: int, error: str, message: str, headers: dict[str, str] | None = None,
+             **extra: Any) -> tuple[int, bytes, dict[str, str], int]:
+    return status, error_body(error, message, **extra), headers or {}, 0
+
+
+_BUSY = _refusal(503, "busy", "too many requests waiting to be scored; retry shortly", {"Retry-After": "1"})
 
 
 def _dumps(body: dict[str, Any]) -> bytes:

@@ -23,6 +23,7 @@ request is refused with 503 before its body is read.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -53,8 +54,40 @@ class Busy(Exception):
 @dataclass
 class _Job:
     body: bytes
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    # concurrent.futures.Future (submit) or asyncio.Future of ``loop`` (submit_async)
+    future: concurrent.futures.Future | asyncio.Future = field(default_factory=concurrent.futures.Future)
+    loop: asyncio.AbstractEventLoop | None = None
     arrived: float = field(default_factory=time.monotonic)
+
+    def start(self) -> bool:
+        """False if the request was cancelled (its client went away): it is not scored."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()  # type: ignore[union-attr]
+        return not self.future.cancelled()  # read from the scoring thread: at worst one wasted score
+
+
+def _resolve(pairs: list[tuple[asyncio.Future, Answer]]) -> None:
+    """In the event loop: the answers of one batch, set together (one wake-up of the loop per batch)."""
+    for future, answer in pairs:
+        if not future.done():
+            future.set_result(answer)
+
+
+def _deliver(batch: list[_Job], answers: list[Answer]) -> None:
+    """Each job's answer to its future: asyncio futures with ONE call_soon_threadsafe per loop and batch (one
+    wake-up write and one GIL hand-over, not one per request), concurrent futures directly."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Answer]]] = {}
+    for job, answer in zip(batch, answers):
+        if job.loop is None:
+            if not job.future.done():
+                job.future.set_result(answer)  # type: ignore[arg-type]
+        else:
+            by_loop.setdefault(job.loop, []).append((job.future, answer))  # type: ignore[arg-type]
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, pairs)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody waits for these answers
+            pass
 
 
 def _error(exc: RequestError) -> Answer:
@@ -107,13 +140,21 @@ class ScoringBatcher:
 
     def submit(self, body: bytes) -> concurrent.futures.Future:
         """Queue a /score body; the future's result is an :data:`Answer`. Raises :class:`Busy` when full."""
-        job = _Job(body)
+        return self._queue(_Job(body)).future  # type: ignore[return-value]
+
+    def submit_async(self, body: bytes) -> asyncio.Future:
+        """:meth:`submit` from a coroutine: an asyncio future of the running loop, resolved for a whole batch at
+        once (see :func:`_deliver`). Raises :class:`Busy` when full."""
+        loop = asyncio.get_running_loop()
+        return self._queue(_Job(body, loop.create_future(), loop)).future  # type: ignore[return-value]
+
+    def _queue(self, job: _Job) -> _Job:
         with self._cond:
             if self._closed or len(self._jobs) >= self.max_queued:
                 raise Busy(f"{len(self._jobs)} requests are waiting to be scored")
             self._jobs.append(job)
             self._cond.notify()
-        return job.future
+        return job
 
     def close(self) -> None:
         """Stop the scoring thread; requests still queued are answered 503."""
@@ -121,9 +162,8 @@ class ScoringBatcher:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=10)
-        for job in self._jobs:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_result(_error(RequestError(503, "shutting_down", "the server is stopping")))
+        left = [job for job in self._jobs if job.start()]
+        _deliver(left, [_error(RequestError(503, "shutting_down", "the server is stopping"))] * len(left))
 
     def _run(self) -> None:
         while True:
@@ -135,8 +175,7 @@ class ScoringBatcher:
             except Exception as exc:  # never lose the thread: a bug answers 500 to this batch
                 log.error("scoring a batch failed: %r", exc, exc_info=exc)
                 answers = [_error(RequestError(500, "internal", f"scoring failed: {exc!r}"))] * len(batch)
-            for job, answer in zip(batch, answers):
-                job.future.set_result(answer)
+            _deliver(batch, answers)
 
     def _next_batch(self) -> list[_Job] | None:
         """Every queued request, waiting up to the window for those still being read; None once closed."""
@@ -151,7 +190,7 @@ class ScoringBatcher:
             while size < self.max_batch_bytes:
                 if self._jobs:
                     job = self._jobs.popleft()
-                    if job.future.set_running_or_notify_cancel():  # False: its client went away
+                    if job.start():  # False: its client went away
                         batch.append(job)
                         size += len(job.body)
                     continue

@@ -14,7 +14,7 @@ import torch
 
 from models.config import ModelConfig
 from models.crossdistil import RunningNormalizer
-from models.features import FeatureSpec, collision_rate, encode_rows, hash_bucket
+from models.features import FeatureSpec, collision_rate, encode_rows, hash_bucket, hash_column
 
 pytestmark = pytest.mark.unit
 
@@ -29,6 +29,14 @@ def test_hash_is_pinned_so_checkpoints_stay_valid_across_versions_and_processes(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[3], env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert out.stdout.strip() == "417413"
+
+
+def test_hash_column_gives_hash_bucket_rows_without_filling_its_collector_tracked_cache() -> None:
+    values = [f"column-test-{i}" for i in range(500)] + [7, 7.0, True]
+    before = hash_bucket.cache_info().currsize
+    rows = hash_column("item_id", values, 2**20)
+    assert hash_bucket.cache_info().currsize == before  # memoised in a plain str -> int dict instead
+    assert rows == [hash_bucket("item_id", str(v), 2**20) for v in values]
 
 
 def test_fields_are_salted_and_int_and_str_values_share_a_row() -> None:

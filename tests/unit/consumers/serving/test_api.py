@@ -258,3 +258,19 @@ def test_a_body_declared_far_over_the_limit_is_refused_and_the_connection_closed
     assert response.status == 413 and response.getheader("Connection") == "close"
     assert json.loads(response.read())["error"] == "too_large"
     connection.close()
+
+
+def test_a_bug_on_the_score_path_is_a_json_500_counted_and_the_server_keeps_answering(api, monkeypatch) -> None:
+    server, holder, _ = api
+    holder.swap(served_model()[1])
+
+    def broken(body: bytes) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.batcher, "submit_async", broken)
+    status, answer = request(server.url + "/score", "POST", json.dumps([impression(0)]).encode())
+    assert status == 500 and answer["error"] == "internal" and "a bug" in answer["message"]
+    monkeypatch.undo()
+    assert request(server.url + "/score", "POST", json.dumps([impression(0)]).encode())[0] == 200
+    status, text = request(server.url + "/metrics")
+    assert 'crossdistil_serving_requests_total{code="500",endpoint="/score"} 1.0' in text

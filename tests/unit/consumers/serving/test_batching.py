@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -173,3 +174,44 @@ def test_scoring_in_a_batch_matches_the_learner_within_float32_rounding() -> Non
         apart = [served.model.score_rows([row]) for row in rows]
     for task in served.tasks:
         assert torch.allclose(together[task], torch.cat([a[task] for a in apart]), atol=1e-6)
+
+
+def test_the_answers_of_one_batch_reach_the_event_loop_in_one_wake_up() -> None:
+    holder = ModelHolder()
+    served = served_model()
+    holder.swap(served)
+    gate = Gate(served)
+    batcher = ScoringBatcher(holder, max_items=100)
+    requests = [[impression(10 * r + i) for i in range(r + 1)] for r in range(5)]
+
+    async def scenario() -> tuple[list, int]:
+        loop = asyncio.get_running_loop()
+        wake_ups = 0
+        original = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            nonlocal wake_ups
+            wake_ups += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        first = batcher.submit_async(body([impression(0)]))
+        deadline = time.monotonic() + 10
+        while not gate.entered.is_set():  # the scorer holds the first request in its forward pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        futures = [batcher.submit_async(body(events)) for events in requests]
+        gate.opened.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, *futures), 10)
+        return answers[1:], wake_ups
+
+    try:
+        answers, wake_ups = asyncio.run(scenario())
+    finally:
+        batcher.close()
+    assert (batcher.batches, batcher.batched_requests) == (2, 6)
+    assert wake_ups == 2  # one per batch, not one per request
+    for events, (status, payload, _, items) in zip(requests, answers):
+        alone = score_impressions(served, events)
+        answer = json.loads(payload)
+        assert status == 200 and items == len(events) and answer["impression_ids"] == alone["impression_ids"]
