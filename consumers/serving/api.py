@@ -107,27 +107,9 @@ def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatc
             metrics.request("/score", time.perf_counter() - started, status, items)
 
     async def score_answer(scope: dict, receive: Callable) -> tuple[int, bytes, dict[str, str], int]:
-        headers = _headers(scope)
-        content_type = headers.get("content-type")
-        if content_type is not None:
-            media, _, parameters = content_type.partition(";")
-            charset = parameters.strip().lower().replace(" ", "")
-            if media.strip().lower() not in _JSON_TYPES or charset not in ("", "charset=utf-8"):
-                return _refusal(415, "unsupported_media_type", f"Content-Type {content_type!r}: send "
-                                "application/json (UTF-8)", field="Content-Type")
-        if headers.get("content-encoding", "identity").lower() != "identity":
-            return _refusal(415, "unsupported_media_type", "Content-Encoding is not supported; send the body as is",
-                            field="Content-Encoding")
-        length = headers.get("content-length")
-        if length is None:  # chunked: the parser frames it, but the byte limit is checked before reading
-            return _refusal(411, "length_required", "POST /score needs a Content-Length header",
-                            field="Content-Length")
-        if int(length) > max_request_bytes:  # the parser accepted it: digits only
-            # The parser reads (and drops) the body so the connection stays usable; one far over the limit
-            # is not worth reading: the connection closes instead.
-            close = {"Connection": "close"} if int(length) > DRAIN_LIMIT * max_request_bytes else {}
-            return _refusal(413, "too_large", f"the body has {length} bytes; the limit is {max_request_bytes} "
-                            "(serving.max_request_bytes)", close, field="Content-Length")
+        refused = _header_refusal(_headers(scope), max_request_bytes)
+        if refused is not None:
+            return refused
         if holder.current is None:
             return _refusal(503, "no_model", f"no model loaded yet (waiting for a checkpoint on {waiting_for}); "
                             "retry later", {"Retry-After": "1"})
@@ -142,6 +124,46 @@ def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatc
         except Busy:
             return _BUSY
         return await answer
+
+    starlette = _starlette_app(holder, metrics, max_request_bytes=max_request_bytes, max_items=max_items,
+                               waiting_for=waiting_for)
+
+    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/score":
+            await score(scope, receive, send)
+        else:
+            await starlette(scope, receive, send)
+
+    return app
+
+
+def _header_refusal(headers: dict[str, str], max_request_bytes: int) -> tuple[int, bytes, dict[str, str], int] | None:
+    """The answer to a POST /score whose headers already refuse it (media type, encoding, length), else None."""
+    content_type = headers.get("content-type")
+    if content_type is not None:
+        media, _, parameters = content_type.partition(";")
+        charset = parameters.strip().lower().replace(" ", "")
+        if media.strip().lower() not in _JSON_TYPES or charset not in ("", "charset=utf-8"):
+            return _refusal(415, "unsupported_media_type", f"Content-Type {content_type!r}: send "
+                            "application/json (UTF-8)", field="Content-Type")
+    if headers.get("content-encoding", "identity").lower() != "identity":
+        return _refusal(415, "unsupported_media_type", "Content-Encoding is not supported; send the body as is",
+                        field="Content-Encoding")
+    length = headers.get("content-length")
+    if length is None:  # chunked: the parser frames it, but the byte limit is checked before reading
+        return _refusal(411, "length_required", "POST /score needs a Content-Length header", field="Content-Length")
+    if int(length) > max_request_bytes:  # the parser accepted it: digits only
+        # The parser reads (and drops) the body so the connection stays usable; one far over the limit
+        # is not worth reading: the connection closes instead.
+        close = {"Connection": "close"} if int(length) > DRAIN_LIMIT * max_request_bytes else {}
+        return _refusal(413, "too_large", f"the body has {length} bytes; the limit is {max_request_bytes} "
+                        "(serving.max_request_bytes)", close, field="Content-Length")
+    return None
+
+
+def _starlette_app(holder: ModelHolder, metrics: ServingMetrics, *, max_request_bytes: int, max_items: int,
+                   waiting_for: str) -> Starlette:
+    """Everything but POST /score: /healthz, /metrics, /openapi.json, and the JSON 404s and 405s."""
 
     async def healthz(request: Request) -> tuple[Response, int]:
         served = holder.current
@@ -179,14 +201,7 @@ def build_app(holder: ModelHolder, metrics: ServingMetrics, batcher: ScoringBatc
               Route("/openapi.json", _counted(metrics, "/openapi.json", openapi_json), methods=["GET"])]
     starlette = Starlette(routes=routes,
                           exception_handlers={**ERROR_HANDLERS, 404: not_found, HTTPException: http_error})
-
-    async def app(scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/score":
-            await score(scope, receive, send)
-        else:
-            await starlette(scope, receive, send)
-
-    return app
+    return starlette
 
 
 async def _unreachable(request: Request) -> tuple[Response, int]:
