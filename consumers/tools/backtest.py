@@ -8,8 +8,9 @@ compared on exactly the same events.
 
 Inputs:
 
-* ``--log file://PATH``: an event log (docs/event-log.md). Every record's event is packed back into the bytes
-  a Kafka message would carry and decoded by the trainer's decoder; its source is ``(topic, 0)``.
+* ``--log file://PATH``: an event log (docs/event-log.md), unpacked once as it is read; every record's event is
+  checked by the trainer's validator in place (``LoggedRecord``: what the trainer's decoder gives for the bytes
+  a Kafka message would carry, without packing them); its source is ``(topic, 0)``.
 * ``--kafka HOST:PORT``: the impressions and feedback topics of the (first) configuration, every partition, in
   ``[--from-offset, --to-offset)`` or ``[--from-time, --to-time)`` (record timestamps; ISO 8601 or unix ms).
   The partitions are merged by event time (each partition keeps its order) so the replay does not depend on
@@ -45,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from streamer.eventlog import EventLogError, path_from_url, read_event_log
+from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
+from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
 from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure
 
 if TYPE_CHECKING:
@@ -198,29 +200,66 @@ class Record:
     partition: int
     value: bytes | None
 
+    @property
+    def size(self) -> int:
+        """Bytes of the message (its value and about the framing of a record), for the progress bar."""
+        return len(self.value or b"") + 24
+
+    def events(self) -> list[dict | EventError]:
+        """The value decoded and validated by the trainer's decoder (``consumers.core.pipeline.decode_record``)."""
+        return decode_events(self.value if self.value is not None else b"")
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRecord:
+    """One event-log record to replay: its topic (partition 0), the event as the log's reader unpacked it, and the
+    record's size in the file.
+
+    ``events()`` gives what ``Record(topic, 0, value).events()`` gives for the bytes of the event, without packing
+    and unpacking it again: the event is validated in place by the trainer's validator. Anything that could make
+    the two differ (an invalid event, whose error message depends on the decoder's limits, or a record larger than
+    a single event may be) goes through the bytes, so bad events are dead-lettered with the same reasons.
+    """
+
+    topic: str
+    event: dict[str, Any]
+    size: int
+    partition: int = 0
+
+    @property
+    def value(self) -> bytes:
+        """The bytes a Kafka message would carry (the event packed as ``crossdistil stream`` packs it)."""
+        import msgpack
+
+        return msgpack.packb(self.event, use_bin_type=True)
+
+    def events(self) -> list[dict | EventError]:
+        if self.size <= DEFAULT_LIMITS.max_event_bytes:  # the event packs into at most its record's size
+            events = check_events(self.event)
+            if all(type(event) is dict for event in events):
+                return events
+        return decode_events(self.value)
+
 
 def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
-                limit: int | None = None) -> tuple[Iterator[Record], dict[str, Any]]:
+                limit: int | None = None) -> tuple[Iterator[LoggedRecord], dict[str, Any]]:
     """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
-    import msgpack
-
     _check_time_range(from_ms, to_ms)
     path = path_from_url(url)
     if not path.is_file():
         raise EventLogError(f"event log {path} does not exist; write one with "
                             "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
 
-    def records() -> Iterator[Record]:
-        packer = msgpack.Packer(use_bin_type=True)
+    def records() -> Iterator[LoggedRecord]:
         n = 0
-        for record in read_event_log(path):
+        for (topic, _key, event), size in read_event_log_sized(path):
             if limit is not None and n >= limit:
                 return
-            ts = record.event.get("ts_ms")
+            ts = event.get("ts_ms")
             if isinstance(ts, int) and ((from_ms is not None and ts < from_ms) or (to_ms is not None and ts >= to_ms)):
                 continue
             n += 1
-            yield Record(record.topic, 0, packer.pack(record.event))
+            yield LoggedRecord(topic, event, size)
 
     desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
             "bytes": path.stat().st_size}
@@ -518,7 +557,7 @@ class BacktestResult:
     batching: str = "event-time"
 
 
-def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, batching: str = "event-time",
+def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
                  sample_every: int = 1000, progress: bool = False, total: int | None = None,
                  progress_unit: str = "records") -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
@@ -531,7 +570,7 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, batch
     from prometheus_client import CollectorRegistry
 
     # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
-    from consumers.core.pipeline import EventClock, decode_record
+    from consumers.core.pipeline import EventClock
     from consumers.runtime.assembly import build_pipeline
     from consumers.runtime.processes import tune_gc
     from consumers.runtime.telemetry import TrainerMetrics
@@ -557,7 +596,7 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, batch
     n_records = n_events = 0
     with _progress(progress, total, progress_unit) as advance:
         for record in records:
-            events = decode_record(record.value)
+            events = record.events()
             source = (record.topic, record.partition)
             train = n_records % train_every == train_every - 1
             for run_ in runs.values():
@@ -568,7 +607,7 @@ def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, batch
                 run_.seconds += time.perf_counter() - t0
             n_records += 1
             n_events += len(events)
-            advance(1 if progress_unit == "records" else len(record.value or b"") + 24)
+            advance(1 if progress_unit == "records" else record.size)
         for run_ in runs.values():
             t0 = time.perf_counter()
             run_.pipeline.flush()
