@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import heapq
 import io
 import itertools
@@ -94,8 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are those a live trainer makes when the events arrive at the log's own rate; dense: "
                              "batches of batching.batch_size only (max_batch_delay_s not used), replayed as fast as "
                              "the machine trains. The attribution windows run on event time in both")
-    parser.add_argument("--sample-every", type=int, default=1000, metavar="N",
-                        help="one time-series point every N trained samples (default %(default)s)")
+    parser.add_argument("--sample-every", type=int, default=None, metavar="N",
+                        help="one time-series point every N trained samples (default: a quarter of the configuration's "
+                             "smallest metrics window, e.g. 2500 for windows [10000, 100000]; a point costs an exact "
+                             "AUC of every window)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N records")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1: bit-for-bit reproducible, and fastest on a busy "
@@ -446,6 +449,7 @@ class ConfigRun:
     user_index: dict[str, int] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)  # of every trained batch, in order
     seconds: float = 0.0
+    leader: str | None = None  # the configuration whose join and batcher cut this one's batches (run_backtest)
     _next_point: int = 0
 
     def on_batch(self, samples: list, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
@@ -558,63 +562,190 @@ class BacktestResult:
 
 
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
-                 sample_every: int = 1000, progress: bool = False, total: int | None = None,
+                 sample_every: int | None = None, progress: bool = False, total: int | None = None,
                  progress_unit: str = "records") -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
     the end of a finite stream (``--exit-when-idle``). ``batching``: ``"event-time"`` (``max_batch_delay_s`` on
     the replay clock: a live trainer's batches at the log's own rate) or ``"dense"`` (batches cut by
-    ``batch_size`` only); the join's attribution windows run on event time in both.
+    ``batch_size`` only); the join's attribution windows run on event time in both. ``sample_every``: samples
+    between two series points (None: ``default_sample_every`` of each configuration).
+
+    Configurations whose join and batching settings are the same (``stream_key``) make the same batches from the
+    same records, so they are replayed as one group: the first one's join and batcher cut the batches, and every
+    batch is trained by each configuration of the group (``Forwarding``), encoded once when they read the same
+    features (``SharedEncoding``). Each configuration keeps its own learner, metrics and series.
     """
     from prometheus_client import CollectorRegistry
 
     # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
-    from consumers.core.pipeline import EventClock
+    from consumers.core.pipeline import EventClock, InProcessLearner
     from consumers.runtime.assembly import build_pipeline
     from consumers.runtime.processes import tune_gc
     from consumers.runtime.telemetry import TrainerMetrics
 
-    if sample_every < 1:
+    if sample_every is not None and sample_every < 1:
         raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
     if batching not in BATCHING_MODES:
         raise ValueError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
     tune_gc()
     runs: dict[str, ConfigRun] = {}
+    leaders: dict[Any, ConfigRun] = {}  # stream key -> the run whose join and batcher cut its group's batches
+    encodings: dict[Any, SharedEncoding] = {}
     for name, cfg in configs.items():
         clock = EventClock()
         metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
         pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense")
-        run_ = ConfigRun(name, cfg, pipeline, sample_every, _next_point=sample_every)
+        every = sample_every if sample_every is not None else default_sample_every(cfg)
+        run_ = ConfigRun(name, cfg, pipeline, every, _next_point=every)
         pipeline.on_batch = run_.on_batch
         runs[name] = run_
+        key = stream_key(cfg, batching)
+        port = pipeline.learner
+        if isinstance(port, InProcessLearner) and port.encode is None:
+            features = port.learner.config.features
+            port.encode = encodings.setdefault((key, features), SharedEncoding(features, pipeline.tasks))
+        leader = leaders.get(key)
+        if leader is None:
+            leaders[key] = run_
+            pipeline.learner = Forwarding(port)
+        else:  # the leader's join is this configuration's: its counters and watermark, and its replay clock
+            run_.leader = leader.name
+            pipeline.join = clock.join = leader.pipeline.join
+            leader.pipeline.learner.followers.append(run_)
     # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
     # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
-    # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll.
-    train_every = DENSE_TRAIN_EVERY if batching == "dense" else 1
+    # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
+    # so each replays a chunk of records in turn (timed per chunk, not per record).
+    dense = batching == "dense"
     started = time.perf_counter()
     n_records = n_events = 0
+    records = iter(records)
     with _progress(progress, total, progress_unit) as advance:
-        for record in records:
-            events = record.events()
-            source = (record.topic, record.partition)
-            train = n_records % train_every == train_every - 1
-            for run_ in runs.values():
-                t0 = time.perf_counter()
-                run_.pipeline.ingest(events, source)
-                if train:
-                    run_.pipeline.train_ready()
-                run_.seconds += time.perf_counter() - t0
-            n_records += 1
-            n_events += len(events)
-            advance(1 if progress_unit == "records" else record.size)
+        while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
+            decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
+            for leader in leaders.values():
+                pipeline, forwarding = leader.pipeline, leader.pipeline.learner
+                t0, forwarded = time.perf_counter(), forwarding.forwarded_s
+                if dense:
+                    for events, source in decoded:
+                        pipeline.ingest(events, source)
+                    if len(chunk) == DENSE_TRAIN_EVERY:
+                        pipeline.train_ready()
+                else:
+                    for events, source in decoded:
+                        pipeline.ingest(events, source)
+                        pipeline.train_ready()
+                leader.seconds += time.perf_counter() - t0 - (forwarding.forwarded_s - forwarded)
+            n_records += len(chunk)
+            n_events += sum(len(events) for events, _ in decoded)
+            advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
+        for leader in leaders.values():
+            t0, forwarded = time.perf_counter(), leader.pipeline.learner.forwarded_s
+            leader.pipeline.flush()
+            leader.seconds += time.perf_counter() - t0 - (leader.pipeline.learner.forwarded_s - forwarded)
         for run_ in runs.values():
             t0 = time.perf_counter()
-            run_.pipeline.flush()
+            if run_.leader is not None:
+                run_.pipeline.collect(wait=True)  # a learner process's last answers
+                stream = runs[run_.leader].pipeline
+                run_.pipeline.dead_letters, run_.pipeline.events_ingested = stream.dead_letters, stream.events_ingested
             if run_.event_ts_ms:
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
+
+
+def stream_key(cfg: Config, batching: str) -> tuple:
+    """What decides the batches a configuration's pipeline cuts from a replay: the join's settings, the tasks,
+    ``batch_size`` and (event-time batching) ``max_batch_delay_s``. Equal keys, equal batches from equal records.
+
+    >>> from consumers.runtime.config import load_config
+    >>> a = load_config(None, env={}, overrides=["model.options={rung = 'mtl'}"])
+    >>> b = load_config(None, env={}, overrides=["model.options={rung = 'crossdistil'}"])
+    >>> stream_key(a, "dense") == stream_key(b, "dense")
+    True
+    """
+    from consumers.runtime.assembly import join_config
+
+    join = dataclasses.asdict(join_config(cfg, live=False))
+    join["attribution_window_s"] = tuple(sorted(join["attribution_window_s"].items()))
+    delay = None if batching == "dense" else cfg.batching.max_batch_delay_s
+    return (tuple(sorted(join.items())), tuple(cfg.model.tasks), cfg.batching.batch_size, delay)
+
+
+class Forwarding:
+    """The learner port of a group's first configuration (``run_backtest``): each batch submitted to it is also
+    trained by the group's other configurations (``Pipeline.train_batch``), at the same point of the replay.
+
+    Everything else is the wrapped port's. ``forwarded_s`` adds up the seconds the others took (each one's
+    ``ConfigRun.seconds`` has its own), so the first configuration's time is its own too.
+    """
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+        self.followers: list[ConfigRun] = []
+        self.forwarded_s = 0.0
+
+    @property
+    def steps(self) -> int:
+        return self.port.steps
+
+    @property
+    def in_flight(self) -> int:
+        return self.port.in_flight
+
+    def submit(self, samples: list, context: Any) -> None:
+        self.port.submit(samples, context)
+        for follower in self.followers:
+            t0 = time.perf_counter()
+            follower.pipeline.train_batch(samples)
+            seconds = time.perf_counter() - t0
+            follower.seconds += seconds
+            self.forwarded_s += seconds
+
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
+        return self.port.answers(wait)
+
+    def check_alive(self) -> None:
+        self.port.check_alive()
+
+    def close(self) -> None:
+        self.port.close()
+
+
+class SharedEncoding:
+    """``InProcessLearner.encode`` shared by the configurations of a group that read the same features: the batch
+    they all train on (the same list, ``Forwarding``) is encoded by the first and reused by the others.
+
+    Learners do not write into a batch's tensors, so sharing them changes no number (the tests compare a group's
+    predictions with each configuration replayed alone).
+    """
+
+    def __init__(self, features: Any, tasks: Sequence[str]) -> None:
+        self.features, self.tasks = features, tuple(tasks)
+        self._samples: list | None = None
+        self._batch: Any = None
+
+    def __call__(self, samples: list) -> Any:
+        from consumers.core.pipeline import training_rows
+        from models.features import encode_rows
+
+        if samples is not self._samples:  # held here, so no other list can have its identity
+            self._samples, self._batch = samples, encode_rows(training_rows(samples), self.features, self.tasks)
+        return self._batch
+
+
+def default_sample_every(cfg: Config) -> int:
+    """Samples between two series points when ``--sample-every`` is not given: a quarter of the smallest metrics
+    window (each point sorts every window for its exact AUC; consecutive points of one window overlap by 3/4).
+
+    >>> from consumers.runtime.config import load_config
+    >>> default_sample_every(load_config(None, env={}, overrides=["metrics.windows=[10000, 50000]"]))
+    2500
+    """
+    return max(1, min(int(w) for w in cfg.metrics.windows) // 4)
 
 
 def batch_statistics(sizes: Sequence[int]) -> dict[str, Any]:
