@@ -121,9 +121,8 @@ def hash_column(field_name: str, values: Iterable[Any], buckets: int) -> list[in
         return list(map(cache.__getitem__, values))
     except (KeyError, TypeError):
         keys = list(map(str, values))  # str of a str is itself
-        for k in keys:
-            if k not in cache:
-                cache[k] = hash_bucket(field_name, k, buckets)
+        for k in set(keys).difference(cache):
+            cache[k] = hash_bucket(field_name, k, buckets)
         return list(map(cache.__getitem__, keys))
 
 
