@@ -629,8 +629,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 pipeline, forwarding = leader.pipeline, leader.pipeline.learner
                 t0, forwarded = time.perf_counter(), forwarding.forwarded_s
                 if dense:
-                    for events, source in decoded:
-                        pipeline.ingest(events, source)
+                    pipeline.ingest_each(decoded)
                     if len(chunk) == DENSE_TRAIN_EVERY:
                         pipeline.train_ready()
                 else:
