@@ -7,7 +7,8 @@ Replays ``--log`` once (``run_backtest(..., batching="dense")`` and ``summary()`
 (the timers cost about a microsecond a call, so the stages add up to a little more than a run without them):
 
 * ``validate``: ``LoggedRecord.events`` (the trainer's validator on each record, shared by every configuration);
-* ``ingest``: ``Pipeline.ingest`` of the group's leader, of which ``join`` is ``AttributionJoin.add_events``;
+* ``ingest``: ``Pipeline.ingest_each`` (dense) of the group's leader, of which ``join`` is
+  ``AttributionJoin.add_events``;
 * ``train``: ``Pipeline.train_ready`` and ``flush`` (every configuration's training, forwarded from the leader),
   of which ``encode`` (``SharedEncoding``), ``step`` (``Learner.step``), ``metrics`` (``TrainerMetrics.observe``)
   and ``record`` (``ConfigRun.on_batch``: the predictions kept and the series), of which ``series``
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 STAGES = (
     ("validate", "consumers.tools.backtest:LoggedRecord", "events"),
     ("ingest", "consumers.core.pipeline:Pipeline", "ingest"),
+    ("ingest", "consumers.core.pipeline:Pipeline", "ingest_each"),
     ("join", "consumers.core.join:AttributionJoin", "add_events"),
     ("train", "consumers.core.pipeline:Pipeline", "train_ready"),
     ("train", "consumers.core.pipeline:Pipeline", "flush"),

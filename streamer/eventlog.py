@@ -125,7 +125,7 @@ def read_event_log_sized(path: str | Path) -> Iterator[tuple[LogRecord, int]]:
 
 
 def _check_record(record: Any, path: Path, index: int) -> LogRecord:
-    if not isinstance(record, dict) or set(record) != RECORD_KEYS:
+    if not isinstance(record, dict) or record.keys() != RECORD_KEYS:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise EventLogError(f"event log {path}: record {index} must be a map with keys topic, key, event; got {keys}")
     topic, key, event = record["topic"], record["key"], record["event"]

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
@@ -213,10 +213,9 @@ class Record:
         return decode_events(self.value if self.value is not None else b"")
 
 
-@dataclass(frozen=True, slots=True)
-class LoggedRecord:
+class LoggedRecord(NamedTuple):
     """One event-log record to replay: its topic (partition 0), the event as the log's reader unpacked it, and the
-    record's size in the file.
+    record's size in the file (a named tuple: one is made per record, and a tuple is the cheapest to make).
 
     ``events()`` gives what ``Record(topic, 0, value).events()`` gives for the bytes of the event, without packing
     and unpacking it again: the event is validated in place by the trainer's validator. Anything that could make
@@ -254,8 +253,13 @@ def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
                             "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
 
     def records() -> Iterator[LoggedRecord]:
+        sized = read_event_log_sized(path)
+        if from_ms is None and to_ms is None:
+            for (topic, _key, event), size in itertools.islice(sized, limit):
+                yield LoggedRecord(topic, event, size)
+            return
         n = 0
-        for (topic, _key, event), size in read_event_log_sized(path):
+        for (topic, _key, event), size in sized:
             if limit is not None and n >= limit:
                 return
             ts = event.get("ts_ms")
