@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -122,14 +123,15 @@ def hash_column(field_name: str, values: Iterable[Any], buckets: int) -> list[in
     cache = _ROW_CACHES.setdefault((field_name, buckets), {})
     if len(cache) > _ROW_CACHE_LIMIT:
         cache.clear()
-    keys = [v if type(v) is str else str(v) for v in values]
-    try:
-        return [cache[k] for k in keys]
-    except KeyError:
-        for k in keys:
-            if k not in cache:
-                cache[k] = _blake2b_row(field_name, k, buckets)
-        return [cache[k] for k in keys]
+    if not isinstance(values, (list, tuple)):
+        values = list(values)
+    try:  # the cache's keys are strings, so only strings it has seen hit (not 5, which must be keyed "5")
+        return list(map(cache.__getitem__, values))
+    except (KeyError, TypeError):
+        keys = list(map(str, values))  # str of a str is itself
+        for k in set(keys).difference(cache):
+            cache[k] = _blake2b_row(field_name, k, buckets)
+        return list(map(cache.__getitem__, keys))
 
 
 def _column(rows: Sequence[Any], name: str, default: Any) -> list[Any]:
@@ -138,6 +140,30 @@ def _column(rows: Sequence[Any], name: str, default: Any) -> list[Any]:
     if not rows or isinstance(rows[0], Mapping):
         return [r.get(name, default) for r in rows]
     return [getattr(r, name, default) for r in rows]
+
+
+def _feature_columns(feature_maps: Sequence[Mapping[str, Any]], names: Sequence[str],
+                     default: Any) -> dict[str, Sequence[Any]]:
+    """``{name: [map.get(name, default) for map in feature_maps]}``: one C-level lookup of every name per row
+    (``itemgetter``) when no row lacks one, else a ``get`` per name and row."""
+    if not names:
+        return {}
+    if not feature_maps:
+        return {name: [] for name in names}
+    get = itemgetter(*names)
+    try:
+        rows = list(map(get, feature_maps))
+    except KeyError:  # some row lacks a name: that row by names
+        rows = []
+        append = rows.append
+        for m in feature_maps:
+            try:
+                append(get(m))
+            except KeyError:
+                append([m.get(name, default) for name in names] if len(names) > 1 else m.get(names[0], default))
+    if len(names) == 1:
+        return {names[0]: rows}
+    return dict(zip(names, zip(*rows)))
 
 
 def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) -> Batch:
@@ -156,21 +182,24 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
     buckets = spec.hash_buckets
     feature_maps = [f or {} for f in _column(rows, "features", None)]
     user_ids = _column(rows, "user_id", "")
+    in_features = _feature_columns(feature_maps, [name for name in spec.categorical if name not in TOP_LEVEL_FIELDS],
+                                   "")
 
     categorical = np.empty((n, len(spec.categorical)), dtype=np.int64)
     for c, name in enumerate(spec.categorical):
         if name == "user_id":
-            values: list[Any] = user_ids
+            values: Sequence[Any] = user_ids
         elif name in TOP_LEVEL_FIELDS:
             values = _column(rows, name, "")
         else:
-            values = [f.get(name, "") for f in feature_maps]
+            values = in_features[name]
         categorical[:, c] = hash_column(name, values, buckets)
 
     numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
+    numeric_values = _feature_columns(feature_maps, spec.numeric, 0.0)
     for c, name in enumerate(spec.numeric):
         try:
-            numeric[:, c] = [float(f.get(name, 0.0) or 0.0) for f in feature_maps]
+            numeric[:, c] = [float(v or 0.0) for v in numeric_values[name]]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
     numeric = np.sign(numeric) * np.log1p(np.abs(numeric))  # heavy tails (watch time, counts) -> O(10)

@@ -88,15 +88,32 @@ def read_event_log(path: str | Path) -> Iterator[LogRecord]:
 
     Events are returned as stored (validate them with ``streamer.events.validate`` if the file is untrusted).
     """
+    for record, _size in read_event_log_sized(path):
+        yield record
+
+
+def read_event_log_sized(path: str | Path) -> Iterator[tuple[LogRecord, int]]:
+    """``read_event_log`` with each record's size in bytes in the file (its event packs into no more than that).
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.evlog")
+    >>> with EventLogWriter(path) as log:
+    ...     n = log.write("feedback", "u1", {"v": 1, "impression_id": "i", "ts_ms": 5, "task": "t", "value": 1})
+    >>> [(r.topic, size == n) for r, size in read_event_log_sized(path)]
+    [('feedback', True)]
+    """
     path = Path(path)
     if not path.is_file():
         raise EventLogError(f"event log {path} does not exist")
     with path.open("rb") as handle:
         unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD_BYTES)
         index = 0
+        start = 0
         try:
             for record in unpacker:
-                yield _check_record(record, path, index)
+                end = unpacker.tell()
+                yield _check_record(record, path, index), end - start
+                start = end
                 index += 1
         except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, msgpack.exceptions.StackError,
                 msgpack.exceptions.BufferFull, ValueError) as exc:
@@ -108,7 +125,7 @@ def read_event_log(path: str | Path) -> Iterator[LogRecord]:
 
 
 def _check_record(record: Any, path: Path, index: int) -> LogRecord:
-    if not isinstance(record, dict) or set(record) != RECORD_KEYS:
+    if not isinstance(record, dict) or record.keys() != RECORD_KEYS:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise EventLogError(f"event log {path}: record {index} must be a map with keys topic, key, event; got {keys}")
     topic, key, event = record["topic"], record["key"], record["event"]

@@ -113,6 +113,7 @@ __all__ = [
     "EventKind",
     "Limits",
     "check_event",
+    "check_events",
     "decode",
     "decode_events",
     "encode",
@@ -625,6 +626,20 @@ def decode_events(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[dict 
         obj = _unpack(data, limits)
     except EventError as err:
         return [err]
+    return check_events(obj, limits=limits)
+
+
+def check_events(obj: Any, *, limits: Limits = DEFAULT_LIMITS) -> list[dict | EventError]:
+    """The events of one message already unpacked: ``decode_events`` without the bytes (checked in place, as
+    ``check_event``). A batch envelope is flattened; a bad event comes back as an :class:`EventError`.
+
+    For an object that did not come from bytes within the limits (an event-log record, say), it checks the
+    events but not the size of the message they would make: ``decode_events`` does both.
+
+    >>> [type(e).__name__ for e in check_events({"v": 1, "batch": [{"v": 1, "impression_id": "i1", "ts_ms": 5,
+    ...                                                            "task": "click", "value": 1}, {"v": 2}]})]
+    ['dict', 'EventError']
+    """
     if type(obj) is dict and "batch" in obj:
         try:
             batch = _check_envelope(obj, limits)

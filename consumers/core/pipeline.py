@@ -50,7 +50,7 @@ import numpy as np
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinedSample
-from models.features import encode_rows
+from models.features import Batch, encode_rows
 from streamer.events import EventError, decode_events  # per record: imported once here, not in the hot path
 
 Source = Hashable
@@ -113,7 +113,11 @@ def train_rows(learner: Any, rows: Sequence[Mapping[str, Any]], tasks: tuple[str
     """``encode_rows`` + one ``Learner.step`` on rows ``{"user_id", "item_id", "features", "labels"}``: the one
     training call, in this process or in a learner process."""
     started = time.perf_counter()
-    batch = encode_rows(rows, learner.config.features, tasks)
+    return train_encoded(learner, encode_rows(rows, learner.config.features, tasks), tasks, started)
+
+
+def train_encoded(learner: Any, batch: Batch, tasks: tuple[str, ...], started: float) -> Answer:
+    """One ``Learner.step`` on an encoded batch; the answer's seconds count from ``started`` (before encoding)."""
     losses, predictions = learner.step(batch)
     seconds = time.perf_counter() - started
     labels = batch.labels.numpy().astype(np.int8)
@@ -125,11 +129,16 @@ class InProcessLearner:
     """A :class:`LearnerPort` over a learner in this process: ``submit`` trains at once.
 
     ``learner`` is a ``models.learner.Learner`` (or anything with its verbs: ``step``, ``steps``, ``config``).
+    ``encode``: how a batch of samples becomes tensors (default ``encode_rows`` of ``training_rows`` with the
+    learner's features); a backtest gives configurations with the same features and batches one shared
+    encoding (``consumers.tools.backtest.SharedEncoding``).
     """
 
-    def __init__(self, learner: Any, tasks: Sequence[str]) -> None:
+    def __init__(self, learner: Any, tasks: Sequence[str],
+                 encode: Callable[[list[JoinedSample]], Batch] | None = None) -> None:
         self.learner = learner
         self.tasks = tuple(tasks)
+        self.encode = encode
         self._answered: deque[tuple[Any, Answer]] = deque()
 
     @property
@@ -141,7 +150,12 @@ class InProcessLearner:
         return len(self._answered)
 
     def submit(self, samples: list[JoinedSample], context: Any) -> None:
-        self._answered.append((context, train_rows(self.learner, training_rows(samples), self.tasks)))
+        if self.encode is None:
+            answer = train_rows(self.learner, training_rows(samples), self.tasks)
+        else:
+            started = time.perf_counter()
+            answer = train_encoded(self.learner, self.encode(samples), self.tasks, started)
+        self._answered.append((context, answer))
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
         while self._answered:
@@ -288,6 +302,33 @@ class Pipeline:
             self.join.add_events(events, source, now)  # type: ignore[arg-type]
         self.metrics.events_consumed(source[0] if isinstance(source, tuple) else str(source), len(events))
         self.events_ingested += len(events)
+        return bad
+
+    def ingest_each(self, messages: Sequence[tuple[Sequence[dict | EventError], Source]]) -> list[EventError]:
+        """``ingest`` of each ``(events, source)`` in turn, each its own message for the join at the clock's time
+        before it: a replay's run of records, with the per-record bookkeeping of ``ingest`` paid once (the
+        consumed-events metric is added per topic at the end). Returns the bad events, already counted.
+        """
+        join, clock, metrics = self.join, self.clock, self.metrics
+        consumed: dict[str, int] = {}
+        bad: list[EventError] = []
+        ingested = 0
+        for events, source in messages:
+            n = len(events)  # bad events count as consumed, as in ingest
+            if any(type(event) is not dict for event in events):
+                errors = [event for event in events if isinstance(event, EventError)]
+                for error in errors:
+                    self.dead_letters += 1
+                    metrics.dead_letter(str(error.reason or "invalid"))
+                bad += errors
+                events = [event for event in events if not isinstance(event, EventError)]
+            join.add_events(events, source, clock())
+            topic = source[0] if isinstance(source, tuple) else str(source)
+            consumed[topic] = consumed.get(topic, 0) + n
+            ingested += n
+        for topic, n in consumed.items():
+            metrics.events_consumed(topic, n)
+        self.events_ingested += ingested
         return bad
 
     def tick(self, now: float | None = None) -> None:

@@ -8,8 +8,9 @@ compared on exactly the same events.
 
 Inputs:
 
-* ``--log file://PATH``: an event log (docs/event-log.md). Every record's event is packed back into the bytes
-  a Kafka message would carry and decoded by the trainer's decoder; its source is ``(topic, 0)``.
+* ``--log file://PATH``: an event log (docs/event-log.md), unpacked once as it is read; every record's event is
+  checked by the trainer's validator in place (``LoggedRecord``: what the trainer's decoder gives for the bytes
+  a Kafka message would carry, without packing them); its source is ``(topic, 0)``.
 * ``--kafka HOST:PORT``: the impressions and feedback topics of the (first) configuration, every partition, in
   ``[--from-offset, --to-offset)`` or ``[--from-time, --to-time)`` (record timestamps; ISO 8601 or unix ms).
   The partitions are merged by event time (each partition keeps its order) so the replay does not depend on
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import heapq
 import io
 import itertools
@@ -40,12 +42,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from streamer.eventlog import EventLogError, path_from_url, read_event_log
+from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
+from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
 from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure
 
 if TYPE_CHECKING:
@@ -92,8 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are those a live trainer makes when the events arrive at the log's own rate; dense: "
                              "batches of batching.batch_size only (max_batch_delay_s not used), replayed as fast as "
                              "the machine trains. The attribution windows run on event time in both")
-    parser.add_argument("--sample-every", type=int, default=1000, metavar="N",
-                        help="one time-series point every N trained samples (default %(default)s)")
+    parser.add_argument("--sample-every", type=int, default=None, metavar="N",
+                        help="one time-series point every N trained samples (default: a quarter of the configuration's "
+                             "smallest metrics window, e.g. 2500 for windows [10000, 100000]; a point costs an exact "
+                             "AUC of every window)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N records")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1: bit-for-bit reproducible, and fastest on a busy "
@@ -198,29 +203,70 @@ class Record:
     partition: int
     value: bytes | None
 
+    @property
+    def size(self) -> int:
+        """Bytes of the message (its value and about the framing of a record), for the progress bar."""
+        return len(self.value or b"") + 24
+
+    def events(self) -> list[dict | EventError]:
+        """The value decoded and validated by the trainer's decoder (``consumers.core.pipeline.decode_record``)."""
+        return decode_events(self.value if self.value is not None else b"")
+
+
+class LoggedRecord(NamedTuple):
+    """One event-log record to replay: its topic (partition 0), the event as the log's reader unpacked it, and the
+    record's size in the file (a named tuple: one is made per record, and a tuple is the cheapest to make).
+
+    ``events()`` gives what ``Record(topic, 0, value).events()`` gives for the bytes of the event, without packing
+    and unpacking it again: the event is validated in place by the trainer's validator. Anything that could make
+    the two differ (an invalid event, whose error message depends on the decoder's limits, or a record larger than
+    a single event may be) goes through the bytes, so bad events are dead-lettered with the same reasons.
+    """
+
+    topic: str
+    event: dict[str, Any]
+    size: int
+    partition: int = 0
+
+    @property
+    def value(self) -> bytes:
+        """The bytes a Kafka message would carry (the event packed as ``crossdistil stream`` packs it)."""
+        import msgpack
+
+        return msgpack.packb(self.event, use_bin_type=True)
+
+    def events(self) -> list[dict | EventError]:
+        if self.size <= DEFAULT_LIMITS.max_event_bytes:  # the event packs into at most its record's size
+            events = check_events(self.event)
+            if all(type(event) is dict for event in events):
+                return events
+        return decode_events(self.value)
+
 
 def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
-                limit: int | None = None) -> tuple[Iterator[Record], dict[str, Any]]:
+                limit: int | None = None) -> tuple[Iterator[LoggedRecord], dict[str, Any]]:
     """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
-    import msgpack
-
     _check_time_range(from_ms, to_ms)
     path = path_from_url(url)
     if not path.is_file():
         raise EventLogError(f"event log {path} does not exist; write one with "
                             "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
 
-    def records() -> Iterator[Record]:
-        packer = msgpack.Packer(use_bin_type=True)
+    def records() -> Iterator[LoggedRecord]:
+        sized = read_event_log_sized(path)
+        if from_ms is None and to_ms is None:
+            for (topic, _key, event), size in itertools.islice(sized, limit):
+                yield LoggedRecord(topic, event, size)
+            return
         n = 0
-        for record in read_event_log(path):
+        for (topic, _key, event), size in sized:
             if limit is not None and n >= limit:
                 return
-            ts = record.event.get("ts_ms")
+            ts = event.get("ts_ms")
             if isinstance(ts, int) and ((from_ms is not None and ts < from_ms) or (to_ms is not None and ts >= to_ms)):
                 continue
             n += 1
-            yield Record(record.topic, 0, packer.pack(record.event))
+            yield LoggedRecord(topic, event, size)
 
     desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
             "bytes": path.stat().st_size}
@@ -407,6 +453,7 @@ class ConfigRun:
     user_index: dict[str, int] = field(default_factory=dict)
     batch_sizes: list[int] = field(default_factory=list)  # of every trained batch, in order
     seconds: float = 0.0
+    leader: str | None = None  # the configuration whose join and batcher cut this one's batches (run_backtest)
     _next_point: int = 0
 
     def on_batch(self, samples: list, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
@@ -518,64 +565,199 @@ class BacktestResult:
     batching: str = "event-time"
 
 
-def run_backtest(records: Iterable[Record], configs: dict[str, Config], *, batching: str = "event-time",
-                 sample_every: int = 1000, progress: bool = False, total: int | None = None,
+def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
+                 sample_every: int | None = None, progress: bool = False, total: int | None = None,
                  progress_unit: str = "records") -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
     the end of a finite stream (``--exit-when-idle``). ``batching``: ``"event-time"`` (``max_batch_delay_s`` on
     the replay clock: a live trainer's batches at the log's own rate) or ``"dense"`` (batches cut by
-    ``batch_size`` only); the join's attribution windows run on event time in both.
+    ``batch_size`` only); the join's attribution windows run on event time in both. ``sample_every``: samples
+    between two series points (None: ``default_sample_every`` of each configuration).
+
+    Configurations whose join and batching settings are the same (``stream_key``) make the same batches from the
+    same records, so they are replayed as one group: the first one's join and batcher cut the batches, and every
+    batch is trained by each configuration of the group (``Forwarding``), encoded once when they read the same
+    features (``SharedEncoding``). Each configuration keeps its own learner, metrics and series.
     """
-    from prometheus_client import CollectorRegistry
+    from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
-    # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
-    from consumers.core.pipeline import EventClock, decode_record
-    from consumers.runtime.assembly import build_pipeline
-    from consumers.runtime.processes import tune_gc
-    from consumers.runtime.telemetry import TrainerMetrics
-
-    if sample_every < 1:
+    if sample_every is not None and sample_every < 1:
         raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
     if batching not in BATCHING_MODES:
         raise ValueError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
     tune_gc()
-    runs: dict[str, ConfigRun] = {}
-    for name, cfg in configs.items():
-        clock = EventClock()
-        metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
-        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense")
-        run_ = ConfigRun(name, cfg, pipeline, sample_every, _next_point=sample_every)
-        pipeline.on_batch = run_.on_batch
-        runs[name] = run_
+    runs, leaders = _grouped_runs(configs, batching, sample_every)
     # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
     # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
-    # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll.
-    train_every = DENSE_TRAIN_EVERY if batching == "dense" else 1
+    # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
+    # so each replays a chunk of records in turn (timed per chunk, not per record).
+    dense = batching == "dense"
     started = time.perf_counter()
     n_records = n_events = 0
+    records = iter(records)
     with _progress(progress, total, progress_unit) as advance:
-        for record in records:
-            events = decode_record(record.value)
-            source = (record.topic, record.partition)
-            train = n_records % train_every == train_every - 1
-            for run_ in runs.values():
-                t0 = time.perf_counter()
-                run_.pipeline.ingest(events, source)
-                if train:
-                    run_.pipeline.train_ready()
-                run_.seconds += time.perf_counter() - t0
-            n_records += 1
-            n_events += len(events)
-            advance(1 if progress_unit == "records" else len(record.value or b"") + 24)
+        while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
+            decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
+            for leader in leaders.values():
+                pipeline, forwarding = leader.pipeline, leader.pipeline.learner
+                t0, forwarded = time.perf_counter(), forwarding.forwarded_s
+                if dense:
+                    pipeline.ingest_each(decoded)
+                    if len(chunk) == DENSE_TRAIN_EVERY:
+                        pipeline.train_ready()
+                else:
+                    for events, source in decoded:
+                        pipeline.ingest(events, source)
+                        pipeline.train_ready()
+                leader.seconds += time.perf_counter() - t0 - (forwarding.forwarded_s - forwarded)
+            n_records += len(chunk)
+            n_events += sum(len(events) for events, _ in decoded)
+            advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
+        for leader in leaders.values():
+            t0, forwarded = time.perf_counter(), leader.pipeline.learner.forwarded_s
+            leader.pipeline.flush()
+            leader.seconds += time.perf_counter() - t0 - (leader.pipeline.learner.forwarded_s - forwarded)
         for run_ in runs.values():
             t0 = time.perf_counter()
-            run_.pipeline.flush()
+            if run_.leader is not None:
+                run_.pipeline.collect(wait=True)  # a learner process's last answers
+                stream = runs[run_.leader].pipeline
+                run_.pipeline.dead_letters, run_.pipeline.events_ingested = stream.dead_letters, stream.events_ingested
             if run_.event_ts_ms:
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
+
+
+def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int | None
+                  ) -> tuple[dict[str, ConfigRun], dict[Any, ConfigRun]]:
+    """One ``ConfigRun`` per configuration, and per group of equal ``stream_key`` its leader (see run_backtest)."""
+    from prometheus_client import CollectorRegistry
+
+    # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
+    from consumers.core.pipeline import EventClock, InProcessLearner
+    from consumers.runtime.assembly import build_pipeline
+    from consumers.runtime.telemetry import TrainerMetrics
+
+    runs: dict[str, ConfigRun] = {}
+    leaders: dict[Any, ConfigRun] = {}  # stream key -> the run whose join and batcher cut its group's batches
+    encodings: dict[Any, SharedEncoding] = {}
+    for name, cfg in configs.items():
+        clock = EventClock()
+        metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
+        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense")
+        every = sample_every if sample_every is not None else default_sample_every(cfg)
+        run_ = ConfigRun(name, cfg, pipeline, every, _next_point=every)
+        pipeline.on_batch = run_.on_batch
+        runs[name] = run_
+        key = stream_key(cfg, batching)
+        port = pipeline.learner
+        if isinstance(port, InProcessLearner) and port.encode is None:
+            features = port.learner.config.features
+            port.encode = encodings.setdefault((key, features), SharedEncoding(features, pipeline.tasks))
+        leader = leaders.get(key)
+        if leader is None:
+            leaders[key] = run_
+            pipeline.learner = Forwarding(port)
+        else:  # the leader's join is this configuration's: its counters and watermark, and its replay clock
+            run_.leader = leader.name
+            pipeline.join = clock.join = leader.pipeline.join
+            leader.pipeline.learner.followers.append(run_)
+    return runs, leaders
+
+
+def stream_key(cfg: Config, batching: str) -> tuple:
+    """What decides the batches a configuration's pipeline cuts from a replay: the join's settings, the tasks,
+    ``batch_size`` and (event-time batching) ``max_batch_delay_s``. Equal keys, equal batches from equal records.
+
+    >>> from consumers.runtime.config import load_config
+    >>> a = load_config(None, env={}, overrides=["model.options={rung = 'mtl'}"])
+    >>> b = load_config(None, env={}, overrides=["model.options={rung = 'crossdistil'}"])
+    >>> stream_key(a, "dense") == stream_key(b, "dense")
+    True
+    """
+    from consumers.runtime.assembly import join_config  # lazy: assembly imports the pipeline and torch
+
+    join = dataclasses.asdict(join_config(cfg, live=False))
+    join["attribution_window_s"] = tuple(sorted(join["attribution_window_s"].items()))
+    delay = None if batching == "dense" else cfg.batching.max_batch_delay_s
+    return (tuple(sorted(join.items())), tuple(cfg.model.tasks), cfg.batching.batch_size, delay)
+
+
+class Forwarding:
+    """The learner port of a group's first configuration (``run_backtest``): each batch submitted to it is also
+    trained by the group's other configurations (``Pipeline.train_batch``), at the same point of the replay.
+
+    Everything else is the wrapped port's. ``forwarded_s`` adds up the seconds the others took (each one's
+    ``ConfigRun.seconds`` has its own), so the first configuration's time is its own too.
+    """
+
+    def __init__(self, port: Any) -> None:
+        self.port = port
+        self.followers: list[ConfigRun] = []
+        self.forwarded_s = 0.0
+
+    @property
+    def steps(self) -> int:
+        return self.port.steps
+
+    @property
+    def in_flight(self) -> int:
+        return self.port.in_flight
+
+    def submit(self, samples: list, context: Any) -> None:
+        self.port.submit(samples, context)
+        for follower in self.followers:
+            t0 = time.perf_counter()
+            follower.pipeline.train_batch(samples)
+            seconds = time.perf_counter() - t0
+            follower.seconds += seconds
+            self.forwarded_s += seconds
+
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
+        return self.port.answers(wait)
+
+    def check_alive(self) -> None:
+        self.port.check_alive()
+
+    def close(self) -> None:
+        self.port.close()
+
+
+class SharedEncoding:
+    """``InProcessLearner.encode`` shared by the configurations of a group that read the same features: the batch
+    they all train on (the same list, ``Forwarding``) is encoded by the first and reused by the others.
+
+    Learners do not write into a batch's tensors, so sharing them changes no number (the tests compare a group's
+    predictions with each configuration replayed alone).
+    """
+
+    def __init__(self, features: Any, tasks: Sequence[str]) -> None:
+        self.features, self.tasks = features, tuple(tasks)
+        self._samples: list | None = None
+        self._batch: Any = None
+
+    def __call__(self, samples: list) -> Any:
+        # lazy: the pipeline and the models load only when a replay runs (crossdistil --help stays fast)
+        from consumers.core.pipeline import training_rows
+        from models.features import encode_rows
+
+        if samples is not self._samples:  # held here, so no other list can have its identity
+            self._samples, self._batch = samples, encode_rows(training_rows(samples), self.features, self.tasks)
+        return self._batch
+
+
+def default_sample_every(cfg: Config) -> int:
+    """Samples between two series points when ``--sample-every`` is not given: a quarter of the smallest metrics
+    window (each point sorts every window for its exact AUC; consecutive points of one window overlap by 3/4).
+
+    >>> from consumers.runtime.config import load_config
+    >>> default_sample_every(load_config(None, env={}, overrides=["metrics.windows=[10000, 50000]"]))
+    2500
+    """
+    return max(1, min(int(w) for w in cfg.metrics.windows) // 4)
 
 
 def batch_statistics(sizes: Sequence[int]) -> dict[str, Any]:

@@ -53,6 +53,25 @@ def test_equal_but_differently_typed_values_are_keyed_by_their_text() -> None:
     assert hash_bucket("x", 5.0, 2**20) == expected[1] and hash_bucket("x", True, 2**20) == expected[2]
 
 
+def test_a_cached_string_does_not_stand_in_for_an_equal_number_in_a_later_batch() -> None:
+    # The memo is looked up with the values themselves first; its keys are strings, so 5 must miss "5".
+    spec = FeatureSpec(categorical=("y",), hash_buckets=2**20)
+    encode_rows([{"features": {"y": "5"}}, {"features": {"y": "True"}}], spec, ())
+    batch = encode_rows([{"features": {"y": v}} for v in ("5", 5, 5.0, True)], spec, ())
+    assert batch.categorical[:, 0].tolist() == [hash_bucket("y", t, 2**20) for t in ("5", "5", "5.0", "True")]
+
+
+def test_rows_missing_some_features_encode_as_row_by_row() -> None:
+    spec = FeatureSpec(categorical=("a", "b"), numeric=("n", "m"), hash_buckets=1000)
+    rows = [{"features": {"a": "x", "b": "y", "n": 1.0, "m": 2.0}}, {"features": {"b": "z", "m": 3.0}},
+            {"features": None}]
+    batch = encode_rows(rows, spec, ())
+    one_by_one = [encode_rows([row], spec, ()) for row in rows]
+    assert batch.categorical.tolist() == [b.categorical[0].tolist() for b in one_by_one]
+    assert batch.numeric.tolist() == [b.numeric[0].tolist() for b in one_by_one]
+    assert batch.categorical[1].tolist() == [hash_bucket("a", "", 1000), hash_bucket("b", "z", 1000)]
+
+
 def test_encode_rows_reads_ids_from_the_row_and_context_from_features() -> None:
     spec = FeatureSpec(categorical=("user_id", "item_id", "city"), numeric=("watch",), hash_buckets=1000)
     rows = [{"user_id": "u", "item_id": "i", "features": {"city": "paris", "watch": math.e - 1},

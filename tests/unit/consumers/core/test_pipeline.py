@@ -84,6 +84,25 @@ def test_bad_events_come_back_as_dead_letters_and_are_counted() -> None:
     assert pipeline.metrics.dead_letters_total.labels(bad[0].reason)._value.get() == 1
 
 
+def test_ingest_each_is_ingest_of_each_message_in_turn() -> None:
+    messages = stream()
+    messages.insert(7, ("impressions", b"\xc1 not msgpack"))
+    messages.insert(12, ("feedback", encode({"v": 1, "batch": [
+        {"v": 1, "impression_id": "i3", "ts_ms": 5000, "task": "like", "value": 1}]})[:-3]))
+    one_by_one, together = (build_pipeline(config(), clock=None) for _ in range(2))
+    bad = [error for topic, value in messages for error in one_by_one.ingest(decode_record(value), (topic, 0))]
+    assert [e.reason for e in together.ingest_each([(decode_record(v), (t, 0)) for t, v in messages])] == [
+        e.reason for e in bad] and len(bad) == 2
+    for a, b in ((one_by_one, together), (together, one_by_one)):
+        assert a.dead_letters == b.dead_letters and a.events_ingested == b.events_ingested
+    assert one_by_one.join.state_dict() == together.join.state_dict()
+    assert one_by_one.metrics.snapshot() == together.metrics.snapshot()
+    for topic in ("impressions", "feedback"):
+        a, b = (p.metrics.events_consumed_total.labels(topic)._value.get() for p in (one_by_one, together))
+        assert a == b > 0
+    assert one_by_one.flush() == together.flush() == 40
+
+
 def handover(first, second, directory) -> None:
     """What a restart does: the learner through a checkpoint file, the stream state through plain values."""
     written = first.learner.write_checkpoint(str(directory), 2, {}, None)

@@ -1,0 +1,78 @@
+"""An event log's records are checked in place, and give exactly what the trainer's decoder gives for their bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from consumers.tools.backtest import LoggedRecord, Record, log_records
+from streamer.eventlog import EventLogWriter
+from streamer.events import DEFAULT_LIMITS, EventError
+
+pytestmark = pytest.mark.unit
+
+IMPRESSION = {"v": 1, "impression_id": "i1", "ts_ms": 1_000, "user_id": "u", "item_id": "a",
+              "features": {"hour": 3, "city": "paris", "watch": 1.5}}
+FEEDBACK = {"v": 1, "impression_id": "i1", "ts_ms": 2_000, "task": "click", "value": 1}
+BAD = [
+    {**IMPRESSION, "ts_ms": "soon"},  # wrong_type
+    {**IMPRESSION, "extra": 1},  # unknown_field
+    {k: v for k, v in FEEDBACK.items() if k != "task"},  # missing_field
+    {**FEEDBACK, "value": float("nan")},  # not_finite
+    {**IMPRESSION, "user_id": "x" * 2000},  # too_large (the decoder's string limit)
+    {**IMPRESSION, "features": {"k" * 2000: 1}},  # too_large as a key
+    {**IMPRESSION, "features": {"blob": b"\x00\x01"}},  # bin is not in the contract
+    {"v": 2, "impression_id": "i1"},  # bad_version
+    {"v": 1, "batch": [IMPRESSION, {**FEEDBACK, "ts_ms": -1}]},  # one bad event in a batch
+    {"v": 1, "batch": []},  # empty
+]
+
+
+def as_decoded(events: list) -> list:
+    """Events and errors as comparable values: an error by its class, reason, field, index and text."""
+    return [(type(e).__name__, e.reason, e.field, e.index, str(e)) if isinstance(e, EventError) else e
+            for e in events]
+
+
+def logged(tmp_path: Path, events: list[dict]) -> list[LoggedRecord]:
+    path = tmp_path / "x.evlog"
+    with EventLogWriter(path) as log:
+        for event in events:
+            log.write("impressions" if "user_id" in event else "feedback", "u", event)
+    records, _ = log_records(f"file://{path}")
+    return list(records)
+
+
+def test_valid_events_of_a_log_are_what_the_decoder_makes_of_their_bytes(tmp_path: Path) -> None:
+    batch = {"v": 1, "batch": [IMPRESSION, FEEDBACK]}
+    for record, event in zip(logged(tmp_path, [IMPRESSION, FEEDBACK, batch]), [IMPRESSION, FEEDBACK, batch]):
+        expected = Record(record.topic, 0, msgpack.packb(event, use_bin_type=True)).events()
+        assert record.events() == expected
+        assert all(type(e) is dict for e in expected)
+    assert type(logged(tmp_path, [FEEDBACK])[0].events()[0]["value"]) is float  # normalised as the decoder does
+
+
+@pytest.mark.parametrize("event", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_a_bad_event_of_a_log_gets_the_decoders_error_and_reason(tmp_path: Path, event: dict) -> None:
+    [record] = logged(tmp_path, [event])
+    expected = Record(record.topic, 0, msgpack.packb(event, use_bin_type=True)).events()
+    assert any(isinstance(e, EventError) for e in expected)
+    assert as_decoded(record.events()) == as_decoded(expected)
+
+
+def test_a_record_larger_than_one_event_may_be_is_decoded_from_its_bytes(tmp_path: Path) -> None:
+    # A valid batch envelope over max_event_bytes: the size check is the decoder's, through the bytes.
+    many = {"v": 1, "batch": [{**IMPRESSION, "impression_id": f"i{n}", "features": {"text": "y" * 250}}
+                              for n in range(5_000)]}
+    [record] = logged(tmp_path, [many])
+    assert record.size > DEFAULT_LIMITS.max_event_bytes
+    assert record.events() == Record(record.topic, 0, record.value).events()
+    assert len(record.events()) == 5_000
+
+
+def test_log_records_carry_each_records_size_in_the_file(tmp_path: Path) -> None:
+    records = logged(tmp_path, [IMPRESSION, FEEDBACK])
+    assert sum(r.size for r in records) == (tmp_path / "x.evlog").stat().st_size
+    assert [(r.topic, r.partition) for r in records] == [("impressions", 0), ("feedback", 0)]
