@@ -37,25 +37,6 @@ windows = [500, 1000]
 """
 
 
-@pytest.fixture(scope="module")
-def drift_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic stream with an abrupt drift of click at impression 1,500."""
-    from streamer.stream import stream_dataset
-
-    path = tmp_path_factory.mktemp("log") / "synthetic.evlog"
-    stream_dataset("synthetic", None, f"file://{path}", options={
-        "n_events": 3000, "tasks": "click,like", "drift": "abrupt", "drift_at": 1500, "drift_bias": -2.0,
-        "n_users": 100, "n_items": 300, "seed": 3, "delay_median_s": "2,20", "max_delay_s": 100})
-    return path
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "base.toml"
-    path.write_text(CONFIG)
-    return path
-
-
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     backtest.add_arguments(parser)

@@ -22,18 +22,6 @@ SMALL_BATCHES = ("join.attribution_window_s={click = 1, like = 1}", "batching.ma
 
 
 @pytest.fixture(scope="module")
-def drift_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The synthetic drift stream of test_backtest.py (the golden outputs were made on it)."""
-    from streamer.stream import stream_dataset
-
-    path = tmp_path_factory.mktemp("log") / "synthetic.evlog"
-    stream_dataset("synthetic", None, f"file://{path}", options={
-        "n_events": 3000, "tasks": "click,like", "drift": "abrupt", "drift_at": 1500, "drift_bias": -2.0,
-        "n_users": 100, "n_items": 300, "seed": 3, "delay_median_s": "2,20", "max_delay_s": 100})
-    return path
-
-
-@pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.unit.consumers.tools.test_backtest import CONFIG
 

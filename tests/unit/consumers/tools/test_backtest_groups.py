@@ -8,28 +8,9 @@ from pathlib import Path
 import pytest
 
 from consumers.tools import backtest
-from tests.unit.consumers.tools.test_backtest import CONFIG
 from tests.unit.consumers.tools.test_backtest_batching import SMALL_BATCHES, predictions_digest
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module")
-def drift_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from streamer.stream import stream_dataset
-
-    path = tmp_path_factory.mktemp("log") / "synthetic.evlog"
-    stream_dataset("synthetic", None, f"file://{path}", options={
-        "n_events": 3000, "tasks": "click,like", "drift": "abrupt", "drift_at": 1500, "drift_bias": -2.0,
-        "n_users": 100, "n_items": 300, "seed": 3, "delay_median_s": "2,20", "max_delay_s": 100})
-    return path
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "base.toml"
-    path.write_text(CONFIG)  # batch_size 128, the default model (with its wide part)
-    return path
 
 
 def replay(drift_log: Path, configs: dict, batching: str) -> backtest.BacktestResult:
