@@ -42,6 +42,12 @@ class _Rows:
             return table.view(-1).index_select(0, self.index).view(-1, self.width)
         return table.index_select(0, self.index)
 
+    def put(self, table: torch.Tensor, values: torch.Tensor) -> None:
+        if self.flat:
+            table.view(-1).index_copy_(0, self.index, values.reshape(-1))
+        else:
+            table.index_copy_(0, self.index, values)
+
     def add(self, table: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
         if self.flat:
             flat = table.view(-1)
@@ -117,9 +123,9 @@ class RowAdagrad(torch.optim.Adagrad):
                 state_sum, lr, eps = state["sum"], group["lr"], group["eps"]
                 if param.grad.is_sparse:
                     rows, grad = _touched_rows(param.grad)
-                    rows.add(state_sum, grad.pow(2))
-                    std = rows.gather(state_sum).sqrt_().add_(eps)
-                    rows.add(param, grad / std, alpha=-lr)
+                    summed = rows.gather(state_sum).add_(grad.pow(2))  # = torch's state_sum[rows] += g^2
+                    rows.put(state_sum, summed)
+                    rows.add(param, grad / summed.sqrt_().add_(eps), alpha=-lr)
                 else:
                     state_sum.addcmul_(param.grad, param.grad, value=1)
                     param.addcdiv_(param.grad, state_sum.sqrt().add_(eps), value=-lr)
