@@ -28,6 +28,7 @@ See docs/backtest.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -601,24 +602,22 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
             decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
             for leader in leaders.values():
-                pipeline, forwarding = leader.pipeline, leader.pipeline.learner
-                t0, forwarded = time.perf_counter(), forwarding.forwarded_s
-                if dense:
-                    pipeline.ingest_each(decoded)
-                    if len(chunk) == DENSE_TRAIN_EVERY:
-                        pipeline.train_ready()
-                else:
-                    for events, source in decoded:
-                        pipeline.ingest(events, source)
-                        pipeline.train_ready()
-                leader.seconds += time.perf_counter() - t0 - (forwarding.forwarded_s - forwarded)
+                with _own_time(leader):
+                    pipeline = leader.pipeline
+                    if dense:
+                        pipeline.ingest_each(decoded)
+                        if len(chunk) == DENSE_TRAIN_EVERY:
+                            pipeline.train_ready()
+                    else:
+                        for events, source in decoded:
+                            pipeline.ingest(events, source)
+                            pipeline.train_ready()
             n_records += len(chunk)
             n_events += sum(len(events) for events, _ in decoded)
             advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
         for leader in leaders.values():
-            t0, forwarded = time.perf_counter(), leader.pipeline.learner.forwarded_s
-            leader.pipeline.flush()
-            leader.seconds += time.perf_counter() - t0 - (leader.pipeline.learner.forwarded_s - forwarded)
+            with _own_time(leader):
+                leader.pipeline.flush()
         for run_ in runs.values():
             t0 = time.perf_counter()
             if run_.leader is not None:
@@ -629,6 +628,16 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
+
+
+@contextlib.contextmanager
+def _own_time(leader: ConfigRun) -> Iterator[None]:
+    """Adds the block's seconds to a group leader's, less the seconds its ``Forwarding`` spent training the other
+    configurations of the group (those are theirs)."""
+    forwarding = leader.pipeline.learner
+    started, forwarded = time.perf_counter(), forwarding.forwarded_s
+    yield
+    leader.seconds += time.perf_counter() - started - (forwarding.forwarded_s - forwarded)
 
 
 def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int | None
@@ -735,17 +744,18 @@ class SharedEncoding:
     """
 
     def __init__(self, features: Any, tasks: Sequence[str]) -> None:
-        self.features, self.tasks = features, tuple(tasks)
-        self._samples: list | None = None
-        self._batch: Any = None
-
-    def __call__(self, samples: list) -> Any:
         # lazy: the pipeline and the models load only when a replay runs (crossdistil --help stays fast)
         from consumers.core.pipeline import training_rows
         from models.features import encode_rows
 
+        self.features, self.tasks = features, tuple(tasks)
+        self._encode = lambda samples: encode_rows(training_rows(samples), features, self.tasks)
+        self._samples: list | None = None
+        self._batch: Any = None
+
+    def __call__(self, samples: list) -> Any:
         if samples is not self._samples:  # held here, so no other list can have its identity
-            self._samples, self._batch = samples, encode_rows(training_rows(samples), self.features, self.tasks)
+            self._samples, self._batch = samples, self._encode(samples)
         return self._batch
 
 
