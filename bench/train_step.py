@@ -46,7 +46,6 @@ from models.config import ModelConfig, split_config_name
 from models.crossdistil import crossdistil_loss
 from models.features import FeatureSpec, encode_rows, hash_bucket
 from models.learner import Learner
-from models.rowwise import RowAdagrad, RowAdam
 
 TASKS = ("click", "long_view")
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
@@ -109,11 +108,7 @@ def use_embedding_update(learner: Learner, how: str) -> Learner:
                                        else torch.optim.SparseAdam(embedding, lr=cfg.embedding_lr))
         if wide:
             learner.wide_optimizer = _CooAdagrad(wide, lr=cfg.wide_lr, foreach=False)
-    elif how == "rowwise":
-        learner.embedding_optimizer = (RowAdagrad if adagrad else RowAdam)(embedding, lr=cfg.embedding_lr)
-        if wide:
-            learner.wide_optimizer = RowAdagrad(wide, lr=cfg.wide_lr)
-    elif how != "dense":
+    elif how not in ("rowwise", "dense"):  # rowwise: the learner's own (models.optimizers); dense: sparse=False
         raise ValueError(f"unknown embedding update {how!r}")
     return learner
 

@@ -89,8 +89,8 @@ class Learner:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.bf16 and self.device.type in ("cuda", "cpu"):
-            # On a CPU this pays where the matrix units take bf16 (avx512_bf16 / AMX): 1.43x a step of the default
-            # model at batch 4,096 on this project's machine (docs/performance.md); elsewhere it can be slower.
+            # On a CPU this pays at large batches where the matrix units take bf16 (avx512_bf16 / AMX): 1.42x a step
+            # of the default model at batch 4,096 on this project's machine, 0.82x at 256 (docs/performance.md).
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

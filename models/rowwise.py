@@ -2,10 +2,11 @@
 
 ``RowAdam`` is ``torch.optim.SparseAdam`` and ``RowAdagrad`` is ``torch.optim.Adagrad`` on a sparse gradient, the same
 update written with ``index_select`` / ``index_add_`` on the touched rows instead of torch's COO arithmetic
-(``sparse_mask`` and a sparse ``add_`` into the dense state, per state tensor): about 4x less time for a table's
-update on a CPU (``bench/train_step.py``'s ``embedding_update``). Their state (``step``, ``exp_avg``,
-``exp_avg_sq``; ``step``, ``sum``) and hyper-parameters are torch's, so a checkpoint of either loads into the
-other, and the values they produce are torch's to the last bit (``tests/unit/models/test_rowwise.py``).
+(``sparse_mask`` and a sparse ``add_`` into the dense state, per state tensor): 1.24x the samples/s of a whole step
+of the default model at batch 4,096 on a CPU (``bench/train_step.py``'s ``embedding_update``, docs/performance.md).
+Their state (``step``, ``exp_avg``, ``exp_avg_sq``; ``step``, ``sum``) and hyper-parameters are torch's, so a
+checkpoint of either loads into the other, and the values they produce are torch's to the last bit
+(``tests/unit/models/test_rowwise.py``).
 
 A step costs O(rows touched), never O(table): the property that keeps the step time flat in the table size.
 Dense gradients (the wide part's numeric weights and bias) take torch's dense Adagrad step.

@@ -10,6 +10,7 @@ import torch
 from models.config import BACKBONES, RUNGS, ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner, ServingModel, flatten_state, unflatten_state
+from models.rowwise import RowAdagrad, RowAdam
 
 pytestmark = pytest.mark.unit
 
@@ -71,8 +72,10 @@ def test_step_returns_the_predictions_made_before_the_update() -> None:
     assert not torch.equal(after["click"], before["click"])
 
 
-def test_sparse_step_changes_only_the_embedding_rows_the_batch_uses() -> None:
-    learner = Learner(small_config())
+@pytest.mark.parametrize(("method", "optimizer"), [("adagrad", RowAdagrad), ("adam", RowAdam)])
+def test_sparse_step_changes_only_the_embedding_rows_the_batch_uses(method: str, optimizer: type) -> None:
+    learner = Learner(small_config(embedding_optimizer=method))
+    assert isinstance(learner.embedding_optimizer, optimizer)
     batch = make_batch(0)
     before = learner.model.embedding.weight.detach().clone()
     learner.step(batch)

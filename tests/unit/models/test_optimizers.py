@@ -7,47 +7,18 @@ import io
 import pytest
 import torch
 
-from models.config import LEGACY_VALUES, ModelConfig
-from models.features import FeatureSpec, encode_rows
+from models.config import LEGACY_VALUES
 from models.learner import Learner
 from models.optimizers import WideOptimizer
-from models.rowwise import RowAdagrad
+from tests.unit.models.test_wide import batch, config  # the wide part's small model and its linear stream
 
 pytestmark = pytest.mark.unit
-
-TASKS = ("click", "long_view")
-SPEC = FeatureSpec(categorical=("user_id", "item_id", "hour"), numeric=("watch",), hash_buckets=2**10)
-
-
-def config(**overrides) -> ModelConfig:
-    base = dict(tasks=TASKS, features=SPEC, hidden_dims=(8,), tower_dims=(4,), seed=3, rung="mtl")
-    return ModelConfig(**{**base, **overrides})
-
-
-def batch(start: int, n: int = 64):
-    rows = [{"user_id": f"u{i % 20}", "item_id": f"i{(7 * i) % 30}", "features": {"hour": i % 24, "watch": i % 5},
-             "labels": {"click": int(i % 20 % 2 == 0), "long_view": int((7 * i) % 30 < 10)}}
-            for i in range(start, start + n)]
-    return encode_rows(rows, SPEC, TASKS)
-
 
 def sparse_step(optimizer: torch.optim.Optimizer, table: torch.nn.Embedding, rows: torch.Tensor) -> None:
     optimizer.zero_grad()
     (table(rows) * torch.linspace(-1, 1, table.embedding_dim)).sum().backward()
     with torch.sparse.check_sparse_tensor_invariants(enable=False):
         optimizer.step()
-
-
-def test_adagrad_embeddings_move_only_the_rows_the_batch_uses() -> None:
-    learner = Learner(config(embedding_optimizer="adagrad", embedding_lr=0.05))
-    assert isinstance(learner.embedding_optimizer, RowAdagrad)
-    b = batch(0)
-    before = learner.model.embedding.weight.detach().clone()
-    learner.step(b)
-    changed = (learner.model.embedding.weight.detach() != before).any(dim=1)
-    used = torch.zeros_like(changed)
-    used[b.categorical.flatten()] = True
-    assert torch.equal(changed, used)
 
 
 def test_wide_optimizer_without_decay_is_torch_adagrad_on_sparse_rows() -> None:
