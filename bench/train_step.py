@@ -205,7 +205,8 @@ def time_steps(learner: Learner, batches: list, warmup: int, steps: int) -> floa
 
 
 def timed_components(learner: Learner, batch) -> dict[str, float]:
-    """One training step split into embedding and dense parts, timed separately (same math as Learner.step)."""
+    """One training step split into embedding and dense parts, timed separately (same math as Learner.step, less the
+    online counts' update after it: O(batch) index adds, models/counts.py)."""
     sync = make_sync(learner.device)
     model = learner.model
     batch = batch.to(learner.device)
@@ -219,7 +220,8 @@ def timed_components(learner: Learner, batch) -> dict[str, float]:
     leaf = looked_up.detach().requires_grad_()
     mark()  # embedding lookup
     numeric = model.normalizer(batch.numeric)
-    x = torch.cat([leaf.flatten(1), numeric], dim=1)
+    counts = [model.counts(batch.categorical).to(numeric.dtype)] if model.counts is not None else []
+    x = torch.cat([leaf.flatten(1), numeric, *counts], dim=1)  # the counts' reads are timed with the dense part
     wide = model.wide(batch.categorical, numeric) if model.wide is not None else None  # timed with the dense part
     total, _ = crossdistil_loss(model, model.heads(x, batch.labels, wide), batch, learner.pair_generator)
     learner.dense_optimizer.zero_grad(set_to_none=True)

@@ -23,6 +23,8 @@ WIDE_OPTIMIZERS = ("none", "adagrad", "ftrl")
 # VW's winning interactions on KuaiRand-Pure (reports/peers_kuairand_pure): user x item and user x context; a cross
 # naming a field the feature spec lacks is left out, so the default fits every data set.
 DEFAULT_WIDE_CROSSES = ("user_id*item_id", "user_id*hour", "user_id*hourmin", "user_id*weekday", "user_id*tab")
+# Fields with online counts and label rates as inputs of the deep part (models/counts.py); absent fields are skipped.
+DEFAULT_COUNT_FEATURES = ("user_id", "item_id")
 
 # Named option sets of a rung, written ``RUNG@PRESET`` (``crossdistil evaluate --configs crossdistil@trust``).
 # Each preset sets every option on which the presets differ, so a name means the same whatever the defaults are.
@@ -67,6 +69,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "none", "kd_gate_margin": 0.0,
     "kd_gate_window": 20000, "kd_gate_every": 2048,
     "wide": "none", "wide_lr": 0.1, "wide_crosses": [], "wide_decay": 1.0, "embedding_optimizer": "adam",
+    "count_features": [], "count_smoothing": 5.0, "count_half_life": 0,
 }
 
 
@@ -132,6 +135,11 @@ class ModelConfig:
     wide_crosses: tuple[str, ...] = DEFAULT_WIDE_CROSSES  # "field*field" crosses; absent fields are skipped
     wide_decay: float = 1.0  # the wide optimizer's sums of squared gradients forget by this factor per step (1 = never)
 
+    # online counts and label rates per value of these fields, inputs of the deep part (models/counts.py)
+    count_features: tuple[str, ...] = DEFAULT_COUNT_FEATURES  # categorical fields; absent ones are skipped; () = none
+    count_smoothing: float = 5.0  # a: a value seen n times reads (positives + a * prior) / (n + a)
+    count_half_life: int = 0  # the counts forget half of themselves every this many rows (0 = never)
+
     # optimisation
     lr: float = 1e-3
     # the embedding table: per-row AdaGrad at 0.05 (chosen on the validation slice of kuairand_pure, issue 18);
@@ -149,6 +157,9 @@ class ModelConfig:
         if isinstance(self.wide_crosses, str):  # "a*b,c*d" from a command line
             self.wide_crosses = tuple(c for c in self.wide_crosses.split(",") if c.strip())
         self.wide_crosses = tuple(self.wide_crosses)
+        if isinstance(self.count_features, str):  # "user_id,item_id" from a command line
+            self.count_features = tuple(f.strip() for f in self.count_features.split(",") if f.strip())
+        self.count_features = tuple(self.count_features)
         if isinstance(self.features, dict):
             self.features = FeatureSpec.from_dict(self.features)
         self.validate()
@@ -193,6 +204,9 @@ class ModelConfig:
             raise ValueError(f"wide_decay must be in (0, 1], got {self.wide_decay}")
         for cross in self.wide_crosses:
             parse_cross(cross)
+        if self.count_smoothing <= 0 or self.count_half_life < 0:
+            raise ValueError(f"count_smoothing must be > 0 and count_half_life >= 0, got {self.count_smoothing}, "
+                             f"{self.count_half_life}")
 
     # --- derived switches: one place that says what each rung turns on ---
     @property
@@ -239,7 +253,7 @@ class ModelConfig:
         """Plain types only (lists, dicts, str, numbers), for checkpoints and serving metadata."""
         out = asdict(self)
         out["features"] = self.features.to_dict()
-        for key in ("tasks", "hidden_dims", "tower_dims", "wide_crosses"):
+        for key in ("tasks", "hidden_dims", "tower_dims", "wide_crosses", "count_features"):
             out[key] = list(out[key])
         return out
 

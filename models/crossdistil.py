@@ -16,6 +16,7 @@ from torch import nn
 
 from models.backbones import build_backbone, mlp
 from models.config import ModelConfig
+from models.counts import CountFeatures
 from models.features import Batch
 from models.losses import (
     calibration_loss,
@@ -99,7 +100,11 @@ class CrossDistilModel(nn.Module):
         # The wide (linear) part: its logits add to the students' (served), never to the teachers'.
         self.wide = (WidePart(spec, k, config.wide_crosses, sparse=config.sparse_embeddings)
                      if config.wide != "none" else None)
-        input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric)
+        # Online counts and label rates of some fields (models/counts.py): more inputs of the backbone.
+        self.counts = (CountFeatures(spec, k, config.count_features, config.count_smoothing, config.count_half_life)
+                       if config.count_features else None)
+        input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric) + (
+            self.counts.width if self.counts is not None else 0)
         heads = 2 * k if config.has_teachers else k
         self.backbone = build_backbone(
             config.backbone, input_dim, config.hidden_dims, tasks=k, heads=heads,
@@ -128,13 +133,19 @@ class CrossDistilModel(nn.Module):
 
     def scores(self, categorical: torch.Tensor, numeric: torch.Tensor, labels: torch.Tensor | None = None) -> Outputs:
         """Outputs from the table rows [B, C] and the standardised numerics [B, N] (the ONNX graph's path too)."""
-        x = torch.cat([self.embedding(categorical).flatten(1), numeric], dim=1)
+        x = self._inputs(categorical, numeric)
         wide = self.wide(categorical, numeric) if self.wide is not None else None
         return self.heads(x, labels, wide)
 
     def embed(self, batch: Batch) -> torch.Tensor:
-        """The backbone's input: hashed embeddings [B, C * D] next to the normalised numerics [B, N]."""
-        return torch.cat([self.embedding(batch.categorical).flatten(1), self.normalizer(batch.numeric)], dim=1)
+        """The backbone's input: hashed embeddings [B, C * D], the normalised numerics [B, N], the counts' inputs."""
+        return self._inputs(batch.categorical, self.normalizer(batch.numeric))
+
+    def _inputs(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        parts = [self.embedding(categorical).flatten(1), numeric]
+        if self.counts is not None:
+            parts.append(self.counts(categorical).to(numeric.dtype))
+        return torch.cat(parts, dim=1)
 
     def heads(self, x: torch.Tensor, labels: torch.Tensor | None = None, wide: torch.Tensor | None = None) -> Outputs:
         """Backbone and towers on an embedded input (split from ``embed`` so benchmarks can time each side).

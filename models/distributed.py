@@ -9,10 +9,12 @@ Two ways to keep the replicas of N ranks one model (``docs/scaling.md`` measures
   Dense gradients travel whole; a sparse embedding's gradient only on the rows some rank touched (a mask of
   touched rows is max-reduced first, then the union's rows are summed). The optimizers then take identical
   steps on identical states, so the replicas stay bit-identical; the numeric normaliser merges the statistics of
-  all ranks' batches.
+  all ranks' batches, and the online counts (``models.counts``) count every rank's rows.
 * ``"average"``, periodic model averaging: every rank steps alone on its own batches; every K steps or T seconds
   (decided by the caller, all ranks at once) the dense parameters and buffers are averaged over the ranks, and a
-  sparse embedding only on the rows some rank touched since the last average. Optimizer states stay per rank.
+  sparse embedding only on the rows some rank touched since the last average. Optimizer states stay per rank, and
+  so do the online counts: each rank counts the rows it sees (a user's all of them when partitions are keyed by
+  user), and the published model carries its publishing rank's.
 
 Nothing here knows about Kafka or the trainer: :class:`Collective` is attached to a ``Learner``
 (``learner.collective = Collective("sync")``) inside an initialised process group (``torch.distributed``:
@@ -21,6 +23,7 @@ gloo on CPU, NCCL on GPUs), and ``Learner.step`` calls :meth:`Collective.after_b
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 
@@ -61,6 +64,7 @@ class Collective:
         self.seconds = 0.0
         self.calls = 0
         self._touched: dict[int, torch.Tensor] = {}  # average mode: rows touched since the last average
+        self._count_base: nn.Module | None = None  # average mode: the online counts as of the last average
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -87,6 +91,9 @@ class Collective:
         returned); average: the rows this step touched are remembered for the next average (``rows`` back).
         """
         if self.mode == "average":
+            counts = getattr(model, "counts", None)
+            if counts is not None and self._count_base is None:  # before the first count: as every rank has them
+                self._count_base = copy.deepcopy(counts)
             for weight in sparse_parameters(model):
                 if weight.grad is not None:
                     touched = self._touched.setdefault(id(weight), torch.zeros(weight.shape[0], dtype=torch.uint8,
@@ -155,6 +162,29 @@ class Collective:
         m2 = (stats[1 + d:] - n * mean * mean).clamp(min=0.0)
         return n, mean, m2
 
+    def gathered_rows(self, categorical: torch.Tensor, labels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """sync: every rank's rows ``categorical`` [B, C] and ``labels`` [B, K], in rank order, padded to the longest
+        batch, with weights [N * max B] (1 for a row, 0 for padding): the online counts' input (models/counts.py)."""
+        size = torch.tensor([categorical.shape[0]], device=categorical.device)
+        self._all_reduce(size, dist.ReduceOp.MAX)
+        longest, pad = int(size), int(size) - categorical.shape[0]
+        weights = torch.cat([torch.ones(categorical.shape[0], device=labels.device),
+                             torch.zeros(pad, device=labels.device)])
+        local = [torch.cat([categorical, categorical.new_zeros(pad, categorical.shape[1])]),
+                 torch.cat([labels.float(), labels.new_zeros(pad, labels.shape[1], dtype=torch.float)]), weights]
+        if longest == 0:  # no rank has a row (every rank agrees: the size was max-reduced)
+            return local[0], local[1], local[2]
+        gathered = []
+        for tensor in local:
+            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            started = time.perf_counter()
+            dist.all_gather(parts, tensor, group=self.group)
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+            gathered.append(torch.cat(parts))
+        return gathered[0], gathered[1], gathered[2]
+
     # ------------------------------------------------------------------------------------------- average
 
     @torch.no_grad()
@@ -164,7 +194,9 @@ class Collective:
         sparse = sparse_parameters(model)
         masks = [self._touched.get(id(w), torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device)) for w in sparse]
         unions = self._union_rows(sparse, masks)
-        tensors = [p for p in dense_parameters(model)] + [b for b in model.buffers() if b.is_floating_point()]
+        # The online counts (models/counts.py) stay each rank's own: a mean of counts would count nothing right.
+        tensors = [p for p in dense_parameters(model)] + [b for name, b in model.named_buffers()
+                                                          if b.is_floating_point() and not name.startswith("counts.")]
         parts = [t.reshape(-1).double() for t in tensors]
         parts += [w[u].reshape(-1).double() for w, u in zip(sparse, unions)]
         if not parts:
@@ -179,6 +211,26 @@ class Collective:
         for w, u in zip(sparse, unions):
             w[u] = next(pieces).reshape(len(u), w.shape[1]).to(w.dtype)
         self._touched.clear()
+        self._sum_counts(getattr(model, "counts", None))
+
+    def _sum_counts(self, counts: nn.Module | None) -> None:
+        """average mode: the online counts (models/counts.py) become the last average's plus every rank's rows since
+        (a sum, not a mean); the clocks add up likewise. Exact without forgetting; with a half-life every rank's
+        rows are aged to the summed clock, as if each rank's rows had come last."""
+        base = self._count_base
+        if counts is None or base is None:
+            return
+        since = (counts.clock - base.clock).reshape(1).double()
+        self._all_reduce(since)
+        clock = base.clock + since.round().long().reshape(())
+        counts.settle(clock)
+        base.settle(clock)
+        flat = torch.cat([(counts.table - base.table).reshape(-1).double(), counts.totals - base.totals])
+        self._all_reduce(flat)
+        table, totals = flat.split([counts.table.numel(), counts.totals.numel()])
+        counts.table.copy_(base.table + table.reshape(counts.table.shape).to(counts.table.dtype))
+        counts.totals.copy_(base.totals + totals)
+        self._count_base = copy.deepcopy(counts)
 
     @torch.no_grad()
     def broadcast(self, model: nn.Module, src: int = 0) -> None:

@@ -117,6 +117,7 @@ class Learner:
         total.backward()
         rows = len(batch) if self.collective is None else self.collective.after_backward(self.model, len(batch))
         self._update(batch.numeric)
+        self._update_counts(batch.categorical, batch.labels)  # after the forward: no row sees its own label
         self.steps += 1
         self.samples += rows  # with synchronous ranks: the rows of every rank's batch
 
@@ -142,6 +143,8 @@ class Learner:
         self._zero_grad()
         rows = self.collective.after_backward(self.model, 0)
         self._update(torch.zeros(0, self.model.normalizer.mean.shape[0]))
+        self._update_counts(torch.zeros(0, len(self.config.features.categorical), dtype=torch.long, device=self.device),
+                            torch.zeros(0, len(self.config.tasks), device=self.device))
         self.steps += 1
         self.samples += rows
 
@@ -167,6 +170,16 @@ class Learner:
             normalizer.update(numeric)
         elif numeric.shape[1] > 0:
             normalizer.merge(*self.collective.merged_batch_statistics(numeric))
+
+    def _update_counts(self, categorical: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count a batch's rows and labels (models/counts.py); synchronous ranks count every rank's rows."""
+        counts = self.model.counts
+        if counts is None:
+            return
+        if self.collective is None or self.collective.mode != "sync":
+            counts.add(categorical, labels)
+        else:
+            counts.add(*self.collective.gathered_rows(categorical, labels))
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, torch.Tensor]:

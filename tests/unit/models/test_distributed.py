@@ -88,6 +88,13 @@ def test_averaged_ranks_hold_one_model(tmp_path: Path) -> None:
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name
     assert not torch.equal(ranks[0]["state"]["embedding.weight"], untrained["embedding.weight"])
+    # the online counts are a sum over the ranks, not a mean: those of one learner that saw every row
+    single = Learner(ModelConfig(**CONFIG))
+    for a, b in PLAN:
+        union = encode_rows(a + b, single.config.features, single.config.tasks)
+        single.model.counts.add(union.categorical, union.labels)
+    for name in ("counts.table", "counts.totals", "counts.clock"):
+        torch.testing.assert_close(ranks[0]["state"][name], single.model.counts.state_dict()[name.split(".")[1]])
 
 
 def test_step_empty_needs_synchronous_ranks() -> None:

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.unit
 
 GOLDEN = Path(__file__).parent / "data" / "backtest_event_time"
 NEW_KEYS = ("batching", "warnings")  # what the summary gained with the modes
-GOLDEN_PINS = {"wide": "none", "embedding_optimizer": "adam", "embedding_lr": 0.01}  # the model options of then
+GOLDEN_PINS = {"wide": "none", "embedding_optimizer": "adam", "embedding_lr": 0.01,  # the model options of then
+               "count_features": []}
 # The stream has an impression every 10 ms: with 1 s windows samples leave the join as it goes (CONFIG's windows
 # outlast the 30 s stream), and a 0.1 s delay on event time then cuts batches of about 10.
 SMALL_BATCHES = ("join.attribution_window_s={click = 1, like = 1}", "batching.max_batch_delay_s=0.1")

@@ -1,0 +1,127 @@
+"""Online count features: how often a user (a video, any field's value) has been seen so far, and with which labels.
+
+A new user's embedding and wide weights start at nothing and learn by gradient steps; how often that user clicked
+in the impressions already labelled is known exactly, and is the strongest single signal of the next click. For each
+field of ``ModelConfig.count_features`` the model keeps, per hashed value (the embedding table's rows), a count of
+labelled rows and one sum of labels per task, both forgetting with a half-life counted in rows
+(``count_half_life``; 0 = never). The deep part reads, per field, ``log1p(n) / 5`` and, per task k, ``4 (rate_k -
+prior_k)`` with the smoothed rate ``rate_k = (positives_k + a prior_k) / (n + a)`` (``a = count_smoothing``) and
+``prior_k`` the stream's own rate so far: an unseen value reads (0, 0, ...). The factors 1/5 and 4 put both near
+[-1, 1] on KuaiRand; reports/peers_kuairand_pure has the measurements.
+
+The counts are buffers of the model: checkpointed, published and served with it (serving reads them as they were
+at publication, like the weights). They change only through :meth:`CountFeatures.add`, which the learner calls after
+each training step with the labels of the rows it just scored, so a prediction never sees its own label (the
+prequential rule). Forgetting is lazy and exact: each row keeps the clock (rows counted) of its last update and is
+scaled by ``2 ** (-age / half_life)`` when read or touched, so a step costs O(batch), never O(table).
+
+>>> from models.features import FeatureSpec
+>>> counts = CountFeatures(FeatureSpec(categorical=("user_id", "item_id"), hash_buckets=10), tasks=1,
+...                        fields=("user_id", "hourmin"))
+>>> counts.fields  # hourmin is not a feature here: left out
+('user_id',)
+>>> rows = torch.tensor([[3, 7], [3, 8]])
+>>> counts.add(rows, torch.tensor([[1.0], [1.0]]))
+>>> counts(torch.tensor([[3, 7], [4, 7]]))  # user row 3 seen twice, clicked twice; row 4 never seen
+tensor([[0.2197, 0.2857],
+        [0.0000, 0.0000]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.features import FeatureSpec
+
+# Scales of the two kinds of input (module docstring): log1p(n) / 5 and 4 (rate - prior) span about [-1, 1].
+_COUNT_SCALE, _RATE_SCALE = 0.2, 4.0
+
+
+class CountFeatures(nn.Module):
+    """Decayed counts and label sums per value of some categorical fields; ``width`` inputs per row of a batch.
+
+    ``fields`` naming a field the spec lacks are left out (so one default serves every data set); ``fields`` keeps
+    those in use. Buffers: ``table`` [F, R, 1 + K] (count, then one label sum per task), ``totals`` [1 + K] (the
+    stream's), ``clock`` (rows counted) and, with forgetting, ``stamp`` [F, R] (the clock of each row's last update).
+    """
+
+    def __init__(self, spec: FeatureSpec, tasks: int, fields: Sequence[str], smoothing: float = 5.0,
+                 half_life: int = 0) -> None:
+        super().__init__()
+        self.fields = tuple(f for f in fields if f in spec.categorical)
+        self.columns = tuple(spec.categorical.index(f) for f in self.fields)
+        self.tasks = tasks
+        self.smoothing = float(smoothing)
+        self.half_life = int(half_life)
+        self.register_buffer("table", torch.zeros(len(self.fields), spec.hash_buckets, 1 + tasks))
+        self.register_buffer("totals", torch.zeros(1 + tasks, dtype=torch.float64))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+        if self.half_life > 0:
+            self.register_buffer("stamp", torch.zeros(len(self.fields), spec.hash_buckets, dtype=torch.long))
+
+    @property
+    def width(self) -> int:
+        """Inputs per row: for each field, its count and one rate per task."""
+        return len(self.fields) * (1 + self.tasks)
+
+    def _kept(self, ages: torch.Tensor) -> torch.Tensor:
+        """The share of a value left after ``ages`` rows: 2 ** (-age / half_life)."""
+        return torch.exp2(ages.to(torch.float64) * (-1.0 / self.half_life)).to(self.table.dtype)
+
+    def forward(self, categorical: torch.Tensor) -> torch.Tensor:
+        """[B, width] inputs for the table rows ``categorical`` [B, C] (nothing of this batch's labels)."""
+        totals = self.totals.to(self.table.dtype)
+        prior = (totals[1:] + 1.0) / (totals[0] + 2.0)
+        out = []
+        for i, column in enumerate(self.columns):
+            rows = categorical[:, column]
+            values = self.table[i, rows]
+            if self.half_life > 0:
+                values = values * self._kept(self.clock - self.stamp[i, rows]).unsqueeze(1)
+            n = values[:, :1]
+            rate = (values[:, 1:] + self.smoothing * prior) / (n + self.smoothing)
+            out += [torch.log1p(n) * _COUNT_SCALE, (rate - prior) * _RATE_SCALE]
+        if not out:
+            return categorical.new_zeros((categorical.shape[0], 0), dtype=self.table.dtype)
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def add(self, categorical: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Count the rows ``categorical`` [B, C] with their ``labels`` [B, K]; ``weights`` [B] (1 each when None)
+        lets padding rows of a gathered batch count for nothing (``models.distributed``). The clock advances by the
+        weights' sum. Rows appearing twice in a batch are counted twice; no host synchronisation."""
+        if categorical.shape[0] == 0:
+            return
+        w = torch.ones(labels.shape[0], dtype=self.table.dtype, device=labels.device) if weights is None \
+            else weights.to(self.table.dtype)
+        values = torch.cat([w.unsqueeze(1), labels.to(self.table.dtype) * w.unsqueeze(1)], dim=1)
+        rows_in = w.sum().round().long()
+        clock = self.clock + rows_in
+        if self.half_life > 0:
+            self.totals.mul_(torch.exp2(rows_in.to(torch.float64) * (-1.0 / self.half_life)))
+        for i, column in enumerate(self.columns):
+            rows = categorical[:, column]
+            if self.half_life > 0:
+                # Bring the touched rows to the new clock first (duplicates write the same value), then add.
+                self.table[i, rows] = self.table[i, rows] * self._kept(clock - self.stamp[i, rows]).unsqueeze(1)
+                self.stamp[i, rows] = clock
+            self.table[i].index_add_(0, rows, values)
+        self.totals.add_(values.sum(dim=0).to(torch.float64))
+        self.clock.copy_(clock)
+
+    @torch.no_grad()
+    def settle(self, clock: torch.Tensor) -> None:
+        """Bring every row to ``clock`` (forgetting applied up to it): O(table), for merging ranks' counts."""
+        if self.half_life > 0:
+            self.table.mul_(self._kept(clock - self.stamp).unsqueeze(-1))
+            self.stamp.fill_(int(clock))
+            self.totals.mul_(torch.exp2((clock - self.clock).to(torch.float64) * (-1.0 / self.half_life)))
+        self.clock.copy_(clock)
+
+    def extra_repr(self) -> str:
+        life = f"half_life={self.half_life}" if self.half_life else "never forgets"
+        return f"fields={self.fields}, smoothing={self.smoothing}, {life}"
+
