@@ -21,9 +21,10 @@ COMMON=(--dataset csv --source ../shared/data/kuairand_pure/kuairand_pure_202204
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs river_fm --seeds 1 --variant sgd-before \
   --model-option river.optimizer=sgd --model-option river.lr=0.05 --model-option river.intercept_lr=0.01 \
   --out "$OUT/river_fm_before"
-# The product's deep models at their defaults (with the wide part, models/wide.py, and per-row AdaGrad embeddings,
-# models/optimizers.py), 5 seeds. (Rerun for issue 18's embedding optimizer: the committed results.json has these two
-# commands' runs from then and the peers' runs from the run before; no peer's code or features changed in between.)
+# The product's deep models at their defaults (with the wide part, models/wide.py, per-row AdaGrad embeddings,
+# models/optimizers.py, and online counts of user and video, models/counts.py), 5 seeds. (Rerun for each change of
+# the defaults: the committed results.json has these two commands' runs from the last one, with online counts, and
+# the peers' runs from the run before; no peer's code or features changed in between.)
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs mtl,crossdistil --seeds 5 --out "$OUT/mtl"
 # The same without the wide part (the deep model alone, with its default per-row AdaGrad embeddings), 5 seeds.
 "$PY" -m consumers.cli evaluate "${COMMON[@]}" --configs mtl,crossdistil --seeds 5 --variant deep-only \

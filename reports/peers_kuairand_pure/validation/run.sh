@@ -41,7 +41,10 @@ run "q-ui+uc+ic-lr1" vw --model-option vw.interactions=ui,uc,ic --model-option v
 # The product's deep model (mtl): its defaults of the time (with the wide part, wide_lr 0.05, SparseAdam embeddings:
 # pinned by $ADAM), the deep model alone, and the declared set of the wide part: its AdaGrad step (default crosses),
 # then its crosses (step 0.05).
-ADAM=(--model-option embedding_optimizer=adam --model-option embedding_lr=0.01)
+# Every run before the third round pins the model options of its time: no online counts ($NOCOUNTS; the default since
+# the third round), and SparseAdam embeddings for the first rounds ($ADAM). Their results.json commands predate the pins.
+NOCOUNTS=(--model-option count_features=)
+ADAM=(--model-option embedding_optimizer=adam --model-option embedding_lr=0.01 "${NOCOUNTS[@]}")
 run "mtl-default" mtl "${ADAM[@]}"
 run "deep-only" mtl --model-option wide=none "${ADAM[@]}"
 for lr in 0.02 0.03 0.1 0.2 0.3; do
@@ -67,14 +70,14 @@ for decay in 0.99 0.999 0.9995; do
   run "d$decay" mtl --seeds 2 "${ADAM[@]}" --model-option wide_decay=$decay
 done
 run "ftrl0.05" mtl --seeds 2 "${ADAM[@]}" --model-option wide=ftrl
-run "elr0.02" mtl --seeds 2 --model-option embedding_optimizer=adam --model-option embedding_lr=0.02
+run "elr0.02" mtl --seeds 2 --model-option embedding_optimizer=adam --model-option embedding_lr=0.02 "${NOCOUNTS[@]}"
 for lr in 0.01 0.03 0.05 0.1 0.2; do
-  run "ea$lr" mtl --seeds 2 --model-option embedding_optimizer=adagrad --model-option embedding_lr=$lr
+  run "ea$lr" mtl --seeds 2 --model-option embedding_optimizer=adagrad --model-option embedding_lr=$lr "${NOCOUNTS[@]}"
 done
-ADAGRAD=(--model-option embedding_optimizer=adagrad --model-option embedding_lr=0.05)
+ADAGRAD=(--model-option embedding_optimizer=adagrad --model-option embedding_lr=0.05 "${NOCOUNTS[@]}")
 run "ea0.05-w0.03" mtl --seeds 2 "${ADAGRAD[@]}" --model-option wide_lr=0.03
 run "ea0.1-w0.1" mtl --seeds 2 --model-option embedding_optimizer=adagrad --model-option embedding_lr=0.1 \
-  --model-option wide_lr=0.1
+  --model-option wide_lr=0.1 "${NOCOUNTS[@]}"
 run "ea0.05-lr2e-3" mtl --seeds 2 "${ADAGRAD[@]}" --model-option lr=0.002
 run "ea0.05-lr5e-4" mtl --seeds 2 "${ADAGRAD[@]}" --model-option lr=0.0005
 run "ea0.05-dim8" mtl --seeds 2 "${ADAGRAD[@]}" --model-option embedding_dim=8
@@ -84,5 +87,13 @@ run "ea0.05-uvtype" mtl --seeds 2 "${ADAGRAD[@]}" --model-option wide_crosses=$C
 run "ea0.05-mmoe" mtl --seeds 2 "${ADAGRAD[@]}" --backbone mmoe
 run "ea0.05-deep-only" mtl --seeds 2 "${ADAGRAD[@]}" --model-option wide=none
 run "ea0.05-s3" mtl --seeds 3 "${ADAGRAD[@]}"
+# Third round (the bar still unmet): online counts and label rates as inputs of the deep part (models/counts.py), from
+# the defaults of the time (AdaGrad embeddings, wide part): none (= the second round's choice), user and video
+# (the new default, 3 seeds), the same forgetting with a half-life of 177,000 rows, and user, video and tab. ("p-":
+# the product's implementation, after prototypes of the same idea that are not committed; README.md.)
+run "p-none" mtl --seeds 2 "${NOCOUNTS[@]}"
+run "p-ui" mtl --seeds 3
+run "p-ui-h177k" mtl --seeds 2 --model-option count_half_life=177000
+run "p-uit" mtl --seeds 2 --model-option count_features=user_id,item_id,tab
 "$PY" -m consumers.cli evaluate --from-results "$OUT"/*/results.json --title "KuaiRand-Pure peers: validation slice" \
   --out "$HERE"
