@@ -61,6 +61,10 @@ class CountFeatures(nn.Module):
         self.register_buffer("clock", torch.zeros((), dtype=torch.long))
         if self.half_life > 0:
             self.register_buffer("stamp", torch.zeros(len(self.fields), spec.hash_buckets, dtype=torch.long))
+        # Field i's row r is row i * R + r of the flattened table: one gather and one index-add for all fields. The
+        # index tensors are plain attributes, made once per device (a model loaded onto "meta" first has no buffers
+        # that were not in its state_dict).
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def width(self) -> int:
@@ -71,22 +75,35 @@ class CountFeatures(nn.Module):
         """The share of a value left after ``ages`` rows: 2 ** (-age / half_life)."""
         return torch.exp2(ages.to(torch.float64) * (-1.0 / self.half_life)).to(self.table.dtype)
 
+    def _flat_rows(self, categorical: torch.Tensor) -> torch.Tensor:
+        """[B * F] rows of the flattened table, row-major (row b's fields in order)."""
+        index = self._index.get(categorical.device)
+        if index is None:
+            index = self._index[categorical.device] = (
+                torch.tensor(self.columns, dtype=torch.long, device=categorical.device),
+                torch.arange(len(self.fields), device=categorical.device) * self.table.shape[1])
+        columns, offsets = index
+        return (categorical.index_select(1, columns) + offsets).reshape(-1)
+
+    def _flat(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        stamp = self.stamp.view(-1) if self.half_life > 0 else None
+        return self.table.view(-1, 1 + self.tasks), stamp
+
     def forward(self, categorical: torch.Tensor) -> torch.Tensor:
         """[B, width] inputs for the table rows ``categorical`` [B, C] (nothing of this batch's labels)."""
+        if not self.fields:
+            return categorical.new_zeros((categorical.shape[0], 0), dtype=self.table.dtype)
+        table, stamp = self._flat()
+        rows = self._flat_rows(categorical)
+        values = table.index_select(0, rows)
+        if stamp is not None:
+            values = values * self._kept(self.clock - stamp.index_select(0, rows)).unsqueeze(1)
         totals = self.totals.to(self.table.dtype)
         prior = (totals[1:] + 1.0) / (totals[0] + 2.0)
-        out = []
-        for i, column in enumerate(self.columns):
-            rows = categorical[:, column]
-            values = self.table[i, rows]
-            if self.half_life > 0:
-                values = values * self._kept(self.clock - self.stamp[i, rows]).unsqueeze(1)
-            n = values[:, :1]
-            rate = (values[:, 1:] + self.smoothing * prior) / (n + self.smoothing)
-            out += [torch.log1p(n) * _COUNT_SCALE, (rate - prior) * _RATE_SCALE]
-        if not out:
-            return categorical.new_zeros((categorical.shape[0], 0), dtype=self.table.dtype)
-        return torch.cat(out, dim=1)
+        n = values[:, :1]
+        rate = (values[:, 1:] + self.smoothing * prior) / (n + self.smoothing)
+        inputs = torch.cat([torch.log1p(n) * _COUNT_SCALE, (rate - prior) * _RATE_SCALE], dim=1)
+        return inputs.reshape(categorical.shape[0], self.width)
 
     @torch.no_grad()
     def add(self, categorical: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -100,15 +117,17 @@ class CountFeatures(nn.Module):
         values = torch.cat([w.unsqueeze(1), labels.to(self.table.dtype) * w.unsqueeze(1)], dim=1)
         rows_in = w.sum().round().long()
         clock = self.clock + rows_in
+        if self.fields:
+            table, stamp = self._flat()
+            rows = self._flat_rows(categorical)
+            if stamp is not None:
+                # Bring the touched rows to the new clock first (duplicates write the same value), then add.
+                aged = table.index_select(0, rows) * self._kept(clock - stamp.index_select(0, rows)).unsqueeze(1)
+                table.index_copy_(0, rows, aged)
+                stamp.index_fill_(0, rows, clock)
+            table.index_add_(0, rows, values.repeat_interleave(len(self.fields), dim=0))
         if self.half_life > 0:
             self.totals.mul_(torch.exp2(rows_in.to(torch.float64) * (-1.0 / self.half_life)))
-        for i, column in enumerate(self.columns):
-            rows = categorical[:, column]
-            if self.half_life > 0:
-                # Bring the touched rows to the new clock first (duplicates write the same value), then add.
-                self.table[i, rows] = self.table[i, rows] * self._kept(clock - self.stamp[i, rows]).unsqueeze(1)
-                self.stamp[i, rows] = clock
-            self.table[i].index_add_(0, rows, values)
         self.totals.add_(values.sum(dim=0).to(torch.float64))
         self.clock.copy_(clock)
 
