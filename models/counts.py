@@ -1,7 +1,7 @@
 """Online count features: how often a user (a video, any field's value) has been seen so far, and with which labels.
 
 A new user's embedding and wide weights start at nothing and learn by gradient steps; how often that user clicked
-in the impressions already labelled is known exactly, and is the strongest single signal of the next click. For each
+in the impressions already labelled is known exactly, and says much of their next click. For each
 field of ``ModelConfig.count_features`` the model keeps, per hashed value (the embedding table's rows), a count of
 labelled rows and one sum of labels per task, both forgetting with a half-life counted in rows
 (``count_half_life``; 0 = never). The deep part reads, per field, ``log1p(n) / 5`` and, per task k, ``4 (rate_k -
