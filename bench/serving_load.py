@@ -12,8 +12,9 @@ machine. Scenarios: 4 clients, 16 clients, and 4 clients while a fifth client se
 (``--stall-items`` impressions with long ids, a multi-megabyte answer) and never reads its answer. Each
 scenario runs ``--duration`` seconds; requests completed in its first ``--warmup-s`` are not counted. The
 clients of a scenario are driven by ONE thread of this process (epoll over non-blocking keep-alive sockets,
-request bytes prepared in advance, answers framed by their Content-Length: ~0.05 ms of CPU per request), the
-same loop for both servers. The published model is the example model without its wide part: the old server
+request bytes prepared in advance, answers framed by their Content-Length: 0.03-0.06 ms of CPU per request,
+reported as ``client_cpu_ms_per_request``), the same loop for both servers. The load average at the start of the
+run and of each scenario is in the report: other jobs on the machine move every latency figure. The published model is the example model without its wide part: the old server
 predates the wide part and cannot load it. No process is pinned to a core (no taskset).
 
 Unless ``--url`` names a running daemon, the script starts a broker, publishes one checkpoint of the example
@@ -38,6 +39,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -252,6 +254,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds() -> float:
+    """User + system CPU time of the calling thread so far (Linux: RUSAGE_THREAD)."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime + usage.ru_stime
+
+
 def stall_body(items: int, id_length: int = 300) -> bytes:
     """One large valid request whose answer is a few megabytes (long impression ids come back in it)."""
     events = [{"impression_id": f"s{i}".ljust(id_length, "x"), "ts_ms": 1_700_000_000_000 + i, "user_id": str(i),
@@ -284,9 +292,12 @@ def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float,
         started = time.monotonic()
         deadline = started + duration_s
         cpu_at_start = cpu_seconds(pid) if pid else None
+        load_at_start = os.getloadavg()[0]
+        client_at_start = thread_cpu_seconds()
         completed: list[int] = []
         run_clients(split.hostname, split.port, [bodies[c::clients] or bodies for c in range(clients)], started,
                     warmup_s, deadline, latencies, errors, completed)
+        client_cpu = thread_cpu_seconds() - client_at_start
         cpu = cpu_seconds(pid) - cpu_at_start if pid and cpu_at_start is not None else None
     finally:
         if stalled_socket is not None:
@@ -302,7 +313,9 @@ def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float,
             "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(ms[-1], 3) if ms else None},
             # over the whole scenario (warm-up included): the server's CPU per answered request
             "server_cpu_ms_per_request": round(cpu * 1000 / len(completed), 3) if cpu and completed else None,
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+            # the load generator's own thread (all clients): what it takes from the 2 cores the servers share
+            "client_cpu_ms_per_request": round(client_cpu * 1000 / len(completed), 3) if completed else None,
+            "load_avg_1m_at_start": round(load_at_start, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 # Both servers take the never-reading client's request: its answer (~7 MB) must outgrow the kernel's socket
@@ -371,6 +384,8 @@ def summarise(args: argparse.Namespace, roots: dict[str, Path], commits: dict[st
                               "requests_per_s": median(name, label, lambda r: r["requests_per_s"]),
                               "server_cpu_ms_per_request": median(name, label,
                                                                   lambda r: r["server_cpu_ms_per_request"]),
+                              "client_cpu_ms_per_request": median(name, label,
+                                                                  lambda r: r.get("client_cpu_ms_per_request")),
                               "errors": sum(r["errors"] for r in runs[name][label])}
                       for label, _, _ in SCENARIOS} for name in runs}
     new, old = summary["new"], summary["old"]
@@ -384,6 +399,7 @@ def summarise(args: argparse.Namespace, roots: dict[str, Path], commits: dict[st
 
     return {
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                        "load_avg_at_start": args.load_at_start,
                         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "servers": {name: {"root": str(root), "commit": commits[name]} for name, root in roots.items()},
         "settings": {"items_per_request": args.items, "duration_s": args.duration, "warmup_s": args.warmup_s,
@@ -425,6 +441,7 @@ def main() -> int:
                         help="--compare-with: impressions in the never-reading client's request")
     parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args()
+    args.load_at_start = [round(x, 2) for x in os.getloadavg()]  # what else ran on the machine (uptime's figures)
     if args.compare_with:
         args.duration = args.duration if args.duration != 60.0 else 6.0
 
