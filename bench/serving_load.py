@@ -14,8 +14,9 @@ scenario runs ``--duration`` seconds; requests completed in its first ``--warmup
 clients of a scenario are driven by ONE thread of this process (epoll over non-blocking keep-alive sockets,
 request bytes prepared in advance, answers framed by their Content-Length: 0.03-0.06 ms of CPU per request,
 reported as ``client_cpu_ms_per_request``), the same loop for both servers. The load average at the start of the
-run and of each scenario is in the report: other jobs on the machine move every latency figure. The published model is the example model without its wide part: the old server
-predates the wide part and cannot load it. No process is pinned to a core (no taskset).
+run and of each scenario is in the report: other jobs on the machine move every latency figure. The published
+model is the example model without its wide part: the old server predates the wide part and cannot load it. No
+process is pinned to a core (no taskset).
 
 Unless ``--url`` names a running daemon, the script starts a broker, publishes one checkpoint of the example
 model (bench/serving_pickup.py: 3 tasks, MMoE, 2**20 x 16 embeddings) and runs ``crossdistil serve`` as a child
