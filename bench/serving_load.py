@@ -27,7 +27,7 @@ counted. Latency is measured on the client, from sending the request to reading 
 
 ``breakdown_ms`` times the parts of one request inside this process, one request at a time (no contention):
 JSON parsing, validation (consumers.serving.api.parse_score_request after its json.loads: streamer.events.check_event
-in place, validate() when anything fails it), encode_rows, the model's
+in place, validate() when anything fails it), encoding (encode_for_scoring, as ServingModel.score_rows), the model's
 forward, and building and encoding the JSON response as the daemon does, so that a missed target says where
 the time goes. Target (issue 6): p99 <= 20 ms at 4 clients x 100
 impressions.
@@ -112,13 +112,13 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
     import torch
 
     from consumers.serving.api import parse_score_request
-    from models.features import encode_rows
+    from models.features import encode_for_scoring
     from models.learner import ServingModel
 
     torch.set_num_threads(torch_threads)
     learner = pickup.example_learner(hash_buckets)
     model = ServingModel.from_serving_state(*learner.serving_state())
-    parts: dict[str, list[float]] = {"json_loads": [], "validate": [], "encode_rows": [], "forward": [],
+    parts: dict[str, list[float]] = {"json_loads": [], "validate": [], "encode": [], "forward": [],
                                      "json_response": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
         t1 = time.perf_counter()
         events = parse_score_request(body, max_items=10_000)  # includes a second json.loads: subtracted below
         t2 = time.perf_counter()
-        batch = encode_rows(events, model.config.features, model.config.tasks)
+        batch = encode_for_scoring(events, model.config.features, model.config.tasks)
         t3 = time.perf_counter()
         with torch.inference_mode():
             scores = model.score(batch)
@@ -138,7 +138,7 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
         t5 = time.perf_counter()
         parts["json_loads"].append(t1 - t0)
         parts["validate"].append(max(0.0, (t2 - t1) - (t1 - t0)))
-        parts["encode_rows"].append(t3 - t2)
+        parts["encode"].append(t3 - t2)
         parts["forward"].append(t4 - t3)
         parts["json_response"].append(t5 - t4)
     return {name: round(statistics.median(values) * 1000, 3) for name, values in parts.items()}

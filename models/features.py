@@ -174,8 +174,9 @@ def encode_for_scoring(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[s
     values bit for bit), ``labels`` and ``user`` left zero (the students read neither; the trainer needs both).
 
     For serving's micro-batches of validated impressions (dicts that all have ``user_id``, ``item_id`` and a
-    ``features`` dict): their three columns are taken in one pass, and no label or user key is computed (a
-    third of ``encode_rows``' time on 1,600 impressions, bench/serving_load.py). Other rows go to ``encode_rows``.
+    ``features`` dict): their three columns are taken in one pass, and no label or user key is computed (1.2
+    instead of 1.7 ms for 16 requests of bench/serving_load.py's 100 impressions). Other rows go to
+    ``encode_rows``.
 
     >>> rows = [{"user_id": "u1", "item_id": "i9", "features": {"hour": "13"}}]
     >>> spec = FeatureSpec(categorical=("user_id", "item_id", "hour"))
