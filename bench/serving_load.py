@@ -12,9 +12,11 @@ machine. Scenarios: 4 clients, 16 clients, and 4 clients while a fifth client se
 (``--stall-items`` impressions with long ids, a multi-megabyte answer) and never reads its answer. Each
 scenario runs ``--duration`` seconds; requests completed in its first ``--warmup-s`` are not counted. The
 clients of a scenario are driven by ONE thread of this process (epoll over non-blocking keep-alive sockets,
-request bytes prepared in advance, answers framed by their Content-Length: ~0.05 ms of CPU per request), the
-same loop for both servers. The published model is the example model without its wide part: the old server
-predates the wide part and cannot load it. No process is pinned to a core (no taskset).
+request bytes prepared in advance, answers framed by their Content-Length: 0.03-0.06 ms of CPU per request,
+reported as ``client_cpu_ms_per_request``), the same loop for both servers. The load average at the start of the
+run and of each scenario is in the report: other jobs on the machine move every latency figure. The published
+model is the example model without its wide part: the old server predates the wide part and cannot load it. No
+process is pinned to a core (no taskset).
 
 Unless ``--url`` names a running daemon, the script starts a broker, publishes one checkpoint of the example
 model (bench/serving_pickup.py: 3 tasks, MMoE, 2**20 x 16 embeddings) and runs ``crossdistil serve`` as a child
@@ -25,7 +27,7 @@ counted. Latency is measured on the client, from sending the request to reading 
 
 ``breakdown_ms`` times the parts of one request inside this process, one request at a time (no contention):
 JSON parsing, validation (consumers.serving.api.parse_score_request after its json.loads: streamer.events.check_event
-in place, validate() when anything fails it), encode_rows, the model's
+in place, validate() when anything fails it), encoding (encode_for_scoring, as ServingModel.score_rows), the model's
 forward, and building and encoding the JSON response as the daemon does, so that a missed target says where
 the time goes. Target (issue 6): p99 <= 20 ms at 4 clients x 100
 impressions.
@@ -38,6 +40,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import subprocess
@@ -109,13 +112,13 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
     import torch
 
     from consumers.serving.api import parse_score_request
-    from models.features import encode_rows
+    from models.features import encode_for_scoring
     from models.learner import ServingModel
 
     torch.set_num_threads(torch_threads)
     learner = pickup.example_learner(hash_buckets)
     model = ServingModel.from_serving_state(*learner.serving_state())
-    parts: dict[str, list[float]] = {"json_loads": [], "validate": [], "encode_rows": [], "forward": [],
+    parts: dict[str, list[float]] = {"json_loads": [], "validate": [], "encode": [], "forward": [],
                                      "json_response": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -123,7 +126,7 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
         t1 = time.perf_counter()
         events = parse_score_request(body, max_items=10_000)  # includes a second json.loads: subtracted below
         t2 = time.perf_counter()
-        batch = encode_rows(events, model.config.features, model.config.tasks)
+        batch = encode_for_scoring(events, model.config.features, model.config.tasks)
         t3 = time.perf_counter()
         with torch.inference_mode():
             scores = model.score(batch)
@@ -135,7 +138,7 @@ def breakdown(body: bytes, repeats: int, torch_threads: int, hash_buckets: int) 
         t5 = time.perf_counter()
         parts["json_loads"].append(t1 - t0)
         parts["validate"].append(max(0.0, (t2 - t1) - (t1 - t0)))
-        parts["encode_rows"].append(t3 - t2)
+        parts["encode"].append(t3 - t2)
         parts["forward"].append(t4 - t3)
         parts["json_response"].append(t5 - t4)
     return {name: round(statistics.median(values) * 1000, 3) for name, values in parts.items()}
@@ -252,6 +255,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds() -> float:
+    """User + system CPU time of the calling thread so far (Linux: RUSAGE_THREAD)."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime + usage.ru_stime
+
+
 def stall_body(items: int, id_length: int = 300) -> bytes:
     """One large valid request whose answer is a few megabytes (long impression ids come back in it)."""
     events = [{"impression_id": f"s{i}".ljust(id_length, "x"), "ts_ms": 1_700_000_000_000 + i, "user_id": str(i),
@@ -284,9 +293,12 @@ def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float,
         started = time.monotonic()
         deadline = started + duration_s
         cpu_at_start = cpu_seconds(pid) if pid else None
+        load_at_start = os.getloadavg()[0]
+        client_at_start = thread_cpu_seconds()
         completed: list[int] = []
         run_clients(split.hostname, split.port, [bodies[c::clients] or bodies for c in range(clients)], started,
                     warmup_s, deadline, latencies, errors, completed)
+        client_cpu = thread_cpu_seconds() - client_at_start
         cpu = cpu_seconds(pid) - cpu_at_start if pid and cpu_at_start is not None else None
     finally:
         if stalled_socket is not None:
@@ -302,7 +314,9 @@ def run_scenario(url: str, clients: int, bodies: list[bytes], duration_s: float,
             "latency_ms": {"p50": p(50), "p90": p(90), "p99": p(99), "max": round(ms[-1], 3) if ms else None},
             # over the whole scenario (warm-up included): the server's CPU per answered request
             "server_cpu_ms_per_request": round(cpu * 1000 / len(completed), 3) if cpu and completed else None,
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+            # the load generator's own thread (all clients): what it takes from the 2 cores the servers share
+            "client_cpu_ms_per_request": round(client_cpu * 1000 / len(completed), 3) if completed else None,
+            "load_avg_1m_at_start": round(load_at_start, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 # Both servers take the never-reading client's request: its answer (~7 MB) must outgrow the kernel's socket
@@ -371,6 +385,8 @@ def summarise(args: argparse.Namespace, roots: dict[str, Path], commits: dict[st
                               "requests_per_s": median(name, label, lambda r: r["requests_per_s"]),
                               "server_cpu_ms_per_request": median(name, label,
                                                                   lambda r: r["server_cpu_ms_per_request"]),
+                              "client_cpu_ms_per_request": median(name, label,
+                                                                  lambda r: r.get("client_cpu_ms_per_request")),
                               "errors": sum(r["errors"] for r in runs[name][label])}
                       for label, _, _ in SCENARIOS} for name in runs}
     new, old = summary["new"], summary["old"]
@@ -384,6 +400,7 @@ def summarise(args: argparse.Namespace, roots: dict[str, Path], commits: dict[st
 
     return {
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                        "load_avg_at_start": args.load_at_start,
                         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "servers": {name: {"root": str(root), "commit": commits[name]} for name, root in roots.items()},
         "settings": {"items_per_request": args.items, "duration_s": args.duration, "warmup_s": args.warmup_s,
@@ -425,6 +442,7 @@ def main() -> int:
                         help="--compare-with: impressions in the never-reading client's request")
     parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args()
+    args.load_at_start = [round(x, 2) for x in os.getloadavg()]  # what else ran on the machine (uptime's figures)
     if args.compare_with:
         args.duration = args.duration if args.duration != 60.0 else 6.0
 

@@ -64,14 +64,16 @@ def checkpoint_messages(learner: Any, version: int, chunk_bytes: int, previous_c
                         legacy: bool = False) -> list:
     """The trainer's publication of ``learner`` as ``version`` (same metadata layout). ``legacy``: a learner
     without a wide part (``wide="none"``) published without the ``wide*`` config keys, as before the wide part
-    existed, so that a server from before it loads the checkpoint too (today's reads their absence as "none")."""
+    existed, and without ``embedding_optimizer`` (a training choice: the students score the same whatever it
+    is), so that a server from before them loads the checkpoint too (today's reads their absence as
+    ``LEGACY_VALUES``)."""
     from consumers.state.wire import encode_checkpoint
 
     tensors, serving_meta = learner.serving_state()
     if legacy:
         assert learner.config.wide == "none", "only a model without a wide part has a legacy form"
         config = json.loads(serving_meta["config"])
-        for key in ("wide", "wide_lr", "wide_crosses"):
+        for key in ("wide", "wide_lr", "wide_crosses", "wide_decay", "embedding_optimizer"):
             config.pop(key, None)
         serving_meta = {**serving_meta, "config": json.dumps(config, sort_keys=True)}
     metadata = {"step": learner.steps, "watermark_ms": None, "offsets": [], "metrics": {}, "tasks": list(TASKS),

@@ -21,7 +21,7 @@ import torch
 
 from models.config import LEGACY_VALUES, ModelConfig
 from models.crossdistil import CrossDistilModel, crossdistil_loss
-from models.features import Batch, encode_rows
+from models.features import Batch, encode_for_scoring
 from models.onnx_export import TENSOR_NAME as ONNX_TENSOR
 from models.onnx_export import describe as describe_graph
 from models.onnx_export import export_students
@@ -374,5 +374,6 @@ class ServingModel:
         return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
 
     def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Encode rows (labels not needed) and score them."""
-        return self.score(encode_rows(rows, self.config.features, self.config.tasks))
+        """Encode rows (labels not needed: ``encode_for_scoring``, the same table rows and numerics as
+        ``encode_rows``) and score them."""
+        return self.score(encode_for_scoring(rows, self.config.features, self.config.tasks))

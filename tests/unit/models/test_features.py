@@ -14,7 +14,7 @@ import torch
 
 from models.config import ModelConfig
 from models.crossdistil import RunningNormalizer
-from models.features import FeatureSpec, collision_rate, encode_rows, hash_bucket, hash_column
+from models.features import FeatureSpec, collision_rate, encode_for_scoring, encode_rows, hash_bucket, hash_column
 
 pytestmark = pytest.mark.unit
 
@@ -109,6 +109,24 @@ def test_encode_rows_accepts_objects_with_attributes() -> None:
     batch = encode_rows([item], FeatureSpec(), ("like",))
     assert batch.labels.tolist() == [[1.0]]
     assert batch.categorical[0, 0] == hash_bucket("user_id", "u", 2**20)
+
+
+def test_encoding_for_scoring_gives_encode_rows_table_rows_and_numerics_bit_for_bit() -> None:
+    from streamer.datasets.base import Interaction
+
+    spec = FeatureSpec(categorical=("user_id", "item_id", "hour", "tab"), numeric=("watch", "count"), hash_buckets=1000)
+    impressions = [{"user_id": "u1", "item_id": "i1",
+                    "features": {"hour": "13", "tab": 2, "watch": 15000, "count": -3.5}},
+                   {"user_id": "u2", "item_id": "i2", "features": {"hour": 5.0, "watch": 0.25}},  # no tab, no count
+                   {"user_id": "u1", "item_id": "i3", "features": {}}]
+    others = [impressions + [{"user_id": "u3", "item_id": "i4", "features": None}],  # not all feature dicts
+              [{"user_id": "u"}, {"item_id": "i", "features": {"hour": 1}}],  # rows without some fields
+              [Interaction(impression_id="1", user_id="u", item_id="i", ts_ms=0, labels={"like": 1})], []]
+    for rows in [impressions, *others]:
+        reference, scoring = encode_rows(rows, spec, ("like",)), encode_for_scoring(rows, spec, ("like",))
+        assert torch.equal(scoring.categorical, reference.categorical)
+        assert torch.equal(scoring.numeric, reference.numeric)
+        assert scoring.labels.shape == reference.labels.shape and scoring.user.shape == reference.user.shape
 
 
 def test_same_user_rows_share_a_user_key() -> None:
