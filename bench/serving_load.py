@@ -456,9 +456,9 @@ def main() -> int:
             bootstrap, broker = pickup.start_broker(args, workdir)
             topic = pickup.make_topic(bootstrap)
             publisher = pickup.Publisher(bootstrap, topic)
-            if args.compare_with:  # a model both servers load: the old one predates the wide part
-                messages = pickup.checkpoint_messages(pickup.example_learner(args.hash_buckets, wide="none"), 1,
-                                                      900_000, legacy=True)
+            if args.compare_with:  # a model both servers load: the old one predates the wide part and the counts
+                legacy = pickup.example_learner(args.hash_buckets, wide="none", counts=False)
+                messages = pickup.checkpoint_messages(legacy, 1, 900_000, legacy=True)
             else:
                 messages = pickup.checkpoint_messages(pickup.example_learner(args.hash_buckets), 1, 900_000)
             publisher.send(messages)

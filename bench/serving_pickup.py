@@ -47,15 +47,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def example_learner(hash_buckets: int, embedding_dim: int = 16, seed: int = 0, wide: str = "adagrad"):
-    """The model of deploy/trainer.example.toml (students are what serving loads); ``wide="none"``: without
-    its wide part (models/wide.py), the model a server from before the wide part can load."""
+def example_learner(hash_buckets: int, embedding_dim: int = 16, seed: int = 0, wide: str = "adagrad",
+                    counts: bool = True):
+    """The model of deploy/trainer.example.toml (students are what serving loads); ``wide="none"`` and
+    ``counts=False``: without its wide part (models/wide.py) and online counts (models/counts.py), the model a
+    server from before them can load."""
     from models.config import ModelConfig
     from models.features import FeatureSpec
     from models.learner import Learner
 
     return Learner(ModelConfig(tasks=TASKS, backbone="mmoe", rung="crossdistil", embedding_dim=embedding_dim,
                                hidden_dims=(128,), tower_dims=(64, 32), seed=seed, wide=wide,
+                               **({} if counts else {"count_features": ()}),
                                features=FeatureSpec(categorical=("user_id", "item_id", "hour", "weekday"),
                                                     numeric=("duration_ms",), hash_buckets=hash_buckets)))
 
@@ -63,17 +66,19 @@ def example_learner(hash_buckets: int, embedding_dim: int = 16, seed: int = 0, w
 def checkpoint_messages(learner: Any, version: int, chunk_bytes: int, previous_chunk_count: int = 0,
                         legacy: bool = False) -> list:
     """The trainer's publication of ``learner`` as ``version`` (same metadata layout). ``legacy``: a learner
-    without a wide part (``wide="none"``) published without the ``wide*`` config keys, as before the wide part
-    existed, and without ``embedding_optimizer`` (a training choice: the students score the same whatever it
-    is), so that a server from before them loads the checkpoint too (today's reads their absence as
-    ``LEGACY_VALUES``)."""
+    without a wide part (``wide="none"``) and online counts published without the ``wide*`` and ``count_*``
+    config keys, as before they existed, and without ``embedding_optimizer`` (a training choice: the students
+    score the same whatever it is), so that a server from before them loads the checkpoint too (today's reads
+    their absence as ``LEGACY_VALUES``)."""
     from consumers.state.wire import encode_checkpoint
 
     tensors, serving_meta = learner.serving_state()
     if legacy:
-        assert learner.config.wide == "none", "only a model without a wide part has a legacy form"
+        assert learner.config.wide == "none" and not learner.config.count_features, \
+            "only a model without a wide part and online counts has a legacy form"
         config = json.loads(serving_meta["config"])
-        for key in ("wide", "wide_lr", "wide_crosses", "wide_decay", "embedding_optimizer"):
+        for key in ("wide", "wide_lr", "wide_crosses", "wide_decay", "embedding_optimizer", "count_features",
+                    "count_smoothing", "count_half_life"):
             config.pop(key, None)
         serving_meta = {**serving_meta, "config": json.dumps(config, sort_keys=True)}
     metadata = {"step": learner.steps, "watermark_ms": None, "offsets": [], "metrics": {}, "tasks": list(TASKS),
