@@ -48,7 +48,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
+from streamer.eventlog import (
+    EventLogError,
+    LogChunk,
+    path_from_url,
+    read_event_log_chunks,
+    read_event_log_sized,
+)
 from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
 from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure
 
@@ -245,33 +251,64 @@ class LoggedRecord(NamedTuple):
 
 
 def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
-                limit: int | None = None) -> tuple[Iterator[LoggedRecord], dict[str, Any]]:
+                limit: int | None = None) -> tuple[EventLogRecords, dict[str, Any]]:
     """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
     _check_time_range(from_ms, to_ms)
     path = path_from_url(url)
     if not path.is_file():
         raise EventLogError(f"event log {path} does not exist; write one with "
                             "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
+    desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
+            "bytes": path.stat().st_size}
+    return EventLogRecords(path, from_ms, to_ms, limit), desc
 
-    def records() -> Iterator[LoggedRecord]:
-        sized = read_event_log_sized(path)
-        if from_ms is None and to_ms is None:
-            for (topic, _key, event), size in itertools.islice(sized, limit):
+
+@dataclass(frozen=True)
+class EventLogRecords:
+    """The records of an event log in ``[from_ms, to_ms)`` (by event ``ts_ms``; a record without an integer one is
+    kept), at most ``limit`` of them. Iterating gives ``LoggedRecord``s, read record by record (again on every
+    iteration); ``chunks(n)`` gives the same records as columns, ``n`` at a time, for the dense replay in bulk
+    (``consumers.tools.backtest_bulk``)."""
+
+    path: Path
+    from_ms: int | None = None
+    to_ms: int | None = None
+    limit: int | None = None
+
+    def __iter__(self) -> Iterator[LoggedRecord]:
+        sized = read_event_log_sized(self.path)
+        if self.from_ms is None and self.to_ms is None:
+            for (topic, _key, event), size in itertools.islice(sized, self.limit):
                 yield LoggedRecord(topic, event, size)
             return
         n = 0
         for (topic, _key, event), size in sized:
-            if limit is not None and n >= limit:
+            if self.limit is not None and n >= self.limit:
                 return
-            ts = event.get("ts_ms")
-            if isinstance(ts, int) and ((from_ms is not None and ts < from_ms) or (to_ms is not None and ts >= to_ms)):
+            if self._outside(event):
                 continue
             n += 1
             yield LoggedRecord(topic, event, size)
 
-    desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
-            "bytes": path.stat().st_size}
-    return records(), desc
+    def chunks(self, records: int) -> Iterator[LogChunk]:
+        """The same records as ``__iter__``, as columns of up to ``records`` records (``read_event_log_chunks``)."""
+        left = self.limit
+        for chunk in read_event_log_chunks(self.path, records):
+            if self.from_ms is not None or self.to_ms is not None:
+                kept = [i for i, event in enumerate(chunk.events) if not self._outside(event)]
+                chunk = LogChunk(*([column[i] for i in kept] for column in chunk))
+            if left is not None:
+                chunk = LogChunk(*(column[:left] for column in chunk))
+                left -= len(chunk.events)
+            if chunk.events:
+                yield chunk
+            if left is not None and left <= 0:
+                return
+
+    def _outside(self, event: dict[str, Any]) -> bool:
+        ts = event.get("ts_ms")
+        return isinstance(ts, int) and ((self.from_ms is not None and ts < self.from_ms)
+                                        or (self.to_ms is not None and ts >= self.to_ms))
 
 
 READ_AHEAD = 2000  # records polled at a time per partition (and so at most held per partition)
@@ -568,7 +605,7 @@ class BacktestResult:
 
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
                  sample_every: int | None = None, progress: bool = False, total: int | None = None,
-                 progress_unit: str = "records") -> BacktestResult:
+                 progress_unit: str = "records", bulk: bool = True) -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
@@ -581,6 +618,9 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     same records, so they are replayed as one group: the first one's join and batcher cut the batches, and every
     batch is trained by each configuration of the group (``Forwarding``), encoded once when they read the same
     features (``SharedEncoding``). Each configuration keeps its own learner, metrics and series.
+
+    ``bulk``: a dense replay of an event log (``EventLogRecords``) reads, checks and encodes it a chunk at a time
+    (``consumers.tools.backtest_bulk``), with the same numbers; False replays it record by record (the reference).
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
@@ -597,24 +637,22 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     dense = batching == "dense"
     started = time.perf_counter()
     n_records = n_events = 0
-    records = iter(records)
     with _progress(progress, total, progress_unit) as advance:
-        while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
-            decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
+        for decoded, size in _messages(records, runs, dense and bulk and isinstance(records, EventLogRecords)):
             for leader in leaders.values():
                 with _own_time(leader):
                     pipeline = leader.pipeline
                     if dense:
                         pipeline.ingest_each(decoded)
-                        if len(chunk) == DENSE_TRAIN_EVERY:
+                        if len(decoded) == DENSE_TRAIN_EVERY:
                             pipeline.train_ready()
                     else:
                         for events, source in decoded:
                             pipeline.ingest(events, source)
                             pipeline.train_ready()
-            n_records += len(chunk)
+            n_records += len(decoded)
             n_events += sum(len(events) for events, _ in decoded)
-            advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
+            advance(len(decoded) if progress_unit == "records" else size)
         for leader in leaders.values():
             with _own_time(leader):
                 leader.pipeline.flush()
@@ -628,6 +666,38 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
+
+
+def _messages(records: Iterable[Record | LoggedRecord], runs: dict[str, ConfigRun],
+              bulk: bool) -> Iterator[tuple[list[tuple[list, Any]], int]]:
+    """``(messages, bytes)``: each record's checked events and source (what ``Pipeline.ingest`` takes),
+    ``DENSE_TRAIN_EVERY`` records at a time, and their size; read in bulk (``records`` an ``EventLogRecords``) or
+    record by record."""
+    if bulk:
+        from consumers.tools.backtest_bulk import BULK_RECORDS, PreEncoded, bulk_messages  # lazy: numpy, the models
+
+        encodings = _shared_encodings(runs)
+        for encoding in encodings:
+            encoding.pre = PreEncoded(encoding.features)
+        chunks = records.chunks(BULK_RECORDS)  # type: ignore[attr-defined]
+        yield from bulk_messages(chunks, [e.pre for e in encodings], DENSE_TRAIN_EVERY,
+                                 lambda topic, event, size: LoggedRecord(topic, event, size).events())
+        return
+    records = iter(records)
+    while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
+        yield ([(record.events(), (record.topic, record.partition)) for record in chunk],
+               sum(record.size for record in chunk))
+
+
+def _shared_encodings(runs: dict[str, ConfigRun]) -> list[SharedEncoding]:
+    """The distinct ``SharedEncoding``s of the runs' learners (a group leader's behind its ``Forwarding``)."""
+    found: list[SharedEncoding] = []
+    for run_ in runs.values():
+        port = run_.pipeline.learner
+        encode = getattr(getattr(port, "port", port), "encode", None)
+        if isinstance(encode, SharedEncoding) and all(encode is not e for e in found):
+            found.append(encode)
+    return found
 
 
 @contextlib.contextmanager
@@ -752,10 +822,12 @@ class SharedEncoding:
         self._encode = lambda samples: encode_rows(training_rows(samples), features, self.tasks)
         self._samples: list | None = None
         self._batch: Any = None
+        self.pre: Any = None  # a dense replay in bulk: its impressions encoded ahead (backtest_bulk.PreEncoded)
 
     def __call__(self, samples: list) -> Any:
         if samples is not self._samples:  # held here, so no other list can have its identity
-            self._samples, self._batch = samples, self._encode(samples)
+            encode = self._encode if self.pre is None else lambda s: self.pre.batch(s, self.tasks)
+            self._samples, self._batch = samples, encode(samples)
         return self._batch
 
 
