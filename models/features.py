@@ -178,12 +178,6 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
     >>> b.categorical.shape, b.labels.tolist()
     (torch.Size([1, 2]), [[1.0, 0.0]])
     """
-    categorical, numeric, user = encode_row_arrays(rows, spec)
-    return batch_from_columns(categorical, numeric, user, _column(rows, "labels", None), tasks)
-
-
-def encode_row_arrays(rows: Sequence[Any], spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``encode_rows`` up to ``batch_from_columns``: the arrays ``encode_columns`` makes, from rows."""
     n = len(rows)
     buckets = spec.hash_buckets
     feature_maps = [f or {} for f in _column(rows, "features", None)]
@@ -204,60 +198,23 @@ def encode_row_arrays(rows: Sequence[Any], spec: FeatureSpec) -> tuple[np.ndarra
     numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
     numeric_values = _feature_columns(feature_maps, spec.numeric, 0.0)
     for c, name in enumerate(spec.numeric):
-        numeric[:, c] = _numbers(name, numeric_values[name])
-    return categorical, numeric, np.array(hash_column("user_id", user_ids, _USER_ID_SPACE), dtype=np.int64)
-
-
-def _numbers(name: str, values: Iterable[Any]) -> list[float]:
-    """A numeric feature's values as floats (a missing or empty value is 0)."""
-    try:
-        return [float(v or 0.0) for v in values]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
-
-
-def encode_columns(user_id: Sequence[Any], item_id: Sequence[Any], features: Mapping[str, Sequence[Any]],
-                   spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``encode_rows``'s work on each row, for many impressions at once given as columns (``features``: name ->
-    column; a name it lacks is missing in every row): ``(categorical, numeric, user)``, the rows of the table
-    (int64 [n, C]), the numeric values before ``batch_from_columns`` squashes them (float64 [n, N]) and the user
-    keys (int64 [n]). Rows of these, gathered, give ``batch_from_columns`` exactly what ``encode_rows`` of
-    those impressions gives it.
-
-    >>> spec = FeatureSpec(categorical=("user_id", "hour"), numeric=("watch",))
-    >>> categorical, numeric, user = encode_columns(["u1"], ["i9"], {"hour": [13], "watch": [2.5]}, spec)
-    >>> b = encode_rows([{"user_id": "u1", "item_id": "i9", "features": {"hour": 13, "watch": 2.5}, "labels": {}}],
-    ...                 spec, ("click",))
-    >>> bool((b.categorical.numpy() == categorical).all()), numeric.tolist(), b.user.tolist() == user.tolist()
-    (True, [[2.5]], True)
-    """
-    n = len(user_id)
-    buckets = spec.hash_buckets
-    categorical = np.empty((n, len(spec.categorical)), dtype=np.int64)
-    for c, name in enumerate(spec.categorical):
-        values = user_id if name == "user_id" else item_id if name == "item_id" else features.get(name)
-        categorical[:, c] = hash_column(name, ("",) * n if values is None else values, buckets)
-    numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
-    for c, name in enumerate(spec.numeric):
-        if name in features:
-            numeric[:, c] = _numbers(name, features[name])
-    return categorical, numeric, np.array(hash_column("user_id", user_id, _USER_ID_SPACE), dtype=np.int64)
-
-
-def batch_from_columns(categorical: np.ndarray, numeric: np.ndarray, user: np.ndarray,
-                       label_maps: Sequence[Mapping[str, Any] | None], tasks: Sequence[str]) -> Batch:
-    """The ``Batch`` of encoded columns (``encode_columns``' three, rows in batch order) and each row's labels
-    ``{task: 0|1}`` (a missing label is 0): the last step of ``encode_rows``, shared by both."""
+        try:
+            numeric[:, c] = [float(v or 0.0) for v in numeric_values[name]]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
     numeric = np.sign(numeric) * np.log1p(np.abs(numeric))  # heavy tails (watch time, counts) -> O(10)
-    maps = [m or {} for m in label_maps]
-    labels = np.zeros((len(maps), len(tasks)), dtype=np.float32)
+
+    label_maps = [m or {} for m in _column(rows, "labels", None)]
+    labels = np.zeros((n, len(tasks)), dtype=np.float32)
     for k, task in enumerate(tasks):
-        labels[:, k] = [1.0 if (m.get(task) or 0) > 0 else 0.0 for m in maps]
+        labels[:, k] = [1.0 if (m.get(task) or 0) > 0 else 0.0 for m in label_maps]
+
+    user = hash_column("user_id", user_ids, _USER_ID_SPACE)
     return Batch(
         categorical=torch.from_numpy(categorical),
         numeric=torch.from_numpy(numeric.astype(np.float32)),
         labels=torch.from_numpy(labels),
-        user=torch.from_numpy(user),
+        user=torch.tensor(user, dtype=torch.int64),
         tasks=tuple(tasks),
     )
 

@@ -96,9 +96,8 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any, Literal, NoReturn
 
 import msgpack
@@ -113,8 +112,6 @@ __all__ = [
     "EventError",
     "EventKind",
     "Limits",
-    "BulkColumns",
-    "check_bulk",
     "check_event",
     "check_events",
     "decode",
@@ -663,145 +660,3 @@ def check_events(obj: Any, *, limits: Limits = DEFAULT_LIMITS) -> list[dict | Ev
     except _Invalid as problem:
         return [_error(problem)]
     return [obj]
-
-
-# ------------------------------------------------------------------------------------ many events at once
-
-
-@dataclass(frozen=True)
-class BulkColumns:
-    """The impressions of a list of events that ``check_bulk`` passed, as columns (in the list's order):
-    ``impressions`` (the event dicts), ``user_id``, ``item_id``, ``ts_ms``, and their features as
-    ``feature_groups``: ``(rows, columns)`` per set of feature names, ``rows`` the positions (in ``impressions``)
-    of the impressions that have exactly those names, ``columns`` name -> their values in that order."""
-
-    impressions: Sequence[dict]
-    user_id: Sequence[str]
-    item_id: Sequence[str]
-    ts_ms: Sequence[int]
-    feature_groups: list[tuple[Sequence[int], dict[str, Sequence[Any]]]]
-
-
-_IMPRESSION_FIELDS = itemgetter(*_IMPRESSION_ORDER)
-_FEEDBACK_FIELDS = itemgetter(*_FEEDBACK_ORDER)
-
-
-def check_bulk(events: Sequence[Any], *, limits: Limits = DEFAULT_LIMITS) -> BulkColumns | None:
-    """``check_events`` of many single events at once, a column at a time: when every event is a valid impression
-    or feedback, normalises them in place exactly as
-    ``check_events`` would (feedback ``value`` to float) and returns the impressions' columns. Otherwise (a bad
-    event, a batch envelope, a string long enough to need counting its bytes) it changes nothing and returns None:
-    check those events one by one, which names each problem.
-
-    A sufficient test, never a different rule: it passes only events that ``check_events`` passes unchanged.
-
-    >>> shown = {"v": 1, "impression_id": "i1", "ts_ms": 5, "user_id": "u", "item_id": "a", "features": {"h": 3}}
-    >>> click = {"v": 1, "impression_id": "i1", "ts_ms": 9, "task": "click", "value": 1}
-    >>> check_bulk([shown, click]).feature_groups, click["value"]
-    ([([0], {'h': (3,)})], 1.0)
-    >>> check_bulk([shown, {**click, "ts_ms": -1}]) is None
-    True
-    """
-    if set(map(type, events)) - {dict}:
-        return None
-    impressions = [e for e in events if len(e) == len(_IMPRESSION_KEYS)]
-    feedback = [e for e in events if len(e) == len(_FEEDBACK_KEYS)]
-    if len(impressions) + len(feedback) != len(events):
-        return None
-    short = limits.max_str_bytes >> 2
-    try:  # each has as many keys as its kind and all of them: exactly its kind's keys
-        shown = list(zip(*map(_IMPRESSION_FIELDS, impressions))) or [()] * len(_IMPRESSION_ORDER)
-        clicks = list(zip(*map(_FEEDBACK_FIELDS, feedback))) or [()] * len(_FEEDBACK_ORDER)
-    except KeyError:
-        return None
-    v, impression_id, ts, user, item, features = shown
-    fv, feedback_id, feedback_ts, task, value = clicks
-    if not (_versions(v) and _versions(fv) and all(_texts(c, short) for c in (impression_id, user, item,
-                                                                              feedback_id, task))
-            and _ints(ts, 0, _TS_MAX) and _ints(feedback_ts, 0, _TS_MAX) and _numbers(value)):
-        return None
-    groups = _feature_groups(features, limits)
-    if groups is None:
-        return None
-    if int in set(map(type, value)):
-        for event in feedback:
-            event["value"] = float(event["value"])
-    return BulkColumns(impressions, user, item, ts, groups)
-
-
-def _versions(column: Sequence[Any]) -> bool:
-    return not column or (set(map(type, column)) == {int} and set(column) == {SCHEMA_VERSION})
-
-
-def _texts(column: Sequence[Any], short: int) -> bool:
-    """Non-empty strings of at most ``short`` chars (so within the limit in UTF-8 bytes, whatever the chars)."""
-    if not column:
-        return True
-    lengths = list(map(len, column)) if set(map(type, column)) == {str} else None
-    return lengths is not None and min(lengths) > 0 and max(lengths) <= short
-
-
-def _ints(column: Sequence[Any], low: int, high: int) -> bool:
-    return not column or (set(map(type, column)) == {int} and min(column) >= low and max(column) <= high)
-
-
-def _numbers(column: Sequence[Any]) -> bool:
-    """Finite floats and 64-bit ints (not bool)."""
-    kinds = set(map(type, column))
-    if kinds - {int, float}:
-        return False
-    ints = [x for x in column if type(x) is int] if int in kinds else []
-    floats = [x for x in column if type(x) is float] if float in kinds else []
-    return ((not ints or (min(ints) >= _INT_MIN and max(ints) <= _INT_MAX))
-            and not any(map(math.isnan, floats)) and not any(map(math.isinf, floats)))
-
-
-def _feature_groups(features: Sequence[Any],
-                    limits: Limits) -> list[tuple[Sequence[int], dict[str, Sequence[Any]]]] | None:
-    """The impressions' features grouped by their names (see ``BulkColumns``) if they are all valid, else None."""
-    if set(map(type, features)) - {dict}:
-        return None
-    by_count: dict[int, list[int]] = {}
-    for row, count in enumerate(map(len, features)):
-        by_count.setdefault(count, []).append(row)
-    groups = []
-    for rows in by_count.values():
-        columns = _same_names(features, rows)
-        if columns is None:  # as many names, not the same ones: group by the names themselves
-            by_names: dict[tuple, list[int]] = {}
-            for row in rows:
-                by_names.setdefault(tuple(features[row]), []).append(row)
-            groups += [(sub, _same_names(features, sub)) for sub in by_names.values()]
-        else:
-            groups.append((rows, columns))
-    short = limits.max_str_bytes >> 2
-    for _rows, columns in groups:
-        if (len(columns) > limits.max_features or not _texts(tuple(columns), short)
-                or not all(_feature_values(column, short) for column in columns.values())):
-            return None
-    return groups
-
-
-def _same_names(features: Sequence[dict], rows: list[int]) -> dict[str, Sequence[Any]] | None:
-    """``{name: column}`` of the features of ``rows`` if they all have the first one's names (and as many)."""
-    names = tuple(features[rows[0]])
-    if not names:
-        return {}
-    maps = [features[row] for row in rows]
-    try:
-        values = list(map(itemgetter(*names), maps))
-    except KeyError:
-        return None
-    return dict(zip(names, zip(*values))) if len(names) > 1 else {names[0]: tuple(values)}
-
-
-def _feature_values(column: Sequence[Any], short: int) -> bool:
-    """Strings of at most ``short`` chars (empty ones too), finite floats and 64-bit ints."""
-    kinds = set(map(type, column))
-    if kinds == {str}:
-        return max(map(len, column)) <= short
-    if kinds - {str, int, float}:
-        return False
-    if str in kinds and max(len(x) for x in column if type(x) is str) > short:
-        return False
-    return _numbers(column if str not in kinds else [x for x in column if type(x) is not str])

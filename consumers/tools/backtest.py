@@ -619,7 +619,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     batch is trained by each configuration of the group (``Forwarding``), encoded once when they read the same
     features (``SharedEncoding``). Each configuration keeps its own learner, metrics and series.
 
-    ``bulk``: a dense replay of an event log (``EventLogRecords``) reads, checks and encodes it a chunk at a time
+    ``bulk``: a dense replay of an event log (``EventLogRecords``) reads it a chunk of records at a time
     (``consumers.tools.backtest_bulk``), with the same numbers; False replays it record by record (the reference).
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
@@ -638,7 +638,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     started = time.perf_counter()
     n_records = n_events = 0
     with _progress(progress, total, progress_unit) as advance:
-        for decoded, size in _messages(records, runs, dense and bulk and isinstance(records, EventLogRecords)):
+        for decoded, size in _messages(records, dense and bulk and isinstance(records, EventLogRecords)):
             for leader in leaders.values():
                 with _own_time(leader):
                     pipeline = leader.pipeline
@@ -668,36 +668,20 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
 
 
-def _messages(records: Iterable[Record | LoggedRecord], runs: dict[str, ConfigRun],
-              bulk: bool) -> Iterator[tuple[list[tuple[list, Any]], int]]:
+def _messages(records: Iterable[Record | LoggedRecord], bulk: bool) -> Iterator[tuple[list[tuple[list, Any]], int]]:
     """``(messages, bytes)``: each record's checked events and source (what ``Pipeline.ingest`` takes),
     ``DENSE_TRAIN_EVERY`` records at a time, and their size; read in bulk (``records`` an ``EventLogRecords``) or
     record by record."""
     if bulk:
-        from consumers.tools.backtest_bulk import BULK_RECORDS, PreEncoded, bulk_messages  # lazy: numpy, the models
+        from consumers.tools.backtest_bulk import BULK_RECORDS, bulk_messages  # lazy: only for a dense replay
 
-        encodings = _shared_encodings(runs)
-        for encoding in encodings:
-            encoding.pre = PreEncoded(encoding.features)
-        chunks = records.chunks(BULK_RECORDS)  # type: ignore[attr-defined]
-        yield from bulk_messages(chunks, [e.pre for e in encodings], DENSE_TRAIN_EVERY,
+        yield from bulk_messages(records.chunks(BULK_RECORDS), DENSE_TRAIN_EVERY,  # type: ignore[attr-defined]
                                  lambda topic, event, size: LoggedRecord(topic, event, size).events())
         return
     records = iter(records)
     while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
         yield ([(record.events(), (record.topic, record.partition)) for record in chunk],
                sum(record.size for record in chunk))
-
-
-def _shared_encodings(runs: dict[str, ConfigRun]) -> list[SharedEncoding]:
-    """The distinct ``SharedEncoding``s of the runs' learners (a group leader's behind its ``Forwarding``)."""
-    found: list[SharedEncoding] = []
-    for run_ in runs.values():
-        port = run_.pipeline.learner
-        encode = getattr(getattr(port, "port", port), "encode", None)
-        if isinstance(encode, SharedEncoding) and all(encode is not e for e in found):
-            found.append(encode)
-    return found
 
 
 @contextlib.contextmanager
@@ -822,12 +806,10 @@ class SharedEncoding:
         self._encode = lambda samples: encode_rows(training_rows(samples), features, self.tasks)
         self._samples: list | None = None
         self._batch: Any = None
-        self.pre: Any = None  # a dense replay in bulk: its impressions encoded ahead (backtest_bulk.PreEncoded)
 
     def __call__(self, samples: list) -> Any:
         if samples is not self._samples:  # held here, so no other list can have its identity
-            encode = self._encode if self.pre is None else lambda s: self.pre.batch(s, self.tasks)
-            self._samples, self._batch = samples, encode(samples)
+            self._samples, self._batch = samples, self._encode(samples)
         return self._batch
 
 
