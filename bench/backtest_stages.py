@@ -7,14 +7,12 @@ Replays ``--log`` once (``run_backtest(..., batching="dense")`` and ``summary()`
 (the timers cost about a microsecond a call, so the stages add up to a little more than a run without them):
 
 * ``validate``: ``LoggedRecord.events`` (the trainer's validator on each record, shared by every configuration);
-  read in bulk, ``backtest_bulk._checked`` (the same validator on a chunk of records, with ``PreEncoded.add``,
-  which is counted as ``encode``);
+  read in bulk, ``backtest_bulk._checked`` (the same validator, a chunk of records a call);
 * ``ingest``: ``Pipeline.ingest_each`` (dense) of the group's leader, of which ``join`` is
   ``AttributionJoin.add_events``;
 * ``train``: ``Pipeline.train_ready`` and ``flush`` (every configuration's training, forwarded from the leader),
-  of which ``encode`` (``SharedEncoding``; in bulk also ``PreEncoded.add``, a chunk's impressions encoded ahead,
-  outside ``train``), ``step`` (``Learner.step``), ``metrics`` (``TrainerMetrics.observe``) and ``record``
-  (``ConfigRun.on_batch``: the predictions kept and the series), of which ``series``
+  of which ``encode`` (``SharedEncoding``), ``step`` (``Learner.step``), ``metrics`` (``TrainerMetrics.observe``)
+  and ``record`` (``ConfigRun.on_batch``: the predictions kept and the series), of which ``series``
   (``ConfigRun.add_point``);
 * ``summary``: the end-of-run metrics;
 * ``read``: the rest: reading and unpacking the log, the replay loop.
@@ -44,7 +42,6 @@ STAGES = (
     ("train", "consumers.core.pipeline:Pipeline", "train_ready"),
     ("train", "consumers.core.pipeline:Pipeline", "flush"),
     ("encode", "consumers.tools.backtest:SharedEncoding", "__call__"),
-    ("encode", "consumers.tools.backtest_bulk:PreEncoded", "add"),
     ("step", "models.learner:Learner", "step"),
     ("metrics", "consumers.runtime.telemetry:TrainerMetrics", "observe"),
     ("record", "consumers.tools.backtest:ConfigRun", "on_batch"),
@@ -87,8 +84,7 @@ def main() -> int:
     for stage, owner, attribute in STAGES:
         module, _, name = owner.partition(":")
         cls = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
-        setattr(cls, attribute, timed(seconds, f"{stage}:ahead" if name == "PreEncoded" else stage,
-                                      getattr(cls, attribute)))
+        setattr(cls, attribute, timed(seconds, stage, getattr(cls, attribute)))
     configs = build_configs([args.config], args.configs, [])
     consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()  # imports, untimed
     records, desc = log_records(f"file://{args.log}", limit=args.limit)
@@ -99,9 +95,6 @@ def main() -> int:
     seconds["summary"] += time.perf_counter() - t0
     wall = time.perf_counter() - started
     seconds["read"] = wall - sum(seconds[s] for s in TOP_LEVEL)
-    ahead = seconds.pop("encode:ahead", 0.0)  # inside _checked: encoding's, not validation's
-    seconds["validate"] -= ahead
-    seconds["encode"] += ahead
     samples = next(iter(result.runs.values())).pipeline.trained_samples
     print(json.dumps({
         "log": args.log, "configs": args.configs, "reference": args.reference, "records": result.records,

@@ -16,7 +16,9 @@ rounds (median and best reported, because this shared machine's speed changes fr
   with ``--one`` (``mtl``), plus the summary's end-of-run metrics (``summary()``): reading and decoding the log,
   the join, batching, encoding, the steps and the trainer's metrics are all timed;
 * ``backtest_two``: the same with ``--two`` (``mtl,crossdistil``), both from one decode of the log (and, as their
-  join and batching settings are the same, one join, one batcher and one encoding of each batch).
+  join and batching settings are the same, one join, one batcher and one encoding of each batch);
+* ``backtest_one_reference`` (only when named in ``--variants``): ``backtest_one`` with the log read record by
+  record (``run_backtest(..., bulk=False)``), to measure the bulk read side by side.
 
 ``ratios``: ``backtest_one_to_evaluate`` (median samples/s; the issue asks >= 0.8) and ``backtest_two_cost_to_one``
 (median seconds; the issue asks <= 1.8). ``backtest_one_to_evaluate_with_reading`` sets the backtest against
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +42,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-VARIANTS = ("evaluate", "backtest_one", "backtest_two")
+VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_reference")
 DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
 
 
@@ -69,7 +72,7 @@ def evaluate_worker(args: argparse.Namespace) -> dict:
             "steps": learner.steps, "auc_all": {t: m["auc"] for t, m in result.metrics["all"].items()}}
 
 
-def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
+def backtest_worker(args: argparse.Namespace, rungs: str, bulk: bool = True) -> dict:
     # consumers.runtime and prometheus_client: what run_backtest imports on its first call, imported before the
     # clock starts (evaluate's imports and learner construction are not timed either; the backtest's learners are
     # built inside the timed call, each a few tens of ms).
@@ -85,7 +88,7 @@ def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
     consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()
     records, desc = log_records(f"file://{args.log}")
     started = time.perf_counter()
-    result = run_backtest(records, configs, batching="dense")
+    result = run_backtest(records, configs, batching="dense", bulk=bulk)
     data = summary(result, desc)
     seconds = time.perf_counter() - started
     samples = {name: c["trained_samples"] for name, c in data["configurations"].items()}
@@ -106,7 +109,9 @@ def worker(args: argparse.Namespace) -> dict:
     tune_gc()  # as crossdistil backtest runs; evaluate gets the same collector
     if args.worker == "evaluate":
         return evaluate_worker(args)
-    return backtest_worker(args, args.one if args.worker == "backtest_one" else args.two)
+    if args.worker == "backtest_two":
+        return backtest_worker(args, args.two)
+    return backtest_worker(args, args.one, bulk=args.worker == "backtest_one")
 
 
 def make_log(args: argparse.Namespace, folder: Path) -> Path:
@@ -128,7 +133,7 @@ def main() -> int:
     parser.add_argument("--one", default="mtl", help="the configuration of backtest_one (and evaluate's rung)")
     parser.add_argument("--two", default="mtl,crossdistil", help="the configurations of backtest_two")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS[:3]), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,11 +155,13 @@ def main() -> int:
                            args.mapping, "--config", args.config, "--impressions", str(args.impressions), "--log",
                            str(log), "--one", args.one, "--two", args.two, "--torch-threads",
                            str(args.torch_threads), *[a for s in args.set for a in ("--set", s)]]
+                load = os.getloadavg()[0]  # the machine is shared: each figure with the load it ran under
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     print(done.stderr, file=sys.stderr)
                     raise SystemExit(f"{variant} failed with status {done.returncode}")
-                runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[variant].append({**json.loads(done.stdout.strip().splitlines()[-1]),
+                                      "load_1min_before": round(load, 2)})
     print(json.dumps(report(args, runs), indent=2))
     return 0
 
@@ -190,6 +197,12 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
                                                    / variants["backtest_one"]["seconds_median"], 2)
         ratios["per_round_backtest_two_cost_to_one"] = [
             round(t["seconds"] / o["seconds"], 2) for t, o in zip(runs["backtest_two"], runs["backtest_one"])]
+    if "backtest_one" in variants and "backtest_one_reference" in variants:
+        ratios["bulk_to_reference"] = round(variants["backtest_one"]["samples_per_s_median"]
+                                            / variants["backtest_one_reference"]["samples_per_s_median"], 2)
+        ratios["per_round_bulk_to_reference"] = [
+            round(b["samples_per_s"] / r["samples_per_s"], 2)
+            for b, r in zip(runs["backtest_one"], runs["backtest_one_reference"])]
     out["ratios"] = ratios
     return out
 
