@@ -18,7 +18,10 @@ rounds (median and best reported, because this shared machine's speed changes fr
 * ``backtest_two``: the same with ``--two`` (``mtl,crossdistil``), both from one decode of the log (and, as their
   join and batching settings are the same, one join, one batcher and one encoding of each batch);
 * ``backtest_one_reference`` (only when named in ``--variants``): ``backtest_one`` with the log read record by
-  record (``run_backtest(..., bulk=False)``), to measure the bulk read side by side.
+  record (``run_backtest(..., bulk=False)``), to measure the bulk read side by side;
+* ``read_log`` (only when named): reading the log alone, as the dense replay reads it
+  (``read_event_log_chunks``: unpacking and the records' shape, 256 records at a time) and nothing else, counted
+  per impression: the floor under any replay of the log in this process.
 
 ``ratios``: ``backtest_one_to_evaluate`` (median samples/s; the issue asks >= 0.8) and ``backtest_two_cost_to_one``
 (median seconds; the issue asks <= 1.8). ``backtest_one_to_evaluate_with_reading`` sets the backtest against
@@ -42,7 +45,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_reference")
+VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_reference", "read_log")
 DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
 
 
@@ -100,6 +103,20 @@ def backtest_worker(args: argparse.Namespace, rungs: str, bulk: bool = True) -> 
             "auc_all": {n: c["prequential_auc"] for n, c in data["configurations"].items()}}
 
 
+def read_log_worker(args: argparse.Namespace) -> dict:
+    from consumers.tools.backtest_bulk import BULK_RECORDS
+    from streamer.eventlog import read_event_log_chunks
+
+    started = time.perf_counter()
+    records = impressions = 0
+    for chunk in read_event_log_chunks(args.log, BULK_RECORDS):
+        records += len(chunk.events)
+        impressions += chunk.topics.count("impressions")
+    seconds = time.perf_counter() - started
+    return {"records": records, "samples": impressions, "seconds": round(seconds, 3),
+            "samples_per_s": round(impressions / seconds)}
+
+
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -109,6 +126,8 @@ def worker(args: argparse.Namespace) -> dict:
     tune_gc()  # as crossdistil backtest runs; evaluate gets the same collector
     if args.worker == "evaluate":
         return evaluate_worker(args)
+    if args.worker == "read_log":
+        return read_log_worker(args)
     if args.worker == "backtest_two":
         return backtest_worker(args, args.two)
     return backtest_worker(args, args.one, bulk=args.worker == "backtest_one")
@@ -203,6 +222,9 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
         ratios["per_round_bulk_to_reference"] = [
             round(b["samples_per_s"] / r["samples_per_s"], 2)
             for b, r in zip(runs["backtest_one"], runs["backtest_one_reference"])]
+    if "evaluate" in variants and "read_log" in variants:
+        ratios["read_log_to_evaluate"] = round(variants["read_log"]["samples_per_s_median"]
+                                               / variants["evaluate"]["samples_per_s_median"], 2)
     out["ratios"] = ratios
     return out
 
