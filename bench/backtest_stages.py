@@ -7,7 +7,6 @@ Replays ``--log`` once (``run_backtest(..., batching="dense")`` and ``summary()`
 (the timers cost about a microsecond a call, so the stages add up to a little more than a run without them):
 
 * ``validate``: ``LoggedRecord.events`` (the trainer's validator on each record, shared by every configuration);
-  read in bulk, ``backtest_bulk._checked`` (the same validator, a chunk of records a call);
 * ``ingest``: ``Pipeline.ingest_each`` (dense) of the group's leader, of which ``join`` is
   ``AttributionJoin.add_events``;
 * ``train``: ``Pipeline.train_ready`` and ``flush`` (every configuration's training, forwarded from the leader),
@@ -16,8 +15,6 @@ Replays ``--log`` once (``run_backtest(..., batching="dense")`` and ``summary()`
   (``ConfigRun.add_point``);
 * ``summary``: the end-of-run metrics;
 * ``read``: the rest: reading and unpacking the log, the replay loop.
-
-``--reference`` replays the log record by record (``run_backtest(..., bulk=False)``), as before the bulk read.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 # (stage, owner, attribute): the function timed as that stage
 STAGES = (
     ("validate", "consumers.tools.backtest:LoggedRecord", "events"),
-    ("validate", "consumers.tools.backtest_bulk", "_checked"),
     ("ingest", "consumers.core.pipeline:Pipeline", "ingest"),
     ("ingest", "consumers.core.pipeline:Pipeline", "ingest_each"),
     ("join", "consumers.core.join:AttributionJoin", "add_events"),
@@ -67,7 +63,6 @@ def main() -> int:
     parser.add_argument("--configs", default="mtl", help="rungs on --config, e.g. mtl,crossdistil")
     parser.add_argument("--limit", type=int, default=None, help="the first N records only")
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--reference", action="store_true", help="record by record (run_backtest(bulk=False))")
     args = parser.parse_args()
 
     import importlib
@@ -82,14 +77,14 @@ def main() -> int:
     tune_gc()
     seconds: Counter = Counter()
     for stage, owner, attribute in STAGES:
-        module, _, name = owner.partition(":")
-        cls = getattr(importlib.import_module(module), name) if name else importlib.import_module(module)
+        module, name = owner.split(":")
+        cls = getattr(importlib.import_module(module), name)
         setattr(cls, attribute, timed(seconds, stage, getattr(cls, attribute)))
     configs = build_configs([args.config], args.configs, [])
     consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()  # imports, untimed
     records, desc = log_records(f"file://{args.log}", limit=args.limit)
     started = time.perf_counter()
-    result = run_backtest(records, configs, batching="dense", bulk=not args.reference)
+    result = run_backtest(records, configs, batching="dense")
     t0 = time.perf_counter()
     summary(result, desc)
     seconds["summary"] += time.perf_counter() - t0
@@ -97,8 +92,7 @@ def main() -> int:
     seconds["read"] = wall - sum(seconds[s] for s in TOP_LEVEL)
     samples = next(iter(result.runs.values())).pipeline.trained_samples
     print(json.dumps({
-        "log": args.log, "configs": args.configs, "reference": args.reference, "records": result.records,
-        "samples": samples,
+        "log": args.log, "configs": args.configs, "records": result.records, "samples": samples,
         "seconds": round(wall, 3), "samples_per_s": round(samples / wall),
         "us_per_sample": {stage: round(seconds[stage] / samples * 1e6, 1)
                           for stage in ("read", *dict.fromkeys(s for s, _, _ in STAGES), "summary")},

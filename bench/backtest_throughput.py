@@ -17,11 +17,9 @@ rounds (median and best reported, because this shared machine's speed changes fr
   the join, batching, encoding, the steps and the trainer's metrics are all timed;
 * ``backtest_two``: the same with ``--two`` (``mtl,crossdistil``), both from one decode of the log (and, as their
   join and batching settings are the same, one join, one batcher and one encoding of each batch);
-* ``backtest_one_reference`` (only when named in ``--variants``): ``backtest_one`` with the log read record by
-  record (``run_backtest(..., bulk=False)``), to measure the bulk read side by side;
-* ``read_log`` (only when named): reading the log alone, as the dense replay reads it
-  (``read_event_log_chunks``: unpacking and the records' shape, 256 records at a time) and nothing else, counted
-  per impression: the floor under any replay of the log in this process.
+* ``read_log`` (only when named in ``--variants``): reading the log alone, as the replay reads it
+  (``read_event_log_sized``: unpacking and each record's shape) and nothing else, counted per impression: a floor
+  under any replay of the log in this process.
 
 ``ratios``: ``backtest_one_to_evaluate`` (median samples/s; the issue asks >= 0.8) and ``backtest_two_cost_to_one``
 (median seconds; the issue asks <= 1.8). ``backtest_one_to_evaluate_with_reading`` sets the backtest against
@@ -45,7 +43,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_reference", "read_log")
+VARIANTS = ("evaluate", "backtest_one", "backtest_two", "read_log")
 DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
 
 
@@ -75,7 +73,7 @@ def evaluate_worker(args: argparse.Namespace) -> dict:
             "steps": learner.steps, "auc_all": {t: m["auc"] for t, m in result.metrics["all"].items()}}
 
 
-def backtest_worker(args: argparse.Namespace, rungs: str, bulk: bool = True) -> dict:
+def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
     # consumers.runtime and prometheus_client: what run_backtest imports on its first call, imported before the
     # clock starts (evaluate's imports and learner construction are not timed either; the backtest's learners are
     # built inside the timed call, each a few tens of ms).
@@ -91,7 +89,7 @@ def backtest_worker(args: argparse.Namespace, rungs: str, bulk: bool = True) -> 
     consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()
     records, desc = log_records(f"file://{args.log}")
     started = time.perf_counter()
-    result = run_backtest(records, configs, batching="dense", bulk=bulk)
+    result = run_backtest(records, configs, batching="dense")
     data = summary(result, desc)
     seconds = time.perf_counter() - started
     samples = {name: c["trained_samples"] for name, c in data["configurations"].items()}
@@ -104,14 +102,13 @@ def backtest_worker(args: argparse.Namespace, rungs: str, bulk: bool = True) -> 
 
 
 def read_log_worker(args: argparse.Namespace) -> dict:
-    from consumers.tools.backtest_bulk import BULK_RECORDS
-    from streamer.eventlog import read_event_log_chunks
+    from streamer.eventlog import read_event_log_sized
 
     started = time.perf_counter()
     records = impressions = 0
-    for chunk in read_event_log_chunks(args.log, BULK_RECORDS):
-        records += len(chunk.events)
-        impressions += chunk.topics.count("impressions")
+    for (topic, _key, _event), _size in read_event_log_sized(args.log):
+        records += 1
+        impressions += topic == "impressions"
     seconds = time.perf_counter() - started
     return {"records": records, "samples": impressions, "seconds": round(seconds, 3),
             "samples_per_s": round(impressions / seconds)}
@@ -128,9 +125,7 @@ def worker(args: argparse.Namespace) -> dict:
         return evaluate_worker(args)
     if args.worker == "read_log":
         return read_log_worker(args)
-    if args.worker == "backtest_two":
-        return backtest_worker(args, args.two)
-    return backtest_worker(args, args.one, bulk=args.worker == "backtest_one")
+    return backtest_worker(args, args.one if args.worker == "backtest_one" else args.two)
 
 
 def make_log(args: argparse.Namespace, folder: Path) -> Path:
@@ -197,6 +192,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
         out["variants"][variant] = {"samples_per_s_median": round(statistics.median(rates)),
                                     "samples_per_s_best": max(rates), "seconds_median": statistics.median(seconds),
                                     "rounds_samples_per_s": rates, "rounds_seconds": seconds,
+                                    "rounds_load_1min_before": [r.get("load_1min_before") for r in results],
                                     "fastest": fastest}
         if "seconds_with_reading" in results[0]:
             whole = [r["samples_per_s_with_reading"] for r in results]
@@ -216,12 +212,6 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
                                                    / variants["backtest_one"]["seconds_median"], 2)
         ratios["per_round_backtest_two_cost_to_one"] = [
             round(t["seconds"] / o["seconds"], 2) for t, o in zip(runs["backtest_two"], runs["backtest_one"])]
-    if "backtest_one" in variants and "backtest_one_reference" in variants:
-        ratios["bulk_to_reference"] = round(variants["backtest_one"]["samples_per_s_median"]
-                                            / variants["backtest_one_reference"]["samples_per_s_median"], 2)
-        ratios["per_round_bulk_to_reference"] = [
-            round(b["samples_per_s"] / r["samples_per_s"], 2)
-            for b, r in zip(runs["backtest_one"], runs["backtest_one_reference"])]
     if "evaluate" in variants and "read_log" in variants:
         ratios["read_log_to_evaluate"] = round(variants["read_log"]["samples_per_s_median"]
                                                / variants["evaluate"]["samples_per_s_median"], 2)

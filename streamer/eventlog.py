@@ -17,10 +17,7 @@ A reader needs msgpack alone (see docs/event-log.md)::
 
 from __future__ import annotations
 
-import gc
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
-from operator import itemgetter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -125,81 +122,6 @@ def read_event_log_sized(path: str | Path) -> Iterator[tuple[LogRecord, int]]:
             raise EventLogError(f"event log {path}: record {index} is not valid msgpack ({exc})") from None
         if unpacker.tell() != path.stat().st_size:
             raise EventLogError(f"event log {path} ends in the middle of record {index} (truncated file?)")
-
-
-class LogChunk(NamedTuple):
-    """Consecutive records of an event log as columns: each record's topic, key, event and size in the file."""
-
-    topics: Sequence[str]
-    keys: Sequence[str]
-    events: Sequence[dict[str, Any]]
-    sizes: Sequence[int]
-
-
-def read_event_log_chunks(path: str | Path, records: int = 8192) -> Iterator[LogChunk]:
-    """``read_event_log_sized`` in chunks of up to ``records`` records, as columns (``LogChunk``): the same records,
-    sizes and errors, with less work per record (the records of a chunk are unpacked in one go, with the
-    collector paused: they all stay alive, so tracing them would find nothing to free, and then checked as
-    columns).
-
-    >>> import tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), "x.evlog")
-    >>> with EventLogWriter(path) as log:
-    ...     sizes = [log.write("feedback", f"u{n}", {"v": 1, "impression_id": "i", "ts_ms": n, "task": "t",
-    ...                                              "value": 1}) for n in range(3)]
-    >>> [(list(c.keys), list(c.sizes) == sizes[2 * i:2 * i + 2]) for i, c in enumerate(read_event_log_chunks(path, 2))]
-    [(['u0', 'u1'], True), (['u2'], True)]
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise EventLogError(f"event log {path} does not exist")
-    with path.open("rb") as handle:
-        unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD_BYTES,
-                                    read_size=min(1 << 20, MAX_RECORD_BYTES))
-        tell = unpacker.tell
-        index = start = 0
-        while True:
-            chunk: list[Any] = []
-            ends: list[int] = []
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                for record in itertools.islice(unpacker, records):
-                    chunk.append(record)
-                    ends.append(tell())
-            except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, msgpack.exceptions.StackError,
-                    msgpack.exceptions.BufferFull, ValueError) as exc:
-                raise EventLogError(f"event log {path}: record {index + len(chunk)} is not valid msgpack "
-                                    f"({exc})") from None
-            finally:
-                if collecting:
-                    gc.enable()
-            if not chunk:
-                break
-            topics, keys, events = _check_records(chunk, path, index)
-            yield LogChunk(topics, keys, events, [end - begin for begin, end in zip([start, *ends], ends)])
-            index, start = index + len(chunk), ends[-1]
-        if unpacker.tell() != path.stat().st_size:
-            raise EventLogError(f"event log {path} ends in the middle of record {index} (truncated file?)")
-
-
-_RECORD_FIELDS = itemgetter("topic", "key", "event")
-
-
-def _check_records(chunk: list[Any], path: Path, index: int) -> tuple[Sequence[str], Sequence[str], Sequence[dict]]:
-    """``_check_record`` of every record of a chunk, as columns: checked a column at a time when every record is
-    well formed, else one by one (which raises the first problem's error)."""
-    if set(map(type, chunk)) == {dict} and set(map(len, chunk)) == {len(RECORD_KEYS)}:
-        try:
-            topics, keys, events = zip(*map(_RECORD_FIELDS, chunk))
-        except KeyError:  # three keys, not these three
-            pass
-        else:
-            if (set(map(type, topics)) == {str} and "" not in set(topics) and set(map(type, keys)) == {str}
-                    and set(map(type, events)) == {dict}):
-                return topics, keys, events
-    topics, keys, events = zip(*(_check_record(record, path, index + i) for i, record in enumerate(chunk)))
-    return topics, keys, events
 
 
 def _check_record(record: Any, path: Path, index: int) -> LogRecord:

@@ -48,13 +48,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from streamer.eventlog import (
-    EventLogError,
-    LogChunk,
-    path_from_url,
-    read_event_log_chunks,
-    read_event_log_sized,
-)
+from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
 from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
 from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure
 
@@ -251,64 +245,33 @@ class LoggedRecord(NamedTuple):
 
 
 def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
-                limit: int | None = None) -> tuple[EventLogRecords, dict[str, Any]]:
+                limit: int | None = None) -> tuple[Iterator[LoggedRecord], dict[str, Any]]:
     """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
     _check_time_range(from_ms, to_ms)
     path = path_from_url(url)
     if not path.is_file():
         raise EventLogError(f"event log {path} does not exist; write one with "
                             "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
-    desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
-            "bytes": path.stat().st_size}
-    return EventLogRecords(path, from_ms, to_ms, limit), desc
 
-
-@dataclass(frozen=True)
-class EventLogRecords:
-    """The records of an event log in ``[from_ms, to_ms)`` (by event ``ts_ms``; a record without an integer one is
-    kept), at most ``limit`` of them. Iterating gives ``LoggedRecord``s, read record by record (again on every
-    iteration); ``chunks(n)`` gives the same records as columns, ``n`` at a time, for the dense replay in bulk
-    (``consumers.tools.backtest_bulk``)."""
-
-    path: Path
-    from_ms: int | None = None
-    to_ms: int | None = None
-    limit: int | None = None
-
-    def __iter__(self) -> Iterator[LoggedRecord]:
-        sized = read_event_log_sized(self.path)
-        if self.from_ms is None and self.to_ms is None:
-            for (topic, _key, event), size in itertools.islice(sized, self.limit):
+    def records() -> Iterator[LoggedRecord]:
+        sized = read_event_log_sized(path)
+        if from_ms is None and to_ms is None:
+            for (topic, _key, event), size in itertools.islice(sized, limit):
                 yield LoggedRecord(topic, event, size)
             return
         n = 0
         for (topic, _key, event), size in sized:
-            if self.limit is not None and n >= self.limit:
+            if limit is not None and n >= limit:
                 return
-            if self._outside(event):
+            ts = event.get("ts_ms")
+            if isinstance(ts, int) and ((from_ms is not None and ts < from_ms) or (to_ms is not None and ts >= to_ms)):
                 continue
             n += 1
             yield LoggedRecord(topic, event, size)
 
-    def chunks(self, records: int) -> Iterator[LogChunk]:
-        """The same records as ``__iter__``, as columns of up to ``records`` records (``read_event_log_chunks``)."""
-        left = self.limit
-        for chunk in read_event_log_chunks(self.path, records):
-            if self.from_ms is not None or self.to_ms is not None:
-                kept = [i for i, event in enumerate(chunk.events) if not self._outside(event)]
-                chunk = LogChunk(*([column[i] for i in kept] for column in chunk))
-            if left is not None:
-                chunk = LogChunk(*(column[:left] for column in chunk))
-                left -= len(chunk.events)
-            if chunk.events:
-                yield chunk
-            if left is not None and left <= 0:
-                return
-
-    def _outside(self, event: dict[str, Any]) -> bool:
-        ts = event.get("ts_ms")
-        return isinstance(ts, int) and ((self.from_ms is not None and ts < self.from_ms)
-                                        or (self.to_ms is not None and ts >= self.to_ms))
+    desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
+            "bytes": path.stat().st_size}
+    return records(), desc
 
 
 READ_AHEAD = 2000  # records polled at a time per partition (and so at most held per partition)
@@ -605,7 +568,7 @@ class BacktestResult:
 
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
                  sample_every: int | None = None, progress: bool = False, total: int | None = None,
-                 progress_unit: str = "records", bulk: bool = True) -> BacktestResult:
+                 progress_unit: str = "records") -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
@@ -618,9 +581,6 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     same records, so they are replayed as one group: the first one's join and batcher cut the batches, and every
     batch is trained by each configuration of the group (``Forwarding``), encoded once when they read the same
     features (``SharedEncoding``). Each configuration keeps its own learner, metrics and series.
-
-    ``bulk``: a dense replay of an event log (``EventLogRecords``) reads it a chunk of records at a time
-    (``consumers.tools.backtest_bulk``), with the same numbers; False replays it record by record (the reference).
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
@@ -637,22 +597,24 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     dense = batching == "dense"
     started = time.perf_counter()
     n_records = n_events = 0
+    records = iter(records)
     with _progress(progress, total, progress_unit) as advance:
-        for decoded, size in _messages(records, dense and bulk and isinstance(records, EventLogRecords)):
+        while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
+            decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
             for leader in leaders.values():
                 with _own_time(leader):
                     pipeline = leader.pipeline
                     if dense:
                         pipeline.ingest_each(decoded)
-                        if len(decoded) == DENSE_TRAIN_EVERY:
+                        if len(chunk) == DENSE_TRAIN_EVERY:
                             pipeline.train_ready()
                     else:
                         for events, source in decoded:
                             pipeline.ingest(events, source)
                             pipeline.train_ready()
-            n_records += len(decoded)
+            n_records += len(chunk)
             n_events += sum(len(events) for events, _ in decoded)
-            advance(len(decoded) if progress_unit == "records" else size)
+            advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
         for leader in leaders.values():
             with _own_time(leader):
                 leader.pipeline.flush()
@@ -666,22 +628,6 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
-
-
-def _messages(records: Iterable[Record | LoggedRecord], bulk: bool) -> Iterator[tuple[list[tuple[list, Any]], int]]:
-    """``(messages, bytes)``: each record's checked events and source (what ``Pipeline.ingest`` takes),
-    ``DENSE_TRAIN_EVERY`` records at a time, and their size; read in bulk (``records`` an ``EventLogRecords``) or
-    record by record."""
-    if bulk:
-        from consumers.tools.backtest_bulk import BULK_RECORDS, bulk_messages  # lazy: only for a dense replay
-
-        yield from bulk_messages(records.chunks(BULK_RECORDS), DENSE_TRAIN_EVERY,  # type: ignore[attr-defined]
-                                 lambda topic, event, size: LoggedRecord(topic, event, size).events())
-        return
-    records = iter(records)
-    while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
-        yield ([(record.events(), (record.topic, record.partition)) for record in chunk],
-               sum(record.size for record in chunk))
 
 
 @contextlib.contextmanager
