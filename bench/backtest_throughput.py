@@ -16,7 +16,10 @@ rounds (median and best reported, because this shared machine's speed changes fr
   with ``--one`` (``mtl``), plus the summary's end-of-run metrics (``summary()``): reading and decoding the log,
   the join, batching, encoding, the steps and the trainer's metrics are all timed;
 * ``backtest_two``: the same with ``--two`` (``mtl,crossdistil``), both from one decode of the log (and, as their
-  join and batching settings are the same, one join, one batcher and one encoding of each batch).
+  join and batching settings are the same, one join, one batcher and one encoding of each batch);
+* ``read_log`` (only when named in ``--variants``): reading the log alone, as the replay reads it
+  (``read_event_log_sized``: unpacking and each record's shape) and nothing else, counted per impression: a floor
+  under any replay of the log in this process.
 
 ``ratios``: ``backtest_one_to_evaluate`` (median samples/s; the issue asks >= 0.8) and ``backtest_two_cost_to_one``
 (median seconds; the issue asks <= 1.8). ``backtest_one_to_evaluate_with_reading`` sets the backtest against
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +43,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-VARIANTS = ("evaluate", "backtest_one", "backtest_two")
+VARIANTS = ("evaluate", "backtest_one", "backtest_two", "read_log")
 DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
 
 
@@ -97,6 +101,19 @@ def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
             "auc_all": {n: c["prequential_auc"] for n, c in data["configurations"].items()}}
 
 
+def read_log_worker(args: argparse.Namespace) -> dict:
+    from streamer.eventlog import read_event_log_sized
+
+    started = time.perf_counter()
+    records = impressions = 0
+    for (topic, _key, _event), _size in read_event_log_sized(args.log):
+        records += 1
+        impressions += topic == "impressions"
+    seconds = time.perf_counter() - started
+    return {"records": records, "samples": impressions, "seconds": round(seconds, 3),
+            "samples_per_s": round(impressions / seconds)}
+
+
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -106,6 +123,8 @@ def worker(args: argparse.Namespace) -> dict:
     tune_gc()  # as crossdistil backtest runs; evaluate gets the same collector
     if args.worker == "evaluate":
         return evaluate_worker(args)
+    if args.worker == "read_log":
+        return read_log_worker(args)
     return backtest_worker(args, args.one if args.worker == "backtest_one" else args.two)
 
 
@@ -128,7 +147,7 @@ def main() -> int:
     parser.add_argument("--one", default="mtl", help="the configuration of backtest_one (and evaluate's rung)")
     parser.add_argument("--two", default="mtl,crossdistil", help="the configurations of backtest_two")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS[:3]), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,11 +169,13 @@ def main() -> int:
                            args.mapping, "--config", args.config, "--impressions", str(args.impressions), "--log",
                            str(log), "--one", args.one, "--two", args.two, "--torch-threads",
                            str(args.torch_threads), *[a for s in args.set for a in ("--set", s)]]
+                load = os.getloadavg()[0]  # the machine is shared: each figure with the load it ran under
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     print(done.stderr, file=sys.stderr)
                     raise SystemExit(f"{variant} failed with status {done.returncode}")
-                runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                runs[variant].append({**json.loads(done.stdout.strip().splitlines()[-1]),
+                                      "load_1min_before": round(load, 2)})
     print(json.dumps(report(args, runs), indent=2))
     return 0
 
@@ -171,6 +192,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
         out["variants"][variant] = {"samples_per_s_median": round(statistics.median(rates)),
                                     "samples_per_s_best": max(rates), "seconds_median": statistics.median(seconds),
                                     "rounds_samples_per_s": rates, "rounds_seconds": seconds,
+                                    "rounds_load_1min_before": [r.get("load_1min_before") for r in results],
                                     "fastest": fastest}
         if "seconds_with_reading" in results[0]:
             whole = [r["samples_per_s_with_reading"] for r in results]
@@ -190,6 +212,9 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
                                                    / variants["backtest_one"]["seconds_median"], 2)
         ratios["per_round_backtest_two_cost_to_one"] = [
             round(t["seconds"] / o["seconds"], 2) for t, o in zip(runs["backtest_two"], runs["backtest_one"])]
+    if "evaluate" in variants and "read_log" in variants:
+        ratios["read_log_to_evaluate"] = round(variants["read_log"]["samples_per_s_median"]
+                                               / variants["evaluate"]["samples_per_s_median"], 2)
     out["ratios"] = ratios
     return out
 
