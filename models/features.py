@@ -166,6 +166,18 @@ def _feature_columns(feature_maps: Sequence[Mapping[str, Any]], names: Sequence[
     return dict(zip(names, zip(*rows)))
 
 
+def _numeric_columns(feature_maps: Sequence[Mapping[str, Any]], spec: FeatureSpec, n: int) -> np.ndarray:
+    """The numeric features [n, N] as float32 signed log1p (heavy tails: watch time, counts -> O(10)); 0 = absent."""
+    numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
+    numeric_values = _feature_columns(feature_maps, spec.numeric, 0.0)
+    for c, name in enumerate(spec.numeric):
+        try:
+            numeric[:, c] = [float(v or 0.0) for v in numeric_values[name]]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
+    return (np.sign(numeric) * np.log1p(np.abs(numeric))).astype(np.float32)
+
+
 _IMPRESSION_FIELDS = itemgetter("user_id", "item_id", "features")
 
 
@@ -196,15 +208,8 @@ def encode_for_scoring(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[s
     for c, name in enumerate(spec.categorical):
         values = users if name == "user_id" else items if name == "item_id" else in_features[name]
         categorical[:, c] = hash_column(name, values, spec.hash_buckets)
-    numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
-    numeric_values = _feature_columns(feature_maps, spec.numeric, 0.0)
-    for c, name in enumerate(spec.numeric):
-        try:
-            numeric[:, c] = [float(v or 0.0) for v in numeric_values[name]]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
-    numeric = np.sign(numeric) * np.log1p(np.abs(numeric))  # as encode_rows
-    return Batch(categorical=torch.from_numpy(categorical), numeric=torch.from_numpy(numeric.astype(np.float32)),
+    numeric = _numeric_columns(feature_maps, spec, n)
+    return Batch(categorical=torch.from_numpy(categorical), numeric=torch.from_numpy(numeric),
                  labels=torch.zeros((n, len(tasks)), dtype=torch.float32), user=torch.zeros(n, dtype=torch.int64),
                  tasks=tuple(tasks))
 
@@ -238,14 +243,7 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
             values = in_features[name]
         categorical[:, c] = hash_column(name, values, buckets)
 
-    numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
-    numeric_values = _feature_columns(feature_maps, spec.numeric, 0.0)
-    for c, name in enumerate(spec.numeric):
-        try:
-            numeric[:, c] = [float(v or 0.0) for v in numeric_values[name]]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
-    numeric = np.sign(numeric) * np.log1p(np.abs(numeric))  # heavy tails (watch time, counts) -> O(10)
+    numeric = _numeric_columns(feature_maps, spec, n)
 
     label_maps = [m or {} for m in _column(rows, "labels", None)]
     labels = np.zeros((n, len(tasks)), dtype=np.float32)
@@ -255,7 +253,7 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
     user = hash_column("user_id", user_ids, _USER_ID_SPACE)
     return Batch(
         categorical=torch.from_numpy(categorical),
-        numeric=torch.from_numpy(numeric.astype(np.float32)),
+        numeric=torch.from_numpy(numeric),
         labels=torch.from_numpy(labels),
         user=torch.tensor(user, dtype=torch.int64),
         tasks=tuple(tasks),
