@@ -71,9 +71,9 @@ class CountFeatures(nn.Module):
         """Inputs per row: for each field, its count and one rate per task."""
         return len(self.fields) * (1 + self.tasks)
 
-    def _kept(self, ages: torch.Tensor) -> torch.Tensor:
-        """The share of a value left after ``ages`` rows: 2 ** (-age / half_life)."""
-        return torch.exp2(ages.to(torch.float64) * (-1.0 / self.half_life)).to(self.table.dtype)
+    def _kept(self, ages: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The share of a value left after ``ages`` rows: 2 ** (-age / half_life), in ``dtype`` (the table's)."""
+        return torch.exp2(ages.to(torch.float64) * (-1.0 / self.half_life)).to(dtype or self.table.dtype)
 
     def _flat_rows(self, categorical: torch.Tensor) -> torch.Tensor:
         """[B * F] rows of the flattened table, row-major (row b's fields in order)."""
@@ -127,7 +127,7 @@ class CountFeatures(nn.Module):
                 stamp.index_fill_(0, rows, clock)
             table.index_add_(0, rows, values.repeat_interleave(len(self.fields), dim=0))
         if self.half_life > 0:
-            self.totals.mul_(torch.exp2(rows_in.to(torch.float64) * (-1.0 / self.half_life)))
+            self.totals.mul_(self._kept(rows_in, torch.float64))
         self.totals.add_(values.sum(dim=0).to(torch.float64))
         self.clock.copy_(clock)
 
@@ -137,7 +137,7 @@ class CountFeatures(nn.Module):
         if self.half_life > 0:
             self.table.mul_(self._kept(clock - self.stamp).unsqueeze(-1))
             self.stamp.fill_(int(clock))
-            self.totals.mul_(torch.exp2((clock - self.clock).to(torch.float64) * (-1.0 / self.half_life)))
+            self.totals.mul_(self._kept(clock - self.clock, torch.float64))
         self.clock.copy_(clock)
 
     def extra_repr(self) -> str:

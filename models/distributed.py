@@ -12,9 +12,9 @@ Two ways to keep the replicas of N ranks one model (``docs/scaling.md`` measures
   all ranks' batches, and the online counts (``models.counts``) count every rank's rows.
 * ``"average"``, periodic model averaging: every rank steps alone on its own batches; every K steps or T seconds
   (decided by the caller, all ranks at once) the dense parameters and buffers are averaged over the ranks, and a
-  sparse embedding only on the rows some rank touched since the last average. Optimizer states stay per rank, and
-  so do the online counts: each rank counts the rows it sees (a user's all of them when partitions are keyed by
-  user), and the published model carries its publishing rank's.
+  sparse embedding only on the rows some rank touched since the last average. Optimizer states stay per rank. The
+  online counts (``models.counts``) are not averaged but summed: each average adds every rank's rows since the
+  last one, so all ranks then hold the counts of all rows.
 
 Nothing here knows about Kafka or the trainer: :class:`Collective` is attached to a ``Learner``
 (``learner.collective = Collective("sync")``) inside an initialised process group (``torch.distributed``:
@@ -73,6 +73,15 @@ class Collective:
         dist.all_reduce(tensor, op=op, group=self.group)
         self.seconds += time.perf_counter() - started
         self.calls += 1
+
+    def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape on each), concatenated in rank order along the first dimension."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        started = time.perf_counter()
+        dist.all_gather(parts, tensor, group=self.group)
+        self.seconds += time.perf_counter() - started
+        self.calls += 1
+        return torch.cat(parts)
 
     def _union_rows(self, weights: list[nn.Parameter], masks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per sparse embedding, the sorted rows any rank marked in its mask (one max-reduce over all masks)."""
@@ -168,22 +177,16 @@ class Collective:
         batch, with weights [N * max B] (1 for a row, 0 for padding): the online counts' input (models/counts.py)."""
         size = torch.tensor([categorical.shape[0]], device=categorical.device)
         self._all_reduce(size, dist.ReduceOp.MAX)
-        longest, pad = int(size), int(size) - categorical.shape[0]
+        longest = int(size)
+        pad = longest - categorical.shape[0]
         weights = torch.cat([torch.ones(categorical.shape[0], device=labels.device),
                              torch.zeros(pad, device=labels.device)])
-        local = [torch.cat([categorical, categorical.new_zeros(pad, categorical.shape[1])]),
-                 torch.cat([labels.float(), labels.new_zeros(pad, labels.shape[1], dtype=torch.float)]), weights]
+        local = (torch.cat([categorical, categorical.new_zeros(pad, categorical.shape[1])]),
+                 torch.cat([labels.float(), labels.new_zeros(pad, labels.shape[1], dtype=torch.float)]), weights)
         if longest == 0:  # no rank has a row (every rank agrees: the size was max-reduced)
-            return local[0], local[1], local[2]
-        gathered = []
-        for tensor in local:
-            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-            started = time.perf_counter()
-            dist.all_gather(parts, tensor, group=self.group)
-            self.seconds += time.perf_counter() - started
-            self.calls += 1
-            gathered.append(torch.cat(parts))
-        return gathered[0], gathered[1], gathered[2]
+            return local
+        rows, gathered_labels, gathered_weights = (self._all_gather(tensor) for tensor in local)
+        return rows, gathered_labels, gathered_weights
 
     # ------------------------------------------------------------------------------------------- average
 
@@ -194,7 +197,7 @@ class Collective:
         sparse = sparse_parameters(model)
         masks = [self._touched.get(id(w), torch.zeros(w.shape[0], dtype=torch.uint8, device=w.device)) for w in sparse]
         unions = self._union_rows(sparse, masks)
-        # The online counts (models/counts.py) stay each rank's own: a mean of counts would count nothing right.
+        # Not the online counts (models/counts.py): a mean of counts would count nothing right; _sum_counts adds them.
         tensors = [p for p in dense_parameters(model)] + [b for name, b in model.named_buffers()
                                                           if b.is_floating_point() and not name.startswith("counts.")]
         parts = [t.reshape(-1).double() for t in tensors]
