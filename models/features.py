@@ -10,7 +10,7 @@ state_dict (``models.crossdistil.RunningNormalizer``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import itemgetter
@@ -166,6 +166,19 @@ def _feature_columns(feature_maps: Sequence[Mapping[str, Any]], names: Sequence[
     return dict(zip(names, zip(*rows)))
 
 
+def _categorical_columns(feature_maps: Sequence[Mapping[str, Any]], spec: FeatureSpec,
+                         top_level: Callable[[str], Sequence[Any]]) -> np.ndarray:
+    """The table rows [n, C] of every categorical field: ``top_level(name)`` gives the values of the fields read
+    from the row itself (``TOP_LEVEL_FIELDS``), the others come from the feature maps ("" when absent)."""
+    in_features = _feature_columns(feature_maps, [name for name in spec.categorical if name not in TOP_LEVEL_FIELDS],
+                                   "")
+    categorical = np.empty((len(feature_maps), len(spec.categorical)), dtype=np.int64)
+    for c, name in enumerate(spec.categorical):
+        values = top_level(name) if name in TOP_LEVEL_FIELDS else in_features[name]
+        categorical[:, c] = hash_column(name, values, spec.hash_buckets)
+    return categorical
+
+
 def _numeric_columns(feature_maps: Sequence[Mapping[str, Any]], spec: FeatureSpec, n: int) -> np.ndarray:
     """The numeric features [n, N] as float32 signed log1p (heavy tails: watch time, counts -> O(10)); 0 = absent."""
     numeric = np.zeros((n, len(spec.numeric)), dtype=np.float64)
@@ -202,12 +215,7 @@ def encode_for_scoring(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[s
         return encode_rows(rows, spec, tasks)
     if any(type(m) is not dict for m in feature_maps):
         return encode_rows(rows, spec, tasks)
-    in_features = _feature_columns(feature_maps, [name for name in spec.categorical if name not in TOP_LEVEL_FIELDS],
-                                   "")
-    categorical = np.empty((n, len(spec.categorical)), dtype=np.int64)
-    for c, name in enumerate(spec.categorical):
-        values = users if name == "user_id" else items if name == "item_id" else in_features[name]
-        categorical[:, c] = hash_column(name, values, spec.hash_buckets)
+    categorical = _categorical_columns(feature_maps, spec, {"user_id": users, "item_id": items}.__getitem__)
     numeric = _numeric_columns(feature_maps, spec, n)
     return Batch(categorical=torch.from_numpy(categorical), numeric=torch.from_numpy(numeric),
                  labels=torch.zeros((n, len(tasks)), dtype=torch.float32), user=torch.zeros(n, dtype=torch.int64),
@@ -227,22 +235,10 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
     (torch.Size([1, 2]), [[1.0, 0.0]])
     """
     n = len(rows)
-    buckets = spec.hash_buckets
     feature_maps = [f or {} for f in _column(rows, "features", None)]
     user_ids = _column(rows, "user_id", "")
-    in_features = _feature_columns(feature_maps, [name for name in spec.categorical if name not in TOP_LEVEL_FIELDS],
-                                   "")
-
-    categorical = np.empty((n, len(spec.categorical)), dtype=np.int64)
-    for c, name in enumerate(spec.categorical):
-        if name == "user_id":
-            values: Sequence[Any] = user_ids
-        elif name in TOP_LEVEL_FIELDS:
-            values = _column(rows, name, "")
-        else:
-            values = in_features[name]
-        categorical[:, c] = hash_column(name, values, buckets)
-
+    categorical = _categorical_columns(
+        feature_maps, spec, lambda name: user_ids if name == "user_id" else _column(rows, name, ""))
     numeric = _numeric_columns(feature_maps, spec, n)
 
     label_maps = [m or {} for m in _column(rows, "labels", None)]
