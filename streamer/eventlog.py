@@ -120,7 +120,9 @@ def read_event_log_sized(path: str | Path) -> Iterator[tuple[LogRecord, int]]:
             if isinstance(exc, EventLogError):
                 raise
             raise EventLogError(f"event log {path}: record {index} is not valid msgpack ({exc})") from None
-        if unpacker.tell() != path.stat().st_size:
+        # ``start`` (the end of the last whole record), not ``unpacker.tell()``: after a partial last record the
+        # unpacker's position may count the bytes it buffered (a log cut 7 bytes short passed that way)
+        if start != path.stat().st_size:
             raise EventLogError(f"event log {path} ends in the middle of record {index} (truncated file?)")
 
 

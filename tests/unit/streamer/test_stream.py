@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamer.datasets.base import Interaction
-from streamer.eventlog import EventLogError, read_event_log
+from streamer.eventlog import EventLogError, EventLogWriter, read_event_log
 from streamer.stream import (
     Pacer,
     StreamError,
@@ -218,3 +218,16 @@ def test_unreachable_kafka_says_how_to_start_one() -> None:
     with pytest.raises(SinkError, match=rf"Kafka at 127.0.0.1:{port} is not reachable; start one with "
                                         r"'crossdistil kafka up' or check --to"):
         KafkaSink(f"127.0.0.1:{port}", ("impressions", "feedback"), producer_config={"bootstrap_timeout_ms": 500})
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 40])
+def test_a_log_cut_anywhere_in_its_last_record_is_reported(tmp_path: Path, cut: int) -> None:
+    # a log cut 7 bytes short once passed: the unpacker's position counted the partial record's buffered bytes
+    log = tmp_path / "a.evlog"
+    with EventLogWriter(log) as writer:
+        for i in range(300):
+            writer.write("feedback", "k", {"v": 1, "impression_id": f"i{i}", "ts_ms": 1_000 * i, "task": "click",
+                                           "value": 1})
+    log.write_bytes(log.read_bytes()[:-cut])
+    with pytest.raises(EventLogError, match="truncated"):
+        list(read_event_log(log))
