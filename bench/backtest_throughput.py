@@ -14,18 +14,25 @@ rounds (median and best reported, because this shared machine's speed changes fr
 * ``backtest_one``: ``consumers.tools.backtest.run_backtest(..., batching="dense")`` of the event log written from
   the same rows (``crossdistil stream --to file://``; made once in a temporary folder unless ``--log`` is given)
   with ``--one`` (``mtl``), plus the summary's end-of-run metrics (``summary()``): reading and decoding the log,
-  the join, batching, encoding, the steps and the trainer's metrics are all timed;
+  the join, batching, encoding, the steps and the trainer's metrics are all timed. ``--intake`` as the command's
+  default (``auto``): the log is read, validated, joined, batched and encoded by an intake process
+  (``consumers.tools.intake``) while the timed process trains, so the wall time counts both processes, and the
+  intake process's CPU seconds are in the JSON (``intake_cpu_s``);
 * ``backtest_two``: the same with ``--two`` (``mtl,crossdistil``), both from one decode of the log (and, as their
-  join and batching settings are the same, one join, one batcher and one encoding of each batch);
+  join and batching settings are the same, one join, one batcher and one encoding of each batch); the
+  configurations after the first train in learner processes only where the machine has more than two cores;
+* ``backtest_one_inline``, ``backtest_two_inline`` (only when named in ``--variants``): the same with ``--intake
+  inline``: everything in the timed process, as before the intake process;
 * ``read_log`` (only when named in ``--variants``): reading the log alone, as the replay reads it
   (``read_event_log_sized``: unpacking and each record's shape) and nothing else, counted per impression: a floor
-  under any replay of the log in this process.
+  under any replay of the log in one process.
 
 ``ratios``: ``backtest_one_to_evaluate`` (median samples/s; the issue asks >= 0.8) and ``backtest_two_cost_to_one``
 (median seconds; the issue asks <= 1.8). ``backtest_one_to_evaluate_with_reading`` sets the backtest against
 ``evaluate``'s whole work instead (``samples_per_s_with_reading``: reading and encoding the CSV, building the
-learner and the prequential pass), since the backtest's figure includes reading its input. ``--torch-threads 1``
-by default, as ``crossdistil backtest``.
+learner and the prequential pass), since the backtest's figure includes reading its input.
+``backtest_one_intake_process_speedup`` / ``backtest_two_...``: the inline variant's median seconds over the intake
+process's. ``--torch-threads 1`` by default, as ``crossdistil backtest``.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-VARIANTS = ("evaluate", "backtest_one", "backtest_two", "read_log")
+VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_inline", "backtest_two_inline", "read_log")
 DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
 
 
@@ -73,7 +80,7 @@ def evaluate_worker(args: argparse.Namespace) -> dict:
             "steps": learner.steps, "auc_all": {t: m["auc"] for t, m in result.metrics["all"].items()}}
 
 
-def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
+def backtest_worker(args: argparse.Namespace, rungs: str, intake: str = "auto") -> dict:
     # consumers.runtime and prometheus_client: what run_backtest imports on its first call, imported before the
     # clock starts (evaluate's imports and learner construction are not timed either; the backtest's learners are
     # built inside the timed call, each a few tens of ms).
@@ -89,7 +96,7 @@ def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
     consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()
     records, desc = log_records(f"file://{args.log}")
     started = time.perf_counter()
-    result = run_backtest(records, configs, batching="dense")
+    result = run_backtest(records, configs, batching="dense", intake=intake)
     data = summary(result, desc)
     seconds = time.perf_counter() - started
     samples = {name: c["trained_samples"] for name, c in data["configurations"].items()}
@@ -98,6 +105,7 @@ def backtest_worker(args: argparse.Namespace, rungs: str) -> dict:
             "samples_per_s": round(one / seconds), "batches": {n: c["batching"] for n, c in
                                                                 data["configurations"].items()},
             "seconds_per_configuration": {n: round(r.seconds, 3) for n, r in result.runs.items()},
+            "intake": result.intake, **result.processes,
             "auc_all": {n: c["prequential_auc"] for n, c in data["configurations"].items()}}
 
 
@@ -125,7 +133,8 @@ def worker(args: argparse.Namespace) -> dict:
         return evaluate_worker(args)
     if args.worker == "read_log":
         return read_log_worker(args)
-    return backtest_worker(args, args.one if args.worker == "backtest_one" else args.two)
+    rungs = args.one if args.worker.startswith("backtest_one") else args.two
+    return backtest_worker(args, rungs, "inline" if args.worker.endswith("_inline") else "auto")
 
 
 def make_log(args: argparse.Namespace, folder: Path) -> Path:
@@ -212,6 +221,10 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
                                                    / variants["backtest_one"]["seconds_median"], 2)
         ratios["per_round_backtest_two_cost_to_one"] = [
             round(t["seconds"] / o["seconds"], 2) for t, o in zip(runs["backtest_two"], runs["backtest_one"])]
+    for inline in ("backtest_one_inline", "backtest_two_inline"):
+        if inline in variants and inline.removesuffix("_inline") in variants:
+            ratios[f"{inline.removesuffix('_inline')}_intake_process_speedup"] = round(
+                variants[inline]["seconds_median"] / variants[inline.removesuffix("_inline")]["seconds_median"], 2)
     if "evaluate" in variants and "read_log" in variants:
         ratios["read_log_to_evaluate"] = round(variants["read_log"]["samples_per_s_median"]
                                                / variants["evaluate"]["samples_per_s_median"], 2)

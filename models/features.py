@@ -5,6 +5,9 @@ field-salted keys ``"field=value"`` (blake2b, stable across processes and machin
 table growth and every field shares the capacity it needs. Numeric values are squashed with a signed
 ``log1p`` here (stateless); the model standardises them further with running statistics that live in its
 state_dict (``models.crossdistil.RunningNormalizer``).
+
+Encoding needs numpy only (``encode_columns``); torch is imported where a ``Batch`` of tensors is made, so a
+process that only encodes (a replay's intake, ``consumers.tools.intake``) starts without loading torch.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 TOP_LEVEL_FIELDS = ("user_id", "item_id")
 _USER_ID_SPACE = 2**63  # user keys for same-user pairs: a 63-bit hash, not bucketed, so users almost never collide
@@ -79,6 +84,8 @@ class Batch:
         Host-to-GPU copies go through pinned (page-locked) memory and are non-blocking, so they overlap with
         the work already queued on the device; a copy from pageable memory would make ``non_blocking`` a no-op.
         """
+        import torch  # not at module level: encoding (``encode_columns``) runs without torch, see the module doc
+
         device = torch.device(device)
 
         def move(tensor: torch.Tensor) -> torch.Tensor:
@@ -217,9 +224,9 @@ def encode_for_scoring(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[s
         return encode_rows(rows, spec, tasks)
     categorical = _categorical_columns(feature_maps, spec, {"user_id": users, "item_id": items}.__getitem__)
     numeric = _numeric_columns(feature_maps, spec, n)
-    return Batch(categorical=torch.from_numpy(categorical), numeric=torch.from_numpy(numeric),
-                 labels=torch.zeros((n, len(tasks)), dtype=torch.float32), user=torch.zeros(n, dtype=torch.int64),
-                 tasks=tuple(tasks))
+    return batch_from_columns({"categorical": categorical, "numeric": numeric,
+                               "labels": np.zeros((n, len(tasks)), dtype=np.float32),
+                               "user": np.zeros(n, dtype=np.int64)}, tasks)
 
 
 def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) -> Batch:
@@ -234,6 +241,22 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
     >>> b.categorical.shape, b.labels.tolist()
     (torch.Size([1, 2]), [[1.0, 0.0]])
     """
+    return batch_from_columns(encode_columns(rows, spec, tasks), tasks)
+
+
+COLUMN_DTYPES = {"categorical": np.int64, "numeric": np.float32, "labels": np.float32, "user": np.int64}
+
+
+def encode_columns(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """``encode_rows`` as numpy arrays (``COLUMN_DTYPES``: categorical [n, C], numeric [n, N], labels [n, K], user
+    [n]), without torch: a replay's intake process encodes batches with it and another process trains on them
+    (``batch_from_columns``), bit for bit the same batch.
+
+    >>> columns = encode_columns([{"user_id": "u1", "item_id": "i9", "features": {}, "labels": {"like": 1}}],
+    ...                          FeatureSpec(), ("like",))
+    >>> {name: a.shape for name, a in columns.items()}
+    {'categorical': (1, 2), 'numeric': (1, 0), 'labels': (1, 1), 'user': (1,)}
+    """
     n = len(rows)
     feature_maps = [f or {} for f in _column(rows, "features", None)]
     user_ids = _column(rows, "user_id", "")
@@ -246,14 +269,17 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
     for k, task in enumerate(tasks):
         labels[:, k] = [1.0 if (m.get(task) or 0) > 0 else 0.0 for m in label_maps]
 
-    user = hash_column("user_id", user_ids, _USER_ID_SPACE)
-    return Batch(
-        categorical=torch.from_numpy(categorical),
-        numeric=torch.from_numpy(numeric),
-        labels=torch.from_numpy(labels),
-        user=torch.tensor(user, dtype=torch.int64),
-        tasks=tuple(tasks),
-    )
+    user = np.array(hash_column("user_id", user_ids, _USER_ID_SPACE), dtype=np.int64)
+    return {"categorical": categorical, "numeric": numeric, "labels": labels, "user": user}
+
+
+def batch_from_columns(columns: Mapping[str, np.ndarray], tasks: Sequence[str]) -> Batch:
+    """The ``Batch`` of ``encode_columns``' arrays (tensors sharing their memory)."""
+    import torch  # not at module level: encoding (``encode_columns``) runs without torch, see the module doc
+
+    return Batch(categorical=torch.from_numpy(columns["categorical"]), numeric=torch.from_numpy(columns["numeric"]),
+                 labels=torch.from_numpy(columns["labels"]), user=torch.from_numpy(columns["user"]),
+                 tasks=tuple(tasks))
 
 
 def collision_rate(keys_by_field: Mapping[str, Iterable[object]], buckets: int) -> dict[str, float]:

@@ -23,7 +23,9 @@ file itself (the model's tensors never cross the pipe) and returns the publicati
 trainer produces.
 
 Protocol: two pipes carrying length-framed msgpack maps (``multiprocessing.connection.Connection`` byte
-frames; nothing is pickled). Requests ``{"op": ...}``: ``step`` (rows), ``load`` (a checkpoint path),
+frames; nothing is pickled). Requests ``{"op": ...}``: ``step`` (rows), ``step_columns`` (a batch encoded
+already, ``models.features.encode_columns``' arrays as bytes with their shapes: a dense replay's intake
+process encodes each batch once for every configuration, ``consumers.tools.backtest``), ``load`` (a checkpoint path),
 ``checkpoint`` (directory, metadata, publication parameters), ``stop``. Every request gets one reply, in order;
 a failure is a reply ``{"op": "error", "error": traceback}`` that the trainer raises as ``LearnerProcessError``.
 
@@ -53,11 +55,12 @@ import msgpack
 import numpy as np
 import torch
 
-from consumers.core.pipeline import Answer, InProcessLearner, sample_row, train_rows
+from consumers.core.pipeline import Answer, InProcessLearner, sample_row, train_encoded, train_rows
 from consumers.runtime.config import Config, config_from_dict
 from consumers.runtime.processes import die_with_parent, tune_gc
 from consumers.state.checkpoints import CheckpointStore
 from consumers.state.learner_state import load_learner_checkpoint, write_learner_checkpoint
+from models.features import COLUMN_DTYPES, batch_from_columns
 from models.zoo import learner_config, make_learner
 
 log = logging.getLogger("crossdistil.learner")
@@ -113,6 +116,16 @@ def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...
     answer = train_rows(learner, [{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows],
                         tasks)
     return {"op": "stepped", "n": len(rows), "seconds": answer.seconds, "steps": answer.steps,
+            "losses": dict(answer.losses), "labels": answer.labels.tobytes(), "scores": answer.scores.tobytes()}
+
+
+def step_columns(learner: Any, request: Mapping[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
+    """One step on a batch sent as ``encode_columns``' arrays (``RemoteLearner.submit_columns``)."""
+    started = time.perf_counter()
+    columns = {name: np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)  # writable: torch wants it
+               for (name, dtype), data, shape in zip(COLUMN_DTYPES.items(), request["columns"], request["shapes"])}
+    answer = train_encoded(learner, batch_from_columns(columns, tasks), tasks, started)
+    return {"op": "stepped", "n": len(answer.labels), "seconds": answer.seconds, "steps": answer.steps,
             "losses": dict(answer.losses), "labels": answer.labels.tobytes(), "scores": answer.scores.tobytes()}
 
 
@@ -174,6 +187,8 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
         try:
             if op == "step":
                 reply = step_rows(learner, request["rows"], tasks)
+            elif op == "step_columns":
+                reply = step_columns(learner, request, tasks)
             elif op == "load":
                 reply = {"op": "loaded", "steps": load_learner_checkpoint(learner, request["path"])}
             elif op == "checkpoint":
@@ -212,7 +227,8 @@ class RemoteLearner:
     batch sent); ``steps`` counts the ones handed back.
     """
 
-    def __init__(self, cfg: Config, torch_threads: int | None = None, start_timeout_s: float = 300.0) -> None:
+    def __init__(self, cfg: Config, torch_threads: int | None = None, start_timeout_s: float = 300.0,
+                 wait_ready: bool = True) -> None:
         self.steps = 0
         self._width = len(cfg.model.tasks)
         self._in_flight: deque[Any] = deque()
@@ -234,10 +250,16 @@ class RemoteLearner:
         if torch_threads is None:
             torch_threads = torch.get_num_threads()
         self._send({"op": "hello", "config": cfg.to_dict(), "torch_threads": torch_threads})
-        if not self._replies.poll(start_timeout_s):
+        self.device: str | None = None
+        self._start_timeout_s = start_timeout_s
+        if wait_ready:  # else on the first reply (the caller works meanwhile: a replay starts training at once)
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        if not self._replies.poll(self._start_timeout_s):
             self.close()
-            raise LearnerProcessError(f"the learner process did not start within {start_timeout_s:.0f} s")
-        ready = self._receive()
+            raise LearnerProcessError(f"the learner process did not start within {self._start_timeout_s:.0f} s")
+        ready = self._receive(ready=True)
         self.device = ready["device"]
         log.info("learner process %d ready on %s", self.process.pid, self.device)
 
@@ -252,6 +274,15 @@ class RemoteLearner:
         while len(self._in_flight) >= MAX_IN_FLIGHT:
             self._take_answer()
         self._send({"op": "step", "rows": rows})
+        self._in_flight.append(context)
+
+    def submit_columns(self, columns: Mapping[str, np.ndarray], context: Any) -> None:
+        """Send one batch encoded already (``models.features.encode_columns``' arrays) to train."""
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            self._take_answer()
+        self._send({"op": "step_columns", "columns": [np.ascontiguousarray(columns[name], dtype).tobytes()
+                                                      for name, dtype in COLUMN_DTYPES.items()],
+                    "shapes": [list(columns[name].shape) for name in COLUMN_DTYPES]})
         self._in_flight.append(context)
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
@@ -338,7 +369,9 @@ class RemoteLearner:
         except OSError as exc:
             raise LearnerProcessError(f"the learner process is gone ({self._exit_description()}): {exc}") from None
 
-    def _receive(self) -> dict[str, Any]:
+    def _receive(self, ready: bool = False) -> dict[str, Any]:
+        if self.device is None and not ready:
+            self._wait_ready()
         try:
             reply = _unpack(self._replies.recv_bytes())
         except (EOFError, OSError):

@@ -37,19 +37,23 @@ import io
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
+from consumers.core.join import JoinedSample
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
-from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
+from consumers.tools.intake import IntakeGroup, IntakeProcess, LoggedRecord, LogRecords, check_time_range, log_records
+from models.features import batch_from_columns
+from streamer.eventlog import EventLogError
+from streamer.events import EventError, decode_events
 from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure
 
 if TYPE_CHECKING:
@@ -61,6 +65,7 @@ SUMMARY_FORMAT = 1
 LAST_FRACTION = 0.2  # "prequential AUC over the last 20% of the stream", as the trainer's acceptance reports it
 BATCHING_MODES = ("event-time", "dense")
 DENSE_TRAIN_EVERY = 256  # dense batching: records ingested between two train_ready calls (same batches)
+INTAKE_MODES = ("auto", "process", "inline")
 DETECTION_STYLES = {"adwin": "--", "page_hinkley": ":", "auc_drop": "-"}  # line style of each detector's marks
 SMALL_BATCH_SHARE = 0.25  # the report warns when the mean batch is below this share of batching.batch_size
 
@@ -96,6 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "are those a live trainer makes when the events arrive at the log's own rate; dense: "
                              "batches of batching.batch_size only (max_batch_delay_s not used), replayed as fast as "
                              "the machine trains. The attribution windows run on event time in both")
+    parser.add_argument("--intake", choices=INTAKE_MODES, default="auto",
+                        help="where a dense replay of an event log reads, validates, joins and encodes: process (a "
+                             "child process, on a core of its own, while this one trains: same numbers, ~2x faster "
+                             "on two free cores) or inline (this process). auto (default): process when it applies "
+                             "(dense batching, --log, every configuration trained in this process), else inline")
     parser.add_argument("--sample-every", type=int, default=None, metavar="N",
                         help="one time-series point every N trained samples (default: a quarter of the configuration's "
                              "smallest metrics window, e.g. 2500 for windows [10000, 100000]; a point costs an exact "
@@ -132,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                 from_ms=parse_time(args.from_time), to_ms=parse_time(args.to_time), limit=args.limit,
                 client_options=client_options_from_args(args))
         result = run_backtest(records, configs, batching=args.batching, sample_every=args.sample_every,
-                              progress=not args.quiet,
+                              progress=not args.quiet, intake=args.intake,
                               total=input_desc.get("records") or input_desc.get("bytes"),
                               progress_unit="records" if "records" in input_desc else "bytes")
     except (ConfigError, EventLogError, ValueError) as exc:  # SecurityError is a ValueError too
@@ -214,66 +224,6 @@ class Record:
         return decode_events(self.value if self.value is not None else b"")
 
 
-class LoggedRecord(NamedTuple):
-    """One event-log record to replay: its topic (partition 0), the event as the log's reader unpacked it, and the
-    record's size in the file (a named tuple: one is made per record, and a tuple is the cheapest to make).
-
-    ``events()`` gives what ``Record(topic, 0, value).events()`` gives for the bytes of the event, without packing
-    and unpacking it again: the event is validated in place by the trainer's validator. Anything that could make
-    the two differ (an invalid event, whose error message depends on the decoder's limits, or a record larger than
-    a single event may be) goes through the bytes, so bad events are dead-lettered with the same reasons.
-    """
-
-    topic: str
-    event: dict[str, Any]
-    size: int
-    partition: int = 0
-
-    @property
-    def value(self) -> bytes:
-        """The bytes a Kafka message would carry (the event packed as ``crossdistil stream`` packs it)."""
-        import msgpack
-
-        return msgpack.packb(self.event, use_bin_type=True)
-
-    def events(self) -> list[dict | EventError]:
-        if self.size <= DEFAULT_LIMITS.max_event_bytes:  # the event packs into at most its record's size
-            events = check_events(self.event)
-            if all(type(event) is dict for event in events):
-                return events
-        return decode_events(self.value)
-
-
-def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
-                limit: int | None = None) -> tuple[Iterator[LoggedRecord], dict[str, Any]]:
-    """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
-    _check_time_range(from_ms, to_ms)
-    path = path_from_url(url)
-    if not path.is_file():
-        raise EventLogError(f"event log {path} does not exist; write one with "
-                            "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
-
-    def records() -> Iterator[LoggedRecord]:
-        sized = read_event_log_sized(path)
-        if from_ms is None and to_ms is None:
-            for (topic, _key, event), size in itertools.islice(sized, limit):
-                yield LoggedRecord(topic, event, size)
-            return
-        n = 0
-        for (topic, _key, event), size in sized:
-            if limit is not None and n >= limit:
-                return
-            ts = event.get("ts_ms")
-            if isinstance(ts, int) and ((from_ms is not None and ts < from_ms) or (to_ms is not None and ts >= to_ms)):
-                continue
-            n += 1
-            yield LoggedRecord(topic, event, size)
-
-    desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
-            "bytes": path.stat().st_size}
-    return records(), desc
-
-
 READ_AHEAD = 2000  # records polled at a time per partition (and so at most held per partition)
 STALL_S = 120.0  # a partition that yields nothing for this long while its range is unfinished is an error
 
@@ -296,7 +246,7 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
                          "not both")
     if from_offset is not None and to_offset is not None and from_offset >= to_offset:
         raise ValueError(f"--from-offset {from_offset} is not before --to-offset {to_offset}: the range is empty")
-    _check_time_range(from_ms, to_ms)
+    check_time_range(from_ms, to_ms)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be a positive number of records, got {limit}")
     client_options = dict(client_options or {})
@@ -332,12 +282,6 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
             "from_ms": from_ms, "to_ms": to_ms, "limit": limit, "records": min(count, limit or count),
             "ranges": {f"{tp.topic}-{tp.partition}": list(r) for tp, r in ranges.items()}}
     return KafkaRange(bootstrap, ranges, limit=limit, read_ahead=read_ahead, client_options=client_options), desc
-
-
-def _check_time_range(from_ms: int | None, to_ms: int | None) -> None:
-    if from_ms is not None and to_ms is not None and from_ms >= to_ms:
-        raise ValueError(f"--from-time ({from_ms} ms) is not before --to-time ({to_ms} ms): the range [from, to) is "
-                         "empty")
 
 
 def _range_consumer(bootstrap: str, **options: Any) -> Any:
@@ -564,11 +508,15 @@ class BacktestResult:
     events: int
     seconds: float
     batching: str = "event-time"
+    intake: str = "inline"  # where the input was read, joined and encoded: "inline" (here) or "process"
+    # an intake replay's processes: learner processes it started (configurations trained in one) and the intake
+    # process's CPU seconds (for timing.json: what the input cost, now that it is not on the replay's clock)
+    processes: dict[str, Any] = field(default_factory=dict)
 
 
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
                  sample_every: int | None = None, progress: bool = False, total: int | None = None,
-                 progress_unit: str = "records") -> BacktestResult:
+                 progress_unit: str = "records", intake: str = "auto") -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
@@ -581,6 +529,11 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     same records, so they are replayed as one group: the first one's join and batcher cut the batches, and every
     batch is trained by each configuration of the group (``Forwarding``), encoded once when they read the same
     features (``SharedEncoding``). Each configuration keeps its own learner, metrics and series.
+
+    ``intake``: ``"process"`` reads, validates, joins, batches and encodes in a child process
+    (``consumers.tools.intake``) while this one trains: dense batching of an event log (``log_records``) only,
+    and every configuration trained in this process; the same batches, so the same numbers. ``"inline"``: all
+    here. ``"auto"``: the process where it applies.
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
@@ -588,36 +541,24 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
     if batching not in BATCHING_MODES:
         raise ValueError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
+    if intake not in INTAKE_MODES:
+        raise ValueError(f"--intake must be one of {', '.join(INTAKE_MODES)}, got {intake!r}")
     tune_gc()
     runs, leaders = _grouped_runs(configs, batching, sample_every)
-    # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
-    # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
-    # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
-    # so each replays a chunk of records in turn (timed per chunk, not per record).
-    dense = batching == "dense"
+    why_inline = _why_inline(records, runs, batching)
+    if intake == "process" and why_inline:
+        for run_ in runs.values():
+            run_.pipeline.close()
+        raise ValueError(f"--intake process does not apply: {why_inline} (use --intake inline or auto)")
+    by_process = intake != "inline" and why_inline is None
     started = time.perf_counter()
-    n_records = n_events = 0
-    records = iter(records)
     with _progress(progress, total, progress_unit) as advance:
-        while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
-            decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
-            for leader in leaders.values():
-                with _own_time(leader):
-                    pipeline = leader.pipeline
-                    if dense:
-                        pipeline.ingest_each(decoded)
-                        if len(chunk) == DENSE_TRAIN_EVERY:
-                            pipeline.train_ready()
-                    else:
-                        for events, source in decoded:
-                            pipeline.ingest(events, source)
-                            pipeline.train_ready()
-            n_records += len(chunk)
-            n_events += sum(len(events) for events, _ in decoded)
-            advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
-        for leader in leaders.values():
-            with _own_time(leader):
-                leader.pipeline.flush()
+        processes: dict[str, Any] = {}
+        if by_process:
+            n_records, n_events, processes = _replay_with_intake(records, runs, list(leaders.values()),
+                                                                         advance, progress_unit)
+        else:
+            n_records, n_events = _replay_inline(records, leaders, batching == "dense", advance, progress_unit)
         for run_ in runs.values():
             t0 = time.perf_counter()
             if run_.leader is not None:
@@ -627,7 +568,192 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
             if run_.event_ts_ms:
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
-    return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching)
+    return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching,
+                          "process" if by_process else "inline", processes)
+
+
+def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense: bool, advance: Any,
+                   progress_unit: str) -> tuple[int, int]:
+    """Read, join, batch and train here, a chunk of records at a time; (records, events) replayed."""
+    # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
+    # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
+    # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
+    # so each replays a chunk of records in turn (timed per chunk, not per record).
+    n_records = n_events = 0
+    records = iter(records)
+    while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
+        decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
+        for leader in leaders.values():
+            with _own_time(leader):
+                pipeline = leader.pipeline
+                if dense:
+                    pipeline.ingest_each(decoded)
+                    if len(chunk) == DENSE_TRAIN_EVERY:
+                        pipeline.train_ready()
+                else:
+                    for events, source in decoded:
+                        pipeline.ingest(events, source)
+                        pipeline.train_ready()
+        n_records += len(chunk)
+        n_events += sum(len(events) for events, _ in decoded)
+        advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
+    for leader in leaders.values():
+        with _own_time(leader):
+            leader.pipeline.flush()
+    return n_records, n_events
+
+
+def _why_inline(records: Iterable[Any], runs: dict[str, ConfigRun], batching: str) -> str | None:
+    """Why this replay cannot take its input from an intake process (None: it can)."""
+    if batching != "dense":
+        return "event-time batching cuts batches on the replay clock of each pipeline (use --batching dense)"
+    if not isinstance(records, LogRecords):
+        return "the input is not an event log (--log)"
+    from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
+
+    for run_ in runs.values():
+        port = run_.pipeline.learner
+        port = getattr(port, "port", port)  # a group's leader: its Forwarding
+        if not isinstance(getattr(port, "encode", None), SharedEncoding) and not isinstance(port, RemoteLearner):
+            return f"configuration {run_.name!r} does not train on encoded features"
+    return None
+
+
+class _Prepared:
+    """``InProcessLearner.encode`` of a configuration in an intake replay: the batch the intake process encoded
+    for its feature set (``index``), the one being trained (``current``, the group's)."""
+
+    def __init__(self, current: dict[str, Any], index: int, tasks: Sequence[str]) -> None:
+        self.current, self.index, self.tasks = current, index, tuple(tasks)
+
+    def __call__(self, samples: list) -> Any:
+        if samples is not self.current["samples"]:
+            raise RuntimeError("an intake replay trained a batch that is not the intake process's current one")
+        return batch_from_columns(self.current["columns"][self.index], self.tasks)
+
+
+class _PreparedRemote:
+    """The learner port of a configuration that trains in a learner process of its own during an intake replay
+    (``consumers.runtime.learner_process.RemoteLearner``): each batch goes out as the intake process encoded it."""
+
+    def __init__(self, remote: Any, current: dict[str, Any], index: int) -> None:
+        self.remote, self.current, self.index = remote, current, index
+
+    @property
+    def steps(self) -> int:
+        return self.remote.steps
+
+    @property
+    def in_flight(self) -> int:
+        return self.remote.in_flight
+
+    def submit(self, samples: list, context: Any) -> None:
+        if samples is not self.current["samples"]:
+            raise RuntimeError("an intake replay trained a batch that is not the intake process's current one")
+        self.remote.submit_columns(self.current["columns"][self.index], context)
+
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
+        return self.remote.answers(wait)
+
+    def check_alive(self) -> None:
+        self.remote.check_alive()
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+def _features(run_: ConfigRun) -> Any:
+    """The feature set a configuration's learner reads."""
+    from consumers.runtime.assembly import model_config  # lazy: assembly imports torch and the models
+
+    return model_config(run_.cfg).features
+
+
+def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[int]) -> tuple[list[Any], list[Any]]:
+    """Point a group's configurations at the batches of the intake process: (their feature sets, the learner
+    processes started). While ``free_cores[0]`` > 0 (cores beyond the intake process's and this one's), a
+    configuration after a group's first trains in a learner process of its own, a core each, side by side with
+    the others (on two cores a third busy process only slows the other two, so there none is started). One with
+    ``model.separate_process`` trains in its own process in any case."""
+    from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
+
+    members = [leader] + leader.pipeline.learner.followers
+    specs = list(dict.fromkeys(_features(m) for m in members))
+    started = []
+    for m in members:
+        holder = leader.pipeline.learner if m is leader else m.pipeline
+        attribute = "port" if m is leader else "learner"
+        port = getattr(holder, attribute)
+        index = specs.index(_features(m))
+        if isinstance(port, RemoteLearner):
+            setattr(holder, attribute, _PreparedRemote(port, current, index))
+        elif free_cores[0] > 0 and m is not leader:
+            free_cores[0] -= 1
+            remote = RemoteLearner(m.cfg, wait_ready=False)  # it starts while this process trains the first batches
+            started.append(remote)
+            setattr(holder, attribute, _PreparedRemote(remote, current, index))
+        else:
+            port.encode = _Prepared(current, index, m.pipeline.tasks)
+    return specs, started
+
+
+def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
+                        progress_unit: str) -> tuple[int, int, dict[str, Any]]:
+    """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes; the join's
+    final state, dead letters and stream counters are the child's. (records, events, learner processes)."""
+    groups, currents, remotes = [], [], []
+    free_cores = [(os.cpu_count() or 1) - 2]
+    for leader in leaders:
+        current: dict[str, Any] = {"samples": None, "columns": []}
+        specs, started = _intake_ports(leader, current, free_cores)
+        remotes += started
+        groups.append(IntakeGroup(leader.pipeline.join.config, leader.pipeline.batcher.batch_size,
+                                  leader.pipeline.tasks, tuple(specs)))
+        currents.append(current)
+    n_records = n_events = read_bytes = 0
+    intake_cpu_s = [0.0]
+    try:
+        with IntakeProcess(records, groups, DENSE_TRAIN_EVERY) as intake:
+            for message in intake.messages():
+                op = message["op"]
+                if op == "read":
+                    advance(message["records"] - n_records if progress_unit == "records"
+                            else message["bytes"] - read_bytes)
+                    n_records, n_events, read_bytes = message["records"], message["events"], message["bytes"]
+                elif op == "batch":
+                    index = message["group"]
+                    samples = [JoinedSample({"impression_id": i, "user_id": u, "ts_ms": t}, {}, None, "")
+                               for i, u, t in zip(message["ids"], message["users"], message["ts"])]
+                    currents[index].update(samples=samples, columns=message["columns"])
+                    with _own_time(leaders[index]):
+                        leaders[index].pipeline.train_batch(samples)
+                elif op == "done":
+                    intake_cpu_s[0] = message["cpu_s"]
+                    for leader, final in zip(leaders, message["groups"]):
+                        _take_stream_state(leader, final)
+        for run_ in runs.values():
+            run_.pipeline.collect(wait=True)  # the learner processes' last answers
+    finally:
+        for remote in remotes:
+            remote.close()
+    return n_records, n_events, {"learner_processes": len(remotes), "intake_cpu_s": round(intake_cpu_s[0], 3)}
+
+
+def _take_stream_state(leader: ConfigRun, final: dict[str, Any]) -> None:
+    """The intake process's end of a group's stream into the leader's pipeline (its followers share its join)."""
+    pipeline = leader.pipeline
+    pipeline.join.load_state_dict(final["join_state"])
+    pipeline.events_ingested = final["events_ingested"]
+    pipeline.dead_letters = sum(final["dead_letters"].values())
+    for reason, n in final["dead_letters"].items():
+        for _ in range(n):
+            pipeline.metrics.dead_letter(reason)
+    for topic, n in final["consumed"].items():
+        pipeline.metrics.events_consumed(topic, n)
+    pipeline.metrics.samples_emitted(final["emitted"])
+    for member in [leader] + pipeline.learner.followers:
+        member.pipeline.metrics.join_counters(pipeline.join.counters)
+        member.pipeline.metrics.watermark(pipeline.join.watermark_ms)
 
 
 @contextlib.contextmanager
@@ -903,6 +1029,7 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
         path.write_text(series_csv(run_.series))
         written.append(path)
     timing = {"seconds": round(result.seconds, 3), "records_per_s": round(result.records / max(result.seconds, 1e-9)),
+              "intake": result.intake, **result.processes,
               "configurations": {name: {"seconds": round(r.seconds, 3),
                                         "samples_per_s": round(r.pipeline.trained_samples / max(r.seconds, 1e-9))}
                                  for name, r in result.runs.items()}}
@@ -1034,7 +1161,9 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
             lines += ["", f"First drift detections of {name}: " + "; ".join(
                 f"{t}/{det} at sample {d['samples']:,} ({_dt(d['event_time_ms']).strftime('%Y-%m-%d %H:%M:%S')} UTC)"
                 for (t, det), d in sorted(firsts.items()))]
-    lines += ["", f"Wall time {timing['seconds']} s ({timing['records_per_s']:,} records/s; timing.json)."]
+    intake = {"process": "; input read, joined and encoded by an intake process while this one trained",
+              "inline": ""}.get(timing.get("intake", "inline"), "")
+    lines += ["", f"Wall time {timing['seconds']} s ({timing['records_per_s']:,} records/s{intake}; timing.json)."]
     for image in images:
         lines += ["", f"![{image}]({image})"]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,343 @@
+"""A replay's input: event-log records, and the intake process that reads, joins and encodes them for a dense replay.
+
+``log_records`` gives the records of an event log (``LoggedRecord``: the event as the log's reader unpacked it,
+validated in place by the trainer's validator). A backtest feeds them to its pipelines (``consumers.tools.
+backtest.run_backtest``) in one of two ways:
+
+* inline: this process reads, validates, joins, batches, encodes and trains, one chunk of records after another
+  (event-time batching always: the batches depend on the replay clock the learner's own pipeline keeps);
+* an intake process (dense batching of an event log, ``crossdistil backtest --intake process``, the default
+  there): a child reads the log, validates every event, runs each group's join and batcher (the trainer's
+  ``Pipeline`` with a port that sends instead of training) and encodes every batch (``models.features.
+  encode_columns``, once per feature set); this process only trains, scores and keeps the metrics. The two run
+  on two cores at once, and the batches, their order and their tensors are the same as inline, so every number
+  of the replay is the same bit for bit (``tests/unit/consumers/tools/test_backtest_intake.py``).
+
+The child does not import torch (it starts in ~0.1 s) and never sees a learner. Protocol: the hello (JSON: the
+log, its range, the groups' join settings, batch sizes, tasks and feature sets) on the child's stdin; then
+length-framed msgpack maps on a pipe, child to parent only (nothing is pickled), in this order: ``read``
+(records, events and bytes read so far, after each chunk), ``batch`` (a group's batch: each sample's impression id,
+user id and event time, the watermark it was cut at, and the arrays of each feature set as bytes), ``done``
+(its CPU seconds; per group the join's final state, dead letters by reason, events consumed per topic, samples
+emitted) or
+``error`` (the exception's kind and message; an ``EventLogError`` or ``ValueError`` is raised as such in the
+parent, so a truncated log fails as it does inline). The pipe's buffer bounds how far the child runs ahead
+(~1 MiB, a few batches); it dies with the parent (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+
+from consumers.core.batching import MiniBatcher
+from consumers.core.join import AttributionJoin, JoinConfig
+from consumers.core.pipeline import NoMetrics, Pipeline
+from consumers.runtime.processes import die_with_parent, tune_gc
+from models.features import COLUMN_DTYPES, FeatureSpec, encode_columns
+from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
+from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+
+class LoggedRecord(NamedTuple):
+    """One event-log record to replay: its topic (partition 0), the event as the log's reader unpacked it, and the
+    record's size in the file (a named tuple: one is made per record, and a tuple is the cheapest to make).
+
+    ``events()`` gives what ``Record(topic, 0, value).events()`` gives for the bytes of the event, without packing
+    and unpacking it again: the event is validated in place by the trainer's validator. Anything that could make
+    the two differ (an invalid event, whose error message depends on the decoder's limits, or a record larger than
+    a single event may be) goes through the bytes, so bad events are dead-lettered with the same reasons.
+    """
+
+    topic: str
+    event: dict[str, Any]
+    size: int
+    partition: int = 0
+
+    @property
+    def value(self) -> bytes:
+        """The bytes a Kafka message would carry (the event packed as ``crossdistil stream`` packs it)."""
+        return msgpack.packb(self.event, use_bin_type=True)
+
+    def events(self) -> list[dict | EventError]:
+        if self.size <= DEFAULT_LIMITS.max_event_bytes:  # the event packs into at most its record's size
+            events = check_events(self.event)
+            if all(type(event) is dict for event in events):
+                return events
+        return decode_events(self.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogRecords:
+    """The records of an event log in ``[from_ms, to_ms)`` (at most ``limit``), read as they are iterated (each
+    iteration reads the file again). A dense backtest hands these parameters to its intake process instead."""
+
+    url: str
+    from_ms: int | None = None
+    to_ms: int | None = None
+    limit: int | None = None
+
+    def __iter__(self) -> Iterator[LoggedRecord]:
+        sized = read_event_log_sized(path_from_url(self.url))
+        if self.from_ms is None and self.to_ms is None:
+            for (topic, _key, event), size in itertools.islice(sized, self.limit):
+                yield LoggedRecord(topic, event, size)
+            return
+        n = 0
+        for (topic, _key, event), size in sized:
+            if self.limit is not None and n >= self.limit:
+                return
+            ts = event.get("ts_ms")
+            if isinstance(ts, int) and ((self.from_ms is not None and ts < self.from_ms)
+                                        or (self.to_ms is not None and ts >= self.to_ms)):
+                continue
+            n += 1
+            yield LoggedRecord(topic, event, size)
+
+
+def check_time_range(from_ms: int | None, to_ms: int | None) -> None:
+    if from_ms is not None and to_ms is not None and from_ms >= to_ms:
+        raise ValueError(f"--from-time ({from_ms} ms) is not before --to-time ({to_ms} ms): the range is empty")
+
+
+def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
+                limit: int | None = None) -> tuple[LogRecords, dict[str, Any]]:
+    """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
+    check_time_range(from_ms, to_ms)
+    path = path_from_url(url)
+    if not path.is_file():
+        raise EventLogError(f"event log {path} does not exist; write one with "
+                            "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
+    desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
+            "bytes": path.stat().st_size}
+    return LogRecords(url, from_ms, to_ms, limit), desc
+
+
+# ----------------------------------------------------------------------------------------- the child
+
+
+@dataclasses.dataclass(frozen=True)
+class IntakeGroup:
+    """What one group of a dense replay cuts and encodes: its join, batch size, tasks and feature sets."""
+
+    join: JoinConfig
+    batch_size: int
+    tasks: tuple[str, ...]
+    features: tuple[FeatureSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"join": dataclasses.asdict(self.join), "batch_size": self.batch_size, "tasks": list(self.tasks),
+                "features": [spec.to_dict() for spec in self.features]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IntakeGroup:
+        return cls(JoinConfig(**data["join"]), int(data["batch_size"]), tuple(data["tasks"]),
+                   tuple(FeatureSpec.from_dict(spec) for spec in data["features"]))
+
+
+class _Tally(NoMetrics):
+    """The stream-side metrics of a child's pipeline, counted to be handed to the parent's at the end."""
+
+    def __init__(self) -> None:
+        self.dead_letters: dict[str, int] = {}
+        self.consumed: dict[str, int] = {}
+        self.emitted = 0
+
+    def events_consumed(self, topic: str, n: int) -> None:
+        self.consumed[topic] = self.consumed.get(topic, 0) + n
+
+    def dead_letter(self, reason: str) -> None:
+        self.dead_letters[reason] = self.dead_letters.get(reason, 0) + 1
+
+    def samples_emitted(self, n: int) -> None:
+        self.emitted += n
+
+
+class _Sender:
+    """The learner port of a child's pipeline: each batch is encoded with every feature set and sent."""
+
+    steps = 0
+    in_flight = 0
+
+    def __init__(self, index: int, group: IntakeGroup, send: Any) -> None:
+        self.index, self.group, self.send = index, group, send
+        self.join: AttributionJoin | None = None
+
+    def submit(self, samples: list, context: Any) -> None:
+        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
+                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
+        encoded = []
+        for spec in self.group.features:
+            columns = encode_columns(rows, spec, self.group.tasks)
+            encoded.append([columns[name].tobytes() for name in COLUMN_DTYPES])
+        self.send({"op": "batch", "group": self.index, "n": len(samples),
+                   "ids": [s.impression["impression_id"] for s in samples],
+                   "users": [s.impression["user_id"] for s in samples],
+                   "ts": [s.impression["ts_ms"] for s in samples],
+                   "watermark_ms": None if self.join is None else self.join.watermark_ms, "encoded": encoded})
+
+    def answers(self, wait: bool = False) -> Iterator[Any]:
+        return iter(())
+
+    def check_alive(self) -> None:
+        """Always: nothing trains here."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+def intake(records: LogRecords, groups: Sequence[IntakeGroup], train_every: int, send: Any) -> None:
+    """The child's work: ``run_backtest``'s dense loop over ``records`` for each group, batches sent, not trained."""
+    pipelines = []
+    for index, group in enumerate(groups):
+        sender = _Sender(index, group, send)
+        pipeline = Pipeline(sender, AttributionJoin(group.join), MiniBatcher(group.batch_size, None),
+                            tasks=group.tasks, clock=None, metrics=_Tally())
+        sender.join = pipeline.join
+        pipelines.append(pipeline)
+    n_records = n_events = n_bytes = 0
+    records_iter = iter(records)
+    while chunk := list(itertools.islice(records_iter, train_every)):
+        decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
+        for pipeline in pipelines:
+            pipeline.ingest_each(decoded)
+            if len(chunk) == train_every:
+                pipeline.train_ready()
+        n_records += len(chunk)
+        n_events += sum(len(events) for events, _ in decoded)
+        n_bytes += sum(record.size for record in chunk)
+        send({"op": "read", "records": n_records, "events": n_events, "bytes": n_bytes})
+    for pipeline in pipelines:
+        pipeline.flush()
+    send({"op": "done", "records": n_records, "events": n_events, "cpu_s": time.process_time(), "groups": [
+        {"join_state": p.join.state_dict(), "dead_letters": p.metrics.dead_letters, "consumed": p.metrics.consumed,
+         "emitted": p.metrics.emitted, "events_ingested": p.events_ingested} for p in pipelines]})
+
+
+def _child_main(fd_out: int, parent_pid: int) -> int:
+    die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        return 1
+    tune_gc()
+    out = Connection(fd_out, readable=False)
+    packer = msgpack.Packer(use_bin_type=True)
+
+    def send(message: Mapping[str, Any]) -> None:
+        out.send_bytes(packer.pack(message))
+
+    try:
+        hello = json.loads(sys.stdin.buffer.read())
+        records = LogRecords(hello["url"], hello["from_ms"], hello["to_ms"], hello["limit"])
+        intake(records, [IntakeGroup.from_dict(g) for g in hello["groups"]], int(hello["train_every"]), send)
+    except BrokenPipeError:
+        return 0  # the parent stopped reading (it failed or was interrupted): nothing to report to
+    except Exception as exc:
+        send({"op": "error", "kind": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()})
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- the parent
+
+
+class IntakeError(RuntimeError):
+    """The intake process failed (its traceback is in the message) or died."""
+
+
+class IntakeProcess:
+    """The parent's handle: starts the child on ``records`` and ``groups``; ``messages()`` yields what it sends
+    (``batch`` messages with their arrays already turned into ``numpy`` columns per feature set)."""
+
+    def __init__(self, records: LogRecords, groups: Sequence[IntakeGroup], train_every: int) -> None:
+        self.groups = list(groups)
+        read_fd, write_fd = os.pipe()
+        try:
+            import fcntl
+
+            fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)  # a few batches ahead
+        except (OSError, ImportError):
+            pass
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        hello = {"url": records.url, "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit,
+                 "train_every": train_every, "groups": [g.to_dict() for g in self.groups]}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "consumers.tools.intake", str(write_fd), str(os.getpid())],
+            stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
+        os.close(write_fd)
+        self._in = Connection(read_fd, writable=False)
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(hello).encode())
+        self.process.stdin.close()
+
+    def messages(self) -> Iterator[dict[str, Any]]:
+        """Every message up to ``done`` (raises ``EventLogError``, ``ValueError`` or ``IntakeError`` on a failure)."""
+        while True:
+            try:
+                message = msgpack.unpackb(self._in.recv_bytes(), raw=False, strict_map_key=False)
+            except (EOFError, OSError):
+                raise IntakeError(f"the intake process died ({self._exit()})") from None
+            op = message["op"]
+            if op == "error":
+                kind, text = message["kind"], message["message"]
+                if kind == "EventLogError":
+                    raise EventLogError(text)
+                if kind == "ValueError":
+                    raise ValueError(text)
+                raise IntakeError(f"the intake process failed:\n{message['traceback']}")
+            if op == "batch":
+                message["columns"] = [self._columns(message, spec, encoded) for spec, encoded in
+                                      zip(self.groups[message["group"]].features, message.pop("encoded"))]
+            yield message
+            if op == "done":
+                return
+
+    def _columns(self, message: Mapping[str, Any], spec: FeatureSpec, encoded: Sequence[bytes]) -> dict[str, Any]:
+        n, tasks = message["n"], self.groups[message["group"]].tasks
+        shapes = {"categorical": (n, len(spec.categorical)), "numeric": (n, len(spec.numeric)),
+                  "labels": (n, len(tasks)), "user": (n,)}
+        # bytearray: writable arrays (torch.from_numpy warns on read-only memory); one copy of each batch
+        return {name: np.frombuffer(bytearray(data), dtype=dtype).reshape(shapes[name])
+                for (name, dtype), data in zip(COLUMN_DTYPES.items(), encoded)}
+
+    def _exit(self) -> str:
+        try:
+            code = self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            return "still running"
+        return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+
+    def close(self) -> None:
+        """Stop the child (at once: it only reads) and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._in.close()
+
+    def __enter__(self) -> IntakeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(int(sys.argv[1]), int(sys.argv[2])))
