@@ -3,8 +3,10 @@
     python bench/backtest_stages.py --log /tmp/kuairand_pure.evlog            # mtl, every record
     python bench/backtest_stages.py --log /tmp/kuairand_pure.evlog --configs mtl,crossdistil --limit 100000
 
-Replays ``--log`` once (``run_backtest(..., batching="dense")`` and ``summary()``) with a timer around each stage
-(the timers cost about a microsecond a call, so the stages add up to a little more than a run without them):
+Replays ``--log`` once (``run_backtest(..., batching="dense", intake="inline")`` and ``summary()``: every stage in
+this process, where the timers see it; by default a dense replay reads, joins and encodes in an intake process)
+with a timer around each stage (the timers cost about a microsecond a call, so the stages add up to a little more
+than a run without them):
 
 * ``validate``: ``LoggedRecord.events`` (the trainer's validator on each record, shared by every configuration);
 * ``ingest``: ``Pipeline.ingest_each`` (dense) of the group's leader, of which ``join`` is
@@ -84,7 +86,7 @@ def main() -> int:
     consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()  # imports, untimed
     records, desc = log_records(f"file://{args.log}", limit=args.limit)
     started = time.perf_counter()
-    result = run_backtest(records, configs, batching="dense")
+    result = run_backtest(records, configs, batching="dense", intake="inline")
     t0 = time.perf_counter()
     summary(result, desc)
     seconds["summary"] += time.perf_counter() - t0
