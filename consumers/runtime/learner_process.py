@@ -57,10 +57,10 @@ import torch
 
 from consumers.core.pipeline import Answer, InProcessLearner, sample_row, train_encoded, train_rows
 from consumers.runtime.config import Config, config_from_dict
-from consumers.runtime.processes import die_with_parent, tune_gc
+from consumers.runtime.processes import describe_exit, die_with_parent, tune_gc
 from consumers.state.checkpoints import CheckpointStore
 from consumers.state.learner_state import load_learner_checkpoint, write_learner_checkpoint
-from models.features import COLUMN_DTYPES, batch_from_columns
+from models.features import COLUMN_DTYPES, batch_from_columns, columns_from_bytes, columns_to_bytes
 from models.zoo import learner_config, make_learner
 
 log = logging.getLogger("crossdistil.learner")
@@ -122,8 +122,7 @@ def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...
 def step_columns(learner: Any, request: Mapping[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
     """One step on a batch sent as ``encode_columns``' arrays (``RemoteLearner.submit_columns``)."""
     started = time.perf_counter()
-    columns = {name: np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)  # writable: torch wants it
-               for (name, dtype), data, shape in zip(COLUMN_DTYPES.items(), request["columns"], request["shapes"])}
+    columns = columns_from_bytes(request["columns"], request["shapes"])
     answer = train_encoded(learner, batch_from_columns(columns, tasks), tasks, started)
     return {"op": "stepped", "n": len(answer.labels), "seconds": answer.seconds, "steps": answer.steps,
             "losses": dict(answer.losses), "labels": answer.labels.tobytes(), "scores": answer.scores.tobytes()}
@@ -280,8 +279,7 @@ class RemoteLearner:
         """Send one batch encoded already (``models.features.encode_columns``' arrays) to train."""
         while len(self._in_flight) >= MAX_IN_FLIGHT:
             self._take_answer()
-        self._send({"op": "step_columns", "columns": [np.ascontiguousarray(columns[name], dtype).tobytes()
-                                                      for name, dtype in COLUMN_DTYPES.items()],
+        self._send({"op": "step_columns", "columns": columns_to_bytes(columns),
                     "shapes": [list(columns[name].shape) for name in COLUMN_DTYPES]})
         self._in_flight.append(context)
 
@@ -381,11 +379,7 @@ class RemoteLearner:
         return reply
 
     def _exit_description(self) -> str:
-        try:
-            code = self.process.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            return "still running"
-        return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+        return describe_exit(self.process)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import subprocess
 
 GC_THRESHOLDS = (50_000, 20, 10)
 
@@ -58,3 +59,13 @@ def freeze_startup_objects() -> int:
 def unfreeze() -> None:
     """Undo :func:`freeze_startup_objects` (before exit: some extensions complain about objects never freed)."""
     gc.unfreeze()
+
+
+def describe_exit(process: subprocess.Popen, timeout_s: float = 2.0) -> str:
+    """How a child process ended, for an error message: "exit status N", "killed by signal N" or "still running"
+    (if it has not ended within ``timeout_s``)."""
+    try:
+        code = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return "still running"
+    return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"

@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgpack
-import numpy as np
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
 from consumers.core.pipeline import NoMetrics, Pipeline
-from consumers.runtime.processes import die_with_parent, tune_gc
-from models.features import COLUMN_DTYPES, FeatureSpec, encode_columns
+from consumers.runtime.processes import describe_exit, die_with_parent, tune_gc
+from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes, encode_columns
 from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
 from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
 
@@ -187,7 +186,7 @@ class _Sender:
         encoded = []
         for spec in self.group.features:
             columns = encode_columns(rows, spec, self.group.tasks)
-            encoded.append([columns[name].tobytes() for name in COLUMN_DTYPES])
+            encoded.append(columns_to_bytes(columns))
         self.send({"op": "batch", "group": self.index, "n": len(samples),
                    "ids": [s.impression["impression_id"] for s in samples],
                    "users": [s.impression["user_id"] for s in samples],
@@ -294,7 +293,7 @@ class IntakeProcess:
             try:
                 message = msgpack.unpackb(self._in.recv_bytes(), raw=False, strict_map_key=False)
             except (EOFError, OSError):
-                raise IntakeError(f"the intake process died ({self._exit()})") from None
+                raise IntakeError(f"the intake process died ({describe_exit(self.process, 5.0)})") from None
             op = message["op"]
             if op == "error":
                 kind, text = message["kind"], message["message"]
@@ -312,18 +311,8 @@ class IntakeProcess:
 
     def _columns(self, message: Mapping[str, Any], spec: FeatureSpec, encoded: Sequence[bytes]) -> dict[str, Any]:
         n, tasks = message["n"], self.groups[message["group"]].tasks
-        shapes = {"categorical": (n, len(spec.categorical)), "numeric": (n, len(spec.numeric)),
-                  "labels": (n, len(tasks)), "user": (n,)}
-        # bytearray: writable arrays (torch.from_numpy warns on read-only memory); one copy of each batch
-        return {name: np.frombuffer(bytearray(data), dtype=dtype).reshape(shapes[name])
-                for (name, dtype), data in zip(COLUMN_DTYPES.items(), encoded)}
-
-    def _exit(self) -> str:
-        try:
-            code = self.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            return "still running"
-        return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+        shapes = [(n, len(spec.categorical)), (n, len(spec.numeric)), (n, len(tasks)), (n,)]  # COLUMN_DTYPES' order
+        return columns_from_bytes(encoded, shapes)
 
     def close(self) -> None:
         """Stop the child (at once: it only reads) and reap it."""
