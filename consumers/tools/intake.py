@@ -113,8 +113,10 @@ class LogRecords:
 
 
 def check_time_range(from_ms: int | None, to_ms: int | None) -> None:
+    """A time range must not be empty (``ValueError`` naming both bounds)."""
     if from_ms is not None and to_ms is not None and from_ms >= to_ms:
-        raise ValueError(f"--from-time ({from_ms} ms) is not before --to-time ({to_ms} ms): the range is empty")
+        raise ValueError(f"--from-time ({from_ms} ms) is not before --to-time ({to_ms} ms): the range [from, to) is "
+                         "empty")
 
 
 def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
