@@ -409,9 +409,12 @@ class ConfigRun:
         self.batch_sizes.append(len(samples))
         self.impression_ids += [s.impression["impression_id"] for s in samples]
         # Users as small integer codes (for per-user NDCG): 4 bytes a sample instead of a string each.
+        # Codes in order of first appearance; new users of the batch coded first, then one C-level lookup each.
         codes = self.user_index
-        self.user_codes.append(np.fromiter((codes.setdefault(s.impression["user_id"], len(codes)) for s in samples),
-                                           dtype=np.int32, count=len(samples)))
+        users = [s.impression["user_id"] for s in samples]
+        new = [user for user in dict.fromkeys(users) if user not in codes]
+        codes.update(zip(new, range(len(codes), len(codes) + len(new))))
+        self.user_codes.append(np.fromiter(map(codes.__getitem__, users), dtype=np.int32, count=len(users)))
         self.event_ts_ms += [int(s.impression["ts_ms"]) for s in samples]
         for task in labels:
             self.labels.setdefault(task, []).append(labels[task])
