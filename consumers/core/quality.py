@@ -237,10 +237,7 @@ class StreamQuality:
         """The last ``samples(window)`` entries of a ring array in arrival order (a view when contiguous)."""
         if window not in self.windows:
             raise KeyError(f"window {window} is not tracked; tracked windows: {list(self.windows)}")
-        n = self.samples(window)
-        if n <= self._next:
-            return array[self._next - n : self._next]
-        return np.concatenate((array[self.capacity - (n - self._next) :], array[: self._next]))
+        return self._newest(self.samples(window), array)
 
     def _cached(self, name: str, window: int | None, compute) -> float:
         if window is not None and window not in self.windows:

@@ -57,7 +57,7 @@ import torch
 
 from consumers.core.pipeline import Answer, InProcessLearner, sample_row, train_encoded, train_rows
 from consumers.runtime.config import Config, config_from_dict
-from consumers.runtime.processes import describe_exit, die_with_parent, tune_gc
+from consumers.runtime.processes import describe_exit, die_with_parent, grow_pipe, tune_gc
 from consumers.state.checkpoints import CheckpointStore
 from consumers.state.learner_state import load_learner_checkpoint, write_learner_checkpoint
 from models.features import COLUMN_DTYPES, batch_from_columns, columns_from_bytes, columns_to_bytes
@@ -115,15 +115,18 @@ def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...
     """``consumers.core.pipeline.train_rows`` on ``rows``: the reply the trainer turns back into an ``Answer``."""
     answer = train_rows(learner, [{"user_id": r[0], "item_id": r[1], "features": r[2], "labels": r[3]} for r in rows],
                         tasks)
-    return {"op": "stepped", "n": len(rows), "seconds": answer.seconds, "steps": answer.steps,
-            "losses": dict(answer.losses), "labels": answer.labels.tobytes(), "scores": answer.scores.tobytes()}
+    return _stepped(answer)
 
 
 def step_columns(learner: Any, request: Mapping[str, Any], tasks: tuple[str, ...]) -> dict[str, Any]:
     """One step on a batch sent as ``encode_columns``' arrays (``RemoteLearner.submit_columns``)."""
     started = time.perf_counter()
     columns = columns_from_bytes(request["columns"], request["shapes"])
-    answer = train_encoded(learner, batch_from_columns(columns, tasks), tasks, started)
+    return _stepped(train_encoded(learner, batch_from_columns(columns, tasks), tasks, started))
+
+
+def _stepped(answer: Answer) -> dict[str, Any]:
+    """A step's ``Answer`` as the reply the trainer turns back into one (``_answer``)."""
     return {"op": "stepped", "n": len(answer.labels), "seconds": answer.seconds, "steps": answer.steps,
             "losses": dict(answer.losses), "labels": answer.labels.tobytes(), "scores": answer.scores.tobytes()}
 
@@ -204,17 +207,6 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int) -> int:
         replies.send_bytes(_pack(reply))
 
 
-def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
-    """Ask Linux for a pipe buffer of ``size`` bytes (up to /proc/sys/fs/pipe-max-size), so that sending a batch
-    returns at once instead of waiting for the other side to read it chunk by chunk; elsewhere: unchanged."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
-    except (OSError, ImportError):
-        pass
-
-
 # ---------------------------------------------------------------------------------- the trainer's side
 
 
@@ -235,7 +227,7 @@ class RemoteLearner:
         parent_in, child_out = os.pipe()
         child_in, parent_out = os.pipe()
         for fd in (parent_out, child_out):
-            _grow_pipe(fd)
+            grow_pipe(fd)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(

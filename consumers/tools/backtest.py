@@ -622,6 +622,13 @@ def _why_inline(records: Iterable[Any], runs: dict[str, ConfigRun], batching: st
     return None
 
 
+def _columns_of(current: dict[str, Any], samples: list, index: int) -> Any:
+    """The intake process's arrays of feature set ``index`` for ``samples``, which must be the group's current batch."""
+    if samples is not current["samples"]:
+        raise RuntimeError("an intake replay trained a batch that is not the intake process's current one")
+    return current["columns"][index]
+
+
 class _Prepared:
     """``InProcessLearner.encode`` of a configuration in an intake replay: the batch the intake process encoded
     for its feature set (``index``), the one being trained (``current``, the group's)."""
@@ -630,9 +637,7 @@ class _Prepared:
         self.current, self.index, self.tasks = current, index, tuple(tasks)
 
     def __call__(self, samples: list) -> Any:
-        if samples is not self.current["samples"]:
-            raise RuntimeError("an intake replay trained a batch that is not the intake process's current one")
-        return batch_from_columns(self.current["columns"][self.index], self.tasks)
+        return batch_from_columns(_columns_of(self.current, samples, self.index), self.tasks)
 
 
 class _PreparedRemote:
@@ -651,9 +656,7 @@ class _PreparedRemote:
         return self.remote.in_flight
 
     def submit(self, samples: list, context: Any) -> None:
-        if samples is not self.current["samples"]:
-            raise RuntimeError("an intake replay trained a batch that is not the intake process's current one")
-        self.remote.submit_columns(self.current["columns"][self.index], context)
+        self.remote.submit_columns(_columns_of(self.current, samples, self.index), context)
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
         return self.remote.answers(wait)
@@ -681,13 +684,14 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
     from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
 
     members = [leader] + leader.pipeline.learner.followers
-    specs = list(dict.fromkeys(_features(m) for m in members))
+    features = {m.name: _features(m) for m in members}
+    specs = list(dict.fromkeys(features.values()))
     started = []
     for m in members:
         holder = leader.pipeline.learner if m is leader else m.pipeline
         attribute = "port" if m is leader else "learner"
         port = getattr(holder, attribute)
-        index = specs.index(_features(m))
+        index = specs.index(features[m.name])
         if isinstance(port, RemoteLearner):
             setattr(holder, attribute, _PreparedRemote(port, current, index))
         elif free_cores[0] > 0 and m is not leader:
@@ -703,7 +707,7 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
                         progress_unit: str) -> tuple[int, int, dict[str, Any]]:
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes; the join's
-    final state, dead letters and stream counters are the child's. (records, events, learner processes)."""
+    final state, dead letters and stream counters are the child's. (records, events, ``BacktestResult.processes``)."""
     groups, currents, remotes = [], [], []
     free_cores = [(os.cpu_count() or 1) - 2]
     for leader in leaders:
@@ -714,7 +718,7 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
                                   leader.pipeline.tasks, tuple(specs)))
         currents.append(current)
     n_records = n_events = read_bytes = 0
-    intake_cpu_s = [0.0]
+    intake_cpu_s = 0.0
     try:
         with IntakeProcess(records, groups, DENSE_TRAIN_EVERY) as intake:
             for message in intake.messages():
@@ -731,7 +735,7 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
                     with _own_time(leaders[index]):
                         leaders[index].pipeline.train_batch(samples)
                 elif op == "done":
-                    intake_cpu_s[0] = message["cpu_s"]
+                    intake_cpu_s = message["cpu_s"]
                     for leader, final in zip(leaders, message["groups"]):
                         _take_stream_state(leader, final)
         for run_ in runs.values():
@@ -739,7 +743,7 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
     finally:
         for remote in remotes:
             remote.close()
-    return n_records, n_events, {"learner_processes": len(remotes), "intake_cpu_s": round(intake_cpu_s[0], 3)}
+    return n_records, n_events, {"learner_processes": len(remotes), "intake_cpu_s": round(intake_cpu_s, 3)}
 
 
 def _take_stream_state(leader: ConfigRun, final: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ The child does not import torch (it starts in ~0.1 s) and never sees a learner. 
 log, its range, the groups' join settings, batch sizes, tasks and feature sets) on the child's stdin; then
 length-framed msgpack maps on a pipe, child to parent only (nothing is pickled), in this order: ``read``
 (records, events and bytes read so far, after each chunk), ``batch`` (a group's batch: each sample's impression id,
-user id and event time, the watermark it was cut at, and the arrays of each feature set as bytes), ``done``
+user id and event time, and the arrays of each feature set as bytes), ``done``
 (its CPU seconds; per group the join's final state, dead letters by reason, events consumed per topic, samples
 emitted) or
 ``error`` (the exception's kind and message; an ``EventLogError`` or ``ValueError`` is raised as such in the
@@ -44,8 +44,8 @@ import msgpack
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
-from consumers.core.pipeline import NoMetrics, Pipeline
-from consumers.runtime.processes import describe_exit, die_with_parent, tune_gc
+from consumers.core.pipeline import NoMetrics, Pipeline, training_rows
+from consumers.runtime.processes import describe_exit, die_with_parent, grow_pipe, tune_gc
 from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes, encode_columns
 from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
 from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
@@ -180,11 +180,9 @@ class _Sender:
 
     def __init__(self, index: int, group: IntakeGroup, send: Any) -> None:
         self.index, self.group, self.send = index, group, send
-        self.join: AttributionJoin | None = None
 
     def submit(self, samples: list, context: Any) -> None:
-        rows = [{"user_id": s.impression["user_id"], "item_id": s.impression["item_id"],
-                 "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
+        rows = training_rows(samples)
         encoded = []
         for spec in self.group.features:
             columns = encode_columns(rows, spec, self.group.tasks)
@@ -192,8 +190,7 @@ class _Sender:
         self.send({"op": "batch", "group": self.index, "n": len(samples),
                    "ids": [s.impression["impression_id"] for s in samples],
                    "users": [s.impression["user_id"] for s in samples],
-                   "ts": [s.impression["ts_ms"] for s in samples],
-                   "watermark_ms": None if self.join is None else self.join.watermark_ms, "encoded": encoded})
+                   "ts": [s.impression["ts_ms"] for s in samples], "encoded": encoded})
 
     def answers(self, wait: bool = False) -> Iterator[Any]:
         return iter(())
@@ -209,11 +206,8 @@ def intake(records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
     """The child's work: ``run_backtest``'s dense loop over ``records`` for each group, batches sent, not trained."""
     pipelines = []
     for index, group in enumerate(groups):
-        sender = _Sender(index, group, send)
-        pipeline = Pipeline(sender, AttributionJoin(group.join), MiniBatcher(group.batch_size, None),
-                            tasks=group.tasks, clock=None, metrics=_Tally())
-        sender.join = pipeline.join
-        pipelines.append(pipeline)
+        pipelines.append(Pipeline(_Sender(index, group, send), AttributionJoin(group.join),
+                                  MiniBatcher(group.batch_size, None), tasks=group.tasks, clock=None, metrics=_Tally()))
     n_records = n_events = n_bytes = 0
     records_iter = iter(records)
     while chunk := list(itertools.islice(records_iter, train_every)):
@@ -270,12 +264,7 @@ class IntakeProcess:
     def __init__(self, records: LogRecords, groups: Sequence[IntakeGroup], train_every: int) -> None:
         self.groups = list(groups)
         read_fd, write_fd = os.pipe()
-        try:
-            import fcntl
-
-            fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)  # a few batches ahead
-        except (OSError, ImportError):
-            pass
+        grow_pipe(write_fd)  # 1 MiB: a few batches ahead
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         hello = {"url": records.url, "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit,
