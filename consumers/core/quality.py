@@ -61,14 +61,14 @@ def histogram_auc(pos_counts: np.ndarray, neg_counts: np.ndarray) -> float:
 
 
 class SortedWindow:
-    """One window's samples kept in score order between reads, for its exact AUC in O(window) instead of a sort.
+    """One window's exact AUC kept up to date between reads, in O(arrivals x log window) plus a few copies.
 
-    A read drops the samples that left the window since the last read and merges in the ones that arrived (sorted
-    among themselves, then placed with one ``searchsorted`` and ``np.insert``), so consecutive reads of a window
-    that moved by ``d`` samples cost a sort of ``d`` and a few linear passes. The AUC comes from the runs of equal
-    scores (average ranks), the sum of the positives' ranks added up exactly as ``models.metrics.auc`` adds it
-    (half-integers and their products with counts are exact in float64), so the value is that function's bit
-    for bit.
+    The window's positives' and negatives' scores are kept sorted (``pos``, ``neg``), its samples in arrival
+    order (``fifo_y``, ``fifo_p``), and the AUC's numerator as an exact integer: ``wins2``, twice the number of
+    (positive, negative) pairs ranked right, ties counting one each (so no halves). A read removes the samples
+    that left the window and adds those that arrived; each changes ``wins2`` by its pairs with the others, counted
+    with ``searchsorted`` in the sorted scores. The AUC ``wins2 / 2 / (P N)`` is ``models.metrics.auc``'s value
+    bit for bit: both numerators are the same integer or half-integer, exact in float64.
 
     >>> w = SortedWindow()
     >>> w.auc(np.array([0, 1, 1, 0], bool), np.array([0.2, 0.8, 0.4, 0.4]), count=4)
@@ -79,41 +79,85 @@ class SortedWindow:
 
     def __init__(self) -> None:
         self.count = 0  # stream samples seen at the last read
-        self.scores = np.zeros(0)
-        self.labels = np.zeros(0, dtype=bool)
-        self.seq = np.zeros(0, dtype=np.int64)  # each kept sample's number in the stream
+        self.fifo_y, self.fifo_p = np.zeros(0, dtype=bool), np.zeros(0)
+        self.pos, self.neg = np.zeros(0), np.zeros(0)
+        self.wins2 = 0
 
     def auc(self, y_new: np.ndarray, p_new: np.ndarray, count: int, n: int | None = None) -> float:
         """AUC of the last ``n`` samples (default ``len(y_new)``) of a stream that has seen ``count``; ``y_new``,
         ``p_new``: its samples since the last read, in arrival order (all of the window's after a reset)."""
         n = len(y_new) if n is None else n
         arrived = count - self.count
-        if arrived >= n or arrived < 0 or arrived != len(y_new) or not len(self.seq):
-            y_new, p_new = y_new[-n:], p_new[-n:]  # start over from the window itself
-            self.scores, self.labels, self.seq = np.zeros(0), np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64)
-        keep = self.seq >= count - n
-        scores, labels, seq = self.scores[keep], self.labels[keep], self.seq[keep]
-        order = np.argsort(p_new, kind="stable")
-        added = p_new[order]
-        at = np.searchsorted(scores, added)
-        self.scores = np.insert(scores, at, added)
-        self.labels = np.insert(labels, at, y_new[order])
-        self.seq = np.insert(seq, at, np.arange(count - len(p_new), count, dtype=np.int64)[order])
+        y_new, p_new = np.asarray(y_new, dtype=bool), np.asarray(p_new, dtype=np.float64)
+        if arrived >= n or arrived < 0 or arrived != len(y_new) or not len(self.fifo_p):
+            self.fifo_y, self.fifo_p = y_new[-n:].copy(), p_new[-n:].copy()
+            self.pos, self.neg, self.wins2 = np.zeros(0), np.zeros(0), 0
+            self._add(self.fifo_y, self.fifo_p)
+        else:
+            leave = max(0, len(self.fifo_p) + arrived - n)
+            self._remove(self.fifo_y[:leave], self.fifo_p[:leave])
+            self._add(y_new, p_new)
+            self.fifo_y = np.concatenate((self.fifo_y[leave:], y_new))
+            self.fifo_p = np.concatenate((self.fifo_p[leave:], p_new))
         self.count = count
-        return _sorted_auc(self.scores, self.labels)
+        n_pos, n_neg = len(self.pos), len(self.neg)
+        if n_pos == 0 or n_neg == 0:
+            return math.nan
+        return float(self.wins2 / 2 / (n_pos * n_neg))
+
+    def _add(self, y: np.ndarray, p: np.ndarray) -> None:
+        pos, neg = np.sort(p[y]), np.sort(p[~y])
+        # wins of the arrivals among themselves, then against the window's samples before them
+        self.wins2 += _pairs2(pos, neg) + _pairs2(pos, self.neg) + _pairs2(self.pos, neg)
+        self.pos = _merge(self.pos, pos)
+        self.neg = _merge(self.neg, neg)
+
+    def _remove(self, y: np.ndarray, p: np.ndarray) -> None:
+        if not len(p):
+            return
+        pos, neg = np.sort(p[y]), np.sort(p[~y])
+        # the leavers' pairs with the whole window counted their pairs among themselves twice
+        self.wins2 -= _pairs2(pos, self.neg) + _pairs2(self.pos, neg) - _pairs2(pos, neg)
+        self.pos = _drop(self.pos, pos)
+        self.neg = _drop(self.neg, neg)
 
 
-def _sorted_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """AUC of samples sorted by score (ties: average ranks), as ``models.metrics.auc`` computes it."""
-    n_pos = int(np.count_nonzero(labels))
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    positives = np.add.reduceat(labels.astype(np.int64), starts)
-    rank_sum = float(np.sum((starts + ends + 1) / 2.0 * positives))
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+def _pairs2(pos: np.ndarray, neg: np.ndarray) -> int:
+    """Twice the (positive, negative) pairs with the positive's score above, ties once: an exact integer. Both
+    sorted; the smaller is looked up in the larger."""
+    if not len(pos) or not len(neg):
+        return 0
+    if len(pos) <= len(neg):  # each positive: 2 x negatives below + equal ones = left + right
+        return _left_plus_right(neg, pos)
+    # each negative: 2 x positives above + equal ones = 2 len(pos) - left - right
+    return 2 * len(pos) * len(neg) - _left_plus_right(pos, neg)
+
+
+def _left_plus_right(sorted_values: np.ndarray, keys: np.ndarray) -> int:
+    """Sum over ``keys`` of the values below each plus the values at or below it (``searchsorted`` left + right);
+    the second search only when a key equals a value (scores rarely tie)."""
+    left = np.searchsorted(sorted_values, keys, "left")
+    at = sorted_values[np.minimum(left, len(sorted_values) - 1)]
+    if np.any(at == keys):
+        return int(left.sum() + np.searchsorted(sorted_values, keys, "right").sum())
+    return 2 * int(left.sum())
+
+
+def _merge(into: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sorted ``into`` with sorted ``values`` inserted."""
+    if not len(values):
+        return into
+    return np.insert(into, np.searchsorted(into, values), values)
+
+
+def _drop(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sorted ``sorted_values`` without one occurrence of each of the sorted ``values`` (all present)."""
+    if not len(values):
+        return sorted_values
+    first = np.searchsorted(sorted_values, values, "left")
+    # equal values among those dropped take consecutive places after their first
+    first += np.arange(len(values)) - np.searchsorted(values, values, "left")
+    return np.delete(sorted_values, first)
 
 
 class StreamQuality:
@@ -140,6 +184,7 @@ class StreamQuality:
         # at start instead of creeping up while the largest window fills (np.zeros pages arrive on first write).
         self._y = np.full(self.capacity, False)
         self._p = np.full(self.capacity, 0.0)
+        self._loss = np.full(self.capacity, 0.0)  # each sample's log loss: a window's mean without a log per read
         self._user = np.full(self.capacity, 0, dtype=np.int64)
         self._has_users = np.full(self.capacity, False)
         self._next = 0  # ring position of the next write
@@ -162,7 +207,7 @@ class StreamQuality:
         """An independent copy (arrays copied): a reader computes on it while the writer goes on updating."""
         self._fold_pending()
         clone = copy.copy(self)
-        for name in ("_y", "_p", "_user", "_has_users", "_pos_hist", "_neg_hist"):
+        for name in ("_y", "_p", "_loss", "_user", "_has_users", "_pos_hist", "_neg_hist"):
             setattr(clone, name, getattr(self, name).copy())
         clone._pending_bins = []
         clone._cache = dict(self._cache)
@@ -193,6 +238,7 @@ class StreamQuality:
         if losses is None:
             clipped = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
             losses = -np.where(y, np.log(clipped), np.log1p(-clipped))
+        losses = np.asarray(losses, dtype=np.float64).reshape(-1)
         self._sum_loss += float(np.sum(losses))
         self._sum_p += float(p.sum())
         self._sum_y += float(y.sum())
@@ -204,12 +250,13 @@ class StreamQuality:
         self._count += n
         # Ring buffer: only the last `capacity` samples of the batch matter.
         if n > self.capacity:
-            y, p = y[-self.capacity :], p[-self.capacity :]
+            y, p, losses = y[-self.capacity :], p[-self.capacity :], losses[-self.capacity :]
             user_ids = None if user_ids is None else user_ids[-self.capacity :]
             n = self.capacity
         positions = (self._next + np.arange(n)) % self.capacity
         self._y[positions] = y
         self._p[positions] = p
+        self._loss[positions] = losses
         if user_ids is None:
             self._has_users[positions] = False
         else:
@@ -297,11 +344,8 @@ class StreamQuality:
             return self._sum_loss / self._count if self._count else math.nan
 
         def compute() -> float:
-            y, p = self._last(window, self._y), self._last(window, self._p)
-            if len(y) == 0:
-                return math.nan
-            p = np.clip(p, LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
-            return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
+            losses = self._last(window, self._loss)
+            return float(np.mean(losses)) if len(losses) else math.nan
 
         return self._cached("log_loss", window, compute)
 
