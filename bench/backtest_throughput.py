@@ -23,6 +23,10 @@ rounds (median and best reported, because this shared machine's speed changes fr
   configurations after the first train in learner processes only where the machine has more than two cores;
 * ``backtest_one_inline``, ``backtest_two_inline`` (only when named in ``--variants``): the same with ``--intake
   inline``: everything in the timed process, as before the intake process;
+* ``backtest_one_cached``, ``backtest_two_cached`` (only when named in ``--variants``): the same read from a replay
+  cache (``--replay-cache``, ``consumers.tools.intake.ReplayCache``) that the bench fills once before the rounds,
+  untimed (one replay of ``--two``; both variants' groups read the same features, so they share the entry): no intake
+  process, the batches read from the file; on two cores a second configuration trains in a learner process;
 * ``read_log`` (only when named in ``--variants``): reading the log alone, as the replay reads it
   (``read_event_log_sized``: unpacking and each record's shape) and nothing else, counted per impression: a floor
   under any replay of the log in one process.
@@ -33,6 +37,8 @@ timed process and the intake process: the machine's work rather than the wall ti
 ``backtest_one_to_evaluate_with_reading`` sets the backtest against ``evaluate``'s whole work instead
 (``samples_per_s_with_reading``: reading and encoding the CSV, building the learner and the prequential pass),
 since the backtest's figure includes reading its input.
+``backtest_one_cached_to_evaluate`` and ``backtest_two_cached_cost_to_one_cached``: the same two ratios with the
+replay cache warm.
 ``backtest_one_intake_process_speedup`` / ``backtest_two_...``: the inline variant's median seconds over the intake
 process's. ``--torch-threads 1`` by default, as ``crossdistil backtest``.
 """
@@ -52,7 +58,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
-VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_inline", "backtest_two_inline", "read_log")
+VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_inline", "backtest_two_inline",
+            "backtest_one_cached", "backtest_two_cached", "read_log")
 DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
 
 
@@ -82,7 +89,7 @@ def evaluate_worker(args: argparse.Namespace) -> dict:
             "steps": learner.steps, "auc_all": {t: m["auc"] for t, m in result.metrics["all"].items()}}
 
 
-def backtest_worker(args: argparse.Namespace, rungs: str, intake: str = "auto") -> dict:
+def backtest_worker(args: argparse.Namespace, rungs: str, intake: str = "auto", cache: str | None = None) -> dict:
     # consumers.runtime and prometheus_client: what run_backtest imports on its first call, imported before the
     # clock starts (evaluate's imports and learner construction are not timed either; the backtest's learners are
     # built inside the timed call, each a few tens of ms).
@@ -98,7 +105,9 @@ def backtest_worker(args: argparse.Namespace, rungs: str, intake: str = "auto") 
     consumers.runtime.assembly.build_pipeline(next(iter(configs.values())), clock=None).close()
     records, desc = log_records(f"file://{args.log}")
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = run_backtest(records, configs, batching="dense", intake=intake)
+    result = run_backtest(records, configs, batching="dense", intake=intake, replay_cache=cache)
+    if cache is not None and result.intake != "cache":
+        raise SystemExit(f"the replay cache {cache} was not warm: the bench warms it before the rounds")
     data = summary(result, desc)
     seconds = time.perf_counter() - started
     # CPU seconds of this process and of the intake process (learner processes, where started, are not counted)
@@ -139,7 +148,15 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "read_log":
         return read_log_worker(args)
     rungs = args.one if args.worker.startswith("backtest_one") else args.two
-    return backtest_worker(args, rungs, "inline" if args.worker.endswith("_inline") else "auto")
+    if args.worker == "warm_cache":
+        from consumers.tools.backtest import build_configs, log_records, run_backtest
+
+        records, _ = log_records(f"file://{args.log}")
+        result = run_backtest(records, build_configs([args.config], args.two, args.set), batching="dense",
+                              replay_cache=args.cache)
+        return {"intake": result.intake, **result.processes}
+    return backtest_worker(args, rungs, "inline" if args.worker.endswith("_inline") else "auto",
+                           args.cache if args.worker.endswith("_cached") else None)
 
 
 def make_log(args: argparse.Namespace, folder: Path) -> Path:
@@ -163,7 +180,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS[:3]), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*VARIANTS, "warm_cache"), help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)  # the replay cache of the *_cached variants
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -175,23 +193,32 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="backtest-bench-") as folder:
         log = Path(args.log) if args.log else make_log(args, Path(folder))
         runs: dict[str, list[dict]] = {v: [] for v in variants}
+        cache = Path(folder) / "replay-cache"
+        if any(v.endswith("_cached") for v in variants):  # written once, untimed: the cached variants read it
+            print("[backtest_throughput] warming the replay cache", file=sys.stderr, flush=True)
+            warm = run_worker(args, "warm_cache", log, cache)
+            print(f"[backtest_throughput] replay cache: {warm}", file=sys.stderr, flush=True)
         for round_ in range(args.rounds):
             for variant in variants:
                 print(f"[backtest_throughput] round {round_ + 1}/{args.rounds}: {variant}", file=sys.stderr,
                       flush=True)
-                command = [sys.executable, __file__, "--worker", variant, "--source", args.source, "--mapping",
-                           args.mapping, "--config", args.config, "--impressions", str(args.impressions), "--log",
-                           str(log), "--one", args.one, "--two", args.two, "--torch-threads",
-                           str(args.torch_threads), *[a for s in args.set for a in ("--set", s)]]
                 load = os.getloadavg()[0]  # the machine is shared: each figure with the load it ran under
-                done = subprocess.run(command, capture_output=True, text=True, check=False)
-                if done.returncode != 0:
-                    print(done.stderr, file=sys.stderr)
-                    raise SystemExit(f"{variant} failed with status {done.returncode}")
-                runs[variant].append({**json.loads(done.stdout.strip().splitlines()[-1]),
-                                      "load_1min_before": round(load, 2)})
+                runs[variant].append({**run_worker(args, variant, log, cache), "load_1min_before": round(load, 2)})
     print(json.dumps(report(args, runs), indent=2))
     return 0
+
+
+def run_worker(args: argparse.Namespace, variant: str, log: Path, cache: Path) -> dict:
+    """One variant in a fresh process: its JSON line."""
+    command = [sys.executable, __file__, "--worker", variant, "--source", args.source, "--mapping", args.mapping,
+               "--config", args.config, "--impressions", str(args.impressions), "--log", str(log), "--one", args.one,
+               "--two", args.two, "--torch-threads", str(args.torch_threads), "--cache", str(cache),
+               *[a for s in args.set for a in ("--set", s)]]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(done.stderr, file=sys.stderr)
+        raise SystemExit(f"{variant} failed with status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
@@ -229,6 +256,18 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
         ratios["backtest_two_cpu_cost_to_one"] = round(
             statistics.median(r["cpu_seconds"] for r in runs["backtest_two"])
             / statistics.median(r["cpu_seconds"] for r in runs["backtest_one"]), 2)
+    if "evaluate" in variants and "backtest_one_cached" in variants:
+        ratios["backtest_one_cached_to_evaluate"] = round(variants["backtest_one_cached"]["samples_per_s_median"]
+                                                          / variants["evaluate"]["samples_per_s_median"], 2)
+        ratios["per_round_backtest_one_cached_to_evaluate"] = [
+            round(b["samples_per_s"] / e["samples_per_s"], 2)
+            for b, e in zip(runs["backtest_one_cached"], runs["evaluate"])]
+    if "backtest_one_cached" in variants and "backtest_two_cached" in variants:
+        ratios["backtest_two_cached_cost_to_one_cached"] = round(
+            variants["backtest_two_cached"]["seconds_median"] / variants["backtest_one_cached"]["seconds_median"], 2)
+        ratios["per_round_backtest_two_cached_cost_to_one_cached"] = [
+            round(t["seconds"] / o["seconds"], 2)
+            for t, o in zip(runs["backtest_two_cached"], runs["backtest_one_cached"])]
     for inline in ("backtest_one_inline", "backtest_two_inline"):
         if inline in variants and inline.removesuffix("_inline") in variants:
             ratios[f"{inline.removesuffix('_inline')}_intake_process_speedup"] = round(

@@ -50,7 +50,15 @@ from consumers.core.join import JoinedSample
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from consumers.tools.intake import IntakeGroup, IntakeProcess, LoggedRecord, LogRecords, check_time_range, log_records
+from consumers.tools.intake import (
+    IntakeGroup,
+    IntakeProcess,
+    LoggedRecord,
+    LogRecords,
+    ReplayCache,
+    check_time_range,
+    log_records,
+)
 from models.features import batch_from_columns
 from streamer.eventlog import EventLogError
 from streamer.events import EventError, decode_events
@@ -106,6 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "child process, on a core of its own, while this one trains: same numbers, ~2x faster "
                              "on two free cores) or inline (this process). auto (default): process when it applies "
                              "(dense batching, --log, every configuration trained in this process), else inline")
+    parser.add_argument("--replay-cache", default=None, metavar="DIR",
+                        help="keep what the intake process reads, validates, joins and encodes in DIR (a file per "
+                             "log, range, join, batching and feature sets, ~40%% of the log's size), and read it "
+                             "instead on a later replay of the same: the same numbers, no intake work (safe to "
+                             "delete; a changed log or code is a new entry)")
     parser.add_argument("--sample-every", type=int, default=None, metavar="N",
                         help="one time-series point every N trained samples (default: a quarter of the configuration's "
                              "smallest metrics window, e.g. 2500 for windows [10000, 100000]; a point costs an exact "
@@ -142,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 from_ms=parse_time(args.from_time), to_ms=parse_time(args.to_time), limit=args.limit,
                 client_options=client_options_from_args(args))
         result = run_backtest(records, configs, batching=args.batching, sample_every=args.sample_every,
-                              progress=not args.quiet, intake=args.intake,
+                              progress=not args.quiet, intake=args.intake, replay_cache=args.replay_cache,
                               total=input_desc.get("records") or input_desc.get("bytes"),
                               progress_unit="records" if "records" in input_desc else "bytes")
     except (ConfigError, EventLogError, ValueError) as exc:  # SecurityError is a ValueError too
@@ -511,15 +524,19 @@ class BacktestResult:
     events: int
     seconds: float
     batching: str = "event-time"
-    intake: str = "inline"  # where the input was read, joined and encoded: "inline" (here) or "process"
-    # an intake replay's processes: learner processes it started (configurations trained in one) and the intake
-    # process's CPU seconds (for timing.json: what the input cost, now that it is not on the replay's clock)
+    # where the input was read, joined and encoded: "inline" (here), "process" (an intake process) or "cache" (a
+    # replay cache's copy of an intake process's output, run_backtest's replay_cache)
+    intake: str = "inline"
+    # an intake replay's processes: learner processes it started (configurations trained in one), the intake
+    # process's CPU seconds (for timing.json: what the input cost, now that it is not on the replay's clock) and the
+    # replay cache's file, whether it was read (hit) and its size
     processes: dict[str, Any] = field(default_factory=dict)
 
 
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
                  sample_every: int | None = None, progress: bool = False, total: int | None = None,
-                 progress_unit: str = "records", intake: str = "auto") -> BacktestResult:
+                 progress_unit: str = "records", intake: str = "auto",
+                 replay_cache: str | os.PathLike | None = None) -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
@@ -537,6 +554,10 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     (``consumers.tools.intake``) while this one trains: dense batching of an event log (``log_records``) only,
     and every configuration trained in this process; the same batches, so the same numbers. ``"inline"``: all
     here. ``"auto"``: the process where it applies.
+
+    ``replay_cache``: a folder where an intake process's output is kept (``consumers.tools.intake.ReplayCache``); a
+    later replay of the same log, range, join, batching and feature sets (and code) reads it instead of starting the
+    intake process (``BacktestResult.intake`` is then ``"cache"``): the same batches, so the same numbers.
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
@@ -553,13 +574,18 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         for run_ in runs.values():
             run_.pipeline.close()
         raise ValueError(f"--intake process does not apply: {why_inline} (use --intake inline or auto)")
+    if replay_cache is not None and (why_inline or intake == "inline"):
+        for run_ in runs.values():
+            run_.pipeline.close()
+        raise ValueError(f"--replay-cache keeps what an intake process reads, which this replay has none of: "
+                         f"{why_inline or '--intake inline'}")
     by_process = intake != "inline" and why_inline is None
     started = time.perf_counter()
     with _progress(progress, total, progress_unit) as advance:
         processes: dict[str, Any] = {}
         if by_process:
-            n_records, n_events, processes = _replay_with_intake(records, runs, list(leaders.values()),
-                                                                         advance, progress_unit)
+            n_records, n_events, intake, processes = _replay_with_intake(
+                records, runs, list(leaders.values()), advance, progress_unit, replay_cache)
         else:
             n_records, n_events = _replay_inline(records, leaders, batching == "dense", advance, progress_unit)
         for run_ in runs.values():
@@ -572,7 +598,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching,
-                          "process" if by_process else "inline", processes)
+                          intake if by_process else "inline", processes)
 
 
 def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense: bool, advance: Any,
@@ -668,6 +694,13 @@ class _PreparedRemote:
         self.remote.close()
 
 
+def _feature_sets(leader: ConfigRun) -> tuple[list[ConfigRun], dict[str, Any], list[Any]]:
+    """A group's configurations, the feature set each reads, and the distinct feature sets in order."""
+    members = [leader] + leader.pipeline.learner.followers
+    features = {m.name: _features(m) for m in members}
+    return members, features, list(dict.fromkeys(features.values()))
+
+
 def _features(run_: ConfigRun) -> Any:
     """The feature set a configuration's learner reads."""
     from consumers.runtime.assembly import model_config  # lazy: assembly imports torch and the models
@@ -683,9 +716,7 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
     ``model.separate_process`` trains in its own process in any case."""
     from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
 
-    members = [leader] + leader.pipeline.learner.followers
-    features = {m.name: _features(m) for m in members}
-    specs = list(dict.fromkeys(features.values()))
+    members, features, specs = _feature_sets(leader)
     started = []
     for m in members:
         holder = leader.pipeline.learner if m is leader else m.pipeline
@@ -705,45 +736,60 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
 
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
-                        progress_unit: str) -> tuple[int, int, dict[str, Any]]:
-    """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes; the join's
-    final state, dead letters and stream counters are the child's. (records, events, ``BacktestResult.processes``)."""
-    groups, currents, remotes = [], [], []
-    free_cores = [(os.cpu_count() or 1) - 2]
+                        progress_unit: str, replay_cache: Any = None) -> tuple[int, int, str, dict[str, Any]]:
+    """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
+    cache holds; the join's final state, dead letters and stream counters are the intake's. (records, events, the
+    intake: "process" or "cache", ``BacktestResult.processes``)."""
+    groups = [IntakeGroup(leader.pipeline.join.config, leader.pipeline.batcher.batch_size, leader.pipeline.tasks,
+                          tuple(_feature_sets(leader)[2])) for leader in leaders]
+    cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY)
+    cached = cache is not None and cache.hit
+    # cores beyond this process's (and the intake process's): configurations after a group's first train there
+    free_cores = [(os.cpu_count() or 1) - (1 if cached else 2)]
+    currents, remotes = [], []
     for leader in leaders:
         current: dict[str, Any] = {"samples": None, "columns": []}
-        specs, started = _intake_ports(leader, current, free_cores)
-        remotes += started
-        groups.append(IntakeGroup(leader.pipeline.join.config, leader.pipeline.batcher.batch_size,
-                                  leader.pipeline.tasks, tuple(specs)))
+        remotes += _intake_ports(leader, current, free_cores)[1]
         currents.append(current)
-    n_records = n_events = read_bytes = 0
-    intake_cpu_s = 0.0
+    counts = {"records": 0, "events": 0, "bytes": 0, "intake_cpu_s": 0.0}
     try:
-        with IntakeProcess(records, groups, DENSE_TRAIN_EVERY) as intake:
-            for message in intake.messages():
-                op = message["op"]
-                if op == "read":
-                    advance(message["records"] - n_records if progress_unit == "records"
-                            else message["bytes"] - read_bytes)
-                    n_records, n_events, read_bytes = message["records"], message["events"], message["bytes"]
-                elif op == "batch":
-                    index = message["group"]
-                    samples = [JoinedSample({"impression_id": i, "user_id": u, "ts_ms": t}, {}, None, "")
-                               for i, u, t in zip(message["ids"], message["users"], message["ts"])]
-                    currents[index].update(samples=samples, columns=message["columns"])
-                    with _own_time(leaders[index]):
-                        leaders[index].pipeline.train_batch(samples)
-                elif op == "done":
-                    intake_cpu_s = message["cpu_s"]
-                    for leader, final in zip(leaders, message["groups"]):
-                        _take_stream_state(leader, final)
+        if cached:
+            source: Any = cache.reader()
+        else:
+            source = IntakeProcess(records, groups, DENSE_TRAIN_EVERY, cache.spool() if cache is not None else None)
+        with source:
+            for message in source.messages():
+                _on_intake_message(message, leaders, currents, counts, advance, progress_unit)
         for run_ in runs.values():
             run_.pipeline.collect(wait=True)  # the learner processes' last answers
     finally:
         for remote in remotes:
             remote.close()
-    return n_records, n_events, {"learner_processes": len(remotes), "intake_cpu_s": round(intake_cpu_s, 3)}
+    processes = {"learner_processes": len(remotes), "intake_cpu_s": 0.0 if cached else round(counts["intake_cpu_s"], 3)}
+    if cache is not None:
+        processes["replay_cache"] = {"file": str(cache.path), "hit": cached, "bytes": cache.path.stat().st_size}
+    return counts["records"], counts["events"], "cache" if cached else "process", processes
+
+
+def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], currents: list[dict[str, Any]],
+                       counts: dict[str, Any], advance: Any, progress_unit: str) -> None:
+    """One message of an intake: progress, a batch to train, or the end of the stream."""
+    op = message["op"]
+    if op == "read":
+        advance(message["records"] - counts["records"] if progress_unit == "records"
+                else message["bytes"] - counts["bytes"])
+        counts.update(records=message["records"], events=message["events"], bytes=message["bytes"])
+    elif op == "batch":
+        index = message["group"]
+        samples = [JoinedSample({"impression_id": i, "user_id": u, "ts_ms": t}, {}, None, "")
+                   for i, u, t in zip(message["ids"], message["users"], message["ts"])]
+        currents[index].update(samples=samples, columns=message["columns"])
+        with _own_time(leaders[index]):
+            leaders[index].pipeline.train_batch(samples)
+    elif op == "done":
+        counts["intake_cpu_s"] = message["cpu_s"]
+        for leader, final in zip(leaders, message["groups"]):
+            _take_stream_state(leader, final)
 
 
 def _take_stream_state(leader: ConfigRun, final: dict[str, Any]) -> None:
@@ -1168,8 +1214,10 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
             lines += ["", f"First drift detections of {name}: " + "; ".join(
                 f"{t}/{det} at sample {d['samples']:,} ({_dt(d['event_time_ms']).strftime('%Y-%m-%d %H:%M:%S')} UTC)"
                 for (t, det), d in sorted(firsts.items()))]
-    intake = {"process": "; input read, joined and encoded by an intake process while this one trained",
-              "inline": ""}.get(timing.get("intake", "inline"), "")
+    cache = timing.get("replay_cache") or {}
+    intake = {"process": "; input read, joined and encoded by an intake process while this one trained"
+                         + ("; kept in the replay cache" if cache else ""),
+              "cache": "; input read from the replay cache", "inline": ""}.get(timing.get("intake", "inline"), "")
     lines += ["", f"Wall time {timing['seconds']} s ({timing['records_per_s']:,} records/s{intake}; timing.json)."]
     for image in images:
         lines += ["", f"![{image}]({image})"]

@@ -28,6 +28,7 @@ parent, so a truncated log fails as it does inline). The pipe's buffer bounds ho
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -38,7 +39,7 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import msgpack
 
@@ -261,8 +262,10 @@ class IntakeProcess:
     """The parent's handle: starts the child on ``records`` and ``groups``; ``messages()`` yields what it sends
     (``batch`` messages with their arrays already turned into ``numpy`` columns per feature set)."""
 
-    def __init__(self, records: LogRecords, groups: Sequence[IntakeGroup], train_every: int) -> None:
+    def __init__(self, records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
+                 spool: _Spool | None = None) -> None:
         self.groups = list(groups)
+        self.spool = spool  # where every message also goes (a replay cache's file), kept once ``done`` came
         read_fd, write_fd = os.pipe()
         grow_pipe(write_fd)  # 1 MiB: a few batches ahead
         env = dict(os.environ)
@@ -282,9 +285,10 @@ class IntakeProcess:
         """Every message up to ``done`` (raises ``EventLogError``, ``ValueError`` or ``IntakeError`` on a failure)."""
         while True:
             try:
-                message = msgpack.unpackb(self._in.recv_bytes(), raw=False, strict_map_key=False)
+                raw = self._in.recv_bytes()
             except (EOFError, OSError):
                 raise IntakeError(f"the intake process died ({describe_exit(self.process, 5.0)})") from None
+            message = msgpack.unpackb(raw, raw=False, strict_map_key=False)
             op = message["op"]
             if op == "error":
                 kind, text = message["kind"], message["message"]
@@ -293,26 +297,163 @@ class IntakeProcess:
                 if kind == "ValueError":
                     raise ValueError(text)
                 raise IntakeError(f"the intake process failed:\n{message['traceback']}")
-            if op == "batch":
-                message["columns"] = [self._columns(message, spec, encoded) for spec, encoded in
-                                      zip(self.groups[message["group"]].features, message.pop("encoded"))]
-            yield message
+            if self.spool is not None:
+                self.spool.write(raw)
+                if op == "done":
+                    self.spool.keep()
+            yield _with_columns(message, self.groups)
             if op == "done":
                 return
 
-    def _columns(self, message: Mapping[str, Any], spec: FeatureSpec, encoded: Sequence[bytes]) -> dict[str, Any]:
-        n, tasks = message["n"], self.groups[message["group"]].tasks
-        shapes = [(n, len(spec.categorical)), (n, len(spec.numeric)), (n, len(tasks)), (n,)]  # COLUMN_DTYPES' order
-        return columns_from_bytes(encoded, shapes)
-
     def close(self) -> None:
-        """Stop the child (at once: it only reads) and reap it."""
+        """Stop the child (at once: it only reads) and reap it; a spool not kept is removed."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
         self._in.close()
+        if self.spool is not None:
+            self.spool.discard()
 
     def __enter__(self) -> IntakeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _with_columns(message: dict[str, Any], groups: Sequence[IntakeGroup]) -> dict[str, Any]:
+    """A ``batch`` message's arrays as ``numpy`` columns, one dict per feature set of its group (in place)."""
+    if message["op"] == "batch":
+        group = groups[message["group"]]
+        n = message["n"]
+        message["columns"] = [
+            columns_from_bytes(encoded, [(n, len(spec.categorical)), (n, len(spec.numeric)), (n, len(group.tasks)),
+                                         (n,)])  # COLUMN_DTYPES' order
+            for spec, encoded in zip(group.features, message.pop("encoded"))]
+    return message
+
+
+# ------------------------------------------------------------------------------------------ the replay cache
+
+CACHE_FORMAT = 1
+# The code that decides what an intake sends (the log's reader, validation, the join, batching, encoding): a change
+# to any of these files makes every cached replay stale.
+_INTAKE_CODE = (*sorted((REPO_ROOT / "streamer").glob("*.py")),
+                *sorted((REPO_ROOT / "consumers" / "core").glob("*.py")),
+                REPO_ROOT / "models" / "features.py", REPO_ROOT / "consumers" / "tools" / "intake.py")
+_ENDS = 1 << 20  # bytes hashed at each end of a log, with its size, time and inode, to tell it from another
+
+
+def _digest(*chunks: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def replay_key(records: LogRecords, groups: Sequence[IntakeGroup], train_every: int) -> dict[str, Any]:
+    """What an intake's messages depend on: the code, the log (path, size, modification time, inode and the digest of
+    its first and last MiB), the range and limit, and each group's join, batch size, tasks and feature sets."""
+    path = path_from_url(records.url).resolve()
+    stat = path.stat()
+    with open(path, "rb") as f:
+        head = f.read(_ENDS)
+        f.seek(max(0, stat.st_size - _ENDS))
+        tail = f.read(_ENDS)
+    key = {"format": CACHE_FORMAT, "code": _digest(*(p.read_bytes() for p in _INTAKE_CODE)),
+            "log": {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
+                    "ends": _digest(head, tail)},
+            "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit, "train_every": train_every,
+            "groups": [g.to_dict() for g in groups]}
+    return json.loads(json.dumps(key))  # plain lists and maps, as the key reads back from a cache file
+
+
+class _Spool:
+    """A replay cache file being written: a temporary file next to it, renamed into place once the intake is done (a
+    replay that fails or is interrupted leaves no cache file)."""
+
+    def __init__(self, path: Path, key: Mapping[str, Any]) -> None:
+        self.path = path
+        self.tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 - closed by keep() or discard()
+        self.file.write(msgpack.packb({"op": "cache", "key": key}, use_bin_type=True))
+        self.kept = False
+
+    def write(self, frame: bytes) -> None:
+        assert self.file is not None
+        self.file.write(frame)
+
+    def keep(self) -> None:
+        assert self.file is not None
+        self.file.close()
+        self.file = None
+        os.replace(self.tmp, self.path)
+        self.kept = True
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.tmp.unlink(missing_ok=True)
+
+
+class ReplayCache:
+    """One replay's entry in a cache folder (``crossdistil backtest --replay-cache DIR``): the intake's messages as it
+    sent them (msgpack frames, nothing pickled), in a file named by the digest of :func:`replay_key`.
+
+    A later replay of the same log, range, groups and code reads them (:meth:`reader`) instead of starting an intake
+    process: no reading, validating, joining or encoding, and the same batches, so the same numbers bit for bit.
+    """
+
+    def __init__(self, folder: str | os.PathLike, records: LogRecords, groups: Sequence[IntakeGroup],
+                 train_every: int) -> None:
+        self.groups = list(groups)
+        self.key = replay_key(records, groups, train_every)
+        self.path = Path(folder) / f"{_digest(json.dumps(self.key, sort_keys=True).encode())}.intake"
+
+    @property
+    def hit(self) -> bool:
+        return self.path.is_file()
+
+    def spool(self) -> _Spool:
+        """A writer for this entry (give it to ``IntakeProcess``)."""
+        return _Spool(self.path, self.key)
+
+    def reader(self) -> CachedIntake:
+        return CachedIntake(self.path, self.groups, self.key)
+
+
+class CachedIntake:
+    """An ``IntakeProcess`` stand-in that reads a replay cache file: the same ``messages()``."""
+
+    def __init__(self, path: Path, groups: Sequence[IntakeGroup], key: Mapping[str, Any]) -> None:
+        self.path, self.groups, self.key = path, list(groups), dict(key)
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+
+    def messages(self) -> Iterator[dict[str, Any]]:
+        """Every message up to ``done``; an ``IntakeError`` naming the file if it is not a whole entry for this
+        replay (delete it to replay the log again)."""
+        unpacker = msgpack.Unpacker(self.file, raw=False, strict_map_key=False)
+        first = True
+        try:
+            for message in unpacker:
+                if first:
+                    if not isinstance(message, dict) or message.get("op") != "cache" or message.get("key") != self.key:
+                        raise IntakeError(f"replay cache file {self.path} is not this replay's; delete it")
+                    first = False
+                    continue
+                yield _with_columns(message, self.groups)
+                if message["op"] == "done":
+                    return
+        except (msgpack.UnpackException, ValueError, KeyError, TypeError) as exc:
+            raise IntakeError(f"replay cache file {self.path} is damaged ({exc}); delete it") from None
+        raise IntakeError(f"replay cache file {self.path} ends before its last batch; delete it")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> CachedIntake:
         return self
 
     def __exit__(self, *exc: object) -> None:
