@@ -51,6 +51,7 @@ from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.intake import (
+    IntakeError,
     IntakeGroup,
     IntakeProcess,
     LoggedRecord,
@@ -164,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     except ConnectionError as exc:
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 3
+    except IntakeError as exc:  # the intake process died or failed, or a replay cache entry is damaged
+        print(f"crossdistil backtest: {exc}", file=sys.stderr)
+        return 1
     if result.records == 0:
         print(f"crossdistil backtest: nothing to replay: {args.log or args.kafka} has no records in the range given "
               "(check --from-time/--to-time); no outputs written", file=sys.stderr)
@@ -181,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
               f"{_fmt(combined['ndcg10'])}")
     for warning in batching_warnings(result):
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
+    if result.processes.get("replay_cache", {}).get("error"):
+        print(f"crossdistil backtest: warning: replay cache {result.processes['replay_cache']['file']} "
+              f"{result.processes['replay_cache']['error']} (the replay itself is complete)", file=sys.stderr)
     return 0
 
 
@@ -752,11 +759,9 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
         remotes += _intake_ports(leader, current, free_cores)[1]
         currents.append(current)
     counts = {"records": 0, "events": 0, "bytes": 0, "intake_cpu_s": 0.0}
+    spool = cache.spool() if cache is not None and not cached else None
     try:
-        if cached:
-            source: Any = cache.reader()
-        else:
-            source = IntakeProcess(records, groups, DENSE_TRAIN_EVERY, cache.spool() if cache is not None else None)
+        source: Any = cache.reader() if cached else IntakeProcess(records, groups, DENSE_TRAIN_EVERY, spool)
         with source:
             for message in source.messages():
                 _on_intake_message(message, leaders, currents, counts, advance, progress_unit)
@@ -767,7 +772,11 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
             remote.close()
     processes = {"learner_processes": len(remotes), "intake_cpu_s": 0.0 if cached else round(counts["intake_cpu_s"], 3)}
     if cache is not None:
-        processes["replay_cache"] = {"file": str(cache.path), "hit": cached, "bytes": cache.path.stat().st_size}
+        processes["replay_cache"] = {"file": str(cache.path), "hit": cached}
+        if spool is not None and spool.error:
+            processes["replay_cache"]["error"] = spool.error
+        else:
+            processes["replay_cache"]["bytes"] = cache.path.stat().st_size
     return counts["records"], counts["events"], "cache" if cached else "process", processes
 
 

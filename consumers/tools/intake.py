@@ -27,6 +27,7 @@ parent, so a truncated log fails as it does inline). The pipe's buffer bounds ho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -298,9 +299,7 @@ class IntakeProcess:
                     raise ValueError(text)
                 raise IntakeError(f"the intake process failed:\n{message['traceback']}")
             if self.spool is not None:
-                self.spool.write(raw)
-                if op == "done":
-                    self.spool.keep()
+                self.spool.write(raw, keep=op == "done")
             yield _with_columns(message, self.groups)
             if op == "done":
                 return
@@ -370,32 +369,47 @@ def replay_key(records: LogRecords, groups: Sequence[IntakeGroup], train_every: 
 
 class _Spool:
     """A replay cache file being written: a temporary file next to it, renamed into place once the intake is done (a
-    replay that fails or is interrupted leaves no cache file)."""
+    replay that fails or is interrupted leaves no cache file). A file system error (a full disk, a folder that cannot
+    be written) stops the writing, not the replay: ``error`` says what happened."""
 
     def __init__(self, path: Path, key: Mapping[str, Any]) -> None:
         self.path = path
         self.tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 - closed by keep() or discard()
-        self.file.write(msgpack.packb({"op": "cache", "key": key}, use_bin_type=True))
+        self.file: BinaryIO | None = None
         self.kept = False
+        self.error: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed by write(keep=True) or discard()
+            self.file.write(msgpack.packb({"op": "cache", "key": key}, use_bin_type=True))
+        except OSError as exc:
+            self._fail(exc)
 
-    def write(self, frame: bytes) -> None:
-        assert self.file is not None
-        self.file.write(frame)
+    def write(self, frame: bytes, keep: bool = False) -> None:
+        """Append one frame; ``keep``: the last one, so the entry takes its name."""
+        if self.file is None:
+            return
+        try:
+            self.file.write(frame)
+            if keep:
+                self.file.close()
+                self.file = None
+                os.replace(self.tmp, self.path)
+                self.kept = True
+        except OSError as exc:
+            self._fail(exc)
 
-    def keep(self) -> None:
-        assert self.file is not None
-        self.file.close()
-        self.file = None
-        os.replace(self.tmp, self.path)
-        self.kept = True
+    def _fail(self, exc: OSError) -> None:
+        self.error = f"not written: {exc}"
+        self.discard()
 
     def discard(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
-            self.tmp.unlink(missing_ok=True)
+        if not self.kept:
+            with contextlib.suppress(OSError):  # e.g. its folder could not be made
+                self.tmp.unlink(missing_ok=True)
 
 
 class ReplayCache:

@@ -147,3 +147,43 @@ def test_the_cli_reads_the_cache_on_a_second_run(messy_log: Path, config_file: P
     assert "replay cache" in (tmp_path / "second" / "report.md").read_text()
     assert (tmp_path / "first" / "summary.json").read_text() == (tmp_path / "second" / "summary.json").read_text()
     assert cli(*common, "--out", str(tmp_path / "e"), "--intake", "inline") == 2
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_the_replay(messy_log: Path, config_file: Path,  # noqa: F811
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, inline = replay(messy_log, config_file, None, "mtl", intake_mode="inline")
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")  # the cache folder cannot be made
+    result, read = replay(messy_log, config_file, blocked / "cache", "mtl")
+    assert read == inline and "not written" in result.processes["replay_cache"]["error"]
+    writes = []
+    original = intake._Spool.write
+
+    def full_disk(self, frame: bytes, keep: bool = False) -> None:  # the disk fills up after a few batches
+        writes.append(keep)
+        if len(writes) == 5:
+            self._fail(OSError(28, "No space left on device"))
+        original(self, frame, keep)
+
+    monkeypatch.setattr(intake._Spool, "write", full_disk)
+    cache = tmp_path / "cache"
+    result, read = replay(messy_log, config_file, cache, "mtl")
+    assert read == inline and "No space left" in result.processes["replay_cache"]["error"]
+    assert entries(cache) == []  # neither an entry nor its temporary file
+
+
+def test_the_cli_says_a_damaged_entry_without_a_traceback(messy_log: Path, config_file: Path,  # noqa: F811
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.unit.consumers.tools.test_backtest_batching import cli
+
+    common = ("--log", f"file://{messy_log}", "--config", str(config_file), "--configs", "mtl", "--quiet",
+              "--no-plots", "--batching", "dense", "--replay-cache", str(tmp_path / "cache"),
+              *[a for o in WINDOWS for a in ("--set", o)])
+    assert cli(*common, "--out", str(tmp_path / "first")) == 0
+    (entry,) = (tmp_path / "cache").iterdir()
+    entry.write_bytes(entry.read_bytes()[:1000])
+    capsys.readouterr()
+    assert cli(*common, "--out", str(tmp_path / "second")) == 1
+    err = capsys.readouterr().err
+    assert f"replay cache file {entry}" in err and "delete it" in err and "Traceback" not in err
