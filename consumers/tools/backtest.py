@@ -701,6 +701,13 @@ class _PreparedRemote:
         self.remote.close()
 
 
+def _intake_group(leader: ConfigRun) -> IntakeGroup:
+    """What an intake cuts and encodes for a group (the leader and the configurations that train its batches)."""
+    pipeline = leader.pipeline
+    return IntakeGroup(pipeline.join.config, pipeline.batcher.batch_size, pipeline.tasks,
+                       tuple(_feature_sets(leader)[2]))
+
+
 def _feature_sets(leader: ConfigRun) -> tuple[list[ConfigRun], dict[str, Any], list[Any]]:
     """A group's configurations, the feature set each reads, and the distinct feature sets in order."""
     members = [leader] + leader.pipeline.learner.followers
@@ -747,8 +754,7 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
     cache holds; the join's final state, dead letters and stream counters are the intake's. (records, events, the
     intake: "process" or "cache", ``BacktestResult.processes``)."""
-    groups = [IntakeGroup(leader.pipeline.join.config, leader.pipeline.batcher.batch_size, leader.pipeline.tasks,
-                          tuple(_feature_sets(leader)[2])) for leader in leaders]
+    groups = [_intake_group(leader) for leader in leaders]
     cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY)
     cached = cache is not None and cache.hit
     # cores beyond this process's (and the intake process's): configurations after a group's first train there
@@ -768,6 +774,8 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
         for run_ in runs.values():
             run_.pipeline.collect(wait=True)  # the learner processes' last answers
     finally:
+        if spool is not None:
+            spool.discard()  # a replay that failed or was interrupted leaves no entry (a kept one stays)
         for remote in remotes:
             remote.close()
     processes = {"learner_processes": len(remotes), "intake_cpu_s": 0.0 if cached else round(counts["intake_cpu_s"], 3)}

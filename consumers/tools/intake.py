@@ -266,7 +266,8 @@ class IntakeProcess:
     def __init__(self, records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
                  spool: _Spool | None = None) -> None:
         self.groups = list(groups)
-        self.spool = spool  # where every message also goes (a replay cache's file), kept once ``done`` came
+        self.spool = spool  # where every message also goes (a replay cache's file), kept once ``done`` came; its
+        # creator discards it if the replay ends otherwise
         read_fd, write_fd = os.pipe()
         grow_pipe(write_fd)  # 1 MiB: a few batches ahead
         env = dict(os.environ)
@@ -305,13 +306,11 @@ class IntakeProcess:
                 return
 
     def close(self) -> None:
-        """Stop the child (at once: it only reads) and reap it; a spool not kept is removed."""
+        """Stop the child (at once: it only reads) and reap it."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
         self._in.close()
-        if self.spool is not None:
-            self.spool.discard()
 
     def __enter__(self) -> IntakeProcess:
         return self
@@ -449,14 +448,11 @@ class CachedIntake:
         """Every message up to ``done``; an ``IntakeError`` naming the file if it is not a whole entry for this
         replay (delete it to replay the log again)."""
         unpacker = msgpack.Unpacker(self.file, raw=False, strict_map_key=False)
-        first = True
         try:
+            header = next(unpacker, None)
+            if not isinstance(header, dict) or header.get("op") != "cache" or header.get("key") != self.key:
+                raise IntakeError(f"replay cache file {self.path} is not this replay's; delete it")
             for message in unpacker:
-                if first:
-                    if not isinstance(message, dict) or message.get("op") != "cache" or message.get("key") != self.key:
-                        raise IntakeError(f"replay cache file {self.path} is not this replay's; delete it")
-                    first = False
-                    continue
                 yield _with_columns(message, self.groups)
                 if message["op"] == "done":
                     return

@@ -70,8 +70,7 @@ def test_what_the_batches_depend_on_makes_a_new_entry(messy_log: Path, config_fi
         configs = backtest.build_configs([str(config_file)], "mtl", list(kwargs.pop("overrides", WINDOWS)))
         run_ = backtest._grouped_runs(configs, "dense", 100)[1]
         leader = next(iter(run_.values()))
-        groups = [intake.IntakeGroup(leader.pipeline.join.config, leader.pipeline.batcher.batch_size,
-                                     leader.pipeline.tasks, tuple(backtest._feature_sets(leader)[2]))]
+        groups = [backtest._intake_group(leader)]
         records, _ = backtest.log_records(f"file://{kwargs.pop('log', log)}", **kwargs)
         leader.pipeline.close()
         return intake.ReplayCache(cache, records, groups, backtest.DENSE_TRAIN_EVERY).path
