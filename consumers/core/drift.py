@@ -154,7 +154,7 @@ class AucDropDetector:
         self.min_drop, self.z = float(min_drop), float(z)
         self._ring = np.zeros((self.window_blocks + self.reference_blocks, 2, self.bins), dtype=np.int64)
         self._head = 0  # ring slot of the next closed block
-        self._current = np.zeros(2 * self.bins, dtype=np.int64)  # [negatives | positives] of the open block
+        self._open: list[np.ndarray] = []  # the open block's keys (bin, + bins if positive), counted at its close
         self._in_block = 0
         self._filled = 0  # blocks closed since the start or the last detection
         self.samples_seen = 0
@@ -173,7 +173,7 @@ class AucDropDetector:
         start = 0
         while start < len(keys):
             take = min(self.block - self._in_block, len(keys) - start)
-            self._current += np.bincount(keys[start:start + take], minlength=2 * self.bins)
+            self._open.append(keys[start:start + take])
             self._in_block += take
             start += take
             if self._in_block == self.block:
@@ -181,9 +181,10 @@ class AucDropDetector:
         return fired
 
     def _close_block(self) -> bool:
-        self._ring[self._head] = self._current.reshape(2, self.bins)
+        keys = np.concatenate(self._open)
+        self._ring[self._head] = np.bincount(keys, minlength=2 * self.bins).reshape(2, self.bins)  # [neg | pos]
         self._head = (self._head + 1) % len(self._ring)
-        self._current[:] = 0
+        self._open = []
         self._in_block = 0
         self._filled += 1
         if self._filled < len(self._ring):

@@ -103,6 +103,69 @@ def sample_row(sample: JoinedSample) -> list[Any]:
     return [impression["user_id"], impression["item_id"], impression.get("features") or {}, sample.labels]
 
 
+class SampleColumns(Sequence[JoinedSample]):
+    """A batch of joined samples held as three columns, impression ids, users and event times (ms), instead of
+    :class:`JoinedSample` objects: what an intake replay (``consumers.tools.backtest``) trains, its features and
+    labels already encoded by the intake process. ``Pipeline`` and a backtest's ``on_batch`` read the columns
+    (:func:`sample_columns`); anything that iterates gets ``JoinedSample`` objects with those three fields.
+    ``user_codes``: the users as :class:`UserCodes` codes, where the sender coded them.
+
+    >>> batch = SampleColumns(["i1", "i2"], ["u1", "u2"], [10, 20])
+    >>> len(batch), batch[1].impression, sample_columns(batch)[1]
+    (2, {'impression_id': 'i2', 'user_id': 'u2', 'ts_ms': 20}, ['u1', 'u2'])
+    """
+
+    __slots__ = ("ids", "users", "ts_ms", "user_codes")
+
+    def __init__(self, ids: list[str], users: list[str], ts_ms: list[int],
+                 user_codes: np.ndarray | None = None) -> None:
+        if not len(ids) == len(users) == len(ts_ms) == (len(ids) if user_codes is None else len(user_codes)):
+            raise ValueError(f"columns differ in length: {len(ids)} ids, {len(users)} users, {len(ts_ms)} times"
+                             + ("" if user_codes is None else f", {len(user_codes)} user codes"))
+        self.ids, self.users, self.ts_ms, self.user_codes = ids, users, ts_ms, user_codes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        impression = {"impression_id": self.ids[index], "user_id": self.users[index], "ts_ms": self.ts_ms[index]}
+        return JoinedSample(impression, {}, None, "")
+
+
+class UserCodes:
+    """Small integer codes for users (int32), in order of first appearance: per-user metrics over a long replay
+    keep 4 bytes a sample instead of a string. Calling it codes a batch's users, new ones first.
+
+    >>> codes = UserCodes()
+    >>> codes(["b", "a", "b"]).tolist(), codes(["c", "a"]).tolist(), len(codes)
+    ([0, 1, 0], [2, 1], 3)
+    """
+
+    def __init__(self) -> None:
+        self.index: dict[Any, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __call__(self, users: Sequence[Any]) -> np.ndarray:
+        index = self.index
+        new = [user for user in dict.fromkeys(users) if user not in index]
+        index.update(zip(new, range(len(index), len(index) + len(new))))
+        return np.fromiter(map(index.__getitem__, users), dtype=np.int32, count=len(users))
+
+
+def sample_columns(samples: Sequence[JoinedSample]) -> tuple[list[str], list[Any], list[int]]:
+    """A batch's impression ids, users and event times (ms): a :class:`SampleColumns`' own lists, or read from
+    each sample."""
+    if isinstance(samples, SampleColumns):
+        return samples.ids, samples.users, samples.ts_ms
+    impressions = [s.impression for s in samples]
+    return ([i["impression_id"] for i in impressions], [i["user_id"] for i in impressions],
+            [int(i["ts_ms"]) for i in impressions])
+
+
 def _topic(source: Source) -> str:
     """The topic of a record's source: (topic, partition) live, or a name."""
     return source[0] if isinstance(source, tuple) else str(source)
@@ -254,7 +317,8 @@ class Pipeline:
     default). ``ledger``: an optional ``consumers.state.ledger.Ledger`` that receives every trained sample with its
     prequential predictions. ``on_batch(samples, labels, scores, fired)`` is called after every training step
     (scores made before the update; fired = drift detections of this batch); ``on_emitted(n, now)`` when the join
-    hands ``n`` samples to the batcher.
+    hands ``n`` samples to the batcher. ``metrics_users``: hand each batch's users to the metrics (their per-user
+    AUC, GAUC); a backtest, which shows no GAUC, leaves them out.
     """
 
     def __init__(
@@ -269,6 +333,7 @@ class Pipeline:
         ledger: Any = None,
         on_batch: BatchHook | None = None,
         on_emitted: Callable[[int, float], None] | None = None,
+        metrics_users: bool = True,
     ) -> None:
         self.tasks: tuple[str, ...] = tuple(tasks)
         if clock is None:
@@ -283,6 +348,7 @@ class Pipeline:
         self.ledger = ledger
         self.on_batch = on_batch
         self.on_emitted = on_emitted
+        self.metrics_users = metrics_users
         self.trained_samples = 0
         self.last_step_s = 0.0  # seconds the last training step took (encode + step), wherever it ran
         self.last_batch_s = 0.0  # seconds from handing the last batch to the learner to its metrics being done
@@ -407,12 +473,13 @@ class Pipeline:
         self.last_step_s = answer.seconds
         labels = {task: answer.labels[:, k] for k, task in enumerate(self.tasks)}
         scores = {task: answer.scores[:, k] for k, task in enumerate(self.tasks)}
-        users = np.array([s.impression["user_id"] for s in samples], dtype=object)
+        ids, users, _ = sample_columns(samples)
         self.metrics.batch_trained(len(samples), answer.seconds)
         self.metrics.record_learner(answer.losses)
-        fired = self.metrics.observe(labels, scores, role="student", users=users)
+        fired = self.metrics.observe(labels, scores, role="student",
+                                     users=np.array(users, dtype=object) if self.metrics_users else None)
         if self.ledger is not None:
-            self.ledger.add([s.impression["impression_id"] for s in samples], labels, scores)
+            self.ledger.add(ids, labels, scores)
         self.trained_samples += len(samples)
         if self.on_batch is not None:
             self.on_batch(samples, labels, scores, fired)

@@ -44,6 +44,9 @@ LOG_LOSS_EPS = 1e-7
 
 LIFETIME = None  # the "window" argument that means the whole stream
 
+# What StreamQuality.summary reports, in its order.
+METRICS = ("auc", "log_loss", "calibration_ratio", "positive_rate", "gauc", "samples")
+
 
 def histogram_auc(pos_counts: np.ndarray, neg_counts: np.ndarray) -> float:
     """AUC from per-bin counts of positives and negatives (bins in increasing score order; same bin = tie).
@@ -135,19 +138,27 @@ def _pairs2(pos: np.ndarray, neg: np.ndarray) -> int:
 
 def _left_plus_right(sorted_values: np.ndarray, keys: np.ndarray) -> int:
     """Sum over ``keys`` of the values below each plus the values at or below it (``searchsorted`` left + right);
-    the second search only when a key equals a value (scores rarely tie)."""
+    the second search only for the keys that equal a value (a few: float32 scores tie now and then)."""
     left = np.searchsorted(sorted_values, keys, "left")
-    at = sorted_values[np.minimum(left, len(sorted_values) - 1)]
-    if np.any(at == keys):
-        return int(left.sum() + np.searchsorted(sorted_values, keys, "right").sum())
+    tied = sorted_values[np.minimum(left, len(sorted_values) - 1)] == keys
+    if tied.any():
+        return 2 * int(left.sum()) + int((np.searchsorted(sorted_values, keys[tied], "right") - left[tied]).sum())
     return 2 * int(left.sum())
 
 
 def _merge(into: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Sorted ``into`` with sorted ``values`` inserted."""
-    if not len(values):
+    """Sorted ``into`` with sorted ``values`` inserted (``np.insert``'s result without its argument handling)."""
+    k = len(values)
+    if not k:
         return into
-    return np.insert(into, np.searchsorted(into, values), values)
+    at = np.searchsorted(into, values)
+    at += np.arange(k)  # where each value lands in the result
+    out = np.empty(len(into) + k)
+    keep = np.ones(len(out), dtype=bool)
+    keep[at] = False
+    out[at] = values
+    out[keep] = into
+    return out
 
 
 def _drop(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -156,8 +167,11 @@ def _drop(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
         return sorted_values
     first = np.searchsorted(sorted_values, values, "left")
     # equal values among those dropped take consecutive places after their first
-    first += np.arange(len(values)) - np.searchsorted(values, values, "left")
-    return np.delete(sorted_values, first)
+    if len(values) > 1 and (values[1:] == values[:-1]).any():
+        first += np.arange(len(values)) - np.searchsorted(values, values, "left")
+    keep = np.ones(len(sorted_values), dtype=bool)
+    keep[first] = False
+    return sorted_values[keep]
 
 
 class StreamQuality:
@@ -232,7 +246,7 @@ class StreamQuality:
         n = len(y)
         if n == 0:
             return
-        user_ids = None if users is None else _user_ids(users, n)
+        user_ids = None if users is None else user_ids_of(users, n)
         self.version += 1
         # Lifetime sums and histograms.
         if losses is None:
@@ -253,7 +267,9 @@ class StreamQuality:
             y, p, losses = y[-self.capacity :], p[-self.capacity :], losses[-self.capacity :]
             user_ids = None if user_ids is None else user_ids[-self.capacity :]
             n = self.capacity
-        positions = (self._next + np.arange(n)) % self.capacity
+        # a slice where the batch does not wrap around the ring's end (a view: no index array)
+        positions: slice | np.ndarray = (slice(self._next, self._next + n) if self._next + n <= self.capacity
+                                         else (self._next + np.arange(n)) % self.capacity)
         self._y[positions] = y
         self._p[positions] = p
         self._loss[positions] = losses
@@ -363,24 +379,34 @@ class StreamQuality:
         positives = np.count_nonzero(self._last(window, self._y))
         return float(self._last(window, self._p).sum() / positives) if positives else math.nan
 
-    def summary(self, gauc_windows: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+    def summary(self, gauc_windows: Sequence[int] | None = None,
+                metrics: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         """Every metric for every window: ``{metric: {window label: value}}``, window labels ``"10000"``, ...,
-        and ``"lifetime"``. GAUC (no lifetime value) only for ``gauc_windows`` (default: every window)."""
+        and ``"lifetime"``. GAUC (no lifetime value) only for ``gauc_windows`` (default: every window).
+        ``metrics``: only these of :data:`METRICS` (default all; a reader that shows two skips the others' sums)."""
         out: dict[str, dict[str, float]] = {}
         labels: list[tuple[str, int | None]] = [(str(w), w) for w in self.windows] + [("lifetime", None)]
+        wanted = METRICS if metrics is None else tuple(metrics)
+        unknown = set(wanted) - set(METRICS)
+        if unknown:
+            raise KeyError(f"unknown metrics {sorted(unknown)}; known: {list(METRICS)}")
         for name in ("auc", "log_loss", "calibration_ratio", "positive_rate"):
-            out[name] = {label: getattr(self, name)(w) for label, w in labels}
-        gauc_windows = self.windows if gauc_windows is None else gauc_windows
-        out["gauc"] = {str(w): self.gauc(w) for w in gauc_windows}
-        out["samples"] = {label: float(self.samples(w)) for label, w in labels}
+            if name in wanted:
+                out[name] = {label: getattr(self, name)(w) for label, w in labels}
+        if "gauc" in wanted:
+            gauc_windows = self.windows if gauc_windows is None else gauc_windows
+            out["gauc"] = {str(w): self.gauc(w) for w in gauc_windows}
+        if "samples" in wanted:
+            out["samples"] = {label: float(self.samples(w)) for label, w in labels}
         return out
 
 
-def _user_ids(users: ArrayLike | Sequence, n: int) -> np.ndarray:
-    """Integer ids for grouping: integers pass through, anything else is hashed (stable within a process)."""
+def user_ids_of(users: ArrayLike | Sequence, n: int) -> np.ndarray:
+    """Integer ids for grouping: integers pass through, anything else is hashed (stable within a process). A
+    caller that updates several streams with one batch's users converts them once and passes the integers."""
     arr = np.asarray(users)
     if arr.shape != (n,):
         raise ValueError(f"users must have one entry per sample ({n}), got shape {arr.shape}")
     if np.issubdtype(arr.dtype, np.integer):
         return arr.astype(np.int64)
-    return np.fromiter((hash(u) for u in arr.tolist()), dtype=np.int64, count=n)
+    return np.fromiter(map(hash, arr.tolist()), dtype=np.int64, count=n)

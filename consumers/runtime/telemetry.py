@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from consumers.core.drift import AUC_DETECTOR, DETECTORS, AucDropDetector, LossDriftDetectors, per_sample_log_loss
-from consumers.core.quality import StreamQuality
+from consumers.core.quality import StreamQuality, user_ids_of
 
 PREFIX = "crossdistil"
 ROLES: tuple[str, ...] = ("student", "teacher")
@@ -382,6 +382,8 @@ class TrainerMetrics:
         """
         fired_pairs: list[tuple[str, str]] = []
         now = None
+        if users is not None and predictions:  # one conversion for every task's stream
+            users = user_ids_of(users, len(users))
         for task, raw_p in predictions.items():
             if task not in labels:
                 continue
@@ -430,16 +432,17 @@ class TrainerMetrics:
                    auc_drop_options={"min_drop": m.drift_auc_drop, "window": m.drift_auc_window,
                                      "reference": m.drift_auc_reference, "z": m.drift_auc_z}, **kwargs)
 
-    def _quality_state(self, in_place: bool = False, gauc: bool = True):
+    def _quality_state(self, in_place: bool = False, gauc: bool = True, metrics: Sequence[str] | None = None):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens
         outside it, so a scrape blocks the trainer only for the copies.
 
         ``in_place=True`` (the trainer's own thread, which is the only writer): no copies; the lock is held
-        while computing instead, so a checkpoint does not briefly double the rings' memory.
+        while computing instead, so a checkpoint does not briefly double the rings' memory. ``metrics``: only
+        these of ``StreamQuality.summary``'s (default all; AUC always, the drift needs it).
         """
         if in_place:
             with self._lock:
-                return self._quality_state_of(dict(self._quality), dict(self._published_reference), gauc)
+                return self._quality_state_of(dict(self._quality), dict(self._published_reference), gauc, metrics)
         with self._lock:
             copies = {key: quality.copy() for key, quality in self._quality.items()}
             published_reference = dict(self._published_reference)
@@ -449,13 +452,15 @@ class TrainerMetrics:
                 self._quality[key].adopt_cache(quality)
         return result
 
-    def _quality_state_of(self, copies: dict, published_reference: dict, gauc: bool = True):
+    def _quality_state_of(self, copies: dict, published_reference: dict, gauc: bool = True,
+                          metrics: Sequence[str] | None = None):
         summaries: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
         drift: dict[tuple[str, str, str, str], float] = {}
         references: dict[tuple[str, str, str, str], float] = {}
+        wanted = None if metrics is None else tuple(dict.fromkeys(("auc", *metrics)))
         for (task, role), quality in copies.items():
             # GAUC over the baseline window costs more than it tells.
-            summary = quality.summary(gauc_windows=self.windows if gauc else ())
+            summary = quality.summary(gauc_windows=self.windows if gauc else (), metrics=wanted)
             summaries[(task, role)] = summary
             baseline = summary["auc"][str(self.baseline_window)]
             for window in self.windows:
@@ -469,15 +474,17 @@ class TrainerMetrics:
                     drift[(task, role, w, "published")] = current - published
         return summaries, drift, references
 
-    def snapshot(self, gauc: bool = True) -> dict[str, Any]:
+    def snapshot(self, gauc: bool = True, metrics: Sequence[str] | None = None) -> dict[str, Any]:
         """Latest quality per task, for a checkpoint manifest: ``{task: {role: {metric: {window: value}}}}``
         plus ``{task: {"drift_detections": {detector: detections}}}`` and, once the learner reported a trust gate
         (``record_learner``), ``{task: {"kd_gate": {"open", "teacher_auc", "student_auc", "distilled_steps",
         "skipped_steps"}}}``; undefined values (NaN) become ``None``.
 
         ``gauc=False`` leaves GAUC out (``{}`` per role): the costliest metric, which a backtest's series does not
-        show. Call it from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
-        summaries, drift, _ = self._quality_state(in_place=True, gauc=gauc)
+        show. ``metrics``: only these of ``consumers.core.quality.METRICS`` per role (AUC always; a backtest's series
+        reads AUC and log loss at every point and skips the other windows' sums). Call it
+        from the thread that calls ``observe`` (it reads the rings in place, under the lock)."""
+        summaries, drift, _ = self._quality_state(in_place=True, gauc=gauc, metrics=metrics)
         out: dict[str, Any] = {task: {} for task in self.tasks}
         for (task, role), summary in summaries.items():
             role_out = out.setdefault(task, {}).setdefault(role, {})

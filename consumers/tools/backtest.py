@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from consumers.core.join import JoinedSample
+from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
@@ -414,8 +414,8 @@ class ConfigRun:
     event_ts_ms: list[int] = field(default_factory=list)
     labels: dict[str, list] = field(default_factory=dict)
     scores: dict[str, list] = field(default_factory=dict)
-    user_codes: list = field(default_factory=list)  # per batch, int32 codes of ``user_index``'s users
-    user_index: dict[str, int] = field(default_factory=dict)
+    user_codes: list = field(default_factory=list)  # per batch, int32 codes of the users (``UserCodes``)
+    coder: UserCodes = field(default_factory=UserCodes)  # where the batches do not come coded (an intake's do)
     batch_sizes: list[int] = field(default_factory=list)  # of every trained batch, in order
     seconds: float = 0.0
     leader: str | None = None  # the configuration whose join and batcher cut this one's batches (run_backtest)
@@ -424,18 +424,13 @@ class ConfigRun:
     def on_batch(self, samples: list, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
                  fired: list[tuple[str, str]]) -> None:
         """Pipeline hook: keep the prequential predictions, detections and, every N samples, a series point."""
-        import numpy as np
-
+        ids, users, ts_ms = sample_columns(samples)
         self.batch_sizes.append(len(samples))
-        self.impression_ids += [s.impression["impression_id"] for s in samples]
-        # Users as small integer codes (for per-user NDCG): 4 bytes a sample instead of a string each.
-        # Codes in order of first appearance; new users of the batch coded first, then one C-level lookup each.
-        codes = self.user_index
-        users = [s.impression["user_id"] for s in samples]
-        new = [user for user in dict.fromkeys(users) if user not in codes]
-        codes.update(zip(new, range(len(codes), len(codes) + len(new))))
-        self.user_codes.append(np.fromiter(map(codes.__getitem__, users), dtype=np.int32, count=len(users)))
-        self.event_ts_ms += [int(s.impression["ts_ms"]) for s in samples]
+        self.impression_ids += ids
+        # Users as small integer codes (for per-user NDCG); an intake process codes them the same way.
+        coded = samples.user_codes if isinstance(samples, SampleColumns) else None
+        self.user_codes.append(coded if coded is not None else self.coder(users))
+        self.event_ts_ms += ts_ms
         for task in labels:
             self.labels.setdefault(task, []).append(labels[task])
             self.scores.setdefault(task, []).append(scores[task])
@@ -449,7 +444,8 @@ class ConfigRun:
     def add_point(self, event_ms: int) -> None:
         """A time-series point from the metrics' snapshot (the same numbers /metrics would show)."""
         trained = self.pipeline.trained_samples
-        snapshot = self.pipeline.metrics.snapshot(gauc=False)  # the series has no GAUC: skip the costliest metric
+        # the series shows AUC and log loss (and the AUC's drift): the other metrics' window sums are not read
+        snapshot = self.pipeline.metrics.snapshot(gauc=False, metrics=("auc", "log_loss"))
         for task in self.pipeline.tasks:
             student = snapshot.get(task, {}).get("student", {})
             row: dict[str, Any] = {"samples": trained, "event_time_ms": event_ms, "task": task,
@@ -798,8 +794,7 @@ def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], curren
         counts.update(records=message["records"], events=message["events"], bytes=message["bytes"])
     elif op == "batch":
         index = message["group"]
-        samples = [JoinedSample({"impression_id": i, "user_id": u, "ts_ms": t}, {}, None, "")
-                   for i, u, t in zip(message["ids"], message["users"], message["ts"])]
+        samples = SampleColumns(message["ids"], message["users"], message["ts"], message["user_codes"])
         currents[index].update(samples=samples, columns=message["columns"])
         with _own_time(leaders[index]):
             leaders[index].pipeline.train_batch(samples)
@@ -853,6 +848,7 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
         clock = EventClock()
         metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
         pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense")
+        pipeline.metrics_users = False  # the users feed GAUC only, which a backtest does not show
         every = sample_every if sample_every is not None else default_sample_every(cfg)
         run_ = ConfigRun(name, cfg, pipeline, every, _next_point=every)
         pipeline.on_batch = run_.on_batch

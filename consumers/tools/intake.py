@@ -43,10 +43,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import msgpack
+import numpy as np
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
-from consumers.core.pipeline import NoMetrics, Pipeline, training_rows
+from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, training_rows
 from consumers.runtime.processes import describe_exit, die_with_parent, grow_pipe, tune_gc
 from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes, encode_columns
 from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
@@ -182,6 +183,7 @@ class _Sender:
 
     def __init__(self, index: int, group: IntakeGroup, send: Any) -> None:
         self.index, self.group, self.send = index, group, send
+        self.coder = UserCodes()  # the parent's per-user metrics read codes, not strings
 
     def submit(self, samples: list, context: Any) -> None:
         rows = training_rows(samples)
@@ -189,9 +191,10 @@ class _Sender:
         for spec in self.group.features:
             columns = encode_columns(rows, spec, self.group.tasks)
             encoded.append(columns_to_bytes(columns))
+        users = [s.impression["user_id"] for s in samples]
         self.send({"op": "batch", "group": self.index, "n": len(samples),
-                   "ids": [s.impression["impression_id"] for s in samples],
-                   "users": [s.impression["user_id"] for s in samples],
+                   "ids": [s.impression["impression_id"] for s in samples], "users": users,
+                   "user_codes": self.coder(users).tobytes(),
                    "ts": [s.impression["ts_ms"] for s in samples], "encoded": encoded})
 
     def answers(self, wait: bool = False) -> Iterator[Any]:
@@ -320,10 +323,14 @@ class IntakeProcess:
 
 
 def _with_columns(message: dict[str, Any], groups: Sequence[IntakeGroup]) -> dict[str, Any]:
-    """A ``batch`` message's arrays as ``numpy`` columns, one dict per feature set of its group (in place)."""
+    """A ``batch`` message's arrays as ``numpy`` columns, one dict per feature set of its group, and its users'
+    codes as int32 (in place)."""
     if message["op"] == "batch":
         group = groups[message["group"]]
         n = message["n"]
+        message["user_codes"] = np.frombuffer(message["user_codes"], dtype=np.int32)
+        if len(message["user_codes"]) != n:
+            raise IntakeError(f"a batch of {n} samples came with {len(message['user_codes'])} user codes")
         message["columns"] = [
             columns_from_bytes(encoded, [(n, len(spec.categorical)), (n, len(spec.numeric)), (n, len(group.tasks)),
                                          (n,)])  # COLUMN_DTYPES' order
@@ -333,7 +340,7 @@ def _with_columns(message: dict[str, Any], groups: Sequence[IntakeGroup]) -> dic
 
 # ------------------------------------------------------------------------------------------ the replay cache
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # The code that decides what an intake sends (the log's reader, validation, the join, batching, encoding): a change
 # to any of these files makes every cached replay stale.
 _INTAKE_CODE = (*sorted((REPO_ROOT / "streamer").glob("*.py")),

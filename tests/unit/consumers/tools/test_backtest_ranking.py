@@ -35,7 +35,7 @@ def test_users_are_kept_per_sample_as_compact_codes() -> None:
     feed(run, ["u1", "u2"], {"click": [1, 0], "like": [0, 0]}, {"click": [0.5, 0.5], "like": [0.5, 0.5]})
     feed(run, ["u2", "u3"], {"click": [1, 0], "like": [0, 0]}, {"click": [0.5, 0.5], "like": [0.5, 0.5]})
     assert run.users().tolist() == [0, 1, 1, 2] and run.users().dtype == np.int32
-    assert run.user_index == {"u1": 0, "u2": 1, "u3": 2}
+    assert run.coder.index == {"u1": 0, "u2": 1, "u3": 2}
 
 
 def test_ndcg_uses_the_next_task_as_partner_across_batches() -> None:
