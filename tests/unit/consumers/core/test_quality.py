@@ -158,3 +158,15 @@ def test_windowed_auc_kept_in_score_order_is_the_offline_auc_bit_for_bit(seed: i
         if rng.random() < 0.2:
             clone = q.copy()
             assert clone.auc(300) == offline.auc(y_all[-300:], p_all[-300:]) or len(set(y_all[-300:])) < 2
+
+
+def test_users_converted_once_give_every_stream_the_same_gauc() -> None:
+    from consumers.core.quality import user_ids_of
+
+    rng = np.random.default_rng(8)
+    y, p = rng.random(300) < 0.4, rng.random(300)
+    users = np.array([f"u{k}" for k in rng.integers(0, 20, 300)], dtype=object)
+    by_name, by_id = StreamQuality(windows=(300,)), StreamQuality(windows=(300,))
+    by_name.update(y, p, users)
+    by_id.update(y, p, user_ids_of(users, len(users)))
+    assert by_name.gauc(300) == by_id.gauc(300) == pytest.approx(offline.gauc(y, p, users), abs=1e-12)

@@ -281,3 +281,16 @@ def test_the_snapshot_holds_the_trust_gate_as_plain_values() -> None:
     assert snapshot["click"]["kd_gate"] == {"open": 1.0, "teacher_auc": 0.74, "student_auc": 0.71,
                                             "distilled_steps": 1, "skipped_steps": 0}
     assert snapshot["like"]["kd_gate"]["teacher_auc"] is None
+
+
+def test_a_snapshot_of_some_metrics_has_those_and_the_auc_with_the_same_values() -> None:
+    rng = np.random.default_rng(4)
+    metrics = TrainerMetrics(["click"], windows=(50, 200))
+    for _ in range(6):
+        metrics.observe({"click": rng.random(64) < 0.3}, {"click": rng.random(64)}, users=rng.integers(0, 9, 64))
+    full = metrics.snapshot(gauc=False)["click"]["student"]
+    some = metrics.snapshot(gauc=False, metrics=("log_loss",))["click"]["student"]
+    assert set(some) == {"auc", "log_loss", "auc_drift"}
+    assert some == {k: full[k] for k in some}
+    with pytest.raises(KeyError, match="unknown metrics"):
+        metrics.snapshot(metrics=("auc", "accuracy"))

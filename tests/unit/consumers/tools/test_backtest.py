@@ -80,6 +80,10 @@ def test_configurations_see_the_same_events(drift_log: Path, config_file: Path) 
     assert mtl.pipeline.join.counters == cd.pipeline.join.counters
     assert (mtl.arrays("click")[0] == cd.arrays("click")[0]).all()
     assert not (mtl.arrays("click")[1] == cd.arrays("click")[1]).all(), "different rungs must predict differently"
+    # the users go to the per-user NDCG, not to the trainer's metrics: their GAUC, which a backtest never shows,
+    # is not computed at all
+    quality = mtl.pipeline.metrics.snapshot()["click"]["student"]
+    assert quality["auc"]["lifetime"] is not None and set(quality["gauc"].values()) == {None}
 
 
 def test_summary_and_report_state_ndcg_and_the_combined_score_over_all_and_the_tail(drift_log: Path,

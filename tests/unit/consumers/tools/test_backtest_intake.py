@@ -72,14 +72,15 @@ def messy_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def replay(log: Path, config_file: Path, mode: str, rungs: str = "mtl,crossdistil", overrides: tuple = WINDOWS,
            **limits) -> tuple[str, dict[str, str], dict[str, str]]:
-    """The summary (as JSON text), each configuration's series CSV and predictions digest."""
+    """The summary (as JSON text), each configuration's series CSV and predictions digest (with the users' codes
+    and event times: an intake process codes the users itself)."""
     configs = backtest.build_configs([str(config_file)], rungs, list(overrides))
     records, desc = backtest.log_records(f"file://{log}", **limits)
     result = backtest.run_backtest(records, configs, batching="dense", sample_every=100, intake=mode)
     assert result.intake == mode
     summary = json.dumps(backtest.summary(result, desc), sort_keys=True, default=backtest._json_default)
     return (summary, {n: backtest.series_csv(r.series) for n, r in result.runs.items()},
-            {n: predictions_digest(r) for n, r in result.runs.items()})
+            {n: (predictions_digest(r), r.users().tobytes(), r.event_ts_ms) for n, r in result.runs.items()})
 
 
 def test_an_intake_replay_of_a_messy_log_is_the_inline_one(messy_log: Path, config_file: Path) -> None:
@@ -142,12 +143,12 @@ def test_configurations_in_learner_processes_get_the_intake_batches(messy_log: P
     result = backtest.run_backtest(records, configs, batching="dense", sample_every=100, intake="process")
     assert result.processes["learner_processes"] == 1
     assert json.dumps(backtest.summary(result, desc), sort_keys=True, default=backtest._json_default) == inline[0]
-    assert {n: predictions_digest(r) for n, r in result.runs.items()} == inline[2]
+    assert {n: (predictions_digest(r), r.users().tobytes(), r.event_ts_ms) for n, r in result.runs.items()} == inline[2]
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # none to spare: only the one that asks has a process
     separate = backtest.build_configs([str(config_file)], "mtl", [*WINDOWS, "model.separate_process=true"])
     result = backtest.run_backtest(records, separate, batching="dense", sample_every=100, intake="process")
     assert result.processes["learner_processes"] == 0 and result.intake == "process"
-    assert predictions_digest(result.runs["mtl"]) == inline[2]["mtl"]
+    assert predictions_digest(result.runs["mtl"]) == inline[2]["mtl"][0]
     result.runs["mtl"].pipeline.close()
 
 

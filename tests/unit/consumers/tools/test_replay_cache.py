@@ -31,7 +31,7 @@ def replay(log: Path, config_file: Path, cache: Path | None, rungs: str = "mtl,c
                                    replay_cache=cache)
     summary = json.dumps(backtest.summary(result, desc), sort_keys=True, default=backtest._json_default)
     return result, (summary, {n: backtest.series_csv(r.series) for n, r in result.runs.items()},
-                    {n: predictions_digest(r) for n, r in result.runs.items()})
+                    {n: (predictions_digest(r), r.users().tobytes()) for n, r in result.runs.items()})
 
 
 def entries(folder: Path) -> list[str]:
