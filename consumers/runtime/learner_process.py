@@ -36,6 +36,7 @@ child imports ``models``, torch, the pipeline's training call and the checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -216,13 +217,23 @@ class RemoteLearner:
     ``submit(rows, context)`` sends one batch (waiting first while ``MAX_IN_FLIGHT`` are unanswered);
     ``answers(wait)`` returns ``(context, reply)`` for every batch answered so far (``wait=True``: for every
     batch sent); ``steps`` counts the ones handed back.
+
+    ``queue_bytes`` (a replay's batches, all at hand): a thread of this process writes the requests, so a submit
+    never waits on the pipe, and up to that many bytes of batches may be unanswered instead of ``MAX_IN_FLIGHT``
+    batches: the caller goes on with its own work while the learner process starts (imports: seconds) or trails.
     """
 
     def __init__(self, cfg: Config, torch_threads: int | None = None, start_timeout_s: float = 300.0,
-                 wait_ready: bool = True) -> None:
+                 wait_ready: bool = True, queue_bytes: int | None = None) -> None:
         self.steps = 0
         self._width = len(cfg.model.tasks)
         self._in_flight: deque[Any] = deque()
+        self._sizes: deque[int] = deque()  # bytes of each request in flight
+        self._queue_bytes = queue_bytes
+        self._queued = 0  # their sum
+        self._outbox: queue.SimpleQueue[bytes | None] | None = None
+        self._writer: threading.Thread | None = None
+        self._write_error: OSError | None = None
         self._answered: deque[tuple[Any, dict[str, Any]]] = deque()
         parent_in, child_out = os.pipe()
         child_in, parent_out = os.pipe()
@@ -241,6 +252,10 @@ class RemoteLearner:
         if torch_threads is None:
             torch_threads = torch.get_num_threads()
         self._send({"op": "hello", "config": cfg.to_dict(), "torch_threads": torch_threads})
+        if queue_bytes is not None:
+            self._outbox = queue.SimpleQueue()
+            self._writer = threading.Thread(target=self._write_requests, name="learner-requests", daemon=True)
+            self._writer.start()
         self.device: str | None = None
         self._start_timeout_s = start_timeout_s
         if wait_ready:  # else on the first reply (the caller works meanwhile: a replay starts training at once)
@@ -262,18 +277,24 @@ class RemoteLearner:
 
     def submit_rows(self, rows: list[list[Any]], context: Any) -> None:
         """Send one batch of ``sample_row`` rows to train; ``context`` comes back with its answer."""
-        while len(self._in_flight) >= MAX_IN_FLIGHT:
-            self._take_answer()
-        self._send({"op": "step", "rows": rows})
-        self._in_flight.append(context)
+        self._submit(_pack({"op": "step", "rows": rows}), context)
 
     def submit_columns(self, columns: Mapping[str, np.ndarray], context: Any) -> None:
         """Send one batch encoded already (``models.features.encode_columns``' arrays) to train."""
-        while len(self._in_flight) >= MAX_IN_FLIGHT:
-            self._take_answer()
-        self._send({"op": "step_columns", "columns": columns_to_bytes(columns),
-                    "shapes": [list(columns[name].shape) for name in COLUMN_DTYPES]})
+        self._submit(_pack({"op": "step_columns", "columns": columns_to_bytes(columns),
+                            "shapes": [list(columns[name].shape) for name in COLUMN_DTYPES]}), context)
+
+    def _submit(self, data: bytes, context: Any) -> None:
+        if self._queue_bytes is None:
+            while len(self._in_flight) >= MAX_IN_FLIGHT:
+                self._take_answer()
+        else:
+            while self._in_flight and self._queued + len(data) > self._queue_bytes:
+                self._take_answer()
+        self._send_bytes(data)
         self._in_flight.append(context)
+        self._sizes.append(len(data))
+        self._queued += len(data)
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
         """``(context, Answer)`` of the batches answered so far, in order (``wait``: of every batch sent).
@@ -323,6 +344,10 @@ class RemoteLearner:
         """Stop the child (after its answers) and reap it; kill it if it does not stop in time."""
         if self.process.poll() is None:
             deadline = time.monotonic() + timeout_s
+            if self._outbox is not None:  # batches not written yet are not trained: "stop" goes next
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self._outbox.get_nowait()
             try:
                 self._send({"op": "stop"})
                 while time.monotonic() < deadline:  # answers nobody waits for any more, then "stopped"
@@ -338,6 +363,9 @@ class RemoteLearner:
                 log.warning("learner process %d did not stop within %.0f s: killing it", self.process.pid, timeout_s)
                 self.process.kill()
             self.process.wait()
+        if self._writer is not None:  # the child is gone: a write in progress fails, and the thread ends
+            self._outbox.put(None)
+            self._writer.join(timeout=10.0)
         for connection in (self._requests, self._replies):
             connection.close()
 
@@ -352,12 +380,31 @@ class RemoteLearner:
         if reply.get("op") != "stepped":
             raise LearnerProcessError(f"unexpected reply {reply.get('op')!r} to a training step")
         self._answered.append((self._in_flight.popleft(), reply))
+        self._queued -= self._sizes.popleft()
 
     def _send(self, message: Mapping[str, Any]) -> None:
+        self._send_bytes(_pack(message))
+
+    def _send_bytes(self, data: bytes) -> None:
+        if self._outbox is not None:  # the writer thread sends it, in order
+            if self._write_error is not None:
+                raise LearnerProcessError(f"the learner process is gone ({self._exit_description()}): "
+                                          f"{self._write_error}")
+            self._outbox.put(data)
+            return
         try:
-            self._requests.send_bytes(_pack(message))
+            self._requests.send_bytes(data)
         except OSError as exc:
             raise LearnerProcessError(f"the learner process is gone ({self._exit_description()}): {exc}") from None
+
+    def _write_requests(self) -> None:
+        """The writer thread (``queue_bytes``): each request in turn, until ``None`` or a write fails."""
+        while (data := self._outbox.get()) is not None:
+            try:
+                self._requests.send_bytes(data)
+            except OSError as exc:  # the child is gone: its replies' end says so to the reader
+                self._write_error = exc
+                return
 
     def _receive(self, ready: bool = False) -> dict[str, Any]:
         if self.device is None and not ready:

@@ -720,29 +720,54 @@ def _features(run_: ConfigRun) -> Any:
 
 def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[int]) -> tuple[list[Any], list[Any]]:
     """Point a group's configurations at the batches of the intake process: (their feature sets, the learner
-    processes started). While ``free_cores[0]`` > 0 (cores beyond the intake process's and this one's), a
-    configuration after a group's first trains in a learner process of its own, a core each, side by side with
-    the others (on two cores a third busy process only slows the other two, so there none is started). One with
-    ``model.separate_process`` trains in its own process in any case."""
+    processes started). While ``free_cores[0]`` > 0 (cores beyond the intake process's and this one's), all but
+    one of a group's configurations train in learner processes of their own, a core each, side by side: the
+    cheapest steps first (``_step_cost``), since a learner process pays its start-up (imports) before its first
+    step and this process keeps every configuration's metrics besides its own step; the costliest (on a tie, the
+    group's first) stays here. On two cores a third busy process only slows the other two, so there none is
+    started. One with ``model.separate_process`` trains in its own process in any case."""
     from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
 
     members, features, specs = _feature_sets(leader)
+    holders = {m.name: (leader.pipeline.learner, "port") if m is leader else (m.pipeline, "learner") for m in members}
+    here = [m for m in members if not isinstance(getattr(*holders[m.name]), RemoteLearner)]
+    movable = sorted(here, key=lambda m: (_step_cost(m), m is leader))[:-1]
+    moving = {m.name for m in movable[:max(0, free_cores[0])]}
+    free_cores[0] -= len(moving)
     started = []
     for m in members:
-        holder = leader.pipeline.learner if m is leader else m.pipeline
-        attribute = "port" if m is leader else "learner"
+        holder, attribute = holders[m.name]
         port = getattr(holder, attribute)
         index = specs.index(features[m.name])
         if isinstance(port, RemoteLearner):
             setattr(holder, attribute, _PreparedRemote(port, current, index))
-        elif free_cores[0] > 0 and m is not leader:
-            free_cores[0] -= 1
-            remote = RemoteLearner(m.cfg, wait_ready=False)  # it starts while this process trains the first batches
+        elif m.name in moving:
+            # it starts (imports) while this process trains: the batches queue up here meanwhile, not blocking
+            remote = RemoteLearner(m.cfg, wait_ready=False, queue_bytes=REPLAY_QUEUE_BYTES)
             started.append(remote)
             setattr(holder, attribute, _PreparedRemote(remote, current, index))
         else:
             port.encode = _Prepared(current, index, m.pipeline.tasks)
     return specs, started
+
+
+# Encoded batches a replay may have sent a learner process and not had answered (~85 KB a KuaiRand-Pure batch of
+# 256: ~3,000 batches): the learner process takes seconds to start, and this process trains on meanwhile.
+REPLAY_QUEUE_BYTES = 256 << 20
+
+
+def _step_cost(run_: ConfigRun) -> int:
+    """A configuration's step cost, to order a group's configurations (``_intake_ports``): the elements of the
+    parameters its dense optimizer updates (crossdistil's teacher towers: ~116k against mtl's ~95k in the default
+    model, whose step costs ~1.4x mtl's). The embedding tables and the wide part are left out: a group's
+    configurations read the same features, and their sparse updates touch the same rows. 0 for a learner without
+    a dense optimizer (river's)."""
+    port = run_.pipeline.learner
+    port = getattr(port, "port", port)  # a group's first configuration: its Forwarding's port
+    optimizer = getattr(getattr(port, "learner", None), "dense_optimizer", None)
+    if optimizer is None:
+        return 0
+    return sum(p.numel() for group in optimizer.param_groups for p in group["params"])
 
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
@@ -753,7 +778,7 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
     groups = [_intake_group(leader) for leader in leaders]
     cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY)
     cached = cache is not None and cache.hit
-    # cores beyond this process's (and the intake process's): configurations after a group's first train there
+    # cores beyond this process's (and the intake process's): all but one of a group's configurations train there
     free_cores = [(os.cpu_count() or 1) - (1 if cached else 2)]
     currents, remotes = [], []
     for leader in leaders:

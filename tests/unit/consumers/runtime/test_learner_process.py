@@ -213,3 +213,50 @@ def test_the_learner_process_reports_the_trust_gate_to_the_metrics_as_a_learner_
                   if name == "crossdistil_kd_gate_steps_total" and ("task", "click") in labels)
     assert counted == steps > 10
     assert ("crossdistil_kd_gate_auc", (("role", "teacher"), ("task", "click"))) in inline  # decided at least once
+
+
+def test_queued_requests_never_wait_on_the_learner_process_and_train_the_same() -> None:
+    from models.features import encode_columns
+
+    cfg = load_config(None, env={}, overrides=SMALL)
+    rng = np.random.default_rng(2)
+    rows = [{"user_id": f"u{rng.integers(50)}", "item_id": f"i{rng.integers(80)}", "features": {},
+             "labels": {"click": int(rng.random() < 0.3), "long_view": int(rng.random() < 0.2)}}
+            for _ in range(20 * 64)]
+    spec = model_config(cfg).features
+    batches = [encode_columns(rows[k * 64:(k + 1) * 64], spec, cfg.model.tasks) for k in range(20)]
+    scores = {}
+    for queue_bytes in (None, 1 << 30):
+        remote = RemoteLearner(cfg, torch_threads=1, wait_ready=False, queue_bytes=queue_bytes)
+        taken = []
+
+        def counted(take=remote._take_answer, taken=taken) -> None:
+            taken.append(1)
+            take()
+
+        remote._take_answer = counted
+        try:
+            for k, columns in enumerate(batches):  # more than MAX_IN_FLIGHT (8), sent while the child starts
+                remote.submit_columns(columns, k)
+            submitted_waiting = len(taken)
+            answers = list(remote.answers(wait=True))
+        finally:
+            remote.close()
+        assert [context for context, _ in answers] == list(range(20))
+        scores[queue_bytes] = np.concatenate([answer.scores for _, answer in answers])
+        # synchronous: the 9th batch waits for the 1st answer; queued: no submit waits for an answer
+        assert (submitted_waiting == 0) == (queue_bytes is not None), submitted_waiting
+    assert np.array_equal(scores[None], scores[1 << 30])
+
+
+def test_a_learner_process_that_dies_with_requests_queued_is_an_error_not_a_hang() -> None:
+    remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1, queue_bytes=1 << 30)
+    try:
+        remote.process.kill()
+        remote.process.wait()
+        with pytest.raises(LearnerProcessError, match="killed by signal 9"):
+            for _ in range(50):
+                remote.submit_rows([["u", "i", {}, {"click": 1, "long_view": 0}]], None)
+            list(remote.answers(wait=True))
+    finally:
+        remote.close()

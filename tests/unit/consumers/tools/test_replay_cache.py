@@ -58,6 +58,13 @@ def test_a_replay_from_the_cache_is_the_intake_replay_bit_for_bit(messy_log: Pat
     third, read = replay(messy_log, config_file, cache)
     assert third.intake == "cache" and third.processes["learner_processes"] == 1
     assert read == inline["mtl,crossdistil"]
+    # the cheaper step moved (mtl's, the group's first), the costlier (crossdistil's teachers) trained here
+    mtl, crossdistil = third.runs["mtl"], third.runs["crossdistil"]
+    fresh, _ = backtest._grouped_runs(backtest.build_configs([str(config_file)], "mtl,crossdistil", list(WINDOWS)),
+                                      "dense", None)
+    assert 0 < backtest._step_cost(fresh["mtl"]) < backtest._step_cost(fresh["crossdistil"])
+    assert isinstance(mtl.pipeline.learner.port, backtest._PreparedRemote)
+    assert not isinstance(crossdistil.pipeline.learner, backtest._PreparedRemote)
 
 
 def test_what_the_batches_depend_on_makes_a_new_entry(messy_log: Path, config_file: Path,  # noqa: F811
