@@ -144,12 +144,19 @@ def test_configurations_in_learner_processes_get_the_intake_batches(messy_log: P
     assert result.processes["learner_processes"] == 1
     assert json.dumps(backtest.summary(result, desc), sort_keys=True, default=backtest._json_default) == inline[0]
     assert {n: (predictions_digest(r), r.users().tobytes(), r.event_ts_ms) for n, r in result.runs.items()} == inline[2]
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # none to spare: only the one that asks has a process
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one alone: only if it asks does it train elsewhere
     separate = backtest.build_configs([str(config_file)], "mtl", [*WINDOWS, "model.separate_process=true"])
     result = backtest.run_backtest(records, separate, batching="dense", sample_every=100, intake="process")
     assert result.processes["learner_processes"] == 0 and result.intake == "process"
     assert predictions_digest(result.runs["mtl"]) == inline[2]["mtl"][0]
     result.runs["mtl"].pipeline.close()
+    # two cores, two configurations: one (the cheaper step, mtl) trains beside the intake; one core: none does
+    for cores, started in ((2, 1), (1, 0)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        result = backtest.run_backtest(records, configs, batching="dense", sample_every=100, intake="process")
+        assert result.processes["learner_processes"] == started, cores
+        assert isinstance(result.runs["mtl"].pipeline.learner.port, backtest._PreparedRemote) == bool(started)
+        assert {n: predictions_digest(r) for n, r in result.runs.items()} == {n: v[0] for n, v in inline[2].items()}
 
 
 def test_a_truncated_log_fails_in_the_intake_as_it_does_inline(messy_log: Path, config_file: Path,
