@@ -156,14 +156,18 @@ class UserCodes:
         return np.fromiter(map(index.__getitem__, users), dtype=np.int32, count=len(users))
 
 
-def sample_columns(samples: Sequence[JoinedSample]) -> tuple[list[str], list[Any], list[int]]:
-    """A batch's impression ids, users and event times (ms): a :class:`SampleColumns`' own lists, or read from
-    each sample."""
+def sample_column(samples: Sequence[JoinedSample], key: str) -> list[Any]:
+    """One of a batch's columns, ``"impression_id"``, ``"user_id"`` or ``"ts_ms"``: a :class:`SampleColumns`' own
+    list, or read from each sample's impression (only that one: the live trainer's batches are lists)."""
     if isinstance(samples, SampleColumns):
-        return samples.ids, samples.users, samples.ts_ms
-    impressions = [s.impression for s in samples]
-    return ([i["impression_id"] for i in impressions], [i["user_id"] for i in impressions],
-            [int(i["ts_ms"]) for i in impressions])
+        return {"impression_id": samples.ids, "user_id": samples.users, "ts_ms": samples.ts_ms}[key]
+    return [s.impression[key] for s in samples]
+
+
+def sample_columns(samples: Sequence[JoinedSample]) -> tuple[list[str], list[Any], list[int]]:
+    """A batch's impression ids, users and event times (ms) (:func:`sample_column`)."""
+    return (sample_column(samples, "impression_id"), sample_column(samples, "user_id"),
+            sample_column(samples, "ts_ms"))
 
 
 def _topic(source: Source) -> str:
@@ -473,13 +477,12 @@ class Pipeline:
         self.last_step_s = answer.seconds
         labels = {task: answer.labels[:, k] for k, task in enumerate(self.tasks)}
         scores = {task: answer.scores[:, k] for k, task in enumerate(self.tasks)}
-        ids, users, _ = sample_columns(samples)
+        users = np.array(sample_column(samples, "user_id"), dtype=object) if self.metrics_users else None
         self.metrics.batch_trained(len(samples), answer.seconds)
         self.metrics.record_learner(answer.losses)
-        fired = self.metrics.observe(labels, scores, role="student",
-                                     users=np.array(users, dtype=object) if self.metrics_users else None)
+        fired = self.metrics.observe(labels, scores, role="student", users=users)
         if self.ledger is not None:
-            self.ledger.add(ids, labels, scores)
+            self.ledger.add(sample_column(samples, "impression_id"), labels, scores)
         self.trained_samples += len(samples)
         if self.on_batch is not None:
             self.on_batch(samples, labels, scores, fired)

@@ -47,7 +47,7 @@ import numpy as np
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
-from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, training_rows
+from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, sample_columns, training_rows
 from consumers.runtime.processes import describe_exit, die_with_parent, grow_pipe, tune_gc
 from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes, encode_columns
 from streamer.eventlog import EventLogError, path_from_url, read_event_log_sized
@@ -191,11 +191,9 @@ class _Sender:
         for spec in self.group.features:
             columns = encode_columns(rows, spec, self.group.tasks)
             encoded.append(columns_to_bytes(columns))
-        users = [s.impression["user_id"] for s in samples]
-        self.send({"op": "batch", "group": self.index, "n": len(samples),
-                   "ids": [s.impression["impression_id"] for s in samples], "users": users,
-                   "user_codes": self.coder(users).tobytes(),
-                   "ts": [s.impression["ts_ms"] for s in samples], "encoded": encoded})
+        ids, users, ts_ms = sample_columns(samples)
+        self.send({"op": "batch", "group": self.index, "n": len(samples), "ids": ids, "users": users,
+                   "user_codes": self.coder(users).tobytes(), "ts": ts_ms, "encoded": encoded})
 
     def answers(self, wait: bool = False) -> Iterator[Any]:
         return iter(())
