@@ -1,4 +1,5 @@
-"""Process helpers shared by the daemons and tools: dying with the parent, the garbage collector's settings.
+"""Process helpers shared by the daemons and tools: dying with the parent, the garbage collector's settings, forked
+children.
 
 >>> GC_THRESHOLDS[0]
 50000
@@ -6,9 +7,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import signal
 import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Collection
 
 GC_THRESHOLDS = (50_000, 20, 10)
 
@@ -80,3 +87,98 @@ def describe_exit(process: subprocess.Popen, timeout_s: float = 2.0) -> str:
     except subprocess.TimeoutExpired:
         return "still running"
     return f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+
+
+# ------------------------------------------------------------------------------------------- forked children
+
+
+def can_fork() -> bool:
+    """Whether :func:`fork_child` may be used here: Linux only (macOS' system libraries are not fork-safe)."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+class ForkedProcess:
+    """A child made by :func:`fork_child`, with the parts of ``subprocess.Popen``'s interface the callers use
+    (``pid``, ``returncode``, ``poll``, ``wait``, ``kill``; ``wait`` raises ``subprocess.TimeoutExpired``)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.args = f"forked child {pid}"
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                self.returncode = -1
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.001
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def fork_child(main: Callable[[], int], keep_fds: Collection[int]) -> ForkedProcess:
+    """Run ``main()`` in a forked copy of this process (:func:`can_fork` must hold): no interpreter to start and
+    nothing to import again (a learner process forked from a replay that imported torch is ready in milliseconds;
+    started afresh it spends ~3.5 CPU s importing torch and ``torch._dynamo`` on a core the replay needs).
+
+    In the child, before ``main``: every pipe and socket this process holds other than ``keep_fds`` is closed (a
+    copy of another child's pipe end would keep that child from seeing its end of file), standard output and error
+    get new file objects (another thread may have held the old ones' locks at the fork), and every object inherited
+    is frozen out of the collector's reach (never finalised there: an inherited file object must not flush what the
+    parent buffered). The child ends with ``os._exit`` (the parent's ``atexit`` handlers and finalisers never run
+    there) with ``main``'s status, 1 if it raised. Only the forking thread exists in the child, so ``main`` must not
+    wait on anything another thread of the parent would do; fork before this process starts thread pools that the
+    child would use (torch's intra-op threads: fork only with one).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    pid = os.fork()
+    if pid:
+        return ForkedProcess(pid)
+    status = 1
+    try:
+        gc.freeze()
+        _close_foreign_pipes(keep_fds)
+        sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115 - lives as long as the child
+        sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
+        status = main()
+    except BaseException:  # noqa: BLE001 - the child reports and exits, whatever happened
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(status if isinstance(status, int) else 1)
+
+
+def _close_foreign_pipes(keep_fds: Collection[int]) -> None:
+    """Close the pipes and sockets of this (forked) process except ``keep_fds`` and 0-2 (Linux: /proc/self/fd)."""
+    keep = {0, 1, 2, *keep_fds}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(("pipe:", "socket:")):
+                os.close(fd)

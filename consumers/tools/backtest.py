@@ -722,8 +722,8 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
     """Point a group's configurations at the batches of the intake process: (their feature sets, the learner
     processes started). While ``free_cores[0]`` > 0 (``_replay_with_intake``: at least one on two cores), all but
     one of a group's configurations train in learner processes of their own, a core each, side by side: the
-    cheapest steps first (``_step_cost``), since a learner process pays its start-up (imports) before its first
-    step and this process keeps every configuration's metrics besides its own step; the costliest (on a tie, the
+    cheapest steps first (``_step_cost``), since this process keeps every configuration's metrics besides its own
+    step (and a learner process that is not forked pays its start-up, imports, first); the costliest (on a tie, the
     group's first) stays here. One with ``model.separate_process`` trains in its own process in any case."""
     from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
 
@@ -741,8 +741,9 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
         if isinstance(port, RemoteLearner):
             setattr(holder, attribute, _PreparedRemote(port, current, index))
         elif m.name in moving:
-            # it starts (imports) while this process trains: the batches queue up here meanwhile, not blocking
-            remote = RemoteLearner(m.cfg, wait_ready=False, queue_bytes=REPLAY_QUEUE_BYTES)
+            # a fork of this process (torch imported already: ready in milliseconds; with more than one torch thread
+            # a new interpreter, seconds of imports): the batches queue up meanwhile, not blocking this process
+            remote = RemoteLearner(m.cfg, wait_ready=False, queue_bytes=REPLAY_QUEUE_BYTES, fork=True)
             started.append(remote)
             setattr(holder, attribute, _PreparedRemote(remote, current, index))
         else:
@@ -751,7 +752,7 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
 
 
 # Encoded batches a replay may have sent a learner process and not had answered (~85 KB a KuaiRand-Pure batch of
-# 256: ~3,000 batches): the learner process takes seconds to start, and this process trains on meanwhile.
+# 256: ~3,000 batches): this process trains on while the learner process starts (seconds, unless forked) or trails.
 REPLAY_QUEUE_BYTES = 256 << 20
 
 

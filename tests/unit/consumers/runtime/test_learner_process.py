@@ -215,7 +215,20 @@ def test_the_learner_process_reports_the_trust_gate_to_the_metrics_as_a_learner_
     assert ("crossdistil_kd_gate_auc", (("role", "teacher"), ("task", "click"))) in inline  # decided at least once
 
 
-def test_queued_requests_never_wait_on_the_learner_process_and_train_the_same() -> None:
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread here, as a replay runs (``crossdistil backtest --torch-threads 1``): a learner process may be
+    forked only then."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_queued_requests_never_wait_on_the_learner_process_and_train_the_same(one_torch_thread) -> None:
+    from consumers.runtime.processes import can_fork
     from models.features import encode_columns
 
     cfg = load_config(None, env={}, overrides=SMALL)
@@ -226,8 +239,9 @@ def test_queued_requests_never_wait_on_the_learner_process_and_train_the_same() 
     spec = model_config(cfg).features
     batches = [encode_columns(rows[k * 64:(k + 1) * 64], spec, cfg.model.tasks) for k in range(20)]
     scores = {}
-    for queue_bytes in (None, 1 << 30):
-        remote = RemoteLearner(cfg, torch_threads=1, wait_ready=False, queue_bytes=queue_bytes)
+    for queue_bytes, fork in ((None, False), (1 << 30, False), (1 << 30, True)):
+        remote = RemoteLearner(cfg, torch_threads=1, wait_ready=False, queue_bytes=queue_bytes, fork=fork)
+        assert remote.forked == (fork and can_fork())
         taken = []
 
         def counted(take=remote._take_answer, taken=taken) -> None:
@@ -243,14 +257,34 @@ def test_queued_requests_never_wait_on_the_learner_process_and_train_the_same() 
         finally:
             remote.close()
         assert [context for context, _ in answers] == list(range(20))
-        scores[queue_bytes] = np.concatenate([answer.scores for _, answer in answers])
+        scores[queue_bytes, fork] = np.concatenate([answer.scores for _, answer in answers])
         # synchronous: the 9th batch waits for the 1st answer; queued: no submit waits for an answer
         assert (submitted_waiting == 0) == (queue_bytes is not None), submitted_waiting
-    assert np.array_equal(scores[None], scores[1 << 30])
+    assert np.array_equal(scores[None, False], scores[1 << 30, False])
+    assert np.array_equal(scores[None, False], scores[1 << 30, True])  # a forked child builds the same learner
 
 
-def test_a_learner_process_that_dies_with_requests_queued_is_an_error_not_a_hang() -> None:
-    remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1, queue_bytes=1 << 30)
+def test_a_forked_learner_process_is_not_forked_with_more_than_one_torch_thread() -> None:
+    """torch's intra-op threads do not survive a fork (the child's pool would wait for threads it does not have):
+    with more than one, the child is a new interpreter."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1, fork=True)
+        try:
+            assert not remote.forked
+        finally:
+            remote.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fork", [False, True], ids=["new interpreter", "forked"])
+def test_a_learner_process_that_dies_with_requests_queued_is_an_error_not_a_hang(one_torch_thread, fork) -> None:
+    remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1, queue_bytes=1 << 30,
+                           fork=fork)
     try:
         remote.process.kill()
         remote.process.wait()

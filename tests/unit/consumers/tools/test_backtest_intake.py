@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from consumers.runtime.processes import can_fork
 from consumers.tools import backtest, intake
 from streamer.eventlog import EventLogError, EventLogWriter
 from tests.unit.consumers.tools.test_backtest_batching import predictions_digest
@@ -150,12 +151,23 @@ def test_configurations_in_learner_processes_get_the_intake_batches(messy_log: P
     assert result.processes["learner_processes"] == 0 and result.intake == "process"
     assert predictions_digest(result.runs["mtl"]) == inline[2]["mtl"][0]
     result.runs["mtl"].pipeline.close()
-    # two cores, two configurations: one (the cheaper step, mtl) trains beside the intake; one core: none does
-    for cores, started in ((2, 1), (1, 0)):
+    # two cores, two configurations: one (the cheaper step, mtl) trains beside the intake; one core: none does;
+    # with one torch thread here (as `crossdistil backtest` runs) the learner process is a fork of this one
+    import torch
+
+    threads = torch.get_num_threads()
+    for cores, started, torch_threads in ((2, 1, 2), (2, 1, 1), (1, 0, 1)):
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
-        result = backtest.run_backtest(records, configs, batching="dense", sample_every=100, intake="process")
+        torch.set_num_threads(torch_threads)
+        try:
+            result = backtest.run_backtest(records, configs, batching="dense", sample_every=100, intake="process")
+        finally:
+            torch.set_num_threads(threads)
         assert result.processes["learner_processes"] == started, cores
-        assert isinstance(result.runs["mtl"].pipeline.learner.port, backtest._PreparedRemote) == bool(started)
+        port = result.runs["mtl"].pipeline.learner.port
+        assert isinstance(port, backtest._PreparedRemote) == bool(started)
+        if started:
+            assert port.remote.forked == (torch_threads == 1 and can_fork())
         assert {n: predictions_digest(r) for n, r in result.runs.items()} == {n: v[0] for n, v in inline[2].items()}
 
 
