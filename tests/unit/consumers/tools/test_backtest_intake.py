@@ -151,8 +151,8 @@ def test_configurations_in_learner_processes_get_the_intake_batches(messy_log: P
     assert result.processes["learner_processes"] == 0 and result.intake == "process"
     assert predictions_digest(result.runs["mtl"]) == inline[2]["mtl"][0]
     result.runs["mtl"].pipeline.close()
-    # two cores, two configurations: one (the cheaper step, mtl) trains beside the intake; one core: none does;
-    # with one torch thread here (as `crossdistil backtest` runs) the learner process is a fork of this one
+    # two cores, two configurations: one trains beside the intake (the cheaper step, mtl's; forked, with one torch
+    # thread here as `crossdistil backtest` runs: the costlier, crossdistil's); one core: none does
     import torch
 
     threads = torch.get_num_threads()
@@ -164,10 +164,11 @@ def test_configurations_in_learner_processes_get_the_intake_batches(messy_log: P
         finally:
             torch.set_num_threads(threads)
         assert result.processes["learner_processes"] == started, cores
-        port = result.runs["mtl"].pipeline.learner.port
-        assert isinstance(port, backtest._PreparedRemote) == bool(started)
-        if started:
-            assert port.remote.forked == (torch_threads == 1 and can_fork())
+        forked = torch_threads == 1 and can_fork()  # then it takes the costlier step (crossdistil's)
+        moved = {"crossdistil" if forked else "mtl"} if started else set()
+        ports = {n: getattr(r.pipeline.learner, "port", r.pipeline.learner) for n, r in result.runs.items()}
+        assert {n for n, port in ports.items() if isinstance(port, backtest._PreparedRemote)} == moved
+        assert all(ports[n].remote.forked == forked for n in moved)
         assert {n: predictions_digest(r) for n, r in result.runs.items()} == {n: v[0] for n, v in inline[2].items()}
 
 

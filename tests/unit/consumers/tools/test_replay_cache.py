@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from consumers.runtime.processes import can_fork
 from consumers.tools import backtest, intake
 from streamer.eventlog import EventLogError
 from tests.unit.consumers.tools.test_backtest_batching import predictions_digest
@@ -55,16 +57,25 @@ def test_a_replay_from_the_cache_is_the_intake_replay_bit_for_bit(messy_log: Pat
     assert len(names) == 2 and all(name.endswith(".intake") for name in names)  # nothing temporary left
     # with no intake process to feed, a two-core machine has a core for the group's second configuration
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    third, read = replay(messy_log, config_file, cache)
-    assert third.intake == "cache" and third.processes["learner_processes"] == 1
-    assert read == inline["mtl,crossdistil"]
-    # the cheaper step moved (mtl's, the group's first), the costlier (crossdistil's teachers) trained here
-    mtl, crossdistil = third.runs["mtl"], third.runs["crossdistil"]
     fresh, _ = backtest._grouped_runs(backtest.build_configs([str(config_file)], "mtl,crossdistil", list(WINDOWS)),
                                       "dense", None)
     assert 0 < backtest._step_cost(fresh["mtl"]) < backtest._step_cost(fresh["crossdistil"])
-    assert isinstance(mtl.pipeline.learner.port, backtest._PreparedRemote)
-    assert not isinstance(crossdistil.pipeline.learner, backtest._PreparedRemote)
+    threads = torch.get_num_threads()
+    for torch_threads in (2, 1):
+        torch.set_num_threads(torch_threads)
+        try:
+            third, read = replay(messy_log, config_file, cache)
+        finally:
+            torch.set_num_threads(threads)
+        assert third.intake == "cache" and third.processes["learner_processes"] == 1
+        assert read == inline["mtl,crossdistil"]
+        # a forked learner process (one torch thread) takes the costlier step (crossdistil's teachers) and this
+        # process the cheaper with every configuration's metrics; a learner process that imports torch first
+        # takes the cheaper (mtl's, the group's first)
+        moved = "crossdistil" if torch_threads == 1 and can_fork() else "mtl"
+        for name, run_ in third.runs.items():
+            port = run_.pipeline.learner
+            assert isinstance(getattr(port, "port", port), backtest._PreparedRemote) == (name == moved), name
 
 
 def test_what_the_batches_depend_on_makes_a_new_entry(messy_log: Path, config_file: Path,  # noqa: F811
