@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
+from consumers.runtime.processes import can_fork
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.intake import (
@@ -759,9 +760,7 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
 def _forks_learners() -> bool:
     """Whether a replay's learner processes are forks of this one (``RemoteLearner(fork=True)``: Linux, one torch
     thread), ready at once rather than after seconds of imports."""
-    import torch
-
-    from consumers.runtime.processes import can_fork
+    import torch  # lazy: a replay has imported it by now; this module's importers need not
 
     return can_fork() and torch.get_num_threads() == 1
 
