@@ -156,10 +156,13 @@ def run(args: argparse.Namespace) -> int:
                 from_offset=args.from_offset, to_offset=args.to_offset,
                 from_ms=parse_time(args.from_time), to_ms=parse_time(args.to_time), limit=args.limit,
                 client_options=client_options_from_args(args))
+        # a log's progress is its bytes, all read; with --limit the replay stops after that many records
+        total, unit = ((args.limit, "records") if args.log and args.limit is not None
+                       else (input_desc.get("records") or input_desc.get("bytes"),
+                             "records" if "records" in input_desc else "bytes"))
         result = run_backtest(records, configs, batching=args.batching, sample_every=args.sample_every,
                               progress=not args.quiet, intake=args.intake, replay_cache=args.replay_cache,
-                              total=input_desc.get("records") or input_desc.get("bytes"),
-                              progress_unit="records" if "records" in input_desc else "bytes")
+                              total=total, progress_unit=unit)
     except (ConfigError, EventLogError, ValueError) as exc:  # SecurityError is a ValueError too
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 2

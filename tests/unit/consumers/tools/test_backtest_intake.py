@@ -226,3 +226,34 @@ def test_the_cli_names_the_intake_in_timing_and_the_report(messy_log: Path, conf
     assert "intake process" in (tmp_path / "p" / "report.md").read_text()
     assert (tmp_path / "p" / "summary.json").read_text() == (tmp_path / "i" / "summary.json").read_text()
     assert cli(*common[:-2], "--out", str(tmp_path / "e"), "--batching", "event-time", "--intake", "process") == 2
+
+
+@pytest.mark.parametrize("intake_mode", ["process", "inline"])
+def test_the_progress_of_a_limited_log_counts_records_up_to_the_limit(messy_log: Path, config_file: Path,
+                                                                     tmp_path: Path, intake_mode: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --limit a log's progress is its bytes (all of them are read); with it, the replay stops after that
+    many records, so the bar counts records up to the limit instead of a fraction of the file's bytes."""
+    from tests.unit.consumers.tools.test_backtest_batching import cli
+
+    bars: list[dict] = []
+
+    class Recorded:
+        def __init__(self, enabled: bool, total: int | None, unit: str) -> None:
+            self.bar = {"total": total, "unit": unit, "done": 0}
+            bars.append(self.bar)
+
+        def __enter__(self):
+            return lambda n: self.bar.__setitem__("done", self.bar["done"] + n)
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(backtest, "_progress", Recorded)
+    common = ("--log", f"file://{messy_log}", "--config", str(config_file), "--configs", "mtl", "--no-plots",
+              "--batching", "dense", "--intake", intake_mode, *[a for o in WINDOWS for a in ("--set", o)])
+    assert cli(*common, "--out", str(tmp_path / "all")) == 0
+    assert cli(*common, "--out", str(tmp_path / "some"), "--limit", "40") == 0
+    whole, limited = bars
+    assert whole == {"total": messy_log.stat().st_size, "unit": "bytes", "done": messy_log.stat().st_size}
+    assert limited == {"total": 40, "unit": "records", "done": 40}
