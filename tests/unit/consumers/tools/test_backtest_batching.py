@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from consumers.tools import backtest
@@ -69,7 +73,45 @@ def replay(drift_log: Path, config_file: Path, batching: str, overrides: tuple[s
     return backtest.run_backtest(records, configs, batching=batching, sample_every=250)
 
 
-def test_event_time_is_the_default_and_gives_the_outputs_of_the_code_before_the_modes_bit_for_bit(
+# The golden outputs were made on one machine; torch's CPU kernels (MKL's, ATen's vectorised ones) differ in their
+# last bits between instruction sets (AVX2, AVX-512), so on another machine a prediction differs in its last bits
+# (within 1e-6 relative after the whole replay, with ATen's AVX-512, AVX2 and scalar kernels alike), and a metric
+# made of many (log loss, NDCG) or of an order (an AUC over a few samples, where two near-equal predictions may swap:
+# 6e-5 once with the scalar kernels; an AUC drift, a difference of two) a little more. Where the outputs are not
+# the golden ones byte for byte, every value that is not a float must be equal, every prediction within REL_TOL and
+# every metric within METRIC_TOL (absolute); on the machine that made them they are equal byte for byte.
+REL_TOL = 1e-6
+METRIC_TOL = 1e-4
+
+
+def assert_close(got: object, want: object, where: str = "") -> None:
+    """``got == want``, floats to ``METRIC_TOL`` (and numbers written as text, e.g. CSV cells)."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            assert_close(got[key], want[key], f"{where}/{key}")
+    elif isinstance(want, list) and isinstance(got, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) or isinstance(got, float):
+        assert math.isclose(got, want, rel_tol=REL_TOL, abs_tol=METRIC_TOL), (where, got, want)
+    elif isinstance(want, str) and isinstance(got, str) and got != want and _is_float_text(want):
+        assert _is_float_text(got) and math.isclose(float(got), float(want), rel_tol=REL_TOL, abs_tol=METRIC_TOL), (
+            where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "." in text or "e" in text
+
+
+def test_event_time_is_the_default_and_gives_the_outputs_of_the_code_before_the_modes(
         drift_log: Path, config_file: Path, tmp_path: Path) -> None:
     common = ("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl,crossdistil",
               "--sample-every", "250", "--quiet", "--no-plots")
@@ -78,16 +120,43 @@ def test_event_time_is_the_default_and_gives_the_outputs_of_the_code_before_the_
     golden = json.loads((GOLDEN / "summary.json").read_text())
     for out in ("default", "event-time"):
         for name in ("series_mtl.csv", "series_crossdistil.csv"):
-            assert (tmp_path / out / name).read_bytes() == (GOLDEN / name).read_bytes(), (out, name)
+            got, want = (tmp_path / out / name).read_text(), (GOLDEN / name).read_text()
+            if got != want:  # another machine's last bits: the same table, floats to METRIC_TOL
+                assert_close(list(csv.reader(io.StringIO(got))), list(csv.reader(io.StringIO(want))), f"{out}/{name}")
         summary = json.loads((tmp_path / out / "summary.json").read_text())
         assert summary["batching"] == "event-time"
-        assert without_new_keys(summary) == without_new_keys(golden), out
+        assert_close(without_new_keys(summary), without_new_keys(golden), out)
+    for name in ("series_mtl.csv", "series_crossdistil.csv"):  # the default is event time, byte for byte
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "event-time" / name).read_bytes(), name
 
 
 def test_event_time_predictions_are_those_of_the_code_before_the_modes(drift_log: Path, config_file: Path) -> None:
+    """The same samples in the same order with the same labels, and the same predictions: byte for byte on the
+    machine that made the golden digest, elsewhere each within ``REL_TOL`` (relative) of those
+    ``predictions.npz`` holds (made by the same code on an AVX-512 machine; within 1e-6 of each other on every
+    machine the test has run on)."""
     result = replay(drift_log, config_file, "event-time", rungs="mtl,crossdistil")
     golden = json.loads((GOLDEN / "predictions_sha256.json").read_text())
-    assert {name: predictions_digest(run_) for name, run_ in result.runs.items()} == golden
+    digests = {name: predictions_digest(run_) for name, run_ in result.runs.items()}
+    assert digests.keys() == golden.keys()
+    if digests == golden:
+        return
+    samples = json.loads((GOLDEN / "samples_sha256.json").read_text())
+    with np.load(GOLDEN / "predictions.npz", allow_pickle=False) as stored:
+        for name, run_ in result.runs.items():
+            assert samples_digest(run_) == samples[name], name
+            for task in run_.pipeline.tasks:
+                _, predictions = run_.arrays(task)
+                np.testing.assert_allclose(predictions, stored[f"{name}.{task}"], rtol=REL_TOL, atol=1e-9)
+
+
+def samples_digest(run_: backtest.ConfigRun) -> str:
+    """sha256 of a configuration's trained impression ids and each task's labels (no predictions: these do not
+    depend on the machine's float kernels)."""
+    digest = hashlib.sha256("\n".join(run_.impression_ids).encode())
+    for task in run_.pipeline.tasks:
+        digest.update(run_.arrays(task)[0].tobytes())
+    return digest.hexdigest()
 
 
 def test_dense_batches_are_cut_by_batch_size_only(drift_log: Path, config_file: Path) -> None:
