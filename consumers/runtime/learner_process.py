@@ -222,6 +222,14 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int, forked: bool = False)
 # ---------------------------------------------------------------------------------- the trainer's side
 
 
+def forks_learners(torch_threads: int | None = None) -> bool:
+    """Whether ``RemoteLearner(fork=True)`` forks here (its child using ``torch_threads``, by default this process's
+    number): on Linux (``processes.can_fork``), with one torch thread here and in the child, since torch's intra-op
+    thread pool does not survive a fork."""
+    here = torch.get_num_threads()
+    return can_fork() and here == 1 and (here if torch_threads is None else torch_threads) == 1
+
+
 class RemoteLearner:
     """The trainer's handle on the learner process: batches go out, answers come back in order.
 
@@ -257,10 +265,10 @@ class RemoteLearner:
             grow_pipe(fd)
         if torch_threads is None:
             torch_threads = torch.get_num_threads()
-        self.forked = fork and can_fork() and torch_threads == 1 and torch.get_num_threads() == 1
+        self.forked = fork and forks_learners(torch_threads)
         self.process: subprocess.Popen | ForkedProcess
+        trainer = os.getpid()
         if self.forked:  # torch, the models and this configuration's modules are imported already
-            trainer = os.getpid()
             self.process = fork_child(lambda: _child_main(child_in, child_out, trainer, forked=True),
                                       keep_fds=(child_in, child_out))
         else:
@@ -268,7 +276,7 @@ class RemoteLearner:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "consumers.runtime.learner_process", str(child_in), str(child_out),
-                 str(os.getpid())],
+                 str(trainer)],
                 pass_fds=(child_in, child_out), env=env)
         os.close(child_in)
         os.close(child_out)

@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING, Any
 
 from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
-from consumers.runtime.processes import can_fork
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.intake import (
@@ -726,19 +725,19 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
     """Point a group's configurations at the batches of the intake process: (their feature sets, the learner
     processes started). While ``free_cores[0]`` > 0 (``_replay_with_intake``: at least one on two cores), all but
     one of a group's configurations train in learner processes of their own, a core each, side by side. This
-    process keeps every configuration's metrics besides its own step, so where learner processes are forks (ready at
-    once, ``_forks_learners``) the costliest steps (``_step_cost``) move first and the cheapest stays here (from a
-    warm cache, mtl,crossdistil of KuaiRand-Pure on two cores: 11.7-13.2 s against 14.8-17.0 s with crossdistil's
-    step here; cold 15.1-18.1 s against 17.8-22.7 s; one-off pairs). A learner process that is a new interpreter pays
-    seconds of imports before its first step: then the cheapest steps move first and the costliest stays (on a tie,
-    the group's first stays, either way). One with ``model.separate_process`` trains in its own process in any
-    case."""
-    from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
+    process keeps every configuration's metrics besides its own step, so where learner processes are forks (ready
+    at once, ``learner_process.forks_learners``) the costliest steps (``_step_cost``) move first and the cheapest
+    stays here (from a warm cache, mtl,crossdistil of KuaiRand-Pure on two cores: 11.7-13.2 s against 14.8-17.0 s
+    with crossdistil's step here; cold 15.1-18.1 s against 17.8-22.7 s; one-off pairs). A learner process that is a
+    new interpreter pays seconds of imports before its first step: then the cheapest steps move first and the
+    costliest stays (on a tie, the group's first stays, either way). One with ``model.separate_process`` trains in
+    its own process in any case."""
+    from consumers.runtime.learner_process import RemoteLearner, forks_learners  # lazy: it imports torch
 
     members, features, specs = _feature_sets(leader)
     holders = {m.name: (leader.pipeline.learner, "port") if m is leader else (m.pipeline, "learner") for m in members}
     here = [m for m in members if not isinstance(getattr(*holders[m.name]), RemoteLearner)]
-    forked = _forks_learners()
+    forked = forks_learners()
     movable = sorted(here, key=lambda m: (-_step_cost(m) if forked else _step_cost(m), m is leader))[:-1]
     moving = {m.name for m in movable[:max(0, free_cores[0])]}
     free_cores[0] -= len(moving)
@@ -758,14 +757,6 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
         else:
             port.encode = _Prepared(current, index, m.pipeline.tasks)
     return specs, started
-
-
-def _forks_learners() -> bool:
-    """Whether a replay's learner processes are forks of this one (``RemoteLearner(fork=True)``: Linux, one torch
-    thread), ready at once rather than after seconds of imports."""
-    import torch  # lazy: a replay has imported it by now; this module's importers need not
-
-    return can_fork() and torch.get_num_threads() == 1
 
 
 # Encoded batches a replay may have sent a learner process and not had answered (~85 KB a KuaiRand-Pure batch of
