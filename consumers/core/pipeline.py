@@ -397,8 +397,8 @@ class Pipeline:
 
     def _counted_bad(self, events: Sequence[dict | EventError]) -> tuple[Sequence[dict], list[EventError]]:
         """A record's good events and its bad ones (``EventError``), the bad counted as dead letters."""
-        if all(type(event) is dict for event in events):  # the common case, checked at C speed
-            return events, []  # type: ignore[return-value]
+        if (len(events) == 1 and type(events[0]) is dict) or all(type(event) is dict for event in events):
+            return events, []  # type: ignore[return-value]  # the common case: one good event, or all good
         bad = [event for event in events if isinstance(event, EventError)]
         for error in bad:
             self.dead_letters += 1

@@ -186,6 +186,18 @@ def test_a_record_that_is_not_topic_key_event_is_reported(tmp_path: Path) -> Non
         list(read_event_log(log))
 
 
+@pytest.mark.parametrize("record", [{"topic": "", "key": "k", "event": {}}, {"topic": "t", "key": 5, "event": {}},
+                                    {"topic": "t", "key": "k", "event": [1]}, {"topic": b"t", "key": "k", "event": {}}])
+def test_a_record_with_a_field_of_the_wrong_type_is_reported_after_good_ones(tmp_path: Path, record: dict) -> None:
+    log = tmp_path / "a.evlog"
+    good = {"topic": "feedback", "key": "k", "event": {"v": 1}}
+    log.write_bytes(msgpack.packb(good) + msgpack.packb(record, use_bin_type=True))
+    records = read_event_log(log)
+    assert next(records) == ("feedback", "k", {"v": 1})
+    with pytest.raises(EventLogError, match="record 1 needs a non-empty str topic, a str key and a map event"):
+        next(records)
+
+
 def cli(argv: list[str]) -> int:
     import argparse
 
