@@ -51,6 +51,7 @@ from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.intake import (
+    DEFAULT_CACHE_LIMIT,
     IntakeError,
     IntakeGroup,
     IntakeProcess,
@@ -58,7 +59,9 @@ from consumers.tools.intake import (
     LogRecords,
     ReplayCache,
     check_time_range,
+    format_size,
     log_records,
+    parse_size,
 )
 from models.features import batch_from_columns
 from streamer.eventlog import EventLogError
@@ -120,6 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "log, range, join, batching and feature sets, ~40%% of the log's size), and read it "
                              "instead on a later replay of the same: the same numbers, no intake work (safe to "
                              "delete; a changed log or code is a new entry)")
+    parser.add_argument("--replay-cache-limit", type=_size_arg, default=DEFAULT_CACHE_LIMIT, metavar="SIZE",
+                        help="the most the --replay-cache folder keeps, e.g. 500M, 20G (default 20G): after a replay, "
+                             "the least recently used entries are removed until the rest fit, and an entry larger than "
+                             "this by itself is not kept")
     parser.add_argument("--sample-every", type=int, default=None, metavar="N",
                         help="one time-series point every N trained samples (default: a quarter of the configuration's "
                              "smallest metrics window, e.g. 2500 for windows [10000, 100000]; a point costs an exact "
@@ -161,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                              "records" if "records" in input_desc else "bytes"))
         result = run_backtest(records, configs, batching=args.batching, sample_every=args.sample_every,
                               progress=not args.quiet, intake=args.intake, replay_cache=args.replay_cache,
-                              total=total, progress_unit=unit)
+                              replay_cache_limit=args.replay_cache_limit, total=total, progress_unit=unit)
     except (ConfigError, EventLogError, ValueError) as exc:  # SecurityError is a ValueError too
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 2
@@ -188,10 +195,24 @@ def run(args: argparse.Namespace) -> int:
               f"{_fmt(combined['ndcg10'])}")
     for warning in batching_warnings(result):
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
-    if result.processes.get("replay_cache", {}).get("error"):
-        print(f"crossdistil backtest: warning: replay cache {result.processes['replay_cache']['file']} "
-              f"{result.processes['replay_cache']['error']} (the replay itself is complete)", file=sys.stderr)
+    cache = result.processes.get("replay_cache", {})
+    if cache.get("error"):
+        print(f"crossdistil backtest: warning: replay cache {cache['file']} {cache['error']} (the replay itself is "
+              "complete)", file=sys.stderr)
+    if cache.get("evicted") and not args.quiet:
+        evicted = cache["evicted"]
+        print(f"crossdistil backtest: replay cache: removed {evicted['files']} least recently used file(s) "
+              f"({format_size(evicted['bytes'])}) to keep {Path(cache['file']).parent} within "
+              f"{format_size(cache['limit_bytes'])} (--replay-cache-limit)", file=sys.stderr)
     return 0
+
+
+def _size_arg(text: str) -> int:
+    """argparse's type for a size: ``parse_size``, its error said as argparse says a bad value."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -542,7 +563,8 @@ class BacktestResult:
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
                  sample_every: int | None = None, progress: bool = False, total: int | None = None,
                  progress_unit: str = "records", intake: str = "auto",
-                 replay_cache: str | os.PathLike | None = None) -> BacktestResult:
+                 replay_cache: str | os.PathLike | None = None,
+                 replay_cache_limit: int = DEFAULT_CACHE_LIMIT) -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
@@ -563,7 +585,8 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
 
     ``replay_cache``: a folder where an intake process's output is kept (``consumers.tools.intake.ReplayCache``); a
     later replay of the same log, range, join, batching and feature sets (and code) reads it instead of starting the
-    intake process (``BacktestResult.intake`` is then ``"cache"``): the same batches, so the same numbers.
+    intake process (``BacktestResult.intake`` is then ``"cache"``): the same batches, so the same numbers. The folder
+    keeps at most ``replay_cache_limit`` bytes of entries, the least recently used removed first.
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
@@ -580,6 +603,8 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         for run_ in runs.values():
             run_.pipeline.close()
         raise ValueError(f"--intake process does not apply: {why_inline} (use --intake inline or auto)")
+    if replay_cache_limit < 0:
+        raise ValueError(f"--replay-cache-limit must be at least 0 bytes, got {replay_cache_limit}")
     if replay_cache is not None and (why_inline or intake == "inline"):
         for run_ in runs.values():
             run_.pipeline.close()
@@ -591,7 +616,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         processes: dict[str, Any] = {}
         if by_process:
             n_records, n_events, intake, processes = _replay_with_intake(
-                records, runs, list(leaders.values()), advance, progress_unit, replay_cache)
+                records, runs, list(leaders.values()), advance, progress_unit, replay_cache, replay_cache_limit)
         else:
             n_records, n_events = _replay_inline(records, leaders, batching == "dense", advance, progress_unit)
         for run_ in runs.values():
@@ -779,12 +804,14 @@ def _step_cost(run_: ConfigRun) -> int:
 
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
-                        progress_unit: str, replay_cache: Any = None) -> tuple[int, int, str, dict[str, Any]]:
+                        progress_unit: str, replay_cache: Any = None,
+                        replay_cache_limit: int = DEFAULT_CACHE_LIMIT) -> tuple[int, int, str, dict[str, Any]]:
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
     cache holds; the join's final state, dead letters and stream counters are the intake's. (records, events, the
     intake: "process" or "cache", ``BacktestResult.processes``)."""
     groups = [_intake_group(leader) for leader in leaders]
-    cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY)
+    cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY,
+                                                          replay_cache_limit)
     cached = cache is not None and cache.hit
     # cores for learner processes, where all but one of a group's configurations train: those beyond this process's
     # (and the intake process's), and on two cores one even beside a running intake process: three busy processes
@@ -813,12 +840,29 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
             remote.close()
     processes = {"learner_processes": len(remotes), "intake_cpu_s": 0.0 if cached else round(counts["intake_cpu_s"], 3)}
     if cache is not None:
-        processes["replay_cache"] = {"file": str(cache.path), "hit": cached}
-        if spool is not None and spool.error:
-            processes["replay_cache"]["error"] = spool.error
-        else:
-            processes["replay_cache"]["bytes"] = cache.path.stat().st_size
+        processes["replay_cache"] = _cache_upkeep(cache, cached, spool)
     return counts["records"], counts["events"], "cache" if cached else "process", processes
+
+
+def _cache_upkeep(cache: ReplayCache, cached: bool, spool: Any) -> dict[str, Any]:
+    """After a replay that read (``cached``) or wrote its cache entry: the entry made the most recent, the folder
+    kept within its limit; what ``BacktestResult.processes["replay_cache"]`` says (file, hit, bytes, evicted,
+    error)."""
+    info: dict[str, Any] = {"file": str(cache.path), "hit": cached, "limit_bytes": cache.limit}
+    if spool is not None and spool.error:
+        info["error"] = spool.error
+        return info
+    size = cache.path.stat().st_size
+    info["bytes"] = size
+    if cached:
+        cache.touch()
+    evicted = cache.evict()
+    if evicted["entries"]:
+        info["evicted"] = {"files": evicted["entries"], "bytes": evicted["bytes"]}
+    if evicted["this"]:
+        info["error"] = (f"not kept: this entry's {format_size(size)} are more than the cache's limit of "
+                         f"{format_size(cache.limit)} (--replay-cache-limit)")
+    return info
 
 
 def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], currents: list[dict[str, Any]],
@@ -1266,7 +1310,7 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
                 for (t, det), d in sorted(firsts.items()))]
     cache = timing.get("replay_cache") or {}
     intake = {"process": "; input read, joined and encoded by an intake process while this one trained"
-                         + ("; kept in the replay cache" if cache else ""),
+                         + ("; kept in the replay cache" if cache and not cache.get("error") else ""),
               "cache": "; input read from the replay cache", "inline": ""}.get(timing.get("intake", "inline"), "")
     lines += ["", f"Wall time {timing['seconds']} s ({timing['records_per_s']:,} records/s{intake}; timing.json)."]
     for image in images:

@@ -418,17 +418,58 @@ class _Spool:
                 self.tmp.unlink(missing_ok=True)
 
 
+DEFAULT_CACHE_LIMIT = 20 << 30  # bytes a replay cache folder keeps (--replay-cache-limit): 20 GiB
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_ABANDONED_S = 3600.0  # a temporary entry not written to for this long was left by a replay that was killed
+
+
+def parse_size(text: str | int) -> int:
+    """A size in bytes from ``4096``, ``500M``, ``1.5G``, ``20GiB`` or ``2 TB`` (units of 1024 bytes, any case).
+
+    >>> parse_size("20G"), parse_size("1.5k"), parse_size(" 300 MiB "), parse_size(7)
+    (21474836480, 1536, 314572800, 7)
+    """
+    raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _UNITS and raw[-1:] else (raw, "")
+    try:
+        value = float(number.strip())
+    except ValueError:
+        raise ValueError(f"size {text!r} is not a number of bytes with an optional unit K, M, G or T "
+                         "(e.g. 500M, 20G)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"size {text!r} must be a finite number of bytes, at least 0")
+    return int(value * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """Bytes as a short text.
+
+    >>> format_size(80_000_000), format_size(3 << 30), format_size(512)
+    ('76.3 MiB', '3 GiB', '512 B')
+    """
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = _UNITS[unit[0]]
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
 class ReplayCache:
     """One replay's entry in a cache folder (``crossdistil backtest --replay-cache DIR``): the intake's messages as it
     sent them (msgpack frames, nothing pickled), in a file named by the digest of :func:`replay_key`.
 
     A later replay of the same log, range, groups and code reads them (:meth:`reader`) instead of starting an intake
     process: no reading, validating, joining or encoding, and the same batches, so the same numbers bit for bit.
+    The folder keeps at most ``limit`` bytes of entries (:meth:`evict`, least recently used first: a hit makes its
+    entry the most recent).
     """
 
     def __init__(self, folder: str | os.PathLike, records: LogRecords, groups: Sequence[IntakeGroup],
-                 train_every: int) -> None:
+                 train_every: int, limit: int = DEFAULT_CACHE_LIMIT) -> None:
+        if limit < 0:
+            raise ValueError(f"a replay cache's limit must be at least 0 bytes, got {limit}")
         self.groups = list(groups)
+        self.limit = limit
         self.key = replay_key(records, groups, train_every)
         self.path = Path(folder) / f"{_digest(json.dumps(self.key, sort_keys=True).encode())}.intake"
 
@@ -436,12 +477,60 @@ class ReplayCache:
     def hit(self) -> bool:
         return self.path.is_file()
 
+    def touch(self) -> None:
+        """Mark this entry used now (the eviction order is the entries' modification times)."""
+        with contextlib.suppress(OSError):  # e.g. a read-only cache: it is still read, only its order is not kept
+            os.utime(self.path)
+
+    def evict(self) -> dict[str, Any]:
+        """Keep the folder's entries within ``limit`` bytes: remove the least recently used other entries (and
+        temporary files that replays killed before they ended left behind) until they fit with this entry; this entry
+        if it is larger than the limit by itself (then only what does not fit without it goes). ``{"entries": n,
+        "bytes": b, "this": removed}``: the files other than this entry removed, their bytes, and whether this entry
+        was. Files not named like entries are never touched; one that cannot be removed is skipped."""
+        removed: dict[str, Any] = {"entries": 0, "bytes": 0, "this": False}
+        now = time.time()
+        sized: list[tuple[float, int, Path]] = []
+        for path in self.path.parent.iterdir():
+            try:
+                stat = path.stat()
+            except OSError:  # removed meanwhile by another replay
+                continue
+            if path.suffix == ".tmp" and ".intake." in path.name:
+                if now - stat.st_mtime > _ABANDONED_S and _remove(path):
+                    removed["entries"] += 1
+                    removed["bytes"] += stat.st_size
+            elif path.suffix == ".intake" and path.is_file():
+                sized.append((stat.st_mtime, stat.st_size, path))
+        mine = [size for _, size, path in sized if path == self.path]
+        if mine and mine[0] > self.limit and _remove(self.path):  # too large by itself: the others need not go
+            removed["this"] = True
+        others = sorted((entry for entry in sized if entry[2] != self.path), key=lambda e: (e[0], e[2].name))
+        total = sum(size for _, size, _ in others) + (0 if removed["this"] else sum(mine))
+        for _, size, path in others:  # the least recently used first
+            if total <= self.limit:
+                break
+            if _remove(path):
+                total -= size
+                removed["entries"] += 1
+                removed["bytes"] += size
+        return removed
+
     def spool(self) -> _Spool:
         """A writer for this entry (give it to ``IntakeProcess``)."""
         return _Spool(self.path, self.key)
 
     def reader(self) -> CachedIntake:
         return CachedIntake(self.path, self.groups, self.key)
+
+
+def _remove(path: Path) -> bool:
+    """Remove a file; whether it is gone (False: it could not be removed, e.g. a read-only folder)."""
+    try:
+        path.unlink(missing_ok=True)  # missing: another replay removed it first
+    except OSError:
+        return False
+    return True
 
 
 class CachedIntake:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.unit
 
 
 def replay(log: Path, config_file: Path, cache: Path | None, rungs: str = "mtl,crossdistil",
-           overrides: tuple = WINDOWS, intake_mode: str = "auto", **limits) -> tuple[backtest.BacktestResult, tuple]:
+           overrides: tuple = WINDOWS, intake_mode: str = "auto", cache_limit: int = intake.DEFAULT_CACHE_LIMIT,
+           **limits) -> tuple[backtest.BacktestResult, tuple]:
     """The result and what must not change: the summary (JSON text), each configuration's series and predictions."""
     configs = backtest.build_configs([str(config_file)], rungs, list(overrides))
     if "small" in rungs:  # a second group: other batches from the same records
@@ -30,7 +32,7 @@ def replay(log: Path, config_file: Path, cache: Path | None, rungs: str = "mtl,c
             [str(config_file)], "mtl", [*overrides, "batching.batch_size=64"])["mtl"]}
     records, desc = backtest.log_records(f"file://{log}", **limits)
     result = backtest.run_backtest(records, configs, batching="dense", sample_every=100, intake=intake_mode,
-                                   replay_cache=cache)
+                                   replay_cache=cache, replay_cache_limit=cache_limit)
     summary = json.dumps(backtest.summary(result, desc), sort_keys=True, default=backtest._json_default)
     return result, (summary, {n: backtest.series_csv(r.series) for n, r in result.runs.items()},
                     {n: (predictions_digest(r), r.users().tobytes()) for n, r in result.runs.items()})
@@ -204,3 +206,88 @@ def test_the_cli_says_a_damaged_entry_without_a_traceback(messy_log: Path, confi
     assert cli(*common, "--out", str(tmp_path / "second")) == 1
     err = capsys.readouterr().err
     assert f"replay cache file {entry}" in err and "delete it" in err and "Traceback" not in err
+
+
+def test_sizes_read_with_units_and_refused_with_a_sentence() -> None:
+    assert [intake.parse_size(t) for t in ("0", "4096", "1.5K", "500m", "20G", "20GiB", "2 TB", "1e3")] == [
+        0, 4096, 1536, 500 << 20, 20 << 30, 20 << 30, 2 << 40, 1000]
+    for bad in ("", "G", "lots", "-1G", "nan", "inf", "5X"):
+        with pytest.raises(ValueError, match="size"):
+            intake.parse_size(bad)
+
+
+def test_the_folder_keeps_its_limit_least_recently_used_first(messy_log: Path, tmp_path: Path) -> None:  # noqa: F811
+    cache = intake.ReplayCache(tmp_path, intake.LogRecords(f"file://{messy_log}"), [], 200, limit=2500)
+    now = time.time()
+
+    def file(name: str, size: int, age_s: float) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"x" * size)
+        os.utime(path, (now - age_s, now - age_s))
+        return path
+
+    oldest, old, recent = file("a.intake", 1000, 300), file("b.intake", 1000, 200), file("c.intake", 1000, 100)
+    mine = file(cache.path.name, 1000, 400)  # this replay's entry: kept whatever its time
+    abandoned, writing = file("d.intake.123.tmp", 5000, 7200), file("e.intake.456.tmp", 5000, 10)
+    other = file("notes.txt", 9000, 9999)  # not an entry: never touched
+    removed = cache.evict()
+    assert removed == {"entries": 3, "bytes": 7000, "this": False}
+    assert entries(tmp_path) == sorted(p.name for p in (recent, mine, writing, other))
+    assert not oldest.exists() and not old.exists() and not abandoned.exists()
+    assert cache.evict() == {"entries": 0, "bytes": 0, "this": False}  # within the limit now
+    mine.write_bytes(b"x" * 2000)
+    cache.limit = 1500  # this entry alone is more than the limit: it goes, and the others fit without it
+    assert cache.evict() == {"entries": 0, "bytes": 0, "this": True}
+    assert entries(tmp_path) == sorted(p.name for p in (recent, writing, other))
+    cache.limit = 999
+    assert cache.evict() == {"entries": 1, "bytes": 1000, "this": False}  # without this entry (gone)
+    assert entries(tmp_path) == sorted(p.name for p in (writing, other))
+    with pytest.raises(ValueError, match="at least 0 bytes"):
+        intake.ReplayCache(tmp_path, intake.LogRecords(f"file://{messy_log}"), [], 200, limit=-1)
+
+
+def test_a_replay_keeps_the_cache_within_its_limit(messy_log: Path, config_file: Path,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first, _ = replay(messy_log, config_file, cache, "mtl", limit=400)
+    (entry_a,) = cache.iterdir()
+    size = entry_a.stat().st_size
+    assert first.processes["replay_cache"]["bytes"] == size and "evicted" not in first.processes["replay_cache"]
+    replay(messy_log, config_file, cache, "mtl", limit=300)  # a second entry, about as large
+    assert len(entries(cache)) == 2
+    os.utime(entry_a, (time.time() - 60, time.time() - 60))
+    hit, _ = replay(messy_log, config_file, cache, "mtl", limit=400, cache_limit=3 * size)  # a hit: the newest now
+    assert hit.intake == "cache" and entry_a.stat().st_mtime > time.time() - 30
+    third, _ = replay(messy_log, config_file, cache, "mtl", limit=350, cache_limit=int(2.5 * size))
+    info = third.processes["replay_cache"]
+    assert info["evicted"]["files"] == 1 and "error" not in info  # the least recently used: the limit=300 entry
+    assert entry_a.is_file() and Path(info["file"]).is_file() and len(entries(cache)) == 2
+    _, inline = replay(messy_log, config_file, None, "mtl", intake_mode="inline")
+    kept = entries(cache)
+    big, read = replay(messy_log, config_file, cache, "mtl", cache_limit=int(2.5 * size))  # the whole log: larger
+    assert big.processes["replay_cache"]["bytes"] > 2.5 * size  # than the limit by itself
+    assert read == inline and "not kept" in big.processes["replay_cache"]["error"]
+    assert "evicted" not in big.processes["replay_cache"] and entries(cache) == kept  # the others stay
+
+
+def test_the_cli_takes_a_limit_and_says_what_it_removed(messy_log: Path, config_file: Path,  # noqa: F811
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.unit.consumers.tools.test_backtest_batching import cli
+
+    cache = tmp_path / "cache"
+    common = ("--log", f"file://{messy_log}", "--config", str(config_file), "--configs", "mtl", "--no-plots",
+              "--batching", "dense", "--replay-cache", str(cache), *[a for o in WINDOWS for a in ("--set", o)])
+    with pytest.raises(SystemExit) as exit_:
+        cli(*common, "--out", str(tmp_path / "x"), "--replay-cache-limit", "lots")
+    assert exit_.value.code == 2 and "'lots' is not a number of bytes" in capsys.readouterr().err
+    assert cli(*common, "--out", str(tmp_path / "a"), "--limit", "300", "--quiet") == 0
+    (first,) = cache.iterdir()
+    os.utime(first, (time.time() - 60, time.time() - 60))
+    limit = str(int(first.stat().st_size * 1.5))  # room for one entry of about this size, not two
+    capsys.readouterr()
+    assert cli(*common, "--out", str(tmp_path / "b"), "--limit", "310", "--replay-cache-limit", limit) == 0
+    err = capsys.readouterr().err
+    assert "replay cache: removed 1 least recently used file(s)" in err and "--replay-cache-limit" in err
+    assert not first.exists() and len(entries(cache)) == 1
+    timing = json.loads((tmp_path / "b" / "timing.json").read_text())
+    assert timing["replay_cache"]["evicted"]["files"] == 1 and timing["replay_cache"]["limit_bytes"] == int(limit)
