@@ -54,7 +54,7 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
 def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.monotonic,
                    metrics: PipelineMetrics | None = None, ledger: Any = None, on_batch: BatchHook | None = None,
                    on_emitted: Callable[[int, float], None] | None = None, dense: bool = False,
-                   ranks: Ranks | None = None) -> Pipeline:
+                   ranks: Ranks | None = None, metrics_users: bool = True) -> Pipeline:
     """The pipeline of ``cfg``: live on the wall clock (``time.monotonic``), or a replay (``clock`` None or an
     ``EventClock``: the join's event-time clock; no source is ever idle). The learner trains here or in a
     learner process (``model.separate_process``). ``metrics``: the ``[metrics]`` section's ``TrainerMetrics`` on a
@@ -65,7 +65,10 @@ def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.mono
 
     ``ranks`` (one rank of several, ``consumers.runtime.ranks``): the learner is that rank's ``RankedLearner``
     (``distributed.mode``), and with ``distributed.global_batch`` in sync mode each rank cuts
-    ``ceil(batch_size / ranks)`` samples, so the ranks' step together is one trainer's batch."""
+    ``ceil(batch_size / ranks)`` samples, so the ranks' step together is one trainer's batch.
+
+    ``metrics_users=False``: the batches' users are not handed to the metrics (they feed per-user AUC and GAUC
+    only; a backtest, which shows neither, saves the work)."""
     live = clock is not None and not isinstance(clock, EventClock)
     if dense and live:
         raise ValueError("dense batching is for replays: a live trainer cuts partial batches on the wall clock")
@@ -84,5 +87,5 @@ def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.mono
         MiniBatcher(batch_size, None if dense else cfg.batching.max_batch_delay_s),
         tasks=cfg.model.tasks, clock=clock,
         metrics=metrics if metrics is not None else TrainerMetrics.from_config(cfg),
-        ledger=ledger, on_batch=on_batch, on_emitted=on_emitted,
+        ledger=ledger, on_batch=on_batch, on_emitted=on_emitted, metrics_users=metrics_users,
     )

@@ -852,11 +852,15 @@ def _cache_upkeep(cache: ReplayCache, cached: bool, spool: Any) -> dict[str, Any
     if spool is not None and spool.error:
         info["error"] = spool.error
         return info
-    size = cache.path.stat().st_size
+    try:
+        size = cache.path.stat().st_size
+        if cached:
+            cache.touch()
+        evicted = cache.evict()
+    except OSError as exc:  # e.g. another replay sharing the folder removed this entry meanwhile
+        info["error"] = f"not kept up: {exc}"
+        return info
     info["bytes"] = size
-    if cached:
-        cache.touch()
-    evicted = cache.evict()
     if evicted["entries"]:
         info["evicted"] = {"files": evicted["entries"], "bytes": evicted["bytes"]}
     if evicted["this"]:
@@ -928,8 +932,8 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
     for name, cfg in configs.items():
         clock = EventClock()
         metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
-        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense")
-        pipeline.metrics_users = False  # the users feed GAUC only, which a backtest does not show
+        # the users feed GAUC only, which a backtest does not show
+        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense", metrics_users=False)
         every = sample_every if sample_every is not None else default_sample_every(cfg)
         run_ = ConfigRun(name, cfg, pipeline, every, _next_point=every)
         pipeline.on_batch = run_.on_batch
