@@ -550,8 +550,8 @@ class AttributionJoin:
             _, impression_id = heapq.heappop(heap)
             event, labels, source = self._pending.pop(impression_id)
             self._emit_one(event, labels, source, REASON_CLOSED)
-        # Early feedback that can no longer meet an on-time impression.
-        while self._pop_early(expiring_before=watermark):
+        # Early feedback that can no longer meet an on-time impression (none held, the common case: no call).
+        while self._early_heap and self._pop_early(expiring_before=watermark):
             self._counters["orphan_feedback"] += 1
         # Forget emitted ids once late feedback for them is no longer worth telling apart from orphans.
         forget_before = watermark - self._max_window_ms - self._retention_ms
