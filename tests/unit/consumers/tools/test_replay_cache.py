@@ -253,15 +253,19 @@ def test_a_replay_keeps_the_cache_within_its_limit(messy_log: Path, config_file:
     (entry_a,) = cache.iterdir()
     size = entry_a.stat().st_size
     assert first.processes["replay_cache"]["bytes"] == size and "evicted" not in first.processes["replay_cache"]
-    replay(messy_log, config_file, cache, "mtl", limit=300)  # a second entry, about as large
+    replay(messy_log, config_file, cache, "mtl", limit=300)  # a second entry, smaller
     assert len(entries(cache)) == 2
+    (entry_b,) = [p for p in cache.iterdir() if p != entry_a]
+    size_b = entry_b.stat().st_size
+    assert size / 2 < size_b < size
     os.utime(entry_a, (time.time() - 60, time.time() - 60))
     hit, _ = replay(messy_log, config_file, cache, "mtl", limit=400, cache_limit=3 * size)  # a hit: the newest now
     assert hit.intake == "cache" and entry_a.stat().st_mtime > time.time() - 30
-    third, _ = replay(messy_log, config_file, cache, "mtl", limit=350, cache_limit=int(2.5 * size))
+    # a third entry, between the two in size: the three do not fit (> size + 2 size_b), the hit and it do (< 2 size)
+    third, _ = replay(messy_log, config_file, cache, "mtl", limit=350, cache_limit=int(1.5 * size + size_b))
     info = third.processes["replay_cache"]
-    assert info["evicted"]["files"] == 1 and "error" not in info  # the least recently used: the limit=300 entry
-    assert entry_a.is_file() and Path(info["file"]).is_file() and len(entries(cache)) == 2
+    assert info["evicted"] == {"files": 1, "bytes": size_b} and "error" not in info  # the least recently used
+    assert entry_a.is_file() and not entry_b.exists() and Path(info["file"]).is_file() and len(entries(cache)) == 2
     _, inline = replay(messy_log, config_file, None, "mtl", intake_mode="inline")
     kept = entries(cache)
     big, read = replay(messy_log, config_file, cache, "mtl", cache_limit=int(2.5 * size))  # the whole log: larger
