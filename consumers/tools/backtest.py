@@ -596,6 +596,8 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         raise ValueError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
     if intake not in INTAKE_MODES:
         raise ValueError(f"--intake must be one of {', '.join(INTAKE_MODES)}, got {intake!r}")
+    if replay_cache_limit < 0:
+        raise ValueError(f"--replay-cache-limit must be at least 0 bytes, got {replay_cache_limit}")
     tune_gc()
     runs, leaders = _grouped_runs(configs, batching, sample_every)
     why_inline = _why_inline(records, runs, batching)
@@ -603,8 +605,6 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         for run_ in runs.values():
             run_.pipeline.close()
         raise ValueError(f"--intake process does not apply: {why_inline} (use --intake inline or auto)")
-    if replay_cache_limit < 0:
-        raise ValueError(f"--replay-cache-limit must be at least 0 bytes, got {replay_cache_limit}")
     if replay_cache is not None and (why_inline or intake == "inline"):
         for run_ in runs.values():
             run_.pipeline.close()
@@ -804,8 +804,8 @@ def _step_cost(run_: ConfigRun) -> int:
 
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
-                        progress_unit: str, replay_cache: Any = None,
-                        replay_cache_limit: int = DEFAULT_CACHE_LIMIT) -> tuple[int, int, str, dict[str, Any]]:
+                        progress_unit: str, replay_cache: Any,
+                        replay_cache_limit: int) -> tuple[int, int, str, dict[str, Any]]:
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
     cache holds; the join's final state, dead letters and stream counters are the intake's. (records, events, the
     intake: "process" or "cache", ``BacktestResult.processes``)."""
@@ -861,8 +861,8 @@ def _cache_upkeep(cache: ReplayCache, cached: bool, spool: Any) -> dict[str, Any
         info["error"] = f"not kept up: {exc}"
         return info
     info["bytes"] = size
-    if evicted["entries"]:
-        info["evicted"] = {"files": evicted["entries"], "bytes": evicted["bytes"]}
+    if evicted["files"]:
+        info["evicted"] = {"files": evicted["files"], "bytes": evicted["bytes"]}
     if evicted["this"]:
         info["error"] = (f"not kept: this entry's {format_size(size)} are more than the cache's limit of "
                          f"{format_size(cache.limit)} (--replay-cache-limit)")

@@ -430,9 +430,9 @@ def parse_size(text: str | int) -> int:
     (21474836480, 1536, 314572800, 7)
     """
     raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in _UNITS and raw[-1:] else (raw, "")
+    unit = raw[-1] if raw and raw[-1] in "KMGT" else ""
     try:
-        value = float(number.strip())
+        value = float(raw[:len(raw) - len(unit)].strip())
     except ValueError:
         raise ValueError(f"size {text!r} is not a number of bytes with an optional unit K, M, G or T "
                          "(e.g. 500M, 20G)") from None
@@ -485,10 +485,10 @@ class ReplayCache:
     def evict(self) -> dict[str, Any]:
         """Keep the folder's entries within ``limit`` bytes: remove the least recently used other entries (and
         temporary files that replays killed before they ended left behind) until they fit with this entry; this entry
-        if it is larger than the limit by itself (then only what does not fit without it goes). ``{"entries": n,
+        if it is larger than the limit by itself (then only what does not fit without it goes). ``{"files": n,
         "bytes": b, "this": removed}``: the files other than this entry removed, their bytes, and whether this entry
         was. Files not named like entries are never touched; one that cannot be removed is skipped."""
-        removed: dict[str, Any] = {"entries": 0, "bytes": 0, "this": False}
+        removed: dict[str, Any] = {"files": 0, "bytes": 0, "this": False}
         now = time.time()
         sized: list[tuple[float, int, Path]] = []
         for path in self.path.parent.iterdir():
@@ -498,21 +498,21 @@ class ReplayCache:
                 continue
             if path.suffix == ".tmp" and ".intake." in path.name:
                 if now - stat.st_mtime > _ABANDONED_S and _remove(path):
-                    removed["entries"] += 1
+                    removed["files"] += 1
                     removed["bytes"] += stat.st_size
             elif path.suffix == ".intake" and path.is_file():
                 sized.append((stat.st_mtime, stat.st_size, path))
-        mine = [size for _, size, path in sized if path == self.path]
-        if mine and mine[0] > self.limit and _remove(self.path):  # too large by itself: the others need not go
+        mine = next((size for _, size, path in sized if path == self.path), 0)
+        if mine > self.limit and _remove(self.path):  # too large by itself: the others need not go
             removed["this"] = True
         others = sorted((entry for entry in sized if entry[2] != self.path), key=lambda e: (e[0], e[2].name))
-        total = sum(size for _, size, _ in others) + (0 if removed["this"] else sum(mine))
+        total = sum(size for _, size, _ in others) + (0 if removed["this"] else mine)
         for _, size, path in others:  # the least recently used first
             if total <= self.limit:
                 break
             if _remove(path):
                 total -= size
-                removed["entries"] += 1
+                removed["files"] += 1
                 removed["bytes"] += size
         return removed
 

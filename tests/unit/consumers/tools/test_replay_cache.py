@@ -231,16 +231,16 @@ def test_the_folder_keeps_its_limit_least_recently_used_first(messy_log: Path, t
     abandoned, writing = file("d.intake.123.tmp", 5000, 7200), file("e.intake.456.tmp", 5000, 10)
     other = file("notes.txt", 9000, 9999)  # not an entry: never touched
     removed = cache.evict()
-    assert removed == {"entries": 3, "bytes": 7000, "this": False}
+    assert removed == {"files": 3, "bytes": 7000, "this": False}
     assert entries(tmp_path) == sorted(p.name for p in (recent, mine, writing, other))
     assert not oldest.exists() and not old.exists() and not abandoned.exists()
-    assert cache.evict() == {"entries": 0, "bytes": 0, "this": False}  # within the limit now
+    assert cache.evict() == {"files": 0, "bytes": 0, "this": False}  # within the limit now
     mine.write_bytes(b"x" * 2000)
     cache.limit = 1500  # this entry alone is more than the limit: it goes, and the others fit without it
-    assert cache.evict() == {"entries": 0, "bytes": 0, "this": True}
+    assert cache.evict() == {"files": 0, "bytes": 0, "this": True}
     assert entries(tmp_path) == sorted(p.name for p in (recent, writing, other))
     cache.limit = 999
-    assert cache.evict() == {"entries": 1, "bytes": 1000, "this": False}  # without this entry (gone)
+    assert cache.evict() == {"files": 1, "bytes": 1000, "this": False}  # without this entry (gone)
     assert entries(tmp_path) == sorted(p.name for p in (writing, other))
     with pytest.raises(ValueError, match="at least 0 bytes"):
         intake.ReplayCache(tmp_path, intake.LogRecords(f"file://{messy_log}"), [], 200, limit=-1)
