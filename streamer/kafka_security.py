@@ -18,8 +18,12 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 from collections.abc import Mapping
 from typing import Any
+
+from kafka.errors import SaslAuthenticationFailedError
+from kafka.net.sasl import get_sasl_mechanism  # kafka-python's PLAIN and SCRAM token exchanges
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -87,6 +91,8 @@ def connection_failure(bootstrap: str, options: Mapping[str, Any], error: BaseEx
                        diagnosis: str | None = None) -> str:
     """The message of a client that could not bootstrap: what failed, why (``diagnosis``, by default
     :func:`diagnose_connection`'s), what to do."""
+    if isinstance(error, LoginRefused):  # check_login's answer is the diagnosis: no second probe
+        return f"Kafka at {bootstrap}: {error}"
     if diagnosis is None:
         diagnosis = diagnose_connection(bootstrap, options)
     if diagnosis.startswith("nothing accepts"):
@@ -130,6 +136,102 @@ def diagnose_connection(bootstrap: str, options: Mapping[str, Any], timeout_s: f
             return (f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL "
                     "(kafka.security_protocol, or --security-protocol) and its CA file")
     return login if protocol == "SASL_PLAINTEXT" else f"Kafka did not answer at {where}: is it the {protocol} listener?"
+
+
+class LoginRefused(SaslAuthenticationFailedError):
+    """:func:`check_login`: the broker answered the SASL exchange with an error (a kafka-python ``KafkaError``, so
+    a client's ``except KafkaError`` branch reports it as it reports a failed bootstrap)."""
+
+    def __str__(self) -> str:  # the sentence alone (kafka-python's errors prefix their code and class)
+        return str(self.args[0]) if self.args else ""
+
+
+_SASL_HANDSHAKE, _SASL_AUTHENTICATE = 17, 36  # Kafka API keys; version 1 of each (both kept by Kafka 4.x)
+
+
+def check_login(bootstrap: str, options: Mapping[str, Any], timeout_s: float = 5.0) -> None:
+    """Raise :class:`LoginRefused`, saying which user and what to check, when the first bootstrap server refuses
+    the SASL login of ``options`` (kafka-python client settings); return otherwise, also when it cannot tell.
+
+    kafka-python 3.0.12 treats a refused login like a broker that is away: it retries until its bootstrap timeout
+    (10 s here) and then reports "Unable to bootstrap". This exchange (SaslHandshake, then SaslAuthenticate with
+    kafka-python's own mechanism for the tokens: PLAIN or SCRAM) takes one connection and milliseconds, so a wrong
+    password ends a command at once with the broker's reason. Anything else that goes wrong here (nothing
+    listening, TLS, an unexpected answer) is left to the client and :func:`diagnose_connection`.
+    """
+    protocol = str(options.get("security_protocol", "PLAINTEXT")).upper()
+    if not protocol.startswith("SASL"):
+        return
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    name = str(options.get("sasl_mechanism", "PLAIN")).upper()
+    user = options.get("sasl_plain_username")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as raw:
+            sock = raw
+            if protocol == "SASL_SSL":
+                context = ssl.create_default_context(cafile=options.get("ssl_cafile") or None)
+                context.check_hostname = bool(options.get("ssl_check_hostname", True))
+                sock = context.wrap_socket(raw, server_hostname=host)
+            with sock:
+                answer = _request(sock, _SASL_HANDSHAKE, 1, _string(name))
+                if struct.unpack_from(">h", answer)[0] != 0:
+                    return  # e.g. the mechanism is not enabled: the client says so
+                mechanism = get_sasl_mechanism(name)(host=host, **{**options, "sasl_mechanism": name})
+                correlation = 2
+                while not mechanism.is_done():
+                    token = mechanism.auth_bytes()
+                    answer = _request(sock, _SASL_AUTHENTICATE, 1, struct.pack(">i", len(token)) + token,
+                                      correlation)
+                    correlation += 1
+                    code = struct.unpack_from(">h", answer)[0]
+                    if code != 0:
+                        reason, offset = _read_string(answer, 2)
+                        raise LoginRefused(
+                            f"the broker refused the SASL {name} login of user {user!r} ({reason or f'error {code}'}):"
+                            f" check the password (${PASSWORD_ENV}, or the variable kafka.password_env names) and "
+                            "the user name")
+                    _, offset = _read_string(answer, 2)
+                    (size,) = struct.unpack_from(">i", answer, offset)
+                    mechanism.receive(answer[offset + 4:offset + 4 + max(size, 0)])
+    except (OSError, ValueError, struct.error):
+        return  # ssl.SSLError is an OSError; a short or odd answer is a struct.error or a ValueError
+
+
+def _request(sock: socket.socket, api_key: int, version: int, body: bytes, correlation: int = 1) -> bytes:
+    """One request (header v1: key, version, correlation id, client id) and its answer's body past the correlation
+    id."""
+    header = struct.pack(">hhi", api_key, version, correlation) + _string("crossdistil-login-check")
+    sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
+    (size,) = struct.unpack(">i", _read_exactly(sock, 4))
+    answer = _read_exactly(sock, size)
+    if struct.unpack_from(">i", answer)[0] != correlation:
+        raise ValueError("an answer to another request")
+    return answer[4:]
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 16))
+        if not chunk:
+            raise ValueError("the broker closed the connection")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack(">h", len(data)) + data
+
+
+def _read_string(data: bytes, offset: int) -> tuple[str | None, int]:
+    """A nullable string at ``offset`` and the offset past it."""
+    (size,) = struct.unpack_from(">h", data, offset)
+    if size < 0:
+        return None, offset + 2
+    return data[offset + 2:offset + 2 + size].decode(errors="replace"), offset + 2 + size
 
 
 def _speaks_tls(sock: socket.socket, host: str) -> bool:

@@ -1,6 +1,6 @@
-"""Every client of the project against a broker that only talks TLS + SASL/PLAIN, with the password from the
-environment: stream -> train -> serve -> backtest end to end, and wrong credentials or a plaintext client fail
-at once with a sentence that says what is wrong.
+"""Every client of the project against a broker that only talks TLS + SASL (PLAIN and SCRAM-SHA-256), with the
+password from the environment: stream -> train -> serve -> backtest end to end, and wrong credentials or a
+plaintext client fail at once with a sentence that says what is wrong.
 
 The broker is a second local Kafka (its own JVM and data dir) with a SASL_SSL listener; its CA and keystore are
 made by ``keytool`` (``consumers.runtime.local_kafka.make_tls_material``). No password is written to a file of
@@ -23,6 +23,7 @@ import pytest
 
 from consumers.runtime.local_kafka import LocalKafka, free_port
 from consumers.runtime.processes import die_with_parent
+from streamer.kafka_security import LoginRefused, check_login, client_security
 from tests.trainer_config import write_trainer_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -78,7 +79,8 @@ def test_stream_train_serve_and_backtest_over_sasl_ssl_with_the_password_from_th
                    *security_flags(broker), password=password)
     assert streamed.returncode == 0, streamed.stderr
 
-    config = trainer_config(tmp_path / "trainer.toml", broker, topics)
+    # the trainer and serving log in with SCRAM-SHA-256, stream and backtest (the flags) with PLAIN
+    config = trainer_config(tmp_path / "trainer.toml", broker, topics, **{"kafka.sasl_mechanism": "SCRAM-SHA-256"})
     trained = cli("train", "--config", str(config), "--exit-when-idle", "5", "--torch-threads", "1",
                   password=password)
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -126,7 +128,27 @@ def test_a_wrong_password_ends_every_command_at_once_with_the_reason(secure_brok
         result = cli(*args, password="not-the-password", timeout_s=120)
         seconds = time.monotonic() - started
         assert result.returncode == status and refused in result.stderr, (args[0], result.returncode, result.stderr)
+        # the broker's own reason: check_login's answer, not kafka-python's bootstrap timeout
+        assert "Invalid username or password" in result.stderr, (args[0], result.stderr)
         assert seconds < FAIL_FAST_S, f"{args[0]} took {seconds:.0f} s to give up"
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
+def test_check_login_tells_a_refused_login_from_an_accepted_one(secure_broker, mechanism: str) -> None:
+    broker, password = secure_broker
+
+    def login(user: str, secret: str) -> None:
+        check_login(broker.secure_bootstrap, client_security("SASL_SSL", mechanism, user, str(broker.ca_file),
+                                                             env={"CROSSDISTIL_KAFKA_PASSWORD": secret}))
+
+    login(USER, password)  # accepted: returns
+    for user, secret in ((USER, "not-the-password"), ("mallory", password)):
+        with pytest.raises(LoginRefused, match=f"refused the SASL {mechanism} login of user '{user}'"):
+            login(user, secret)
+    # what it cannot judge it leaves to the client: a SASL client at the plaintext listener, nothing listening
+    plain_listener = client_security("SASL_PLAINTEXT", mechanism, USER, env={"CROSSDISTIL_KAFKA_PASSWORD": password})
+    check_login(broker.bootstrap, plain_listener)
+    check_login(f"127.0.0.1:{free_port()}", plain_listener)
 
 
 def test_a_plaintext_client_at_the_tls_listener_and_a_missing_password_are_named(secure_broker, tmp_path) -> None:
