@@ -21,6 +21,7 @@ import pytest
 from consumers.state.ledger import read_ledger
 from streamer.topics import ensure_topics
 from tests.integration.test_trainer_kafka import IMPRESSIONS, POSITIVES, TASKS, run_trainer, write_config
+from tests.topic_reader import read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,7 +47,6 @@ def partition_of(user: str) -> int:
 def test_a_confluent_kafka_producer_with_every_codec_trains_exactly_and_dead_letters_bad_records(
         kafka_broker: str, tmp_path: Path) -> None:
     from confluent_kafka import Producer
-    from kafka import KafkaConsumer
 
     tag = "foreign-" + uuid.uuid4().hex[:6]
     topics = {"impressions": f"imp-{tag}", "feedback": f"fb-{tag}", "dead_letters": f"dl-{tag}",
@@ -88,25 +88,17 @@ def test_a_confluent_kafka_producer_with_every_codec_trains_exactly_and_dead_let
     per_codec = Counter(CODECS[partition_of(users[i])] for i in counts)
     assert per_codec == {CODECS[p]: n for p, n in written.items()}, per_codec
 
-    consumer = KafkaConsumer(topics["dead_letters"], bootstrap_servers=kafka_broker, auto_offset_reset="earliest",
-                             consumer_timeout_ms=5000, group_id=None)
-    dead = list(consumer)
-    consumer.close()
+    dead = read_topic(kafka_broker, topics["dead_letters"])
     assert len(dead) == 2, [m.headers for m in dead]
     assert_serving_loads_the_compressed_publication(kafka_broker, topics["model"])
 
 
 def assert_serving_loads_the_compressed_publication(bootstrap: str, topic: str) -> None:
     """The serving topic, written with lz4 by the trainer, read back and loaded by serving's own loader."""
-    from kafka import KafkaConsumer
-
     from consumers.serving.follower import load_checkpoint
     from consumers.state.wire import Reassembler
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=5000, group_id=None, max_partition_fetch_bytes=32 << 20)
-    messages = [(m.key, m.value) for m in consumer]
-    consumer.close()
+    messages = [(m.key, m.value) for m in read_topic(bootstrap, topic, max_partition_fetch_bytes=32 << 20)]
     checkpoints = list(Reassembler().checkpoints(messages))
     assert checkpoints, "no verified publication on the serving topic"
     served = load_checkpoint(checkpoints[-1])

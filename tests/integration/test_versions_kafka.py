@@ -11,18 +11,13 @@ import pytest
 from consumers.runtime.config import load_config
 from consumers.state.wire import Reassembler, manifest_version
 from tests.integration.test_trainer_kafka import TASKS, make_topics, run_trainer, write_config
+from tests.topic_reader import read_topic as topic_records
 
 pytestmark = pytest.mark.integration
 
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None,
-                             consumer_timeout_ms=5000, max_partition_fetch_bytes=32 << 20)
-    messages = [(m.key, m.value) for m in consumer]
-    consumer.close()
-    return messages
+    return [(m.key, m.value) for m in topic_records(bootstrap, topic, max_partition_fetch_bytes=32 << 20)]
 
 
 def test_a_trainer_with_a_new_checkpoint_dir_publishes_above_the_versions_on_its_topic(kafka_broker: str,
