@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import msgpack
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+
+from tests.topic_reader import read_topic as topic_records
 
 pytestmark = pytest.mark.integration
 
@@ -32,25 +32,11 @@ def crossdistil_stream(*args: str) -> subprocess.CompletedProcess:
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, dict]]:
     """Every (key, event) on a topic, batch envelopes unwrapped, reading up to the end offsets as they are now."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        assert partitions, f"topic {topic} does not exist"
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
-        out: list[tuple[bytes | None, dict]] = []
-        deadline = time.monotonic() + READ_DEADLINE_S
-        while any(consumer.position(tp) < end[tp] for tp in partitions):
-            assert time.monotonic() < deadline, f"could not read {topic} to its end offsets {end} in time"
-            for records in consumer.poll(timeout_ms=1000).values():
-                for record in records:
-                    value = msgpack.unpackb(record.value, raw=False)
-                    for event in value["batch"] if "batch" in value else [value]:
-                        out.append((record.key, event))
-        return out
-    finally:
-        consumer.close()
+    out: list[tuple[bytes | None, dict]] = []
+    for record in topic_records(bootstrap, topic, timeout_s=READ_DEADLINE_S):
+        value = msgpack.unpackb(record.value, raw=False)
+        out += [(record.key, event) for event in (value["batch"] if "batch" in value else [value])]
+    return out
 
 
 def assert_kuairand_counts(impressions: list[dict], feedback: list[dict]) -> None:
