@@ -88,16 +88,18 @@ def client_options_from_args(args: Any, env: Mapping[str, str] | None = None) ->
 
 
 def connection_failure(bootstrap: str, options: Mapping[str, Any], error: BaseException,
-                       diagnosis: str | None = None) -> str:
+                       diagnosis: str | None = None, hint: str = "") -> str:
     """The message of a client that could not bootstrap: what failed, why (``diagnosis``, by default
-    :func:`diagnose_connection`'s), what to do."""
-    if isinstance(error, LoginRefused):  # check_login's answer is the diagnosis: no second probe
+    :func:`diagnose_connection`'s), what to do (``hint``: where the command takes another address, appended unless
+    the broker was reached and refused the login)."""
+    if isinstance(error, LoginRefused):  # check_login's answer is the diagnosis (no second probe), the address fine
         return f"Kafka at {bootstrap}: {error}"
     if diagnosis is None:
         diagnosis = diagnose_connection(bootstrap, options)
     if diagnosis.startswith("nothing accepts"):
         diagnosis += " (start a local one with 'crossdistil kafka up')"
-    return f"Kafka at {bootstrap} is not reachable ({type(error).__name__}): {diagnosis}"
+    message = f"Kafka at {bootstrap} is not reachable ({type(error).__name__}): {diagnosis}"
+    return f"{message}; {hint}" if hint else message
 
 
 def diagnose_connection(bootstrap: str, options: Mapping[str, Any], timeout_s: float = 5.0) -> str:

@@ -85,12 +85,12 @@ class KafkaSink:
             check_login(bootstrap, config)  # a refused SASL login at once (kafka-python retries it for 10 s)
             self._producer = KafkaProducer(**config)
         except LoginRefused as exc:
-            raise SinkError(f"{connection_failure(bootstrap, config, exc)}; check --to") from exc
+            raise SinkError(connection_failure(bootstrap, config, exc)) from exc
         except KafkaError as exc:
             diagnosis = diagnose_connection(bootstrap, config)  # one probe of the broker, for either message
             if not config.get("security_protocol") and diagnosis.startswith("nothing"):
                 raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
-            raise SinkError(f"{connection_failure(bootstrap, config, exc, diagnosis)}; check --to") from exc
+            raise SinkError(connection_failure(bootstrap, config, exc, diagnosis, hint="check --to")) from exc
         self._ensure_topics(topics, dict(producer_config or {}))
 
     def _ensure_topics(self, topics: tuple[str, ...], client_options: dict[str, Any]) -> None:

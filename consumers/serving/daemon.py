@@ -79,8 +79,9 @@ class ServingDaemon:
                 check_login(k.bootstrap, options)  # a refused SASL login at once (kafka-python retries it for 10 s)
                 consumer = KafkaConsumer(**options)
             except KafkaError as exc:
-                print(f"crossdistil serve: {connection_failure(k.bootstrap, options, exc)}; or set kafka.bootstrap "
-                      "(--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
+                failure = connection_failure(k.bootstrap, options, exc,
+                                             hint="or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)")
+                print(f"crossdistil serve: {failure}", file=sys.stderr)
                 return 3
             try:
                 if not self._wait_for_topic(consumer, k.model_topic, stop):

@@ -166,8 +166,9 @@ class Trainer:
         except KafkaError as exc:
             if http is not None:
                 http.close()
-            print(f"crossdistil train: {connection_failure(k.bootstrap, kafka_client_options(k), exc)}; or set "
-                  "kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)", file=sys.stderr)
+            failure = connection_failure(k.bootstrap, kafka_client_options(k), exc,
+                                         hint="or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)")
+            print(f"crossdistil train: {failure}", file=sys.stderr)
             return 3
         self.kafka.consumer = consumer
         self.dead_letters.producer = self.publisher.producer = producer

@@ -130,6 +130,7 @@ def test_a_wrong_password_ends_every_command_at_once_with_the_reason(secure_brok
         assert result.returncode == status and refused in result.stderr, (args[0], result.returncode, result.stderr)
         # the broker's own reason: check_login's answer, not kafka-python's bootstrap timeout
         assert "Invalid username or password" in result.stderr, (args[0], result.stderr)
+        assert "kafka.bootstrap=" not in result.stderr and "check --to" not in result.stderr  # the address is fine
         assert seconds < FAIL_FAST_S, f"{args[0]} took {seconds:.0f} s to give up"
 
 

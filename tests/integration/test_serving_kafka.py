@@ -421,3 +421,4 @@ def test_serve_command_says_when_kafka_is_unreachable(tmp_path: Path) -> None:
                              "--set", "serving.port=0", "--set", "kafka.client_options={bootstrap_timeout_ms = 3000}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and bootstrap in result.stderr and "crossdistil kafka up" in result.stderr
+    assert "--set kafka.bootstrap=HOST:PORT" in result.stderr  # where to give another address

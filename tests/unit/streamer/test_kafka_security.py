@@ -60,8 +60,8 @@ def test_a_refused_login_is_a_kafka_error_and_reads_as_one_sentence() -> None:
     refused = LoginRefused("the broker refused the SASL PLAIN login of user 'alice' (Invalid password): check it")
     assert isinstance(refused, KafkaError)  # every client's `except KafkaError` reports it
     assert str(refused).startswith("the broker refused")  # without kafka-python's "[Error 58] ..." prefix
-    # no second probe of the broker: the message is the refusal's
-    assert connection_failure("127.0.0.1:1", {}, refused) == f"Kafka at 127.0.0.1:1: {refused}"
+    # no second probe of the broker, and no hint to change the address it was reached at
+    assert connection_failure("127.0.0.1:1", {}, refused, hint="check --to") == f"Kafka at 127.0.0.1:1: {refused}"
 
 
 def test_sasl_without_a_password_names_the_variable() -> None:
