@@ -199,7 +199,7 @@ class LocalKafka:
         self._controller_port = controller_port if controller_port is not None else state.get("controller_port")
         self._controller_port_chosen = controller_port is None  # ours to change when it turns out taken
         self.heap = heap
-        # A second listener with TLS and SASL (PLAIN and SCRAM-SHA-256; users: name -> password); the plaintext
+        # A second listener with TLS and SASL (PLAIN, SCRAM-SHA-256 and -512; users: name -> password); the plaintext
         # one stays for the broker itself. The certificates are made once per data dir (make_tls_material).
         self.sasl_ssl_port = sasl_ssl_port
         self.users = dict(users or {})
@@ -392,18 +392,20 @@ class LocalKafka:
         return state
 
     def _sasl_ssl_settings(self, state: Mapping[str, Any]) -> dict[str, str]:
-        """The SASL_SSL listener: TLS with the data dir's keystore, SASL/PLAIN and SCRAM-SHA-256 with ``users``."""
+        """The SASL_SSL listener: TLS with the data dir's keystore, SASL/PLAIN and SCRAM-SHA-256/512 with ``users``."""
         port, sport, cport = state["port"], self.sasl_ssl_port, state["controller_port"]
         users = " ".join(f'user_{name}="{password}"' for name, password in self.users.items())
         return {
             "listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{sport},CONTROLLER://127.0.0.1:{cport}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{sport}",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
-            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
             "listener.name.sasl_ssl.plain.sasl.jaas.config":
                 f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
             # SCRAM's credentials are in the cluster's metadata, written when the storage is formatted
             "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;",
             "ssl.keystore.type": "PKCS12",
             "ssl.keystore.location": str(self.data_dir / _TLS_DIR / "broker.p12"),
@@ -417,11 +419,12 @@ class LocalKafka:
         # No --standalone: controller.quorum.voters already names the (static) quorum.
         command = [java, *jvm_logging, "-cp", classpath, "kafka.tools.StorageTool", "format",
                    f"--cluster-id={cluster_id}", "-c", str(properties)]  # "=": an id may start with "-"
-        # The SASL_SSL listener's users for SCRAM-SHA-256: its credentials live in the cluster's metadata, written
-        # here once (PLAIN's come from the properties of each start, so a later password change reaches PLAIN only).
+        # The SASL_SSL listener's users for SCRAM-SHA-256 and -512: their credentials live in the cluster's metadata,
+        # written here once (PLAIN's come from each start's properties, so a later password change reaches PLAIN only).
         if self.sasl_ssl_port is not None:
             for name, password in self.users.items():
-                command += ["--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]"]
+                for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                    command += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise LocalKafkaError(

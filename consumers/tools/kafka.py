@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delete-data", action="store_true", help="after stopping, delete the data dir (down only)")
     parser.add_argument("--sasl-ssl-port", type=int, default=None, metavar="PORT",
                         help="up: also listen with TLS and SASL on PORT (certificates made in the data dir): "
-                             "PLAIN, and SCRAM-SHA-256 with the password a new data dir is formatted with")
+                             "PLAIN, and SCRAM-SHA-256/512 with the password a new data dir is formatted with")
     parser.add_argument("--sasl-user", default="", metavar="NAME",
                         help=f"up: the SASL user of that listener; its password is read from ${PASSWORD_ENV}")
 

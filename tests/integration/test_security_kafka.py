@@ -1,4 +1,4 @@
-"""Every client of the project against a broker that only talks TLS + SASL (PLAIN and SCRAM-SHA-256), with the
+"""Every client of the project against a broker that only talks TLS + SASL (PLAIN, SCRAM-SHA-256/512), with the
 password from the environment: stream -> train -> serve -> backtest end to end, and wrong credentials or a
 plaintext client fail at once with a sentence that says what is wrong.
 
@@ -79,7 +79,7 @@ def test_stream_train_serve_and_backtest_over_sasl_ssl_with_the_password_from_th
                    *security_flags(broker), password=password)
     assert streamed.returncode == 0, streamed.stderr
 
-    # the trainer and serving log in with SCRAM-SHA-256, stream and backtest (the flags) with PLAIN
+    # the trainer logs in with SCRAM-SHA-256, serving with SCRAM-SHA-512, stream and backtest (the flags) with PLAIN
     config = trainer_config(tmp_path / "trainer.toml", broker, topics, **{"kafka.sasl_mechanism": "SCRAM-SHA-256"})
     trained = cli("train", "--config", str(config), "--exit-when-idle", "5", "--torch-threads", "1",
                   password=password)
@@ -89,7 +89,8 @@ def test_stream_train_serve_and_backtest_over_sasl_ssl_with_the_password_from_th
     port = free_port()
     serving = subprocess.Popen(
         [sys.executable, "-m", "consumers.cli", "serve", "--config", str(config), "--set", f"serving.port={port}",
-         "--log-level", "WARNING"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "--set", 'kafka.sasl_mechanism="SCRAM-SHA-512"', "--log-level", "WARNING"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "CROSSDISTIL_KAFKA_PASSWORD": password}, preexec_fn=die_with_parent)
     try:
         health = None
@@ -134,7 +135,7 @@ def test_a_wrong_password_ends_every_command_at_once_with_the_reason(secure_brok
         assert seconds < FAIL_FAST_S, f"{args[0]} took {seconds:.0f} s to give up"
 
 
-@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
 def test_check_login_tells_a_refused_login_from_an_accepted_one(secure_broker, mechanism: str) -> None:
     broker, password = secure_broker
 
