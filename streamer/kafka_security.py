@@ -110,23 +110,18 @@ def diagnose_connection(bootstrap: str, options: Mapping[str, Any], timeout_s: f
     TLS handshake pass with the configured CA (or does a plaintext client face a TLS listener), and, when TLS is
     fine, the login is what failed.
     """
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host, port = _first_server(bootstrap)
     protocol = str(options.get("security_protocol", "PLAINTEXT")).upper()
     where = f"{host}:{port}"
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout_s)
     except (OSError, ValueError) as exc:
         return f"nothing accepts connections at {where} ({exc}): is Kafka up, and is this its address?"
-    user = options.get("sasl_plain_username")
-    login = (f"the broker refused the SASL {options.get('sasl_mechanism', 'PLAIN')} login of user {user!r}: check "
-             f"the password (${PASSWORD_ENV}, or the variable kafka.password_env names) and the user name")
+    login = _refused_login(options)
     with sock:
         if protocol in ("SSL", "SASL_SSL"):
-            context = ssl.create_default_context(cafile=options.get("ssl_cafile") or None)
-            context.check_hostname = bool(options.get("ssl_check_hostname", True))
             try:
-                with context.wrap_socket(sock, server_hostname=host):
+                with _tls_context(options).wrap_socket(sock, server_hostname=host):
                     pass
             except ssl.SSLCertVerificationError as exc:
                 return (f"the TLS certificate of {where} is not trusted ({exc.verify_message}): point ssl_cafile at "
@@ -165,17 +160,11 @@ def check_login(bootstrap: str, options: Mapping[str, Any], timeout_s: float = 5
     protocol = str(options.get("security_protocol", "PLAINTEXT")).upper()
     if not protocol.startswith("SASL"):
         return
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
+    host, port = _first_server(bootstrap)
     name = str(options.get("sasl_mechanism", "PLAIN")).upper()
-    user = options.get("sasl_plain_username")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s) as raw:
-            sock = raw
-            if protocol == "SASL_SSL":
-                context = ssl.create_default_context(cafile=options.get("ssl_cafile") or None)
-                context.check_hostname = bool(options.get("ssl_check_hostname", True))
-                sock = context.wrap_socket(raw, server_hostname=host)
+            sock = _tls_context(options).wrap_socket(raw, server_hostname=host) if protocol == "SASL_SSL" else raw
             with sock:
                 answer = _request(sock, _SASL_HANDSHAKE, 1, _string(name))
                 if struct.unpack_from(">h", answer)[0] != 0:
@@ -188,13 +177,9 @@ def check_login(bootstrap: str, options: Mapping[str, Any], timeout_s: float = 5
                                       correlation)
                     correlation += 1
                     code = struct.unpack_from(">h", answer)[0]
+                    reason, offset = _read_string(answer, 2)  # SaslAuthenticate v1: error code, message, bytes
                     if code != 0:
-                        reason, offset = _read_string(answer, 2)
-                        raise LoginRefused(
-                            f"the broker refused the SASL {name} login of user {user!r} ({reason or f'error {code}'}):"
-                            f" check the password (${PASSWORD_ENV}, or the variable kafka.password_env names) and "
-                            "the user name")
-                    _, offset = _read_string(answer, 2)
+                        raise LoginRefused(_refused_login(options, reason or f"error {code}"))
                     (size,) = struct.unpack_from(">i", answer, offset)
                     mechanism.receive(answer[offset + 4:offset + 4 + max(size, 0)])
     except (OSError, ValueError, KeyError, IndexError, struct.error):
@@ -237,6 +222,28 @@ def _read_string(data: bytes, offset: int) -> tuple[str | None, int]:
     if size < 0:
         return None, offset + 2
     return data[offset + 2:offset + 2 + size].decode(errors="replace"), offset + 2 + size
+
+
+def _first_server(bootstrap: str) -> tuple[str, str]:
+    """(host, port) of the first server of a bootstrap list (``[::1]:9092`` without its brackets)."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return host.strip("[]") or "127.0.0.1", port
+
+
+def _tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS context a kafka-python client with ``options`` uses: their CA file (or the system's), host names
+    checked unless ``ssl_check_hostname`` is false."""
+    context = ssl.create_default_context(cafile=options.get("ssl_cafile") or None)
+    context.check_hostname = bool(options.get("ssl_check_hostname", True))
+    return context
+
+
+def _refused_login(options: Mapping[str, Any], reason: str | None = None) -> str:
+    """The sentence for a refused SASL login of ``options``' user (with the broker's ``reason`` when it gave one)."""
+    mechanism = str(options.get("sasl_mechanism", "PLAIN")).upper()
+    because = f" ({reason})" if reason else ""
+    return (f"the broker refused the SASL {mechanism} login of user {options.get('sasl_plain_username')!r}{because}: "
+            f"check the password (${PASSWORD_ENV}, or the variable kafka.password_env names) and the user name")
 
 
 def _speaks_tls(sock: socket.socket, host: str) -> bool:

@@ -430,7 +430,7 @@ def parse_size(text: str | int) -> int:
     (21474836480, 1536, 314572800, 7)
     """
     raw = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    unit = raw[-1] if raw and raw[-1] in "KMGT" else ""
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
     try:
         value = float(raw[:len(raw) - len(unit)].strip())
     except ValueError:
