@@ -40,6 +40,7 @@ log = logging.getLogger("crossdistil.trainer")
 FENCE_PROBE_S = 10.0  # how often the checkpointed positions are re-committed to notice a takeover (exit 5)
 UNASSIGNED_WARN_S = (15.0, 30.0)  # say why no partition is assigned after 15 s, then every 30 s
 METADATA_NUDGE_S = 3.0  # without partitions, ask for fresh topic metadata this often (see KafkaIO.stalled)
+REJOIN_AFTER_S = 10.0  # without partitions although the topics have some, rejoin the group this often (ditto)
 
 
 def client_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,6 +186,7 @@ class KafkaIO:
         self._unassigned_warned_at: float | None = None
         self._fence_probed_at = time.monotonic()
         self._nudged_at = float("-inf")
+        self._rejoined_at = float("-inf")
 
     # ----------------------------------------------------------------------------------------- polling
 
@@ -363,6 +365,8 @@ class KafkaIO:
             cluster = getattr(self.consumer, "_cluster", None)
             if cluster is not None and hasattr(cluster, "request_update"):
                 cluster.request_update()
+        if waited >= REJOIN_AFTER_S and now - self._rejoined_at >= REJOIN_AFTER_S:
+            self._rejoin_if_topics_have_partitions(now, waited)
         warned = self._unassigned_warned_at
         first, every = UNASSIGNED_WARN_S
         if waited >= first and (warned is None or now - warned >= every):
@@ -370,6 +374,29 @@ class KafkaIO:
             log.warning("no partition assigned after %.0f s%s", waited, self.missing_topics_hint())
         limit = self.k.stall_exit_s
         return bool(limit) and waited >= limit
+
+    def _rejoin_if_topics_have_partitions(self, now: float, waited: float) -> None:
+        """Ask kafka-python to rejoin the group when its metadata lists partitions of every subscribed topic.
+
+        Fresh metadata is not always enough: kafka-python 3.0.12 rejoins only when the metadata differs from the
+        snapshot it took when the leader assigned, and a leader that assigned before the topics' partitions were
+        in its metadata (its log says "No partition metadata for topic ...") can hold the same snapshot, so it kept
+        an empty assignment until ``kafka.stall_exit_s`` (seen in CI: 225 s, then the test's timeout). A rejoin
+        makes the leader assign again with the partitions it now knows. A trainer's group has one member (a second
+        trainer takes over, exit 5), so an empty assignment while the topics have partitions is never meant."""
+        cluster = getattr(self.consumer, "_cluster", None)
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if cluster is None or not hasattr(coordinator, "request_rejoin"):
+            return  # another client version without these internals
+        try:
+            known = all(cluster.partitions_for_topic(topic) for topic in self.topics)
+        except Exception:  # no metadata yet
+            return
+        if known:
+            log.warning("no partition assigned after %.0f s although %s have partitions: rejoining the group",
+                        waited, " and ".join(self.topics))
+            self._rejoined_at = now
+            coordinator.request_rejoin()
 
     def missing_topics_hint(self) -> str:
         """``"; topic(s) ... do not exist ..."`` when the subscribed topics are missing, else ``""``."""

@@ -447,3 +447,52 @@ def test_a_second_trainer_in_the_same_group_takes_over_and_the_first_exits_5(kaf
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_leader_that_assigned_before_it_knew_the_partitions_rejoins_and_gets_them(
+        kafka_broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kafka-python 3.0.12 kept an empty assignment for minutes when the leader assigned without the topics'
+    partitions in its metadata (CI: "No partition metadata for topic fb-...", then nothing for 225 s). Here the
+    first assignment is made blind to every partition, as it was then; the trainer's consumer must rejoin and get
+    them all well before kafka.stall_exit_s."""
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+    from consumers.core.join import AttributionJoin, JoinConfig
+    from consumers.runtime.config import load_config
+    from consumers.trainer.kafka_io import KafkaIO, connect
+
+    topics = make_topics(kafka_broker, "blind-" + uuid.uuid4().hex[:6])
+    real_assign = RangePartitionAssignor.assign.__func__
+    blind_assignments = []
+
+    class Blind:  # the cluster metadata as the stalled leader saw it: no partition of any topic
+        def partitions_for_topic(self, _topic: str) -> None:
+            return None
+
+    def assign(cls, cluster, members):
+        if not blind_assignments:
+            blind_assignments.append(time.monotonic())
+            cluster = Blind()
+        return real_assign(cls, cluster, members)
+
+    monkeypatch.setattr(RangePartitionAssignor, "assign", classmethod(assign))
+    cfg = load_config(None, env={}, overrides=[
+        f"kafka.bootstrap={kafka_broker}", f"kafka.impressions_topic={topics['impressions']}",
+        f"kafka.feedback_topic={topics['feedback']}", f"kafka.group_id=blind-{uuid.uuid4().hex[:6]}"])
+    consumer, producer = connect(cfg.kafka)
+    try:
+        io = KafkaIO(consumer, cfg.kafka, AttributionJoin(JoinConfig({"click": 10.0})), None)
+        io.subscribe()
+        deadline = time.monotonic() + 60
+        while not consumer.assignment():
+            assert time.monotonic() < deadline, "no partition within 60 s of a blind first assignment"
+            io.poll(200)
+            assert not io.stalled(time.monotonic())
+        assert blind_assignments, "the first assignment was not the blind one: nothing was tested"
+        waited = time.monotonic() - blind_assignments[0]
+        print(f"\nassigned {len(consumer.assignment())} partitions {waited:.1f} s after the blind assignment")
+        assert {(tp.topic, tp.partition) for tp in consumer.assignment()} == {
+            (topics[t], p) for t in ("impressions", "feedback") for p in range(4)}
+    finally:
+        consumer.close(autocommit=False)
+        producer.close()

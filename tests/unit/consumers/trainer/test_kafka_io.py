@@ -184,3 +184,36 @@ def test_a_rank_owns_the_partitions_congruent_to_it_on_both_topics_and_seeks_the
 def test_ranks_refuse_topics_that_are_not_co_partitioned_or_too_small(counts, world, message) -> None:
     with pytest.raises(ValueError, match=message):
         kafka_io(PartitionedConsumer(counts)).assign_static(0, world)
+
+
+def test_no_partition_although_the_topics_have_some_rejoins_the_group_every_10_s(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Cluster:  # kafka-python's cached metadata
+        def __init__(self, partitions: dict) -> None:
+            self.partitions, self.updates = partitions, 0
+
+        def partitions_for_topic(self, topic: str):
+            return self.partitions.get(topic)
+
+        def request_update(self) -> None:
+            self.updates += 1
+
+    consumer = Consumer([])
+    consumer._cluster = Cluster({"impressions": {0}})  # feedback's partitions not known yet
+    consumer._coordinator = SimpleNamespace(rejoins=0)
+    consumer._coordinator.request_rejoin = lambda: setattr(consumer._coordinator, "rejoins",
+                                                           consumer._coordinator.rejoins + 1)
+    io = kafka_io(consumer, stall_exit_s=300)
+    for now in (0.0, 5.0, 12.0):
+        assert not io.stalled(now)
+    assert consumer._cluster.updates == 2 and consumer._coordinator.rejoins == 0  # metadata asked for, no rejoin
+    consumer._cluster.partitions["feedback"] = {0}
+    assert not io.stalled(21.0)
+    assert not io.stalled(25.0)  # at most every 10 s
+    assert consumer._coordinator.rejoins == 1 and "rejoining the group" in caplog.text
+    assert not io.stalled(31.5) and consumer._coordinator.rejoins == 2
+    consumer.partitions = {IMP, FB}
+    assert not io.stalled(50.0) and consumer._coordinator.rejoins == 2  # assigned: nothing more
+    del consumer._coordinator  # another client version without these internals: only the metadata nudge
+    consumer.partitions = set()
+    assert not io.stalled(100.0) and not io.stalled(120.0)
