@@ -68,6 +68,10 @@ def expressions() -> list[str]:
     return exprs + [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
 
 
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(none)"
+
+
 def stop(process: subprocess.Popen | None, timeout_s: float = 60) -> None:
     if process is None or process.poll() is not None:
         return
@@ -143,7 +147,11 @@ def test_prometheus_scrapes_per_task_auc_from_the_live_trainer_and_every_express
             defined = {task: v for task, v in values.items() if v == v}  # NaN until both classes were seen
             return defined if set(defined) == set(TASKS) else None
 
-        values = wait_for(auc_series, DEADLINE_S, "per-task AUC series in Prometheus")
+        try:
+            values = wait_for(auc_series, DEADLINE_S, "per-task AUC series in Prometheus")
+        except AssertionError as exc:  # say why: CI once saw "Connection refused" for 240 s from a live Prometheus
+            raise AssertionError(f"{exc}\nprometheus.log:\n{tail(tmp_path / 'prometheus.log')}\n"
+                                 f"trainer.log:\n{tail(tmp_path / 'trainer.log')}") from None
         assert all(0.0 <= v <= 1.0 for v in values.values()), values
 
         # Wait until a publication and some training progress are visible, so rate() and freshness
