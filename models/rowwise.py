@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 # Narrow rows (the wide part's one weight per task) gather and scatter faster as single elements of the flat table:
@@ -59,9 +60,27 @@ class _Rows:
 
 def _touched_rows(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
     """(rows, summed gradient rows [R, D]) of a sparse gradient; unique rows (the update is not linear)."""
+    if grad.device.type == "cpu" and not grad.is_coalesced() and grad._nnz() >= _NUMPY_UNIQUE_FROM:
+        return _touched_rows_numpy(grad)
     grad = grad.coalesce()  # a no-op for a gradient marked coalesced (synchronous ranks build it so)
     values = grad._values()
     return _Rows(grad._indices()[0], values.shape[1]), values
+
+
+# From this many looked-up rows on, a CPU finds the unique rows faster with numpy's sort than with torch's coalesce
+# (1.6x at 16,384 rows of 16 floats, 2.4x at 28,672 of 2: a batch of 4,096 in the table and the wide part); below
+# it, torch's is as fast or faster.
+_NUMPY_UNIQUE_FROM = 2048
+
+
+def _touched_rows_numpy(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
+    """``coalesce`` on a CPU with numpy's unique: the same rows and sums (each row's values added in the order they
+    come, as torch's coalesce adds them; ``tests/unit/models/test_rowwise.py`` holds both to the last bit)."""
+    rows, inverse = np.unique(grad._indices()[0].numpy(), return_inverse=True)
+    values = grad._values()
+    summed = torch.zeros((len(rows), values.shape[1]), dtype=values.dtype).index_add_(
+        0, torch.from_numpy(inverse.reshape(-1)), values)
+    return _Rows(torch.from_numpy(rows), values.shape[1]), summed
 
 
 class RowAdam(torch.optim.SparseAdam):

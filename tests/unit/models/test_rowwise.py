@@ -19,11 +19,11 @@ def _tables(seed: int, width: int = 8) -> tuple[torch.nn.Embedding, torch.nn.Emb
 
 
 def _steps(table: torch.nn.Embedding, optimizer: torch.optim.Optimizer, steps: int, seed: int,
-           extra: torch.nn.Parameter | None = None) -> None:
+           extra: torch.nn.Parameter | None = None, batch: int = 64) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        rows = torch.randint(0, 60, (64, 3), generator=generator)  # repeated rows within a batch, and across
+        rows = torch.randint(0, 60, (batch, 3), generator=generator)  # repeated rows within a batch, and across
         loss = (table(rows) ** 2).sum() * torch.rand((), generator=generator)
         if extra is not None:
             loss = loss + (extra * torch.randn(extra.shape, generator=generator)).sum()
@@ -31,28 +31,35 @@ def _steps(table: torch.nn.Embedding, optimizer: torch.optim.Optimizer, steps: i
         optimizer.step()
 
 
+# Batches of 64 x 3 rows find their unique rows with torch's coalesce, of 1,024 x 3 with numpy's (CPU, >= 2,048
+# rows: models.rowwise._NUMPY_UNIQUE_FROM); each row comes ~50 times a batch there, so the order of the sums counts.
+BATCHES = pytest.mark.parametrize("batch", [64, 1024], ids=["coalesce", "numpy-unique"])
+
+
+@BATCHES
 @pytest.mark.parametrize("width", [8, 2])  # wide rows and narrow ones (gathered as single elements)
-def test_row_adam_equals_sparse_adam_bit_for_bit(width: int) -> None:
+def test_row_adam_equals_sparse_adam_bit_for_bit(width: int, batch: int) -> None:
     mine, theirs = _tables(0, width)
     row, sparse = RowAdam(mine.parameters(), lr=0.01), torch.optim.SparseAdam(theirs.parameters(), lr=0.01)
-    _steps(mine, row, 25, seed=1)
-    _steps(theirs, sparse, 25, seed=1)
+    _steps(mine, row, 25, seed=1, batch=batch)
+    _steps(theirs, sparse, 25, seed=1, batch=batch)
     assert torch.equal(mine.weight, theirs.weight)
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(row.state[mine.weight][key], sparse.state[theirs.weight][key])
     assert row.state[mine.weight]["step"] == sparse.state[theirs.weight]["step"] == 25
 
 
+@BATCHES
 @pytest.mark.parametrize("width", [8, 2])
-def test_row_adagrad_equals_adagrad_bit_for_bit_on_sparse_and_dense_gradients(width: int) -> None:
+def test_row_adagrad_equals_adagrad_bit_for_bit_on_sparse_and_dense_gradients(width: int, batch: int) -> None:
     mine, theirs = _tables(2, width)
     bias_mine = torch.nn.Parameter(torch.zeros(3))
     bias_theirs = torch.nn.Parameter(torch.zeros(3))
     row = RowAdagrad([mine.weight, bias_mine], lr=0.05)
     torch_adagrad = torch.optim.Adagrad([theirs.weight, bias_theirs], lr=0.05, foreach=False)
     with torch.sparse.check_sparse_tensor_invariants(enable=False):
-        _steps(mine, row, 25, seed=3, extra=bias_mine)
-        _steps(theirs, torch_adagrad, 25, seed=3, extra=bias_theirs)
+        _steps(mine, row, 25, seed=3, extra=bias_mine, batch=batch)
+        _steps(theirs, torch_adagrad, 25, seed=3, extra=bias_theirs, batch=batch)
     assert torch.equal(mine.weight, theirs.weight)
     assert torch.equal(bias_mine, bias_theirs)
     assert torch.equal(row.state[mine.weight]["sum"], torch_adagrad.state[theirs.weight]["sum"])
