@@ -30,18 +30,23 @@ import torch
 def column_aucs(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """AUC of every column of ``scores`` [n, C] against ``labels`` [n, C] (0/1), ties counting 1/2; nan for a
     column with one class. ``models.metrics.auc`` (Mann-Whitney U from average ranks) with torch ops on the
-    tensors' device: one sort for all columns, shapes fixed by n, nothing read back to the host (on a CPU the
-    sort is numpy's, the faster one there).
+    tensors' device: one sort for all columns, shapes fixed by n, nothing read back to the host (on a CPU, numpy's
+    sort of the scores as int64 keys: ``_column_aucs_numpy``, the same numbers).
 
     >>> column_aucs(torch.tensor([[0.], [0.], [1.], [1.]]), torch.tensor([[0.1], [0.4], [0.35], [0.8]])).tolist()
     [0.75]
     """
-    n = scores.shape[0]
     columns = scores.float().t().contiguous()  # [C, n]
     if columns.device.type == "cpu":
         return _column_aucs_numpy(labels.t().numpy() > 0, columns.numpy())
+    return _column_aucs_torch(labels, columns)
+
+
+def _column_aucs_torch(labels: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``column_aucs`` of ``columns`` [C, n] with torch ops (any device): average ranks from one sort."""
+    n = columns.shape[1]
     ordered, order = torch.sort(columns, dim=1)
-    index = torch.arange(n, device=scores.device).expand_as(order)
+    index = torch.arange(n, device=columns.device).expand_as(order)
     starts = torch.ones_like(ordered, dtype=torch.bool)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     ends = torch.ones_like(starts)

@@ -188,3 +188,21 @@ def test_column_aucs_equal_the_numpy_auc_with_ties_and_one_class_columns(seed: i
         assert got[column].item() == pytest.approx(auc(labels[:, column].numpy(), scores[:, column].numpy()),
                                                    abs=1e-12)
     assert math.isnan(got[3].item())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_column_aucs_of_a_cpu_are_those_of_the_torch_formula_to_the_last_bit(seed: int) -> None:
+    from models.trust_gate import _column_aucs_torch
+
+    generator = torch.Generator().manual_seed(seed)
+    n = 3000
+    labels = (torch.rand(n, 5, generator=generator) < 0.3).float()
+    labels[:, 4] = 0.0  # one class only: nan in both
+    scores = torch.randn(n, 5, generator=generator) * 3
+    scores[:, 1] = torch.randint(-20, 20, (n,), generator=generator).float() / 7  # many ties, both signs
+    scores[: n // 2, 2] = 0.0
+    scores[n // 2:, 2] = -0.0  # equal scores with different bits: one tied run
+    got = column_aucs(labels, scores)  # the numpy path (a CPU)
+    reference = _column_aucs_torch(labels, scores.t().contiguous())
+    assert torch.equal(got[:4], reference[:4].to(got.dtype)) and got[2].item() == 0.5
+    assert math.isnan(got[4].item()) and math.isnan(reference[4].item())
