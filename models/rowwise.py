@@ -6,7 +6,8 @@ update written with ``index_select`` / ``index_add_`` on the touched rows instea
 of the default model at batch 4,096 on a CPU (``bench/train_step.py``'s ``embedding_update``, docs/performance.md).
 Their state (``step``, ``exp_avg``, ``exp_avg_sq``; ``step``, ``sum``) and hyper-parameters are torch's, so a
 checkpoint of either loads into the other, and the values they produce are torch's to the last bit
-(``tests/unit/models/test_rowwise.py``).
+(``tests/unit/models/test_rowwise.py``), except for the order in which a large gradient's repeats of a row are added
+(``_touched_rows_numpy``): the same sums, within float rounding.
 
 A step costs O(rows touched), never O(table): the property that keeps the step time flat in the table size.
 Dense gradients (the wide part's numeric weights and bias) take torch's dense Adagrad step.
@@ -74,8 +75,9 @@ _NUMPY_UNIQUE_FROM = 2048
 
 
 def _touched_rows_numpy(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
-    """``coalesce`` on a CPU with numpy's unique: the same rows and sums (each row's values added in the order they
-    come, as torch's coalesce adds them; ``tests/unit/models/test_rowwise.py`` holds both to the last bit)."""
+    """``coalesce`` on a CPU with numpy's unique: the same rows and the same sums, each row's values added in the
+    order they come (torch's coalesce adds them in the order of its sort, which does not keep that order: with many
+    repeats of a row the two differ in the last bits; ``tests/unit/models/test_rowwise.py``)."""
     rows, inverse = np.unique(grad._indices()[0].numpy(), return_inverse=True)
     values = grad._values()
     summed = torch.zeros((len(rows), values.shape[1]), dtype=values.dtype).index_add_(

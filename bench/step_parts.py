@@ -1,0 +1,100 @@
+"""Two parts of a CPU training step, this checkout's code against another commit's, in one process; one JSON object.
+
+    python bench/step_parts.py --against 759774a     # ~1 minute
+
+The parts are the trust gate's windowed AUCs (``models.trust_gate.column_aucs`` over its default window of 20,000
+samples and two tasks' teacher and student columns, what ``TrustGate.decide`` sorts every 2,048 samples) and
+finding the touched rows of a sparse gradient (``models.rowwise._touched_rows``: the embedding table's at batch
+4,096 of 4 fields, 16 floats a row, and the wide part's, 7 rows a sample of 2 floats). The other commit's modules
+are read with ``git show`` and imported under other names; both versions run interleaved for ``--rounds`` rounds
+(median ms a call; the machine is shared), and their results are checked first: the same AUCs to the last bit,
+the same rows and, within float rounding, the same sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models import rowwise, trust_gate  # noqa: E402
+
+
+def old_module(commit: str, path: str, folder: Path):
+    source = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{commit}:{path}"], capture_output=True,
+                            text=True, check=True).stdout
+    file = folder / path.replace("/", "_")
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"old_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def per_call_ms(function, calls: int) -> float:
+    function()
+    started = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - started) / calls * 1e3
+
+
+def compare(old, new, rounds: int, calls: int) -> dict:
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    for _ in range(rounds):
+        times["old"].append(per_call_ms(old, calls))
+        times["new"].append(per_call_ms(new, calls))
+    old_ms, new_ms = (statistics.median(times[k]) for k in ("old", "new"))
+    return {"old_ms": round(old_ms, 3), "new_ms": round(new_ms, 3), "speedup": round(old_ms / new_ms, 2),
+            "rounds_old_ms": [round(t, 3) for t in times["old"]], "rounds_new_ms": [round(t, 3) for t in times["new"]]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", required=True, help="the other commit")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    out: dict = {"against": args.against, "rounds": args.rounds, "torch_threads": 1, "parts": {}}
+    with tempfile.TemporaryDirectory() as folder:
+        old_gate = old_module(args.against, "models/trust_gate.py", Path(folder))
+        old_rows = old_module(args.against, "models/rowwise.py", Path(folder))
+    n = 20000
+    labels = (torch.rand(n, 4, generator=generator) < 0.3).float()
+    scores = torch.randn(n, 4, generator=generator)
+    assert torch.equal(old_gate.column_aucs(labels, scores), trust_gate.column_aucs(labels, scores))
+    out["parts"]["column_aucs_20000x4"] = compare(lambda: old_gate.column_aucs(labels, scores),
+                                                  lambda: trust_gate.column_aucs(labels, scores),
+                                                  args.rounds, args.calls)
+    for name, (rows, width, table) in {"touched_rows_embedding_4096x4x16": (4096 * 4, 16, 2**20),
+                                       "touched_rows_wide_4096x7x2": (4096 * 7, 2, 2**21)}.items():
+        index = torch.from_numpy(np.minimum(rng.zipf(1.3, rows), table - 1)).long()  # popular rows repeat
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            grad = torch.sparse_coo_tensor(index[None], torch.randn(rows, width, generator=generator), (table, width))
+        (old_r, old_v), (new_r, new_v) = old_rows._touched_rows(grad), rowwise._touched_rows(grad)
+        # the same rows; the same sums up to the order of their additions (models.rowwise._touched_rows_numpy)
+        assert torch.equal(old_r.index, new_r.index)
+        torch.testing.assert_close(old_v, new_v, rtol=1e-4, atol=1e-4)
+        out["parts"][name] = compare(lambda g=grad: old_rows._touched_rows(g), lambda g=grad: rowwise._touched_rows(g),
+                                     args.rounds, args.calls)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
