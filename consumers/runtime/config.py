@@ -340,6 +340,10 @@ def _validate(cfg: Config) -> None:
                           "average_every_s >= 0")
 
 
+# What a daemon's "Kafka is not reachable" message suggests besides the broker's own address (connection_failure).
+BOOTSTRAP_HINT = "or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)"
+
+
 def kafka_client_options(k: KafkaConfig, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Every setting a kafka-python client of the daemon gets besides its own: ``client_options``, then the
     security settings (``streamer.kafka_security``, the password from ``password_env``). Raises ConfigError

@@ -17,7 +17,7 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from consumers.runtime.config import Config, kafka_client_options
+from consumers.runtime.config import BOOTSTRAP_HINT, Config, kafka_client_options
 from consumers.runtime.httpd import HttpLimits
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.api import ApiServer, serve_api
@@ -80,7 +80,7 @@ class ServingDaemon:
                 consumer = KafkaConsumer(**options)
             except KafkaError as exc:
                 failure = connection_failure(k.bootstrap, options, exc,
-                                             hint="or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)")
+                                             hint=BOOTSTRAP_HINT)
                 print(f"crossdistil serve: {failure}", file=sys.stderr)
                 return 3
             try:

@@ -72,7 +72,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.core.pipeline import decode_record
 from consumers.runtime.assembly import build_pipeline
-from consumers.runtime.config import Config, kafka_client_options
+from consumers.runtime.config import BOOTSTRAP_HINT, Config, kafka_client_options
 from consumers.runtime.httpd import serve_http
 from consumers.runtime.learner_process import LearnerProcessError
 from consumers.runtime.processes import tune_gc
@@ -167,7 +167,7 @@ class Trainer:
             if http is not None:
                 http.close()
             failure = connection_failure(k.bootstrap, kafka_client_options(k), exc,
-                                         hint="or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)")
+                                         hint=BOOTSTRAP_HINT)
             print(f"crossdistil train: {failure}", file=sys.stderr)
             return 3
         self.kafka.consumer = consumer
