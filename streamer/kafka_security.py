@@ -22,7 +22,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from kafka.errors import SaslAuthenticationFailedError
+from kafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailedError
 from kafka.net.sasl import get_sasl_mechanism  # kafka-python's PLAIN and SCRAM token exchanges
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -92,7 +92,7 @@ def connection_failure(bootstrap: str, options: Mapping[str, Any], error: BaseEx
     """The message of a client that could not bootstrap: what failed, why (``diagnosis``, by default
     :func:`diagnose_connection`'s), what to do (``hint``: where the command takes another address, appended unless
     the broker was reached and refused the login)."""
-    if isinstance(error, LoginRefused):  # check_login's answer is the diagnosis (no second probe), the address fine
+    if isinstance(error, PreflightError):  # preflight's answer is the diagnosis (no second probe), the address fine
         return f"Kafka at {bootstrap}: {error}"
     if diagnosis is None:
         diagnosis = diagnose_connection(bootstrap, options)
@@ -135,12 +135,79 @@ def diagnose_connection(bootstrap: str, options: Mapping[str, Any], timeout_s: f
     return login if protocol == "SASL_PLAINTEXT" else f"Kafka did not answer at {where}: is it the {protocol} listener?"
 
 
-class LoginRefused(SaslAuthenticationFailedError):
-    """:func:`check_login`: the broker answered the SASL exchange with an error (a kafka-python ``KafkaError``, so
-    a client's ``except KafkaError`` branch reports it as it reports a failed bootstrap)."""
+class PreflightError(KafkaError):
+    """:func:`preflight`: the broker was reached and showed what is wrong (a kafka-python ``KafkaError``, so a
+    client's ``except KafkaError`` branch reports it as it reports a failed bootstrap); ``str()`` is the sentence."""
 
     def __str__(self) -> str:  # the sentence alone (kafka-python's errors prefix their code and class)
         return str(self.args[0]) if self.args else ""
+
+
+class LoginRefused(PreflightError, SaslAuthenticationFailedError):
+    """:func:`check_login`: the broker answered the SASL exchange with an error."""
+
+
+class WrongListener(PreflightError, KafkaConnectionError):
+    """:func:`check_listener`: the listener speaks TLS to a plaintext client, or plaintext Kafka to a TLS one."""
+
+
+def preflight(bootstrap: str, options: Mapping[str, Any], timeout_s: float = 5.0) -> None:
+    """Before a command's first Kafka client: :func:`check_listener`, then :func:`check_login` (each raises its
+    ``PreflightError`` when it is sure, and returns otherwise)."""
+    check_listener(bootstrap, options, timeout_s)
+    check_login(bootstrap, options, timeout_s)
+
+
+_API_VERSIONS = 18  # version 0: an empty body, answered by every Kafka broker (also Kafka 4.x)
+
+
+def check_listener(bootstrap: str, options: Mapping[str, Any], timeout_s: float = 5.0) -> None:
+    """Raise :class:`WrongListener` when the first bootstrap server's listener does not speak the protocol of
+    ``options``: a plaintext client (PLAINTEXT, SASL_PLAINTEXT) at a server that gives no Kafka answer in plaintext
+    and completes a TLS handshake, or a TLS client (SSL, SASL_SSL) at one whose TLS handshake fails and that gives a
+    Kafka answer in plaintext. Return otherwise, also when it cannot tell (nothing listening, a certificate that
+    is not trusted: the client and :func:`diagnose_connection` say those).
+
+    kafka-python retries either mismatch until its bootstrap timeout (10 s here) and then reports "Unable to
+    bootstrap". A plaintext client's check sends a Kafka request first (ApiVersions), so a plaintext listener sees
+    only what a client sends it; TLS bytes go only to a server that did not answer it.
+    """
+    protocol = str(options.get("security_protocol", "PLAINTEXT")).upper()
+    host, port = _first_server(bootstrap)
+    where = f"{host}:{port}"
+    try:
+        if protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+            if _answers_kafka(host, port, timeout_s):
+                return
+            with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+                if _speaks_tls(sock, host):
+                    raise WrongListener(f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL "
+                                        "(kafka.security_protocol, or --security-protocol) and its CA file")
+            return
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            try:
+                with _tls_context(options).wrap_socket(sock, server_hostname=host):
+                    return
+            except ssl.SSLCertVerificationError:
+                return  # TLS it is: a certificate the client will not trust either (it says so)
+            except (ssl.SSLError, OSError):
+                pass
+        if _answers_kafka(host, port, timeout_s):
+            raise WrongListener(f"{where} is a plaintext listener, not TLS: set the security protocol to PLAINTEXT or "
+                                "SASL_PLAINTEXT (kafka.security_protocol, or --security-protocol), or use the "
+                                "broker's TLS listener")
+    except (OSError, ValueError):
+        return
+
+
+def _answers_kafka(host: str, port: str, timeout_s: float) -> bool:
+    """Whether the server answers a Kafka ApiVersions request in plaintext."""
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            _request(sock, _API_VERSIONS, 0, b"")
+            return True
+    except (OSError, ValueError, struct.error):
+        return False
 
 
 _SASL_HANDSHAKE, _SASL_AUTHENTICATE = 17, 36  # Kafka API keys; version 1 of each (both kept by Kafka 4.x)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from streamer import events
 from streamer.eventlog import EventLogWriter, path_from_url
-from streamer.kafka_security import LoginRefused, check_login, connection_failure, diagnose_connection
+from streamer.kafka_security import PreflightError, connection_failure, diagnose_connection, preflight
 from streamer.topics import ensure_topics
 
 BOOTSTRAP_TIMEOUT_MS = 10_000
@@ -82,9 +82,9 @@ class KafkaSink:
             **(producer_config or {}),
         }
         try:
-            check_login(bootstrap, config)  # a refused SASL login at once (kafka-python retries it for 10 s)
+            preflight(bootstrap, config)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
             self._producer = KafkaProducer(**config)
-        except LoginRefused as exc:
+        except PreflightError as exc:
             raise SinkError(connection_failure(bootstrap, config, exc)) from exc
         except KafkaError as exc:
             diagnosis = diagnose_connection(bootstrap, config)  # one probe of the broker, for either message

@@ -22,7 +22,7 @@ from consumers.runtime.httpd import HttpLimits
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.api import ApiServer, serve_api
 from consumers.serving.follower import MAX_MESSAGE_BYTES, CheckpointFollower, ModelHolder, ServedModel
-from streamer.kafka_security import check_login, connection_failure
+from streamer.kafka_security import connection_failure, preflight
 
 log = logging.getLogger("crossdistil.serving")
 
@@ -76,7 +76,7 @@ class ServingDaemon:
                             if key in KafkaConsumer.DEFAULT_CONFIG})
             options["group_id"], options["enable_auto_commit"] = None, False  # serving never joins the trainer's group
             try:
-                check_login(k.bootstrap, options)  # a refused SASL login at once (kafka-python retries it for 10 s)
+                preflight(k.bootstrap, options)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
                 consumer = KafkaConsumer(**options)
             except KafkaError as exc:
                 failure = connection_failure(k.bootstrap, options, exc,

@@ -66,7 +66,7 @@ from consumers.tools.intake import (
 from models.features import batch_from_columns
 from streamer.eventlog import EventLogError
 from streamer.events import EventError, decode_events
-from streamer.kafka_security import add_client_arguments, check_login, client_options_from_args, connection_failure
+from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure, preflight
 
 if TYPE_CHECKING:
     import numpy as np
@@ -335,7 +335,7 @@ def _range_consumer(bootstrap: str, **options: Any) -> Any:
 
     options = {"reconnect_backoff_max_ms": 2000, "bootstrap_timeout_ms": 10_000, **options}
     try:
-        check_login(bootstrap, options)  # a refused SASL login at once (kafka-python retries it for 10 s)
+        preflight(bootstrap, options)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
         return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **options)
     except KafkaError as exc:
         raise ConnectionError(connection_failure(bootstrap, options, exc)) from None

@@ -33,7 +33,7 @@ from consumers.core.join import AttributionJoin
 from consumers.runtime.config import KafkaConfig, kafka_client_options
 from consumers.runtime.ranks import owned_partitions
 from consumers.state.wire import manifest_version
-from streamer.kafka_security import check_login
+from streamer.kafka_security import preflight
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -112,7 +112,7 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer
     ``group_member=False`` (a rank of several, ``KafkaIO.assign_static``): the consumer never joins the group (no
     group_instance_id); it only commits its own partitions' offsets there, for lag dashboards."""
     options = kafka_client_options(k)  # raises ConfigError when a security setting is missing
-    check_login(k.bootstrap, options)  # a refused SASL login at once (kafka-python retries it for 10 s)
+    preflight(k.bootstrap, options)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
     # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
     options.setdefault("reconnect_backoff_max_ms", 2000)
     # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),

@@ -23,7 +23,7 @@ import pytest
 
 from consumers.runtime.local_kafka import LocalKafka, free_port
 from consumers.runtime.processes import die_with_parent
-from streamer.kafka_security import LoginRefused, check_login, client_security
+from streamer.kafka_security import LoginRefused, WrongListener, check_listener, check_login, client_security
 from tests.trainer_config import write_trainer_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -151,6 +151,33 @@ def test_check_login_tells_a_refused_login_from_an_accepted_one(secure_broker, m
     plain_listener = client_security("SASL_PLAINTEXT", mechanism, USER, env={"CROSSDISTIL_KAFKA_PASSWORD": password})
     check_login(broker.bootstrap, plain_listener)
     check_login(f"127.0.0.1:{free_port()}", plain_listener)
+
+
+def test_check_listener_tells_a_listener_of_the_other_protocol(secure_broker) -> None:
+    broker, password = secure_broker
+    env = {"CROSSDISTIL_KAFKA_PASSWORD": password}
+    tls = client_security("SASL_SSL", "PLAIN", USER, str(broker.ca_file), env=env)
+    check_listener(broker.secure_bootstrap, tls)  # the right ones: nothing to say
+    check_listener(broker.bootstrap, {})
+    for options in ({}, client_security("SASL_PLAINTEXT", "PLAIN", USER, env=env)):
+        with pytest.raises(WrongListener, match="is a TLS listener: set the security protocol to SSL or SASL_SSL"):
+            check_listener(broker.secure_bootstrap, options)
+    for options in (tls, client_security("SSL", cafile=str(broker.ca_file))):
+        with pytest.raises(WrongListener, match="is a plaintext listener, not TLS"):
+            check_listener(broker.bootstrap, options)
+    # a certificate the client does not trust is TLS all the same: left to the client, which names it
+    check_listener(broker.secure_bootstrap, client_security("SSL"))
+
+
+def test_a_tls_client_at_the_plaintext_listener_ends_the_trainer_at_once(secure_broker, tmp_path: Path) -> None:
+    broker, password = secure_broker
+    config = trainer_config(tmp_path / "trainer.toml", broker, {"impressions": "i", "feedback": "f"},
+                            **{"kafka.bootstrap": broker.bootstrap})
+    started = time.monotonic()
+    result = cli("train", "--config", str(config), password=password, timeout_s=120)
+    assert result.returncode == 3 and "is a plaintext listener, not TLS" in result.stderr, result.stderr
+    assert "kafka.bootstrap=" not in result.stderr  # the address is fine; the protocol is not
+    assert time.monotonic() - started < FAIL_FAST_S
 
 
 def test_a_plaintext_client_at_the_tls_listener_and_a_missing_password_are_named(secure_broker, tmp_path) -> None:

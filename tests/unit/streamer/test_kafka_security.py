@@ -1,18 +1,28 @@
-"""streamer.kafka_security without a broker: what check_login leaves alone and how a refused login reads.
+"""streamer.kafka_security without a broker: what check_login and check_listener leave alone, what a plaintext
+Kafka answer tells a TLS client, and how a refused login or a wrong listener reads.
 
-The exchange itself (PLAIN and SCRAM-SHA-256, accepted and refused) runs against a real broker in
-tests/integration/test_security_kafka.py.
+The exchanges themselves (PLAIN and SCRAM, accepted and refused; a plaintext client at the TLS listener and a TLS
+client at the plaintext one) run against a real broker in tests/integration/test_security_kafka.py.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 import pytest
 from kafka.errors import KafkaError
 
-from streamer.kafka_security import LoginRefused, SecurityError, check_login, client_security, connection_failure
+from streamer.kafka_security import (
+    LoginRefused,
+    SecurityError,
+    WrongListener,
+    check_listener,
+    check_login,
+    client_security,
+    connection_failure,
+)
 
 ENV = {"CROSSDISTIL_KAFKA_PASSWORD": "s3cret"}
 
@@ -37,6 +47,67 @@ def listener():
     yield f"127.0.0.1:{server.getsockname()[1]}", accepted
     server.close()
     thread.join(timeout=5)
+
+
+@pytest.fixture
+def plaintext_kafka():
+    """A TCP server on 127.0.0.1 that answers each request with a Kafka response frame (its correlation id and two
+    zero bytes), as a plaintext listener answers ApiVersions; it counts the requests."""
+    server = socket.create_server(("127.0.0.1", 0))
+    requests: list[int] = []
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                (size,) = struct.unpack(">i", conn.recv(4, socket.MSG_WAITALL))
+                if not 0 < size <= 1 << 20:
+                    return  # a TLS hello read as a size: Kafka hangs up on it too
+                request = conn.recv(size, socket.MSG_WAITALL)
+                (api_key,) = struct.unpack_from(">h", request)
+                requests.append(api_key)
+                conn.sendall(struct.pack(">i", 6) + request[4:8] + b"\0\0")
+            except (OSError, struct.error):
+                return  # a TLS hello or a hang-up
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}", requests
+    server.close()
+    thread.join(timeout=5)
+
+
+def test_a_tls_client_at_a_plaintext_kafka_listener_is_told_so_at_once(plaintext_kafka) -> None:
+    bootstrap, requests = plaintext_kafka
+    for options in ({"security_protocol": "SSL"}, client_security("SASL_SSL", "PLAIN", "alice", env=ENV)):
+        with pytest.raises(WrongListener, match="is a plaintext listener, not TLS: set the security protocol"):
+            check_listener(bootstrap, options)
+    check_listener(bootstrap, {})  # a plaintext client: the answer is all it needs
+    check_listener(bootstrap, client_security("SASL_PLAINTEXT", "PLAIN", "alice", env=ENV))
+    assert requests == [18] * 4  # ApiVersions, once per check
+
+
+def test_check_listener_leaves_what_it_cannot_judge_to_the_client(listener) -> None:
+    bootstrap, accepted = listener
+    for options in ({}, {"security_protocol": "SSL"}):
+        check_listener(bootstrap, options)  # a peer that hangs up on Kafka and on TLS: neither, the client says
+    assert len(accepted) == 4  # a plaintext client: a request, then a TLS hello; a TLS client: a hello, a request
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+    check_listener(f"127.0.0.1:{port}", {})  # nothing listening: returns too
+
+
+def test_a_wrong_listener_is_a_kafka_error_and_reads_as_one_sentence() -> None:
+    wrong = WrongListener("127.0.0.1:1 is a TLS listener: set the security protocol to SSL or SASL_SSL")
+    assert isinstance(wrong, KafkaError) and str(wrong).startswith("127.0.0.1:1 is a TLS listener")
+    assert connection_failure("127.0.0.1:1", {}, wrong, hint="check --to") == f"Kafka at 127.0.0.1:1: {wrong}"
 
 
 def test_check_login_does_not_connect_without_sasl(listener) -> None:
