@@ -177,8 +177,8 @@ def check_listener(bootstrap: str, options: Mapping[str, Any], timeout_s: float 
     where = f"{host}:{port}"
     try:
         if protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
-            if _answers_kafka(host, port, timeout_s):
-                return
+            if _answers_kafka(host, port, timeout_s) is not False:
+                return  # a Kafka answer, or none in time (a broker still starting: a TLS one hangs up at once)
             with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
                 if _speaks_tls(sock, host):
                     raise WrongListener(f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL "
@@ -192,7 +192,7 @@ def check_listener(bootstrap: str, options: Mapping[str, Any], timeout_s: float 
                 return  # TLS it is: a certificate the client will not trust either (it says so)
             except (ssl.SSLError, OSError):
                 pass
-        if _answers_kafka(host, port, timeout_s):
+        if _answers_kafka(host, port, timeout_s) is True:
             raise WrongListener(f"{where} is a plaintext listener, not TLS: set the security protocol to PLAINTEXT or "
                                 "SASL_PLAINTEXT (kafka.security_protocol, or --security-protocol), or use the "
                                 "broker's TLS listener")
@@ -200,12 +200,14 @@ def check_listener(bootstrap: str, options: Mapping[str, Any], timeout_s: float 
         return
 
 
-def _answers_kafka(host: str, port: str, timeout_s: float) -> bool:
-    """Whether the server answers a Kafka ApiVersions request in plaintext."""
+def _answers_kafka(host: str, port: str, timeout_s: float) -> bool | None:
+    """Whether the server answers a Kafka ApiVersions request in plaintext (None: no answer within ``timeout_s``)."""
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
             _request(sock, _API_VERSIONS, 0, b"")
             return True
+    except TimeoutError:
+        return None
     except (OSError, ValueError, struct.error):
         return False
 

@@ -138,3 +138,29 @@ def test_a_refused_login_is_a_kafka_error_and_reads_as_one_sentence() -> None:
 def test_sasl_without_a_password_names_the_variable() -> None:
     with pytest.raises(SecurityError, match="CROSSDISTIL_KAFKA_PASSWORD"):
         client_security("SASL_SSL", "PLAIN", "alice", env={})
+
+
+def test_a_server_that_does_not_answer_in_time_gets_no_tls_hello() -> None:
+    """A broker still starting (it accepts, it does not answer yet) is not probed with TLS: a TLS listener would
+    have hung up on the plaintext request at once."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)  # kept open, never answered
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        check_listener(f"127.0.0.1:{server.getsockname()[1]}", {}, timeout_s=0.3)
+        assert len(held) == 1  # the ApiVersions request only
+    finally:
+        server.close()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
