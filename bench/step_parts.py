@@ -1,14 +1,16 @@
-"""Two parts of a CPU training step, this checkout's code against another commit's, in one process; one JSON object.
+"""Three parts of a CPU training step, this checkout's code against the code before, in one process; one JSON object.
 
     python bench/step_parts.py --against 759774a     # ~1 minute
 
-The parts are the trust gate's windowed AUCs (``models.trust_gate.column_aucs`` over its default window of 20,000
-samples and two tasks' teacher and student columns, what ``TrustGate.decide`` sorts every 2,048 samples) and
-finding the touched rows of a sparse gradient (``models.rowwise._touched_rows``: the embedding table's at batch
-4,096 of 4 fields, 16 floats a row, and the wide part's, 7 rows a sample of 2 floats). The other commit's modules
-are read with ``git show`` and imported under other names; both versions run interleaved for ``--rounds`` rounds
-(median ms a call; the machine is shared), and their results are checked first: the same AUCs to the last bit,
-the same rows and, within float rounding, the same sums.
+The parts: the trust gate's windowed AUCs (``models.trust_gate.column_aucs`` over its default window of 20,000
+samples and two tasks' teacher and student columns, what ``TrustGate.decide`` sorts every 2,048 samples); finding
+the touched rows of a sparse gradient (``models.rowwise._touched_rows``: the embedding table's at batch 4,096 of 4
+fields, 16 floats a row, and the wide part's, 7 rows a sample of 2 floats); the dense Adam's update of the default
+crossdistil model (torch's foreach kernels, the learner's before, against the learner's own: fused on a CPU). The
+other commit's modules are read with ``git show`` and imported under other names; both versions run interleaved for
+``--rounds`` rounds (median ms a call; the machine is shared), and their results are checked first: the same AUCs
+to the last bit, the same rows and, within float rounding, the same sums (tests/unit/models/test_learner.py holds
+the two Adams to the same values).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(REPO_ROOT / "bench"))  # train_step's model and features
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -92,6 +95,22 @@ def main() -> int:
         torch.testing.assert_close(old_v, new_v, rtol=1e-4, atol=1e-4)
         out["parts"][name] = compare(lambda g=grad: old_rows._touched_rows(g), lambda g=grad: rowwise._touched_rows(g),
                                      args.rounds, args.calls)
+    # The dense Adam of the default crossdistil model (bench/train_step.py's features): foreach, as before, against
+    # the learner's own (fused where the device allows)
+    from train_step import TASKS, config
+
+    from models.learner import Learner
+
+    learner = Learner(config(2**16, True, False, "crossdistil"))
+    fused = learner.dense_optimizer
+    params = [p for group in fused.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    foreach = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in fused.param_groups], foreach=True)
+    out["parts"]["dense_adam_crossdistil"] = {"tensors": len(params), "elements": sum(p.numel() for p in params),
+                                              "tasks": len(TASKS), "new_kernels": "fused" if fused.param_groups[0][
+                                                  "fused"] else "foreach",
+                                              **compare(foreach.step, fused.step, args.rounds, args.calls)}
     print(json.dumps(out, indent=2))
     return 0
 

@@ -63,8 +63,9 @@ class Learner:
         calibrators = [p for name, p in self.model.named_parameters() if name.startswith("calibrator_")]
         if calibrators:  # Platt's two numbers per task may move faster than the network (calibrator_lr)
             groups.append({"params": calibrators, "lr": config.calibrator_lr or config.lr})
-        # foreach: one multi-tensor kernel per Adam operation instead of a Python loop over ~40 parameters
-        self.dense_optimizer = torch.optim.Adam(groups, lr=config.lr, foreach=True)
+        # fused: one kernel for the whole update of all ~40 parameters (CPU and CUDA), the update of foreach's
+        # multi-tensor kernels (up to a few elements' rounding) at ~1/3 of their time on a CPU (bench/step_parts.py)
+        self.dense_optimizer = torch.optim.Adam(groups, lr=config.lr, **self._adam_kernels())
         # The table's rows and the wide part learn with per-row steps (models.optimizers: only touched rows move).
         self.embedding_optimizer = embedding_optimizer(self.model.embedding.weight, config.embedding_optimizer,
                                                        config.embedding_lr, config.sparse_embeddings)
@@ -76,6 +77,11 @@ class Learner:
                                      config.kd_gate_every, device=self.device) if config.gated else None)
         # Several ranks, one model (models.distributed): set by the trainer's ranks, None for one process.
         self.collective: Any = None
+
+    def _adam_kernels(self) -> dict[str, Any]:
+        """The dense Adam's implementation: fused on a CPU or a CUDA device, else foreach."""
+        fused = self.device.type in ("cpu", "cuda")
+        return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
 
     def kd_scale(self) -> torch.Tensor | None:
         """The factor on alpha_k for the next step: KD warm-up ramp times the trust gate (None = 1)."""
@@ -221,7 +227,11 @@ class Learner:
                 "build the learner with Learner.from_state_dict(state) to use the saved config"
             )
         self.model.load_state_dict(state["model"])
-        self.dense_optimizer.load_state_dict(self._upgraded_dense_state(state["dense_optimizer"]))
+        dense = self._upgraded_dense_state(state["dense_optimizer"])
+        # the implementation is this learner's, whatever wrote the checkpoint (it is no part of the state: a
+        # checkpoint of a foreach Adam, before fused, loads as fused, and one from a GPU runs on a CPU)
+        dense = {**dense, "param_groups": [{**g, **self._adam_kernels()} for g in dense["param_groups"]]}
+        self.dense_optimizer.load_state_dict(dense)
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
         if self.wide_optimizer is not None:
             self.wide_optimizer.load_state_dict(state["wide_optimizer"])
