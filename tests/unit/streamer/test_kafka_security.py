@@ -7,6 +7,7 @@ client at the plaintext one) run against a real broker in tests/integration/test
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -27,11 +28,11 @@ from streamer.kafka_security import (
 ENV = {"CROSSDISTIL_KAFKA_PASSWORD": "s3cret"}
 
 
-@pytest.fixture
-def listener():
-    """A TCP server on 127.0.0.1 that counts connections and closes each at once (it speaks no Kafka)."""
+@contextlib.contextmanager
+def tcp_server(on_connection):
+    """A TCP server on 127.0.0.1 that hands each accepted connection to ``on_connection`` (in its accept thread);
+    yields its ``host:port``."""
     server = socket.create_server(("127.0.0.1", 0))
-    accepted: list[int] = []
 
     def serve() -> None:
         while True:
@@ -39,21 +40,34 @@ def listener():
                 conn, _ = server.accept()
             except OSError:
                 return
-            accepted.append(1)
-            conn.close()
+            on_connection(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield f"127.0.0.1:{server.getsockname()[1]}", accepted
-    server.close()
-    thread.join(timeout=5)
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def listener():
+    """A TCP server that counts connections and closes each at once (it speaks no Kafka)."""
+    accepted: list[int] = []
+
+    def hang_up(conn: socket.socket) -> None:
+        accepted.append(1)
+        conn.close()
+
+    with tcp_server(hang_up) as bootstrap:
+        yield bootstrap, accepted
 
 
 @pytest.fixture
 def plaintext_kafka():
-    """A TCP server on 127.0.0.1 that answers each request with a Kafka response frame (its correlation id and two
-    zero bytes), as a plaintext listener answers ApiVersions; it counts the requests."""
-    server = socket.create_server(("127.0.0.1", 0))
+    """A TCP server that answers each request with a Kafka response frame (its correlation id and two zero bytes),
+    as a plaintext listener answers ApiVersions; it counts the requests."""
     requests: list[int] = []
 
     def answer(conn: socket.socket) -> None:
@@ -69,19 +83,8 @@ def plaintext_kafka():
             except (OSError, struct.error):
                 return  # a TLS hello or a hang-up
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=answer, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.getsockname()[1]}", requests
-    server.close()
-    thread.join(timeout=5)
+    with tcp_server(lambda conn: threading.Thread(target=answer, args=(conn,), daemon=True).start()) as bootstrap:
+        yield bootstrap, requests
 
 
 def test_a_tls_client_at_a_plaintext_kafka_listener_is_told_so_at_once(plaintext_kafka) -> None:
@@ -143,24 +146,11 @@ def test_sasl_without_a_password_names_the_variable() -> None:
 def test_a_server_that_does_not_answer_in_time_gets_no_tls_hello() -> None:
     """A broker still starting (it accepts, it does not answer yet) is not probed with TLS: a TLS listener would
     have hung up on the plaintext request at once."""
-    server = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            held.append(conn)  # kept open, never answered
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    held: list[socket.socket] = []  # kept open, never answered
     try:
-        check_listener(f"127.0.0.1:{server.getsockname()[1]}", {}, timeout_s=0.3)
-        assert len(held) == 1  # the ApiVersions request only
+        with tcp_server(held.append) as bootstrap:
+            check_listener(bootstrap, {}, timeout_s=0.3)
+            assert len(held) == 1  # the ApiVersions request only
     finally:
-        server.close()
-        thread.join(timeout=5)
         for conn in held:
             conn.close()
