@@ -68,7 +68,7 @@ def _to_numpy(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
-def _plain(value: float) -> float | None:
+def _plain(value: float | None) -> float | None:
     """A JSON/msgpack-friendly float: ``None`` for an undefined (NaN) value."""
     return None if value is None or math.isnan(value) else float(value)
 
@@ -322,6 +322,16 @@ class TrainerMetrics:
                     self._kd_gate_child(self.kd_gate_auc, task, role).set(auc)
                     state[f"{role}_auc"] = float(auc)
 
+    def kd_gate_summary(self) -> dict[str, dict[str, Any]]:
+        """Per task that reported a trust gate (``record_learner``): ``{"open", "teacher_auc", "student_auc",
+        "distilled_steps", "skipped_steps"}`` (the last step's gate and the AUCs of its last decision; None where
+        undefined); ``{}`` for a learner without gating. What ``snapshot`` holds under ``"kd_gate"``, without
+        computing the quality windows."""
+        return {task: {"open": gate.get("open"), "teacher_auc": _plain(gate.get("teacher_auc")),
+                       "student_auc": _plain(gate.get("student_auc")),
+                       "distilled_steps": int(gate["distilled_steps"]), "skipped_steps": int(gate["skipped_steps"])}
+                for task, gate in self._kd_gate_state.items()}
+
     def _kd_gate_child(self, metric: Any, *labels: str) -> Any:
         """The labelled child of a trust-gate metric, created on first use (label lookups cost microseconds)."""
         key = (metric, *labels)
@@ -496,11 +506,8 @@ class TrainerMetrics:
         for task, detectors in self._detectors.items():
             out[task]["drift_detections"] = {**detectors.detections,
                                              AUC_DETECTOR: self._auc_detectors[task].detections}
-        for task, gate in self._kd_gate_state.items():
-            out[task]["kd_gate"] = {"open": gate.get("open"), "teacher_auc": gate.get("teacher_auc"),
-                                    "student_auc": gate.get("student_auc"),
-                                    "distilled_steps": int(gate["distilled_steps"]),
-                                    "skipped_steps": int(gate["skipped_steps"])}
+        for task, gate in self.kd_gate_summary().items():
+            out[task]["kd_gate"] = gate
         return out
 
 

@@ -190,9 +190,13 @@ def run(args: argparse.Namespace) -> int:
         aucs = ", ".join(f"{t} {_fmt(v)}" for t, v in run_.prequential_auc().items())
         combined = run_.ranking_metrics()["combined"]
         stats = batch_statistics(run_.batch_sizes)
+        gate = getattr(run_.pipeline.metrics, "kd_gate_summary", dict)()
+        distilled = "; steps distilling " + ", ".join(
+            f"{t} {g['distilled_steps']}/{g['distilled_steps'] + g['skipped_steps']}" for t, g in gate.items()
+        ) if gate else ""
         print(f"  {name}: {run_.pipeline.trained_samples} samples in {stats['batches']} batches (mean "
               f"{stats['mean']}), prequential AUC {aucs}; combined AUC {_fmt(combined['auc'])}, NDCG@10 "
-              f"{_fmt(combined['ndcg10'])}")
+              f"{_fmt(combined['ndcg10'])}{distilled}")
     for warning in batching_warnings(result):
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
     cache = result.processes.get("replay_cache", {})
@@ -1162,6 +1166,9 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "final": final,
             "drift_detections": run_.detections,
         }
+        gate = getattr(pipeline.metrics, "kd_gate_summary", dict)()  # a gated configuration's distillation
+        if gate:
+            configurations[name]["kd_gate"] = gate
     return {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
             "records": result.records, "events": result.events, "batching": result.batching,
             "warnings": [c["batching"]["warning"] for c in configurations.values() if c["batching"]["warning"]],
@@ -1305,6 +1312,7 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
         lines.append(f"| {name} | {c['trained_samples']:,} | {c['steps']:,} | {c['dead_letters']:,} | "
                      f"{j.get('late_feedback', 0):,} | {j.get('orphan_feedback', 0):,} | "
                      f"{j.get('evicted_impressions', 0):,} |")
+    lines += _gate_lines(data)
     for name, c in data["configurations"].items():
         firsts = {}
         for d in c["drift_detections"]:
@@ -1321,6 +1329,30 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     for image in images:
         lines += ["", f"![{image}]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def _gate_lines(data: dict[str, Any]) -> list[str]:
+    """The trust gate of each gated configuration (models.trust_gate): per task, the steps that distilled, and the
+    teacher's and the student's AUC at its last decision; a sentence where a gate never opened."""
+    rows, never = [], []
+    for name, c in data["configurations"].items():
+        for task, gate in c.get("kd_gate", {}).items():
+            steps = gate["distilled_steps"] + gate["skipped_steps"]
+            rows.append(f"| {name} | {task} | {gate['distilled_steps']:,} of {steps:,} | "
+                        f"{_fmt(gate['teacher_auc'])} | {_fmt(gate['student_auc'])} |")
+            if steps and not gate["distilled_steps"]:
+                never.append(f"{name}/{task}")
+    if not rows:
+        return []
+    lines = ["", "Trust gate (distillation only while the teacher ranks better than the student, over the gate's "
+             "window of prequential scores):", "",
+             "| configuration | task | steps distilling | teacher AUC | student AUC (at the last decision) |",
+             "|---|---|---|---|---|", *rows]
+    if never:
+        lines += ["", f"The gate never opened for {', '.join(never)}: the teacher never ranked better than the "
+                      "student there, so no distillation reached the student (the teacher and its auxiliary "
+                      "ranking loss still trained); see docs/method.md for the gate's window and margin."]
+    return lines
 
 
 def _batching_lines(data: dict[str, Any]) -> list[str]:

@@ -149,3 +149,25 @@ def test_a_time_range_without_events_is_an_error_not_an_empty_report(drift_log: 
                "--quiet") == 2
     assert "nothing to replay" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_summary_and_report_state_the_trust_gate_of_a_gated_configuration(drift_log: Path, config_file: Path) -> None:
+    configs = backtest.build_configs([str(config_file)], "mtl,crossdistil", [])
+    records, desc = backtest.log_records(f"file://{drift_log}", limit=2000)
+    result = backtest.run_backtest(records, configs, sample_every=500)
+    data = backtest.summary(result, desc)
+    assert "kd_gate" not in data["configurations"]["mtl"]  # no gate, nothing said
+    gate = data["configurations"]["crossdistil"]["kd_gate"]
+    assert set(gate) == {"click", "like"}
+    steps = result.runs["crossdistil"].pipeline.learner.steps
+    for task, g in gate.items():
+        assert g["distilled_steps"] + g["skipped_steps"] == steps, task
+    report = backtest.render_report(data, {"seconds": 1.0, "records_per_s": 1}, [])
+    assert "Trust gate (distillation only while the teacher ranks better" in report
+    assert f"| crossdistil | click | {gate['click']['distilled_steps']:,} of {steps:,} |" in report
+    never = [t for t, g in gate.items() if not g["distilled_steps"]]
+    assert ("The gate never opened for" in report) == bool(never)
+    # a gate that never opened is named; one that opened is not
+    closed = {**data, "configurations": {"crossdistil": {**data["configurations"]["crossdistil"], "kd_gate": {
+        "click": {"open": 0.0, "teacher_auc": 0.61, "student_auc": 0.7, "distilled_steps": 0, "skipped_steps": 9}}}}}
+    assert "The gate never opened for crossdistil/click" in backtest._gate_lines(closed)[-1]

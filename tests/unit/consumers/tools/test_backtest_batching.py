@@ -18,7 +18,7 @@ from consumers.tools import backtest
 pytestmark = pytest.mark.unit
 
 GOLDEN = Path(__file__).parent / "data" / "backtest_event_time"
-NEW_KEYS = ("batching", "warnings")  # what the summary gained with the modes
+NEW_KEYS = ("batching", "warnings", "kd_gate")  # what the summary gained with the modes, and the trust gate
 GOLDEN_PINS = {"wide": "none", "embedding_optimizer": "adam", "embedding_lr": 0.01,  # the model options of then
                "count_features": []}
 # The stream has an impression every 10 ms: with 1 s windows samples leave the join as it goes (CONFIG's windows
