@@ -499,6 +499,7 @@ def render_report(doc: dict[str, Any], title: str = "") -> str:
         group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
         for window in (["test"] if mode == "split" else ["all", "tail"]):
             lines += _window_section(group, tasks, mode, window)
+        lines += _gate_section(group, tasks, mode)
     env = doc.get("environment", {})
     if env:
         lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
@@ -567,6 +568,29 @@ def _window_section(group: list[dict], tasks: tuple[str, ...], mode: str, window
     if "mtl" in configs and len(configs) > 1:
         lines += _paired_differences(group, tasks, window, backbones, configs, len(seeds))
     return lines
+
+
+def _gate_section(group: list[dict], tasks: tuple[str, ...], mode: str) -> list[str]:
+    """The trust gate of the gated configurations (``models.trust_gate``): per task, the share of training steps
+    that distilled and the teacher's and the student's windowed AUC at the gate's decisions (means of the runs'
+    per-step values, ``RunResult.losses``), mean ± std over seeds; nothing when no run reported a gate."""
+    gated = [r for r in group if any(f"gate/{task}" in r.get("losses", {}) for task in tasks)]
+    if not gated:
+        return []
+    backbones = _ordered((r["backbone"] for r in gated), BACKBONES)
+    configs = _ordered((r["config"] for r in gated), CONFIGS)
+    lines = [f"### Trust gate — {mode}", "",
+             "Share of training steps that distilled (the gate open: the teacher's windowed prequential AUC above "
+             "the student's), and the two AUCs at the gate's decisions (mean over the steps); where the share is 0 "
+             "no distillation reached the student.", "",
+             "| backbone | config | task | share of steps distilling | teacher AUC | student AUC |",
+             "|---|---|---|---|---|---|"]
+    for backbone, config, cell in _cells(gated, backbones, configs):
+        for task in tasks:
+            values = [_fmt(*_mean_std([r["losses"].get(f"{key}/{task}", math.nan) for r in cell]),
+                           digits=2 if key == "gate" else 4) for key in ("gate", "teacher_auc", "student_auc")]
+            lines.append(f"| {backbone} | {config} | {task} | " + " | ".join(values) + " |")
+    return lines + [""]
 
 
 def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, backbones: list[str],

@@ -162,3 +162,19 @@ def test_a_variant_that_changes_mtl_names_it_too() -> None:
 
     assert variant_name("mtl", "deep-only", ["wide"]) == "mtl[deep-only]"
     assert variant_name("mtl", "lr", ["kd_gate", "lr"]) == "mtl[lr]"
+
+
+def test_the_report_states_the_trust_gate_of_gated_configurations_only() -> None:
+    runs = [_run("mtl", s, 0.7) for s in (0, 1)]
+    for seed, share in ((0, 0.0), (1, 0.5)):
+        gated = _run("crossdistil", seed, 0.7)
+        gated["losses"] = {"gate/finish": share, "gate/like": 0.0, "teacher_auc/finish": 0.66 + share / 10,
+                           "student_auc/finish": 0.70, "teacher_auc/like": 0.6, "student_auc/like": 0.7}
+        runs.append(gated)
+    report = evaluate.render_report({"dataset": "x", "runs": runs})
+    assert "### Trust gate — split" in report
+    assert _row(report, "| mmoe | crossdistil | finish |") == [
+        "mmoe", "crossdistil", "finish", "0.25 ± 0.35", "0.6850 ± 0.0354", "0.7000 ± 0.0000"]
+    assert _row(report, "| mmoe | crossdistil | like |")[3] == "0.00 ± 0.00"
+    assert "| mmoe | mtl | finish |" not in report  # no gate, no row
+    assert "Trust gate" not in evaluate.render_report({"dataset": "x", "runs": runs[:2]})
