@@ -31,8 +31,10 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))  # train_step's model and features
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import train_step  # noqa: E402
 
 from models import rowwise, trust_gate  # noqa: E402
+from models.learner import Learner  # noqa: E402
 
 
 def old_module(commit: str, path: str, folder: Path):
@@ -97,19 +99,15 @@ def main() -> int:
                                      args.rounds, args.calls)
     # The dense Adam of the default crossdistil model (bench/train_step.py's features): foreach, as before, against
     # the learner's own (fused where the device allows)
-    from train_step import TASKS, config
-
-    from models.learner import Learner
-
-    learner = Learner(config(2**16, True, False, "crossdistil"))
+    learner = Learner(train_step.config(2**16, True, False, "crossdistil"))
     fused = learner.dense_optimizer
     params = [p for group in fused.param_groups for p in group["params"]]
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
     foreach = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in fused.param_groups], foreach=True)
+    kernels = "fused" if fused.param_groups[0]["fused"] else "foreach"
     out["parts"]["dense_adam_crossdistil"] = {"tensors": len(params), "elements": sum(p.numel() for p in params),
-                                              "tasks": len(TASKS), "new_kernels": "fused" if fused.param_groups[0][
-                                                  "fused"] else "foreach",
+                                              "tasks": len(train_step.TASKS), "new_kernels": kernels,
                                               **compare(foreach.step, fused.step, args.rounds, args.calls)}
     print(json.dumps(out, indent=2))
     return 0

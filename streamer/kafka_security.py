@@ -130,8 +130,7 @@ def diagnose_connection(bootstrap: str, options: Mapping[str, Any], timeout_s: f
                 return f"{where} did not complete a TLS handshake ({exc}): is it the {protocol} listener?"
             return login if protocol == "SASL_SSL" else f"TLS to {where} works, but Kafka did not answer over it"
         if _speaks_tls(sock, host):
-            return (f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL "
-                    "(kafka.security_protocol, or --security-protocol) and its CA file")
+            return _tls_listener(where)
     return login if protocol == "SASL_PLAINTEXT" else f"Kafka did not answer at {where}: is it the {protocol} listener?"
 
 
@@ -181,8 +180,7 @@ def check_listener(bootstrap: str, options: Mapping[str, Any], timeout_s: float 
                 return  # a Kafka answer, or none in time (a broker still starting: a TLS one hangs up at once)
             with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
                 if _speaks_tls(sock, host):
-                    raise WrongListener(f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL "
-                                        "(kafka.security_protocol, or --security-protocol) and its CA file")
+                    raise WrongListener(_tls_listener(where))
             return
         with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
             try:
@@ -313,6 +311,12 @@ def _refused_login(options: Mapping[str, Any], reason: str | None = None) -> str
     because = f" ({reason})" if reason else ""
     return (f"the broker refused the SASL {mechanism} login of user {options.get('sasl_plain_username')!r}{because}: "
             f"check the password (${PASSWORD_ENV}, or the variable kafka.password_env names) and the user name")
+
+
+def _tls_listener(where: str) -> str:
+    """The sentence for a plaintext client at the TLS listener ``where`` (check_listener, diagnose_connection)."""
+    return (f"{where} is a TLS listener: set the security protocol to SSL or SASL_SSL (kafka.security_protocol, or "
+            "--security-protocol) and its CA file")
 
 
 def _speaks_tls(sock: socket.socket, host: str) -> bool:
