@@ -78,11 +78,34 @@ def _touched_rows_numpy(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
     """``coalesce`` on a CPU with numpy's unique: the same rows and the same sums, each row's values added in the
     order they come (torch's coalesce adds them in the order of its sort, which does not keep that order: with many
     repeats of a row the two differ in the last bits; ``tests/unit/models/test_rowwise.py``)."""
-    rows, inverse = np.unique(grad._indices()[0].numpy(), return_inverse=True)
+    rows, inverse = _unique_rows(grad._indices()[0].numpy())
     values = grad._values()
     summed = torch.zeros((len(rows), values.shape[1]), dtype=values.dtype).index_add_(
-        0, torch.from_numpy(inverse.reshape(-1)), values)
+        0, torch.from_numpy(inverse), values)
     return _Rows(torch.from_numpy(rows), values.shape[1]), summed
+
+
+def _unique_rows(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(index, return_inverse=True)`` of non-negative row numbers, from one ``np.sort`` of int64 keys
+    (row, position) instead of an argsort: 2-2.7x faster at 9k-150k rows (numpy's sort of int64 is vectorised;
+    its argsort much less so). Rows too large to share an int64 with their position go to ``np.unique``.
+
+    >>> [a.tolist() for a in _unique_rows(np.array([7, 3, 7, 0]))]
+    [[0, 3, 7], [2, 1, 2, 0]]
+    """
+    n = len(index)
+    bits = max(1, (n - 1).bit_length())
+    if not n or int(index.max()) >> (62 - bits) or int(index.min()) < 0:
+        rows, inverse = np.unique(index, return_inverse=True)
+        return rows, inverse.reshape(-1)
+    keys = np.sort((index << bits) | np.arange(n))
+    ordered = keys >> bits
+    first = np.empty(n, dtype=bool)  # the first of each row's run in sorted order
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[keys & ((1 << bits) - 1)] = np.cumsum(first) - 1
+    return ordered[first], inverse
 
 
 class RowAdam(torch.optim.SparseAdam):

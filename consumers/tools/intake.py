@@ -55,6 +55,7 @@ from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_eve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _MAX_EVENT_BYTES = DEFAULT_LIMITS.max_event_bytes
+_MAX_STR_BYTES = DEFAULT_LIMITS.max_str_bytes
 
 
 # ----------------------------------------------------------------------------------------------- records
@@ -82,7 +83,8 @@ class LoggedRecord(NamedTuple):
 
     def events(self) -> list[dict | EventError]:
         if self.size <= _MAX_EVENT_BYTES:  # the event packs into at most its record's size
-            events = check_events(self.event)
+            # a record of at most max_str_bytes holds no longer string: the quicker check of the features
+            events = check_events(self.event, unpacked=self.size <= _MAX_STR_BYTES)
             # all good (one event, the common case, tested without a generator: ~3% of a replay's intake)
             if (len(events) == 1 and type(events[0]) is dict) or all(type(event) is dict for event in events):
                 return events

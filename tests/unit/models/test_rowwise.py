@@ -133,3 +133,18 @@ def test_the_numpy_path_sums_each_rows_gradients_in_the_order_they_come() -> Non
     assert torch.equal(summed, expected)
     # torch's sums up to their order: float32 rounding over ~3,000 additions
     torch.testing.assert_close(summed, grad.coalesce().values(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 100, 4097])
+@pytest.mark.parametrize("high", [2, 1 << 20, 1 << 50])  # 1 << 50: too large to share an int64 with positions
+def test_unique_rows_is_numpy_unique_with_the_inverse(n: int, high: int) -> None:
+    import numpy as np
+
+    from models.rowwise import _unique_rows
+
+    index = np.random.default_rng(n).integers(0, high, n)
+    rows, inverse = _unique_rows(index)
+    expected_rows, expected_inverse = np.unique(index, return_inverse=True)
+    assert rows.tolist() == expected_rows.tolist()
+    assert inverse.tolist() == expected_inverse.reshape(-1).tolist()
+    assert inverse.dtype == np.int64

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamer.events import EventError, decode, decode_events, encode, encode_batch, validate
+from streamer.events import EventError, check_events, decode, decode_events, encode, encode_batch, validate
 
 pytestmark = pytest.mark.unit
 
@@ -149,3 +149,32 @@ def test_valid_batches_round_trip_through_decode_events(batch: list[dict]) -> No
 @given(structurally_mutated_messages())
 def test_structurally_mutated_events_only_ever_raise_event_error(data: bytes) -> None:
     assert_decoders_are_safe(data)
+
+
+def _outcomes(items: list) -> list:
+    return [(type(item).__name__, str(item), getattr(item, "reason", None)) if isinstance(item, EventError) else item
+            for item in items]
+
+
+@FUZZ
+@given(st.one_of(valid_messages, mutated_messages(), structurally_mutated_messages()))
+def test_the_quick_check_of_unpacked_events_passes_and_fails_as_the_full_one(data: bytes) -> None:
+    """``check_events(..., unpacked=True)`` (strings within the limit vouched for, ints from msgpack) names the same
+    problems as the per-feature check: each side checks its own unpacking of the same bytes (both check in place)."""
+    try:
+        full, quick = (msgpack.unpackb(data, raw=False, strict_map_key=False) for _ in range(2))
+    except Exception:  # not msgpack: nothing to check
+        return
+    assert _outcomes(check_events(quick, unpacked=True)) == _outcomes(check_events(full))
+
+
+@pytest.mark.parametrize("features", [
+    {"a": 1e308, "b": 1e308},  # finite, but their sum overflows: the slow way, which passes them
+    {"a": float("nan"), "b": "x"}, {"a": float("inf"), "b": float("-inf")}, {"a": True}, {"a": None}, {"": "x"},
+    {"a": [1]}, {b"a": "x"}, {"a": "x", "b": 3, "c": 0.5},
+])
+def test_the_quick_check_handles_the_corners_as_the_full_one(features: dict) -> None:
+    def event() -> dict:
+        return {"v": 1, "impression_id": "i", "ts_ms": 1, "user_id": "u", "item_id": "x", "features": dict(features)}
+
+    assert _outcomes(check_events(event(), unpacked=True)) == _outcomes(check_events(event()))
