@@ -24,6 +24,10 @@ BAD = [
     {**IMPRESSION, "user_id": "x" * 2000},  # too_large (the decoder's string limit)
     {**IMPRESSION, "features": {"k" * 2000: 1}},  # too_large as a key
     {**IMPRESSION, "features": {"blob": b"\x00\x01"}},  # bin is not in the contract
+    # records of at most max_str_bytes get the quicker check of their features (check_events' unpacked)
+    {**IMPRESSION, "features": {"watch": float("inf"), "hour": 3}},  # not_finite
+    {**IMPRESSION, "features": {"flag": True}},  # wrong_type
+    {**IMPRESSION, "features": {"": "x"}},  # empty name
     {"v": 2, "impression_id": "i1"},  # bad_version
     {"v": 1, "batch": [IMPRESSION, {**FEEDBACK, "ts_ms": -1}]},  # one bad event in a batch
     {"v": 1, "batch": []},  # empty
