@@ -199,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
               f"{_fmt(combined['ndcg10'])}{distilled}")
     for warning in batching_warnings(result):
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
+    hint = replay_cache_hint(result, args.replay_cache)
+    if hint and not args.quiet:
+        print(f"crossdistil backtest: hint: {hint}", file=sys.stderr)
     cache = result.processes.get("replay_cache", {})
     if cache.get("error"):
         print(f"crossdistil backtest: warning: replay cache {cache['file']} {cache['error']} (the replay itself is "
@@ -1102,6 +1105,17 @@ def batching_warnings(result: BacktestResult) -> list[str]:
     """Every configuration's small-batch warning (``small_batch_warning``), in configuration order."""
     warnings = (batching_summary(run_, result.batching)["warning"] for run_ in result.runs.values())
     return [w for w in warnings if w]
+
+
+def replay_cache_hint(result: BacktestResult, replay_cache: Any) -> str | None:
+    """After a replay whose intake process did work a replay cache would have saved (none given), the sentence
+    that says how much and how to keep it; else None."""
+    if replay_cache is not None or result.intake != "process":
+        return None
+    cpu_s = float(result.processes.get("intake_cpu_s") or 0.0)
+    return (f"the intake process spent {cpu_s:.1f} CPU seconds reading, validating, joining and encoding the log; "
+            "--replay-cache DIR keeps what it made (about 40% of the log's size) so that replaying this log again, "
+            "with any model settings that keep the join, batching and features, skips that work")
 
 
 class _progress:

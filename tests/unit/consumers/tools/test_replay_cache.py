@@ -295,3 +295,17 @@ def test_the_cli_takes_a_limit_and_says_what_it_removed(messy_log: Path, config_
     assert not first.exists() and len(entries(cache)) == 1
     timing = json.loads((tmp_path / "b" / "timing.json").read_text())
     assert timing["replay_cache"]["evicted"]["files"] == 1 and timing["replay_cache"]["limit_bytes"] == int(limit)
+
+
+def test_the_cli_hints_at_the_cache_after_a_replay_that_could_have_used_one(
+        messy_log: Path, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    from tests.unit.consumers.tools.test_backtest_batching import cli
+
+    common = ("--log", f"file://{messy_log}", "--config", str(config_file), "--configs", "mtl", "--no-plots",
+              "--batching", "dense", *[a for o in WINDOWS for a in ("--set", o)])
+    assert cli(*common, "--out", str(tmp_path / "cold")) == 0
+    err = capsys.readouterr().err
+    assert "hint: the intake process spent" in err and "--replay-cache DIR" in err
+    for extra in (("--replay-cache", str(tmp_path / "cache")), ("--intake", "inline"), ("--quiet",)):
+        assert cli(*common, *extra, "--out", str(tmp_path / "x")) == 0
+        assert "hint:" not in capsys.readouterr().err
