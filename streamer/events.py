@@ -302,7 +302,7 @@ def _check_features(features: Any, limits: Limits, unpacked: bool = False) -> No
     if unpacked and set(map(type, features)) <= _STR and "" not in features:
         # Unpacked from msgpack with no string over max_str_bytes (``check_events``' ``unpacked``): msgpack holds
         # no integer outside int64..uint64, so what is left is the values' types and the floats' finiteness, in
-        # C-level passes (a third of the per-feature loop's time on KuaiRand-Pure's 36 features an impression).
+        # C-level passes (KuaiRand-Pure's events, 36 features an impression, validate ~25 % quicker).
         kinds = set(map(type, features.values()))
         if kinds <= _STR_INT:
             return
