@@ -40,11 +40,14 @@ import collections
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from river import facto, linear_model, optim
+
+if TYPE_CHECKING:
+    from river import optim
 
 from models.config import from_known_fields
 from models.features import Batch, FeatureSpec, encode_rows
@@ -125,61 +128,78 @@ class RiverConfig:
 
     def make_optimizer(self, lr: float) -> optim.base.Optimizer:
         """A fresh river optimizer of this config's rule with step ``lr``."""
+        optim = _river()[2]
         return optim.AdaGrad(lr) if self.optimizer == "adagrad" else optim.SGD(lr)
 
 
-class _FMClassifier(facto.FMClassifier):
-    """river's FMClassifier with two changes that keep its learning rule, and per-feature AdaGrad for latents.
+def _river() -> tuple[Any, Any, Any]:
+    """river's ``facto``, ``linear_model`` and ``optim``, imported on first use: importing river costs ~1.4 s (it loads
+    scipy), which every process that imports this module for ``RiverConfig`` or ``RiverServingModel`` alone (the
+    learner process, the serving daemon, ``crossdistil evaluate`` of deep rungs) would otherwise pay at start."""
+    from river import facto, linear_model, optim
 
-    * The pairwise term is computed in O(p k) (``0.5 * sum_f[(sum_j v_jf x_j)^2 - sum_j v_jf^2 x_j^2]``)
-      instead of river's loop over the p (p - 1) / 2 pairs: the same value, summed in another order.
-    * Scoring never creates latent factors: river's defaultdict would draw a random vector for an unseen
-      feature during ``predict_proba_one`` (a prediction that changes the model). Here an unseen feature has no
-      interaction until it is learned; ``learn_one`` draws the vectors first (in feature order), so learning
-      sees them exactly as river does.
-    * With an ``optim.AdaGrad`` latent optimizer, each latent vector has its own accumulator ``latent_g2[j]``
-      (river would key AdaGrad's state by factor index only, shared by every feature). Other optimizers
-      (stateless SGD) go through river's update unchanged.
-    """
+    return facto, linear_model, optim
 
-    @property
-    def latent_g2(self) -> dict[int, np.ndarray]:
-        """AdaGrad's squared-gradient sum of each learned latent vector (created on first use: river's ``clone`` and
-        ``repr`` read ``__init__``'s signature, which stays river's)."""
-        return self.__dict__.setdefault("_latent_g2", {})
 
-    @latent_g2.setter
-    def latent_g2(self, value: dict[int, np.ndarray]) -> None:
-        self.__dict__["_latent_g2"] = value
+@cache
+def _fm_classifier() -> type:
+    """``_FMClassifier``: defined on first use, river's class being its base (see ``_river``)."""
+    facto, _, optim = _river()
 
-    def _calculate_interactions(self, x: dict) -> float:
-        vectors = [(self.latents[j], xj) for j, xj in x.items() if j in self.latents]
-        if len(vectors) < 2:
-            return 0.0
-        weighted = np.stack([v * xj for v, xj in vectors])
-        total = weighted.sum(axis=0)
-        return float(0.5 * (np.dot(total, total) - np.sum(weighted * weighted)))
+    class _FMClassifier(facto.FMClassifier):
+        """river's FMClassifier with two changes that keep its learning rule, and per-feature AdaGrad for latents.
 
-    def learn_one(self, x: dict, y: Any, w: float = 1.0) -> None:
-        for j in x:
-            self.latents[j]  # draws the latent vector of a new feature, in feature order
-        super().learn_one(x, y, w)
+        * The pairwise term is computed in O(p k) (``0.5 * sum_f[(sum_j v_jf x_j)^2 - sum_j v_jf^2 x_j^2]``)
+          instead of river's loop over the p (p - 1) / 2 pairs: the same value, summed in another order.
+        * Scoring never creates latent factors: river's defaultdict would draw a random vector for an unseen
+          feature during ``predict_proba_one`` (a prediction that changes the model). Here an unseen feature has
+          no interaction until it is learned; ``learn_one`` draws the vectors first (in feature order), so learning
+          sees them exactly as river does.
+        * With an ``optim.AdaGrad`` latent optimizer, each latent vector has its own accumulator ``latent_g2[j]``
+          (river would key AdaGrad's state by factor index only, shared by every feature). Other optimizers
+          (stateless SGD) go through river's update unchanged.
+        """
 
-    def _update_latents(self, x: dict, g_loss: float) -> None:
-        if not isinstance(self.latent_optimizer, optim.AdaGrad):
-            super()._update_latents(x, g_loss)
-            return
-        v, l1, l2 = self.latents, self.l1_latent, self.l2_latent
-        lr, eps = self.latent_optimizer.learning_rate, self.latent_optimizer.eps
-        total = sum(v[j] * xj for j, xj in x.items())  # from the latents before this update, as river does
-        for j, xj in x.items():
-            vj = v[j]
-            gradient = g_loss * (xj * total - vj * xj**2) + l1 * np.sign(vj) + l2 * vj
-            g2 = self.latent_g2.get(j)
-            g2 = gradient**2 if g2 is None else g2 + gradient**2
-            self.latent_g2[j] = g2
-            v[j] = vj - lr / (g2 + eps) ** 0.5 * gradient
-            self.latent_optimizer.n_iterations += 1  # river counts one step per latent vector
+        @property
+        def latent_g2(self) -> dict[int, np.ndarray]:
+            """AdaGrad's squared-gradient sum of each learned latent vector (created on first use: river's ``clone``
+            and ``repr`` read ``__init__``'s signature, which stays river's)."""
+            return self.__dict__.setdefault("_latent_g2", {})
+
+        @latent_g2.setter
+        def latent_g2(self, value: dict[int, np.ndarray]) -> None:
+            self.__dict__["_latent_g2"] = value
+
+        def _calculate_interactions(self, x: dict) -> float:
+            vectors = [(self.latents[j], xj) for j, xj in x.items() if j in self.latents]
+            if len(vectors) < 2:
+                return 0.0
+            weighted = np.stack([v * xj for v, xj in vectors])
+            total = weighted.sum(axis=0)
+            return float(0.5 * (np.dot(total, total) - np.sum(weighted * weighted)))
+
+        def learn_one(self, x: dict, y: Any, w: float = 1.0) -> None:
+            for j in x:
+                self.latents[j]  # draws the latent vector of a new feature, in feature order
+            super().learn_one(x, y, w)
+
+        def _update_latents(self, x: dict, g_loss: float) -> None:
+            if not isinstance(self.latent_optimizer, optim.AdaGrad):
+                super()._update_latents(x, g_loss)
+                return
+            v, l1, l2 = self.latents, self.l1_latent, self.l2_latent
+            lr, eps = self.latent_optimizer.learning_rate, self.latent_optimizer.eps
+            total = sum(v[j] * xj for j, xj in x.items())  # from the latents before this update, as river does
+            for j, xj in x.items():
+                vj = v[j]
+                gradient = g_loss * (xj * total - vj * xj**2) + l1 * np.sign(vj) + l2 * vj
+                g2 = self.latent_g2.get(j)
+                g2 = gradient**2 if g2 is None else g2 + gradient**2
+                self.latent_g2[j] = g2
+                v[j] = vj - lr / (g2 + eps) ** 0.5 * gradient
+                self.latent_optimizer.n_iterations += 1  # river counts one step per latent vector
+
+    return _FMClassifier
 
 
 class RiverLearner:
@@ -203,11 +223,12 @@ class RiverLearner:
         self.steps = 0
 
     def _new_model(self, k: int) -> Any:
+        _, linear_model, optim = _river()
         c = self.config
         if c.model == "lr":
             return linear_model.LogisticRegression(optimizer=c.make_optimizer(c.lr), l2=c.l2,
                                                    intercept_lr=c.intercept_lr)
-        return _FMClassifier(
+        return _fm_classifier()(
             n_factors=c.n_factors, weight_optimizer=c.make_optimizer(c.lr),
             latent_optimizer=c.make_optimizer(c.latent_lr or c.lr),
             l2_weight=c.l2, l2_latent=c.l2, intercept_lr=c.intercept_lr,
@@ -350,6 +371,7 @@ class RiverLearner:
 
 def _export_model(model: Any) -> dict[str, Any]:
     """A river LR or FM as tensors and plain values (dict insertion order kept: it is the summation order)."""
+    _, linear_model, optim = _river()
     if isinstance(model, linear_model.LogisticRegression):
         weights = model._weights.to_dict()
         return {
@@ -387,6 +409,7 @@ def _export_model(model: Any) -> dict[str, Any]:
 
 def _export_accumulators(optimizer: optim.base.Optimizer, name: str) -> dict[str, torch.Tensor]:
     """AdaGrad's squared-gradient sums as ``<name>_keys`` (int64) and ``<name>`` (float64); nothing for SGD."""
+    optim = _river()[2]
     if not isinstance(optimizer, optim.AdaGrad):
         return {}
     return {f"{name}_keys": torch.tensor(list(optimizer.g2), dtype=torch.int64),
@@ -395,6 +418,7 @@ def _export_accumulators(optimizer: optim.base.Optimizer, name: str) -> dict[str
 
 def _import_accumulators(optimizer: optim.base.Optimizer, state: Mapping[str, Any], name: str) -> None:
     """The inverse of ``_export_accumulators``: an AdaGrad optimizer needs its sums, SGD must not get any."""
+    optim = _river()[2]
     has_state = f"{name}_keys" in state
     if isinstance(optimizer, optim.AdaGrad) != has_state:
         raise ValueError(f"state {'has' if has_state else 'lacks'} AdaGrad accumulators {name!r} but this learner's "
@@ -406,6 +430,8 @@ def _import_accumulators(optimizer: optim.base.Optimizer, state: Mapping[str, An
 def _import_model(model: Any, state: Mapping[str, Any]) -> None:
     """Set a freshly built river model to an exported state (the inverse of ``_export_model``)."""
     from river import utils
+
+    _, linear_model, optim = _river()
 
     keys = state["keys"].tolist()
     weights = state["weights"].double().tolist()
