@@ -326,13 +326,6 @@ STALL_LIMITS = {"max_request_bytes": 16 * 1024 * 1024, "max_items": 20_000}
 SCENARIOS = (("4 clients", 4, False), ("16 clients", 16, False), ("4 clients + never-reading client", 4, True))
 
 
-def git_commit(root: Path) -> str:
-    result = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return result.stdout.strip() + ("+uncommitted changes" if dirty else "")
-
-
 def wait_ready(url: str, timeout_s: float = 120.0) -> None:
     """Wait until the server at ``url`` serves a model (its /healthz names a version)."""
     deadline = time.monotonic() + timeout_s
@@ -345,7 +338,8 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
 def compare(args: argparse.Namespace, bootstrap: str, topic: str, workdir: Path) -> dict[str, Any]:
     """Old (``--compare-with``) and new server side by side: every scenario on both, alternating, ``--rounds``."""
     roots = {"old": Path(args.compare_with).resolve(), "new": REPO_ROOT}
-    commits = {name: git_commit(root) for name, root in roots.items()}  # what the servers run, taken at their start
+    # what the servers run, taken at their start
+    commits = {name: pickup.git_commit(root) for name, root in roots.items()}
     processes: dict[str, subprocess.Popen] = {}
     urls: dict[str, str] = {}
     try:

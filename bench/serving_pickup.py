@@ -40,6 +40,14 @@ def progress(message: str) -> None:
     print(f"[serving_pickup] {message}", file=sys.stderr, flush=True)
 
 
+def git_commit(root: Path) -> str:
+    """The short commit of the checkout at ``root``, marked when its tracked files have uncommitted changes."""
+    result = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return result.stdout.strip() + ("+uncommitted changes" if dirty else "")
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
     ordered = sorted(values)

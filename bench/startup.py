@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # serving_pickup's helpers
 
-from serving_pickup import start_broker  # noqa: E402
+from serving_pickup import git_commit, start_broker  # noqa: E402
 
 from streamer.topics import ensure_topics  # noqa: E402
 
@@ -104,9 +104,7 @@ def main() -> int:
             if broker is not None:
                 broker.stop()
     result: dict = {"rounds": args.rounds, "commits": {}, "modes": {}}
-    for label, root in roots.items():
-        result["commits"][label] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                                  capture_output=True, text=True).stdout.strip()
+    result["commits"] = {label: git_commit(root) for label, root in roots.items()}
     for mode in modes:
         entry: dict = {}
         for moment in ("ready_s", "assigned_s"):
