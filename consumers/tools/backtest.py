@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         aucs = ", ".join(f"{t} {_fmt(v)}" for t, v in run_.prequential_auc().items())
         combined = run_.ranking_metrics()["combined"]
         stats = batch_statistics(run_.batch_sizes)
-        gate = getattr(run_.pipeline.metrics, "kd_gate_summary", dict)()
+        gate = run_.pipeline.metrics.kd_gate_summary()
         distilled = "; steps distilling " + ", ".join(
             f"{t} {g['distilled_steps']}/{g['distilled_steps'] + g['skipped_steps']}" for t, g in gate.items()
         ) if gate else ""
@@ -1180,7 +1180,7 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "final": final,
             "drift_detections": run_.detections,
         }
-        gate = getattr(pipeline.metrics, "kd_gate_summary", dict)()  # a gated configuration's distillation
+        gate = pipeline.metrics.kd_gate_summary()  # a gated configuration's distillation
         if gate:
             configurations[name]["kd_gate"] = gate
     return {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
