@@ -153,7 +153,11 @@ class AucDropDetector:
         self.reference_blocks = max(1, round(reference / block))
         self.min_drop, self.z = float(min_drop), float(z)
         self._ring = np.zeros((self.window_blocks + self.reference_blocks, 2, self.bins), dtype=np.int64)
-        self._head = 0  # ring slot of the next closed block
+        self._head = 0  # ring slot of the next closed block (= of the oldest one)
+        # the two windows' histograms, kept as running sums of the ring's blocks (exact integers): the reference
+        # window is the ring's oldest reference_blocks blocks, the recent one the rest
+        self._reference = np.zeros((2, self.bins), dtype=np.int64)
+        self._recent = np.zeros((2, self.bins), dtype=np.int64)
         self._open: list[np.ndarray] = []  # the open block's keys (bin, + bins if positive), counted at its close
         self._in_block = 0
         self._filled = 0  # blocks closed since the start or the last detection
@@ -182,17 +186,19 @@ class AucDropDetector:
 
     def _close_block(self) -> bool:
         keys = np.concatenate(self._open)
-        self._ring[self._head] = np.bincount(keys, minlength=2 * self.bins).reshape(2, self.bins)  # [neg | pos]
+        block = np.bincount(keys, minlength=2 * self.bins).reshape(2, self.bins)  # [neg | pos]
+        # the oldest block leaves the reference window, the oldest recent one moves into it, the new one arrives
+        moving = self._ring[(self._head + self.reference_blocks) % len(self._ring)]
+        self._reference += moving - self._ring[self._head]
+        self._recent += block - moving
+        self._ring[self._head] = block
         self._head = (self._head + 1) % len(self._ring)
         self._open = []
         self._in_block = 0
         self._filled += 1
         if self._filled < len(self._ring):
             return False
-        order = (self._head + np.arange(len(self._ring))) % len(self._ring)  # oldest block first
-        reference = self._ring[order[: self.reference_blocks]].sum(axis=0)
-        recent = self._ring[order[self.reference_blocks:]].sum(axis=0)
-        (ref_auc, ref_se), (recent_auc, recent_se) = _auc_and_error(reference), _auc_and_error(recent)
+        (ref_auc, ref_se), (recent_auc, recent_se) = _auc_and_error(self._reference), _auc_and_error(self._recent)
         drop = ref_auc - recent_auc
         threshold = max(self.min_drop, self.z * math.hypot(ref_se, recent_se))
         self.last = {"recent_auc": recent_auc, "reference_auc": ref_auc, "drop": drop, "threshold": threshold}

@@ -235,3 +235,34 @@ def test_a_fall_smaller_than_min_drop_is_not_a_detection_even_when_significant()
         fired["strict"] += strict.update(*batch)
         fired["loose"] += loose.update(*batch)
     assert fired == {"strict": 0, "loose": 1}
+
+
+def test_auc_drop_compares_the_histogram_aucs_of_exactly_its_two_windows_at_every_block() -> None:
+    """The windows' histograms are running sums (a block in, one moving across, one out): at each block's close the
+    AUCs it compares are those of the last ``window`` samples and the ``reference`` samples before them, binned on the
+    logit scale as documented, however the batches cut the blocks, across detections too."""
+    from consumers.core.quality import histogram_auc
+
+    rng = np.random.default_rng(11)
+    detector = AucDropDetector(window=2_000, reference=3_000, block=500, bins=64, min_drop=0.02, z=0.0)
+    keys_seen: list[np.ndarray] = []
+    compared = fired = 0
+    for k in range(400):
+        n = int(rng.choice([1, 37, 256, 700, 1_300]))
+        y, p = ranked_batch(rng, n, 1.5 if (k // 60) % 2 == 0 else 0.2, 0.3)
+        before = dict(detector.last)
+        closes = (detector.samples_seen + n) // 500 - detector.samples_seen // 500
+        clipped = np.clip(p, 1e-7, 1 - 1e-7)
+        scaled = (np.log(clipped) - np.log1p(-clipped) + 8.0) * (64 / 16.0)
+        keys_seen.append(np.clip(scaled.astype(np.int64), 0, 63) + 64 * (y > 0))
+        fired_now = detector.update(y, p)
+        fired += fired_now
+        # compared at its last block's close (after a detection in this batch the later closes do not compare)
+        if closes and detector.last != before and not fired_now:
+            every = np.concatenate(keys_seen)[: (detector.samples_seen // 500) * 500]
+            recent, reference = every[-2_000:], every[-5_000:-2_000]
+            for window, name in ((recent, "recent_auc"), (reference, "reference_auc")):
+                counts = np.bincount(window, minlength=128)
+                assert detector.last[name] == histogram_auc(counts[64:], counts[:64])
+            compared += 1
+    assert compared > 50 and fired >= 2  # it compared often, and after detections too
