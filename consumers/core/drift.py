@@ -25,7 +25,13 @@ sample.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import math
+import sys
+import threading
+import types
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +42,52 @@ from consumers.core.quality import histogram_auc
 LOSS_DETECTORS: tuple[str, ...] = ("adwin", "page_hinkley")
 AUC_DETECTOR = "auc_drop"
 DETECTORS: tuple[str, ...] = (*LOSS_DETECTORS, AUC_DETECTOR)  # every detector a task has, as exported
+
+_IMPORT_LOCK = threading.Lock()
+
+
+@functools.cache
+def river_loss_detectors() -> tuple[type, type]:
+    """River's ``ADWIN`` and ``PageHinkley`` classes, without the import of ``river.drift`` as a whole.
+
+    ``river.drift``'s package ``__init__`` imports every detector of the package: KSWIN brings scipy's statistics,
+    the drift datasets bring ``river.datasets`` (with scipy's io and sparse modules), about 1.3 s of a trainer's
+    start on this project's machine against 0.1 s for the two modules used here (``python -X importtime``). The two
+    are loaded as submodules of a bare stand-in for the package, and the stand-in and everything loaded under it are
+    taken out of ``sys.modules`` again, so nothing else ever sees them: a later ``from river import drift`` loads the
+    real package as if this had not happened. Where river is laid out otherwise, or its ``drift`` package is loaded
+    already, the plain import.
+    """
+    with _IMPORT_LOCK:
+        loaded = sys.modules.get("river.drift")
+        if loaded is None or isinstance(loaded, _BarePackage):
+            try:
+                spec = importlib.util.find_spec("river")
+                folder = next(iter(spec.submodule_search_locations or ())) if spec else None
+                if folder is not None:
+                    sys.modules["river.drift"] = _BarePackage("river.drift", f"{folder}/drift")
+                    try:
+                        adwin = importlib.import_module("river.drift.adwin")
+                        page_hinkley = importlib.import_module("river.drift.page_hinkley")
+                        return adwin.ADWIN, page_hinkley.PageHinkley
+                    finally:
+                        for name in [n for n in sys.modules if n == "river.drift" or n.startswith("river.drift.")]:
+                            del sys.modules[name]
+            except ImportError:
+                pass
+    from river import drift
+
+    return drift.ADWIN, drift.PageHinkley
+
+
+class _BarePackage(types.ModuleType):
+    """A package module without its ``__init__``: only a place to import submodules from."""
+
+    def __init__(self, name: str, folder: str) -> None:
+        super().__init__(name)
+        self.__path__ = [folder]
+        self.__package__ = name
+
 
 # Per-sample log loss is heavy-tailed (one confident mistake costs ~16 nats); clip so a single sample cannot
 # look like a drift by itself.
@@ -59,7 +111,7 @@ class LossDriftDetectors:
         ph_delta: float = 0.1,
         ph_min_instances: int = 30,
     ) -> None:
-        from river import drift  # river is imported here so that importing this module stays cheap
+        adwin_class, page_hinkley_class = river_loss_detectors()  # here: importing this module stays cheap
 
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -67,12 +119,12 @@ class LossDriftDetectors:
         # adwin_delta 0.0002, not river's 0.002: at 0.002 ADWIN fired once on the drift-free KuaiRand-Pure log
         # (long_view, 913k task-samples); at 0.0002 never, and it still catches a drift of magnitude 0.2 within
         # ~1,500 samples (bench/drift_sensitivity.py, docs/monitoring.md "Choosing drift thresholds").
-        self._adwin = drift.ADWIN(delta=adwin_delta)
+        self._adwin = adwin_class(delta=adwin_delta)
         # ph_threshold is the cumulative excess loss, in nats summed over samples, that counts as a drift; the
         # detector sums chunk means, hence the division. Tuned on a stationary stream of per-sample log loss
         # (mean 0.58, std 0.6): 400 gave 0 or 1 false alarm per million samples, 200 gave 1 to 3, 100 gave 4 to
         # 15; the delay on a 0.4-nat jump was about 1,100 samples (tests/unit/consumers/core/test_quality_drift.py).
-        self._page_hinkley = drift.PageHinkley(
+        self._page_hinkley = page_hinkley_class(
             min_instances=ph_min_instances, delta=ph_delta, threshold=ph_threshold / self.chunk, mode="up"
         )
         self._pending: list[np.ndarray] = []  # losses not yet forming a full chunk

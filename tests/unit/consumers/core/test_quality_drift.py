@@ -266,3 +266,23 @@ def test_auc_drop_compares_the_histogram_aucs_of_exactly_its_two_windows_at_ever
                 assert detector.last[name] == histogram_auc(counts[64:], counts[:64])
             compared += 1
     assert compared > 50 and fired >= 2  # it compared often, and after detections too
+
+
+def test_the_loss_detectors_load_without_the_rest_of_river_drift_and_leave_no_trace() -> None:
+    """river.drift's __init__ imports every detector (KSWIN: scipy.stats; the drift datasets: river.datasets); the
+    trainer loads ADWIN and PageHinkley alone, and a later ``from river import drift`` still gets the whole package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from consumers.core.drift import LossDriftDetectors\n"
+        "detectors = LossDriftDetectors()\n"
+        "print(sorted(n for n in ('scipy.stats', 'river.datasets') if n in sys.modules))\n"
+        "print(sorted(n for n in sys.modules if n.startswith('river.drift')))\n"
+        "print(type(detectors._adwin).__name__, type(detectors._page_hinkley).__name__)\n"
+        "from river import drift\n"
+        "print(drift.KSWIN.__name__, drift.adwin.ADWIN.__name__, 'scipy.stats' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["[]", "[]", "ADWIN PageHinkley", "KSWIN ADWIN True"]
