@@ -29,6 +29,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import os
 import sys
 import threading
 import types
@@ -59,34 +60,23 @@ def river_loss_detectors() -> tuple[type, type]:
     already, the plain import.
     """
     with _IMPORT_LOCK:
-        loaded = sys.modules.get("river.drift")
-        if loaded is None or isinstance(loaded, _BarePackage):
+        spec = None if "river.drift" in sys.modules else importlib.util.find_spec("river")
+        folders = list(spec.submodule_search_locations or ()) if spec else []
+        if folders:
+            bare = types.ModuleType("river.drift")  # the package without its __init__: a place for submodules
+            bare.__path__, bare.__package__ = [os.path.join(folders[0], "drift")], "river.drift"
+            sys.modules["river.drift"] = bare
             try:
-                spec = importlib.util.find_spec("river")
-                folder = next(iter(spec.submodule_search_locations or ())) if spec else None
-                if folder is not None:
-                    sys.modules["river.drift"] = _BarePackage("river.drift", f"{folder}/drift")
-                    try:
-                        adwin = importlib.import_module("river.drift.adwin")
-                        page_hinkley = importlib.import_module("river.drift.page_hinkley")
-                        return adwin.ADWIN, page_hinkley.PageHinkley
-                    finally:
-                        for name in [n for n in sys.modules if n == "river.drift" or n.startswith("river.drift.")]:
-                            del sys.modules[name]
+                return (importlib.import_module("river.drift.adwin").ADWIN,
+                        importlib.import_module("river.drift.page_hinkley").PageHinkley)
             except ImportError:
                 pass
+            finally:
+                for name in [n for n in sys.modules if n == "river.drift" or n.startswith("river.drift.")]:
+                    del sys.modules[name]
     from river import drift
 
     return drift.ADWIN, drift.PageHinkley
-
-
-class _BarePackage(types.ModuleType):
-    """A package module without its ``__init__``: only a place to import submodules from."""
-
-    def __init__(self, name: str, folder: str) -> None:
-        super().__init__(name)
-        self.__path__ = [folder]
-        self.__package__ = name
 
 
 # Per-sample log loss is heavy-tailed (one confident mistake costs ~16 nats); clip so a single sample cannot
