@@ -29,7 +29,12 @@ rounds (median and best reported, because this shared machine's speed changes fr
   process, the batches read from the file; on two cores a second configuration trains in a learner process;
 * ``read_log`` (only when named in ``--variants``): reading the log alone, as the replay reads it
   (``read_event_log_sized``: unpacking and each record's shape) and nothing else, counted per impression: a floor
-  under any replay of the log in one process.
+  under any replay of the log in one process;
+* ``evaluate_pair`` (only when named in ``--variants``): two ``evaluate`` workers at once, each in a process of its
+  own: how much two busy processes slow each other on this machine in these minutes (on a machine whose two cores
+  share one physical core, or a busy host, each runs slower than alone). A dense replay of one configuration is
+  two busy processes (the intake and the trainer); ``evaluate``'s pass is one, so this is the context of
+  ``backtest_one_to_evaluate``, not a substitute for it. Its ``seconds`` are the slower worker's.
 
 ``ratios``: ``backtest_one_to_evaluate`` (median samples/s; the issue asks >= 0.8) and ``backtest_two_cost_to_one``
 (median seconds; the issue asks <= 1.8), and ``backtest_two_cpu_cost_to_one`` (the same with the CPU seconds of the
@@ -40,7 +45,10 @@ since the backtest's figure includes reading its input.
 ``backtest_one_cached_to_evaluate`` and ``backtest_two_cached_cost_to_one_cached``: the same two ratios with the
 replay cache warm.
 ``backtest_one_intake_process_speedup`` / ``backtest_two_...``: the inline variant's median seconds over the intake
-process's. ``--torch-threads 1`` by default, as ``crossdistil backtest``.
+process's. ``two_busy_processes_slowdown`` (with ``evaluate_pair``): per round, the pair's mean seconds over
+``evaluate``'s alone in the same round (1.0: the two cores do not slow each other), and its median;
+``backtest_one_to_evaluate_pair``: the backtest's samples/s over the slower of the pair's.
+``--torch-threads 1`` by default, as ``crossdistil backtest``.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 VARIANTS = ("evaluate", "backtest_one", "backtest_two", "backtest_one_inline", "backtest_two_inline",
-            "backtest_one_cached", "backtest_two_cached", "read_log")
+            "backtest_one_cached", "backtest_two_cached", "read_log", "evaluate_pair")
 DATA = REPO_ROOT.parent / "shared" / "data" / "kuairand_pure"
 
 
@@ -214,11 +222,22 @@ def run_worker(args: argparse.Namespace, variant: str, log: Path, cache: Path) -
                "--config", args.config, "--impressions", str(args.impressions), "--log", str(log), "--one", args.one,
                "--two", args.two, "--torch-threads", str(args.torch_threads), "--cache", str(cache),
                *[a for s in args.set for a in ("--set", s)]]
+    if variant == "evaluate_pair":  # two evaluate workers at once
+        command[command.index("--worker") + 1] = "evaluate"
+        pair = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+        outputs = [(p, *p.communicate()) for p in pair]
+        results = [_worker_result(variant, p.returncode, out, err) for p, out, err in outputs]
+        slower = max(results, key=lambda r: r["seconds"])
+        return {**slower, "pair_seconds": [r["seconds"] for r in results]}
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        print(done.stderr, file=sys.stderr)
-        raise SystemExit(f"{variant} failed with status {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _worker_result(variant, done.returncode, done.stdout, done.stderr)
+
+
+def _worker_result(variant: str, returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        print(stderr, file=sys.stderr)
+        raise SystemExit(f"{variant} failed with status {returncode}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
@@ -275,6 +294,14 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
     if "evaluate" in variants and "read_log" in variants:
         ratios["read_log_to_evaluate"] = round(variants["read_log"]["samples_per_s_median"]
                                                / variants["evaluate"]["samples_per_s_median"], 2)
+    if "evaluate" in variants and "evaluate_pair" in variants:
+        slowdown = [statistics.fmean(p["pair_seconds"]) / e["seconds"]
+                    for p, e in zip(runs["evaluate_pair"], runs["evaluate"])]
+        ratios["two_busy_processes_slowdown"] = round(statistics.median(slowdown), 2)
+        ratios["per_round_two_busy_processes_slowdown"] = [round(x, 2) for x in slowdown]
+        if "backtest_one" in variants:
+            ratios["backtest_one_to_evaluate_pair"] = round(variants["backtest_one"]["samples_per_s_median"]
+                                                            / variants["evaluate_pair"]["samples_per_s_median"], 2)
     out["ratios"] = ratios
     return out
 
