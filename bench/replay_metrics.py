@@ -43,7 +43,9 @@ def worker(args: argparse.Namespace) -> dict:
     tasks = tuple(cfg.model.tasks)
     rng = np.random.default_rng(0)
     n, b = args.samples, args.batch_size
-    labels = {task: rng.random(n) < rate for task, rate in zip(tasks, (0.3, 0.2, 0.1, 0.05))}
+    # positive rates 0.3, 0.2, 0.1, 0.05, then 0.05 for any further task
+    rates = [(0.3, 0.2, 0.1)[k] if k < 3 else 0.05 for k in range(len(tasks))]
+    labels = {task: rng.random(n) < rate for task, rate in zip(tasks, rates)}
     scores = {task: (1 / (1 + np.exp(-(rng.normal(0, 1.5, n) + 1.2 * labels[task])))).astype(np.float32)
               for task in tasks}
     users = rng.integers(0, 25_000, n)
