@@ -13,12 +13,7 @@
 #    compared as a ratio;
 # 4. the backtest on cuda with the learner in process and in a learner process of its own
 #    (model.separate_process), one after the other, over the first SEPARATE_LIMIT records (default 40000).
-# 5. (only with KUAIRAND_PURE_CSV=<kuairand_pure_20220425_20220508.csv>, first and alone) the dense backtest's speed
-#    next to `evaluate` on this machine's CPUs (bench/backtest_throughput.py, issue 22): on a 2-core VM the two busy
-#    processes of a cold replay slow each other, here each has a core of its own. The event log is written to
-#    $TMPDIR, the bench's JSON to OUT_DIR/backtest_throughput.json; SPEED_ROUNDS (default 3) rounds.
-# GPU_CHECKS=tests,train_step,backtest,separate (the default: all) picks sections; backtest_speed runs whenever
-# KUAIRAND_PURE_CSV is set (GPU_CHECKS=backtest_speed: it alone).
+# GPU_CHECKS=tests,train_step,backtest,separate (the default: all) picks sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${1:?usage: bench/gpu_checks.sh EVENT_LOG OUT_DIR}
@@ -34,16 +29,7 @@ backtest() {  # device, folder, extra flags...
   "$py" -m consumers.cli backtest --log "file://$log" --config deploy/trainer.example.toml \
     --configs crossdistil --set "model.device=$device" --out "$folder" --no-plots --quiet "$@"
 }
-pytest_rc=-1 step_rc=-1 cuda_rc=-1 cpu_rc=-1 inproc_rc=-1 sep_rc=-1 speed_rc=-1
-if [[ -n ${KUAIRAND_PURE_CSV:-} ]]; then  # first, alone: the CPU figures of an otherwise idle machine
-  speed_log="${TMPDIR:-/tmp}/kuairand_pure.evlog"
-  "$py" -m consumers.cli stream --dataset csv --source "$KUAIRAND_PURE_CSV" --mapping mappings/kuairand_pure.toml \
-    --to "file://$speed_log" >"$out/backtest_speed_stream.log" 2>&1 \
-    && "$py" bench/backtest_throughput.py --impressions 0 --source "$KUAIRAND_PURE_CSV" --log "$speed_log" \
-      --rounds "${SPEED_ROUNDS:-3}" --variants evaluate,backtest_one,backtest_two,evaluate_pair \
-      >"$out/backtest_throughput.json" 2>"$out/backtest_throughput.err"
-  speed_rc=$?
-fi
+pytest_rc=-1 step_rc=-1 cuda_rc=-1 cpu_rc=-1 inproc_rc=-1 sep_rc=-1
 limit=()
 [[ -n ${LIMIT:-} ]] && limit=(--limit "$LIMIT")
 if wanted backtest; then
@@ -69,26 +55,18 @@ if wanted train_step; then
   step_rc=$?
 fi
 
-"$py" - "$out" "$pytest_rc" "$step_rc" "$cuda_rc" "$cpu_rc" "$inproc_rc" "$sep_rc" "$speed_rc" <<'EOF'
-import json, os, sys
+"$py" - "$out" "$pytest_rc" "$step_rc" "$cuda_rc" "$cpu_rc" "$inproc_rc" "$sep_rc" <<'EOF'
+import json, sys
 from pathlib import Path
 
 import torch
 
 out = Path(sys.argv[1])
-pytest_rc, step_rc, cuda_rc, cpu_rc, inproc_rc, sep_rc, speed_rc = map(int, sys.argv[2:9])
+pytest_rc, step_rc, cuda_rc, cpu_rc, inproc_rc, sep_rc = map(int, sys.argv[2:8])
 result = {
     "torch": torch.__version__,
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    "cpu_cores": os.cpu_count(),
 }
-if speed_rc != -1:
-    try:
-        speed = json.loads((out / "backtest_throughput.json").read_text())
-        result["backtest_speed"] = {"rc": speed_rc, "ratios": speed["ratios"],
-                                    "rounds_seconds": {v: r["rounds_seconds"] for v, r in speed["variants"].items()}}
-    except (OSError, KeyError, ValueError) as error:
-        result["backtest_speed"] = {"rc": speed_rc, "error": repr(error)}
 if pytest_rc != -1:
     result["unit_tests"] = {"rc": pytest_rc, "summary": (out / "pytest.log").read_text().strip().splitlines()[-1:]}
 if step_rc != -1:
