@@ -847,6 +847,8 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
         for remote in remotes:
             remote.close()
     processes = {"learner_processes": len(remotes), "intake_cpu_s": 0.0 if cached else round(counts["intake_cpu_s"], 3)}
+    if not cached:  # seconds this process waited for the intake process's next message: where its input was the bound
+        processes["intake_wait_s"] = round(source.waited_s, 3)
     if cache is not None:
         processes["replay_cache"] = _cache_upkeep(cache, cached, spool)
     return counts["records"], counts["events"], "cache" if cached else "process", processes
@@ -1113,9 +1115,12 @@ def replay_cache_hint(result: BacktestResult, replay_cache: Any) -> str | None:
     if replay_cache is not None or result.intake != "process":
         return None
     cpu_s = float(result.processes.get("intake_cpu_s") or 0.0)
-    return (f"the intake process spent {cpu_s:.1f} CPU seconds reading, validating, joining and encoding the log; "
-            "--replay-cache DIR keeps what it made (about 40% of the log's size) so that replaying this log again, "
-            "with any model settings that keep the join, batching and features, skips that work")
+    wait_s = float(result.processes.get("intake_wait_s") or 0.0)
+    waited = (f" (the training waited {wait_s:.1f} s of the {result.seconds:.1f} s replay for it)"
+              if wait_s >= max(0.5, 0.05 * result.seconds) else "")
+    return (f"the intake process spent {cpu_s:.1f} CPU seconds reading, validating, joining and encoding the log"
+            f"{waited}; --replay-cache DIR keeps what it made (about 40% of the log's size) so that replaying this "
+            "log again, with any model settings that keep the join, batching and features, skips that work")
 
 
 class _progress:

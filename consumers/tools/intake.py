@@ -271,6 +271,7 @@ class IntakeProcess:
     def __init__(self, records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
                  spool: _Spool | None = None) -> None:
         self.groups = list(groups)
+        self.waited_s = 0.0
         self.spool = spool  # where every message also goes (a replay cache's file), kept once ``done`` came; its
         # creator discards it if the replay ends otherwise
         read_fd, write_fd = os.pipe()
@@ -289,12 +290,15 @@ class IntakeProcess:
         self.process.stdin.close()
 
     def messages(self) -> Iterator[dict[str, Any]]:
-        """Every message up to ``done`` (raises ``EventLogError``, ``ValueError`` or ``IntakeError`` on a failure)."""
+        """Every message up to ``done`` (raises ``EventLogError``, ``ValueError`` or ``IntakeError`` on a failure).
+        ``waited_s`` adds up the seconds spent waiting for them (the child was behind: the input was the bound)."""
         while True:
+            started = time.perf_counter()
             try:
                 raw = self._in.recv_bytes()
             except (EOFError, OSError):
                 raise IntakeError(f"the intake process died ({describe_exit(self.process, 5.0)})") from None
+            self.waited_s += time.perf_counter() - started
             message = msgpack.unpackb(raw, raw=False, strict_map_key=False)
             op = message["op"]
             if op == "error":

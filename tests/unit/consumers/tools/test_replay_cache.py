@@ -51,9 +51,11 @@ def test_a_replay_from_the_cache_is_the_intake_replay_bit_for_bit(messy_log: Pat
         inline[rungs] = replay(messy_log, config_file, None, rungs, intake_mode="inline")[1]
         first, written = replay(messy_log, config_file, cache, rungs)
         assert first.intake == "process" and first.processes["replay_cache"]["hit"] is False
+        # this process waited at least for the intake's first batch (its start and first chunk), within the replay
+        assert 0.0 < first.processes["intake_wait_s"] < first.seconds
         second, read = replay(messy_log, config_file, cache, rungs)
         assert second.intake == "cache" and second.processes["replay_cache"]["hit"] is True
-        assert second.processes["intake_cpu_s"] == 0.0
+        assert second.processes["intake_cpu_s"] == 0.0 and "intake_wait_s" not in second.processes
         assert written == inline[rungs] and read == inline[rungs]
     names = entries(cache)
     assert len(names) == 2 and all(name.endswith(".intake") for name in names)  # nothing temporary left
@@ -295,6 +297,20 @@ def test_the_cli_takes_a_limit_and_says_what_it_removed(messy_log: Path, config_
     assert not first.exists() and len(entries(cache)) == 1
     timing = json.loads((tmp_path / "b" / "timing.json").read_text())
     assert timing["replay_cache"]["evicted"]["files"] == 1 and timing["replay_cache"]["limit_bytes"] == int(limit)
+
+
+def test_the_hint_says_how_long_the_training_waited_for_the_intake_when_that_counted() -> None:
+    from types import SimpleNamespace
+
+    def hint(wait_s: float, seconds: float = 20.0) -> str | None:
+        result = SimpleNamespace(intake="process", seconds=seconds,
+                                 processes={"intake_cpu_s": 12.0, "intake_wait_s": wait_s})
+        return backtest.replay_cache_hint(result, None)
+
+    assert "spent 12.0 CPU seconds" in hint(3.0) and "waited 3.0 s of the 20.0 s replay" in hint(3.0)
+    assert "waited" not in hint(0.4) and "waited" not in hint(0.9)  # under 0.5 s, or 5% of the replay: not said
+    assert "waited 0.6 s" in hint(0.6, seconds=10.0)
+    assert backtest.replay_cache_hint(SimpleNamespace(intake="cache", seconds=1.0, processes={}), None) is None
 
 
 def test_the_cli_hints_at_the_cache_after_a_replay_that_could_have_used_one(
