@@ -141,6 +141,19 @@ def hash_column(field_name: str, values: Iterable[Any], buckets: int) -> list[in
         return list(map(cache.__getitem__, keys))
 
 
+def _hash_column_into(out: np.ndarray, field_name: str, values: Sequence[Any], buckets: int) -> None:
+    """``hash_column`` written into the int64 row ``out`` (``len(values)`` long): when every value is a string the
+    cache holds (a stream's common case), straight from the cache into an array, without a list in between."""
+    cache = _ROW_CACHES.get((field_name, buckets))
+    if cache is not None and len(cache) <= _ROW_CACHE_LIMIT:
+        try:
+            out[:] = np.fromiter(map(cache.__getitem__, values), dtype=np.int64, count=len(values))
+            return
+        except (KeyError, TypeError):  # a value not seen yet, or not a string: hash_column keys and fills the cache
+            pass
+    out[:] = hash_column(field_name, values, buckets)
+
+
 def _column(rows: Sequence[Any], name: str, default: Any) -> list[Any]:
     # Rows are mappings (the trainer's join) or objects with attributes (streamer.datasets Interaction);
     # a batch is one or the other, so the type is checked once.
@@ -179,11 +192,12 @@ def _categorical_columns(feature_maps: Sequence[Mapping[str, Any]], spec: Featur
     from the row itself (``TOP_LEVEL_FIELDS``), the others come from the feature maps ("" when absent)."""
     in_features = _feature_columns(feature_maps, [name for name in spec.categorical if name not in TOP_LEVEL_FIELDS],
                                    "")
-    categorical = np.empty((len(feature_maps), len(spec.categorical)), dtype=np.int64)
+    # field by field into the rows of a [C, n] array (each a contiguous write), then transposed once
+    by_field = np.empty((len(spec.categorical), len(feature_maps)), dtype=np.int64)
     for c, name in enumerate(spec.categorical):
         values = top_level(name) if name in TOP_LEVEL_FIELDS else in_features[name]
-        categorical[:, c] = hash_column(name, values, spec.hash_buckets)
-    return categorical
+        _hash_column_into(by_field[c], name, values, spec.hash_buckets)
+    return np.ascontiguousarray(by_field.T)
 
 
 def _numeric_columns(feature_maps: Sequence[Mapping[str, Any]], spec: FeatureSpec, n: int) -> np.ndarray:
@@ -247,10 +261,12 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
 COLUMN_DTYPES = {"categorical": np.int64, "numeric": np.float32, "labels": np.float32, "user": np.int64}
 
 
-def encode_columns(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+def encode_columns(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str],
+                   labels: Sequence[Mapping[str, Any] | None] | None = None) -> dict[str, np.ndarray]:
     """``encode_rows`` as numpy arrays (``COLUMN_DTYPES``: categorical [n, C], numeric [n, N], labels [n, K], user
     [n]), without torch: a replay's intake process encodes batches with it and another process trains on them
-    (``batch_from_columns``), bit for bit the same batch.
+    (``batch_from_columns``), bit for bit the same batch. ``labels``: the rows' label maps, when the rows (e.g.
+    joined impressions) do not hold them under ``"labels"``.
 
     >>> columns = encode_columns([{"user_id": "u1", "item_id": "i9", "features": {}, "labels": {"like": 1}}],
     ...                          FeatureSpec(), ("like",))
@@ -264,13 +280,15 @@ def encode_columns(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str])
         feature_maps, spec, lambda name: user_ids if name == "user_id" else _column(rows, name, ""))
     numeric = _numeric_columns(feature_maps, spec, n)
 
-    label_maps = [m or {} for m in _column(rows, "labels", None)]
-    labels = np.zeros((n, len(tasks)), dtype=np.float32)
+    label_maps = [m or {} for m in (_column(rows, "labels", None) if labels is None else labels)]
+    if len(label_maps) != n:
+        raise ValueError(f"{len(label_maps)} label maps for {n} rows")
+    label_array = np.zeros((n, len(tasks)), dtype=np.float32)
     for k, task in enumerate(tasks):
-        labels[:, k] = [1.0 if (m.get(task) or 0) > 0 else 0.0 for m in label_maps]
+        label_array[:, k] = [1.0 if (m.get(task) or 0) > 0 else 0.0 for m in label_maps]
 
     user = np.array(hash_column("user_id", user_ids, _USER_ID_SPACE), dtype=np.int64)
-    return {"categorical": categorical, "numeric": numeric, "labels": labels, "user": user}
+    return {"categorical": categorical, "numeric": numeric, "labels": label_array, "user": user}
 
 
 def columns_to_bytes(columns: Mapping[str, np.ndarray]) -> list[bytes]:

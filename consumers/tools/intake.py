@@ -47,7 +47,7 @@ import numpy as np
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
-from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, sample_columns, training_rows
+from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, sample_columns
 from consumers.runtime.processes import describe_exit, die_with_parent, grow_pipe, tune_gc
 from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes, encode_columns
 from streamer.eventlog import EventLogError, path_from_url, read_event_log_entries
@@ -190,10 +190,11 @@ class _Sender:
         self.coder = UserCodes()  # the parent's per-user metrics read codes, not strings
 
     def submit(self, samples: list, context: Any) -> None:
-        rows = training_rows(samples)
+        # the joined impressions are the rows, their labels beside them (``training_rows`` less a dict per sample)
+        impressions, labels = [s.impression for s in samples], [s.labels for s in samples]
         encoded = []
         for spec in self.group.features:
-            columns = encode_columns(rows, spec, self.group.tasks)
+            columns = encode_columns(impressions, spec, self.group.tasks, labels)
             encoded.append(columns_to_bytes(columns))
         ids, users, ts_ms = sample_columns(samples)
         self.send({"op": "batch", "group": self.index, "n": len(samples), "ids": ids, "users": users,

@@ -61,6 +61,43 @@ def test_a_cached_string_does_not_stand_in_for_an_equal_number_in_a_later_batch(
     assert batch.categorical[:, 0].tolist() == [hash_bucket("y", t, 2**20) for t in ("5", "5", "5.0", "True")]
 
 
+def test_a_batch_encodes_its_fields_as_hash_bucket_whether_the_cache_holds_them_or_not() -> None:
+    # every path of the categorical columns: all values cached (one pass into the array), a value not seen yet, a
+    # number among strings, and the cache cleared when full
+    import models.features as features
+
+    spec = FeatureSpec(categorical=("user_id", "z1", "z2"), hash_buckets=2**20)
+    rows = [{"user_id": f"u{i % 3}", "features": {"z1": f"a{i % 5}", "z2": f"b{i}"}} for i in range(12)]
+    expected = [[hash_bucket(f, str(v), 2**20) for f, v in (("user_id", r["user_id"]), *r["features"].items())]
+                for r in rows]
+    assert encode_rows(rows, spec, ()).categorical.tolist() == expected  # misses first
+    assert encode_rows(rows, spec, ()).categorical.tolist() == expected  # then every value from the cache
+    rows[4]["features"]["z1"], rows[7]["features"]["z2"] = 5, "new"
+    expected[4][1], expected[7][2] = hash_bucket("z1", "5", 2**20), hash_bucket("z2", "new", 2**20)
+    batch = encode_rows(rows, spec, ())
+    assert batch.categorical.tolist() == expected and batch.categorical.is_contiguous()
+    original = features._ROW_CACHE_LIMIT
+    features._ROW_CACHE_LIMIT = 2  # full: cleared, refilled
+    try:
+        assert encode_rows(rows, spec, ()).categorical.tolist() == expected
+    finally:
+        features._ROW_CACHE_LIMIT = original
+
+
+def test_labels_beside_the_rows_encode_as_labels_in_them() -> None:
+    from models.features import encode_columns
+
+    spec = FeatureSpec(categorical=("user_id", "item_id"), hash_buckets=1000)
+    labels = [{"like": 1}, None, {"like": 0, "finish": 1}]
+    rows = [{"user_id": f"u{i}", "item_id": "i", "features": {}} for i in range(3)]
+    beside = encode_columns(rows, spec, ("like", "finish"), labels)
+    inside = encode_columns([{**r, "labels": m} for r, m in zip(rows, labels)], spec, ("like", "finish"))
+    assert all(np.array_equal(beside[k], inside[k]) for k in inside)
+    assert beside["labels"].tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="2 label maps for 3 rows"):
+        encode_columns(rows, spec, ("like",), labels[:2])
+
+
 def test_rows_missing_some_features_encode_as_row_by_row() -> None:
     spec = FeatureSpec(categorical=("a", "b"), numeric=("n", "m"), hash_buckets=1000)
     rows = [{"features": {"a": "x", "b": "y", "n": 1.0, "m": 2.0}}, {"features": {"b": "z", "m": 3.0}},
