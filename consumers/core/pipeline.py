@@ -50,7 +50,7 @@ import numpy as np
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinedSample
-from models.features import Batch, encode_rows
+from models.features import Batch, batch_from_columns, encode_columns, encode_rows
 from streamer.events import EventError, decode_events  # per record: imported once here, not in the hot path
 
 Source = Hashable
@@ -181,6 +181,12 @@ def training_rows(samples: Sequence[JoinedSample]) -> list[dict[str, Any]]:
              "features": s.impression.get("features") or {}, "labels": s.labels} for s in samples]
 
 
+def encode_samples(samples: Sequence[JoinedSample], spec: Any, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """``encode_columns`` of joined samples: ``encode_rows(training_rows(samples), ...)``'s arrays, bit for bit,
+    without a row dict per sample (the impressions are the rows, their labels beside them)."""
+    return encode_columns([s.impression for s in samples], spec, tasks, [s.labels for s in samples])
+
+
 def train_rows(learner: Any, rows: Sequence[Mapping[str, Any]], tasks: tuple[str, ...]) -> Answer:
     """``encode_rows`` + one ``Learner.step`` on rows ``{"user_id", "item_id", "features", "labels"}``: the one
     training call, in this process or in a learner process."""
@@ -201,7 +207,7 @@ class InProcessLearner:
     """A :class:`LearnerPort` over a learner in this process: ``submit`` trains at once.
 
     ``learner`` is a ``models.learner.Learner`` (or anything with its verbs: ``step``, ``steps``, ``config``).
-    ``encode``: how a batch of samples becomes tensors (default ``encode_rows`` of ``training_rows`` with the
+    ``encode``: how a batch of samples becomes tensors (default ``encode_samples`` with the
     learner's features); a backtest gives configurations with the same features and batches one shared
     encoding (``consumers.tools.backtest.SharedEncoding``).
     """
@@ -222,11 +228,12 @@ class InProcessLearner:
         return len(self._answered)
 
     def submit(self, samples: list[JoinedSample], context: Any) -> None:
+        started = time.perf_counter()
         if self.encode is None:
-            answer = train_rows(self.learner, training_rows(samples), self.tasks)
+            batch = batch_from_columns(encode_samples(samples, self.learner.config.features, self.tasks), self.tasks)
         else:
-            started = time.perf_counter()
-            answer = train_encoded(self.learner, self.encode(samples), self.tasks, started)
+            batch = self.encode(samples)
+        answer = train_encoded(self.learner, batch, self.tasks, started)
         self._answered.append((context, answer))
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:

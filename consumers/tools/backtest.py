@@ -1032,11 +1032,10 @@ class SharedEncoding:
 
     def __init__(self, features: Any, tasks: Sequence[str]) -> None:
         # lazy: the pipeline and the models load only when a replay runs (crossdistil --help stays fast)
-        from consumers.core.pipeline import training_rows
-        from models.features import encode_rows
+        from consumers.core.pipeline import encode_samples
 
         self.features, self.tasks = features, tuple(tasks)
-        self._encode = lambda samples: encode_rows(training_rows(samples), features, self.tasks)
+        self._encode = lambda samples: batch_from_columns(encode_samples(samples, features, self.tasks), self.tasks)
         self._samples: list | None = None
         self._batch: Any = None
 

@@ -8,8 +8,8 @@ backtest.run_backtest``) in one of two ways:
   (event-time batching always: the batches depend on the replay clock the learner's own pipeline keeps);
 * an intake process (dense batching of an event log, ``crossdistil backtest --intake process``, the default
   there): a child reads the log, validates every event, runs each group's join and batcher (the trainer's
-  ``Pipeline`` with a port that sends instead of training) and encodes every batch (``models.features.
-  encode_columns``, once per feature set); this process only trains, scores and keeps the metrics. The two run
+  ``Pipeline`` with a port that sends instead of training) and encodes every batch (``consumers.core.pipeline.
+  encode_samples``, once per feature set); this process only trains, scores and keeps the metrics. The two run
   on two cores at once, and the batches, their order and their tensors are the same as inline, so every number
   of the replay is the same bit for bit (``tests/unit/consumers/tools/test_backtest_intake.py``).
 
@@ -47,9 +47,9 @@ import numpy as np
 
 from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
-from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, sample_columns
+from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, encode_samples, sample_columns
 from consumers.runtime.processes import describe_exit, die_with_parent, grow_pipe, tune_gc
-from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes, encode_columns
+from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes
 from streamer.eventlog import EventLogError, path_from_url, read_event_log_entries
 from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
 
@@ -190,12 +190,7 @@ class _Sender:
         self.coder = UserCodes()  # the parent's per-user metrics read codes, not strings
 
     def submit(self, samples: list, context: Any) -> None:
-        # the joined impressions are the rows, their labels beside them (``training_rows`` less a dict per sample)
-        impressions, labels = [s.impression for s in samples], [s.labels for s in samples]
-        encoded = []
-        for spec in self.group.features:
-            columns = encode_columns(impressions, spec, self.group.tasks, labels)
-            encoded.append(columns_to_bytes(columns))
+        encoded = [columns_to_bytes(encode_samples(samples, spec, self.group.tasks)) for spec in self.group.features]
         ids, users, ts_ms = sample_columns(samples)
         self.send({"op": "batch", "group": self.index, "n": len(samples), "ids": ids, "users": users,
                    "user_codes": self.coder(users).tobytes(), "ts": ts_ms, "encoded": encoded})

@@ -215,3 +215,20 @@ def test_rebased_join_state_does_not_mark_partitions_idle_after_a_long_downtime(
                               "features": {}}, sources[0], now=1_001.0)
     assert restarted.watermark_ms == 1_000  # partition 1 still holds it back
     assert restarted.emit() == []
+
+
+def test_joined_samples_encode_as_their_training_rows_do() -> None:
+    from consumers.core.join import JoinedSample
+    from consumers.core.pipeline import encode_samples, training_rows
+    from models.features import FeatureSpec, encode_columns
+
+    spec = FeatureSpec(categorical=("user_id", "item_id", "city"), numeric=("watch",), hash_buckets=1000)
+    impressions = [{"v": 1, "impression_id": f"i{i}", "ts_ms": i, "user_id": f"u{i % 2}", "item_id": f"v{i}",
+                    "features": {"city": "paris", "watch": float(i)} if i % 3 else {}} for i in range(6)]
+    samples = [JoinedSample(e, {"like": i % 2, "finish": int(i == 4)}, "p0", "closed")
+               for i, e in enumerate(impressions)]
+    got, want = encode_samples(samples, spec, ("like", "finish")), encode_columns(training_rows(samples), spec,
+                                                                                   ("like", "finish"))
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
+    assert got["labels"][:, 0].tolist() == [0, 1, 0, 1, 0, 1] and got["labels"][4, 1] == 1
