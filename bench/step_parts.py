@@ -1,16 +1,18 @@
-"""Three parts of a CPU training step, this checkout's code against the code before, in one process; one JSON object.
+"""Parts of a CPU training step, this checkout's code against the code before, in one process; one JSON object.
 
     python bench/step_parts.py --against 759774a     # ~1 minute
 
 The parts: the trust gate's windowed AUCs (``models.trust_gate.column_aucs`` over its default window of 20,000
 samples and two tasks' teacher and student columns, what ``TrustGate.decide`` sorts every 2,048 samples); finding
 the touched rows of a sparse gradient (``models.rowwise._touched_rows``: the embedding table's at batch 4,096 of 4
-fields, 16 floats a row, and the wide part's, 7 rows a sample of 2 floats); the dense Adam's update of the default
-crossdistil model (torch's foreach kernels, the learner's before, against the learner's own: fused on a CPU). The
-other commit's modules are read with ``git show`` and imported under other names; both versions run interleaved for
-``--rounds`` rounds (median ms a call; the machine is shared), and their results are checked first: the same AUCs
-to the last bit, the same rows and, within float rounding, the same sums (tests/unit/models/test_learner.py holds
-the two Adams to the same values).
+fields, 16 floats a row, and the wide part's, 7 rows a sample of 2 floats); a whole step of the per-row AdaGrad of
+either (``models.rowwise.RowAdagrad``: those rows, their sums of squares, their update; the rows of a batch of
+bench/train_step.py's impressions); the dense Adam's update of the default crossdistil model (torch's foreach
+kernels, the learner's before, against the learner's own: fused on a CPU). The other commit's modules are read with
+``git show`` and imported under other names; both versions run interleaved for ``--rounds`` rounds (median ms a
+call; the machine is shared), and their results are checked first: the same AUCs to the last bit, the same rows
+and, within float rounding, the same sums, the same AdaGrad update to the last bit (tests/unit/models/
+test_learner.py holds the two Adams to the same values).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 import train_step  # noqa: E402
 
 from models import rowwise, trust_gate  # noqa: E402
+from models.features import encode_rows  # noqa: E402
 from models.learner import Learner  # noqa: E402
 
 
@@ -97,6 +100,33 @@ def main() -> int:
         torch.testing.assert_close(old_v, new_v, rtol=1e-4, atol=1e-4)
         out["parts"][name] = compare(lambda g=grad: old_rows._touched_rows(g), lambda g=grad: rowwise._touched_rows(g),
                                      args.rounds, args.calls)
+    # A whole step of the table's per-row AdaGrad (the learner's embedding and wide optimizer): the touched rows,
+    # their sums of squares and the rows' update, on a table of its own for each version (the same values after it)
+    # (the rows of a batch of bench/train_step.py's synthetic KuaiRand-like impressions, as the learner looks them up)
+    model = Learner(train_step.config(2**20, True, False, "mtl")).model
+    spec = model.config.features
+    categorical = encode_rows(train_step.synthetic_rows(4096, 0), spec, train_step.TASKS).categorical
+    for name, (index, width, table) in {
+            "row_adagrad_embedding_4096x4x16": (categorical.reshape(-1), 16, spec.hash_buckets),
+            "row_adagrad_wide_4096x6x2": (model.wide.rows(categorical).reshape(-1), 2,
+                                          model.wide.weight.num_embeddings),
+    }.items():
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            grad = torch.sparse_coo_tensor(index[None], torch.randn(len(index), width, generator=generator),
+                                           (table, width))
+        start = torch.randn(table, width, generator=generator) * 0.05
+        steps = {}
+        for version, module in (("old", old_rows), ("new", rowwise)):
+            weight = torch.nn.Parameter(start.clone())
+            optimizer = module.RowAdagrad([weight], lr=0.05)
+
+            def step(w=weight, o=optimizer, g=grad) -> None:
+                w.grad = g
+                o.step()
+            step()
+            steps[version] = (step, weight)
+        assert torch.equal(steps["old"][1], steps["new"][1]), "the two versions' updates differ"
+        out["parts"][name] = compare(steps["old"][0], steps["new"][0], args.rounds, args.calls)
     # The dense Adam of the default crossdistil model (bench/train_step.py's features): foreach, as before, against
     # the learner's own (fused where the device allows)
     learner = Learner(train_step.config(2**16, True, False, "crossdistil"))

@@ -38,7 +38,7 @@ def column_aucs(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """
     columns = scores.float().t().contiguous()  # [C, n]
     if columns.device.type == "cpu":
-        return _column_aucs_numpy(labels.t().numpy() > 0, columns.numpy())
+        return _column_aucs_numpy(np.ascontiguousarray(labels.t().numpy() > 0), columns.numpy())
     return _column_aucs_torch(labels, columns)
 
 
@@ -66,28 +66,34 @@ def _column_aucs_numpy(positive: np.ndarray, columns: np.ndarray) -> torch.Tenso
     """``column_aucs`` on a CPU from [C, n] arrays, without an argsort (numpy's sort of int64 values is several times
     its argsort here): each score becomes an int64 key that sorts like the float (its IEEE bits, negatives
     flipped; -0.0 as 0.0) with the label in the lowest bit, so one sort of the keys gives every score's rank and
-    label. Per run of tied scores, the negatives below it and within it give the Mann-Whitney U (ties count 1/2):
-    the same integer (times 2) as from the average ranks, so the same AUC to the last bit; nan for a column with
-    one class."""
+    label, the negatives of a run of tied scores before its positives. The j-th positive (from 0) at position p has
+    p - j negatives before it; twice the Mann-Whitney U (ties count 1/2) is twice their sum less (positives x
+    negatives) of each run of tied scores: the same integer as from the average ranks, so the same AUC to the last
+    bit; nan for a column with one class. All columns at once, only the tied runs looked at run by run."""
     bits = (columns + np.float32(0.0)).view(np.int32)
     keys = np.left_shift(bits ^ ((bits >> 31) & 0x7FFFFFFF), 1, dtype=np.int64)
     keys |= positive
     keys.sort(axis=1)
-    out = np.full(columns.shape[0], math.nan)
-    for c, column in enumerate(keys):
-        labels = column & 1
-        score = column >> 1
-        starts = np.empty(len(score), dtype=bool)
-        starts[:1] = True
-        np.not_equal(score[1:], score[:-1], out=starts[1:])
-        group = np.cumsum(starts) - 1
-        positives_in = np.bincount(group, weights=labels)  # float64 counts: exact
-        negatives_in = np.bincount(group, minlength=len(positives_in)) - positives_in
-        negatives_below = np.cumsum(negatives_in) - negatives_in
-        n_positive, n_negative = positives_in.sum(), negatives_in.sum()
-        if n_positive and n_negative:
-            twice_u = (positives_in * (2.0 * negatives_below + negatives_in)).sum()
-            out[c] = twice_u / 2.0 / (n_positive * n_negative)
+    count, n = keys.shape
+    labels = keys & 1
+    n_positive = labels.sum(axis=1)
+    twice_u = 2 * (labels @ np.arange(n, dtype=np.int64)) - n_positive * (n_positive - 1)
+    score = keys >> 1
+    tied = np.zeros(keys.shape, dtype=bool)  # equal to the score before it in its column
+    np.equal(score[:, 1:], score[:, :-1], out=tied[:, 1:])
+    if tied.any():  # (positives x negatives) of each run of tied scores, from its members alone
+        in_run = tied.copy()
+        in_run[:, :-1] |= tied[:, 1:]
+        members = np.flatnonzero(in_run)
+        starts = ~tied.reshape(-1)[members]
+        run = np.cumsum(starts) - 1
+        positives_in = np.bincount(run, weights=labels.reshape(-1)[members])
+        pairs = positives_in * (np.bincount(run) - positives_in)
+        twice_u -= np.bincount(members[starts] // n, weights=pairs, minlength=count).astype(np.int64)
+    out = np.full(count, math.nan)
+    n_negative = n - n_positive
+    both = (n_positive > 0) & (n_negative > 0)
+    out[both] = twice_u[both] / 2.0 / (n_positive[both].astype(np.float64) * n_negative[both])
     return torch.from_numpy(out)
 
 

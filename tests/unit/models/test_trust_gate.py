@@ -206,3 +206,15 @@ def test_column_aucs_of_a_cpu_are_those_of_the_torch_formula_to_the_last_bit(see
     reference = _column_aucs_torch(labels, scores.t().contiguous())
     assert torch.equal(got[:4], reference[:4].to(got.dtype)) and got[2].item() == 0.5
     assert math.isnan(got[4].item()) and math.isnan(reference[4].item())
+
+
+def test_column_aucs_keep_tied_runs_within_their_column() -> None:
+    from models.trust_gate import _column_aucs_torch
+
+    # column 0 ends with a run of 1.0 and column 1 starts with one: two runs, not one across the columns
+    labels = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    scores = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 2.0], [1.0, 2.0]])
+    got = column_aucs(labels, scores)
+    assert torch.equal(got, _column_aucs_torch(labels, scores.t().contiguous()).to(got.dtype))
+    assert got.tolist() == [pytest.approx(auc(labels[:, c].numpy(), scores[:, c].numpy()), abs=1e-12)
+                            for c in range(2)]
