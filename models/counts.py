@@ -124,7 +124,7 @@ class CountFeatures(nn.Module):
                 # Bring the touched rows to the new clock first (duplicates write the same value), then add.
                 aged = table.index_select(0, rows) * self._kept(clock - stamp.index_select(0, rows)).unsqueeze(1)
                 table.index_copy_(0, rows, aged)
-                stamp.index_fill_(0, rows, clock)
+                stamp.index_put_((rows,), clock)  # not index_fill_, which reads a tensor value back to the host
             table.index_add_(0, rows, values.repeat_interleave(len(self.fields), dim=0))
         if self.half_life > 0:
             self.totals.mul_(self._kept(rows_in, torch.float64))

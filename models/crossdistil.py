@@ -127,6 +127,15 @@ class CrossDistilModel(nn.Module):
             # alpha_k starts where a_k = softplus(alpha_k) = 1, b_k = 0: z_k = r_k at first.
             self.calibrator_alpha = nn.Parameter(torch.full((k,), math.log(math.e - 1.0)))
             self.calibrator_bias = nn.Parameter(torch.zeros(k))
+        self._loss_weights: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def loss_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_k (``kd_weight``) and beta_k (``aux_weight``) [K] on ``device``, made once per device: a tensor made
+        from a list at every step would be a copy from the host that a GPU step waits for."""
+        if device not in self._loss_weights:
+            self._loss_weights[device] = tuple(torch.tensor(self.config.task_weights(name), device=device)
+                                               for name in ("kd_weight", "aux_weight"))
+        return self._loss_weights[device]
 
     def forward(self, batch: Batch) -> Outputs:
         return self.scores(batch.categorical, self.normalizer(batch.numeric), batch.labels)
@@ -216,8 +225,9 @@ def crossdistil_loss(
         else:
             teacher_logits = r  # rung "kd": uncalibrated sigmoid(r_k)
         if cfg.distills:
-            # Every alpha_k scaled to 0 (a closed trust gate): the term is measured, not differentiated.
-            idle = kd_scale is not None and not bool(kd_scale.any())
+            # Every alpha_k scaled to 0 (a closed trust gate): the term is measured, not differentiated. A GPU
+            # differentiates it anyway (its gradient is 0): reading the gate would make the step wait for the device.
+            idle = kd_scale is not None and kd_scale.device.type == "cpu" and not bool(kd_scale.any())
             with torch.no_grad() if idle else contextlib.nullcontext():
                 corrected = correct_errors(teacher_logits, y, cfg.correction_mode, cfg.correction_margin,
                                            cfg.correction_mix)
@@ -225,10 +235,9 @@ def crossdistil_loss(
     elif cfg.rung == "direct_kd":
         terms["kd"] = kd_loss(s, s[:, partner], cfg.kd_temperature)  # student j's logit, stopped inside kd_loss
 
-    alpha = torch.tensor(cfg.task_weights("kd_weight"), device=y.device)
+    alpha, beta = model.loss_weights(y.device)
     if kd_scale is not None:
         alpha = alpha * kd_scale.to(y.device)
-    beta = torch.tensor(cfg.task_weights("aux_weight"), device=y.device)
     total = terms["bce"].sum()
     if "kd" in terms:
         total = total + (alpha * terms["kd"]).sum()

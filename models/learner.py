@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -109,6 +110,26 @@ class Learner:
         prequential AUCs);
         predictions: task -> student probability, float32 tensor [B] on CPU.
         """
+        names, reported, probabilities = self._train(batch)
+        # One read back to the host for everything the step reports (on a GPU: the step's one synchronisation).
+        values = reported.cpu().tolist()
+        probabilities = probabilities.cpu()
+        tasks = self.config.tasks
+        losses = dict(zip(names, values))
+        if self.trust_gate is not None:
+            k = len(tasks)
+            gates, teacher, student = (values[len(names) + i * k:len(names) + (i + 1) * k] for i in range(3))
+            for i, task in enumerate(tasks):
+                losses[f"gate/{task}"] = gates[i]
+                if math.isfinite(teacher[i]) and math.isfinite(student[i]):  # from the gate's first decision on
+                    losses[f"teacher_auc/{task}"] = teacher[i]
+                    losses[f"student_auc/{task}"] = student[i]
+        return losses, {task: probabilities[:, k] for k, task in enumerate(tasks)}
+
+    def _train(self, batch: Batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The update of ``step``, with what it reports left on the learner's device: (names of the losses, [the
+        losses, then with a trust gate its gate, teacher AUCs and student AUCs per task], the student
+        probabilities [B, K]). Nothing in it waits for a GPU (tests/unit/models/test_learner.py, on a GPU)."""
         batch = batch.to(self.device)
         self.model.train()
         with self._autocast():
@@ -127,19 +148,16 @@ class Learner:
         self.steps += 1
         self.samples += rows  # with synchronous ranks: the rows of every rank's batch
 
-        names = ["total"] + [f"{term}/{task}" for term in terms for task in self.config.tasks]
-        values = torch.cat([total.detach().reshape(1)] + [v.detach().float() for v in terms.values()]).cpu().tolist()
-        probabilities = probabilities.cpu()
-        losses = dict(zip(names, values))
+        tasks = self.config.tasks
+        names = ["total"] + [f"{term}/{task}" for term in terms for task in tasks]
+        parts = [total.detach().float().reshape(1)] + [v.detach().float() for v in terms.values()]
         if self.trust_gate is not None:
             # Both scores were taken before this update: prequential evidence for the next steps' gate.
             self.trust_gate.update(batch.labels, outputs.student_logits, outputs.teacher_scores)
-            for k, task in enumerate(self.config.tasks):
-                losses[f"gate/{task}"] = float(kd_scale[k]) if kd_scale is not None else 1.0
-                if self.trust_gate.decided(k):  # the AUCs exist from the gate's first decision on
-                    losses[f"teacher_auc/{task}"] = float(self.trust_gate.teacher_auc[k])
-                    losses[f"student_auc/{task}"] = float(self.trust_gate.student_auc[k])
-        return losses, {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
+            gate = self.trust_gate
+            parts += [kd_scale.float() if kd_scale is not None else torch.ones(len(tasks), device=self.device),
+                      gate.teacher_auc.float(), gate.student_auc.float()]
+        return names, torch.cat(parts), probabilities
 
     def step_empty(self) -> None:
         """A synchronous data-parallel step with no rows on this rank (``models.distributed``, mode ``sync``):

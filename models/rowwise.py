@@ -64,6 +64,41 @@ class _Rows:
             table.index_add_(0, self.index, values, alpha=alpha)
 
 
+def _touched_slots(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [n], summed gradients [n, D], used [n, 1]) of a sparse gradient of n looked-up rows, in shapes fixed
+    by n: slot i holds the i-th unique row (in row order) and the sum of its gradients, added in the order they
+    come; the slots after the last unique row hold row 0, a zero gradient and ``used = 0``. Nothing depends on the
+    data's number of unique rows, so nothing is read back to the host (``coalesce`` must, to size its output): a
+    GPU step never waits here. The updates then add into the tables with ``index_add_``, where an unused slot,
+    its update multiplied by 0, adds nothing.
+
+    >>> grad = torch.sparse_coo_tensor(torch.tensor([[7, 3, 7]]), torch.tensor([[1.0], [2.0], [4.0]]), (9, 1),
+    ...                                check_invariants=True)
+    >>> rows, summed, used = _touched_slots(grad)
+    >>> rows.tolist(), summed.flatten().tolist(), used.flatten().tolist()
+    ([3, 7, 0], [2.0, 5.0, 0.0], [1.0, 1.0, 0.0])
+    """
+    index, values = grad._indices()[0], grad._values()
+    n = index.numel()
+    ordered, order = torch.sort(index, stable=True)  # stable: a row's gradients summed in the order they come
+    first = torch.ones(n, dtype=torch.bool, device=index.device)
+    torch.ne(ordered[1:], ordered[:-1], out=first[1:])
+    slot = torch.cumsum(first, 0) - 1
+    summed = torch.zeros_like(values).index_add_(0, slot, values.index_select(0, order))
+    rows = torch.zeros_like(index).scatter_(0, slot, ordered)  # a slot's writers all write its row
+    used = (torch.arange(n, device=index.device) <= slot[-1:]).to(values.dtype).unsqueeze(1)
+    return rows, summed, used
+
+
+def _fixed_shapes(grad: torch.Tensor) -> bool:
+    """Whether a sparse update takes ``_touched_slots``' fixed shapes: on every device but a CPU (where the unique
+    rows alone are less work, and finding them costs no wait), and for none of n = 0 looked-up rows."""
+    return (grad.device.type != "cpu" or _FIXED_SHAPES_ON_CPU) and grad._nnz() > 0
+
+
+_FIXED_SHAPES_ON_CPU = False  # the GPU's path on a CPU: tests hold it to the CPU's to the last bit
+
+
 def _touched_rows(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
     """(rows, summed gradient rows [R, D]) of a sparse gradient; unique rows (the update is not linear)."""
     if grad.device.type == "cpu" and not grad.is_coalesced() and grad._nnz() >= _NUMPY_UNIQUE_FROM:
@@ -126,15 +161,18 @@ class RowAdam(torch.optim.SparseAdam):
                     continue
                 if not param.grad.is_sparse:
                     raise RuntimeError("RowAdam takes sparse gradients (an nn.Embedding with sparse=True)")
-                rows, grad = _touched_rows(param.grad)
-                if group["maximize"]:
-                    grad = -grad
                 state = self.state[param]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["step"] += 1
+                if _fixed_shapes(param.grad):
+                    self._slots_step(param, state, group)
+                    continue
+                rows, grad = _touched_rows(param.grad)
+                if group["maximize"]:
+                    grad = -grad
                 if grad.numel() == 0:
                     continue
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -151,6 +189,26 @@ class RowAdam(torch.optim.SparseAdam):
                 step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 rows.add(param, -step_size * numer.div_(denom))
         return loss
+
+    @staticmethod
+    def _slots_step(param: torch.Tensor, state: dict, group: dict) -> None:
+        """The same update on ``_touched_slots``' fixed shapes (a GPU's path: no wait for the host)."""
+        beta1, beta2 = group["betas"]
+        rows, grad, used = _touched_slots(param.grad)
+        if group["maximize"]:
+            grad = -grad
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        old_avg = exp_avg.index_select(0, rows)
+        avg_update = grad.sub(old_avg).mul_(1 - beta1).mul_(used)
+        exp_avg.index_add_(0, rows, avg_update)
+        old_sq = exp_avg_sq.index_select(0, rows)
+        sq_update = grad.pow(2).sub_(old_sq).mul_(1 - beta2).mul_(used)
+        exp_avg_sq.index_add_(0, rows, sq_update)
+        numer = avg_update.add_(old_avg)
+        denom = sq_update.add_(old_sq).sqrt_().add_(group["eps"])
+        step = state["step"]
+        step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        param.index_add_(0, rows, (-step_size * numer.div_(denom)).mul_(used))
 
 
 class RowAdagrad(torch.optim.Adagrad):
@@ -171,7 +229,11 @@ class RowAdagrad(torch.optim.Adagrad):
                 state = self.state[param]
                 state["step"] += 1
                 state_sum, lr, eps = state["sum"], group["lr"], group["eps"]
-                if param.grad.is_sparse:
+                if param.grad.is_sparse and _fixed_shapes(param.grad):  # a GPU's path: no wait for the host
+                    rows, grad, _ = _touched_slots(param.grad)  # unused slots: a zero gradient, which adds 0
+                    state_sum.index_add_(0, rows, grad.pow(2))
+                    param.index_add_(0, rows, grad / state_sum.index_select(0, rows).sqrt_().add_(eps), alpha=-lr)
+                elif param.grad.is_sparse:
                     rows, grad = _touched_rows(param.grad)
                     summed = rows.gather(state_sum).add_(grad.pow(2))  # = torch's state_sum[rows] += g^2
                     rows.put(state_sum, summed)

@@ -215,3 +215,27 @@ def test_serving_state_of_another_format_is_refused() -> None:
 def test_auto_device_picks_cuda_only_when_available() -> None:
     learner = Learner(small_config(), device="auto")
     assert learner.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines only)")
+@pytest.mark.parametrize("rung", ["mtl", "crossdistil", "direct_kd"])
+@pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe"])
+def test_a_training_step_never_waits_for_the_host_on_a_gpu(rung: str, backbone: str) -> None:
+    """Everything ``Learner.step`` does before its one read of the reported values (the gate deciding included,
+    with forgetting counts, a warm-up and the embedding table's AdaGrad and Adam) under sync_debug_mode "error"."""
+    for table_optimizer in ("adagrad", "adam"):
+        learner = Learner(small_config(rung=rung, backbone=backbone, kd_gate_every=48, kd_gate_window=200,
+                                       kd_warmup_samples=500, count_half_life=300,
+                                       embedding_optimizer=table_optimizer), device="cuda")
+        batches = [make_batch(48 * i).to("cuda") for i in range(6)]
+        for batch in batches[:2]:  # per-device caches and the optimizers' first state are made once
+            learner.step(batch)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for batch in batches[2:]:
+                learner._train(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        losses, _ = learner.step(batches[0])
+        assert all(value == value for value in losses.values())  # and it still reports numbers

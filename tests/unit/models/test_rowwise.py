@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from models import rowwise
 from models.rowwise import RowAdagrad, RowAdam
 
 pytestmark = pytest.mark.unit
@@ -38,6 +39,13 @@ def _steps(table: torch.nn.Embedding, optimizer: torch.optim.Optimizer, steps: i
 BATCHES = pytest.mark.parametrize("batch", [64, 1024], ids=["coalesce", "numpy-unique"])
 
 
+@pytest.fixture(params=["cpu-path", "fixed-shapes"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test on the CPU's path and on a GPU's (``_touched_slots``' fixed shapes, run here on the CPU)."""
+    monkeypatch.setattr(rowwise, "_FIXED_SHAPES_ON_CPU", request.param == "fixed-shapes")
+    return request.param
+
+
 def assert_same(mine: torch.Tensor, theirs: torch.Tensor, batch: int) -> None:
     if batch < 1024:
         assert torch.equal(mine, theirs)
@@ -47,7 +55,7 @@ def assert_same(mine: torch.Tensor, theirs: torch.Tensor, batch: int) -> None:
 
 @BATCHES
 @pytest.mark.parametrize("width", [8, 2])  # wide rows and narrow ones (gathered as single elements)
-def test_row_adam_equals_sparse_adam_bit_for_bit(width: int, batch: int) -> None:
+def test_row_adam_equals_sparse_adam_bit_for_bit(width: int, batch: int, path: str) -> None:
     mine, theirs = _tables(0, width)
     row, sparse = RowAdam(mine.parameters(), lr=0.01), torch.optim.SparseAdam(theirs.parameters(), lr=0.01)
     _steps(mine, row, 25, seed=1, batch=batch)
@@ -60,7 +68,8 @@ def test_row_adam_equals_sparse_adam_bit_for_bit(width: int, batch: int) -> None
 
 @BATCHES
 @pytest.mark.parametrize("width", [8, 2])
-def test_row_adagrad_equals_adagrad_bit_for_bit_on_sparse_and_dense_gradients(width: int, batch: int) -> None:
+def test_row_adagrad_equals_adagrad_bit_for_bit_on_sparse_and_dense_gradients(width: int, batch: int,
+                                                                              path: str) -> None:
     mine, theirs = _tables(2, width)
     bias_mine = torch.nn.Parameter(torch.zeros(3))
     bias_theirs = torch.nn.Parameter(torch.zeros(3))
@@ -90,14 +99,78 @@ def test_states_load_both_ways() -> None:
     assert back.state_dict()["state"][0]["step"] == 10
 
 
-def test_a_step_touches_only_the_rows_of_the_batch() -> None:
+@pytest.mark.parametrize("kind", [RowAdam, RowAdagrad])
+def test_a_step_touches_only_the_rows_of_the_batch(kind: type, path: str) -> None:
     table, _ = _tables(7)
+    optimizer = kind(table.parameters(), lr=0.1)
+    for rows in ([5, 9, 5], [9, 9, 9, 9, 3]):  # the fixed shapes' unused slots point at row 0: it must not move
+        before = table.weight.detach().clone()
+        states = {key: value.clone() for key, value in optimizer.state[table.weight].items()
+                  if isinstance(value, torch.Tensor) and value.dim()}
+        optimizer.zero_grad()
+        table(torch.tensor(rows)).sum().backward()
+        optimizer.step()
+        changed = (table.weight != before).any(dim=1).nonzero().flatten().tolist()
+        assert changed == sorted(set(rows))
+        for key, value in states.items():  # nor its state (Adam's moments, AdaGrad's sums)
+            assert torch.equal(optimizer.state[table.weight][key][0], value[0])
+
+
+@pytest.mark.parametrize("kind", [RowAdam, RowAdagrad])
+def test_the_fixed_shapes_equal_the_numpy_path_to_the_last_bit(kind: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU's path (run on the CPU) sums a row's gradients in the order they come, as the numpy path does."""
+    tables = _tables(9, 8)
+    weights = []
+    for fixed, table in zip((False, True), tables):
+        monkeypatch.setattr(rowwise, "_FIXED_SHAPES_ON_CPU", fixed)
+        optimizer = kind(table.parameters(), lr=0.05)
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):
+            _steps(table, optimizer, 10, seed=10, batch=1024)
+        weights.append((table.weight.detach(), [v for v in optimizer.state[table.weight].values()
+                                                if isinstance(v, torch.Tensor) and v.dim()]))
+    (cpu_weight, cpu_states), (fixed_weight, fixed_states) = weights
+    assert torch.equal(cpu_weight, fixed_weight)
+    assert all(torch.equal(a, b) for a, b in zip(cpu_states, fixed_states))
+
+
+def test_touched_slots_of_no_rows_and_of_one_row() -> None:
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        one = torch.sparse_coo_tensor(torch.tensor([[4, 4]]), torch.tensor([[1.0], [2.0]]), (9, 1))
+    rows, summed, used = rowwise._touched_slots(one)
+    assert rows.tolist() == [4, 0] and summed.flatten().tolist() == [3.0, 0.0] and used.flatten().tolist() == [1, 0]
+    table = torch.nn.Embedding(9, 2, sparse=True)
+    optimizer = RowAdam(table.parameters())
+    table(torch.zeros(0, dtype=torch.long)).sum().backward()  # a batch of no rows: nothing moves
     before = table.weight.detach().clone()
-    optimizer = RowAdam(table.parameters(), lr=0.1)
-    table(torch.tensor([5, 9, 5])).sum().backward()
     optimizer.step()
-    changed = (table.weight != before).any(dim=1).nonzero().flatten().tolist()
-    assert changed == [5, 9]
+    assert torch.equal(table.weight, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines only)")
+@pytest.mark.parametrize("kind", [RowAdam, RowAdagrad])
+def test_row_updates_never_wait_for_the_host_on_a_gpu(kind: type) -> None:
+    table = torch.nn.Embedding(1 << 16, 16, sparse=True).cuda()
+    reference = torch.nn.Embedding(1 << 16, 16, sparse=True)
+    reference.load_state_dict(table.state_dict())
+    optimizer, cpu_optimizer = kind(table.parameters(), lr=0.05), kind(reference.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(11)
+    batches = [torch.randint(0, 5000, (4096, 4), generator=generator) for _ in range(3)]
+    gpu_batches = [b.cuda() for b in batches]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rows in gpu_batches:
+            optimizer.zero_grad()
+            table(rows).pow(2).sum().backward()
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for rows in batches:
+        cpu_optimizer.zero_grad()
+        reference(rows).pow(2).sum().backward()
+        cpu_optimizer.step()
+    # the GPU adds a row's repeats with atomics, in no fixed order: the same values within float rounding
+    torch.testing.assert_close(table.weight.cpu(), reference.weight.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_options_are_refused() -> None:
