@@ -6,7 +6,8 @@
 Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item, author, hour, duration):
 * ``throughput``: samples/s of ``Learner.step`` at each batch size, sparse (the embedding optimizer on the touched
   rows: per-row AdaGrad by default, SparseAdam with ``embedding_optimizer="adam"``) and dense (the same optimizer
-  on the whole table's gradient) side by side;
+  on the whole table's gradient) side by side; ``sparse_pipelined_samples_per_s``: steps issued back to back with
+  ``Learner.step_async``, each read after the next is issued (on a GPU: no synchronisation between steps);
 * ``breakdown``: share of a step spent on the embedding side (lookup, its backward, its optimizer) vs the
   dense side (backbone, towers, losses, their backward and optimizer);
 * ``table_sizes``: step time at tables of 2^16, 2^19 and 2^22 rows (target: sparse changes <= 20 %);
@@ -204,6 +205,25 @@ def time_steps(learner: Learner, batches: list, warmup: int, steps: int) -> floa
     return statistics.median(times)
 
 
+def time_pipelined(learner: Learner, batches: list, steps: int) -> float:
+    """Seconds per step over ``steps`` steps issued back to back with ``Learner.step_async``, each step's result read
+    after the next is issued (as ``crossdistil evaluate`` runs them): on a GPU no synchronisation between steps; on
+    a CPU the same as ``time_steps``' step."""
+    sync = make_sync(learner.device)
+    learner.step(batches[0])
+    sync()
+    started = time.perf_counter()
+    pending = None
+    for i in range(steps):
+        issued = learner.step_async(batches[i % len(batches)])
+        if pending is not None:
+            pending.result()
+        pending = issued
+    pending.result()
+    sync()
+    return (time.perf_counter() - started) / steps
+
+
 def timed_components(learner: Learner, batch) -> dict[str, float]:
     """One training step split into embedding and dense parts, timed separately (same math as Learner.step, less the
     online counts' update after it: O(batch) index adds, models/counts.py)."""
@@ -322,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             key = "sparse" if sparse else "dense"
             entry[f"{key}_samples_per_s"] = size / step_s
             entry[f"{key}_step_ms"] = 1e3 * step_s
+            if sparse:  # steps back to back, read one behind: the throughput of evaluate's loop
+                entry["sparse_pipelined_samples_per_s"] = size / time_pipelined(learner, batches, 4 * args.steps)
             result["breakdown"].append({"batch": size, "optimizer": key, **breakdown(learner, batches, args.steps)})
             del learner
         entry["sparse_speedup"] = entry["sparse_samples_per_s"] / entry["dense_samples_per_s"]

@@ -37,11 +37,29 @@ ProgressCallback = Callable[[int], None]
 
 
 class StepLearner(Protocol):
-    """The two verbs of ``models.learner.Learner`` that evaluation needs."""
+    """The two verbs of ``models.learner.Learner`` that evaluation needs (and ``step_async`` where it has it)."""
 
     def step(self, batch: Any) -> tuple[dict[str, float], dict[str, torch.Tensor]]: ...
 
     def predict(self, batch: Any) -> dict[str, torch.Tensor]: ...
+
+
+class _Done:
+    """A step already done, with ``PendingStep``'s ``result()``."""
+
+    def __init__(self, result: tuple[dict[str, float], dict[str, torch.Tensor]]) -> None:
+        self._result = result
+
+    def result(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        return self._result
+
+
+def issue_step(learner: StepLearner, batch: Any) -> Any:
+    """One step whose (losses, predictions) are read later with ``.result()``: ``Learner.step_async`` where the
+    learner has it (the loops below read step t's result after issuing step t + 1, so a GPU never waits for the
+    host between steps), else the step done at once (the River and Vowpal Wabbit baselines)."""
+    step_async = getattr(learner, "step_async", None)
+    return step_async(batch) if step_async is not None else _Done(learner.step(batch))
 
 
 @dataclass
@@ -250,9 +268,12 @@ def run_time_split(
     step_index = 0
     for epoch in range(epochs):
         loss_sums = LossMeans()
+        pending = None  # the step issued last, read after the next is issued (issue_step)
         for lo in range(0, n_train, batch_size):
-            losses, _ = learner.step(data.rows(lo, min(n_train, lo + batch_size)))
-            loss_sums.add(losses)
+            issued = issue_step(learner, data.rows(lo, min(n_train, lo + batch_size)))
+            if pending is not None:
+                loss_sums.add(pending.result()[0])
+            pending = issued
             step_index += 1
             events_seen = epoch * n_train + min(n_train, lo + batch_size)
             if on_step is not None:
@@ -265,6 +286,8 @@ def run_time_split(
                     "auc": {task: m["auc"] for task, m in
                             evaluate_predictions(test_labels, predictions, test_users, data.tasks, {}).items()},
                 })
+        if pending is not None:
+            loss_sums.add(pending.result()[0])
     predictions = predict_in_chunks(learner, data, n_train, n)
     metrics = {"test": evaluate_predictions(test_labels, predictions, test_users, data.tasks, partners)}
     combined = {"test": combined_metrics(test_labels, predictions, test_users, data.tasks, combined_weights)}
@@ -303,14 +326,24 @@ def run_prequential(
     n = len(data)
     parts: dict[str, list[np.ndarray]] = {task: [] for task in data.tasks}
     loss_sums = LossMeans()
-    for lo in range(0, n, batch_size):
-        losses, scored_before_update = learner.step(data.rows(lo, min(n, lo + batch_size)))
+
+    def read(pending: Any, hi: int) -> None:
+        losses, scored_before_update = pending.result()
         chunk = _to_numpy(scored_before_update, data.tasks)
         for task in data.tasks:
             parts[task].append(chunk[task])
         loss_sums.add(losses)
         if on_step is not None:
-            on_step(min(n, lo + batch_size))
+            on_step(hi)
+
+    pending = None  # (the step issued last, its end): read after the next is issued (issue_step)
+    for lo in range(0, n, batch_size):
+        issued = issue_step(learner, data.rows(lo, min(n, lo + batch_size)))
+        if pending is not None:
+            read(*pending)
+        pending = issued, min(n, lo + batch_size)
+    if pending is not None:
+        read(*pending)
     predictions = {task: np.concatenate(parts[task]) for task in data.tasks}
     tail = tail_start(n, tail_fraction)
     tail_predictions = {t: p[tail:] for t, p in predictions.items()}

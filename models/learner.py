@@ -40,6 +40,43 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+class PendingStep:
+    """A step queued by ``Learner.step_async``: its update is issued, its reported values are on their way to the
+    host. ``result()`` gives ``step``'s (losses, predictions), waiting only for this step's copies; on a CPU they
+    are there already. Reading step t's result after queueing step t + 1 keeps a GPU busy while the host reads."""
+
+    def __init__(self, names: list[str], tasks: Sequence[str], gated: bool, reported: torch.Tensor,
+                 probabilities: torch.Tensor) -> None:
+        self.names, self.tasks, self.gated = names, tuple(tasks), gated
+        # non_blocking copies into page-locked memory: the host goes on while the device finishes the step
+        self._reported = reported.to("cpu", non_blocking=True)
+        self._probabilities = probabilities.to("cpu", non_blocking=True)
+        self._event = None
+        if reported.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._result: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None
+
+    def result(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """(losses, predictions) as ``Learner.step`` returns them; the first call waits for this step's copies."""
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            values = self._reported.tolist()
+            losses = dict(zip(self.names, values))
+            if self.gated:
+                k, n = len(self.tasks), len(self.names)
+                gates, teacher, student = (values[n + i * k:n + (i + 1) * k] for i in range(3))
+                for i, task in enumerate(self.tasks):
+                    losses[f"gate/{task}"] = gates[i]
+                    if math.isfinite(teacher[i]) and math.isfinite(student[i]):  # from the gate's first decision on
+                        losses[f"teacher_auc/{task}"] = teacher[i]
+                        losses[f"student_auc/{task}"] = student[i]
+            probabilities = self._probabilities
+            self._result = losses, {task: probabilities[:, k] for k, task in enumerate(self.tasks)}
+        return self._result
+
+
 class Learner:
     """A CrossDistil model with its optimizers, trained one mini-batch at a time (online, prequential).
 
@@ -110,21 +147,15 @@ class Learner:
         prequential AUCs);
         predictions: task -> student probability, float32 tensor [B] on CPU.
         """
+        return self.step_async(batch).result()
+
+    def step_async(self, batch: Batch) -> PendingStep:
+        """``step`` without waiting for it: the update is issued, what it reports is on its way to the host, and
+        ``.result()`` of the returned :class:`PendingStep` gives ``step``'s (losses, predictions). On a GPU, reading
+        step t's result after issuing step t + 1 keeps the device busy while the host reads (no synchronisation
+        per step); on a CPU the step is done when this returns."""
         names, reported, probabilities = self._train(batch)
-        # One read back to the host for everything the step reports (on a GPU: the step's one synchronisation).
-        values = reported.cpu().tolist()
-        probabilities = probabilities.cpu()
-        tasks = self.config.tasks
-        losses = dict(zip(names, values))
-        if self.trust_gate is not None:
-            k = len(tasks)
-            gates, teacher, student = (values[len(names) + i * k:len(names) + (i + 1) * k] for i in range(3))
-            for i, task in enumerate(tasks):
-                losses[f"gate/{task}"] = gates[i]
-                if math.isfinite(teacher[i]) and math.isfinite(student[i]):  # from the gate's first decision on
-                    losses[f"teacher_auc/{task}"] = teacher[i]
-                    losses[f"student_auc/{task}"] = student[i]
-        return losses, {task: probabilities[:, k] for k, task in enumerate(tasks)}
+        return PendingStep(names, self.config.tasks, self.trust_gate is not None, reported, probabilities)
 
     def _train(self, batch: Batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """The update of ``step``, with what it reports left on the learner's device: (names of the losses, [the

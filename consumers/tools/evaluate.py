@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -351,8 +352,6 @@ def _progress(console: Any) -> Any:
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Train and evaluate every combination; returns the results.json document."""
-    import dataclasses
-
     import torch  # lazy: torch and the models below load only when a grid runs (the CLI starts without torch)
     from rich.console import Console
 
@@ -434,6 +433,9 @@ def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows:
     from models.evaluation import default_partners, run_prequential, run_time_split  # lazy: no torch for --help
 
     partners = default_partners(data.tasks)
+    device = getattr(learner, "device", None)
+    if device is not None and device.type == "cuda":  # the data set on the GPU once: no copy from the host per step
+        data = dataclasses.replace(data, batch=data.batch.to(device))
     if mode == "split":
         return run_time_split(learner, data, partners, epochs=args.epochs, batch_size=args.batch_size,
                               train_fraction=rows.train_fraction, curve_points=args.curve_points,

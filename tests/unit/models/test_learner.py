@@ -217,6 +217,23 @@ def test_auto_device_picks_cuda_only_when_available() -> None:
     assert learner.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.parametrize("rung", ["mtl", "crossdistil"])
+def test_steps_read_one_behind_equal_steps_read_at_once(rung: str) -> None:
+    """step_async(t + 1) issued before step t's result is read: the same losses and predictions as step."""
+    at_once, behind = (Learner(small_config(rung=rung, kd_gate_every=48, kd_gate_window=200)) for _ in range(2))
+    batches = [make_batch(48 * i) for i in range(5)]
+    expected = [at_once.step(batch) for batch in batches]
+    pending = [behind.step_async(batches[0])]
+    for batch in batches[1:]:
+        pending.append(behind.step_async(batch))
+    results = [p.result() for p in pending]
+    assert results[-1] is pending[-1].result()  # read once
+    for (losses, predictions), (want_losses, want_predictions) in zip(results, expected):
+        assert losses == want_losses
+        assert all(torch.equal(predictions[t], want_predictions[t]) for t in TASKS)
+    assert "teacher_auc/click" in results[-1][0] if rung == "crossdistil" else "gate/click" not in results[-1][0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines only)")
 @pytest.mark.parametrize("rung", ["mtl", "crossdistil", "direct_kd"])
 @pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe"])
