@@ -57,6 +57,10 @@ class PendingStep:
             self._event.record()
         self._result: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None
 
+    def done(self) -> bool:
+        """Whether ``result()`` would not wait (the device has finished the step and its copies)."""
+        return self._event is None or self._event.query()
+
     def result(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """(losses, predictions) as ``Learner.step`` returns them; the first call waits for this step's copies."""
         if self._result is None:

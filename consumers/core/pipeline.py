@@ -196,11 +196,17 @@ def train_rows(learner: Any, rows: Sequence[Mapping[str, Any]], tasks: tuple[str
 
 def train_encoded(learner: Any, batch: Batch, tasks: tuple[str, ...], started: float) -> Answer:
     """One ``Learner.step`` on an encoded batch; the answer's seconds count from ``started`` (before encoding)."""
-    losses, predictions = learner.step(batch)
+    return answer_of(learner.step(batch), batch, tasks, started, int(learner.steps))
+
+
+def answer_of(result: tuple[Mapping[str, float], Mapping[str, Any]], batch: Batch, tasks: tuple[str, ...],
+              started: float, steps: int) -> Answer:
+    """The :class:`Answer` of a step's (losses, predictions) on ``batch`` (on the host), ``steps`` after it."""
+    losses, predictions = result
     seconds = time.perf_counter() - started
     labels = batch.labels.numpy().astype(np.int8)
     scores = np.stack([predictions[task].numpy() for task in tasks], axis=1).astype(np.float32)
-    return Answer(labels, scores, seconds, {k: float(v) for k, v in losses.items()}, int(learner.steps))
+    return Answer(labels, scores, seconds, {k: float(v) for k, v in losses.items()}, steps)
 
 
 class InProcessLearner:
@@ -209,23 +215,29 @@ class InProcessLearner:
     ``learner`` is a ``models.learner.Learner`` (or anything with its verbs: ``step``, ``steps``, ``config``).
     ``encode``: how a batch of samples becomes tensors (default ``encode_samples`` with the
     learner's features); a backtest gives configurations with the same features and batches one shared
-    encoding (``consumers.tools.backtest.SharedEncoding``).
+    encoding (``consumers.tools.backtest.SharedEncoding``). ``read_behind`` (default: where the learner is on a
+    GPU): each step is issued with ``Learner.step_async`` and answered once the device has finished it or the
+    next step is issued, so the host never waits for the step it just issued (``answers(wait=True)`` waits).
     """
 
     def __init__(self, learner: Any, tasks: Sequence[str],
-                 encode: Callable[[list[JoinedSample]], Batch] | None = None) -> None:
+                 encode: Callable[[list[JoinedSample]], Batch] | None = None, read_behind: bool | None = None) -> None:
         self.learner = learner
         self.tasks = tuple(tasks)
         self.encode = encode
         self._answered: deque[tuple[Any, Answer]] = deque()
+        if read_behind is None:
+            read_behind = getattr(getattr(learner, "device", None), "type", "cpu") == "cuda"
+        self.read_behind = read_behind
+        self._issued: deque[tuple[Any, Any, Batch, float, int]] = deque()  # (context, pending, batch, started, steps)
 
     @property
     def steps(self) -> int:
-        return int(self.learner.steps)
+        return int(self.learner.steps) - len(self._issued)
 
     @property
     def in_flight(self) -> int:
-        return len(self._answered)
+        return len(self._answered) + len(self._issued)
 
     def submit(self, samples: list[JoinedSample], context: Any) -> None:
         started = time.perf_counter()
@@ -233,12 +245,20 @@ class InProcessLearner:
             batch = batch_from_columns(encode_samples(samples, self.learner.config.features, self.tasks), self.tasks)
         else:
             batch = self.encode(samples)
+        if self.read_behind:
+            pending = self.learner.step_async(batch)
+            self._issued.append((context, pending, batch, started, int(self.learner.steps)))
+            return
         answer = train_encoded(self.learner, batch, self.tasks, started)
         self._answered.append((context, answer))
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Answer]]:
         while self._answered:
             yield self._answered.popleft()
+        # issued steps in order: all when waiting, else those behind the newest and any the device has finished
+        while self._issued and (wait or len(self._issued) > 1 or self._issued[0][1].done()):
+            context, pending, batch, started, steps = self._issued.popleft()
+            yield context, answer_of(pending.result(), batch, self.tasks, started, steps)
 
     def check_alive(self) -> None:
         """Always alive: it runs in this process."""

@@ -35,10 +35,13 @@ def synthetic_events(n: int = 3000) -> list[tuple[str, dict]]:
     return [(routed.topic, routed.event) for routed in merge_events(dataset.interactions())]
 
 
-def replay(cfg, events, directory: Path) -> tuple[list[dict], int, int, list[tuple[int, int]]]:
+def replay(cfg, events, directory: Path,
+           read_behind: bool = False) -> tuple[list[dict], int, int, list[tuple[int, int]]]:
     steps_seen: list[tuple[int, int]] = []  # (step, trained samples) as each batch's hook sees them
     pipeline = build_pipeline(cfg, clock=None, ledger=Ledger(directory, cfg.model.tasks),
                         on_batch=lambda *_: steps_seen.append((pipeline.learner.steps, pipeline.trained_samples)))
+    if read_behind:  # as on a GPU: each step answered after the next is issued
+        pipeline.learner.read_behind = True
     try:
         for topic, event in events:
             pipeline.ingest([dict(event)], (topic, 0))
@@ -48,6 +51,32 @@ def replay(cfg, events, directory: Path) -> tuple[list[dict], int, int, list[tup
         return read_ledger(directory), pipeline.trained_samples, pipeline.learner.steps, steps_seen
     finally:
         pipeline.close()
+
+
+def test_a_replay_trains_the_same_when_each_step_is_read_after_the_next_is_issued(tmp_path: Path) -> None:
+    events = synthetic_events()
+    cfg = load_config(None, env={}, overrides=SMALL)
+    inline = replay(cfg, events, tmp_path / "inline")
+    behind = replay(cfg, events, tmp_path / "behind", read_behind=True)
+    assert behind == inline and inline[2] > 10  # rows, samples, steps, and the step each batch's hook sees
+
+
+def test_a_step_read_behind_is_answered_once_done_or_once_the_next_is_issued() -> None:
+    from consumers.core.pipeline import InProcessLearner
+    from models.features import batch_from_columns, encode_columns
+
+    cfg = load_config(None, env={}, overrides=SMALL)
+    learner = build_pipeline(cfg, clock=None).learner.learner
+    rows = [{"user_id": f"u{i % 7}", "item_id": f"i{i % 11}", "features": {}, "labels": {"click": i % 2}}
+            for i in range(64)]
+    batch = batch_from_columns(encode_columns(rows, model_config(cfg).features, cfg.model.tasks), cfg.model.tasks)
+    port = InProcessLearner(learner, cfg.model.tasks, encode=lambda samples: batch, read_behind=True)
+    port.submit([], "first")
+    assert port.in_flight == 1 and port.steps == 0
+    assert [c for c, _ in port.answers()] == ["first"]  # on a CPU the step is done at once: answered
+    port.submit([], "second")
+    port.submit([], "third")
+    assert [c for c, _ in port.answers(wait=True)] == ["second", "third"] and port.steps == 3 == learner.steps
 
 
 def test_a_replay_trains_bit_for_bit_the_same_with_the_learner_in_its_own_process(tmp_path: Path) -> None:
