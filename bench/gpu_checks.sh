@@ -13,7 +13,11 @@
 #    compared as a ratio;
 # 4. the backtest on cuda with the learner in process and in a learner process of its own
 #    (model.separate_process), one after the other, over the first SEPARATE_LIMIT records (default 40000).
-# GPU_CHECKS=tests,train_step,backtest,separate (the default: all) picks sections.
+# 5. with KUAIRAND_PURE_CSV set (../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv, carried), issue
+#    17's evaluate: `crossdistil evaluate` of the default crossdistil over all of KuaiRand-Pure (228k events, one
+#    backbone, one seed, prequential) on cuda at batch 4,096 and 256, then on cpu at 4,096 (one torch thread), one
+#    after the other: seconds and tail AUC of each.
+# GPU_CHECKS=tests,train_step,backtest,separate,evaluate (the default: all) picks sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${1:?usage: bench/gpu_checks.sh EVENT_LOG OUT_DIR}
@@ -21,7 +25,7 @@ out=${2:?usage: bench/gpu_checks.sh EVENT_LOG OUT_DIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 
-checks=",${GPU_CHECKS:-tests,train_step,backtest,separate},"
+checks=",${GPU_CHECKS:-tests,train_step,backtest,separate,evaluate},"
 wanted() { [[ $checks == *",$1,"* ]]; }
 backtest() {  # device, folder, extra flags...
   local device=$1 folder=$2
@@ -37,7 +41,9 @@ if wanted backtest; then
   backtest cpu "$out/bt_cpu" "${limit[@]}" >"$out/bt_cpu.log" 2>&1 & cpu_pid=$!
 fi
 if wanted tests; then
-  "$py" -m pytest -q -m unit ${PYTEST_ARGS:-} -p no:cacheprovider tests/unit >"$out/pytest.log" 2>&1
+  pytest_args=(${PYTEST_ARGS:-})
+  [[ -n ${PYTEST_K:-} ]] && pytest_args+=(-k "$PYTEST_K")  # e.g. PYTEST_K="gpu or cuda": the CUDA-only tests alone
+  "$py" -m pytest -q -m unit "${pytest_args[@]}" -p no:cacheprovider tests/unit >"$out/pytest.log" 2>&1
   pytest_rc=$?
 fi
 if wanted backtest; then
@@ -50,12 +56,22 @@ if wanted separate; then
   backtest cuda "$out/bt_separate" --limit "${SEPARATE_LIMIT:-40000}" --set model.separate_process=true \
     >"$out/bt_separate.log" 2>&1; sep_rc=$?
 fi
+evaluate_runs=()
+if wanted evaluate && [[ -n ${KUAIRAND_PURE_CSV:-} ]]; then
+  for run in cuda:4096 cuda:256 cpu:4096; do
+    device=${run%%:*} size=${run##*:}
+    "$py" -m consumers.cli evaluate --dataset csv --source "$KUAIRAND_PURE_CSV" --mapping mappings/kuairand_pure.toml \
+      --configs crossdistil --seeds 1 --mode prequential --batch-size "$size" --threads 1 --device "$device" \
+      --out "$out/evaluate_${device}_$size" >"$out/evaluate_${device}_$size.log" 2>&1
+    evaluate_runs+=("$device:$size:$?")
+  done
+fi
 if wanted train_step; then
   bench/gpu_train_step.sh --steps 10 >"$out/train_step.json" 2>"$out/train_step.err"
   step_rc=$?
 fi
 
-"$py" - "$out" "$pytest_rc" "$step_rc" "$cuda_rc" "$cpu_rc" "$inproc_rc" "$sep_rc" <<'EOF'
+"$py" - "$out" "$pytest_rc" "$step_rc" "$cuda_rc" "$cpu_rc" "$inproc_rc" "$sep_rc" "${evaluate_runs[*]:-}" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -96,6 +112,19 @@ def compare(pairs, a, b):
 
 if cuda_rc != -1:
     result["backtest_side_by_side"] = compare((("cuda", cuda_rc), ("cpu", cpu_rc)), "cuda", "cpu")
+evaluations = {}
+for run in sys.argv[8].split():
+    device, size, rc = run.split(":")
+    try:
+        grid = json.loads((out / f"evaluate_{device}_{size}" / "results.json").read_text())
+        (one,) = grid["runs"]
+        evaluations[f"{device}_batch_{size}"] = {
+            "rc": int(rc), "seconds": round(one["seconds"], 2), "events": one["train_events"],
+            "tail_auc": {task: round(m["auc"], 4) for task, m in one["metrics"]["tail"].items()}}
+    except (OSError, KeyError, ValueError) as error:
+        evaluations[f"{device}_batch_{size}"] = {"rc": int(rc), "error": repr(error)}
+if evaluations:
+    result["evaluate_kuairand_pure"] = evaluations
 if sep_rc != -1:
     result["backtest_learner_process_on_cuda"] = compare((("separate", sep_rc), ("inproc", inproc_rc)),
                                                          "separate", "inproc")
