@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -156,16 +157,23 @@ def against(old: Path, args: argparse.Namespace) -> dict:
     if args.bf16:  # (a checkout from before bf16 worked on CPUs ignores it there: its fp32 step is the baseline)
         command.append("--bf16")
     runs: dict[str, list[dict]] = {"old": [], "new": []}
-    for _ in range(args.rounds):  # both at once, one core each: the machine's load hits both alike
-        started = {label: subprocess.Popen([sys.executable, str(root / "bench" / "train_step.py"), *command],
-                                           cwd=root, stdout=subprocess.PIPE, text=True)
-                   for label, root in (("old", old), ("new", here))}
+    # Both at once, one core each, the cores swapped every round: the machine's load hits both alike, and a core
+    # slower than the other for a while (a VM's vCPUs are) favours neither.
+    cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else []
+    for round_ in range(args.rounds):
+        started = {}
+        for i, (label, root) in enumerate((("old", old), ("new", here))):
+            pin = {cores[(i + round_) % 2]} if len(cores) == 2 else None
+            started[label] = subprocess.Popen([sys.executable, str(root / "bench" / "train_step.py"), *command],
+                                              cwd=root, stdout=subprocess.PIPE, text=True,
+                                              preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p)) if pin else None)
         for label, process in started.items():
             out, _ = process.communicate()
             if process.returncode:
                 raise SystemExit(f"{label} checkout's bench failed (exit {process.returncode})")
             runs[label].append(json.loads(out))
-    result: dict = {"old": str(old), "new": str(here), "commits": {}, "rounds": args.rounds, "configs": []}
+    result: dict = {"old": str(old), "new": str(here), "commits": {}, "rounds": args.rounds,
+                    "cores_swapped_each_round": cores if len(cores) == 2 else None, "configs": []}
     for label, root in (("old", old), ("new", here)):
         result["commits"][label] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                                                   capture_output=True, text=True).stdout.strip()

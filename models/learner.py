@@ -3,6 +3,9 @@
     learner = Learner(ModelConfig(tasks=("click", "long_view")))
     losses, predictions = learner.step(encode_rows(rows, learner.config.features, learner.config.tasks))
 
+On a GPU nothing in a step waits for the host but its one read back of what it reports, and
+``learner.step_async(batch)`` defers that read: issue step t + 1, then read step t's ``.result()``.
+
 Embeddings use sparse gradients and per-row AdaGrad's update on the touched rows (``models.rowwise``: a step
 touches only the rows the batch uses; ``embedding_optimizer``); the wide part uses AdaGrad the same way; everything
 else uses Adam. ``state_dict`` holds tensors and plain types only (``torch.load(..., weights_only=True)`` reads
