@@ -37,10 +37,24 @@ SERVING_VERSION = "1"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch understands it."""
+    """"auto" -> cuda when available, else cpu; anything else as torch understands it. A CUDA device that torch
+    cannot see is a ``ValueError`` that says so, here and at once (not torch's driver error at the first tensor).
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: torch sees no CUDA device on this machine (no GPU or driver, "
+                             f"or a CPU-only torch build); use 'cpu', or 'auto' to take a GPU where there is one")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return resolved
 
 
 class PendingStep:

@@ -256,3 +256,12 @@ def test_a_training_step_never_waits_for_the_host_on_a_gpu(rung: str, backbone: 
             torch.cuda.set_sync_debug_mode("default")
         losses, _ = learner.step(batches[0])
         assert all(value == value for value in losses.values())  # and it still reports numbers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_cuda_device_without_a_gpu_is_a_clear_error() -> None:
+    from models.learner import resolve_device
+
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        Learner(small_config(), device="cuda")
+    assert resolve_device("auto").type == "cpu"
