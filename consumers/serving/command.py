@@ -69,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
 
     from consumers.runtime.processes import freeze_startup_objects, unfreeze
     from consumers.serving.daemon import ServingDaemon
+    from models.learner import resolve_device
 
+    try:
+        resolve_device(cfg.serving.device)  # a GPU asked for where there is none: said now, not at the first model
+    except ValueError as exc:
+        print(f"crossdistil serve: configuration error in [serving]: {exc}", file=sys.stderr)
+        return 2
     if cfg.serving.torch_threads:
         torch.set_num_threads(cfg.serving.torch_threads)
     stop = threading.Event()

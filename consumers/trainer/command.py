@@ -114,9 +114,11 @@ def run(args: argparse.Namespace) -> int:
     if args.check_config or ranks_here:
         # lazy: torch loads only when the configuration is checked or the daemon runs (crossdistil --help stays fast)
         from consumers.runtime.assembly import model_config
+        from models.learner import resolve_device
 
         try:
             model_config(cfg)
+            resolve_device(cfg.model.device)
         except (TypeError, ValueError) as exc:
             print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
             return 2
@@ -134,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
         command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
         print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
         return launch_ranks(command[3:])
+    from models.learner import resolve_device  # lazy: torch loads only when the daemon runs
+
+    try:
+        resolve_device(cfg.model.device)  # a GPU asked for where there is none: said now, before Kafka
+    except ValueError as exc:
+        print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
+        return 2
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack

@@ -35,3 +35,18 @@ sys.exit(main(["backtest", "--log", "file:///nowhere", "--out", "/nowhere"]))
     status = child.wait(timeout=60)
     error = child.stderr.read().decode()
     assert status == 141 and "Traceback" not in error, error
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU")
+@pytest.mark.parametrize("argv", [
+    ["train", "--check-config", "--set", "model.device=cuda"],
+    ["train", "--device", "cuda:0"],  # the daemon itself, before it opens Kafka
+    ["serve", "--set", "serving.device=cuda"],
+    ["evaluate", "--dataset", "synthetic", "--source", "x", "--device", "cuda", "--out", "/nowhere"],
+])
+def test_a_gpu_asked_for_on_a_machine_without_one_is_a_configuration_error(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from consumers.cli import main
+
+    assert main(argv) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
