@@ -23,6 +23,7 @@ def test_train_step_bench_prints_every_section_as_json(capsys: pytest.CaptureFix
     assert status == 0
     assert [e["batch"] for e in result["throughput"]] == [32, 64]
     assert all(e["sparse_samples_per_s"] > 0 and e["dense_samples_per_s"] > 0 for e in result["throughput"])
+    assert all(e["sparse_pipelined_samples_per_s"] > 0 for e in result["throughput"])  # steps read one behind
     assert {(b["batch"], b["optimizer"]) for b in result["breakdown"]} == {
         (32, "sparse"), (32, "dense"), (64, "sparse"), (64, "dense")}
     assert all(0.0 < b["embedding_share"] < 1.0 for b in result["breakdown"])
