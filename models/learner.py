@@ -189,8 +189,8 @@ class Learner:
         kd_scale = self.kd_scale()
         total, terms = crossdistil_loss(self.model, outputs, batch, self.pair_generator, kd_scale)
         # The forward above used the pre-update weights: its student scores are the prequential predictions.
-        probabilities = torch.sigmoid(outputs.student_logits.detach().float())  # to the CPU after the update:
-        # on a GPU the step then runs without a mid-step synchronisation (one sync at the end, for the losses)
+        probabilities = torch.sigmoid(outputs.student_logits.detach().float())  # read back with the losses, after
+        # the update (PendingStep): on a GPU the step runs without a synchronisation
 
         self._zero_grad()
         total.backward()
@@ -206,9 +206,8 @@ class Learner:
         if self.trust_gate is not None:
             # Both scores were taken before this update: prequential evidence for the next steps' gate.
             self.trust_gate.update(batch.labels, outputs.student_logits, outputs.teacher_scores)
-            gate = self.trust_gate
-            parts += [kd_scale.float() if kd_scale is not None else torch.ones(len(tasks), device=self.device),
-                      gate.teacher_auc.float(), gate.student_auc.float()]
+            gate = self.trust_gate  # with a gate, kd_scale is its open state (times the warm-up): never None
+            parts += [kd_scale.float(), gate.teacher_auc.float(), gate.student_auc.float()]
         return names, torch.cat(parts), probabilities
 
     def step_empty(self) -> None:

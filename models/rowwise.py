@@ -52,16 +52,14 @@ class _Rows:
             table.index_copy_(0, self.index, values)
 
     def add(self, table: torch.Tensor, values: torch.Tensor, alpha: float = 1.0) -> None:
-        # On a CPU: gather, add, write back. The rows are unique, so this is index_add_ (the same sums, to the last
-        # bit), whose CPU kernel goes row by row on a 2-D table: 2.3x the time for 4,500 rows of 16 floats of a
-        # 2^20-row table. A GPU's index_add_ is one kernel.
+        # Gather, add, write back. The rows are unique, so this is index_add_ (the same sums, to the last bit),
+        # whose CPU kernel goes row by row on a 2-D table: 2.3x the time for 4,500 rows of 16 floats of a 2^20-row
+        # table. (A GPU's sparse updates take _touched_slots' fixed shapes instead.)
         if self.flat:
             flat = table.view(-1)
             flat.index_copy_(0, self.index, flat.index_select(0, self.index).add_(values.reshape(-1), alpha=alpha))
-        elif table.device.type == "cpu":
-            table.index_copy_(0, self.index, table.index_select(0, self.index).add_(values, alpha=alpha))
         else:
-            table.index_add_(0, self.index, values, alpha=alpha)
+            table.index_copy_(0, self.index, table.index_select(0, self.index).add_(values, alpha=alpha))
 
 
 def _touched_slots(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,8 +90,8 @@ def _touched_slots(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def _fixed_shapes(grad: torch.Tensor) -> bool:
     """Whether a sparse update takes ``_touched_slots``' fixed shapes: on every device but a CPU (where the unique
-    rows alone are less work, and finding them costs no wait), and for none of n = 0 looked-up rows."""
-    return (grad.device.type != "cpu" or _FIXED_SHAPES_ON_CPU) and grad._nnz() > 0
+    rows alone are less work, and finding them costs no wait)."""
+    return grad.device.type != "cpu" or _FIXED_SHAPES_ON_CPU
 
 
 _FIXED_SHAPES_ON_CPU = False  # the GPU's path on a CPU: tests hold it to the CPU's to the last bit
