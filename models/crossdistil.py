@@ -208,14 +208,11 @@ def crossdistil_loss(
         r = outputs.teacher_scores.float()
         categories = quadruplet_categories(y, y[:, partner])
         users = batch.user if cfg.quadruplet_same_user else None
-        terms["aux"] = torch.stack([
-            quadruplet_loss(
-                r[:, k], categories[:, k], pairs=cfg.quadruplet_pairs, margin=cfg.quadruplet_margin,
-                max_pairs_per_level=cfg.max_pairs_per_level, users=users, generator=generator,
-                partner_weight=cfg.quadruplet_partner_weight,
-            )
-            for k in range(len(cfg.tasks))
-        ])
+        terms["aux"] = quadruplet_loss(
+            r, categories, pairs=cfg.quadruplet_pairs, margin=cfg.quadruplet_margin,
+            max_pairs_per_level=cfg.max_pairs_per_level, users=users, generator=generator,
+            partner_weight=cfg.quadruplet_partner_weight,
+        )
         if cfg.teacher_task_weight > 0:
             terms["teacher_bce"] = task_bce(r, y)
         if cfg.calibrates:

@@ -7,6 +7,8 @@ spec attaches it to, so a caller cannot forget it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -45,49 +47,61 @@ def dense_ranks(values: torch.Tensor) -> torch.Tensor:
 
 class LevelPairs:
     """Pairs (a, b) of a batch's rows with c(a) = high, c(b) = low (and the same user, with ``users``), drawn
-    uniformly with replacement from all such pairs, on the scores' device, in shapes fixed by the batch size.
+    uniformly with replacement from all such pairs, for every task and level pair at once, on the categories'
+    device, in shapes fixed by the batch size.
 
-    ``categories`` [B]: one task's quadruplet categories. The rows are sorted once by (category, user), so the
-    rows of a level (of a user) are one contiguous range of that order. Without users a pair is a uniform row of
-    each level. With users, a row's partners are found by ``searchsorted``; a is drawn with probability
-    proportional to its number of partners, then b uniformly among them: again every pair equally likely.
-    No ``nonzero``, ``.item()`` or copy to the host: an empty level gives pairs marked invalid, not a branch.
+    ``categories`` [B, K]: each task's quadruplet categories ([B]: one task). Each task's rows are sorted once by
+    (category, user), so the rows of a level (of a user) are one contiguous range of that order. Without users a
+    pair is a uniform row of each level. With users, a row's partners are found by ``searchsorted``; a is drawn
+    with probability proportional to its number of partners, then b uniformly among them: again every pair equally
+    likely. No ``nonzero``, ``.item()`` or copy to the host: an empty level gives pairs marked invalid, not a branch.
     """
 
     def __init__(self, categories: torch.Tensor, users: torch.Tensor | None = None) -> None:
-        self.categories = categories
-        self.size = size = len(categories)
+        columns = (categories[None, :] if categories.dim() == 1 else categories.t()).contiguous()  # [K, B]
+        self.categories = columns
+        self.size = size = columns.shape[1]
         self.user_rank = dense_ranks(users) if users is not None else None
-        keys = categories * size + self.user_rank if users is not None else categories
-        self.keys, self.order = torch.sort(keys)
+        keys = columns * size + self.user_rank if users is not None else columns
+        self.keys, self.order = torch.sort(keys, dim=1, stable=True)
         if users is None:
-            self.counts = torch.zeros(4, dtype=torch.long, device=categories.device).index_add_(
-                0, categories, torch.ones_like(categories))
-            self.starts = torch.cumsum(self.counts, 0) - self.counts
+            self.counts = torch.zeros(len(columns), 4, dtype=torch.long, device=columns.device).scatter_add_(
+                1, columns, torch.ones_like(columns))  # [K, 4]
+            self.starts = torch.cumsum(self.counts, 1) - self.counts
 
-    def sample(self, high: int, low: int, count: int, generator: torch.Generator | None
+    def sample(self, level_pairs: Sequence[tuple[int, int]], count: int, generator: torch.Generator | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``count`` pairs as row indices (a [count], b [count]) and whether any pair exists (bool, 0-d tensor)."""
-        draw = torch.rand(2, count, generator=generator, device=self.categories.device, dtype=torch.float64)
+        """``count`` pairs of each task k and level pair p as row indices (a, b) [K, P, count], and whether any
+        pair exists [K, P] (bool). The draws are those of one ``rand(2, count)`` per task and level pair in turn."""
+        tasks, size = self.categories.shape
+        draw = torch.rand(tasks, len(level_pairs), 2, count, generator=generator, device=self.categories.device,
+                          dtype=torch.float64)
         if self.user_rank is None:
-            high_rows, low_rows = self.counts[high], self.counts[low]
-            a = self._pick(self.starts[high], high_rows, draw[0])
-            b = self._pick(self.starts[low], low_rows, draw[1])
-            return a, b, (high_rows > 0) & (low_rows > 0)
-        wanted = low * self.size + self.user_rank  # the key of each row's partners at level ``low``
-        first = torch.searchsorted(self.keys, wanted)
-        partners = torch.searchsorted(self.keys, wanted, right=True) - first
-        weight = torch.where(self.categories == high, partners, torch.zeros_like(partners))
-        cumulative = torch.cumsum(weight, 0)
-        total = cumulative[-1]
+            def level(name: str, which: int) -> torch.Tensor:  # [K, P, 1]: a count or a start of each pair's level
+                values = getattr(self, name)
+                return torch.stack([values[:, pair[which]] for pair in level_pairs], dim=1).unsqueeze(2)
+            high_rows, low_rows = level("counts", 0), level("counts", 1)
+            a = self._pick(level("starts", 0), high_rows, draw[:, :, 0])
+            b = self._pick(level("starts", 1), low_rows, draw[:, :, 1])
+            return a, b, ((high_rows > 0) & (low_rows > 0)).squeeze(2)
+        # the key of each row's partners at level ``low``, for every task (its sorted keys) and level pair
+        wanted = torch.stack([low * size + self.user_rank for _, low in level_pairs]).expand(tasks, -1, -1)
+        flat = wanted.reshape(tasks, -1).contiguous()
+        first = torch.searchsorted(self.keys, flat).view(wanted.shape)  # [K, P, B]
+        partners = torch.searchsorted(self.keys, flat, right=True).view(wanted.shape) - first
+        high = torch.stack([self.categories == high for high, _ in level_pairs], dim=1)
+        cumulative = torch.cumsum(torch.where(high, partners, torch.zeros_like(partners)), 2)
+        total = cumulative[:, :, -1:]  # [K, P, 1]
         # a: inverse CDF of the partner counts (clamped inside the batch: with total = 0 the pairs are invalid)
-        a = torch.searchsorted(cumulative, (draw[0] * total).long(), right=True).clamp(max=self.size - 1)
-        return a, self._pick(first[a], partners[a], draw[1]), total > 0
+        a = torch.searchsorted(cumulative, (draw[:, :, 0] * total).long(), right=True).clamp(max=size - 1)
+        return a, self._pick(first.gather(2, a), partners.gather(2, a), draw[:, :, 1]), (total > 0).squeeze(2)
 
     def _pick(self, start: torch.Tensor, rows: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
-        """Row ``order[start + floor(draw * rows)]``, kept inside the range and the batch (rows may be 0)."""
+        """Rows ``order[start + floor(draw * rows)]`` [K, P, count] of each task's order, kept inside the range
+        and the batch (rows may be 0)."""
         offset = torch.minimum((draw * rows).long(), (rows - 1).clamp(min=0))
-        return self.order[(start + offset).clamp(max=self.size - 1)]
+        position = (start + offset).clamp(max=self.size - 1)
+        return self.order.gather(1, position.flatten(1)).view(position.shape)
 
 
 def decided_by_partner(high_level: int, low_level: int) -> bool:
@@ -102,50 +116,59 @@ def quadruplet_loss(
 ) -> torch.Tensor:
     """L_aux,k = sum over level pairs (l, l') of w(l, l') mean_{c(a)=l, c(b)=l'} softplus(margin - (r(a) - r(b))).
 
-    ``scores`` [B] are one task's teacher scores r_k, ``categories`` [B] its quadruplet categories c_k.
-    ``pairs``: "adjacent" (3 -> 2 -> 1 -> 0, default) or "all" (the six ordered level pairs). Empty levels
-    contribute nothing. ``users`` restricts to same-user pairs. w = ``partner_weight`` for the pairs decided by
-    the partner's label alone ((3, 2), (1, 0)), 1 for the pairs about task k's own label [ours; paper: all 1].
+    ``scores`` [B, K] are the teacher scores r_k of every task, ``categories`` [B, K] their quadruplet categories
+    c_k; the result is [K] ([B] and [B] give one task's, a 0-d tensor). ``pairs``: "adjacent" (3 -> 2 -> 1 -> 0,
+    default) or "all" (the six ordered level pairs). Empty levels contribute nothing. ``users`` [B] restricts to
+    same-user pairs. w = ``partner_weight`` for the pairs decided by the partner's label alone ((3, 2), (1, 0)), 1
+    for the pairs about task k's own label [ours; paper: all 1].
 
-    The cost is O(max_pairs_per_level) per level pair: a batch whose B x B row pairs number at most
-    ``EXACT_FACTOR`` x max_pairs_per_level takes the exact mean over every pair (one B x B matrix for all level
-    pairs); a larger one the mean over ``max_pairs_per_level`` pairs drawn uniformly with replacement
-    (``LevelPairs``, with ``generator``), an unbiased estimate of the same mean. Either way the shapes depend on
-    B only, never on the labels, and nothing leaves the device.
+    The cost is O(max_pairs_per_level) per task and level pair: a batch whose B x B row pairs number at most
+    ``EXACT_FACTOR`` x max_pairs_per_level takes the exact mean over every pair (one B x B matrix per task for all
+    level pairs); a larger one the mean over ``max_pairs_per_level`` pairs drawn uniformly with replacement
+    (``LevelPairs``, with ``generator``, every task and level pair in the same few operations), an unbiased
+    estimate of the same mean. Either way the shapes depend on B and K only, never on the labels, and nothing
+    leaves the device.
 
     >>> r = torch.tensor([2.0, 0.0]); c = torch.tensor([3, 2])
     >>> round(float(quadruplet_loss(r, c)), 4)  # softplus(-(2 - 0))
     0.1269
     """
+    if scores.dim() == 1:
+        return quadruplet_loss(scores[:, None], categories[:, None], pairs=pairs, margin=margin,
+                               max_pairs_per_level=max_pairs_per_level, users=users, generator=generator,
+                               partner_weight=partner_weight)[0]
     level_pairs = ADJACENT_LEVELS if pairs == "adjacent" else ALL_LEVEL_PAIRS
     weights = {pair: partner_weight if decided_by_partner(*pair) else 1.0 for pair in level_pairs}
     level_pairs = tuple(pair for pair in level_pairs if weights[pair] != 0.0)
-    total = scores.new_zeros(())
+    tasks = scores.shape[1]
+    total = scores.new_zeros(tasks)
     if not level_pairs:
         return total
     categories = categories.detach()
     size = len(scores)
+    columns = scores.t()  # [K, B]
     if size * size <= EXACT_FACTOR * max_pairs_per_level:
-        # Every pair: softplus of all B x B score differences once, then every level pair's sum at once as
-        # onehot^T S onehot ([4, 4]), divided by its number of pairs (0 pairs: a sum of 0).
-        differences = F.softplus(margin - (scores[:, None] - scores[None, :]))
-        onehot = F.one_hot(categories, 4).to(scores.dtype)
+        # Every pair: softplus of all B x B score differences of each task once, then every level pair's sum at
+        # once as onehot^T S onehot ([K, 4, 4]), divided by its number of pairs (0 pairs: a sum of 0).
+        differences = F.softplus(margin - (columns[:, :, None] - columns[:, None, :]))
+        onehot = F.one_hot(categories.t(), 4).to(scores.dtype)  # [K, B, 4]
         if users is None:
-            counts = onehot.sum(dim=0)
-            pair_counts = counts[:, None] * counts[None, :]
+            counts = onehot.sum(dim=1)
+            pair_counts = counts[:, :, None] * counts[:, None, :]
         else:
             same_user = (users[:, None] == users[None, :]).to(scores.dtype)
             differences = differences * same_user
-            pair_counts = onehot.t() @ same_user @ onehot
-        means = (onehot.t() @ differences @ onehot) / pair_counts.clamp(min=1.0)
+            pair_counts = onehot.transpose(1, 2) @ same_user @ onehot
+        means = (onehot.transpose(1, 2) @ differences @ onehot) / pair_counts.clamp(min=1.0)
         for high_level, low_level in level_pairs:
-            total = total + weights[(high_level, low_level)] * means[high_level, low_level]
+            total = total + weights[(high_level, low_level)] * means[:, high_level, low_level]
         return total
-    sampler = LevelPairs(categories, users)
-    for high_level, low_level in level_pairs:
-        a, b, exists = sampler.sample(high_level, low_level, max_pairs_per_level, generator)
-        term = F.softplus(margin - (scores[a] - scores[b])).mean()
-        total = total + weights[(high_level, low_level)] * torch.where(exists, term, torch.zeros_like(term))
+    a, b, exists = LevelPairs(categories, users).sample(level_pairs, max_pairs_per_level, generator)
+    picked = columns.gather(1, torch.cat([a, b], dim=1).flatten(1)).view(tasks, 2, *a.shape[1:])  # [K, 2, P, n]
+    terms = F.softplus(margin - (picked[:, 0] - picked[:, 1])).mean(dim=2)  # [K, P]
+    terms = torch.where(exists, terms, torch.zeros_like(terms))
+    for p, pair in enumerate(level_pairs):
+        total = total + weights[pair] * terms[:, p]
     return total
 
 

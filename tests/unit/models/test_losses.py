@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.losses import (
+    ALL_LEVEL_PAIRS,
     LevelPairs,
     calibration_loss,
     correct_errors,
@@ -90,9 +91,9 @@ def test_same_user_variant_only_pairs_rows_of_one_user() -> None:
 def _pair_frequencies(categories: list[int], high: int, low: int, users: list[int] | None = None,
                       draws: int = 60_000) -> dict[tuple[int, int], float]:
     sampler = LevelPairs(torch.tensor(categories), torch.tensor(users) if users is not None else None)
-    a, b, exists = sampler.sample(high, low, draws, torch.Generator().manual_seed(3))
-    assert bool(exists)
-    counts = Counter(zip(a.tolist(), b.tolist()))
+    a, b, exists = sampler.sample([(high, low)], draws, torch.Generator().manual_seed(3))
+    assert exists.tolist() == [[True]]
+    counts = Counter(zip(a.flatten().tolist(), b.flatten().tolist()))
     return {pair: n / draws for pair, n in counts.items()}
 
 
@@ -122,8 +123,8 @@ def test_users_with_large_hashes_are_told_apart() -> None:
 @pytest.mark.parametrize("max_pairs", [64, 4096])  # 100 x 100 pairs: sampled (> 16 x 64), exact (<= 16 x 4096)
 def test_an_empty_level_gives_no_pair_and_no_loss(max_pairs: int) -> None:
     sampler = LevelPairs(torch.tensor([3, 3, 0, 0]))
-    _, _, exists = sampler.sample(2, 1, 16, torch.Generator().manual_seed(0))
-    assert not bool(exists)
+    _, _, exists = sampler.sample([(2, 1), (3, 0)], 16, torch.Generator().manual_seed(0))
+    assert exists.tolist() == [[False, True]]
     scores = torch.randn(100, requires_grad=True)
     categories = torch.tensor([3] * 50 + [0] * 50)  # levels 2 and 1 empty: no adjacent pair exists
     loss = quadruplet_loss(scores, categories, max_pairs_per_level=max_pairs,
@@ -302,3 +303,34 @@ def test_every_pair_at_once_equals_the_indexed_pairs() -> None:
     users = torch.zeros(40, dtype=torch.long)  # one user: same-user pairs are all pairs, built from indices
     indexed = quadruplet_loss(scores, categories, max_pairs_per_level=10_000, users=users)
     assert torch.allclose(dense, indexed)
+
+
+@pytest.mark.parametrize("same_user", [False, True])
+@pytest.mark.parametrize("size", [60, 3000])  # the exact path, the sampled one
+def test_every_task_at_once_equals_one_task_at_a_time(same_user: bool, size: int) -> None:
+    # The tasks' pairs come from one draw of rand(K, P, 2, n): the draws of each task and level pair in turn, so a
+    # [B, K] call gives each task's loss of the [B] calls made in order with the same generator, to the last bit.
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.randn(size, 3, generator=generator)
+    categories = torch.randint(0, 4, (size, 3), generator=generator)
+    users = torch.randint(0, 40, (size,), generator=generator) if same_user else None
+    together = quadruplet_loss(scores, categories, users=users, pairs="all", max_pairs_per_level=128,
+                               generator=torch.Generator().manual_seed(9))
+    one_at_a_time = torch.Generator().manual_seed(9)
+    alone = [quadruplet_loss(scores[:, k], categories[:, k], users=users, pairs="all", max_pairs_per_level=128,
+                             generator=one_at_a_time) for k in range(3)]
+    assert together.shape == (3,) and torch.equal(together, torch.stack(alone))
+
+
+@pytest.mark.parametrize("same_user", [False, True])
+def test_each_task_draws_its_pairs_from_its_own_levels(same_user: bool) -> None:
+    generator = torch.Generator().manual_seed(2)
+    categories = torch.randint(0, 4, (500, 2), generator=generator)
+    users = torch.randint(0, 5, (500,), generator=generator) if same_user else None
+    a, b, exists = LevelPairs(categories, users).sample(ALL_LEVEL_PAIRS, 64, generator)
+    assert a.shape == b.shape == (2, 6, 64) and bool(exists.all())
+    for k in range(2):
+        for p, (high, low) in enumerate(ALL_LEVEL_PAIRS):
+            assert set(categories[a[k, p], k].tolist()) == {high} and set(categories[b[k, p], k].tolist()) == {low}
+            if same_user:
+                assert torch.equal(users[a[k, p]], users[b[k, p]])
