@@ -70,10 +70,29 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
     ]
 
 
+# ``--set KEY=VALUE`` options of the model, on every configuration this checkout measures (empty: the defaults).
+MODEL_SET: dict = {}
+
+
 def config(buckets: int, sparse: bool, bf16: bool, name: str = "crossdistil") -> ModelConfig:
     rung, preset = split_config_name(name)
     return ModelConfig(tasks=TASKS, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
-                       sparse_embeddings=sparse, bf16=bf16, rung=rung, **preset)
+                       sparse_embeddings=sparse, bf16=bf16, rung=rung, **{**preset, **MODEL_SET})
+
+
+def model_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: the value as JSON where it parses (numbers, lists), else the string.
+
+    >>> model_setting("embedding_lr=0.01"), model_setting("count_features=")
+    (('embedding_lr', 0.01), ('count_features', ''))
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def compare_configs(names: list[str], batch_sizes: list[int], rows: list[dict], buckets: int, device: torch.device,
@@ -156,6 +175,9 @@ def against(old: Path, args: argparse.Namespace) -> dict:
                "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
     if args.bf16:  # (a checkout from before bf16 worked on CPUs ignores it there: its fp32 step is the baseline)
         command.append("--bf16")
+    # --set reaches this checkout only: the old one runs its own defaults, which the settings can reproduce here
+    new_command = command + [f"--set={key}={json.dumps(value) if not isinstance(value, str) else value}"
+                             for key, value in MODEL_SET.items()]
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     # Both at once, one core each, the cores swapped every round: the machine's load hits both alike, and a core
     # slower than the other for a while (a VM's vCPUs are) favours neither.
@@ -164,7 +186,8 @@ def against(old: Path, args: argparse.Namespace) -> dict:
         started = {}
         for i, (label, root) in enumerate((("old", old), ("new", here))):
             pin = {cores[(i + round_) % 2]} if len(cores) == 2 else None
-            started[label] = subprocess.Popen([sys.executable, str(root / "bench" / "train_step.py"), *command],
+            started[label] = subprocess.Popen([sys.executable, str(root / "bench" / "train_step.py"),
+                                               *(new_command if label == "new" else command)],
                                               cwd=root, stdout=subprocess.PIPE, text=True,
                                               preexec_fn=(lambda p=pin: os.sched_setaffinity(0, p)) if pin else None)
         for label, process in started.items():
@@ -172,7 +195,7 @@ def against(old: Path, args: argparse.Namespace) -> dict:
             if process.returncode:
                 raise SystemExit(f"{label} checkout's bench failed (exit {process.returncode})")
             runs[label].append(json.loads(out))
-    result: dict = {"old": str(old), "new": str(here), "commits": {}, "rounds": args.rounds,
+    result: dict = {"old": str(old), "new": str(here), "commits": {}, "rounds": args.rounds, "new_set": MODEL_SET,
                     "cores_swapped_each_round": cores if len(cores) == 2 else None, "configs": []}
     for label, root in (("old", old), ("new", here)):
         result["commits"][label] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -296,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     # One thread by default on CPU: on a shared 2-core machine two OpenMP threads per process oversubscribe
     # the cores and a step gets ~10x slower and noisy (measured: 24 ms vs 241 ms at batch 256).
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--set", type=model_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="a ModelConfig option of every model measured (repeatable); with --against, of this "
+                             "checkout's only: e.g. the model an old checkout had by default")
     args = parser.parse_args(argv)
+    MODEL_SET.clear()
+    MODEL_SET.update(args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -322,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "bf16": args.bf16,
         "model": {"backbone": "shared_bottom", "rung": "crossdistil (default options)", **SPEC_FIELDS,
-                  "embedding_dim": 16, "hidden_dims": [128], "tower_dims": [64, 32]},
+                  "embedding_dim": 16, "hidden_dims": [128], "tower_dims": [64, 32], "set": MODEL_SET},
         "encode": {"rows": 4096, "cold_rows_per_s": 4096 / cold, "warm_rows_per_s": 4096 / warm},
         "throughput": [], "breakdown": [], "table_sizes": [],
     }
