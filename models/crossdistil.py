@@ -18,6 +18,7 @@ from models.backbones import build_backbone, mlp
 from models.config import ModelConfig
 from models.counts import CountFeatures
 from models.features import Batch
+from models.host import on_host
 from models.losses import (
     calibration_loss,
     correct_errors,
@@ -224,7 +225,7 @@ def crossdistil_loss(
         if cfg.distills:
             # Every alpha_k scaled to 0 (a closed trust gate): the term is measured, not differentiated. A GPU
             # differentiates it anyway (its gradient is 0): reading the gate would make the step wait for the device.
-            idle = kd_scale is not None and kd_scale.device.type == "cpu" and not bool(kd_scale.any())
+            idle = kd_scale is not None and on_host(kd_scale.device) and not bool(kd_scale.any())
             with torch.no_grad() if idle else contextlib.nullcontext():
                 corrected = correct_errors(teacher_logits, y, cfg.correction_mode, cfg.correction_margin,
                                            cfg.correction_mix)

@@ -26,6 +26,8 @@ import math
 import numpy as np
 import torch
 
+from models.host import on_host
+
 # Narrow rows (the wide part's one weight per task) gather and scatter faster as single elements of the flat table:
 # torch's CPU index_add_ / index_select go row by row on a 2-D tensor and element by element on a 1-D one.
 _FLAT_UP_TO = 4
@@ -90,11 +92,8 @@ def _touched_slots(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def _fixed_shapes(grad: torch.Tensor) -> bool:
     """Whether a sparse update takes ``_touched_slots``' fixed shapes: on every device but a CPU (where the unique
-    rows alone are less work, and finding them costs no wait)."""
-    return grad.device.type != "cpu" or _FIXED_SHAPES_ON_CPU
-
-
-_FIXED_SHAPES_ON_CPU = False  # the GPU's path on a CPU: tests hold it to the CPU's to the last bit
+    rows alone are less work, and finding them costs no wait; ``models.host``)."""
+    return not on_host(grad.device)
 
 
 def _touched_rows(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.host import on_host
+
 
 def column_aucs(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """AUC of every column of ``scores`` [n, C] against ``labels`` [n, C] (0/1), ties counting 1/2; nan for a
@@ -37,7 +39,7 @@ def column_aucs(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     [0.75]
     """
     columns = scores.float().t().contiguous()  # [C, n]
-    if columns.device.type == "cpu":
+    if on_host(columns.device):
         return _column_aucs_numpy(np.ascontiguousarray(labels.t().numpy() > 0), columns.numpy())
     return _column_aucs_torch(labels, columns)
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from models import rowwise
+from models import host, rowwise
 from models.rowwise import RowAdagrad, RowAdam
 
 pytestmark = pytest.mark.unit
@@ -42,7 +42,7 @@ BATCHES = pytest.mark.parametrize("batch", [64, 1024], ids=["coalesce", "numpy-u
 @pytest.fixture(params=["cpu-path", "fixed-shapes"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test on the CPU's path and on a GPU's (``_touched_slots``' fixed shapes, run here on the CPU)."""
-    monkeypatch.setattr(rowwise, "_FIXED_SHAPES_ON_CPU", request.param == "fixed-shapes")
+    monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", request.param == "fixed-shapes")
     return request.param
 
 
@@ -122,7 +122,7 @@ def test_the_fixed_shapes_equal_the_numpy_path_to_the_last_bit(kind: type, monke
     tables = _tables(9, 8)
     weights = []
     for fixed, table in zip((False, True), tables):
-        monkeypatch.setattr(rowwise, "_FIXED_SHAPES_ON_CPU", fixed)
+        monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", fixed)
         optimizer = kind(table.parameters(), lr=0.05)
         with torch.sparse.check_sparse_tensor_invariants(enable=False):
             _steps(table, optimizer, 10, seed=10, batch=1024)
