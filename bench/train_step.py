@@ -26,6 +26,10 @@ Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item,
 reports the samples/s of each configuration and the median of the per-round speed-ups:
 
     git worktree add /tmp/old <commit>; python bench/train_step.py --against /tmp/old --rounds 5
+
+``--set KEY=VALUE`` (repeatable) sets a ``ModelConfig`` option of every model measured; with ``--against`` it reaches
+this checkout only, so both code paths can run one model: the default of the old checkout (e.g. cbfc225's: ``--set
+count_features= --set embedding_optimizer=adam --set embedding_lr=0.01``, the options added or changed since).
 """
 
 from __future__ import annotations

@@ -31,6 +31,23 @@ def test_train_step_bench_prints_every_section_as_json(capsys: pytest.CaptureFix
     assert isinstance(result["table_sizes"]["sparse_within_20_percent"], bool)
 
 
+def test_set_options_reach_every_model_measured(capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("bench_train_step_set", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    status = module.main(["--only-compare", "--compare", "mtl", "--batch-sizes", "32", "--default-log2", "10",
+                          "--steps", "1", "--rounds", "1", "--threads", "0", "--set", "count_features=",
+                          "--set", "embedding_optimizer=adam", "--set", "embedding_lr=0.01"])
+    result = json.loads(capsys.readouterr().out)
+    assert status == 0 and result["model"]["set"] == {"count_features": "", "embedding_optimizer": "adam",
+                                                      "embedding_lr": 0.01}
+    made = module.config(2**10, True, False, "crossdistil")
+    assert made.count_features == () and made.embedding_optimizer == "adam" and made.embedding_lr == 0.01
+    assert made.rung == "crossdistil"  # the settings add to the configuration's own
+    with pytest.raises(SystemExit):
+        module.main(["--set", "no_equals_sign"])
+
+
 @pytest.mark.slow
 def test_pipeline_stages_bench_trains_every_impression_in_each_variant() -> None:
     import subprocess
