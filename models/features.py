@@ -209,7 +209,37 @@ def _numeric_columns(feature_maps: Sequence[Mapping[str, Any]], spec: FeatureSpe
             numeric[:, c] = [float(v or 0.0) for v in numeric_values[name]]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
+    return _signed_log1p(numeric)
+
+
+def _signed_log1p(numeric: np.ndarray) -> np.ndarray:
     return (np.sign(numeric) * np.log1p(np.abs(numeric))).astype(np.float32)
+
+
+def encode_factorized(columns: Mapping[str, tuple[Sequence[str], np.ndarray]], numeric: Mapping[str, np.ndarray],
+                      labels: np.ndarray, user_ids: tuple[Sequence[str], np.ndarray],
+                      spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """``encode_columns``' arrays from a data set already in columns: each categorical field as (its distinct strings,
+    one index into them per row), "" for a row without it; numeric fields as float64 rows (0 where absent); labels
+    [n, K] (0/1); the user ids factorized like the fields. A field the spec has and ``columns`` lacks reads "" (every
+    row without it). Only the distinct strings are hashed: the same rows as ``encode_columns`` of the same rows, bit
+    for bit (tests/unit/streamer/test_columnar.py), in a fraction of its time.
+    """
+    n = len(labels)
+    by_field = np.empty((len(spec.categorical), n), dtype=np.int64)
+    for c, name in enumerate(spec.categorical):
+        values, codes = columns.get(name, ([""], np.zeros(n, dtype=np.int64)))
+        by_field[c] = np.asarray(hash_column(name, list(values), spec.hash_buckets), dtype=np.int64)[codes] \
+            if len(values) else np.zeros(0, dtype=np.int64)
+    raw = np.zeros((n, len(spec.numeric)), dtype=np.float64)
+    for c, name in enumerate(spec.numeric):
+        if name in numeric:
+            raw[:, c] = numeric[name]
+    values, codes = user_ids
+    user = np.asarray(hash_column("user_id", list(values), _USER_ID_SPACE), dtype=np.int64)[codes] \
+        if len(values) else np.zeros(0, dtype=np.int64)
+    return {"categorical": np.ascontiguousarray(by_field.T), "numeric": _signed_log1p(raw),
+            "labels": np.ascontiguousarray(labels, dtype=np.float32), "user": user}
 
 
 _IMPRESSION_FIELDS = itemgetter("user_id", "item_id", "features")

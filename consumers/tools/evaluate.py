@@ -228,14 +228,20 @@ def evaluation_rows(n_events: int, train_fraction: float, tail_fraction: float, 
 # Data and models
 
 
-def load_encoded(dataset: Any, tasks: Sequence[str], spec: Any, limit: int = 0) -> Any:
-    """Read the data set once (time order), keep the first ``limit`` events if set, and encode every row."""
+def load_encoded(dataset: Any, tasks: Sequence[str], spec: Any, limit: int = 0, columnar: bool = True) -> Any:
+    """Read the data set once (time order), keep the first ``limit`` events if set, and encode every row. A CSV or
+    TSV file of the ``csv`` adapter is read as columns (``streamer.datasets.columnar``: the same arrays, bit for bit,
+    ~10x faster) unless ``columnar`` is False or only its rows can read it."""
     # lazy: numpy, torch and the models load only when a grid runs (the CLI starts without torch)
     import numpy as np
 
     from models.evaluation import EncodedData
     from models.features import encode_rows
+    from streamer.datasets.columnar import read_columns
 
+    columns = read_columns(dataset) if columnar else None
+    if columns is not None:
+        return _encoded_columns(columns.head(limit) if limit else columns, tasks, spec, dataset.name)
     interactions = []
     for interaction in dataset.interactions():
         interactions.append(interaction)
@@ -251,6 +257,29 @@ def load_encoded(dataset: Any, tasks: Sequence[str], spec: Any, limit: int = 0) 
         users=np.array([i.user_id for i in interactions]),
         ts_ms=np.array([i.ts_ms for i in interactions], dtype=np.int64),
     )
+
+
+def _encoded_columns(columns: Any, tasks: Sequence[str], spec: Any, name: str) -> Any:
+    """``load_encoded`` of a data set read as columns (``streamer.datasets.columnar.TabularColumns``)."""
+    # lazy: numpy, torch and the models load only when a grid runs (the CLI starts without torch)
+    import numpy as np
+
+    from models.evaluation import EncodedData
+    from models.features import batch_from_columns, encode_factorized
+
+    if not len(columns):
+        raise ValueError(f"data set {name!r} yielded no interactions")
+    n = len(columns)
+    labels = np.stack([columns.labels[t] if t in columns.labels else np.zeros(n, dtype=np.int64) for t in tasks],
+                      axis=1) if tasks else np.zeros((n, 0))
+    factorized = {field: (column.values, column.codes) for field, column in columns.categorical.items()}
+    factorized.update(user_id=(columns.user_id.values, columns.user_id.codes),
+                      item_id=(columns.item_id.values, columns.item_id.codes))
+    arrays = encode_factorized(factorized, columns.numeric, (labels > 0).astype(np.float32),
+                               (columns.user_id.values, columns.user_id.codes), spec)
+    batch = batch_from_columns(arrays, tasks)
+    return EncodedData(batch=batch, tasks=tuple(tasks), labels=batch.labels.numpy().copy(),
+                       users=columns.user_id.strings(), ts_ms=columns.ts_ms)
 
 
 def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0) -> Any:
