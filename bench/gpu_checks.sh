@@ -16,7 +16,7 @@
 # 5. with KUAIRAND_PURE_CSV set (../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv, carried), issue
 #    17's evaluate: `crossdistil evaluate` of the default crossdistil over all of KuaiRand-Pure (228k events, one
 #    backbone, one seed, prequential) on cuda at batch 4,096 and 256, then on cpu at 4,096 (one torch thread), one
-#    after the other: seconds and tail AUC of each.
+#    after the other: seconds (of the steps), wall seconds (of the command) and tail AUC of each.
 # GPU_CHECKS=tests,train_step,backtest,separate,evaluate (the default: all) picks sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,10 +60,12 @@ evaluate_runs=()
 if wanted evaluate && [[ -n ${KUAIRAND_PURE_CSV:-} ]]; then
   for run in cuda:4096 cuda:256 cpu:4096; do
     device=${run%%:*} size=${run##*:}
+    started=$(date +%s%N)
     "$py" -m consumers.cli evaluate --dataset csv --source "$KUAIRAND_PURE_CSV" --mapping mappings/kuairand_pure.toml \
       --configs crossdistil --seeds 1 --mode prequential --batch-size "$size" --threads 1 --device "$device" \
       --out "$out/evaluate_${device}_$size" >"$out/evaluate_${device}_$size.log" 2>&1
-    evaluate_runs+=("$device:$size:$?")
+    rc=$?
+    evaluate_runs+=("$device:$size:$rc:$(( ($(date +%s%N) - started) / 1000000 ))")  # wall ms
   done
 fi
 if wanted train_step; then
@@ -114,12 +116,13 @@ if cuda_rc != -1:
     result["backtest_side_by_side"] = compare((("cuda", cuda_rc), ("cpu", cpu_rc)), "cuda", "cpu")
 evaluations = {}
 for run in sys.argv[8].split():
-    device, size, rc = run.split(":")
+    device, size, rc, wall = run.split(":")
     try:
         grid = json.loads((out / f"evaluate_{device}_{size}" / "results.json").read_text())
         (one,) = grid["runs"]
-        evaluations[f"{device}_batch_{size}"] = {
-            "rc": int(rc), "seconds": round(one["seconds"], 2), "events": one["train_events"],
+        evaluations[f"{device}_batch_{size}"] = {  # seconds: the run's steps; wall_s: the command, start to end
+            "rc": int(rc), "seconds": round(one["seconds"], 2), "wall_s": round(int(wall) / 1000, 2),
+            "events": one["train_events"],
             "tail_auc": {task: round(m["auc"], 4) for task, m in one["metrics"]["tail"].items()}}
     except (OSError, KeyError, ValueError) as error:
         evaluations[f"{device}_batch_{size}"] = {"rc": int(rc), "error": repr(error)}
