@@ -63,3 +63,20 @@ def test_pipeline_stages_bench_trains_every_impression_in_each_variant() -> None
         assert variant["samples"] == 1500  # every impression of the stream became a trained sample
         assert set(variant["us_per_event_fastest"]) == {"decode_validate", "join", "batch_train_metrics"}
     assert result["variants"]["gc_default"]["ratio_to_gc_default"] == 1.0
+
+
+def test_step_kernels_counts_the_operations_of_a_step_on_the_device_paths(capsys: pytest.CaptureFixture) -> None:
+    from models import host
+
+    spec = importlib.util.spec_from_file_location("bench_step_kernels", BENCH.parent / "step_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        assert module.main(["--batch-size", "64", "--steps", "1", "--compare", "mtl,crossdistil"]) == 0
+    finally:
+        host.DEVICE_PATHS_ON_CPU = False  # the bench sets it for its process
+    result = json.loads(capsys.readouterr().out)
+    per_step = {name: entry["per_step"] for name, entry in result["configs"].items()}
+    assert 50 < per_step["mtl"] < per_step["crossdistil"]  # the teachers, their losses and the gate add operations
+    most = result["configs"]["mtl"]["most"]
+    assert "aten::addmm" in most and all(n > 0 for n in most.values()) and not set(most) & module._NOT_KERNELS
