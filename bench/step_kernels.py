@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default="mtl,crossdistil", help="configurations (RUNG or RUNG@PRESET)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--listed", type=int, default=12, help="the most frequent operations listed per config")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     result = {"root": str(root), "batch": args.batch_size,
-              "configs": count(root, args.compare.split(","), args.batch_size, args.steps)}
+              "configs": count(root, args.compare.split(","), args.batch_size, args.steps, args.listed)}
     print(json.dumps(result, indent=2))
     return 0
 
