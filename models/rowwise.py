@@ -173,15 +173,16 @@ class RowAdam(torch.optim.SparseAdam):
                 if grad.numel() == 0:
                     continue
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                # old <- b * old + (1 - b) * new, written as old += (1 - b) * (new - old), as torch does
+                # old <- b * old + (1 - b) * new, written as old += (1 - b) * (new - old), as torch does: torch adds
+                # the update into the state (old + update) and takes the same sum again for the step, so the rows'
+                # new moments are written back once and serve as the step's numerator and denominator
                 old_avg = rows.gather(exp_avg)
-                avg_update = grad.sub(old_avg).mul_(1 - beta1)
-                rows.add(exp_avg, avg_update)
+                numer = grad.sub(old_avg).mul_(1 - beta1).add_(old_avg)
+                rows.put(exp_avg, numer)
                 old_sq = rows.gather(exp_avg_sq)
-                sq_update = grad.pow(2).sub_(old_sq).mul_(1 - beta2)
-                rows.add(exp_avg_sq, sq_update)
-                numer = avg_update.add_(old_avg)
-                denom = sq_update.add_(old_sq).sqrt_().add_(group["eps"])
+                new_sq = grad.pow(2).sub_(old_sq).mul_(1 - beta2).add_(old_sq)
+                rows.put(exp_avg_sq, new_sq)
+                denom = new_sq.sqrt_().add_(group["eps"])
                 step = state["step"]
                 step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 rows.add(param, -step_size * numer.div_(denom))
