@@ -89,8 +89,8 @@ class LevelPairs:
         flat = wanted.reshape(tasks, -1).contiguous()
         first = torch.searchsorted(self.keys, flat).view(wanted.shape)  # [K, P, B]
         partners = torch.searchsorted(self.keys, flat, right=True).view(wanted.shape) - first
-        high = torch.stack([self.categories == high for high, _ in level_pairs], dim=1)
-        cumulative = torch.cumsum(torch.where(high, partners, torch.zeros_like(partners)), 2)
+        is_high = torch.stack([self.categories == high for high, _ in level_pairs], dim=1)  # [K, P, B]
+        cumulative = torch.cumsum(torch.where(is_high, partners, torch.zeros_like(partners)), 2)
         total = cumulative[:, :, -1:]  # [K, P, 1]
         # a: inverse CDF of the partner counts (clamped inside the batch: with total = 0 the pairs are invalid)
         a = torch.searchsorted(cumulative, (draw[:, :, 0] * total).long(), right=True).clamp(max=size - 1)
