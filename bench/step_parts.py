@@ -3,7 +3,8 @@
     python bench/step_parts.py --against 759774a     # ~1 minute
 
 The parts: the trust gate's windowed AUCs (``models.trust_gate.column_aucs`` over its default window of 20,000
-samples and two tasks' teacher and student columns, what ``TrustGate.decide`` sorts every 2,048 samples); finding
+samples and two tasks' teacher and student columns, what ``TrustGate.decide`` sorts every 2,048 samples); the gate's
+whole work per batch of 4,096 (``TrustGate.update`` with its decision, over a full window); finding
 the touched rows of a sparse gradient (``models.rowwise._touched_rows``: the embedding table's at batch 4,096 of 4
 fields, 16 floats a row, and the wide part's, 7 rows a sample of 2 floats); a whole step of the per-row AdaGrad of
 either (``models.rowwise.RowAdagrad``: those rows, their sums of squares, their update; the rows of a batch of
@@ -89,6 +90,20 @@ def main() -> int:
     out["parts"]["column_aucs_20000x4"] = compare(lambda: old_gate.column_aucs(labels, scores),
                                                   lambda: trust_gate.column_aucs(labels, scores),
                                                   args.rounds, args.calls)
+    # The gate's whole work per batch of 4,096 (update: the ring's rows, then the decision every 2,048 samples: every
+    # batch), over a full window: the keys kept per ring row (this checkout) against made for the window each time.
+    batches = [((torch.rand(4096, 2, generator=generator) < 0.5).float(), torch.randn(4096, 2, generator=generator),
+                torch.randn(4096, 2, generator=generator)) for _ in range(8)]
+    gates = {"old": old_gate.TrustGate(2), "new": trust_gate.TrustGate(2)}
+    for gate in gates.values():
+        for batch in batches:
+            gate.update(*batch)
+    assert torch.equal(gates["old"].teacher_auc, gates["new"].teacher_auc)
+    assert torch.equal(gates["old"].student_auc, gates["new"].student_auc)
+    cycle = {k: iter(range(10**9)) for k in gates}
+    out["parts"]["gate_update_4096x2_window_20000"] = compare(
+        lambda: gates["old"].update(*batches[next(cycle["old"]) % 8]),
+        lambda: gates["new"].update(*batches[next(cycle["new"]) % 8]), args.rounds, args.calls)
     for name, (rows, width, table) in {"touched_rows_embedding_4096x4x16": (4096 * 4, 16, 2**20),
                                        "touched_rows_wide_4096x7x2": (4096 * 7, 2, 2**21)}.items():
         index = torch.from_numpy(np.minimum(rng.zipf(1.3, rows), table - 1)).long()  # popular rows repeat

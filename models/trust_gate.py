@@ -64,6 +64,15 @@ def _column_aucs_torch(labels: torch.Tensor, columns: torch.Tensor) -> torch.Ten
                        torch.full_like(u, math.nan))
 
 
+def _score_keys(positive: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """``_column_aucs_numpy``'s int64 keys of scores [C, n] (float32) and their labels [C, n] (bool): each sorts like
+    its score, the label in the lowest bit."""
+    bits = (columns + np.float32(0.0)).view(np.int32)
+    keys = np.left_shift(bits ^ ((bits >> 31) & 0x7FFFFFFF), 1, dtype=np.int64)
+    keys |= positive
+    return keys
+
+
 def _column_aucs_numpy(positive: np.ndarray, columns: np.ndarray) -> torch.Tensor:
     """``column_aucs`` on a CPU from [C, n] arrays, without an argsort (numpy's sort of int64 values is several times
     its argsort here): each score becomes an int64 key that sorts like the float (its IEEE bits, negatives
@@ -72,10 +81,13 @@ def _column_aucs_numpy(positive: np.ndarray, columns: np.ndarray) -> torch.Tenso
     p - j negatives before it; twice the Mann-Whitney U (ties count 1/2) is twice their sum less (positives x
     negatives) of each run of tied scores: the same integer as from the average ranks, so the same AUC to the last
     bit; nan for a column with one class. All columns at once, only the tied runs looked at run by run."""
-    bits = (columns + np.float32(0.0)).view(np.int32)
-    keys = np.left_shift(bits ^ ((bits >> 31) & 0x7FFFFFFF), 1, dtype=np.int64)
-    keys |= positive
+    keys = _score_keys(positive, columns)
     keys.sort(axis=1)
+    return _aucs_of_sorted_keys(keys)
+
+
+def _aucs_of_sorted_keys(keys: np.ndarray) -> torch.Tensor:
+    """``_column_aucs_numpy`` from its keys [C, n], each row sorted."""
     count, n = keys.shape
     labels = keys & 1
     n_positive = labels.sum(axis=1)
@@ -115,6 +127,10 @@ class TrustGate:
         self.open = torch.zeros(tasks, device=device)
         self.teacher_auc = torch.full((tasks,), math.nan, device=device)
         self.student_auc = torch.full((tasks,), math.nan, device=device)
+        # On a CPU: each ring row's sort keys (teachers' columns, then students'), made as the row is written, so a
+        # decision sorts them without first making them for the whole window. Derived: not checkpointed; None until
+        # made from the buffers (at a decision after a load).
+        self._keys: np.ndarray | None = None
 
     def update(self, labels: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
         """Add a batch of labels [B, K] with the student's and the teacher's scores [B, K] (any monotone scale)."""
@@ -127,6 +143,10 @@ class TrustGate:
             values = values.detach().float().to(buffer.device)
             buffer[self.position:self.position + first] = values[:first]
             buffer[:rows - first] = values[first:]
+        if self._keys is not None:
+            keys = self._window_keys(labels, teacher, student)
+            self._keys[:, self.position:self.position + first] = keys[:, :first]
+            self._keys[:, :rows - first] = keys[:, first:]
         self.position = int((self.position + rows) % self.window)
         self.filled = min(self.window, self.filled + rows)
         self.since_decision += rows
@@ -138,13 +158,27 @@ class TrustGate:
         self.since_decision = 0
         tasks = self.labels.shape[1]
         labels = self.labels[: self.filled]
-        aucs = column_aucs(torch.cat([labels, labels], dim=1),
-                           torch.cat([self.teacher[: self.filled], self.student[: self.filled]], dim=1))
+        if on_host(self.labels.device):
+            if self._keys is None:
+                self._keys = np.zeros((2 * tasks, self.window), dtype=np.int64)
+                self._keys[:, : self.filled] = self._window_keys(labels, self.teacher[: self.filled],
+                                                                 self.student[: self.filled])
+            aucs = _aucs_of_sorted_keys(np.sort(self._keys[:, : self.filled], axis=1))
+        else:
+            aucs = column_aucs(torch.cat([labels, labels], dim=1),
+                               torch.cat([self.teacher[: self.filled], self.student[: self.filled]], dim=1))
         teacher_auc, student_auc = aucs[:tasks], aucs[tasks:]
         self.teacher_auc.copy_(teacher_auc)
         self.student_auc.copy_(student_auc)
         # compared in float64; nan > x is False: a window without both classes keeps the gate closed
         self.open.copy_((teacher_auc > student_auc + self.margin).float())
+
+    @staticmethod
+    def _window_keys(labels: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor) -> np.ndarray:
+        """The sort keys [2K, n] of rows of labels and scores [n, K]: the teachers' columns, then the students'."""
+        positive = labels.detach().t().numpy() > 0
+        columns = torch.cat([teacher.detach(), student.detach()], dim=1).float().t().contiguous().numpy()
+        return _score_keys(np.concatenate([positive, positive]), columns)
 
     def decided(self, task: int) -> bool:
         """Whether task ``task`` has both AUCs (a decision over a window holding both classes)."""
@@ -166,3 +200,4 @@ class TrustGate:
             getattr(self, name).copy_(state[name])
         self.filled, self.position = int(state["filled"]), int(state["position"])
         self.since_decision = int(state["since_decision"])
+        self._keys = None  # made again from the loaded buffers at the next decision

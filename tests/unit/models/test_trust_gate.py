@@ -218,3 +218,35 @@ def test_column_aucs_keep_tied_runs_within_their_column() -> None:
     assert torch.equal(got, _column_aucs_torch(labels, scores.t().contiguous()).to(got.dtype))
     assert got.tolist() == [pytest.approx(auc(labels[:, c].numpy(), scores[:, c].numpy()), abs=1e-12)
                             for c in range(2)]
+
+
+def test_the_keys_kept_per_ring_row_give_the_aucs_of_the_whole_window_to_the_last_bit() -> None:
+    import numpy as np
+
+    from models.trust_gate import _score_keys
+
+    # On a CPU the gate keeps each ring row's sort keys as it is written; every decision must equal column_aucs of
+    # the window's buffers (batches that wrap the ring, one larger than the window, ties, a gate loaded mid-way).
+    generator = torch.Generator().manual_seed(8)
+    gate = TrustGate(tasks=2, window=300, every=50)
+    twin = None
+    for step, rows in enumerate([40, 70, 130, 90, 350, 60, 299, 5, 120, 80, 200]):
+        labels = (torch.rand(rows, 2, generator=generator) < 0.4).float()
+        student = torch.randn(rows, 2, generator=generator).round(decimals=1)  # ties
+        teacher = torch.randn(rows, 2, generator=generator, dtype=torch.float64)  # stored as float32
+        for g in (gate, twin) if twin is not None else (gate,):
+            g.update(labels, student, teacher)
+            g.decide()
+            n = g.filled
+            expected = column_aucs(torch.cat([g.labels[:n], g.labels[:n]], dim=1),
+                                   torch.cat([g.teacher[:n], g.student[:n]], dim=1)).float()  # as decide keeps them
+            got = torch.cat([g.teacher_auc, g.student_auc])
+            positive = g.labels[:n].t().numpy() > 0  # and the kept keys are those of the buffers, row for row
+            columns = torch.cat([g.teacher[:n], g.student[:n]], dim=1).t().contiguous().numpy()
+            assert np.array_equal(g._keys[:, :n], _score_keys(np.concatenate([positive, positive]), columns))
+            assert torch.equal(got.isnan(), expected.isnan())
+            assert torch.equal(got.nan_to_num(), expected.nan_to_num()), step
+        if step == 4:
+            twin = TrustGate(tasks=2, window=300, every=50)
+            twin.load_state_dict(gate.state_dict())
+    assert gate._keys is not None and torch.equal(gate.teacher_auc, twin.teacher_auc)
