@@ -143,10 +143,9 @@ class TrustGate:
             values = values.detach().float().to(buffer.device)
             buffer[self.position:self.position + first] = values[:first]
             buffer[:rows - first] = values[first:]
-        if self._keys is not None:
-            keys = self._window_keys(labels, teacher, student)
-            self._keys[:, self.position:self.position + first] = keys[:, :first]
-            self._keys[:, :rows - first] = keys[:, first:]
+        if self._keys is not None:  # the keys of the rows just written, from the buffers (as stored: float32)
+            for lo, hi in ((self.position, self.position + first), (0, rows - first)):
+                self._keys[:, lo:hi] = self._window_keys(self.labels[lo:hi], self.teacher[lo:hi], self.student[lo:hi])
         self.position = int((self.position + rows) % self.window)
         self.filled = min(self.window, self.filled + rows)
         self.since_decision += rows
@@ -175,9 +174,10 @@ class TrustGate:
 
     @staticmethod
     def _window_keys(labels: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor) -> np.ndarray:
-        """The sort keys [2K, n] of rows of labels and scores [n, K]: the teachers' columns, then the students'."""
-        positive = labels.detach().t().numpy() > 0
-        columns = torch.cat([teacher.detach(), student.detach()], dim=1).float().t().contiguous().numpy()
+        """The sort keys [2K, n] of rows of the ring's labels and scores [n, K]: the teachers' columns, then the
+        students'."""
+        positive = labels.t().numpy() > 0
+        columns = torch.cat([teacher, student], dim=1).t().contiguous().numpy()
         return _score_keys(np.concatenate([positive, positive]), columns)
 
     def decided(self, task: int) -> bool:
