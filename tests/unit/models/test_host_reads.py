@@ -16,15 +16,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import host
-from models.config import ModelConfig
-from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
 from models.losses import quadruplet_loss
+from tests.unit.models.test_learner import make_batch, small_config
 
 pytestmark = pytest.mark.unit
 
 aten = torch.ops.aten
-TASKS = ("click", "long_view")
 # Operations whose result (or whose output's size) the host must read from the device.
 _READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2, aten.unique_dim,
           aten.unique_consecutive, aten._coalesce, aten.equal, aten.is_nonzero}
@@ -69,20 +67,6 @@ class no_host_reads:
             mode.__exit__(*exc)
 
 
-def config(**overrides) -> ModelConfig:
-    base = dict(tasks=TASKS, hidden_dims=(16,), tower_dims=(8,), num_experts=2, max_pairs_per_level=16, seed=3,
-                features=FeatureSpec(categorical=("user_id", "item_id", "hour"), numeric=("watch",),
-                                     hash_buckets=2**10))
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
-def batch(start: int, n: int = 48):
-    rows = [{"user_id": f"u{i % 5}", "item_id": f"i{i % 37}", "features": {"hour": i % 24, "watch": 1000 * (i % 13)},
-             "labels": {"click": int(i % 3 != 0), "long_view": int(i % 4 == 1)}} for i in range(start, start + n)]
-    return encode_rows(rows, config().features, TASKS)
-
-
 @pytest.mark.parametrize("rung", ["mtl", "crossdistil", "direct_kd"])
 @pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe"])
 @pytest.mark.parametrize("table_optimizer", ["adagrad", "adam"])
@@ -92,13 +76,13 @@ def test_a_training_step_on_a_devices_paths_reads_nothing_back(rung: str, backbo
     every step, forgetting counts, a KD warm-up; the wide part's and the table's sparse updates; at 48 rows L_aux
     samples its pairs: 48 x 48 > 16 x 16)."""
     monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
-    learner = Learner(config(rung=rung, backbone=backbone, embedding_optimizer=table_optimizer, kd_gate_every=48,
-                             kd_gate_window=200, kd_warmup_samples=500, count_half_life=300))
-    learner.step(batch(0))  # the optimizers' first state is made once
+    learner = Learner(small_config(rung=rung, backbone=backbone, embedding_optimizer=table_optimizer,
+                                   kd_gate_every=48, kd_gate_window=200, kd_warmup_samples=500, count_half_life=300))
+    learner.step(make_batch(0))  # the optimizers' first state is made once
     with no_host_reads():
         for start in (48, 96, 144, 192):
-            learner._train(batch(start))
-    losses, _ = learner.step(batch(240))
+            learner._train(make_batch(start))
+    losses, _ = learner.step(make_batch(240))
     assert all(value == value for value in losses.values())
 
 
@@ -118,10 +102,10 @@ def test_the_sampled_and_the_exact_quadruplet_loss_read_nothing_back(same_user: 
 
 def test_the_host_paths_do_read_and_are_caught() -> None:
     """The check is not vacuous: on a CPU's own paths a step reads (numpy's unique rows, a closed gate's skip)."""
-    learner = Learner(config(rung="crossdistil"))
-    learner.step(batch(0))
+    learner = Learner(small_config(rung="crossdistil"))
+    learner.step(make_batch(0))
     with pytest.raises(HostReadError), no_host_reads():
-        learner._train(batch(48))
+        learner._train(make_batch(48))
     with pytest.raises(HostReadError, match="boolean mask"), no_host_reads():
         torch.arange(4)[torch.tensor([True, False, True, False])]
     with pytest.raises(HostReadError, match="reads a value"), no_host_reads():
