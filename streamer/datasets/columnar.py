@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from streamer.datasets.base import DatasetError
-from streamer.datasets.tabular import TabularDataset, _number, to_epoch_ms
+from streamer.datasets.tabular import TabularDataset, _is_empty, _number, to_epoch_ms
 
 
 @dataclass
@@ -117,19 +117,21 @@ def _columns(dataset: TabularDataset, table: Any) -> TabularColumns:
             table, ts = table.take(order), ts[order]
     labels = {}
     for task in m.tasks:
-        value = _cells_as(_factorized(table, task.column), lambda cell: 0.0 if cell == "" else float(cell),
+        value = _cells_as(_factorized(table, task.column), lambda cell: 0.0 if _is_empty(cell) else float(cell),
                           np.float64)
         at_least = task.positive_at_least
         positive = (value >= at_least) if at_least is not None else (value > 0)
         if task.delay_column is not None:  # the rows parse the delay of every positive label: so must this
             delay = _factorized(table, task.delay_column)
             for code in np.unique(delay.codes[positive]):
-                if delay.values[code] != "":
+                if not _is_empty(delay.values[code]):
                     float(delay.values[code])
         labels[task.name] = positive.astype(np.int64)
+    def number(cell: str) -> float:  # an empty cell leaves the feature out: encoded as 0
+        return 0.0 if _is_empty(cell) else float(_number(cell))
+
     return TabularColumns(
         user_id=_factorized(table, m.user), item_id=_factorized(table, m.item), ts_ms=ts,
         categorical={name: _factorized(table, name) for name in m.categorical},
-        numeric={name: _cells_as(_factorized(table, name), lambda cell: 0.0 if cell == "" else float(_number(cell)),
-                                 np.float64) for name in m.numeric},
+        numeric={name: _cells_as(_factorized(table, name), number, np.float64) for name in m.numeric},
         labels=labels)
