@@ -131,7 +131,10 @@ class Learner:
         self.wide_optimizer = (wide_optimizer(self.model.wide.parameters(), config.wide, config.wide_lr,
                                               config.wide_decay) if self.model.wide is not None else None)
         self.steps = 0
-        self.samples = 0  # training samples seen (the KD warm-up's clock)
+        self.samples = 0  # training samples seen
+        # The same count on the device: the KD warm-up's clock, advanced by the step's own operations (a replayed
+        # step, models.graphs, reads it where it is); float64 holds every count a stream reaches exactly.
+        self._seen = torch.zeros((), dtype=torch.float64, device=self.device)
         self.trust_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
                                      config.kd_gate_every, device=self.device) if config.gated else None)
         # Several ranks, one model (models.distributed): set by the trainer's ranks, None for one process.
@@ -147,7 +150,8 @@ class Learner:
         cfg = self.config
         scale = None
         if cfg.kd_warmup_samples > 0 and cfg.distills:
-            scale = torch.full((len(cfg.tasks),), min(1.0, self.samples / cfg.kd_warmup_samples), device=self.device)
+            ramp = (self._seen / cfg.kd_warmup_samples).clamp(max=1.0).float()  # min(1, samples / warm-up)
+            scale = ramp.expand(len(cfg.tasks)).clone()
         if self.trust_gate is not None:
             scale = self.trust_gate.open.clone() if scale is None else scale * self.trust_gate.open
         return scale
@@ -197,8 +201,8 @@ class Learner:
         rows = len(batch) if self.collective is None else self.collective.after_backward(self.model, len(batch))
         self._update(batch.numeric)
         self._update_counts(batch.categorical, batch.labels)  # after the forward: no row sees its own label
-        self.steps += 1
-        self.samples += rows  # with synchronous ranks: the rows of every rank's batch
+        self._seen += rows
+        self._count(rows)
 
         tasks = self.config.tasks
         names = ["total"] + [f"{term}/{task}" for term in terms for task in tasks]
@@ -210,6 +214,12 @@ class Learner:
             parts += [kd_scale.float(), gate.teacher_auc.float(), gate.student_auc.float()]
         return names, torch.cat(parts), probabilities
 
+    def _count(self, rows: int) -> None:
+        """The host's counters after a step of ``rows`` rows (with synchronous ranks: the rows of every rank's
+        batch); a replayed step (models.graphs) runs its device work without Python, then this."""
+        self.steps += 1
+        self.samples += rows
+
     def step_empty(self) -> None:
         """A synchronous data-parallel step with no rows on this rank (``models.distributed``, mode ``sync``):
         zero weight here, the other ranks' mean gradients applied, so the replicas stay identical."""
@@ -220,8 +230,8 @@ class Learner:
         self._update(torch.zeros(0, self.model.normalizer.mean.shape[0]))
         self._update_counts(torch.zeros(0, len(self.config.features.categorical), dtype=torch.long, device=self.device),
                             torch.zeros(0, len(self.config.tasks), device=self.device))
-        self.steps += 1
-        self.samples += rows
+        self._seen += rows
+        self._count(rows)
 
     def _zero_grad(self) -> None:
         for optimizer in self._optimizers():
@@ -310,6 +320,7 @@ class Learner:
         except RuntimeError:  # saved on another kind of device (a CPU generator's state into a GPU one)
             self.pair_generator.manual_seed(self.config.seed + 1 + self.steps)
         self.samples = int(state.get("samples", 0))
+        self._seen.fill_(self.samples)
         if self.trust_gate is not None and "trust_gate" in state:
             self.trust_gate.load_state_dict(state["trust_gate"])
 

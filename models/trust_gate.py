@@ -44,9 +44,15 @@ def column_aucs(labels: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return _column_aucs_torch(labels, columns)
 
 
-def _column_aucs_torch(labels: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``column_aucs`` of ``columns`` [C, n] with torch ops (any device): average ranks from one sort."""
+def _column_aucs_torch(labels: torch.Tensor, columns: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``column_aucs`` of ``columns`` [C, n] with torch ops (any device): average ranks from one sort. ``valid`` [n]
+    (bool) leaves the other rows out without changing any shape: they sort after every valid row (score +inf, no
+    label), so the valid rows' ranks, tied runs and counts are those of the valid rows alone."""
     n = columns.shape[1]
+    positive_rows = labels.t() > 0
+    if valid is not None:
+        columns = torch.where(valid, columns, torch.inf)
+        positive_rows = positive_rows & valid
     ordered, order = torch.sort(columns, dim=1)
     index = torch.arange(n, device=columns.device).expand_as(order)
     starts = torch.ones_like(ordered, dtype=torch.bool)
@@ -56,9 +62,9 @@ def _column_aucs_torch(labels: torch.Tensor, columns: torch.Tensor) -> torch.Ten
     # Each row's tied run is [first, last]; its average 1-based rank is (first + last) / 2 + 1.
     first = torch.cummax(torch.where(starts, index, 0), dim=1).values
     last = torch.cummin(torch.where(ends, index, n).flip(1), dim=1).values.flip(1)
-    positive = labels.t().gather(1, order).double()
+    positive = positive_rows.gather(1, order).double()
     positives = positive.sum(dim=1)
-    negatives = n - positives
+    negatives = (n if valid is None else valid.sum().double()) - positives
     u = ((first + last).double() * positive).sum(dim=1) / 2.0 + positives - positives * (positives + 1) / 2.0
     return torch.where((positives > 0) & (negatives > 0), u / (positives * negatives).clamp(min=1.0),
                        torch.full_like(u, math.nan))
@@ -131,6 +137,14 @@ class TrustGate:
         # decision sorts them without first making them for the whole window. Derived: not checkpointed; None until
         # made from the buffers (at a decision after a load).
         self._keys: np.ndarray | None = None
+        # On a device: the three counters above as tensors there, advanced by the step's own operations. Every update
+        # then issues the same operations with the same arguments (a step a CUDA graph can capture and replay): the
+        # rows are written at the cursor's rows, the AUCs are taken over the whole window with its unfilled rows
+        # left out, and a decision applies where it is due (models.graphs). Derived from the ints (load_state_dict).
+        self._cursor = torch.zeros((), dtype=torch.long, device=device)
+        self._filled = torch.zeros((), dtype=torch.long, device=device)
+        self._since = torch.zeros((), dtype=torch.long, device=device)
+        self._rows = torch.arange(self.window, device=device)
 
     def update(self, labels: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
         """Add a batch of labels [B, K] with the student's and the teacher's scores [B, K] (any monotone scale)."""
@@ -138,39 +152,87 @@ class TrustGate:
         if rows >= self.window:  # only the newest window of a huge batch matters
             labels, student, teacher = labels[-self.window:], student[-self.window:], teacher[-self.window:]
             rows = self.window
-        first = min(rows, self.window - self.position)  # rows up to the end of the ring, then the rest from 0
+        values = [v.detach().float().to(self.labels.device) for v in (labels, student, teacher)]
+        if on_host(self.labels.device):
+            self._write_slices(rows, *values)
+            due = self.advance(rows)
+            if due:
+                self.decide()
+        else:
+            self._write_at_cursor(rows, *values)
+            self._decide_on_device(rows)
+            self.advance(rows)
+
+    def advance(self, rows: int) -> bool:
+        """The host's counters after an update of ``rows`` (<= window) rows; whether it decided. A replayed step
+        (models.graphs) runs its device work without Python, then this."""
+        self.position = int((self.position + rows) % self.window)
+        self.filled = min(self.window, self.filled + rows)
+        self.since_decision += rows
+        due = self.since_decision >= self.every
+        if due:
+            self.since_decision = 0
+        return due
+
+    def _write_slices(self, rows: int, labels: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """A CPU's write: rows up to the end of the ring, then the rest from 0, and their sort keys."""
+        first = min(rows, self.window - self.position)
         for buffer, values in ((self.labels, labels), (self.student, student), (self.teacher, teacher)):
-            values = values.detach().float().to(buffer.device)
             buffer[self.position:self.position + first] = values[:first]
             buffer[:rows - first] = values[first:]
         if self._keys is not None:  # the keys of the rows just written, from the buffers (as stored: float32)
             for lo, hi in ((self.position, self.position + first), (0, rows - first)):
                 self._keys[:, lo:hi] = self._window_keys(self.labels[lo:hi], self.teacher[lo:hi], self.student[lo:hi])
-        self.position = int((self.position + rows) % self.window)
-        self.filled = min(self.window, self.filled + rows)
-        self.since_decision += rows
-        if self.since_decision >= self.every:
-            self.decide()
+
+    def _write_at_cursor(self, rows: int, labels: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """A device's write: the same rows as ``_write_slices``, found from the cursor tensor."""
+        index = (self._rows[:rows] + self._cursor) % self.window
+        for buffer, values in ((self.labels, labels), (self.student, student), (self.teacher, teacher)):
+            buffer.index_copy_(0, index, values)
+        self._cursor.copy_((self._cursor + rows) % self.window)
+        self._filled.copy_((self._filled + rows).clamp(max=self.window))
+
+    def _decide_on_device(self, rows: int) -> None:
+        """Every update on a device: the AUCs over the window, kept (and the gate set) where a decision is due."""
+        self._since += rows
+        due = self._since >= self.every
+        self._since.masked_fill_(due, 0)
+        self._set(*self._window_aucs_on_device(), due)
 
     def decide(self) -> None:
         """Recompute both AUCs over the window and open the gate of each task whose teacher leads by the margin."""
         self.since_decision = 0
         tasks = self.labels.shape[1]
-        labels = self.labels[: self.filled]
-        if on_host(self.labels.device):
-            if self._keys is None:
-                self._keys = np.zeros((2 * tasks, self.window), dtype=np.int64)
-                self._keys[:, : self.filled] = self._window_keys(labels, self.teacher[: self.filled],
-                                                                 self.student[: self.filled])
-            aucs = _aucs_of_sorted_keys(np.sort(self._keys[:, : self.filled], axis=1))
-        else:
-            aucs = column_aucs(torch.cat([labels, labels], dim=1),
-                               torch.cat([self.teacher[: self.filled], self.student[: self.filled]], dim=1))
-        teacher_auc, student_auc = aucs[:tasks], aucs[tasks:]
+        if not on_host(self.labels.device):
+            self._since.zero_()
+            self._set(*self._window_aucs_on_device())
+            return
+        if self._keys is None:
+            self._keys = np.zeros((2 * tasks, self.window), dtype=np.int64)
+            self._keys[:, : self.filled] = self._window_keys(self.labels[: self.filled], self.teacher[: self.filled],
+                                                             self.student[: self.filled])
+        aucs = _aucs_of_sorted_keys(np.sort(self._keys[:, : self.filled], axis=1))
+        self._set(aucs[:tasks], aucs[tasks:])
+
+    def _window_aucs_on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teachers' and students' AUCs over the whole window, its unfilled rows left out (fixed shapes)."""
+        tasks = self.labels.shape[1]
+        columns = torch.cat([self.teacher, self.student], dim=1).t()
+        aucs = _column_aucs_torch(torch.cat([self.labels, self.labels], dim=1), columns,
+                                  valid=self._rows < self._filled)
+        return aucs[:tasks], aucs[tasks:]
+
+    def _set(self, teacher_auc: torch.Tensor, student_auc: torch.Tensor, due: torch.Tensor | None = None) -> None:
+        """Keep a decision's AUCs (float64) and open the gate of each task whose teacher leads (where ``due``)."""
+        # compared in float64; nan > x is False: a window without both classes keeps the gate closed
+        opened = (teacher_auc > student_auc + self.margin).float()
+        if due is not None:
+            teacher_auc = torch.where(due, teacher_auc, self.teacher_auc.double())
+            student_auc = torch.where(due, student_auc, self.student_auc.double())
+            opened = torch.where(due, opened, self.open)
         self.teacher_auc.copy_(teacher_auc)
         self.student_auc.copy_(student_auc)
-        # compared in float64; nan > x is False: a window without both classes keeps the gate closed
-        self.open.copy_((teacher_auc > student_auc + self.margin).float())
+        self.open.copy_(opened)
 
     @staticmethod
     def _window_keys(labels: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor) -> np.ndarray:
@@ -201,3 +263,6 @@ class TrustGate:
         self.filled, self.position = int(state["filled"]), int(state["position"])
         self.since_decision = int(state["since_decision"])
         self._keys = None  # made again from the loaded buffers at the next decision
+        for counter, value in ((self._cursor, self.position), (self._filled, self.filled),
+                               (self._since, self.since_decision)):
+            counter.fill_(value)

@@ -250,3 +250,49 @@ def test_the_keys_kept_per_ring_row_give_the_aucs_of_the_whole_window_to_the_las
             twin = TrustGate(tasks=2, window=300, every=50)
             twin.load_state_dict(gate.state_dict())
     assert gate._keys is not None and torch.equal(gate.teacher_auc, twin.teacher_auc)
+
+
+def test_a_devices_gate_keeps_the_window_and_decides_as_a_cpus_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import host
+
+    # A device's gate writes at its cursor tensor, takes the AUCs of the whole window with the unfilled rows left
+    # out and applies a decision where it is due: the same buffers, counters and decisions as a CPU's slices, sorts
+    # and host counters, update for update (batches smaller than `every`, wrapping the ring, larger than the window,
+    # a window still filling, a gate loaded mid-way).
+    generator = torch.Generator().manual_seed(3)
+    cpu, device, twin = TrustGate(2, window=300, every=50), TrustGate(2, window=300, every=50), None
+    for step, rows in enumerate([20, 20, 40, 70, 130, 5, 90, 350, 60, 299, 5, 120, 80, 200, 20, 20]):
+        labels = (torch.rand(rows, 2, generator=generator) < 0.4).float()
+        student = torch.randn(rows, 2, generator=generator).round(decimals=1)  # ties
+        teacher = torch.randn(rows, 2, generator=generator)
+        cpu.update(labels, student, teacher)
+        monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
+        for gate in (device, twin) if twin is not None else (device,):
+            gate.update(labels, student, teacher)
+        monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", False)
+        for gate in (device, twin) if twin is not None else (device,):
+            assert (gate.position, gate.filled, gate.since_decision) == (cpu.position, cpu.filled, cpu.since_decision)
+            assert [int(gate._cursor), int(gate._filled), int(gate._since)] == [cpu.position, cpu.filled,
+                                                                                 cpu.since_decision]
+            for name in ("labels", "student", "teacher", "open"):
+                assert torch.equal(getattr(gate, name), getattr(cpu, name)), (step, name)
+            for name in ("teacher_auc", "student_auc"):
+                got, expected = getattr(gate, name), getattr(cpu, name)
+                assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(),
+                                                                                   expected.nan_to_num()), (step, name)
+        if step == 5:
+            twin = TrustGate(2, window=300, every=50)
+            twin.load_state_dict(cpu.state_dict())
+    assert cpu.decided(0) and 0.0 < float(cpu.teacher_auc[0]) < 1.0
+
+
+def test_the_window_aucs_of_a_device_leave_the_rows_not_yet_filled_out() -> None:
+    from models.trust_gate import _column_aucs_torch
+
+    generator = torch.Generator().manual_seed(4)
+    labels = (torch.rand(500, 3, generator=generator) < 0.5).float()
+    scores = torch.randn(500, 3, generator=generator).round(decimals=1)
+    valid = torch.arange(500) < 321
+    got = _column_aucs_torch(labels, scores.t().contiguous(), valid)
+    assert torch.equal(got, _column_aucs_torch(labels[:321], scores[:321].t().contiguous()))
+    assert torch.equal(got, column_aucs(labels[:321], scores[:321]))

@@ -1,0 +1,104 @@
+"""A device's training step is replayable: every step of one batch size issues the same operations, with the same
+arguments, on the same state tensors — what a CUDA graph captures once and replays (models/graphs.py).
+
+Checked on a CPU, on a device's paths (``models.host.DEVICE_PATHS_ON_CPU``): a dispatch mode records each operation
+of ``Learner._train`` with its non-tensor arguments and, for each tensor, its shape, its dtype and which of the
+learner's state tensors (a parameter, a buffer, an optimizer's state, the trust gate's ring and counters, the
+warm-up's count) it lives in, or none. Two consecutive steps must record the same list. A number of the host's
+that changes from step to step (a ring position as a slice bound, a step size computed in Python, a window's
+filled length as a shape) shows up as a difference; so does a state tensor replaced by a new one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from models import host
+from models.learner import Learner
+from tests.unit.models.test_learner import make_batch, small_config
+
+pytestmark = pytest.mark.unit
+
+
+def state_tensors(learner: Learner) -> dict[int, str]:
+    """Storage address -> name of every tensor a step may read or write in place, between steps."""
+    named: dict[str, torch.Tensor] = {f"model.{n}": t for n, t in learner.model.state_dict(keep_vars=True).items()}
+    for i, optimizer in enumerate(learner._optimizers()):
+        for j, state in enumerate(optimizer.state.values()):
+            named.update({f"optimizer{i}.{j}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    if learner.trust_gate is not None:
+        named.update({f"gate.{k}": v for k, v in vars(learner.trust_gate).items() if isinstance(v, torch.Tensor)})
+    named["learner._seen"] = learner._seen
+    return {t.untyped_storage().data_ptr(): name for name, t in named.items()}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, state: dict[int, str]) -> None:
+        super().__init__()
+        self.state, self.calls = state, []
+
+    def describe(self, value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            where = "sparse" if value.is_sparse else self.state.get(value.untyped_storage().data_ptr(), "-")
+            return tuple(value.shape), value.dtype, where
+        if isinstance(value, torch.Generator):
+            return "generator"
+        return repr(value)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func.namespace != "profiler":  # torch's record_function markers: a new handle each call
+            self.calls.append((str(func), tuple(self.describe(a) for a in tree_flatten((args, kwargs))[0])))
+        return func(*args, **kwargs)
+
+
+def recorded_steps(learner: Learner, batches: int, start: int = 1) -> list[list]:
+    """The operations of ``batches`` consecutive steps of 48 rows, after one step that makes the optimizers' state."""
+    learner.step(make_batch(0))
+    state = state_tensors(learner)
+    steps = []
+    for i in range(start, start + batches):
+        recorder = _Recorder(state)
+        with recorder:
+            learner._train(make_batch(48 * i))
+        steps.append(recorder.calls)
+    return steps
+
+
+def first_difference(a: list, b: list) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"operation {i}: {x} then {y}"
+    return f"{len(a)} then {len(b)} operations"
+
+
+@pytest.mark.parametrize("options", [
+    dict(rung="crossdistil"),  # the trust gate (window 200, a decision due every 48 rows: every step)
+    dict(rung="crossdistil", kd_gate_every=100, kd_gate_window=500, kd_warmup_samples=700, count_half_life=300),
+    dict(rung="crossdistil", kd_gate="none", backbone="mmoe", quadruplet_same_user=True),
+    dict(rung="mtl"),
+    dict(rung="direct_kd", backbone="ple"),
+], ids=["trust", "gate-not-due-warm-up-forgetting", "paper-mmoe-same-user", "mtl", "direct_kd-ple"])
+def test_each_step_of_a_devices_paths_issues_the_same_operations(options: dict,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight steps: the gate's window fills (500 rows) and wraps, decisions come due and not, the warm-up ramps."""
+    monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
+    config = {"kd_gate_every": 48, "kd_gate_window": 200, **options}
+    steps = recorded_steps(Learner(small_config(**config)), batches=14)
+    assert len(steps[0]) > 100
+    for i in range(1, len(steps)):
+        assert steps[i] == steps[0], f"step {i + 1} differs from step 1: {first_difference(steps[0], steps[i])}"
+
+
+def test_a_step_that_is_not_replayable_is_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check is not vacuous: the Adam table's step size is a number of the host's that changes every step
+    (models.graphs refuses it), and a CPU's own gate writes its ring at slices that move."""
+    monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
+    steps = recorded_steps(Learner(small_config(rung="mtl", embedding_optimizer="adam")), batches=2)
+    assert steps[0] != steps[1] and "aten.mul" in first_difference(*steps)
+    monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", False)
+    steps = recorded_steps(Learner(small_config(rung="crossdistil", kd_gate_every=1000)), batches=2)
+    assert steps[0] != steps[1] and "slice" in first_difference(*steps)
