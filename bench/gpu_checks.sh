@@ -15,8 +15,9 @@
 #    (model.separate_process), one after the other, over the first SEPARATE_LIMIT records (default 40000).
 # 5. with KUAIRAND_PURE_CSV set (../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv, carried), issue
 #    17's evaluate: `crossdistil evaluate` of the default crossdistil over all of KuaiRand-Pure (228k events, one
-#    backbone, one seed, prequential) on cuda at batch 4,096 and 256, then on cpu at 4,096 (one torch thread), one
-#    after the other: seconds (of the steps), wall seconds (of the command) and tail AUC of each.
+#    backbone, one seed, prequential) on cuda at batch 4,096 and 256, each plain and with --cuda-graphs (the step
+#    replayed as one CUDA graph, models/graphs.py), then on cpu at 4,096 (one torch thread), one after the other:
+#    seconds (of the steps), wall seconds (of the command) and tail AUC of each.
 # GPU_CHECKS=tests,train_step,backtest,separate,evaluate (the default: all) picks sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,11 +59,13 @@ if wanted separate; then
 fi
 evaluate_runs=()
 if wanted evaluate && [[ -n ${KUAIRAND_PURE_CSV:-} ]]; then
-  for run in cuda:4096 cuda:256 cpu:4096; do
-    device=${run%%:*} size=${run##*:}
+  for run in cuda:4096 cudagraphs:4096 cuda:256 cudagraphs:256 cpu:4096; do
+    device=${run%%:*} size=${run##*:} graphs=()
+    [[ $device == cudagraphs ]] && graphs=(--cuda-graphs)
     started=$(date +%s%N)
     "$py" -m consumers.cli evaluate --dataset csv --source "$KUAIRAND_PURE_CSV" --mapping mappings/kuairand_pure.toml \
-      --configs crossdistil --seeds 1 --mode prequential --batch-size "$size" --threads 1 --device "$device" \
+      --configs crossdistil --seeds 1 --mode prequential --batch-size "$size" --threads 1 \
+      --device "${device/cudagraphs/cuda}" "${graphs[@]}" \
       --out "$out/evaluate_${device}_$size" >"$out/evaluate_${device}_$size.log" 2>&1
     rc=$?
     evaluate_runs+=("$device:$size:$rc:$(( ($(date +%s%N) - started) / 1000000 ))")  # wall ms

@@ -8,6 +8,7 @@ if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   exit 2
 fi
 sizes=${BATCH_SIZES:-256,4096,32768}  # the issue-17 targets: >= 2M samples/s at 4,096 and >= 5M at 32,768
-fp32=$(python3 bench/train_step.py --device cuda --threads 0 --batch-sizes "$sizes" "$@")
-bf16=$(python3 bench/train_step.py --device cuda --threads 0 --batch-sizes "$sizes" --bf16 "$@")
+# --cuda-graphs: plain steps against CUDA-graph replays of the step (models/graphs.py), side by side
+fp32=$(python3 bench/train_step.py --device cuda --threads 0 --batch-sizes "$sizes" --cuda-graphs "$@")
+bf16=$(python3 bench/train_step.py --device cuda --threads 0 --batch-sizes "$sizes" --bf16 --cuda-graphs "$@")
 printf '{"fp32": %s,\n "bf16": %s}\n' "$fp32" "$bf16"

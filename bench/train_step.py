@@ -20,6 +20,9 @@ Measures (all on pre-encoded synthetic batches shaped like KuaiRand: user, item,
   (``models.rowwise``, the learner's), ``coo`` (torch's sparse Adagrad, or SparseAdam for ``embedding_optimizer=
   "adam"``, on COO gradients, the update before it) and ``dense`` (the table's optimizer on the whole table),
   interleaved, at each batch size.
+* ``cuda_graphs`` (``--cuda-graphs``, a CUDA device): samples/s of plain steps and of CUDA-graph replays
+  (``Learner.use_cuda_graphs``, models/graphs.py) of the default model at each batch size, both issued back to
+  back and read one behind, interleaved, and the median per-round speed-up.
 
 ``--against OLD_CHECKOUT`` compares two checkouts side by side instead: each round runs this script's
 ``--only-compare`` in the old checkout and in this one at the same time (two processes, one thread each), and
@@ -219,6 +222,32 @@ def against(old: Path, args: argparse.Namespace) -> dict:
     return result
 
 
+def compare_graphs(batch_sizes: list[int], rows: list[dict], buckets: int, device: torch.device, rounds: int,
+                   steps: int, bf16: bool) -> list[dict]:
+    """Plain steps against CUDA-graph replays (``Learner.use_cuda_graphs``, models/graphs.py) of the default
+    crossdistil model, both issued back to back and read one behind (evaluate's loop), the batches already on the
+    device; interleaved over ``rounds``, the speed-up the median of the per-round ratios."""
+    out = []
+    for size in batch_sizes:
+        spec = config(buckets, True, False).features
+        batches = [encode_rows(rows[i * size:(i + 1) * size], spec, TASKS).to(device) for i in range(3)]
+        learners = {"plain": Learner(config(buckets, True, bf16), device=device),
+                    "graphs": Learner(config(buckets, True, bf16), device=device)}
+        learners["graphs"].use_cuda_graphs()
+        for learner in learners.values():
+            time_pipelined(learner, batches, 6)  # the warm-up steps and the capture
+        times: dict[str, list[float]] = {name: [] for name in learners}
+        for _ in range(rounds):
+            for name, learner in learners.items():
+                times[name].append(time_pipelined(learner, batches, 4 * steps))
+        out.append({"batch": size,
+                    "samples_per_s": {name: size / statistics.median(t) for name, t in times.items()},
+                    "speedup": statistics.median(a / b for a, b in zip(times["plain"], times["graphs"])),
+                    "replays": learners["graphs"].graphs.replays})
+        del learners
+    return out
+
+
 def make_sync(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.synchronize
@@ -318,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
                         help="configurations (RUNG or RUNG@PRESET) whose step cost is compared, the first as base")
     parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also plain steps against CUDA-graph replays of the default model (a CUDA device)")
     parser.add_argument("--against", type=Path, default=None, metavar="OLD_CHECKOUT",
                         help="compare --compare's step times with another checkout's, side by side (see above)")
     # One thread by default on CPU: on a shared 2-core machine two OpenMP threads per process oversubscribe
@@ -334,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device (--device cuda), not {device}")
     started = time.perf_counter()
     if args.against is not None:
         result = against(args.against.resolve(), args)
@@ -361,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result["configs"] = compare_configs(args.compare.split(","), batch_sizes, rows, 2**args.default_log2, device,
                                         args.rounds, args.steps, args.bf16)
+    if args.cuda_graphs:
+        result["cuda_graphs"] = compare_graphs(batch_sizes, rows, 2**args.default_log2, device, args.rounds,
+                                               args.steps, args.bf16)
     if args.only_compare:
         result["wall_s"] = time.perf_counter() - started
         print(json.dumps(result, indent=2))

@@ -26,6 +26,7 @@ import torch
 from models.config import LEGACY_VALUES, ModelConfig
 from models.crossdistil import CrossDistilModel, crossdistil_loss
 from models.features import Batch, encode_for_scoring
+from models.graphs import StepGraphs
 from models.onnx_export import TENSOR_NAME as ONNX_TENSOR
 from models.onnx_export import describe as describe_graph
 from models.onnx_export import export_students
@@ -139,11 +140,23 @@ class Learner:
                                      config.kd_gate_every, device=self.device) if config.gated else None)
         # Several ranks, one model (models.distributed): set by the trainer's ranks, None for one process.
         self.collective: Any = None
+        self.graphs: StepGraphs | None = None  # use_cuda_graphs()
+
+    def use_cuda_graphs(self, warmup: int = 3) -> None:
+        """Replay the step of each full-size batch as one CUDA graph from now on (models/graphs.py): a few plain
+        steps, one capture, then one launch a step. Batches of another size run as plain steps. A ``ValueError``
+        says why where this learner's step cannot be replayed (not on a CUDA device, synchronous ranks, the Adam
+        table, a forgetting or FTRL wide part)."""
+        self.graphs = StepGraphs(self, warmup)
 
     def _adam_kernels(self) -> dict[str, Any]:
         """The dense Adam's implementation: fused on a CPU or a CUDA device, else foreach."""
         fused = self.device.type in ("cpu", "cuda")
-        return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
+        # capturable on a GPU: its step count stays there and a CUDA graph may capture its step (models.graphs); the
+        # fused kernel is the same either way
+        capturable = {"capturable": self.device.type == "cuda"}
+        return {"fused": True, "foreach": None, **capturable} if fused else {"fused": None, "foreach": True,
+                                                                               **capturable}
 
     def kd_scale(self) -> torch.Tensor | None:
         """The factor on alpha_k for the next step: KD warm-up ramp times the trust gate (None = 1)."""
@@ -160,7 +173,8 @@ class Learner:
         if self.config.bf16 and self.device.type in ("cuda", "cpu"):
             # On a CPU this pays at large batches where the matrix units take bf16 (avx512_bf16 / AMX): 1.42x a step
             # of the default model at batch 4,096 on this project's machine, 0.82x at 256 (docs/performance.md).
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            # a captured step (models.graphs) must cast the weights at every replay: no cache of casts across steps
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=self.graphs is None)
         return contextlib.nullcontext()
 
     def step(self, batch: Batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -179,7 +193,8 @@ class Learner:
         ``.result()`` of the returned :class:`PendingStep` gives ``step``'s (losses, predictions). On a GPU, reading
         step t's result after issuing step t + 1 keeps the device busy while the host reads (no synchronisation
         per step); on a CPU the step is done when this returns."""
-        names, reported, probabilities = self._train(batch)
+        train = self._train if self.graphs is None else self.graphs.train
+        names, reported, probabilities = train(batch)
         return PendingStep(names, self.config.tasks, self.trust_gate is not None, reported, probabilities)
 
     def _train(self, batch: Batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -305,6 +320,8 @@ class Learner:
                 f"checkpoint was written with a different model config (keys {differing}); "
                 "build the learner with Learner.from_state_dict(state) to use the saved config"
             )
+        if self.graphs is not None:  # the optimizers' loaded state is in new tensors: capture again
+            self.graphs.reset()
         self.model.load_state_dict(state["model"])
         dense = self._upgraded_dense_state(state["dense_optimizer"])
         # the implementation is this learner's, whatever wrote the checkpoint (it is no part of the state: a

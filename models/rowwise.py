@@ -214,6 +214,20 @@ class RowAdagrad(torch.optim.Adagrad):
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-10) -> None:  # noqa: ANN001
         super().__init__(params, lr=lr, eps=eps, foreach=False)
+        self._steps_with_their_parameters()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._steps_with_their_parameters()
+
+    def _steps_with_their_parameters(self) -> None:
+        """Each parameter's step count on the parameter's device (torch keeps a non-fused AdaGrad's on the CPU): a
+        GPU step counts without the host, and a replayed step (models.graphs) counts too."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(param.device)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature

@@ -100,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows of the shared hashed embedding table (0 = models.features.FeatureSpec's default)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N events in time order (0 = all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each full batch's training step as one CUDA graph (models/graphs.py): a CUDA "
+                             "device; the river and VW peers train as they do")
     parser.add_argument("--combined-weights", default="", metavar="W1,W2",
                         help="weights w_k of the combined score prod_k p_k^w_k, one per task (default: 1 each)")
     parser.add_argument("--validation", action="store_true",
@@ -401,6 +404,9 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))
+    if args.cuda_graphs and not device.startswith("cuda"):
+        raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device (--device cuda, or auto on a machine with a "
+                         f"GPU); the device is {device}")
     console = Console(stderr=True)
     dataset = open_dataset(args.dataset, args.source, mapping=args.mapping, **parse_pairs(args.option, "--option"))
     task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
@@ -434,6 +440,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             for mode, backbone, rung, seed in combos:
                 progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
                 learner = seeded_learner(tasks, backbone, rung, seed, spec, model_options, device)
+                if args.cuda_graphs and hasattr(learner, "use_cuda_graphs"):  # a ValueError says why it cannot
+                    learner.use_cuda_graphs()
                 result = _run_one(args, mode, learner, data, rows, combined_weights,
                                   on_step=lambda events, base=done, bar=bar:
                                       progress.update(bar, completed=base + events))
@@ -450,7 +458,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         "command": "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
         "protocol": _protocol(args, spec, model_options, combined_weights, row_ranges),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(), "cuda_graphs": bool(args.cuda_graphs)},
         "seconds": time.perf_counter() - started,
         "runs": runs,
     }

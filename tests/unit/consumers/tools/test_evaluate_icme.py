@@ -92,3 +92,12 @@ def test_evaluate_refuses_a_task_the_data_set_does_not_have(tmp_path: Path, caps
                    "--out", str(tmp_path)])
     assert status == 2
     assert "not tasks of" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_cuda_graphs_without_a_cuda_device(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if not ICME.exists():
+        pytest.skip(f"real data not found at {ICME} (the shared data folder is absent on this machine)")
+    status = main(["evaluate", "--dataset", "icme2019", "--source", str(ICME), "--device", "cpu", "--cuda-graphs",
+                   "--out", str(tmp_path)])
+    assert status == 2
+    assert "CUDA graphs need a CUDA device" in capsys.readouterr().err
