@@ -6,7 +6,8 @@ of ``Learner._train`` with its non-tensor arguments and, for each tensor, its sh
 learner's state tensors (a parameter, a buffer, an optimizer's state, the trust gate's ring and counters, the
 warm-up's count) it lives in, or none. Two consecutive steps must record the same list. A number of the host's
 that changes from step to step (a ring position as a slice bound, a step size computed in Python, a window's
-filled length as a shape) shows up as a difference; so does a state tensor replaced by a new one.
+filled length as a shape) shows up as a difference; so does a state tensor replaced by a new one. And a step's
+Python changes nothing of the host's but what a replay advances after it (``Learner._count``, ``TrustGate.advance``).
 """
 
 from __future__ import annotations
@@ -102,3 +103,40 @@ def test_a_step_that_is_not_replayable_is_seen(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", False)
     steps = recorded_steps(Learner(small_config(rung="crossdistil", kd_gate_every=1000)), batches=2)
     assert steps[0] != steps[1] and "slice" in first_difference(*steps)
+
+
+def host_state(learner: Learner) -> dict[str, object]:
+    """Every plain (non-tensor) value of the learner, its gate, its optimizers and its modules: what a step's Python
+    may change and a replayed step's kernels cannot."""
+    plain = (int, float, bool, str, type(None))
+    out: dict[str, object] = {}
+    objects = {"learner": learner, "gate": learner.trust_gate, **dict(learner.model.named_modules())}
+    for name, obj in objects.items():
+        if obj is not None:
+            out.update({f"{name}.{k}": v for k, v in vars(obj).items() if isinstance(v, plain)})
+    for i, optimizer in enumerate(learner._optimizers()):
+        for j, group in enumerate(optimizer.param_groups):
+            out.update({f"optimizer{i}.group{j}.{k}": v for k, v in group.items() if isinstance(v, plain)})
+        for j, state in enumerate(optimizer.state.values()):
+            out.update({f"optimizer{i}.{j}.{k}": v for k, v in state.items() if isinstance(v, plain)})
+    return out
+
+
+@pytest.mark.parametrize("rung", ["crossdistil", "mtl"])
+def test_a_steps_python_changes_only_what_a_replay_advances_after_it(rung: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """models/graphs.py replays a step's kernels, then runs ``Learner._count`` and ``TrustGate.advance``: on a
+    device's paths a step's Python must change nothing else of the host's (or a replay would leave it behind)."""
+    monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
+    stepped = Learner(small_config(rung=rung, kd_gate_every=100, kd_gate_window=500, kd_warmup_samples=700))
+    advanced = Learner(small_config(rung=rung, kd_gate_every=100, kd_gate_window=500, kd_warmup_samples=700))
+    for learner in (stepped, advanced):
+        learner.step(make_batch(0))
+    for i in range(1, 6):
+        stepped._train(make_batch(48 * i))
+        advanced._count(48)
+        if advanced.trust_gate is not None:
+            advanced.trust_gate.advance(48)
+        assert host_state(stepped) == host_state(advanced), i
+    assert (stepped.steps, stepped.samples) == (6, 288)
+    assert rung == "mtl" or (stepped.trust_gate.position, stepped.trust_gate.filled) == (288, 288)
