@@ -1,7 +1,9 @@
 """CUDA graphs of the training step (models/graphs.py): refused with the reason where a step cannot replay; on a GPU,
 replayed steps are the plain steps (losses, predictions, every weight and counter), never wait for the host, and a
 loaded checkpoint captures again. That a device's step can replay at all is checked on a CPU, in every CI, by
-test_replayable.py."""
+test_replayable.py; StepGraphs' own bookkeeping (warm-up, capture, replays, short batches, a load) runs on a CPU
+here too, with a graph's semantics emulated: a capture runs the step's Python but no kernel, a replay the kernels
+but no Python."""
 
 from __future__ import annotations
 
@@ -91,10 +93,116 @@ def test_a_loaded_checkpoint_is_captured_again() -> None:
     for i in range(4):
         plain.step(make_batch(48 * i).to("cuda"))
         graphed.step(make_batch(48 * i).to("cuda"))
-    state = saved_and_loaded(plain.state_dict())
-    plain.load_state_dict(state)
-    graphed.load_state_dict(state)
+    state = plain.state_dict()  # each loads its own copy: loaded optimizer states share the dict's tensors
+    plain.load_state_dict(saved_and_loaded(state))
+    graphed.load_state_dict(saved_and_loaded(state))
     assert graphed.graphs.graph is None
     for i in range(4, 9):
         assert close(graphed.step(make_batch(48 * i).to("cuda"))[0], plain.step(make_batch(48 * i).to("cuda"))[0])
     assert graphed.graphs.replays == 4
+
+
+# -- StepGraphs' own bookkeeping on a CPU, with CUDA graphs' semantics emulated ---------------------------------
+
+def _named_state(learner: Learner) -> dict[str, torch.Tensor]:
+    named = {f"model.{n}": t for n, t in learner.model.state_dict(keep_vars=True).items()}
+    for i, optimizer in enumerate(learner._optimizers()):
+        for j, state in enumerate(optimizer.state.values()):
+            named.update({f"optimizer{i}.{j}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    if learner.trust_gate is not None:
+        named.update({f"gate.{k}": v for k, v in vars(learner.trust_gate).items() if isinstance(v, torch.Tensor)})
+    named["learner._seen"] = learner._seen
+    return named
+
+
+class _EmulatedCuda:
+    """CUDA graphs' semantics on a CPU, for StepGraphs' bookkeeping: a capture runs the step's Python (its host
+    effects stay) and undoes its effect on the learner's tensors and generator (a capture runs no kernel); a replay
+    runs the step again — the same operations, test_replayable.py — into the captured outputs, and undoes its host
+    effects (a replay runs no Python)."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+        emulated = self
+
+        class Graph:
+            def register_generator_state(self, generator: torch.Generator) -> None:
+                assert generator is learner.pair_generator
+
+            def replay(self) -> None:
+                emulated.replay()
+
+        class Capture:
+            def __init__(self, graph: Graph) -> None:
+                pass
+
+            def __enter__(self) -> None:
+                emulated.saved = ([t.clone() for t in _named_state(learner).values()],
+                                  learner.pair_generator.get_state())
+
+            def __exit__(self, *exc: object) -> None:
+                tensors, generator = emulated.saved
+                with torch.no_grad():
+                    for tensor, saved in zip(_named_state(learner).values(), tensors, strict=True):
+                        tensor.copy_(saved)
+                learner.pair_generator.set_state(generator)
+
+        class Stream:
+            def __init__(self, device: object = None) -> None:
+                pass
+
+            def wait_stream(self, other: object) -> None:
+                pass
+
+        self.CUDAGraph, self.graph, self.Stream = Graph, Capture, Stream
+
+    def replay(self) -> None:
+        from tests.unit.models.test_replayable import host_state
+
+        learner, graphs = self.learner, self.learner.graphs
+        before = host_state(learner)
+        _, reported, probabilities = learner._train(graphs.static)
+        for name, value in before.items():  # the step's Python did not run: put the host's values back
+            owner, _, attribute = name.rpartition(".")
+            target = {"learner": learner, "gate": learner.trust_gate}.get(owner)
+            if target is not None:
+                setattr(target, attribute, value)
+        graphs.outputs[1].copy_(reported)
+        graphs.outputs[2].copy_(probabilities)
+
+
+def test_the_bookkeeping_of_captures_and_replays_gives_the_plain_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a device's paths on this CPU, with a CUDA graph's semantics emulated (a capture runs no kernel, a replay
+    no Python): warm-up, capture, replays, a short batch, a load and a second capture give the plain steps' losses,
+    predictions, weights and counters to the last bit."""
+    from contextlib import nullcontext
+
+    from models import graphs, host
+
+    monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
+    monkeypatch.setattr(graphs, "not_replayable", lambda learner: None)
+    plain, graphed = Learner(small_config(**GRAPHED)), Learner(small_config(**GRAPHED))
+    emulated = _EmulatedCuda(graphed)
+    for name, value in (("CUDAGraph", emulated.CUDAGraph), ("graph", emulated.graph), ("Stream", emulated.Stream),
+                        ("stream", lambda stream: nullcontext()), ("current_stream", lambda device=None: emulated),
+                        ("synchronize", lambda device=None: None)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    emulated.wait_stream = lambda other: None
+    graphed.use_cuda_graphs(warmup=2)
+    sizes = [48] * 8 + [30] + [48] * 3
+    for i, n in enumerate(sizes):
+        batch = make_batch(48 * i, n=n)
+        (want, want_predictions), (got, predictions) = plain.step(batch), graphed.step(batch)
+        assert got == want, i
+        assert all(torch.equal(predictions[t], want_predictions[t]) for t in predictions), i
+    assert graphed.graphs.replays == 9 and (graphed.steps, graphed.samples) == (plain.steps, plain.samples)
+    state = plain.state_dict()  # each loads its own copy: loaded optimizer states share the dict's tensors
+    plain.load_state_dict(saved_and_loaded(state))
+    graphed.load_state_dict(saved_and_loaded(state))
+    for i in range(12, 17):
+        assert graphed.step(make_batch(48 * i))[0] == plain.step(make_batch(48 * i))[0], i
+    assert graphed.graphs.replays == 3  # two plain steps, a capture and its replay, two replays
+    want, got = _named_state(plain), _named_state(graphed)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    gate, twin = graphed.trust_gate, plain.trust_gate
+    assert (gate.position, gate.filled, gate.since_decision) == (twin.position, twin.filled, twin.since_decision)
