@@ -13,6 +13,7 @@ import torch
 from models.graphs import not_replayable
 from models.learner import Learner
 from tests.unit.models.test_learner import make_batch, saved_and_loaded, small_config
+from tests.unit.models.test_replayable import host_state, named_state
 
 pytestmark = pytest.mark.unit
 
@@ -104,17 +105,6 @@ def test_a_loaded_checkpoint_is_captured_again() -> None:
 
 # -- StepGraphs' own bookkeeping on a CPU, with CUDA graphs' semantics emulated ---------------------------------
 
-def _named_state(learner: Learner) -> dict[str, torch.Tensor]:
-    named = {f"model.{n}": t for n, t in learner.model.state_dict(keep_vars=True).items()}
-    for i, optimizer in enumerate(learner._optimizers()):
-        for j, state in enumerate(optimizer.state.values()):
-            named.update({f"optimizer{i}.{j}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
-    if learner.trust_gate is not None:
-        named.update({f"gate.{k}": v for k, v in vars(learner.trust_gate).items() if isinstance(v, torch.Tensor)})
-    named["learner._seen"] = learner._seen
-    return named
-
-
 class _EmulatedCuda:
     """CUDA graphs' semantics on a CPU, for StepGraphs' bookkeeping: a capture runs the step's Python (its host
     effects stay) and undoes its effect on the learner's tensors and generator (a capture runs no kernel); a replay
@@ -137,13 +127,13 @@ class _EmulatedCuda:
                 pass
 
             def __enter__(self) -> None:
-                emulated.saved = ([t.clone() for t in _named_state(learner).values()],
+                emulated.saved = ([t.clone() for t in named_state(learner).values()],
                                   learner.pair_generator.get_state())
 
             def __exit__(self, *exc: object) -> None:
                 tensors, generator = emulated.saved
                 with torch.no_grad():
-                    for tensor, saved in zip(_named_state(learner).values(), tensors, strict=True):
+                    for tensor, saved in zip(named_state(learner).values(), tensors, strict=True):
                         tensor.copy_(saved)
                 learner.pair_generator.set_state(generator)
 
@@ -157,8 +147,6 @@ class _EmulatedCuda:
         self.CUDAGraph, self.graph, self.Stream = Graph, Capture, Stream
 
     def replay(self) -> None:
-        from tests.unit.models.test_replayable import host_state
-
         learner, graphs = self.learner, self.learner.graphs
         before = host_state(learner)
         _, reported, probabilities = learner._train(graphs.static)
@@ -202,7 +190,7 @@ def test_the_bookkeeping_of_captures_and_replays_gives_the_plain_steps(monkeypat
     for i in range(12, 17):
         assert graphed.step(make_batch(48 * i))[0] == plain.step(make_batch(48 * i))[0], i
     assert graphed.graphs.replays == 3  # two plain steps, a capture and its replay, two replays
-    want, got = _named_state(plain), _named_state(graphed)
+    want, got = named_state(plain), named_state(graphed)
     assert all(torch.equal(got[name], want[name]) for name in want)
     gate, twin = graphed.trust_gate, plain.trust_gate
     assert (gate.position, gate.filled, gate.since_decision) == (twin.position, twin.filled, twin.since_decision)

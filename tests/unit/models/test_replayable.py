@@ -24,8 +24,9 @@ from tests.unit.models.test_learner import make_batch, small_config
 pytestmark = pytest.mark.unit
 
 
-def state_tensors(learner: Learner) -> dict[int, str]:
-    """Storage address -> name of every tensor a step may read or write in place, between steps."""
+def named_state(learner: Learner) -> dict[str, torch.Tensor]:
+    """Every tensor a step may read or write in place, between steps, by name: the model's parameters and buffers,
+    the optimizers' state, the trust gate's ring and counters, the warm-up's count."""
     named: dict[str, torch.Tensor] = {f"model.{n}": t for n, t in learner.model.state_dict(keep_vars=True).items()}
     for i, optimizer in enumerate(learner._optimizers()):
         for j, state in enumerate(optimizer.state.values()):
@@ -33,7 +34,12 @@ def state_tensors(learner: Learner) -> dict[int, str]:
     if learner.trust_gate is not None:
         named.update({f"gate.{k}": v for k, v in vars(learner.trust_gate).items() if isinstance(v, torch.Tensor)})
     named["learner._seen"] = learner._seen
-    return {t.untyped_storage().data_ptr(): name for name, t in named.items()}
+    return named
+
+
+def state_tensors(learner: Learner) -> dict[int, str]:
+    """Storage address -> name of each of ``named_state``'s tensors."""
+    return {t.untyped_storage().data_ptr(): name for name, t in named_state(learner).items()}
 
 
 class _Recorder(TorchDispatchMode):
