@@ -226,7 +226,8 @@ def compare_graphs(batch_sizes: list[int], rows: list[dict], buckets: int, devic
                    steps: int, bf16: bool) -> list[dict]:
     """Plain steps against CUDA-graph replays (``Learner.use_cuda_graphs``, models/graphs.py) of the default
     crossdistil model, both issued back to back and read one behind (evaluate's loop), the batches already on the
-    device; interleaved over ``rounds``, the speed-up the median of the per-round ratios."""
+    device; interleaved over ``rounds``, the speed-up the median of the per-round ratios. A capture that fails is
+    reported as its error (the rest of the benchmark's numbers still come out)."""
     out = []
     for size in batch_sizes:
         spec = config(buckets, True, False).features
@@ -234,8 +235,13 @@ def compare_graphs(batch_sizes: list[int], rows: list[dict], buckets: int, devic
         learners = {"plain": Learner(config(buckets, True, bf16), device=device),
                     "graphs": Learner(config(buckets, True, bf16), device=device)}
         learners["graphs"].use_cuda_graphs()
-        for learner in learners.values():
-            time_pipelined(learner, batches, 6)  # the warm-up steps and the capture
+        try:
+            for learner in learners.values():
+                time_pipelined(learner, batches, 6)  # the warm-up steps and the capture
+        except RuntimeError as error:  # e.g. an operation CUDA cannot capture: say which, measure the rest
+            out.append({"batch": size, "error": f"{type(error).__name__}: {error}"})
+            del learners
+            continue
         times: dict[str, list[float]] = {name: [] for name in learners}
         for _ in range(rounds):
             for name, learner in learners.items():
