@@ -152,11 +152,10 @@ class Learner:
     def _adam_kernels(self) -> dict[str, Any]:
         """The dense Adam's implementation: fused on a CPU or a CUDA device, else foreach."""
         fused = self.device.type in ("cpu", "cuda")
+        kernels = {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
         # capturable on a GPU: its step count stays there and a CUDA graph may capture its step (models.graphs); the
         # fused kernel is the same either way
-        capturable = {"capturable": self.device.type == "cuda"}
-        return {"fused": True, "foreach": None, **capturable} if fused else {"fused": None, "foreach": True,
-                                                                               **capturable}
+        return {**kernels, "capturable": self.device.type == "cuda"}
 
     def kd_scale(self) -> torch.Tensor | None:
         """The factor on alpha_k for the next step: KD warm-up ramp times the trust gate (None = 1)."""

@@ -127,6 +127,7 @@ def _columns(dataset: TabularDataset, table: Any) -> TabularColumns:
                 if not _is_empty(delay.values[code]):
                     float(delay.values[code])
         labels[task.name] = positive.astype(np.int64)
+
     def number(cell: str) -> float:  # an empty cell leaves the feature out: encoded as 0
         return 0.0 if _is_empty(cell) else float(_number(cell))
 

@@ -7,9 +7,12 @@ but no Python."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
+from models import graphs, host
 from models.graphs import not_replayable
 from models.learner import Learner
 from tests.unit.models.test_learner import make_batch, saved_and_loaded, small_config
@@ -163,10 +166,6 @@ def test_the_bookkeeping_of_captures_and_replays_gives_the_plain_steps(monkeypat
     """On a device's paths on this CPU, with a CUDA graph's semantics emulated (a capture runs no kernel, a replay
     no Python): warm-up, capture, replays, a short batch, a load and a second capture give the plain steps' losses,
     predictions, weights and counters to the last bit."""
-    from contextlib import nullcontext
-
-    from models import graphs, host
-
     monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
     monkeypatch.setattr(graphs, "not_replayable", lambda learner: None)
     plain, graphed = Learner(small_config(**GRAPHED)), Learner(small_config(**GRAPHED))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from models import host
 from models.config import LEGACY_VALUES, PRESETS, ModelConfig, split_config_name
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
 from models.metrics import auc
-from models.trust_gate import TrustGate, column_aucs
+from models.trust_gate import TrustGate, _column_aucs_torch, _score_keys, column_aucs
 from tests.unit.models.test_learner import saved_and_loaded as round_trip  # torch.save, then load weights_only
 
 pytestmark = pytest.mark.unit
@@ -192,8 +194,6 @@ def test_column_aucs_equal_the_numpy_auc_with_ties_and_one_class_columns(seed: i
 
 @pytest.mark.parametrize("seed", range(5))
 def test_column_aucs_of_a_cpu_are_those_of_the_torch_formula_to_the_last_bit(seed: int) -> None:
-    from models.trust_gate import _column_aucs_torch
-
     generator = torch.Generator().manual_seed(seed)
     n = 3000
     labels = (torch.rand(n, 5, generator=generator) < 0.3).float()
@@ -209,8 +209,6 @@ def test_column_aucs_of_a_cpu_are_those_of_the_torch_formula_to_the_last_bit(see
 
 
 def test_column_aucs_keep_tied_runs_within_their_column() -> None:
-    from models.trust_gate import _column_aucs_torch
-
     # column 0 ends with a run of 1.0 and column 1 starts with one: two runs, not one across the columns
     labels = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     scores = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 2.0], [1.0, 2.0]])
@@ -221,10 +219,6 @@ def test_column_aucs_keep_tied_runs_within_their_column() -> None:
 
 
 def test_the_keys_kept_per_ring_row_give_the_aucs_of_the_whole_window_to_the_last_bit() -> None:
-    import numpy as np
-
-    from models.trust_gate import _score_keys
-
     # On a CPU the gate keeps each ring row's sort keys as it is written; every decision must equal column_aucs of
     # the window's buffers (batches that wrap the ring, one larger than the window, ties, a gate loaded mid-way).
     generator = torch.Generator().manual_seed(8)
@@ -253,8 +247,6 @@ def test_the_keys_kept_per_ring_row_give_the_aucs_of_the_whole_window_to_the_las
 
 
 def test_a_devices_gate_keeps_the_window_and_decides_as_a_cpus_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    from models import host
-
     # A device's gate writes at its cursor tensor, takes the AUCs of the whole window with the unfilled rows left
     # out and applies a decision where it is due: the same buffers, counters and decisions as a CPU's slices, sorts
     # and host counters, update for update (batches smaller than `every`, wrapping the ring, larger than the window,
@@ -287,8 +279,6 @@ def test_a_devices_gate_keeps_the_window_and_decides_as_a_cpus_does(monkeypatch:
 
 
 def test_the_window_aucs_of_a_device_leave_the_rows_not_yet_filled_out() -> None:
-    from models.trust_gate import _column_aucs_torch
-
     generator = torch.Generator().manual_seed(4)
     labels = (torch.rand(500, 3, generator=generator) < 0.5).float()
     scores = torch.randn(500, 3, generator=generator).round(decimals=1)
