@@ -47,8 +47,10 @@ def tcp_server(on_connection):
     try:
         yield f"127.0.0.1:{server.getsockname()[1]}"
     finally:
+        server.shutdown(socket.SHUT_RDWR)  # wakes the accept thread (a close alone leaves it blocked in accept)
         server.close()
         thread.join(timeout=5)
+        assert not thread.is_alive()
 
 
 @pytest.fixture
