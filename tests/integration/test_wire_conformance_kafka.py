@@ -8,6 +8,7 @@ once per module; each trainer run has its own group, checkpoint directory and se
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -355,12 +357,39 @@ def impressions_to_score(bootstrap: str, topic: str, n: int) -> list[dict]:
     return events
 
 
+BACKBONES = ["shared_bottom", "mmoe", "ple", "cross_stitch"]
+
+
+@pytest.fixture(scope="module")
+def onnx_models(kafka_broker: str, kuairand_slice: dict[str, str],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[str, Serve]]]:
+    """One trainer per backbone, publishing its graph, then a ``crossdistil serve`` of each serving topic, all four
+    at once (each is mostly start-up and waiting; one after the other they took ~20 s a backbone): backbone ->
+    (its serving topic, its serve)."""
+    directory = tmp_path_factory.mktemp("onnx")
+    with concurrent.futures.ThreadPoolExecutor(len(BACKBONES)) as pool:
+        runs = {backbone: pool.submit(train, kafka_broker, kuairand_slice, directory / backbone,
+                                      backbone=backbone, onnx=True) for backbone in BACKBONES}
+        topics = {backbone: run.result() for backbone, run in runs.items()}
+    serves: dict[str, Serve] = {}
+    try:
+        for backbone, topic in topics.items():
+            serves[backbone] = Serve(kafka_broker, topic, directory / f"serve-{backbone}.log")
+        yield {backbone: (topics[backbone], serves[backbone]) for backbone in BACKBONES}
+    finally:
+        for serve in serves.values():
+            serve.process.terminate()  # all at once, then each waited for
+        for serve in serves.values():
+            serve.stop()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe", "ple", "cross_stitch"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_onnxruntime_on_the_graph_fetched_off_the_topic_answers_as_serve_does(
-        kafka_broker: str, kuairand_slice: dict[str, str], tmp_path: Path, backbone: str) -> None:
+        kafka_broker: str, kuairand_slice: dict[str, str], onnx_models: dict[str, tuple[str, Serve]],
+        backbone: str) -> None:
     onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime runs the graph (the peers extra)")
-    topic = train(kafka_broker, kuairand_slice, tmp_path / "trainer", backbone=backbone, onnx=True)
+    topic, serve = onnx_models[backbone]
     checkpoint = reader.slow_path(kafka_broker, topic).accepted[-1]
     contract = json.loads(checkpoint.metadata["serving"]["onnx"])
     graph = checkpoint.tensors()[contract["tensor"]]
@@ -370,12 +399,8 @@ def test_onnxruntime_on_the_graph_fetched_off_the_topic_answers_as_serve_does(
     tasks = contract["outputs"][0]["tasks"]
     assert probabilities.shape == (SCORED, len(TASKS)) and tasks == list(TASKS)
 
-    serve = Serve(kafka_broker, topic, tmp_path / "serve.log")
-    try:
-        serve.wait_for(lambda: serve.version() == checkpoint.version, f"version {checkpoint.version}")
-        answer = serve.score(impressions)
-    finally:
-        serve.stop()
+    serve.wait_for(lambda: serve.version() == checkpoint.version, f"version {checkpoint.version}")
+    answer = serve.score(impressions)
     assert answer["model_version"] == checkpoint.version
     served = np.array([answer["probabilities"][task] for task in tasks], dtype=np.float64).T
     gap = float(np.abs(probabilities.astype(np.float64) - served).max())
