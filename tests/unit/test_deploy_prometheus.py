@@ -176,6 +176,7 @@ def _late_feedback_alert_fires(tmp_path: Path, series: dict[str, list[float]]) -
     return result.returncode != 0  # "no alert expected" fails exactly when the alert fires
 
 
+@pytest.mark.slow
 @needs_promtool
 def test_the_late_feedback_alert_fires_on_out_of_order_feedback_and_not_on_the_ordered_stream(
         tmp_path: Path, shared_data: Path) -> None:

@@ -121,12 +121,14 @@ def test_random_bytes_only_ever_raise_event_error(data: bytes) -> None:
     assert_decoders_are_safe(data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(mutated_messages())
 def test_mutated_valid_messages_only_ever_raise_event_error(data: bytes) -> None:
     assert_decoders_are_safe(data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(junk_values)
 def test_arbitrary_msgpack_values_only_ever_raise_event_error(value: Any) -> None:
@@ -139,12 +141,14 @@ def test_valid_events_round_trip(event: dict) -> None:
     assert decode(encode(event)) == validate(event)
 
 
+@pytest.mark.slow
 @ROUND_TRIP
 @given(st.lists(valid_events, min_size=1, max_size=20))
 def test_valid_batches_round_trip_through_decode_events(batch: list[dict]) -> None:
     assert decode_events(encode_batch(batch)) == [validate(event) for event in batch]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(structurally_mutated_messages())
 def test_structurally_mutated_events_only_ever_raise_event_error(data: bytes) -> None:

@@ -119,6 +119,7 @@ def test_a_learning_model_whose_loss_falls_is_not_a_drift() -> None:
     assert fired == []
 
 
+@pytest.mark.slow
 def test_acceptance_real_learner_on_the_synthetic_stream_with_an_abrupt_drift() -> None:
     """The issue's acceptance, without Kafka: models.learner.Learner trained prequentially on the synthetic stream
     with an abrupt drift of one task at a known event index. The detector fires for that task within a bounded

@@ -79,6 +79,7 @@ def test_a_step_read_behind_is_answered_once_done_or_once_the_next_is_issued() -
     assert [c for c, _ in port.answers(wait=True)] == ["second", "third"] and port.steps == 3 == learner.steps
 
 
+@pytest.mark.slow
 def test_a_replay_trains_bit_for_bit_the_same_with_the_learner_in_its_own_process(tmp_path: Path) -> None:
     events = synthetic_events()
     inline = replay(load_config(None, env={}, overrides=SMALL), events, tmp_path / "inline")
@@ -90,6 +91,7 @@ def test_a_replay_trains_bit_for_bit_the_same_with_the_learner_in_its_own_proces
     assert seen == inline[3]  # each batch's hooks see its own step, as with the learner in process
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_process(tmp_path: Path) -> None:
     from consumers.state.learner_state import learner_state
     from models.features import encode_rows
@@ -122,6 +124,7 @@ def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_
         assert np.array_equal(predictions[task].numpy(), scores[:, k])
 
 
+@pytest.mark.slow
 def test_a_failure_in_the_learner_process_is_raised_with_its_traceback(tmp_path: Path) -> None:
     remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1)
     try:
@@ -174,6 +177,7 @@ def test_the_configuration_crosses_to_the_child_unchanged() -> None:
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.slow
 def test_a_trainer_whose_learner_process_died_is_unhealthy_and_stops_with_status_6(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
@@ -233,6 +237,7 @@ def gate_samples(cfg, events) -> tuple[dict, int]:
         pipeline.close()
 
 
+@pytest.mark.slow
 def test_the_learner_process_reports_the_trust_gate_to_the_metrics_as_a_learner_in_process_does() -> None:
     events = synthetic_events(1500)
     inline, steps = gate_samples(load_config(None, env={}, overrides=GATED), events)
@@ -256,6 +261,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_queued_requests_never_wait_on_the_learner_process_and_train_the_same(one_torch_thread) -> None:
     from consumers.runtime.processes import can_fork
     from models.features import encode_columns
@@ -293,6 +299,7 @@ def test_queued_requests_never_wait_on_the_learner_process_and_train_the_same(on
     assert np.array_equal(scores[None, False], scores[1 << 30, True])  # a forked child builds the same learner
 
 
+@pytest.mark.slow
 def test_a_forked_learner_process_is_not_forked_with_more_than_one_torch_thread() -> None:
     """torch's intra-op threads do not survive a fork (the child's pool would wait for threads it does not have):
     with more than one, the child is a new interpreter."""
@@ -310,6 +317,7 @@ def test_a_forked_learner_process_is_not_forked_with_more_than_one_torch_thread(
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fork", [False, True], ids=["new interpreter", "forked"])
 def test_a_learner_process_that_dies_with_requests_queued_is_an_error_not_a_hang(one_torch_thread, fork) -> None:
     remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1, queue_bytes=1 << 30,

@@ -111,6 +111,7 @@ def mutated_impressions(draw: st.DrawFn) -> object:
     return event if draw(st.integers(0, 20)) else draw(json_values)
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(mutated_impressions(), min_size=1, max_size=4))
 def test_fast_path_equals_reference_path_on_generated_input(items: list) -> None:

@@ -142,6 +142,7 @@ def gate_batch(start: int, n: int = 24):
     return encode_rows(rows, learner.config.features, learner.config.tasks)
 
 
+@pytest.mark.slow
 def test_the_learners_trust_gate_survives_a_trainer_checkpoint_exactly(tmp_path):
     from consumers.state.learner_state import learner_state, load_learner_checkpoint, write_learner_checkpoint
 

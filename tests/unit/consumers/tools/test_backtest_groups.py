@@ -27,6 +27,7 @@ def alike(run_: backtest.ConfigRun) -> dict:
             "samples": pipeline.trained_samples, "ranking": run_.ranking_metrics()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batching", ["dense", "event-time"])
 def test_a_group_gives_each_configuration_its_numbers_replayed_alone(drift_log: Path, config_file: Path,
                                                                      batching: str) -> None:

@@ -133,6 +133,7 @@ def test_auto_takes_the_process_where_it_applies_and_process_says_why_not(drift_
     assert backtest.run_backtest(listed, configs, batching="dense").intake == "inline"
 
 
+@pytest.mark.slow
 def test_configurations_in_learner_processes_get_the_intake_batches(messy_log: Path, config_file: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # crossdistil in a learner process because it asks (model.separate_process), like in a group started on a

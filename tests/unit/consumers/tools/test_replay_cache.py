@@ -42,6 +42,7 @@ def entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+@pytest.mark.slow
 def test_a_replay_from_the_cache_is_the_intake_replay_bit_for_bit(messy_log: Path, config_file: Path,  # noqa: F811
                                                                    tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
