@@ -44,6 +44,9 @@ fi
 if wanted tests; then
   pytest_args=(${PYTEST_ARGS:-})
   [[ -n ${PYTEST_K:-} ]] && pytest_args+=(-k "$PYTEST_K")  # e.g. PYTEST_K="gpu or cuda": the CUDA-only tests alone
+  # one process on the one GPU; pyproject's addopts asks for pytest-xdist's workers (-n 2), which an image without
+  # pytest-xdist would refuse as an unknown option
+  if "$py" -c "import xdist" 2>/dev/null; then pytest_args+=(-n 0); else pytest_args+=(-o "addopts=-ra --strict-markers"); fi
   "$py" -m pytest -q -m unit "${pytest_args[@]}" -p no:cacheprovider tests/unit >"$out/pytest.log" 2>&1
   pytest_rc=$?
 fi
