@@ -35,7 +35,12 @@ gpu | many-cores)
   [[ -f .device/kuairand_pure.csv.gz ]] || { echo "device.sh: no .device/ here: run 'bash bench/device.sh prepare' where pip works, and carry .device" >&2; exit 2; }
   mkdir -p "$out"
   # DEVICE_SKIP_INSTALL=1 (with PYTHON=.venv/bin/python): a try of this script on a machine that has them all
-  [[ ${DEVICE_SKIP_INSTALL:-0} == 1 ]] || python3 -m pip install --no-index --no-deps -q .device/whl/*.whl || exit 3
+  # into a folder of its own, as the device library's README advises (the image's environment stays as it is)
+  if [[ ${DEVICE_SKIP_INSTALL:-0} != 1 ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .device/whl/*.whl || exit 3
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   data=${TMPDIR:-/tmp}/kuairand_pure.csv
   gunzip -c .device/kuairand_pure.csv.gz > "$data" || exit 4
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1
