@@ -13,7 +13,8 @@
 # call carries); a transient copy for the call, the data stays in ../shared.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?usage: bench/device.sh prepare | gpu OUT_DIR | many-cores OUT_DIR}
+usage="usage: bench/device.sh prepare | gpu OUT_DIR | many-cores OUT_DIR"
+mode=${1:?$usage}
 WHEELS=(kafka-python river orjson uvicorn httptools starlette)
 csv=../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv
 
@@ -31,11 +32,11 @@ prepare)
   du -sh .device
   ;;
 gpu | many-cores)
-  out=${2:?usage: bench/device.sh $mode OUT_DIR}
+  out=${2:?$usage}
   [[ -f .device/kuairand_pure.csv.gz ]] || { echo "device.sh: no .device/ here: run 'bash bench/device.sh prepare' where pip works, and carry .device" >&2; exit 2; }
   mkdir -p "$out"
-  # DEVICE_SKIP_INSTALL=1 (with PYTHON=.venv/bin/python): a try of this script on a machine that has them all
-  # into a folder of its own, as the device library's README advises (the image's environment stays as it is)
+  # the wheels into a folder of their own, as the device library's README advises (the image's environment stays as
+  # it is); DEVICE_SKIP_INSTALL=1 (with PYTHON=.venv/bin/python) tries this script where they are all installed
   if [[ ${DEVICE_SKIP_INSTALL:-0} != 1 ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .device/whl/*.whl || exit 3
@@ -55,7 +56,7 @@ gpu | many-cores)
   fi
   ;;
 *)
-  echo "usage: bench/device.sh prepare | gpu OUT_DIR | many-cores OUT_DIR" >&2
+  echo "$usage" >&2
   exit 2
   ;;
 esac
