@@ -31,10 +31,12 @@ DEFAULT_COUNT_FEATURES = ("user_id", "item_id")
 PRESETS: dict[str, dict[str, Any]] = {
     # docs/method.md as the paper has it: teachers on the ranking loss alone, pushing the shared backbone.
     "paper": {"teacher_task_weight": 0.0, "teacher_backbone_grad": 1.0, "teacher_partner_input": False,
-              "quadruplet_partner_weight": 1.0, "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "none"},
+              "teacher_residual": False, "quadruplet_partner_weight": 1.0, "calibrator_lr": 0.0,
+              "kd_warmup_samples": 0, "kd_gate": "none"},
     # [ours] teachers refine the task (BCE + L_aux) on a stopped backbone; distil only while a teacher ranks better.
     "trust": {"teacher_task_weight": 1.0, "teacher_backbone_grad": 0.0, "teacher_partner_input": False,
-              "quadruplet_partner_weight": 1.0, "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "trust"},
+              "teacher_residual": False, "quadruplet_partner_weight": 1.0, "calibrator_lr": 0.0,
+              "kd_warmup_samples": 0, "kd_gate": "trust"},
 }
 
 
@@ -57,15 +59,16 @@ def split_config_name(name: str) -> tuple[str, dict[str, Any]]:
 TEACHER_OPTIONS = frozenset({
     "partners", "kd_weight", "aux_weight", "kd_temperature", "quadruplet_pairs", "quadruplet_same_user",
     "quadruplet_margin", "max_pairs_per_level", "correction", "correction_margin", "correction_mix",
-    "teacher_task_weight", "teacher_backbone_grad", "teacher_partner_input", "quadruplet_partner_weight",
-    "calibrator_lr", "kd_warmup_samples", "kd_gate", "kd_gate_margin", "kd_gate_window", "kd_gate_every",
+    "teacher_task_weight", "teacher_backbone_grad", "teacher_partner_input", "teacher_residual",
+    "quadruplet_partner_weight", "calibrator_lr", "kd_warmup_samples", "kd_gate", "kd_gate_margin", "kd_gate_window",
+    "kd_gate_every",
 })
 
 # What a saved config without a key (written before the key existed) meant: the behaviour of that time.
 # Learner.load_state_dict fills these in, so an old checkpoint is compared with what actually trained it.
 LEGACY_VALUES: dict[str, Any] = {
     "teacher_task_weight": 0.0, "teacher_backbone_grad": 1.0, "teacher_partner_input": False,
-    "quadruplet_partner_weight": 1.0,
+    "teacher_residual": False, "quadruplet_partner_weight": 1.0,
     "calibrator_lr": 0.0, "kd_warmup_samples": 0, "kd_gate": "none", "kd_gate_margin": 0.0,
     "kd_gate_window": 20000, "kd_gate_every": 2048,
     "wide": "none", "wide_lr": 0.1, "wide_crosses": [], "wide_decay": 1.0, "embedding_optimizer": "adam",
@@ -121,6 +124,7 @@ class ModelConfig:
     teacher_task_weight: float = 1.0  # gamma: teacher loss gamma * BCE(r_k, y_k) + beta_k * L_aux,k (0 = paper)
     teacher_backbone_grad: float = 0.0  # scale of the teacher towers' gradient into the backbone (1 = paper)
     teacher_partner_input: bool = False  # the teacher tower of k also reads the partner's label y_j (training only)
+    teacher_residual: bool = False  # r_k = stopgrad(s_k) + tower_k: the teacher refines its student's score
     quadruplet_partner_weight: float = 1.0  # weight of level pairs decided by the partner's label only
     calibrator_lr: float = 0.0  # Adam learning rate of the Platt calibrators (0 = lr)
     kd_warmup_samples: int = 0  # alpha_k ramps linearly from 0 over this many training samples

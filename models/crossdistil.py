@@ -124,6 +124,11 @@ class CrossDistilModel(nn.Module):
             # A label-aware teacher reads y_j next to the representation: one more input.
             teacher_dim = dim + (1 if config.teacher_partner_input else 0)
             self.teacher_towers = nn.ModuleList(_tower(teacher_dim, config.tower_dims) for _ in range(k))
+            if config.teacher_residual:
+                # A residual teacher starts as its student (r_k = s_k) and learns only what it adds.
+                for tower in self.teacher_towers:
+                    nn.init.zeros_(tower[-1].weight)
+                    nn.init.zeros_(tower[-1].bias)
         if config.calibrates and not students_only:
             # alpha_k starts where a_k = softplus(alpha_k) = 1, b_k = 0: z_k = r_k at first.
             self.calibrator_alpha = nn.Parameter(torch.full((k,), math.log(math.e - 1.0)))
@@ -180,6 +185,8 @@ class CrossDistilModel(nn.Module):
                 partner_labels = labels[:, self.partner_index].to(x.dtype)
                 inputs = [torch.cat([h, partner_labels[:, i:i + 1]], dim=1) for i, h in enumerate(inputs)]
             r = torch.cat([tower(h) for tower, h in zip(self.teacher_towers, inputs)], dim=1)
+            if self.config.teacher_residual:
+                r = r + s.detach()
         return Outputs(student_logits=s, teacher_scores=r)
 
 

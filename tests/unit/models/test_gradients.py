@@ -180,3 +180,14 @@ def test_a_label_aware_teacher_reads_the_partners_label_and_the_student_does_not
     assert torch.equal(a.student_logits, b.student_logits)
     assert not torch.equal(a.teacher_scores[:, 0], b.teacher_scores[:, 0])
     assert torch.equal(a.teacher_scores[:, 1], b.teacher_scores[:, 1])  # click labels unchanged
+
+
+def test_a_residual_teacher_starts_as_its_student_and_its_losses_never_move_the_student() -> None:
+    torch.manual_seed(0)
+    model = CrossDistilModel(small_config(**{**TRUST, "teacher_residual": True}))
+    batch = batch_with_all_categories()
+    outputs = model(batch)
+    assert torch.equal(outputs.teacher_scores, outputs.student_logits.detach())
+    for term in ("aux", "teacher_bce"):
+        _, with_grad, _ = grads_of(term, **{**TRUST, "teacher_residual": True})
+        assert with_grad == group({n for n, _ in model.named_parameters()}, "teacher_towers")
