@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -107,12 +109,13 @@ class CrossDistilModel(nn.Module):
         input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric) + (
             self.counts.width if self.counts is not None else 0)
         heads = 2 * k if config.has_teachers else k
-        self.backbone = build_backbone(
-            config.backbone, input_dim, config.hidden_dims, tasks=k, heads=heads,
-            top_heads=k if students_only else heads, num_experts=config.num_experts,
-            ple_shared=config.ple_shared_experts, ple_specific=config.ple_specific_experts,
-            ple_levels=config.ple_levels,
-        )
+        build = partial(build_backbone, config.backbone, input_dim, config.hidden_dims, tasks=k,
+                        num_experts=config.num_experts, ple_shared=config.ple_shared_experts,
+                        ple_specific=config.ple_specific_experts, ple_levels=config.ple_levels)
+        before = torch.random.get_rng_state()
+        self.backbone = build(heads=heads, top_heads=k if students_only else heads)
+        if heads != k and not students_only:
+            self._start_like_mtl(build, before)
         dim = self.backbone.output_dim
         self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
         if config.uses_partner and not students_only:
@@ -134,6 +137,23 @@ class CrossDistilModel(nn.Module):
             self.calibrator_alpha = nn.Parameter(torch.full((k,), math.log(math.e - 1.0)))
             self.calibrator_bias = nn.Parameter(torch.zeros(k))
         self._loss_weights: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _start_like_mtl(self, build: Callable[..., nn.Module], before: torch.Tensor) -> None:
+        """Give the student side of the backbone the initial weights an ``mtl`` model of the same seed has.
+
+        The gated backbones build the teachers' gates (and PLE their specific experts) among the students' own,
+        so the same seed would start the students elsewhere than in ``mtl`` and a paired difference to ``mtl``
+        would carry initialisation noise. So the global generator is rewound, the K-head backbone of ``mtl`` is
+        built, its tensors copied into every parameter of the same name and shape, and the generator left where
+        ``mtl``'s is: the student towers and everything after them start as in ``mtl`` too. (A PLE of more than
+        one level mixes the teachers' experts into the students' path: there it is close, not exact.)
+        """
+        torch.random.set_rng_state(before)
+        plain = build(heads=len(self.config.tasks), top_heads=len(self.config.tasks)).state_dict()
+        with torch.no_grad():
+            for name, value in self.backbone.state_dict().items():
+                if name in plain and plain[name].shape == value.shape:
+                    value.copy_(plain[name])
 
     def loss_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_k (``kd_weight``) and beta_k (``aux_weight``) [K] on ``device``, made once per device: a tensor made

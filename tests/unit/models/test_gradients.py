@@ -191,3 +191,18 @@ def test_a_residual_teacher_starts_as_its_student_and_its_losses_never_move_the_
     for term in ("aux", "teacher_bce"):
         _, with_grad, _ = grads_of(term, **{**TRUST, "teacher_residual": True})
         assert with_grad == group({n for n, _ in model.named_parameters()}, "teacher_towers")
+
+
+@pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe", "ple", "cross_stitch"])
+def test_a_seed_starts_the_students_of_every_rung_where_it_starts_mtl(backbone: str) -> None:
+    """Paired differences to mtl measure the method, not initialisation: the teachers' gates and experts that the
+    gated backbones build among the students' own do not move the students' initial weights."""
+    def initial(rung: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(11)
+        return CrossDistilModel(small_config(backbone=backbone, rung=rung)).state_dict()
+
+    plain = initial("mtl")
+    for rung in ("aux", "crossdistil", "direct_kd"):
+        state = initial(rung)
+        for name, value in plain.items():
+            assert torch.equal(state[name], value), f"{rung}: {name}"
