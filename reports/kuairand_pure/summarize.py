@@ -7,6 +7,10 @@ and of the per-user NDCG@10 of the combined score, as mean ± standard error ove
 ("AUC bar"), or combined NDCG@10 gain >= +0.005 and > 2 s.e. with no task losing more than 0.001 AUC ("NDCG bar").
 
     python reports/kuairand_pure/summarize.py reports/kuairand_pure/results.json > /tmp/tables.md
+
+With ``--overview`` it prints instead the README's one-table summary: per pair and window, ``mtl``'s AUC (mean of
+the backbones) and, per configuration, the paired Δ mean AUC averaged over the backbones (range over backbones)
+and the averaged Δ combined NDCG@10.
 """
 
 from __future__ import annotations
@@ -38,6 +42,46 @@ def cell(values: list[float]) -> str:
     return f"{mean:+.4f} ± {se:.4f}{star}"
 
 
+def paired(index: dict, tasks: tuple, mode: str, backbone: str, config: str) -> list[tuple[dict, dict]]:
+    return [(index[(tasks, mode, backbone, config, s)], index[(tasks, mode, backbone, "mtl", s)])
+            for (t, m, b, c, s) in index if (t, m, b, c) == (tasks, mode, backbone, config)
+            and (tasks, mode, backbone, "mtl", s) in index]
+
+
+def overview(path: str) -> None:
+    runs = json.load(open(path))["runs"]
+    index = {(tuple(r["tasks"]), r["mode"], r["backbone"], r["config"], r["seed"]): r for r in runs}
+    configs = list(dict.fromkeys(r["config"] for r in runs if r["config"] != "mtl"))
+    backbones = [b for b in ("shared_bottom", "mmoe", "ple", "cross_stitch") if any(k[2] == b for k in index)]
+    print("| pair | window | `mtl` AUC (mean of backbones) | " + " | ".join(f"`{c}`" for c in configs) + " |")
+    print("|---|---|---|" + "---|" * len(configs))
+    for tasks in dict.fromkeys(k[0] for k in index):
+        for mode, windows in WINDOWS.items():
+            for window in windows:
+                base = [r for k, r in index.items() if k[0] == tasks and k[1] == mode and k[3] == "mtl"]
+                if not base:
+                    continue
+                mtl = " / ".join(f"{sum(r['metrics'][window][t]['auc'] for r in base) / len(base):.4f}"
+                                 for t in tasks)
+                cells = []
+                for config in configs:
+                    per_backbone, ndcg = [], []
+                    for backbone in backbones:
+                        pairs = paired(index, tasks, mode, backbone, config)
+                        if not pairs:
+                            continue
+                        per_backbone.append(mean_se([sum(a["metrics"][window][t]["auc"] - b["metrics"][window][t]["auc"]
+                                                         for t in tasks) / len(tasks) for a, b in pairs])[0])
+                        ndcg.append(mean_se([a["combined"][window]["ndcg10"] - b["combined"][window]["ndcg10"]
+                                             for a, b in pairs if a.get("combined") and b.get("combined")])[0])
+                    if not per_backbone:
+                        cells.append("–")
+                        continue
+                    cells.append(f"{sum(per_backbone) / len(per_backbone):+.4f} ({min(per_backbone):+.4f}.."
+                                 f"{max(per_backbone):+.4f}); NDCG {sum(ndcg) / len(ndcg):+.4f}")
+                print(f"| {', '.join(tasks)} | {mode} `{window}` | {mtl} | " + " | ".join(cells) + " |")
+
+
 def main(path: str) -> None:
     runs = json.load(open(path))["runs"]
     index = {(tuple(r["tasks"]), r["mode"], r["backbone"], r["config"], r["seed"]): r for r in runs}
@@ -55,9 +99,7 @@ def main(path: str) -> None:
             for config in configs:
                 passes_auc = passes_ndcg = 0
                 for backbone in backbones:
-                    pairs = [(index[(tasks, mode, backbone, config, s)], index[(tasks, mode, backbone, "mtl", s)])
-                             for (t, m, b, c, s) in index if (t, m, b, c) == (tasks, mode, backbone, config)
-                             and (tasks, mode, backbone, "mtl", s) in index]
+                    pairs = paired(index, tasks, mode, backbone, config)
                     if not pairs:
                         continue
                     auc = {t: [a["metrics"][window][t]["auc"] - b["metrics"][window][t]["auc"] for a, b in pairs]
@@ -81,4 +123,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if "--overview" in sys.argv[1:]:
+        overview(next(a for a in sys.argv[1:] if a != "--overview"))
+    else:
+        main(sys.argv[1])
