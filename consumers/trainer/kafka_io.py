@@ -38,6 +38,7 @@ from streamer.kafka_security import preflight
 log = logging.getLogger("crossdistil.trainer")
 
 FENCE_PROBE_S = 10.0  # how often the checkpointed positions are re-committed to notice a takeover (exit 5)
+LAG_EXPORT_S = 1.0  # how often the consumer lag gauge is refreshed from the read positions (no network call)
 UNASSIGNED_WARN_S = (15.0, 30.0)  # say why no partition is assigned after 15 s, then every 30 s
 METADATA_NUDGE_S = 3.0  # without partitions, ask for fresh topic metadata this often (see KafkaIO.stalled)
 REJOIN_AFTER_S = 10.0  # without partitions although the topics have some, rejoin the group this often (ditto)
@@ -185,6 +186,7 @@ class KafkaIO:
         self.unassigned_since: float | None = None
         self._unassigned_warned_at: float | None = None
         self._fence_probed_at = time.monotonic()
+        self._lag_exported_at = float("-inf")
         self._nudged_at = float("-inf")
         self._rejoined_at = float("-inf")
 
@@ -238,7 +240,21 @@ class KafkaIO:
         if started - self._fence_probed_at >= FENCE_PROBE_S and self.checkpointed:
             self._fence_probed_at = started
             self.commit(self.checkpointed)
+        if started - self._lag_exported_at >= LAG_EXPORT_S:
+            self._lag_exported_at = started
+            self.export_lag()
         return polled
+
+    def export_lag(self) -> None:
+        """Set the consumer lag gauge: per assigned partition, its high watermark (as the last fetch saw it: no
+        network call) minus the next offset to read. Live, unlike the group's committed offsets, which move only
+        when a checkpoint is durable; a partition not fetched yet is left out."""
+        lag = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                lag[(tp.topic, tp.partition)] = max(0, high - self.positions.get((tp.topic, tp.partition), 0))
+        self.metrics.consumer_lag(lag)
 
     def _unreadable(self, error: Exception) -> str:
         """Where the batch the client could not decode is (topic, partition, offset), and what to do about it.
@@ -433,8 +449,8 @@ class KafkaIO:
         return offsets
 
     def commit(self, positions: Mapping[tuple[str, int], int] | None = None) -> None:
-        """Commit ``positions`` (default: the current ones, just checkpointed) for lag dashboards, and export
-        the consumer lag.
+        """Commit ``positions`` (default: the current ones, just checkpointed) for lag dashboards
+        (``kafka-consumer-groups.sh --describe``), and export the consumer lag (``export_lag``).
 
         A commit refused with FencedInstanceIdError means another trainer with this ``group_instance_id`` took
         the partitions over (kafka-python only disables its heartbeat then): ``fenced`` is set, and the loop
@@ -444,12 +460,7 @@ class KafkaIO:
         assigned = self.consumer.assignment()
         offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in positions.items()
                    if TopicPartition(t, p) in assigned}
-        lag = {}
-        for tp in assigned:
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                lag[(tp.topic, tp.partition)] = max(0, high - positions.get((tp.topic, tp.partition), 0))
-        self.metrics.consumer_lag(lag)
+        self.export_lag()
         if not offsets:
             return
         try:

@@ -95,7 +95,8 @@ def summary(path: Path) -> None:
               f"{mean_se([r['teacher_ndcg']['1.0'] - r['student_ndcg']['1.0'] for r in rs])} | "
               f"w = {best_s}: {np.mean([r['student_ndcg'][best_s] for r in rs]):.4f} "
               f"({mean_se([r['student_ndcg'][best_s] - r['student_ndcg']['1.0'] for r in rs])} vs w = 1) | "
-              f"{mean_se([r['teacher_ndcg'][best_t] - r['student_ndcg'][best_s] for r in rs])} (teachers' w = {best_t}) |")
+              f"{mean_se([r['teacher_ndcg'][best_t] - r['student_ndcg'][best_s] for r in rs])} "
+              f"(teachers' w = {best_t}) |")
 
 
 def main() -> None:

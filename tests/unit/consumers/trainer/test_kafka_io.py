@@ -66,6 +66,28 @@ def test_commits_export_lag_and_a_refused_commit_means_another_trainer_took_over
     assert io.fenced
 
 
+def test_polls_keep_the_lag_gauge_live_from_the_read_positions_not_the_last_checkpoint(monkeypatch) -> None:
+    import consumers.trainer.kafka_io as kafka_io_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(kafka_io_module.time, "monotonic", lambda: clock[0])
+    io = kafka_io(consumer := Consumer([IMP, FB], {IMP: 100, FB: 50}))
+    io.checkpointed = {("impressions", 0): 10, ("feedback", 0): 0}
+    io.positions = {("impressions", 0): 60, ("feedback", 0): 50}
+    io.poll(0)
+    assert io.metrics.lag == {("impressions", 0): 40, ("feedback", 0): 0}  # read, not checkpointed: 90 / 50 before
+    io.positions[("impressions", 0)] = 100
+    io.poll(0)
+    assert io.metrics.lag[("impressions", 0)] == 40  # refreshed at most every LAG_EXPORT_S
+    clock[0] += kafka_io_module.LAG_EXPORT_S
+    io.poll(0)
+    assert io.metrics.lag == {("impressions", 0): 0, ("feedback", 0): 0}
+    consumer.high[FB] = 80  # the next fetch saw new feedback
+    clock[0] += kafka_io_module.LAG_EXPORT_S
+    io.poll(0)
+    assert io.metrics.lag == {("impressions", 0): 0, ("feedback", 0): 30}
+
+
 def test_partitions_ahead_in_event_time_are_paused_until_the_slowest_catches_up() -> None:
     io = kafka_io(consumer := Consumer([IMP, FB], {IMP: 1000, FB: 1000}), max_skew_ms=60_000)
     io.join.assign([("impressions", 0), ("feedback", 0)], now=0.0)
