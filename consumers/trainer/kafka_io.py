@@ -161,7 +161,7 @@ class KafkaIO:
     """Positions, assignment, pausing and offsets of one trainer's consumer over ``topics``.
 
     ``join`` is the pipeline's join (told which partitions are assigned, read for event-time alignment);
-    ``metrics`` receives consumer lag. ``max_skew_ms`` None disables pausing.
+    ``metrics`` receives consumer lag (None: a reader without metrics). ``max_skew_ms`` None disables pausing.
     """
 
     def __init__(self, consumer: Any, k: KafkaConfig, join: AttributionJoin, metrics: Any, *,
@@ -248,7 +248,9 @@ class KafkaIO:
     def export_lag(self) -> None:
         """Set the consumer lag gauge: per assigned partition, its high watermark (as the last fetch saw it: no
         network call) minus the next offset to read. Live, unlike the group's committed offsets, which move only
-        when a checkpoint is durable; a partition not fetched yet is left out."""
+        when a checkpoint is durable; a partition not fetched yet is left out. Nothing without ``metrics``."""
+        if self.metrics is None:
+            return
         lag = {}
         for tp in self.consumer.assignment():
             high = self.consumer.highwater(tp)

@@ -86,6 +86,9 @@ def test_polls_keep_the_lag_gauge_live_from_the_read_positions_not_the_last_chec
     clock[0] += kafka_io_module.LAG_EXPORT_S
     io.poll(0)
     assert io.metrics.lag == {("impressions", 0): 0, ("feedback", 0): 30}
+    io.metrics = None  # a reader without metrics polls all the same
+    clock[0] += kafka_io_module.LAG_EXPORT_S
+    io.poll(0)
 
 
 def test_partitions_ahead_in_event_time_are_paused_until_the_slowest_catches_up() -> None:
