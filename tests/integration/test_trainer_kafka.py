@@ -496,3 +496,52 @@ def test_a_leader_that_assigned_before_it_knew_the_partitions_rejoins_and_gets_t
     finally:
         consumer.close(autocommit=False)
         producer.close()
+
+
+def test_the_lag_gauge_follows_the_read_positions_between_checkpoints(kafka_broker: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``crossdistil_consumer_lag_messages`` from a real broker's fetches: the high watermark kafka-python learns
+    from each fetch minus the next offset to read, at every export, with nothing committed (no checkpoint)."""
+    from kafka import TopicPartition
+
+    import consumers.trainer.kafka_io as kafka_io_module
+    from consumers.core.join import AttributionJoin, JoinConfig
+    from consumers.runtime.config import load_config
+    from consumers.trainer.kafka_io import KafkaIO, connect
+
+    class Metrics:
+        def __init__(self) -> None:
+            self.seen: list[dict] = []
+
+        def consumer_lag(self, lag) -> None:
+            self.seen.append(dict(lag))
+
+    monkeypatch.setattr(kafka_io_module, "LAG_EXPORT_S", 0.0)  # export at every poll
+    topics = make_topics(kafka_broker, "lag-" + uuid.uuid4().hex[:6])
+    cfg = load_config(None, env={}, overrides=[
+        f"kafka.bootstrap={kafka_broker}", f"kafka.impressions_topic={topics['impressions']}",
+        f"kafka.feedback_topic={topics['feedback']}", f"kafka.group_id=lag-{uuid.uuid4().hex[:6]}",
+        "kafka.max_poll_records=7"])
+    consumer, producer = connect(cfg.kafka)
+    try:
+        for i in range(30):
+            producer.send(topics["impressions"], value=b"%d" % i, partition=2)
+        producer.flush()
+        io = KafkaIO(consumer, cfg.kafka, AttributionJoin(JoinConfig({"click": 10.0})), Metrics())
+        io.assign_static(0, 1)
+        read, deadline = 0, time.monotonic() + 60
+        while read < 30:
+            assert time.monotonic() < deadline, f"read {read} of 30 records within 60 s"
+            for tp, records in io.poll(200).items():
+                io.positions[(tp.topic, tp.partition)] = records[-1].offset + 1
+                read += len(records)
+        io.poll(0)
+        key = (topics["impressions"], 2)
+        lags = [seen[key] for seen in io.metrics.seen if key in seen]
+        assert lags[0] == 30 and lags[-1] == 0 and lags == sorted(lags, reverse=True), lags
+        assert 30 in lags and any(0 < lag < 30 for lag in lags), lags  # seen part-way, before any commit
+        assert all(seen.get((topics["feedback"], 2), 0) == 0 for seen in io.metrics.seen)
+        assert consumer.committed(TopicPartition(*key)) is None  # nothing was committed
+    finally:
+        consumer.close(autocommit=False)
+        producer.close()
