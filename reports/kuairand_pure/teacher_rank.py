@@ -84,7 +84,12 @@ def summary(path: Path) -> None:
     print("| pair | backbone | students' AUC | teachers' AUC | students' product NDCG@10 | teachers' product − "
           "students' | best weight, students (mean NDCG@10) | teachers' best − students' best |")
     print("|---|---|---|---|---|---|---|---|")
-    for (tasks, backbone, config), rs in groups.items():
+    pairs = list(dict.fromkeys(key[0] for key in groups))
+    configs = list(dict.fromkeys(key[2] for key in groups))
+    order = ("shared_bottom", "mmoe", "ple", "cross_stitch")
+    for (tasks, backbone, config), rs in sorted(groups.items(), key=lambda item: (
+            pairs.index(item[0][0]), order.index(item[0][1]) if item[0][1] in order else len(order),
+            configs.index(item[0][2]))):
         keys = list(rs[0]["student_ndcg"])
         best_s = max(keys, key=lambda w: np.mean([r["student_ndcg"][w] for r in rs]))
         best_t = max(keys, key=lambda w: np.mean([r["teacher_ndcg"][w] for r in rs]))
@@ -103,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--pairs", default="click+long_view,finish+like")
-    parser.add_argument("--backbones", default="shared_bottom,mmoe")
+    parser.add_argument("--backbones", default="shared_bottom,mmoe,ple,cross_stitch")
     parser.add_argument("--configs", default="crossdistil@trust,aux@paper")
     parser.add_argument("--out", default="reports/kuairand_pure/teacher_rank.jsonl")
     parser.add_argument("--summary", help="print the table of an existing JSON-lines file and exit")
