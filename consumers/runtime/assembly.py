@@ -21,13 +21,28 @@ from consumers.runtime.learner_process import build_learner, learner_port
 from consumers.runtime.ranks import RankedLearner, Ranks
 from consumers.runtime.telemetry import TrainerMetrics
 from models.config import ModelConfig
+from models.learner import resolve_device
 from models.river_baseline import RiverConfig
 from models.zoo import learner_config
+
+RANKS_WITHOUT_GRAPHS = ("model.cuda_graphs is for one trainer: several ranks exchange gradients or weights between "
+                        "the parts of a step, which a captured step cannot (set it to false)")
 
 
 def model_config(cfg: Config) -> ModelConfig | RiverConfig:
     """The learner's configuration described by the ``[model]`` section (``models.zoo.learner_config``)."""
     return learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed)
+
+
+def model_device(cfg: Config) -> Any:
+    """The ``[model]`` section's torch device on this machine (``models.learner.resolve_device``: a GPU asked for
+    where there is none is a ``ValueError``), with ``model.cuda_graphs`` checked against it."""
+    device = resolve_device(cfg.model.device)
+    if cfg.model.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"model.cuda_graphs: CUDA graphs need a CUDA device, and model.device = "
+                         f"{cfg.model.device!r} is {device} here (on a machine with a GPU: model.device = 'cuda' or "
+                         "'auto'; else model.cuda_graphs = false)")
+    return device
 
 
 def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
@@ -79,6 +94,8 @@ def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.mono
         if cfg.model.separate_process:
             raise ValueError("model.separate_process is for one trainer: each of several ranks is a process already "
                              "(set it to false)")
+        if cfg.model.cuda_graphs:
+            raise ValueError(RANKS_WITHOUT_GRAPHS)
         learner = RankedLearner(build_learner(cfg), cfg.model.tasks, ranks, cfg.distributed.mode)
         if cfg.distributed.mode == "sync" and cfg.distributed.global_batch:
             batch_size = -(-batch_size // ranks.world_size)

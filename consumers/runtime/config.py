@@ -153,6 +153,8 @@ class ModelSection:
     seed: int = _f(0, "seed of the model and of every sampling step")
     separate_process: bool = _f(False, "train in a learner process of its own, overlapping with Kafka intake and the "
                                        "join (docs/performance.md)")
+    cuda_graphs: bool = _f(False, "on a CUDA device, replay the step of every full-size batch as one CUDA graph "
+                                  "(models/graphs.py); partial batches run as plain steps; one trainer only")
 
 
 @dataclass

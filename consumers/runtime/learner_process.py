@@ -91,8 +91,18 @@ def _unpack(data: bytes) -> dict[str, Any]:
 
 
 def build_learner(cfg: Config) -> Any:
-    """The learner of the ``[model]`` section (``models.zoo``): a rung of the ladder or a river peer."""
-    return make_learner(learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed), cfg.model.device)
+    """The learner of the ``[model]`` section (``models.zoo``): a rung of the ladder or a river peer; with
+    ``model.cuda_graphs`` its full-size steps replay as CUDA graphs (``ValueError`` saying why where they cannot)."""
+    learner = make_learner(learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed), cfg.model.device)
+    if cfg.model.cuda_graphs:
+        if not hasattr(learner, "use_cuda_graphs"):
+            raise ValueError(f"model.cuda_graphs: {type(learner).__name__} learns one event at a time on the CPU; "
+                             "set it to false")
+        try:
+            learner.use_cuda_graphs()
+        except ValueError as exc:
+            raise ValueError(f"model.cuda_graphs: {exc}; or set it to false") from None
+    return learner
 
 
 def learner_port(cfg: Config) -> LocalLearner | RemoteLearner:

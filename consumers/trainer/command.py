@@ -113,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
     ranks_here = world_size is not None and world_size > 1 and "WORLD_SIZE" not in os.environ
     if args.check_config or ranks_here:
         # lazy: torch loads only when the configuration is checked or the daemon runs (crossdistil --help stays fast)
-        from consumers.runtime.assembly import model_config
-        from models.learner import resolve_device
+        from consumers.runtime.assembly import RANKS_WITHOUT_GRAPHS, model_config, model_device
 
         try:
             model_config(cfg)
-            resolve_device(cfg.model.device)
+            model_device(cfg)
+            if ranks_here and cfg.model.cuda_graphs:
+                raise ValueError(RANKS_WITHOUT_GRAPHS)
         except (TypeError, ValueError) as exc:
             print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
             return 2
@@ -136,10 +137,10 @@ def run(args: argparse.Namespace) -> int:
         command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
         print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
         return launch_ranks(command[3:])
-    from models.learner import resolve_device  # lazy: torch loads only when the daemon runs
+    from consumers.runtime.assembly import model_device  # lazy: torch loads only when the daemon runs
 
     try:
-        resolve_device(cfg.model.device)  # a GPU asked for where there is none: said now, before Kafka
+        model_device(cfg)  # a GPU asked for where there is none: said now, before Kafka
     except ValueError as exc:
         print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
         return 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from consumers.core.pipeline import EventClock
-from consumers.runtime.assembly import build_pipeline, join_config, model_config
+from consumers.runtime.assembly import build_pipeline, join_config, model_config, model_device
 from consumers.runtime.config import load_config
+from consumers.runtime.learner_process import build_learner
 from models.river_baseline import RiverConfig
 
 pytestmark = pytest.mark.unit
@@ -34,3 +37,18 @@ def test_a_replay_pipeline_runs_on_event_time_and_a_live_one_on_the_wall_clock()
     assert isinstance(replay.clock, EventClock) and replay.clock.join is replay.join
     assert not replay.join.config.wait_for_all_partitions and live.join.config.wait_for_all_partitions
     assert join_config(cfg, live=False).idle_timeout_s is None
+
+
+def test_cuda_graphs_are_refused_with_the_reason_where_a_step_cannot_replay() -> None:
+    cfg = load_config(None, env={}, overrides=SMALL + ["model.cuda_graphs=true", "model.device=cpu"])
+    with pytest.raises(ValueError, match="model.cuda_graphs: CUDA graphs need a CUDA device, and model.device = 'cpu'"):
+        model_device(cfg)  # what `crossdistil train` checks before it opens Kafka
+    with pytest.raises(ValueError, match="model.cuda_graphs: .*need a CUDA device; this learner is on cpu"):
+        build_learner(cfg)  # the learner's own refusal, for a caller that did not check
+    with pytest.raises(ValueError, match="for one trainer"):
+        build_pipeline(cfg, clock=None, ranks=SimpleNamespace(world_size=2))
+    river = load_config(None, env={}, overrides=["model.options={rung = 'river_lr'}", "model.cuda_graphs=true"])
+    with pytest.raises(ValueError, match="one event at a time"):
+        build_learner(river)
+    plain = load_config(None, env={}, overrides=SMALL + ["model.device=cpu"])
+    assert model_device(plain).type == "cpu" and build_learner(plain).graphs is None

@@ -61,6 +61,24 @@ def test_a_replay_trains_the_same_when_each_step_is_read_after_the_next_is_issue
     assert behind == inline and inline[2] > 10  # rows, samples, steps, and the step each batch's hook sees
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="needs a CUDA device (runs on GPU machines only)")
+def test_a_replay_with_cuda_graphs_trains_what_plain_steps_train(tmp_path: Path) -> None:
+    """``model.cuda_graphs``: the pipeline's full-size batches replay one captured step, partial ones run plain; the
+    same impressions, labels and steps as plain steps, predictions equal up to float rounding."""
+    events = synthetic_events()
+    plain_cfg = load_config(None, env={}, overrides=SMALL + ["model.device=cuda"])
+    graphs_cfg = load_config(None, env={}, overrides=SMALL + ["model.device=cuda", "model.cuda_graphs=true"])
+    plain = replay(plain_cfg, events, tmp_path / "plain", read_behind=True)
+    graphs = replay(graphs_cfg, events, tmp_path / "graphs", read_behind=True)
+    assert graphs[1:] == plain[1:] and plain[2] > 10  # samples, steps, the step each batch's hook sees
+    assert [r["impression_id"] for r in graphs[0]] == [r["impression_id"] for r in plain[0]]
+    for a, b in zip(graphs[0], plain[0]):
+        assert {k: v for k, v in a.items() if not k.startswith("pred/")} == \
+            {k: v for k, v in b.items() if not k.startswith("pred/")}
+        assert all(abs(a[k] - b[k]) < 1e-4 for k in a if k.startswith("pred/")), (a, b)
+
+
 def test_a_step_read_behind_is_answered_once_done_or_once_the_next_is_issued() -> None:
     from consumers.core.pipeline import InProcessLearner
     from models.features import batch_from_columns, encode_columns
