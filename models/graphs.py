@@ -53,23 +53,27 @@ def _inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
 class StepGraphs:
     """The captured step of one batch size and its replays, for one learner (``Learner.use_cuda_graphs``).
 
-    ``warmup`` plain steps of the first batch size run first, on a side stream (the optimizers make their state,
-    the learner its cached tensors, the caching allocator its blocks), then the next batch of that size is captured
-    and replayed; every later one is replayed.
+    The size is ``size`` where given (a live trainer's ``batching.batch_size``: its first batch may be a partial one,
+    cut by the wall clock), else the first batch's. ``warmup`` plain steps of that size run first, on a side stream
+    (the optimizers make their state, the learner its cached tensors, the caching allocator its blocks), then the
+    next batch of that size is captured and replayed; every later one is replayed.
     """
 
-    def __init__(self, learner: Any, warmup: int = 3) -> None:
+    def __init__(self, learner: Any, warmup: int = 3, size: int | None = None) -> None:
         reason = not_replayable(learner)
         if reason is not None:
             raise ValueError(f"CUDA graphs for this learner's step: {reason}")
         if warmup < 1:
             raise ValueError(f"warmup must be at least one plain step (the optimizers' state), got {warmup}")
-        self.learner, self.warmup = learner, int(warmup)
+        if size is not None and size < 1:
+            raise ValueError(f"size must be a batch size of at least 1 row, got {size}")
+        self.learner, self.warmup, self.fixed_size = learner, int(warmup), size
         self.reset()
 
     def reset(self) -> None:
-        """Drop the graph: the next batches of the first size seen warm up and capture again."""
-        self.size: int | None = None
+        """Drop the graph: the next batches of the captured size (``size``, else the first size seen) warm up and
+        capture again."""
+        self.size: int | None = self.fixed_size
         self.plain_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: Batch | None = None

@@ -142,12 +142,12 @@ class Learner:
         self.collective: Any = None
         self.graphs: StepGraphs | None = None  # use_cuda_graphs()
 
-    def use_cuda_graphs(self, warmup: int = 3) -> None:
+    def use_cuda_graphs(self, warmup: int = 3, size: int | None = None) -> None:
         """Replay the step of each full-size batch as one CUDA graph from now on (models/graphs.py): a few plain
-        steps, one capture, then one launch a step. Batches of another size run as plain steps. A ``ValueError``
-        says why where this learner's step cannot be replayed (not on a CUDA device, synchronous ranks, the Adam
-        table, a forgetting or FTRL wide part)."""
-        self.graphs = StepGraphs(self, warmup)
+        steps, one capture, then one launch a step. The full size is ``size``, else the first batch's; batches of
+        another size run as plain steps. A ``ValueError`` says why where this learner's step cannot be replayed (not
+        on a CUDA device, synchronous ranks, the Adam table, a forgetting or FTRL wide part)."""
+        self.graphs = StepGraphs(self, warmup, size)
 
     def _adam_kernels(self) -> dict[str, Any]:
         """The dense Adam's implementation: fused on a CPU or a CUDA device, else foreach."""

@@ -99,7 +99,7 @@ def build_learner(cfg: Config) -> Any:
             raise ValueError(f"model.cuda_graphs: {type(learner).__name__} learns one event at a time on the CPU; "
                              "set it to false")
         try:
-            learner.use_cuda_graphs()
+            learner.use_cuda_graphs(size=cfg.batching.batch_size)  # a live trainer's first batch may be partial
         except ValueError as exc:
             raise ValueError(f"model.cuda_graphs: {exc}; or set it to false") from None
     return learner

@@ -162,10 +162,13 @@ class _EmulatedCuda:
         graphs.outputs[2].copy_(probabilities)
 
 
-def test_the_bookkeeping_of_captures_and_replays_gives_the_plain_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("size, first", [(None, []), (48, [30, 20])])
+def test_the_bookkeeping_of_captures_and_replays_gives_the_plain_steps(monkeypatch: pytest.MonkeyPatch,
+                                                                        size: int | None, first: list[int]) -> None:
     """On a device's paths on this CPU, with a CUDA graph's semantics emulated (a capture runs no kernel, a replay
     no Python): warm-up, capture, replays, a short batch, a load and a second capture give the plain steps' losses,
-    predictions, weights and counters to the last bit."""
+    predictions, weights and counters to the last bit. With the size given (a live trainer's batch size), short
+    batches before the first full one run as plain steps and do not become the captured size."""
     monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
     monkeypatch.setattr(graphs, "not_replayable", lambda learner: None)
     plain, graphed = Learner(small_config(**GRAPHED)), Learner(small_config(**GRAPHED))
@@ -175,18 +178,19 @@ def test_the_bookkeeping_of_captures_and_replays_gives_the_plain_steps(monkeypat
                         ("synchronize", lambda device=None: None)):
         monkeypatch.setattr(torch.cuda, name, value)
     emulated.wait_stream = lambda other: None
-    graphed.use_cuda_graphs(warmup=2)
-    sizes = [48] * 8 + [30] + [48] * 3
+    graphed.use_cuda_graphs(warmup=2, size=size)
+    sizes = first + [48] * 8 + [30] + [48] * 3
     for i, n in enumerate(sizes):
         batch = make_batch(48 * i, n=n)
         (want, want_predictions), (got, predictions) = plain.step(batch), graphed.step(batch)
         assert got == want, i
         assert all(torch.equal(predictions[t], want_predictions[t]) for t in predictions), i
     assert graphed.graphs.replays == 9 and (graphed.steps, graphed.samples) == (plain.steps, plain.samples)
+    assert graphed.graphs.size == 48
     state = plain.state_dict()  # each loads its own copy: loaded optimizer states share the dict's tensors
     plain.load_state_dict(saved_and_loaded(state))
     graphed.load_state_dict(saved_and_loaded(state))
-    for i in range(12, 17):
+    for i in range(len(sizes), len(sizes) + 5):
         assert graphed.step(make_batch(48 * i))[0] == plain.step(make_batch(48 * i))[0], i
     assert graphed.graphs.replays == 3  # two plain steps, a capture and its replay, two replays
     want, got = named_state(plain), named_state(graphed)
