@@ -2,7 +2,7 @@
 # The device tool's machine (one H200, 16 cores, Python 3.12 with torch; nothing can be fetched there) in two steps:
 #
 #   bash bench/device.sh prepare               # here, once: .device/ with what the machine lacks (git ignores it)
-#   bash bench/device.sh gpu OUT_DIR           # there: issue 17's GPU checks (bench/gpu_checks.sh), ~5 min
+#   bash bench/device.sh gpu OUT_DIR           # there: issue 17's GPU checks (bench/gpu_checks.sh), ~6 min
 #   bash bench/device.sh many-cores OUT_DIR    # there: issues 22 and 16 (bench/many_cores.sh)
 #
 # The `run` call carries `.device` and its command is the second line with OUT_DIR under $OUT, e.g.
@@ -48,9 +48,13 @@ gpu | many-cores)
   export PYTHONUNBUFFERED=1
   if [[ $mode == gpu ]]; then
     # the CUDA-only unit tests (steps under sync_debug_mode("error"), CUDA-graph replays), the step benchmark
-    # (fp32 and bf16, plain and replayed), evaluate over all of KuaiRand-Pure on cuda and cpu
-    KUAIRAND_PURE_CSV=$data GPU_CHECKS=${GPU_CHECKS:-tests,train_step,evaluate} \
-      PYTEST_K=${PYTEST_K:-gpu or cuda or graphs} bash bench/gpu_checks.sh /dev/null "$out"
+    # (fp32 and bf16, plain and replayed), evaluate over all of KuaiRand-Pure on cuda and cpu, and the trainer's
+    # code path (a dense backtest of its event log) on cuda plain and with model.cuda_graphs
+    log=${TMPDIR:-/tmp}/kuairand_pure.log
+    "${PYTHON:-python3}" -m consumers.cli stream --dataset csv --source "$data" --mapping mappings/kuairand_pure.toml \
+      --to "file://$log" > "$out/stream.log" 2>&1 || log=/dev/null
+    KUAIRAND_PURE_CSV=$data GPU_CHECKS=${GPU_CHECKS:-tests,train_step,evaluate,graphs} \
+      PYTEST_K=${PYTEST_K:-gpu or cuda or graphs} bash bench/gpu_checks.sh "$log" "$out"
   else
     bash bench/many_cores.sh "$data" "$out"
   fi

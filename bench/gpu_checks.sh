@@ -18,7 +18,10 @@
 #    backbone, one seed, prequential) on cuda at batch 4,096 and 256, each plain and with --cuda-graphs (the step
 #    replayed as one CUDA graph, models/graphs.py), then on cpu at 4,096 (one torch thread), one after the other:
 #    seconds (of the steps), wall seconds (of the command) and tail AUC of each.
-# GPU_CHECKS=tests,train_step,backtest,separate,evaluate (the default: all) picks sections.
+# 6. graphs: the same backtest on cuda with dense batching (full batches of batching.batch_size) over the first
+#    GRAPHS_LIMIT records (default 200000), plain and with model.cuda_graphs (the trainer's step replayed as one CUDA
+#    graph), one after the other: seconds ratio and AUC difference.
+# GPU_CHECKS=tests,train_step,backtest,separate,evaluate,graphs (the default: all) picks sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${1:?usage: bench/gpu_checks.sh EVENT_LOG OUT_DIR}
@@ -26,7 +29,7 @@ out=${2:?usage: bench/gpu_checks.sh EVENT_LOG OUT_DIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 
-checks=",${GPU_CHECKS:-tests,train_step,backtest,separate,evaluate},"
+checks=",${GPU_CHECKS:-tests,train_step,backtest,separate,evaluate,graphs},"
 wanted() { [[ $checks == *",$1,"* ]]; }
 backtest() {  # device, folder, extra flags...
   local device=$1 folder=$2
@@ -34,7 +37,7 @@ backtest() {  # device, folder, extra flags...
   "$py" -m consumers.cli backtest --log "file://$log" --config deploy/trainer.example.toml \
     --configs crossdistil --set "model.device=$device" --out "$folder" --no-plots --quiet "$@"
 }
-pytest_rc=-1 step_rc=-1 cuda_rc=-1 cpu_rc=-1 inproc_rc=-1 sep_rc=-1
+pytest_rc=-1 step_rc=-1 cuda_rc=-1 cpu_rc=-1 inproc_rc=-1 sep_rc=-1 plain_rc=-1 graphs_rc=-1
 limit=()
 [[ -n ${LIMIT:-} ]] && limit=(--limit "$LIMIT")
 if wanted backtest; then
@@ -60,6 +63,13 @@ if wanted separate; then
   backtest cuda "$out/bt_separate" --limit "${SEPARATE_LIMIT:-40000}" --set model.separate_process=true \
     >"$out/bt_separate.log" 2>&1; sep_rc=$?
 fi
+if wanted graphs; then
+  backtest cuda "$out/bt_plain" --limit "${GRAPHS_LIMIT:-200000}" --batching dense >"$out/bt_plain.log" 2>&1
+  plain_rc=$?
+  backtest cuda "$out/bt_graphs" --limit "${GRAPHS_LIMIT:-200000}" --batching dense --set model.cuda_graphs=true \
+    >"$out/bt_graphs.log" 2>&1
+  graphs_rc=$?
+fi
 evaluate_runs=()
 if wanted evaluate && [[ -n ${KUAIRAND_PURE_CSV:-} ]]; then
   for run in cuda:4096 cudagraphs:4096 cuda:256 cudagraphs:256 cpu:4096; do
@@ -79,14 +89,15 @@ if wanted train_step; then
   step_rc=$?
 fi
 
-"$py" - "$out" "$pytest_rc" "$step_rc" "$cuda_rc" "$cpu_rc" "$inproc_rc" "$sep_rc" "${evaluate_runs[*]:-}" <<'EOF'
+"$py" - "$out" "$pytest_rc" "$step_rc" "$cuda_rc" "$cpu_rc" "$inproc_rc" "$sep_rc" "$plain_rc" "$graphs_rc" \
+  "${evaluate_runs[*]:-}" <<'EOF'
 import json, sys
 from pathlib import Path
 
 import torch
 
 out = Path(sys.argv[1])
-pytest_rc, step_rc, cuda_rc, cpu_rc, inproc_rc, sep_rc = map(int, sys.argv[2:8])
+pytest_rc, step_rc, cuda_rc, cpu_rc, inproc_rc, sep_rc, plain_rc, graphs_rc = map(int, sys.argv[2:10])
 result = {
     "torch": torch.__version__,
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -121,7 +132,7 @@ def compare(pairs, a, b):
 if cuda_rc != -1:
     result["backtest_side_by_side"] = compare((("cuda", cuda_rc), ("cpu", cpu_rc)), "cuda", "cpu")
 evaluations = {}
-for run in sys.argv[8].split():
+for run in sys.argv[10].split():
     device, size, rc, wall = run.split(":")
     try:
         grid = json.loads((out / f"evaluate_{device}_{size}" / "results.json").read_text())
@@ -137,6 +148,8 @@ if evaluations:
 if sep_rc != -1:
     result["backtest_learner_process_on_cuda"] = compare((("separate", sep_rc), ("inproc", inproc_rc)),
                                                          "separate", "inproc")
+if graphs_rc != -1:
+    result["backtest_cuda_graphs"] = compare((("graphs", graphs_rc), ("plain", plain_rc)), "graphs", "plain")
 text = json.dumps(result, indent=1)
 (out / "gpu_checks.json").write_text(text + "\n")
 print(text)
