@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from models.features import Batch
-from models.rowwise import RowAdagrad
+from models.rowwise import RowAdagrad, RowAdam
 
 
 def not_replayable(learner: Any) -> str | None:
@@ -37,9 +37,9 @@ def not_replayable(learner: Any) -> str | None:
         return f"they need a CUDA device; this learner is on {learner.device}"
     if learner.collective is not None:
         return "synchronous ranks (models.distributed) exchange gradients between the step's parts"
-    if not isinstance(learner.embedding_optimizer, RowAdagrad):
-        return ("the embedding table's Adam computes its step size on the host at each step; use "
-                "embedding_optimizer = 'adagrad' (the default)")
+    if not isinstance(learner.embedding_optimizer, (RowAdagrad, RowAdam)):
+        return ("a dense embedding table (sparse_embeddings = false) with Adam keeps its step count on the host; "
+                "use sparse embeddings (the default) or embedding_optimizer = 'adagrad'")
     if learner.wide_optimizer is not None and not isinstance(learner.wide_optimizer, RowAdagrad):
         return ("a wide part with forgetting sums or FTRL (wide_decay < 1 or wide = 'ftrl') coalesces its gradient "
                 "on the host; use wide = 'adagrad' with wide_decay = 1 (the default)")

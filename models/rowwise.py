@@ -4,8 +4,9 @@
 update written with ``index_select`` / ``index_add_`` on the touched rows instead of torch's COO arithmetic
 (``sparse_mask`` and a sparse ``add_`` into the dense state, per state tensor): 1.24x the samples/s of a whole step
 of the default model at batch 4,096 on a CPU (``bench/train_step.py``'s ``embedding_update``, docs/performance.md).
-Their state (``step``, ``exp_avg``, ``exp_avg_sq``; ``step``, ``sum``) and hyper-parameters are torch's, so a
-checkpoint of either loads into the other, and the values they produce are torch's to the last bit
+Their state (``step``, ``exp_avg``, ``exp_avg_sq``; ``step``, ``sum``) and hyper-parameters are torch's (on a device
+each step count is a tensor there, so a step never reads the host: RowAdam's a float64 one, turned back into an int on
+a CPU), so a checkpoint of either loads into the other, and the values they produce are torch's to the last bit
 (``tests/unit/models/test_rowwise.py``), except for the order in which a large gradient's repeats of a row are added
 (``_touched_rows_numpy``): the same sums, within float rounding.
 
@@ -163,10 +164,18 @@ class RowAdam(torch.optim.SparseAdam):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["step"] += 1
                 if _fixed_shapes(param.grad):
+                    # a device's step count is a tensor there (float64: exact to 2^53 steps), so the step size is
+                    # computed without the host and a replayed step (models.graphs) counts too
+                    if not torch.is_tensor(state["step"]) or state["step"].device != param.device:
+                        # a fill on the device, not a copy from the host (which would wait for it)
+                        state["step"] = torch.full((), float(state["step"]), dtype=torch.float64, device=param.device)
+                    state["step"].add_(1)
                     self._slots_step(param, state, group)
                     continue
+                if torch.is_tensor(state["step"]):  # counted on a device before: a host's count is a number
+                    state["step"] = int(state["step"])
+                state["step"] += 1
                 rows, grad = _touched_rows(param.grad)
                 if group["maximize"]:
                     grad = -grad
@@ -204,9 +213,9 @@ class RowAdam(torch.optim.SparseAdam):
         exp_avg_sq.index_add_(0, rows, sq_update)
         numer = avg_update.add_(old_avg)
         denom = sq_update.add_(old_sq).sqrt_().add_(group["eps"])
-        step = state["step"]
-        step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        param.index_add_(0, rows, (-step_size * numer.div_(denom)).mul_(used))
+        step = state["step"]  # a float64 tensor on the device: the host's formula, computed there
+        step_size = (1 - torch.pow(beta2, step)).sqrt_().div_(1 - torch.pow(beta1, step)).mul_(-group["lr"])
+        param.index_add_(0, rows, numer.div_(denom).mul_(step_size.to(numer.dtype)).mul_(used))
 
 
 class RowAdagrad(torch.optim.Adagrad):

@@ -87,8 +87,9 @@ def first_difference(a: list, b: list) -> str:
     dict(rung="crossdistil", kd_gate_every=100, kd_gate_window=500, kd_warmup_samples=700, count_half_life=300),
     dict(rung="crossdistil", kd_gate="none", backbone="mmoe", quadruplet_same_user=True),
     dict(rung="mtl"),
+    dict(rung="mtl", embedding_optimizer="adam"),  # SparseAdam's step size from a step count on the device
     dict(rung="direct_kd", backbone="ple"),
-], ids=["trust", "gate-not-due-warm-up-forgetting", "paper-mmoe-same-user", "mtl", "direct_kd-ple"])
+], ids=["trust", "gate-not-due-warm-up-forgetting", "paper-mmoe-same-user", "mtl", "mtl-adam-table", "direct_kd-ple"])
 def test_each_step_of_a_devices_paths_issues_the_same_operations(options: dict,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Eight steps: the gate's window fills (500 rows) and wraps, decisions come due and not, the warm-up ramps."""
@@ -101,11 +102,22 @@ def test_each_step_of_a_devices_paths_issues_the_same_operations(options: dict,
 
 
 def test_a_step_that_is_not_replayable_is_seen(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check is not vacuous: the Adam table's step size is a number of the host's that changes every step
-    (models.graphs refuses it), and a CPU's own gate writes its ring at slices that move."""
+    """The check is not vacuous: a step size the host computes from its step count (as the Adam table's did before
+    its count moved to the device) changes a number in the step's arguments every step, and a CPU's own gate
+    writes its ring at slices that move."""
+    from models.rowwise import RowAdam
+
     monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
+    device_step = RowAdam._slots_step
+
+    def host_step(param: torch.Tensor, state: dict, group: dict) -> None:
+        device_step(param, state, group)
+        param.mul_(1.0 + 1e-9 * float(state["step"]))  # a number of the host's that changes every step
+
+    monkeypatch.setattr(RowAdam, "_slots_step", staticmethod(host_step))
     steps = recorded_steps(Learner(small_config(rung="mtl", embedding_optimizer="adam")), batches=2)
     assert steps[0] != steps[1] and "aten.mul" in first_difference(*steps)
+    monkeypatch.undo()
     monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", False)
     steps = recorded_steps(Learner(small_config(rung="crossdistil", kd_gate_every=1000)), batches=2)
     assert steps[0] != steps[1] and "slice" in first_difference(*steps)

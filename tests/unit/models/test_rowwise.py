@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -97,6 +98,28 @@ def test_states_load_both_ways() -> None:
     back = torch.optim.SparseAdam(b.parameters(), lr=0.01)
     back.load_state_dict(row.state_dict())
     assert back.state_dict()["state"][0]["step"] == 10
+
+
+def test_adams_step_count_crosses_between_a_devices_path_and_the_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device counts RowAdam's steps in a float64 tensor there (the step size without the host), a CPU in an int:
+    a checkpoint of either continues in the other as torch's SparseAdam continues, to the last bit."""
+    a, b = _tables(11)
+    torch_adam = torch.optim.SparseAdam(a.parameters(), lr=0.01)
+    row = RowAdam(b.parameters(), lr=0.01)
+    _steps(a, torch_adam, 10, seed=12)
+    for fixed, seed in ((True, 12), (False, 13), (True, 14)):
+        monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", fixed)
+        if seed != 12:
+            saved = io.BytesIO()
+            torch.save(row.state_dict(), saved)
+            saved.seek(0)
+            row = RowAdam(b.parameters(), lr=0.01)
+            row.load_state_dict(torch.load(saved, weights_only=True))
+            _steps(a, torch_adam, 5, seed=seed)
+        _steps(b, row, 10 if seed == 12 else 5, seed=seed)
+        step = row.state[b.weight]["step"]
+        assert (torch.is_tensor(step) and step.dtype == torch.float64) if fixed else type(step) is int
+    assert torch.equal(a.weight, b.weight) and int(row.state[b.weight]["step"]) == 20
 
 
 @pytest.mark.parametrize("kind", [RowAdam, RowAdagrad])
