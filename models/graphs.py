@@ -40,9 +40,6 @@ def not_replayable(learner: Any) -> str | None:
     if not isinstance(learner.embedding_optimizer, (RowAdagrad, RowAdam)):
         return ("a dense embedding table (sparse_embeddings = false) with Adam keeps its step count on the host; "
                 "use sparse embeddings (the default) or embedding_optimizer = 'adagrad'")
-    if learner.wide_optimizer is not None and not isinstance(learner.wide_optimizer, RowAdagrad):
-        return ("a wide part with forgetting sums or FTRL (wide_decay < 1 or wide = 'ftrl') coalesces its gradient "
-                "on the host; use wide = 'adagrad' with wide_decay = 1 (the default)")
     return None
 
 

@@ -146,7 +146,7 @@ class Learner:
         """Replay the step of each full-size batch as one CUDA graph from now on (models/graphs.py): a few plain
         steps, one capture, then one launch a step. The full size is ``size``, else the first batch's; batches of
         another size run as plain steps. A ``ValueError`` says why where this learner's step cannot be replayed (not
-        on a CUDA device, synchronous ranks, a dense table with Adam, a forgetting or FTRL wide part)."""
+        on a CUDA device, synchronous ranks, a dense table with Adam)."""
         self.graphs = StepGraphs(self, warmup, size)
 
     def _adam_kernels(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from models.rowwise import RowAdagrad, RowAdam
+from models.rowwise import RowAdagrad, RowAdam, _fixed_shapes, _touched_slots
 
 
 class WideOptimizer(torch.optim.Optimizer):
@@ -38,6 +38,13 @@ class WideOptimizer(torch.optim.Optimizer):
             raise ValueError(f"method must be 'adagrad' or 'ftrl', got {method!r}")
         super().__init__(params, dict(lr=lr, method=method, decay=decay, beta=beta, l1=l1, l2=l2, eps=eps))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # each step count with its parameter (a checkpoint's is on the CPU)
+            for p in group["params"]:
+                if torch.is_tensor(self.state[p].get("step")):
+                    self.state[p]["step"] = self.state[p]["step"].to(p.device)
+
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         for group in self.param_groups:
@@ -46,7 +53,7 @@ class WideOptimizer(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros(())
+                    state["step"] = torch.zeros((), device=p.device)  # counted there: a replayed step counts too
                     state["sum"] = torch.zeros_like(p)
                     if group["method"] == "ftrl":
                         state["z"] = torch.zeros_like(p)
@@ -54,12 +61,38 @@ class WideOptimizer(torch.optim.Optimizer):
                 if group["decay"] < 1.0:
                     state["sum"].mul_(group["decay"])
                 grad = p.grad
+                if grad.is_sparse and _fixed_shapes(grad):  # a GPU's path: no wait for the host
+                    self._update_slots(p, state, *_touched_slots(grad), group)
+                    continue
                 if grad.is_sparse:
                     grad = grad.coalesce()
                     rows, values = grad.indices()[0], grad.values()
                 else:
                     rows, values = None, grad
                 self._update(p, state, rows, values, group)
+
+    @staticmethod
+    def _update_slots(p: torch.Tensor, state: dict, rows: torch.Tensor, g: torch.Tensor, used: torch.Tensor,
+                      group: dict) -> None:
+        """``_update`` on ``_touched_slots``' fixed shapes: every change added with ``index_add_``, so the unused
+        slots (row 0, a zero gradient, ``used = 0``) add nothing even where row 0 is a used slot too. The same values
+        as ``_update``, up to the order a row's repeated gradients are summed and, for FTRL's weights, rounding
+        (w + (w' - w) for w')."""
+        sums = state["sum"]
+        old = sums.index_select(0, rows)
+        squared = g * g
+        sums.index_add_(0, rows, squared)
+        new = old + squared
+        if group["method"] == "adagrad":
+            p.index_add_(0, rows, -group["lr"] * g / (new.sqrt() + group["eps"]))
+            return
+        alpha, beta, l1, l2 = group["lr"], group["beta"], group["l1"], group["l2"]
+        w = p.index_select(0, rows)
+        z_old = state["z"].index_select(0, rows)
+        z = z_old + g - (new.sqrt() - old.sqrt()) / alpha * w
+        state["z"].index_add_(0, rows, (z - z_old) * used)
+        shrunk = torch.sign(z) * (z.abs() - l1).clamp(min=0)
+        p.index_add_(0, rows, (-shrunk / ((beta + new.sqrt()) / alpha + l2) - w) * used)
 
     @staticmethod
     def _update(p: torch.Tensor, state: dict, rows: torch.Tensor | None, g: torch.Tensor, group: dict) -> None:

@@ -86,6 +86,18 @@ def test_a_training_step_on_a_devices_paths_reads_nothing_back(rung: str, backbo
     assert all(value == value for value in losses.values())
 
 
+@pytest.mark.parametrize("wide", [dict(wide_decay=0.99), dict(wide="ftrl")], ids=["forgetting", "ftrl"])
+def test_the_wide_parts_other_optimizers_read_nothing_back(wide: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wide part's forgetting AdaGrad and FTRL (``models.optimizers.WideOptimizer``) on a device's paths: their
+    sparse rows in ``_touched_slots``' fixed shapes, not ``coalesce`` (whose size is the data's)."""
+    monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
+    learner = Learner(small_config(rung="mtl", **wide))
+    learner.step(make_batch(0))
+    with no_host_reads():
+        for start in (48, 96):
+            learner._train(make_batch(start))
+
+
 @pytest.mark.parametrize("same_user", [False, True])
 def test_the_sampled_and_the_exact_quadruplet_loss_read_nothing_back(same_user: bool,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:

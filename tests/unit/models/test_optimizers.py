@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 
+from models import host
 from models.config import LEGACY_VALUES
 from models.learner import Learner
 from models.optimizers import WideOptimizer
@@ -31,6 +32,32 @@ def test_wide_optimizer_without_decay_is_torch_adagrad_on_sparse_rows() -> None:
         sparse_step(ours, tables[0], rows)
         sparse_step(torchs, tables[1], rows)
     torch.testing.assert_close(tables[0].weight, tables[1].weight)
+
+
+@pytest.mark.parametrize("options", [dict(decay=0.9), dict(method="ftrl", decay=0.95, l1=0.01, l2=0.1)],
+                         ids=["forgetting-adagrad", "ftrl"])
+def test_a_devices_fixed_shapes_give_the_hosts_update(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's path (``_touched_slots``' fixed shapes, run here on the CPU): the same weights, sums and z as the
+    host's coalesced rows within float rounding, and no row moves that no batch touched; row 0 is touched by some
+    batches, so the unused slots (which point at it) must add nothing to a used row 0."""
+    tables = []
+    for fixed in (False, True):
+        monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", fixed)
+        torch.manual_seed(0)
+        table = torch.nn.Embedding(50, 2, sparse=True)
+        optimizer = WideOptimizer(table.parameters(), lr=0.1, **options)
+        generator = torch.Generator().manual_seed(1)
+        for step in range(20):
+            optimizer.zero_grad()
+            rows = torch.randint(0 if step % 2 else 1, 30, (16,), generator=generator)
+            (table(rows) * torch.randn(16, 2, generator=generator)).sum().backward()
+            optimizer.step()
+        tables.append((table.weight.detach(), optimizer.state[table.weight]))
+    (host_weight, host_state), (fixed_weight, fixed_state) = tables
+    torch.testing.assert_close(fixed_weight, host_weight, rtol=1e-6, atol=1e-7)
+    for key in host_state:
+        torch.testing.assert_close(fixed_state[key], host_state[key], rtol=1e-6, atol=1e-7)
+    assert torch.equal(fixed_weight[30:], host_weight[30:])  # never touched: never moved
 
 
 def test_a_forgetting_accumulator_keeps_the_steps_of_a_frequent_row_larger() -> None:

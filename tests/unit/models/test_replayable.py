@@ -88,8 +88,11 @@ def first_difference(a: list, b: list) -> str:
     dict(rung="crossdistil", kd_gate="none", backbone="mmoe", quadruplet_same_user=True),
     dict(rung="mtl"),
     dict(rung="mtl", embedding_optimizer="adam"),  # SparseAdam's step size from a step count on the device
+    dict(rung="mtl", wide_decay=0.99),  # the wide part's forgetting AdaGrad on fixed shapes
+    dict(rung="mtl", wide="ftrl"),
     dict(rung="direct_kd", backbone="ple"),
-], ids=["trust", "gate-not-due-warm-up-forgetting", "paper-mmoe-same-user", "mtl", "mtl-adam-table", "direct_kd-ple"])
+], ids=["trust", "gate-not-due-warm-up-forgetting", "paper-mmoe-same-user", "mtl", "mtl-adam-table",
+        "mtl-forgetting-wide", "mtl-ftrl-wide", "direct_kd-ple"])
 def test_each_step_of_a_devices_paths_issues_the_same_operations(options: dict,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Eight steps: the gate's window fills (500 rows) and wraps, decisions come due and not, the warm-up ramps."""
