@@ -60,6 +60,25 @@ def test_a_devices_fixed_shapes_give_the_hosts_update(options: dict, monkeypatch
     assert torch.equal(fixed_weight[30:], host_weight[30:])  # never touched: never moved
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines only)")
+@pytest.mark.parametrize("options", [dict(decay=0.9), dict(method="ftrl", decay=0.95, l1=0.01)],
+                         ids=["adagrad", "ftrl"])
+def test_the_wide_optimizer_never_waits_for_the_host_on_a_gpu(options: dict) -> None:
+    table = torch.nn.Embedding(1 << 16, 2, sparse=True).cuda()
+    optimizer = WideOptimizer(table.parameters(), lr=0.1, **options)
+    batches = [torch.randint(0, 5000, (4096,), device="cuda") for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rows in batches:
+            optimizer.zero_grad()
+            table(rows).pow(2).sum().backward()
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(optimizer.state[table.weight]["step"]) == 3
+
+
 def test_a_forgetting_accumulator_keeps_the_steps_of_a_frequent_row_larger() -> None:
     def last_move(decay: float) -> float:
         table = torch.nn.Embedding(4, 1, sparse=True)
