@@ -178,8 +178,12 @@ class Trainer:
             self._close(consumer, producer, http)
             return self.exit_status
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        device = getattr(self.learner, "device", None) or self.cfg.model.device
+        graphs = (f" (CUDA graphs: each batch of {self.cfg.batching.batch_size} rows replays one captured step)"
+                  if self.cfg.model.cuda_graphs else "")
         print(f"crossdistil train: consuming {k.impressions_topic}, {k.feedback_topic} from {k.bootstrap} "
-              f"as group {k.group_id}; checkpoints in {self.store.directory}", flush=True)
+              f"as group {k.group_id}; checkpoints in {self.store.directory}; the learner trains on {device}{graphs}",
+              flush=True)
         try:
             self._loop()
         finally:
