@@ -48,6 +48,16 @@ def paired(index: dict, tasks: tuple, mode: str, backbone: str, config: str) -> 
             and (tasks, mode, backbone, "mtl", s) in index]
 
 
+def deltas(pairs: list[tuple[dict, dict]], tasks: tuple, window: str) -> tuple[dict, list[float], list[float]]:
+    """Paired differences to ``mtl`` in ``window``, one per seed: each task's AUC, the mean AUC over the tasks, and
+    the combined score's NDCG@10 (where both runs have it)."""
+    auc = {t: [a["metrics"][window][t]["auc"] - b["metrics"][window][t]["auc"] for a, b in pairs] for t in tasks}
+    mean_auc = [sum(auc[t][i] for t in tasks) / len(tasks) for i in range(len(pairs))]
+    ndcg = [a["combined"][window]["ndcg10"] - b["combined"][window]["ndcg10"] for a, b in pairs
+            if a.get("combined") and b.get("combined")]
+    return auc, mean_auc, ndcg
+
+
 def overview(path: str) -> None:
     runs = json.load(open(path))["runs"]
     index = {(tuple(r["tasks"]), r["mode"], r["backbone"], r["config"], r["seed"]): r for r in runs}
@@ -70,10 +80,9 @@ def overview(path: str) -> None:
                         pairs = paired(index, tasks, mode, backbone, config)
                         if not pairs:
                             continue
-                        per_backbone.append(mean_se([sum(a["metrics"][window][t]["auc"] - b["metrics"][window][t]["auc"]
-                                                         for t in tasks) / len(tasks) for a, b in pairs])[0])
-                        ndcg.append(mean_se([a["combined"][window]["ndcg10"] - b["combined"][window]["ndcg10"]
-                                             for a, b in pairs if a.get("combined") and b.get("combined")])[0])
+                        _, mean_auc, ndcg_deltas = deltas(pairs, tasks, window)
+                        per_backbone.append(mean_se(mean_auc)[0])
+                        ndcg.append(mean_se(ndcg_deltas)[0])
                     if not per_backbone:
                         cells.append("–")
                         continue
@@ -102,11 +111,7 @@ def main(path: str) -> None:
                     pairs = paired(index, tasks, mode, backbone, config)
                     if not pairs:
                         continue
-                    auc = {t: [a["metrics"][window][t]["auc"] - b["metrics"][window][t]["auc"] for a, b in pairs]
-                           for t in tasks}
-                    mean_auc = [sum(auc[t][i] for t in tasks) / len(tasks) for i in range(len(pairs))]
-                    ndcg = [a["combined"][window]["ndcg10"] - b["combined"][window]["ndcg10"] for a, b in pairs
-                            if a.get("combined") and b.get("combined")]
+                    auc, mean_auc, ndcg = deltas(pairs, tasks, window)
                     m, se = mean_se(mean_auc)
                     auc_ok = math.isfinite(se) and m >= 0.002 and m > 2 * se
                     n, nse = mean_se(ndcg)

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+from summarize import cell  # this folder's: the same "mean ± s.e., * beyond 2 s.e." cells as the grid's tables
 
 SOURCE = "../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv"
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def weighted(log_p: np.ndarray, rel: np.ndarray, users: np.ndarray) -> dict[str, float]:
-    from models.metrics import ndcg_at_k
+    from models.metrics import ndcg_at_k  # lazy, like every import of the project here: --summary needs none
 
     out = {str(w): ndcg_at_k(rel, log_p[:, 0] + w * log_p[:, 1], users, k=10) for w in WEIGHTS}
     out["inf"] = ndcg_at_k(rel, log_p[:, 1], users, k=10)
@@ -39,7 +39,7 @@ def weighted(log_p: np.ndarray, rel: np.ndarray, users: np.ndarray) -> dict[str,
 
 
 def run(data, spec, tasks, backbone, config, seed) -> dict:
-    import torch
+    import torch  # lazy: --summary reads the JSON lines without torch or the models
 
     from consumers.tools.evaluate import seeded_learner
     from models.evaluation import predict_in_chunks
@@ -68,13 +68,6 @@ def run(data, spec, tasks, backbone, config, seed) -> dict:
     return record
 
 
-def mean_se(values: list[float]) -> str:
-    m = float(np.mean(values))
-    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-    star = "*" if se > 0 and abs(m) > 2 * se else ""
-    return f"{m:+.4f} ± {se:.4f}{star}"
-
-
 def summary(path: Path) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
@@ -97,10 +90,10 @@ def summary(path: Path) -> None:
         t_auc = " / ".join(f"{np.mean([r['teacher_auc'][k] for r in rs]):.4f}" for k in range(2))
         print(f"| {', '.join(tasks)} | {backbone} (`{config}`, {len(rs)} seeds) | {s_auc} | {t_auc} | "
               f"{np.mean([r['student_ndcg']['1.0'] for r in rs]):.4f} | "
-              f"{mean_se([r['teacher_ndcg']['1.0'] - r['student_ndcg']['1.0'] for r in rs])} | "
+              f"{cell([r['teacher_ndcg']['1.0'] - r['student_ndcg']['1.0'] for r in rs])} | "
               f"w = {best_s}: {np.mean([r['student_ndcg'][best_s] for r in rs]):.4f} "
-              f"({mean_se([r['student_ndcg'][best_s] - r['student_ndcg']['1.0'] for r in rs])} vs w = 1) | "
-              f"{mean_se([r['teacher_ndcg'][best_t] - r['student_ndcg'][best_s] for r in rs])} "
+              f"({cell([r['student_ndcg'][best_s] - r['student_ndcg']['1.0'] for r in rs])} vs w = 1) | "
+              f"{cell([r['teacher_ndcg'][best_t] - r['student_ndcg'][best_s] for r in rs])} "
               f"(teachers' w = {best_t}) |")
 
 
@@ -116,7 +109,7 @@ def main() -> None:
     if args.summary:
         summary(Path(args.summary))
         return
-    import torch
+    import torch  # lazy: --summary reads the JSON lines without torch or the models
 
     from consumers.tools.evaluate import feature_spec_for, load_encoded
     from models.config import split_config_name

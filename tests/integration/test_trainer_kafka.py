@@ -19,9 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kafka import TopicPartition
 
+import consumers.trainer.kafka_io as kafka_io_module
+from consumers.core.join import AttributionJoin, JoinConfig
+from consumers.runtime.config import load_config
 from consumers.runtime.processes import die_with_parent
 from consumers.state.ledger import read_ledger
+from consumers.trainer.kafka_io import KafkaIO, connect
 from models.metrics import auc
 from streamer.topics import ensure_topics
 from tests.conformance.reader import minimal_reader_from_docs
@@ -502,12 +507,6 @@ def test_the_lag_gauge_follows_the_read_positions_between_checkpoints(kafka_brok
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``crossdistil_consumer_lag_messages`` from a real broker's fetches: the high watermark kafka-python learns
     from each fetch minus the next offset to read, at every export, with nothing committed (no checkpoint)."""
-    from kafka import TopicPartition
-
-    import consumers.trainer.kafka_io as kafka_io_module
-    from consumers.core.join import AttributionJoin, JoinConfig
-    from consumers.runtime.config import load_config
-    from consumers.trainer.kafka_io import KafkaIO, connect
 
     class Metrics:
         def __init__(self) -> None:

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from models import host
 from models.learner import Learner
+from models.rowwise import RowAdam
 from tests.unit.models.test_learner import make_batch, small_config
 
 pytestmark = pytest.mark.unit
@@ -108,8 +109,6 @@ def test_a_step_that_is_not_replayable_is_seen(monkeypatch: pytest.MonkeyPatch) 
     """The check is not vacuous: a step size the host computes from its step count (as the Adam table's did before
     its count moved to the device) changes a number in the step's arguments every step, and a CPU's own gate
     writes its ring at slices that move."""
-    from models.rowwise import RowAdam
-
     monkeypatch.setattr(host, "DEVICE_PATHS_ON_CPU", True)
     device_step = RowAdam._slots_step
 
