@@ -144,6 +144,13 @@ class ModelConfig:
     count_smoothing: float = 5.0  # a: a value seen n times reads (positives + a * prior) / (n + a)
     count_half_life: int = 0  # the counts forget half of themselves every this many rows (0 = never)
 
+    # [ours] a privileged teacher (models/privileged.py; docs/method.md "The privileged teacher"): a second model that
+    # also reads these numeric outcomes, known only after the impression (dwell times, profile visits), trains beside
+    # the student; the student's BCE target becomes (1 - lambda_k) * y_k + lambda_k * the teacher's prediction.
+    # Serving never sees them. () = none.
+    privileged: tuple[str, ...] = ()
+    privileged_weight: float | dict[str, float] = 0.5  # lambda_k: one number for all tasks, or task -> weight (0 else)
+
     # optimisation
     lr: float = 1e-3
     # the embedding table: per-row AdaGrad at 0.05 (chosen on the validation slice of kuairand_pure, issue 18);
@@ -164,6 +171,10 @@ class ModelConfig:
         if isinstance(self.count_features, str):  # "user_id,item_id" from a command line
             self.count_features = tuple(f.strip() for f in self.count_features.split(",") if f.strip())
         self.count_features = tuple(self.count_features)
+        if isinstance(self.privileged, str):  # "play_time_ms,is_follow" from a command line
+            self.privileged = tuple(f.strip() for f in self.privileged.split(",") if f.strip())
+        self.privileged = tuple(self.privileged)
+        self.privileged_weight = _task_weight_items(self.privileged_weight)
         if isinstance(self.features, dict):
             self.features = FeatureSpec.from_dict(self.features)
         self.validate()
@@ -181,7 +192,7 @@ class ModelConfig:
         for task, partner in self.partners.items():
             if task not in self.tasks or partner not in self.tasks or task == partner:
                 raise ValueError(f"partners: {task!r} -> {partner!r} must map a task to another task of {self.tasks}")
-        for name in ("kd_weight", "aux_weight"):
+        for name in ("kd_weight", "aux_weight", "privileged_weight"):
             value = getattr(self, name)
             if isinstance(value, dict) and set(value) - set(self.tasks):
                 raise ValueError(f"{name} names unknown tasks {sorted(set(value) - set(self.tasks))}")
@@ -208,6 +219,14 @@ class ModelConfig:
             raise ValueError(f"wide_decay must be in (0, 1], got {self.wide_decay}")
         for cross in self.wide_crosses:
             parse_cross(cross)
+        if len(set(self.privileged)) != len(self.privileged) or not all(self.privileged):
+            raise ValueError(f"privileged must name distinct columns, got {self.privileged!r}")
+        both = set(self.privileged) & set(self.features.categorical + self.features.numeric)
+        if both:
+            raise ValueError(f"privileged columns {sorted(both)} are features too: an outcome known only after the "
+                             "impression cannot be an input of the served model")
+        if any(not 0.0 <= w <= 1.0 for w in self.privileged_weights()):
+            raise ValueError(f"privileged_weight must be in [0, 1] for every task, got {self.privileged_weight!r}")
         if self.count_smoothing <= 0 or self.count_half_life < 0:
             raise ValueError(f"count_smoothing must be > 0 and count_half_life >= 0, got {self.count_smoothing}, "
                              f"{self.count_half_life}")
@@ -253,17 +272,46 @@ class ModelConfig:
             return [float(value.get(t, 1.0)) for t in self.tasks]
         return [float(value)] * len(self.tasks)
 
+    def privileged_weights(self) -> list[float]:
+        """lambda_k of the privileged teacher in task order (a task a mapping leaves out: 0, its own label alone)."""
+        value = self.privileged_weight
+        if isinstance(value, dict):
+            return [float(value.get(t, 0.0)) for t in self.tasks]
+        return [float(value)] * len(self.tasks)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, dicts, str, numbers), for checkpoints and serving metadata."""
         out = asdict(self)
         out["features"] = self.features.to_dict()
-        for key in ("tasks", "hidden_dims", "tower_dims", "wide_crosses", "count_features"):
+        for key in ("tasks", "hidden_dims", "tower_dims", "wide_crosses", "count_features", "privileged"):
             out[key] = list(out[key])
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return from_known_fields(cls, data, "model")
+
+
+def _task_weight_items(value: Any) -> float | dict[str, float]:
+    """A per-task weight as given: a number, a mapping, or a command line's ``"like:0.8,finish:0"`` (a string, or
+    the list ``--model-option`` makes of it) as a mapping.
+
+    >>> _task_weight_items(["like:0.8", "finish:0"]), _task_weight_items(0.3)
+    ({'like': 0.8, 'finish': 0.0}, 0.3)
+    """
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        pairs = [str(item).partition(":") for item in value]
+        if not all(sep and task.strip() for task, sep, _ in pairs):
+            raise ValueError(f"expected TASK:WEIGHT items such as like:0.8, got {value!r}")
+        try:
+            return {task.strip(): float(weight) for task, _, weight in pairs}
+        except ValueError:
+            raise ValueError(f"expected TASK:WEIGHT items such as like:0.8, got {value!r}") from None
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()}
+    return float(value)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -216,7 +216,7 @@ def _tower(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
 
 def crossdistil_loss(
     model: CrossDistilModel, outputs: Outputs, batch: Batch, generator: torch.Generator | None = None,
-    kd_scale: torch.Tensor | None = None,
+    kd_scale: torch.Tensor | None = None, targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its per-task terms ``{"bce"|"kd"|"aux"|"teacher_bce"|"cal": [K] tensor}`` for the rung.
 
@@ -224,13 +224,15 @@ def crossdistil_loss(
     ``teacher_task_weight`` = gamma > 0) the teachers; L_cal only the calibrators (platt_calibrate stops r_k);
     KD targets are stopped (kd_loss), so KD never moves a teacher or a calibrator. The backbone gets
     gradients through the students and, scaled by ``teacher_backbone_grad``, the teachers.
-    ``kd_scale`` [K] multiplies alpha_k (the learner's KD warm-up and trust gate; None = 1).
+    ``kd_scale`` [K] multiplies alpha_k (the learner's KD warm-up and trust gate; None = 1). ``targets`` [B, K]:
+    the students' BCE targets where they are not the labels (a privileged teacher's blend, models/privileged.py);
+    everything else reads the labels.
     """
     cfg = model.config
     y = batch.labels
     s = outputs.student_logits.float()
     partner = model.partner_index if cfg.uses_partner else None
-    terms: dict[str, torch.Tensor] = {"bce": task_bce(s, y)}
+    terms: dict[str, torch.Tensor] = {"bce": task_bce(s, y if targets is None else targets.float())}
 
     if cfg.has_teachers:
         r = outputs.teacher_scores.float()

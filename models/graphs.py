@@ -35,6 +35,8 @@ def not_replayable(learner: Any) -> str | None:
     """Why ``learner``'s step cannot be captured and replayed, or None when it can."""
     if learner.device.type != "cuda":
         return f"they need a CUDA device; this learner is on {learner.device}"
+    if learner.privileged_teacher is not None:
+        return "a privileged teacher (models.privileged) trains as a second learner inside the step: not captured yet"
     if learner.collective is not None:
         return "synchronous ranks (models.distributed) exchange gradients between the step's parts"
     if not isinstance(learner.embedding_optimizer, (RowAdagrad, RowAdam)):

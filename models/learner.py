@@ -16,6 +16,7 @@ it, and ``flatten_state`` turns it into safetensors input); ``serving_state`` ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from models.onnx_export import TENSOR_NAME as ONNX_TENSOR
 from models.onnx_export import describe as describe_graph
 from models.onnx_export import export_students
 from models.optimizers import embedding_optimizer, wide_optimizer
+from models.privileged import teacher_config
 from models.trust_gate import TrustGate
 
 SERVING_FORMAT = "crossdistil-students"
@@ -141,6 +143,10 @@ class Learner:
         # Several ranks, one model (models.distributed): set by the trainer's ranks, None for one process.
         self.collective: Any = None
         self.graphs: StepGraphs | None = None  # use_cuda_graphs()
+        # A teacher that also reads the privileged columns (models/privileged.py), built after the student so that
+        # the student starts where a learner without it does.
+        self.privileged_teacher = Learner(teacher_config(config), self.device) if config.privileged else None
+        self._privileged_weights: dict[torch.device, torch.Tensor] = {}
 
     def use_cuda_graphs(self, warmup: int = 3, size: int | None = None) -> None:
         """Replay the step of each full-size batch as one CUDA graph from now on (models/graphs.py): a few plain
@@ -201,11 +207,19 @@ class Learner:
         losses, then with a trust gate its gate, teacher AUCs and student AUCs per task], the student
         probabilities [B, K]). Nothing in it waits for a GPU (tests/unit/models/test_learner.py, on a GPU)."""
         batch = batch.to(self.device)
+        targets = teacher_report = None
+        if self.privileged_teacher is not None:
+            # the teacher's prediction before it learns from the batch, then its own step; the student's view
+            student_batch = self._student_view(batch, training=True)
+            _, teacher_report, teacher_probabilities = self.privileged_teacher._train(batch)
+            batch = student_batch
+            targets = torch.lerp(batch.labels, teacher_probabilities.to(batch.labels.dtype),
+                                 self._privileged_weight(batch.labels.device))
         self.model.train()
         with self._autocast():
             outputs = self.model(batch)
         kd_scale = self.kd_scale()
-        total, terms = crossdistil_loss(self.model, outputs, batch, self.pair_generator, kd_scale)
+        total, terms = crossdistil_loss(self.model, outputs, batch, self.pair_generator, kd_scale, targets)
         # The forward above used the pre-update weights: its student scores are the prequential predictions.
         probabilities = torch.sigmoid(outputs.student_logits.detach().float())  # read back with the losses, after
         # the update (PendingStep): on a GPU the step runs without a synchronisation
@@ -226,7 +240,29 @@ class Learner:
             self.trust_gate.update(batch.labels, outputs.student_logits, outputs.teacher_scores)
             gate = self.trust_gate  # with a gate, kd_scale is its open state (times the warm-up): never None
             parts += [kd_scale.float(), gate.teacher_auc.float(), gate.student_auc.float()]
+        if teacher_report is not None:  # the teacher's own BCE per task (its report: total, then bce/<task>)
+            names += [f"privileged_bce/{task}" for task in tasks]
+            parts.append(teacher_report[1:1 + len(tasks)].float())
         return names, torch.cat(parts), probabilities
+
+    def _student_view(self, batch: Batch, training: bool = False) -> Batch:
+        """A batch of a learner with a privileged teacher without the privileged columns (the student's inputs);
+        a ValueError where a batch to train on does not have them (one to score may have the student's alone)."""
+        n, p = len(self.config.features.numeric), len(self.config.privileged)
+        if batch.numeric.shape[1] == n and not training:  # scoring: the student's inputs alone
+            return batch
+        if batch.numeric.shape[1] != n + p:
+            raise ValueError(f"a learner with a privileged teacher takes batches encoded with "
+                             f"models.privileged.teacher_spec: the {n} numeric features, then the {p} privileged "
+                             f"columns {list(self.config.privileged)}; this batch has {batch.numeric.shape[1]} "
+                             "numeric columns")
+        return dataclasses.replace(batch, numeric=batch.numeric[:, :n])
+
+    def _privileged_weight(self, device: torch.device) -> torch.Tensor:
+        """lambda_k [K] on ``device``, made once per device (no copy from the host in a step)."""
+        if device not in self._privileged_weights:
+            self._privileged_weights[device] = torch.tensor(self.config.privileged_weights(), device=device)
+        return self._privileged_weights[device]
 
     def _count(self, rows: int) -> None:
         """The host's counters after a step of ``rows`` rows (with synchronous ranks: the rows of every rank's
@@ -237,6 +273,8 @@ class Learner:
     def step_empty(self) -> None:
         """A synchronous data-parallel step with no rows on this rank (``models.distributed``, mode ``sync``):
         zero weight here, the other ranks' mean gradients applied, so the replicas stay identical."""
+        if self.privileged_teacher is not None:
+            raise RuntimeError("a learner with a privileged teacher trains in one process (no synchronous ranks)")
         if self.collective is None or self.collective.mode != "sync":
             raise RuntimeError("step_empty is a step of synchronous ranks (models.distributed.Collective('sync'))")
         self._zero_grad()
@@ -284,6 +322,8 @@ class Learner:
     def predict(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Student probabilities per task (float32 [B] on CPU); changes nothing."""
         self.model.eval()
+        if self.privileged_teacher is not None:
+            batch = self._student_view(batch)
         with self._autocast():
             logits = self.model(batch.to(self.device)).student_logits
         probabilities = torch.sigmoid(logits.float()).cpu()
@@ -307,6 +347,8 @@ class Learner:
             "steps": self.steps,
             "samples": self.samples,
             **({"trust_gate": self.trust_gate.state_dict()} if self.trust_gate is not None else {}),
+            **({"privileged_teacher": self.privileged_teacher.state_dict()}
+               if self.privileged_teacher is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -339,6 +381,8 @@ class Learner:
         self._seen.fill_(self.samples)
         if self.trust_gate is not None and "trust_gate" in state:
             self.trust_gate.load_state_dict(state["trust_gate"])
+        if self.privileged_teacher is not None:
+            self.privileged_teacher.load_state_dict(state["privileged_teacher"])
 
     def _upgraded_dense_state(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
         """A dense-optimizer state written before the calibrators had a parameter group of their own, split.

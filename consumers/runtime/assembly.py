@@ -17,21 +17,21 @@ from consumers.core.batching import MiniBatcher
 from consumers.core.join import AttributionJoin, JoinConfig
 from consumers.core.pipeline import BatchHook, EventClock, LearnerPort, Pipeline, PipelineMetrics
 from consumers.runtime.config import Config
-from consumers.runtime.learner_process import build_learner, learner_port
+from consumers.runtime.learner_process import build_learner, learner_port, stream_model_config
 from consumers.runtime.ranks import RankedLearner, Ranks
 from consumers.runtime.telemetry import TrainerMetrics
 from models.config import ModelConfig
 from models.learner import resolve_device
 from models.river_baseline import RiverConfig
-from models.zoo import learner_config
 
 RANKS_WITHOUT_GRAPHS = ("model.cuda_graphs is for one trainer: several ranks exchange gradients or weights between "
                         "the parts of a step, which a captured step cannot (set it to false)")
 
 
 def model_config(cfg: Config) -> ModelConfig | RiverConfig:
-    """The learner's configuration described by the ``[model]`` section (``models.zoo.learner_config``)."""
-    return learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed)
+    """The learner's configuration described by the ``[model]`` section (``models.zoo.learner_config``); a
+    ``ValueError`` where a stream cannot train it."""
+    return stream_model_config(cfg)
 
 
 def model_device(cfg: Config) -> Any:

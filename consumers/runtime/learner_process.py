@@ -90,10 +90,21 @@ def _unpack(data: bytes) -> dict[str, Any]:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+def stream_model_config(cfg: Config) -> Any:
+    """The ``[model]`` section's learner configuration (``models.zoo.learner_config``), refused with the reason where
+    a stream cannot feed it: a privileged teacher reads outcomes that no event carries yet."""
+    config = learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed)
+    if getattr(config, "privileged", ()):
+        raise ValueError(f"model.options.privileged = {list(config.privileged)}: a privileged teacher reads outcomes "
+                         "known only after the impression, which the event stream does not carry yet; it trains in "
+                         "`crossdistil evaluate` from a data set's columns (models/privileged.py). Remove it here.")
+    return config
+
+
 def build_learner(cfg: Config) -> Any:
     """The learner of the ``[model]`` section (``models.zoo``): a rung of the ladder or a river peer; with
     ``model.cuda_graphs`` its full-size steps replay as CUDA graphs (``ValueError`` saying why where they cannot)."""
-    learner = make_learner(learner_config(cfg.model.tasks, cfg.model.options, seed=cfg.model.seed), cfg.model.device)
+    learner = make_learner(stream_model_config(cfg), cfg.model.device)
     if cfg.model.cuda_graphs:
         if not hasattr(learner, "use_cuda_graphs"):
             raise ValueError(f"model.cuda_graphs: {type(learner).__name__} learns one event at a time on the CPU; "

@@ -246,7 +246,10 @@ def load_encoded(dataset: Any, tasks: Sequence[str], spec: Any, limit: int = 0, 
     if columns is not None:
         return _encoded_columns(columns.head(limit) if limit else columns, tasks, spec, dataset.name)
     interactions = []
+    privileged = bool(getattr(dataset, "privileged_features", ()))
     for interaction in dataset.interactions():
+        if privileged and interaction.privileged:  # a privileged teacher's inputs (models.privileged.teacher_spec)
+            interaction = dataclasses.replace(interaction, features={**interaction.features, **interaction.privileged})
         interactions.append(interaction)
         if limit and len(interactions) >= limit:
             break
@@ -278,11 +281,31 @@ def _encoded_columns(columns: Any, tasks: Sequence[str], spec: Any, name: str) -
     factorized = {field: (column.values, column.codes) for field, column in columns.categorical.items()}
     factorized.update(user_id=(columns.user_id.values, columns.user_id.codes),
                       item_id=(columns.item_id.values, columns.item_id.codes))
-    arrays = encode_factorized(factorized, columns.numeric, (labels > 0).astype(np.float32),
+    # a mapping's privileged columns are numeric columns that only a privileged teacher's spec names
+    arrays = encode_factorized(factorized, {**columns.numeric, **columns.privileged}, (labels > 0).astype(np.float32),
                                (columns.user_id.values, columns.user_id.codes), spec)
     batch = batch_from_columns(arrays, tasks)
     return EncodedData(batch=batch, tasks=tuple(tasks), labels=batch.labels.numpy().copy(),
                        users=columns.user_id.strings(), ts_ms=columns.ts_ms)
+
+
+def privileged_spec(dataset: Any, spec: Any, privileged: Any) -> Any:
+    """The spec the data is encoded with: ``spec``, or with ``--model-option privileged=...`` the privileged
+    teacher's (``models.privileged.teacher_spec``: those columns after the numeric features). A ValueError where a
+    name is not one of the mapping's ``privileged`` columns."""
+    from models.config import ModelConfig  # lazy: the CLI starts without torch
+    from models.privileged import teacher_spec
+
+    if not privileged:
+        return spec
+    names = ModelConfig(features=spec, privileged=privileged).privileged
+    available = tuple(getattr(dataset, "privileged_features", ()))
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise ValueError(f"--model-option privileged: {missing} are not privileged columns of {dataset.name!r} (a "
+                         f"csv mapping's `privileged` list: outcomes known only after the impression); it has "
+                         f"{list(available) or 'none'}")
+    return teacher_spec(ModelConfig(features=spec, privileged=names))
 
 
 def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0) -> Any:
@@ -419,13 +442,21 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as exc:
             raise ValueError(f"--combined-weights: {exc}") from None
     spec = feature_spec_for(dataset, args.exclude_feature, args.hash_buckets)
+    data_spec = privileged_spec(dataset, spec, model_options.get("privileged"))
+    if data_spec is not spec:
+        peers = [c for c in configs if c in RIVER_CONFIGS + VW_CONFIGS]
+        if peers:
+            raise ValueError(f"--model-option privileged: a privileged teacher is the deep model's; run {peers} "
+                             "without it (a separate evaluate, merged with --from-results)")
+        if not args.variant:  # never the plain `mtl` of the paired differences
+            args.variant = "privileged"
 
     runs: list[dict[str, Any]] = []
     row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
     for tasks in task_sets:
         t0 = time.perf_counter()
-        data = load_encoded(dataset, tasks, spec, args.limit)
+        data = load_encoded(dataset, tasks, data_spec, args.limit)
         console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks} in {time.perf_counter() - t0:.1f}s")
         rows = evaluation_rows(len(data), args.train_fraction, args.tail_fraction, args.validation)
         if rows.validation:

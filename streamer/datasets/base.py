@@ -19,7 +19,9 @@ class Interaction:
     """One impression of an item to a user, with the outcome of every task.
 
     ``labels`` maps each task to 0 or 1. ``feedback_delay_ms`` maps each task whose label is 1 to the delay,
-    after ``ts_ms``, at which its feedback event happens (in event time).
+    after ``ts_ms``, at which its feedback event happens (in event time). ``privileged``: outcomes known only after
+    the impression (a mapping's ``privileged`` columns), read by ``crossdistil evaluate``'s privileged teacher and
+    never streamed (an impression event carries its ``features`` only).
     """
 
     impression_id: str
@@ -29,6 +31,7 @@ class Interaction:
     features: dict[str, FeatureValue] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     feedback_delay_ms: dict[str, int] = field(default_factory=dict)
+    privileged: dict[str, FeatureValue] = field(default_factory=dict)
 
 
 class Dataset(Protocol):

@@ -12,7 +12,7 @@ the rows, which raise their own error with its own message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ class TabularColumns:
     ``user_id`` and ``item_id``: the ids as the rows hold them (strings). ``categorical``: each categorical feature's
     cells, "" for an empty cell (the row path leaves that feature out, which encodes as ""). ``numeric``: float64,
     0.0 for an empty cell (the row path leaves it out, which encodes as 0). ``labels``: 0/1 per task (int64).
+    ``privileged``: the mapping's privileged columns like ``numeric``.
     """
 
     user_id: Factorized
@@ -48,6 +49,7 @@ class TabularColumns:
     categorical: dict[str, Factorized]
     numeric: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
+    privileged: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ts_ms)
@@ -58,7 +60,8 @@ class TabularColumns:
             return Factorized(column.values, column.codes[:n])
         return TabularColumns(cut(self.user_id), cut(self.item_id), self.ts_ms[:n],
                               {k: cut(v) for k, v in self.categorical.items()},
-                              {k: v[:n] for k, v in self.numeric.items()}, {k: v[:n] for k, v in self.labels.items()})
+                              {k: v[:n] for k, v in self.numeric.items()}, {k: v[:n] for k, v in self.labels.items()},
+                              {k: v[:n] for k, v in self.privileged.items()})
 
 
 def read_columns(dataset: Any) -> TabularColumns | None:
@@ -82,7 +85,7 @@ def _read_table(dataset: TabularDataset) -> Any:
     names = list(dataset._column_names)
     if len(set(names)) != len(names):
         raise DatasetError("repeated column names: the rows' dicts keep the last, which a columnar read cannot")
-    used = [m.user, m.item, m.time, *m.categorical, *m.numeric, *(t.column for t in m.tasks),
+    used = [m.user, m.item, m.time, *m.categorical, *m.numeric, *m.privileged, *(t.column for t in m.tasks),
             *(t.delay_column for t in m.tasks if t.delay_column is not None)]
     used = list(dict.fromkeys(used))
     return pcsv.read_csv(
@@ -135,4 +138,5 @@ def _columns(dataset: TabularDataset, table: Any) -> TabularColumns:
         user_id=_factorized(table, m.user), item_id=_factorized(table, m.item), ts_ms=ts,
         categorical={name: _factorized(table, name) for name in m.categorical},
         numeric={name: _cells_as(_factorized(table, name), number, np.float64) for name in m.numeric},
-        labels=labels)
+        labels=labels,
+        privileged={name: _cells_as(_factorized(table, name), number, np.float64) for name in m.privileged})

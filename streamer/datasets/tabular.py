@@ -15,6 +15,8 @@ A new data set needs a mapping file, not code. Every key, with an example (``map
     impression_id_prefix = "my"     # default: name
     categorical = ["city", "device"]  # categorical features (passed as str)
     numeric = ["duration"]          # numeric features (passed as int or float, raw)
+    privileged = ["play_time"]      # optional: numeric outcomes known only after the impression, never features;
+                                    # a privileged teacher reads them in `crossdistil evaluate` (models/privileged.py)
     assume_sorted = false           # true: the file is already in time order; stream it lazily (an
                                     # out-of-order row is an error). false (default): read all rows and
                                     # sort stably by time (ties keep file order).
@@ -48,7 +50,7 @@ FORMATS = ("csv", "tsv", "parquet")
 
 _TOP_LEVEL_KEYS = {
     "name", "format", "delimiter", "header", "columns", "user", "item", "time", "time_unit", "impression_id",
-    "impression_id_prefix", "categorical", "numeric", "assume_sorted", "tasks",
+    "impression_id_prefix", "categorical", "numeric", "privileged", "assume_sorted", "tasks",
 }
 _TASK_KEYS = {"column", "positive_at_least", "delay_column", "delay_unit", "delay_ms"}
 
@@ -87,6 +89,7 @@ class ColumnMapping:
     impression_id_prefix: str | None = None
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
+    privileged: tuple[str, ...] = ()  # outcomes known after the impression: a privileged teacher's inputs only
     assume_sorted: bool = False
 
 
@@ -166,8 +169,17 @@ def mapping_from_dict(raw: dict[str, Any], origin: str = "mapping") -> ColumnMap
         impression_id_prefix=raw.get("impression_id_prefix"),
         categorical=str_list("categorical"),
         numeric=str_list("numeric"),
+        privileged=_privileged(str_list("privileged"), str_list("categorical") + str_list("numeric"), origin),
         assume_sorted=bool(raw.get("assume_sorted", False)),
     )
+
+
+def _privileged(privileged: tuple[str, ...], features: tuple[str, ...], origin: str) -> tuple[str, ...]:
+    both = sorted(set(privileged) & set(features))
+    if both:
+        raise MappingError(f"{origin}: {both} are listed as features and as privileged; an outcome known only after "
+                           "the impression cannot be a feature (the served model would not have it)")
+    return privileged
 
 
 def to_epoch_ms(value: Any, unit: str) -> int:
@@ -215,6 +227,7 @@ class TabularDataset:
         self.tasks = tuple(t.name for t in mapping.tasks)
         self.categorical_features = mapping.categorical
         self.numeric_features = mapping.numeric
+        self.privileged_features = mapping.privileged
         self.format = mapping.format or self._format_from_suffix()
         self._prefix = mapping.impression_id_prefix or mapping.name
         self._column_names = self._read_column_names()
@@ -253,6 +266,7 @@ class TabularDataset:
         if m.impression_id:
             wanted.append((m.impression_id, "impression_id"))
         wanted += [(c, "categorical") for c in m.categorical] + [(c, "numeric") for c in m.numeric]
+        wanted += [(c, "privileged") for c in m.privileged]
         for task in m.tasks:
             wanted.append((task.column, f"tasks.{task.name}.column"))
             if task.delay_column:
@@ -312,7 +326,9 @@ class TabularDataset:
                 features[column] = str(row[column])
         for column in m.numeric:
             if not _is_empty(row[column]):
-                features[column] = _number(row[column])
+                features[column] = self._numeric_cell(row_index, row, column, "numeric")
+        privileged = {column: self._numeric_cell(row_index, row, column, "privileged")
+                      for column in m.privileged if not _is_empty(row[column])}
         impression_id = str(row[m.impression_id]) if m.impression_id else f"{self._prefix}-{row_index}"
         try:
             ts_ms = to_epoch_ms(row[m.time], m.time_unit)
@@ -329,7 +345,15 @@ class TabularDataset:
             features=features,
             labels=labels,
             feedback_delay_ms=delays,
+            privileged=privileged,
         )
+
+    def _numeric_cell(self, row_index: int, row: dict[str, Any], column: str, key: str) -> int | float:
+        try:
+            return _number(row[column])
+        except (TypeError, ValueError):
+            raise DatasetError(f"{self.source} data row {row_index}: '{row[column]}' in column '{column}' (mapping key "
+                               f"'{key}') is not a number") from None
 
     def interactions(self) -> Iterator[Interaction]:
         """Yield interactions in non-decreasing time (sorted stably unless ``assume_sorted``)."""

@@ -146,3 +146,33 @@ def test_the_load_bench_reads_both_ways_and_finds_them_equal(tmp_path: Path, cap
     assert module.main([str(path), str(mapping), "--rounds", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["events"] == 6 and result["same_arrays"] and len(result["seconds"]["rows"]) == 2
+
+
+def test_privileged_columns_are_read_both_ways_apart_from_the_features(tmp_path: Path) -> None:
+    from consumers.tools.evaluate import privileged_spec
+
+    data = dataset(tmp_path / "messy.csv", MESSY.replace("oops", "4"), numeric=[], privileged=["watch", "delay"])
+    assert data.privileged_features == ("watch", "delay")
+    first = next(iter(data.interactions()))
+    assert "watch" not in first.features and first.privileged == {"watch": 0}  # never an impression's feature
+    spec = feature_spec_for(data, [])
+    assert spec.numeric == ()  # the student's spec does not name them
+    teacher = privileged_spec(data, spec, "delay")
+    assert teacher.numeric == ("delay",)
+    columns, rows = (load_encoded(data, ("click",), teacher), load_encoded(data, ("click",), teacher, columnar=False))
+    assert_same(columns, rows)
+    assert float(columns.batch.numeric.abs().sum()) > 0
+    with pytest.raises(ValueError, match=r"\['unused'\] are not privileged columns of 'messy'"):
+        privileged_spec(data, spec, ["unused"])
+    with pytest.raises(ValueError, match=r"\['city'\] are features too"):
+        privileged_spec(data, spec, ["city"])
+    bad = dataset(tmp_path / "bad.csv", MESSY, numeric=[], privileged=["delay"])
+    with pytest.raises(DatasetError, match="data row 2: 'oops' in column 'delay' .mapping key 'privileged'. is not a"):
+        list(bad.interactions())
+
+
+def test_a_column_cannot_be_a_feature_and_privileged() -> None:
+    from streamer.datasets.tabular import MappingError
+
+    with pytest.raises(MappingError, match=r"\['watch'\] are listed as features and as privileged"):
+        mapping_from_dict({**MAPPING, "privileged": ["watch"]}, origin="test")

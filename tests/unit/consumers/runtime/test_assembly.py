@@ -52,3 +52,11 @@ def test_cuda_graphs_are_refused_with_the_reason_where_a_step_cannot_replay() ->
         build_learner(river)
     plain = load_config(None, env={}, overrides=SMALL + ["model.device=cpu"])
     assert model_device(plain).type == "cpu" and build_learner(plain).graphs is None
+
+
+def test_a_privileged_teacher_is_refused_where_the_stream_cannot_feed_it() -> None:
+    cfg = load_config(None, env={}, overrides=["model.options={privileged = ['play_time_ms']}"])
+    with pytest.raises(ValueError, match="the event stream does not carry yet"):
+        model_config(cfg)  # `crossdistil train --check-config`, the trainer and backtests
+    with pytest.raises(ValueError, match="the event stream does not carry yet"):
+        build_learner(cfg)
