@@ -55,6 +55,7 @@ from models.config import ModelConfig, split_config_name
 from models.crossdistil import crossdistil_loss
 from models.features import FeatureSpec, encode_rows, hash_bucket
 from models.learner import Learner
+from models.privileged import teacher_spec
 
 TASKS = ("click", "long_view")
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
@@ -69,9 +70,11 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
     duration = rng.exponential(30_000.0, n)
     click = rng.random(n) < 0.65
     long_view = rng.random(n) < np.where(click, 0.7, 0.02)
+    play = rng.random(n)  # drawn last: the rows' other fields are those of the bench before it
     return [
         {"user_id": str(users[i]), "item_id": str(items[i]),
-         "features": {"author_id": str(items[i] // 10), "hour": int(hours[i]), "duration_ms": float(duration[i])},
+         "features": {"author_id": str(items[i] // 10), "hour": int(hours[i]), "duration_ms": float(duration[i]),
+                      "play_ms": float(duration[i] * play[i])},  # read only by a privileged teacher's spec
          "labels": {"click": int(click[i]), "long_view": int(long_view[i])}}
         for i in range(n)
     ]
@@ -81,10 +84,16 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
 MODEL_SET: dict = {}
 
 
+# ``--compare mtl,mtl+privileged``: a configuration with a privileged teacher (models/privileged.py) reading play_ms
+PRIVILEGED = "+privileged"
+
+
 def config(buckets: int, sparse: bool, bf16: bool, name: str = "crossdistil") -> ModelConfig:
-    rung, preset = split_config_name(name)
+    privileged = ("play_ms",) if name.endswith(PRIVILEGED) else ()
+    rung, preset = split_config_name(name.removesuffix(PRIVILEGED))
     return ModelConfig(tasks=TASKS, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
-                       sparse_embeddings=sparse, bf16=bf16, rung=rung, **{**preset, **MODEL_SET})
+                       sparse_embeddings=sparse, bf16=bf16, rung=rung, **{**preset, **MODEL_SET},
+                       **({"privileged": privileged} if privileged else {}))
 
 
 def model_setting(text: str) -> tuple[str, object]:
@@ -107,15 +116,15 @@ def compare_configs(names: list[str], batch_sizes: list[int], rows: list[dict], 
     """Step time of each named configuration, interleaved over ``rounds``; ratio to the first, per round."""
     out = []
     for size in batch_sizes:
-        spec = config(buckets, True, False).features
-        batches = [encode_rows(rows[i * size:(i + 1) * size], spec, TASKS) for i in range(3)]
         learners = {name: Learner(config(buckets, True, bf16, name), device=device) for name in names}
-        for learner in learners.values():
-            time_steps(learner, batches, len(batches), 1)  # touch every row once
+        batches = {name: [encode_rows(rows[i * size:(i + 1) * size], teacher_spec(learner.config), TASKS)
+                          for i in range(3)] for name, learner in learners.items()}  # (= features, no teacher)
+        for name, learner in learners.items():
+            time_steps(learner, batches[name], len(batches[name]), 1)  # touch every row once
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(rounds):
             for name, learner in learners.items():
-                times[name].append(time_steps(learner, batches, 0, steps))
+                times[name].append(time_steps(learner, batches[name], 0, steps))
         base = names[0]
         entry: dict = {"batch": size, "step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
                        f"ratio_to_{base}": {n: statistics.median(a / b for a, b in zip(t, times[base]))
@@ -351,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the table-size sweep")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with bf16 matrix units)")
     parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
-                        help="configurations (RUNG or RUNG@PRESET) whose step cost is compared, the first as base")
+                        help="configurations (RUNG or RUNG@PRESET, +privileged for a privileged teacher) whose "
+                        "step cost is compared, the first as base")
     parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also plain steps against CUDA-graph replays of the default model (a CUDA device)")

@@ -62,7 +62,7 @@ def run(student_data, teacher_data, spec_s, spec_t, tasks, seed, lams, backbone,
             p_t = teacher.predict(tb)
         target = torch.stack([p_t[t] for t in tasks], dim=1)
         hard["labels"] = sb.labels
-        soft = (1.0 - lam) * sb.labels + lam * target
+        soft = torch.lerp(sb.labels, target, lam)  # as models.learner does
         _, p_s = student.step(Batch(sb.categorical, sb.numeric, soft, sb.user, tasks=sb.tasks))
         seen["student"].append(torch.stack([p_s[t] for t in tasks], dim=1))
     out = {}

@@ -31,8 +31,8 @@ def main(paths: list[str]) -> None:
         print(f"\n{','.join(tasks)} {key[1]} {key[2]} privileged={','.join(key[3])}{' after' if key[4] else ''}"
               f"{' TEST SPLIT' if key[5] else ' validation'}")
         base = {seed: r for (lam, seed), r in by.items() if all(v == 0 for v in json.loads(lam).values())}
-        base_auc = {t: statistics.fmean(r["student"][t] for r in base.values()) for t in tasks}
-        teacher = {t: statistics.fmean(r["teacher"][t] for r in base.values()) for t in tasks}
+        base_auc = {t: round(statistics.fmean(r["student"][t] for r in base.values()), 4) for t in tasks}
+        teacher = {t: round(statistics.fmean(r["teacher"][t] for r in base.values()), 4) for t in tasks}
         print(f"  mtl AUC {base_auc}; teacher AUC {teacher}")
         for lam in sorted({lam for lam, _ in by}):
             seeds = sorted(s for other, s in by if other == lam and s in base)
