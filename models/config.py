@@ -151,6 +151,9 @@ class ModelConfig:
     privileged: tuple[str, ...] = ()
     privileged_weight: float | dict[str, float] = 0.8  # lambda_k: one number, or task -> weight (0 else); chosen on
     # the validation slice of kuairand_pure (reports/kuairand_pure/README.md §2d)
+    # blend task k only while the teacher's windowed prequential AUC beats the student's (the trust gate's rule, with
+    # kd_gate_window, kd_gate_every and kd_gate_margin); False = from the first batch
+    privileged_gate: bool = False
 
     # optimisation
     lr: float = 1e-3

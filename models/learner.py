@@ -147,6 +147,10 @@ class Learner:
         # the student starts where a learner without it does.
         self.privileged_teacher = Learner(teacher_config(config), self.device) if config.privileged else None
         self._privileged_weights: dict[torch.device, torch.Tensor] = {}
+        # ... blended in per task only while it ranks better than the student (privileged_gate)
+        self.privileged_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
+                                          config.kd_gate_every, device=self.device)
+                                if config.privileged and config.privileged_gate else None)
 
     def use_cuda_graphs(self, warmup: int = 3, size: int | None = None) -> None:
         """Replay the step of each full-size batch as one CUDA graph from now on (models/graphs.py): a few plain
@@ -213,8 +217,10 @@ class Learner:
             student_batch = self._student_view(batch, training=True)
             _, teacher_report, teacher_probabilities = self.privileged_teacher._train(batch)
             batch = student_batch
-            targets = torch.lerp(batch.labels, teacher_probabilities.to(batch.labels.dtype),
-                                 self._privileged_weight(batch.labels.device))
+            blend = self._privileged_weight(batch.labels.device)
+            if self.privileged_gate is not None:
+                blend = blend * self.privileged_gate.open.to(blend.dtype)
+            targets = torch.lerp(batch.labels, teacher_probabilities.to(batch.labels.dtype), blend)
         self.model.train()
         with self._autocast():
             outputs = self.model(batch)
@@ -243,6 +249,10 @@ class Learner:
         if teacher_report is not None:  # the teacher's own BCE per task (its report: total, then bce/<task>)
             names += [f"privileged_bce/{task}" for task in tasks]
             parts.append(teacher_report[1:1 + len(tasks)].float())
+            if self.privileged_gate is not None:  # this step's gate (1 = blended), then the scores for the next
+                names += [f"privileged_gate/{task}" for task in tasks]
+                parts.append(self.privileged_gate.open.float().clone())
+                self.privileged_gate.update(batch.labels, outputs.student_logits, teacher_probabilities)
         return names, torch.cat(parts), probabilities
 
     def _student_view(self, batch: Batch, training: bool = False) -> Batch:
@@ -349,6 +359,7 @@ class Learner:
             **({"trust_gate": self.trust_gate.state_dict()} if self.trust_gate is not None else {}),
             **({"privileged_teacher": self.privileged_teacher.state_dict()}
                if self.privileged_teacher is not None else {}),
+            **({"privileged_gate": self.privileged_gate.state_dict()} if self.privileged_gate is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -383,6 +394,8 @@ class Learner:
             self.trust_gate.load_state_dict(state["trust_gate"])
         if self.privileged_teacher is not None:
             self.privileged_teacher.load_state_dict(state["privileged_teacher"])
+        if self.privileged_gate is not None:
+            self.privileged_gate.load_state_dict(state["privileged_gate"])
 
     def _upgraded_dense_state(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
         """A dense-optimizer state written before the calibrators had a parameter group of their own, split.

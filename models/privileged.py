@@ -11,7 +11,8 @@ its own BCE, and the student's BCE target for task k becomes
     (1 - lambda_k) * y_k + lambda_k * p_k(teacher),
 
 the teacher's probability taken before it learns from the batch (what a stream would have: the teacher never saw
-these labels). A teacher ahead of its student gives a target that is the student's own label with part of its noise
+these labels). With ``privileged_gate`` the blend of task k waits until the teacher's windowed prequential AUC beats
+the student's (the trust gate's rule, ``models.trust_gate``): lambda_k counts only while it does. A teacher ahead of its student gives a target that is the student's own label with part of its noise
 averaged out; the student's expected target is unchanged where the teacher is calibrated. Nothing else of the
 student changes: its counts, gates and pair sampling read the labels, its serving is the students alone.
 
@@ -45,4 +46,4 @@ def teacher_config(config: ModelConfig) -> ModelConfig:
     """The privileged teacher's model: the student's options (backbone, sizes, wide part, counts, seed), the
     plain multi-task rung (its own BCE per task, no teachers of its own), the privileged columns as inputs."""
     return dataclasses.replace(config, rung="mtl", features=teacher_spec(config), privileged=(),
-                               privileged_weight=0.5)
+                               privileged_gate=False)

@@ -151,3 +151,27 @@ def test_a_privileged_learner_is_not_captured_as_a_cuda_graph() -> None:
     learner = Learner(config())
     learner.device = torch.device("cuda")  # only the reasons are read: nothing runs on a GPU here
     assert "privileged teacher" in not_replayable(learner)
+
+
+def test_a_gated_blend_waits_until_the_teacher_ranks_better_and_is_checkpointed() -> None:
+    gated = config(privileged_gate=True, kd_gate_window=256, kd_gate_every=64)
+    learner, plain = Learner(gated), Learner(config(privileged=()))
+    full, student = batches(gated, 12), student_batches(gated, 12)
+    losses, got = learner.step(full[0])
+    _, expected = plain.step(student[0])
+    assert losses["privileged_gate/like"] == 0.0  # closed at first: the label alone, as without a teacher
+    assert torch.equal(got["like"], expected["like"])
+    opened = []
+    for batch in full[1:8]:
+        losses, _ = learner.step(batch)
+        opened.append(losses["privileged_gate/like"])
+    assert 1.0 in opened  # like is the play column's: the teacher leads once it has learned that
+    buffer = io.BytesIO()
+    torch.save(learner.state_dict(), buffer)  # (a copy: a live state_dict shares the optimizers' tensors)
+    buffer.seek(0)
+    resumed = Learner.from_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(resumed.privileged_gate.open, learner.privileged_gate.open)
+    for batch in full[8:]:
+        a, pa = learner.step(batch)
+        b, pb = resumed.step(batch)
+        assert a == b and torch.equal(pa["like"], pb["like"])
