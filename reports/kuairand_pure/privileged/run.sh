@@ -26,6 +26,22 @@ probe --tasks click,long_view --backbone shared_bottom,mmoe --seeds 0,1,2,3,4 --
   > "$OUT/val_cl8.jsonl"
 python reports/kuairand_pure/privileged/summary.py "$OUT"/*.jsonl
 
+# 1b. the same slice through `crossdistil evaluate --validation`, blended from the start or gated
+vevaluate() {
+  .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
+    --tasks finish,like --backbone shared_bottom,mmoe --configs mtl --seeds 5 --mode both --validation \
+    --batch-size 256 --hash-buckets 262144 --threads 1 --device cpu "$@"
+}
+vevaluate --out "$OUT/v_mtl"
+vevaluate --model-option privileged=$EIGHT --variant privileged --out "$OUT/v_priv"
+vevaluate --model-option privileged=$EIGHT --model-option privileged_gate=true --variant privileged_gated \
+  --out "$OUT/v_gated"
+.venv/bin/crossdistil evaluate --from-results "$OUT"/v_{mtl,priv,gated}/results.json \
+  --out reports/kuairand_pure/privileged/validation_evaluate \
+  --title "KuaiRand-Pure validation slice (finish, like): the privileged teacher, blended from the start or gated"
+python reports/kuairand_pure/summarize.py reports/kuairand_pure/privileged/validation_evaluate/results.json \
+  > reports/kuairand_pure/privileged/validation_evaluate/tables.md
+
 # 2. the test split: plain mtl and mtl with the chosen privileged teacher (the eight columns, privileged_weight 0.8)
 evaluate() {
   .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
