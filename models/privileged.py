@@ -11,14 +11,16 @@ its own BCE, and the student's BCE target for task k becomes
     (1 - lambda_k) * y_k + lambda_k * p_k(teacher),
 
 the teacher's probability taken before it learns from the batch (what a stream would have: the teacher never saw
-these labels). With ``privileged_gate`` the blend of task k waits until the teacher's windowed prequential AUC beats
-the student's (the trust gate's rule, ``models.trust_gate``): lambda_k counts only while it does. A teacher ahead of its student gives a target that is the student's own label with part of its noise
-averaged out; the student's expected target is unchanged where the teacher is calibrated. Nothing else of the
-student changes: its counts, gates and pair sampling read the labels, its serving is the students alone.
+these labels). A teacher ahead of its student gives a target that is the student's own label with part of its
+noise averaged out; the student's expected target is unchanged where the teacher is calibrated. Nothing else of the
+student changes: its counts, gates and pair sampling read the labels, its serving is the students alone. With
+``privileged_gate`` the blend of task k waits until the teacher's windowed prequential AUC beats the student's (the
+trust gate's rule, ``models.trust_gate``): lambda_k counts only while it does.
 
-Batches for such a learner carry the privileged columns after the student's numeric features (``student_spec``
-and ``teacher_spec``: the data set is encoded with the teacher's spec and the student reads the first columns).
-docs/method.md ("The privileged teacher") and reports/kuairand_pure/README.md (§2d, §3c) say what it buys.
+Batches for such a learner carry the privileged columns after the student's numeric features (``teacher_spec``: the
+data set is encoded with the teacher's spec and the student reads the first columns). docs/method.md ("A teacher
+that knows more") and reports/kuairand_pure/README.md (§2d, §3c) say what it buys: on KuaiRand-Pure a small gain,
+short of issue 13's bars.
 """
 
 from __future__ import annotations
