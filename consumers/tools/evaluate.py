@@ -289,15 +289,29 @@ def _encoded_columns(columns: Any, tasks: Sequence[str], spec: Any, name: str) -
                        users=columns.user_id.strings(), ts_ms=columns.ts_ms)
 
 
-def privileged_spec(dataset: Any, spec: Any, privileged: Any) -> Any:
+def _specs(args: argparse.Namespace, dataset: Any, configs: Sequence[str], model_options: dict) -> tuple[Any, Any]:
+    """The students' feature spec and the spec the data is encoded with (``privileged_spec``); with a privileged
+    teacher and no ``--variant``, the variant ``privileged`` (never the plain ``mtl`` of the paired differences)."""
+    spec = feature_spec_for(dataset, args.exclude_feature, args.hash_buckets)
+    data_spec = privileged_spec(dataset, spec, model_options.get("privileged"), configs)
+    if data_spec is not spec and not args.variant:
+        args.variant = "privileged"
+    return spec, data_spec
+
+
+def privileged_spec(dataset: Any, spec: Any, privileged: Any, configs: Sequence[str] = ()) -> Any:
     """The spec the data is encoded with: ``spec``, or with ``--model-option privileged=...`` the privileged
     teacher's (``models.privileged.teacher_spec``: those columns after the numeric features). A ValueError where a
-    name is not one of the mapping's ``privileged`` columns."""
+    name is not one of the mapping's ``privileged`` columns, or a peer of ``configs`` would be given the teacher."""
     from models.config import ModelConfig  # lazy: the CLI starts without torch
     from models.privileged import teacher_spec
 
     if not privileged:
         return spec
+    peers = [c for c in configs if c in RIVER_CONFIGS + VW_CONFIGS]
+    if peers:
+        raise ValueError(f"--model-option privileged: a privileged teacher is the deep model's; run {peers} without "
+                         "it (a separate evaluate, merged with --from-results)")
     names = ModelConfig(features=spec, privileged=privileged).privileged
     available = tuple(getattr(dataset, "privileged_features", ()))
     missing = [name for name in names if name not in available]
@@ -441,15 +455,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             combined_weights_for(tasks, combined_weights)
         except ValueError as exc:
             raise ValueError(f"--combined-weights: {exc}") from None
-    spec = feature_spec_for(dataset, args.exclude_feature, args.hash_buckets)
-    data_spec = privileged_spec(dataset, spec, model_options.get("privileged"))
-    if data_spec is not spec:
-        peers = [c for c in configs if c in RIVER_CONFIGS + VW_CONFIGS]
-        if peers:
-            raise ValueError(f"--model-option privileged: a privileged teacher is the deep model's; run {peers} "
-                             "without it (a separate evaluate, merged with --from-results)")
-        if not args.variant:  # never the plain `mtl` of the paired differences
-            args.variant = "privileged"
+    spec, data_spec = _specs(args, dataset, configs, model_options)
 
     runs: list[dict[str, Any]] = []
     row_ranges: dict[str, Any] = {}
