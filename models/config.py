@@ -73,6 +73,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "kd_gate_window": 20000, "kd_gate_every": 2048,
     "wide": "none", "wide_lr": 0.1, "wide_crosses": [], "wide_decay": 1.0, "embedding_optimizer": "adam",
     "count_features": [], "count_smoothing": 5.0, "count_half_life": 0,
+    "privileged": [], "privileged_weight": 0.8, "privileged_gate": False,  # no privileged teacher
 }
 
 

@@ -175,3 +175,12 @@ def test_a_gated_blend_waits_until_the_teacher_ranks_better_and_is_checkpointed(
         a, pa = learner.step(batch)
         b, pb = resumed.step(batch)
         assert a == b and torch.equal(pa["like"], pb["like"])
+
+
+def test_a_checkpoint_from_before_the_privileged_teacher_loads() -> None:
+    today = config(privileged=(), privileged_weight=ModelConfig().privileged_weight)  # the defaults
+    state = Learner(today).state_dict()
+    for key in ("privileged", "privileged_weight", "privileged_gate"):
+        state["config"].pop(key)  # what a checkpoint written before these options holds
+    assert Learner.from_state_dict(state).privileged_teacher is None
+    Learner(today).load_state_dict(state)  # a trainer of today restoring it
