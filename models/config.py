@@ -6,7 +6,7 @@ total loss (alpha_k, beta_k) is a field, per task or shared.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -145,9 +145,9 @@ class ModelConfig:
     count_smoothing: float = 5.0  # a: a value seen n times reads (positives + a * prior) / (n + a)
     count_half_life: int = 0  # the counts forget half of themselves every this many rows (0 = never)
 
-    # [ours] a privileged teacher (models/privileged.py; docs/method.md "The privileged teacher"): a second model that
-    # also reads these numeric outcomes, known only after the impression (dwell times, profile visits), trains beside
-    # the student; the student's BCE target becomes (1 - lambda_k) * y_k + lambda_k * the teacher's prediction.
+    # [ours] a privileged teacher (models/privileged.py; docs/method.md "A teacher that knows more"): a second model
+    # that also reads these numeric outcomes, known only after the impression (dwell times, profile visits), trains
+    # beside the student; the student's BCE target becomes (1 - lambda_k) * y_k + lambda_k * the teacher's prediction.
     # Serving never sees them. () = none.
     privileged: tuple[str, ...] = ()
     privileged_weight: float | dict[str, float] = 0.8  # lambda_k: one number, or task -> weight (0 else); chosen on
@@ -173,12 +173,8 @@ class ModelConfig:
         if isinstance(self.wide_crosses, str):  # "a*b,c*d" from a command line
             self.wide_crosses = tuple(c for c in self.wide_crosses.split(",") if c.strip())
         self.wide_crosses = tuple(self.wide_crosses)
-        if isinstance(self.count_features, str):  # "user_id,item_id" from a command line
-            self.count_features = tuple(f.strip() for f in self.count_features.split(",") if f.strip())
-        self.count_features = tuple(self.count_features)
-        if isinstance(self.privileged, str):  # "play_time_ms,is_follow" from a command line
-            self.privileged = tuple(f.strip() for f in self.privileged.split(",") if f.strip())
-        self.privileged = tuple(self.privileged)
+        self.count_features = _names(self.count_features)
+        self.privileged = _names(self.privileged)
         self.privileged_weight = _task_weight_items(self.privileged_weight)
         if isinstance(self.features, dict):
             self.features = FeatureSpec.from_dict(self.features)
@@ -270,19 +266,17 @@ class ModelConfig:
         i = self.tasks.index(task)
         return self.tasks[(i + 1) % len(self.tasks)]
 
-    def task_weights(self, name: str) -> list[float]:
-        """alpha_k (``kd_weight``) or beta_k (``aux_weight``) as a list in task order."""
+    def task_weights(self, name: str, missing: float = 1.0) -> list[float]:
+        """alpha_k (``kd_weight``), beta_k (``aux_weight``) or lambda_k (``privileged_weight``) as a list in task
+        order; a task that a mapping leaves out gets ``missing``."""
         value = getattr(self, name)
         if isinstance(value, dict):
-            return [float(value.get(t, 1.0)) for t in self.tasks]
+            return [float(value.get(t, missing)) for t in self.tasks]
         return [float(value)] * len(self.tasks)
 
     def privileged_weights(self) -> list[float]:
         """lambda_k of the privileged teacher in task order (a task a mapping leaves out: 0, its own label alone)."""
-        value = self.privileged_weight
-        if isinstance(value, dict):
-            return [float(value.get(t, 0.0)) for t in self.tasks]
-        return [float(value)] * len(self.tasks)
+        return self.task_weights("privileged_weight", missing=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, dicts, str, numbers), for checkpoints and serving metadata."""
@@ -295,6 +289,17 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return from_known_fields(cls, data, "model")
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Column names as a tuple; a command line's ``"user_id, item_id"`` split at its commas.
+
+    >>> _names("play_time_ms, is_follow"), _names(["user_id"])
+    (('play_time_ms', 'is_follow'), ('user_id',))
+    """
+    if isinstance(value, str):
+        return tuple(f.strip() for f in value.split(",") if f.strip())
+    return tuple(value)
 
 
 def _task_weight_items(value: Any) -> float | dict[str, float]:

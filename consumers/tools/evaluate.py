@@ -312,14 +312,14 @@ def privileged_spec(dataset: Any, spec: Any, privileged: Any, configs: Sequence[
     if peers:
         raise ValueError(f"--model-option privileged: a privileged teacher is the deep model's; run {peers} without "
                          "it (a separate evaluate, merged with --from-results)")
-    names = ModelConfig(features=spec, privileged=privileged).privileged
+    config = ModelConfig(features=spec, privileged=privileged)  # the names as the learner will read them
     available = tuple(getattr(dataset, "privileged_features", ()))
-    missing = [name for name in names if name not in available]
+    missing = [name for name in config.privileged if name not in available]
     if missing:
         raise ValueError(f"--model-option privileged: {missing} are not privileged columns of {dataset.name!r} (a "
                          f"csv mapping's `privileged` list: outcomes known only after the impression); it has "
                          f"{list(available) or 'none'}")
-    return teacher_spec(ModelConfig(features=spec, privileged=names))
+    return teacher_spec(config)
 
 
 def feature_spec_for(dataset: Any, exclude: Sequence[str], hash_buckets: int = 0) -> Any:

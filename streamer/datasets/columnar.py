@@ -134,9 +134,10 @@ def _columns(dataset: TabularDataset, table: Any) -> TabularColumns:
     def number(cell: str) -> float:  # an empty cell leaves the feature out: encoded as 0
         return 0.0 if _is_empty(cell) else float(_number(cell))
 
+    def numbers(names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        return {name: _cells_as(_factorized(table, name), number, np.float64) for name in names}
+
     return TabularColumns(
         user_id=_factorized(table, m.user), item_id=_factorized(table, m.item), ts_ms=ts,
         categorical={name: _factorized(table, name) for name in m.categorical},
-        numeric={name: _cells_as(_factorized(table, name), number, np.float64) for name in m.numeric},
-        labels=labels,
-        privileged={name: _cells_as(_factorized(table, name), number, np.float64) for name in m.privileged})
+        numeric=numbers(m.numeric), labels=labels, privileged=numbers(m.privileged))
