@@ -67,7 +67,8 @@ class EncodedData:
     """A whole data set, encoded once and kept in time order, plus what the metrics need in numpy form.
 
     ``batch`` is one ``models.features.Batch`` holding every row; ``labels`` is [N, K] in ``tasks`` order;
-    ``users`` holds the raw user ids (for GAUC); ``ts_ms`` the event times.
+    ``users`` holds the raw user ids (for GAUC); ``ts_ms`` the event times. ``auxiliary``: the last tasks of
+    ``tasks``, which the learner learns from but the metrics leave out (``scored_tasks``, ``scored_labels``).
     """
 
     batch: Any
@@ -75,9 +76,27 @@ class EncodedData:
     labels: np.ndarray
     users: np.ndarray
     ts_ms: np.ndarray
+    auxiliary: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.tasks, self.auxiliary = tuple(self.tasks), tuple(self.auxiliary)
+        if self.auxiliary and (self.tasks[len(self.tasks) - len(self.auxiliary):] != self.auxiliary
+                               or len(self.auxiliary) >= len(self.tasks)):
+            raise ValueError(f"auxiliary tasks {list(self.auxiliary)} must be the last of the tasks "
+                             f"{list(self.tasks)}, after at least one scored task")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def scored_tasks(self) -> tuple[str, ...]:
+        """The tasks the metrics report: all but the auxiliary ones."""
+        return self.tasks[:len(self.tasks) - len(self.auxiliary)]
+
+    @property
+    def scored_labels(self) -> np.ndarray:
+        """``labels`` of ``scored_tasks``: [N, K - auxiliary]."""
+        return self.labels[:, :len(self.scored_tasks)]
 
     def rows(self, start: int, stop: int) -> Any:
         """The rows [start, stop) as a Batch (a view where the Batch type allows it)."""
@@ -86,7 +105,7 @@ class EncodedData:
     def head(self, n_rows: int) -> EncodedData:
         """The first ``n_rows`` events (in time order) as an EncodedData of their own."""
         return EncodedData(batch=self.rows(0, n_rows), tasks=self.tasks, labels=self.labels[:n_rows],
-                           users=self.users[:n_rows], ts_ms=self.ts_ms[:n_rows])
+                           users=self.users[:n_rows], ts_ms=self.ts_ms[:n_rows], auxiliary=self.auxiliary)
 
 
 def slice_batch(batch: Any, index: slice | torch.Tensor, n_rows: int) -> Any:
@@ -253,7 +272,8 @@ def run_time_split(
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    combined_weights = combined_weights_for(data.tasks, combined_weights)  # fail before training, not after
+    tasks = data.scored_tasks
+    combined_weights = combined_weights_for(tasks, combined_weights)  # fail before training, not after
     started = time.perf_counter()
     n = len(data)
     n_train = split_boundary(n, train_fraction)
@@ -261,7 +281,7 @@ def run_time_split(
         raise ValueError(f"{n} events are too few for a {train_fraction:.0%} time split")
     steps_per_epoch = -(-n_train // batch_size)
     marks = _curve_marks(steps_per_epoch * epochs, curve_points)
-    test_labels = data.labels[n_train:]
+    test_labels = data.scored_labels[n_train:]
     test_users = data.users[n_train:]
     curve: list[dict[str, Any]] = []
     loss_sums = LossMeans()
@@ -284,13 +304,13 @@ def run_time_split(
                     "events": events_seen,
                     "fraction": step_index / (steps_per_epoch * epochs),
                     "auc": {task: m["auc"] for task, m in
-                            evaluate_predictions(test_labels, predictions, test_users, data.tasks, {}).items()},
+                            evaluate_predictions(test_labels, predictions, test_users, tasks, {}).items()},
                 })
         if pending is not None:
             loss_sums.add(pending.result()[0])
     predictions = predict_in_chunks(learner, data, n_train, n)
-    metrics = {"test": evaluate_predictions(test_labels, predictions, test_users, data.tasks, partners)}
-    combined = {"test": combined_metrics(test_labels, predictions, test_users, data.tasks, combined_weights)}
+    metrics = {"test": evaluate_predictions(test_labels, predictions, test_users, tasks, partners)}
+    combined = {"test": combined_metrics(test_labels, predictions, test_users, tasks, combined_weights)}
     return RunResult(
         mode="split",
         metrics=metrics,
@@ -321,16 +341,17 @@ def run_prequential(
     """
     if not 0.0 < tail_fraction <= 1.0:
         raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
-    combined_weights = combined_weights_for(data.tasks, combined_weights)  # fail before training, not after
+    tasks, labels = data.scored_tasks, data.scored_labels
+    combined_weights = combined_weights_for(tasks, combined_weights)  # fail before training, not after
     started = time.perf_counter()
     n = len(data)
-    parts: dict[str, list[np.ndarray]] = {task: [] for task in data.tasks}
+    parts: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
     loss_sums = LossMeans()
 
     def read(pending: Any, hi: int) -> None:
         losses, scored_before_update = pending.result()
-        chunk = _to_numpy(scored_before_update, data.tasks)
-        for task in data.tasks:
+        chunk = _to_numpy(scored_before_update, tasks)
+        for task in tasks:
             parts[task].append(chunk[task])
         loss_sums.add(losses)
         if on_step is not None:
@@ -344,24 +365,24 @@ def run_prequential(
         pending = issued, min(n, lo + batch_size)
     if pending is not None:
         read(*pending)
-    predictions = {task: np.concatenate(parts[task]) for task in data.tasks}
+    predictions = {task: np.concatenate(parts[task]) for task in tasks}
     tail = tail_start(n, tail_fraction)
     tail_predictions = {t: p[tail:] for t, p in predictions.items()}
     metrics = {
-        "all": evaluate_predictions(data.labels, predictions, data.users, data.tasks, partners),
-        "tail": evaluate_predictions(data.labels[tail:], tail_predictions, data.users[tail:], data.tasks, partners),
+        "all": evaluate_predictions(labels, predictions, data.users, tasks, partners),
+        "tail": evaluate_predictions(labels[tail:], tail_predictions, data.users[tail:], tasks, partners),
     }
     combined = {
-        "all": combined_metrics(data.labels, predictions, data.users, data.tasks, combined_weights),
-        "tail": combined_metrics(data.labels[tail:], tail_predictions, data.users[tail:], data.tasks, combined_weights),
+        "all": combined_metrics(labels, predictions, data.users, tasks, combined_weights),
+        "tail": combined_metrics(labels[tail:], tail_predictions, data.users[tail:], tasks, combined_weights),
     }
     curve = []
     bounds = np.linspace(0, n, max(1, curve_points) + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi <= lo:
             continue
-        window = evaluate_predictions(data.labels[lo:hi], {t: p[lo:hi] for t, p in predictions.items()},
-                                      data.users[lo:hi], data.tasks, {})
+        window = evaluate_predictions(labels[lo:hi], {t: p[lo:hi] for t, p in predictions.items()},
+                                      data.users[lo:hi], tasks, {})
         curve.append({"events": int(hi), "fraction": hi / n, "auc": {task: m["auc"] for task, m in window.items()}})
     return RunResult(
         mode="prequential",

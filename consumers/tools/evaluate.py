@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", action="append", default=[], metavar="T1,T2",
                         help="comma-separated tasks; repeat the flag to evaluate several task sets "
                              "(default: the data set's first two tasks)")
+    parser.add_argument("--aux-tasks", default="", metavar="T1,T2",
+                        help="comma-separated tasks of the data set the models also learn but the report leaves out "
+                             "(auxiliary outcomes, e.g. follow,comment): each --tasks set is learnt with them; the "
+                             "configurations are reported as CONFIG[aux] unless --variant names them")
     parser.add_argument("--backbone", default="shared_bottom",
                         help=f"comma-separated backbones among {','.join(BACKBONES)} (default shared_bottom)")
     parser.add_argument("--configs", default=",".join(LADDER),
@@ -290,12 +294,14 @@ def _encoded_columns(columns: Any, tasks: Sequence[str], spec: Any, name: str) -
 
 
 def _specs(args: argparse.Namespace, dataset: Any, configs: Sequence[str], model_options: dict) -> tuple[Any, Any]:
-    """The students' feature spec and the spec the data is encoded with (``privileged_spec``); with a privileged
-    teacher and no ``--variant``, the variant ``privileged`` (never the plain ``mtl`` of the paired differences)."""
+    """The students' feature spec and the spec the data is encoded with (``privileged_spec``). Without
+    ``--variant``, a privileged teacher or ``--aux-tasks`` name the variant (``privileged``, ``aux``,
+    ``privileged+aux``): never the plain ``mtl`` of the paired differences."""
     spec = feature_spec_for(dataset, args.exclude_feature, args.hash_buckets)
     data_spec = privileged_spec(dataset, spec, model_options.get("privileged"), configs)
-    if data_spec is not spec and not args.variant:
-        args.variant = "privileged"
+    named = ["privileged"] * (data_spec is not spec) + ["aux"] * bool(args.aux_tasks)
+    if named and not args.variant:
+        args.variant = "+".join(named)
     return spec, data_spec
 
 
@@ -424,7 +430,6 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     import torch  # lazy: torch and the models below load only when a grid runs (the CLI starts without torch)
     from rich.console import Console
 
-    from models.evaluation import combined_weights_for
     from models.learner import resolve_device
 
     if not args.dataset or not args.source:
@@ -446,24 +451,18 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                          f"GPU); the device is {device}")
     console = Console(stderr=True)
     dataset = open_dataset(args.dataset, args.source, mapping=args.mapping, **parse_pairs(args.option, "--option"))
-    task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
-    for tasks in task_sets:
-        missing = [t for t in tasks if t not in dataset.tasks]
-        if missing:
-            raise ValueError(f"--tasks: {missing} are not tasks of {dataset.name!r}; it has {list(dataset.tasks)}")
-        try:
-            combined_weights_for(tasks, combined_weights)
-        except ValueError as exc:
-            raise ValueError(f"--combined-weights: {exc}") from None
+    task_sets = _task_sets(args, dataset, combined_weights)
     spec, data_spec = _specs(args, dataset, configs, model_options)
+    renaming = list(model_options) + (["aux_tasks"] if args.aux_tasks else [])  # what makes mtl a variant
 
     runs: list[dict[str, Any]] = []
     row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
-    for tasks in task_sets:
+    for tasks, aux in task_sets:
         t0 = time.perf_counter()
-        data = load_encoded(dataset, tasks, data_spec, args.limit)
-        console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks} in {time.perf_counter() - t0:.1f}s")
+        data = dataclasses.replace(load_encoded(dataset, tasks + aux, data_spec, args.limit), auxiliary=tuple(aux))
+        console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks + aux} in "
+                    f"{time.perf_counter() - t0:.1f}s")
         rows = evaluation_rows(len(data), args.train_fraction, args.tail_fraction, args.validation)
         if rows.validation:
             data = data.head(rows.limit)
@@ -476,7 +475,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             done = 0
             for mode, backbone, rung, seed in combos:
                 progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
-                learner = seeded_learner(tasks, backbone, rung, seed, spec, model_options, device)
+                learner = seeded_learner(tasks + aux, backbone, rung, seed, spec, model_options, device)
                 if args.cuda_graphs and hasattr(learner, "use_cuda_graphs"):  # a ValueError says why it cannot
                     learner.use_cuda_graphs()
                 result = _run_one(args, mode, learner, data, rows, combined_weights,
@@ -487,7 +486,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                 aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)
                 progress.console.log(f"{mode} {backbone} {rung} seed {seed}: {window} AUC {aucs} "
                                      f"({result.seconds:.1f}s)")
-                runs.append({"tasks": list(tasks), "config": variant_name(rung, args.variant, model_options),
+                runs.append({"tasks": list(tasks), **({"aux_tasks": aux} if aux else {}),
+                             "config": variant_name(rung, args.variant, renaming),
                              "backbone": backbone, "seed": seed, **dataclasses.asdict(result)})
     return {
         "dataset": dataset.name,
@@ -501,12 +501,31 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) -> list[tuple[list[str], list[str]]]:
+    """Each ``--tasks`` set with the ``--aux-tasks`` it also learns (those of the set itself left out). A ValueError
+    names a task the data set lacks or combined weights that do not fit a set."""
+    from models.evaluation import combined_weights_for  # lazy: the CLI starts without torch
+
+    aux = parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else []
+    task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
+    for flag, names in [("--tasks", tasks) for tasks in task_sets] + [("--aux-tasks", aux)]:
+        missing = [t for t in names if t not in dataset.tasks]
+        if missing:
+            raise ValueError(f"{flag}: {missing} are not tasks of {dataset.name!r}; it has {list(dataset.tasks)}")
+    for tasks in task_sets:
+        try:
+            combined_weights_for(tasks, combined_weights)
+        except ValueError as exc:
+            raise ValueError(f"--combined-weights: {exc}") from None
+    return [(tasks, [t for t in dict.fromkeys(aux) if t not in tasks]) for tasks in task_sets]
+
+
 def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows: EvaluationRows,
              combined_weights: Any, on_step: Any) -> Any:
     """One time-split or prequential run of ``learner`` (``models.evaluation``)."""
     from models.evaluation import default_partners, run_prequential, run_time_split  # lazy: no torch for --help
 
-    partners = default_partners(data.tasks)
+    partners = default_partners(data.scored_tasks)
     device = getattr(learner, "device", None)
     if device is not None and device.type == "cuda":  # the data set on the GPU once: no copy from the host per step
         data = dataclasses.replace(data, batch=data.batch.to(device))
@@ -526,6 +545,7 @@ def _protocol(args: argparse.Namespace, spec: Any, model_options: dict, combined
         "tail_fraction": VALIDATION_TEST_FRACTION if args.validation else args.tail_fraction, "epochs": args.epochs,
         "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
         "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
+        "aux_tasks": parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else [],
         "combined_weights": combined_weights,  # None: 1 per task
         "validation": bool(args.validation),
         **({"validation_rows": row_ranges, "validation_test_fraction": VALIDATION_TEST_FRACTION}
