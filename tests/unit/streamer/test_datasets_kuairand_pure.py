@@ -49,18 +49,20 @@ def test_every_side_feature_is_a_feature_and_no_outcome_is(head) -> None:
     assert "date" not in dataset.categorical_features  # a day id carries nothing to unseen test days
 
 
-def test_the_first_rows_are_in_time_order_with_side_features_and_four_tasks(head) -> None:
+def test_the_first_rows_are_in_time_order_with_side_features_and_eight_tasks(head) -> None:
     dataset, rows = head
-    assert dataset.tasks == ("click", "long_view", "finish", "like")
+    assert dataset.tasks == ("click", "long_view", "finish", "like", "follow", "comment", "forward", "profile_enter")
     assert all(a.ts_ms <= b.ts_ms for a, b in zip(rows, rows[1:]))
     first = rows[0]  # the README's first data row
     assert (first.user_id, first.item_id, first.ts_ms) == ("712", "5239", 1650812741436)
     assert first.features["user_active_degree"] == "full_active" and first.features["author_id"] == "8079479"
-    assert first.labels == {"click": 1, "long_view": 1, "finish": 1, "like": 0}
+    assert first.labels == {"click": 1, "long_view": 1, "finish": 1, "like": 0, "follow": 0, "comment": 0,
+                            "forward": 0, "profile_enter": 0}
     assert first.feedback_delay_ms["long_view"] == 61802  # play_time_ms: when the view ended
     assert "video_tag" not in rows[1].features  # an empty cell leaves the feature out
     rates = {t: sum(r.labels[t] for r in rows) / len(rows) for t in dataset.tasks}
     assert 0.3 < rates["click"] < 0.6 and 0.2 < rates["long_view"] < 0.45 and rates["like"] < 0.05
+    assert all(rates[t] < 0.05 for t in ("follow", "comment", "forward", "profile_enter"))
 
 
 def test_a_model_trains_on_every_feature_of_the_mapping(head) -> None:
