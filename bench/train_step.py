@@ -58,6 +58,9 @@ from models.learner import Learner
 from models.privileged import teacher_spec
 
 TASKS = ("click", "long_view")
+# ``--compare mtl,mtl+aux``: six more tasks learnt beside the two (evaluate --aux-tasks), at KuaiRand-Pure's rates
+AUX_TASKS = ("follow", "comment", "forward", "profile_enter", "finish", "like")
+AUX = "+aux"
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
 
 
@@ -70,12 +73,14 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
     duration = rng.exponential(30_000.0, n)
     click = rng.random(n) < 0.65
     long_view = rng.random(n) < np.where(click, 0.7, 0.02)
-    play = rng.random(n)  # drawn last: the rows' other fields are those of the bench before it
+    play = rng.random(n)  # drawn after the rest: the rows' other fields are those of the bench before it
+    aux = rng.random((n, len(AUX_TASKS))) < np.array([0.0013, 0.0025, 0.0009, 0.0185, 0.137, 0.017])  # ... and last
     return [
         {"user_id": str(users[i]), "item_id": str(items[i]),
          "features": {"author_id": str(items[i] // 10), "hour": int(hours[i]), "duration_ms": float(duration[i]),
                       "play_ms": float(duration[i] * play[i])},  # read only by a privileged teacher's spec
-         "labels": {"click": int(click[i]), "long_view": int(long_view[i])}}
+         "labels": {"click": int(click[i]), "long_view": int(long_view[i]),
+                    **{t: int(aux[i, k]) for k, t in enumerate(AUX_TASKS)}}}  # learnt only by a "+aux" configuration
         for i in range(n)
     ]
 
@@ -89,9 +94,15 @@ PRIVILEGED = "+privileged"
 
 
 def config(buckets: int, sparse: bool, bf16: bool, name: str = "crossdistil") -> ModelConfig:
-    privileged = ("play_ms",) if name.endswith(PRIVILEGED) else ()
-    rung, preset = split_config_name(name.removesuffix(PRIVILEGED))
-    return ModelConfig(tasks=TASKS, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
+    """The bench model of ``name``: RUNG or RUNG@PRESET, then ``+aux`` and/or ``+privileged`` in any order."""
+    suffixes = [s for s in (AUX, PRIVILEGED) if s in name]
+    base = name
+    for suffix in suffixes:
+        base = base.replace(suffix, "")
+    privileged = ("play_ms",) if PRIVILEGED in suffixes else ()
+    tasks = TASKS + AUX_TASKS if AUX in suffixes else TASKS
+    rung, preset = split_config_name(base)
+    return ModelConfig(tasks=tasks, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
                        sparse_embeddings=sparse, bf16=bf16, rung=rung, **{**preset, **MODEL_SET},
                        **({"privileged": privileged} if privileged else {}))
 
@@ -117,7 +128,8 @@ def compare_configs(names: list[str], batch_sizes: list[int], rows: list[dict], 
     out = []
     for size in batch_sizes:
         learners = {name: Learner(config(buckets, True, bf16, name), device=device) for name in names}
-        batches = {name: [encode_rows(rows[i * size:(i + 1) * size], teacher_spec(learner.config), TASKS)
+        batches = {name: [encode_rows(rows[i * size:(i + 1) * size], teacher_spec(learner.config),
+                                        learner.config.tasks)
                           for i in range(3)] for name, learner in learners.items()}  # (= features, no teacher)
         for name, learner in learners.items():
             time_steps(learner, batches[name], len(batches[name]), 1)  # touch every row once
@@ -360,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the table-size sweep")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with bf16 matrix units)")
     parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
-                        help="configurations (RUNG or RUNG@PRESET, +privileged for a privileged teacher) whose "
-                        "step cost is compared, the first as base")
+                        help="configurations (RUNG or RUNG@PRESET; +privileged for a privileged teacher, +aux for "
+                        "six auxiliary tasks) whose step cost is compared, the first as base")
     parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also plain steps against CUDA-graph replays of the default model (a CUDA device)")

@@ -82,3 +82,16 @@ def test_step_kernels_counts_the_operations_of_a_step_on_the_device_paths(capsys
     most = result["configs"]["mtl"]["most"]
     assert "aten::threshold_backward" in most and all(n > 0 for n in most.values())
     assert not set(most) & module._NOT_KERNELS
+
+
+def test_compare_names_add_auxiliary_tasks_and_a_privileged_teacher(capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("bench_train_step_names", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plain, aux = module.config(2**10, True, False, "mtl"), module.config(2**10, True, False, "mtl+aux+privileged")
+    assert plain.tasks == ("click", "long_view") and plain.privileged == ()
+    assert aux.tasks == ("click", "long_view", *module.AUX_TASKS) and aux.privileged == ("play_ms",)
+    assert aux.rung == "mtl"
+    status = module.main(["--only-compare", "--compare", "mtl,mtl+aux", "--batch-sizes", "32", "--default-log2",
+                          "10", "--steps", "1", "--rounds", "1", "--threads", "0"])
+    assert status == 0 and json.loads(capsys.readouterr().out)["configs"][0]["step_ms"].keys() == {"mtl", "mtl+aux"}

@@ -31,27 +31,31 @@ SOURCE = "../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv"
 MAPPING = "mappings/kuairand_pure.toml"
 
 
-def datasets(privileged: list[str]):
+def datasets(privileged: list[str], aux: list[str]):
+    """The student's data set (with ``aux`` outcome columns as extra tasks ``aux_<column>``) and the teacher's
+    (``privileged`` columns as more numeric inputs)."""
     raw = tomllib.loads(Path(MAPPING).read_text())
-    student = open_dataset("csv", SOURCE, mapping=raw)
+    student_raw = dict(raw, privileged=[p for p in raw.get("privileged", []) if p not in aux],
+                       tasks=dict(raw["tasks"], **{f"aux_{c}": {"column": c} for c in aux}))
     teacher_raw = dict(raw, numeric=list(raw["numeric"]) + privileged,
                        privileged=[p for p in raw.get("privileged", []) if p not in privileged])
-    return student, open_dataset("csv", SOURCE, mapping=teacher_raw)
+    return open_dataset("csv", SOURCE, mapping=student_raw), open_dataset("csv", SOURCE, mapping=teacher_raw)
 
 
 def run(student_data, teacher_data, spec_s, spec_t, tasks, seed, lams, backbone, batch_size, after, mode,
-        split=0.9):
+        split=0.9, aux=(), warmup=0):
     """One seed: the teacher and the student trained side by side; ``lams`` [K] the weight of each task's teacher
     in its student's target. split: train on the first 90 %, test on the rest; prequential: every batch predicted
     before it trains, AUC of the last 10 %."""
     n = len(student_data)
     n_train = split_boundary(n, split) if mode == "split" else n
-    student = seeded_learner(tasks, backbone, "mtl", seed, spec_s, {}, "cpu")
+    student = seeded_learner(list(tasks) + list(aux), backbone, "mtl", seed, spec_s, {}, "cpu")
     teacher = seeded_learner(tasks, backbone, "mtl", seed, spec_t, {}, "cpu")
+    k = len(tasks)
     hard = {}
     update_counts = student._update_counts
     student._update_counts = lambda categorical, labels: update_counts(categorical, hard["labels"])
-    lam = torch.tensor(lams, dtype=torch.float32)
+    lam = torch.tensor(list(lams) + [0.0] * len(aux), dtype=torch.float32)
     seen = {"student": [], "teacher": []}
     for lo in range(0, n_train, batch_size):
         hi = min(n_train, lo + batch_size)
@@ -60,20 +64,22 @@ def run(student_data, teacher_data, spec_s, spec_t, tasks, seed, lams, backbone,
         seen["teacher"].append(torch.stack([p_t[t] for t in tasks], dim=1))
         if after:
             p_t = teacher.predict(tb)
-        target = torch.stack([p_t[t] for t in tasks], dim=1)
+        target = torch.cat([torch.stack([p_t[t] for t in tasks], dim=1), sb.labels[:, k:]], dim=1)
         hard["labels"] = sb.labels
-        soft = torch.lerp(sb.labels, target, lam)  # as models.learner does
+        ramp = min(1.0, lo / warmup) if warmup else 1.0  # lambda ramps from 0 over the first `warmup` samples
+        soft = torch.lerp(sb.labels, target, lam * ramp)  # as models.learner does
         _, p_s = student.step(Batch(sb.categorical, sb.numeric, soft, sb.user, tasks=sb.tasks))
         seen["student"].append(torch.stack([p_s[t] for t in tasks], dim=1))
     out = {}
     if mode == "split":
-        labels, users = student_data.labels[n_train:], student_data.users[n_train:]
+        labels, users = teacher_data.labels[n_train:], teacher_data.users[n_train:]
         for name, learner, data in (("student", student, student_data), ("teacher", teacher, teacher_data)):
-            metrics = evaluate_predictions(labels, predict_in_chunks(learner, data, n_train, n), users, tasks, {})
+            predictions = {t: p for t, p in predict_in_chunks(learner, data, n_train, n).items() if t in tasks}
+            metrics = evaluate_predictions(labels, predictions, users, tasks, {})
             out[name] = {t: round(metrics[t]["auc"], 5) for t in tasks}
     else:
         tail = split_boundary(n, split)
-        labels, users = student_data.labels[tail:], student_data.users[tail:]
+        labels, users = teacher_data.labels[tail:], teacher_data.users[tail:]
         for name in ("student", "teacher"):
             p = torch.cat(seen[name])[tail:]
             metrics = evaluate_predictions(labels, {t: p[:, k] for k, t in enumerate(tasks)}, users, tasks, {})
@@ -96,17 +102,22 @@ def main(argv=None) -> int:
                         "slice: only for settings chosen on the validation slice")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--after", action="store_true", help="the teacher's prediction after its update")
+    parser.add_argument("--aux", default="", help="outcome columns the student also learns to predict (extra "
+                        "tasks, never scored), e.g. is_follow,is_comment")
+    parser.add_argument("--warmup", type=int, default=0, help="lambda ramps from 0 over this many samples")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tasks = args.tasks.split(",")
     privileged = [p for p in args.privileged.split(",") if p]
-    ds_s, ds_t = datasets(privileged)
+    aux = [c for c in args.aux.split(",") if c]
+    ds_s, ds_t = datasets(privileged, aux)
     spec_s, spec_t = feature_spec_for(ds_s, [], 262144), feature_spec_for(ds_t, [], 262144)
-    data_s, data_t = load_encoded(ds_s, tasks, spec_s), load_encoded(ds_t, tasks, spec_t)
+    aux_tasks = [f"aux_{c}" for c in aux]
+    data_s, data_t = load_encoded(ds_s, tasks + aux_tasks, spec_s), load_encoded(ds_t, tasks, spec_t)
     if not args.test:
         limit = evaluation_rows(len(data_s), 0.8, 0.2, True).limit
         data_s, data_t = data_s.head(limit), data_t.head(limit)
-    assert np.array_equal(data_s.labels, data_t.labels)
+    assert np.array_equal(data_s.labels[:, :len(tasks)], data_t.labels)
     for backbone, seed, setting in [(b, int(s), x) for b in args.backbone.split(",") for s in args.seeds.split(",")
                                     for x in args.lams.split(",")]:
         if "=" in setting:
@@ -116,9 +127,10 @@ def main(argv=None) -> int:
             lams = [float(setting)] * len(tasks)
         t0 = time.perf_counter()
         result = run(data_s, data_t, spec_s, spec_t, tasks, seed, lams, backbone, args.batch_size, args.after,
-                     args.mode, 0.8 if args.test else 0.9)
+                     args.mode, 0.8 if args.test else 0.9, aux_tasks, args.warmup)
         print(json.dumps({"tasks": tasks, "seed": seed, "lam": dict(zip(tasks, lams)), "mode": args.mode,
                           "test": args.test, "backbone": backbone, "privileged": privileged, "after": args.after,
+                          "aux": aux, "warmup": args.warmup,
                           **result, "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     return 0
 
