@@ -147,6 +147,9 @@ class Learner:
         # the student starts where a learner without it does.
         self.privileged_teacher = Learner(teacher_config(config), self.device) if config.privileged else None
         self._privileged_weights: dict[torch.device, torch.Tensor] = {}
+        taught = self.privileged_teacher.config.tasks if self.privileged_teacher is not None else config.tasks
+        self._teacher_columns = (torch.tensor([config.tasks.index(t) for t in taught], device=self.device)
+                                 if taught != config.tasks else None)  # the student's columns the teacher learns
         # ... blended in per task only while it ranks better than the student (privileged_gate)
         self.privileged_gate = (TrustGate(len(config.tasks), config.kd_gate_window, config.kd_gate_margin,
                                           config.kd_gate_every, device=self.device)
@@ -215,8 +218,11 @@ class Learner:
         if self.privileged_teacher is not None:
             # the teacher's prediction before it learns from the batch, then its own step; the student's view
             student_batch = self._student_view(batch, training=True)
-            _, teacher_report, teacher_probabilities = self.privileged_teacher._train(batch)
+            _, teacher_report, teacher_probabilities = self.privileged_teacher._train(self._teacher_view(batch))
             batch = student_batch
+            if self._teacher_columns is not None:  # a task the teacher does not learn keeps its label (lambda 0)
+                teacher_probabilities = batch.labels.index_copy(
+                    1, self._teacher_columns.to(batch.labels.device), teacher_probabilities.to(batch.labels.dtype))
             blend = self._privileged_weight(batch.labels.device)
             if self.privileged_gate is not None:
                 blend = blend * self.privileged_gate.open.to(blend.dtype)
@@ -247,8 +253,9 @@ class Learner:
             gate = self.trust_gate  # with a gate, kd_scale is its open state (times the warm-up): never None
             parts += [kd_scale.float(), gate.teacher_auc.float(), gate.student_auc.float()]
         if teacher_report is not None:  # the teacher's own BCE per task (its report: total, then bce/<task>)
-            names += [f"privileged_bce/{task}" for task in tasks]
-            parts.append(teacher_report[1:1 + len(tasks)].float())
+            taught = self.privileged_teacher.config.tasks
+            names += [f"privileged_bce/{task}" for task in taught]
+            parts.append(teacher_report[1:1 + len(taught)].float())
             if self.privileged_gate is not None:  # this step's gate (1 = blended), then the scores for the next
                 names += [f"privileged_gate/{task}" for task in tasks]
                 parts.append(self.privileged_gate.open.float().clone())
@@ -267,6 +274,13 @@ class Learner:
                              f"columns {list(self.config.privileged)}; this batch has {batch.numeric.shape[1]} "
                              "numeric columns")
         return dataclasses.replace(batch, numeric=batch.numeric[:, :n])
+
+    def _teacher_view(self, batch: Batch) -> Batch:
+        """A batch for the privileged teacher: the labels of the tasks it learns (``teacher_tasks``)."""
+        if self._teacher_columns is None:
+            return batch
+        return dataclasses.replace(batch, labels=batch.labels.index_select(1, self._teacher_columns.to(
+            batch.labels.device)), tasks=self.privileged_teacher.config.tasks if batch.tasks else ())
 
     def _privileged_weight(self, device: torch.device) -> torch.Tensor:
         """lambda_k [K] on ``device``, made once per device (no copy from the host in a step)."""

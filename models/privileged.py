@@ -44,8 +44,23 @@ def teacher_spec(config: ModelConfig) -> FeatureSpec:
                        hash_buckets=spec.hash_buckets)
 
 
+def teacher_tasks(config: ModelConfig) -> tuple[str, ...]:
+    """The tasks the privileged teacher learns, in the student's order: those a ``privileged_weight`` mapping names
+    (a weight of 0 learns without teaching), every task for one number. A student's other tasks (auxiliary
+    outcomes, say) stay out of the teacher: on KuaiRand-Pure a teacher that also learnt the six auxiliary tasks of
+    ``evaluate --aux-tasks`` taught like worse (reports/kuairand_pure/README.md, §2e).
+
+    >>> teacher_tasks(ModelConfig(tasks=("finish", "like", "follow"), privileged_weight="finish:0.3,like:0.8"))
+    ('finish', 'like')
+    """
+    weights = config.privileged_weight
+    return tuple(t for t in config.tasks if t in weights) if isinstance(weights, dict) else config.tasks
+
+
 def teacher_config(config: ModelConfig) -> ModelConfig:
     """The privileged teacher's model: the student's options (backbone, sizes, wide part, counts, seed), the
-    plain multi-task rung (its own BCE per task, no teachers of its own), the privileged columns as inputs."""
+    plain multi-task rung (its own BCE per task, no teachers of its own), the privileged columns as inputs, the
+    tasks of ``teacher_tasks``."""
     return dataclasses.replace(config, rung="mtl", features=teacher_spec(config), privileged=(),
-                               privileged_gate=False)
+                               privileged_gate=False, tasks=teacher_tasks(config), partners={}, kd_weight=1.0,
+                               aux_weight=1.0, privileged_weight=0.8)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from models.config import ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner
-from models.privileged import teacher_config, teacher_spec
+from models.privileged import teacher_config, teacher_spec, teacher_tasks
 
 pytestmark = pytest.mark.unit
 
@@ -69,7 +69,7 @@ def test_with_weight_zero_the_student_trains_exactly_as_without_a_teacher() -> N
 
 
 def test_the_teacher_trains_as_a_model_of_its_own_and_the_student_learns_from_its_earlier_prediction() -> None:
-    cfg = config(privileged_weight={"like": 0.8})
+    cfg = config(privileged_weight={"click": 0.0, "like": 0.8})
     learner, alone = Learner(cfg), Learner(teacher_config(cfg))
     for batch in batches(cfg):
         _, teacher_before = alone.step(batch)  # what the teacher predicted before it learned from the batch
@@ -83,6 +83,29 @@ def test_the_teacher_trains_as_a_model_of_its_own_and_the_student_learns_from_it
         assert losses["bce/like"] == pytest.approx(float(expected[1]), abs=1e-6)
         assert set(losses) >= {"privileged_bce/click", "privileged_bce/like"}
     # the student's loss never reaches the teacher: it ends where a teacher trained alone ends
+    for (name, a), b in zip(alone.model.state_dict().items(), learner.privileged_teacher.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_teacher_learns_only_the_tasks_a_weight_mapping_names() -> None:
+    tasks = ("click", "like", "follow")  # follow: an auxiliary task of the student the teacher leaves out
+    cfg = config(tasks=tasks, privileged_weight="like:0.8")
+    assert teacher_tasks(cfg) == ("like",) and teacher_config(cfg).tasks == ("like",)
+    assert teacher_tasks(config(tasks=tasks, privileged_weight=0.5)) == tasks  # one number: every task
+    learner, alone = Learner(cfg), Learner(teacher_config(cfg))
+    for start in (0, 64, 128):
+        labelled = [{**r, "labels": {**r["labels"], "follow": int(i % 5 == 0)}} for i, r in enumerate(rows(start))]
+        batch = encode_rows(labelled, teacher_spec(cfg), tasks)
+        _, teacher_before = alone.step(encode_rows(rows(start), teacher_spec(cfg), ("like",)))
+        student = Learner.from_state_dict(learner.state_dict())
+        logits = student.model(student._student_view(batch)).student_logits.detach()
+        losses, _ = learner.step(batch)
+        y = batch.labels
+        target = torch.stack([y[:, 0], 0.2 * y[:, 1] + 0.8 * teacher_before["like"], y[:, 2]], dim=1)
+        expected = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=0)
+        for k, task in enumerate(tasks):  # click and follow: their labels alone
+            assert losses[f"bce/{task}"] == pytest.approx(float(expected[k]), abs=1e-6), task
+        assert {k for k in losses if k.startswith("privileged_bce/")} == {"privileged_bce/like"}
     for (name, a), b in zip(alone.model.state_dict().items(), learner.privileged_teacher.model.state_dict().values()):
         assert torch.equal(a, b), name
 
