@@ -74,6 +74,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "wide": "none", "wide_lr": 0.1, "wide_crosses": [], "wide_decay": 1.0, "embedding_optimizer": "adam",
     "count_features": [], "count_smoothing": 5.0, "count_half_life": 0,
     "privileged": [], "privileged_weight": 0.8, "privileged_gate": False,  # no privileged teacher
+    "bce_weight": 1.0,
 }
 
 
@@ -110,6 +111,7 @@ class ModelConfig:
     ple_levels: int = 1
 
     # loss terms (names as in docs/method.md)
+    bce_weight: float | dict[str, float] = 1.0  # w_k: weight of task k's own BCE, e.g. "follow:0.2" (1 for the others)
     kd_weight: float | dict[str, float] = 1.0  # alpha_k
     aux_weight: float | dict[str, float] = 1.0  # beta_k
     kd_temperature: float = 1.0  # T
@@ -176,6 +178,7 @@ class ModelConfig:
         self.count_features = _names(self.count_features)
         self.privileged = _names(self.privileged)
         self.privileged_weight = _task_weight_items(self.privileged_weight)
+        self.bce_weight = _task_weight_items(self.bce_weight)
         if isinstance(self.features, dict):
             self.features = FeatureSpec.from_dict(self.features)
         self.validate()
@@ -193,7 +196,7 @@ class ModelConfig:
         for task, partner in self.partners.items():
             if task not in self.tasks or partner not in self.tasks or task == partner:
                 raise ValueError(f"partners: {task!r} -> {partner!r} must map a task to another task of {self.tasks}")
-        for name in ("kd_weight", "aux_weight", "privileged_weight"):
+        for name in ("bce_weight", "kd_weight", "aux_weight", "privileged_weight"):
             value = getattr(self, name)
             if isinstance(value, dict) and set(value) - set(self.tasks):
                 raise ValueError(f"{name} names unknown tasks {sorted(set(value) - set(self.tasks))}")
@@ -226,6 +229,8 @@ class ModelConfig:
         if both:
             raise ValueError(f"privileged columns {sorted(both)} are features too: an outcome known only after the "
                              "impression cannot be an input of the served model")
+        if any(w < 0.0 for w in self.task_weights("bce_weight")):
+            raise ValueError(f"bce_weight must be >= 0 for every task, got {self.bce_weight!r}")
         if any(not 0.0 <= w <= 1.0 for w in self.privileged_weights()):
             raise ValueError(f"privileged_weight must be in [0, 1] for every task, got {self.privileged_weight!r}")
         if self.count_smoothing <= 0 or self.count_half_life < 0:
@@ -267,8 +272,8 @@ class ModelConfig:
         return self.tasks[(i + 1) % len(self.tasks)]
 
     def task_weights(self, name: str, missing: float = 1.0) -> list[float]:
-        """alpha_k (``kd_weight``), beta_k (``aux_weight``) or lambda_k (``privileged_weight``) as a list in task
-        order; a task that a mapping leaves out gets ``missing``."""
+        """w_k (``bce_weight``), alpha_k (``kd_weight``), beta_k (``aux_weight``) or lambda_k (``privileged_weight``)
+        as a list in task order; a task that a mapping leaves out gets ``missing``."""
         value = getattr(self, name)
         if isinstance(value, dict):
             return [float(value.get(t, missing)) for t in self.tasks]

@@ -155,12 +155,12 @@ class CrossDistilModel(nn.Module):
                 if name in plain and plain[name].shape == value.shape:
                     value.copy_(plain[name])
 
-    def loss_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha_k (``kd_weight``) and beta_k (``aux_weight``) [K] on ``device``, made once per device: a tensor made
-        from a list at every step would be a copy from the host that a GPU step waits for."""
+    def loss_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """alpha_k (``kd_weight``), beta_k (``aux_weight``) and w_k (``bce_weight``) [K] on ``device``, made once per
+        device: a tensor made from a list at every step would be a copy from the host that a GPU step waits for."""
         if device not in self._loss_weights:
             self._loss_weights[device] = tuple(torch.tensor(self.config.task_weights(name), device=device)
-                                               for name in ("kd_weight", "aux_weight"))
+                                               for name in ("kd_weight", "aux_weight", "bce_weight"))
         return self._loss_weights[device]
 
     def forward(self, batch: Batch) -> Outputs:
@@ -262,10 +262,10 @@ def crossdistil_loss(
     elif cfg.rung == "direct_kd":
         terms["kd"] = kd_loss(s, s[:, partner], cfg.kd_temperature)  # student j's logit, stopped inside kd_loss
 
-    alpha, beta = model.loss_weights(y.device)
+    alpha, beta, w = model.loss_weights(y.device)
     if kd_scale is not None:
         alpha = alpha * kd_scale.to(y.device)
-    total = terms["bce"].sum()
+    total = (w * terms["bce"]).sum()
     if "kd" in terms:
         total = total + (alpha * terms["kd"]).sum()
     if "aux" in terms:

@@ -61,6 +61,9 @@ def teacher_config(config: ModelConfig) -> ModelConfig:
     """The privileged teacher's model: the student's options (backbone, sizes, wide part, counts, seed), the
     plain multi-task rung (its own BCE per task, no teachers of its own), the privileged columns as inputs, the
     tasks of ``teacher_tasks``."""
+    tasks = teacher_tasks(config)
+    bce = config.bce_weight if not isinstance(config.bce_weight, dict) else {
+        t: w for t, w in config.bce_weight.items() if t in tasks}
     return dataclasses.replace(config, rung="mtl", features=teacher_spec(config), privileged=(),
-                               privileged_gate=False, tasks=teacher_tasks(config), partners={}, kd_weight=1.0,
-                               aux_weight=1.0, privileged_weight=0.8)
+                               privileged_gate=False, tasks=tasks, partners={}, kd_weight=1.0, aux_weight=1.0,
+                               privileged_weight=0.8, bce_weight=bce)

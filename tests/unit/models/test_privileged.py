@@ -207,3 +207,19 @@ def test_a_checkpoint_from_before_the_privileged_teacher_loads() -> None:
         state["config"].pop(key)  # what a checkpoint written before these options holds
     assert Learner.from_state_dict(state).privileged_teacher is None
     Learner(today).load_state_dict(state)  # a trainer of today restoring it
+
+
+def test_bce_weight_scales_each_task_s_own_loss_in_the_total() -> None:
+    tasks = ("click", "like", "follow")
+    cfg = config(tasks=tasks, privileged=(), bce_weight="follow:0.0,like:0.5")
+    assert cfg.task_weights("bce_weight") == [1.0, 0.5, 0.0]
+    learner = Learner(cfg)
+    tower = {k: v.clone() for k, v in learner.model.state_dict().items() if k.startswith("student_towers.2.")}
+    labelled = [{**r, "labels": {**r["labels"], "follow": int(i % 5 == 0)}} for i, r in enumerate(rows(0))]
+    losses, _ = learner.step(encode_rows(labelled, SPEC, tasks))
+    assert losses["total"] == pytest.approx(losses["bce/click"] + 0.5 * losses["bce/like"], rel=1e-5)
+    assert tower and all(torch.equal(v, learner.model.state_dict()[k]) for k, v in tower.items())  # no gradient
+    with pytest.raises(ValueError, match="bce_weight must be >= 0"):
+        config(bce_weight=-1.0)
+    with pytest.raises(ValueError, match=r"bce_weight names unknown tasks \['share'\]"):
+        config(bce_weight={"share": 0.5})
