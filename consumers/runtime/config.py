@@ -142,6 +142,8 @@ class MetricsConfig:
                                           "with (whole thousands)")
     drift_auc_z: float = _f(4.0, "AUC-drop detector: noise guard, in standard errors of the difference of the two "
                                  "AUCs; a rare task's AUC is noisy, so its fall must be larger (0 = off)")
+    drift_tasks: list = _f([], "tasks the drift detectors watch (empty = every task of model.tasks); leave out "
+                               "auxiliary tasks, learnt but not ranked by: a very rare task's detectors fire on noise")
 
 
 @dataclass
@@ -323,6 +325,9 @@ def _validate(cfg: Config) -> None:
     if min(cfg.metrics.drift_auc_window, cfg.metrics.drift_auc_reference) < 1000:
         raise ConfigError("metrics.drift_auc_window and metrics.drift_auc_reference: at least 1000 samples, got "
                           f"{cfg.metrics.drift_auc_window} and {cfg.metrics.drift_auc_reference}")
+    unknown = [t for t in cfg.metrics.drift_tasks if t not in cfg.model.tasks]
+    if unknown:
+        raise ConfigError(f"metrics.drift_tasks: {unknown} are not tasks of model.tasks {list(cfg.model.tasks)}")
     if not 0 < cfg.metrics.drift_adwin_delta < 1:
         raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
     if cfg.kafka.stall_exit_s < 0:

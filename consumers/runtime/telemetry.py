@@ -123,7 +123,8 @@ class TrainerMetrics:
     largest window) is the slow window that AUC drift is also measured against; its values are recomputed once
     1 % of it is new (they lag by at most that much). ``drift_chunk`` averages that
     many consecutive per-sample losses before the loss drift detectors see them (cost; see consumers.core.drift);
-    ``drift_options`` go to ``LossDriftDetectors`` and ``auc_drop_options`` to ``AucDropDetector``.
+    ``drift_options`` go to ``LossDriftDetectors`` and ``auc_drop_options`` to ``AucDropDetector``;
+    ``drift_tasks`` are the tasks they watch (None: every task).
     ``clock`` gives wall time in seconds (event-time lag, detection and checkpoint timestamps); a backtest can
     pass its own. Thread-safe: the trainer updates while the HTTP thread scrapes.
     """
@@ -140,10 +141,15 @@ class TrainerMetrics:
         clock: Callable[[], float] = time.time,
         drift_options: Mapping[str, float] | None = None,
         auc_drop_options: Mapping[str, float] | None = None,
+        drift_tasks: Sequence[str] | None = None,
     ) -> None:
         if not tasks:
             raise ValueError("TrainerMetrics needs at least one task")
         self.tasks: tuple[str, ...] = tuple(tasks)
+        self.drift_tasks: tuple[str, ...] = tuple(drift_tasks) if drift_tasks else self.tasks
+        if set(self.drift_tasks) - set(self.tasks):
+            raise ValueError(f"drift_tasks {sorted(set(self.drift_tasks) - set(self.tasks))} are not among the tasks "
+                             f"{list(self.tasks)}")
         self.windows: tuple[int, ...] = tuple(sorted({int(w) for w in windows}))
         if not self.windows or self.windows[0] < 1:
             raise ValueError(f"windows must be positive sample counts, got {list(windows)}")
@@ -159,8 +165,8 @@ class TrainerMetrics:
         self._quality: dict[tuple[str, str], StreamQuality] = {}
         self._published_reference: dict[tuple[str, str, str], float] = {}
         self._detectors = {task: LossDriftDetectors(chunk=drift_chunk, **dict(drift_options or {}))
-                           for task in self.tasks}
-        self._auc_detectors = {task: AucDropDetector(**dict(auc_drop_options or {})) for task in self.tasks}
+                           for task in self.drift_tasks}
+        self._auc_detectors = {task: AucDropDetector(**dict(auc_drop_options or {})) for task in self.drift_tasks}
         self._join_last: dict[str, int] = {}
         self._join_children: dict[str, Any] = {}
         self._watermark_ms: int | None = None
@@ -170,7 +176,7 @@ class TrainerMetrics:
         self._kd_gate_state: dict[str, dict[str, float]] = {}
         self._quality_counters: dict[tuple[str, str], Any] = {}
         self._topic_children: dict[str, Any] = {}
-        self._drift_sample_counters = {task: self.drift_samples_total.labels(task) for task in self.tasks}
+        self._drift_sample_counters = {task: self.drift_samples_total.labels(task) for task in self.drift_tasks}
         self._zero_series()
         self.watermark_seconds.set(math.nan)
         self.event_time_lag_seconds.set_function(self._event_time_lag)
@@ -253,7 +259,7 @@ class TrainerMetrics:
 
     def _zero_series(self) -> None:
         """Export every detector's and join outcome's series from the start (0), so rate() and alerts see them."""
-        for task in self.tasks:
+        for task in self.drift_tasks:
             for detector in DETECTORS:
                 self.drift_detections_total.labels(task, detector)
                 self.drift_last_detection_seconds.labels(task, detector).set(0)
@@ -440,7 +446,8 @@ class TrainerMetrics:
                    drift_options={"ph_threshold": m.drift_ph_threshold, "ph_delta": m.drift_ph_delta,
                                   "adwin_delta": m.drift_adwin_delta},
                    auc_drop_options={"min_drop": m.drift_auc_drop, "window": m.drift_auc_window,
-                                     "reference": m.drift_auc_reference, "z": m.drift_auc_z}, **kwargs)
+                                     "reference": m.drift_auc_reference, "z": m.drift_auc_z},
+                   drift_tasks=list(m.drift_tasks) or None, **kwargs)
 
     def _quality_state(self, in_place: bool = False, gauc: bool = True, metrics: Sequence[str] | None = None):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens

@@ -294,3 +294,25 @@ def test_a_snapshot_of_some_metrics_has_those_and_the_auc_with_the_same_values()
     assert some == {k: full[k] for k in some}
     with pytest.raises(KeyError, match="unknown metrics"):
         metrics.snapshot(metrics=("auc", "accuracy"))
+
+
+def test_drift_detectors_watch_only_the_drift_tasks() -> None:
+    from consumers.runtime.config import ConfigError, load_config
+
+    metrics = TrainerMetrics(["click", "like"], windows=(64,), drift_tasks=["click"],
+                             auc_drop_options={"window": 1000, "reference": 1000, "min_drop": 0.01, "z": 0})
+    rng = np.random.default_rng(4)
+    for _ in range(12):
+        labels, predictions, users = a_batch(rng)
+        metrics.observe(labels, predictions, users=users)
+    assert value(metrics, "crossdistil_drift_samples_total", task="click") == 12 * 256
+    assert value(metrics, "crossdistil_drift_samples_total", task="like") is None  # not watched, not exported
+    assert value(metrics, "crossdistil_drift_detections_total", task="like", detector="adwin") is None
+    assert value(metrics, "crossdistil_quality_samples_total", task="like", role="student") == 12 * 256  # still scored
+    assert "drift_detections" in metrics.snapshot()["click"] and "drift_detections" not in metrics.snapshot()["like"]
+    with pytest.raises(ValueError, match=r"drift_tasks \['share'\] are not among the tasks"):
+        TrainerMetrics(["click"], drift_tasks=["share"])
+    cfg = load_config(None, env={}, overrides=['model.tasks=["click", "like"]', 'metrics.drift_tasks=["click"]'])
+    assert TrainerMetrics.from_config(cfg).drift_tasks == ("click",)
+    with pytest.raises(ConfigError, match=r"metrics.drift_tasks: \['share'\] are not tasks of model.tasks"):
+        load_config(None, env={}, overrides=['metrics.drift_tasks=["share"]'])
