@@ -487,7 +487,8 @@ class ConfigRun:
                 row[f"log_loss@{window}"] = student.get("log_loss", {}).get(window)
             for key, value in sorted(student.get("auc_drift", {}).items()):
                 row[f"auc_drift@{key}"] = value
-            row["detections"] = sum(snapshot.get(task, {}).get("drift_detections", {}).values())
+            watched = snapshot.get(task, {}).get("drift_detections")  # None: not one of metrics.drift_tasks
+            row["detections"] = sum(watched.values()) if watched is not None else None
             self.series.append(row)
         self._next_point = (trained // self.sample_every + 1) * self.sample_every
 
@@ -1307,7 +1308,8 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
             final = c["final"].get(task, {})
             window = next((k for k in final if k.startswith("auc@") and k != "auc@lifetime"), None)
             loss_key = window.replace("auc@", "log_loss@") if window else None
-            n_det = sum(1 for d in c["drift_detections"] if d["task"] == task)
+            n_det = (sum(1 for d in c["drift_detections"] if d["task"] == task) if "detections" not in final
+                     or final["detections"] is not None else "not watched")
             ndcg_all = c.get("ranking", {}).get("ndcg10", {}).get(task)  # absent in summaries written before it
             ndcg_last = c.get(ranking_last_key, {}).get("ndcg10", {}).get(task)
             lines.append(f"| {name} | {task} | {_fmt(c['prequential_auc'][task])} | {_fmt(c[last_key][task])} | "

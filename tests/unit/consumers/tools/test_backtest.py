@@ -171,3 +171,15 @@ def test_summary_and_report_state_the_trust_gate_of_a_gated_configuration(drift_
     closed = {**data, "configurations": {"crossdistil": {**data["configurations"]["crossdistil"], "kd_gate": {
         "click": {"open": 0.0, "teacher_auc": 0.61, "student_auc": 0.7, "distilled_steps": 0, "skipped_steps": 9}}}}}
     assert "The gate never opened for crossdistil/click" in backtest._gate_lines(closed)[-1]
+
+
+def test_a_task_the_drift_detectors_do_not_watch_says_so_in_the_report(drift_log: Path, config_file: Path) -> None:
+    configs = backtest.build_configs([str(config_file)], "", ['metrics.drift_tasks=["click"]'])
+    records, desc = backtest.log_records(f"file://{drift_log}", limit=2000)
+    data = backtest.summary(backtest.run_backtest(records, configs, sample_every=500), desc)
+    (config,) = data["configurations"].values()
+    assert config["final"]["like"]["detections"] is None and config["final"]["click"]["detections"] is not None
+    report = backtest.render_report(data, {"seconds": 1.0, "records_per_s": 1}, [])
+    like_row = next(line for line in report.splitlines() if "| like |" in line)
+    click_row = next(line for line in report.splitlines() if "| click |" in line)
+    assert like_row.endswith("| not watched |") and not click_row.endswith("| not watched |")
