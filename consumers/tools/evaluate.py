@@ -591,6 +591,10 @@ def render_report(doc: dict[str, Any], title: str = "") -> str:
     commands = doc.get("commands") or [doc.get("command", "")]
     lines += ["Produced by:", "", "```", *commands, "```", ""]
     lines += _protocol_lines(doc.get("protocol", {}))
+    auxiliary = {r["config"]: r["aux_tasks"] for r in runs if r.get("aux_tasks")}
+    if auxiliary:  # per configuration: a merged report's protocol is its first file's
+        lines += ["Auxiliary tasks (learnt beside the tasks of each section, never scored): " + "; ".join(
+            f"`{config}`: {', '.join(tasks)}" for config, tasks in auxiliary.items()) + ".", ""]
     for tasks, mode in _groups(runs):
         group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
         for window in (["test"] if mode == "split" else ["all", "tail"]):

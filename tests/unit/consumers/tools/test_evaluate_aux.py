@@ -67,7 +67,9 @@ def test_auxiliary_tasks_are_learnt_but_not_scored_and_named_apart(tmp_path: Pat
             assert set(metrics) == {"click", "like"}, window  # ... and the report does not score it
             assert len(run["combined"][window]["weights"]) == 2
         assert all(set(point["auc"]) == {"click", "like"} for point in run["curve"])
-    assert "follow" not in (tmp_path / "out" / "report.md").read_text().split("## Tasks", 1)[1].split("\n")[0]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "follow" not in report.split("## Tasks", 1)[1].split("\n")[0]
+    assert "Auxiliary tasks (learnt beside the tasks of each section, never scored): `mtl[aux]`: follow." in report
 
 
 def test_a_scored_task_given_as_auxiliary_is_scored_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
