@@ -2,7 +2,7 @@
 # §2e and §3d of reports/kuairand_pure/README.md: (finish, like) learnt together with six more outcomes as auxiliary
 # tasks (`crossdistil evaluate --aux-tasks`: learnt, never scored), alone and with the privileged teacher
 # (models/privileged.py). Run from the repository root. Settings are chosen on the validation slice (step 1, and the
-# probe lines of ../privileged/probe.py --aux), then the test split is read once (step 2). About 45 + 60 minutes on
+# probe of step 0, run with PROBE=1), then the test split is read once (step 2). About 45 + 60 minutes on
 # this 2-core machine, two processes at a time.
 set -euo pipefail
 OUT=${OUT:-/tmp/aux_tasks}
@@ -23,6 +23,22 @@ merge() {  # merge OUT_DIR TITLE RESULTS...
   .venv/bin/crossdistil evaluate --from-results "$@" --out "$out" --title "$title"
   python reports/kuairand_pure/summarize.py "$out/results.json" > "$out/tables.md"
 }
+
+# 0. the probe (reports/kuairand_pure/privileged/probe.py; its lines are in probe/, summary.py prints them)
+if [ "${PROBE:-0}" = 1 ]; then
+  PAUX=is_follow,is_comment,is_forward,is_profile_enter,is_click,long_view
+  probe() { PYTHONPATH=. .venv/bin/python reports/kuairand_pure/privileged/probe.py --tasks finish,like --seeds 0,1,2,3,4 \
+    --privileged $EIGHT "$@"; }
+  probe --lams 0,0.8 > "$OUT/base.jsonl"; probe --lams 0,0.8 --aux $PAUX > "$OUT/aux.jsonl"
+  probe --backbone mmoe,ple,cross_stitch --lams 0 > "$OUT/base4.jsonl"
+  probe --backbone mmoe,ple,cross_stitch --lams 0,finish=0.3:like=0.8 --aux $PAUX > "$OUT/aux4.jsonl"
+  probe --lams finish=0:like=0.8,finish=0.3:like=0.8,finish=0:like=0.5 --aux $PAUX > "$OUT/aux_lam.jsonl"
+  probe --lams 0 --aux is_click,long_view > "$OUT/aux_cl.jsonl"
+  probe --lams 0 --aux is_follow,is_comment,is_forward,is_profile_enter > "$OUT/aux_inter.jsonl"
+  probe --mode prequential --lams 0 > "$OUT/pq_base.jsonl"; probe --mode prequential --lams 0 --aux $PAUX > "$OUT/pq_aux.jsonl"
+  for a in "" $PAUX; do probe --mode prequential --seeds 0,1,2 --lams 0 --aux "$a" --set 'count_features=[]'; done \
+    > "$OUT/pq_nocount.jsonl"
+fi
 
 # 1. the validation slice (the first 72 % of events; the test split is never read), shared-bottom and MMoE (the
 #    probe ran all four backbones in the split). First the auxiliary tasks at their full weight: finish gains, like
