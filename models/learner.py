@@ -220,13 +220,13 @@ class Learner:
             student_batch = self._student_view(batch, training=True)
             _, teacher_report, teacher_probabilities = self.privileged_teacher._train(self._teacher_view(batch))
             batch = student_batch
+            teacher_probabilities = teacher_probabilities.to(batch.labels.dtype)
             if self._teacher_columns is not None:  # a task the teacher does not learn keeps its label (lambda 0)
-                teacher_probabilities = batch.labels.index_copy(
-                    1, self._teacher_columns.to(batch.labels.device), teacher_probabilities.to(batch.labels.dtype))
+                teacher_probabilities = batch.labels.index_copy(1, self._teacher_columns, teacher_probabilities)
             blend = self._privileged_weight(batch.labels.device)
             if self.privileged_gate is not None:
                 blend = blend * self.privileged_gate.open.to(blend.dtype)
-            targets = torch.lerp(batch.labels, teacher_probabilities.to(batch.labels.dtype), blend)
+            targets = torch.lerp(batch.labels, teacher_probabilities, blend)
         self.model.train()
         with self._autocast():
             outputs = self.model(batch)
@@ -279,8 +279,8 @@ class Learner:
         """A batch for the privileged teacher: the labels of the tasks it learns (``teacher_tasks``)."""
         if self._teacher_columns is None:
             return batch
-        return dataclasses.replace(batch, labels=batch.labels.index_select(1, self._teacher_columns.to(
-            batch.labels.device)), tasks=self.privileged_teacher.config.tasks if batch.tasks else ())
+        return dataclasses.replace(batch, labels=batch.labels.index_select(1, self._teacher_columns),
+                                   tasks=self.privileged_teacher.config.tasks if batch.tasks else ())
 
     def _privileged_weight(self, device: torch.device) -> torch.Tensor:
         """lambda_k [K] on ``device``, made once per device (no copy from the host in a step)."""

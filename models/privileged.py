@@ -62,8 +62,8 @@ def teacher_config(config: ModelConfig) -> ModelConfig:
     plain multi-task rung (its own BCE per task, no teachers of its own), the privileged columns as inputs, the
     tasks of ``teacher_tasks``."""
     tasks = teacher_tasks(config)
-    bce = config.bce_weight if not isinstance(config.bce_weight, dict) else {
-        t: w for t, w in config.bce_weight.items() if t in tasks}
+    weights = {name: {t: w for t, w in value.items() if t in tasks} if isinstance(value, dict) else value
+               for name in ("bce_weight", "kd_weight", "aux_weight", "privileged_weight")
+               for value in [getattr(config, name)]}  # a mapping keeps the teacher's tasks
     return dataclasses.replace(config, rung="mtl", features=teacher_spec(config), privileged=(),
-                               privileged_gate=False, tasks=tasks, partners={}, kd_weight=1.0, aux_weight=1.0,
-                               privileged_weight=0.8, bce_weight=bce)
+                               privileged_gate=False, tasks=tasks, partners={}, **weights)

@@ -1308,8 +1308,8 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
             final = c["final"].get(task, {})
             window = next((k for k in final if k.startswith("auc@") and k != "auc@lifetime"), None)
             loss_key = window.replace("auc@", "log_loss@") if window else None
-            n_det = (sum(1 for d in c["drift_detections"] if d["task"] == task) if "detections" not in final
-                     or final["detections"] is not None else "not watched")
+            n_det = ("not watched" if "detections" in final and final["detections"] is None  # not a drift task
+                     else sum(1 for d in c["drift_detections"] if d["task"] == task))
             ndcg_all = c.get("ranking", {}).get("ndcg10", {}).get(task)  # absent in summaries written before it
             ndcg_last = c.get(ranking_last_key, {}).get("ndcg10", {}).get(task)
             lines.append(f"| {name} | {task} | {_fmt(c['prequential_auc'][task])} | {_fmt(c[last_key][task])} | "

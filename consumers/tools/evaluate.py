@@ -506,7 +506,7 @@ def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) ->
     names a task the data set lacks or combined weights that do not fit a set."""
     from models.evaluation import combined_weights_for  # lazy: the CLI starts without torch
 
-    aux = parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else []
+    aux = _aux_tasks(args)
     task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
     for flag, names in [("--tasks", tasks) for tasks in task_sets] + [("--aux-tasks", aux)]:
         missing = [t for t in names if t not in dataset.tasks]
@@ -518,6 +518,11 @@ def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) ->
         except ValueError as exc:
             raise ValueError(f"--combined-weights: {exc}") from None
     return [(tasks, [t for t in dict.fromkeys(aux) if t not in tasks]) for tasks in task_sets]
+
+
+def _aux_tasks(args: argparse.Namespace) -> list[str]:
+    """The ``--aux-tasks`` as given (empty: none)."""
+    return parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else []
 
 
 def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows: EvaluationRows,
@@ -545,7 +550,7 @@ def _protocol(args: argparse.Namespace, spec: Any, model_options: dict, combined
         "tail_fraction": VALIDATION_TEST_FRACTION if args.validation else args.tail_fraction, "epochs": args.epochs,
         "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
         "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
-        "aux_tasks": parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else [],
+        "aux_tasks": _aux_tasks(args),
         "combined_weights": combined_weights,  # None: 1 per task
         "validation": bool(args.validation),
         **({"validation_rows": row_ranges, "validation_test_fraction": VALIDATION_TEST_FRACTION}
