@@ -74,7 +74,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "wide": "none", "wide_lr": 0.1, "wide_crosses": [], "wide_decay": 1.0, "embedding_optimizer": "adam",
     "count_features": [], "count_smoothing": 5.0, "count_half_life": 0,
     "privileged": [], "privileged_weight": 0.8, "privileged_gate": False,  # no privileged teacher
-    "bce_weight": 1.0,
+    "bce_weight": 1.0, "aux_tasks": [],  # every task served
 }
 
 
@@ -84,7 +84,8 @@ class ModelConfig:
 
     ``partners`` maps each task to its partner task j = partner(k); empty means "the other task" for K = 2
     and "the next task, cyclically" for K > 2. ``kd_weight`` is alpha_k and ``aux_weight`` beta_k: one number
-    for all tasks or a mapping task -> weight.
+    for all tasks or a mapping task -> weight. ``aux_tasks`` are tasks learnt beside the others but never served
+    (docs/method.md "Auxiliary outcome tasks"): ``served_tasks`` are the rest.
 
     >>> cfg = ModelConfig(tasks=("click", "long_view"), backbone="mmoe", rung="crossdistil")
     >>> cfg.partner_of("click")
@@ -95,6 +96,9 @@ class ModelConfig:
 
     tasks: tuple[str, ...] = ("click", "long_view")
     partners: dict[str, str] = field(default_factory=dict)
+    # tasks of ``tasks`` learnt as auxiliary outcomes: trained and checkpointed like the others, but not served,
+    # not exported, not watched for drift by default and left out of a backtest's combined score; () = none
+    aux_tasks: tuple[str, ...] = ()
     backbone: str = "shared_bottom"
     # mtl: the best measured rung (reports/kuairand_pure/README.md: no CrossDistil variant beats it); choose
     # "crossdistil" (with the trust-gate options below) or "crossdistil@paper" knowingly.
@@ -170,6 +174,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
+        self.aux_tasks = _names(self.aux_tasks)
         self.hidden_dims = tuple(self.hidden_dims)
         self.tower_dims = tuple(self.tower_dims)
         if isinstance(self.wide_crosses, str):  # "a*b,c*d" from a command line
@@ -187,6 +192,11 @@ class ModelConfig:
         """Raise ValueError naming the field when the configuration is not usable."""
         if len(self.tasks) < 1 or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks!r}")
+        if set(self.aux_tasks) - set(self.tasks) or len(set(self.aux_tasks)) != len(self.aux_tasks):
+            raise ValueError(f"aux_tasks must name distinct tasks of {self.tasks}, got {self.aux_tasks!r}")
+        if not self.served_tasks:
+            raise ValueError(f"aux_tasks {self.aux_tasks!r} leave no task to serve: at least one task must not be "
+                             "auxiliary")
         _choice("backbone", self.backbone, BACKBONES)
         _choice("rung", self.rung, RUNGS)
         _choice("correction", self.correction, CORRECTIONS)
@@ -265,11 +275,20 @@ class ModelConfig:
         """Error correction applies only on the full rung; lower rungs distill the raw teacher."""
         return self.correction if self.rung == "crossdistil" else "none"
 
+    @property
+    def served_tasks(self) -> tuple[str, ...]:
+        """The tasks a published model scores, in task order: all but ``aux_tasks``."""
+        return tuple(t for t in self.tasks if t not in self.aux_tasks)
+
     def partner_of(self, task: str) -> str:
+        """``partners[task]``, else the next task cyclically among its own kind (served or auxiliary), so a served
+        task learns its partner order from another served one; a kind with one task takes the next of all tasks."""
         if task in self.partners:
             return self.partners[task]
-        i = self.tasks.index(task)
-        return self.tasks[(i + 1) % len(self.tasks)]
+        kind = self.aux_tasks if task in self.aux_tasks else self.served_tasks
+        group = kind if len(kind) > 1 else self.tasks
+        i = group.index(task)
+        return group[(i + 1) % len(group)]
 
     def task_weights(self, name: str, missing: float = 1.0) -> list[float]:
         """w_k (``bce_weight``), alpha_k (``kd_weight``), beta_k (``aux_weight``) or lambda_k (``privileged_weight``)
@@ -287,7 +306,7 @@ class ModelConfig:
         """Plain types only (lists, dicts, str, numbers), for checkpoints and serving metadata."""
         out = asdict(self)
         out["features"] = self.features.to_dict()
-        for key in ("tasks", "hidden_dims", "tower_dims", "wide_crosses", "count_features", "privileged"):
+        for key in ("tasks", "aux_tasks", "hidden_dims", "tower_dims", "wide_crosses", "count_features", "privileged"):
             out[key] = list(out[key])
         return out
 

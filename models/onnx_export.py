@@ -6,7 +6,8 @@ The graph takes what docs/features.md defines and nothing the project's code mus
   (field-salted blake2b-64 of ``field=value``, modulo ``hash_buckets``; a missing field hashes ``field=``);
 * input ``numeric``: float32 [batch, N], the raw numeric values in the spec's order (a missing one is 0);
   the signed log1p and the running standardisation (the published statistics, clamped to [-8, 8]) are inside;
-* output ``probabilities``: float32 [batch, K], the students' probabilities, one column per task in order.
+* output ``probabilities``: float32 [batch, K], the students' probabilities, one column per served task in order
+  (``ModelConfig.served_tasks``: auxiliary tasks are left out).
 
 Exported with torch's TorchScript-based exporter at ``OPSET`` (opset 17: onnxruntime 1.14 and newer), the
 batch dimension dynamic. The same weights as the safetensors students: onnxruntime's probabilities equal
@@ -42,10 +43,15 @@ class StudentGraph(nn.Module):
     def __init__(self, model: CrossDistilModel) -> None:
         super().__init__()
         self.model = model
+        config = model.config
+        # the served tasks' columns; None when every task is served (the graph as it was before auxiliary tasks)
+        self.served = (None if config.served_tasks == config.tasks else
+                       [config.tasks.index(t) for t in config.served_tasks])
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         numeric = torch.sign(numeric) * torch.log1p(torch.abs(numeric))
-        return torch.sigmoid(self.model.scores(categorical, self.model.normalizer(numeric)).student_logits.float())
+        logits = self.model.scores(categorical, self.model.normalizer(numeric)).student_logits.float()
+        return torch.sigmoid(logits if self.served is None else logits[:, self.served])
 
 
 def export_students(model: CrossDistilModel) -> bytes:
@@ -73,7 +79,7 @@ def describe(config: ModelConfig) -> dict[str, Any]:
                     "fields": list(spec.categorical), "hash_buckets": spec.hash_buckets},
                    {"name": "numeric", "dtype": "float32", "shape": ["batch", len(spec.numeric)],
                     "fields": list(spec.numeric)}],
-        "outputs": [{"name": "probabilities", "dtype": "float32", "shape": ["batch", len(config.tasks)],
-                     "tasks": list(config.tasks)}],
+        "outputs": [{"name": "probabilities", "dtype": "float32", "shape": ["batch", len(config.served_tasks)],
+                     "tasks": list(config.served_tasks)}],
         "spec": "docs/features.md",
     }

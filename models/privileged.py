@@ -60,10 +60,10 @@ def teacher_tasks(config: ModelConfig) -> tuple[str, ...]:
 def teacher_config(config: ModelConfig) -> ModelConfig:
     """The privileged teacher's model: the student's options (backbone, sizes, wide part, counts, seed), the
     plain multi-task rung (its own BCE per task, no teachers of its own), the privileged columns as inputs, the
-    tasks of ``teacher_tasks``."""
+    tasks of ``teacher_tasks`` (none of them auxiliary: the teacher is never served)."""
     tasks = teacher_tasks(config)
     weights = {name: {t: w for t, w in value.items() if t in tasks} if isinstance(value, dict) else value
                for name in ("bce_weight", "kd_weight", "aux_weight", "privileged_weight")
                for value in [getattr(config, name)]}  # a mapping keeps the teacher's tasks
     return dataclasses.replace(config, rung="mtl", features=teacher_spec(config), privileged=(),
-                               privileged_gate=False, tasks=tasks, partners={}, **weights)
+                               privileged_gate=False, tasks=tasks, partners={}, aux_tasks=(), **weights)

@@ -114,6 +114,11 @@ class RiverConfig:
         if self.n_factors < 1 or self.latent_init_std <= 0:
             raise ValueError("n_factors must be >= 1 and latent_init_std > 0")
 
+    @property
+    def served_tasks(self) -> tuple[str, ...]:
+        """The tasks a published river model scores: all of them (it learns no auxiliary tasks)."""
+        return self.tasks
+
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, for checkpoints and serving metadata."""
         out = asdict(self)

@@ -142,8 +142,8 @@ class MetricsConfig:
                                           "with (whole thousands)")
     drift_auc_z: float = _f(4.0, "AUC-drop detector: noise guard, in standard errors of the difference of the two "
                                  "AUCs; a rare task's AUC is noisy, so its fall must be larger (0 = off)")
-    drift_tasks: list = _f([], "tasks the drift detectors watch (empty = every task of model.tasks); leave out "
-                               "auxiliary tasks, learnt but not ranked by: a very rare task's detectors fire on noise")
+    drift_tasks: list = _f([], "tasks the drift detectors watch (empty = every task of model.tasks but those of "
+                               "model.options.aux_tasks: a very rare task's detectors fire on noise)")
 
 
 @dataclass
@@ -157,6 +157,13 @@ class ModelSection:
                                        "join (docs/performance.md)")
     cuda_graphs: bool = _f(False, "on a CUDA device, replay the step of every full-size batch as one CUDA graph "
                                   "(models/graphs.py); partial batches run as plain steps; one trainer only")
+
+    @property
+    def served_tasks(self) -> list[str]:
+        """``tasks`` less ``options.aux_tasks`` (``models.config.ModelConfig.served_tasks``, read without a model)."""
+        aux = self.options.get("aux_tasks") or ()
+        aux = {a.strip() for a in aux.split(",")} if isinstance(aux, str) else set(aux)
+        return [t for t in self.tasks if t not in aux]
 
 
 @dataclass

@@ -439,15 +439,15 @@ class TrainerMetrics:
 
     @classmethod
     def from_config(cls, cfg: Any, **kwargs: Any) -> "TrainerMetrics":
-        """The metrics of a ``consumers.runtime.config.Config``: its tasks, ``[metrics]`` windows and drift settings;
-        ``kwargs`` (registry, clock, ...) go to the constructor."""
+        """The metrics of a ``consumers.runtime.config.Config``: its tasks, ``[metrics]`` windows and drift settings
+        (``drift_tasks``, else the served tasks); ``kwargs`` (registry, clock, ...) go to the constructor."""
         m = cfg.metrics
         return cls(tuple(cfg.model.tasks), windows=tuple(m.windows),
                    drift_options={"ph_threshold": m.drift_ph_threshold, "ph_delta": m.drift_ph_delta,
                                   "adwin_delta": m.drift_adwin_delta},
                    auc_drop_options={"min_drop": m.drift_auc_drop, "window": m.drift_auc_window,
                                      "reference": m.drift_auc_reference, "z": m.drift_auc_z},
-                   drift_tasks=list(m.drift_tasks) or None, **kwargs)
+                   drift_tasks=list(m.drift_tasks) or cfg.model.served_tasks, **kwargs)
 
     def _quality_state(self, in_place: bool = False, gauc: bool = True, metrics: Sequence[str] | None = None):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens

@@ -98,7 +98,7 @@ def load_checkpoint(checkpoint: WireCheckpoint, device: str = "cpu") -> ServedMo
     return ServedModel(
         version=checkpoint.version,
         model=model,
-        tasks=tuple(model.config.tasks),
+        tasks=tuple(model.config.served_tasks),  # auxiliary tasks are learnt, never served
         step=step if isinstance(step, int) else None,
         published_at_s=published_ms / 1000 if isinstance(published_ms, (int, float)) else None,
         loaded_at_s=time.time(),

@@ -507,15 +507,16 @@ class ConfigRun:
         return np.concatenate(self.user_codes) if self.user_codes else np.zeros(0, np.int32)
 
     def ranking_metrics(self, last_fraction: float | None = None) -> dict[str, Any]:
-        """Per-user NDCG@10 per task (relevance 2 y + y_partner, the partner being the next task cyclically) and
-        the combined score's AUC and NDCG@10 (``models.evaluation.combined_metrics``, weights 1), over every
-        prequential prediction (or the last ``last_fraction`` of them); ``None`` where undefined."""
+        """Per-user NDCG@10 per served task (relevance 2 y + y_partner, the partner being the next served task
+        cyclically) and the served tasks' combined score: its AUC and NDCG@10 (``models.evaluation.combined_metrics``,
+        weights 1), over every prequential prediction (or the last ``last_fraction`` of them); ``None`` where
+        undefined."""
         import numpy as np
 
         from models.evaluation import combined_metrics, default_partners  # lazy: the CLI starts without torch
         from models.metrics import graded_relevance, ndcg_at_k
 
-        tasks = list(self.pipeline.tasks)
+        tasks = self.cfg.model.served_tasks  # auxiliary tasks are not ranked by: out of the combined score
         columns = [self.arrays(task) for task in tasks]
         labels = np.stack([y for y, _ in columns], axis=1) if columns else np.zeros((0, 0))
         scores = {task: p for task, (_, p) in zip(tasks, columns)}
@@ -1172,6 +1173,8 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "config_hash": stable_hash(model_config(run_.cfg).to_dict()),  # the model's, as in the trainer's manifests
             "model_options": run_.cfg.model.options,
             "tasks": list(pipeline.tasks),
+            **({"served_tasks": run_.cfg.model.served_tasks}  # ranked by; the others are auxiliary
+               if run_.cfg.model.served_tasks != list(pipeline.tasks) else {}),
             "trained_samples": pipeline.trained_samples,
             "steps": pipeline.learner.steps,
             "batching": batching_summary(run_, result.batching),
@@ -1317,8 +1320,9 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
                          f"{_fmt(final.get(window))} ({window}) | {_fmt(final.get(loss_key))} | {n_det} |")
     lines += ["", "NDCG@10: mean over users (those with at least 2 predictions of different relevance) of the NDCG of "
               "the task's prequential scores in the user's top 10, relevance 2·y_task + y_partner (partner: the next "
-              "task, cyclically). Combined score: the product of the task probabilities; its AUC is against \"every "
-              "task positive\", its NDCG@10 uses the number of positive tasks as relevance.", "",
+              "served task, cyclically). Combined score: the product of the served tasks' probabilities (auxiliary "
+              "tasks, `model.options.aux_tasks`, are left out); its AUC is against \"every served task positive\", "
+              "its NDCG@10 uses the number of positive tasks as relevance.", "",
               "| configuration | combined AUC (all) | combined AUC (last 20%) | combined NDCG@10 (all) | "
               "combined NDCG@10 (last 20%) |", "|---|---|---|---|---|"]
     for name, c in data["configurations"].items():

@@ -381,9 +381,10 @@ def variant_name(config: str, variant: str, options: Iterable[str] = ()) -> str:
 
 
 def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any,
-                   model_options: dict[str, Any], device: str) -> Any:
+                   model_options: dict[str, Any], device: str, aux_tasks: Sequence[str] = ()) -> Any:
     """A fresh learner for one run (``models.zoo``: a rung, ``RUNG@PRESET``, a river baseline or a VW peer), with
-    torch's and numpy's global generators seeded so that a run repeats exactly."""
+    torch's and numpy's global generators seeded so that a run repeats exactly. ``aux_tasks`` (of ``tasks``) are
+    the model's ``ModelConfig.aux_tasks``; a peer learns every task alone, so for it they are tasks like the rest."""
     # lazy: torch and the models load only when a grid runs (the CLI starts without torch)
     import numpy as np
     import torch
@@ -395,6 +396,8 @@ def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, sp
     options = {"backbone": backbone, **model_options, "rung": rung, "features": spec}
     if rung in RIVER_CONFIGS + VW_CONFIGS:  # no backbone, no device: peers learn on the CPU, one event at a time
         options.pop("backbone")
+    elif aux_tasks:
+        options["aux_tasks"] = tuple(aux_tasks)
     return make_learner(learner_config(tasks, options, seed=seed), device)
 
 
@@ -440,7 +443,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     modes = ["split", "prequential"] if args.mode == "both" else [args.mode]
     model_options = parse_pairs(args.model_option, "--model-option")
     combined_weights = parse_weights(args.combined_weights)
-    for reserved in ("tasks", "backbone", "rung", "features", "seed"):
+    for reserved in ("tasks", "aux_tasks", "backbone", "rung", "features", "seed"):
         if reserved in model_options or f"river.{reserved}" in model_options or f"vw.{reserved}" in model_options:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
     if args.threads:
@@ -475,7 +478,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             done = 0
             for mode, backbone, rung, seed in combos:
                 progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
-                learner = seeded_learner(tasks + aux, backbone, rung, seed, spec, model_options, device)
+                learner = seeded_learner(tasks + aux, backbone, rung, seed, spec, model_options, device, aux)
                 if args.cuda_graphs and hasattr(learner, "use_cuda_graphs"):  # a ValueError says why it cannot
                     learner.use_cuda_graphs()
                 result = _run_one(args, mode, learner, data, rows, combined_weights,

@@ -90,3 +90,30 @@ def test_onnxruntime_on_the_published_graph_gives_the_served_probabilities(backb
     reference = torch.stack([served[task] for task in TASKS], dim=1).numpy()
     assert probabilities.shape == (N, len(TASKS))
     assert np.abs(probabilities - reference).max() <= 1e-5
+
+
+def test_auxiliary_tasks_are_learnt_but_neither_exported_nor_served(shared_data: Path, tmp_path: Path) -> None:
+    """``aux_tasks`` (here like, between the served tasks): the graph's columns and the follower's tasks are the
+    served ones, and onnxruntime gives the served model's probabilities of exactly those."""
+    from consumers.serving.follower import load_checkpoint
+
+    rows, tasks = kuairand_rows(shared_data), ("click", "like", "long_view")
+    learner = Learner(ModelConfig(tasks=tasks, aux_tasks=("like",), embedding_dim=8, hidden_dims=(32,),
+                                  tower_dims=(16,), features=SPEC))
+    for start in range(0, N, 100):
+        learner.step(encode_rows(rows[start:start + 100], SPEC, tasks))
+    publication = {"manifest": {"step": learner.steps}, "version": 1, "chunk_size": 900_000,
+                   "previous_chunk_count": 0, "max_message_bytes": 1 << 20, "onnx": True}
+    written = write_learner_checkpoint(learner, CheckpointStore(tmp_path), {}, publication)
+    (published,) = Reassembler().checkpoints([(k, v) for k, v in written["messages"]])
+    contract = json.loads(published.metadata["serving"]["onnx"])
+    assert contract["outputs"][0]["tasks"] == list(TASKS) and contract["outputs"][0]["shape"] == ["batch", 2]
+    served = load_checkpoint(published)
+    assert served.tasks == TASKS
+
+    session = ort.InferenceSession(published.tensors[TENSOR_NAME].numpy().tobytes())
+    (probabilities,) = session.run(["probabilities"], graph_inputs(rows[N:]))
+    scored = served.model.score_rows(rows[N:])
+    assert list(scored) == list(TASKS)
+    reference = torch.stack([scored[task] for task in TASKS], dim=1).numpy()
+    assert probabilities.shape == (N, 2) and np.abs(probabilities - reference).max() <= 1e-5

@@ -314,5 +314,9 @@ def test_drift_detectors_watch_only_the_drift_tasks() -> None:
         TrainerMetrics(["click"], drift_tasks=["share"])
     cfg = load_config(None, env={}, overrides=['model.tasks=["click", "like"]', 'metrics.drift_tasks=["click"]'])
     assert TrainerMetrics.from_config(cfg).drift_tasks == ("click",)
+    cfg = load_config(None, env={}, overrides=['model.tasks=["click", "follow", "like"]',
+                                               'model.options.aux_tasks=["follow"]'])
+    assert TrainerMetrics.from_config(cfg).drift_tasks == ("click", "like")  # auxiliary tasks: not by default
+    assert TrainerMetrics.from_config(cfg).tasks == ("click", "follow", "like")  # but scored
     with pytest.raises(ConfigError, match=r"metrics.drift_tasks: \['share'\] are not tasks of model.tasks"):
         load_config(None, env={}, overrides=['metrics.drift_tasks=["share"]'])

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from consumers.runtime.config import Config
 from consumers.tools import backtest
 
 pytestmark = pytest.mark.unit
@@ -15,10 +16,12 @@ pytestmark = pytest.mark.unit
 LOG2_3 = math.log2(3)
 
 
-def make_run(tasks: tuple[str, ...] = ("click", "like")) -> backtest.ConfigRun:
+def make_run(tasks: tuple[str, ...] = ("click", "like"), aux_tasks: tuple[str, ...] = ()) -> backtest.ConfigRun:
     """A ConfigRun over a stand-in pipeline: on_batch only needs its tasks and trained-sample count."""
     pipeline = SimpleNamespace(tasks=tasks, trained_samples=0)
-    return backtest.ConfigRun("mtl", cfg=None, pipeline=pipeline, sample_every=10**9, _next_point=10**9)
+    cfg = Config()
+    cfg.model.tasks, cfg.model.options = list(tasks), {"aux_tasks": list(aux_tasks)} if aux_tasks else {}
+    return backtest.ConfigRun("mtl", cfg=cfg, pipeline=pipeline, sample_every=10**9, _next_point=10**9)
 
 
 def feed(run: backtest.ConfigRun, users: list[str], labels: dict[str, list[int]],
@@ -96,3 +99,16 @@ def test_a_summary_written_before_the_ranking_metrics_still_renders() -> None:
     report = backtest.render_report(_summary(None), TIMING, [])
     assert "| mtl | click | 0.7000 | 0.7200 | n/a | n/a |" in report
     assert "| mtl | n/a | n/a | n/a | n/a |" in report
+
+
+def test_auxiliary_tasks_are_left_out_of_the_ranking() -> None:
+    """model.options.aux_tasks are learnt, not ranked by: the served tasks' NDCG and combined score are those of a
+    run without the auxiliary task (its labels would otherwise change both: it is the partner of like)."""
+    users = ["a", "a", "b", "b", "b"]
+    labels = {"click": [1, 1, 0, 0, 1], "like": [1, 0, 1, 0, 1]}
+    scores = {"click": [0.9, 0.9, 0.5, 0.1, 0.8], "like": [0.9, 0.1, 0.5, 0.1, 0.8]}
+    plain, with_aux = make_run(), make_run(("click", "like", "follow"), aux_tasks=("follow",))
+    feed(plain, users, labels, scores)
+    feed(with_aux, users, {**labels, "follow": [0, 1, 0, 1, 0]}, {**scores, "follow": [0.1, 0.2, 0.9, 0.3, 0.1]})
+    assert with_aux.ranking_metrics() == plain.ranking_metrics()
+    assert set(with_aux.prequential_auc()) == {"click", "like", "follow"}  # still learnt and measured

@@ -13,6 +13,7 @@ import pytest
 
 from consumers.tools import evaluate
 from models.evaluation import EncodedData
+from models.features import FeatureSpec
 
 pytestmark = pytest.mark.unit
 
@@ -98,3 +99,12 @@ def test_auxiliary_tasks_must_be_the_last_and_leave_one_scored(auxiliary: tuple[
     data = EncodedData(batch=None, tasks=("click", "like"), labels=np.arange(6).reshape(3, 2), users=np.zeros(3),
                        ts_ms=np.zeros(3), auxiliary=("like",))
     assert data.scored_tasks == ("click",) and data.scored_labels.tolist() == [[0], [2], [4]]
+
+
+def test_evaluate_passes_its_auxiliary_tasks_to_the_model() -> None:
+    tasks = ("click", "follow", "like", "comment")
+    learner = evaluate.seeded_learner(tasks, "shared_bottom", "crossdistil", 0, FeatureSpec(), {}, "cpu",
+                                      ("follow", "comment"))
+    assert learner.config.aux_tasks == ("follow", "comment") and learner.config.partner_of("like") == "click"
+    peer = evaluate.seeded_learner(tasks, "shared_bottom", "river_lr", 0, FeatureSpec(), {}, "cpu", ("follow",))
+    assert peer.config.tasks == tasks  # a peer learns every task alone: they are tasks like the rest
