@@ -353,6 +353,17 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def config_differences(saved: Mapping[str, Any], config: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys on which a saved ``ModelConfig.to_dict()`` (a checkpoint's) differs from ``config``, each as (saved value,
+    value of ``config``); a key the saver did not know means its ``LEGACY_VALUES`` value.
+
+    >>> config_differences({**ModelConfig().to_dict(), "lr": 0.01}, ModelConfig())
+    {'lr': (0.01, 0.001)}
+    """
+    saved, mine = {**LEGACY_VALUES, **saved}, config.to_dict()
+    return {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+
+
 def from_known_fields(cls: type, data: Mapping[str, Any], what: str) -> Any:
     """``cls(**data)`` for a dataclass, with a ValueError naming the keys it does not have (and those it has)."""
     known = {f.name for f in fields(cls)}

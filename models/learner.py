@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from models.config import LEGACY_VALUES, ModelConfig
+from models.config import LEGACY_VALUES, ModelConfig, config_differences
 from models.crossdistil import CrossDistilModel, crossdistil_loss
 from models.features import Batch, encode_for_scoring
 from models.graphs import StepGraphs
@@ -378,14 +378,12 @@ class Learner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore exactly what ``state_dict`` saved; the saved config must equal this learner's."""
-        saved = {**LEGACY_VALUES, **state["config"]}  # a key the saver did not know meant its old behaviour
-        mine = self.config.to_dict()
-        if saved != mine:
-            differing = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        differing = config_differences(state["config"], self.config)  # an unknown key: its old behaviour
+        if differing:
             raise ValueError(
-                f"checkpoint was written with a different model config (keys {differing}); "
-                "build the learner with Learner.from_state_dict(state) to use the saved config"
-            )
+                f"checkpoint was written with a different model config (keys {list(differing)}; saved, this: "
+                + ", ".join(f"{k} {a!r} != {b!r}" for k, (a, b) in differing.items())
+                + "); build the learner with Learner.from_state_dict(state) to use the saved config")
         if self.graphs is not None:  # the optimizers' loaded state is in new tensors: capture again
             self.graphs.reset()
         self.model.load_state_dict(state["model"])

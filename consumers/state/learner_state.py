@@ -16,6 +16,7 @@ A trainer checkpoint (``consumers.state.checkpoints``) holds, besides the stream
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,20 @@ def learner_state(metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> di
     if metadata.get("trainer_format") == 1:
         return _v1_state(metadata["learner"], tensors)
     return unflatten_state(tensors, metadata["learner"])
+
+
+def saved_config(metadata: Mapping[str, Any]) -> Any:
+    """The learner's ``config`` entry inside a trainer checkpoint's metadata, read without its tensors (None where
+    there is none, as for a learner that keeps no config)."""
+    learner = metadata.get("learner")
+    if metadata.get("trainer_format") == 1:
+        return learner.get("config") if isinstance(learner, Mapping) else None
+    if not isinstance(learner, Mapping) or not isinstance(learner.get("state"), str):
+        return None
+    entries = dict(json.loads(learner["state"]).get("dict", []))
+    if "config" not in entries:
+        return None
+    return unflatten_state({}, {**learner, "state": json.dumps(entries["config"])})  # a config holds no tensor
 
 
 def _v1_state(skeleton: Any, tensors: Mapping[str, Any]) -> Any:

@@ -16,6 +16,7 @@ dashboards -> publication (``consumers.trainer.publisher``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -25,13 +26,14 @@ from typing import Any
 from consumers.core.join import late_feedback_warning
 from consumers.core.pipeline import Pipeline
 from consumers.runtime.assembly import model_config
-from consumers.runtime.config import Config
-from consumers.state.checkpoints import CheckpointStore, positions_from_plain, positions_to_plain
-from consumers.state.learner_state import check_format
+from consumers.runtime.config import Config, toml_value
+from consumers.state.checkpoints import CheckpointError, CheckpointStore, positions_from_plain, positions_to_plain
+from consumers.state.learner_state import check_format, saved_config
 from consumers.state.wire import stable_hash
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.kafka_io import KafkaIO
 from consumers.trainer.publisher import Publisher
+from models.config import ModelConfig, config_differences
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -45,6 +47,29 @@ def plain(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         return value.item()
     return value
+
+
+def check_model(meta: Mapping[str, Any], config: Any, path: Any) -> None:
+    """Raise ``CheckpointError`` when the checkpoint's model (``meta``'s learner config) is not the configured
+    ``ModelConfig``: which options differ, and the settings that train it on (a new default after an upgrade, or an
+    option changed by mistake), instead of a traceback from the learner. The river and VW peers check their own."""
+    saved = saved_config(meta)
+    if not isinstance(config, ModelConfig) or not isinstance(saved, Mapping):
+        return
+    differing = config_differences(saved, config)
+    if not differing:
+        return
+    settable = {f.name for f in dataclasses.fields(ModelConfig)}
+    lines = [f"  {key}: {toml_value(was) if was is not None else '(absent)'} in the checkpoint, "
+             f"{toml_value(now) if now is not None else '(unknown to this version)'} here"
+             for key, (was, now) in differing.items()]
+    where = {"tasks": "model.tasks", "seed": "model.seed"}
+    settings = [f"  {where.get(key, 'model.options.' + key)} = {toml_value(was)}"
+                for key, (was, now) in differing.items() if key in settable and was is not None]
+    resume = ["To train it on, configure it as it was (the file's [model] tables, or --set KEY=VALUE):", *settings]
+    raise CheckpointError("\n".join([f"{path} holds a model configured otherwise:", *lines,
+                                     *(resume if settings else []),
+                                     "To start a new model instead, point checkpoint.dir at an empty directory."]))
 
 
 class Checkpointer:
@@ -83,6 +108,7 @@ class Checkpointer:
             return None
         check_format(checkpoint)
         meta = checkpoint.metadata
+        check_model(meta, model_config(self.cfg), checkpoint.path)
         self.pipeline.learner.load_checkpoint(str(checkpoint.path))
         self._restore_stream(meta, checkpoint.step)
         if self.publisher.pending:

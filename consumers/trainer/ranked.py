@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from consumers.runtime.assembly import model_config
 from consumers.runtime.config import Config
 from consumers.runtime.ranks import RankError, Ranks
 from consumers.state.checkpoints import CheckpointError, CheckpointStore, positions_to_plain
@@ -42,7 +43,7 @@ from consumers.state.learner_state import (
     load_learner_checkpoint,
     write_learner_checkpoint,
 )
-from consumers.trainer.checkpointing import Checkpointer
+from consumers.trainer.checkpointing import Checkpointer, check_model
 from consumers.trainer.daemon import Trainer
 from consumers.trainer.kafka_io import connect
 
@@ -113,6 +114,7 @@ class RoundCheckpointer(Checkpointer):
                                   f"missing ({exc}); every rank must keep its checkpoint.dir/rank-<r> across restarts"
                                   ) from exc
         check_format(own)
+        check_model(own.metadata, model_config(self.cfg), path)
         model = self.ranks.broadcast_bytes(path.read_bytes() if rank == 0 else None)
         load_learner_checkpoint(learner.learner, model)
         meta = own.metadata

@@ -8,7 +8,7 @@ import pytest
 
 from consumers.runtime.assembly import build_pipeline
 from consumers.runtime.config import load_config
-from consumers.state.checkpoints import CheckpointStore
+from consumers.state.checkpoints import CheckpointError, CheckpointStore
 from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.kafka_io import KafkaIO
@@ -28,9 +28,9 @@ def rows(n: int) -> list[dict]:
              "labels": {"click": i % 2, "long_view": (i // 2) % 2}} for i in range(n)]
 
 
-def checkpointer(tmp_path: Path, producer) -> Checkpointer:
+def checkpointer(tmp_path: Path, producer, *overrides: str) -> Checkpointer:
     """The trainer's checkpoint unit over a fresh pipeline, a consumer with no partitions and ``producer``."""
-    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'"])
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{tmp_path}'", *overrides])
     pipeline = build_pipeline(cfg)
     store = CheckpointStore(tmp_path, keep_last=3)
     kafka = KafkaIO(Consumer(), cfg.kafka, pipeline.join, pipeline.metrics)
@@ -98,3 +98,22 @@ def test_a_checkpoint_waits_for_its_dead_letters_and_positions_come_back_on_rest
     assert c.write("periodic")
     restarted = checkpointer(tmp_path, producer)
     assert restarted.restore() == 0 and restarted.kafka.positions == {("impressions", 0): 8}
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_the_settings_that_resume_it(tmp_path: Path) -> None:
+    """A changed option (an edit, or a new default after an upgrade) is said option by option, with what to set to
+    train the checkpoint's model on, before the learner is touched; setting it resumes."""
+    c = checkpointer(tmp_path, FlakyProducer(refuse=False))
+    train_one_step(c)
+    assert c.write("shutdown")
+    changed = ("model.options.embedding_lr=0.2", "model.options.aux_tasks=['long_view']")
+    with pytest.raises(CheckpointError) as refused:
+        checkpointer(tmp_path, FlakyProducer(refuse=False), *changed).restore()
+    message = str(refused.value)
+    assert "holds a model configured otherwise" in message
+    assert "aux_tasks: [] in the checkpoint, [\"long_view\"] here" in message
+    assert "embedding_lr: 0.05 in the checkpoint, 0.2 here" in message
+    assert "model.options.aux_tasks = []" in message and "model.options.embedding_lr = 0.05" in message
+    resumed = checkpointer(tmp_path, FlakyProducer(refuse=False), "model.options.embedding_lr=0.05",
+                           "model.options.aux_tasks=[]")
+    assert resumed.restore() == 1
