@@ -64,10 +64,13 @@ def test_auxiliary_tasks_train_but_the_serving_model_scores_only_the_served_ones
             assert torch.equal(scored[task], probabilities)  # the same columns, the auxiliary ones dropped
 
 
-def test_the_privileged_teacher_serves_nothing_and_peers_refuse_aux_tasks() -> None:
+def test_a_privileged_teacher_of_some_tasks_has_no_auxiliary_ones() -> None:
     cfg = ModelConfig(tasks=TASKS, aux_tasks=("follow", "comment"), privileged=("play_ms",),
                       privileged_weight={"like": 0.8})
     assert teacher_config(cfg).tasks == ("like",) and teacher_config(cfg).aux_tasks == ()
+
+
+def test_a_peer_refuses_aux_tasks_saying_why() -> None:
     with pytest.raises(ValueError, match="aux_tasks: the river_lr peer learns each task alone"):
         learner_config(TASKS, {"rung": "river_lr", "aux_tasks": ["follow"]})
 
