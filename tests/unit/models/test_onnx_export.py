@@ -67,18 +67,25 @@ def graph_inputs(rows: list[dict]) -> dict[str, np.ndarray]:
     return {"categorical": categorical, "numeric": numeric}
 
 
-@pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe", "ple", "cross_stitch"])
-def test_onnxruntime_on_the_published_graph_gives_the_served_probabilities(backbone: str, shared_data: Path,
-                                                                           tmp_path: Path) -> None:
-    rows = kuairand_rows(shared_data)
-    learner = Learner(ModelConfig(tasks=TASKS, backbone=backbone, rung="crossdistil", embedding_dim=8,
-                                  hidden_dims=(32,), tower_dims=(16,), features=SPEC))
+def trained_and_published(config: ModelConfig, rows: list[dict], tmp_path: Path):  # noqa: ANN201
+    """``config``'s learner after N rows, published with its ONNX graph and read back as serving reads it."""
+    learner = Learner(config)
     for start in range(0, N, 100):
-        learner.step(encode_rows(rows[start:start + 100], SPEC, TASKS))
+        learner.step(encode_rows(rows[start:start + 100], SPEC, config.tasks))
     publication = {"manifest": {"step": learner.steps}, "version": 1, "chunk_size": 900_000,
                    "previous_chunk_count": 0, "max_message_bytes": 1 << 20, "onnx": True}
     written = write_learner_checkpoint(learner, CheckpointStore(tmp_path), {}, publication)
     (published,) = Reassembler().checkpoints([(k, v) for k, v in written["messages"]])
+    return published
+
+
+@pytest.mark.parametrize("backbone", ["shared_bottom", "mmoe", "ple", "cross_stitch"])
+def test_onnxruntime_on_the_published_graph_gives_the_served_probabilities(backbone: str, shared_data: Path,
+                                                                           tmp_path: Path) -> None:
+    rows = kuairand_rows(shared_data)
+    published = trained_and_published(ModelConfig(tasks=TASKS, backbone=backbone, rung="crossdistil",
+                                                  embedding_dim=8, hidden_dims=(32,), tower_dims=(16,),
+                                                  features=SPEC), rows, tmp_path)
     tensors = published.tensors
     contract = json.loads(published.metadata["serving"]["onnx"])
     assert contract["inputs"][0]["fields"] == list(SPEC.categorical) and contract["outputs"][0]["tasks"] == list(TASKS)
@@ -97,15 +104,10 @@ def test_auxiliary_tasks_are_learnt_but_neither_exported_nor_served(shared_data:
     served ones, and onnxruntime gives the served model's probabilities of exactly those."""
     from consumers.serving.follower import load_checkpoint
 
-    rows, tasks = kuairand_rows(shared_data), ("click", "like", "long_view")
-    learner = Learner(ModelConfig(tasks=tasks, aux_tasks=("like",), embedding_dim=8, hidden_dims=(32,),
-                                  tower_dims=(16,), features=SPEC))
-    for start in range(0, N, 100):
-        learner.step(encode_rows(rows[start:start + 100], SPEC, tasks))
-    publication = {"manifest": {"step": learner.steps}, "version": 1, "chunk_size": 900_000,
-                   "previous_chunk_count": 0, "max_message_bytes": 1 << 20, "onnx": True}
-    written = write_learner_checkpoint(learner, CheckpointStore(tmp_path), {}, publication)
-    (published,) = Reassembler().checkpoints([(k, v) for k, v in written["messages"]])
+    rows = kuairand_rows(shared_data)
+    published = trained_and_published(ModelConfig(tasks=("click", "like", "long_view"), aux_tasks=("like",),
+                                                  embedding_dim=8, hidden_dims=(32,), tower_dims=(16,),
+                                                  features=SPEC), rows, tmp_path)
     contract = json.loads(published.metadata["serving"]["onnx"])
     assert contract["outputs"][0]["tasks"] == list(TASKS) and contract["outputs"][0]["shape"] == ["batch", 2]
     served = load_checkpoint(published)
