@@ -103,7 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hash-buckets", type=int, default=0,
                         help="rows of the shared hashed embedding table (0 = models.features.FeatureSpec's default)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N events in time order (0 = all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads of each run (0 = torch's default; with --jobs, the cores shared out)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in a process of its own (default 1); every run is seeded "
+                             "alone, so the results are those of --jobs 1 whatever the order they finish in")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each full batch's training step as one CUDA graph (models/graphs.py): a CUDA "
                              "device; the river and VW peers train as they do")
@@ -446,62 +450,192 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     for reserved in ("tasks", "aux_tasks", "backbone", "rung", "features", "seed"):
         if reserved in model_options or f"river.{reserved}" in model_options or f"vw.{reserved}" in model_options:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    if _threads_per_run(args):
+        torch.set_num_threads(_threads_per_run(args))
     device = str(resolve_device(args.device))
     if args.cuda_graphs and not device.startswith("cuda"):
         raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device (--device cuda, or auto on a machine with a "
                          f"GPU); the device is {device}")
     console = Console(stderr=True)
-    dataset = open_dataset(args.dataset, args.source, mapping=args.mapping, **parse_pairs(args.option, "--option"))
+    dataset = _open(args)
     task_sets = _task_sets(args, dataset, combined_weights)
     spec, data_spec = _specs(args, dataset, configs, model_options)
     renaming = list(model_options) + (["aux_tasks"] if args.aux_tasks else [])  # what makes mtl a variant
 
+    plan = GridPlan(args, spec, data_spec, model_options, combined_weights, device, renaming)
     runs: list[dict[str, Any]] = []
     row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
     for tasks, aux in task_sets:
         t0 = time.perf_counter()
-        data = dataclasses.replace(load_encoded(dataset, tasks + aux, data_spec, args.limit), auxiliary=tuple(aux))
+        data, rows = _task_set_data(plan, dataset, tasks, aux)
         console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks + aux} in "
                     f"{time.perf_counter() - t0:.1f}s")
-        rows = evaluation_rows(len(data), args.train_fraction, args.tail_fraction, args.validation)
         if rows.validation:
-            data = data.head(rows.limit)
             console.log(f"validation: rows [0, {rows.limit}) of {rows.events}; the test split is not used")
         row_ranges = rows.ranges()  # the same for every task set: they all read the same events
         combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
-        per_run = {"split": row_ranges["split_train"][1] * args.epochs, "prequential": len(data)}
         with _progress(console) as progress:
-            bar = progress.add_task(",".join(tasks), total=sum(per_run[m] for m, *_ in combos))
-            done = 0
-            for mode, backbone, rung, seed in combos:
-                progress.update(bar, description=f"{','.join(tasks)} {mode} {backbone} {rung} seed {seed}")
-                learner = seeded_learner(tasks + aux, backbone, rung, seed, spec, model_options, device, aux)
-                if args.cuda_graphs and hasattr(learner, "use_cuda_graphs"):  # a ValueError says why it cannot
-                    learner.use_cuda_graphs()
-                result = _run_one(args, mode, learner, data, rows, combined_weights,
-                                  on_step=lambda events, base=done, bar=bar:
-                                      progress.update(bar, completed=base + events))
-                done += per_run[mode]
-                window = "test" if mode == "split" else "tail"
-                aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)
-                progress.console.log(f"{mode} {backbone} {rung} seed {seed}: {window} AUC {aucs} "
-                                     f"({result.seconds:.1f}s)")
-                runs.append({"tasks": list(tasks), **({"aux_tasks": aux} if aux else {}),
-                             "config": variant_name(rung, args.variant, renaming),
-                             "backbone": backbone, "seed": seed, **dataclasses.asdict(result)})
+            bar = progress.add_task(",".join(tasks), total=sum(_run_events(rows, plan, c) for c in combos))
+            if args.jobs > 1:
+                runs += _runs_in_processes(plan, tasks, aux, combos, progress, bar)
+            else:
+                runs += _runs_in_turn(plan, tasks, aux, data, rows, combos, progress, bar)
     return {
         "dataset": dataset.name,
         "source": str(args.source),
         "command": "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
         "protocol": _protocol(args, spec, model_options, combined_weights, row_ranges),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(), "cuda_graphs": bool(args.cuda_graphs)},
+                        "threads": _threads_per_run(args) or torch.get_num_threads(),
+                        "cuda_graphs": bool(args.cuda_graphs), "jobs": args.jobs},
         "seconds": time.perf_counter() - started,
         "runs": runs,
     }
+
+
+def _open(args: argparse.Namespace) -> Any:
+    """The data set of ``--dataset``, ``--source``, ``--mapping`` and ``--option``."""
+    return open_dataset(args.dataset, args.source, mapping=args.mapping, **parse_pairs(args.option, "--option"))
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """What every run of a grid shares besides its data: sent once to each process of ``--jobs``."""
+
+    args: argparse.Namespace
+    spec: Any  # the students' feature spec
+    data_spec: Any  # the spec the data is encoded with (a privileged teacher's columns too)
+    model_options: dict[str, Any]
+    combined_weights: Any
+    device: str
+    renaming: list[str]  # the options that make mtl a variant
+
+
+def _threads_per_run(args: argparse.Namespace) -> int:
+    """torch threads of each run: ``--threads``, or with ``--jobs`` the machine's cores shared out (0: torch's)."""
+    import os
+
+    if args.threads or args.jobs <= 1:
+        return args.threads
+    return max(1, (os.cpu_count() or 1) // args.jobs)
+
+
+def _task_set_data(plan: GridPlan, dataset: Any, tasks: list[str], aux: list[str]) -> tuple[Any, EvaluationRows]:
+    """The encoded events of one task set (its auxiliary tasks last) and their rows (the validation slice alone with
+    ``--validation``)."""
+    args = plan.args
+    data = dataclasses.replace(load_encoded(dataset, tasks + aux, plan.data_spec, args.limit), auxiliary=tuple(aux))
+    rows = evaluation_rows(len(data), args.train_fraction, args.tail_fraction, args.validation)
+    return (data.head(rows.limit) if rows.validation else data), rows
+
+
+def _one_run(plan: GridPlan, tasks: list[str], aux: list[str], data: Any, rows: EvaluationRows,
+             combo: tuple[str, str, str, int], on_step: Any) -> tuple[dict[str, Any], str]:
+    """One run of ``combo`` (mode, backbone, config, seed): its results.json record and its log line."""
+    mode, backbone, rung, seed = combo
+    args = plan.args
+    learner = seeded_learner(tasks + aux, backbone, rung, seed, plan.spec, plan.model_options, plan.device, aux)
+    if args.cuda_graphs and hasattr(learner, "use_cuda_graphs"):  # a ValueError says why it cannot
+        learner.use_cuda_graphs()
+    result = _run_one(args, mode, learner, data, rows, plan.combined_weights, on_step=on_step)
+    window = "test" if mode == "split" else "tail"
+    aucs = " ".join(f"{t}={result.metrics[window][t]['auc']:.4f}" for t in tasks)
+    line = f"{mode} {backbone} {rung} seed {seed}: {window} AUC {aucs} ({result.seconds:.1f}s)"
+    return {"tasks": list(tasks), **({"aux_tasks": aux} if aux else {}),
+            "config": variant_name(rung, args.variant, plan.renaming),
+            "backbone": backbone, "seed": seed, **dataclasses.asdict(result)}, line
+
+
+def _runs_in_turn(plan: GridPlan, tasks: list[str], aux: list[str], data: Any, rows: EvaluationRows,
+                  combos: list[tuple], progress: Any, bar: Any) -> list[dict[str, Any]]:
+    """``combos`` run one after the other in this process; their records."""
+    records, base = [], 0
+    for combo in combos:
+        progress.update(bar, description=f"{','.join(tasks)} {' '.join(map(str, combo[:3]))} seed {combo[3]}")
+        record, line = _one_run(plan, tasks, aux, data, rows, combo,
+                                on_step=lambda events, base=base: progress.update(bar, completed=base + events))
+        progress.console.log(line)
+        records.append(record)
+        base += _run_events(rows, plan, combo)
+    return records
+
+
+def _runs_in_processes(plan: GridPlan, tasks: list[str], aux: list[str], combos: list[tuple], progress: Any,
+                       bar: Any) -> list[dict[str, Any]]:
+    """``combos`` run by ``--jobs`` processes (``_worker_start``, ``_worker_run``); their records in the order of
+    ``combos``. The processes report their progress through a queue that a thread here reads into ``bar``."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's thread pools
+    queue = context.Queue()
+    done: dict[int, int] = {}
+
+    def follow() -> None:
+        for index, events in iter(queue.get, None):
+            done[index] = events
+            progress.update(bar, completed=sum(done.values()))
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    progress.update(bar, description=f"{','.join(tasks)}: {len(combos)} runs, {plan.args.jobs} at a time")
+    records: list[Any] = [None] * len(combos)
+    with ProcessPoolExecutor(plan.args.jobs, mp_context=context, initializer=_worker_start,
+                             initargs=(plan, tasks, aux, queue)) as pool:
+        futures = {pool.submit(_worker_run, i, combo): i for i, combo in enumerate(combos)}
+        try:
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    records[futures[future]], line = future.result()  # a run's error is raised here
+                    progress.console.log(line)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            queue.put(None)
+            reader.join(10)
+    return records
+
+
+_WORKER: dict[str, Any] = {}  # a --jobs process's plan, data and progress queue (_worker_start)
+
+
+def _worker_start(plan: GridPlan, tasks: list[str], aux: list[str], queue: Any) -> None:
+    """A ``--jobs`` process: its torch threads, and the task set's events read and encoded once (the same arrays as
+    the parent's: reading and encoding are deterministic)."""
+    import torch
+
+    if _threads_per_run(plan.args):
+        torch.set_num_threads(_threads_per_run(plan.args))
+    data, rows = _task_set_data(plan, _open(plan.args), tasks, aux)
+    _WORKER.update(plan=plan, tasks=tasks, aux=aux, data=data, rows=rows, queue=queue)
+
+
+def _worker_run(index: int, combo: tuple[str, str, str, int]) -> tuple[dict[str, Any], str]:
+    """Run ``combo`` in a ``--jobs`` process; its events trained so far go to the parent at most twice a second."""
+    w = _WORKER
+    last = [0.0]
+
+    def on_step(events: int) -> None:
+        if time.monotonic() - last[0] >= 0.5:
+            last[0] = time.monotonic()
+            w["queue"].put((index, events))
+
+    record, line = _one_run(w["plan"], w["tasks"], w["aux"], w["data"], w["rows"], combo, on_step)
+    w["queue"].put((index, _run_events(w["rows"], w["plan"], combo)))
+    return record, line
+
+
+def _run_events(rows: EvaluationRows, plan: GridPlan, combo: tuple) -> int:
+    """The events a finished run of ``combo`` trained on (what the progress bar counts for it)."""
+    ranges = rows.ranges()
+    return ranges["split_train"][1] * plan.args.epochs if combo[0] == "split" else rows.limit
 
 
 def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) -> list[tuple[list[str], list[str]]]:
