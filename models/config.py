@@ -174,6 +174,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
+        self.partners = _partner_items(self.partners)
         self.aux_tasks = _names(self.aux_tasks)
         self.hidden_dims = tuple(self.hidden_dims)
         self.tower_dims = tuple(self.tower_dims)
@@ -346,6 +347,23 @@ def _task_weight_items(value: Any) -> float | dict[str, float]:
     if isinstance(value, dict):
         return {str(k): float(v) for k, v in value.items()}
     return float(value)
+
+
+def _partner_items(value: Any) -> dict[str, str]:
+    """``partners`` as given: a mapping, or a command line's ``"like:follow,finish:long_view"`` (a string, or the list
+    ``--model-option`` makes of it).
+
+    >>> _partner_items("like:follow, finish:long_view"), _partner_items({"click": "like"})
+    ({'like': 'follow', 'finish': 'long_view'}, {'click': 'like'})
+    """
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        pairs = [str(item).partition(":") for item in value]
+        if not all(sep and task.strip() and partner.strip() for task, sep, partner in pairs):
+            raise ValueError(f"partners: expected TASK:PARTNER items such as like:follow, got {value!r}")
+        return {task.strip(): partner.strip() for task, _, partner in pairs}
+    return {str(k): str(v) for k, v in dict(value).items()}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
