@@ -96,3 +96,12 @@ def test_a_checkpoint_from_before_aux_tasks_loads_and_serves_every_task() -> Non
     restored = Learner.from_state_dict(state)
     assert restored.config.served_tasks == TASKS
     learner.load_state_dict(state)  # the same config: no difference named
+
+
+def test_partners_from_a_command_line_may_name_auxiliary_tasks() -> None:
+    cfg = ModelConfig(tasks=TASKS, aux_tasks=("follow", "comment"), rung="crossdistil",
+                      partners=["like:follow", "click:comment"])  # as --model-option partners=like:follow,... gives it
+    assert cfg.partner_of("like") == "follow" and cfg.partner_of("click") == "comment"
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="expected TASK:PARTNER items such as like:follow"):
+        ModelConfig(tasks=TASKS, partners="like")
