@@ -183,8 +183,8 @@ class ModelConfig:
         self.wide_crosses = tuple(self.wide_crosses)
         self.count_features = _names(self.count_features)
         self.privileged = _names(self.privileged)
-        self.privileged_weight = _task_weight_items(self.privileged_weight)
-        self.bce_weight = _task_weight_items(self.bce_weight)
+        for name in ("bce_weight", "kd_weight", "aux_weight", "privileged_weight"):  # "like:0.8,finish:0" too
+            setattr(self, name, _task_weight_items(getattr(self, name)))
         if isinstance(self.features, dict):
             self.features = FeatureSpec.from_dict(self.features)
         self.validate()

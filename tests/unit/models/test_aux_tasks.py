@@ -105,3 +105,11 @@ def test_partners_from_a_command_line_may_name_auxiliary_tasks() -> None:
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="expected TASK:PARTNER items such as like:follow"):
         ModelConfig(tasks=TASKS, partners="like")
+
+
+def test_every_per_task_weight_reads_a_command_lines_items() -> None:
+    """--model-option kd_weight=follow:0,comment:0 (a list of TASK:WEIGHT) is a mapping, as bce_weight's is."""
+    cfg = ModelConfig(tasks=TASKS, rung="crossdistil", kd_weight=["follow:0", "comment:0"], aux_weight="like:0.5",
+                      bce_weight=["follow:0.2"])
+    assert cfg.task_weights("kd_weight") == [1.0, 0.0, 1.0, 0.0] and cfg.task_weights("aux_weight")[2] == 0.5
+    assert cfg.task_weights("bce_weight") == [1.0, 0.2, 1.0, 1.0]
