@@ -59,3 +59,18 @@ grid --out "$OUT/mtl" & grid --aux-tasks $AUX --model-option bce_weight=$W --out
 grid --aux-tasks $AUX --model-option bce_weight=$W "${TEACHER[@]}" --backbone shared_bottom,mmoe --out "$OUT/priv_aux02"
 merge "$HERE" "KuaiRand-Pure (finish, like): six auxiliary tasks, with and without the privileged teacher" \
   "$OUT"/{mtl,aux02,priv_aux02}/results.json
+
+# 3. (a later session) CrossDistil on top of the auxiliary tasks, the validation slice only (crossdistil_validation/):
+#    the default trust-gated crossdistil with the default partners, with partners that carry finish's and like's own
+#    outcomes, and with the auxiliary tasks' distillation off; `--jobs 2` trains two runs at once (~6 minutes)
+cd_val() { grid --validation --backbone shared_bottom --seeds 3 --aux-tasks $AUX --model-option bce_weight=$W \
+  --jobs 2 "$@"; }
+cd_val --configs mtl,crossdistil --variant aux --out "$OUT/cd_a"
+cd_val --configs crossdistil --variant auxpart --model-option partners=like:profile_enter,finish:long_view \
+  --out "$OUT/cd_b"
+cd_val --configs crossdistil --variant auxkd0 \
+  --model-option kd_weight=follow:0,comment:0,forward:0,profile_enter:0,click:0,long_view:0 --out "$OUT/cd_c"
+.venv/bin/crossdistil evaluate --from-results "$OUT"/cd_{a,b,c}/results.json --out "$HERE/crossdistil_validation" \
+  --title "KuaiRand-Pure validation slice (finish, like) with six auxiliary tasks: CrossDistil (trust gate) on top"
+python "$HERE/crossdistil_validation/summary.py" "$HERE/crossdistil_validation/results.json" \
+  > "$HERE/crossdistil_validation/tables.md"
