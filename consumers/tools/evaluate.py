@@ -584,7 +584,7 @@ def _runs_in_processes(plan: GridPlan, tasks: list[str], aux: list[str], combos:
     reader.start()
     progress.update(bar, description=f"{','.join(tasks)}: {len(combos)} runs, {plan.args.jobs} at a time")
     records: list[Any] = [None] * len(combos)
-    with ProcessPoolExecutor(plan.args.jobs, mp_context=context, initializer=_worker_start,
+    with ProcessPoolExecutor(min(plan.args.jobs, len(combos)), mp_context=context, initializer=_worker_start,
                              initargs=(plan, tasks, aux, queue)) as pool:
         futures = {pool.submit(_worker_run, i, combo): i for i, combo in enumerate(combos)}
         try:
