@@ -74,3 +74,15 @@ cd_val --configs crossdistil --variant auxkd0 \
   --title "KuaiRand-Pure validation slice (finish, like) with six auxiliary tasks: CrossDistil (trust gate) on top"
 python "$HERE/crossdistil_validation/summary.py" "$HERE/crossdistil_validation/results.json" \
   > "$HERE/crossdistil_validation/tables.md"
+
+# 4. (the same later session) per-task weights of the six: the four interactions apart from click and long_view,
+#    validation slice, shared-bottom and MMoE, 3 seeds (weights_validation/)
+wv() { grid --validation --backbone shared_bottom,mmoe --seeds 3 --jobs 2 "$@"; }
+wv --out "$OUT/w_mtl"
+wv --aux-tasks $AUX --variant w02 --model-option bce_weight=$W --out "$OUT/w02"
+wv --aux-tasks $AUX --variant r1 --out "$OUT/r1" \
+  --model-option bce_weight=follow:1,comment:1,forward:1,profile_enter:1,click:0.2,long_view:0.2
+wv --aux-tasks $AUX --variant r05 --out "$OUT/r05" \
+  --model-option bce_weight=follow:0.5,comment:0.5,forward:0.5,profile_enter:0.5,click:0.1,long_view:0.1
+merge "$HERE/weights_validation" "KuaiRand-Pure validation slice (finish, like): per-task weights of the six \
+auxiliary tasks" "$OUT"/{w_mtl,w02,r1,r05}/results.json
