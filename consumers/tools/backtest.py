@@ -1315,7 +1315,8 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
                      else sum(1 for d in c["drift_detections"] if d["task"] == task))
             ndcg_all = c.get("ranking", {}).get("ndcg10", {}).get(task)  # absent in summaries written before it
             ndcg_last = c.get(ranking_last_key, {}).get("ndcg10", {}).get(task)
-            lines.append(f"| {name} | {task} | {_fmt(c['prequential_auc'][task])} | {_fmt(c[last_key][task])} | "
+            label = task if task in c.get("served_tasks", c["tasks"]) else f"{task} (auxiliary)"
+            lines.append(f"| {name} | {label} | {_fmt(c['prequential_auc'][task])} | {_fmt(c[last_key][task])} | "
                          f"{_fmt(ndcg_all)} | {_fmt(ndcg_last)} | "
                          f"{_fmt(final.get(window))} ({window}) | {_fmt(final.get(loss_key))} | {n_det} |")
     lines += ["", "NDCG@10: mean over users (those with at least 2 predictions of different relevance) of the NDCG of "

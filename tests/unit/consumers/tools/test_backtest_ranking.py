@@ -112,3 +112,13 @@ def test_auxiliary_tasks_are_left_out_of_the_ranking() -> None:
     feed(with_aux, users, {**labels, "follow": [0, 1, 0, 1, 0]}, {**scores, "follow": [0.1, 0.2, 0.9, 0.3, 0.1]})
     assert with_aux.ranking_metrics() == plain.ranking_metrics()
     assert set(with_aux.prequential_auc()) == {"click", "like", "follow"}  # still learnt and measured
+
+
+def test_the_report_marks_auxiliary_tasks() -> None:
+    data = _summary({"ndcg10": {"click": 0.65}, "combined": {"auc": 0.74, "ndcg10": 0.6}})
+    config = data["configurations"]["mtl"]
+    config["tasks"], config["served_tasks"] = ["click", "follow"], ["click"]
+    for key in ("prequential_auc", "prequential_auc_last_20pct"):
+        config[key]["follow"] = 0.6
+    report = backtest.render_report(data, TIMING, [])
+    assert "| mtl | click | 0.7000 |" in report and "| mtl | follow (auxiliary) | 0.6000 |" in report
