@@ -41,6 +41,8 @@ from typing import Any
 
 from streamer.datasets import open_dataset
 
+RUN_LOG = "runs.partial.jsonl"  # a grid's finished runs, one per line, until results.json is written
+
 BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 LADDER = ("mtl", "aux", "kd", "cal", "crossdistil", "direct_kd")
 # Online baselines from river (models.river_baseline): one LR / FM per task over the same hashed features.
@@ -108,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in a process of its own (default 1); every run is seeded "
                              "alone, so the results are those of --jobs 1 whatever the order they finish in")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted evaluate of the same grid into the same --out: the runs it "
+                             f"finished (kept one per line in OUT/{RUN_LOG} as each finishes) are not run again")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each full batch's training step as one CUDA graph (models/graphs.py): a CUDA "
                              "device; the river and VW peers train as they do")
@@ -465,6 +470,10 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     renaming = list(model_options) + (["aux_tasks"] if args.aux_tasks else [])  # what makes mtl a variant
 
     plan = GridPlan(args, spec, data_spec, model_options, combined_weights, device, renaming)
+    log = RunLog(Path(args.out), {"dataset": dataset.name, "source": str(args.source), "device": device,
+                                  "threads": _threads_per_run(args),  # the last bits of a run depend on them
+                                  "protocol": _protocol(args, spec, model_options, combined_weights, {})},
+                 args.resume, console) if args.out else None
     runs: list[dict[str, Any]] = []
     row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
@@ -477,12 +486,25 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             console.log(f"validation: rows [0, {rows.limit}) of {rows.events}; the test split is not used")
         row_ranges = rows.ranges()  # the same for every task set: they all read the same events
         combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
+        keys = [_run_key(tasks, mode, backbone, variant_name(rung, args.variant, renaming), seed)
+                for mode, backbone, rung, seed in combos]
+        done = {k: log.done[k] for k in keys if log is not None and k in log.done}
+        todo = [c for c, k in zip(combos, keys) if k not in done]
+        if done:
+            console.log(f"--resume: {len(done)} of {len(combos)} runs of {','.join(tasks)} were finished; "
+                        f"running the other {len(todo)}")
         with _progress(console) as progress:
             bar = progress.add_task(",".join(tasks), total=sum(_run_events(rows, plan, c) for c in combos))
-            if args.jobs > 1:
-                runs += _runs_in_processes(plan, tasks, aux, combos, progress, bar)
+            offset = sum(_run_events(rows, plan, c) for c, k in zip(combos, keys) if k in done)
+            sink = log.add if log is not None else (lambda record: None)
+            if args.jobs > 1 and todo:
+                new = _runs_in_processes(plan, tasks, aux, todo, progress, bar, offset, sink)
             else:
-                runs += _runs_in_turn(plan, tasks, aux, data, rows, combos, progress, bar)
+                new = _runs_in_turn(plan, tasks, aux, data, rows, todo, progress, bar, offset, sink)
+        finished = {**done, **{_record_key(r): r for r in new}}
+        runs += [finished[k] for k in keys]
+    if log is not None:
+        log.close()
     return {
         "dataset": dataset.name,
         "source": str(args.source),
@@ -499,6 +521,60 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 def _open(args: argparse.Namespace) -> Any:
     """The data set of ``--dataset``, ``--source``, ``--mapping`` and ``--option``."""
     return open_dataset(args.dataset, args.source, mapping=args.mapping, **parse_pairs(args.option, "--option"))
+
+
+def _run_key(tasks: Sequence[str], mode: str, backbone: str, config: str, seed: int) -> str:
+    """What names one run of a grid: its task set, mode, backbone, configuration (as reported) and seed."""
+    return json.dumps([list(tasks), mode, backbone, config, seed])
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    return _run_key(record["tasks"], record["mode"], record["backbone"], record["config"], record["seed"])
+
+
+class RunLog:
+    """``OUT/runs.partial.jsonl``: the grid's header, then every finished run as one JSON line, written and synced as
+    it finishes, so an interrupted grid loses no finished run. ``--resume`` reads them back (``done``, by run key)
+    when the header (data set, source, protocol) is the same; without it an old log is replaced. ``run`` removes the
+    file once results.json is written."""
+
+    def __init__(self, out: Path, header: dict[str, Any], resume: bool, console: Any) -> None:
+        self.path = out / RUN_LOG
+        header = json.loads(json.dumps(_clean(header)))  # as it reads back
+        self.done: dict[str, dict[str, Any]] = {}
+        if resume and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            saved = json.loads(lines[0]) if lines else {}
+            if saved != header:
+                keys = sorted(k for k in set(saved) | set(header) if saved.get(k) != header.get(k))
+                raise ValueError(f"--resume: {self.path} was written by another grid (it differs in {keys}); rerun "
+                                 "that grid's command with --resume, or leave --resume out to start again")
+            for line in lines[1:]:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the line a crash cut short: that run runs again
+                    continue
+                self.done[_record_key(record)] = record
+        elif resume:
+            console.log(f"--resume: no {self.path}; running the whole grid")
+        elif self.path.exists():
+            console.log(f"{self.path} of an earlier, unfinished grid is replaced (--resume would continue it)")
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = self.path.open("w")  # header and the kept runs written again: no line cut short stays
+        for line in [header, *self.done.values()]:
+            self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+
+    def add(self, record: dict[str, Any]) -> None:
+        """One finished run, on disk before the next starts."""
+        import os
+
+        self.file.write(json.dumps(_clean(record)) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass(frozen=True)
@@ -550,23 +626,26 @@ def _one_run(plan: GridPlan, tasks: list[str], aux: list[str], data: Any, rows: 
 
 
 def _runs_in_turn(plan: GridPlan, tasks: list[str], aux: list[str], data: Any, rows: EvaluationRows,
-                  combos: list[tuple], progress: Any, bar: Any) -> list[dict[str, Any]]:
-    """``combos`` run one after the other in this process; their records."""
-    records, base = [], 0
+                  combos: list[tuple], progress: Any, bar: Any, offset: int, sink: Any) -> list[dict[str, Any]]:
+    """``combos`` run one after the other in this process; their records, each also given to ``sink`` as it
+    finishes (``offset``: the events of the runs already done, for the progress bar)."""
+    records, base = [], offset
     for combo in combos:
         progress.update(bar, description=f"{','.join(tasks)} {' '.join(map(str, combo[:3]))} seed {combo[3]}")
         record, line = _one_run(plan, tasks, aux, data, rows, combo,
                                 on_step=lambda events, base=base: progress.update(bar, completed=base + events))
         progress.console.log(line)
+        sink(record)
         records.append(record)
         base += _run_events(rows, plan, combo)
     return records
 
 
 def _runs_in_processes(plan: GridPlan, tasks: list[str], aux: list[str], combos: list[tuple], progress: Any,
-                       bar: Any) -> list[dict[str, Any]]:
+                       bar: Any, offset: int, sink: Any) -> list[dict[str, Any]]:
     """``combos`` run by ``--jobs`` processes (``_worker_start``, ``_worker_run``); their records in the order of
-    ``combos``. The processes report their progress through a queue that a thread here reads into ``bar``."""
+    ``combos``, each given to ``sink`` as it finishes. The processes report their progress through a queue that a
+    thread here reads into ``bar`` (``offset``: the events of the runs already done)."""
     import multiprocessing
     import threading
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -578,7 +657,7 @@ def _runs_in_processes(plan: GridPlan, tasks: list[str], aux: list[str], combos:
     def follow() -> None:
         for index, events in iter(queue.get, None):
             done[index] = events
-            progress.update(bar, completed=sum(done.values()))
+            progress.update(bar, completed=offset + sum(done.values()))
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
@@ -594,6 +673,7 @@ def _runs_in_processes(plan: GridPlan, tasks: list[str], aux: list[str], combos:
                 for future in finished:
                     records[futures[future]], line = future.result()  # a run's error is raised here
                     progress.console.log(line)
+                    sink(records[futures[future]])
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -958,5 +1038,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"crossdistil evaluate: {exc}", file=sys.stderr)
         return 2
     write_outputs(doc, Path(args.out), args.title)
+    if not args.from_results:
+        (Path(args.out) / RUN_LOG).unlink(missing_ok=True)  # every run is in results.json now
     print(f"wrote {Path(args.out) / 'results.json'}, report.md and auc_curve.png ({len(doc['runs'])} runs)")
     return 0

@@ -1,0 +1,85 @@
+"""``crossdistil evaluate``: every finished run is on disk as it finishes (OUT/runs.partial.jsonl), and ``--resume``
+runs only the rest of an interrupted grid, which then ends as the uninterrupted grid would."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from consumers.tools import evaluate
+
+pytestmark = pytest.mark.unit
+
+ONE_RUN = evaluate._one_run
+
+
+def grid(out: Path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return parser.parse_args(["--dataset", "synthetic", "--source", "-", "--option", "n_events=600",
+                              "--configs", "mtl,aux", "--seeds", "2", "--mode", "both", "--curve-points", "2",
+                              "--threads", "1", "--device", "cpu", "--out", str(out), *extra])
+
+
+def runs_of(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"}
+            for r in json.loads((out / "results.json").read_text())["runs"]]
+
+
+class Stopped(RuntimeError):
+    """The process stopping mid-grid (a crash, a kill; KeyboardInterrupt would stop pytest's worker too)."""
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, n: int) -> list:
+    """``evaluate._one_run`` counting its calls and stopping the grid at call ``n + 1``."""
+    calls, real = [], ONE_RUN
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if len(calls) == n:
+            raise Stopped
+        calls.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "_one_run", counted)
+    return calls
+
+
+def test_an_interrupted_grid_resumes_where_it_stopped_and_ends_as_if_never_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert evaluate.run(grid(tmp_path / "whole")) == 0
+    assert not (tmp_path / "whole" / evaluate.RUN_LOG).exists()  # removed once results.json holds every run
+
+    out = tmp_path / "stopped"
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(Stopped):
+        evaluate.run(grid(out))
+    log = (out / evaluate.RUN_LOG).read_text().splitlines()
+    assert len(log) == 1 + 3  # the header and the three finished runs
+    (out / evaluate.RUN_LOG).write_text("\n".join(log) + '\n{"tasks": ["cli')  # a fourth line cut by the crash
+
+    calls = interrupt_after(monkeypatch, 100)
+    assert evaluate.run(grid(out, "--resume")) == 0
+    assert len(calls) == 8 - 3  # only the runs not finished
+    assert runs_of(out) == runs_of(tmp_path / "whole")  # in the grid's order, the same numbers
+
+
+def test_resume_refuses_the_log_of_another_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Stopped):
+        evaluate.run(grid(tmp_path))
+    with pytest.raises(ValueError, match=r"was written by another grid \(it differs in \['protocol'\]\)"):
+        evaluate.run_grid(grid(tmp_path, "--resume", "--batch-size", "64"))
+
+
+def test_a_resumed_grid_may_have_more_seeds_and_reuses_the_finished_runs(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    first = interrupt_after(monkeypatch, 5)
+    with pytest.raises(Stopped):
+        evaluate.run(grid(tmp_path))  # 2 seeds: split mtl 0, 1, split aux 0, 1, prequential mtl 0 finished
+    calls = interrupt_after(monkeypatch, 100)
+    assert evaluate.run(grid(tmp_path, "--seeds", "3", "--resume")) == 0
+    assert len(calls) == 12 - 5 and not set(calls) & set(first)
+    assert len(runs_of(tmp_path)) == 12
