@@ -477,32 +477,10 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
+    combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
     for tasks, aux in task_sets:
-        t0 = time.perf_counter()
-        data, rows = _task_set_data(plan, dataset, tasks, aux)
-        console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks + aux} in "
-                    f"{time.perf_counter() - t0:.1f}s")
-        if rows.validation:
-            console.log(f"validation: rows [0, {rows.limit}) of {rows.events}; the test split is not used")
-        row_ranges = rows.ranges()  # the same for every task set: they all read the same events
-        combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
-        keys = [_run_key(tasks, mode, backbone, variant_name(rung, args.variant, renaming), seed)
-                for mode, backbone, rung, seed in combos]
-        done = {k: log.done[k] for k in keys if log is not None and k in log.done}
-        todo = [c for c, k in zip(combos, keys) if k not in done]
-        if done:
-            console.log(f"--resume: {len(done)} of {len(combos)} runs of {','.join(tasks)} were finished; "
-                        f"running the other {len(todo)}")
-        with _progress(console) as progress:
-            bar = progress.add_task(",".join(tasks), total=sum(_run_events(rows, plan, c) for c in combos))
-            offset = sum(_run_events(rows, plan, c) for c, k in zip(combos, keys) if k in done)
-            sink = log.add if log is not None else (lambda record: None)
-            if args.jobs > 1 and todo:
-                new = _runs_in_processes(plan, tasks, aux, todo, progress, bar, offset, sink)
-            else:
-                new = _runs_in_turn(plan, tasks, aux, data, rows, todo, progress, bar, offset, sink)
-        finished = {**done, **{_record_key(r): r for r in new}}
-        runs += [finished[k] for k in keys]
+        task_runs, row_ranges = _task_set_runs(plan, log, dataset, tasks, aux, combos, console)
+        runs += task_runs  # row_ranges: the same for every task set, they all read the same events
     if log is not None:
         log.close()
     return {
@@ -623,6 +601,35 @@ def _one_run(plan: GridPlan, tasks: list[str], aux: list[str], data: Any, rows: 
     return {"tasks": list(tasks), **({"aux_tasks": aux} if aux else {}),
             "config": variant_name(rung, args.variant, plan.renaming),
             "backbone": backbone, "seed": seed, **dataclasses.asdict(result)}, line
+
+
+def _task_set_runs(plan: GridPlan, log: RunLog | None, dataset: Any, tasks: list[str], aux: list[str],
+                   combos: list[tuple], console: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every run of ``combos`` on one task set, in the grid's order (those ``log`` has from an interrupted grid are
+    not run again), and the task set's row ranges."""
+    t0 = time.perf_counter()
+    data, rows = _task_set_data(plan, dataset, tasks, aux)
+    console.log(f"{dataset.name}: {len(data)} events encoded for tasks {tasks + aux} in "
+                f"{time.perf_counter() - t0:.1f}s")
+    if rows.validation:
+        console.log(f"validation: rows [0, {rows.limit}) of {rows.events}; the test split is not used")
+    keys = [_run_key(tasks, mode, backbone, variant_name(rung, plan.args.variant, plan.renaming), seed)
+            for mode, backbone, rung, seed in combos]
+    done = {k: log.done[k] for k in keys if log is not None and k in log.done}
+    todo = [c for c, k in zip(combos, keys) if k not in done]
+    if done:
+        console.log(f"--resume: {len(done)} of {len(combos)} runs of {','.join(tasks)} were finished; running the "
+                    f"other {len(todo)}")
+    with _progress(console) as progress:
+        bar = progress.add_task(",".join(tasks), total=sum(_run_events(rows, plan, c) for c in combos))
+        offset = sum(_run_events(rows, plan, c) for c, k in zip(combos, keys) if k in done)
+        sink = log.add if log is not None else (lambda record: None)
+        if plan.args.jobs > 1 and todo:
+            new = _runs_in_processes(plan, tasks, aux, todo, progress, bar, offset, sink)
+        else:
+            new = _runs_in_turn(plan, tasks, aux, data, rows, todo, progress, bar, offset, sink)
+    finished = {**done, **{_record_key(r): r for r in new}}
+    return [finished[k] for k in keys], rows.ranges()
 
 
 def _runs_in_turn(plan: GridPlan, tasks: list[str], aux: list[str], data: Any, rows: EvaluationRows,
