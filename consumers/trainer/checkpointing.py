@@ -54,12 +54,12 @@ def check_model(meta: Mapping[str, Any], config: Any, path: Any) -> None:
     ``ModelConfig``: which options differ, and the settings that train it on (a new default after an upgrade, or an
     option changed by mistake), instead of a traceback from the learner. The river and VW peers check their own."""
     saved = saved_config(meta)
-    if not isinstance(config, ModelConfig) or not isinstance(saved, Mapping):
-        return
+    settable = {f.name for f in dataclasses.fields(ModelConfig)}
+    if not isinstance(config, ModelConfig) or not isinstance(saved, Mapping) or set(saved) - settable:
+        return  # a peer's checkpoint, or a peer configured: the learner's own load says what differs
     differing = config_differences(saved, config)
     if not differing:
         return
-    settable = {f.name for f in dataclasses.fields(ModelConfig)}
     lines = [f"  {key}: {toml_value(was) if was is not None else '(absent)'} in the checkpoint, "
              f"{toml_value(now) if now is not None else '(unknown to this version)'} here"
              for key, (was, now) in differing.items()]
@@ -109,7 +109,11 @@ class Checkpointer:
         check_format(checkpoint)
         meta = checkpoint.metadata
         check_model(meta, model_config(self.cfg), checkpoint.path)
-        self.pipeline.learner.load_checkpoint(str(checkpoint.path))
+        try:
+            self.pipeline.learner.load_checkpoint(str(checkpoint.path))
+        except ValueError as exc:  # another kind of model (a river or VW peer's state, or one configured)
+            raise CheckpointError(f"{checkpoint.path} cannot be loaded into the configured model: {exc}. To start a "
+                                  "new model instead, point checkpoint.dir at an empty directory.") from exc
         self._restore_stream(meta, checkpoint.step)
         if self.publisher.pending:
             log.info("the publication of step %d was never acknowledged by Kafka: publishing it again", checkpoint.step)

@@ -117,3 +117,11 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_settings_that_resume_
     resumed = checkpointer(tmp_path, FlakyProducer(refuse=False), "model.options.embedding_lr=0.05",
                            "model.options.aux_tasks=[]")
     assert resumed.restore() == 1
+
+
+def test_a_checkpoint_of_another_kind_of_model_is_refused_with_the_learners_reason(tmp_path: Path) -> None:
+    c = checkpointer(tmp_path, FlakyProducer(refuse=False))
+    train_one_step(c)
+    assert c.write("shutdown")
+    with pytest.raises(CheckpointError, match="cannot be loaded into the configured model: .*point checkpoint.dir"):
+        checkpointer(tmp_path, FlakyProducer(refuse=False), "model.options.rung='river_lr'").restore()
