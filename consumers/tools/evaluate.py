@@ -123,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of events; split mode trains on the first 90%% of them and tests on the last 10%%, "
                              "prequential's tail window is their last 10%% (--tail-fraction is ignored)")
     parser.add_argument("--title", default="", help="title of report.md (default: the data set's name)")
+    parser.add_argument("--baseline", default="mtl", metavar="CONFIG",
+                        help="the configuration the report's paired differences are taken to, as the report names "
+                             "it (default mtl; e.g. mtl[aux] to compare variants that all learn auxiliary tasks)")
     parser.add_argument("--variant", default="",
                         help="name of this command's --model-option set: configurations are reported as "
                              "CONFIG[VARIANT], so runs of several commands merged with --from-results stay apart; "
@@ -810,8 +813,9 @@ def _groups(runs: list[dict[str, Any]]) -> list[tuple[tuple[str, ...], str]]:
     return list(dict.fromkeys((tuple(r["tasks"]), r["mode"]) for r in runs))
 
 
-def render_report(doc: dict[str, Any], title: str = "") -> str:
-    """The Markdown report of a results.json document: one section per (task set, mode, window).
+def render_report(doc: dict[str, Any], title: str = "", baseline: str = "mtl") -> str:
+    """The Markdown report of a results.json document: one section per (task set, mode, window), with paired
+    differences to ``baseline`` where a section has it and another configuration.
 
     Results written before a metric existed (no ``ndcg10``, no ``combined``) render it as "–".
     """
@@ -827,7 +831,7 @@ def render_report(doc: dict[str, Any], title: str = "") -> str:
     for tasks, mode in _groups(runs):
         group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
         for window in (["test"] if mode == "split" else ["all", "tail"]):
-            lines += _window_section(group, tasks, mode, window)
+            lines += _window_section(group, tasks, mode, window, baseline)
         lines += _gate_section(group, tasks, mode)
     env = doc.get("environment", {})
     if env:
@@ -870,8 +874,9 @@ def _cells(group: list[dict], backbones: list[str], configs: list[str]) -> Itera
                 yield backbone, config, cell
 
 
-def _window_section(group: list[dict], tasks: tuple[str, ...], mode: str, window: str) -> list[str]:
-    """One (task set, mode, window): a table per task, the combined score, paired differences to ``mtl``."""
+def _window_section(group: list[dict], tasks: tuple[str, ...], mode: str, window: str,
+                    baseline: str = "mtl") -> list[str]:
+    """One (task set, mode, window): a table per task, the combined score, paired differences to ``baseline``."""
     backbones = _ordered((r["backbone"] for r in group), BACKBONES)
     configs = _ordered((r["config"] for r in group), CONFIGS)
     seeds = sorted({r["seed"] for r in group})
@@ -894,8 +899,8 @@ def _window_section(group: list[dict], tasks: tuple[str, ...], mode: str, window
             values = [_fmt(*_mean_std([_combined_metric(r, window, key) for r in cell])) for key in ("auc", "ndcg10")]
             lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
         lines.append("")
-    if "mtl" in configs and len(configs) > 1:
-        lines += _paired_differences(group, tasks, window, backbones, configs, len(seeds))
+    if baseline in configs and len(configs) > 1:
+        lines += _paired_differences(group, tasks, window, backbones, configs, len(seeds), baseline)
     return lines
 
 
@@ -923,15 +928,15 @@ def _gate_section(group: list[dict], tasks: tuple[str, ...], mode: str) -> list[
 
 
 def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, backbones: list[str],
-                        configs: list[str], n_seeds: int) -> list[str]:
-    """Each config minus ``mtl`` on the same backbone and seed, per metric."""
-    lines = [f"Paired differences to `mtl` (same backbone and seed), mean ± std over seeds, "
+                        configs: list[str], n_seeds: int, baseline: str = "mtl") -> list[str]:
+    """Each config minus ``baseline`` on the same backbone and seed, per metric."""
+    lines = [f"Paired differences to `{baseline}` (same backbone and seed), mean ± std over seeds, "
              f"window `{window}` ({n_seeds} seeds); **bold** where |mean| > 2 std/sqrt(n):", ""]
     header = (["backbone", "config"] + [f"{name} {t}" for _, name in DIFF_TASK_METRICS for t in tasks]
               + [name for _, name in DIFF_COMBINED_METRICS])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for backbone, config, cell in _cells(group, backbones, [c for c in configs if c != "mtl"]):
-        base = {r["seed"]: r for r in group if r["backbone"] == backbone and r["config"] == "mtl"}
+    for backbone, config, cell in _cells(group, backbones, [c for c in configs if c != baseline]):
+        base = {r["seed"]: r for r in group if r["backbone"] == backbone and r["config"] == baseline}
         cell = [r for r in cell if r["seed"] in base]
         if not cell:
             continue
@@ -1014,11 +1019,11 @@ def plot_curves(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(doc: dict[str, Any], out: Path, title: str = "") -> None:
-    """results.json, report.md and auc_curve.png into ``out``."""
+def write_outputs(doc: dict[str, Any], out: Path, title: str = "", baseline: str = "mtl") -> None:
+    """results.json, report.md (paired differences to ``baseline``) and auc_curve.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
-    (out / "report.md").write_text(render_report(doc, title))
+    (out / "report.md").write_text(render_report(doc, title, baseline))
     plot_curves(doc, out / "auc_curve.png")
 
 
@@ -1044,7 +1049,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"crossdistil evaluate: {exc}", file=sys.stderr)
         return 2
-    write_outputs(doc, Path(args.out), args.title)
+    write_outputs(doc, Path(args.out), args.title, args.baseline)
+    if args.baseline != "mtl" and args.baseline not in {r["config"] for r in doc["runs"]}:
+        print(f"crossdistil evaluate: --baseline {args.baseline!r} is not a configuration of these runs (they have "
+              f"{sorted({r['config'] for r in doc['runs']})}): the report has no paired differences; rewrite it "
+              f"with --from-results {Path(args.out) / 'results.json'} --baseline NAME", file=sys.stderr)
     if not args.from_results:
         (Path(args.out) / RUN_LOG).unlink(missing_ok=True)  # every run is in results.json now
     print(f"wrote {Path(args.out) / 'results.json'}, report.md and auc_curve.png ({len(doc['runs'])} runs)")

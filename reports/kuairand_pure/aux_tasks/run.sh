@@ -70,7 +70,7 @@ cd_val --configs crossdistil --variant auxpart --model-option partners=like:prof
   --out "$OUT/cd_b"
 cd_val --configs crossdistil --variant auxkd0 \
   --model-option kd_weight=follow:0,comment:0,forward:0,profile_enter:0,click:0,long_view:0 --out "$OUT/cd_c"
-.venv/bin/crossdistil evaluate --from-results "$OUT"/cd_{a,b,c}/results.json --out "$HERE/crossdistil_validation" \
+.venv/bin/crossdistil evaluate --from-results "$OUT"/cd_{a,b,c}/results.json --out "$HERE/crossdistil_validation" --baseline "mtl[aux]" \
   --title "KuaiRand-Pure validation slice (finish, like) with six auxiliary tasks: CrossDistil (trust gate) on top"
 python "$HERE/crossdistil_validation/summary.py" "$HERE/crossdistil_validation/results.json" \
   > "$HERE/crossdistil_validation/tables.md"

@@ -178,3 +178,19 @@ def test_the_report_states_the_trust_gate_of_gated_configurations_only() -> None
     assert _row(report, "| mmoe | crossdistil | like |")[3] == "0.00 ± 0.00"
     assert "| mmoe | mtl | finish |" not in report  # no gate, no row
     assert "Trust gate" not in evaluate.render_report({"dataset": "x", "runs": runs[:2]})
+
+
+def test_paired_differences_can_be_taken_to_another_baseline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = [_run("mtl[aux]", 0, 0.70), _run("mtl[aux]", 1, 0.72), _run("crossdistil[aux]", 0, 0.69),
+            _run("crossdistil[aux]", 1, 0.70)]
+    report = evaluate.render_report({"dataset": "x", "runs": runs}, baseline="mtl[aux]")
+    assert "Paired differences to `mtl[aux]`" in report
+    assert "| mmoe | crossdistil[aux] | **-0.0150 ± 0.0071** | **-0.0150 ± 0.0071** |" in report
+    assert "Paired differences" not in evaluate.render_report({"dataset": "x", "runs": runs})  # no mtl among them
+    (tmp_path / "results.json").write_text(json.dumps({"dataset": "x", "runs": runs}))
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["--from-results", str(tmp_path / "results.json"), "--out", str(tmp_path / "r"),
+                              "--baseline", "mtl[typo]"])
+    assert evaluate.run(args) == 0  # the report is written all the same, and the mistake is said
+    assert "--baseline 'mtl[typo]' is not a configuration of these runs" in capsys.readouterr().err
