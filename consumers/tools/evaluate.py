@@ -474,7 +474,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
     plan = GridPlan(args, spec, data_spec, model_options, combined_weights, device, renaming)
     log = RunLog(Path(args.out), {"dataset": dataset.name, "source": str(args.source), "device": device,
-                                  "threads": _threads_per_run(args),  # the last bits of a run depend on them
+                                  "threads": _threads_per_run(args) or torch.get_num_threads(),  # a run's last bits
                                   "protocol": _protocol(args, spec, model_options, combined_weights, {})},
                  args.resume, console) if args.out else None
     runs: list[dict[str, Any]] = []
@@ -509,6 +509,12 @@ def _run_key(tasks: Sequence[str], mode: str, backbone: str, config: str, seed: 
     return json.dumps([list(tasks), mode, backbone, config, seed])
 
 
+def _comparable(header: dict[str, Any]) -> dict[str, Any]:
+    """A grid's header without what depends on the events read (the validation slice's row ranges)."""
+    protocol = {k: v for k, v in header.get("protocol", {}).items() if k != "validation_rows"}
+    return {**header, "protocol": protocol}
+
+
 def _record_key(record: dict[str, Any]) -> str:
     return _run_key(record["tasks"], record["mode"], record["backbone"], record["config"], record["seed"])
 
@@ -516,28 +522,32 @@ def _record_key(record: dict[str, Any]) -> str:
 class RunLog:
     """``OUT/runs.partial.jsonl``: the grid's header, then every finished run as one JSON line, written and synced as
     it finishes, so an interrupted grid loses no finished run. ``--resume`` reads them back (``done``, by run key)
-    when the header (data set, source, protocol) is the same; without it an old log is replaced. ``run`` removes the
-    file once results.json is written."""
+    when the header (data set, source, device, threads, protocol) is the same, or, with no such file, the runs of a
+    finished grid's ``OUT/results.json`` (to add seeds or configurations to it); without ``--resume`` an old log is
+    replaced. ``run`` removes the file once results.json is written."""
 
     def __init__(self, out: Path, header: dict[str, Any], resume: bool, console: Any) -> None:
         self.path = out / RUN_LOG
-        header = json.loads(json.dumps(_clean(header)))  # as it reads back
+        header = _comparable(json.loads(json.dumps(_clean(header))))  # as it reads back
         self.done: dict[str, dict[str, Any]] = {}
         if resume and self.path.exists():
             lines = self.path.read_text().splitlines()
-            saved = json.loads(lines[0]) if lines else {}
-            if saved != header:
-                keys = sorted(k for k in set(saved) | set(header) if saved.get(k) != header.get(k))
-                raise ValueError(f"--resume: {self.path} was written by another grid (it differs in {keys}); rerun "
-                                 "that grid's command with --resume, or leave --resume out to start again")
+            self._check(json.loads(lines[0]) if lines else {}, header, self.path)
             for line in lines[1:]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # the line a crash cut short: that run runs again
                     continue
                 self.done[_record_key(record)] = record
+        elif resume and (out / "results.json").exists():
+            doc = json.loads((out / "results.json").read_text())
+            env = doc.get("environment", {})
+            self._check(_comparable({"dataset": doc.get("dataset"), "source": doc.get("source"),
+                                     "device": env.get("device"), "threads": env.get("threads"),
+                                     "protocol": doc.get("protocol", {})}), header, out / "results.json")
+            self.done = {_record_key(r): r for r in doc["runs"]}
         elif resume:
-            console.log(f"--resume: no {self.path}; running the whole grid")
+            console.log(f"--resume: no {self.path} and no results.json; running the whole grid")
         elif self.path.exists():
             console.log(f"{self.path} of an earlier, unfinished grid is replaced (--resume would continue it)")
         out.mkdir(parents=True, exist_ok=True)
@@ -545,6 +555,13 @@ class RunLog:
         for line in [header, *self.done.values()]:
             self.file.write(json.dumps(line) + "\n")
         self.file.flush()
+
+    @staticmethod
+    def _check(saved: dict[str, Any], header: dict[str, Any], path: Path) -> None:
+        if saved != header:
+            keys = sorted(k for k in set(saved) | set(header) if saved.get(k) != header.get(k))
+            raise ValueError(f"--resume: {path} was written by another grid (it differs in {keys}); rerun that "
+                             "grid's command with --resume, or leave --resume out to start again")
 
     def add(self, record: dict[str, Any]) -> None:
         """One finished run, on disk before the next starts."""

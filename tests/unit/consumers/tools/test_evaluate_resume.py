@@ -83,3 +83,12 @@ def test_a_resumed_grid_may_have_more_seeds_and_reuses_the_finished_runs(tmp_pat
     assert evaluate.run(grid(tmp_path, "--seeds", "3", "--resume")) == 0
     assert len(calls) == 12 - 5 and not set(calls) & set(first)
     assert len(runs_of(tmp_path)) == 12
+
+
+def test_resume_adds_seeds_to_a_finished_grid_from_its_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert evaluate.run(grid(tmp_path / "two")) == 0
+    assert evaluate.run(grid(tmp_path / "three", "--seeds", "3")) == 0
+    calls = interrupt_after(monkeypatch, 100)
+    assert evaluate.run(grid(tmp_path / "two", "--seeds", "3", "--resume")) == 0
+    assert [combo[3] for combo in calls] == [2, 2, 2, 2]  # only seed 2, of each mode and configuration
+    assert runs_of(tmp_path / "two") == runs_of(tmp_path / "three")
