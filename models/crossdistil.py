@@ -89,7 +89,9 @@ class CrossDistilModel(nn.Module):
     """Students (and, when the rung needs them, auxiliary teachers and calibrators) on one backbone.
 
     ``students_only=True`` builds the serving subset: no teacher towers, no calibrators, no last-level
-    teacher gates; its state_dict keys are a subset of the full model's.
+    teacher gates; its state_dict keys are a subset of the full model's. It scores the served tasks alone
+    (``ModelConfig.served_tasks``): its ``student_logits`` have one column per served task, the auxiliary tasks'
+    towers are kept (the state is the trainer's) but not run.
     """
 
     def __init__(self, config: ModelConfig, students_only: bool = False) -> None:
@@ -118,6 +120,9 @@ class CrossDistilModel(nn.Module):
             self._start_like_mtl(build, before)
         dim = self.backbone.output_dim
         self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
+        # the towers a students-only model runs: the served tasks' (None: all, as a trained model needs)
+        self.served = ([config.tasks.index(t) for t in config.served_tasks]
+                       if students_only and config.served_tasks != config.tasks else None)
         if config.uses_partner and not students_only:
             # Column j = partner(k) of each task k, for the teachers and the loss; derived, so not in the state_dict.
             self.register_buffer("partner_index", torch.tensor([config.tasks.index(config.partner_of(t))
@@ -191,9 +196,10 @@ class CrossDistilModel(nn.Module):
         """
         reps = self.backbone(x)
         k = len(self.student_towers)
-        s = torch.cat([tower(reps[i % len(reps)]) for i, tower in enumerate(self.student_towers)], dim=1)
+        run = range(k) if self.served is None else self.served
+        s = torch.cat([self.student_towers[i](reps[i % len(reps)]) for i in run], dim=1)
         if wide is not None:
-            s = s + wide.to(s.dtype)
+            s = s + (wide if self.served is None else wide[:, self.served]).to(s.dtype)
         r = None
         if self.has_teachers:
             # The teachers' gradient into the shared backbone is scaled (teacher_backbone_grad; 0 = stopgrad).

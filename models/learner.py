@@ -543,11 +543,11 @@ class ServingModel:
 
     @torch.no_grad()
     def score(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Student probabilities per served task (``ModelConfig.served_tasks``), float32 [B] on CPU."""
+        """Student probabilities per served task (``ModelConfig.served_tasks``: the students-only model runs those
+        towers alone), float32 [B] on CPU."""
         logits = self.model(batch.to(self.device)).student_logits
         probabilities = torch.sigmoid(logits.float()).cpu()
-        served = set(self.config.served_tasks)
-        return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks) if task in served}
+        return {task: probabilities[:, k] for k, task in enumerate(self.config.served_tasks)}
 
     def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Encode rows (labels not needed: ``encode_for_scoring``, the same table rows and numerics as

@@ -43,15 +43,11 @@ class StudentGraph(nn.Module):
     def __init__(self, model: CrossDistilModel) -> None:
         super().__init__()
         self.model = model
-        config = model.config
-        # the served tasks' columns; None when every task is served (the graph as it was before auxiliary tasks)
-        self.served = (None if config.served_tasks == config.tasks else
-                       [config.tasks.index(t) for t in config.served_tasks])
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         numeric = torch.sign(numeric) * torch.log1p(torch.abs(numeric))
-        logits = self.model.scores(categorical, self.model.normalizer(numeric)).student_logits.float()
-        return torch.sigmoid(logits if self.served is None else logits[:, self.served])
+        # a students-only model's logits: the served tasks' columns, the auxiliary towers not in the graph at all
+        return torch.sigmoid(self.model.scores(categorical, self.model.normalizer(numeric)).student_logits.float())
 
 
 def export_students(model: CrossDistilModel) -> bytes:
