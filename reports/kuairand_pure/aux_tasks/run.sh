@@ -86,3 +86,11 @@ wv --aux-tasks $AUX --variant r05 --out "$OUT/r05" \
   --model-option bce_weight=follow:0.5,comment:0.5,forward:0.5,profile_enter:0.5,click:0.1,long_view:0.1
 merge "$HERE/weights_validation" "KuaiRand-Pure validation slice (finish, like): per-task weights of the six \
 auxiliary tasks" "$OUT"/{w_mtl,w02,r1,r05}/results.json
+
+# 5. (the same later session) the test grid of step 2 on to ten seeds: --resume keeps the 5-seed runs of each --out
+#    (the same command's results.json) and runs seeds 5-9 alone (ten_seeds/)
+ten() { grid --seeds 10 --jobs 2 --resume "$@"; }
+ten --out "$OUT/mtl"
+ten --aux-tasks $AUX --model-option bce_weight=$W --out "$OUT/aux02"
+merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary tasks at 0.2, 10 seeds" \
+  "$OUT"/{mtl,aux02}/results.json
