@@ -675,7 +675,7 @@ def _runs_in_processes(plan: GridPlan, tasks: list[str], aux: list[str], combos:
     thread here reads into ``bar`` (``offset``: the events of the runs already done)."""
     import multiprocessing
     import threading
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's thread pools
     queue = context.Queue()
@@ -696,8 +696,8 @@ def _runs_in_processes(plan: GridPlan, tasks: list[str], aux: list[str], combos:
         try:
             pending = set(futures)
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in finished:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=lambda f: f.exception() is not None):  # kept before raising
                     records[futures[future]], line = future.result()  # a run's error is raised here
                     progress.console.log(line)
                     sink(records[futures[future]])

@@ -84,13 +84,16 @@ wv --aux-tasks $AUX --variant r1 --out "$OUT/r1" \
   --model-option bce_weight=follow:1,comment:1,forward:1,profile_enter:1,click:0.2,long_view:0.2
 wv --aux-tasks $AUX --variant r05 --out "$OUT/r05" \
   --model-option bce_weight=follow:0.5,comment:0.5,forward:0.5,profile_enter:0.5,click:0.1,long_view:0.1
+W0=follow:0,comment:0,forward:0,profile_enter:0,click:0,long_view:0  # the towers learn nothing, the counts' inputs stay
+wv --aux-tasks $AUX --variant w0 --model-option bce_weight=$W0 --out "$OUT/w0"
 merge "$HERE/weights_validation" "KuaiRand-Pure validation slice (finish, like): per-task weights of the six \
-auxiliary tasks" "$OUT"/{w_mtl,w02,r1,r05}/results.json
+auxiliary tasks" "$OUT"/{w_mtl,w02,r1,r05,w0}/results.json
 
 # 5. (the same later session) the test grid of step 2 on to ten seeds: --resume keeps the 5-seed runs of each --out
 #    (the same command's results.json) and runs seeds 5-9 alone (ten_seeds/)
 ten() { grid --seeds 10 --jobs 2 --resume "$@"; }
 ten --out "$OUT/mtl"
 ten --aux-tasks $AUX --model-option bce_weight=$W --out "$OUT/aux02"
-merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary tasks at 0.2, 10 seeds" \
-  "$OUT"/{mtl,aux02}/results.json
+ten --aux-tasks $AUX --variant w0 --model-option bce_weight=$W0 --out "$OUT/w0_test"  # for the record (§2e, §3d)
+merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary tasks at 0.2 and at 0, 10 seeds" \
+  "$OUT"/{mtl,aux02,w0_test}/results.json

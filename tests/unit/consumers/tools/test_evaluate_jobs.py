@@ -46,3 +46,41 @@ def test_a_failing_run_in_a_process_fails_the_grid_with_its_error(tmp_path: Path
 def test_jobs_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--jobs must be at least 1"):
         evaluate.run_grid(grid(tmp_path, "--jobs", "0"))
+
+
+def test_runs_finished_by_the_processes_are_on_disk_before_a_later_run_fails(tmp_path: Path) -> None:
+    """Each run is kept as it finishes (--resume then skips it), not when the whole grid has finished."""
+    args = grid(tmp_path, "--jobs", "2", "--configs", "mtl,river_lr", "--mode", "split", "--aux-tasks", "",
+                "--model-option", "river.lr=-1")  # the river runs, after the two mtl runs, fail
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        evaluate.run_grid(args)
+    kept = [json.loads(line) for line in (tmp_path / evaluate.RUN_LOG).read_text().splitlines()[1:]]
+    assert kept and all(run["config"] == "mtl" for run in kept)
+
+
+def test_a_grid_killed_while_its_processes_run_keeps_the_runs_they_finished(tmp_path: Path) -> None:
+    """kill -9 of ``crossdistil evaluate --jobs 2`` mid-grid: the runs finished by then are in the run log."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "consumers.cli", "evaluate", "--dataset", "synthetic", "--source", "-",
+               "--option", "n_events=3000", "--configs", "mtl,aux", "--seeds", "4", "--mode", "both",
+               "--threads", "1", "--device", "cpu", "--jobs", "2", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=Path(evaluate.__file__).resolve().parents[2], start_new_session=True)
+    log, deadline = tmp_path / evaluate.RUN_LOG, time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= 2:  # the header and a finished run
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the grid ended before a finished run was on disk"
+        time.sleep(0.5)  # each run takes longer: the others are still running (all at once, they would all be in)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "results.json").exists() and log.exists()
+    assert len(log.read_text().splitlines()) < 1 + 16  # killed mid-grid, with runs still to come
