@@ -462,6 +462,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if _threads_per_run(args):
         torch.set_num_threads(_threads_per_run(args))
+    threads = torch.get_num_threads()  # of each run (the last bits of a run depend on them)
     device = str(resolve_device(args.device))
     if args.cuda_graphs and not device.startswith("cuda"):
         raise ValueError(f"--cuda-graphs: CUDA graphs need a CUDA device (--device cuda, or auto on a machine with a "
@@ -474,7 +475,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
     plan = GridPlan(args, spec, data_spec, model_options, combined_weights, device, renaming)
     log = RunLog(Path(args.out), {"dataset": dataset.name, "source": str(args.source), "device": device,
-                                  "threads": _threads_per_run(args) or torch.get_num_threads(),  # a run's last bits
+                                  "threads": threads,
                                   "protocol": _protocol(args, spec, model_options, combined_weights, {})},
                  args.resume, console) if args.out else None
     runs: list[dict[str, Any]] = []
@@ -492,7 +493,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         "command": "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
         "protocol": _protocol(args, spec, model_options, combined_weights, row_ranges),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": _threads_per_run(args) or torch.get_num_threads(),
+                        "threads": threads,
                         "cuda_graphs": bool(args.cuda_graphs), "jobs": args.jobs},
         "seconds": time.perf_counter() - started,
         "runs": runs,
