@@ -75,6 +75,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "count_features": [], "count_smoothing": 5.0, "count_half_life": 0,
     "privileged": [], "privileged_weight": 0.8, "privileged_gate": False,  # no privileged teacher
     "bce_weight": 1.0, "aux_tasks": [],  # every task served
+    "counted_tasks": [],  # every task has its tower
 }
 
 
@@ -85,7 +86,9 @@ class ModelConfig:
     ``partners`` maps each task to its partner task j = partner(k); empty means "the other task" for K = 2
     and "the next task, cyclically" for K > 2. ``kd_weight`` is alpha_k and ``aux_weight`` beta_k: one number
     for all tasks or a mapping task -> weight. ``aux_tasks`` are tasks learnt beside the others but never served
-    (docs/method.md "Auxiliary outcome tasks"): ``served_tasks`` are the rest.
+    (docs/method.md "Auxiliary outcome tasks"): ``served_tasks`` are the rest. ``counted_tasks`` are auxiliary tasks
+    that are only counted: their labels feed the online counts' rates (``count_features``), with no tower and no
+    loss; ``learnt_tasks`` are the rest.
 
     >>> cfg = ModelConfig(tasks=("click", "long_view"), backbone="mmoe", rung="crossdistil")
     >>> cfg.partner_of("click")
@@ -99,6 +102,10 @@ class ModelConfig:
     # tasks of ``tasks`` learnt as auxiliary outcomes: trained and checkpointed like the others, but not served,
     # not exported, not watched for drift by default and left out of a backtest's combined score; () = none
     aux_tasks: tuple[str, ...] = ()
+    # tasks of ``aux_tasks`` that are only counted: each user's and item's rate of their label is an input of the
+    # backbone (count_features), but they have no tower, no gate and no loss, so they cost the step almost nothing;
+    # () = every task is learnt (docs/method.md "Auxiliary outcome tasks")
+    counted_tasks: tuple[str, ...] = ()
     backbone: str = "shared_bottom"
     # mtl: the best measured rung (reports/kuairand_pure/README.md: no CrossDistil variant beats it); choose
     # "crossdistil" (with the trust-gate options below) or "crossdistil@paper" knowingly.
@@ -176,6 +183,7 @@ class ModelConfig:
         self.tasks = tuple(self.tasks)
         self.partners = _partner_items(self.partners)
         self.aux_tasks = _names(self.aux_tasks)
+        self.counted_tasks = _names(self.counted_tasks)
         self.hidden_dims = tuple(self.hidden_dims)
         self.tower_dims = tuple(self.tower_dims)
         if isinstance(self.wide_crosses, str):  # "a*b,c*d" from a command line
@@ -198,15 +206,17 @@ class ModelConfig:
         if not self.served_tasks:
             raise ValueError(f"aux_tasks {self.aux_tasks!r} leave no task to serve: at least one task must not be "
                              "auxiliary")
+        self._validate_counted()
         _choice("backbone", self.backbone, BACKBONES)
         _choice("rung", self.rung, RUNGS)
         _choice("correction", self.correction, CORRECTIONS)
         _choice("quadruplet_pairs", self.quadruplet_pairs, PAIR_MODES)
-        if self.uses_partner and len(self.tasks) < 2:
-            raise ValueError(f"rung {self.rung!r} needs at least two tasks (a partner per task); use rung='mtl'")
+        if self.uses_partner and len(self.learnt_tasks) < 2:
+            raise ValueError(f"rung {self.rung!r} needs at least two learnt tasks (a partner per task); use rung='mtl'")
         for task, partner in self.partners.items():
-            if task not in self.tasks or partner not in self.tasks or task == partner:
-                raise ValueError(f"partners: {task!r} -> {partner!r} must map a task to another task of {self.tasks}")
+            if task not in self.learnt_tasks or partner not in self.learnt_tasks or task == partner:
+                raise ValueError(f"partners: {task!r} -> {partner!r} must map a task to another learnt task of "
+                                 f"{self.learnt_tasks} (a counted task has no tower)")
         for name in ("bce_weight", "kd_weight", "aux_weight", "privileged_weight"):
             value = getattr(self, name)
             if isinstance(value, dict) and set(value) - set(self.tasks):
@@ -248,6 +258,14 @@ class ModelConfig:
             raise ValueError(f"count_smoothing must be > 0 and count_half_life >= 0, got {self.count_smoothing}, "
                              f"{self.count_half_life}")
 
+    def _validate_counted(self) -> None:
+        if set(self.counted_tasks) - set(self.aux_tasks) or len(set(self.counted_tasks)) != len(self.counted_tasks):
+            raise ValueError(f"counted_tasks must name distinct tasks of aux_tasks {self.aux_tasks} (a counted task "
+                             f"is never served: list it in aux_tasks too), got {self.counted_tasks!r}")
+        if self.counted_tasks and not self.count_features:
+            raise ValueError(f"counted_tasks {self.counted_tasks!r} reach the model only through the online counts' "
+                             "rates: they need count_features")
+
     # --- derived switches: one place that says what each rung turns on ---
     @property
     def uses_partner(self) -> bool:
@@ -281,13 +299,23 @@ class ModelConfig:
         """The tasks a published model scores, in task order: all but ``aux_tasks``."""
         return tuple(t for t in self.tasks if t not in self.aux_tasks)
 
+    @property
+    def learnt_tasks(self) -> tuple[str, ...]:
+        """The tasks with a tower and a loss, in task order: all but ``counted_tasks``."""
+        return tuple(t for t in self.tasks if t not in self.counted_tasks)
+
     def partner_of(self, task: str) -> str:
-        """``partners[task]``, else the next task cyclically among its own kind (served or auxiliary), so a served
-        task learns its partner order from another served one; a kind with one task takes the next of all tasks."""
+        """``partners[task]``, else the next task cyclically among its own kind (served, learnt auxiliary or
+        counted), so a served task learns its partner order from another served one; a kind with one task takes the
+        next of the learnt tasks (a counted task's partner is never used: it has no tower)."""
         if task in self.partners:
             return self.partners[task]
-        kind = self.aux_tasks if task in self.aux_tasks else self.served_tasks
-        group = kind if len(kind) > 1 else self.tasks
+        if task in self.counted_tasks:
+            kind = self.counted_tasks
+        else:
+            kind = tuple(t for t in self.learnt_tasks if t in self.aux_tasks) if task in self.aux_tasks \
+                else self.served_tasks
+        group = kind if len(kind) > 1 else self.learnt_tasks if task in self.learnt_tasks else self.tasks
         i = group.index(task)
         return group[(i + 1) % len(group)]
 
@@ -307,7 +335,8 @@ class ModelConfig:
         """Plain types only (lists, dicts, str, numbers), for checkpoints and serving metadata."""
         out = asdict(self)
         out["features"] = self.features.to_dict()
-        for key in ("tasks", "aux_tasks", "hidden_dims", "tower_dims", "wide_crosses", "count_features", "privileged"):
+        for key in ("tasks", "aux_tasks", "counted_tasks", "hidden_dims", "tower_dims", "wide_crosses",
+                    "count_features", "privileged"):
             out[key] = list(out[key])
         return out
 

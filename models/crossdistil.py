@@ -110,19 +110,25 @@ class CrossDistilModel(nn.Module):
                        if config.count_features else None)
         input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric) + (
             self.counts.width if self.counts is not None else 0)
-        heads = 2 * k if config.has_teachers else k
-        build = partial(build_backbone, config.backbone, input_dim, config.hidden_dims, tasks=k,
+        # Towers, gates and heads exist for the learnt tasks alone (a counted task is an input, not an output): tower
+        # i is task learnt[i]'s. ``learnt`` is None when every task is learnt (the common case, no reindexing).
+        n = len(config.learnt_tasks)
+        self.learnt = [config.tasks.index(t) for t in config.learnt_tasks] if n != k else None
+        heads = 2 * n if config.has_teachers else n
+        build = partial(build_backbone, config.backbone, input_dim, config.hidden_dims, tasks=n,
                         num_experts=config.num_experts, ple_shared=config.ple_shared_experts,
                         ple_specific=config.ple_specific_experts, ple_levels=config.ple_levels)
         before = torch.random.get_rng_state()
-        self.backbone = build(heads=heads, top_heads=k if students_only else heads)
-        if heads != k and not students_only:
+        self.backbone = build(heads=heads, top_heads=n if students_only else heads)
+        if heads != n and not students_only:
             self._start_like_mtl(build, before)
         dim = self.backbone.output_dim
-        self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(k))
-        # the towers a students-only model runs: the served tasks' (None: all, as a trained model needs)
-        self.served = ([config.tasks.index(t) for t in config.served_tasks]
+        self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(n))
+        # the towers a students-only model runs, and their tasks' columns: the served tasks' (None: all, as a
+        # trained model needs)
+        self.served = ([config.learnt_tasks.index(t) for t in config.served_tasks]
                        if students_only and config.served_tasks != config.tasks else None)
+        self._served_columns = [config.tasks.index(t) for t in config.served_tasks] if self.served else None
         if config.uses_partner and not students_only:
             # Column j = partner(k) of each task k, for the teachers and the loss; derived, so not in the state_dict.
             self.register_buffer("partner_index", torch.tensor([config.tasks.index(config.partner_of(t))
@@ -131,7 +137,7 @@ class CrossDistilModel(nn.Module):
         if self.has_teachers:
             # A label-aware teacher reads y_j next to the representation: one more input.
             teacher_dim = dim + (1 if config.teacher_partner_input else 0)
-            self.teacher_towers = nn.ModuleList(_tower(teacher_dim, config.tower_dims) for _ in range(k))
+            self.teacher_towers = nn.ModuleList(_tower(teacher_dim, config.tower_dims) for _ in range(n))
             if config.teacher_residual:
                 # A residual teacher starts as its student (r_k = s_k) and learns only what it adds.
                 for tower in self.teacher_towers:
@@ -141,7 +147,8 @@ class CrossDistilModel(nn.Module):
             # alpha_k starts where a_k = softplus(alpha_k) = 1, b_k = 0: z_k = r_k at first.
             self.calibrator_alpha = nn.Parameter(torch.full((k,), math.log(math.e - 1.0)))
             self.calibrator_bias = nn.Parameter(torch.zeros(k))
-        self._loss_weights: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._loss_weights: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._learnt_index: dict[torch.device, torch.Tensor] = {}
 
     def _start_like_mtl(self, build: Callable[..., nn.Module], before: torch.Tensor) -> None:
         """Give the student side of the backbone the initial weights an ``mtl`` model of the same seed has.
@@ -154,19 +161,32 @@ class CrossDistilModel(nn.Module):
         one level mixes the teachers' experts into the students' path: there it is close, not exact.)
         """
         torch.random.set_rng_state(before)
-        plain = build(heads=len(self.config.tasks), top_heads=len(self.config.tasks)).state_dict()
+        tasks = len(self.config.learnt_tasks)
+        plain = build(heads=tasks, top_heads=tasks).state_dict()
         with torch.no_grad():
             for name, value in self.backbone.state_dict().items():
                 if name in plain and plain[name].shape == value.shape:
                     value.copy_(plain[name])
 
-    def loss_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """alpha_k (``kd_weight``), beta_k (``aux_weight``) and w_k (``bce_weight``) [K] on ``device``, made once per
-        device: a tensor made from a list at every step would be a copy from the host that a GPU step waits for."""
+    def loss_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """alpha_k (``kd_weight``), beta_k (``aux_weight``), w_k (``bce_weight``) and the learnt tasks' mask (1, 0 for
+        a counted task, which has no loss: its other weights are 0 too) [K] on ``device``, made once per device: a
+        tensor made from a list at every step would be a copy from the host that a GPU step waits for."""
         if device not in self._loss_weights:
-            self._loss_weights[device] = tuple(torch.tensor(self.config.task_weights(name), device=device)
-                                               for name in ("kd_weight", "aux_weight", "bce_weight"))
+            cfg = self.config
+            mask = [1.0 if t in cfg.learnt_tasks else 0.0 for t in cfg.tasks]
+            weights = [[w * m for w, m in zip(cfg.task_weights(name), mask)]
+                       for name in ("kd_weight", "aux_weight", "bce_weight")]
+            self._loss_weights[device] = tuple(torch.tensor(v, device=device) for v in weights + [mask])
         return self._loss_weights[device]
+
+    def learnt_index(self, device: torch.device) -> torch.Tensor | None:
+        """The learnt tasks' columns [L] on ``device`` (None: every task is learnt), made once per device."""
+        if self.learnt is None:
+            return None
+        if device not in self._learnt_index:
+            self._learnt_index[device] = torch.tensor(self.learnt, device=device)
+        return self._learnt_index[device]
 
     def forward(self, batch: Batch) -> Outputs:
         return self.scores(batch.categorical, self.normalizer(batch.numeric), batch.labels)
@@ -195,25 +215,34 @@ class CrossDistilModel(nn.Module):
         (serving builds the students only). ``wide`` [B, K]: the wide part's logits, added to the students'.
         """
         reps = self.backbone(x)
-        k = len(self.student_towers)
-        run = range(k) if self.served is None else self.served
-        s = torch.cat([self.student_towers[i](reps[i % len(reps)]) for i in run], dim=1)
+        n = len(self.student_towers)
+        run = range(n) if self.served is None else self.served
+        s = self._all_tasks([self.student_towers[i](reps[i % len(reps)]) for i in run])
         if wide is not None:
-            s = s + (wide if self.served is None else wide[:, self.served]).to(s.dtype)
+            s = s + (wide if self.served is None else wide[:, self._served_columns]).to(s.dtype)
         r = None
         if self.has_teachers:
             # The teachers' gradient into the shared backbone is scaled (teacher_backbone_grad; 0 = stopgrad).
             grad = self.config.teacher_backbone_grad
-            inputs = [scale_gradient(reps[(k + i) % len(reps)], grad) for i in range(k)]
+            inputs = [scale_gradient(reps[(n + i) % len(reps)], grad) for i in range(n)]
             if self.config.teacher_partner_input:
                 if labels is None:
                     raise ValueError("a label-aware teacher (teacher_partner_input) needs the batch's labels")
                 partner_labels = labels[:, self.partner_index].to(x.dtype)
-                inputs = [torch.cat([h, partner_labels[:, i:i + 1]], dim=1) for i, h in enumerate(inputs)]
-            r = torch.cat([tower(h) for tower, h in zip(self.teacher_towers, inputs)], dim=1)
+                columns = range(n) if self.learnt is None else self.learnt
+                inputs = [torch.cat([h, partner_labels[:, i:i + 1]], dim=1) for i, h in zip(columns, inputs)]
+            r = self._all_tasks([tower(h) for tower, h in zip(self.teacher_towers, inputs)])
             if self.config.teacher_residual:
                 r = r + s.detach()
         return Outputs(student_logits=s, teacher_scores=r)
+
+    def _all_tasks(self, columns: list[torch.Tensor]) -> torch.Tensor:
+        """[B, K] from the learnt tasks' [B, 1] columns (those run): a counted task's logit is 0, it has no tower."""
+        if self.learnt is None or self.served is not None:
+            return torch.cat(columns, dim=1)
+        zero = columns[0].new_zeros(columns[0].shape)
+        by_task = dict(zip(self.learnt, columns))
+        return torch.cat([by_task.get(i, zero) for i in range(len(self.config.tasks))], dim=1)
 
 
 def _tower(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
@@ -244,11 +273,16 @@ def crossdistil_loss(
         r = outputs.teacher_scores.float()
         categories = quadruplet_categories(y, y[:, partner])
         users = batch.user if cfg.quadruplet_same_user else None
+        learnt = model.learnt_index(y.device)  # a counted task has no teacher: no pairs to sample for it
         terms["aux"] = quadruplet_loss(
-            r, categories, pairs=cfg.quadruplet_pairs, margin=cfg.quadruplet_margin,
+            r if learnt is None else r.index_select(1, learnt),
+            categories if learnt is None else categories.index_select(1, learnt),
+            pairs=cfg.quadruplet_pairs, margin=cfg.quadruplet_margin,
             max_pairs_per_level=cfg.max_pairs_per_level, users=users, generator=generator,
             partner_weight=cfg.quadruplet_partner_weight,
         )
+        if learnt is not None:
+            terms["aux"] = r.new_zeros(r.shape[1]).index_copy(0, learnt, terms["aux"])
         if cfg.teacher_task_weight > 0:
             terms["teacher_bce"] = task_bce(r, y)
         if cfg.calibrates:
@@ -268,7 +302,7 @@ def crossdistil_loss(
     elif cfg.rung == "direct_kd":
         terms["kd"] = kd_loss(s, s[:, partner], cfg.kd_temperature)  # student j's logit, stopped inside kd_loss
 
-    alpha, beta, w = model.loss_weights(y.device)
+    alpha, beta, w, learnt_mask = model.loss_weights(y.device)
     if kd_scale is not None:
         alpha = alpha * kd_scale.to(y.device)
     total = (w * terms["bce"]).sum()
@@ -277,7 +311,8 @@ def crossdistil_loss(
     if "aux" in terms:
         total = total + (beta * terms["aux"]).sum()
     if "teacher_bce" in terms:
-        total = total + cfg.teacher_task_weight * terms["teacher_bce"].sum()
+        total = total + cfg.teacher_task_weight * (terms["teacher_bce"] if model.learnt is None
+                                                   else learnt_mask * terms["teacher_bce"]).sum()
     if "cal" in terms:
-        total = total + terms["cal"].sum()
+        total = total + (terms["cal"] if model.learnt is None else learnt_mask * terms["cal"]).sum()
     return total, terms

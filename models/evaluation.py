@@ -196,14 +196,16 @@ def _to_numpy(predictions: Mapping[str, torch.Tensor], tasks: Sequence[str]) -> 
 
 def predict_in_chunks(learner: StepLearner, data: EncodedData, start: int, stop: int,
                       chunk_size: int = 4096) -> dict[str, np.ndarray]:
-    """Probabilities for rows [start, stop), in chunks so memory stays bounded."""
-    parts: dict[str, list[np.ndarray]] = {task: [] for task in data.tasks}
+    """Probabilities of the scored tasks (``data.scored_tasks``) for rows [start, stop), in chunks so memory stays
+    bounded."""
+    tasks = data.scored_tasks
+    parts: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
     for lo in range(start, stop, chunk_size):
         with torch.no_grad():
-            chunk = _to_numpy(learner.predict(data.rows(lo, min(stop, lo + chunk_size))), data.tasks)
-        for task in data.tasks:
+            chunk = _to_numpy(learner.predict(data.rows(lo, min(stop, lo + chunk_size))), tasks)
+        for task in tasks:
             parts[task].append(chunk[task])
-    return {task: np.concatenate(parts[task]) if parts[task] else np.zeros(0) for task in data.tasks}
+    return {task: np.concatenate(parts[task]) if parts[task] else np.zeros(0) for task in tasks}
 
 
 class LossMeans:

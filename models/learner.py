@@ -207,7 +207,7 @@ class Learner:
         per step); on a CPU the step is done when this returns."""
         train = self._train if self.graphs is None else self.graphs.train
         names, reported, probabilities = train(batch)
-        return PendingStep(names, self.config.tasks, self.trust_gate is not None, reported, probabilities)
+        return PendingStep(names, self.config.learnt_tasks, self.trust_gate is not None, reported, probabilities)
 
     def _train(self, batch: Batch) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """The update of ``step``, with what it reports left on the learner's device: (names of the losses, [the
@@ -235,6 +235,8 @@ class Learner:
         # The forward above used the pre-update weights: its student scores are the prequential predictions.
         probabilities = torch.sigmoid(outputs.student_logits.detach().float())  # read back with the losses, after
         # the update (PendingStep): on a GPU the step runs without a synchronisation
+        learnt = self.model.learnt_index(probabilities.device)  # a counted task predicts nothing, reports nothing
+        per_task = (lambda v: v) if learnt is None else (lambda v: v.index_select(-1, learnt))
 
         self._zero_grad()
         total.backward()
@@ -244,23 +246,24 @@ class Learner:
         self._seen += rows
         self._count(rows)
 
-        tasks = self.config.tasks
+        tasks = self.config.learnt_tasks
         names = ["total"] + [f"{term}/{task}" for term in terms for task in tasks]
-        parts = [total.detach().float().reshape(1)] + [v.detach().float() for v in terms.values()]
+        parts = [total.detach().float().reshape(1)] + [per_task(v.detach().float()) for v in terms.values()]
         if self.trust_gate is not None:
             # Both scores were taken before this update: prequential evidence for the next steps' gate.
             self.trust_gate.update(batch.labels, outputs.student_logits, outputs.teacher_scores)
             gate = self.trust_gate  # with a gate, kd_scale is its open state (times the warm-up): never None
-            parts += [kd_scale.float(), gate.teacher_auc.float(), gate.student_auc.float()]
+            parts += [per_task(kd_scale.float()), per_task(gate.teacher_auc.float()),
+                      per_task(gate.student_auc.float())]
         if teacher_report is not None:  # the teacher's own BCE per task (its report: total, then bce/<task>)
             taught = self.privileged_teacher.config.tasks
             names += [f"privileged_bce/{task}" for task in taught]
             parts.append(teacher_report[1:1 + len(taught)].float())
             if self.privileged_gate is not None:  # this step's gate (1 = blended), then the scores for the next
                 names += [f"privileged_gate/{task}" for task in tasks]
-                parts.append(self.privileged_gate.open.float().clone())
+                parts.append(per_task(self.privileged_gate.open.float()).clone())
                 self.privileged_gate.update(batch.labels, outputs.student_logits, teacher_probabilities)
-        return names, torch.cat(parts), probabilities
+        return names, torch.cat(parts), per_task(probabilities)
 
     def _student_view(self, batch: Batch, training: bool = False) -> Batch:
         """A batch of a learner with a privileged teacher without the privileged columns (the student's inputs);
@@ -351,7 +354,8 @@ class Learner:
         with self._autocast():
             logits = self.model(batch.to(self.device)).student_logits
         probabilities = torch.sigmoid(logits.float()).cpu()
-        return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks)}
+        learnt = self.config.learnt_tasks  # a counted task has no prediction
+        return {task: probabilities[:, k] for k, task in enumerate(self.config.tasks) if task in learnt}
 
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizers (dense, embedding, wide), normaliser, calibrators, pair-sampling RNG, steps and config.

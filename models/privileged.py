@@ -54,7 +54,8 @@ def teacher_tasks(config: ModelConfig) -> tuple[str, ...]:
     ('finish', 'like')
     """
     weights = config.privileged_weight
-    return tuple(t for t in config.tasks if t in weights) if isinstance(weights, dict) else config.tasks
+    tasks = config.learnt_tasks  # a counted task has no tower to teach
+    return tuple(t for t in tasks if t in weights) if isinstance(weights, dict) else tasks
 
 
 def teacher_config(config: ModelConfig) -> ModelConfig:
@@ -66,4 +67,5 @@ def teacher_config(config: ModelConfig) -> ModelConfig:
                for name in ("bce_weight", "kd_weight", "aux_weight", "privileged_weight")
                for value in [getattr(config, name)]}  # a mapping keeps the teacher's tasks
     return dataclasses.replace(config, rung="mtl", features=teacher_spec(config), privileged=(),
-                               privileged_gate=False, tasks=tasks, partners={}, aux_tasks=(), **weights)
+                               privileged_gate=False, tasks=tasks, partners={}, aux_tasks=(),
+                               counted_tasks=(), **weights)

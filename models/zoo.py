@@ -43,9 +43,10 @@ def learner_config(tasks: Sequence[str], options: Mapping[str, Any], *,
     options = {k: v for k, v in options.items() if not k.startswith(("river.", "vw."))}
     seed = int(options.pop("seed", seed))
     if rung in RIVER_CONFIGS or rung in VW_CONFIGS:
-        if options.get("aux_tasks"):
-            raise ValueError(f"aux_tasks: the {rung} peer learns each task alone and serves them all; list only the "
-                             "tasks to serve in its model.tasks")
+        for key in ("aux_tasks", "counted_tasks"):
+            if options.get(key):
+                raise ValueError(f"{key}: the {rung} peer learns each task alone and serves them all; list only the "
+                                 "tasks to serve in its model.tasks")
         features = options.get("features")
         spec = features if isinstance(features, FeatureSpec) else (
             FeatureSpec.from_dict(features) if isinstance(features, Mapping) else FeatureSpec())

@@ -201,11 +201,16 @@ def train_encoded(learner: Any, batch: Batch, tasks: tuple[str, ...], started: f
 
 def answer_of(result: tuple[Mapping[str, float], Mapping[str, Any]], batch: Batch, tasks: tuple[str, ...],
               started: float, steps: int) -> Answer:
-    """The :class:`Answer` of a step's (losses, predictions) on ``batch`` (on the host), ``steps`` after it."""
+    """The :class:`Answer` of a step's (losses, predictions) on ``batch`` (on the host), ``steps`` after it: the
+    labels and scores of the tasks it predicts (a counted task, ``models.config.ModelConfig.counted_tasks``, is an
+    input of the model and predicts nothing; the labels of ``tasks`` go in, those of ``learnt_tasks`` come out)."""
     losses, predictions = result
     seconds = time.perf_counter() - started
     labels = batch.labels.numpy().astype(np.int8)
-    scores = np.stack([predictions[task].numpy() for task in tasks], axis=1).astype(np.float32)
+    scored = [k for k, task in enumerate(tasks) if task in predictions]
+    if len(scored) != len(tasks):
+        labels = labels[:, scored]
+    scores = np.stack([predictions[tasks[k]].numpy() for k in scored], axis=1).astype(np.float32)
     return Answer(labels, scores, seconds, {k: float(v) for k, v in losses.items()}, steps)
 
 
@@ -365,8 +370,12 @@ class Pipeline:
         on_batch: BatchHook | None = None,
         on_emitted: Callable[[int, float], None] | None = None,
         metrics_users: bool = True,
+        scored_tasks: Sequence[str] | None = None,
     ) -> None:
         self.tasks: tuple[str, ...] = tuple(tasks)
+        # the tasks the learner predicts, so those of its answers, metrics and ledger: ``tasks`` less the counted
+        # ones (models.config.ModelConfig.counted_tasks), whose labels the model only counts
+        self.scored_tasks: tuple[str, ...] = tuple(scored_tasks) if scored_tasks is not None else self.tasks
         if clock is None:
             clock = EventClock()
         if isinstance(clock, EventClock) and clock.join is None:
@@ -502,8 +511,8 @@ class Pipeline:
     def _trained(self, samples: list[JoinedSample], answer: Answer) -> None:
         """One answered batch to the metrics, the ledger and ``on_batch``."""
         self.last_step_s = answer.seconds
-        labels = {task: answer.labels[:, k] for k, task in enumerate(self.tasks)}
-        scores = {task: answer.scores[:, k] for k, task in enumerate(self.tasks)}
+        labels = {task: answer.labels[:, k] for k, task in enumerate(self.scored_tasks)}
+        scores = {task: answer.scores[:, k] for k, task in enumerate(self.scored_tasks)}
         users = np.array(sample_column(samples, "user_id"), dtype=object) if self.metrics_users else None
         self.metrics.batch_trained(len(samples), answer.seconds)
         self.metrics.record_learner(answer.losses)

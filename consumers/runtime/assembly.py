@@ -102,7 +102,7 @@ def build_pipeline(cfg: Config, *, clock: Callable[[], float] | None = time.mono
     return Pipeline(
         learner, AttributionJoin(join_config(cfg, live=live)),
         MiniBatcher(batch_size, None if dense else cfg.batching.max_batch_delay_s),
-        tasks=cfg.model.tasks, clock=clock,
+        tasks=cfg.model.tasks, scored_tasks=cfg.model.learnt_tasks, clock=clock,
         metrics=metrics if metrics is not None else TrainerMetrics.from_config(cfg),
         ledger=ledger, on_batch=on_batch, on_emitted=on_emitted, metrics_users=metrics_users,
     )

@@ -161,9 +161,20 @@ class ModelSection:
     @property
     def served_tasks(self) -> list[str]:
         """``tasks`` less ``options.aux_tasks`` (``models.config.ModelConfig.served_tasks``, read without a model)."""
-        aux = self.options.get("aux_tasks") or ()
-        aux = {a.strip() for a in aux.split(",")} if isinstance(aux, str) else set(aux)
+        aux = self._option_names("aux_tasks")
         return [t for t in self.tasks if t not in aux]
+
+    @property
+    def learnt_tasks(self) -> list[str]:
+        """``tasks`` less ``options.counted_tasks`` (``models.config.ModelConfig.learnt_tasks``): the tasks the model
+        predicts, so the ones its metrics, ledger and reports show."""
+        counted = self._option_names("counted_tasks")
+        return [t for t in self.tasks if t not in counted]
+
+    def _option_names(self, key: str) -> set[str]:
+        """An option naming tasks, as a list or a command line's comma string (``models.config._names``)."""
+        names = self.options.get(key) or ()
+        return {a.strip() for a in names.split(",")} if isinstance(names, str) else set(names)
 
 
 @dataclass
@@ -332,9 +343,10 @@ def _validate(cfg: Config) -> None:
     if min(cfg.metrics.drift_auc_window, cfg.metrics.drift_auc_reference) < 1000:
         raise ConfigError("metrics.drift_auc_window and metrics.drift_auc_reference: at least 1000 samples, got "
                           f"{cfg.metrics.drift_auc_window} and {cfg.metrics.drift_auc_reference}")
-    unknown = [t for t in cfg.metrics.drift_tasks if t not in cfg.model.tasks]
+    unknown = [t for t in cfg.metrics.drift_tasks if t not in cfg.model.learnt_tasks]
     if unknown:
-        raise ConfigError(f"metrics.drift_tasks: {unknown} are not tasks of model.tasks {list(cfg.model.tasks)}")
+        raise ConfigError(f"metrics.drift_tasks: {unknown} are not tasks of model.tasks {list(cfg.model.tasks)} that "
+                          "the model predicts (model.options.counted_tasks predict nothing)")
     if not 0 < cfg.metrics.drift_adwin_delta < 1:
         raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
     if cfg.kafka.stall_exit_s < 0:

@@ -271,7 +271,7 @@ class RemoteLearner:
     def __init__(self, cfg: Config, torch_threads: int | None = None, start_timeout_s: float = 300.0,
                  wait_ready: bool = True, queue_bytes: int | None = None, fork: bool = False) -> None:
         self.steps = 0
-        self._width = len(cfg.model.tasks)
+        self._width = len(cfg.model.learnt_tasks)  # the answers' columns: the tasks the model predicts
         self._in_flight: deque[Any] = deque()
         self._sizes: deque[int] = deque()  # bytes of each request in flight
         self._queue_bytes = queue_bytes

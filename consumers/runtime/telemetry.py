@@ -442,7 +442,7 @@ class TrainerMetrics:
         """The metrics of a ``consumers.runtime.config.Config``: its tasks, ``[metrics]`` windows and drift settings
         (``drift_tasks``, else the served tasks); ``kwargs`` (registry, clock, ...) go to the constructor."""
         m = cfg.metrics
-        return cls(tuple(cfg.model.tasks), windows=tuple(m.windows),
+        return cls(tuple(cfg.model.learnt_tasks), windows=tuple(m.windows),  # a counted task predicts nothing
                    drift_options={"ph_threshold": m.drift_ph_threshold, "ph_delta": m.drift_ph_delta,
                                   "adwin_delta": m.drift_adwin_delta},
                    auc_drop_options={"min_drop": m.drift_auc_drop, "window": m.drift_auc_window,

@@ -478,7 +478,7 @@ class ConfigRun:
         trained = self.pipeline.trained_samples
         # the series shows AUC and log loss (and the AUC's drift): the other metrics' window sums are not read
         snapshot = self.pipeline.metrics.snapshot(gauc=False, metrics=("auc", "log_loss"))
-        for task in self.pipeline.tasks:
+        for task in self.pipeline.scored_tasks:
             student = snapshot.get(task, {}).get("student", {})
             row: dict[str, Any] = {"samples": trained, "event_time_ms": event_ms, "task": task,
                                    "steps": self.pipeline.learner.steps}
@@ -542,7 +542,7 @@ class ConfigRun:
         from models.metrics import auc  # lazy: numpy loads only when a replay runs
 
         out: dict[str, float | None] = {}
-        for task in self.pipeline.tasks:
+        for task in self.pipeline.scored_tasks:
             y, p = self.arrays(task)
             if last_fraction is not None:
                 start = int(len(y) * (1 - last_fraction))
@@ -1168,13 +1168,15 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
     for name, run_ in result.runs.items():
         pipeline = run_.pipeline
         final = {row["task"]: {k: v for k, v in row.items() if k not in ("task",)}
-                 for row in run_.series[-len(pipeline.tasks):]}
+                 for row in run_.series[-len(pipeline.scored_tasks):]}
         configurations[name] = {
             "config_hash": stable_hash(model_config(run_.cfg).to_dict()),  # the model's, as in the trainer's manifests
             "model_options": run_.cfg.model.options,
-            "tasks": list(pipeline.tasks),
+            "tasks": list(pipeline.scored_tasks),  # those it predicts
             **({"served_tasks": run_.cfg.model.served_tasks}  # ranked by; the others are auxiliary
-               if run_.cfg.model.served_tasks != list(pipeline.tasks) else {}),
+               if run_.cfg.model.served_tasks != list(pipeline.scored_tasks) else {}),
+            **({"counted_tasks": [t for t in pipeline.tasks if t not in pipeline.scored_tasks]}  # inputs only
+               if pipeline.scored_tasks != pipeline.tasks else {}),
             "trained_samples": pipeline.trained_samples,
             "steps": pipeline.learner.steps,
             "batching": batching_summary(run_, result.batching),
@@ -1247,7 +1249,7 @@ def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(t for r in result.runs.values() for t in r.pipeline.tasks))
+    tasks = list(dict.fromkeys(t for r in result.runs.values() for t in r.pipeline.scored_tasks))
     paths = []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for task in tasks:

@@ -75,6 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated tasks of the data set the models also learn but the report leaves out "
                              "(auxiliary outcomes, e.g. follow,comment): each --tasks set is learnt with them; the "
                              "configurations are reported as CONFIG[aux] unless --variant names them")
+    parser.add_argument("--counted-tasks", default="", metavar="T1,T2",
+                        help="comma-separated tasks of the data set the models only count: each user's and item's "
+                             "rate of their label is an input (model option counted_tasks), with no tower and no "
+                             "loss, and the report leaves them out; reported as CONFIG[counted] unless --variant "
+                             "names them")
     parser.add_argument("--backbone", default="shared_bottom",
                         help=f"comma-separated backbones among {','.join(BACKBONES)} (default shared_bottom)")
     parser.add_argument("--configs", default=",".join(LADDER),
@@ -311,7 +316,8 @@ def _specs(args: argparse.Namespace, dataset: Any, configs: Sequence[str], model
     ``privileged+aux``): never the plain ``mtl`` of the paired differences."""
     spec = feature_spec_for(dataset, args.exclude_feature, args.hash_buckets)
     data_spec = privileged_spec(dataset, spec, model_options.get("privileged"), configs)
-    named = ["privileged"] * (data_spec is not spec) + ["aux"] * bool(args.aux_tasks)
+    named = (["privileged"] * (data_spec is not spec) + ["aux"] * bool(args.aux_tasks)
+             + ["counted"] * bool(args.counted_tasks))
     if named and not args.variant:
         args.variant = "+".join(named)
     return spec, data_spec
@@ -408,6 +414,7 @@ def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, sp
     options = {"backbone": backbone, **model_options, "rung": rung, "features": spec}
     if rung in RIVER_CONFIGS + VW_CONFIGS:  # no backbone, no device: peers learn on the CPU, one event at a time
         options.pop("backbone")
+        options.pop("counted_tasks", None)  # learnt like the rest
     elif aux_tasks:
         options["aux_tasks"] = tuple(aux_tasks)
     return make_learner(learner_config(tasks, options, seed=seed), device)
@@ -455,9 +462,11 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     modes = ["split", "prequential"] if args.mode == "both" else [args.mode]
     model_options = parse_pairs(args.model_option, "--model-option")
     combined_weights = parse_weights(args.combined_weights)
-    for reserved in ("tasks", "aux_tasks", "backbone", "rung", "features", "seed"):
+    for reserved in ("tasks", "aux_tasks", "counted_tasks", "backbone", "rung", "features", "seed"):
         if reserved in model_options or f"river.{reserved}" in model_options or f"vw.{reserved}" in model_options:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
+    if args.counted_tasks:  # auxiliary tasks (_aux_tasks) that the model only counts
+        model_options["counted_tasks"] = parse_list(args.counted_tasks, None, "--counted-tasks")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if _threads_per_run(args):
@@ -471,7 +480,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     dataset = _open(args)
     task_sets = _task_sets(args, dataset, combined_weights)
     spec, data_spec = _specs(args, dataset, configs, model_options)
-    renaming = list(model_options) + (["aux_tasks"] if args.aux_tasks else [])  # what makes mtl a variant
+    renaming = list(model_options) + (["aux_tasks"] if _aux_tasks(args) else [])  # what makes mtl a variant
 
     plan = GridPlan(args, spec, data_spec, model_options, combined_weights, device, renaming)
     log = RunLog(Path(args.out), {"dataset": dataset.name, "source": str(args.source), "device": device,
@@ -752,12 +761,18 @@ def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) ->
     from models.evaluation import combined_weights_for  # lazy: the CLI starts without torch
 
     aux = _aux_tasks(args)
+    counted = parse_list(args.counted_tasks, None, "--counted-tasks") if args.counted_tasks else []
     task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
-    for flag, names in [("--tasks", tasks) for tasks in task_sets] + [("--aux-tasks", aux)]:
+    flags = [("--aux-tasks", [t for t in aux if t not in counted]), ("--counted-tasks", counted)]
+    for flag, names in [("--tasks", tasks) for tasks in task_sets] + flags:
         missing = [t for t in names if t not in dataset.tasks]
         if missing:
             raise ValueError(f"{flag}: {missing} are not tasks of {dataset.name!r}; it has {list(dataset.tasks)}")
     for tasks in task_sets:
+        scored = [t for t in counted if t in tasks]
+        if scored:
+            raise ValueError(f"--counted-tasks: {scored} are in --tasks {tasks}: a task the report scores is learnt, "
+                             "not only counted")
         try:
             combined_weights_for(tasks, combined_weights)
         except ValueError as exc:
@@ -766,8 +781,10 @@ def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) ->
 
 
 def _aux_tasks(args: argparse.Namespace) -> list[str]:
-    """The ``--aux-tasks`` as given (empty: none)."""
-    return parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else []
+    """The ``--aux-tasks`` as given, then the ``--counted-tasks`` (auxiliary too: never scored); empty: none."""
+    aux = parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else []
+    counted = parse_list(args.counted_tasks, None, "--counted-tasks") if args.counted_tasks else []
+    return list(dict.fromkeys(aux + counted))
 
 
 def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows: EvaluationRows,

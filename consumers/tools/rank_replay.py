@@ -124,8 +124,8 @@ def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, 
     pipeline.flush()
     seconds = time.perf_counter() - started
     result = {
-        "labels": np.concatenate(collected.labels) if collected.labels else np.zeros((0, len(cfg.model.tasks))),
-        "scores": np.concatenate(collected.scores) if collected.scores else np.zeros((0, len(cfg.model.tasks))),
+        "labels": np.concatenate(collected.labels) if collected.labels else np.zeros((0, len(cfg.model.learnt_tasks))),
+        "scores": np.concatenate(collected.scores) if collected.scores else np.zeros((0, len(cfg.model.learnt_tasks))),
         "ts": np.concatenate(collected.ts) if collected.ts else np.zeros(0, dtype=np.int64),
         "events": events, "records": len(records), "seconds": seconds, "steps": int(learner.steps),
         "collective_seconds": float(learner.collective.seconds) if ranks is not None else 0.0,
@@ -161,7 +161,7 @@ def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8,
             for rank in range(world_size):
                 with np.load(Path(tmp) / f"rank-{rank}.npz") as data:
                     parts.append({k: data[k] if data[k].ndim else data[k].item() for k in data.files})
-    return summarize(parts, tuple(cfg.model.tasks))
+    return summarize(parts, tuple(cfg.model.learnt_tasks))
 
 
 def summarize(parts: list[dict[str, Any]], tasks: tuple[str, ...]) -> dict[str, Any]:

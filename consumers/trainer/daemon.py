@@ -103,7 +103,7 @@ class Trainer:
         self.registry = CollectorRegistry()
         self.metrics = TrainerMetrics.from_config(cfg, registry=self.registry)
         self.freshness = Freshness()
-        self.ledger = Ledger(ledger_dir, tuple(cfg.model.tasks)) if ledger_dir else None
+        self.ledger = Ledger(ledger_dir, tuple(cfg.model.learnt_tasks)) if ledger_dir else None
         # The one code path shared with the backtest; the live clock is the wall clock.
         # ranks: one rank of several (consumers.trainer.ranked), whose learner steps with the other ranks.
         self.pipeline = build_pipeline(cfg, clock=time.monotonic, metrics=self.metrics, ledger=self.ledger,

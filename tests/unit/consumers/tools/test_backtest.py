@@ -183,3 +183,24 @@ def test_a_task_the_drift_detectors_do_not_watch_says_so_in_the_report(drift_log
     like_row = next(line for line in report.splitlines() if "| like |" in line)
     click_row = next(line for line in report.splitlines() if "| click |" in line)
     assert like_row.endswith("| not watched |") and not click_row.endswith("| not watched |")
+
+
+def test_a_counted_task_is_an_input_of_the_replay_not_a_prediction(drift_log: Path, config_file: Path) -> None:
+    """model.options.counted_tasks: like's feedback is joined and counted (its rates are inputs of the model), but
+    like is not predicted, measured or reported; in a learner process too (the answers' width)."""
+    records, desc = backtest.log_records(f"file://{drift_log}", limit=2000)
+    counted = ['model.options.aux_tasks=["like"]', 'model.options.counted_tasks=["like"]']
+    runs = {}
+    for name, overrides in {"counted": counted, "process": counted + ["model.separate_process=true"],
+                            "alone": ['model.tasks=["click"]']}.items():
+        configs = backtest.build_configs([str(config_file)], "", overrides)
+        runs[name] = backtest.summary(backtest.run_backtest(records, configs, sample_every=500), desc)
+    for name in ("counted", "process"):
+        (config,) = runs[name]["configurations"].values()
+        assert config["tasks"] == ["click"] and config["counted_tasks"] == ["like"], name
+        assert set(config["prequential_auc"]) == {"click"} and set(config["final"]) == {"click"}
+    (counted_run,), (alone,) = runs["counted"]["configurations"].values(), runs["alone"]["configurations"].values()
+    assert counted_run["trained_samples"] == alone["trained_samples"]
+    assert counted_run["prequential_auc"]["click"] != alone["prequential_auc"]["click"]  # like's rates were read
+    report = backtest.render_report(runs["counted"], {"seconds": 1.0, "records_per_s": 1}, [])
+    assert "| like" not in report

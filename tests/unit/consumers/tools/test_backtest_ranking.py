@@ -18,7 +18,7 @@ LOG2_3 = math.log2(3)
 
 def make_run(tasks: tuple[str, ...] = ("click", "like"), aux_tasks: tuple[str, ...] = ()) -> backtest.ConfigRun:
     """A ConfigRun over a stand-in pipeline: on_batch only needs its tasks and trained-sample count."""
-    pipeline = SimpleNamespace(tasks=tasks, trained_samples=0)
+    pipeline = SimpleNamespace(tasks=tasks, scored_tasks=tasks, trained_samples=0)
     cfg = Config()
     cfg.model.tasks, cfg.model.options = list(tasks), {"aux_tasks": list(aux_tasks)} if aux_tasks else {}
     return backtest.ConfigRun("mtl", cfg=cfg, pipeline=pipeline, sample_every=10**9, _next_point=10**9)

@@ -108,3 +108,25 @@ def test_evaluate_passes_its_auxiliary_tasks_to_the_model() -> None:
     assert learner.config.aux_tasks == ("follow", "comment") and learner.config.partner_of("like") == "click"
     peer = evaluate.seeded_learner(tasks, "shared_bottom", "river_lr", 0, FeatureSpec(), {}, "cpu", ("follow",))
     assert peer.config.tasks == tasks  # a peer learns every task alone: they are tasks like the rest
+
+
+def test_counted_tasks_are_inputs_only_named_apart_and_never_scored(tmp_path: Path) -> None:
+    assert evaluate.run(args_for(tmp_path, "--counted-tasks", "follow", "--mode", "prequential")) == 0
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    protocol = doc["protocol"]
+    assert protocol["aux_tasks"] == ["follow"] and protocol["model_options"]["counted_tasks"] == ["follow"]
+    (run,) = doc["runs"]
+    assert run["config"] == "mtl[counted]" and run["aux_tasks"] == ["follow"]
+    assert not [name for name in run["losses"] if name.endswith("/follow")]  # no tower, no loss
+    assert set(run["metrics"]["tail"]) == {"click", "like"}
+    args = args_for(tmp_path, "--counted-tasks", "like,follow")
+    with pytest.raises(ValueError, match=r"--counted-tasks: \['like'\] are in --tasks"):
+        evaluate.run_grid(args)
+    with pytest.raises(ValueError, match="set it with its own flag"):
+        evaluate.run_grid(args_for(tmp_path, "--model-option", "counted_tasks=follow"))
+
+
+def test_a_peer_learns_counted_tasks_as_tasks() -> None:
+    peer = evaluate.seeded_learner(("click", "follow"), "shared_bottom", "river_lr", 0, FeatureSpec(),
+                                   {"counted_tasks": ["follow"]}, "cpu", ("follow",))
+    assert peer.config.tasks == ("click", "follow")
