@@ -102,18 +102,18 @@ class CrossDistilModel(nn.Module):
         self.embedding = nn.Embedding(spec.hash_buckets, config.embedding_dim, sparse=config.sparse_embeddings)
         nn.init.normal_(self.embedding.weight, std=0.05)
         self.normalizer = RunningNormalizer(len(spec.numeric))
+        # Towers, gates, heads and wide logits exist for the learnt tasks alone (a counted task is an input, not an
+        # output): tower i is task learnt[i]'s. ``learnt`` is None when every task is learnt (no reindexing).
+        n = len(config.learnt_tasks)
+        self.learnt = [config.tasks.index(t) for t in config.learnt_tasks] if n != k else None
         # The wide (linear) part: its logits add to the students' (served), never to the teachers'.
-        self.wide = (WidePart(spec, k, config.wide_crosses, sparse=config.sparse_embeddings)
+        self.wide = (WidePart(spec, n, config.wide_crosses, sparse=config.sparse_embeddings)
                      if config.wide != "none" else None)
         # Online counts and label rates of some fields (models/counts.py): more inputs of the backbone.
         self.counts = (CountFeatures(spec, k, config.count_features, config.count_smoothing, config.count_half_life)
                        if config.count_features else None)
         input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric) + (
             self.counts.width if self.counts is not None else 0)
-        # Towers, gates and heads exist for the learnt tasks alone (a counted task is an input, not an output): tower
-        # i is task learnt[i]'s. ``learnt`` is None when every task is learnt (the common case, no reindexing).
-        n = len(config.learnt_tasks)
-        self.learnt = [config.tasks.index(t) for t in config.learnt_tasks] if n != k else None
         heads = 2 * n if config.has_teachers else n
         build = partial(build_backbone, config.backbone, input_dim, config.hidden_dims, tasks=n,
                         num_experts=config.num_experts, ple_shared=config.ple_shared_experts,
@@ -124,11 +124,9 @@ class CrossDistilModel(nn.Module):
             self._start_like_mtl(build, before)
         dim = self.backbone.output_dim
         self.student_towers = nn.ModuleList(_tower(dim, config.tower_dims) for _ in range(n))
-        # the towers a students-only model runs, and their tasks' columns: the served tasks' (None: all, as a
-        # trained model needs)
+        # the towers a students-only model runs: the served tasks' (None: all, as a trained model needs)
         self.served = ([config.learnt_tasks.index(t) for t in config.served_tasks]
                        if students_only and config.served_tasks != config.tasks else None)
-        self._served_columns = [config.tasks.index(t) for t in config.served_tasks] if self.served else None
         if config.uses_partner and not students_only:
             # Column j = partner(k) of each task k, for the teachers and the loss; derived, so not in the state_dict.
             self.register_buffer("partner_index", torch.tensor([config.tasks.index(config.partner_of(t))
@@ -212,14 +210,15 @@ class CrossDistilModel(nn.Module):
 
         ``labels`` [B, K] are read only by a label-aware teacher (``teacher_partner_input``): the teacher of
         task k sees its partner's label y_j, privileged information that exists in training, never in serving
-        (serving builds the students only). ``wide`` [B, K]: the wide part's logits, added to the students'.
+        (serving builds the students only). ``wide`` [B, L]: the wide part's logits of the learnt tasks, added to the
+        students'.
         """
         reps = self.backbone(x)
         n = len(self.student_towers)
         run = range(n) if self.served is None else self.served
-        s = self._all_tasks([self.student_towers[i](reps[i % len(reps)]) for i in run])
+        s = torch.cat([self.student_towers[i](reps[i % len(reps)]) for i in run], dim=1)
         if wide is not None:
-            s = s + (wide if self.served is None else wide[:, self._served_columns]).to(s.dtype)
+            s = s + (wide if self.served is None else wide[:, self.served]).to(s.dtype)
         r = None
         if self.has_teachers:
             # The teachers' gradient into the shared backbone is scaled (teacher_backbone_grad; 0 = stopgrad).
@@ -231,18 +230,19 @@ class CrossDistilModel(nn.Module):
                 partner_labels = labels[:, self.partner_index].to(x.dtype)
                 columns = range(n) if self.learnt is None else self.learnt
                 inputs = [torch.cat([h, partner_labels[:, i:i + 1]], dim=1) for i, h in zip(columns, inputs)]
-            r = self._all_tasks([tower(h) for tower, h in zip(self.teacher_towers, inputs)])
+            r = torch.cat([tower(h) for tower, h in zip(self.teacher_towers, inputs)], dim=1)
             if self.config.teacher_residual:
                 r = r + s.detach()
-        return Outputs(student_logits=s, teacher_scores=r)
+            r = self._all_tasks(r)
+        return Outputs(student_logits=self._all_tasks(s), teacher_scores=r)
 
-    def _all_tasks(self, columns: list[torch.Tensor]) -> torch.Tensor:
-        """[B, K] from the learnt tasks' [B, 1] columns (those run): a counted task's logit is 0, it has no tower."""
+    def _all_tasks(self, learnt: torch.Tensor) -> torch.Tensor:
+        """[B, K] from the learnt tasks' [B, L] logits: a counted task's logit is 0 (it has no tower). A students-only
+        model's served columns stay as they are."""
         if self.learnt is None or self.served is not None:
-            return torch.cat(columns, dim=1)
-        zero = columns[0].new_zeros(columns[0].shape)
-        by_task = dict(zip(self.learnt, columns))
-        return torch.cat([by_task.get(i, zero) for i in range(len(self.config.tasks))], dim=1)
+            return learnt
+        out = learnt.new_zeros(learnt.shape[0], len(self.config.tasks))
+        return out.index_copy(1, self.learnt_index(learnt.device), learnt)
 
 
 def _tower(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:

@@ -2,7 +2,8 @@
 
 Serving starts first, on an empty serving topic, and follows the trainer's publications as they land; at the end
 it must serve the trainer's last published version and score a probe batch exactly as the trainer's final model.
-The trainer also learns an auxiliary task (``model.options.aux_tasks``): learnt, never served.
+The trainer also learns an auxiliary task (``model.options.aux_tasks``): learnt, never served; and counts another
+(``model.options.counted_tasks``): its label rates are inputs, it has no tower and predicts nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("click", "like")
-MODEL = {"aux_tasks": ["follow"], "embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
+MODEL = {"aux_tasks": ["follow", "comment"], "counted_tasks": ["comment"], "embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
          "features": {"categorical": ["user_id", "item_id", "item_category", "hour"], "numeric": ["duration_s"],
                       "hash_buckets": 8192}}
 
@@ -48,10 +49,10 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
                   dead_letter_topic=topics["dead_letters"], model_topic=topics["model"])
     config = tmp_path / "crossdistil.toml"
     write_trainer_config(config, kafka_broker, topics, {
-        "join.attribution_window_s": {"click": 3, "like": 10, "follow": 10},
+        "join.attribution_window_s": {"click": 3, "like": 10, "follow": 10, "comment": 10},
         "batching.batch_size": 128,
         "batching.max_batch_delay_s": 1.0,
-        "model.tasks": ["click", "like", "follow"],
+        "model.tasks": ["click", "like", "follow", "comment"],
         "model.options": MODEL,
         "checkpoint.dir": str(tmp_path / "checkpoints"),
         "checkpoint.every_steps": 8,
@@ -68,8 +69,8 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
     try:
         assert daemon.ready.wait(30)
         summary = stream_dataset("synthetic", None, f"kafka://{kafka_broker}", options={
-            "n_events": 4000, "tasks": "click,like,follow", "n_users": 200, "n_items": 500, "seed": 3,
-            "delay_median_s": "1,3,3",
+            "n_events": 4000, "tasks": "click,like,follow,comment", "n_users": 200, "n_items": 500, "seed": 3,
+            "delay_median_s": "1,3,3,3",
             "max_delay_s": 10},
             impression_topic=topics["impressions"], feedback_topic=topics["feedback"])
         assert summary["impressions"] == 4000
@@ -99,7 +100,9 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
         expected = learner.predict(encode_rows(probe, learner.config.features, learner.config.tasks))
         assert body["model_version"] == final_version
         assert body["tasks"] == list(TASKS) and set(body["probabilities"]) == set(TASKS)  # not follow
-        assert "follow" in expected  # which the trainer learnt
+        assert "follow" in expected and "comment" not in expected  # which the trainer learnt; which it counted
+        counted = learner.model.counts.totals.tolist()  # rows, then one label sum per task in model.tasks' order
+        assert counted[0] > 0 and counted[4] > 0, counted
         for task in TASKS:
             assert torch.equal(torch.tensor(body["probabilities"][task], dtype=torch.float32), expected[task]), task
     finally:

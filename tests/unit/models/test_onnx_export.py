@@ -99,13 +99,17 @@ def test_onnxruntime_on_the_published_graph_gives_the_served_probabilities(backb
     assert np.abs(probabilities - reference).max() <= 1e-5
 
 
-def test_auxiliary_tasks_are_learnt_but_neither_exported_nor_served(shared_data: Path, tmp_path: Path) -> None:
-    """``aux_tasks`` (here like, between the served tasks): the graph's columns and the follower's tasks are the
-    served ones, and onnxruntime gives the served model's probabilities of exactly those."""
+@pytest.mark.parametrize("counted", [False, True])
+def test_auxiliary_tasks_are_learnt_but_neither_exported_nor_served(shared_data: Path, tmp_path: Path,
+                                                                    counted: bool) -> None:
+    """``aux_tasks`` (here like, between the served tasks), learnt or only counted (``counted_tasks``: no tower, its
+    rates among the graph's inputs): the graph's columns and the follower's tasks are the served ones, and
+    onnxruntime gives the served model's probabilities of exactly those."""
     from consumers.serving.follower import load_checkpoint
 
     rows = kuairand_rows(shared_data)
     published = trained_and_published(ModelConfig(tasks=("click", "like", "long_view"), aux_tasks=("like",),
+                                                  counted_tasks=("like",) if counted else (),
                                                   embedding_dim=8, hidden_dims=(32,), tower_dims=(16,),
                                                   features=SPEC), rows, tmp_path)
     contract = json.loads(published.metadata["serving"]["onnx"])
