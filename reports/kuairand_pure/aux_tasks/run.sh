@@ -97,3 +97,16 @@ ten --aux-tasks $AUX --model-option bce_weight=$W --out "$OUT/aux02"
 ten --aux-tasks $AUX --variant w0 --model-option bce_weight=$W0 --out "$OUT/w0_test"  # for the record (§2e, §3d)
 merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary tasks at 0.2 and at 0, 10 seeds" \
   "$OUT"/{mtl,aux02,w0_test}/results.json
+# 6. (a later session) the six outcomes only counted (model.options.counted_tasks, `evaluate --counted-tasks`: their
+#    rates are the counts' inputs, no towers): the validation grid of step 4 (counted_validation/, merged with
+#    weights_validation/'s runs), then the test grid of step 5 on ten seeds (merged into ten_seeds/), then the live
+#    code path (reports/backtest_kuairand_pure/aux_tasks/, with counted.toml beside the two configurations there)
+wv --counted-tasks $AUX --out "$OUT/w_counted"
+merge "$HERE/counted_validation" "KuaiRand-Pure validation slice (finish, like): six outcomes counted, not learnt" \
+  reports/kuairand_pure/aux_tasks/weights_validation/results.json "$OUT/w_counted/results.json"
+grid --seeds 10 --jobs 2 --counted-tasks $AUX --out "$OUT/counted_test"
+merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary tasks at 0.2, at 0 and only counted, \
+10 seeds" "$OUT"/{mtl,aux02,w0_test,counted_test}/results.json
+B=reports/backtest_kuairand_pure/aux_tasks
+.venv/bin/crossdistil backtest --log file:///tmp/kuairand_pure_aux.evlog --config $B/two_tasks.toml \
+  --config $B/with_aux.toml --config $B/counted.toml --out $B --sample-every 5000 --quiet
