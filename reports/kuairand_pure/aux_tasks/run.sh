@@ -110,3 +110,19 @@ merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary
 B=reports/backtest_kuairand_pure/aux_tasks
 .venv/bin/crossdistil backtest --log file:///tmp/kuairand_pure_aux.evlog --config $B/two_tasks.toml \
   --config $B/with_aux.toml --config $B/counted.toml --out $B --sample-every 5000 --quiet
+# 7. (the same later session) the other six outcomes counted beside (click, long_view): the validation slice
+#    (shared-bottom and MMoE, 3 seeds), then the test split (four backbones, 10 seeds): counted_click_long_view/
+CL=finish,like,follow,comment,forward,profile_enter
+cl() {  # grid's flags with (click, long_view) as the task set (--tasks adds a set: grid's own would stay)
+  .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
+    --tasks click,long_view --configs mtl --mode both --batch-size 256 --hash-buckets 262144 --threads 1 \
+    --device cpu --backbone shared_bottom,mmoe,ple,cross_stitch --jobs 2 "$@"
+}
+cl --validation --backbone shared_bottom,mmoe --seeds 3 --out "$OUT/cl_mtl"
+cl --validation --backbone shared_bottom,mmoe --seeds 3 --counted-tasks $CL --out "$OUT/cl_counted"
+merge "$HERE/counted_click_long_view/validation" "KuaiRand-Pure validation slice (click, long_view): the six other \
+outcomes counted" "$OUT"/cl_{mtl,counted}/results.json
+cl --seeds 10 --out "$OUT/clt_mtl"
+cl --seeds 10 --counted-tasks $CL --out "$OUT/clt_counted"
+merge "$HERE/counted_click_long_view" "KuaiRand-Pure (click, long_view), test split: the six other outcomes counted, \
+10 seeds" "$OUT"/clt_{mtl,counted}/results.json
