@@ -1325,7 +1325,7 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
               "the task's prequential scores in the user's top 10, relevance 2·y_task + y_partner (partner: the next "
               "served task, cyclically). Combined score: the product of the served tasks' probabilities (auxiliary "
               "tasks, `model.options.aux_tasks`, are left out); its AUC is against \"every served task positive\", "
-              "its NDCG@10 uses the number of positive tasks as relevance.", "",
+              "its NDCG@10 uses the number of positive tasks as relevance.", *_counted_lines(data), "",
               "| configuration | combined AUC (all) | combined AUC (last 20%) | combined NDCG@10 (all) | "
               "combined NDCG@10 (last 20%) |", "|---|---|---|---|---|"]
     for name, c in data["configurations"].items():
@@ -1356,6 +1356,16 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     for image in images:
         lines += ["", f"![{image}]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def _counted_lines(data: dict[str, Any]) -> list[str]:
+    """A sentence naming each configuration's counted tasks (``model.options.counted_tasks``), if any has some."""
+    counted = {name: c["counted_tasks"] for name, c in data["configurations"].items() if c.get("counted_tasks")}
+    if not counted:
+        return []
+    named = "; ".join(f"`{name}`: {', '.join(tasks)}" for name, tasks in counted.items())
+    return ["", f"Counted, not predicted (`model.options.counted_tasks`: each user's and item's rate of their label is "
+                f"an input of the model; they have no tower and no row above): {named}."]
 
 
 def _gate_lines(data: dict[str, Any]) -> list[str]:

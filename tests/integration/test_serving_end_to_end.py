@@ -30,7 +30,8 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("click", "like")
-MODEL = {"aux_tasks": ["follow", "comment"], "counted_tasks": ["comment"], "embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
+MODEL = {"aux_tasks": ["follow", "comment"], "counted_tasks": ["comment"],
+         "embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
          "features": {"categorical": ["user_id", "item_id", "item_category", "hour"], "numeric": ["duration_s"],
                       "hash_buckets": 8192}}
 

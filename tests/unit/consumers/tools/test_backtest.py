@@ -203,4 +203,6 @@ def test_a_counted_task_is_an_input_of_the_replay_not_a_prediction(drift_log: Pa
     assert counted_run["trained_samples"] == alone["trained_samples"]
     assert counted_run["prequential_auc"]["click"] != alone["prequential_auc"]["click"]  # like's rates were read
     report = backtest.render_report(runs["counted"], {"seconds": 1.0, "records_per_s": 1}, [])
-    assert "| like" not in report
+    assert "| like" not in report and "Counted, not predicted" in report and ": like." in report
+    assert "Counted, not predicted" not in backtest.render_report(runs["alone"], {"seconds": 1.0,
+                                                                                 "records_per_s": 1}, [])
