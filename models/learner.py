@@ -196,7 +196,8 @@ class Learner:
         the rung uses), with trust gating also ``"gate/<task>"`` (1 = distilling) and, once the gate has decided
         with both classes in its window, ``"teacher_auc/<task>"`` and ``"student_auc/<task>"`` (its windowed
         prequential AUCs);
-        predictions: task -> student probability, float32 tensor [B] on CPU.
+        predictions: task -> student probability, float32 tensor [B] on CPU, for every learnt task
+        (``ModelConfig.learnt_tasks``: a counted task is an input and predicts nothing).
         """
         return self.step_async(batch).result()
 
@@ -347,7 +348,7 @@ class Learner:
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Student probabilities per task (float32 [B] on CPU); changes nothing."""
+        """Student probabilities per learnt task (float32 [B] on CPU); changes nothing."""
         self.model.eval()
         if self.privileged_teacher is not None:
             batch = self._student_view(batch)
