@@ -466,7 +466,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         if reserved in model_options or f"river.{reserved}" in model_options or f"vw.{reserved}" in model_options:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
     if args.counted_tasks:  # auxiliary tasks (_aux_tasks) that the model only counts
-        model_options["counted_tasks"] = parse_list(args.counted_tasks, None, "--counted-tasks")
+        model_options["counted_tasks"] = _counted_tasks(args)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if _threads_per_run(args):
@@ -760,8 +760,7 @@ def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) ->
     names a task the data set lacks or combined weights that do not fit a set."""
     from models.evaluation import combined_weights_for  # lazy: the CLI starts without torch
 
-    aux = _aux_tasks(args)
-    counted = parse_list(args.counted_tasks, None, "--counted-tasks") if args.counted_tasks else []
+    aux, counted = _aux_tasks(args), _counted_tasks(args)
     task_sets = [parse_list(t, None, "--tasks") for t in args.tasks] or [list(dataset.tasks[:2])]
     flags = [("--aux-tasks", [t for t in aux if t not in counted]), ("--counted-tasks", counted)]
     for flag, names in [("--tasks", tasks) for tasks in task_sets] + flags:
@@ -783,8 +782,12 @@ def _task_sets(args: argparse.Namespace, dataset: Any, combined_weights: Any) ->
 def _aux_tasks(args: argparse.Namespace) -> list[str]:
     """The ``--aux-tasks`` as given, then the ``--counted-tasks`` (auxiliary too: never scored); empty: none."""
     aux = parse_list(args.aux_tasks, None, "--aux-tasks") if args.aux_tasks else []
-    counted = parse_list(args.counted_tasks, None, "--counted-tasks") if args.counted_tasks else []
-    return list(dict.fromkeys(aux + counted))
+    return list(dict.fromkeys(aux + _counted_tasks(args)))
+
+
+def _counted_tasks(args: argparse.Namespace) -> list[str]:
+    """The ``--counted-tasks`` as given (empty: none)."""
+    return parse_list(args.counted_tasks, None, "--counted-tasks") if args.counted_tasks else []
 
 
 def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows: EvaluationRows,

@@ -102,8 +102,11 @@ merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary
 #    weights_validation/'s runs), then the test grid of step 5 on ten seeds (merged into ten_seeds/), then the live
 #    code path (reports/backtest_kuairand_pure/aux_tasks/, with counted.toml beside the two configurations there)
 wv --counted-tasks $AUX --out "$OUT/w_counted"
-merge "$HERE/counted_validation" "KuaiRand-Pure validation slice (finish, like): six outcomes counted, not learnt" \
-  reports/kuairand_pure/aux_tasks/weights_validation/results.json "$OUT/w_counted/results.json"
+wv --counted-tasks $AUX --model-option count_features=user_id,item_id,author_id --variant counted_author \
+  --out "$OUT/w_counted_author"  # the author's counts too
+merge "$HERE/counted_validation" "KuaiRand-Pure validation slice (finish, like): six outcomes counted, not learnt \
+(and with author counts)" reports/kuairand_pure/aux_tasks/weights_validation/results.json \
+  "$OUT"/w_counted{,_author}/results.json
 grid --seeds 10 --jobs 2 --counted-tasks $AUX --out "$OUT/counted_test"
 merge "$HERE/ten_seeds" "KuaiRand-Pure (finish, like), test split: six auxiliary tasks at 0.2, at 0 and only counted, \
 10 seeds" "$OUT"/{mtl,aux02,w0_test,counted_test}/results.json
