@@ -48,3 +48,14 @@ def test_two_ranks_train_every_impression_once_and_learn_like_one(event_log, mod
         assert len({r["steps"] for r in two["per_rank"]}) == 1
     for task in ("click", "like"):
         assert abs(two["auc_all"][task] - one["auc_all"][task]) < 0.05, (one["auc_all"], two["auc_all"])
+
+
+def test_two_ranks_count_a_counted_task_and_predict_the_others(event_log) -> None:
+    """model.options.counted_tasks under synchronous ranks: like is joined and counted (every rank's rows), click
+    alone is predicted, on every rank (the answers' width, the union's AUCs)."""
+    url, impressions = event_log
+    cfg = config("sync")
+    cfg.model.options = {**cfg.model.options, "aux_tasks": ["like"], "counted_tasks": ["like"]}
+    two = replay_ranks(url, cfg, 2, partitions=4, chunk=64)
+    assert two["samples"] == impressions and set(two["auc_all"]) == {"click"}
+    assert two["auc_all"]["click"] is not None
