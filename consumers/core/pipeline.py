@@ -281,6 +281,8 @@ class PipelineMetrics(Protocol):
 
     def samples_emitted(self, n: int) -> None: ...
 
+    def counted_positives(self, task: str, n: int) -> None: ...
+
     def batch_trained(self, size: int, step_seconds: float) -> None: ...
 
     def record_learner(self, losses: Mapping[str, float]) -> None: ...
@@ -299,6 +301,7 @@ class NoMetrics:
     def events_consumed(self, topic: str, n: int) -> None: pass
     def dead_letter(self, reason: str) -> None: pass
     def samples_emitted(self, n: int) -> None: pass
+    def counted_positives(self, task: str, n: int) -> None: pass
     def batch_trained(self, size: int, step_seconds: float) -> None: pass
     def record_learner(self, losses: Mapping[str, float]) -> None: pass
     def join_counters(self, counters: Mapping[str, int]) -> None: pass
@@ -376,6 +379,7 @@ class Pipeline:
         # the tasks the learner predicts, so those of its answers, metrics and ledger: ``tasks`` less the counted
         # ones (models.config.ModelConfig.counted_tasks), whose labels the model only counts
         self.scored_tasks: tuple[str, ...] = tuple(scored_tasks) if scored_tasks is not None else self.tasks
+        self._counted = tuple(t for t in self.tasks if t not in self.scored_tasks)  # their positives are counted
         if clock is None:
             clock = EventClock()
         if isinstance(clock, EventClock) and clock.join is None:
@@ -487,6 +491,8 @@ class Pipeline:
     def _add_samples(self, samples: list[JoinedSample], now: float) -> None:
         if samples:
             self.metrics.samples_emitted(len(samples))
+            for task in self._counted:  # no prediction shows their labels: their positives do (few tasks, if any)
+                self.metrics.counted_positives(task, sum(1 for s in samples if s.labels[task]))
             if self.on_emitted is not None:
                 self.on_emitted(len(samples), now)
         for batch in self.batcher.add_many(samples, now):

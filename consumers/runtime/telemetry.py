@@ -200,6 +200,10 @@ class TrainerMetrics:
         self.samples_emitted_total = Counter(f"{p}_samples_emitted", "joined samples emitted to the mini-batcher",
                                              registry=r)
         self.samples_trained_total = Counter(f"{p}_samples_trained", "samples the model has trained on", registry=r)
+        self.counted_positives_total = Counter(f"{p}_counted_positives",
+                                               "joined samples whose label is positive, per counted task "
+                                               "(model.options.counted_tasks: no prediction shows them)", ["task"],
+                                               registry=r)
         self.batch_size = Histogram(f"{p}_batch_size", "samples per training step", buckets=BATCH_SIZE_BUCKETS,
                                     registry=r)
         self.train_step_seconds = Histogram(f"{p}_train_step_seconds", "wall time of one teacher-student update",
@@ -297,6 +301,10 @@ class TrainerMetrics:
     def samples_emitted(self, n: int) -> None:
         """``n`` joined samples left the join."""
         self.samples_emitted_total.inc(n)
+
+    def counted_positives(self, task: str, n: int) -> None:
+        """``n`` of the samples that just left the join are positive for ``task``, a counted task."""
+        self.counted_positives_total.labels(task).inc(n)
 
     def batch_trained(self, size: int, step_seconds: float) -> None:
         """One training step on ``size`` samples took ``step_seconds``."""

@@ -190,11 +190,16 @@ def test_a_counted_task_is_an_input_of_the_replay_not_a_prediction(drift_log: Pa
     like is not predicted, measured or reported; in a learner process too (the answers' width)."""
     records, desc = backtest.log_records(f"file://{drift_log}", limit=2000)
     counted = ['model.options.aux_tasks=["like"]', 'model.options.counted_tasks=["like"]']
-    runs = {}
+    runs, pipelines = {}, {}
     for name, overrides in {"counted": counted, "process": counted + ["model.separate_process=true"],
                             "alone": ['model.tasks=["click"]']}.items():
         configs = backtest.build_configs([str(config_file)], "", overrides)
-        runs[name] = backtest.summary(backtest.run_backtest(records, configs, sample_every=500), desc)
+        result = backtest.run_backtest(records, configs, sample_every=500)
+        runs[name], (pipelines[name],) = backtest.summary(result, desc), [r.pipeline for r in result.runs.values()]
+    # like's positives are exported (no quality metric shows a counted task), as many as the model counted
+    pipeline = pipelines["counted"]
+    positives = pipeline.metrics.counted_positives_total.labels("like")._value.get()
+    assert positives > 0 and positives == pipeline.learner.port.learner.model.counts.totals[2].item()
     for name in ("counted", "process"):
         (config,) = runs[name]["configurations"].values()
         assert config["tasks"] == ["click"] and config["counted_tasks"] == ["like"], name
