@@ -129,3 +129,22 @@ def test_a_checkpoint_from_before_counted_tasks_loads() -> None:
     state = learner.state_dict()
     del state["config"]["counted_tasks"]  # as written before the field existed
     assert Learner.from_state_dict(state).config.learnt_tasks == TASKS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on GPU machines only)")
+@pytest.mark.parametrize("rung", ["mtl", "crossdistil"])
+def test_a_step_with_counted_tasks_never_waits_for_the_host_on_a_gpu(rung: str) -> None:
+    """The learnt tasks' columns are made once per device (in the first steps), so the step stays free of host
+    synchronisations (sync_debug_mode "error"), as without counted tasks (tests/unit/models/test_learner.py)."""
+    learner = Learner(ModelConfig(tasks=TASKS, rung=rung, backbone="mmoe", **COUNTED, **SMALL), device="cuda")
+    batches = [encode_rows(rows(96)[i:i + 32], learner.config.features, TASKS).to("cuda") for i in range(0, 96, 32)]
+    learner.step(batches[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[1:]:
+            learner._train(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    losses, predictions = learner.step(batches[0])
+    assert set(predictions) == {"click", "like"} and all(value == value for value in losses.values())
