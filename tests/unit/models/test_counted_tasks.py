@@ -12,6 +12,7 @@ from models.features import FeatureSpec, encode_rows
 from models.learner import Learner, ServingModel
 from models.privileged import teacher_config
 from models.zoo import learner_config
+from tests.gpu_steps import train_without_host_sync
 
 pytestmark = pytest.mark.unit
 
@@ -139,12 +140,6 @@ def test_a_step_with_counted_tasks_never_waits_for_the_host_on_a_gpu(rung: str) 
     learner = Learner(ModelConfig(tasks=TASKS, rung=rung, backbone="mmoe", **COUNTED, **SMALL), device="cuda")
     batches = [encode_rows(rows(96)[i:i + 32], learner.config.features, TASKS).to("cuda") for i in range(0, 96, 32)]
     learner.step(batches[0])
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for batch in batches[1:]:
-            learner._train(batch)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    train_without_host_sync(learner, batches[1:])
     losses, predictions = learner.step(batches[0])
     assert set(predictions) == {"click", "like"} and all(value == value for value in losses.values())

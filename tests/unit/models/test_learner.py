@@ -11,6 +11,7 @@ from models.config import BACKBONES, RUNGS, ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner, ServingModel, flatten_state, unflatten_state
 from models.rowwise import RowAdagrad, RowAdam
+from tests.gpu_steps import train_without_host_sync
 
 pytestmark = pytest.mark.unit
 
@@ -247,13 +248,7 @@ def test_a_training_step_never_waits_for_the_host_on_a_gpu(rung: str, backbone: 
         batches = [make_batch(48 * i).to("cuda") for i in range(6)]
         for batch in batches[:2]:  # per-device caches and the optimizers' first state are made once
             learner.step(batch)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for batch in batches[2:]:
-                learner._train(batch)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        train_without_host_sync(learner, batches[2:])
         losses, _ = learner.step(batches[0])
         assert all(value == value for value in losses.values())  # and it still reports numbers
 
