@@ -467,37 +467,16 @@ class TrainerMetrics:
         """
         if in_place:
             with self._lock:
-                return self._quality_state_of(dict(self._quality), dict(self._published_reference), gauc, metrics)
+                return _quality_state_of(dict(self._quality), dict(self._published_reference), self.windows,
+                                         self.baseline_window, gauc, metrics)
         with self._lock:
             copies = {key: quality.copy() for key, quality in self._quality.items()}
             published_reference = dict(self._published_reference)
-        result = self._quality_state_of(copies, published_reference)
+        result = _quality_state_of(copies, published_reference, self.windows, self.baseline_window)
         with self._lock:
             for key, quality in copies.items():
                 self._quality[key].adopt_cache(quality)
         return result
-
-    def _quality_state_of(self, copies: dict, published_reference: dict, gauc: bool = True,
-                          metrics: Sequence[str] | None = None):
-        summaries: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-        drift: dict[tuple[str, str, str, str], float] = {}
-        references: dict[tuple[str, str, str, str], float] = {}
-        wanted = None if metrics is None else tuple(dict.fromkeys(("auc", *metrics)))
-        for (task, role), quality in copies.items():
-            # GAUC over the baseline window costs more than it tells.
-            summary = quality.summary(gauc_windows=self.windows if gauc else (), metrics=wanted)
-            summaries[(task, role)] = summary
-            baseline = summary["auc"][str(self.baseline_window)]
-            for window in self.windows:
-                w = str(window)
-                current = summary["auc"][w]
-                references[(task, role, w, "baseline")] = baseline
-                drift[(task, role, w, "baseline")] = current - baseline
-                if (task, role, w) in published_reference:
-                    published = published_reference[(task, role, w)]
-                    references[(task, role, w, "published")] = published
-                    drift[(task, role, w, "published")] = current - published
-        return summaries, drift, references
 
     def snapshot(self, gauc: bool = True, metrics: Sequence[str] | None = None) -> dict[str, Any]:
         """Latest quality per task, for a checkpoint manifest: ``{task: {role: {metric: {window: value}}}}``
@@ -524,6 +503,31 @@ class TrainerMetrics:
         for task, gate in self.kd_gate_summary().items():
             out[task]["kd_gate"] = gate
         return out
+
+
+def _quality_state_of(copies: dict, published_reference: dict, windows: Sequence[int], baseline_window: int,
+                      gauc: bool = True, metrics: Sequence[str] | None = None):
+    """``TrainerMetrics._quality_state`` on copies (or the rings themselves) of the per-(task, role) qualities:
+    summaries, AUC drift against the baseline window and the published reference, and those references."""
+    summaries: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    drift: dict[tuple[str, str, str, str], float] = {}
+    references: dict[tuple[str, str, str, str], float] = {}
+    wanted = None if metrics is None else tuple(dict.fromkeys(("auc", *metrics)))
+    for (task, role), quality in copies.items():
+        # GAUC over the baseline window costs more than it tells.
+        summary = quality.summary(gauc_windows=windows if gauc else (), metrics=wanted)
+        summaries[(task, role)] = summary
+        baseline = summary["auc"][str(baseline_window)]
+        for window in windows:
+            w = str(window)
+            current = summary["auc"][w]
+            references[(task, role, w, "baseline")] = baseline
+            drift[(task, role, w, "baseline")] = current - baseline
+            if (task, role, w) in published_reference:
+                published = published_reference[(task, role, w)]
+                references[(task, role, w, "published")] = published
+                drift[(task, role, w, "published")] = current - published
+    return summaries, drift, references
 
 
 class ServingMetrics:
