@@ -106,6 +106,7 @@ def exported_names() -> set[str]:
     metrics.consumer_lag({("impressions", 0): 1})
     metrics.dead_letter("empty")
     metrics.events_consumed("impressions", 1)
+    metrics.counted_positives("follow", 1)  # a counted task's (model.options.counted_tasks)
     metrics.batch_trained(1, 0.1)
     metrics.record_learner({"gate/click": 1.0, "teacher_auc/click": 0.7, "student_auc/click": 0.6})  # trust gate
     metrics.checkpoint_written(0.1)
