@@ -310,9 +310,8 @@ def crossdistil_loss(
         total = total + (alpha * terms["kd"]).sum()
     if "aux" in terms:
         total = total + (beta * terms["aux"]).sum()
-    if "teacher_bce" in terms:
-        total = total + cfg.teacher_task_weight * (terms["teacher_bce"] if model.learnt is None
-                                                   else learnt_mask * terms["teacher_bce"]).sum()
+    if "teacher_bce" in terms:  # the mask: a counted task's teacher and calibrator learn nothing (all ones else)
+        total = total + cfg.teacher_task_weight * (learnt_mask * terms["teacher_bce"]).sum()
     if "cal" in terms:
-        total = total + (terms["cal"] if model.learnt is None else learnt_mask * terms["cal"]).sum()
+        total = total + (learnt_mask * terms["cal"]).sum()
     return total, terms
