@@ -154,7 +154,8 @@ class ModelConfig:
     wide_decay: float = 1.0  # the wide optimizer's sums of squared gradients forget by this factor per step (1 = never)
 
     # online counts and label rates per value of these fields, inputs of the deep part (models/counts.py)
-    count_features: tuple[str, ...] = DEFAULT_COUNT_FEATURES  # categorical fields; absent ones are skipped; () = none
+    # categorical fields or crosses of two ("user_id*tab"); absent ones are skipped; () = none
+    count_features: tuple[str, ...] = DEFAULT_COUNT_FEATURES
     count_smoothing: float = 5.0  # a: a value seen n times reads (positives + a * prior) / (n + a)
     count_half_life: int = 0  # the counts forget half of themselves every this many rows (0 = never)
 
@@ -244,6 +245,8 @@ class ModelConfig:
             raise ValueError(f"wide_decay must be in (0, 1], got {self.wide_decay}")
         for cross in self.wide_crosses:
             parse_cross(cross)
+        for cross in (f for f in self.count_features if "*" in f):
+            parse_cross(cross, "count_features")
         if len(set(self.privileged)) != len(self.privileged) or not all(self.privileged):
             raise ValueError(f"privileged must name distinct columns, got {self.privileged!r}")
         both = set(self.privileged) & set(self.features.categorical + self.features.numeric)

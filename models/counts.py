@@ -15,6 +15,10 @@ each training step with the labels of the rows it just scored, so a prediction n
 prequential rule). Forgetting is lazy and exact: each row keeps the clock (rows counted) of its last update and is
 scaled by ``2 ** (-age / half_life)`` when read or touched, so a step costs O(batch), never O(table).
 
+A field may be a cross of two, ``"user_id*tab"``: each (user, tab) pair is counted apart, hashed into the field's
+rows as the wide part hashes its crosses (``models.wide.cross_rows``), so the deep part reads how this user
+responds in this tab, not only overall.
+
 >>> from models.features import FeatureSpec
 >>> counts = CountFeatures(FeatureSpec(categorical=("user_id", "item_id"), hash_buckets=10), tasks=1,
 ...                        fields=("user_id", "hourmin"))
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from models.features import FeatureSpec
+from models.wide import cross_rows, largest_prime_at_most, parse_cross
 
 # Scales of the two kinds of input (module docstring): log1p(n) / 5 and 4 (rate - prior) span about [-1, 1].
 _COUNT_SCALE, _RATE_SCALE = 0.2, 4.0
@@ -44,15 +49,24 @@ class CountFeatures(nn.Module):
     """Decayed counts and label sums per value of some categorical fields; ``width`` inputs per row of a batch.
 
     ``fields`` naming a field the spec lacks are left out (so one default serves every data set); ``fields`` keeps
-    those in use. Buffers: ``table`` [F, R, 1 + K] (count, then one label sum per task), ``totals`` [1 + K] (the
-    stream's), ``clock`` (rows counted) and, with forgetting, ``stamp`` [F, R] (the clock of each row's last update).
+    those in use, the single fields first, then the crosses (``"a*b"``). Buffers: ``table`` [F, R, 1 + K] (count,
+    then one label sum per task), ``totals`` [1 + K] (the stream's), ``clock`` (rows counted) and, with forgetting,
+    ``stamp`` [F, R] (the clock of each row's last update).
     """
 
     def __init__(self, spec: FeatureSpec, tasks: int, fields: Sequence[str], smoothing: float = 5.0,
                  half_life: int = 0) -> None:
         super().__init__()
-        self.fields = tuple(f for f in fields if f in spec.categorical)
-        self.columns = tuple(spec.categorical.index(f) for f in self.fields)
+        known = set(spec.categorical)
+        singles = tuple(f for f in fields if "*" not in f and f in known)
+        pairs = [(f, parse_cross(f, "count_features")) for f in fields if "*" in f]
+        crosses = tuple((name, pair) for name, pair in pairs if set(pair) <= known)
+        # The single fields first, then the crosses (each order as given): field i is the table's slice i.
+        self.fields = singles + tuple(name for name, _ in crosses)
+        self.columns = tuple(spec.categorical.index(f) for f in singles)
+        self.cross_columns = tuple((spec.categorical.index(a), spec.categorical.index(b)) for _, (a, b) in crosses)
+        # A cross's rows are (a, b) hashed into [0, Q), Q the largest prime <= the table's rows (models/wide.py).
+        self.cross_modulus = largest_prime_at_most(spec.hash_buckets) if crosses else 0
         self.tasks = tasks
         self.smoothing = float(smoothing)
         self.half_life = int(half_life)
@@ -83,7 +97,10 @@ class CountFeatures(nn.Module):
                 torch.tensor(self.columns, dtype=torch.long, device=categorical.device),
                 torch.arange(len(self.fields), device=categorical.device) * self.table.shape[1])
         columns, offsets = index
-        return (categorical.index_select(1, columns) + offsets).reshape(-1)
+        rows = categorical.index_select(1, columns)
+        if self.cross_columns:
+            rows = torch.cat([rows, cross_rows(categorical, self.cross_columns, self.cross_modulus)], dim=1)
+        return (rows + offsets).reshape(-1)
 
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         stamp = self.stamp.view(-1) if self.half_life > 0 else None

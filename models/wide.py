@@ -31,15 +31,15 @@ from models.features import FeatureSpec
 _P1, _P2, _P3 = 2_147_483_629, 1_000_000_007, 998_244_353
 
 
-def parse_cross(text: str) -> tuple[str, str]:
-    """``"user_id*item_id"`` -> ``("user_id", "item_id")``.
+def parse_cross(text: str, option: str = "wide_crosses") -> tuple[str, str]:
+    """``"user_id*item_id"`` -> ``("user_id", "item_id")``; ``option`` names the setting in the error.
 
     >>> parse_cross("user_id*tab")
     ('user_id', 'tab')
     """
     left, sep, right = text.partition("*")
     if not sep or not left.strip() or not right.strip() or "*" in right or left.strip() == right.strip():
-        raise ValueError(f"wide_crosses: expected FIELD*FIELD of two different fields, got {text!r}")
+        raise ValueError(f"{option}: expected FIELD*FIELD of two different fields, got {text!r}")
     return left.strip(), right.strip()
 
 
@@ -55,6 +55,14 @@ def largest_prime_at_most(n: int) -> int:
         if candidate < 4 or (candidate % 2 and all(candidate % d for d in range(3, int(candidate**0.5) + 1, 2))):
             return candidate
     return 2  # unreachable: 2 is prime
+
+
+def cross_rows(categorical: torch.Tensor, columns: Sequence[tuple[int, int]], modulus: int) -> torch.Tensor:
+    """[B, X] rows in [0, modulus) of the crosses of column pairs ``columns`` of the table rows ``categorical`` [B, C]:
+    cross j of columns (a, b) is (a * _P1 + b * _P2 + (j + 1) * _P3) mod ``modulus`` (a prime: see _P1). Shared by
+    the wide part's cross weights and the online counts of crosses (models/counts.py)."""
+    return torch.stack([torch.remainder(categorical[:, a] * _P1 + categorical[:, b] * _P2 + (j + 1) * _P3, modulus)
+                        for j, (a, b) in enumerate(columns)], dim=1)
 
 
 class WidePart(nn.Module):
@@ -83,10 +91,7 @@ class WidePart(nn.Module):
         """The weight rows [B, C + X] a batch uses: the table rows as they are, then one row per cross."""
         if not self.crosses:
             return categorical
-        crossed = torch.stack([
-            torch.remainder(categorical[:, a] * _P1 + categorical[:, b] * _P2 + (j + 1) * _P3, self.cross_rows)
-            for j, (a, b) in enumerate(self.cross_columns)
-        ], dim=1)
+        crossed = cross_rows(categorical, self.cross_columns, self.cross_rows)
         return torch.cat([categorical, crossed + self.single_rows], dim=1)
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:

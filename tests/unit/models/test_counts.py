@@ -73,6 +73,28 @@ def test_the_inputs_are_the_counts_of_the_rows_seen_before_forgetting_lazily_as_
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_cross_counts_each_pair_of_values_apart() -> None:
+    """``"user_id*hour"``: the inputs of the cross are the counts keyed by the (user, hour) pair, after the single
+    fields' inputs whatever the order given; a cross of a field the spec lacks is left out like a field."""
+    spec = FeatureSpec(categorical=SPEC.categorical, numeric=SPEC.numeric, hash_buckets=2**16)  # no collisions
+    counts = CountFeatures(spec, tasks=2, fields=("user_id*hour", "item_id", "user_id*tab"), smoothing=2.0)
+    assert counts.fields == ("item_id", "user_id*hour") and counts.width == 6
+    batches = stream(2, 10)
+    pair_of = {}  # the stream's (user, hour) pairs and the rows they are counted in: one row per pair
+    for rows, _ in batches:
+        crossed = counts._flat_rows(rows).view(len(rows), 2)[:, 1] - spec.hash_buckets
+        for (user, hour), row in zip(rows[:, [0, 2]].tolist(), crossed.tolist()):
+            assert pair_of.setdefault((user, hour), row) == row
+    assert len(set(pair_of.values())) == len(pair_of) > 60
+    keyed = [(torch.stack([rows[:, 1], rows[:, 0] * 1000 + rows[:, 2]], dim=1), labels) for rows, labels in batches]
+    for i, (rows, labels) in enumerate(batches):
+        expected = reference(keyed[:i], keyed[i][0], (0, 1), 2.0)
+        torch.testing.assert_close(counts(rows), expected, rtol=1e-5, atol=1e-5)
+        counts.add(rows, labels)
+    with pytest.raises(ValueError, match="count_features: expected FIELD\\*FIELD"):
+        config(count_features="user_id, user_id*")
+
+
 def test_padding_rows_count_for_nothing_and_the_clock_counts_rows() -> None:
     padded, plain = (CountFeatures(SPEC, 2, ("user_id",), half_life=10) for _ in range(2))
     rows, labels = stream(1, 1)[0]

@@ -99,6 +99,24 @@ def test_onnxruntime_on_the_published_graph_gives_the_served_probabilities(backb
     assert np.abs(probabilities - reference).max() <= 1e-5
 
 
+def test_counts_of_crosses_are_computed_in_the_graph(shared_data: Path, tmp_path: Path) -> None:
+    """Online counts of crosses (``"user_id*tab"``): the graph hashes each pair into its rows as the model does, so
+    onnxruntime gives the served probabilities, and they differ from a model without the crosses' counts."""
+    rows = kuairand_rows(shared_data)
+    probabilities = []
+    for fields in (("user_id", "item_id"), ("user_id", "item_id", "user_id*tab", "item_id*hour")):
+        published = trained_and_published(ModelConfig(tasks=TASKS, count_features=fields, embedding_dim=8,
+                                                      hidden_dims=(32,), tower_dims=(16,), features=SPEC),
+                                          rows, tmp_path / str(len(fields)))
+        session = ort.InferenceSession(published.tensors[TENSOR_NAME].numpy().tobytes())
+        (graph,) = session.run(["probabilities"], graph_inputs(rows[N:]))
+        served = ServingModel.from_serving_state(published.tensors, published.metadata["serving"]).score_rows(rows[N:])
+        reference = torch.stack([served[task] for task in TASKS], dim=1).numpy()
+        assert np.abs(graph - reference).max() <= 1e-5
+        probabilities.append(graph)
+    assert np.abs(probabilities[0] - probabilities[1]).max() > 1e-3
+
+
 @pytest.mark.parametrize("counted", [False, True])
 def test_auxiliary_tasks_are_learnt_but_neither_exported_nor_served(shared_data: Path, tmp_path: Path,
                                                                     counted: bool) -> None:
