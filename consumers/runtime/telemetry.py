@@ -124,7 +124,8 @@ class TrainerMetrics:
     1 % of it is new (they lag by at most that much). ``drift_chunk`` averages that
     many consecutive per-sample losses before the loss drift detectors see them (cost; see consumers.core.drift);
     ``drift_options`` go to ``LossDriftDetectors`` and ``auc_drop_options`` to ``AucDropDetector``;
-    ``drift_tasks`` are the tasks they watch (None: every task).
+    ``drift_tasks`` are the tasks they watch (None: every task); ``counted_tasks`` the model only counts (their
+    positives' series exist from the start).
     ``clock`` gives wall time in seconds (event-time lag, detection and checkpoint timestamps); a backtest can
     pass its own. Thread-safe: the trainer updates while the HTTP thread scrapes.
     """
@@ -142,11 +143,13 @@ class TrainerMetrics:
         drift_options: Mapping[str, float] | None = None,
         auc_drop_options: Mapping[str, float] | None = None,
         drift_tasks: Sequence[str] | None = None,
+        counted_tasks: Sequence[str] = (),
     ) -> None:
         if not tasks:
             raise ValueError("TrainerMetrics needs at least one task")
         self.tasks: tuple[str, ...] = tuple(tasks)
         self.drift_tasks: tuple[str, ...] = tuple(drift_tasks) if drift_tasks else self.tasks
+        self.counted_tasks: tuple[str, ...] = tuple(counted_tasks)  # their positives' counter series start at 0
         if set(self.drift_tasks) - set(self.tasks):
             raise ValueError(f"drift_tasks {sorted(set(self.drift_tasks) - set(self.tasks))} are not among the tasks "
                              f"{list(self.tasks)}")
@@ -269,6 +272,8 @@ class TrainerMetrics:
                 self.drift_last_detection_seconds.labels(task, detector).set(0)
         for outcome in JOIN_OUTCOMES:
             self.join_events_total.labels(outcome)
+        for task in self.counted_tasks:
+            self.counted_positives_total.labels(task)
 
     # -- pipeline -------------------------------------------------------------------------------------------
 
@@ -455,7 +460,8 @@ class TrainerMetrics:
                                   "adwin_delta": m.drift_adwin_delta},
                    auc_drop_options={"min_drop": m.drift_auc_drop, "window": m.drift_auc_window,
                                      "reference": m.drift_auc_reference, "z": m.drift_auc_z},
-                   drift_tasks=list(m.drift_tasks) or cfg.model.served_tasks, **kwargs)
+                   drift_tasks=list(m.drift_tasks) or cfg.model.served_tasks,
+                   counted_tasks=[t for t in cfg.model.tasks if t not in cfg.model.learnt_tasks], **kwargs)
 
     def _quality_state(self, in_place: bool = False, gauc: bool = True, metrics: Sequence[str] | None = None):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens

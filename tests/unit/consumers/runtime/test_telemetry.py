@@ -318,5 +318,13 @@ def test_drift_detectors_watch_only_the_drift_tasks() -> None:
                                                'model.options.aux_tasks=["follow"]'])
     assert TrainerMetrics.from_config(cfg).drift_tasks == ("click", "like")  # auxiliary tasks: not by default
     assert TrainerMetrics.from_config(cfg).tasks == ("click", "follow", "like")  # but scored
+    cfg = load_config(None, env={}, overrides=['model.tasks=["click", "follow", "like"]',
+                                               'model.options.aux_tasks=["follow"]',
+                                               'model.options.counted_tasks=["follow"]'])
+    counted = TrainerMetrics.from_config(cfg)
+    assert counted.tasks == ("click", "like") and counted.counted_tasks == ("follow",)
+    # a counted task's positives are a series from the start (0), so rate() sees it before its first positive
+    assert value(counted, "crossdistil_counted_positives_total", task="follow") == 0
+    assert value(metrics, "crossdistil_counted_positives_total", task="follow") is None
     with pytest.raises(ConfigError, match=r"metrics.drift_tasks: \['share'\] are not tasks of model.tasks"):
         load_config(None, env={}, overrides=['metrics.drift_tasks=["share"]'])
