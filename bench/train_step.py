@@ -63,6 +63,10 @@ AUX_TASKS = ("follow", "comment", "forward", "profile_enter", "finish", "like")
 AUX = "+aux"
 # ``--compare mtl,mtl+counted``: the same six outcomes only counted (ModelConfig.counted_tasks: no tower, no loss)
 COUNTED = "+counted"
+# ``--compare mtl,mtl+crosses``: online counts of three crosses of the bench's fields beside the user's and the
+# item's (ModelConfig.count_features; what a cross costs does not depend on which fields it crosses)
+CROSSES = "+crosses"
+COUNT_CROSSES = ("user_id*hour", "user_id*author_id", "item_id*hour")
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
 
 
@@ -96,15 +100,17 @@ PRIVILEGED = "+privileged"
 
 
 def config(buckets: int, sparse: bool, bf16: bool, name: str = "crossdistil") -> ModelConfig:
-    """The bench model of ``name``: RUNG or RUNG@PRESET, then ``+aux`` or ``+counted`` and/or ``+privileged`` in any
-    order."""
-    suffixes = [s for s in (AUX, COUNTED, PRIVILEGED) if s in name]
+    """The bench model of ``name``: RUNG or RUNG@PRESET, then ``+aux`` or ``+counted``, ``+crosses`` and/or
+    ``+privileged`` in any order."""
+    suffixes = [s for s in (AUX, COUNTED, CROSSES, PRIVILEGED) if s in name]
     base = name
     for suffix in suffixes:
         base = base.replace(suffix, "")
     privileged = ("play_ms",) if PRIVILEGED in suffixes else ()
     tasks = TASKS + AUX_TASKS if AUX in suffixes or COUNTED in suffixes else TASKS
     counted = {"aux_tasks": AUX_TASKS, "counted_tasks": AUX_TASKS} if COUNTED in suffixes else {}
+    if CROSSES in suffixes:
+        counted["count_features"] = ModelConfig().count_features + COUNT_CROSSES
     rung, preset = split_config_name(base)
     return ModelConfig(tasks=tasks, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
                        sparse_embeddings=sparse, bf16=bf16, rung=rung, **{**preset, **MODEL_SET}, **counted,
@@ -377,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with bf16 matrix units)")
     parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
                         help="configurations (RUNG or RUNG@PRESET; +privileged for a privileged teacher, +aux for "
-                        "six auxiliary tasks, +counted for the six only counted) whose step cost is compared, the "
-                        "first as base")
+                        "six auxiliary tasks, +counted for the six only counted, +crosses for counts of three "
+                        "crosses) whose step cost is compared, the first as base")
     parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also plain steps against CUDA-graph replays of the default model (a CUDA device)")
