@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# §2f and §3f of reports/kuairand_pure/README.md: online counts of crosses of two fields (`count_features` entries
+# "user_id*tab": each user's label rates per tab, per video type, ...; models/counts.py) as inputs of `mtl`. Run
+# from the repository root. The crosses are chosen on the validation slice (step 1), then the test split is read
+# once (step 2). Every evaluate run takes ~9 s here; about 20 + 30 minutes on this 2-core machine, two at a time.
+# STEPS=2 runs the test split alone (STEPS=1 the validation slice alone); every grid resumes (--resume) where an
+# earlier run of this script stopped.
+set -euo pipefail
+OUT=${OUT:-/tmp/cross_counts}
+HERE=reports/kuairand_pure/cross_counts
+SRC=../shared/data/kuairand_pure/kuairand_pure_20220425_20220508.csv
+U=user_id,item_id  # the default counts before this study
+COUNTED=follow,comment,forward,profile_enter,click,long_view  # (finish, like)'s counted outcomes (aux_tasks/)
+mkdir -p "$OUT"
+grid() {  # grid TASKS [evaluate flags...]
+  local tasks=$1; shift
+  .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
+    --tasks "$tasks" --configs mtl --mode both --batch-size 256 --hash-buckets 262144 --threads 1 --device cpu \
+    --jobs 2 --resume "$@"
+}
+val() {  # val TASKS VARIANT COUNT_FEATURES [flags...]: the validation slice, shared-bottom and MMoE, 3 seeds
+  local tasks=$1 variant=$2 fields=$3; shift 3
+  grid "$tasks" --validation --backbone shared_bottom,mmoe --seeds 3 --variant "$variant" \
+    --model-option "count_features=$fields" --out "$OUT/$variant" "$@"
+}
+merge() {  # merge OUT_DIR TITLE RESULTS...
+  local out=$1 title=$2; shift 2
+  .venv/bin/crossdistil evaluate --from-results "$@" --out "$out" --title "$title"
+  python reports/kuairand_pure/summarize.py "$out/results.json" > "$out/tables.md"
+}
+
+# 1. the validation slice (the first 80 % of events; the test split is never read). Baselines, then the crosses of
+#    the user with content fields, with context, per field alone, and the item with user segments.
+if [[ ${STEPS:-1,2} == *1* ]]; then
+grid click,long_view --validation --backbone shared_bottom,mmoe --seeds 3 --model-option count_features=$U \
+  --out "$OUT/val_mtl_cl"
+grid finish,like --validation --backbone shared_bottom,mmoe --seeds 3 --model-option count_features=$U \
+  --out "$OUT/val_mtl_fl"
+C="$U,user_id*tab,user_id*upload_type,user_id*video_tag,user_id*music_type,user_id*video_type"
+val click,long_view ux_content "$C"
+val click,long_view ux_ctx "$C,user_id*hourmin,user_id*author_id"
+val click,long_view ix_seg "$C,item_id*user_active_degree,item_id*tab,item_id*register_days_range,item_id*fans_user_num_range"
+for x in tab upload_type video_tag music_type video_type; do val click,long_view "u_$x" "$U,user_id*$x"; done
+val click,long_view ut_h "$U,user_id*tab,user_id*hourmin"
+val click,long_view ut_it "$U,user_id*tab,item_id*tab"
+val click,long_view ut_h_vt "$U,user_id*tab,user_id*hourmin,user_id*video_tag"
+val click,long_view ut_h_vt_it "$U,user_id*tab,user_id*hourmin,user_id*video_tag,item_id*tab"
+val click,long_view ut_vt_mt "$U,user_id*tab,user_id*video_type,user_id*music_type"
+val click,long_view ut_vt_mt_h "$U,user_id*tab,user_id*video_type,user_id*music_type,user_id*hourmin"
+val finish,like fl_ut "$U,user_id*tab"
+val finish,like fl_ux_ctx "$C,user_id*hourmin,user_id*author_id"
+val finish,like fl_ut_h_vt "$U,user_id*tab,user_id*hourmin,user_id*video_tag"
+val finish,like fl_ut_vt_mt "$U,user_id*tab,user_id*video_type,user_id*music_type"
+val finish,like fl_ut_vt_mt_h "$U,user_id*tab,user_id*video_type,user_id*music_type,user_id*hourmin"
+val finish,like fl_counted_ut_vt_mt "$U,user_id*tab,user_id*video_type,user_id*music_type" --counted-tasks $COUNTED
+merge "$HERE/validation" "KuaiRand-Pure validation slice: online counts of crosses" "$OUT"/val_mtl_{cl,fl}/results.json \
+  "$OUT"/{ux_content,ux_ctx,ix_seg,u_tab,u_upload_type,u_video_tag,u_music_type,u_video_type,ut_h,ut_it,ut_h_vt}/results.json \
+  "$OUT"/{ut_h_vt_it,ut_vt_mt,ut_vt_mt_h}/results.json "$OUT"/fl_{ut,ux_ctx,ut_h_vt,ut_vt_mt,ut_vt_mt_h}/results.json \
+  "$OUT"/fl_counted_ut_vt_mt/results.json
+fi
+
+# 2. the test split, read once: the crosses chosen in step 1 (ut_vt_mt: the user with the tab, the video type and
+#    the music type) against the counts of before (the user and the video), four backbones, 10 seeds, both pairs;
+#    for (finish, like) also on top of the six counted outcomes (aux_tasks/, §3e). The baselines name their counts,
+#    so they stay the counts of before whatever the default.
+if [[ ${STEPS:-1,2} == *2* ]]; then
+CHOSEN="$U,user_id*tab,user_id*video_type,user_id*music_type"
+tgrid() { grid "$@" --backbone shared_bottom,mmoe,ple,cross_stitch --seeds 10; }
+tgrid click,long_view --model-option count_features=$U --out "$OUT/test_mtl_cl"
+tgrid click,long_view --variant crosses --model-option "count_features=$CHOSEN" --out "$OUT/test_crosses_cl"
+tgrid finish,like --variant crosses --model-option "count_features=$CHOSEN" --out "$OUT/test_crosses_fl"
+tgrid finish,like --counted-tasks $COUNTED --variant counted+crosses --model-option "count_features=$CHOSEN" \
+  --out "$OUT/test_counted_crosses_fl"
+# (finish, like)'s baselines `mtl` and `mtl[counted]` are aux_tasks/ten_seeds' runs (the same commands: step 6 of
+# aux_tasks/run.sh; `mtl` of (click, long_view) re-run above equals its earlier runs in all 80 to the last digit).
+# With RERUN=1 they are run again instead.
+if [ "${RERUN:-0}" = 1 ]; then
+  tgrid finish,like --model-option count_features=$U --out "$OUT/test_mtl_fl"
+  tgrid finish,like --counted-tasks $COUNTED --model-option count_features=$U --out "$OUT/test_counted_fl"
+else
+  for c in mtl counted; do
+    mkdir -p "$OUT/test_${c}_fl"
+    python - "$c" reports/kuairand_pure/aux_tasks/ten_seeds/results.json "$OUT/test_${c}_fl/results.json" <<'PY'
+import json, sys
+name = {"mtl": "mtl", "counted": "mtl[counted]"}[sys.argv[1]]
+doc = json.load(open(sys.argv[2]))
+doc["runs"] = [r for r in doc["runs"] if r["config"] == name]
+json.dump(doc, open(sys.argv[3], "w"))
+PY
+  done
+fi
+merge "$HERE" "KuaiRand-Pure, test split: online counts of crosses, 10 seeds" "$OUT"/test_{mtl,crosses}_cl/results.json \
+  "$OUT"/test_{mtl,crosses,counted,counted_crosses}_fl/results.json
+fi
