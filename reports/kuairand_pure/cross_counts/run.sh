@@ -3,8 +3,8 @@
 # "user_id*tab": each user's label rates per tab, per video type, ...; models/counts.py) as inputs of `mtl`. Run
 # from the repository root. The crosses are chosen on the validation slice (step 1), then the test split is read
 # once (step 2). Every evaluate run takes ~9 s here; about 20 + 30 minutes on this 2-core machine, two at a time.
-# STEPS=2 runs the test split alone (STEPS=1 the validation slice alone); every grid resumes (--resume) where an
-# earlier run of this script stopped.
+# STEPS=2 runs the test split alone (STEPS=1 the validation slice alone; STEPS=3 the smoothing probe, not run by
+# default); every grid resumes (--resume) where an earlier run of this script stopped.
 set -euo pipefail
 OUT=${OUT:-/tmp/cross_counts}
 HERE=reports/kuairand_pure/cross_counts
@@ -91,4 +91,18 @@ PY
 fi
 merge "$HERE" "KuaiRand-Pure, test split: online counts of crosses, 10 seeds" "$OUT"/test_{mtl,crosses}_cl/results.json \
   "$OUT"/test_{mtl,crosses,counted,counted_crosses}_fl/results.json
+fi
+
+# 3. (after the test split, validation slice only) a larger count_smoothing against the within-user ranking loss of
+#    §3f: the counts of before and the chosen crosses at a = 20, the crosses at a = 50 (validation/smoothing/)
+if [[ ${STEPS:-1,2} == *3* ]]; then
+C3="$U,user_id*tab,user_id*video_type,user_id*music_type"
+val click,long_view a20 "$U" --model-option count_smoothing=20
+val click,long_view x_a20 "$C3" --model-option count_smoothing=20
+val finish,like fl_a20 "$U" --model-option count_smoothing=20
+val finish,like fl_x_a20 "$C3" --model-option count_smoothing=20
+val click,long_view x_a50 "$C3" --model-option count_smoothing=50
+val finish,like fl_x_a50 "$C3" --model-option count_smoothing=50
+merge "$HERE/validation/smoothing" "KuaiRand-Pure validation slice: counts of crosses with a larger count_smoothing" \
+  "$OUT"/val_mtl_{cl,fl}/results.json "$OUT"/{ut_vt_mt,fl_ut_vt_mt,a20,x_a20,fl_a20,fl_x_a20,x_a50,fl_x_a50}/results.json
 fi
