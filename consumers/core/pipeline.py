@@ -379,7 +379,7 @@ class Pipeline:
         # the tasks the learner predicts, so those of its answers, metrics and ledger: ``tasks`` less the counted
         # ones (models.config.ModelConfig.counted_tasks), whose labels the model only counts
         self.scored_tasks: tuple[str, ...] = tuple(scored_tasks) if scored_tasks is not None else self.tasks
-        self._counted = tuple(t for t in self.tasks if t not in self.scored_tasks)  # their positives are counted
+        self.counted_tasks = tuple(t for t in self.tasks if t not in self.scored_tasks)  # their positives are counted
         if clock is None:
             clock = EventClock()
         if isinstance(clock, EventClock) and clock.join is None:
@@ -491,7 +491,7 @@ class Pipeline:
     def _add_samples(self, samples: list[JoinedSample], now: float) -> None:
         if samples:
             self.metrics.samples_emitted(len(samples))
-            for task in self._counted:  # no prediction shows their labels: their positives do (few tasks, if any)
+            for task in self.counted_tasks:  # no prediction shows their labels: their positives do (few tasks, if any)
                 self.metrics.counted_positives(task, sum(1 for s in samples if s.labels[task]))
             if self.on_emitted is not None:
                 self.on_emitted(len(samples), now)

@@ -171,6 +171,12 @@ class ModelSection:
         counted = self._option_names("counted_tasks")
         return [t for t in self.tasks if t not in counted]
 
+    @property
+    def counted_tasks(self) -> list[str]:
+        """The tasks of ``options.counted_tasks``, in task order: joined and counted, never predicted."""
+        counted = self._option_names("counted_tasks")
+        return [t for t in self.tasks if t in counted]
+
     def _option_names(self, key: str) -> set[str]:
         """An option naming tasks, as a list or a command line's comma string (``models.config._names``)."""
         names = self.options.get(key) or ()

@@ -461,7 +461,7 @@ class TrainerMetrics:
                    auc_drop_options={"min_drop": m.drift_auc_drop, "window": m.drift_auc_window,
                                      "reference": m.drift_auc_reference, "z": m.drift_auc_z},
                    drift_tasks=list(m.drift_tasks) or cfg.model.served_tasks,
-                   counted_tasks=[t for t in cfg.model.tasks if t not in cfg.model.learnt_tasks], **kwargs)
+                   counted_tasks=cfg.model.counted_tasks, **kwargs)
 
     def _quality_state(self, in_place: bool = False, gauc: bool = True, metrics: Sequence[str] | None = None):
         """Summaries, AUC drift and references. The rings are copied under the lock and the sorting happens

@@ -1175,8 +1175,7 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "tasks": list(pipeline.scored_tasks),  # those it predicts
             **({"served_tasks": run_.cfg.model.served_tasks}  # ranked by; the others are auxiliary
                if run_.cfg.model.served_tasks != list(pipeline.scored_tasks) else {}),
-            **({"counted_tasks": [t for t in pipeline.tasks if t not in pipeline.scored_tasks]}  # inputs only
-               if pipeline.scored_tasks != pipeline.tasks else {}),
+            **({"counted_tasks": list(pipeline.counted_tasks)} if pipeline.counted_tasks else {}),  # inputs only
             "trained_samples": pipeline.trained_samples,
             "steps": pipeline.learner.steps,
             "batching": batching_summary(run_, result.batching),

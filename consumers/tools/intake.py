@@ -178,9 +178,6 @@ class _Tally(NoMetrics):
     def samples_emitted(self, n: int) -> None:
         self.emitted += n
 
-    def counted_positives(self, task: str, n: int) -> None:
-        """Nothing: an intake's pipelines only cut batches."""
-
 
 class _Sender:
     """The learner port of a child's pipeline: each batch is encoded with every feature set and sent."""

@@ -76,12 +76,12 @@ def main() -> None:
     torch.set_num_threads(1)
     dataset = open_dataset("csv", SOURCE, mapping="mappings/kuairand_pure.toml")
     spec = feature_spec_for(dataset, (), 262144)
+    gaps = [float(g) for g in args.gaps_s.split(",")]
     for pair in args.pairs.split(";"):
         tasks = pair.split(",")
         data = load_encoded(dataset, tasks, spec)
         tail = tail_start(len(data), 0.2)
         users = np.asarray(data.users)[tail:]
-        gaps = [float(g) for g in args.gaps_s.split(",")]
         groups = {g: sessions(users, np.asarray(data.ts_ms)[tail:], g) for g in gaps}
         for seed in (int(s) for s in args.seeds.split(",")):
             for name, fields in SETTINGS.items():
