@@ -86,7 +86,7 @@ def checkpoint_messages(learner: Any, version: int, chunk_bytes: int, previous_c
             "only a model without a wide part and online counts has a legacy form"
         config = json.loads(serving_meta["config"])
         for key in ("wide", "wide_lr", "wide_crosses", "wide_decay", "embedding_optimizer", "count_features",
-                    "count_smoothing", "count_half_life"):
+                    "count_smoothing", "count_half_life", "count_cross_smoothing", "count_cross_prior"):
             config.pop(key, None)
         serving_meta = {**serving_meta, "config": json.dumps(config, sort_keys=True)}
     metadata = {"step": learner.steps, "watermark_ms": None, "offsets": [], "metrics": {}, "tasks": list(TASKS),

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from models.counts import CROSS_PRIORS
 from models.features import FeatureSpec
 from models.wide import parse_cross
 
@@ -73,6 +74,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "kd_gate_window": 20000, "kd_gate_every": 2048,
     "wide": "none", "wide_lr": 0.1, "wide_crosses": [], "wide_decay": 1.0, "embedding_optimizer": "adam",
     "count_features": [], "count_smoothing": 5.0, "count_half_life": 0,
+    "count_cross_smoothing": 0.0, "count_cross_prior": "stream",
     "privileged": [], "privileged_weight": 0.8, "privileged_gate": False,  # no privileged teacher
     "bce_weight": 1.0, "aux_tasks": [],  # every task served
     "counted_tasks": [],  # every task has its tower
@@ -158,6 +160,10 @@ class ModelConfig:
     count_features: tuple[str, ...] = DEFAULT_COUNT_FEATURES
     count_smoothing: float = 5.0  # a: a value seen n times reads (positives + a * prior) / (n + a)
     count_half_life: int = 0  # the counts forget half of themselves every this many rows (0 = never)
+    count_cross_smoothing: float = 0.0  # a of the crosses' cells (0 = count_smoothing)
+    # a cross's rate smoothed towards, and read as its difference from, the stream's rate ("stream") or its first
+    # counted field's ("field": the user's rate for "user_id*tab")
+    count_cross_prior: str = "stream"
 
     # [ours] a privileged teacher (models/privileged.py; docs/method.md "A teacher that knows more"): a second model
     # that also reads these numeric outcomes, known only after the impression (dwell times, profile visits), trains
@@ -257,9 +263,11 @@ class ModelConfig:
             raise ValueError(f"bce_weight must be >= 0 for every task, got {self.bce_weight!r}")
         if any(not 0.0 <= w <= 1.0 for w in self.privileged_weights()):
             raise ValueError(f"privileged_weight must be in [0, 1] for every task, got {self.privileged_weight!r}")
-        if self.count_smoothing <= 0 or self.count_half_life < 0:
-            raise ValueError(f"count_smoothing must be > 0 and count_half_life >= 0, got {self.count_smoothing}, "
-                             f"{self.count_half_life}")
+        if self.count_smoothing <= 0 or self.count_half_life < 0 or self.count_cross_smoothing < 0:
+            raise ValueError(f"count_smoothing must be > 0, count_half_life and count_cross_smoothing >= 0, got "
+                             f"{self.count_smoothing}, {self.count_half_life}, {self.count_cross_smoothing}")
+        if self.count_cross_prior not in CROSS_PRIORS:
+            raise ValueError(f"count_cross_prior must be one of {CROSS_PRIORS}, got {self.count_cross_prior!r}")
 
     def _validate_counted(self) -> None:
         if set(self.counted_tasks) - set(self.aux_tasks) or len(set(self.counted_tasks)) != len(self.counted_tasks):

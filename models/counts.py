@@ -17,7 +17,12 @@ scaled by ``2 ** (-age / half_life)`` when read or touched, so a step costs O(ba
 
 A field may be a cross of two, ``"user_id*tab"``: each (user, tab) pair is counted apart, hashed into the field's
 rows as the wide part hashes its crosses (``models.wide.cross_rows``), so the deep part reads how this user
-responds in this tab, not only overall.
+responds in this tab, not only overall. A cross's cells are much sparser than its fields' values, so it may have
+its own smoothing (``cross_smoothing``, the same ``a`` by default), and with ``cross_prior="field"`` its rate is
+smoothed towards the rate of its first counted field instead of the stream's, and read as the difference:
+``4 (rate_c - rate_user)`` with ``rate_c = (positives_c + a_c rate_user) / (n_c + a_c)``. The user's level is then
+in the user's own inputs alone, and the cross says only how this tab differs from the user's usual (0 when the
+pair is new); a cross with no counted field of its pair keeps the stream's prior.
 
 >>> from models.features import FeatureSpec
 >>> counts = CountFeatures(FeatureSpec(categorical=("user_id", "item_id"), hash_buckets=10), tasks=1,
@@ -41,6 +46,8 @@ from torch import nn
 from models.features import FeatureSpec
 from models.wide import cross_rows, largest_prime_at_most, parse_cross
 
+# Where a cross's rate is smoothed to and read from: the stream's rate, or its first counted field's (module doc).
+CROSS_PRIORS = ("stream", "field")
 # Scales of the two kinds of input (module docstring): log1p(n) / 5 and 4 (rate - prior) span about [-1, 1].
 _COUNT_SCALE, _RATE_SCALE = 0.2, 4.0
 
@@ -55,8 +62,10 @@ class CountFeatures(nn.Module):
     """
 
     def __init__(self, spec: FeatureSpec, tasks: int, fields: Sequence[str], smoothing: float = 5.0,
-                 half_life: int = 0) -> None:
+                 half_life: int = 0, cross_smoothing: float | None = None, cross_prior: str = "stream") -> None:
         super().__init__()
+        if cross_prior not in CROSS_PRIORS:
+            raise ValueError(f"cross_prior must be one of {CROSS_PRIORS}, got {cross_prior!r}")
         known = set(spec.categorical)
         singles = tuple(f for f in fields if "*" not in f and f in known)
         pairs = [(f, parse_cross(f, "count_features")) for f in fields if "*" in f]
@@ -67,8 +76,15 @@ class CountFeatures(nn.Module):
         self.cross_columns = tuple((spec.categorical.index(a), spec.categorical.index(b)) for _, (a, b) in crosses)
         # A cross's rows are (a, b) hashed into [0, Q), Q the largest prime <= the table's rows (models/wide.py).
         self.cross_modulus = largest_prime_at_most(spec.hash_buckets) if crosses else 0
+        # A cross's rate leans on the rate of the first of its fields that is counted alone ("field"), or on the
+        # stream's (-1: "stream", or no field of the pair counted alone).
+        self.cross_parents = tuple(
+            next((singles.index(f) for f in pair if f in singles), -1) if cross_prior == "field" else -1
+            for _, pair in crosses)
         self.tasks = tasks
         self.smoothing = float(smoothing)
+        self.cross_smoothing = self.smoothing if cross_smoothing is None else float(cross_smoothing)
+        self.cross_prior = cross_prior
         self.half_life = int(half_life)
         self.register_buffer("table", torch.zeros(len(self.fields), spec.hash_buckets, 1 + tasks))
         self.register_buffer("totals", torch.zeros(1 + tasks, dtype=torch.float64))
@@ -78,7 +94,7 @@ class CountFeatures(nn.Module):
         # Field i's row r is row i * R + r of the flattened table: one gather and one index-add for all fields. The
         # index tensors are plain attributes, made once per device (a model loaded onto "meta" first has no buffers
         # that were not in its state_dict).
-        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def width(self) -> int:
@@ -91,16 +107,23 @@ class CountFeatures(nn.Module):
 
     def _flat_rows(self, categorical: torch.Tensor) -> torch.Tensor:
         """[B * F] rows of the flattened table, row-major (row b's fields in order)."""
-        index = self._index.get(categorical.device)
-        if index is None:
-            index = self._index[categorical.device] = (
-                torch.tensor(self.columns, dtype=torch.long, device=categorical.device),
-                torch.arange(len(self.fields), device=categorical.device) * self.table.shape[1])
-        columns, offsets = index
+        columns, offsets, _ = self._indices(categorical.device)
         rows = categorical.index_select(1, columns)
         if self.cross_columns:
             rows = torch.cat([rows, cross_rows(categorical, self.cross_columns, self.cross_modulus)], dim=1)
         return (rows + offsets).reshape(-1)
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The single fields' columns, each field's first row in the flattened table, and each cross's parent
+        (``cross_parents`` with -1 as the slot after the singles, where the stream's prior goes), on ``device``."""
+        index = self._index.get(device)
+        if index is None:
+            singles = len(self.columns)
+            index = self._index[device] = (
+                torch.tensor(self.columns, dtype=torch.long, device=device),
+                torch.arange(len(self.fields), device=device) * self.table.shape[1],
+                torch.tensor([singles if p < 0 else p for p in self.cross_parents], dtype=torch.long, device=device))
+        return index
 
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         stamp = self.stamp.view(-1) if self.half_life > 0 else None
@@ -117,10 +140,25 @@ class CountFeatures(nn.Module):
             values = values * self._kept(self.clock - stamp.index_select(0, rows)).unsqueeze(1)
         totals = self.totals.to(self.table.dtype)
         prior = (totals[1:] + 1.0) / (totals[0] + 2.0)
+        if self.cross_columns and (self.cross_prior == "field" or self.cross_smoothing != self.smoothing):
+            return self._inputs_with_crosses(values.view(categorical.shape[0], len(self.fields), 1 + self.tasks), prior)
         n = values[:, :1]
         rate = (values[:, 1:] + self.smoothing * prior) / (n + self.smoothing)
         inputs = torch.cat([torch.log1p(n) * _COUNT_SCALE, (rate - prior) * _RATE_SCALE], dim=1)
         return inputs.reshape(categorical.shape[0], self.width)
+
+    def _inputs_with_crosses(self, values: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """forward's inputs from ``values`` [B, F, 1 + K] when the crosses have their own smoothing or prior."""
+        singles = len(self.columns)
+        n, positives = values[..., :1], values[..., 1:]
+        rate = (positives[:, :singles] + self.smoothing * prior) / (n[:, :singles] + self.smoothing)
+        # each cross's centre: its parent's rate, or (the slot after the singles) the stream's prior
+        centres = torch.cat([rate, prior.expand(values.shape[0], 1, -1)], dim=1)
+        centre = centres.index_select(1, self._indices(values.device)[2])
+        cross = (positives[:, singles:] + self.cross_smoothing * centre) / (n[:, singles:] + self.cross_smoothing)
+        rates = torch.cat([rate - prior, cross - centre], dim=1)
+        inputs = torch.cat([torch.log1p(n) * _COUNT_SCALE, rates * _RATE_SCALE], dim=2)
+        return inputs.reshape(values.shape[0], self.width)
 
     @torch.no_grad()
     def add(self, categorical: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -159,5 +197,7 @@ class CountFeatures(nn.Module):
 
     def extra_repr(self) -> str:
         life = f"half_life={self.half_life}" if self.half_life else "never forgets"
-        return f"fields={self.fields}, smoothing={self.smoothing}, {life}"
+        crosses = (f", cross_smoothing={self.cross_smoothing}, cross_prior={self.cross_prior}"
+                   if self.cross_columns else "")
+        return f"fields={self.fields}, smoothing={self.smoothing}{crosses}, {life}"
 

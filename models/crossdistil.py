@@ -110,7 +110,9 @@ class CrossDistilModel(nn.Module):
         self.wide = (WidePart(spec, n, config.wide_crosses, sparse=config.sparse_embeddings)
                      if config.wide != "none" else None)
         # Online counts and label rates of some fields (models/counts.py): more inputs of the backbone.
-        self.counts = (CountFeatures(spec, k, config.count_features, config.count_smoothing, config.count_half_life)
+        self.counts = (CountFeatures(spec, k, config.count_features, config.count_smoothing, config.count_half_life,
+                                     cross_smoothing=config.count_cross_smoothing or None,
+                                     cross_prior=config.count_cross_prior)
                        if config.count_features else None)
         input_dim = len(spec.categorical) * config.embedding_dim + len(spec.numeric) + (
             self.counts.width if self.counts is not None else 0)

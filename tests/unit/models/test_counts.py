@@ -95,6 +95,59 @@ def test_a_cross_counts_each_pair_of_values_apart() -> None:
         config(count_features="user_id, user_id*")
 
 
+def test_a_cross_may_lean_on_its_field_with_its_own_smoothing() -> None:
+    """``cross_prior="field"``: a cross's rate is smoothed towards its first counted field's rate (the user's for
+    ``user_id*hour``; the stream's for ``item_id*hour``, whose fields are not counted alone) with ``cross_smoothing``,
+    and read as the difference from it; the single fields are as before."""
+    spec = FeatureSpec(categorical=SPEC.categorical, numeric=SPEC.numeric, hash_buckets=2**16)
+    a, a_cross = 2.0, 7.0
+    counts = CountFeatures(spec, tasks=2, fields=("user_id", "user_id*hour", "item_id*hour"), smoothing=a,
+                           cross_smoothing=a_cross, cross_prior="field")
+    assert counts.cross_parents == (0, -1) and counts.width == 9
+    keys = [lambda r: ("u", int(r[0])), lambda r: ("uh", int(r[0]), int(r[2])), lambda r: ("ih", int(r[1]), int(r[2]))]
+    seen: dict[tuple, list[float]] = {}
+    totals = [0.0, 0.0, 0.0]
+    for rows, labels in stream(3, 12):
+        prior = [(totals[1] + 1) / (totals[0] + 2), (totals[2] + 1) / (totals[0] + 2)]
+        expected = []
+        for row in rows:
+            (nu, *pu), (nc, *pc), (ni, *pi) = (seen.get(key(row), [0.0, 0.0, 0.0]) for key in keys)
+            user = [(p + a * q) / (nu + a) for p, q in zip(pu, prior)]
+            by_hour = [(p + a_cross * u) / (nc + a_cross) for p, u in zip(pc, user)]
+            by_item = [(p + a_cross * q) / (ni + a_cross) for p, q in zip(pi, prior)]
+            expected.append([math.log1p(nu) / 5] + [4 * (u - q) for u, q in zip(user, prior)]
+                            + [math.log1p(nc) / 5] + [4 * (c - u) for c, u in zip(by_hour, user)]
+                            + [math.log1p(ni) / 5] + [4 * (c - q) for c, q in zip(by_item, prior)])
+        torch.testing.assert_close(counts(rows), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+        counts.add(rows, labels)
+        for row, label in zip(rows, labels.tolist()):
+            totals = [t + v for t, v in zip(totals, [1.0, *label])]
+            for key in keys:
+                seen[key(row)] = [s + v for s, v in zip(seen.get(key(row), [0.0, 0.0, 0.0]), [1.0, *label])]
+    # a pair never seen reads 0 beside a known user: the user's level is in the user's inputs alone
+    fresh = torch.tensor([[int(rows[0, 0]), 999, 9999]])
+    assert counts(fresh)[0, 3:].abs().max() < 1e-6 and counts(fresh)[0, 1:3].abs().max() > 0.01
+    with pytest.raises(ValueError, match="count_cross_prior"):
+        config(count_cross_prior="user")
+    with pytest.raises(ValueError, match="count_cross_smoothing"):
+        config(count_cross_smoothing=-1.0)
+
+
+def test_the_crosses_own_smoothing_alone_keeps_the_streams_prior() -> None:
+    """``cross_smoothing`` without ``cross_prior="field"`` changes the crosses' a alone; with neither, the inputs
+    are those of one smoothing for all (the path of before, to the last bit)."""
+    spec = FeatureSpec(categorical=SPEC.categorical, numeric=SPEC.numeric, hash_buckets=2**16)
+    fields = ("user_id", "user_id*hour")
+    plain, same, own = (CountFeatures(spec, 2, fields, smoothing=3.0, cross_smoothing=c) for c in (None, 3.0, 9.0))
+    singles = CountFeatures(spec, 2, ("user_id",), smoothing=3.0)
+    crossed = CountFeatures(spec, 2, ("user_id*hour",), smoothing=9.0)
+    for rows, labels in stream(4, 6):
+        assert torch.equal(plain(rows), same(rows))
+        torch.testing.assert_close(own(rows), torch.cat([singles(rows), crossed(rows)], dim=1), rtol=0, atol=1e-6)
+        for module in (plain, same, own, singles, crossed):
+            module.add(rows, labels)
+
+
 def test_padding_rows_count_for_nothing_and_the_clock_counts_rows() -> None:
     padded, plain = (CountFeatures(SPEC, 2, ("user_id",), half_life=10) for _ in range(2))
     rows, labels = stream(1, 1)[0]

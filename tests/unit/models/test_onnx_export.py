@@ -101,13 +101,16 @@ def test_onnxruntime_on_the_published_graph_gives_the_served_probabilities(backb
 
 def test_counts_of_crosses_are_computed_in_the_graph(shared_data: Path, tmp_path: Path) -> None:
     """Online counts of crosses (``"user_id*tab"``): the graph hashes each pair into its rows as the model does, so
-    onnxruntime gives the served probabilities, and they differ from a model without the crosses' counts."""
+    onnxruntime gives the served probabilities, and they differ from a model without the crosses' counts; so does
+    a cross read against its field's rate with its own smoothing (``count_cross_prior="field"``)."""
     rows = kuairand_rows(shared_data)
     probabilities = []
-    for fields in (("user_id", "item_id"), ("user_id", "item_id", "user_id*tab", "item_id*hour")):
+    crosses = ("user_id", "item_id", "user_id*tab", "item_id*hour")
+    for i, (fields, options) in enumerate([(("user_id", "item_id"), {}), (crosses, {}),
+                                           (crosses, {"count_cross_prior": "field", "count_cross_smoothing": 20.0})]):
         published = trained_and_published(ModelConfig(tasks=TASKS, count_features=fields, embedding_dim=8,
-                                                      hidden_dims=(32,), tower_dims=(16,), features=SPEC),
-                                          rows, tmp_path / str(len(fields)))
+                                                      hidden_dims=(32,), tower_dims=(16,), features=SPEC, **options),
+                                          rows, tmp_path / str(i))
         session = ort.InferenceSession(published.tensors[TENSOR_NAME].numpy().tobytes())
         (graph,) = session.run(["probabilities"], graph_inputs(rows[N:]))
         served = ServingModel.from_serving_state(published.tensors, published.metadata["serving"]).score_rows(rows[N:])
@@ -115,6 +118,7 @@ def test_counts_of_crosses_are_computed_in_the_graph(shared_data: Path, tmp_path
         assert np.abs(graph - reference).max() <= 1e-5
         probabilities.append(graph)
     assert np.abs(probabilities[0] - probabilities[1]).max() > 1e-3
+    assert np.abs(probabilities[1] - probabilities[2]).max() > 1e-3
 
 
 @pytest.mark.parametrize("counted", [False, True])
