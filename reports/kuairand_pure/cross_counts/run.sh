@@ -3,8 +3,9 @@
 # "user_id*tab": each user's label rates per tab, per video type, ...; models/counts.py) as inputs of `mtl`. Run
 # from the repository root. The crosses are chosen on the validation slice (step 1), then the test split is read
 # once (step 2). Every evaluate run takes ~9 s here; about 20 + 30 minutes on this 2-core machine, two at a time.
-# STEPS=2 runs the test split alone (STEPS=1 the validation slice alone; STEPS=3 the smoothing probe, not run by
-# default); every grid resumes (--resume) where an earlier run of this script stopped.
+# STEPS=2 runs the test split alone (STEPS=1 the validation slice alone; STEPS=3 the smoothing probe, STEPS=4 the
+# crosses' own smoothing and prior, STEPS=5 the chosen one on the test split: not run by default); every grid
+# resumes (--resume) where an earlier run of this script stopped.
 set -euo pipefail
 OUT=${OUT:-/tmp/cross_counts}
 HERE=reports/kuairand_pure/cross_counts
@@ -105,4 +106,54 @@ val click,long_view x_a50 "$C3" --model-option count_smoothing=50
 val finish,like fl_x_a50 "$C3" --model-option count_smoothing=50
 merge "$HERE/validation/smoothing" "KuaiRand-Pure validation slice: counts of crosses with a larger count_smoothing" \
   "$OUT"/val_mtl_{cl,fl}/results.json "$OUT"/{ut_vt_mt,fl_ut_vt_mt,a20,x_a20,fl_a20,fl_x_a20,x_a50,fl_x_a50}/results.json
+fi
+
+# 4. (validation slice only) the crosses with their own smoothing (count_cross_smoothing, the single fields keeping
+#    a = 5) and read against the user's own rate (count_cross_prior=field): against the within-user ranking loss of
+#    §3f without the AUC cost of a larger a for every field (validation/cross_prior/)
+if [[ ${STEPS:-1,2} == *4* ]]; then
+C4="$U,user_id*tab,user_id*video_type,user_id*music_type"
+# the baselines and the crosses at one a of step 1 (--resume: nothing is re-run where step 1 ran)
+grid click,long_view --validation --backbone shared_bottom,mmoe --seeds 3 --model-option count_features=$U \
+  --out "$OUT/val_mtl_cl"
+grid finish,like --validation --backbone shared_bottom,mmoe --seeds 3 --model-option count_features=$U \
+  --out "$OUT/val_mtl_fl"
+val click,long_view ut_vt_mt "$C4"
+val finish,like fl_ut_vt_mt "$C4"
+for pair in cl fl; do
+  tasks=$([ $pair = cl ] && echo click,long_view || echo finish,like)
+  val $tasks ${pair}_xs_c20 "$C4" --model-option count_cross_smoothing=20
+  val $tasks ${pair}_xs_c50 "$C4" --model-option count_cross_smoothing=50
+  val $tasks ${pair}_xf "$C4" --model-option count_cross_prior=field
+  val $tasks ${pair}_xf_c20 "$C4" --model-option count_cross_prior=field --model-option count_cross_smoothing=20
+  val $tasks ${pair}_xf_c50 "$C4" --model-option count_cross_prior=field --model-option count_cross_smoothing=50
+done
+merge "$HERE/validation/cross_prior" "KuaiRand-Pure validation slice: crosses with their own smoothing and prior" \
+  "$OUT"/val_mtl_{cl,fl}/results.json "$OUT"/{ut_vt_mt,fl_ut_vt_mt}/results.json \
+  "$OUT"/{cl,fl}_{xs_c20,xs_c50,xf,xf_c20,xf_c50}/results.json
+python reports/kuairand_pure/cross_counts/paired.py "$HERE/validation/cross_prior/results.json" mtl "mtl[ut_vt_mt]" \
+  "mtl[fl_ut_vt_mt]" mtl[{cl,fl}_{xs_c20,xs_c50,xf,xf_c20,xf_c50}] > "$HERE/validation/cross_prior/paired.md"
+fi
+
+# 5. the test split, read once more: the crosses of step 2 with count_cross_smoothing = 50 (chosen in step 4: the
+#    stream's prior; the field prior lost like's AUC), 4 backbones x 10 seeds, both pairs; paired with step 2's
+#    runs (the baselines and the crosses at a = 5), kept in ./results.json (cross_smoothing/)
+if [[ ${STEPS:-1,2} == *5* ]]; then
+C5="$U,user_id*tab,user_id*video_type,user_id*music_type"
+tgrid() { grid "$@" --backbone shared_bottom,mmoe,ple,cross_stitch --seeds 10; }
+tgrid click,long_view --variant crosses_c50 --model-option "count_features=$C5" \
+  --model-option count_cross_smoothing=50 --out "$OUT/test_crosses_c50_cl"
+tgrid finish,like --variant crosses_c50 --model-option "count_features=$C5" \
+  --model-option count_cross_smoothing=50 --out "$OUT/test_crosses_c50_fl"
+python - "$HERE/results.json" "$OUT" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+for pair, tasks in (("cl", ["click", "long_view"]), ("fl", ["finish", "like"])):
+    runs = [r for r in doc["runs"] if r["tasks"] == tasks and r["config"] in ("mtl", "mtl[crosses]")]
+    json.dump({**doc, "runs": runs}, open(f"{sys.argv[2]}/test_step2_{pair}.json", "w"))
+PY
+merge "$HERE/cross_smoothing" "KuaiRand-Pure, test split: crosses with count_cross_smoothing = 50, 10 seeds" \
+  "$OUT"/test_step2_{cl,fl}.json "$OUT"/test_crosses_c50_{cl,fl}/results.json
+python reports/kuairand_pure/cross_counts/paired.py "$HERE/cross_smoothing/results.json" mtl "mtl[crosses]" \
+  "mtl[crosses_c50]" > "$HERE/cross_smoothing/paired.md"
 fi
