@@ -67,6 +67,9 @@ COUNTED = "+counted"
 # item's (ModelConfig.count_features; what a cross costs does not depend on which fields it crosses)
 CROSSES = "+crosses"
 COUNT_CROSSES = ("user_id*hour", "user_id*author_id", "item_id*hour")
+# ``--compare mtl+crosses,mtl+crosses+field``: the crosses with their own smoothing, read against their first
+# field's rate (count_cross_smoothing, count_cross_prior = "field": the inputs' other code path)
+FIELD = "+field"
 SPEC_FIELDS = dict(categorical=("user_id", "item_id", "author_id", "hour"), numeric=("duration_ms",))
 
 
@@ -101,8 +104,8 @@ PRIVILEGED = "+privileged"
 
 def config(buckets: int, sparse: bool, bf16: bool, name: str = "crossdistil") -> ModelConfig:
     """The bench model of ``name``: RUNG or RUNG@PRESET, then ``+aux`` or ``+counted``, ``+crosses`` and/or
-    ``+privileged`` in any order."""
-    suffixes = [s for s in (AUX, COUNTED, CROSSES, PRIVILEGED) if s in name]
+    ``+field`` and/or ``+privileged`` in any order."""
+    suffixes = [s for s in (AUX, COUNTED, CROSSES, FIELD, PRIVILEGED) if s in name]
     base = name
     for suffix in suffixes:
         base = base.replace(suffix, "")
@@ -111,6 +114,8 @@ def config(buckets: int, sparse: bool, bf16: bool, name: str = "crossdistil") ->
     counted = {"aux_tasks": AUX_TASKS, "counted_tasks": AUX_TASKS} if COUNTED in suffixes else {}
     if CROSSES in suffixes:
         counted["count_features"] = ModelConfig().count_features + COUNT_CROSSES
+    if FIELD in suffixes:
+        counted.update(count_cross_smoothing=50.0, count_cross_prior="field")
     rung, preset = split_config_name(base)
     return ModelConfig(tasks=tasks, features=FeatureSpec(**SPEC_FIELDS, hash_buckets=buckets),
                        sparse_embeddings=sparse, bf16=bf16, rung=rung, **{**preset, **MODEL_SET}, **counted,
@@ -384,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default="mtl,crossdistil,crossdistil@paper",
                         help="configurations (RUNG or RUNG@PRESET; +privileged for a privileged teacher, +aux for "
                         "six auxiliary tasks, +counted for the six only counted, +crosses for counts of three "
-                        "crosses) whose step cost is compared, the first as base")
+                        "crosses, +field for their own smoothing and prior) whose step cost is compared, the first "
+                        "as base")
     parser.add_argument("--only-compare", action="store_true", help="measure the configuration comparison only")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also plain steps against CUDA-graph replays of the default model (a CUDA device)")

@@ -3,7 +3,8 @@
 Serving starts first, on an empty serving topic, and follows the trainer's publications as they land; at the end
 it must serve the trainer's last published version and score a probe batch exactly as the trainer's final model.
 The trainer also learns an auxiliary task (``model.options.aux_tasks``): learnt, never served; and counts another
-(``model.options.counted_tasks``): its label rates are inputs, it has no tower and predicts nothing.
+(``model.options.counted_tasks``): its label rates are inputs, it has no tower and predicts nothing. Its online
+counts include a cross (``"user_id*item_category"``) with its own smoothing, read against the user's rate.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("click", "like")
 MODEL = {"aux_tasks": ["follow", "comment"], "counted_tasks": ["comment"],
+         "count_features": ["user_id", "item_id", "user_id*item_category"], "count_cross_smoothing": 50.0,
+         "count_cross_prior": "field",
          "embedding_dim": 8, "hidden_dims": [16], "tower_dims": [8],
          "features": {"categorical": ["user_id", "item_id", "item_category", "hour"], "numeric": ["duration_s"],
                       "hash_buckets": 8192}}
@@ -104,6 +107,9 @@ def test_serving_follows_the_trainer_and_scores_like_its_final_model(kafka_broke
         assert "follow" in expected and "comment" not in expected  # which the trainer learnt; which it counted
         counted = learner.model.counts.totals.tolist()  # rows, then one label sum per task in model.tasks' order
         assert counted[0] > 0 and counted[4] > 0, counted
+        counts = learner.model.counts  # the cross, counted, read against the user's rate with its own a
+        assert counts.fields[-1] == "user_id*item_category" and counts.cross_parents == (0,)
+        assert counts.cross_smoothing == 50.0 and counts.table[2, :, 0].sum() == counted[0]
         for task in TASKS:
             assert torch.equal(torch.tensor(body["probabilities"][task], dtype=torch.float32), expected[task]), task
     finally:
