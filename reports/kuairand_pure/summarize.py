@@ -10,7 +10,8 @@ and of the per-user NDCG@10 of the combined score, as mean ± standard error ove
 
 With ``--overview`` it prints instead the README's one-table summary: per pair and window, ``mtl``'s AUC (mean of
 the backbones) and, per configuration, the paired Δ mean AUC averaged over the backbones (range over backbones)
-and the averaged Δ combined NDCG@10.
+and the averaged Δ combined NDCG@10. With ``--gauc``, per pair, window, configuration and backbone, each task's
+paired Δ AUC beside its Δ GAUC (within-user ranking, which a global AUC gain can hide).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections import defaultdict
 
 WINDOWS = {"split": ("test",), "prequential": ("tail", "all")}
 
@@ -58,10 +58,38 @@ def deltas(pairs: list[tuple[dict, dict]], tasks: tuple, window: str) -> tuple[d
     return auc, mean_auc, ndcg
 
 
-def overview(path: str) -> None:
+def load(path: str) -> tuple[dict, list[str]]:
+    """The runs of ``path`` by (tasks, mode, backbone, config, seed), and the configurations other than ``mtl``."""
     runs = json.load(open(path))["runs"]
     index = {(tuple(r["tasks"]), r["mode"], r["backbone"], r["config"], r["seed"]): r for r in runs}
-    configs = list(dict.fromkeys(r["config"] for r in runs if r["config"] != "mtl"))
+    return index, list(dict.fromkeys(r["config"] for r in runs if r["config"] != "mtl"))
+
+
+def backbones_of(index: dict, tasks: tuple, mode: str) -> list[str]:
+    return [b for b in ("shared_bottom", "mmoe", "ple", "cross_stitch")
+            if any(k[:3] == (tasks, mode, b) for k in index)]
+
+
+def per_task(path: str) -> None:
+    """``--gauc``: each task's paired Δ AUC and Δ GAUC to ``mtl``, per configuration and backbone."""
+    index, configs = load(path)
+    for tasks, mode in dict.fromkeys(k[:2] for k in index):
+        for window in WINDOWS[mode]:
+            print(f"### ({', '.join(tasks)}), {mode}, window `{window}`: AUC and GAUC per task\n")
+            print("| config | backbone | seeds | " + " | ".join(f"Δ {m} {t}" for t in tasks for m in ("AUC", "GAUC"))
+                  + " |\n|---|---|---|" + "---|" * 2 * len(tasks))
+            for config in configs:
+                for backbone in backbones_of(index, tasks, mode):
+                    pairs = paired(index, tasks, mode, backbone, config)
+                    if pairs:
+                        cells = [cell([a["metrics"][window][t][m] - b["metrics"][window][t][m] for a, b in pairs])
+                                 for t in tasks for m in ("auc", "gauc")]
+                        print(f"| {config} | {backbone} | {len(pairs)} | " + " | ".join(cells) + " |")
+            print()
+
+
+def overview(path: str) -> None:
+    index, configs = load(path)
     backbones = [b for b in ("shared_bottom", "mmoe", "ple", "cross_stitch") if any(k[2] == b for k in index)]
     print("| pair | window | `mtl` AUC (mean of backbones) | " + " | ".join(f"`{c}`" for c in configs) + " |")
     print("|---|---|---|" + "---|" * len(configs))
@@ -92,14 +120,9 @@ def overview(path: str) -> None:
 
 
 def main(path: str) -> None:
-    runs = json.load(open(path))["runs"]
-    index = {(tuple(r["tasks"]), r["mode"], r["backbone"], r["config"], r["seed"]): r for r in runs}
-    groups = defaultdict(set)
-    for tasks, mode, backbone, _config, _seed in index:
-        groups[(tasks, mode)].add(backbone)
-    configs = list(dict.fromkeys(r["config"] for r in runs if r["config"] != "mtl"))
-    for (tasks, mode), backbones in groups.items():
-        backbones = [b for b in ("shared_bottom", "mmoe", "ple", "cross_stitch") if b in backbones]
+    index, configs = load(path)
+    for tasks, mode in dict.fromkeys(k[:2] for k in index):
+        backbones = backbones_of(index, tasks, mode)
         for window in WINDOWS[mode]:
             print(f"### ({', '.join(tasks)}), {mode}, window `{window}`\n")
             print(f"| config | backbone | Δ mean AUC | Δ AUC {tasks[0]} | Δ AUC {tasks[1]} | Δ combined NDCG@10 "
@@ -128,7 +151,5 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    if "--overview" in sys.argv[1:]:
-        overview(next(a for a in sys.argv[1:] if a != "--overview"))
-    else:
-        main(sys.argv[1])
+    mode = next((a for a in sys.argv[1:] if a.startswith("--")), "")
+    {"": main, "--overview": overview, "--gauc": per_task}[mode](next(a for a in sys.argv[1:] if a != mode))

@@ -131,8 +131,8 @@ done
 merge "$HERE/validation/cross_prior" "KuaiRand-Pure validation slice: crosses with their own smoothing and prior" \
   "$OUT"/val_mtl_{cl,fl}/results.json "$OUT"/{ut_vt_mt,fl_ut_vt_mt}/results.json \
   "$OUT"/{cl,fl}_{xs_c20,xs_c50,xf,xf_c20,xf_c50}/results.json
-python reports/kuairand_pure/cross_counts/paired.py "$HERE/validation/cross_prior/results.json" mtl "mtl[ut_vt_mt]" \
-  "mtl[fl_ut_vt_mt]" mtl[{cl,fl}_{xs_c20,xs_c50,xf,xf_c20,xf_c50}] > "$HERE/validation/cross_prior/paired.md"
+python reports/kuairand_pure/summarize.py --gauc "$HERE/validation/cross_prior/results.json" \
+  > "$HERE/validation/cross_prior/paired.md"
 fi
 
 # 5. the test split, read once more: the crosses of step 2 with count_cross_smoothing = 50 (chosen in step 4: the
@@ -154,6 +154,5 @@ for pair, tasks in (("cl", ["click", "long_view"]), ("fl", ["finish", "like"])):
 PY
 merge "$HERE/cross_smoothing" "KuaiRand-Pure, test split: crosses with count_cross_smoothing = 50, 10 seeds" \
   "$OUT"/test_step2_{cl,fl}.json "$OUT"/test_crosses_c50_{cl,fl}/results.json
-python reports/kuairand_pure/cross_counts/paired.py "$HERE/cross_smoothing/results.json" mtl "mtl[crosses]" \
-  "mtl[crosses_c50]" > "$HERE/cross_smoothing/paired.md"
+python reports/kuairand_pure/summarize.py --gauc "$HERE/cross_smoothing/results.json" > "$HERE/cross_smoothing/paired.md"
 fi
