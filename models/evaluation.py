@@ -13,7 +13,12 @@ Protocol choices (documented in reports too):
 * Prequential: every mini-batch is scored by the model *before* the model learns from it (the predictions that
   ``Learner.step`` returns), so every event is a test event for a model that has not seen it. Metrics are
   reported over all events (``"all"``) and over the last ``tail_fraction`` of them (``"tail"``), where the
-  model is warmer.
+  model is warmer. The tail is also scored as serving replicas score it (``"served"``): in ``publications``
+  stretches, each by the model as it was at the stretch's start (frozen between publications, as a published
+  checkpoint is), with a user's rows grouped per stretch for GAUC and NDCG. A prequential GAUC pools each user's
+  rows scored by many states of the model: an input that follows the user's own labels (their online counts)
+  raises every later score of the user after a positive, so the rows scored after it outrank it although no
+  request ever ranked them together; the ``"served"`` GAUC compares only rows one model state scored.
 * Combined score (``combined_metrics``): the product of the task probabilities, each raised to its weight (1
   by default), i.e. the score a ranker ordering by "every task positive" would use. Its AUC is against "every
   task positive"; its per-user NDCG@10 uses the number of positive tasks as graded relevance.
@@ -190,6 +195,30 @@ def tail_start(n_events: int, tail_fraction: float) -> int:
     return n_events - max(1, int(round(n_events * tail_fraction)))
 
 
+def served_stretches(tail: int, n_events: int, publications: int) -> np.ndarray:
+    """The bounds of the ``"served"`` window's stretches: ``publications`` equal stretches of rows [tail, n_events)
+    (fewer where the tail has fewer rows), as ``publications + 1`` sorted row numbers; [] for none.
+
+    >>> served_stretches(80, 100, 4).tolist(), served_stretches(98, 100, 4).tolist()
+    ([80, 85, 90, 95, 100], [98, 99, 100])
+    """
+    if publications <= 0 or n_events <= tail:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(tail, n_events, min(publications, n_events - tail) + 1).astype(np.int64))
+
+
+def user_stretches(users: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """A group per (user, stretch) of rows whose stretches start at ``bounds`` (row 0 = ``bounds[0]``): the rows
+    one published model scored for one user, as int64 ids (GAUC and NDCG group by them).
+
+    >>> user_stretches(np.array(["a", "b", "a", "a"]), np.array([0, 2, 4])).tolist()
+    [0, 2, 1, 1]
+    """
+    _, user = np.unique(np.asarray(users), return_inverse=True)
+    stretch = np.searchsorted(bounds, np.arange(len(user)), side="right") - 1
+    return user.astype(np.int64) * max(1, len(bounds) - 1) + stretch
+
+
 def _to_numpy(predictions: Mapping[str, torch.Tensor], tasks: Sequence[str]) -> dict[str, np.ndarray]:
     return {task: predictions[task].detach().float().reshape(-1).cpu().numpy() for task in tasks}
 
@@ -335,14 +364,19 @@ def run_prequential(
     curve_points: int = 10,
     on_step: ProgressCallback | None = None,
     combined_weights: Sequence[float] | None = None,
+    publications: int = 0,
 ) -> RunResult:
     """One pass in time order; every mini-batch is scored before the learner updates on it.
 
     The curve is the AUC of those scores within each of ``curve_points`` consecutive windows of events.
-    ``combined_weights`` are the weights of the combined score (1 per task by default).
+    ``combined_weights`` are the weights of the combined score (1 per task by default). ``publications`` > 0 adds
+    the ``"served"`` window (module docstring): before the step of the batch where a stretch of the tail starts,
+    the whole stretch is scored by the model as it is then (one more forward pass over the tail, no learning).
     """
     if not 0.0 < tail_fraction <= 1.0:
         raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
+    if publications < 0:
+        raise ValueError(f"publications must be >= 0 (0: no served window), got {publications}")
     tasks, labels = data.scored_tasks, data.scored_labels
     combined_weights = combined_weights_for(tasks, combined_weights)  # fail before training, not after
     started = time.perf_counter()
@@ -359,8 +393,18 @@ def run_prequential(
         if on_step is not None:
             on_step(hi)
 
+    tail = tail_start(n, tail_fraction)
+    stretches = served_stretches(tail, n, publications)
+    served: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
+    published = 0  # stretches scored so far
     pending = None  # (the step issued last, its end): read after the next is issued (issue_step)
     for lo in range(0, n, batch_size):
+        while published < len(stretches) - 1 and stretches[published] < min(n, lo + batch_size):
+            # a stretch starts in this batch: the model as it is before learning from the batch scores it whole
+            scored = predict_in_chunks(learner, data, int(stretches[published]), int(stretches[published + 1]))
+            for task in tasks:
+                served[task].append(scored[task])
+            published += 1
         issued = issue_step(learner, data.rows(lo, min(n, lo + batch_size)))
         if pending is not None:
             read(*pending)
@@ -368,7 +412,6 @@ def run_prequential(
     if pending is not None:
         read(*pending)
     predictions = {task: np.concatenate(parts[task]) for task in tasks}
-    tail = tail_start(n, tail_fraction)
     tail_predictions = {t: p[tail:] for t, p in predictions.items()}
     metrics = {
         "all": evaluate_predictions(labels, predictions, data.users, tasks, partners),
@@ -378,6 +421,11 @@ def run_prequential(
         "all": combined_metrics(labels, predictions, data.users, tasks, combined_weights),
         "tail": combined_metrics(labels[tail:], tail_predictions, data.users[tail:], tasks, combined_weights),
     }
+    if publications:
+        served_predictions = {task: np.concatenate(served[task]) for task in tasks}
+        groups = user_stretches(data.users[tail:], stretches - tail)
+        metrics["served"] = evaluate_predictions(labels[tail:], served_predictions, groups, tasks, partners)
+        combined["served"] = combined_metrics(labels[tail:], served_predictions, groups, tasks, combined_weights)
     curve = []
     bounds = np.linspace(0, n, max(1, curve_points) + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):

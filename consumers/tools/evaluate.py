@@ -100,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tail-fraction", type=float, default=0.2,
                         help="prequential metrics are also reported over this last share of events (default 0.2)")
     parser.add_argument("--curve-points", type=int, default=10, help="points of the AUC curve per run (default 10)")
+    parser.add_argument("--publications", type=int, default=4,
+                        help="prequential window `served`: the tail scored by the model published this many times "
+                             "over it, frozen in between, as serving scores it (default 4; 0: none)")
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="models.config.ModelConfig field override, repeatable, e.g. kd_weight=0.5, "
                              "quadruplet_pairs=all, lr=0.003, hidden_dims=64,32; river.KEY=VALUE sets a "
@@ -469,6 +472,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         model_options["counted_tasks"] = _counted_tasks(args)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.publications < 0:
+        raise ValueError(f"--publications must be >= 0 (0: no `served` window), got {args.publications}")
     if _threads_per_run(args):
         torch.set_num_threads(_threads_per_run(args))
     threads = torch.get_num_threads()  # of each run (the last bits of a run depend on them)
@@ -804,7 +809,8 @@ def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows:
                               train_fraction=rows.train_fraction, curve_points=args.curve_points,
                               on_step=on_step, combined_weights=combined_weights)
     return run_prequential(learner, data, partners, batch_size=args.batch_size, tail_fraction=rows.tail_fraction,
-                           curve_points=args.curve_points, on_step=on_step, combined_weights=combined_weights)
+                           curve_points=args.curve_points, on_step=on_step, combined_weights=combined_weights,
+                           publications=args.publications)
 
 
 def _protocol(args: argparse.Namespace, spec: Any, model_options: dict, combined_weights: Any,
@@ -813,6 +819,7 @@ def _protocol(args: argparse.Namespace, spec: Any, model_options: dict, combined
     return {
         "train_fraction": args.train_fraction,
         "tail_fraction": VALIDATION_TEST_FRACTION if args.validation else args.tail_fraction, "epochs": args.epochs,
+        "publications": args.publications,
         "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
         "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
         "aux_tasks": _aux_tasks(args),
@@ -868,13 +875,21 @@ def render_report(doc: dict[str, Any], title: str = "", baseline: str = "mtl") -
             f"`{config}`: {', '.join(tasks)}" for config, tasks in auxiliary.items()) + ".", ""]
     for tasks, mode in _groups(runs):
         group = [r for r in runs if tuple(r["tasks"]) == tasks and r["mode"] == mode]
-        for window in (["test"] if mode == "split" else ["all", "tail"]):
+        for window in _windows(group, mode):
             lines += _window_section(group, tasks, mode, window, baseline)
         lines += _gate_section(group, tasks, mode)
     env = doc.get("environment", {})
     if env:
         lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _windows(group: list[dict[str, Any]], mode: str) -> list[str]:
+    """The windows a (task set, mode) section reports: ``served`` where every run has it (results from before it, or
+    of ``--publications 0``, do not)."""
+    if mode == "split":
+        return ["test"]
+    return ["all", "tail"] + (["served"] if all("served" in r["metrics"] for r in group) else [])
 
 
 def _protocol_lines(protocol: dict[str, Any]) -> list[str]:
@@ -900,7 +915,17 @@ def _protocol_lines(protocol: dict[str, Any]) -> list[str]:
                     "NDCG@10: mean over users (with at least 2 events of different relevance) of the NDCG of the "
                     "task's score in the user's first 10, relevance 2·y + y_partner. Combined score: prod_k p_k^w_k; "
                     "its AUC is against every task positive, its NDCG@10 uses the number of positive tasks as "
-                    "relevance.", ""]
+                    "relevance." + _served_text(protocol.get("publications")), ""]
+
+
+def _served_text(publications: int | None) -> str:
+    """The legend of the prequential ``served`` window, where the grid had one."""
+    if not publications:
+        return ""
+    return (f" Window `served`: the tail scored as serving replicas score it, the model published {publications} "
+            "times over it (equal stretches of rows) and frozen in between; its GAUC and NDCG@10 rank a user's rows "
+            "within one stretch (one state of the model), where `tail` pools a user's rows over every state the model "
+            "passed through, so an input that follows the user's own labels (online counts) moves them apart.")
 
 
 def _cells(group: list[dict], backbones: list[str], configs: list[str]) -> Iterable[tuple[str, str, list[dict]]]:

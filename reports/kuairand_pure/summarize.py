@@ -11,7 +11,8 @@ and of the per-user NDCG@10 of the combined score, as mean ± standard error ove
 With ``--overview`` it prints instead the README's one-table summary: per pair and window, ``mtl``'s AUC (mean of
 the backbones) and, per configuration, the paired Δ mean AUC averaged over the backbones (range over backbones)
 and the averaged Δ combined NDCG@10. With ``--gauc``, per pair, window, configuration and backbone, each task's
-paired Δ AUC beside its Δ GAUC (within-user ranking, which a global AUC gain can hide).
+paired Δ AUC beside its Δ GAUC (within-user ranking, which a global AUC gain can hide), in the ``served`` window
+too where the runs have it (each user's rows ranked within one published model's scores).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def per_task(path: str) -> None:
     """``--gauc``: each task's paired Δ AUC and Δ GAUC to ``mtl``, per configuration and backbone."""
     index, configs = load(path)
     for tasks, mode in dict.fromkeys(k[:2] for k in index):
-        for window in WINDOWS[mode]:
+        runs = [r for k, r in index.items() if k[:2] == (tasks, mode)]
+        served = mode == "prequential" and all("served" in r["metrics"] for r in runs)
+        for window in WINDOWS[mode] + (("served",) if served else ()):
             print(f"### ({', '.join(tasks)}), {mode}, window `{window}`: AUC and GAUC per task\n")
             print("| config | backbone | seeds | " + " | ".join(f"Δ {m} {t}" for t in tasks for m in ("AUC", "GAUC"))
                   + " |\n|---|---|---|" + "---|" * 2 * len(tasks))

@@ -116,6 +116,59 @@ def test_prequential_metrics_improve_when_the_stream_repeats_itself() -> None:
     assert result.metrics["tail"]["finish"]["auc"] == pytest.approx(1.0)
 
 
+class UserRateLearner:
+    """Scores a row by its own label (what an ideal ranker of one moment knows) plus 10 per positive of the row's user
+    learnt so far: the online counts' user rate in miniature, raising all of a user's later scores after a positive."""
+
+    def __init__(self, users: np.ndarray) -> None:
+        self.users = users
+        self.positives: dict[int, float] = {}
+
+    def predict(self, batch: FakeBatch) -> dict[str, torch.Tensor]:
+        rate = torch.tensor([self.positives.get(int(self.users[r]), 0.0) for r in batch.row_id.tolist()])
+        return {task: batch.labels[:, k] + 10.0 * rate for k, task in enumerate(TASKS)}
+
+    def step(self, batch: FakeBatch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        before = self.predict(batch)
+        for row, label in zip(batch.row_id.tolist(), batch.labels[:, 0].tolist()):
+            user = int(self.users[row])
+            self.positives[user] = self.positives.get(user, 0.0) + label
+        return {"loss": 1.0}, before
+
+
+def test_the_served_window_ranks_each_users_rows_as_one_published_model_scored_them() -> None:
+    # Each of 5 users: a positive, then negatives, through the tail (the last 40 rows of 80). Prequentially every
+    # negative after a user's positive outranks it (+10); a published model scores a stretch at one state.
+    n = 80
+    users = np.arange(n) % 5
+    labels = np.zeros((n, len(TASKS)), dtype=np.float32)
+    labels[[40, 41, 42, 43, 44, 60, 61, 62, 63, 64], :] = 1.0  # each user's positive at the start of a stretch
+    data = EncodedData(batch=FakeBatch(row_id=torch.arange(n), labels=torch.from_numpy(labels)), tasks=TASKS,
+                       labels=labels, users=users, ts_ms=np.arange(n))
+    result = run_prequential(UserRateLearner(users), data, {}, batch_size=10, tail_fraction=0.5, publications=2)
+    assert result.metrics["tail"]["finish"]["gauc"] < 0.5
+    # One state per (user, stretch): the label orders every pair; grouped by user alone, the second stretch's rows
+    # (scored after the first's positives were learnt) would outrank the first's.
+    assert result.metrics["served"]["finish"]["gauc"] == pytest.approx(1.0)
+    assert result.metrics["served"]["finish"]["n"] == 40
+    assert result.combined["served"]["ndcg10"] == pytest.approx(1.0)
+
+
+def test_the_served_window_scores_each_stretch_before_learning_from_it_and_changes_nothing_else() -> None:
+    data = make_data(200)
+    learner = MemorisingLearner()
+    served = run_prequential(learner, data, default_partners(TASKS), batch_size=25, publications=3)
+    assert learner.stepped_rows == list(range(200))  # scoring the stretches learnt nothing
+    # The stretches start inside batches (160, 173, 186): each scored before its batch is learnt, so unknown rows.
+    assert served.metrics["served"]["finish"]["auc"] == pytest.approx(0.5)
+    assert served.metrics["served"]["like"]["n"] == 40
+    plain = run_prequential(MemorisingLearner(), data, default_partners(TASKS), batch_size=25, publications=0)
+    assert "served" not in plain.metrics and "served" not in plain.combined
+    assert {w: plain.metrics[w] for w in ("all", "tail")} == {w: served.metrics[w] for w in ("all", "tail")}
+    with pytest.raises(ValueError, match="publications"):
+        run_prequential(MemorisingLearner(), data, {}, publications=-1)
+
+
 def test_evaluate_predictions_uses_the_partner_for_multi_auc() -> None:
     labels = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
     p = np.array([0.1, 0.2, 0.3, 0.4])

@@ -177,9 +177,10 @@ def test_time_split_and_prequential_results_carry_the_combined_metrics_per_windo
     assert set(split.combined) == {"test"}
     assert split.combined["test"]["auc"] == pytest.approx(1.0)
     assert split.combined["test"]["weights"] == [1.0, 2.0]
-    prequential = run_prequential(OracleLearner(), oracle_data(), {}, batch_size=16)
-    assert set(prequential.combined) == {"all", "tail"}
+    prequential = run_prequential(OracleLearner(), oracle_data(), {}, batch_size=16, publications=2)
+    assert set(prequential.combined) == {"all", "tail", "served"}
     assert prequential.combined["tail"]["ndcg10"] == pytest.approx(1.0)
+    assert prequential.combined["served"]["ndcg10"] == pytest.approx(1.0)
 
 
 def test_runs_refuse_wrong_combined_weights_before_training() -> None:
