@@ -4,7 +4,8 @@
 # from the repository root. The crosses are chosen on the validation slice (step 1), then the test split is read
 # once (step 2). Every evaluate run takes ~9 s here; about 20 + 30 minutes on this 2-core machine, two at a time.
 # STEPS=2 runs the test split alone (STEPS=1 the validation slice alone; STEPS=3 the smoothing probe, STEPS=4 the
-# crosses' own smoothing and prior, STEPS=5 the chosen one on the test split: not run by default); every grid
+# crosses' own smoothing and prior, STEPS=5 the chosen one on the test split, STEPS=6 and 7 the `served` window on
+# the validation slice and the test split: not run by default); every grid
 # resumes (--resume) where an earlier run of this script stopped.
 set -euo pipefail
 OUT=${OUT:-/tmp/cross_counts}
@@ -155,4 +156,44 @@ PY
 merge "$HERE/cross_smoothing" "KuaiRand-Pure, test split: crosses with count_cross_smoothing = 50, 10 seeds" \
   "$OUT"/test_step2_{cl,fl}.json "$OUT"/test_crosses_c50_{cl,fl}/results.json
 python reports/kuairand_pure/summarize.py --gauc "$HERE/cross_smoothing/results.json" > "$HERE/cross_smoothing/paired.md"
+fi
+
+# 6. (validation slice) the `served` window of `crossdistil evaluate` (--publications 4, its default since 45cab02):
+#    within-user ranking as serving ranks it, each user's rows within the scores of one published model, for the
+#    counts of before, the chosen crosses at a = 5 and at the crosses' own a = 50; prequential only (the split's
+#    frozen model has no state changes to pool); 5 seeds (like's tail holds a few hundred within-user pairs)
+#    (served/validation/)
+C6="$U,user_id*tab,user_id*video_type,user_id*music_type"
+served_grid() {  # served_grid TASKS OUT_NAME [flags...]: prequential, the served window
+  local tasks=$1 name=$2; shift 2
+  grid "$tasks" --mode prequential --publications 4 --out "$OUT/served/$name" "$@"
+}
+if [[ ${STEPS:-1,2} == *6* ]]; then
+for pair in cl fl; do
+  tasks=$([ $pair = cl ] && echo click,long_view || echo finish,like)
+  v=(--validation --backbone shared_bottom,mmoe --seeds 5)
+  served_grid $tasks val_mtl_$pair "${v[@]}" --model-option count_features=$U
+  served_grid $tasks val_x_$pair "${v[@]}" --variant crosses --model-option "count_features=$C6"
+  served_grid $tasks val_xc50_$pair "${v[@]}" --variant crosses_c50 --model-option "count_features=$C6" \
+    --model-option count_cross_smoothing=50
+done
+merge "$HERE/served/validation" "KuaiRand-Pure validation slice: within-user ranking as serving ranks it (crosses)" \
+  "$OUT"/served/val_{mtl,x,xc50}_{cl,fl}/results.json
+python reports/kuairand_pure/summarize.py --gauc "$HERE/served/validation/results.json" \
+  > "$HERE/served/validation/paired.md"
+fi
+
+# 7. the test split, prequential, the same three settings, 4 backbones x 10 seeds, both pairs (served/)
+if [[ ${STEPS:-1,2} == *7* ]]; then
+for pair in cl fl; do
+  tasks=$([ $pair = cl ] && echo click,long_view || echo finish,like)
+  t=(--backbone shared_bottom,mmoe,ple,cross_stitch --seeds 10)
+  served_grid $tasks test_mtl_$pair "${t[@]}" --model-option count_features=$U
+  served_grid $tasks test_x_$pair "${t[@]}" --variant crosses --model-option "count_features=$C6"
+  served_grid $tasks test_xc50_$pair "${t[@]}" --variant crosses_c50 --model-option "count_features=$C6" \
+    --model-option count_cross_smoothing=50
+done
+merge "$HERE/served" "KuaiRand-Pure, test split: within-user ranking as serving ranks it (crosses), 10 seeds" \
+  "$OUT"/served/test_{mtl,x,xc50}_{cl,fl}/results.json
+python reports/kuairand_pure/summarize.py --gauc "$HERE/served/results.json" > "$HERE/served/paired.md"
 fi
