@@ -16,7 +16,7 @@ TEACHER=(--model-option privileged=$EIGHT --model-option privileged_weight=finis
 grid() {
   .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
     --tasks finish,like --configs mtl --seeds 5 --mode both --batch-size 256 --hash-buckets 262144 --threads 1 \
-    --device cpu --backbone shared_bottom,mmoe,ple,cross_stitch "$@"
+    --device cpu --backbone shared_bottom,mmoe,ple,cross_stitch --model-option count_features=user_id,item_id "$@"
 }
 merge() {  # merge OUT_DIR TITLE RESULTS...
   local out=$1 title=$2; shift 2
@@ -119,7 +119,7 @@ CL=finish,like,follow,comment,forward,profile_enter
 cl() {  # grid's flags with (click, long_view) as the task set (--tasks adds a set: grid's own would stay)
   .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
     --tasks click,long_view --configs mtl --mode both --batch-size 256 --hash-buckets 262144 --threads 1 \
-    --device cpu --backbone shared_bottom,mmoe,ple,cross_stitch --jobs 2 "$@"
+    --device cpu --backbone shared_bottom,mmoe,ple,cross_stitch --jobs 2 --model-option count_features=user_id,item_id "$@"
 }
 cl --validation --backbone shared_bottom,mmoe --seeds 3 --out "$OUT/cl_mtl"
 cl --validation --backbone shared_bottom,mmoe --seeds 3 --counted-tasks $CL --out "$OUT/cl_counted"

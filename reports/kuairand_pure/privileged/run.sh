@@ -30,7 +30,7 @@ python reports/kuairand_pure/privileged/summary.py "$OUT"/*.jsonl
 vevaluate() {
   .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
     --tasks finish,like --backbone shared_bottom,mmoe --configs mtl --seeds 5 --mode both --validation \
-    --batch-size 256 --hash-buckets 262144 --threads 1 --device cpu "$@"
+    --batch-size 256 --hash-buckets 262144 --threads 1 --device cpu --model-option count_features=user_id,item_id "$@"
 }
 vevaluate --out "$OUT/v_mtl"
 vevaluate --model-option privileged=$EIGHT --variant privileged --out "$OUT/v_priv"
@@ -46,7 +46,7 @@ python reports/kuairand_pure/summarize.py reports/kuairand_pure/privileged/valid
 evaluate() {
   .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
     --tasks finish,like --configs mtl --seeds 5 --mode both --batch-size 256 --hash-buckets 262144 --threads 1 \
-    --device cpu "$@"
+    --device cpu --model-option count_features=user_id,item_id "$@"
 }
 evaluate --backbone shared_bottom,mmoe,ple,cross_stitch --out "$OUT/mtl"
 evaluate --backbone shared_bottom --model-option privileged=$EIGHT --model-option privileged_weight=0.8 \

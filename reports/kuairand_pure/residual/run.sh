@@ -15,7 +15,7 @@ run() {  # run PAIR NAME [evaluate flags...]
   local pair=$1 name=$2; shift 2
   .venv/bin/crossdistil evaluate --dataset csv --source "$SRC" --mapping mappings/kuairand_pure.toml \
     --tasks "$pair" --backbone shared_bottom,mmoe --seeds 5 --mode split --validation \
-    --batch-size 256 --hash-buckets 262144 --threads 1 --device cpu --out "$OUT/${pair/,/_}_$name" "$@"
+    --batch-size 256 --hash-buckets 262144 --threads 1 --device cpu --model-option count_features=user_id,item_id --out "$OUT/${pair/,/_}_$name" "$@"
 }
 lane() {  # one pair: two pairs run side by side, one per core
   local pair=$1
