@@ -137,6 +137,24 @@ def test_validation_run_records_its_rows_and_never_scores_the_test_split(tmp_pat
     assert by_mode["prequential"]["metrics"]["tail"][task]["n"] == 48
     assert by_mode["split"]["combined"]["test"]["weights"] == [1.0, 0.5]
     assert "the test split was not used" in (tmp_path / "report.md").read_text()
+    # the tail as served (--publications, 4 by default): the same rows, a section and its legend in the report
+    assert protocol["publications"] == 4 and "served" not in by_mode["split"]["metrics"]
+    assert by_mode["prequential"]["metrics"]["served"][task]["n"] == 48
+    assert "window `served`" in (tmp_path / "report.md").read_text()
+
+
+def test_no_publications_no_served_window_and_a_negative_count_is_refused(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    common = ["--dataset", "synthetic", "--source", "-", "--option", "n_events=300", "--configs", "river_lr",
+              "--seeds", "1", "--mode", "prequential", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)]
+    assert evaluate.run(parser.parse_args([*common, "--publications", "0"])) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert "served" not in doc["runs"][0]["metrics"] and "served" not in doc["runs"][0]["combined"]
+    assert "`served`" not in (tmp_path / "report.md").read_text()
+    assert evaluate.run(parser.parse_args([*common, "--publications", "-1"])) == 2
+    assert "--publications must be >= 0" in capsys.readouterr().err
 
 
 def test_configs_accept_rungs_river_baselines_and_presets_and_name_unknown_ones() -> None:
