@@ -354,6 +354,44 @@ def run_time_split(
     )
 
 
+def score_stream(learner: StepLearner, data: EncodedData, *, batch_size: int, stretches: Sequence[int] = (),
+                 on_step: ProgressCallback | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                                     LossMeans]:
+    """One prequential pass: every row's score from the model before it learns the row's batch, and the rows
+    [stretches[i], stretches[i + 1]) scored whole by the model as it is before the batch where stretch i starts
+    (``served_stretches``: serving's frozen model; {} for none); with the means of the losses the steps reported."""
+    tasks, n = data.scored_tasks, len(data)
+    parts: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
+    served: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
+    loss_sums = LossMeans()
+
+    def read(pending: Any, hi: int) -> None:
+        losses, scored_before_update = pending.result()
+        chunk = _to_numpy(scored_before_update, tasks)
+        for task in tasks:
+            parts[task].append(chunk[task])
+        loss_sums.add(losses)
+        if on_step is not None:
+            on_step(hi)
+
+    published = 0  # stretches scored so far
+    pending = None  # (the step issued last, its end): read after the next is issued (issue_step)
+    for lo in range(0, n, batch_size):
+        while published < len(stretches) - 1 and stretches[published] < min(n, lo + batch_size):
+            scored = predict_in_chunks(learner, data, int(stretches[published]), int(stretches[published + 1]))
+            for task in tasks:
+                served[task].append(scored[task])
+            published += 1
+        issued = issue_step(learner, data.rows(lo, min(n, lo + batch_size)))
+        if pending is not None:
+            read(*pending)
+        pending = issued, min(n, lo + batch_size)
+    if pending is not None:
+        read(*pending)
+    return ({task: np.concatenate(parts[task]) for task in tasks},
+            {task: np.concatenate(p) for task, p in served.items() if p}, loss_sums)
+
+
 def run_prequential(
     learner: StepLearner,
     data: EncodedData,
@@ -381,37 +419,10 @@ def run_prequential(
     combined_weights = combined_weights_for(tasks, combined_weights)  # fail before training, not after
     started = time.perf_counter()
     n = len(data)
-    parts: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
-    loss_sums = LossMeans()
-
-    def read(pending: Any, hi: int) -> None:
-        losses, scored_before_update = pending.result()
-        chunk = _to_numpy(scored_before_update, tasks)
-        for task in tasks:
-            parts[task].append(chunk[task])
-        loss_sums.add(losses)
-        if on_step is not None:
-            on_step(hi)
-
     tail = tail_start(n, tail_fraction)
     stretches = served_stretches(tail, n, publications)
-    served: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
-    published = 0  # stretches scored so far
-    pending = None  # (the step issued last, its end): read after the next is issued (issue_step)
-    for lo in range(0, n, batch_size):
-        while published < len(stretches) - 1 and stretches[published] < min(n, lo + batch_size):
-            # a stretch starts in this batch: the model as it is before learning from the batch scores it whole
-            scored = predict_in_chunks(learner, data, int(stretches[published]), int(stretches[published + 1]))
-            for task in tasks:
-                served[task].append(scored[task])
-            published += 1
-        issued = issue_step(learner, data.rows(lo, min(n, lo + batch_size)))
-        if pending is not None:
-            read(*pending)
-        pending = issued, min(n, lo + batch_size)
-    if pending is not None:
-        read(*pending)
-    predictions = {task: np.concatenate(parts[task]) for task in tasks}
+    predictions, served_predictions, loss_sums = score_stream(learner, data, batch_size=batch_size,
+                                                              stretches=stretches, on_step=on_step)
     tail_predictions = {t: p[tail:] for t, p in predictions.items()}
     metrics = {
         "all": evaluate_predictions(labels, predictions, data.users, tasks, partners),
@@ -422,7 +433,6 @@ def run_prequential(
         "tail": combined_metrics(labels[tail:], tail_predictions, data.users[tail:], tasks, combined_weights),
     }
     if publications:
-        served_predictions = {task: np.concatenate(served[task]) for task in tasks}
         groups = user_stretches(data.users[tail:], stretches - tail)
         metrics["served"] = evaluate_predictions(labels[tail:], served_predictions, groups, tasks, partners)
         combined["served"] = combined_metrics(labels[tail:], served_predictions, groups, tasks, combined_weights)

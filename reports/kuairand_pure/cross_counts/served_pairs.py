@@ -1,10 +1,11 @@
 """Why a prequential GAUC falls with inputs that follow a user's own labels (reports/kuairand_pure/README.md §3h).
 
 On the validation slice (the first 80 % of events; the test split is never read) this scores the tail of the stream
-twice per run, as ``crossdistil evaluate --mode prequential --publications 4`` does: prequentially (each batch before
-the model learns from it) and as served (each of 4 stretches by the model as it was at the stretch's start). Per
-count setting and task it prints, as JSON lines, the GAUC of three groupings and the share of a user's
-(positive, negative) pairs ranked right, split by whether the negative came before or after the positive:
+twice per run, as ``crossdistil evaluate --mode prequential --publications 4`` does (``models.evaluation.
+score_stream``): prequentially (each batch before the model learns from it) and as served (each of 4 stretches by
+the model as it was at the stretch's start). Per count setting and task it prints, as JSON lines, the GAUC of three
+groupings and the share of a user's (positive, negative) pairs ranked right, split by whether the negative came
+before or after the positive:
 
 * ``gauc_user``: the prequential GAUC ``evaluate`` reports in the ``tail`` window (a user's rows over every state);
 * ``gauc_user_stretch``: the same prequential scores grouped per (user, stretch): the pairs of the ``served``
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from consumers.tools.evaluate import VALIDATION_TEST_FRACTION, feature_spec_for, load_encoded, seeded_learner
-from models.evaluation import issue_step, predict_in_chunks, served_stretches, tail_start, user_stretches
+from models.evaluation import score_stream, served_stretches, tail_start, user_stretches
 from models.metrics import gauc
 from streamer.datasets import open_dataset
 
@@ -35,24 +36,6 @@ CROSSES = "user_id,item_id,user_id*tab,user_id*video_type,user_id*music_type"
 SETTINGS = {"mtl": {"count_features": "user_id,item_id"},
             "mtl[crosses]": {"count_features": CROSSES},
             "mtl[crosses_c50]": {"count_features": CROSSES, "count_cross_smoothing": 50.0}}
-
-
-def scores(learner, data, tasks: list[str], stretches: np.ndarray) -> tuple[dict, dict]:
-    """(prequential scores of every row, served scores of the tail), as run_prequential makes them."""
-    prequential: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    served: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    published = 0
-    for lo in range(0, len(data), 256):
-        hi = min(len(data), lo + 256)
-        while published < len(stretches) - 1 and stretches[published] < hi:
-            scored = predict_in_chunks(learner, data, int(stretches[published]), int(stretches[published + 1]))
-            for t in tasks:
-                served[t].append(scored[t])
-            published += 1
-        _, before = issue_step(learner, data.rows(lo, hi)).result()
-        for t in tasks:
-            prequential[t].append(before[t].float().numpy())
-    return ({t: np.concatenate(p) for t, p in prequential.items()}, {t: np.concatenate(p) for t, p in served.items()})
 
 
 def right_by_order(y: np.ndarray, p: np.ndarray, users: np.ndarray) -> tuple[float, float, int, int]:
@@ -93,7 +76,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             for name, options in SETTINGS.items():
                 learner = seeded_learner(tasks, "shared_bottom", "mtl", seed, spec, options, "cpu")
-                prequential, served = scores(learner, data, tasks, stretches)
+                prequential, served, _ = score_stream(learner, data, batch_size=256, stretches=stretches)
                 for k, task in enumerate(tasks):
                     y, p = data.labels[tail:, k], prequential[task][tail:]
                     before, after, n_before, n_after = right_by_order(y, p, users)
