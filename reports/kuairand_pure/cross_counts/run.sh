@@ -168,15 +168,18 @@ served_grid() {  # served_grid TASKS OUT_NAME [flags...]: prequential, the serve
   local tasks=$1 name=$2; shift 2
   grid "$tasks" --mode prequential --publications 4 --out "$OUT/served/$name" "$@"
 }
+served_settings() {  # served_settings PREFIX [flags...]: the counts of before, the crosses, their a = 50; both pairs
+  local prefix=$1 pair tasks; shift
+  for pair in cl fl; do
+    tasks=$([ $pair = cl ] && echo click,long_view || echo finish,like)
+    served_grid $tasks "${prefix}_mtl_$pair" "$@" --model-option count_features=$U
+    served_grid $tasks "${prefix}_x_$pair" "$@" --variant crosses --model-option "count_features=$C6"
+    served_grid $tasks "${prefix}_xc50_$pair" "$@" --variant crosses_c50 --model-option "count_features=$C6" \
+      --model-option count_cross_smoothing=50
+  done
+}
 if [[ ${STEPS:-1,2} == *6* ]]; then
-for pair in cl fl; do
-  tasks=$([ $pair = cl ] && echo click,long_view || echo finish,like)
-  v=(--validation --backbone shared_bottom,mmoe --seeds 5)
-  served_grid $tasks val_mtl_$pair "${v[@]}" --model-option count_features=$U
-  served_grid $tasks val_x_$pair "${v[@]}" --variant crosses --model-option "count_features=$C6"
-  served_grid $tasks val_xc50_$pair "${v[@]}" --variant crosses_c50 --model-option "count_features=$C6" \
-    --model-option count_cross_smoothing=50
-done
+served_settings val --validation --backbone shared_bottom,mmoe --seeds 5
 merge "$HERE/served/validation" "KuaiRand-Pure validation slice: within-user ranking as serving ranks it (crosses)" \
   "$OUT"/served/val_{mtl,x,xc50}_{cl,fl}/results.json
 python reports/kuairand_pure/summarize.py --gauc "$HERE/served/validation/results.json" \
@@ -185,14 +188,7 @@ fi
 
 # 7. the test split, prequential, the same three settings, 4 backbones x 10 seeds, both pairs (served/)
 if [[ ${STEPS:-1,2} == *7* ]]; then
-for pair in cl fl; do
-  tasks=$([ $pair = cl ] && echo click,long_view || echo finish,like)
-  t=(--backbone shared_bottom,mmoe,ple,cross_stitch --seeds 10)
-  served_grid $tasks test_mtl_$pair "${t[@]}" --model-option count_features=$U
-  served_grid $tasks test_x_$pair "${t[@]}" --variant crosses --model-option "count_features=$C6"
-  served_grid $tasks test_xc50_$pair "${t[@]}" --variant crosses_c50 --model-option "count_features=$C6" \
-    --model-option count_cross_smoothing=50
-done
+served_settings test --backbone shared_bottom,mmoe,ple,cross_stitch --seeds 10
 merge "$HERE/served" "KuaiRand-Pure, test split: within-user ranking as serving ranks it (crosses), 10 seeds" \
   "$OUT"/served/test_{mtl,x,xc50}_{cl,fl}/results.json
 python reports/kuairand_pure/summarize.py --gauc "$HERE/served/results.json" > "$HERE/served/paired.md"
