@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from consumers.tools.evaluate import feature_spec_for, load_encoded, seeded_learner
-from models.evaluation import issue_step, tail_start
+from models.evaluation import score_stream, tail_start
 from models.metrics import auc, gauc
 from streamer.datasets import open_dataset
 
@@ -55,14 +55,10 @@ def mixed_rows(y: np.ndarray, groups: np.ndarray) -> int:
 
 
 def prequential_scores(tasks: list[str], fields: str, seed: int, backbone: str, data, spec) -> dict[str, np.ndarray]:
-    """Every row's score before the learner learns from it (models.evaluation.run_prequential's pass)."""
+    """Every row's score before the learner learns from it (``models.evaluation.score_stream``, as
+    ``run_prequential`` scores them)."""
     learner = seeded_learner(tasks, backbone, "mtl", seed, spec, {"count_features": fields}, "cpu")
-    parts: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    for lo in range(0, len(data), 256):
-        _, scored = issue_step(learner, data.rows(lo, min(len(data), lo + 256))).result()
-        for t in tasks:
-            parts[t].append(scored[t].float().numpy())
-    return {t: np.concatenate(p) for t, p in parts.items()}
+    return score_stream(learner, data, batch_size=256)[0]
 
 
 def main() -> None:
