@@ -377,15 +377,16 @@ def score_stream(learner: StepLearner, data: EncodedData, *, batch_size: int, st
     published = 0  # stretches scored so far
     pending = None  # (the step issued last, its end): read after the next is issued (issue_step)
     for lo in range(0, n, batch_size):
-        while published < len(stretches) - 1 and stretches[published] < min(n, lo + batch_size):
+        hi = min(n, lo + batch_size)
+        while published < len(stretches) - 1 and stretches[published] < hi:
             scored = predict_in_chunks(learner, data, int(stretches[published]), int(stretches[published + 1]))
             for task in tasks:
                 served[task].append(scored[task])
             published += 1
-        issued = issue_step(learner, data.rows(lo, min(n, lo + batch_size)))
+        issued = issue_step(learner, data.rows(lo, hi))
         if pending is not None:
             read(*pending)
-        pending = issued, min(n, lo + batch_size)
+        pending = issued, hi
     if pending is not None:
         read(*pending)
     return ({task: np.concatenate(parts[task]) for task in tasks},
