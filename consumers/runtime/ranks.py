@@ -178,13 +178,24 @@ class Ranks:
         packed = self.gather_bytes(msgpack.packb(value, use_bin_type=True))
         return [msgpack.unpackb(p, raw=False, strict_map_key=False) for p in packed]
 
-    def close(self) -> None:
-        """Leave the process group (a failed group is left as it is: the process is about to exit)."""
-        if dist.is_initialized():
+    def close(self, together: bool = False) -> None:
+        """Leave the process group (a failed group is left as it is: the process is about to exit).
+
+        ``together``: every rank is leaving on its normal path, so first wait for all of them (a barrier, bounded
+        by ``distributed.timeout_s``): a rank that tears its connections down while another is still finishing
+        the last collective can make gloo abort that one (seen as SIGABRT, "terminate called without an active
+        exception"). Not on an error path, where the others may never come."""
+        if not dist.is_initialized():
+            return
+        if together:
             try:
-                dist.destroy_process_group()
-            except Exception as exc:  # a broken group: nothing to tidy up
-                log.debug("destroying the process group: %s", exc)
+                dist.barrier()
+            except Exception as exc:  # a rank already gone: leave anyway
+                log.warning("waiting for the other ranks before leaving: %s", exc)
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # a broken group: nothing to tidy up
+            log.debug("destroying the process group: %s", exc)
 
 
 class RankedLearner(LocalLearner):

@@ -132,7 +132,7 @@ def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, 
         "collective_calls": int(learner.collective.calls) if ranks is not None else 0,
     }
     if ranks is not None:
-        ranks.close()
+        ranks.close(together=True)
     return result
 
 

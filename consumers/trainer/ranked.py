@@ -195,14 +195,16 @@ class RankTrainer(Trainer):
     def run(self) -> int:
         print(f"crossdistil train: {self.ranks.info.label} ({self.ranks.backend}, mode {self.section.mode}), "
               f"pid {os.getpid()}; checkpoints in {self.store.directory}", flush=True)
+        status = None
         try:
-            return super().run()
+            status = super().run()
+            return status
         except RankError as exc:
             print(f"crossdistil train: {exc}\nexiting with status {EXIT_RANKS} without a checkpoint (the last complete "
                   "round is consistent: torchrun's restart resumes from it)", file=sys.stderr, flush=True)
             return EXIT_RANKS
         finally:
-            self.ranks.close()
+            self.ranks.close(together=status == 0)  # the ranks stop together (agreed); an error leaves alone
 
     def _connect(self) -> tuple[Any, Any]:
         return connect(self.cfg.kafka, group_member=False)

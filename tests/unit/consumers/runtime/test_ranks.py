@@ -76,3 +76,38 @@ def test_two_ranks_agree_exchange_bytes_and_step_together_into_one_model(tmp_pat
     assert results[1]["answered"] == [["partial", 0]] and results[1]["topped_up"] == 1  # then one empty step
     models = [torch.load(tmp_path / f"model-{r}.pt", weights_only=True) for r in range(2)]
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def _leaving(rank: int, init: str, out: str, partner_leaves: str) -> None:
+    """Rank 1 leaves late (``"late"``: 1.5 s after rank 0, together) or alone at once (``"alone"``: an error path);
+    rank 0 leaves together and records how long its ``close`` took."""
+    import time
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=4))
+    cfg = load_config(None, env={}, overrides=[f"model.options={MODEL}", "model.device='cpu'"])
+    ranks = Ranks(RankInfo(rank, 2), cfg.distributed)
+    ranks.agree([rank])  # the group works
+    if rank == 1:
+        if partner_leaves == "late":
+            time.sleep(1.5)
+        ranks.close(together=partner_leaves == "late")
+        return
+    started = time.monotonic()
+    ranks.close(together=True)
+    (Path(out) / "closed.json").write_text(json.dumps({"seconds": time.monotonic() - started,
+                                                      "initialized": dist.is_initialized()}))
+
+
+@pytest.mark.slow  # two processes of their own
+@pytest.mark.parametrize("partner_leaves", ["late", "alone"])
+def test_a_rank_leaving_together_waits_for_the_others_but_not_for_one_that_left_alone(tmp_path: Path,
+                                                                                      partner_leaves: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_leaving, args=(str(tmp_path / "init"), str(tmp_path), partner_leaves), nprocs=2, join=True)
+    closed = json.loads((tmp_path / "closed.json").read_text())
+    assert not closed["initialized"]
+    if partner_leaves == "late":  # the barrier held rank 0 until rank 1 came
+        assert 1.0 < closed["seconds"] < 4.0, closed
+    else:  # the partner is gone: the barrier fails (closed connection or the group's 4 s timeout), rank 0 leaves
+        assert closed["seconds"] < 8.0, closed
