@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from models.metrics import auc, checked_weights, combined_score, ndcg_at_k, task_metrics
+from models.metrics import auc, calibration_ratio, checked_weights, combined_score, log_loss, ndcg_at_k, task_metrics
 
 # Called after every learning step with the number of training events consumed so far in this run.
 ProgressCallback = Callable[[int], None]
@@ -207,6 +207,19 @@ def served_stretches(tail: int, n_events: int, publications: int) -> np.ndarray:
     return np.unique(np.linspace(tail, n_events, min(publications, n_events - tail) + 1).astype(np.int64))
 
 
+def cadence_metrics(publications: int, bounds: np.ndarray, labels: np.ndarray, served: Mapping[str, np.ndarray],
+                    tasks: Sequence[str]) -> dict[str, Any]:
+    """The tail served at one publication cadence (``bounds``: its stretches, ``served_stretches``; ``labels`` and
+    ``served`` the tail's rows): per task its AUC, log loss and calibration ratio. No GAUC: it would group a user's
+    rows per stretch, so its groups, not only its scores, would change with the cadence."""
+    stretches = max(1, len(bounds) - 1)
+    return {"publications": publications, "stretches": len(bounds) - 1,
+            "events_per_publication": round(len(labels) / stretches, 1),
+            "metrics": {task: {"auc": auc(labels[:, k], served[task]), "log_loss": log_loss(labels[:, k], served[task]),
+                               "calibration": calibration_ratio(labels[:, k], served[task])}
+                        for k, task in enumerate(tasks)}}
+
+
 def user_stretches(users: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """A group per (user, stretch) of rows whose stretches start at ``bounds`` (row 0 = ``bounds[0]``): the rows
     one published model scored for one user, as int64 ids (GAUC and NDCG group by them).
@@ -264,7 +277,8 @@ class RunResult:
     the prequential pass. ``curve`` is a list of points ``{"events": n, "fraction": f, "auc": {task: v}}``:
     test AUC against training events for the split, windowed prequential AUC for the prequential pass.
     ``losses`` are the mean training losses (as named by the learner) of the last epoch or the pass.
-    ``combined[window]`` are the combined score's metrics (``combined_metrics``) in each window.
+    ``combined[window]`` are the combined score's metrics (``combined_metrics``) in each window. ``cadence``
+    (prequential, on request): per publication count, the tail as served at that cadence (``cadence_metrics``).
     """
 
     mode: str
@@ -275,6 +289,7 @@ class RunResult:
     test_events: int = 0
     seconds: float = 0.0
     combined: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cadence: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _curve_marks(n_steps: int, points: int) -> set[int]:
@@ -354,15 +369,16 @@ def run_time_split(
     )
 
 
-def score_stream(learner: StepLearner, data: EncodedData, *, batch_size: int, stretches: Sequence[int] = (),
-                 on_step: ProgressCallback | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+def score_stream(learner: StepLearner, data: EncodedData, *, batch_size: int, stretches: Sequence[np.ndarray] = (),
+                 on_step: ProgressCallback | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]],
                                                                      LossMeans]:
-    """One prequential pass: every row's score from the model before it learns the row's batch, and the rows
-    [stretches[i], stretches[i + 1]) scored whole by the model as it is before the batch where stretch i starts
-    (``served_stretches``: serving's frozen model; {} for none); with the means of the losses the steps reported."""
+    """One prequential pass: every row's score from the model before it learns the row's batch, and for each set
+    of bounds in ``stretches`` (``served_stretches``: one publication cadence each) the rows [bounds[i],
+    bounds[i + 1]) scored whole by the model as it is before the batch where stretch i starts (serving's frozen
+    model; {} for a set without stretches); with the means of the losses the steps reported."""
     tasks, n = data.scored_tasks, len(data)
     parts: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
-    served: dict[str, list[np.ndarray]] = {task: [] for task in tasks}
+    served: list[dict[str, list[np.ndarray]]] = [{task: [] for task in tasks} for _ in stretches]
     loss_sums = LossMeans()
 
     def read(pending: Any, hi: int) -> None:
@@ -374,15 +390,17 @@ def score_stream(learner: StepLearner, data: EncodedData, *, batch_size: int, st
         if on_step is not None:
             on_step(hi)
 
-    published = 0  # stretches scored so far
+    published = [0] * len(stretches)  # stretches of each set scored so far
     pending = None  # (the step issued last, its end): read after the next is issued (issue_step)
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
-        while published < len(stretches) - 1 and stretches[published] < hi:
-            scored = predict_in_chunks(learner, data, int(stretches[published]), int(stretches[published + 1]))
-            for task in tasks:
-                served[task].append(scored[task])
-            published += 1
+        for k, bounds in enumerate(stretches):
+            while published[k] < len(bounds) - 1 and bounds[published[k]] < hi:
+                i = published[k]
+                scored = predict_in_chunks(learner, data, int(bounds[i]), int(bounds[i + 1]))
+                for task in tasks:
+                    served[k][task].append(scored[task])
+                published[k] += 1
         issued = issue_step(learner, data.rows(lo, hi))
         if pending is not None:
             read(*pending)
@@ -390,7 +408,7 @@ def score_stream(learner: StepLearner, data: EncodedData, *, batch_size: int, st
     if pending is not None:
         read(*pending)
     return ({task: np.concatenate(parts[task]) for task in tasks},
-            {task: np.concatenate(p) for task, p in served.items() if p}, loss_sums)
+            [{task: np.concatenate(p) for task, p in into.items() if p} for into in served], loss_sums)
 
 
 def run_prequential(
@@ -404,6 +422,7 @@ def run_prequential(
     on_step: ProgressCallback | None = None,
     combined_weights: Sequence[float] | None = None,
     publications: int = 0,
+    cadence: Sequence[int] = (),
 ) -> RunResult:
     """One pass in time order; every mini-batch is scored before the learner updates on it.
 
@@ -411,19 +430,25 @@ def run_prequential(
     ``combined_weights`` are the weights of the combined score (1 per task by default). ``publications`` > 0 adds
     the ``"served"`` window (module docstring): before the step of the batch where a stretch of the tail starts,
     the whole stretch is scored by the model as it is then (one more forward pass over the tail, no learning).
+    ``cadence``: publication counts whose served tails are also scored, for ``RunResult.cadence`` (one forward pass
+    over the tail each): how much of what the model learns in the tail a given publication cadence delivers.
     """
     if not 0.0 < tail_fraction <= 1.0:
         raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
     if publications < 0:
         raise ValueError(f"publications must be >= 0 (0: no served window), got {publications}")
+    if any(count < 1 for count in cadence):
+        raise ValueError(f"cadence: every publication count must be >= 1, got {list(cadence)}")
     tasks, labels = data.scored_tasks, data.scored_labels
     combined_weights = combined_weights_for(tasks, combined_weights)  # fail before training, not after
     started = time.perf_counter()
     n = len(data)
     tail = tail_start(n, tail_fraction)
     stretches = served_stretches(tail, n, publications)
-    predictions, served_predictions, loss_sums = score_stream(learner, data, batch_size=batch_size,
-                                                              stretches=stretches, on_step=on_step)
+    cadences = [served_stretches(tail, n, count) for count in cadence]
+    predictions, served, loss_sums = score_stream(learner, data, batch_size=batch_size,
+                                                  stretches=[stretches, *cadences], on_step=on_step)
+    served_predictions = served[0]
     tail_predictions = {t: p[tail:] for t, p in predictions.items()}
     metrics = {
         "all": evaluate_predictions(labels, predictions, data.users, tasks, partners),
@@ -446,6 +471,8 @@ def run_prequential(
                                       data.users[lo:hi], tasks, {})
         curve.append({"events": int(hi), "fraction": hi / n, "auc": {task: m["auc"] for task, m in window.items()}})
     return RunResult(
+        cadence=[cadence_metrics(count, bounds, labels[tail:], scored, tasks)
+                 for count, bounds, scored in zip(cadence, cadences, served[1:]) if len(bounds)],
         mode="prequential",
         metrics=metrics,
         combined=combined,

@@ -97,12 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="mini-batch size (default 256)")
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda[:N]")
     parser.add_argument("--train-fraction", type=float, default=0.8, help="time split boundary (default 0.8)")
-    parser.add_argument("--tail-fraction", type=float, default=0.2,
-                        help="prequential metrics are also reported over this last share of events (default 0.2)")
-    parser.add_argument("--curve-points", type=int, default=10, help="points of the AUC curve per run (default 10)")
-    parser.add_argument("--publications", type=int, default=4,
-                        help="prequential window `served`: the tail scored by the model published this many times "
-                             "over it, frozen in between, as serving scores it (default 4; 0: none)")
+    _add_prequential_arguments(parser)
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                         help="models.config.ModelConfig field override, repeatable, e.g. kd_weight=0.5, "
                              "quadruplet_pairs=all, lr=0.003, hidden_dims=64,32; river.KEY=VALUE sets a "
@@ -143,6 +138,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not train: merge these results.json files and write the report to --out")
 
 
+def _add_prequential_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the prequential pass's windows: its tail, curve, ``served`` window and cadences."""
+    parser.add_argument("--tail-fraction", type=float, default=0.2,
+                        help="prequential metrics are also reported over this last share of events (default 0.2)")
+    parser.add_argument("--curve-points", type=int, default=10, help="points of the AUC curve per run (default 10)")
+    parser.add_argument("--publications", type=int, default=4,
+                        help="prequential window `served`: the tail scored by the model published this many times "
+                             "over it, frozen in between, as serving scores it (default 4; 0: none)")
+    parser.add_argument("--cadence", default="", metavar="N,N,...",
+                        help="publication counts (e.g. 1,4,16,64): the prequential tail also served at each, its AUC, "
+                             "log loss and calibration beside the prequential tail's: what publishing more often "
+                             "buys (1: a model never updated after the first part; default: none)")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing of flag values
 
@@ -157,6 +166,18 @@ def parse_list(text: str, allowed: Sequence[str] | None, what: str) -> list[str]
         if unknown:
             raise ValueError(f"{what}: unknown {unknown}; choose from {','.join(allowed)}")
     return items
+
+
+def parse_cadence(text: str) -> list[int]:
+    """``"1,4,16"`` -> [1, 4, 16] (sorted, each once); ``""`` -> []."""
+    try:
+        counts = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--cadence: expected comma-separated publication counts such as 1,4,16, got {text!r}") \
+            from None
+    if counts and counts[0] < 1:
+        raise ValueError(f"--cadence: every publication count must be >= 1, got {text!r}")
+    return counts
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -474,6 +495,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if args.publications < 0:
         raise ValueError(f"--publications must be >= 0 (0: no `served` window), got {args.publications}")
+    parse_cadence(args.cadence)
     if _threads_per_run(args):
         torch.set_num_threads(_threads_per_run(args))
     threads = torch.get_num_threads()  # of each run (the last bits of a run depend on them)
@@ -810,7 +832,7 @@ def _run_one(args: argparse.Namespace, mode: str, learner: Any, data: Any, rows:
                               on_step=on_step, combined_weights=combined_weights)
     return run_prequential(learner, data, partners, batch_size=args.batch_size, tail_fraction=rows.tail_fraction,
                            curve_points=args.curve_points, on_step=on_step, combined_weights=combined_weights,
-                           publications=args.publications)
+                           publications=args.publications, cadence=parse_cadence(args.cadence))
 
 
 def _protocol(args: argparse.Namespace, spec: Any, model_options: dict, combined_weights: Any,
@@ -820,6 +842,7 @@ def _protocol(args: argparse.Namespace, spec: Any, model_options: dict, combined
         "train_fraction": args.train_fraction,
         "tail_fraction": VALIDATION_TEST_FRACTION if args.validation else args.tail_fraction, "epochs": args.epochs,
         "publications": args.publications,
+        **({"cadence": parse_cadence(args.cadence)} if args.cadence else {}),
         "batch_size": args.batch_size, "within_train_order": "time order, no shuffling",
         "features": spec.to_dict(), "model_options": model_options, "limit": args.limit,
         "aux_tasks": _aux_tasks(args),
@@ -878,6 +901,7 @@ def render_report(doc: dict[str, Any], title: str = "", baseline: str = "mtl") -
         for window in _windows(group, mode):
             lines += _window_section(group, tasks, mode, window, baseline)
         lines += _gate_section(group, tasks, mode)
+        lines += _cadence_section(group, tasks)
     env = doc.get("environment", {})
     if env:
         lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
@@ -988,6 +1012,35 @@ def _gate_section(group: list[dict], tasks: tuple[str, ...], mode: str) -> list[
                            digits=2 if key == "gate" else 4) for key in ("gate", "teacher_auc", "student_auc")]
             lines.append(f"| {backbone} | {config} | {task} | " + " | ".join(values) + " |")
     return lines + [""]
+
+
+def _cadence_section(group: list[dict], tasks: tuple[str, ...]) -> list[str]:
+    """``--cadence``: per task, the tail's AUC served at each publication count beside the prequential tail's (every
+    batch scored by the model of just before it: publishing after every step), mean ± std over seeds; nothing for
+    runs without it."""
+    runs = [r for r in group if r.get("cadence")]
+    if not runs:
+        return []
+    counts = sorted({c["publications"] for r in runs for c in r["cadence"]})
+    backbones = _ordered((r["backbone"] for r in runs), BACKBONES)
+    configs = _ordered((r["config"] for r in runs), CONFIGS)
+    events = {c["publications"]: c["events_per_publication"] for r in runs for c in r["cadence"]}
+    lines = ["### Publication cadence — prequential tail", "",
+             "The tail scored as serving scores it with the model published N times over it (frozen in between; N = "
+             "1: never updated after the first part), against the prequential tail (the model of just before each "
+             "batch). AUC, mean ± std over seeds; events per publication: "
+             + ", ".join(f"N = {n}: {events[n]:,.0f}" for n in counts) + ".", ""]
+    for task in tasks:
+        header = ["backbone", "config"] + [f"N = {n}" for n in counts] + ["prequential tail"]
+        lines += [f"#### {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for backbone, config, cell in _cells(runs, backbones, configs):
+            served = {n: [c["metrics"][task]["auc"] for r in cell for c in r["cadence"] if c["publications"] == n]
+                      for n in counts}
+            values = [_fmt(*_mean_std(served[n])) for n in counts]
+            values.append(_fmt(*_mean_std([_task_metric(r, "tail", task, "auc") for r in cell])))
+            lines.append(f"| {backbone} | {config} | " + " | ".join(values) + " |")
+        lines.append("")
+    return lines
 
 
 def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, backbones: list[str],

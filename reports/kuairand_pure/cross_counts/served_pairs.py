@@ -76,7 +76,7 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             for name, options in SETTINGS.items():
                 learner = seeded_learner(tasks, "shared_bottom", "mtl", seed, spec, options, "cpu")
-                prequential, served, _ = score_stream(learner, data, batch_size=256, stretches=stretches)
+                prequential, [served], _ = score_stream(learner, data, batch_size=256, stretches=[stretches])
                 for k, task in enumerate(tasks):
                     y, p = data.labels[tail:, k], prequential[task][tail:]
                     before, after, n_before, n_after = right_by_order(y, p, users)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,6 +168,59 @@ def test_the_served_window_scores_each_stretch_before_learning_from_it_and_chang
     assert {w: plain.metrics[w] for w in ("all", "tail")} == {w: served.metrics[w] for w in ("all", "tail")}
     with pytest.raises(ValueError, match="publications"):
         run_prequential(MemorisingLearner(), data, {}, publications=-1)
+
+
+class UserShareLearner:
+    """Scores a row by its user's share of positive rows learnt so far (Laplace-smoothed): a model that only a fresh
+    publication can tell about what the stream taught it."""
+
+    def __init__(self, users: np.ndarray) -> None:
+        self.users = users
+        self.seen: dict[int, list[float]] = {}
+        self.stepped_rows: list[int] = []
+
+    def predict(self, batch: FakeBatch) -> dict[str, torch.Tensor]:
+        shares = [self.seen.get(int(self.users[r]), [0.0, 0.0]) for r in batch.row_id.tolist()]
+        p = torch.tensor([(pos + 1.0) / (n + 2.0) for pos, n in shares])
+        return {task: p for task in TASKS}
+
+    def step(self, batch: FakeBatch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        before = self.predict(batch)
+        for row, label in zip(batch.row_id.tolist(), batch.labels[:, 0].tolist()):
+            self.stepped_rows.append(row)
+            counts = self.seen.setdefault(int(self.users[row]), [0.0, 0.0])
+            counts[0] += label
+            counts[1] += 1.0
+        return {"loss": 1.0}, before
+
+
+def test_the_cadence_serves_the_tail_at_each_publication_count_as_the_served_window_does() -> None:
+    # 5 users; nobody positive before the tail (the last 40 of 80 rows), users 0 and 1 positive on every tail row.
+    n = 80
+    users = np.arange(n) % 5
+    labels = np.zeros((n, len(TASKS)), dtype=np.float32)
+    labels[40:][np.isin(users[40:], [0, 1])] = 1.0
+    data = EncodedData(batch=FakeBatch(row_id=torch.arange(n), labels=torch.from_numpy(labels)), tasks=TASKS,
+                       labels=labels, users=users, ts_ms=np.arange(n))
+    learner = UserShareLearner(users)
+    result = run_prequential(learner, data, {}, batch_size=10, tail_fraction=0.5, cadence=[1, 4, 40])
+    assert learner.stepped_rows == list(range(n))  # serving the cadences learnt nothing
+    by_count = {c["publications"]: c for c in result.cadence}
+    assert [(c["publications"], c["stretches"], c["events_per_publication"]) for c in result.cadence] == [
+        (1, 1, 40.0), (4, 4, 10.0), (40, 40, 1.0)]
+    # Never updated after the first half: every user looks alike. Published more often, the tail's positives show.
+    assert by_count[1]["metrics"]["finish"]["auc"] == pytest.approx(0.5)
+    assert by_count[4]["metrics"]["finish"]["auc"] > 0.6
+    for count in (1, 4, 40):  # each cadence is the `served` window of a run published that many times
+        served = run_prequential(UserShareLearner(users), data, {}, batch_size=10, tail_fraction=0.5,
+                                 publications=count).metrics["served"]
+        for task in TASKS:
+            assert by_count[count]["metrics"][task] == {key: served[task][key]
+                                                        for key in ("auc", "log_loss", "calibration")}
+    plain = run_prequential(UserShareLearner(users), data, {}, batch_size=10, tail_fraction=0.5)
+    assert plain.cadence == [] and json.dumps(plain.metrics) == json.dumps(result.metrics)  # NaN-safe
+    with pytest.raises(ValueError, match="cadence"):
+        run_prequential(UserShareLearner(users), data, {}, cadence=[0, 4])
 
 
 def test_evaluate_predictions_uses_the_partner_for_multi_auc() -> None:

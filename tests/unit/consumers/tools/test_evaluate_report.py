@@ -157,6 +157,31 @@ def test_no_publications_no_served_window_and_a_negative_count_is_refused(tmp_pa
     assert "--publications must be >= 0" in capsys.readouterr().err
 
 
+def test_the_cadence_serves_the_tail_at_each_publication_count_and_reports_it(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    common = ["--dataset", "synthetic", "--source", "-", "--option", "n_events=400", "--configs", "river_lr",
+              "--seeds", "1", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)]
+    assert evaluate.run(parser.parse_args([*common, "--mode", "both", "--cadence", "4,1"])) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["protocol"]["cadence"] == [1, 4] and doc["protocol"]["publications"] == 4
+    by_mode = {r["mode"]: r for r in doc["runs"]}
+    assert by_mode["split"]["cadence"] == []
+    cadence = {c["publications"]: c for c in by_mode["prequential"]["cadence"]}
+    assert set(cadence) == {1, 4} and cadence[1]["events_per_publication"] == 80.0
+    task = by_mode["prequential"]["tasks"][0]
+    assert cadence[4]["metrics"][task]["auc"] == by_mode["prequential"]["metrics"]["served"][task]["auc"]
+    report = (tmp_path / "report.md").read_text()
+    assert "### Publication cadence — prequential tail" in report and "| backbone | config | N = 1 | N = 4 |" in report
+    assert evaluate.run(parser.parse_args([*common, "--mode", "prequential"])) == 0  # none asked: none recorded
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert "cadence" not in doc["protocol"] and "Publication cadence" not in (tmp_path / "report.md").read_text()
+    for bad in ("0,4", "four"):
+        assert evaluate.run(parser.parse_args([*common, "--cadence", bad])) == 2
+        assert "--cadence" in capsys.readouterr().err
+
+
 def test_configs_accept_rungs_river_baselines_and_presets_and_name_unknown_ones() -> None:
     from consumers.tools.evaluate import parse_configs
 
