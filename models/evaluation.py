@@ -18,7 +18,9 @@ Protocol choices (documented in reports too):
   checkpoint is), with a user's rows grouped per stretch for GAUC and NDCG. A prequential GAUC pools each user's
   rows scored by many states of the model: an input that follows the user's own labels (their online counts)
   raises every later score of the user after a positive, so the rows scored after it outrank it although no
-  request ever ranked them together; the ``"served"`` GAUC compares only rows one model state scored.
+  request ever ranked them together; the ``"served"`` GAUC compares only rows one model state scored. On request
+  (``cadence``) the tail is served at several publication counts too (``RunResult.cadence``: AUC, log loss and
+  calibration per count), which measures what publishing more often delivers.
 * Combined score (``combined_metrics``): the product of the task probabilities, each raised to its weight (1
   by default), i.e. the score a ranker ordering by "every task positive" would use. Its AUC is against "every
   task positive"; its per-user NDCG@10 uses the number of positive tasks as graded relevance.
@@ -212,9 +214,8 @@ def cadence_metrics(publications: int, bounds: np.ndarray, labels: np.ndarray, s
     """The tail served at one publication cadence (``bounds``: its stretches, ``served_stretches``; ``labels`` and
     ``served`` the tail's rows): per task its AUC, log loss and calibration ratio. No GAUC: it would group a user's
     rows per stretch, so its groups, not only its scores, would change with the cadence."""
-    stretches = max(1, len(bounds) - 1)
     return {"publications": publications, "stretches": len(bounds) - 1,
-            "events_per_publication": round(len(labels) / stretches, 1),
+            "events_per_publication": round(len(labels) / max(1, len(bounds) - 1), 1),
             "metrics": {task: {"auc": auc(labels[:, k], served[task]), "log_loss": log_loss(labels[:, k], served[task]),
                                "calibration": calibration_ratio(labels[:, k], served[task])}
                         for k, task in enumerate(tasks)}}
@@ -471,8 +472,6 @@ def run_prequential(
                                       data.users[lo:hi], tasks, {})
         curve.append({"events": int(hi), "fraction": hi / n, "auc": {task: m["auc"] for task, m in window.items()}})
     return RunResult(
-        cadence=[cadence_metrics(count, bounds, labels[tail:], scored, tasks)
-                 for count, bounds, scored in zip(cadence, cadences, served[1:]) if len(bounds)],
         mode="prequential",
         metrics=metrics,
         combined=combined,
@@ -481,4 +480,6 @@ def run_prequential(
         train_events=n,
         test_events=n,
         seconds=time.perf_counter() - started,
+        cadence=[cadence_metrics(count, bounds, labels[tail:], scored, tasks)
+                 for count, bounds, scored in zip(cadence, cadences, served[1:]) if len(bounds)],
     )
