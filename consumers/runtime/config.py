@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamer.kafka_security import MECHANISMS, PROTOCOLS, SecurityError, client_security
+from streamer.kafka_security import COMPRESSIONS, MECHANISMS, PROTOCOLS, SecurityError, client_security
 
 ENV_PREFIX = "CROSSDISTIL__"
 
@@ -65,6 +65,10 @@ class KafkaConfig:
     stall_exit_s: float = _f(300.0, "the trainer checkpoints and exits with status 4 when it has had no partition "
                                     "assigned for this long (a stuck group join, a broker gone for good), so a "
                                     "supervisor restarts it; 0 = wait forever")
+    compression: str = _f("lz4", "compression of the record batches the trainer produces (published checkpoints, "
+                                 "dead letters): none, gzip, snappy, lz4 or zstd; lz4 about halves a default "
+                                 "model's publication (its count and wide tables are mostly zeros) for ~0.1 s of CPU "
+                                 "(docs/serving.md)")
     client_options: dict = _f({}, "extra kafka-python client settings passed through as is (e.g. ssl_certfile, "
                                   "sasl_kerberos_service_name)")
     security_protocol: str = _f("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, for every client of the "
@@ -357,6 +361,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
     if cfg.kafka.stall_exit_s < 0:
         raise ConfigError(f"kafka.stall_exit_s: must be >= 0 (0 = never), got {cfg.kafka.stall_exit_s}")
+    if cfg.kafka.compression not in COMPRESSIONS:
+        raise ConfigError(f"kafka.compression: one of {', '.join(COMPRESSIONS)}, got {cfg.kafka.compression!r}")
     if cfg.kafka.security_protocol.upper() not in PROTOCOLS:
         raise ConfigError(f"kafka.security_protocol: one of {', '.join(PROTOCOLS)}, "
                           f"got {cfg.kafka.security_protocol!r}")

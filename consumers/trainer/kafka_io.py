@@ -108,7 +108,8 @@ def newest_published_version(k: KafkaConfig, timeout_s: float = 10.0) -> int:
 
 def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer, KafkaProducer]:
     """The trainer's consumer (group ``k.group_id``, static membership unless disabled, no auto-commit) and its
-    idempotent producer (dead letters, publications). Raises ``kafka.errors.KafkaError`` when Kafka is away.
+    idempotent producer (dead letters, publications; record batches compressed with ``k.compression``). Raises
+    ``kafka.errors.KafkaError`` when Kafka is away.
 
     ``group_member=False`` (a rank of several, ``KafkaIO.assign_static``): the consumer never joins the group (no
     group_instance_id); it only commits its own partitions' offsets there, for lag dashboards."""
@@ -119,6 +120,8 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer
     # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
     # so a checkpoint's publication, and a shutdown, are not held up for minutes.
     producer_options = {"max_block_ms": 10_000, **options}
+    if k.compression != "none":  # kafka.client_options' compression_type, where given, wins
+        producer_options.setdefault("compression_type", k.compression)
     # kafka-python rejoins the group when its metadata of the subscribed topics changes, but refreshes that metadata
     # only every metadata_max_age_ms (5 min by default): a group joined before the metadata arrived kept an empty
     # assignment for minutes (seen under load: no partition for 300 s, then exit 4). See also KafkaIO.stalled.

@@ -503,6 +503,32 @@ def test_a_leader_that_assigned_before_it_knew_the_partitions_rejoins_and_gets_t
         producer.close()
 
 
+def test_the_trainers_producer_compresses_as_configured_and_what_it_sends_reads_back(kafka_broker: str) -> None:
+    """kafka.compression (lz4 by default) reaches the trainer's producer, kafka.client_options' compression_type
+    wins over it; a publication-sized message of mostly zeros goes through the real broker compressed and back."""
+    topic = make_topics(kafka_broker, "compression-" + uuid.uuid4().hex[:6])["model"]  # the serving topic's settings
+    cases = [([], "lz4"), (["kafka.compression='none'"], None),
+             (["kafka.compression='zstd'", "kafka.client_options={compression_type = 'gzip'}"], "gzip")]
+    for overrides, expected in cases:
+        cfg = load_config(None, env={}, overrides=[f"kafka.bootstrap={kafka_broker}", *overrides])
+        consumer, producer = connect(cfg.kafka)
+        try:
+            assert producer.config["compression_type"] == expected, overrides
+            if not overrides:  # the default: a chunk's worth of a mostly-zero table, through the broker and back
+                value = bytes(800_000) + os.urandom(100_000)
+                producer.send(topic, key=b"chunk/0", value=value, partition=0).get(timeout=30)
+                consumer.assign([TopicPartition(topic, 0)])
+                consumer.seek_to_beginning()
+                deadline, read = time.monotonic() + 30, []
+                while not read:
+                    assert time.monotonic() < deadline, "the compressed message did not come back within 30 s"
+                    read = [r for records in consumer.poll(500).values() for r in records]
+                assert read[0].key == b"chunk/0" and read[0].value == value
+        finally:
+            consumer.close(autocommit=False)
+            producer.close()
+
+
 def test_the_lag_gauge_follows_the_read_positions_between_checkpoints(kafka_broker: str,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``crossdistil_consumer_lag_messages`` from a real broker's fetches: the high watermark kafka-python learns

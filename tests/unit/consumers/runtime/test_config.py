@@ -80,3 +80,10 @@ def test_drift_settings_reach_the_detectors_and_bad_ones_are_refused() -> None:
                 "metrics.drift_ph_delta=-0.1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, env={}, overrides=[bad])
+
+
+def test_the_producers_compression_defaults_to_lz4_and_an_unknown_codec_is_refused() -> None:
+    assert load_config(None, env={}).kafka.compression == "lz4"
+    assert load_config(None, env={}, overrides=["kafka.compression='zstd'"]).kafka.compression == "zstd"
+    with pytest.raises(ConfigError, match="kafka.compression: one of none, gzip, snappy, lz4, zstd"):
+        load_config(None, env={}, overrides=["kafka.compression='brotli'"])
