@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], float]] = {
     "trainer_throughput": ("trainer_throughput.py", [], ["--events", "20000", "--memory-events", "100000"], 1800),
     "serving_pickup": ("serving_pickup.py", [], [], 600),
     "serving_load": ("serving_load.py", [], [], 600),
+    "publish_compression": ("publish_compression.py", [], ["--rounds", "1", "--train-rows", "5000"], 600),
     "peers": ("peers.py", [], ["--limit", "10000"], 1800),
     "backtest_throughput": ("backtest_throughput.py", [], ["--impressions", "20000", "--rounds", "1"], 1800),
 }
