@@ -495,7 +495,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     if args.publications < 0:
         raise ValueError(f"--publications must be >= 0 (0: no `served` window), got {args.publications}")
-    parse_cadence(args.cadence)
+    if parse_cadence(args.cadence) and args.mode == "split":
+        raise ValueError("--cadence serves the tail of a prequential pass: use --mode prequential or both")
     if _threads_per_run(args):
         torch.set_num_threads(_threads_per_run(args))
     threads = torch.get_num_threads()  # of each run (the last bits of a run depend on them)

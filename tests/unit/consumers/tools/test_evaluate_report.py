@@ -180,6 +180,8 @@ def test_the_cadence_serves_the_tail_at_each_publication_count_and_reports_it(tm
     for bad in ("0,4", "four"):
         assert evaluate.run(parser.parse_args([*common, "--cadence", bad])) == 2
         assert "--cadence" in capsys.readouterr().err
+    assert evaluate.run(parser.parse_args([*common, "--cadence", "4", "--mode", "split"])) == 2
+    assert "use --mode prequential or both" in capsys.readouterr().err
 
 
 def test_configs_accept_rungs_river_baselines_and_presets_and_name_unknown_ones() -> None:
