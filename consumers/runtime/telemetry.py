@@ -234,6 +234,10 @@ class TrainerMetrics:
         self.published_timestamp_seconds = Gauge(f"{p}_published_model_timestamp_seconds",
                                                  "creation time of the last published checkpoint (unix seconds)",
                                                  registry=r)
+        self.unpublished_samples = Gauge(f"{p}_unpublished_samples",
+                                         "samples trained since the last publication (since the trainer started, "
+                                         "before its first): what the served model has not learnt yet",
+                                         registry=r)
         self.start_timestamp_seconds = Gauge(f"{p}_start_timestamp_seconds",
                                              "wall time the trainer's metrics started (unix seconds; alerts use it "
                                              "before the first publication)", registry=r)
@@ -316,6 +320,7 @@ class TrainerMetrics:
         self.batch_size.observe(size)
         self.train_step_seconds.observe(step_seconds)
         self.samples_trained_total.inc(size)
+        self.unpublished_samples.inc(size)
 
     def record_learner(self, losses: Mapping[str, float]) -> None:
         """What the learner reported for one training step (``Learner.step``'s losses, as ``train_rows`` returns).
@@ -393,6 +398,7 @@ class TrainerMetrics:
         self.publications_total.inc()
         self.published_version.set(version)
         self.published_timestamp_seconds.set(timestamp_s)
+        self.unpublished_samples.set(0)  # a publication follows its checkpoint's every trained batch (collect)
 
     # -- quality --------------------------------------------------------------------------------------------
 

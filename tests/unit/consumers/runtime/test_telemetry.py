@@ -153,6 +153,19 @@ def test_pipeline_calls_update_their_metrics() -> None:
     assert value(metrics, "crossdistil_publish_seconds_sum") == 1.5
 
 
+def test_unpublished_samples_count_what_the_served_model_has_not_learnt() -> None:
+    metrics = TrainerMetrics(["click"], windows=(10,))
+    assert value(metrics, "crossdistil_unpublished_samples") == 0  # since the start, before a first publication
+    metrics.batch_trained(256, 0.02)
+    metrics.batch_trained(100, 0.02)
+    assert value(metrics, "crossdistil_unpublished_samples") == 356
+    metrics.published(1, 0.5, 1_700_000_000.0)
+    assert value(metrics, "crossdistil_unpublished_samples") == 0
+    metrics.batch_trained(64, 0.02)
+    assert value(metrics, "crossdistil_unpublished_samples") == 64
+    assert value(metrics, "crossdistil_samples_trained_total") == 420  # the counter goes on
+
+
 def test_snapshot_is_plain_json_with_none_for_undefined_values() -> None:
     metrics = TrainerMetrics(["click", "like"], windows=(10, 100))
     metrics.observe({"click": np.ones(5)}, {"click": np.full(5, 0.7)})  # one class: AUC undefined
