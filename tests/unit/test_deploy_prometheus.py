@@ -133,11 +133,24 @@ def test_dashboard_shows_the_panels_on_call_needs() -> None:
         assert needed in titles, needed
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-    datasource_uid = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())[
-        "datasources"][0]["uid"]
-    for panel in dashboard["panels"]:
-        if panel["type"] != "row":
-            assert panel["datasource"]["uid"] == datasource_uid, panel["title"]
+
+
+def test_dashboard_reads_the_prometheus_its_user_picks() -> None:
+    """Imported by hand into any Grafana, the dashboard asks which Prometheus to read (a datasource variable,
+    Grafana's default Prometheus unless another is chosen) instead of naming one uid that only the compose
+    provisioning creates; provisioned, the compose Prometheus is that default."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    queried = [p["datasource"] for p in dashboard["panels"] if p["type"] != "row"]
+    queried += [t["datasource"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queried += [v["datasource"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    queried += [a["datasource"] for a in dashboard["annotations"]["list"]]
+    assert len(queried) > 20
+    for datasource in queried:
+        assert datasource == {"type": "prometheus", "uid": "${datasource}"}
+    provisioned = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert [d["isDefault"] for d in provisioned["datasources"] if d["type"] == "prometheus"] == [True]
 
 
 def _join_counter_series(events: list, minutes: int = 40) -> dict[str, list[float]]:
