@@ -21,7 +21,9 @@ Rules
       so a newer-version message is reported as ``bad_version``, not as unknown fields.
     * Ids (``impression_id``, ``user_id``, ``item_id``), ``task`` and feature names are non-empty strings.
       Feature string values may be empty.
-    * ``ts_ms`` is event time in milliseconds since the Unix epoch: an int in ``[0, 2**63)``.
+    * ``ts_ms`` is event time in milliseconds since the Unix epoch: an int from 0 to ``TS_MAX_MS``
+      (9999-12-31T23:59:59.999Z). A larger one is not milliseconds (microseconds since 1970 are ~1.7e15, past it):
+      accepted, it would move the join's event-time clock millennia ahead and every later event would be late.
     * ``bool`` is not a number here (``True`` is rejected where an int or float is expected), nor is ``None``.
     * Floats must be finite: NaN and +-inf are rejected (``not_finite``), in ``value`` and in features.
     * Ints must fit msgpack's 64-bit range.
@@ -109,6 +111,7 @@ __all__ = [
     "IMPRESSION_TOPIC",
     "MODEL_TOPIC",
     "SCHEMA_VERSION",
+    "TS_MAX_MS",
     "EventError",
     "EventKind",
     "Limits",
@@ -141,7 +144,7 @@ _FEEDBACK_ORDER = ("v", "impression_id", "ts_ms", "task", "value")
 
 _INT_MIN = -(2**63)  # msgpack int64 ..
 _INT_MAX = 2**64 - 1  # .. to uint64
-_TS_MAX = 2**63 - 1
+TS_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last millisecond a calendar date can name
 
 
 @dataclass(frozen=True)
@@ -237,8 +240,10 @@ def _check_text(value: Any, field: str, limits: Limits) -> None:
 def _check_ts(value: Any) -> None:
     if type(value) is not int:
         raise _Invalid("ts_ms", "wrong_type", f"expected an integer, got {_type_name(value)}")
-    if value < 0 or value > _TS_MAX:
-        raise _Invalid("ts_ms", "out_of_range", f"expected milliseconds since the epoch in [0, 2**63), got {value}")
+    if value < 0 or value > TS_MAX_MS:
+        unit = " (microseconds or nanoseconds?)" if value > TS_MAX_MS else ""
+        raise _Invalid("ts_ms", "out_of_range",
+                       f"expected milliseconds since the epoch, 0 to {TS_MAX_MS} (year 9999), got {value}{unit}")
 
 
 def _check_version(event: dict) -> None:
@@ -336,7 +341,7 @@ def _check_impression(event: dict, limits: Limits, unpacked: bool = False) -> No
         type(impression_id) is str
         and 0 < len(impression_id) <= short
         and type(ts) is int
-        and 0 <= ts <= _TS_MAX
+        and 0 <= ts <= TS_MAX_MS
         and type(user) is str
         and 0 < len(user) <= short
         and type(item) is str
@@ -360,7 +365,7 @@ def _check_feedback(event: dict, limits: Limits) -> None:
         type(impression_id) is str
         and 0 < len(impression_id) <= short
         and type(ts) is int
-        and 0 <= ts <= _TS_MAX
+        and 0 <= ts <= TS_MAX_MS
         and type(task) is str
         and 0 < len(task) <= short
     ):
@@ -500,7 +505,7 @@ def check_event(event: Any, *, limits: Limits = DEFAULT_LIMITS) -> str:
     ...     check_event({"v": 1, "impression_id": "i1", "ts_ms": -1, "user_id": "u", "item_id": "x", "features": {}})
     ... except EventError as exc:
     ...     print(exc.reason, exc)
-    out_of_range impression.ts_ms: expected milliseconds since the epoch in [0, 2**63), got -1
+    out_of_range impression.ts_ms: expected milliseconds since the epoch, 0 to 253402300799999 (year 9999), got -1
     """
     try:
         return _check_single(event, limits)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamer.events import TS_MAX_MS
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -24,7 +26,8 @@ def openapi(max_request_bytes: int, max_items: int) -> dict[str, Any]:
         "properties": {
             "v": {"const": 1},
             "impression_id": {"type": "string", "minLength": 1, "maxLength": 1024},
-            "ts_ms": {"type": "integer", "minimum": 0, "description": "event time, ms since the Unix epoch"},
+            "ts_ms": {"type": "integer", "minimum": 0, "maximum": TS_MAX_MS,
+                      "description": "event time, ms since the Unix epoch (up to year 9999)"},
             "user_id": {"type": "string", "minLength": 1, "maxLength": 1024},
             "item_id": {"type": "string", "minLength": 1, "maxLength": 1024},
             "features": {"type": "object", "maxProperties": 256,

@@ -12,6 +12,7 @@ import pytest
 
 from streamer import events
 from streamer.events import (
+    TS_MAX_MS,
     EventError,
     Limits,
     decode,
@@ -255,6 +256,16 @@ def test_negative_ts_ms_is_out_of_range():
     assert (err.field, err.reason) == ("ts_ms", "out_of_range")
 
 
+@pytest.mark.parametrize("make", [impression, feedback])
+def test_ts_ms_beyond_the_year_9999_is_out_of_range_and_named_as_a_unit_slip(make) -> None:
+    """Microseconds (or nanoseconds) in ts_ms would move the join's clock millennia ahead: every later event late."""
+    assert validate(make(ts_ms=TS_MAX_MS))["ts_ms"] == TS_MAX_MS  # 9999-12-31T23:59:59.999Z, still a date
+    for ts in (TS_MAX_MS + 1, 1_649_384_170_877_000, 2**63 - 1):
+        err = decode_error(make(ts_ms=ts))
+        assert (err.field, err.reason) == ("ts_ms", "out_of_range")
+        assert str(err).endswith(f"got {ts} (microseconds or nanoseconds?)")
+
+
 def test_features_must_be_a_map():
     err = decode_error(impression(features=[["hour", 13]]))
     assert (err.field, err.reason) == ("features", "wrong_type")
@@ -449,7 +460,8 @@ def test_decode_events_reports_a_bad_envelope_as_one_error():
 def test_decode_raises_on_the_first_bad_event_of_a_batch():
     err = decode_error({"v": 1, "batch": [feedback(), feedback(ts_ms=-5), feedback(task="")]})
     assert (err.field, err.reason, err.index) == ("batch[1].ts_ms", "out_of_range", 1)
-    assert str(err) == "batch[1].ts_ms (feedback): expected milliseconds since the epoch in [0, 2**63), got -5"
+    assert str(err) == ("batch[1].ts_ms (feedback): expected milliseconds since the epoch, 0 to 253402300799999 "
+                        "(year 9999), got -5")
 
 
 def test_nested_batch_is_rejected():

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamer.events import EventError, check_events, decode, decode_events, encode, encode_batch, validate
+from streamer.events import TS_MAX_MS, EventError, check_events, decode, decode_events, encode, encode_batch, validate
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +26,7 @@ impressions = st.fixed_dictionaries(
     {
         "v": st.just(1),
         "impression_id": ids,
-        "ts_ms": st.integers(min_value=0, max_value=2**63 - 1),
+        "ts_ms": st.integers(min_value=0, max_value=TS_MAX_MS),
         "user_id": ids,
         "item_id": ids,
         "features": st.dictionaries(st.text(min_size=1, max_size=12), feature_values, max_size=12),
@@ -36,7 +36,7 @@ feedbacks = st.fixed_dictionaries(
     {
         "v": st.just(1),
         "impression_id": ids,
-        "ts_ms": st.integers(min_value=0, max_value=2**63 - 1),
+        "ts_ms": st.integers(min_value=0, max_value=TS_MAX_MS),
         "task": ids,
         "value": st.one_of(int64ish, finite),
     }
