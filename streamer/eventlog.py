@@ -121,7 +121,9 @@ def read_event_log_entries(path: str | Path) -> Iterator[tuple[str, str, dict[st
     if not path.is_file():
         raise EventLogError(f"event log {path} does not exist")
     with path.open("rb") as handle:
-        unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=True, max_buffer_size=MAX_RECORD_BYTES)
+        # strict_map_key=False: a map key that is not a string (e.g. a feature name written as an int) is the
+        # event's problem, which its validation names and dead-letters as the trainer does, not the whole log's
+        unpacker = msgpack.Unpacker(handle, raw=False, strict_map_key=False, max_buffer_size=MAX_RECORD_BYTES)
         tell = unpacker.tell
         index = 0
         start = 0
@@ -141,17 +143,23 @@ def read_event_log_entries(path: str | Path) -> Iterator[tuple[str, str, dict[st
                 msgpack.exceptions.BufferFull, ValueError) as exc:
             if isinstance(exc, EventLogError):
                 raise
-            raise EventLogError(f"event log {path}: record {index} is not valid msgpack ({exc})") from None
+            why = str(exc) or type(exc).__name__
+            raise EventLogError(f"event log {path}: record {index} (at byte {start}) is not valid msgpack ({why})"
+                                f"{_NOT_A_LOG if index == 0 else ''}") from None
         # ``start`` (the end of the last whole record), not ``unpacker.tell()``: after a partial last record the
         # unpacker's position may count the bytes it buffered (a log cut 7 bytes short passed that way)
         if start != path.stat().st_size:
             raise EventLogError(f"event log {path} ends in the middle of record {index} (truncated file?)")
 
 
+_NOT_A_LOG = ": is this an event log? 'crossdistil stream --to file://PATH' writes one (docs/event-log.md)"
+
+
 def _check_record(record: Any, path: Path, index: int) -> LogRecord:
     if not isinstance(record, dict) or record.keys() != RECORD_KEYS:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise EventLogError(f"event log {path}: record {index} must be a map with keys topic, key, event; got {keys}")
+        keys = ', '.join(sorted(map(repr, record))) if isinstance(record, dict) else type(record).__name__
+        raise EventLogError(f"event log {path}: record {index} must be a map with keys topic, key, event; got {keys}"
+                            f"{_NOT_A_LOG if index == 0 else ''}")
     topic, key, event = record["topic"], record["key"], record["event"]
     if not isinstance(topic, str) or not topic or not isinstance(key, str) or not isinstance(event, dict):
         raise EventLogError(f"event log {path}: record {index} needs a non-empty str topic, a str key and a map event")

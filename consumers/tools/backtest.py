@@ -51,6 +51,7 @@ from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.intake import (
+    DEAD_LETTER_EXAMPLES,
     DEFAULT_CACHE_LIMIT,
     IntakeError,
     IntakeGroup,
@@ -58,6 +59,7 @@ from consumers.tools.intake import (
     LoggedRecord,
     LogRecords,
     ReplayCache,
+    add_dead_letter_examples,
     check_time_range,
     format_size,
     log_records,
@@ -149,14 +151,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         configs = build_configs(args.configs_files, args.rungs, args.overrides)
         input_desc: dict[str, Any]
+        cfg0 = next(iter(configs.values()))  # the topics a trainer reads
         if args.log:
             if args.from_offset is not None or args.to_offset is not None:
                 raise ValueError("--from-offset/--to-offset apply to --kafka; an event log has no offsets (use "
                                  "--limit)")
             records, input_desc = log_records(args.log, parse_time(args.from_time), parse_time(args.to_time),
-                                              args.limit)
+                                              args.limit, topics=[cfg0.kafka.impressions_topic,
+                                                                  cfg0.kafka.feedback_topic])
         else:
-            cfg0 = next(iter(configs.values()))
             records, input_desc = kafka_records(
                 args.kafka, [cfg0.kafka.impressions_topic, cfg0.kafka.feedback_topic],
                 from_offset=args.from_offset, to_offset=args.to_offset,
@@ -179,8 +182,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 1
     if result.records == 0:
-        print(f"crossdistil backtest: nothing to replay: {args.log or args.kafka} has no records in the range given "
-              "(check --from-time/--to-time); no outputs written", file=sys.stderr)
+        ranged = any(v is not None for v in (args.from_time, args.to_time, args.from_offset, args.to_offset))
+        print(f"crossdistil backtest: nothing to replay: {args.log or args.kafka} has no records"
+              f"{' in the range given (check --from-time/--to-time/--from-offset/--to-offset)' if ranged else ''}; "
+              "no outputs written", file=sys.stderr)
         return 2
     out = Path(args.out)
     write_outputs(result, out, input_desc, plots=not args.no_plots)
@@ -197,8 +202,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {run_.pipeline.trained_samples} samples in {stats['batches']} batches (mean "
               f"{stats['mean']}), prequential AUC {aucs}; combined AUC {_fmt(combined['auc'])}, NDCG@10 "
               f"{_fmt(combined['ndcg10'])}{distilled}")
-    for warning in batching_warnings(result):
+    for warning in batching_warnings(result) + replay_stream_warnings(result):
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
+    for example in result.dead_letter_examples[:3]:
+        print(f"crossdistil backtest:   dead letter: {example}", file=sys.stderr)
     hint = replay_cache_hint(result, args.replay_cache)
     if hint and not args.quiet:
         print(f"crossdistil backtest: hint: {hint}", file=sys.stderr)
@@ -568,6 +575,8 @@ class BacktestResult:
     # process's CPU seconds (for timing.json: what the input cost, now that it is not on the replay's clock) and the
     # replay cache's file, whether it was read (hit) and its size
     processes: dict[str, Any] = field(default_factory=dict)
+    # the first bad events (``consumers.tools.intake.add_dead_letter_examples``), described
+    dead_letter_examples: list[str] = field(default_factory=list)
 
 
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
@@ -622,13 +631,16 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                          f"{why_inline or '--intake inline'}")
     by_process = intake != "inline" and why_inline is None
     started = time.perf_counter()
+    examples: list[str] = []  # the first bad events, described
     with _progress(progress, total, progress_unit) as advance:
         processes: dict[str, Any] = {}
         if by_process:
             n_records, n_events, intake, processes = _replay_with_intake(
-                records, runs, list(leaders.values()), advance, progress_unit, replay_cache, replay_cache_limit)
+                records, runs, list(leaders.values()), advance, progress_unit, replay_cache, replay_cache_limit,
+                examples)
         else:
-            n_records, n_events = _replay_inline(records, leaders, batching == "dense", advance, progress_unit)
+            n_records, n_events = _replay_inline(records, leaders, batching == "dense", advance, progress_unit,
+                                                 examples)
         for run_ in runs.values():
             t0 = time.perf_counter()
             if run_.leader is not None:
@@ -639,12 +651,13 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
             run_.seconds += time.perf_counter() - t0
     return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching,
-                          intake if by_process else "inline", processes)
+                          intake if by_process else "inline", processes, examples)
 
 
 def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense: bool, advance: Any,
-                   progress_unit: str) -> tuple[int, int]:
-    """Read, join, batch and train here, a chunk of records at a time; (records, events) replayed."""
+                   progress_unit: str, examples: list[str]) -> tuple[int, int]:
+    """Read, join, batch and train here, a chunk of records at a time; (records, events) replayed. The first bad
+    events are described into ``examples``."""
     # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
     # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
     # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
@@ -653,17 +666,20 @@ def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense:
     records = iter(records)
     while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
         decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
-        for leader in leaders.values():
+        for index, leader in enumerate(leaders.values()):
             with _own_time(leader):
                 pipeline = leader.pipeline
                 if dense:
-                    pipeline.ingest_each(decoded)
+                    bad = pipeline.ingest_each(decoded)
                     if len(chunk) == DENSE_TRAIN_EVERY:
                         pipeline.train_ready()
                 else:
+                    bad = []
                     for events, source in decoded:
-                        pipeline.ingest(events, source)
+                        bad += pipeline.ingest(events, source)
                         pipeline.train_ready()
+            if bad and index == 0 and len(examples) < DEAD_LETTER_EXAMPLES:  # every group reads the same records
+                add_dead_letter_examples(examples, chunk, decoded, n_records)
         n_records += len(chunk)
         n_events += sum(len(events) for events, _ in decoded)
         advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
@@ -814,11 +830,11 @@ def _step_cost(run_: ConfigRun) -> int:
 
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
-                        progress_unit: str, replay_cache: Any,
-                        replay_cache_limit: int) -> tuple[int, int, str, dict[str, Any]]:
+                        progress_unit: str, replay_cache: Any, replay_cache_limit: int,
+                        examples: list[str]) -> tuple[int, int, str, dict[str, Any]]:
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
-    cache holds; the join's final state, dead letters and stream counters are the intake's. (records, events, the
-    intake: "process" or "cache", ``BacktestResult.processes``)."""
+    cache holds; the join's final state, dead letters (with the first ones described, into ``examples``) and stream
+    counters are the intake's. (records, events, the intake: "process" or "cache", ``BacktestResult.processes``)."""
     groups = [_intake_group(leader) for leader in leaders]
     cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY,
                                                           replay_cache_limit)
@@ -834,7 +850,7 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
         current: dict[str, Any] = {"samples": None, "columns": []}
         remotes += _intake_ports(leader, current, free_cores)[1]
         currents.append(current)
-    counts = {"records": 0, "events": 0, "bytes": 0, "intake_cpu_s": 0.0}
+    counts = {"records": 0, "events": 0, "bytes": 0, "intake_cpu_s": 0.0, "dead_letter_examples": examples}
     spool = cache.spool() if cache is not None and not cached else None
     try:
         source: Any = cache.reader() if cached else IntakeProcess(records, groups, DENSE_TRAIN_EVERY, spool)
@@ -897,6 +913,7 @@ def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], curren
             leaders[index].pipeline.train_batch(samples)
     elif op == "done":
         counts["intake_cpu_s"] = message["cpu_s"]
+        counts["dead_letter_examples"] += message.get("dead_letter_examples", [])
         for leader, final in zip(leaders, message["groups"]):
             _take_stream_state(leader, final)
 
@@ -1180,6 +1197,8 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
             "steps": pipeline.learner.steps,
             "batching": batching_summary(run_, result.batching),
             "dead_letters": pipeline.dead_letters,
+            # a follower's stream is its group leader's (they share one join)
+            "dead_letters_by_reason": _dead_letters_by_reason(result, run_),
             "join": pipeline.join.counters,
             "watermark_ms": pipeline.join.watermark_ms,
             "prequential_auc": run_.prequential_auc(),
@@ -1192,10 +1211,65 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
         gate = pipeline.metrics.kd_gate_summary()  # a gated configuration's distillation
         if gate:
             configurations[name]["kd_gate"] = gate
+    warnings = batching_warnings(result) + replay_stream_warnings(result)
     return {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
             "records": result.records, "events": result.events, "batching": result.batching,
-            "warnings": [c["batching"]["warning"] for c in configurations.values() if c["batching"]["warning"]],
+            "warnings": warnings, "dead_letter_examples": result.dead_letter_examples,
             "configurations": configurations}
+
+
+def _dead_letters_by_reason(result: BacktestResult, run_: ConfigRun) -> dict[str, int]:
+    """A configuration's dead letters by reason: its group leader's, whose stream it shares (one join)."""
+    metrics = (result.runs[run_.leader] if run_.leader is not None else run_).pipeline.metrics
+    return {sample.labels["reason"]: int(sample.value) for sample in metrics.dead_letters_total.collect()[0].samples
+            if sample.name.endswith("_total")}
+
+
+def replay_stream_warnings(result: BacktestResult) -> list[str]:
+    """``stream_warnings`` of every configuration, each said once (configurations sharing a join give the same)."""
+    warnings: list[str] = []
+    for run_ in result.runs.values():
+        warnings += [w for w in stream_warnings(run_.pipeline.join.counters, _dead_letters_by_reason(result, run_))
+                     if w not in warnings]
+    return warnings
+
+
+STREAM_WARNING_SHARE = 0.01  # as the trainer's alerts (CrossdistilLateFeedback, CrossdistilDeadLetterRate)
+
+
+def stream_warnings(join: dict[str, int], dead_letters: dict[str, int]) -> list[str]:
+    """What the log did to a replay that its figures do not show: events dead-lettered (any), and more than
+    ``STREAM_WARNING_SHARE`` of impressions or feedback late or orphaned, which a log out of event-time order (or one
+    event far ahead of the others) gives: its samples are trained with the labels that had reached them, mostly none.
+
+    >>> stream_warnings({"impressions": 100, "late_impressions": 0, "feedback": 500, "orphan_feedback": 1}, {})
+    []
+    >>> stream_warnings({"impressions": 100, "late_impressions": 60}, {"out_of_range": 2})[1][:62]
+    '60 of 100 impressions (60.0%) arrived after the event-time wat'
+    """
+    warnings = []
+    if dead_letters:
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in dead_letters.items())
+        n = sum(dead_letters.values())
+        warnings.append(f"{n:,} {'event was' if n == 1 else 'events were'} dead-lettered ({reasons}): in no figure of "
+                        "this replay; summary.json's dead_letter_examples describes the first ones")
+    impressions, feedback = join.get("impressions", 0), join.get("feedback", 0)
+    late, late_feedback, orphans = (join.get("late_impressions", 0), join.get("late_feedback", 0),
+                                    join.get("orphan_feedback", 0))
+    if late > STREAM_WARNING_SHARE * impressions:
+        warnings.append(f"{late:,} of {impressions:,} impressions ({late / impressions:.1%}) arrived after the "
+                        "event-time watermark had passed them and were trained at once with the labels that had "
+                        "reached them: is the log in event-time order (docs/event-log.md)?")
+    if late_feedback > STREAM_WARNING_SHARE * feedback:
+        warnings.append(f"{late_feedback:,} of {feedback:,} feedback events ({late_feedback / feedback:.1%}) came "
+                        "after their impression's window had closed in event time and were dropped: a log out of "
+                        "event-time order, or attribution windows (join.attribution_window_s) too short for it")
+    if orphans > STREAM_WARNING_SHARE * feedback:
+        warnings.append(f"{orphans:,} of {feedback:,} feedback events ({orphans / feedback:.1%}) matched no "
+                        "impression and were dropped: impressions missing from the log (or outside --from-time/"
+                        "--to-time), feedback before its impression in a log out of event-time order, or feedback so "
+                        "long after its impression's window (join.attribution_window_s) that the join had forgotten it")
+    return warnings
 
 
 def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any], *, plots: bool = True) -> list[Path]:
@@ -1331,13 +1405,15 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
         every, last = c.get("ranking", {}).get("combined", {}), c.get(ranking_last_key, {}).get("combined", {})
         lines.append(f"| {name} | {_fmt(every.get('auc'))} | {_fmt(last.get('auc'))} | {_fmt(every.get('ndcg10'))} | "
                      f"{_fmt(last.get('ndcg10'))} |")
-    lines += ["", "| configuration | samples | steps | dead letters | late feedback | orphan feedback | evicted |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| configuration | samples | steps | dead letters | late impressions | late feedback | orphan feedback "
+              "| evicted |", "|---|---|---|---|---|---|---|---|"]
     for name, c in data["configurations"].items():
         j = c["join"]
-        lines.append(f"| {name} | {c['trained_samples']:,} | {c['steps']:,} | {c['dead_letters']:,} | "
-                     f"{j.get('late_feedback', 0):,} | {j.get('orphan_feedback', 0):,} | "
-                     f"{j.get('evicted_impressions', 0):,} |")
+        reasons = c.get("dead_letters_by_reason") or {}  # absent in summaries written before it
+        by_reason = f" ({', '.join(f'{r} {n:,}' for r, n in reasons.items())})" if reasons else ""
+        lines.append(f"| {name} | {c['trained_samples']:,} | {c['steps']:,} | {c['dead_letters']:,}{by_reason} | "
+                     f"{j.get('late_impressions', 0):,} | {j.get('late_feedback', 0):,} | "
+                     f"{j.get('orphan_feedback', 0):,} | {j.get('evicted_impressions', 0):,} |")
     lines += _gate_lines(data)
     for name, c in data["configurations"].items():
         firsts = {}

@@ -14,15 +14,14 @@ backtest.run_backtest``) in one of two ways:
   of the replay is the same bit for bit (``tests/unit/consumers/tools/test_backtest_intake.py``).
 
 The child does not import torch (it starts in ~0.1 s) and never sees a learner. Protocol: the hello (JSON: the
-log, its range, the groups' join settings, batch sizes, tasks and feature sets) on the child's stdin; then
-length-framed msgpack maps on a pipe, child to parent only (nothing is pickled), in this order: ``read``
-(records, events and bytes read so far, after each chunk), ``batch`` (a group's batch: each sample's impression id,
-user id and event time, and the arrays of each feature set as bytes), ``done``
-(its CPU seconds; per group the join's final state, dead letters by reason, events consumed per topic, samples
-emitted) or
-``error`` (the exception's kind and message; an ``EventLogError`` or ``ValueError`` is raised as such in the
-parent, so a truncated log fails as it does inline). The pipe's buffer bounds how far the child runs ahead
-(~1 MiB, a few batches); it dies with the parent (``PR_SET_PDEATHSIG``).
+log, its range, the topics a trainer reads, the groups' join settings, batch sizes, tasks and feature sets) on the
+child's stdin; then length-framed msgpack maps on a pipe, child to parent only (nothing is pickled), in this order:
+``read`` (records, events and bytes read so far, after each chunk), ``batch`` (a group's batch: each sample's
+impression id, user id and event time, and the arrays of each feature set as bytes), ``done`` (its CPU seconds,
+the first bad events described; per group the join's final state, dead letters by reason, events consumed per
+topic, samples emitted) or ``error`` (the exception's kind and message; an ``EventLogError`` or ``ValueError`` is
+raised as such in the parent, so a truncated log fails as it does inline). The pipe's buffer bounds how far the
+child runs ahead (~1 MiB, a few batches); it dies with the parent (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -91,32 +90,88 @@ class LoggedRecord(NamedTuple):
         return decode_events(self.value)
 
 
+class StrayRecord(NamedTuple):
+    """A log record on a topic the trainer does not read (``LogRecords.topics``): replayed as one dead letter
+    (``unknown_topic``), never joined, as the trainer would never see it (a typo such as ``impresions``, or a
+    ``model-updates`` record, in a log written by another tool)."""
+
+    topic: str
+    size: int
+    read_topics: tuple[str, ...]
+    partition: int = 0
+
+    def events(self) -> list[dict | EventError]:
+        return [EventError(f"record on topic {self.topic!r}, which the trainer does not read (it reads "
+                           f"{', '.join(map(repr, self.read_topics))})", field="topic", reason="unknown_topic")]
+
+
 @dataclasses.dataclass(frozen=True)
 class LogRecords:
     """The records of an event log in ``[from_ms, to_ms)`` (at most ``limit``), read as they are iterated (each
-    iteration reads the file again). A dense backtest hands these parameters to its intake process instead."""
+    iteration reads the file again). A dense backtest hands these parameters to its intake process instead.
+
+    The range applies to each event: a batch envelope keeps its events in the range (and is left out when none
+    is). ``topics``: the topics a trainer reads (impressions, feedback); a record on another one is a
+    ``StrayRecord`` (one dead letter). None: every record replays whatever its topic."""
 
     url: str
     from_ms: int | None = None
     to_ms: int | None = None
     limit: int | None = None
+    topics: tuple[str, ...] | None = None
 
-    def __iter__(self) -> Iterator[LoggedRecord]:
+    def __iter__(self) -> Iterator[LoggedRecord | StrayRecord]:
         entries = read_event_log_entries(path_from_url(self.url))
+        topics = self.topics
         if self.from_ms is None and self.to_ms is None:
             for topic, _key, event, size in itertools.islice(entries, self.limit):
-                yield LoggedRecord(topic, event, size)
+                yield (LoggedRecord(topic, event, size) if topics is None or topic in topics
+                       else StrayRecord(topic, size, topics))
             return
         n = 0
         for topic, _key, event, size in entries:
             if self.limit is not None and n >= self.limit:
                 return
-            ts = event.get("ts_ms")
-            if isinstance(ts, int) and ((self.from_ms is not None and ts < self.from_ms)
-                                        or (self.to_ms is not None and ts >= self.to_ms)):
+            if topics is not None and topic not in topics:
+                n += 1
+                yield StrayRecord(topic, size, topics)
                 continue
+            ts = event.get("ts_ms")
+            if isinstance(ts, int):
+                if not self._in_range(ts):
+                    continue
+            elif isinstance(event.get("batch"), list):
+                batch = event["batch"]
+                kept = [e for e in batch if not (isinstance(e, dict) and isinstance(e.get("ts_ms"), int)
+                                                 and not self._in_range(e["ts_ms"]))]
+                if not kept:
+                    continue
+                if len(kept) < len(batch):
+                    event = {**event, "batch": kept}
             n += 1
             yield LoggedRecord(topic, event, size)
+
+    def _in_range(self, ts: int) -> bool:
+        return (self.from_ms is None or ts >= self.from_ms) and (self.to_ms is None or ts < self.to_ms)
+
+
+DEAD_LETTER_EXAMPLES = 20  # a replay's first bad events, described in its summary and on stderr
+
+
+def add_dead_letter_examples(examples: list[str], chunk: Sequence[Any], decoded: Sequence[tuple[Sequence[Any], Any]],
+                             first: int) -> None:
+    """Up to ``DEAD_LETTER_EXAMPLES`` in all: the bad events of a chunk of records (the ``first``-th record of the
+    replay onwards, ``decoded`` their events), each as its record's number and topic, its problem and reason, and
+    its impression id where it has one. Called for a chunk that had some (rare: the scan is not on the common path)."""
+    for offset, (events, _source) in enumerate(decoded):
+        for error in (e for e in events if isinstance(e, EventError)):
+            if len(examples) >= DEAD_LETTER_EXAMPLES:
+                return
+            record = chunk[offset]
+            event = error.event if error.event is not None else getattr(record, "event", None)
+            impression_id = event.get("impression_id") if isinstance(event, dict) else None
+            named = f", impression_id {impression_id!r}" if isinstance(impression_id, str) else ""
+            examples.append(f"record {first + offset} ({record.topic}): {error} ({error.reason}{named})")
 
 
 def check_time_range(from_ms: int | None, to_ms: int | None) -> None:
@@ -126,9 +181,10 @@ def check_time_range(from_ms: int | None, to_ms: int | None) -> None:
                          "empty")
 
 
-def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
-                limit: int | None = None) -> tuple[LogRecords, dict[str, Any]]:
-    """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``."""
+def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None, limit: int | None = None,
+                topics: Sequence[str] | None = None) -> tuple[LogRecords, dict[str, Any]]:
+    """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)`` and with
+    records on topics other than ``topics`` dead-lettered (``LogRecords``)."""
     check_time_range(from_ms, to_ms)
     path = path_from_url(url)
     if not path.is_file():
@@ -136,7 +192,9 @@ def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None,
                             "'crossdistil stream --dataset kuairand --source ../shared/data/kuairand --to file://PATH'")
     desc = {"kind": "log", "log": str(url), "from_ms": from_ms, "to_ms": to_ms, "limit": limit,
             "bytes": path.stat().st_size}
-    return LogRecords(url, from_ms, to_ms, limit), desc
+    if topics is not None:
+        desc["topics"] = list(topics)
+    return LogRecords(url, from_ms, to_ms, limit, None if topics is None else tuple(topics)), desc
 
 
 # ----------------------------------------------------------------------------------------- the child
@@ -212,11 +270,14 @@ def intake(records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
         pipelines.append(Pipeline(_Sender(index, group, send), AttributionJoin(group.join),
                                   MiniBatcher(group.batch_size, None), tasks=group.tasks, clock=None, metrics=_Tally()))
     n_records = n_events = n_bytes = 0
+    examples: list[str] = []
     records_iter = iter(records)
     while chunk := list(itertools.islice(records_iter, train_every)):
         decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
-        for pipeline in pipelines:
-            pipeline.ingest_each(decoded)
+        for index, pipeline in enumerate(pipelines):
+            bad = pipeline.ingest_each(decoded)
+            if bad and index == 0 and len(examples) < DEAD_LETTER_EXAMPLES:  # every group reads the same records
+                add_dead_letter_examples(examples, chunk, decoded, n_records)
             if len(chunk) == train_every:
                 pipeline.train_ready()
         n_records += len(chunk)
@@ -225,7 +286,8 @@ def intake(records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
         send({"op": "read", "records": n_records, "events": n_events, "bytes": n_bytes})
     for pipeline in pipelines:
         pipeline.flush()
-    send({"op": "done", "records": n_records, "events": n_events, "cpu_s": time.process_time(), "groups": [
+    send({"op": "done", "records": n_records, "events": n_events, "cpu_s": time.process_time(),
+          "dead_letter_examples": examples, "groups": [
         {"join_state": p.join.state_dict(), "dead_letters": p.metrics.dead_letters, "consumed": p.metrics.consumed,
          "emitted": p.metrics.emitted, "events_ingested": p.events_ingested} for p in pipelines]})
 
@@ -243,7 +305,9 @@ def _child_main(fd_out: int, parent_pid: int) -> int:
 
     try:
         hello = json.loads(sys.stdin.buffer.read())
-        records = LogRecords(hello["url"], hello["from_ms"], hello["to_ms"], hello["limit"])
+        topics = hello.get("topics")
+        records = LogRecords(hello["url"], hello["from_ms"], hello["to_ms"], hello["limit"],
+                             None if topics is None else tuple(topics))
         intake(records, [IntakeGroup.from_dict(g) for g in hello["groups"]], int(hello["train_every"]), send)
     except BrokenPipeError:
         return 0  # the parent stopped reading (it failed or was interrupted): nothing to report to
@@ -275,7 +339,7 @@ class IntakeProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         hello = {"url": records.url, "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit,
-                 "train_every": train_every, "groups": [g.to_dict() for g in self.groups]}
+                 "topics": records.topics, "train_every": train_every, "groups": [g.to_dict() for g in self.groups]}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "consumers.tools.intake", str(write_fd), str(os.getpid())],
             stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
@@ -370,7 +434,8 @@ def replay_key(records: LogRecords, groups: Sequence[IntakeGroup], train_every: 
     key = {"format": CACHE_FORMAT, "code": _digest(*(p.read_bytes() for p in _INTAKE_CODE)),
             "log": {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
                     "ends": _digest(head, tail)},
-            "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit, "train_every": train_every,
+            "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit, "topics": records.topics,
+            "train_every": train_every,
             "groups": [g.to_dict() for g in groups]}
     return json.loads(json.dumps(key))  # plain lists and maps, as the key reads back from a cache file
 

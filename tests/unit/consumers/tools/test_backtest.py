@@ -211,3 +211,49 @@ def test_a_counted_task_is_an_input_of_the_replay_not_a_prediction(drift_log: Pa
     assert "| like" not in report and "Counted, not predicted" in report and ": like." in report
     assert "Counted, not predicted" not in backtest.render_report(runs["alone"], {"seconds": 1.0,
                                                                                  "records_per_s": 1}, [])
+
+
+@pytest.mark.parametrize("intake", ["inline", "process"])
+def test_what_a_log_did_to_the_replay_is_said_on_stderr_in_the_summary_and_the_report(
+        drift_log: Path, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, intake: str) -> None:
+    """Dead letters by reason with the first ones described, records on a topic no trainer reads, and a log out of
+    event-time order (most impressions late, most feedback orphaned) are warnings, not silently worse figures."""
+    from streamer.eventlog import EventLogWriter, read_event_log
+
+    records = list(read_event_log(drift_log))[:1_200]
+    bad = {"v": 1, "impression_id": "bad-1", "ts_ms": 1_700_000_000_000_000, "user_id": "u", "item_id": "a",
+           "features": {}}  # microseconds
+    path = tmp_path / "reversed.evlog"
+    with EventLogWriter(path) as log:
+        log.write("impressions", "u", bad)
+        log.write("impresions", "u", {**bad, "impression_id": "stray", "ts_ms": 1})
+        for record in reversed(records):
+            log.write(record.topic, record.key, record.event)
+    out = tmp_path / "out"
+    assert cli("--log", f"file://{path}", "--config", str(config_file), "--configs", "mtl", "--batching", "dense",
+               "--intake", intake, "--set", "join.attribution_window_s={click = 1, like = 1}",  # within the 12 s
+               "--out", str(out), "--quiet", "--no-plots") == 0
+    err = capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    mtl = summary["configurations"]["mtl"]
+    assert mtl["dead_letters_by_reason"] == {"out_of_range": 1, "unknown_topic": 1} and mtl["dead_letters"] == 2
+    first, second = summary["dead_letter_examples"]
+    assert first.startswith("record 0 (impressions): impression.ts_ms") and "microseconds" in first
+    assert first.endswith("(out_of_range, impression_id 'bad-1')")
+    assert second.startswith("record 1 (impresions): record on topic 'impresions'") and "unknown_topic" in second
+    assert "2 events were dead-lettered (out_of_range 1, unknown_topic 1)" in err and "dead letter: " in err
+    late = [w for w in summary["warnings"] if "arrived after the event-time watermark" in w]
+    orphans = [w for w in summary["warnings"] if "matched no impression" in w]
+    assert len(late) == 1 and len(orphans) == 1 and mtl["join"]["late_impressions"] > 0.5 * mtl["join"]["impressions"]
+    assert late[0] in err and orphans[0] in err
+    report = (out / "report.md").read_text()
+    assert "| late impressions |" in report and "2 (out_of_range 1, unknown_topic 1)" in report
+    assert f"> **Warning**: {late[0]}." in report
+
+
+def test_a_log_in_event_time_order_gives_no_stream_warning(drift_log: Path, config_file: Path, tmp_path: Path) -> None:
+    assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl", "--batching", "dense",
+               "--out", str(tmp_path), "--quiet", "--no-plots") == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["warnings"] == [] and summary["dead_letter_examples"] == []
+    assert summary["configurations"]["mtl"]["dead_letters_by_reason"] == {}

@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from consumers.tools.backtest import LoggedRecord, Record, log_records
+from consumers.tools.intake import StrayRecord
 from streamer.eventlog import EventLogWriter
 from streamer.events import DEFAULT_LIMITS, EventError
 
@@ -31,6 +32,8 @@ BAD = [
     {"v": 2, "impression_id": "i1"},  # bad_version
     {"v": 1, "batch": [IMPRESSION, {**FEEDBACK, "ts_ms": -1}]},  # one bad event in a batch
     {"v": 1, "batch": []},  # empty
+    {**IMPRESSION, "features": {7: 1}},  # a name that is not a string: not_msgpack (the decoder's strict map keys)
+    {**IMPRESSION, 3.5: "x"},  # a field named by a float, the same
 ]
 
 
@@ -80,3 +83,37 @@ def test_log_records_carry_each_records_size_in_the_file(tmp_path: Path) -> None
     records = logged(tmp_path, [IMPRESSION, FEEDBACK])
     assert sum(r.size for r in records) == (tmp_path / "x.evlog").stat().st_size
     assert [(r.topic, r.partition) for r in records] == [("impressions", 0), ("feedback", 0)]
+
+
+def test_records_on_topics_a_trainer_does_not_read_are_one_dead_letter_each(tmp_path: Path) -> None:
+    path = tmp_path / "x.evlog"
+    with EventLogWriter(path) as log:
+        log.write("impressions", "u", IMPRESSION)
+        log.write("impresions", "u", {**IMPRESSION, "impression_id": "i2"})  # a typo of another writer
+        log.write("model-updates", "m", {"v": 1})
+        log.write("feedback", "u", FEEDBACK)
+    records, desc = log_records(f"file://{path}", topics=["impressions", "feedback"])
+    assert desc["topics"] == ["impressions", "feedback"]
+    for ranged in ({}, {"from_ms": 0}):  # the two ways of reading a log
+        read = list(records if not ranged else log_records(f"file://{path}", topics=["impressions", "feedback"],
+                                                            **ranged)[0])
+        assert [type(r) for r in read] == [LoggedRecord, StrayRecord, StrayRecord, LoggedRecord]
+        [error] = read[1].events()
+        assert (error.reason, error.field, read[1].topic) == ("unknown_topic", "topic", "impresions")
+        assert "'impressions', 'feedback'" in str(error)
+    everything, _ = log_records(f"file://{path}")  # no topics named: every record replays
+    assert [type(r) for r in everything] == [LoggedRecord] * 4
+
+
+def test_a_time_range_applies_to_each_event_of_a_batch_envelope(tmp_path: Path) -> None:
+    early, inside, late = ({**IMPRESSION, "impression_id": f"i{ts}", "ts_ms": ts} for ts in (500, 1_500, 2_500))
+    path = tmp_path / "x.evlog"
+    with EventLogWriter(path) as log:
+        log.write("impressions", "u", {"v": 1, "batch": [early, inside, late, {**IMPRESSION, "ts_ms": "soon"}]})
+        log.write("impressions", "u", {"v": 1, "batch": [early, late]})  # nothing in range: left out
+        log.write("impressions", "u", inside)
+    records, _ = log_records(f"file://{path}", from_ms=1_000, to_ms=2_000)
+    first, second = records
+    # the event without a time is kept, to be dead-lettered as it would be without a range
+    assert [e["impression_id"] if type(e) is dict else e.reason for e in first.events()] == ["i1500", "wrong_type"]
+    assert second.event == inside
