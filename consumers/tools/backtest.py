@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
+from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.intake import (
@@ -148,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.torch_threads))
+    out = Path(args.out)
     try:
+        check_output_folder(out, "--out")
         configs = build_configs(args.configs_files, args.rungs, args.overrides)
         input_desc: dict[str, Any]
         cfg0 = next(iter(configs.values()))  # the topics a trainer reads
@@ -187,8 +190,12 @@ def run(args: argparse.Namespace) -> int:
               f"{' in the range given (check --from-time/--to-time/--from-offset/--to-offset)' if ranged else ''}; "
               "no outputs written", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    write_outputs(result, out, input_desc, plots=not args.no_plots)
+    try:
+        write_outputs(result, out, input_desc, plots=not args.no_plots)
+    except OSError as exc:  # checked before the replay, so something changed meanwhile (or the disk is full)
+        print(f"crossdistil backtest: the replay ran but its outputs could not be written to {out}: {exc}",
+              file=sys.stderr)
+        return 1
     print(f"crossdistil backtest: {result.records} records, {len(configs)} configuration(s), {result.batching} "
           f"batching -> {out}/report.md")
     for name, run_ in result.runs.items():
@@ -1226,11 +1233,19 @@ def _dead_letters_by_reason(result: BacktestResult, run_: ConfigRun) -> dict[str
 
 
 def replay_stream_warnings(result: BacktestResult) -> list[str]:
-    """``stream_warnings`` of every configuration, each said once (configurations sharing a join give the same)."""
+    """``stream_warnings`` of every configuration, each said once (configurations sharing a join give the same), and
+    each task a configuration predicts that had no positive label in the whole replay: a task named otherwise than
+    in the log's feedback (``clik``) trains on labels that are all 0, and its AUC reads "n/a"."""
     warnings: list[str] = []
     for run_ in result.runs.values():
-        warnings += [w for w in stream_warnings(run_.pipeline.join.counters, _dead_letters_by_reason(result, run_))
-                     if w not in warnings]
+        join = run_.pipeline.join.counters
+        warnings += [w for w in stream_warnings(join, _dead_letters_by_reason(result, run_)) if w not in warnings]
+        never = [task for task in run_.pipeline.scored_tasks if len(labels := run_.arrays(task)[0]) and not labels.any()]
+        if never:
+            warnings.append(f"{run_.name}: no positive label in {run_.pipeline.trained_samples:,} samples for "
+                            f"{', '.join(map(repr, never))}: is each named as in the log's feedback events? "
+                            f"({join.get('unknown_task_feedback', 0):,} feedback events were for tasks it does not "
+                            "learn)")
     return warnings
 
 

@@ -257,3 +257,22 @@ def test_a_log_in_event_time_order_gives_no_stream_warning(drift_log: Path, conf
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["warnings"] == [] and summary["dead_letter_examples"] == []
     assert summary["configurations"]["mtl"]["dead_letters_by_reason"] == {}
+
+
+def test_a_task_with_no_positive_label_in_the_whole_replay_is_a_warning(drift_log: Path, config_file: Path,
+                                                                          tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A task named otherwise than in the log's feedback trains on labels that are all 0: said, not just 'n/a'."""
+    assert cli("--log", f"file://{drift_log}", "--config", str(config_file), "--configs", "mtl", "--set",
+               'model.tasks=["clik", "like"]', "--set", "join.attribution_window_s={clik = 60, like = 120}",
+               "--out", str(tmp_path), "--quiet", "--no-plots") == 0
+    [warning] = [w for w in json.loads((tmp_path / "summary.json").read_text())["warnings"] if "positive" in w]
+    assert warning.startswith("mtl: no positive label in 3,000 samples for 'clik':") and warning in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_replay(drift_log: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert cli("--log", f"file://{drift_log}", "--configs", "mtl", "--out", str(out), "--quiet", "--no-plots") == 2
+        assert f"--out {out}: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
