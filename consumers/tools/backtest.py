@@ -196,7 +196,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"crossdistil backtest: the replay ran but its outputs could not be written to {out}: {exc}",
               file=sys.stderr)
         return 1
-    print(f"crossdistil backtest: {result.records} records, {len(configs)} configuration(s), {result.batching} "
+    _say_what_was_done(result, args, out, len(configs))
+    return 0
+
+
+def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Path, n_configs: int) -> None:
+    """A replay's lines after its outputs: per configuration its figures on stdout; warnings, the first dead
+    letters, the replay cache's hint and upkeep on stderr."""
+    print(f"crossdistil backtest: {result.records} records, {n_configs} configuration(s), {result.batching} "
           f"batching -> {out}/report.md")
     for name, run_ in result.runs.items():
         aucs = ", ".join(f"{t} {_fmt(v)}" for t, v in run_.prequential_auc().items())
@@ -225,7 +232,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"crossdistil backtest: replay cache: removed {evicted['files']} least recently used file(s) "
               f"({format_size(evicted['bytes'])}) to keep {Path(cache['file']).parent} within "
               f"{format_size(cache['limit_bytes'])} (--replay-cache-limit)", file=sys.stderr)
-    return 0
 
 
 def _size_arg(text: str) -> int:
