@@ -7,17 +7,21 @@ Kafka: one message per event keyed by the user id (UTF-8); with ``envelope`` N >
 (topic, partition) travel in one ``{"v": 1, "batch": [...]}`` message sent to that partition with no key (an
 envelope mixes users; each event's partition is still the one its user id hashes to, with Kafka's default
 murmur2 partitioner, so a user's events stay on one partition number across topics).
-Event logs: always one record per event, whatever ``envelope`` says (the record keeps the event's key).
+Event logs: always one record per event, whatever ``envelope`` says (the record keeps the event's key). The log
+is written to ``PATH.<pid>.partial`` beside PATH and renamed to PATH only by ``close()``; ``abort()`` removes it. So
+PATH holds a whole log or what it held before, never the first part of a stream that failed or was stopped.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from streamer import events
-from streamer.eventlog import EventLogWriter, path_from_url
+from streamer.eventlog import EventLogError, EventLogWriter, path_from_url
 from streamer.kafka_security import PreflightError, connection_failure, diagnose_connection, preflight
 from streamer.topics import ensure_topics
 
@@ -31,7 +35,8 @@ class SinkError(RuntimeError):
 
 
 class Sink(Protocol):
-    """Takes events with their topic and key; ``close()`` delivers everything or raises ``SinkError``."""
+    """Takes events with their topic and key; ``close()`` delivers everything or raises ``SinkError``; ``abort()``
+    ends a stream that failed."""
 
     bytes_written: int
     messages: int
@@ -46,6 +51,10 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Deliver everything still queued, surface any delivery error, release resources."""
+        ...
+
+    def abort(self) -> None:
+        """The stream failed or was stopped: keep nothing that would pass for a whole stream. Never raises."""
         ...
 
 
@@ -167,12 +176,27 @@ class KafkaSink:
         finally:
             self._producer.close()
 
+    def abort(self) -> None:
+        """Nothing to undo: what was sent stays in its topics, and the producer still delivers what it queued
+        (kafka-python flushes it when the process exits)."""
+
 
 class FileSink:
-    """Writes an event log (``streamer.eventlog``): one validated {topic, key, event} record per event."""
+    """Writes an event log (``streamer.eventlog``): one validated {topic, key, event} record per event.
+
+    Records go to ``PATH.<pid>.partial`` in PATH's folder; ``close()`` renames it to PATH (replacing a file there
+    at once), ``abort()`` removes it. A FIFO or device at PATH (``/dev/stdout``) is written directly.
+    """
 
     def __init__(self, path: str) -> None:
-        self._log = EventLogWriter(path)
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise EventLogError(f"{self.path} is a folder")
+        if not self.path.parent.is_dir():
+            raise EventLogError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
+        direct = self.path.exists() and not self.path.is_file()  # nothing to rename into a FIFO or a device
+        self._partial = None if direct else self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+        self._log = EventLogWriter(self._partial or self.path)
         self.messages = 0
 
     @property
@@ -189,8 +213,19 @@ class FileSink:
         """Nothing waits in a file sink."""
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file and move it to PATH."""
         self._log.close()
+        if self._partial is not None:
+            os.replace(self._partial, self.path)
+
+    def abort(self) -> None:
+        """Close and remove the partial file; PATH keeps what it held before."""
+        try:
+            self._log.close()
+        except OSError:
+            pass  # a failed flush (a full disk): the file goes anyway
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
 
 
 def open_sink(to: str, topics: tuple[str, str], envelope: int = 1,

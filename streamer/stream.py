@@ -11,16 +11,23 @@ stream is in non-decreasing event time and memory is bounded by the feedback tha
 delay, not by the data size. Events are keyed by user id; a feedback event carries its impression's user id as
 its key. ``--limit N`` stops after N impressions (their feedback is still emitted); for ``--dataset log`` it
 counts events. ``stream_dataset(...)`` does the whole run and returns the summary as a dict.
+
+``--to file://PATH`` writes PATH only when the stream completes (``streamer.sinks.FileSink``): a failed or stopped
+stream leaves PATH as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -43,6 +50,11 @@ class RoutedEvent(NamedTuple):
 
 class StreamError(RuntimeError):
     """The stream cannot run as asked; the message says what to change."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while streaming to a file (a ``BaseException``, like ``KeyboardInterrupt``: nothing catches
+    it by mistake on its way out)."""
 
 
 def impression_event(record: Interaction) -> dict[str, Any]:
@@ -200,7 +212,11 @@ def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | No
                   tasks: Iterable[str] = (), impression_topic: str = IMPRESSION_TOPIC,
                   feedback_topic: str = FEEDBACK_TOPIC, progress: bool = False, total_impressions: int | None = None,
                   dataset: str = "", to: str = "") -> dict[str, Any]:
-    """Write routed events to ``sink`` at ``speed`` and close it; return the summary dict."""
+    """Write routed events to ``sink`` at ``speed`` and close it; return the summary dict.
+
+    Anything that stops the stream, an interrupt included, ``abort()``s the sink (a file sink then leaves no partial
+    log).
+    """
     tally = Tally(impression_topic, feedback_topic)
     pacer = Pacer(speed)
     bar, bar_task = _progress(progress, total_impressions)
@@ -213,6 +229,9 @@ def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | No
             if bar is not None and n % PROGRESS_EVERY == 0:
                 bar.update(bar_task, completed=tally.per_topic.get(impression_topic, 0))
         sink.close()
+    except BaseException:
+        sink.abort()
+        raise
     finally:
         if bar is not None:
             bar.stop()
@@ -292,7 +311,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mapping", help="TOML column mapping for --dataset csv (see mappings/*.toml)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="data set option, repeatable (synthetic: n_events, tasks, correlation, drift, seed, ...)")
-    parser.add_argument("--to", required=True, help="kafka://HOST:PORT or file://PATH (an event log)")
+    parser.add_argument("--to", required=True,
+                        help="kafka://HOST:PORT or file://PATH (an event log, written to PATH.<pid>.partial and "
+                             "renamed to PATH when the stream completes: a failed or stopped stream leaves PATH as "
+                             "it was)")
     parser.add_argument("--speed", default="max", help="max (default), realtime, or a speed-up factor such as 60")
     parser.add_argument("--limit", type=int, help="stop after N impressions (for --dataset log: N events)")
     parser.add_argument("--envelope", type=int, default=1,
@@ -309,19 +331,53 @@ def run(args: argparse.Namespace) -> int:
     """Run ``crossdistil stream``; user errors print one line on stderr and exit with status 2."""
     from streamer.sinks import SinkError  # lazy: the Kafka client loads only when the command runs
 
+    to_file = args.to.startswith("file://")
     try:
         producer_config = client_options_from_args(args)
         if args.compression != "none":
             producer_config["compression_type"] = args.compression
-        summary = stream_dataset(
-            args.dataset, args.source, args.to, mapping=args.mapping, options=parse_options(args.option),
-            speed=args.speed, limit=args.limit, envelope=args.envelope, impression_topic=args.impressions_topic,
-            feedback_topic=args.feedback_topic, progress=not args.quiet and sys.stderr.isatty(),
-            producer_config=producer_config,
-        )
+        with _sigterm_raises(enabled=to_file):
+            summary = stream_dataset(
+                args.dataset, args.source, args.to, mapping=args.mapping, options=parse_options(args.option),
+                speed=args.speed, limit=args.limit, envelope=args.envelope, impression_topic=args.impressions_topic,
+                feedback_topic=args.feedback_topic, progress=not args.quiet and sys.stderr.isatty(),
+                producer_config=producer_config,
+            )
     except (StreamError, DatasetError, SinkError, EventLogError, EventError, SecurityError) as exc:
         print(f"crossdistil stream: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as exc:
+        if to_file:
+            print(f"crossdistil stream: stopped; {path_from_url(args.to)} is left as it was (the log is written "
+                  "there only when the stream completes)", file=sys.stderr)
+        if isinstance(exc, Terminated):
+            return _end_by_sigterm()
+        raise
     if not args.quiet:
         print_summary(summary)
     return 0
+
+
+@contextmanager
+def _sigterm_raises(enabled: bool) -> Iterator[None]:
+    """While streaming to a file, SIGTERM raises ``Terminated``: its default disposition ends the process at once,
+    which would leave the partial file behind. Only the main thread can set a handler; elsewhere nothing changes."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_by_sigterm() -> int:
+    """End the process by SIGTERM's default disposition, as if no handler had run (a parent sees the signal)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return 128 + signal.SIGTERM  # not reached: a signal a process sends itself is delivered before kill returns

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,8 +19,11 @@ from hypothesis import strategies as st
 
 from streamer.datasets.base import Interaction
 from streamer.eventlog import EventLogError, EventLogWriter, read_event_log
+from streamer.events import EventError
+from streamer.sinks import FileSink
 from streamer.stream import (
     Pacer,
+    RoutedEvent,
     StreamError,
     add_arguments,
     merge_events,
@@ -22,6 +31,7 @@ from streamer.stream import (
     parse_speed,
     run,
     stream_dataset,
+    stream_events,
 )
 
 pytestmark = pytest.mark.unit
@@ -243,3 +253,84 @@ def test_a_log_cut_anywhere_in_its_last_record_is_reported(tmp_path: Path, cut: 
     log.write_bytes(log.read_bytes()[:-cut])
     with pytest.raises(EventLogError, match="truncated"):
         list(read_event_log(log))
+
+
+# -- a stream that fails or stops leaves no partial log ---------------------------------------------------
+def feedback(i: int, ts_ms: int) -> dict:
+    return {"v": 1, "impression_id": f"i{i}", "ts_ms": ts_ms, "task": "click", "value": 1}
+
+
+def write_log(path: Path, events: list[dict]) -> None:
+    """An event log of feedback events as given (bad ones included), one record each, as a third party would."""
+    path.write_bytes(b"".join(msgpack.packb({"topic": "feedback", "key": "u", "event": e}) for e in events))
+
+
+def test_a_file_sink_holds_its_records_under_a_partial_name_until_it_is_closed(tmp_path: Path) -> None:
+    log = tmp_path / "out.evlog"
+    sink = FileSink(str(log))
+    sink.write("feedback", "u", feedback(0, 5))
+    assert not log.exists() and [p.name for p in tmp_path.glob("out.evlog.*.partial")]
+    sink.close()
+    assert [r["event"]["ts_ms"] for r in read_plain(log)] == [5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.evlog"]
+
+
+def test_a_stream_that_fails_part_way_leaves_the_file_at_its_path_as_it_was(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
+    write_log(source, [feedback(i, 1_000 * i) for i in range(500)] + [{**feedback(500, 500_000), "v": 2}])
+    out.write_bytes(b"an older log")
+    with pytest.raises(EventError, match="unsupported schema version 2"):
+        stream_dataset("log", f"file://{source}", f"file://{out}")
+    assert out.read_bytes() == b"an older log"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.evlog", "out.evlog"]  # no partial file left
+
+
+def test_an_interrupted_stream_to_a_file_leaves_no_log(tmp_path: Path) -> None:
+    out = tmp_path / "out.evlog"
+
+    def interrupted():
+        yield RoutedEvent("feedback", "u", feedback(0, 5))
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_events(interrupted(), FileSink(str(out)))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_stream_to_a_file_and_leaves_the_file_at_its_path_as_it_was(tmp_path: Path, sig) -> None:
+    source, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
+    write_log(source, [feedback(i, 1_000 * i) for i in range(600)])  # 10 min of event time: paced at 1x
+    out.write_bytes(b"an older log")
+    repo = Path(__file__).resolve().parents[3]
+    # SIG_DFL first: a shell's background job inherits SIGINT ignored, and Python then never raises on it
+    child = subprocess.Popen([sys.executable, "-m", "consumers.cli", "stream", "--dataset", "log", "--source",
+                              f"file://{source}", "--to", f"file://{out}", "--speed", "1", "--quiet"],
+                             cwd=repo, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("out.evlog.*.partial")):  # the sink is open: the stream is under way
+            assert child.poll() is None and time.monotonic() < deadline, "the stream never started"
+            time.sleep(0.05)
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == (-signal.SIGTERM if sig == signal.SIGTERM else 130)  # SIGTERM still ends it
+    assert f"{out} is left as it was" in err
+    assert out.read_bytes() == b"an older log"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.evlog", "out.evlog"]
+
+
+def test_a_stream_into_a_fifo_writes_straight_into_it(tmp_path: Path) -> None:
+    fifo, copy = tmp_path / "pipe", tmp_path / "copy.evlog"
+    os.mkfifo(fifo)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    stream_dataset("synthetic", None, f"file://{fifo}", options={"n_events": "50"})
+    reader.join(timeout=30)
+    stream_dataset("synthetic", None, f"file://{copy}", options={"n_events": "50"})
+    assert read == [copy.read_bytes()] and fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.evlog", "pipe"]
