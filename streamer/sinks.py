@@ -36,10 +36,15 @@ class SinkError(RuntimeError):
 
 class Sink(Protocol):
     """Takes events with their topic and key; ``close()`` delivers everything or raises ``SinkError``; ``abort()``
-    ends a stream that failed."""
+    ends a stream that failed.
+
+    ``checks_each_event``: True when ``write`` raises ``EventError`` for the very event it is given (False when
+    events wait in an envelope that is checked when it is sent, so an error names ``batch[i]`` of it instead).
+    """
 
     bytes_written: int
     messages: int
+    checks_each_event: bool
 
     def write(self, topic: str, key: str, event: Mapping[str, Any]) -> None:
         """Queue or write one event."""
@@ -101,6 +106,11 @@ class KafkaSink:
                 raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
             raise SinkError(connection_failure(bootstrap, config, exc, diagnosis, hint="check --to")) from exc
         self._ensure_topics(topics, dict(producer_config or {}))
+
+    @property
+    def checks_each_event(self) -> bool:
+        """Single events are checked as they are written; an envelope's events when it is sent."""
+        return self.envelope == 1
 
     def _ensure_topics(self, topics: tuple[str, ...], client_options: dict[str, Any]) -> None:
         impressions, feedback = topics
@@ -187,6 +197,8 @@ class FileSink:
     Records go to ``PATH.<pid>.partial`` in PATH's folder; ``close()`` renames it to PATH (replacing a file there
     at once), ``abort()`` removes it. A FIFO or device at PATH (``/dev/stdout``) is written directly.
     """
+
+    checks_each_event = True
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)

@@ -12,8 +12,9 @@ delay, not by the data size. Events are keyed by user id; a feedback event carri
 its key. ``--limit N`` stops after N impressions (their feedback is still emitted); for ``--dataset log`` it
 counts events. ``stream_dataset(...)`` does the whole run and returns the summary as a dict.
 
-``--to file://PATH`` writes PATH only when the stream completes (``streamer.sinks.FileSink``): a failed or stopped
-stream leaves PATH as it was.
+A bad event stops the stream with an error that says where it came from: the source file and data row of a data
+set (the adapter's own count, 0-based), or the event log and its record index. ``--to file://PATH`` writes PATH
+only when the stream completes (``streamer.sinks.FileSink``): a failed or stopped stream leaves PATH as it was.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -105,17 +106,60 @@ def merge_events(interactions: Iterable[Interaction], *, impression_topic: str =
         yield RoutedEvent(feedback_topic, key, event)
 
 
-def replay_log(path: str, limit: int | None = None) -> Iterator[RoutedEvent]:
-    """The records of an event log as routed events (a batch envelope in a record is unwrapped, keeping its key)."""
+class LogReplay:
+    """The records of an event log as routed events (a batch envelope in a record is unwrapped, keeping its key).
 
-    count = 0
-    for record in read_event_log(path):
-        inner = record.event.get("batch") if isinstance(record.event.get("batch"), list) else [record.event]
-        for event in inner:
-            if limit is not None and count >= limit:
-                return
-            yield RoutedEvent(record.topic, record.key, event)
-            count += 1
+    ``where(routed)`` names the record the latest event came from (``event log PATH: record 12``), for errors.
+    """
+
+    def __init__(self, path: str, limit: int | None = None) -> None:
+        self.path = path
+        self.limit = limit
+        self._record = 0
+        self._in_envelope: int | None = None  # the event's place in its record's batch envelope, if it had one
+
+    def __iter__(self) -> Iterator[RoutedEvent]:
+        count = 0
+        for index, record in enumerate(read_event_log(self.path)):
+            batch = record.event.get("batch")
+            inner = batch if isinstance(batch, list) else [record.event]
+            for place, event in enumerate(inner):
+                if self.limit is not None and count >= self.limit:
+                    return
+                self._record, self._in_envelope = index, place if inner is batch else None
+                yield RoutedEvent(record.topic, record.key, event)
+                count += 1
+
+    def where(self, routed: RoutedEvent) -> str:
+        """Where the latest event came from (``routed`` is that event; the record index says more)."""
+        place = f" batch[{self._in_envelope}]" if self._in_envelope is not None else ""
+        return f"event log {self.path}: record {self._record}{place}"
+
+
+def replay_log(path: str, limit: int | None = None) -> LogReplay:
+    """The records of an event log as routed events; see ``LogReplay``."""
+    return LogReplay(path, limit)
+
+
+def dataset_origin(data: Any, name: str) -> Callable[[RoutedEvent], str]:
+    """A function naming where one of a data set's events came from, for errors: ``SOURCE data row N`` when the
+    impression id is the adapter's default ``<prefix>-<data row>`` (the csv adapter's, kuairand's, icme2019's),
+    else ``SOURCE: impression ID``."""
+    source = getattr(data, "source", None) or f"data set {name}"
+    mapping = getattr(data, "mapping", None)  # a csv-adapter mapping; its ids carry the row unless a column gives them
+    prefix = None
+    if mapping is not None and mapping.impression_id is None:
+        prefix = f"{mapping.impression_id_prefix or mapping.name}-"
+
+    def where(routed: RoutedEvent) -> str:
+        impression_id = routed.event.get("impression_id")
+        if prefix is not None and isinstance(impression_id, str) and impression_id.startswith(prefix):
+            row = impression_id[len(prefix):]
+            if row.isascii() and row.isdigit():
+                return f"{source} data row {row}"
+        return f"{source}: impression {impression_id!r}"
+
+    return where
 
 
 def parse_speed(text: str) -> float | None:
@@ -211,20 +255,27 @@ def _progress(enabled: bool, total: int | None):
 def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | None = None,
                   tasks: Iterable[str] = (), impression_topic: str = IMPRESSION_TOPIC,
                   feedback_topic: str = FEEDBACK_TOPIC, progress: bool = False, total_impressions: int | None = None,
-                  dataset: str = "", to: str = "") -> dict[str, Any]:
+                  dataset: str = "", to: str = "", origin: Callable[[RoutedEvent], str] | None = None
+                  ) -> dict[str, Any]:
     """Write routed events to ``sink`` at ``speed`` and close it; return the summary dict.
 
-    Anything that stops the stream, an interrupt included, ``abort()``s the sink (a file sink then leaves no partial
-    log).
+    A bad event raises ``StreamError`` prefixed with ``origin(event)`` (where it came from), and anything that
+    stops the stream, an interrupt included, ``abort()``s the sink (a file sink then leaves no partial log).
     """
     tally = Tally(impression_topic, feedback_topic)
     pacer = Pacer(speed)
+    where = origin or _by_impression
     bar, bar_task = _progress(progress, total_impressions)
     started = time.perf_counter()
     try:
         for n, item in enumerate(routed):
             pacer.wait_for(item.event.get("ts_ms", 0), on_wait=sink.idle)
-            sink.write(item.topic, item.key, item.event)
+            try:
+                sink.write(item.topic, item.key, item.event)
+            except EventError as exc:
+                if not sink.checks_each_event:
+                    raise  # it names batch[i] of an envelope being sent, not this event
+                raise StreamError(f"{where(item)}: {exc}") from exc
             tally.add(item)
             if bar is not None and n % PROGRESS_EVERY == 0:
                 bar.update(bar_task, completed=tally.per_topic.get(impression_topic, 0))
@@ -237,6 +288,11 @@ def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | No
             bar.stop()
     seconds = time.perf_counter() - started
     return summarize(tally, tasks, sink.bytes_written, sink.messages, seconds, dataset, to)
+
+
+def _by_impression(routed: RoutedEvent) -> str:
+    """Where an event came from, when its source says nothing: its impression id."""
+    return f"impression {routed.event.get('impression_id')!r}"
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, str]:
@@ -266,20 +322,23 @@ def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | 
     if dataset == "log":
         if not source:
             raise StreamError("--dataset log needs --source file://PATH (an event log)")
-        routed: Iterable[RoutedEvent] = replay_log(str(path_from_url(source)), limit=limit)
+        replay = replay_log(str(path_from_url(source)), limit=limit)
+        routed: Iterable[RoutedEvent] = replay
+        origin = replay.where
         tasks: tuple[str, ...] = ()
         total = None
     else:
         data = open_dataset(dataset, source, mapping, **(options or {}))
         routed = merge_events(data.interactions(), impression_topic=impression_topic, feedback_topic=feedback_topic,
                               limit=limit)
+        origin = dataset_origin(data, dataset)
         tasks = tuple(data.tasks)
         bounds = [x for x in (getattr(data, "n_interactions", None), limit) if x is not None]
         total = min(bounds) if bounds else None
     sink = open_sink(to, (impression_topic, feedback_topic), envelope=envelope, producer_config=producer_config)
     return stream_events(routed, sink, speed=factor, tasks=tasks, impression_topic=impression_topic,
                          feedback_topic=feedback_topic, progress=progress, total_impressions=total,
-                         dataset=dataset, to=to)
+                         dataset=dataset, to=to, origin=origin)
 
 
 def print_summary(summary: dict[str, Any], file=None) -> None:

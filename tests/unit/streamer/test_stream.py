@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,6 @@ from hypothesis import strategies as st
 
 from streamer.datasets.base import Interaction
 from streamer.eventlog import EventLogError, EventLogWriter, read_event_log
-from streamer.events import EventError
 from streamer.sinks import FileSink
 from streamer.stream import (
     Pacer,
@@ -255,9 +255,14 @@ def test_a_log_cut_anywhere_in_its_last_record_is_reported(tmp_path: Path, cut: 
         list(read_event_log(log))
 
 
-# -- a stream that fails or stops leaves no partial log ---------------------------------------------------
+# -- a stream that fails or stops leaves no partial log; a bad event says where it came from --------------
 def feedback(i: int, ts_ms: int) -> dict:
     return {"v": 1, "impression_id": f"i{i}", "ts_ms": ts_ms, "task": "click", "value": 1}
+
+
+def starting(text: str) -> str:
+    """A pattern for ``pytest.raises(match=...)``: a message that starts with ``text``."""
+    return "^" + re.escape(text)
 
 
 def write_log(path: Path, events: list[dict]) -> None:
@@ -279,7 +284,7 @@ def test_a_stream_that_fails_part_way_leaves_the_file_at_its_path_as_it_was(tmp_
     source, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
     write_log(source, [feedback(i, 1_000 * i) for i in range(500)] + [{**feedback(500, 500_000), "v": 2}])
     out.write_bytes(b"an older log")
-    with pytest.raises(EventError, match="unsupported schema version 2"):
+    with pytest.raises(StreamError, match="unsupported schema version 2"):
         stream_dataset("log", f"file://{source}", f"file://{out}")
     assert out.read_bytes() == b"an older log"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.evlog", "out.evlog"]  # no partial file left
@@ -334,3 +339,43 @@ def test_a_stream_into_a_fifo_writes_straight_into_it(tmp_path: Path) -> None:
     stream_dataset("synthetic", None, f"file://{copy}", options={"n_events": "50"})
     assert read == [copy.read_bytes()] and fifo.is_fifo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.evlog", "pipe"]
+
+
+def test_a_bad_event_in_an_event_log_names_the_log_and_its_record(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "in.evlog"
+    write_log(source, [feedback(0, 1), feedback(1, 2), {**feedback(2, 3), "value": "yes"}])
+    assert cli(["--dataset", "log", "--source", f"file://{source}", "--to", f"file://{tmp_path}/o.evlog"]) == 2
+    assert capsys.readouterr().err == (f"crossdistil stream: event log {source}: record 2: feedback.value: "
+                                       "expected a number, got str\n")
+
+
+def test_a_bad_event_in_a_batch_envelope_names_its_place_in_the_envelope(tmp_path: Path) -> None:
+    source = tmp_path / "in.evlog"
+    envelope = {"v": 1, "batch": [feedback(1, 2), {**feedback(2, 3), "ts_ms": -1}]}
+    write_log(source, [feedback(0, 1), envelope])
+    with pytest.raises(StreamError, match=starting(f"event log {source}: record 1 batch[1]: feedback.ts_ms: ")):
+        stream_dataset("log", f"file://{source}", f"file://{tmp_path}/o.evlog")
+
+
+def csv_with_a_long_city(tmp_path: Path, id_column: bool) -> tuple[Path, dict]:
+    """Three rows whose second (data row 1) has a city longer than an event may carry; rows are out of time order,
+    so the row is not the event's place in the stream."""
+    source = tmp_path / "data.csv"
+    cities = ["a", "x" * 2000, "b"]
+    rows = [f"imp{i},u{i},item{i},{t},{city},1" for i, (t, city) in enumerate(zip((30, 10, 20), cities))]
+    source.write_text("imp,user,item,ts,city,click\n" + "\n".join(rows) + "\n")
+    mapping = {"name": "mine", "user": "user", "item": "item", "time": "ts", "time_unit": "s",
+               "categorical": ["city"], "tasks": {"click": {"column": "click"}}}
+    return source, {**mapping, "impression_id": "imp"} if id_column else mapping
+
+
+def test_a_bad_event_from_a_csv_names_the_file_and_data_row(tmp_path: Path) -> None:
+    source, mapping = csv_with_a_long_city(tmp_path, id_column=False)
+    with pytest.raises(StreamError, match=starting(f"{source} data row 1: impression.features['city']: longer than")):
+        stream_dataset("csv", str(source), f"file://{tmp_path}/o.evlog", mapping=mapping)
+
+
+def test_a_bad_event_from_a_csv_with_an_id_column_names_the_file_and_impression(tmp_path: Path) -> None:
+    source, mapping = csv_with_a_long_city(tmp_path, id_column=True)
+    with pytest.raises(StreamError, match=starting(f"{source}: impression 'imp1': impression.features['city']: ")):
+        stream_dataset("csv", str(source), f"file://{tmp_path}/o.evlog", mapping=mapping)
