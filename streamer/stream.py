@@ -15,6 +15,7 @@ counts events. ``stream_dataset(...)`` does the whole run and returns the summar
 A bad event stops the stream with an error that says where it came from: the source file and data row of a data
 set (the adapter's own count, 0-based), or the event log and its record index. ``--to file://PATH`` writes PATH
 only when the stream completes (``streamer.sinks.FileSink``): a failed or stopped stream leaves PATH as it was.
+Pacing (``--speed`` other than max) checks each event before it waits for its time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from streamer import events
 from streamer.datasets import open_dataset
 from streamer.datasets.base import DatasetError, Interaction
 from streamer.eventlog import EventLogError, path_from_url, read_event_log
@@ -269,7 +271,8 @@ def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | No
     started = time.perf_counter()
     try:
         for n, item in enumerate(routed):
-            pacer.wait_for(item.event.get("ts_ms", 0), on_wait=sink.idle)
+            if pacer.factor is not None:
+                _pace(pacer, item, sink, where)
             try:
                 sink.write(item.topic, item.key, item.event)
             except EventError as exc:
@@ -293,6 +296,16 @@ def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | No
 def _by_impression(routed: RoutedEvent) -> str:
     """Where an event came from, when its source says nothing: its impression id."""
     return f"impression {routed.event.get('impression_id')!r}"
+
+
+def _pace(pacer: Pacer, item: RoutedEvent, sink: Any, where: Callable[[RoutedEvent], str]) -> None:
+    """Wait for the event's time. The event is checked first: pacing reads its ts_ms, and a bad one must get the
+    contract's error (as at --speed max), not a TypeError."""
+    try:
+        ts_ms = events.validate(item.event)["ts_ms"]
+    except EventError as exc:
+        raise StreamError(f"{where(item)}: {exc}") from exc
+    pacer.wait_for(ts_ms, on_wait=sink.idle)
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, str]:

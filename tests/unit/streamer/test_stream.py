@@ -379,3 +379,14 @@ def test_a_bad_event_from_a_csv_with_an_id_column_names_the_file_and_impression(
     source, mapping = csv_with_a_long_city(tmp_path, id_column=True)
     with pytest.raises(StreamError, match=starting(f"{source}: impression 'imp1': impression.features['city']: ")):
         stream_dataset("csv", str(source), f"file://{tmp_path}/o.evlog", mapping=mapping)
+
+
+def test_pacing_checks_an_event_before_it_reads_its_time(tmp_path: Path) -> None:
+    source = tmp_path / "in.evlog"
+    write_log(source, [feedback(0, 1), {**feedback(1, 2), "ts_ms": "1649000000000"}])
+    errors = []
+    for speed in ("max", "1000000"):
+        with pytest.raises(StreamError) as caught:
+            stream_dataset("log", f"file://{source}", f"file://{tmp_path}/o.evlog", speed=speed)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] == f"event log {source}: record 1: feedback.ts_ms: expected an integer, got str"
