@@ -15,7 +15,9 @@ counts events. ``stream_dataset(...)`` does the whole run and returns the summar
 A bad event stops the stream with an error that says where it came from: the source file and data row of a data
 set (the adapter's own count, 0-based), or the event log and its record index. ``--to file://PATH`` writes PATH
 only when the stream completes (``streamer.sinks.FileSink``): a failed or stopped stream leaves PATH as it was.
-Pacing (``--speed`` other than max) checks each event before it waits for its time.
+Pacing (``--speed`` other than max) checks each event before it waits for its time, and refuses an event more than
+``MAX_PACED_GAP_MS`` after the latest one before it: such a gap is a wrong time far more often than a real pause,
+and pacing would sleep through it (for years, for a time in the far future).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError
 from streamer.kafka_security import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
 
 PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
+# Pacing refuses an event this far (event time) after the latest before it: longer than a data set's weekends and
+# outages, far shorter than a wrong unit or a far-future time (which pacing would wait out, for years).
+MAX_PACED_GAP_MS = 7 * 86_400_000
 
 
 class RoutedEvent(NamedTuple):
@@ -180,12 +185,18 @@ def parse_speed(text: str) -> float | None:
 
 
 class Pacer:
-    """Sleeps so that event time advances ``factor`` times faster than wall time (None: never sleeps)."""
+    """Sleeps so that event time advances ``factor`` times faster than wall time (None: never sleeps).
 
-    def __init__(self, factor: float | None, clock=time.monotonic, sleep=time.sleep) -> None:
+    An event more than ``max_gap_ms`` after the latest event time so far raises ``StreamError`` instead of a sleep.
+    """
+
+    def __init__(self, factor: float | None, clock=time.monotonic, sleep=time.sleep,
+                 max_gap_ms: int = MAX_PACED_GAP_MS) -> None:
         self.factor = factor
+        self.max_gap_ms = max_gap_ms
         self._clock, self._sleep = clock, sleep
         self._origin: tuple[float, int] | None = None
+        self._latest_ts = 0
 
     def wait_for(self, ts_ms: int, on_wait=None) -> None:
         """Return when the wall clock has reached the event's time; ``on_wait()`` runs before sleeping."""
@@ -193,13 +204,31 @@ class Pacer:
             return
         if self._origin is None:
             self._origin = (self._clock(), ts_ms)
+            self._latest_ts = ts_ms
             return
+        if ts_ms - self._latest_ts > self.max_gap_ms:
+            gap_s = (ts_ms - self._latest_ts) / 1000.0
+            speed = f"{self.factor:.0f}" if float(self.factor).is_integer() else f"{self.factor:g}"
+            raise StreamError(
+                f"ts_ms {ts_ms} is {_duration(gap_s)} after the latest event before it ({self._latest_ts}); at "
+                f"--speed {speed} that is a wait of {_duration(gap_s / self.factor)}, and pacing refuses a gap over "
+                f"{self.max_gap_ms / 86_400_000:g} days as a wrong time (check the event's ts_ms; --speed max "
+                "streams it unpaced)")
+        self._latest_ts = max(self._latest_ts, ts_ms)
         wall0, ts0 = self._origin
         delay = wall0 + (ts_ms - ts0) / 1000.0 / self.factor - self._clock()
         if delay > 0:
             if on_wait is not None:
                 on_wait()
             self._sleep(delay)
+
+
+def _duration(seconds: float) -> str:
+    """``90061.0`` -> ``'1.0 days'``: a wait or a gap in the unit a reader takes in at once."""
+    for unit, size in (("years", 365.25 * 86_400), ("days", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.1f} s"
 
 
 @dataclass
@@ -305,7 +334,10 @@ def _pace(pacer: Pacer, item: RoutedEvent, sink: Any, where: Callable[[RoutedEve
         ts_ms = events.validate(item.event)["ts_ms"]
     except EventError as exc:
         raise StreamError(f"{where(item)}: {exc}") from exc
-    pacer.wait_for(ts_ms, on_wait=sink.idle)
+    try:
+        pacer.wait_for(ts_ms, on_wait=sink.idle)
+    except StreamError as exc:  # the gap refused (sink.idle raises EventError or SinkError only)
+        raise StreamError(f"{where(item)}: {exc}") from exc
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, str]:
@@ -387,7 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kafka://HOST:PORT or file://PATH (an event log, written to PATH.<pid>.partial and "
                              "renamed to PATH when the stream completes: a failed or stopped stream leaves PATH as "
                              "it was)")
-    parser.add_argument("--speed", default="max", help="max (default), realtime, or a speed-up factor such as 60")
+    parser.add_argument("--speed", default="max",
+                        help="max (default), realtime, or a speed-up factor such as 60; pacing refuses an event more "
+                             f"than {MAX_PACED_GAP_MS // 86_400_000} days after the latest before it (a wrong time it "
+                             "would wait out)")
     parser.add_argument("--limit", type=int, help="stop after N impressions (for --dataset log: N events)")
     parser.add_argument("--envelope", type=int, default=1,
                         help="Kafka only: N events per {v:1, batch:[...]} message (default 1: single events)")

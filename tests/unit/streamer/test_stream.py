@@ -390,3 +390,23 @@ def test_pacing_checks_an_event_before_it_reads_its_time(tmp_path: Path) -> None
             stream_dataset("log", f"file://{source}", f"file://{tmp_path}/o.evlog", speed=speed)
         errors.append(str(caught.value))
     assert errors[0] == errors[1] == f"event log {source}: record 1: feedback.ts_ms: expected an integer, got str"
+
+
+def test_pacer_refuses_an_event_far_after_the_latest_instead_of_sleeping_until_it() -> None:
+    fake = FakeClock()
+    pacer = Pacer(1e6, clock=fake.clock, sleep=fake.sleep)
+    pacer.wait_for(1_000)
+    pacer.wait_for(1_000 + 6 * 86_400_000)  # six days: a real gap, waited at this speed
+    assert fake.slept == [0.5184]
+    with pytest.raises(StreamError, match=r"7\.0 days after the latest event before it .* a gap over 7 days"):
+        pacer.wait_for(1_000 + 13 * 86_400_000 + 1)
+    assert fake.slept == [0.5184]
+
+
+def test_a_far_future_event_paced_is_an_error_naming_its_record(tmp_path: Path) -> None:
+    source = tmp_path / "in.evlog"
+    write_log(source, [feedback(0, 1_649_000_000_000), feedback(1, 32_503_680_000_000)])  # the year 3000
+    far_future = starting(f"event log {source}: record 1: ts_ms 32503680000000 is 977.7 years after the latest")
+    with pytest.raises(StreamError, match=far_future):
+        stream_dataset("log", f"file://{source}", f"file://{tmp_path}/o.evlog", speed="1000000")
+    assert stream_dataset("log", f"file://{source}", f"file://{tmp_path}/o.evlog")["events"] == 2  # unpaced: as is
