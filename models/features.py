@@ -207,9 +207,17 @@ def _numeric_columns(feature_maps: Sequence[Mapping[str, Any]], spec: FeatureSpe
     for c, name in enumerate(spec.numeric):
         try:
             numeric[:, c] = [float(v or 0.0) for v in numeric_values[name]]
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"numeric feature {name!r} has a value that is not a number: {exc}") from None
+        _check_finite(name, numeric[:, c])
     return _signed_log1p(numeric)
+
+
+def _check_finite(name: str, column: np.ndarray) -> None:
+    """Refuse NaN and infinity: log1p keeps them, and one NaN input makes every prediction that reads it NaN."""
+    if not np.isfinite(column).all():
+        row = int(np.flatnonzero(~np.isfinite(column))[0])
+        raise ValueError(f"numeric feature {name!r} is {column[row]} in row {row}: expected a finite number")
 
 
 def _signed_log1p(numeric: np.ndarray) -> np.ndarray:
@@ -220,10 +228,11 @@ def encode_factorized(columns: Mapping[str, tuple[Sequence[str], np.ndarray]], n
                       labels: np.ndarray, user_ids: tuple[Sequence[str], np.ndarray],
                       spec: FeatureSpec) -> dict[str, np.ndarray]:
     """``encode_columns``' arrays from a data set already in columns: each categorical field as (its distinct strings,
-    one index into them per row), "" for a row without it; numeric fields as float64 rows (0 where absent); labels
-    [n, K] (0/1); the user ids factorized like the fields. A field the spec has and ``columns`` lacks reads "" (every
-    row without it). Only the distinct strings are hashed: the same rows as ``encode_columns`` of the same rows, bit
-    for bit (tests/unit/streamer/test_columnar.py), in a fraction of its time.
+    one index into them per row), "" for a row without it; numeric fields as float64 rows (0 where absent; NaN or
+    infinity is a ValueError, as in ``encode_columns``); labels [n, K] (0/1); the user ids factorized like the fields.
+    A field the spec has and ``columns`` lacks reads "" (every row without it). Only the distinct strings are hashed:
+    the same rows as ``encode_columns`` of the same rows, bit for bit (tests/unit/streamer/test_columnar.py), in a
+    fraction of its time.
     """
     n = len(labels)
     by_field = np.empty((len(spec.categorical), n), dtype=np.int64)
@@ -235,6 +244,7 @@ def encode_factorized(columns: Mapping[str, tuple[Sequence[str], np.ndarray]], n
     for c, name in enumerate(spec.numeric):
         if name in numeric:
             raw[:, c] = numeric[name]
+            _check_finite(name, raw[:, c])
     values, codes = user_ids
     user = np.asarray(hash_column("user_id", list(values), _USER_ID_SPACE), dtype=np.int64)[codes] \
         if len(values) else np.zeros(0, dtype=np.int64)
@@ -278,7 +288,7 @@ def encode_rows(rows: Sequence[Any], spec: FeatureSpec, tasks: Sequence[str]) ->
 
     Rows may also be objects with those attributes (``streamer.datasets.base.Interaction``). Missing
     categorical values hash as the empty string of their field (one "missing" row per field); missing
-    numeric values and missing labels are 0.
+    numeric values and missing labels are 0; a NaN or infinite numeric value is a ValueError.
 
     >>> b = encode_rows([{"user_id": "u1", "item_id": "i9", "features": {}, "labels": {"like": 1}}],
     ...                 FeatureSpec(), ("like", "finish"))

@@ -14,7 +14,15 @@ import torch
 
 from models.config import ModelConfig
 from models.crossdistil import RunningNormalizer
-from models.features import FeatureSpec, collision_rate, encode_for_scoring, encode_rows, hash_bucket, hash_column
+from models.features import (
+    FeatureSpec,
+    collision_rate,
+    encode_factorized,
+    encode_for_scoring,
+    encode_rows,
+    hash_bucket,
+    hash_column,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -137,6 +145,26 @@ def test_negative_numerics_keep_their_sign() -> None:
 def test_a_non_numeric_value_in_a_numeric_field_names_the_field() -> None:
     with pytest.raises(ValueError, match="'watch'"):
         encode_rows([{"features": {"watch": "long"}}], FeatureSpec(numeric=("watch",)), ())
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 10**400])
+def test_a_numeric_feature_that_is_not_finite_is_refused_naming_the_field_and_row(value: float) -> None:
+    rows = [{"features": {"watch": 3}}, {"features": {"watch": value}}]
+    with pytest.raises(ValueError, match="numeric feature 'watch'"):  # log1p would keep it: NaN predictions
+        encode_rows(rows, FeatureSpec(numeric=("watch",)), ())
+    if isinstance(value, float):
+        with pytest.raises(ValueError, match="numeric feature 'watch' is .* in row 1: expected a finite number"):
+            encode_for_scoring([{"user_id": "u", "item_id": "i", **row} for row in rows],
+                               FeatureSpec(numeric=("watch",)), ())
+
+
+def test_encode_factorized_refuses_a_numeric_column_that_is_not_finite() -> None:
+    spec = FeatureSpec(categorical=("user_id",), numeric=("watch",))
+    users = (["u"], np.zeros(3, dtype=np.int64))
+    with pytest.raises(ValueError, match="numeric feature 'watch' is inf in row 2: expected a finite number"):
+        encode_factorized({}, {"watch": np.array([1.0, 0.0, np.inf])}, np.zeros((3, 0)), users, spec)
+    arrays = encode_factorized({}, {"watch": np.array([1.0, 0.0, -2.0])}, np.zeros((3, 0)), users, spec)
+    assert np.isfinite(arrays["numeric"]).all()
 
 
 def test_encode_rows_accepts_objects_with_attributes() -> None:

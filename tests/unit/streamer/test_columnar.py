@@ -26,7 +26,7 @@ MAPPING = {
                                                         "delay_column": "delay", "delay_unit": "s"}},
 }
 # quoted delimiters and line breaks, doubled quotes, empty cells everywhere, unsorted times with ties, blank lines,
-# numbers as the rows parse them ("-0", "1e3", " 5 ", "nan"), labels above and below a threshold, non-ASCII ids
+# numbers as the rows parse them ("-0", "1e3", " 5 ", "1_000"), labels above and below a threshold, non-ASCII ids
 MESSY = textwrap.dedent('''\
     user,item,ts,city,tag,watch,click,finish,delay,unused
     u1,i1,30,"Paris, FR","a ""quoted"" tag",12,1,0.7,2,x
@@ -35,7 +35,7 @@ MESSY = textwrap.dedent('''\
 
     u1,i3,20,Lyon,,1e3,,0.1,oops,
     ü3,i1,10,Lyon,b, 5 ,2,,,
-    u2,i4,20,"",c,nan,0.5,0.5,3,z
+    u2,i4,20,"",c,1_000,0.5,0.5,3,z
     u2,i4,15,Nice,c,,1,0.49,,z
 ''')
 
