@@ -109,11 +109,6 @@ def load_mapping(path: str | Path) -> ColumnMapping:
 def mapping_from_dict(raw: dict[str, Any], origin: str = "mapping") -> ColumnMapping:
     """Validate a mapping given as a dict (the parsed TOML); ``origin`` names it in error messages."""
 
-    def need(table: dict[str, Any], key: str, what: str, where: str = "") -> Any:
-        if key not in table:
-            raise MappingError(f"{origin}: missing key '{where}{key}' ({what})")
-        return table[key]
-
     def str_list(key: str) -> tuple[str, ...]:
         value = raw.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -123,55 +118,105 @@ def mapping_from_dict(raw: dict[str, Any], origin: str = "mapping") -> ColumnMap
     unknown = set(raw) - _TOP_LEVEL_KEYS
     if unknown:
         raise MappingError(f"{origin}: unknown key(s) {sorted(unknown)}; known keys: {sorted(_TOP_LEVEL_KEYS)}")
-    time_unit = need(raw, "time_unit", "unit of the time column: s, ms, us, ns or iso")
-    if time_unit not in (*TIME_UNITS_MS, "iso"):
+    time_unit = _need(raw, "time_unit", "unit of the time column: s, ms, us, ns or iso", origin)
+    if not isinstance(time_unit, str) or time_unit not in (*TIME_UNITS_MS, "iso"):
         raise MappingError(f"{origin}: time_unit '{time_unit}' is not one of s, ms, us, ns, iso")
     fmt = raw.get("format")
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in FORMATS):
         raise MappingError(f"{origin}: format '{fmt}' is not one of {', '.join(FORMATS)}")
-    tasks_raw = need(raw, "tasks", "one [tasks.NAME] table per task, each with a label 'column'")
+    tasks_raw = _need(raw, "tasks", "one [tasks.NAME] table per task, each with a label 'column'", origin)
     if not isinstance(tasks_raw, dict) or not tasks_raw:
         raise MappingError(f"{origin}: 'tasks' must hold at least one [tasks.NAME] table")
-    tasks = []
-    for task_name, table in tasks_raw.items():
-        if not isinstance(table, dict):
-            raise MappingError(f"{origin}: tasks.{task_name} must be a table with a 'column' key")
-        unknown = set(table) - _TASK_KEYS
-        if unknown:
-            raise MappingError(f"{origin}: tasks.{task_name} has unknown key(s) {sorted(unknown)}")
-        delay_unit = table.get("delay_unit", "ms")
-        if delay_unit not in TIME_UNITS_MS:
-            raise MappingError(f"{origin}: tasks.{task_name}.delay_unit '{delay_unit}' is not one of s, ms, us, ns")
-        tasks.append(TaskMapping(
-            name=task_name,
-            column=need(table, "column", "the task's label column", f"tasks.{task_name}."),
-            positive_at_least=table.get("positive_at_least"),
-            delay_column=table.get("delay_column"),
-            delay_unit=delay_unit,
-            delay_ms=int(table.get("delay_ms", 0)),
-        ))
-    columns = raw.get("columns")
-    header = bool(raw.get("header", True))
+    tasks = tuple(_task_mapping(task_name, table, origin) for task_name, table in tasks_raw.items())
+    columns = str_list("columns") if raw.get("columns") is not None else None
+    delimiter = _optional_text(raw, "delimiter", origin)
+    if delimiter is not None and len(delimiter) != 1:
+        raise MappingError(f"{origin}: 'delimiter' must be one character (e.g. \",\" or \"\\t\"), got {delimiter!r}")
+    header = _flag(raw, "header", True, origin)
     if not header and columns is None:
         raise MappingError(f"{origin}: header = false needs 'columns' (the column names, in file order)")
     return ColumnMapping(
         name=str(raw.get("name", "csv")),
-        user=need(raw, "user", "the user id column"),
-        item=need(raw, "item", "the item id column"),
-        time=need(raw, "time", "the impression time column"),
+        user=_column_key(raw, "user", "the user id column", origin),
+        item=_column_key(raw, "item", "the item id column", origin),
+        time=_column_key(raw, "time", "the impression time column", origin),
         time_unit=time_unit,
-        tasks=tuple(tasks),
+        tasks=tasks,
         format=fmt,
-        delimiter=raw.get("delimiter"),
+        delimiter=delimiter,
         header=header,
-        columns=tuple(columns) if columns is not None else None,
-        impression_id=raw.get("impression_id"),
-        impression_id_prefix=raw.get("impression_id_prefix"),
+        columns=columns,
+        impression_id=_optional_text(raw, "impression_id", origin),
+        impression_id_prefix=_optional_text(raw, "impression_id_prefix", origin),
         categorical=str_list("categorical"),
         numeric=str_list("numeric"),
         privileged=_privileged(str_list("privileged"), str_list("categorical") + str_list("numeric"), origin),
-        assume_sorted=bool(raw.get("assume_sorted", False)),
+        assume_sorted=_flag(raw, "assume_sorted", False, origin),
     )
+
+
+def _task_mapping(task_name: str, table: Any, origin: str) -> TaskMapping:
+    """One ``[tasks.NAME]`` table, its keys checked for type (a quoted number or boolean is not one)."""
+    if not isinstance(table, dict):
+        raise MappingError(f"{origin}: tasks.{task_name} must be a table with a 'column' key")
+    unknown = set(table) - _TASK_KEYS
+    if unknown:
+        raise MappingError(f"{origin}: tasks.{task_name} has unknown key(s) {sorted(unknown)}")
+    where = f"tasks.{task_name}."
+    delay_unit = table.get("delay_unit", "ms")
+    if not isinstance(delay_unit, str) or delay_unit not in TIME_UNITS_MS:
+        raise MappingError(f"{origin}: {where}delay_unit '{delay_unit}' is not one of s, ms, us, ns")
+    positive_at_least = table.get("positive_at_least")
+    if positive_at_least is not None:
+        positive_at_least = _number_key(positive_at_least, f"{where}positive_at_least", "a number", origin)
+    delay_ms = _number_key(table.get("delay_ms", 0), f"{where}delay_ms", "a number of milliseconds, 0 or more",
+                           origin)
+    if delay_ms < 0:  # a negative fixed delay would put feedback before its impression
+        raise MappingError(f"{origin}: '{where}delay_ms' must be a number of milliseconds, 0 or more; got {delay_ms}")
+    return TaskMapping(
+        name=task_name,
+        column=_column_key(table, "column", "the task's label column", origin, where),
+        positive_at_least=positive_at_least,
+        delay_column=_optional_text(table, "delay_column", origin, where),
+        delay_unit=delay_unit,
+        delay_ms=int(delay_ms),
+    )
+
+
+def _need(table: dict[str, Any], key: str, what: str, origin: str, where: str = "") -> Any:
+    if key not in table:
+        raise MappingError(f"{origin}: missing key '{where}{key}' ({what})")
+    return table[key]
+
+
+def _column_key(table: dict[str, Any], key: str, what: str, origin: str, where: str = "") -> str:
+    """A required key naming a column: a string."""
+    value = _need(table, key, what, origin, where)
+    if not isinstance(value, str):
+        raise MappingError(f"{origin}: '{where}{key}' must be a column name (a string), got {value!r}")
+    return value
+
+
+def _optional_text(table: dict[str, Any], key: str, origin: str, where: str = "") -> str | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, str):
+        raise MappingError(f"{origin}: '{where}{key}' must be a string, got {value!r}")
+    return value
+
+
+def _flag(table: dict[str, Any], key: str, default: bool, origin: str) -> bool:
+    """A boolean key: TOML's true or false, unquoted (``bool("false")`` is True, so a string is refused)."""
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise MappingError(f"{origin}: '{key}' must be true or false (a TOML boolean, without quotes), got {value!r}")
+    return value
+
+
+def _number_key(value: Any, key: str, what: str, origin: str) -> int | float:
+    """A numeric key: a TOML integer or float, finite (a quoted number or a boolean is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MappingError(f"{origin}: '{key}' must be {what} (without quotes), got {value!r}")
+    return value
 
 
 def _privileged(privileged: tuple[str, ...], features: tuple[str, ...], origin: str) -> tuple[str, ...]:

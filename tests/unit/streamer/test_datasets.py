@@ -180,6 +180,16 @@ def test_csv_adapter_with_assume_sorted_rejects_an_out_of_order_row(tmp_path: Pa
         (lambda m: "header = false\n" + m, r"header = false needs 'columns'"),
         (lambda m: "= broken\n" + m, r"not valid TOML"),
         (lambda m: m.split("[tasks.buy]")[0], r"missing key 'tasks'"),
+        # a value of the wrong TOML type is refused, not coerced (bool("false") is True)
+        (lambda m: m.replace("at_least = 30", 'at_least = "30"'), r"'tasks.watch.positive_at_least' must be a number"),
+        (lambda m: 'assume_sorted = "false"\n' + m, r"'assume_sorted' must be true or false .*got 'false'"),
+        (lambda m: 'header = "no"\n' + m, r"'header' must be true or false"),
+        (lambda m: m.replace("delay_ms = 500", 'delay_ms = "1s"'), r"'tasks.buy.delay_ms' must be a number of millis"),
+        (lambda m: m.replace("delay_ms = 500", "delay_ms = -500"), r"'tasks.buy.delay_ms' .* 0 or more; got -500"),
+        (lambda m: m.replace('delay_unit = "s"', 'delay_unit = ["s"]'), r"delay_unit '\['s'\]' is not one of"),
+        (lambda m: m.replace('user = "u"', "user = 5"), r"'user' must be a column name \(a string\), got 5"),
+        (lambda m: 'columns = "uit"\n' + m, r"'columns' must be a list of column names"),
+        (lambda m: 'delimiter = ";;"\n' + m, r"'delimiter' must be one character"),
     ],
 )
 def test_csv_mapping_errors_name_the_key(tmp_path: Path, edit, message: str) -> None:
@@ -192,6 +202,12 @@ def test_csv_mapping_error_names_a_missing_column_and_lists_the_present_ones(tmp
     source = write(tmp_path / "d.csv", "u,i,t,city,price,bought,seconds\n")
     with pytest.raises(MappingError, match=r"column 'wait' \(mapping key 'tasks.buy.delay_column'\).*its columns are"):
         open_dataset("csv", source, mapping=mapping)
+
+
+def test_csv_mapping_takes_toml_booleans_and_a_float_delay(tmp_path: Path) -> None:
+    text = "assume_sorted = false\nheader = true\n" + MINIMAL.replace("delay_ms = 500", "delay_ms = 500.0")
+    mapping = load_mapping(write(tmp_path / "m.toml", text))
+    assert (mapping.assume_sorted, mapping.header, mapping.tasks[0].delay_ms) == (False, True, 500)
 
 
 def test_csv_dataset_without_a_mapping_says_to_pass_one(tmp_path: Path) -> None:
