@@ -5,20 +5,24 @@ each) and then taking the features back out of every dict was most of its start 
 features: ~9 of ~10 s). pyarrow's CSV reader hands over the cells column by column instead, each categorical column
 as its distinct values and one code per row, and this module derives from them exactly what the row path yields:
 the same strings, numbers, labels, times and order (``tests/unit/streamer/test_columnar.py`` holds the two equal on
-messy files). Whatever the row path would reject (a ragged row, a time or label that does not parse, an out-of-order
-row of an ``assume_sorted`` file, bytes that are not UTF-8) makes ``read_columns`` return None: the caller then reads
-the rows, which raise their own error with its own message.
+messy files). Whatever the row path would reject (a ragged row, a time, label, delay or number that does not parse or
+is not finite, a time before 1970 or past the year 9999, an empty user or item id, an out-of-order row of an
+``assume_sorted`` file, bytes that are not UTF-8) makes ``read_columns`` return None: the caller then reads the rows,
+which raise their own error, naming the row and the column. The checks here are the rows' own functions
+(``_number``, ``_finite_float``, ``to_epoch_ms``) run once per distinct cell, or numpy over a whole column.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from streamer.datasets.base import DatasetError
-from streamer.datasets.tabular import TabularDataset, _is_empty, _number, to_epoch_ms
+from streamer.datasets.tabular import TIME_UNITS_MS, TabularDataset, _finite_float, _is_empty, _number, to_epoch_ms
+from streamer.events import TS_MAX_MS
 
 
 @dataclass
@@ -82,9 +86,7 @@ def _read_table(dataset: TabularDataset) -> Any:
     import pyarrow.csv as pcsv
 
     m = dataset.mapping
-    names = list(dataset._column_names)
-    if len(set(names)) != len(names):
-        raise DatasetError("repeated column names: the rows' dicts keep the last, which a columnar read cannot")
+    names = list(dataset._column_names)  # no name twice: TabularDataset refuses a repeated one
     used = [m.user, m.item, m.time, *m.categorical, *m.numeric, *m.privileged, *(t.column for t in m.tasks),
             *(t.delay_column for t in m.tasks if t.delay_column is not None)]
     used = list(dict.fromkeys(used))
@@ -111,6 +113,8 @@ def _cells_as(factorized: Factorized, convert: Any, dtype: Any) -> np.ndarray:
 def _columns(dataset: TabularDataset, table: Any) -> TabularColumns:
     m = dataset.mapping
     ts = _cells_as(_factorized(table, m.time), lambda cell: to_epoch_ms(cell, m.time_unit), np.int64)
+    if len(ts) and (ts.min() < 0 or ts.max() > TS_MAX_MS):
+        raise DatasetError("a time before 1970 or after the year 9999")
     if m.assume_sorted:
         if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
             raise DatasetError("out of time order")  # the rows say where, in their own words
@@ -120,15 +124,17 @@ def _columns(dataset: TabularDataset, table: Any) -> TabularColumns:
             table, ts = table.take(order), ts[order]
     labels = {}
     for task in m.tasks:
-        value = _cells_as(_factorized(table, task.column), lambda cell: 0.0 if _is_empty(cell) else float(cell),
-                          np.float64)
+        value = _cells_as(_factorized(table, task.column),
+                          lambda cell: 0.0 if _is_empty(cell) else _finite_float(cell), np.float64)
         at_least = task.positive_at_least
         positive = (value >= at_least) if at_least is not None else (value > 0)
         if task.delay_column is not None:  # the rows parse the delay of every positive label: so must this
             delay = _factorized(table, task.delay_column)
             for code in np.unique(delay.codes[positive]):
-                if not _is_empty(delay.values[code]):
-                    float(delay.values[code])
+                cell = delay.values[code]
+                if not _is_empty(cell) and not math.isfinite(task.delay_ms + _finite_float(cell)
+                                                             * TIME_UNITS_MS[task.delay_unit]):
+                    raise DatasetError("a delay that overflows")
         labels[task.name] = positive.astype(np.int64)
 
     def number(cell: str) -> float:  # an empty cell leaves the feature out: encoded as 0
@@ -137,7 +143,10 @@ def _columns(dataset: TabularDataset, table: Any) -> TabularColumns:
     def numbers(names: tuple[str, ...]) -> dict[str, np.ndarray]:
         return {name: _cells_as(_factorized(table, name), number, np.float64) for name in names}
 
+    user_id, item_id = _factorized(table, m.user), _factorized(table, m.item)
+    if "" in user_id.values or "" in item_id.values:
+        raise DatasetError("an empty user or item id")
     return TabularColumns(
-        user_id=_factorized(table, m.user), item_id=_factorized(table, m.item), ts_ms=ts,
+        user_id=user_id, item_id=item_id, ts_ms=ts,
         categorical={name: _factorized(table, name) for name in m.categorical},
         numeric=numbers(m.numeric), labels=labels, privileged=numbers(m.privileged))

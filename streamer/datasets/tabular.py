@@ -29,7 +29,11 @@ A new data set needs a mapping file, not code. Every key, with an example (``map
     delay_ms = 1000                 # ... plus this fixed delay in ms (default 0; alone = a fixed delay)
 
 Row conventions: an empty label cell is a 0; an empty feature cell leaves that feature out of the
-impression; a negative or empty delay counts as 0 (feedback at impression time).
+impression; a negative or empty delay counts as 0 (feedback at impression time). Any finite number is a label
+(positive above 0, or at ``positive_at_least``). Refused, naming the file, the data row and the column: a repeated
+column name, an empty user or item id, a time outside 1970 to the year 9999 (what an event may carry), and a
+label, delay or numeric cell that is not a finite number (``nan``, ``inf``, ``1e400``, text; a numeric integer
+must also fit in 64 bits). Files are UTF-8; a byte-order mark at the start is skipped.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from streamer.datasets.base import DatasetError, FeatureValue, Interaction
+from streamer.events import TS_MAX_MS
 
 TIME_UNITS_MS: dict[str, float] = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # the integers an event's msgpack carries (int64 .. uint64)
 FORMATS = ("csv", "tsv", "parquet")
 
 _TOP_LEVEL_KEYS = {
@@ -228,7 +234,8 @@ def _privileged(privileged: tuple[str, ...], features: tuple[str, ...], origin: 
 
 
 def to_epoch_ms(value: Any, unit: str) -> int:
-    """Convert one time cell to integer epoch milliseconds (``iso``: naive datetimes are UTC)."""
+    """Convert one time cell to integer epoch milliseconds (``iso``: naive datetimes are UTC); ValueError for a
+    cell that is not a time, ``nan`` and ``inf`` included."""
     if unit == "iso":
         if isinstance(value, datetime):
             moment = value
@@ -237,20 +244,64 @@ def to_epoch_ms(value: Any, unit: str) -> int:
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
         return int(round(moment.timestamp() * 1000))
-    return int(round(float(value) * TIME_UNITS_MS[unit]))
+    scaled = float(value) * TIME_UNITS_MS[unit]
+    if not math.isfinite(scaled):  # int(inf) would be an OverflowError, int(nan) a ValueError without the cell
+        raise ValueError(f"{value!r} is not a finite number")
+    return int(round(scaled))
+
+
+class _NotANumber(ValueError):
+    """A cell that reads as a number but not as one the data may hold; ``what`` says why, after the cell."""
+
+    def __init__(self, text: Any, what: str) -> None:
+        super().__init__(f"{text!r} {what}")
+        self.what = what
 
 
 def _number(text: Any) -> int | float:
+    """A numeric feature cell as an impression carries it: an int where the cell reads as one, else a float.
+    ValueError unless finite (``nan``, ``inf``, ``1e400``) and, for an int, within an event's 64 bits."""
     if isinstance(text, (int, float)):
-        return text
+        value = text
+    else:
+        try:
+            value = int(text)
+        except ValueError:
+            value = float(text)
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise _NotANumber(text, "is an integer that does not fit in 64 bits")
+    elif not math.isfinite(value):
+        raise _NotANumber(text, "is not a finite number")
+    return value
+
+
+def _finite_float(text: Any) -> float:
+    """A label or delay cell as a float; ValueError unless it is a finite number."""
     try:
-        return int(text)
-    except ValueError:
-        return float(text)
+        value = float(text)
+    except OverflowError:  # an int past float's range (a Parquet cell)
+        value = math.inf
+    if not math.isfinite(value):
+        raise _NotANumber(text, "is not a finite number")
+    return value
 
 
 def _is_empty(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DatasetError:
+    """The error for a file that is not UTF-8, naming the first bad line (found in a second, binary pass: a text
+    reader decodes in blocks, so it cannot say which line; no UTF-8 character spans a line break)."""
+    with path.open("rb") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return DatasetError(f"{path} line {line_no}: byte 0x{line[bad.start]:02x} is not UTF-8 ({bad.reason}); "
+                                    "save the file as UTF-8")
+    return DatasetError(f"{path} is not UTF-8: {exc}")
 
 
 class TabularDataset:
@@ -296,14 +347,29 @@ class TabularDataset:
             import pyarrow.parquet as pq
 
             names = tuple(pq.ParquetFile(self.source).schema_arrow.names)
-            return self.mapping.columns or names
+            return self._unique(self.mapping.columns or names)
         if self.mapping.columns is not None:
-            return self.mapping.columns
-        with self.source.open(newline="", encoding="utf-8") as handle:
-            first = next(csv.reader(handle, delimiter=self._delimiter()), None)
+            return self._unique(self.mapping.columns)
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8" writes one) is not part of the first column's name
+        with self.source.open(newline="", encoding="utf-8-sig") as handle:
+            try:
+                first = next(csv.reader(handle, delimiter=self._delimiter()), None)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(self.source, exc) from None
         if first is None:
             raise DatasetError(f"source file {self.source} is empty")
-        return tuple(first)
+        return self._unique(tuple(first))
+
+    def _unique(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """``names``, refused if one repeats: a row's dict would keep the last such cell, whichever column it is."""
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                where = ("the mapping's 'columns'" if self.mapping.columns is not None
+                         else f"the header of {self.source}")
+                raise DatasetError(f"column '{name}' appears twice in {where}; give each column its own name")
+            seen.add(name)
+        return names
 
     def _check_columns(self) -> None:
         m = self.mapping
@@ -336,19 +402,24 @@ class TabularDataset:
                     table = [{rename[k]: v for k, v in row.items()} for row in table]
                 yield from table
             return
-        with self.source.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle, delimiter=self._delimiter())
-            if self.mapping.header:
-                next(reader, None)
-            names = self._column_names
-            for line_no, cells in enumerate(reader, start=2 if self.mapping.header else 1):
-                if not cells:
-                    continue
-                if len(cells) != len(names):
-                    raise DatasetError(
-                        f"{self.source} line {line_no}: {len(cells)} cells, expected {len(names)} ({', '.join(names)})"
-                    )
-                yield dict(zip(names, cells))
+        with self.source.open(newline="", encoding="utf-8-sig") as handle:
+            try:
+                yield from self._csv_rows(csv.reader(handle, delimiter=self._delimiter()))
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(self.source, exc) from None
+
+    def _csv_rows(self, reader: Iterator[list[str]]) -> Iterator[dict[str, Any]]:
+        if self.mapping.header:
+            next(reader, None)
+        names = self._column_names
+        for line_no, cells in enumerate(reader, start=2 if self.mapping.header else 1):
+            if not cells:
+                continue
+            if len(cells) != len(names):
+                raise DatasetError(
+                    f"{self.source} line {line_no}: {len(cells)} cells, expected {len(names)} ({', '.join(names)})"
+                )
+            yield dict(zip(names, cells))
 
     # -- one row -> one interaction ----------------------------------------------------------------------
     def _interaction(self, row_index: int, row: dict[str, Any]) -> Interaction:
@@ -357,48 +428,81 @@ class TabularDataset:
         delays: dict[str, int] = {}
         for task in m.tasks:
             cell = row[task.column]
-            value = 0.0 if _is_empty(cell) else float(cell)
+            try:
+                value = 0.0 if _is_empty(cell) else _finite_float(cell)
+            except (TypeError, ValueError) as exc:
+                raise self._cell_error(row_index, row, task.column, f"tasks.{task.name}.column", exc) from None
             positive = value >= task.positive_at_least if task.positive_at_least is not None else value > 0
             labels[task.name] = int(positive)
             if positive:
-                delay = float(task.delay_ms)
-                if task.delay_column is not None and not _is_empty(row[task.delay_column]):
-                    delay += float(row[task.delay_column]) * TIME_UNITS_MS[task.delay_unit]
-                delays[task.name] = max(0, int(round(delay)))
+                delays[task.name] = self._delay_ms(row_index, row, task)
         features: dict[str, FeatureValue] = {}
         for column in m.categorical:
             if not _is_empty(row[column]):
                 features[column] = str(row[column])
-        for column in m.numeric:
-            if not _is_empty(row[column]):
-                features[column] = self._numeric_cell(row_index, row, column, "numeric")
-        privileged = {column: self._numeric_cell(row_index, row, column, "privileged")
-                      for column in m.privileged if not _is_empty(row[column])}
+        privileged: dict[str, int | float] = {}
+        for numbers, columns, key in ((features, m.numeric, "numeric"), (privileged, m.privileged, "privileged")):
+            for column in columns:
+                cell = row[column]
+                if not _is_empty(cell):
+                    try:
+                        numbers[column] = _number(cell)
+                    except (TypeError, ValueError) as exc:
+                        raise self._cell_error(row_index, row, column, key, exc) from None
         impression_id = str(row[m.impression_id]) if m.impression_id else f"{self._prefix}-{row_index}"
-        try:
-            ts_ms = to_epoch_ms(row[m.time], m.time_unit)
-        except (ValueError, TypeError):
-            raise DatasetError(
-                f"{self.source} data row {row_index}: time '{row[m.time]}' in column '{m.time}' "
-                f"is not a time in unit '{m.time_unit}'"
-            ) from None
         return Interaction(
             impression_id=impression_id,
-            user_id=str(row[m.user]),
-            item_id=str(row[m.item]),
-            ts_ms=ts_ms,
+            user_id=self._id(row_index, row, m.user, "user"),
+            item_id=self._id(row_index, row, m.item, "item"),
+            ts_ms=self._ts_ms(row_index, row),
             features=features,
             labels=labels,
             feedback_delay_ms=delays,
             privileged=privileged,
         )
 
-    def _numeric_cell(self, row_index: int, row: dict[str, Any], column: str, key: str) -> int | float:
+    def _cell_error(self, row_index: int, row: dict[str, Any], column: str, key: str, exc: Exception) -> DatasetError:
+        """The error for a cell its parser refused, naming the file, the row and the column."""
+        what = exc.what if isinstance(exc, _NotANumber) else "is not a number"
+        return DatasetError(f"{self.source} data row {row_index}: '{row[column]}' in column '{column}' (mapping key "
+                            f"'{key}') {what}")
+
+    def _delay_ms(self, row_index: int, row: dict[str, Any], task: TaskMapping) -> int:
+        """A positive label's feedback delay: the fixed ``delay_ms`` plus the delay column's cell, if any."""
+        delay = float(task.delay_ms)
+        if task.delay_column is not None and not _is_empty(row[task.delay_column]):
+            key = f"tasks.{task.name}.delay_column"
+            try:
+                delay += _finite_float(row[task.delay_column]) * TIME_UNITS_MS[task.delay_unit]
+            except (TypeError, ValueError) as exc:
+                raise self._cell_error(row_index, row, task.delay_column, key, exc) from None
+            if not math.isfinite(delay):
+                raise DatasetError(f"{self.source} data row {row_index}: delay '{row[task.delay_column]}' in column "
+                                   f"'{task.delay_column}' (mapping key '{key}') overflows in unit '{task.delay_unit}'")
+        return max(0, int(round(delay)))
+
+    def _id(self, row_index: int, row: dict[str, Any], column: str, key: str) -> str:
+        """A user or item id: as ``crossdistil stream`` would refuse an empty one in the event, so is it here."""
+        if _is_empty(row[column]):
+            raise DatasetError(f"{self.source} data row {row_index}: column '{column}' (mapping key '{key}', the "
+                               f"impression's {key}_id): must not be empty")
+        return str(row[column])
+
+    def _ts_ms(self, row_index: int, row: dict[str, Any]) -> int:
+        """The time cell in epoch ms, within what an event may carry (1970 to the year 9999)."""
+        m = self.mapping
         try:
-            return _number(row[column])
-        except (TypeError, ValueError):
-            raise DatasetError(f"{self.source} data row {row_index}: '{row[column]}' in column '{column}' (mapping key "
-                               f"'{key}') is not a number") from None
+            ts_ms = to_epoch_ms(row[m.time], m.time_unit)
+        except (ValueError, TypeError, OverflowError):
+            raise DatasetError(
+                f"{self.source} data row {row_index}: time '{row[m.time]}' in column '{m.time}' "
+                f"is not a time in unit '{m.time_unit}'"
+            ) from None
+        if not 0 <= ts_ms <= TS_MAX_MS:  # what an event may carry: crossdistil stream would refuse the event
+            when = "before 1970" if ts_ms < 0 else f"after the year 9999 in unit '{m.time_unit}' (is time_unit right?)"
+            raise DatasetError(
+                f"{self.source} data row {row_index}: time '{row[m.time]}' in column '{m.time}' is {when}")
+        return ts_ms
 
     def interactions(self) -> Iterator[Interaction]:
         """Yield interactions in non-decreasing time (sorted stably unless ``assume_sorted``)."""

@@ -3,6 +3,7 @@ its rows would reject is left to them (``read_columns`` gives None, the rows rai
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -176,3 +177,86 @@ def test_a_column_cannot_be_a_feature_and_privileged() -> None:
 
     with pytest.raises(MappingError, match=r"\['watch'\] are listed as features and as privileged"):
         mapping_from_dict({**MAPPING, "privileged": ["watch"]}, origin="test")
+
+
+def _cases() -> list:  # (what, a data row appended to MESSY (data row 6), what the error says after "data row 6: ")
+    row = "u9,i9,40,Lyon,a,{watch},{click},{finish},{delay},\n"
+
+    def line(**cells: str) -> str:
+        return row.format(**{"watch": "1", "click": "1", "finish": "0.9", "delay": "1", **cells})
+
+    numeric, click, finish = "in column 'watch' (mapping key 'numeric')", "in column 'click' (mapping key " \
+        "'tasks.click.column')", "in column 'finish' (mapping key 'tasks.finish.column')"
+    delay = "in column 'delay' (mapping key 'tasks.finish.delay_column')"
+    return [
+        ("a NaN numeric feature", line(watch="nan"), f"'nan' {numeric} is not a finite number"),
+        ("an infinite numeric feature", line(watch="-inf"), f"'-inf' {numeric} is not a finite number"),
+        ("a numeric feature past float64", line(watch="1e400"), f"'1e400' {numeric} is not a finite number"),
+        ("an integer past 64 bits", line(watch=str(2**64)), f"'{2**64}' {numeric} is an integer that does not fit"),
+        ("a NaN label", line(click="nan"), f"'nan' {click} is not a finite number"),
+        ("an infinite label", line(finish="inf"), f"'inf' {finish} is not a finite number"),
+        ("a text label", line(click="yes"), f"'yes' {click} is not a number"),
+        ("a text delay of a positive label", line(delay="later"), f"'later' {delay} is not a number"),
+        ("a NaN delay of a positive label", line(delay="nan"), f"'nan' {delay} is not a finite number"),
+        ("a delay that overflows in its unit", line(delay="1e307"), f"delay '1e307' {delay} overflows in unit 's'"),
+        ("an empty user id", line().replace("u9", ""), "column 'user' (mapping key 'user', the impression's user_id): "
+                                                       "must not be empty"),
+        ("an empty item id", line().replace("i9", ""), "column 'item' (mapping key 'item', the impression's item_id): "
+                                                       "must not be empty"),
+        ("an infinite time", line().replace(",40,", ",inf,"), "time 'inf' in column 'ts' is not a time in unit 's'"),
+        ("a time past the year 9999", line().replace(",40,", ",1e30,"), "time '1e30' in column 'ts' is after the year "
+                                                                        "9999 in unit 's'"),
+        ("a time before 1970", line().replace(",40,", ",-5,"), "time '-5' in column 'ts' is before 1970"),
+    ]
+
+
+@pytest.mark.parametrize("case, line, message", _cases(), ids=[case[0] for case in _cases()])
+def test_evaluate_and_stream_refuse_a_bad_cell_naming_the_file_the_row_and_the_column(
+        tmp_path: Path, case: str, line: str, message: str) -> None:
+    data = dataset(tmp_path / "bad.csv", MESSY + line)
+    said = re.escape(f"{tmp_path / 'bad.csv'} data row 6: {message}")
+    assert read_columns(data) is None, case  # the columns leave it to the rows, which say where
+    with pytest.raises(DatasetError, match=said):
+        load_encoded(data, ("click", "finish"), feature_spec_for(data, []))  # crossdistil evaluate
+    with pytest.raises(DatasetError, match=said):
+        list(data.interactions())  # crossdistil stream
+
+
+def test_a_label_is_any_finite_number_read_against_its_threshold(tmp_path: Path) -> None:
+    data = dataset(tmp_path / "labels.csv", MESSY.replace(",2,,,", ",-1,,,").replace("0.7,2,x", "70,2,x"))
+    assert read_columns(data) is not None  # -1 and 70 are labels (play time against a threshold, say), not errors
+    columns, rows = both_reads(data, ("click", "finish"))
+    assert_same(columns, rows)
+    by_user = {(r.user_id, r.ts_ms): r.labels for r in data.interactions()}
+    assert by_user[("ü3", 10_000)]["click"] == 0 and by_user[("u1", 30_000)]["finish"] == 1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + MESSY.encode("utf-8"))
+    data = TabularDataset(path, mapping_from_dict(MAPPING, origin="test"))  # its column 'user' is found
+    assert read_columns(data) is not None
+    assert_same(*both_reads(data, ("click", "finish")))
+    path.write_bytes(b"\xef\xbb\xbf" + MESSY.split("\n", 1)[1].encode("utf-8"))
+    names = ["user", "item", "ts", "city", "tag", "watch", "click", "finish", "delay", "unused"]
+    data = TabularDataset(path, mapping_from_dict({**MAPPING, "header": False, "columns": names}, origin="test"))
+    assert read_columns(data) is not None
+    columns, rows = both_reads(data, ("click",))
+    assert_same(columns, rows)
+    assert "u1" in set(rows.users)
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    rows = MESSY + "u1,i1,30,Lyon,a,1,1,1,1,\n" * 2000 + "u1,i1,30,Nîmes,a,1,1,1,1,\n"  # past the header's first block
+    path.write_bytes(rows.encode("utf-8").replace("Nîmes".encode("utf-8"), "Nîmes".encode("latin-1")))
+    data = TabularDataset(path, mapping_from_dict(MAPPING, origin="test"))
+    said = re.escape(f"{path} line 2010: byte 0xee is not UTF-8")
+    with pytest.raises(DatasetError, match=said):
+        load_encoded(data, ("click",), feature_spec_for(data, []))
+    with pytest.raises(DatasetError, match=said):
+        list(data.interactions())
+    path.write_bytes("user,item,ts,city,tag,wätch\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=re.escape(f"{path} line 1: byte 0xe4 is not UTF-8")):
+        TabularDataset(path, mapping_from_dict(MAPPING, origin="test"))
+

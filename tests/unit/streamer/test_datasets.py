@@ -8,7 +8,7 @@ import pytest
 
 from streamer.datasets import DatasetError, open_dataset
 from streamer.datasets.kuairand import local_hour_and_weekday
-from streamer.datasets.tabular import MappingError, load_mapping
+from streamer.datasets.tabular import MappingError, load_mapping, to_epoch_ms
 
 pytestmark = pytest.mark.unit
 
@@ -201,6 +201,22 @@ def test_csv_mapping_error_names_a_missing_column_and_lists_the_present_ones(tmp
     mapping = write(tmp_path / "m.toml", MINIMAL)
     source = write(tmp_path / "d.csv", "u,i,t,city,price,bought,seconds\n")
     with pytest.raises(MappingError, match=r"column 'wait' \(mapping key 'tasks.buy.delay_column'\).*its columns are"):
+        open_dataset("csv", source, mapping=mapping)
+
+
+@pytest.mark.parametrize("cell", ["inf", "-inf", "nan", "1e400"])
+def test_a_time_that_is_not_a_finite_number_is_a_value_error(cell: str) -> None:
+    with pytest.raises(ValueError, match="is not a finite number"):  # not int(inf)'s OverflowError
+        to_epoch_ms(cell, "ms")
+
+
+def test_csv_header_with_a_repeated_column_is_refused_naming_it(tmp_path: Path) -> None:
+    mapping = write(tmp_path / "m.toml", MINIMAL)
+    source = write(tmp_path / "d.csv", "u,i,t,city,price,bought,wait,seconds,bought\na,x,20,p,1,0,0,0,1\n")
+    with pytest.raises(DatasetError, match=r"column 'bought' appears twice in the header of .*d.csv"):
+        open_dataset("csv", source, mapping=mapping)  # a row's dict would keep the second 'bought' as the label
+    mapping = write(tmp_path / "m.toml", 'header = false\ncolumns = ["u", "i", "t", "u"]\n' + MINIMAL)
+    with pytest.raises(DatasetError, match=r"column 'u' appears twice in the mapping's 'columns'"):
         open_dataset("csv", source, mapping=mapping)
 
 
