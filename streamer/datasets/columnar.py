@@ -73,6 +73,8 @@ def read_columns(dataset: Any) -> TabularColumns | None:
     adapter than ``csv``, a Parquet file, anything the row path would reject: see the module docstring)."""
     if not isinstance(dataset, TabularDataset) or dataset.format not in ("csv", "tsv"):
         return None
+    if type(dataset)._interaction is not TabularDataset._interaction:
+        return None  # an adapter that adds to each row (kuairand's hour and weekday): only its rows have that
     try:
         return _columns(dataset, _read_table(dataset))
     except (DatasetError, KeyError, ValueError, TypeError, OverflowError, UnicodeDecodeError):

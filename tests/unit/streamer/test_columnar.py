@@ -260,3 +260,17 @@ def test_a_file_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_path: P
     with pytest.raises(DatasetError, match=re.escape(f"{path} line 1: byte 0xe4 is not UTF-8")):
         TabularDataset(path, mapping_from_dict(MAPPING, origin="test"))
 
+
+def test_an_adapter_that_adds_to_each_row_is_read_by_its_rows(tmp_path: Path) -> None:
+    class WithHour(TabularDataset):  # as kuairand adds hour and weekday to the mapping's columns
+        def _interaction(self, row_index, row):  # noqa: ANN001, ANN202
+            record = super()._interaction(row_index, row)
+            record.features["hour"] = str(record.ts_ms // 3_600_000)
+            return record
+
+    path = tmp_path / "messy.csv"
+    path.write_text(MESSY, encoding="utf-8")
+    data = WithHour(path, mapping_from_dict(MAPPING, origin="test"))
+    data.categorical_features = (*data.categorical_features, "hour")
+    assert read_columns(data) is None
+    assert_same(*both_reads(data, ("click",)))
