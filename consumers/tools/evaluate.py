@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consumers.runtime.paths import check_output_folder
 from streamer.datasets import open_dataset
 
 RUN_LOG = "runs.partial.jsonl"  # a grid's finished runs, one per line, until results.json is written
@@ -184,9 +185,15 @@ def parse_seeds(text: str) -> list[int]:
     """``"5"`` -> [0, 1, 2, 3, 4]; ``"3,7"`` -> [3, 7]."""
     try:
         if "," in text:
-            return [int(item) for item in text.split(",") if item.strip()]
+            seeds = [int(item) for item in text.split(",") if item.strip()]
+            if len(set(seeds)) < len(seeds):
+                raise ValueError(f"--seeds {text}: a seed is listed twice (the same run twice would narrow every "
+                                 "standard error)")
+            return seeds
         count = int(text)
-    except ValueError:
+    except ValueError as exc:
+        if "listed twice" in str(exc):
+            raise
         raise ValueError(f"--seeds: expected a count or a comma-separated list of integers, got {text!r}") from None
     if count < 1:
         raise ValueError("--seeds: the count must be >= 1")
@@ -491,10 +498,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--model-option {reserved}=...: set it with its own flag")
     if args.counted_tasks:  # auxiliary tasks (_aux_tasks) that the model only counts
         model_options["counted_tasks"] = _counted_tasks(args)
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-    if args.publications < 0:
-        raise ValueError(f"--publications must be >= 0 (0: no `served` window), got {args.publications}")
+    _check_counts(args)
     if parse_cadence(args.cadence) and args.mode == "split":
         raise ValueError("--cadence serves the tail of a prequential pass: use --mode prequential or both")
     if _threads_per_run(args):
@@ -561,8 +565,9 @@ class RunLog:
     """``OUT/runs.partial.jsonl``: the grid's header, then every finished run as one JSON line, written and synced as
     it finishes, so an interrupted grid loses no finished run. ``--resume`` reads them back (``done``, by run key)
     when the header (data set, source, device, threads, protocol) is the same, or, with no such file, the runs of a
-    finished grid's ``OUT/results.json`` (to add seeds or configurations to it); without ``--resume`` an old log is
-    replaced. ``run`` removes the file once results.json is written."""
+    finished grid's ``OUT/results.json`` (to add seeds or configurations to it); without ``--resume`` an old log
+    with finished runs is refused (they would be lost; one with none is replaced). ``run`` removes the file once
+    results.json is written."""
 
     def __init__(self, out: Path, header: dict[str, Any], resume: bool, console: Any) -> None:
         self.path = out / RUN_LOG
@@ -586,8 +591,10 @@ class RunLog:
             self.done = {_record_key(r): r for r in doc["runs"]}
         elif resume:
             console.log(f"--resume: no {self.path} and no results.json; running the whole grid")
-        elif self.path.exists():
-            console.log(f"{self.path} of an earlier, unfinished grid is replaced (--resume would continue it)")
+        elif self.path.exists() and (finished := len(self.path.read_text().splitlines()) - 1) > 0:
+            raise ValueError(f"{out} holds {finished} finished run(s) of a grid that did not finish ({self.path}): "
+                             "--resume continues it (with the same settings); to start over, remove that file or "
+                             "choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         self.file = self.path.open("w")  # header and the kept runs written again: no line cut short stays
         for line in [header, *self.done.values()]:
@@ -624,6 +631,19 @@ class GridPlan:
     combined_weights: Any
     device: str
     renaming: list[str]  # the options that make mtl a variant
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The grid's counts and sizes in their ranges, before anything loads (a batch of 0 divided by zero; 0 epochs
+    or a negative one wrote the report of an untrained model)."""
+    for flag, value, least, meaning in (("--jobs", args.jobs, 1, ""), ("--batch-size", args.batch_size, 1, ""),
+                                        ("--epochs", args.epochs, 1, ""),
+                                        ("--curve-points", args.curve_points, 0, " (0: no curve)"),
+                                        ("--publications", args.publications, 0, " (0: no `served` window)"),
+                                        ("--limit", args.limit, 0, " (0: every event)"),
+                                        ("--threads", args.threads, 0, " (0: torch's choice)")):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}{meaning}, got {value}")
 
 
 def _threads_per_run(args: argparse.Namespace) -> int:
@@ -1146,13 +1166,25 @@ def write_outputs(doc: dict[str, Any], out: Path, title: str = "", baseline: str
 
 def merge_results(paths: Sequence[str]) -> dict[str, Any]:
     """One document from several results.json files (runs concatenated, commands listed)."""
-    docs = [json.loads(Path(p).read_text()) for p in paths]
+    docs = [_results_doc(p) for p in paths]
     merged = dict(docs[0])
     merged["commands"] = [c for d in docs for c in (d.get("commands") or [d.get("command", "")])]
     merged.pop("command", None)
     merged["runs"] = [r for d in docs for r in d["runs"]]
     merged["seconds"] = sum(d.get("seconds", 0) for d in docs)
     return merged
+
+
+def _results_doc(path: str) -> dict[str, Any]:
+    """A results.json of ``crossdistil evaluate`` (``ValueError`` naming the file otherwise)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--from-results {path}: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+        raise ValueError(f"--from-results {path}: not the results.json of a 'crossdistil evaluate' (it has no list "
+                         "of runs)")
+    return doc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1162,11 +1194,18 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
+        check_output_folder(Path(args.out), "--out")
         doc = merge_results(args.from_results) if args.from_results else run_grid(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"crossdistil evaluate: {exc}", file=sys.stderr)
         return 2
-    write_outputs(doc, Path(args.out), args.title, args.baseline)
+    try:
+        write_outputs(doc, Path(args.out), args.title, args.baseline)
+    except OSError as exc:  # checked before the grid, so something changed meanwhile (or the disk is full)
+        print(f"crossdistil evaluate: the runs are done but the report could not be written to {args.out}: {exc}"
+              f"{'' if args.from_results else f' (each run is in {Path(args.out) / RUN_LOG}: --resume writes it)'}",
+              file=sys.stderr)
+        return 1
     if args.baseline != "mtl" and args.baseline not in {r["config"] for r in doc["runs"]}:
         print(f"crossdistil evaluate: --baseline {args.baseline!r} is not a configuration of these runs (they have "
               f"{sorted({r['config'] for r in doc['runs']})}): the report has no paired differences; rewrite it "

@@ -154,7 +154,7 @@ def test_no_publications_no_served_window_and_a_negative_count_is_refused(tmp_pa
     assert "served" not in doc["runs"][0]["metrics"] and "served" not in doc["runs"][0]["combined"]
     assert "`served`" not in (tmp_path / "report.md").read_text()
     assert evaluate.run(parser.parse_args([*common, "--publications", "-1"])) == 2
-    assert "--publications must be >= 0" in capsys.readouterr().err
+    assert "--publications must be at least 0 (0: no `served` window), got -1" in capsys.readouterr().err
 
 
 def test_the_cadence_serves_the_tail_at_each_publication_count_and_reports_it(tmp_path: Path,
@@ -239,3 +239,42 @@ def test_paired_differences_can_be_taken_to_another_baseline(tmp_path: Path, cap
                               "--baseline", "mtl[typo]"])
     assert evaluate.run(args) == 0  # the report is written all the same, and the mistake is said
     assert "--baseline 'mtl[typo]' is not a configuration of these runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
+    (["--curve-points", "-3"], "--curve-points must be at least 0 (0: no curve), got -3"),
+    (["--limit", "-5"], "--limit must be at least 0 (0: every event), got -5"),
+    (["--threads", "-1"], "--threads must be at least 0 (0: torch's choice), got -1"),
+    (["--seeds", "1,1"], "--seeds 1,1: a seed is listed twice"),
+])
+def test_counts_out_of_their_range_are_refused_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                    flags: list[str], said: str) -> None:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["--dataset", "synthetic", "--source", "-", "--option", "n_events=300", "--configs",
+                              "mtl", "--device", "cpu", "--out", str(tmp_path / "out"), *flags])
+    assert evaluate.run(args) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_output_or_results_file_that_cannot_be_used_is_one_line_naming_it(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "bad.json").write_text("{")
+    for argv, said in (
+            (["--from-results", str(tmp_path / "empty.json"), "--out", str(tmp_path / "afile")],
+             f"--out {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder"),
+            (["--from-results", str(tmp_path / "empty.json"), "--out", str(tmp_path / "o")],
+             f"--from-results {tmp_path / 'empty.json'}: not the results.json of a 'crossdistil evaluate'"),
+            (["--from-results", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")],
+             f"--from-results {tmp_path / 'bad.json'}: Expecting property name"),
+            (["--from-results", str(tmp_path), "--out", str(tmp_path / "o")],
+             f"--from-results {tmp_path}: [Errno 21] Is a directory")):
+        assert evaluate.run(parser.parse_args(argv)) == 2
+        assert said in capsys.readouterr().err

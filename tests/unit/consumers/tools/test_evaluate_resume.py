@@ -92,3 +92,17 @@ def test_resume_adds_seeds_to_a_finished_grid_from_its_results(tmp_path: Path, m
     assert evaluate.run(grid(tmp_path / "two", "--seeds", "3", "--resume")) == 0
     assert [combo[3] for combo in calls] == [2, 2, 2, 2]  # only seed 2, of each mode and configuration
     assert runs_of(tmp_path / "two") == runs_of(tmp_path / "three")
+
+
+def test_an_unfinished_grids_runs_are_not_replaced_without_resume(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Stopped):
+        evaluate.run(grid(tmp_path))
+    kept = (tmp_path / evaluate.RUN_LOG).read_text()
+    with pytest.raises(ValueError, match=r"holds 2 finished run\(s\) of a grid that did not finish .*--resume"):
+        evaluate.run_grid(grid(tmp_path))
+    assert (tmp_path / evaluate.RUN_LOG).read_text() == kept  # untouched
+    (tmp_path / evaluate.RUN_LOG).write_text(kept.splitlines()[0] + "\n")  # a header alone: nothing to lose
+    calls = interrupt_after(monkeypatch, 100)
+    assert evaluate.run(grid(tmp_path)) == 0 and len(calls) == 8
