@@ -25,6 +25,9 @@ def open_dataset(name: str, source: str | Path | None, mapping: str | Path | dic
     """Open the data set adapter ``name`` on ``source``; raises ``DatasetError`` with a clear message."""
     if name not in DATASETS:
         raise DatasetError(f"unknown data set '{name}'; choose one of {', '.join(DATASETS)}")
+    if mapping is not None and name != "csv":
+        raise DatasetError(f"data set '{name}' has its own columns: a mapping is for --dataset csv (drop --mapping, "
+                           f"or use --dataset csv --mapping {mapping})")
     if name == "synthetic":
         # lazy: each adapter (numpy, pyarrow) loads when asked for
         from streamer.datasets.synthetic import open_synthetic

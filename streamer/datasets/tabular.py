@@ -106,6 +106,10 @@ def load_mapping(path: str | Path) -> ColumnMapping:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MappingError(f"mapping file {path} does not exist") from None
+    except IsADirectoryError:
+        raise MappingError(f"mapping file {path} is a folder, not a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"mapping file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise MappingError(f"mapping file {path} is not valid TOML: {exc}") from None
     raw.setdefault("name", path.stem)

@@ -236,3 +236,14 @@ def test_open_dataset_rejects_unknown_names_and_missing_sources(tmp_path: Path) 
         open_dataset("nope", tmp_path)
     with pytest.raises(DatasetError, match="does not exist"):
         open_dataset("kuairand", tmp_path / "missing.tsv")
+
+
+def test_a_mapping_is_refused_for_a_data_set_with_its_own_columns_and_a_folder_is_not_a_mapping(tmp_path: Path) -> None:
+    for name in ("kuairand", "synthetic", "icme2019"):
+        with pytest.raises(DatasetError, match=f"data set '{name}' has its own columns: a mapping is for --dataset csv"):
+            open_dataset(name, tmp_path, mapping=REPO / "mappings" / "kuairand.toml")
+    with pytest.raises(DatasetError, match=f"mapping file {tmp_path} is a folder, not a TOML file"):
+        open_dataset("csv", tmp_path, mapping=tmp_path)
+    (tmp_path / "latin1.toml").write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(DatasetError, match="latin1.toml is not UTF-8 text"):
+        open_dataset("csv", tmp_path, mapping=tmp_path / "latin1.toml")
