@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping, Sequence
@@ -47,7 +49,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class KafkaConfig:
-    bootstrap: str = _f("127.0.0.1:9092", "Kafka bootstrap servers, comma-separated host:port")
+    bootstrap: str = _f("127.0.0.1:9092", "Kafka bootstrap servers, comma-separated host:port (an IPv6 address in "
+                                          "brackets: [::1]:9092)")
     group_id: str = _f("crossdistil-trainer", "consumer group of the trainer (offsets are also committed here for lag "
                                               "monitoring)")
     impressions_topic: str = _f("impressions", "topic of impression events")
@@ -83,7 +86,9 @@ class KafkaConfig:
 @dataclass
 class JoinSection:
     attribution_window_s: dict = _f({}, "per-task attribution window in event-time seconds, e.g. {click = 60, "
-                                        "long_view = 3600}; tasks not listed use default_window_s")
+                                        "long_view = 3600}; tasks not listed use default_window_s. It may name "
+                                        "tasks outside model.tasks (one table for a data set's outcomes) only if it "
+                                        "names every task of model.tasks (else a misspelt task is refused)")
     default_window_s: float = _f(3600.0, "window of tasks not listed in attribution_window_s")
     allowed_lateness_s: float = _f(0.0, "how far behind the newest event time the watermark trails")
     max_pending: int = _f(1_000_000, "bound on pending impressions; beyond it the oldest are emitted early and counted")
@@ -115,7 +120,8 @@ class CheckpointConfig:
 @dataclass
 class PublishConfig:
     enabled: bool = _f(True, "publish the serving view of each checkpoint to the serving topic")
-    chunk_bytes: int = _f(900_000, "chunk size of a published checkpoint (below the topic's max.message.bytes)")
+    chunk_bytes: int = _f(900_000, "chunk size of a published checkpoint (below the topic's max.message.bytes; "
+                                   "16384 to 16711680)")
     onnx: bool = _f(False, "also publish the students as an ONNX graph (models.onnx_export, docs/features.md): "
                            "the model runs in onnxruntime without this code; about doubles the published bytes")
 
@@ -327,26 +333,12 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 def _validate(cfg: Config) -> None:
     if not cfg.model.tasks:
         raise ConfigError("model.tasks: at least one task is needed")
-    for task, window in cfg.join.attribution_window_s.items():
-        if not isinstance(window, (int, float)) or window < 0:
-            raise ConfigError(f"join.attribution_window_s.{task}: expected seconds >= 0, got {window!r}")
-    positive = {
-        "batching.batch_size": cfg.batching.batch_size,
-        "join.max_pending": cfg.join.max_pending,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "publish.chunk_bytes": cfg.publish.chunk_bytes,
-        "kafka.max_poll_records": cfg.kafka.max_poll_records,
-        "metrics.drift_ph_threshold": cfg.metrics.drift_ph_threshold,
-    }
-    for path, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{path}: must be > 0, got {value}")
-    if cfg.join.max_skew_s < 0 and cfg.join.max_skew_s != -1:
-        raise ConfigError(f"join.max_skew_s: expected seconds >= 0 or -1, got {cfg.join.max_skew_s}")
-    if cfg.batching.max_batch_delay_s < 0 or cfg.join.allowed_lateness_s < 0:
-        raise ConfigError("batching.max_batch_delay_s and join.allowed_lateness_s must be >= 0")
-    if not cfg.metrics.drift_ph_delta >= 0:
-        raise ConfigError(f"metrics.drift_ph_delta: must be >= 0 nats, got {cfg.metrics.drift_ph_delta}")
+    _check_finite(cfg)
+    _check_ranges(cfg)
+    _check_windows(cfg)
+    _check_bootstrap(cfg.kafka.bootstrap)
+    if not cfg.checkpoint.dir.strip():
+        raise ConfigError("checkpoint.dir: empty; name the folder checkpoints are written to")
     if not 0 < cfg.metrics.drift_auc_drop < 1 or cfg.metrics.drift_auc_z < 0:
         raise ConfigError(f"metrics.drift_auc_drop: must be in (0, 1) AUC points (and drift_auc_z >= 0), got "
                           f"{cfg.metrics.drift_auc_drop} (z {cfg.metrics.drift_auc_z})")
@@ -359,8 +351,6 @@ def _validate(cfg: Config) -> None:
                           "the model predicts (model.options.counted_tasks predict nothing)")
     if not 0 < cfg.metrics.drift_adwin_delta < 1:
         raise ConfigError(f"metrics.drift_adwin_delta: must be between 0 and 1, got {cfg.metrics.drift_adwin_delta}")
-    if cfg.kafka.stall_exit_s < 0:
-        raise ConfigError(f"kafka.stall_exit_s: must be >= 0 (0 = never), got {cfg.kafka.stall_exit_s}")
     if cfg.kafka.compression not in COMPRESSIONS:
         raise ConfigError(f"kafka.compression: one of {', '.join(COMPRESSIONS)}, got {cfg.kafka.compression!r}")
     if cfg.kafka.security_protocol.upper() not in PROTOCOLS:
@@ -373,9 +363,96 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"distributed.mode: sync or average, got {d.mode!r}")
     if d.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"distributed.backend: auto, gloo or nccl, got {d.backend!r}")
-    if d.timeout_s <= 0 or d.poll_timeout_ms < 0 or d.average_every_steps < 0 or d.average_every_s < 0:
-        raise ConfigError("distributed.timeout_s must be > 0; poll_timeout_ms, average_every_steps and "
-                          "average_every_s >= 0")
+
+
+def _check_finite(cfg: Config) -> None:
+    """No setting is NaN or infinite (``nan < 0`` is false, so a range check alone lets NaN through)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{f.name}: must be a finite number, got {value}")
+
+
+# The bytes of a published chunk: each is one Kafka record with ~300 bytes of header (docs/wire-format.md), so tiny
+# chunks multiply records for nothing; the trainer's producer sends at most 16 MiB a request (kafka_io.connect).
+CHUNK_BYTES = (16 * 1024, 16 * 1024 * 1024 - 64 * 1024)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every number within its range (each key's help text says what 0 means where 0 is allowed)."""
+    k, j, c, m, d = cfg.kafka, cfg.join, cfg.checkpoint, cfg.metrics, cfg.distributed
+    positive = {
+        "batching.batch_size": cfg.batching.batch_size, "join.max_pending": j.max_pending,
+        "checkpoint.keep_last": c.keep_last, "kafka.max_poll_records": k.max_poll_records,
+        "kafka.max_poll_interval_ms": k.max_poll_interval_ms, "metrics.drift_ph_threshold": m.drift_ph_threshold,
+        "distributed.timeout_s": d.timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    zero_or_more = {  # key: (value, what 0 means where it means something of its own)
+        "kafka.poll_timeout_ms": (k.poll_timeout_ms, ""), "kafka.stall_exit_s": (k.stall_exit_s, "0 = never"),
+        "join.default_window_s": (j.default_window_s, ""), "join.allowed_lateness_s": (j.allowed_lateness_s, ""),
+        "join.idle_timeout_s": (j.idle_timeout_s, "0 = never"),
+        "batching.max_batch_delay_s": (cfg.batching.max_batch_delay_s, ""),
+        "checkpoint.every_steps": (c.every_steps, "0 = off"), "checkpoint.every_s": (c.every_s, "0 = off"),
+        "metrics.drift_ph_delta": (m.drift_ph_delta, ""), "distributed.poll_timeout_ms": (d.poll_timeout_ms, ""),
+        "distributed.average_every_steps": (d.average_every_steps, "0 = off"),
+        "distributed.average_every_s": (d.average_every_s, "0 = off"),
+    }
+    for key, (value, zero) in zero_or_more.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0{f' ({zero})' if zero else ''}, got {value}")
+    if j.max_skew_s < 0 and j.max_skew_s != -1:
+        raise ConfigError(f"join.max_skew_s: expected seconds >= 0 or -1, got {j.max_skew_s}")
+    if not CHUNK_BYTES[0] <= cfg.publish.chunk_bytes <= CHUNK_BYTES[1]:
+        raise ConfigError(f"publish.chunk_bytes: must be {CHUNK_BYTES[0]}..{CHUNK_BYTES[1]} bytes (each chunk is one "
+                          f"Kafka record of at most 16 MiB), got {cfg.publish.chunk_bytes}")
+    if not 0 <= m.port <= 65535:
+        raise ConfigError(f"metrics.port: must be 0..65535 (0 = off), got {m.port}")
+    if not m.windows or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in m.windows):
+        raise ConfigError(f"metrics.windows: a list of sample counts > 0, got {m.windows!r}")
+
+
+def _check_windows(cfg: Config) -> None:
+    """Every attribution window is seconds >= 0. A table may name tasks outside ``model.tasks`` (one table for all
+    the outcomes of a data set, ``model.tasks`` picking some), but only when it gives each task of ``model.tasks`` a
+    window of its own: otherwise a name outside the tasks is most likely a misspelt one, whose task silently falls
+    back to ``default_window_s``. Auxiliary and counted tasks (``model.options``) are tasks of ``model.tasks``."""
+    windows, tasks = cfg.join.attribution_window_s, list(cfg.model.tasks)
+    for task, window in windows.items():
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window < math.inf:
+            raise ConfigError(f"join.attribution_window_s.{task}: expected seconds >= 0, got {window!r}")
+    unknown = [t for t in windows if t not in tasks]
+    without = [t for t in tasks if t not in windows]
+    if unknown and without:
+        raise ConfigError(f"join.attribution_window_s: {unknown} are not tasks of model.tasks {tasks}, and "
+                          f"{without} have no window of their own (they use join.default_window_s = "
+                          f"{cfg.join.default_window_s:g} s): a misspelt task? Name each task of model.tasks, or "
+                          "leave out the others")
+
+
+def _check_bootstrap(bootstrap: str) -> None:
+    """``kafka.bootstrap``: comma-separated HOST:PORT with a port of 1..65535; an IPv6 address in brackets
+    (``[::1]:9092``); a ``PROTOCOL://`` prefix is allowed (kafka-python drops it)."""
+    example = "e.g. 127.0.0.1:9092 or broker1:9092,broker2:9092 ([::1]:9092 for IPv6)"
+    if not bootstrap.strip():
+        raise ConfigError(f"kafka.bootstrap: empty; expected HOST:PORT, {example}")
+    for server in bootstrap.split(","):
+        address = re.sub(r"^[A-Za-z_]+://", "", server.strip())
+        if address.startswith("["):
+            host, bracket, port = address[1:].partition("]")
+            port = port[1:] if bracket and port.startswith(":") else ""
+        else:
+            host, _, port = address.rpartition(":")
+            if ":" in host:
+                raise ConfigError(f"kafka.bootstrap: {server.strip()!r}: an IPv6 address goes in brackets, "
+                                  f"[{host}]:{port}")
+        if not host or not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"kafka.bootstrap: {server.strip()!r} is not HOST:PORT with a port of 1..65535, "
+                              f"{example}")
 
 
 # What a daemon's "Kafka is not reachable" message suggests besides the broker's own address (connection_failure).
@@ -413,14 +490,7 @@ def load_config(
     """Build the effective configuration: defaults < file < environment < ``--set`` overrides."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"configuration file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
-        _apply(cfg, data)
+        _apply(cfg, _read_file(Path(path)))
     layered: dict[str, Any] = {}
     for key, raw in (os.environ if env is None else env).items():
         if key.startswith(ENV_PREFIX):
@@ -434,6 +504,24 @@ def load_config(
     _apply(cfg, layered)
     _validate(cfg)
     return cfg
+
+
+def _read_file(p: Path) -> dict[str, Any]:
+    """The TOML table of the configuration file ``p``; a ConfigError naming it when it cannot be one."""
+    if p.is_dir():
+        raise ConfigError(f"configuration file {p} is a directory, not a TOML file")
+    if not p.exists():
+        raise ConfigError(f"configuration file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale says
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration file {p} is not UTF-8 (at byte offset {exc.start}: "
+                          f"{exc.object[exc.start]:#04x}); TOML files are UTF-8: convert it, e.g. with iconv -t UTF-8"
+                          ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {p} cannot be read: {exc.strerror}") from None
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:

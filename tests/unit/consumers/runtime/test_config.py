@@ -1,3 +1,6 @@
+import dataclasses
+import re
+
 import pytest
 
 from consumers.runtime.config import Config, ConfigError, load_config, reference_markdown, to_toml
@@ -45,7 +48,7 @@ def test_env_list_values_split_on_commas():
 
 
 def test_printed_effective_config_loads_back_to_the_same(tmp_path):
-    cfg = load_config(None, env={}, overrides=["join.attribution_window_s={click = 60, like = 3600}"])
+    cfg = load_config(None, env={}, overrides=["join.attribution_window_s={click = 60, long_view = 3600}"])
     path = tmp_path / "effective.toml"
     path.write_text(to_toml(cfg))
     assert load_config(path, env={}) == cfg
@@ -62,10 +65,10 @@ def test_tables_merge_so_a_secret_from_the_environment_keeps_the_files_other_cli
     path = tmp_path / "c.toml"
     path.write_text('[kafka.client_options]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n')
     env = {"CROSSDISTIL__KAFKA__CLIENT_OPTIONS__SASL_PLAIN_PASSWORD": '"s3cret"'}
-    cfg = load_config(path, env=env, overrides=["join.attribution_window_s.like=10"])
+    cfg = load_config(path, env=env, overrides=["join.attribution_window_s.long_view=10"])
     assert cfg.kafka.client_options == {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
                                         "sasl_plain_password": "s3cret"}
-    assert cfg.join.attribution_window_s == {"like": 10}
+    assert cfg.join.attribution_window_s == {"long_view": 10}
 
 
 def test_drift_settings_reach_the_detectors_and_bad_ones_are_refused() -> None:
@@ -87,3 +90,84 @@ def test_the_producers_compression_defaults_to_lz4_and_an_unknown_codec_is_refus
     assert load_config(None, env={}, overrides=["kafka.compression='zstd'"]).kafka.compression == "zstd"
     with pytest.raises(ConfigError, match="kafka.compression: one of none, gzip, snappy, lz4, zstd"):
         load_config(None, env={}, overrides=["kafka.compression='brotli'"])
+
+
+def test_a_window_for_a_misspelt_task_is_refused_naming_it_and_the_tasks() -> None:
+    with pytest.raises(ConfigError, match=r"\['clik'\] are not tasks of model.tasks \['click', 'long_view'\]"):
+        load_config(None, env={}, overrides=["join.attribution_window_s={clik = 60}"])
+
+
+def test_a_window_table_may_name_other_tasks_when_it_names_every_task_of_model_tasks() -> None:
+    # one table for every outcome of a data set, model.tasks picking some (reports/backtest_kuairand_pure/config.toml)
+    table = "join.attribution_window_s={click = 60, long_view = 900, like = 900, follow = 900}"
+    assert load_config(None, env={}, overrides=[table]).join.attribution_window_s["like"] == 900
+    # auxiliary and counted tasks are tasks of model.tasks: their windows are theirs
+    counted = load_config(None, env={}, overrides=[
+        "model.tasks=['click', 'follow']", "join.attribution_window_s={follow = 900}",
+        "model.options={aux_tasks = ['follow'], counted_tasks = ['follow'], count_features = ['user_id']}"])
+    assert counted.join.attribution_window_s == {"follow": 900}
+
+
+@pytest.mark.parametrize("bootstrap", ["127.0.0.1:9092", "broker-1.example:9093,broker-2.example:9093", "[::1]:9092",
+                                       "SASL_SSL://broker:9094", " a:1 , b:65535 "])
+def test_bootstrap_takes_comma_separated_host_port_and_bracketed_ipv6(bootstrap: str) -> None:
+    assert load_config(None, env={"CROSSDISTIL__KAFKA__BOOTSTRAP": bootstrap}).kafka.bootstrap == bootstrap
+
+
+@pytest.mark.parametrize("bootstrap, problem", [
+    ("", "empty"), ("   ", "empty"), ("127.0.0.1:notaport", "'127.0.0.1:notaport' is not HOST:PORT"),
+    ("broker:0", "port of 1..65535"), ("broker:65536", "port of 1..65535"), ("broker", "'broker' is not HOST:PORT"),
+    (":9092", "':9092' is not HOST:PORT"), ("a:9092,", "'' is not HOST:PORT"), ("::1:9092", "IPv6 .* in brackets"),
+])
+def test_a_malformed_bootstrap_is_refused_naming_the_server(bootstrap: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=f"kafka.bootstrap: .*{problem}"):
+        load_config(None, env={"CROSSDISTIL__KAFKA__BOOTSTRAP": bootstrap})
+
+
+def float_keys() -> list[str]:
+    cfg = Config()
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(cfg)
+            for f in dataclasses.fields(getattr(cfg, section.name))
+            if isinstance(getattr(getattr(cfg, section.name), f.name), float)]
+
+
+@pytest.mark.parametrize("key", float_keys())
+def test_nan_and_infinity_are_refused_for_every_number_setting(key: str) -> None:
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match=f"{key}: must be a finite number"):
+            load_config(None, env={}, overrides=[f"{key}={value}"])
+
+
+@pytest.mark.parametrize("setting, problem", [
+    ("checkpoint.every_steps=-5", r"must be >= 0 \(0 = off\)"), ("checkpoint.every_s=-1", r"must be >= 0 \(0 = off\)"),
+    ("join.default_window_s=-10", "must be >= 0"), ("join.idle_timeout_s=-1", r"must be >= 0 \(0 = never\)"),
+    ("batching.max_batch_delay_s=-0.5", "must be >= 0"), ("kafka.poll_timeout_ms=-1", "must be >= 0"),
+    ("kafka.max_poll_interval_ms=0", "must be > 0"), ("distributed.timeout_s=0", "must be > 0"),
+    ("distributed.average_every_steps=-1", "must be >= 0"), ("metrics.windows=[0, -5]", "a list of sample counts > 0"),
+    ("metrics.windows=['a']", "a list of sample counts > 0"), ("metrics.windows=[]", "a list of sample counts > 0"),
+    ("publish.chunk_bytes=10", "must be 16384..16711680 bytes"),
+    ("publish.chunk_bytes=20000000", "must be 16384..16711680 bytes"), ("metrics.port=99999", "must be 0..65535"),
+    ("metrics.port=-1", "must be 0..65535"), ("join.attribution_window_s={click = -1}", "expected seconds >= 0"),
+    ("join.attribution_window_s={click = true}", "expected seconds >= 0"), ("checkpoint.dir=' '", "empty"),
+])
+def test_a_number_out_of_its_range_is_refused_naming_the_key(setting: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=f"{re.escape(setting.split('=')[0])}.*: {problem}"):
+        load_config(None, env={}, overrides=[setting])
+
+
+def test_zero_keeps_meaning_off_where_the_help_says_so() -> None:
+    cfg = load_config(None, env={}, overrides=["checkpoint.every_steps=0", "checkpoint.every_s=0", "metrics.port=0",
+                                               "kafka.stall_exit_s=0", "join.idle_timeout_s=0"])
+    assert (cfg.checkpoint.every_steps, cfg.checkpoint.every_s, cfg.metrics.port) == (0, 0.0, 0)
+
+
+def test_a_directory_given_as_the_configuration_file_is_named_as_one(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=f"configuration file {re.escape(str(tmp_path))} is a directory"):
+        load_config(tmp_path, env={})
+
+
+def test_a_configuration_file_that_is_not_utf8_is_named_with_its_first_bad_byte(tmp_path) -> None:
+    path = tmp_path / "latin.toml"
+    path.write_bytes(b"[batching]\nbatch_size = 3 # \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"latin.toml is not UTF-8 \(at byte offset 28: 0xff\)"):
+        load_config(path, env={})
