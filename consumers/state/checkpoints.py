@@ -127,6 +127,27 @@ def decode_checkpoint_file(data: bytes, with_tensors: bool = True) -> tuple[dict
     return tensors, metadata
 
 
+def make_folder(directory: Path, what: str) -> None:
+    """Create ``directory`` and its missing parents; where that fails, an OSError of the same kind saying which
+    folder (``what``) and why in one line (``FileExistsError``'s own message, "[Errno 17] File exists", names
+    neither the folder meant nor the file in its way).
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> _ = (root / "afile").write_text("x")
+    >>> make_folder(root / "afile" / "checkpoints", "checkpoint directory")
+    Traceback (most recent call last):
+    ...
+    NotADirectoryError: checkpoint directory .../afile/checkpoints cannot be created: .../afile is a file, not a folder
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        in_the_way = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{in_the_way} is a file, not a folder" if in_the_way is not None else exc.strerror
+        raise type(exc)(f"{what} {directory} cannot be created: {why}") from None
+
+
 def positions_to_plain(positions: Mapping[tuple[str, int], int]) -> list[list[Any]]:
     """``{(topic, partition): next offset}`` as ``[[topic, partition, next offset], ...]``, sorted."""
     return [[topic, partition, offset] for (topic, partition), offset in sorted(positions.items())]
@@ -156,7 +177,7 @@ class CheckpointStore:
             raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_folder(self.directory, "checkpoint directory")
         self._remove_temp_files()
 
     def path_for(self, step: int) -> Path:

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from consumers.state.checkpoints import fsync_directory
+from consumers.state.checkpoints import fsync_directory, make_folder
 
 _SEGMENT = re.compile(r"^ledger-(\d{12})\.tsv$")
 
@@ -43,7 +43,7 @@ class Ledger:
     def __init__(self, directory: str | os.PathLike[str], tasks: Sequence[str]) -> None:
         self.directory = Path(directory)
         self.tasks = tuple(tasks)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_folder(self.directory, "ledger directory")
         self._lines: list[str] = []
 
     def add(self, impression_ids: Sequence[str], labels: Mapping[str, Sequence[Any]],

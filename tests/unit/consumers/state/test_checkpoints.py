@@ -172,3 +172,12 @@ def test_the_learners_trust_gate_survives_a_trainer_checkpoint_exactly(tmp_path)
         losses, _ = restored.step(gate_batch(120))
         assert {k: v for k, v in losses.items() if "gate" in k or "auc" in k} == \
                {k: v for k, v in expected.items() if "gate" in k or "auc" in k}
+
+
+def test_a_checkpoint_directory_that_cannot_be_made_names_it_and_the_file_in_its_way(tmp_path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(FileExistsError, match=f"^checkpoint directory {afile} cannot be created: {afile} is a file"):
+        CheckpointStore(afile)
+    with pytest.raises(NotADirectoryError, match=f"^checkpoint directory {afile}/ck cannot be created: {afile} is a"):
+        CheckpointStore(afile / "ck")

@@ -20,3 +20,10 @@ def test_ledger_keeps_only_segments_up_to_the_restored_checkpoint(tmp_path: Path
     ledger.add(["d"], {"click": [0]}, {"click": [0.5]})  # never committed
     assert Ledger(tmp_path, ("click",)).discard_after(2) == [3]
     assert [(r["impression_id"], r["label/click"]) for r in read_ledger(tmp_path)] == [("a", 1), ("b", 0)]
+
+
+def test_a_ledger_directory_that_is_a_file_is_named_in_the_error(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(FileExistsError, match=f"^ledger directory {afile} cannot be created: {afile} is a file, not"):
+        Ledger(afile, ("click",))
