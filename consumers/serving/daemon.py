@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.runtime.config import BOOTSTRAP_HINT, Config, kafka_client_options
 from consumers.runtime.httpd import HttpLimits
+from consumers.runtime.stoppable import call_unless_stopped
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.api import ApiServer, serve_api
 from consumers.serving.follower import MAX_MESSAGE_BYTES, CheckpointFollower, ModelHolder, ServedModel
@@ -30,7 +31,8 @@ log = logging.getLogger("crossdistil.serving")
 class ServingDaemon:
     """The whole daemon without signal handling, so tests and benchmarks can run it in a thread.
 
-    ``run(stop)`` returns the exit status: 0 after ``stop`` is set, 3 if Kafka is unreachable at start.
+    ``run(stop)`` returns the exit status: 0 after ``stop`` is set (also while it connects to Kafka), 3 if Kafka is
+    unreachable at start.
     """
 
     def __init__(self, cfg: Config, on_swap: Callable[[ServedModel], None] | None = None, out: Any = None,
@@ -76,13 +78,15 @@ class ServingDaemon:
                             if key in KafkaConsumer.DEFAULT_CONFIG})
             options["group_id"], options["enable_auto_commit"] = None, False  # serving never joins the trainer's group
             try:
-                preflight(k.bootstrap, options)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
-                consumer = KafkaConsumer(**options)
+                consumer = call_unless_stopped(lambda: connect(k.bootstrap, options), stop.is_set,
+                                               discard=lambda unused: unused.close(autocommit=False))
             except KafkaError as exc:
                 failure = connection_failure(k.bootstrap, options, exc,
                                              hint=BOOTSTRAP_HINT)
                 print(f"crossdistil serve: {failure}", file=sys.stderr)
                 return 3
+            if consumer is None:  # stopped while connecting (kafka-python's bootstrap takes up to 10 s to give up)
+                return 0
             try:
                 if not self._wait_for_topic(consumer, k.model_topic, stop):
                     return 0
@@ -110,3 +114,10 @@ class ServingDaemon:
                 warned = True
             stop.wait(1.0)
         return False
+
+
+def connect(bootstrap: str, options: dict[str, Any]) -> KafkaConsumer:
+    """Serving's consumer of ``options``, after the preflight checks (a wrong listener or a refused SASL login is
+    said at once, not after kafka-python's 10 s); ``KafkaError`` when Kafka cannot be reached."""
+    preflight(bootstrap, options)
+    return KafkaConsumer(**options)
