@@ -1,12 +1,13 @@
 """``crossdistil train``: its flags and exit statuses; the daemon itself is ``consumers.trainer.daemon``.
 
-Exit status: 0 after a stop or the end of a finite stream; 2 for a configuration error (or a checkpoint
-directory written by something else); 3 when Kafka cannot be reached at start; 4 when no partition was
-assigned for ``kafka.stall_exit_s``; 5 when another trainer with the same ``group_instance_id`` took the
-partitions over; 6 when the learner process failed or died; 7 when a record batch cannot be decoded (a codec
-that is not installed, a corrupt batch: its topic, partition and offset are named); 8 when a rank of several
-lost the other ranks (one died or could not be reached: torchrun restarts the group) (``consumers.trainer.daemon``
-and ``consumers.trainer.ranked`` say why each).
+Exit status: 0 after a stop (SIGTERM or SIGINT, also one while it starts or connects) or the end of a finite
+stream; 2 for a configuration error, a flag out of range, a checkpoint or ledger folder that cannot be made (or a
+checkpoint directory written by something else), or a metrics port that cannot be bound; 3 when Kafka cannot be
+reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s``; 5 when another trainer with the
+same ``group_instance_id`` took the partitions over; 6 when the learner process failed or died; 7 when a record
+batch cannot be decoded (a codec that is not installed, a corrupt batch: its topic, partition and offset are
+named); 8 when a rank of several lost the other ranks (one died or could not be reached: torchrun restarts the
+group) (``consumers.trainer.daemon`` and ``consumers.trainer.ranked`` say why each).
 
 Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one rank
 (``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine.
@@ -15,14 +16,26 @@ Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from consumers.runtime import logs
-from consumers.runtime.config import ConfigError, add_config_arguments, kafka_client_options, load_config, to_toml
+from consumers.runtime.config import (
+    Config,
+    ConfigError,
+    add_config_arguments,
+    kafka_client_options,
+    load_config,
+    to_toml,
+)
+from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,15 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stamped at or after TIME (unix ms or ISO 8601, e.g. 2026-11-01T00:00Z) instead of its "
                              "beginning; positions in the checkpoint always win, so restarts stay exactly-once")
     parser.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                        help="torch intra-op threads on CPU (default: torch's choice, one per core). On a shared or "
-                             "busy machine 1 is often much faster: idle threads spin while waiting for cores")
+                        help="torch intra-op threads on CPU (default, or 0: torch's choice, one per core). On a shared "
+                             "or busy machine 1 is often much faster: idle threads spin while waiting for cores")
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
                         help="run N trainer ranks of one model on this machine: hands over to torchrun "
                              "(--standalone --nproc-per-node N --max-restarts R); for several machines start "
                              "torchrun yourself (docs/scaling.md)")
     parser.add_argument("--max-restarts", type=int, default=3, metavar="R",
                         help="with --world-size: how often torchrun restarts the ranks after one failed (default 3)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level: DEBUG, INFO (default), WARNING or ERROR")
 
 
 def torchrun_command(argv: list[str], world_size: int, max_restarts: int) -> list[str]:
@@ -97,9 +111,9 @@ def launch_ranks(torchrun_args: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil train``; returns the exit status."""
-    world_size = getattr(args, "world_size", None)
-    if world_size is not None and world_size < 1:
-        print(f"crossdistil train: --world-size {world_size}: at least 1", file=sys.stderr)
+    problem = flag_problem(args)
+    if problem is not None:
+        print(f"crossdistil train: {problem}", file=sys.stderr)
         return 2
     logs.configure(str(args.log_level))  # the Kafka client's repeated complaints during an outage are folded
     try:
@@ -110,22 +124,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.device:
         cfg.model.device = args.device
+    world_size = getattr(args, "world_size", None)
     ranks_here = world_size is not None and world_size > 1 and "WORLD_SIZE" not in os.environ
-    if args.check_config or ranks_here:
-        # lazy: torch loads only when the configuration is checked or the daemon runs (crossdistil --help stays fast)
-        from consumers.runtime.assembly import RANKS_WITHOUT_GRAPHS, model_config, model_device
+    # lazy: torch loads only when the configuration is checked or the daemon runs (crossdistil --help stays fast)
+    from consumers.runtime.assembly import RANKS_WITHOUT_GRAPHS, model_config, model_device
 
-        try:
-            model_config(cfg)
-            model_device(cfg)
-            if ranks_here and cfg.model.cuda_graphs:
-                raise ValueError(RANKS_WITHOUT_GRAPHS)
-        except (TypeError, ValueError) as exc:
-            print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
-            return 2
+    try:  # on every start: a bad model option or device is said now, before anything is built or connected
+        model_config(cfg)
+        model_device(cfg)
+        if ranks_here and cfg.model.cuda_graphs:
+            raise ValueError(RANKS_WITHOUT_GRAPHS)
+    except (TypeError, ValueError) as exc:
+        print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
+        return 2
+    folders = folder_problem(cfg, args)
     if args.check_config:
+        if folders is not None:  # a property of this machine, not of the configuration: said, not refused
+            print(f"crossdistil train: warning: on this machine, {folders}", file=sys.stderr)
         print(to_toml(cfg))
         return 0
+    if folders is not None:
+        print(f"crossdistil train: {folders}", file=sys.stderr)
+        return 2
     try:
         start_ms = parse_time(args.from_time)
     except ValueError as exc:
@@ -137,13 +157,43 @@ def run(args: argparse.Namespace) -> int:
         command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
         print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
         return launch_ranks(command[3:])
-    from consumers.runtime.assembly import model_device  # lazy: torch loads only when the daemon runs
-
+    # Until the daemon's own handlers (Trainer.run), SIGTERM stops the start as Ctrl-C does: status 0, as documented.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        model_device(cfg)  # a GPU asked for where there is none: said now, before Kafka
+        return _run_daemon(cfg, args, start_ms)
+    except KeyboardInterrupt:
+        print("crossdistil train: stopped while starting; nothing was trained", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numeric flags, if anything (argparse checks their types, not their ranges)."""
+    world_size = getattr(args, "world_size", None)
+    if world_size is not None and world_size < 1:
+        return f"--world-size {world_size}: at least 1"
+    if args.torch_threads is not None and args.torch_threads < 0:
+        return f"--torch-threads {args.torch_threads}: at least 1 (or 0 for torch's choice)"
+    if args.exit_when_idle is not None and not 0 <= args.exit_when_idle < math.inf:
+        return f"--exit-when-idle {args.exit_when_idle:g}: a finite number of seconds >= 0"
+    return None
+
+
+def folder_problem(cfg: Config, args: argparse.Namespace) -> str | None:
+    """Why ``checkpoint.dir`` or ``--ledger`` cannot be (or become) a writable folder, if one cannot: said before
+    the model is built and Kafka connected, instead of a traceback from the first ``mkdir``."""
+    try:
+        check_output_folder(Path(cfg.checkpoint.dir), "checkpoint.dir")
+        if args.ledger:
+            check_output_folder(Path(args.ledger), "--ledger")
     except ValueError as exc:
-        print(f"crossdistil train: configuration error in [model]: {exc}", file=sys.stderr)
-        return 2
+        return str(exc)
+    return None
+
+
+def _run_daemon(cfg: Config, args: argparse.Namespace, start_ms: int | None) -> int:
+    """Build the trainer (one, or one rank of several under torchrun) and run it."""
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
@@ -155,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from consumers.state.checkpoints import CheckpointError
     from consumers.trainer.daemon import Trainer
 
-    if args.torch_threads:
+    if args.torch_threads:  # 0 or none: torch's choice
         torch.set_num_threads(args.torch_threads)
     try:
         info = rank_from_env()
@@ -165,7 +215,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if info is not None:
             return _run_rank(cfg, info, args, start_ms)
-        trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger, start_ms=start_ms)
+        try:
+            trainer = Trainer(cfg, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger, start_ms=start_ms)
+        except (ValueError, OSError) as exc:
+            return cannot_start(exc)
         return trainer.run()
     except LearnerProcessError as exc:
         print(f"crossdistil train: {exc}\nexiting with status 6 without a checkpoint (the last one is consistent: a "
@@ -174,6 +227,14 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"crossdistil train: {exc}", file=sys.stderr)
         return 2
+
+
+def cannot_start(exc: ValueError | OSError) -> int:
+    """Exit status 2 for a trainer that cannot be built: a value its parts refuse (the join's, the batcher's, the
+    metrics'), or a folder that cannot be made; said in one line."""
+    kind = "configuration error: " if isinstance(exc, ValueError) else ""
+    print(f"crossdistil train: {kind}{exc}", file=sys.stderr)
+    return 2
 
 
 def _run_rank(cfg: Any, info: Any, args: argparse.Namespace, start_ms: int | None) -> int:
@@ -198,5 +259,10 @@ def _run_rank(cfg: Any, info: Any, args: argparse.Namespace, start_ms: int | Non
         print(f"crossdistil train: {info.label} could not join the other ranks within distributed.timeout_s = "
               f"{cfg.distributed.timeout_s:g} s: {exc}", file=sys.stderr)
         return EXIT_RANKS
-    return RankTrainer(cfg, ranks, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger,
-                       start_ms=start_ms).run()
+    try:
+        trainer = RankTrainer(cfg, ranks, exit_when_idle_s=args.exit_when_idle, ledger_dir=args.ledger,
+                              start_ms=start_ms)
+    except (ValueError, OSError) as exc:
+        ranks.close()
+        return cannot_start(exc)
+    return trainer.run()

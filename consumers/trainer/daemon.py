@@ -65,6 +65,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from kafka.errors import KafkaError
@@ -76,6 +77,7 @@ from consumers.runtime.config import BOOTSTRAP_HINT, Config, kafka_client_option
 from consumers.runtime.httpd import serve_http
 from consumers.runtime.learner_process import LearnerProcessError
 from consumers.runtime.processes import tune_gc
+from consumers.runtime.stoppable import call_unless_stopped
 from consumers.runtime.telemetry import TrainerMetrics
 from consumers.state.checkpoints import CheckpointStore
 from consumers.state.ledger import Ledger
@@ -103,6 +105,8 @@ class Trainer:
         self.registry = CollectorRegistry()
         self.metrics = TrainerMetrics.from_config(cfg, registry=self.registry)
         self.freshness = Freshness()
+        # Folders this start makes: a start that ends before training (Kafka unreachable, a stop) removes them again.
+        self.new_folders = missing_folders(cfg.checkpoint.dir, *([ledger_dir] if ledger_dir else []))
         self.ledger = Ledger(ledger_dir, tuple(cfg.model.learnt_tasks)) if ledger_dir else None
         # The one code path shared with the backtest; the live clock is the wall clock.
         # ranks: one rank of several (consumers.trainer.ranked), whose learner steps with the other ranks.
@@ -151,25 +155,39 @@ class Trainer:
         return self.checkpoints.write(reason)
 
     def run(self) -> int:
-        """Restore, connect, and train until stopped (SIGTERM/SIGINT) or idle at the end (``exit_when_idle_s``)."""
+        """Restore, connect, and train until stopped (SIGTERM/SIGINT; while it connects too: status 0) or idle at the
+        end (``exit_when_idle_s``)."""
         tune_gc()
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
         self.restore()
-        http = None
-        if self.cfg.metrics.port:
-            http = serve_http(self.cfg.metrics.bind, self.cfg.metrics.port, self.registry, self.health)
+        try:
+            http = (serve_http(self.cfg.metrics.bind, self.cfg.metrics.port, self.registry, self.health)
+                    if self.cfg.metrics.port else None)
+        except OSError as exc:  # the port is taken (a second trainer?) or the address is not this machine's
+            print(f"crossdistil train: {exc}", file=sys.stderr)
+            return self._abandon_start(None, 2)
+        if http is not None:
             print(f"crossdistil train: metrics at {http.url}/metrics, health at {http.url}/healthz", flush=True)
         else:
             print("crossdistil train: metrics and health endpoints are off (metrics.port = 0)", flush=True)
         k = self.cfg.kafka
         try:
-            consumer, producer = self._connect()
+            clients = call_unless_stopped(self._connect, lambda: self.stop_requested, discard=close_clients)
         except KafkaError as exc:
-            if http is not None:
-                http.close()
-            failure = connection_failure(k.bootstrap, kafka_client_options(k), exc,
-                                         hint=BOOTSTRAP_HINT)
+            failure = connection_failure(k.bootstrap, kafka_client_options(k), exc, hint=BOOTSTRAP_HINT)
             print(f"crossdistil train: {failure}", file=sys.stderr)
-            return 3
+            return self._abandon_start(http, 3)
+        if clients is None:
+            print("crossdistil train: stopped before Kafka was reached; nothing was trained", flush=True)
+            return self._abandon_start(http, 0)
+        consumer, producer = clients
         self.kafka.consumer = consumer
         self.dead_letters.producer = self.publisher.producer = producer
         if self.cfg.publish.enabled:
@@ -177,7 +195,6 @@ class Trainer:
         if not self._consume():
             self._close(consumer, producer, http)
             return self.exit_status
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         device = getattr(self.learner, "device", None) or self.cfg.model.device
         graphs = (f" (CUDA graphs: each batch of {self.cfg.batching.batch_size} rows replays one captured step)"
                   if self.cfg.model.cuda_graphs else "")
@@ -187,8 +204,6 @@ class Trainer:
         try:
             self._loop()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self._close(consumer, producer, http)
         print(self._summary(), flush=True)
         if self.kafka.first_assigned_at is not None and self.events_consumed:
@@ -197,6 +212,19 @@ class Trainer:
             print(f"crossdistil train: consumed {self.events_consumed} events in {seconds:.3f} s (from the first "
                   "assignment to the last event, plus the final flush)", flush=True)
         return self.exit_status
+
+    def _abandon_start(self, http: Any, status: int) -> int:
+        """A start that ends before the loop: the endpoint and the learner closed, the folders it made (still
+        empty) removed; returns ``status``."""
+        if http is not None:
+            http.close()
+        self.pipeline.close()
+        for folder in self.new_folders:
+            try:
+                folder.rmdir()
+            except OSError:  # something was written into it after all: it stays
+                pass
+        return status
 
     def _connect(self) -> tuple[Any, Any]:
         """The Kafka consumer and producer (``kafka_io.connect``)."""
@@ -411,3 +439,16 @@ class Trainer:
     def _request_stop(self, signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the current batch, then checkpoint and exit", signum)
         self.stop_requested = True
+
+
+def missing_folders(*paths: str) -> list[Path]:
+    """The folders of ``paths`` and their parents that do not exist yet, deepest first (what creating them makes)."""
+    missing = {folder for path in paths for folder in (Path(path), *Path(path).parents) if not folder.exists()}
+    return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
+
+
+def close_clients(clients: tuple[Any, Any]) -> None:
+    """Close a consumer and producer that a stop left unused (``call_unless_stopped``'s discard)."""
+    consumer, producer = clients
+    consumer.close(autocommit=False)
+    producer.close(timeout=1)
