@@ -6,6 +6,9 @@ total loss (alpha_k, beta_k) is a field, per task or shared.
 
 from __future__ import annotations
 
+import difflib
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -191,25 +194,30 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
         self.partners = _partner_items(self.partners)
-        self.aux_tasks = _names(self.aux_tasks)
-        self.counted_tasks = _names(self.counted_tasks)
-        self.hidden_dims = tuple(self.hidden_dims)
-        self.tower_dims = tuple(self.tower_dims)
-        if isinstance(self.wide_crosses, str):  # "a*b,c*d" from a command line
-            self.wide_crosses = tuple(c for c in self.wide_crosses.split(",") if c.strip())
-        self.wide_crosses = tuple(self.wide_crosses)
-        self.count_features = _names(self.count_features)
-        self.privileged = _names(self.privileged)
+        # names and sizes as given, or as a command line writes them: "user_id, item_id", "64,32", a lone 64
+        for name in ("aux_tasks", "counted_tasks", "wide_crosses", "count_features", "privileged"):
+            setattr(self, name, _names(getattr(self, name), name))
+        for name in ("hidden_dims", "tower_dims"):
+            setattr(self, name, _dims(getattr(self, name), name))
         for name in ("bce_weight", "kd_weight", "aux_weight", "privileged_weight"):  # "like:0.8,finish:0" too
-            setattr(self, name, _task_weight_items(getattr(self, name)))
-        if isinstance(self.features, dict):
-            self.features = FeatureSpec.from_dict(self.features)
+            setattr(self, name, _task_weight_items(getattr(self, name), name))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                setattr(self, f.name, whole_number(value, f.name))
+            elif f.type == "bool" and type(value) is int and value in (0, 1):  # a command line's bf16=1
+                setattr(self, f.name, bool(value))
+        if isinstance(self.features, Mapping):
+            self.features = from_known_fields(FeatureSpec, self.features, "features")
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the configuration is not usable."""
-        if len(self.tasks) < 1 or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks!r}")
+        if (len(self.tasks) < 1 or len(set(self.tasks)) != len(self.tasks)
+                or not all(isinstance(t, str) and t for t in self.tasks)):
+            raise ValueError(f"tasks must be distinct and non-empty names, got {self.tasks!r}")
+        self._validate_types()
+        self._validate_sizes()
         if set(self.aux_tasks) - set(self.tasks) or len(set(self.aux_tasks)) != len(self.aux_tasks):
             raise ValueError(f"aux_tasks must name distinct tasks of {self.tasks}, got {self.aux_tasks!r}")
         if not self.served_tasks:
@@ -230,10 +238,17 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, dict) and set(value) - set(self.tasks):
                 raise ValueError(f"{name} names unknown tasks {sorted(set(value) - set(self.tasks))}")
+            if not all(math.isfinite(w) for w in self.task_weights(name)):
+                raise ValueError(f"{name} must be finite for every task, got {value!r}")
+        for name in ("kd_weight", "aux_weight"):  # a negative alpha_k or beta_k would train away from the teacher
+            if any(w < 0.0 for w in self.task_weights(name)):
+                raise ValueError(f"{name} must be >= 0 for every task, got {getattr(self, name)!r}")
         if self.kd_temperature <= 0:
             raise ValueError("kd_temperature must be > 0")
         if self.correction_margin < 0 or not 0.0 <= self.correction_mix <= 1.0:
             raise ValueError("correction_margin must be >= 0 and correction_mix in [0, 1]")
+        if self.quadruplet_margin < 0:
+            raise ValueError(f"quadruplet_margin must be >= 0, got {self.quadruplet_margin}")
         if self.max_pairs_per_level < 1:
             raise ValueError("max_pairs_per_level must be >= 1")
         _choice("kd_gate", self.kd_gate, KD_GATES)
@@ -247,8 +262,9 @@ class ModelConfig:
             raise ValueError("kd_gate_window must be >= 2 and kd_gate_every >= 1")
         _choice("wide", self.wide, WIDE_OPTIMIZERS)
         _choice("embedding_optimizer", self.embedding_optimizer, ("adam", "adagrad"))
-        if self.wide_lr <= 0:
-            raise ValueError(f"wide_lr must be > 0, got {self.wide_lr}")
+        for name in ("lr", "embedding_lr", "wide_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a learning rate > 0, got {getattr(self, name)}")
         if not 0.0 < self.wide_decay <= 1.0:
             raise ValueError(f"wide_decay must be in (0, 1], got {self.wide_decay}")
         for cross in self.wide_crosses:
@@ -270,6 +286,37 @@ class ModelConfig:
                              f"{self.count_smoothing}, {self.count_half_life}, {self.count_cross_smoothing}")
         if self.count_cross_prior not in CROSS_PRIORS:
             raise ValueError(f"count_cross_prior must be one of {CROSS_PRIORS}, got {self.count_cross_prior!r}")
+
+    def _validate_types(self) -> None:
+        """Every plain field of the type it is declared with (a string for a size or a learning rate would reach
+        torch, which fails later or trains nothing), every number finite."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{f.name} must be a whole number, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if not isinstance(self.features, FeatureSpec):
+            raise ValueError(f"features must be a FeatureSpec or a mapping of its fields, got {self.features!r}")
+
+    def _validate_sizes(self) -> None:
+        """Layer widths and counts of experts and levels: each at least one (torch takes 0 and fails at the first
+        batch); PLE may do without shared or without task-specific experts, not without both."""
+        if not self.hidden_dims:
+            raise ValueError("hidden_dims must name at least one layer width, e.g. 128 or 256,128")
+        for name in ("hidden_dims", "tower_dims"):
+            if not all(d >= 1 for d in getattr(self, name)):
+                raise ValueError(f"{name} must be layer widths >= 1, got {list(getattr(self, name))}")
+        for name in ("embedding_dim", "num_experts", "ple_levels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.ple_shared_experts, self.ple_specific_experts) < 0 or (
+                self.ple_shared_experts + self.ple_specific_experts < 1):
+            raise ValueError(f"ple_shared_experts and ple_specific_experts must be >= 0 with at least one expert in "
+                             f"all, got {self.ple_shared_experts} and {self.ple_specific_experts}")
 
     def _validate_counted(self) -> None:
         if set(self.counted_tasks) - set(self.aux_tasks) or len(set(self.counted_tasks)) != len(self.counted_tasks):
@@ -358,36 +405,78 @@ class ModelConfig:
         return from_known_fields(cls, data, "model")
 
 
-def _names(value: str | Sequence[str]) -> tuple[str, ...]:
-    """Column names as a tuple; a command line's ``"user_id, item_id"`` split at its commas.
+def whole_number(value: Any, option: str) -> int:
+    """``value`` as an int: an integer, or a float without a fraction (TOML's ``8.0``, a command line's ``1e5``);
+    anything else is a ValueError naming ``option``.
 
-    >>> _names("play_time_ms, is_follow"), _names(["user_id"])
+    >>> whole_number(8, "embedding_dim"), whole_number(1e5, "kd_warmup_samples")
+    (8, 100000)
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{option} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _names(value: str | Sequence[str], option: str) -> tuple[str, ...]:
+    """Names (of columns, tasks or crosses) as a tuple; a command line's ``"user_id, item_id"`` split at its commas;
+    ``option`` names the setting in the error.
+
+    >>> _names("play_time_ms, is_follow", "privileged"), _names(["user_id"], "count_features")
     (('play_time_ms', 'is_follow'), ('user_id',))
     """
     if isinstance(value, str):
         return tuple(f.strip() for f in value.split(",") if f.strip())
+    if not isinstance(value, Sequence) or not all(isinstance(f, str) for f in value):
+        raise ValueError(f"{option} must be a list of names or a comma-separated string of them, got {value!r}")
     return tuple(value)
 
 
-def _task_weight_items(value: Any) -> float | dict[str, float]:
-    """A per-task weight as given: a number, a mapping, or a command line's ``"like:0.8,finish:0"`` (a string, or
-    the list ``--model-option`` makes of it) as a mapping.
+def _dims(value: int | str | Sequence[int], option: str) -> tuple[int, ...]:
+    """Layer widths as a tuple: a list, one width alone, or a command line's ``"64,32"``; ``option`` names the
+    setting in the error (whether each width is >= 1 is ``ModelConfig.validate``'s to say).
 
-    >>> _task_weight_items(["like:0.8", "finish:0"]), _task_weight_items(0.3)
+    >>> _dims(64, "hidden_dims"), _dims("64, 32", "tower_dims"), _dims([8.0], "tower_dims")
+    ((64,), (64, 32), (8,))
+    """
+    if isinstance(value, str):
+        value = [item for item in value.split(",") if item.strip()]
+    elif not isinstance(value, Sequence):
+        value = [value]
+    try:
+        return tuple(whole_number(int(item) if isinstance(item, str) else item, option) for item in value)
+    except ValueError:
+        raise ValueError(f"{option} must be whole layer widths such as 64 or 64,32, got {value!r}") from None
+
+
+def _task_weight_items(value: Any, option: str) -> float | dict[str, float]:
+    """A per-task weight as given: a number, a mapping, or a command line's ``"like:0.8,finish:0"`` (a string, or
+    the list ``--model-option`` makes of it) as a mapping; ``option`` names the setting in the error.
+
+    >>> _task_weight_items(["like:0.8", "finish:0"], "kd_weight"), _task_weight_items(0.3, "kd_weight")
     ({'like': 0.8, 'finish': 0.0}, 0.3)
     """
+    expected = f"{option}: expected a number or TASK:WEIGHT items such as like:0.8, got {value!r}"
     if isinstance(value, str):
         value = [item for item in value.split(",") if item.strip()]
     if isinstance(value, (list, tuple)):
         pairs = [str(item).partition(":") for item in value]
         if not all(sep and task.strip() for task, sep, _ in pairs):
-            raise ValueError(f"expected TASK:WEIGHT items such as like:0.8, got {value!r}")
-        try:
-            return {task.strip(): float(weight) for task, _, weight in pairs}
-        except ValueError:
-            raise ValueError(f"expected TASK:WEIGHT items such as like:0.8, got {value!r}") from None
-    if isinstance(value, dict):
-        return {str(k): float(v) for k, v in value.items()}
+            raise ValueError(expected)
+        value = {task.strip(): weight for task, _, weight in pairs}
+    try:
+        if isinstance(value, Mapping):
+            return {str(k): _weight(v) for k, v in value.items()}
+        return _weight(value)
+    except (TypeError, ValueError):
+        raise ValueError(expected) from None
+
+
+def _weight(value: Any) -> float:
+    """One weight as a float: a number, or a number written as text; not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {value!r}")
     return float(value)
 
 
@@ -405,7 +494,9 @@ def _partner_items(value: Any) -> dict[str, str]:
         if not all(sep and task.strip() and partner.strip() for task, sep, partner in pairs):
             raise ValueError(f"partners: expected TASK:PARTNER items such as like:follow, got {value!r}")
         return {task.strip(): partner.strip() for task, _, partner in pairs}
-    return {str(k): str(v) for k, v in dict(value).items()}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"partners: expected TASK:PARTNER items such as like:follow, got {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -425,9 +516,18 @@ def config_differences(saved: Mapping[str, Any], config: ModelConfig) -> dict[st
 
 
 def from_known_fields(cls: type, data: Mapping[str, Any], what: str) -> Any:
-    """``cls(**data)`` for a dataclass, with a ValueError naming the keys it does not have (and those it has)."""
+    """``cls(**data)`` for a dataclass, with a ValueError naming the keys it does not have (with the nearest known
+    key where one is close: a typo) and those it has.
+
+    >>> from_known_fields(ModelConfig, {"embeding_dim": 8}, "model")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown model config keys ['embeding_dim'] (did you mean 'embedding_dim'?); known: [...]
+    """
     known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown {what} config keys {sorted(unknown)}; known: {sorted(known)}")
+        guesses = [match for key in unknown for match in difflib.get_close_matches(key, sorted(known), n=1)]
+        hint = f" (did you mean {', '.join(map(repr, guesses))}?)" if guesses else ""
+        raise ValueError(f"unknown {what} config keys {unknown}{hint}; known: {sorted(known)}")
     return cls(**data)

@@ -11,7 +11,8 @@
   ``pip install crossdistil[peers]``), with ``vw.KEY`` options setting fields of its ``VWConfig``.
 
 Options meant for another kind (``river.*`` or ``vw.*`` for a deep rung) are ignored, so one option set can describe
-a comparison of every kind.
+a comparison of every kind. A deep rung's option that ``ModelConfig`` does not have is a ValueError naming the known
+ones.
 
 >>> config = learner_config(("click", "like"), {"rung": "crossdistil@trust", "hidden_dims": [8]}, seed=3)
 >>> config.rung, config.kd_gate, config.seed
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from models.config import ModelConfig, split_config_name
+from models.config import ModelConfig, from_known_fields, split_config_name, whole_number
 from models.features import FeatureSpec
 from models.learner import Learner
 from models.river_baseline import RIVER_CONFIGS, RiverConfig, RiverLearner, config_for
@@ -41,7 +42,7 @@ def learner_config(tasks: Sequence[str], options: Mapping[str, Any], *,
     river_options = {k.removeprefix("river."): v for k, v in options.items() if k.startswith("river.")}
     vw_options = {k.removeprefix("vw."): v for k, v in options.items() if k.startswith("vw.")}
     options = {k: v for k, v in options.items() if not k.startswith(("river.", "vw."))}
-    seed = int(options.pop("seed", seed))
+    seed = whole_number(options.pop("seed", seed), "seed")
     if rung in RIVER_CONFIGS or rung in VW_CONFIGS:
         for key in ("aux_tasks", "counted_tasks"):
             if options.get(key):
@@ -53,11 +54,14 @@ def learner_config(tasks: Sequence[str], options: Mapping[str, Any], *,
         if rung in VW_CONFIGS:
             return vw_config_for(rung, tuple(tasks), spec, seed, **vw_options)
         return config_for(rung, tuple(tasks), spec, seed, **river_options)
+    if "tasks" in options:
+        raise ValueError("tasks is not a model option: the tasks are given beside the options (model.tasks, --tasks)")
     preset: dict[str, Any] = {}
     if rung:
         rung, preset = split_config_name(rung)
         options["rung"] = rung
-    return ModelConfig(tasks=tuple(tasks), seed=seed, **{**preset, **options})
+    # a misspelt option is refused naming the known ones, not a TypeError of ModelConfig's constructor
+    return from_known_fields(ModelConfig, {"tasks": tuple(tasks), "seed": seed, **preset, **options}, "model")
 
 
 def make_learner(config: ModelConfig | RiverConfig | VWConfig,
