@@ -40,15 +40,26 @@ SERVING_VERSION = "1"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch understands it. A CUDA device that torch
-    cannot see is a ``ValueError`` that says so, here and at once (not torch's driver error at the first tensor).
+    """"auto" -> cuda when available, else cpu; anything else as torch understands it. A device string torch does
+    not know (``gpu``), or a CUDA device that torch cannot see, is a ``ValueError`` that says so, here and at once
+    (not torch's RuntimeError, or its driver error at the first tensor).
 
     >>> resolve_device("cpu")
     device(type='cpu')
+    >>> resolve_device("gpu")
+    Traceback (most recent call last):
+    ...
+    ValueError: device 'gpu': expected auto, cpu, cuda, cuda:N (N the GPU's index) or mps
     """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's "Expected one of cpu, cuda, ipu, xpu, ... device type at start of ..."
+        expected = "auto, cpu, cuda, cuda:N (N the GPU's index) or mps"
+        raise ValueError(f"device {str(device)!r}: expected {expected}") from None
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: torch sees no Apple GPU (MPS) on this machine; use 'cpu' or 'auto'")
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

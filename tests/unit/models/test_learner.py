@@ -260,3 +260,19 @@ def test_a_cuda_device_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="sees no CUDA device"):
         Learner(small_config(), device="cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["gpu", "GPU", "cuda:x", "cuda:-1", "", None])
+def test_a_misspelt_device_is_a_value_error_naming_the_accepted_devices(device) -> None:
+    from models.learner import resolve_device
+
+    with pytest.raises(ValueError, match=r"expected auto, cpu, cuda, cuda:N \(N the GPU's index\) or mps"):
+        resolve_device(device)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="a machine without an Apple GPU")
+def test_mps_without_an_apple_gpu_is_a_clear_error() -> None:
+    from models.learner import resolve_device
+
+    with pytest.raises(ValueError, match="torch sees no Apple GPU"):
+        resolve_device("mps")
