@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from models.counts import CROSS_PRIORS
+from models.counts import CROSS_PRIORS, DEFAULT_COUNT_FEATURES
 from models.features import FeatureSpec
-from models.wide import parse_cross
+from models.wide import DEFAULT_WIDE_CROSSES, parse_cross
 
 BACKBONES = ("shared_bottom", "mmoe", "ple", "cross_stitch")
 # The ablation ladder of docs/method.md, plus direct student-to-student distillation.
@@ -24,13 +24,6 @@ CORRECTIONS = ("clamp", "mix", "none")
 PAIR_MODES = ("adjacent", "all")
 KD_GATES = ("none", "trust")
 WIDE_OPTIMIZERS = ("none", "adagrad", "ftrl")
-# VW's winning interactions on KuaiRand-Pure (reports/peers_kuairand_pure): user x item and user x context; a cross
-# naming a field the feature spec lacks is left out, so the default fits every data set.
-DEFAULT_WIDE_CROSSES = ("user_id*item_id", "user_id*hour", "user_id*hourmin", "user_id*weekday", "user_id*tab")
-# Fields with online counts and label rates as inputs of the deep part (models/counts.py); absent fields are skipped.
-# The user's rates per tab, video type and music type: +0.001..+0.006 AUC on every task of KuaiRand-Pure with no loss
-# of within-user ranking as served (reports/kuairand_pure §3f, §3h); on data without those fields, the user and item.
-DEFAULT_COUNT_FEATURES = ("user_id", "item_id", "user_id*tab", "user_id*video_type", "user_id*music_type")
 
 # Named option sets of a rung, written ``RUNG@PRESET`` (``crossdistil evaluate --configs crossdistil@trust``).
 # Each preset sets every option on which the presets differ, so a name means the same whatever the defaults are.
@@ -157,11 +150,13 @@ class ModelConfig:
     # the wide (linear) part beside the towers (models/wide.py; docs/method.md "The wide part")
     wide: str = "adagrad"  # its optimizer ("adagrad" or "ftrl"); "none" = no wide part (the deep model alone)
     wide_lr: float = 0.05  # AdaGrad step of the wide weights (chosen on the validation slice of kuairand_pure)
-    wide_crosses: tuple[str, ...] = DEFAULT_WIDE_CROSSES  # "field*field" crosses; absent fields are skipped
+    # "field*field" crosses; those of absent fields are skipped (with a warning unless of the default)
+    wide_crosses: tuple[str, ...] = DEFAULT_WIDE_CROSSES
     wide_decay: float = 1.0  # the wide optimizer's sums of squared gradients forget by this factor per step (1 = never)
 
     # online counts and label rates per value of these fields, inputs of the deep part (models/counts.py)
-    # categorical fields or crosses of two ("user_id*tab"); absent ones are skipped; () = none
+    # categorical fields or crosses of two ("user_id*tab"); absent ones are skipped (with a warning unless of the
+    # default); () = none
     count_features: tuple[str, ...] = DEFAULT_COUNT_FEATURES
     count_smoothing: float = 5.0  # a: a value seen n times reads (positives + a * prior) / (n + a)
     count_half_life: int = 0  # the counts forget half of themselves every this many rows (0 = never)

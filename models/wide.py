@@ -18,12 +18,21 @@ torch.Size([1, 2])
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from models.features import FeatureSpec
+
+log = logging.getLogger(__name__)
+
+# VW's winning interactions on KuaiRand-Pure (reports/peers_kuairand_pure): user x item and user x context; a cross
+# naming a field the feature spec lacks is left out without a word, so the default fits every data set.
+DEFAULT_WIDE_CROSSES = ("user_id*item_id", "user_id*hour", "user_id*hourmin", "user_id*weekday", "user_id*tab")
+# (option, name) pairs already warned about: a grid builds a model per run, a learner may build a teacher beside it
+_warned_absent: set[tuple[str, str]] = set()
 
 # Cross row of columns (a, b) under cross number j: (a * _P1 + b * _P2 + (j + 1) * _P3) mod Q, Q the largest prime
 # <= hash_buckets. a and b are already uniform blake2b rows, so this linear map mod a prime spreads pairs evenly;
@@ -41,6 +50,17 @@ def parse_cross(text: str, option: str = "wide_crosses") -> tuple[str, str]:
     if not sep or not left.strip() or not right.strip() or "*" in right or left.strip() == right.strip():
         raise ValueError(f"{option}: expected FIELD*FIELD of two different fields, got {text!r}")
     return left.strip(), right.strip()
+
+
+def warn_absent_once(logger: logging.Logger, option: str, absent: Sequence[str], defaults: Sequence[str],
+                     spec: FeatureSpec) -> None:
+    """Warn once per process about the entries of ``option`` that name a field ``spec`` lacks (``absent``, left out)
+    and that a user wrote: those of ``defaults`` are meant to fit any data set, so they are left out silently."""
+    named = [name for name in absent if name not in defaults and (option, name) not in _warned_absent]
+    if named:
+        _warned_absent.update((option, name) for name in named)
+        logger.warning("%s: %s name(s) no categorical feature of the data (%s), so they are left out; check the "
+                       "spelling", option, named, ", ".join(spec.categorical))
 
 
 def largest_prime_at_most(n: int) -> int:
@@ -69,8 +89,9 @@ class WidePart(nn.Module):
     """Linear logits [B, K] from the batch's table rows [B, C] and standardised numerics [B, N].
 
     ``crosses`` are ``"field*field"`` names; a cross naming a field the spec does not have is left out (so one
-    default list serves every data set), and ``crosses`` keeps those in use as pairs of names. Weights start at 0:
-    the untrained wide part adds nothing to the deep model's logits.
+    default list serves every data set; one not of ``DEFAULT_WIDE_CROSSES`` with a warning, as it may be misspelt),
+    and ``crosses`` keeps those in use as pairs of names. Weights start at 0: the untrained wide part adds nothing to
+    the deep model's logits.
     """
 
     def __init__(self, spec: FeatureSpec, tasks: int, crosses: Sequence[str] = (), sparse: bool = True) -> None:
@@ -78,6 +99,8 @@ class WidePart(nn.Module):
         pairs = [parse_cross(c) for c in crosses]
         columns = {name: i for i, name in enumerate(spec.categorical)}
         self.crosses = tuple(p for p in pairs if p[0] in columns and p[1] in columns)
+        absent = [c for c, p in zip(crosses, pairs) if p not in self.crosses]
+        warn_absent_once(log, "wide_crosses", absent, DEFAULT_WIDE_CROSSES, spec)
         # Plain ints, not buffers: a serving model built on the meta device has nothing to restore for them.
         self.cross_columns = tuple((columns[a], columns[b]) for a, b in self.crosses)
         self.single_rows = spec.hash_buckets

@@ -4,13 +4,15 @@ row's own label, saved and served with the model."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 
 import pytest
 import torch
 
+import models.wide
 from models.config import LEGACY_VALUES, ModelConfig
-from models.counts import CountFeatures
+from models.counts import DEFAULT_COUNT_FEATURES, CountFeatures
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner, ServingModel
 
@@ -168,6 +170,20 @@ def test_absent_fields_are_left_out_and_no_fields_means_the_model_of_before() ->
     for bad in ({"count_smoothing": 0.0}, {"count_half_life": -1}):
         with pytest.raises(ValueError, match="count_"):
             config(**bad)
+
+
+def test_a_field_a_user_named_that_the_data_lacks_is_warned_about_once_and_the_defaults_are_not(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models.wide, "_warned_absent", set())  # what earlier tests were warned about
+    with caplog.at_level(logging.WARNING, logger="models.counts"):
+        CountFeatures(SPEC, 2, DEFAULT_COUNT_FEATURES)  # tab, video_type and music_type are not fields of SPEC
+        assert not caplog.records
+        for _ in range(2):  # a grid builds a model per run: said once
+            CountFeatures(SPEC, 2, ("usr_id", "item_id", "usr_id*hour", "user_id*tab"))
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert message.startswith("count_features: ['usr_id', 'usr_id*hour'] name(s) no categorical feature of the data "
+                              "(user_id, item_id, hour)")
 
 
 def config(**overrides) -> ModelConfig:

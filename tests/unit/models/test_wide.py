@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 import torch
 
+import models.wide
 from models.config import LEGACY_VALUES, ModelConfig
 from models.features import FeatureSpec, encode_rows
 from models.learner import Learner, ServingModel
-from models.wide import WidePart, largest_prime_at_most, parse_cross
+from models.wide import DEFAULT_WIDE_CROSSES, WidePart, largest_prime_at_most, parse_cross
 
 pytestmark = pytest.mark.unit
 
@@ -78,6 +80,20 @@ def test_crosses_of_absent_fields_are_left_out_and_a_malformed_cross_is_refused(
     with pytest.raises(ValueError, match="FIELD\\*FIELD"):
         config(wide_crosses=("user_id",))
     assert parse_cross(" user_id * tab ") == ("user_id", "tab")
+
+
+def test_a_cross_a_user_wrote_of_a_field_the_data_lacks_is_warned_about_once_and_the_defaults_are_not(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models.wide, "_warned_absent", set())  # what earlier tests were warned about
+    with caplog.at_level(logging.WARNING, logger="models.wide"):
+        WidePart(SPEC, 2, DEFAULT_WIDE_CROSSES)  # hourmin, weekday and tab are not fields of SPEC
+        Learner(config())
+        assert not caplog.records
+        for _ in range(2):  # a grid builds a model per run: said once
+            Learner(config(wide_crosses="usr_id*item_id, user_id*hour"))
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith(
+        "wide_crosses: ['usr_id*item_id'] name(s) no categorical feature of the data (user_id, item_id, hour)")
 
 
 def test_cross_rows_separate_pairs_that_share_one_side() -> None:
