@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import platform
@@ -438,17 +439,25 @@ def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, sp
     import numpy as np
     import torch
 
-    from models.zoo import learner_config, make_learner
+    from models.zoo import make_learner
 
     torch.manual_seed(seed)
     np.random.seed(seed)
+    return make_learner(run_config(tasks, backbone, rung, seed, spec, model_options, aux_tasks), device)
+
+
+def run_config(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any, model_options: dict[str, Any],
+               aux_tasks: Sequence[str] = ()) -> Any:
+    """The configuration of one run's learner (``seeded_learner``'s); a ValueError names a bad model option."""
+    from models.zoo import learner_config  # lazy: the CLI starts without torch
+
     options = {"backbone": backbone, **model_options, "rung": rung, "features": spec}
     if rung in RIVER_CONFIGS + VW_CONFIGS:  # no backbone, no device: peers learn on the CPU, one event at a time
         options.pop("backbone")
         options.pop("counted_tasks", None)  # learnt like the rest
     elif aux_tasks:
         options["aux_tasks"] = tuple(aux_tasks)
-    return make_learner(learner_config(tasks, options, seed=seed), device)
+    return learner_config(tasks, options, seed=seed)
 
 
 def _clean(value: Any) -> Any:
@@ -523,6 +532,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
     combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
+    for (tasks, aux), backbone, config in itertools.product(task_sets, backbones, configs):  # before any data is read
+        run_config(tasks + aux, backbone, config, seeds[0], spec, model_options, aux)
     for tasks, aux in task_sets:
         task_runs, row_ranges = _task_set_runs(plan, log, dataset, tasks, aux, combos, console)
         runs += task_runs  # row_ranges: the same for every task set, they all read the same events

@@ -278,3 +278,19 @@ def test_an_output_or_results_file_that_cannot_be_used_is_one_line_naming_it(tmp
              f"--from-results {tmp_path}: [Errno 21] Is a directory")):
         assert evaluate.run(parser.parse_args(argv)) == 2
         assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["embeding_dim=8", "embedding_dim=0", "lr=nan"])
+def test_a_bad_model_option_is_refused_before_the_data_is_read(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch, option: str) -> None:
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the data was encoded before the model options were checked")
+
+    monkeypatch.setattr(evaluate, "load_encoded", never)
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    args = parser.parse_args(["--dataset", "synthetic", "--source", "-", "--option", "n_events=300", "--configs",
+                              "mtl,crossdistil", "--backbone", "shared_bottom,mmoe", "--device", "cpu",
+                              "--model-option", option, "--out", str(tmp_path / "out")])
+    assert evaluate.run(args) == 2
+    assert option.split("=")[0] in capsys.readouterr().err
