@@ -55,6 +55,9 @@ class RepeatFilter(logging.Filter):
         return False
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # what a daemon's --log-level takes (any case)
+
+
 def configure(level: str | int = "INFO") -> None:
     """``logging.basicConfig`` on stderr with the daemons' format, and the Kafka client's repeats folded."""
     if isinstance(level, str):

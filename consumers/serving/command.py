@@ -29,7 +29,7 @@ from consumers.runtime.config import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil serve``."""
     add_config_arguments(parser, "deploy/serving.example.toml", "serving.port=9501")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=logs.LEVELS,
                         help="logging level: DEBUG, INFO (default), WARNING or ERROR")
 
 

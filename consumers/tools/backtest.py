@@ -1246,7 +1246,8 @@ def replay_stream_warnings(result: BacktestResult) -> list[str]:
     for run_ in result.runs.values():
         join = run_.pipeline.join.counters
         warnings += [w for w in stream_warnings(join, _dead_letters_by_reason(result, run_)) if w not in warnings]
-        never = [task for task in run_.pipeline.scored_tasks if len(labels := run_.arrays(task)[0]) and not labels.any()]
+        never = [task for task in run_.pipeline.scored_tasks
+                 if len(labels := run_.arrays(task)[0]) and not labels.any()]
         if never:
             warnings.append(f"{run_.name}: no positive label in {run_.pipeline.trained_samples:,} samples for "
                             f"{', '.join(map(repr, never))}: is each named as in the log's feedback events? "
@@ -1426,8 +1427,8 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
         every, last = c.get("ranking", {}).get("combined", {}), c.get(ranking_last_key, {}).get("combined", {})
         lines.append(f"| {name} | {_fmt(every.get('auc'))} | {_fmt(last.get('auc'))} | {_fmt(every.get('ndcg10'))} | "
                      f"{_fmt(last.get('ndcg10'))} |")
-    lines += ["", "| configuration | samples | steps | dead letters | late impressions | late feedback | orphan feedback "
-              "| evicted |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| configuration | samples | steps | dead letters | late impressions | late feedback | "
+              "orphan feedback | evicted |", "|---|---|---|---|---|---|---|---|"]
     for name, c in data["configurations"].items():
         j = c["join"]
         reasons = c.get("dead_letters_by_reason") or {}  # absent in summaries written before it

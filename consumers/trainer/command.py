@@ -35,8 +35,6 @@ from consumers.runtime.config import (
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil train``."""
@@ -61,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "torchrun yourself (docs/scaling.md)")
     parser.add_argument("--max-restarts", type=int, default=3, metavar="R",
                         help="with --world-size: how often torchrun restarts the ranks after one failed (default 3)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=logs.LEVELS,
                         help="logging level: DEBUG, INFO (default), WARNING or ERROR")
 
 

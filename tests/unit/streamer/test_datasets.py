@@ -240,7 +240,7 @@ def test_open_dataset_rejects_unknown_names_and_missing_sources(tmp_path: Path) 
 
 def test_a_mapping_is_refused_for_a_data_set_with_its_own_columns_and_a_folder_is_not_a_mapping(tmp_path: Path) -> None:
     for name in ("kuairand", "synthetic", "icme2019"):
-        with pytest.raises(DatasetError, match=f"data set '{name}' has its own columns: a mapping is for --dataset csv"):
+        with pytest.raises(DatasetError, match=f"data set '{name}' has its own columns: a mapping is for --dataset"):
             open_dataset(name, tmp_path, mapping=REPO / "mappings" / "kuairand.toml")
     with pytest.raises(DatasetError, match=f"mapping file {tmp_path} is a folder, not a TOML file"):
         open_dataset("csv", tmp_path, mapping=tmp_path)
