@@ -446,6 +446,14 @@ def seeded_learner(tasks: Sequence[str], backbone: str, rung: str, seed: int, sp
     return make_learner(run_config(tasks, backbone, rung, seed, spec, model_options, aux_tasks), device)
 
 
+def _check_run_configs(task_sets: Sequence[tuple[list[str], list[str]]], backbones: Sequence[str],
+                       configs: Sequence[str], seed: int, spec: Any, model_options: dict[str, Any]) -> None:
+    """Every run's learner configuration built once, before any data is read: a bad model option (a misspelt key,
+    a size out of range) is a ValueError now, not when the first run with it starts after the encoding."""
+    for (tasks, aux), backbone, config in itertools.product(task_sets, backbones, configs):
+        run_config(tasks + aux, backbone, config, seed, spec, model_options, aux)
+
+
 def run_config(tasks: Sequence[str], backbone: str, rung: str, seed: int, spec: Any, model_options: dict[str, Any],
                aux_tasks: Sequence[str] = ()) -> Any:
     """The configuration of one run's learner (``seeded_learner``'s); a ValueError names a bad model option."""
@@ -522,6 +530,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     task_sets = _task_sets(args, dataset, combined_weights)
     spec, data_spec = _specs(args, dataset, configs, model_options)
     renaming = list(model_options) + (["aux_tasks"] if _aux_tasks(args) else [])  # what makes mtl a variant
+    _check_run_configs(task_sets, backbones, configs, seeds[0], spec, model_options)
 
     plan = GridPlan(args, spec, data_spec, model_options, combined_weights, device, renaming)
     log = RunLog(Path(args.out), {"dataset": dataset.name, "source": str(args.source), "device": device,
@@ -532,8 +541,6 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     row_ranges: dict[str, Any] = {}
     started = time.perf_counter()
     combos = [(m, b, c, s) for m in modes for b in backbones for c in configs for s in seeds]
-    for (tasks, aux), backbone, config in itertools.product(task_sets, backbones, configs):  # before any data is read
-        run_config(tasks + aux, backbone, config, seeds[0], spec, model_options, aux)
     for tasks, aux in task_sets:
         task_runs, row_ranges = _task_set_runs(plan, log, dataset, tasks, aux, combos, console)
         runs += task_runs  # row_ranges: the same for every task set, they all read the same events

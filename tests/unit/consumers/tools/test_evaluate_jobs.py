@@ -34,11 +34,16 @@ def test_runs_in_several_processes_equal_the_runs_of_one_in_the_same_order(tmp_p
     assert two["environment"]["jobs"] == 2 and two["environment"]["threads"] == 1
 
 
-def test_a_failing_run_in_a_process_fails_the_grid_with_its_error(tmp_path: Path) -> None:
+def test_a_failing_run_in_a_process_fails_the_grid_with_its_error(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     args = grid(tmp_path, "--jobs", "2", "--cuda-graphs", "--configs", "mtl")
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):  # said before any process starts
         evaluate.run_grid(args)
     args = grid(tmp_path, "--jobs", "2", "--model-option", "kd_temperature=0", "--configs", "mtl")
+    with pytest.raises(ValueError, match="kd_temperature must be > 0"):  # the grid's own check, before any run
+        evaluate.run_grid(args)
+    # without that check (here only: the processes import their own), the run in a process meets the bad option
+    monkeypatch.setattr(evaluate, "_check_run_configs", lambda *args: None)
     with pytest.raises(ValueError, match="kd_temperature must be > 0"):  # raised in a process, re-raised here
         evaluate.run_grid(args)
 
@@ -48,8 +53,10 @@ def test_jobs_must_be_positive(tmp_path: Path) -> None:
         evaluate.run_grid(grid(tmp_path, "--jobs", "0"))
 
 
-def test_runs_finished_by_the_processes_are_on_disk_before_a_later_run_fails(tmp_path: Path) -> None:
+def test_runs_finished_by_the_processes_are_on_disk_before_a_later_run_fails(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Each run is kept as it finishes (--resume then skips it), not when the whole grid has finished."""
+    monkeypatch.setattr(evaluate, "_check_run_configs", lambda *args: None)  # so that a run fails, in its process
     args = grid(tmp_path, "--jobs", "2", "--configs", "mtl,river_lr", "--mode", "split", "--aux-tasks", "",
                 "--model-option", "river.lr=-1")  # the river runs, after the two mtl runs, fail
     with pytest.raises(ValueError, match="lr must be > 0"):
