@@ -590,3 +590,23 @@ def late_feedback_warning(counters: Mapping[str, int], reported: int) -> str | N
             f"({late} of {total} feedback events so far, {late / total:.1%}): the producer sends feedback out of "
             "event-time order (e.g. envelopes spanning days) or join.attribution_window_s / join.allowed_lateness_s "
             "are too short for this stream")
+
+
+def late_impressions_warning(counters: Mapping[str, int], reported: int) -> str | None:
+    """The trainer's log line when impressions arrived late since the last report (``reported``: the
+    ``late_impressions`` count then), else None. A late impression's windows had all closed in event time: it is
+    trained at once with the labels that had reached it, mostly none, so the model learns false negatives.
+
+    >>> late_impressions_warning({"late_impressions": 30, "impressions": 1000}, 0)[:51]
+    '30 impressions arrived after the event-time waterma'
+    >>> late_impressions_warning({"late_impressions": 30, "impressions": 1000}, 30) is None
+    True
+    """
+    late = int(counters.get("late_impressions", 0))
+    if late <= reported:
+        return None
+    total = max(int(counters.get("impressions", 0)), late)
+    return (f"{late - reported} impressions arrived after the event-time watermark had closed their attribution "
+            f"windows and were trained without waiting for labels ({late} of {total} impressions so far, "
+            f"{late / total:.1%}): a producer sends impressions out of event-time order or with a clock far ahead "
+            "(one event far in the future moves the watermark), or join.allowed_lateness_s is too short")

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from consumers.core.join import late_feedback_warning
+from consumers.core.join import late_feedback_warning, late_impressions_warning
 from consumers.core.pipeline import Pipeline
 from consumers.runtime.assembly import model_config
 from consumers.runtime.config import Config, toml_value
@@ -92,7 +92,7 @@ class Checkpointer:
         self.config_hash = stable_hash(model_config(cfg).to_dict())
         self.last_step = -1
         self.last_at = time.monotonic()
-        self._late_feedback_reported = 0  # late_feedback count at the last log warning
+        self._late_reported = {"late_feedback": 0, "late_impressions": 0}  # the counts at the last log warnings
 
     # --------------------------------------------------------------------------------------------- restore
 
@@ -230,9 +230,12 @@ class Checkpointer:
                 "max_message_bytes": max(1_000_000, chunk_bytes + 64 * 1024), "onnx": self.cfg.publish.onnx}
 
     def _warn_late_feedback(self) -> None:
-        """Say in the log, at most once per checkpoint, that labels were dropped as late since the last time."""
+        """Say in the log, at most once per checkpoint each, that labels were dropped as late, or impressions
+        trained without them, since the last time."""
         counters = self.pipeline.join.counters
-        message = late_feedback_warning(counters, self._late_feedback_reported)
-        if message is not None:
-            log.warning(message)
-            self._late_feedback_reported = int(counters["late_feedback"])
+        for counter, warning in (("late_feedback", late_feedback_warning),
+                                 ("late_impressions", late_impressions_warning)):
+            message = warning(counters, self._late_reported[counter])
+            if message is not None:
+                log.warning(message)
+                self._late_reported[counter] = int(counters[counter])

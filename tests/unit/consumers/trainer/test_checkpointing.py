@@ -125,3 +125,19 @@ def test_a_checkpoint_of_another_kind_of_model_is_refused_with_the_learners_reas
     assert c.write("shutdown")
     with pytest.raises(CheckpointError, match="cannot be loaded into the configured model: .*point checkpoint.dir"):
         checkpointer(tmp_path, FlakyProducer(refuse=False), "model.options.rung='river_lr'").restore()
+
+
+def test_late_impressions_and_late_feedback_are_said_in_the_log_once_per_checkpoint(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    c = checkpointer(tmp_path, FlakyProducer(refuse=False))
+    join = c.pipeline.join
+    impression = {"v": 1, "user_id": "u", "item_id": "i", "features": {}}
+    join.add_events([{**impression, "impression_id": "now", "ts_ms": 10_000_000}], ("impressions", 0))
+    join.add_events([{**impression, "impression_id": "old", "ts_ms": 0}], ("impressions", 0))  # its windows closed
+    assert join.counters["late_impressions"] == 1
+    train_one_step(c)
+    with caplog.at_level("WARNING", logger="consumers.trainer.checkpointing"):
+        c.write("interval")
+        c.write("shutdown")  # nothing late since: no second warning
+    said = [r.getMessage() for r in caplog.records if "impressions arrived after" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 impressions arrived after the event-time watermark")
