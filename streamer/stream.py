@@ -35,11 +35,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from streamer import events
 from streamer.datasets import open_dataset
 from streamer.datasets.base import DatasetError, Interaction
 from streamer.eventlog import EventLogError, path_from_url, read_event_log
-from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError
+from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError, validate
 from streamer.kafka_security import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
 
 PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
@@ -331,7 +330,7 @@ def _pace(pacer: Pacer, item: RoutedEvent, sink: Any, where: Callable[[RoutedEve
     """Wait for the event's time. The event is checked first: pacing reads its ts_ms, and a bad one must get the
     contract's error (as at --speed max), not a TypeError."""
     try:
-        ts_ms = events.validate(item.event)["ts_ms"]
+        ts_ms = validate(item.event)["ts_ms"]
     except EventError as exc:
         raise StreamError(f"{where(item)}: {exc}") from exc
     try:

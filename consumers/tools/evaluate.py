@@ -185,17 +185,15 @@ def parse_cadence(text: str) -> list[int]:
 def parse_seeds(text: str) -> list[int]:
     """``"5"`` -> [0, 1, 2, 3, 4]; ``"3,7"`` -> [3, 7]."""
     try:
-        if "," in text:
-            seeds = [int(item) for item in text.split(",") if item.strip()]
-            if len(set(seeds)) < len(seeds):
-                raise ValueError(f"--seeds {text}: a seed is listed twice (the same run twice would narrow every "
-                                 "standard error)")
-            return seeds
-        count = int(text)
-    except ValueError as exc:
-        if "listed twice" in str(exc):
-            raise
+        listed = [int(item) for item in text.split(",") if item.strip()] if "," in text else None
+        count = int(text) if listed is None else len(listed)
+    except ValueError:
         raise ValueError(f"--seeds: expected a count or a comma-separated list of integers, got {text!r}") from None
+    if listed is not None:
+        if len(set(listed)) < len(listed):
+            raise ValueError(f"--seeds {text}: a seed is listed twice (the same run twice would narrow every "
+                             "standard error)")
+        return listed
     if count < 1:
         raise ValueError("--seeds: the count must be >= 1")
     return list(range(count))

@@ -159,7 +159,7 @@ class Checkpointer:
         Called only between records (never in the middle of one), so positions match the saved state.
         """
         self.pipeline.collect(wait=True)  # every batch handed to the learner is trained and counted
-        self._warn_late_feedback()
+        self._warn_late()
         step = self.pipeline.learner.steps
         if self.kafka.fenced:
             log.warning("checkpoint (%s) skipped: another trainer owns this group's partitions now", reason)
@@ -229,7 +229,7 @@ class Checkpointer:
                 "previous_chunk_count": self.publisher.published_chunks,
                 "max_message_bytes": max(1_000_000, chunk_bytes + 64 * 1024), "onnx": self.cfg.publish.onnx}
 
-    def _warn_late_feedback(self) -> None:
+    def _warn_late(self) -> None:
         """Say in the log, at most once per checkpoint each, that labels were dropped as late, or impressions
         trained without them, since the last time."""
         counters = self.pipeline.join.counters

@@ -136,7 +136,7 @@ class RoundCheckpointer(Checkpointer):
         self.pipeline.collect(wait=True)  # sync: the queued batches are stepped together first
         if learner.mode == "average":
             learner.average()  # the replicas are one model before it is written
-        self._warn_late_feedback()
+        self._warn_late()
         step = learner.steps
         changed = (step != self.last_step or self.kafka.positions != self.kafka.checkpointed
                    or self.publisher.pending)
