@@ -9,7 +9,7 @@ import torch
 
 from models.config import BACKBONES, RUNGS, ModelConfig
 from models.features import FeatureSpec, encode_rows
-from models.learner import Learner, ServingModel, flatten_state, unflatten_state
+from models.learner import Learner, ServingModel, flatten_state, resolve_device, unflatten_state
 from models.rowwise import RowAdagrad, RowAdam
 from tests.gpu_steps import train_without_host_sync
 
@@ -255,8 +255,6 @@ def test_a_training_step_never_waits_for_the_host_on_a_gpu(rung: str, backbone: 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
 def test_a_cuda_device_without_a_gpu_is_a_clear_error() -> None:
-    from models.learner import resolve_device
-
     with pytest.raises(ValueError, match="sees no CUDA device"):
         Learner(small_config(), device="cuda")
     assert resolve_device("auto").type == "cpu"
@@ -264,15 +262,11 @@ def test_a_cuda_device_without_a_gpu_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize("device", ["gpu", "GPU", "cuda:x", "cuda:-1", "", None])
 def test_a_misspelt_device_is_a_value_error_naming_the_accepted_devices(device) -> None:
-    from models.learner import resolve_device
-
     with pytest.raises(ValueError, match=r"expected auto, cpu, cuda, cuda:N \(N the GPU's index\) or mps"):
         resolve_device(device)
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="a machine without an Apple GPU")
 def test_mps_without_an_apple_gpu_is_a_clear_error() -> None:
-    from models.learner import resolve_device
-
     with pytest.raises(ValueError, match="torch sees no Apple GPU"):
         resolve_device("mps")

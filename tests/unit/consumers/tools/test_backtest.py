@@ -10,6 +10,7 @@ import pytest
 
 from consumers.runtime.timeparse import parse_time
 from consumers.tools import backtest
+from streamer.eventlog import EventLogWriter, read_event_log
 
 pytestmark = pytest.mark.unit
 
@@ -218,8 +219,6 @@ def test_what_a_log_did_to_the_replay_is_said_on_stderr_in_the_summary_and_the_r
         drift_log: Path, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, intake: str) -> None:
     """Dead letters by reason with the first ones described, records on a topic no trainer reads, and a log out of
     event-time order (most impressions late, most feedback orphaned) are warnings, not silently worse figures."""
-    from streamer.eventlog import EventLogWriter, read_event_log
-
     records = list(read_event_log(drift_log))[:1_200]
     bad = {"v": 1, "impression_id": "bad-1", "ts_ms": 1_700_000_000_000_000, "user_id": "u", "item_id": "a",
            "features": {}}  # microseconds
