@@ -70,7 +70,8 @@ Errors
     ``unknown_kind``    a map that is neither impression, feedback nor batch
     ``bad_version``     ``v`` is an integer other than ``SCHEMA_VERSION``
     ``empty``           an empty id, task, feature name, or batch
-    ``out_of_range``    negative ``ts_ms``, or an int beyond 64 bits
+    ``out_of_range``    ``ts_ms`` negative or after the year 9999, or an int beyond 64 bits
+    ``future``          ``ts_ms`` after the caller's ``not_after_ms`` (``decode_events``; a consumer's clock bound)
     ``not_finite``      NaN or infinity
     ``nested_batch``    a batch envelope inside a batch
     ==================  ====================================================================
@@ -100,6 +101,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Literal, NoReturn
 
 import msgpack
@@ -636,22 +638,25 @@ def decode(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> dict:
     return _check_message(_unpack(data, limits), limits, unpacked=True)
 
 
-def decode_events(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[dict | EventError]:
+def decode_events(data: bytes, *, limits: Limits = DEFAULT_LIMITS,
+                  not_after_ms: int | None = None) -> list[dict | EventError]:
     """msgpack bytes -> the events they carry: a batch envelope is flattened into its events.
 
     Each item is a validated event or, for a bad one, an :class:`EventError` with ``.index`` and ``.event`` set
     (so a daemon dead-letters only the bad events of a batch). Never raises: a problem with the message as a
     whole (not msgpack, too large, bad envelope) comes back as a one-item list ``[EventError]`` whose
-    ``.index`` is None; dead-letter the raw bytes then.
+    ``.index`` is None; dead-letter the raw bytes then. ``not_after_ms``: as ``check_events``'.
     """
     try:
         obj = _unpack(data, limits)
     except EventError as err:
         return [err]
-    return check_events(obj, limits=limits, unpacked=True)  # _unpack refuses strings over max_str_bytes
+    # _unpack refuses strings over max_str_bytes
+    return check_events(obj, limits=limits, unpacked=True, not_after_ms=not_after_ms)
 
 
-def check_events(obj: Any, *, limits: Limits = DEFAULT_LIMITS, unpacked: bool = False) -> list[dict | EventError]:
+def check_events(obj: Any, *, limits: Limits = DEFAULT_LIMITS, unpacked: bool = False,
+                 not_after_ms: int | None = None) -> list[dict | EventError]:
     """The events of one message already unpacked: ``decode_events`` without the bytes (checked in place, as
     ``check_event``). A batch envelope is flattened; a bad event comes back as an :class:`EventError`.
 
@@ -661,6 +666,10 @@ def check_events(obj: Any, *, limits: Limits = DEFAULT_LIMITS, unpacked: bool = 
     ``unpacked``: the caller vouches that ``obj`` was unpacked from msgpack and holds no string longer than
     ``limits.max_str_bytes`` UTF-8 bytes (bytes no longer than that, or an unpacker with that ``max_str_len``).
     The same events pass and fail with the same errors; only the features' check is quicker.
+
+    ``not_after_ms``: an event stamped later than this is an error (reason ``future``), e.g. a live consumer's
+    wall clock plus the skew it tolerates, so that one producer with a clock far ahead cannot move its
+    event-time clock (the contract itself allows any time up to ``TS_MAX_MS``).
 
     >>> [type(e).__name__ for e in check_events({"v": 1, "batch": [{"v": 1, "impression_id": "i1", "ts_ms": 5,
     ...                                                            "task": "click", "value": 1}, {"v": 2}]})]
@@ -675,14 +684,39 @@ def check_events(obj: Any, *, limits: Limits = DEFAULT_LIMITS, unpacked: bool = 
         append = out.append
         for index, event in enumerate(batch):
             try:
-                _check_single(event, limits, unpacked)
+                kind = _check_single(event, limits, unpacked)
+                if not_after_ms is not None and event["ts_ms"] > not_after_ms:
+                    _future(event["ts_ms"], not_after_ms, kind)
             except _Invalid as problem:
                 append(_error(problem, index, event))
             else:
                 append(event)
         return out
     try:
-        _check_single(obj, limits, unpacked)
+        kind = _check_single(obj, limits, unpacked)
+        if not_after_ms is not None and obj["ts_ms"] > not_after_ms:
+            _future(obj["ts_ms"], not_after_ms, kind)
     except _Invalid as problem:
         return [_error(problem)]
     return [obj]
+
+
+def _future(ts_ms: int, not_after_ms: int, kind: str) -> NoReturn:
+    """Raise the problem of an event stamped after ``not_after_ms``, saying by how much and when, in UTC.
+
+    >>> click = {"v": 1, "impression_id": "i1", "ts_ms": 1_700_003_600_000, "task": "click", "value": 1}
+    >>> [str(e) for e in check_events(click, not_after_ms=1_700_000_000_000)][0][:66]
+    'feedback.ts_ms: 2023-11-14T23:13:20Z is 1.0 h after the newest tim'
+    >>> check_events(click, not_after_ms=1_700_003_600_000)[0]["ts_ms"]  # the bound itself is accepted
+    1700003600000
+    """
+    ahead_s = (ts_ms - not_after_ms) / 1000.0
+    ahead = (f"{ahead_s / 86400:,.1f} days" if ahead_s >= 86400 else f"{ahead_s / 3600:.1f} h" if ahead_s >= 3600
+             else f"{ahead_s:.1f} s")
+    raise _Invalid("ts_ms", "future", f"{_utc(ts_ms)} is {ahead} after the newest time this consumer accepts "
+                                      f"({_utc(not_after_ms)}): a producer's clock ahead, or this host's behind?", kind)
+
+
+def _utc(ts_ms: int) -> str:
+    """Epoch milliseconds as an ISO 8601 UTC time to the second, for messages."""
+    return datetime.fromtimestamp(ts_ms // 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

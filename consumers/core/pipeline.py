@@ -315,9 +315,26 @@ class NoMetrics:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def decode_record(value: Any) -> list[dict | EventError]:
-    """``streamer.events.decode_events`` of one message value; a tombstone (None) is a bad message like any other."""
-    return decode_events(value if value is not None else b"")
+def decode_record(value: Any, not_after_ms: int | None = None) -> list[dict | EventError]:
+    """``streamer.events.decode_events`` of one message value; a tombstone (None) is a bad message like any other.
+    ``not_after_ms``: an event stamped later is bad (reason ``future``): the live trainer's wall clock plus
+    ``join.max_future_s`` (``future_bound_ms``)."""
+    return decode_events(value if value is not None else b"", not_after_ms=not_after_ms)
+
+
+def future_bound_ms(max_future_s: float, wall_s: float) -> int | None:
+    """The latest event time a live trainer accepts at wall-clock time ``wall_s`` (``time.time()``), or None
+    for no bound (``max_future_s`` 0).
+
+    One producer whose clock runs far ahead would otherwise move its partition's event-time clock, and so the
+    watermark, to its time: every pending impression's windows would close at once and be trained without their
+    labels, and every later feedback and impression would be late until real time caught up. A replay has no
+    wall clock and applies no bound (its results must not depend on when it runs).
+
+    >>> future_bound_ms(3600, 1_700_000_000.25), future_bound_ms(0, 1_700_000_000.25)
+    (1700003600250, None)
+    """
+    return int((wall_s + max_future_s) * 1000) if max_future_s > 0 else None
 
 
 def rebase_join_clock(join_state: dict[str, Any], now: float) -> dict[str, Any]:

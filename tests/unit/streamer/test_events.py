@@ -266,6 +266,30 @@ def test_ts_ms_beyond_the_year_9999_is_out_of_range_and_named_as_a_unit_slip(mak
         assert str(err).endswith(f"got {ts} (microseconds or nanoseconds?)")
 
 
+@pytest.mark.parametrize("make", [impression, feedback])
+def test_an_event_after_the_callers_bound_is_future_with_its_kind_and_by_how_much(make) -> None:
+    """A consumer's clock bound (decode_events' not_after_ms): a producer's clock ahead is one dead letter."""
+    bound = 1_700_000_000_000
+    assert decode_events(encode(make(ts_ms=bound)), not_after_ms=bound)[0]["ts_ms"] == bound  # the bound passes
+    [err] = decode_events(encode(make(ts_ms=bound + 8 * 3_600_000)), not_after_ms=bound)
+    assert isinstance(err, EventError)
+    assert (err.field, err.reason, err.kind, err.index) == ("ts_ms", "future", make.__name__, None)
+    assert str(err) == (f"{make.__name__}.ts_ms: 2023-11-15T06:13:20Z is 8.0 h after the newest time this consumer "
+                        "accepts (2023-11-14T22:13:20Z): a producer's clock ahead, or this host's behind?")
+    assert "future" not in {getattr(e, "reason", None) for e in decode_events(encode(make(ts_ms=bound + 1)))}
+
+
+def test_only_the_future_events_of_a_batch_are_bad_and_a_contract_error_comes_first() -> None:
+    bound = 1_700_000_000_000
+    batch = [impression(ts_ms=bound - 5), feedback(ts_ms=bound + 86_400_000 * 3), impression(ts_ms="x")]
+    good, late, bad = decode_events(msgpack.packb({"v": 1, "batch": batch}), not_after_ms=bound)
+    assert good == batch[0]
+    assert (late.field, late.reason, late.kind, late.index, late.event) == ("batch[1].ts_ms", "future", "feedback", 1,
+                                                                            batch[1])
+    assert "is 3.0 days after" in str(late)
+    assert (bad.field, bad.reason) == ("batch[2].ts_ms", "wrong_type")
+
+
 def test_features_must_be_a_map():
     err = decode_error(impression(features=[["hour", 13]]))
     assert (err.field, err.reason) == ("features", "wrong_type")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.core.pipeline import EventClock, Pipeline, decode_record
+from consumers.core.pipeline import EventClock, Pipeline, decode_record, future_bound_ms
 from consumers.runtime.assembly import build_pipeline, join_config
 from consumers.runtime.config import load_config
 from streamer.events import encode
@@ -75,6 +75,33 @@ def test_event_clock_cuts_partial_batches_after_max_batch_delay_of_event_time() 
     trained = replay(pipeline, stream(30))
     assert len(trained) > 1, "a 100-sample batch never fills: only the event-time delay can cut batches"
     assert all(len(b) < 100 for b, _ in trained)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_a_producer_clock_ahead_is_a_dead_letter_not_the_watermark_when_decoding_is_bounded(bounded: bool) -> None:
+    """The live trainer decodes with future_bound_ms (join.max_future_s past its wall clock): without it, one
+    device whose clock is 8 h ahead (an impression and its click) moves both topics' event-time clocks, so the
+    watermark, there: every pending impression is trained at once without its click, later clicks are late."""
+    pipeline = build_pipeline(config(), clock=None)
+    messages = stream(30)
+    ahead = 15_000 + 8 * 3_600_000
+    messages[15:15] = [  # mid-stream, as a device with its time zone taken for UTC sends them
+        ("impressions", encode({"v": 1, "impression_id": "tz", "ts_ms": ahead, "user_id": "u", "item_id": "a",
+                                "features": {}})),
+        ("feedback", encode({"v": 1, "impression_id": "tz", "ts_ms": ahead + 2000, "task": "click", "value": 1}))]
+    not_after = future_bound_ms(3600, 30.0) if bounded else None  # "now" is the stream's own time, 30 s
+    dead = []
+    for topic, value in messages:
+        dead += pipeline.ingest(decode_record(value, not_after), (topic, 0))
+    pipeline.flush()
+    counters = pipeline.join.counters
+    assert [e.reason for e in dead] == (["future"] * 2 if bounded else [])
+    assert pipeline.dead_letters == (2 if bounded else 0)
+    if bounded:
+        assert (counters["late_feedback"], counters["late_impressions"], counters["positive_labels"]) == (0, 0, 10)
+    else:
+        assert counters["late_feedback"] > 0 and counters["late_impressions"] > 0
+        assert counters["positive_labels"] < 10
 
 
 def test_bad_events_come_back_as_dead_letters_and_are_counted() -> None:
