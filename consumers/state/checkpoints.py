@@ -22,7 +22,17 @@ before a position are already inside the join state or the model.
 
 Writing: a temporary file in the same directory, fsync, rename over the final name, fsync the directory. A
 crash leaves at worst a ``.tmp-*`` file, which readers ignore and the next store opened on the directory
-removes. One writer per directory.
+removes; a write that fails (a full disk, a file size limit) removes its temporary file and leaves the previous
+checkpoints as they were. One writer per directory: the trainer opens its store with ``lock=True``, which holds
+an exclusive lock on ``.lock`` there for the life of the process, so a second trainer pointed at the same folder
+is refused instead of interleaving its checkpoints (and offsets) with the first one's.
+
+Reading (``latest``): the newest file that verifies. A damaged newer file (truncated, zero-filled, garbage) is
+renamed ``<name>.corrupt`` with a warning and the next older one is taken: its positions are earlier, so the
+events after them are read and trained again, once. Never a silent start from scratch: when checkpoints (or
+``.corrupt`` files set aside before) exist but none verifies, ``latest`` raises ``CheckpointError`` naming them.
+A file of a newer format (magic ``CDCKPT`` + another number) or one that cannot be read (permissions, I/O) is
+also an error, not damage: it is left in place and nothing older is loaded instead.
 
 Beside the checkpoints, ``published.json`` (written the same atomic way) records the last publication that
 Kafka acknowledged: ``{"version": V, "step": S}``. A checkpoint is written before its publication is attempted,
@@ -37,6 +47,7 @@ rank's file of round R is durable: the round every rank restores.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -59,16 +70,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAGIC = b"CDCKPT01"
+_MAGIC_FAMILY = b"CDCKPT"  # + two digits: the file format's number
 _HEADER = struct.Struct("<8sQQ32s")
 _NAME = re.compile(r"^ckpt-(\d{12})\.cdckpt$")
 _TEMP_PREFIX = ".tmp-"
 _CORRUPT_SUFFIX = ".corrupt"
+LOCK_FILE = ".lock"  # held by the one writer of a directory (CheckpointStore(..., lock=True))
 PUBLICATION_RECORD = "published.json"
 ROUND_RECORD = "round.json"  # several ranks: the newest round whose every part is durable (rank 0's store)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: truncated, corrupted, or not a checkpoint at all."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint file of a format this version does not read (written by a newer crossdistil): not damage."""
+
+
+class CheckpointDirectoryInUse(OSError):
+    """Another process holds the lock of a checkpoint directory (``CheckpointStore(..., lock=True)``)."""
 
 
 @dataclass
@@ -105,6 +126,10 @@ def decode_checkpoint_file(data: bytes, with_tensors: bool = True) -> tuple[dict
         raise CheckpointError(f"truncated: {len(data)} bytes, shorter than the {_HEADER.size}-byte header")
     magic, meta_len, body_len, expected = _HEADER.unpack_from(data)
     if magic != MAGIC:
+        if magic[:6] == _MAGIC_FAMILY and magic[6:].isdigit():
+            raise CheckpointFormatError(f"checkpoint file format {magic.decode()}, written by another version of "
+                                        f"crossdistil; this one reads {MAGIC.decode()} (run the version that wrote "
+                                        "it, or a newer one)")
         raise CheckpointError(f"not a crossdistil checkpoint (magic {magic!r}, expected {MAGIC!r})")
     size = _HEADER.size + meta_len + body_len
     if len(data) != size:
@@ -172,13 +197,43 @@ class CheckpointStore:
     (30, [30.0, 30.0], [['impressions', 0, 30]])
     """
 
-    def __init__(self, directory: str | os.PathLike[str], keep_last: int = 3) -> None:
+    def __init__(self, directory: str | os.PathLike[str], keep_last: int = 3, lock: bool = False) -> None:
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be a positive integer, got {keep_last!r}")
         self.directory = Path(directory)
         self.keep_last = keep_last
         make_folder(self.directory, "checkpoint directory")
+        self._lock_fd: int | None = None
+        if lock:  # before the temp files go: they may be another writer's, mid-write
+            self._lock()
         self._remove_temp_files()
+
+    def _lock(self) -> None:
+        """Hold an exclusive lock on ``.lock`` for the life of this process (a POSIX record lock: released when
+        the process ends, however it ends); ``CheckpointDirectoryInUse`` naming the holder if another has it."""
+        path = self.directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointDirectoryInUse(
+                f"checkpoint directory {self.directory} is in use by another trainer (pid {holder}): one "
+                "writer per directory, or their checkpoints and offsets mix; stop that one, or give this one a "
+                "checkpoint.dir of its own") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self, remove: bool = False) -> None:
+        """Release the lock taken with ``lock=True`` (a no-op without one); ``remove``: delete ``.lock`` too."""
+        if self._lock_fd is None:
+            return
+        if remove:
+            (self.directory / LOCK_FILE).unlink(missing_ok=True)
+        os.close(self._lock_fd)  # closing the file releases the record lock
+        self._lock_fd = None
 
     def path_for(self, step: int) -> Path:
         """Where the checkpoint of ``step`` lives."""
@@ -263,22 +318,42 @@ class CheckpointStore:
         return Checkpoint(step=step, tensors=tensors, metadata=metadata, path=path)
 
     def latest(self, with_tensors: bool = True) -> Checkpoint | None:
-        """The newest checkpoint that loads and verifies; None if there is none.
+        """The newest checkpoint that loads and verifies; None if the directory never held one.
 
-        Unusable files are renamed to ``<name>.corrupt`` (kept for inspection, never loaded again) with a
-        warning, so that pruning cannot later keep them in place of good checkpoints.
+        Damaged files are renamed to ``<name>.corrupt`` (kept for inspection, never loaded again) with a
+        warning, so that pruning cannot later keep them in place of good checkpoints, and the next older one is
+        tried. ``CheckpointError`` when checkpoints exist but none verifies (those of this call and ``.corrupt``
+        files set aside before: starting from scratch would retrain every partition from its beginning), when
+        the newest is of a newer format, or when it cannot be read: each names the file and what to do.
         """
+        damaged: list[str] = []
         for step in reversed(self.steps()):
             path = self.path_for(step)
             try:
                 return self.load(path, with_tensors)
-            except (CheckpointError, OSError) as exc:
+            except CheckpointFormatError as exc:
+                raise CheckpointFormatError(f"{path}: {exc}; nothing older is loaded in its place") from None
+            except CheckpointError as exc:
                 log.warning("skipping unusable checkpoint %s: %s (renamed to %s%s)", path, exc, path.name,
                             _CORRUPT_SUFFIX)
+                damaged.append(f"{path.name}: {exc}")
                 try:
                     os.replace(path, path.with_name(path.name + _CORRUPT_SUFFIX))
                 except OSError:
                     pass
+            except OSError as exc:  # not the content: permissions, an I/O error; the file may be fine
+                raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc}); make it readable "
+                                      "and start again (it is left as it is, and nothing older is loaded in its "
+                                      "place)") from exc
+        set_aside = sorted(entry.name for entry in os.scandir(self.directory)
+                           if entry.name.endswith(_CORRUPT_SUFFIX) and _NAME.match(entry.name[:-len(_CORRUPT_SUFFIX)]))
+        if damaged or set_aside:
+            found = "; ".join(damaged) if damaged else ", ".join(set_aside)
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}, only damaged ones ({found}); starting from scratch would "
+                "train every partition again from its beginning. Restore the checkpoints from a backup, or, to start "
+                f"a new model, move the *{_CORRUPT_SUFFIX} files out of the folder (or point checkpoint.dir at an "
+                "empty one)")
         return None
 
     def _prune(self) -> None:

@@ -35,6 +35,11 @@ _V1_TENSOR = "__tensor__"
 def check_format(checkpoint: Checkpoint) -> None:
     """Raise ``CheckpointError`` when ``checkpoint`` was not written by a trainer this code can resume."""
     found = checkpoint.metadata.get("trainer_format")
+    if isinstance(found, int) and not isinstance(found, bool) and found > CHECKPOINT_FORMAT:
+        # A newer crossdistil's checkpoint (a rollback): starting a new model would throw its training away.
+        raise CheckpointError(f"{checkpoint.path} was written by a newer version of crossdistil (trainer_format "
+                              f"{found}; this one reads {', '.join(map(str, READABLE_FORMATS))}): run that version or "
+                              "a later one to resume it; it is left as it is")
     if found not in READABLE_FORMATS:
         raise CheckpointError(f"{checkpoint.path} was not written by this trainer (trainer_format {found!r}, "
                               f"readable: {list(READABLE_FORMATS)}); point checkpoint.dir at an empty directory")

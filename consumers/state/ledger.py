@@ -107,16 +107,43 @@ def segments(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class LedgerError(ValueError):
+    """A ledger segment that is not what ``Ledger.commit`` writes: damaged on disk (truncated, zero-filled)."""
+
+
 def read_ledger(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every trained row, in training order: ``{"impression_id": str, "label/<task>": int, "pred/<task>": float}``."""
+    """Every trained row, in training order: ``{"impression_id": str, "label/<task>": int, "pred/<task>": float}``.
+
+    A damaged segment is a ``LedgerError`` naming the file and the line, never rows silently dropped or misread (a
+    segment is written whole, atomically, so any other shape is damage on disk).
+    """
     rows: list[dict[str, Any]] = []
     for _, path in segments(directory):
-        lines = path.read_text().splitlines()
-        header = lines[0].split("\t")
-        for line in lines[1:]:
-            values = line.split("\t")
+        rows += _read_segment(path)
+    return rows
+
+
+def _read_segment(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LedgerError(f"ledger segment {path} is damaged: not UTF-8 text at byte {exc.start}") from None
+    lines = text.split("\n")
+    header = lines[0].split("\t")
+    if header[0] != "impression_id" or not all(name.startswith(("label/", "pred/")) for name in header[1:]):
+        raise LedgerError(f"ledger segment {path} is damaged: line 1 is not a ledger header ({lines[0][:80]!r})")
+    if lines[-1] != "" or len(lines) < 3:  # commit writes the header, at least one row, and a final newline
+        raise LedgerError(f"ledger segment {path} is damaged: truncated (no complete last line)")
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines[1:-1], start=2):
+        values = line.split("\t")
+        try:
+            if len(values) != len(header) or not values[0]:
+                raise ValueError(f"{len(values)} fields, the header has {len(header)}")
             row: dict[str, Any] = {"impression_id": values[0]}
             for name, value in zip(header[1:], values[1:]):
                 row[name] = int(value) if name.startswith("label/") else float(value)
-            rows.append(row)
+        except ValueError as exc:
+            raise LedgerError(f"ledger segment {path} is damaged at line {number}: {exc}") from None
+        rows.append(row)
     return rows
