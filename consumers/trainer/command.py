@@ -2,12 +2,14 @@
 
 Exit status: 0 after a stop (SIGTERM or SIGINT, also one while it starts or connects) or the end of a finite
 stream; 2 for a configuration error, a flag out of range, a checkpoint or ledger folder that cannot be made (or a
-checkpoint directory written by something else), or a metrics port that cannot be bound; 3 when Kafka cannot be
-reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s``; 5 when another trainer with the
+checkpoint directory written by something else, by a newer version, held by another running trainer, or holding
+only damaged checkpoints: never a silent start from scratch), or a metrics port that cannot be bound; 3 when Kafka
+cannot be reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s``; 5 when another trainer with the
 same ``group_instance_id`` took the partitions over; 6 when the learner process failed or died; 7 when a record
 batch cannot be decoded (a codec that is not installed, a corrupt batch: its topic, partition and offset are
 named); 8 when a rank of several lost the other ranks (one died or could not be reached: torchrun restarts the
-group) (``consumers.trainer.daemon`` and ``consumers.trainer.ranked`` say why each).
+group); 9 when the last checkpoint could not be written (a full disk: the previous one is intact and a restart
+resumes from it) (``consumers.trainer.daemon`` and ``consumers.trainer.ranked`` say why each).
 
 Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one rank
 (``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine.

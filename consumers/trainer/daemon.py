@@ -52,7 +52,16 @@ when the Kafka client cannot decode a record batch (a compression codec that is 
 its checksum): the error names its topic, partition and offset, everything before it is checkpointed, and nothing
 is skipped (the client hands out no bytes of such a batch, so there is nothing to dead-letter, and skipping would
 lose its events without a trace). A restart by hand (once the codec is installed) retries the batch; the systemd
-unit does not restart on 5 or 7 by itself.
+unit does not restart on 5 or 7 by itself. 9 when the last checkpoint (at a stop or the end of a stream) could
+not be written: see below.
+
+A checkpoint that cannot be written (a full disk, a file size limit, a folder made read-only) is an error in the
+log naming the step, the file system's reason and the previous checkpoint, which stays intact (the write removes
+its temporary file); training goes on, and the checkpoint is tried again after ``CHECKPOINT_RETRY_S[0]`` s,
+doubling up to ``CHECKPOINT_RETRY_S[1]`` s (a rebalance tries at once). Nothing is lost: Kafka offsets are
+committed only after a checkpoint, and a restart resumes from the previous one and trains the events since then
+again, once. ``/healthz`` says since when checkpoints fail. If the last one fails too, the daemon says so on stderr
+and exits 9.
 
 Static membership (``kafka.group_instance_id``, on by default): a trainer restarted after a crash gets its
 partitions back within seconds instead of after the group's session timeout (measured on the local broker:
@@ -92,6 +101,8 @@ from streamer.kafka_security import connection_failure
 log = logging.getLogger("crossdistil.trainer")
 
 IN_FLIGHT_POLL_MS = 5  # poll timeout while the learner process holds batches: their answers feed metrics and freshness
+CHECKPOINT_RETRY_S = (10.0, 300.0)  # a checkpoint that failed is tried again after 10 s, doubling up to 300 s
+EXIT_CHECKPOINT_FAILED = 9
 
 
 class Trainer:
@@ -112,7 +123,11 @@ class Trainer:
         # ranks: one rank of several (consumers.trainer.ranked), whose learner steps with the other ranks.
         self.pipeline = build_pipeline(cfg, clock=time.monotonic, metrics=self.metrics, ledger=self.ledger,
                                        on_batch=self._on_batch, on_emitted=self.freshness.emitted, ranks=ranks)
-        self.store = CheckpointStore(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
+        try:  # one writer per checkpoint directory: a second trainer there is refused (CheckpointDirectoryInUse)
+            self.store = CheckpointStore(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last, lock=True)
+        except OSError:
+            self.pipeline.close()
+            raise
         longest_window_s = max(self.pipeline.join.config.attribution_window_s.values(), default=0.0)
         skew_s = longest_window_s if cfg.join.max_skew_s == -1 else cfg.join.max_skew_s
         # The Kafka clients are attached by run(); restore() needs none.
@@ -130,6 +145,7 @@ class Trainer:
         self.events_consumed = 0
         self.flush_started_at: float | None = None  # end of a finite stream (exit_when_idle)
         self.drained_at: float | None = None
+        self.checkpoint_failures = CheckpointFailures()
 
     @property
     def learner(self) -> Any:
@@ -150,9 +166,42 @@ class Trainer:
             self.freshness.emitted(self.pipeline.batcher.waiting, time.monotonic())
         return step
 
-    def checkpoint(self, reason: str) -> bool:
-        """Checkpoint, commit offsets, publish (``Checkpointer.write``); False if it was skipped."""
-        return self.checkpoints.write(reason)
+    def checkpoint(self, reason: str, final: bool = False) -> bool:
+        """Checkpoint, commit offsets, publish (``Checkpointer.write``); False if it was skipped or could not be
+        written (an OSError of the file system: logged, tried again later unless ``final``, see the module
+        docstring)."""
+        failures = self.checkpoint_failures
+        try:
+            written = self.checkpoints.write(reason)
+        except OSError as exc:
+            failures.failed(exc, time.monotonic())
+            last = self.checkpoints.last_step
+            previous = (f"the previous checkpoint (step {last}) is intact and a restart resumes from it, training the "
+                        "events since then again" if last >= 0 else "there is no earlier checkpoint: a restart starts "
+                        "from the beginning")
+            log.error("checkpoint (%s) of step %d could not be written in %s: %s; %s; nothing is committed to Kafka "
+                      "until a checkpoint lands%s", reason,
+                      self.learner.steps, self.store.directory, exc, previous,
+                      "" if final else f"; tried again in {failures.retry_s():.0f} s")
+            return False
+        if written and failures.error is not None:
+            log.info("checkpoint of step %d written after %d failed attempts", self.learner.steps, failures.attempts)
+            failures.clear()
+        return written
+
+    def _final_checkpoint(self, reason: str) -> None:
+        """The checkpoint before the daemon exits; one that cannot be written is said on stderr, and the exit status
+        becomes ``EXIT_CHECKPOINT_FAILED`` (unless it already says why the daemon stops)."""
+        self.checkpoint(reason, final=True)
+        if self.checkpoint_failures.error is None:
+            return
+        last = self.checkpoints.last_step
+        resume = f"resumes from step {last}" if last >= 0 else "starts from the beginning"
+        print(f"crossdistil train: the last checkpoint could not be written in {self.store.directory} "
+              f"({self.checkpoint_failures.error}); a restart {resume} and trains the events since then again (free "
+              "space or make the folder writable first)", file=sys.stderr, flush=True)
+        if self.exit_status == 0:
+            self.exit_status = EXIT_CHECKPOINT_FAILED
 
     def run(self) -> int:
         """Restore, connect, and train until stopped (SIGTERM/SIGINT; while it connects too: status 0) or idle at the
@@ -219,6 +268,7 @@ class Trainer:
         if http is not None:
             http.close()
         self.pipeline.close()
+        self.store.unlock(remove=self.store.directory in self.new_folders)  # a folder it made goes, lock file too
         for folder in self.new_folders:
             try:
                 folder.rmdir()
@@ -308,7 +358,7 @@ class Trainer:
                 break
             if not polled and timeout_ms and time.monotonic() - started < timeout_ms / 4000:
                 time.sleep(timeout_ms / 1000)  # kafka-python returns at once while it has no connection
-        self.checkpoint("shutdown")
+        self._final_checkpoint("shutdown")
 
     # ------------------------------------------------------------------------------------- loop phases
 
@@ -378,6 +428,8 @@ class Trainer:
         if self.kafka.revoked:
             self.kafka.revoked = False
             return "rebalance"
+        if self.checkpoint_failures.waiting(now):
+            return None  # the last attempt failed: wait before writing a whole checkpoint again
         if self.checkpoints.due(now):
             return "periodic"
         if self.publisher.retry_due(now):
@@ -398,7 +450,7 @@ class Trainer:
         self.flush_started_at = time.monotonic()
         self.pipeline.flush(now)
         self.drained_at = time.monotonic()
-        self.checkpoint("end of stream")
+        self._final_checkpoint("end of stream")
 
     def _exit_fenced(self) -> None:
         log.error("another trainer joined group %s with the same group_instance_id and took the partitions over; "
@@ -434,11 +486,48 @@ class Trainer:
         unassigned = self.kafka.unassigned_since
         if unassigned is not None and time.monotonic() - unassigned > 60.0:
             return False, f"no partition assigned for {time.monotonic() - unassigned:.0f} s"
-        return True, f"step {self.learner.steps}, {self.trained_samples} samples trained"
+        failing = self.checkpoint_failures.describe(time.monotonic(), self.checkpoints.last_step)
+        return True, f"step {self.learner.steps}, {self.trained_samples} samples trained{failing}"
 
     def _request_stop(self, signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the current batch, then checkpoint and exit", signum)
         self.stop_requested = True
+
+
+class CheckpointFailures:
+    """Checkpoints that could not be written since the last one that was (a full disk, a folder made read-only):
+    when the first and the last attempt failed, how many did, the last error, and when to try again."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """A checkpoint was written: nothing fails any more."""
+        self.first_at = self.last_at = 0.0
+        self.attempts = 0
+        self.error: OSError | None = None
+
+    def failed(self, exc: OSError, now: float) -> None:
+        if self.error is None:
+            self.first_at = now
+        self.last_at, self.error = now, exc
+        self.attempts += 1
+
+    def retry_s(self) -> float:
+        """Seconds between attempts: ``CHECKPOINT_RETRY_S[0]``, doubling per failure, at most ``[1]``."""
+        low, high = CHECKPOINT_RETRY_S
+        return min(high, low * 2 ** max(0, self.attempts - 1))
+
+    def waiting(self, now: float) -> bool:
+        """The last attempt failed and the next one is not due yet (a whole checkpoint is not rewritten per poll)."""
+        return self.error is not None and now - self.last_at < self.retry_s()
+
+    def describe(self, now: float, last_step: int) -> str:
+        """What /healthz adds while checkpoints fail (said, not unhealthy: a restart would not free the disk)."""
+        if self.error is None:
+            return ""
+        return (f"; checkpoints failing for {now - self.first_at:.0f} s ({self.attempts} attempts, last: {self.error}),"
+                f" the last one written is step {last_step}")
 
 
 def missing_folders(*paths: str) -> list[Path]:
