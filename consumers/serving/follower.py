@@ -147,6 +147,7 @@ class CheckpointFollower:
         self.stats = FollowerStats()
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.reassembler = Reassembler(max_payload_bytes=max_checkpoint_bytes, max_message_bytes=MAX_MESSAGE_BYTES)
+        self._held: list[tuple[int | None, str, str]] | None = None  # rejections held back during the fast path
 
     # -- start-up
 
@@ -170,9 +171,21 @@ class CheckpointFollower:
         if span is not None:
             start = max(begin, end - 1 - span)
             self.stats.start_path, self.stats.start_offset = "fast", start
-            if self._load_first(self._read_range(start, end, stop)):
+            # The window starts where the newest publication's chunks do: an older manifest inside it lacks its
+            # chunks without being broken. Its rejections are held until the outcome is known.
+            self._held = []
+            try:
+                loaded = self._load_first(self._read_range(start, end, stop))
+            finally:
+                held, self._held = self._held, None
+            if loaded:
+                served = self.holder.current.version if self.holder.current is not None else -1
+                for version, reason, detail in held:  # only those about what is newer than the model now served
+                    if version is None or version > served:
+                        self._reject(version, reason, detail)
                 self.stats.startup_records = self.stats.records_read
                 return
+            # Not loaded: the slow path below reads the same messages again and reports what is wrong with them.
             log.info("the last manifest on %s did not complete a checkpoint; reading the topic from offset %d",
                      self.topic, begin)
             # A fresh reader: the fast path's rejections would otherwise make the replay's chunks look stale.
@@ -238,6 +251,9 @@ class CheckpointFollower:
         return True
 
     def _reject(self, version: int | None, reason: str, detail: str) -> None:
+        if self._held is not None:
+            self._held.append((version, reason, detail))
+            return
         self.stats.rejections.append((version, reason))
         self.metrics.reload_failed(reason)
         current = self.holder.current

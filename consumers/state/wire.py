@@ -262,10 +262,14 @@ class Reassembler:
             return self._reject(None, "not_msgpack", f"{kind} value is not msgpack: {exc}")
         if not isinstance(header, dict):
             return self._reject(None, "bad_header", f"{kind} value is a {type(header).__name__}, expected a map")
-        if header.get("format") != FORMAT_VERSION:
-            return self._reject(None, "unsupported_format",
-                                f"format {header.get('format')!r}; this reader reads {FORMAT_VERSION}")
         version = header.get("version")
+        if header.get("format") != FORMAT_VERSION:
+            found = header.get("format")
+            newer = isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION
+            return self._reject(version if _is_count(version) else None, "unsupported_format",
+                                f"format {found!r}; this reader reads {FORMAT_VERSION}"
+                                + (" (a newer crossdistil wrote it: upgrade the readers before the writer)" if newer
+                                   else ""))
         if not _is_count(version):
             return self._reject(None, "bad_header", f"version {version!r} is not an integer >= 0")
         if header.get("kind") != kind:
