@@ -94,6 +94,11 @@ class JoinSection:
     max_pending: int = _f(1_000_000, "bound on pending impressions; beyond it the oldest are emitted early and counted")
     idle_timeout_s: float = _f(30.0, "a partition the consumer has read to its end and that delivered nothing for "
                                      "this long stops holding the watermark back (0 = never)")
+    max_future_s: float = _f(3600.0, "trainer: an event stamped more than this many seconds after the trainer's wall "
+                                     "clock is a dead letter (reason future): one producer with a clock ahead (or a "
+                                     "time zone taken for UTC) would otherwise move the watermark and close every "
+                                     "pending impression's windows without its labels; 0 = no bound (backtests "
+                                     "apply none)")
     max_skew_s: float = _f(0.0, "trainer: a partition more than this many event-time seconds ahead of the watermark "
                                 "is paused until the others catch up, so a backlog is read evenly in event time and "
                                 "the join holds little early feedback (flat memory replaying envelopes; ~40% fewer "
@@ -395,7 +400,7 @@ def _check_ranges(cfg: Config) -> None:
     zero_or_more = {  # key: (value, what 0 means where it means something of its own)
         "kafka.poll_timeout_ms": (k.poll_timeout_ms, ""), "kafka.stall_exit_s": (k.stall_exit_s, "0 = never"),
         "join.default_window_s": (j.default_window_s, ""), "join.allowed_lateness_s": (j.allowed_lateness_s, ""),
-        "join.idle_timeout_s": (j.idle_timeout_s, "0 = never"),
+        "join.idle_timeout_s": (j.idle_timeout_s, "0 = never"), "join.max_future_s": (j.max_future_s, "0 = no bound"),
         "batching.max_batch_delay_s": (cfg.batching.max_batch_delay_s, ""),
         "checkpoint.every_steps": (c.every_steps, "0 = off"), "checkpoint.every_s": (c.every_s, "0 = off"),
         "metrics.drift_ph_delta": (m.drift_ph_delta, ""), "distributed.poll_timeout_ms": (d.poll_timeout_ms, ""),

@@ -80,7 +80,7 @@ from typing import Any
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from consumers.core.pipeline import decode_record
+from consumers.core.pipeline import decode_record, future_bound_ms
 from consumers.runtime.assembly import build_pipeline
 from consumers.runtime.config import BOOTSTRAP_HINT, Config, kafka_client_options
 from consumers.runtime.httpd import serve_http
@@ -393,13 +393,15 @@ class Trainer:
                          now: float) -> tuple[int, int]:
         """Decode ``records[start:]`` of one partition until ``room`` events are read, and hand them to the
         pipeline as one message (``AttributionJoin.add_events``: they arrived in one poll, so the partition's
-        event-time clock advances once for all of them); bad events go to the dead-letter queue.
+        event-time clock advances once for all of them); bad events go to the dead-letter queue, events stamped more
+        than ``join.max_future_s`` after the wall clock too.
         Returns (records taken, events read)."""
         decoded: list[list[Any]] = []
         events: list[Any] = []
         end = start
+        not_after = future_bound_ms(self.cfg.join.max_future_s, time.time())  # a producer's clock far ahead
         while end < len(records) and len(events) < room:
-            record_events = decode_record(records[end].value)
+            record_events = decode_record(records[end].value, not_after)
             decoded.append(record_events)
             events += record_events
             end += 1

@@ -184,6 +184,8 @@ def malformed_messages(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
         lambda i: msgpack.packb({"v": 1, "batch": [{**good, "impression_id": f"bad-{i}", "v": 99}]}),
         lambda i: msgpack.packb(i),
         lambda i: msgpack.packb({"v": 1, "impression_id": f"bad-{i}", "ts_ms": 5, "task": "click"}),
+        # valid by the contract, but stamped in 2100: past join.max_future_s after the trainer's clock ("future")
+        lambda i: msgpack.packb({**good, "impression_id": f"bad-{i}", "ts_ms": 4_102_444_800_000}),
     ]
     return [(f"bad-user-{i % 97}".encode(), makers[i % len(makers)](i)) for i in range(n)]
 
@@ -248,6 +250,7 @@ def test_malformed_messages_all_land_in_the_dead_letter_topic_and_training_is_un
     headers = [dict(record.headers) for record in letters]
     reasons = Counter(h["dl.reason"].decode() for h in headers)
     print(f"\ndead-letter reasons: {dict(reasons)}")
+    assert reasons["future"] == sum(1 for i in range(len(bad)) if i % 7 == 6)
     assert all(h["dl.reason"] and h["dl.error"] and h["dl.source.topic"] for h in headers)
     sources = {(h["dl.source.topic"].decode(), int(h["dl.source.partition"]), int(h["dl.source.offset"]))
                for h in headers}

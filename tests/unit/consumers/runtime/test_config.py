@@ -141,6 +141,7 @@ def test_nan_and_infinity_are_refused_for_every_number_setting(key: str) -> None
 @pytest.mark.parametrize("setting, problem", [
     ("checkpoint.every_steps=-5", r"must be >= 0 \(0 = off\)"), ("checkpoint.every_s=-1", r"must be >= 0 \(0 = off\)"),
     ("join.default_window_s=-10", "must be >= 0"), ("join.idle_timeout_s=-1", r"must be >= 0 \(0 = never\)"),
+    ("join.max_future_s=-60", r"must be >= 0 \(0 = no bound\)"),
     ("batching.max_batch_delay_s=-0.5", "must be >= 0"), ("kafka.poll_timeout_ms=-1", "must be >= 0"),
     ("kafka.max_poll_interval_ms=0", "must be > 0"), ("distributed.timeout_s=0", "must be > 0"),
     ("distributed.average_every_steps=-1", "must be >= 0"), ("metrics.windows=[0, -5]", "a list of sample counts > 0"),
@@ -157,8 +158,10 @@ def test_a_number_out_of_its_range_is_refused_naming_the_key(setting: str, probl
 
 def test_zero_keeps_meaning_off_where_the_help_says_so() -> None:
     cfg = load_config(None, env={}, overrides=["checkpoint.every_steps=0", "checkpoint.every_s=0", "metrics.port=0",
-                                               "kafka.stall_exit_s=0", "join.idle_timeout_s=0"])
+                                               "kafka.stall_exit_s=0", "join.idle_timeout_s=0",
+                                               "join.max_future_s=0"])
     assert (cfg.checkpoint.every_steps, cfg.checkpoint.every_s, cfg.metrics.port) == (0, 0.0, 0)
+    assert cfg.join.max_future_s == 0.0
 
 
 def test_a_directory_given_as_the_configuration_file_is_named_as_one(tmp_path) -> None:
