@@ -27,7 +27,12 @@ frames; nothing is pickled). Requests ``{"op": ...}``: ``step`` (rows), ``step_c
 already, ``models.features.encode_columns``' arrays as bytes with their shapes: a dense replay's intake
 process encodes each batch once for every configuration, ``consumers.tools.backtest``), ``load`` (a checkpoint path),
 ``checkpoint`` (directory, metadata, publication parameters), ``stop``. Every request gets one reply, in order;
-a failure is a reply ``{"op": "error", "error": traceback}`` that the trainer raises as ``LearnerProcessError``.
+a failure is a reply ``{"op": "error", "error": traceback}`` that the trainer raises as ``LearnerProcessError``,
+except an ``OSError`` of a checkpoint's write (a full disk, a file size limit, a folder made read-only): that is
+``{"op": "os_error", ...}`` (``os_error_reply``), raised in the trainer as the same ``OSError`` (class, errno, message
+and file names; the child's traceback as a note), as a learner in process raises it. The failed write changed no
+state of the learner, so the learner process goes on training, and the trainer handles the failure as it does in
+process: logged, tried again later (``consumers.trainer.daemon``), exit 9 only for a last checkpoint.
 
 The child ignores SIGINT and SIGTERM (the trainer decides when to stop and checkpoints first) and is killed by
 the kernel when the trainer dies, even by SIGKILL (``PR_SET_PDEATHSIG``). Models never see Kafka here: the
@@ -36,6 +41,7 @@ child imports ``models``, torch, the pipeline's training call and the checkpoint
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -227,9 +233,7 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int, forked: bool = False)
             elif op == "load":
                 reply = {"op": "loaded", "steps": load_learner_checkpoint(learner, request["path"])}
             elif op == "checkpoint":
-                store = CheckpointStore(request["directory"], keep_last=int(request["keep_last"]))
-                reply = {"op": "written", **write_learner_checkpoint(learner, store, request["metadata"],
-                                                                     request.get("publication"))}
+                reply = _write_checkpoint(learner, request)
             elif op == "stop":
                 replies.send_bytes(_pack({"op": "stopped", "steps": int(learner.steps)}))
                 return 0
@@ -238,6 +242,47 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int, forked: bool = False)
         except Exception:
             reply = {"op": "error", "error": traceback.format_exc()}
         replies.send_bytes(_pack(reply))
+
+
+def _write_checkpoint(learner: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``checkpoint`` request: ``{"op": "written", ...}``, or ``os_error_reply`` where the file system refuses the
+    write (the store removes its temporary file; the learner is unchanged, so this process goes on)."""
+    try:
+        store = CheckpointStore(request["directory"], keep_last=int(request["keep_last"]))
+        return {"op": "written", **write_learner_checkpoint(learner, store, request["metadata"],
+                                                            request.get("publication"))}
+    except OSError as exc:
+        return os_error_reply(exc)
+
+
+def os_error_reply(exc: OSError) -> dict[str, Any]:
+    """``exc`` as a reply that ``os_error_from_reply`` raises again in the trainer: its class (a builtin one), errno,
+    message, file names and traceback."""
+    return {"op": "os_error", "type": type(exc).__name__, "errno": exc.errno, "strerror": exc.strerror,
+            "filename": _plain_path(exc.filename), "filename2": _plain_path(exc.filename2), "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc))}
+
+
+def os_error_from_reply(reply: Mapping[str, Any]) -> OSError:
+    """The ``OSError`` of an ``os_error_reply``: the same builtin class (else ``OSError``, which picks the errno's
+    subclass), errno, ``str`` and file names, with the learner process's traceback as a note."""
+    kind = getattr(builtins, str(reply.get("type")), None)
+    if not (isinstance(kind, type) and issubclass(kind, OSError)):
+        kind = OSError
+    if reply.get("errno") is not None and reply.get("strerror") is not None:
+        exc = kind(reply["errno"], reply["strerror"], reply.get("filename"), None, reply.get("filename2"))
+    else:
+        exc = kind(reply.get("message", ""))
+    if reply.get("traceback"):
+        exc.add_note(f"raised in the learner process:\n{reply['traceback']}")
+    return exc
+
+
+def _plain_path(name: Any) -> Any:
+    """A file name of an ``OSError`` as msgpack carries it (``os`` functions keep the object they were given)."""
+    if name is None or isinstance(name, (str, bytes, int)):
+        return name
+    return os.fsdecode(name) if isinstance(name, os.PathLike) else str(name)
 
 
 # ---------------------------------------------------------------------------------- the trainer's side
@@ -384,7 +429,8 @@ class RemoteLearner:
 
     def write_checkpoint(self, directory: str, keep_last: int, metadata: Mapping[str, Any],
                          publication: Mapping[str, Any] | None) -> dict[str, Any]:
-        """``write_learner_checkpoint`` in the child, once every batch sent is answered and handed back."""
+        """``write_learner_checkpoint`` in the child, once every batch sent is answered and handed back; an
+        ``OSError`` of its write is raised here as that ``OSError`` (``os_error_from_reply``), the child still ready."""
         self._require_idle("checkpoint")
         self._send({"op": "checkpoint", "directory": str(directory), "keep_last": keep_last,
                     "metadata": metadata, "publication": publication})
@@ -467,6 +513,8 @@ class RemoteLearner:
             raise LearnerProcessError(f"the learner process died ({self._exit_description()})") from None
         if reply.get("op") == "error":
             raise LearnerProcessError(f"the learner process failed:\n{reply.get('error')}")
+        if reply.get("op") == "os_error":  # a checkpoint the file system refused: the trainer retries it
+            raise os_error_from_reply(reply)
         return reply
 
     def _exit_description(self) -> str:
