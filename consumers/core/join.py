@@ -32,6 +32,10 @@ How it works
 * Memory is bounded: when more than ``max_pending`` impressions are held, the oldest is emitted early with
   ``reason="evicted"``; when more than ``max_early_feedback`` feedback events are held, the oldest is counted
   as an orphan. Both are counted; nothing is dropped silently.
+* Feedback for a task the join does not have is counted (``unknown_task_feedback``) and ignored. ``task_labels``
+  (``TaskLabels``) counts such names one by one (the first ``MAX_UNKNOWN_TASKS``, later ones together) and per task
+  the positive labels emitted and the samples emitted since the last one, so that a task the producer names
+  otherwise (``clik`` for ``click``) is said (``task_labels_warning``), not only an AUC that reads "no data".
 
 Samples come out of ``emit()`` in the order they became ready: closed impressions by ``(ts_ms,
 impression_id)``. ``flush()`` ends a finite replay. ``state_dict()`` holds only plain values (msgpack-able),
@@ -47,6 +51,7 @@ so a checkpoint keeps pending impressions and early feedback exactly.
 
 from __future__ import annotations
 
+import difflib
 import heapq
 import math
 from collections import deque
@@ -57,7 +62,18 @@ from typing import Any
 Source = Hashable
 """Where an event came from; the daemons use ``(topic, partition)``. Must be built of str/int/tuples."""
 
-JOIN_STATE_FORMAT = 1
+JOIN_STATE_FORMAT = 1  # a state saved before "unknown_tasks" and "task_positives" were kept loads: they are optional
+
+# Distinct unknown task names counted one by one (in the state and the warnings); later ones are counted together.
+# A producer that puts ids into the task field must not grow the join state without bound.
+MAX_UNKNOWN_TASKS = 16
+
+# A task without a positive label over this many emitted samples is reported (task_labels_warning). With a positive rate
+# p, a healthy task goes that long without one with probability (1 - p) ** n: under 1e-4 for p >= 0.1 % (a like or a
+# share rate), so it does not cry wolf, while a misnamed task, whose labels are all 0, trips it within minutes at any
+# live rate. Fewer samples since the start say nothing yet (over a few hundred samples a rare task has no positive by
+# chance); a backtest says it at its end, over the whole replay (consumers.tools.backtest.replay_stream_warnings).
+MIN_SAMPLES_WITHOUT_POSITIVE = 10_000
 
 # Why a sample was emitted.
 REASON_CLOSED = "closed"  # every attribution window closed in event time: labels are final
@@ -197,6 +213,7 @@ class AttributionJoin:
         self._completed_order: deque[tuple[int, str]] = deque()  # emission order, for pruning
         self._ready: deque[JoinedSample] = deque()
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self.task_labels = TaskLabels(config.attribution_window_s)  # unknown task names; positives per task
 
     # ----------------------------------------------------------------------------------------- inputs
 
@@ -269,6 +286,7 @@ class AttributionJoin:
         window = self._window_ms.get(task)
         if window is None:
             counters["unknown_task_feedback"] += 1
+            self.task_labels.unknown(task)
         else:
             impression_id = event["impression_id"]
             held = self._pending.get(impression_id)
@@ -325,6 +343,7 @@ class AttributionJoin:
         """The samples that became ready since the last call, in the order they became ready."""
         ready = list(self._ready)
         self._ready.clear()
+        self.task_labels.emitted(ready, self._counters["emitted"])
         self._counters["emitted"] += len(ready)
         return ready
 
@@ -383,6 +402,7 @@ class AttributionJoin:
             "completed": [[impression_id, ts] for ts, impression_id in self._completed_order],
             "ready": [sample.to_plain() for sample in self._ready],
             "counters": dict(self._counters),
+            **self.task_labels.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -421,8 +441,8 @@ class AttributionJoin:
             self._completed[impression_id] = ts
             self._completed_order.append((ts, impression_id))
         self._ready = deque(JoinedSample.from_plain(plain) for plain in state["ready"])
-        self._counters = dict.fromkeys(COUNTERS, 0)
-        self._counters.update(state["counters"])
+        self._counters = {**dict.fromkeys(COUNTERS, 0), **state["counters"]}
+        self.task_labels.load_state_dict(state, self._counters["emitted"])
         self._min_source = None
         self._recompute_watermark()
 
@@ -466,12 +486,7 @@ class AttributionJoin:
         while heap:
             expiry, seq, impression_id = heap[0]
             entries = self._early.get(impression_id)
-            index = -1
-            if entries is not None:
-                for i, entry in enumerate(entries):
-                    if entry[3] == seq:
-                        index = i
-                        break
+            index = next((i for i, entry in enumerate(entries or ()) if entry[3] == seq), -1)
             if index < 0:
                 heapq.heappop(heap)  # stale: its impression arrived and took it
                 continue
@@ -561,6 +576,72 @@ class AttributionJoin:
             del self._completed[impression_id]
 
 
+class TaskLabels:
+    """A join's account of its tasks' labels: feedback for task names it does not have, by name (the first
+    ``MAX_UNKNOWN_TASKS`` names, later ones together), and per task the positive labels of the samples emitted and the
+    samples emitted since the last of them (or since the start). ``report()`` is what ``task_labels_warning`` reads.
+
+    >>> join = AttributionJoin(JoinConfig(attribution_window_s={"click": 60.0}))
+    >>> join.add_feedback({"impression_id": "i1", "ts_ms": 0, "task": "clik", "value": 1}, "p0")
+    >>> labels = join.task_labels.report(join.counters)
+    >>> labels["unknown"], labels["positives"], labels["since_positive"]
+    ({'clik': 1}, {'click': 0}, {'click': 0})
+    """
+
+    def __init__(self, window_s: Mapping[str, float]) -> None:
+        self.tasks = tuple(sorted(window_s))
+        self.window_s = {task: float(window_s[task]) for task in self.tasks}
+        self.unknown_names: dict[str, int] = {}  # the first MAX_UNKNOWN_TASKS names -> feedback events
+        self.unknown_other = 0  # feedback events of any later unknown name
+        self.positives = dict.fromkeys(self.tasks, 0)  # positive labels emitted, per task
+        # per task, the ``emitted`` count just after the last sample with its positive label
+        self.emitted_at_positive = dict.fromkeys(self.tasks, 0)
+
+    def unknown(self, task: str) -> None:
+        """One feedback event for ``task``, a name the join does not have."""
+        names = self.unknown_names
+        if task in names:
+            names[task] += 1
+        elif len(names) < MAX_UNKNOWN_TASKS:
+            names[task] = 1
+        else:
+            self.unknown_other += 1
+
+    def emitted(self, samples: Sequence[JoinedSample], before: int) -> None:
+        """``samples`` were emitted after ``before`` others."""
+        positives, at = self.positives, self.emitted_at_positive
+        for position, sample in enumerate(samples, before + 1):
+            for task, label in sample.labels.items():
+                if label:
+                    positives[task] += 1
+                    at[task] = position
+
+    def report(self, counters: Mapping[str, int]) -> dict[str, Any]:
+        """Plain values: ``unknown`` (feedback events per unknown name), ``unknown_other``, ``positives`` and
+        ``since_positive`` (per task), ``window_s`` (the attribution window per task), and the join's ``feedback``
+        and ``emitted`` counters (``counters``)."""
+        emitted = int(counters["emitted"])
+        return {"unknown": dict(self.unknown_names), "unknown_other": self.unknown_other,
+                "positives": dict(self.positives),
+                "since_positive": {task: emitted - at for task, at in self.emitted_at_positive.items()},
+                "window_s": dict(self.window_s), "feedback": int(counters["feedback"]), "emitted": emitted}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The keys this adds to the join's state."""
+        return {"unknown_tasks": [dict(self.unknown_names), self.unknown_other],
+                "task_positives": {task: [self.positives[task], self.emitted_at_positive[task]] for task in self.tasks}}
+
+    def load_state_dict(self, state: Mapping[str, Any], emitted: int) -> None:
+        """Restore from a join state whose ``emitted`` counter is ``emitted``. A state saved before these were kept
+        has neither key: no names, and each task's samples without a positive counted from here (from its start, every
+        task would look as if it never had one)."""
+        names, other = state.get("unknown_tasks", ({}, 0))
+        self.unknown_names, self.unknown_other = dict(names), int(other)
+        saved = state.get("task_positives", {})
+        self.positives = {task: saved[task][0] if task in saved else 0 for task in self.tasks}
+        self.emitted_at_positive = {task: saved[task][1] if task in saved else emitted for task in self.tasks}
+
+
 def _check_state(state: Mapping[str, Any], tasks: Sequence[str]) -> None:
     """Refuse a join state of another format, or saved for other tasks, with a sentence saying what to do."""
     if state.get("format") != JOIN_STATE_FORMAT:
@@ -610,3 +691,86 @@ def late_impressions_warning(counters: Mapping[str, int], reported: int) -> str 
             f"windows and were trained without waiting for labels ({late} of {total} impressions so far, "
             f"{late / total:.1%}): a producer sends impressions out of event-time order or with a clock far ahead "
             "(one event far in the future moves the watermark), or join.allowed_lateness_s is too short")
+
+
+def nearest_task(name: str, tasks: Iterable[str]) -> str | None:
+    """The task of ``tasks`` that ``name`` is most likely a misspelling of (difflib, case aside), else None.
+
+    >>> nearest_task("clik", ["click", "like"]), nearest_task("Click", ["click"]), nearest_task("like", ["click"])
+    ('click', 'click', None)
+    """
+    by_lower = {task.lower(): task for task in tasks}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
+    return by_lower[close[0]] if close else None
+
+
+def describe_unknown_tasks(unknown: Mapping[str, int], other: int, tasks: Iterable[str]) -> str:
+    """Task names the join does not have with their feedback events, most first, each with the task of ``tasks`` it
+    most likely misspells; ``other``: the events of names beyond the first ``MAX_UNKNOWN_TASKS``.
+
+    >>> describe_unknown_tasks({"hate": 3, "clik": 1200}, 2, ["click", "like"])
+    "'clik' 1,200 (did you mean 'click'?), 'hate' 3, 2 of other names"
+    """
+    tasks = list(tasks)
+    parts = []
+    for name, n in sorted(unknown.items(), key=lambda item: (-item[1], item[0])):
+        near = nearest_task(name, tasks)
+        parts.append(f"{name!r} {n:,}" + (f" (did you mean {near!r}?)" if near is not None else ""))
+    if other:
+        parts.append(f"{other:,} of other names")
+    return ", ".join(parts)
+
+
+def task_labels_warning(labels: Mapping[str, Any], reported: Mapping[str, Any] | None, *,
+                        expected: Iterable[str] = (), min_samples: int = MIN_SAMPLES_WITHOUT_POSITIVE) -> str | None:
+    """The trainer's log line when, since the last report, feedback came for task names the join does not have, or
+    a task has gone ``min_samples`` emitted samples or more without a positive label (and samples were emitted since
+    the last report); else None. Either way a task whose feedback the producer names otherwise (``clik`` for
+    ``click``) trains on labels that are all 0 and its AUC reads "no data", and nothing else says why.
+
+    ``labels``: the join's ``task_labels.report(counters)`` now; ``reported``: its value at the last report (None:
+    none yet). ``expected``: names left out of the model on purpose (outcomes named in ``join.attribution_window_s``
+    outside ``model.tasks``), never reported.
+
+    >>> labels = {"unknown": {"clik": 900}, "unknown_other": 0, "positives": {"click": 0, "like": 40},
+    ...           "since_positive": {"click": 12_000, "like": 3}, "window_s": {"click": 60.0, "like": 900.0},
+    ...           "feedback": 1_000, "emitted": 12_000}
+    >>> message = task_labels_warning(labels, None)
+    >>> message[:71]
+    '900 feedback events for task names the model does not have were ignored'
+    >>> message[72:116]
+    '(900 of 1,000 feedback events so far, 90.0%)'
+    >>> message[118:152], message.split("; ")[-1][:56]
+    ("'clik' 900 (did you mean 'click'?)", "no positive label for 'click' in the last 12,000 samples")
+    >>> task_labels_warning(labels, labels) is None  # nothing new since that report
+    True
+    """
+    skip = set(expected)
+    before = reported["unknown"] if reported is not None else {}
+    new = {name: n - before.get(name, 0) for name, n in labels["unknown"].items()
+           if name not in skip and n > before.get(name, 0)}
+    new_other = labels["unknown_other"] - (reported["unknown_other"] if reported is not None else 0)
+    tasks = list(labels["positives"])
+    parts = []
+    if new or new_other > 0:
+        n_new = sum(new.values()) + max(new_other, 0)
+        so_far = sum(n for name, n in labels["unknown"].items() if name not in skip) + labels["unknown_other"]
+        total = max(int(labels["feedback"]), so_far)
+        parts.append(f"{n_new:,} feedback events for task names the model does not have were ignored ({so_far:,} of "
+                     f"{total:,} feedback events so far, {so_far / total:.1%}): "
+                     f"{describe_unknown_tasks(new, max(new_other, 0), tasks)}. The producer must name the tasks as "
+                     f"model.tasks does ({', '.join(map(repr, tasks))}); an outcome left out of the model on purpose "
+                     "is no longer reported once join.attribution_window_s gives it a window (beside every task of "
+                     "model.tasks)")
+    emitted_before = reported["emitted"] if reported is not None else 0
+    if labels["emitted"] > emitted_before:
+        for task in tasks:
+            since = labels["since_positive"][task]
+            if since >= min_samples:
+                ever = labels["positives"][task]
+                parts.append(f"no positive label for {task!r} in the last {since:,} samples "
+                             f"({f'{ever:,} before them' if ever else 'none so far'}): it learns from labels that are "
+                             "all 0 and its AUC reads no data. Check the task's name in the producer's feedback and in "
+                             f"model.tasks, and its window join.attribution_window_s.{task} "
+                             f"({labels['window_s'][task]:g} s: later feedback is dropped)")
+    return "; ".join(parts) if parts else None
