@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from consumers.core.join import late_feedback_warning, late_impressions_warning
+from consumers.core.join import late_feedback_warning, late_impressions_warning, task_labels_warning
 from consumers.core.pipeline import Pipeline
 from consumers.runtime.assembly import model_config
 from consumers.runtime.config import Config, toml_value
@@ -93,6 +93,7 @@ class Checkpointer:
         self.last_step = -1
         self.last_at = time.monotonic()
         self._late_reported = {"late_feedback": 0, "late_impressions": 0}  # the counts at the last log warnings
+        self._labels_reported: dict[str, Any] | None = None  # the join's task_labels report at the last warning
 
     # --------------------------------------------------------------------------------------------- restore
 
@@ -231,11 +232,20 @@ class Checkpointer:
 
     def _warn_late(self) -> None:
         """Say in the log, at most once per checkpoint each, that labels were dropped as late, or impressions
-        trained without them, since the last time."""
-        counters = self.pipeline.join.counters
+        trained without them, or a task's labels are not arriving (feedback for task names the model does not have,
+        or a task without a positive label for many samples), since the last time."""
+        join = self.pipeline.join
+        counters = join.counters
         for counter, warning in (("late_feedback", late_feedback_warning),
                                  ("late_impressions", late_impressions_warning)):
             message = warning(counters, self._late_reported[counter])
             if message is not None:
                 log.warning(message)
                 self._late_reported[counter] = int(counters[counter])
+        labels = join.task_labels.report(counters)
+        # outcomes the windows' table names beside model.tasks are left out of the model on purpose (config docs)
+        expected = [task for task in self.cfg.join.attribution_window_s if task not in join.tasks]
+        message = task_labels_warning(labels, self._labels_reported, expected=expected)
+        if message is not None:
+            log.warning(message)
+            self._labels_reported = labels
