@@ -46,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from consumers.core.join import describe_unknown_tasks
 from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.paths import check_output_folder
@@ -191,18 +192,19 @@ def run(args: argparse.Namespace) -> int:
               "no outputs written", file=sys.stderr)
         return 2
     try:
-        write_outputs(result, out, input_desc, plots=not args.no_plots)
+        _, data = write_outputs(result, out, input_desc, plots=not args.no_plots)
     except OSError as exc:  # checked before the replay, so something changed meanwhile (or the disk is full)
         print(f"crossdistil backtest: the replay ran but its outputs could not be written to {out}: {exc}",
               file=sys.stderr)
         return 1
-    _say_what_was_done(result, args, out, len(configs))
+    _say_what_was_done(result, args, out, len(configs), data["warnings"])
     return 0
 
 
-def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Path, n_configs: int) -> None:
-    """A replay's lines after its outputs: per configuration its figures on stdout; warnings, the first dead
-    letters, the replay cache's hint and upkeep on stderr."""
+def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Path, n_configs: int,
+                       warnings: Sequence[str]) -> None:
+    """A replay's lines after its outputs: per configuration its figures on stdout; ``warnings`` (its summary's), the
+    first dead letters, the replay cache's hint and upkeep on stderr."""
     print(f"crossdistil backtest: {result.records} records, {n_configs} configuration(s), {result.batching} "
           f"batching -> {out}/report.md")
     for name, run_ in result.runs.items():
@@ -216,7 +218,7 @@ def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Pa
         print(f"  {name}: {run_.pipeline.trained_samples} samples in {stats['batches']} batches (mean "
               f"{stats['mean']}), prequential AUC {aucs}; combined AUC {_fmt(combined['auc'])}, NDCG@10 "
               f"{_fmt(combined['ndcg10'])}{distilled}")
-    for warning in batching_warnings(result) + replay_stream_warnings(result):
+    for warning in warnings:
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
     for example in result.dead_letter_examples[:3]:
         print(f"crossdistil backtest:   dead letter: {example}", file=sys.stderr)
@@ -1241,7 +1243,9 @@ def _dead_letters_by_reason(result: BacktestResult, run_: ConfigRun) -> dict[str
 def replay_stream_warnings(result: BacktestResult) -> list[str]:
     """``stream_warnings`` of every configuration, each said once (configurations sharing a join give the same), and
     each task a configuration predicts that had no positive label in the whole replay: a task named otherwise than
-    in the log's feedback (``clik``) trains on labels that are all 0, and its AUC reads "n/a"."""
+    in the log's feedback (``clik``) trains on labels that are all 0, and its AUC reads "n/a". That warning names the
+    log's task names the configuration does not have, each with the task it most likely misspells
+    (``consumers.core.join.describe_unknown_tasks``)."""
     warnings: list[str] = []
     for run_ in result.runs.values():
         join = run_.pipeline.join.counters
@@ -1249,10 +1253,12 @@ def replay_stream_warnings(result: BacktestResult) -> list[str]:
         never = [task for task in run_.pipeline.scored_tasks
                  if len(labels := run_.arrays(task)[0]) and not labels.any()]
         if never:
+            report = run_.pipeline.join.task_labels.report(join)
+            names = describe_unknown_tasks(report["unknown"], report["unknown_other"], run_.pipeline.tasks)
             warnings.append(f"{run_.name}: no positive label in {run_.pipeline.trained_samples:,} samples for "
                             f"{', '.join(map(repr, never))}: is each named as in the log's feedback events? "
                             f"({join.get('unknown_task_feedback', 0):,} feedback events were for tasks it does not "
-                            "learn)")
+                            f"learn{': ' + names if names else ''})")
     return warnings
 
 
@@ -1294,8 +1300,10 @@ def stream_warnings(join: dict[str, int], dead_letters: dict[str, int]) -> list[
     return warnings
 
 
-def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any], *, plots: bool = True) -> list[Path]:
-    """summary.json, series_<config>.csv, timing.json, auc_<task>.png and report.md into ``out``."""
+def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any], *,
+                  plots: bool = True) -> tuple[list[Path], dict[str, Any]]:
+    """summary.json, series_<config>.csv, timing.json, auc_<task>.png and report.md into ``out``; the paths written and
+    the summary (``summary``: its ``warnings`` are what the command says on stderr, computed once)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     data = summary(result, input_desc)
@@ -1319,7 +1327,7 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
     path = out / "report.md"
     path.write_text(render_report(data, timing, [p.name for p in images]))
     written.append(path)
-    return written
+    return written, data
 
 
 def series_csv(rows: list[dict[str, Any]]) -> str:

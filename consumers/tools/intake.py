@@ -111,14 +111,18 @@ class LogRecords:
     iteration reads the file again). A dense backtest hands these parameters to its intake process instead.
 
     The range applies to each event: a batch envelope keeps its events in the range (and is left out when none
-    is). ``topics``: the topics a trainer reads (impressions, feedback); a record on another one is a
-    ``StrayRecord`` (one dead letter). None: every record replays whatever its topic."""
+    is). ``topics``: the topics a trainer reads (impressions, feedback), any sequence, kept as a tuple; a record on
+    another one is a ``StrayRecord`` (one dead letter). None: every record replays whatever its topic."""
 
     url: str
     from_ms: int | None = None
     to_ms: int | None = None
     limit: int | None = None
     topics: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.topics is not None:  # a list from log_records' caller or the intake's JSON hello: one place for both
+            object.__setattr__(self, "topics", tuple(self.topics))
 
     def __iter__(self) -> Iterator[LoggedRecord | StrayRecord]:
         entries = read_event_log_entries(path_from_url(self.url))
@@ -194,7 +198,7 @@ def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None, 
             "bytes": path.stat().st_size}
     if topics is not None:
         desc["topics"] = list(topics)
-    return LogRecords(url, from_ms, to_ms, limit, None if topics is None else tuple(topics)), desc
+    return LogRecords(url, from_ms, to_ms, limit, topics), desc
 
 
 # ----------------------------------------------------------------------------------------- the child
@@ -305,9 +309,7 @@ def _child_main(fd_out: int, parent_pid: int) -> int:
 
     try:
         hello = json.loads(sys.stdin.buffer.read())
-        topics = hello.get("topics")
-        records = LogRecords(hello["url"], hello["from_ms"], hello["to_ms"], hello["limit"],
-                             None if topics is None else tuple(topics))
+        records = LogRecords(hello["url"], hello["from_ms"], hello["to_ms"], hello["limit"], hello.get("topics"))
         intake(records, [IntakeGroup.from_dict(g) for g in hello["groups"]], int(hello["train_every"]), send)
     except BrokenPipeError:
         return 0  # the parent stopped reading (it failed or was interrupted): nothing to report to

@@ -267,6 +267,9 @@ def test_a_task_with_no_positive_label_in_the_whole_replay_is_a_warning(drift_lo
                "--out", str(tmp_path), "--quiet", "--no-plots") == 0
     [warning] = [w for w in json.loads((tmp_path / "summary.json").read_text())["warnings"] if "positive" in w]
     assert warning.startswith("mtl: no positive label in 3,000 samples for 'clik':")
+    # the log's name for it, with its count, from the join
+    assert warning.endswith("(1,102 feedback events were for tasks it does not learn: 'click' 1,102 (did you mean "
+                            "'clik'?))")
     assert warning in capsys.readouterr().err
 
 
