@@ -8,7 +8,8 @@ The daemon has two halves that share one reference, :attr:`ModelHolder.current`:
   then it follows the topic. Every checkpoint goes through :class:`consumers.state.wire.Reassembler` (chunk and
   payload sha256, format version), then ``safetensors`` and ``ServingModel.from_serving_state`` — nothing is
   unpickled. A rejected or unloadable checkpoint is logged and counted in
-  ``crossdistil_serving_reload_failures_total{reason}``; the previous model keeps serving.
+  ``crossdistil_serving_reload_failures_total{reason}``; the previous model keeps serving, and ``/healthz`` (still
+  ``ok``) adds the last rejection and the count since the last good load (:attr:`ModelHolder.rejections`).
 * the **HTTP server** (:func:`serve_api`): an ASGI app on uvicorn (``consumers.runtime.httpd``: timeouts,
   connection cap, strict framing, JSON errors). ``POST /score`` bodies are scored by one scoring thread in
   micro-batches (``consumers.serving.batching``), which reads ``holder.current`` once per batch, so a swap never
@@ -166,12 +167,12 @@ def _starlette_app(holder: ModelHolder, metrics: ServingMetrics, *, max_request_
     """Everything but POST /score: /healthz, /metrics, /openapi.json, and the JSON 404s and 405s."""
 
     async def healthz(request: Request) -> tuple[Response, int]:
-        served = holder.current
+        served, rejections = holder.current, _rejections(holder)
         if served is None:
             return json_error(503, "no_model", f"not ready: no model loaded yet (waiting for a checkpoint on "
-                              f"{waiting_for})", {"Retry-After": "1"}), 0
+                              f"{waiting_for})", {"Retry-After": "1"}, **rejections), 0
         return Response(_dumps({"status": "ok", "model_version": served.version, "step": served.step,
-                                "tasks": list(served.tasks), "loaded_at": served.loaded_at_s}),
+                                "tasks": list(served.tasks), "loaded_at": served.loaded_at_s, **rejections}),
                         media_type="application/json"), 0
 
     async def metrics_text(request: Request) -> tuple[Response, int]:
@@ -202,6 +203,15 @@ def _starlette_app(holder: ModelHolder, metrics: ServingMetrics, *, max_request_
     starlette = Starlette(routes=routes,
                           exception_handlers={**ERROR_HANDLERS, 404: not_found, HTTPException: http_error})
     return starlette
+
+
+def _rejections(holder: ModelHolder) -> dict[str, Any]:
+    """What /healthz says of refused publications: still healthy (the replica serves its model), but a probe sees
+    that newer ones do not load, and why."""
+    last, since_load = holder.rejections
+    described = None if last is None else {"version": last.version, "reason": last.reason, "detail": last.detail,
+                                            "at": last.at_s}
+    return {"rejections_since_load": since_load, "last_rejection": described}
 
 
 async def _unreachable(request: Request) -> tuple[Response, int]:

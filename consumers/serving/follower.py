@@ -5,8 +5,9 @@ serving topic (docs/wire-format.md, "fast path": the last message is a manifest 
 back its chunks start), falling back to reading from the beginning; then :meth:`CheckpointFollower.run`
 follows the topic. Every checkpoint goes through :class:`consumers.state.wire.Reassembler` (chunk and payload
 sha256, format version), then ``safetensors`` and ``ServingModel.from_serving_state``: nothing is unpickled.
-A rejected or unloadable checkpoint is logged and counted in ``crossdistil_serving_reload_failures_total{reason}``;
-the previous model keeps serving. :class:`ModelHolder` is the one reference both halves share.
+A rejected or unloadable checkpoint is logged and counted in ``crossdistil_serving_reload_failures_total{reason}``
+and recorded in the holder (:meth:`ModelHolder.rejected`: the last one and the count since the last good load, which
+``/healthz`` shows); the previous model keeps serving. :class:`ModelHolder` is the one reference both halves share.
 """
 
 from __future__ import annotations
@@ -49,22 +50,42 @@ class ServedModel:
     loaded_at_s: float
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A publication the replica refused: its version (None for a message without one), the reason (a wire code or
+    ``bad_model``, docs/serving.md), what was wrong, and when (wall clock, s since the epoch)."""
+
+    version: int | None
+    reason: str
+    detail: str
+    at_s: float
+
+
 class ModelHolder:
-    """The single reference that the HTTP threads read and the Kafka loop swaps.
+    """The single reference that the HTTP threads read and the Kafka loop swaps, and what the Kafka loop refused.
 
     Assigning an attribute is atomic in CPython, so a swap is one assignment; a request that read
     :attr:`current` keeps its model until it returns, whatever happens to the reference meanwhile.
+    :attr:`rejections` is ``(the last Rejected or None, rejections since the last model swapped in)``, one tuple
+    replaced in one assignment by the Kafka loop (its only writer), so ``/healthz`` reads a consistent pair.
     """
 
     def __init__(self) -> None:
         self.current: ServedModel | None = None
+        self.rejections: tuple[Rejected | None, int] = (None, 0)
         self._swapped = threading.Condition()
 
     def swap(self, served: ServedModel) -> None:
-        """Make ``served`` the model of every request that starts from now on."""
+        """Make ``served`` the model of every request that starts from now on (a good load: the count of
+        rejections starts again; the last one stays)."""
         with self._swapped:
             self.current = served
+            self.rejections = (self.rejections[0], 0)
             self._swapped.notify_all()
+
+    def rejected(self, rejection: Rejected) -> None:
+        """Record a publication the Kafka loop refused (the model served stays)."""
+        self.rejections = (rejection, self.rejections[1] + 1)
 
     def wait_for_version(self, version: int, timeout_s: float) -> ServedModel | None:
         """Block until a model of at least ``version`` is served (tests and benchmarks); None on timeout."""
@@ -255,6 +276,7 @@ class CheckpointFollower:
             self._held.append((version, reason, detail))
             return
         self.stats.rejections.append((version, reason))
+        self.holder.rejected(Rejected(version, reason, detail, time.time()))
         self.metrics.reload_failed(reason)
         current = self.holder.current
         keeping = f"keeping version {current.version}" if current is not None else "no model served yet"

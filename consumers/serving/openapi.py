@@ -11,6 +11,30 @@ from typing import Any
 from streamer.events import TS_MAX_MS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+_REJECTED = {
+    "type": ["object", "null"], "required": ["version", "reason", "detail", "at"],
+    "description": "the last publication refused since the replica started (null: none)",
+    "properties": {
+        "version": {"type": ["integer", "null"], "description": "null for a message without a version"},
+        "reason": {"type": "string", "description": "a wire code or bad_model (docs/serving.md, Rejections)"},
+        "detail": {"type": "string", "description": "what was wrong, as logged"},
+        "at": {"type": "number", "description": "when, s since the Unix epoch"},
+    },
+}
+_HEALTH = {
+    "type": "object",
+    "required": ["status", "model_version", "step", "tasks", "loaded_at", "rejections_since_load", "last_rejection"],
+    "properties": {
+        "status": {"const": "ok"},
+        "model_version": {"type": "integer", "description": "the version served"},
+        "step": {"type": ["integer", "null"], "description": "the trainer's step of that version"},
+        "tasks": {"type": "array", "items": {"type": "string"}},
+        "loaded_at": {"type": "number", "description": "when it was loaded, s since the Unix epoch"},
+        "rejections_since_load": {"type": "integer", "minimum": 0, "description": "publications refused since that "
+                                  "load (since the start when none is loaded; a corrupt chunk counts at least twice)"},
+        "last_rejection": _REJECTED,
+    },
+}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -59,9 +83,14 @@ def openapi(max_request_bytes: int, max_items: int) -> dict[str, Any]:
                     **_errors(400, 405, 408, 411, 413, 414, 415, 431, 500, 503),
                 },
             }},
-            "/healthz": {"get": {"summary": "ready once a model is loaded", "responses": {
-                "200": {"description": "ready", "content": {"application/json": {"schema": {"type": "object"}}}},
-                **_errors(503)}}},
+            "/healthz": {"get": {
+                "summary": "ready once a model is loaded; says which, and the publications refused since",
+                "description": "200 while a model is served, even when newer publications are refused (the replica "
+                               "serves its last good model); `last_rejection` and `rejections_since_load` say so. "
+                               "The 503 `no_model` body carries the same two fields.",
+                "responses": {
+                    "200": {"description": "ready", "content": {"application/json": {"schema": _HEALTH}}},
+                    **_errors(503)}}},
             "/metrics": {"get": {"summary": "Prometheus text (OpenMetrics by Accept)", "responses": {
                 "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
