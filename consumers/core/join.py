@@ -32,7 +32,8 @@ How it works
 * Memory is bounded: when more than ``max_pending`` impressions are held, the oldest is emitted early with
   ``reason="evicted"``; when more than ``max_early_feedback`` feedback events are held, the oldest is counted
   as an orphan. Both are counted; nothing is dropped silently.
-* Feedback for a task the join does not have is counted (``unknown_task_feedback``) and ignored. ``task_labels``
+* Feedback for a task the join does not have is counted (``unknown_task_feedback``, or ``ignored_task_feedback`` for
+  an outcome of ``JoinConfig.ignored_tasks``, left out of the model on purpose) and ignored. ``task_labels``
   (``TaskLabels``) counts such names one by one (the first ``MAX_UNKNOWN_TASKS``, later ones together) and per task
   the positive labels emitted and the samples emitted since the last one, so that a task the producer names
   otherwise (``clik`` for ``click``) is said (``task_labels_warning``), not only an AUC that reads "no data".
@@ -95,6 +96,7 @@ COUNTERS = (
     "orphan_feedback",  # feedback whose impression never arrived (or was forgotten)
     "outside_window_feedback",  # feedback before the impression or after its task's window
     "unknown_task_feedback",  # feedback for a task that is not configured (ignored)
+    "ignored_task_feedback",  # feedback for an outcome the configuration leaves out on purpose (ignored_tasks)
     "evicted_impressions",  # impressions emitted early because of max_pending
     "evicted_early_feedback",  # early feedback counted as orphan because of max_early_feedback
 )
@@ -106,7 +108,9 @@ class JoinConfig:
 
     ``attribution_window_s`` maps every task to its attribution window in seconds of event time. Optional
     bounds default to: ``max_early_feedback = max_pending``, ``max_completed = 2 * max_pending``,
-    ``completed_retention_s = longest window``.
+    ``completed_retention_s = longest window``. ``ignored_tasks``: outcomes the producer sends that the model leaves
+    out on purpose; their feedback is counted as ``ignored_task_feedback`` instead of ``unknown_task_feedback`` (which
+    alerts and warnings read as a misnamed task).
     """
 
     attribution_window_s: Mapping[str, float]
@@ -118,10 +122,14 @@ class JoinConfig:
     max_completed: int | None = None
     idle_timeout_s: float | None = None
     wait_for_all_partitions: bool = False
+    ignored_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.attribution_window_s:
             raise ValueError("attribution_window_s is empty: configure at least one task and its window in seconds")
+        both = sorted(set(self.ignored_tasks) & set(self.attribution_window_s))
+        if both:
+            raise ValueError(f"ignored_tasks {both} are tasks of the join too (they have attribution windows)")
         for task, window in self.attribution_window_s.items():
             if not isinstance(task, str) or not task:
                 raise ValueError(f"task names must be non-empty strings, got {task!r}")
@@ -213,7 +221,8 @@ class AttributionJoin:
         self._completed_order: deque[tuple[int, str]] = deque()  # emission order, for pruning
         self._ready: deque[JoinedSample] = deque()
         self._counters = dict.fromkeys(COUNTERS, 0)
-        self.task_labels = TaskLabels(config.attribution_window_s)  # unknown task names; positives per task
+        # unknown task names; positives per task
+        self.task_labels = TaskLabels(config.attribution_window_s, config.ignored_tasks)
 
     # ----------------------------------------------------------------------------------------- inputs
 
@@ -285,8 +294,7 @@ class AttributionJoin:
         ts = event["ts_ms"]
         window = self._window_ms.get(task)
         if window is None:
-            counters["unknown_task_feedback"] += 1
-            self.task_labels.unknown(task)
+            counters[self.task_labels.unknown(task)] += 1
         else:
             impression_id = event["impression_id"]
             held = self._pending.get(impression_id)
@@ -588,8 +596,9 @@ class TaskLabels:
     ({'clik': 1}, {'click': 0}, {'click': 0})
     """
 
-    def __init__(self, window_s: Mapping[str, float]) -> None:
+    def __init__(self, window_s: Mapping[str, float], ignored: Iterable[str] = ()) -> None:
         self.tasks = tuple(sorted(window_s))
+        self.ignored = frozenset(ignored)  # outcomes left out of the model on purpose: not unknown names
         self.window_s = {task: float(window_s[task]) for task in self.tasks}
         self.unknown_names: dict[str, int] = {}  # the first MAX_UNKNOWN_TASKS names -> feedback events
         self.unknown_other = 0  # feedback events of any later unknown name
@@ -597,8 +606,9 @@ class TaskLabels:
         # per task, the ``emitted`` count just after the last sample with its positive label
         self.emitted_at_positive = dict.fromkeys(self.tasks, 0)
 
-    def unknown(self, task: str) -> None:
-        """One feedback event for ``task``, a name the join does not have."""
+    def unknown(self, task: str) -> str:
+        """One feedback event for ``task``, a name the join does not have, counted by name; returns the join counter
+        it adds to: ``ignored_task_feedback`` for an outcome left out on purpose, else ``unknown_task_feedback``."""
         names = self.unknown_names
         if task in names:
             names[task] += 1
@@ -606,6 +616,7 @@ class TaskLabels:
             names[task] = 1
         else:
             self.unknown_other += 1
+        return "ignored_task_feedback" if task in self.ignored else "unknown_task_feedback"
 
     def emitted(self, samples: Sequence[JoinedSample], before: int) -> None:
         """``samples`` were emitted after ``before`` others."""
@@ -617,11 +628,13 @@ class TaskLabels:
                     at[task] = position
 
     def report(self, counters: Mapping[str, int]) -> dict[str, Any]:
-        """Plain values: ``unknown`` (feedback events per unknown name), ``unknown_other``, ``positives`` and
-        ``since_positive`` (per task), ``window_s`` (the attribution window per task), and the join's ``feedback``
-        and ``emitted`` counters (``counters``)."""
+        """Plain values: ``unknown`` (feedback events per name the join does not have, ignored ones too),
+        ``unknown_other``, ``ignored`` (the outcomes left out on purpose), ``positives`` and ``since_positive`` (per
+        task), ``window_s`` (the attribution window per task), and the join's ``feedback`` and ``emitted`` counters
+        (``counters``)."""
         emitted = int(counters["emitted"])
         return {"unknown": dict(self.unknown_names), "unknown_other": self.unknown_other,
+                "ignored": sorted(self.ignored),
                 "positives": dict(self.positives),
                 "since_positive": {task: emitted - at for task, at in self.emitted_at_positive.items()},
                 "window_s": dict(self.window_s), "feedback": int(counters["feedback"]), "emitted": emitted}
@@ -722,17 +735,16 @@ def describe_unknown_tasks(unknown: Mapping[str, int], other: int, tasks: Iterab
 
 
 def task_labels_warning(labels: Mapping[str, Any], reported: Mapping[str, Any] | None, *,
-                        expected: Iterable[str] = (), min_samples: int = MIN_SAMPLES_WITHOUT_POSITIVE) -> str | None:
+                        min_samples: int = MIN_SAMPLES_WITHOUT_POSITIVE) -> str | None:
     """The trainer's log line when, since the last report, feedback came for task names the join does not have, or
     a task has gone ``min_samples`` emitted samples or more without a positive label (and samples were emitted since
     the last report); else None. Either way a task whose feedback the producer names otherwise (``clik`` for
     ``click``) trains on labels that are all 0 and its AUC reads "no data", and nothing else says why.
 
     ``labels``: the join's ``task_labels.report(counters)`` now; ``reported``: its value at the last report (None:
-    none yet). ``expected``: names left out of the model on purpose (outcomes named in ``join.attribution_window_s``
-    outside ``model.tasks``), never reported.
+    none yet). Outcomes left out of the model on purpose (``JoinConfig.ignored_tasks``) are not unknown names.
 
-    >>> labels = {"unknown": {"clik": 900}, "unknown_other": 0, "positives": {"click": 0, "like": 40},
+    >>> labels = {"unknown": {"clik": 900}, "unknown_other": 0, "ignored": [], "positives": {"click": 0, "like": 40},
     ...           "since_positive": {"click": 12_000, "like": 3}, "window_s": {"click": 60.0, "like": 900.0},
     ...           "feedback": 1_000, "emitted": 12_000}
     >>> message = task_labels_warning(labels, None)
@@ -745,7 +757,7 @@ def task_labels_warning(labels: Mapping[str, Any], reported: Mapping[str, Any] |
     >>> task_labels_warning(labels, labels) is None  # nothing new since that report
     True
     """
-    skip = set(expected)
+    skip = set(labels["ignored"])
     before = reported["unknown"] if reported is not None else {}
     new = {name: n - before.get(name, 0) for name, n in labels["unknown"].items()
            if name not in skip and n > before.get(name, 0)}

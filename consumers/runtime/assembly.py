@@ -57,12 +57,15 @@ def join_config(cfg: Config, *, live: bool = True) -> JoinConfig:
     """
     windows = {task: float(cfg.join.attribution_window_s.get(task, cfg.join.default_window_s))
                for task in cfg.model.tasks}
+    # outcomes the windows' table names beside model.tasks: left out of the model on purpose (the config's help)
+    ignored = tuple(task for task in cfg.join.attribution_window_s if task not in windows)
     return JoinConfig(
         attribution_window_s=windows,
         allowed_lateness_s=cfg.join.allowed_lateness_s,
         max_pending=cfg.join.max_pending,
         idle_timeout_s=(cfg.join.idle_timeout_s or None) if live else None,
         wait_for_all_partitions=live,
+        ignored_tasks=ignored,
     )
 
 

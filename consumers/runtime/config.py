@@ -88,7 +88,9 @@ class JoinSection:
     attribution_window_s: dict = _f({}, "per-task attribution window in event-time seconds, e.g. {click = 60, "
                                         "long_view = 3600}; tasks not listed use default_window_s. It may name "
                                         "tasks outside model.tasks (one table for a data set's outcomes) only if it "
-                                        "names every task of model.tasks (else a misspelt task is refused)")
+                                        "names every task of model.tasks (else a misspelt task is refused): their "
+                                        "feedback is left out on purpose (counted as ignored_task_feedback, not as "
+                                        "unknown)")
     default_window_s: float = _f(3600.0, "window of tasks not listed in attribution_window_s")
     allowed_lateness_s: float = _f(0.0, "how far behind the newest event time the watermark trails")
     max_pending: int = _f(1_000_000, "bound on pending impressions; beyond it the oldest are emitted early and counted")

@@ -37,7 +37,8 @@ ROLES: tuple[str, ...] = ("student", "teacher")
 JOIN_OUTCOMES: tuple[str, ...] = (
     "impressions", "feedback", "emitted", "matched_feedback", "positive_labels", "early_feedback",
     "early_feedback_matched", "duplicate_impressions", "late_impressions", "late_feedback", "orphan_feedback",
-    "outside_window_feedback", "unknown_task_feedback", "evicted_impressions", "evicted_early_feedback",
+    "outside_window_feedback", "unknown_task_feedback", "ignored_task_feedback", "evicted_impressions",
+    "evicted_early_feedback",
 )  # fmt: skip
 
 STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

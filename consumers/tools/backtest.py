@@ -1257,7 +1257,8 @@ def replay_stream_warnings(result: BacktestResult) -> list[str]:
             names = describe_unknown_tasks(report["unknown"], report["unknown_other"], run_.pipeline.tasks)
             warnings.append(f"{run_.name}: no positive label in {run_.pipeline.trained_samples:,} samples for "
                             f"{', '.join(map(repr, never))}: is each named as in the log's feedback events? "
-                            f"({join.get('unknown_task_feedback', 0):,} feedback events were for tasks it does not "
+                            f"({join.get('unknown_task_feedback', 0) + join.get('ignored_task_feedback', 0):,} "
+                            "feedback events were for tasks it does not "
                             f"learn{': ' + names if names else ''})")
     return warnings
 

@@ -243,9 +243,7 @@ class Checkpointer:
                 log.warning(message)
                 self._late_reported[counter] = int(counters[counter])
         labels = join.task_labels.report(counters)
-        # outcomes the windows' table names beside model.tasks are left out of the model on purpose (config docs)
-        expected = [task for task in self.cfg.join.attribution_window_s if task not in join.tasks]
-        message = task_labels_warning(labels, self._labels_reported, expected=expected)
+        message = task_labels_warning(labels, self._labels_reported)
         if message is not None:
             log.warning(message)
             self._labels_reported = labels

@@ -89,7 +89,7 @@ def test_a_join_state_saved_before_task_labels_were_kept_still_loads_and_counts_
     assert resumed.counters == join.counters
 
 
-LABELS = {"unknown": {}, "unknown_other": 0, "positives": {"click": 5, "like": 5},
+LABELS = {"unknown": {}, "unknown_other": 0, "ignored": [], "positives": {"click": 5, "like": 5},
           "since_positive": {"click": 0, "like": 0}, "window_s": {"click": 60.0, "like": 900.0},
           "feedback": 1_000, "emitted": 20_000}
 
@@ -106,11 +106,19 @@ def test_the_warning_names_unknown_task_names_new_since_the_last_report_with_the
     assert task_labels_warning(first, first) is None
 
 
-def test_outcomes_left_out_on_purpose_are_not_reported():
-    labels = {**LABELS, "unknown": {"hate": 300, "clik": 2}}
-    assert task_labels_warning(labels, None, expected=["hate", "clik"]) is None
-    message = task_labels_warning(labels, None, expected=["hate"])
-    assert message.startswith("2 feedback events") and "(2 of 1,000" in message and "hate" not in message
+def test_outcomes_left_out_on_purpose_are_counted_apart_and_not_reported():
+    join = AttributionJoin(JoinConfig(attribution_window_s={"click": 60.0}, ignored_tasks=("hate",)))
+    for task in ["hate"] * 300 + ["clik"] * 2:
+        join.add_feedback({"impression_id": "i1", "ts_ms": 0, "task": task, "value": 1}, "p0")
+    counters = join.counters
+    assert (counters["ignored_task_feedback"], counters["unknown_task_feedback"], counters["feedback"]) == (300, 2, 302)
+    labels = join.task_labels.report(counters)
+    assert labels["ignored"] == ["hate"] and labels["unknown"] == {"hate": 300, "clik": 2}  # names of both kinds
+    message = task_labels_warning(labels, None)
+    assert message.startswith("2 feedback events") and "(2 of 302" in message and "hate" not in message
+    assert task_labels_warning({**labels, "ignored": ["hate", "clik"]}, None) is None
+    with pytest.raises(ValueError, match=r"ignored_tasks \['click'\] are tasks of the join too"):
+        JoinConfig(attribution_window_s={"click": 60.0}, ignored_tasks=("click",))
 
 
 def test_a_task_without_a_positive_for_the_minimum_of_samples_is_said_while_samples_come():
