@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +15,9 @@ from consumers.state.checkpoints import (
 )
 from consumers.state.learner_state import check_format
 from consumers.state.ledger import Ledger, LedgerError, read_ledger
+from tests.lock_holder import lock_held_by_another_process
 
 pytestmark = pytest.mark.unit
-
-ROOT = Path(__file__).resolve().parents[4]
 
 
 def three_checkpoints(directory: Path) -> CheckpointStore:
@@ -83,20 +80,13 @@ def test_a_checkpoint_of_a_newer_trainer_format_says_so_instead_of_starting_a_ne
 
 
 def test_a_second_writer_of_a_directory_is_refused_naming_the_first_and_leaves_its_temp_files(tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from consumers.state.checkpoints import CheckpointStore; "
-         f"s = CheckpointStore({str(tmp_path)!r}, lock=True); print('locked', flush=True); sys.stdin.read()"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(tmp_path) as holder:
         in_flight = tmp_path / ".tmp-ckpt-000000000007.cdckpt.x"  # the first writer's checkpoint, mid-write
         in_flight.write_bytes(b"partial")
         with pytest.raises(CheckpointDirectoryInUse, match=f"in use by another trainer .pid {holder.pid}."):
             CheckpointStore(tmp_path, lock=True)
         assert in_flight.exists()
         CheckpointStore(tmp_path)  # a reader takes no lock
-    finally:
-        holder.communicate("", timeout=30)
     CheckpointStore(tmp_path, lock=True).unlock()  # the lock ends with its process, however it ends
 
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import consumers.state.checkpoints as checkpoints
 from consumers.state.checkpoints import CheckpointDirectoryInUse, CheckpointStore
+from tests.lock_holder import lock_held_by_another_process
 from tests.unit.consumers.trainer.test_command import DEAD, SMALL, no_kafka, one_line_error, train  # noqa: F401
 from tests.unit.consumers.trainer.test_daemon import trainer
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[4]
 
 
 def disk_full(_fd: int) -> None:
@@ -69,13 +67,6 @@ def test_a_last_checkpoint_that_cannot_be_written_is_said_and_the_exit_status_is
 
 
 def test_a_second_trainer_on_the_same_checkpoint_folder_is_refused(tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from consumers.state.checkpoints import CheckpointStore; "
-         f"s = CheckpointStore({str(tmp_path)!r}, lock=True); print('locked', flush=True); sys.stdin.read()"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(CheckpointDirectoryInUse, match="in use by another trainer"):
-            trainer(tmp_path)
-    finally:
-        holder.communicate("", timeout=30)
+    with lock_held_by_another_process(tmp_path), pytest.raises(CheckpointDirectoryInUse,
+                                                               match="in use by another trainer"):
+        trainer(tmp_path)
