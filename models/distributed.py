@@ -29,7 +29,15 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  (before any process group: see below)
 from torch import nn
+
+# torch.distributed.nn.functional's functions take ``group=group.WORLD`` as a default, evaluated when the module is
+# first imported. torch imports it lazily (a learner's first optimizer imports torch._dynamo, which imports it), so in
+# a rank it used to come after init_process_group: ten defaults then held the live group, destroy_process_group could
+# not free it, and gloo's threads lived on into the interpreter's exit, where a worker thread releasing a tensor is
+# killed by the finalising interpreter and the rank aborts ("terminate called without an active exception").
+# Imported here, with this module (every rank imports it before it joins a group), the defaults are None.
 
 MODES = ("sync", "average")
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.config import ModelConfig
+from models.distributed import Collective
 from models.features import encode_rows
 from models.learner import Learner
 
@@ -41,8 +42,6 @@ PLAN = [(rows(1, 12), rows(2, 20)), (rows(3, 16), []), (rows(4, 8), rows(5, 24))
 def _worker(rank: int, world: int, init: str, out: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        from models.distributed import Collective
-
         learner = Learner(ModelConfig(**CONFIG))
         learner.collective = Collective(mode)
         for step in PLAN:

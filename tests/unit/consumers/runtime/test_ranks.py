@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from consumers.runtime.config import load_config
+from consumers.runtime.learner_process import build_learner
 from consumers.runtime.ranks import RankedLearner, RankInfo, Ranks, attempt_store, rank_from_env
 
 pytestmark = pytest.mark.unit
@@ -44,8 +46,6 @@ def _worker(rank: int, init: str, out: str) -> None:
         result = {"agree": ranks.agree([rank, 5 - rank]),
                   "broadcast": ranks.broadcast_bytes(b"from rank 0" if rank == 0 else None).decode(),
                   "gathered": ranks.gather_plain({"rank": rank, "positions": [["imp", rank, 10 * rank]]})}
-        from consumers.runtime.learner_process import build_learner
-
         port = RankedLearner(build_learner(cfg), cfg.model.tasks, ranks, "sync")
         port.broadcast_model()
         topped_up = []
@@ -81,8 +81,6 @@ def test_two_ranks_agree_exchange_bytes_and_step_together_into_one_model(tmp_pat
 def _leaving(rank: int, init: str, out: str, partner_leaves: str) -> None:
     """Rank 1 leaves late (``"late"``: 1.5 s after rank 0, together) or alone at once (``"alone"``: an error path);
     rank 0 leaves together and records how long its ``close`` took."""
-    import time
-
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=4))
     cfg = load_config(None, env={}, overrides=[f"model.options={MODEL}", "model.device='cpu'"])
@@ -111,3 +109,38 @@ def test_a_rank_leaving_together_waits_for_the_others_but_not_for_one_that_left_
         assert 1.0 < closed["seconds"] < 4.0, closed
     else:  # the partner is gone: the barrier fails (closed connection or the group's 4 s timeout), rank 0 leaves
         assert closed["seconds"] < 8.0, closed
+
+
+def _threads() -> list[str]:
+    """The names of this process's threads, C++ ones included (gloo's: gloo_tcp_loop, pt_gloo_runloop)."""
+    return [Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in os.listdir("/proc/self/task")]
+
+
+def _closing(rank: int, init: str, out: str) -> None:
+    """A rank as the trainer and rank_replay run one: the group, then the learner (its optimizer makes torch import
+    torch._dynamo, and with it torch.distributed.nn.functional), collectives, and ``close``."""
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    cfg = load_config(None, env={}, overrides=[f"model.options={MODEL}", "model.device='cpu'"])
+    ranks = Ranks(RankInfo(rank, 2), cfg.distributed)
+    port = RankedLearner(build_learner(cfg), cfg.model.tasks, ranks, "sync")
+    port.broadcast_model()
+    ranks.agree([rank])
+    during = _threads()
+    ranks.close(together=True)
+    deadline = time.monotonic() + 5.0  # a thread is listed until the kernel has reaped it
+    while any(name.startswith(("gloo", "pt_gloo")) for name in _threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (Path(out) / f"threads-{rank}.json").write_text(json.dumps({"during": during, "after": _threads()}))
+
+
+@pytest.mark.slow  # two processes of their own
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_closing_the_ranks_stops_gloos_threads_before_the_process_exits(tmp_path: Path) -> None:
+    """A group that outlives close keeps gloo's threads into the interpreter's exit, where one of them can abort the
+    rank (SIGABRT, "terminate called without an active exception")."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_closing, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        threads = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        assert "pt_gloo_runloop" in threads["during"], threads  # the group had its threads
+        assert not [name for name in threads["after"] if name.startswith(("gloo", "pt_gloo"))], threads
