@@ -182,9 +182,12 @@ class Ranks:
         """Leave the process group (a failed group is left as it is: the process is about to exit).
 
         ``together``: every rank is leaving on its normal path, so first wait for all of them (a barrier, bounded
-        by ``distributed.timeout_s``): a rank that tears its connections down while another is still finishing
-        the last collective can make gloo abort that one (seen as SIGABRT, "terminate called without an active
-        exception"). Not on an error path, where the others may never come."""
+        by ``distributed.timeout_s``), so that none tears its connections down while another is still finishing
+        the last collective. Not on an error path, where the others may never come.
+
+        Destroying the group stops gloo's threads only if nothing else holds the group: one that outlived this call
+        kept them into the interpreter's exit, where the rank could abort (SIGABRT, "terminate called without an
+        active exception"); ``models.distributed`` imports the module that held it before any group exists."""
         if not dist.is_initialized():
             return
         if together:
