@@ -131,6 +131,11 @@ class Checkpointer:
         """The stream side of a checkpoint of learner step ``step``: join, batcher, positions and the publisher's
         bookkeeping (the learner's side is loaded by the caller)."""
         self.pipeline.load_stream_state(meta)  # the saved clocks belong to the dead process: rebased to now
+        # The process that wrote it warned of its counts when it wrote it (write: _warn_late first): say only what
+        # is new since, not the totals again as if they were.
+        counters = self.pipeline.join.counters
+        self._late_reported = {name: int(counters[name]) for name in self._late_reported}
+        self._labels_reported = self.pipeline.join.task_labels.report(counters)
         self.kafka.positions = positions_from_plain(meta["positions"])
         self.kafka.checkpointed = dict(self.kafka.positions)
         self.last_step = step

@@ -74,3 +74,28 @@ def test_a_task_without_a_positive_label_for_many_samples_is_said_with_what_to_c
     assert said.startswith(f"no positive label for 'click' in the last {n:,} samples (none so far)")
     assert "producer's feedback and in model.tasks" in said and "join.attribution_window_s.click (3600 s" in said
     assert "long_view" not in said
+
+
+def test_a_restarted_trainer_says_only_what_is_new_since_its_checkpoint(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The process that wrote the checkpoint warned of its counts then: its successor does not repeat the totals."""
+    c = checkpointer(tmp_path, FlakyProducer(refuse=False))
+    c.pipeline.join.add_events(feedback("clik", 30), ("feedback", 0))
+    c.pipeline.join._counters["late_feedback"] = 3  # as if 3 of them had come after their windows
+    train_one_step(c)
+    with caplog.at_level("WARNING"):
+        c.write("shutdown")
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [m[:20] for m in said if not m.startswith("publication")] == ["3 feedback events ar", "30 feedback events f"]
+    caplog.clear()
+    restarted = checkpointer(tmp_path, FlakyProducer(refuse=False))
+    assert restarted.restore() is not None
+    train_one_step(restarted)
+    with caplog.at_level("WARNING"):
+        restarted.write("periodic")
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                and not r.getMessage().startswith("publication")] == []
+        restarted.pipeline.join.add_events(feedback("clik", 4), ("feedback", 0))
+        restarted.write("periodic")
+    [said] = warnings_of(caplog)
+    assert said.startswith("4 feedback events for task names the model does not have were ignored (34 of 34")
