@@ -38,6 +38,8 @@ import itertools
 import json
 import math
 import os
+import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,6 +54,7 @@ from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
+from consumers.tools.comparison import compare_runs, config_differences
 from consumers.tools.intake import (
     DEAD_LETTER_EXAMPLES,
     DEFAULT_CACHE_LIMIT,
@@ -83,6 +86,7 @@ BATCHING_MODES = ("event-time", "dense")
 DENSE_TRAIN_EVERY = 256  # dense batching: records ingested between two train_ready calls (same batches)
 INTAKE_MODES = ("auto", "process", "inline")
 DETECTION_STYLES = {"adwin": "--", "page_hinkley": ":", "auc_drop": "-"}  # line style of each detector's marks
+PLOT_MARKERS = ("o", "s", "^", "D", "v", "x")  # one per configuration's line
 SMALL_BATCH_SHARE = 0.25  # the report warns when the mean batch is below this share of batching.batch_size
 
 
@@ -192,19 +196,20 @@ def run(args: argparse.Namespace) -> int:
               "no outputs written", file=sys.stderr)
         return 2
     try:
-        _, data = write_outputs(result, out, input_desc, plots=not args.no_plots)
+        _, data = write_outputs(result, out, input_desc, plots=not args.no_plots, command=command_line())
     except OSError as exc:  # checked before the replay, so something changed meanwhile (or the disk is full)
         print(f"crossdistil backtest: the replay ran but its outputs could not be written to {out}: {exc}",
               file=sys.stderr)
         return 1
-    _say_what_was_done(result, args, out, len(configs), data["warnings"])
+    _say_what_was_done(result, args, out, len(configs), data)
     return 0
 
 
 def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Path, n_configs: int,
-                       warnings: Sequence[str]) -> None:
-    """A replay's lines after its outputs: per configuration its figures on stdout; ``warnings`` (its summary's), the
-    first dead letters, the replay cache's hint and upkeep on stderr."""
+                       data: dict[str, Any]) -> None:
+    """A replay's lines after its outputs: per configuration its figures and, with several, each one's verdict
+    against the first on stdout; the summary's (``data``) warnings, the first dead letters, the replay cache's hint
+    and upkeep on stderr."""
     print(f"crossdistil backtest: {result.records} records, {n_configs} configuration(s), {result.batching} "
           f"batching -> {out}/report.md")
     for name, run_ in result.runs.items():
@@ -218,7 +223,10 @@ def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Pa
         print(f"  {name}: {run_.pipeline.trained_samples} samples in {stats['batches']} batches (mean "
               f"{stats['mean']}), prequential AUC {aucs}; combined AUC {_fmt(combined['auc'])}, NDCG@10 "
               f"{_fmt(combined['ndcg10'])}{distilled}")
-    for warning in warnings:
+    comparison = data.get("comparison")
+    for name, entry in (comparison or {}).get("configurations", {}).items():  # the report's verdict lines
+        print(f"  {name} vs {comparison['baseline']} (paired, 95% interval): {entry['summary']}")
+    for warning in data["warnings"]:
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
     for example in result.dead_letter_examples[:3]:
         print(f"crossdistil backtest:   dead letter: {example}", file=sys.stderr)
@@ -1192,8 +1200,11 @@ class _progress:
 # ----------------------------------------------------------------------------------------------- outputs
 
 
-def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any]:
-    """The deterministic summary (no wall-clock field): inputs, and per configuration its final numbers."""
+def summary(result: BacktestResult, input_desc: dict[str, Any],
+            seconds: dict[str, float] | None = None) -> dict[str, Any]:
+    """The deterministic summary (no wall-clock field): inputs, what was replayed, per configuration its final numbers
+    and, with several, each against the first (``comparison``: ``consumers.tools.comparison.compare_runs``).
+    ``seconds``, if given, gets the comparison's wall seconds (``"comparison"``)."""
     from consumers.runtime.assembly import model_config  # lazy: the models load only when a replay ran
 
     configurations: dict[str, Any] = {}
@@ -1227,10 +1238,54 @@ def summary(result: BacktestResult, input_desc: dict[str, Any]) -> dict[str, Any
         if gate:
             configurations[name]["kd_gate"] = gate
     warnings = batching_warnings(result) + replay_stream_warnings(result)
-    return {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
-            "records": result.records, "events": result.events, "batching": result.batching,
-            "warnings": warnings, "dead_letter_examples": result.dead_letter_examples,
-            "configurations": configurations}
+    out = {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
+           "records": result.records, "events": result.events, "batching": result.batching,
+           "warnings": warnings, "dead_letter_examples": result.dead_letter_examples,
+           "configurations": configurations, "replayed": replayed(result)}
+    if len(result.runs) > 1:
+        runs, started = result.runs, time.perf_counter()
+        out["comparison"] = compare_runs(runs, {n: list(r.pipeline.scored_tasks) for n, r in runs.items()},
+                                         {n: list(r.cfg.model.served_tasks) for n, r in runs.items()}, LAST_FRACTION)
+        if seconds is not None:
+            seconds["comparison"] = time.perf_counter() - started
+    return out
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran, as a shell would take it again: the ``CROSSDISTIL__*`` environment (configuration
+    overrides, ``load_config``) first, then ``crossdistil backtest`` and its arguments."""
+    argv = list(sys.argv if argv is None else argv)
+    args = argv[2:] if argv[1:2] == ["backtest"] else argv[1:]
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("CROSSDISTIL__")]
+    return " ".join([*env, "crossdistil backtest", shlex.join(args)]).strip()
+
+
+def code_version() -> dict[str, Any]:
+    """The checkout this code runs from: its commit and how many tracked files differ from it (``None``: not a git
+    checkout, or git is missing)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified_files": None}
+    return {"commit": commit, "modified_files": len(status.splitlines())}
+
+
+def replayed(result: BacktestResult) -> dict[str, Any]:
+    """What was replayed besides the input's description: the event time of the first and last trained impression,
+    the configurations' groups (those of a group trained the same batches) and each configuration's effective
+    settings that differ from the first's."""
+    times = [t for run_ in result.runs.values() for t in (min(run_.event_ts_ms, default=None),
+                                                           max(run_.event_ts_ms, default=None)) if t is not None]
+    groups: dict[str, list[str]] = {}
+    for name, run_ in result.runs.items():
+        groups.setdefault(run_.leader or name, []).append(name)
+    return {"event_time_ms": {"first": min(times, default=None), "last": max(times, default=None)},
+            "groups": list(groups.values()),
+            "config_differences": config_differences({n: r.cfg.to_dict() for n, r in result.runs.items()})}
 
 
 def _dead_letters_by_reason(result: BacktestResult, run_: ConfigRun) -> dict[str, int]:
@@ -1302,12 +1357,14 @@ def stream_warnings(join: dict[str, int], dead_letters: dict[str, int]) -> list[
 
 
 def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any], *,
-                  plots: bool = True) -> tuple[list[Path], dict[str, Any]]:
+                  plots: bool = True, command: str | None = None) -> tuple[list[Path], dict[str, Any]]:
     """summary.json, series_<config>.csv, timing.json, auc_<task>.png and report.md into ``out``; the paths written and
-    the summary (``summary``: its ``warnings`` are what the command says on stderr, computed once)."""
+    the summary (``summary``: its ``warnings`` are what the command says on stderr, computed once). ``command``: the
+    command line that ran, for timing.json and the report's header (with the code's commit, ``code_version``)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    data = summary(result, input_desc)
+    seconds: dict[str, float] = {}
+    data = summary(result, input_desc, seconds)
     path = out / "summary.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_json_default) + "\n")
     written.append(path)
@@ -1315,7 +1372,10 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
         path = out / f"series_{_slug(name)}.csv"
         path.write_text(series_csv(run_.series))
         written.append(path)
+    # the command and the code's state: not results, and the command names --out, so not in summary.json
     timing = {"seconds": round(result.seconds, 3), "records_per_s": round(result.records / max(result.seconds, 1e-9)),
+              "command": command, "directory": os.getcwd(), "code": code_version(),
+              "comparison_seconds": round(seconds.get("comparison", 0.0), 3),
               "intake": result.intake, **result.processes,
               "configurations": {name: {"seconds": round(r.seconds, 3),
                                         "samples_per_s": round(r.pipeline.trained_samples / max(r.seconds, 1e-9))}
@@ -1364,10 +1424,13 @@ def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
             window = str(run_.pipeline.metrics.windows[0])
             rows = [r for r in run_.series if r["task"] == task]
             times = [_dt(r["event_time_ms"]) for r in rows]
-            ax_auc.plot(times, [_nan(r.get(f"auc@{window}")) for r in rows], color=color,
-                        label=f"{name} (AUC, last {window})")
+            marker = PLOT_MARKERS[i % len(PLOT_MARKERS)]  # equal lines (identical configurations) stay visible
+            ax_auc.plot(times, [_nan(r.get(f"auc@{window}")) for r in rows], color=color, marker=marker,
+                        markersize=4, markevery=max(1, len(rows) // 40),
+                        label=f"{name}: AUC over the last {int(window):,} samples")
             drift_key = f"auc_drift@{window}/baseline"
-            ax_drift.plot(times, [_nan(r.get(drift_key)) for r in rows], color=color)
+            ax_drift.plot(times, [_nan(r.get(drift_key)) for r in rows], color=color, marker=marker, markersize=4,
+                          markevery=max(1, len(rows) // 40))
             marked = False
             for d in run_.detections:
                 if d["task"] != task:
@@ -1377,13 +1440,15 @@ def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
                                linestyle=DETECTION_STYLES.get(d["detector"], ":"), linewidth=1.0, alpha=0.8,
                                label=None if marked or ax is ax_drift else f"{name} drift detection")
                 marked = True
-        ax_auc.set_ylabel(f"{task} AUC (windowed)")
+        ax_auc.set_ylabel(f"{task} AUC (higher is better)")
         ax_auc.set_title(f"{task}: prequential AUC over event time (detections: dashed ADWIN, dotted Page-Hinkley, "
                          "solid AUC drop)")
         ax_auc.grid(alpha=0.3)
         ax_auc.legend(loc="lower left", fontsize=8)
         ax_drift.axhline(0.0, color="grey", linewidth=0.8)
-        ax_drift.set_ylabel("AUC drift vs baseline")
+        metrics = next(iter(result.runs.values())).pipeline.metrics
+        ax_drift.set_ylabel(f"AUC (last {metrics.windows[0]:,})\nminus AUC (last\n{metrics.baseline_window:,})",
+                            fontsize=8)
         ax_drift.set_xlabel("event time (UTC)")
         ax_drift.grid(alpha=0.3)
         ax_drift.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
@@ -1403,7 +1468,8 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     lines = ["# Backtest report", "",
              f"Input: {source}; {data['records']:,} records, {data['events']:,} events. Replayed through the trainer's "
              "pipeline (consumers.core.pipeline) on event time; every prediction was made before the model learnt from "
-             "its sample (prequential).", "", *_batching_lines(data)]
+             "its sample (prequential).", "", *_provenance_lines(data, timing), *_comparison_lines(data),
+             *_batching_lines(data)]
     last_key = f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct"
     ranking_last_key = f"ranking_last_{int(LAST_FRACTION * 100)}pct"
     tasks = list(dict.fromkeys(t for c in data["configurations"].values() for t in c["tasks"]))
@@ -1459,9 +1525,111 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
                          + ("; kept in the replay cache" if cache and not cache.get("error") else ""),
               "cache": "; input read from the replay cache", "inline": ""}.get(timing.get("intake", "inline"), "")
     lines += ["", f"Wall time {timing['seconds']} s ({timing['records_per_s']:,} records/s{intake}; timing.json)."]
+    lines += _glossary_lines(data, images)
     for image in images:
         lines += ["", f"![{image}]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def _provenance_lines(data: dict[str, Any], timing: dict[str, Any]) -> list[str]:
+    """What was replayed and how to replay it again: the event time of the trained impressions, the code's commit,
+    the command, and each configuration's settings that differ from the first's."""
+    lines = []
+    span = data.get("replayed", {}).get("event_time_ms", {})
+    if span.get("first") is not None:
+        first, last = _dt(span["first"]), _dt(span["last"])
+        lines.append(f"Event time of the trained impressions: {first:%Y-%m-%d %H:%M:%S} to {last:%Y-%m-%d %H:%M:%S} "
+                     f"UTC ({(span['last'] - span['first']) / 3_600_000:,.1f} h).")
+    code = timing.get("code") or {}
+    if code.get("commit"):
+        modified = code.get("modified_files") or 0
+        lines.append(f"Code: commit `{code['commit'][:12]}`" + (
+            f", with {modified} tracked file(s) modified: the commit alone does not reproduce these numbers."
+            if modified else " (no tracked file modified)."))
+    if timing.get("command"):
+        lines += [f"Command (run in `{timing.get('directory', '.')}`):", "", f"    {timing['command']}"]
+    configurations = list(data["configurations"])
+    differences = data.get("replayed", {}).get("config_differences", {})
+    if differences:
+        lines += ["", f"Settings of each configuration that differ from the first's (`{configurations[0]}`), of the "
+                  "effective configuration (file, environment and `--set`):", "",
+                  f"| configuration | setting | {configurations[0]} | this one |", "|---|---|---|---|"]
+        for name, changed in differences.items():
+            lines += [f"| {name} | `{key}` | {_setting(a)} | {_setting(b)} |" for key, (a, b) in changed.items()]
+            if not changed:
+                lines.append(f"| {name} | (none: the same configuration) | | |")
+    groups = data.get("replayed", {}).get("groups", [])
+    if len(groups) > 1:
+        lines += ["", "Replayed apart (their join or batching settings differ): " + "; ".join(
+            ", ".join(g) for g in groups) + ". Each group has its own samples and labels; the comparison below "
+            "pairs the samples both trained and says where the labels differ."]
+    return [*lines, ""] if lines else []
+
+
+def _setting(value: Any) -> str:
+    return "(not set: the default)" if value is None else f"`{json.dumps(value, default=_json_default)}`"
+
+
+def _comparison_lines(data: dict[str, Any]) -> list[str]:
+    """The paired comparison: a verdict line per configuration against the first, and per task the difference with
+    its interval over every prediction and over the last 20% (``consumers.tools.comparison``)."""
+    comparison = data.get("comparison")
+    if not comparison:
+        return []
+    base, method = comparison["baseline"], comparison["method"]
+    last = f"last {int(LAST_FRACTION * 100)}%"
+    lines = ["## Which configuration is better", "",
+             f"Against `{base}` (the first configuration). Each difference is a configuration's prequential AUC minus "
+             f"`{base}`'s on the same samples, paired sample by sample; its {method['level']:.0%} interval is from a "
+             f"paired block bootstrap ({method['resamples']:,} resamples of {method['blocks']} contiguous blocks of "
+             f"the training order, seed {method['seed']}; each resample's AUC to first order, DeLong's placement "
+             "values). **better** / **worse** only where the whole interval is on one side of 0; a difference whose "
+             "interval holds 0 is *within noise*, however large it looks. Each interval is for one task: over many "
+             f"tasks and configurations about one in {round(1 / (1 - method['level']))} misses by chance. \"all\" "
+             f"includes each model's warm-up from untrained; \"{last}\" is nearer its steady state.", ""]
+    for name, entry in comparison["configurations"].items():
+        left = (f" (left out: {entry['only_baseline']:,} samples only `{base}` trained, {entry['only_this']:,} only "
+                f"`{name}`)" if entry["only_baseline"] or entry["only_this"] else "")
+        lines += [f"- **`{name}` vs `{base}`** on {entry['samples']:,} samples{left}: {entry['summary']}."]
+    lines += ["", f"| configuration | task | `{base}` AUC | AUC | difference (all) | {method['level']:.0%} interval | "
+              f"verdict | difference ({last}) | {method['level']:.0%} interval | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in comparison["configurations"].items():
+        rows = {**entry["tasks"], **({"combined score": entry["combined"]} if "combined" in entry else {})}
+        for task, row in rows.items():
+            if "last" not in row:  # not comparable: the labels differ
+                lines.append(f"| {name} | {task} | | | | | not comparable: {row['why']} | | | |")
+                continue
+            lines.append(f"| {name} | {task} | {_fmt(row['base'])} | {_fmt(row['other'])} | "
+                         f"{_difference_cells(row)} | {_difference_cells(row['last'])} |")
+    return [*lines, ""]
+
+
+def _difference_cells(row: dict[str, Any]) -> str:
+    """``+0.0123 | +0.0040 .. +0.0201 | **better**`` (three cells)."""
+    if row.get("difference") is None:
+        return f"n/a | | {row['verdict']}: {row.get('why', '')}"
+    low, high = row["interval"]
+    shown = f"**{row['verdict']}**" if row["verdict"] in ("better", "worse") else row["verdict"]
+    return f"{row['difference']:+.4f} | {low:+.4f} .. {high:+.4f} | {shown}"
+
+
+def _glossary_lines(data: dict[str, Any], images: Sequence[str]) -> list[str]:
+    """What the series' and plots' names mean, so the report reads without the code."""
+    windows = sorted({k.split("@", 1)[1] for c in data["configurations"].values() for row in c["final"].values()
+                      for k in row if k.startswith("auc@") and k != "auc@lifetime"}, key=int)
+    if not windows:
+        return []
+    shown = ", ".join(f"{int(w):,}" for w in windows)
+    return ["", "Reading the series (`series_<configuration>.csv`) and the plots: `samples` is the number of samples "
+            "trained so far, `event_time_ms` the newest trained impression's event time (unix ms, UTC), `steps` the "
+            f"optimizer steps. `auc@N` and `log_loss@N` (N = {shown}) are over the last N trained samples' prequential "
+            "predictions (before N samples, over all of them: the window is not full yet); `@lifetime` over every "
+            "sample so far (the AUC from 65,536 score bins); `auc_drift@N/baseline` is `auc@N` minus the AUC over the "
+            "trainer's baseline window (ten times the largest window, `TrainerMetrics.baseline_window`): below 0, "
+            "the recent predictions rank worse than the long run's. `detections` counts the drift detectors' alarms "
+            "so far (empty: the task is not in `metrics.drift_tasks`)."
+            + (" In the plots, each configuration's line has its own marker at each series point." if images else "")]
 
 
 def _counted_lines(data: dict[str, Any]) -> list[str]:

@@ -18,8 +18,10 @@ from consumers.tools import backtest
 pytestmark = pytest.mark.unit
 
 GOLDEN = Path(__file__).parent / "data" / "backtest_event_time"
-# what the summary gained with the modes, the trust gate, and the dead letters described
-NEW_KEYS = ("batching", "warnings", "kd_gate", "dead_letters_by_reason", "dead_letter_examples")
+# what the summary gained with the modes, the trust gate, the dead letters described, and what was replayed and the
+# paired comparison of the configurations
+NEW_KEYS = ("batching", "warnings", "kd_gate", "dead_letters_by_reason", "dead_letter_examples",
+            "replayed", "comparison")
 GOLDEN_PINS = {"wide": "none", "embedding_optimizer": "adam", "embedding_lr": 0.01,  # the model options of then
                "count_features": []}
 # The stream has an impression every 10 ms: with 1 s windows samples leave the join as it goes (CONFIG's windows
