@@ -1426,11 +1426,11 @@ def plot_auc(result: BacktestResult, out: Path) -> list[Path]:
             times = [_dt(r["event_time_ms"]) for r in rows]
             marker = PLOT_MARKERS[i % len(PLOT_MARKERS)]  # equal lines (identical configurations) stay visible
             ax_auc.plot(times, [_nan(r.get(f"auc@{window}")) for r in rows], color=color, marker=marker,
-                        markersize=4, markevery=max(1, len(rows) // 40),
+                        markersize=6, fillstyle="none", markevery=max(1, len(rows) // 40),
                         label=f"{name}: AUC over the last {int(window):,} samples")
             drift_key = f"auc_drift@{window}/baseline"
-            ax_drift.plot(times, [_nan(r.get(drift_key)) for r in rows], color=color, marker=marker, markersize=4,
-                          markevery=max(1, len(rows) // 40))
+            ax_drift.plot(times, [_nan(r.get(drift_key)) for r in rows], color=color, marker=marker, markersize=6,
+                          fillstyle="none", markevery=max(1, len(rows) // 40))
             marked = False
             for d in run_.detections:
                 if d["task"] != task:
@@ -1488,9 +1488,12 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
             ndcg_all = c.get("ranking", {}).get("ndcg10", {}).get(task)  # absent in summaries written before it
             ndcg_last = c.get(ranking_last_key, {}).get("ndcg10", {}).get(task)
             label = task if task in c.get("served_tasks", c["tasks"]) else f"{task} (auxiliary)"
+            # a window longer than the replay holds every sample: say so, or it reads as a recent figure
+            unfilled = (f", window not full: all {c['trained_samples']:,} samples" if window and
+                        c["trained_samples"] < int(window.split("@", 1)[1]) else "")
             lines.append(f"| {name} | {label} | {_fmt(c['prequential_auc'][task])} | {_fmt(c[last_key][task])} | "
                          f"{_fmt(ndcg_all)} | {_fmt(ndcg_last)} | "
-                         f"{_fmt(final.get(window))} ({window}) | {_fmt(final.get(loss_key))} | {n_det} |")
+                         f"{_fmt(final.get(window))} ({window}{unfilled}) | {_fmt(final.get(loss_key))} | {n_det} |")
     lines += ["", "NDCG@10: mean over users (those with at least 2 predictions of different relevance) of the NDCG of "
               "the task's prequential scores in the user's top 10, relevance 2·y_task + y_partner (partner: the next "
               "served task, cyclically). Combined score: the product of the served tasks' probabilities (auxiliary "

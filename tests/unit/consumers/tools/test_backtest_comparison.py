@@ -164,3 +164,12 @@ def test_configurations_replayed_apart_are_paired_and_their_different_labels_not
     assert like["samples"] == 3000 and like["verdict"] in ("better", "worse", "within noise")
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Replayed apart" in report and "| short_click | click | | | | | not comparable: the labels differ" in report
+
+
+def test_a_final_windowed_auc_over_a_window_the_replay_did_not_fill_says_so() -> None:
+    config = {"tasks": ["click"], "prequential_auc": {"click": 0.7}, "prequential_auc_last_20pct": {"click": 0.72},
+              "final": {"click": {"auc@500": 0.7, "log_loss@500": 0.4}}, "drift_detections": [],
+              "trained_samples": 300, "steps": 3, "dead_letters": 0, "join": {}}
+    report = backtest.render_report({"input": {"log": "file:///x.evlog"}, "records": 600, "events": 600,
+                                     "configurations": {"mtl": config}}, {"seconds": 1.0, "records_per_s": 600}, [])
+    assert "| 0.7000 (auc@500, window not full: all 300 samples) |" in report

@@ -78,7 +78,7 @@ def test_undefined_ranking_metrics_are_none_not_nan() -> None:
 def _summary(ranking: dict | None) -> dict:
     config = {"tasks": ["click"], "prequential_auc": {"click": 0.7}, "prequential_auc_last_20pct": {"click": 0.72},
               "final": {"click": {"auc@500": 0.71, "log_loss@500": 0.4}}, "drift_detections": [],
-              "trained_samples": 10, "steps": 1, "dead_letters": 0, "join": {}}
+              "trained_samples": 1000, "steps": 1, "dead_letters": 0, "join": {}}
     if ranking is not None:
         config["ranking"] = ranking
         config["ranking_last_20pct"] = {"ndcg10": {"click": 0.66}, "combined": {"auc": 0.75, "ndcg10": None}}
