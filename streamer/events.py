@@ -387,9 +387,9 @@ def _check_feedback(event: dict, limits: Limits) -> None:
         raise _Invalid("value", "wrong_type", f"expected a number, got {_type_name(value)}")
 
 
-def _check_single(event: Any, limits: Limits, unpacked: bool = False) -> str:
-    """Checks one impression or feedback (in place; a dict). Returns its kind; raises _Invalid. ``unpacked``: as
-    ``check_events``'."""
+def _check_single(event: Any, limits: Limits, unpacked: bool = False, not_after_ms: int | None = None) -> str:
+    """Checks one impression or feedback (in place; a dict). Returns its kind; raises _Invalid. ``unpacked`` and
+    ``not_after_ms``: as ``check_events``'."""
     if type(event) is not dict:
         raise _Invalid(None, "wrong_type", f"expected a map, got {_type_name(event)}")
     try:
@@ -398,17 +398,21 @@ def _check_single(event: Any, limits: Limits, unpacked: bool = False) -> str:
             _check_version(event)
         if "user_id" in event or "item_id" in event or "features" in event:
             _check_impression(event, limits, unpacked)
-            return "impression"
-        if "task" in event or "value" in event:
+            kind = "impression"
+        elif "task" in event or "value" in event:
             _check_feedback(event, limits)
-            return "feedback"
-        if "batch" in event:
+            kind = "feedback"
+        elif "batch" in event:
             raise _Invalid("batch", "nested_batch", "a batch envelope cannot hold another batch", "batch")
-        raise _Invalid(None, "unknown_kind", "neither an impression, a feedback nor a batch envelope")
+        else:
+            raise _Invalid(None, "unknown_kind", "neither an impression, a feedback nor a batch envelope")
     except _Invalid as problem:
         if problem.kind is None and problem.reason != "unknown_kind":
             problem.kind = _kind_by_keys(event)
         raise
+    if not_after_ms is not None and event["ts_ms"] > not_after_ms:
+        _future(event["ts_ms"], not_after_ms, kind)
+    return kind
 
 
 def _kind_by_keys(event: dict) -> str | None:
@@ -684,18 +688,14 @@ def check_events(obj: Any, *, limits: Limits = DEFAULT_LIMITS, unpacked: bool = 
         append = out.append
         for index, event in enumerate(batch):
             try:
-                kind = _check_single(event, limits, unpacked)
-                if not_after_ms is not None and event["ts_ms"] > not_after_ms:
-                    _future(event["ts_ms"], not_after_ms, kind)
+                _check_single(event, limits, unpacked, not_after_ms)
             except _Invalid as problem:
                 append(_error(problem, index, event))
             else:
                 append(event)
         return out
     try:
-        kind = _check_single(obj, limits, unpacked)
-        if not_after_ms is not None and obj["ts_ms"] > not_after_ms:
-            _future(obj["ts_ms"], not_after_ms, kind)
+        _check_single(obj, limits, unpacked, not_after_ms)
     except _Invalid as problem:
         return [_error(problem)]
     return [obj]
