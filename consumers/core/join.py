@@ -676,14 +676,23 @@ def late_feedback_warning(counters: Mapping[str, int], reported: int) -> str | N
     >>> late_feedback_warning({"late_feedback": 2, "feedback": 100}, 2) is None
     True
     """
-    late = int(counters.get("late_feedback", 0))
-    if late <= reported:
+    counts = _late_since(counters, "late_feedback", "feedback", reported)
+    if counts is None:
         return None
-    total = max(int(counters.get("feedback", 0)), late)
+    late, total = counts
     return (f"{late - reported} feedback events arrived after their impression had been emitted and were dropped "
             f"({late} of {total} feedback events so far, {late / total:.1%}): the producer sends feedback out of "
             "event-time order (e.g. envelopes spanning days) or join.attribution_window_s / join.allowed_lateness_s "
             "are too short for this stream")
+
+
+def _late_since(counters: Mapping[str, int], late_key: str, total_key: str, reported: int) -> tuple[int, int] | None:
+    """(late so far, events so far) of the join's ``late_key`` counter and its ``total_key``, or None when no more are
+    late than at the last report (``reported``): what the late warnings say."""
+    late = int(counters.get(late_key, 0))
+    if late <= reported:
+        return None
+    return late, max(int(counters.get(total_key, 0)), late)
 
 
 def late_impressions_warning(counters: Mapping[str, int], reported: int) -> str | None:
@@ -696,10 +705,10 @@ def late_impressions_warning(counters: Mapping[str, int], reported: int) -> str 
     >>> late_impressions_warning({"late_impressions": 30, "impressions": 1000}, 30) is None
     True
     """
-    late = int(counters.get("late_impressions", 0))
-    if late <= reported:
+    counts = _late_since(counters, "late_impressions", "impressions", reported)
+    if counts is None:
         return None
-    total = max(int(counters.get("impressions", 0)), late)
+    late, total = counts
     return (f"{late - reported} impressions arrived after the event-time watermark had closed their attribution "
             f"windows and were trained without waiting for labels ({late} of {total} impressions so far, "
             f"{late / total:.1%}): a producer sends impressions out of event-time order or with a clock far ahead "
