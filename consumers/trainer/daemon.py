@@ -94,7 +94,7 @@ from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.freshness import Freshness
 from consumers.trainer.kafka_io import KafkaIO, connect, newest_published_version
-from consumers.trainer.publisher import Publisher
+from consumers.trainer.publisher import Publisher, retry_delay_s
 from streamer.events import EventError
 from streamer.kafka_security import connection_failure
 
@@ -517,8 +517,7 @@ class CheckpointFailures:
 
     def retry_s(self) -> float:
         """Seconds between attempts: ``CHECKPOINT_RETRY_S[0]``, doubling per failure, at most ``[1]``."""
-        low, high = CHECKPOINT_RETRY_S
-        return min(high, low * 2 ** max(0, self.attempts - 1))
+        return retry_delay_s(self.attempts, CHECKPOINT_RETRY_S)
 
     def waiting(self, now: float) -> bool:
         """The last attempt failed and the next one is not due yet (a whole checkpoint is not rewritten per poll)."""

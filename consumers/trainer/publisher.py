@@ -25,6 +25,17 @@ log = logging.getLogger("crossdistil.trainer")
 PUBLISH_RETRY_S = (10.0, 300.0)  # a failed publication is retried after 10 s, doubling up to 300 s
 
 
+def retry_delay_s(failures: int, bounds: tuple[float, float]) -> float:
+    """Seconds before the next attempt after ``failures`` failed ones in a row: ``bounds[0]``, doubling per failure,
+    at most ``bounds[1]`` (a publication's retries, and the daemon's of a checkpoint that could not be written).
+
+    >>> [retry_delay_s(n, (10.0, 300.0)) for n in (0, 1, 2, 3, 6)]
+    [10.0, 10.0, 20.0, 40.0, 300.0]
+    """
+    low, high = bounds
+    return min(high, low * 2 ** max(0, failures - 1))
+
+
 class Publisher:
     """Sends publications to ``topic`` with ``producer`` and keeps the version bookkeeping.
 
@@ -64,8 +75,7 @@ class Publisher:
 
     def retry_delay(self) -> float:
         """Seconds before the next attempt: ``PUBLISH_RETRY_S[0]``, doubling per failure, at most ``[1]``."""
-        low, high = PUBLISH_RETRY_S
-        return min(high, low * 2 ** max(0, self.failures - 1))
+        return retry_delay_s(self.failures, PUBLISH_RETRY_S)
 
     def retry_due(self, now: float) -> bool:
         return self.pending and now - self.last_attempt_at >= self.retry_delay()
