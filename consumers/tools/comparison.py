@@ -105,7 +105,8 @@ def paired_auc_difference(y: np.ndarray, p_base: np.ndarray, p_other: np.ndarray
         return {**out, "base": None, "other": None, "difference": None, "interval": None,
                 "verdict": "not comparable", "why": "the samples hold one class only"}
     difference = auc_other - auc_base
-    if np.array_equal(p_base, p_other):
+    identical = bool(np.array_equal(p_base, p_other))
+    if identical:
         interval = [0.0, 0.0]
     else:
         k = min(blocks, len(y))
@@ -116,7 +117,7 @@ def paired_auc_difference(y: np.ndarray, p_base: np.ndarray, p_other: np.ndarray
         low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
         interval = [float(low), float(high)]
     return {**out, "base": auc_base, "other": auc_other, "difference": difference, "interval": interval,
-            "verdict": verdict(difference, interval, identical=np.array_equal(p_base, p_other))}
+            "verdict": verdict(difference, interval, identical=identical)}
 
 
 def verdict(difference: float | None, interval: Sequence[float] | None, identical: bool = False) -> str:
@@ -154,7 +155,7 @@ def aligned(base: Scored, other: Scored) -> tuple[np.ndarray, np.ndarray, dict[s
 def _compare_scores(y: np.ndarray, y_other: np.ndarray, p_base: np.ndarray, p_other: np.ndarray,
                     last_fraction: float) -> dict[str, Any]:
     """One task's (or the combined score's) paired differences over every shared sample and over the last
-    ``last_fraction`` of them."""
+    ``last_fraction`` of them (``"last"``); where the labels differ, "not comparable" and no ``"last"``."""
     differs = int(np.count_nonzero((y > 0) != (y_other > 0)))
     if differs:  # other join settings attributed other outcomes: not the same question
         why = (f"the labels differ on {differs:,} of {len(y):,} samples (other attribution windows?): the AUCs "
@@ -184,8 +185,7 @@ def compare_runs(runs: Mapping[str, Scored], tasks: Mapping[str, Sequence[str]],
             entry["tasks"][task] = _compare_scores(y[in_base], y_other[in_other], p[in_base], p_other[in_other],
                                                    last_fraction)
         shared = list(served[base_name])
-        same_labels = all(entry["tasks"][t]["verdict"] != "not comparable" or "labels differ" not in
-                          entry["tasks"][t].get("why", "") for t in columns)
+        same_labels = all("last" in entry["tasks"][t] for t in columns)  # no "last": the labels differ
         if shared and shared == list(served[name]) and all(t in columns for t in shared) and same_labels:
             positive = np.stack([columns[t][0] > 0 for t in shared], axis=1).all(axis=1)
             entry["combined"] = _compare_scores(
