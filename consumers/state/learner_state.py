@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.state.checkpoints import Checkpoint, CheckpointError, CheckpointStore, decode_checkpoint_file
-from consumers.state.wire import encode_checkpoint
+from consumers.state.wire import encode_checkpoint, newer_format
 from models.config import ModelConfig
 from models.learner import flatten_state, unflatten_state
 
@@ -35,7 +35,7 @@ _V1_TENSOR = "__tensor__"
 def check_format(checkpoint: Checkpoint) -> None:
     """Raise ``CheckpointError`` when ``checkpoint`` was not written by a trainer this code can resume."""
     found = checkpoint.metadata.get("trainer_format")
-    if isinstance(found, int) and not isinstance(found, bool) and found > CHECKPOINT_FORMAT:
+    if newer_format(found, CHECKPOINT_FORMAT):
         # A newer crossdistil's checkpoint (a rollback): starting a new model would throw its training away.
         raise CheckpointError(f"{checkpoint.path} was written by a newer version of crossdistil (trainer_format "
                               f"{found}; this one reads {', '.join(map(str, READABLE_FORMATS))}): run that version or "

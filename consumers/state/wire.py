@@ -53,6 +53,17 @@ def chunk_key(index: int) -> bytes:
     return CHUNK_KEY_PREFIX + str(index).encode("ascii")
 
 
+def newer_format(found: Any, current: int) -> bool:
+    """Whether ``found``, the format number a file or a message names, is a later one than ``current``, the newest
+    this code writes: a newer crossdistil wrote it (an integer above ``current``; a bool, a string or a missing
+    number is some other writer's, not a newer format).
+
+    >>> newer_format(3, 2), newer_format(2, 2), newer_format(True, 0), newer_format("3", 2), newer_format(None, 2)
+    (True, False, False, False, False)
+    """
+    return isinstance(found, int) and not isinstance(found, bool) and found > current
+
+
 def stable_hash(config: Any) -> str:
     """sha256 hex of a plain value as canonical JSON (sorted keys): a config hash for the manifest."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -265,11 +276,10 @@ class Reassembler:
         version = header.get("version")
         if header.get("format") != FORMAT_VERSION:
             found = header.get("format")
-            newer = isinstance(found, int) and not isinstance(found, bool) and found > FORMAT_VERSION
             return self._reject(version if _is_count(version) else None, "unsupported_format",
                                 f"format {found!r}; this reader reads {FORMAT_VERSION}"
-                                + (" (a newer crossdistil wrote it: upgrade the readers before the writer)" if newer
-                                   else ""))
+                                + (" (a newer crossdistil wrote it: upgrade the readers before the writer)"
+                                   if newer_format(found, FORMAT_VERSION) else ""))
         if not _is_count(version):
             return self._reject(None, "bad_header", f"version {version!r} is not an integer >= 0")
         if header.get("kind") != kind:
