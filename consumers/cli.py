@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "replay an event log or topic range through the trainer's code; compare configurations"),
     "evaluate": ("consumers.tools.evaluate",
                  "offline training and evaluation of model configurations (ablation ladder, backbones)"),
+    "inspect": ("consumers.tools.inspect",
+                "read-only: a trainer's checkpoints (verified, positions, join, publication, lock) or the serving "
+                "topic's publications"),
     "demo": ("consumers.tools.demo",
              "the whole pipeline locally: Kafka, streamer, trainer, serving, Prometheus, live view"),
 }

@@ -1,0 +1,591 @@
+"""``crossdistil inspect``: what a trainer left on disk, and what is on the serving topic, without touching either.
+
+``crossdistil inspect checkpoints DIR`` reads a trainer's ``checkpoint.dir`` (or a ranked trainer's, with its
+``rank-<r>`` folders): every checkpoint file with its step, when it was written, its size and whether it verifies
+(``consumers.state.checkpoints.decode_checkpoint_file``: the header, the length and the sha256 the store itself
+checks), and for each that verifies the model's configuration, the stream positions, the join's pending impressions
+and counters and its publication; beside them the store's publication record, the ranks' round record, the files an
+interrupted write or a damaged checkpoint left, a ``--ledger``'s segments, and whether a trainer holds the folder's
+lock now. Nothing in the folder is created, renamed, removed or written (not even the lock, which is only tested with
+``F_GETLK``), and nothing is unpickled: checkpoints are msgpack and safetensors, read by the store's own decoder
+without their tensors.
+
+``crossdistil inspect serving --bootstrap HOST:PORT`` reads the serving topic from its beginning to its end as
+serving's start-up does (seek, poll to the end offset; no consumer group, nothing committed) and verifies each
+publication with ``consumers.state.wire.Reassembler``, the code a replica verifies it with: versions, steps, chunks
+present or missing (compaction keeps only the newest value of each chunk key), size and wire format, newest first.
+
+Exit status: 0 when the newest checkpoint verifies (every rank's newest, for ranks) or the serving topic was read;
+2 for bad input (DIR is not a folder); 3 when Kafka cannot be reached or the topic does not exist; 4 when the newest
+checkpoint does not verify; 5 when there is no checkpoint at all. ``--json`` prints one JSON object instead of the
+table (its shape: docs/serving.md, "Inspecting a trainer's state").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import struct
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from consumers.runtime.config import KafkaConfig
+from consumers.state.checkpoints import (
+    LOCK_FILE,
+    PUBLICATION_RECORD,
+    ROUND_RECORD,
+    CheckpointError,
+    decode_checkpoint_file,
+)
+from consumers.state.wire import MANIFEST_KEY, Reassembler, WireCheckpoint
+from streamer.kafka_security import (
+    SecurityError,
+    add_client_arguments,
+    client_options_from_args,
+    connection_failure,
+    preflight,
+)
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_KAFKA = 3
+EXIT_NEWEST_DAMAGED = 4
+EXIT_NO_CHECKPOINT = 5
+
+_RANK_FOLDER = re.compile(r"^rank-(\d+)$")
+_SEGMENT = re.compile(r"^ledger-(\d{12})\.tsv$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``crossdistil inspect``."""
+    parser.epilog = ("exit status: 0 the newest checkpoint verifies (every rank's, for ranks) / the topic was read; "
+                     "2 DIR is not a folder; 3 Kafka unreachable or no such topic; 4 the newest checkpoint does not "
+                     "verify; 5 no checkpoint in DIR")
+    what = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    checkpoints = what.add_parser(
+        "checkpoints", help="a trainer's checkpoint.dir: files, verification, positions, join, publication, lock",
+        description="Every checkpoint in DIR (a trainer's checkpoint.dir, or a ranked trainer's with rank-<r> "
+                    "folders), read-only: nothing in DIR is changed, and nothing is unpickled.",
+        epilog="exit status: 0 the newest checkpoint verifies (every rank's newest, for ranks); 2 DIR is not a "
+               "folder; 4 the newest checkpoint does not verify (the trainer would fall back to an older one, or "
+               "refuse to start); 5 no checkpoint in DIR")
+    checkpoints.add_argument("directory", metavar="DIR", help="the trainer's checkpoint.dir")
+    checkpoints.add_argument("--ledger", metavar="DIR", default=None,
+                             help="the trainer's --ledger folder: list its segments too (rank-<r> folders for ranks)")
+    checkpoints.add_argument("--json", action="store_true", help="one JSON object (docs/serving.md) instead of a table")
+    serving = what.add_parser(
+        "serving", help="the publications on the serving topic: versions, steps, chunks, complete or not",
+        description="The publications on the serving topic, newest first, read with serving's own reader (no "
+                    "consumer group: nothing is committed).",
+        epilog="exit status: 0 the topic was read; 3 Kafka is unreachable or the topic does not exist")
+    serving.add_argument("--bootstrap", required=True, metavar="HOST:PORT", help="a broker of the cluster")
+    serving.add_argument("--topic", default=None, metavar="T",
+                         help="the serving topic (default: kafka.model_topic's default, model-updates)")
+    serving.add_argument("--json", action="store_true", help="one JSON object (docs/serving.md) instead of a table")
+    add_client_arguments(serving)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``crossdistil inspect``; returns the exit status."""
+    if args.what == "checkpoints":
+        return _run_checkpoints(args)
+    return _run_serving(args)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _run_checkpoints(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        print(f"crossdistil inspect: {directory} is not a folder (give a trainer's checkpoint.dir)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    report = inspect_checkpoints(directory, Path(args.ledger) if args.ledger else None)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_checkpoints(report))
+    return int(report["exit_status"])
+
+
+def inspect_checkpoints(directory: Path, ledger: Path | None = None) -> dict[str, Any]:
+    """The report of ``crossdistil inspect checkpoints``: ``{"directory", "status", "exit_status", "folders"}``, a
+    folder per store (the directory itself, then its ``rank-<r>`` folders), each from :func:`inspect_folder`.
+
+    ``status``: ``ok`` (the newest checkpoint of every store that has any verifies), ``newest_damaged`` or
+    ``no_checkpoint``.
+    """
+    ranks = sorted((int(m.group(1)), entry.path) for entry in os.scandir(directory)
+                   if entry.is_dir() and (m := _RANK_FOLDER.match(entry.name)))
+    folders = []
+    if not ranks or _has_store_files(directory):
+        folders.append(inspect_folder(directory, None, ledger))
+    for rank, path in ranks:
+        folders.append(inspect_folder(Path(path), rank, ledger / f"rank-{rank}" if ledger is not None else None))
+    with_checkpoints = [f for f in folders if f["checkpoints"]]
+    if not with_checkpoints:
+        status, code = "no_checkpoint", EXIT_NO_CHECKPOINT
+    elif all(f["checkpoints"][0]["verifies"] for f in with_checkpoints):
+        status, code = "ok", EXIT_OK
+    else:
+        status, code = "newest_damaged", EXIT_NEWEST_DAMAGED
+    return {"directory": str(directory), "status": status, "exit_status": code, "folders": folders}
+
+
+def _has_store_files(directory: Path) -> bool:
+    return any(entry.name.startswith("ckpt-") or entry.name in (LOCK_FILE, PUBLICATION_RECORD)
+               for entry in os.scandir(directory))
+
+
+def inspect_folder(directory: Path, rank: int | None, ledger: Path | None) -> dict[str, Any]:
+    """One store's folder: ``{"directory", "rank", "lock", "publication_record", "round_record", "checkpoints"
+    (newest first), "set_aside", "temp_files", "ledger"}``."""
+    names = sorted(entry.name for entry in os.scandir(directory) if entry.is_file())
+    record, record_problem = _json_record(directory / PUBLICATION_RECORD)
+    round_record, round_problem = _json_record(directory / ROUND_RECORD)
+    checkpoints = [inspect_file(directory / name, record)
+                   for name in sorted((n for n in names if _checkpoint_step(n) is not None), reverse=True)]
+    return {
+        "directory": str(directory),
+        "rank": rank,
+        "lock": lock_holder(directory),
+        "publication_record": record, "publication_record_problem": record_problem,
+        "round_record": round_record, "round_record_problem": round_problem,
+        "checkpoints": checkpoints,
+        "set_aside": [n for n in names if n.endswith(".corrupt") and _checkpoint_step(n[:-8]) is not None],
+        "temp_files": [n for n in names if n.startswith(".tmp-")],
+        "ledger": inspect_ledger(ledger) if ledger is not None else None,
+    }
+
+
+def _checkpoint_step(name: str) -> int | None:
+    match = re.match(r"^ckpt-(\d{12})\.cdckpt$", name)
+    return int(match.group(1)) if match else None
+
+
+def _json_record(path: Path) -> tuple[Any, str | None]:
+    """A small JSON record of the store (``published.json``, ``round.json``): (its value, None), (None, None) when
+    absent, (None, why) when unreadable."""
+    try:
+        return json.loads(path.read_bytes()), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable: {exc}"
+
+
+def inspect_file(path: Path, publication_record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One checkpoint file: ``{"file", "step", "written_at" (UTC, ISO 8601), "size_bytes", "verifies", "problem"}``
+    and, when it verifies, what the trainer restores from it (:func:`describe_metadata`)."""
+    stat = path.stat()
+    entry: dict[str, Any] = {"file": path.name, "step": _checkpoint_step(path.name),
+                             "written_at": _utc(stat.st_mtime), "size_bytes": stat.st_size,
+                             "verifies": False, "problem": None}
+    try:
+        _, metadata = decode_checkpoint_file(path.read_bytes(), with_tensors=False)
+    except CheckpointError as exc:
+        entry["problem"] = str(exc)
+        return entry
+    except OSError as exc:
+        entry["problem"] = f"cannot be read: {exc.strerror or exc}"
+        return entry
+    if metadata.get("step") != entry["step"]:
+        entry["problem"] = f"its metadata says step {metadata.get('step')!r}, its name {entry['step']}"
+        return entry
+    entry["verifies"] = True
+    entry.update(describe_metadata(metadata, publication_record))
+    return entry
+
+
+def describe_metadata(meta: Mapping[str, Any], publication_record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a verified trainer checkpoint says: ``trainer_format``, ``model`` (rung, backbone, tasks and the options
+    that differ from today's defaults), ``positions`` (``"topic/partition": next offset``), ``join``
+    (pending impressions, counters, watermark), ``publication`` (version, acknowledged) and, for ranks, ``round``."""
+    positions = {f"{topic}/{partition}": offset for topic, partition, offset in meta.get("positions") or []}
+    join = meta.get("join_state") if isinstance(meta.get("join_state"), Mapping) else {}
+    described: dict[str, Any] = {
+        "trainer_format": meta.get("trainer_format"),
+        "model": describe_model(meta),
+        "positions": positions,
+        "join": {"pending_impressions": len(join.get("pending") or []),
+                 "counters": dict(join.get("counters") or {}),
+                 "watermark_ms": meta.get("watermark_ms")},
+        "trained_samples": meta.get("trained_samples"),
+        "publication": describe_publication(meta, publication_record),
+    }
+    if "round" in meta:
+        described["round"] = {key: meta.get(key) for key in ("round", "rank", "world_size")}
+    return described
+
+
+def describe_model(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The learner's configuration in a checkpoint's metadata: rung, backbone, tasks, and every other option whose
+    value is not ``ModelConfig``'s default today (``{option: [saved, default]}``); None where the file holds no
+    learner configuration (a rank other than 0), ``{"kind": "other", ...}`` for a peer's."""
+    # lazy: torch (the learner's state helpers) loads only where a checkpoint's model is described
+    from consumers.state.learner_state import saved_config
+    from models.config import ModelConfig, config_differences
+
+    try:
+        saved = saved_config(meta)
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"kind": "unreadable", "problem": str(exc)}
+    if not isinstance(saved, Mapping):
+        return None
+    if not {"rung", "backbone", "tasks"} <= set(saved):
+        return {"kind": "other", "config": _plain(saved)}
+    differing = config_differences(dict(saved), ModelConfig())
+    return {"kind": "crossdistil", "rung": saved["rung"], "backbone": saved["backbone"],
+            "tasks": list(saved["tasks"]),
+            "differs_from_defaults": {key: [_plain(was), _plain(now)] for key, (was, now) in differing.items()
+                                      if key not in ("rung", "backbone", "tasks")}}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe_publication(meta: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint's publication as a restoring trainer sees it (``consumers.trainer.checkpointing``): its version,
+    and whether Kafka acknowledged it (the checkpoint says so, or the store's record names its step)."""
+    version, step = meta.get("publish_version"), meta.get("step")
+    acknowledged = bool(meta.get("published")) or (
+        isinstance(record, Mapping) and record.get("step") == step and isinstance(version, int)
+        and isinstance(record.get("version"), int) and record["version"] >= version)
+    return {"version": version, "acknowledged": acknowledged}
+
+
+def lock_holder(directory: Path) -> dict[str, Any]:
+    """Whether a process holds ``directory/.lock`` now (tested with ``F_GETLK``, which takes nothing: a trainer
+    starting meanwhile is not refused), the holder's pid, and the pid the file records (its last holder's).
+
+    ``F_GETLK`` does not see this process's own locks: inspect a folder from another process than its trainer."""
+    path = directory / LOCK_FILE
+    try:
+        recorded = path.read_bytes()[:64].decode(errors="replace").strip()
+    except FileNotFoundError:
+        return {"held": False, "pid": None, "recorded_pid": None, "problem": None}
+    except OSError as exc:
+        return {"held": None, "pid": None, "recorded_pid": None, "problem": f"cannot be read: {exc.strerror or exc}"}
+    recorded_pid = int(recorded) if recorded.isdigit() else None
+    try:
+        pid = _lock_owner(path)
+    except OSError as exc:
+        return {"held": None, "pid": None, "recorded_pid": recorded_pid, "problem": f"cannot test: {exc}"}
+    return {"held": pid is not None, "pid": pid, "recorded_pid": recorded_pid, "problem": None}
+
+
+if sys.platform.startswith("linux"):
+    _FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+    _PID_FIELD = 4
+elif sys.platform == "darwin":
+    _FLOCK = struct.Struct("@qqihh")  # l_start, l_len, l_pid, l_type, l_whence
+    _PID_FIELD = 2
+else:  # pragma: no cover - the trainer runs on Linux and macOS
+    _FLOCK, _PID_FIELD = None, 0
+
+
+def _lock_owner(path: Path) -> int | None:
+    """The pid of the process holding a lock on ``path`` (``F_GETLK``: nothing is taken), or None."""
+    if _FLOCK is None:
+        raise OSError("F_GETLK is not supported on this platform")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if sys.platform == "darwin":
+            query = _FLOCK.pack(0, 0, 0, fcntl.F_WRLCK, os.SEEK_SET)
+            answer = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+            l_type = answer[3]
+        else:
+            query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            answer = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+            l_type = answer[0]
+    finally:
+        os.close(fd)
+    return None if l_type == fcntl.F_UNLCK else int(answer[_PID_FIELD])
+
+
+def inspect_ledger(directory: Path) -> dict[str, Any]:
+    """A ledger folder's segments (``consumers.state.ledger``): ``{"directory", "segments": [{"file", "step",
+    "rows", "size_bytes", "problem"}], "problem"}``, oldest first."""
+    if not directory.is_dir():
+        return {"directory": str(directory), "segments": [], "problem": "not a folder"}
+    segments = []
+    for name in sorted(entry.name for entry in os.scandir(directory)):
+        match = _SEGMENT.match(name)
+        if match is None:
+            continue
+        data = (directory / name).read_bytes()
+        complete = data.endswith(b"\n") and data.startswith(b"impression_id")
+        segments.append({"file": name, "step": int(match.group(1)), "rows": max(0, data.count(b"\n") - 1),
+                         "size_bytes": len(data), "problem": None if complete else "damaged: not a whole segment"})
+    return {"directory": str(directory), "segments": segments, "problem": None}
+
+
+def render_checkpoints(report: Mapping[str, Any]) -> str:
+    """The human form of :func:`inspect_checkpoints`: a table per folder, then the newest verified checkpoint."""
+    lines = [f"{report['directory']}: {_STATUS[report['status']]}"]
+    for folder in report["folders"]:
+        title = folder["directory"] if folder["rank"] is None else f"rank {folder['rank']}: {folder['directory']}"
+        lines += ["", title, f"  lock          {_describe_lock(folder['lock'])}"]
+        record = folder["publication_record"]
+        if record is not None or folder["publication_record_problem"]:
+            lines.append(f"  published     {folder['publication_record_problem'] or _record(record)}")
+        if folder["round_record"] is not None or folder["round_record_problem"]:
+            lines.append(f"  round record  {folder['round_record_problem'] or json.dumps(folder['round_record'])}")
+        if folder["set_aside"]:
+            lines.append(f"  set aside     {', '.join(folder['set_aside'])} (damaged, never loaded again)")
+        if folder["temp_files"]:
+            lines.append(f"  interrupted   {', '.join(folder['temp_files'])} (removed when a trainer opens the folder)")
+        if not folder["checkpoints"]:
+            lines.append("  no checkpoint")
+        else:
+            rows = [("FILE", "STEP", "WRITTEN (UTC)", "SIZE", "VERIFIES")]
+            rows += [(c["file"], str(c["step"]), c["written_at"], _size(c["size_bytes"]),
+                      "yes" if c["verifies"] else f"no: {c['problem']}") for c in folder["checkpoints"]]
+            lines += ["  " + line for line in _table(rows)]
+            newest = next((c for c in folder["checkpoints"] if c["verifies"]), None)
+            if newest is not None:
+                lines += _describe_checkpoint(newest)
+        if folder["ledger"] is not None:
+            lines += _describe_ledger(folder["ledger"])
+    return "\n".join(lines)
+
+
+_STATUS = {"ok": "the newest checkpoint verifies",
+           "newest_damaged": "the NEWEST CHECKPOINT DOES NOT VERIFY (a trainer falls back to an older one, or refuses "
+                             "to start when none verifies)",
+           "no_checkpoint": "no checkpoint (a trainer starts from scratch)"}
+
+
+def _describe_lock(lock: Mapping[str, Any]) -> str:
+    if lock["problem"]:
+        return f"unknown ({lock['problem']})"
+    if lock["held"]:
+        return f"held by pid {lock['pid']} (a trainer is running on this folder)"
+    last = f" (last holder: pid {lock['recorded_pid']})" if lock["recorded_pid"] is not None else ""
+    return "free" + last
+
+
+def _record(record: Any) -> str:
+    if isinstance(record, Mapping):
+        return f"version {record.get('version')} of step {record.get('step')} acknowledged by Kafka"
+    return json.dumps(record)
+
+
+def _describe_checkpoint(c: Mapping[str, Any]) -> list[str]:
+    lines = [f"  newest verified: {c['file']}"]
+    model = c.get("model")
+    if model is not None and model.get("kind") == "crossdistil":
+        differs = ", ".join(f"{k}={json.dumps(v[0])}" for k, v in model["differs_from_defaults"].items())
+        lines.append(f"    model        rung {model['rung']}, backbone {model['backbone']}, tasks "
+                     f"{','.join(model['tasks'])}")
+        if differs:
+            lines.append(f"    non-default  {differs}")
+    elif model is not None:
+        lines.append(f"    model        {json.dumps(model)}")
+    positions = ", ".join(f"{tp} -> {offset}" for tp, offset in c["positions"].items()) or "none"
+    lines.append(f"    positions    {positions}")
+    join = c["join"]
+    counters = ", ".join(f"{k} {v}" for k, v in join["counters"].items() if v)
+    lines.append(f"    join         {join['pending_impressions']} pending impressions"
+                 + (f"; {counters}" if counters else ""))
+    publication = c["publication"]
+    lines.append(f"    publication  version {publication['version']}, "
+                 + ("acknowledged" if publication["acknowledged"] else "NOT acknowledged (published again at start)"))
+    if "round" in c:
+        r = c["round"]
+        lines.append(f"    round        {r['round']} (rank {r['rank']} of {r['world_size']})")
+    return lines
+
+
+def _describe_ledger(ledger: Mapping[str, Any]) -> list[str]:
+    if ledger["problem"]:
+        return [f"  ledger        {ledger['directory']}: {ledger['problem']}"]
+    segments = ledger["segments"]
+    rows = sum(s["rows"] for s in segments)
+    damaged = [s["file"] for s in segments if s["problem"]]
+    steps = f", steps {segments[0]['step']}..{segments[-1]['step']}" if segments else ""
+    return [f"  ledger        {ledger['directory']}: {len(segments)} segments, {rows} rows{steps}"
+            + (f"; damaged: {', '.join(damaged)}" if damaged else "")]
+
+
+# -------------------------------------------------------------------------------------------------- serving
+
+
+def _run_serving(args: argparse.Namespace) -> int:
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    topic = args.topic or KafkaConfig().model_topic
+    options: dict[str, Any] = {
+        "bootstrap_servers": args.bootstrap, "group_id": None, "enable_auto_commit": False,  # reads only
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES, "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES,
+        "allow_auto_create_topics": False, "auto_offset_reset": "earliest",
+    }
+    try:
+        options.update(client_options_from_args(args))
+    except SecurityError as exc:
+        print(f"crossdistil inspect: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        preflight(args.bootstrap, options)
+        consumer = KafkaConsumer(**options)
+    except KafkaError as exc:
+        print(f"crossdistil inspect: {connection_failure(args.bootstrap, options, exc, hint='or set --bootstrap')}",
+              file=sys.stderr)
+        return EXIT_KAFKA
+    try:
+        if not consumer.partitions_for_topic(topic):
+            print(f"crossdistil inspect: topic {topic} does not exist at {args.bootstrap} (give the trainer's "
+                  "kafka.model_topic with --topic)", file=sys.stderr)
+            return EXIT_KAFKA
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        begin = consumer.beginning_offsets([tp])[tp]
+        end = consumer.end_offsets([tp])[tp]
+        records = read_range(consumer, tp, begin, end)
+    finally:
+        consumer.close(autocommit=False)
+    report = {"bootstrap": args.bootstrap, "topic": topic, "beginning_offset": begin, "end_offset": end,
+              "records": len(records), "publications": publications(records)}
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_serving(report))
+    return EXIT_OK
+
+
+# The serving topic's max.message.bytes (streamer.topics.MODEL_MAX_MESSAGE_BYTES) and a margin, as serving reads it
+# (consumers.serving.follower.MAX_MESSAGE_BYTES: tools may not import serving, docs/internal-apis.md's layers).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
+
+
+def read_range(consumer: Any, tp: Any, start: int, end: int,
+               poll_timeout_ms: int = 200) -> list[tuple[int, bytes | None, bytes | None]]:
+    """(offset, key, value) of every record of ``tp`` in [start, end) still on the topic (compaction leaves gaps),
+    read as serving's follower reads its start-up range: seek, poll until the position reaches ``end``. Nothing is
+    committed (the consumer has no group)."""
+    consumer.seek(tp, start)
+    records: list[tuple[int, bytes | None, bytes | None]] = []
+    while consumer.position(tp) < end:
+        for record in consumer.poll(timeout_ms=poll_timeout_ms).get(tp, []):
+            if record.offset < end:
+                records.append((record.offset, record.key, record.value))
+    return records
+
+
+def publications(messages: Iterable[tuple[int, bytes | None, bytes | None]]) -> list[dict[str, Any]]:
+    """Every publication among serving-topic ``messages`` ((offset, key, value), in offset order), newest first.
+
+    Each manifest is verified with its version's chunks read before it, by a ``Reassembler`` of its own (serving's:
+    chunk and payload sha256, sizes, safetensors), so each publication is judged alone, whatever came before it:
+    ``{"version", "offset" (the manifest's), "step", "published_at", "chunks" (announced), "chunks_present",
+    "size_bytes", "complete", "problem" (a wire rejection: "missing_chunk: 3 of 4 chunks missing: 0, 1, 2"),
+    "wire_format", "payload_format", "serving_format", "tasks"}``. Chunks of a version without a manifest (a
+    publication cut short, or one still arriving) are one entry with ``"offset": None``.
+    """
+    chunks: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+    found: list[dict[str, Any]] = []
+    for offset, key, value in messages:
+        header = _header(value)
+        version = header.get("version") if header is not None else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            continue  # tombstones and messages that are no publication's (a replica rejects them on their own)
+        if key != MANIFEST_KEY:
+            chunks.setdefault(version, []).append((key, value))
+            continue
+        own = chunks.pop(version, [])
+        reassembler = Reassembler(max_payload_bytes=1 << 62, max_message_bytes=MAX_MESSAGE_BYTES)
+        outcome = None
+        for chunk_key, chunk_value in [*own, (key, value)]:
+            outcome = reassembler.feed(chunk_key, chunk_value) or outcome
+        metadata = header.get("metadata") if isinstance(header.get("metadata"), Mapping) else {}
+        serving = metadata.get("serving") if isinstance(metadata.get("serving"), Mapping) else {}
+        published_ms = metadata.get("published_at_ms")
+        found.append({
+            "version": version, "offset": offset, "step": metadata.get("step"),
+            "published_at": _utc(published_ms / 1000) if isinstance(published_ms, (int, float)) else None,
+            "chunks": header.get("chunks"), "chunks_present": _present(own, version),
+            "size_bytes": header.get("size"),
+            "complete": isinstance(outcome, WireCheckpoint),
+            "problem": "; ".join(f"{r.reason}: {r.detail}" for r in reassembler.rejections) or None,
+            "wire_format": header.get("format"), "payload_format": header.get("payload_format"),
+            "serving_format": serving.get("format"), "tasks": metadata.get("tasks"),
+        })
+    for version, own in chunks.items():
+        counts = {h.get("count") for h in (_header(v) for _, v in own) if h is not None}
+        found.append({"version": version, "offset": None, "step": None, "published_at": None,
+                      "chunks": counts.pop() if len(counts) == 1 else None,
+                      "chunks_present": _present(own, version), "size_bytes": None, "complete": False,
+                      "problem": "no manifest: a publication cut short, or still arriving", "wire_format": None,
+                      "payload_format": None, "serving_format": None, "tasks": None})
+    return sorted(found, key=lambda p: (p["version"], p["offset"] is not None, p["offset"] or 0), reverse=True)
+
+
+def _header(value: bytes | None) -> dict[str, Any] | None:
+    import msgpack
+
+    if value is None:
+        return None
+    try:
+        header = msgpack.unpackb(value, raw=False)
+    except Exception:  # any malformed value: msgpack raises several exception types
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _present(own: Sequence[tuple[bytes | None, bytes | None]], version: int) -> int:
+    indices = {h.get("index") for h in (_header(v) for _, v in own) if h is not None and h.get("version") == version}
+    return len(indices)
+
+
+def render_serving(report: Mapping[str, Any]) -> str:
+    """The human form of the serving topic's report: one line per publication, newest first."""
+    found = report["publications"]
+    lines = [f"serving topic {report['topic']} at {report['bootstrap']}: offsets {report['beginning_offset']}.."
+             f"{report['end_offset']}, {report['records']} records, {len(found)} publications"]
+    if not found:
+        return "\n".join(lines + ["  no publication yet"])
+    rows = [("VERSION", "STEP", "PUBLISHED (UTC)", "CHUNKS", "SIZE", "FORMAT", "STATE")]
+    for p in found:
+        wire = f"wire {p['wire_format']}, {p['payload_format']}" if p["wire_format"] is not None else "-"
+        if p["serving_format"]:
+            wire += f", {p['serving_format']}"
+        rows.append((str(p["version"]), str(p["step"] if p["step"] is not None else "-"), p["published_at"] or "-",
+                     f"{p['chunks_present']}/{p['chunks'] if p['chunks'] is not None else '?'}",
+                     _size(p["size_bytes"]) if p["size_bytes"] is not None else "-", wire,
+                     "complete" if p["complete"] else p["problem"]))
+    return "\n".join(lines + ["  " + line for line in _table(rows)])
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _size(size: int) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]) for row in rows]
