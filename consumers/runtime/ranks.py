@@ -179,26 +179,33 @@ class Ranks:
         return [msgpack.unpackb(p, raw=False, strict_map_key=False) for p in packed]
 
     def close(self, together: bool = False) -> None:
-        """Leave the process group (a failed group is left as it is: the process is about to exit).
+        """Leave the process group: :func:`leave_group`."""
+        leave_group(together)
 
-        ``together``: every rank is leaving on its normal path, so first wait for all of them (a barrier, bounded
-        by ``distributed.timeout_s``), so that none tears its connections down while another is still finishing
-        the last collective. Not on an error path, where the others may never come.
 
-        Destroying the group stops gloo's threads only if nothing else holds the group: one that outlived this call
-        kept them into the interpreter's exit, where the rank could abort (SIGABRT, "terminate called without an
-        active exception"); ``models.distributed`` imports the module that held it before any group exists."""
-        if not dist.is_initialized():
-            return
-        if together:
-            try:
-                dist.barrier()
-            except Exception as exc:  # a rank already gone: leave anyway
-                log.warning("waiting for the other ranks before leaving: %s", exc)
+def leave_group(together: bool = False) -> None:
+    """Leave this process's group, if it has one (a failed group is left as it is: the process is about to exit).
+    Every exit path of a rank calls it, an error's too: a group left alive keeps gloo's threads running into the
+    interpreter's exit.
+
+    ``together``: every rank is leaving on its normal path, so first wait for all of them (a barrier, bounded
+    by ``distributed.timeout_s``), so that none tears its connections down while another is still finishing
+    the last collective. Not on an error path, where the others may never come.
+
+    Destroying the group stops gloo's threads only if nothing else holds the group: one that outlived this call
+    kept them into the interpreter's exit, where the rank could abort (SIGABRT, "terminate called without an
+    active exception"); ``models.distributed`` imports the module that held it before any group exists."""
+    if not dist.is_initialized():
+        return
+    if together:
         try:
-            dist.destroy_process_group()
-        except Exception as exc:  # a broken group: nothing to tidy up
-            log.debug("destroying the process group: %s", exc)
+            dist.barrier()
+        except Exception as exc:  # a rank already gone: leave anyway
+            log.warning("waiting for the other ranks before leaving: %s", exc)
+    try:
+        dist.destroy_process_group()
+    except Exception as exc:  # a broken group: nothing to tidy up
+        log.debug("destroying the process group: %s", exc)
 
 
 class RankedLearner(LocalLearner):

@@ -7,7 +7,9 @@ client, over ``partitions`` partitions), and rank r owns partitions p with p mod
 (``consumers.runtime.ranks.owned_partitions``). The ranks meet every ``chunk`` records of their own, as the
 trainer's ranks meet once per poll: they step together (``distributed.mode = "sync"``) or average every
 ``distributed.average_every_steps`` steps (``"average"``), and at the end flush together. One rank
-(``world_size`` 1) is the plain pipeline, with no process group at all.
+(``world_size`` 1) is the plain pipeline, with no process group at all. A rank that fails leaves the process group at
+once (the others' next collective with it fails instead of waiting out ``distributed.timeout_s``), and
+:func:`replay_ranks` raises ``RankReplayError`` naming that rank, with its error and traceback.
 
 Returned: every trained sample's labels and prequential scores in event-time order (the union over the ranks),
 the prequential AUC of all of them and of the last 20 %, events/s (all events over the slowest rank's replay
@@ -17,9 +19,11 @@ time), steps, and the seconds each rank spent in collectives. ``bench/scaling.py
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import tempfile
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ import torch.multiprocessing as mp
 from consumers.core.pipeline import EventClock, NoMetrics, decode_record
 from consumers.runtime.assembly import build_pipeline
 from consumers.runtime.config import Config, config_from_dict
-from consumers.runtime.ranks import RankInfo, Ranks, owned_partitions
+from consumers.runtime.ranks import RankError, RankInfo, Ranks, leave_group, owned_partitions
 from models.metrics import auc
 from streamer.eventlog import path_from_url, read_event_log
 
@@ -81,15 +85,30 @@ class _Collected:
 def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, chunk: int,
             init_file: str | None) -> dict[str, Any]:
     """One rank's replay (module docstring); its results as plain arrays and figures. ``init_file`` None: no
-    process group (one rank, or an ``independent`` share: a model of its own, no collectives)."""
+    process group (one rank, or an ``independent`` share: a model of its own, no collectives).
+
+    The group is left on every way out: together at the end, alone on an error (whose collective with this rank
+    then fails on the other ranks instead of waiting ``distributed.timeout_s``), never kept into the interpreter's
+    exit, where gloo's threads could abort the process."""
     torch.set_num_threads(1)
     records = rank_records(url, rank, world_size, partitions)
+    if world_size == 1 or init_file is None:
+        return _replay_share(records, cfg, chunk, None)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
+    try:
+        result = _replay_share(records, cfg, chunk, Ranks(RankInfo(rank, world_size), cfg.distributed))
+    except BaseException:
+        leave_group()
+        raise
+    leave_group(together=True)
+    return result
+
+
+def _replay_share(records: list[tuple[str, int, bytes]], cfg: Config, chunk: int,
+                  ranks: Ranks | None) -> dict[str, Any]:
+    """The pipeline over one rank's ``records``, meeting the other ``ranks`` every ``chunk`` of them (None: alone)."""
     collected = _Collected()
-    ranks = None
-    if world_size > 1 and init_file is not None:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=cfg.distributed.timeout_s))
-        ranks = Ranks(RankInfo(rank, world_size), cfg.distributed)
     pipeline = build_pipeline(cfg, clock=EventClock(), metrics=NoMetrics(), on_batch=collected, ranks=ranks)
     learner = pipeline.learner
     if ranks is not None:
@@ -123,7 +142,7 @@ def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, 
         learner.average()
     pipeline.flush()
     seconds = time.perf_counter() - started
-    result = {
+    return {
         "labels": np.concatenate(collected.labels) if collected.labels else np.zeros((0, len(cfg.model.learnt_tasks))),
         "scores": np.concatenate(collected.scores) if collected.scores else np.zeros((0, len(cfg.model.learnt_tasks))),
         "ts": np.concatenate(collected.ts) if collected.ts else np.zeros(0, dtype=np.int64),
@@ -131,15 +150,49 @@ def _replay(rank: int, world_size: int, cfg: Config, url: str, partitions: int, 
         "collective_seconds": float(learner.collective.seconds) if ranks is not None else 0.0,
         "collective_calls": int(learner.collective.calls) if ranks is not None else 0,
     }
-    if ranks is not None:
-        ranks.close(together=True)
-    return result
+
+
+class RankReplayError(RuntimeError):
+    """A rank of a replay failed: which rank, and its error with the traceback it had in its process."""
 
 
 def _spawned(rank: int, world_size: int, cfg_dict: dict, url: str, partitions: int, chunk: int, init_file: str | None,
              out_dir: str) -> None:
-    result = _replay(rank, world_size, config_from_dict(cfg_dict), url, partitions, chunk, init_file)
+    try:
+        result = _replay(rank, world_size, config_from_dict(cfg_dict), url, partitions, chunk, init_file)
+    except BaseException as exc:  # said to the parent (_failure); torch.multiprocessing exits the process non-zero
+        report = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                  "collective": isinstance(exc, RankError)}
+        (Path(out_dir) / f"rank-{rank}.error.json").write_text(json.dumps(report))
+        raise
     np.savez(Path(out_dir) / f"rank-{rank}.npz", **{k: np.asarray(v) for k, v in result.items()})
+
+
+def _failure(out_dir: str, world_size: int, url: str, exc: Exception) -> RankReplayError:
+    """What the parent raises when a rank failed (``exc``: torch.multiprocessing's word for it): the rank whose own
+    error it was, not those whose collective with it failed then (``RankError``), with its error and traceback, and
+    what the others said."""
+    reports = {}
+    for rank in range(world_size):
+        path = Path(out_dir) / f"rank-{rank}.error.json"
+        if path.exists():
+            reports[rank] = json.loads(path.read_text())
+    index = getattr(exc, "error_index", None)
+    own = [rank for rank in sorted(reports) if not reports[rank]["collective"]]
+    if own:
+        cause = own[0]
+    elif index is not None and index not in reports:
+        cause = None  # ended without a Python error (a signal: SIGABRT, the OOM killer): exc says how
+    else:
+        cause = min(reports, default=None)
+    others = "; ".join(f"rank {rank}/{world_size}: {reports[rank]['error']}" for rank in sorted(reports)
+                       if rank != cause)
+    then = f" (then {others})" if others else ""
+    if cause is None:
+        who = f"rank {index}/{world_size}" if index is not None else "a rank"
+        return RankReplayError(f"{who} failed replaying {url}: {exc}{then}")
+    return RankReplayError(f"rank {cause}/{world_size} failed replaying {url}: {reports[cause]['error']}{then}"
+                           f"\n\nrank {cause}'s traceback:\n{reports[cause]['traceback']}")
 
 
 def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8, chunk: int = 256,
@@ -155,8 +208,11 @@ def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8,
     else:
         with tempfile.TemporaryDirectory(prefix="rank-replay-") as tmp:
             init = None if independent else str(Path(tmp) / "init")
-            mp.spawn(_spawned, args=(world_size, cfg.to_dict(), url, partitions, chunk, init, tmp),
-                     nprocs=world_size, join=True)
+            try:
+                mp.spawn(_spawned, args=(world_size, cfg.to_dict(), url, partitions, chunk, init, tmp),
+                         nprocs=world_size, join=True)
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+                raise _failure(tmp, world_size, url, exc) from None
             parts = []
             for rank in range(world_size):
                 with np.load(Path(tmp) / f"rank-{rank}.npz") as data:
