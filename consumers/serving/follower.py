@@ -138,6 +138,7 @@ class FollowerStats:
     start_offset: int = 0  # where reading for the initial model began
     records_read: int = 0  # every record polled, start-up and following
     startup_records: int = 0  # records read before following began
+    topic_recreations: int = 0  # times the topic was found deleted and created again (its versions start again)
     rejections: deque[tuple[int | None, str]] = field(default_factory=lambda: deque(maxlen=1000))  # the latest
 
 
@@ -169,6 +170,11 @@ class CheckpointFollower:
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.reassembler = Reassembler(max_payload_bytes=max_checkpoint_bytes, max_message_bytes=MAX_MESSAGE_BYTES)
         self._held: list[tuple[int | None, str, str]] | None = None  # rejections held back during the fast path
+        # Which topic is followed: its id (KIP-516; None where kafka-python does not say) and the next offset. A topic
+        # deleted and created again has another id and starts again at offset 0, its versions at 1 (a new trainer).
+        self._topic_id: Any = None
+        self._next_offset = 0
+        self._new_topic = False  # a recreated topic's first model is swapped in whatever its version
 
     # -- start-up
 
@@ -183,6 +189,7 @@ class CheckpointFollower:
         begin = self.consumer.beginning_offsets([self.tp])[self.tp]
         end = self.consumer.end_offsets([self.tp])[self.tp]
         self.stats.end_offset_at_start = end
+        self._topic_id, self._next_offset = self._current_topic_id(), end  # every path below ends at ``end``
         if end <= begin:
             self.stats.start_path, self.stats.start_offset = "empty", end
             self.consumer.seek(self.tp, end)
@@ -200,7 +207,7 @@ class CheckpointFollower:
             finally:
                 held, self._held = self._held, None
             if loaded:
-                served = self.holder.current.version if self.holder.current is not None else -1
+                served = self._floor()
                 for version, reason, detail in held:  # only those about what is newer than the model now served
                     if version is None or version > served:
                         self._reject(version, reason, detail)
@@ -238,12 +245,72 @@ class CheckpointFollower:
     # -- following
 
     def run(self, stop: threading.Event) -> None:
-        """Start-up, then follow the topic until ``stop`` is set. The whole Kafka loop of the daemon."""
+        """Start-up, then follow the topic until ``stop`` is set. The whole Kafka loop of the daemon.
+
+        A topic deleted and created again (an operator's reset of the serving topic, with a trainer started on a new
+        checkpoint.dir: its versions start again at 1) is found by :meth:`_recreated`; the start-up runs again on the
+        new topic and its newest complete publication is served whatever its version, after which versions must grow
+        again as on any topic.
+        """
         self.find_latest(stop)
         while not stop.is_set():
-            for record in self.consumer.poll(timeout_ms=self.poll_timeout_ms).get(self.tp, []):
+            records = self.consumer.poll(timeout_ms=self.poll_timeout_ms).get(self.tp, [])
+            recreated = self._recreated(records)
+            if recreated is not None:
+                self._follow_new_topic(recreated, stop)
+                continue
+            for record in records:
                 self.stats.records_read += 1
+                self._next_offset = record.offset + 1
                 self._feed(record.key, record.value)
+
+    def _recreated(self, records: Sequence[Any]) -> str | None:
+        """Why the topic polled now is another one than the topic followed so far (deleted and created again under
+        the same name), or None.
+
+        The topic's id says so where kafka-python knows it (Kafka 2.8+ brokers). Without ids: its offsets went back
+        (kafka-python resets a position past the end of the new, shorter log to its beginning). Offsets that go
+        back under the same id are a truncated log (an unclean leader election), not a new topic: versions already
+        served stay refused.
+        """
+        topic_id = self._current_topic_id()
+        if topic_id is not None and self._topic_id is not None and topic_id != self._topic_id:
+            return f"its topic id changed from {self._topic_id} to {topic_id}"
+        if self._topic_id is None:
+            self._topic_id = topic_id
+        if records and records[0].offset < self._next_offset:
+            went_back = f"its offsets went back from {self._next_offset} to {records[0].offset}"
+            if topic_id is None:
+                return went_back
+            log.warning("%s on %s under the same topic id %s: its log was truncated (an unclean leader election?); "
+                        "following on, versions not newer than the one served still refused", went_back, self.topic,
+                        topic_id)
+        return None
+
+    def _follow_new_topic(self, why: str, stop: threading.Event) -> None:
+        """The topic was created again (``why``): a fresh reader, then the start-up over the new topic."""
+        self.stats.topic_recreations += 1
+        current = self.holder.current
+        keeping = f"version {current.version} stays served" if current is not None else "no model served yet"
+        log.warning("serving topic %s was deleted and created again (%s): a new topic whose versions start again; "
+                    "its newest complete publication is served next, whatever its version (%s until then)",
+                    self.topic, why, keeping)
+        self.reassembler = Reassembler(max_payload_bytes=self.max_checkpoint_bytes, max_message_bytes=MAX_MESSAGE_BYTES)
+        self._new_topic = True
+        self.find_latest(stop)
+
+    def _current_topic_id(self) -> Any:
+        """The followed topic's id in kafka-python's cluster metadata, or None where it is not known (an older
+        kafka-python or broker; a stand-in consumer). kafka-python 3 keeps it there without a public accessor."""
+        cluster = getattr(self.consumer, "_cluster", None)
+        topic_id = getattr(cluster, "topic_id", None)
+        return topic_id(self.topic) if callable(topic_id) else None
+
+    def _floor(self) -> int:
+        """The version a publication must be above to be swapped in: the one served (-1 before the first, and on a
+        recreated topic until its first model loads)."""
+        current = self.holder.current
+        return -1 if current is None or self._new_topic else current.version
 
     def _feed(self, key: bytes | None, value: bytes | None) -> bool:
         """One record through the reassembler; True if it completed a model that is now served."""
@@ -259,9 +326,12 @@ class CheckpointFollower:
         except ValueError as exc:
             self._reject(outcome.version, "bad_model", str(exc))
             return False
-        previous = self.holder.current
-        if previous is not None and served.version <= previous.version:
+        if served.version <= self._floor():
             return False  # a restart of the reassembler replayed an older version: never go back
+        if self._new_topic and self.holder.current is not None:
+            log.warning("serving topic %s was created again: its version %d replaces version %d of the old topic",
+                        self.topic, served.version, self.holder.current.version)
+        self._new_topic = False
         self.holder.swap(served)
         seconds = time.perf_counter() - started
         self.metrics.model_loaded(served.version, served.published_at_s or served.loaded_at_s, seconds)
@@ -275,6 +345,11 @@ class CheckpointFollower:
         if self._held is not None:
             self._held.append((version, reason, detail))
             return
+        if reason == "stale_version":
+            # Trainers never repeat a version on one topic (consumers.trainer.publisher): a lower one comes from
+            # another topic's trainer that _recreated could not tell apart (no topic id, and the log never went back).
+            detail += (f"; trainers never repeat a version on one topic: if {self.topic} was deleted and created "
+                       "again, restart this replica to serve the new topic's newest publication")
         self.stats.rejections.append((version, reason))
         self.holder.rejected(Rejected(version, reason, detail, time.time()))
         self.metrics.reload_failed(reason)
