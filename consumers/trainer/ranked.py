@@ -19,6 +19,16 @@ What a rank changes, and nothing else (one rank is ``consumers.trainer.daemon.Tr
 * **Failures**: a rank killed at any moment makes the others' next collective fail (or time out after
   ``distributed.timeout_s``); they exit with status 8 without a checkpoint, and torchrun (``--max-restarts``)
   restarts the group, which restores the newest complete round.
+* **A round that cannot be written** (a full disk, a file size limit, a read-only folder, on any rank): each rank
+  catches its own write's error, and the ranks agree on whether every part landed, then on whether rank 0's
+  ``round.json`` did (:func:`write_round`: the same collectives on every rank, whatever failed, so no rank can take
+  the round for complete while another does not). If not, the round stays incomplete on every rank: no round
+  record, no offsets committed, nothing published; every rank logs it (the one that failed naming its error), and
+  they try again together, as one trainer does (``consumers.trainer.daemon``: after 10 s doubling to 300 s,
+  /healthz saying since when), under the next round number: a failed round's number is not used again, so that its
+  ledger segments stay its own, and each store keeps the last complete round's part however many incomplete ones
+  follow it. A restart resumes from the last complete round. A last round (a stop, the end of a stream) that cannot
+  be written ends every rank with status 9.
 * **Publication and metrics**: rank 0 publishes, in today's wire format (its manifest's ``offsets`` are every
   rank's); each rank serves /metrics on ``metrics.port + rank``.
 """
@@ -30,8 +40,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from consumers.runtime.assembly import model_config
 from consumers.runtime.config import Config
@@ -44,12 +55,73 @@ from consumers.state.learner_state import (
     write_learner_checkpoint,
 )
 from consumers.trainer.checkpointing import Checkpointer, check_model
-from consumers.trainer.daemon import Trainer
+from consumers.trainer.daemon import EXIT_CHECKPOINT_FAILED, Trainer
 from consumers.trainer.kafka_io import connect
 
 log = logging.getLogger("crossdistil.trainer")
 
 EXIT_RANKS = 8  # a collective failed: another rank died or could not be reached (torchrun restarts the group)
+AGREED_EXITS = (0, 7, EXIT_CHECKPOINT_FAILED)  # statuses every rank reaches together: they leave the group together
+
+Written = TypeVar("Written")
+
+
+class RoundIncomplete(OSError):
+    """A checkpoint round that not every rank could write (a full disk, a file size limit, a read-only folder on one
+    of them): raised on every rank alike (:func:`write_round`), so that none records, commits or publishes it.
+    ``Trainer.checkpoint`` logs it and tries again later, as it does a one-rank trainer's failed write.
+
+    ``failed``: the ranks that could not write their part (or rank 0 its round record: ``what``); ``error``: this
+    rank's own error, None when only others failed."""
+
+    def __init__(self, info: Any, round_: int, failed: list[int], error: OSError | None, what: str = "part") -> None:
+        self.round, self.failed, self.error = round_, failed, error
+        others = [f"rank {r}/{info.world_size}" for r in failed if r != info.rank]
+        if error is not None:
+            text = (f"{info.label}: its {what} of checkpoint round {round_} could not be written ({error})"
+                    + (f"; nor could {', '.join(others)} write {'its' if len(others) == 1 else 'theirs'}"
+                       if others else ""))
+        else:
+            theirs = f"its {what} (see its log)" if len(others) == 1 else f"their {what}s (see their logs)"
+            text = (f"{info.label}: checkpoint round {round_} is incomplete: {', '.join(others)} could not write "
+                    f"{theirs}")
+        super().__init__(error.errno if error is not None else None, text)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def write_round(ranks: Any, round_: int, write_part: Callable[[], Written],
+                write_record: Callable[[], None]) -> Written:
+    """Checkpoint round ``round_`` on every rank or on none: ``write_part()`` on every rank, then, once every rank's
+    part landed, ``write_record()`` on rank 0 (the record that makes the round the one a restart restores); the
+    part's result. When a part or the record cannot be written (an ``OSError``), every rank raises
+    ``RoundIncomplete`` alike, naming the ranks that failed, and the round stays incomplete.
+
+    Every rank must call it at the same point: it holds two collectives (only the first when a part failed), the same
+    on every rank whatever failed, so that no rank can take the round for complete while another does not. A rank
+    that dies in between makes the others' collective fail (``RankError``, exit 8): the record then says which
+    round a restart resumes from, whichever it is."""
+    rank, world = ranks.rank, ranks.world_size
+    result: Any = None
+    error: OSError | None = None
+    try:
+        result = write_part()
+    except OSError as exc:
+        error = exc
+    mine = [0] * world
+    mine[rank] = int(error is not None)
+    failed = [r for r, flag in enumerate(ranks.agree(mine)) if flag]  # a barrier: every part is durable past it
+    if failed:
+        raise RoundIncomplete(ranks.info, round_, failed, error) from error
+    if rank == 0:
+        try:
+            write_record()
+        except OSError as exc:  # round.json as it was (written atomically), or it names round_ if only the fsync of
+            error = exc         # its folder failed: either way every part of round_ and of the round before is kept
+    if ranks.agree([int(error is not None)])[0]:
+        raise RoundIncomplete(ranks.info, round_, [0], error, what="round record") from error
+    return result
 
 
 def rank_config(cfg: Config, rank: int) -> Config:
@@ -73,6 +145,8 @@ class RoundCheckpointer(Checkpointer):
         self.ranks = ranks
         self.base_dir = Path(base_dir)
         self.round = 0  # the last complete round, restored or written
+        self.attempted = 0  # the last round number written, complete or not
+        self.keep_last = self.store.keep_last  # the configured count; more while incomplete rounds' parts are kept
 
     # --------------------------------------------------------------------------------------------- restore
 
@@ -131,7 +205,9 @@ class RoundCheckpointer(Checkpointer):
     # ----------------------------------------------------------------------------------------------- write
 
     def write(self, reason: str) -> bool:
-        """Checkpoint round ``round + 1`` on every rank (module docstring); False when skipped on every rank."""
+        """Checkpoint the next round on every rank (module docstring); False when skipped on every rank,
+        ``RoundIncomplete`` (an ``OSError``) on every rank when a rank's part or the round record could not be
+        written."""
         learner = self.pipeline.learner
         self.pipeline.collect(wait=True)  # sync: the queued batches are stepped together first
         if learner.mode == "average":
@@ -149,33 +225,41 @@ class RoundCheckpointer(Checkpointer):
             self.last_at = time.monotonic()
             return False
         started = time.perf_counter()
-        round_ = self.round + 1
+        round_ = max(self.round, self.attempted) + 1
+        self.attempted = round_  # a failed round's number is not used again: its ledger segments stay its own
         publish = self.cfg.publish.enabled and step != self.publisher.last_published_step
         version = self.publisher.version + 1 if publish else self.publisher.version
         offsets = [o for part in self.ranks.gather_plain(positions_to_plain(self.kafka.positions)) for o in part]
-        if self.ledger is not None:
-            self.ledger.commit(round_)
         metadata = {**self._metadata(step, version), "round": round_, "rank": self.ranks.rank,
                     "world_size": self.ranks.world_size}
-        written: dict[str, Any] = {}
-        if self.ranks.rank == 0:
+
+        def write_part() -> dict[str, Any]:
+            self._keep_complete_round()
+            if self.ledger is not None:
+                self.ledger.commit(round_)
+            if self.ranks.rank != 0:
+                self.store.write(round_, {}, {**metadata, "trainer_format": CHECKPOINT_FORMAT})
+                return {}
             publication = None
             if publish:
                 publication = self._publication(step, version)
                 publication["manifest"]["offsets"] = sorted(offsets)
-            written = write_learner_checkpoint(learner.learner, self.store, metadata, publication, number=round_)
-        else:
-            self.store.write(round_, {}, {**metadata, "trainer_format": CHECKPOINT_FORMAT})
-        self.ranks.agree([0])  # a barrier: every rank's part of the round is durable past it
-        if self.ranks.rank == 0:
-            self.store.write_round({"round": round_, "world_size": self.ranks.world_size, "step": step,
-                                    "mode": learner.mode})
+            return write_learner_checkpoint(learner.learner, self.store, metadata, publication, number=round_)
+
+        written = write_round(self.ranks, round_, write_part, lambda: self.store.write_round({
+            "round": round_, "world_size": self.ranks.world_size, "step": step, "mode": learner.mode}))
         self.round = round_
         seconds = time.perf_counter() - started
         log.info("%s: checkpoint round %d (%s) at step %d in %.2f s", self.ranks.info.label, round_, reason, step,
                  seconds)
         self._written(step, seconds, version if publish else None, written)
         return True
+
+    def _keep_complete_round(self) -> None:
+        """Keep the last complete round's part through the next write's pruning, whatever incomplete rounds' parts
+        newer than it this store holds (a failed attempt, or one that a crash interrupted)."""
+        incomplete = sum(1 for number in self.store.steps() if number > self.round)
+        self.store.keep_last = self.keep_last + incomplete
 
 
 class RankTrainer(Trainer):
@@ -204,7 +288,7 @@ class RankTrainer(Trainer):
                   "round is consistent: torchrun's restart resumes from it)", file=sys.stderr, flush=True)
             return EXIT_RANKS
         finally:
-            self.ranks.close(together=status == 0)  # the ranks stop together (agreed); an error leaves alone
+            self.ranks.close(together=status in AGREED_EXITS)  # agreed: together; any other error leaves alone
 
     def _connect(self) -> tuple[Any, Any]:
         return connect(self.cfg.kafka, group_member=False)
@@ -259,7 +343,7 @@ class RankTrainer(Trainer):
                 break
             if due:
                 self.checkpoint("periodic")
-        self.checkpoint("shutdown")
+        self._final_checkpoint("shutdown")
 
     def _average_due(self, now: float) -> bool:
         s = self.section
