@@ -400,8 +400,9 @@ def _describe_checkpoint(c: Mapping[str, Any]) -> list[str]:
     lines.append(f"    join         {join['pending_impressions']} pending impressions"
                  + (f"; {counters}" if counters else ""))
     publication = c["publication"]
+    unknown = "NOT acknowledged as far as a restore can tell (a trainer restored from it publishes it again)"
     lines.append(f"    publication  version {publication['version']}, "
-                 + ("acknowledged" if publication["acknowledged"] else "NOT acknowledged (published again at start)"))
+                 + ("acknowledged" if publication["acknowledged"] else unknown))
     if "round" in c:
         r = c["round"]
         lines.append(f"    round        {r['round']} (rank {r['rank']} of {r['world_size']})")
