@@ -171,6 +171,7 @@ def _rank_with_a_failing_disk(rank: int, init: str, base: str, out: str) -> None
     seen["written 3"] = checkpoint(3, 9)
     seen["failures after 3"] = trainer.checkpoint_failures.attempts
     seen["parts after 3"] = trainer.store.steps()
+    seen["recorded after 3"] = CheckpointStore(Path(base) / "rank-0").round()["round"]
     if rank == 0:
         del trainer.store.write_round
     seen["written 4"] = checkpoint(4, 9)
@@ -210,6 +211,7 @@ def test_two_ranks_retry_a_round_one_cannot_write_together_and_never_disagree_wh
         assert [s[f"commits {a}"] for a in (1, 2, 3, 4)] == [1, 0, 0, 1], (rank, s)
         assert (s["failures after 2"], s["failures after 3"], s["failures after 4"]) == (1, 2, 0)
         assert "checkpoints failing for" in s["health after 2"]
+        assert s["recorded after 3"] == 1  # round.json names round 1 still: a restart now would resume from it
         assert 1 in s["parts after 3"], (rank, s)  # two incomplete rounds later, round 1's part is still there
         assert s["round after 4"] == 4 and s["exit status"] == 9, (rank, s)
         failed = [line for line in s["log"] if "could not be written in" in line]
