@@ -20,6 +20,12 @@ Inputs:
 A range that selects nothing (``from >= to``, or no record inside it) is an error (exit status 2), not an empty
 report.
 
+A configuration that fails part-way (its step raises, its loss is not finite, it runs out of memory, its learner
+process dies) is dropped from the replay there; the others go on to the end (``_Failures``). Its failure is in
+``summary.json`` (``failed``), the report and on stderr, and the command exits with ``EXIT_FAILED`` (4), or
+``EXIT_ALL_FAILED`` (5) when every configuration failed (the replay stops then). A failure of the shared input (the
+log, the intake process, the broker) still stops everything.
+
 Outputs (``--out DIR``): ``summary.json`` and ``series_<config>.csv`` (deterministic: no wall-clock field),
 ``timing.json`` (wall-clock seconds and throughput, not deterministic), ``auc_<task>.png`` and ``report.md``.
 See docs/backtest.md.
@@ -42,19 +48,21 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consumers.core.join import describe_unknown_tasks
-from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
+from consumers.core.pipeline import SampleColumns, UserCodes, sample_column, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.comparison import compare_runs, config_differences
+from consumers.tools.comparison import method as comparison_method
 from consumers.tools.intake import (
     DEAD_LETTER_EXAMPLES,
     DEFAULT_CACHE_LIMIT,
@@ -88,6 +96,11 @@ INTAKE_MODES = ("auto", "process", "inline")
 DETECTION_STYLES = {"adwin": "--", "page_hinkley": ":", "auc_drop": "-"}  # line style of each detector's marks
 PLOT_MARKERS = ("o", "s", "^", "D", "v", "x")  # one per configuration's line
 SMALL_BATCH_SHARE = 0.25  # the report warns when the mean batch is below this share of batching.batch_size
+# Exit statuses: 0 done; 1 the intake process or the replay cache failed, or the outputs could not be written; 2 a
+# usage, configuration or input error (a bad range, a damaged log); 3 Kafka not reachable; and these two:
+EXIT_FAILED = 4  # some configuration failed part-way and was dropped; the others' results are written
+EXIT_ALL_FAILED = 5  # every configuration failed: no result (the outputs say why)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -179,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
                              "records" if "records" in input_desc else "bytes"))
         result = run_backtest(records, configs, batching=args.batching, sample_every=args.sample_every,
                               progress=not args.quiet, intake=args.intake, replay_cache=args.replay_cache,
-                              replay_cache_limit=args.replay_cache_limit, total=total, progress_unit=unit)
+                              replay_cache_limit=args.replay_cache_limit, total=total, progress_unit=unit,
+                              on_failure=_say_failed)
     except (ConfigError, EventLogError, ValueError) as exc:  # SecurityError is a ValueError too
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 2
@@ -202,7 +216,23 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     _say_what_was_done(result, args, out, len(configs), data)
+    if result.failed and not result.runs:
+        print(f"crossdistil backtest: every configuration failed ({', '.join(result.failed)}): there is no result; "
+              f"the replay stopped after {result.records:,} records. {out}/report.md and summary.json's 'failed' say "
+              "where and why", file=sys.stderr)
+        return EXIT_ALL_FAILED
+    if result.failed:
+        print(f"crossdistil backtest: {len(result.failed)} of {len(configs)} configurations failed and were dropped "
+              f"({', '.join(result.failed)}); the others' results are complete (exit status {EXIT_FAILED})",
+              file=sys.stderr)
+        return EXIT_FAILED
     return 0
+
+
+def _say_failed(name: str, failure: dict[str, Any]) -> None:
+    """The line a configuration's failure gets on stderr when it happens (``run_backtest``'s ``on_failure``)."""
+    print(f"crossdistil backtest: configuration {name!r} failed: {describe_failure(failure)}; dropped from the "
+          "replay, the others go on", file=sys.stderr)
 
 
 def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Path, n_configs: int,
@@ -223,6 +253,8 @@ def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Pa
         print(f"  {name}: {run_.pipeline.trained_samples} samples in {stats['batches']} batches (mean "
               f"{stats['mean']}), prequential AUC {aucs}; combined AUC {_fmt(combined['auc'])}, NDCG@10 "
               f"{_fmt(combined['ndcg10'])}{distilled}")
+    for name, run_ in result.failed.items():
+        print(f"  {name}: FAILED: {describe_failure(run_.failure)}")
     comparison = data.get("comparison")
     for name, entry in (comparison or {}).get("configurations", {}).items():  # the report's verdict lines
         print(f"  {name} vs {comparison['baseline']} (paired, 95% interval): {entry['summary']}")
@@ -481,6 +513,11 @@ class ConfigRun:
     batch_sizes: list[int] = field(default_factory=list)  # of every trained batch, in order
     seconds: float = 0.0
     leader: str | None = None  # the configuration whose join and batcher cut this one's batches (run_backtest)
+    # a group's first configuration: the group's stream (its join and batcher, which train nothing themselves: every
+    # batch goes to each configuration of the group through its ``Forwarding``); None for the others
+    stream: Pipeline | None = None
+    failure: dict[str, Any] | None = None  # why and where it failed (``failure_of``); None while it trains
+    failure_traceback: str | None = None
     _next_point: int = 0
 
     def on_batch(self, samples: list, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
@@ -502,6 +539,15 @@ class ConfigRun:
             self.detections.append({"task": task, "detector": detector, "samples": trained, "event_time_ms": event_ms})
         if trained >= self._next_point:
             self.add_point(event_ms)
+
+    def drop(self) -> None:
+        """After a failure: stop its learner (a learner process) and let go of the model and the predictions (an
+        out-of-memory failure frees what it held); the counts its failure names stay."""
+        with contextlib.suppress(Exception):  # a learner process that died already
+            self.pipeline.close()
+        self.pipeline.learner = _Dropped(len(self.batch_sizes))
+        self.labels, self.scores, self.user_codes = {}, {}, []
+        self.impression_ids, self.event_ts_ms = [], []
 
     def add_point(self, event_ms: int) -> None:
         """A time-series point from the metrics' snapshot (the same numbers /metrics would show)."""
@@ -600,13 +646,28 @@ class BacktestResult:
     processes: dict[str, Any] = field(default_factory=dict)
     # the first bad events (``consumers.tools.intake.add_dead_letter_examples``), described
     dead_letter_examples: list[str] = field(default_factory=list)
+    # the configurations that failed part-way and were dropped (``ConfigRun.failure`` says why), not in ``runs``
+    failed: dict[str, ConfigRun] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # every configuration's name, in the order given
+
+    @property
+    def names(self) -> list[str]:
+        """Every configuration, finished or failed, in the order given (the first is the comparison's baseline)."""
+        return list(self.all_runs())
+
+    def all_runs(self) -> dict[str, ConfigRun]:
+        """``runs`` and ``failed`` together, in the order the configurations were given."""
+        every = {**self.runs, **self.failed}
+        order = self.order or list(every)
+        return {name: every[name] for name in order if name in every}
 
 
 def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Config], *, batching: str = "event-time",
                  sample_every: int | None = None, progress: bool = False, total: int | None = None,
                  progress_unit: str = "records", intake: str = "auto",
                  replay_cache: str | os.PathLike | None = None,
-                 replay_cache_limit: int = DEFAULT_CACHE_LIMIT) -> BacktestResult:
+                 replay_cache_limit: int = DEFAULT_CACHE_LIMIT,
+                 on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
     Each pipeline runs on the replay clock; at the end the join and batcher are flushed, as the trainer does at
@@ -629,6 +690,11 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     later replay of the same log, range, join, batching and feature sets (and code) reads it instead of starting the
     intake process (``BacktestResult.intake`` is then ``"cache"``): the same batches, so the same numbers. The folder
     keeps at most ``replay_cache_limit`` bytes of entries, the least recently used removed first.
+
+    A configuration that raises while it trains (its step, its loss not finite, its metrics, its learner process) is
+    dropped there: ``on_failure(name, failure)`` is called at once, the others go on to the end, and the result has
+    it in ``failed`` instead of ``runs`` (``ConfigRun.failure``: ``failure_of``). Once every configuration has failed
+    the replay stops. What they share (the input, the groups' joins and batchers, the intake process) still raises.
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
@@ -641,7 +707,8 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     if replay_cache_limit < 0:
         raise ValueError(f"--replay-cache-limit must be at least 0 bytes, got {replay_cache_limit}")
     tune_gc()
-    runs, leaders = _grouped_runs(configs, batching, sample_every)
+    failures = _Failures(on_failure)
+    runs, leaders = _grouped_runs(configs, batching, sample_every, failures=failures)
     why_inline = _why_inline(records, runs, batching)
     if intake == "process" and why_inline:
         for run_ in runs.values():
@@ -660,27 +727,38 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         if by_process:
             n_records, n_events, intake, processes = _replay_with_intake(
                 records, runs, list(leaders.values()), advance, progress_unit, replay_cache, replay_cache_limit,
-                examples)
+                examples, failures)
         else:
             n_records, n_events = _replay_inline(records, leaders, batching == "dense", advance, progress_unit,
-                                                 examples)
-        for run_ in runs.values():
-            t0 = time.perf_counter()
-            if run_.leader is not None:
-                run_.pipeline.collect(wait=True)  # a learner process's last answers
-                stream = runs[run_.leader].pipeline
-                run_.pipeline.dead_letters, run_.pipeline.events_ingested = stream.dead_letters, stream.events_ingested
-            if run_.event_ts_ms:
+                                                 examples, failures)
+        _finish(runs, failures)
+    finished = {name: run_ for name, run_ in runs.items() if run_.failure is None}
+    failed = {name: run_ for name, run_ in runs.items() if run_.failure is not None}
+    return BacktestResult(finished, n_records, n_events, time.perf_counter() - started, batching,
+                          intake if by_process else "inline", processes, examples, failed, list(runs))
+
+
+def _finish(runs: dict[str, ConfigRun], failures: _Failures) -> None:
+    """The end of a replay for each configuration still training: its learner process's last answers, the group's
+    stream counts (one join for the group) and the final series point."""
+    for run_ in runs.values():
+        if run_.failure is not None:
+            continue
+        t0 = time.perf_counter()
+        stream = runs[run_.leader or run_.name].stream
+        with failures.guard(run_):
+            run_.pipeline.collect(wait=True)  # a learner process's last answers
+        run_.pipeline.dead_letters, run_.pipeline.events_ingested = stream.dead_letters, stream.events_ingested
+        if run_.event_ts_ms and run_.failure is None:
+            with failures.guard(run_):
                 run_.add_point(run_.event_ts_ms[-1])  # the final state is always a point
-            run_.seconds += time.perf_counter() - t0
-    return BacktestResult(runs, n_records, n_events, time.perf_counter() - started, batching,
-                          intake if by_process else "inline", processes, examples)
+        run_.seconds += time.perf_counter() - t0
 
 
 def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense: bool, advance: Any,
-                   progress_unit: str, examples: list[str]) -> tuple[int, int]:
+                   progress_unit: str, examples: list[str], failures: _Failures) -> tuple[int, int]:
     """Read, join, batch and train here, a chunk of records at a time; (records, events) replayed. The first bad
-    events are described into ``examples``."""
+    events are described into ``examples``. Stops (without the end's flush) once every configuration has failed."""
     # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
     # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
     # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
@@ -691,7 +769,7 @@ def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense:
         decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
         for index, leader in enumerate(leaders.values()):
             with _own_time(leader):
-                pipeline = leader.pipeline
+                pipeline = leader.stream
                 if dense:
                     bad = pipeline.ingest_each(decoded)
                     if len(chunk) == DENSE_TRAIN_EVERY:
@@ -706,9 +784,11 @@ def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense:
         n_records += len(chunk)
         n_events += sum(len(events) for events, _ in decoded)
         advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
+        if failures.all_failed:
+            return n_records, n_events  # nothing left to train: the rest of the input would change no number
     for leader in leaders.values():
         with _own_time(leader):
-            leader.pipeline.flush()
+            leader.stream.flush()
     return n_records, n_events
 
 
@@ -721,8 +801,7 @@ def _why_inline(records: Iterable[Any], runs: dict[str, ConfigRun], batching: st
     from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
 
     for run_ in runs.values():
-        port = run_.pipeline.learner
-        port = getattr(port, "port", port)  # a group's leader: its Forwarding
+        port = run_.pipeline.learner.port  # FiniteLoss's
         if not isinstance(getattr(port, "encode", None), SharedEncoding) and not isinstance(port, RemoteLearner):
             return f"configuration {run_.name!r} does not train on encoded features"
     return None
@@ -783,7 +862,7 @@ def _intake_group(leader: ConfigRun) -> IntakeGroup:
 
 def _feature_sets(leader: ConfigRun) -> tuple[list[ConfigRun], dict[str, Any], list[Any]]:
     """A group's configurations, the feature set each reads, and the distinct feature sets in order."""
-    members = [leader] + leader.pipeline.learner.followers
+    members = list(leader.stream.learner.members)
     features = {m.name: _features(m) for m in members}
     return members, features, list(dict.fromkeys(features.values()))
 
@@ -809,25 +888,24 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
     from consumers.runtime.learner_process import RemoteLearner, forks_learners  # lazy: it imports torch
 
     members, features, specs = _feature_sets(leader)
-    holders = {m.name: (leader.pipeline.learner, "port") if m is leader else (m.pipeline, "learner") for m in members}
-    here = [m for m in members if not isinstance(getattr(*holders[m.name]), RemoteLearner)]
+    here = [m for m in members if not isinstance(m.pipeline.learner.port, RemoteLearner)]
     forked = forks_learners()
     movable = sorted(here, key=lambda m: (-_step_cost(m) if forked else _step_cost(m), m is leader))[:-1]
     moving = {m.name for m in movable[:max(0, free_cores[0])]}
     free_cores[0] -= len(moving)
     started = []
     for m in members:
-        holder, attribute = holders[m.name]
-        port = getattr(holder, attribute)
+        checked = m.pipeline.learner  # FiniteLoss: its port is the configuration's own
+        port = checked.port
         index = specs.index(features[m.name])
         if isinstance(port, RemoteLearner):
-            setattr(holder, attribute, _PreparedRemote(port, current, index))
+            checked.port = _PreparedRemote(port, current, index)
         elif m.name in moving:
             # a fork of this process (torch imported already: ready in milliseconds; with more than one torch thread
             # a new interpreter, seconds of imports): the batches queue up meanwhile, not blocking this process
             remote = RemoteLearner(m.cfg, wait_ready=False, queue_bytes=REPLAY_QUEUE_BYTES, fork=True)
             started.append(remote)
-            setattr(holder, attribute, _PreparedRemote(remote, current, index))
+            checked.port = _PreparedRemote(remote, current, index)
         else:
             port.encode = _Prepared(current, index, m.pipeline.tasks)
     return specs, started
@@ -844,8 +922,7 @@ def _step_cost(run_: ConfigRun) -> int:
     model, whose step costs ~1.4x mtl's). The embedding tables and the wide part are left out: a group's
     configurations read the same features, and their sparse updates touch the same rows. 0 for a learner without
     a dense optimizer (river's)."""
-    port = run_.pipeline.learner
-    port = getattr(port, "port", port)  # a group's first configuration: its Forwarding's port
+    port = run_.pipeline.learner.port  # FiniteLoss's
     optimizer = getattr(getattr(port, "learner", None), "dense_optimizer", None)
     if optimizer is None:
         return 0
@@ -854,10 +931,11 @@ def _step_cost(run_: ConfigRun) -> int:
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
                         progress_unit: str, replay_cache: Any, replay_cache_limit: int,
-                        examples: list[str]) -> tuple[int, int, str, dict[str, Any]]:
+                        examples: list[str], failures: _Failures) -> tuple[int, int, str, dict[str, Any]]:
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
     cache holds; the join's final state, dead letters (with the first ones described, into ``examples``) and stream
-    counters are the intake's. (records, events, the intake: "process" or "cache", ``BacktestResult.processes``)."""
+    counters are the intake's. (records, events, the intake: "process" or "cache", ``BacktestResult.processes``).
+    Once every configuration has failed the intake is stopped (and no cache entry is kept: it would be cut short)."""
     groups = [_intake_group(leader) for leader in leaders]
     cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY,
                                                           replay_cache_limit)
@@ -880,8 +958,12 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
         with source:
             for message in source.messages():
                 _on_intake_message(message, leaders, currents, counts, advance, progress_unit)
+                if failures.all_failed:
+                    break  # nothing left to train; the intake process is stopped (its entry would be cut short)
         for run_ in runs.values():
-            run_.pipeline.collect(wait=True)  # the learner processes' last answers
+            if run_.failure is None:
+                with failures.guard(run_):
+                    run_.pipeline.collect(wait=True)  # the learner processes' last answers
     finally:
         if spool is not None:
             spool.discard()  # a replay that failed or was interrupted leaves no entry (a kept one stays)
@@ -933,7 +1015,7 @@ def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], curren
         samples = SampleColumns(message["ids"], message["users"], message["ts"], message["user_codes"])
         currents[index].update(samples=samples, columns=message["columns"])
         with _own_time(leaders[index]):
-            leaders[index].pipeline.train_batch(samples)
+            leaders[index].stream.train_batch(samples)
     elif op == "done":
         counts["intake_cpu_s"] = message["cpu_s"]
         counts["dead_letter_examples"] += message.get("dead_letter_examples", [])
@@ -942,8 +1024,9 @@ def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], curren
 
 
 def _take_stream_state(leader: ConfigRun, final: dict[str, Any]) -> None:
-    """The intake process's end of a group's stream into the leader's pipeline (its followers share its join)."""
-    pipeline = leader.pipeline
+    """The intake process's end of a group's stream into the group's stream pipeline (its configurations share its
+    join)."""
+    pipeline = leader.stream
     pipeline.join.load_state_dict(final["join_state"])
     pipeline.events_ingested = final["events_ingested"]
     pipeline.dead_letters = sum(final["dead_letters"].values())
@@ -953,31 +1036,35 @@ def _take_stream_state(leader: ConfigRun, final: dict[str, Any]) -> None:
     for topic, n in final["consumed"].items():
         pipeline.metrics.events_consumed(topic, n)
     pipeline.metrics.samples_emitted(final["emitted"])
-    for member in [leader] + pipeline.learner.followers:
+    for member in pipeline.learner.members:
         member.pipeline.metrics.join_counters(pipeline.join.counters)
         member.pipeline.metrics.watermark(pipeline.join.watermark_ms)
 
 
 @contextlib.contextmanager
 def _own_time(leader: ConfigRun) -> Iterator[None]:
-    """Adds the block's seconds to a group leader's, less the seconds its ``Forwarding`` spent training the other
-    configurations of the group (those are theirs)."""
-    forwarding = leader.pipeline.learner
+    """Adds the block's seconds (the group's stream: its join and batching) to a group leader's, less the seconds
+    its ``Forwarding`` spent training the group's configurations (each one's are its own)."""
+    forwarding = leader.stream.learner
     started, forwarded = time.perf_counter(), forwarding.forwarded_s
     yield
     leader.seconds += time.perf_counter() - started - (forwarding.forwarded_s - forwarded)
 
 
-def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int | None
-                  ) -> tuple[dict[str, ConfigRun], dict[Any, ConfigRun]]:
-    """One ``ConfigRun`` per configuration, and per group of equal ``stream_key`` its leader (see run_backtest)."""
+def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int | None, *,
+                  failures: _Failures | None = None) -> tuple[dict[str, ConfigRun], dict[Any, ConfigRun]]:
+    """One ``ConfigRun`` per configuration, and per group of equal ``stream_key`` its leader (see run_backtest): the
+    group's first configuration, which holds the group's stream pipeline (``ConfigRun.stream``: the join and the
+    batcher, and a ``Forwarding`` that hands each batch to every configuration of the group). ``failures``: where a
+    configuration that raises is dropped (``_Failures``; a new one by default)."""
     from prometheus_client import CollectorRegistry
 
     # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
-    from consumers.core.pipeline import EventClock, InProcessLearner
+    from consumers.core.pipeline import EventClock, InProcessLearner, Pipeline
     from consumers.runtime.assembly import build_pipeline
     from consumers.runtime.telemetry import TrainerMetrics
 
+    failures = failures if failures is not None else _Failures()
     runs: dict[str, ConfigRun] = {}
     leaders: dict[Any, ConfigRun] = {}  # stream key -> the run whose join and batcher cut its group's batches
     encodings: dict[Any, SharedEncoding] = {}
@@ -990,19 +1077,26 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
         run_ = ConfigRun(name, cfg, pipeline, every, _next_point=every)
         pipeline.on_batch = run_.on_batch
         runs[name] = run_
+        failures.runs.append(run_)
         key = stream_key(cfg, batching)
         port = pipeline.learner
         if isinstance(port, InProcessLearner) and port.encode is None:
             features = port.learner.config.features
             port.encode = encodings.setdefault((key, features), SharedEncoding(features, pipeline.tasks))
+        pipeline.learner = FiniteLoss(port)
         leader = leaders.get(key)
         if leader is None:
-            leaders[key] = run_
-            pipeline.learner = Forwarding(port)
+            leaders[key] = leader = run_
+            # the group's stream: this configuration's join, batcher, clock and metrics (its dead letters, events
+            # and join counters), training nothing itself; each of the group's configurations trains every batch
+            # in its own pipeline (Forwarding), so one that raises is dropped without touching the stream
+            run_.stream = Pipeline(Forwarding(failures), pipeline.join, pipeline.batcher, tasks=pipeline.tasks,
+                                   scored_tasks=pipeline.scored_tasks, clock=clock, metrics=metrics,
+                                   metrics_users=False)
         else:  # the leader's join is this configuration's: its counters and watermark, and its replay clock
             run_.leader = leader.name
             pipeline.join = clock.join = leader.pipeline.join
-            leader.pipeline.learner.followers.append(run_)
+        leader.stream.learner.members.append(run_)
     return runs, leaders
 
 
@@ -1025,17 +1119,63 @@ def stream_key(cfg: Config, batching: str) -> tuple:
 
 
 class Forwarding:
-    """The learner port of a group's first configuration (``run_backtest``): each batch submitted to it is also
-    trained by the group's other configurations (``Pipeline.train_batch``), at the same point of the replay.
+    """The learner port of a group's stream pipeline (``ConfigRun.stream``, ``run_backtest``): each batch submitted
+    to it is trained by every configuration of the group (``members``, each ``Pipeline.train_batch`` in its own
+    pipeline: step, metrics, ``on_batch``), in order, at the same point of the replay. A configuration that raises
+    while it trains is dropped there (``_Failures.guard``) and the others go on with the same batches; one that
+    failed is skipped from then on.
 
-    Everything else is the wrapped port's. ``forwarded_s`` adds up the seconds the others took (each one's
-    ``ConfigRun.seconds`` has its own), so the first configuration's time is its own too.
+    It trains nothing itself, so it never has answers. ``forwarded_s`` adds up the seconds the configurations took
+    (each one's ``ConfigRun.seconds`` has its own), so the group leader's time is its own too. ``batches``: the
+    batches handed out so far (a failure names the one it came in).
     """
+
+    steps = 0
+    in_flight = 0
+
+    def __init__(self, failures: _Failures | None = None) -> None:
+        self.members: list[ConfigRun] = []
+        self.failures = failures if failures is not None else _Failures()
+        self.forwarded_s = 0.0
+        self.batches = 0
+
+    def submit(self, samples: list, context: Any) -> None:
+        self.batches += 1
+        for member in self.members:
+            if member.failure is not None:
+                continue
+            t0 = time.perf_counter()
+            with self.failures.guard(member, samples, self.batches):
+                member.pipeline.train_batch(samples)
+            seconds = time.perf_counter() - t0
+            member.seconds += seconds
+            self.forwarded_s += seconds
+
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
+        return iter(())
+
+    def check_alive(self) -> None:
+        """Always: each configuration's learner is checked as it trains."""
+
+    def close(self) -> None:
+        """Nothing to stop (each configuration's pipeline closes its own learner)."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A configuration's training loss is NaN or infinite (its weights or gradients are): a backtest drops it there
+    rather than score the rest of the replay with predictions that are no longer numbers."""
+
+
+class FiniteLoss:
+    """The learner port of each configuration of a backtest: ``port``'s (in this process, a learner process, the
+    intake's encoded batches), with every answer's total loss checked: one that is NaN or infinite raises
+    ``NonFiniteLoss`` as the answer is collected, in the configuration's own ``Pipeline.train_batch``, so the
+    replay drops that configuration there (``_Failures``). A live trainer has no such check; a backtest's numbers
+    from predictions that are no longer numbers would be meaningless (an AUC of NaN scores is whatever their sort
+    order gives)."""
 
     def __init__(self, port: Any) -> None:
         self.port = port
-        self.followers: list[ConfigRun] = []
-        self.forwarded_s = 0.0
 
     @property
     def steps(self) -> int:
@@ -1047,21 +1187,159 @@ class Forwarding:
 
     def submit(self, samples: list, context: Any) -> None:
         self.port.submit(samples, context)
-        for follower in self.followers:
-            t0 = time.perf_counter()
-            follower.pipeline.train_batch(samples)
-            seconds = time.perf_counter() - t0
-            follower.seconds += seconds
-            self.forwarded_s += seconds
 
     def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
-        return self.port.answers(wait)
+        for context, answer in self.port.answers(wait):
+            total = answer.losses.get("total")
+            if total is not None and not math.isfinite(total):
+                raise NonFiniteLoss(f"the training loss is {total} at step {answer.steps:,}: the model's weights or "
+                                    "gradients are no longer finite (a learning rate too high, or inputs too large?)")
+            yield context, answer
 
     def check_alive(self) -> None:
         self.port.check_alive()
 
     def close(self) -> None:
         self.port.close()
+
+
+class _Dropped:
+    """The learner port of a configuration that failed: nothing trains any more; ``steps`` as it was."""
+
+    in_flight = 0
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def submit(self, samples: list, context: Any) -> None:
+        raise RuntimeError("a configuration that failed trains nothing more")
+
+    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
+        return iter(())
+
+    def check_alive(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Failures:
+    """The configurations of a replay and which of them failed. ``guard(run_)`` wraps what one configuration does
+    on its own (its training step, metrics and series; its learner process's answers): an ``Exception`` raised there
+    drops that configuration (``ConfigRun.failure``, its learner stopped, ``on_failure(name, failure)`` called) and
+    is not raised further, so the replay goes on for the others. ``all_failed``: none is left to train."""
+
+    def __init__(self, on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.runs: list[ConfigRun] = []
+        self.on_failure = on_failure
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.runs) and all(run_.failure is not None for run_ in self.runs)
+
+    @contextlib.contextmanager
+    def guard(self, run_: ConfigRun, samples: Sequence[Any] | None = None, batch: int | None = None) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - any failure of one configuration's own work is that configuration's
+            self.drop(run_, exc, samples, batch)
+
+    def drop(self, run_: ConfigRun, exc: BaseException, samples: Sequence[Any] | None = None,
+             batch: int | None = None) -> None:
+        """``run_`` failed with ``exc`` (on the batch ``samples``, the group's ``batch``-th, if known)."""
+        if run_.failure is not None:
+            return
+        run_.failure = failure_of(run_, exc, samples, batch)
+        run_.failure_traceback = "".join(traceback.format_exception(exc))
+        run_.drop()
+        if self.on_failure is not None:
+            self.on_failure(run_.name, run_.failure)
+
+
+FAILURE_REASONS = ("non_finite_loss", "out_of_memory", "learner_process", "error")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What kind of failure ``exc`` is, one of ``FAILURE_REASONS``: a loss that is not finite (``NonFiniteLoss``),
+    memory (``MemoryError``, torch's out-of-memory errors, on a GPU or a CPU, in this process or a learner process),
+    a learner process that failed or died, or any other error.
+
+    >>> failure_reason(NonFiniteLoss("nan")), failure_reason(MemoryError()), failure_reason(ValueError("x"))
+    ('non_finite_loss', 'out_of_memory', 'error')
+    >>> failure_reason(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    'out_of_memory'
+    """
+    text = str(exc).lower()
+    if isinstance(exc, NonFiniteLoss):
+        return "non_finite_loss"
+    if (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text
+            or "can't allocate memory" in text or "cannot allocate memory" in text):
+        return "out_of_memory"
+    if type(exc).__name__ == "LearnerProcessError":  # consumers.runtime.learner_process (imports torch)
+        return "learner_process"
+    return "error"
+
+
+def failure_of(run_: ConfigRun, exc: BaseException, samples: Sequence[Any] | None = None,
+               batch: int | None = None) -> dict[str, Any]:
+    """What summary.json's ``failed`` says of a configuration that raised ``exc``: ``reason`` (``failure_reason``),
+    ``error`` (the exception's type), ``detail`` (its message: a learner process's traceback shortened to its first
+    and last lines), ``where`` (the innermost line of this project's code it came from), ``batch`` (the group's
+    batch, 1-based, being trained when it was noticed; None after the last one), ``event_time_ms`` and
+    ``impression_id`` (that batch's newest event time and first impression; without a batch, the last trained
+    impression's time), ``steps`` and ``trained_samples`` (the steps whose predictions the replay recorded before it,
+    and their samples: those of a learner process may trail ``batch`` by the batches it had not answered)."""
+    times = sample_column(samples, "ts_ms") if samples else []
+    ids = sample_column(samples, "impression_id") if samples else []
+    return {"reason": failure_reason(exc), "error": type(exc).__name__, "detail": _short(str(exc)),
+            "where": _raised_at(exc), "batch": batch,
+            "event_time_ms": max(times) if times else (run_.event_ts_ms[-1] if run_.event_ts_ms else None),
+            "impression_id": ids[0] if ids else None, "steps": len(run_.batch_sizes),
+            "trained_samples": run_.pipeline.trained_samples}
+
+
+def describe_failure(failure: dict[str, Any]) -> str:
+    """A failure (``failure_of``) in one line: where in the replay, after how much, and what.
+
+    >>> said = describe_failure({"reason": "error", "error": "ValueError", "detail": "boom", "where": "m.py:3 in f",
+    ...     "batch": 12, "event_time_ms": 0, "impression_id": "i9", "steps": 11, "trained_samples": 1408})
+    >>> said[:66]
+    "at batch 12 (event time 1970-01-01 00:00:00 UTC, impression 'i9') "
+    >>> said[66:]
+    'after 11 steps (1,408 samples): error: ValueError: boom (m.py:3 in f)'
+    """
+    where = [f"batch {failure['batch']}" if failure.get("batch") is not None else "the end of the replay"]
+    details = []
+    if failure.get("event_time_ms") is not None:
+        details.append(f"event time {_dt(failure['event_time_ms']):%Y-%m-%d %H:%M:%S} UTC")
+    if failure.get("impression_id") is not None:
+        details.append(f"impression {failure['impression_id']!r}")
+    at = where[0] + (f" ({', '.join(details)})" if details else "")
+    raised = f" ({failure['where']})" if failure.get("where") else ""
+    steps = f"{failure['steps']:,} step{'' if failure['steps'] == 1 else 's'}"
+    return (f"at {at} after {steps} ({failure['trained_samples']:,} samples): "
+            f"{failure['reason']}: {failure['error']}: {failure['detail']}{raised}")
+
+
+def _short(text: str, limit: int = 1000) -> str:
+    """An error message on one line: a multi-line one (a learner process's traceback) as its first and last lines."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or [""]
+    short = lines[0]
+    if len(lines) > 1:
+        short += f" {lines[-1]}" if lines[0].endswith(":") else f" ... {lines[-1]}"
+    return short if len(short) <= limit else short[:limit - 3] + "..."
+
+
+def _raised_at(exc: BaseException) -> str | None:
+    """``path:line in function`` of the innermost frame of this project's code in ``exc``'s traceback (paths from
+    the repository's root), or None."""
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename)
+        if path.is_relative_to(REPO_ROOT) and ".venv" not in path.parts and "site-packages" not in path.parts:
+            found = f"{path.relative_to(REPO_ROOT)}:{frame.lineno} in {frame.name}"
+    return found
 
 
 class SharedEncoding:
@@ -1242,13 +1520,54 @@ def summary(result: BacktestResult, input_desc: dict[str, Any],
            "records": result.records, "events": result.events, "batching": result.batching,
            "warnings": warnings, "dead_letter_examples": result.dead_letter_examples,
            "configurations": configurations, "replayed": replayed(result)}
-    if len(result.runs) > 1:
-        runs, started = result.runs, time.perf_counter()
-        out["comparison"] = compare_runs(runs, {n: list(r.pipeline.scored_tasks) for n, r in runs.items()},
-                                         {n: list(r.cfg.model.served_tasks) for n, r in runs.items()}, LAST_FRACTION)
+    if result.failed:  # only then: a summary of a replay where nothing failed is as it always was
+        out["failed"] = {name: {**run_.failure, "traceback": f"traceback_{_slug(name)}.txt"}
+                         for name, run_ in result.failed.items()}
+    if len(result.names) > 1:
+        started = time.perf_counter()
+        out["comparison"] = comparison_of(result)
         if seconds is not None:
             seconds["comparison"] = time.perf_counter() - started
     return out
+
+
+def comparison_of(result: BacktestResult) -> dict[str, Any]:
+    """summary.json's ``comparison``: each configuration against the first (``compare_runs``). One that failed is
+    ``not comparable`` (its predictions stop part-way); when the first failed, every other one is (there is no
+    baseline: a comparison against another configuration would answer another question than the one asked)."""
+    names, runs = result.names, result.runs
+    base = names[0]
+    if base in runs and len(runs) > 1:
+        out = compare_runs(runs, {n: list(r.pipeline.scored_tasks) for n, r in runs.items()},
+                           {n: list(r.cfg.model.served_tasks) for n, r in runs.items()}, LAST_FRACTION)
+    else:
+        out = {"baseline": base, "method": comparison_method(), "configurations": {}}
+    compared = out["configurations"]
+    out["configurations"] = {}
+    for name in names[1:]:
+        if name in result.failed:
+            at = _failed_at(result.failed[name].failure)
+            out["configurations"][name] = _not_compared(f"`{name}` failed ({at}): its predictions stop there")
+        elif base in result.failed:
+            at = _failed_at(result.failed[base].failure)
+            out["configurations"][name] = _not_compared(
+                f"the baseline `{base}` failed ({at}): there is nothing to compare with; replay without it to "
+                "compare the others")
+        else:
+            out["configurations"][name] = compared[name]
+    return out
+
+
+def _not_compared(why: str) -> dict[str, Any]:
+    """A comparison entry for a configuration that cannot be compared at all (the shape of ``compare_runs``')."""
+    return {"samples": 0, "only_baseline": 0, "only_this": 0, "tasks": {}, "verdict": "not comparable", "why": why,
+            "summary": f"not comparable: {why}"}
+
+
+def _failed_at(failure: dict[str, Any]) -> str:
+    """``non_finite_loss at batch 12`` (or ``... at the end of the replay``)."""
+    at = f"batch {failure['batch']:,}" if failure.get("batch") is not None else "the end of the replay"
+    return f"{failure['reason']} at {at}"
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
@@ -1281,16 +1600,17 @@ def replayed(result: BacktestResult) -> dict[str, Any]:
     times = [t for run_ in result.runs.values() for t in (min(run_.event_ts_ms, default=None),
                                                            max(run_.event_ts_ms, default=None)) if t is not None]
     groups: dict[str, list[str]] = {}
-    for name, run_ in result.runs.items():
+    every = result.all_runs()  # a configuration that failed was replayed too (its settings may say why it failed)
+    for name, run_ in every.items():
         groups.setdefault(run_.leader or name, []).append(name)
     return {"event_time_ms": {"first": min(times, default=None), "last": max(times, default=None)},
             "groups": list(groups.values()),
-            "config_differences": config_differences({n: r.cfg.to_dict() for n, r in result.runs.items()})}
+            "config_differences": config_differences({n: r.cfg.to_dict() for n, r in every.items()})}
 
 
 def _dead_letters_by_reason(result: BacktestResult, run_: ConfigRun) -> dict[str, int]:
     """A configuration's dead letters by reason: its group leader's, whose stream it shares (one join)."""
-    metrics = (result.runs[run_.leader] if run_.leader is not None else run_).pipeline.metrics
+    metrics = (result.all_runs()[run_.leader] if run_.leader is not None else run_).pipeline.metrics
     return {sample.labels["reason"]: int(sample.value) for sample in metrics.dead_letters_total.collect()[0].samples
             if sample.name.endswith("_total")}
 
@@ -1372,14 +1692,20 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
         path = out / f"series_{_slug(name)}.csv"
         path.write_text(series_csv(run_.series))
         written.append(path)
+    for name, run_ in result.failed.items():  # the whole traceback, which summary.json's one line shortens
+        path = out / f"traceback_{_slug(name)}.txt"
+        path.write_text(f"configuration {name!r} failed {describe_failure(run_.failure)}\n\n"
+                        f"{run_.failure_traceback or ''}")
+        written.append(path)
     # the command and the code's state: not results, and the command names --out, so not in summary.json
     timing = {"seconds": round(result.seconds, 3), "records_per_s": round(result.records / max(result.seconds, 1e-9)),
               "command": command, "directory": os.getcwd(), "code": code_version(),
               "comparison_seconds": round(seconds.get("comparison", 0.0), 3),
               "intake": result.intake, **result.processes,
               "configurations": {name: {"seconds": round(r.seconds, 3),
-                                        "samples_per_s": round(r.pipeline.trained_samples / max(r.seconds, 1e-9))}
-                                 for name, r in result.runs.items()}}
+                                        "samples_per_s": round(r.pipeline.trained_samples / max(r.seconds, 1e-9)),
+                                        **({"failed": True} if r.failure is not None else {})}
+                                 for name, r in result.all_runs().items()}}
     path = out / "timing.json"
     path.write_text(json.dumps(timing, indent=2, sort_keys=True) + "\n")
     written.append(path)
@@ -1468,8 +1794,8 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     lines = ["# Backtest report", "",
              f"Input: {source}; {data['records']:,} records, {data['events']:,} events. Replayed through the trainer's "
              "pipeline (consumers.core.pipeline) on event time; every prediction was made before the model learnt from "
-             "its sample (prequential).", "", *_provenance_lines(data, timing), *_comparison_lines(data),
-             *_batching_lines(data)]
+             "its sample (prequential).", "", *_failed_lines(data), *_provenance_lines(data, timing),
+             *_comparison_lines(data), *_batching_lines(data)]
     last_key = f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct"
     ranking_last_key = f"ranking_last_{int(LAST_FRACTION * 100)}pct"
     tasks = list(dict.fromkeys(t for c in data["configurations"].values() for t in c["tasks"]))
@@ -1551,12 +1877,13 @@ def _provenance_lines(data: dict[str, Any], timing: dict[str, Any]) -> list[str]
             if modified else " (no tracked file modified)."))
     if timing.get("command"):
         lines += [f"Command (run in `{timing.get('directory', '.')}`):", "", f"    {timing['command']}"]
-    configurations = list(data["configurations"])
+    # the first configuration given (the comparison's baseline), which may have failed
+    first = (data.get("comparison") or {}).get("baseline") or next(iter(data["configurations"]), None)
     differences = data.get("replayed", {}).get("config_differences", {})
     if differences:
-        lines += ["", f"Settings of each configuration that differ from the first's (`{configurations[0]}`), of the "
+        lines += ["", f"Settings of each configuration that differ from the first's (`{first}`), of the "
                   "effective configuration (file, environment and `--set`):", "",
-                  f"| configuration | setting | {configurations[0]} | this one |", "|---|---|---|---|"]
+                  f"| configuration | setting | {first} | this one |", "|---|---|---|---|"]
         for name, changed in differences.items():
             lines += [f"| {name} | `{key}` | {_setting(a)} | {_setting(b)} |" for key, (a, b) in changed.items()]
             if not changed:
@@ -1567,6 +1894,24 @@ def _provenance_lines(data: dict[str, Any], timing: dict[str, Any]) -> list[str]
             ", ".join(g) for g in groups) + ". Each group has its own samples and labels; the comparison below "
             "pairs the samples both trained and says where the labels differ."]
     return [*lines, ""] if lines else []
+
+
+def _failed_lines(data: dict[str, Any]) -> list[str]:
+    """The report's first section when a configuration failed: which, where in the replay, after how much, and why."""
+    failed = data.get("failed")
+    if not failed:
+        return []
+    every = not data["configurations"]
+    lines = ["## Failed configurations", "",
+             ("**Every configuration failed: there is no result.** The replay stopped after "
+              f"{data['records']:,} records, when the last one failed." if every else
+              "These configurations failed part-way and were dropped from the replay there; the others went on to the "
+              "end with the same batches (their numbers below are whole). A failed configuration is in no table "
+              "below."), ""]
+    for name, failure in failed.items():
+        lines.append(f"- **`{name}`** failed {describe_failure(failure)}. The whole traceback: "
+                     f"`{failure.get('traceback', '')}`.")
+    return [*lines, ""]
 
 
 def _setting(value: Any) -> str:
