@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError
 
 from streamer.events import DEAD_LETTER_TOPIC, FEEDBACK_TOPIC, IMPRESSION_TOPIC, MODEL_TOPIC
@@ -49,17 +50,10 @@ def ensure_topics(
         name: {"num_partitions": partitions, "replication_factor": 1}
         for name in (impression_topic, feedback_topic, dead_letter_topic)
     }
-    wanted[model_topic] = {
-        "num_partitions": 1,
-        "replication_factor": 1,
-        "configs": {"cleanup.policy": "compact", "max.message.bytes": str(model_max_message_bytes)},
-    }
+    wanted[model_topic] = model_topic_spec(model_max_message_bytes)
     timeout_ms = int(timeout_s * 1000)
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="crossdistil-ensure-topics",
-                                 request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms,
-                                 **{k: v for k, v in (client_options or {}).items()
-                                    if k in KafkaAdminClient.DEFAULT_CONFIG})
+        admin = _admin(bootstrap, "crossdistil-ensure-topics", timeout_ms, client_options)
     except Exception as exc:
         raise TopicError(
             f"Kafka at {bootstrap} is not reachable ({type(exc).__name__}); "
@@ -79,3 +73,64 @@ def ensure_topics(
         return {name: result[name] for name in wanted}
     finally:
         admin.close()
+
+
+def model_topic_spec(max_message_bytes: int = MODEL_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """How the model topic is made: one partition (publications stay in order), compacted (the newest message of
+    each key stays, however old), messages up to ``max_message_bytes``."""
+    return {"num_partitions": 1, "replication_factor": 1,
+            "configs": {"cleanup.policy": "compact", "max.message.bytes": str(max_message_bytes)}}
+
+
+def create_model_topic(bootstrap: str, topic: str, *, client_options: Mapping[str, Any] | None = None,
+                       max_message_bytes: int = MODEL_MAX_MESSAGE_BYTES, timeout_s: float = 10.0) -> bool:
+    """Create the model topic ``topic`` as ``model_topic_spec`` says; False when it exists already. Raises
+    ``kafka.errors.KafkaError`` when Kafka refuses (e.g. the client may not create topics)."""
+    timeout_ms = int(timeout_s * 1000)
+    admin = _admin(bootstrap, "crossdistil-model-topic", timeout_ms, client_options)
+    try:
+        admin.create_topics({topic: model_topic_spec(max_message_bytes)}, timeout_ms=timeout_ms)
+        admin.wait_for_topics([topic], timeout_ms=timeout_ms)
+        return True
+    except TopicAlreadyExistsError:
+        return False
+    finally:
+        admin.close()
+
+
+def _admin(bootstrap: str, client_id: str, timeout_ms: int, client_options: Mapping[str, Any] | None) -> Any:
+    """An admin client; ``client_options`` (security, the daemons' ``bootstrap_timeout_ms``) win over the timeouts."""
+    options = {"request_timeout_ms": timeout_ms, "bootstrap_timeout_ms": timeout_ms,
+               **{k: v for k, v in (client_options or {}).items() if k in KafkaAdminClient.DEFAULT_CONFIG}}
+    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id, **options)
+
+
+def honour_auto_create(client: Any) -> Any:
+    """``client`` (a kafka-python consumer or producer), made to keep its own ``allow_auto_create_topics``.
+
+    kafka-python 3.0.12 never hands that setting to the cluster metadata its requests are built from, so every
+    client asks the broker to create the topics it reads: on a broker with ``auto.create.topics.enable=true``
+    (Kafka's default, and ``crossdistil kafka up``'s) a consumer subscribed to a topic not made yet, or assigned to
+    one that is deleted, creates it with the broker's defaults, e.g. a model topic without compaction. Should a
+    later kafka-python keep its metadata elsewhere this does nothing (``tests/integration/test_auto_create_kafka.py``
+    then fails).
+    """
+    cluster = getattr(client, "_cluster", None) or getattr(client, "_metadata", None)
+    settings = getattr(cluster, "config", None)
+    if isinstance(settings, dict) and "allow_auto_create_topics" in settings:
+        settings["allow_auto_create_topics"] = bool(client.config.get("allow_auto_create_topics", True))
+    return client
+
+
+def cleanup_policy(bootstrap: str, topic: str, *, client_options: Mapping[str, Any] | None = None,
+                   timeout_s: float = 10.0) -> str | None:
+    """``topic``'s ``cleanup.policy`` (``"compact"``, ``"delete"``, ``"compact,delete"``), or None when the topic
+    does not exist. Raises ``kafka.errors.KafkaError`` when Kafka cannot say (unreachable, not authorised)."""
+    admin = _admin(bootstrap, "crossdistil-topic-config", int(timeout_s * 1000), client_options)
+    try:
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": None})],
+                                       config_filter="all")
+    finally:
+        admin.close()
+    entry = found.get("topic", {}).get(topic, {}).get("cleanup.policy")
+    return None if entry is None else str(entry["value"])

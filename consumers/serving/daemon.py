@@ -24,6 +24,7 @@ from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.api import ApiServer, serve_api
 from consumers.serving.follower import MAX_MESSAGE_BYTES, CheckpointFollower, ModelHolder, ServedModel
 from streamer.kafka_security import connection_failure, preflight
+from streamer.topics import honour_auto_create
 
 log = logging.getLogger("crossdistil.serving")
 
@@ -120,4 +121,4 @@ def connect(bootstrap: str, options: dict[str, Any]) -> KafkaConsumer:
     """Serving's consumer of ``options``, after the preflight checks (a wrong listener or a refused SASL login is
     said at once, not after kafka-python's 10 s); ``KafkaError`` when Kafka cannot be reached."""
     preflight(bootstrap, options)
-    return KafkaConsumer(**options)
+    return honour_auto_create(KafkaConsumer(**options))

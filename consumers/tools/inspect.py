@@ -427,6 +427,8 @@ def _run_serving(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
 
+    from streamer.topics import honour_auto_create  # lazy: kafka-python, which the checkpoint view never needs
+
     topic = args.topic or KafkaConfig().model_topic
     options: dict[str, Any] = {
         "bootstrap_servers": args.bootstrap, "group_id": None, "enable_auto_commit": False,  # reads only
@@ -440,7 +442,7 @@ def _run_serving(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     try:
         preflight(args.bootstrap, options)
-        consumer = KafkaConsumer(**options)
+        consumer = honour_auto_create(KafkaConsumer(**options))
     except KafkaError as exc:
         print(f"crossdistil inspect: {connection_failure(args.bootstrap, options, exc, hint='or set --bootstrap')}",
               file=sys.stderr)

@@ -93,7 +93,7 @@ from consumers.state.ledger import Ledger
 from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.freshness import Freshness
-from consumers.trainer.kafka_io import KafkaIO, connect, newest_published_version
+from consumers.trainer.kafka_io import KafkaIO, check_model_topic, connect, newest_published_version
 from consumers.trainer.publisher import Publisher, retry_delay_s
 from streamer.events import EventError
 from streamer.kafka_security import connection_failure
@@ -287,7 +287,9 @@ class Trainer:
 
     def _continue_versions(self) -> None:
         """Publish above the newest version on the serving topic (another checkpoint directory may have written it);
-        a topic that cannot be read now only leaves the checkpoint's version, as before."""
+        a topic that cannot be read now only leaves the checkpoint's version, as before. A missing topic is made
+        first, compacted (``kafka_io.check_model_topic``)."""
+        check_model_topic(self.cfg.kafka)
         try:
             self.publisher.continue_after(newest_published_version(self.cfg.kafka))
         except KafkaError as exc:

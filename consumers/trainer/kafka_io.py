@@ -27,13 +27,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import CorruptRecordError, FencedInstanceIdError, UnsupportedCodecError
+from kafka.errors import CorruptRecordError, FencedInstanceIdError, KafkaError, UnsupportedCodecError
 
 from consumers.core.join import AttributionJoin
 from consumers.runtime.config import KafkaConfig, kafka_client_options
 from consumers.runtime.ranks import owned_partitions
 from consumers.state.wire import manifest_version
 from streamer.kafka_security import preflight
+from streamer.topics import cleanup_policy, create_model_topic, honour_auto_create
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -79,9 +80,9 @@ def newest_published_version(k: KafkaConfig, timeout_s: float = 10.0) -> int:
     """
     options = {k_: v for k_, v in kafka_client_options(k).items() if k_ in KafkaConsumer.DEFAULT_CONFIG}
     # No auto-creation: a model topic created by a metadata request would lack compaction (streamer.topics makes it).
-    consumer = KafkaConsumer(bootstrap_servers=k.bootstrap, group_id=None, enable_auto_commit=False,
-                             allow_auto_create_topics=False, max_partition_fetch_bytes=32 << 20,
-                             fetch_max_bytes=64 << 20, **options)
+    consumer = honour_auto_create(KafkaConsumer(bootstrap_servers=k.bootstrap, group_id=None, enable_auto_commit=False,
+                                                allow_auto_create_topics=False, max_partition_fetch_bytes=32 << 20,
+                                                fetch_max_bytes=64 << 20, **options))
     try:
         if not consumer.partitions_for_topic(k.model_topic):
             return 0
@@ -104,6 +105,32 @@ def newest_published_version(k: KafkaConfig, timeout_s: float = 10.0) -> int:
         return 0
     finally:
         consumer.close()
+
+
+def check_model_topic(k: KafkaConfig) -> None:
+    """Before the first publication: make ``k.model_topic`` if it is missing (one partition, compacted:
+    ``streamer.topics.model_topic_spec``), and warn when it exists without compaction. A missing topic would
+    otherwise be made by the producer's first send with the broker's defaults (on a broker that creates topics):
+    publications kept only for ``retention.ms``, so the newest one too once the trainer has been stopped that long.
+    Kafka refusing to say or to create it is a warning: publication goes on as before."""
+    options = kafka_client_options(k)
+    try:
+        policy = cleanup_policy(k.bootstrap, k.model_topic, client_options=options)
+        if policy is None:
+            if create_model_topic(k.bootstrap, k.model_topic, client_options=options):
+                log.info("created the serving topic %s (one partition, compacted)", k.model_topic)
+            return
+    except KafkaError as exc:
+        log.warning("could not check or create the serving topic %s (%s: %s); the first publication creates it "
+                    "with the broker's defaults if the broker creates topics (then without compaction)",
+                    k.model_topic, type(exc).__name__, exc)
+        return
+    if "compact" not in policy.split(","):
+        log.warning("the serving topic %s has cleanup.policy=%s, not compact: every publication is kept until "
+                    "retention.ms deletes it, the newest too once the trainer has been stopped that long (new serving "
+                    "replicas then find no model). Make it compacted: kafka-configs.sh --bootstrap-server %s --alter "
+                    "--entity-type topics --entity-name %s --add-config cleanup.policy=compact", k.model_topic,
+                    policy, k.bootstrap, k.model_topic)
 
 
 def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer, KafkaProducer]:
