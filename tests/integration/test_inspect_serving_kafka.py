@@ -4,36 +4,26 @@ complete or not, read without a consumer group."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from consumers.cli import main
 from consumers.tools.inspect import EXIT_KAFKA, EXIT_OK
-from streamer.topics import ensure_topics
-from tests.integration.test_serving_kafka import Publisher, checkpoint_messages, make_learner, train
+from tests.integration.test_serving_kafka import (
+    Publisher,
+    checkpoint_messages,
+    make_learner,
+    publisher,  # noqa: F401 (fixture)
+    topic,  # noqa: F401 (fixture)
+    train,
+)
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def topic(kafka_broker: str, unique_topic: Callable[[str], str]) -> str:
-    """A serving topic made as the trainer's (compacted, large messages)."""
-    name = unique_topic("model")
-    ensure_topics(kafka_broker, 1, impression_topic=unique_topic("imp"), feedback_topic=unique_topic("fb"),
-                  dead_letter_topic=unique_topic("dl"), model_topic=name)
-    return name
-
-
-@pytest.fixture
-def publisher(kafka_broker: str, topic: str) -> Iterator[Publisher]:
-    pub = Publisher(kafka_broker, topic)
-    yield pub
-    pub.close()
-
-
-def test_inspect_serving_lists_each_publication_newest_first_complete_or_not(kafka_broker: str, topic: str,
-                                                                             publisher: Publisher, capsys) -> None:
+def test_inspect_serving_lists_each_publication_newest_first_complete_or_not(
+        kafka_broker: str, topic: str, publisher: Publisher, capsys) -> None:  # noqa: F811
     from kafka import KafkaAdminClient
 
     learner = make_learner()

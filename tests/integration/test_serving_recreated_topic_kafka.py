@@ -5,32 +5,25 @@ versions must grow again from there."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from streamer.topics import MODEL_MAX_MESSAGE_BYTES, ensure_topics
+from streamer.topics import model_topic_spec
 from tests.integration.test_serving_kafka import (
     Publisher,
     RunningServing,
     checkpoint_messages,
     make_learner,
     start_serving,  # noqa: F401 (fixture)
+    topic,  # noqa: F401 (fixture)
     train,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def topic(kafka_broker: str, unique_topic: Callable[[str], str]) -> str:
-    name = unique_topic("model")
-    ensure_topics(kafka_broker, 1, impression_topic=unique_topic("imp"), feedback_topic=unique_topic("fb"),
-                  dead_letter_topic=unique_topic("dl"), model_topic=name)
-    return name
 
 
 @pytest.fixture
@@ -40,35 +33,33 @@ def admin(kafka_broker: str) -> Iterator[KafkaAdminClient]:
     client.close()
 
 
-def topic_id(admin: KafkaAdminClient, topic: str) -> object:
-    (described,) = admin.describe_topics([topic])
+def topic_id(admin: KafkaAdminClient, name: str) -> object:
+    (described,) = admin.describe_topics([name])
     return described.get("topic_id")
 
 
-def delete_and_create_again(admin: KafkaAdminClient, topic: str, timeout_s: float = 60.0) -> None:
-    """Delete ``topic`` and create it again as the operator would (compacted, large messages). The local broker
-    auto-creates topics, and kafka-python's consumer asks for that whatever its allow_auto_create_topics, so the
-    replica itself may create the new topic first (uncompacted): either way a new topic, with a new id."""
-    old = topic_id(admin, topic)
-    admin.delete_topics([topic])
+def delete_and_create_again(admin: KafkaAdminClient, name: str, timeout_s: float = 60.0) -> None:
+    """Delete ``name`` and create it again as the operator would (compacted, large messages): a new topic, with a
+    new id. (The replica's consumer never creates it: ``streamer.topics.honour_auto_create``.)"""
+    old = topic_id(admin, name)
+    admin.delete_topics([name])
     deadline = time.monotonic() + timeout_s
     while True:
-        assert time.monotonic() < deadline, f"{topic} was not created again within {timeout_s} s"
+        assert time.monotonic() < deadline, f"{name} was not created again within {timeout_s} s"
         try:
-            admin.create_topics([NewTopic(topic, 1, 1, topic_configs={
-                "cleanup.policy": "compact", "max.message.bytes": str(MODEL_MAX_MESSAGE_BYTES)})])
+            admin.create_topics([NewTopic(name, 1, 1, topic_configs=model_topic_spec()["configs"])])
             return
-        except TopicAlreadyExistsError:  # still being deleted, or created again by the replica's consumer
+        except TopicAlreadyExistsError:  # still being deleted
             try:
-                if topic_id(admin, topic) not in (None, old):
+                if topic_id(admin, name) not in (None, old):
                     return
             except Exception:  # between deletion and creation: the topic is unknown for a moment
                 pass
             time.sleep(0.2)
 
 
-def test_a_replica_serves_a_recreated_topics_publication_without_a_restart(kafka_broker: str, topic: str, admin,
-                                                                         start_serving) -> None:  # noqa: F811
+def test_a_replica_serves_a_recreated_topics_publication_without_a_restart(
+        kafka_broker: str, topic: str, admin, start_serving) -> None:  # noqa: F811
     old_trainer = make_learner(seed=0)
     publisher = Publisher(kafka_broker, topic)
     try:
