@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from streamer.datasets import open_dataset
 from streamer.datasets.base import DatasetError, Interaction
-from streamer.eventlog import EventLogError, path_from_url, read_event_log
+from streamer.eventlog import DamagedRecords, EventLogError, path_from_url, read_event_log
 from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError, validate
 from streamer.kafka_security import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
 
@@ -116,17 +116,24 @@ class LogReplay:
     """The records of an event log as routed events (a batch envelope in a record is unwrapped, keeping its key).
 
     ``where(routed)`` names the record the latest event came from (``event log PATH: record 12``), for errors.
+    ``skip_damaged``: the log's damaged records are skipped (``streamer.eventlog.read_event_log_entries``) and
+    counted in ``damaged`` (a ``DamagedRecords``, new at each iteration) instead of stopping the stream.
     """
 
-    def __init__(self, path: str, limit: int | None = None) -> None:
+    def __init__(self, path: str, limit: int | None = None, skip_damaged: bool = False) -> None:
         self.path = path
         self.limit = limit
+        self.skip_damaged = skip_damaged
+        self.damaged: DamagedRecords | None = None
         self._record = 0
         self._in_envelope: int | None = None  # the event's place in its record's batch envelope, if it had one
 
     def __iter__(self) -> Iterator[RoutedEvent]:
         count = 0
-        for index, record in enumerate(read_event_log(self.path)):
+        self.damaged = damaged = DamagedRecords() if self.skip_damaged else None
+        for index, record in enumerate(read_event_log(self.path, damaged)):
+            if damaged is not None:
+                index += damaged.records  # the record's index in the file: the skipped ones came before it
             batch = record.event.get("batch")
             inner = batch if isinstance(batch, list) else [record.event]
             for place, event in enumerate(inner):
@@ -142,9 +149,9 @@ class LogReplay:
         return f"event log {self.path}: record {self._record}{place}"
 
 
-def replay_log(path: str, limit: int | None = None) -> LogReplay:
+def replay_log(path: str, limit: int | None = None, skip_damaged: bool = False) -> LogReplay:
     """The records of an event log as routed events; see ``LogReplay``."""
-    return LogReplay(path, limit)
+    return LogReplay(path, limit, skip_damaged)
 
 
 def dataset_origin(data: Any, name: str) -> Callable[[RoutedEvent], str]:
@@ -353,20 +360,26 @@ def parse_options(pairs: Iterable[str]) -> dict[str, str]:
 def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | None = None,
                    options: dict[str, Any] | None = None, speed: str | float | None = "max", limit: int | None = None,
                    envelope: int = 1, impression_topic: str = IMPRESSION_TOPIC, feedback_topic: str = FEEDBACK_TOPIC,
-                   progress: bool = False, producer_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                   progress: bool = False, producer_config: dict[str, Any] | None = None,
+                   skip_damaged: bool = False) -> dict[str, Any]:
     """Stream a data set (``dataset="log"``: an event log at ``source``) to ``to``; return the summary.
 
-    Raises ``StreamError`` (or ``DatasetError`` / ``SinkError``, both with user-facing messages) on bad input.
+    ``skip_damaged`` (an event log only): its damaged records are skipped instead of stopping the stream, and the
+    summary's ``skipped_records`` (``DamagedRecords.to_dict``) counts them. Raises ``StreamError`` (or
+    ``DatasetError`` / ``SinkError``, both with user-facing messages, or ``EventLogError``) on bad input.
     """
     from streamer.sinks import open_sink  # lazy: the Kafka client loads only when events are written
 
     factor = parse_speed(speed) if isinstance(speed, str) else speed
     if envelope < 1:
         raise StreamError(f"--envelope {envelope} must be >= 1")
+    if skip_damaged and dataset != "log":
+        raise StreamError("--skip-damaged applies to --dataset log (an event log's damaged records)")
+    replay = None
     if dataset == "log":
         if not source:
             raise StreamError("--dataset log needs --source file://PATH (an event log)")
-        replay = replay_log(str(path_from_url(source)), limit=limit)
+        replay = replay_log(str(path_from_url(source)), limit=limit, skip_damaged=skip_damaged)
         routed: Iterable[RoutedEvent] = replay
         origin = replay.where
         tasks: tuple[str, ...] = ()
@@ -380,9 +393,12 @@ def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | 
         bounds = [x for x in (getattr(data, "n_interactions", None), limit) if x is not None]
         total = min(bounds) if bounds else None
     sink = open_sink(to, (impression_topic, feedback_topic), envelope=envelope, producer_config=producer_config)
-    return stream_events(routed, sink, speed=factor, tasks=tasks, impression_topic=impression_topic,
-                         feedback_topic=feedback_topic, progress=progress, total_impressions=total,
-                         dataset=dataset, to=to, origin=origin)
+    summary = stream_events(routed, sink, speed=factor, tasks=tasks, impression_topic=impression_topic,
+                            feedback_topic=feedback_topic, progress=progress, total_impressions=total,
+                            dataset=dataset, to=to, origin=origin)
+    if replay is not None and replay.damaged is not None:
+        summary["skipped_records"] = replay.damaged.to_dict()
+    return summary
 
 
 def print_summary(summary: dict[str, Any], file=None) -> None:
@@ -423,6 +439,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"than {MAX_PACED_GAP_MS // 86_400_000} days after the latest before it (a wrong time it "
                              "would wait out)")
     parser.add_argument("--limit", type=int, help="stop after N impressions (for --dataset log: N events)")
+    parser.add_argument("--skip-damaged", action="store_true",
+                        help="--dataset log: skip the log's damaged records (not {topic, key, event}, a string that "
+                             "is not UTF-8, a last record cut short) instead of stopping at the first, and say how "
+                             "many on stderr; bytes that are not msgpack still stop the stream")
     parser.add_argument("--envelope", type=int, default=1,
                         help="Kafka only: N events per {v:1, batch:[...]} message (default 1: single events)")
     parser.add_argument("--impressions-topic", default=IMPRESSION_TOPIC, help="default: %(default)s")
@@ -447,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
                 args.dataset, args.source, args.to, mapping=args.mapping, options=parse_options(args.option),
                 speed=args.speed, limit=args.limit, envelope=args.envelope, impression_topic=args.impressions_topic,
                 feedback_topic=args.feedback_topic, progress=not args.quiet and sys.stderr.isatty(),
-                producer_config=producer_config,
+                producer_config=producer_config, skip_damaged=args.skip_damaged,
             )
     except (StreamError, DatasetError, SinkError, EventLogError, EventError, SecurityError) as exc:
         print(f"crossdistil stream: {exc}", file=sys.stderr)
@@ -461,6 +481,10 @@ def run(args: argparse.Namespace) -> int:
         raise
     if not args.quiet:
         print_summary(summary)
+    skipped = summary.get("skipped_records")
+    if skipped and skipped["records"]:  # even with --quiet: the stream has less than the log
+        print(f"crossdistil stream: warning: {args.source}: {DamagedRecords.from_dict(skipped).describe()} "
+              "(--skip-damaged): those records were not streamed", file=sys.stderr)
     return 0
 
 

@@ -79,7 +79,7 @@ from consumers.tools.intake import (
     parse_size,
 )
 from models.features import batch_from_columns
-from streamer.eventlog import EventLogError
+from streamer.eventlog import DamagedRecords, EventLogError
 from streamer.events import EventError, decode_events
 from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure, preflight
 
@@ -153,6 +153,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "smallest metrics window, e.g. 2500 for windows [10000, 100000]; a point costs an exact "
                              "AUC of every window)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N records")
+    parser.add_argument("--skip-damaged", action="store_true",
+                        help="--log: skip the log's damaged records (not {topic, key, event}, a string that is not "
+                             "UTF-8, a last record cut short) instead of stopping at the first; they are counted "
+                             "in summary.json (skipped_records), the report's warnings and on stderr. Bytes that are "
+                             "not msgpack still stop the replay")
     parser.add_argument("--torch-threads", type=int, default=1, metavar="N",
                         help="torch intra-op threads (default 1: bit-for-bit reproducible, and fastest on a busy "
                              "machine)")
@@ -179,8 +184,12 @@ def run(args: argparse.Namespace) -> int:
                                  "--limit)")
             records, input_desc = log_records(args.log, parse_time(args.from_time), parse_time(args.to_time),
                                               args.limit, topics=[cfg0.kafka.impressions_topic,
-                                                                  cfg0.kafka.feedback_topic])
+                                                                  cfg0.kafka.feedback_topic],
+                                              skip_damaged=args.skip_damaged)
         else:
+            if args.skip_damaged:
+                raise ValueError("--skip-damaged applies to an event log (--log): a Kafka record that is not a valid "
+                                 "message is a dead letter already, as in the trainer")
             records, input_desc = kafka_records(
                 args.kafka, [cfg0.kafka.impressions_topic, cfg0.kafka.feedback_topic],
                 from_offset=args.from_offset, to_offset=args.to_offset,
@@ -205,9 +214,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if result.records == 0:
         ranged = any(v is not None for v in (args.from_time, args.to_time, args.from_offset, args.to_offset))
+        damaged = DamagedRecords.from_dict(result.damaged) if result.damaged else None
         print(f"crossdistil backtest: nothing to replay: {args.log or args.kafka} has no records"
-              f"{' in the range given (check --from-time/--to-time/--from-offset/--to-offset)' if ranged else ''}; "
-              "no outputs written", file=sys.stderr)
+              f"{' in the range given (check --from-time/--to-time/--from-offset/--to-offset)' if ranged else ''}"
+              f"{f' that are not damaged ({damaged.describe()})' if damaged else ''}; no outputs written",
+              file=sys.stderr)
         return 2
     try:
         _, data = write_outputs(result, out, input_desc, plots=not args.no_plots, command=command_line())
@@ -649,6 +660,8 @@ class BacktestResult:
     # the configurations that failed part-way and were dropped (``ConfigRun.failure`` says why), not in ``runs``
     failed: dict[str, ConfigRun] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # every configuration's name, in the order given
+    # an event log read with skip_damaged: what was skipped (``streamer.eventlog.DamagedRecords.to_dict``); None: strict
+    damaged: dict[str, Any] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -722,20 +735,23 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     by_process = intake != "inline" and why_inline is None
     started = time.perf_counter()
     examples: list[str] = []  # the first bad events, described
+    skipping = isinstance(records, LogRecords) and records.skip_damaged
+    damaged = DamagedRecords() if skipping else None  # what a log read with skip_damaged skipped
     with _progress(progress, total, progress_unit) as advance:
         processes: dict[str, Any] = {}
         if by_process:
-            n_records, n_events, intake, processes = _replay_with_intake(
+            n_records, n_events, intake, processes, damaged = _replay_with_intake(
                 records, runs, list(leaders.values()), advance, progress_unit, replay_cache, replay_cache_limit,
                 examples, failures)
         else:
-            n_records, n_events = _replay_inline(records, leaders, batching == "dense", advance, progress_unit,
-                                                 examples, failures)
+            n_records, n_events = _replay_inline(records.read(damaged) if skipping else records, leaders,
+                                                 batching == "dense", advance, progress_unit, examples, failures)
+            damaged = damaged.to_dict() if damaged is not None else None
         _finish(runs, failures)
     finished = {name: run_ for name, run_ in runs.items() if run_.failure is None}
     failed = {name: run_ for name, run_ in runs.items() if run_.failure is not None}
     return BacktestResult(finished, n_records, n_events, time.perf_counter() - started, batching,
-                          intake if by_process else "inline", processes, examples, failed, list(runs))
+                          intake if by_process else "inline", processes, examples, failed, list(runs), damaged)
 
 
 def _finish(runs: dict[str, ConfigRun], failures: _Failures) -> None:
@@ -931,10 +947,12 @@ def _step_cost(run_: ConfigRun) -> int:
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
                         progress_unit: str, replay_cache: Any, replay_cache_limit: int,
-                        examples: list[str], failures: _Failures) -> tuple[int, int, str, dict[str, Any]]:
+                        examples: list[str], failures: _Failures
+                        ) -> tuple[int, int, str, dict[str, Any], dict[str, Any] | None]:
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
     cache holds; the join's final state, dead letters (with the first ones described, into ``examples``) and stream
-    counters are the intake's. (records, events, the intake: "process" or "cache", ``BacktestResult.processes``).
+    counters are the intake's. (records, events, the intake: "process" or "cache", ``BacktestResult.processes``,
+    ``BacktestResult.damaged``: what the intake skipped of a log read with skip_damaged).
     Once every configuration has failed the intake is stopped (and no cache entry is kept: it would be cut short)."""
     groups = [_intake_group(leader) for leader in leaders]
     cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY,
@@ -974,7 +992,7 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
         processes["intake_wait_s"] = round(source.waited_s, 3)
     if cache is not None:
         processes["replay_cache"] = _cache_upkeep(cache, cached, spool)
-    return counts["records"], counts["events"], "cache" if cached else "process", processes
+    return counts["records"], counts["events"], "cache" if cached else "process", processes, counts.get("damaged")
 
 
 def _cache_upkeep(cache: ReplayCache, cached: bool, spool: Any) -> dict[str, Any]:
@@ -1018,6 +1036,7 @@ def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], curren
             leaders[index].stream.train_batch(samples)
     elif op == "done":
         counts["intake_cpu_s"] = message["cpu_s"]
+        counts["damaged"] = message.get("damaged")
         counts["dead_letter_examples"] += message.get("dead_letter_examples", [])
         for leader, final in zip(leaders, message["groups"]):
             _take_stream_state(leader, final)
@@ -1515,11 +1534,13 @@ def summary(result: BacktestResult, input_desc: dict[str, Any],
         gate = pipeline.metrics.kd_gate_summary()  # a gated configuration's distillation
         if gate:
             configurations[name]["kd_gate"] = gate
-    warnings = batching_warnings(result) + replay_stream_warnings(result)
+    warnings = damage_warnings(result) + batching_warnings(result) + replay_stream_warnings(result)
     out = {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
            "records": result.records, "events": result.events, "batching": result.batching,
            "warnings": warnings, "dead_letter_examples": result.dead_letter_examples,
            "configurations": configurations, "replayed": replayed(result)}
+    if result.damaged is not None:  # --skip-damaged: what it skipped, even nothing (a strict replay's has no key)
+        out["skipped_records"] = result.damaged
     if result.failed:  # only then: a summary of a replay where nothing failed is as it always was
         out["failed"] = {name: {**run_.failure, "traceback": f"traceback_{_slug(name)}.txt"}
                          for name, run_ in result.failed.items()}
@@ -1529,6 +1550,15 @@ def summary(result: BacktestResult, input_desc: dict[str, Any],
         if seconds is not None:
             seconds["comparison"] = time.perf_counter() - started
     return out
+
+
+def damage_warnings(result: BacktestResult) -> list[str]:
+    """The warning of a log read with ``--skip-damaged`` that had damaged records: how many, of what kind, where."""
+    if not result.damaged or not result.damaged["records"]:
+        return []
+    said = DamagedRecords.from_dict(result.damaged).describe()
+    return [f"--skip-damaged: {said}: this replay ran on the rest of the log, in no figure of it; summary.json's "
+            "skipped_records names the first ones (record: its index in the file)"]
 
 
 def comparison_of(result: BacktestResult) -> dict[str, Any]:

@@ -14,14 +14,15 @@ backtest.run_backtest``) in one of two ways:
   of the replay is the same bit for bit (``tests/unit/consumers/tools/test_backtest_intake.py``).
 
 The child does not import torch (it starts in ~0.1 s) and never sees a learner. Protocol: the hello (JSON: the
-log, its range, the topics a trainer reads, the groups' join settings, batch sizes, tasks and feature sets) on the
-child's stdin; then length-framed msgpack maps on a pipe, child to parent only (nothing is pickled), in this order:
-``read`` (records, events and bytes read so far, after each chunk), ``batch`` (a group's batch: each sample's
-impression id, user id and event time, and the arrays of each feature set as bytes), ``done`` (its CPU seconds,
-the first bad events described; per group the join's final state, dead letters by reason, events consumed per
-topic, samples emitted) or ``error`` (the exception's kind and message; an ``EventLogError`` or ``ValueError`` is
-raised as such in the parent, so a truncated log fails as it does inline). The pipe's buffer bounds how far the
-child runs ahead (~1 MiB, a few batches); it dies with the parent (``PR_SET_PDEATHSIG``).
+log, its range, the topics a trainer reads, whether damaged records are skipped, the groups' join settings, batch
+sizes, tasks and feature sets) on the child's stdin; then length-framed msgpack maps on a pipe, child to parent
+only (nothing is pickled), in this order: ``read`` (records, events and bytes read so far, after each chunk),
+``batch`` (a group's batch: each sample's impression id, user id and event time, and the arrays of each feature set
+as bytes), ``done`` (its CPU seconds, the first bad events described, the damaged records skipped with
+``skip_damaged``; per group the join's final state, dead letters by reason, events consumed per topic, samples
+emitted) or ``error`` (the exception's kind and message; an ``EventLogError`` or ``ValueError`` is raised as such
+in the parent, so a truncated log fails as it does inline). The pipe's buffer bounds how far the child runs ahead
+(~1 MiB, a few batches); it dies with the parent (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from consumers.core.join import AttributionJoin, JoinConfig
 from consumers.core.pipeline import NoMetrics, Pipeline, UserCodes, encode_samples, sample_columns
 from consumers.runtime.processes import describe_exit, die_with_parent, grow_pipe, tune_gc
 from models.features import FeatureSpec, columns_from_bytes, columns_to_bytes
-from streamer.eventlog import EventLogError, path_from_url, read_event_log_entries
+from streamer.eventlog import DamagedRecords, EventLogError, path_from_url, read_event_log_entries
 from streamer.events import DEFAULT_LIMITS, EventError, check_events, decode_events
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,20 +113,30 @@ class LogRecords:
 
     The range applies to each event: a batch envelope keeps its events in the range (and is left out when none
     is). ``topics``: the topics a trainer reads (impressions, feedback), any sequence, kept as a tuple; a record on
-    another one is a ``StrayRecord`` (one dead letter). None: every record replays whatever its topic."""
+    another one is a ``StrayRecord`` (one dead letter). None: every record replays whatever its topic.
+    ``skip_damaged``: damaged records are skipped (``streamer.eventlog.read_event_log_entries``) instead of raising
+    ``EventLogError``; ``read(damaged)`` counts them in a ``DamagedRecords`` (iterating counts them nowhere)."""
 
     url: str
     from_ms: int | None = None
     to_ms: int | None = None
     limit: int | None = None
     topics: tuple[str, ...] | None = None
+    skip_damaged: bool = False
 
     def __post_init__(self) -> None:
         if self.topics is not None:  # a list from log_records' caller or the intake's JSON hello: one place for both
             object.__setattr__(self, "topics", tuple(self.topics))
 
     def __iter__(self) -> Iterator[LoggedRecord | StrayRecord]:
-        entries = read_event_log_entries(path_from_url(self.url))
+        return self.read(DamagedRecords() if self.skip_damaged else None)
+
+    def read(self, damaged: DamagedRecords | None = None) -> Iterator[LoggedRecord | StrayRecord]:
+        """The records, reading the file again; with ``damaged`` (``skip_damaged``) the damaged ones are skipped and
+        counted there."""
+        if damaged is not None and not self.skip_damaged:
+            raise ValueError("a strict LogRecords (skip_damaged=False) skips nothing: read it without a DamagedRecords")
+        entries = read_event_log_entries(path_from_url(self.url), damaged)
         topics = self.topics
         if self.from_ms is None and self.to_ms is None:
             for topic, _key, event, size in itertools.islice(entries, self.limit):
@@ -186,9 +197,9 @@ def check_time_range(from_ms: int | None, to_ms: int | None) -> None:
 
 
 def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None, limit: int | None = None,
-                topics: Sequence[str] | None = None) -> tuple[LogRecords, dict[str, Any]]:
-    """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)`` and with
-    records on topics other than ``topics`` dead-lettered (``LogRecords``)."""
+                topics: Sequence[str] | None = None, skip_damaged: bool = False) -> tuple[LogRecords, dict[str, Any]]:
+    """Records of an event log (source ``(topic, 0)``), optionally only events in ``[from_ms, to_ms)``, with
+    records on topics other than ``topics`` dead-lettered, and damaged records skipped (``LogRecords``)."""
     check_time_range(from_ms, to_ms)
     path = path_from_url(url)
     if not path.is_file():
@@ -198,7 +209,9 @@ def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None, 
             "bytes": path.stat().st_size}
     if topics is not None:
         desc["topics"] = list(topics)
-    return LogRecords(url, from_ms, to_ms, limit, topics), desc
+    if skip_damaged:  # only then: what a strict replay's summary says is as it was
+        desc["skip_damaged"] = True
+    return LogRecords(url, from_ms, to_ms, limit, topics, skip_damaged), desc
 
 
 # ----------------------------------------------------------------------------------------- the child
@@ -275,7 +288,8 @@ def intake(records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
                                   MiniBatcher(group.batch_size, None), tasks=group.tasks, clock=None, metrics=_Tally()))
     n_records = n_events = n_bytes = 0
     examples: list[str] = []
-    records_iter = iter(records)
+    damaged = DamagedRecords() if records.skip_damaged else None
+    records_iter = records.read(damaged)
     while chunk := list(itertools.islice(records_iter, train_every)):
         decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
         for index, pipeline in enumerate(pipelines):
@@ -291,7 +305,7 @@ def intake(records: LogRecords, groups: Sequence[IntakeGroup], train_every: int,
     for pipeline in pipelines:
         pipeline.flush()
     send({"op": "done", "records": n_records, "events": n_events, "cpu_s": time.process_time(),
-          "dead_letter_examples": examples, "groups": [
+          "dead_letter_examples": examples, "damaged": None if damaged is None else damaged.to_dict(), "groups": [
         {"join_state": p.join.state_dict(), "dead_letters": p.metrics.dead_letters, "consumed": p.metrics.consumed,
          "emitted": p.metrics.emitted, "events_ingested": p.events_ingested} for p in pipelines]})
 
@@ -309,7 +323,8 @@ def _child_main(fd_out: int, parent_pid: int) -> int:
 
     try:
         hello = json.loads(sys.stdin.buffer.read())
-        records = LogRecords(hello["url"], hello["from_ms"], hello["to_ms"], hello["limit"], hello.get("topics"))
+        records = LogRecords(hello["url"], hello["from_ms"], hello["to_ms"], hello["limit"], hello.get("topics"),
+                             bool(hello.get("skip_damaged")))
         intake(records, [IntakeGroup.from_dict(g) for g in hello["groups"]], int(hello["train_every"]), send)
     except BrokenPipeError:
         return 0  # the parent stopped reading (it failed or was interrupted): nothing to report to
@@ -341,7 +356,8 @@ class IntakeProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         hello = {"url": records.url, "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit,
-                 "topics": records.topics, "train_every": train_every, "groups": [g.to_dict() for g in self.groups]}
+                 "topics": records.topics, "skip_damaged": records.skip_damaged, "train_every": train_every,
+                 "groups": [g.to_dict() for g in self.groups]}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "consumers.tools.intake", str(write_fd), str(os.getpid())],
             stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
@@ -437,7 +453,7 @@ def replay_key(records: LogRecords, groups: Sequence[IntakeGroup], train_every: 
             "log": {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
                     "ends": _digest(head, tail)},
             "from_ms": records.from_ms, "to_ms": records.to_ms, "limit": records.limit, "topics": records.topics,
-            "train_every": train_every,
+            "skip_damaged": records.skip_damaged, "train_every": train_every,
             "groups": [g.to_dict() for g in groups]}
     return json.loads(json.dumps(key))  # plain lists and maps, as the key reads back from a cache file
 
