@@ -332,20 +332,39 @@ def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[s
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One message to replay: its source (topic, partition) and the value bytes a Kafka message would carry."""
+    """One message to replay: its source (topic, partition), the value bytes a Kafka message would carry and, from
+    a Kafka range, the record's timestamp (ms; CreateTime or LogAppendTime, as the topic keeps it)."""
 
     topic: str
     partition: int
     value: bytes | None
+    timestamp_ms: int | None = None
 
     @property
     def size(self) -> int:
         """Bytes of the message (its value and about the framing of a record), for the progress bar."""
         return len(self.value or b"") + 24
 
-    def events(self) -> list[dict | EventError]:
-        """The value decoded and validated by the trainer's decoder (``consumers.core.pipeline.decode_record``)."""
-        return decode_events(self.value if self.value is not None else b"")
+    def events(self, max_future_s: float = 0.0) -> list[dict | EventError]:
+        """The value decoded and validated by the trainer's decoder (``consumers.core.pipeline.decode_record``);
+        with ``max_future_s`` (``join.max_future_s``) an event stamped more than that after the record's timestamp is
+        bad (reason ``future``), as the live trainer finds it when it reads the record at that time
+        (``future_bound_ms``)."""
+        return decode_events(self.value if self.value is not None else b"",
+                             not_after_ms=not_after_ms(self.timestamp_ms, max_future_s))
+
+
+def not_after_ms(timestamp_ms: int | None, max_future_s: float) -> int | None:
+    """The latest event time a live trainer accepts when it reads a record stamped ``timestamp_ms`` at that very time
+    (``consumers.core.pipeline.future_bound_ms`` at the record's time, in whole milliseconds); None (no bound) for a
+    record without a timestamp (-1: a message format before timestamps) or ``max_future_s`` 0.
+
+    >>> not_after_ms(1_700_000_000_123, 3600), not_after_ms(1_700_000_000_123, 0), not_after_ms(-1, 3600)
+    (1700003600123, None, None)
+    """
+    if timestamp_ms is None or timestamp_ms < 0 or not max_future_s > 0:
+        return None
+    return timestamp_ms + round(max_future_s * 1000)
 
 
 READ_AHEAD = 2000  # records polled at a time per partition (and so at most held per partition)
@@ -355,12 +374,15 @@ STALL_S = 120.0  # a partition that yields nothing for this long while its range
 def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | None = None,
                   to_offset: int | None = None, from_ms: int | None = None, to_ms: int | None = None,
                   limit: int | None = None, read_ahead: int = READ_AHEAD,
-                  client_options: dict[str, Any] | None = None) -> tuple[KafkaRange, dict[str, Any]]:
+                  client_options: dict[str, Any] | None = None,
+                  max_future_s: float | None = None) -> tuple[KafkaRange, dict[str, Any]]:
     """Every partition of ``topics`` in an offset or time range, merged by event time (partitions keep their order).
 
     The range is resolved now (per partition ``[start, stop)`` offsets; a time bound becomes the first offset whose
     record timestamp is at or after it, via ``offsets_for_times``); the records are read when the result is
-    iterated, streaming (see ``KafkaRange``). ``client_options``: extra kafka-python settings (security). Raises
+    iterated, streaming (see ``KafkaRange``). ``client_options``: extra kafka-python settings (security).
+    ``max_future_s``: the merge leaves out of its clock the events stamped that far after their record
+    (``KafkaRange.read``; ``run_backtest`` gives its first configuration's ``join.max_future_s``). Raises
     ``ValueError`` for a bad or empty range, ``ConnectionError`` when the broker is not reachable.
     """
     from kafka import TopicPartition
@@ -405,7 +427,8 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
     desc = {"kind": "kafka", "topics": list(topics), "from_offset": from_offset, "to_offset": to_offset,
             "from_ms": from_ms, "to_ms": to_ms, "limit": limit, "records": min(count, limit or count),
             "ranges": {f"{tp.topic}-{tp.partition}": list(r) for tp, r in ranges.items()}}
-    return KafkaRange(bootstrap, ranges, limit=limit, read_ahead=read_ahead, client_options=client_options), desc
+    return KafkaRange(bootstrap, ranges, limit=limit, read_ahead=read_ahead, client_options=client_options,
+                      max_future_s=max_future_s), desc
 
 
 def _range_consumer(bootstrap: str, **options: Any) -> Any:
@@ -430,25 +453,37 @@ class KafkaRange:
     merge has taken everything polled before, so at most ``read_ahead`` records per partition are held (plus the
     client's fetch buffer, one ``max_partition_fetch_bytes``), whatever the length of the range.
     ``peak_buffered`` is the most records held at once during the last iteration. Iterating again reads the
-    range again.
+    range again. Each ``Record`` carries its Kafka timestamp (``Record.events`` bounds its events' time by it).
+
+    ``max_future_s`` (``join.max_future_s``; None or 0: no bound): an event stamped more than that after its record's
+    timestamp is one the live trainer dead-letters (``future``), so it does not move its partition's merge clock
+    either: one producer's clock far ahead would otherwise hold the rest of its partition back until every other
+    partition is done. ``read(max_future_s)`` iterates with another bound.
     """
 
     def __init__(self, bootstrap: str, ranges: dict[Any, tuple[int, int]], *, limit: int | None = None,
-                 read_ahead: int = READ_AHEAD, client_options: dict[str, Any] | None = None) -> None:
+                 read_ahead: int = READ_AHEAD, client_options: dict[str, Any] | None = None,
+                 max_future_s: float | None = None) -> None:
         if read_ahead < 1:
             raise ValueError(f"read_ahead must be positive, got {read_ahead}")
         self.bootstrap, self.ranges, self.limit, self.read_ahead = bootstrap, dict(ranges), limit, read_ahead
         self.client_options = dict(client_options or {})
+        self.max_future_s = max_future_s
         self.peak_buffered = 0
         self._held: dict[Any, int] = {}
 
     def __iter__(self) -> Iterator[Record]:
+        return self.read(self.max_future_s)
+
+    def read(self, max_future_s: float | None) -> Iterator[Record]:
+        """The records, merged with ``max_future_s`` as the bound of the merge clock (see the class)."""
         self.peak_buffered = 0
         self._held = {}
         wanted = [(tp, start, stop) for tp, (start, stop) in self.ranges.items() if start < stop]
         partitions = [self._messages(tp, start, stop) for tp, start, stop in wanted]
         try:
-            streams = [_ordered(tp.topic, tp.partition, messages) for (tp, _, _), messages in zip(wanted, partitions)]
+            streams = [_ordered(tp.topic, tp.partition, messages, max_future_s)
+                       for (tp, _, _), messages in zip(wanted, partitions)]
             for item in itertools.islice(heapq.merge(*streams), self.limit):
                 yield item[-1]
         finally:
@@ -485,21 +520,28 @@ class KafkaRange:
             consumer.close()
 
 
-def _ordered(topic: str, partition: int, messages: Iterable[Any]) -> Iterator[tuple]:
-    """Merge keys of one partition: (running max of event ts, topic, partition, offset, Record)."""
+def _ordered(topic: str, partition: int, messages: Iterable[Any], max_future_s: float | None = None
+             ) -> Iterator[tuple]:
+    """Merge keys of one partition: (running max of event ts, topic, partition, offset, Record). An event stamped
+    more than ``max_future_s`` after its record's timestamp (a dead letter, ``future``) does not move the clock."""
     import msgpack
 
     clock = -math.inf
     for message in messages:
+        timestamp = getattr(message, "timestamp", None)
+        timestamp = timestamp if isinstance(timestamp, int) and timestamp >= 0 else None
         try:
             obj = msgpack.unpackb(message.value, raw=False) if message.value is not None else None
             events = obj.get("batch", [obj]) if isinstance(obj, dict) else []
             stamps = [e["ts_ms"] for e in events if isinstance(e, dict) and isinstance(e.get("ts_ms"), int)]
+            bound = not_after_ms(timestamp, max_future_s or 0.0)
+            if bound is not None:
+                stamps = [stamp for stamp in stamps if stamp <= bound]
             if stamps:
                 clock = max(clock, min(stamps))
         except Exception:  # a bad message keeps its partition's clock; the pipeline dead-letters it
             pass
-        yield (clock, topic, partition, message.offset, Record(topic, partition, message.value))
+        yield (clock, topic, partition, message.offset, Record(topic, partition, message.value, timestamp))
 
 
 # ------------------------------------------------------------------------------------------------ replay
@@ -721,7 +763,8 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
         raise ValueError(f"--replay-cache-limit must be at least 0 bytes, got {replay_cache_limit}")
     tune_gc()
     failures = _Failures(on_failure)
-    runs, leaders = _grouped_runs(configs, batching, sample_every, failures=failures)
+    kafka = isinstance(records, KafkaRange)  # records with Kafka timestamps: join.max_future_s applies (Record.events)
+    runs, leaders = _grouped_runs(configs, batching, sample_every, failures=failures, kafka=kafka)
     why_inline = _why_inline(records, runs, batching)
     if intake == "process" and why_inline:
         for run_ in runs.values():
@@ -744,14 +787,28 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 records, runs, list(leaders.values()), advance, progress_unit, replay_cache, replay_cache_limit,
                 examples, failures)
         else:
-            n_records, n_events = _replay_inline(records.read(damaged) if skipping else records, leaders,
-                                                 batching == "dense", advance, progress_unit, examples, failures)
+            n_records, n_events = _replay_inline(_inline_input(records, configs, damaged), leaders,
+                                                 batching == "dense", advance, progress_unit, examples, failures,
+                                                 future_bound=kafka)
             damaged = damaged.to_dict() if damaged is not None else None
         _finish(runs, failures)
     finished = {name: run_ for name, run_ in runs.items() if run_.failure is None}
     failed = {name: run_ for name, run_ in runs.items() if run_.failure is not None}
     return BacktestResult(finished, n_records, n_events, time.perf_counter() - started, batching,
                           intake if by_process else "inline", processes, examples, failed, list(runs), damaged)
+
+
+def _inline_input(records: Iterable[Any], configs: dict[str, Config], damaged: DamagedRecords | None
+                  ) -> Iterable[Any]:
+    """What an inline replay iterates: a log read with skip_damaged counts what it skips in ``damaged``; a Kafka
+    range's merge clock leaves out the events its bound refuses (its own, else the first configuration's
+    ``join.max_future_s``); anything else as it is."""
+    if damaged is not None:
+        return records.read(damaged)
+    if isinstance(records, KafkaRange):
+        first = next(iter(configs.values()))
+        return records.read(first.join.max_future_s if records.max_future_s is None else records.max_future_s)
+    return records
 
 
 def _finish(runs: dict[str, ConfigRun], failures: _Failures) -> None:
@@ -772,18 +829,27 @@ def _finish(runs: dict[str, ConfigRun], failures: _Failures) -> None:
 
 
 def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense: bool, advance: Any,
-                   progress_unit: str, examples: list[str], failures: _Failures) -> tuple[int, int]:
+                   progress_unit: str, examples: list[str], failures: _Failures,
+                   future_bound: bool = False) -> tuple[int, int]:
     """Read, join, batch and train here, a chunk of records at a time; (records, events) replayed. The first bad
-    events are described into ``examples``. Stops (without the end's flush) once every configuration has failed."""
+    events are described into ``examples``. Stops (without the end's flush) once every configuration has failed.
+    ``future_bound`` (records with Kafka timestamps): each group's events are decoded with its ``join.max_future_s``
+    against each record's timestamp (``Record.events``), once per distinct bound."""
     # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
     # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
     # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
     # so each replays a chunk of records in turn (timed per chunk, not per record).
     n_records = n_events = 0
     records = iter(records)
+    bounds = [leader.cfg.join.max_future_s if future_bound else 0.0 for leader in leaders.values()]
     while chunk := list(itertools.islice(records, DENSE_TRAIN_EVERY)):
-        decoded = [(record.events(), (record.topic, record.partition)) for record in chunk]
+        decodings: dict[float, list] = {}  # per bound (in stream_key: the groups with the same one share it)
         for index, leader in enumerate(leaders.values()):
+            decoded = decodings.get(bounds[index])
+            if decoded is None:
+                decoded = decodings[bounds[index]] = [
+                    (record.events(bounds[index]) if bounds[index] else record.events(),
+                     (record.topic, record.partition)) for record in chunk]
             with _own_time(leader):
                 pipeline = leader.stream
                 if dense:
@@ -1071,11 +1137,13 @@ def _own_time(leader: ConfigRun) -> Iterator[None]:
 
 
 def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int | None, *,
-                  failures: _Failures | None = None) -> tuple[dict[str, ConfigRun], dict[Any, ConfigRun]]:
+                  failures: _Failures | None = None, kafka: bool = False
+                  ) -> tuple[dict[str, ConfigRun], dict[Any, ConfigRun]]:
     """One ``ConfigRun`` per configuration, and per group of equal ``stream_key`` its leader (see run_backtest): the
     group's first configuration, which holds the group's stream pipeline (``ConfigRun.stream``: the join and the
     batcher, and a ``Forwarding`` that hands each batch to every configuration of the group). ``failures``: where a
-    configuration that raises is dropped (``_Failures``; a new one by default)."""
+    configuration that raises is dropped (``_Failures``; a new one by default). ``kafka``: a Kafka range's replay
+    (``join.max_future_s`` is part of the key)."""
     from prometheus_client import CollectorRegistry
 
     # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
@@ -1097,7 +1165,7 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
         pipeline.on_batch = run_.on_batch
         runs[name] = run_
         failures.runs.append(run_)
-        key = stream_key(cfg, batching)
+        key = stream_key(cfg, batching, kafka=kafka)
         port = pipeline.learner
         if isinstance(port, InProcessLearner) and port.encode is None:
             features = port.learner.config.features
@@ -1119,22 +1187,25 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
     return runs, leaders
 
 
-def stream_key(cfg: Config, batching: str) -> tuple:
+def stream_key(cfg: Config, batching: str, *, kafka: bool = False) -> tuple:
     """What decides the batches a configuration's pipeline cuts from a replay: the join's settings, the tasks,
-    ``batch_size`` and (event-time batching) ``max_batch_delay_s``. Equal keys, equal batches from equal records.
+    ``batch_size``, (event-time batching) ``max_batch_delay_s`` and (``kafka``: a Kafka range, whose records'
+    timestamps bound their events' time) ``join.max_future_s``. Equal keys, equal batches from equal records.
 
     >>> from consumers.runtime.config import load_config
     >>> a = load_config(None, env={}, overrides=["model.options={rung = 'mtl'}"])
-    >>> b = load_config(None, env={}, overrides=["model.options={rung = 'crossdistil'}"])
-    >>> stream_key(a, "dense") == stream_key(b, "dense")
-    True
+    >>> b = load_config(None, env={}, overrides=["model.options={rung = 'crossdistil'}", "join.max_future_s=60"])
+    >>> stream_key(a, "dense") == stream_key(b, "dense"), stream_key(a, "dense", kafka=True) == stream_key(
+    ...     b, "dense", kafka=True)
+    (True, False)
     """
     from consumers.runtime.assembly import join_config  # lazy: assembly imports the pipeline and torch
 
     join = dataclasses.asdict(join_config(cfg, live=False))
     join["attribution_window_s"] = tuple(sorted(join["attribution_window_s"].items()))
     delay = None if batching == "dense" else cfg.batching.max_batch_delay_s
-    return (tuple(sorted(join.items())), tuple(cfg.model.tasks), cfg.batching.batch_size, delay)
+    key = (tuple(sorted(join.items())), tuple(cfg.model.tasks), cfg.batching.batch_size, delay)
+    return (*key, cfg.join.max_future_s) if kafka else key
 
 
 class Forwarding:
@@ -1821,10 +1892,13 @@ def render_report(data: dict[str, Any], timing: dict[str, Any], images: Sequence
     """A short Markdown report: the input, a per-task table per configuration, detections, plots."""
     inp = data["input"]
     source = inp.get("log") or f"Kafka topics {', '.join(inp.get('topics', []))}"
+    bound = (" An event stamped more than `join.max_future_s` after its Kafka record's timestamp is a dead letter "
+             "(`future`), as the live trainer finds it reading the record at that time." if inp.get("kind") == "kafka"
+             else "")
     lines = ["# Backtest report", "",
              f"Input: {source}; {data['records']:,} records, {data['events']:,} events. Replayed through the trainer's "
              "pipeline (consumers.core.pipeline) on event time; every prediction was made before the model learnt from "
-             "its sample (prequential).", "", *_failed_lines(data), *_provenance_lines(data, timing),
+             f"its sample (prequential).{bound}", "", *_failed_lines(data), *_provenance_lines(data, timing),
              *_comparison_lines(data), *_batching_lines(data)]
     last_key = f"prequential_auc_last_{int(LAST_FRACTION * 100)}pct"
     ranking_last_key = f"ranking_last_{int(LAST_FRACTION * 100)}pct"
