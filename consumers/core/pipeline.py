@@ -329,7 +329,9 @@ def future_bound_ms(max_future_s: float, wall_s: float) -> int | None:
     One producer whose clock runs far ahead would otherwise move its partition's event-time clock, and so the
     watermark, to its time: every pending impression's windows would close at once and be trained without their
     labels, and every later feedback and impression would be late until real time caught up. A replay has no
-    wall clock and applies no bound (its results must not depend on when it runs).
+    wall clock (its results must not depend on when it runs): one of an event log applies no bound, one of a Kafka
+    topic range bounds each event by its record's Kafka timestamp instead, as the trainer that read the record then
+    would have (``crossdistil backtest``, docs/backtest.md).
 
     >>> future_bound_ms(3600, 1_700_000_000.25), future_bound_ms(0, 1_700_000_000.25)
     (1700003600250, None)

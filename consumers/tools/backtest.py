@@ -432,14 +432,18 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
 
 
 def _range_consumer(bootstrap: str, **options: Any) -> Any:
-    """A group-less, non-committing consumer (a backtest reads; it never moves a group's offsets)."""
+    """A group-less, non-committing consumer that creates no topic (a backtest reads; it never moves a group's
+    offsets, nor makes a topic it was given by mistake)."""
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
+
+    from streamer.topics import honour_auto_create  # lazy: kafka-python, only for a topic range
 
     options = {"reconnect_backoff_max_ms": 2000, "bootstrap_timeout_ms": 10_000, **options}
     try:
         preflight(bootstrap, options)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
-        return KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, **options)
+        return honour_auto_create(KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                                allow_auto_create_topics=False, **options))
     except KafkaError as exc:
         raise ConnectionError(connection_failure(bootstrap, options, exc)) from None
 
