@@ -24,6 +24,7 @@ import msgpack
 from kafka import TopicPartition
 
 from consumers.runtime.telemetry import ServingMetrics
+from consumers.state.tensors import non_finite_tensors
 from consumers.state.wire import MANIFEST_KEY, Reassembler, Rejection, WireCheckpoint
 from models.learner import ServingModel
 from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT
@@ -52,8 +53,9 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A publication the replica refused: its version (None for a message without one), the reason (a wire code or
-    ``bad_model``, docs/serving.md), what was wrong, and when (wall clock, s since the epoch)."""
+    """A publication the replica refused: its version (None for a message without one), the reason (a wire code,
+    ``bad_model`` or ``non_finite_weights``: docs/serving.md), what was wrong, and when (wall clock, s since the
+    epoch)."""
 
     version: int | None
     reason: str
@@ -99,14 +101,22 @@ class ModelHolder:
             return self.current
 
 
+class NonFiniteWeights(ValueError):
+    """A verified publication whose weights hold NaN or infinite values (a model that diverged)."""
+
+
 def load_checkpoint(checkpoint: WireCheckpoint, device: str = "cpu") -> ServedModel:
-    """Build the served model from a verified wire checkpoint; ValueError if it is not a serving state.
+    """Build the served model from a verified wire checkpoint; ValueError if it is not a serving state, and
+    ``NonFiniteWeights`` (a ValueError) if its weights hold NaN or infinite values: such a model scores NaN.
 
     The trainer puts ``Learner.serving_state()``'s metadata under the manifest metadata's ``serving`` key.
     """
     serving_meta = checkpoint.metadata.get("serving")
     if not isinstance(serving_meta, Mapping):
         raise ValueError("manifest metadata has no 'serving' map (the students' format, version and config)")
+    broken = non_finite_tensors(checkpoint.tensors)
+    if broken is not None:
+        raise NonFiniteWeights(f"weights that are not finite numbers (the model diverged in training): {broken}")
     try:
         if serving_meta.get("format") == RIVER_FORMAT:  # the river baseline: CPU only, no device
             model = RiverServingModel.from_serving_state(checkpoint.tensors, serving_meta)
@@ -324,7 +334,8 @@ class CheckpointFollower:
         try:
             served = load_checkpoint(outcome, self.device)
         except ValueError as exc:
-            self._reject(outcome.version, "bad_model", str(exc))
+            self._reject(outcome.version, "non_finite_weights" if isinstance(exc, NonFiniteWeights) else "bad_model",
+                         str(exc))
             return False
         if served.version <= self._floor():
             return False  # a restart of the reassembler replayed an older version: never go back

@@ -16,7 +16,8 @@ _REJECTED = {
     "description": "the last publication refused since the replica started (null: none)",
     "properties": {
         "version": {"type": ["integer", "null"], "description": "null for a message without a version"},
-        "reason": {"type": "string", "description": "a wire code or bad_model (docs/serving.md, Rejections)"},
+        "reason": {"type": "string",
+                   "description": "a wire code, bad_model or non_finite_weights (docs/serving.md, Rejections)"},
         "detail": {"type": "string", "description": "what was wrong, as logged"},
         "at": {"type": "number", "description": "when, s since the Unix epoch"},
     },

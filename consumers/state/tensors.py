@@ -26,3 +26,26 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
         seen.add(storage)
         plain[name] = t
     return save(plain)
+
+
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Which floating-point tensors of ``tensors`` hold NaN or infinite values, and how many (None: none do): a
+    model that diverged in training, which neither a checkpoint nor a serving replica should take.
+
+    >>> import torch
+    >>> non_finite_tensors({"w": torch.tensor([1.0, float("nan")]), "ids": torch.tensor([3])})
+    'w (1 of 2 values)'
+    >>> non_finite_tensors({"w": torch.zeros(3)}) is None
+    True
+    """
+    import torch  # lazy: as above
+
+    found = []
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if bad:
+                found.append(f"{name} ({bad:,} of {tensor.numel():,} values)")
+    if not found:
+        return None
+    return ", ".join(found[:5]) + (f" and {len(found) - 5} more tensors" if len(found) > 5 else "")
