@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.state.checkpoints import Checkpoint, CheckpointError, CheckpointStore, decode_checkpoint_file
+from consumers.state.tensors import non_finite_tensors
 from consumers.state.wire import encode_checkpoint, newer_format
 from models.config import ModelConfig
 from models.learner import flatten_state, unflatten_state
@@ -30,6 +31,15 @@ from models.learner import flatten_state, unflatten_state
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 _V1_TENSOR = "__tensor__"
+# The learner's weights and optimizer state, by their path in ``flatten_state``: what a model that diverged fills
+# with NaN. Not the gates' statistics (``/trust_gate/``: an AUC not measured yet is NaN on purpose).
+WEIGHTS = ("/model/", "/dense_optimizer/", "/embedding_optimizer/", "/wide_optimizer/", "/privileged_teacher/")
+
+
+class ModelDiverged(RuntimeError):
+    """The learner's weights or optimizer state hold NaN or infinite values (training diverged: a learning rate
+    too high, a loss that overflowed). Such a model must be neither checkpointed (a restart would resume it) nor
+    published (serving would score NaN): ``write_learner_checkpoint`` raises this before writing anything."""
 
 
 def check_format(checkpoint: Checkpoint) -> None:
@@ -77,6 +87,14 @@ def _v1_state(skeleton: Any, tensors: Mapping[str, Any]) -> Any:
     return skeleton
 
 
+def check_finite(learner_tensors: Mapping[str, Any], steps: int) -> None:
+    """Raise ``ModelDiverged`` when the weights or optimizer state among ``learner_tensors`` (``flatten_state``'s
+    tensors of the learner after ``steps`` steps) hold NaN or infinite values."""
+    broken = non_finite_tensors({name: t for name, t in learner_tensors.items() if name.startswith(WEIGHTS)})
+    if broken is not None:
+        raise ModelDiverged(f"the model of step {steps:,} holds values that are not finite numbers: {broken}")
+
+
 def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Mapping[str, Any],
                              publication: Mapping[str, Any] | None, number: int | None = None) -> dict[str, Any]:
     """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` (or ``number``: several ranks number
@@ -85,9 +103,12 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
     ``publication``: None, or ``{"manifest": {...}, "version", "chunk_size", "previous_chunk_count",
     "max_message_bytes", "onnx"}`` (``consumers.state.wire.encode_checkpoint``; the learner's serving metadata is
     added to the manifest; ``onnx``: the students as an ONNX graph too). Returns ``{"path", "seconds",
-    "messages": [[key, value], ...], "chunks"}``.
+    "messages": [[key, value], ...], "chunks"}``. Raises ``ModelDiverged``, having written and built nothing, when
+    the learner's weights or optimizer state are not finite.
     """
     started = time.perf_counter()
+    learner_tensors, learner_plain = flatten_state(learner.state_dict())
+    check_finite(learner_tensors, learner.steps)
     messages: list[Any] = []
     chunks = 0
     if publication is not None:
@@ -100,7 +121,6 @@ def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Map
                                      previous_chunk_count=int(publication["previous_chunk_count"]),
                                      max_message_bytes=int(publication["max_message_bytes"]))
         chunks = sum(1 for key, value in messages if value is not None and key.startswith(b"chunk/"))
-    learner_tensors, learner_plain = flatten_state(learner.state_dict())
     full = {**metadata, "trainer_format": CHECKPOINT_FORMAT, "learner": learner_plain}
     if publication is not None:
         # Chunk keys the serving topic may hold once this publication is sent, whether or not it is acknowledged

@@ -53,7 +53,11 @@ its checksum): the error names its topic, partition and offset, everything befor
 is skipped (the client hands out no bytes of such a batch, so there is nothing to dead-letter, and skipping would
 lose its events without a trace). A restart by hand (once the codec is installed) retries the batch; the systemd
 unit does not restart on 5 or 7 by itself. 9 when the last checkpoint (at a stop or the end of a stream) could
-not be written: see below.
+not be written: see below. 10 when the model diverged: its weights or optimizer state hold NaN or infinite values
+(a learning rate too high, a loss that overflowed), found when a checkpoint is due; that model is neither
+checkpointed nor published, nothing since the last checkpoint is committed to Kafka, and the error names the last
+good checkpoint. A restart with the same settings would diverge again on the same events, so the systemd unit does
+not restart on 10: lower the learning rate (``model.options.lr`` may change on a restart) and start it again.
 
 A checkpoint that cannot be written (a full disk, a file size limit, a folder made read-only) is an error in the
 log naming the step, the file system's reason and the previous checkpoint, which stays intact (the write removes
@@ -89,6 +93,7 @@ from consumers.runtime.processes import tune_gc
 from consumers.runtime.stoppable import call_unless_stopped
 from consumers.runtime.telemetry import TrainerMetrics
 from consumers.state.checkpoints import CheckpointStore
+from consumers.state.learner_state import ModelDiverged
 from consumers.state.ledger import Ledger
 from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
@@ -103,6 +108,7 @@ log = logging.getLogger("crossdistil.trainer")
 IN_FLIGHT_POLL_MS = 5  # poll timeout while the learner process holds batches: their answers feed metrics and freshness
 CHECKPOINT_RETRY_S = (10.0, 300.0)  # a checkpoint that failed is tried again after 10 s, doubling up to 300 s
 EXIT_CHECKPOINT_FAILED = 9
+EXIT_MODEL_DIVERGED = 10
 
 
 class Trainer:
@@ -173,6 +179,9 @@ class Trainer:
         failures = self.checkpoint_failures
         try:
             written = self.checkpoints.write(reason)
+        except ModelDiverged as exc:
+            self._diverged(exc)
+            return False
         except OSError as exc:
             failures.failed(exc, time.monotonic())
             last = self.checkpoints.last_step
@@ -188,6 +197,22 @@ class Trainer:
             log.info("checkpoint of step %d written after %d failed attempts", self.learner.steps, failures.attempts)
             failures.clear()
         return written
+
+    def _diverged(self, exc: ModelDiverged) -> None:
+        """The model is no longer numbers (``ModelDiverged``, raised before anything was written): stop, with status
+        ``EXIT_MODEL_DIVERGED``, said once on stderr and in the log."""
+        if self.exit_status == EXIT_MODEL_DIVERGED:
+            return  # the final checkpoint found it again
+        last = self.checkpoints.last_step
+        resume = (f"the last good checkpoint (step {last}) is intact and a restart resumes from it" if last >= 0 else
+                  "there is no good checkpoint: a restart starts from the beginning")
+        message = (f"the model diverged: {exc}. Nothing of it is checkpointed or published, and nothing since the "
+                   f"last checkpoint is committed to Kafka; {resume}. The same settings would diverge again on the "
+                   "same events: lower the learning rate (model.options.lr, which may change on a restart) first")
+        log.error("%s; exiting with status %d", message, EXIT_MODEL_DIVERGED)
+        print(f"crossdistil train: {message}", file=sys.stderr, flush=True)
+        self.exit_status = EXIT_MODEL_DIVERGED
+        self.stop_requested = True
 
     def _final_checkpoint(self, reason: str) -> None:
         """The checkpoint before the daemon exits; one that cannot be written is said on stderr, and the exit status
