@@ -40,6 +40,7 @@ signals stay in the daemon.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
@@ -417,6 +418,9 @@ class Pipeline:
         self.last_batch_s = 0.0  # seconds from handing the last batch to the learner to its metrics being done
         self.dead_letters = 0
         self.events_ingested = 0
+        # The learner's step count after the first answer whose total loss was NaN or infinite since the owner last
+        # took it (None: none): the trainer checks its model at once instead of at the next scheduled checkpoint.
+        self.non_finite_loss_step: int | None = None
 
     # -------------------------------------------------------------------------------------------- input
 
@@ -541,6 +545,8 @@ class Pipeline:
         users = np.array(sample_column(samples, "user_id"), dtype=object) if self.metrics_users else None
         self.metrics.batch_trained(len(samples), answer.seconds)
         self.metrics.record_learner(answer.losses)
+        if self.non_finite_loss_step is None and not math.isfinite(answer.losses.get("total", 0.0)):
+            self.non_finite_loss_step = answer.steps
         fired = self.metrics.observe(labels, scores, role="student", users=users)
         if self.ledger is not None:
             self.ledger.add(sample_column(samples, "impression_id"), labels, scores)

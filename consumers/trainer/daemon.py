@@ -453,10 +453,16 @@ class Trainer:
         return deadline is not None and now + self._train_lead_s() >= deadline
 
     def _checkpoint_reason(self, now: float) -> str | None:
-        """Why a checkpoint is due now, if one is: partitions revoked, the schedule, or a publication to retry."""
+        """Why a checkpoint is due now, if one is: partitions revoked, a loss that is not a number (the checkpoint
+        checks the model: ``_diverged``), the schedule, or a publication to retry."""
         if self.kafka.revoked:
             self.kafka.revoked = False
             return "rebalance"
+        if self.pipeline.non_finite_loss_step is not None:  # the model is checked as a checkpoint is written
+            log.warning("the training loss was not a finite number at step %d: checking the model now",
+                        self.pipeline.non_finite_loss_step)
+            self.pipeline.non_finite_loss_step = None
+            return "non-finite loss"
         if self.checkpoint_failures.waiting(now):
             return None  # the last attempt failed: wait before writing a whole checkpoint again
         if self.checkpoints.due(now):

@@ -4,24 +4,32 @@ learning rate is lowered (a restart with the same settings would diverge again o
 
 from __future__ import annotations
 
-import math
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from consumers.core.join import JoinedSample
 from consumers.state.checkpoints import CheckpointStore
 from consumers.state.learner_state import ModelDiverged, write_learner_checkpoint
-from consumers.trainer.daemon import EXIT_MODEL_DIVERGED
-from models.features import encode_rows
-from tests.unit.consumers.state.test_learner_state import rows, trained_learner
+from consumers.trainer.daemon import EXIT_MODEL_DIVERGED, Trainer
+from tests.unit.consumers.state.test_learner_state import trained_learner
 from tests.unit.consumers.trainer.test_daemon import trainer
 
 pytestmark = pytest.mark.unit
 
 DIVERGING = ("model.options={hidden_dims = [8], tower_dims = [4], embedding_dim = 4, lr = 1e30, "
              "features = {categorical = ['user_id', 'item_id'], hash_buckets = 1024}}")
+
+
+def batch(t: Trainer, n: int, offset: int) -> list[JoinedSample]:
+    tasks = t.cfg.model.learnt_tasks
+    return [JoinedSample({"impression_id": f"i{i + offset}", "ts_ms": i, "user_id": f"u{i % 5}",
+                          "item_id": f"v{i + offset}", "features": {}},
+                         {task: (i + j) % 2 for j, task in enumerate(tasks)}, ("impressions", 0), "closed")
+            for i in range(n)]
 
 
 def test_a_diverged_model_is_not_checkpointed_nor_published_and_the_trainer_exits_10(
@@ -32,12 +40,13 @@ def test_a_diverged_model_is_not_checkpointed_nor_published_and_the_trainer_exit
     assert t.checkpoint("periodic")  # step 0: a good model, published
     published = len(t.publisher.producer.sent)
     assert published > 0
-    learner = t.pipeline.learner.learner
-    losses = [learner.step(encode_rows(rows(16, 100 * k), learner.config.features, learner.config.tasks))[0]["total"]
-              for k in range(3)]  # a learning rate of 1e30: the loss is NaN from the second step on
-    assert not math.isfinite(losses[-1])
+    for k in range(3):  # a learning rate of 1e30: the loss is NaN from the second step on
+        t.pipeline.train_batch(batch(t, 16, 100 * k))
+    t.pipeline.collect(wait=True)
+    assert t.pipeline.non_finite_loss_step == 2 and not t.checkpoints.due(time.monotonic())
     t.kafka.positions[("impressions", 0)] = 9
-    assert not t.checkpoint("periodic")
+    assert t._checkpoint_reason(time.monotonic()) == "non-finite loss"  # at once, not at the next scheduled one
+    assert not t.checkpoint("non-finite loss")
     assert t.exit_status == EXIT_MODEL_DIVERGED and t.stop_requested
     err = capsys.readouterr().err
     assert "the model diverged: the model of step 3 holds values that are not finite numbers" in err
