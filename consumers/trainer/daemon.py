@@ -179,18 +179,16 @@ class Trainer:
         failures = self.checkpoint_failures
         try:
             written = self.checkpoints.write(reason)
-        except ModelDiverged as exc:
-            self._diverged(exc)
+        except ModelDiverged as exc:  # nothing was written: stop, status 10 (said once: the final checkpoint too)
+            if self.exit_status != EXIT_MODEL_DIVERGED:
+                say_diverged(exc, self.checkpoints.last_step)
+            self.exit_status, self.stop_requested = EXIT_MODEL_DIVERGED, True
             return False
         except OSError as exc:
             failures.failed(exc, time.monotonic())
-            last = self.checkpoints.last_step
-            previous = (f"the previous checkpoint (step {last}) is intact and a restart resumes from it, training the "
-                        "events since then again" if last >= 0 else "there is no earlier checkpoint: a restart starts "
-                        "from the beginning")
             log.error("checkpoint (%s) of step %d could not be written in %s: %s; %s; nothing is committed to Kafka "
-                      "until a checkpoint lands%s", reason,
-                      self.learner.steps, self.store.directory, exc, previous,
+                      "until a checkpoint lands%s", reason, self.learner.steps, self.store.directory, exc,
+                      resume_note(self.checkpoints.last_step, "previous"),
                       "" if final else f"; tried again in {failures.retry_s():.0f} s")
             return False
         if written and failures.error is not None:
@@ -198,32 +196,14 @@ class Trainer:
             failures.clear()
         return written
 
-    def _diverged(self, exc: ModelDiverged) -> None:
-        """The model is no longer numbers (``ModelDiverged``, raised before anything was written): stop, with status
-        ``EXIT_MODEL_DIVERGED``, said once on stderr and in the log."""
-        if self.exit_status == EXIT_MODEL_DIVERGED:
-            return  # the final checkpoint found it again
-        last = self.checkpoints.last_step
-        resume = (f"the last good checkpoint (step {last}) is intact and a restart resumes from it" if last >= 0 else
-                  "there is no good checkpoint: a restart starts from the beginning")
-        message = (f"the model diverged: {exc}. Nothing of it is checkpointed or published, and nothing since the "
-                   f"last checkpoint is committed to Kafka; {resume}. The same settings would diverge again on the "
-                   "same events: lower the learning rate (model.options.lr, which may change on a restart) first")
-        log.error("%s; exiting with status %d", message, EXIT_MODEL_DIVERGED)
-        print(f"crossdistil train: {message}", file=sys.stderr, flush=True)
-        self.exit_status = EXIT_MODEL_DIVERGED
-        self.stop_requested = True
-
     def _final_checkpoint(self, reason: str) -> None:
         """The checkpoint before the daemon exits; one that cannot be written is said on stderr, and the exit status
         becomes ``EXIT_CHECKPOINT_FAILED`` (unless it already says why the daemon stops)."""
         self.checkpoint(reason, final=True)
         if self.checkpoint_failures.error is None:
             return
-        last = self.checkpoints.last_step
-        resume = f"resumes from step {last}" if last >= 0 else "starts from the beginning"
         print(f"crossdistil train: the last checkpoint could not be written in {self.store.directory} "
-              f"({self.checkpoint_failures.error}); a restart {resume} and trains the events since then again (free "
+              f"({self.checkpoint_failures.error}); {resume_note(self.checkpoints.last_step, 'previous')} (free "
               "space or make the folder writable first)", file=sys.stderr, flush=True)
         if self.exit_status == 0:
             self.exit_status = EXIT_CHECKPOINT_FAILED
@@ -454,7 +434,7 @@ class Trainer:
 
     def _checkpoint_reason(self, now: float) -> str | None:
         """Why a checkpoint is due now, if one is: partitions revoked, a loss that is not a number (the checkpoint
-        checks the model: ``_diverged``), the schedule, or a publication to retry."""
+        checks the model: ``ModelDiverged``), the schedule, or a publication to retry."""
         if self.kafka.revoked:
             self.kafka.revoked = False
             return "rebalance"
@@ -562,6 +542,32 @@ class CheckpointFailures:
             return ""
         return (f"; checkpoints failing for {now - self.first_at:.0f} s ({self.attempts} attempts, last: {self.error}),"
                 f" the last one written is step {last_step}")
+
+
+def say_diverged(exc: ModelDiverged, last_step: int) -> None:
+    """Say on stderr and in the log that the model diverged (``ModelDiverged``, raised before anything was written),
+    what a restart resumes from and what to change first."""
+    message = (f"the model diverged: {exc}. Nothing of it is checkpointed or published, and nothing since the last "
+               f"checkpoint is committed to Kafka; {resume_note(last_step, 'last good')}. The same settings would "
+               "diverge again on the same events: lower the learning rate (model.options.lr, which may change on a "
+               "restart) first")
+    log.error("%s; exiting with status %d", message, EXIT_MODEL_DIVERGED)
+    print(f"crossdistil train: {message}", file=sys.stderr, flush=True)
+
+
+def resume_note(last_step: int, which: str) -> str:
+    """What a restart resumes from when the newest checkpoint is that of ``last_step`` (-1: none), the checkpoint
+    called ``which`` ("previous", "last good").
+
+    >>> resume_note(7, "previous")
+    'the previous checkpoint (step 7) is intact and a restart resumes from it, training the events since then again'
+    >>> resume_note(-1, "last good")
+    'there is no earlier checkpoint: a restart starts from the beginning'
+    """
+    if last_step < 0:
+        return "there is no earlier checkpoint: a restart starts from the beginning"
+    return (f"the {which} checkpoint (step {last_step}) is intact and a restart resumes from it, training the events "
+            "since then again")
 
 
 def missing_folders(*paths: str) -> list[Path]:
