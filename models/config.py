@@ -78,6 +78,37 @@ LEGACY_VALUES: dict[str, Any] = {
     "counted_tasks": [],  # every task has its tower
 }
 
+# What a restart may change in a model's configuration (docs/operations.md, "Changing a running model"). Every field
+# of ModelConfig is in exactly one of the two sets (tests/unit/models/test_config_resume.py fails on a field in
+# neither: classify a new field when adding it).
+#
+# RETUNABLE: how the model learns from here on, not what it is: the checkpoint's tensors keep their shapes and
+# meaning, so a restored model trains on with the configured values (Learner.load_state_dict: the optimizers' param
+# groups take the configured learning rates, the losses read the configured weights). A trust gate switched on by
+# ``kd_gate`` starts with an empty window (closed until its first decision); ``seed`` only initialises a new model.
+RETUNABLE_OPTIONS = frozenset({
+    "lr", "embedding_lr", "wide_lr", "calibrator_lr",  # learning rates (param groups)
+    "bce_weight", "kd_weight", "aux_weight", "teacher_task_weight", "quadruplet_partner_weight",  # loss weights
+    "privileged_weight",
+    "kd_temperature", "quadruplet_pairs", "quadruplet_same_user", "quadruplet_margin", "max_pairs_per_level",
+    "correction", "correction_margin", "correction_mix", "teacher_backbone_grad",  # the loss terms' form and cost
+    "kd_warmup_samples", "kd_gate", "kd_gate_margin", "kd_gate_every",  # when to distil
+    "bf16", "seed",  # precision of the forward pass; the initialisation of a new model
+})
+# STRUCTURAL: what the model is: its tensors' shapes (tasks, features, sizes, backbone, rung's towers), what its
+# inputs and outputs mean (partners, served tasks, the counts' smoothing and forgetting, a residual or label-aware
+# teacher) or the form of its optimizer state (embedding_optimizer, wide, wide_decay's optimizer, sparse gradients, the
+# trust gate's window). A change is a new model: refused on restore; ``checkpoint.warm_start`` starts one from the old
+# model's weights where they still fit (models/warm_start.py).
+STRUCTURAL_OPTIONS = frozenset({
+    "tasks", "partners", "aux_tasks", "counted_tasks", "backbone", "rung", "features",
+    "embedding_dim", "hidden_dims", "tower_dims", "num_experts", "ple_shared_experts", "ple_specific_experts",
+    "ple_levels", "teacher_partner_input", "teacher_residual", "kd_gate_window",
+    "wide", "wide_crosses", "wide_decay",
+    "count_features", "count_smoothing", "count_half_life", "count_cross_smoothing", "count_cross_prior",
+    "privileged", "privileged_gate", "embedding_optimizer", "sparse_embeddings",
+})
+
 
 @dataclass
 class ModelConfig:
@@ -508,6 +539,27 @@ def config_differences(saved: Mapping[str, Any], config: ModelConfig) -> dict[st
     """
     saved, mine = {**LEGACY_VALUES, **saved}, config.to_dict()
     return {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+
+
+def retunable(key: str) -> bool:
+    """Whether option ``key`` may differ between a checkpoint and the model restored from it (``RETUNABLE_OPTIONS``);
+    a key this version does not know is not.
+
+    >>> retunable("lr"), retunable("tasks"), retunable("a_future_option")
+    (True, False, False)
+    """
+    return key in RETUNABLE_OPTIONS
+
+
+def split_differences(differing: Mapping[str, tuple[Any, Any]]) -> tuple[dict[str, tuple[Any, Any]],
+                                                                         dict[str, tuple[Any, Any]]]:
+    """``config_differences``' output split into (retunable, structural) differences, each in the same order.
+
+    >>> split_differences({"lr": (0.01, 0.001), "tasks": (["click"], ["click", "like"])})
+    ({'lr': (0.01, 0.001)}, {'tasks': (['click'], ['click', 'like'])})
+    """
+    return ({k: v for k, v in differing.items() if retunable(k)},
+            {k: v for k, v in differing.items() if not retunable(k)})
 
 
 def from_known_fields(cls: type, data: Mapping[str, Any], what: str) -> Any:

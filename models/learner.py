@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from models.config import LEGACY_VALUES, ModelConfig, config_differences
+from models.config import LEGACY_VALUES, ModelConfig, config_differences, split_differences
 from models.crossdistil import CrossDistilModel, crossdistil_loss
 from models.features import Batch, encode_for_scoring
 from models.graphs import StepGraphs
@@ -34,6 +34,7 @@ from models.onnx_export import export_students
 from models.optimizers import embedding_optimizer, wide_optimizer
 from models.privileged import teacher_config
 from models.trust_gate import TrustGate
+from models.warm_start import carry_over
 
 SERVING_FORMAT = "crossdistil-students"
 SERVING_VERSION = "1"
@@ -393,15 +394,24 @@ class Learner:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore exactly what ``state_dict`` saved; the saved config must equal this learner's."""
+        """Restore exactly what ``state_dict`` saved. The saved config may differ from this learner's in retunable
+        options only (``models.config.RETUNABLE_OPTIONS``: learning rates, loss weights, ...): the model then trains
+        on with this learner's values, its optimizers' param groups included; a structural difference is a
+        ``ValueError`` naming it."""
         differing = config_differences(state["config"], self.config)  # an unknown key: its old behaviour
-        if differing:
+        retuned, structural = split_differences(differing)
+        if structural:
             raise ValueError(
-                f"checkpoint was written with a different model config (keys {list(differing)}; saved, this: "
-                + ", ".join(f"{k} {a!r} != {b!r}" for k, (a, b) in differing.items())
-                + "); build the learner with Learner.from_state_dict(state) to use the saved config")
+                f"checkpoint was written with a different model config (keys {list(structural)}; saved, this: "
+                + ", ".join(f"{k} {a!r} != {b!r}" for k, (a, b) in structural.items())
+                + (f"; retunable, so they may differ: {list(retuned)}" if retuned else "")
+                + "); build the learner with Learner.from_state_dict(state) to use the saved config, or start a new "
+                "one from its weights with Learner.warm_start(state)")
         if self.graphs is not None:  # the optimizers' loaded state is in new tensors: capture again
             self.graphs.reset()
+        # Every optimizer hyper-parameter as this learner's config makes it (a retuned lr), not as the checkpoint's.
+        configured = [[{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+                      for optimizer in self._optimizers()]
         self.model.load_state_dict(state["model"])
         dense = self._upgraded_dense_state(state["dense_optimizer"])
         # the implementation is this learner's, whatever wrote the checkpoint (it is no part of the state: a
@@ -411,6 +421,9 @@ class Learner:
         self.embedding_optimizer.load_state_dict(state["embedding_optimizer"])
         if self.wide_optimizer is not None:
             self.wide_optimizer.load_state_dict(state["wide_optimizer"])
+        for optimizer, groups in zip(self._optimizers(), configured):
+            for group, values in zip(optimizer.param_groups, groups):
+                group.update(values)
         self.steps = int(state["steps"])
         try:
             self.pair_generator.set_state(state["pair_generator"])
@@ -438,6 +451,22 @@ class Learner:
         network = {**old, "params": old["params"][:-2]}
         calibrators = {**old, "params": old["params"][-2:], "lr": self.config.calibrator_lr or old["lr"]}
         return {**saved, "param_groups": [network, calibrators]}
+
+    def warm_start(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """Initialise this new learner's model from another learner's ``state_dict`` (of any config): every tensor
+        that still means the same thing is copied, whole or the entries of the tasks and features kept
+        (``models.warm_start.carry_over``); the rest keeps its initialisation. The optimizers (their state belongs to
+        the old shapes and settings), the step and sample counts, the trust gates, the pair-sampling generator and a
+        privileged teacher stay as a new learner's. Returns ``carry_over``'s report; a ``ValueError`` for a state
+        that is not a CrossDistil learner's (a river or VW peer's) or whose config this version cannot read."""
+        found = state.get("format")
+        if found != "crossdistil-learner" or not isinstance(state.get("model"), Mapping):
+            raise ValueError(f"not the state of a CrossDistil model (format {found!r}; a river or VW peer's state "
+                             "cannot start one)")
+        saved_config = ModelConfig.from_dict({**LEGACY_VALUES, **state["config"]})
+        if self.graphs is not None:
+            self.graphs.reset()
+        return carry_over(saved_config, state["model"], self.config, self.model)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], device: str | torch.device = "cpu") -> Learner:

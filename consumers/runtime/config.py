@@ -35,6 +35,7 @@ from typing import Any
 from streamer.kafka_security import COMPRESSIONS, MECHANISMS, PROTOCOLS, SecurityError, client_security
 
 ENV_PREFIX = "CROSSDISTIL__"
+WARM_START_STREAMS = ("resume", "fresh")  # checkpoint.warm_start_stream
 
 
 class ConfigError(ValueError):
@@ -122,6 +123,16 @@ class CheckpointConfig:
     every_steps: int = _f(500, "checkpoint every N training steps (0 = off)")
     every_s: float = _f(300.0, "checkpoint every T seconds of wall time (0 = off)")
     keep_last: int = _f(3, "how many checkpoints to keep on disk")
+    warm_start: str = _f("", "a new model (checkpoint.dir holds no checkpoint yet) starts from the weights of this "
+                             "checkpoint file, or of the newest verified checkpoint in this folder, wherever they "
+                             "still fit (tasks and features kept, the backbone, ...: a structural change of "
+                             "model.options, docs/operations.md); optimizers start fresh; ignored once "
+                             "checkpoint.dir holds a checkpoint; empty = a new model from scratch (crossdistil train "
+                             "--warm-start PATH)")
+    warm_start_stream: str = _f("resume", "where a warm-started trainer reads the topics from: resume = on from the "
+                                          "old checkpoint's cut (its positions, pending impressions and partial "
+                                          "batch: no event lost or trained twice; the same topics); fresh = as a new "
+                                          "trainer, every partition from its beginning or from --from-time")
 
 
 @dataclass
@@ -346,6 +357,9 @@ def _validate(cfg: Config) -> None:
     _check_bootstrap(cfg.kafka.bootstrap)
     if not cfg.checkpoint.dir.strip():
         raise ConfigError("checkpoint.dir: empty; name the folder checkpoints are written to")
+    if cfg.checkpoint.warm_start_stream not in WARM_START_STREAMS:
+        raise ConfigError(f"checkpoint.warm_start_stream: one of {', '.join(WARM_START_STREAMS)}, got "
+                          f"{cfg.checkpoint.warm_start_stream!r}")
     if not 0 < cfg.metrics.drift_auc_drop < 1 or cfg.metrics.drift_auc_z < 0:
         raise ConfigError(f"metrics.drift_auc_drop: must be in (0, 1) AUC points (and drift_auc_z >= 0), got "
                           f"{cfg.metrics.drift_auc_drop} (z {cfg.metrics.drift_auc_z})")
@@ -589,18 +603,18 @@ def reference_markdown() -> str:
 
 def model_options_markdown() -> str:
     """A Markdown table of the ``[model.options]`` keys: the fields of ``models.config.ModelConfig``."""
-    from models.config import ModelConfig  # lazy: torch loads only when the reference is printed
+    from models.config import ModelConfig, retunable  # lazy: torch loads only when the reference is printed
 
-    rows = ["| `model.options` key | default |", "|---|---|"]
+    rows = ["| `model.options` key | default | on restart (docs/operations.md) |", "|---|---|---|"]
     defaults = ModelConfig()
     for f in dataclasses.fields(ModelConfig):
         if f.name in ("tasks", "seed"):  # set by model.tasks and model.seed
             continue
         value = getattr(defaults, f.name)
         shown = value.to_dict() if hasattr(value, "to_dict") else list(value) if isinstance(value, tuple) else value
-        rows.append(f"| `{f.name}` | `{toml_value(shown)}` |")
+        rows.append(f"| `{f.name}` | `{toml_value(shown)}` | {'retunable' if retunable(f.name) else 'structural'} |")
     rows.append("| `rung = \"river_lr\" \\| \"river_fm\"` | the river online baseline instead of CrossDistil; "
-                "its options as `\"river.KEY\" = value` |")
+                "its options as `\"river.KEY\" = value` | structural |")
     return "\n".join(rows)
 
 

@@ -26,11 +26,15 @@ Protocol: two pipes carrying length-framed msgpack maps (``multiprocessing.conne
 frames; nothing is pickled). Requests ``{"op": ...}``: ``step`` (rows), ``step_columns`` (a batch encoded
 already, ``models.features.encode_columns``' arrays as bytes with their shapes: a dense replay's intake
 process encodes each batch once for every configuration, ``consumers.tools.backtest``), ``load`` (a checkpoint path),
-``checkpoint`` (directory, metadata, publication parameters), ``stop``. Every request gets one reply, in order;
+``warm_start`` (a checkpoint path: a new model from its weights, ``warm_start_learner``), ``checkpoint`` (directory,
+metadata, publication parameters), ``stop``. Every request gets one reply, in order;
 a failure is a reply ``{"op": "error", "error": traceback}`` that the trainer raises as ``LearnerProcessError``,
-except an ``OSError`` of a checkpoint's write (a full disk, a file size limit, a folder made read-only): that is
-``{"op": "os_error", ...}`` (``os_error_reply``), raised in the trainer as the same ``OSError`` (class, errno, message
-and file names; the child's traceback as a note), as a learner in process raises it. The failed write changed no
+with two exceptions. An ``OSError`` of a checkpoint's write (a full disk, a file size limit, a folder made read-only)
+or read is ``{"op": "os_error", ...}`` (``os_error_reply``), raised in the trainer as the same ``OSError`` (class,
+errno, message and file names; the child's traceback as a note), as a learner in process raises it; and a checkpoint
+that does not load (``load``, ``warm_start``: damaged, another model) is ``{"op": "value_error", ...}``, raised as
+the ``ValueError`` it is in process. A trainer that cannot read or load its checkpoint says so in one line and
+exits 2 either way (``consumers.trainer.checkpointing``), not 6. The failed write changed no
 state of the learner, so the learner process goes on training, and the trainer handles the failure as it does in
 process: logged, tried again later (``consumers.trainer.daemon``), exit 9 only for a last checkpoint.
 
@@ -73,8 +77,8 @@ from consumers.runtime.processes import (
     grow_pipe,
     tune_gc,
 )
-from consumers.state.checkpoints import CheckpointStore
-from consumers.state.learner_state import load_learner_checkpoint, write_learner_checkpoint
+from consumers.state.checkpoints import CheckpointStore, decode_checkpoint_file
+from consumers.state.learner_state import learner_state, load_learner_checkpoint, write_learner_checkpoint
 from models.features import COLUMN_DTYPES, batch_from_columns, columns_from_bytes, columns_to_bytes
 from models.zoo import learner_config, make_learner
 
@@ -140,11 +144,31 @@ class LocalLearner(InProcessLearner):
         """Load the learner state of the checkpoint file at ``path``; its step count."""
         return load_learner_checkpoint(self.learner, path)
 
+    def warm_start(self, path: str) -> dict[str, Any]:
+        """Start the (new) learner from the model in the checkpoint file at ``path`` (``warm_start_learner``)."""
+        return warm_start_learner(self.learner, path)
+
     def write_checkpoint(self, directory: str, keep_last: int, metadata: Mapping[str, Any],
                          publication: Mapping[str, Any] | None) -> dict[str, Any]:
         """``consumers.state.learner_state.write_learner_checkpoint`` on the learner."""
         return write_learner_checkpoint(self.learner, CheckpointStore(directory, keep_last=keep_last), metadata,
                                         publication)
+
+
+def warm_start_learner(learner: Any, path: str | Path) -> dict[str, Any]:
+    """Initialise ``learner`` (a new ``models.learner.Learner``) from the model of the checkpoint file at ``path``
+    (``Learner.warm_start``: the tensors that still fit; never unpickled); ``carry_over``'s report. A ``ValueError``
+    where the file is not a checkpoint, is damaged, or holds another kind of model (a river or VW peer's); an
+    ``OSError`` where it cannot be read."""
+    if not hasattr(learner, "warm_start"):
+        raise ValueError(f"warm start is for the deep model (models.learner.Learner); {type(learner).__name__} "
+                         "learns from its first event on")
+    tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
+    try:
+        state = learner_state(metadata, tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"it holds no learner state a trainer wrote ({type(exc).__name__}: {exc})") from None
+    return learner.warm_start(state)
 
 
 def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> dict[str, Any]:
@@ -230,8 +254,8 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int, forked: bool = False)
                 reply = step_rows(learner, request["rows"], tasks)
             elif op == "step_columns":
                 reply = step_columns(learner, request, tasks)
-            elif op == "load":
-                reply = {"op": "loaded", "steps": load_learner_checkpoint(learner, request["path"])}
+            elif op in ("load", "warm_start"):
+                reply = _load_reply(learner, op, request["path"])
             elif op == "checkpoint":
                 reply = _write_checkpoint(learner, request)
             elif op == "stop":
@@ -253,6 +277,27 @@ def _write_checkpoint(learner: Any, request: Mapping[str, Any]) -> dict[str, Any
                                                             request.get("publication"))}
     except OSError as exc:
         return os_error_reply(exc)
+
+
+def _load_reply(learner: Any, op: str, path: str) -> dict[str, Any]:
+    """The reply of a request that reads the checkpoint at ``path`` (``op``: ``load`` or ``warm_start``), or its
+    failure as the trainer would meet it in process: an ``OSError`` (a file that cannot be read) as
+    ``os_error_reply``, a ``ValueError`` (a damaged file, another model) as ``value_error_reply``; the trainer maps
+    both to exit status 2 (``consumers.trainer.checkpointing``), not to a failed learner process's 6."""
+    try:
+        if op == "load":
+            return {"op": "loaded", "steps": load_learner_checkpoint(learner, path)}
+        return {"op": "warm_started", "report": warm_start_learner(learner, path)}
+    except OSError as exc:
+        return os_error_reply(exc)
+    except ValueError as exc:
+        return value_error_reply(exc)
+
+
+def value_error_reply(exc: ValueError) -> dict[str, Any]:
+    """``exc`` as a reply that the trainer raises again as a ``ValueError`` with the same message (the learner
+    process's traceback as a note)."""
+    return {"op": "value_error", "message": str(exc), "traceback": "".join(traceback.format_exception(exc))}
 
 
 def os_error_reply(exc: OSError) -> dict[str, Any]:
@@ -421,11 +466,20 @@ class RemoteLearner:
             raise LearnerProcessError(f"the learner process died ({self._exit_description()})")
 
     def load_checkpoint(self, path: str) -> int:
-        """Load the learner state of the checkpoint file at ``path`` in the child; its step count."""
+        """Load the learner state of the checkpoint file at ``path`` in the child; its step count. A file that
+        cannot be read is that ``OSError`` here, one that does not load (damaged, another model) a ``ValueError``,
+        as with a learner in process (``_load_reply``)."""
         self._require_idle("load")
         self._send({"op": "load", "path": str(path)})
         self.steps = int(self._receive()["steps"])
         return self.steps
+
+    def warm_start(self, path: str) -> dict[str, Any]:
+        """Start the child's (new) learner from the model in the checkpoint file at ``path`` (``warm_start_learner``,
+        in the child); its report. Failures as ``load_checkpoint``'s."""
+        self._require_idle("warm start")
+        self._send({"op": "warm_start", "path": str(path)})
+        return self._receive()["report"]
 
     def write_checkpoint(self, directory: str, keep_last: int, metadata: Mapping[str, Any],
                          publication: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -515,6 +569,10 @@ class RemoteLearner:
             raise LearnerProcessError(f"the learner process failed:\n{reply.get('error')}")
         if reply.get("op") == "os_error":  # a checkpoint the file system refused: the trainer retries it
             raise os_error_from_reply(reply)
+        if reply.get("op") == "value_error":  # a checkpoint that does not load: as in process
+            exc = ValueError(reply.get("message", ""))
+            exc.add_note(f"raised in the learner process:\n{reply.get('traceback', '')}")
+            raise exc
         return reply
 
     def _exit_description(self) -> str:

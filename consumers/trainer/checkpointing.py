@@ -12,14 +12,25 @@ checkpoint are replayed and trained once.
 Order of a checkpoint: dead letters acknowledged (else it is skipped: their records must be replayed) ->
 ledger segment -> checkpoint file (by whichever process holds the learner) -> offsets committed for lag
 dashboards -> publication (``consumers.trainer.publisher``).
+
+Changing the model (docs/operations.md). A checkpoint restores into the configured model when their
+``ModelConfig``s differ in retunable options only (``models.config.RETUNABLE_OPTIONS``: learning rates, loss weights,
+...): each change is logged ("was X, now Y") and the model trains on with the configured values. A structural
+difference is refused (``check_model``, exit 2). Warm start (``checkpoint.warm_start``, only while
+``checkpoint.dir`` holds no checkpoint): a new model of the configured structure is initialised from the weights of
+another checkpoint wherever they still fit (``models.warm_start``), with fresh optimizers and step 0; with
+``checkpoint.warm_start_stream = "resume"`` (the default) it trains on from that checkpoint's cut (positions, pending
+impressions, the partial batch; tasks added or removed in their labels), so no event is lost or trained twice
+across the change; with ``"fresh"`` the partitions start as a new trainer's. The old checkpoint is only read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +38,29 @@ from consumers.core.join import late_feedback_warning, late_impressions_warning,
 from consumers.core.pipeline import Pipeline
 from consumers.runtime.assembly import model_config
 from consumers.runtime.config import Config, toml_value
-from consumers.state.checkpoints import CheckpointError, CheckpointStore, positions_from_plain, positions_to_plain
+from consumers.state.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointStore,
+    decode_checkpoint_file,
+    positions_from_plain,
+    positions_to_plain,
+)
 from consumers.state.learner_state import check_format, saved_config
 from consumers.state.wire import stable_hash
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.kafka_io import KafkaIO
 from consumers.trainer.publisher import Publisher
-from models.config import ModelConfig, config_differences
+from models.config import ModelConfig, config_differences, split_differences
+from models.warm_start import describe
 
 log = logging.getLogger("crossdistil.trainer")
+
+# What the stream side of a trainer checkpoint must hold (``Checkpointer._metadata``; ``published`` and
+# ``trained_samples`` are optional: older checkpoints lack them).
+STREAM_KEYS = ("positions", "join_state", "batcher_state", "publish_version", "published_chunks")
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{12})\.cdckpt$")  # consumers.state.checkpoints' file names
 
 
 def plain(value: Any) -> Any:
@@ -49,27 +74,138 @@ def plain(value: Any) -> Any:
     return value
 
 
-def check_model(meta: Mapping[str, Any], config: Any, path: Any) -> None:
-    """Raise ``CheckpointError`` when the checkpoint's model (``meta``'s learner config) is not the configured
-    ``ModelConfig``: which options differ, and the settings that train it on (a new default after an upgrade, or an
-    option changed by mistake), instead of a traceback from the learner. The river and VW peers check their own."""
+def option_setting(key: str) -> str:
+    """The configuration setting of ``ModelConfig`` option ``key``.
+
+    >>> option_setting("lr"), option_setting("tasks")
+    ('model.options.lr', 'model.tasks')
+    """
+    return {"tasks": "model.tasks", "seed": "model.seed"}.get(key, f"model.options.{key}")
+
+
+def check_model(meta: Mapping[str, Any], config: Any, path: Any) -> dict[str, tuple[Any, Any]]:
+    """The options in which the checkpoint's model (``meta``'s learner config) and the configured ``ModelConfig``
+    differ, when they are all retunable (``models.config.RETUNABLE_OPTIONS``): each is logged ("was X, now Y") and the
+    restored model trains on with the configured value. Raise ``CheckpointError`` when any is structural: which options
+    differ, which of them may differ, and the settings that train the checkpoint's model on (a new default after an
+    upgrade, or an option changed by mistake), instead of a traceback from the learner. The river and VW peers check
+    their own."""
     saved = saved_config(meta)
     settable = {f.name for f in dataclasses.fields(ModelConfig)}
     if not isinstance(config, ModelConfig) or not isinstance(saved, Mapping) or set(saved) - settable:
-        return  # a peer's checkpoint, or a peer configured: the learner's own load says what differs
+        return {}  # a peer's checkpoint, or a peer configured: the learner's own load says what differs
     differing = config_differences(saved, config)
-    if not differing:
-        return
-    lines = [f"  {key}: {toml_value(was) if was is not None else '(absent)'} in the checkpoint, "
-             f"{toml_value(now) if now is not None else '(unknown to this version)'} here"
-             for key, (was, now) in differing.items()]
-    where = {"tasks": "model.tasks", "seed": "model.seed"}
-    settings = [f"  {where.get(key, 'model.options.' + key)} = {toml_value(was)}"
-                for key, (was, now) in differing.items() if key in settable and was is not None]
-    resume = ["To train it on, configure it as it was (the file's [model] tables, or --set KEY=VALUE):", *settings]
-    raise CheckpointError("\n".join([f"{path} holds a model configured otherwise:", *lines,
-                                     *(resume if settings else []),
-                                     "To start a new model instead, point checkpoint.dir at an empty directory."]))
+    retuned, structural = split_differences(differing)
+    if structural:
+        lines = [f"  {key}: {toml_value(was) if was is not None else '(absent)'} in the checkpoint, "
+                 f"{toml_value(now) if now is not None else '(unknown to this version)'} here"
+                 + (" (retunable)" if key in retuned else "")
+                 for key, (was, now) in differing.items()]
+        settings = [f"  {option_setting(key)} = {toml_value(was)}"
+                    for key, (was, now) in structural.items() if key in settable and was is not None]
+        resume = ["To train it on, configure it as it was (the file's [model] tables, or --set KEY=VALUE):", *settings]
+        retunable = [f"Retunable on restart, so these may keep the values configured here: "
+                     f"{', '.join(option_setting(key) for key in retuned)}"] if retuned else []
+        raise CheckpointError("\n".join([
+            f"{path} holds a model configured otherwise:", *lines, *(resume if settings else []), *retunable,
+            "To start a new model instead, point checkpoint.dir at an empty directory (with checkpoint.warm_start = "
+            f"{toml_value(str(path))} the new model starts from this one's weights wherever they still fit, "
+            "docs/operations.md)."]))
+    for key, (was, now) in retuned.items():
+        log.info("%s: %s was %s, now %s (retuned on restore)", Path(str(path)).name, option_setting(key),
+                 toml_value(was) if was is not None else "(absent)", toml_value(now))
+    return retuned
+
+
+def check_stream(meta: Mapping[str, Any], path: Any) -> None:
+    """Raise ``CheckpointError`` naming ``path`` and the key when a checkpoint's metadata lacks one of the stream
+    side's keys (``STREAM_KEYS``): a file that verifies but was not written whole by a trainer."""
+    missing = [key for key in STREAM_KEYS if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} verifies but its metadata has no {', '.join(map(repr, missing))} (the stream "
+                              "side of a trainer checkpoint: positions, join and batcher state, publication): it was "
+                              "not written by a trainer; restore checkpoint.dir from a backup, or start a new model "
+                              "from an empty one")
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint at ``path`` (its metadata: the learner reads the tensors itself), read without changing anything
+    there: a checkpoint file, or the newest checkpoint file of a folder that verifies (a damaged newer one is skipped
+    with a warning and left as it is: the folder may be another trainer's). ``CheckpointError`` saying why there is
+    none: a path that does not exist, is not a checkpoint, or a folder of several ranks (their model is in rank-0)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((entry for entry in path.iterdir() if _CHECKPOINT_NAME.match(entry.name)), reverse=True)
+        if not files and (path / "rank-0").is_dir():
+            raise CheckpointError(f"{path} holds the checkpoints of several ranks: name its rank-0 folder, whose files "
+                                  "hold the model")
+        damaged = []
+        for file in files:
+            try:
+                return _read_checkpoint_file(file)
+            except CheckpointFormatError:
+                raise
+            except CheckpointError as exc:
+                log.warning("skipping unusable checkpoint %s (left as it is): %s", file, exc)
+                damaged.append(str(exc))
+        found = f"only damaged ones ({'; '.join(damaged)})" if damaged else "none (no ckpt-*.cdckpt file)"
+        raise CheckpointError(f"no usable checkpoint in {path}: {found}")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    return _read_checkpoint_file(path)
+
+
+def _read_checkpoint_file(file: Path) -> Checkpoint:
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc.strerror or exc})") from None
+    try:
+        _, metadata = decode_checkpoint_file(data, with_tensors=False)
+    except CheckpointError as exc:
+        raise type(exc)(f"{file}: {exc}") from None
+    step = metadata.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise CheckpointError(f"{file}: metadata has no integer 'step'")
+    return Checkpoint(step=step, tensors={}, metadata=metadata, path=file)
+
+
+def retasked_stream(meta: Mapping[str, Any], tasks: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint's stream side (join and batcher state) for a model of ``tasks``: the labels of the samples it
+    holds (pending impressions, samples ready, the partial batch) get each task of ``tasks`` (0 for a task the old
+    model did not have: its feedback before the cut was ignored then) and lose the others; early feedback of a task
+    left out is dropped. Returns (the metadata with the converted states, what changed: ``added`` and ``removed`` tasks,
+    ``samples`` held, ``dropped_feedback``).
+
+    >>> join = {"window_ms": {"click": 1000}, "pending": [[{"impression_id": "i"}, {"click": 1}, ["imp", 0]]],
+    ...         "early": [["j", "click", 5, 1, 0]], "ready": [], "task_positives": {"click": [1, 0]}}
+    >>> meta, changed = retasked_stream({"join_state": join, "batcher_state": {"waiting": []}}, ["click", "like"])
+    >>> meta["join_state"]["pending"][0][1], changed["added"], changed["samples"]
+    ({'click': 1, 'like': 0}, ['like'], 1)
+    """
+    join, batcher = dict(meta["join_state"]), dict(meta["batcher_state"])
+    saved = list(join.get("window_ms") or {})
+    changed = {"added": [t for t in tasks if t not in saved], "removed": [t for t in saved if t not in tasks],
+               "samples": 0, "dropped_feedback": 0}
+    if not changed["added"] and not changed["removed"]:
+        return dict(meta), changed
+
+    def labels(old: Mapping[str, Any]) -> dict[str, int]:
+        return {task: int(old.get(task, 0)) for task in tasks}
+
+    join["window_ms"] = {task: join["window_ms"].get(task, 0) for task in tasks}  # the configured windows apply
+    join["pending"] = [[event, labels(old), source] for event, old, source in join.get("pending", [])]
+    join["ready"] = [[impression, labels(old), source, reason] for impression, old, source, reason in
+                     join.get("ready", [])]
+    early = list(join.get("early", []))
+    join["early"] = [entry for entry in early if entry[1] in tasks]
+    if isinstance(join.get("task_positives"), Mapping):
+        join["task_positives"] = {t: v for t, v in join["task_positives"].items() if t in tasks}
+    batcher["waiting"] = [[impression, labels(old), source, reason] for impression, old, source, reason in
+                          batcher.get("waiting", [])]
+    changed["samples"] = len(join["pending"]) + len(join["ready"]) + len(batcher["waiting"])
+    changed["dropped_feedback"] = len(early) - len(join["early"])
+    return {**meta, "join_state": join, "batcher_state": batcher}, changed
 
 
 class Checkpointer:
@@ -99,23 +235,24 @@ class Checkpointer:
 
     def restore(self) -> int | None:
         """Load the newest verified checkpoint into the learner, the pipeline, the positions and the publisher;
-        its step, or None when there is none (every partition then starts from its beginning)."""
+        its step, or None when there is none (every partition then starts from its beginning, unless
+        ``checkpoint.warm_start`` names a checkpoint to start the new model from: ``warm_start``)."""
         checkpoint = self.store.latest(with_tensors=False)  # the learner reads its tensors from the file itself
         if checkpoint is None:
             if self.ledger is not None:
                 self.ledger.discard_after(None)
+            if self.cfg.checkpoint.warm_start:
+                self.warm_start(self.cfg.checkpoint.warm_start)
+                return None
             log.info("no checkpoint in %s: starting from scratch, every partition from its beginning",
                      self.store.directory)
             return None
         check_format(checkpoint)
         meta = checkpoint.metadata
         check_model(meta, model_config(self.cfg), checkpoint.path)
-        try:
-            self.pipeline.learner.load_checkpoint(str(checkpoint.path))
-        except ValueError as exc:  # another kind of model (a river or VW peer's state, or one configured)
-            raise CheckpointError(f"{checkpoint.path} cannot be loaded into the configured model: {exc}. To start a "
-                                  "new model instead, point checkpoint.dir at an empty directory.") from exc
-        self._restore_stream(meta, checkpoint.step)
+        check_stream(meta, checkpoint.path)
+        self._load_learner(checkpoint.path)
+        self._restore_stream(meta, checkpoint.step, checkpoint.path)
         if self.publisher.pending:
             log.info("the publication of step %d was never acknowledged by Kafka: publishing it again", checkpoint.step)
         if self.ledger is not None:
@@ -127,17 +264,29 @@ class Checkpointer:
                  meta["positions"])
         return checkpoint.step
 
-    def _restore_stream(self, meta: Mapping[str, Any], step: int) -> None:
-        """The stream side of a checkpoint of learner step ``step``: join, batcher, positions and the publisher's
-        bookkeeping (the learner's side is loaded by the caller)."""
-        self.pipeline.load_stream_state(meta)  # the saved clocks belong to the dead process: rebased to now
-        # The process that wrote it warned of its counts when it wrote it (write: _warn_late first): say only what
-        # is new since, not the totals again as if they were.
-        counters = self.pipeline.join.counters
-        self._late_reported = {name: int(counters[name]) for name in self._late_reported}
-        self._labels_reported = self.pipeline.join.task_labels.report(counters)
-        self.kafka.positions = positions_from_plain(meta["positions"])
-        self.kafka.checkpointed = dict(self.kafka.positions)
+    def _load_learner(self, path: Path, warm: bool = False) -> dict[str, Any] | None:
+        """The learner's side of the checkpoint file at ``path``, loaded wherever the learner lives (``warm``: a new
+        model started from its weights; that report). A file that does not load or cannot be read is a
+        ``CheckpointError`` (exit 2), in process and from a learner process alike."""
+        learner = self.pipeline.learner
+        try:
+            if warm:
+                return learner.warm_start(str(path))
+            learner.load_checkpoint(str(path))
+            return None
+        except OSError as exc:  # a file that verified moments ago: permissions, an I/O error
+            raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc}); make it readable and start again "
+                                  "(it is left as it is)") from exc
+        except ValueError as exc:  # another kind of model (a river or VW peer's state, or one configured)
+            what = "start the configured model" if warm else "be loaded into the configured model"
+            instead = ("" if warm else " To start a new model instead, point checkpoint.dir at an empty directory.")
+            raise CheckpointError(f"{path} cannot {what}: {exc}.{instead}") from exc
+
+    def _restore_stream(self, meta: Mapping[str, Any], step: int, path: Any = "the checkpoint") -> None:
+        """The stream side of a checkpoint of learner step ``step`` (file ``path``): join, batcher, positions and the
+        publisher's bookkeeping (the learner's side is loaded by the caller)."""
+        check_stream(meta, path)
+        self._load_stream(meta, path)
         self.last_step = step
         # The checkpoint is written before its publication is attempted: the store's publication record says
         # whether it landed. If not, this step is published again as soon as the loop starts.
@@ -148,6 +297,117 @@ class Checkpointer:
         if record is not None:
             version = max(version, record["version"])
         self.publisher.restore(version, int(meta["published_chunks"]), step, acknowledged, self.cfg.publish.enabled)
+
+    def _load_stream(self, meta: Mapping[str, Any], path: Any) -> None:
+        """Join, batcher, trained-sample count and positions of a checkpoint's metadata (``check_stream``'d)."""
+        try:
+            self.pipeline.load_stream_state(meta)  # the saved clocks belong to the dead process: rebased to now
+            positions = positions_from_plain(meta["positions"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: its stream state cannot be restored ({type(exc).__name__}: {exc}); "
+                                  "restore checkpoint.dir from a backup, or start a new model from an empty one"
+                                  ) from exc
+        # The process that wrote it warned of its counts when it wrote it (write: _warn_late first): say only what
+        # is new since, not the totals again as if they were.
+        counters = self.pipeline.join.counters
+        self._late_reported = {name: int(counters[name]) for name in self._late_reported}
+        self._labels_reported = self.pipeline.join.task_labels.report(counters)
+        self.kafka.positions = positions
+        self.kafka.checkpointed = dict(self.kafka.positions)
+
+    # ------------------------------------------------------------------------------------------ warm start
+
+    def warm_start(self, source: str) -> dict[str, Any]:
+        """Start the new model (``checkpoint.dir`` holds no checkpoint) from the checkpoint at ``source``, a file or a
+        folder (its newest verified checkpoint, ``read_checkpoint``): the learner copies every tensor that still
+        fits (``models.warm_start``), its optimizers start fresh; with ``checkpoint.warm_start_stream = "resume"`` the
+        stream goes on from that checkpoint's cut (``retasked_stream``), with ``"fresh"`` as a new trainer's. The
+        report of what was carried over, also logged. ``CheckpointError`` (exit 2) for a source that is not a
+        checkpoint, is damaged, holds a river or VW peer's model, or (resume) read other topics or only one rank's
+        partitions."""
+        mode = self.cfg.checkpoint.warm_start_stream
+        checkpoint = read_checkpoint(source)
+        check_format(checkpoint)
+        meta, path = checkpoint.metadata, checkpoint.path
+        self._check_warm_source(meta, path, resume=mode == "resume")
+        if mode == "resume":
+            check_stream(meta, path)
+            meta, changed = retasked_stream(meta, self.cfg.model.tasks)
+        report = self._load_learner(path, warm=True)
+        log.info("warm start: a new model from %s (step %d of the old one): %s", path, checkpoint.step,
+                 describe(report))
+        if mode == "resume":
+            self._load_stream(meta, path)
+            self.kafka.checkpointed = {}  # nothing of this model is checkpointed (or committed) yet
+            if changed["added"] or changed["removed"]:
+                log.info("warm start: the %d samples held at the cut (pending impressions, the partial batch) get the "
+                         "tasks %s (label 0: their feedback before the cut was ignored) and lose %s; %d early feedback "
+                         "events of tasks left out dropped", changed["samples"], changed["added"] or "none",
+                         changed["removed"] or "none", changed["dropped_feedback"])
+            log.info("warm start: the stream resumes from the old checkpoint's cut (checkpoint.warm_start_stream = "
+                     "resume): %d pending impressions, %d waiting samples, positions %s",
+                     self.pipeline.join.pending_impressions, self.pipeline.batcher.waiting, meta["positions"])
+        else:
+            log.info("warm start: checkpoint.warm_start_stream = fresh: every partition starts as a new trainer's "
+                     "does, from its beginning or from --from-time where it is given")
+        # Versions only grow on a serving topic: above the old model's (the topic's newest is read at connect too).
+        self.publisher.restore(int(meta.get("publish_version", 0) or 0), int(meta.get("published_chunks", 0) or 0),
+                               -1, True, self.cfg.publish.enabled)
+        return report
+
+    def warm_start_ranks(self, ranks: Any) -> None:
+        """``checkpoint.warm_start`` for several ranks (``consumers.trainer.ranked``, no complete round yet): rank 0's
+        learner starts from the checkpoint's weights, which the broadcast that follows gives every rank; the stream
+        starts fresh (a one-trainer checkpoint's cut holds every partition's join state in one, which ranks cannot
+        split), so ``warm_start_stream`` must be "fresh". Every rank calls it; every rank fails alike."""
+        if self.cfg.checkpoint.warm_start_stream != "fresh":
+            raise CheckpointError("checkpoint.warm_start with several ranks starts the model from the checkpoint's "
+                                  "weights only: set checkpoint.warm_start_stream = \"fresh\" (every rank's partitions "
+                                  "start from their beginning, or from --from-time)")
+        problem = None
+        if ranks.rank == 0:
+            try:
+                self.warm_start(self.cfg.checkpoint.warm_start)
+            except CheckpointError as exc:
+                problem = exc
+        if ranks.agree([problem is not None])[0]:
+            raise problem or CheckpointError(f"{ranks.info.label}: rank 0 could not start the model from "
+                                             f"{self.cfg.checkpoint.warm_start} (its log says why)")
+
+    def _check_warm_source(self, meta: Mapping[str, Any], path: Path, resume: bool) -> None:
+        """Refuse (``CheckpointError``) a warm start the source checkpoint cannot give: another kind of model, one
+        rank's file without the model, or (``resume``) a stream cut of other topics or of one rank's partitions."""
+        configured = model_config(self.cfg)
+        if not isinstance(configured, ModelConfig):
+            raise CheckpointError(f"checkpoint.warm_start: the configured model ({type(configured).__name__}) learns "
+                                  "one event at a time from scratch; warm start is for the deep model "
+                                  "(models.learner.Learner): remove checkpoint.warm_start")
+        rank, world = meta.get("rank", 0), meta.get("world_size", 1)
+        if rank != 0:
+            raise CheckpointError(f"{path} is rank {rank}'s part of a checkpoint round: only the stream state of its "
+                                  "partitions; the model is in the rank-0 folder's files")
+        saved = saved_config(meta)
+        settable = {f.name for f in dataclasses.fields(ModelConfig)}
+        if not isinstance(saved, Mapping) or set(saved) - settable:
+            unknown = sorted(set(saved) - settable) if isinstance(saved, Mapping) else []
+            kind = ("a model of another version of crossdistil (options this one does not know: "
+                    f"{unknown})" if isinstance(saved, Mapping) and "backbone" in saved else
+                    "another kind of model (a river or VW peer's)")
+            raise CheckpointError(f"{path} holds {kind}: it cannot start the configured model")
+        if not resume:
+            return
+        if world != 1:
+            raise CheckpointError(f"{path} is rank 0's part of a checkpoint round of {world} ranks: its stream state "
+                                  "covers rank 0's partitions only. Set checkpoint.warm_start_stream = \"fresh\" (the "
+                                  "new model's partitions start from their beginning, or from --from-time)")
+        k = self.cfg.kafka
+        read = sorted({topic for topic, _ in positions_from_plain(meta.get("positions") or [])})
+        others = [topic for topic in read if topic not in (k.impressions_topic, k.feedback_topic)]
+        if others:
+            raise CheckpointError(f"{path} was cut from topics {read}, this trainer reads {k.impressions_topic!r} and "
+                                  f"{k.feedback_topic!r}: its positions and pending impressions belong to those. "
+                                  "Configure the same topics, or set checkpoint.warm_start_stream = \"fresh\" (every "
+                                  "partition from its beginning, or from --from-time)")
 
     # ----------------------------------------------------------------------------------------------- write
 

@@ -3,7 +3,9 @@
 Exit status: 0 after a stop (SIGTERM or SIGINT, also one while it starts or connects) or the end of a finite
 stream; 2 for a configuration error, a flag out of range, a checkpoint or ledger folder that cannot be made (or a
 checkpoint directory written by something else, by a newer version, held by another running trainer, or holding
-only damaged checkpoints: never a silent start from scratch), or a metrics port that cannot be bound; 3 when Kafka
+only damaged checkpoints: never a silent start from scratch; a checkpoint of a structurally different model, or a
+``checkpoint.warm_start`` / ``--warm-start`` source that is no usable checkpoint of the deep model), or a metrics port
+that cannot be bound; 3 when Kafka
 cannot be reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s``; 5 when another trainer with the
 same ``group_instance_id`` took the partitions over; 6 when the learner process failed or died; 7 when a record
 batch cannot be decoded (a codec that is not installed, a corrupt batch: its topic, partition and offset are
@@ -37,6 +39,11 @@ from consumers.runtime.config import (
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 
+# Several ranks warm-start the model only: a one-trainer checkpoint's cut holds every partition's join state in one.
+RANKS_RESUME = ("checkpoint.warm_start with several ranks starts the model from the checkpoint's weights only: set "
+                "checkpoint.warm_start_stream = \"fresh\" (every rank's partitions start from their beginning, or from "
+                "--from-time); resuming a stream cut is for one trainer")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``crossdistil train``."""
@@ -52,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a trainer without a checkpoint position for a partition starts it at the first record "
                              "stamped at or after TIME (unix ms or ISO 8601, e.g. 2026-11-01T00:00Z) instead of its "
                              "beginning; positions in the checkpoint always win, so restarts stay exactly-once")
+    parser.add_argument("--warm-start", metavar="PATH", default=None,
+                        help="a new model (checkpoint.dir holds no checkpoint yet) starts from the weights of the "
+                             "checkpoint file PATH, or of the newest verified checkpoint in folder PATH, wherever they "
+                             "still fit: a structural change of [model] (a task or a feature added, another "
+                             "backbone); sets checkpoint.warm_start, and checkpoint.warm_start_stream says where the "
+                             "topics are read from (docs/operations.md)")
     parser.add_argument("--torch-threads", type=int, default=None, metavar="N",
                         help="torch intra-op threads on CPU (default, or 0: torch's choice, one per core). On a shared "
                              "or busy machine 1 is often much faster: idle threads spin while waiting for cores")
@@ -124,8 +137,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.device:
         cfg.model.device = args.device
+    if getattr(args, "warm_start", None):
+        cfg.checkpoint.warm_start = args.warm_start
     world_size = getattr(args, "world_size", None)
     ranks_here = world_size is not None and world_size > 1 and "WORLD_SIZE" not in os.environ
+    under_torchrun = os.environ.get("WORLD_SIZE", "")
+    several = ranks_here or (under_torchrun.isdigit() and int(under_torchrun) > 1)
+    if several and cfg.checkpoint.warm_start and cfg.checkpoint.warm_start_stream == "resume":
+        print(f"crossdistil train: configuration error: {RANKS_RESUME}", file=sys.stderr)
+        return 2
     # lazy: torch loads only when the configuration is checked or the daemon runs (crossdistil --help stays fast)
     from consumers.runtime.assembly import RANKS_WITHOUT_GRAPHS, model_config, model_device
 

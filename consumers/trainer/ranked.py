@@ -176,6 +176,8 @@ class RoundCheckpointer(Checkpointer):
         if newest < 0:
             if self.ledger is not None:
                 self.ledger.discard_after(None)
+            if self.cfg.checkpoint.warm_start:  # rank 0's learner from an old checkpoint, broadcast below
+                self.warm_start_ranks(self.ranks)
             learner.broadcast_model()  # identical replicas from the first step
             log.info("%s: no complete checkpoint round in %s: starting from scratch", self.ranks.info.label,
                      self.base_dir)
@@ -192,7 +194,7 @@ class RoundCheckpointer(Checkpointer):
         model = self.ranks.broadcast_bytes(path.read_bytes() if rank == 0 else None)
         load_learner_checkpoint(learner.learner, model)
         meta = own.metadata
-        self._restore_stream(meta, learner.steps)  # only rank 0 publishes: the others' publisher stays idle
+        self._restore_stream(meta, learner.steps, path)  # only rank 0 publishes: the others' publisher stays idle
         self.round = newest
         if self.ledger is not None:
             dropped = self.ledger.discard_after(newest)

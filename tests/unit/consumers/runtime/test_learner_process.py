@@ -146,8 +146,13 @@ def test_a_checkpoint_written_by_the_learner_process_restores_the_same_model_in_
 def test_a_failure_in_the_learner_process_is_raised_with_its_traceback(tmp_path: Path) -> None:
     remote = RemoteLearner(load_config(None, env={}, overrides=SMALL), torch_threads=1)
     try:
-        with pytest.raises(LearnerProcessError, match="FileNotFoundError"):
+        # a checkpoint it cannot read is that OSError, as in process (the trainer exits 2 for it, not 6)
+        with pytest.raises(FileNotFoundError) as missing:
             remote.load_checkpoint(str(tmp_path / "missing.cdckpt"))
+        assert not isinstance(missing.value, LearnerProcessError)
+        with pytest.raises(LearnerProcessError, match="(?s)Traceback.*IndexError"):  # any other failure
+            remote.submit_rows([["u"]], None)  # a row without its item, features and labels
+            list(remote.answers(wait=True))
         remote.process.kill()  # the learner dies: the trainer must not wait forever, nor carry on
         remote.process.wait()
         with pytest.raises(LearnerProcessError, match="killed by signal 9"):

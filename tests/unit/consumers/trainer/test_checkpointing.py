@@ -101,8 +101,9 @@ def test_a_checkpoint_waits_for_its_dead_letters_and_positions_come_back_on_rest
 
 
 def test_a_checkpoint_of_another_model_is_refused_with_the_settings_that_resume_it(tmp_path: Path) -> None:
-    """A changed option (an edit, or a new default after an upgrade) is said option by option, with what to set to
-    train the checkpoint's model on, before the learner is touched; setting it resumes."""
+    """A changed structural option (an edit, or a new default after an upgrade) is said option by option, with what
+    to set to train the checkpoint's model on, before the learner is touched; retunable options changed beside it
+    are said to be so (they need not be set back); setting the structural ones back resumes."""
     c = checkpointer(tmp_path, FlakyProducer(refuse=False))
     train_one_step(c)
     assert c.write("shutdown")
@@ -112,11 +113,14 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_settings_that_resume_
     message = str(refused.value)
     assert "holds a model configured otherwise" in message
     assert "aux_tasks: [] in the checkpoint, [\"long_view\"] here" in message
-    assert "embedding_lr: 0.05 in the checkpoint, 0.2 here" in message
-    assert "model.options.aux_tasks = []" in message and "model.options.embedding_lr = 0.05" in message
-    resumed = checkpointer(tmp_path, FlakyProducer(refuse=False), "model.options.embedding_lr=0.05",
+    assert "embedding_lr: 0.05 in the checkpoint, 0.2 here (retunable)" in message
+    assert "model.options.aux_tasks = []" in message and "model.options.embedding_lr = 0.05" not in message
+    assert "Retunable on restart, so these may keep the values configured here: model.options.embedding_lr" in message
+    assert f"checkpoint.warm_start = \"{c.store.path_for(1)}\"" in message
+    resumed = checkpointer(tmp_path, FlakyProducer(refuse=False), "model.options.embedding_lr=0.2",
                            "model.options.aux_tasks=[]")
     assert resumed.restore() == 1
+    assert resumed.pipeline.learner.learner.embedding_optimizer.param_groups[0]["lr"] == 0.2
 
 
 def test_a_checkpoint_of_another_kind_of_model_is_refused_with_the_learners_reason(tmp_path: Path) -> None:
