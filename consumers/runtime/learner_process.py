@@ -78,7 +78,12 @@ from consumers.runtime.processes import (
     tune_gc,
 )
 from consumers.state.checkpoints import CheckpointStore, decode_checkpoint_file
-from consumers.state.learner_state import learner_state, load_learner_checkpoint, write_learner_checkpoint
+from consumers.state.learner_state import (
+    ModelDiverged,
+    learner_state,
+    load_learner_checkpoint,
+    write_learner_checkpoint,
+)
 from models.features import COLUMN_DTYPES, batch_from_columns, columns_from_bytes, columns_to_bytes
 from models.zoo import learner_config, make_learner
 
@@ -270,13 +275,16 @@ def _child_main(fd_in: int, fd_out: int, trainer_pid: int, forked: bool = False)
 
 def _write_checkpoint(learner: Any, request: Mapping[str, Any]) -> dict[str, Any]:
     """A ``checkpoint`` request: ``{"op": "written", ...}``, or ``os_error_reply`` where the file system refuses the
-    write (the store removes its temporary file; the learner is unchanged, so this process goes on)."""
+    write (the store removes its temporary file; the learner is unchanged, so this process goes on), or
+    ``{"op": "diverged", "message"}`` for a model that is no longer numbers (``ModelDiverged``: nothing written)."""
     try:
         store = CheckpointStore(request["directory"], keep_last=int(request["keep_last"]))
         return {"op": "written", **write_learner_checkpoint(learner, store, request["metadata"],
                                                             request.get("publication"))}
     except OSError as exc:
         return os_error_reply(exc)
+    except ModelDiverged as exc:
+        return {"op": "diverged", "message": str(exc)}
 
 
 def _load_reply(learner: Any, op: str, path: str) -> dict[str, Any]:
@@ -569,6 +577,8 @@ class RemoteLearner:
             raise LearnerProcessError(f"the learner process failed:\n{reply.get('error')}")
         if reply.get("op") == "os_error":  # a checkpoint the file system refused: the trainer retries it
             raise os_error_from_reply(reply)
+        if reply.get("op") == "diverged":  # a model that is no longer numbers: as in process
+            raise ModelDiverged(reply.get("message", ""))
         if reply.get("op") == "value_error":  # a checkpoint that does not load: as in process
             exc = ValueError(reply.get("message", ""))
             exc.add_note(f"raised in the learner process:\n{reply.get('traceback', '')}")

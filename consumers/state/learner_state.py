@@ -95,6 +95,16 @@ def check_finite(learner_tensors: Mapping[str, Any], steps: int) -> None:
         raise ModelDiverged(f"the model of step {steps:,} holds values that are not finite numbers: {broken}")
 
 
+def divergence(learner: Any) -> str | None:
+    """``ModelDiverged``'s message for ``learner`` as it is now, or None when its weights are finite (several ranks
+    agree on it before any of them writes a part of a checkpoint round)."""
+    try:
+        check_finite(flatten_state(learner.state_dict())[0], learner.steps)
+    except ModelDiverged as exc:
+        return str(exc)
+    return None
+
+
 def write_learner_checkpoint(learner: Any, store: CheckpointStore, metadata: Mapping[str, Any],
                              publication: Mapping[str, Any] | None, number: int | None = None) -> dict[str, Any]:
     """Write ``learner`` + ``metadata`` as checkpoint ``learner.steps`` (or ``number``: several ranks number

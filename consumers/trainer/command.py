@@ -11,7 +11,9 @@ same ``group_instance_id`` took the partitions over; 6 when the learner process 
 batch cannot be decoded (a codec that is not installed, a corrupt batch: its topic, partition and offset are
 named); 8 when a rank of several lost the other ranks (one died or could not be reached: torchrun restarts the
 group); 9 when the last checkpoint could not be written (a full disk: the previous one is intact and a restart
-resumes from it) (``consumers.trainer.daemon`` and ``consumers.trainer.ranked`` say why each).
+resumes from it); 10 when the model diverged (NaN or infinite weights: never checkpointed nor published; lower
+``model.options.lr`` before a restart resumes from the last good checkpoint) (``consumers.trainer.daemon`` and
+``consumers.trainer.ranked`` say why each).
 
 Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one rank
 (``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine.

@@ -50,18 +50,21 @@ from consumers.runtime.ranks import RankError, Ranks
 from consumers.state.checkpoints import CheckpointError, CheckpointStore, positions_to_plain
 from consumers.state.learner_state import (
     CHECKPOINT_FORMAT,
+    ModelDiverged,
     check_format,
+    divergence,
     load_learner_checkpoint,
     write_learner_checkpoint,
 )
 from consumers.trainer.checkpointing import Checkpointer, check_model
-from consumers.trainer.daemon import EXIT_CHECKPOINT_FAILED, Trainer
+from consumers.trainer.daemon import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED, Trainer
 from consumers.trainer.kafka_io import connect
 
 log = logging.getLogger("crossdistil.trainer")
 
 EXIT_RANKS = 8  # a collective failed: another rank died or could not be reached (torchrun restarts the group)
-AGREED_EXITS = (0, 7, EXIT_CHECKPOINT_FAILED)  # statuses every rank reaches together: they leave the group together
+# Statuses every rank reaches together: they leave the group together.
+AGREED_EXITS = (0, 7, EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED)
 
 Written = TypeVar("Written")
 
@@ -226,6 +229,10 @@ class RoundCheckpointer(Checkpointer):
         if not any_changed:
             self.last_at = time.monotonic()
             return False
+        # A model that diverged is written by no rank; every rank raises alike (the daemon's exit status 10).
+        diverged = divergence(learner.learner)
+        if self.ranks.agree([diverged is not None])[0]:
+            raise ModelDiverged(diverged or f"the model of step {step:,} diverged on another rank (see its log)")
         started = time.perf_counter()
         round_ = max(self.round, self.attempted) + 1
         self.attempted = round_  # a failed round's number is not used again: its ledger segments stay its own

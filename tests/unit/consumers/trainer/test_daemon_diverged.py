@@ -32,9 +32,17 @@ def batch(t: Trainer, n: int, offset: int) -> list[JoinedSample]:
             for i in range(n)]
 
 
+@pytest.mark.parametrize("separate_process", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_diverged_model_is_not_checkpointed_nor_published_and_the_trainer_exits_10(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
-    t = trainer(tmp_path, DIVERGING, "publish.enabled=true")
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], separate_process: bool) -> None:
+    t = trainer(tmp_path, DIVERGING, "publish.enabled=true", f"model.separate_process={str(separate_process).lower()}")
+    try:
+        diverge(t, tmp_path, capsys)
+    finally:
+        t.pipeline.close()
+
+
+def diverge(t: Trainer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     t.publisher.producer.healthy = True  # Kafka acknowledges
     t.kafka.positions[("impressions", 0)] = 5
     assert t.checkpoint("periodic")  # step 0: a good model, published

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from kafka.structs import TopicPartition
@@ -230,3 +231,51 @@ def test_two_ranks_retry_a_round_one_cannot_write_together_and_never_disagree_wh
                for line in one), one
     assert json.loads((base / "rank-0" / "round.json").read_text())["round"] == 4
     assert CheckpointStore(base / "rank-0").steps()[-1] == 5  # the stop's part of rank 0, of an incomplete round
+
+
+def _rank_whose_model_diverges(rank: int, init: str, base: str, out: str) -> None:
+    """Rank ``rank`` of two trainers (no broker): a round, then rank 1's replica diverges (a weight NaN), a round is
+    due, then a stop. What it saw goes to ``out/rank-<r>.json``."""
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    cfg = load_config(None, env={}, overrides=SMALL + [f"checkpoint.dir='{base}'", "publish.enabled=false",
+                                                       "kafka.poll_timeout_ms=20", "distributed.timeout_s=60.0"])
+    ranks = Ranks(RankInfo(rank, 2), cfg.distributed)
+    trainer = RankTrainer(cfg, ranks)
+    trainer.kafka.consumer = Consumer([TopicPartition("impressions", rank)])
+    trainer.dead_letters.producer = trainer.publisher.producer = FlakyProducer(refuse=False)
+    trainer.restore()
+    seen: dict[str, Any] = {}
+    trainer.kafka.positions[("impressions", rank)] = 5
+    seen["written 1"] = trainer.checkpoint("periodic")
+    if rank == 1:
+        with torch.no_grad():
+            next(trainer.learner.learner.model.parameters()).view(-1)[0] = float("nan")
+    trainer.kafka.positions[("impressions", rank)] = 9
+    seen["written 2"] = trainer.checkpoint("periodic")
+    seen["exit status"], seen["stop"] = trainer.exit_status, trainer.stop_requested
+    trainer.stop_requested = True  # (it is already, unless the divergence went unseen)
+    trainer._loop()  # the final round finds the same model on every rank
+    seen["final exit status"] = trainer.exit_status
+    seen["parts"] = trainer.store.steps()
+    trainer.store.unlock()
+    (Path(out) / f"rank-{rank}.json").write_text(json.dumps(seen))
+    ranks.close(together=True)
+
+
+@pytest.mark.slow  # two processes of their own
+def test_a_model_that_diverged_on_one_rank_is_written_by_no_rank_and_every_rank_exits_10(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    base = tmp_path / "checkpoints"
+    mp.spawn(_rank_whose_model_diverges, args=(str(tmp_path / "init"), str(base), str(tmp_path)), nprocs=2,
+             join=True)
+    seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    for rank, s in enumerate(seen):
+        assert (s["written 1"], s["written 2"], s["stop"]) == (True, False, True), (rank, s)
+        assert s["exit status"] == s["final exit status"] == 10, (rank, s)
+        assert s["parts"] == [1], (rank, s)  # no part of a later round on any rank
+    assert json.loads((base / "rank-0" / "round.json").read_text())["round"] == 1
+    err = capfd.readouterr().err
+    assert "the model diverged: the model of step 0 holds values that are not finite numbers: /model/" in err
+    assert "diverged on another rank (see its log)" in err
