@@ -100,8 +100,9 @@ class JoinSection:
     max_future_s: float = _f(3600.0, "trainer: an event stamped more than this many seconds after the trainer's wall "
                                      "clock is a dead letter (reason future): one producer with a clock ahead (or a "
                                      "time zone taken for UTC) would otherwise move the watermark and close every "
-                                     "pending impression's windows without its labels; 0 = no bound (backtests "
-                                     "apply none)")
+                                     "pending impression's windows without its labels; 0 = no bound (a backtest "
+                                     "of a topic range bounds by each record's Kafka timestamp; of an event log, "
+                                     "by none)")
     max_skew_s: float = _f(0.0, "trainer: a partition more than this many event-time seconds ahead of the watermark "
                                 "is paused until the others catch up, so a backlog is read evenly in event time and "
                                 "the join holds little early feedback (flat memory replaying envelopes; ~40% fewer "
