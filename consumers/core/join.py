@@ -206,6 +206,9 @@ class AttributionJoin:
 
         # Per source: [largest ts_ms seen or None, last activity on the caller's clock or None].
         self._sources: dict[Source, list[Any]] = {}
+        # The event-time clocks of sources ``assign`` took away, for when they are assigned back (a restored trainer's
+        # first assignment from kafka-python is often empty, the real one follows).
+        self._unassigned: dict[Source, int] = {}
         self._idle: set[Source] = set()
         self._min_source: Source | None = None  # the source that defines the watermark now
         self._watermark_ms: int | None = None
@@ -320,7 +323,9 @@ class AttributionJoin:
                     self._hold_early_feedback(impression_id, task, ts, event["value"])
 
     def assign(self, sources: Iterable[Source], now: float | None = None) -> None:
-        """Set the sources that drive the watermark (after a Kafka rebalance); others are forgotten.
+        """Set the sources that drive the watermark (after a Kafka rebalance); others stop driving it, and a source
+        assigned back has its event-time clock again (a restored trainer whose first assignment was empty otherwise
+        waited for every partition's next event, or ``idle_timeout_s``, before its watermark moved).
 
         Sources never assigned are added automatically on their first event, so a backtest need not call this.
         Pending impressions of a revoked source stay pending; the trainer decides what to do with them.
@@ -328,7 +333,15 @@ class AttributionJoin:
         wanted = list(sources)
         if now is not None:
             self._now = now
-        kept = {source: self._sources.get(source, [None, self._now]) for source in wanted}
+        kept = {}
+        for source in wanted:
+            state = self._sources.get(source)
+            if state is None and source in self._unassigned:  # assigned back: its clock holds, its idle timer restarts
+                state = [self._unassigned[source], self._now]
+            kept[source] = state if state is not None else [None, self._now]
+        self._unassigned = {source: ts for source, ts in self._unassigned.items() if source not in kept}
+        self._unassigned.update({source: state[0] for source, state in self._sources.items()
+                                 if source not in kept and state[0] is not None})
         self._sources = kept
         self._idle &= set(kept)
         self._recompute_watermark()
@@ -422,6 +435,7 @@ class AttributionJoin:
         self._watermark_ms = state["watermark_ms"]
         self._now = state["now"]
         self._sources = {}
+        self._unassigned = {}
         self._idle = set()
         for source, max_ts, last_seen, idle in state["sources"]:
             source = _freeze(source)

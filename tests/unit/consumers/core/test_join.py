@@ -168,6 +168,27 @@ def test_unseen_assigned_sources_with_wait_for_all_go_idle_after_the_timeout():
     assert join.watermark_ms == 500_000
 
 
+def test_a_source_assigned_back_has_its_clock_again_as_after_a_restarts_first_empty_assignment():
+    """kafka-python's first assignment of a restored trainer is often empty, the real one follows: the restored
+    partitions' clocks hold, so the watermark moves on the next event instead of waiting for every partition's."""
+    join = make(wait_for_all_partitions=True, idle_timeout_s=30.0, attribution_window_s={"like": 10.0})
+    join.assign([IMP, FB], now=0.0)
+    join.add_impression(imp("a", 1_000), IMP, now=1.0)
+    join.add_feedback(fb("a", 5_000), FB, now=1.0)
+    restored = make(wait_for_all_partitions=True, idle_timeout_s=30.0, attribution_window_s={"like": 10.0})
+    restored.load_state_dict(join.state_dict())
+    restored.assign([], now=100.0)  # the first, empty assignment
+    assert restored.source_max_ts(IMP) is None
+    restored.assign([IMP, FB], now=101.0)
+    assert (restored.source_max_ts(IMP), restored.source_max_ts(FB)) == (1_000, 5_000)
+    restored.add_impression(imp("b", 20_000), IMP, now=102.0)  # FB delivers nothing new
+    assert restored.watermark_ms == 5_000
+    restored.add_feedback(fb("c", 12_000), FB, now=103.0)
+    assert restored.watermark_ms == 12_000 and ids(restored.emit()) == ["a"]
+    restored.tick(120.0)  # its idle timer started again at the assignment (101 s), not at the last event (1 s)
+    assert FB not in restored._idle
+
+
 def test_feedback_that_arrives_before_its_impression_is_held_and_matched():
     join = make(attribution_window_s={"like": 10.0})
     join.add_feedback(fb("a", 3_000), FB)
