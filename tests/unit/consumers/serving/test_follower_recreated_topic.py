@@ -9,13 +9,12 @@ import time
 from collections.abc import Callable
 
 import pytest
-from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.serving.follower import CheckpointFollower, ModelHolder
 from consumers.state.wire import encode_checkpoint
-from tests.unit.consumers.serving.test_follower_damaged_topic import Record
+from tests.unit.consumers.serving.test_follower_damaged_topic import TopicConsumer
 from tests.unit.consumers.state.test_learner_state import trained_learner
 
 pytestmark = pytest.mark.unit
@@ -31,14 +30,14 @@ class Cluster:
         return self.id
 
 
-class RecreatableTopic:
+class RecreatableTopic(TopicConsumer):
     """Partition 0 of a serving topic read as kafka-python reads it, which can be deleted and created again: the new
     log starts at offset 0, and the consumer's position past its end is reset to its beginning (auto_offset_reset
     earliest). ``topic_id``: None for a kafka-python that does not know topic ids."""
 
     def __init__(self, messages: list, topic_id: str | None) -> None:
+        super().__init__(messages)
         self.lock = threading.Lock()
-        self.messages, self.at, self.tp = list(messages), 0, TopicPartition("model-updates", 0)
         if topic_id is not None:
             self._cluster = Cluster(topic_id)
 
@@ -54,29 +53,16 @@ class RecreatableTopic:
         with self.lock:
             self.messages += messages
 
-    def assign(self, tps: list) -> None:
-        pass
-
-    def beginning_offsets(self, tps: list) -> dict:
-        return {self.tp: 0}
-
     def end_offsets(self, tps: list) -> dict:
         with self.lock:
-            return {self.tp: len(self.messages)}
-
-    def seek(self, tp, offset: int) -> None:
-        self.at = offset
-
-    def position(self, tp) -> int:
-        return self.at
+            return super().end_offsets(tps)
 
     def poll(self, timeout_ms: int = 0) -> dict:
         with self.lock:
-            records = [Record(i, *m) for i, m in enumerate(self.messages[self.at:self.at + 3], start=self.at)]
-            self.at += len(records)
-        if not records:
+            polled = super().poll(timeout_ms)
+        if not polled:
             time.sleep(0.005)  # as a poll with nothing to fetch waits
-        return {self.tp: records} if records else {}
+        return polled
 
 
 @pytest.fixture(scope="module")

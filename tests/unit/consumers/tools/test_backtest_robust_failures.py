@@ -18,6 +18,7 @@ from consumers.runtime.processes import can_fork
 from consumers.tools import backtest
 from streamer.eventlog import EventLogError
 from tests.unit.consumers.tools.test_backtest_batching import predictions_digest
+from tests.unit.consumers.tools.test_backtest_intake import messy_log  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.unit
 
@@ -178,8 +179,8 @@ def test_a_configuration_whose_loss_turns_nan_is_dropped_and_the_other_gets_its_
     assert json.loads(json.dumps(data, default=backtest._json_default, allow_nan=False)) is not None
 
 
-def test_a_failing_configuration_does_not_disturb_another_group_or_the_dead_letters(messy_log: Path,
-                                                                                   config_file: Path) -> None:
+def test_a_failing_configuration_does_not_disturb_another_group_or_the_dead_letters(
+        messy_log: Path, config_file: Path) -> None:  # noqa: F811
     # "small" cuts other batches (a group of its own); the first group's only configuration fails, so the first
     # group's stream (which describes the dead letters) must go on joining for the summary's counters
     alone = replay(messy_log, configs(config_file, "mtl", overrides=(*WINDOWS, "batching.batch_size=64")),
@@ -220,9 +221,8 @@ def test_a_step_that_raises_is_an_error_and_memory_is_out_of_memory(drift_log: P
         assert numbers(result.runs["mtl"]) == alone["dense", "mtl"]
 
 
-def test_every_configuration_failing_stops_the_replay_and_says_so(messy_log: Path, config_file: Path,
-                                                                 tmp_path: Path, capsys: pytest.CaptureFixture
-                                                                 ) -> None:
+def test_every_configuration_failing_stops_the_replay_and_says_so(
+        messy_log: Path, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
     # the messy log's impressions leave the join a window (2 minutes) after they came: batch 2 is trained early
     whole = sum(1 for _ in backtest.log_records(f"file://{messy_log}")[0])
     for intake in ("inline", "process"):
@@ -310,7 +310,8 @@ def test_a_configuration_in_a_learner_process_fails_alone(drift_log: Path, confi
     assert isinstance(dropped.pipeline.learner, backtest._Dropped)
 
 
-def test_a_damaged_log_still_stops_everything(messy_log: Path, config_file: Path, tmp_path: Path) -> None:
+def test_a_damaged_log_still_stops_everything(
+        messy_log: Path, config_file: Path, tmp_path: Path) -> None:  # noqa: F811
     cut = tmp_path / "cut.evlog"
     cut.write_bytes(messy_log.read_bytes()[:-5])
     for intake in ("inline", "process"):
@@ -321,13 +322,3 @@ def test_a_damaged_log_still_stops_everything(messy_log: Path, config_file: Path
         assert said == ["crossdistil"]  # it failed first; the log's damage is no configuration's
 
 
-@pytest.fixture(scope="module")
-def messy_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from streamer.eventlog import EventLogWriter
-    from tests.unit.consumers.tools.test_backtest_intake import messy_events
-
-    path = tmp_path_factory.mktemp("log") / "messy.evlog"
-    with EventLogWriter(path) as log:
-        for event in messy_events():
-            log.write("feedback" if "task" in event else "impressions", "k", event)
-    return path
