@@ -206,9 +206,7 @@ class AttributionJoin:
 
         # Per source: [largest ts_ms seen or None, last activity on the caller's clock or None].
         self._sources: dict[Source, list[Any]] = {}
-        # The event-time clocks of sources ``assign`` took away, for when they are assigned back (a restored trainer's
-        # first assignment from kafka-python is often empty, the real one follows).
-        self._unassigned: dict[Source, int] = {}
+        self._unassigned: dict[Source, int] = {}  # the event-time clocks of sources ``assign`` took away
         self._idle: set[Source] = set()
         self._min_source: Source | None = None  # the source that defines the watermark now
         self._watermark_ms: int | None = None
@@ -323,27 +321,16 @@ class AttributionJoin:
                     self._hold_early_feedback(impression_id, task, ts, event["value"])
 
     def assign(self, sources: Iterable[Source], now: float | None = None) -> None:
-        """Set the sources that drive the watermark (after a Kafka rebalance); others stop driving it, and a source
-        assigned back has its event-time clock again (a restored trainer whose first assignment was empty otherwise
-        waited for every partition's next event, or ``idle_timeout_s``, before its watermark moved).
+        """Set the sources that drive the watermark (after a Kafka rebalance); others stop driving it, and one
+        assigned back has its event-time clock again (``_reassigned``).
 
         Sources never assigned are added automatically on their first event, so a backtest need not call this.
         Pending impressions of a revoked source stay pending; the trainer decides what to do with them.
         """
-        wanted = list(sources)
         if now is not None:
             self._now = now
-        kept = {}
-        for source in wanted:
-            state = self._sources.get(source)
-            if state is None and source in self._unassigned:  # assigned back: its clock holds, its idle timer restarts
-                state = [self._unassigned[source], self._now]
-            kept[source] = state if state is not None else [None, self._now]
-        self._unassigned = {source: ts for source, ts in self._unassigned.items() if source not in kept}
-        self._unassigned.update({source: state[0] for source, state in self._sources.items()
-                                 if source not in kept and state[0] is not None})
-        self._sources = kept
-        self._idle &= set(kept)
+        self._sources, self._unassigned = _reassigned(self._sources, self._unassigned, list(sources), self._now)
+        self._idle &= set(self._sources)
         self._recompute_watermark()
 
     def tick(self, now: float) -> None:
@@ -596,6 +583,19 @@ class AttributionJoin:
         while order and order[0][0] < forget_before:
             _, impression_id = order.popleft()
             del self._completed[impression_id]
+
+
+def _reassigned(sources: dict[Source, list[Any]], unassigned: dict[Source, int], wanted: list[Source],
+                now: float | None) -> tuple[dict[Source, list[Any]], dict[Source, int]]:
+    """``AttributionJoin.assign``'s new (sources, unassigned clocks): a wanted source keeps its state; one assigned
+    back has its clock again, its idle timer started anew (a restored trainer's first assignment from kafka-python
+    is often empty, the real one follows: without its clocks, the watermark waited for every partition's next event
+    or ``idle_timeout_s``); a new one has none yet. The clocks of sources no longer wanted are kept aside."""
+    kept = {source: sources.get(source) or ([unassigned[source], now] if source in unassigned else [None, now])
+            for source in wanted}
+    aside = {source: ts for source, ts in unassigned.items() if source not in kept}
+    aside.update({source: state[0] for source, state in sources.items() if source not in kept and state[0] is not None})
+    return kept, aside
 
 
 class TaskLabels:
