@@ -183,6 +183,17 @@ def positions_from_plain(plain: Iterable[Iterable[Any]]) -> dict[tuple[str, int]
     return {(str(topic), int(partition)): int(offset) for topic, partition, offset in plain}
 
 
+def publication_acknowledged(meta: Mapping[str, Any], record: Mapping[str, Any] | None, step: Any) -> bool:
+    """Whether Kafka acknowledged the publication of checkpoint ``step`` (its metadata ``meta``): the checkpoint says
+    so (``published``), or the store's publication record (``CheckpointStore.publication``) names that step with the
+    checkpoint's version or a later one. The checkpoint is written before its publication is attempted; a restoring
+    trainer publishes the step again when this is False, and ``crossdistil inspect`` says which it is."""
+    version = meta.get("publish_version")
+    return bool(meta.get("published")) or (
+        isinstance(record, Mapping) and record.get("step") == step and isinstance(version, int)
+        and isinstance(record.get("version"), int) and record["version"] >= version)
+
+
 class CheckpointStore:
     """A directory of checkpoints: ``write`` atomically, keep the last ``keep_last``, load the ``latest``.
 

@@ -42,6 +42,7 @@ from consumers.state.checkpoints import (
     ROUND_RECORD,
     CheckpointError,
     decode_checkpoint_file,
+    publication_acknowledged,
 )
 from consumers.state.wire import MANIFEST_KEY, Reassembler, WireCheckpoint
 from streamer.kafka_security import (
@@ -258,11 +259,8 @@ def _plain(value: Any) -> Any:
 def describe_publication(meta: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:
     """The checkpoint's publication as a restoring trainer sees it (``consumers.trainer.checkpointing``): its version,
     and whether Kafka acknowledged it (the checkpoint says so, or the store's record names its step)."""
-    version, step = meta.get("publish_version"), meta.get("step")
-    acknowledged = bool(meta.get("published")) or (
-        isinstance(record, Mapping) and record.get("step") == step and isinstance(version, int)
-        and isinstance(record.get("version"), int) and record["version"] >= version)
-    return {"version": version, "acknowledged": acknowledged}
+    return {"version": meta.get("publish_version"),
+            "acknowledged": publication_acknowledged(meta, record, meta.get("step"))}
 
 
 def lock_holder(directory: Path) -> dict[str, Any]:

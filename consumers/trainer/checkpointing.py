@@ -46,6 +46,7 @@ from consumers.state.checkpoints import (
     decode_checkpoint_file,
     positions_from_plain,
     positions_to_plain,
+    publication_acknowledged,
 )
 from consumers.state.learner_state import check_format, saved_config
 from consumers.state.wire import stable_hash
@@ -288,12 +289,10 @@ class Checkpointer:
         check_stream(meta, path)
         self._load_stream(meta, path)
         self.last_step = step
-        # The checkpoint is written before its publication is attempted: the store's publication record says
-        # whether it landed. If not, this step is published again as soon as the loop starts.
+        # Not acknowledged: this step is published again as soon as the loop starts.
         version = int(meta["publish_version"])
         record = self.store.publication()
-        acknowledged = bool(meta.get("published")) or (
-            record is not None and record["step"] == step and record["version"] >= version)
+        acknowledged = publication_acknowledged(meta, record, step)
         if record is not None:
             version = max(version, record["version"])
         self.publisher.restore(version, int(meta["published_chunks"]), step, acknowledged, self.cfg.publish.enabled)
