@@ -115,6 +115,23 @@ def encode_checkpoint_file(tensors: Mapping[str, torch.Tensor], metadata: Mappin
     return _HEADER.pack(MAGIC, len(meta), len(body), digest.digest()) + meta + body
 
 
+def checkpoint_step(name: str, set_aside: bool = False) -> int | None:
+    """The step of a checkpoint file named ``name`` (``ckpt-<12 digits>.cdckpt``; ``set_aside``: of one a restore set
+    aside as damaged, ``ckpt-<12 digits>.cdckpt.corrupt``), or None for any other name.
+
+    >>> checkpoint_step("ckpt-000000000042.cdckpt"), checkpoint_step("ckpt-000000000042.cdckpt.corrupt")
+    (42, None)
+    >>> checkpoint_step("ckpt-000000000042.cdckpt.corrupt", set_aside=True), checkpoint_step("published.json")
+    (42, None)
+    """
+    if set_aside:
+        if not name.endswith(_CORRUPT_SUFFIX):
+            return None
+        name = name[:-len(_CORRUPT_SUFFIX)]
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 def decode_checkpoint_file(data: bytes, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Verify and decode the bytes of one checkpoint file; raises CheckpointError saying what is wrong.
 
@@ -252,12 +269,7 @@ class CheckpointStore:
 
     def steps(self) -> list[int]:
         """Steps of the checkpoint files present, oldest first (not verified)."""
-        steps = []
-        for entry in os.scandir(self.directory):
-            match = _NAME.match(entry.name)
-            if match:
-                steps.append(int(match.group(1)))
-        return sorted(steps)
+        return sorted(step for entry in os.scandir(self.directory) if (step := checkpoint_step(entry.name)) is not None)
 
     def write(self, step: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> Path:
         """Write the checkpoint of ``step`` atomically, then drop all but the newest ``keep_last``."""
@@ -357,7 +369,7 @@ class CheckpointStore:
                                       "and start again (it is left as it is, and nothing older is loaded in its "
                                       "place)") from exc
         set_aside = sorted(entry.name for entry in os.scandir(self.directory)
-                           if entry.name.endswith(_CORRUPT_SUFFIX) and _NAME.match(entry.name[:-len(_CORRUPT_SUFFIX)]))
+                           if checkpoint_step(entry.name, set_aside=True) is not None)
         if damaged or set_aside:
             found = "; ".join(damaged) if damaged else ", ".join(set_aside)
             raise CheckpointError(

@@ -119,11 +119,12 @@ def read_ledger(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     rows: list[dict[str, Any]] = []
     for _, path in segments(directory):
-        rows += _read_segment(path)
+        rows += read_segment(path)
     return rows
 
 
-def _read_segment(path: Path) -> list[dict[str, Any]]:
+def read_segment(path: Path) -> list[dict[str, Any]]:
+    """The rows of one segment file; ``LedgerError`` naming the file and line when it is damaged."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

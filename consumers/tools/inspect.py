@@ -41,9 +41,11 @@ from consumers.state.checkpoints import (
     PUBLICATION_RECORD,
     ROUND_RECORD,
     CheckpointError,
+    checkpoint_step,
     decode_checkpoint_file,
     publication_acknowledged,
 )
+from consumers.state.ledger import LedgerError, read_segment, segments
 from consumers.state.wire import MANIFEST_KEY, Reassembler, WireCheckpoint
 from streamer.kafka_security import (
     SecurityError,
@@ -60,7 +62,6 @@ EXIT_NEWEST_DAMAGED = 4
 EXIT_NO_CHECKPOINT = 5
 
 _RANK_FOLDER = re.compile(r"^rank-(\d+)$")
-_SEGMENT = re.compile(r"^ledger-(\d{12})\.tsv$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +152,7 @@ def inspect_folder(directory: Path, rank: int | None, ledger: Path | None) -> di
     record, record_problem = _json_record(directory / PUBLICATION_RECORD)
     round_record, round_problem = _json_record(directory / ROUND_RECORD)
     checkpoints = [inspect_file(directory / name, record)
-                   for name in sorted((n for n in names if _checkpoint_step(n) is not None), reverse=True)]
+                   for name in sorted((n for n in names if checkpoint_step(n) is not None), reverse=True)]
     return {
         "directory": str(directory),
         "rank": rank,
@@ -159,15 +160,10 @@ def inspect_folder(directory: Path, rank: int | None, ledger: Path | None) -> di
         "publication_record": record, "publication_record_problem": record_problem,
         "round_record": round_record, "round_record_problem": round_problem,
         "checkpoints": checkpoints,
-        "set_aside": [n for n in names if n.endswith(".corrupt") and _checkpoint_step(n[:-8]) is not None],
+        "set_aside": [n for n in names if checkpoint_step(n, set_aside=True) is not None],
         "temp_files": [n for n in names if n.startswith(".tmp-")],
         "ledger": inspect_ledger(ledger) if ledger is not None else None,
     }
-
-
-def _checkpoint_step(name: str) -> int | None:
-    match = re.match(r"^ckpt-(\d{12})\.cdckpt$", name)
-    return int(match.group(1)) if match else None
 
 
 def _json_record(path: Path) -> tuple[Any, str | None]:
@@ -185,7 +181,7 @@ def inspect_file(path: Path, publication_record: Mapping[str, Any] | None) -> di
     """One checkpoint file: ``{"file", "step", "written_at" (UTC, ISO 8601), "size_bytes", "verifies", "problem"}``
     and, when it verifies, what the trainer restores from it (:func:`describe_metadata`)."""
     stat = path.stat()
-    entry: dict[str, Any] = {"file": path.name, "step": _checkpoint_step(path.name),
+    entry: dict[str, Any] = {"file": path.name, "step": checkpoint_step(path.name),
                              "written_at": _utc(stat.st_mtime), "size_bytes": stat.st_size,
                              "verifies": False, "problem": None}
     try:
@@ -314,19 +310,19 @@ def _lock_owner(path: Path) -> int | None:
 
 def inspect_ledger(directory: Path) -> dict[str, Any]:
     """A ledger folder's segments (``consumers.state.ledger``): ``{"directory", "segments": [{"file", "step",
-    "rows", "size_bytes", "problem"}], "problem"}``, oldest first."""
+    "rows", "size_bytes", "problem"}], "problem"}``, oldest first; a segment is damaged where the ledger's own reader
+    (``read_segment``) says so, its rows then counted by lines."""
     if not directory.is_dir():
         return {"directory": str(directory), "segments": [], "problem": "not a folder"}
-    segments = []
-    for name in sorted(entry.name for entry in os.scandir(directory)):
-        match = _SEGMENT.match(name)
-        if match is None:
-            continue
-        data = (directory / name).read_bytes()
-        complete = data.endswith(b"\n") and data.startswith(b"impression_id")
-        segments.append({"file": name, "step": int(match.group(1)), "rows": max(0, data.count(b"\n") - 1),
-                         "size_bytes": len(data), "problem": None if complete else "damaged: not a whole segment"})
-    return {"directory": str(directory), "segments": segments, "problem": None}
+    found = []
+    for step, path in segments(directory):
+        try:
+            rows, problem = len(read_segment(path)), None
+        except LedgerError as exc:
+            rows, problem = max(0, path.read_bytes().count(b"\n") - 1), str(exc)
+        found.append({"file": path.name, "step": step, "rows": rows, "size_bytes": path.stat().st_size,
+                      "problem": problem})
+    return {"directory": str(directory), "segments": found, "problem": None}
 
 
 def render_checkpoints(report: Mapping[str, Any]) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from consumers.state.checkpoints import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointStore,
+    checkpoint_step,
     decode_checkpoint_file,
     positions_from_plain,
     positions_to_plain,
@@ -61,7 +61,6 @@ log = logging.getLogger("crossdistil.trainer")
 # What the stream side of a trainer checkpoint must hold (``Checkpointer._metadata``; ``published`` and
 # ``trained_samples`` are optional: older checkpoints lack them).
 STREAM_KEYS = ("positions", "join_state", "batcher_state", "publish_version", "published_chunks")
-_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{12})\.cdckpt$")  # consumers.state.checkpoints' file names
 
 
 def plain(value: Any) -> Any:
@@ -136,7 +135,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     none: a path that does not exist, is not a checkpoint, or a folder of several ranks (their model is in rank-0)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted((entry for entry in path.iterdir() if _CHECKPOINT_NAME.match(entry.name)), reverse=True)
+        files = sorted((entry for entry in path.iterdir() if checkpoint_step(entry.name) is not None), reverse=True)
         if not files and (path / "rank-0").is_dir():
             raise CheckpointError(f"{path} holds the checkpoints of several ranks: name its rank-0 folder, whose files "
                                   "hold the model")

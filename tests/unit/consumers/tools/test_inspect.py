@@ -24,6 +24,7 @@ from consumers.tools.inspect import (
     EXIT_NEWEST_DAMAGED,
     EXIT_NO_CHECKPOINT,
     EXIT_OK,
+    inspect_ledger,
     publications,
     render_serving,
 )
@@ -139,6 +140,19 @@ def test_inspecting_changes_nothing_in_the_folder(tmp_path: Path, capsys) -> Non
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == names
     assert report["folders"][0]["temp_files"] == [".tmp-ckpt-000000000003.cdckpt.x"]
     assert report["folders"][0]["lock"] == {"held": False, "pid": None, "recorded_pid": 12345, "problem": None}
+
+
+def test_a_damaged_ledger_segment_is_named_as_the_ledger_itself_reads_it(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, ("click",))
+    ledger.add(["a", "b"], {"click": [1, 0]}, {"click": [0.5, 0.2]})
+    ledger.commit(1)
+    ledger.add(["c"], {"click": [1]}, {"click": [0.9]})
+    ledger.commit(2)
+    newest = tmp_path / "ledger-000000000002.tsv"
+    newest.write_bytes(newest.read_bytes()[:-3])  # cut inside its last row
+    whole, cut = inspect_ledger(tmp_path)["segments"]
+    assert (whole["step"], whole["rows"], whole["problem"]) == (1, 2, None)
+    assert cut["step"] == 2 and "ledger-000000000002.tsv is damaged: truncated" in cut["problem"]
 
 
 def test_an_empty_folder_has_no_checkpoint_and_exits_5(tmp_path: Path, capsys) -> None:
