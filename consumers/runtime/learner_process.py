@@ -77,11 +77,11 @@ from consumers.runtime.processes import (
     grow_pipe,
     tune_gc,
 )
-from consumers.state.checkpoints import CheckpointStore, decode_checkpoint_file
+from consumers.state.checkpoints import CheckpointStore
 from consumers.state.learner_state import (
     ModelDiverged,
-    learner_state,
     load_learner_checkpoint,
+    warm_start_learner,
     write_learner_checkpoint,
 )
 from models.features import COLUMN_DTYPES, batch_from_columns, columns_from_bytes, columns_to_bytes
@@ -158,22 +158,6 @@ class LocalLearner(InProcessLearner):
         """``consumers.state.learner_state.write_learner_checkpoint`` on the learner."""
         return write_learner_checkpoint(self.learner, CheckpointStore(directory, keep_last=keep_last), metadata,
                                         publication)
-
-
-def warm_start_learner(learner: Any, path: str | Path) -> dict[str, Any]:
-    """Initialise ``learner`` (a new ``models.learner.Learner``) from the model of the checkpoint file at ``path``
-    (``Learner.warm_start``: the tensors that still fit; never unpickled); ``carry_over``'s report. A ``ValueError``
-    where the file is not a checkpoint, is damaged, or holds another kind of model (a river or VW peer's); an
-    ``OSError`` where it cannot be read."""
-    if not hasattr(learner, "warm_start"):
-        raise ValueError(f"warm start is for the deep model (models.learner.Learner); {type(learner).__name__} "
-                         "learns from its first event on")
-    tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
-    try:
-        state = learner_state(metadata, tensors)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"it holds no learner state a trainer wrote ({type(exc).__name__}: {exc})") from None
-    return learner.warm_start(state)
 
 
 def step_rows(learner: Any, rows: Sequence[Sequence[Any]], tasks: tuple[str, ...]) -> dict[str, Any]:

@@ -148,3 +148,19 @@ def load_learner_checkpoint(learner: Any, path: str | Path | bytes) -> int:
     tensors, metadata = decode_checkpoint_file(data)
     learner.load_state_dict(learner_state(metadata, tensors))
     return int(learner.steps)
+
+
+def warm_start_learner(learner: Any, path: str | Path) -> dict[str, Any]:
+    """Initialise ``learner`` (a new ``models.learner.Learner``) from the model of the checkpoint file at ``path``
+    (``Learner.warm_start``: the tensors that still fit; never unpickled); ``carry_over``'s report. A ``ValueError``
+    where the file is not a checkpoint, is damaged, or holds another kind of model (a river or VW peer's); an
+    ``OSError`` where it cannot be read. ``load_learner_checkpoint``'s counterpart for a new model."""
+    if not hasattr(learner, "warm_start"):
+        raise ValueError(f"warm start is for the deep model (models.learner.Learner); {type(learner).__name__} "
+                         "learns from its first event on")
+    tensors, metadata = decode_checkpoint_file(Path(path).read_bytes())
+    try:
+        state = learner_state(metadata, tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"it holds no learner state a trainer wrote ({type(exc).__name__}: {exc})") from None
+    return learner.warm_start(state)
