@@ -9,14 +9,16 @@ that cannot be bound; 3 when Kafka
 cannot be reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s``; 5 when another trainer with the
 same ``group_instance_id`` took the partitions over; 6 when the learner process failed or died; 7 when a record
 batch cannot be decoded (a codec that is not installed, a corrupt batch: its topic, partition and offset are
-named); 8 when a rank of several lost the other ranks (one died or could not be reached: torchrun restarts the
-group); 9 when the last checkpoint could not be written (a full disk: the previous one is intact and a restart
+named); 8 when a rank of several lost the other ranks (one died or could not be reached: the group is
+restarted); 9 when the last checkpoint could not be written (a full disk: the previous one is intact and a restart
 resumes from it); 10 when the model diverged (NaN or infinite weights: never checkpointed nor published; lower
 ``model.options.lr`` before a restart resumes from the last good checkpoint) (``consumers.trainer.daemon`` and
 ``consumers.trainer.ranked`` say why each).
 
 Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one rank
-(``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine.
+(``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine and restarts the
+group (``--max-restarts R`` times at most) after a transient failure only: not after 2, 5, 7 or 10
+(``NOT_RESTARTED``, as the systemd unit), which the command then exits with at once (``launch_ranks``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from consumers.runtime.config import (
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 
+# Exit statuses after which a restart would fail the same way: the systemd unit's RestartPreventExitStatus, and the
+# statuses after which --world-size does not restart the ranks (launch_ranks).
+NOT_RESTARTED = {2: "a configuration error", 5: "another trainer took the partitions over",
+                 7: "a record batch that cannot be decoded", 10: "the model diverged"}
 # Several ranks warm-start the model only: a one-trainer checkpoint's cut holds every partition's join state in one.
 RANKS_RESUME = ("checkpoint.warm_start with several ranks starts the model from the checkpoint's weights only: set "
                 "checkpoint.warm_start_stream = \"fresh\" (every rank's partitions start from their beginning, or from "
@@ -71,18 +77,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads on CPU (default, or 0: torch's choice, one per core). On a shared "
                              "or busy machine 1 is often much faster: idle threads spin while waiting for cores")
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
-                        help="run N trainer ranks of one model on this machine: hands over to torchrun "
-                             "(--standalone --nproc-per-node N --max-restarts R); for several machines start "
+                        help="run N trainer ranks of one model on this machine: hands over to torchrun's launcher "
+                             "(--standalone --nproc-per-node N); for several machines start "
                              "torchrun yourself (docs/scaling.md)")
     parser.add_argument("--max-restarts", type=int, default=3, metavar="R",
-                        help="with --world-size: how often torchrun restarts the ranks after one failed (default 3)")
+                        help="with --world-size: how often the ranks are restarted after one failed (default 3); never "
+                             "after a status a restart would repeat: 2, 5, 7, 10 (the command exits with it at once)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=logs.LEVELS,
                         help="logging level: DEBUG, INFO (default), WARNING or ERROR")
 
 
 def torchrun_command(argv: list[str], world_size: int, max_restarts: int) -> list[str]:
     """The torchrun command line that ``crossdistil train --world-size N ...`` becomes: the same flags, less
-    ``--world-size`` and ``--max-restarts``, run as N ranks on this machine.
+    ``--world-size`` and ``--max-restarts``, run as N ranks on this machine; ``--max-restarts R`` is applied by
+    :func:`launch_ranks`, which restarts the group only after a transient failure.
 
     >>> torchrun_command(["--config", "t.toml", "--world-size", "2", "--ledger=L"], 2, 3)[3:]
     ['--standalone', '--nproc-per-node', '2', '--max-restarts', '3', '-m', 'consumers.cli', 'train', '--config', \
@@ -101,27 +109,75 @@ def torchrun_command(argv: list[str], world_size: int, max_restarts: int) -> lis
 
 
 def launch_ranks(torchrun_args: list[str]) -> int:
-    """torchrun's launcher in this process (``torch.distributed.run``): its agent starts the ranks and restarts the
-    group after a failure. A stop (SIGTERM, SIGINT) reaches the ranks, which checkpoint a last round and exit:
-    status 0, as one trainer's. A rank that failed for good (after ``--max-restarts``): its exit status."""
+    """torchrun's launcher in this process (``torch.distributed.run``), its ``--max-restarts R`` applied here: each
+    attempt runs torchrun with ``--max-restarts 0`` (its agent restarts the group after any failure, whatever the
+    status), and a failed attempt is started again, up to R times, only when its status is not one of
+    ``NOT_RESTARTED`` (a restart would fail the same way). A stop (SIGTERM, SIGINT) reaches the ranks, which
+    checkpoint a last round and exit: status 0, as one trainer's. A failure not restarted: the ranks' exit status."""
     # lazy: torch's launcher loads only when ranks run (crossdistil --help stays fast)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
+    restarts = parse_args(torchrun_args).max_restarts
+    restarted = 0
     try:
-        torchrun(parse_args(torchrun_args))
+        while True:
+            attempt = parse_args(torchrun_args)
+            attempt.max_restarts = 0  # restarts are decided below, by exit status
+            try:
+                torchrun(attempt)
+                return 0
+            except ChildFailedError as exc:
+                rank, code = deciding_failure({r: (f.timestamp, f.exitcode) for r, f in exc.failures.items()})
+            status = code if code > 0 else 1
+            failed = f"rank {rank} {exit_said(code)}"
+            if status in NOT_RESTARTED:
+                print(f"crossdistil train: {failed} ({NOT_RESTARTED[status]}): the group is not restarted, a restart "
+                      "would fail the same way (the ranks' log lines above say why)", file=sys.stderr, flush=True)
+                return status
+            if restarted >= restarts:
+                print(f"crossdistil train: {failed} and the group was restarted {restarted} times already "
+                      f"(--max-restarts {restarts}): giving up (the ranks' log lines above say why)",
+                      file=sys.stderr, flush=True)
+                return status
+            restarted += 1
+            print(f"crossdistil train: {failed}: restarting the group ({restarted} of {restarts} restarts); it "
+                  "resumes from the last complete checkpoint round", file=sys.stderr, flush=True)
     except SignalException as exc:
         print(f"crossdistil train: {exc}: the ranks were told to stop (each checkpoints its part of a last round)",
               file=sys.stderr, flush=True)
         return 0
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        print(f"crossdistil train: rank {rank} failed with exit status {failure.exitcode} after torchrun's restarts "
-              "ran out (its log lines above say why)", file=sys.stderr, flush=True)
-        return failure.exitcode if failure.exitcode > 0 else 1
-    return 0
+
+
+def deciding_failure(failures: dict[int, tuple[float, int]]) -> tuple[int, int]:
+    """The rank whose exit decides whether the group is restarted, and its exit code, of ``{rank: (time, exit
+    code)}`` (torchrun's ``ChildFailedError.failures``; a negative code is a signal): the first to exit with a status
+    of ``NOT_RESTARTED``, if any (the others then mostly lost it, status 8, or were stopped by torchrun), else the
+    first to fail.
+
+    >>> deciding_failure({0: (2.0, 10), 1: (1.0, 8)}), deciding_failure({0: (2.0, 8), 1: (1.0, -9)})
+    ((0, 10), (1, -9))
+    """
+    permanent = {rank: failure for rank, failure in failures.items() if failure[1] in NOT_RESTARTED}
+    rank = min(permanent or failures, key=lambda r: failures[r][0])
+    return rank, failures[rank][1]
+
+
+def exit_said(code: int) -> str:
+    """How a rank's exit code reads ("exited with status 9", "was killed by signal 9 (SIGKILL)").
+
+    >>> exit_said(9), exit_said(-9)
+    ('exited with status 9', 'was killed by signal 9 (SIGKILL)')
+    """
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"was killed by signal {-code}{name}"
 
 
 def run(args: argparse.Namespace) -> int:
