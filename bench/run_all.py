@@ -38,11 +38,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], float]] = {
     "publish_compression": ("publish_compression.py", [], ["--rounds", "1", "--train-rows", "5000"], 600),
     "peers": ("peers.py", [], ["--limit", "10000"], 1800),
     "backtest_throughput": ("backtest_throughput.py", [], ["--impressions", "20000", "--rounds", "1"], 1800),
+    "divergence_check": ("divergence_check.py", [], ["--table-log2", "16,19", "--rounds", "1"], 600),
 }
 
 # Headline figures: numeric leaves whose path names one of these (ratios first: they survive a noisy machine).
 HEADLINE_WORDS = ("ratio_to", "_to_evaluate", "cost_to_one", "within", "meets_target", "flat", "p99", "percent_of",
-                  "auc_tail", "samples_per_s", "events_per_s")
+                  "auc_tail", "samples_per_s", "events_per_s", "_over_check", "share_of_write")
 MAX_HEADLINES = 8
 
 

@@ -42,7 +42,10 @@ def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> str | None:
 
     found = []
     for name, tensor in tensors.items():
-        if tensor.is_floating_point():
+        # NaN and infinities carry into a sum, which reads the values once without a mask the size of the tensor
+        # (8-42x faster than counting, from 2^16 to 2^22 rows: bench/divergence_check.py): count only when the sum is
+        # not finite (finite values whose sum overflows are counted, and found finite).
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum())):
             bad = int(tensor.numel() - torch.isfinite(tensor).sum())
             if bad:
                 found.append(f"{name} ({bad:,} of {tensor.numel():,} values)")

@@ -17,6 +17,7 @@ from consumers.state.learner_state import (
     load_learner_checkpoint,
     write_learner_checkpoint,
 )
+from consumers.state.tensors import non_finite_tensors
 from models.features import encode_rows
 from models.learner import Learner
 
@@ -85,3 +86,14 @@ def test_a_checkpoint_directory_of_something_else_is_refused_with_its_format(tmp
     CheckpointStore(tmp_path).write(1, {}, {"trainer_format": 99})
     with pytest.raises(CheckpointError, match="trainer_format 99"):
         check_format(CheckpointStore(tmp_path).latest())
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([1.0, float("nan"), 2.0], "w (1 of 3 values)"),
+    ([float("inf"), 1.0, float("-inf")], "w (2 of 3 values)"),  # their sum is NaN
+    ([float("-inf"), 0.0], "w (1 of 2 values)"),
+    ([3e38, 3e38, -1.0], None),  # finite values whose float32 sum overflows are finite
+    ([], None),
+])
+def test_non_finite_values_are_found_and_counted_whatever_their_sum(values: list[float], expected: str | None) -> None:
+    assert non_finite_tensors({"w": torch.tensor(values, dtype=torch.float32), "ids": torch.tensor([1])}) == expected
