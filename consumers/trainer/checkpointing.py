@@ -83,6 +83,23 @@ def option_setting(key: str) -> str:
     return {"tasks": "model.tasks", "seed": "model.seed"}.get(key, f"model.options.{key}")
 
 
+# The options a deep model (``ModelConfig``) has: a saved config with any other key is a peer's or a newer version's.
+MODEL_OPTIONS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def unknown_options(saved: Any) -> list[str] | None:
+    """The options of a checkpoint's saved learner config (``saved_config``) that ``ModelConfig`` does not have:
+    ``[]`` for a deep model's config, the option names for a newer version's or a peer's, None where there is no
+    config to read (a peer that keeps none).
+
+    >>> unknown_options({"backbone": "mmoe", "lr": 0.01}), unknown_options({"n_models": 3}), unknown_options(None)
+    ([], ['n_models'], None)
+    """
+    if not isinstance(saved, Mapping):
+        return None
+    return sorted(set(saved) - MODEL_OPTIONS)
+
+
 def check_model(meta: Mapping[str, Any], config: Any, path: Any) -> dict[str, tuple[Any, Any]]:
     """The options in which the checkpoint's model (``meta``'s learner config) and the configured ``ModelConfig``
     differ, when they are all retunable (``models.config.RETUNABLE_OPTIONS``): each is logged ("was X, now Y") and the
@@ -91,8 +108,7 @@ def check_model(meta: Mapping[str, Any], config: Any, path: Any) -> dict[str, tu
     upgrade, or an option changed by mistake), instead of a traceback from the learner. The river and VW peers check
     their own."""
     saved = saved_config(meta)
-    settable = {f.name for f in dataclasses.fields(ModelConfig)}
-    if not isinstance(config, ModelConfig) or not isinstance(saved, Mapping) or set(saved) - settable:
+    if not isinstance(config, ModelConfig) or unknown_options(saved) != []:
         return {}  # a peer's checkpoint, or a peer configured: the learner's own load says what differs
     differing = config_differences(saved, config)
     retuned, structural = split_differences(differing)
@@ -102,7 +118,7 @@ def check_model(meta: Mapping[str, Any], config: Any, path: Any) -> dict[str, tu
                  + (" (retunable)" if key in retuned else "")
                  for key, (was, now) in differing.items()]
         settings = [f"  {option_setting(key)} = {toml_value(was)}"
-                    for key, (was, now) in structural.items() if key in settable and was is not None]
+                    for key, (was, now) in structural.items() if key in MODEL_OPTIONS and was is not None]
         resume = ["To train it on, configure it as it was (the file's [model] tables, or --set KEY=VALUE):", *settings]
         retunable = [f"Retunable on restart, so these may keep the values configured here: "
                      f"{', '.join(option_setting(key) for key in retuned)}"] if retuned else []
@@ -385,11 +401,10 @@ class Checkpointer:
             raise CheckpointError(f"{path} is rank {rank}'s part of a checkpoint round: only the stream state of its "
                                   "partitions; the model is in the rank-0 folder's files")
         saved = saved_config(meta)
-        settable = {f.name for f in dataclasses.fields(ModelConfig)}
-        if not isinstance(saved, Mapping) or set(saved) - settable:
-            unknown = sorted(set(saved) - settable) if isinstance(saved, Mapping) else []
+        unknown = unknown_options(saved)
+        if unknown != []:
             kind = ("a model of another version of crossdistil (options this one does not know: "
-                    f"{unknown})" if isinstance(saved, Mapping) and "backbone" in saved else
+                    f"{unknown})" if unknown and "backbone" in saved else
                     "another kind of model (a river or VW peer's)")
             raise CheckpointError(f"{path} holds {kind}: it cannot start the configured model")
         if not resume:
