@@ -156,12 +156,15 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer
     instance_id = f"{k.group_id}-trainer" if k.group_instance_id == "auto" else (k.group_instance_id or None)
     if instance_id is not None and group_member:
         options.setdefault("group_instance_id", instance_id)
-    consumer = KafkaConsumer(
+    # Never create an input topic: one made by a metadata request (a typo'd name, a trainer started before the
+    # streamer) gets the broker's default partition count, which can break co-partitioning and never shrinks.
+    # A missing topic is waited for instead (KafkaIO.stalled says which, and how to create it).
+    consumer = honour_auto_create(KafkaConsumer(
         bootstrap_servers=k.bootstrap, group_id=k.group_id, enable_auto_commit=False,
         auto_offset_reset="earliest", max_poll_records=k.max_poll_records,
         max_poll_interval_ms=k.max_poll_interval_ms,
-        **client_options(options, KafkaConsumer.DEFAULT_CONFIG),
-    )
+        **{**client_options(options, KafkaConsumer.DEFAULT_CONFIG), "allow_auto_create_topics": False},
+    ))
     try:
         producer = KafkaProducer(
             bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
@@ -398,7 +401,8 @@ class KafkaIO:
     def stalled(self, now: float) -> bool:
         """True once no partition has been assigned for ``kafka.stall_exit_s`` (0 disables the check).
 
-        While it waits it says why every 30 s (after 15 s): topics that do not exist are the usual reason.
+        While it waits it says why every 30 s, from 15 s on, or at once when the broker said that a topic does not
+        exist (the trainer never creates one: ``connect``; it reads a topic from the assignment after it is made).
         """
         if self.consumer.assignment():
             self.unassigned_since = self._unassigned_warned_at = None
@@ -417,9 +421,11 @@ class KafkaIO:
             self._rejoin_if_topics_have_partitions(now, waited)
         warned = self._unassigned_warned_at
         first, every = UNASSIGNED_WARN_S
-        if waited >= first and (warned is None or now - warned >= every):
-            self._unassigned_warned_at = now
-            log.warning("no partition assigned after %.0f s%s", waited, self.missing_topics_hint())
+        if warned is None or now - warned >= every:
+            hint = self.missing_topics_hint()
+            if waited >= first or hint:
+                self._unassigned_warned_at = now
+                log.warning("no partition assigned after %.0f s%s", waited, hint)
         limit = self.k.stall_exit_s
         return bool(limit) and waited >= limit
 
@@ -447,19 +453,29 @@ class KafkaIO:
             coordinator.request_rejoin()
 
     def missing_topics_hint(self) -> str:
-        """``"; topic(s) ... do not exist ..."`` when the subscribed topics are missing, else ``""``."""
+        """``"; topic(s) ... do not exist ..."`` (naming them and how to create them) when the broker's metadata
+        lacks subscribed topics, else ``""`` (also before any metadata came: nothing is known then)."""
         # The client's cached metadata, not consumer.topics(): that one waits for the broker without a timeout.
         cluster = getattr(self.consumer, "_cluster", None)
         try:
+            if cluster is not None and not cluster.brokers():
+                return ""  # no metadata yet: every topic would look missing
             existing = cluster.topics() if cluster is not None else self.consumer.topics()
         except Exception:  # no metadata yet: nothing to add
             return ""
         missing = [t for t in self.topics if t not in existing]
         if not missing:
             return ""
-        return (f"; topic(s) {', '.join(missing)} do not exist on {self.k.bootstrap} (create them, e.g. 'crossdistil "
-                "kafka up' creates the defaults, or point kafka.impressions_topic / kafka.feedback_topic "
-                "at existing ones)")
+        present = [t for t in self.topics if t not in missing]
+        found = cluster.partitions_for_topic(present[0]) if present and cluster is not None else None
+        n, like = (str(len(found)), f" (as {present[0]} has)") if found else ("N", "")
+        return (f"; topic(s) {', '.join(missing)} do not exist on {self.k.bootstrap}. The trainer never creates its "
+                "input topics (one made on request would get the broker's default partition count, which may break "
+                "co-partitioning and can never shrink) and reads them as soon as they exist: create them with "
+                f"{n} partitions{like}, e.g. 'kafka-topics.sh --bootstrap-server {self.k.bootstrap} --create --topic "
+                f"{missing[0]} --partitions {n}' ('crossdistil stream' and 'crossdistil kafka up --partitions {n}' "
+                "create the topics they use), or point kafka.impressions_topic / kafka.feedback_topic at existing "
+                "ones")
 
     # ----------------------------------------------------------------------------------------- offsets
 

@@ -1,5 +1,6 @@
 """Kafka clients that must not create topics do not, on a broker that creates them on request (the local one, as
-Kafka's default), and the trainer makes a missing serving topic compacted before its first publication.
+Kafka's default), and the trainer makes a missing serving topic compacted before its first publication. The
+trainer never creates its input topics: it waits for them, says so, and trains them once they are made.
 
 kafka-python 3.0.12 ignores ``allow_auto_create_topics`` (``streamer.topics.honour_auto_create``): a serving replica
 assigned to a deleted model topic created it again at once, without compaction.
@@ -8,19 +9,28 @@ assigned to a deleted model topic created it again at once, without compaction.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
-from consumers.runtime.config import KafkaConfig
+from consumers.runtime.config import KafkaConfig, load_config
+from consumers.runtime.processes import die_with_parent
 from consumers.serving.daemon import connect as serving_connect
+from consumers.state.checkpoints import CheckpointStore
 from consumers.trainer.kafka_io import check_model_topic
-from streamer.topics import cleanup_policy, honour_auto_create
+from streamer.topics import DEFAULT_PARTITIONS, cleanup_policy, ensure_topics, honour_auto_create
+from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _polled_after_delete(bootstrap: str, topic: str, consumer: KafkaConsumer) -> bool:
@@ -53,8 +63,8 @@ def test_a_serving_replica_does_not_create_its_deleted_model_topic_again(kafka_b
 
 def test_a_client_that_asks_for_auto_creation_still_gets_it(kafka_broker: str,
                                                            unique_topic: Callable[[str], str]) -> None:
-    """The setting is the client's own, not forced off: a consumer left at kafka-python's default (True), like the
-    trainer's group consumer, creates the topic as before."""
+    """The setting is the client's own, not forced off: a consumer left at kafka-python's default (True) creates the
+    topic as before."""
     topic = unique_topic("other")
     consumer = honour_auto_create(KafkaConsumer(bootstrap_servers=kafka_broker, group_id=None,
                                                 metadata_max_age_ms=1000))
@@ -89,3 +99,64 @@ def test_the_trainer_makes_a_missing_serving_topic_compacted_and_warns_of_one_th
     with caplog.at_level(logging.INFO, logger="crossdistil.trainer"):
         check_model_topic(KafkaConfig(bootstrap=kafka_broker, model_topic=missing))  # compacted: nothing to say
     assert not [r for r in caplog.records if missing in r.getMessage()]
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        tail = log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, f"{what} within {timeout_s:.0f} s:\n{tail}"
+        time.sleep(0.5)
+
+
+def test_the_trainer_never_creates_its_missing_input_topics_and_trains_them_once_they_are_made(
+        kafka_broker: str, unique_topic: Callable[[str], str], tmp_path: Path) -> None:
+    """A trainer started before its topics exist (a typo, or before the streamer) leaves them missing, where its
+    consumer would have had the broker make them with the broker's default partition count; it names them in its
+    log, and trains them from the assignment after they are made, with a partition count of their own."""
+    from streamer.stream import stream_dataset
+
+    topics = {name: unique_topic(name) for name in ("impressions", "feedback", "dead_letters", "model")}
+    partitions = DEFAULT_PARTITIONS - 1  # not the broker's num.partitions, which an auto-created topic would get
+    config = write_trainer_config(tmp_path / "crossdistil.toml", kafka_broker, topics, {
+        "join.attribution_window_s": {"click": 3, "like": 10},
+        "batching.batch_size": 64,
+        "batching.max_batch_delay_s": 1.0,
+        "model.tasks": ["click", "like"],
+        "model.options": {"embedding_dim": 4, "hidden_dims": [8], "tower_dims": [4],
+                          "features": {"categorical": ["user_id", "item_id"], "hash_buckets": 1024}},
+        "checkpoint.dir": str(tmp_path / "checkpoints"),
+        "checkpoint.every_steps": 0,
+        "checkpoint.every_s": 0.0,
+    })
+    log = tmp_path / "trainer.log"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--exit-when-idle", "10",
+         "--torch-threads", "1"], cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+    try:
+        said = f"topic(s) {topics['impressions']}, {topics['feedback']} do not exist on {kafka_broker}"
+        _wait_for(lambda: said in log.read_text(errors="replace"), 120, "the missing topics were not named", log)
+        time.sleep(3)  # the consumer keeps asking for their metadata meanwhile (every 100 ms)
+        assert not {topics["impressions"], topics["feedback"]} & set(admin.list_topics())
+        assert trainer.poll() is None, "the trainer did not wait for its topics"
+
+        ensure_topics(kafka_broker, partitions, impression_topic=topics["impressions"],
+                      feedback_topic=topics["feedback"], dead_letter_topic=topics["dead_letters"],
+                      model_topic=topics["model"])
+        summary = stream_dataset("synthetic", None, f"kafka://{kafka_broker}", options={
+            "n_events": 600, "tasks": "click,like", "n_users": 50, "n_items": 100, "seed": 5, "max_delay_s": 5},
+            impression_topic=topics["impressions"], feedback_topic=topics["feedback"])
+        assert trainer.wait(timeout=240) == 0, log.read_text(errors="replace")[-4000:]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+        admin.close()
+    checkpoint = CheckpointStore(load_config(config, env={}).checkpoint.dir).latest(with_tensors=False)
+    positions = {(topic, partition): offset for topic, partition, offset in checkpoint.metadata["positions"]}
+    read = {topic: {p for (t, p) in positions if t == topic} for topic in (topics["impressions"], topics["feedback"])}
+    assert read == {topic: set(range(partitions)) for topic in read}, positions
+    assert sum(o for (t, _), o in positions.items() if t == topics["impressions"]) == summary["impressions"]
+    assert checkpoint.metadata["trained_samples"] > 0

@@ -242,3 +242,46 @@ def test_no_partition_although_the_topics_have_some_rejoins_the_group_every_10_s
     del consumer._coordinator  # another client version without these internals: only the metadata nudge
     consumer.partitions = set()
     assert not io.stalled(100.0) and not io.stalled(120.0)
+
+
+class Metadata:
+    """kafka-python's cached cluster metadata: the brokers (none before the first answer) and the topics."""
+
+    def __init__(self, partitions: dict, brokers: tuple = (1,)) -> None:
+        self.partitions, self._brokers = partitions, list(brokers)
+
+    def brokers(self) -> list:
+        return self._brokers
+
+    def topics(self) -> set:
+        return set(self.partitions)
+
+    def partitions_for_topic(self, topic: str):
+        return self.partitions.get(topic)
+
+    def request_update(self) -> None:
+        pass
+
+
+def test_a_missing_input_topic_is_named_at_once_with_the_command_that_creates_it_like_the_other(
+        caplog: pytest.LogCaptureFixture) -> None:
+    consumer = Consumer([])
+    consumer._cluster = Metadata({"impressions": {0, 1, 2}})
+    io = kafka_io(consumer, stall_exit_s=300, bootstrap="'b:9092'")
+    assert not io.stalled(0.0)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "topic(s) feedback do not exist on b:9092" in said[0]
+    assert "never creates its input topics" in said[0] and "reads them as soon as they exist" in said[0]
+    assert ("'kafka-topics.sh --bootstrap-server b:9092 --create --topic feedback --partitions 3'" in said[0]
+            and "3 partitions (as impressions has)" in said[0])
+    assert not io.stalled(10.0) and len(caplog.records) == 1  # then every 30 s, as any wait without partitions
+    assert not io.stalled(31.0) and len(caplog.records) == 2
+
+
+def test_before_the_first_metadata_no_topic_is_said_to_be_missing(caplog: pytest.LogCaptureFixture) -> None:
+    consumer = Consumer([])
+    consumer._cluster = Metadata({}, brokers=())  # nothing heard from the broker yet: every topic looks absent
+    io = kafka_io(consumer, stall_exit_s=300)
+    assert not io.stalled(0.0) and not io.stalled(5.0) and not caplog.records
+    assert not io.stalled(16.0)
+    assert [r.getMessage() for r in caplog.records] == ["no partition assigned after 16 s"]
