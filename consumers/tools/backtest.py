@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     except IntakeError as exc:  # the intake process died or failed, or a replay cache entry is damaged
         print(f"crossdistil backtest: {exc}", file=sys.stderr)
         return 1
-    if result.records == 0:
+    built_none = result.failed and not result.runs and result.records == 0  # every configuration failed to build
+    if result.records == 0 and not built_none:
         ranged = any(v is not None for v in (args.from_time, args.to_time, args.from_offset, args.to_offset))
         damaged = DamagedRecords.from_dict(result.damaged) if result.damaged else None
         print(f"crossdistil backtest: nothing to replay: {args.log or args.kafka} has no records"
@@ -228,9 +229,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _say_what_was_done(result, args, out, len(configs), data)
     if result.failed and not result.runs:
+        stopped = ("no configuration could be built, so nothing was replayed" if built_none else
+                   f"the replay stopped after {result.records:,} records")
         print(f"crossdistil backtest: every configuration failed ({', '.join(result.failed)}): there is no result; "
-              f"the replay stopped after {result.records:,} records. {out}/report.md and summary.json's 'failed' say "
-              "where and why", file=sys.stderr)
+              f"{stopped}. {out}/report.md and summary.json's 'failed' say where and why", file=sys.stderr)
         return EXIT_ALL_FAILED
     if result.failed:
         print(f"crossdistil backtest: {len(result.failed)} of {len(configs)} configurations failed and were dropped "
@@ -382,7 +384,7 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
     record timestamp is at or after it, via ``offsets_for_times``); the records are read when the result is
     iterated, streaming (see ``KafkaRange``). ``client_options``: extra kafka-python settings (security).
     ``max_future_s``: the merge leaves out of its clock the events stamped that far after their record
-    (``KafkaRange.read``; ``run_backtest`` gives its first configuration's ``join.max_future_s``). Raises
+    (``KafkaRange.read``; None: ``run_backtest`` merges for each configuration with its ``join.max_future_s``). Raises
     ``ValueError`` for a bad or empty range, ``ConnectionError`` when the broker is not reachable.
     """
     from kafka import TopicPartition
@@ -557,7 +559,7 @@ class ConfigRun:
 
     name: str
     cfg: Config
-    pipeline: Pipeline
+    pipeline: Pipeline  # None for a configuration whose build failed (``failure["reason"]`` is "build")
     sample_every: int
     series: list[dict[str, Any]] = field(default_factory=list)
     detections: list[dict[str, Any]] = field(default_factory=list)
@@ -600,9 +602,10 @@ class ConfigRun:
     def drop(self) -> None:
         """After a failure: stop its learner (a learner process) and let go of the model and the predictions (an
         out-of-memory failure frees what it held); the counts its failure names stay."""
-        with contextlib.suppress(Exception):  # a learner process that died already
-            self.pipeline.close()
-        self.pipeline.learner = _Dropped(len(self.batch_sizes))
+        if self.pipeline is not None:  # None: it was never built
+            with contextlib.suppress(Exception):  # a learner process that died already
+                self.pipeline.close()
+            self.pipeline.learner = _Dropped(len(self.batch_sizes))
         self.labels, self.scores, self.user_codes = {}, {}, []
         self.impression_ids, self.event_ts_ms = [], []
 
@@ -757,26 +760,22 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
-    if sample_every is not None and sample_every < 1:
-        raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
-    if batching not in BATCHING_MODES:
-        raise ValueError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
-    if intake not in INTAKE_MODES:
-        raise ValueError(f"--intake must be one of {', '.join(INTAKE_MODES)}, got {intake!r}")
-    if replay_cache_limit < 0:
-        raise ValueError(f"--replay-cache-limit must be at least 0 bytes, got {replay_cache_limit}")
+    _check_options(sample_every, batching, intake, replay_cache_limit)
+    check_configs(configs)
     tune_gc()
     failures = _Failures(on_failure)
     kafka = isinstance(records, KafkaRange)  # records with Kafka timestamps: join.max_future_s applies (Record.events)
     runs, leaders = _grouped_runs(configs, batching, sample_every, failures=failures, kafka=kafka)
+    if failures.all_failed:  # not one configuration could be built: nothing to train, the input is not read
+        return BacktestResult({}, 0, 0, 0.0, batching, failed=dict(runs), order=list(runs))
     why_inline = _why_inline(records, runs, batching)
     if intake == "process" and why_inline:
         for run_ in runs.values():
-            run_.pipeline.close()
+            run_.drop()
         raise ValueError(f"--intake process does not apply: {why_inline} (use --intake inline or auto)")
     if replay_cache is not None and (why_inline or intake == "inline"):
         for run_ in runs.values():
-            run_.pipeline.close()
+            run_.drop()
         raise ValueError(f"--replay-cache keeps what an intake process reads, which this replay has none of: "
                          f"{why_inline or '--intake inline'}")
     by_process = intake != "inline" and why_inline is None
@@ -791,9 +790,8 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                 records, runs, list(leaders.values()), advance, progress_unit, replay_cache, replay_cache_limit,
                 examples, failures)
         else:
-            n_records, n_events = _replay_inline(_inline_input(records, configs, damaged), leaders,
-                                                 batching == "dense", advance, progress_unit, examples, failures,
-                                                 future_bound=kafka)
+            n_records, n_events = _replay_passes(records, leaders, damaged, batching == "dense", advance,
+                                                 progress_unit, examples, failures)
             damaged = damaged.to_dict() if damaged is not None else None
         _finish(runs, failures)
     finished = {name: run_ for name, run_ in runs.items() if run_.failure is None}
@@ -802,17 +800,62 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                           intake if by_process else "inline", processes, examples, failed, list(runs), damaged)
 
 
-def _inline_input(records: Iterable[Any], configs: dict[str, Config], damaged: DamagedRecords | None
-                  ) -> Iterable[Any]:
-    """What an inline replay iterates: a log read with skip_damaged counts what it skips in ``damaged``; a Kafka
-    range's merge clock leaves out the events its bound refuses (its own, else the first configuration's
-    ``join.max_future_s``); anything else as it is."""
+def check_configs(configs: dict[str, Config]) -> None:
+    """What can be checked of each configuration before anything is built: its model's options (``model_config``:
+    ``models.zoo.learner_config``'s checks, a privileged teacher), its device on this machine (``model_device``) and
+    its join's settings. A ``ValueError`` naming the configuration (exit status 2: nothing is replayed); what fails
+    only when a configuration is built drops that configuration instead (``_grouped_runs``, reason ``build``)."""
+    from consumers.runtime.assembly import join_config, model_config, model_device  # lazy: assembly imports torch
+
+    for name, cfg in configs.items():
+        try:
+            model_config(cfg)
+            model_device(cfg)
+            join_config(cfg, live=False)
+        except ValueError as exc:
+            raise ValueError(f"configuration {name!r}: {exc}") from None
+
+
+def _check_options(sample_every: int | None, batching: str, intake: str, replay_cache_limit: int) -> None:
+    """``run_backtest``'s own arguments, each a ``ValueError`` saying what was wrong (exit status 2)."""
+    if sample_every is not None and sample_every < 1:
+        raise ValueError(f"--sample-every must be a positive number of samples, got {sample_every}")
+    if batching not in BATCHING_MODES:
+        raise ValueError(f"--batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
+    if intake not in INTAKE_MODES:
+        raise ValueError(f"--intake must be one of {', '.join(INTAKE_MODES)}, got {intake!r}")
+    if replay_cache_limit < 0:
+        raise ValueError(f"--replay-cache-limit must be at least 0 bytes, got {replay_cache_limit}")
+
+
+def merge_bound(records: KafkaRange, cfg: Config) -> float:
+    """The bound of a Kafka range's merge clock for a configuration: the range's own (``kafka_records``'
+    ``max_future_s``), else the configuration's ``join.max_future_s``, as a backtest of it alone merges."""
+    return cfg.join.max_future_s if records.max_future_s is None else records.max_future_s
+
+
+def _replay_passes(records: Iterable[Any], leaders: dict[Any, ConfigRun], damaged: DamagedRecords | None,
+                   dense: bool, advance: Any, progress_unit: str, examples: list[str], failures: _Failures
+                   ) -> tuple[int, int]:
+    """An inline replay (``_replay_inline``) of the input: a log read with skip_damaged counts what it skips in
+    ``damaged``. A Kafka range is merged in an order that depends on ``join.max_future_s`` (an event the bound
+    refuses does not move its partition's merge clock, ``KafkaRange``), so its groups are replayed in one pass over
+    the range per distinct bound (``merge_bound``), each group in the order a backtest of it alone reads: one pass
+    when they all have the same bound. The first pass gives the counts, the progress and the dead letter examples
+    (the later passes read the same records; with ``--limit`` the first N of their own order)."""
     if damaged is not None:
-        return records.read(damaged)
-    if isinstance(records, KafkaRange):
-        first = next(iter(configs.values()))
-        return records.read(first.join.max_future_s if records.max_future_s is None else records.max_future_s)
-    return records
+        records = records.read(damaged)
+    if not isinstance(records, KafkaRange):
+        return _replay_inline(records, leaders, dense, advance, progress_unit, examples, failures)
+    passes: dict[float, dict[Any, ConfigRun]] = {}
+    for key, leader in leaders.items():
+        passes.setdefault(merge_bound(records, leader.cfg), {})[key] = leader
+    counts = []
+    for bound, group in passes.items():
+        first = not counts
+        counts.append(_replay_inline(records.read(bound), group, dense, advance if first else lambda n: None,
+                                     progress_unit, examples if first else [], failures, future_bound=True))
+    return counts[0]
 
 
 def _finish(runs: dict[str, ConfigRun], failures: _Failures) -> None:
@@ -836,9 +879,9 @@ def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense:
                    progress_unit: str, examples: list[str], failures: _Failures,
                    future_bound: bool = False) -> tuple[int, int]:
     """Read, join, batch and train here, a chunk of records at a time; (records, events) replayed. The first bad
-    events are described into ``examples``. Stops (without the end's flush) once every configuration has failed.
-    ``future_bound`` (records with Kafka timestamps): each group's events are decoded with its ``join.max_future_s``
-    against each record's timestamp (``Record.events``), once per distinct bound."""
+    events are described into ``examples``. Stops (without the end's flush) once every configuration of the groups
+    of ``leaders`` has failed. ``future_bound`` (records with Kafka timestamps): each group's events are decoded
+    with its ``join.max_future_s`` against each record's timestamp (``Record.events``), once per distinct bound."""
     # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
     # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
     # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
@@ -870,7 +913,7 @@ def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense:
         n_records += len(chunk)
         n_events += sum(len(events) for events, _ in decoded)
         advance(len(chunk) if progress_unit == "records" else sum(record.size for record in chunk))
-        if failures.all_failed:
+        if all(m.failure is not None for leader in leaders.values() for m in leader.stream.learner.members):
             return n_records, n_events  # nothing left to train: the rest of the input would change no number
     for leader in leaders.values():
         with _own_time(leader):
@@ -887,6 +930,8 @@ def _why_inline(records: Iterable[Any], runs: dict[str, ConfigRun], batching: st
     from consumers.runtime.learner_process import RemoteLearner  # lazy: it imports torch
 
     for run_ in runs.values():
+        if run_.pipeline is None:  # not built: trains nothing
+            continue
         port = run_.pipeline.learner.port  # FiniteLoss's
         if not isinstance(getattr(port, "encode", None), SharedEncoding) and not isinstance(port, RemoteLearner):
             return f"configuration {run_.name!r} does not train on encoded features"
@@ -1147,7 +1192,10 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
     group's first configuration, which holds the group's stream pipeline (``ConfigRun.stream``: the join and the
     batcher, and a ``Forwarding`` that hands each batch to every configuration of the group). ``failures``: where a
     configuration that raises is dropped (``_Failures``; a new one by default). ``kafka``: a Kafka range's replay
-    (``join.max_future_s`` is part of the key)."""
+    (``join.max_future_s`` is part of the key). A configuration whose build raises (allocating its model, starting
+    its learner process, an option only its model's constructor rejects) is dropped at once (reason ``build``; its
+    ``pipeline`` is None, its ``leader`` the group it would have trained in): the group's first configuration that
+    was built leads the group, so the others replay as they do without it."""
     from prometheus_client import CollectorRegistry
 
     # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
@@ -1159,17 +1207,26 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
     runs: dict[str, ConfigRun] = {}
     leaders: dict[Any, ConfigRun] = {}  # stream key -> the run whose join and batcher cut its group's batches
     encodings: dict[Any, SharedEncoding] = {}
+    unbuilt: dict[str, Any] = {}  # configurations whose build raised -> their stream key
     for name, cfg in configs.items():
         clock = EventClock()
-        metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
-        # the users feed GAUC only, which a backtest does not show
-        pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense", metrics_users=False)
         every = sample_every if sample_every is not None else default_sample_every(cfg)
+        key = stream_key(cfg, batching, kafka=kafka)
+        try:  # allocating the model, starting a learner process: a failure here is this configuration's alone
+            metrics = TrainerMetrics.from_config(cfg, registry=CollectorRegistry(), clock=clock)
+            # the users feed GAUC only, which a backtest does not show
+            pipeline = build_pipeline(cfg, clock=clock, metrics=metrics, dense=batching == "dense",
+                                      metrics_users=False)
+        except Exception as exc:  # noqa: BLE001 - dropped as a failure part-way is (reason "build")
+            runs[name] = run_ = ConfigRun(name, cfg, None, every)  # type: ignore[arg-type]
+            failures.runs.append(run_)
+            failures.drop(run_, exc)
+            unbuilt[name] = key
+            continue
         run_ = ConfigRun(name, cfg, pipeline, every, _next_point=every)
         pipeline.on_batch = run_.on_batch
         runs[name] = run_
         failures.runs.append(run_)
-        key = stream_key(cfg, batching, kafka=kafka)
         port = pipeline.learner
         if isinstance(port, InProcessLearner) and port.encode is None:
             features = port.learner.config.features
@@ -1188,6 +1245,8 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
             run_.leader = leader.name
             pipeline.join = clock.join = leader.pipeline.join
         leader.stream.learner.members.append(run_)
+    for name, key in unbuilt.items():  # in the group it would have trained with (summary.json's replayed.groups)
+        runs[name].leader = leaders[key].name if key in leaders else None
     return runs, leaders
 
 
@@ -1351,13 +1410,13 @@ class _Failures:
             self.on_failure(run_.name, run_.failure)
 
 
-FAILURE_REASONS = ("non_finite_loss", "out_of_memory", "learner_process", "error")
+FAILURE_REASONS = ("non_finite_loss", "out_of_memory", "learner_process", "error", "build")
 
 
 def failure_reason(exc: BaseException) -> str:
-    """What kind of failure ``exc`` is, one of ``FAILURE_REASONS``: a loss that is not finite (``NonFiniteLoss``),
-    memory (``MemoryError``, torch's out-of-memory errors, on a GPU or a CPU, in this process or a learner process),
-    a learner process that failed or died, or any other error.
+    """What kind of failure ``exc`` is, one of ``FAILURE_REASONS`` but ``build`` (which says when, not what): a loss
+    that is not finite (``NonFiniteLoss``), memory (``MemoryError``, torch's out-of-memory errors, on a GPU or a CPU,
+    in this process or a learner process), a learner process that failed or died, or any other error.
 
     >>> failure_reason(NonFiniteLoss("nan")), failure_reason(MemoryError()), failure_reason(ValueError("x"))
     ('non_finite_loss', 'out_of_memory', 'error')
@@ -1383,14 +1442,19 @@ def failure_of(run_: ConfigRun, exc: BaseException, samples: Sequence[Any] | Non
     batch, 1-based, being trained when it was noticed; None after the last one), ``event_time_ms`` and
     ``impression_id`` (that batch's newest event time and first impression; without a batch, the last trained
     impression's time), ``steps`` and ``trained_samples`` (the steps whose predictions the replay recorded before it,
-    and their samples: those of a learner process may trail ``batch`` by the batches it had not answered)."""
+    and their samples: those of a learner process may trail ``batch`` by the batches it had not answered).
+
+    A configuration that could not be built (``run_.pipeline`` None) has reason ``build`` and ``cause``, what
+    ``failure_reason`` says of ``exc`` (``out_of_memory``, ``learner_process``, ``error``); nothing trained."""
     times = sample_column(samples, "ts_ms") if samples else []
     ids = sample_column(samples, "impression_id") if samples else []
-    return {"reason": failure_reason(exc), "error": type(exc).__name__, "detail": _short(str(exc)),
-            "where": _raised_at(exc), "batch": batch,
+    built = run_.pipeline is not None
+    return {"reason": failure_reason(exc) if built else "build", "error": type(exc).__name__,
+            "detail": _short(str(exc)), "where": _raised_at(exc), "batch": batch,
             "event_time_ms": max(times) if times else (run_.event_ts_ms[-1] if run_.event_ts_ms else None),
             "impression_id": ids[0] if ids else None, "steps": len(run_.batch_sizes),
-            "trained_samples": run_.pipeline.trained_samples}
+            "trained_samples": run_.pipeline.trained_samples if built else 0,
+            **({} if built else {"cause": failure_reason(exc)})}
 
 
 def describe_failure(failure: dict[str, Any]) -> str:
@@ -1402,7 +1466,15 @@ def describe_failure(failure: dict[str, Any]) -> str:
     "at batch 12 (event time 1970-01-01 00:00:00 UTC, impression 'i9') "
     >>> said[66:]
     'after 11 steps (1,408 samples): error: ValueError: boom (m.py:3 in f)'
+    >>> describe_failure({"reason": "build", "cause": "out_of_memory", "error": "MemoryError", "detail": "no room",
+    ...     "where": None, "batch": None, "event_time_ms": None, "impression_id": None, "steps": 0,
+    ...     "trained_samples": 0})
+    'when it was built, before the replay: build (out_of_memory): MemoryError: no room'
     """
+    raised = f" ({failure['where']})" if failure.get("where") else ""
+    if failure["reason"] == "build":
+        return (f"when it was built, before the replay: build ({failure.get('cause', 'error')}): {failure['error']}: "
+                f"{failure['detail']}{raised}")
     where = [f"batch {failure['batch']}" if failure.get("batch") is not None else "the end of the replay"]
     details = []
     if failure.get("event_time_ms") is not None:
@@ -1410,7 +1482,6 @@ def describe_failure(failure: dict[str, Any]) -> str:
     if failure.get("impression_id") is not None:
         details.append(f"impression {failure['impression_id']!r}")
     at = where[0] + (f" ({', '.join(details)})" if details else "")
-    raised = f" ({failure['where']})" if failure.get("where") else ""
     steps = f"{failure['steps']:,} step{'' if failure['steps'] == 1 else 's'}"
     return (f"at {at} after {steps} ({failure['trained_samples']:,} samples): "
             f"{failure['reason']}: {failure['error']}: {failure['detail']}{raised}")
@@ -1670,7 +1741,9 @@ def _not_compared(why: str) -> dict[str, Any]:
 
 
 def _failed_at(failure: dict[str, Any]) -> str:
-    """``non_finite_loss at batch 12`` (or ``... at the end of the replay``)."""
+    """``non_finite_loss at batch 12`` (or ``... at the end of the replay``, ``build before the replay``)."""
+    if failure["reason"] == "build":
+        return f"build ({failure.get('cause', 'error')}) before the replay"
     at = f"batch {failure['batch']:,}" if failure.get("batch") is not None else "the end of the replay"
     return f"{failure['reason']} at {at}"
 
@@ -1808,7 +1881,8 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
               "comparison_seconds": round(seconds.get("comparison", 0.0), 3),
               "intake": result.intake, **result.processes,
               "configurations": {name: {"seconds": round(r.seconds, 3),
-                                        "samples_per_s": round(r.pipeline.trained_samples / max(r.seconds, 1e-9)),
+                                        "samples_per_s": round((r.pipeline.trained_samples if r.pipeline else 0)
+                                                               / max(r.seconds, 1e-9)),
                                         **({"failed": True} if r.failure is not None else {})}
                                  for name, r in result.all_runs().items()}}
     path = out / "timing.json"
@@ -2010,12 +2084,13 @@ def _failed_lines(data: dict[str, Any]) -> list[str]:
     if not failed:
         return []
     every = not data["configurations"]
+    stopped = ("No configuration could be built, so nothing was replayed." if data["records"] == 0 else
+               f"The replay stopped after {data['records']:,} records, when the last one failed.")
     lines = ["## Failed configurations", "",
-             ("**Every configuration failed: there is no result.** The replay stopped after "
-              f"{data['records']:,} records, when the last one failed." if every else
-              "These configurations failed part-way and were dropped from the replay there; the others went on to the "
-              "end with the same batches (their numbers below are whole). A failed configuration is in no table "
-              "below."), ""]
+             (f"**Every configuration failed: there is no result.** {stopped}" if every else
+              "These configurations failed part-way (or when they were built, before the replay) and were dropped "
+              "from the replay there; the others went on to the end with the same batches (their numbers below are "
+              "whole). A failed configuration is in no table below."), ""]
     for name, failure in failed.items():
         lines.append(f"- **`{name}`** failed {describe_failure(failure)}. The whole traceback: "
                      f"`{failure.get('traceback', '')}`.")

@@ -74,7 +74,7 @@ def test_a_failure_is_classified_by_what_raised() -> None:
     assert backtest.failure_reason(LearnerProcessError("the learner process failed:\nTraceback\nRuntimeError: "
                                                        "CUDA out of memory")) == "out_of_memory"
     assert backtest.failure_reason(ValueError("a model's own error")) == "error"
-    assert set(backtest.FAILURE_REASONS) == {"non_finite_loss", "out_of_memory", "learner_process", "error"}
+    assert set(backtest.FAILURE_REASONS) == {"non_finite_loss", "out_of_memory", "learner_process", "error", "build"}
 
 
 def test_a_learner_process_traceback_is_shortened_to_its_first_and_last_lines() -> None:
