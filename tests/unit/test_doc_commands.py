@@ -34,7 +34,7 @@ import importlib.util
 import io
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,14 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "reports").glob("*/README.md"))]
+CONFIG_EXAMPLES = sorted((ROOT / "deploy").rglob("*.toml"))  # their comments say how to run them
 SHELL_FENCES = frozenset({"", "bash", "sh", "shell", "console"})
 
-# The words the documentation uses for "your own value here"; nothing else in capitals is a placeholder.
+# The words the documentation uses for "your own value here" (and any one capital letter: N, T, R); nothing else in
+# capitals is a placeholder.
 PLACEHOLDER_WORDS = frozenset({
-    "A", "B", "COL", "COMMAND", "D", "DIR", "F", "FACTOR", "FILE", "HOST", "K", "KEY", "M", "N", "NAME", "OUT",
-    "P", "PATH", "PORT", "PRESET", "RUN", "RUNG", "SECTION", "T", "VALUE",
+    "COL", "COMMAND", "DIR", "FACTOR", "FILE", "HOST", "KEY", "NAME", "OUT", "PATH", "PORT", "PRESET", "RUN", "RUNG",
+    "SECTION", "VALUE",
 })
 _MARKS = re.compile(r"<[^<>\s][^<>]*>|\$\{[^}]*\}|\$[A-Za-z_]\w*|\.\.\.|…")  # <dir>, ${mode}, $pair, elision
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -71,7 +73,8 @@ TRACKED_TOP = frozenset(p.name for p in ROOT.iterdir() if not p.name.startswith(
 def _placeholder_parts(token: str) -> tuple[str, bool]:
     """``token`` without its placeholders, and whether it had any."""
     rest = _MARKS.sub(" ", token)
-    rest = _WORD.sub(lambda m: " " if m.group(0) in PLACEHOLDER_WORDS else m.group(0), rest)
+    rest = _WORD.sub(lambda m: " " if m.group(0) in PLACEHOLDER_WORDS or re.fullmatch("[A-Z]", m.group(0))
+                     else m.group(0), rest)
     return rest, rest != token
 
 
@@ -148,13 +151,26 @@ def snippets(path: Path) -> Iterator[Snippet]:
 
 
 def _code_line(path: Path, number: int, line: str, pending: tuple[int, str] | None
-               ) -> Iterator[Snippet] | Any:
+               ) -> Generator[Snippet, None, tuple[int, str] | None]:
+    """The snippet a code line ends (none when it ends with a backslash); returns the text still pending."""
     start, text = pending if pending else (number, "")
     text += line.strip()
     if text.endswith("\\"):
         return (start, text[:-1] + " ")
     yield Snippet(path, start, text, inline=False)
     return None
+
+
+def toml_snippets(path: Path) -> Iterator[Snippet]:
+    """The commands in a TOML file's comments: a whole comment line that is a command, and inline code."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        comment = line.strip()[1:].strip() if line.strip().startswith("#") else ""
+        if not comment and " #" in line:
+            comment = line.split(" #", 1)[1]  # after a value; TOML strings of these files hold no " #"
+        if _MENTIONS.match(comment):
+            yield Snippet(path, number, comment, inline=False)
+        for span in re.findall(r"`([^`]+)`", comment):
+            yield Snippet(path, number, span, inline=True)
 
 
 def _inline(path: Path, paragraph: list[tuple[int, str]]) -> Iterator[Snippet]:
@@ -196,6 +212,9 @@ def commands(snippet: Snippet) -> Iterator[Command | tuple[str, str]]:
     """The commands in ``snippet``; a ``(where, problem)`` pair for text that mentions one but is not shell."""
     if not _MENTIONS.search(snippet.text):
         return
+    message = re.match(r"^(?:\S*/)?crossdistil ([a-z]+):", snippet.text)
+    if message and message.group(1) in COMMANDS:
+        return  # "crossdistil serve: following ...": a message of the program, quoted
     if snippet.inline and re.search(r"[\[|]", snippet.text):
         yield from _synopsis(snippet)
         return
@@ -248,8 +267,6 @@ def _classify(snippet: Snippet, words: list[str]) -> Command | None:
     if program == "crossdistil":
         if snippet.inline and len(words) == 1:
             return None  # the program's (or the rung's) name in prose, not an invocation
-        if len(words) > 1 and words[1].endswith(":") and words[1][:-1] in COMMANDS:
-            return None  # "crossdistil serve: following ...": a message of the program, quoted
         return Command(snippet.where, "crossdistil", tuple(words[1:]), snippet.text, fragment)
     if re.fullmatch(r"python(3(\.\d+)?)?", program):
         rest = words[1:]
@@ -293,12 +310,13 @@ def command_table(path: Path) -> Iterator[Command]:
                 yield from _synopsis(snippet)
 
 
-def documented_commands(documents: list[Path] = DOCUMENTS) -> tuple[list[Command], list[tuple[str, str]]]:
+def documented_commands(documents: list[Path] = DOCUMENTS + CONFIG_EXAMPLES
+                        ) -> tuple[list[Command], list[tuple[str, str]]]:
     """Every command of every document, and the shell text that could not be read as commands."""
     found: list[Command] = []
     unreadable: list[tuple[str, str]] = []
     for path in documents:
-        for snippet in snippets(path):
+        for snippet in toml_snippets(path) if path.suffix == ".toml" else snippets(path):
             for item in commands(snippet):
                 (found if isinstance(item, Command) else unreadable).append(item)
         found += command_table(path)
@@ -713,3 +731,14 @@ def test_each_kind_of_broken_command_is_reported_with_its_line(tmp_path: Path) -
     assert len(failing["15"]) == 2 and all("--no-such-flag" in p for p in failing["15"])
     assert failing["16"] == failing["20"] == []
     assert failing["21"] == ["crossdistil demo has no flag --no-such-flag"]
+
+
+def test_a_configuration_examples_comments_are_checked_too(tmp_path: Path) -> None:
+    example = tmp_path / "trainer.toml"
+    example.write_text("# crossdistil train --config deploy/trainer.example.toml --no-such-flag\n"
+                       "[model]\n"
+                       "seed = 0  # `crossdistil train --check-config` prints it, `crossdistil train --sed 1` no\n")
+    found, _ = documented_commands([example])
+    failing = [(c.where.rsplit(":", 1)[1], problems_of(c)) for c in found]
+    assert [(line, bool(problems)) for line, problems in failing] == [("1", True), ("3", False), ("3", True)]
+    assert "--no-such-flag" in failing[0][1][0] and "--sed" in failing[2][1][0]
