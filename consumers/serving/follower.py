@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import msgpack
 from kafka import TopicPartition
 
 from consumers.runtime.telemetry import ServingMetrics
+from consumers.runtime.topic_range import read_range
 from consumers.state.tensors import non_finite_tensors
 from consumers.state.wire import MANIFEST_KEY, Reassembler, Rejection, WireCheckpoint
 from models.learner import ServingModel
@@ -146,7 +147,7 @@ class FollowerStats:
     start_path: str = ""  # "fast" (from the last manifest's span), "slow" (from the beginning) or "empty"
     end_offset_at_start: int = 0
     start_offset: int = 0  # where reading for the initial model began
-    records_read: int = 0  # every record polled, start-up and following
+    records_read: int = 0  # every record read: those of the start-up's ranges, then every one followed
     startup_records: int = 0  # records read before following began
     topic_recreations: int = 0  # times the topic was found deleted and created again (its versions start again)
     rejections: deque[tuple[int | None, str]] = field(default_factory=lambda: deque(maxlen=1000))  # the latest
@@ -204,7 +205,7 @@ class CheckpointFollower:
             self.stats.start_path, self.stats.start_offset = "empty", end
             self.consumer.seek(self.tp, end)
             return
-        last = self._read_range(end - 1, end, stop)
+        last = list(self._read_range(end - 1, end, stop))
         span = _manifest_span(last[-1]) if last else None
         if span is not None:
             start = max(begin, end - 1 - span)
@@ -233,19 +234,14 @@ class CheckpointFollower:
         self._load_first(self._read_range(begin, end, stop))
         self.stats.startup_records = self.stats.records_read
 
-    def _read_range(self, start: int, end: int, stop: threading.Event) -> list[tuple[bytes | None, bytes | None]]:
-        """The (key, value) of every record in [start, end) still on the topic (compaction leaves gaps)."""
-        self.consumer.seek(self.tp, start)
-        messages: list[tuple[bytes | None, bytes | None]] = []
-        while self.consumer.position(self.tp) < end and not stop.is_set():
-            for record in self.consumer.poll(timeout_ms=self.poll_timeout_ms).get(self.tp, []):
-                self.stats.records_read += 1
-                if record.offset < end:
-                    messages.append((record.key, record.value))
-        self.consumer.seek(self.tp, end)  # poll may have fetched past end: what lies there is read when following
-        return messages
+    def _read_range(self, start: int, end: int, stop: threading.Event) -> Iterator[tuple[bytes | None, bytes | None]]:
+        """The (key, value) of every record in [start, end) still on the topic (compaction leaves gaps), as it is
+        read (``consumers.runtime.topic_range.read_range``: the reassembler keeps what it needs, not the range)."""
+        for record in read_range(self.consumer, self.tp, start, end, stop=stop, poll_timeout_ms=self.poll_timeout_ms):
+            self.stats.records_read += 1
+            yield record.key, record.value
 
-    def _load_first(self, messages: Sequence[tuple[bytes | None, bytes | None]]) -> bool:
+    def _load_first(self, messages: Iterable[tuple[bytes | None, bytes | None]]) -> bool:
         """Feed ``messages``; swap in the newest checkpoint that verifies and loads. True if one did."""
         loaded = False
         for key, value in messages:

@@ -10,10 +10,12 @@ lock now. Nothing in the folder is created, renamed, removed or written (not eve
 ``F_GETLK``), and nothing is unpickled: checkpoints are msgpack and safetensors, read by the store's own decoder
 without their tensors.
 
-``crossdistil inspect serving --bootstrap HOST:PORT`` reads the serving topic from its beginning to its end as
-serving's start-up does (seek, poll to the end offset; no consumer group, nothing committed) and verifies each
-publication with ``consumers.state.wire.Reassembler``, the code a replica verifies it with: versions, steps, chunks
-present or missing (compaction keeps only the newest value of each chunk key), size and wire format, newest first.
+``crossdistil inspect serving --bootstrap HOST:PORT`` reads the serving topic from its beginning to its end with
+serving's start-up loop (``consumers.runtime.topic_range.read_range``; no consumer group, nothing committed) and
+verifies each publication with ``consumers.state.wire.Reassembler``, the code a replica verifies it with: versions,
+steps, chunks present or missing (compaction keeps only the newest value of each chunk key), size and wire format,
+the newest ``--newest`` first. It reads in bounded memory (:class:`Publications`): a version's chunks are held only
+until its manifest, and only the newest judgements are kept.
 
 Exit status: 0 when the newest checkpoint verifies (every rank's newest, for ranks) or the serving topic was read;
 2 for bad input (DIR is not a folder); 3 when Kafka cannot be reached or the topic does not exist; 4 when the newest
@@ -26,16 +28,19 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import heapq
 import json
 import os
 import re
 import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from consumers.runtime.config import KafkaConfig
+from consumers.runtime.topic_range import read_range
 from consumers.state.checkpoints import (
     LOCK_FILE,
     PUBLICATION_RECORD,
@@ -89,8 +94,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--bootstrap", required=True, metavar="HOST:PORT", help="a broker of the cluster")
     serving.add_argument("--topic", default=None, metavar="T",
                          help="the serving topic (default: kafka.model_topic's default, model-updates)")
+    serving.add_argument("--newest", type=_count, default=NEWEST, metavar="N",
+                         help=f"list the newest N publications (default {NEWEST}; 0: all of them); every one is read "
+                              "and counted")
     serving.add_argument("--json", action="store_true", help="one JSON object (docs/serving.md) instead of a table")
     add_client_arguments(serving)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of publications (an integer >= 0; 0 lists all)")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -417,6 +435,9 @@ def _describe_ledger(ledger: Mapping[str, Any]) -> list[str]:
 # -------------------------------------------------------------------------------------------------- serving
 
 
+NEWEST = 20  # publications listed by default (--newest); every one is read and counted
+
+
 def _run_serving(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
@@ -441,6 +462,7 @@ def _run_serving(args: argparse.Namespace) -> int:
         print(f"crossdistil inspect: {connection_failure(args.bootstrap, options, exc, hint='or set --bootstrap')}",
               file=sys.stderr)
         return EXIT_KAFKA
+    judged = Publications(keep=args.newest or None)
     try:
         if not consumer.partitions_for_topic(topic):
             print(f"crossdistil inspect: topic {topic} does not exist at {args.bootstrap} (give the trainer's "
@@ -450,11 +472,13 @@ def _run_serving(args: argparse.Namespace) -> int:
         consumer.assign([tp])
         begin = consumer.beginning_offsets([tp])[tp]
         end = consumer.end_offsets([tp])[tp]
-        records = read_range(consumer, tp, begin, end)
+        for record in read_range(consumer, tp, begin, end):  # serving's start-up loop, one record at a time
+            judged.add(record.offset, record.key, record.value)
     finally:
         consumer.close(autocommit=False)
+    found = judged.newest()
     report = {"bootstrap": args.bootstrap, "topic": topic, "beginning_offset": begin, "end_offset": end,
-              "records": len(records), "publications": publications(records)}
+              "records": judged.records, "publications_seen": judged.seen, "publications": found}
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -465,68 +489,133 @@ def _run_serving(args: argparse.Namespace) -> int:
 # The serving topic's max.message.bytes (streamer.topics.MODEL_MAX_MESSAGE_BYTES) and a margin, as serving reads it
 # (consumers.serving.follower.MAX_MESSAGE_BYTES: tools may not import serving, docs/internal-apis.md's layers).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
+BUFFERED_VERSIONS = 4  # versions whose chunks are held until their manifest, as a replica's Reassembler holds them
 
 
-def read_range(consumer: Any, tp: Any, start: int, end: int,
-               poll_timeout_ms: int = 200) -> list[tuple[int, bytes | None, bytes | None]]:
-    """(offset, key, value) of every record of ``tp`` in [start, end) still on the topic (compaction leaves gaps),
-    read as serving's follower reads its start-up range: seek, poll until the position reaches ``end``. Nothing is
-    committed (the consumer has no group)."""
-    consumer.seek(tp, start)
-    records: list[tuple[int, bytes | None, bytes | None]] = []
-    while consumer.position(tp) < end:
-        for record in consumer.poll(timeout_ms=poll_timeout_ms).get(tp, []):
-            if record.offset < end:
-                records.append((record.offset, record.key, record.value))
-    return records
+@dataclass
+class _Chunks:
+    """The chunks of one version read so far: their messages (None once dropped: more than ``BUFFERED_VERSIONS``
+    versions waited for a manifest), the indices seen, and the chunk counts their headers announce."""
+
+    messages: list[tuple[bytes | None, bytes | None]] | None = field(default_factory=list)
+    indices: set[int] = field(default_factory=set)
+    counts: set[Any] = field(default_factory=set)
 
 
-def publications(messages: Iterable[tuple[int, bytes | None, bytes | None]]) -> list[dict[str, Any]]:
-    """Every publication among serving-topic ``messages`` ((offset, key, value), in offset order), newest first.
+class Publications:
+    """Serving-topic messages in, in offset order (:meth:`add`); the newest publications out (:meth:`newest`), each
+    judged alone by a ``Reassembler`` of its own, the verifier a replica uses (chunk and payload sha256, sizes,
+    safetensors), whatever came before it.
 
-    Each manifest is verified with its version's chunks read before it, by a ``Reassembler`` of its own (serving's:
-    chunk and payload sha256, sizes, safetensors), so each publication is judged alone, whatever came before it:
-    ``{"version", "offset" (the manifest's), "step", "published_at", "chunks" (announced), "chunks_present",
-    "size_bytes", "complete", "problem" (a wire rejection: "missing_chunk: 3 of 4 chunks missing: 0, 1, 2"),
-    "wire_format", "payload_format", "serving_format", "tasks"}``. Chunks of a version without a manifest (a
-    publication cut short, or one still arriving) are one entry with ``"offset": None``.
+    Memory stays bounded however long the topic: a version's chunks are held only until its manifest comes (and of
+    at most ``BUFFERED_VERSIONS`` versions at once: beyond, the oldest's are dropped, as a replica drops them), and
+    only the ``keep`` newest judgements are kept (None: all of them). ``records`` and ``seen`` count every message
+    and every publication read.
     """
-    chunks: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
-    found: list[dict[str, Any]] = []
-    for offset, key, value in messages:
+
+    def __init__(self, keep: int | None = None) -> None:
+        self.keep = keep
+        self.records = 0
+        self.seen = 0
+        self._waiting: dict[int, _Chunks] = {}  # versions whose manifest has not come yet
+        self._kept: list[tuple[tuple[int, bool, int], int, dict[str, Any]]] = []  # a min-heap by _rank
+
+    def add(self, offset: int, key: bytes | None, value: bytes | None) -> None:
+        """One message of the topic (tombstones and messages that are no publication's are counted, not judged: a
+        replica rejects them on their own)."""
+        self.records += 1
         header = _header(value)
         version = header.get("version") if header is not None else None
         if not isinstance(version, int) or isinstance(version, bool):
-            continue  # tombstones and messages that are no publication's (a replica rejects them on their own)
+            return
         if key != MANIFEST_KEY:
-            chunks.setdefault(version, []).append((key, value))
-            continue
-        own = chunks.pop(version, [])
+            self._chunk(version, key, value, header)
+            return
+        own = self._waiting.pop(version, _Chunks())
+        self._keep(_judge(version, offset, header, own, [*(own.messages or []), (key, value)]))
+
+    def newest(self) -> list[dict[str, Any]]:
+        """The judgements kept, newest first (by version; a manifest before a version's chunks without one), the
+        versions still waiting for a manifest among them (``"offset": None``: a publication cut short or still
+        arriving)."""
+        for version, own in sorted(self._waiting.items()):
+            self._keep(_without_manifest(version, own))
+        self._waiting.clear()
+        return [entry for _, _, entry in sorted(self._kept, reverse=True)]
+
+    def _chunk(self, version: int, key: bytes | None, value: bytes | None, header: Mapping[str, Any]) -> None:
+        own = self._waiting.get(version)
+        if own is None:
+            buffered = sorted(v for v, c in self._waiting.items() if c.messages is not None)
+            if len(buffered) >= BUFFERED_VERSIONS:
+                self._waiting[buffered[0]].messages = None
+            own = self._waiting[version] = _Chunks()
+        if own.messages is not None:
+            own.messages.append((key, value))
+        if header.get("version") == version and isinstance(header.get("index"), int):
+            own.indices.add(header["index"])
+        own.counts.add(header.get("count"))
+
+    def _keep(self, entry: dict[str, Any]) -> None:
+        self.seen += 1
+        item = (_rank(entry), self.seen, entry)
+        if self.keep is None or len(self._kept) < self.keep:
+            heapq.heappush(self._kept, item)
+        elif item[:2] > self._kept[0][:2]:
+            heapq.heapreplace(self._kept, item)
+
+
+def publications(messages: Iterable[tuple[int, bytes | None, bytes | None]],
+                 keep: int | None = None) -> list[dict[str, Any]]:
+    """The newest ``keep`` publications (all with None) among serving-topic ``messages`` ((offset, key, value), in
+    offset order), newest first, each judged alone (:class:`Publications`): ``{"version", "offset" (the
+    manifest's), "step", "published_at", "chunks" (announced), "chunks_present", "size_bytes", "complete",
+    "problem" (a wire rejection: "missing_chunk: 3 of 4 chunks missing: 0, 1, 2"), "wire_format",
+    "payload_format", "serving_format", "tasks"}``. Chunks of a version without a manifest (a publication cut
+    short, or one still arriving) are one entry with ``"offset": None``.
+    """
+    judged = Publications(keep)
+    for offset, key, value in messages:
+        judged.add(offset, key, value)
+    return judged.newest()
+
+
+def _rank(entry: Mapping[str, Any]) -> tuple[int, bool, int]:
+    return entry["version"], entry["offset"] is not None, entry["offset"] or 0
+
+
+def _judge(version: int, offset: int, header: Mapping[str, Any], own: _Chunks,
+           messages: Sequence[tuple[bytes | None, bytes | None]]) -> dict[str, Any]:
+    """A manifest's publication, verified with the chunks of its version read before it (``messages``)."""
+    if own.messages is None:
+        complete, problem = False, (f"evicted: its chunks came before those of {BUFFERED_VERSIONS} newer versions "
+                                    "without a manifest between; not verified (a serving replica drops them too)")
+    else:
         reassembler = Reassembler(max_payload_bytes=1 << 62, max_message_bytes=MAX_MESSAGE_BYTES)
         outcome = None
-        for chunk_key, chunk_value in [*own, (key, value)]:
-            outcome = reassembler.feed(chunk_key, chunk_value) or outcome
-        metadata = header.get("metadata") if isinstance(header.get("metadata"), Mapping) else {}
-        serving = metadata.get("serving") if isinstance(metadata.get("serving"), Mapping) else {}
-        published_ms = metadata.get("published_at_ms")
-        found.append({
-            "version": version, "offset": offset, "step": metadata.get("step"),
-            "published_at": _utc(published_ms / 1000) if isinstance(published_ms, (int, float)) else None,
-            "chunks": header.get("chunks"), "chunks_present": _present(own, version),
-            "size_bytes": header.get("size"),
-            "complete": isinstance(outcome, WireCheckpoint),
-            "problem": "; ".join(f"{r.reason}: {r.detail}" for r in reassembler.rejections) or None,
-            "wire_format": header.get("format"), "payload_format": header.get("payload_format"),
-            "serving_format": serving.get("format"), "tasks": metadata.get("tasks"),
-        })
-    for version, own in chunks.items():
-        counts = {h.get("count") for h in (_header(v) for _, v in own) if h is not None}
-        found.append({"version": version, "offset": None, "step": None, "published_at": None,
-                      "chunks": counts.pop() if len(counts) == 1 else None,
-                      "chunks_present": _present(own, version), "size_bytes": None, "complete": False,
-                      "problem": "no manifest: a publication cut short, or still arriving", "wire_format": None,
-                      "payload_format": None, "serving_format": None, "tasks": None})
-    return sorted(found, key=lambda p: (p["version"], p["offset"] is not None, p["offset"] or 0), reverse=True)
+        for key, value in messages:
+            outcome = reassembler.feed(key, value) or outcome
+        complete = isinstance(outcome, WireCheckpoint)
+        problem = "; ".join(f"{r.reason}: {r.detail}" for r in reassembler.rejections) or None
+    metadata = header.get("metadata") if isinstance(header.get("metadata"), Mapping) else {}
+    serving = metadata.get("serving") if isinstance(metadata.get("serving"), Mapping) else {}
+    published_ms = metadata.get("published_at_ms")
+    return {
+        "version": version, "offset": offset, "step": metadata.get("step"),
+        "published_at": _utc(published_ms / 1000) if isinstance(published_ms, (int, float)) else None,
+        "chunks": header.get("chunks"), "chunks_present": len(own.indices), "size_bytes": header.get("size"),
+        "complete": complete, "problem": problem,
+        "wire_format": header.get("format"), "payload_format": header.get("payload_format"),
+        "serving_format": serving.get("format"), "tasks": metadata.get("tasks"),
+    }
+
+
+def _without_manifest(version: int, own: _Chunks) -> dict[str, Any]:
+    counts = {count for count in own.counts if count is not None}
+    return {"version": version, "offset": None, "step": None, "published_at": None,
+            "chunks": counts.pop() if len(counts) == 1 else None, "chunks_present": len(own.indices),
+            "size_bytes": None, "complete": False, "problem": "no manifest: a publication cut short, or still arriving",
+            "wire_format": None, "payload_format": None, "serving_format": None, "tasks": None}
 
 
 def _header(value: bytes | None) -> dict[str, Any] | None:
@@ -541,16 +630,13 @@ def _header(value: bytes | None) -> dict[str, Any] | None:
     return header if isinstance(header, dict) else None
 
 
-def _present(own: Sequence[tuple[bytes | None, bytes | None]], version: int) -> int:
-    indices = {h.get("index") for h in (_header(v) for _, v in own) if h is not None and h.get("version") == version}
-    return len(indices)
-
-
 def render_serving(report: Mapping[str, Any]) -> str:
     """The human form of the serving topic's report: one line per publication, newest first."""
     found = report["publications"]
+    seen = report.get("publications_seen", len(found))
+    shown = f" (the newest {len(found)} below; --newest 0 lists all)" if len(found) < seen else ""
     lines = [f"serving topic {report['topic']} at {report['bootstrap']}: offsets {report['beginning_offset']}.."
-             f"{report['end_offset']}, {report['records']} records, {len(found)} publications"]
+             f"{report['end_offset']}, {report['records']} records, {seen} publications{shown}"]
     if not found:
         return "\n".join(lines + ["  no publication yet"])
     rows = [("VERSION", "STEP", "PUBLISHED (UTC)", "CHUNKS", "SIZE", "FORMAT", "STATE")]

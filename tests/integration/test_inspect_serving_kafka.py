@@ -1,5 +1,5 @@
 """crossdistil inspect serving against the real broker: the publications on a serving topic, newest first, each
-complete or not, read without a consumer group."""
+complete or not, read without a consumer group with serving's start-up loop (consumers.runtime.topic_range)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ def test_inspect_serving_lists_each_publication_newest_first_complete_or_not(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"serving topic {topic} at {kafka_broker}") and "3 publications" in lines[0]
     assert lines[1].split()[:2] == ["VERSION", "STEP"] and lines[2].split()[0] == "3" and "complete" in lines[3]
+
+    assert main(["inspect", "serving", "--bootstrap", kafka_broker, "--topic", topic, "--newest", "2", "--json"]) == 0
+    newest = json.loads(capsys.readouterr().out)
+    assert newest["publications_seen"] == 3 and newest["publications"] == found[:2]  # every one read, two listed
 
 
 def test_inspect_serving_of_a_topic_that_does_not_exist_says_so(kafka_broker: str,
