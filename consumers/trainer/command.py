@@ -138,9 +138,8 @@ def launch_ranks(torchrun_args: list[str]) -> int:
                       "would fail the same way (the ranks' log lines above say why)", file=sys.stderr, flush=True)
                 return status
             if restarted >= restarts:
-                print(f"crossdistil train: {failed} and the group was restarted {restarted} times already "
-                      f"(--max-restarts {restarts}): giving up (the ranks' log lines above say why)",
-                      file=sys.stderr, flush=True)
+                print(f"crossdistil train: {failed} after {restarted} of {restarts} restarts (--max-restarts): "
+                      "giving up (the ranks' log lines above say why)", file=sys.stderr, flush=True)
                 return status
             restarted += 1
             print(f"crossdistil train: {failed}: restarting the group ({restarted} of {restarts} restarts); it "

@@ -4,7 +4,9 @@ Two gloo ranks under torchrun (``crossdistil train --world-size 2``) read KuaiRa
 impression must be trained exactly once over the union of the ranks' ledgers, with its exact labels, after kill -9
 of rank 1 twice and of rank 0 once at random moments (torchrun restarts the group, which resumes from the newest
 complete checkpoint round); and ``crossdistil serve`` must serve the model rank 0 published, scoring exactly as
-the final checkpoint's model.
+the final checkpoint's model. ``crossdistil train --world-size 2 --max-restarts R`` restarts the ranks after a
+transient failure only: a model that diverges (exit 10) is started once and publishes nothing after the last good
+round; a last round that cannot be written (exit 9) is restarted R times and then ends the command with 9.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -23,11 +26,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumers.runtime.config import load_config, to_toml
+from consumers.runtime.config import load_config, to_toml, toml_value
 from consumers.runtime.local_kafka import free_port
 from consumers.runtime.processes import die_with_parent
+from consumers.state.checkpoints import CheckpointStore
 from consumers.state.ledger import read_ledger
-from tests.integration.test_trainer_kafka import POSITIVES, TASKS, assert_exactly_once, kuairand_topics, write_config
+from consumers.trainer.kafka_io import newest_published_version
+from tests.integration.test_trainer_kafka import (
+    POSITIVES,
+    SMALL_MODEL,
+    TASKS,
+    assert_exactly_once,
+    kuairand_topics,
+    write_config,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,12 +48,17 @@ RUN_TIMEOUT_S = 420
 __all__ = ["kuairand_topics"]  # the module fixture, shared with the one-trainer tests
 
 
-def start_ranks(config: Path, ledger: Path, log: Path, restarts: int = 6) -> subprocess.Popen:
+def start_ranks(config: Path, ledger: Path, log: Path, restarts: int = 6, preexec=die_with_parent) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger),
          "--exit-when-idle", "4", "--torch-threads", "1", "--world-size", "2", "--max-restarts", str(restarts)],
         cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}, preexec_fn=die_with_parent)
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}, preexec_fn=preexec)
+
+
+def rank_starts(log: Path) -> int:
+    """How often rank 0 started (its banner), over every attempt of the group."""
+    return len(re.findall(r"rank 0/2 \(gloo, mode \w+\), pid \d+", log.read_text(errors="replace")))
 
 
 def rank_pids(log: Path) -> dict[int, int]:
@@ -171,3 +188,101 @@ def test_two_nodes_with_static_node_ranks_resume_after_a_kill_and_train_every_im
     rows = read_ledger(ledger / "rank-0") + read_ledger(ledger / "rank-1")
     assert_exactly_once(rows)
     assert {task: sum(r[f"label/{task}"] for r in rows) for task in TASKS} == POSITIVES
+
+
+
+def ranks_config(tmp_path: Path, kafka_broker: str, topics: dict[str, str], name: str, **options: float) -> Path:
+    """Two ranks' configuration with this test's own checkpoint.dir and serving topic; ``options``: model options
+    over the small model's (e.g. ``lr``)."""
+    config = write_config(tmp_path / name, kafka_broker, topics, model_topic=f"model-{tmp_path.name}",
+                          every_steps=5, max_poll_records=200)
+    overrides = ["distributed.timeout_s=60.0", "publish.enabled=true",
+                 f"model.options={toml_value({**SMALL_MODEL, **options})}"]
+    config.write_text(to_toml(load_config(config, env={}, overrides=overrides)))
+    return config
+
+
+def stop_and_wait(process: subprocess.Popen, log: Path) -> int:
+    """The command's exit status; a command still running after ``RUN_TIMEOUT_S`` is killed (and fails the test)."""
+    try:
+        return process.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the ranks still ran after {RUN_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-5000:]}")
+
+
+def test_a_model_that_diverges_under_two_ranks_exits_10_at_once_and_publishes_nothing_after_the_last_good_round(
+        kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
+    """A good model checkpoints and publishes a round, then restarts with model.options.lr = 1e30 (retunable):
+    it diverges within a few steps, and ``--max-restarts 2`` does not start it again (it would diverge again on the
+    same events, twice more, restoring the same round)."""
+    checkpoints, ledger = tmp_path / "checkpoints", tmp_path / "ledger"
+    good, good_log = ranks_config(tmp_path, kafka_broker, kuairand_topics, "good.toml"), tmp_path / "good.log"
+    process = start_ranks(good, ledger, good_log)
+    try:
+        wait_for(lambda: complete_round(checkpoints) >= 1, "a first checkpoint round", process, good_log)
+        process.send_signal(signal.SIGTERM)  # a stop: every rank checkpoints its part of a last round, rank 0 publishes
+        assert stop_and_wait(process, good_log) == 0, good_log.read_text(errors="replace")[-5000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    last_good = complete_round(checkpoints)
+    version = CheckpointStore(checkpoints / "rank-0").latest(with_tensors=False).metadata["publish_version"]
+    kafka = load_config(good, env={}).kafka
+    assert version >= 1 and newest_published_version(kafka) == version
+
+    diverging = ranks_config(tmp_path, kafka_broker, kuairand_topics, "diverging.toml", lr=1e30)
+    log = tmp_path / "diverging.log"
+    process = start_ranks(diverging, ledger, log, restarts=2)
+    try:
+        status = stop_and_wait(process, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text(errors="replace")
+    print(f"\nlast good round {last_good} (version {version}); exit {status}, rank 0 started {rank_starts(log)} times")
+    assert status == 10, text[-5000:]
+    assert f"rank 0/2 restored round {last_good}" in text and "the model diverged: " in text, text[-5000:]
+    assert rank_starts(log) == 1 and "restarting the group" not in text, text[-5000:]
+    assert re.search(r"rank \d exited with status 10 \(the model diverged\): the group is not restarted", text)
+    assert complete_round(checkpoints) == last_good
+    assert max(CheckpointStore(checkpoints / "rank-0").steps()) == last_good  # no part of a later round either
+    assert newest_published_version(kafka) == version
+
+
+FILE_LIMIT = 1 << 20  # bytes: each rank's part of a round is larger (rank 0's holds the model and its optimizer state)
+
+
+def test_a_last_round_that_cannot_be_written_is_restarted_max_restarts_times_then_ends_the_command_with_9(
+        kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
+    """Status 9 is transient (a full disk may be freed): restarted. No file may grow over ``FILE_LIMIT``, so the
+    ranks' parts of every round fail, as on a full disk; rank 0 is stopped once its group failed a round, so that
+    the ranks' last round fails too (exit 9): twice, with ``--max-restarts 1``."""
+    config, log = ranks_config(tmp_path, kafka_broker, kuairand_topics, "trainer.toml"), tmp_path / "ranks.log"
+    failed = re.compile(r"rank 0/2: its part of checkpoint round \d+ could not be written \(\[Errno 27\]")
+
+    def failed_since_start() -> int:
+        text = log.read_text(errors="replace")
+        starts = list(re.finditer(r"rank 0/2 \(gloo, mode \w+\), pid \d+", text))
+        return len(failed.findall(text, starts[-1].end())) if starts else 0
+
+    def small_files() -> None:
+        die_with_parent()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
+
+    process = start_ranks(config, tmp_path / "ledger", log, restarts=1, preexec=small_files)
+    try:
+        for start in (1, 2):
+            wait_for(lambda start=start: rank_starts(log) == start and failed_since_start() >= 1,
+                     f"a failed round after start {start}", process, log)
+            os.kill(rank_pids(log)[0], signal.SIGTERM)  # a stop of the ranks (not of the command): a last round
+        status = stop_and_wait(process, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text(errors="replace")
+    print(f"\nexit {status}, rank 0 started {rank_starts(log)} times")
+    assert status == 9, text[-5000:]
+    assert rank_starts(log) == 2 and "restarting the group (1 of 1 restarts)" in text, text[-5000:]
+    assert re.search(r"rank \d exited with status 9 after 1 of 1 restarts \(--max-restarts\): giving up", text)
+    assert complete_round(tmp_path / "checkpoints") == 0

@@ -74,7 +74,7 @@ def test_a_transient_failure_is_restarted_max_restarts_times_then_ends_with_its_
     assert run.max_restarts == [0, 0, 0]  # the first start and R = 2 restarts
     err = capsys.readouterr().err
     assert err.count("restarting the group") == 2 and "(2 of 2 restarts)" in err
-    assert f"rank 1 {command.exit_said(code)} and the group was restarted 2 times already (--max-restarts 2)" in err
+    assert f"rank 1 {command.exit_said(code)} after 2 of 2 restarts (--max-restarts): giving up" in err
 
 
 def test_a_group_restarted_after_a_transient_failure_that_then_finishes_ends_with_0(fake, capsys) -> None:
