@@ -44,6 +44,7 @@ import pytest
 from consumers.cli import COMMANDS, build_parser
 from consumers.runtime.config import ConfigError, load_config
 from consumers.tools.evaluate import BACKBONES, parse_cadence, parse_list, parse_seeds
+from streamer.datasets.tabular import MappingError, load_mapping
 
 pytestmark = pytest.mark.unit
 
@@ -534,8 +535,20 @@ def crossdistil_problems(command: Command) -> list[str]:
         if error:
             problems.append(error)
         elif args is not None:
-            problems += _config_problems(parser, args) + _value_problems(args)
+            problems += _config_problems(parser, args) + _mapping_problems(args) + _value_problems(args)
     return problems
+
+
+def _mapping_problems(args: argparse.Namespace) -> list[str]:
+    """A ``--mapping FILE`` (the csv adapter's column mapping) read with the adapter's own loader."""
+    mapping = getattr(args, "mapping", None)
+    if not isinstance(mapping, str) or has_placeholder(mapping) or not (ROOT / mapping).is_file():
+        return []  # none, a placeholder, or reported as a missing path
+    try:
+        load_mapping(ROOT / mapping)
+    except MappingError as exc:
+        return [f"{mapping} does not load as a column mapping: {exc}"]
+    return []
 
 
 def _value_problems(args: argparse.Namespace) -> list[str]:
@@ -761,6 +774,17 @@ def test_each_kind_of_broken_command_is_reported_with_its_line(tmp_path: Path) -
     assert len(failing["15"]) == 2 and all("--no-such-flag" in p for p in failing["15"])
     assert failing["16"] == failing["20"] == []
     assert failing["21"] == ["crossdistil demo has no flag --no-such-flag"]
+
+
+def test_a_column_mapping_is_read_with_the_adapters_loader(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```\n"
+                    "crossdistil stream --dataset csv --source /tmp/x.csv --mapping mappings/kuairand_pure.toml --to file://x\n"
+                    "crossdistil stream --dataset csv --source /tmp/x.csv --mapping deploy/trainer.example.toml --to file://x\n"
+                    "```\n")
+    found, _ = documented_commands([page])
+    assert [problems_of(c) for c in found][0] == []
+    assert "deploy/trainer.example.toml does not load as a column mapping" in problems_of(found[1])[0]
 
 
 def test_a_configuration_examples_comments_are_checked_too(tmp_path: Path) -> None:
