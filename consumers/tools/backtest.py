@@ -61,7 +61,7 @@ from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from consumers.tools.comparison import compare_runs, config_differences
+from consumers.tools.comparison import adjust, compare_runs, config_differences
 from consumers.tools.comparison import method as comparison_method
 from consumers.tools.intake import (
     DEAD_LETTER_EXAMPLES,
@@ -270,7 +270,7 @@ def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Pa
         print(f"  {name}: FAILED: {describe_failure(run_.failure)}")
     comparison = data.get("comparison")
     for name, entry in (comparison or {}).get("configurations", {}).items():  # the report's verdict lines
-        print(f"  {name} vs {comparison['baseline']} (paired, 95% interval): {entry['summary']}")
+        print(f"  {name} vs {comparison['baseline']} (paired, 95% interval, Holm-adjusted): {entry['summary']}")
     for warning in data["warnings"]:
         print(f"crossdistil backtest: warning: {warning}", file=sys.stderr)
     for example in result.dead_letter_examples[:3]:
@@ -1717,7 +1717,7 @@ def comparison_of(result: BacktestResult) -> dict[str, Any]:
         out = compare_runs(runs, {n: list(r.pipeline.scored_tasks) for n, r in runs.items()},
                            {n: list(r.cfg.model.served_tasks) for n, r in runs.items()}, LAST_FRACTION)
     else:
-        out = {"baseline": base, "method": comparison_method(), "configurations": {}}
+        out = {"baseline": base, "method": {**comparison_method(), "adjustment": adjust([])}, "configurations": {}}
     compared = out["configurations"]
     out["configurations"] = {}
     for name in names[1:]:
@@ -2103,46 +2103,78 @@ def _setting(value: Any) -> str:
 
 def _comparison_lines(data: dict[str, Any]) -> list[str]:
     """The paired comparison: a verdict line per configuration against the first, and per task the difference with
-    its interval over every prediction and over the last 20% (``consumers.tools.comparison``)."""
+    its interval, raw and Holm-adjusted p-values and verdict over every prediction and over the last 20%, for the AUC
+    and for the per-user NDCG@10 (``consumers.tools.comparison``)."""
     comparison = data.get("comparison")
     if not comparison:
         return []
     base, method = comparison["baseline"], comparison["method"]
     last = f"last {int(LAST_FRACTION * 100)}%"
+    level = f"{method['level']:.0%}"
+    adjustment = method.get("adjustment")  # absent in summaries written before it
+    holm = (f"Each difference's p-value (two-sided, normal approximation with the bootstrap's standard error) is "
+            f"given raw (p) and adjusted by Holm's step-down method across all {adjustment['comparisons']} "
+            "comparisons of this report (p (Holm): AUC and NDCG@10, every task and the combined score, all and "
+            f"{last}; identical and not comparable ones are no tests). **better** / **worse** only where the whole "
+            f"{level} interval (raw, for that comparison alone) is on one side of 0 **and** the Holm-adjusted p is "
+            f"at most {1 - method['level']:.2f}, so the chance that any verdict of the report calls noise a win "
+            "stays at most 5%; otherwise *within noise*, however large the difference looks."
+            if adjustment else "Each interval is for one task: no correction for multiple comparisons.")
     lines = ["## Which configuration is better", "",
              f"Against `{base}` (the first configuration). Each difference is a configuration's prequential AUC minus "
-             f"`{base}`'s on the same samples, paired sample by sample; its {method['level']:.0%} interval is from a "
+             f"`{base}`'s on the same samples, paired sample by sample; its {level} interval is from a "
              f"paired block bootstrap ({method['resamples']:,} resamples of {method['blocks']} contiguous blocks of "
              f"the training order, seed {method['seed']}; each resample's AUC to first order, DeLong's placement "
-             "values). **better** / **worse** only where the whole interval is on one side of 0; a difference whose "
-             "interval holds 0 is *within noise*, however large it looks. Each interval is for one task: over many "
-             f"tasks and configurations about one in {round(1 / (1 - method['level']))} misses by chance. \"all\" "
-             f"includes each model's warm-up from untrained; \"{last}\" is nearer its steady state.", ""]
+             f"values). {holm} \"all\" includes each model's warm-up from untrained; \"{last}\" is nearer its "
+             "steady state.", ""]
     for name, entry in comparison["configurations"].items():
         left = (f" (left out: {entry['only_baseline']:,} samples only `{base}` trained, {entry['only_this']:,} only "
                 f"`{name}`)" if entry["only_baseline"] or entry["only_this"] else "")
         lines += [f"- **`{name}` vs `{base}`** on {entry['samples']:,} samples{left}: {entry['summary']}."]
-    lines += ["", f"| configuration | task | `{base}` AUC | AUC | difference (all) | {method['level']:.0%} interval | "
-              f"verdict | difference ({last}) | {method['level']:.0%} interval | verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    cells = f"difference ({{}}) | {level} interval | p | p (Holm) | verdict"
+    lines += ["", f"| configuration | task | `{base}` AUC | AUC | {cells.format('all')} | {cells.format(last)} |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ndcg = []
     for name, entry in comparison["configurations"].items():
         rows = {**entry["tasks"], **({"combined score": entry["combined"]} if "combined" in entry else {})}
         for task, row in rows.items():
             if "last" not in row:  # not comparable: the labels differ
-                lines.append(f"| {name} | {task} | | | | | not comparable: {row['why']} | | | |")
+                lines.append(f"| {name} | {task} | | | | | | | not comparable: {row['why']} | | | | | |")
                 continue
             lines.append(f"| {name} | {task} | {_fmt(row['base'])} | {_fmt(row['other'])} | "
                          f"{_difference_cells(row)} | {_difference_cells(row['last'])} |")
+            if "ndcg10" in row:
+                n = row["ndcg10"]
+                ndcg.append(f"| {name} | {task} | {_fmt(n['base'])} | {_fmt(n['other'])} | {n['users']:,} | "
+                            f"{_difference_cells(n)} | {_difference_cells(n['last'])} |")
+    if ndcg:
+        lines += ["", f"Per-user NDCG@10 (relevance as in the tables below): the configuration's minus `{base}`'s, per "
+                  "user, averaged over the users that count; its interval is normal over those users (the mean "
+                  "difference ± z × the per-user differences' standard deviation / √users); p and the verdict as "
+                  "above, in the same Holm family.", "",
+                  f"| configuration | task | `{base}` NDCG@10 | NDCG@10 | users | {cells.format('all')} | "
+                  f"{cells.format(last)} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *ndcg]
     return [*lines, ""]
 
 
 def _difference_cells(row: dict[str, Any]) -> str:
-    """``+0.0123 | +0.0040 .. +0.0201 | **better**`` (three cells)."""
+    """``+0.0123 | +0.0040 .. +0.0201 | 0.0031 | 0.0124 | **better**`` (five cells: the difference, its interval,
+    the raw and the Holm-adjusted p-values, the verdict)."""
     if row.get("difference") is None:
-        return f"n/a | | {row['verdict']}: {row.get('why', '')}"
+        return f"n/a | | | | {row['verdict']}: {row.get('why', '')}"
     low, high = row["interval"]
     shown = f"**{row['verdict']}**" if row["verdict"] in ("better", "worse") else row["verdict"]
-    return f"{row['difference']:+.4f} | {low:+.4f} .. {high:+.4f} | {shown}"
+    if row.get("verdict_unadjusted") not in (None, row["verdict"]):  # a raw win the adjustment took back
+        shown += f" (raw: {row['verdict_unadjusted']})"
+    p_raw, p_holm = row.get("p_value"), row.get("p_holm")
+    return (f"{row['difference']:+.4f} | {low:+.4f} .. {high:+.4f} | {_p(p_raw)} | {_p(p_holm)} | {shown}")
+
+
+def _p(value: float | None) -> str:
+    """A p-value in a table: 4 decimals, ``<0.0001`` below, blank where there is none."""
+    if value is None:
+        return ""
+    return "<0.0001" if value < 0.0001 else f"{value:.4f}"
 
 
 def _glossary_lines(data: dict[str, Any], images: Sequence[str]) -> list[str]:

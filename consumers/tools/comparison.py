@@ -15,22 +15,29 @@ sum over its blocks of the difference of the two configurations' influences. Tha
 blocks instead of two sorts of the samples (``tests/unit/consumers/tools/test_backtest_comparison.py`` checks the
 interval against the bootstrap of exact AUCs).
 
+Each difference also has a two-sided p-value (normal approximation: the AUC's with the bootstrap's standard error,
+``paired_ndcg_difference``'s with the standard error of the per-user differences), and ``compare_runs`` adjusts
+them across every comparison of one report by Holm's step-down method (``holm``): a verdict is ``better`` or
+``worse`` only where the raw interval excludes 0 and the Holm-adjusted p-value is at most ``1 - LEVEL``, so that over
+many configurations and tasks the chance of calling any noise a win stays at most 5%.
+
 >>> import numpy as np
 >>> y = np.array([0, 1] * 50); a = np.linspace(0, 1, 100); b = a + 0.5 * y
 >>> r = paired_auc_difference(y, a, b)
->>> r["difference"] > 0 and r["interval"][0] > 0 and r["verdict"]
+>>> r["difference"] > 0 and r["interval"][0] > 0 and r["p_value"] < 0.05 and r["verdict"]
 'better'
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from statistics import NormalDist
 from typing import Any, Protocol
 
 import numpy as np
 
-from models.metrics import combined_score
+from models.metrics import combined_score, graded_relevance
 
 RESAMPLES = 2000
 BLOCKS = 100  # contiguous blocks of the training order; fewer where there are fewer samples
@@ -46,13 +53,22 @@ class Scored(Protocol):
 
     def arrays(self, task: str) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def users(self) -> np.ndarray: ...
+
 
 def method() -> dict[str, Any]:
-    """How the intervals were made, as summary.json's ``comparison.method`` records it."""
+    """How the intervals were made, as summary.json's ``comparison.method`` records it (``compare_runs`` adds
+    ``adjustment``: how many comparisons its Holm adjustment spans)."""
     return {"statistic": "AUC of the configuration minus the baseline's, on the samples both scored",
             "interval": f"{LEVEL:.0%} percentile interval of a paired block bootstrap: {RESAMPLES} resamples of "
                         f"{BLOCKS} contiguous blocks of the training order (seed {SEED}), each resample's AUC "
                         "difference to first order (DeLong placement values)",
+            "p_value": "two-sided, normal approximation with the bootstrap's standard error (AUC) or the standard "
+                       "error of the per-user differences (NDCG@10)",
+            "ndcg10": f"per-user NDCG@10 of the configuration minus the baseline's, averaged over the users that "
+                      f"count, with a {LEVEL:.0%} normal interval over those users (the mean difference plus or "
+                      "minus z times the per-user differences' standard deviation over the square root of their "
+                      "number)",
             "resamples": RESAMPLES, "blocks": BLOCKS, "seed": SEED, "level": LEVEL}
 
 
@@ -107,7 +123,7 @@ def paired_auc_difference(y: np.ndarray, p_base: np.ndarray, p_other: np.ndarray
     difference = auc_other - auc_base
     identical = bool(np.array_equal(p_base, p_other))
     if identical:
-        interval = [0.0, 0.0]
+        interval, se = [0.0, 0.0], 0.0
     else:
         k = min(blocks, len(y))
         starts = np.linspace(0, len(y), k + 1).astype(np.int64)[:-1]
@@ -115,9 +131,99 @@ def paired_auc_difference(y: np.ndarray, p_base: np.ndarray, p_other: np.ndarray
         drawn = np.random.default_rng(seed).integers(0, k, size=(resamples, k))  # k blocks per resample
         replicates = difference + block_sums[drawn].sum(axis=1)
         low, high = np.quantile(replicates, [(1 - level) / 2, (1 + level) / 2])
-        interval = [float(low), float(high)]
+        interval, se = [float(low), float(high)], float(np.std(replicates, ddof=1))
     return {**out, "base": auc_base, "other": auc_other, "difference": difference, "interval": interval,
+            "se": se, "p_value": 1.0 if identical else p_value(difference, se),
             "verdict": verdict(difference, interval, identical=identical)}
+
+
+def p_value(difference: float, se: float) -> float:
+    """Two-sided p-value of ``difference`` against 0 with standard error ``se`` (normal approximation); 1 without a
+    difference, 0 for a difference without any spread.
+
+    >>> round(p_value(1.96, 1.0), 4), p_value(0.0, 0.0), p_value(0.1, 0.0)
+    (0.05, 1.0, 0.0)
+    """
+    if difference == 0:
+        return 1.0
+    if not se > 0:
+        return 0.0
+    return math.erfc(abs(difference) / se / math.sqrt(2))
+
+
+def per_user_ndcg(relevance: np.ndarray, scores: np.ndarray, users: np.ndarray, k: int = 10
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each counting user's NDCG@k, exactly as ``models.metrics.ndcg_at_k`` averages them (ranked by score, ties in
+    row order; only users with at least 2 rows whose relevance is not constant count): (the users, in ascending
+    order, their NDCG@k). Their mean is ``ndcg_at_k`` (tested).
+
+    >>> per_user_ndcg(np.array([1, 0, 1, 1]), np.array([0.2, 0.8, 0.5, 0.4]), np.array([7, 7, 8, 8]))
+    (array([7]), array([0.63092975]))
+    """
+    relevance, scores = np.asarray(relevance, np.float64), np.asarray(scores, np.float64)
+    user_ids, user_index = np.unique(np.asarray(users), return_inverse=True)
+    user_index = user_index.reshape(-1)
+    ideal = np.lexsort((-relevance, user_index))
+    ideal_users = user_index[ideal]
+    starts = np.flatnonzero(np.r_[True, ideal_users[1:] != ideal_users[:-1]])
+    ends = np.r_[starts[1:], len(ideal)]
+    counts = relevance[ideal[starts]] != relevance[ideal[ends - 1]]
+    ranked = np.lexsort((-scores, user_index))  # stable: tied scores stay in row order
+    rank = np.arange(len(ranked)) - np.repeat(starts, ends - starts)
+    discount = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
+    dcg = np.bincount(user_index[ranked], weights=(np.exp2(relevance[ranked]) - 1.0) * discount,
+                      minlength=len(user_ids))
+    idcg = np.bincount(ideal_users, weights=(np.exp2(relevance[ideal]) - 1.0) * discount, minlength=len(user_ids))
+    counting = ideal_users[starts[counts]]
+    return user_ids[counting], dcg[counting] / idcg[counting]
+
+
+def paired_ndcg_difference(relevance: np.ndarray, users: np.ndarray, p_base: np.ndarray, p_other: np.ndarray, *,
+                           level: float = LEVEL) -> dict[str, Any]:
+    """``p_other``'s per-user NDCG@10 minus ``p_base``'s on the same samples (graded ``relevance``, each sample's
+    user), averaged over the users that count (``per_user_ndcg``: the same users for both, whose relevance is the
+    same), with a ``level`` normal interval over those users: the mean difference plus or minus z times the
+    standard deviation of the per-user differences over the square root of their number (users taken as
+    independent draws). ``verdict`` of the two, as ``paired_auc_difference``'s."""
+    p_base, p_other = np.asarray(p_base, np.float64), np.asarray(p_other, np.float64)
+    out: dict[str, Any] = {"samples": int(len(p_base))}
+    finite = np.isfinite(p_base) & np.isfinite(p_other)
+    if not finite.all():
+        return {**out, "users": 0, "base": None, "other": None, "difference": None, "interval": None,
+                "verdict": "not comparable", "why": f"{int((~finite).sum()):,} predictions are not finite"}
+    _, base = per_user_ndcg(relevance, p_base, users)
+    _, other = per_user_ndcg(relevance, p_other, users)
+    out["users"] = n = int(len(base))
+    if n < 2:
+        return {**out, "base": None, "other": None, "difference": None, "interval": None,
+                "verdict": "not comparable", "why": f"{n} user(s) with predictions of different relevance"}
+    differences = other - base
+    difference = float(differences.mean())
+    identical = bool(np.array_equal(p_base, p_other))
+    se = 0.0 if identical else float(differences.std(ddof=1) / math.sqrt(n))
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    interval = [difference - z * se, difference + z * se]
+    return {**out, "base": float(base.mean()), "other": float(other.mean()), "difference": difference,
+            "interval": interval, "se": se, "p_value": 1.0 if identical else p_value(difference, se),
+            "verdict": verdict(difference, interval, identical=identical)}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (one family of comparisons), in their order: the i-th smallest
+    times the number of comparisons not yet rejected (m - i + 1), made non-decreasing in that order, at most 1.
+    Rejecting every comparison whose adjusted p-value is at most alpha keeps the chance of any false rejection at
+    most alpha, whatever the dependence between them.
+
+    >>> holm([0.01, 0.04, 0.03, 0.005])
+    [0.03, 0.06, 0.06, 0.02]
+    """
+    m = len(p_values)
+    adjusted = [1.0] * m
+    running = 0.0
+    for i, index in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - i) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def verdict(difference: float | None, interval: Sequence[float] | None, identical: bool = False) -> str:
@@ -166,11 +272,23 @@ def _compare_scores(y: np.ndarray, y_other: np.ndarray, p_base: np.ndarray, p_ot
             "last": paired_auc_difference(y[start:], p_base[start:], p_other[start:])}
 
 
+def _compare_ndcg(relevance: np.ndarray, users: np.ndarray, p_base: np.ndarray, p_other: np.ndarray,
+                  last_fraction: float) -> dict[str, Any]:
+    """``paired_ndcg_difference`` over every shared sample and over the last ``last_fraction`` of them."""
+    start = int(len(users) * (1 - last_fraction))
+    return {**paired_ndcg_difference(relevance, users, p_base, p_other),
+            "last": paired_ndcg_difference(relevance[start:], users[start:], p_base[start:], p_other[start:])}
+
+
 def compare_runs(runs: Mapping[str, Scored], tasks: Mapping[str, Sequence[str]],
                  served: Mapping[str, Sequence[str]], last_fraction: float) -> dict[str, Any]:
     """Each configuration against the first (the baseline): per task both predict, and for the combined score of
-    the served tasks when both serve the same ones, ``_compare_scores`` on the samples both trained; and a one-line
-    ``summary`` of the verdicts."""
+    the served tasks when both serve the same ones, ``_compare_scores`` on the samples both trained, and (served
+    tasks, same served tasks) the per-user NDCG@10 difference (``ndcg10``: relevance 2 y + y_partner, the partner
+    the next served task; the combined score's: the number of positive tasks); every comparison's verdict
+    Holm-adjusted across all of them (``adjust``); and a one-line ``summary`` of the verdicts."""
+    from models.evaluation import default_partners  # lazy: models.evaluation imports torch
+
     names = list(runs)
     base_name, base = names[0], runs[names[0]]
     out: dict[str, Any] = {"baseline": base_name, "method": method(), "configurations": {}}
@@ -187,13 +305,50 @@ def compare_runs(runs: Mapping[str, Scored], tasks: Mapping[str, Sequence[str]],
         shared = list(served[base_name])
         same_labels = all("last" in entry["tasks"][t] for t in columns)  # no "last": the labels differ
         if shared and shared == list(served[name]) and all(t in columns for t in shared) and same_labels:
-            positive = np.stack([columns[t][0] > 0 for t in shared], axis=1).all(axis=1)
-            entry["combined"] = _compare_scores(
-                positive, positive, combined_score(np.stack([columns[t][1] for t in shared], axis=1)),
-                combined_score(np.stack([columns[t][2] for t in shared], axis=1)), last_fraction)
-        entry["summary"] = summary_line(entry, last_fraction)
+            users = base.users()[in_base]  # the same impressions, so the same users (coded by the baseline)
+            partners = default_partners(shared)
+            for task in shared:
+                partner = columns[partners[task]][0] if task in partners else None
+                entry["tasks"][task]["ndcg10"] = _compare_ndcg(graded_relevance(columns[task][0], partner), users,
+                                                               columns[task][1], columns[task][2], last_fraction)
+            labels = np.stack([columns[t][0] > 0 for t in shared], axis=1)
+            p_both = [combined_score(np.stack([columns[t][k] for t in shared], axis=1)) for k in (1, 2)]
+            entry["combined"] = _compare_scores(labels.all(axis=1), labels.all(axis=1), *p_both, last_fraction)
+            entry["combined"]["ndcg10"] = _compare_ndcg(labels.sum(axis=1), users, *p_both, last_fraction)
         out["configurations"][name] = entry
+    out["method"]["adjustment"] = adjust(out["configurations"].values())
+    for entry in out["configurations"].values():
+        entry["summary"] = summary_line(entry, last_fraction)
     return out
+
+
+def comparisons(entry: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every paired difference of a configuration's comparison entry: per task and for the combined score, the AUC's
+    over every sample and over the last ones, and the NDCG@10's the same."""
+    for row in [*entry.get("tasks", {}).values(), *([entry["combined"]] if "combined" in entry else [])]:
+        for statistic in (row, row.get("ndcg10")):
+            if statistic is not None:
+                yield statistic
+                if "last" in statistic:
+                    yield statistic["last"]
+
+
+def adjust(entries: Iterable[Mapping[str, Any]], level: float = LEVEL) -> dict[str, Any]:
+    """Holm's adjustment (``holm``) across the paired differences of every entry (one report's comparisons), in
+    place: each one with a p-value (neither identical nor not comparable) gets ``p_holm`` and ``verdict_unadjusted``
+    (the interval's verdict, as before any adjustment), and its ``verdict`` becomes ``within noise`` where the
+    adjusted p-value is over ``1 - level``. What ``comparison.method.adjustment`` records."""
+    family = [row for entry in entries for row in comparisons(entry)
+              if row.get("p_value") is not None and row["verdict"] not in ("identical", "not comparable")]
+    for row, adjusted in zip(family, holm([row["p_value"] for row in family])):
+        row["p_holm"], row["verdict_unadjusted"] = adjusted, row["verdict"]
+        if adjusted > 1 - level:
+            row["verdict"] = "within noise"
+    return {"method": "holm", "comparisons": len(family), "level": level,
+            "what": f"Holm's step-down adjustment of the p-values of the report's {len(family)} paired differences "
+                    "(AUC and NDCG@10, per task and combined score, over every sample and over the last ones; "
+                    "identical and not comparable ones are not tests): a verdict is better or worse only where the "
+                    f"{level:.0%} interval excludes 0 and the adjusted p-value is at most {1 - level:.2f}"}
 
 
 def summary_line(entry: Mapping[str, Any], last_fraction: float) -> str:

@@ -137,7 +137,7 @@ def test_the_report_says_which_is_better_what_was_replayed_and_how_to_replay_it(
     assert entry["samples"] == 3000 and set(entry["tasks"]) == {"click", "like"} and "combined" in entry
     for row in [*entry["tasks"].values(), entry["combined"]]:
         assert row["interval"][0] <= row["difference"] <= row["interval"][1]
-        assert row["verdict"] == comparison.verdict(row["difference"], row["interval"])
+        assert row["verdict_unadjusted"] == comparison.verdict(row["difference"], row["interval"])
     assert summary["replayed"]["config_differences"]["crossdistil@paper"]["model.options.rung"] == ["mtl",
                                                                                                     "crossdistil"]
     first, last = summary["replayed"]["event_time_ms"].values()
@@ -147,7 +147,8 @@ def test_the_report_says_which_is_better_what_was_replayed_and_how_to_replay_it(
         f"{entry['summary']}." in report
     assert f"    {timing['command']}" in report and "| crossdistil@paper | `model.options.rung` |" in report
     assert "`auc@N` and `log_loss@N` (N = 500, 1,000) are over the last N trained samples" in report
-    assert f"crossdistil@paper vs mtl (paired, 95% interval): {entry['summary']}" in capsys.readouterr().out
+    said = f"crossdistil@paper vs mtl (paired, 95% interval, Holm-adjusted): {entry['summary']}"
+    assert said in capsys.readouterr().out
 
 
 def test_configurations_replayed_apart_are_paired_and_their_different_labels_not_compared(
@@ -163,7 +164,8 @@ def test_configurations_replayed_apart_are_paired_and_their_different_labels_not
     like = entry["tasks"]["like"]  # its window is the same: the same labels, so a paired difference
     assert like["samples"] == 3000 and like["verdict"] in ("better", "worse", "within noise")
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "Replayed apart" in report and "| short_click | click | | | | | not comparable: the labels differ" in report
+    assert "Replayed apart" in report
+    assert "| short_click | click | | | | | | | not comparable: the labels differ" in report
 
 
 def test_a_final_windowed_auc_over_a_window_the_replay_did_not_fill_says_so() -> None:
