@@ -447,7 +447,8 @@ def _run_serving(args: argparse.Namespace) -> int:
     topic = args.topic or KafkaConfig().model_topic
     options: dict[str, Any] = {
         "bootstrap_servers": args.bootstrap, "group_id": None, "enable_auto_commit": False,  # reads only
-        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES, "fetch_max_bytes": 4 * MAX_MESSAGE_BYTES,
+        # Small fetches keep the client's buffers small; a larger message still comes whole (KIP-74, Kafka 0.10.1+).
+        "max_partition_fetch_bytes": FETCH_BYTES, "fetch_max_bytes": FETCH_BYTES,
         "allow_auto_create_topics": False, "auto_offset_reset": "earliest",
     }
     try:
@@ -489,6 +490,7 @@ def _run_serving(args: argparse.Namespace) -> int:
 # The serving topic's max.message.bytes (streamer.topics.MODEL_MAX_MESSAGE_BYTES) and a margin, as serving reads it
 # (consumers.serving.follower.MAX_MESSAGE_BYTES: tools may not import serving, docs/internal-apis.md's layers).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
+FETCH_BYTES = 1 << 20  # what one fetch asks for (kafka-python's default); serving asks for MAX_MESSAGE_BYTES
 BUFFERED_VERSIONS = 4  # versions whose chunks are held until their manifest, as a replica's Reassembler holds them
 
 
