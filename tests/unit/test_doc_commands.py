@@ -1,10 +1,12 @@
 """Every command the documentation shows a user works as written: users copy them.
 
-The commands are read from README.md, docs/*.md and reports/*/README.md: the shell code blocks (fenced, with no
-language or bash, sh, shell, console; or indented by four spaces) and the inline code of the prose. A command is
-checked when its command word is ``crossdistil`` (any path to it, e.g. ``.venv/bin/crossdistil``), ``python``
-(a script, or ``-m MODULE``; ``python -m consumers.cli`` and ``torchrun ... -m consumers.cli`` are ``crossdistil``)
-or ``bash SCRIPT``; other programs (curl, prometheus, torchrun's own flags) are not this project's to check.
+The commands are read from README.md, docs/*.md and reports/*/README.md (the shell code blocks: fenced, with no
+language or bash, sh, shell, console, or indented by four spaces; the inline code of the prose; the README's table of
+subcommands, whose first column leaves ``crossdistil`` out) and from the comments of deploy/'s TOML examples. A
+command is checked when its command word is ``crossdistil`` (any path to it, e.g. ``.venv/bin/crossdistil``),
+``python`` (a script, or ``-m MODULE``; ``python -m consumers.cli`` and ``torchrun ... -m consumers.cli`` are
+``crossdistil``) or ``bash SCRIPT``; other programs (curl, prometheus, torchrun's own flags) are not this project's
+to check. A quoted message of the program (``crossdistil serve: following ...``) is not a command.
 
 * ``crossdistil SUBCOMMAND ...`` parses with the real parser (``consumers.cli.build_parser``), nothing run. A
   code block's command is complete: its required arguments must be there. Inline code is a fragment ("`crossdistil
@@ -12,18 +14,22 @@ or ``bash SCRIPT``; other programs (curl, prometheus, torchrun's own flags) are 
   as a synopsis (``[--json]`` optional parts, ``up|down|status`` alternatives) is checked for its subcommand and
   that every ``--flag`` it names is one the subcommand knows.
 * ``--config FILE`` loads with the daemons' own loader (``consumers.runtime.config.load_config``), with the
-  command's ``--set`` overrides.
+  command's ``--set`` overrides; ``--mapping FILE`` with the csv adapter's; evaluate's ``--backbone``, ``--seeds``
+  and ``--cadence`` with evaluate's own parsers. What needs torch (evaluate's ``--configs`` names, the model of each
+  configuration a train or backtest command is given) is the one slow test.
 * ``python SCRIPT.py --flag ...`` parses with a parser rebuilt from the script's own ``add_argument`` calls (read
-  from its source: importing it would load torch).
-* every path inside the repository the command reads (a config, a mapping, a script) exists.
+  from its source: importing it would load torch; flags, counts and literal choices are checked, not the values
+  a script converts with a function of its own).
+* every path inside the repository the command reads (a config, a mapping, a script) exists, and so does every
+  repository path the documents' code names.
 
 Placeholders stand for a value of the reader's own and are allowed only in these forms (``is_placeholder``): a
-word of ``PLACEHOLDER_WORDS`` (``DIR``, ``HOST:PORT``, ``N``), ``<anything>``, a shell variable (``$pair``,
-``${mode}``) and elision (``...``, ``…``). A placeholder passes any type or choice check of the option it is the
-value of, and a path with one in it is not looked for; an elision standing alone as an argument makes the command a
-fragment. Every failing command is reported with its file:line.
+word of ``PLACEHOLDER_WORDS`` (``DIR``, ``HOST:PORT``) or one capital letter (``N``), ``<anything>``, a shell
+variable (``$pair``, ``${mode}``) and elision (``...``, ``…``). A placeholder passes any type or choice check of the
+option it is the value of, and a path with one in it is not looked for; an elision standing alone as an argument
+makes the command a fragment. Every failing command is reported with its file:line; the few broken in documents
+this test's owner may not edit are listed in ``KNOWN_BROKEN`` and ``KNOWN_MISSING`` (strict: they must stay broken).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -80,9 +86,7 @@ def _placeholder_parts(token: str) -> tuple[str, bool]:
 
 
 def is_placeholder(token: str) -> bool:
-    """Whether ``token`` is made of placeholders only (and separators: ``HOST:PORT``, ``file://PATH``, ``A,B``).
-
-    """
+    """Whether ``token`` is made of placeholders only (and separators: ``HOST:PORT``, ``file://PATH``, ``A,B``)."""
     rest, had = _placeholder_parts(token)
     return had and bool(_SEPARATORS.match(rest))
 
@@ -254,6 +258,7 @@ def _simple_commands(tokens: list[str]) -> Iterator[list[str]]:
 
 
 def _classify(snippet: Snippet, words: list[str]) -> Command | None:
+    """The command a simple command's ``words`` are, if it is one this test checks."""
     while words and (words[0] in PREFIX_WORDS or re.match(r"^[A-Za-z_]\w*=", words[0])):
         words = words[1:]  # shell keywords, VAR=value
     if not words:
