@@ -21,7 +21,7 @@ A range that selects nothing (``from >= to``, or no record inside it) is an erro
 report.
 
 A configuration that fails part-way (its step raises, its loss is not finite, it runs out of memory, its learner
-process dies) is dropped from the replay there; the others go on to the end (``_Failures``). Its failure is in
+process dies) is dropped from the replay there; the others go on to the end (``Failures``). Its failure is in
 ``summary.json`` (``failed``), the report and on stderr, and the command exits with ``EXIT_FAILED`` (4), or
 ``EXIT_ALL_FAILED`` (5) when every configuration failed (the replay stops then). A failure of the shared input (the
 log, the intake process, the broker) still stops everything.
@@ -48,7 +48,6 @@ import shlex
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,13 +55,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consumers.core.join import describe_unknown_tasks
-from consumers.core.pipeline import SampleColumns, UserCodes, sample_column, sample_columns
+from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
 from consumers.tools.comparison import adjust, compare_runs, config_differences
 from consumers.tools.comparison import method as comparison_method
+from consumers.tools.failures import Dropped, Failures, FiniteLoss, describe_failure
 from consumers.tools.intake import (
     DEAD_LETTER_EXAMPLES,
     DEFAULT_CACHE_LIMIT,
@@ -100,7 +100,6 @@ SMALL_BATCH_SHARE = 0.25  # the report warns when the mean batch is below this s
 # usage, configuration or input error (a bad range, a damaged log); 3 Kafka not reachable; and these two:
 EXIT_FAILED = 4  # some configuration failed part-way and was dropped; the others' results are written
 EXIT_ALL_FAILED = 5  # every configuration failed: no result (the outputs say why)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------- command line
@@ -605,7 +604,7 @@ class ConfigRun:
         if self.pipeline is not None:  # None: it was never built
             with contextlib.suppress(Exception):  # a learner process that died already
                 self.pipeline.close()
-            self.pipeline.learner = _Dropped(len(self.batch_sizes))
+            self.pipeline.learner = Dropped(len(self.batch_sizes))
         self.labels, self.scores, self.user_codes = {}, {}, []
         self.impression_ids, self.event_ts_ms = [], []
 
@@ -763,7 +762,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     _check_options(sample_every, batching, intake, replay_cache_limit)
     check_configs(configs)
     tune_gc()
-    failures = _Failures(on_failure)
+    failures = Failures(on_failure)
     kafka = isinstance(records, KafkaRange)  # records with Kafka timestamps: join.max_future_s applies (Record.events)
     runs, leaders = _grouped_runs(configs, batching, sample_every, failures=failures, kafka=kafka)
     if failures.all_failed:  # not one configuration could be built: nothing to train, the input is not read
@@ -835,7 +834,7 @@ def merge_bound(records: KafkaRange, cfg: Config) -> float:
 
 
 def _replay_passes(records: Iterable[Any], leaders: dict[Any, ConfigRun], damaged: DamagedRecords | None,
-                   dense: bool, advance: Any, progress_unit: str, examples: list[str], failures: _Failures
+                   dense: bool, advance: Any, progress_unit: str, examples: list[str], failures: Failures
                    ) -> tuple[int, int]:
     """An inline replay (``_replay_inline``) of the input: a log read with skip_damaged counts what it skips in
     ``damaged``. A Kafka range is merged in an order that depends on ``join.max_future_s`` (an event the bound
@@ -858,7 +857,7 @@ def _replay_passes(records: Iterable[Any], leaders: dict[Any, ConfigRun], damage
     return counts[0]
 
 
-def _finish(runs: dict[str, ConfigRun], failures: _Failures) -> None:
+def _finish(runs: dict[str, ConfigRun], failures: Failures) -> None:
     """The end of a replay for each configuration still training: its learner process's last answers, the group's
     stream counts (one join for the group) and the final series point."""
     for run_ in runs.values():
@@ -876,7 +875,7 @@ def _finish(runs: dict[str, ConfigRun], failures: _Failures) -> None:
 
 
 def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense: bool, advance: Any,
-                   progress_unit: str, examples: list[str], failures: _Failures,
+                   progress_unit: str, examples: list[str], failures: Failures,
                    future_bound: bool = False) -> tuple[int, int]:
     """Read, join, batch and train here, a chunk of records at a time; (records, events) replayed. The first bad
     events are described into ``examples``. Stops (without the end's flush) once every configuration of the groups
@@ -1062,7 +1061,7 @@ def _step_cost(run_: ConfigRun) -> int:
 
 def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[ConfigRun], advance: Any,
                         progress_unit: str, replay_cache: Any, replay_cache_limit: int,
-                        examples: list[str], failures: _Failures
+                        examples: list[str], failures: Failures
                         ) -> tuple[int, int, str, dict[str, Any], dict[str, Any] | None]:
     """Train the batches an intake process (``consumers.tools.intake``) reads, joins, cuts and encodes, or a replay
     cache holds; the join's final state, dead letters (with the first ones described, into ``examples``) and stream
@@ -1186,12 +1185,12 @@ def _own_time(leader: ConfigRun) -> Iterator[None]:
 
 
 def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int | None, *,
-                  failures: _Failures | None = None, kafka: bool = False
+                  failures: Failures | None = None, kafka: bool = False
                   ) -> tuple[dict[str, ConfigRun], dict[Any, ConfigRun]]:
     """One ``ConfigRun`` per configuration, and per group of equal ``stream_key`` its leader (see run_backtest): the
     group's first configuration, which holds the group's stream pipeline (``ConfigRun.stream``: the join and the
     batcher, and a ``Forwarding`` that hands each batch to every configuration of the group). ``failures``: where a
-    configuration that raises is dropped (``_Failures``; a new one by default). ``kafka``: a Kafka range's replay
+    configuration that raises is dropped (``Failures``; a new one by default). ``kafka``: a Kafka range's replay
     (``join.max_future_s`` is part of the key). A configuration whose build raises (allocating its model, starting
     its learner process, an option only its model's constructor rejects) is dropped at once (reason ``build``; its
     ``pipeline`` is None, its ``leader`` the group it would have trained in): the group's first configuration that
@@ -1203,7 +1202,7 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
     from consumers.runtime.assembly import build_pipeline
     from consumers.runtime.telemetry import TrainerMetrics
 
-    failures = failures if failures is not None else _Failures()
+    failures = failures if failures is not None else Failures()
     runs: dict[str, ConfigRun] = {}
     leaders: dict[Any, ConfigRun] = {}  # stream key -> the run whose join and batcher cut its group's batches
     encodings: dict[Any, SharedEncoding] = {}
@@ -1275,7 +1274,7 @@ class Forwarding:
     """The learner port of a group's stream pipeline (``ConfigRun.stream``, ``run_backtest``): each batch submitted
     to it is trained by every configuration of the group (``members``, each ``Pipeline.train_batch`` in its own
     pipeline: step, metrics, ``on_batch``), in order, at the same point of the replay. A configuration that raises
-    while it trains is dropped there (``_Failures.guard``) and the others go on with the same batches; one that
+    while it trains is dropped there (``Failures.guard``) and the others go on with the same batches; one that
     failed is skipped from then on.
 
     It trains nothing itself, so it never has answers. ``forwarded_s`` adds up the seconds the configurations took
@@ -1286,9 +1285,9 @@ class Forwarding:
     steps = 0
     in_flight = 0
 
-    def __init__(self, failures: _Failures | None = None) -> None:
+    def __init__(self, failures: Failures | None = None) -> None:
         self.members: list[ConfigRun] = []
-        self.failures = failures if failures is not None else _Failures()
+        self.failures = failures if failures is not None else Failures()
         self.forwarded_s = 0.0
         self.batches = 0
 
@@ -1312,199 +1311,6 @@ class Forwarding:
 
     def close(self) -> None:
         """Nothing to stop (each configuration's pipeline closes its own learner)."""
-
-
-class NonFiniteLoss(ArithmeticError):
-    """A configuration's training loss is NaN or infinite (its weights or gradients are): a backtest drops it there
-    rather than score the rest of the replay with predictions that are no longer numbers."""
-
-
-class FiniteLoss:
-    """The learner port of each configuration of a backtest: ``port``'s (in this process, a learner process, the
-    intake's encoded batches), with every answer's total loss checked: one that is NaN or infinite raises
-    ``NonFiniteLoss`` as the answer is collected, in the configuration's own ``Pipeline.train_batch``, so the
-    replay drops that configuration there (``_Failures``). A live trainer has no such check; a backtest's numbers
-    from predictions that are no longer numbers would be meaningless (an AUC of NaN scores is whatever their sort
-    order gives)."""
-
-    def __init__(self, port: Any) -> None:
-        self.port = port
-
-    @property
-    def steps(self) -> int:
-        return self.port.steps
-
-    @property
-    def in_flight(self) -> int:
-        return self.port.in_flight
-
-    def submit(self, samples: list, context: Any) -> None:
-        self.port.submit(samples, context)
-
-    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
-        for context, answer in self.port.answers(wait):
-            total = answer.losses.get("total")
-            if total is not None and not math.isfinite(total):
-                raise NonFiniteLoss(f"the training loss is {total} at step {answer.steps:,}: the model's weights or "
-                                    "gradients are no longer finite (a learning rate too high, or inputs too large?)")
-            yield context, answer
-
-    def check_alive(self) -> None:
-        self.port.check_alive()
-
-    def close(self) -> None:
-        self.port.close()
-
-
-class _Dropped:
-    """The learner port of a configuration that failed: nothing trains any more; ``steps`` as it was."""
-
-    in_flight = 0
-
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
-
-    def submit(self, samples: list, context: Any) -> None:
-        raise RuntimeError("a configuration that failed trains nothing more")
-
-    def answers(self, wait: bool = False) -> Iterator[tuple[Any, Any]]:
-        return iter(())
-
-    def check_alive(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _Failures:
-    """The configurations of a replay and which of them failed. ``guard(run_)`` wraps what one configuration does
-    on its own (its training step, metrics and series; its learner process's answers): an ``Exception`` raised there
-    drops that configuration (``ConfigRun.failure``, its learner stopped, ``on_failure(name, failure)`` called) and
-    is not raised further, so the replay goes on for the others. ``all_failed``: none is left to train."""
-
-    def __init__(self, on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-        self.runs: list[ConfigRun] = []
-        self.on_failure = on_failure
-
-    @property
-    def all_failed(self) -> bool:
-        return bool(self.runs) and all(run_.failure is not None for run_ in self.runs)
-
-    @contextlib.contextmanager
-    def guard(self, run_: ConfigRun, samples: Sequence[Any] | None = None, batch: int | None = None) -> Iterator[None]:
-        try:
-            yield
-        except Exception as exc:  # noqa: BLE001 - any failure of one configuration's own work is that configuration's
-            self.drop(run_, exc, samples, batch)
-
-    def drop(self, run_: ConfigRun, exc: BaseException, samples: Sequence[Any] | None = None,
-             batch: int | None = None) -> None:
-        """``run_`` failed with ``exc`` (on the batch ``samples``, the group's ``batch``-th, if known)."""
-        if run_.failure is not None:
-            return
-        run_.failure = failure_of(run_, exc, samples, batch)
-        run_.failure_traceback = "".join(traceback.format_exception(exc))
-        run_.drop()
-        if self.on_failure is not None:
-            self.on_failure(run_.name, run_.failure)
-
-
-FAILURE_REASONS = ("non_finite_loss", "out_of_memory", "learner_process", "error", "build")
-
-
-def failure_reason(exc: BaseException) -> str:
-    """What kind of failure ``exc`` is, one of ``FAILURE_REASONS`` but ``build`` (which says when, not what): a loss
-    that is not finite (``NonFiniteLoss``), memory (``MemoryError``, torch's out-of-memory errors, on a GPU or a CPU,
-    in this process or a learner process), a learner process that failed or died, or any other error.
-
-    >>> failure_reason(NonFiniteLoss("nan")), failure_reason(MemoryError()), failure_reason(ValueError("x"))
-    ('non_finite_loss', 'out_of_memory', 'error')
-    >>> failure_reason(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    'out_of_memory'
-    """
-    text = str(exc).lower()
-    if isinstance(exc, NonFiniteLoss):
-        return "non_finite_loss"
-    if (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text
-            or "can't allocate memory" in text or "cannot allocate memory" in text):
-        return "out_of_memory"
-    if type(exc).__name__ == "LearnerProcessError":  # consumers.runtime.learner_process (imports torch)
-        return "learner_process"
-    return "error"
-
-
-def failure_of(run_: ConfigRun, exc: BaseException, samples: Sequence[Any] | None = None,
-               batch: int | None = None) -> dict[str, Any]:
-    """What summary.json's ``failed`` says of a configuration that raised ``exc``: ``reason`` (``failure_reason``),
-    ``error`` (the exception's type), ``detail`` (its message: a learner process's traceback shortened to its first
-    and last lines), ``where`` (the innermost line of this project's code it came from), ``batch`` (the group's
-    batch, 1-based, being trained when it was noticed; None after the last one), ``event_time_ms`` and
-    ``impression_id`` (that batch's newest event time and first impression; without a batch, the last trained
-    impression's time), ``steps`` and ``trained_samples`` (the steps whose predictions the replay recorded before it,
-    and their samples: those of a learner process may trail ``batch`` by the batches it had not answered).
-
-    A configuration that could not be built (``run_.pipeline`` None) has reason ``build`` and ``cause``, what
-    ``failure_reason`` says of ``exc`` (``out_of_memory``, ``learner_process``, ``error``); nothing trained."""
-    times = sample_column(samples, "ts_ms") if samples else []
-    ids = sample_column(samples, "impression_id") if samples else []
-    built = run_.pipeline is not None
-    return {"reason": failure_reason(exc) if built else "build", "error": type(exc).__name__,
-            "detail": _short(str(exc)), "where": _raised_at(exc), "batch": batch,
-            "event_time_ms": max(times) if times else (run_.event_ts_ms[-1] if run_.event_ts_ms else None),
-            "impression_id": ids[0] if ids else None, "steps": len(run_.batch_sizes),
-            "trained_samples": run_.pipeline.trained_samples if built else 0,
-            **({} if built else {"cause": failure_reason(exc)})}
-
-
-def describe_failure(failure: dict[str, Any]) -> str:
-    """A failure (``failure_of``) in one line: where in the replay, after how much, and what.
-
-    >>> said = describe_failure({"reason": "error", "error": "ValueError", "detail": "boom", "where": "m.py:3 in f",
-    ...     "batch": 12, "event_time_ms": 0, "impression_id": "i9", "steps": 11, "trained_samples": 1408})
-    >>> said[:66]
-    "at batch 12 (event time 1970-01-01 00:00:00 UTC, impression 'i9') "
-    >>> said[66:]
-    'after 11 steps (1,408 samples): error: ValueError: boom (m.py:3 in f)'
-    >>> describe_failure({"reason": "build", "cause": "out_of_memory", "error": "MemoryError", "detail": "no room",
-    ...     "where": None, "batch": None, "event_time_ms": None, "impression_id": None, "steps": 0,
-    ...     "trained_samples": 0})
-    'when it was built, before the replay: build (out_of_memory): MemoryError: no room'
-    """
-    raised = f" ({failure['where']})" if failure.get("where") else ""
-    if failure["reason"] == "build":
-        return (f"when it was built, before the replay: build ({failure.get('cause', 'error')}): {failure['error']}: "
-                f"{failure['detail']}{raised}")
-    where = [f"batch {failure['batch']}" if failure.get("batch") is not None else "the end of the replay"]
-    details = []
-    if failure.get("event_time_ms") is not None:
-        details.append(f"event time {_dt(failure['event_time_ms']):%Y-%m-%d %H:%M:%S} UTC")
-    if failure.get("impression_id") is not None:
-        details.append(f"impression {failure['impression_id']!r}")
-    at = where[0] + (f" ({', '.join(details)})" if details else "")
-    steps = f"{failure['steps']:,} step{'' if failure['steps'] == 1 else 's'}"
-    return (f"at {at} after {steps} ({failure['trained_samples']:,} samples): "
-            f"{failure['reason']}: {failure['error']}: {failure['detail']}{raised}")
-
-
-def _short(text: str, limit: int = 1000) -> str:
-    """An error message on one line: a multi-line one (a learner process's traceback) as its first and last lines."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or [""]
-    short = lines[0]
-    if len(lines) > 1:
-        short += f" {lines[-1]}" if lines[0].endswith(":") else f" ... {lines[-1]}"
-    return short if len(short) <= limit else short[:limit - 3] + "..."
-
-
-def _raised_at(exc: BaseException) -> str | None:
-    """``path:line in function`` of the innermost frame of this project's code in ``exc``'s traceback (paths from
-    the repository's root), or None."""
-    found = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        path = Path(frame.filename)
-        if path.is_relative_to(REPO_ROOT) and ".venv" not in path.parts and "site-packages" not in path.parts:
-            found = f"{path.relative_to(REPO_ROOT)}:{frame.lineno} in {frame.name}"
-    return found
 
 
 class SharedEncoding:

@@ -16,6 +16,15 @@ import pytest
 from consumers.core.pipeline import Answer
 from consumers.runtime.processes import can_fork
 from consumers.tools import backtest
+from consumers.tools.failures import (
+    FAILURE_REASONS,
+    Dropped,
+    Failures,
+    FiniteLoss,
+    NonFiniteLoss,
+    failure_reason,
+    short_message,
+)
 from streamer.eventlog import EventLogError
 from tests.unit.consumers.tools.test_backtest_batching import predictions_digest
 from tests.unit.consumers.tools.test_backtest_intake import messy_log  # noqa: F401 (a fixture)
@@ -65,23 +74,23 @@ def cli(*argv: str) -> int:
 def test_a_failure_is_classified_by_what_raised() -> None:
     from consumers.runtime.learner_process import LearnerProcessError
 
-    assert backtest.failure_reason(backtest.NonFiniteLoss("nan")) == "non_finite_loss"
-    assert backtest.failure_reason(MemoryError()) == "out_of_memory"
-    assert backtest.failure_reason(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+    assert failure_reason(NonFiniteLoss("nan")) == "non_finite_loss"
+    assert failure_reason(MemoryError()) == "out_of_memory"
+    assert failure_reason(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
                                                 "allocate memory: you tried to allocate 9 GB")) == "out_of_memory"
-    assert backtest.failure_reason(LearnerProcessError("the learner process died (killed by signal 9)")) == \
+    assert failure_reason(LearnerProcessError("the learner process died (killed by signal 9)")) == \
         "learner_process"
-    assert backtest.failure_reason(LearnerProcessError("the learner process failed:\nTraceback\nRuntimeError: "
+    assert failure_reason(LearnerProcessError("the learner process failed:\nTraceback\nRuntimeError: "
                                                        "CUDA out of memory")) == "out_of_memory"
-    assert backtest.failure_reason(ValueError("a model's own error")) == "error"
-    assert set(backtest.FAILURE_REASONS) == {"non_finite_loss", "out_of_memory", "learner_process", "error", "build"}
+    assert failure_reason(ValueError("a model's own error")) == "error"
+    assert set(FAILURE_REASONS) == {"non_finite_loss", "out_of_memory", "learner_process", "error", "build"}
 
 
 def test_a_learner_process_traceback_is_shortened_to_its_first_and_last_lines() -> None:
-    assert backtest._short("the learner process failed:\nTraceback (most recent call last):\n  File x\n"
+    assert short_message("the learner process failed:\nTraceback (most recent call last):\n  File x\n"
                            "ValueError: boom\n") == "the learner process failed: ValueError: boom"
-    assert backtest._short("one line") == "one line"
-    assert len(backtest._short("x" * 5000)) == 1000
+    assert short_message("one line") == "one line"
+    assert len(short_message("x" * 5000)) == 1000
 
 
 class _Port:
@@ -103,10 +112,10 @@ class _Port:
 
 @pytest.mark.parametrize("total", [math.nan, math.inf, -math.inf])
 def test_a_loss_that_is_not_finite_raises_where_the_answer_is_collected(total: float) -> None:
-    port = backtest.FiniteLoss(_Port([0.7, 0.6, total, 0.5]))
+    port = FiniteLoss(_Port([0.7, 0.6, total, 0.5]))
     answers = port.answers()
     assert [context for context, _ in zip(range(2), answers)] == [0, 1]  # a NaN gate AUC is no failure
-    with pytest.raises(backtest.NonFiniteLoss, match=f"the training loss is {total} at step 3"):
+    with pytest.raises(NonFiniteLoss, match=f"the training loss is {total} at step 3"):
         next(answers)
     port.close()
     assert port.port.closed
@@ -115,7 +124,7 @@ def test_a_loss_that_is_not_finite_raises_where_the_answer_is_collected(total: f
 def test_a_guard_drops_its_configuration_says_so_once_and_lets_an_interrupt_through(config_file: Path) -> None:
     runs, _ = backtest._grouped_runs(configs(config_file), "dense", 100)
     said = []
-    failures = backtest._Failures(lambda name, failure: said.append((name, failure["reason"], failure["batch"])))
+    failures = Failures(lambda name, failure: said.append((name, failure["reason"], failure["batch"])))
     failures.runs += runs.values()
     with failures.guard(runs["crossdistil"], batch=7):
         raise MemoryError("no room")
@@ -125,7 +134,7 @@ def test_a_guard_drops_its_configuration_says_so_once_and_lets_an_interrupt_thro
     failure = runs["crossdistil"].failure
     assert failure["error"] == "MemoryError" and failure["detail"] == "no room" and failure["steps"] == 0
     assert failure["where"].startswith("tests/unit/consumers/tools/test_backtest_robust_failures.py:")
-    assert isinstance(runs["crossdistil"].pipeline.learner, backtest._Dropped)  # its model let go
+    assert isinstance(runs["crossdistil"].pipeline.learner, Dropped)  # its model let go
     assert "MemoryError: no room" in runs["crossdistil"].failure_traceback
     assert not failures.all_failed and runs["mtl"].failure is None
     with pytest.raises(KeyboardInterrupt), failures.guard(runs["mtl"]):
@@ -307,7 +316,7 @@ def test_a_configuration_in_a_learner_process_fails_alone(drift_log: Path, confi
     assert numbers(result.runs["mtl"]) == alone["dense", "mtl"]
     dropped = result.failed["crossdistil"]
     assert dropped.failure["reason"] == "non_finite_loss"
-    assert isinstance(dropped.pipeline.learner, backtest._Dropped)
+    assert isinstance(dropped.pipeline.learner, Dropped)
 
 
 def test_a_damaged_log_still_stops_everything(
