@@ -613,8 +613,6 @@ COMMANDS_FOUND, UNREADABLE = documented_commands()
 # Commands that are wrong in files this test's owner may not edit, each with why; the test fails when one of them
 # works again (strict xfail), so the list cannot go stale. Keyed by document and a piece of the command's text.
 KNOWN_BROKEN: dict[tuple[str, str], str] = {
-    ("reports/kuairand_river/README.md", "bench/crossdistil_vs_river.py"):
-        "the script is bench/peers.py since 1cce72d (its flags differ); the report's README is not this test's to edit",
     ("docs/internal-apis.md", "--from/--to-offset"):
         "shorthand for --from-offset/--to-offset and --from-time/--to-time, not flags; internal-apis.md is not this "
         "test's to edit",
@@ -646,12 +644,7 @@ def test_every_shell_snippet_that_names_a_command_reads_as_shell() -> None:
 
 
 # Repository paths the docs' code names that do not exist, in files this test's owner may not edit.
-KNOWN_MISSING: dict[tuple[str, str], str] = {
-    ("reports/kuairand_river/README.md", "reports/kuairand_river/throughput.py"):
-        "a one-off script of that report, never committed; the report's README is not this test's to edit",
-    ("reports/kuairand_river/README.md", "bench/crossdistil_vs_river.py"): KNOWN_BROKEN[
-        ("reports/kuairand_river/README.md", "bench/crossdistil_vs_river.py")],
-}
+KNOWN_MISSING: dict[tuple[str, str], str] = {}
 
 
 def named_paths(documents: list[Path] = DOCUMENTS + CONFIG_EXAMPLES) -> Iterator[tuple[str, str]]:
