@@ -222,6 +222,7 @@ class KafkaIO:
         self._lag_exported_at = float("-inf")
         self._nudged_at = float("-inf")
         self._rejoined_at = float("-inf")
+        self._subscribed_ms = float("-inf")
 
     # ----------------------------------------------------------------------------------------- polling
 
@@ -230,6 +231,7 @@ class KafkaIO:
         the first record stamped at or after it."""
         if start_ms is not None:
             self.start_offsets = self.offsets_at(start_ms)
+        self._subscribed_ms = time.monotonic() * 1000  # metadata older than this may not list the topics yet
         self.consumer.subscribe(self.topics, listener=_Listener(self))
 
     def assign_static(self, rank: int, world_size: int, start_ms: int | None = None) -> list[tuple[str, int]]:
@@ -422,7 +424,7 @@ class KafkaIO:
         warned = self._unassigned_warned_at
         first, every = UNASSIGNED_WARN_S
         if warned is None or now - warned >= every:
-            hint = self.missing_topics_hint()
+            hint = self.missing_topics_hint() if waited >= first or self._metadata_since_subscribing() else ""
             if waited >= first or hint:
                 self._unassigned_warned_at = now
                 log.warning("no partition assigned after %.0f s%s", waited, hint)
@@ -451,6 +453,14 @@ class KafkaIO:
                         waited, " and ".join(self.topics))
             self._rejoined_at = now
             coordinator.request_rejoin()
+
+    def _metadata_since_subscribing(self) -> bool:
+        """Whether the client's metadata was refreshed after the subscription, so that it would list the topics.
+
+        Before (the bootstrap's answer lists no topic, seen at every start) a topic is not known to be missing.
+        kafka-python 3 keeps the refresh time without a public accessor; without it, False (the 15 s rule)."""
+        refreshed = getattr(getattr(self.consumer, "_cluster", None), "_last_successful_refresh_ms", None)
+        return isinstance(refreshed, (int, float)) and refreshed > self._subscribed_ms
 
     def missing_topics_hint(self) -> str:
         """``"; topic(s) ... do not exist ..."`` (naming them and how to create them) when the broker's metadata

@@ -245,10 +245,12 @@ def test_no_partition_although_the_topics_have_some_rejoins_the_group_every_10_s
 
 
 class Metadata:
-    """kafka-python's cached cluster metadata: the brokers (none before the first answer) and the topics."""
+    """kafka-python's cached cluster metadata: the brokers (none before the first answer), the topics, and when it
+    was last refreshed (kafka-python's clock: time.monotonic() in ms)."""
 
-    def __init__(self, partitions: dict, brokers: tuple = (1,)) -> None:
+    def __init__(self, partitions: dict, brokers: tuple = (1,), refreshed_ms: float = float("inf")) -> None:
         self.partitions, self._brokers = partitions, list(brokers)
+        self._last_successful_refresh_ms = refreshed_ms
 
     def brokers(self) -> list:
         return self._brokers
@@ -285,3 +287,15 @@ def test_before_the_first_metadata_no_topic_is_said_to_be_missing(caplog: pytest
     assert not io.stalled(0.0) and not io.stalled(5.0) and not caplog.records
     assert not io.stalled(16.0)
     assert [r.getMessage() for r in caplog.records] == ["no partition assigned after 16 s"]
+
+
+def test_metadata_from_before_the_subscription_says_no_topic_is_missing(caplog: pytest.LogCaptureFixture) -> None:
+    """The bootstrap's metadata names the brokers and no topic: right after subscribing every topic looks absent."""
+    consumer = Consumer([])
+    consumer._cluster = Metadata({}, refreshed_ms=0.0)
+    consumer.subscribe = lambda topics, listener: None
+    io = kafka_io(consumer, stall_exit_s=300)
+    io.subscribe()
+    assert not io.stalled(0.0) and not io.stalled(5.0) and not caplog.records
+    consumer._cluster._last_successful_refresh_ms = float("inf")  # the answer to the subscription's request
+    assert not io.stalled(6.0) and "topic(s) impressions, feedback do not exist" in caplog.text
