@@ -492,8 +492,13 @@ class KafkaIO:
     def offsets_at(self, start_ms: int) -> dict[tuple[str, int], int]:
         """``--from-time``: per partition without a position, the first offset stamped at or after ``start_ms``
         (the end offset when no record is that recent)."""
-        wanted = [TopicPartition(topic, p) for topic in self.topics
-                  for p in sorted(self.consumer.partitions_for_topic(topic) or ()) if (topic, p) not in self.positions]
+        known = {topic: sorted(self.consumer.partitions_for_topic(topic) or ()) for topic in self.topics}
+        if not all(known.values()):
+            log.warning("--from-time: topic(s) %s do not exist yet; once made, they are read from their beginning, not "
+                        "from the time (create them before starting the trainer with --from-time to start there)",
+                        ", ".join(t for t, found in known.items() if not found))
+        wanted = [TopicPartition(topic, p) for topic, found in known.items() for p in found
+                  if (topic, p) not in self.positions]
         if not wanted:
             log.info("--from-time: every known partition resumes from the checkpoint; the time is not used")
             return {}

@@ -299,3 +299,16 @@ def test_metadata_from_before_the_subscription_says_no_topic_is_missing(caplog: 
     assert not io.stalled(0.0) and not io.stalled(5.0) and not caplog.records
     consumer._cluster._last_successful_refresh_ms = float("inf")  # the answer to the subscription's request
     assert not io.stalled(6.0) and "topic(s) impressions, feedback do not exist" in caplog.text
+
+
+def test_from_time_with_an_input_topic_not_made_yet_says_it_is_read_from_its_beginning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    consumer = PartitionedConsumer({"impressions": 2})
+    consumer.offsets_for_times = lambda query: {tp: SimpleNamespace(offset=7) for tp in query}
+    consumer.subscribe = lambda topics, listener: None
+    io = kafka_io(consumer)
+    io.subscribe(start_ms=1_700_000_000_000)
+    assert io.start_offsets == {("impressions", 0): 7, ("impressions", 1): 7}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "topic(s) feedback do not exist yet" in warned[0]
+    assert "read from their beginning, not from the time" in warned[0]
