@@ -463,7 +463,7 @@ def _run_serving(args: argparse.Namespace) -> int:
         print(f"crossdistil inspect: {connection_failure(args.bootstrap, options, exc, hint='or set --bootstrap')}",
               file=sys.stderr)
         return EXIT_KAFKA
-    judged = Publications(keep=args.newest or None)
+    judged = Publications(keep=args.newest)
     try:
         if not consumer.partitions_for_topic(topic):
             print(f"crossdistil inspect: topic {topic} does not exist at {args.bootstrap} (give the trainer's "
@@ -511,12 +511,12 @@ class Publications:
 
     Memory stays bounded however long the topic: a version's chunks are held only until its manifest comes (and of
     at most ``BUFFERED_VERSIONS`` versions at once: beyond, the oldest's are dropped, as a replica drops them), and
-    only the ``keep`` newest judgements are kept (None: all of them). ``records`` and ``seen`` count every message
-    and every publication read.
+    only the ``keep`` newest judgements are kept (None or 0: all of them, as ``--newest 0``). ``records`` and
+    ``seen`` count every message and every publication read.
     """
 
     def __init__(self, keep: int | None = None) -> None:
-        self.keep = keep
+        self.keep = keep or None
         self.records = 0
         self.seen = 0
         self._waiting: dict[int, _Chunks] = {}  # versions whose manifest has not come yet

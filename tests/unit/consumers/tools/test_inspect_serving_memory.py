@@ -58,6 +58,7 @@ def test_only_the_newest_publications_are_listed_and_every_one_is_counted() -> N
     assert [(p["version"], p["offset"] is None) for p in found] == [(31, True), (30, False), (29, False),
                                                                      (28, False), (27, False)]
     assert judged.seen == 31 and judged.records == 30 * 5 + 4
+    assert len(publications(with_offsets(*(messages(v) for v in range(1, 8))), keep=0)) == 7  # --newest 0: all
     text = render_serving({"topic": "model", "bootstrap": "b:1", "beginning_offset": 0, "end_offset": 154,
                            "records": judged.records, "publications_seen": judged.seen, "publications": found})
     assert "154 records, 31 publications (the newest 5 below; --newest 0 lists all)" in text.splitlines()[0]
