@@ -160,22 +160,32 @@ def per_user_ndcg(relevance: np.ndarray, scores: np.ndarray, users: np.ndarray, 
     >>> per_user_ndcg(np.array([1, 0, 1, 1]), np.array([0.2, 0.8, 0.5, 0.4]), np.array([7, 7, 8, 8]))
     (array([7]), array([0.63092975]))
     """
-    relevance, scores = np.asarray(relevance, np.float64), np.asarray(scores, np.float64)
+    ids, (values,) = _per_user_ndcg(relevance, [scores], users, k)
+    return ids, values
+
+
+def _per_user_ndcg(relevance: np.ndarray, scores: Sequence[np.ndarray], users: np.ndarray, k: int = 10
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``per_user_ndcg`` of several score columns on the same rows: the users and the ideal order (which depend on
+    the relevance only) are sorted once."""
+    relevance = np.asarray(relevance, np.float64)
     user_ids, user_index = np.unique(np.asarray(users), return_inverse=True)
     user_index = user_index.reshape(-1)
     ideal = np.lexsort((-relevance, user_index))
     ideal_users = user_index[ideal]
     starts = np.flatnonzero(np.r_[True, ideal_users[1:] != ideal_users[:-1]])
     ends = np.r_[starts[1:], len(ideal)]
-    counts = relevance[ideal[starts]] != relevance[ideal[ends - 1]]
-    ranked = np.lexsort((-scores, user_index))  # stable: tied scores stay in row order
-    rank = np.arange(len(ranked)) - np.repeat(starts, ends - starts)
+    counting = ideal_users[starts[relevance[ideal[starts]] != relevance[ideal[ends - 1]]]]
+    rank = np.arange(len(ideal)) - np.repeat(starts, ends - starts)  # every order groups the users alike
     discount = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
-    dcg = np.bincount(user_index[ranked], weights=(np.exp2(relevance[ranked]) - 1.0) * discount,
-                      minlength=len(user_ids))
     idcg = np.bincount(ideal_users, weights=(np.exp2(relevance[ideal]) - 1.0) * discount, minlength=len(user_ids))
-    counting = ideal_users[starts[counts]]
-    return user_ids[counting], dcg[counting] / idcg[counting]
+    values = []
+    for column in scores:
+        ranked = np.lexsort((-np.asarray(column, np.float64), user_index))  # stable: ties stay in row order
+        dcg = np.bincount(user_index[ranked], weights=(np.exp2(relevance[ranked]) - 1.0) * discount,
+                          minlength=len(user_ids))
+        values.append(dcg[counting] / idcg[counting])
+    return user_ids[counting], values
 
 
 def paired_ndcg_difference(relevance: np.ndarray, users: np.ndarray, p_base: np.ndarray, p_other: np.ndarray, *,
@@ -191,8 +201,7 @@ def paired_ndcg_difference(relevance: np.ndarray, users: np.ndarray, p_base: np.
     if not finite.all():
         return {**out, "users": 0, "base": None, "other": None, "difference": None, "interval": None,
                 "verdict": "not comparable", "why": f"{int((~finite).sum()):,} predictions are not finite"}
-    _, base = per_user_ndcg(relevance, p_base, users)
-    _, other = per_user_ndcg(relevance, p_other, users)
+    _, (base, other) = _per_user_ndcg(relevance, [p_base, p_other], users)
     out["users"] = n = int(len(base))
     if n < 2:
         return {**out, "base": None, "other": None, "difference": None, "interval": None,
@@ -352,22 +361,32 @@ def adjust(entries: Iterable[Mapping[str, Any]], level: float = LEVEL) -> dict[s
 
 
 def summary_line(entry: Mapping[str, Any], last_fraction: float) -> str:
-    """The tasks by verdict, in words: ``better on like (+0.0722; last 20%: within noise); worse on long_view
-    (-0.0046); within noise on click``; an interval holding 0 is never a win. With a better or worse verdict, the
-    verdict over the last ``last_fraction`` of the samples where it is not the same."""
-    by: dict[str, list[str]] = {v: [] for v in VERDICTS}
+    """The tasks by their AUC's verdict, in words: ``better on like (+0.0722; last 20%: within noise); worse on
+    long_view (-0.0046); within noise on click``; an interval holding 0 is never a win. With a better or worse
+    verdict, the verdict over the last ``last_fraction`` of the samples where it is not the same. Then the NDCG@10
+    differences that are better or worse, if any: ``; NDCG@10: better on like (+0.0222)``."""
     rows = {**entry["tasks"], **({"combined score": entry["combined"]} if "combined" in entry else {})}
-    for task, row in rows.items():
-        shown = task
-        if row["verdict"] in ("better", "worse"):
-            tail = row["last"]["verdict"]  # a win over every prediction may be a faster warm-up only
-            also = "" if tail == row["verdict"] else f"; last {last_fraction:.0%}: {tail}"
-            shown += f" ({row['difference']:+.4f}{also})"
-        by[row["verdict"]].append(shown)
+    by = _by_verdict(rows, last_fraction)
     if rows and len(by["identical"]) == len(rows):
         return "identical predictions on every sample: the change did not change a single score"
     parts = [f"{v} on {', '.join(by[v])}" for v in VERDICTS if by[v]]
-    return "; ".join(parts) if parts else "no task in common"
+    ranked = _by_verdict({task: row["ndcg10"] for task, row in rows.items() if "ndcg10" in row}, last_fraction)
+    wins = [f"{v} on {', '.join(ranked[v])}" for v in ("better", "worse") if ranked[v]]
+    return ("; ".join(parts) if parts else "no task in common") + (f"; NDCG@10: {'; '.join(wins)}" if wins else "")
+
+
+def _by_verdict(rows: Mapping[str, Mapping[str, Any]], last_fraction: float) -> dict[str, list[str]]:
+    """The rows' names by verdict, a better or worse one with its difference (and the last ones' verdict where it
+    is not the same: a win over every prediction may be a faster warm-up only)."""
+    by: dict[str, list[str]] = {v: [] for v in VERDICTS}
+    for task, row in rows.items():
+        shown = task
+        if row["verdict"] in ("better", "worse"):
+            tail = row["last"]["verdict"]
+            also = "" if tail == row["verdict"] else f"; last {last_fraction:.0%}: {tail}"
+            shown += f" ({row['difference']:+.4f}{also})"
+        by[row["verdict"]].append(shown)
+    return by
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

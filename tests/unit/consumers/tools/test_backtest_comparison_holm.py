@@ -156,3 +156,12 @@ def test_compare_runs_gives_each_task_and_the_combined_score_an_ndcg_difference_
     # 2 tasks and the combined score, AUC and NDCG@10, all and the last 20%: one family of 12
     assert out["method"]["adjustment"]["comparisons"] == 12
     assert all("p_holm" in r for r in comparison.comparisons(entry))
+
+
+def test_the_verdict_line_names_the_ndcg_wins_and_losses_after_the_auc_s() -> None:
+    within = {"verdict": "within noise", "difference": 0.001, "last": {"verdict": "within noise"}}
+    better = {"verdict": "better", "difference": 0.0222, "last": {"verdict": "better"}}
+    entry = {"tasks": {"click": {**within, "ndcg10": within}, "like": {**within, "ndcg10": better}}}
+    assert comparison.summary_line(entry, 0.2) == "within noise on click, like; NDCG@10: better on like (+0.0222)"
+    entry["tasks"]["like"]["ndcg10"] = within  # no NDCG verdict to tell: the line is the AUC's alone
+    assert comparison.summary_line(entry, 0.2) == "within noise on click, like"
