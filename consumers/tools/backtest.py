@@ -21,7 +21,8 @@ A range that selects nothing (``from >= to``, or no record inside it) is an erro
 report.
 
 A configuration that fails part-way (its step raises, its loss is not finite, it runs out of memory, its learner
-process dies) is dropped from the replay there; the others go on to the end (``Failures``). Its failure is in
+process dies) is dropped from the replay there, and one that cannot be built (reason ``build``) before it; the
+others go on to the end (``consumers.tools.failures.Failures``). Its failure is in
 ``summary.json`` (``failed``), the report and on stderr, and the command exits with ``EXIT_FAILED`` (4), or
 ``EXIT_ALL_FAILED`` (5) when every configuration failed (the replay stops then). A failure of the shared input (the
 log, the intake process, the broker) still stops everything.
@@ -98,7 +99,7 @@ PLOT_MARKERS = ("o", "s", "^", "D", "v", "x")  # one per configuration's line
 SMALL_BATCH_SHARE = 0.25  # the report warns when the mean batch is below this share of batching.batch_size
 # Exit statuses: 0 done; 1 the intake process or the replay cache failed, or the outputs could not be written; 2 a
 # usage, configuration or input error (a bad range, a damaged log); 3 Kafka not reachable; and these two:
-EXIT_FAILED = 4  # some configuration failed part-way and was dropped; the others' results are written
+EXIT_FAILED = 4  # some configuration failed part-way (or could not be built) and was dropped; the others' are written
 EXIT_ALL_FAILED = 5  # every configuration failed: no result (the outputs say why)
 
 
@@ -756,6 +757,9 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     dropped there: ``on_failure(name, failure)`` is called at once, the others go on to the end, and the result has
     it in ``failed`` instead of ``runs`` (``ConfigRun.failure``: ``failure_of``). Once every configuration has failed
     the replay stops. What they share (the input, the groups' joins and batchers, the intake process) still raises.
+    What can be checked before anything is built raises a ``ValueError`` (``check_configs``); a configuration whose
+    build raises is dropped before the replay (reason ``build``), and when none could be built the input is not read.
+    A Kafka range is read once per distinct ``join.max_future_s`` of its groups (``_replay_passes``).
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
 
