@@ -1037,7 +1037,14 @@ def _intake_ports(leader: ConfigRun, current: dict[str, Any], free_cores: list[i
         elif m.name in moving:
             # a fork of this process (torch imported already: ready in milliseconds; with more than one torch thread
             # a new interpreter, seconds of imports): the batches queue up meanwhile, not blocking this process
-            remote = RemoteLearner(m.cfg, wait_ready=False, queue_bytes=REPLAY_QUEUE_BYTES, fork=True)
+            try:
+                remote = RemoteLearner(m.cfg, wait_ready=False, queue_bytes=REPLAY_QUEUE_BYTES, fork=True)
+            except Exception as exc:  # noqa: BLE001 - the replay's choice, for speed: its own learner trains here
+                print(f"crossdistil backtest: warning: could not start a learner process for {m.name!r} "
+                      f"({type(exc).__name__}: {exc}); it trains in this process (the same numbers, slower)",
+                      file=sys.stderr)
+                port.encode = _Prepared(current, index, m.pipeline.tasks)
+                continue
             started.append(remote)
             checked.port = _PreparedRemote(remote, current, index)
         else:

@@ -119,3 +119,32 @@ def test_what_can_be_checked_before_building_is_still_a_usage_error(
     assert status == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_a_learner_process_the_replay_cannot_start_leaves_its_configuration_training_here(
+        drift_log: Path, config_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    from consumers.runtime.processes import can_fork
+
+    if not can_fork():
+        pytest.skip("learner processes are forks of the replay on Linux only")
+    alone = {rung: numbers(replay(drift_log, configs(config_file, rung), batching="dense", intake="inline").runs[rung])
+             for rung in ("mtl", "crossdistil")}
+
+    class Unstartable(learner_process.RemoteLearner):
+        def __init__(self, cfg, *args, fork: bool = False, **kwargs) -> None:
+            raise OSError(12, "Cannot allocate memory")  # fork(2) refused
+
+    monkeypatch.setattr(learner_process, "RemoteLearner", Unstartable)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)  # a core for the group's second configuration
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # forked learner processes: the costlier step (crossdistil's) would move
+    try:
+        result = replay(drift_log, configs(config_file), batching="dense", intake="process")
+    finally:
+        torch.set_num_threads(threads)
+    assert not result.failed and result.processes["learner_processes"] == 0
+    assert {rung: numbers(run_) for rung, run_ in result.runs.items()} == alone
+    assert "could not start a learner process for 'crossdistil' (OSError" in capsys.readouterr().err
