@@ -612,11 +612,7 @@ COMMANDS_FOUND, UNREADABLE = documented_commands()
 
 # Commands that are wrong in files this test's owner may not edit, each with why; the test fails when one of them
 # works again (strict xfail), so the list cannot go stale. Keyed by document and a piece of the command's text.
-KNOWN_BROKEN: dict[tuple[str, str], str] = {
-    ("docs/internal-apis.md", "--from/--to-offset"):
-        "shorthand for --from-offset/--to-offset and --from-time/--to-time, not flags; internal-apis.md is not this "
-        "test's to edit",
-}
+KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 
 def _known(command: Command) -> str | None:
