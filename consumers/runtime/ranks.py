@@ -22,11 +22,13 @@ trainer, unchanged.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -275,3 +277,98 @@ class RankedLearner(LocalLearner):
         if self.mode == "average":
             return train_rows(self.learner, rows, self.tasks)  # no collective inside
         return self.ranks.guard("a training step", lambda: train_rows(self.learner, rows, self.tasks))
+
+
+# Where ``crossdistil train --world-size N`` asks its ranks to write their exit status (a folder of this attempt):
+# torch's agent, stopping the ranks after a SIGTERM of the command, keeps no exit code of theirs.
+STATUS_DIR_ENV = "CROSSDISTIL_RANK_STATUS_DIR"
+
+
+def record_exit_status(rank: int, status: int, env: Mapping[str, str] | None = None) -> None:
+    """Write rank ``rank``'s exit status into the folder ``CROSSDISTIL_RANK_STATUS_DIR`` names, if it names one
+    (:func:`recorded_exit_statuses` reads it); a folder that cannot be written is logged, never fatal."""
+    folder = (os.environ if env is None else env).get(STATUS_DIR_ENV)
+    if not folder:
+        return
+    try:
+        Path(folder, f"rank-{rank}").write_text(f"{status}\n")
+    except OSError as exc:
+        log.warning("rank %d: its exit status %d could not be recorded in %s: %s", rank, status, folder, exc)
+
+
+def recorded_exit_statuses(folder: Path) -> dict[int, tuple[float, int]]:
+    """``{rank: (time written, status)}`` of the statuses the ranks recorded in ``folder``.
+
+    >>> import tempfile; folder = Path(tempfile.mkdtemp()); record_exit_status(1, 9, {STATUS_DIR_ENV: str(folder)})
+    >>> {rank: status for rank, (_, status) in recorded_exit_statuses(folder).items()}
+    {1: 9}
+    """
+    statuses = {}
+    for path in sorted(folder.glob("rank-*")):
+        try:
+            statuses[int(path.name[len("rank-"):])] = (path.stat().st_mtime, int(path.read_text()))
+        except (OSError, ValueError):  # a rank killed while writing it: no status of its own
+            continue
+    return statuses
+
+
+class NodeGroup:
+    """The launchers of one group of ranks on several machines (``crossdistil train --world-size N --nnodes M``),
+    meeting through a TCP store that node 0's command serves on ``--master-port`` for as long as it runs.
+
+    torchrun's static rendezvous serves that store only during one launcher attempt, so a node that restarts first
+    would meet the other's previous attempt, or no store at all. Here node 0's command holds the store across its
+    attempts (torch's rendezvous shares the server: ``multi_tenant``), each attempt is a generation with a
+    rendezvous id of its own (``crossdistil-<g>``, so no attempt reads another's keys), and after each attempt every
+    node reports its outcome; node 0 decides for the group (``decide``, from every node's outcome) and every node
+    follows: all restart as generation g + 1, or all end with the same status. A node started while generation g
+    runs without it (a replaced machine) waits for g + 1."""
+
+    PREFIX = "crossdistil/launch"
+
+    def __init__(self, master_addr: str, master_port: int, nnodes: int, node_rank: int, timeout_s: float) -> None:
+        self.nnodes, self.node_rank, self.timeout_s = nnodes, node_rank, timeout_s
+        self.is_host = node_rank == 0
+        store = dist.TCPStore(master_addr, master_port, nnodes if self.is_host else None, self.is_host,
+                              datetime.timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=True)
+        self.store = dist.PrefixStore(self.PREFIX, store)
+        self.root = store  # node 0: keeps the server up between attempts; torch's rendezvous keys live in it too
+
+    def begin(self, generation: int | None) -> int:
+        """The generation this node's next attempt joins (None: the first of this command) and note it joined."""
+        if self.is_host:
+            generation = 0 if generation is None else generation
+            self.store.set("generation", str(generation))
+        elif generation is None:
+            generation = int(self.store.get("generation"))
+            if self.store.check([f"{generation}/joined/{self.node_rank}"]):  # run by this node's former command
+                generation += 1
+        self.store.set(f"{generation}/joined/{self.node_rank}", "1")
+        return generation
+
+    def settle(self, generation: int, outcome: dict[str, Any],
+               decide: Callable[[list[dict[str, Any] | None]], dict[str, Any]]) -> dict[str, Any]:
+        """Report this node's ``outcome`` of ``generation`` and return the group's decision: node 0 waits up to
+        ``timeout_s`` for every node's outcome (a node that does not report counts as None), decides and waits
+        for every node to read the decision before it may exit; the others wait for node 0's decision."""
+        self.store.set(f"{generation}/outcome/{self.node_rank}", json.dumps(outcome))
+        if not self.is_host:
+            self.store.wait([f"{generation}/decision"], datetime.timedelta(seconds=2 * self.timeout_s))
+            decision = json.loads(self.store.get(f"{generation}/decision"))
+            self.store.set(f"{generation}/read/{self.node_rank}", "1")
+            return decision
+        outcomes = [outcome] + [self._wait_json(f"{generation}/outcome/{node}") for node in range(1, self.nnodes)]
+        decision = decide(outcomes)
+        self.store.set(f"{generation}/decision", json.dumps(decision))
+        if not decision["restart"]:  # the store goes when node 0 exits: every node that reported reads it first
+            for node in range(1, self.nnodes):
+                if outcomes[node] is not None:
+                    self._wait_json(f"{generation}/read/{node}")
+        return decision
+
+    def _wait_json(self, key: str) -> Any:
+        try:
+            self.store.wait([key], datetime.timedelta(seconds=self.timeout_s))
+        except (RuntimeError, dist.DistError):  # not there in time: a node that died or never came
+            return None
+        return json.loads(self.store.get(key))

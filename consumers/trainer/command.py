@@ -16,18 +16,23 @@ resumes from it); 10 when the model diverged (NaN or infinite weights: never che
 ``consumers.trainer.ranked`` say why each).
 
 Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one rank
-(``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine and restarts the
-group (``--max-restarts R`` times at most) after a transient failure only: not after 2, 5, 7 or 10
-(``NOT_RESTARTED``, as the systemd unit), which the command then exits with at once (``launch_ranks``).
+(``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine (or N/M on each of
+``--nnodes M`` machines, one command per machine with its ``--node-rank``) and restarts the group (``--max-restarts
+R`` times at most) after a transient failure only: not after 2, 5, 7 or 10 (``NOT_RESTARTED``, as the systemd unit),
+which the command then exits with at once (``launch_ranks``; on several machines every node's command alike). A stop
+exits 0, or the status the ranks recorded for their last round (9: it could not be written).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,9 @@ from consumers.runtime.timeparse import parse_time
 # statuses after which --world-size does not restart the ranks (launch_ranks).
 NOT_RESTARTED = {2: "a configuration error", 5: "another trainer took the partitions over",
                  7: "a record batch that cannot be decoded", 10: "the model diverged"}
+EXIT_RANKS = 8  # a rank lost the others (consumers.trainer.ranked.EXIT_RANKS): also a node that met no other node
+# Why the ranks' last round after a stop ended with a status other than 0.
+STOP_FAILED = {9: "its last round could not be written", 10: "the model diverged"}
 # Several ranks warm-start the model only: a one-trainer checkpoint's cut holds every partition's join state in one.
 RANKS_RESUME = ("checkpoint.warm_start with several ranks starts the model from the checkpoint's weights only: set "
                 "checkpoint.warm_start_stream = \"fresh\" (every rank's partitions start from their beginning, or from "
@@ -77,77 +85,218 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads on CPU (default, or 0: torch's choice, one per core). On a shared "
                              "or busy machine 1 is often much faster: idle threads spin while waiting for cores")
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
-                        help="run N trainer ranks of one model on this machine: hands over to torchrun's launcher "
-                             "(--standalone --nproc-per-node N); for several machines start "
-                             "torchrun yourself (docs/scaling.md)")
+                        help="run N trainer ranks of one model: on this machine (torchrun's launcher, --standalone "
+                             "--nproc-per-node N), or N in all on --nnodes machines (docs/scaling.md)")
     parser.add_argument("--max-restarts", type=int, default=3, metavar="R",
                         help="with --world-size: how often the ranks are restarted after one failed (default 3); never "
                              "after a status a restart would repeat: 2, 5, 7, 10 (the command exits with it at once)")
+    parser.add_argument("--nnodes", type=int, default=1, metavar="M",
+                        help="with --world-size N: the ranks run on M machines, N/M on each; run the same command "
+                             "on each machine with its own --node-rank (default 1: this machine only)")
+    parser.add_argument("--node-rank", type=int, default=0, metavar="K",
+                        help="with --nnodes: this machine's index, 0 to M-1; it runs ranks K*N/M to (K+1)*N/M-1 and "
+                             "node 0 hosts the rendezvous and decides the group's restarts")
+    parser.add_argument("--master-addr", metavar="HOST", default=None,
+                        help="with --nnodes: node 0's address, which every node can reach")
+    parser.add_argument("--master-port", type=int, default=29500, metavar="P",
+                        help="with --nnodes: the port node 0 serves the rendezvous on (default 29500)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=logs.LEVELS,
                         help="logging level: DEBUG, INFO (default), WARNING or ERROR")
 
 
-def torchrun_command(argv: list[str], world_size: int, max_restarts: int) -> list[str]:
+RENDEZVOUS_TIMEOUT_S = 600.0  # torch's static rendezvous's default: a machine may take minutes to (re)start
+NODE_FLAGS = ("--world-size", "--max-restarts", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
+def torchrun_command(argv: list[str], world_size: int, max_restarts: int, nnodes: int = 1, node_rank: int = 0,
+                     master: str = "", timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> list[str]:
     """The torchrun command line that ``crossdistil train --world-size N ...`` becomes: the same flags, less
-    ``--world-size`` and ``--max-restarts``, run as N ranks on this machine; ``--max-restarts R`` is applied by
-    :func:`launch_ranks`, which restarts the group only after a transient failure.
+    ``--world-size``, ``--max-restarts`` and the nodes' flags, run as N ranks on this machine, or as N/M ranks of
+    node ``node_rank`` of ``nnodes`` M with a static rendezvous at ``master`` (``HOST:PORT``), where a node waits
+    up to ``timeout_s`` for the others; ``--max-restarts R`` is applied by :func:`launch_ranks`, which restarts the
+    group only after a transient failure.
 
     >>> torchrun_command(["--config", "t.toml", "--world-size", "2", "--ledger=L"], 2, 3)[3:]
     ['--standalone', '--nproc-per-node', '2', '--max-restarts', '3', '-m', 'consumers.cli', 'train', '--config', \
 't.toml', '--ledger=L']
+    >>> torchrun_command(["--world-size=4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "a"], 4, 3, 2, 1,
+    ...                  "a:29500")[3:13]
+    ['--nnodes', '2', '--node-rank', '1', '--nproc-per-node', '2', '--master-addr', 'a', '--master-port', '29500']
     """
     rest, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--world-size", "--max-restarts"):
+        elif arg in NODE_FLAGS:
             skip = True
-        elif not arg.startswith(("--world-size=", "--max-restarts=")):
+        elif not arg.startswith(tuple(f"{flag}=" for flag in NODE_FLAGS)):
             rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
-            "--max-restarts", str(max_restarts), "-m", "consumers.cli", "train", *rest]
+    if nnodes > 1:
+        host, _, port = master.rpartition(":")
+        where = ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--nproc-per-node",
+                 str(world_size // nnodes), "--master-addr", host, "--master-port", port, "--rdzv-backend", "static",
+                 "--rdzv-conf", f"timeout={timeout_s:g}"]
+    else:
+        where = ["--standalone", "--nproc-per-node", str(world_size)]
+    return [sys.executable, "-m", "torch.distributed.run", *where, "--max-restarts", str(max_restarts),
+            "-m", "consumers.cli", "train", *rest]
 
 
 def launch_ranks(torchrun_args: list[str]) -> int:
     """torchrun's launcher in this process (``torch.distributed.run``), its ``--max-restarts R`` applied here: each
     attempt runs torchrun with ``--max-restarts 0`` (its agent restarts the group after any failure, whatever the
     status), and a failed attempt is started again, up to R times, only when its status is not one of
-    ``NOT_RESTARTED`` (a restart would fail the same way). A stop (SIGTERM, SIGINT) reaches the ranks, which
-    checkpoint a last round and exit: status 0, as one trainer's. A failure not restarted: the ranks' exit status."""
+    ``NOT_RESTARTED`` (a restart would fail the same way): :func:`group_decision`. A stop (SIGTERM, SIGINT)
+    reaches the ranks, which checkpoint a last round and exit: status 0, as one trainer's, or the status they
+    recorded (9: that last round could not be written). A failure not restarted: the ranks' exit status.
+
+    Several machines (``--nnodes M``, static rendezvous at ``--master-addr``): every node's command runs this, and
+    the nodes decide together (``consumers.runtime.ranks.NodeGroup``): node 0 decides from every node's outcome,
+    waiting for each as long as for the rendezvous (``--rdzv-conf timeout=S``, torch's default 600 s), and all
+    restart together or all end with the same status."""
+    # lazy: torch's launcher loads only when ranks run (crossdistil --help stays fast)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import parse_args
+
+    from consumers.runtime.ranks import STATUS_DIR_ENV
+
+    args = parse_args(torchrun_args)
+    restarts, group = args.max_restarts, None
+    restarted, generation = 0, None
+    with tempfile.TemporaryDirectory(prefix="crossdistil-ranks-") as run_dir:
+        try:
+            group = node_group(args)
+            while True:
+                generation = group.begin(generation) if group is not None else (generation or 0)
+                attempt = parse_args(torchrun_args)
+                attempt.max_restarts = 0  # restarts are decided below, by exit status
+                if group is not None:
+                    attempt.rdzv_id = f"crossdistil-{generation}"  # no attempt reads another's keys
+                statuses = Path(run_dir, f"attempt-{generation}")
+                statuses.mkdir()
+                os.environ[STATUS_DIR_ENV] = str(statuses)  # the ranks inherit it
+                outcome = run_attempt(attempt, statuses, group)
+                decide = functools.partial(group_decision, restarted=restarted, restarts=restarts)
+                decision = decide([outcome]) if group is None else group.settle(generation, outcome, decide)
+                print(decision["said"], file=sys.stderr, flush=True)
+                if not decision["restart"]:
+                    return int(decision["status"])
+                restarted, generation = int(decision["restarted"]), generation + 1
+        except SignalException as exc:  # between two attempts: no rank runs
+            print(f"crossdistil train: {exc}: stopped between two starts of the ranks", file=sys.stderr, flush=True)
+            return 0
+        except RuntimeError as exc:  # the store of node 0's command cannot be reached, or served (c10d's errors)
+            print(f"crossdistil train: node {args.node_rank} lost the group's rendezvous at {args.master_addr}:"
+                  f"{args.master_port} ({exc}): exiting with status {EXIT_RANKS}; started again, the command joins "
+                  "the group's next start", file=sys.stderr, flush=True)
+            return EXIT_RANKS
+        finally:
+            os.environ.pop(STATUS_DIR_ENV, None)
+
+
+def node_group(args: argparse.Namespace) -> Any:
+    """The ``NodeGroup`` of torchrun arguments ``args`` on several nodes (static rendezvous), None on one machine;
+    a node waits for the others as long as at torch's static rendezvous (``--rdzv-conf timeout=S``, 600 s)."""
+    nnodes = str(args.nnodes)
+    if args.standalone or nnodes in ("1", "1:1"):
+        return None
+    # lazy: torch's launcher and torch.distributed load only when ranks run (crossdistil --help stays fast)
+    from torch.distributed.elastic.rendezvous.utils import _parse_rendezvous_config
+
+    from consumers.runtime.ranks import NodeGroup
+
+    timeout_s = float(_parse_rendezvous_config(args.rdzv_conf).get("timeout", RENDEZVOUS_TIMEOUT_S))
+    return NodeGroup(args.master_addr, int(args.master_port), int(nnodes.split(":")[-1]), args.node_rank, timeout_s)
+
+
+def run_attempt(attempt: argparse.Namespace, statuses: Path, group: Any) -> dict[str, Any]:
+    """One start of the ranks by torchrun's launcher; this node's outcome: ``failures`` ``{rank: [time, exit
+    code]}`` (a negative code: a signal) and ``stopped`` (the signal that stopped the command, or "")."""
     # lazy: torch's launcher loads only when ranks run (crossdistil --help stays fast)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import run as torchrun
 
-    restarts = parse_args(torchrun_args).max_restarts
-    restarted = 0
+    from consumers.runtime.ranks import recorded_exit_statuses
+
     try:
-        while True:
-            attempt = parse_args(torchrun_args)
-            attempt.max_restarts = 0  # restarts are decided below, by exit status
-            try:
-                torchrun(attempt)
-                return 0
-            except ChildFailedError as exc:
-                rank, code = deciding_failure({r: (f.timestamp, f.exitcode) for r, f in exc.failures.items()})
-            status = code if code > 0 else 1
-            failed = f"rank {rank} {exit_said(code)}"
-            if status in NOT_RESTARTED:
-                print(f"crossdistil train: {failed} ({NOT_RESTARTED[status]}): the group is not restarted, a restart "
-                      "would fail the same way (the ranks' log lines above say why)", file=sys.stderr, flush=True)
-                return status
-            if restarted >= restarts:
-                print(f"crossdistil train: {failed} after {restarted} of {restarts} restarts (--max-restarts): "
-                      "giving up (the ranks' log lines above say why)", file=sys.stderr, flush=True)
-                return status
-            restarted += 1
-            print(f"crossdistil train: {failed}: restarting the group ({restarted} of {restarts} restarts); it "
-                  "resumes from the last complete checkpoint round", file=sys.stderr, flush=True)
+        torchrun(attempt)
+        return {"failures": {}, "stopped": ""}
+    except ChildFailedError as exc:
+        return {"failures": {str(r): [f.timestamp, f.exitcode] for r, f in exc.failures.items()}, "stopped": ""}
     except SignalException as exc:
-        print(f"crossdistil train: {exc}: the ranks were told to stop (each checkpoints its part of a last round)",
+        # torch's agent stopped the ranks without keeping their statuses: the ones they recorded say how it went
+        recorded = recorded_exit_statuses(statuses)
+        if group is not None:
+            check_in_stopped(attempt, group)
+        return {"failures": {str(r): [t, s] for r, (t, s) in recorded.items() if s}, "stopped": str(exc)}
+    except (RendezvousError, RuntimeError) as exc:  # the nodes did not meet (a store or rendezvous timeout)
+        print(f"crossdistil train: node {attempt.node_rank} could not meet the other nodes at {attempt.master_addr}:"
+              f"{attempt.master_port}: {exc}", file=sys.stderr, flush=True)
+        first = attempt.node_rank * int(attempt.nproc_per_node)
+        return {"failures": {str(first): [time.time(), EXIT_RANKS]}, "stopped": ""}
+
+
+def check_in_stopped(attempt: argparse.Namespace, group: Any) -> None:
+    """Check a stopped node in at torch's exit barrier of the attempt, as its agent would have after a success: the
+    other nodes' agents, whose ranks stopped with status 0, wait there (300 s) for every node."""
+    # lazy: torch's launcher loads only when ranks run (crossdistil --help stays fast)
+    import torch.distributed as dist
+    from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+    from torch.distributed.elastic.utils.store import _barrier_nonblocking
+
+    try:
+        store = dist.PrefixStore(attempt.rdzv_id, group.root)
+        _barrier_nonblocking(store=store, world_size=group.nnodes, key_prefix=_TERMINAL_STATE_SYNC_ID)
+    except (RuntimeError, AttributeError) as exc:  # the other nodes then wait out their exit barrier
+        print(f"crossdistil train: could not tell the other nodes' launchers that this one stopped: {exc}",
               file=sys.stderr, flush=True)
-        return 0
+
+
+def group_decision(outcomes: list[dict[str, Any] | None], restarted: int, restarts: int) -> dict[str, Any]:
+    """What the group does after an attempt, from each node's outcome (:func:`run_attempt`; None: a node that did not
+    report): ``restart`` or not, the ``status`` to exit with, ``restarted`` (restarts made so far) and ``said`` (the
+    line printed). A stop of any node ends the group: 0, or a status the ranks recorded (9: the last round failed).
+    Else a failure of any rank decides (:func:`deciding_failure`): restarted while a restart can help and R allows.
+
+    >>> failed = {"failures": {"1": [1.0, 9], "0": [2.0, 8]}, "stopped": ""}
+    >>> [group_decision([failed, None], n, 2)["restart"] for n in (0, 2)], group_decision([failed], 2, 2)["status"]
+    ([True, False], 9)
+    >>> stop = group_decision([{"failures": {}, "stopped": ""}, {"failures": {"1": [1.0, 9]}, "stopped": "SIGTERM"}],
+    ...                       0, 2)
+    >>> stop["restart"], stop["status"], stop["said"].endswith("rank 1 exited with status 9 (its last round could not "
+    ...                                                        "be written)")
+    (False, 9, True)
+    """
+    reported = [o for o in outcomes if o is not None]
+    failures = {int(r): (float(t), int(c)) for o in reported for r, (t, c) in o["failures"].items()}
+    missing = [str(node) for node, o in enumerate(outcomes) if o is None]
+    unheard = f" (node {', '.join(missing)} did not report)" if missing else ""
+    stopped = next((o["stopped"] for o in reported if o["stopped"]), "")
+    decision = {"restart": False, "status": 0, "restarted": restarted}
+    if not failures:
+        said = (f"the ranks were told to stop ({stopped}; each checkpoints its part of a last round)" if stopped
+                else "the ranks finished")
+        return {**decision, "said": f"crossdistil train: {said}{unheard}"}
+    rank, code = deciding_failure(failures)
+    status = code if code > 0 else 1
+    failed = f"rank {rank} {exit_said(code)}"
+    if stopped:
+        why = f" ({STOP_FAILED.get(status) or NOT_RESTARTED.get(status) or 'see its log lines above'})"
+        said = (f"the ranks were told to stop ({stopped}; each checkpoints its part of a last round): {failed}{why}")
+    elif status in NOT_RESTARTED:
+        said = (f"{failed} ({NOT_RESTARTED[status]}): the group is not restarted, a restart would fail the same way "
+                "(the ranks' log lines above say why)")
+    elif restarted >= restarts:
+        said = (f"{failed} after {restarted} of {restarts} restarts (--max-restarts): giving up (the ranks' log "
+                "lines above say why)")
+    else:
+        said = (f"{failed}: restarting the group ({restarted + 1} of {restarts} restarts); it resumes from the last "
+                "complete checkpoint round")
+        return {"restart": True, "status": status, "restarted": restarted + 1,
+                "said": f"crossdistil train: {said}{unheard}"}
+    return {**decision, "status": status, "said": f"crossdistil train: {said}{unheard}"}
 
 
 def deciding_failure(failures: dict[int, tuple[float, int]]) -> tuple[int, int]:
@@ -231,8 +380,13 @@ def run(args: argparse.Namespace) -> int:
     if ranks_here:
         # The configuration and flags were checked once here, not by every rank and every restart of torchrun.
         argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
-        command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3))
-        print(f"crossdistil train: {world_size} ranks: {' '.join(command[1:])}", flush=True)
+        nnodes, node_rank = getattr(args, "nnodes", 1), getattr(args, "node_rank", 0)
+        command = torchrun_command(argv, world_size, getattr(args, "max_restarts", 3), nnodes, node_rank,
+                                   f"{getattr(args, 'master_addr', None)}:{getattr(args, 'master_port', 29500)}",
+                                   max(RENDEZVOUS_TIMEOUT_S, cfg.distributed.timeout_s + 60))
+        where = f" on {nnodes} nodes, {world_size // nnodes} on node {node_rank}" if nnodes > 1 else ""
+        print(f"crossdistil train: {world_size} ranks{where}: {' '.join(command[1:])}", flush=True)
+        # a node waits for the others' outcomes longer than a rank waits for a lost peer (distributed.timeout_s)
         return launch_ranks(command[3:])
     # Until the daemon's own handlers (Trainer.run), SIGTERM stops the start as Ctrl-C does: status 0, as documented.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -250,6 +404,31 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     world_size = getattr(args, "world_size", None)
     if world_size is not None and world_size < 1:
         return f"--world-size {world_size}: at least 1"
+    several_nodes = getattr(args, "nnodes", 1) != 1 or getattr(args, "node_rank", 0)
+    return (node_flag_problem(args) if several_nodes else None) or _other_flag_problem(args)
+
+
+def node_flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``--nnodes``, ``--node-rank`` and ``--master-addr``, if anything."""
+    nnodes, node_rank, world_size = args.nnodes, args.node_rank, getattr(args, "world_size", None)
+    if nnodes < 1:
+        return f"--nnodes {nnodes}: at least 1"
+    if world_size is None or world_size < 2:
+        return "--nnodes and --node-rank need --world-size N (the ranks in all, N >= 2)"
+    if world_size % nnodes:
+        return (f"--world-size {world_size} is not a multiple of --nnodes {nnodes}: every machine runs as many "
+                "ranks (--world-size counts the ranks on all machines)")
+    if not 0 <= node_rank < nnodes:
+        return f"--node-rank {node_rank}: 0 to --nnodes - 1 = {nnodes - 1}"
+    if nnodes > 1 and not args.master_addr:
+        return "--nnodes needs --master-addr HOST: node 0's address, the same on every node"
+    if not 0 < args.master_port < 65536:
+        return f"--master-port {args.master_port}: 1 to 65535"
+    return None
+
+
+def _other_flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the other numeric flags, if anything."""
     if args.torch_threads is not None and args.torch_threads < 0:
         return f"--torch-threads {args.torch_threads}: at least 1 (or 0 for torch's choice)"
     if args.exit_when_idle is not None and not 0 <= args.exit_when_idle < math.inf:
@@ -315,12 +494,23 @@ def cannot_start(exc: ValueError | OSError) -> int:
 
 
 def _run_rank(cfg: Any, info: Any, args: argparse.Namespace, start_ms: int | None) -> int:
-    """One rank of several (torchrun's environment): ``consumers.trainer.ranked``."""
+    """One rank of several (torchrun's environment): ``consumers.trainer.ranked``. Its exit status is also recorded
+    where ``crossdistil train --world-size`` reads it after a stop (``record_exit_status``)."""
+    # lazy: torch.distributed loads only for ranks (crossdistil --help stays fast)
+    from consumers.runtime.ranks import record_exit_status
+
+    status = _rank_status(cfg, info, args, start_ms)
+    record_exit_status(info.rank, status)
+    return status
+
+
+def _rank_status(cfg: Any, info: Any, args: argparse.Namespace, start_ms: int | None) -> int:
+    """Build and run one rank; its exit status."""
     # lazy: torch.distributed and the rank's trainer load only for ranks (crossdistil --help stays fast)
     import torch
 
     from consumers.runtime.ranks import RankError, Ranks
-    from consumers.trainer.ranked import EXIT_RANKS, RankTrainer
+    from consumers.trainer.ranked import RankTrainer
 
     device = cfg.model.device
     if device == "auto":
