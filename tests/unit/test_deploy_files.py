@@ -3,6 +3,7 @@ commands, systemd units verify, the Dockerfile builds the `crossdistil` entry po
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import shutil
 import subprocess
@@ -43,7 +44,20 @@ def test_docker_compose_config_accepts_the_file() -> None:
     assert rendered["services"]["kafka"]["image"].startswith("apache/kafka:")
 
 
-def test_compose_override_runs_two_trainer_ranks_under_torchrun() -> None:
+def node_flags(args: list[str]) -> argparse.Namespace:
+    """``args`` of ``crossdistil train`` (after the subcommand) parsed by its real parser, checked as it checks them."""
+    from consumers.trainer import command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    flags = parser.parse_args(args[1:])
+    assert args[0] == "train" and command.flag_problem(flags) is None, args
+    return flags
+
+
+def test_compose_override_runs_two_nodes_of_crossdistil_train_which_docker_does_not_restart() -> None:
+    """Docker's restart policies restart after any status: the command restarts the ranks itself (only after a
+    transient failure), and a diverged model's 10 leaves the containers down."""
     command = compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
@@ -51,33 +65,61 @@ def test_compose_override_runs_two_trainer_ranks_under_torchrun() -> None:
     result = subprocess.run([*command, *files, "config"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
-    for name, node in (("trainer", "0"), ("trainer-rank1", "1")):
-        entrypoint, args = services[name]["entrypoint"], services[name]["command"]
-        assert entrypoint[:3] == ["python", "-m", "torch.distributed.run"], entrypoint
-        assert entrypoint[entrypoint.index("--master-addr") + 1] == "trainer"
-        assert args[:2] == ["--node-rank", node] and args[2:6] == ["-m", "consumers.cli", "train", "--config"]
+    for name, node in (("trainer", 0), ("trainer-rank1", 1)):
+        service = services[name]
+        assert "entrypoint" not in service  # the image's: crossdistil
+        assert service["restart"] in ("no", False), service["restart"]
+        flags = node_flags(service["command"])
+        assert (flags.world_size, flags.nnodes, flags.node_rank, flags.master_addr) == (2, 2, node, "trainer")
     prometheus = (DEPLOY / "prometheus" / "prometheus.ranks.yml").read_text()
     assert '"trainer:9400", "trainer-rank1:9401"' in prometheus  # metrics.port + rank
 
 
-def test_kubernetes_ranks_overlay_replaces_the_trainer_with_a_statefulset_of_torchrun_nodes() -> None:
+def test_kubernetes_ranks_overlay_runs_an_indexed_job_of_nodes_that_a_permanent_status_fails() -> None:
+    """The trainer's Deployment becomes an Indexed Job whose pod i is node i of ``crossdistil train --nnodes``;
+    podFailurePolicy fails the Job on the statuses the command does not restart (a StatefulSet's pods are always
+    restarted), and ignores disruptions."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: the overlay is rendered with kustomize")
+    from consumers.trainer.command import NOT_RESTARTED
+
     result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s-ranks")], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in documents}
     assert ("Deployment", "crossdistil-trainer") not in kinds and ("Deployment", "crossdistil-serving") in kinds
-    ranks = next(d for d in documents if d["kind"] == "StatefulSet")
-    container = ranks["spec"]["template"]["spec"]["containers"][0]
+    assert not any(d["kind"] == "StatefulSet" for d in documents)
+    job = next(d for d in documents if d["kind"] == "Job")
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert pod["restartPolicy"] == "Never"
+    container = pod["containers"][0]
+    rules = spec["podFailurePolicy"]["rules"]
+    fail = next(r for r in rules if r["action"] == "FailJob")
+    assert fail["onExitCodes"]["operator"] == "In" and fail["onExitCodes"]["containerName"] == container["name"]
+    assert set(fail["onExitCodes"]["values"]) == set(NOT_RESTARTED)
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    assert "command" not in container  # the image's entrypoint: crossdistil
+    env = {e["name"]: e for e in container.get("env", [])}
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == index
     args = container["args"]
-    assert container["command"] == ["python", "-m", "torch.distributed.run"]
-    assert args[args.index("--nnodes") + 1] == str(ranks["spec"]["replicas"])
-    assert args[args.index("--node-rank") + 1] == "$(POD_INDEX)"
-    pod_zero = f"{ranks['metadata']['name']}-0.{ranks['spec']['serviceName']}"
-    assert args[args.index("--master-addr") + 1] == pod_zero
+    assert args[args.index("--node-rank") + 1] == "$(NODE_RANK)"
+    flags = node_flags([a.replace("$(NODE_RANK)", "1") for a in args])
+    assert flags.nnodes == spec["completions"] and flags.world_size % flags.nnodes == 0
+    service = next(d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == pod["subdomain"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert flags.master_addr == f"{job['metadata']['name']}-0.{pod['subdomain']}"  # pod 0's hostname
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {d["metadata"]["name"]: d for d in documents if d["kind"] == "PersistentVolumeClaim"}
+    claim = claims[volumes["checkpoints"]["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # one volume, both pods, any node
+    budget = next(d for d in documents if d["kind"] == "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 0
+    assert budget["spec"]["selector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_compose_mounts_files_that_exist() -> None:
