@@ -208,3 +208,24 @@ def test_node_flags_out_of_range_are_refused_naming_the_flag(flags: list[str], p
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     assert problem in (command.flag_problem(parser.parse_args(flags)) or "")
+
+
+def test_the_node_flags_become_a_static_rendezvous_of_the_launcher_and_leave_the_ranks_command(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import argparse
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(command, "launch_ranks", lambda argv: launched.append(argv) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    flags = ["--set", f"checkpoint.dir='{tmp_path / 'checkpoints'}'", "--world-size", "4", "--nnodes", "2",
+             "--node-rank", "1", "--master-addr", "hostA", "--master-port", "29600", "--max-restarts", "5"]
+    monkeypatch.setattr(command.sys, "argv", ["crossdistil", "train", *flags])
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.run(parser.parse_args(flags)) == 0
+    args = launched[0]
+    where = args[:args.index("-m")]
+    assert where == ["--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "2", "--master-addr", "hostA",
+                     "--master-port", "29600", "--rdzv-backend", "static", "--rdzv-conf", "timeout=600",
+                     "--max-restarts", "5"]
+    assert args[args.index("-m"):] == ["-m", "consumers.cli", "train", "--set", flags[1]]  # no node flag left
