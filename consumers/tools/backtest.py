@@ -1574,18 +1574,28 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return " ".join([*env, "crossdistil backtest", shlex.join(args)]).strip()
 
 
-def code_version() -> dict[str, Any]:
-    """The checkout this code runs from: its commit and how many tracked files differ from it (``None``: not a git
-    checkout, or git is missing)."""
-    root = Path(__file__).resolve().parents[2]
+def code_version(outputs: Path | None = None, root: Path | None = None) -> dict[str, Any]:
+    """The checkout this code runs from (``root``: another checkout): its commit and how many tracked files differ
+    from it (``None``: not a git checkout, or git is missing), not counting those inside ``outputs`` (the run's own
+    folder: a report kept in the repository is modified by the run that remakes it)."""
+    root = Path(__file__).resolve().parents[2] if root is None else root
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "-z"],
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "modified_files": None}
-    return {"commit": commit, "modified_files": len(status.splitlines())}
+    # -z: "XY path\0", a rename "XY new\0old\0"; the paths are relative to the repository's top
+    entries, paths = status.split("\0"), []
+    while entries and entries[0]:
+        entry = entries.pop(0)
+        paths.append(entry[3:])
+        if entry[:1] in ("R", "C") and entries:
+            entries.pop(0)
+    inside = outputs.resolve() if outputs is not None else None
+    modified = [path for path in paths if inside is None or not (root / path).resolve().is_relative_to(inside)]
+    return {"commit": commit, "modified_files": len(modified)}
 
 
 def replayed(result: BacktestResult) -> dict[str, Any]:
@@ -1694,7 +1704,7 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
         written.append(path)
     # the command and the code's state: not results, and the command names --out, so not in summary.json
     timing = {"seconds": round(result.seconds, 3), "records_per_s": round(result.records / max(result.seconds, 1e-9)),
-              "command": command, "directory": os.getcwd(), "code": code_version(),
+              "command": command, "directory": os.getcwd(), "code": code_version(out),
               "comparison_seconds": round(seconds.get("comparison", 0.0), 3),
               "intake": result.intake, **result.processes,
               "configurations": {name: {"seconds": round(r.seconds, 3),

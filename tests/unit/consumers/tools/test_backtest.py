@@ -279,3 +279,28 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_replay(drift
     for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         assert cli("--log", f"file://{drift_log}", "--configs", "mtl", "--out", str(out), "--quiet", "--no-plots") == 2
         assert f"--out {out}: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_the_code_version_counts_modified_tracked_files_outside_the_runs_own_folder(tmp_path: Path) -> None:
+    import subprocess
+
+    from consumers.tools.backtest import code_version
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    (tmp_path / "report").mkdir()
+    for name in ("code.py", "other.py", "report/summary.json", "report/timing.json"):
+        (tmp_path / name).write_text("1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    assert code_version(tmp_path / "report", root=tmp_path)["modified_files"] == 0
+    for name in ("code.py", "report/summary.json", "report/timing.json"):
+        (tmp_path / name).write_text("2\n")
+    git("mv", "other.py", "renamed.py")  # a rename is one entry of two paths
+    (tmp_path / "untracked.py").write_text("3\n")  # not counted: untracked
+    version = code_version(tmp_path / "report", root=tmp_path)
+    assert len(version["commit"]) == 40 and version["modified_files"] == 2  # code.py and the rename
+    assert code_version(root=tmp_path)["modified_files"] == 4
