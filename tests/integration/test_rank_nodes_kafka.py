@@ -1,12 +1,15 @@
 """Two machines' ranks under ``crossdistil train --world-size 2 --nnodes 2`` (deploy/compose/ranks.yml,
 deploy/k8s-ranks), as two commands on 127.0.0.1 against the real local broker: after a kill -9 of rank 1 both
 nodes restart the group together and it trains every impression exactly once; a model that diverges ends both
-nodes' commands with 10 after one start, with nothing written or published after the last good round.
+nodes' commands with 10 after one start, with nothing written or published after the last good round. And on
+one machine, a stop of the command whose ranks' last round cannot be written exits 9, not 0.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -21,10 +24,12 @@ from consumers.state.checkpoints import CheckpointStore
 from consumers.state.ledger import read_ledger
 from consumers.trainer.kafka_io import newest_published_version
 from tests.integration.test_ranks_kafka import (
+    FILE_LIMIT,
     complete_round,
     rank_pids,
     rank_starts,
     ranks_config,
+    start_ranks,
     stop_and_wait,
     wait_for,
 )
@@ -110,3 +115,31 @@ def test_a_model_that_diverges_on_two_nodes_ends_both_with_10_after_one_start(
     assert complete_round(checkpoints) == last_good
     assert max(CheckpointStore(checkpoints / "rank-0").steps()) == last_good
     assert newest_published_version(kafka) == version
+
+
+def test_a_stop_of_the_command_whose_last_round_cannot_be_written_exits_9_without_a_restart(
+        kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
+    """No file may grow over ``FILE_LIMIT`` (as on a full disk): every round fails; SIGTERM to ``crossdistil train
+    --world-size 2`` stops the ranks, whose last round fails too. torch's agent keeps no status of ranks it stopped:
+    the command reads the ones they recorded."""
+    config, log = ranks_config(tmp_path, kafka_broker, kuairand_topics, "trainer.toml"), tmp_path / "ranks.log"
+
+    def small_files() -> None:
+        die_with_parent()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_LIMIT, FILE_LIMIT))
+
+    process = start_ranks(config, tmp_path / "ledger", log, restarts=2, preexec=small_files)
+    try:
+        wait_for(lambda: "could not be written ([Errno 27]" in log.read_text(errors="replace"), "a failed round",
+                 process, log)
+        process.send_signal(signal.SIGTERM)
+        status = stop_and_wait(process, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text(errors="replace")
+    assert status == 9, text[-5000:]
+    assert rank_starts(log) == 1 and "restarting the group" not in text, text[-5000:]
+    assert re.search(r"the ranks were told to stop \(Process \d+ got signal: 15; each checkpoints its part of a "
+                     r"last round\): rank \d exited with status 9 \(its last round could not be written\)", text)
+    assert complete_round(tmp_path / "checkpoints") == 0
