@@ -19,8 +19,8 @@ What a rank changes, and nothing else (one rank is ``consumers.trainer.daemon.Tr
 * **Failures**: a rank killed at any moment makes the others' next collective fail (or time out after
   ``distributed.timeout_s``); they exit with status 8 without a checkpoint, and the group is restarted
   (``--max-restarts``: by ``crossdistil train --world-size N``, which restarts it only after a status a restart can
-  help, ``consumers.trainer.command.launch_ranks``; by torchrun's agent, after any status, when torchrun is started
-  by hand), and restores the newest complete round.
+  help, ``consumers.trainer.command.launch_ranks``, on several machines every node together; by torchrun's agent,
+  after any status, when torchrun is started by hand), and restores the newest complete round.
 * **A round that cannot be written** (a full disk, a file size limit, a read-only folder, on any rank): each rank
   catches its own write's error, and the ranks agree on whether every part landed, then on whether rank 0's
   ``round.json`` did (:func:`write_round`: the same collectives on every rank, whatever failed, so no rank can take
