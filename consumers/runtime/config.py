@@ -223,7 +223,7 @@ class DistributedSection:
                                    "rank cuts batch_size / ranks: one trainer's steps, and no faster on CPU); false = "
                                    "each rank cuts a whole batch_size (docs/scaling.md compares them)")
     timeout_s: float = _f(120.0, "a rank that cannot reach the others for this long exits (status 8) instead of "
-                                 "hanging; torchrun then restarts the group")
+                                 "hanging; `crossdistil train --world-size` then restarts the group (docs/scaling.md)")
     poll_timeout_ms: int = _f(20, "poll timeout of each rank: the ranks meet once per poll, so a rank with nothing to "
                                   "read holds the others back at most this long")
     backend: str = _f("auto", "torch.distributed backend: auto (nccl for a CUDA model, else gloo), gloo or nccl")

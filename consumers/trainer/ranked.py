@@ -64,7 +64,7 @@ from consumers.trainer.kafka_io import connect
 
 log = logging.getLogger("crossdistil.trainer")
 
-EXIT_RANKS = 8  # a collective failed: another rank died or could not be reached (torchrun restarts the group)
+EXIT_RANKS = 8  # a collective failed: another rank died or could not be reached (--world-size restarts the group)
 # Statuses every rank reaches together: they leave the group together.
 AGREED_EXITS = (0, 7, EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED)
 
