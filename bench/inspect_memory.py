@@ -3,6 +3,7 @@ whole topic read into a list, then judged) and today's (judged as it is read: co
 side by side in one run, each in a fresh process, alternating; prints one JSON object.
 
     python bench/inspect_memory.py [--bootstrap 127.0.0.1:9092] [--publications 100] [--payload-mib 1]
+    python bench/inspect_memory.py --fetch-mib 1,4,16     # today's reading at each fetch size, side by side
 
 Without ``--bootstrap`` it starts a local broker in a temporary folder. Per run: the tracemalloc peak (Python's
 allocations: the records, chunks and judgements) and the process's peak RSS (ru_maxrss, which also holds the
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,6 +82,12 @@ def former(bootstrap: str, topic: str) -> dict[str, Any]:
     return {"records": len(records), "publications": len(found), "complete": sum(p["complete"] for p in found)}
 
 
+def consumers_fetch_mib() -> float:
+    from consumers.tools.inspect import FETCH_BYTES
+
+    return FETCH_BYTES / 2**20
+
+
 def today(bootstrap: str, topic: str) -> dict[str, Any]:
     """The command as a user runs it (``--json``, its default ``--newest``)."""
     from consumers.cli import main
@@ -104,6 +112,8 @@ def measure(mode: str, bootstrap: str, topic: str) -> dict[str, Any]:
 
     started = time.perf_counter()
     tracemalloc.start()
+    if mode.startswith("today@"):  # today's reading with fetches of another size (MiB)
+        consumers.tools.inspect.FETCH_BYTES = int(float(mode.split("@")[1]) * 2**20)
     found = (former if mode == "former" else today)(bootstrap, topic)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -119,11 +129,15 @@ def main() -> int:
     parser.add_argument("--payload-mib", type=float, default=1.0)
     parser.add_argument("--chunk-kib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="readings of each kind, alternating")
+    parser.add_argument("--fetch-mib", default="",
+                        help="also today's reading with fetches of these sizes (MiB, comma-separated; the command's "
+                             "own: consumers.tools.inspect.FETCH_BYTES)")
     parser.add_argument("--measure", nargs=3, metavar=("MODE", "BOOTSTRAP", "TOPIC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure)))
         return 0
+    modes = ["former", "today"] + [f"today@{size}" for size in args.fetch_mib.split(",") if size]
     with tempfile.TemporaryDirectory(prefix="bench-inspect-") as workdir:
         broker = None
         bootstrap = args.bootstrap
@@ -138,7 +152,7 @@ def main() -> int:
             topic_bytes = publish(bootstrap, topic, args.publications, args.payload_mib, args.chunk_kib)
             runs = []
             for _ in range(args.rounds):
-                for mode in ("former", "today"):
+                for mode in modes:
                     done = subprocess.run([sys.executable, __file__, "--measure", mode, bootstrap, topic], check=True,
                                           capture_output=True, text=True, cwd=REPO_ROOT,
                                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
@@ -150,11 +164,16 @@ def main() -> int:
     def worst(mode: str, key: str) -> float:
         return max(r[key] for r in runs if r["mode"] == mode)
 
+    def median_seconds(mode: str) -> float:
+        return statistics.median(r["seconds"] for r in runs if r["mode"] == mode)
+
     print(json.dumps({
         "publications": args.publications, "payload_mib": args.payload_mib, "chunk_kib": args.chunk_kib,
         "topic_mib": round(topic_bytes / 2**20, 1), "cores": os.cpu_count(), "runs": runs,
-        "tracemalloc_peak_mib": {m: worst(m, "tracemalloc_peak_mib") for m in ("former", "today")},
-        "peak_rss_mib": {m: worst(m, "peak_rss_mib") for m in ("former", "today")},
+        "fetch_mib": {"today": consumers_fetch_mib()},
+        "tracemalloc_peak_mib": {m: worst(m, "tracemalloc_peak_mib") for m in modes},
+        "peak_rss_mib": {m: worst(m, "peak_rss_mib") for m in modes},
+        "median_seconds": {m: median_seconds(m) for m in modes},
     }, indent=2))
     return 0
 
