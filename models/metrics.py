@@ -20,6 +20,8 @@ turns per-task probabilities into one ranking score.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -118,7 +120,7 @@ def ndcg_at_k(relevance: ArrayLike, scores: ArrayLike, users: ArrayLike, k: int 
     DCG@k = sum over the first k ranks i = 0, 1, ... of (2^rel_i - 1) / log2(i + 2), IDCG@k is the DCG@k of the
     ideal order (relevance descending), and NDCG@k = DCG@k / IDCG@k. Only users with at least 2 rows whose
     relevance is not constant count: the others score 1 under any ranking and would only dilute differences.
-    Returns ``nan`` when no user counts. Vectorised (two sorts, no loop over users).
+    Returns ``nan`` when no user counts. Vectorised (two sorts, no loop over users: ``per_user_ndcg``).
 
     >>> ndcg_at_k([1, 0], [0.2, 0.8], ["u", "u"])  # reversed: DCG = 1/log2(3), IDCG = 1
     0.6309297535714575
@@ -136,26 +138,39 @@ def ndcg_at_k(relevance: ArrayLike, scores: ArrayLike, users: ArrayLike, k: int 
         return float("nan")
     if (relevance < 0).any():
         raise ValueError("relevance must be non-negative (gains are 2^rel - 1)")
-    _, user_index = np.unique(users, return_inverse=True)
+    _, (values,) = per_user_ndcg(relevance, [scores], users, k)
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def per_user_ndcg(relevance: np.ndarray, score_columns: Sequence[ArrayLike], users: np.ndarray, k: int = 10
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Each counting user's NDCG@k (``ndcg_at_k``'s definition: its mean over the users is ``ndcg_at_k``) for each of
+    ``score_columns`` on the same rows: (the users that count, in ascending order; per column, their NDCG@k). The
+    users and the ideal order depend on the relevance only, so they are sorted once for every column. No checks:
+    ``ndcg_at_k`` checks its inputs.
+
+    >>> per_user_ndcg(np.array([1, 0, 1, 1]), [np.array([0.2, 0.8, 0.5, 0.4])], np.array([7, 7, 8, 8]))
+    (array([7]), [array([0.63092975])])
+    """
+    relevance = np.asarray(relevance, np.float64)
+    user_ids, user_index = np.unique(np.asarray(users), return_inverse=True)
     user_index = user_index.reshape(-1)
-    n_users = int(user_index.max()) + 1
     # Ideal order: by user, relevance descending. A user counts when its first and last relevance differ.
     ideal = np.lexsort((-relevance, user_index))
     ideal_users = user_index[ideal]
     starts = np.flatnonzero(np.r_[True, ideal_users[1:] != ideal_users[:-1]])
     ends = np.r_[starts[1:], len(ideal)]
-    counts = relevance[ideal[starts]] != relevance[ideal[ends - 1]]
-    if not counts.any():
-        return float("nan")
-    # np.lexsort is stable, so tied scores stay in row order.
-    ranked = np.lexsort((-scores, user_index))
-    rank = np.arange(len(ranked)) - np.repeat(starts, ends - starts)  # both orders group users identically
+    counting = ideal_users[starts[relevance[ideal[starts]] != relevance[ideal[ends - 1]]]]
+    rank = np.arange(len(ideal)) - np.repeat(starts, ends - starts)  # every order groups the users alike
     discount = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
-    dcg = np.bincount(user_index[ranked], weights=(np.exp2(relevance[ranked]) - 1.0) * discount,
-                      minlength=n_users)
-    idcg = np.bincount(ideal_users, weights=(np.exp2(relevance[ideal]) - 1.0) * discount, minlength=n_users)
-    user_ids = ideal_users[starts[counts]]
-    return float(np.mean(dcg[user_ids] / idcg[user_ids]))
+    idcg = np.bincount(ideal_users, weights=(np.exp2(relevance[ideal]) - 1.0) * discount, minlength=len(user_ids))
+    values = []
+    for column in score_columns:
+        ranked = np.lexsort((-np.asarray(column, np.float64), user_index))  # stable: tied scores stay in row order
+        dcg = np.bincount(user_index[ranked], weights=(np.exp2(relevance[ranked]) - 1.0) * discount,
+                          minlength=len(user_ids))
+        values.append(dcg[counting] / idcg[counting])
+    return user_ids[counting], values
 
 
 def combined_score(probabilities: ArrayLike, weights: ArrayLike | None = None, eps: float = LOG_LOSS_EPS) -> np.ndarray:

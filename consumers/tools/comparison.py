@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.metrics import combined_score, graded_relevance
+from models.metrics import combined_score, graded_relevance, per_user_ndcg
 
 RESAMPLES = 2000
 BLOCKS = 100  # contiguous blocks of the training order; fewer where there are fewer samples
@@ -151,49 +151,12 @@ def p_value(difference: float, se: float) -> float:
     return math.erfc(abs(difference) / se / math.sqrt(2))
 
 
-def per_user_ndcg(relevance: np.ndarray, scores: np.ndarray, users: np.ndarray, k: int = 10
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Each counting user's NDCG@k, exactly as ``models.metrics.ndcg_at_k`` averages them (ranked by score, ties in
-    row order; only users with at least 2 rows whose relevance is not constant count): (the users, in ascending
-    order, their NDCG@k). Their mean is ``ndcg_at_k`` (tested).
-
-    >>> per_user_ndcg(np.array([1, 0, 1, 1]), np.array([0.2, 0.8, 0.5, 0.4]), np.array([7, 7, 8, 8]))
-    (array([7]), array([0.63092975]))
-    """
-    ids, (values,) = _per_user_ndcg(relevance, [scores], users, k)
-    return ids, values
-
-
-def _per_user_ndcg(relevance: np.ndarray, scores: Sequence[np.ndarray], users: np.ndarray, k: int = 10
-                   ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """``per_user_ndcg`` of several score columns on the same rows: the users and the ideal order (which depend on
-    the relevance only) are sorted once."""
-    relevance = np.asarray(relevance, np.float64)
-    user_ids, user_index = np.unique(np.asarray(users), return_inverse=True)
-    user_index = user_index.reshape(-1)
-    ideal = np.lexsort((-relevance, user_index))
-    ideal_users = user_index[ideal]
-    starts = np.flatnonzero(np.r_[True, ideal_users[1:] != ideal_users[:-1]])
-    ends = np.r_[starts[1:], len(ideal)]
-    counting = ideal_users[starts[relevance[ideal[starts]] != relevance[ideal[ends - 1]]]]
-    rank = np.arange(len(ideal)) - np.repeat(starts, ends - starts)  # every order groups the users alike
-    discount = np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
-    idcg = np.bincount(ideal_users, weights=(np.exp2(relevance[ideal]) - 1.0) * discount, minlength=len(user_ids))
-    values = []
-    for column in scores:
-        ranked = np.lexsort((-np.asarray(column, np.float64), user_index))  # stable: ties stay in row order
-        dcg = np.bincount(user_index[ranked], weights=(np.exp2(relevance[ranked]) - 1.0) * discount,
-                          minlength=len(user_ids))
-        values.append(dcg[counting] / idcg[counting])
-    return user_ids[counting], values
-
-
 def paired_ndcg_difference(relevance: np.ndarray, users: np.ndarray, p_base: np.ndarray, p_other: np.ndarray, *,
                            level: float = LEVEL) -> dict[str, Any]:
     """``p_other``'s per-user NDCG@10 minus ``p_base``'s on the same samples (graded ``relevance``, each sample's
-    user), averaged over the users that count (``per_user_ndcg``: the same users for both, whose relevance is the
-    same), with a ``level`` normal interval over those users: the mean difference plus or minus z times the
-    standard deviation of the per-user differences over the square root of their number (users taken as
+    user), averaged over the users that count (``models.metrics.per_user_ndcg``: the same users for both, whose
+    relevance is the same), with a ``level`` normal interval over those users: the mean difference plus or minus z
+    times the standard deviation of the per-user differences over the square root of their number (users taken as
     independent draws). ``verdict`` of the two, as ``paired_auc_difference``'s."""
     p_base, p_other = np.asarray(p_base, np.float64), np.asarray(p_other, np.float64)
     out: dict[str, Any] = {"samples": int(len(p_base))}
@@ -201,7 +164,7 @@ def paired_ndcg_difference(relevance: np.ndarray, users: np.ndarray, p_base: np.
     if not finite.all():
         return {**out, "users": 0, "base": None, "other": None, "difference": None, "interval": None,
                 "verdict": "not comparable", "why": f"{int((~finite).sum()):,} predictions are not finite"}
-    _, (base, other) = _per_user_ndcg(relevance, [p_base, p_other], users)
+    _, (base, other) = per_user_ndcg(relevance, [p_base, p_other], users)
     out["users"] = n = int(len(base))
     if n < 2:
         return {**out, "base": None, "other": None, "difference": None, "interval": None,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from consumers.tools import comparison
-from models.metrics import graded_relevance, ndcg_at_k
+from models.metrics import graded_relevance, ndcg_at_k, per_user_ndcg
 
 pytestmark = pytest.mark.unit
 
@@ -74,7 +74,7 @@ def test_per_user_ndcg_is_what_models_metrics_averages() -> None:
     users = rng.integers(0, 400, n)
     relevance = graded_relevance(rng.random(n) < 0.2, rng.random(n) < 0.3)
     scores = np.round(rng.random(n), 2)  # ties, which keep row order
-    ids, values = comparison.per_user_ndcg(relevance, scores, users)
+    ids, (values,) = per_user_ndcg(relevance, [scores], users)
     assert np.all(np.diff(ids) > 0) and len(ids) < 400  # some users do not count
     assert values.mean() == pytest.approx(ndcg_at_k(relevance, scores, users), abs=1e-12)
 
@@ -94,8 +94,7 @@ def test_the_ndcg_interval_covers_the_known_difference_at_its_stated_rate() -> N
     # the known difference: the mean per-user NDCG@10 difference over the whole population of users; each
     # simulation draws 150 of them and the interval over those users must cover it about 95% of the time
     users, relevance, base, other = population()
-    _, on_base = comparison.per_user_ndcg(relevance, base, users)
-    _, on_other = comparison.per_user_ndcg(relevance, other, users)
+    _, (on_base, on_other) = per_user_ndcg(relevance, [base, other], users)
     known = float((on_other - on_base).mean())
     rng = np.random.default_rng(4)
     covered, widths = [], []
@@ -114,7 +113,7 @@ def test_the_ndcg_difference_is_the_difference_of_the_reported_ndcg() -> None:
     assert got["base"] == pytest.approx(ndcg_at_k(relevance, base, users), abs=1e-12)
     assert got["other"] == pytest.approx(ndcg_at_k(relevance, other, users), abs=1e-12)
     assert got["difference"] == pytest.approx(got["other"] - got["base"], abs=1e-12)
-    assert got["users"] == len(comparison.per_user_ndcg(relevance, base, users)[0])
+    assert got["users"] == len(per_user_ndcg(relevance, [base], users)[0])
     same = comparison.paired_ndcg_difference(relevance, users, base, base.copy())
     assert same["verdict"] == "identical" and same["interval"] == [0.0, 0.0]
     one = comparison.paired_ndcg_difference(np.array([1.0, 0.0]), np.array([7, 7]), np.array([0.1, 0.2]),
