@@ -47,14 +47,14 @@ from consumers.runtime.config import (
 )
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
+from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED, EXIT_RANKS
 
 # Exit statuses after which a restart would fail the same way: the systemd unit's RestartPreventExitStatus, and the
 # statuses after which --world-size does not restart the ranks (launch_ranks).
 NOT_RESTARTED = {2: "a configuration error", 5: "another trainer took the partitions over",
-                 7: "a record batch that cannot be decoded", 10: "the model diverged"}
-EXIT_RANKS = 8  # a rank lost the others (consumers.trainer.ranked.EXIT_RANKS): also a node that met no other node
+                 7: "a record batch that cannot be decoded", EXIT_MODEL_DIVERGED: "the model diverged"}
 # Why the ranks' last round after a stop ended with a status other than 0.
-STOP_FAILED = {9: "its last round could not be written", 10: "the model diverged"}
+STOP_FAILED = {EXIT_CHECKPOINT_FAILED: "its last round could not be written", EXIT_MODEL_DIVERGED: "the model diverged"}
 # Several ranks warm-start the model only: a one-trainer checkpoint's cut holds every partition's join state in one.
 RANKS_RESUME = ("checkpoint.warm_start with several ranks starts the model from the checkpoint's weights only: set "
                 "checkpoint.warm_start_stream = \"fresh\" (every rank's partitions start from their beginning, or from "

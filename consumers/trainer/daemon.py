@@ -97,6 +97,7 @@ from consumers.state.learner_state import ModelDiverged
 from consumers.state.ledger import Ledger
 from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
+from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED
 from consumers.trainer.freshness import Freshness
 from consumers.trainer.kafka_io import KafkaIO, check_model_topic, connect, newest_published_version
 from consumers.trainer.publisher import Publisher, retry_delay_s
@@ -107,8 +108,6 @@ log = logging.getLogger("crossdistil.trainer")
 
 IN_FLIGHT_POLL_MS = 5  # poll timeout while the learner process holds batches: their answers feed metrics and freshness
 CHECKPOINT_RETRY_S = (10.0, 300.0)  # a checkpoint that failed is tried again after 10 s, doubling up to 300 s
-EXIT_CHECKPOINT_FAILED = 9
-EXIT_MODEL_DIVERGED = 10
 
 
 class Trainer:

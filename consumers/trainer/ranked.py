@@ -59,12 +59,12 @@ from consumers.state.learner_state import (
     write_learner_checkpoint,
 )
 from consumers.trainer.checkpointing import Checkpointer, check_model
-from consumers.trainer.daemon import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED, Trainer
+from consumers.trainer.daemon import Trainer
+from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED, EXIT_RANKS
 from consumers.trainer.kafka_io import connect
 
 log = logging.getLogger("crossdistil.trainer")
 
-EXIT_RANKS = 8  # a collective failed: another rank died or could not be reached (--world-size restarts the group)
 # Statuses every rank reaches together: they leave the group together.
 AGREED_EXITS = (0, 7, EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED)
 
