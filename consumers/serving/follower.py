@@ -26,15 +26,20 @@ from kafka import TopicPartition
 from consumers.runtime.telemetry import ServingMetrics
 from consumers.runtime.topic_range import read_range
 from consumers.state.tensors import non_finite_tensors
-from consumers.state.wire import MANIFEST_KEY, Reassembler, Rejection, WireCheckpoint
+from consumers.state.wire import (
+    MANIFEST_KEY,
+    SERVING_TOPIC_MAX_MESSAGE_BYTES,
+    Reassembler,
+    Rejection,
+    WireCheckpoint,
+)
 from models.learner import ServingModel
 from models.river_baseline import SERVING_FORMAT as RIVER_FORMAT
 from models.river_baseline import RiverServingModel
 
 log = logging.getLogger("crossdistil.serving")
 
-# The serving topic's max.message.bytes (streamer.topics.MODEL_MAX_MESSAGE_BYTES): no valid message is larger.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
+MAX_MESSAGE_BYTES = SERVING_TOPIC_MAX_MESSAGE_BYTES  # no valid message of the serving topic is larger
 
 
 # ------------------------------------------------------------------------------------------ the model slot

@@ -40,6 +40,10 @@ DEFAULT_CHUNK_SIZE = 512 * 1024
 # Kafka's default max.message.bytes is 1048588; a chunk value adds ~300 bytes of header to its data.
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
+# The largest message a reader of a serving topic accepts: the topic's max.message.bytes as the trainer makes it
+# (streamer.topics.MODEL_MAX_MESSAGE_BYTES, 16 MiB) and a margin for a record's own bytes; no valid message is larger.
+SERVING_TOPIC_MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
+DEFAULT_MAX_VERSIONS = 4  # versions a Reassembler buffers chunks of at once (the oldest beyond are evicted)
 
 _CHUNK_KEY = re.compile(rb"^chunk/(0|[1-9][0-9]{0,8})$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -235,7 +239,7 @@ class Reassembler:
         self,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES + 4096,
-        max_versions: int = 4,
+        max_versions: int = DEFAULT_MAX_VERSIONS,
         min_version: int = -1,
     ) -> None:
         self.max_payload_bytes = max_payload_bytes

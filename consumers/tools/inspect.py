@@ -51,7 +51,13 @@ from consumers.state.checkpoints import (
     publication_acknowledged,
 )
 from consumers.state.ledger import LedgerError, read_segment, segments
-from consumers.state.wire import MANIFEST_KEY, Reassembler, WireCheckpoint
+from consumers.state.wire import (
+    DEFAULT_MAX_VERSIONS,
+    MANIFEST_KEY,
+    SERVING_TOPIC_MAX_MESSAGE_BYTES,
+    Reassembler,
+    WireCheckpoint,
+)
 from streamer.kafka_security import (
     SecurityError,
     add_client_arguments,
@@ -487,13 +493,11 @@ def _run_serving(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# The serving topic's max.message.bytes (streamer.topics.MODEL_MAX_MESSAGE_BYTES) and a margin, as serving reads it
-# (consumers.serving.follower.MAX_MESSAGE_BYTES: tools may not import serving, docs/internal-apis.md's layers).
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024 + 64 * 1024
+MAX_MESSAGE_BYTES = SERVING_TOPIC_MAX_MESSAGE_BYTES  # as serving reads the topic: no valid message is larger
 # What one fetch asks for (serving asks for MAX_MESSAGE_BYTES): on a 100 MiB topic of 100 publications, 1 / 4 / 16 MiB
 # fetches read in 1.91 / 1.38 / 1.44 s with Python peaks of 9 / 19 / 67 MiB (bench/results/inspect_memory_fetch.json).
 FETCH_BYTES = 4 << 20
-BUFFERED_VERSIONS = 4  # versions whose chunks are held until their manifest, as a replica's Reassembler holds them
+BUFFERED_VERSIONS = DEFAULT_MAX_VERSIONS  # versions whose chunks wait for their manifest, as in a replica's Reassembler
 
 
 @dataclass

@@ -265,3 +265,11 @@ def test_the_documented_reader_buffers_a_bounded_number_of_versions():
     unfinished = [m for v in range(3, 13) for m in publish(v)[:-1]]
     assert latest_checkpoint(publish(1) + unfinished + publish(3)[-1:])[0] == 1
     assert latest_checkpoint(publish(1) + unfinished + publish(12)[-1:])[0] == 12
+
+
+def test_a_reader_of_the_serving_topic_accepts_every_message_the_topic_can_hold() -> None:
+    from consumers.state.wire import SERVING_TOPIC_MAX_MESSAGE_BYTES
+    from streamer.topics import MODEL_MAX_MESSAGE_BYTES
+
+    # the topic's max.message.bytes bounds a record batch; the reader's limit is its value's, with a margin
+    assert MODEL_MAX_MESSAGE_BYTES < SERVING_TOPIC_MAX_MESSAGE_BYTES <= MODEL_MAX_MESSAGE_BYTES + (1 << 20)
