@@ -36,6 +36,11 @@ from streamer.kafka_security import COMPRESSIONS, MECHANISMS, PROTOCOLS, Securit
 
 ENV_PREFIX = "CROSSDISTIL__"
 WARM_START_STREAMS = ("resume", "fresh")  # checkpoint.warm_start_stream
+# Several ranks warm-start the model only: a one-trainer checkpoint's cut holds every partition's join state in one
+# (checked before the ranks start, crossdistil train, and by each rank, consumers.trainer.checkpointing).
+WARM_START_RANKS_RESUME = ("checkpoint.warm_start with several ranks starts the model from the checkpoint's weights "
+                           "only: set checkpoint.warm_start_stream = \"fresh\" (every rank's partitions start from "
+                           "their beginning, or from --from-time); resuming a stream cut is for one trainer")
 
 
 class ConfigError(ValueError):

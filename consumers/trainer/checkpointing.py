@@ -36,7 +36,7 @@ from typing import Any
 from consumers.core.join import late_feedback_warning, late_impressions_warning, task_labels_warning
 from consumers.core.pipeline import Pipeline
 from consumers.runtime.assembly import model_config
-from consumers.runtime.config import Config, toml_value
+from consumers.runtime.config import WARM_START_RANKS_RESUME, Config, toml_value
 from consumers.state.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -375,9 +375,7 @@ class Checkpointer:
         starts fresh (a one-trainer checkpoint's cut holds every partition's join state in one, which ranks cannot
         split), so ``warm_start_stream`` must be "fresh". Every rank calls it; every rank fails alike."""
         if self.cfg.checkpoint.warm_start_stream != "fresh":
-            raise CheckpointError("checkpoint.warm_start with several ranks starts the model from the checkpoint's "
-                                  "weights only: set checkpoint.warm_start_stream = \"fresh\" (every rank's partitions "
-                                  "start from their beginning, or from --from-time)")
+            raise CheckpointError(WARM_START_RANKS_RESUME)
         problem = None
         if ranks.rank == 0:
             try:

@@ -38,6 +38,7 @@ from typing import Any
 
 from consumers.runtime import logs
 from consumers.runtime.config import (
+    WARM_START_RANKS_RESUME,
     Config,
     ConfigError,
     add_config_arguments,
@@ -55,10 +56,6 @@ NOT_RESTARTED = {2: "a configuration error", 5: "another trainer took the partit
                  7: "a record batch that cannot be decoded", EXIT_MODEL_DIVERGED: "the model diverged"}
 # Why the ranks' last round after a stop ended with a status other than 0.
 STOP_FAILED = {EXIT_CHECKPOINT_FAILED: "its last round could not be written", EXIT_MODEL_DIVERGED: "the model diverged"}
-# Several ranks warm-start the model only: a one-trainer checkpoint's cut holds every partition's join state in one.
-RANKS_RESUME = ("checkpoint.warm_start with several ranks starts the model from the checkpoint's weights only: set "
-                "checkpoint.warm_start_stream = \"fresh\" (every rank's partitions start from their beginning, or from "
-                "--from-time); resuming a stream cut is for one trainer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -350,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     under_torchrun = os.environ.get("WORLD_SIZE", "")
     several = ranks_here or (under_torchrun.isdigit() and int(under_torchrun) > 1)
     if several and cfg.checkpoint.warm_start and cfg.checkpoint.warm_start_stream == "resume":
-        print(f"crossdistil train: configuration error: {RANKS_RESUME}", file=sys.stderr)
+        print(f"crossdistil train: configuration error: {WARM_START_RANKS_RESUME}", file=sys.stderr)
         return 2
     # lazy: torch loads only when the configuration is checked or the daemon runs (crossdistil --help stays fast)
     from consumers.runtime.assembly import RANKS_WITHOUT_GRAPHS, model_config, model_device
