@@ -81,11 +81,24 @@ ROUND_RECORD = "round.json"  # several ranks: the newest round whose every part 
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: truncated, corrupted, or not a checkpoint at all."""
+    """A checkpoint file that cannot be used: truncated, corrupted, or not a checkpoint at all.
+
+    ``problem``: what is wrong, without the file's name (``str()`` is "<path>: <problem>" where ``path`` is given).
+    ``damaged``: whether the file itself is damaged, so that a store may set it aside and take an older one; False
+    for a sound file that cannot be used here (unreadable, of a newer format, one rank's part where a model is
+    needed), which is left as it is.
+    """
+
+    def __init__(self, problem: str, path: Any = None, damaged: bool = True) -> None:
+        super().__init__(problem if path is None else f"{path}: {problem}")
+        self.problem, self.path, self.damaged = problem, path, damaged
 
 
 class CheckpointFormatError(CheckpointError):
     """A checkpoint file of a format this version does not read (written by a newer crossdistil): not damage."""
+
+    def __init__(self, problem: str, path: Any = None, damaged: bool = False) -> None:
+        super().__init__(problem, path, damaged)
 
 
 class CheckpointDirectoryInUse(OSError):
@@ -329,45 +342,39 @@ class CheckpointStore:
         fsync_directory(self.directory)
 
     def load(self, path: str | os.PathLike[str], with_tensors: bool = True) -> Checkpoint:
-        """Load and verify one checkpoint file; raises CheckpointError if it is unusable.
+        """Load and verify one checkpoint file (``read_checkpoint_file``); raises CheckpointError if it is unusable.
 
         ``with_tensors=False``: the metadata only (for a process that leaves the tensors to another one).
         """
-        path = Path(path)
-        tensors, metadata = decode_checkpoint_file(path.read_bytes(), with_tensors)
-        step = metadata.get("step")
-        if not isinstance(step, int):
-            raise CheckpointError(f"{path}: metadata has no integer 'step'")
-        return Checkpoint(step=step, tensors=tensors, metadata=metadata, path=path)
+        return read_checkpoint_file(path, with_tensors)
 
-    def latest(self, with_tensors: bool = True) -> Checkpoint | None:
-        """The newest checkpoint that loads and verifies; None if the directory never held one.
+    def latest(self, with_tensors: bool = True, model: bool = False) -> Checkpoint | None:
+        """The newest checkpoint that loads and verifies (``read_checkpoint_file``; ``model``: one that holds the
+        model, not a rank's part of a round); None if the directory never held one.
 
         Damaged files are renamed to ``<name>.corrupt`` (kept for inspection, never loaded again) with a
         warning, so that pruning cannot later keep them in place of good checkpoints, and the next older one is
         tried. ``CheckpointError`` when checkpoints exist but none verifies (those of this call and ``.corrupt``
-        files set aside before: starting from scratch would retrain every partition from its beginning), when
-        the newest is of a newer format, or when it cannot be read: each names the file and what to do.
+        files set aside before: starting from scratch would retrain every partition from its beginning), or when
+        the newest is sound but cannot be used (a newer format, unreadable, a rank's part): each names the file and
+        what to do, and nothing older is loaded in its place.
         """
         damaged: list[str] = []
         for step in reversed(self.steps()):
             path = self.path_for(step)
             try:
-                return self.load(path, with_tensors)
-            except CheckpointFormatError as exc:
-                raise CheckpointFormatError(f"{path}: {exc}; nothing older is loaded in its place") from None
+                return read_checkpoint_file(path, with_tensors, model)
             except CheckpointError as exc:
-                log.warning("skipping unusable checkpoint %s: %s (renamed to %s%s)", path, exc, path.name,
+                if not exc.damaged:
+                    raise type(exc)(f"{exc.problem}; it is left as it is, and nothing older is loaded in its place",
+                                    path, damaged=False) from None
+                log.warning("skipping unusable checkpoint %s: %s (renamed to %s%s)", path, exc.problem, path.name,
                             _CORRUPT_SUFFIX)
-                damaged.append(f"{path.name}: {exc}")
+                damaged.append(f"{path.name}: {exc.problem}")
                 try:
                     os.replace(path, path.with_name(path.name + _CORRUPT_SUFFIX))
                 except OSError:
                     pass
-            except OSError as exc:  # not the content: permissions, an I/O error; the file may be fine
-                raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc}); make it readable "
-                                      "and start again (it is left as it is, and nothing older is loaded in its "
-                                      "place)") from exc
         set_aside = sorted(entry.name for entry in os.scandir(self.directory)
                            if checkpoint_step(entry.name, set_aside=True) is not None)
         if damaged or set_aside:
@@ -388,6 +395,52 @@ class CheckpointStore:
             if entry.name.startswith(_TEMP_PREFIX):
                 log.warning("removing %s, left by an interrupted checkpoint write", entry.path)
                 Path(entry.path).unlink(missing_ok=True)
+
+
+def read_checkpoint_file(path: str | os.PathLike[str], with_tensors: bool = False, model: bool = False
+                         ) -> Checkpoint:
+    """The checkpoint file at ``path``, verified, its tensors decoded only ``with_tensors``: the one reader of a
+    restore, a warm start and ``crossdistil inspect``. Nothing is unpickled, nothing on disk is changed.
+
+    One ``CheckpointError`` per problem, "<path>: <problem>" (``problem`` alone on the exception):
+
+    * not damage, the file left as it is (``damaged`` False): it cannot be read (permissions, an I/O error), or it
+      is of a file format this version does not read (``CheckpointFormatError``), or (``model``: where a model is
+      needed) it is one rank's part of a checkpoint round other than rank 0's, which holds no model;
+    * damage: shorter than its header, not a checkpoint, truncated or extended, a sha256 that does not match,
+      undecodable, metadata without an integer ``step``, or a step other than its name's (``ckpt-<step>.cdckpt``).
+
+    >>> import tempfile
+    >>> path = CheckpointStore(tempfile.mkdtemp()).write(7, {}, {"rank": 1})
+    >>> read_checkpoint_file(path).step
+    7
+    >>> read_checkpoint_file(path, model=True)
+    Traceback (most recent call last):
+    ...
+    consumers.state.checkpoints.CheckpointError: .../ckpt-000000000007.cdckpt: rank 1's part of a checkpoint round...
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot be read ({exc.strerror or exc}); make it readable", path, damaged=False
+                              ) from exc
+    try:
+        tensors, metadata = decode_checkpoint_file(data, with_tensors)
+    except CheckpointError as exc:
+        raise type(exc)(exc.problem, path, exc.damaged) from None
+    step, named = metadata.get("step"), checkpoint_step(path.name)
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise CheckpointError(f"its metadata has no integer 'step' ({step!r}): not written by a checkpoint store",
+                              path)
+    if named is not None and step != named:
+        raise CheckpointError(f"its metadata says step {step}, its name {named}: a file renamed or copied over "
+                              f"another; name it ckpt-{step:012d}.cdckpt or move it away", path)
+    rank = metadata.get("rank", 0)
+    if model and rank != 0:
+        raise CheckpointError(f"rank {rank}'s part of a checkpoint round: only the stream state of its partitions; "
+                              "the model is in the rank-0 folder's files", path, damaged=False)
+    return Checkpoint(step=step, tensors=tensors, metadata=metadata, path=path)
 
 
 def fsync_directory(directory: str | os.PathLike[str]) -> None:

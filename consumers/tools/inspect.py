@@ -2,13 +2,13 @@
 
 ``crossdistil inspect checkpoints DIR`` reads a trainer's ``checkpoint.dir`` (or a ranked trainer's, with its
 ``rank-<r>`` folders): every checkpoint file with its step, when it was written, its size and whether it verifies
-(``consumers.state.checkpoints.decode_checkpoint_file``: the header, the length and the sha256 the store itself
-checks), and for each that verifies the model's configuration, the stream positions, the join's pending impressions
-and counters and its publication; beside them the store's publication record, the ranks' round record, the files an
-interrupted write or a damaged checkpoint left, a ``--ledger``'s segments, and whether a trainer holds the folder's
-lock now. Nothing in the folder is created, renamed, removed or written (not even the lock, which is only tested with
-``F_GETLK``), and nothing is unpickled: checkpoints are msgpack and safetensors, read by the store's own decoder
-without their tensors.
+(``consumers.state.checkpoints.read_checkpoint_file``, the reader of a restore: the header, the length, the sha256
+and the step), and for each that verifies the model's configuration, the stream positions, the join's pending
+impressions and counters and its publication; beside them the store's publication record, the ranks' round record,
+the files an interrupted write or a damaged checkpoint left, a ``--ledger``'s segments, and whether a trainer holds
+the folder's lock now. Nothing in the folder is created, renamed, removed or written (not even the lock, which is
+only tested with ``F_GETLK``), and nothing is unpickled: checkpoints are msgpack and safetensors, read by the
+store's own reader without their tensors.
 
 ``crossdistil inspect serving --bootstrap HOST:PORT`` reads the serving topic from its beginning to its end with
 serving's start-up loop (``consumers.runtime.topic_range.read_range``; no consumer group, nothing committed) and
@@ -47,8 +47,8 @@ from consumers.state.checkpoints import (
     ROUND_RECORD,
     CheckpointError,
     checkpoint_step,
-    decode_checkpoint_file,
     publication_acknowledged,
+    read_checkpoint_file,
 )
 from consumers.state.ledger import LedgerError, read_segment, segments
 from consumers.state.wire import (
@@ -58,13 +58,7 @@ from consumers.state.wire import (
     Reassembler,
     WireCheckpoint,
 )
-from streamer.kafka_security import (
-    SecurityError,
-    add_client_arguments,
-    client_options_from_args,
-    connection_failure,
-    preflight,
-)
+from streamer.kafka_settings import SecurityError, add_client_arguments, client_options_from_args
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -203,24 +197,19 @@ def _json_record(path: Path) -> tuple[Any, str | None]:
 
 def inspect_file(path: Path, publication_record: Mapping[str, Any] | None) -> dict[str, Any]:
     """One checkpoint file: ``{"file", "step", "written_at" (UTC, ISO 8601), "size_bytes", "verifies", "problem"}``
-    and, when it verifies, what the trainer restores from it (:func:`describe_metadata`)."""
+    and, when it verifies, what the trainer restores from it (:func:`describe_metadata`). Read by the trainer's own
+    reader (``read_checkpoint_file``): ``problem`` is its error's, the file's name left out (the table names it)."""
     stat = path.stat()
     entry: dict[str, Any] = {"file": path.name, "step": checkpoint_step(path.name),
                              "written_at": _utc(stat.st_mtime), "size_bytes": stat.st_size,
                              "verifies": False, "problem": None}
     try:
-        _, metadata = decode_checkpoint_file(path.read_bytes(), with_tensors=False)
+        checkpoint = read_checkpoint_file(path)
     except CheckpointError as exc:
-        entry["problem"] = str(exc)
-        return entry
-    except OSError as exc:
-        entry["problem"] = f"cannot be read: {exc.strerror or exc}"
-        return entry
-    if metadata.get("step") != entry["step"]:
-        entry["problem"] = f"its metadata says step {metadata.get('step')!r}, its name {entry['step']}"
+        entry["problem"] = exc.problem
         return entry
     entry["verifies"] = True
-    entry.update(describe_metadata(metadata, publication_record))
+    entry.update(describe_metadata(checkpoint.metadata, publication_record))
     return entry
 
 
@@ -448,7 +437,9 @@ def _run_serving(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaError
 
-    from streamer.topics import honour_auto_create  # lazy: kafka-python, which the checkpoint view never needs
+    # lazy: kafka-python, which the checkpoint view and the parser (crossdistil --help) never need
+    from streamer.kafka_security import connection_failure, preflight
+    from streamer.topics import honour_auto_create
 
     topic = args.topic or KafkaConfig().model_topic
     options: dict[str, Any] = {

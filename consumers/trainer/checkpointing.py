@@ -40,13 +40,12 @@ from consumers.runtime.config import WARM_START_RANKS_RESUME, Config, toml_value
 from consumers.state.checkpoints import (
     Checkpoint,
     CheckpointError,
-    CheckpointFormatError,
     CheckpointStore,
     checkpoint_step,
-    decode_checkpoint_file,
     positions_from_plain,
     positions_to_plain,
     publication_acknowledged,
+    read_checkpoint_file,
 )
 from consumers.state.learner_state import check_format, saved_config
 from consumers.state.wire import stable_hash
@@ -145,10 +144,12 @@ def check_stream(meta: Mapping[str, Any], path: Any) -> None:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """The checkpoint at ``path`` (its metadata: the learner reads the tensors itself), read without changing anything
-    there: a checkpoint file, or the newest checkpoint file of a folder that verifies (a damaged newer one is skipped
-    with a warning and left as it is: the folder may be another trainer's). ``CheckpointError`` saying why there is
-    none: a path that does not exist, is not a checkpoint, or a folder of several ranks (their model is in rank-0)."""
+    """The checkpoint at ``path`` that holds a model (its metadata: the learner reads the tensors itself), read without
+    changing anything there (``read_checkpoint_file``): a checkpoint file, or the newest checkpoint file of a folder
+    that verifies (a damaged newer one is skipped with a warning and left as it is: the folder may be another
+    trainer's). ``CheckpointError`` saying why there is none: a path that does not exist, is not a checkpoint, cannot
+    be used (unreadable, a newer format, a rank's part without the model), or a folder of several ranks (their model
+    is in rank-0)."""
     path = Path(path)
     if path.is_dir():
         files = sorted((entry for entry in path.iterdir() if checkpoint_step(entry.name) is not None), reverse=True)
@@ -158,32 +159,17 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         damaged = []
         for file in files:
             try:
-                return _read_checkpoint_file(file)
-            except CheckpointFormatError:
-                raise
+                return read_checkpoint_file(file, model=True)
             except CheckpointError as exc:
-                log.warning("skipping unusable checkpoint %s (left as it is): %s", file, exc)
+                if not exc.damaged:
+                    raise
+                log.warning("skipping unusable checkpoint %s (left as it is): %s", file, exc.problem)
                 damaged.append(str(exc))
         found = f"only damaged ones ({'; '.join(damaged)})" if damaged else "none (no ckpt-*.cdckpt file)"
         raise CheckpointError(f"no usable checkpoint in {path}: {found}")
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    return _read_checkpoint_file(path)
-
-
-def _read_checkpoint_file(file: Path) -> Checkpoint:
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{file} cannot be read ({exc.strerror or exc})") from None
-    try:
-        _, metadata = decode_checkpoint_file(data, with_tensors=False)
-    except CheckpointError as exc:
-        raise type(exc)(f"{file}: {exc}") from None
-    step = metadata.get("step")
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise CheckpointError(f"{file}: metadata has no integer 'step'")
-    return Checkpoint(step=step, tensors={}, metadata=metadata, path=file)
+    return read_checkpoint_file(path, model=True)
 
 
 def retasked_stream(meta: Mapping[str, Any], tasks: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -253,7 +239,8 @@ class Checkpointer:
         """Load the newest verified checkpoint into the learner, the pipeline, the positions and the publisher;
         its step, or None when there is none (every partition then starts from its beginning, unless
         ``checkpoint.warm_start`` names a checkpoint to start the new model from: ``warm_start``)."""
-        checkpoint = self.store.latest(with_tensors=False)  # the learner reads its tensors from the file itself
+        # The learner reads its tensors from the file itself; a rank's part of a round holds none.
+        checkpoint = self.store.latest(with_tensors=False, model=True)
         if checkpoint is None:
             if self.ledger is not None:
                 self.ledger.discard_after(None)
@@ -266,7 +253,6 @@ class Checkpointer:
         check_format(checkpoint)
         meta = checkpoint.metadata
         check_model(meta, model_config(self.cfg), checkpoint.path)
-        check_stream(meta, checkpoint.path)
         self._load_learner(checkpoint.path)
         self._restore_stream(meta, checkpoint.step, checkpoint.path)
         if self.publisher.pending:
@@ -300,7 +286,8 @@ class Checkpointer:
 
     def _restore_stream(self, meta: Mapping[str, Any], step: int, path: Any = "the checkpoint") -> None:
         """The stream side of a checkpoint of learner step ``step`` (file ``path``): join, batcher, positions and the
-        publisher's bookkeeping (the learner's side is loaded by the caller)."""
+        publisher's bookkeeping (the learner's side is loaded by the caller), ``check_stream``'d here for one trainer
+        and each rank alike."""
         check_stream(meta, path)
         self._load_stream(meta, path)
         self.last_step = step
@@ -387,17 +374,15 @@ class Checkpointer:
                                              f"{self.cfg.checkpoint.warm_start} (its log says why)")
 
     def _check_warm_source(self, meta: Mapping[str, Any], path: Path, resume: bool) -> None:
-        """Refuse (``CheckpointError``) a warm start the source checkpoint cannot give: another kind of model, one
-        rank's file without the model, or (``resume``) a stream cut of other topics or of one rank's partitions."""
+        """Refuse (``CheckpointError``) a warm start the source checkpoint cannot give: another kind of model, or
+        (``resume``) a stream cut of other topics or of one rank's partitions (``read_checkpoint`` refused a rank's
+        file without the model)."""
         configured = model_config(self.cfg)
         if not isinstance(configured, ModelConfig):
             raise CheckpointError(f"checkpoint.warm_start: the configured model ({type(configured).__name__}) learns "
                                   "one event at a time from scratch; warm start is for the deep model "
                                   "(models.learner.Learner): remove checkpoint.warm_start")
-        rank, world = meta.get("rank", 0), meta.get("world_size", 1)
-        if rank != 0:
-            raise CheckpointError(f"{path} is rank {rank}'s part of a checkpoint round: only the stream state of its "
-                                  "partitions; the model is in the rank-0 folder's files")
+        world = meta.get("world_size", 1)
         saved = saved_config(meta)
         unknown = unknown_options(saved)
         if unknown != []:
