@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
 # (stage, owner, attribute): the function timed as that stage
 STAGES = (
-    ("validate", "consumers.tools.backtest:LoggedRecord", "events"),
+    ("validate", "consumers.tools.intake:LoggedRecord", "events"),
     ("ingest", "consumers.core.pipeline:Pipeline", "ingest"),
     ("ingest", "consumers.core.pipeline:Pipeline", "ingest_each"),
     ("join", "consumers.core.join:AttributionJoin", "add_events"),

@@ -5,17 +5,20 @@ Each subcommand lives in its own module, which exposes two functions:
 * ``add_arguments(parser: argparse.ArgumentParser) -> None``
 * ``run(args: argparse.Namespace) -> int`` (the process exit status)
 
-Modules keep heavy imports (torch, kafka) inside ``run`` so that ``crossdistil --help`` stays fast.
-A subcommand whose module does not exist yet answers "not implemented yet" with exit status 2.
+Modules keep heavy imports (torch, kafka-python, numpy) inside ``run`` so that ``crossdistil --help`` stays fast
+(tests/unit/consumers/test_cli_startup.py checks that no ``--help`` loads them), and ``main`` imports only the
+module of the subcommand it runs: ``crossdistil --help`` lists the others by name. A subcommand whose module does
+not exist yet answers "not implemented yet" with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 # name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,15 +50,25 @@ def _load(module_name: str):
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _exists(module_name: str) -> bool:
+    """Whether the subcommand's module is there, without importing it."""
+    return importlib.util.find_spec(module_name) is not None
+
+
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``crossdistil`` parser with the flags of ``commands`` (their modules imported; None: every subcommand's).
+    The other subcommands are there by name and help only."""
     parser = argparse.ArgumentParser(
         prog="crossdistil",
         description="Streaming online-learning multi-task recommender (CrossDistil) on Apache Kafka.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = _load(module_name)
-        implemented = module is not None and hasattr(module, "run")
+        if commands is None or name in commands:
+            module = _load(module_name)
+            implemented = module is not None and hasattr(module, "run")
+        else:
+            module, implemented = None, _exists(module_name)
         p = sub.add_parser(
             name,
             help=help_text if implemented else f"{help_text} [not implemented yet]",
@@ -67,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names: its first word that is not an option (``crossdistil`` itself takes none but
+    ``--help``)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_in(argv)
+    args = build_parser([command] if command else []).parse_args(argv)
     if args._module is None:
         print(f"crossdistil {args._name}: not implemented yet", file=sys.stderr)
         return 2

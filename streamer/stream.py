@@ -39,7 +39,7 @@ from streamer.datasets import open_dataset
 from streamer.datasets.base import DatasetError, Interaction
 from streamer.eventlog import DamagedRecords, EventLogError, path_from_url, read_event_log
 from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError, validate
-from streamer.kafka_security import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
+from streamer.kafka_settings import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
 
 PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
 # Pacing refuses an event this far (event time) after the latest before it: longer than a data set's weekends and

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamer.kafka_security import COMPRESSIONS, MECHANISMS, PROTOCOLS, SecurityError, client_security
+from streamer.kafka_settings import COMPRESSIONS, MECHANISMS, PROTOCOLS, SecurityError, client_security
 
 ENV_PREFIX = "CROSSDISTIL__"
 WARM_START_STREAMS = ("resume", "fresh")  # checkpoint.warm_start_stream
@@ -488,7 +488,7 @@ BOOTSTRAP_HINT = "or set kafka.bootstrap (--set kafka.bootstrap=HOST:PORT)"
 
 def kafka_client_options(k: KafkaConfig, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Every setting a kafka-python client of the daemon gets besides its own: ``client_options``, then the
-    security settings (``streamer.kafka_security``, the password from ``password_env``). Raises ConfigError
+    security settings (``streamer.kafka_settings``, the password from ``password_env``). Raises ConfigError
     saying what is missing (a SASL user, the password variable, the CA file)."""
     try:
         security = client_security(k.security_protocol, k.sasl_mechanism, k.sasl_username, k.ssl_cafile,

@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamer.topics import DEFAULT_PARTITIONS, MODEL_MAX_MESSAGE_BYTES
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 FETCH_SCRIPT = DEPLOY_DIR / "fetch.sh"
@@ -48,8 +46,6 @@ LOG4J_CONFIG = DEPLOY_DIR / "log4j2.yaml"
 LIBS_ENV = "CROSSDISTIL_KAFKA_LIBS"
 
 DEFAULT_PORT = 9092
-# The broker-wide ceiling must admit the model topic's messages (checkpoint chunks) too.
-BROKER_MAX_MESSAGE_BYTES = MODEL_MAX_MESSAGE_BYTES
 
 _STATE_FILE = "local-kafka.json"
 _PID_FILE = "broker.pid"
@@ -352,6 +348,9 @@ class LocalKafka:
         return state
 
     def _write_properties(self, state: Mapping[str, Any]) -> Path:
+        # lazy: streamer.topics loads kafka-python, which 'crossdistil kafka --help' does not need
+        from streamer.topics import DEFAULT_PARTITIONS, MODEL_MAX_MESSAGE_BYTES
+
         port, cport = state["port"], state["controller_port"]
         settings = {
             "process.roles": "broker,controller",
@@ -372,8 +371,9 @@ class LocalKafka:
             "num.partitions": str(DEFAULT_PARTITIONS),
             # Consumers joining a group should not wait 3 s for company that never comes.
             "group.initial.rebalance.delay.ms": "0",
-            "message.max.bytes": str(BROKER_MAX_MESSAGE_BYTES),
-            "replica.fetch.max.bytes": str(BROKER_MAX_MESSAGE_BYTES),
+            # The broker-wide ceiling must admit the model topic's messages (checkpoint chunks) too.
+            "message.max.bytes": str(MODEL_MAX_MESSAGE_BYTES),
+            "replica.fetch.max.bytes": str(MODEL_MAX_MESSAGE_BYTES),
             "auto.create.topics.enable": "true",
         }
         if self.sasl_ssl_port is not None:

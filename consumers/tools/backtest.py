@@ -56,38 +56,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from consumers.core.join import describe_unknown_tasks
-from consumers.core.pipeline import SampleColumns, UserCodes, sample_columns
 from consumers.runtime.config import Config, ConfigError, load_config
 from consumers.runtime.paths import check_output_folder
 from consumers.runtime.timeparse import parse_time
 from consumers.state.wire import stable_hash
-from consumers.tools.comparison import adjust, compare_runs, config_differences
-from consumers.tools.comparison import method as comparison_method
-from consumers.tools.failures import Dropped, Failures, FiniteLoss, describe_failure
-from consumers.tools.intake import (
-    DEAD_LETTER_EXAMPLES,
-    DEFAULT_CACHE_LIMIT,
-    IntakeError,
-    IntakeGroup,
-    IntakeProcess,
-    LoggedRecord,
-    LogRecords,
-    ReplayCache,
-    add_dead_letter_examples,
-    check_time_range,
-    format_size,
-    log_records,
-    parse_size,
-)
-from models.features import batch_from_columns
 from streamer.eventlog import DamagedRecords, EventLogError
 from streamer.events import EventError, decode_events
-from streamer.kafka_security import add_client_arguments, client_options_from_args, connection_failure, preflight
+from streamer.kafka_settings import add_client_arguments, client_options_from_args
 
+# The pipeline, the intake, the comparison, the failures and the features load numpy, and the Kafka preflight
+# kafka-python: the functions that use them import them ("# lazy: numpy"), so that building the parser
+# (crossdistil backtest --help) loads neither.
 if TYPE_CHECKING:
     import numpy as np
 
-    from consumers.core.pipeline import Pipeline
+    from consumers.core.pipeline import Pipeline, UserCodes
+    from consumers.tools.failures import Failures
+    from consumers.tools.intake import IntakeGroup, LoggedRecord, LogRecords, ReplayCache
 
 SUMMARY_FORMAT = 1
 LAST_FRACTION = 0.2  # "prequential AUC over the last 20% of the stream", as the trainer's acceptance reports it
@@ -144,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "log, range, join, batching and feature sets, ~40%% of the log's size), and read it "
                              "instead on a later replay of the same: the same numbers, no intake work (safe to "
                              "delete; a changed log or code is a new entry)")
-    parser.add_argument("--replay-cache-limit", type=_size_arg, default=DEFAULT_CACHE_LIMIT, metavar="SIZE",
+    parser.add_argument("--replay-cache-limit", type=_size_arg, default=None, metavar="SIZE",
                         help="the most the --replay-cache folder keeps, e.g. 500M, 20G (default 20G): after a replay, "
                              "the least recently used entries are removed until the rest fit, and an entry larger than "
                              "this by itself is not kept")
@@ -168,8 +153,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``crossdistil backtest``; returns the exit status."""
-
+    # lazy: torch and numpy, which building the parser does not need
     import torch
+
+    from consumers.tools.intake import IntakeError
 
     torch.set_num_threads(max(1, args.torch_threads))
     out = Path(args.out)
@@ -244,6 +231,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _say_failed(name: str, failure: dict[str, Any]) -> None:
     """The line a configuration's failure gets on stderr when it happens (``run_backtest``'s ``on_failure``)."""
+    # lazy: numpy
+    from consumers.tools.failures import describe_failure
+
     print(f"crossdistil backtest: configuration {name!r} failed: {describe_failure(failure)}; dropped from the "
           "replay, the others go on", file=sys.stderr)
 
@@ -253,6 +243,10 @@ def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Pa
     """A replay's lines after its outputs: per configuration its figures and, with several, each one's verdict
     against the first on stdout; the summary's (``data``) warnings, the first dead letters, the replay cache's hint
     and upkeep on stderr."""
+    # lazy: numpy
+    from consumers.tools.failures import describe_failure
+    from consumers.tools.intake import format_size
+
     print(f"crossdistil backtest: {result.records} records, {n_configs} configuration(s), {result.batching} "
           f"batching -> {out}/report.md")
     for name, run_ in result.runs.items():
@@ -291,6 +285,9 @@ def _say_what_was_done(result: BacktestResult, args: argparse.Namespace, out: Pa
 
 def _size_arg(text: str) -> int:
     """argparse's type for a size: ``parse_size``, its error said as argparse says a bad value."""
+    # lazy: numpy
+    from consumers.tools.intake import parse_size
+
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -373,6 +370,15 @@ READ_AHEAD = 2000  # records polled at a time per partition (and so at most held
 STALL_S = 120.0  # a partition that yields nothing for this long while its range is unfinished is an error
 
 
+def log_records(url: str, from_ms: int | None = None, to_ms: int | None = None, limit: int | None = None,
+                topics: Sequence[str] | None = None, skip_damaged: bool = False) -> tuple[LogRecords, dict[str, Any]]:
+    """The records of an event log: ``consumers.tools.intake.log_records``, here beside ``kafka_records``."""
+    # lazy: numpy
+    from consumers.tools import intake
+
+    return intake.log_records(url, from_ms, to_ms, limit, topics, skip_damaged)
+
+
 def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | None = None,
                   to_offset: int | None = None, from_ms: int | None = None, to_ms: int | None = None,
                   limit: int | None = None, read_ahead: int = READ_AHEAD,
@@ -387,7 +393,10 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
     (``KafkaRange.read``; None: ``run_backtest`` merges for each configuration with its ``join.max_future_s``). Raises
     ``ValueError`` for a bad or empty range, ``ConnectionError`` when the broker is not reachable.
     """
+    # lazy: numpy
     from kafka import TopicPartition
+
+    from consumers.tools.intake import check_time_range
 
     if (from_offset is not None or to_offset is not None) and (from_ms is not None or to_ms is not None):
         raise ValueError("give an offset range (--from-offset/--to-offset) or a time range (--from-time/--to-time), "
@@ -436,9 +445,11 @@ def kafka_records(bootstrap: str, topics: Sequence[str], *, from_offset: int | N
 def _range_consumer(bootstrap: str, **options: Any) -> Any:
     """A group-less, non-committing consumer that creates no topic (a backtest reads; it never moves a group's
     offsets, nor makes a topic it was given by mistake)."""
+    # lazy: kafka-python
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    from streamer.kafka_security import connection_failure, preflight
     from streamer.topics import honour_auto_create  # lazy: kafka-python, only for a topic range
 
     options = {"reconnect_backoff_max_ms": 2000, "bootstrap_timeout_ms": 10_000, **options}
@@ -553,6 +564,14 @@ def _ordered(topic: str, partition: int, messages: Iterable[Any], max_future_s: 
 # ------------------------------------------------------------------------------------------------ replay
 
 
+def _user_codes() -> UserCodes:
+    """A new ``consumers.core.pipeline.UserCodes`` (``ConfigRun.coder``)."""
+    # lazy: numpy
+    from consumers.core.pipeline import UserCodes
+
+    return UserCodes()
+
+
 @dataclass
 class ConfigRun:
     """One configuration's pipeline and what the replay recorded from it."""
@@ -568,7 +587,7 @@ class ConfigRun:
     labels: dict[str, list] = field(default_factory=dict)
     scores: dict[str, list] = field(default_factory=dict)
     user_codes: list = field(default_factory=list)  # per batch, int32 codes of the users (``UserCodes``)
-    coder: UserCodes = field(default_factory=UserCodes)  # where the batches do not come coded (an intake's do)
+    coder: UserCodes = field(default_factory=_user_codes)  # where the batches do not come coded (an intake's do)
     batch_sizes: list[int] = field(default_factory=list)  # of every trained batch, in order
     seconds: float = 0.0
     leader: str | None = None  # the configuration whose join and batcher cut this one's batches (run_backtest)
@@ -582,6 +601,9 @@ class ConfigRun:
     def on_batch(self, samples: list, labels: dict[str, np.ndarray], scores: dict[str, np.ndarray],
                  fired: list[tuple[str, str]]) -> None:
         """Pipeline hook: keep the prequential predictions, detections and, every N samples, a series point."""
+        # lazy: numpy
+        from consumers.core.pipeline import SampleColumns, sample_columns
+
         ids, users, ts_ms = sample_columns(samples)
         self.batch_sizes.append(len(samples))
         self.impression_ids += ids
@@ -602,6 +624,9 @@ class ConfigRun:
     def drop(self) -> None:
         """After a failure: stop its learner (a learner process) and let go of the model and the predictions (an
         out-of-memory failure frees what it held); the counts its failure names stay."""
+        # lazy: numpy
+        from consumers.tools.failures import Dropped
+
         if self.pipeline is not None:  # None: it was never built
             with contextlib.suppress(Exception):  # a learner process that died already
                 self.pipeline.close()
@@ -728,7 +753,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
                  sample_every: int | None = None, progress: bool = False, total: int | None = None,
                  progress_unit: str = "records", intake: str = "auto",
                  replay_cache: str | os.PathLike | None = None,
-                 replay_cache_limit: int = DEFAULT_CACHE_LIMIT,
+                 replay_cache_limit: int | None = None,
                  on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> BacktestResult:
     """Replay ``records`` through one pipeline per configuration (decoded once, fed to each in the same order).
 
@@ -751,7 +776,7 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     ``replay_cache``: a folder where an intake process's output is kept (``consumers.tools.intake.ReplayCache``); a
     later replay of the same log, range, join, batching and feature sets (and code) reads it instead of starting the
     intake process (``BacktestResult.intake`` is then ``"cache"``): the same batches, so the same numbers. The folder
-    keeps at most ``replay_cache_limit`` bytes of entries, the least recently used removed first.
+    keeps at most ``replay_cache_limit`` bytes of entries (None: 20 GiB), the least recently used removed first.
 
     A configuration that raises while it trains (its step, its loss not finite, its metrics, its learner process) is
     dropped there: ``on_failure(name, failure)`` is called at once, the others go on to the end, and the result has
@@ -762,7 +787,10 @@ def run_backtest(records: Iterable[Record | LoggedRecord], configs: dict[str, Co
     A Kafka range is read once per distinct ``join.max_future_s`` of its groups (``_replay_passes``).
     """
     from consumers.runtime.processes import tune_gc  # lazy: the replay's imports load only when one runs
+    from consumers.tools.failures import Failures
+    from consumers.tools.intake import DEFAULT_CACHE_LIMIT, LogRecords
 
+    replay_cache_limit = DEFAULT_CACHE_LIMIT if replay_cache_limit is None else replay_cache_limit
     _check_options(sample_every, batching, intake, replay_cache_limit)
     check_configs(configs)
     tune_gc()
@@ -885,6 +913,9 @@ def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense:
     events are described into ``examples``. Stops (without the end's flush) once every configuration of the groups
     of ``leaders`` has failed. ``future_bound`` (records with Kafka timestamps): each group's events are decoded
     with its ``join.max_future_s`` against each record's timestamp (``Record.events``), once per distinct bound."""
+    # lazy: numpy
+    from consumers.tools.intake import DEAD_LETTER_EXAMPLES, add_dead_letter_examples
+
     # Event time: train after every record, as the clock may cut a batch at any record. Dense: the batches do
     # not depend on when samples are collected (the join closes windows as records arrive; only batch_size cuts),
     # so train every DENSE_TRAIN_EVERY records, as the live trainer does once per poll. Groups are independent,
@@ -926,6 +957,9 @@ def _replay_inline(records: Iterable[Any], leaders: dict[Any, ConfigRun], dense:
 
 def _why_inline(records: Iterable[Any], runs: dict[str, ConfigRun], batching: str) -> str | None:
     """Why this replay cannot take its input from an intake process (None: it can)."""
+    # lazy: numpy
+    from consumers.tools.intake import LogRecords
+
     if batching != "dense":
         return "event-time batching cuts batches on the replay clock of each pipeline (use --batching dense)"
     if not isinstance(records, LogRecords):
@@ -956,6 +990,9 @@ class _Prepared:
         self.current, self.index, self.tasks = current, index, tuple(tasks)
 
     def __call__(self, samples: list) -> Any:
+        # lazy: numpy
+        from models.features import batch_from_columns
+
         return batch_from_columns(_columns_of(self.current, samples, self.index), self.tasks)
 
 
@@ -989,6 +1026,9 @@ class _PreparedRemote:
 
 def _intake_group(leader: ConfigRun) -> IntakeGroup:
     """What an intake cuts and encodes for a group (the leader and the configurations that train its batches)."""
+    # lazy: numpy
+    from consumers.tools.intake import IntakeGroup
+
     pipeline = leader.pipeline
     return IntakeGroup(pipeline.join.config, pipeline.batcher.batch_size, pipeline.tasks,
                        tuple(_feature_sets(leader)[2]))
@@ -1079,6 +1119,9 @@ def _replay_with_intake(records: Any, runs: dict[str, ConfigRun], leaders: list[
     counters are the intake's. (records, events, the intake: "process" or "cache", ``BacktestResult.processes``,
     ``BacktestResult.damaged``: what the intake skipped of a log read with skip_damaged).
     Once every configuration has failed the intake is stopped (and no cache entry is kept: it would be cut short)."""
+    # lazy: numpy
+    from consumers.tools.intake import IntakeProcess, ReplayCache
+
     groups = [_intake_group(leader) for leader in leaders]
     cache = None if replay_cache is None else ReplayCache(replay_cache, records, groups, DENSE_TRAIN_EVERY,
                                                           replay_cache_limit)
@@ -1124,6 +1167,9 @@ def _cache_upkeep(cache: ReplayCache, cached: bool, spool: Any) -> dict[str, Any
     """After a replay that read (``cached``) or wrote its cache entry: the entry made the most recent, the folder
     kept within its limit; what ``BacktestResult.processes["replay_cache"]`` says (file, hit, bytes, evicted,
     error)."""
+    # lazy: numpy
+    from consumers.tools.intake import format_size
+
     info: dict[str, Any] = {"file": str(cache.path), "hit": cached, "limit_bytes": cache.limit}
     if spool is not None and spool.error:
         info["error"] = spool.error
@@ -1148,6 +1194,9 @@ def _cache_upkeep(cache: ReplayCache, cached: bool, spool: Any) -> dict[str, Any
 def _on_intake_message(message: dict[str, Any], leaders: list[ConfigRun], currents: list[dict[str, Any]],
                        counts: dict[str, Any], advance: Any, progress_unit: str) -> None:
     """One message of an intake: progress, a batch to train, or the end of the stream."""
+    # lazy: numpy
+    from consumers.core.pipeline import SampleColumns
+
     op = message["op"]
     if op == "read":
         advance(message["records"] - counts["records"] if progress_unit == "records"
@@ -1206,12 +1255,14 @@ def _grouped_runs(configs: dict[str, Config], batching: str, sample_every: int |
     its learner process, an option only its model's constructor rejects) is dropped at once (reason ``build``; its
     ``pipeline`` is None, its ``leader`` the group it would have trained in): the group's first configuration that
     was built leads the group, so the others replay as they do without it."""
+    # lazy: numpy
     from prometheus_client import CollectorRegistry
 
     # lazy: torch, numpy and the models load only when a replay runs (crossdistil --help stays fast)
     from consumers.core.pipeline import EventClock, InProcessLearner, Pipeline
     from consumers.runtime.assembly import build_pipeline
     from consumers.runtime.telemetry import TrainerMetrics
+    from consumers.tools.failures import Failures, FiniteLoss
 
     failures = failures if failures is not None else Failures()
     runs: dict[str, ConfigRun] = {}
@@ -1297,6 +1348,9 @@ class Forwarding:
     in_flight = 0
 
     def __init__(self, failures: Failures | None = None) -> None:
+        # lazy: numpy
+        from consumers.tools.failures import Failures
+
         self.members: list[ConfigRun] = []
         self.failures = failures if failures is not None else Failures()
         self.forwarded_s = 0.0
@@ -1334,7 +1388,9 @@ class SharedEncoding:
 
     def __init__(self, features: Any, tasks: Sequence[str]) -> None:
         # lazy: the pipeline and the models load only when a replay runs (crossdistil --help stays fast)
+        # lazy: numpy
         from consumers.core.pipeline import encode_samples
+        from models.features import batch_from_columns
 
         self.features, self.tasks = features, tuple(tasks)
         self._encode = lambda samples: batch_from_columns(encode_samples(samples, features, self.tasks), self.tasks)
@@ -1528,6 +1584,10 @@ def comparison_of(result: BacktestResult) -> dict[str, Any]:
     """summary.json's ``comparison``: each configuration against the first (``compare_runs``). One that failed is
     ``not comparable`` (its predictions stop part-way); when the first failed, every other one is (there is no
     baseline: a comparison against another configuration would answer another question than the one asked)."""
+    # lazy: numpy
+    from consumers.tools.comparison import adjust, compare_runs
+    from consumers.tools.comparison import method as comparison_method
+
     names, runs = result.names, result.runs
     base = names[0]
     if base in runs and len(runs) > 1:
@@ -1602,6 +1662,9 @@ def replayed(result: BacktestResult) -> dict[str, Any]:
     """What was replayed besides the input's description: the event time of the first and last trained impression,
     the configurations' groups (those of a group trained the same batches) and each configuration's effective
     settings that differ from the first's."""
+    # lazy: numpy
+    from consumers.tools.comparison import config_differences
+
     times = [t for run_ in result.runs.values() for t in (min(run_.event_ts_ms, default=None),
                                                            max(run_.event_ts_ms, default=None)) if t is not None]
     groups: dict[str, list[str]] = {}
@@ -1686,6 +1749,9 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
     """summary.json, series_<config>.csv, timing.json, auc_<task>.png and report.md into ``out``; the paths written and
     the summary (``summary``: its ``warnings`` are what the command says on stderr, computed once). ``command``: the
     command line that ran, for timing.json and the report's header (with the code's commit, ``code_version``)."""
+    # lazy: numpy
+    from consumers.tools.failures import describe_failure
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
     seconds: dict[str, float] = {}
@@ -1907,6 +1973,9 @@ def _provenance_lines(data: dict[str, Any], timing: dict[str, Any]) -> list[str]
 
 def _failed_lines(data: dict[str, Any]) -> list[str]:
     """The report's first section when a configuration failed: which, where in the replay, after how much, and why."""
+    # lazy: numpy
+    from consumers.tools.failures import describe_failure
+
     failed = data.get("failed")
     if not failed:
         return []

@@ -9,8 +9,7 @@ import shutil
 import sys
 
 from consumers.runtime.local_kafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, default_data_dir
-from streamer.kafka_security import PASSWORD_ENV, SecurityError
-from streamer.topics import DEFAULT_PARTITIONS, TopicError, ensure_topics
+from streamer.kafka_settings import PASSWORD_ENV, SecurityError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"client port (default: the data dir's last port, else {DEFAULT_PORT})")
     parser.add_argument("--data-dir", default=None,
                         help=f"broker state, logs and pid file (default: {default_data_dir()})")
-    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS,
-                        help="partitions of the impressions, feedback and dead-letters topics (up only)")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="partitions of the impressions, feedback and dead-letters topics (up only; default: "
+                             "streamer.topics.DEFAULT_PARTITIONS)")
     parser.add_argument("--no-topics", action="store_true", help="do not create the default topics (up only)")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the broker to start or stop")
     parser.add_argument("--delete-data", action="store_true", help="after stopping, delete the data dir (down only)")
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``crossdistil kafka up|down|status``."""
+    # lazy: kafka-python's admin client, which building the parser (crossdistil --help) does not need
+    from streamer.topics import DEFAULT_PARTITIONS, TopicError, ensure_topics
+
     try:
         broker = LocalKafka(port=args.port, data_dir=args.data_dir, **_secure_listener(args))
         if args.action == "status":
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"SASL_SSL listener at {broker.secure_bootstrap} (user {args.sasl_user!r}); clients trust "
                   f"{broker.ca_file} (ssl_cafile)")
         if not args.no_topics:
-            topics = ensure_topics(broker.bootstrap, partitions=args.partitions)
+            partitions = DEFAULT_PARTITIONS if args.partitions is None else args.partitions
+            topics = ensure_topics(broker.bootstrap, partitions=partitions)
             print("topics: " + ", ".join(f"{name} ({state})" for name, state in topics.items()))
         return 0
     except (LocalKafkaError, TopicError, SecurityError) as exc:

@@ -23,7 +23,8 @@ import pytest
 
 from consumers.runtime.local_kafka import LocalKafka, free_port
 from consumers.runtime.processes import die_with_parent
-from streamer.kafka_security import LoginRefused, WrongListener, check_listener, check_login, client_security
+from streamer.kafka_security import LoginRefused, WrongListener, check_listener, check_login
+from streamer.kafka_settings import client_security
 from tests.trainer_config import write_trainer_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,15 +15,8 @@ import threading
 import pytest
 from kafka.errors import KafkaError
 
-from streamer.kafka_security import (
-    LoginRefused,
-    SecurityError,
-    WrongListener,
-    check_listener,
-    check_login,
-    client_security,
-    connection_failure,
-)
+from streamer.kafka_security import LoginRefused, WrongListener, check_listener, check_login, connection_failure
+from streamer.kafka_settings import SecurityError, client_security
 
 ENV = {"CROSSDISTIL_KAFKA_PASSWORD": "s3cret"}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from consumers.tools.backtest import LoggedRecord, Record, log_records
-from consumers.tools.intake import StrayRecord
+from consumers.tools.backtest import Record, log_records
+from consumers.tools.intake import LoggedRecord, StrayRecord
 from streamer.eventlog import EventLogWriter
 from streamer.events import DEFAULT_LIMITS, EventError
 
