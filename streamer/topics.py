@@ -3,7 +3,9 @@ local broker's ``crossdistil kafka up``, the demo and the tests).
 
 Impressions, feedback and dead letters are keyed by user id and share a partition count, so a user's events
 have the same partition number on every topic; the model topic (``consumers.state.wire``) has one compacted
-partition so that publications stay in order and only the newest of each key is kept.
+partition so that publications stay in order and only the newest of each key is kept. Dead letters are kept for
+``DEAD_LETTER_RETENTION_DAYS`` (the trainer's ``kafka.dead_letter_retention_days``), not the broker's default
+``retention.ms`` (7 days), so that bad events do not expire before someone looks at them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from streamer.events import DEAD_LETTER_TOPIC, FEEDBACK_TOPIC, IMPRESSION_TOPIC,
 
 DEFAULT_PARTITIONS = 4
 MODEL_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEAD_LETTER_RETENTION_DAYS = 30.0  # the default of kafka.dead_letter_retention_days (-1: kept forever)
 
 
 class TopicError(RuntimeError):
@@ -40,16 +43,17 @@ def ensure_topics(
     """Create the default topics if they do not exist yet; return ``{topic: "created" | "exists"}``.
 
     Impressions, feedback and dead letters get ``partitions`` partitions (events are keyed by user id, so a
-    user's impressions and feedback share a partition number across the two topics). The model topic has one
+    user's impressions and feedback share a partition number across the two topics); dead letters are kept for
+    ``DEAD_LETTER_RETENTION_DAYS`` (``dead_letter_topic_spec``). The model topic has one
     partition, so checkpoints stay in order, is compacted, and admits messages up to ``model_max_message_bytes``.
     Existing topics are left as they are. Waits until every topic has a leader for every partition.
     ``client_options``: extra kafka-python admin client settings (security_protocol, sasl_*, ssl_*, ...).
     """
 
     wanted: dict[str, dict[str, Any]] = {
-        name: {"num_partitions": partitions, "replication_factor": 1}
-        for name in (impression_topic, feedback_topic, dead_letter_topic)
+        name: {"num_partitions": partitions, "replication_factor": 1} for name in (impression_topic, feedback_topic)
     }
+    wanted[dead_letter_topic] = {**dead_letter_topic_spec(partitions), "replication_factor": 1}
     wanted[model_topic] = model_topic_spec(model_max_message_bytes)
     timeout_ms = int(timeout_s * 1000)
     try:
@@ -90,6 +94,40 @@ def create_model_topic(bootstrap: str, topic: str, *, client_options: Mapping[st
     admin = _admin(bootstrap, "crossdistil-model-topic", timeout_ms, client_options)
     try:
         admin.create_topics({topic: model_topic_spec(max_message_bytes)}, timeout_ms=timeout_ms)
+        admin.wait_for_topics([topic], timeout_ms=timeout_ms)
+        return True
+    except TopicAlreadyExistsError:
+        return False
+    finally:
+        admin.close()
+
+
+def retention_ms(days: float) -> int:
+    """Kafka's ``retention.ms`` for ``days`` (-1: kept forever, as Kafka's -1).
+
+    >>> retention_ms(30), retention_ms(0.5), retention_ms(-1)
+    (2592000000, 43200000, -1)
+    """
+    return -1 if days == -1 else round(days * 86_400_000)
+
+
+def dead_letter_topic_spec(partitions: int, retention_days: float = DEAD_LETTER_RETENTION_DAYS) -> dict[str, Any]:
+    """How a dead-letter topic is made: ``partitions`` partitions (those of the input topics: a dead letter has its
+    source message's key, so it lands on the same partition number), the broker's default replication factor
+    (``default.replication.factor``), and dead letters kept for ``retention_days`` (-1: forever)."""
+    return {"num_partitions": partitions, "replication_factor": -1,
+            "configs": {"cleanup.policy": "delete", "retention.ms": str(retention_ms(retention_days))}}
+
+
+def create_dead_letter_topic(bootstrap: str, topic: str, partitions: int, retention_days: float, *,
+                             client_options: Mapping[str, Any] | None = None, timeout_s: float = 10.0) -> bool:
+    """Create the dead-letter topic ``topic`` as ``dead_letter_topic_spec`` says; False when it exists already.
+    Raises ``kafka.errors.KafkaError`` when Kafka refuses (e.g. TopicAuthorizationFailedError: the client may not
+    create topics)."""
+    timeout_ms = int(timeout_s * 1000)
+    admin = _admin(bootstrap, "crossdistil-dead-letter-topic", timeout_ms, client_options)
+    try:
+        admin.create_topics({topic: dead_letter_topic_spec(partitions, retention_days)}, timeout_ms=timeout_ms)
         admin.wait_for_topics([topic], timeout_ms=timeout_ms)
         return True
     except TopicAlreadyExistsError:

@@ -63,6 +63,10 @@ class KafkaConfig:
     feedback_topic: str = _f("feedback", "topic of feedback events")
     model_topic: str = _f("model-updates", "serving topic the trainer publishes checkpoints to (compacted)")
     dead_letter_topic: str = _f("dead-letters", "topic that receives every event failing decoding or validation")
+    # 30.0 is streamer.topics.DEAD_LETTER_RETENTION_DAYS (not imported: the configuration loads without kafka-python)
+    dead_letter_retention_days: float = _f(30.0, "the trainer makes a missing kafka.dead_letter_topic at start with "
+                                                 "its input topics' partition count and this retention (Kafka's "
+                                                 "default is 7 days); -1 = forever. An existing topic is left as it is")
     poll_timeout_ms: int = _f(200, "poll timeout; short so the stop flag is checked often")
     max_poll_records: int = _f(2000, "records per poll; bounded so one poll plus one step stays far below "
                                      "max_poll_interval_ms")
@@ -432,6 +436,9 @@ def _check_ranges(cfg: Config) -> None:
     for key, (value, zero) in zero_or_more.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0{f' ({zero})' if zero else ''}, got {value}")
+    if k.dead_letter_retention_days <= 0 and k.dead_letter_retention_days != -1:
+        raise ConfigError(f"kafka.dead_letter_retention_days: expected days > 0 or -1 (forever), got "
+                          f"{k.dead_letter_retention_days}")
     if j.max_skew_s < 0 and j.max_skew_s != -1:
         raise ConfigError(f"join.max_skew_s: expected seconds >= 0 or -1, got {j.max_skew_s}")
     if not CHUNK_BYTES[0] <= cfg.publish.chunk_bytes <= CHUNK_BYTES[1]:

@@ -99,7 +99,13 @@ from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED
 from consumers.trainer.freshness import Freshness
-from consumers.trainer.kafka_io import KafkaIO, check_model_topic, connect, newest_published_version
+from consumers.trainer.kafka_io import (
+    DeadLetterTopicError,
+    KafkaIO,
+    check_model_topic,
+    connect,
+    newest_published_version,
+)
 from consumers.trainer.publisher import Publisher, retry_delay_s
 from streamer.events import EventError
 from streamer.kafka_security import connection_failure
@@ -233,6 +239,9 @@ class Trainer:
         k = self.cfg.kafka
         try:
             clients = call_unless_stopped(self._connect, lambda: self.stop_requested, discard=close_clients)
+        except DeadLetterTopicError as exc:  # missing, and Kafka refused to make it (2) or could not answer (3)
+            print(f"crossdistil train: {exc}", file=sys.stderr)
+            return self._abandon_start(http, exc.status)
         except KafkaError as exc:
             failure = connection_failure(k.bootstrap, kafka_client_options(k), exc, hint=BOOTSTRAP_HINT)
             print(f"crossdistil train: {failure}", file=sys.stderr)

@@ -2,10 +2,11 @@
 
 ``positions`` are the truth the checkpoint keeps: per (topic, partition), the offset after the last record
 whose events went into the join. On assignment every partition is sought to its position (partitions without
-one: ``--from-time``'s offset, else the beginning). Offsets committed to Kafka are never read back: they feed
-lag dashboards, and re-committing the checkpointed positions every ``FENCE_PROBE_S`` seconds is how a takeover
-by another trainer with the same ``group_instance_id`` is noticed (``fenced``; kafka-python only notices one on
-a group request).
+one: ``--from-time``'s offset, else the beginning; one assigned later than the start, of a topic made after it, is
+paused until its ``--from-time`` offset is looked up after the poll). Offsets committed to Kafka are never read
+back: they feed lag dashboards, and re-committing the checkpointed positions every ``FENCE_PROBE_S`` seconds is
+how a takeover by another trainer with the same ``group_instance_id`` is noticed (``fenced``; kafka-python only
+notices one on a group request).
 
 The rebalance listener stays light (kafka-python runs it inside ``poll``; a blocking listener stalls the
 group protocol): a revocation only asks for a checkpoint (``revoked``), which the trainer's loop takes right
@@ -27,14 +28,31 @@ from collections.abc import Mapping
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import CorruptRecordError, FencedInstanceIdError, KafkaError, UnsupportedCodecError
+from kafka.errors import (
+    AuthorizationError,
+    CorruptRecordError,
+    FencedInstanceIdError,
+    InvalidConfigurationError,
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
+    KafkaError,
+    PolicyViolationError,
+    UnsupportedCodecError,
+)
 
 from consumers.core.join import AttributionJoin
 from consumers.runtime.config import KafkaConfig, kafka_client_options
 from consumers.runtime.ranks import owned_partitions
 from consumers.state.wire import manifest_version
 from streamer.kafka_security import preflight
-from streamer.topics import cleanup_policy, create_model_topic, honour_auto_create
+from streamer.topics import (
+    DEFAULT_PARTITIONS,
+    cleanup_policy,
+    create_dead_letter_topic,
+    create_model_topic,
+    honour_auto_create,
+    retention_ms,
+)
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -121,9 +139,10 @@ def check_model_topic(k: KafkaConfig) -> None:
                 log.info("created the serving topic %s (one partition, compacted)", k.model_topic)
             return
     except KafkaError as exc:
-        log.warning("could not check or create the serving topic %s (%s: %s); the first publication creates it "
-                    "with the broker's defaults if the broker creates topics (then without compaction)",
-                    k.model_topic, type(exc).__name__, exc)
+        log.warning("could not check or create the serving topic %s (%s: %s); publications fail until it exists (the "
+                    "trainer never has it made on request, which would lack compaction): create it with "
+                    "'kafka-topics.sh --bootstrap-server %s --create --topic %s --partitions 1 --config "
+                    "cleanup.policy=compact'", k.model_topic, type(exc).__name__, exc, k.bootstrap, k.model_topic)
         return
     if "compact" not in policy.split(","):
         log.warning("the serving topic %s has cleanup.policy=%s, not compact: every publication is kept until "
@@ -133,10 +152,63 @@ def check_model_topic(k: KafkaConfig) -> None:
                     policy, k.bootstrap, k.model_topic)
 
 
+class DeadLetterTopicError(RuntimeError):
+    """The dead-letter topic is missing and could not be made at start: ``status`` 2 when Kafka refused (a restart
+    would be refused too), 3 when it could not answer."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Kafka's answers to a topic creation that a retry would get again (not authorised, a policy, a setting it rejects).
+CREATION_REFUSED = (AuthorizationError, PolicyViolationError, InvalidConfigurationError, InvalidPartitionsError,
+                    InvalidReplicationFactorError)
+
+
+def check_dead_letter_topic(k: KafkaConfig, consumer: Any) -> None:
+    """At start: make ``k.dead_letter_topic`` if it is missing, as ``streamer.topics.dead_letter_topic_spec`` says,
+    with the input topics' partition count (a dead letter has its source message's key) and
+    ``k.dead_letter_retention_days``. The producer never has it made on request (``connect``), which would give it the
+    broker's defaults (7 days' retention: bad events silently expire) or, on a broker that does not create topics,
+    fail only at the first bad event. Raises ``DeadLetterTopicError`` naming the command that creates it."""
+    found = consumer.partitions_for_topic(k.dead_letter_topic)  # the consumer never asks for auto-creation
+    if found:
+        log.info("dead letters go to %s (%d partitions; an existing topic is left as it is)", k.dead_letter_topic,
+                 len(found))
+        return
+    counts = {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in (k.impressions_topic,
+                                                                                    k.feedback_topic)}
+    like = next((topic for topic, n in counts.items() if n), None)
+    partitions = counts[like] if like else DEFAULT_PARTITIONS
+    days = k.dead_letter_retention_days
+    command = (f"'kafka-topics.sh --bootstrap-server {k.bootstrap} --create --topic {k.dead_letter_topic} --partitions "
+               f"{partitions} --config retention.ms={retention_ms(days)}'")
+    try:
+        created = create_dead_letter_topic(k.bootstrap, k.dead_letter_topic, partitions, days,
+                                           client_options=kafka_client_options(k))
+    except CREATION_REFUSED as exc:
+        raise DeadLetterTopicError(
+            f"the dead-letter topic {k.dead_letter_topic} does not exist on {k.bootstrap} and Kafka refused to create "
+            f"it ({type(exc).__name__}: {exc}); create it with {command}, or point kafka.dead_letter_topic at an "
+            "existing topic", status=2) from exc
+    except KafkaError as exc:
+        raise DeadLetterTopicError(
+            f"could not check or create the dead-letter topic {k.dead_letter_topic} on {k.bootstrap} "
+            f"({type(exc).__name__}: {exc}); start again once Kafka answers, or create it with {command}",
+            status=3) from exc
+    if created:
+        kept = "forever" if days == -1 else f"{days:g} days"
+        source = f"as {like} has" if like else "the input topics do not exist yet: streamer.topics.DEFAULT_PARTITIONS"
+        log.info("created the dead-letter topic %s: %d partitions (%s), dead letters kept %s "
+                 "(kafka.dead_letter_retention_days)", k.dead_letter_topic, partitions, source, kept)
+
+
 def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer, KafkaProducer]:
     """The trainer's consumer (group ``k.group_id``, static membership unless disabled, no auto-commit) and its
-    idempotent producer (dead letters, publications; record batches compressed with ``k.compression``). Raises
-    ``kafka.errors.KafkaError`` when Kafka is away.
+    idempotent producer (dead letters, publications; record batches compressed with ``k.compression``); the dead-letter
+    topic exists when it returns (``check_dead_letter_topic``). Raises ``kafka.errors.KafkaError`` when Kafka is away,
+    ``DeadLetterTopicError`` when the dead-letter topic is missing and cannot be made.
 
     ``group_member=False`` (a rank of several, ``KafkaIO.assign_static``): the consumer never joins the group (no
     group_instance_id); it only commits its own partitions' offsets there, for lag dashboards."""
@@ -165,14 +237,20 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer
         max_poll_interval_ms=k.max_poll_interval_ms,
         **{**client_options(options, KafkaConsumer.DEFAULT_CONFIG), "allow_auto_create_topics": False},
     ))
+    # Nor any topic it produces to: the dead-letter and serving topics are made as they should be at start
+    # (check_dead_letter_topic, check_model_topic); one made on request would get the broker's defaults.
+    producer = None
     try:
-        producer = KafkaProducer(
+        producer = honour_auto_create(KafkaProducer(
             bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
             max_request_size=16 * 1024 * 1024,
-            **client_options(producer_options, KafkaProducer.DEFAULT_CONFIG),
-        )
-    except Exception:
+            **{**client_options(producer_options, KafkaProducer.DEFAULT_CONFIG), "allow_auto_create_topics": False},
+        ))
+        check_dead_letter_topic(k, consumer)
+    except BaseException:
         consumer.close(autocommit=False)
+        if producer is not None:
+            producer.close(timeout=1)
         raise
     return consumer, producer
 
@@ -209,6 +287,8 @@ class KafkaIO:
         self.positions: dict[tuple[str, int], int] = {}  # next offset to process, per (topic, partition)
         self.checkpointed: dict[tuple[str, int], int] = {}  # the positions of the last checkpoint
         self.start_offsets: dict[tuple[str, int], int] = {}  # --from-time, for partitions without a position
+        self.start_ms: int | None = None  # --from-time, for partitions assigned later (a topic made after the start)
+        self.awaiting_start: set = set()  # such partitions, paused until their --from-time offset is looked up
         self.paused: set = set()
         self.partition_pauses = 0  # partitions paused so far (a partition paused twice counts twice)
         self.fenced = False  # another trainer with our group_instance_id took over (exit 5)
@@ -229,6 +309,7 @@ class KafkaIO:
     def subscribe(self, start_ms: int | None = None) -> None:
         """Subscribe to the topics; with ``start_ms`` (``--from-time``), partitions without a position start at
         the first record stamped at or after it."""
+        self.start_ms = start_ms
         if start_ms is not None:
             self.start_offsets = self.offsets_at(start_ms)
         self._subscribed_ms = time.monotonic() * 1000  # metadata older than this may not list the topics yet
@@ -254,6 +335,7 @@ class KafkaIO:
             raise ValueError(f"{world_size} ranks need at least {world_size} partitions per topic, "
                              f"{self.topics[0]} has {impressions}: add partitions (kafka-topics --alter --partitions) "
                              "or run fewer ranks")
+        self.start_ms = start_ms
         if start_ms is not None:
             self.start_offsets = self.offsets_at(start_ms)
         owned = owned_partitions(impressions, rank, world_size)
@@ -264,7 +346,8 @@ class KafkaIO:
 
     def poll(self, timeout_ms: int) -> dict:
         """One poll (``{TopicPartition: [records]}``); every ``FENCE_PROBE_S`` the checkpointed positions are
-        re-committed so a takeover is noticed (``fenced``)."""
+        re-committed so a takeover is noticed (``fenced``). Partitions assigned during it that wait for their
+        ``--from-time`` offset (``awaiting_start``) are sought there and resumed after it."""
         started = time.monotonic()
         try:
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.k.max_poll_records)
@@ -272,6 +355,8 @@ class KafkaIO:
             self.fenced, polled = True, {}
         except (UnsupportedCodecError, CorruptRecordError) as exc:
             self.unreadable, polled = self._unreadable(exc), {}
+        if self.awaiting_start:
+            self.start_late_partitions()
         if started - self._fence_probed_at >= FENCE_PROBE_S and self.checkpointed:
             self._fence_probed_at = started
             self.commit(self.checkpointed)
@@ -375,7 +460,12 @@ class KafkaIO:
     # --------------------------------------------------------------------------------------- rebalance
 
     def on_assigned(self, partitions: list) -> None:
-        """Seek every newly assigned partition to its position (else ``--from-time``'s offset, else its beginning)."""
+        """Seek every newly assigned partition to its position (else ``--from-time``'s offset, else its beginning).
+
+        A partition unknown when the trainer started with ``--from-time`` (its topic was made later, or partitions
+        were added) has no offset for the time yet: it is paused (``awaiting_start``) and sought there after the poll
+        (``start_late_partitions``), not here: kafka-python calls this inside ``poll``, where a blocking lookup would
+        stall the group protocol."""
         now = time.monotonic()
         self.paused = {tp for tp in self.paused if tp in self.consumer.assignment() and tp not in partitions}
         if self.first_assigned_at is None:
@@ -388,10 +478,15 @@ class KafkaIO:
                 # Recorded as the partition's position: the next checkpoint keeps the --from-time start, so a
                 # restart (with or without the flag) never goes back to the beginning.
                 position = self.positions[key] = self.start_offsets[key]
-            if position is None:
+            if position is None and self.start_ms is not None:
+                self.awaiting_start.add(tp)
+            elif position is None:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, position)
+        self.awaiting_start &= self.consumer.assignment()
+        if self.awaiting_start:
+            self.consumer.pause(*self.awaiting_start)  # no record of theirs is fetched before the seek
         self.join.assign([(tp.topic, tp.partition) for tp in self.consumer.assignment()], now)
         log.info("assigned %s", sorted(f"{tp.topic}-{tp.partition}" for tp in partitions))
 
@@ -494,22 +589,47 @@ class KafkaIO:
         (the end offset when no record is that recent)."""
         known = {topic: sorted(self.consumer.partitions_for_topic(topic) or ()) for topic in self.topics}
         if not all(known.values()):
-            log.warning("--from-time: topic(s) %s do not exist yet; once made, they are read from their beginning, not "
-                        "from the time (create them before starting the trainer with --from-time to start there)",
-                        ", ".join(t for t, found in known.items() if not found))
+            log.info("--from-time: topic(s) %s do not exist yet; once made, their partitions start at the time too",
+                     ", ".join(t for t, found in known.items() if not found))
         wanted = [TopicPartition(topic, p) for topic, found in known.items() for p in found
                   if (topic, p) not in self.positions]
         if not wanted:
             log.info("--from-time: every known partition resumes from the checkpoint; the time is not used")
             return {}
-        found = self.consumer.offsets_for_times({tp: start_ms for tp in wanted})
-        missing = [tp for tp in wanted if found.get(tp) is None]
-        ends = self.consumer.end_offsets(missing) if missing else {}
-        offsets = {(tp.topic, tp.partition): (found[tp].offset if found.get(tp) is not None else ends[tp])
-                   for tp in wanted}
+        offsets = self._offsets_for_time(wanted, start_ms)
         log.info("--from-time %d: partitions without a checkpointed position start at %s", start_ms,
                  {f"{t}-{p}": o for (t, p), o in sorted(offsets.items())})
         return offsets
+
+    def _offsets_for_time(self, partitions: list, start_ms: int) -> dict[tuple[str, int], int]:
+        """Per partition, the first offset stamped at or after ``start_ms`` (the end offset when none is)."""
+        found = self.consumer.offsets_for_times({tp: start_ms for tp in partitions})
+        missing = [tp for tp in partitions if found.get(tp) is None]
+        ends = self.consumer.end_offsets(missing) if missing else {}
+        return {(tp.topic, tp.partition): (found[tp].offset if found.get(tp) is not None else ends[tp])
+                for tp in partitions}
+
+    def start_late_partitions(self) -> None:
+        """Seek the partitions that wait for their ``--from-time`` offset (``on_assigned``) there, and resume them;
+        recorded as their positions, as at the start. When Kafka cannot say now, they stay paused until the next
+        poll asks again."""
+        waiting = sorted(self.awaiting_start & self.consumer.assignment())
+        self.awaiting_start = set(waiting)
+        if not waiting:
+            return
+        try:
+            offsets = self._offsets_for_time(waiting, self.start_ms)
+        except KafkaError as exc:
+            log.warning("--from-time: the offsets of %s could not be looked up (%s); asked again after the next poll",
+                        ", ".join(f"{tp.topic}-{tp.partition}" for tp in waiting), exc)
+            return
+        for tp in waiting:
+            self.positions[(tp.topic, tp.partition)] = offsets[(tp.topic, tp.partition)]
+            self.consumer.seek(tp, offsets[(tp.topic, tp.partition)])
+        self.consumer.resume(*waiting)
+        self.awaiting_start = set()
+        log.info("--from-time %d: partitions assigned after the start begin at %s", self.start_ms,
+                 {f"{t}-{p}": o for (t, p), o in sorted(offsets.items())})
 
     def commit(self, positions: Mapping[tuple[str, int], int] | None = None) -> None:
         """Commit ``positions`` (default: the current ones, just checkpointed) for lag dashboards

@@ -301,14 +301,77 @@ def test_metadata_from_before_the_subscription_says_no_topic_is_missing(caplog: 
     assert not io.stalled(6.0) and "topic(s) impressions, feedback do not exist" in caplog.text
 
 
-def test_from_time_with_an_input_topic_not_made_yet_says_it_is_read_from_its_beginning(
+def test_from_time_with_an_input_topic_not_made_yet_starts_the_known_ones_at_the_time_and_says_the_rest_will(
         caplog: pytest.LogCaptureFixture) -> None:
     consumer = PartitionedConsumer({"impressions": 2})
     consumer.offsets_for_times = lambda query: {tp: SimpleNamespace(offset=7) for tp in query}
     consumer.subscribe = lambda topics, listener: None
     io = kafka_io(consumer)
-    io.subscribe(start_ms=1_700_000_000_000)
+    with caplog.at_level("INFO", logger="crossdistil.trainer"):
+        io.subscribe(start_ms=1_700_000_000_000)
     assert io.start_offsets == {("impressions", 0): 7, ("impressions", 1): 7}
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warned) == 1 and "topic(s) feedback do not exist yet" in warned[0]
-    assert "read from their beginning, not from the time" in warned[0]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "topic(s) feedback do not exist yet; once made, their partitions start at the time too" in caplog.text
+
+
+class TimedConsumer(PartitionedConsumer):
+    """Answers offsets_for_times with ``at_time`` per partition (None: no record that recent), or fails while
+    ``away``; ends at ``end``."""
+
+    def __init__(self, counts: dict[str, int], at_time: dict, end: int = 0) -> None:
+        super().__init__(counts)
+        self.at_time, self.end, self.away, self.asked = at_time, end, False, []
+        self.subscribe = lambda topics, listener: None
+
+    def offsets_for_times(self, query: dict) -> dict:
+        from kafka.errors import KafkaTimeoutError
+
+        self.asked.append(query)
+        if self.away:
+            raise KafkaTimeoutError("Failed to get offsets by timestamps in 5000 ms")
+        return {tp: None if self.at_time.get(tp) is None else SimpleNamespace(offset=self.at_time[tp]) for tp in query}
+
+    def end_offsets(self, partitions: list, timeout_ms: int | None = None) -> dict:
+        return {tp: self.end for tp in partitions}
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> dict:
+        return {}
+
+
+def test_a_partition_of_a_topic_made_after_a_from_time_start_begins_at_the_time_not_at_its_beginning() -> None:
+    consumer = TimedConsumer({}, at_time={IMP: 5, FB: None}, end=9)  # no topic yet when the trainer starts
+    io = kafka_io(consumer)
+    io.subscribe(start_ms=1_700_000_000_000)
+    assert io.start_offsets == {}
+    consumer.partitions = {IMP, FB}  # the topics are made: the group assigns their partitions inside a poll
+    io.on_assigned([IMP, FB])
+    assert consumer.paused == {IMP, FB} and consumer.seeks == {}  # nothing fetched, nothing looked up inside poll
+    io.poll(0)
+    assert consumer.asked == [{IMP: 1_700_000_000_000, FB: 1_700_000_000_000}]
+    assert consumer.seeks == {IMP: 5, FB: 9}  # FB: no record that recent yet, so its end
+    assert io.positions == {("impressions", 0): 5, ("feedback", 0): 9}  # kept by the next checkpoint
+    assert consumer.paused == set() and io.awaiting_start == set()
+
+
+def test_a_late_partition_whose_offset_cannot_be_looked_up_stays_paused_until_it_can() -> None:
+    consumer = TimedConsumer({}, at_time={IMP: 5})
+    io = kafka_io(consumer)
+    io.subscribe(start_ms=1_700_000_000_000)
+    consumer.partitions = {IMP}
+    io.on_assigned([IMP])
+    consumer.away = True
+    io.poll(0)
+    assert consumer.paused == {IMP} and consumer.seeks == {} and io.awaiting_start == {IMP}
+    consumer.away = False
+    io.poll(0)
+    assert consumer.seeks == {IMP: 5} and consumer.paused == set()
+
+
+def test_without_from_time_a_late_partition_is_read_from_its_beginning() -> None:
+    consumer = TimedConsumer({}, at_time={IMP: 5})
+    io = kafka_io(consumer)
+    io.subscribe()
+    consumer.partitions = {IMP}
+    io.on_assigned([IMP])
+    io.poll(0)
+    assert consumer.seeks == {IMP: "beginning"} and consumer.paused == set() and consumer.asked == []

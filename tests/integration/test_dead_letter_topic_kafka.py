@@ -1,0 +1,215 @@
+"""The trainer's Kafka topics made on purpose, on a real broker: a missing dead-letter topic is created at start with
+the input topics' partition count and a retention of its own (never by the producer's first send, with the broker's
+defaults), and ``--from-time`` applies to input topics made after the trainer started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+
+from consumers.runtime.config import load_config
+from consumers.runtime.processes import die_with_parent
+from consumers.state.ledger import read_ledger
+from tests.trainer_config import write_trainer_config
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = {
+    "join.attribution_window_s": {"click": 3, "like": 10},
+    "batching.batch_size": 64,
+    "batching.max_batch_delay_s": 1.0,
+    "model.tasks": ["click", "like"],
+    "model.options": {"embedding_dim": 4, "hidden_dims": [8], "tower_dims": [4],
+                      "features": {"categorical": ["user_id", "item_id"], "hash_buckets": 1024}},
+    "checkpoint.every_steps": 0,
+    "checkpoint.every_s": 0.0,
+    "publish.enabled": False,
+}
+SYNTHETIC = {"n_events": 400, "tasks": "click,like", "n_users": 40, "n_items": 100, "seed": 11, "max_delay_s": 5}
+
+
+def _create(bootstrap: str, topics: list[str], partitions: int) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, partitions, 1) for topic in topics])
+        admin.wait_for_topics(topics, timeout_ms=30_000)
+    finally:
+        admin.close()
+
+
+def _train(config: Path, *extra: str) -> subprocess.Popen:
+    log = open(config.with_suffix(".log"), "wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--exit-when-idle", "3",
+         "--torch-threads", "1", *extra], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+
+
+def _finished(trainer: subprocess.Popen, config: Path, timeout_s: float = 240) -> str:
+    try:
+        status = trainer.wait(timeout=timeout_s)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+    output = config.with_suffix(".log").read_text(errors="replace")
+    assert status == 0, output[-4000:]
+    return output
+
+
+def _records(bootstrap: str, topic: str) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)])
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
+def test_a_trainer_makes_its_missing_dead_letter_topic_as_its_input_topics_and_a_bad_event_lands_there(
+        kafka_broker: str, unique_topic: Callable[[str], str], tmp_path: Path) -> None:
+    from streamer.stream import stream_dataset
+
+    topics = {name: unique_topic(name) for name in ("impressions", "feedback", "dead_letters")}
+    _create(kafka_broker, [topics["impressions"], topics["feedback"]], partitions=3)  # not the default 4
+    stream_dataset("synthetic", None, f"kafka://{kafka_broker}", options=SYNTHETIC,
+                   impression_topic=topics["impressions"], feedback_topic=topics["feedback"])
+    producer = KafkaProducer(bootstrap_servers=kafka_broker, acks="all")
+    try:
+        bad = producer.send(topics["impressions"], key=b"user-bad", value=b"\xc1").get(timeout=30)  # not msgpack
+    finally:
+        producer.close()
+    config = write_trainer_config(tmp_path / "trainer.toml", kafka_broker, topics, {
+        **SETTINGS, "checkpoint.dir": str(tmp_path / "checkpoints"), "kafka.dead_letter_retention_days": 45})
+
+    output = _finished(_train(config), config)
+
+    assert f"created the dead-letter topic {topics['dead_letters']}: 3 partitions (as {topics['impressions']} " \
+           "has), dead letters kept 45 days" in output, output[-4000:]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topics["dead_letters"],
+                                                       {"retention.ms": None})], config_filter="all")
+        partitions = admin.describe_topics([topics["dead_letters"]])[0]["partitions"]
+    finally:
+        admin.close()
+    assert found["topic"][topics["dead_letters"]]["retention.ms"]["value"] == str(45 * 86_400_000)
+    assert len(partitions) == 3
+    (letter,) = _records(kafka_broker, topics["dead_letters"])
+    headers = dict(letter.headers)
+    assert letter.key == b"user-bad" and letter.value == b"\xc1" and headers["dl.reason"] == b"not_msgpack"
+    assert (headers["dl.source.partition"], headers["dl.source.offset"]) == (str(bad.partition).encode(),
+                                                                             str(bad.offset).encode())
+    assert letter.partition == bad.partition  # keyed like its source, on as many partitions: the same number
+    assert "1 dead letters" in output
+
+
+def test_from_time_applies_to_input_topics_made_after_the_trainer_started(
+        kafka_broker: str, unique_topic: Callable[[str], str], tmp_path: Path) -> None:
+    from streamer.eventlog import read_event_log
+    from streamer.events import encode
+    from streamer.stream import stream_dataset
+
+    topics = {name: unique_topic(name) for name in ("impressions", "feedback", "dead_letters")}
+    log = tmp_path / "synthetic.evlog"
+    stream_dataset("synthetic", None, f"file://{log}", options=SYNTHETIC)
+    records = list(read_event_log(log))
+    base = (int(time.time()) - 7200) * 1000
+    start_ms = base + len(records) // 2 * 1000  # the record stamps step by a second: the time cuts the stream in two
+    ledger = tmp_path / "ledger"
+    config = write_trainer_config(tmp_path / "trainer.toml", kafka_broker, topics,
+                                  {**SETTINGS, "checkpoint.dir": str(tmp_path / "checkpoints")})
+    trainer = _train(config, "--from-time", str(start_ms), "--ledger", str(ledger))
+    trainer_log = config.with_suffix(".log")
+    deadline = time.monotonic() + 120
+    while "do not exist yet; once made, their partitions start at the time too" not in trainer_log.read_text(
+            errors="replace"):
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer_log.read_text(errors="replace")[-4000:]
+        time.sleep(0.5)
+
+    # The trainer is held while the topics are made and filled: assigned a partition still empty, it would find
+    # no record at or after the time and start at its end offset, 0, as --from-time does at start.
+    os.kill(trainer.pid, signal.SIGSTOP)
+    try:
+        _create(kafka_broker, [topics["impressions"], topics["feedback"]], partitions=2)
+        producer = KafkaProducer(bootstrap_servers=kafka_broker, acks="all", linger_ms=5)
+        try:
+            for i, record in enumerate(records):
+                producer.send(topics[record.topic], key=record.key.encode(), value=encode(record.event),
+                              timestamp_ms=base + i * 1000)
+            producer.flush(timeout=60)
+        finally:
+            producer.close()
+    finally:
+        os.kill(trainer.pid, signal.SIGCONT)
+    output = _finished(trainer, config)
+
+    wanted = sorted(r.event["impression_id"] for i, r in enumerate(records)
+                    if r.topic == "impressions" and base + i * 1000 >= start_ms)
+    assert 0 < len(wanted) < sum(1 for r in records if r.topic == "impressions")
+    assert sorted(row["impression_id"] for row in read_ledger(ledger)) == wanted, output[-4000:]
+    assert "partitions assigned after the start begin at" in output
+
+
+def test_a_dead_letter_that_cannot_be_delivered_holds_back_the_checkpoint_and_is_delivered_after_a_restart(
+        kafka_broker: str, unique_topic: Callable[[str], str], tmp_path: Path) -> None:
+    """The dead-letter topic deleted while the trainer runs is not made again with the broker's defaults by the
+    trainer's producer; the bad event's checkpoint is never written (nor its offset committed to Kafka), so the
+    next start, once the topic is back, reads it again and dead-letters it: never dropped."""
+    from consumers.state.checkpoints import CheckpointStore
+    from streamer.stream import stream_dataset
+
+    topics = {name: unique_topic(name) for name in ("impressions", "feedback", "dead_letters")}
+    _create(kafka_broker, [topics["impressions"], topics["feedback"]], partitions=2)
+    config = write_trainer_config(tmp_path / "trainer.toml", kafka_broker, topics,
+                                  {**SETTINGS, "checkpoint.dir": str(tmp_path / "checkpoints")})
+    trainer = _train(config)
+    trainer_log = config.with_suffix(".log")
+    deadline = time.monotonic() + 120
+    while f"created the dead-letter topic {topics['dead_letters']}" not in trainer_log.read_text(errors="replace"):
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer_log.read_text(errors="replace")[-4000:]
+        time.sleep(0.5)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        admin.delete_topics([topics["dead_letters"]])
+        while topics["dead_letters"] in admin.list_topics():
+            assert time.monotonic() < deadline, "the dead-letter topic was not deleted"
+            time.sleep(0.2)
+        stream_dataset("synthetic", None, f"kafka://{kafka_broker}", options=SYNTHETIC,
+                       impression_topic=topics["impressions"], feedback_topic=topics["feedback"])
+        producer = KafkaProducer(bootstrap_servers=kafka_broker, acks="all")
+        try:
+            bad = producer.send(topics["impressions"], key=b"user-bad", value=b"\xc1").get(timeout=30)
+        finally:
+            producer.close()
+        output = _finished(trainer, config)
+
+        assert "checkpoint (end of stream) skipped: dead letters not yet acknowledged by Kafka" in output, \
+            output[-4000:]
+        assert topics["dead_letters"] not in admin.list_topics()  # not made again with the broker's defaults
+        assert CheckpointStore(tmp_path / "checkpoints").latest(with_tensors=False) is None
+        group = load_config(config, env={}).kafka.group_id
+        committed = KafkaConsumer(bootstrap_servers=kafka_broker, group_id=group, enable_auto_commit=False)
+        try:  # nothing committed past the bad event either
+            assert committed.committed(TopicPartition(topics["impressions"], bad.partition)) is None
+        finally:
+            committed.close(autocommit=False)
+    finally:
+        admin.close()
+
+    output = _finished(_train(config), config)  # the topic is made again at start, the bad event read again
+
+    (letter,) = _records(kafka_broker, topics["dead_letters"])
+    assert letter.key == b"user-bad" and dict(letter.headers)["dl.source.offset"] == str(bad.offset).encode()
+    assert "1 dead letters" in output
