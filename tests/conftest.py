@@ -5,6 +5,9 @@
   (it does not skip), so a CI without a broker shows red rather than a quiet green.
 * ``unique_topic`` (function): a factory of topic names no other test uses, so tests share one broker safely.
 * ``shared_data``: the real data sets in ``../shared/data``; tests that need it skip when it is absent.
+* ``session_tmpdir`` (session, automatic): ``TMPDIR`` and ``tempfile.tempdir`` point at a folder under pytest's
+  basetemp for the whole session (each xdist worker its own), so nothing the tests or the processes they start
+  (brokers, trainers) make with ``tempfile`` lands in /tmp; what is still in it at the end is listed in a warning.
 
 Every test under ``tests/integration`` is marked ``integration`` and every test under ``tests/unit`` ``unit``,
 so ``pytest -m unit`` never starts a broker even if a module forgets its ``pytestmark``.
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +45,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         mark = _MARK_BY_DIR.get(relative.parts[0]) if len(relative.parts) > 1 else None
         if mark is not None and item.get_closest_marker(mark) is None:
             item.add_marker(getattr(pytest.mark, mark))
+
+
+class LeftoverTempFiles(UserWarning):
+    """Temporary files or folders that the tests, or the code they ran, made and did not remove."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's temporary folder, ``<basetemp>/tmpdir``: ``TMPDIR`` (inherited by every process a test starts)
+    and ``tempfile.tempdir`` (this process's ``tempfile``) point there until the session ends. It goes with pytest's
+    basetemp (the newest three are kept), so a test that forgets to clean up no longer fills /tmp; it is warned
+    about instead (a ``LeftoverTempFiles`` warning that names what was left)."""
+    folder = tmp_path_factory.getbasetemp() / "tmpdir"  # basetemp first: it is made in the former TMPDIR
+    folder.mkdir()
+    former_env, former_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = former_tempdir
+        if former_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = former_env
+        left = sorted(path.name for path in folder.iterdir())
+        if left:
+            warnings.warn(LeftoverTempFiles(
+                f"{len(left)} temporary file(s) or folder(s) left by the tests in {folder}: {', '.join(left)}; find "
+                "the test with TMPDIR=<an empty folder> pytest <one file>, and use tmp_path there (or clean up what "
+                "the code under test makes)"), stacklevel=1)
 
 
 @pytest.fixture(scope="session")

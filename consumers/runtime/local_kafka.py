@@ -16,7 +16,9 @@ Everything a broker owns lives in one data directory:
 * ``kraft/`` - the broker's log segments and metadata log (``log.dirs``),
 * ``broker.log`` - the broker's own log (log4j2, see ``deploy/kafka/log4j2.yaml``),
 * ``broker.out`` - the JVM's stdout/stderr (crashes before log4j starts land here),
-* ``broker.pid`` - the pid of the running broker.
+* ``broker.pid`` - the pid of the running broker,
+* ``tmp/`` - the JVM's temporary files (``java.io.tmpdir``, Java's default /tmp ignores ``TMPDIR``): lz4-java
+  unpacks its native library there, and a broker that is killed rather than stopped leaves it behind.
 
 The jars come from ``deploy/kafka/fetch.sh`` (a cache under ``~/.cache/crossdistil``), or from the directory
 named by ``CROSSDISTIL_KAFKA_LIBS``. Java 17 or newer must be on the PATH.
@@ -53,6 +55,7 @@ _LOG_FILE = "broker.log"
 _OUT_FILE = "broker.out"
 _PROPERTIES_FILE = "server.properties"
 _STORAGE_DIR = "kraft"
+_JVM_TMP_DIR = "tmp"
 _TLS_DIR = "tls"
 
 
@@ -271,13 +274,16 @@ class LocalKafka:
             state = self._prepare_tls(state)
         properties = self._write_properties(state)
         classpath = str(libs / "*")
-        jvm_logging = [f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={self.data_dir}"]
+        jvm_tmp = self.data_dir / _JVM_TMP_DIR
+        jvm_tmp.mkdir(exist_ok=True)
+        jvm_options = [f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={self.data_dir}",
+                       f"-Djava.io.tmpdir={jvm_tmp}"]
         if not (self.data_dir / _STORAGE_DIR / "meta.properties").exists():
-            self._format_storage(java, jvm_logging, classpath, state["cluster_id"], properties)
+            self._format_storage(java, jvm_options, classpath, state["cluster_id"], properties)
 
         command = [
             java, f"-Xmx{self.heap}", f"-Xms{min_heap(self.heap)}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-            *jvm_logging, "-cp", classpath, "kafka.Kafka", str(properties),
+            *jvm_options, "-cp", classpath, "kafka.Kafka", str(properties),
         ]
         out = (self.data_dir / _OUT_FILE).open("ab")
         try:
@@ -414,10 +420,10 @@ class LocalKafka:
             "ssl.client.auth": "none",
         }
 
-    def _format_storage(self, java: str, jvm_logging: list[str], classpath: str, cluster_id: str,
+    def _format_storage(self, java: str, jvm_options: list[str], classpath: str, cluster_id: str,
                         properties: Path) -> None:
         # No --standalone: controller.quorum.voters already names the (static) quorum.
-        command = [java, *jvm_logging, "-cp", classpath, "kafka.tools.StorageTool", "format",
+        command = [java, *jvm_options, "-cp", classpath, "kafka.tools.StorageTool", "format",
                    f"--cluster-id={cluster_id}", "-c", str(properties)]  # "=": an id may start with "-"
         # The SASL_SSL listener's users for SCRAM-SHA-256 and -512: their credentials live in the cluster's metadata,
         # written here once (PLAIN's come from each start's properties, so a later password change reaches PLAIN only).

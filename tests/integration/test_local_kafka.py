@@ -229,6 +229,13 @@ class TestLifecycle:
         assert other.bootstrap == own_broker.bootstrap
         assert other.status().pid == own_broker.status().pid
 
+    def test_the_jvm_keeps_its_temporary_files_in_the_data_dir(self, own_broker: LocalKafka) -> None:
+        # Java's java.io.tmpdir is /tmp whatever TMPDIR says; what the JVM unpacks there (lz4-java's native library)
+        # is the broker's, and a killed broker left it in /tmp
+        command = Path(f"/proc/{own_broker.status().pid}/cmdline").read_bytes().split(b"\0")
+        assert f"-Djava.io.tmpdir={own_broker.data_dir / 'tmp'}".encode() in command
+        assert (own_broker.data_dir / "tmp").is_dir()
+
     def test_stop_ends_the_broker_and_a_restart_keeps_its_data(self, own_broker: LocalKafka, unique_topic) -> None:
         topic = unique_topic("durable")
         _create_topic(own_broker.bootstrap, topic)
