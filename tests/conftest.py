@@ -47,6 +47,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, mark))
 
 
+# torch makes its compile cache, torchinductor_<user>, in the temporary folder when parts of it load (empty here: the
+# tests compile nothing); a cache meant to stay, not a leftover
+_CACHES = ("torchinductor_",)
+
+
 class LeftoverTempFiles(UserWarning):
     """Temporary files or folders that the tests, or the code they ran, made and did not remove."""
 
@@ -70,7 +75,7 @@ def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ.pop("TMPDIR", None)
         else:
             os.environ["TMPDIR"] = former_env
-        left = sorted(path.name for path in folder.iterdir())
+        left = sorted(path.name for path in folder.iterdir() if not path.name.startswith(_CACHES))
         if left:
             warnings.warn(LeftoverTempFiles(
                 f"{len(left)} temporary file(s) or folder(s) left by the tests in {folder}: {', '.join(left)}; find "
