@@ -12,6 +12,11 @@ delay, not by the data size. Events are keyed by user id; a feedback event carri
 its key. ``--limit N`` stops after N impressions (their feedback is still emitted); for ``--dataset log`` it
 counts events. ``stream_dataset(...)`` does the whole run and returns the summary as a dict.
 
+``--impressions-topic`` / ``--feedback-topic`` mean the same for every data set: an event log's impression topic
+and feedback topic, whatever their names, are mapped onto them (``log_topic_kinds``, ``log_topic_map``: one read
+through the log before the stream starts); a log with two topics of one kind, or a topic of both kinds, is refused
+before anything is streamed.
+
 A bad event stops the stream with an error that says where it came from: the source file and data row of a data
 set (the adapter's own count, 0-based), or the event log and its record index. ``--to file://PATH`` writes PATH
 only when the stream completes (``streamer.sinks.FileSink``): a failed or stopped stream leaves PATH as it was.
@@ -30,7 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -38,7 +43,7 @@ from typing import Any, NamedTuple
 from streamer.datasets import open_dataset
 from streamer.datasets.base import DatasetError, Interaction
 from streamer.eventlog import DamagedRecords, EventLogError, path_from_url, read_event_log
-from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError, validate
+from streamer.events import FEEDBACK_TOPIC, IMPRESSION_TOPIC, EventError, event_kind, validate
 from streamer.kafka_settings import COMPRESSIONS, SecurityError, add_client_arguments, client_options_from_args
 
 PROGRESS_EVERY = 1000  # events between progress-bar refreshes (a refresh per event costs more than the event)
@@ -116,14 +121,17 @@ class LogReplay:
     """The records of an event log as routed events (a batch envelope in a record is unwrapped, keeping its key).
 
     ``where(routed)`` names the record the latest event came from (``event log PATH: record 12``), for errors.
+    ``topics`` renames the log's topics (``log_topic_map``); a topic it does not name keeps its name.
     ``skip_damaged``: the log's damaged records are skipped (``streamer.eventlog.read_event_log_entries``) and
     counted in ``damaged`` (a ``DamagedRecords``, new at each iteration) instead of stopping the stream.
     """
 
-    def __init__(self, path: str, limit: int | None = None, skip_damaged: bool = False) -> None:
+    def __init__(self, path: str, limit: int | None = None, skip_damaged: bool = False,
+                 topics: Mapping[str, str] | None = None) -> None:
         self.path = path
         self.limit = limit
         self.skip_damaged = skip_damaged
+        self.topics = dict(topics or {})  # a log topic -> the topic its events go to (absent: the log's own)
         self.damaged: DamagedRecords | None = None
         self._record = 0
         self._in_envelope: int | None = None  # the event's place in its record's batch envelope, if it had one
@@ -131,16 +139,18 @@ class LogReplay:
     def __iter__(self) -> Iterator[RoutedEvent]:
         count = 0
         self.damaged = damaged = DamagedRecords() if self.skip_damaged else None
+        topics = self.topics
         for index, record in enumerate(read_event_log(self.path, damaged)):
             if damaged is not None:
                 index += damaged.records  # the record's index in the file: the skipped ones came before it
             batch = record.event.get("batch")
             inner = batch if isinstance(batch, list) else [record.event]
+            topic = topics.get(record.topic, record.topic)
             for place, event in enumerate(inner):
                 if self.limit is not None and count >= self.limit:
                     return
                 self._record, self._in_envelope = index, place if inner is batch else None
-                yield RoutedEvent(record.topic, record.key, event)
+                yield RoutedEvent(topic, record.key, event)
                 count += 1
 
     def where(self, routed: RoutedEvent) -> str:
@@ -149,9 +159,56 @@ class LogReplay:
         return f"event log {self.path}: record {self._record}{place}"
 
 
-def replay_log(path: str, limit: int | None = None, skip_damaged: bool = False) -> LogReplay:
+def replay_log(path: str, limit: int | None = None, skip_damaged: bool = False,
+               topics: Mapping[str, str] | None = None) -> LogReplay:
     """The records of an event log as routed events; see ``LogReplay``."""
-    return LogReplay(path, limit, skip_damaged)
+    return LogReplay(path, limit, skip_damaged, topics)
+
+
+KIND_NAMES = {"impression": "impressions", "feedback": "feedback events"}
+
+
+def log_topic_kinds(replay: LogReplay) -> dict[str, str]:
+    """The kind of event (``"impression"`` or ``"feedback"``) each topic of a log holds, read once through ``replay``
+    (its limit and damaged records as the stream will see them). An event of neither kind is left to the stream's
+    check, which names it; a topic holding both kinds is a ``StreamError`` naming the first record that mixes them."""
+    kinds: dict[str, str] = {}
+    for routed in replay:
+        try:
+            kind = event_kind(routed.event)
+        except EventError:
+            continue
+        if kind == "batch":  # an envelope inside an envelope: the stream's check refuses it
+            continue
+        seen = kinds.setdefault(routed.topic, kind)
+        if seen != kind:
+            raise StreamError(f"{replay.where(routed)}: topic {routed.topic!r} holds {KIND_NAMES[seen]} and "
+                              f"{KIND_NAMES[kind]}: a log's topics are replayed onto --impressions-topic and "
+                              "--feedback-topic by the kind of event each holds, so each must hold one kind (split "
+                              "the log's events by kind into two topics)")
+    return kinds
+
+
+def log_topic_map(kinds: Mapping[str, str], path: str, impression_topic: str,
+                  feedback_topic: str) -> dict[str, str]:
+    """Each topic of a log -> the topic its events go to: the log's impression topic onto ``impression_topic``, its
+    feedback topic onto ``feedback_topic`` (``kinds`` from ``log_topic_kinds``). A log with two topics of one kind
+    (so more than two topics, or another pairing) cannot be mapped so: ``StreamError``.
+
+    >>> log_topic_map({"imp": "impression", "fb": "feedback"}, "a.evlog", "impressions", "feedback")
+    {'imp': 'impressions', 'fb': 'feedback'}
+    """
+    by_kind: dict[str, list[str]] = {}
+    for topic, kind in kinds.items():
+        by_kind.setdefault(kind, []).append(topic)
+    for kind, topics in by_kind.items():
+        if len(topics) > 1:
+            raise StreamError(f"event log {path} holds {KIND_NAMES[kind]} in {len(topics)} topics "
+                              f"({', '.join(map(repr, topics))}): a log's impression topic is replayed onto "
+                              "--impressions-topic and its feedback topic onto --feedback-topic, so a log may name "
+                              "one topic of each (split it into logs of one impression and one feedback topic)")
+    target = {"impression": impression_topic, "feedback": feedback_topic}
+    return {topic: target[kind] for topic, kind in kinds.items()}
 
 
 def dataset_origin(data: Any, name: str) -> Callable[[RoutedEvent], str]:
@@ -379,7 +436,12 @@ def stream_dataset(dataset: str, source: str | None, to: str, *, mapping: str | 
     if dataset == "log":
         if not source:
             raise StreamError("--dataset log needs --source file://PATH (an event log)")
-        replay = replay_log(str(path_from_url(source)), limit=limit, skip_damaged=skip_damaged)
+        path = str(path_from_url(source))
+        # The log's own topics map onto the flags' (one read through the log first): the flags mean the same for
+        # every data set, and a log that cannot be mapped is refused before anything is streamed.
+        kinds = log_topic_kinds(replay_log(path, limit=limit, skip_damaged=skip_damaged))
+        topics = log_topic_map(kinds, path, impression_topic, feedback_topic)
+        replay = replay_log(path, limit=limit, skip_damaged=skip_damaged, topics=topics)
         routed: Iterable[RoutedEvent] = replay
         origin = replay.where
         tasks: tuple[str, ...] = ()
@@ -445,8 +507,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "many on stderr; bytes that are not msgpack still stop the stream")
     parser.add_argument("--envelope", type=int, default=1,
                         help="Kafka only: N events per {v:1, batch:[...]} message (default 1: single events)")
-    parser.add_argument("--impressions-topic", default=IMPRESSION_TOPIC, help="default: %(default)s")
-    parser.add_argument("--feedback-topic", default=FEEDBACK_TOPIC, help="default: %(default)s")
+    parser.add_argument("--impressions-topic", default=IMPRESSION_TOPIC,
+                        help="where impressions go (--dataset log: those of the log's impression topic, whatever "
+                             "its name); default: %(default)s")
+    parser.add_argument("--feedback-topic", default=FEEDBACK_TOPIC,
+                        help="where feedback goes (--dataset log: that of the log's feedback topic, whatever its "
+                             "name); default: %(default)s")
     parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
                         help="Kafka only: compression of the produced record batches (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")

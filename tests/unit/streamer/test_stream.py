@@ -410,3 +410,62 @@ def test_a_far_future_event_paced_is_an_error_naming_its_record(tmp_path: Path) 
     with pytest.raises(StreamError, match=far_future):
         stream_dataset("log", f"file://{source}", f"file://{tmp_path}/o.evlog", speed="1000000")
     assert stream_dataset("log", f"file://{source}", f"file://{tmp_path}/o.evlog")["events"] == 2  # unpaced: as is
+
+
+# -- a replayed log goes to the topics the flags name -------------------------------------------------------
+def impression(i: int, ts_ms: int) -> dict:
+    return {"v": 1, "impression_id": f"i{i}", "ts_ms": ts_ms, "user_id": "u", "item_id": f"item{i}", "features": {}}
+
+
+def write_records(path: Path, records: list[tuple[str, dict]]) -> None:
+    """An event log of (topic, event) records, as a third party would write it."""
+    path.write_bytes(b"".join(msgpack.packb({"topic": t, "key": "u", "event": e}) for t, e in records))
+
+
+def test_a_replayed_log_goes_to_the_topics_the_flags_name_and_its_feedback_is_counted(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
+    stream_dataset("synthetic", None, f"file://{source}", options={"n_events": "300", "tasks": "click,like"})
+    summary = stream_dataset("log", f"file://{source}", f"file://{out}", impression_topic="my-impressions",
+                             feedback_topic="my-feedback")
+    logged, replayed = read_plain(source), read_plain(out)
+    assert Counter(r["topic"] for r in replayed) == {"my-impressions": 300, "my-feedback": len(logged) - 300}
+    renamed = {"impressions": "my-impressions", "feedback": "my-feedback"}
+    assert replayed == [{**r, "topic": renamed[r["topic"]]} for r in logged]  # the same events, in the same order
+    assert summary["impressions"] == 300
+    assert summary["feedback_per_task"] == dict(Counter(r["event"]["task"] for r in logged if "task" in r["event"]))
+    assert summary["feedback_per_task"]["click"] > 0
+
+
+def test_a_log_written_under_other_topic_names_replays_onto_the_default_topics(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
+    write_records(source, [("imp-a", impression(0, 1)), ("fb-a", feedback(0, 2)), ("imp-a", impression(1, 3))])
+    summary = stream_dataset("log", f"file://{source}", f"file://{out}")
+    assert [r["topic"] for r in read_plain(out)] == ["impressions", "feedback", "impressions"]
+    assert summary["events_per_topic"] == {"impressions": 2, "feedback": 1}
+    assert summary["feedback_per_task"] == {"click": 1}
+
+
+def test_a_log_with_two_topics_of_one_kind_is_refused_before_anything_is_streamed(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
+    write_records(source, [("impressions", impression(0, 1)), ("feedback", feedback(0, 2)),
+                           ("feedback-2", feedback(0, 3))])
+    with pytest.raises(StreamError, match=starting(f"event log {source} holds feedback events in 2 topics "
+                                                   "('feedback', 'feedback-2'): a log's impression topic is "
+                                                   "replayed onto --impressions-topic")):
+        stream_dataset("log", f"file://{source}", f"file://{out}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.evlog"]  # no output, not even a partial one
+
+
+def test_a_log_topic_holding_impressions_and_feedback_is_refused_naming_the_record(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "in.evlog"
+    write_records(source, [("events", impression(0, 1)), ("events", impression(1, 2)), ("events", feedback(0, 3))])
+    assert cli(["--dataset", "log", "--source", f"file://{source}", "--to", f"file://{tmp_path}/o.evlog"]) == 2
+    assert capsys.readouterr().err.startswith(f"crossdistil stream: event log {source}: record 2: topic 'events' "
+                                              "holds impressions and feedback events: ")
+
+
+def test_the_topics_of_a_log_are_read_within_its_limit(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.evlog", tmp_path / "out.evlog"
+    write_records(source, [("impressions", impression(0, 1)), ("feedback", feedback(0, 2)), ("other", feedback(1, 3))])
+    summary = stream_dataset("log", f"file://{source}", f"file://{out}", limit=2, feedback_topic="fb")
+    assert summary["events_per_topic"] == {"impressions": 1, "fb": 1}  # the third topic lies past the limit
