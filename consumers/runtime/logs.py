@@ -4,7 +4,8 @@ While a broker is away, kafka-python logs the same few lines (connection refused
 coordinator dead) several times a second: tens of thousands of lines an hour that bury the daemon's own. The
 :class:`RepeatFilter` lets the first of each kind through, drops its repeats for ``window_s`` seconds, and
 then lets the next one through with the number it dropped, so nothing is hidden for long and the log says how
-much was folded. Only the ``kafka`` loggers are folded; the daemons' own lines always pass.
+much was folded. Only the ``kafka`` loggers are folded; the daemons' own lines always pass. ``configure`` also
+keeps the client's INFO lines (each connection, bootstrap and group step) out unless ``--log-level DEBUG``.
 
 >>> import logging
 >>> clock = iter([0.0, 1.0, 2.0, 70.0]).__next__
@@ -59,10 +60,15 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # what a daemon's --log-level ta
 
 
 def configure(level: str | int = "INFO") -> None:
-    """``logging.basicConfig`` on stderr with the daemons' format, and the Kafka client's repeats folded."""
+    """``logging.basicConfig`` on stderr with the daemons' format, and the Kafka client's repeats folded.
+
+    The ``kafka`` loggers are held at WARNING (or the level asked, if higher) unless DEBUG is asked: kafka-python
+    says at INFO every connection, bootstrap and group step, tens of lines in a short run, between the daemon's own.
+    """
     if isinstance(level, str):
         level = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(level=level, format=FORMAT, stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.NOTSET if level <= logging.DEBUG else max(level, logging.WARNING))
     fold = RepeatFilter()
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
