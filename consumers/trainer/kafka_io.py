@@ -61,6 +61,7 @@ LAG_EXPORT_S = 1.0  # how often the consumer lag gauge is refreshed from the rea
 UNASSIGNED_WARN_S = (15.0, 30.0)  # say why no partition is assigned after 15 s, then every 30 s
 METADATA_NUDGE_S = 3.0  # without partitions, ask for fresh topic metadata this often (see KafkaIO.stalled)
 REJOIN_AFTER_S = 10.0  # without partitions although the topics have some, rejoin the group this often (ditto)
+MISSING_TOPIC_METADATA_MS = 1000  # while an input topic is missing, ask for metadata this often (kafka-python: 100 ms)
 
 
 def client_options(options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,6 +83,22 @@ def release_drained_records(consumer: Any) -> None:
     current = getattr(fetcher, "_next_partition_records", None)
     if current is not None and not current:
         fetcher._next_partition_records = None
+
+
+def set_metadata_retry_ms(consumer: Any, ms: int) -> int | None:
+    """Have ``consumer`` ask for metadata again ``ms`` after an answer that a topic does not exist; the former value
+    (None: another client version without these internals, nothing changed).
+
+    kafka-python 3.0.12 asks again after ``retry_backoff_ms`` of its cluster metadata while the broker says that a
+    topic does not exist (a retriable error): 10 requests a second, each logged, for as long as the topic is not
+    made. That cluster metadata takes no setting from the consumer (the consumer's own ``retry_backoff_ms`` never
+    reaches it), so only its private ``config`` is changed, and only when it is there.
+    """
+    settings = getattr(getattr(consumer, "_cluster", None), "config", None)
+    if not isinstance(settings, dict) or "retry_backoff_ms" not in settings:
+        return None
+    former, settings["retry_backoff_ms"] = settings["retry_backoff_ms"], ms
+    return former
 
 
 MANIFEST_SCAN = 512  # messages read back from the end of the serving topic to find its newest manifest
@@ -303,6 +320,7 @@ class KafkaIO:
         self._nudged_at = float("-inf")
         self._rejoined_at = float("-inf")
         self._subscribed_ms = float("-inf")
+        self._metadata_backoff_ms: int | None = None  # the client's own pace, while a missing topic slows it down
 
     # ----------------------------------------------------------------------------------------- polling
 
@@ -503,9 +521,11 @@ class KafkaIO:
         """
         if self.consumer.assignment():
             self.unassigned_since = self._unassigned_warned_at = None
+            self._pace_metadata(missing=False)
             return False
         if self.unassigned_since is None:
             self.unassigned_since = now
+        self._pace_metadata(missing=self._metadata_since_subscribing() and bool(self.missing_topics_hint()))
         waited = now - self.unassigned_since
         if waited >= METADATA_NUDGE_S and now - self._nudged_at >= METADATA_NUDGE_S:
             # The usual reason for no assignment is a group joined before the topics' metadata was known: fresh
@@ -548,6 +568,15 @@ class KafkaIO:
                         waited, " and ".join(self.topics))
             self._rejoined_at = now
             coordinator.request_rejoin()
+
+    def _pace_metadata(self, missing: bool) -> None:
+        """Metadata every ``MISSING_TOPIC_METADATA_MS`` while an input topic is missing (``set_metadata_retry_ms``),
+        at the client's own pace again once none is."""
+        if missing and self._metadata_backoff_ms is None:
+            self._metadata_backoff_ms = set_metadata_retry_ms(self.consumer, MISSING_TOPIC_METADATA_MS)
+        elif not missing and self._metadata_backoff_ms is not None:
+            set_metadata_retry_ms(self.consumer, self._metadata_backoff_ms)
+            self._metadata_backoff_ms = None
 
     def _metadata_since_subscribing(self) -> bool:
         """Whether the client's metadata was refreshed after the subscription, so that it would list the topics.

@@ -138,7 +138,7 @@ def test_the_trainer_never_creates_its_missing_input_topics_and_trains_them_once
     try:
         said = f"topic(s) {topics['impressions']}, {topics['feedback']} do not exist on {kafka_broker}"
         _wait_for(lambda: said in log.read_text(errors="replace"), 120, "the missing topics were not named", log)
-        time.sleep(3)  # the consumer keeps asking for their metadata meanwhile (every 100 ms)
+        time.sleep(3)  # the consumer keeps asking for their metadata meanwhile (once a second)
         assert not {topics["impressions"], topics["feedback"]} & set(admin.list_topics())
         assert trainer.poll() is None, "the trainer did not wait for its topics"
 

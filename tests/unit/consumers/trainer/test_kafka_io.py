@@ -280,6 +280,23 @@ def test_a_missing_input_topic_is_named_at_once_with_the_command_that_creates_it
     assert not io.stalled(31.0) and len(caplog.records) == 2
 
 
+def test_while_an_input_topic_is_missing_metadata_is_asked_for_once_a_second_then_at_the_clients_pace_again() -> None:
+    consumer = Consumer([])
+    consumer._cluster = Metadata({"impressions": {0, 1}})  # the broker said feedback does not exist
+    consumer._cluster.config = {"retry_backoff_ms": 100}  # kafka-python's cluster metadata: 10 requests a second
+    io = kafka_io(consumer, stall_exit_s=300)
+    io.stalled(0.0)
+    assert consumer._cluster.config["retry_backoff_ms"] == 1000
+    consumer._cluster.partitions["feedback"] = {0, 1}  # made: seen at the next request, within a second
+    io.stalled(0.5)
+    assert consumer._cluster.config["retry_backoff_ms"] == 100  # a rebalance or a broker restart is not slowed
+    consumer._cluster.partitions.pop("feedback")
+    io.stalled(1.0)
+    consumer.partitions = {IMP}
+    io.stalled(1.5)
+    assert consumer._cluster.config["retry_backoff_ms"] == 100
+
+
 def test_before_the_first_metadata_no_topic_is_said_to_be_missing(caplog: pytest.LogCaptureFixture) -> None:
     consumer = Consumer([])
     consumer._cluster = Metadata({}, brokers=())  # nothing heard from the broker yet: every topic looks absent
