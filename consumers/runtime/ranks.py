@@ -21,10 +21,14 @@ trainer, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -310,6 +314,68 @@ def recorded_exit_statuses(folder: Path) -> dict[int, tuple[float, int]]:
         except (OSError, ValueError):  # a rank killed while writing it: no status of its own
             continue
     return statuses
+
+
+class LauncherFolderInUse(Exception):
+    """Another ``crossdistil train --world-size`` command runs the same node of the same ``checkpoint.dir``."""
+
+
+@contextlib.contextmanager
+def launcher_folder(path: Path | None) -> Iterator[Path]:
+    """The folder of one node's ``crossdistil train --world-size`` command for as long as it runs: its ranks'
+    recorded statuses and torchrun's logs (each rank's ``error.json``), removed when the command ends.
+
+    ``path``: a known place, ``checkpoint.dir/launcher/node-<K>``, so that what a command killed with SIGKILL left
+    there is removed by the next command of that node, which clears the folder at start. The command holds a
+    lock on ``.lock`` in it while it runs (a POSIX record lock, as a checkpoint store's: released however the
+    process ends), so a second command of the same node is refused (``LauncherFolderInUse``) instead of clearing
+    the first one's folder; nodes sharing a volume have folders of their own. None: a fresh temporary folder.
+
+    >>> base = Path(tempfile.mkdtemp()); left = base / "launcher" / "node-1" / "attempt-0"; left.mkdir(parents=True)
+    >>> with launcher_folder(base / "launcher" / "node-1") as folder:
+    ...     sorted(p.name for p in folder.iterdir())
+    ['.lock']
+    >>> list(base.iterdir())
+    []
+    """
+    if path is None:
+        with tempfile.TemporaryDirectory(prefix="crossdistil-ranks-") as folder:
+            yield Path(folder)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(lock, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(lock)
+        raise LauncherFolderInUse(
+            f"{path} is in use by another crossdistil train --world-size command (pid {holder}) running the same "
+            "node of this checkpoint.dir: stop that one, or give this one its own --node-rank or checkpoint.dir"
+            ) from None
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    try:
+        _clear(path)  # what a command killed before it could clear it left
+        yield path
+    finally:
+        _clear(path)
+        (path / ".lock").unlink(missing_ok=True)
+        os.close(lock)
+        for folder in (path, path.parent):  # the parent too once no node's folder is left in it
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _clear(folder: Path) -> None:
+    """Remove everything in ``folder`` but its ``.lock``."""
+    for entry in folder.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 class NodeGroup:

@@ -31,7 +31,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,21 +96,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --nnodes: node 0's address, which every node can reach")
     parser.add_argument("--master-port", type=int, default=29500, metavar="P",
                         help="with --nnodes: the port node 0 serves the rendezvous on (default 29500)")
+    parser.add_argument("--exit-on-stop", type=int, default=0, metavar="STATUS",
+                        help="with --world-size: a stop (SIGTERM, SIGINT) whose ranks checkpointed their last round "
+                             "ends the command with STATUS instead of 0 (11 to 125), so that a supervisor that takes "
+                             "0 for done starts it again: a Kubernetes Job's pod after a preemption or an eviction "
+                             "(deploy/k8s-ranks; docs/scaling.md)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=logs.LEVELS,
                         help="logging level: DEBUG, INFO (default), WARNING or ERROR")
 
 
 RENDEZVOUS_TIMEOUT_S = 600.0  # torch's static rendezvous's default: a machine may take minutes to (re)start
-NODE_FLAGS = ("--world-size", "--max-restarts", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+# The launcher's flags: the ranks' command line does not carry them.
+LAUNCHER_FLAGS = ("--world-size", "--max-restarts", "--nnodes", "--node-rank", "--master-addr", "--master-port",
+                  "--exit-on-stop")
 
 
 def torchrun_command(argv: list[str], world_size: int, max_restarts: int, nnodes: int = 1, node_rank: int = 0,
                      master: str = "", timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> list[str]:
-    """The torchrun command line that ``crossdistil train --world-size N ...`` becomes: the same flags, less
-    ``--world-size``, ``--max-restarts`` and the nodes' flags, run as N ranks on this machine, or as N/M ranks of
-    node ``node_rank`` of ``nnodes`` M with a static rendezvous at ``master`` (``HOST:PORT``), where a node waits
-    up to ``timeout_s`` for the others; ``--max-restarts R`` is applied by :func:`launch_ranks`, which restarts the
-    group only after a transient failure.
+    """The torchrun command line that ``crossdistil train --world-size N ...`` becomes: the same flags, less the
+    launcher's (``LAUNCHER_FLAGS``), run as N ranks on this machine, or as N/M ranks of node ``node_rank`` of
+    ``nnodes`` M with a static rendezvous at ``master`` (``HOST:PORT``), where a node waits up to ``timeout_s`` for
+    the others; ``--max-restarts R`` is applied by :func:`launch_ranks`, which restarts the group only after a
+    transient failure.
 
     >>> torchrun_command(["--config", "t.toml", "--world-size", "2", "--ledger=L"], 2, 3)[3:]
     ['--standalone', '--nproc-per-node', '2', '--max-restarts', '3', '-m', 'consumers.cli', 'train', '--config', \
@@ -124,9 +130,9 @@ def torchrun_command(argv: list[str], world_size: int, max_restarts: int, nnodes
     for arg in argv:
         if skip:
             skip = False
-        elif arg in NODE_FLAGS:
+        elif arg in LAUNCHER_FLAGS:
             skip = True
-        elif not arg.startswith(tuple(f"{flag}=" for flag in NODE_FLAGS)):
+        elif not arg.startswith(tuple(f"{flag}=" for flag in LAUNCHER_FLAGS)):
             rest.append(arg)
     if nnodes > 1:
         host, _, port = master.rpartition(":")
@@ -139,18 +145,43 @@ def torchrun_command(argv: list[str], world_size: int, max_restarts: int, nnodes
             "-m", "consumers.cli", "train", *rest]
 
 
-def launch_ranks(torchrun_args: list[str]) -> int:
+def launch_ranks(torchrun_args: list[str], run_dir: Path | None = None, exit_on_stop: int = 0) -> int:
     """torchrun's launcher in this process (``torch.distributed.run``), its ``--max-restarts R`` applied here: each
     attempt runs torchrun with ``--max-restarts 0`` (its agent restarts the group after any failure, whatever the
     status), and a failed attempt is started again, up to R times, only when its status is not one of
     ``NOT_RESTARTED`` (a restart would fail the same way): :func:`group_decision`. A stop (SIGTERM, SIGINT)
-    reaches the ranks, which checkpoint a last round and exit: status 0, as one trainer's, or the status they
-    recorded (9: that last round could not be written). A failure not restarted: the ranks' exit status.
+    reaches the ranks, which checkpoint a last round and exit: status ``exit_on_stop`` (0, as one trainer's, unless
+    ``--exit-on-stop`` says otherwise), or the status they recorded (9: that last round could not be written). A
+    failure not restarted: the ranks' exit status.
+
+    ``run_dir``: this node's launcher folder (``checkpoint.dir/launcher/node-<K>``; None: a temporary one), which
+    holds the ranks' recorded statuses and torchrun's logs (unless ``--log-dir`` names a folder for them), and goes
+    when the command ends; what a command killed with SIGKILL left there goes when the next one starts
+    (``consumers.runtime.ranks.launcher_folder``).
 
     Several machines (``--nnodes M``, static rendezvous at ``--master-addr``): every node's command runs this, and
     the nodes decide together (``consumers.runtime.ranks.NodeGroup``): node 0 decides from every node's outcome,
     waiting for each as long as for the rendezvous (``--rdzv-conf timeout=S``, torch's default 600 s), and all
     restart together or all end with the same status."""
+    # lazy: torch.distributed loads only when ranks run (crossdistil --help stays fast)
+    from consumers.runtime.ranks import LauncherFolderInUse, launcher_folder
+
+    try:
+        with launcher_folder(run_dir) as folder:
+            status, stopped = _launch(torchrun_args, folder)
+    except LauncherFolderInUse as exc:
+        print(f"crossdistil train: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if stopped and status == 0 and exit_on_stop:
+        print(f"crossdistil train: exiting with status {exit_on_stop} after the stop (--exit-on-stop)",
+              file=sys.stderr, flush=True)
+        return exit_on_stop
+    return status
+
+
+def _launch(torchrun_args: list[str], run_dir: Path) -> tuple[int, bool]:
+    """The attempts of :func:`launch_ranks`, in ``run_dir``: the command's exit status, and whether a stop ended
+    them."""
     # lazy: torch's launcher loads only when ranks run (crossdistil --help stays fast)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args
@@ -160,35 +191,36 @@ def launch_ranks(torchrun_args: list[str]) -> int:
     args = parse_args(torchrun_args)
     restarts, group = args.max_restarts, None
     restarted, generation = 0, None
-    with tempfile.TemporaryDirectory(prefix="crossdistil-ranks-") as run_dir:
-        try:
-            group = node_group(args)
-            while True:
-                generation = group.begin(generation) if group is not None else (generation or 0)
-                attempt = parse_args(torchrun_args)
-                attempt.max_restarts = 0  # restarts are decided below, by exit status
-                if group is not None:
-                    attempt.rdzv_id = f"crossdistil-{generation}"  # no attempt reads another's keys
-                statuses = Path(run_dir, f"attempt-{generation}")
-                statuses.mkdir()
-                os.environ[STATUS_DIR_ENV] = str(statuses)  # the ranks inherit it
-                outcome = run_attempt(attempt, statuses, group)
-                decide = functools.partial(group_decision, restarted=restarted, restarts=restarts)
-                decision = decide([outcome]) if group is None else group.settle(generation, outcome, decide)
-                print(decision["said"], file=sys.stderr, flush=True)
-                if not decision["restart"]:
-                    return int(decision["status"])
-                restarted, generation = int(decision["restarted"]), generation + 1
-        except SignalException as exc:  # between two attempts: no rank runs
-            print(f"crossdistil train: {exc}: stopped between two starts of the ranks", file=sys.stderr, flush=True)
-            return 0
-        except RuntimeError as exc:  # the store of node 0's command cannot be reached, or served (c10d's errors)
-            print(f"crossdistil train: node {args.node_rank} lost the group's rendezvous at {args.master_addr}:"
-                  f"{args.master_port} ({exc}): exiting with status {EXIT_RANKS}; started again, the command joins "
-                  "the group's next start", file=sys.stderr, flush=True)
-            return EXIT_RANKS
-        finally:
-            os.environ.pop(STATUS_DIR_ENV, None)
+    try:
+        group = node_group(args)
+        while True:
+            generation = group.begin(generation) if group is not None else (generation or 0)
+            attempt = parse_args(torchrun_args)
+            attempt.max_restarts = 0  # restarts are decided below, by exit status
+            if attempt.log_dir is None:  # torchrun's default: a new /tmp/torchelastic_* folder per attempt, kept
+                attempt.log_dir = str(run_dir / "logs")
+            if group is not None:
+                attempt.rdzv_id = f"crossdistil-{generation}"  # no attempt reads another's keys
+            statuses = run_dir / f"attempt-{generation}"
+            statuses.mkdir()
+            os.environ[STATUS_DIR_ENV] = str(statuses)  # the ranks inherit it
+            outcome = run_attempt(attempt, statuses, group)
+            decide = functools.partial(group_decision, restarted=restarted, restarts=restarts)
+            decision = decide([outcome]) if group is None else group.settle(generation, outcome, decide)
+            print(decision["said"], file=sys.stderr, flush=True)
+            if not decision["restart"]:
+                return int(decision["status"]), bool(decision.get("stopped"))
+            restarted, generation = int(decision["restarted"]), generation + 1
+    except SignalException as exc:  # between two attempts: no rank runs
+        print(f"crossdistil train: {exc}: stopped between two starts of the ranks", file=sys.stderr, flush=True)
+        return 0, True
+    except RuntimeError as exc:  # the store of node 0's command cannot be reached, or served (c10d's errors)
+        print(f"crossdistil train: node {args.node_rank} lost the group's rendezvous at {args.master_addr}:"
+              f"{args.master_port} ({exc}): exiting with status {EXIT_RANKS}; started again, the command joins "
+              "the group's next start", file=sys.stderr, flush=True)
+        return EXIT_RANKS, False
+    finally:
+        os.environ.pop(STATUS_DIR_ENV, None)
 
 
 def node_group(args: argparse.Namespace) -> Any:
@@ -253,25 +285,26 @@ def check_in_stopped(attempt: argparse.Namespace, group: Any) -> None:
 
 def group_decision(outcomes: list[dict[str, Any] | None], restarted: int, restarts: int) -> dict[str, Any]:
     """What the group does after an attempt, from each node's outcome (:func:`run_attempt`; None: a node that did not
-    report): ``restart`` or not, the ``status`` to exit with, ``restarted`` (restarts made so far) and ``said`` (the
-    line printed). A stop of any node ends the group: 0, or a status the ranks recorded (9: the last round failed).
-    Else a failure of any rank decides (:func:`deciding_failure`): restarted while a restart can help and R allows.
+    report): ``restart`` or not, the ``status`` to exit with, ``restarted`` (restarts made so far), ``stopped``
+    (whether a stop ended the group) and ``said`` (the line printed). A stop of any node ends the group: 0, or a
+    status the ranks recorded (9: the last round failed). Else a failure of any rank decides
+    (:func:`deciding_failure`): restarted while a restart can help and R allows.
 
     >>> failed = {"failures": {"1": [1.0, 9], "0": [2.0, 8]}, "stopped": ""}
     >>> [group_decision([failed, None], n, 2)["restart"] for n in (0, 2)], group_decision([failed], 2, 2)["status"]
     ([True, False], 9)
     >>> stop = group_decision([{"failures": {}, "stopped": ""}, {"failures": {"1": [1.0, 9]}, "stopped": "SIGTERM"}],
     ...                       0, 2)
-    >>> stop["restart"], stop["status"], stop["said"].endswith("rank 1 exited with status 9 (its last round could not "
-    ...                                                        "be written)")
-    (False, 9, True)
+    >>> stop["restart"], stop["status"], stop["stopped"], stop["said"].endswith("rank 1 exited with status 9 (its "
+    ...                                                                         "last round could not be written)")
+    (False, 9, True, True)
     """
     reported = [o for o in outcomes if o is not None]
     failures = {int(r): (float(t), int(c)) for o in reported for r, (t, c) in o["failures"].items()}
     missing = [str(node) for node, o in enumerate(outcomes) if o is None]
     unheard = f" (node {', '.join(missing)} did not report)" if missing else ""
     stopped = next((o["stopped"] for o in reported if o["stopped"]), "")
-    decision = {"restart": False, "status": 0, "restarted": restarted}
+    decision = {"restart": False, "status": 0, "restarted": restarted, "stopped": bool(stopped)}
     if not failures:
         said = (f"the ranks were told to stop ({stopped}; each checkpoints its part of a last round)" if stopped
                 else "the ranks finished")
@@ -384,7 +417,8 @@ def run(args: argparse.Namespace) -> int:
         where = f" on {nnodes} nodes, {world_size // nnodes} on node {node_rank}" if nnodes > 1 else ""
         print(f"crossdistil train: {world_size} ranks{where}: {' '.join(command[1:])}", flush=True)
         # a node waits for the others' outcomes longer than a rank waits for a lost peer (distributed.timeout_s)
-        return launch_ranks(command[3:])
+        return launch_ranks(command[3:], Path(cfg.checkpoint.dir) / "launcher" / f"node-{node_rank}",
+                            getattr(args, "exit_on_stop", 0))
     # Until the daemon's own handlers (Trainer.run), SIGTERM stops the start as Ctrl-C does: status 0, as documented.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -402,7 +436,24 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     if world_size is not None and world_size < 1:
         return f"--world-size {world_size}: at least 1"
     several_nodes = getattr(args, "nnodes", 1) != 1 or getattr(args, "node_rank", 0)
-    return (node_flag_problem(args) if several_nodes else None) or _other_flag_problem(args)
+    return ((node_flag_problem(args) if several_nodes else None) or exit_on_stop_problem(args)
+            or _other_flag_problem(args))
+
+
+def exit_on_stop_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``--exit-on-stop``, if anything: the ranks' launcher applies it, and its status must not
+    read as one of the trainer's own (1 to 10) nor as the shell's (126 and above: a command not run, a signal)."""
+    status = getattr(args, "exit_on_stop", 0)
+    if not status:
+        return None
+    if not 11 <= status <= 125:
+        return (f"--exit-on-stop {status}: 11 to 125 (0, the default, exits 0 after a stop; 1 to 10 are the "
+                "trainer's own statuses, 126 and above the shell's and signals')")
+    world_size = getattr(args, "world_size", None)
+    if world_size is None or world_size < 2:
+        return (f"--exit-on-stop {status} needs --world-size N (N >= 2): it is the status of the ranks' launcher "
+                "after a stop; one trainer exits 0 after a stop")
+    return None
 
 
 def node_flag_problem(args: argparse.Namespace) -> str | None:
@@ -473,13 +524,22 @@ def _run_daemon(cfg: Config, args: argparse.Namespace, start_ms: int | None) -> 
         except (ValueError, OSError) as exc:
             return cannot_start(exc)
         return trainer.run()
-    except LearnerProcessError as exc:
+    except (LearnerProcessError, CheckpointError) as exc:
+        return failure_status(exc)
+
+
+def failure_status(exc: Exception) -> int:
+    """The exit status of a trainer (or a rank) whose learner process failed (6) or whose checkpoints cannot be used
+    (2); said in one line."""
+    # lazy: the learner process's module loads torch (crossdistil --help stays fast)
+    from consumers.runtime.learner_process import LearnerProcessError
+
+    if isinstance(exc, LearnerProcessError):
         print(f"crossdistil train: {exc}\nexiting with status 6 without a checkpoint (the last one is consistent: a "
               "restart resumes from it)", file=sys.stderr)
         return 6
-    except CheckpointError as exc:
-        print(f"crossdistil train: {exc}", file=sys.stderr)
-        return 2
+    print(f"crossdistil train: {exc}", file=sys.stderr)
+    return 2
 
 
 def cannot_start(exc: ValueError | OSError) -> int:
@@ -492,11 +552,21 @@ def cannot_start(exc: ValueError | OSError) -> int:
 
 def _run_rank(cfg: Any, info: Any, args: argparse.Namespace, start_ms: int | None) -> int:
     """One rank of several (torchrun's environment): ``consumers.trainer.ranked``. Its exit status is also recorded
-    where ``crossdistil train --world-size`` reads it after a stop (``record_exit_status``)."""
-    # lazy: torch.distributed loads only for ranks (crossdistil --help stays fast)
+    where ``crossdistil train --world-size`` reads it after a stop (``record_exit_status``), whatever ended the rank:
+    a status it returned, one its errors stand for (6, 2: :func:`failure_status`), or 1 for any other exception
+    (raised on, as Python's exit with a traceback)."""
+    # lazy: torch.distributed and the rank's errors load only for ranks (crossdistil --help stays fast)
+    from consumers.runtime.learner_process import LearnerProcessError
     from consumers.runtime.ranks import record_exit_status
+    from consumers.state.checkpoints import CheckpointError
 
-    status = _rank_status(cfg, info, args, start_ms)
+    try:
+        status = _rank_status(cfg, info, args, start_ms)
+    except (LearnerProcessError, CheckpointError) as exc:
+        status = failure_status(exc)
+    except Exception:
+        record_exit_status(info.rank, 1)
+        raise
     record_exit_status(info.rank, status)
     return status
 

@@ -48,12 +48,14 @@ RUN_TIMEOUT_S = 420
 __all__ = ["kuairand_topics"]  # the module fixture, shared with the one-trainer tests
 
 
-def start_ranks(config: Path, ledger: Path, log: Path, restarts: int = 6, preexec=die_with_parent) -> subprocess.Popen:
+def start_ranks(config: Path, ledger: Path, log: Path, restarts: int = 6, preexec=die_with_parent,
+                flags: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``crossdistil train --world-size 2`` with ``flags`` more, and ``env`` over this process's environment."""
     return subprocess.Popen(
         [sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger),
-         "--exit-when-idle", "4", "--torch-threads", "1", "--world-size", "2", "--max-restarts", str(restarts)],
-        cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}, preexec_fn=preexec)
+         "--exit-when-idle", "4", "--torch-threads", "1", "--world-size", "2", "--max-restarts", str(restarts),
+         *flags], cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}, preexec_fn=preexec)
 
 
 def rank_starts(log: Path) -> int:
@@ -286,3 +288,36 @@ def test_a_last_round_that_cannot_be_written_is_restarted_max_restarts_times_the
     assert rank_starts(log) == 2 and "restarting the group (1 of 1 restarts)" in text, text[-5000:]
     assert re.search(r"rank \d exited with status 9 after 1 of 1 restarts \(--max-restarts\): giving up", text)
     assert complete_round(tmp_path / "checkpoints") == 0
+
+
+def test_a_stop_with_exit_on_stop_checkpoints_a_last_round_exits_with_that_status_and_leaves_nothing_behind(
+        kafka_broker: str, kuairand_topics: dict[str, str], tmp_path: Path) -> None:
+    """deploy/k8s-ranks passes ``--exit-on-stop 75``: a stop (a preempted pod's SIGTERM) still checkpoints every
+    rank's part of a last round, and the command exits 75 (the Job makes the pod again) instead of 0. The command's
+    TMPDIR is a folder of the test: torchrun's logs and the ranks' statuses live in checkpoint.dir/launcher/node-0
+    while it runs, which goes when it ends, so that folder stays empty (torchrun left a torchelastic_* folder there
+    per start of the ranks)."""
+    config, log = ranks_config(tmp_path, kafka_broker, kuairand_topics, "trainer.toml"), tmp_path / "ranks.log"
+    checkpoints, tmpdir = tmp_path / "checkpoints", tmp_path / "tmp"
+    tmpdir.mkdir()
+    process = start_ranks(config, tmp_path / "ledger", log, flags=("--exit-on-stop", "75"),
+                          env={"TMPDIR": str(tmpdir)})
+    try:
+        wait_for(lambda: complete_round(checkpoints) >= 1, "a first checkpoint round", process, log)
+        assert (checkpoints / "launcher" / "node-0" / "attempt-0").is_dir()
+        process.send_signal(signal.SIGTERM)
+        status = stop_and_wait(process, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text(errors="replace")
+    print(f"\nexit {status}; in TMPDIR after: {sorted(p.name for p in tmpdir.iterdir())}")
+    assert status == 75, text[-5000:]
+    assert "crossdistil train: exiting with status 75 after the stop (--exit-on-stop)" in text, text[-5000:]
+    last = re.findall(r"rank 0/2: checkpoint round (\d+) \(shutdown\)", text)
+    assert last and complete_round(checkpoints) == int(last[-1]), text[-5000:]
+    assert f"rank 1/2: checkpoint round {last[-1]} (shutdown)" in text
+    assert rank_starts(log) == 1
+    # torchinductor_<user>: torch's compile cache, one folder per user that every run reuses, not one per run
+    assert sorted(p.name for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")) == []
+    assert not (checkpoints / "launcher").exists()
