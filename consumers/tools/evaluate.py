@@ -66,7 +66,8 @@ VALIDATION_TEST_FRACTION = 0.1
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``crossdistil evaluate``."""
     parser.add_argument("--dataset", help="adapter name: kuairand, icme2019, csv, synthetic")
-    parser.add_argument("--source", help="file or folder the adapter reads (e.g. ../shared/data/kuairand)")
+    parser.add_argument("--source", help="file or folder the adapter reads (e.g. ../shared/data/kuairand; the "
+                                         "synthetic adapter reads none)")
     parser.add_argument("--mapping", help="column mapping file (TOML) for the csv adapter")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="adapter option, repeatable (passed to streamer.datasets.open_dataset)")
@@ -94,10 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="split",
                         help="split: first 80%% of events by time train, last 20%% test; prequential: score each "
                              "mini-batch before learning from it; both (default split)")
-    parser.add_argument("--out", help="output folder for results.json, report.md and auc_curve.png")
+    parser.add_argument("--out", required=True,
+                        help="output folder for results.json, report.md and auc_curve.png (required)")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the training part in split mode (default 1)")
     parser.add_argument("--batch-size", type=int, default=256, help="mini-batch size (default 256)")
-    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda[:N]")
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (cuda when available), cpu, cuda[:N] (default auto)")
     parser.add_argument("--train-fraction", type=float, default=0.8, help="time split boundary (default 0.8)")
     _add_prequential_arguments(parser)
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
@@ -500,8 +503,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
     from models.learner import resolve_device
 
-    if not args.dataset or not args.source:
-        raise ValueError("--dataset and --source are required (or --from-results)")
+    if not args.dataset:  # --source is the adapter's to ask for (open_dataset): the synthetic one reads none
+        raise ValueError("--dataset is required (or --from-results), with --source for a data set read from files")
     backbones = parse_list(args.backbone, BACKBONES, "--backbone")
     configs = parse_configs(args.configs)
     seeds = parse_seeds(args.seeds)
@@ -531,7 +534,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     _check_run_configs(task_sets, backbones, configs, seeds[0], spec, model_options)
 
     plan = GridPlan(args, spec, data_spec, model_options, combined_weights, device, renaming)
-    log = RunLog(Path(args.out), {"dataset": dataset.name, "source": str(args.source), "device": device,
+    log = RunLog(Path(args.out), {"dataset": dataset.name, "source": args.source, "device": device,
                                   "threads": threads,
                                   "protocol": _protocol(args, spec, model_options, combined_weights, {})},
                  args.resume, console) if args.out else None
@@ -542,18 +545,23 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     for tasks, aux in task_sets:
         task_runs, row_ranges = _task_set_runs(plan, log, dataset, tasks, aux, combos, console)
         runs += task_runs  # row_ranges: the same for every task set, they all read the same events
+    kept = log.outside(runs) if log is not None else []
     if log is not None:
         log.close()
+    if kept:
+        console.log(f"--resume: {len(kept)} finished run(s) in {args.out} are not of this grid; results.json and the "
+                    "report keep them after this grid's")
+    command = "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:])
     return {
         "dataset": dataset.name,
-        "source": str(args.source),
-        "command": "crossdistil evaluate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["evaluate"] else sys.argv[1:]),
+        "source": args.source,
+        **({"commands": [*log.commands, command], "kept_runs": len(kept)} if kept else {"command": command}),
         "protocol": _protocol(args, spec, model_options, combined_weights, row_ranges),
         "environment": {"device": device, "torch": torch.__version__, "python": platform.python_version(),
                         "threads": threads,
                         "cuda_graphs": bool(args.cuda_graphs), "jobs": args.jobs},
         "seconds": time.perf_counter() - started,
-        "runs": runs,
+        "runs": runs + kept,
     }
 
 
@@ -582,13 +590,15 @@ class RunLog:
     it finishes, so an interrupted grid loses no finished run. ``--resume`` reads them back (``done``, by run key)
     when the header (data set, source, device, threads, protocol) is the same, or, with no such file, the runs of a
     finished grid's ``OUT/results.json`` (to add seeds or configurations to it); without ``--resume`` an old log
-    with finished runs is refused (they would be lost; one with none is replaced). ``run`` removes the file once
+    with finished runs is refused (they would be lost; one with none is replaced). A resumed grid never drops a
+    finished run: those outside it (``outside``) stay in results.json after its own. ``run`` removes the file once
     results.json is written."""
 
     def __init__(self, out: Path, header: dict[str, Any], resume: bool, console: Any) -> None:
         self.path = out / RUN_LOG
         header = _comparable(json.loads(json.dumps(_clean(header))))  # as it reads back
         self.done: dict[str, dict[str, Any]] = {}
+        self.commands: list[str] = []  # the commands of the finished results.json resumed, if any
         if resume and self.path.exists():
             lines = self.path.read_text().splitlines()
             self._check(json.loads(lines[0]) if lines else {}, header, self.path)
@@ -605,6 +615,7 @@ class RunLog:
                                      "device": env.get("device"), "threads": env.get("threads"),
                                      "protocol": doc.get("protocol", {})}), header, out / "results.json")
             self.done = {_record_key(r): r for r in doc["runs"]}
+            self.commands = doc.get("commands") or [doc.get("command", "")]
         elif resume:
             console.log(f"--resume: no {self.path} and no results.json; running the whole grid")
         elif self.path.exists() and (finished := len(self.path.read_text().splitlines()) - 1) > 0:
@@ -623,6 +634,11 @@ class RunLog:
             keys = sorted(k for k in set(saved) | set(header) if saved.get(k) != header.get(k))
             raise ValueError(f"--resume: {path} was written by another grid (it differs in {keys}); rerun that "
                              "grid's command with --resume, or leave --resume out to start again")
+
+    def outside(self, runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The finished runs read back that are not among ``runs`` (the grid's), in the order they were written."""
+        grid = {_record_key(r) for r in runs}
+        return [r for k, r in self.done.items() if k not in grid]
 
     def add(self, record: dict[str, Any]) -> None:
         """One finished run, on disk before the next starts."""
@@ -928,6 +944,7 @@ def render_report(doc: dict[str, Any], title: str = "", baseline: str = "mtl") -
     lines = [f"# {title or 'Evaluation: ' + str(doc.get('dataset', ''))}", ""]
     commands = doc.get("commands") or [doc.get("command", "")]
     lines += ["Produced by:", "", "```", *commands, "```", ""]
+    lines += _kept_lines(runs, doc.get("kept_runs", 0))
     lines += _protocol_lines(doc.get("protocol", {}))
     auxiliary = {r["config"]: r["aux_tasks"] for r in runs if r.get("aux_tasks")}
     if auxiliary:  # per configuration: a merged report's protocol is its first file's
@@ -943,6 +960,20 @@ def render_report(doc: dict[str, Any], title: str = "", baseline: str = "mtl") -
     if env:
         lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _kept_lines(runs: list[dict[str, Any]], kept: int) -> list[str]:
+    """Which runs the report covers when ``--resume`` kept finished runs outside the last command's grid (the last
+    ``kept`` of ``runs``): how many of each, and the kept ones by task set, mode, backbone and configuration."""
+    if not kept:
+        return []
+    cells: dict[str, list[int]] = {}
+    for r in runs[-kept:]:
+        cells.setdefault(f"{','.join(r['tasks'])} {r['mode']} {r['backbone']} {r['config']}", []).append(r["seed"])
+    listed = "; ".join(f"`{cell}` seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, sorted(seeds)))}"
+                       for cell, seeds in cells.items())
+    return [f"**{len(runs)} runs: the {len(runs) - kept} of the last command's grid and {kept} finished earlier in "
+            f"this folder, outside that grid, kept by `--resume`** ({listed}).", ""]
 
 
 def _windows(group: list[dict[str, Any]], mode: str) -> list[str]:
@@ -1186,6 +1217,8 @@ def merge_results(paths: Sequence[str]) -> dict[str, Any]:
     merged = dict(docs[0])
     merged["commands"] = [c for d in docs for c in (d.get("commands") or [d.get("command", "")])]
     merged.pop("command", None)
+    if len(docs) > 1:  # the kept runs are the last of docs[0] only, not of the runs merged
+        merged.pop("kept_runs", None)
     merged["runs"] = [r for d in docs for r in d["runs"]]
     merged["seconds"] = sum(d.get("seconds", 0) for d in docs)
     return merged
@@ -1228,5 +1261,6 @@ def run(args: argparse.Namespace) -> int:
               f"with --from-results {Path(args.out) / 'results.json'} --baseline NAME", file=sys.stderr)
     if not args.from_results:
         (Path(args.out) / RUN_LOG).unlink(missing_ok=True)  # every run is in results.json now
-    print(f"wrote {Path(args.out) / 'results.json'}, report.md and auc_curve.png ({len(doc['runs'])} runs)")
+    kept = f", {doc['kept_runs']} of them kept from earlier in --out" if doc.get("kept_runs") else ""
+    print(f"wrote {Path(args.out) / 'results.json'}, report.md and auc_curve.png ({len(doc['runs'])} runs{kept})")
     return 0

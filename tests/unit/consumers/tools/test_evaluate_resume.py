@@ -106,3 +106,21 @@ def test_an_unfinished_grids_runs_are_not_replaced_without_resume(tmp_path: Path
     (tmp_path / evaluate.RUN_LOG).write_text(kept.splitlines()[0] + "\n")  # a header alone: nothing to lose
     calls = interrupt_after(monkeypatch, 100)
     assert evaluate.run(grid(tmp_path)) == 0 and len(calls) == 8
+
+
+def test_resume_with_a_smaller_grid_keeps_every_finished_run_and_the_report_says_which(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    assert evaluate.run(grid(tmp_path)) == 0  # 8 runs: mtl,aux x seeds 0,1 x split,prequential
+    finished = runs_of(tmp_path)
+    calls = interrupt_after(monkeypatch, 100)
+    assert evaluate.run(grid(tmp_path, "--configs", "mtl", "--seeds", "1", "--resume")) == 0
+    assert calls == []  # both runs of the smaller grid were finished
+    runs = runs_of(tmp_path)
+    key = evaluate._record_key
+    assert sorted(map(key, runs)) == sorted(map(key, finished))  # nothing dropped
+    assert [(r["config"], r["seed"]) for r in runs[:2]] == [("mtl", 0), ("mtl", 0)]  # the grid's own runs first
+    report = (tmp_path / "report.md").read_text()
+    assert ("**8 runs: the 2 of the last command's grid and 6 finished earlier in this folder, outside that grid, "
+            "kept by `--resume`**") in report
+    assert "`task0,task1 split shared_bottom aux` seeds 0,1" in report  # the kept runs listed
+    assert "6 of them kept from earlier in --out" in capsys.readouterr().out
