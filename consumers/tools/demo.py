@@ -60,9 +60,9 @@ DEFAULT_KUAIRAND = REPO_ROOT.parent / "shared" / "data" / "kuairand"
 DEMO_CONFIG_DIR = REPO_ROOT / "deploy" / "demo"
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 
-# KuaiRand spans 13 days: at 4000x that is ~5 minutes. The synthetic stream has 100 impressions per second of
-# event time: at 5x that is 500 impressions/s (4 minutes for 120,000), slow enough that the drift's fall and
-# recovery last tens of seconds on screen and in Prometheus.
+# KuaiRand spans 14 days (2022-04-07 15:44 to 04-21 15:51 UTC): at 4000x that is ~5 minutes. The synthetic
+# stream has 100 impressions per second of event time: at 5x that is 500 impressions/s (4 minutes for 120,000),
+# slow enough that the drift's fall and recovery last tens of seconds on screen and in Prometheus.
 DEFAULT_SPEED = {"kuairand": "4000", "synthetic": "5"}
 DEFAULT_SYNTHETIC_EVENTS = 120_000
 # The synthetic demo's world and drift (streamer/datasets/synthetic.py): few users and items and strong factors, so
@@ -104,9 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=None,
                         help=f"KuaiRand file or folder (default: {DEFAULT_KUAIRAND}); ignored for synthetic")
     parser.add_argument("--speed", default=None,
-                        help="event time runs FACTOR times faster than wall time, or 'max' (default: "
-                             f"{DEFAULT_SPEED['kuairand']} for KuaiRand, ~5 minutes for its 13 days; "
-                             f"{DEFAULT_SPEED['synthetic']} for synthetic)")
+                        help="event time runs FACTOR times faster than wall time, 'realtime' (1x), or 'max' "
+                             f"(unpaced) (default: {DEFAULT_SPEED['kuairand']} for KuaiRand, ~5 minutes for its 14 "
+                             f"days; {DEFAULT_SPEED['synthetic']} for synthetic)")
     parser.add_argument("--limit", type=int, default=None,
                         help=f"stop after N impressions (synthetic default: {DEFAULT_SYNTHETIC_EVENTS:,})")
     parser.add_argument("--drift-type", default=DEFAULT_DRIFT["type"], choices=DRIFT_TYPES,
@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads of the trainer (default 1: the demo's other processes need cores too)")
-    parser.add_argument("--refresh", type=float, default=1.0, help="seconds between scrapes of /metrics")
+    parser.add_argument("--refresh", type=float, default=1.0,
+                        help="seconds between scrapes of /metrics (default: %(default)s)")
     parser.add_argument("--plain", action="store_true",
                         help="plain status lines instead of the live view (the default when stdout is no terminal)")
 
@@ -507,6 +508,12 @@ class Status:
     started_at: float = field(default_factory=time.monotonic)
     configured_windows: list[str] = field(default_factory=list)
     drift_note: str | None = None        # where the synthetic stream drifts (shown above the timeline)
+    # The replay clock (the demo's data sets are old: the wall clock's lag against them is their age, not a delay):
+    # the stream's --speed factor (None: max, no clock), and when the stream ended (the clock stops there).
+    replay_speed: float | None = None
+    replay_ended_at: float | None = None
+    replay_lag_s: float | None = None    # event-time seconds the watermark is behind the replay clock
+    _replay_anchor: tuple[float, float] | None = None   # (scrape time, watermark) of the first watermark seen
     # When each detector fired and each quality alert started firing, in the order seen: (seconds since the
     # start, text); ``_counts`` holds the detection counters of the previous scrape, ``_firing`` the alerts.
     timeline: list[tuple[float, str]] = field(default_factory=list)
@@ -520,9 +527,24 @@ class Status:
             self.trainer = trainer
             self.events_rate.add(now, value(trainer, "crossdistil_events_consumed_total"))
             self.samples_rate.add(now, value(trainer, "crossdistil_samples_trained_total"))
-            self.event_time_rate.add(now, value(trainer, "crossdistil_watermark_timestamp_seconds"))
+            watermark = value(trainer, "crossdistil_watermark_timestamp_seconds")
+            self.event_time_rate.add(now, watermark)
+            self._note_replay_lag(watermark, now)
         if serving is not None:
             self.serving = serving
+
+    def _note_replay_lag(self, watermark: float | None, now: float) -> None:
+        """How far the join's watermark is behind the replay clock: the event time the paced stream has reached,
+        counted from the first watermark seen at ``replay_speed`` times the wall clock (stopped when the stream
+        ended). The anchor cancels the watermark's constant offset (the join's allowed lateness); the delivery
+        delay before that first watermark is not counted."""
+        if watermark is None or self.replay_speed is None:
+            return
+        if self._replay_anchor is None:
+            self._replay_anchor = (now, watermark)
+        anchored_at, start = self._replay_anchor
+        until = now if self.replay_ended_at is None else min(now, self.replay_ended_at)
+        self.replay_lag_s = max(0.0, start + (until - anchored_at) * self.replay_speed - watermark)
 
     def _note_detections(self, trainer: Samples, now: float) -> None:
         """Add a timeline entry for every detector whose detection counter rose since the last scrape."""
@@ -609,6 +631,11 @@ class Status:
                 value(self.serving, "crossdistil_serving_model_version"))
 
 
+def speed_label(speed: str) -> str:
+    """``--speed`` as the header says it: ``4000x``, ``realtime``, ``max``."""
+    return speed if speed in ("max", "realtime") else f"{speed}x"
+
+
 def _fmt(x: float | None, spec: str = ".3f", none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
@@ -645,7 +672,6 @@ def pipeline_facts(status: Status) -> list[tuple[str, str]]:
     """(label, value) pairs of throughput, lag and model versions, in display order (shared by both views)."""
     published, loaded = status.versions()
     lag = status.consumer_lag()
-    time_lag = value(status.trainer, "crossdistil_event_time_lag_seconds")
     speedup = status.event_time_rate.get()
     return [
         ("events/s", _fmt(status.events_rate.get(), ",.0f")),
@@ -653,12 +679,20 @@ def pipeline_facts(status: Status) -> list[tuple[str, str]]:
         ("trained", _fmt(value(status.trainer, "crossdistil_samples_trained_total"), ",.0f")),
         ("consumer lag", "-" if lag is None else f"{lag:,.0f} msgs"),
         ("event time", _event_time(value(status.trainer, "crossdistil_watermark_timestamp_seconds"))),
-        # In a replay the watermark is the data's own time, so this lag is the data's age, not a delay.
-        ("event-time lag", "-" if time_lag is None else _human_seconds(time_lag)),
+        # Against the replay clock, not the wall clock (crossdistil_event_time_lag_seconds): in a replay the
+        # watermark is the data's own time, and its lag behind the wall clock is the data's age, not a delay.
+        ("lag vs replay clock", _replay_lag(status)),
         ("speed", "-" if not speedup else f"{speedup:,.0f}x"),
         ("model", f"published {_fmt_version(published)}, serving {_fmt_version(loaded)}"),
         ("late labels", _late_share(status)),
     ]
+
+
+def _replay_lag(status: Status) -> str:
+    """The watermark's lag behind the replay clock in event time; none at --speed max (no clock to lag behind)."""
+    if status.replay_speed is None:
+        return "none (--speed max)"
+    return "-" if status.replay_lag_s is None else _human_seconds(status.replay_lag_s)
 
 
 def _late_share(status: Status) -> str:
@@ -961,7 +995,7 @@ class Demo:
     # -- watching ----------------------------------------------------------------------------------------------
     def _watch(self) -> int:
         plan = self.plan
-        header = (f"crossdistil demo: {plan.dataset} at {plan.speed}{'' if plan.speed == 'max' else 'x'} speed"
+        header = (f"crossdistil demo: {plan.dataset} at {speed_label(plan.speed)} speed"
                   f"  |  run folder {_relative(plan.run_dir)}")
         footer = [f"trainer  http://127.0.0.1:{plan.ports['trainer']}/metrics"]
         if plan.ranks > 1:
@@ -977,6 +1011,7 @@ class Demo:
         self.status.phase = "streaming"
         self.status.configured_windows = plan.windows
         self.status.drift_note = drift_summary(plan.stream_options)
+        self.status.replay_speed = parse_speed(plan.speed)
         self._record()
         if plan.live:
             from rich.live import Live
@@ -1026,7 +1061,7 @@ class Demo:
             stream = self.children["stream"]
             if stream.poll() == 0:
                 if drain_started is None:
-                    drain_started = tick
+                    drain_started = self.status.replay_ended_at = tick
                     self.status.phase = "stream ended; trainer catching up"
                     self._record()
                 events = value(self.status.trainer, "crossdistil_events_consumed_total")
@@ -1129,36 +1164,64 @@ class Demo:
                 (directory / f"{name}.prom").write_text(text)
 
     def _print_where(self) -> None:
-        plan = self.plan
         self._save_scrape()
-        lines = ["", "[demo] stopped: " + ", ".join(f"{k} ({v})" for k, v in self.outcomes.items())]
-        windows = self.status.windows()
-        if windows and self.status.tasks():
-            w = windows[0]
-            aucs = ", ".join(f"{t} {_fmt(self.status.auc(t, w))}" for t in self.status.tasks())
-            lines.append(f"[demo] last AUC over {int(w):,} samples: {aucs}" if w.isdigit() else f"[demo] AUC: {aucs}")
-        if self.status.drift_note or self.status.timeline:
-            lines.append(f"[demo] {self.status.drift_note or 'drift'}; detections and alerts:"
-                         + "".join(f"\n[demo]   {seconds:5.0f} s  {what}" for seconds, what in self.status.timeline)
-                         + ("" if self.status.timeline else " none"))
-        published, loaded = self.status.versions()
-        published = self.last_published_version() or published
-        if published is not None or loaded is not None:
-            lines.append(f"[demo] model: published {_fmt_version(published)}, serving loaded {_fmt_version(loaded)}")
-        checkpoints = (sorted((plan.run_dir / "checkpoints").glob("*")) if (plan.run_dir / "checkpoints").is_dir()
-                       else [])
-        lines += [
-            f"[demo] run folder   {plan.run_dir}",
-            f"[demo] checkpoints  {plan.run_dir / 'checkpoints'} ({len(checkpoints)} files)",
-            f"[demo] logs         {plan.run_dir / 'logs'} (stream, trainer, serving, prometheus); "
-            f"Kafka: {plan.kafka_data_dir / 'broker.log'}",
-            f"[demo] metrics      {plan.run_dir / 'metrics'} (last scrape of each daemon)",
-        ]
-        if plan.prometheus and (plan.run_dir / "prometheus").exists():
-            lines.append(f"[demo] Prometheus   data in {plan.run_dir / 'prometheus'}; browse it again with: "
-                         f"prometheus --config.file={plan.run_dir / 'prometheus.yml'} "
-                         f"--storage.tsdb.path={plan.run_dir / 'prometheus'}")
-        if plan.keep_kafka and self.broker is not None:
-            lines.append(f"[demo] Kafka keeps running at {self.broker.bootstrap}; stop it with "
-                         f"'crossdistil kafka down --data-dir {plan.kafka_data_dir}'")
+        published = self.last_published_version() or self.status.versions()[0]
+        lines = closing_lines(self.plan, self.status, self.outcomes, published, list(self.children),
+                              self.broker.bootstrap if self.broker is not None else None)
         print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def closing_lines(plan: Plan, status: Status, outcomes: Mapping[str, str], published: float | None,
+                  started: Iterable[str], kafka_bootstrap: str | None) -> list[str]:
+    """The demo's closing summary: how each part stopped, the last AUC, the model, and where everything is
+    (``started``: the names of the children it started, whose logs exist)."""
+    lines = ["", "[demo] stopped: " + ", ".join(f"{k} ({v})" for k, v in outcomes.items())]
+    auc = auc_line(status)
+    if auc:
+        lines.append(auc)
+    if status.drift_note or status.timeline:
+        lines.append(f"[demo] {status.drift_note or 'drift'}; detections and alerts:"
+                     + "".join(f"\n[demo]   {seconds:5.0f} s  {what}" for seconds, what in status.timeline)
+                     + ("" if status.timeline else " none"))
+    loaded = status.versions()[1]
+    if published is not None or loaded is not None:
+        lines.append(f"[demo] model: published {_fmt_version(published)}, serving loaded {_fmt_version(loaded)}")
+    checkpoints = plan.run_dir / "checkpoints"
+    # checkpoint files only: the folder also holds the trainer's lock and published.json
+    count = len(list(checkpoints.glob("*.cdckpt"))) if checkpoints.is_dir() else 0
+    logs = [name for name in ("stream", "trainer", "serving", "prometheus") if name in set(started)]
+    lines += [
+        f"[demo] run folder   {plan.run_dir}",
+        f"[demo] checkpoints  {checkpoints} ({count} checkpoint{'' if count == 1 else 's'})",
+        f"[demo] logs         {plan.run_dir / 'logs'} ({', '.join(logs) or 'none'}); "
+        f"Kafka: {plan.kafka_data_dir / 'broker.log'}",
+        f"[demo] metrics      {plan.run_dir / 'metrics'} (last scrape of each daemon)",
+    ]
+    if plan.prometheus and (plan.run_dir / "prometheus").exists():
+        lines.append(f"[demo] Prometheus   data in {plan.run_dir / 'prometheus'}; browse it again with: "
+                     f"prometheus --config.file={plan.run_dir / 'prometheus.yml'} "
+                     f"--storage.tsdb.path={plan.run_dir / 'prometheus'}")
+    if plan.keep_kafka and kafka_bootstrap is not None:
+        lines.append(f"[demo] Kafka keeps running at {kafka_bootstrap}; stop it with "
+                     f"'crossdistil kafka down --data-dir {plan.kafka_data_dir}'")
+    return lines
+
+
+def auc_line(status: Status) -> str | None:
+    """The closing line of each task's last AUC over the shortest window, with the number of samples it is over:
+    the window's size, or fewer when fewer were scored (None before any AUC)."""
+    windows, tasks = status.windows(), status.tasks()
+    if not windows or not tasks:
+        return None
+    window = windows[0]
+    if not window.isdigit():
+        return "[demo] AUC: " + ", ".join(f"{t} {_fmt(status.auc(t, window))}" for t in tasks)
+    over = {}
+    for task in tasks:
+        scored = value(status.trainer, "crossdistil_quality_samples_total", task=task, role="student")
+        over[task] = int(window) if scored is None else int(min(int(window), scored))
+    if len(set(over.values())) == 1:
+        return (f"[demo] last AUC over {over[tasks[0]]:,} samples: "
+                + ", ".join(f"{t} {_fmt(status.auc(t, window))}" for t in tasks))
+    return "[demo] last AUC: " + ", ".join(f"{t} {_fmt(status.auc(t, window))} over {over[t]:,} samples"
+                                          for t in tasks)

@@ -140,3 +140,85 @@ def test_demo_ranks_are_bounded_by_the_partitions_and_prometheus_scrapes_every_r
     plan.ports = {"trainer": 9500, "serving": 9600}
     text = write_prometheus_config(plan).read_text()
     assert '["127.0.0.1:9500", "127.0.0.1:9501"]' in text  # metrics.port + rank
+
+
+# -- the event-time lag against the replay clock ------------------------------------------------------------
+def a_scrape(watermark_s: float) -> dict:
+    """A trainer scrape holding only the join's watermark (and the wall-clock lag the demo must not show)."""
+    return {"crossdistil_watermark_timestamp_seconds": [({}, watermark_s)],
+            "crossdistil_event_time_lag_seconds": [({}, 1701.3 * 86_400)]}
+
+
+def test_the_view_shows_the_event_time_lag_against_the_replay_clock_not_the_wall_clock() -> None:
+    from consumers.tools.demo import pipeline_facts
+
+    status = Status(replay_speed=4000.0)
+    kuairand_start = 1_649_346_288.0
+    status.update(a_scrape(kuairand_start), None, 10.0)
+    assert dict(pipeline_facts(status))["lag vs replay clock"] == "0 s"
+    # 2 s of wall time at 4000x: the replay clock moved 8,000 s of event time; the watermark 800 s
+    status.update(a_scrape(kuairand_start + 800), None, 12.0)
+    facts = dict(pipeline_facts(status))
+    assert facts["lag vs replay clock"] == "2.0 h" and "event-time lag" not in facts
+    assert "1701" not in text_of(render(status, "header", [], []))
+    status.replay_ended_at = 13.0  # the stream ended: the replay clock stops there
+    status.update(a_scrape(kuairand_start + 12_000), None, 20.0)
+    assert dict(pipeline_facts(status))["lag vs replay clock"] == "0 s"
+
+
+def test_an_unpaced_stream_has_no_replay_clock_and_the_view_says_so() -> None:
+    from consumers.tools.demo import pipeline_facts
+
+    status = Status(replay_speed=None)
+    status.update(a_scrape(1_649_346_288.0), None, 10.0)
+    assert dict(pipeline_facts(status))["lag vs replay clock"] == "none (--speed max)"
+
+
+# -- the closing summary ----------------------------------------------------------------------------------
+def a_plan(tmp_path, *flags: str):
+    import argparse
+
+    from consumers.tools.demo import add_arguments, make_plan
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return make_plan(parser.parse_args(["--dataset", "synthetic", "--out", str(tmp_path / "run"), *flags]))
+
+
+def test_the_closing_summary_counts_checkpoint_files_only_and_names_the_logs_of_what_ran(tmp_path) -> None:
+    from consumers.tools.demo import closing_lines
+
+    plan = a_plan(tmp_path, "--no-prometheus")
+    checkpoints = plan.run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in ("ckpt-000000000020.cdckpt", "ckpt-000000000040.cdckpt", ".lock", "published.json",
+                 "ckpt-000000000010.cdckpt.corrupt"):
+        (checkpoints / name).write_bytes(b"")
+    lines = closing_lines(plan, Status(), {"stream": "exit 0"}, None, ["trainer", "serving", "stream"], None)
+    assert f"[demo] checkpoints  {checkpoints} (2 checkpoints)" in lines
+    assert f"[demo] logs         {plan.run_dir / 'logs'} (stream, trainer, serving); " \
+           f"Kafka: {plan.kafka_data_dir / 'broker.log'}" in lines
+
+
+def test_the_closing_auc_line_says_how_many_samples_were_scored_when_fewer_than_the_window() -> None:
+    from consumers.tools.demo import auc_line
+
+    metrics = TrainerMetrics(["click", "like"], windows=(2000,))
+    y = np.array([0, 1] * 970)
+    metrics.observe({"click": y, "like": y}, {"click": np.where(y == 1, 0.7, 0.2), "like": np.full(1940, 0.5)})
+    assert auc_line(status_of(metrics)) == "[demo] last AUC over 1,940 samples: click 1.000, like 0.500"
+    metrics.observe({"click": y, "like": y}, {"click": np.where(y == 1, 0.7, 0.2), "like": np.full(1940, 0.5)})
+    assert auc_line(status_of(metrics)) == "[demo] last AUC over 2,000 samples: click 1.000, like 0.500"
+
+
+def test_the_help_says_kuairands_span_every_speed_and_the_refresh_default() -> None:
+    import argparse
+
+    from consumers.tools.demo import add_arguments, speed_label
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "'realtime' (1x), or 'max' (unpaced) (default: 4000 for KuaiRand, ~5 minutes for its 14 days;" in text
+    assert "seconds between scrapes of /metrics (default: 1.0)" in text
+    assert [speed_label(s) for s in ("4000", "realtime", "max")] == ["4000x", "realtime", "max"]
