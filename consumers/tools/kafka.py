@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 
 from consumers.runtime.local_kafka import DEFAULT_PORT, LocalKafka, LocalKafkaError, default_data_dir
 from streamer.kafka_settings import PASSWORD_ENV, SecurityError
+
+# streamer.topics.DEFAULT_PARTITIONS, for the help: importing it loads kafka-python, which building the parser
+# (crossdistil --help) does not need; tests/unit/consumers/tools/test_kafka_cli.py checks that they agree.
+DEFAULT_PARTITIONS_SHOWN = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"broker state, logs and pid file (default: {default_data_dir()})")
     parser.add_argument("--partitions", type=int, default=None,
                         help="partitions of the impressions, feedback and dead-letters topics (up only; default: "
-                             "streamer.topics.DEFAULT_PARTITIONS)")
+                             f"{DEFAULT_PARTITIONS_SHOWN})")
     parser.add_argument("--no-topics", action="store_true", help="do not create the default topics (up only)")
-    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the broker to start or stop")
+    parser.add_argument("--timeout", type=float, default=90.0,
+                        help="seconds to wait for the broker to start or stop (default: %(default)g)")
     parser.add_argument("--delete-data", action="store_true", help="after stopping, delete the data dir (down only)")
     parser.add_argument("--sasl-ssl-port", type=int, default=None, metavar="PORT",
                         help="up: also listen with TLS and SASL on PORT (certificates made in the data dir): "
@@ -41,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         broker = LocalKafka(port=args.port, data_dir=args.data_dir, **_secure_listener(args))
         if args.action == "status":
             status = broker.status()
-            print(status.describe())
+            print(status.describe() if status.running else _not_running(status.data_dir, args))
             return 0 if status.running else 3
         if args.action == "down":
             stopped = broker.stop(timeout_s=args.timeout)
@@ -67,6 +73,17 @@ def run(args: argparse.Namespace) -> int:
     except (LocalKafkaError, TopicError, SecurityError) as exc:
         print(f"crossdistil kafka {args.action}: {exc}", file=sys.stderr)
         return 1
+
+
+def _not_running(data_dir: str, args: argparse.Namespace) -> str:
+    """What ``status`` says of a broker that is not running: the command that starts it names the same broker (the
+    ``--data-dir`` and ``--port`` given, so the suggestion does not start the default one instead)."""
+    up = ["crossdistil", "kafka", "up"]
+    if args.data_dir is not None:
+        up += ["--data-dir", args.data_dir]
+    if args.port is not None:
+        up += ["--port", str(args.port)]
+    return f"Kafka is not running (data dir {data_dir}); start it with: {shlex.join(up)}"
 
 
 def _secure_listener(args: argparse.Namespace) -> dict:
