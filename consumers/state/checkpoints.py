@@ -224,6 +224,17 @@ def publication_acknowledged(meta: Mapping[str, Any], record: Mapping[str, Any] 
         and isinstance(record.get("version"), int) and record["version"] >= version)
 
 
+def untrained(step: Any, warm_started: Any) -> bool:
+    """Whether the checkpoint of learner step ``step`` holds a new model's random initialisation: step 0 of a model
+    not warm-started (its metadata's ``warm_started``). Such a checkpoint is never published (a trainer's
+    ``Checkpointer.publishes``): it would replace the model serving has with random scores.
+
+    >>> untrained(0, False), untrained(0, True), untrained(3, False)
+    (True, False, False)
+    """
+    return step == 0 and not warm_started
+
+
 class CheckpointStore:
     """A directory of checkpoints: ``write`` atomically, keep the last ``keep_last``, load the ``latest``.
 

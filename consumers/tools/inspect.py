@@ -49,6 +49,7 @@ from consumers.state.checkpoints import (
     checkpoint_step,
     publication_acknowledged,
     read_checkpoint_file,
+    untrained,
 )
 from consumers.state.ledger import LedgerError, read_segment, segments
 from consumers.state.wire import (
@@ -269,7 +270,8 @@ def describe_publication(meta: Mapping[str, Any], record: Mapping[str, Any] | No
     """The checkpoint's publication as a restoring trainer sees it (``consumers.trainer.checkpointing``): its version,
     and whether Kafka acknowledged it (the checkpoint says so, or the store's record names its step)."""
     return {"version": meta.get("publish_version"),
-            "acknowledged": publication_acknowledged(meta, record, meta.get("step"))}
+            "acknowledged": publication_acknowledged(meta, record, meta.get("step")),
+            "untrained": untrained(meta.get("step"), meta.get("warm_started", False))}
 
 
 def lock_holder(directory: Path) -> dict[str, Any]:
@@ -408,8 +410,11 @@ def _describe_checkpoint(c: Mapping[str, Any]) -> list[str]:
                  + (f"; {counters}" if counters else ""))
     publication = c["publication"]
     unknown = "NOT acknowledged as far as a restore can tell (a trainer restored from it publishes it again)"
-    lines.append(f"    publication  version {publication['version']}, "
-                 + ("acknowledged" if publication["acknowledged"] else unknown))
+    if publication.get("untrained"):
+        lines.append("    publication  none: a new model's step 0 (untrained) is never published")
+    else:
+        lines.append(f"    publication  version {publication['version']}, "
+                     + ("acknowledged" if publication["acknowledged"] else unknown))
     if "round" in c:
         r = c["round"]
         lines.append(f"    round        {r['round']} (rank {r['rank']} of {r['world_size']})")

@@ -46,6 +46,7 @@ from consumers.state.checkpoints import (
     positions_to_plain,
     publication_acknowledged,
     read_checkpoint_file,
+    untrained,
 )
 from consumers.state.learner_state import check_format, saved_config
 from consumers.state.wire import stable_hash
@@ -230,6 +231,8 @@ class Checkpointer:
         self.config_hash = stable_hash(model_config(cfg).to_dict())
         self.last_step = -1
         self.last_at = time.monotonic()
+        self.warm_started = False  # the model started from another's weights (checkpointed: "warm_started")
+        self._untrained_said = False
         self._late_reported = {"late_feedback": 0, "late_impressions": 0}  # the counts at the last log warnings
         self._labels_reported: dict[str, Any] | None = None  # the join's task_labels report at the last warning
 
@@ -291,10 +294,11 @@ class Checkpointer:
         check_stream(meta, path)
         self._load_stream(meta, path)
         self.last_step = step
-        # Not acknowledged: this step is published again as soon as the loop starts.
+        self.warm_started = bool(meta.get("warm_started", False))
+        # Not acknowledged: this step is published again as soon as the loop starts (an untrained one never is).
         version = int(meta["publish_version"])
         record = self.store.publication()
-        acknowledged = publication_acknowledged(meta, record, step)
+        acknowledged = publication_acknowledged(meta, record, step) or untrained(step, self.warm_started)
         if record is not None:
             version = max(version, record["version"])
         self.publisher.restore(version, int(meta["published_chunks"]), step, acknowledged, self.cfg.publish.enabled)
@@ -335,6 +339,7 @@ class Checkpointer:
             check_stream(meta, path)
             meta, changed = retasked_stream(meta, self.cfg.model.tasks)
         report = self._load_learner(path, warm=True)
+        self.warm_started = True
         log.info("warm start: a new model from %s (step %d of the old one): %s", path, checkpoint.step,
                  describe(report))
         if mode == "resume":
@@ -435,7 +440,7 @@ class Checkpointer:
             log.warning("checkpoint (%s) skipped: dead letters not yet acknowledged by Kafka", reason)
             return False
         started = time.perf_counter()
-        publish = self.cfg.publish.enabled and step != self.publisher.last_published_step
+        publish = self.publishes(step)
         version = self.publisher.version + 1 if publish else self.publisher.version
         if self.ledger is not None:
             self.ledger.commit(step)  # before the checkpoint: a segment without its checkpoint is discarded on start
@@ -445,6 +450,22 @@ class Checkpointer:
         seconds = time.perf_counter() - started
         log.info("checkpoint (%s) step %d -> %s in %.2f s", reason, step, Path(written["path"]).name, seconds)
         self._written(step, seconds, version if publish else None, written)
+        return True
+
+    def publishes(self, step: int) -> bool:
+        """Whether the checkpoint of learner step ``step`` is published: publication is on, the step is not published
+        yet, and the model has learnt something. A new model at step 0 (from scratch, not warm-started) is its random
+        initialisation: published, it would replace the model serving replicas have (the topic's newest, maybe
+        another trainer's) with random scores, or answer with them where a replica should say 503 until a model
+        comes. Its checkpoint is still written (positions, dead letters); its first step's checkpoint is published."""
+        if not self.cfg.publish.enabled or step == self.publisher.last_published_step:
+            return False
+        if untrained(step, self.warm_started):
+            if not self._untrained_said:
+                log.info("checkpoint of step 0 not published: the new model has trained no batch yet (serving keeps "
+                         "the model it has); the first checkpoint after a step is")
+                self._untrained_said = True
+            return False
         return True
 
     def _written(self, step: int, seconds: float, publish_version: int | None, written: Mapping[str, Any]) -> None:
@@ -473,6 +494,7 @@ class Checkpointer:
             "published": step == self.publisher.last_published_step,  # acknowledged before; this one's: the record
             "trained_samples": self.pipeline.trained_samples,
             "dead_letters": self.pipeline.dead_letters,
+            "warm_started": self.warm_started,
         }
 
     def _publication(self, step: int, version: int) -> dict[str, Any]:

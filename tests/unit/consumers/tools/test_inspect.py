@@ -87,7 +87,7 @@ def test_each_checkpoint_is_listed_newest_first_with_what_a_trainer_restores_fro
     assert (model["rung"], model["backbone"], model["tasks"]) == ("mtl", "shared_bottom", ["click", "long_view"])
     assert model["differs_from_defaults"]["embedding_lr"] == [0.2, 0.05]
     assert "seed" not in model["differs_from_defaults"]  # the defaults are not listed
-    assert newest["publication"] == {"version": 2, "acknowledged": True}
+    assert newest["publication"] == {"version": 2, "acknowledged": True, "untrained": False}
     assert folder["publication_record"] == {"version": 2, "step": 2}
     assert folder["lock"]["held"] is False
 
@@ -98,7 +98,7 @@ def test_a_publication_kafka_never_acknowledged_is_said(tmp_path: Path, capsys) 
     assert status == EXIT_OK
     (folder,) = report["folders"]
     assert folder["publication_record"] is None
-    assert folder["checkpoints"][0]["publication"] == {"version": 1, "acknowledged": False}
+    assert folder["checkpoints"][0]["publication"] == {"version": 1, "acknowledged": False, "untrained": False}
     main(["inspect", "checkpoints", str(tmp_path)])
     assert "NOT acknowledged" in capsys.readouterr().out
 
@@ -278,3 +278,17 @@ def test_a_corrupt_chunk_and_a_publication_without_its_manifest_are_named() -> N
     text = render_serving({"topic": "model", "bootstrap": "b:1", "beginning_offset": 0, "end_offset": 9,
                            "records": 9, "publications": found})
     assert "corrupt_chunk" in text and "no manifest" in text
+
+
+def test_a_new_models_step_0_says_it_is_never_published(tmp_path: Path, capsys) -> None:
+    """Not "NOT acknowledged ... publishes it again": a trainer restored from it publishes nothing (its random
+    initialisation), only its first step's checkpoint."""
+    c = checkpointer(tmp_path, FlakyProducer(refuse=False))
+    c.kafka.positions = {("impressions", 0): 4}
+    assert c.write("shutdown") and c.store.steps() == [0]
+    status, report = inspect_json(capsys, str(tmp_path))
+    assert status == EXIT_OK and report["folders"][0]["checkpoints"][0]["publication"]["untrained"] is True
+    assert main(["inspect", "checkpoints", str(tmp_path)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "publication  none: a new model's step 0 (untrained) is never published" in text
+    assert "NOT acknowledged" not in text

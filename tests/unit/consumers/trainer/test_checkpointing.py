@@ -145,3 +145,25 @@ def test_late_impressions_and_late_feedback_are_said_in_the_log_once_per_checkpo
         c.write("shutdown")  # nothing late since: no second warning
     said = [r.getMessage() for r in caplog.records if "impressions arrived after" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("1 impressions arrived after the event-time watermark")
+
+
+def test_a_new_models_step_0_is_checkpointed_but_never_published(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A new trainer stopped before its first step would publish its random initialisation above the model serving
+    has (replicas would score at random where they had a model, or where they should say 503)."""
+    c = checkpointer(tmp_path, producer := FlakyProducer(refuse=False))
+    producer.healthy = True
+    c.kafka.positions = {("impressions", 0): 3}  # something to checkpoint: the positions moved
+    with caplog.at_level("INFO", logger="crossdistil.trainer"):
+        assert c.write("shutdown")
+    assert c.store.steps() == [0] and producer.sent == [] and not c.publisher.pending
+    assert c.publisher.version == 0 and c.store.publication() is None
+    assert "checkpoint of step 0 not published: the new model has trained no batch yet" in caplog.text
+
+    # Restored, step 0 is not an unacknowledged publication to send again; the first step's checkpoint is published.
+    restarted = checkpointer(tmp_path, producer)
+    assert restarted.restore() == 0 and not restarted.publisher.pending
+    assert not restarted.write("periodic")  # nothing changed, nothing to publish
+    train_one_step(restarted)
+    assert restarted.write("periodic") and producer.sent
+    assert restarted.store.publication() == {"version": 1, "step": 1}

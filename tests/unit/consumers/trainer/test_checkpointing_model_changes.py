@@ -238,3 +238,19 @@ def test_several_ranks_with_a_warm_start_that_resumes_a_cut_are_refused_before_t
     command.add_arguments(parser)
     assert command.run(parser.parse_args(["--world-size", "2", "--warm-start", "/old"])) == 2
     assert "set checkpoint.warm_start_stream = \"fresh\"" in capsys.readouterr().err
+
+
+def test_a_warm_started_models_step_0_is_published_and_stays_so_across_a_restore(tmp_path: Path) -> None:
+    """Unlike a new model's step 0 (random weights, never published), a warm start's step 0 is a trained model: its
+    first checkpoint is published above the old model's versions, and a restore of that checkpoint knows it."""
+    old = old_model(tmp_path / "old")
+    new = checkpointer(tmp_path / "new", producer := FlakyProducer(refuse=True),
+                       f"checkpoint.warm_start='{tmp_path / 'old'}'")
+    assert new.restore() is None and new.pipeline.learner.learner.steps == 0
+    assert new.write("shutdown") and new.publisher.pending  # attempted (refused: the broker is away)
+    assert new.publisher.unacknowledged_version == old.publisher.version + 1
+    restarted = checkpointer(tmp_path / "new", producer, f"checkpoint.warm_start='{tmp_path / 'old'}'")
+    assert restarted.restore() == 0 and restarted.warm_started and restarted.publisher.pending
+    producer.healthy, producer.refuse = True, False  # the broker is back
+    assert restarted.write("publication retry") and not restarted.publisher.pending
+    assert restarted.store.publication() == {"version": old.publisher.version + 2, "step": 0}
