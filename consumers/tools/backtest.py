@@ -39,6 +39,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import difflib
 import heapq
 import io
 import itertools
@@ -113,7 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "crossdistil@paper")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a configuration value in every configuration (repeatable)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder (created; this backtest's files in it are replaced, and the series_*.csv, "
+                             "traceback_*.txt and auc_*.png an earlier one left there removed)")
     parser.add_argument("--batching", choices=BATCHING_MODES, default="event-time",
                         help="event-time (default): max_batch_delay_s runs on the log's event time, so the batches "
                              "are those a live trainer makes when the events arrive at the log's own rate; dense: "
@@ -309,6 +312,7 @@ def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[s
         out: dict[str, Config] = {}
         for name in [r.strip() for r in rungs.split(",") if r.strip()]:
             rung, preset = split_config_name(name)  # "crossdistil@paper": the rung with a preset's options
+            check_rung(rung, name)
             cfg = copy.deepcopy(base)
             cfg.model.options = {**cfg.model.options, **preset, "rung": rung}
             out[name] = cfg
@@ -324,6 +328,26 @@ def build_configs(files: Sequence[str], rungs: str | None, overrides: Sequence[s
             name += "'"
         out[name] = load_config(path, overrides=overrides)
     return out
+
+
+def check_rung(rung: str, name: str) -> None:
+    """A ``ValueError`` for a ``--configs`` entry ``name`` whose rung is none a learner is made of, naming the
+    closest valid one and every valid form."""
+    # lazy: the models (torch) load only when a replay runs
+    from models.config import PRESETS, RUNGS
+    from models.river_baseline import RIVER_CONFIGS
+    from models.vw_baseline import VW_CONFIGS
+
+    valid = [*RUNGS, *RIVER_CONFIGS, *VW_CONFIGS]
+    if rung in valid:
+        return
+    close = difflib.get_close_matches(rung, valid, n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f" in {name!r}" if name != rung else ""
+    raise ValueError(f"--configs: unknown rung {rung!r}{where}{guess}. Valid: the ablation ladder's rungs "
+                     f"{', '.join(RUNGS)}; the river baselines {', '.join(RIVER_CONFIGS)}; the Vowpal Wabbit peers "
+                     f"{', '.join(VW_CONFIGS)}; and RUNG@PRESET, a rung with a preset's options ({', '.join(PRESETS)}; "
+                     "e.g. crossdistil@paper)")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -1553,7 +1577,8 @@ def summary(result: BacktestResult, input_desc: dict[str, Any],
         gate = pipeline.metrics.kd_gate_summary()  # a gated configuration's distillation
         if gate:
             configurations[name]["kd_gate"] = gate
-    warnings = damage_warnings(result) + batching_warnings(result) + replay_stream_warnings(result)
+    kafka = input_desc.get("kind") == "kafka"
+    warnings = damage_warnings(result) + batching_warnings(result) + replay_stream_warnings(result, kafka=kafka)
     out = {"format": SUMMARY_FORMAT, "input": {k: v for k, v in input_desc.items() if k != "bytes"},
            "records": result.records, "events": result.events, "batching": result.batching,
            "warnings": warnings, "dead_letter_examples": result.dead_letter_examples,
@@ -1683,23 +1708,25 @@ def _dead_letters_by_reason(result: BacktestResult, run_: ConfigRun) -> dict[str
             if sample.name.endswith("_total")}
 
 
-def replay_stream_warnings(result: BacktestResult) -> list[str]:
-    """``stream_warnings`` of every configuration, each said once (configurations sharing a join give the same), and
-    each task a configuration predicts that had no positive label in the whole replay: a task named otherwise than
-    in the log's feedback (``clik``) trains on labels that are all 0, and its AUC reads "n/a". That warning names the
-    log's task names the configuration does not have, each with the task it most likely misspells
-    (``consumers.core.join.describe_unknown_tasks``)."""
+def replay_stream_warnings(result: BacktestResult, *, kafka: bool = False) -> list[str]:
+    """``stream_warnings`` of every configuration (``kafka``: of a Kafka range, not an event log), each said once
+    (configurations sharing a join give the same), and each task a configuration predicts that had no positive label
+    in the whole replay: a task named otherwise than in the log's feedback (``clik``) trains on labels that are all
+    0, and its AUC reads "n/a". That warning names the log's task names the configuration does not have, each with
+    the task it most likely misspells (``consumers.core.join.describe_unknown_tasks``)."""
     warnings: list[str] = []
+    where = "the feedback topic's events" if kafka else "the log's feedback events"
     for run_ in result.runs.values():
         join = run_.pipeline.join.counters
-        warnings += [w for w in stream_warnings(join, _dead_letters_by_reason(result, run_)) if w not in warnings]
+        said = stream_warnings(join, _dead_letters_by_reason(result, run_), kafka=kafka)
+        warnings += [w for w in said if w not in warnings]
         never = [task for task in run_.pipeline.scored_tasks
                  if len(labels := run_.arrays(task)[0]) and not labels.any()]
         if never:
             report = run_.pipeline.join.task_labels.report(join)
             names = describe_unknown_tasks(report["unknown"], report["unknown_other"], run_.pipeline.tasks)
             warnings.append(f"{run_.name}: no positive label in {run_.pipeline.trained_samples:,} samples for "
-                            f"{', '.join(map(repr, never))}: is each named as in the log's feedback events? "
+                            f"{', '.join(map(repr, never))}: is each named as in {where}? "
                             f"({join.get('unknown_task_feedback', 0) + join.get('ignored_task_feedback', 0):,} "
                             "feedback events were for tasks it does not "
                             f"learn{': ' + names if names else ''})")
@@ -1709,10 +1736,12 @@ def replay_stream_warnings(result: BacktestResult) -> list[str]:
 STREAM_WARNING_SHARE = 0.01  # as the trainer's alerts (CrossdistilLateFeedback, CrossdistilDeadLetterRate)
 
 
-def stream_warnings(join: dict[str, int], dead_letters: dict[str, int]) -> list[str]:
-    """What the log did to a replay that its figures do not show: events dead-lettered (any), and more than
+def stream_warnings(join: dict[str, int], dead_letters: dict[str, int], *, kafka: bool = False) -> list[str]:
+    """What the input did to a replay that its figures do not show: events dead-lettered (any), and more than
     ``STREAM_WARNING_SHARE`` of impressions or feedback late or orphaned, which a log out of event-time order (or one
     event far ahead of the others) gives: its samples are trained with the labels that had reached them, mostly none.
+    ``kafka``: the input was a Kafka range, whose partitions are merged by event time (``kafka_records``), so what
+    can be out of order is a partition, and a range's start cuts impressions off their feedback.
 
     >>> stream_warnings({"impressions": 100, "late_impressions": 0, "feedback": 500, "orphan_feedback": 1}, {})
     []
@@ -1728,19 +1757,27 @@ def stream_warnings(join: dict[str, int], dead_letters: dict[str, int]) -> list[
     impressions, feedback = join.get("impressions", 0), join.get("feedback", 0)
     late, late_feedback, orphans = (join.get("late_impressions", 0), join.get("late_feedback", 0),
                                     join.get("orphan_feedback", 0))
+    # a log replays in its own order; a Kafka range merges its partitions by event time, each in offset order
+    why = "a producer that retried, buffered or backfilled late, or stamped some events far ahead of the rest"
+    disorder = f"a partition written out of event-time order ({why})" if kafka else "a log out of event-time order"
+    cut = "written before the range's start, --from-offset/--from-time" if kafka else "outside --from-time/--to-time"
     if late > STREAM_WARNING_SHARE * impressions:
+        question = (f"were some partitions written out of event-time order ({why})? The range's partitions are merged "
+                    "by event time, but each replays in its offset order" if kafka
+                    else "is the log in event-time order (docs/event-log.md)?")
         warnings.append(f"{late:,} of {impressions:,} impressions ({late / impressions:.1%}) arrived after the "
                         "event-time watermark had passed them and were trained at once with the labels that had "
-                        "reached them: is the log in event-time order (docs/event-log.md)?")
+                        f"reached them: {question}")
     if late_feedback > STREAM_WARNING_SHARE * feedback:
         warnings.append(f"{late_feedback:,} of {feedback:,} feedback events ({late_feedback / feedback:.1%}) came "
-                        "after their impression's window had closed in event time and were dropped: a log out of "
-                        "event-time order, or attribution windows (join.attribution_window_s) too short for it")
+                        f"after their impression's window had closed in event time and were dropped: {disorder}, or "
+                        "attribution windows (join.attribution_window_s) too short for it")
     if orphans > STREAM_WARNING_SHARE * feedback:
+        source = "the topics" if kafka else "the log"
         warnings.append(f"{orphans:,} of {feedback:,} feedback events ({orphans / feedback:.1%}) matched no "
-                        "impression and were dropped: impressions missing from the log (or outside --from-time/"
-                        "--to-time), feedback before its impression in a log out of event-time order, or feedback so "
-                        "long after its impression's window (join.attribution_window_s) that the join had forgotten it")
+                        f"impression and were dropped: impressions missing from {source} (or {cut}), feedback "
+                        f"before its impression in {disorder}, or feedback so long after its impression's window "
+                        "(join.attribution_window_s) that the join had forgotten it")
     return warnings
 
 
@@ -1786,7 +1823,25 @@ def write_outputs(result: BacktestResult, out: Path, input_desc: dict[str, Any],
     path = out / "report.md"
     path.write_text(render_report(data, timing, [p.name for p in images]))
     written.append(path)
+    remove_stale_outputs(out, written)
     return written, data
+
+
+# The outputs named per configuration or task (write_outputs): an earlier backtest into the same --out leaves its own
+STALE_KINDS = ("series_*.csv", "traceback_*.txt", "auc_*.png")
+
+
+def remove_stale_outputs(out: Path, written: Sequence[Path]) -> list[Path]:
+    """Remove from ``out`` the files of the kinds a backtest names per configuration or task (``STALE_KINDS``) that
+    this one did not write (``written``), so that ``out`` holds exactly its outputs: an earlier backtest's
+    series_mtl.csv beside this one's series_default.csv would read as a result of this one. Any other file in
+    ``out`` is left alone. Returns the files removed."""
+    keep = {path.name for path in written}
+    stale = [path for kind in STALE_KINDS for path in sorted(out.glob(kind)) if path.name not in keep
+             and path.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def series_csv(rows: list[dict[str, Any]]) -> str:
@@ -2008,13 +2063,17 @@ def _comparison_lines(data: dict[str, Any]) -> list[str]:
     last = f"last {int(LAST_FRACTION * 100)}%"
     level = f"{method['level']:.0%}"
     adjustment = method.get("adjustment")  # absent in summaries written before it
+    tests = adjustment["comparisons"] if adjustment else 0
+    family = "the one comparison" if tests == 1 else f"all {tests} comparisons"
     holm = (f"Each difference's p-value (two-sided, normal approximation with the bootstrap's standard error) is "
-            f"given raw (p) and adjusted by Holm's step-down method across all {adjustment['comparisons']} "
-            "comparisons of this report (p (Holm): AUC and NDCG@10, every task and the combined score, all and "
-            f"{last}; identical and not comparable ones are no tests). **better** / **worse** only where the whole "
+            f"given raw (p) and adjusted by Holm's step-down method across {family} of this report that are tests "
+            f"(p (Holm): AUC and NDCG@10, every task and the combined score, all and {last}; identical and not "
+            f"comparable ones are no tests). **better** / **worse** only where the whole "
             f"{level} interval (raw, for that comparison alone) is on one side of 0 **and** the Holm-adjusted p is "
             f"at most {1 - method['level']:.2f}, so the chance that any verdict of the report calls noise a win "
             "stays at most 5%; otherwise *within noise*, however large the difference looks."
+            if tests else "No difference of this report is a test: every comparison is identical (the same "
+            "predictions) or not comparable, so there is no p-value to adjust and no verdict but those."
             if adjustment else "Each interval is for one task: no correction for multiple comparisons.")
     lines = ["## Which configuration is better", "",
              f"Against `{base}` (the first configuration). Each difference is a configuration's prequential AUC minus "

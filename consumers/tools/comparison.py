@@ -316,6 +316,10 @@ def adjust(entries: Iterable[Mapping[str, Any]], level: float = LEVEL) -> dict[s
         row["p_holm"], row["verdict_unadjusted"] = adjusted, row["verdict"]
         if adjusted > 1 - level:
             row["verdict"] = "within noise"
+    if not family:
+        return {"method": "holm", "comparisons": 0, "level": level,
+                "what": "no paired difference of the report is a test (every one is identical or not comparable): "
+                        "there is no p-value to adjust"}
     return {"method": "holm", "comparisons": len(family), "level": level,
             "what": f"Holm's step-down adjustment of the p-values of the report's {len(family)} paired differences "
                     "(AUC and NDCG@10, per task and combined score, over every sample and over the last ones; "

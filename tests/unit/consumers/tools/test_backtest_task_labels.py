@@ -25,7 +25,7 @@ def test_the_replays_warnings_are_made_once_for_the_summary_and_stderr(
         monkeypatch: pytest.MonkeyPatch) -> None:
     made = []
 
-    def counted(result: backtest.BacktestResult) -> list[str]:
+    def counted(result: backtest.BacktestResult, **_: object) -> list[str]:
         made.append(1)
         return ["a warning made once"]
 
