@@ -238,7 +238,7 @@ class RoundCheckpointer(Checkpointer):
         started = time.perf_counter()
         round_ = max(self.round, self.attempted) + 1
         self.attempted = round_  # a failed round's number is not used again: its ledger segments stay its own
-        publish = self.cfg.publish.enabled and step != self.publisher.last_published_step
+        publish = self.publishes(step)  # only rank 0's configuration publishes; never a new model's step 0
         version = self.publisher.version + 1 if publish else self.publisher.version
         offsets = [o for part in self.ranks.gather_plain(positions_to_plain(self.kafka.positions)) for o in part]
         metadata = {**self._metadata(step, version), "round": round_, "rank": self.ranks.rank,

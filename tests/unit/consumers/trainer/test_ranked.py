@@ -15,7 +15,7 @@ from consumers.trainer.kafka_io import KafkaIO
 from consumers.trainer.publisher import Publisher
 from consumers.trainer.ranked import RoundCheckpointer, rank_config
 from tests.unit.consumers.trainer.fakes import Consumer, FlakyProducer
-from tests.unit.consumers.trainer.test_checkpointing import SMALL
+from tests.unit.consumers.trainer.test_checkpointing import SMALL, train_one_step
 
 pytestmark = pytest.mark.unit
 
@@ -75,7 +75,7 @@ def test_world_size_checks_the_configuration_once_before_starting_any_rank(monke
     from consumers.trainer import command
 
     launched: list[list[str]] = []
-    monkeypatch.setattr(command, "launch_ranks", lambda argv: launched.append(argv) or 0)
+    monkeypatch.setattr(command, "launch_ranks", lambda argv, run_dir=None, exit_on_stop=0: launched.append(argv) or 0)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
@@ -92,3 +92,23 @@ def test_world_size_checks_the_configuration_once_before_starting_any_rank(monke
     assert run() == 0
     assert launched and launched[0][:4] == ["--standalone", "--nproc-per-node", "2", "--max-restarts"]
     assert launched[0][-4:] == ["consumers.cli", "train", "--ledger", "L"]
+
+
+class RankZeroWriting(RankZeroOfTwo):
+    """Rank 0 of 2 writing rounds alone: a gather returns this rank's part only."""
+
+    def gather_plain(self, value):
+        return [value]
+
+
+def test_rank_0_checkpoints_a_new_models_step_0_but_publishes_only_from_its_first_step(tmp_path: Path) -> None:
+    """As one trainer (``Checkpointer.publishes``): a new model's step 0 is its random initialisation."""
+    c = round_checkpointer(tmp_path)
+    c.ranks = RankZeroWriting()
+    c.pipeline.learner.mode = "sync"  # a ranked learner's; the rank's own part is written the same way
+    c.publisher.producer.healthy = True
+    c.kafka.positions = {("impressions", 0): 3}
+    assert c.write("shutdown") and c.round == 1 and c.publisher.producer.sent == [] and c.publisher.version == 0
+    train_one_step(c)
+    assert c.write("periodic") and c.round == 2 and c.publisher.producer.sent and c.publisher.version == 1
+
