@@ -524,20 +524,42 @@ def load_config(
     """Build the effective configuration: defaults < file < environment < ``--set`` overrides."""
     cfg = Config()
     if path is not None:
-        _apply(cfg, _read_file(Path(path)))
+        try:
+            _apply(cfg, _read_file(Path(path)))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {path})") from None
     layered: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # dotted key -> where it was set, for errors
     for key, raw in (os.environ if env is None else env).items():
         if key.startswith(ENV_PREFIX):
             dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
+            sources[dotted] = f"environment variable {key}"
             _set_path(layered, dotted, _parse_scalar(raw))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected section.key=value")
         dotted, raw = item.split("=", 1)
+        sources[dotted.strip()] = f"--set {item}"
         _set_path(layered, dotted.strip(), _parse_scalar(raw.strip()))
-    _apply(cfg, layered)
+    try:
+        _apply(cfg, layered)
+    except ConfigError as exc:
+        raise ConfigError(_with_source(str(exc), sources)) from None
     _validate(cfg)
     return cfg
+
+
+def _with_source(message: str, sources: Mapping[str, str]) -> str:
+    """A ConfigError's ``message`` ("<key>: ...") naming where that key was set: the environment variables and
+    ``--set`` overrides (``sources``, dotted key -> source) of it, of a table holding it or of keys inside it.
+
+    >>> _with_source("batchin: unknown key", {"batchin.batch_size": "environment variable CROSSDISTIL__BATCHIN__..."})
+    'batchin: unknown key (set by environment variable CROSSDISTIL__BATCHIN__...)'
+    """
+    key = message.split(":", 1)[0]
+    found = [source for dotted, source in sources.items()
+             if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")]
+    return f"{message} (set by {'; '.join(found)})" if found else message
 
 
 def _read_file(p: Path) -> dict[str, Any]:

@@ -174,3 +174,19 @@ def test_a_configuration_file_that_is_not_utf8_is_named_with_its_first_bad_byte(
     path.write_bytes(b"[batching]\nbatch_size = 3 # \xff\xfe\n")
     with pytest.raises(ConfigError, match=r"latin.toml is not UTF-8 \(at byte offset 28: 0xff\)"):
         load_config(path, env={})
+
+
+def test_an_unknown_or_bad_key_names_where_it_was_set(tmp_path) -> None:
+    """A typo in an environment variable, a --set or the file: the error says which one (the key alone did not)."""
+    with pytest.raises(ConfigError, match=r"^batchin: unknown key .*\(set by environment variable "
+                                          r"CROSSDISTIL__BATCHIN__BATCH_SIZE\)$"):
+        load_config(None, env={"CROSSDISTIL__BATCHIN__BATCH_SIZE": "3"})
+    with pytest.raises(ConfigError, match=r"^batching.batch_size: expected an integer, got 'x' \(set by --set "
+                                          r"batching.batch_size=x\)$"):
+        load_config(None, env={"CROSSDISTIL__BATCHING__MAX_BATCH_DELAY_S": "1"}, overrides=["batching.batch_size=x"])
+    with pytest.raises(ConfigError, match=r"^kafka.client_options: expected a table, got 3 \(set by "
+                                          r"environment variable CROSSDISTIL__KAFKA__CLIENT_OPTIONS\)$"):
+        load_config(None, env={"CROSSDISTIL__KAFKA__CLIENT_OPTIONS": "3"})
+    (file := tmp_path / "trainer.toml").write_text("[batching]\nbatch_sise = 3\n")
+    with pytest.raises(ConfigError, match=rf"^batching.batch_sise: unknown key .*\(in {file}\)$"):
+        load_config(file, env={})
