@@ -598,10 +598,12 @@ class RunLog:
         self.path = out / RUN_LOG
         header = _comparable(json.loads(json.dumps(_clean(header))))  # as it reads back
         self.done: dict[str, dict[str, Any]] = {}
-        self.commands: list[str] = []  # the commands of the finished results.json resumed, if any
+        self.commands: list[str] = []  # the commands of a finished results.json resumed, if any
         if resume and self.path.exists():
             lines = self.path.read_text().splitlines()
-            self._check(json.loads(lines[0]) if lines else {}, header, self.path)
+            saved = json.loads(lines[0]) if lines else {}
+            self.commands = saved.pop("commands", [])  # of the runs it kept from a results.json, if any
+            self._check(saved, header, self.path)
             for line in lines[1:]:
                 try:
                     record = json.loads(line)
@@ -624,7 +626,7 @@ class RunLog:
                              "choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         self.file = self.path.open("w")  # header and the kept runs written again: no line cut short stays
-        for line in [header, *self.done.values()]:
+        for line in [{**header, "commands": self.commands} if self.commands else header, *self.done.values()]:
             self.file.write(json.dumps(line) + "\n")
         self.file.flush()
 

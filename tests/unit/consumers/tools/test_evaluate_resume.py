@@ -124,3 +124,18 @@ def test_resume_with_a_smaller_grid_keeps_every_finished_run_and_the_report_says
             "kept by `--resume`**") in report
     assert "`task0,task1 split shared_bottom aux` seeds 0,1" in report  # the kept runs listed
     assert "6 of them kept from earlier in --out" in capsys.readouterr().out
+
+
+def test_an_interrupted_resume_still_keeps_the_earlier_runs_and_their_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert evaluate.run(grid(tmp_path)) == 0  # 8 runs: mtl,aux x seeds 0,1 x split,prequential
+    smaller = grid(tmp_path, "--configs", "mtl", "--seeds", "3", "--resume")  # 4 of its 6 runs finished
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Stopped):
+        evaluate.run(smaller)
+    calls = interrupt_after(monkeypatch, 100)
+    assert evaluate.run(smaller) == 0  # from OUT/runs.partial.jsonl this time
+    assert len(calls) == 1
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert len(doc["runs"]) == 10 and doc["kept_runs"] == 4  # aux's four runs, outside the grid
+    assert len(doc["commands"]) == 2  # the first grid's command, then the resume's
