@@ -10,10 +10,10 @@ cannot be reached at start; 4 when no partition was assigned for ``kafka.stall_e
 same ``group_instance_id`` took the partitions over; 6 when the learner process failed or died; 7 when a record
 batch cannot be decoded (a codec that is not installed, a corrupt batch: its topic, partition and offset are
 named); 8 when a rank of several lost the other ranks (one died or could not be reached: the group is
-restarted); 9 when the last checkpoint could not be written (a full disk: the previous one is intact and a restart
-resumes from it); 10 when the model diverged (NaN or infinite weights: never checkpointed nor published; lower
-``model.options.lr`` before a restart resumes from the last good checkpoint) (``consumers.trainer.daemon`` and
-``consumers.trainer.ranked`` say why each).
+restarted); 9 when the last checkpoint could not be written (a full disk, dead letters Kafka never acknowledged:
+the previous one is intact and a restart resumes from it); 10 when the model diverged (NaN or infinite weights: never
+checkpointed nor published; lower ``model.options.lr`` before a restart resumes from the last good checkpoint)
+(``consumers.trainer.daemon`` and ``consumers.trainer.ranked`` say why each).
 
 Several ranks: under torchrun (``RANK``/``WORLD_SIZE`` set) each process is one rank
 (``consumers.trainer.ranked``); ``--world-size N`` starts torchrun with N ranks on this machine (or N/M on each of

@@ -202,14 +202,15 @@ class Trainer:
         return written
 
     def _final_checkpoint(self, reason: str) -> None:
-        """The checkpoint before the daemon exits; one that cannot be written is said on stderr, and the exit status
-        becomes ``EXIT_CHECKPOINT_FAILED`` (unless it already says why the daemon stops)."""
+        """The checkpoint before the daemon exits; one that cannot be written (``final_checkpoint_problem``) is said
+        on stderr, and the exit status becomes ``EXIT_CHECKPOINT_FAILED`` (unless it already says why it stops)."""
         self.checkpoint(reason, final=True)
-        if self.checkpoint_failures.error is None:
+        unacknowledged = 0 if self.kafka.fenced else self.dead_letters.pending  # fenced: another trainer's now
+        why = final_checkpoint_problem(self.checkpoint_failures.error, unacknowledged, self.dead_letters.topic)
+        if why is None:
             return
-        print(f"crossdistil train: the last checkpoint could not be written in {self.store.directory} "
-              f"({self.checkpoint_failures.error}); {resume_note(self.checkpoints.last_step, 'previous')} (free "
-              "space or make the folder writable first)", file=sys.stderr, flush=True)
+        print(f"crossdistil train: the last checkpoint could not be written in {self.store.directory} ({why}); "
+              f"{resume_note(self.checkpoints.last_step, 'previous')}", file=sys.stderr, flush=True)
         if self.exit_status == 0:
             self.exit_status = EXIT_CHECKPOINT_FAILED
 
@@ -561,6 +562,22 @@ def say_diverged(exc: ModelDiverged, last_step: int) -> None:
                "restart) first")
     log.error("%s; exiting with status %d", message, EXIT_MODEL_DIVERGED)
     print(f"crossdistil train: {message}", file=sys.stderr, flush=True)
+
+
+def final_checkpoint_problem(error: Any, unacknowledged: int, dead_letter_topic: str) -> str | None:
+    """Why the last checkpoint was not written, and what to do, or None: the file system's ``error``, or
+    ``unacknowledged`` dead letters (a checkpoint waits until Kafka acknowledged every one, so that none is lost; a
+    restart reads their events and dead-letters them again).
+
+    >>> final_checkpoint_problem(None, 2, "dl").split("; ")[0], final_checkpoint_problem(None, 0, "dl")
+    ('2 dead letters not acknowledged by Kafka, which a checkpoint waits for', None)
+    """
+    if error is not None:
+        return f"{error}; free space or make the folder writable first"
+    if unacknowledged:
+        return (f"{unacknowledged} dead letters not acknowledged by Kafka, which a checkpoint waits for; check that "
+                f"topic {dead_letter_topic!r} exists and takes writes")
+    return None
 
 
 def resume_note(last_step: int, which: str) -> str:

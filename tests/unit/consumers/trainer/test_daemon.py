@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from consumers.runtime.config import load_config
 from consumers.state.checkpoints import CheckpointStore
 from consumers.trainer.daemon import Trainer
+from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED
+from streamer.events import EventError
 from tests.unit.consumers.trainer.fakes import Consumer, FlakyProducer
 
 pytestmark = pytest.mark.unit
@@ -71,3 +74,24 @@ def test_an_unreadable_batch_ends_the_loop_with_status_7_after_a_checkpoint(tmp_
     t._loop()
     assert t.exit_status == 7 and "lz4" in t.kafka.unreadable
     assert CheckpointStore(tmp_path).latest().metadata["positions"] == [["impressions", 2, 11]]
+
+
+def test_a_stop_whose_last_checkpoint_waits_for_dead_letters_exits_9_and_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint waits until Kafka acknowledged every dead letter (none is lost): a stop while the dead-letter topic
+    takes no writes writes no last checkpoint, and a supervisor must be able to tell (it exited 0)."""
+    t = trainer(tmp_path)
+    t.dead_letters.producer = FlakyProducer(refuse=True)  # the dead-letter topic takes no writes
+    t.kafka.positions[("impressions", 0)] = 8
+    t.dead_letters.add(EventError("bad", reason="not_msgpack"), SimpleNamespace(key=b"k", value=b"\xc1", offset=7),
+                       "impressions", 0)
+    t._final_checkpoint("shutdown")
+    assert t.exit_status == EXIT_CHECKPOINT_FAILED and CheckpointStore(tmp_path).steps() == []
+    err = capsys.readouterr().err
+    assert "the last checkpoint could not be written" in err and "(1 dead letters not acknowledged by Kafka" in err
+    assert "takes writes); there is no earlier checkpoint: a restart starts from the beginning" in err
+
+    t.dead_letters.producer.healthy = True  # the topic is back: the same stop checkpoints and exits 0
+    t.exit_status = 0
+    t._final_checkpoint("shutdown")
+    assert t.exit_status == 0 and CheckpointStore(tmp_path).steps() == [0] and capsys.readouterr().err == ""
