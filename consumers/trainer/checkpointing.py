@@ -244,6 +244,7 @@ class Checkpointer:
         ``checkpoint.warm_start`` names a checkpoint to start the new model from: ``warm_start``)."""
         # The learner reads its tensors from the file itself; a rank's part of a round holds none.
         checkpoint = self.store.latest(with_tensors=False, model=True)
+        self._check_not_ranks(checkpoint)
         if checkpoint is None:
             if self.ledger is not None:
                 self.ledger.discard_after(None)
@@ -286,6 +287,24 @@ class Checkpointer:
             what = "start the configured model" if warm else "be loaded into the configured model"
             instead = ("" if warm else " To start a new model instead, point checkpoint.dir at an empty directory.")
             raise CheckpointError(f"{path} cannot {what}: {exc}.{instead}") from exc
+
+    def _check_not_ranks(self, checkpoint: Checkpoint | None) -> None:
+        """Refuse (``CheckpointError``, exit 2) what several ranks wrote, which one trainer cannot resume: a
+        ``checkpoint.dir`` of ranks' folders and none of its own (a fresh start would train every partition again from
+        its beginning), or rank 0's part of a round (its stream state covers only that rank's partitions)."""
+        folder = self.store.directory
+        ranks = sorted(entry.name for entry in folder.glob("rank-*")
+                       if entry.is_dir() and any(checkpoint_step(f.name) is not None for f in entry.iterdir()))
+        world = int(checkpoint.metadata.get("world_size", 1) or 1) if checkpoint is not None else len(ranks)
+        if (checkpoint is None and not ranks) or world <= 1:
+            return
+        what = (f"{folder} holds the checkpoints of {len(ranks)} ranks ({', '.join(ranks)}), none of one trainer"
+                if checkpoint is None else f"{checkpoint.path} is rank 0's part of a checkpoint round of {world} "
+                "ranks: its stream state covers only that rank's partitions")
+        raise CheckpointError(f"{what}; resume them with crossdistil train --world-size {world}, or start one "
+                              f"trainer's model from them in a new checkpoint.dir with checkpoint.warm_start = "
+                              f"'{folder if checkpoint is not None else folder / 'rank-0'}' and "
+                              "checkpoint.warm_start_stream = 'fresh'")
 
     def _restore_stream(self, meta: Mapping[str, Any], step: int, path: Any = "the checkpoint") -> None:
         """The stream side of a checkpoint of learner step ``step`` (file ``path``): join, batcher, positions and the

@@ -254,3 +254,20 @@ def test_a_warm_started_models_step_0_is_published_and_stays_so_across_a_restore
     producer.healthy, producer.refuse = True, False  # the broker is back
     assert restarted.write("publication retry") and not restarted.publisher.pending
     assert restarted.store.publication() == {"version": old.publisher.version + 2, "step": 0}
+
+
+def test_one_trainer_refuses_what_several_ranks_wrote_instead_of_starting_from_scratch(tmp_path: Path) -> None:
+    """``crossdistil train`` without --world-size on a ranks' checkpoint.dir found no checkpoint of its own and
+    trained every partition again from its beginning; pointed at rank-0, it resumed only rank 0's partitions."""
+    for rank in (0, 1):
+        CheckpointStore(tmp_path / f"rank-{rank}").write(4, {}, {"rank": rank, "world_size": 2, "round": 3})
+    with pytest.raises(CheckpointError, match=r"holds the checkpoints of 2 ranks \(rank-0, rank-1\), none of one "
+                                              r"trainer; resume them with crossdistil train --world-size 2, or start "
+                                              rf"one trainer's model .* checkpoint.warm_start = '{tmp_path}/rank-0'"):
+        checkpointer(tmp_path, FlakyProducer(refuse=False)).restore()
+    with pytest.raises(CheckpointError, match=r"ckpt-000000000004.cdckpt is rank 0's part of a checkpoint round of 2 "
+                                              r"ranks: its stream state covers only that rank's partitions"):
+        checkpointer(tmp_path / "rank-0", FlakyProducer(refuse=False)).restore()
+    fresh = tmp_path / "fresh"
+    (fresh / "rank-0").mkdir(parents=True)  # an empty folder of that name is not a round
+    assert checkpointer(fresh, FlakyProducer(refuse=False)).restore() is None
