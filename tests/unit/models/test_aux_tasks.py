@@ -57,8 +57,8 @@ def test_auxiliary_tasks_train_but_the_serving_model_scores_only_the_served_ones
     assert list(scored) == ["click", "like"]
     assert serving.model.served == [0, 2]  # the auxiliary towers are kept, not run
     every = learner.predict(encode_rows(rows[:5], learner.config.features, TASKS))  # the training model's, all
-    for task in ("click", "like"):
-        assert torch.equal(scored[task], every[task])
+    for task in ("click", "like"):  # equal bits on earlier machines, one float32 ulp apart on this AVX2 one
+        torch.testing.assert_close(scored[task], every[task], rtol=0, atol=1e-6)  # (the CPU picks the kernels)
 
 
 def test_a_privileged_teacher_of_some_tasks_has_no_auxiliary_ones() -> None:

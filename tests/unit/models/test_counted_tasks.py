@@ -112,7 +112,8 @@ def test_the_serving_model_scores_the_served_tasks_with_the_counts_of_all() -> N
     scored = serving.score_rows(rows(5))
     assert list(scored) == ["click", "like"]
     every = learner.predict(encode_rows(rows(5), learner.config.features, TASKS))
-    assert all(torch.equal(scored[t], every[t]) for t in scored)
+    for task in scored:  # equal bits on earlier machines, one float32 ulp apart on an AVX2 one (the CPU picks kernels)
+        torch.testing.assert_close(scored[task], every[task], rtol=0, atol=1e-6)
     restored = Learner.from_state_dict(learner.state_dict())
     assert restored.config == learner.config
     assert torch.equal(restored.model.counts.table, learner.model.counts.table)
