@@ -208,11 +208,14 @@ def replay_ranks(url: str, cfg: Config, world_size: int, *, partitions: int = 8,
     else:
         with tempfile.TemporaryDirectory(prefix="rank-replay-") as tmp:
             init = None if independent else str(Path(tmp) / "init")
+            default_tempdir, tempfile.tempdir = tempfile.tempdir, tmp  # torch's spawn keeps a failed rank's error file
             try:
                 mp.spawn(_spawned, args=(world_size, cfg.to_dict(), url, partitions, chunk, init, tmp),
                          nprocs=world_size, join=True)
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
                 raise _failure(tmp, world_size, url, exc) from None
+            finally:
+                tempfile.tempdir = default_tempdir
             parts = []
             for rank in range(world_size):
                 with np.load(Path(tmp) / f"rank-{rank}.npz") as data:

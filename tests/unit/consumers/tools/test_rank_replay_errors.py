@@ -7,6 +7,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,9 +61,13 @@ def test_a_rank_failing_mid_replay_leaves_the_group_and_the_parent_names_it_and_
         "join.attribution_window_s={click = 3, like = 10}", "batching.batch_size=32", "distributed.timeout_s=120.0"])
     monkeypatch.setattr(rank_replay, "_spawned", _rank_failing_mid_replay)
     monkeypatch.setenv("LEFT_DIR", str(tmp_path))  # the ranks' processes inherit it
+    (scratch := tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     with pytest.raises(RankReplayError) as error:
         replay_ranks(f"file://{log}", cfg, 2, partitions=4, chunk=32)
+    # torch's spawn keeps the failed rank's pytorch-errorfile-*.pickle: in the replay's folder, removed with it
+    assert list(scratch.iterdir()) == [] and tempfile.tempdir == str(scratch)
 
     message = str(error.value)
     assert message.startswith(f"rank 1/2 failed replaying file://{log}: ValueError: a record this rank cannot take"), \
