@@ -90,16 +90,8 @@ def create_model_topic(bootstrap: str, topic: str, *, client_options: Mapping[st
                        max_message_bytes: int = MODEL_MAX_MESSAGE_BYTES, timeout_s: float = 10.0) -> bool:
     """Create the model topic ``topic`` as ``model_topic_spec`` says; False when it exists already. Raises
     ``kafka.errors.KafkaError`` when Kafka refuses (e.g. the client may not create topics)."""
-    timeout_ms = int(timeout_s * 1000)
-    admin = _admin(bootstrap, "crossdistil-model-topic", timeout_ms, client_options)
-    try:
-        admin.create_topics({topic: model_topic_spec(max_message_bytes)}, timeout_ms=timeout_ms)
-        admin.wait_for_topics([topic], timeout_ms=timeout_ms)
-        return True
-    except TopicAlreadyExistsError:
-        return False
-    finally:
-        admin.close()
+    return _create_topic(bootstrap, topic, model_topic_spec(max_message_bytes), "crossdistil-model-topic",
+                         client_options, timeout_s)
 
 
 def retention_ms(days: float) -> int:
@@ -124,10 +116,17 @@ def create_dead_letter_topic(bootstrap: str, topic: str, partitions: int, retent
     """Create the dead-letter topic ``topic`` as ``dead_letter_topic_spec`` says; False when it exists already.
     Raises ``kafka.errors.KafkaError`` when Kafka refuses (e.g. TopicAuthorizationFailedError: the client may not
     create topics)."""
+    return _create_topic(bootstrap, topic, dead_letter_topic_spec(partitions, retention_days),
+                         "crossdistil-dead-letter-topic", client_options, timeout_s)
+
+
+def _create_topic(bootstrap: str, topic: str, spec: Mapping[str, Any], client_id: str,
+                  client_options: Mapping[str, Any] | None, timeout_s: float) -> bool:
+    """Create ``topic`` as ``spec`` says and wait for its leaders; False when it exists already."""
     timeout_ms = int(timeout_s * 1000)
-    admin = _admin(bootstrap, "crossdistil-dead-letter-topic", timeout_ms, client_options)
+    admin = _admin(bootstrap, client_id, timeout_ms, client_options)
     try:
-        admin.create_topics({topic: dead_letter_topic_spec(partitions, retention_days)}, timeout_ms=timeout_ms)
+        admin.create_topics({topic: spec}, timeout_ms=timeout_ms)
         admin.wait_for_topics([topic], timeout_ms=timeout_ms)
         return True
     except TopicAlreadyExistsError:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from consumers.core.pipeline import Answer, train_rows, training_rows
 from consumers.runtime.config import DistributedSection
 from consumers.runtime.learner_process import LocalLearner
+from consumers.state.checkpoints import LockHeld, take_lock
 from models.distributed import Collective
 
 log = logging.getLogger("crossdistil.ranks")
@@ -343,18 +343,13 @@ def launcher_folder(path: Path | None) -> Iterator[Path]:
             yield Path(folder)
         return
     path.mkdir(parents=True, exist_ok=True)
-    lock = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(lock, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(lock)
+        lock = take_lock(path / ".lock")
+    except LockHeld as held:
         raise LauncherFolderInUse(
-            f"{path} is in use by another crossdistil train --world-size command (pid {holder}) running the same "
-            "node of this checkpoint.dir: stop that one, or give this one its own --node-rank or checkpoint.dir"
+            f"{path} is in use by another crossdistil train --world-size command (pid {held.holder}) running the "
+            "same node of this checkpoint.dir: stop that one, or give this one its own --node-rank or checkpoint.dir"
             ) from None
-    os.ftruncate(lock, 0)
-    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
     try:
         _clear(path)  # what a command killed before it could clear it left
         yield path

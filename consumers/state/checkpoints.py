@@ -101,6 +101,30 @@ class CheckpointFormatError(CheckpointError):
         super().__init__(problem, path, damaged)
 
 
+class LockHeld(OSError):
+    """Another process holds the lock ``take_lock`` asked for; ``holder``: the pid its file names ("unknown")."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is locked by pid {holder}")
+        self.holder = holder
+
+
+def take_lock(path: Path) -> int:
+    """An exclusive lock on the file ``path`` (made if missing), held until its descriptor (returned) is closed or
+    the process ends, however it ends (a POSIX record lock); the file then names this process's pid. ``LockHeld``
+    when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockHeld(path, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class CheckpointDirectoryInUse(OSError):
     """Another process holds the lock of a checkpoint directory (``CheckpointStore(..., lock=True)``)."""
 
@@ -261,22 +285,15 @@ class CheckpointStore:
         self._remove_temp_files()
 
     def _lock(self) -> None:
-        """Hold an exclusive lock on ``.lock`` for the life of this process (a POSIX record lock: released when
-        the process ends, however it ends); ``CheckpointDirectoryInUse`` naming the holder if another has it."""
-        path = self.directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold an exclusive lock on ``.lock`` for the life of this process (``take_lock``);
+        ``CheckpointDirectoryInUse`` naming the holder if another has it."""
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._lock_fd = take_lock(self.directory / LOCK_FILE)
+        except LockHeld as held:
             raise CheckpointDirectoryInUse(
-                f"checkpoint directory {self.directory} is in use by another trainer (pid {holder}): one "
+                f"checkpoint directory {self.directory} is in use by another trainer (pid {held.holder}): one "
                 "writer per directory, or their checkpoints and offsets mix; stop that one, or give this one a "
                 "checkpoint.dir of its own") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def unlock(self, remove: bool = False) -> None:
         """Release the lock taken with ``lock=True`` (a no-op without one); ``remove``: delete ``.lock`` too."""
