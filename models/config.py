@@ -526,8 +526,17 @@ def _partner_items(value: Any) -> dict[str, str]:
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A ValueError naming the allowed values and, for a typo, the nearest one.
+
+    >>> _choice("rung", "crossdistl", ("mtl", "crossdistil"))
+    Traceback (most recent call last):
+    ...
+    ValueError: rung must be one of mtl, crossdistil; got 'crossdistl' (did you mean 'crossdistil'?)
+    """
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}{hint}")
 
 
 def config_differences(saved: Mapping[str, Any], config: ModelConfig) -> dict[str, tuple[Any, Any]]:
