@@ -561,6 +561,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                         "threads": threads,
                         "cuda_graphs": bool(args.cuda_graphs), "jobs": args.jobs},
         "seconds": time.perf_counter() - started,
+        **({"earlier_runs": earlier} if (earlier := len(log.done) if log is not None else 0) else {}),
         "runs": runs + kept,
     }
 
@@ -960,8 +961,24 @@ def render_report(doc: dict[str, Any], title: str = "", baseline: str = "mtl") -
         lines += _cadence_section(group, tasks)
     env = doc.get("environment", {})
     if env:
-        lines += [f"Environment: {json.dumps(env, sort_keys=True)}; total {doc.get('seconds', 0):.0f} s.", ""]
+        lines += [f"Environment: {json.dumps(env, sort_keys=True)}; {_time_line(doc, runs)}.", ""]
     return "\n".join(lines)
+
+
+def _time_line(doc: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The report's time: the command's, and where ``--resume`` took finished runs from earlier commands, the runs'
+    own times too (the command's alone would count only the runs it ran).
+
+    >>> _time_line({"seconds": 12.3}, [])
+    'total 12 s'
+    >>> _time_line({"seconds": 12.3, "earlier_runs": 2}, [{"seconds": 30.0}, {"seconds": 40.4}, {"seconds": 11.0}])
+    'the command took 12 s, 2 of the 3 runs finished by earlier commands; the runs took 81 s in all'
+    """
+    earlier = doc.get("earlier_runs", 0)
+    if not earlier:
+        return f"total {doc.get('seconds', 0):.0f} s"
+    return (f"the command took {doc.get('seconds', 0):.0f} s, {earlier} of the {len(runs)} runs finished by earlier "
+            f"commands; the runs took {sum(r.get('seconds', 0) for r in runs):.0f} s in all")
 
 
 def _kept_lines(runs: list[dict[str, Any]], kept: int) -> list[str]:
@@ -1223,6 +1240,9 @@ def merge_results(paths: Sequence[str]) -> dict[str, Any]:
         merged.pop("kept_runs", None)
     merged["runs"] = [r for d in docs for r in d["runs"]]
     merged["seconds"] = sum(d.get("seconds", 0) for d in docs)
+    merged.pop("earlier_runs", None)
+    if earlier := sum(d.get("earlier_runs", 0) for d in docs):
+        merged["earlier_runs"] = earlier
     return merged
 
 

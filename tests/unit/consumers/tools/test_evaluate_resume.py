@@ -64,6 +64,11 @@ def test_an_interrupted_grid_resumes_where_it_stopped_and_ends_as_if_never_stopp
     assert evaluate.run(grid(out, "--resume")) == 0
     assert len(calls) == 8 - 3  # only the runs not finished
     assert runs_of(out) == runs_of(tmp_path / "whole")  # in the grid's order, the same numbers
+    # the report's time counts the earlier command's runs too, not only the last command's
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert (f"3 of the 8 runs finished by earlier commands; the runs took {sum(r['seconds'] for r in runs):.0f} s "
+            "in all") in (out / "report.md").read_text()
+    assert "; total " in (tmp_path / "whole" / "report.md").read_text()
 
 
 def test_resume_refuses_the_log_of_another_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
