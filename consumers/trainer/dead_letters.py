@@ -13,6 +13,9 @@ Each dead letter is produced with the same key as its source message and:
 A dead letter stays pending until Kafka acknowledges it. The trainer flushes the queue before every checkpoint
 and skips the checkpoint while any is unacknowledged, so none is lost: after a crash the replayed range may
 dead-letter some messages again (at least once; (source topic, partition, offset, index) identifies them).
+While the producer cannot get the topic's metadata (the broker away, the topic deleted), one send waits for it
+(``max_block_ms``) and the dead letters after it wait in the queue, unsent, until the next flush: a burst of bad
+events costs one wait, not one per event.
 
 >>> from streamer.events import EventError
 >>> error = EventError("missing field 'user_id'", reason="missing_field", field="user_id")
@@ -26,7 +29,7 @@ import logging
 from typing import Any
 
 import msgpack
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from streamer.events import EventError
 
@@ -57,6 +60,7 @@ class DeadLetterQueue:
         self.producer = producer
         self.topic = topic
         self._pending: list[list[Any]] = []  # [future or None, message]
+        self._blocked = False  # a send found no metadata since the last flush: the next ones wait for a flush
 
     @property
     def pending(self) -> int:
@@ -73,13 +77,19 @@ class DeadLetterQueue:
                 pass  # keep the whole message: the bad event cannot be re-packed on its own
         message = {"key": record.key, "value": value,
                    "headers": dead_letter_headers(error, topic, partition, record.offset)}
-        self._pending.append([self._send(message), message])
+        self._pending.append([None if self._blocked else self._send(message), message])
 
     def _send(self, message: dict) -> Any:
         """Hand one dead letter to the producer; its future, or None when the producer refused it (broker away:
-        no metadata within ``max_block_ms``). Either way it stays pending until Kafka acknowledges it."""
+        no metadata within ``max_block_ms``). Either way it stays pending until Kafka acknowledges it; after no
+        metadata, the next ones are not handed over before the next flush (each would wait as long)."""
         try:
             return self.producer.send(self.topic, **message)
+        except KafkaTimeoutError as exc:
+            self._blocked = True
+            log.warning("dead letter not handed to Kafka yet (%s); it and the next ones wait in the queue and are "
+                        "retried before the next checkpoint", exc)
+            return None
         except KafkaError as exc:
             log.warning("dead letter not handed to Kafka yet (%s); it is retried before the next checkpoint", exc)
             return None
@@ -92,8 +102,9 @@ class DeadLetterQueue:
             return True
         for attempt in range(2):
             if attempt:
-                for entry in self._pending:
-                    entry[0] = self._send(entry[1])
+                self._blocked = False
+                for entry in self._pending:  # after a send without metadata, the rest wait for the next flush
+                    entry[0] = None if self._blocked else self._send(entry[1])
             try:
                 self.producer.flush(timeout=timeout_s)
             except KafkaError as exc:

@@ -43,3 +43,21 @@ def test_a_bad_event_inside_an_envelope_is_dead_lettered_alone_with_its_index() 
     assert (headers["dl.source.topic"], headers["dl.source.partition"], headers["dl.source.offset"]) == (
         b"impressions", b"3", b"41")
     assert queue.flush()
+
+
+def test_without_the_topics_metadata_a_burst_of_dead_letters_waits_once_not_once_each() -> None:
+    """Each send without metadata blocks for ``max_block_ms`` (10 s): after one, the next dead letters wait in the
+    queue, unsent, until a flush tries again (once), and none is lost."""
+    producer = FlakyProducer(refuse=True)
+    attempts = []
+    real_send = producer.send
+    producer.send = lambda topic, **message: attempts.append(message["value"]) or real_send(topic, **message)
+    queue = DeadLetterQueue(producer, "dead-letters")
+    for offset in range(5):
+        queue.add(EventError("not msgpack", reason="not_msgpack"), SimpleNamespace(
+            key=b"u", value=bytes([0xc1, offset]), offset=offset), "impressions", 0)
+    assert len(attempts) == 1 and queue.pending == 5  # one wait for the five
+    assert not queue.flush(timeout_s=0.1) and len(attempts) == 2 and queue.pending == 5  # one more wait per flush
+    producer.healthy = True
+    assert queue.flush(timeout_s=0.1) and queue.pending == 0
+    assert [value for _, value in producer.sent] == [bytes([0xc1, offset]) for offset in range(5)]  # in order
