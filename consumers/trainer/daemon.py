@@ -101,6 +101,7 @@ from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED
 from consumers.trainer.freshness import Freshness
 from consumers.trainer.kafka_io import (
     DeadLetterTopicError,
+    KafkaClients,
     KafkaIO,
     check_model_topic,
     connect,
@@ -250,13 +251,13 @@ class Trainer:
         if clients is None:
             print("crossdistil train: stopped before Kafka was reached; nothing was trained", flush=True)
             return self._abandon_start(http, 0)
-        consumer, producer = clients
-        self.kafka.consumer = consumer
-        self.dead_letters.producer = self.publisher.producer = producer
+        self.kafka.consumer = clients.consumer
+        self.publisher.producer = clients.producer
+        self.dead_letters.producer = clients.dead_letter_producer
         if self.cfg.publish.enabled:
             self._continue_versions()
         if not self._consume():
-            self._close(consumer, producer, http)
+            self._close(clients, http)
             return self.exit_status
         device = getattr(self.learner, "device", None) or self.cfg.model.device
         graphs = (f" (CUDA graphs: each batch of {self.cfg.batching.batch_size} rows replays one captured step)"
@@ -267,7 +268,7 @@ class Trainer:
         try:
             self._loop()
         finally:
-            self._close(consumer, producer, http)
+            self._close(clients, http)
         print(self._summary(), flush=True)
         if self.kafka.first_assigned_at is not None and self.events_consumed:
             flush_s = self.drained_at - self.flush_started_at if self.drained_at and self.flush_started_at else 0.0
@@ -290,8 +291,8 @@ class Trainer:
                 pass
         return status
 
-    def _connect(self) -> tuple[Any, Any]:
-        """The Kafka consumer and producer (``kafka_io.connect``)."""
+    def _connect(self) -> KafkaClients:
+        """The Kafka consumer and producers (``kafka_io.connect``)."""
         return connect(self.cfg.kafka)
 
     def _consume(self) -> bool:
@@ -310,15 +311,10 @@ class Trainer:
             log.warning("could not read the newest version on %s (%s): publishing above the checkpoint's",
                         self.cfg.kafka.model_topic, exc)
 
-    def _close(self, consumer: Any, producer: Any, http: Any) -> None:
+    def _close(self, clients: KafkaClients, http: Any) -> None:
         """Close the clients, the endpoint and the learner; a failure to close is logged, never raised over
         how the loop ended."""
-        for what, close in (("consumer", lambda: consumer.close(autocommit=False)),
-                            ("producer", lambda: producer.close(timeout=10))):
-            try:
-                close()
-            except Exception as exc:
-                log.warning("closing the %s: %s", what, exc)
+        clients.close(timeout_s=10)
         if http is not None:
             http.close()
         self.pipeline.close()
@@ -601,8 +597,6 @@ def missing_folders(*paths: str) -> list[Path]:
     return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
 
 
-def close_clients(clients: tuple[Any, Any]) -> None:
-    """Close a consumer and producer that a stop left unused (``call_unless_stopped``'s discard)."""
-    consumer, producer = clients
-    consumer.close(autocommit=False)
-    producer.close(timeout=1)
+def close_clients(clients: KafkaClients) -> None:
+    """Close the clients that a stop left unused (``call_unless_stopped``'s discard)."""
+    clients.close(timeout_s=1)

@@ -17,6 +17,12 @@ While the producer cannot get the topic's metadata (the broker away, the topic d
 (``max_block_ms``) and the dead letters after it wait in the queue, unsent, until the next flush: a burst of bad
 events costs one wait, not one per event.
 
+A dead letter Kafka refuses for its size (the dead-letter topic's ``max.message.bytes`` below the input topic's,
+or the headers taking a message at the limit over it) would hold back every checkpoint for good; it is sent again
+cut to its first ``TRUNCATED_BYTES`` bytes with the header ``dl.truncated`` (the value's full length), then, if
+still refused, with an empty value and ``dl.error`` cut short. Its ``dl.source.*`` headers still name the
+message, which stays in the input topic for its retention.
+
 >>> from streamer.events import EventError
 >>> error = EventError("missing field 'user_id'", reason="missing_field", field="user_id")
 >>> [name for name, _ in dead_letter_headers(error, "impressions", 3, 41)][:3]
@@ -29,11 +35,14 @@ import logging
 from typing import Any
 
 import msgpack
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, RecordListTooLargeError
 
 from streamer.events import EventError
 
 log = logging.getLogger("crossdistil.trainer")
+
+TRUNCATED_BYTES = 64 * 1024  # what is kept of a dead letter's value that Kafka refused for its size
+SIZE_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 def dead_letter_headers(error: EventError, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
@@ -85,6 +94,12 @@ class DeadLetterQueue:
         metadata, the next ones are not handed over before the next flush (each would wait as long)."""
         try:
             return self.producer.send(self.topic, **message)
+        except SIZE_ERRORS as exc:  # over the producer's max_request_size
+            if _shrink(message, exc):
+                return self._send(message)
+            log.warning("dead letter refused for its size even cut short (%s); it is retried before the next "
+                        "checkpoint", exc)
+            return None
         except KafkaTimeoutError as exc:
             self._blocked = True
             log.warning("dead letter not handed to Kafka yet (%s); it and the next ones wait in the queue and are "
@@ -104,6 +119,9 @@ class DeadLetterQueue:
             if attempt:
                 self._blocked = False
                 for entry in self._pending:  # after a send without metadata, the rest wait for the next flush
+                    refused = entry[0] is not None and entry[0].is_done and entry[0].failed()
+                    if refused and isinstance(entry[0].exception, SIZE_ERRORS):  # by the broker, for its size
+                        _shrink(entry[1], entry[0].exception)
                     entry[0] = None if self._blocked else self._send(entry[1])
             try:
                 self.producer.flush(timeout=timeout_s)
@@ -116,3 +134,32 @@ class DeadLetterQueue:
         log.warning("%d dead letters not acknowledged by Kafka yet; they are retried before the next checkpoint",
                     len(self._pending))
         return False
+
+
+def _shrink(message: dict, error: Exception) -> bool:
+    """Cut a dead letter refused for its size, in place: first its value to ``TRUNCATED_BYTES`` (the header
+    ``dl.truncated`` keeps the full length), then to nothing with ``dl.error`` cut to 256 bytes. False when it is
+    as small as it gets.
+
+    >>> message = {"key": b"u", "value": bytes(100_000), "headers": [("dl.error", b"x" * 1000)]}
+    >>> _shrink(message, MessageSizeTooLargeError()), len(message["value"]), message["headers"][-1]
+    (True, 65536, ('dl.truncated', b'100000'))
+    >>> _shrink(message, MessageSizeTooLargeError()), len(message["value"]), len(message["headers"][0][1])
+    (True, 0, 256)
+    >>> _shrink(message, MessageSizeTooLargeError())
+    False
+    """
+    headers = message["headers"]
+    if not any(name == "dl.truncated" for name, _ in headers):
+        headers.append(("dl.truncated", str(len(message["value"])).encode()))
+        if len(message["value"]) > TRUNCATED_BYTES:
+            message["value"] = message["value"][:TRUNCATED_BYTES]
+            log.warning("dead letter refused for its size (%s): sent again cut to %d bytes (header dl.truncated)",
+                        error, TRUNCATED_BYTES)
+            return True
+    elif not message["value"] and all(name != "dl.error" or len(value) <= 256 for name, value in headers):
+        return False
+    message["value"] = b""
+    message["headers"] = [(name, value[:256] if name == "dl.error" else value) for name, value in headers]
+    log.warning("dead letter refused for its size (%s): sent again without its value (header dl.truncated)", error)
+    return True

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import (
@@ -221,11 +221,35 @@ def check_dead_letter_topic(k: KafkaConfig, consumer: Any) -> None:
                  "(kafka.dead_letter_retention_days)", k.dead_letter_topic, partitions, source, kept)
 
 
-def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer, KafkaProducer]:
-    """The trainer's consumer (group ``k.group_id``, static membership unless disabled, no auto-commit) and its
-    idempotent producer (dead letters, publications; record batches compressed with ``k.compression``); the dead-letter
-    topic exists when it returns (``check_dead_letter_topic``). Raises ``kafka.errors.KafkaError`` when Kafka is away,
-    ``DeadLetterTopicError`` when the dead-letter topic is missing and cannot be made.
+class KafkaClients(NamedTuple):
+    """A trainer's clients: the consumer, the publications' idempotent producer and the dead letters' producer.
+
+    The dead letters have their own producer, not idempotent: kafka-python (3.0.12) turns any batch an idempotent
+    producer's broker refuses for good (a message over the topic's ``max.message.bytes``) into a fatal error of the
+    producer, which then fails every later send, publications included, until the process ends; and a restart
+    reads the same bad message again. Dead letters are at least once anyway (their headers name the source)."""
+
+    consumer: KafkaConsumer
+    producer: KafkaProducer
+    dead_letter_producer: KafkaProducer
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close all three; a failure to close one is logged, never raised, and the others are still closed."""
+        for what, close in (("consumer", lambda: self.consumer.close(autocommit=False)),
+                            ("producer", lambda: self.producer.close(timeout=timeout_s)),
+                            ("dead-letter producer", lambda: self.dead_letter_producer.close(timeout=timeout_s))):
+            try:
+                close()
+            except Exception as exc:
+                log.warning("closing the %s: %s", what, exc)
+
+
+def connect(k: KafkaConfig, *, group_member: bool = True) -> KafkaClients:
+    """The trainer's consumer (group ``k.group_id``, static membership unless disabled, no auto-commit), its
+    idempotent producer (publications) and its dead-letter producer (``KafkaClients``; record batches compressed
+    with ``k.compression``); the dead-letter topic exists when it returns (``check_dead_letter_topic``). Raises
+    ``kafka.errors.KafkaError`` when Kafka is away, ``DeadLetterTopicError`` when the dead-letter topic is missing
+    and cannot be made.
 
     ``group_member=False`` (a rank of several, ``KafkaIO.assign_static``): the consumer never joins the group (no
     group_instance_id); it only commits its own partitions' offsets there, for lag dashboards."""
@@ -256,20 +280,21 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> tuple[KafkaConsumer
     ))
     # Nor any topic it produces to: the dead-letter and serving topics are made as they should be at start
     # (check_dead_letter_topic, check_model_topic); one made on request would get the broker's defaults.
-    producer = None
+    producers: list[KafkaProducer] = []
     try:
-        producer = honour_auto_create(KafkaProducer(
-            bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5,
-            max_request_size=16 * 1024 * 1024,
-            **{**client_options(producer_options, KafkaProducer.DEFAULT_CONFIG), "allow_auto_create_topics": False},
-        ))
+        for idempotent in (True, False):
+            producers.append(honour_auto_create(KafkaProducer(
+                bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=idempotent, linger_ms=5,
+                max_request_size=16 * 1024 * 1024, **{**client_options(producer_options, KafkaProducer.DEFAULT_CONFIG),
+                                                      "allow_auto_create_topics": False},
+            )))
         check_dead_letter_topic(k, consumer)
     except BaseException:
         consumer.close(autocommit=False)
-        if producer is not None:
+        for producer in producers:
             producer.close(timeout=1)
         raise
-    return consumer, producer
+    return KafkaClients(consumer, *producers)
 
 
 class _Listener(ConsumerRebalanceListener):

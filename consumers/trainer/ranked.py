@@ -61,7 +61,7 @@ from consumers.state.learner_state import (
 from consumers.trainer.checkpointing import Checkpointer, check_model
 from consumers.trainer.daemon import Trainer
 from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED, EXIT_RANKS
-from consumers.trainer.kafka_io import connect
+from consumers.trainer.kafka_io import KafkaClients, connect
 
 log = logging.getLogger("crossdistil.trainer")
 
@@ -301,7 +301,7 @@ class RankTrainer(Trainer):
         finally:
             self.ranks.close(together=status in AGREED_EXITS)  # agreed: together; any other error leaves alone
 
-    def _connect(self) -> tuple[Any, Any]:
+    def _connect(self) -> KafkaClients:
         return connect(self.cfg.kafka, group_member=False)
 
     def _consume(self) -> bool:

@@ -5,12 +5,14 @@ defaults), and ``--from-time`` applies to input topics made after the trainer st
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -19,7 +21,10 @@ from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from consumers.runtime.config import load_config
 from consumers.runtime.processes import die_with_parent
 from consumers.state.ledger import read_ledger
+from consumers.trainer.dead_letters import TRUNCATED_BYTES, DeadLetterQueue
 from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED
+from consumers.trainer.kafka_io import connect
+from streamer.events import EventError
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -221,3 +226,39 @@ def test_a_dead_letter_that_cannot_be_delivered_holds_back_the_checkpoint_and_is
     (letter,) = _records(kafka_broker, topics["dead_letters"])
     assert letter.key == b"user-bad" and dict(letter.headers)["dl.source.offset"] == str(bad.offset).encode()
     assert "1 dead letters" in output
+
+
+def test_a_dead_letter_too_large_for_its_topic_is_sent_again_cut_short_instead_of_holding_back_every_checkpoint(
+        kafka_broker: str, unique_topic: Callable[[str], str]) -> None:
+    """A dead-letter topic whose max.message.bytes is below what a bad message needs: the broker refuses the dead
+    letter for good, and a queue that only retried it would hold back every checkpoint for ever. It is sent again
+    cut to 64 KiB, then without its value; its headers still name the source message."""
+    small, tiny = unique_topic("dl-small"), unique_topic("dl-tiny")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        admin.create_topics([NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "70000"}),
+                             NewTopic(tiny, 1, 1, topic_configs={"max.message.bytes": "2000"})])
+        admin.wait_for_topics([small, tiny], timeout_ms=30_000)
+    finally:
+        admin.close()
+    # the trainer's own clients (connect): a dead letter refused for its size must not poison the producer of
+    # the publications, nor the dead letters' own (kafka-python's idempotent producer fails every later send)
+    cfg = load_config(None, env={}, overrides=[f"kafka.bootstrap={kafka_broker}", f"kafka.dead_letter_topic={small}"])
+    clients = connect(cfg.kafka)
+    try:
+        for topic, size, kept in [(small, 100_000, TRUNCATED_BYTES), (small, 69_900, TRUNCATED_BYTES),
+                                  (tiny, 10_000, 0), (small, 1_000, 1_000)]:
+            queue = DeadLetterQueue(clients.dead_letter_producer, topic)
+            value = b"\xc1" + random.Random(size).randbytes(size - 1)  # not msgpack, and lz4 cannot shrink it
+            record = SimpleNamespace(key=b"user-big", value=value, offset=size)
+            queue.add(EventError("not msgpack " + "x" * 3000, reason="not_msgpack"), record, "impressions", 0)
+            assert queue.flush(timeout_s=30), (topic, size)  # delivered, so checkpoints go on
+            letter = [r for r in _records(kafka_broker, topic) if dict(r.headers)["dl.source.offset"] ==
+                      str(size).encode()]
+            assert len(letter) == 1 and letter[0].value == value[:kept], (topic, size, len(letter))
+            headers = dict(letter[0].headers)
+            assert headers.get("dl.truncated") == (str(size).encode() if kept < size else None), headers
+            assert headers["dl.source.topic"] == b"impressions" and headers["dl.reason"] == b"not_msgpack"
+        clients.producer.send(small, key=b"manifest", value=b"a publication").get(timeout=30)  # still works
+    finally:
+        clients.close()

@@ -487,7 +487,7 @@ def test_a_leader_that_assigned_before_it_knew_the_partitions_rejoins_and_gets_t
     cfg = load_config(None, env={}, overrides=[
         f"kafka.bootstrap={kafka_broker}", f"kafka.impressions_topic={topics['impressions']}",
         f"kafka.feedback_topic={topics['feedback']}", f"kafka.group_id=blind-{uuid.uuid4().hex[:6]}"])
-    consumer, producer = connect(cfg.kafka)
+    consumer, producer, dead_letter_producer = connect(cfg.kafka)
     try:
         io = KafkaIO(consumer, cfg.kafka, AttributionJoin(JoinConfig({"click": 10.0})), None)
         io.subscribe()
@@ -504,6 +504,7 @@ def test_a_leader_that_assigned_before_it_knew_the_partitions_rejoins_and_gets_t
     finally:
         consumer.close(autocommit=False)
         producer.close()
+        dead_letter_producer.close()
 
 
 def test_the_trainers_producer_compresses_as_configured_and_what_it_sends_reads_back(kafka_broker: str) -> None:
@@ -514,9 +515,12 @@ def test_the_trainers_producer_compresses_as_configured_and_what_it_sends_reads_
              (["kafka.compression='zstd'", "kafka.client_options={compression_type = 'gzip'}"], "gzip")]
     for overrides, expected in cases:
         cfg = load_config(None, env={}, overrides=[f"kafka.bootstrap={kafka_broker}", *overrides])
-        consumer, producer = connect(cfg.kafka)
+        consumer, producer, dead_letter_producer = connect(cfg.kafka)
         try:
             assert producer.config["compression_type"] == expected, overrides
+            assert dead_letter_producer.config["compression_type"] == expected, overrides
+            # publications keep order and never repeat; dead letters must never poison a producer (KafkaClients)
+            assert producer.config["enable_idempotence"] and not dead_letter_producer.config["enable_idempotence"]
             if not overrides:  # the default: a chunk's worth of a mostly-zero table, through the broker and back
                 value = bytes(800_000) + os.urandom(100_000)
                 producer.send(topic, key=b"chunk/0", value=value, partition=0).get(timeout=30)
@@ -530,6 +534,7 @@ def test_the_trainers_producer_compresses_as_configured_and_what_it_sends_reads_
         finally:
             consumer.close(autocommit=False)
             producer.close()
+            dead_letter_producer.close()
 
 
 def test_the_lag_gauge_follows_the_read_positions_between_checkpoints(kafka_broker: str,
@@ -550,7 +555,7 @@ def test_the_lag_gauge_follows_the_read_positions_between_checkpoints(kafka_brok
         f"kafka.bootstrap={kafka_broker}", f"kafka.impressions_topic={topics['impressions']}",
         f"kafka.feedback_topic={topics['feedback']}", f"kafka.group_id=lag-{uuid.uuid4().hex[:6]}",
         "kafka.max_poll_records=7"])
-    consumer, producer = connect(cfg.kafka)
+    consumer, producer, dead_letter_producer = connect(cfg.kafka)
     try:
         for i in range(30):
             producer.send(topics["impressions"], value=b"%d" % i, partition=2)
@@ -573,3 +578,5 @@ def test_the_lag_gauge_follows_the_read_positions_between_checkpoints(kafka_brok
     finally:
         consumer.close(autocommit=False)
         producer.close()
+        dead_letter_producer.close()
+        dead_letter_producer.close()

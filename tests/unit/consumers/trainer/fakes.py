@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 
 class Future:
     def __init__(self, ok: bool) -> None:
         self.is_done, self._ok = True, ok
+        self.exception = None if ok else KafkaError("the broker did not acknowledge it")
 
     def failed(self) -> bool:
         return not self._ok

@@ -61,3 +61,28 @@ def test_without_the_topics_metadata_a_burst_of_dead_letters_waits_once_not_once
     producer.healthy = True
     assert queue.flush(timeout_s=0.1) and queue.pending == 0
     assert [value for _, value in producer.sent] == [bytes([0xc1, offset]) for offset in range(5)]  # in order
+
+
+def test_a_dead_letter_refused_for_its_size_is_sent_again_cut_short_and_checkpoints_go_on() -> None:
+    """The broker refuses a message over the topic's max.message.bytes for good: the queue sends it again cut to
+    TRUNCATED_BYTES (header dl.truncated: the full length), then without its value, instead of waiting for ever."""
+    from kafka.errors import MessageSizeTooLargeError
+
+    from consumers.trainer.dead_letters import TRUNCATED_BYTES
+
+    limit, sent = 3_000, []
+
+    def send(topic: str, **message) -> SimpleNamespace:  # the broker's answer, already there (flush is a no-op)
+        size = len(message["value"]) + sum(len(v) for _, v in message["headers"])
+        sent.append(message)
+        return SimpleNamespace(is_done=True, failed=lambda: size > limit,
+                               exception=MessageSizeTooLargeError() if size > limit else None)
+
+    queue = DeadLetterQueue(SimpleNamespace(send=send, flush=lambda timeout=None: None), "dl")
+    error = EventError("not msgpack: " + "x" * 1000, reason="not_msgpack")
+    queue.add(error, SimpleNamespace(key=b"u", value=b"\xc1" * 100_000, offset=3), "impressions", 0)
+    assert not queue.flush() and len(sent[-1]["value"]) == TRUNCATED_BYTES  # cut to 64 KiB: still too large
+    assert queue.flush() and sent[-1]["value"] == b"" and queue.pending == 0  # without its value: delivered
+    headers = dict(sent[-1]["headers"])
+    assert headers["dl.truncated"] == b"100000" and len(headers["dl.error"]) == 256
+    assert headers["dl.source.offset"] == b"3"
