@@ -49,7 +49,7 @@ from consumers.state.checkpoints import (
     untrained,
 )
 from consumers.state.learner_state import check_format, saved_config
-from consumers.state.wire import stable_hash
+from consumers.state.wire import publication_message_bytes, stable_hash
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.kafka_io import KafkaIO
 from consumers.trainer.publisher import Publisher
@@ -530,7 +530,7 @@ class Checkpointer:
         chunk_bytes = self.cfg.publish.chunk_bytes
         return {"manifest": manifest, "version": version, "chunk_size": chunk_bytes,
                 "previous_chunk_count": self.publisher.published_chunks,
-                "max_message_bytes": max(1_000_000, chunk_bytes + 64 * 1024), "onnx": self.cfg.publish.onnx}
+                "max_message_bytes": publication_message_bytes(chunk_bytes), "onnx": self.cfg.publish.onnx}
 
     def _warn_late(self) -> None:
         """Say in the log, at most once per checkpoint each, that labels were dropped as late, or impressions

@@ -4,8 +4,8 @@ Exit status: 0 after a stop (SIGTERM or SIGINT, also one while it starts or conn
 stream; 2 for a configuration error, a flag out of range, a checkpoint or ledger folder that cannot be made (or a
 checkpoint directory written by something else, by a newer version, held by another running trainer, or holding
 only damaged checkpoints: never a silent start from scratch; a checkpoint of a structurally different model, or a
-``checkpoint.warm_start`` / ``--warm-start`` source that is no usable checkpoint of the deep model), or a metrics port
-that cannot be bound; 3 when Kafka
+``checkpoint.warm_start`` / ``--warm-start`` source that is no usable checkpoint of the deep model), a metrics port
+that cannot be bound, or a serving topic whose max.message.bytes is below a publication's messages; 3 when Kafka
 cannot be reached at start; 4 when no partition was assigned for ``kafka.stall_exit_s``; 5 when another trainer with the
 same ``group_instance_id`` took the partitions over; 6 when the learner process failed or died; 7 when a record
 batch cannot be decoded (a codec that is not installed, a corrupt batch: its topic, partition and offset are

@@ -95,6 +95,7 @@ from consumers.runtime.telemetry import TrainerMetrics
 from consumers.state.checkpoints import CheckpointStore
 from consumers.state.learner_state import ModelDiverged
 from consumers.state.ledger import Ledger
+from consumers.state.wire import publication_message_bytes
 from consumers.trainer.checkpointing import Checkpointer
 from consumers.trainer.dead_letters import DeadLetterQueue
 from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED
@@ -103,6 +104,7 @@ from consumers.trainer.kafka_io import (
     DeadLetterTopicError,
     KafkaClients,
     KafkaIO,
+    ModelTopicError,
     check_model_topic,
     connect,
     newest_published_version,
@@ -255,7 +257,12 @@ class Trainer:
         self.publisher.producer = clients.producer
         self.dead_letters.producer = clients.dead_letter_producer
         if self.cfg.publish.enabled:
-            self._continue_versions()
+            try:
+                self._continue_versions()
+            except ModelTopicError as exc:
+                print(f"crossdistil train: {exc}", file=sys.stderr)
+                clients.close(timeout_s=1)
+                return self._abandon_start(http, 2)
         if not self._consume():
             self._close(clients, http)
             return self.exit_status
@@ -304,7 +311,7 @@ class Trainer:
         """Publish above the newest version on the serving topic (another checkpoint directory may have written it);
         a topic that cannot be read now only leaves the checkpoint's version, as before. A missing topic is made
         first, compacted (``kafka_io.check_model_topic``)."""
-        check_model_topic(self.cfg.kafka)
+        check_model_topic(self.cfg.kafka, publication_message_bytes(self.cfg.publish.chunk_bytes))
         try:
             self.publisher.continue_after(newest_published_version(self.cfg.kafka))
         except KafkaError as exc:

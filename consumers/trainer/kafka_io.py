@@ -47,11 +47,11 @@ from consumers.state.wire import manifest_version
 from streamer.kafka_security import preflight
 from streamer.topics import (
     DEFAULT_PARTITIONS,
-    cleanup_policy,
     create_dead_letter_topic,
     create_model_topic,
     honour_auto_create,
     retention_ms,
+    topic_configs,
 )
 
 log = logging.getLogger("crossdistil.trainer")
@@ -142,15 +142,33 @@ def newest_published_version(k: KafkaConfig, timeout_s: float = 10.0) -> int:
         consumer.close()
 
 
-def check_model_topic(k: KafkaConfig) -> None:
+class ModelTopicError(RuntimeError):
+    """The serving topic cannot take this trainer's publications (exit status 2, before anything is trained)."""
+
+
+def check_model_topic(k: KafkaConfig, max_message_bytes: int = 0) -> None:
     """Before the first publication: make ``k.model_topic`` if it is missing (one partition, compacted:
     ``streamer.topics.model_topic_spec``), and warn when it exists without compaction. A missing topic would
     otherwise be made by the producer's first send with the broker's defaults (on a broker that creates topics):
     publications kept only for ``retention.ms``, so the newest one too once the trainer has been stopped that long.
-    Kafka refusing to say or to create it is a warning: publication goes on as before."""
+    Kafka refusing to say or to create it is a warning: publication goes on as before.
+
+    ``ModelTopicError`` when the topic's ``max.message.bytes`` is below ``max_message_bytes`` (the largest message a
+    publication may have, ``consumers.state.wire.publication_message_bytes``): the broker would refuse publications
+    for good, and kafka-python's idempotent producer then fails every later send (see ``KafkaClients``)."""
     options = kafka_client_options(k)
     try:
-        policy = cleanup_policy(k.bootstrap, k.model_topic, client_options=options)
+        found = topic_configs(k.bootstrap, k.model_topic, ("cleanup.policy", "max.message.bytes"),
+                              client_options=options)
+        policy = None if found is None else found.get("cleanup.policy", "")
+        limit = int(found.get("max.message.bytes", max_message_bytes)) if found is not None else max_message_bytes
+        if limit < max_message_bytes:
+            raise ModelTopicError(
+                f"the serving topic {k.model_topic} takes messages of at most {limit:,} bytes (its max.message.bytes) "
+                f"and a publication's may be {max_message_bytes:,} (publish.chunk_bytes plus framing, at least "
+                f"1,000,000): Kafka would refuse them. Raise it (kafka-configs.sh --bootstrap-server {k.bootstrap} "
+                f"--alter --entity-type topics --entity-name {k.model_topic} --add-config "
+                f"max.message.bytes={16 * 1024 * 1024}) or lower publish.chunk_bytes")
         if policy is None:
             if create_model_topic(k.bootstrap, k.model_topic, client_options=options):
                 log.info("created the serving topic %s (one partition, compacted)", k.model_topic)

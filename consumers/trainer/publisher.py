@@ -94,6 +94,9 @@ class Publisher:
             self.producer.flush(timeout=timeout_s)
             failed = [f for f in futures if not f.is_done or f.failed()]
             problem = f"{len(failed)} of {len(futures)} messages not acknowledged" if failed else None
+            refused = next((f.exception for f in failed if f.is_done and f.exception is not None), None)
+            if refused is not None:  # the broker's answer, e.g. MessageSizeTooLargeError
+                problem += f": {type(refused).__name__}: {refused}"
         except KafkaError as exc:  # no metadata within max_block_ms, flush timed out: the broker is away
             problem = str(exc)
         if problem is not None:

@@ -24,7 +24,8 @@ from consumers.runtime.config import KafkaConfig, load_config
 from consumers.runtime.processes import die_with_parent
 from consumers.serving.daemon import connect as serving_connect
 from consumers.state.checkpoints import CheckpointStore
-from consumers.trainer.kafka_io import check_model_topic
+from consumers.state.wire import publication_message_bytes
+from consumers.trainer.kafka_io import ModelTopicError, check_model_topic
 from streamer.topics import DEFAULT_PARTITIONS, cleanup_policy, ensure_topics, honour_auto_create
 from tests.trainer_config import write_trainer_config
 
@@ -99,6 +100,41 @@ def test_the_trainer_makes_a_missing_serving_topic_compacted_and_warns_of_one_th
     with caplog.at_level(logging.INFO, logger="crossdistil.trainer"):
         check_model_topic(KafkaConfig(bootstrap=kafka_broker, model_topic=missing))  # compacted: nothing to say
     assert not [r for r in caplog.records if missing in r.getMessage()]
+
+
+def test_a_serving_topic_too_small_for_a_publication_is_refused_at_start_with_the_command_that_fixes_it(
+        kafka_broker: str, unique_topic: Callable[[str], str], tmp_path: Path) -> None:
+    """A serving topic whose max.message.bytes is below a publication's largest message: the broker would refuse
+    every publication for good (and kafka-python's idempotent producer would then fail every later send), so the
+    trainer says so before it trains anything and exits 2; a topic at the broker's default 1 MiB is fine."""
+    small, default = unique_topic("model-small"), unique_topic("model-default")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        admin.create_topics([NewTopic(small, 1, 1, topic_configs={"cleanup.policy": "compact",
+                                                                  "max.message.bytes": "500000"}),
+                             NewTopic(default, 1, 1, topic_configs={"cleanup.policy": "compact",
+                                                                    "max.message.bytes": "1048588"})])
+        admin.wait_for_topics([small, default], timeout_ms=30_000)
+    finally:
+        admin.close()
+    needed = publication_message_bytes(900_000)  # publish.chunk_bytes' default
+    with pytest.raises(ModelTopicError, match=rf"{small} takes messages of at most 500,000 bytes .* may be "
+                                              rf"1,000,000 .*--entity-name {small} --add-config max.message.bytes="):
+        check_model_topic(KafkaConfig(bootstrap=kafka_broker, model_topic=small), needed)
+    check_model_topic(KafkaConfig(bootstrap=kafka_broker, model_topic=default), needed)
+    with pytest.raises(ModelTopicError, match="at most 1,048,588 bytes"):  # chunks of 4 MB need a larger limit
+        check_model_topic(KafkaConfig(bootstrap=kafka_broker, model_topic=default), publication_message_bytes(4 << 20))
+
+    topics = {name: unique_topic(name) for name in ("impressions", "feedback", "dead_letters")}
+    ensure_topics(kafka_broker, 2, impression_topic=topics["impressions"], feedback_topic=topics["feedback"],
+                  dead_letter_topic=topics["dead_letters"], model_topic=small)
+    config = write_trainer_config(tmp_path / "crossdistil.toml", kafka_broker, {**topics, "model": small},
+                                  {"checkpoint.dir": str(tmp_path / "checkpoints")})
+    done = subprocess.run([sys.executable, "-m", "consumers.cli", "train", "--config", str(config), "--exit-when-idle",
+                           "3", "--torch-threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"the serving topic {small} takes messages of at most 500,000 bytes" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained, the folder it made removed
 
 
 def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str, log: Path) -> None:
