@@ -171,6 +171,7 @@ def test_two_nodes_with_static_node_ranks_resume_after_a_kill_and_train_every_im
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(n),
          "--master-addr", "127.0.0.1", "--master-port", str(port), "--max-restarts", "3",
+         "--log-dir", str(tmp_path / f"torchrun-{n}"),  # not a /tmp/torchelastic_* folder left behind
          "-m", "consumers.cli", "train", "--config", str(config), "--ledger", str(ledger), "--exit-when-idle", "4",
          "--torch-threads", "1"], cwd=REPO, stdout=open(logs[n], "ab"), stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}, preexec_fn=die_with_parent)

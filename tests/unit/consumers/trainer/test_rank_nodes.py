@@ -56,7 +56,11 @@ def start_node(tmp_path: Path, node: int, port: int, script: Path, restarts: int
 def start_launcher(tmp_path: Path, name: str, args: list[str], run_dir: Path | None = None, exit_on_stop: int = 0,
                    tmpdir: Path | None = None) -> subprocess.Popen:
     """``launch_ranks(args, run_dir, exit_on_stop)`` in a process of its own, logging to ``<name>.log``, with
-    ``TMPDIR`` set to ``tmpdir`` if given."""
+    ``TMPDIR`` set to ``tmpdir`` if given, else to a folder in ``tmp_path`` (a launcher a test kills cannot remove its
+    temporary folder)."""
+    if tmpdir is None:
+        tmpdir = tmp_path / f"{name}-tmp"
+        tmpdir.mkdir(exist_ok=True)
     folder = f"Path({str(run_dir)!r})" if run_dir else "None"
     code = ("import sys; from pathlib import Path; from consumers.trainer.command import launch_ranks; "
             f"sys.exit(launch_ranks({args!r}, {folder}, {exit_on_stop}))")
