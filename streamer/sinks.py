@@ -6,7 +6,9 @@ against the contract (``streamer.events``) before it leaves, so a bad adapter fa
 Kafka: one message per event keyed by the user id (UTF-8); with ``envelope`` N > 1, up to N events of one
 (topic, partition) travel in one ``{"v": 1, "batch": [...]}`` message sent to that partition with no key (an
 envelope mixes users; each event's partition is still the one its user id hashes to, with Kafka's default
-murmur2 partitioner, so a user's events stay on one partition number across topics).
+murmur2 partitioner, so a user's events stay on one partition number across topics). An envelope larger than
+its topic's ``max.message.bytes`` (read at start; Kafka's default is 1 MiB) is sent as two halves, as often as it
+takes: the broker would refuse it for good, and kafka-python's idempotent producer then fails every later send.
 Event logs: always one record per event, whatever ``envelope`` says (the record keeps the event's key). The log
 is written to ``PATH.<pid>.partial`` beside PATH and renamed to PATH only by ``close()``; ``abort()`` removes it. So
 PATH holds a whole log or what it held before, never the first part of a stream that failed or was stopped.
@@ -23,11 +25,12 @@ from typing import Any, Protocol
 from streamer import events
 from streamer.eventlog import EventLogError, EventLogWriter, path_from_url
 from streamer.kafka_security import PreflightError, connection_failure, diagnose_connection, preflight
-from streamer.topics import ensure_topics
+from streamer.topics import ensure_topics, topic_configs
 
 BOOTSTRAP_TIMEOUT_MS = 10_000
 MAX_REQUEST_BYTES = 16 << 20  # a batch envelope may be up to 16 MiB (streamer.events.Limits.max_batch_bytes)
 ENVELOPE_MAX_WAIT_S = 1.0  # a part-filled envelope waits at most this long (matters at real-time speed)
+RECORD_OVERHEAD_BYTES = 1024  # a record batch's header and one record's framing, within max.message.bytes
 
 
 class SinkError(RuntimeError):
@@ -95,9 +98,17 @@ class KafkaSink:
             "client_id": "crossdistil-stream",
             **(producer_config or {}),
         }
+        self.split_envelopes = 0  # envelopes sent as halves to fit their topic's max.message.bytes
         try:
             preflight(bootstrap, config)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
             self._producer = KafkaProducer(**config)
+            self._ensure_topics(topics, dict(producer_config or {}))
+            self._max_bytes = self._message_limits(topics, dict(producer_config or {}))
+            if self._max_bytes and min(self._max_bytes.values()) < config["batch_size"]:
+                # a record batch (several messages of one partition) must fit the limit too: a producer of
+                # smaller batches, made before anything was sent
+                self._producer.close(timeout=1)
+                self._producer = KafkaProducer(**{**config, "batch_size": max(1, min(self._max_bytes.values()))})
         except PreflightError as exc:
             raise SinkError(connection_failure(bootstrap, config, exc)) from exc
         except KafkaError as exc:
@@ -105,7 +116,6 @@ class KafkaSink:
             if not config.get("security_protocol") and diagnosis.startswith("nothing"):
                 raise SinkError(f"{not_reachable(bootstrap)} ({type(exc).__name__})") from exc
             raise SinkError(connection_failure(bootstrap, config, exc, diagnosis, hint="check --to")) from exc
-        self._ensure_topics(topics, dict(producer_config or {}))
 
     @property
     def checks_each_event(self) -> bool:
@@ -120,6 +130,21 @@ class KafkaSink:
         except Exception as exc:
             self._producer.close(timeout=1)
             raise SinkError(f"could not create topics {', '.join(topics)} on Kafka at {self.bootstrap}: {exc}") from exc
+
+    def _message_limits(self, topics: tuple[str, ...], client_options: dict[str, Any]) -> dict[str, int]:
+        """Each topic's ``max.message.bytes`` less a record's framing; a topic whose setting Kafka does not say is
+        left out (its envelopes are sent whole)."""
+        from kafka.errors import KafkaError
+
+        limits = {}
+        for topic in topics:
+            try:
+                found = topic_configs(self.bootstrap, topic, ("max.message.bytes",), client_options=client_options)
+            except KafkaError:  # not authorised to describe it: the envelope size is the user's to choose
+                continue
+            if found and "max.message.bytes" in found:
+                limits[topic] = int(found["max.message.bytes"]) - RECORD_OVERHEAD_BYTES
+        return limits
 
     def _partition_of(self, topic: str, key: bytes) -> int:
         from kafka.partitioner.default import murmur2
@@ -145,6 +170,11 @@ class KafkaSink:
 
     def _send(self, topic: str, value: bytes, key: bytes | None, partition: int | None = None) -> None:
         self._raise_delivery_errors()
+        limit = self._max_bytes.get(topic)
+        if limit is not None and len(value) > limit:  # one event: refused for good, and the producer with it
+            raise SinkError(f"an event of {len(value):,} bytes is over topic {topic}'s max.message.bytes "
+                            f"({limit + RECORD_OVERHEAD_BYTES:,}, less {RECORD_OVERHEAD_BYTES} bytes of framing): "
+                            "raise it, or make the events smaller")
         future = self._producer.send(topic, value=value, key=key, partition=partition)
         future.add_errback(self._on_error)
         self.bytes_written += len(value) + (len(key) if key else 0)
@@ -168,7 +198,18 @@ class KafkaSink:
     def _flush_envelope(self, slot: tuple[str, int]) -> None:
         batch = self._buffers.pop(slot, None)
         if batch:
-            self._send(slot[0], events.encode_batch(batch), None, partition=slot[1])
+            self._send_envelope(slot, batch)
+
+    def _send_envelope(self, slot: tuple[str, int], batch: list[dict[str, Any]]) -> None:
+        """One envelope of ``batch``, or its two halves (in order) when it is over its topic's message limit."""
+        value = events.encode_batch(batch)
+        if len(batch) > 1 and len(value) > self._max_bytes.get(slot[0], len(value)):
+            self.split_envelopes += 1
+            half = len(batch) // 2
+            self._send_envelope(slot, batch[:half])
+            self._send_envelope(slot, batch[half:])
+            return
+        self._send(slot[0], value, None, partition=slot[1])
 
     def idle(self) -> None:
         """Send part-filled envelopes that have waited longer than ``ENVELOPE_MAX_WAIT_S``."""

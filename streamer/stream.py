@@ -382,7 +382,10 @@ def stream_events(routed: Iterable[RoutedEvent], sink: Any, *, speed: float | No
         if bar is not None:
             bar.stop()
     seconds = time.perf_counter() - started
-    return summarize(tally, tasks, sink.bytes_written, sink.messages, seconds, dataset, to)
+    summary = summarize(tally, tasks, sink.bytes_written, sink.messages, seconds, dataset, to)
+    if getattr(sink, "split_envelopes", 0):  # envelopes over their topic's max.message.bytes, sent as halves
+        summary["split_envelopes"] = sink.split_envelopes
+    return summary
 
 
 def _by_impression(routed: RoutedEvent) -> str:
@@ -483,6 +486,9 @@ def print_summary(summary: dict[str, Any], file=None) -> None:
     console.print(tasks)
     console.print(f"{summary['events']:,} events in {summary['messages']:,} messages, {summary['bytes']:,} bytes, "
                   f"{summary['seconds']:.2f} s, {summary['events_per_s']:,.0f} events/s")
+    if summary.get("split_envelopes"):
+        console.print(f"{summary['split_envelopes']:,} envelopes were over their topic's max.message.bytes and went "
+                      "as halves (a smaller --envelope saves encoding them twice)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -103,3 +103,27 @@ def test_an_event_log_replays_into_kafka_under_its_logged_topics(kafka_broker: s
         expected = sorted(((key, e["impression_id"], e["ts_ms"]) for t, key, e in logged if t == topic))
         got = sorted((key, e["impression_id"], e["ts_ms"]) for key, e in read_topic(kafka_broker, topic))
         assert got == expected
+
+
+def test_envelopes_over_the_topics_message_limit_go_as_halves_and_every_event_arrives(kafka_broker: str,
+                                                                                       unique_topic) -> None:
+    """Topics at a small max.message.bytes (a production cluster's default is 1 MiB; envelopes may be 16 MiB):
+    the broker would refuse an envelope over it for good, and kafka-python's idempotent producer would then fail
+    every later send. The sink sends such an envelope as halves, in order, and every event arrives once."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    topics = {"impressions": unique_topic("impressions"), "feedback": unique_topic("feedback")}
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        admin.create_topics([NewTopic(t, 2, 1, topic_configs={"max.message.bytes": "20000"}) for t in topics.values()])
+        admin.wait_for_topics(list(topics.values()), timeout_ms=30_000)
+    finally:
+        admin.close()
+    result = crossdistil_stream("--dataset", "synthetic", "--option", "n_events=3000", "--to",
+                                f"kafka://{kafka_broker}", "--impressions-topic", topics["impressions"],
+                                "--feedback-topic", topics["feedback"], "--envelope", "2000")
+    assert "envelopes were over their topic's max.message.bytes and went as halves" in result.stdout, result.stdout
+    shown = [event for _, event in read_topic(kafka_broker, topics["impressions"])]
+    assert len(shown) == 3000 and len({e["impression_id"] for e in shown}) == 3000
+    assert len(read_topic(kafka_broker, topics["feedback"])) > 0
