@@ -127,3 +127,27 @@ def test_envelopes_over_the_topics_message_limit_go_as_halves_and_every_event_ar
     shown = [event for _, event in read_topic(kafka_broker, topics["impressions"])]
     assert len(shown) == 3000 and len({e["impression_id"] for e in shown}) == 3000
     assert len(read_topic(kafka_broker, topics["feedback"])) > 0
+
+
+def test_an_event_over_its_topics_message_limit_stops_the_stream_with_a_clear_error(kafka_broker: str,
+                                                                                     unique_topic) -> None:
+    """A single event the broker would refuse for good (its topic's max.message.bytes below it) is said at once,
+    naming the topic and its limit, instead of poisoning the producer for every later event."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    topics = {"impressions": unique_topic("impressions"), "feedback": unique_topic("feedback")}
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        admin.create_topics([NewTopic(t, 1, 1, topic_configs={"max.message.bytes": "1100"}) for t in topics.values()])
+        admin.wait_for_topics(list(topics.values()), timeout_ms=30_000)
+    finally:
+        admin.close()
+    result = subprocess.run([sys.executable, "-m", "consumers.cli", "stream", "--dataset", "synthetic", "--option",
+                             "n_events=50", "--to", f"kafka://{kafka_broker}", "--impressions-topic",
+                             topics["impressions"], "--feedback-topic", topics["feedback"], "--quiet"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout
+    assert f"is over topic {topics['impressions']}'s max.message.bytes (1,100, less 1024 bytes of framing)" in \
+        result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
