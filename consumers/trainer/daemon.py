@@ -74,6 +74,7 @@ partitions back within seconds instead of after the group's session timeout (mea
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -107,6 +108,7 @@ from consumers.trainer.kafka_io import (
     ModelTopicError,
     check_model_topic,
     connect,
+    new_producer,
     newest_published_version,
 )
 from consumers.trainer.publisher import Publisher, retry_delay_s
@@ -255,10 +257,11 @@ class Trainer:
             return self._abandon_start(http, 0)
         self.kafka.consumer = clients.consumer
         self.publisher.producer = clients.producer
+        self.publisher.renew = functools.partial(new_producer, self.cfg.kafka)
         self.dead_letters.producer = clients.dead_letter_producer
         if self.cfg.publish.enabled:
             try:
-                self._continue_versions()
+                continue_versions(self.cfg, self.publisher)
             except ModelTopicError as exc:
                 print(f"crossdistil train: {exc}", file=sys.stderr)
                 clients.close(timeout_s=1)
@@ -307,21 +310,11 @@ class Trainer:
         self.kafka.subscribe(self.start_ms)
         return True
 
-    def _continue_versions(self) -> None:
-        """Publish above the newest version on the serving topic (another checkpoint directory may have written it);
-        a topic that cannot be read now only leaves the checkpoint's version, as before. A missing topic is made
-        first, compacted (``kafka_io.check_model_topic``)."""
-        check_model_topic(self.cfg.kafka, publication_message_bytes(self.cfg.publish.chunk_bytes))
-        try:
-            self.publisher.continue_after(newest_published_version(self.cfg.kafka))
-        except KafkaError as exc:
-            log.warning("could not read the newest version on %s (%s): publishing above the checkpoint's",
-                        self.cfg.kafka.model_topic, exc)
-
     def _close(self, clients: KafkaClients, http: Any) -> None:
         """Close the clients, the endpoint and the learner; a failure to close is logged, never raised over
         how the loop ended."""
         clients.close(timeout_s=10)
+        self.publisher.close_renewed(timeout_s=10)
         if http is not None:
             http.close()
         self.pipeline.close()
@@ -602,6 +595,18 @@ def missing_folders(*paths: str) -> list[Path]:
     """The folders of ``paths`` and their parents that do not exist yet, deepest first (what creating them makes)."""
     missing = {folder for path in paths for folder in (Path(path), *Path(path).parents) if not folder.exists()}
     return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
+
+
+def continue_versions(cfg: Config, publisher: Publisher) -> None:
+    """Publish above the newest version on the serving topic (another checkpoint directory may have written it);
+    a topic that cannot be read now only leaves the checkpoint's version, as before. A missing topic is made first,
+    compacted; one too small for a publication's messages is a ``ModelTopicError`` (``kafka_io.check_model_topic``)."""
+    check_model_topic(cfg.kafka, publication_message_bytes(cfg.publish.chunk_bytes))
+    try:
+        publisher.continue_after(newest_published_version(cfg.kafka))
+    except KafkaError as exc:
+        log.warning("could not read the newest version on %s (%s): publishing above the checkpoint's",
+                    cfg.kafka.model_topic, exc)
 
 
 def close_clients(clients: KafkaClients) -> None:

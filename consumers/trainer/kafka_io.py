@@ -275,11 +275,6 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> KafkaClients:
     preflight(k.bootstrap, options)  # a wrong listener or a refused SASL login at once (kafka-python: 10 s)
     # Reconnect within seconds after a broker restart (kafka-python's default backs off up to 30 s).
     options.setdefault("reconnect_backoff_max_ms", 2000)
-    # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
-    # so a checkpoint's publication, and a shutdown, are not held up for minutes.
-    producer_options = {"max_block_ms": 10_000, **options}
-    if k.compression != "none":  # kafka.client_options' compression_type, where given, wins
-        producer_options.setdefault("compression_type", k.compression)
     # kafka-python rejoins the group when its metadata of the subscribed topics changes, but refreshes that metadata
     # only every metadata_max_age_ms (5 min by default): a group joined before the metadata arrived kept an empty
     # assignment for minutes (seen under load: no partition for 300 s, then exit 4). See also KafkaIO.stalled.
@@ -301,11 +296,7 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> KafkaClients:
     producers: list[KafkaProducer] = []
     try:
         for idempotent in (True, False):
-            producers.append(honour_auto_create(KafkaProducer(
-                bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=idempotent, linger_ms=5,
-                max_request_size=16 * 1024 * 1024, **{**client_options(producer_options, KafkaProducer.DEFAULT_CONFIG),
-                                                      "allow_auto_create_topics": False},
-            )))
+            producers.append(new_producer(k, idempotent=idempotent))
         check_dead_letter_topic(k, consumer)
     except BaseException:
         consumer.close(autocommit=False)
@@ -313,6 +304,24 @@ def connect(k: KafkaConfig, *, group_member: bool = True) -> KafkaClients:
             producer.close(timeout=1)
         raise
     return KafkaClients(consumer, *producers)
+
+
+def new_producer(k: KafkaConfig, *, idempotent: bool = True) -> KafkaProducer:
+    """A trainer's producer (``connect`` makes both; ``Publisher.renew`` makes the publications' again after a
+    fatal error): ``acks=all``, batches compressed with ``k.compression``, never a topic made on request (the
+    dead-letter and serving topics are made as they should be at start: ``check_dead_letter_topic``,
+    ``check_model_topic``; one made on request would get the broker's defaults)."""
+    options = kafka_client_options(k)
+    options.setdefault("reconnect_backoff_max_ms", 2000)  # reconnect within seconds after a broker restart
+    # A send waits at most this long for metadata while the broker is away (kafka-python's default: 60 s),
+    # so a checkpoint's publication, and a shutdown, are not held up for minutes.
+    options = {"max_block_ms": 10_000, **options}
+    if k.compression != "none":  # kafka.client_options' compression_type, where given, wins
+        options.setdefault("compression_type", k.compression)
+    return honour_auto_create(KafkaProducer(
+        bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=idempotent, linger_ms=5,
+        max_request_size=16 * 1024 * 1024,
+        **{**client_options(options, KafkaProducer.DEFAULT_CONFIG), "allow_auto_create_topics": False}))
 
 
 class _Listener(ConsumerRebalanceListener):

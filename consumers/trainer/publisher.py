@@ -7,6 +7,11 @@ acknowledged) is retried with a newer version after ``PUBLISH_RETRY_S[0]`` s, do
 ``PUBLISH_RETRY_S[1]`` s, even when nothing else changed; a trainer stopped or killed before that publishes the
 restored step again as soon as it starts. Serving therefore always ends up with the newest checkpointed model.
 
+A publication the broker refuses for good (not retriable: a message over the topic's ``max.message.bytes`` after
+someone lowered it) is a fatal error of kafka-python's idempotent producer, which then fails every later send (see
+``kafka_io.KafkaClients``): with ``renew`` set, the publisher closes that producer and makes a new one
+(``kafka_io.new_producer``) for the retry, so publications resume once the cause is fixed, without a restart.
+
 Versions only grow: the next version is one more than the newest ever attempted (kept in checkpoints and in
 the publication record) and than the newest on the topic (read at start: ``kafka_io.newest_published_version``),
 so serving never sees a version twice, even from a trainer started with a new checkpoint directory.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka.errors import KafkaError
@@ -57,6 +63,8 @@ class Publisher:
         self.unacknowledged_version: int | None = None  # the last attempt failed (None: it did not)
         self.last_attempt_at = float("-inf")
         self.delays_s: list[float] = []  # seconds from each checkpoint to its acknowledged publication
+        self.renew: Callable[[], Any] | None = None  # a new producer, after one failed for good
+        self.renewed = 0  # producers made again
 
     def restore(self, version: int, published_chunks: int, step: int, acknowledged: bool, enabled: bool) -> None:
         """Take over the bookkeeping of a restored checkpoint of ``step``: was its publication acknowledged?"""
@@ -72,6 +80,33 @@ class Publisher:
             log.info("the serving topic %s already holds version %d: publishing from version %d on", self.topic,
                      newest_on_topic, newest_on_topic + 1)
             self.version = newest_on_topic
+
+    def _renew_producer(self, error: BaseException) -> None:
+        """Replace a producer that a non-retriable error made useless (kafka-python: every later send fails), if
+        ``renew`` is set; a new one that cannot be made leaves the old one (the next failure tries again)."""
+        if self.renew is None:
+            return
+        try:
+            fresh = self.renew()
+        except KafkaError as exc:
+            log.warning("could not make a new producer for publications (%s); retried after the next failure", exc)
+            return
+        old, self.producer = self.producer, fresh
+        self.renewed += 1
+        log.warning("publications' producer failed for good (%s: %s): closed, and a new one made for the retry",
+                    type(error).__name__, error)
+        try:
+            old.close(timeout=1)
+        except Exception as exc:  # a broken producer's close: the new one is in place either way
+            log.warning("closing the failed producer: %s", exc)
+
+    def close_renewed(self, timeout_s: float = 10.0) -> None:
+        """Close the producer ``renew`` made, if any (the first one is its maker's to close)."""
+        if self.renewed:
+            try:
+                self.producer.close(timeout=timeout_s)
+            except Exception as exc:
+                log.warning("closing the producer: %s", exc)
 
     def retry_delay(self) -> float:
         """Seconds before the next attempt: ``PUBLISH_RETRY_S[0]``, doubling per failure, at most ``[1]``."""
@@ -97,6 +132,8 @@ class Publisher:
             refused = next((f.exception for f in failed if f.is_done and f.exception is not None), None)
             if refused is not None:  # the broker's answer, e.g. MessageSizeTooLargeError
                 problem += f": {type(refused).__name__}: {refused}"
+                if not getattr(refused, "retriable", False):
+                    self._renew_producer(refused)
         except KafkaError as exc:  # no metadata within max_block_ms, flush timed out: the broker is away
             problem = str(exc)
         if problem is not None:

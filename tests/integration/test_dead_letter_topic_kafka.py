@@ -23,7 +23,7 @@ from consumers.runtime.processes import die_with_parent
 from consumers.state.ledger import read_ledger
 from consumers.trainer.dead_letters import TRUNCATED_BYTES, DeadLetterQueue
 from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED
-from consumers.trainer.kafka_io import connect
+from consumers.trainer.kafka_io import connect, new_producer
 from streamer.events import EventError
 from tests.trainer_config import write_trainer_config
 
@@ -262,3 +262,40 @@ def test_a_dead_letter_too_large_for_its_topic_is_sent_again_cut_short_instead_o
         clients.producer.send(small, key=b"manifest", value=b"a publication").get(timeout=30)  # still works
     finally:
         clients.close()
+
+
+def test_a_publication_refused_for_good_makes_a_new_producer_and_the_retry_lands_once_the_topic_takes_it(
+        kafka_broker: str, unique_topic: Callable[[str], str]) -> None:
+    """The serving topic's max.message.bytes lowered while the trainer runs: the publication is refused for good,
+    which kafka-python's idempotent producer turns into a fatal error (every later send fails). The publisher makes
+    a new producer (``Publisher.renew``), so once the limit is raised again the next retry lands, no restart."""
+    from consumers.trainer.publisher import Publisher
+
+    topic = unique_topic("model")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+
+    def limit(value: int) -> None:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(value)})])
+        time.sleep(1.0)  # the partition leader applies the new setting
+
+    cfg = load_config(None, env={}, overrides=[f"kafka.bootstrap={kafka_broker}", f"kafka.model_topic={topic}"])
+    recorded = []
+    store = SimpleNamespace(write_publication=lambda version, step: recorded.append(version))
+    metrics = SimpleNamespace(published=lambda *_: None, mark_published_reference=lambda: None)
+    publisher = Publisher(new_producer(cfg.kafka), topic, store, metrics)
+    publisher.renew = lambda: new_producer(cfg.kafka)
+    value = random.Random(1).randbytes(20_000)  # lz4 cannot shrink it under the lowered limit
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+        admin.wait_for_topics([topic], timeout_ms=30_000)
+        assert publisher.send([(b"chunk/0", value), (b"manifest", b"1")], 1, 10, 1, time.monotonic())
+        limit(5_000)
+        first = publisher.producer
+        assert not publisher.send([(b"chunk/0", value), (b"manifest", b"2")], 2, 20, 1, time.monotonic())
+        assert publisher.renewed == 1 and publisher.producer is not first  # the poisoned one closed, a new one made
+        limit(1 << 20)
+        assert publisher.send([(b"chunk/0", value), (b"manifest", b"3")], 3, 30, 1, time.monotonic())
+        assert recorded == [1, 3] and publisher.last_published_step == 30
+    finally:
+        publisher.close_renewed(timeout_s=5)
+        admin.close()
