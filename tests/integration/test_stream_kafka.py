@@ -105,21 +105,28 @@ def test_an_event_log_replays_into_kafka_under_its_logged_topics(kafka_broker: s
         assert got == expected
 
 
+def topics_limited_to(bootstrap: str, unique_topic, max_message_bytes: int, partitions: int) -> dict[str, str]:
+    """New impressions and feedback topics whose max.message.bytes is ``max_message_bytes``."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    topics = {"impressions": unique_topic("impressions"), "feedback": unique_topic("feedback")}
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(t, partitions, 1, topic_configs={"max.message.bytes": str(max_message_bytes)})
+                             for t in topics.values()])
+        admin.wait_for_topics(list(topics.values()), timeout_ms=30_000)
+    finally:
+        admin.close()
+    return topics
+
+
 def test_envelopes_over_the_topics_message_limit_go_as_halves_and_every_event_arrives(kafka_broker: str,
                                                                                        unique_topic) -> None:
     """Topics at a small max.message.bytes (a production cluster's default is 1 MiB; envelopes may be 16 MiB):
     the broker would refuse an envelope over it for good, and kafka-python's idempotent producer would then fail
     every later send. The sink sends such an envelope as halves, in order, and every event arrives once."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-
-    topics = {"impressions": unique_topic("impressions"), "feedback": unique_topic("feedback")}
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
-    try:
-        admin.create_topics([NewTopic(t, 2, 1, topic_configs={"max.message.bytes": "20000"}) for t in topics.values()])
-        admin.wait_for_topics(list(topics.values()), timeout_ms=30_000)
-    finally:
-        admin.close()
+    topics = topics_limited_to(kafka_broker, unique_topic, max_message_bytes=20_000, partitions=2)
     result = crossdistil_stream("--dataset", "synthetic", "--option", "n_events=3000", "--to",
                                 f"kafka://{kafka_broker}", "--impressions-topic", topics["impressions"],
                                 "--feedback-topic", topics["feedback"], "--envelope", "2000")
@@ -133,16 +140,7 @@ def test_an_event_over_its_topics_message_limit_stops_the_stream_with_a_clear_er
                                                                                      unique_topic) -> None:
     """A single event the broker would refuse for good (its topic's max.message.bytes below it) is said at once,
     naming the topic and its limit, instead of poisoning the producer for every later event."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-
-    topics = {"impressions": unique_topic("impressions"), "feedback": unique_topic("feedback")}
-    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
-    try:
-        admin.create_topics([NewTopic(t, 1, 1, topic_configs={"max.message.bytes": "1100"}) for t in topics.values()])
-        admin.wait_for_topics(list(topics.values()), timeout_ms=30_000)
-    finally:
-        admin.close()
+    topics = topics_limited_to(kafka_broker, unique_topic, max_message_bytes=1_100, partitions=1)
     result = subprocess.run([sys.executable, "-m", "consumers.cli", "stream", "--dataset", "synthetic", "--option",
                              "n_events=50", "--to", f"kafka://{kafka_broker}", "--impressions-topic",
                              topics["impressions"], "--feedback-topic", topics["feedback"], "--quiet"],
