@@ -299,3 +299,33 @@ def test_a_publication_refused_for_good_makes_a_new_producer_and_the_retry_lands
     finally:
         publisher.close_renewed(timeout_s=5)
         admin.close()
+
+
+def test_kafka_python_still_makes_a_refused_batch_fatal_for_an_idempotent_producer(
+        kafka_broker: str, unique_topic: Callable[[str], str]) -> None:
+    """Why ``KafkaClients`` has a dead-letter producer of its own and ``Publisher.renew`` exists: with kafka-python
+    3.0.12, after one batch the broker refuses for good, an idempotent producer fails every later send, to any
+    topic; a non-idempotent one does not. If a kafka-python release changes this, this test says so (the
+    workarounds would then be harmless, and could go)."""
+    small, healthy = unique_topic("small"), unique_topic("healthy")
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        admin.create_topics([NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "2000"}),
+                             NewTopic(healthy, 1, 1)])
+        admin.wait_for_topics([small, healthy], timeout_ms=30_000)
+    finally:
+        admin.close()
+    after = {}
+    for idempotent in (True, False):
+        producer = KafkaProducer(bootstrap_servers=kafka_broker, acks="all", enable_idempotence=idempotent,
+                                 max_request_size=16 << 20)
+        try:
+            refused = producer.send(small, random.Random(0).randbytes(10_000))
+            producer.flush(timeout=30)
+            assert refused.failed() and type(refused.exception).__name__ == "MessageSizeTooLargeError"
+            later = producer.send(healthy, b"a small message")
+            producer.flush(timeout=30)
+            after[idempotent] = later.succeeded()
+        finally:
+            producer.close(timeout=5)
+    assert after == {True: False, False: True}, after
