@@ -136,15 +136,12 @@ class KafkaSink:
         left out (its envelopes are sent whole)."""
         from kafka.errors import KafkaError
 
-        limits = {}
-        for topic in topics:
-            try:
-                found = topic_configs(self.bootstrap, topic, ("max.message.bytes",), client_options=client_options)
-            except KafkaError:  # not authorised to describe it: the envelope size is the user's to choose
-                continue
-            if found and "max.message.bytes" in found:
-                limits[topic] = int(found["max.message.bytes"]) - RECORD_OVERHEAD_BYTES
-        return limits
+        try:
+            found = topic_configs(self.bootstrap, topics, ("max.message.bytes",), client_options=client_options)
+        except KafkaError:  # not authorised to describe them: the envelope size is the user's to choose
+            return {}
+        return {topic: int(configs["max.message.bytes"]) - RECORD_OVERHEAD_BYTES
+                for topic, configs in found.items() if "max.message.bytes" in configs}
 
     def _partition_of(self, topic: str, key: bytes) -> int:
         from kafka.partitioner.default import murmur2

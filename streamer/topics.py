@@ -163,21 +163,21 @@ def cleanup_policy(bootstrap: str, topic: str, *, client_options: Mapping[str, A
                    timeout_s: float = 10.0) -> str | None:
     """``topic``'s ``cleanup.policy`` (``"compact"``, ``"delete"``, ``"compact,delete"``), or None when the topic
     does not exist. Raises ``kafka.errors.KafkaError`` when Kafka cannot say (unreachable, not authorised)."""
-    found = topic_configs(bootstrap, topic, ("cleanup.policy",), client_options=client_options, timeout_s=timeout_s)
-    return None if found is None else found.get("cleanup.policy")
+    found = topic_configs(bootstrap, [topic], ("cleanup.policy",), client_options=client_options, timeout_s=timeout_s)
+    return found[topic].get("cleanup.policy") if topic in found else None
 
 
-def topic_configs(bootstrap: str, topic: str, keys: Sequence[str], *,
-                  client_options: Mapping[str, Any] | None = None, timeout_s: float = 10.0) -> dict[str, str] | None:
-    """The effective values of ``keys`` of ``topic`` (the topic's own, else the broker's default), or None when the
-    topic does not exist. Raises ``kafka.errors.KafkaError`` when Kafka cannot say (unreachable, not authorised)."""
+def topic_configs(bootstrap: str, topics: Sequence[str], keys: Sequence[str], *,
+                  client_options: Mapping[str, Any] | None = None,
+                  timeout_s: float = 10.0) -> dict[str, dict[str, str]]:
+    """The effective values of ``keys`` (the topic's own, else the broker's default) of each of ``topics`` that
+    exists, in one request. Raises ``kafka.errors.KafkaError`` when Kafka cannot say (unreachable, not authorised)."""
     admin = _admin(bootstrap, "crossdistil-topic-config", int(timeout_s * 1000), client_options)
     try:
-        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(keys))],
-                                       config_filter="all")
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(keys))
+                                        for topic in topics], config_filter="all")
     finally:
         admin.close()
-    entries = found.get("topic", {}).get(topic)
-    if not entries:
-        return None
-    return {key: str(entries[key]["value"]) for key in keys if key in entries}
+    described = found.get("topic", {})
+    return {topic: {key: str(entries[key]["value"]) for key in keys if key in entries}
+            for topic in topics if (entries := described.get(topic))}

@@ -39,16 +39,6 @@ CHUNK_KEY_PREFIX = b"chunk/"
 DEFAULT_CHUNK_SIZE = 512 * 1024
 # Kafka's default max.message.bytes is 1048588; a chunk value adds ~300 bytes of header to its data.
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
-
-
-def publication_message_bytes(chunk_size: int) -> int:
-    """The largest message a trainer's publication with chunks of ``chunk_size`` bytes may have (its encoder's
-    ``max_message_bytes``): a chunk and its framing, the manifest at least ``DEFAULT_MAX_MESSAGE_BYTES``.
-
-    >>> publication_message_bytes(900_000), publication_message_bytes(4_000_000)
-    (1000000, 4065536)
-    """
-    return max(DEFAULT_MAX_MESSAGE_BYTES, chunk_size + 64 * 1024)
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 # The largest message a reader of a serving topic accepts: the topic's max.message.bytes as the trainer makes it
 # (streamer.topics.MODEL_MAX_MESSAGE_BYTES, 16 MiB) and a margin for a record's own bytes; no valid message is larger.
@@ -60,6 +50,16 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 Message = tuple[bytes, bytes | None]
 """(key, value) as produced to / consumed from the serving topic; value None is a tombstone."""
+
+
+def publication_message_bytes(chunk_size: int) -> int:
+    """The largest message a trainer's publication with chunks of ``chunk_size`` bytes may have (its encoder's
+    ``max_message_bytes``): a chunk and its framing, the manifest at least ``DEFAULT_MAX_MESSAGE_BYTES``.
+
+    >>> publication_message_bytes(900_000), publication_message_bytes(4_000_000)
+    (1000000, 4065536)
+    """
+    return max(DEFAULT_MAX_MESSAGE_BYTES, chunk_size + 64 * 1024)
 
 
 def chunk_key(index: int) -> bytes:

@@ -264,7 +264,7 @@ class Trainer:
                 continue_versions(self.cfg, self.publisher)
             except ModelTopicError as exc:
                 print(f"crossdistil train: {exc}", file=sys.stderr)
-                clients.close(timeout_s=1)
+                close_clients(clients)
                 return self._abandon_start(http, 2)
         if not self._consume():
             self._close(clients, http)

@@ -43,10 +43,11 @@ from kafka.errors import (
 from consumers.core.join import AttributionJoin
 from consumers.runtime.config import KafkaConfig, kafka_client_options
 from consumers.runtime.ranks import owned_partitions
-from consumers.state.wire import manifest_version
+from consumers.state.wire import DEFAULT_MAX_MESSAGE_BYTES, manifest_version
 from streamer.kafka_security import preflight
 from streamer.topics import (
     DEFAULT_PARTITIONS,
+    MODEL_MAX_MESSAGE_BYTES,
     create_dead_letter_topic,
     create_model_topic,
     honour_auto_create,
@@ -158,17 +159,17 @@ def check_model_topic(k: KafkaConfig, max_message_bytes: int = 0) -> None:
     for good, and kafka-python's idempotent producer then fails every later send (see ``KafkaClients``)."""
     options = kafka_client_options(k)
     try:
-        found = topic_configs(k.bootstrap, k.model_topic, ("cleanup.policy", "max.message.bytes"),
-                              client_options=options)
-        policy = None if found is None else found.get("cleanup.policy", "")
+        found = topic_configs(k.bootstrap, [k.model_topic], ("cleanup.policy", "max.message.bytes"),
+                              client_options=options).get(k.model_topic)
         limit = int(found.get("max.message.bytes", max_message_bytes)) if found is not None else max_message_bytes
         if limit < max_message_bytes:
             raise ModelTopicError(
                 f"the serving topic {k.model_topic} takes messages of at most {limit:,} bytes (its max.message.bytes) "
                 f"and a publication's may be {max_message_bytes:,} (publish.chunk_bytes plus framing, at least "
-                f"1,000,000): Kafka would refuse them. Raise it (kafka-configs.sh --bootstrap-server {k.bootstrap} "
-                f"--alter --entity-type topics --entity-name {k.model_topic} --add-config "
-                f"max.message.bytes={16 * 1024 * 1024}) or lower publish.chunk_bytes")
+                f"{DEFAULT_MAX_MESSAGE_BYTES:,}): Kafka would refuse them. Raise it (kafka-configs.sh "
+                f"--bootstrap-server {k.bootstrap} --alter --entity-type topics --entity-name {k.model_topic} "
+                f"--add-config max.message.bytes={MODEL_MAX_MESSAGE_BYTES}) or lower publish.chunk_bytes")
+        policy = None if found is None else found.get("cleanup.policy", "")
         if policy is None:
             if create_model_topic(k.bootstrap, k.model_topic, client_options=options):
                 log.info("created the serving topic %s (one partition, compacted)", k.model_topic)
