@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scipy.special import stdtrit
+
 from consumers.runtime.paths import check_output_folder
 from streamer.datasets import open_dataset
 
@@ -59,6 +61,9 @@ TABLE_METRICS = (("auc", "AUC"), ("gauc", "GAUC"), ("multi_auc", "Multi-AUC"), (
 # Paired differences to mtl: per-task metrics, then the combined score's (metric key, header).
 DIFF_TASK_METRICS = (("auc", "ΔAUC"), ("multi_auc", "ΔMulti-AUC"), ("ndcg10", "ΔNDCG@10"))
 DIFF_COMBINED_METRICS = (("auc", "Δ combined AUC"), ("ndcg10", "Δ combined NDCG@10"))
+# A paired difference is bold in the report where a two-sided paired t-test over its seeds rejects "no difference"
+# at this level (Student's t with n - 1 degrees of freedom: 2.78 standard errors for 5 seeds, not the normal's 1.96)
+SIGNIFICANCE = 0.95
 # --validation: the share of the validation slice that is its test part (split) and its tail (prequential).
 VALIDATION_TEST_FRACTION = 0.1
 
@@ -1134,7 +1139,7 @@ def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, 
                         configs: list[str], n_seeds: int, baseline: str = "mtl") -> list[str]:
     """Each config minus ``baseline`` on the same backbone and seed, per metric."""
     lines = [f"Paired differences to `{baseline}` (same backbone and seed), mean ± std over seeds, "
-             f"window `{window}` ({n_seeds} seeds); **bold** where |mean| > 2 std/sqrt(n):", ""]
+             f"window `{window}` ({n_seeds} seeds); {_paired_rule(n_seeds)}", ""]
     header = (["backbone", "config"] + [f"{name} {t}" for _, name in DIFF_TASK_METRICS for t in tasks]
               + [name for _, name in DIFF_COMBINED_METRICS])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -1149,6 +1154,18 @@ def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, 
                            for r in cell]) for key, _ in DIFF_COMBINED_METRICS]
         lines.append(f"| {backbone} | {config} | " + " | ".join(out) + " |")
     return lines + [""]
+
+
+def _paired_rule(n_seeds: int) -> str:
+    """The paired table's sentence on what bold means.
+
+    >>> _paired_rule(5)[-72:]
+    ' degrees of freedom (t = 2.78 for 5 seeds); each cell tested on its own:'
+    """
+    quantile = f"t = {t_critical(n_seeds):.2f} for {n_seeds} seeds" if n_seeds > 1 else "no test with one seed"
+    return (f"**bold** where a two-sided paired t-test rejects no difference at {1 - SIGNIFICANCE:.0%}: |mean| > t "
+            f"std/sqrt(n), t the Student quantile for n - 1 degrees of freedom ({quantile}); each cell tested on its "
+            "own:")
 
 
 def _span(bounds: Sequence[int] | None) -> str:
@@ -1177,8 +1194,22 @@ def _fmt_diff(diffs: Sequence[float]) -> str:
         return "–"
     n = sum(1 for d in diffs if math.isfinite(d))
     text = f"{mean:+.4f} ± {std:.4f}"
-    significant = n > 1 and std > 0 and abs(mean) > 2 * std / math.sqrt(n)
+    significant = n > 1 and std > 0 and abs(mean) > t_critical(n) * std / math.sqrt(n)
     return f"**{text}**" if significant else text
+
+
+def t_critical(n: int, level: float = SIGNIFICANCE) -> float:
+    """How many standard errors (std / sqrt(n)) a mean of ``n`` paired differences must lie from 0 for a two-sided
+    t-test at ``level`` to call it a difference: Student's t quantile with n - 1 degrees of freedom (few seeds leave
+    the standard deviation itself uncertain, so the normal's 1.96, or 2, would call noise a difference far more often
+    than 1 in 20 times: with 5 seeds |t| > 2 happens 12% of the time when nothing differs).
+
+    >>> [round(t_critical(n), 2) for n in (2, 3, 5, 10, 1000)]
+    [12.71, 4.3, 2.78, 2.26, 1.96]
+    """
+    if n < 2:
+        raise ValueError(f"a t-test needs at least 2 paired differences, got {n}")
+    return float(stdtrit(n - 1, (1 + level) / 2))
 
 
 def plot_curves(doc: dict[str, Any], path: Path) -> None:

@@ -52,9 +52,30 @@ def test_the_paired_table_has_ndcg_and_combined_differences_with_the_bold_rule()
     assert ("| backbone | config | ΔAUC finish | ΔAUC like | ΔMulti-AUC finish | ΔMulti-AUC like "
             "| ΔNDCG@10 finish | ΔNDCG@10 like | Δ combined AUC | Δ combined NDCG@10 |") in report
     cells = _row(report, "| mmoe | crossdistil | +")  # the paired row (the task tables' rows start with 0.)
-    assert cells[6] == "**+0.0200 ± 0.0100**"  # NDCG: +0.01, +0.02, +0.03; 0.02 > 2 * 0.01 / sqrt(3)
-    assert cells[8] == "**+0.0200 ± 0.0100**"  # combined AUC, the same differences
+    assert cells[6] == "+0.0200 ± 0.0100"  # NDCG: +0.01, +0.02, +0.03: t = 3.46 < 4.30, 3 seeds' t quantile
+    assert cells[8] == "+0.0200 ± 0.0100"  # combined AUC, the same differences
     assert cells[9] == "+0.0000 ± 0.0100"  # combined NDCG: +0.01, -0.01, 0: not bold
+    assert "t = 4.30 for 3 seeds" in report
+
+
+@pytest.mark.parametrize(("differences", "bold"), [
+    ((0.011, 0.009, 0.012, 0.008, 0.010), True),  # t = 12.6
+    ((0.004, 0.001, 0.003, 0.000, 0.002), True),  # t = 2.83, just above 5 seeds' 2.78
+    ((0.004, 0.001, 0.003, -0.001, 0.003), False),  # t = 2.24: past the normal's 1.96 and 2, short of 2.78
+    ((0.02, -0.01, 0.01, 0.0, -0.02), False),
+])
+def test_a_paired_difference_is_bold_only_where_a_t_test_rejects_no_difference(differences: tuple, bold: bool) -> None:
+    runs = [_run("mtl", s, 0.70) for s in range(5)] + [_run("kd", s, 0.70 + d) for s, d in enumerate(differences)]
+    report = evaluate.render_report({"dataset": "x", "runs": runs})
+    cell = [line for line in report.splitlines() if line.startswith("| mmoe | kd | ")][-1].split("|")[3].strip()
+    assert cell.startswith("**") is bold, cell
+
+
+def test_t_critical_is_students_quantile() -> None:
+    assert evaluate.t_critical(5) == pytest.approx(2.7764, abs=1e-4)
+    assert evaluate.t_critical(10, level=0.99) == pytest.approx(3.2498, abs=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.t_critical(1)
 
 
 def test_the_report_shows_the_combined_score_per_configuration() -> None:
@@ -230,7 +251,8 @@ def test_paired_differences_can_be_taken_to_another_baseline(tmp_path: Path, cap
             _run("crossdistil[aux]", 1, 0.70)]
     report = evaluate.render_report({"dataset": "x", "runs": runs}, baseline="mtl[aux]")
     assert "Paired differences to `mtl[aux]`" in report
-    assert "| mmoe | crossdistil[aux] | **-0.0150 ± 0.0071** | **-0.0150 ± 0.0071** |" in report
+    # -0.01 and -0.02: two seeds' t quantile is 12.7, so not bold (2 std/sqrt(n) made it bold before)
+    assert "| mmoe | crossdistil[aux] | -0.0150 ± 0.0071 | -0.0150 ± 0.0071 |" in report
     assert "Paired differences" not in evaluate.render_report({"dataset": "x", "runs": runs})  # no mtl among them
     (tmp_path / "results.json").write_text(json.dumps({"dataset": "x", "runs": runs}))
     parser = argparse.ArgumentParser()
