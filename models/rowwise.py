@@ -97,10 +97,11 @@ def _fixed_shapes(grad: torch.Tensor) -> bool:
     return not on_host(grad.device)
 
 
-def _touched_rows(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
-    """(rows, summed gradient rows [R, D]) of a sparse gradient; unique rows (the update is not linear)."""
+def _touched_rows(grad: torch.Tensor, marks: RowMarks | None = None) -> tuple[_Rows, torch.Tensor]:
+    """(rows, summed gradient rows [R, D]) of a sparse gradient; unique rows (the update is not linear). ``marks``:
+    the table's scratch (``RowMarks``), which finds a large gradient's rows without a sort."""
     if grad.device.type == "cpu" and not grad.is_coalesced() and grad._nnz() >= _NUMPY_UNIQUE_FROM:
-        return _touched_rows_numpy(grad)
+        return _touched_rows_numpy(grad, marks)
     grad = grad.coalesce()  # a no-op for a gradient marked coalesced (synchronous ranks build it so)
     values = grad._values()
     return _Rows(grad._indices()[0], values.shape[1]), values
@@ -112,11 +113,12 @@ def _touched_rows(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
 _NUMPY_UNIQUE_FROM = 2048
 
 
-def _touched_rows_numpy(grad: torch.Tensor) -> tuple[_Rows, torch.Tensor]:
+def _touched_rows_numpy(grad: torch.Tensor, marks: RowMarks | None = None) -> tuple[_Rows, torch.Tensor]:
     """``coalesce`` on a CPU with numpy's unique: the same rows and the same sums, each row's values added in the
     order they come (torch's coalesce adds them in the order of its sort, which does not keep that order: with many
     repeats of a row the two differ in the last bits; ``tests/unit/models/test_rowwise.py``)."""
-    rows, inverse = _unique_rows(grad._indices()[0].numpy())
+    index = grad._indices()[0].numpy()
+    rows, inverse = marks.unique(index) if marks is not None and marks.pays(len(index)) else _unique_rows(index)
     values = grad._values()
     summed = torch.zeros((len(rows), values.shape[1]), dtype=values.dtype).index_add_(
         0, torch.from_numpy(inverse), values)
@@ -144,6 +146,52 @@ def _unique_rows(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse = np.empty(n, dtype=np.int64)
     inverse[keys & ((1 << bits) - 1)] = np.cumsum(first) - 1
     return ordered[first], inverse
+
+
+class RowMarks:
+    """A table's scratch for ``np.unique(index, return_inverse=True)`` without a sort (a CPU's path): one flag per
+    table row marks the rows an index holds, a scan of the flags lists them in row order, and a slot per row gives
+    each its place in that list. The same rows and inverse as ``_unique_rows``, so the same sums in the same order;
+    where the flags are few against the index (``pays``): 0.53 -> 0.20 ms for the 16,384 rows a batch of 4,096 looks
+    up in a table of 2^20 (4,498 unique), 0.85 -> 0.40 ms for the wide part's 24,576 in 2^21 (one-off timing loop),
+    for 5 bytes per table row. The flags are all clear between calls.
+
+    >>> [a.tolist() for a in RowMarks(10).unique(np.array([7, 3, 7, 0]))]
+    [[0, 3, 7], [2, 1, 2, 0]]
+    """
+
+    # Scanning the flags costs about what sorting 1/600 as many keys does here: the scan only where it is well ahead
+    FLAGS_PER_KEY = 256
+
+    def __init__(self, rows: int) -> None:
+        self.seen = np.zeros(rows, dtype=bool)
+        self.slot = np.empty(rows, dtype=np.int32 if rows < 2**31 else np.int64)
+
+    def pays(self, keys: int) -> bool:
+        """Whether the scan beats ``_unique_rows``' sort for an index of ``keys`` rows."""
+        return len(self.seen) <= self.FLAGS_PER_KEY * keys
+
+    def unique(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted unique rows, inverse) of ``index`` (rows of the table)."""
+        try:
+            self.seen[index] = True
+        except IndexError:  # a row past the table: clear what was marked before saying so
+            self.seen[:] = False
+            raise
+        rows = np.flatnonzero(self.seen)
+        self.seen[rows] = False
+        self.slot[rows] = np.arange(len(rows), dtype=self.slot.dtype)
+        return rows, self.slot[index].astype(np.int64)
+
+
+def _row_marks(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> RowMarks | None:
+    """``param``'s ``RowMarks``, made at its first CPU step (kept by the optimizer, not part of its state)."""
+    if param.device.type != "cpu":
+        return None
+    marks = optimizer.__dict__.setdefault("_row_marks", {})
+    if id(param) not in marks:
+        marks[id(param)] = RowMarks(param.shape[0])
+    return marks[id(param)]
 
 
 class RowAdam(torch.optim.SparseAdam):
@@ -176,7 +224,7 @@ class RowAdam(torch.optim.SparseAdam):
                 if torch.is_tensor(state["step"]):  # counted on a device before: a host's count is a number
                     state["step"] = int(state["step"])
                 state["step"] += 1
-                rows, grad = _touched_rows(param.grad)
+                rows, grad = _touched_rows(param.grad, _row_marks(self, param))
                 if group["maximize"]:
                     grad = -grad
                 if grad.numel() == 0:
@@ -255,7 +303,7 @@ class RowAdagrad(torch.optim.Adagrad):
                     state_sum.index_add_(0, rows, grad.pow(2))
                     param.index_add_(0, rows, grad / state_sum.index_select(0, rows).sqrt_().add_(eps), alpha=-lr)
                 elif param.grad.is_sparse:
-                    rows, grad = _touched_rows(param.grad)
+                    rows, grad = _touched_rows(param.grad, _row_marks(self, param))
                     summed = rows.gather(state_sum).add_(grad.pow(2))  # = torch's state_sum[rows] += g^2
                     rows.put(state_sum, summed)
                     rows.add(param, grad / summed.sqrt_().add_(eps), alpha=-lr)

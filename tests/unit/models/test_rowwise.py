@@ -232,6 +232,62 @@ def test_the_numpy_path_sums_each_rows_gradients_in_the_order_they_come() -> Non
     torch.testing.assert_close(summed, grad.coalesce().values(), rtol=1e-4, atol=1e-5)
 
 
+def test_the_numpy_path_with_the_tables_marks_sums_as_without() -> None:
+    from models.rowwise import _NUMPY_UNIQUE_FROM, RowMarks, _touched_rows
+
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 5000, (_NUMPY_UNIQUE_FROM * 2,), generator=generator)
+    values = torch.randn(len(rows), 8, generator=generator)
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        grad = torch.sparse_coo_tensor(rows[None], values, (5000, 8))
+    marks = RowMarks(5000)
+    assert marks.pays(len(rows))
+    touched, summed = _touched_rows(grad, marks)
+    sorted_touched, sorted_summed = _touched_rows(grad)
+    assert torch.equal(touched.index, sorted_touched.index) and torch.equal(summed, sorted_summed)  # to the last bit
+    assert not marks.seen.any()  # every flag cleared for the next step
+
+
+def test_row_marks_find_numpy_unique_and_clear_their_flags_after_a_bad_index() -> None:
+    import numpy as np
+
+    from models.rowwise import RowMarks
+
+    marks = RowMarks(1000)
+    for n, high in ((1, 1000), (7, 3), (5000, 1000), (300, 1000)):  # repeats, every row, a few rows
+        index = np.random.default_rng(n).integers(0, high, n)
+        rows, inverse = marks.unique(index)
+        expected_rows, expected_inverse = np.unique(index, return_inverse=True)
+        assert rows.tolist() == expected_rows.tolist() and inverse.tolist() == expected_inverse.tolist()
+        assert inverse.dtype == np.int64 and not marks.seen.any()
+    with pytest.raises(IndexError):
+        marks.unique(np.array([3, 1000]))
+    assert not marks.seen.any()
+    assert not RowMarks(1 << 20).pays(2048) and RowMarks(1 << 20).pays(16384)  # the scan only where it is cheaper
+
+
+def test_row_optimizers_on_marks_and_on_the_sort_train_alike() -> None:
+    from models.rowwise import RowAdagrad, RowAdam, RowMarks
+
+    for make in (RowAdagrad, RowAdam):
+        tables = [torch.nn.Embedding(4000, 4, sparse=True) for _ in range(2)]
+        tables[1].load_state_dict(tables[0].state_dict())
+        optimizers = [make(t.parameters(), lr=0.05) for t in tables]
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            index = torch.randint(0, 4000, (6000,), generator=generator)
+            for on_marks, table, optimizer in zip((True, False), tables, optimizers):
+                optimizer.zero_grad()
+                table(index).pow(2).sum().backward()
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(RowMarks, "FLAGS_PER_KEY", RowMarks.FLAGS_PER_KEY if on_marks else 0)
+                    assert RowMarks(4000).pays(len(index)) is on_marks
+                    optimizer.step()
+        assert torch.equal(tables[0].weight, tables[1].weight)  # to the last bit
+        for a, b in zip(optimizers[0].state[tables[0].weight].values(), optimizers[1].state[tables[1].weight].values()):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 100, 4097])
 @pytest.mark.parametrize("high", [2, 1 << 20, 1 << 50])  # 1 << 50: too large to share an int64 with positions
 def test_unique_rows_is_numpy_unique_with_the_inverse(n: int, high: int) -> None:
