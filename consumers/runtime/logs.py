@@ -73,3 +73,15 @@ def configure(level: str | int = "INFO") -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RepeatFilter) for f in handler.filters):
             handler.addFilter(fold)
+
+
+def close_quietly(what: str, close: Callable[[], object], logger: logging.Logger | None = None) -> None:
+    """Run ``close`` (a client's close); a failure is logged as a warning naming ``what``, never raised: closing
+    one of several clients must not keep the others open, or hide the error that led to the close.
+
+    >>> close_quietly("producer", lambda: 1 / 0, logging.getLogger("doctest"))
+    """
+    try:
+        close()
+    except Exception as exc:
+        (logger or logging.getLogger(__name__)).warning("closing the %s: %s", what, exc)

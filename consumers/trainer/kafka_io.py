@@ -42,6 +42,7 @@ from kafka.errors import (
 
 from consumers.core.join import AttributionJoin
 from consumers.runtime.config import KafkaConfig, kafka_client_options
+from consumers.runtime.logs import close_quietly
 from consumers.runtime.ranks import owned_partitions
 from consumers.state.wire import DEFAULT_MAX_MESSAGE_BYTES, manifest_version
 from streamer.kafka_security import preflight
@@ -254,13 +255,9 @@ class KafkaClients(NamedTuple):
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Close all three; a failure to close one is logged, never raised, and the others are still closed."""
-        for what, close in (("consumer", lambda: self.consumer.close(autocommit=False)),
-                            ("producer", lambda: self.producer.close(timeout=timeout_s)),
-                            ("dead-letter producer", lambda: self.dead_letter_producer.close(timeout=timeout_s))):
-            try:
-                close()
-            except Exception as exc:
-                log.warning("closing the %s: %s", what, exc)
+        close_quietly("consumer", lambda: self.consumer.close(autocommit=False), log)
+        close_quietly("producer", lambda: self.producer.close(timeout=timeout_s), log)
+        close_quietly("dead-letter producer", lambda: self.dead_letter_producer.close(timeout=timeout_s), log)
 
 
 def connect(k: KafkaConfig, *, group_member: bool = True) -> KafkaClients:

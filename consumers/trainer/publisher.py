@@ -26,6 +26,8 @@ from typing import Any
 
 from kafka.errors import KafkaError
 
+from consumers.runtime.logs import close_quietly
+
 log = logging.getLogger("crossdistil.trainer")
 
 PUBLISH_RETRY_S = (10.0, 300.0)  # a failed publication is retried after 10 s, doubling up to 300 s
@@ -95,18 +97,12 @@ class Publisher:
         self.renewed += 1
         log.warning("publications' producer failed for good (%s: %s): closed, and a new one made for the retry",
                     type(error).__name__, error)
-        try:
-            old.close(timeout=1)
-        except Exception as exc:  # a broken producer's close: the new one is in place either way
-            log.warning("closing the failed producer: %s", exc)
+        close_quietly("failed producer", lambda: old.close(timeout=1), log)  # the new one is in place either way
 
     def close_renewed(self, timeout_s: float = 10.0) -> None:
         """Close the producer ``renew`` made, if any (the first one is its maker's to close)."""
         if self.renewed:
-            try:
-                self.producer.close(timeout=timeout_s)
-            except Exception as exc:
-                log.warning("closing the producer: %s", exc)
+            close_quietly("producer", lambda: self.producer.close(timeout=timeout_s), log)
 
     def retry_delay(self) -> float:
         """Seconds before the next attempt: ``PUBLISH_RETRY_S[0]``, doubling per failure, at most ``[1]``."""
