@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scipy.special import stdtrit
-
 from consumers.runtime.paths import check_output_folder
 from streamer.datasets import open_dataset
 
@@ -1209,6 +1207,8 @@ def t_critical(n: int, level: float = SIGNIFICANCE) -> float:
     """
     if n < 2:
         raise ValueError(f"a t-test needs at least 2 paired differences, got {n}")
+    from scipy.special import stdtrit  # here, not at the top: `crossdistil evaluate --help` loads no numpy
+
     return float(stdtrit(n - 1, (1 + level) / 2))
 
 
