@@ -188,10 +188,11 @@ def _row_marks(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> RowMark
     """``param``'s ``RowMarks``, made at its first CPU step (kept by the optimizer, not part of its state)."""
     if param.device.type != "cpu":
         return None
-    marks = optimizer.__dict__.setdefault("_row_marks", {})
-    if id(param) not in marks:
-        marks[id(param)] = RowMarks(param.shape[0])
-    return marks[id(param)]
+    kept = optimizer.__dict__.setdefault("_row_marks", {})
+    marks = kept.get(id(param))
+    if marks is None or len(marks.seen) != param.shape[0]:  # (a table of another size: never index past its flags)
+        marks = kept[id(param)] = RowMarks(param.shape[0])
+    return marks
 
 
 class RowAdam(torch.optim.SparseAdam):
