@@ -107,6 +107,27 @@ def test_the_ndcg_interval_covers_the_known_difference_at_its_stated_rate() -> N
     assert 0 < known < np.median(widths)  # a difference the intervals do not resolve every time: a real test
 
 
+def test_the_ndcg_interval_keeps_its_rate_with_few_users() -> None:
+    # 6 users: the per-user differences' spread is itself uncertain, which Student's t (2.57 standard errors for 5
+    # degrees of freedom) accounts for and the normal's 1.96 does not
+    users, relevance, base, other = population()
+    _, (on_base, on_other) = per_user_ndcg(relevance, [base, other], users)
+    known = float((on_other - on_base).mean())
+    rng = np.random.default_rng(4)
+    covered, covered_by_the_normal = [], []
+    for _ in range(1000):
+        drawn = np.isin(users, rng.choice(users.max() + 1, 6, replace=False))
+        got = comparison.paired_ndcg_difference(relevance[drawn], users[drawn], base[drawn], other[drawn])
+        if got["interval"] is None:
+            continue
+        covered.append(got["interval"][0] <= known <= got["interval"][1])
+        covered_by_the_normal.append(abs(got["difference"] - known) <= 1.96 * got["se"])
+        assert got["interval"][1] - got["difference"] == pytest.approx(
+            comparison.t_quantile(got["users"] - 1) * got["se"])
+    assert 0.93 <= np.mean(covered) <= 0.975, np.mean(covered)
+    assert np.mean(covered_by_the_normal) < 0.925, np.mean(covered_by_the_normal)  # what the t interval fixes
+
+
 def test_the_ndcg_difference_is_the_difference_of_the_reported_ndcg() -> None:
     users, relevance, base, other = population(300, seed=5)
     got = comparison.paired_ndcg_difference(relevance, users, base, other)
