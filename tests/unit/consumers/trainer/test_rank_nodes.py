@@ -270,12 +270,16 @@ def test_a_replaced_node_joins_the_next_generation(tmp_path: Path) -> None:
 if [ "$RANK:$G" = 0:0 ]; then while [ ! -f "$D/killed" ]; do sleep 0.05; done; exit 8; fi
 exit 0"""
     script, port = worker(tmp_path, body), free_port()
-    first = start_node(tmp_path, 0, port, script, timeout_s=5), start_node(tmp_path, 1, port, script, timeout_s=5)
+    # node 0 waits this long for node 1's outcome, in vain, then as long for the replacement to join generation 1,
+    # which starts a Python process with torch (with 5 s this test was seen failing once, on a machine at load 13)
+    timeout_s = 12
+    first = (start_node(tmp_path, 0, port, script, timeout_s=timeout_s),
+             start_node(tmp_path, 1, port, script, timeout_s=timeout_s))
     wait_until(lambda: len(starts(tmp_path)) == 2, "start of both ranks", tmp_path)
     os.killpg(first[1].pid, signal.SIGKILL)
     first[1].wait()
     (tmp_path / "killed").touch()
-    replacement = start_node(tmp_path, 1, port, script, timeout_s=5)
+    replacement = start_node(tmp_path, 1, port, script, timeout_s=timeout_s)
     assert finish(tmp_path, [first[0], replacement]) == [0, 0], logs(tmp_path)
     assert starts(tmp_path) == ["0 0", "0 1", "1 0", "1 1"], logs(tmp_path)
     assert "(node 1 did not report)" in (tmp_path / "node0.log").read_text(), logs(tmp_path)
