@@ -29,6 +29,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO_ROOT / "tests"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
+# onnxruntime (the ONNX export tests) writes a telemetry session file, .ses, into the TMPDIR it sees when it loads,
+# which is collection time, before session_tmpdir: /tmp. Without telemetry it writes nothing.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 # Generous: on a busy 2-core machine a cold JVM takes 10-30 s to format storage and unfence.
 BROKER_START_TIMEOUT_S = float(os.environ.get("CROSSDISTIL_TEST_KAFKA_TIMEOUT_S", "180"))
 
