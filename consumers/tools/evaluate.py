@@ -1137,7 +1137,7 @@ def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, 
                         configs: list[str], n_seeds: int, baseline: str = "mtl") -> list[str]:
     """Each config minus ``baseline`` on the same backbone and seed, per metric."""
     lines = [f"Paired differences to `{baseline}` (same backbone and seed), mean ± std over seeds, "
-             f"window `{window}` ({n_seeds} seeds); {_paired_rule(n_seeds)}", ""]
+             f"window `{window}` ({n_seeds} seed{'' if n_seeds == 1 else 's'}); {_paired_rule(n_seeds)}", ""]
     header = (["backbone", "config"] + [f"{name} {t}" for _, name in DIFF_TASK_METRICS for t in tasks]
               + [name for _, name in DIFF_COMBINED_METRICS])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
