@@ -1141,15 +1141,24 @@ def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, 
     header = (["backbone", "config"] + [f"{name} {t}" for _, name in DIFF_TASK_METRICS for t in tasks]
               + [name for _, name in DIFF_COMBINED_METRICS])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []  # (backbone, config, each column's differences over the seeds)
     for backbone, config, cell in _cells(group, backbones, [c for c in configs if c != baseline]):
         base = {r["seed"]: r for r in group if r["backbone"] == backbone and r["config"] == baseline}
         cell = [r for r in cell if r["seed"] in base]
         if not cell:
             continue
-        out = [_fmt_diff([_sub(_task_metric(r, window, task, key), _task_metric(base[r["seed"]], window, task, key))
-                          for r in cell]) for key, _ in DIFF_TASK_METRICS for task in tasks]
-        out += [_fmt_diff([_sub(_combined_metric(r, window, key), _combined_metric(base[r["seed"]], window, key))
-                           for r in cell]) for key, _ in DIFF_COMBINED_METRICS]
+        columns = [[_sub(_task_metric(r, window, task, key), _task_metric(base[r["seed"]], window, task, key))
+                    for r in cell] for key, _ in DIFF_TASK_METRICS for task in tasks]
+        columns += [[_sub(_combined_metric(r, window, key), _combined_metric(base[r["seed"]], window, key))
+                     for r in cell] for key, _ in DIFF_COMBINED_METRICS]
+        rows.append((backbone, config, columns))
+    p_values = {(i, j): _paired_p_value(d) for i, (_, _, columns) in enumerate(rows) for j, d in enumerate(columns)}
+    tested = [key for key, p in p_values.items() if p is not None]
+    from consumers.tools.comparison import holm  # lazy: it loads numpy, which `crossdistil evaluate --help` does not
+
+    adjusted = dict(zip(tested, holm([p_values[key] for key in tested])))
+    for i, (backbone, config, columns) in enumerate(rows):
+        out = [_fmt_diff(d, p_values[i, j], adjusted.get((i, j))) for j, d in enumerate(columns)]
         lines.append(f"| {backbone} | {config} | " + " | ".join(out) + " |")
     return lines + [""]
 
@@ -1157,13 +1166,14 @@ def _paired_differences(group: list[dict], tasks: tuple[str, ...], window: str, 
 def _paired_rule(n_seeds: int) -> str:
     """The paired table's sentence on what bold means.
 
-    >>> _paired_rule(5)[-72:]
-    ' degrees of freedom (t = 2.78 for 5 seeds); each cell tested on its own:'
+    >>> "(t = 2.78 for 5 seeds)" in _paired_rule(5), "(no test with one seed)" in _paired_rule(1)
+    (True, True)
     """
     quantile = f"t = {t_critical(n_seeds):.2f} for {n_seeds} seeds" if n_seeds > 1 else "no test with one seed"
     return (f"**bold** where a two-sided paired t-test rejects no difference at {1 - SIGNIFICANCE:.0%}: |mean| > t "
-            f"std/sqrt(n), t the Student quantile for n - 1 degrees of freedom ({quantile}); each cell tested on its "
-            "own:")
+            f"std/sqrt(n), t the Student quantile for n - 1 degrees of freedom ({quantile}), each cell tested on its "
+            "own; † where it still does after Holm's adjustment over all the table's cells (the chance that any † "
+            f"of the table is noise at most {1 - SIGNIFICANCE:.0%}):")
 
 
 def _span(bounds: Sequence[int] | None) -> str:
@@ -1186,14 +1196,32 @@ def _sub(a: float | None, b: float | None) -> float:
     return a - b
 
 
-def _fmt_diff(diffs: Sequence[float]) -> str:
+def _fmt_diff(diffs: Sequence[float], p_value: float | None = None, p_holm: float | None = None) -> str:
+    """A paired table's cell: mean ± std of ``diffs``, bold where ``p_value`` (``_paired_p_value``'s) rejects no
+    difference at ``SIGNIFICANCE``, then † where ``p_holm`` (the same adjusted over the table) does too."""
     mean, std = _mean_std(diffs)
     if not math.isfinite(mean):
         return "–"
-    n = sum(1 for d in diffs if math.isfinite(d))
     text = f"{mean:+.4f} ± {std:.4f}"
-    significant = n > 1 and std > 0 and abs(mean) > t_critical(n) * std / math.sqrt(n)
-    return f"**{text}**" if significant else text
+    alpha = 1 - SIGNIFICANCE
+    text = f"**{text}**" if p_value is not None and p_value <= alpha else text
+    return text + "†" if p_holm is not None and p_holm <= alpha else text
+
+
+def _paired_p_value(diffs: Sequence[float]) -> float | None:
+    """Two-sided p-value of a paired t-test of the finite ``diffs`` against 0 (Student's t, n - 1 degrees of
+    freedom); None where there is no test: fewer than 2 differences, or no spread among them.
+
+    >>> round(_paired_p_value([0.01, 0.02, 0.03]), 4), _paired_p_value([0.01, 0.01]), _paired_p_value([0.1])
+    (0.0742, None, None)
+    """
+    mean, std = _mean_std(diffs)
+    n = sum(1 for d in diffs if d is not None and math.isfinite(d))
+    if n < 2 or not std > 0:
+        return None
+    from scipy.special import stdtr  # here, not at the top: `crossdistil evaluate --help` loads no numpy
+
+    return float(2 * stdtr(n - 1, -abs(mean) / (std / math.sqrt(n))))
 
 
 def t_critical(n: int, level: float = SIGNIFICANCE) -> float:

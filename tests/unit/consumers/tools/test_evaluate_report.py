@@ -71,6 +71,20 @@ def test_a_paired_difference_is_bold_only_where_a_t_test_rejects_no_difference(d
     assert cell.startswith("**") is bold, cell
 
 
+def test_a_dagger_marks_the_differences_that_hold_after_holms_adjustment_over_the_table() -> None:
+    strong, weak = (0.011, 0.009, 0.012, 0.008, 0.010), (0.004, 0.001, 0.003, 0.000, 0.002)  # t = 12.6 and 2.83
+    runs = [_run("mtl", s, 0.70) for s in range(5)] + [_run("kd", s, 0.70 + d) for s, d in enumerate(strong)]
+    runs += [_run("aux", s, 0.70 + d) for s, d in enumerate(weak)]
+    report = evaluate.render_report({"dataset": "x", "runs": runs})
+    table = report.split("Paired differences")[1].split("\n\n")[1]  # the first paired table
+    paired = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:5]]
+              for line in table.splitlines() if line.startswith("| mmoe | ")}
+    # four tested cells: kd's p ~ 0.0002 (x 4 and x 3: still < 0.05), aux's 0.047 (x 2 = 0.094: not)
+    assert paired["kd"] == ["**+0.0100 ± 0.0016**†"] * 2, paired
+    assert paired["aux"] == ["**+0.0020 ± 0.0016**"] * 2, paired
+    assert "† where it still does after Holm's adjustment" in report
+
+
 def test_t_critical_is_students_quantile() -> None:
     assert evaluate.t_critical(5) == pytest.approx(2.7764, abs=1e-4)
     assert evaluate.t_critical(10, level=0.99) == pytest.approx(3.2498, abs=1e-4)
