@@ -35,6 +35,57 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         pass
 
 
+def child_pids() -> list[int]:
+    """The processes whose parent is this one and which have not ended (Linux: from /proc; elsewhere none)."""
+    me, children = os.getpid(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == me and fields[0] != b"Z":
+            children.append(int(entry))
+    return sorted(children)
+
+
+def stop_children(sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> list[int]:
+    """Send ``sig`` to every child process of this one still running, wait up to ``timeout_s`` for them to end,
+    SIGKILL those left, and reap them all; the pids signalled.
+
+    >>> child = subprocess.Popen(["sleep", "30"])
+    >>> stop_children(timeout_s=5) == [child.pid]
+    True
+    """
+    pids = child_pids()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    deadline, left = time.monotonic() + timeout_s, set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (its Popen)
+                done = pid
+            if done:
+                left.discard(pid)
+        if left and time.monotonic() >= deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")  # now only reaping
+        elif left:
+            time.sleep(0.05)
+    return pids
+
+
 def tune_gc() -> None:
     """Set the collector up for a process that turns millions of small events into samples (trainer, backtest).
 

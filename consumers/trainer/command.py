@@ -46,6 +46,7 @@ from consumers.runtime.config import (
     to_toml,
 )
 from consumers.runtime.paths import check_output_folder
+from consumers.runtime.processes import stop_children
 from consumers.runtime.timeparse import parse_time
 from consumers.trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_MODEL_DIVERGED, EXIT_RANKS
 
@@ -105,6 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logging level: DEBUG, INFO (default), WARNING or ERROR")
 
 
+# How long ranks stopped by the launcher get to checkpoint their last round before SIGKILL (torch's agent's default;
+# torchrun's --shutdown-timeout where given)
+SHUTDOWN_TIMEOUT_S = 30.0
 RENDEZVOUS_TIMEOUT_S = 600.0  # torch's static rendezvous's default: a machine may take minutes to (re)start
 # The launcher's flags: the ranks' command line does not carry them.
 LAUNCHER_FLAGS = ("--world-size", "--max-restarts", "--nnodes", "--node-rank", "--master-addr", "--master-port",
@@ -255,6 +259,12 @@ def run_attempt(attempt: argparse.Namespace, statuses: Path, group: Any) -> dict
     except ChildFailedError as exc:
         return {"failures": {str(r): [f.timestamp, f.exitcode] for r, f in exc.failures.items()}, "stopped": ""}
     except SignalException as exc:
+        # A stop while torch's agent was starting the ranks: it records their processes only once all are started,
+        # so it stopped none of them; they would run on without a launcher. Stop them as it would have.
+        leftover = stop_children(exc.sigval, float(getattr(attempt, "shutdown_timeout", None) or SHUTDOWN_TIMEOUT_S))
+        if leftover:
+            print(f"crossdistil train: the stop came while the ranks were starting: stopped {len(leftover)} rank "
+                  f"process(es) torch's launcher had not taken charge of yet", file=sys.stderr, flush=True)
         # torch's agent stopped the ranks without keeping their statuses: the ones they recorded say how it went
         recorded = recorded_exit_statuses(statuses)
         if group is not None:

@@ -99,6 +99,40 @@ def test_a_restarted_group_that_then_fails_for_good_ends_with_that_status(fake) 
     assert len(run.max_restarts) == 2
 
 
+def test_a_stop_while_the_ranks_start_stops_the_rank_processes_torchs_launcher_had_not_taken_charge_of(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """torch's agent records its ranks' processes only once it has started all of them: a SIGTERM in between raised
+    in the agent with none of them recorded, so none was stopped and they ran on without a launcher (the likely
+    cause of a node that never ended in a two-node test). The command stops them as the agent would have, and what
+    they recorded decides: here the status 9 of a last round that could not be written."""
+    import signal
+    import subprocess
+    import time
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from consumers.runtime.processes import child_pids
+    from consumers.runtime.ranks import STATUS_DIR_ENV
+
+    started, ranks = tmp_path / "started", []
+
+    def torchrun(args: Any) -> None:
+        script = (f"trap 'echo 9 > \"${STATUS_DIR_ENV}/rank-1\"; exit 9' TERM; touch {shlex.quote(str(started))}; "
+                  "while :; do sleep 0.05; done")
+        ranks.append(subprocess.Popen(["sh", "-c", script]))
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(torch_run, "run", torchrun)
+    assert launch_ranks(TORCHRUN_ARGS, tmp_path / "run") == 9
+    said = capsys.readouterr().err
+    assert "stopped 1 rank process(es) torch's launcher had not taken charge of yet" in said, said
+    assert "rank 1 exited with status 9" in said, said
+    assert ranks[0].pid not in child_pids()  # ended and reaped
+
+
 def test_the_statuses_not_restarted_are_the_systemd_units() -> None:
     unit = (REPO / "deploy" / "systemd" / "crossdistil-trainer.service").read_text()
     prevented = re.search(r"^RestartPreventExitStatus=(.*)$", unit, re.MULTILINE)
