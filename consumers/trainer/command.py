@@ -343,13 +343,18 @@ def deciding_failure(failures: dict[int, tuple[float, int]]) -> tuple[int, int]:
     """The rank whose exit decides whether the group is restarted, and its exit code, of ``{rank: (time, exit
     code)}`` (torchrun's ``ChildFailedError.failures``; a negative code is a signal): the first to exit with a status
     of ``NOT_RESTARTED``, if any (the others then mostly lost it, status 8, or were stopped by torchrun), else the
+    first to fail other than by losing another rank (8: a consequence; each node's agent times its own ranks' exits
+    as it notices them, so on a busy machine a survivor's 8 can be timed before the death it follows), else the
     first to fail.
 
     >>> deciding_failure({0: (2.0, 10), 1: (1.0, 8)}), deciding_failure({0: (2.0, 8), 1: (1.0, -9)})
     ((0, 10), (1, -9))
+    >>> deciding_failure({0: (1.0, 8), 1: (2.0, -9)}), deciding_failure({0: (2.0, 8), 1: (1.0, 8)})
+    ((1, -9), (1, 8))
     """
     permanent = {rank: failure for rank, failure in failures.items() if failure[1] in NOT_RESTARTED}
-    rank = min(permanent or failures, key=lambda r: failures[r][0])
+    causes = {rank: failure for rank, failure in failures.items() if failure[1] != EXIT_RANKS}
+    rank = min(permanent or causes or failures, key=lambda r: failures[r][0])
     return rank, failures[rank][1]
 
 
