@@ -35,35 +35,47 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         pass
 
 
-def child_pids() -> list[int]:
-    """The processes whose parent is this one and which have not ended (Linux: from /proc; elsewhere none)."""
+def child_pids(environ: tuple[str, str] | None = None) -> list[int]:
+    """The processes whose parent is this one and which have not ended (Linux: from /proc; elsewhere none); with
+    ``environ`` (NAME, VALUE), only those started with that environment variable set to that value."""
     me, children = os.getpid(), []
     try:
         entries = os.listdir("/proc")
     except OSError:
         return []
+    wanted = None if environ is None else f"{environ[0]}={environ[1]}".encode()
     for entry in entries:
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+            if int(fields[1]) != me or fields[0] == b"Z":
+                continue
+            if wanted is not None:
+                with open(f"/proc/{entry}/environ", "rb") as variables:
+                    if wanted not in variables.read().split(b"\0"):
+                        continue
         except OSError:  # gone meanwhile
             continue
-        if int(fields[1]) == me and fields[0] != b"Z":
-            children.append(int(entry))
+        children.append(int(entry))
     return sorted(children)
 
 
-def stop_children(sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> list[int]:
-    """Send ``sig`` to every child process of this one still running, wait up to ``timeout_s`` for them to end,
-    SIGKILL those left, and reap them all; the pids signalled.
+def stop_children(sig: int = signal.SIGTERM, timeout_s: float = 30.0,
+                  environ: tuple[str, str] | None = None) -> list[int]:
+    """Send ``sig`` to every child process of this one still running (``child_pids(environ)``: with ``environ``,
+    only those started with it), wait up to ``timeout_s`` for them to end, SIGKILL those left, and reap them all;
+    the pids signalled.
 
-    >>> child = subprocess.Popen(["sleep", "30"])
-    >>> stop_children(timeout_s=5) == [child.pid]
-    True
+    >>> other = subprocess.Popen(["sleep", "30"])
+    >>> child = subprocess.Popen(["sleep", "30"], env={**os.environ, "STOP_CHILDREN_DOCTEST": "1"})
+    >>> stop_children(timeout_s=5, environ=("STOP_CHILDREN_DOCTEST", "1")) == [child.pid], other.poll() is None
+    (True, True)
+    >>> other.kill(); other.wait()
+    -9
     """
-    pids = child_pids()
+    pids = child_pids(environ)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)

@@ -251,7 +251,7 @@ def run_attempt(attempt: argparse.Namespace, statuses: Path, group: Any) -> dict
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import run as torchrun
 
-    from consumers.runtime.ranks import recorded_exit_statuses
+    from consumers.runtime.ranks import STATUS_DIR_ENV, recorded_exit_statuses
 
     try:
         torchrun(attempt)
@@ -260,8 +260,10 @@ def run_attempt(attempt: argparse.Namespace, statuses: Path, group: Any) -> dict
         return {"failures": {str(r): [f.timestamp, f.exitcode] for r, f in exc.failures.items()}, "stopped": ""}
     except SignalException as exc:
         # A stop while torch's agent was starting the ranks: it records their processes only once all are started,
-        # so it stopped none of them; they would run on without a launcher. Stop them as it would have.
-        leftover = stop_children(exc.sigval, float(getattr(attempt, "shutdown_timeout", None) or SHUTDOWN_TIMEOUT_S))
+        # so it stopped none of them; they would run on without a launcher. Stop them as it would have: this
+        # attempt's ranks, the children started with its status folder (nothing else this process may have started).
+        leftover = stop_children(exc.sigval, float(getattr(attempt, "shutdown_timeout", None) or SHUTDOWN_TIMEOUT_S),
+                                 environ=(STATUS_DIR_ENV, str(statuses)))
         if leftover:
             print(f"crossdistil train: the stop came while the ranks were starting: stopped {len(leftover)} rank "
                   f"process(es) torch's launcher had not taken charge of yet", file=sys.stderr, flush=True)

@@ -126,7 +126,13 @@ def test_a_stop_while_the_ranks_start_stops_the_rank_processes_torchs_launcher_h
         raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
 
     monkeypatch.setattr(torch_run, "run", torchrun)
-    assert launch_ranks(TORCHRUN_ARGS, tmp_path / "run") == 9
+    bystander = subprocess.Popen(["sleep", "60"])  # another child of this process (as a test's broker would be)
+    try:
+        assert launch_ranks(TORCHRUN_ARGS, tmp_path / "run") == 9
+        assert bystander.poll() is None  # only the attempt's ranks are stopped
+    finally:
+        bystander.kill()
+        bystander.wait()
     said = capsys.readouterr().err
     assert "stopped 1 rank process(es) torch's launcher had not taken charge of yet" in said, said
     assert "rank 1 exited with status 9" in said, said
