@@ -1219,9 +1219,9 @@ def _paired_p_value(diffs: Sequence[float]) -> float | None:
     n = sum(1 for d in diffs if d is not None and math.isfinite(d))
     if n < 2 or not std > 0:
         return None
-    from scipy.special import stdtr  # here, not at the top: `crossdistil evaluate --help` loads no numpy
+    from consumers.tools.comparison import p_value  # lazy: it loads numpy, which `crossdistil evaluate --help` does not
 
-    return float(2 * stdtr(n - 1, -abs(mean) / (std / math.sqrt(n))))
+    return p_value(mean, std / math.sqrt(n), n - 1)
 
 
 def t_critical(n: int, level: float = SIGNIFICANCE) -> float:
@@ -1235,9 +1235,9 @@ def t_critical(n: int, level: float = SIGNIFICANCE) -> float:
     """
     if n < 2:
         raise ValueError(f"a t-test needs at least 2 paired differences, got {n}")
-    from scipy.special import stdtrit  # here, not at the top: `crossdistil evaluate --help` loads no numpy
+    from consumers.tools.comparison import t_quantile  # lazy: it loads numpy, which `evaluate --help` does not
 
-    return float(stdtrit(n - 1, (1 + level) / 2))
+    return t_quantile(n - 1, level)
 
 
 def plot_curves(doc: dict[str, Any], path: Path) -> None:
