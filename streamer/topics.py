@@ -159,14 +159,6 @@ def honour_auto_create(client: Any) -> Any:
     return client
 
 
-def cleanup_policy(bootstrap: str, topic: str, *, client_options: Mapping[str, Any] | None = None,
-                   timeout_s: float = 10.0) -> str | None:
-    """``topic``'s ``cleanup.policy`` (``"compact"``, ``"delete"``, ``"compact,delete"``), or None when the topic
-    does not exist. Raises ``kafka.errors.KafkaError`` when Kafka cannot say (unreachable, not authorised)."""
-    found = topic_configs(bootstrap, [topic], ("cleanup.policy",), client_options=client_options, timeout_s=timeout_s)
-    return found[topic].get("cleanup.policy") if topic in found else None
-
-
 def topic_configs(bootstrap: str, topics: Sequence[str], keys: Sequence[str], *,
                   client_options: Mapping[str, Any] | None = None,
                   timeout_s: float = 10.0) -> dict[str, dict[str, str]]:

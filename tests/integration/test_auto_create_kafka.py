@@ -26,7 +26,7 @@ from consumers.serving.daemon import connect as serving_connect
 from consumers.state.checkpoints import CheckpointStore
 from consumers.state.wire import publication_message_bytes
 from consumers.trainer.kafka_io import ModelTopicError, check_model_topic
-from streamer.topics import DEFAULT_PARTITIONS, cleanup_policy, ensure_topics, honour_auto_create
+from streamer.topics import DEFAULT_PARTITIONS, ensure_topics, honour_auto_create, topic_configs
 from tests.trainer_config import write_trainer_config
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_the_trainer_makes_a_missing_serving_topic_compacted_and_warns_of_one_th
         kafka_broker: str, unique_topic: Callable[[str], str], caplog: pytest.LogCaptureFixture) -> None:
     missing = unique_topic("model")
     check_model_topic(KafkaConfig(bootstrap=kafka_broker, model_topic=missing))
-    assert cleanup_policy(kafka_broker, missing) == "compact"
+    assert topic_configs(kafka_broker, [missing], ("cleanup.policy",))[missing] == {"cleanup.policy": "compact"}
     consumer = KafkaConsumer(bootstrap_servers=kafka_broker, group_id=None)
     try:
         assert consumer.partitions_for_topic(missing) == {0}
@@ -94,7 +94,8 @@ def test_the_trainer_makes_a_missing_serving_topic_compacted_and_warns_of_one_th
         check_model_topic(KafkaConfig(bootstrap=kafka_broker, model_topic=plain))
     warned = [r.getMessage() for r in caplog.records if plain in r.getMessage()]
     assert len(warned) == 1 and "cleanup.policy=delete, not compact" in warned[0], warned
-    assert cleanup_policy(kafka_broker, plain) == "delete"  # only said, never changed behind the operator's back
+    # only said, never changed behind the operator's back
+    assert topic_configs(kafka_broker, [plain], ("cleanup.policy",))[plain] == {"cleanup.policy": "delete"}
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="crossdistil.trainer"):
